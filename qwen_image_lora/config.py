@@ -1,0 +1,509 @@
+"""Typed configuration: one YAML file, parsed once into nested dataclasses, with `a.b=value` overrides.
+
+Defaults live here and nowhere else. Unknown keys, wrong types and out-of-range values fail at load time
+with the dotted field name, the accepted values and, for a misspelt key, the nearest valid one. Fields whose
+metadata says `path` are resolved relative to the config file. `${dotted.key}` in a string is replaced by
+that key's value (e.g. `cache_dir: ${output_dir}/cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+DEFAULT_MODEL = "Qwen/Qwen-Image-2.1"
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the file and the dotted field."""
+
+
+def _path(default=None, **kw):
+    """A string field holding a filesystem path, resolved relative to the config file's folder."""
+    return field(default=default, metadata={"path": True}, **kw)
+
+
+def _paths(**kw):
+    return field(default_factory=list, metadata={"path": True}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    # A hub id or a local folder in the diffusers layout; the tiny test model and the real one differ only here.
+    pretrained: str = _path(DEFAULT_MODEL)
+    revision: str | None = None
+    # dtype of the frozen weights; LoRA weights always train in fp32.
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+    def validate(self, where: str) -> None:
+        if not self.pretrained:
+            raise ConfigError(f"{where}.pretrained: give a hub id such as {DEFAULT_MODEL!r} or a local folder")
+
+
+@dataclass
+class EditExample:
+    """One edit: reference images (1 to 10) and an instruction; `target` only for held-out scoring."""
+
+    images: list[str] = _paths()
+    prompt: str = ""
+    target: str | None = _path()
+    mask: str | None = _path()
+
+    def validate(self, where: str) -> None:
+        if not 1 <= len(self.images) <= 10:
+            raise ConfigError(f"{where}.images: give 1 to 10 reference images (got {len(self.images)})")
+
+
+@dataclass
+class DataConfig:
+    # A folder of images with same-name .txt captions, a .jsonl/.csv manifest, or a datasets dataset.
+    path: str | None = _path()
+    format: Literal["auto", "folder", "manifest", "hf"] = "auto"
+    # For `hf` datasets: our column name -> the dataset's column name (image, caption, target, instruction, sources).
+    columns: dict[str, str] = field(default_factory=dict)
+    split: str = "train"
+    # Side of the square pixel budget every aspect-ratio bucket stays under; bucket sides are multiples of 32.
+    resolution: int = 1024
+    max_upscale: float = 1.0
+    crop: Literal["center", "random"] = "center"
+    alpha: Literal["composite", "keep"] = "composite"
+    background: str = "#ffffff"
+    trigger_word: str | None = None
+    caption_template: str = "{caption}"
+    caption_dropout: float = 0.0
+    repeats: int = 1
+    cache_dir: str | None = _path("${output_dir}/cache")
+    num_workers: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.resolution % 32 or not 64 <= self.resolution <= 4096:
+            raise ConfigError(f"{where}.resolution: must be a multiple of 32 between 64 and 4096 (got {self.resolution})")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"{where}.caption_dropout: must be in [0, 1) (got {self.caption_dropout})")
+        if self.max_upscale < 1.0:
+            raise ConfigError(f"{where}.max_upscale: must be >= 1.0 (1.0 = never upscale; got {self.max_upscale})")
+        if "{caption}" not in self.caption_template:
+            raise ConfigError(f"{where}.caption_template: must contain '{{caption}}' (got {self.caption_template!r})")
+        if self.repeats < 1:
+            raise ConfigError(f"{where}.repeats: must be >= 1 (got {self.repeats})")
+        if not re.fullmatch(r"#[0-9a-fA-F]{6}", self.background):
+            raise ConfigError(f"{where}.background: must be a colour like '#ffffff' (got {self.background!r})")
+
+
+LORA_TARGET_PRESETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attention+mlp": ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out"],
+    "all-linear": "all-linear",
+}
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # peft's init_lora_weights: "default" (kaiming A, zero B), "gaussian", "pissa", "olora", ...
+    init: str = "default"
+    # A preset name (attention, attention+mlp, all-linear) or an explicit list of module-name suffixes.
+    targets: Union[str, list[str]] = "attention"
+    use_dora: bool = False
+    use_rslora: bool = False
+    # Start from an existing adapter (folder or .safetensors) instead of fresh weights.
+    init_from: str | None = _path()
+
+    def validate(self, where: str) -> None:
+        if not 1 <= self.rank <= 1024:
+            raise ConfigError(f"{where}.rank: must be in 1..1024 (got {self.rank})")
+        if self.alpha <= 0:
+            raise ConfigError(f"{where}.alpha: must be > 0 (got {self.alpha})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout: must be in [0, 1) (got {self.dropout})")
+        if isinstance(self.targets, str) and self.targets not in LORA_TARGET_PRESETS:
+            raise ConfigError(
+                f"{where}.targets: unknown preset {self.targets!r}; use one of {sorted(LORA_TARGET_PRESETS)} "
+                "or a list of module names such as [to_q, to_v]"
+            )
+        if isinstance(self.targets, list) and not self.targets:
+            raise ConfigError(f"{where}.targets: the module list is empty")
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        return LORA_TARGET_PRESETS[self.targets] if isinstance(self.targets, str) else list(self.targets)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # Any diffusers.optimization scheduler name.
+    scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant_with_warmup"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+    def validate(self, where: str) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr: must be > 0 (got {self.lr})")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{where}.betas: must be two numbers in [0, 1) (got {self.betas})")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{where}.warmup_steps: must be >= 0 (got {self.warmup_steps})")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    # true, false, or "auto": checkpoint the fewest blocks that keep the planned peak under memory_budget_gb.
+    gradient_checkpointing: Union[bool, Literal["auto"]] = True
+    memory_budget_gb: float = 24.0
+    seed: int = 42
+    timestep_sampling: Literal["uniform", "logit_normal", "shifted"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    ema_decay: float | None = None
+    # Guards against silent failures.
+    max_nonfinite_losses: int = 5
+    check_learning_after: int = 10
+    divergence_factor: float = 3.0
+    log_every: int = 1
+
+    def validate(self, where: str) -> None:
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1 (got {getattr(self, name)})")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"{where}.ema_decay: must be in (0, 1) or null (got {self.ema_decay})")
+        if self.memory_budget_gb <= 0:
+            raise ConfigError(f"{where}.memory_budget_gb: must be > 0 (got {self.memory_budget_gb})")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 250
+    keep_last: int = 3
+    # null, "latest", or a checkpoint folder.
+    resume: str | None = None
+
+    def validate(self, where: str) -> None:
+        if self.every_steps < 1 or self.keep_last < 1:
+            raise ConfigError(f"{where}: every_steps and keep_last must be >= 1")
+
+
+@dataclass
+class ValidationConfig:
+    every_steps: int = 0  # 0 = only at the end
+    prompts: list[str] = field(default_factory=list)
+    edits: list[EditExample] = field(default_factory=list)
+    seed: int = 0
+    width: int | None = None
+    height: int | None = None
+    # null = the pipeline's own defaults, the same ones users get.
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    # Fraction of the dataset held out for the fixed-noise flow-matching loss (0 = none).
+    held_out_fraction: float = 0.0
+
+    def validate(self, where: str) -> None:
+        if self.every_steps < 0:
+            raise ConfigError(f"{where}.every_steps: must be >= 0 (got {self.every_steps})")
+        if not 0.0 <= self.held_out_fraction < 1.0:
+            raise ConfigError(f"{where}.held_out_fraction: must be in [0, 1) (got {self.held_out_fraction})")
+        for side in ("width", "height"):
+            value = getattr(self, side)
+            if value is not None and value % 32:
+                raise ConfigError(f"{where}.{side}: must be a multiple of 32 (got {value})")
+
+
+@dataclass
+class TrackingConfig:
+    backend: Literal["none", "wandb", "tensorboard"] = "none"
+    project: str = "qwen-image-lora"
+    run_name: str | None = None
+    log_images: bool = True
+    upload_adapter: bool = True
+
+
+@dataclass
+class EvalConfig:
+    prompts: list[str] = field(default_factory=list)
+    edits: list[EditExample] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # Brand palette as hex colours, for the CIEDE2000 palette-fidelity score.
+    palette: list[str] = field(default_factory=list)
+    # Local CLIP/SigLIP weights for CLIPScore and reference similarity; skipped when null.
+    clip_model: str | None = _path()
+    reference_images: str | None = _path()
+    output_dir: str = _path("${output_dir}/eval")
+
+
+@dataclass
+class ServeAdapter:
+    name: str = ""
+    path: str = _path("")
+    weight: float = 1.0
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    adapters: list[ServeAdapter] = field(default_factory=list)
+    api_keys_env: str = "QWEN_LORA_API_KEYS"
+    api_keys_file: str | None = _path()
+    max_body_mb: float = 20.0
+    max_queue: int = 8
+    allow_private_urls: bool = False
+    url_timeout_s: float = 10.0
+    max_url_mb: float = 20.0
+
+
+@dataclass
+class Config:
+    output_dir: str = _path("outputs/run")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    # Set by the loader: the file this config came from (for messages) and its folder (for paths).
+    source: str | None = field(default=None, repr=False, compare=False)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or the defaults when `path` is None), apply `a.b=value` overrides, check everything."""
+    raw: dict = {}
+    base = Path.cwd()
+    where = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+        base = path.resolve().parent
+    for item in overrides:
+        _apply_override(raw, item, where)
+    # Defaults go through the same interpolation and path resolution as the file's own values.
+    raw = _merge(to_dict(Config()), raw)
+    raw = _interpolate(raw, raw, where)
+    cfg = _build(Config, raw, "", where, base)
+    cfg.source = where
+    _validate(cfg, "", where)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str, where: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.max_steps=10")
+    key, value = item.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _merge(defaults: dict, raw: dict) -> dict:
+    out = dict(defaults)
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and out[key]:
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+
+
+def _lookup(root: dict, dotted: str, where: str):
+    node: Any = root
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{where}: ${{{dotted}}} refers to a key that is not set")
+        node = node[part]
+    return node
+
+
+def _interpolate(node, root, where):
+    if isinstance(node, dict):
+        return {k: _interpolate(v, root, where) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, root, where) for v in node]
+    if isinstance(node, str):
+        for _ in range(10):  # nested references resolve in a few rounds
+            new = _REF.sub(lambda m: str(_lookup(root, m.group(1), where)), node)
+            if new == node:
+                break
+            node = new
+    return node
+
+
+def _build(cls, raw, dotted: str, where: str, base: Path):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {dotted or 'top level'} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f"; did you mean {_join(dotted, close[0])!r}?" if close else f"; valid keys: {', '.join(fields)}"
+        raise ConfigError(f"{where}: unknown key {_join(dotted, key)!r}{hint}")
+    kwargs = {}
+    for name, value in raw.items():
+        f = fields[name]
+        value = _coerce(value, hints[name], _join(dotted, name), where, base)
+        if f.metadata.get("path"):
+            value = _resolve_paths(value, base)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _join(dotted: str, key: str) -> str:
+    return f"{dotted}.{key}" if dotted else str(key)
+
+
+def _resolve_paths(value, base: Path):
+    if isinstance(value, list):
+        return [_resolve_paths(v, base) for v in value]
+    if isinstance(value, str) and value and not _looks_like_hub_id(value):
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+    return value
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not Path(value).exists() and "." not in value.split("/")[0]
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, dotted: str, where: str, base: Path):
+    """Check `value` against the annotation `tp`; convert int->float only. Raise naming the field."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: {dotted} must be {_type_name(tp)} (got {value!r})")
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, dotted, where, base)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is type(next(a for a in typing.get_args(tp) if a == value)):
+            return value
+        raise bad
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{dotted}[{i}]", where, base) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        key_tp, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{dotted}.{k}", where, base) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, dotted, where, base)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"{where}: {dotted}: unsupported annotation {tp!r}")
+
+
+def _validate(node, dotted: str, where: str) -> None:
+    if hasattr(node, "validate"):
+        try:
+            node.validate(dotted or "config")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate(value, _join(dotted, f.name), where)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _validate(item, f"{_join(dotted, f.name)}[{i}]", where)
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (for the run folder, checkpoints and the tracker)."""
+    out = dataclasses.asdict(cfg)
+    out.pop("source", None)
+    return out
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from qwen_image_lora.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,209 @@
+"""Everything model-specific about Qwen-Image-2.1 lives here: loading the components, image <-> latent
+conversion (VAE normalisation, packing), prompt encoding, and one transformer call laid out exactly as
+`QwenImage21Pipeline.__call__` lays it out. Training, caching, evaluation and inference all go through these
+functions, so what the adapter is trained on is what it sees at inference.
+
+Shapes (latent units: one latent = 16x16 pixels; one vision slot of the text encoder = 2x2 latents):
+    pixels      [B, 4, 1, H, W]   RGBA in [-1, 1] (the 2.1 VAE is RGBA-native; RGB gets alpha = 1)
+    latents     [B, C, 1, h, w]   normalised by the VAE's latents_mean/std, h = H/16, w = W/16
+    packed      [B, h*w, C]       what the transformer consumes
+    embeds      [B, L, D]         Qwen3-VL hidden states, system prefix dropped, right-padded
+    embeds_mask [B, L] bool or None (None = nothing padded)
+    image_pad   [B, L] bool       True at the encoder's vision slots of the condition images
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LATENT_PIXELS = 16  # the VAE compresses 16x spatially
+SIDE_MULTIPLE = 32  # one vision slot = 2x2 latents = 32x32 pixels
+
+
+def load_pipeline(
+    pretrained: str | Path,
+    dtype: torch.dtype | str = torch.bfloat16,
+    device: str | torch.device | None = None,
+    *,
+    revision: str | None = None,
+    text_encoder: bool = True,
+    vae: bool = True,
+):
+    """Load the Qwen-Image-2.1 components from a hub id or a local diffusers folder and build the pipeline.
+
+    Each component goes through its own standard `from_pretrained`, so a tiny local checkpoint and
+    `Qwen/Qwen-Image-2.1` take the same path. `text_encoder=False` / `vae=False` skip those weights (for
+    training from cached latents and embeddings).
+    """
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    source = str(pretrained)
+    if _is_local(source) and not (Path(source) / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"model.pretrained: {source} has no model_index.json; point it at a diffusers-format folder "
+            "(e.g. one written by scripts/make_tiny_model.py) or a hub id such as Qwen/Qwen-Image-2.1"
+        )
+    common = {"revision": revision}
+    components = {
+        "transformer": QwenImage21Transformer2DModel.from_pretrained(
+            source, subfolder="transformer", torch_dtype=dtype, **common
+        ),
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **common),
+        "processor": Qwen3VLProcessor.from_pretrained(source, subfolder="processor", **common),
+        "vae": AutoencoderKLQwenImage21.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
+        if vae
+        else None,
+        "text_encoder": Qwen3VLForConditionalGeneration.from_pretrained(
+            source, subfolder="text_encoder", dtype=dtype, **common
+        ).eval()
+        if text_encoder
+        else None,
+    }
+    pipe = QwenImage21Pipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).exists() or source.startswith((".", "/", "~"))
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def fit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The pipeline's own rule for an input of this aspect: area ~ resolution^2, sides multiples of 32."""
+    ratio = width / height
+    w = math.sqrt(resolution * resolution * ratio)
+    return max(SIDE_MULTIPLE, round(w / SIDE_MULTIPLE) * SIDE_MULTIPLE), max(
+        SIDE_MULTIPLE, round(w / ratio / SIDE_MULTIPLE) * SIDE_MULTIPLE
+    )
+
+
+def to_rgba(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGBA" else image.convert("RGBA")
+
+
+def image_to_pixels(pipe, image: Image.Image) -> torch.Tensor:
+    """A PIL image already at its bucket size -> [1, 4, 1, H, W] in [-1, 1], as the pipeline preprocesses it."""
+    w, h = image.size
+    if w % SIDE_MULTIPLE or h % SIDE_MULTIPLE:
+        raise ValueError(f"image size {w}x{h}: both sides must be multiples of {SIDE_MULTIPLE}")
+    return pipe.image_processor.preprocess(to_rgba(image), width=w, height=h).unsqueeze(2)
+
+
+@torch.no_grad()
+def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 4, 1, H, W] pixels -> normalised latents [B, C, 1, H/16, W/16] (the posterior mode, like inference)."""
+    vae = pipe.vae
+    if vae is None:
+        raise RuntimeError("the VAE was not loaded; load the pipeline with vae=True or use cached latents")
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    return pipe._encode_vae_image(pixels, generator=None)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, 1, h, w] -> [B, h*w, C]."""
+    b, c, _, h, w = latents.shape
+    return latents.reshape(b, c, h * w).transpose(1, 2)
+
+
+def unpack(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, h*w, C] -> [B, C, 1, h, w]."""
+    b, _, c = packed.shape
+    return packed.transpose(1, 2).reshape(b, c, 1, h, w)
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+@dataclass
+class PromptEmbeds:
+    embeds: torch.Tensor  # [B, L, D]
+    mask: torch.Tensor | None  # [B, L] bool, None when nothing is padded
+    image_pad: torch.Tensor  # [B, L] bool
+
+    def to(self, device, dtype=None) -> "PromptEmbeds":
+        return PromptEmbeds(
+            self.embeds.to(device=device, dtype=dtype or self.embeds.dtype),
+            None if self.mask is None else self.mask.to(device),
+            self.image_pad.to(device),
+        )
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompts: list[str], images: list[Image.Image] | None = None) -> PromptEmbeds:
+    """Encode prompts (and, for edits, the shared condition images already at their bucket size) with the
+    pipeline's own `encode_prompt`: its template, its alpha-on-white for the vision encoder, its empty-prompt
+    handling. The images must be the ones whose latents the transformer gets, so the slots line up."""
+    if pipe.text_encoder is None:
+        raise RuntimeError("the text encoder was not loaded; load the pipeline with text_encoder=True or use cached embeddings")
+    images = [to_rgba(im) for im in images] if images else None
+    embeds, mask, image_pad = pipe.encode_prompt(prompt=list(prompts), image=images, device=pipe.text_encoder.device)
+    return PromptEmbeds(embeds, mask, image_pad)
+
+
+def pad_prompt_embeds(items: list[PromptEmbeds]) -> PromptEmbeds:
+    """Stack per-sample encodings (each [1, L_i, D]) into one right-padded batch."""
+    length = max(p.embeds.shape[1] for p in items)
+    embeds, masks, pads = [], [], []
+    for p in items:
+        n = p.embeds.shape[1]
+        embeds.append(torch.nn.functional.pad(p.embeds, (0, 0, 0, length - n)))
+        valid = p.mask.bool() if p.mask is not None else torch.ones(1, n, dtype=torch.bool, device=p.embeds.device)
+        masks.append(torch.nn.functional.pad(valid, (0, length - n)))
+        pads.append(torch.nn.functional.pad(p.image_pad.bool(), (0, length - n)))
+    mask = torch.cat(masks)
+    return PromptEmbeds(torch.cat(embeds), None if mask.all() else mask, torch.cat(pads))
+
+
+# ------------------------------------------------------------------------------------------ transformer
+
+
+def predict_velocity(
+    transformer,
+    noisy: torch.Tensor,
+    prompt: PromptEmbeds,
+    sigmas: torch.Tensor,
+    cond_latents: list[torch.Tensor] | None = None,
+    attention_kwargs: dict | None = None,
+) -> torch.Tensor:
+    """One transformer call, laid out as the pipeline lays it out.
+
+    noisy        [B, C, 1, h, w]  noised target latents
+    sigmas       [B]              flow-matching times in [0, 1] (the pipeline passes t/1000 = sigma)
+    cond_latents list of [B, C, 1, h_i, w_i]  reference-image latents, in prompt order
+    returns      [B, C, 1, h, w]  predicted velocity (noise - x0) on the target tokens only
+    """
+    b, _, _, h, w = noisy.shape
+    cond_latents = cond_latents or []
+    hidden = torch.cat([*(pack(c) for c in cond_latents), pack(noisy)], dim=1)
+    shapes = [(1, c.shape[3], c.shape[4]) for c in cond_latents] + [(1, h, w)]
+    # One slot per 2x2 group of target latents is appended after the encoder's sequence.
+    img_mask = torch.cat([prompt.image_pad.bool(), prompt.image_pad.new_ones(b, h * w // 4, dtype=torch.bool)], dim=1)
+    out = transformer(
+        hidden_states=hidden.to(transformer.dtype),
+        timestep=sigmas.to(hidden.device, transformer.dtype),
+        encoder_hidden_states=prompt.embeds.to(transformer.dtype),
+        encoder_hidden_states_mask=prompt.mask,
+        img_shapes=[shapes] * b,
+        img_mask=img_mask,
+        attention_kwargs=attention_kwargs,
+        return_dict=False,
+    )[0]
+    return unpack(out[:, -h * w :], h, w)

@@ -1,0 +1,84 @@
+"""The bundled sample data, generated (never downloaded): a small synthetic brand set and product edit pairs.
+
+    <out>/brand/NNN.png + NNN.txt      a product shape in the brand palette with the logo word, captioned
+                                       with the trigger word (text-to-image items)
+    <out>/edits/NNN_source.png, NNN_target.png and <out>/edits/manifest.jsonl rows
+                                       {"target", "instruction", "sources": [...]}: same product, new background
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from qwen_image_lora.io import atomic_write_text
+
+TRIGGER = "qwnbrand"
+BRAND_PALETTE = ["#d7263d", "#1b998b", "#f4d35e"]  # brand red, teal, yellow
+PRODUCTS = ["bottle", "mug", "box", "can"]
+BACKGROUNDS = {"white": "#ffffff", "marble grey": "#b8b8b8", "beach sand": "#e9d8a6", "forest green": "#2d6a4f", "night blue": "#14213d"}
+SIZES = [(128, 128), (160, 128), (128, 160)]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def draw_product(product: str, colour: str, background: str, size: tuple[int, int], word: str = "QWN") -> Image.Image:
+    """A flat product shape in `colour` with the logo word, centred on a plain background."""
+    w, h = size
+    image = Image.new("RGB", size, background)
+    d = ImageDraw.Draw(image)
+    cx, cy = w // 2, h // 2
+    bw, bh = w // 3, h // 2
+    if product == "bottle":
+        d.rectangle([cx - bw // 2, cy - bh // 2, cx + bw // 2, cy + bh // 2], fill=colour)
+        d.rectangle([cx - bw // 6, cy - bh // 2 - h // 8, cx + bw // 6, cy - bh // 2], fill=colour)
+    elif product == "mug":
+        d.rectangle([cx - bw // 2, cy - bh // 3, cx + bw // 2, cy + bh // 2], fill=colour)
+        d.ellipse([cx + bw // 2 - 4, cy - bh // 6, cx + bw // 2 + bw // 3, cy + bh // 4], outline=colour, width=5)
+    elif product == "box":
+        d.rectangle([cx - bw * 3 // 4, cy - bh // 3, cx + bw * 3 // 4, cy + bh // 3], fill=colour)
+    else:
+        d.ellipse([cx - bw // 2, cy - bh // 2, cx + bw // 2, cy + bh // 2], fill=colour)
+    d.text((cx, cy), word, fill="#ffffff", anchor="mm", font=_font(max(10, w // 10)))
+    return image
+
+
+def make_sample_data(output_dir: str | Path, seed: int = 0, n_brand: int = 12, n_edits: int = 8) -> Path:
+    out = Path(output_dir)
+    rng = random.Random(seed)
+    brand = out / "brand"
+    brand.mkdir(parents=True, exist_ok=True)
+    for i in range(n_brand):
+        product, colour, size = rng.choice(PRODUCTS), rng.choice(BRAND_PALETTE), rng.choice(SIZES)
+        bg_name = rng.choice(list(BACKGROUNDS))
+        draw_product(product, colour, BACKGROUNDS[bg_name], size).save(brand / f"{i:03d}.png")
+        atomic_write_text(
+            brand / f"{i:03d}.txt",
+            f"a {TRIGGER} {product} with the QWN logo on a {bg_name} background, product photo",
+        )
+
+    edits = out / "edits"
+    edits.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_edits):
+        product, colour, size = rng.choice(PRODUCTS), rng.choice(BRAND_PALETTE), rng.choice(SIZES)
+        src_bg, dst_bg = rng.sample(list(BACKGROUNDS), 2)
+        draw_product(product, colour, BACKGROUNDS[src_bg], size).save(edits / f"{i:03d}_source.png")
+        draw_product(product, colour, BACKGROUNDS[dst_bg], size).save(edits / f"{i:03d}_target.png")
+        rows.append(
+            {
+                "target": f"{i:03d}_target.png",
+                "instruction": f"replace the background with {dst_bg}, keep the {TRIGGER} {product} the same",
+                "sources": [f"{i:03d}_source.png"],
+            }
+        )
+    atomic_write_text(edits / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return out

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The main job end to end on the embedded tiny model and the bundled synthetic data, on CPU:
+# build model + data -> data doctor + prepare -> train a LoRA -> generate and edit with it -> evaluation report.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+out=outputs/demo
+
+qwen-lora make-tiny-model .cache/tiny-qwen-image-2.1 >/dev/null
+qwen-lora make-sample-data .cache/sample-data >/dev/null
+qwen-lora validate configs/demo.yaml
+qwen-lora generate --config configs/demo.yaml --prompt "a qwnbrand bottle with the QWN logo" \
+  --width 128 --height 128 --steps 4 --seed 0 --output "$out/samples/base_t2i.png"
+echo "demo: images in $out/samples"

@@ -1,0 +1,84 @@
+import pytest
+
+from qwen_image_lora.config import ConfigError, load_config, save_config
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_load():
+    for name in ("brand", "product_edit", "demo"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.train.max_steps >= 1
+    assert load_config("configs/brand.yaml").model.pretrained == "Qwen/Qwen-Image-2.1"
+
+
+def test_unknown_key_names_field_and_suggests(tmp_path):
+    p = write(tmp_path, "lora:\n  rnak: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.rnak'; did you mean 'lora.rank'"):
+        load_config(p)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*'train'"):
+        load_config(write(tmp_path, "trian: {}\n"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  max_steps: ten\n", r"train.max_steps must be int \(got 'ten'\)"),
+        ("train:\n  mixed_precision: bf32\n", r"train.mixed_precision must be 'bf16' or 'fp16' or 'no'"),
+        ("lora:\n  rank: 0\n", r"lora.rank: must be in 1..1024 \(got 0\)"),
+        ("lora:\n  targets: everything\n", r"lora.targets: unknown preset 'everything'"),
+        ("data:\n  resolution: 1000\n", r"data.resolution: must be a multiple of 32"),
+        ("validation:\n  edits:\n    - images: []\n      prompt: x\n", r"validation.edits\[0\].images: give 1 to 10"),
+        ("train:\n  gradient_checkpointing: sometimes\n", r"train.gradient_checkpointing must be bool or 'auto'"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_overrides_apply_with_types(tmp_path):
+    cfg = load_config(
+        write(tmp_path, "train:\n  max_steps: 100\n"),
+        ["train.max_steps=10", "lora.targets=[to_q, to_v]", "train.gradient_checkpointing=auto", "optim.lr=3e-4"],
+    )
+    assert cfg.train.max_steps == 10
+    assert cfg.lora.target_modules == ["to_q", "to_v"]
+    assert cfg.train.gradient_checkpointing == "auto"
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    with pytest.raises(ConfigError, match="train.batch_size must be int"):
+        load_config(None, ["train.batch_size=two"])
+
+
+def test_paths_resolve_relative_to_config_and_interpolate(tmp_path):
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    cfg = load_config(write(sub, "output_dir: ../runs/x\nmodel:\n  pretrained: ../models/tiny\ndata:\n  path: data\n"))
+    assert cfg.output_dir == str(tmp_path / "runs" / "x")
+    assert cfg.model.pretrained == str(tmp_path / "models" / "tiny")
+    assert cfg.data.path == str(sub / "data")
+    assert cfg.data.cache_dir == str(tmp_path / "runs" / "x" / "cache")  # default "${output_dir}/cache"
+    # hub ids are left alone
+    assert load_config(write(sub, "model:\n  pretrained: Qwen/Qwen-Image-2.1\n", "h.yaml")).model.pretrained == "Qwen/Qwen-Image-2.1"
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("configs/demo.yaml", ["train.max_steps=7"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+def test_cli_validate_reports_field(capsys):
+    from qwen_image_lora.cli import main
+
+    assert main(["validate", "configs/demo.yaml", "train.max_stepz=3"]) == 2
+    assert "train.max_steps" in capsys.readouterr().err
+    assert main(["validate", "configs/demo.yaml"]) == 0

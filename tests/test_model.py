@@ -1,0 +1,99 @@
+"""The tiny checkpoint: layout, size, tokenizer, and that it loads and runs through the same loader as a hub id."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
+
+
+def test_layout_and_size(tiny_model_dir):
+    index = json.loads((tiny_model_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImage21Pipeline"
+    for sub in ("transformer", "vae", "text_encoder", "processor", "scheduler"):
+        assert sub in index and (tiny_model_dir / sub).is_dir()
+    assert (tiny_model_dir / "processor" / "tokenizer.json").is_file()
+    size = sum(p.stat().st_size for p in tiny_model_dir.rglob("*") if p.is_file())
+    assert size < 20 * 2**20
+
+
+def test_builder_is_seed_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    from qwen_image_lora.tiny_model import make_tiny_model
+
+    a = load_file(make_tiny_model(tmp_path / "a", seed=3) / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(make_tiny_model(tmp_path / "b", seed=3) / "transformer" / "diffusion_pytorch_model.safetensors")
+    c = load_file(make_tiny_model(tmp_path / "c", seed=4) / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_tokenizer_has_qwen_special_tokens_and_chat_template(tiny_pipe):
+    tok = tiny_pipe.processor.tokenizer
+    for special in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|vision_pad|>", "<|video_pad|>", "<|endoftext|>"):
+        ids = tok.encode(special)
+        assert len(ids) == 1, special  # one token, not split by BPE
+    assert len(tok.encode("a photo of the product")) < len("a photo of the product")  # real merges
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+    plain = [{"role": "user", "content": "hello"}]
+    assert tiny_pipe.processor.apply_chat_template(parts, tokenize=False) == tiny_pipe.processor.apply_chat_template(plain, tokenize=False)
+
+
+def test_plain_diffusers_from_pretrained_loads_it(tiny_model_dir):
+    from diffusers import QwenImage21Pipeline
+
+    pipe = QwenImage21Pipeline.from_pretrained(tiny_model_dir)
+    assert type(pipe.transformer).__name__ == "QwenImage21Transformer2DModel"
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.pretrained: .* has no model_index.json"):
+        qmodel.load_pipeline(tmp_path)
+
+
+def _photo(w, h, seed=0):
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def test_generate_and_edit_sizes(tiny_pipe):
+    gen = Generator(tiny_pipe, resolution=64)
+    t2i = gen.generate(GenerationRequest("a red bottle", width=96, height=64, num_inference_steps=2))
+    assert t2i.size == (96, 64) and t2i.mode == "RGBA"
+    edit = gen.generate(GenerationRequest("replace the background", images=[_photo(100, 70)], num_inference_steps=2))
+    assert edit.size == (100, 70)  # returned at the input's size
+    multi = gen.generate(
+        GenerationRequest("combine them", images=[_photo(64, 64, 1), _photo(96, 64, 2)], num_inference_steps=2,
+                          keep_input_size=False)
+    )
+    assert multi.size == qmodel.fit_size(96, 64, 64)
+
+
+def test_predict_velocity_matches_the_pipeline_call(tiny_pipe):
+    """Our transformer call (used by training) equals the one the pipeline makes, for an edit."""
+    captured = {}
+
+    def hook(module, args, kwargs, output):
+        captured.setdefault("kwargs", kwargs)
+        captured.setdefault("out", output[0])
+
+    handle = tiny_pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+    src = _photo(64, 64)
+    try:
+        Generator(tiny_pipe, resolution=64).generate(
+            GenerationRequest("make it blue", images=[src], num_inference_steps=1, keep_input_size=False)
+        )
+    finally:
+        handle.remove()
+    kw = captured["kwargs"]
+    prompt = qmodel.encode_prompt(tiny_pipe, ["make it blue"], [src])
+    cond = qmodel.encode_latents(tiny_pipe, qmodel.image_to_pixels(tiny_pipe, src))
+    n_target = 4 * 4
+    noisy = qmodel.unpack(kw["hidden_states"][:, -n_target:], 4, 4)
+    torch.testing.assert_close(qmodel.pack(cond), kw["hidden_states"][:, :-n_target])
+    ours = qmodel.predict_velocity(tiny_pipe.transformer, noisy, prompt, kw["timestep"], [cond])
+    torch.testing.assert_close(ours, qmodel.unpack(captured["out"][:, -n_target:], 4, 4))
