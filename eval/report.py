@@ -1,0 +1,300 @@
+"""The evaluation report: one self-contained HTML page (images and plots inlined) plus a JSON file with every
+number, both written atomically so a reader never sees half a report.
+
+The input is a list of `Sample`s: one prompt (or edit) at one seed, rendered by the base model and by each
+adapter with the same seed, with per-variant metric values. Summaries are means with bootstrap 95% intervals;
+adapter deltas use the paired interval, since every adapter image has a base image at the same prompt and seed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from qwen_image_lora.eval.metrics import Interval, bootstrap_ci, paired_difference_ci
+from qwen_image_lora.io import atomic_write_text
+
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    label: str
+    higher_is_better: bool
+    unit: str = ""
+
+
+# Every metric the evaluator may emit, in display order. A metric with no finite value is left out.
+METRICS: dict[str, MetricInfo] = {
+    "clip_score": MetricInfo("CLIPScore", True),
+    "reference_similarity": MetricInfo("Reference similarity", True),
+    "palette_delta_e": MetricInfo("Palette distance (CIEDE2000)", False, "ΔE"),
+    "text_cer": MetricInfo("Text CER", False),
+    "text_word_accuracy": MetricInfo("Text word accuracy", True),
+    "ssim": MetricInfo("Preservation SSIM", True),
+    "psnr": MetricInfo("Preservation PSNR", True, "dB"),
+    "shift_px": MetricInfo("Edit shift", False, "px"),
+    "scale_error": MetricInfo("Edit zoom |scale - 1|", False),
+}
+
+
+@dataclass
+class Sample:
+    """One prompt at one seed. `images` and `metrics` are keyed by variant: "base", then adapter names."""
+
+    kind: str  # "t2i" or "edit"
+    prompt: str
+    seed: int
+    images: dict[str, Image.Image]
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    source: Image.Image | None = None  # the edit's input image (the last reference)
+
+
+@dataclass
+class CheckpointScore:
+    name: str
+    step: int
+    loss: float
+
+
+# ----------------------------------------------------------------------------------------- numbers
+
+
+def summarise(samples: list[Sample], variants: list[str], seed: int = 0) -> dict:
+    """Per metric: each variant's mean and CI, and each adapter's paired delta vs base.
+
+    Returns {metric: {"variants": {variant: Interval-dict}, "delta": {adapter: Interval-dict}}}.
+    """
+    out = {}
+    for name in METRICS:
+        series = {v: [s.metrics.get(v, {}).get(name, math.nan) for s in samples] for v in variants}
+        if not any(math.isfinite(x) for xs in series.values() for x in xs):
+            continue
+        entry = {"variants": {v: _interval(bootstrap_ci(xs, seed=seed)) for v, xs in series.items()}, "delta": {}}
+        if BASE in series:
+            for v in variants:
+                if v != BASE:
+                    entry["delta"][v] = _interval(paired_difference_ci(series[v], series[BASE], seed=seed))
+        out[name] = entry
+    return out
+
+
+def _interval(ci: Interval) -> dict:
+    return {"mean": ci.mean, "low": ci.low, "high": ci.high, "n": ci.n}
+
+
+def _finite_or_none(value):
+    """Strict JSON has no NaN/Infinity; an unscored value becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def write_report(
+    out_dir: str | Path,
+    samples: list[Sample],
+    *,
+    title: str = "Qwen-Image LoRA evaluation",
+    notes: list[str] = (),
+    checkpoints: list[CheckpointScore] = (),
+    config: dict | None = None,
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """Write `report.html` and `report.json` into `out_dir`; returns their paths.
+
+    notes: lines shown at the top (e.g. which metrics were skipped and why). checkpoints: held-out losses of
+    a run's checkpoints; the lowest is marked best. config: the resolved config, stored in the JSON.
+    """
+    out_dir = Path(out_dir)
+    variants = _variants(samples)
+    summary = summarise(samples, variants, seed=seed)
+    best = min(checkpoints, key=lambda c: c.loss).name if checkpoints else None
+    data = {
+        "title": title,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "variants": variants,
+        "notes": list(notes),
+        "metrics": {name: {"label": METRICS[name].label, "higher_is_better": METRICS[name].higher_is_better, **entry}
+                    for name, entry in summary.items()},
+        "samples": [{"kind": s.kind, "prompt": s.prompt, "seed": s.seed, "metrics": s.metrics} for s in samples],
+        "checkpoints": [vars(c) for c in checkpoints],
+        "best_checkpoint": best,
+        "config": config,
+    }
+    json_path, html_path = out_dir / "report.json", out_dir / "report.html"
+    atomic_write_text(json_path, json.dumps(_finite_or_none(data), indent=2, allow_nan=False))
+    atomic_write_text(html_path, _render_html(title, variants, samples, summary, list(notes), list(checkpoints), best))
+    return html_path, json_path
+
+
+def _variants(samples: list[Sample]) -> list[str]:
+    names = []
+    for s in samples:
+        names += [v for v in s.images if v not in names]
+    return sorted(names, key=lambda v: v != BASE)  # base first, adapters in the order given
+
+
+# ----------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}.better{color:#0a7d2c}.worse{color:#b3261e}.best{font-weight:bold}
+.notes{background:#fff8e1;border:1px solid #f0d98c;padding:8px 12px;font-size:13px}
+.grid td,.grid th{vertical-align:top;text-align:center}.grid img{max-width:256px;max-height:256px;display:block;margin:auto}
+.grid .prompt{text-align:left;max-width:260px;font-size:12px}.cap{font-size:11px;color:#555;text-align:left}
+"""
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
+
+
+def _ci_text(entry: dict) -> str:
+    return f"{_fmt(entry['mean'])} <small>[{_fmt(entry['low'])}, {_fmt(entry['high'])}]</small>"
+
+
+def _render_html(title, variants, samples, summary, notes, checkpoints, best) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts.append(f"<p>{len(samples)} samples; variants: {', '.join(html.escape(v) for v in variants)}. "
+                 "Means with bootstrap 95% intervals; Δ is the paired difference to base.</p>")
+    if notes:
+        parts.append("<div class='notes'>" + "<br>".join(html.escape(n) for n in notes) + "</div>")
+    if summary:
+        parts.append("<h2>Metrics</h2>" + _metric_table(variants, summary))
+        parts.append(f"<p><img alt='metric plot' src='{_png_uri(_metric_plot(variants, summary))}'></p>")
+    if checkpoints:
+        parts.append("<h2>Checkpoints (held-out flow-matching loss)</h2>" + _checkpoint_table(checkpoints, best))
+        parts.append(f"<p><img alt='checkpoint plot' src='{_png_uri(_checkpoint_plot(checkpoints, best))}'></p>")
+    if samples:
+        parts.append("<h2>Samples</h2>" + _grid(variants, samples))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _metric_table(variants, summary) -> str:
+    head = "<tr><th class='l'>metric</th>" + "".join(f"<th>{html.escape(v)}</th>" for v in variants)
+    head += "".join(f"<th>Δ {html.escape(v)}</th>" for v in variants if v != BASE) + "</tr>"
+    rows = []
+    for name, entry in summary.items():
+        info = METRICS[name]
+        arrow = "↑" if info.higher_is_better else "↓"
+        unit = f" ({info.unit})" if info.unit else ""
+        cells = "".join(f"<td>{_ci_text(entry['variants'][v])}</td>" for v in variants)
+        for v, d in entry["delta"].items():
+            # Colour only a difference whose interval excludes zero.
+            cls = ""
+            if d["n"] and math.isfinite(d["low"]) and (d["low"] > 0 or d["high"] < 0):
+                cls = "better" if (d["mean"] > 0) == info.higher_is_better else "worse"
+            cells += f"<td class='{cls}'>{'+' if d['mean'] > 0 else ''}{_ci_text(d)}</td>"
+        rows.append(f"<tr><td class='l'>{html.escape(info.label)}{unit} {arrow}</td>{cells}</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _checkpoint_table(checkpoints, best) -> str:
+    rows = "".join(
+        f"<tr class='{'best' if c.name == best else ''}'><td class='l'>{html.escape(c.name)}{' (best)' if c.name == best else ''}"
+        f"</td><td>{c.step}</td><td>{c.loss:.5g}</td></tr>"
+        for c in checkpoints
+    )
+    return f"<table><tr><th class='l'>checkpoint</th><th>step</th><th>loss</th></tr>{rows}</table>"
+
+
+def _grid(variants, samples) -> str:
+    has_source = any(s.source is not None for s in samples)
+    head = "<tr><th class='l'>prompt</th>" + ("<th>source</th>" if has_source else "")
+    head += "".join(f"<th>{html.escape(v)}</th>" for v in variants) + "</tr>"
+    rows = []
+    for s in samples:
+        cells = f"<td class='prompt'><b>{s.kind}</b>, seed {s.seed}<br>{html.escape(s.prompt)}</td>"
+        if has_source:
+            cells += f"<td>{_img_tag(s.source)}</td>" if s.source is not None else "<td></td>"
+        for v in variants:
+            values = s.metrics.get(v, {})
+            cap = "<br>".join(f"{html.escape(METRICS[k].label)}: {_fmt(values[k])}"
+                              for k in METRICS if math.isfinite(values.get(k, math.nan)))
+            cells += f"<td>{_img_tag(s.images[v]) if v in s.images else ''}<div class='cap'>{cap}</div></td>"
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<table class='grid'>{head}{''.join(rows)}</table>"
+
+
+def _img_tag(image: Image.Image, side: int = 512) -> str:
+    """Inline a copy at most `side` px per edge: full-size 1 MP images would make the page tens of MB."""
+    image = image.convert("RGB")
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return f"<img alt='' src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+
+
+def _png_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+# ----------------------------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float):
+    # A bare Figure on the Agg canvas: no pyplot global state and no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _to_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _metric_plot(variants, summary) -> bytes:
+    """One small bar chart per metric: variant means with their 95% intervals as error bars."""
+    cols = min(3, len(summary))
+    rows = math.ceil(len(summary) / cols)
+    fig = _figure(3.6 * cols, 2.6 * rows)
+    colours = [f"C{i}" for i in range(len(variants))]
+    for i, (name, entry) in enumerate(summary.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        stats = [entry["variants"][v] for v in variants]
+        means = [s["mean"] if math.isfinite(s["mean"]) else 0.0 for s in stats]
+        errs = [[max(0.0, m - s["low"]) if math.isfinite(s["low"]) else 0.0 for m, s in zip(means, stats)],
+                [max(0.0, s["high"] - m) if math.isfinite(s["high"]) else 0.0 for m, s in zip(means, stats)]]
+        ax.bar(range(len(variants)), means, yerr=errs, color=colours, capsize=4)
+        ax.set_xticks(range(len(variants)), variants, rotation=20, fontsize=8)
+        info = METRICS[name]
+        ax.set_title(f"{info.label} {'↑' if info.higher_is_better else '↓'}", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+    return _to_png(fig)
+
+
+def _checkpoint_plot(checkpoints, best) -> bytes:
+    fig = _figure(6, 3)
+    ax = fig.add_subplot()
+    ordered = sorted(checkpoints, key=lambda c: c.step)
+    ax.plot([c.step for c in ordered], [c.loss for c in ordered], "o-")
+    chosen = next(c for c in ordered if c.name == best)
+    ax.plot([chosen.step], [chosen.loss], "r*", markersize=14, label=f"best: {best}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss")
+    ax.legend(fontsize=8)
+    return _to_png(fig)

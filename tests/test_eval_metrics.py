@@ -1,0 +1,219 @@
+"""Evaluation metrics on synthetic images whose right answers are known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from qwen_image_lora.eval import metrics as M
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def texture() -> np.ndarray:
+    """A smooth random RGB texture, (400, 400, 3) uint8, larger than the crops cut from it."""
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(np.random.default_rng(0).random((400, 400, 3)), (2, 2, 0))
+    return ((noise - noise.min()) / np.ptp(noise) * 255).astype(np.uint8)
+
+
+def _crop(img: np.ndarray, top: int = 72, left: int = 72) -> np.ndarray:
+    return img[top : top + SIZE, left : left + SIZE]
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    dejavu = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+    return ImageFont.truetype(str(dejavu), size) if dejavu.exists() else ImageFont.load_default(size=size)
+
+
+# ----------------------------------------------------------------------------------------- palette
+
+
+def test_palette_distance_is_zero_on_palette_and_large_off_it():
+    flat = np.zeros((64, 64, 3), np.uint8)
+    flat[:] = (227, 6, 19)  # the brand red
+    assert M.palette_distance(flat, ["#E30613", "#ffffff"]) == pytest.approx(0.0, abs=1e-6)
+    assert M.palette_distance(flat, ["#00ffff"]) > 40  # cyan is red's complement
+
+
+def test_palette_distance_weights_by_area():
+    img = np.full((64, 64, 3), 255, np.uint8)
+    img[:, :16] = (0, 0, 255)  # a quarter blue, the rest white
+    centres, shares = M.dominant_colours(img, k=4)
+    assert len(centres) == 2 and shares == pytest.approx([0.75, 0.25])
+    only_white = M.palette_distance(img, ["#ffffff"])
+    both = M.palette_distance(img, ["#ffffff", "#0000ff"])
+    assert both == pytest.approx(0.0, abs=1e-6)
+    assert only_white == pytest.approx(0.25 * M.palette_distance(img[:, :16], ["#ffffff"]), rel=1e-3)
+
+
+def test_palette_rejects_bad_colours():
+    with pytest.raises(ValueError, match="hex colour"):
+        M.palette_distance(np.zeros((8, 8, 3), np.uint8), ["red"])
+
+
+# ----------------------------------------------------------------------------------------- preservation
+
+
+def test_identical_images_are_fully_preserved(texture):
+    img = _crop(texture)
+    assert M.preservation(img, img) == {"ssim": pytest.approx(1.0), "psnr": M.PSNR_CAP_DB}
+
+
+def test_preservation_ignores_the_masked_region(texture):
+    src = _crop(texture)
+    edited = src.copy()
+    edited[:100] = 0
+    mask = np.zeros(src.shape[:2], bool)
+    mask[:100] = True
+    masked = M.preservation(src, edited, mask)
+    assert masked["ssim"] == pytest.approx(1.0) and masked["psnr"] == M.PSNR_CAP_DB
+    whole = M.preservation(src, edited)
+    assert whole["ssim"] < 0.8 and whole["psnr"] < 20
+    # A mask given as an image works the same way.
+    assert M.preservation(src, edited, Image.fromarray(mask.astype(np.uint8) * 255)) == masked
+
+
+def test_preservation_rejects_size_mismatch(texture):
+    with pytest.raises(ValueError, match="same size"):
+        M.preservation(_crop(texture), texture)
+
+
+# ----------------------------------------------------------------------------------------- alignment
+
+
+def test_alignment_measures_a_shift(texture):
+    src = _crop(texture)
+    moved = _crop(texture, top=72 - 3, left=72 - 5)  # content 5 px right, 3 px down
+    a = M.alignment(src, moved)
+    assert a["dx"] == pytest.approx(5, abs=0.5) and a["dy"] == pytest.approx(3, abs=0.5)
+    assert a["scale"] == pytest.approx(1.0, rel=0.01)
+
+
+def test_alignment_measures_a_zoom(texture):
+    from skimage.transform import AffineTransform, warp
+
+    c = np.array([texture.shape[1], texture.shape[0]]) / 2 - 0.5
+    zoom = AffineTransform(translation=-c) + AffineTransform(scale=1.05) + AffineTransform(translation=c)
+    zoomed = warp(texture, zoom.inverse, order=3, preserve_range=True).astype(np.uint8)
+    a = M.alignment(_crop(texture), _crop(zoomed))
+    assert a["scale"] == pytest.approx(1.05, rel=0.01)
+    assert abs(a["dx"]) < 0.5 and abs(a["dy"]) < 0.5
+
+
+def test_alignment_of_identical_images_is_identity(texture):
+    assert M.alignment(_crop(texture), _crop(texture)) == {"dx": 0.0, "dy": 0.0, "scale": 1.0}
+
+
+# ----------------------------------------------------------------------------------------- text
+
+
+def test_quoted_text_finds_straight_and_curly_quotes():
+    assert M.quoted_text('a poster that says "SUMMER SALE" and “50% OFF”') == ["SUMMER SALE", "50% OFF"]
+    assert M.quoted_text("a red mug") == []
+
+
+def test_text_accuracy_scores():
+    assert M.text_accuracy("Summer Sale", "SUMMERSALE") == {"cer": 0.0, "word_accuracy": 1.0, "exact": 1.0}
+    assert M.text_accuracy("SALE", "") == {"cer": 1.0, "word_accuracy": 0.0, "exact": 0.0}
+    assert M.text_accuracy("SALE", "SALT")["cer"] == pytest.approx(0.25)
+    assert M.edit_distance("kitten", "sitting") == 3
+
+
+def test_ocr_reads_rendered_text_and_nothing_from_a_blank_image():
+    prompt = 'a shop window with the words "SUMMER SALE 2025"'
+    img = Image.new("RGB", (512, 192), "white")
+    ImageDraw.Draw(img).text((24, 70), "SUMMER SALE 2025", fill="black", font=_font(44))
+    score = M.prompt_text_accuracy(img, prompt)
+    assert score["cer"] <= 0.1 and score["word_accuracy"] == 1.0
+    blank = M.prompt_text_accuracy(Image.new("RGB", (512, 192), "white"), prompt)
+    assert blank["cer"] == 1.0 and blank["word_accuracy"] == 0.0
+    assert M.prompt_text_accuracy(img, "no quotes here") is None
+
+
+# ----------------------------------------------------------------------------------------- CLIP
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A random 2-layer CLIP with a BPE tokenizer trained here, saved like a hub folder (nothing downloaded)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    path = tmp_path_factory.mktemp("clip")
+    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(["a red logo on a white mug", "a summer sale poster"] * 4, trainer=trainer)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tokenizer = CLIPTokenizer(vocab=bpe.get_vocab(), merges=merges, model_max_length=16)
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, **special),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def test_clip_scores_are_finite_and_self_similarity_is_one(tiny_clip, texture):
+    scorer = M.ClipScorer(tiny_clip)
+    img = _crop(texture)
+    scores = scorer.clip_score([img, img], ["a red logo on a white mug", "a summer sale poster"])
+    assert len(scores) == 2 and all(np.isfinite(s) and 0 <= s <= 100 for s in scores)
+    same, other = scorer.image_similarity([img, img], [img.copy(), 255 - img])
+    assert same == pytest.approx(1.0, abs=1e-5) and other < same
+
+
+def test_clip_scorer_names_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="eval.clip_model"):
+        M.ClipScorer(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_interval_covers_the_true_mean_about_95_percent_of_the_time():
+    rng = np.random.default_rng(1)
+    trials, hits = 300, 0
+    for seed in range(trials):
+        ci = M.bootstrap_ci(rng.normal(2.0, 1.0, size=40), n_resamples=1000, seed=seed)
+        hits += ci.low <= 2.0 <= ci.high
+    assert 0.89 <= hits / trials <= 0.99
+
+
+def test_bootstrap_is_seeded_and_drops_nans():
+    x = [1.0, 2.0, np.nan, 4.0]
+    assert M.bootstrap_ci(x, seed=3) == M.bootstrap_ci(x, seed=3)
+    assert M.bootstrap_ci(x).n == 3 and M.bootstrap_ci(x).mean == pytest.approx(7 / 3)
+    assert M.bootstrap_ci([]).n == 0
+
+
+def test_paired_difference_interval_uses_the_pairing():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 5, size=30)  # large between-item spread
+    adapter = base + 0.5 + rng.normal(0, 0.1, size=30)  # small, consistent improvement
+    diff = M.paired_difference_ci(adapter, base)
+    assert diff.mean == pytest.approx(0.5, abs=0.1) and diff.low > 0
+    # Unpaired, the two intervals overlap heavily and hide the improvement.
+    assert M.bootstrap_ci(adapter).low < M.bootstrap_ci(base).high
+    with pytest.raises(ValueError, match="not paired"):
+        M.paired_difference_ci([1, 2], [1])

@@ -1,0 +1,79 @@
+"""The evaluation report: JSON numbers read back, HTML self-contained and rendered by a real browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen_image_lora.eval.report import CheckpointScore, Sample, summarise, write_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _synthetic_samples(n: int = 6) -> list[Sample]:
+    """Base images grey, adapter images red; the adapter's palette distance is lower by about 10 ΔE."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        grey = Image.new("RGB", (96, 64), (120 + 10 * i, 120, 120))
+        red = Image.new("RGB", (96, 64), (200, 30 + 10 * i, 40))
+        base = {"palette_delta_e": 30 + rng.normal(0, 3), "ssim": math.nan}
+        adapter = {"palette_delta_e": base["palette_delta_e"] - 10 + rng.normal(0, 0.5), "ssim": math.nan}
+        samples.append(Sample("t2i", f'a qwnbrand mug #{i} that says "SALE"', seed=i, images={"base": grey, "brand": red},
+                              metrics={"base": base, "brand": adapter}))
+    edit_source = Image.new("RGB", (96, 64), "white")
+    samples.append(Sample("edit", "replace the background with a beach", seed=0, source=edit_source,
+                          images={"base": edit_source, "brand": Image.new("RGB", (96, 64), (250, 240, 200))},
+                          metrics={"base": {"ssim": 1.0, "psnr": 100.0}, "brand": {"ssim": 0.8, "psnr": 31.0}}))
+    return samples
+
+
+def test_summary_has_paired_deltas_and_drops_unscored_metrics():
+    summary = summarise(_synthetic_samples(), ["base", "brand"])
+    assert set(summary) == {"palette_delta_e", "ssim", "psnr"}  # nothing else was scored
+    delta = summary["palette_delta_e"]["delta"]["brand"]
+    assert delta["n"] == 6 and delta["mean"] == pytest.approx(-10, abs=1) and delta["high"] < 0
+    assert summary["ssim"]["variants"]["brand"]["n"] == 1  # NaNs (t2i samples) are not counted
+
+
+def test_report_json_and_html(tmp_path):
+    checkpoints = [CheckpointScore("checkpoint-20", 20, 0.52), CheckpointScore("checkpoint-40", 40, 0.47),
+                   CheckpointScore("checkpoint-60", 60, 0.49)]
+    html_path, json_path = write_report(tmp_path / "eval", _synthetic_samples(), notes=["CLIPScore skipped: no model"],
+                                        checkpoints=checkpoints, config={"seed": 0})
+    data = json.loads(json_path.read_text())  # strict JSON: NaN would have been written as null
+    assert data["variants"] == ["base", "brand"]
+    assert data["best_checkpoint"] == "checkpoint-40"
+    assert data["metrics"]["palette_delta_e"]["delta"]["brand"]["high"] < 0
+    assert data["samples"][0]["metrics"]["base"]["ssim"] is None
+    assert len(data["samples"]) == 7 and data["notes"] == ["CLIPScore skipped: no model"]
+    page = html_path.read_text()
+    assert "src='http" not in page and "src=\"http" not in page  # nothing fetched from outside
+    assert page.count("data:image/jpeg;base64,") == 7 * 2 + 1  # two variants per sample + the edit source
+    assert page.count("data:image/png;base64,") == 2  # metric plot + checkpoint plot
+    assert "CLIPScore skipped" in page and "checkpoint-40 (best)" in page
+    assert not list((tmp_path / "eval").glob(".*"))  # no temp files left behind
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    html_path, _ = write_report(tmp_path / "eval", _synthetic_samples(),
+                                checkpoints=[CheckpointScore("checkpoint-20", 20, 0.5), CheckpointScore("checkpoint-40", 40, 0.4)])
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
+         html_path.resolve().as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (1600, 1200)
+    # Non-blank: many distinct colours (text, plots, images), not a white page.
+    assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200
