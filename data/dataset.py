@@ -1,0 +1,311 @@
+"""Training batches: items -> bucketed entries -> encoded samples -> homogeneous batches.
+
+    build_training_data(cfg, pipe) -> TrainingData(dataset, sampler, collate, held_out)
+
+The sampler yields lists of `(index, epoch, position)` keys; every batch holds one kind (t2i or edit) and one
+bucket layout (target size and reference-image sizes), as the transformer needs one token layout per batch.
+Caption choice and dropout depend only on (seed, epoch, index), and the sampler resumes from a cursor
+`(epoch, position)` carried by each batch, so a resumed run sees exactly the batches an uninterrupted one would.
+
+Latents and prompt embeddings come from `qwen_image_lora.model` (the pipeline's own encode paths) through a
+tensor cache: `get(key) -> dict | None` and `put(key, tensors)`. Keys hash the file's bytes, the crop, the
+model id and the caption text, so changing any of them recomputes just that entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+from PIL import Image
+
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.config import Config
+from qwen_image_lora.data.buckets import Transform, assign_bucket, histogram, plan_transform
+from qwen_image_lora.data.sources import Item, format_caption, load_items, open_image
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+@dataclass(frozen=True)
+class Entry:
+    item: Item
+    target: Transform
+    sources: tuple[Transform, ...] = ()
+
+    @property
+    def layout(self) -> tuple:
+        """What must agree inside a batch: kind, target bucket and each reference image's bucket."""
+        return (self.item.kind, self.target.bucket, tuple(s.bucket for s in self.sources))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, read from the header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def plan_entries(items: list[Item], cfg: Config) -> tuple[list[Entry], list[tuple[Item, str]]]:
+    """Assign buckets and crops. Items whose images cannot be read are skipped and returned with the reason."""
+    d = cfg.data
+    entries, skipped = [], []
+    for item in items:
+        try:
+            size = image_size(item.target)
+            bucket = assign_bucket(*size, d.resolution, d.max_upscale)
+            seed = _stable_int(cfg.train.seed, item.id)
+            target = plan_transform(size, bucket, d.crop, seed)
+            sources = []
+            for src in item.sources:
+                src_size = image_size(src)
+                # Same size as the target: the identical resize and crop, so pixels stay aligned.
+                sources.append(
+                    target
+                    if src_size == size
+                    else plan_transform(src_size, assign_bucket(*src_size, d.resolution, d.max_upscale), d.crop, seed)
+                )
+        except (OSError, ValueError) as e:
+            skipped.append((item, f"{type(e).__name__}: {e}"))
+            continue
+        entries.append(Entry(item, target, tuple(sources)))
+    return entries, skipped
+
+
+def _stable_int(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+
+class TensorCache(Protocol):
+    def get(self, key: str) -> dict[str, torch.Tensor] | None: ...
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+class MemoryCache:
+    """In-process cache, for runs without a prepared on-disk cache."""
+
+    def __init__(self):
+        self._store: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, key):
+        return self._store.get(key)
+
+    def put(self, key, tensors):
+        self._store[key] = tensors
+
+
+class SampleEncoder:
+    """Encodes images and prompts through `qwen_image_lora.model`, reading and filling a tensor cache."""
+
+    def __init__(self, pipe, model_id: str, cache: TensorCache | None = None):
+        self.pipe = pipe
+        self.model_id = model_id
+        self.cache = cache if cache is not None else MemoryCache()
+        self._file_hashes: dict[tuple, str] = {}
+
+    def file_hash(self, path: Path) -> str:
+        stat = path.stat()
+        memo = (str(path), stat.st_size, stat.st_mtime_ns)
+        if memo not in self._file_hashes:
+            self._file_hashes[memo] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return self._file_hashes[memo]
+
+    def image_key(self, path: Path, transform: Transform, alpha: str) -> str:
+        return _digest("latents", self.model_id, self.file_hash(path), transform, alpha)
+
+    def prompt_key(self, text: str, image_keys: list[str]) -> str:
+        return _digest("prompt", self.model_id, text, *image_keys)
+
+    def latents(self, key: str, load: Callable[[], Image.Image]) -> torch.Tensor:
+        """[1, C, 1, h, w] normalised latents."""
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = {"latents": qmodel.encode_latents(self.pipe, qmodel.image_to_pixels(self.pipe, load())).cpu()}
+            self.cache.put(key, hit)
+        return hit["latents"]
+
+    def prompt(self, key: str, text: str, load_images: Callable[[], list[Image.Image]] | None) -> qmodel.PromptEmbeds:
+        hit = self.cache.get(key)
+        if hit is None:
+            p = qmodel.encode_prompt(self.pipe, [text], load_images() if load_images else None)
+            hit = {"embeds": p.embeds.cpu(), "image_pad": p.image_pad.cpu()}
+            if p.mask is not None:
+                hit["mask"] = p.mask.cpu()
+            self.cache.put(key, hit)
+        return qmodel.PromptEmbeds(hit["embeds"], hit.get("mask"), hit["image_pad"])
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------------------ dataset
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [B, C, 1, h, w] target latents
+    cond_latents: list[torch.Tensor]  # reference-image latents, each [B, C, 1, h_i, w_i]
+    prompt: qmodel.PromptEmbeds
+    ids: list[str]
+    cursor: tuple[int, int]  # (epoch, position) of the next batch, for resuming
+
+    @property
+    def kind(self) -> str:
+        return "edit" if self.cond_latents else "t2i"
+
+    def to(self, device, dtype=None) -> "Batch":
+        move = lambda t: t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
+        return Batch(move(self.latents), [move(c) for c in self.cond_latents], self.prompt.to(device, dtype), self.ids, self.cursor)
+
+
+class TrainingDataset(torch.utils.data.Dataset):
+    def __init__(self, entries: list[Entry], cfg: Config, encoder: SampleEncoder):
+        self.entries = entries
+        self.cfg = cfg
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def caption_for(self, index: int, epoch: int) -> str:
+        """Deterministic in (seed, epoch, index): one of the item's captions, or "" under caption dropout."""
+        entry, d = self.entries[index], self.cfg.data
+        rng = random.Random(_stable_int(self.cfg.train.seed, epoch, index))
+        caption = rng.choice(entry.item.captions) if entry.item.captions else ""
+        if rng.random() < d.caption_dropout:
+            return ""
+        return format_caption(caption, d) if caption else ""
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        index, epoch, position = key
+        entry, d = self.entries[index], self.cfg.data
+
+        def load(path: Path, transform: Transform) -> Callable[[], Image.Image]:
+            return lambda: transform.apply(open_image(path, d.alpha, d.background))
+
+        enc = self.encoder
+        target_key = enc.image_key(entry.item.target, entry.target, d.alpha)
+        source_keys = [enc.image_key(p, t, d.alpha) for p, t in zip(entry.item.sources, entry.sources)]
+        loaders = [load(p, t) for p, t in zip(entry.item.sources, entry.sources)]
+        text = self.caption_for(index, epoch)
+        return {
+            "latents": enc.latents(target_key, load(entry.item.target, entry.target)),
+            "cond_latents": [enc.latents(k, f) for k, f in zip(source_keys, loaders)],
+            "prompt": enc.prompt(enc.prompt_key(text, source_keys), text, (lambda: [f() for f in loaders]) if loaders else None),
+            "id": entry.item.id,
+            "cursor": (epoch, position + 1),
+        }
+
+
+def collate(samples: list[dict]) -> Batch:
+    return Batch(
+        latents=torch.cat([s["latents"] for s in samples]),
+        cond_latents=[torch.cat(group) for group in zip(*(s["cond_latents"] for s in samples))],
+        prompt=qmodel.pad_prompt_embeds([s["prompt"] for s in samples]),
+        ids=[s["id"] for s in samples],
+        cursor=samples[-1]["cursor"],
+    )
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+class BucketBatchSampler:
+    """Endless, seeded, resumable batches of one layout each, sharded across processes.
+
+    Each epoch shuffles the items inside every layout group, cuts them into batches, and shuffles the batch
+    order. Process `rank` of `num_replicas` takes every num_replicas-th batch, so a step's position is the same
+    on every rank and one cursor resumes them all.
+    """
+
+    def __init__(self, groups: list[list[int]], batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        self.groups = [g for g in groups if g]
+        self.batch_size, self.seed = batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.position = 0, 0
+
+    def batches_for_epoch(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(_stable_int(self.seed, "epoch", epoch))
+        batches = []
+        for group in self.groups:
+            order = group[:]
+            rng.shuffle(order)
+            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rng.shuffle(batches)
+        # Every rank must get the same number of steps per epoch; wrap around to fill the last round.
+        batches += (batches * self.num_replicas)[: -len(batches) % self.num_replicas]
+        return batches[self.rank :: self.num_replicas]
+
+    def steps_per_epoch(self) -> int:
+        return len(self.batches_for_epoch(0))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        while True:
+            batches = self.batches_for_epoch(self.epoch)
+            while self.position < len(batches):
+                position = self.position
+                self.position += 1
+                yield [(i, self.epoch, position) for i in batches[position]]
+            self.epoch, self.position = self.epoch + 1, 0
+
+
+@dataclass
+class TrainingData:
+    dataset: TrainingDataset
+    sampler: BucketBatchSampler
+    held_out: list[int] = field(default_factory=list)  # dataset indices kept out of training
+    skipped: list[tuple[Item, str]] = field(default_factory=list)
+
+    collate = staticmethod(collate)
+
+    def loader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=self.dataset.cfg.data.num_workers
+        )
+
+    def held_out_batches(self) -> list[Batch]:
+        """One batch per held-out item, with its first caption (fixed, for a comparable loss)."""
+        return [collate([self.dataset[(i, 0, 0)]]) for i in self.held_out]
+
+
+def build_training_data(
+    cfg: Config, pipe, cache: TensorCache | None = None, num_replicas: int = 1, rank: int = 0
+) -> TrainingData:
+    items = load_items(cfg.data)
+    entries, skipped = plan_entries(items, cfg)
+    for item, reason in skipped:
+        logger.warning("skipping %s: %s (run `qwen-lora data doctor` for a full report)", item.id, reason)
+    if not entries:
+        raise ValueError(f"data.path: none of the {len(items)} items could be read; run `qwen-lora data doctor`")
+    fraction = cfg.validation.held_out_fraction
+    held_out = [i for i, e in enumerate(entries) if fraction and _stable_int("held-out", e.item.id) % 10_000 < fraction * 10_000]
+    if fraction and not held_out and len(entries) > 1:
+        held_out = [len(entries) - 1]
+    train_ids = [i for i in range(len(entries)) if i not in set(held_out)]
+    layouts: dict[tuple, list[int]] = {}
+    for i in train_ids:
+        layouts.setdefault(entries[i].layout, []).append(i)
+    logger.info("buckets (%d items):\n%s", len(train_ids), histogram([entries[i].target.bucket for i in train_ids]))
+    encoder = SampleEncoder(pipe, str(cfg.model.pretrained), cache)
+    sampler = BucketBatchSampler(list(layouts.values()), cfg.train.batch_size, cfg.train.seed, num_replicas, rank)
+    return TrainingData(TrainingDataset(entries, cfg, encoder), sampler, held_out, skipped)

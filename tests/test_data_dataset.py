@@ -1,0 +1,88 @@
+"""Buckets, aligned crops, deterministic resumable sampling and homogeneous batches."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen_image_lora.config import load_config
+from qwen_image_lora.data.buckets import assign_bucket, bucket_sizes, plan_transform
+from qwen_image_lora.data.dataset import BucketBatchSampler, build_training_data
+from qwen_image_lora.data.sources import DataError, load_items
+
+
+def test_buckets_are_multiples_of_32_within_budget():
+    for w, h in bucket_sizes(1024):
+        assert w % 32 == 0 and h % 32 == 0 and w * h <= 1024 * 1024
+    assert assign_bucket(1024, 1024, 1024) == (1024, 1024)
+    bw, bh = assign_bucket(1920, 1080, 1024)
+    assert bw > bh and abs(bw / bh - 16 / 9) < 0.15
+    # no upscaling beyond the limit: a small image gets a small bucket
+    assert assign_bucket(300, 300, 1024, max_upscale=1.0) == (288, 288)
+
+
+def test_edit_pair_markers_stay_at_the_same_latent_position(tmp_path):
+    """Source and target of the same size get the identical resize + crop, so a marker stays put."""
+    for name in ("src", "tgt"):
+        a = np.full((300, 500, 3), 255, np.uint8)
+        a[200:216, 320:336] = (255, 0, 0)  # the marker, same spot in both
+        if name == "tgt":
+            a[:40] = (0, 0, 255)  # the edit: a different top band
+        Image.fromarray(a).save(tmp_path / f"{name}.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"target": "tgt.png", "instruction": "blue sky", "sources": ["src.png"]}) + "\n")
+    cfg = load_config(None, [f"data.path={tmp_path / 'm.jsonl'}", "data.resolution=256", "data.crop=random"])
+    from qwen_image_lora.data.dataset import plan_entries
+
+    (entry,), _ = plan_entries(load_items(cfg.data), cfg)
+    assert entry.sources[0] == entry.target
+    src = np.asarray(entry.sources[0].apply(Image.open(tmp_path / "src.png").convert("RGB")))
+    tgt = np.asarray(entry.target.apply(Image.open(tmp_path / "tgt.png").convert("RGB")))
+    red = lambda a: np.argwhere((a[..., 0] > 200) & (a[..., 1] < 60)).mean(0)  # noqa: E731
+    np.testing.assert_allclose(red(src), red(tgt))
+    assert src.shape[0] % 32 == 0 and src.shape[1] % 32 == 0
+
+
+def test_sampler_is_seeded_homogeneous_sharded_and_resumable():
+    groups = [[0, 1, 2, 3, 4], [5, 6, 7], [8]]
+    a = BucketBatchSampler(groups, batch_size=2, seed=1)
+    first = [b for _, b in zip(range(12), iter(a))]
+    assert first == [b for _, b in zip(range(12), iter(BucketBatchSampler(groups, 2, 1)))]
+    for batch in first:
+        assert len({next(g for g, members in enumerate(groups) if i in members) for i, _, _ in batch}) == 1
+    # resume from the cursor of batch 5: the rest is identical
+    b = BucketBatchSampler(groups, 2, 1)
+    b.load_state_dict({"epoch": first[5][0][1], "position": first[5][0][2] + 1})
+    assert [x for _, x in zip(range(6), iter(b))] == first[6:12]
+    # two ranks: same number of steps, disjoint batches within an epoch, cover everything
+    r0, r1 = BucketBatchSampler(groups, 2, 1, 2, 0), BucketBatchSampler(groups, 2, 1, 2, 1)
+    assert r0.steps_per_epoch() == r1.steps_per_epoch()
+    seen = {i for s in (r0, r1) for batch in s.batches_for_epoch(0) for i in batch}
+    assert seen == set(range(9))
+
+
+def test_training_batches_from_sample_data(tiny_pipe, tiny_model_dir, sample_data_dir):
+    for path, kind in ((sample_data_dir / "brand", "t2i"), (sample_data_dir / "edits" / "manifest.jsonl", "edit")):
+        cfg = load_config("configs/demo.yaml", [f"data.path={path}", f"model.pretrained={tiny_model_dir}", "train.batch_size=2"])
+        data = build_training_data(cfg, tiny_pipe)
+        batch = next(iter(data.loader()))
+        assert batch.kind == kind and batch.latents.shape[0] == 2
+        n_slots = batch.prompt.image_pad[0].sum().item()
+        assert n_slots == sum(c.shape[-1] * c.shape[-2] // 4 for c in batch.cond_latents)
+
+
+def test_caption_choice_and_dropout_are_deterministic(tiny_pipe, tiny_model_dir, tmp_path):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("first caption\nsecond caption\n")
+    cfg = load_config(None, [f"data.path={tmp_path}", "data.caption_dropout=0.3", "data.caption_template=sks, {caption}"])
+    data = build_training_data(cfg, tiny_pipe)
+    seen = [data.dataset.caption_for(0, epoch) for epoch in range(40)]
+    assert seen == [data.dataset.caption_for(0, epoch) for epoch in range(40)]
+    assert set(seen) == {"", "sks, first caption", "sks, second caption"}
+
+
+def test_bad_manifest_names_the_line(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"image": "a.png", "caption": "x"}\n{"target": "b.png", "instruction": "y"}\n')
+    cfg = load_config(None, [f"data.path={tmp_path / 'm.jsonl'}"])
+    with pytest.raises(DataError, match=r"m.jsonl:2: edit rows need .* missing sources"):
+        load_items(cfg.data)
