@@ -4,34 +4,40 @@ Keys are content addresses: a hex digest over everything that changes the tensor
 model, the bucket/crop or a caption recomputes exactly the entries that depend on it, and nothing else.
 
     key_for_image(path_or_bytes, bucket, model_id, transform="")   -> latents key
-        file content (sha256 of the bytes, not the path) + model id + bucket (w, h) + how the pixels were
-        made from the file (crop box, alpha mode, background: anything that is not the bucket, as a string)
+        file content (sha256 of the bytes, not the path) + model id + bucket/crop (a `buckets.Transform` or
+        (w, h)) + the rest of how pixels are made from the file (alpha mode and background) as a string
     key_for_prompt(text, image_keys, model_id)                     -> embeddings key
         the exact text given to the encoder (template and trigger applied) + the latents keys of the
         reference images encoded with it (edits; [] for text-to-image) + model id
     model_identity(cfg.model)                                      -> the model id used above
 
+`data/dataset.py`'s `SampleEncoder` computes every key through these two functions, for training and for
+`prepare` alike, so what prepare writes is exactly what training looks up.
+
 Layout under `cache_dir` (one folder can hold several models and resolutions side by side):
 
     shards/<run>-r<rank>-<n>.safetensors   up to `items_per_shard` entries, written by one process
-    shards/<run>-r<rank>-<n>.json          its index: {"keys": {key: kind}}, written after the shard
+    shards/<run>-r<rank>-<n>.json          its index {"keys": {key: [tensor names]}}, written after the shard
 
-Tensors in a shard are named `<key>/latents` ([C, 1, h, w]) or `<key>/embeds` ([L, D]) + `<key>/image_pad`
-([L] bool); stored in the dtype the encoder produced. A shard and its index are each written atomically and
-the index last, so an interrupted `prepare` loses at most the shard in progress and simply resumes: entries
-already indexed are skipped. Several processes (`accelerate launch`) write their own shards into the same
-folder without coordination; readers merge every index they find. Entries no longer referenced are harmless.
+An entry is a small dict of tensors, stored as `<key>/<name>`: latents {"latents": [1, C, 1, h, w]};
+prompts {"embeds": [1, L, D], "image_pad": [1, L] bool, optional "mask": [1, L]}; in the encoder's dtype. A
+shard and its index are each written atomically, the index last, so an interrupted `prepare` loses at most the
+shard in progress and simply resumes: indexed entries are skipped. Several processes (`accelerate launch`)
+write their own shards into the same folder without coordination; readers merge every index they find.
+Entries that are no longer referenced (an old caption) stay on disk and are harmless.
 
-Reading (what `data/dataset.py` calls):
+API (`Cache` implements the `get`/`put` protocol `SampleEncoder` uses):
 
-    cache = Cache(cache_dir, model_id)
-    cache.has(key) -> bool
+    cache = Cache(cache_dir, model_id)          # read-only view; writable=True, rank=... to add entries
+    cache.has(key) -> bool                      # also `key in cache`
+    cache.get(key) -> dict[str, Tensor] | None
     cache.latents(key) -> Tensor [1, C, 1, h, w]
-    cache.embeds(key) -> model.PromptEmbeds (batch of 1: embeds [1, L, D], mask None, image_pad [1, L])
+    cache.embeds(key) -> model.PromptEmbeds     # batch of 1
+    cache.put(key, tensors); cache.flush()      # writable caches: buffered, one shard per items_per_shard
     cache.key_for_image(...) / cache.key_for_prompt(...)   the module functions with model_id bound
 
 Tensors are read lazily through `safetensors.safe_open` (memory-mapped), so peak RAM stays flat however large
-the cache is: only the small key -> shard map lives in memory.
+the cache is: only the key -> shard map and at most `items_per_shard` pending entries live in memory.
 """
 
 from __future__ import annotations
@@ -104,96 +110,44 @@ def key_for_prompt(text: str, image_keys: list[str] | tuple[str, ...], model_id:
     return "P" + _digest("prompt", text, _canon(list(image_keys)), model_id)
 
 
-# ----------------------------------------------------------------------------------------------- writing
-
-
-class CacheWriter:
-    """Buffers up to `items_per_shard` entries in memory and writes them as one shard + index.
-
-    Each process gets its own writer (`rank`); shard names also carry a random run id, so reruns and
-    concurrent processes never write to the same file. Use as a context manager, or call `close()`.
-    """
-
-    def __init__(self, cache_dir: str | os.PathLike, rank: int = 0, items_per_shard: int = 256):
-        self.dir = Path(cache_dir) / "shards"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.rank = rank
-        self.items_per_shard = items_per_shard
-        self.run = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"
-        self._tensors: dict[str, torch.Tensor] = {}
-        self._keys: dict[str, str] = {}
-        self._n = 0
-        self.written = 0  # entries flushed so far
-
-    def put_latents(self, key: str, latents: torch.Tensor) -> None:
-        """latents: [1, C, 1, h, w] or [C, 1, h, w]."""
-        if latents.dim() == 5:
-            latents = latents[0]
-        self._put(key, "latents", {"latents": latents})
-
-    def put_embeds(self, key: str, prompt) -> None:
-        """prompt: a `model.PromptEmbeds` of batch 1 with no padding (mask None or all true)."""
-        embeds, pad = prompt.embeds[0], prompt.image_pad[0].bool()
-        if prompt.mask is not None:
-            valid = prompt.mask[0].bool()
-            embeds, pad = embeds[valid], pad[valid]
-        self._put(key, "embeds", {"embeds": embeds, "image_pad": pad})
-
-    def _put(self, key: str, kind: str, tensors: dict[str, torch.Tensor]) -> None:
-        if key in self._keys:
-            return
-        for name, t in tensors.items():
-            self._tensors[f"{key}/{name}"] = t.detach().to("cpu").contiguous()
-        self._keys[key] = kind
-        if len(self._keys) >= self.items_per_shard:
-            self.flush()
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self._keys:
-            return
-        stem = f"{self.run}-r{self.rank:03d}-{self._n:05d}"
-        with atomic_path(self.dir / f"{stem}.safetensors") as tmp:
-            save_file(self._tensors, str(tmp), metadata={"format": f"qwen-lora-cache-v{FORMAT_VERSION}"})
-        # The index goes last: an entry is visible only once its tensors are safely on disk.
-        atomic_write_text(self.dir / f"{stem}.json", json.dumps({"version": FORMAT_VERSION, "keys": self._keys}))
-        self.written += len(self._keys)
-        self._n += 1
-        self._tensors, self._keys = {}, {}
-
-    def close(self) -> None:
-        self.flush()
-
-    def __enter__(self) -> "CacheWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        # Flush on errors too (KeyboardInterrupt included): what was computed is kept for the resume.
-        self.close()
-
-
-# ----------------------------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------------------------- the cache
 
 
 class Cache:
-    """Read-only view of a cache folder (see the module docstring). Cheap to construct; `refresh()` re-reads
-    the indexes (e.g. after another process wrote shards)."""
+    """A cache folder (see the module docstring). Read-only unless `writable`; `refresh()` re-reads the indexes
+    (e.g. after other processes wrote shards)."""
 
-    def __init__(self, cache_dir: str | os.PathLike, model_id: str, max_open: int = 16):
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        model_id: str = "",
+        *,
+        writable: bool = False,
+        rank: int = 0,
+        items_per_shard: int = 256,
+        max_open: int = 16,
+    ):
         self.dir = Path(cache_dir)
+        self.shards = self.dir / "shards"
         self.model_id = model_id
-        self.max_open = max_open
-        self._where: dict[str, str] = {}  # key -> shard file name
+        self.writable, self.rank, self.items_per_shard, self.max_open = writable, rank, items_per_shard, max_open
+        self.run = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"  # this writer's shard names
+        self._where: dict[str, tuple[str, tuple[str, ...]]] = {}  # key -> (shard file, tensor names)
         self._open: OrderedDict[str, object] = OrderedDict()
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}
+        self._n_shards = 0
+        self.written = 0  # entries this object flushed to disk
+        if writable:
+            self.shards.mkdir(parents=True, exist_ok=True)
         self.refresh()
+
+    # ------------------------------------------------------------------ reading
 
     def refresh(self) -> None:
         self._where.clear()
-        shards = self.dir / "shards"
-        if not shards.is_dir():
+        if not self.shards.is_dir():
             return
-        for index in sorted(shards.glob("*.json")):
+        for index in sorted(self.shards.glob("*.json")):
             shard = index.with_suffix(".safetensors")
             if not shard.is_file():
                 continue
@@ -203,20 +157,20 @@ class Cache:
                 continue  # a foreign or damaged index: its entries are recomputed
             if data.get("version") != FORMAT_VERSION:
                 continue
-            for key in data["keys"]:
-                self._where[key] = shard.name
+            for key, names in data["keys"].items():
+                self._where[key] = (shard.name, tuple(names))
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._where.keys() | self._pending.keys())
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self._where or key in self._pending
 
     def has(self, key: str) -> bool:
-        return key in self._where
+        return key in self
 
     def keys(self) -> list[str]:
-        return list(self._where)
+        return list(self._where.keys() | self._pending.keys())
 
     def key_for_image(self, source, bucket, transform: str = "") -> str:
         return key_for_image(source, bucket, self.model_id, transform)
@@ -224,32 +178,84 @@ class Cache:
     def key_for_prompt(self, text: str, image_keys=()) -> str:
         return key_for_prompt(text, image_keys, self.model_id)
 
-    def _handle(self, key: str):
+    def _handle(self, shard: str):
         from safetensors import safe_open
 
-        if key not in self._where:
-            raise KeyError(f"{key} is not in the cache at {self.dir}; run `qwen-lora data prepare` first")
-        name = self._where[key]
-        handle = self._open.get(name)
+        handle = self._open.get(shard)
         if handle is None:
-            handle = safe_open(str(self.dir / "shards" / name), framework="pt")
-            self._open[name] = handle
+            handle = safe_open(str(self.shards / shard), framework="pt")
+            self._open[shard] = handle
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)
         else:
-            self._open.move_to_end(name)
+            self._open.move_to_end(shard)
         return handle
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        if key in self._pending:
+            return self._pending[key]
+        where = self._where.get(key)
+        if where is None:
+            return None
+        shard, names = where
+        handle = self._handle(shard)
+        return {name: handle.get_tensor(f"{key}/{name}") for name in names}
+
+    def _require(self, key: str) -> dict[str, torch.Tensor]:
+        hit = self.get(key)
+        if hit is None:
+            raise KeyError(f"{key} is not in the cache at {self.dir}; run `qwen-lora data prepare` first")
+        return hit
 
     def latents(self, key: str) -> torch.Tensor:
         """[1, C, 1, h, w]"""
-        return self._handle(key).get_tensor(f"{key}/latents").unsqueeze(0)
+        return self._require(key)["latents"]
 
     def embeds(self, key: str):
-        """A `model.PromptEmbeds` of batch 1: embeds [1, L, D], mask None, image_pad [1, L] bool."""
+        """A `model.PromptEmbeds` of batch 1: embeds [1, L, D], mask [1, L] or None, image_pad [1, L] bool."""
         from qwen_image_lora.model import PromptEmbeds
 
-        h = self._handle(key)
-        return PromptEmbeds(h.get_tensor(f"{key}/embeds").unsqueeze(0), None, h.get_tensor(f"{key}/image_pad").unsqueeze(0))
+        hit = self._require(key)
+        return PromptEmbeds(hit["embeds"], hit.get("mask"), hit["image_pad"])
+
+    # ------------------------------------------------------------------ writing
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        if not self.writable:
+            raise RuntimeError(f"the cache at {self.dir} was opened read-only; open it with writable=True")
+        if key in self:
+            return
+        self._pending[key] = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+        if len(self._pending) >= self.items_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending entries as one shard, then its index (both atomically)."""
+        from safetensors.torch import save_file
+
+        if not self._pending:
+            return
+        stem = f"{self.run}-r{self.rank:03d}-{self._n_shards:05d}"
+        flat = {f"{key}/{name}": t for key, tensors in self._pending.items() for name, t in tensors.items()}
+        with atomic_path(self.shards / f"{stem}.safetensors") as tmp:
+            save_file(flat, str(tmp), metadata={"format": f"qwen-lora-cache-v{FORMAT_VERSION}"})
+        index = {key: sorted(tensors) for key, tensors in self._pending.items()}
+        # The index goes last: an entry becomes visible only once its tensors are safely on disk.
+        atomic_write_text(self.shards / f"{stem}.json", json.dumps({"version": FORMAT_VERSION, "keys": index}))
+        for key, names in index.items():
+            self._where[key] = (f"{stem}.safetensors", tuple(names))
+        self.written += len(index)
+        self._n_shards += 1
+        self._pending = {}
 
     def close(self) -> None:
+        if self.writable:
+            self.flush()
         self._open.clear()
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Flush on errors too (KeyboardInterrupt included): what was computed is kept for the resume.
+        self.close()

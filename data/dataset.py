@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.config import Config
+from qwen_image_lora.config import Config, DataConfig
+from qwen_image_lora.data.cache import key_for_image, key_for_prompt, model_identity
 from qwen_image_lora.data.buckets import Transform, assign_bucket, histogram, plan_transform
 from qwen_image_lora.data.sources import Item, format_caption, load_items, open_image
 
@@ -108,48 +109,51 @@ class MemoryCache:
 
 
 class SampleEncoder:
-    """Encodes images and prompts through `qwen_image_lora.model`, reading and filling a tensor cache."""
+    """Encodes images and prompts through `qwen_image_lora.model`, reading and filling a tensor cache.
+
+    Keys come from `data/cache.py` (`key_for_image`, `key_for_prompt`), for training and `prepare` alike."""
 
     def __init__(self, pipe, model_id: str, cache: TensorCache | None = None):
         self.pipe = pipe
         self.model_id = model_id
         self.cache = cache if cache is not None else MemoryCache()
-        self._file_hashes: dict[tuple, str] = {}
+        self.encoded = {"latents": 0, "prompts": 0}  # encoder calls made (cache misses)
 
-    def file_hash(self, path: Path) -> str:
-        stat = path.stat()
-        memo = (str(path), stat.st_size, stat.st_mtime_ns)
-        if memo not in self._file_hashes:
-            self._file_hashes[memo] = hashlib.sha256(path.read_bytes()).hexdigest()
-        return self._file_hashes[memo]
-
-    def image_key(self, path: Path, transform: Transform, alpha: str) -> str:
-        return _digest("latents", self.model_id, self.file_hash(path), transform, alpha)
+    def image_key(self, path: Path, transform: Transform, pixels: str) -> str:
+        """`pixels`: how pixels are made from the file besides the transform (see `pixel_spec`)."""
+        return key_for_image(path, transform, self.model_id, pixels)
 
     def prompt_key(self, text: str, image_keys: list[str]) -> str:
-        return _digest("prompt", self.model_id, text, *image_keys)
+        return key_for_prompt(text, image_keys, self.model_id)
 
     def latents(self, key: str, load: Callable[[], Image.Image]) -> torch.Tensor:
         """[1, C, 1, h, w] normalised latents."""
         hit = self.cache.get(key)
         if hit is None:
+            if self.pipe is None or self.pipe.vae is None:
+                raise KeyError(f"latents {key} are not cached and no VAE is loaded; run `qwen-lora data prepare`")
             hit = {"latents": qmodel.encode_latents(self.pipe, qmodel.image_to_pixels(self.pipe, load())).cpu()}
+            self.encoded["latents"] += 1
             self.cache.put(key, hit)
         return hit["latents"]
 
     def prompt(self, key: str, text: str, load_images: Callable[[], list[Image.Image]] | None) -> qmodel.PromptEmbeds:
         hit = self.cache.get(key)
         if hit is None:
+            if self.pipe is None or self.pipe.text_encoder is None:
+                raise KeyError(f"embeddings {key} are not cached and no text encoder is loaded; run `qwen-lora data prepare`")
             p = qmodel.encode_prompt(self.pipe, [text], load_images() if load_images else None)
             hit = {"embeds": p.embeds.cpu(), "image_pad": p.image_pad.cpu()}
             if p.mask is not None:
                 hit["mask"] = p.mask.cpu()
+            self.encoded["prompts"] += 1
             self.cache.put(key, hit)
         return qmodel.PromptEmbeds(hit["embeds"], hit.get("mask"), hit["image_pad"])
 
 
-def _digest(*parts) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+def pixel_spec(d: DataConfig) -> str:
+    """The part of an image's cache key that is neither the file nor the crop: alpha handling."""
+    return "alpha=keep" if d.alpha == "keep" else f"alpha=composite:{d.background.lower()}"
 
 
 # ------------------------------------------------------------------------------------------ dataset
@@ -190,24 +194,36 @@ class TrainingDataset(torch.utils.data.Dataset):
             return ""
         return format_caption(caption, d) if caption else ""
 
+    def texts_for(self, index: int) -> list[str]:
+        """Every text `caption_for` can give this item (what `prepare` embeds)."""
+        entry, d = self.entries[index], self.cfg.data
+        texts = [format_caption(c, d) for c in entry.item.captions]
+        if d.caption_dropout > 0 or not texts:
+            texts.append("")
+        return list(dict.fromkeys(texts))
+
     def __getitem__(self, key: tuple[int, int, int]) -> dict:
         index, epoch, position = key
+        sample = self.sample(index, self.caption_for(index, epoch))
+        sample["cursor"] = (epoch, position + 1)
+        return sample
+
+    def sample(self, index: int, text: str) -> dict:
+        """Latents of the target and reference images and the embeddings of `text` (with the references)."""
         entry, d = self.entries[index], self.cfg.data
 
         def load(path: Path, transform: Transform) -> Callable[[], Image.Image]:
             return lambda: transform.apply(open_image(path, d.alpha, d.background))
 
-        enc = self.encoder
-        target_key = enc.image_key(entry.item.target, entry.target, d.alpha)
-        source_keys = [enc.image_key(p, t, d.alpha) for p, t in zip(entry.item.sources, entry.sources)]
+        enc, spec = self.encoder, pixel_spec(d)
+        target_key = enc.image_key(entry.item.target, entry.target, spec)
+        source_keys = [enc.image_key(p, t, spec) for p, t in zip(entry.item.sources, entry.sources)]
         loaders = [load(p, t) for p, t in zip(entry.item.sources, entry.sources)]
-        text = self.caption_for(index, epoch)
         return {
             "latents": enc.latents(target_key, load(entry.item.target, entry.target)),
             "cond_latents": [enc.latents(k, f) for k, f in zip(source_keys, loaders)],
             "prompt": enc.prompt(enc.prompt_key(text, source_keys), text, (lambda: [f() for f in loaders]) if loaders else None),
             "id": entry.item.id,
-            "cursor": (epoch, position + 1),
         }
 
 
@@ -306,6 +322,6 @@ def build_training_data(
     for i in train_ids:
         layouts.setdefault(entries[i].layout, []).append(i)
     logger.info("buckets (%d items):\n%s", len(train_ids), histogram([entries[i].target.bucket for i in train_ids]))
-    encoder = SampleEncoder(pipe, str(cfg.model.pretrained), cache)
+    encoder = SampleEncoder(pipe, model_identity(cfg.model), cache)
     sampler = BucketBatchSampler(list(layouts.values()), cfg.train.batch_size, cfg.train.seed, num_replicas, rank)
     return TrainingData(TrainingDataset(entries, cfg, encoder), sampler, held_out, skipped)
