@@ -10,6 +10,10 @@ import torch
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.inference.adapters import Adapters
+
+MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
+MAX_INPUT_IMAGES = 10
 
 # Aspect-ratio presets, mapped to multiples of 32 within the pixel budget by `size_for_aspect`.
 ASPECT_RATIOS = {"1:1": (1, 1), "16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3)}
@@ -39,20 +43,56 @@ class GenerationRequest:
     seed: int = 0
     # Edits come back at the input's size unless this is False (then at the model's working size).
     keep_input_size: bool = True
+    # Adapter name -> weight for this call ({} = the base model); None leaves the pipeline's adapters as they are.
+    adapters: dict[str, float] | None = None
 
 
 class Generator:
-    """Wraps a loaded `QwenImage21Pipeline` (with or without adapters) and samples from it."""
+    """Wraps a loaded `QwenImage21Pipeline` (with or without adapters) and samples from it.
+
+    `guidance_scale` is the pipeline's `true_cfg_scale`: classifier-free guidance that only runs when a negative
+    prompt is given (and the scale is > 1); without one, the scale has no effect. Steps and guidance default to the
+    pipeline's own defaults, read from its signature.
+    """
 
     def __init__(self, pipeline, resolution: int = 1024):
         self.pipe = pipeline
         self.resolution = resolution
+        self.adapters = Adapters(pipeline)
         defaults = inspect.signature(type(pipeline).__call__).parameters
         self.default_steps = defaults["num_inference_steps"].default
         self.default_guidance = defaults["true_cfg_scale"].default
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained, dtype="bfloat16", device=None, resolution: int = 1024, revision: str | None = None
+    ) -> "Generator":
+        """Load the base model once (hub id or local folder); adapters then come and go via `self.adapters`."""
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(qmodel.load_pipeline(pretrained, dtype, device, revision=revision), resolution)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.pipe.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check(self, request: GenerationRequest) -> None:
+        """The checks that need no denoising: prompt length, image count, size. Raises ValueError naming the field."""
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(request, name)
+            # Byte-level BPE: a token spans at least one UTF-8 byte, so short texts need no tokenizing.
+            if text is not None and len(text.encode()) > MAX_PROMPT_TOKENS:
+                n = self.count_tokens(text)
+                if n > MAX_PROMPT_TOKENS:
+                    raise ValueError(f"{name}: {n} tokens with the model's tokenizer; the limit is {MAX_PROMPT_TOKENS}")
+        if len(request.images) > MAX_INPUT_IMAGES:
+            raise ValueError(f"images: give 1 to {MAX_INPUT_IMAGES} input images (got {len(request.images)})")
+        self._size(request)
+
     @torch.no_grad()
     def generate(self, request: GenerationRequest) -> Image.Image:
+        self.check(request)
+        if request.adapters is not None:
+            self.adapters.set(request.adapters)
         width, height = self._size(request)
         guidance = self.default_guidance if request.guidance_scale is None else request.guidance_scale
         kwargs = dict(

@@ -1,0 +1,155 @@
+"""Adapters on one loaded base model: load many, pick or mix them per call, fuse for speed, unfuse, unload.
+
+Thin over diffusers' `QwenImageLoraLoaderMixin` (load_lora_into_transformer / set_adapters / fuse_lora /
+unfuse_lora / delete_adapters): the base weights are loaded once and never reloaded. Every file goes through
+`formats.read_adapter` first, so a foreign layout is converted and a foreign model is refused before peft
+touches the transformer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen_image_lora.inference.formats import AdapterError, read_adapter
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    source: str
+    layout: str
+    weight: float  # the default weight this adapter was loaded with
+
+
+class Adapters:
+    """The adapters loaded into one pipeline, and which of them are active (or fused) at what weight."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.loaded: dict[str, LoadedAdapter] = {}
+        self.active: dict[str, float] = {}
+        self.fused: dict[str, float] | None = None
+        self._unfused_weights: dict[str, torch.Tensor] = {}  # module name -> base weight before fusing (on CPU)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.loaded)
+
+    def load(self, source: str | Path, name: str | None = None, weight: float = 1.0) -> str:
+        """Load an adapter (file, folder or hub id) under `name` (default: the file or folder stem); returns the name.
+        The new adapter is not activated; call `set` (or `Generator.generate` with `adapters=`)."""
+        self._refuse_if_fused("load an adapter")
+        name = name or adapter_name_for(source)
+        if name in self.loaded:
+            raise AdapterError(f"adapter name {name!r} is already loaded (from {self.loaded[name].source}); pick another")
+        weights = read_adapter(source, self.pipe.transformer, type(self.pipe))
+        self.pipe.load_lora_into_transformer(
+            weights.state_dict,
+            transformer=self.pipe.transformer,
+            adapter_name=name,
+            metadata=weights.metadata,
+            _pipeline=self.pipe,
+        )
+        self.loaded[name] = LoadedAdapter(name, weights.source, weights.layout, weight)
+        self._apply(dict(self.active))  # loading activates the new adapter in peft; keep the previous selection
+        return name
+
+    def set(self, weights: dict[str, float] | None) -> None:
+        """Activate exactly these adapters at these weights; None or {} runs the base model."""
+        weights = dict(weights or {})
+        unknown = [n for n in weights if n not in self.loaded]
+        if unknown:
+            known = ", ".join(self.loaded) or "none loaded"
+            raise AdapterError(f"unknown adapter {unknown[0]!r}; known adapters: {known}")
+        if self.fused is not None:
+            if weights != self.fused:
+                raise AdapterError(f"adapters are fused as {self.fused}; unfuse before switching to {weights}")
+            return
+        if weights != self.active:
+            self._apply(weights)
+
+    def defaults(self) -> dict[str, float]:
+        """Every loaded adapter at the weight it was loaded with."""
+        return {a.name: a.weight for a in self.loaded.values()}
+
+    def fuse(self, weights: dict[str, float] | None = None) -> None:
+        """Merge the given (default: currently active) adapters into the base weights: no LoRA cost per step."""
+        if self.fused is not None:
+            raise AdapterError(f"adapters are already fused as {self.fused}; unfuse first")
+        if weights is not None:
+            self.set(weights)
+        if not self.active:
+            raise AdapterError("no active adapter to fuse; load one and set its weight first")
+        # Unfusing subtracts the delta again, which leaves the base weights a few ulps off; keep the touched
+        # weights (on CPU) so unfuse gives back the exact base model.
+        self._unfused_weights = {
+            name: module.base_layer.weight.detach().to("cpu", copy=True)
+            for name, module in self.pipe.transformer.named_modules()
+            if hasattr(module, "base_layer") and any(a in getattr(module, "lora_A", {}) for a in self.active)
+        }
+        self.pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=list(self.active), safe_fusing=True)
+        self.fused = dict(self.active)
+
+    def unfuse(self) -> None:
+        """Undo `fuse`: the base weights come back bit for bit."""
+        if self.fused is None:
+            return
+        self.pipe.unfuse_lora(components=["transformer"])
+        with torch.no_grad():
+            for name, weight in self._unfused_weights.items():
+                self.pipe.transformer.get_submodule(name).base_layer.weight.copy_(weight)
+        self._unfused_weights = {}
+        self.fused = None
+
+    def unload(self, name: str | None = None) -> None:
+        """Remove one adapter (or all of them) from the transformer."""
+        self.unfuse()
+        if name is None:
+            if self.loaded:
+                self.pipe.unload_lora_weights()
+            self.loaded.clear()
+            self.active = {}
+            return
+        if name not in self.loaded:
+            raise AdapterError(f"unknown adapter {name!r}; known adapters: {', '.join(self.loaded) or 'none loaded'}")
+        self.pipe.delete_adapters([name])
+        del self.loaded[name]
+        self.active.pop(name, None)
+        self._apply(dict(self.active))
+
+    def _apply(self, weights: dict[str, float]) -> None:
+        if not self.loaded:
+            self.active = {}
+            return
+        if weights:
+            self.pipe.enable_lora()  # set_adapters does not undo an earlier disable_lora
+            self.pipe.set_adapters(list(weights), list(weights.values()))
+        else:
+            self.pipe.disable_lora()
+        self.active = weights
+
+    def _refuse_if_fused(self, action: str) -> None:
+        if self.fused is not None:
+            raise AdapterError(f"cannot {action} while adapters are fused ({self.fused}); unfuse first")
+
+
+def adapter_name_for(source: str | Path) -> str:
+    """A default name: the folder name, or the file stem unless it is a generic weight file name."""
+    path = Path(str(source).rstrip("/"))
+    if path.suffix == ".safetensors":
+        return path.parent.name if path.stem in ("pytorch_lora_weights", "adapter_model") and path.parent.name else path.stem
+    return path.name
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """`PATH[:WEIGHT]` -> (path, weight). A trailing `:number` is the weight; other colons stay in the path."""
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0

@@ -1,0 +1,91 @@
+"""Image bytes in and out: JPEG/PNG/WebP inputs with pixel limits, PNG/JPEG/WebP outputs (JPEG has no alpha, so
+it is composited on white)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from qwen_image_lora.io import atomic_path
+
+INPUT_FORMATS = {"JPEG", "PNG", "WEBP"}
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+MAX_INPUT_SIDE = 2048  # larger inputs are downscaled to fit 2048x2048 (the model works at ~1024 anyway)
+MAX_DECODED_PIXELS = 64 * 2**20  # refused before decoding: a 100 KB PNG can claim 100,000 x 100,000 pixels
+
+
+class ImageInputError(ValueError):
+    """An input image we refuse: unreadable, wrong format, or too many pixels (`too_large`)."""
+
+    def __init__(self, message: str, too_large: bool = False):
+        super().__init__(message)
+        self.too_large = too_large
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS, max_side: int = MAX_INPUT_SIDE) -> Image.Image:
+    """Bytes -> an RGB/RGBA PIL image (EXIF orientation applied), downscaled to fit max_side x max_side."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in INPUT_FORMATS:
+                raise ImageInputError(f"unsupported image format {image.format}; send JPEG, PNG or WebP")
+            w, h = image.size
+            if w * h > max_pixels:  # checked from the header, before a single pixel is decoded
+                raise ImageInputError(f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}", too_large=True)
+            image.load()
+    except ImageInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageInputError(f"image refused as a decompression bomb: {e}", too_large=True) from e
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise ImageInputError(f"not a readable JPEG/PNG/WebP image ({type(e).__name__}: {e})") from e
+    image = ImageOps.exif_transpose(image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    image = image.convert("RGBA" if has_alpha else "RGB")
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return image
+
+
+def load_image(path: str | Path, **limits) -> Image.Image:
+    path = Path(path)
+    try:
+        return decode_image(path.read_bytes(), **limits)
+    except ImageInputError as e:
+        raise ImageInputError(f"{path}: {e}", e.too_large) from e
+
+
+def format_for(name: str) -> str:
+    """`png`/`jpeg`/`jpg`/`webp` or a path with that extension -> PIL format name."""
+    key = name.lower().rsplit(".", 1)[-1]
+    if key not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {name!r}: use .png, .jpg/.jpeg or .webp")
+    return OUTPUT_FORMATS[key]
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95) -> bytes:
+    """PNG and WebP keep alpha; JPEG composites it over white."""
+    fmt = format_for(fmt) if fmt.lower() in OUTPUT_FORMATS else fmt
+    if fmt == "JPEG" and image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        image = white
+    buf = io.BytesIO()
+    options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def save_image(image: Image.Image, path: str | Path, quality: int = 95) -> Path:
+    """Write atomically in the format the extension names."""
+    path = Path(path)
+    data = encode_image(image, format_for(path.name), quality)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path

@@ -1,0 +1,150 @@
+"""Adapters on one loaded base model: switch, mix, fuse/unfuse, unload; foreign layouts converted; foreign models refused."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwen_image_lora.inference.formats import AdapterError
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.inference.testing import make_random_lora, to_comfyui, to_kohya
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model_dir):
+    """Our own pipeline (adapters get loaded into it), not the session-wide `tiny_pipe`."""
+    return Generator.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", resolution=64)
+
+
+@pytest.fixture(scope="module")
+def lora_dirs(gen, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "style_a": make_random_lora(gen.pipe.transformer, root / "style_a", seed=1),
+        "style_b": make_random_lora(gen.pipe.transformer, root / "style_b", rank=8, alpha=4, seed=2),
+    }
+
+
+@pytest.fixture
+def adapters(gen, lora_dirs):
+    """style_a (weight 1.0) and style_b (0.7) loaded; everything unloaded afterwards."""
+    gen.adapters.load(lora_dirs["style_a"])
+    gen.adapters.load(lora_dirs["style_b"], weight=0.7)
+    yield gen.adapters
+    gen.adapters.unload()
+
+
+def render(gen, adapters=None, **kw):
+    request = GenerationRequest("a red bottle", num_inference_steps=2, seed=0, adapters=adapters, **kw)
+    return np.asarray(gen.generate(request)).astype(np.int16)
+
+
+def base_weights(transformer):
+    return {k: v.clone() for k, v in transformer.state_dict().items() if "lora_" not in k}
+
+
+def test_two_adapters_at_different_weights_differ_from_each_other_and_from_the_base(gen, adapters):
+    base = render(gen)
+    a = render(gen, {"style_a": 1.0})
+    b = render(gen, {"style_b": 0.7})
+    a_half = render(gen, {"style_a": 0.5})
+    mix = render(gen, {"style_a": 0.5, "style_b": 0.7})
+    outputs = [base, a, b, a_half, mix]
+    for i in range(len(outputs)):
+        for j in range(i + 1, len(outputs)):
+            assert np.abs(outputs[i] - outputs[j]).mean() > 0.5, (i, j)
+    # Switching per call needs no reload, and {} is the base model again.
+    assert np.array_equal(render(gen, {}), base)
+    assert np.array_equal(render(gen, {"style_a": 1.0}), a)
+
+
+def test_fuse_then_unfuse_restores_the_base_exactly(gen, adapters):
+    before = base_weights(gen.pipe.transformer)
+    base = render(gen, {})
+    unfused = render(gen, {"style_a": 1.0, "style_b": 0.7})
+    adapters.fuse()
+    fused = render(gen, {"style_a": 1.0, "style_b": 0.7})
+    assert np.abs(fused - unfused).max() <= 1  # same maths, one rounding apart
+    with pytest.raises(AdapterError, match="unfuse"):
+        render(gen, {"style_a": 1.0})
+    adapters.unfuse()
+    after = base_weights(gen.pipe.transformer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert np.array_equal(render(gen, {}), base)
+
+
+def test_unload_gives_back_the_plain_base_model(gen, lora_dirs):
+    base = render(gen)
+    gen.adapters.load(lora_dirs["style_a"])
+    gen.adapters.set({"style_a": 1.0})
+    assert not np.array_equal(render(gen), base)
+    gen.adapters.unload()
+    assert gen.adapters.names == []
+    assert np.array_equal(render(gen), base)
+
+
+def test_unknown_adapter_name_lists_the_known_ones(gen, adapters):
+    with pytest.raises(AdapterError, match="unknown adapter 'nope'; known adapters: style_a, style_b"):
+        render(gen, {"nope": 1.0})
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "kohya"])
+def test_comfyui_and_kohya_layouts_load_as_the_same_adapter(gen, lora_dirs, tmp_path, layout):
+    ours = lora_dirs["style_a"] / "pytorch_lora_weights.safetensors"
+    convert = {"comfyui": to_comfyui, "kohya": to_kohya}[layout]
+    other = convert(ours, tmp_path / f"style_a_{layout}.safetensors", alpha=2.0)  # alpha/rank = 0.5 folded in
+    try:
+        gen.adapters.load(ours, name="ours")
+        gen.adapters.load(other, name="theirs")
+        assert gen.adapters.loaded["theirs"].layout == layout
+        assert np.abs(render(gen, {"theirs": 1.0}) - render(gen, {"ours": 0.5})).max() <= 1
+    finally:
+        gen.adapters.unload()
+
+
+def _tamper(src, dst, fn):
+    tensors = load_file(str(src / "pytorch_lora_weights.safetensors"))
+    save_file(fn(tensors), str(dst))
+    return dst
+
+
+def test_adapter_for_another_model_is_refused_naming_module_and_shapes(gen, lora_dirs, tmp_path):
+    def wider(t):
+        key = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+        return {**t, key: torch.zeros(4, 3072)}
+
+    bad = _tamper(lora_dirs["style_a"], tmp_path / "wide.safetensors", wider)
+    with pytest.raises(AdapterError, match=r"'transformer_blocks.0.attn.to_q' is Linear\(in=32, out=32\).*lora_A \[4, 3072\]"):
+        gen.adapters.load(bad)
+
+    def deeper(t):
+        return {k.replace("blocks.1.", "blocks.7."): v for k, v in t.items()}
+
+    bad = _tamper(lora_dirs["style_a"], tmp_path / "deep.safetensors", deeper)
+    with pytest.raises(AdapterError, match="'transformer_blocks.7.attn.to_q' does not exist"):
+        gen.adapters.load(bad)
+
+    kohya = to_kohya(lora_dirs["style_a"] / "pytorch_lora_weights.safetensors", tmp_path / "k.safetensors")
+    renamed = {k.replace("attn_to_q", "attn_to_qkv"): v for k, v in load_file(str(kohya)).items()}
+    save_file(renamed, str(tmp_path / "k2.safetensors"))
+    with pytest.raises(AdapterError, match="transformer_blocks_0_attn_to_qkv.*does not exist"):
+        gen.adapters.load(tmp_path / "k2.safetensors")
+    assert gen.adapters.names == [] and not getattr(gen.pipe.transformer, "peft_config", {})
+
+
+def test_files_that_are_not_loras_are_refused(gen, tmp_path):
+    save_file({"transformer_blocks.0.attn.to_q.lokr_w1": torch.zeros(2, 2)}, str(tmp_path / "lokr.safetensors"))
+    with pytest.raises(AdapterError, match="LoKr"):
+        gen.adapters.load(tmp_path / "lokr.safetensors")
+    with pytest.raises(AdapterError, match="no such adapter"):
+        gen.adapters.load(tmp_path / "missing")
+
+
+def test_prompt_over_1024_tokens_is_an_error_naming_the_length(gen):
+    long = "red bottle " * 700
+    n = gen.count_tokens(long)
+    assert n > 1024
+    with pytest.raises(ValueError, match=f"prompt: {n} tokens .* limit is 1024"):
+        gen.generate(GenerationRequest(long, num_inference_steps=1))
+    with pytest.raises(ValueError, match="images: give 1 to 10"):
+        gen.generate(GenerationRequest("x", images=[object()] * 11, num_inference_steps=1))
