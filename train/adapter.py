@@ -1,0 +1,127 @@
+"""The LoRA adapter on the transformer: add it (through diffusers' PeftAdapterMixin, so saving and loading use
+diffusers' own formats), read and restore its weights, and save it in the layout `load_lora_weights` reads.
+
+Only the transformer gets an adapter. Its base weights stay frozen in their load dtype (bf16 on a GPU); the
+LoRA weights are fp32 so that small updates are not rounded away.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qwen_image_lora.config import LoRAConfig
+
+ADAPTER_NAME = "default"
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+class AdapterError(RuntimeError):
+    """An adapter could not be added, restored or saved as asked."""
+
+
+def lora_config(cfg: LoRAConfig):
+    """The peft `LoraConfig` for our typed config (`init: default` is peft's kaiming-A / zero-B)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        init_lora_weights=True if cfg.init == "default" else cfg.init,
+        target_modules=cfg.target_modules,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+    )
+
+
+def add_lora(transformer, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
+    """Freeze `transformer`, add a fresh LoRA adapter (or one initialised from `cfg.init_from`) and return the
+    trainable parameters, all fp32."""
+    transformer.requires_grad_(False)
+    try:
+        transformer.add_adapter(lora_config(cfg), adapter_name=ADAPTER_NAME)
+    except ValueError as e:  # peft: "Target modules ... not found in the base model"
+        raise AdapterError(f"lora.targets: {e}") from e
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise AdapterError(f"lora.targets: {cfg.targets!r} matched no layer of the transformer")
+    for p in params:
+        p.data = p.data.float()
+    if cfg.init_from:
+        load_lora_weights_into(transformer, read_adapter(cfg.init_from))
+    return params
+
+
+def trainable_parameters(transformer) -> list[torch.nn.Parameter]:
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def get_lora_state(transformer) -> dict[str, torch.Tensor]:
+    """The adapter's weights keyed as peft names them (`transformer_blocks.0.attn.to_q.lora_A.weight`),
+    detached CPU copies."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def load_lora_weights_into(transformer, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter weights (peft names, with or without a `transformer.` prefix) into the live adapter, keeping
+    each parameter's dtype. Any missing or unexpected key is an error, not a warning."""
+    from peft.utils import set_peft_model_state_dict
+
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    ours = get_lora_state(transformer)
+    missing, unexpected = set(ours) - set(state), set(state) - set(ours)
+    if missing or unexpected:
+        raise AdapterError(
+            "adapter weights do not match this adapter's layout (check lora.rank/targets/use_dora): "
+            f"missing {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {sorted(unexpected)[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
+    for name, value in state.items():
+        if ours[name].shape != value.shape:
+            raise AdapterError(f"adapter weight {name}: shape {tuple(value.shape)} != {tuple(ours[name].shape)}")
+    dtypes = {n: p.dtype for n, p in transformer.named_parameters()}
+    set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER_NAME)
+    for n, p in transformer.named_parameters():  # set_peft_model_state_dict may cast; keep LoRA in fp32
+        if p.dtype != dtypes[n]:
+            p.data = p.data.to(dtypes[n])
+
+
+def read_adapter(path: str | Path) -> dict[str, torch.Tensor]:
+    """Adapter weights from a folder holding `pytorch_lora_weights.safetensors` or from a .safetensors file,
+    in any layout diffusers' `lora_state_dict` understands (ours, ComfyUI, kohya), as peft names."""
+    from diffusers import QwenImage21Pipeline
+
+    path = Path(path)
+    if not path.exists():
+        raise AdapterError(f"lora.init_from: {path} does not exist")
+    state = QwenImage21Pipeline.lora_state_dict(str(path))
+    state = state[0] if isinstance(state, tuple) else state
+    return {k.removeprefix("transformer."): v for k, v in state.items()}
+
+
+def adapter_metadata(transformer) -> dict:
+    """The peft config as diffusers stores it next to the weights (rank, alpha, targets, DoRA/rsLoRA)."""
+    meta = transformer.peft_config[ADAPTER_NAME].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+
+
+def save_adapter(transformer, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (keys `transformer.`-prefixed, peft config in the header) that
+    `QwenImage21Pipeline.load_lora_weights(directory)` loads unchanged. `state` overrides the live weights
+    (e.g. the EMA copy)."""
+    from diffusers import QwenImage21Pipeline
+
+    state = get_lora_state(transformer) if state is None else state
+    QwenImage21Pipeline.save_lora_weights(
+        str(directory),
+        transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=adapter_metadata(transformer),
+        weight_name=WEIGHTS_NAME,
+        safe_serialization=True,
+    )
+    return Path(directory) / WEIGHTS_NAME

@@ -1,0 +1,19 @@
+"""`qwen-lora export`: write a trained adapter in another tool's layout. (Training itself is
+`accelerate launch train/lora.py --config ...`, so accelerate owns the processes.)"""
+
+from __future__ import annotations
+
+
+def _export(args) -> int:
+    from qwen_image_lora.train.export import export_adapter
+
+    print(export_adapter(args.adapter_dir, args.format, args.output))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write a trained adapter in another layout (ComfyUI)")
+    p.add_argument("adapter_dir", help="a training output folder (holds pytorch_lora_weights.safetensors) or the file")
+    p.add_argument("--format", choices=["comfyui"], default="comfyui")
+    p.add_argument("--output", default=None, help="file to write (default: <adapter_dir>/comfyui_lora.safetensors)")
+    p.set_defaults(func=_export)

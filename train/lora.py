@@ -1,0 +1,401 @@
+"""LoRA fine-tuning recipe for Qwen-Image-2.1 (text-to-image and instruction editing).
+
+    accelerate launch train/lora.py --config configs/brand.yaml [--resume latest|PATH] [section.key=value ...]
+
+`setup()` builds the model, adapter, data, optimizer, scheduler, tracker and checkpointer from the config;
+`train()` is the loop; `save_checkpoint()` writes a resumable checkpoint; `cleanup()` closes the trackers.
+The maths lives in `objective.py`, the Qwen-Image specifics in `qwen_image_lora.model`, so the loop below
+never mentions a tensor shape. accelerate handles devices, mixed precision, accumulation and DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.config import Config, ConfigError, load_config, save_config, to_dict
+from qwen_image_lora.train import adapter, export, objective, optim, validation
+from qwen_image_lora.train.checkpoint import (
+    Checkpointer,
+    TrainingProgress,
+    capture_rng_state,
+    compare_config,
+    restore_rng_state,
+)
+from qwen_image_lora.train.guards import Guards, TrainingStopped
+from qwen_image_lora.train.tracking import Tracker, check_tracker_available, log_with
+
+logger = logging.getLogger("qwen_image_lora.train")
+
+LOSSES_NAME = "losses.jsonl"  # one {"step", "loss", "lr", "grad_norm"} per optimizer step
+
+
+class LoRARecipe:
+    def __init__(self, cfg: Config, resume: str | None = None):
+        self.cfg = cfg
+        self.resume = resume if resume is not None else cfg.checkpoint.resume
+        self.out = Path(cfg.output_dir)
+        self.step = 0
+        self.cursor = (0, 0)  # the sampler position of the next batch
+        self.history: list[float] = []
+        self.samples: dict[str, Path] = {}
+        self.tracker = None
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        _check_before_loading(cfg)
+        self.accelerator = acc = Accelerator(
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            mixed_precision=cfg.train.mixed_precision,
+            log_with=log_with(cfg.tracking) or None,
+            project_dir=str(self.out),
+        )
+        self.checkpointer = Checkpointer(self.out, cfg.checkpoint.keep_last)
+        self.resume_from = self._resolve_resume()
+        set_seed(cfg.train.seed, device_specific=True)  # dropout and anything else on the global RNGs
+        self.pipe = self._setup_model()
+        self.data = self._setup_data()
+        self.params = adapter.add_lora(self.pipe.transformer, cfg.lora)
+        self._setup_checkpointing(self.pipe.transformer)
+        optimizer = optim.build_optimizer(self.params, cfg.optim)
+        # Stepped by us once per optimizer step (accelerate's wrapper would step it once per process).
+        self.lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+        self.ema = optim.LoRAEMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.transformer, self.optimizer = acc.prepare(self.pipe.transformer, optimizer)
+        self.model_fn = _Forward(self.transformer, self.pipe.transformer.dtype)
+        self.noise = objective.NoiseSampler(
+            cfg.train.seed * 1_000_003 + acc.process_index + 1, cfg.train.timestep_sampling,
+            self.pipe.scheduler.config, cfg.train.logit_mean, cfg.train.logit_std,
+        )
+        self.guards = Guards(cfg.train)
+        self.guards.remember_initial(self.pipe.transformer.named_parameters())
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        self.tracker = Tracker(acc, cfg.tracking, self.out)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            self.tracker.start(to_dict(cfg))
+            self._trim_loss_log()
+
+    def _resolve_resume(self) -> Path | None:
+        if not self.resume:
+            return None
+        path = self.checkpointer.resolve(self.resume)
+        progress, _, _, saved = Checkpointer.load(path)
+        if self.accelerator.is_main_process:
+            for warning in compare_config(saved, to_dict(self.cfg), progress):
+                logger.warning("resume: %s", warning)
+        self.cfg.train.seed = progress.seed  # the data order and caption choices continue the checkpoint's
+        return path
+
+    def _setup_model(self):
+        cfg = self.cfg
+        pipe = qmodel.load_pipeline(cfg.model.pretrained, cfg.model.dtype, revision=cfg.model.revision)
+        # The encoders run on the fly (or from the cache) and for validation samples.
+        return pipe.to(self.accelerator.device)
+
+    def _setup_data(self):
+        from qwen_image_lora.data.dataset import build_training_data
+
+        acc = self.accelerator
+        return build_training_data(self.cfg, self.pipe, num_replicas=acc.num_processes, rank=acc.process_index)
+
+    def _setup_checkpointing(self, transformer) -> None:
+        setting = self.cfg.train.gradient_checkpointing
+        if setting is True:
+            transformer.enable_gradient_checkpointing()
+        elif setting == "auto":
+            from qwen_image_lora.train import memory
+
+            references = max(len(e.item.sources) for e in self.data.dataset.entries)
+            inputs = memory.plan_inputs_from_config(self.cfg, references=references)
+            budget = memory.budget_for_allocations(int(self.cfg.train.memory_budget_gb * 2**30))
+            blocks = memory.choose_checkpointed_blocks(inputs, budget)
+            memory.apply_block_checkpointing(transformer, blocks)
+            logger.info("gradient_checkpointing auto: checkpointing blocks %s", blocks)
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self.data.sampler.load_state_dict({"epoch": self.cursor[0], "position": self.cursor[1]})
+        batches = iter(self.data.loader())
+        bar = _progress_bar(cfg.train.max_steps, self.step, acc.is_main_process)
+        micro_losses: list[torch.Tensor] = []
+        self.transformer.train()
+        tick = time.perf_counter()
+        while self.step < cfg.train.max_steps:
+            batch = next(batches)
+            with acc.accumulate(self.transformer):
+                loss = self._loss_step(batch)
+                acc.backward(loss)
+                micro_losses.append(loss.detach())
+                if not acc.sync_gradients:
+                    continue
+                grad_norm = float(acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm))
+                step_loss = acc.reduce(torch.stack(micro_losses).mean(), "mean").item()
+                micro_losses.clear()
+                stepped = self.guards.step_is_finite(step_loss, grad_norm)
+                if stepped:  # a non-finite step is skipped (and counted) rather than poisoning the weights
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    if self.ema is not None:
+                        self.ema.update()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.cursor = batch.cursor
+            if not stepped:
+                continue
+            self.step += 1
+            now = time.perf_counter()
+            self._log(step_loss, grad_norm, now - tick)
+            tick = now
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            self._check_guards(step_loss, grad_norm)
+            self._maybe_validate()
+            self._maybe_checkpoint()
+        bar.close()
+        self._finish()
+
+    def _loss_step(self, batch) -> torch.Tensor:
+        batch = batch.to(self.accelerator.device)
+        noise, sigmas = self.noise.draw(batch.latents)
+        return objective.flow_matching_loss(self.model_fn, batch, noise, sigmas, self.cfg.train.loss_weighting)
+
+    def _log(self, loss: float, grad_norm: float, seconds: float) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        self.history.append(loss)
+        if not acc.is_main_process:
+            return
+        lr = self.lr_scheduler.get_last_lr()[0]
+        with open(self.out / LOSSES_NAME, "a") as f:
+            f.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}) + "\n")
+        if self.step % cfg.train.log_every == 0:
+            samples = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * acc.num_processes
+            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "s_per_step": seconds, "samples_per_s": samples / seconds}
+            if torch.cuda.is_available():
+                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            self.tracker.log(metrics, step=self.step)
+
+    def _check_guards(self, loss: float, grad_norm: float) -> None:
+        self.guards.check_learning(self.step, self.pipe.transformer.named_parameters(), grad_norm)
+        self.guards.check_divergence(loss)
+
+    def _maybe_validate(self) -> None:
+        every = self.cfg.validation.every_steps
+        if every and self.step % every == 0 and self.step < self.cfg.train.max_steps:
+            self.validate()
+
+    def _maybe_checkpoint(self) -> None:
+        if self.step % self.cfg.checkpoint.every_steps == 0 and self.step < self.cfg.train.max_steps:
+            self.save_checkpoint()
+
+    # ------------------------------------------------------------------------------------------ verbs
+
+    def validate(self) -> dict:
+        """Samples (and the held-out loss) with the current adapter, EMA weights if enabled; main process."""
+        acc, metrics = self.accelerator, {}
+        if acc.is_main_process:
+            with self._ema_weights():
+                folder = self.out / "samples" / f"step_{self.step:06d}"
+                images = validation.generate_samples(self.pipe, self.cfg, folder)
+                self.samples = {name: folder / f"{name}.png" for name in images}
+                if self.data.held_out:
+                    metrics["heldout_loss"] = objective.heldout_loss(
+                        self.pipe.transformer, self.data.held_out_batches(), self.cfg.validation.seed
+                    )
+            self.tracker.log_images(images, step=self.step)
+            if metrics:
+                self.tracker.log(metrics, step=self.step)
+                logger.info("step %d: held-out loss %.5f", self.step, metrics["heldout_loss"])
+        acc.wait_for_everyone()
+        return metrics
+
+    def save_checkpoint(self) -> Path | None:
+        from accelerate.utils import gather_object
+
+        acc, cfg = self.accelerator, self.cfg
+        # Every rank's RNG streams, gathered so one folder resumes them all.
+        ranks = gather_object([{"rng": capture_rng_state(), "noise": self.noise.state_dict()}])
+        path = None
+        if acc.is_main_process:
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "ema": None if self.ema is None else self.ema.state_dict(),
+                "guards": self.guards.state_dict(),
+                "ranks": ranks,
+            }
+            progress = TrainingProgress(
+                step=self.step, seed=cfg.train.seed, max_steps=cfg.train.max_steps, epoch=self.cursor[0],
+                position=self.cursor[1], samples_seen=self.step * cfg.train.batch_size *
+                cfg.train.gradient_accumulation_steps * acc.num_processes, num_processes=acc.num_processes,
+            )
+            path = self.checkpointer.save(
+                progress, lambda folder: adapter.save_adapter(self.pipe.transformer, folder), state, to_dict(cfg)
+            )
+            logger.info("saved checkpoint %s", path)
+        acc.wait_for_everyone()
+        return path
+
+    def _restore(self, path: Path) -> None:
+        acc = self.accelerator
+        progress, adapter_dir, state, _ = Checkpointer.load(path)
+        adapter.load_lora_weights_into(self.pipe.transformer, adapter.read_adapter(adapter_dir))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.guards.load_state_dict(state["guards"])
+        ranks = state["ranks"]
+        if len(ranks) != acc.num_processes:
+            logger.warning(
+                "resume: the checkpoint was written by %d processes, this run has %d; RNG streams are reused "
+                "round-robin, so losses will not match an uninterrupted run exactly", len(ranks), acc.num_processes,
+            )
+        mine = ranks[acc.process_index % len(ranks)]
+        restore_rng_state(mine["rng"])
+        self.noise.load_state_dict(mine["noise"])
+        self.step, self.cursor = progress.step, (progress.epoch, progress.position)
+        if acc.is_main_process:
+            logger.info("resumed from %s at step %d", path, self.step)
+
+    def _finish(self) -> None:
+        """Final validation, then the output folder: adapter, config, metadata, model card."""
+        acc, cfg = self.accelerator, self.cfg
+        if cfg.validation.prompts or cfg.validation.edits or self.data.held_out:
+            self.validate()
+        with self._ema_weights():
+            state = adapter.get_lora_state(self.pipe.transformer)
+        hashes = _gather_hashes(state)
+        if len(set(hashes)) != 1:
+            raise TrainingStopped(f"the processes ended with different adapters (hashes {hashes}); DDP went out of sync")
+        if acc.is_main_process:
+            metadata = {
+                "steps": self.step,
+                "first_loss": _mean(self.history[:10]),
+                "final_loss": _mean(self.history[-10:]),
+                "num_processes": acc.num_processes,
+                "nonfinite_steps_skipped": self.guards.nonfinite,
+                "adapter_sha256": hashes[0],
+                "rank_adapter_sha256": hashes,
+                "trainable_parameters": sum(p.numel() for p in self.params),
+                "versions": _versions(),
+            }
+            export.write_run_folder(self.pipe.transformer, cfg, metadata, self.samples, state)
+            self.tracker.upload_adapter(self.out)
+            logger.info("adapter written to %s", self.out / adapter.WEIGHTS_NAME)
+        acc.wait_for_everyone()
+
+    def cleanup(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def _ema_weights(self):
+        import contextlib
+
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
+    def _trim_loss_log(self) -> None:
+        """A fresh run starts the per-step log afresh; a resumed one keeps the steps up to its checkpoint."""
+        log = self.out / LOSSES_NAME
+        if not log.exists():
+            return
+        keep = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        log.write_text("".join(line + "\n" for line in keep) if self.resume_from is not None else "")
+
+
+class _Forward:
+    """The prepared (maybe DDP-wrapped) transformer with the `dtype` that `model.predict_velocity` reads."""
+
+    def __init__(self, module, dtype):
+        self.module, self.dtype = module, dtype
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _check_before_loading(cfg: Config) -> None:
+    """What can fail without weights fails here, in seconds, naming the field."""
+    optim.check_optimizer_available(cfg.optim.name)
+    check_tracker_available(cfg.tracking)
+    if not cfg.data.path:
+        raise ConfigError("data.path: set it to a folder of images + captions or a .jsonl/.csv manifest")
+    if cfg.train.gradient_checkpointing == "auto":
+        try:
+            from qwen_image_lora.train import memory  # noqa: F401
+        except ModuleNotFoundError as e:
+            raise ConfigError("train.gradient_checkpointing: 'auto' needs the memory planner (train/memory.py)") from e
+
+
+def _gather_hashes(state: dict[str, torch.Tensor]) -> list[str]:
+    from accelerate.utils import gather_object
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].float().numpy().tobytes())
+    return gather_object([digest.hexdigest()])
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _versions() -> dict:
+    import accelerate
+    import diffusers
+    import peft
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__}
+
+
+def _progress_bar(total: int, initial: int, main: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="steps", disable=not (main and sys.stderr.isatty()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train/lora.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run's YAML config")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    recipe = LoRARecipe(cfg, resume=args.resume)
+    try:
+        recipe.setup()
+        recipe.train()
+    except (ConfigError, TrainingStopped) as e:
+        print(f"error: {e}" if isinstance(e, ConfigError) else f"training stopped: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 3
+    finally:
+        recipe.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Validation during training: fixed-seed text-to-image and edit samples from the config, made with the
+current adapter through the one sampling path (`inference.generator.Generator`), so a preview at seed s is
+the image a user gets at seed s; plus the held-out flow-matching loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+from qwen_image_lora.config import Config
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.io import atomic_path
+
+
+def validation_requests(cfg: Config) -> dict[str, GenerationRequest]:
+    """name -> request, for every `validation.prompts` (t2i_NN) and `validation.edits` (edit_NN) entry."""
+    v = cfg.validation
+    common = dict(
+        negative_prompt=v.negative_prompt,
+        num_inference_steps=v.num_inference_steps,
+        guidance_scale=v.guidance_scale,
+        seed=v.seed,
+    )
+    requests = {}
+    for i, prompt in enumerate(v.prompts):
+        requests[f"t2i_{i:02d}"] = GenerationRequest(prompt, width=v.width, height=v.height, **common)
+    for i, edit in enumerate(v.edits):
+        images = [ImageOps.exif_transpose(Image.open(p)).copy() for p in edit.images]
+        requests[f"edit_{i:02d}"] = GenerationRequest(edit.prompt, images=images, width=v.width, height=v.height, **common)
+    return requests
+
+
+def generate_samples(pipe, cfg: Config, folder: str | Path, requests: dict[str, GenerationRequest] | None = None) -> dict[str, Image.Image]:
+    """Sample every validation request with whatever adapter `pipe.transformer` carries now; write PNGs into
+    `folder`. The training RNG streams are left exactly as they were."""
+    requests = validation_requests(cfg) if requests is None else requests
+    if not requests:
+        return {}
+    folder = Path(folder)
+    transformer = pipe.transformer
+    was_training = transformer.training
+    transformer.eval()
+    images = {}
+    try:
+        with torch.random.fork_rng():
+            generator = Generator(pipe, resolution=cfg.data.resolution)
+            for name, request in requests.items():
+                images[name] = generator.generate(request)
+                with atomic_path(folder / f"{name}.png") as tmp:
+                    images[name].save(tmp, format="PNG")
+    finally:
+        transformer.train(was_training)
+    return images
