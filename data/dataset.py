@@ -26,7 +26,8 @@ from PIL import Image
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, DataConfig
-from qwen_image_lora.data.cache import key_for_image, key_for_prompt, model_identity
+from qwen_image_lora.data.cache import Cache, key_for_image, key_for_prompt, model_identity
+from qwen_image_lora.data.doctor import excluded_ids
 from qwen_image_lora.data.buckets import Transform, assign_bucket, histogram, plan_transform
 from qwen_image_lora.data.sources import Item, format_caption, load_items, open_image
 
@@ -208,21 +209,26 @@ class TrainingDataset(torch.utils.data.Dataset):
         sample["cursor"] = (epoch, position + 1)
         return sample
 
+    def keys(self, index: int, text: str) -> tuple[str, list[str], str]:
+        """(target latents key, reference latents keys, prompt key) of this item with `text`."""
+        entry, enc, spec = self.entries[index], self.encoder, pixel_spec(self.cfg.data)
+        target_key = enc.image_key(entry.item.target, entry.target, spec)
+        source_keys = [enc.image_key(p, t, spec) for p, t in zip(entry.item.sources, entry.sources)]
+        return target_key, source_keys, enc.prompt_key(text, source_keys)
+
     def sample(self, index: int, text: str) -> dict:
         """Latents of the target and reference images and the embeddings of `text` (with the references)."""
-        entry, d = self.entries[index], self.cfg.data
+        entry, d, enc = self.entries[index], self.cfg.data, self.encoder
 
         def load(path: Path, transform: Transform) -> Callable[[], Image.Image]:
             return lambda: transform.apply(open_image(path, d.alpha, d.background))
 
-        enc, spec = self.encoder, pixel_spec(d)
-        target_key = enc.image_key(entry.item.target, entry.target, spec)
-        source_keys = [enc.image_key(p, t, spec) for p, t in zip(entry.item.sources, entry.sources)]
+        target_key, source_keys, prompt_key = self.keys(index, text)
         loaders = [load(p, t) for p, t in zip(entry.item.sources, entry.sources)]
         return {
             "latents": enc.latents(target_key, load(entry.item.target, entry.target)),
             "cond_latents": [enc.latents(k, f) for k, f in zip(source_keys, loaders)],
-            "prompt": enc.prompt(enc.prompt_key(text, source_keys), text, (lambda: [f() for f in loaders]) if loaders else None),
+            "prompt": enc.prompt(prompt_key, text, (lambda: [f() for f in loaders]) if loaders else None),
             "id": entry.item.id,
         }
 
@@ -308,9 +314,14 @@ def build_training_data(
     cfg: Config, pipe, cache: TensorCache | None = None, num_replicas: int = 1, rank: int = 0
 ) -> TrainingData:
     items = load_items(cfg.data)
+    # Items the doctor (or prepare) excluded: unreadable, truncated, uncaptioned, ... (see data/doctor.py).
+    excluded = excluded_ids(cfg.data.cache_dir, cfg.data.path)
+    skipped_by_doctor = [(it, "excluded by data doctor: " + ", ".join(excluded[it.id])) for it in items if it.id in excluded]
+    items = [it for it in items if it.id not in excluded]
     entries, skipped = plan_entries(items, cfg)
+    skipped = skipped_by_doctor + skipped
     for item, reason in skipped:
-        logger.warning("skipping %s: %s (run `qwen-lora data doctor` for a full report)", item.id, reason)
+        logger.warning("skipping %s: %s (see `qwen-lora data doctor`)", item.id, reason)
     if not entries:
         raise ValueError(f"data.path: none of the {len(items)} items could be read; run `qwen-lora data doctor`")
     fraction = cfg.validation.held_out_fraction
@@ -322,6 +333,9 @@ def build_training_data(
     for i in train_ids:
         layouts.setdefault(entries[i].layout, []).append(i)
     logger.info("buckets (%d items):\n%s", len(train_ids), histogram([entries[i].target.bucket for i in train_ids]))
+    if cache is None and cfg.data.cache_dir and (Path(cfg.data.cache_dir) / "shards").is_dir():
+        # A prepared cache: read it, and add what is missing (new captions, new items) as this rank's shards.
+        cache = Cache(cfg.data.cache_dir, model_identity(cfg.model), writable=True, rank=rank, items_per_shard=cfg.data.shard_size)
     encoder = SampleEncoder(pipe, model_identity(cfg.model), cache)
     sampler = BucketBatchSampler(list(layouts.values()), cfg.train.batch_size, cfg.train.seed, num_replicas, rank)
     return TrainingData(TrainingDataset(entries, cfg, encoder), sampler, held_out, skipped)

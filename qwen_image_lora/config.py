@@ -82,6 +82,13 @@ class DataConfig:
     repeats: int = 1
     cache_dir: str | None = _path("${output_dir}/cache")
     num_workers: int = 0
+    # `data doctor` limits: items beyond them are excluded from prepare and training (never deleted).
+    min_side: int = 64
+    max_aspect: float = 4.0
+    max_megapixels: float = 100.0
+    max_caption_tokens: int = 1024
+    # Entries per cache shard written by `data prepare` (per process).
+    shard_size: int = 256
 
     def validate(self, where: str) -> None:
         if self.resolution % 32 or not 64 <= self.resolution <= 4096:
@@ -94,6 +101,16 @@ class DataConfig:
             raise ConfigError(f"{where}.caption_template: must contain '{{caption}}' (got {self.caption_template!r})")
         if self.repeats < 1:
             raise ConfigError(f"{where}.repeats: must be >= 1 (got {self.repeats})")
+        if self.min_side < 1:
+            raise ConfigError(f"{where}.min_side: must be >= 1 (got {self.min_side})")
+        if self.max_aspect < 1.0:
+            raise ConfigError(f"{where}.max_aspect: must be >= 1.0 (got {self.max_aspect})")
+        if self.max_megapixels <= 0:
+            raise ConfigError(f"{where}.max_megapixels: must be > 0 (got {self.max_megapixels})")
+        if self.max_caption_tokens < 1:
+            raise ConfigError(f"{where}.max_caption_tokens: must be >= 1 (got {self.max_caption_tokens})")
+        if self.shard_size < 1:
+            raise ConfigError(f"{where}.shard_size: must be >= 1 (got {self.shard_size})")
         if not re.fullmatch(r"#[0-9a-fA-F]{6}", self.background):
             raise ConfigError(f"{where}.background: must be a colour like '#ffffff' (got {self.background!r})")
 
@@ -249,8 +266,31 @@ class EvalConfig:
     palette: list[str] = field(default_factory=list)
     # Local CLIP/SigLIP weights for CLIPScore and reference similarity; skipped when null.
     clip_model: str | None = _path()
+    # A folder of on-brand images; each t2i image is scored by its mean CLIP similarity to them.
     reference_images: str | None = _path()
     output_dir: str = _path("${output_dir}/eval")
+    # Sampling settings for the eval images; null = the pipeline's defaults (t2i size = data.resolution square;
+    # edits keep their input's size so preservation can compare pixel for pixel).
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    # Flow-matching times at which `--checkpoints` scores the held-out loss (the same for every checkpoint).
+    held_out_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+
+    def validate(self, where: str) -> None:
+        for side in ("width", "height"):
+            value = getattr(self, side)
+            if value is not None and (value <= 0 or value % 32):
+                raise ConfigError(f"{where}.{side}: must be a positive multiple of 32 (got {value})")
+        bad = [c for c in self.palette if not re.fullmatch(r"#[0-9a-fA-F]{6}", c)]
+        if bad:
+            raise ConfigError(f"{where}.palette: colours must look like '#d7263d' (got {bad[0]!r})")
+        if not self.seeds:
+            raise ConfigError(f"{where}.seeds: give at least one seed")
+        if not self.held_out_sigmas or not all(0.0 < s < 1.0 for s in self.held_out_sigmas):
+            raise ConfigError(f"{where}.held_out_sigmas: give one or more values in (0, 1) (got {self.held_out_sigmas})")
 
 
 @dataclass

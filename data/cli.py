@@ -1,0 +1,96 @@
+"""`qwen-lora data doctor | prepare | caption`.
+
+    qwen-lora data doctor <config.yaml or data path> [--strict] [--json OUT] [--html OUT] [key=value ...]
+    qwen-lora data prepare --config CFG [key=value ...]        # also under `accelerate launch -m qwen_image_lora.cli`
+    qwen-lora data caption --config CFG [--overwrite]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen_image_lora.config import load_config
+
+
+def _load(target: str, overrides):
+    """A YAML config, or a bare data path (folder or manifest) with the default config."""
+    if Path(target).suffix.lower() in (".yaml", ".yml"):
+        return load_config(target, overrides)
+    return load_config(None, [f"data.path={Path(target).resolve()}", *overrides])
+
+
+def _doctor(args) -> int:
+    from qwen_image_lora.data.doctor import diagnose
+
+    cfg = _load(args.target, args.overrides)
+    report = diagnose(cfg, contact_sheet=bool(args.html) or args.html is None)
+    print(report.table())
+    written = []
+    if cfg.data.cache_dir and (args.target.endswith((".yaml", ".yml"))):
+        # Where prepare and training look for exclusions.
+        report.write_json(Path(cfg.data.cache_dir) / "doctor.json")
+        written.append(str(Path(cfg.data.cache_dir) / "doctor.json"))
+    if args.json:
+        report.write_json(args.json)
+        written.append(args.json)
+    html = args.html
+    if html is None and report.pairs and cfg.data.cache_dir:
+        html = str(Path(cfg.data.cache_dir) / "edit_pairs.html")
+    if html and report.pairs:
+        report.write_html(html)
+        written.append(html)
+    if written:
+        print("wrote " + ", ".join(written))
+    return 1 if args.strict and report.errors else 0
+
+
+def _prepare(args) -> int:
+    from accelerate import PartialState
+
+    from qwen_image_lora.data.prepare import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    state = PartialState()
+    stats = prepare(cfg, rank=state.process_index, world_size=state.num_processes, device=state.device)
+    state.wait_for_everyone()
+    rate = (stats.latents_encoded + stats.prompts_encoded) / max(stats.seconds, 1e-9)
+    print(
+        f"prepare [{state.process_index}/{state.num_processes}]: {stats.items} items, {stats.cached} already cached, "
+        f"{stats.latents_encoded} latents + {stats.prompts_encoded} embeddings encoded in {stats.seconds:.1f}s "
+        f"({rate:.1f}/s), {len(stats.failed)} failed -> {cfg.data.cache_dir}"
+    )
+    return 0
+
+
+def _caption(args) -> int:
+    from qwen_image_lora.data.caption import CAPTION_PROMPT, caption_folder
+
+    cfg = load_config(args.config, args.overrides)
+    stats = caption_folder(cfg, overwrite=args.overwrite, prompt=args.prompt or CAPTION_PROMPT, max_new_tokens=args.max_new_tokens)
+    return 1 if stats.failed and not stats.written else 0
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="check, cache and caption training data")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    p = sub.add_parser("doctor", help="report unreadable, duplicate, uncaptioned, misaligned ... items (never edits them)")
+    p.add_argument("target", help="a config (.yaml) or a data folder / manifest")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any item has an error")
+    p.add_argument("--json", default=None, help="also write the report here")
+    p.add_argument("--html", default=None, help="contact sheet of edit pairs (default: <cache_dir>/edit_pairs.html)")
+    p.set_defaults(func=_doctor)
+
+    p = sub.add_parser("prepare", help="encode latents and prompt embeddings once into data.cache_dir")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("caption", help="write missing .txt captions with the checkpoint's Qwen3-VL")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--overwrite", action="store_true", help="replace existing captions")
+    p.add_argument("--prompt", default=None, help="the instruction given to the captioner")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.set_defaults(func=_caption)

@@ -1,0 +1,108 @@
+"""`qwen-lora data prepare`: encode every clean item once into the on-disk cache (see `data/cache.py`).
+
+    stats = prepare(cfg)     # or under `accelerate launch`: each process takes every world-th item
+
+Steps: the doctor reads everything and excludes bad items (its report goes to `<cache_dir>/doctor.json`, where
+training finds the exclusions); buckets and crops are planned exactly as training plans them
+(`dataset.plan_entries`); then, for each item and every text it can train with (each caption after the
+template, plus "" under caption dropout), `dataset.TrainingDataset.sample` runs the same `SampleEncoder` that
+training runs, on a writable `Cache`. Encoding goes only through `model.encode_latents` / `encode_prompt`.
+Entries already in the cache are skipped, which is what makes a changed caption cost one embedding and an
+interrupted run resume. An item that still fails to encode is recorded in `<cache_dir>/prepare-r<rank>.json`
+(and left out of training) instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen_image_lora.config import Config
+from qwen_image_lora.data.buckets import histogram
+from qwen_image_lora.data.cache import Cache, model_identity
+from qwen_image_lora.data.dataset import SampleEncoder, TrainingDataset, plan_entries
+from qwen_image_lora.data.doctor import Report, diagnose
+from qwen_image_lora.data.sources import load_items
+from qwen_image_lora.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrepareStats:
+    items: int = 0  # items given to this process
+    cached: int = 0  # of those, already complete in the cache
+    latents_encoded: int = 0
+    prompts_encoded: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # item id -> reason
+    seconds: float = 0.0
+
+
+def prepare(
+    cfg: Config,
+    pipe=None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device=None,
+    report: Report | None = None,
+    progress: bool = True,
+    log=print,
+) -> PrepareStats:
+    """Fill `cfg.data.cache_dir` for this process's share of the items; returns what it did."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    d = cfg.data
+    if not d.cache_dir:
+        raise ValueError("data.cache_dir: not set; prepare needs a folder for the cache")
+    cache_dir = Path(d.cache_dir)
+    items = load_items(d)
+    if report is None:
+        report = diagnose(cfg, items, contact_sheet=False)
+    if rank == 0:
+        report.write_json(cache_dir / "doctor.json")
+        log(report.table(limit=20))
+    clean = [it for it in items if it.id not in report.excluded]
+    entries, skipped = plan_entries(clean, cfg)
+    failed = {item.id: reason for item, reason in skipped}
+
+    if pipe is None:
+        from qwen_image_lora.model import load_pipeline
+
+        pipe = load_pipeline(cfg.model.pretrained, cfg.model.dtype, device, revision=cfg.model.revision)
+    model_id = model_identity(cfg.model)
+    stats = PrepareStats()
+    with Cache(cache_dir, model_id, writable=True, rank=rank, items_per_shard=d.shard_size) as cache:
+        encoder = SampleEncoder(pipe, model_id, cache)
+        dataset = TrainingDataset(entries, cfg, encoder)
+        mine = range(rank, len(entries), world_size)
+        stats.items = len(mine)
+        bar = tqdm(mine, desc=f"prepare [{rank}]" if world_size > 1 else "prepare", disable=not progress or rank != 0, unit="item")
+        for index in bar:
+            texts = dataset.texts_for(index)
+            keys = [dataset.keys(index, t) for t in texts]
+            if all(cache.has(k) for t_key, s_keys, p_key in keys for k in (t_key, *s_keys, p_key)):
+                stats.cached += 1
+                continue
+            try:
+                for text in texts:
+                    dataset.sample(index, text)
+            except Exception as e:  # noqa: BLE001 - one bad item must not stop a long preparation
+                failed[entries[index].item.id] = f"{type(e).__name__}: {e}"
+                logger.warning("prepare: %s failed: %s", entries[index].item.id, e)
+        stats.latents_encoded = encoder.encoded["latents"]
+        stats.prompts_encoded = encoder.encoded["prompts"]
+    stats.failed = {k: v for k, v in failed.items()}
+    atomic_write_text(
+        cache_dir / f"prepare-r{rank:03d}.json",
+        json.dumps({"data_path": str(d.path), "excluded": {k: ["prepare-failed: " + v] for k, v in stats.failed.items()}}, indent=1),
+    )
+    stats.seconds = time.perf_counter() - start
+    if rank == 0:
+        log(f"buckets (prepared):\n{histogram([e.target.bucket for e in entries])}" if entries else "nothing to prepare")
+    return stats
