@@ -1,11 +1,20 @@
-"""Where training items come from: a folder of images with same-name .txt captions, or a JSONL manifest.
+"""Where training items come from: a folder of images with same-name .txt captions, a JSONL or CSV manifest,
+or a Hugging Face `datasets` dataset (a `save_to_disk` folder, or an `imagefolder` with metadata).
 
 An `Item` is one training example: a target image with its captions (text-to-image) or a target image with
-its instructions and 1-10 reference images (edit). Paths are absolute; nothing here opens an image.
+its instructions and 1-10 reference images (edit). Paths are absolute; nothing here decodes an image.
+
+Manifest rows: t2i {image, caption}; edit {target, instruction, sources: [1..10 images]}. A caption or
+instruction may be a list (one is picked at random per step); in a CSV, `sources` holds paths separated by
+`|` and several captions are separated by `||`. HF datasets use `data.columns` to map our names (image,
+caption, target, instruction, sources) to theirs; images stored inside the dataset (bytes, not paths) are
+written once, content-addressed, under `<cache_dir>/hf-images/` so every later stage reads plain files.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +51,16 @@ def load_items(cfg: DataConfig) -> list[Item]:
         raise DataError(f"data.path: {path} does not exist")
     fmt = cfg.format
     if fmt == "auto":
-        fmt = "folder" if path.is_dir() else "manifest"
+        if path.is_dir():
+            fmt = "hf" if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() else "folder"
+        else:
+            fmt = "manifest"
     if fmt == "folder":
         return _load_folder(path)
     if fmt == "manifest":
         return _load_manifest(path)
+    if fmt == "hf":
+        return _load_hf(path, cfg)
     raise DataError(f"data.format: {fmt!r} is not supported by this loader")
 
 
@@ -68,8 +82,10 @@ def _load_folder(folder: Path) -> list[Item]:
 
 
 def _load_manifest(path: Path) -> list[Item]:
+    if path.suffix.lower() == ".csv":
+        return _load_csv(path)
     if path.suffix.lower() != ".jsonl":
-        raise DataError(f"data.path: {path} is not a folder or a .jsonl manifest")
+        raise DataError(f"data.path: {path} is not a folder or a .jsonl/.csv manifest")
     items = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -114,6 +130,99 @@ def _row_to_item(row: dict, base: Path, where: str, item_id: str) -> Item:
     if "image" not in row:
         raise DataError(f"{where}: t2i rows need 'image' (and 'caption'); edit rows need target, instruction, sources")
     return Item(id=item_id, target=(base / row["image"]).resolve(), captions=_as_captions(row.get("caption"), where, "caption"))
+
+
+def _load_csv(path: Path) -> list[Item]:
+    items = []
+    with path.open(newline="", encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.DictReader(f), 2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            row = {k: v for k, v in row.items() if v}
+            for key in ("caption", "instruction"):
+                if key in row and "||" in row[key]:
+                    row[key] = [c.strip() for c in row[key].split("||")]
+            if "sources" in row:
+                row["sources"] = [s.strip() for s in row["sources"].split("|") if s.strip()]
+            items.append(_row_to_item(row, path.parent, f"{path}:{lineno}", f"{path.name}:{lineno}"))
+    if not items:
+        raise DataError(f"{path}: the manifest has no rows")
+    return items
+
+
+def _load_hf(path: Path, cfg: DataConfig) -> list[Item]:
+    """A `save_to_disk` dataset (DatasetDict: `data.split`) or an `imagefolder` folder with metadata.jsonl/.csv."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        ds = datasets.load_dataset("imagefolder", data_dir=str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.split not in ds:
+            raise DataError(f"data.split: {cfg.split!r} is not in {path} (splits: {', '.join(ds)})")
+        ds = ds[cfg.split]
+    cols = {name: cfg.columns.get(name, name) for name in ("image", "caption", "target", "instruction", "sources")}
+    missing = [c for c in cfg.columns.values() if c not in ds.column_names]
+    if missing:
+        raise DataError(f"data.columns: {', '.join(missing)} not in {path} (columns: {', '.join(ds.column_names)})")
+    edit = cols["target"] in ds.column_names and cols["sources"] in ds.column_names
+    image_cols = [cols["target"], cols["sources"]] if edit else [cols["image"]]
+    if not edit and cols["image"] not in ds.column_names:
+        raise DataError(f"{path}: no {cols['image']!r} column; map yours with data.columns.image=<name>")
+    for c in image_cols:  # raw {bytes, path} instead of decoded PIL images
+        feature = ds.features[c]
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(c, datasets.Image(decode=False))
+        elif isinstance(feature, (list, datasets.Sequence, getattr(datasets, "List", tuple))) and isinstance(
+            getattr(feature, "feature", feature[0] if isinstance(feature, list) else None), datasets.Image
+        ):
+            ds = ds.cast_column(c, datasets.Sequence(datasets.Image(decode=False)))
+    store = Path(cfg.cache_dir or path) / "hf-images"
+    items = []
+    for i, row in enumerate(ds):
+        where, item_id = f"{path}[{i}]", f"{path.name}[{i}]"
+        if edit:
+            sources = row[cols["sources"]]
+            sources = sources if isinstance(sources, list) else [sources]
+            if not 1 <= len(sources) <= MAX_REFERENCE_IMAGES:
+                raise DataError(f"{where}: 'sources' must hold 1 to {MAX_REFERENCE_IMAGES} images (got {len(sources)})")
+            items.append(
+                Item(
+                    id=item_id,
+                    target=_hf_image_path(row[cols["target"]], path, store, where),
+                    captions=_as_captions(row.get(cols["instruction"]), where, cols["instruction"]),
+                    sources=tuple(_hf_image_path(s, path, store, where) for s in sources),
+                )
+            )
+        else:
+            items.append(
+                Item(
+                    id=item_id,
+                    target=_hf_image_path(row[cols["image"]], path, store, where),
+                    captions=_as_captions(row.get(cols["caption"]), where, cols["caption"]),
+                )
+            )
+    return items
+
+
+def _hf_image_path(value, base: Path, store: Path, where: str) -> Path:
+    """A plain file for an HF image cell: its own path when that file exists, else its bytes written once."""
+    if isinstance(value, str):
+        return (base / value).resolve()
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: unsupported image cell {type(value).__name__}")
+    if value.get("path") and Path(value["path"]).is_file():
+        return Path(value["path"]).resolve()
+    data = value.get("bytes")
+    if not data:
+        raise DataError(f"{where}: the image cell has neither a readable path nor bytes")
+    suffix = Path(value.get("path") or "").suffix.lower() or ".img"
+    out = store / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
+    if not out.is_file():
+        from qwen_image_lora.io import atomic_write_bytes
+
+        atomic_write_bytes(out, data)
+    return out.resolve()
 
 
 def open_image(path: Path, alpha: str = "composite", background: str = "#ffffff") -> Image.Image:
