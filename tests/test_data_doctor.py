@@ -1,0 +1,187 @@
+"""data doctor: every kind of broken input is reported by name; nothing crashes; user files are untouched."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen_image_lora.config import load_config
+from qwen_image_lora.data.doctor import dhash, diagnose, hamming, phase_correlation, phash
+
+
+def _photo(w, h, seed=0):
+    """A smooth random 'photo' (structure at several scales, so hashes and correlations behave)."""
+    rng = np.random.RandomState(seed)
+    small = rng.randint(0, 255, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+
+
+def make_bad_folder(root):
+    """A t2i folder with one of each problem; returns {file name: expected code}."""
+    root.mkdir(parents=True, exist_ok=True)
+    good = [_photo(160, 128, seed=i) for i in range(4)]
+    for i, im in enumerate(good):
+        im.save(root / f"good{i}.png")
+        (root / f"good{i}.txt").write_text(f"a qwnbrand product photo number {i}\nqwnbrand alternate caption {i}\n")
+    (root / "empty.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    _photo(256, 256, seed=9).save(buf, "JPEG", quality=95)
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    _photo(128, 128, seed=10).save(root / "renamed.jpg", format="PNG")  # a PNG named .jpg: decodes, warn only
+    Image.new("RGB", (3000, 2000), "#884422").save(root / "huge.jpg", quality=50)
+    _photo(24, 24, seed=11).save(root / "tiny.png")
+    _photo(1000, 100, seed=12).save(root / "banner.png")
+    rgba = _photo(128, 128, seed=13).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((128, 128)))
+    rgba.save(root / "rgba.png")
+    good[0].save(root / "copy_of_good0.png")  # exact duplicate
+    _photo(128, 128, seed=14).save(root / "uncaptioned.png")
+    (root / "blank.txt").write_text("\n  \n")
+    _photo(128, 128, seed=15).save(root / "blank.png")
+    _photo(128, 128, seed=16).save(root / "notrigger.png")
+    (root / "notrigger.txt").write_text("a product photo without the word\n")
+    (root / "long.txt").write_text("qwnbrand " + "product photo " * 700)
+    _photo(128, 128, seed=17).save(root / "long.png")
+    for name in ("empty", "truncated", "renamed", "huge", "tiny", "banner", "rgba", "copy_of_good0"):
+        (root / f"{name}.txt").write_text(f"a qwnbrand {name} photo")
+    return {
+        "empty.jpg": "empty-file",
+        "truncated.jpg": "truncated",
+        "renamed.jpg": "extension-mismatch",
+        "tiny.png": "too-small",
+        "banner.png": "extreme-aspect",
+        "uncaptioned.png": "missing-caption",
+        "blank.png": "missing-caption",
+        "notrigger.png": "missing-trigger",
+        "long.png": "caption-too-long",
+    }
+
+
+def make_edit_pairs(root):
+    """Consistent edits (grey studio -> coloured scene) plus one swapped, one shifted, one unrelated,
+    one identical and one size-mismatched pair."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def pair(i, shift=(0, 0), swap=False, unrelated=False, identical=False, other_size=False):
+        base = np.full((128, 160, 3), 200, np.uint8)
+        base[40:100, 50:110] = (30, 30, 30)  # the product
+        base[60:70, 60:100] = (240, 240, 240)  # its label
+        src = base.copy()
+        tgt = base.copy()
+        tgt[:40] = (30 + 20 * i, 120, 200)  # the edit: a coloured sky band and a green floor
+        tgt[100:] = (40, 160, 60)
+        if shift != (0, 0):
+            src = np.roll(np.roll(src, shift[0], 0), shift[1], 1)
+        s_img, t_img = Image.fromarray(src), Image.fromarray(tgt)
+        if unrelated:
+            s_img = _photo(160, 128, seed=100 + i)
+        if identical:
+            s_img = t_img
+        if other_size:
+            s_img = s_img.resize((200, 120))
+        if swap:
+            s_img, t_img = t_img, s_img
+        s_img.save(root / f"p{i}_source.png")
+        t_img.save(root / f"p{i}_target.png")
+        rows.append({"target": f"p{i}_target.png", "instruction": f"put the qwnbrand product in a park {i}", "sources": [f"p{i}_source.png"]})
+
+    for i in range(6):
+        pair(i)
+    pair(6, swap=True)
+    pair(7, shift=(3, -2))
+    pair(8, unrelated=True)
+    pair(9, identical=True)
+    pair(10, other_size=True)
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "manifest.jsonl"
+
+
+def _codes(report):
+    out = {}
+    for f in report.findings:
+        out.setdefault(f.item, set()).add(f.code)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad") / "folder"
+    return root, make_bad_folder(root)
+
+
+def test_every_problem_in_a_folder_is_named(bad_folder, tiny_model_dir, tmp_path):
+    root, expected = bad_folder
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    cfg = load_config(None, [f"data.path={root}", f"model.pretrained={tiny_model_dir}", "data.trigger_word=qwnbrand", "data.resolution=256", f"output_dir={tmp_path}"])
+    report = diagnose(cfg)
+    codes = _codes(report)
+    for name, code in expected.items():
+        assert code in codes.get(name, set()), (name, code, codes.get(name))
+    for ok in ("good0.png", "good1.png", "huge.jpg", "rgba.png", "renamed.jpg"):
+        assert ok not in report.excluded, (ok, report.excluded.get(ok))
+    assert {"empty.jpg", "truncated.jpg", "tiny.png", "banner.png", "uncaptioned.png", "long.png"} <= set(report.excluded)
+    dup = [f for f in report.findings if f.code == "duplicate"]
+    assert len(dup) == 1 and {dup[0].item, dup[0].message.split()[-1]} == {"good0.png", "copy_of_good0.png"}
+    assert dup[0].item not in report.excluded  # duplicates are warnings
+    assert sum(report.buckets.values()) == report.n_clean
+    text = report.table()
+    assert "truncated" in text and "buckets" in text
+    # Never edits or deletes the user's files.
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before
+
+
+def test_huge_over_the_limit_is_excluded(bad_folder, tiny_model_dir):
+    root, _ = bad_folder
+    cfg = load_config(None, [f"data.path={root}", f"model.pretrained={tiny_model_dir}", "data.max_megapixels=1.0"])
+    assert "huge" in _codes(diagnose(cfg, tokenizer=None))["huge.jpg"]
+
+
+def test_edit_pairs_swapped_shifted_unrelated_identical(tmp_path, tiny_model_dir):
+    manifest = make_edit_pairs(tmp_path / "edits")
+    cfg = load_config(None, [f"data.path={manifest}", f"model.pretrained={tiny_model_dir}", "data.trigger_word=qwnbrand", "data.resolution=128"])
+    report = diagnose(cfg)
+    codes = _codes(report)
+    ids = {i: f"manifest.jsonl:{i + 1}" for i in range(11)}
+    assert "swapped" in codes[ids[6]]
+    assert "misaligned" in codes[ids[7]]
+    shift = next(f.message for f in report.findings if f.item == ids[7] and f.code == "misaligned")
+    assert "(-2, +3)" in shift  # (x, y): rolled 3 down and 2 left
+    assert "unrelated-pair" in codes[ids[8]]
+    assert "source-equals-target" in codes[ids[9]] and ids[9] in report.excluded
+    assert "size-mismatch" in codes[ids[10]]
+    for i in range(6):  # the clean pairs raise nothing (their targets differ only in the sky's colour)
+        assert codes.get(ids[i], set()) <= {"near-duplicate"}, codes.get(ids[i])
+    html_path = tmp_path / "sheet.html"
+    report.write_html(html_path)
+    html = html_path.read_text()
+    assert html.count("data:image/") >= 2 * 11 - 1 and 'class="error"' in html and 'class="flag"' in html
+
+
+def test_cli_strict_json_html(bad_folder, tiny_model_dir, tmp_path, capsys):
+    from qwen_image_lora.cli import main
+
+    root, _ = bad_folder
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"output_dir: {tmp_path}/out\nmodel: {{pretrained: {tiny_model_dir}}}\ndata: {{path: {root}, trigger_word: qwnbrand}}\n")
+    assert main(["data", "doctor", str(cfg_path), "--json", str(tmp_path / "r.json")]) == 0
+    assert main(["data", "doctor", str(cfg_path), "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "truncated.jpg" in out and "missing-caption" in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["summary"]["excluded"] >= 6 and "truncated.jpg" in data["excluded"]
+    assert (tmp_path / "out" / "cache" / "doctor.json").is_file()  # where prepare and training find exclusions
+    manifest = make_edit_pairs(tmp_path / "edits")
+    assert main(["data", "doctor", str(manifest), "--html", str(tmp_path / "pairs.html")]) == 0
+    assert (tmp_path / "pairs.html").read_text().startswith("<!doctype html>")
+
+
+def test_hashes_and_phase_correlation():
+    a, b = _photo(160, 128, 1), _photo(160, 128, 2)
+    assert hamming(phash(a), phash(a.resize((80, 64)))) <= 4 and hamming(dhash(a), dhash(a.resize((80, 64)))) <= 6
+    assert hamming(phash(a), phash(b)) > 12
+    g = np.asarray(a.convert("L"), np.float32)
+    dy, dx, peak, zero = phase_correlation(g, np.roll(np.roll(g, 5, 0), -4, 1))
+    assert (dy, dx) == (5, -4) and peak > 0.3 > zero
