@@ -1,0 +1,210 @@
+"""Batch jobs from a JSONL file: catalogue editing at scale, resumable, split across processes.
+
+One job per line (only `prompt` is required; image paths are relative to the JSONL file):
+
+    {"id": "sku-123", "prompt": "put it on white marble", "images": ["in/sku-123.jpg"], "seed": 7,
+     "negative_prompt": null, "width": null, "height": null, "aspect_ratio": null, "num_inference_steps": null,
+     "guidance_scale": null, "loras": {"brand": 0.8}, "output": "sku-123.webp", "quality": 90}
+
+Each image is written atomically, then one line goes to `manifest.jsonl` with the settings actually used (size,
+steps, guidance, seed, adapters). A rerun skips every job whose output file exists, so an interrupted batch picks
+up where it stopped. Under `accelerate launch`, process i of n takes jobs i, i+n, i+2n, ... of the whole file (the
+split does not depend on what is already done), so shards never overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.inference.images import format_for, load_image, save_image
+
+MANIFEST = "manifest.jsonl"
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass
+class Job:
+    index: int
+    prompt: str
+    id: str | None = None
+    images: list[str] = field(default_factory=list)
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    aspect_ratio: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    loras: dict[str, float] | None = None
+    output: str | None = None
+    quality: int = 95
+
+    @property
+    def output_name(self) -> str:
+        return self.output or f"{self.id}.png"
+
+
+_TYPES = {
+    "prompt": str, "id": (str, int), "images": list, "negative_prompt": str, "width": int, "height": int,
+    "aspect_ratio": str, "num_inference_steps": int, "guidance_scale": (int, float), "seed": int, "loras": dict,
+    "output": str, "quality": int,
+}  # fmt: skip
+
+
+def read_jobs(path: str | Path) -> list[Job]:
+    """Parse and check every line before any model is loaded; errors name the line and the field."""
+    path = Path(path)
+    jobs, outputs = [], {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: each line must be a JSON object")
+        for key, value in raw.items():
+            if key not in _TYPES:
+                raise ValueError(f"{where}: unknown field {key!r}; fields: {', '.join(_TYPES)}")
+            if value is not None and (not isinstance(value, _TYPES[key]) or isinstance(value, bool)):
+                raise ValueError(f"{where}: {key} has the wrong type ({value!r})")
+        if not raw.get("prompt"):
+            raise ValueError(f"{where}: prompt is required")
+        job = Job(index=len(jobs), **raw)
+        job.id = str(job.id) if job.id is not None else f"{job.index:06d}"
+        if not _SAFE_ID.fullmatch(job.id):
+            raise ValueError(f"{where}: id {job.id!r} must be letters, digits, '.', '_' or '-'")
+        if job.output is not None and (Path(job.output).name != job.output or not _SAFE_ID.fullmatch(job.output)):
+            raise ValueError(f"{where}: output {job.output!r} must be a plain file name inside the output folder")
+        format_for(job.output_name)
+        job.images = [str((path.parent / p).resolve()) for p in job.images]
+        if job.output_name in outputs:
+            raise ValueError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
+        outputs[job.output_name] = lineno
+        jobs.append(job)
+    return jobs
+
+
+@dataclass
+class BatchResult:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def run_batch(
+    generator: Generator,
+    jobs: list[Job],
+    output_dir: str | Path,
+    *,
+    process_index: int = 0,
+    num_processes: int = 1,
+    default_loras: dict[str, float] | None = None,
+    base_seed: int = 0,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> BatchResult:
+    """Run this process's share of `jobs`, skipping finished ones. `extra` goes into every manifest line."""
+    from tqdm.auto import tqdm
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    mine = jobs[process_index::num_processes]
+    recorded = _recorded_ids(output_dir / MANIFEST)
+    result = BatchResult()
+    bar = tqdm(
+        total=len(mine), desc=f"batch {process_index + 1}/{num_processes}", position=process_index,
+        disable=not progress, unit="img", dynamic_ncols=True,
+    )  # fmt: skip
+    with bar:
+        for job in mine:
+            out = output_dir / job.output_name
+            if out.exists():
+                if job.id not in recorded:  # stopped between writing the image and the manifest line
+                    _append(output_dir / MANIFEST, _entry(generator, job, base_seed, default_loras, extra) | {"recovered": True})
+                result.skipped.append(job.id)
+                bar.update()
+                continue
+            start = time.perf_counter()
+            try:
+                request = _request(job, base_seed, default_loras)
+                image = generator.generate(request)
+                save_image(image, out, job.quality)
+            except (ValueError, OSError) as e:  # one bad job must not stop a catalogue run; it is retried on rerun
+                _append(output_dir / MANIFEST, {"id": job.id, "index": job.index, "error": str(e)})
+                bar.write(f"job {job.id}: {e}")
+                result.failed.append(job.id)
+                bar.update()
+                continue
+            entry = _entry(generator, job, base_seed, default_loras, extra)
+            entry.update(width=image.width, height=image.height, seconds=round(time.perf_counter() - start, 3))
+            _append(output_dir / MANIFEST, entry)
+            result.written.append(job.id)
+            bar.update()
+    return result
+
+
+def _request(job: Job, base_seed: int, default_loras) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=job.prompt,
+        images=[load_image(p) for p in job.images],
+        negative_prompt=job.negative_prompt,
+        width=job.width,
+        height=job.height,
+        aspect_ratio=job.aspect_ratio,
+        num_inference_steps=job.num_inference_steps,
+        guidance_scale=job.guidance_scale,
+        seed=_seed(job, base_seed),
+        adapters=job.loras if job.loras is not None else (default_loras or {}),
+    )
+
+
+def _seed(job: Job, base_seed: int) -> int:
+    return job.seed if job.seed is not None else base_seed + job.index
+
+
+def _entry(generator: Generator, job: Job, base_seed: int, default_loras, extra) -> dict:
+    """The settings actually used: defaults resolved, so the line alone reproduces the image."""
+    entry = {k: v for k, v in dataclasses.asdict(job).items() if k not in ("output", "quality", "loras")}
+    entry.update(
+        output=job.output_name,
+        seed=_seed(job, base_seed),
+        num_inference_steps=job.num_inference_steps or generator.default_steps,
+        guidance_scale=generator.default_guidance if job.guidance_scale is None else job.guidance_scale,
+        loras=job.loras if job.loras is not None else (default_loras or {}),
+        resolution=generator.resolution,
+    )
+    return entry | (extra or {})
+
+
+def _append(path: Path, entry: dict) -> None:
+    """One write() of one line with O_APPEND: lines from several processes never interleave."""
+    line = (json.dumps(entry, ensure_ascii=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def _recorded_ids(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    ids = set()
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if "error" not in entry:
+            ids.add(str(entry.get("id")))
+    return ids

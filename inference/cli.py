@@ -1,0 +1,163 @@
+"""`qwen-lora generate | edit | batch | serve`: thin wrappers over `Generator`, `run_batch` and the HTTP app.
+
+    qwen-lora generate --config configs/demo.yaml --prompt "a bottle" --width 128 --height 128 --output out.png
+    qwen-lora edit --model Qwen/Qwen-Image-2.1 --lora runs/brand/adapter:0.8 --image in.jpg --prompt "..." --output o.webp
+    accelerate launch -m qwen_image_lora.cli batch jobs.jsonl --output-dir out/ --config configs/brand.yaml
+    qwen-lora serve --config configs/brand.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="text-to-image with the base model and optional LoRAs")
+    _model_args(p)
+    _sampling_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    p.set_defaults(func=_generate, image=[])
+
+    p = subparsers.add_parser("edit", help="instruction editing of 1 to 10 input images")
+    _model_args(p)
+    _sampling_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", required=True, help="input image (repeat for up to 10)")
+    p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
+    p.add_argument("--quality", type=int, default=95)
+    p.set_defaults(func=_generate)
+
+    p = subparsers.add_parser("batch", help="run a JSONL of jobs; resumable; shards under accelerate launch")
+    p.add_argument("jobs", help="JSONL, one job per line (see qwen_image_lora/inference/batch.py)")
+    p.add_argument("--output-dir", required=True)
+    _model_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of job i without its own seed: SEED + i (default 0)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_batch)
+
+    p = subparsers.add_parser("serve", help="HTTP service: POST /v1/images, /healthz, /metrics, /openapi.json")
+    p.add_argument("--config", help="YAML config; model from `model`, everything else from `serve`")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. serve.port=9000")
+    p.add_argument("--model", help="overrides model.pretrained")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(func=_serve)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (the model comes from its `model` section)")
+    p.add_argument("--model", help="hub id or local folder; overrides the config's model.pretrained")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's model.dtype")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help="repeatable; weight default 1.0")
+    p.add_argument("--resolution", type=int, default=1024, help="pixel budget side: images have ~RES^2 pixels (default 1024)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--negative-prompt")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--aspect-ratio", choices=["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"])
+    p.add_argument("--steps", type=int, help="default: the pipeline's own")
+    p.add_argument("--guidance-scale", type=float, help="true_cfg_scale; acts only with --negative-prompt")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _model_source(args):
+    from qwen_image_lora.config import load_config
+
+    cfg = load_config(args.config, getattr(args, "overrides", ()) or ())
+    if args.model:
+        cfg.model.pretrained = args.model
+    if getattr(args, "dtype", None):
+        cfg.model.dtype = args.dtype
+    return cfg
+
+
+def _load(args, device=None):
+    """The base model once, then each --lora; returns (generator, {adapter name: weight})."""
+    from qwen_image_lora.inference.adapters import parse_lora_arg
+    from qwen_image_lora.inference.generator import Generator
+
+    cfg = _model_source(args)
+    generator = Generator.from_pretrained(
+        cfg.model.pretrained, cfg.model.dtype, device, resolution=args.resolution, revision=cfg.model.revision
+    )
+    loras = {}
+    for item in args.lora:
+        path, weight = parse_lora_arg(item)
+        name = generator.adapters.load(path, weight=weight)
+        loras[name] = weight
+    return generator, loras, cfg
+
+
+def _generate(args) -> int:
+    from qwen_image_lora.inference.generator import GenerationRequest
+    from qwen_image_lora.inference.images import format_for, load_image, save_image
+
+    format_for(args.output)  # a bad extension fails before the model loads
+    images = [load_image(p) for p in args.image]
+    generator, loras, _ = _load(args)
+    request = GenerationRequest(
+        prompt=args.prompt,
+        images=images,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        aspect_ratio=args.aspect_ratio,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        adapters=loras,
+    )
+    image = generator.generate(request)
+    print(save_image(image, args.output, args.quality))
+    return 0
+
+
+def _batch(args) -> int:
+    import torch
+    from accelerate import PartialState
+
+    from qwen_image_lora.inference.batch import read_jobs, run_batch
+
+    jobs = read_jobs(args.jobs)  # every line checked before loading 7B weights
+    # PartialState only sets up a CPU process group (gloo) when told the run is on CPU.
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    state = PartialState(cpu=on_cpu)
+    generator, loras, cfg = _load(args, device=state.device)
+    result = run_batch(
+        generator,
+        jobs,
+        args.output_dir,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        default_loras=loras,
+        base_seed=args.seed,
+        progress=not args.no_progress,
+        extra={"model": cfg.model.pretrained, "process_index": state.process_index},
+    )
+    print(
+        f"process {state.process_index}: {len(result.written)} written, {len(result.skipped)} already done, "
+        f"{len(result.failed)} failed -> {Path(args.output_dir) / 'manifest.jsonl'}",
+        file=sys.stderr,
+    )
+    state.wait_for_everyone()
+    return 1 if result.failed else 0
+
+
+def _serve(args) -> int:
+    from qwen_image_lora.inference import server
+
+    cfg = _model_source(args)
+    if args.host:
+        cfg.serve.host = args.host
+    if args.port:
+        cfg.serve.port = args.port
+    keys = server.load_api_keys(cfg.serve, os.environ)
+    server.serve(cfg, keys)
+    return 0

@@ -1,0 +1,129 @@
+"""The `qwen-lora generate | edit | batch` entry points on the tiny model: formats, adapters, resume, sharding."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen_image_lora.cli import main
+from qwen_image_lora.inference.batch import read_jobs
+from qwen_image_lora.inference.testing import make_random_lora
+
+TINY = ["--dtype", "float32", "--resolution", "64"]
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model_dir, tmp_path_factory):
+    from diffusers import QwenImage21Transformer2DModel
+
+    transformer = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
+    return make_random_lora(transformer, tmp_path_factory.mktemp("cli") / "brand", seed=3)
+
+
+def test_generate_and_edit_write_the_format_the_extension_names(tiny_model_dir, lora_dir, tmp_path):
+    base, styled = tmp_path / "base.png", tmp_path / "styled.webp"
+    common = ["--model", str(tiny_model_dir), *TINY, "--prompt", "a bottle", "--steps", "2", "--seed", "0"]
+    assert main(["generate", *common, "--width", "96", "--height", "64", "--output", str(base)]) == 0
+    assert main(["generate", *common, "--aspect-ratio", "16:9", "--lora", f"{lora_dir}:0.8", "--output", str(styled)]) == 0
+    with Image.open(base) as im:
+        assert im.format == "PNG" and im.mode == "RGBA" and im.size == (96, 64)
+    with Image.open(styled) as im:
+        assert im.format == "WEBP" and im.mode == "RGBA" and im.size[0] > im.size[1]
+
+    src = tmp_path / "src.jpg"
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (70, 100, 3), dtype=np.uint8)).save(src)
+    edited = tmp_path / "edited.jpg"
+    argv = ["edit", *common, "--image", str(src), "--image", str(base), "--output", str(edited), "--quality", "80"]
+    assert main(argv) == 0
+    with Image.open(edited) as im:
+        assert im.format == "JPEG" and im.mode == "RGB" and im.size == (96, 64)  # the last input's size
+
+
+def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x", "--output", str(tmp_path / "o.gif")]) == 2
+    assert "use .png, .jpg/.jpeg or .webp" in capsys.readouterr().err
+
+
+def _jobs(tmp_path, n=6):
+    src = tmp_path / "in.png"
+    Image.new("RGBA", (64, 96), (200, 30, 30, 128)).save(src)
+    path = tmp_path / "jobs.jsonl"
+    lines = [{"prompt": f"bottle {i}", "num_inference_steps": 1, **({"images": ["in.png"]} if i % 2 else {})} for i in range(n)]
+    lines[0]["id"], lines[0]["seed"], lines[0]["output"] = "hero", 42, "hero.webp"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def test_batch_resumes_after_an_interruption_without_redoing_finished_jobs(tiny_model_dir, tmp_path, monkeypatch):
+    from diffusers import QwenImage21Pipeline
+
+    jobs, out = _jobs(tmp_path), tmp_path / "out"
+    argv = ["batch", str(jobs), "--output-dir", str(out), "--model", str(tiny_model_dir), *TINY, "--no-progress"]
+    calls = []
+    original = QwenImage21Pipeline.__call__
+
+    @functools.wraps(original)  # the generator reads the pipeline's defaults from this signature
+    def counting(self, *args, **kwargs):
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt  # the operator pressed Ctrl-C during the third image
+        calls.append(kwargs["prompt"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(QwenImage21Pipeline, "__call__", counting)
+    stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["000001.png", "hero.webp", "manifest.jsonl"]
+
+    calls.clear()
+    stop_at = None
+    assert main(argv) == 0
+    assert calls == [f"bottle {i}" for i in range(2, 6)]  # only the unfinished jobs ran
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in entries) == ["000001", "000002", "000003", "000004", "000005", "hero"]
+    hero = next(e for e in entries if e["id"] == "hero")
+    assert hero["seed"] == 42 and hero["num_inference_steps"] == 1 and hero["guidance_scale"] == 1.0
+    assert next(e for e in entries if e["id"] == "000003")["seed"] == 3  # base seed + line index
+    with Image.open(out / "000003.png") as im:
+        assert im.size == (64, 96)  # an edit comes back at its input's size
+
+    calls.clear()
+    assert main(argv) == 0 and calls == []  # a finished batch is a no-op
+
+
+def test_batch_job_errors_name_the_line_and_field(tmp_path):
+    bad = tmp_path / "jobs.jsonl"
+    for text, match in [
+        ('{"prompt": "a"}\n{"promt": "b"}', "jobs.jsonl:2: unknown field 'promt'"),
+        ('{"prompt": "a", "seed": "7"}', "jobs.jsonl:1: seed has the wrong type"),
+        ('{"prompt": "a", "output": "../x.png"}', "must be a plain file name"),
+        ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "output": "x.png"}', "also written by line 1"),
+        ('{"images": ["a.png"]}', "prompt is required"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            read_jobs(bad)
+
+
+def test_batch_shards_across_two_accelerate_processes(tiny_model_dir, tmp_path):
+    jobs, out = _jobs(tmp_path), tmp_path / "out"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    cmd = [*launch, "-m", "qwen_image_lora.cli", "batch", str(jobs), "--output-dir", str(out),
+           "--model", str(tiny_model_dir), *TINY, "--no-progress"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    ids = [e["id"] for e in entries]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 6  # every job once, no duplicates
+    by_process = {e["process_index"]: set() for e in entries}
+    for e in entries:
+        by_process[e["process_index"]].add(e["index"])
+    assert by_process == {0: {0, 2, 4}, 1: {1, 3, 5}}
+    assert len([p for p in out.iterdir() if p.suffix in (".png", ".webp")]) == 6
