@@ -312,6 +312,12 @@ class ServeConfig:
     allow_private_urls: bool = False
     url_timeout_s: float = 10.0
     max_url_mb: float = 20.0
+    # Pixel budget side of generated images (~resolution^2 pixels); the tiny test model runs at 64-128.
+    resolution: int = 1024
+    # Request limits, enforced with a 422 naming the field (and shown in /openapi.json).
+    max_steps: int = 100
+    max_guidance_scale: float = 20.0
+    max_side: int = 2048
 
 
 @dataclass
