@@ -276,8 +276,6 @@ class EvalConfig:
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
-    # Flow-matching times at which `--checkpoints` scores the held-out loss (the same for every checkpoint).
-    held_out_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
 
     def validate(self, where: str) -> None:
         for side in ("width", "height"):
@@ -289,8 +287,6 @@ class EvalConfig:
             raise ConfigError(f"{where}.palette: colours must look like '#d7263d' (got {bad[0]!r})")
         if not self.seeds:
             raise ConfigError(f"{where}.seeds: give at least one seed")
-        if not self.held_out_sigmas or not all(0.0 < s < 1.0 for s in self.held_out_sigmas):
-            raise ConfigError(f"{where}.held_out_sigmas: give one or more values in (0, 1) (got {self.held_out_sigmas})")
 
 
 @dataclass

@@ -1,0 +1,37 @@
+"""`qwen-lora eval`: base vs adapters on the config's eval prompts and edits, and checkpoints by held-out loss."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from qwen_image_lora.config import load_config
+    from qwen_image_lora.eval.evaluator import evaluate
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = list(args.overrides)
+    if args.output is not None:
+        overrides.append(f"eval.output_dir={args.output}")
+    cfg = load_config(args.config, overrides)
+    html_path, json_path = evaluate(cfg, args.adapter, args.checkpoints)
+    print(f"report: {html_path}\nnumbers: {json_path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="compare the base model with adapters (same prompts and seeds) and rank checkpoints",
+        description="Render the config's eval prompts and edits with the base model and each adapter at the same "
+        "seeds, score them (palette, text, preservation, alignment, CLIPScore when eval.clip_model is set) and write "
+        "report.html + report.json to eval.output_dir. --checkpoints ranks a run's checkpoints by held-out loss.",
+    )
+    p.add_argument("--config", required=True, help="the YAML config (its eval section drives this command)")
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH",
+                   help="an adapter folder or .safetensors file; repeat to compare several")
+    p.add_argument("--checkpoints", metavar="RUN_DIR", help="score every checkpoint-<step> in this run folder")
+    p.add_argument("--output", metavar="DIR", help="where to write the report (default: eval.output_dir)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.seeds=[0,1,2]")
+    p.set_defaults(func=_eval)

@@ -1,0 +1,236 @@
+"""Base model vs adapters on the config's eval prompts and edits, and checkpoints ranked by held-out loss.
+
+    evaluate(cfg, adapters, checkpoints_dir) -> (report.html, report.json)
+
+Every image comes from `inference.generator.Generator`, the one sampling path, with the same seeds for every
+variant, so base and adapter images are paired and their differences get paired bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.config import Config, EditExample, to_dict
+from qwen_image_lora.eval import metrics as M
+from qwen_image_lora.eval.report import BASE, CheckpointScore, Sample, write_report
+from qwen_image_lora.inference.adapters import adapter_name_for
+from qwen_image_lora.inference.formats import resolve_file
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+@dataclass
+class _Job:
+    kind: str  # "t2i" or "edit"
+    prompt: str
+    seed: int
+    edit: EditExample | None = None
+
+
+def evaluate(
+    cfg: Config,
+    adapters: list[str | Path] = (),
+    checkpoints_dir: str | Path | None = None,
+    pipe=None,
+) -> tuple[Path, Path]:
+    """Render, score and report. `pipe` defaults to loading `cfg.model`; a given pipe is left as it was found
+    (the adapters loaded here are unloaded again)."""
+    notes: list[str] = []
+    jobs = _jobs(cfg, notes)
+    names = _adapter_names(adapters)
+    # Find every input before loading the model, so a typo fails in seconds rather than after rendering.
+    files = {name: resolve_file(path) for name, path in names.items()}
+    found = find_checkpoints(checkpoints_dir) if checkpoints_dir else []
+    if pipe is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipe = qmodel.load_pipeline(cfg.model.pretrained, cfg.model.dtype, device, revision=cfg.model.revision)
+    generator = Generator(pipe, resolution=cfg.data.resolution)
+    try:
+        for name, file in files.items():
+            generator.adapters.load(file, name=name)
+        samples = _render(generator, cfg, jobs, list(names))
+        checkpoints = score_checkpoints(cfg, generator, found) if found else []
+    finally:
+        for name in generator.adapters.names:
+            generator.adapters.unload(name)
+    _score(samples, jobs, cfg, notes, device=str(pipe.device))
+    if checkpoints:
+        best = min(checkpoints, key=lambda c: c.loss)
+        notes.append(f"Best checkpoint by held-out loss: {best.name} (step {best.step}, loss {best.loss:.5g}).")
+    return write_report(cfg.eval.output_dir, samples, notes=notes, checkpoints=checkpoints, config=to_dict(cfg),
+                        seed=cfg.train.seed)
+
+
+# ----------------------------------------------------------------------------------------- rendering
+
+
+def _jobs(cfg: Config, notes: list[str]) -> list[_Job]:
+    prompts, edits = cfg.eval.prompts, cfg.eval.edits
+    if not prompts and not edits:
+        prompts, edits = cfg.validation.prompts, cfg.validation.edits
+        if prompts or edits:
+            notes.append("eval.prompts and eval.edits are empty; used validation.prompts and validation.edits.")
+    if not prompts and not edits:
+        raise ValueError("eval.prompts / eval.edits: nothing to evaluate; add held-out prompts or edit examples")
+    return [_Job("t2i", p, s) for p in prompts for s in cfg.eval.seeds] + [
+        _Job("edit", e.prompt, s, e) for e in edits for s in cfg.eval.seeds
+    ]
+
+
+def _adapter_names(adapters) -> dict[str, Path]:
+    """Report names for the adapters: the inference default name, made unique; "base" is taken."""
+    names: dict[str, Path] = {}
+    for path in map(Path, adapters):
+        stem = adapter_name_for(path) or "adapter"
+        name, i = stem, 2
+        while name in names or name == BASE:
+            name, i = f"{stem}-{i}", i + 1
+        names[name] = path
+    return names
+
+
+def _open(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return im.copy()
+
+
+def _render(generator: Generator, cfg: Config, jobs: list[_Job], names: list[str]) -> list[Sample]:
+    """All jobs for base, then for each adapter (one adapter switch per variant, not per image)."""
+    e = cfg.eval
+    samples = [Sample(j.kind, j.prompt, j.seed, images={}) for j in jobs]
+    sources = {id(j.edit): [_open(p) for p in j.edit.images] for j in jobs if j.edit is not None}
+    for variant in [BASE, *names]:
+        for job, sample in zip(jobs, samples):
+            images = sources[id(job.edit)] if job.edit is not None else []
+            request = GenerationRequest(
+                prompt=job.prompt,
+                images=images,
+                negative_prompt=e.negative_prompt,
+                # Edits come back at the input's size, so preservation compares the same pixels.
+                width=None if images else e.width,
+                height=None if images else e.height,
+                num_inference_steps=e.num_inference_steps,
+                guidance_scale=e.guidance_scale,
+                seed=job.seed,
+                adapters={} if variant == BASE else {variant: 1.0},
+            )
+            sample.images[variant] = generator.generate(request)
+            if images:
+                sample.source = images[-1]
+        logger.info("rendered %d images for %s", len(jobs), variant)
+    return samples
+
+
+# ----------------------------------------------------------------------------------------- scoring
+
+
+def _score(samples: list[Sample], jobs: list[_Job], cfg: Config, notes: list[str], device: str) -> None:
+    """Fill `sample.metrics[variant]`; a metric that does not apply to a sample is simply absent."""
+    e = cfg.eval
+    scorer, references = _clip(cfg, notes, device)
+    if not e.palette:
+        notes.append("Palette distance skipped: set eval.palette to the brand's hex colours.")
+    if not any(M.quoted_text(s.prompt) for s in samples):
+        notes.append('Text accuracy skipped: no prompt quotes text to render (e.g. a poster that says "SALE").')
+    for s, job in zip(samples, jobs):
+        mask = _mask(job.edit, s.source) if job.edit is not None else None
+        for variant, image in s.images.items():
+            m: dict[str, float] = {}
+            if e.palette:
+                m["palette_delta_e"] = M.palette_distance(image, e.palette)
+            text = M.prompt_text_accuracy(image, s.prompt)
+            if text is not None:
+                m["text_cer"], m["text_word_accuracy"] = text["cer"], text["word_accuracy"]
+            if s.kind == "edit":
+                m.update(M.preservation(s.source, image, mask))
+                a = M.alignment(s.source, image)
+                m["shift_px"], m["scale_error"] = math.hypot(a["dx"], a["dy"]), abs(a["scale"] - 1.0)
+            elif scorer is not None:
+                # CLIPScore needs a caption of the image; an edit instruction is not one.
+                m["clip_score"] = scorer.clip_score([image], [s.prompt])[0]
+                if references is not None:
+                    m["reference_similarity"] = float((scorer.embed_images([image]) @ references.T).mean())
+            s.metrics[variant] = m
+
+
+def _clip(cfg: Config, notes: list[str], device: str):
+    """The CLIP scorer and reference embeddings (N, D), or Nones with a note saying why."""
+    e = cfg.eval
+    if e.clip_model is None:
+        notes.append("CLIPScore and reference similarity skipped: set eval.clip_model to a local CLIP or SigLIP "
+                     "folder (transformers format); nothing is downloaded.")
+        return None, None
+    scorer = M.ClipScorer(e.clip_model, device=device)
+    if e.reference_images is None:
+        notes.append("Reference similarity skipped: set eval.reference_images to a folder of on-brand images.")
+        return scorer, None
+    paths = sorted(p for p in Path(e.reference_images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"eval.reference_images: no images in {e.reference_images}")
+    return scorer, scorer.embed_images([_open(str(p)) for p in paths])
+
+
+def _mask(edit: EditExample, source: Image.Image) -> Image.Image | None:
+    """The edit's region mask (white = may change) at the source's size, or None."""
+    if edit.mask is None:
+        return None
+    mask = _open(edit.mask).convert("L")
+    return mask if mask.size == source.size else mask.resize(source.size, Image.Resampling.NEAREST)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def find_checkpoints(run_dir: str | Path) -> list[tuple[int, str, Path]]:
+    """(step, name, adapter folder) of every complete checkpoint of a run, oldest first."""
+    from qwen_image_lora.train.checkpoint import Checkpointer
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--checkpoints: {run_dir} is not a folder")
+    found = []
+    for folder in Checkpointer(run_dir, keep_last=1).all():
+        if not (folder / "adapter").is_dir():
+            raise FileNotFoundError(f"--checkpoints: {folder} has no adapter/ folder")
+        found.append((int(folder.name.removeprefix("step-")), folder.name, folder / "adapter"))
+    if not found:
+        raise FileNotFoundError(f"--checkpoints: no step-<N> checkpoint folders in {run_dir / 'checkpoints'}")
+    return found
+
+
+def score_checkpoints(cfg: Config, generator: Generator, checkpoints: list[tuple[int, str, Path]]) -> list[CheckpointScore]:
+    """Held-out loss of each (step, name, adapter folder) from `find_checkpoints`.
+
+    The items are those `validation.held_out_fraction` keeps out of training and the noise and times are
+    fixed by `validation.seed`: with the run's own config this is the split and the number the run logged as
+    `heldout_loss`, so the table lines up with the training curves.
+    """
+    from qwen_image_lora.data.dataset import build_training_data
+    from qwen_image_lora.train.objective import heldout_loss
+
+    batches = build_training_data(cfg, generator.pipe).held_out_batches()
+    if not batches:
+        raise ValueError("validation.held_out_fraction: no held-out items to score checkpoints on; set it to the "
+                         "fraction the run held out (> 0)")
+    scores = []
+    for step, name, adapter in checkpoints:
+        loaded = generator.adapters.load(adapter, name=f"eval-{name}")
+        try:
+            generator.adapters.set({loaded: 1.0})
+            loss = heldout_loss(generator.pipe.transformer, batches, cfg.validation.seed)
+        finally:
+            generator.adapters.unload(loaded)
+        logger.info("%s: held-out loss %.5g", name, loss)
+        scores.append(CheckpointScore(name, step, loss))
+    return scores

@@ -1,0 +1,118 @@
+"""`qwen-lora eval` end to end on the tiny model: base vs adapters at the same seeds, and checkpoint ranking."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qwen_image_lora.cli import main
+from qwen_image_lora.config import load_config
+from qwen_image_lora.eval.evaluator import _adapter_names, evaluate, find_checkpoints
+
+
+def _make_adapter(model_dir: Path, out: Path, std: float, seed: int = 0) -> Path:
+    """A rank-4 attention LoRA saved as `save_adapter` saves it; std = 0 gives lora_B = 0 (a no-op adapter)."""
+    import torch
+    from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = QwenImage21Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(seed)
+    for name, p in transformer.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0.0, std) if std else p.data.zero_()
+    QwenImage21Pipeline.save_lora_weights(
+        str(out), transformer_lora_layers=get_peft_model_state_dict(transformer),
+        weight_name="pytorch_lora_weights.safetensors", safe_serialization=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {"noop": _make_adapter(tiny_model_dir, root / "noop", 0.0), "noisy": _make_adapter(tiny_model_dir, root / "noisy", 0.5)}
+
+
+@pytest.fixture
+def config_path(tmp_path, tiny_model_dir, sample_data_dir) -> Path:
+    edits = sample_data_dir / "edits"
+    row = json.loads((edits / "manifest.jsonl").read_text().splitlines()[0])
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"pretrained": str(tiny_model_dir), "dtype": "float32"},
+        "data": {"path": str(sample_data_dir / "brand"), "resolution": 64},
+        "validation": {"held_out_fraction": 0.3},
+        "eval": {
+            "prompts": ['a qwnbrand mug with a label that says "QWN"'],
+            "edits": [{"images": [str(edits / row["sources"][0])], "prompt": row["instruction"]}],
+            "seeds": [0, 1],
+            "palette": ["#d7263d", "#1b998b", "#f4d35e"],
+            "num_inference_steps": 2,
+        },
+    }
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_eval_cli_compares_adapters_and_ranks_checkpoints(config_path, adapters, tmp_path, capsys):
+    run = tmp_path / "run"
+    for step, name in ((10, "noop"), (20, "noisy")):  # the layout train/checkpoint.py writes
+        shutil.copytree(adapters[name], run / "checkpoints" / f"step-{step:06d}" / "adapter")
+    argv = ["eval", "--config", str(config_path), "--adapter", str(adapters["noop"]), "--adapter", str(adapters["noisy"]),
+            "--checkpoints", str(run), "--output", str(tmp_path / "report")]
+    assert main(argv) == 0
+    assert "report.html" in capsys.readouterr().out
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+
+    assert data["variants"] == ["base", "noop", "noisy"]
+    assert [(s["kind"], s["seed"]) for s in data["samples"]] == [("t2i", 0), ("t2i", 1), ("edit", 0), ("edit", 1)]
+    t2i, edit = data["samples"][0]["metrics"], data["samples"][2]["metrics"]
+    assert {"palette_delta_e", "text_cer", "text_word_accuracy"} <= set(t2i["base"])
+    assert {"ssim", "psnr", "shift_px", "scale_error", "palette_delta_e"} <= set(edit["base"])
+    # Same seeds through the same sampling path: a no-op adapter reproduces base exactly, a real one does not.
+    assert all(s["metrics"]["noop"] == s["metrics"]["base"] for s in data["samples"])
+    assert data["metrics"]["palette_delta_e"]["delta"]["noop"]["mean"] == 0
+    assert any(s["metrics"]["noisy"] != s["metrics"]["base"] for s in data["samples"])
+    assert any("CLIPScore and reference similarity skipped" in n for n in data["notes"])
+
+    losses = {c["name"]: c["loss"] for c in data["checkpoints"]}
+    assert set(losses) == {"step-000010", "step-000020"} and all(math.isfinite(v) for v in losses.values())
+    assert losses["step-000010"] != losses["step-000020"]
+    assert data["best_checkpoint"] == min(losses, key=losses.get)
+    assert (tmp_path / "report" / "report.html").read_text().count("data:image/jpeg") == 4 * 3 + 2
+
+
+def test_evaluate_leaves_the_pipeline_as_found(config_path, adapters, tiny_pipe, tmp_path):
+    cfg = load_config(config_path, [f"eval.output_dir={tmp_path / 'out'}", "eval.seeds=[0]", "eval.prompts=[]"])
+    _, json_path = evaluate(cfg, [adapters["noisy"]], pipe=tiny_pipe)
+    assert not getattr(tiny_pipe.transformer, "peft_config", None)
+    data = json.loads(json_path.read_text())
+    assert data["variants"] == ["base", "noisy"] and len(data["samples"]) == 1
+    assert any("Text accuracy skipped" in n for n in data["notes"])
+
+
+def test_eval_cli_errors_name_the_problem(config_path, tmp_path, capsys):
+    assert main(["eval", "--config", str(config_path), "eval.prompts=[]", "eval.edits=[]"]) == 2
+    assert "eval.prompts" in capsys.readouterr().err
+    assert main(["eval", "--config", str(config_path), "--adapter", str(tmp_path / "missing")]) == 2
+    assert "no such adapter file" in capsys.readouterr().err
+
+
+def test_checkpoint_discovery_and_adapter_names(tmp_path):
+    with pytest.raises(FileNotFoundError, match="step-<N>"):
+        find_checkpoints(tmp_path)
+    for step in (100, 20):
+        (tmp_path / "checkpoints" / f"step-{step:06d}" / "adapter").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".step-000200.tmp").mkdir()  # an interrupted save is ignored
+    assert [(s, n) for s, n, _ in find_checkpoints(tmp_path)] == [(20, "step-000020"), (100, "step-000100")]
+    names = _adapter_names([Path("a/brand"), Path("b/brand"), Path("c/base.safetensors")])
+    assert list(names) == ["brand", "brand-2", "base-2"]
