@@ -83,7 +83,10 @@ def load_lora_weights_into(transformer, state: dict[str, torch.Tensor]) -> None:
         )
     for name, value in state.items():
         if ours[name].shape != value.shape:
-            raise AdapterError(f"adapter weight {name}: shape {tuple(value.shape)} != {tuple(ours[name].shape)}")
+            raise AdapterError(
+                f"adapter weight {name}: shape {tuple(value.shape)} in the file, {tuple(ours[name].shape)} here "
+                "(does lora.rank match the adapter's rank?)"
+            )
     dtypes = {n: p.dtype for n, p in transformer.named_parameters()}
     set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER_NAME)
     for n, p in transformer.named_parameters():  # set_peft_model_state_dict may cast; keep LoRA in fp32
