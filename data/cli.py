@@ -1,7 +1,10 @@
 """`qwen-lora data doctor | prepare | caption`.
 
     qwen-lora data doctor <config.yaml or data path> [--strict] [--json OUT] [--html OUT] [key=value ...]
-    qwen-lora data prepare --config CFG [key=value ...]        # also under `accelerate launch -m qwen_image_lora.cli`
+    qwen-lora data prepare --config CFG [key=value ...]
+    accelerate launch --multi_gpu --num_processes N -m qwen_image_lora.cli data prepare --config CFG
+        (each process takes every N-th item and writes its own shards; on CPU add ACCELERATE_USE_CPU=1 and keep
+        --multi_gpu, which only selects accelerate's multi-process launcher)
     qwen-lora data caption --config CFG [--overwrite]
 """
 
@@ -49,8 +52,12 @@ def _prepare(args) -> int:
 
     from qwen_image_lora.data.prepare import prepare
 
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
     cfg = load_config(args.config, args.overrides)
-    state = PartialState()
+    # PartialState only goes multi-process on CPU when told to (Accelerator reads this flag itself).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     stats = prepare(cfg, rank=state.process_index, world_size=state.num_processes, device=state.device)
     state.wait_for_everyone()
     rate = (stats.latents_encoded + stats.prompts_encoded) / max(stats.seconds, 1e-9)

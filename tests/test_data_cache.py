@@ -1,0 +1,168 @@
+"""The cache and `data prepare`: bad items never crash it, a changed caption re-embeds one item, markers stay
+aligned through bucket + crop, interrupted runs resume, two processes share one cache."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.config import load_config
+from qwen_image_lora.data.cache import Cache, key_for_image, key_for_prompt, model_identity
+from qwen_image_lora.data.prepare import prepare
+from tests.test_data_doctor import make_bad_folder
+
+
+def _cfg(data_path, model_dir, tmp_path, *extra):
+    return load_config(
+        None,
+        [f"data.path={data_path}", f"model.pretrained={model_dir}", "model.dtype=float32", "data.resolution=128",
+         f"output_dir={tmp_path / 'out'}", "data.shard_size=4", *extra],
+    )
+
+
+@pytest.fixture
+def count_encodes(monkeypatch):
+    calls = {"latents": 0, "prompts": 0}
+    enc_l, enc_p = qmodel.encode_latents, qmodel.encode_prompt
+
+    def latents(*a, **k):
+        calls["latents"] += 1
+        return enc_l(*a, **k)
+
+    def prompts(*a, **k):
+        calls["prompts"] += 1
+        return enc_p(*a, **k)
+
+    monkeypatch.setattr(qmodel, "encode_latents", latents)
+    monkeypatch.setattr(qmodel, "encode_prompt", prompts)
+    return calls
+
+
+def test_cache_roundtrip_keys_and_shards(tmp_path):
+    a = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), "red").save(a)
+    k = key_for_image(a, (64, 64), "m1", "alpha=keep")
+    assert k == key_for_image(a, (64, 64), "m1", "alpha=keep")
+    assert len({k, key_for_image(a, (32, 64), "m1", "alpha=keep"), key_for_image(a, (64, 64), "m2", "alpha=keep"),
+                key_for_image(a, (64, 64), "m1", "alpha=composite:#ffffff")}) == 4
+    assert key_for_prompt("x", [k], "m1") != key_for_prompt("x", [], "m1") != key_for_prompt("y", [], "m1")
+    with Cache(tmp_path / "c", "m1", writable=True, items_per_shard=2) as cache:
+        for i in range(4):
+            cache.put(f"k{i}", {"latents": torch.full((1, 4, 1, 2, 2), float(i))})
+        cache.put("p", {"embeds": torch.ones(1, 3, 8), "image_pad": torch.zeros(1, 3, dtype=torch.bool)})
+        assert cache.has("p") and cache.written == 4  # "p" pending until close
+    reader = Cache(tmp_path / "c", "m1")
+    assert len(reader) == 5 and reader.latents("k3")[0, 0, 0, 0, 0] == 3.0
+    assert reader.embeds("p").embeds.shape == (1, 3, 8) and reader.get("missing") is None
+    assert len(list((tmp_path / "c" / "shards").glob("*.safetensors"))) == 3
+    with pytest.raises(RuntimeError, match="read-only"):
+        reader.put("x", {"latents": torch.zeros(1)})
+
+
+def test_prepare_survives_bad_data_and_caches_clean_items(tmp_path, tiny_pipe, tiny_model_dir, count_encodes):
+    root = tmp_path / "bad"
+    make_bad_folder(root)
+    cfg = _cfg(root, tiny_model_dir, tmp_path, "data.trigger_word=qwnbrand", "data.alpha=keep")
+    stats = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    doctor = json.loads((tmp_path / "out" / "cache" / "doctor.json").read_text())
+    clean = doctor["summary"]["clean"]
+    # content-addressed: the exact duplicate (copy_of_good0.png) shares good0.png's latents
+    assert not stats.failed and stats.items == clean and stats.latents_encoded == clean - 1
+    # every caption line is embedded: the good items carry two captions each
+    assert count_encodes["prompts"] == stats.prompts_encoded > clean
+    # training reads the cache, with the doctor's exclusions, and never needs the encoders
+    from qwen_image_lora.data.dataset import build_training_data
+
+    pipe_without_encoders = type("P", (), {"vae": None, "text_encoder": None})()
+    data = build_training_data(cfg, pipe_without_encoders)
+    assert len(data.dataset) == clean and {i.id for i, _ in data.skipped} == set(doctor["excluded"])
+    batch = next(iter(data.loader()))
+    assert batch.latents.shape[1:3] == (tiny_pipe.vae.config.z_dim, 1)
+    # RGBA kept: the 2.1 VAE reads four channels; the cached latents are a different key from the composited ones
+    spec_keys = {key_for_image(root / "rgba.png", (128, 128), model_identity(cfg.model), s) for s in ("alpha=keep", "alpha=composite:#ffffff")}
+    assert len(spec_keys) == 2
+
+
+def test_changed_caption_reembeds_one_item_and_resume(tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir, count_encodes):
+    import shutil
+
+    root = tmp_path / "brand"
+    shutil.copytree(sample_data_dir / "brand", root)
+    cfg = _cfg(root, tiny_model_dir, tmp_path)
+    first = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    assert first.latents_encoded > 0
+    before = dict(count_encodes)
+    again = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    assert count_encodes == before and again.cached == again.items  # nothing recomputed
+    (root / "004.txt").write_text("a qwnbrand mug, a brand new caption")
+    third = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    assert (third.latents_encoded, third.prompts_encoded) == (0, 1)
+    assert count_encodes["prompts"] == before["prompts"] + 1 and count_encodes["latents"] == before["latents"]
+    # interrupted: drop the newest shard + index, as a kill before its flush would; the rerun redoes only that
+    shards = sorted((tmp_path / "out" / "cache" / "shards").glob("*.json"))
+    lost = len(json.loads(shards[0].read_text())["keys"])
+    shards[0].unlink()
+    fourth = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    assert 0 < fourth.latents_encoded + fourth.prompts_encoded <= lost
+
+
+def test_edit_markers_keep_their_latent_position(tmp_path, tiny_pipe, tiny_model_dir):
+    """Target and same-size source share the resize and crop, so a marker stays in the same latent cell."""
+    root = tmp_path / "edits"
+    root.mkdir()
+    h, w = 333, 517  # not bucket-shaped: forces a resize and a crop
+    rows = []
+    for i, (y, x) in enumerate([(150, 260), (40, 60), (300, 480)]):
+        for name in ("src", "tgt"):
+            a = np.full((h, w, 3), 128, np.uint8)
+            a[y : y + 20, x : x + 20] = (255, 0, 0)
+            if name == "tgt":
+                a[:30] = (0, 0, 255)
+            Image.fromarray(a).save(root / f"{i}_{name}.png")
+        rows.append({"target": f"{i}_tgt.png", "instruction": "blue band on top", "sources": [f"{i}_src.png"]})
+    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(root / "m.jsonl", tiny_model_dir, tmp_path, "data.crop=random", "data.resolution=256")
+    prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    from qwen_image_lora.data.dataset import build_training_data
+    from qwen_image_lora.data.sources import open_image
+
+    data = build_training_data(cfg, tiny_pipe)
+    for index, entry in enumerate(data.dataset.entries):
+        assert entry.sources[0] == entry.target  # one transform for both
+        cells = []
+        for path, t in ((entry.item.sources[0], entry.sources[0]), (entry.item.target, entry.target)):
+            px = np.asarray(t.apply(open_image(path)))
+            red = np.argwhere((px[..., 0] > 200) & (px[..., 1] < 60) & (px[..., 2] < 60))
+            cells.append(tuple((red.mean(0) // qmodel.LATENT_PIXELS).astype(int)) if len(red) else None)
+        assert cells[0] == cells[1]
+        sample = data.dataset.sample(index, "blue band on top")
+        assert sample["latents"].shape == sample["cond_latents"][0].shape  # same latent grid
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_cache(tmp_path, tiny_model_dir, sample_data_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"output_dir: {tmp_path}/out\nmodel: {{pretrained: {tiny_model_dir}, dtype: float32}}\n"
+        f"data: {{path: {sample_data_dir / 'brand'}, resolution: 128, shard_size: 2}}\n"
+    )
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qwen_image_lora.cli", "data", "prepare", "--config", str(cfg)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    shards = list((tmp_path / "out" / "cache" / "shards").glob("*.json"))
+    ranks = {p.name.split("-r")[1][:3] for p in shards}
+    assert ranks == {"000", "001"}
+    c = load_config(str(cfg))
+    from qwen_image_lora.data.dataset import build_training_data
+
+    data = build_training_data(c, type("P", (), {"vae": None, "text_encoder": None})())
+    for i in range(len(data.dataset)):
+        data.dataset.sample(i, data.dataset.texts_for(i)[0])  # everything is cached: no encoder needed
