@@ -1,0 +1,217 @@
+"""The HTTP service on the tiny model: edits, auth, limits, SSRF refusals, a full queue, metrics."""
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from qwen_image_lora.config import Config, ServeAdapter
+from qwen_image_lora.inference.generator import Generator
+from qwen_image_lora.inference.server import create_app, load_api_keys
+from qwen_image_lora.inference.testing import make_random_lora
+
+KEY = "test-key-0123456789"
+AUTH = {"x-api-key": KEY}
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model_dir):
+    return Generator.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", resolution=64)
+
+
+@pytest.fixture(scope="module")
+def cfg(gen, tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    cfg = Config()
+    cfg.model.pretrained = str(tiny_model_dir)
+    cfg.serve.adapters = [
+        ServeAdapter("brand", str(make_random_lora(gen.pipe.transformer, root / "brand", seed=5)), 0.8),
+        ServeAdapter("sketch", str(make_random_lora(gen.pipe.transformer, root / "sketch", seed=6)), 1.0),
+    ]
+    cfg.serve.resolution = 64
+    cfg.serve.max_steps = 4
+    cfg.serve.max_side = 256
+    cfg.serve.max_body_mb = 0.25
+    cfg.serve.max_queue = 2
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def client(cfg, gen):
+    with TestClient(create_app(cfg, [KEY, "second-key"], generator=gen)) as c:
+        yield c
+
+
+def b64_png(w=80, h=48, seed=0, mode="RGB"):
+    arr = np.random.RandomState(seed).randint(0, 255, (h, w, 4 if mode == "RGBA" else 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def edit(**kw):
+    return {"image": b64_png(), "prompt": "put it on marble", "num_inference_steps": 1, "seed": 1, **kw}
+
+
+def test_valid_edit_returns_a_decodable_image_at_the_input_size(client):
+    r = client.post("/v1/images", json=edit(), headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png" and r.headers["x-seed"] == "1"
+    image = Image.open(io.BytesIO(r.content))
+    assert image.size == (80, 48) and image.mode == "RGBA"
+
+    r = client.post("/v1/images", json=edit(output_format="jpeg", response_format="b64_json", quality=70), headers=AUTH)
+    assert r.status_code == 200 and r.json()["output_format"] == "jpeg"
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    assert image.format == "JPEG" and image.mode == "RGB"
+
+
+def test_text_to_image_with_aspect_ratio_and_per_request_adapters(client):
+    def get(**kw):
+        r = client.post("/v1/images", json={"prompt": "a bottle", "num_inference_steps": 1, "seed": 3, **kw}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        return np.asarray(Image.open(io.BytesIO(r.content))).astype(int)
+
+    base = get(loras=[], aspect_ratio="16:9")
+    assert base.shape[1] > base.shape[0]
+    brand = get(loras=[{"name": "brand"}], aspect_ratio="16:9")
+    assert np.abs(brand - base).mean() > 0.5
+    assert np.array_equal(get(loras=[], aspect_ratio="16:9"), base)  # nothing carried over from the last request
+    assert np.array_equal(get(aspect_ratio="16:9"), get(loras=[{"name": "brand", "weight": 0.8}, {"name": "sketch"}], aspect_ratio="16:9"))
+
+
+def test_auth_401_without_or_with_a_wrong_key(client):
+    assert client.post("/v1/images", json=edit()).status_code == 401
+    assert client.post("/v1/images", json=edit(), headers={"x-api-key": "nope"}).status_code == 401
+    assert client.post("/v1/images", json=edit(), headers={"x-api-key": ""}).status_code == 401
+    assert client.post("/v1/images", json=edit(), headers={"x-api-key": "second-key"}).status_code == 200
+
+
+def test_limits_answer_413_and_422_naming_the_field(client):
+    assert client.post("/v1/images", json=edit(image=b64_png(400, 400)), headers=AUTH).status_code == 413  # body > 0.25 MB
+
+    def field_of(r):
+        assert r.status_code == 422, r.text
+        return r.json()["detail"][0]["loc"]
+
+    assert field_of(client.post("/v1/images", json=edit(num_inference_steps=50), headers=AUTH)) == ["body", "num_inference_steps"]
+    assert field_of(client.post("/v1/images", json=edit(guidance_scale=-1), headers=AUTH)) == ["body", "guidance_scale"]
+    assert field_of(client.post("/v1/images", json=edit(width=100), headers=AUTH)) == ["body", "width"]
+    assert field_of(client.post("/v1/images", json=edit(colour="red"), headers=AUTH)) == ["body", "colour"]
+    assert field_of(client.post("/v1/images", json=edit(image="bm90IGFuIGltYWdl"), headers=AUTH)) == ["body", "image"]
+    assert field_of(client.post("/v1/images", json=edit(image=[b64_png(), "%%%"]), headers=AUTH)) == ["body", "image", 1]
+    r = client.post("/v1/images", json=edit(prompt="red bottle " * 700), headers=AUTH)
+    assert field_of(r) == ["body", "prompt"] and "limit is 1024" in r.json()["detail"][0]["msg"]
+    r = client.post("/v1/images", json=edit(loras=[{"name": "nope"}]), headers=AUTH)
+    assert field_of(r) == ["body", "loras", 0, "name"] and "known adapters: brand, sketch" in r.json()["detail"][0]["msg"]
+
+
+def test_decompression_bomb_is_refused_and_big_inputs_are_downscaled(client, cfg):
+    from qwen_image_lora.inference.images import decode_image
+
+    buf = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(buf, format="PNG")  # ~140 KB of PNG, 144 M pixels when decoded
+    r = client.post("/v1/images", json=edit(image=base64.b64encode(buf.getvalue()).decode()), headers=AUTH)
+    assert r.status_code == 413 and "pixels" in r.text
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 1500)).save(buf, format="JPEG")
+    assert decode_image(buf.getvalue()).size == (2048, 1024)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x.png", "http://169.254.169.254/latest/meta-data/",
+                                 "http://localhost/x.png", "http://[::1]/x.png", "http://[::ffff:127.0.0.1]/x.png",
+                                 "http://10.0.0.1/x.png", "file:///etc/passwd", "ftp://example.com/x.png"])  # fmt: skip
+def test_private_and_non_http_urls_are_refused(client, url):
+    r = client.post("/v1/images", json=edit(image=url), headers=AUTH)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image"], r.text
+
+
+def test_allowed_private_url_is_fetched_and_redirects_are_rechecked(cfg, gen):
+    import http.server
+
+    png = base64.b64decode(b64_png())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        from qwen_image_lora.inference.urls import URLRefused, fetch
+
+        assert fetch(f"{base}/x.png", allow_private=True) == png
+        with pytest.raises(URLRefused, match="private"):
+            fetch(f"{base}/x.png", allow_private=False)
+        with pytest.raises(URLRefused, match="limit is 100"):
+            fetch(f"{base}/x.png", allow_private=True, max_bytes=100)
+        from qwen_image_lora.inference import urls
+
+        # A public-looking first hop that redirects to the metadata service is refused at the second hop.
+        original = urls.resolve_checked
+        urls.resolve_checked = lambda host, port, allow: "127.0.0.1" if host == "public.example" else original(host, port, False)
+        try:
+            with pytest.raises(URLRefused, match="169.254.169.254"):
+                fetch(f"http://public.example:{httpd.server_address[1]}/redirect")
+        finally:
+            urls.resolve_checked = original
+    finally:
+        httpd.shutdown()
+
+
+def test_full_queue_answers_429(cfg, gen):
+    app = create_app(cfg, [KEY], generator=gen)
+    worker = app.state.worker
+    release = threading.Event()
+    with TestClient(app) as c:
+        running = threading.Event()
+        worker.submit(lambda: (running.set(), release.wait(30)))
+        assert running.wait(10)
+        for _ in range(cfg.serve.max_queue):
+            worker.submit(lambda: None)
+        r = c.post("/v1/images", json=edit(), headers=AUTH)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        release.set()
+        assert c.post("/v1/images", json=edit(), headers=AUTH).status_code == 200
+        metrics = c.get("/metrics").text
+        assert 'qwen_lora_rejected_total{reason="queue_full"} 1' in metrics
+        assert 'qwen_lora_http_responses_total{path="/v1/images",code="429"} 1' in metrics
+
+
+def test_health_metrics_and_openapi(client):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["adapters"] == ["brand", "sketch"]
+    metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "# TYPE qwen_lora_images_total counter" in metrics.text
+    spec = client.get("/openapi.json").json()
+    schema = spec["components"]["schemas"]["ImageRequest"]["properties"]
+    assert schema["num_inference_steps"]["anyOf"][0]["maximum"] == 4
+
+
+def test_api_keys_come_from_the_env_var_or_the_file(tmp_path):
+    cfg = Config()
+    assert load_api_keys(cfg.serve, {"QWEN_LORA_API_KEYS": "a, b,"}) == ["a", "b"]
+    (tmp_path / "keys").write_text("# ops\nk1\n\nk2  # rotated 2026-01\n")
+    cfg.serve.api_keys_file = str(tmp_path / "keys")
+    assert load_api_keys(cfg.serve, {}) == ["k1", "k2"]
+    cfg.serve.api_keys_file = None
+    with pytest.raises(ValueError, match="no API keys"):
+        load_api_keys(cfg.serve, {})
