@@ -1,0 +1,46 @@
+"""Inputs beyond folders and JSONL: CSV manifests, Hugging Face datasets, EXIF orientation, alpha."""
+
+import numpy as np
+from PIL import Image
+
+from qwen_image_lora.config import load_config
+from qwen_image_lora.data.sources import load_items, open_image
+
+
+def test_csv_manifest_with_several_captions_and_edit_rows(tmp_path):
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (64, 64), "red").save(tmp_path / f"{name}.png")
+    (tmp_path / "m.csv").write_text(
+        "image,caption,target,instruction,sources\n"
+        "a.png,first || second,,,\n"
+        ",,c.png,make it blue,a.png|b.png\n"
+    )
+    t2i, edit = load_items(load_config(None, [f"data.path={tmp_path / 'm.csv'}"]).data)
+    assert t2i.captions == ("first", "second") and t2i.kind == "t2i"
+    assert edit.kind == "edit" and [p.name for p in edit.sources] == ["a.png", "b.png"] and edit.captions == ("make it blue",)
+
+
+def test_hf_dataset_from_disk_with_column_mapping(tmp_path):
+    import datasets
+
+    for i in range(3):
+        Image.new("RGB", (64, 64), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    ds = datasets.Dataset.from_dict({"img": [str(tmp_path / f"{i}.png") for i in range(3)], "text": ["x", "y", ""]})
+    ds.cast_column("img", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    cfg = load_config(None, [f"data.path={tmp_path / 'hf'}", "data.columns={image: img, caption: text}", f"data.cache_dir={tmp_path / 'cache'}"])
+    items = load_items(cfg.data)
+    assert [i.captions for i in items] == [("x",), ("y",), ()]
+    assert all(i.target.is_file() for i in items)  # embedded bytes become plain files under the cache
+    assert np.asarray(Image.open(items[1].target))[0, 0, 0] == 80
+
+
+def test_exif_orientation_and_alpha(tmp_path):
+    im = Image.new("RGB", (80, 40), "blue")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    im.save(tmp_path / "r.jpg", exif=exif)
+    assert open_image(tmp_path / "r.jpg").size == (40, 80)
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    rgba.save(tmp_path / "a.png")
+    assert open_image(tmp_path / "a.png", "composite", "#00ff00").getpixel((0, 0)) == (0, 255, 0)
+    assert open_image(tmp_path / "a.png", "keep").mode == "RGBA"
