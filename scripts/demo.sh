@@ -11,6 +11,8 @@ out=outputs/demo
 qwen-lora make-tiny-model .cache/tiny-qwen-image-2.1 >/dev/null
 qwen-lora make-sample-data .cache/sample-data >/dev/null
 qwen-lora validate configs/demo.yaml
+qwen-lora data doctor configs/demo.yaml
+qwen-lora data prepare --config configs/demo.yaml
 qwen-lora generate --config configs/demo.yaml --prompt "a qwnbrand bottle with the QWN logo" \
   --width 128 --height 128 --steps 4 --seed 0 --output "$out/samples/base_t2i.png"
 echo "demo: images in $out/samples"
