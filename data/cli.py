@@ -26,10 +26,11 @@ def _doctor(args) -> int:
     from qwen_image_lora.data.doctor import diagnose
 
     cfg = _load(args.target, args.overrides)
-    report = diagnose(cfg, contact_sheet=bool(args.html) or args.html is None)
+    report = diagnose(cfg)
     print(report.table())
     written = []
-    if cfg.data.cache_dir and (args.target.endswith((".yaml", ".yml"))):
+    from_config = args.target.endswith((".yaml", ".yml"))
+    if from_config and cfg.data.cache_dir:
         # Where prepare and training look for exclusions.
         report.write_json(Path(cfg.data.cache_dir) / "doctor.json")
         written.append(str(Path(cfg.data.cache_dir) / "doctor.json"))
@@ -37,7 +38,7 @@ def _doctor(args) -> int:
         report.write_json(args.json)
         written.append(args.json)
     html = args.html
-    if html is None and report.pairs and cfg.data.cache_dir:
+    if html is None and from_config and report.pairs and cfg.data.cache_dir:
         html = str(Path(cfg.data.cache_dir) / "edit_pairs.html")
     if html and report.pairs:
         report.write_html(html)

@@ -1,0 +1,101 @@
+"""Benchmark `data prepare` on the tiny model: throughput, and peak RAM at two data-set sizes (it should be flat:
+the cache is written in bounded shards and read through memory maps).
+
+    python scripts/bench_data_prepare.py [--sizes 200 2000] [--resolution 64]
+
+Each size runs in a fresh subprocess, which prepares the cache and then reads every entry back; peak RSS comes
+from resource.getrusage (ru_maxrss), the Python-heap peak of the read-back from tracemalloc (tracing the
+prepare loop itself would slow it several-fold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time, tracemalloc
+import torch
+torch.set_num_threads(max(1, torch.get_num_threads()))
+from qwen_image_lora.config import load_config
+from qwen_image_lora.data.cache import Cache, model_identity
+from qwen_image_lora.data.prepare import prepare
+from qwen_image_lora.model import load_pipeline
+
+cfg = load_config(None, sys.argv[1:])
+pipe = load_pipeline(cfg.model.pretrained, "float32")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+stats = prepare(cfg, pipe, progress=False, log=lambda *_: None)
+prep_s = time.perf_counter() - t
+after_prepare = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tracemalloc.start()
+cache = Cache(cfg.data.cache_dir, model_identity(cfg.model))
+t = time.perf_counter()
+n = 0
+for key in cache.keys():
+    cache.get(key); n += 1
+read_s = time.perf_counter() - t
+_, heap_peak = tracemalloc.get_traced_memory()
+tracemalloc.stop()
+print(json.dumps({"items": stats.items, "encoded": stats.latents_encoded + stats.prompts_encoded, "prepare_s": prep_s,
+                  "read_entries": n, "read_s": read_s, "rss_after_load_mb": base / 1024,
+                  "rss_peak_prepare_mb": after_prepare / 1024, "rss_peak_read_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "heap_peak_read_mb": heap_peak / 2**20}))
+"""
+
+
+def make_images(folder: Path, n: int, side: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        small = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((side + 16 * (i % 3), side), Image.Resampling.BICUBIC).save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.txt").write_text(f"a qwnbrand product photo, variant {i}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[200, 2000])
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--side", type=int, default=32, help="image height in px (widths vary up to +32)")
+    args = ap.parse_args()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        from qwen_image_lora.tiny_model import make_tiny_model
+
+        model = make_tiny_model(tmp / "tiny")
+        rows = []
+        for n in args.sizes:
+            make_images(tmp / f"data{n}", n, args.side)
+            overrides = [f"data.path={tmp / f'data{n}'}", f"model.pretrained={model}", "model.dtype=float32",
+                         f"data.resolution={args.resolution}", "data.min_side=16", f"output_dir={tmp / f'out{n}'}"]
+            out = subprocess.run([sys.executable, "-c", CHILD, *overrides], env=env, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"benchmark child failed:\n{out.stderr[-3000:]}")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(
+                f"{n:>6} items: prepare {row['prepare_s']:6.1f}s ({row['items'] / row['prepare_s']:6.1f} items/s, "
+                f"{row['encoded']} encodes) | read {row['read_entries']} entries in {row['read_s']:.2f}s | peak RSS "
+                f"{row['rss_after_load_mb']:.0f} MB after load -> {row['rss_peak_prepare_mb']:.0f} MB prepare -> "
+                f"{row['rss_peak_read_mb']:.0f} MB read | Python heap peak reading {row['heap_peak_read_mb']:.1f} MB",
+                flush=True,
+            )
+        if len(rows) > 1:
+            a, b = rows[0], rows[-1]
+            growth = (b["rss_peak_read_mb"] - b["rss_after_load_mb"]) - (a["rss_peak_read_mb"] - a["rss_after_load_mb"])
+            print(f"peak RSS growth from {a['items']} to {b['items']} items (beyond the loaded model): {growth:+.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
