@@ -82,28 +82,41 @@ class KeyCheck:
 
 
 class Worker:
-    """One thread owns the pipeline; `submit` raises queue.Full when `max_queue` jobs already wait."""
+    """One thread owns the pipeline; `submit` raises queue.Full when `max_queue` jobs already wait.
+    `start`/`stop` follow the app's lifespan; the thread also starts at construction, for servers that skip it."""
 
     def __init__(self, max_queue: int):
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.busy = False
-        self._thread = threading.Thread(target=self._run, name="qwen-lora-worker", daemon=True)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.start()
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            if not self._stop.is_set():
+                return
+            self._thread.join(timeout=60)  # a stopped thread finishes its current job, then exits
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="qwen-lora-worker", daemon=True)
         self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait((None, None))  # wake the thread if it is idle
 
     def submit(self, fn) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self.queue.put_nowait((future, fn))
+        if self._stop.is_set() or not self._thread.is_alive():  # an app served again after a shutdown
+            self.start()
         return future
 
-    def stop(self) -> None:
-        self.queue.put((None, None))
-
-    def _run(self) -> None:
-        while True:
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             future, fn = self.queue.get()
-            if future is None:
-                return
-            if not future.set_running_or_notify_cancel():
+            if future is None or not future.set_running_or_notify_cancel():
                 continue
             self.busy = True
             try:
@@ -292,6 +305,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        worker.start()
         yield
         worker.stop()
 
