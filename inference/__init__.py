@@ -1,1 +1,7 @@
-"""inference"""
+"""Inference: one sampling path (`Generator`), adapters loaded once and chosen per call, batch jobs, HTTP service."""
+
+from qwen_image_lora.inference.adapters import Adapters
+from qwen_image_lora.inference.formats import AdapterError
+from qwen_image_lora.inference.generator import ASPECT_RATIOS, GenerationRequest, Generator, size_for_aspect
+
+__all__ = ["ASPECT_RATIOS", "AdapterError", "Adapters", "GenerationRequest", "Generator", "size_for_aspect"]
