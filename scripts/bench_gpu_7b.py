@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
+import functools
 import sys
 import time
 from pathlib import Path
@@ -88,7 +88,9 @@ def run_case(transformer, params, cfg, shape, checkpoint: bool, steps: int) -> d
     batch = to_cuda(memory.build_step_inputs(shape, cfg, torch.bfloat16))
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    step = lambda: memory.training_step(transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16)  # noqa: E731
+    step = functools.partial(
+        memory.training_step, transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16
+    )
     result = {"task": shape.task, "checkpointing": checkpoint}
     try:
         step()  # allocates the optimizer state; warm-up
@@ -118,7 +120,7 @@ def run_case(transformer, params, cfg, shape, checkpoint: bool, steps: int) -> d
     finally:
         for p in params:
             p.grad = None
-        del optimizer, batch
+        del step, optimizer, batch
         gc.collect()
         torch.cuda.empty_cache()
     return result
@@ -128,9 +130,12 @@ def plan_cases(args, cfg) -> list[dict]:
     out = []
     for shape in shapes(args):
         for ck in checkpoints(args):
-            inputs = memory.PlanInputs(cfg, shape, LoRAConfig(rank=args.rank, targets=args.targets), checkpoint="all" if ck else "none")
-            plan = memory.plan_memory(inputs)
-            out.append({"task": shape.task, "checkpointing": ck, "targets": args.targets, "planned_gib": plan.peak / 2**30, "plan_seconds": plan.trace_seconds})
+            lora = LoRAConfig(rank=args.rank, targets=args.targets)
+            plan = memory.plan_memory(memory.PlanInputs(cfg, shape, lora, checkpoint="all" if ck else "none"))
+            out.append(
+                {"task": shape.task, "checkpointing": ck, "targets": args.targets, "planned_gib": plan.peak / 2**30,
+                 "plan_seconds": plan.trace_seconds}
+            )  # fmt: skip
             print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -138,7 +143,8 @@ def plan_cases(args, cfg) -> list[dict]:
 def shapes(args) -> list[memory.StepShape]:
     res = args.resolution
     tasks = ["t2i", "edit"] if args.task == "both" else [args.task]
-    return [memory.StepShape(res, res, args.batch_size, args.prompt_tokens, [(res, res)] if t == "edit" else []) for t in tasks]
+    refs = {"t2i": [], "edit": [(res, res)]}
+    return [memory.StepShape(res, res, args.batch_size, args.prompt_tokens, refs[t]) for t in tasks]
 
 
 def checkpoints(args) -> list[bool]:

@@ -33,8 +33,8 @@ SMALL = dict(
 )
 
 
-def small_inputs(references=0, checkpoint="none", profile="cpu", **lora) -> memory.PlanInputs:
-    shape = memory.StepShape(256, 256, batch_size=1, prompt_tokens=32, references=[(256, 256)] * references)
+def small_inputs(references=0, checkpoint="none", profile="cpu", side=256, **lora) -> memory.PlanInputs:
+    shape = memory.StepShape(side, side, batch_size=1, prompt_tokens=32, references=[(side, side)] * references)
     return memory.PlanInputs(
         SMALL, shape, LoRAConfig(rank=8, **lora), torch.bfloat16, checkpoint=checkpoint, profile=profile
     )
@@ -57,27 +57,35 @@ def test_plan_is_within_10_percent_of_a_real_cpu_step(references, checkpoint, ta
 
 
 def test_checkpointing_lowers_the_plan_and_lora_dropout_raises_it():
-    none = memory.plan_memory(small_inputs(checkpoint="none")).peak
-    some = memory.plan_memory(small_inputs(checkpoint=[0, 1])).peak
-    every = memory.plan_memory(small_inputs(checkpoint="all")).peak
+    none = memory.plan_memory(small_inputs(checkpoint="none", side=128)).peak
+    some = memory.plan_memory(small_inputs(checkpoint=[0, 1], side=128)).peak
+    every = memory.plan_memory(small_inputs(checkpoint="all", side=128)).peak
     assert none > some > every
-    assert memory.plan_memory(small_inputs(checkpoint="none", dropout=0.1)).peak > none
+    assert memory.plan_memory(small_inputs(checkpoint="none", side=128, dropout=0.1)).peak > none
 
 
 def test_choose_checkpointed_blocks_picks_more_blocks_for_a_smaller_budget():
-    inputs = small_inputs()
-    none = memory.plan_memory(dataclasses.replace(inputs, checkpoint=[])).peak
-    most = memory.plan_memory(dataclasses.replace(inputs, checkpoint=[0, 1, 2])).peak
-    assert memory.choose_checkpointed_blocks(inputs, none) == []
+    inputs = small_inputs(side=128)
+    traced = {}
+
+    def plan(i):  # the same traces recur across budgets; trace each layout once
+        key = (i.num_layers, tuple(i.checkpoint))
+        if key not in traced:
+            traced[key] = memory.plan_memory(i)
+        return traced[key]
+
+    none = plan(dataclasses.replace(inputs, checkpoint=[])).peak
+    most = plan(dataclasses.replace(inputs, checkpoint=[0, 1, 2])).peak
+    assert memory.choose_checkpointed_blocks(inputs, none, planner=plan) == []
     budgets = [int(none - f * (none - most)) for f in (0.3, 0.6, 1.0)]
-    chosen = [memory.choose_checkpointed_blocks(inputs, b) for b in budgets]
+    chosen = [memory.choose_checkpointed_blocks(inputs, b, planner=plan) for b in budgets]
     counts = [len(c) for c in chosen]
     assert counts == sorted(counts) and counts[0] < counts[-1] == 3, chosen
-    for blocks, budget in zip(chosen, budgets):
+    for blocks, budget in zip(chosen, budgets, strict=True):
         assert 3 not in blocks  # the last block is never worth checkpointing
-        assert memory.plan_memory(dataclasses.replace(inputs, checkpoint=blocks)).peak <= budget
+        assert plan(dataclasses.replace(inputs, checkpoint=blocks)).peak <= budget
     with pytest.raises(MemoryError, match="budget"):
-        memory.choose_checkpointed_blocks(inputs, most // 2)
+        memory.choose_checkpointed_blocks(inputs, most // 2, planner=plan)
 
 
 def test_apply_block_checkpointing_keeps_names_and_gradients():
@@ -104,7 +112,7 @@ def test_apply_block_checkpointing_keeps_names_and_gradients():
     memory.apply_block_checkpointing(model, [0, 2])
     assert memory.checkpointed_blocks(model) == [0, 2]
     assert [n for n, _ in model.named_parameters()] == names
-    for a, b in zip(plain, grads()):
+    for a, b in zip(plain, grads(), strict=True):
         torch.testing.assert_close(a, b)
     memory.apply_block_checkpointing(model, [1])  # replaces the previous choice
     assert memory.checkpointed_blocks(model) == [1]

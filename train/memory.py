@@ -26,7 +26,6 @@ memory budget, and `apply_block_checkpointing` checkpoints exactly those blocks 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import math
@@ -284,12 +283,15 @@ def _bool_indices_to_long(func, args, kwargs):
     if func._schema.name not in {n.split(".")[0] for n in _INDEX_OPS} or len(args) < 2:
         return args, kwargs
     indices = args[1]
-    if not any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and not isinstance(i, FakeTensor) for i in indices):
+    def real_mask(i) -> bool:
+        return isinstance(i, torch.Tensor) and i.dtype == torch.bool and not isinstance(i, FakeTensor)
+
+    if not any(real_mask(i) for i in indices):
         return args, kwargs
     new = []
     with unset_fake_temporarily():
         for i in indices:
-            if isinstance(i, torch.Tensor) and i.dtype == torch.bool and not isinstance(i, FakeTensor):
+            if real_mask(i):
                 new.extend(i.nonzero().unbind(1))
             else:
                 new.append(i)
@@ -431,7 +433,8 @@ def _checkpointed_forward(block, preserve_rng_state: bool) -> Callable:
 
 def checkpointed_blocks(transformer) -> list[int]:
     """Indices of the blocks `apply_block_checkpointing` checkpoints."""
-    return [i for i, b in enumerate(transformer.transformer_blocks) if getattr(b.__dict__.get("forward"), "checkpointed", False)]
+    blocks = transformer.transformer_blocks
+    return [i for i, b in enumerate(blocks) if getattr(b.__dict__.get("forward"), "checkpointed", False)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -501,7 +504,8 @@ def training_step(transformer, batch, optimizer, params, autocast, max_grad_norm
     noise = torch.randn(batch.latents.shape, dtype=torch.float32)
     sigmas = torch.rand(batch.latents.shape[0])
     model_fn = _MixedPrecisionForward(transformer, autocast, dtype)
-    loss = objective.flow_matching_loss(model_fn, batch, noise.to(batch.latents.device), sigmas.to(batch.latents.device))
+    device = batch.latents.device
+    loss = objective.flow_matching_loss(model_fn, batch, noise.to(device), sigmas.to(device))
     loss.backward()
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -553,21 +557,24 @@ class MemoryPlan:
         ck = self.checkpointed
         ck_text = "none" if not ck else ("all" if len(ck) >= i.num_layers else f"{len(ck)}/{i.num_layers} blocks")
         lora = i.lora
+        grads, context = _gib(self.lora_grads).strip(), _gib(CUDA_CONTEXT_BYTES).strip()
+        frag = f"{FRAGMENTATION:.0%}"
+        rows = [
+            (f"frozen weights ({str(i.base_dtype).removeprefix('torch.')})", self.frozen_weights, ""),
+            (f"LoRA params (fp32, {self.trainable_numel / 1e6:.1f}M)", self.lora_params, ""),
+            (f"optimizer state ({i.optimizer})", self.optimizer_state, ""),
+            ("step inputs (latents, text)", self.step_inputs, ""),
+            ("cuBLAS workspaces", self.workspace, ""),
+            ("activations, grads, temporaries", self.activations, f"at the peak; LoRA grads are {grads}"),
+            ("= peak allocated", self.peak, "what torch.cuda.max_memory_allocated reports"),
+            (f"+ CUDA context + {FRAGMENTATION:.0%} fragmentation", self.overhead, f"{context} + {frag} of the peak"),
+            ("= needed on the GPU", self.total, ""),
+        ]  # fmt: skip
         lines = [
             f"step: {s.task}, {s.width}x{s.height}, batch {s.batch_size}, prompt {s.prompt_tokens} tokens; "
             f"LoRA r{lora.rank} on {lora.target_modules}; {i.optimizer}; mixed precision {i.mixed_precision}; "
             f"checkpointing {ck_text}",
-            f"  frozen weights ({str(i.base_dtype).removeprefix('torch.')})  {_gib(self.frozen_weights)}",
-            f"  LoRA params (fp32, {self.trainable_numel / 1e6:.1f}M)     {_gib(self.lora_params)}",
-            f"  LoRA grads (fp32)                {_gib(self.lora_grads)}  (inside the activation peak)",
-            f"  optimizer state ({i.optimizer})      {_gib(self.optimizer_state)}",
-            f"  step inputs (latents, text)      {_gib(self.step_inputs)}",
-            f"  cuBLAS workspaces                {_gib(self.workspace)}",
-            f"  activations + grads at peak      {_gib(self.activations)}",
-            f"  = peak allocated                 {_gib(self.peak)}   (torch.cuda.max_memory_allocated)",
-            f"  + CUDA context {_gib(CUDA_CONTEXT_BYTES).strip()} + {FRAGMENTATION:.0%} fragmentation       "
-            f"  {_gib(self.overhead)}",
-            f"  = needed on the GPU              {_gib(self.total)}",
+            *(f"  {label:<36}{_gib(value)}" + (f"   ({note})" if note else "") for label, value, note in rows),
         ]
         if gpu_bytes:
             verdict = "fits" if self.fits(gpu_bytes) else "does NOT fit"
@@ -625,7 +632,8 @@ def _build_model(inputs: PlanInputs, preserve_rng_state: bool, fake_mode=None):
     from qwen_image_lora.train.adapter import add_lora
 
     with torch.device("meta") if fake_mode is not None else contextlib.nullcontext():
-        transformer = QwenImage21Transformer2DModel(**inputs.transformer_config).to(inputs.base_dtype)
+        transformer = QwenImage21Transformer2DModel(**inputs.transformer_config)
+        torch.nn.Module.to(transformer, inputs.base_dtype)  # diffusers' `to` warns about fp32 modules it has none of
         params = add_lora(transformer, inputs.lora)
     if fake_mode is not None:
         _fake_from_meta(transformer, fake_mode)
@@ -659,7 +667,9 @@ def _fake_from_meta(module: torch.nn.Module, fake_mode) -> None:
                 setattr(m, name, [fake(v) for v in value])
 
 
-def _trace(transformer, params, batch, inputs: PlanInputs, tracker: StorageTracker, fake_mode, cuda: bool) -> MemoryPlan:
+def _trace(
+    transformer, params, batch, inputs: PlanInputs, tracker: StorageTracker, fake_mode, cuda: bool
+) -> MemoryPlan:
     autocast_dtype = torch.float16 if inputs.mixed_precision == "fp16" else torch.bfloat16
     trainable = {id(p) for p in params}
     frozen = [t for t in list(transformer.parameters()) + list(transformer.buffers()) if id(t) not in trainable]
@@ -712,27 +722,36 @@ def choose_checkpointed_blocks(inputs: PlanInputs, budget_bytes: int, planner: C
     """The fewest transformer blocks to checkpoint so the planned peak allocation stays under `budget_bytes`.
 
     The last block is never checkpointed: its activations are consumed first in backward, so recomputing them
-    saves nothing at the peak. Each further block saves about the same bytes, so the peak is linear in the
-    number of checkpointed blocks: two traces (none, all but the last) give the line, and a third checks the
-    chosen count (stepping up while it is over). Raises `MemoryError` when even that is over budget.
+    saves nothing at the peak. Blocks are identical, so the peak is (piecewise) affine in the number of blocks
+    n and of checkpointed blocks k: three traces of a 3- and a 4-block model of the same width fit
+    peak = a + b*n + c*k, which gives a first k; full traces then check it, stepping k by the fitted slope
+    until the plan is under budget (usually one full trace). Raises `MemoryError` when even n-1 is over.
     """
     n = inputs.num_layers
-    trace = functools.lru_cache(maxsize=None)(
-        lambda k: planner(dataclasses.replace(inputs, checkpoint=list(range(k)))).peak
-    )
-    if trace(0) <= budget_bytes:
-        return []
     most = max(n - 1, 0)
-    if trace(most) > budget_bytes:
-        raise MemoryError(
-            f"even with {most} of {n} blocks checkpointed the planned peak is {trace(most) / GiB:.1f} GiB, over the "
-            f"{budget_bytes / GiB:.1f} GiB budget: lower data.resolution or train.batch_size, or the LoRA rank"
-        )
-    per_block = (trace(0) - trace(most)) / most
-    k = min(most, max(1, math.ceil((trace(0) - budget_bytes) / per_block)))
-    while k < most and trace(k) > budget_bytes:
-        k += 1
-    while k > 1 and trace(k - 1) <= budget_bytes:
+
+    @functools.lru_cache(maxsize=None)
+    def trace(k: int, layers: int = n) -> int:
+        config = {**inputs.transformer_config, "num_layers": layers}
+        return planner(dataclasses.replace(inputs, transformer_config=config, checkpoint=list(range(k)))).peak
+
+    if n > 5:
+        per_layer = trace(0, 4) - trace(0, 3)
+        per_block = max(1.0, (trace(0, 4) - trace(2, 4)) / 2)
+        estimate0 = trace(0, 3) + (n - 3) * per_layer
+        k = min(most, max(0, math.ceil((estimate0 - budget_bytes) / per_block)))
+    else:
+        per_block, k = None, 0
+    while trace(k) > budget_bytes:
+        if k >= most:
+            raise MemoryError(
+                f"even with {most} of {n} blocks checkpointed the planned peak is {trace(most) / GiB:.1f} GiB, "
+                f"over the {budget_bytes / GiB:.1f} GiB budget: lower data.resolution, train.batch_size or "
+                "the LoRA rank"
+            )
+        step = 1 if per_block is None else max(1, math.ceil((trace(k) - budget_bytes) / per_block))
+        k = min(most, k + step)
+    while k > 0 and (per_block is None or trace(k) + per_block <= budget_bytes) and trace(k - 1) <= budget_bytes:
         k -= 1
     return list(range(k))
 

@@ -58,7 +58,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="predict peak GPU memory of a training step (no GPU, no weights)")
     p.add_argument("--config", required=True, help="training config (YAML)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    p.add_argument("--gpu-memory", default=None, help="GPU size for the verdict, e.g. 80GB (default: train.memory_budget_gb)")
+    p.add_argument(
+        "--gpu-memory", default=None, help="GPU size for the verdict, e.g. 80GB (default: train.memory_budget_gb)"
+    )
     p.add_argument("--references", type=int, default=0, help="reference images per edit example (0 = text-to-image)")
     p.add_argument("--prompt-tokens", type=int, default=256, help="text tokens of the longest prompt (default 256)")
     p.add_argument(
