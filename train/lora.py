@@ -134,7 +134,8 @@ class LoRARecipe:
     def train(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         self.data.sampler.load_state_dict({"epoch": self.cursor[0], "position": self.cursor[1]})
-        batches = iter(self.data.loader())
+        with torch.random.fork_rng(devices=[]):  # starting a DataLoader draws from the global RNG
+            batches = iter(self.data.loader())
         bar = _progress_bar(cfg.train.max_steps, self.step, acc.is_main_process)
         micro_losses: list[torch.Tensor] = []
         self.transformer.train()
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the run's YAML config")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
