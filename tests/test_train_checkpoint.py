@@ -1,0 +1,114 @@
+"""Checkpoint folders: atomic writes that fail loudly, rotation, `latest`, RNG capture, config-mismatch warnings,
+guards and EMA state round trips."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from qwen_image_lora.config import TrainConfig, load_config, to_dict
+from qwen_image_lora.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    TrainingProgress,
+    capture_rng_state,
+    compare_config,
+    restore_rng_state,
+)
+from qwen_image_lora.train.guards import Guards, TrainingStopped
+from qwen_image_lora.train.optim import LoRAEMA
+
+
+def _progress(step):
+    return TrainingProgress(step=step, seed=0, max_steps=10, epoch=1, position=step)
+
+
+def _write_adapter(folder):
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+
+
+def test_save_rotates_and_finds_latest(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=2)
+    for step in (5, 10, 15):
+        ck.save(_progress(step), _write_adapter, {"optimizer": {"x": torch.ones(2)}}, {"train": {"seed": 0}})
+    assert [p.name for p in ck.all()] == ["step-000010", "step-000015"]
+    assert ck.resolve("latest") == ck.path_for(15)
+    progress, adapter_dir, state, config = Checkpointer.load(ck.resolve("latest"))
+    assert progress == _progress(15) and torch.equal(state["optimizer"]["x"], torch.ones(2))
+    assert config == {"train": {"seed": 0}} and adapter_dir.name == "adapter"
+
+
+def test_a_failed_save_raises_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    ck = Checkpointer(tmp_path, keep_last=3)
+    ck.save(_progress(1), _write_adapter, {}, {})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*step-000002.*No space left"):
+        ck.save(_progress(2), _write_adapter, {}, {})
+    # No partial checkpoint, no temp folder, and the previous checkpoint is intact.
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+    assert ck.resolve("latest") == ck.path_for(1)
+
+
+def test_resume_errors_are_clear(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=1)
+    with pytest.raises(CheckpointError, match="no checkpoint under"):
+        ck.resolve("latest")
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        ck.resolve(str(tmp_path))
+
+
+def test_rng_states_round_trip():
+    state = capture_rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    restore_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_config_mismatches_say_which_value_wins():
+    saved = to_dict(load_config(None, ["train.seed=1", "train.max_steps=100"]))
+    current = to_dict(load_config(None, ["train.seed=2", "train.max_steps=200", "optim.lr=0.5"]))
+    text = "\n".join(compare_config(saved, current, TrainingProgress(50, 1, 100, 0, 0)))
+    assert "train.seed" in text and "checkpoint's RNG states and data order win (seed 1)" in text
+    assert "train.max_steps" in text and "the config wins" in text
+    assert "optim.lr" in text and "checkpoint's optimizer and scheduler state wins" in text
+    assert compare_config(saved, saved, TrainingProgress(50, 1, 100, 0, 0)) == []
+
+
+def test_guards_state_and_ema_round_trip():
+    g = Guards(TrainConfig(divergence_factor=3.0))
+    for loss in [1.0] * 12:
+        g.check_divergence(loss)
+    h = Guards(TrainConfig(divergence_factor=3.0))
+    h.load_state_dict(g.state_dict())
+    assert (h.running, h.best, h.seen) == (g.running, g.best, g.seen)
+    with pytest.raises(TrainingStopped, match="diverging"):
+        for _ in range(30):
+            h.check_divergence(10.0)
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = LoRAEMA([p], decay=0.5)
+    with torch.no_grad():
+        p.fill_(2.0)
+    ema.update()
+    assert torch.equal(ema.shadow[0], torch.ones(3))
+    with ema.swapped_in():
+        assert torch.equal(p.detach(), torch.ones(3))
+    assert torch.equal(p.detach(), torch.full((3,), 2.0))
+    other = LoRAEMA([p], decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.shadow[0], ema.shadow[0])
+
+
+def test_nonfinite_guard_counts_and_stops():
+    g = Guards(TrainConfig(max_nonfinite_losses=2))
+    assert g.step_is_finite(1.0, 0.5)
+    assert not g.step_is_finite(float("nan"), 0.5)
+    with pytest.raises(TrainingStopped, match="train.max_nonfinite_losses=2"):
+        g.step_is_finite(1.0, float("inf"))
