@@ -173,6 +173,29 @@ def test_resume_warns_about_config_mismatches(tiny_model_dir, sample_data_dir, t
     assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_gradient_checkpointing_true_and_auto_leave_the_losses_unchanged(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
+    from qwen_image_lora.train import memory
+
+    losses = {}
+    for setting in ("false", "true", "auto"):
+        cfg = load_config(DEMO, _overrides(tiny_model_dir, sample_data_dir, tmp_path / setting, "train.max_steps=3",
+                                           f"train.gradient_checkpointing={setting}", "validation.prompts=[]"))
+        if setting == "auto":
+            # A budget just under the planned peak without checkpointing: the planner must checkpoint a block.
+            peak = memory.plan_memory(memory.plan_inputs_from_config(cfg, checkpoint="none")).peak
+            monkeypatch.setattr(memory, "budget_for_allocations", lambda gpu_bytes: peak - 1)
+        recipe = LoRARecipe(cfg)
+        recipe.setup()
+        transformer = recipe.pipe.transformer
+        assert bool(transformer.gradient_checkpointing) == (setting == "true")
+        assert memory.checkpointed_blocks(transformer) == ([0] if setting == "auto" else [])
+        recipe.train()
+        recipe.cleanup()
+        losses[setting] = [r["loss"] for r in _losses(tmp_path / setting)]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+    assert losses["auto"] == pytest.approx(losses["false"], rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ guards
 
 
