@@ -54,11 +54,13 @@ def draw_product(product: str, colour: str, background: str, size: tuple[int, in
 def make_sample_data(output_dir: str | Path, seed: int = 0, n_brand: int = 12, n_edits: int = 8) -> Path:
     out = Path(output_dir)
     rng = random.Random(seed)
+    # Distinct combinations, so the data doctor finds no duplicates in the sample set.
+    combos = [(p, c, b) for p in PRODUCTS for c in BRAND_PALETTE for b in BACKGROUNDS]
+    rng.shuffle(combos)
     brand = out / "brand"
     brand.mkdir(parents=True, exist_ok=True)
-    for i in range(n_brand):
-        product, colour, size = rng.choice(PRODUCTS), rng.choice(BRAND_PALETTE), rng.choice(SIZES)
-        bg_name = rng.choice(list(BACKGROUNDS))
+    for i, (product, colour, bg_name) in enumerate(combos[:n_brand]):
+        size = rng.choice(SIZES)
         draw_product(product, colour, BACKGROUNDS[bg_name], size).save(brand / f"{i:03d}.png")
         atomic_write_text(
             brand / f"{i:03d}.txt",
@@ -68,9 +70,9 @@ def make_sample_data(output_dir: str | Path, seed: int = 0, n_brand: int = 12, n
     edits = out / "edits"
     edits.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in range(n_edits):
-        product, colour, size = rng.choice(PRODUCTS), rng.choice(BRAND_PALETTE), rng.choice(SIZES)
-        src_bg, dst_bg = rng.sample(list(BACKGROUNDS), 2)
+    for i, (product, colour, src_bg) in enumerate(combos[n_brand : n_brand + n_edits]):
+        size = rng.choice(SIZES)
+        dst_bg = rng.choice([b for b in BACKGROUNDS if b != src_bg])
         draw_product(product, colour, BACKGROUNDS[src_bg], size).save(edits / f"{i:03d}_source.png")
         draw_product(product, colour, BACKGROUNDS[dst_bg], size).save(edits / f"{i:03d}_target.png")
         rows.append(
