@@ -301,11 +301,15 @@ class LoRARecipe:
             export.write_run_folder(self.pipe.transformer, cfg, metadata, self.samples, state)
             self.tracker.upload_adapter(self.out)
             logger.info("adapter written to %s", self.out / adapter.WEIGHTS_NAME)
+            logger.info("loss: %.4f (mean of the first 10 steps) -> %.4f (last 10)", metadata["first_loss"], metadata["final_loss"])
         acc.wait_for_everyone()
 
     def cleanup(self) -> None:
         if self.tracker is not None:
             self.tracker.finish()
+        cache = self.data.dataset.encoder.cache if hasattr(self, "data") else None
+        if hasattr(cache, "close"):  # a prepared on-disk cache flushes what training added
+            cache.close()
 
     # ------------------------------------------------------------------------------------------ helpers
 
