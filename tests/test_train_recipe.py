@@ -2,6 +2,7 @@
 configs/demo.yaml ...`), edits, the output folder, killed-and-resumed runs that match an uninterrupted one step for
 step, the guards, W&B offline, and two-process DDP on CPU."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -266,6 +267,33 @@ def test_wandb_offline_run_logs_config_metrics_and_images(tiny_model_dir, sample
     images = list(runs[0].rglob("media/images/**/*.png"))
     assert images, sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*"))
     assert list(runs[0].glob("*.wandb"))
+
+
+def test_tensorboard_run_writes_events(tiny_model_dir, sample_data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    recipe = _recipe(tiny_model_dir, sample_data_dir, out, "train.max_steps=2", "tracking.backend=tensorboard",
+                     "validation.every_steps=1")
+    recipe.train()
+    recipe.cleanup()
+    assert list(out.rglob("events.out.tfevents.*"))
+
+
+def test_problems_are_reported_before_any_weights_load(tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch):
+    from qwen_image_lora import model as qmodel
+    from qwen_image_lora.train import lora
+
+    monkeypatch.setattr(qmodel, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded before the checks"))
+    base = ["--config", str(DEMO), *_overrides(tiny_model_dir, sample_data_dir, tmp_path)]
+    assert lora.main([*base, "validation.edits=[{images: [missing.png], prompt: x}]"]) == 2
+    assert "validation.edits[0].images" in capsys.readouterr().err
+    assert lora.main([*base, "train.max_stepz=3"]) == 2
+    assert "did you mean 'train.max_steps'" in capsys.readouterr().err
+    if importlib.util.find_spec("prodigyopt") is None:
+        assert lora.main([*base, "optim.name=prodigy"]) == 2
+        assert "pip install prodigyopt" in capsys.readouterr().err
+    assert lora.main([*base, "--resume", "latest"]) == 2
+    assert "no checkpoint under" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~35 s: two processes, each importing torch/diffusers

@@ -25,6 +25,7 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, ConfigError, load_config, save_config, to_dict
 from qwen_image_lora.train import adapter, export, objective, optim, validation
 from qwen_image_lora.train.checkpoint import (
+    CheckpointError,
     Checkpointer,
     TrainingProgress,
     capture_rng_state,
@@ -343,6 +344,13 @@ def _check_before_loading(cfg: Config) -> None:
     check_tracker_available(cfg.tracking)
     if not cfg.data.path:
         raise ConfigError("data.path: set it to a folder of images + captions or a .jsonl/.csv manifest")
+    for i, edit in enumerate(cfg.validation.edits):
+        for path in edit.images:
+            if not Path(path).is_file():
+                raise ConfigError(f"validation.edits[{i}].images: {path} does not exist")
+    if cfg.checkpoint.every_steps > cfg.train.max_steps:
+        logger.warning("checkpoint.every_steps=%d > train.max_steps=%d: no resumable checkpoint will be written",
+                       cfg.checkpoint.every_steps, cfg.train.max_steps)
     if cfg.train.gradient_checkpointing == "auto":
         try:
             from qwen_image_lora.train import memory  # noqa: F401
@@ -394,9 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe.setup()
         recipe.train()
-    except (ConfigError, TrainingStopped) as e:
-        print(f"error: {e}" if isinstance(e, ConfigError) else f"training stopped: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 3
+    except (ConfigError, CheckpointError, adapter.AdapterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
     finally:
         recipe.cleanup()
     return 0
