@@ -4,6 +4,7 @@
                                        with the trigger word (text-to-image items)
     <out>/edits/NNN_source.png, NNN_target.png and <out>/edits/manifest.jsonl rows
                                        {"target", "instruction", "sources": [...]}: same product, new background
+    <out>/manifest.jsonl               both kinds in one manifest (one adapter for generation and editing)
 """
 
 from __future__ import annotations
@@ -83,4 +84,7 @@ def make_sample_data(output_dir: str | Path, seed: int = 0, n_brand: int = 12, n
             }
         )
     atomic_write_text(edits / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    mixed = [{"image": f"brand/{i:03d}.png", "caption": (brand / f"{i:03d}.txt").read_text()} for i in range(n_brand)]
+    mixed += [{**r, "target": f"edits/{r['target']}", "sources": [f"edits/{s}" for s in r["sources"]]} for r in rows]
+    atomic_write_text(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in mixed))
     return out
