@@ -152,7 +152,9 @@ class LoRARecipe:
                 grad_norm = float(acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm))
                 step_loss = acc.reduce(torch.stack(micro_losses).mean(), "mean").item()
                 micro_losses.clear()
-                stepped = self.guards.step_is_finite(step_loss, grad_norm)
+                # Under fp16 an inf gradient is the loss scaler's business: it skips that step and lowers the scale.
+                scaled = acc.scaler is not None and math.isfinite(step_loss)
+                stepped = self.guards.step_is_finite(step_loss, 0.0 if scaled else grad_norm)
                 if stepped:  # a non-finite step is skipped (and counted) rather than poisoning the weights
                     self.optimizer.step()
                     self.lr_scheduler.step()
