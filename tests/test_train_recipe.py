@@ -306,7 +306,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_adapters(tiny_model_dir, sam
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "lora.py"), "--config", str(DEMO),
            *_overrides(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", "checkpoint.every_steps=3",
-                       "validation.every_steps=3")]
+                       "validation.every_steps=3", "train.ema_decay=0.5", "lora.dropout=0.1")]
     result = subprocess.run(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "training_metadata.json").read_text())

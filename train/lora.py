@@ -67,7 +67,7 @@ class LoRARecipe:
         )
         self.checkpointer = Checkpointer(self.out, cfg.checkpoint.keep_last)
         self.resume_from = self._resolve_resume()
-        set_seed(cfg.train.seed, device_specific=True)  # dropout and anything else on the global RNGs
+        set_seed(cfg.train.seed)  # the same LoRA initialisation on every rank
         self.pipe = self._setup_model()
         self.data = self._setup_data()
         self.params = adapter.add_lora(self.pipe.transformer, cfg.lora)
@@ -75,8 +75,9 @@ class LoRARecipe:
         optimizer = optim.build_optimizer(self.params, cfg.optim)
         # Stepped by us once per optimizer step (accelerate's wrapper would step it once per process).
         self.lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        self.ema = optim.LoRAEMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.transformer, self.optimizer = acc.prepare(self.pipe.transformer, optimizer)
+        self.ema = optim.LoRAEMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        set_seed(cfg.train.seed, device_specific=True)  # LoRA dropout etc. differ per rank from here on
         self.model_fn = _Forward(self.transformer, self.pipe.transformer.dtype)
         self.noise = objective.NoiseSampler(
             cfg.train.seed * 1_000_003 + acc.process_index + 1, cfg.train.timestep_sampling,
