@@ -124,6 +124,16 @@ class Checkpointer:
         return path
 
     @staticmethod
+    def peek(path: str | Path) -> tuple[TrainingProgress, dict]:
+        """(progress, saved config) without reading the optimizer state."""
+        path = Path(path)
+        try:
+            return (TrainingProgress(**json.loads((path / "progress.json").read_text())),
+                    yaml.safe_load((path / "config.yaml").read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+    @staticmethod
     def load(path: str | Path) -> tuple[TrainingProgress, Path, dict, dict]:
         """(progress, adapter folder, training state, saved config) from a checkpoint folder."""
         path = Path(path)

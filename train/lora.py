@@ -98,7 +98,7 @@ class LoRARecipe:
         if not self.resume:
             return None
         path = self.checkpointer.resolve(self.resume)
-        progress, _, _, saved = Checkpointer.load(path)
+        progress, saved = Checkpointer.peek(path)
         if self.accelerator.is_main_process:
             for warning in compare_config(saved, to_dict(self.cfg), progress):
                 logger.warning("resume: %s", warning)
