@@ -91,6 +91,8 @@ def _stable_int(*parts) -> int:
 
 
 class TensorCache(Protocol):
+    def has(self, key: str) -> bool: ...
+
     def get(self, key: str) -> dict[str, torch.Tensor] | None: ...
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None: ...
@@ -101,6 +103,9 @@ class MemoryCache:
 
     def __init__(self):
         self._store: dict[str, dict[str, torch.Tensor]] = {}
+
+    def has(self, key):
+        return key in self._store
 
     def get(self, key):
         return self._store.get(key)
@@ -304,6 +309,16 @@ class TrainingData:
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=self.dataset.cfg.data.num_workers
         )
+
+    def uncached_entries(self) -> int:
+        """How many entries (training and held-out, every caption variant) would need the encoders."""
+        ds, cache = self.dataset, self.dataset.encoder.cache
+        missing = 0
+        for index in range(len(ds)):
+            for text in ds.texts_for(index):
+                target, sources, prompt = ds.keys(index, text)
+                missing += not all(cache.has(k) for k in (target, *sources, prompt))
+        return missing
 
     def held_out_batches(self) -> list[Batch]:
         """One batch per held-out item, with its first caption (fixed, for a comparable loss)."""

@@ -79,6 +79,18 @@ def load_pipeline(
     return pipe
 
 
+def offload_encoders(pipe, device: torch.device) -> None:
+    """Keep the text encoder and VAE in CPU memory, streaming their layers onto `device` only while they run
+    (diffusers group offloading). Training from a complete cache then holds just the transformer on the GPU,
+    while validation samples still go through the full pipeline."""
+    from diffusers.hooks import apply_group_offloading
+
+    for module in (pipe.text_encoder, pipe.vae):
+        if module is not None:
+            module.to("cpu")
+            apply_group_offloading(module, onload_device=device, offload_device="cpu", offload_type="leaf_level")
+
+
 def _is_local(source: str) -> bool:
     return Path(source).exists() or source.startswith((".", "/", "~"))
 
@@ -113,7 +125,8 @@ def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
     if vae is None:
         raise RuntimeError("the VAE was not loaded; load the pipeline with vae=True or use cached latents")
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    # The execution device, not the VAE's: with offloading its weights rest on the CPU.
+    pixels = pixels.to(device=pipe._execution_device, dtype=vae.dtype)
     return pipe._encode_vae_image(pixels, generator=None)
 
 
@@ -154,7 +167,7 @@ def encode_prompt(pipe, prompts: list[str], images: list[Image.Image] | None = N
     if pipe.text_encoder is None:
         raise RuntimeError("the text encoder was not loaded; load the pipeline with text_encoder=True or use cached embeddings")
     images = [to_rgba(im) for im in images] if images else None
-    embeds, mask, image_pad = pipe.encode_prompt(prompt=list(prompts), image=images, device=pipe.text_encoder.device)
+    embeds, mask, image_pad = pipe.encode_prompt(prompt=list(prompts), image=images, device=pipe._execution_device)
     return PromptEmbeds(embeds, mask, image_pad)
 
 

@@ -70,6 +70,7 @@ class LoRARecipe:
         set_seed(cfg.train.seed)  # the same LoRA initialisation on every rank
         self.pipe = self._setup_model()
         self.data = self._setup_data()
+        self._place_encoders()
         self.params = adapter.add_lora(self.pipe.transformer, cfg.lora)
         self._setup_checkpointing(self.pipe.transformer)
         optimizer = optim.build_optimizer(self.params, cfg.optim)
@@ -108,8 +109,25 @@ class LoRARecipe:
     def _setup_model(self):
         cfg = self.cfg
         pipe = qmodel.load_pipeline(cfg.model.pretrained, cfg.model.dtype, revision=cfg.model.revision)
-        # The encoders run on the fly (or from the cache) and for validation samples.
-        return pipe.to(self.accelerator.device)
+        pipe.transformer.to(self.accelerator.device)  # the encoders are placed once the data is known
+        return pipe
+
+    def _place_encoders(self) -> None:
+        """With every entry cached, the text encoder and VAE only serve validation samples: on a GPU they stay
+        in CPU memory and stream in layer by layer, so training holds just the transformer (the 24 GB bar).
+        Otherwise they encode on the fly and live on the device."""
+        device, missing = self.accelerator.device, self.data.uncached_entries()
+        if device.type == "cuda" and missing == 0:
+            qmodel.offload_encoders(self.pipe, device)
+            logger.info("data cache complete: text encoder and VAE offloaded to CPU memory")
+            return
+        if device.type == "cuda":
+            logger.warning(
+                "%d entries are not in the data cache, so the text encoder and VAE stay on the GPU to encode them; "
+                "run `qwen-lora data prepare --config ...` first to train with just the transformer there", missing,
+            )
+        for module in (self.pipe.text_encoder, self.pipe.vae):
+            module.to(device)
 
     def _setup_data(self):
         from qwen_image_lora.data.dataset import build_training_data
