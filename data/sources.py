@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 from qwen_image_lora.config import DataConfig
+from qwen_image_lora.io import iter_jsonl
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 MAX_REFERENCE_IMAGES = 10
@@ -86,16 +86,10 @@ def _load_manifest(path: Path) -> list[Item]:
         return _load_csv(path)
     if path.suffix.lower() != ".jsonl":
         raise DataError(f"data.path: {path} is not a folder or a .jsonl/.csv manifest")
-    items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-        items.append(_row_to_item(row, path.parent, where, f"{path.name}:{lineno}"))
+    items = [
+        _row_to_item(row, path.parent, where, f"{path.name}:{where.rsplit(':', 1)[1]}")
+        for where, row in iter_jsonl(path, DataError)
+    ]
     if not items:
         raise DataError(f"{path}: the manifest has no rows")
     return items

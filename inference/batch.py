@@ -24,6 +24,7 @@ from pathlib import Path
 
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.images import format_for, load_image, save_image
+from qwen_image_lora.io import iter_jsonl
 
 MANIFEST = "manifest.jsonl"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -62,16 +63,7 @@ def read_jobs(path: str | Path) -> list[Job]:
     """Parse and check every line before any model is loaded; errors name the line and the field."""
     path = Path(path)
     jobs, outputs = [], {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e})") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{where}: each line must be a JSON object")
+    for where, raw in iter_jsonl(path):
         for key, value in raw.items():
             if key not in _TYPES:
                 raise ValueError(f"{where}: unknown field {key!r}; fields: {', '.join(_TYPES)}")
@@ -89,7 +81,7 @@ def read_jobs(path: str | Path) -> list[Job]:
         job.images = [str((path.parent / p).resolve()) for p in job.images]
         if job.output_name in outputs:
             raise ValueError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
-        outputs[job.output_name] = lineno
+        outputs[job.output_name] = where.rsplit(":", 1)[1]
         jobs.append(job)
     return jobs
 

@@ -4,6 +4,7 @@ a half-written checkpoint, adapter, image or report behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -54,3 +55,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, object) for each non-blank line; a bad line raises `error` naming it."""
+    path = Path(path)
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise error(f"{where}: each line must be a JSON object")
+        yield where, row
