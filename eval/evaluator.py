@@ -19,7 +19,7 @@ from PIL import Image
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, EditExample, to_dict
 from qwen_image_lora.eval import metrics as M
-from qwen_image_lora.eval.report import BASE, CheckpointScore, Sample, write_report
+from qwen_image_lora.eval.report import BASE, CheckpointScore, Sample, log_to_wandb, summarise, write_report
 from qwen_image_lora.inference.adapters import adapter_name_for
 from qwen_image_lora.inference.formats import resolve_file
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
@@ -67,8 +67,13 @@ def evaluate(
     if checkpoints:
         best = min(checkpoints, key=lambda c: c.loss)
         notes.append(f"Best checkpoint by held-out loss: {best.name} (step {best.step}, loss {best.loss:.5g}).")
-    return write_report(cfg.eval.output_dir, samples, notes=notes, checkpoints=checkpoints, config=to_dict(cfg),
-                        seed=cfg.train.seed)
+    paths = write_report(cfg.eval.output_dir, samples, notes=notes, checkpoints=checkpoints, config=to_dict(cfg),
+                         seed=cfg.train.seed)
+    if cfg.tracking.backend == "wandb":
+        variants = [BASE, *names]
+        log_to_wandb(cfg.tracking.project, cfg.tracking.run_name, cfg.eval.output_dir, samples,
+                     summarise(samples, variants, seed=cfg.train.seed))
+    return paths
 
 
 # ----------------------------------------------------------------------------------------- rendering

@@ -298,3 +298,34 @@ def _checkpoint_plot(checkpoints, best) -> bytes:
     ax.set_ylabel("held-out loss")
     ax.legend(fontsize=8)
     return _to_png(fig)
+
+
+# ----------------------------------------------------------------------------------------- W&B
+
+
+def log_to_wandb(project: str, run_name: str | None, out_dir: str | Path, samples: list[Sample], summary: dict) -> None:
+    """One W&B run (job_type "eval"): a table with a row per prompt, seed and variant (image + its metrics), and
+    each variant's mean of each metric as summary values. Honours WANDB_MODE (offline writes under `out_dir`)."""
+    import wandb
+
+    variants = _variants(samples)
+    names = [m for m in METRICS if m in summary]
+    table = wandb.Table(columns=["kind", "prompt", "seed", "variant", "image", *names])
+    for s in samples:
+        for v in variants:
+            metrics = s.metrics.get(v, {})
+            table.add_data(s.kind, s.prompt, s.seed, v, wandb.Image(s.images[v]), *(metrics.get(m) for m in names))
+    # Each image also goes in as plain media: offline runs keep those as files, while table cells only sync online.
+    images = {
+        f"eval/{s.kind}_{i}_seed{s.seed}/{v}": wandb.Image(s.images[v], caption=s.prompt)
+        for i, s in enumerate(samples)
+        for v in variants
+    }
+    run = wandb.init(project=project, name=run_name, job_type="eval", dir=str(out_dir), reinit="finish_previous")
+    try:
+        run.log({"eval/samples": table, **images})
+        for m in names:
+            for v, interval in summary[m]["variants"].items():
+                run.summary[f"eval/{m}/{v}"] = interval["mean"]
+    finally:
+        run.finish()

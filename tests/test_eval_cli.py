@@ -116,3 +116,19 @@ def test_checkpoint_discovery_and_adapter_names(tmp_path):
     assert [(s, n) for s, n, _ in find_checkpoints(tmp_path)] == [(20, "step-000020"), (100, "step-000100")]
     names = _adapter_names([Path("a/brand"), Path("b/brand"), Path("c/base.safetensors")])
     assert list(names) == ["brand", "brand-2", "base-2"]
+
+
+def test_eval_logs_a_wandb_table_with_images_offline(config_path, adapters, tiny_pipe, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    cfg = load_config(config_path, [f"eval.output_dir={out}", "eval.seeds=[0]", "eval.edits=[]", "tracking.backend=wandb"])
+    evaluate(cfg, [adapters["noisy"]], pipe=tiny_pipe)
+    (run,) = list((out / "wandb").glob("offline-run-*"))
+    tables = list(run.rglob("media/table/**/*.table.json"))
+    assert tables, sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:5] == ["kind", "prompt", "seed", "variant", "image"]
+    assert [row[3] for row in table["data"]] == ["base", "noisy"]
+    assert list(run.rglob("media/images/**/*.png"))
