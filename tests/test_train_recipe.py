@@ -30,6 +30,7 @@ def _overrides(tiny_model_dir, sample_data_dir, out, *extra):
         f"data.path={sample_data_dir / 'brand'}",
         f"output_dir={out}",
         "validation.num_inference_steps=2",
+        "validation.edits=[]",  # the demo's edit preview reads the demo's own sample folder
         *extra,
     ]
 
