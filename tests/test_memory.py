@@ -173,3 +173,15 @@ def test_7b_plan_matches_h100():
     inputs = memory.PlanInputs(memory.load_transformer_config(None), shape, LoRAConfig(rank=32), checkpoint="all")
     plan = memory.plan_memory(inputs)
     assert abs(plan.peak / (16.23 * 2**30) - 1) < 0.03
+
+
+def test_plan_reads_the_reference_count_from_the_data(tmp_path):
+    """An edit config plans an edit step without --references: the count comes from the manifest."""
+    from qwen_image_lora.config import load_config
+    from qwen_image_lora.train.plan_cli import _references
+
+    (tmp_path / "m.jsonl").write_text('{"target": "t.png", "instruction": "x", "sources": ["a.png", "b.png"]}\n')
+    assert _references(load_config(None, [f"data.path={tmp_path / 'm.jsonl'}"])) == 2
+    missing = load_config(None, [f"data.path={tmp_path / 'nowhere'}", "validation.edits=[{images: [a.png], prompt: x}]"])
+    assert _references(missing) == 1
+    assert _references(load_config(None, [f"data.path={tmp_path / 'nowhere'}"])) == 0

@@ -1,7 +1,7 @@
 """`qwen-lora plan`: predict the GPU memory of one training step of a config, without a GPU or weights.
 
     qwen-lora plan --config configs/brand.yaml --gpu-memory 80GB
-    qwen-lora plan --config configs/product_edit.yaml --references 1 train.batch_size=2
+    qwen-lora plan --config configs/product_edit.yaml train.batch_size=2   # edit: references read from the data
 
 The prediction is `torch.cuda.max_memory_allocated` of a steady-state step at the config's largest bucket
 (data.resolution squared), traced on fake tensors by `train/memory.py`, plus a stated margin for the CUDA
@@ -35,7 +35,8 @@ def _plan(args) -> int:
     cfg = load_config(args.config, args.overrides)
     gpu = parse_memory(args.gpu_memory) if args.gpu_memory else int(cfg.train.memory_budget_gb * 2**30)
     setting = cfg.train.gradient_checkpointing if args.checkpointing == "config" else args.checkpointing
-    inputs = memory.plan_inputs_from_config(cfg, references=args.references, prompt_tokens=args.prompt_tokens)
+    references = args.references if args.references is not None else _references(cfg)
+    inputs = memory.plan_inputs_from_config(cfg, references=references, prompt_tokens=args.prompt_tokens)
     traced: dict = {}
 
     def plan_once(i):  # `auto` traces the layout it settles on; reuse that trace for the breakdown
@@ -62,6 +63,22 @@ def _plan(args) -> int:
     return 0 if plan.fits(gpu) or not args.check else 1
 
 
+def _references(cfg) -> int:
+    """Reference images of the config's largest edit: from the data when it can be read, else from the
+    validation edits. 0 plans a text-to-image step."""
+    from qwen_image_lora.data.sources import DataError, load_items
+
+    try:
+        count = max(len(item.sources) for item in load_items(cfg.data))
+        where = f"data.path ({cfg.data.path})"
+    except (DataError, OSError, ValueError):
+        count = max((len(e.images) for e in cfg.validation.edits), default=0)
+        where = "validation.edits (data.path not readable here)"
+    print(f"planning {'an edit step with ' + str(count) + ' reference image(s)' if count else 'a text-to-image step'}"
+          f", from {where}; --references N overrides")
+    return count
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="predict peak GPU memory of a training step (no GPU, no weights)")
     p.add_argument("--config", required=True, help="training config (YAML)")
@@ -69,7 +86,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--gpu-memory", default=None, help="GPU size for the verdict, e.g. 80GB (default: train.memory_budget_gb)"
     )
-    p.add_argument("--references", type=int, default=0, help="reference images per edit example (0 = text-to-image)")
+    p.add_argument("--references", type=int, default=None,
+                   help="reference images per edit example (0 = text-to-image; default: read from the data)")
     p.add_argument("--prompt-tokens", type=int, default=256, help="text tokens of the longest prompt (default 256)")
     p.add_argument(
         "--checkpointing", choices=["config", "all", "none", "auto"], default="config",
