@@ -67,7 +67,7 @@ def _recipe(tiny_model_dir, sample_data_dir, out, *extra) -> LoRARecipe:
 
 def test_accelerate_launch_demo_config_trains_a_loadable_adapter(tiny_model_dir, sample_data_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = ["accelerate", "launch", "--num_processes", "1", "--mixed_precision", "no", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no", "--num_machines", "1",
            "--dynamo_backend", "no", str(ROOT / "train" / "lora.py"), "--config", str(DEMO),
            *_overrides(tiny_model_dir, sample_data_dir, out, "train.max_steps=40", "optim.lr=5e-3", "lora.targets=all-linear",
                        "checkpoint.every_steps=10", "checkpoint.keep_last=2", "validation.every_steps=20")]
@@ -304,7 +304,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_adapters(tiny_model_dir, sam
     from safetensors.torch import load_file
 
     out = tmp_path / "ddp"
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "lora.py"), "--config", str(DEMO),
            *_overrides(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", "checkpoint.every_steps=3",
                        "validation.every_steps=3", "train.ema_decay=0.5", "lora.dropout=0.1")]
