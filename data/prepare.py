@@ -74,7 +74,7 @@ def prepare(
     if pipe is None:
         from qwen_image_lora.model import load_pipeline
 
-        pipe = load_pipeline(cfg.model.pretrained, cfg.model.dtype, device, revision=cfg.model.revision)
+        pipe = load_pipeline(cfg.model.pretrained, cfg.model.dtype, device, revision=cfg.model.revision, transformer=False)
     model_id = model_identity(cfg.model)
     stats = PrepareStats()
     with Cache(cache_dir, model_id, writable=True, rank=rank, items_per_shard=d.shard_size) as cache:

@@ -34,12 +34,13 @@ def load_pipeline(
     revision: str | None = None,
     text_encoder: bool = True,
     vae: bool = True,
+    transformer: bool = True,
 ):
     """Load the Qwen-Image-2.1 components from a hub id or a local diffusers folder and build the pipeline.
 
     Each component goes through its own standard `from_pretrained`, so a tiny local checkpoint and
     `Qwen/Qwen-Image-2.1` take the same path. `text_encoder=False` / `vae=False` skip those weights (for
-    training from cached latents and embeddings).
+    training from cached latents and embeddings); `transformer=False` skips the 7B denoiser (for encoding only).
     """
     from diffusers import (
         AutoencoderKLQwenImage21,
@@ -60,7 +61,9 @@ def load_pipeline(
     components = {
         "transformer": QwenImage21Transformer2DModel.from_pretrained(
             source, subfolder="transformer", torch_dtype=dtype, **common
-        ),
+        )
+        if transformer
+        else None,
         "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **common),
         "processor": Qwen3VLProcessor.from_pretrained(source, subfolder="processor", **common),
         "vae": AutoencoderKLQwenImage21.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)

@@ -77,8 +77,11 @@ def _train_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def build_tiny_components(seed: int = 0) -> dict:
-    """Instantiate every pipeline component with tiny random weights (deterministic for a given seed)."""
+def build_tiny_components(seed: int = 0, full_transformer: bool = False) -> dict:
+    """Instantiate every pipeline component with tiny random weights (deterministic for a given seed).
+
+    `full_transformer=True` gives the transformer the real 7B default config (and the encoders the matching
+    64 latent channels and 4096-wide embeddings), for measuring training on a GPU without downloading weights."""
     from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
     from transformers import (
         Qwen2VLImageProcessor,
@@ -89,20 +92,23 @@ def build_tiny_components(seed: int = 0) -> dict:
     )
 
     # z_dim must not be 4: the pipeline treats a 4-channel condition image as already-encoded latents.
-    z_dim, text_dim = 8, 32
+    z_dim, text_dim = (64, 4096) if full_transformer else (8, 32)
     tokenizer = _train_tokenizer(vocab_size=600)
 
     torch.manual_seed(seed)
-    transformer = QwenImage21Transformer2DModel(
-        in_channels=z_dim,
-        out_channels=z_dim,
-        num_layers=2,
-        attention_head_dim=16,  # axes_dims_rope must sum to it
-        num_attention_heads=2,
-        context_in_dim=text_dim,
-        mlp_ratio=2,
-        axes_dims_rope=(4, 6, 6),
-    )
+    if full_transformer:
+        transformer = QwenImage21Transformer2DModel()
+    else:
+        transformer = QwenImage21Transformer2DModel(
+            in_channels=z_dim,
+            out_channels=z_dim,
+            num_layers=2,
+            attention_head_dim=16,  # axes_dims_rope must sum to it
+            num_attention_heads=2,
+            context_in_dim=text_dim,
+            mlp_ratio=2,
+            axes_dims_rope=(4, 6, 6),
+        )
     torch.manual_seed(seed + 1)
     # Five dim_mult stages = four downsamples = the 16x spatial compression the pipeline assumes.
     vae = AutoencoderKLQwenImage21(
@@ -177,7 +183,9 @@ def build_tiny_components(seed: int = 0) -> dict:
     }
 
 
-def make_tiny_model(output_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+def make_tiny_model(
+    output_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False, full_transformer: bool = False
+) -> Path:
     """Write the tiny checkpoint folder (atomically: a temp folder renamed into place) and return its path."""
     from diffusers import QwenImage21Pipeline
 
@@ -185,5 +193,8 @@ def make_tiny_model(output_dir: str | os.PathLike, seed: int = 0, overwrite: boo
     if (output_dir / "model_index.json").exists() and not overwrite:
         return output_dir
     with atomic_dir(output_dir) as tmp:
-        QwenImage21Pipeline(**build_tiny_components(seed)).save_pretrained(tmp)
+        components = build_tiny_components(seed, full_transformer)
+        if full_transformer:
+            components["transformer"].to(torch.bfloat16)  # 14 GB on disk instead of 28
+        QwenImage21Pipeline(**components).save_pretrained(tmp)
     return output_dir
