@@ -517,10 +517,6 @@ def _check_duplicates(items: list[Item], infos: dict[str, ImageInfo], add) -> No
                     add("warning", "near-duplicate", hashes[b][0], f"looks like {hashes[a][0]} (pHash distance {dist}/64)")
 
 
-def summary_line(report: Report) -> str:
-    return f"{report.n_items} items, {report.n_clean} clean, {len(report.excluded)} excluded"
-
-
 def excluded_ids(cache_dir: str | Path | None, data_path: str | None) -> dict[str, list[str]]:
     """Items to leave out of training: those the last doctor run over `data_path` excluded
     (`<cache_dir>/doctor.json`) and those `prepare` failed to encode (`<cache_dir>/prepare-r*.json`)."""

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from qwen_image_lora.config import load_config
-from qwen_image_lora.data.buckets import assign_bucket, bucket_sizes, plan_transform
+from qwen_image_lora.data.buckets import assign_bucket, bucket_sizes
 from qwen_image_lora.data.dataset import BucketBatchSampler, build_training_data
 from qwen_image_lora.data.sources import DataError, load_items
 

@@ -54,10 +54,6 @@ def add_lora(transformer, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
     return params
 
 
-def trainable_parameters(transformer) -> list[torch.nn.Parameter]:
-    return [p for p in transformer.parameters() if p.requires_grad]
-
-
 def get_lora_state(transformer) -> dict[str, torch.Tensor]:
     """The adapter's weights keyed as peft names them (`transformer_blocks.0.attn.to_q.lora_A.weight`),
     detached CPU copies."""

@@ -191,7 +191,6 @@ class StorageTracker(TorchDispatchMode):
         self.peak = 0
         self._sizes: dict[int, int] = {}
         self._refs: dict[int, weakref.ref] = {}
-        self.marks: dict[str, int] = {}
 
     # -- accounting
     def track(self, *tensors: torch.Tensor) -> None:
@@ -224,9 +223,6 @@ class StorageTracker(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak = self.live
-
-    def mark(self, name: str) -> None:
-        self.marks[name] = self.live
 
     # -- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
