@@ -3,7 +3,8 @@
     <out>/brand/NNN.png + NNN.txt      a product shape in the brand palette with the logo word, captioned
                                        with the trigger word (text-to-image items)
     <out>/edits/NNN_source.png, NNN_target.png and <out>/edits/manifest.jsonl rows
-                                       {"target", "instruction", "sources": [...]}: same product, new background
+                                       {"target", "instruction", "sources": [...]}: same product, moved from a
+                                       coloured background onto white
     <out>/manifest.jsonl               both kinds in one manifest (one adapter for generation and editing)
 """
 
@@ -55,12 +56,16 @@ def draw_product(product: str, colour: str, background: str, size: tuple[int, in
 def make_sample_data(output_dir: str | Path, seed: int = 0, n_brand: int = 12, n_edits: int = 8) -> Path:
     out = Path(output_dir)
     rng = random.Random(seed)
-    # Distinct combinations, so the data doctor finds no duplicates in the sample set.
+    # Edits are the catalogue job "put it on white": sources on coloured backgrounds, targets on white. Brand
+    # images avoid those targets' combinations, so the data doctor finds no duplicates or swapped pairs here.
     combos = [(p, c, b) for p in PRODUCTS for c in BRAND_PALETTE for b in BACKGROUNDS]
     rng.shuffle(combos)
+    edit_combos = [combo for combo in combos if combo[2] != "white"][:n_edits]
+    targets = {(p, c, "white") for p, c, _ in edit_combos}
+    brand_combos = [combo for combo in combos if combo not in edit_combos and combo not in targets][:n_brand]
     brand = out / "brand"
     brand.mkdir(parents=True, exist_ok=True)
-    for i, (product, colour, bg_name) in enumerate(combos[:n_brand]):
+    for i, (product, colour, bg_name) in enumerate(brand_combos):
         size = rng.choice(SIZES)
         draw_product(product, colour, BACKGROUNDS[bg_name], size).save(brand / f"{i:03d}.png")
         atomic_write_text(
@@ -71,15 +76,14 @@ def make_sample_data(output_dir: str | Path, seed: int = 0, n_brand: int = 12, n
     edits = out / "edits"
     edits.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (product, colour, src_bg) in enumerate(combos[n_brand : n_brand + n_edits]):
+    for i, (product, colour, src_bg) in enumerate(edit_combos):
         size = rng.choice(SIZES)
-        dst_bg = rng.choice([b for b in BACKGROUNDS if b != src_bg])
         draw_product(product, colour, BACKGROUNDS[src_bg], size).save(edits / f"{i:03d}_source.png")
-        draw_product(product, colour, BACKGROUNDS[dst_bg], size).save(edits / f"{i:03d}_target.png")
+        draw_product(product, colour, BACKGROUNDS["white"], size).save(edits / f"{i:03d}_target.png")
         rows.append(
             {
                 "target": f"{i:03d}_target.png",
-                "instruction": f"replace the background with {dst_bg}, keep the {TRIGGER} {product} the same",
+                "instruction": f"replace the background with white, keep the {TRIGGER} {product} the same",
                 "sources": [f"{i:03d}_source.png"],
             }
         )
