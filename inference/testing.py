@@ -48,30 +48,24 @@ def make_random_lora(
 
 
 def to_comfyui(diffusers_file: str | Path, out_file: str | Path, alpha: float | None = None) -> Path:
-    """Re-key a diffusers adapter as ComfyUI does: `diffusion_model.` prefix, lora_down/lora_up, optional alpha."""
-    from safetensors.torch import load_file, save_file
-
-    out = {}
-    for key, value in load_file(str(diffusers_file)).items():
-        module = key.removeprefix("transformer.").rsplit(".lora_", 1)[0]
-        part = "lora_down.weight" if ".lora_A." in key else "lora_up.weight"
-        out[f"diffusion_model.{module}.{part}"] = value
-        if alpha is not None and part == "lora_down.weight":
-            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(alpha))
-    save_file(out, str(out_file))
-    return Path(out_file)
+    """Re-key a diffusers adapter as ComfyUI does: `diffusion_model.<module>`, lora_down/lora_up, optional alpha."""
+    return _rekey(diffusers_file, out_file, alpha, lambda module: f"diffusion_model.{module}")
 
 
 def to_kohya(diffusers_file: str | Path, out_file: str | Path, alpha: float | None = None) -> Path:
     """Re-key a diffusers adapter as kohya/musubi-tuner do: `lora_unet_<module_with_underscores>`."""
+    return _rekey(diffusers_file, out_file, alpha, lambda module: "lora_unet_" + module.replace(".", "_"))
+
+
+def _rekey(diffusers_file, out_file, alpha: float | None, rename) -> Path:
     from safetensors.torch import load_file, save_file
 
     out = {}
     for key, value in load_file(str(diffusers_file)).items():
-        module = key.removeprefix("transformer.").rsplit(".lora_", 1)[0].replace(".", "_")
+        module = rename(key.removeprefix("transformer.").rsplit(".lora_", 1)[0])
         part = "lora_down.weight" if ".lora_A." in key else "lora_up.weight"
-        out[f"lora_unet_{module}.{part}"] = value
+        out[f"{module}.{part}"] = value
         if alpha is not None and part == "lora_down.weight":
-            out[f"lora_unet_{module}.alpha"] = torch.tensor(float(alpha))
+            out[f"{module}.alpha"] = torch.tensor(float(alpha))
     save_file(out, str(out_file))
     return Path(out_file)
