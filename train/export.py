@@ -7,7 +7,7 @@
     <output_dir>/training_metadata.json             steps, losses, timings, versions
     <output_dir>/README.md                          model card: base model, trigger word, settings, samples
 
-`export_comfyui` writes the ComfyUI / kohya layout: `diffusion_model.<module>.lora_down.weight`,
+`export_adapter` (`qwen-lora export --format comfyui`) writes the ComfyUI layout: `diffusion_model.<module>.lora_down.weight`,
 `.lora_up.weight` and a scalar `.alpha` per module, with alpha chosen so that alpha / rank equals the adapter's
 own scale (alpha / rank, or alpha / sqrt(rank) under rsLoRA). diffusers reads it back through
 `_convert_non_diffusers_qwen_lora_to_diffusers`, which folds alpha / rank into the weights.
