@@ -1,7 +1,7 @@
 """Peak memory and speed of one LoRA training step of the real-size Qwen-Image-2.1 transformer on a GPU.
 
 Random weights built from the released config (no download), bf16 base, fp32 LoRA, AdamW, the trainer's
-step (`train.memory.training_step`: flow-matching loss through `objective`, backward, clip, optimizer step).
+step (`train.memory_trace.training_step`: flow-matching loss through `objective`, backward, clip, optimizer step).
 For each case it reports `torch.cuda.max_memory_allocated` of a steady-state step (optimizer state already
 allocated), `max_memory_reserved`, seconds per step, samples/s and MFU, next to the planner's prediction when
 `--plan FILE.json` gives one (from `python scripts/bench_gpu_7b.py --plan-only`, run where the planner runs).
@@ -51,7 +51,7 @@ if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `tra
     qwen_image_lora.__path__.append(str(ROOT))
 
 from qwen_image_lora.config import LoRAConfig  # noqa: E402
-from qwen_image_lora.train import memory  # noqa: E402
+from qwen_image_lora.train import block_checkpointing, memory, memory_trace  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -104,12 +104,12 @@ def run_case(transformer, params, cfg, shape, checkpoint, steps: int) -> dict:
     """`checkpoint`: True (all blocks), False (none) or a number k (blocks 0..k-1, as `auto` picks them)."""
     n = cfg["num_layers"]
     k = n if checkpoint is True else 0 if checkpoint is False else int(checkpoint)
-    memory.apply_block_checkpointing(transformer, range(k))
-    batch = to_cuda(memory.build_step_inputs(shape, cfg, torch.bfloat16))
+    block_checkpointing.apply_block_checkpointing(transformer, range(k))
+    batch = to_cuda(memory_trace.build_step_inputs(shape, cfg, torch.bfloat16))
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     step = functools.partial(
-        memory.training_step, transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16
+        memory_trace.training_step, transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16
     )
     result = {"task": shape.task, "checkpointing": checkpoint}
     try:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from qwen_image_lora.config import LoRAConfig
-from qwen_image_lora.train import memory
+from qwen_image_lora.train import block_checkpointing, memory, memory_trace
 
 # A CPU-sized Qwen-Image-2.1 transformer: hidden 256 (8 heads x 32), 4 single-stream blocks.
 SMALL = dict(
@@ -97,32 +97,32 @@ def test_apply_block_checkpointing_keeps_names_and_gradients():
     model = QwenImage21Transformer2DModel(**{**SMALL, "num_layers": 3})
     params = add_lora(model, LoRAConfig(rank=4, init="gaussian"))
     names = [n for n, _ in model.named_parameters()]
-    batch = memory.build_step_inputs(memory.StepShape(128, 128, 1, 16), SMALL, torch.float32)
+    batch = memory_trace.build_step_inputs(memory.StepShape(128, 128, 1, 16), SMALL, torch.float32)
 
     def grads():
         from qwen_image_lora.train import objective
 
         model.zero_grad(set_to_none=True)
         noise = torch.ones_like(batch.latents)
-        fn = memory._MixedPrecisionForward(model, torch.autocast("cpu", enabled=False), torch.float32)
+        fn = memory_trace._MixedPrecisionForward(model, torch.autocast("cpu", enabled=False), torch.float32)
         objective.flow_matching_loss(fn, batch, noise, torch.full((1,), 0.5)).backward()
         return [p.grad.clone() for p in params]
 
     plain = grads()
-    memory.apply_block_checkpointing(model, [0, 2])
-    assert memory.checkpointed_blocks(model) == [0, 2]
+    block_checkpointing.apply_block_checkpointing(model, [0, 2])
+    assert block_checkpointing.checkpointed_blocks(model) == [0, 2]
     assert [n for n, _ in model.named_parameters()] == names
     for a, b in zip(plain, grads(), strict=True):
         torch.testing.assert_close(a, b)
-    memory.apply_block_checkpointing(model, [1])  # replaces the previous choice
-    assert memory.checkpointed_blocks(model) == [1]
+    block_checkpointing.apply_block_checkpointing(model, [1])  # replaces the previous choice
+    assert block_checkpointing.checkpointed_blocks(model) == [1]
     with pytest.raises(ValueError, match="out of range"):
-        memory.apply_block_checkpointing(model, [3])
+        block_checkpointing.apply_block_checkpointing(model, [3])
 
 
 def test_cuda_profile_runs_layer_norm_in_fp32_under_autocast():
     x = torch.randn(4, 16, dtype=torch.bfloat16)
-    with memory._cuda_autocast_rules(torch.bfloat16), torch.autocast("cpu", dtype=torch.bfloat16):
+    with memory_trace._cuda_autocast_rules(torch.bfloat16), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.nn.functional.layer_norm(x, (16,)).dtype == torch.float32
         assert torch.nn.functional.linear(x.float(), torch.randn(8, 16)).dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the rules are gone afterwards
