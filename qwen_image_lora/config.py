@@ -1,29 +1,25 @@
 """Typed configuration: one YAML file, parsed once into nested dataclasses, with `a.b=value` overrides.
 
-Defaults live here and nowhere else. Unknown keys, wrong types and out-of-range values fail at load time
-with the dotted field name, the accepted values and, for a misspelt key, the nearest valid one. Fields whose
-metadata says `path` are resolved relative to the config file. `${dotted.key}` in a string is replaced by
-that key's value (e.g. `cache_dir: ${output_dir}/cache`).
+This module is the schema: defaults live here and nowhere else. `typed_yaml.py` does the loading: unknown
+keys, wrong types and out-of-range values fail at load time with the dotted field name, the accepted values
+and, for a misspelt key, the nearest valid one. Fields whose metadata says `path` are resolved relative to the
+config file. `${dotted.key}` in a string is replaced by that key's value (e.g. `cache_dir: ${output_dir}/cache`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Literal, Union
 
 import yaml
 
+from qwen_image_lora import typed_yaml
+from qwen_image_lora.typed_yaml import ConfigError
+
 DEFAULT_MODEL = "Qwen/Qwen-Image-2.1"
-
-
-class ConfigError(ValueError):
-    """A config problem, always naming the file and the dotted field."""
 
 
 def _path(default=None, **kw):
@@ -354,187 +350,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
         base = path.resolve().parent
     for item in overrides:
-        _apply_override(raw, item, where)
+        typed_yaml.apply_override(raw, item, where)
     # Defaults go through the same interpolation and path resolution as the file's own values.
-    raw = _merge(to_dict(Config()), raw)
-    raw = _interpolate(raw, raw, where)
-    cfg = _build(Config, raw, "", where, base)
+    raw = typed_yaml.merge(to_dict(Config()), raw)
+    raw = typed_yaml.interpolate(raw, raw, where)
+    cfg = typed_yaml.build(Config, raw, "", where, base)
     cfg.source = where
-    _validate(cfg, "", where)
+    typed_yaml.validate(cfg, "", where)
     return cfg
-
-
-def _apply_override(raw: dict, item: str, where: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.max_steps=10")
-    key, value = item.split("=", 1)
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-
-
-def _merge(defaults: dict, raw: dict) -> dict:
-    out = dict(defaults)
-    for key, value in raw.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and out[key]:
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-_REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
-
-
-def _lookup(root: dict, dotted: str, where: str):
-    node: Any = root
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"{where}: ${{{dotted}}} refers to a key that is not set")
-        node = node[part]
-    return node
-
-
-def _interpolate(node, root, where):
-    if isinstance(node, dict):
-        return {k: _interpolate(v, root, where) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_interpolate(v, root, where) for v in node]
-    if isinstance(node, str):
-        for _ in range(10):  # nested references resolve in a few rounds
-            new = _REF.sub(lambda m: str(_lookup(root, m.group(1), where)), node)
-            if new == node:
-                break
-            node = new
-    return node
-
-
-def _build(cls, raw, dotted: str, where: str, base: Path):
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {dotted or 'top level'} must be a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    hints = typing.get_type_hints(cls)
-    unknown = [k for k in raw if k not in fields]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(fields), n=1)
-        hint = f"; did you mean {_join(dotted, close[0])!r}?" if close else f"; valid keys: {', '.join(fields)}"
-        raise ConfigError(f"{where}: unknown key {_join(dotted, key)!r}{hint}")
-    kwargs = {}
-    for name, value in raw.items():
-        f = fields[name]
-        value = _coerce(value, hints[name], _join(dotted, name), where, base)
-        if f.metadata.get("path"):
-            value = _resolve_paths(value, base)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _join(dotted: str, key: str) -> str:
-    return f"{dotted}.{key}" if dotted else str(key)
-
-
-def _resolve_paths(value, base: Path):
-    if isinstance(value, list):
-        return [_resolve_paths(v, base) for v in value]
-    if isinstance(value, str) and value and not _looks_like_hub_id(value):
-        p = Path(value).expanduser()
-        return str(p if p.is_absolute() else (base / p).resolve())
-    return value
-
-
-def _looks_like_hub_id(value: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not Path(value).exists() and "." not in value.split("/")[0]
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value, tp, dotted: str, where: str, base: Path):
-    """Check `value` against the annotation `tp`; convert int->float only. Raise naming the field."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{where}: {dotted} must be {_type_name(tp)} (got {value!r})")
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, dotted, where, base)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is Literal:
-        if value in typing.get_args(tp) and type(value) is type(next(a for a in typing.get_args(tp) if a == value)):
-            return value
-        raise bad
-    if tp is type(None):
-        if value is None:
-            return None
-        raise bad
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{dotted}[{i}]", where, base) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        key_tp, val_tp = typing.get_args(tp)
-        return {str(k): _coerce(v, val_tp, f"{dotted}.{k}", where, base) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, dotted, where, base)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise ConfigError(f"{where}: {dotted}: unsupported annotation {tp!r}")
-
-
-def _validate(node, dotted: str, where: str) -> None:
-    if hasattr(node, "validate"):
-        try:
-            node.validate(dotted or "config")
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            _validate(value, _join(dotted, f.name), where)
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                if dataclasses.is_dataclass(item):
-                    _validate(item, f"{_join(dotted, f.name)}[{i}]", where)
 
 
 def to_dict(cfg: Config) -> dict:

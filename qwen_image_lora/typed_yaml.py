@@ -1,0 +1,196 @@
+"""YAML -> typed dataclasses, the machinery behind `config.load_config` (and any other typed file, e.g. batch
+job lines): `a.b=value` overrides, `${dotted.key}` interpolation, paths resolved relative to the file, and
+type checks that fail naming the dotted field, the accepted values and, for a misspelt key, the nearest one.
+A field whose metadata says `path` holds a filesystem path. Each dataclass may define `validate(where)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the file and the dotted field."""
+
+
+def apply_override(raw: dict, item: str, where: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.max_steps=10")
+    key, value = item.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def merge(defaults: dict, raw: dict) -> dict:
+    out = dict(defaults)
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and out[key]:
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+
+
+def _lookup(root: dict, dotted: str, where: str):
+    node: Any = root
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{where}: ${{{dotted}}} refers to a key that is not set")
+        node = node[part]
+    return node
+
+
+def interpolate(node, root, where):
+    if isinstance(node, dict):
+        return {k: interpolate(v, root, where) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, root, where) for v in node]
+    if isinstance(node, str):
+        for _ in range(10):  # nested references resolve in a few rounds
+            new = _REF.sub(lambda m: str(_lookup(root, m.group(1), where)), node)
+            if new == node:
+                break
+            node = new
+    return node
+
+
+def build(cls, raw, dotted: str, where: str, base: Path):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: {dotted or 'top level'} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}  # `source` is set by the loader
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f"; did you mean {_join(dotted, close[0])!r}?" if close else f"; valid keys: {', '.join(fields)}"
+        raise ConfigError(f"{where}: unknown key {_join(dotted, key)!r}{hint}")
+    kwargs = {}
+    for name, value in raw.items():
+        f = fields[name]
+        value = _coerce(value, hints[name], _join(dotted, name), where, base)
+        if f.metadata.get("path"):
+            value = _resolve_paths(value, base)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _join(dotted: str, key: str) -> str:
+    return f"{dotted}.{key}" if dotted else str(key)
+
+
+def _resolve_paths(value, base: Path):
+    if isinstance(value, list):
+        return [_resolve_paths(v, base) for v in value]
+    if isinstance(value, str) and value and not _looks_like_hub_id(value):
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+    return value
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not Path(value).exists() and "." not in value.split("/")[0]
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, dotted: str, where: str, base: Path):
+    """Check `value` against the annotation `tp`; convert int->float only. Raise naming the field."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: {dotted} must be {_type_name(tp)} (got {value!r})")
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, dotted, where, base)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is type(next(a for a in typing.get_args(tp) if a == value)):
+            return value
+        raise bad
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{dotted}[{i}]", where, base) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        key_tp, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{dotted}.{k}", where, base) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, dotted, where, base)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"{where}: {dotted}: unsupported annotation {tp!r}")
+
+
+def validate(node, dotted: str, where: str) -> None:
+    if hasattr(node, "validate"):
+        try:
+            node.validate(dotted or "config")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, _join(dotted, f.name), where)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    validate(item, f"{_join(dotted, f.name)}[{i}]", where)
+
+
