@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config
 from qwen_image_lora.data.sources import DataError, load_items, open_image
 from qwen_image_lora.io import atomic_write_text
@@ -32,19 +33,8 @@ class CaptionStats:
 
 
 def load_captioner(cfg: Config, device=None):
-    """(model, processor): the checkpoint's Qwen3-VL text encoder with its language-model head, and processor."""
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-
-    from qwen_image_lora.model import DTYPES
-
-    source, revision = cfg.model.pretrained, cfg.model.revision
-    processor = Qwen3VLProcessor.from_pretrained(source, subfolder="processor", revision=revision)
-    model = Qwen3VLForConditionalGeneration.from_pretrained(
-        source, subfolder="text_encoder", dtype=DTYPES[cfg.model.dtype], revision=revision
-    ).eval()
-    if device is not None:
-        model.to(device)
-    return model, processor
+    """(model, processor): the checkpoint's own Qwen3-VL, which can describe images."""
+    return qmodel.load_captioner(cfg.model.pretrained, cfg.model.dtype, cfg.model.revision, device)
 
 
 @torch.no_grad()

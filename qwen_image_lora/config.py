@@ -111,13 +111,6 @@ class DataConfig:
             raise ConfigError(f"{where}.background: must be a colour like '#ffffff' (got {self.background!r})")
 
 
-LORA_TARGET_PRESETS = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attention+mlp": ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out"],
-    "all-linear": "all-linear",
-}
-
-
 @dataclass
 class LoRAConfig:
     rank: int = 32
@@ -133,15 +126,18 @@ class LoRAConfig:
     init_from: str | None = _path()
 
     def validate(self, where: str) -> None:
+        # Deferred: the model module imports torch (seconds); the schema itself stays light to import.
+        from qwen_image_lora.model import LORA_TARGETS
+
         if not 1 <= self.rank <= 1024:
             raise ConfigError(f"{where}.rank: must be in 1..1024 (got {self.rank})")
         if self.alpha <= 0:
             raise ConfigError(f"{where}.alpha: must be > 0 (got {self.alpha})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout: must be in [0, 1) (got {self.dropout})")
-        if isinstance(self.targets, str) and self.targets not in LORA_TARGET_PRESETS:
+        if isinstance(self.targets, str) and self.targets not in LORA_TARGETS:
             raise ConfigError(
-                f"{where}.targets: unknown preset {self.targets!r}; use one of {sorted(LORA_TARGET_PRESETS)} "
+                f"{where}.targets: unknown preset {self.targets!r}; use one of {sorted(LORA_TARGETS)} "
                 "or a list of module names such as [to_q, to_v]"
             )
         if isinstance(self.targets, list) and not self.targets:
@@ -149,7 +145,9 @@ class LoRAConfig:
 
     @property
     def target_modules(self) -> list[str] | str:
-        return LORA_TARGET_PRESETS[self.targets] if isinstance(self.targets, str) else list(self.targets)
+        from qwen_image_lora.model import LORA_TARGETS  # deferred, as in validate()
+
+        return LORA_TARGETS[self.targets] if isinstance(self.targets, str) else list(self.targets)
 
 
 @dataclass

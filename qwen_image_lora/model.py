@@ -14,16 +14,27 @@ Shapes (latent units: one latent = 16x16 pixels; one vision slot of the text enc
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download
 from PIL import Image
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LATENT_PIXELS = 16  # the VAE compresses 16x spatially
 SIDE_MULTIPLE = 32  # one vision slot = 2x2 latents = 32x32 pixels
+TRANSFORMER_SUBFOLDER = "transformer"
+# LoRA target presets: module-name suffixes inside the transformer's blocks.
+LORA_TARGETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attention+mlp": ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out"],
+    "all-linear": "all-linear",
+}
 
 
 def load_pipeline(
@@ -60,7 +71,7 @@ def load_pipeline(
     common = {"revision": revision}
     components = {
         "transformer": QwenImage21Transformer2DModel.from_pretrained(
-            source, subfolder="transformer", torch_dtype=dtype, **common
+            source, subfolder=TRANSFORMER_SUBFOLDER, torch_dtype=dtype, **common
         )
         if transformer
         else None,
@@ -80,6 +91,58 @@ def load_pipeline(
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def transformer_class():
+    """The denoiser's class (deferred import: loading diffusers' model registry costs seconds at start-up)."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    return QwenImage21Transformer2DModel
+
+
+def transformer_blocks(transformer) -> torch.nn.ModuleList:
+    """The repeated blocks, in order (what gradient checkpointing and the memory planner count)."""
+    return transformer.transformer_blocks
+
+
+def real_transformer_config() -> dict[str, Any]:
+    """The 7B Qwen-Image-2.1 transformer's config: the class defaults are the released model's."""
+    sig = inspect.signature(transformer_class().__init__)
+    return {k: p.default for k, p in sig.parameters.items() if k != "self"}
+
+
+def load_transformer_config(pretrained: str | None, revision: str | None = None) -> dict[str, Any]:
+    """The transformer's `config.json` from a local folder or the hub cache, without weights; the real
+    model's defaults when neither is available (the planner never downloads)."""
+    if pretrained:
+        local = Path(pretrained) / TRANSFORMER_SUBFOLDER / "config.json"
+        if local.is_file():
+            return _init_kwargs(json.loads(local.read_text()))
+        try:
+            path = hf_hub_download(pretrained, f"{TRANSFORMER_SUBFOLDER}/config.json", revision=revision, local_files_only=True)
+            return _init_kwargs(json.loads(Path(path).read_text()))
+        except Exception:  # not cached: fall back to the released model's architecture
+            pass
+    return real_transformer_config()
+
+
+def _init_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    known = real_transformer_config()
+    return {**known, **{k: v for k, v in config.items() if k in known}}
+
+
+def load_captioner(pretrained: str | Path, dtype: torch.dtype | str, revision: str | None = None, device=None):
+    """(model, processor): the checkpoint's Qwen3-VL text encoder with its language-model head, for captions."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    processor = Qwen3VLProcessor.from_pretrained(pretrained, subfolder="processor", revision=revision)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(
+        pretrained, subfolder="text_encoder", dtype=dtype, revision=revision
+    ).eval()
+    if device is not None:
+        model.to(device)
+    return model, processor
 
 
 def offload_encoders(pipe, device: torch.device) -> None:

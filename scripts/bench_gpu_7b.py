@@ -50,6 +50,7 @@ import qwen_image_lora  # noqa: E402
 if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `train/` is `qwen_image_lora.train`
     qwen_image_lora.__path__.append(str(ROOT))
 
+from qwen_image_lora import model as qmodel  # noqa: E402
 from qwen_image_lora.config import LoRAConfig  # noqa: E402
 from qwen_image_lora.train import block_checkpointing, memory, memory_trace  # noqa: E402
 
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", type=Path, help="JSON lines from --plan-only, to print next to the measurements")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    cfg = memory.load_transformer_config(None)
+    cfg = qmodel.load_transformer_config(None)
     if args.plan_only:
         results = plan_cases(args, cfg)
     else:

@@ -17,6 +17,7 @@ import dataclasses
 import pytest
 import torch
 
+from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import LoRAConfig
 from qwen_image_lora.train import block_checkpointing, memory, memory_trace
 
@@ -170,7 +171,7 @@ def test_7b_plan_matches_h100():
     """Measured on an H100 80GB (torch 2.11, scripts/bench_gpu_7b.py): 1024x1024 t2i, batch 1, 256 prompt
     tokens, LoRA r32 on attention, AdamW, all blocks checkpointed: max_memory_allocated 16.23 GiB."""
     shape = memory.StepShape(1024, 1024, 1, 256)
-    inputs = memory.PlanInputs(memory.load_transformer_config(None), shape, LoRAConfig(rank=32), checkpoint="all")
+    inputs = memory.PlanInputs(qmodel.load_transformer_config(None), shape, LoRAConfig(rank=32), checkpoint="all")
     plan = memory.plan_memory(inputs)
     assert abs(plan.peak / (16.23 * 2**30) - 1) < 0.03
 

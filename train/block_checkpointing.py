@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from qwen_image_lora import model as qmodel
+
 
 
 def apply_block_checkpointing(transformer, block_indices: Sequence[int], preserve_rng_state: bool = True) -> None:
@@ -18,7 +20,7 @@ def apply_block_checkpointing(transformer, block_indices: Sequence[int], preserv
     the previous choice; leave `transformer.gradient_checkpointing` off.
     """
     chosen = set(int(i) for i in block_indices)
-    blocks = transformer.transformer_blocks
+    blocks = qmodel.transformer_blocks(transformer)
     bad = [i for i in chosen if not 0 <= i < len(blocks)]
     if bad:
         raise ValueError(f"block indices {sorted(bad)} out of range 0..{len(blocks) - 1}")
@@ -46,5 +48,5 @@ def _checkpointed_forward(block, preserve_rng_state: bool) -> Callable:
 
 def checkpointed_blocks(transformer) -> list[int]:
     """Indices of the blocks `apply_block_checkpointing` checkpoints."""
-    blocks = transformer.transformer_blocks
+    blocks = qmodel.transformer_blocks(transformer)
     return [i for i, b in enumerate(blocks) if getattr(b.__dict__.get("forward"), "checkpointed", False)]

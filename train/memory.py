@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from qwen_image_lora import model as qmodel
 from qwen_image_lora.train.block_checkpointing import apply_block_checkpointing, checkpointed_blocks
 from qwen_image_lora.train.memory_trace import StorageTracker, build_step_inputs, cuda_like, training_step
 
@@ -91,41 +92,6 @@ class PlanInputs:
         return int(self.transformer_config.get("num_layers", 32))
 
 
-def real_transformer_config() -> dict[str, Any]:
-    """The 7B Qwen-Image-2.1 transformer's config: the class defaults are the released model's."""
-    import inspect
-
-    from diffusers import QwenImage21Transformer2DModel
-
-    sig = inspect.signature(QwenImage21Transformer2DModel.__init__)
-    return {k: p.default for k, p in sig.parameters.items() if k != "self"}
-
-
-def load_transformer_config(pretrained: str | None, revision: str | None = None) -> dict[str, Any]:
-    """The transformer's `config.json` from a local folder or the hub cache, without weights; the real
-    model's defaults when neither is available (the planner never downloads)."""
-    import json
-    from pathlib import Path
-
-    if pretrained:
-        local = Path(pretrained) / "transformer" / "config.json"
-        if local.is_file():
-            return _init_kwargs(json.loads(local.read_text()))
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(pretrained, "transformer/config.json", revision=revision, local_files_only=True)
-            return _init_kwargs(json.loads(Path(path).read_text()))
-        except Exception:  # not cached: fall back to the released model's architecture
-            pass
-    return real_transformer_config()
-
-
-def _init_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    known = real_transformer_config()
-    return {**known, **{k: v for k, v in config.items() if k in known}}
-
-
 def plan_inputs_from_config(
     cfg,
     *,
@@ -144,7 +110,7 @@ def plan_inputs_from_config(
         gc = cfg.train.gradient_checkpointing
         checkpoint = "all" if gc is True or gc == "auto" else "none"
     return PlanInputs(
-        transformer_config=transformer_config or load_transformer_config(cfg.model.pretrained, cfg.model.revision),
+        transformer_config=transformer_config or qmodel.load_transformer_config(cfg.model.pretrained, cfg.model.revision),
         shape=StepShape(res, res, cfg.train.batch_size, prompt_tokens, [(res, res)] * references),
         lora=dataclasses.replace(cfg.lora, init_from=None, init="default"),  # same shapes, no file reads
         base_dtype=getattr(torch, cfg.model.dtype),
@@ -276,12 +242,10 @@ def _build_model(inputs: PlanInputs, preserve_rng_state: bool, fake_mode=None):
     With `fake_mode` the model is built on the meta device (no memory, no init cost) and every tensor is then
     swapped for a fake CPU tensor of the same shape and dtype.
     """
-    from diffusers import QwenImage21Transformer2DModel
-
     from qwen_image_lora.train.adapter import add_lora
 
     with torch.device("meta") if fake_mode is not None else contextlib.nullcontext():
-        transformer = QwenImage21Transformer2DModel(**inputs.transformer_config)
+        transformer = qmodel.transformer_class()(**inputs.transformer_config)
         torch.nn.Module.to(transformer, inputs.base_dtype)  # diffusers' `to` warns about fp32 modules it has none of
         params = add_lora(transformer, inputs.lora)
     if fake_mode is not None:
