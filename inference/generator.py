@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
@@ -45,6 +46,9 @@ class GenerationRequest:
     keep_input_size: bool = True
     # Adapter name -> weight for this call ({} = the base model); None leaves the pipeline's adapters as they are.
     adapters: dict[str, float] | None = None
+    # Masked edit: white = may change, black = kept exactly (applies to the last image; the result keeps its size).
+    mask: Image.Image | None = None
+    mask_feather: int = 8
 
 
 class Generator:
@@ -62,6 +66,7 @@ class Generator:
         defaults = inspect.signature(type(pipeline).__call__).parameters
         self.default_steps = defaults["num_inference_steps"].default
         self.default_guidance = defaults["true_cfg_scale"].default
+        self.last_blend: masking.LatentBlend | None = None  # the latest masked edit's blend, for inspection
 
     @classmethod
     def from_pretrained(
@@ -87,6 +92,7 @@ class Generator:
         if len(request.images) > MAX_INPUT_IMAGES:
             raise ValueError(f"images: give 1 to {MAX_INPUT_IMAGES} input images (got {len(request.images)})")
         self._size(request)
+        self._mask(request)
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest) -> Image.Image:
@@ -107,11 +113,27 @@ class Generator:
         )
         if request.images:
             kwargs["image"] = [qmodel.to_rgba(im) for im in request.images]
+        mask = self._mask(request)
+        if mask is not None:
+            self.last_blend = masking.LatentBlend(self.pipe, request.images[-1], mask, width, height, request.seed)
+            kwargs.update(callback_on_step_end=self.last_blend, callback_on_step_end_tensor_inputs=["latents"])
         image = self.pipe(**kwargs).images[0]
+        if mask is not None:
+            return masking.composite(image, request.images[-1], mask, request.mask_feather)
         if request.images and request.keep_input_size and request.width is None and request.aspect_ratio is None:
             # The model ran at the nearest supported size; give the catalogue image its own size back.
             image = image.resize(request.images[-1].size, Image.Resampling.LANCZOS)
         return image
+
+    @staticmethod
+    def _mask(request: GenerationRequest) -> Image.Image | None:
+        if request.mask is None:
+            return None
+        if not request.images:
+            raise ValueError("mask: a mask needs an image to edit (give images)")
+        if request.mask_feather < 0:
+            raise ValueError(f"mask_feather: must be >= 0 pixels (got {request.mask_feather})")
+        return masking.prepare_mask(request.mask, request.images[-1])
 
     def _size(self, request: GenerationRequest) -> tuple[int | None, int | None]:
         if request.aspect_ratio is not None:

@@ -1,0 +1,106 @@
+"""Masked edits: the model may change only where the mask is white; everything under black comes back as it was.
+
+Two layers make that hold. During sampling, `LatentBlend` (the pipeline's `callback_on_step_end`) replaces the
+kept region's latents after every step with the input's own latents noised to that step's sigma (the standard
+inpainting blend), so the model composes the changed region around the real product instead of redrawing it.
+After decoding, `composite` pastes the result over the input through the mask, feathered only *into* the changed
+region, so every kept pixel is the input's pixel exactly (alpha included for RGBA inputs).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from PIL import Image, ImageChops, ImageFilter
+
+from qwen_image_lora import model as qmodel
+
+log = logging.getLogger(__name__)
+
+MAX_ASPECT_CHANGE = 0.02  # a mask whose aspect differs more than 2% from the image's would be distorted
+
+
+class MaskError(ValueError):
+    """A mask we refuse, with what to do about it."""
+
+
+def prepare_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
+    """The mask as 8-bit grey at the image's size (white = may change). Resized when only the scale differs."""
+    grey = mask.convert("RGBA").getchannel("A") if _alpha_only(mask) else mask.convert("L")
+    if grey.size != image.size:
+        (mw, mh), (iw, ih) = grey.size, image.size
+        if abs((mw / mh) / (iw / ih) - 1) > MAX_ASPECT_CHANGE:
+            raise MaskError(
+                f"mask: {mw}x{mh} has another aspect ratio than the image ({iw}x{ih}); resizing it would distort it. "
+                "Export the mask at the image's size."
+            )
+        grey = grey.resize(image.size, Image.Resampling.BILINEAR)
+    lo, hi = grey.getextrema()
+    if hi < 128:
+        raise MaskError("mask: the mask changes nothing (it is black everywhere); paint white where the image may change")
+    if lo >= 128:
+        log.warning("mask: white everywhere, so this is a plain edit (nothing is kept)")
+    return grey
+
+
+def _alpha_only(mask: Image.Image) -> bool:
+    """A transparent PNG drawn as 'paint where it may change' carries the mask in its alpha."""
+    if mask.mode != "RGBA":
+        return False
+    rgb_lo, rgb_hi = zip(*mask.convert("RGB").getextrema())
+    return max(rgb_hi) == min(rgb_lo)  # one flat colour: the information is in alpha
+
+
+def latent_mask(mask: Image.Image, width: int, height: int, device, dtype) -> torch.Tensor:
+    """[1, h*w, 1] in [0, 1], packed like the pipeline's latents: 1 where a latent may change. A latent is
+    changeable when any pixel it covers is (max-pool), so the model may repaint the whole border latent."""
+    grid = (width // qmodel.LATENT_PIXELS, height // qmodel.LATENT_PIXELS)
+    resized = np.asarray(mask.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    pixels = torch.from_numpy(resized).view(1, 1, height, width)
+    pooled = torch.nn.functional.max_pool2d(pixels, qmodel.LATENT_PIXELS)
+    return (pooled > 0.5 / 255).to(dtype).view(1, grid[0] * grid[1], 1).to(device)
+
+
+class LatentBlend:
+    """`callback_on_step_end` for `QwenImage21Pipeline`: after each step, the kept latents are the input's
+    latents noised to the sigma the latents are now at (sigma 0 after the last step: the input itself).
+
+    `last_kept` holds the kept-region target of the last call, for tests and debugging.
+    """
+
+    def __init__(self, pipe, image: Image.Image, mask: Image.Image, width: int, height: int, seed: int):
+        device, dtype = pipe._execution_device, pipe.transformer.dtype
+        pixels = qmodel.image_to_pixels(pipe, image.resize((width, height), Image.Resampling.LANCZOS))
+        self.x0 = qmodel.pack(qmodel.encode_latents(pipe, pixels)).to(device, dtype)  # [1, h*w, C]
+        self.mask = latent_mask(mask, width, height, device, dtype)
+        generator = torch.Generator("cpu").manual_seed(seed + 1)  # not the pipeline's stream: its draws stay unchanged
+        self.noise = torch.randn(self.x0.shape, generator=generator, dtype=torch.float32).to(device, dtype)
+        self.last_kept: torch.Tensor | None = None
+
+    def __call__(self, pipe, step: int, timestep, tensors: dict) -> dict:
+        latents = tensors["latents"]
+        sigma = float(pipe.scheduler.sigmas[pipe.scheduler.step_index])
+        kept = (1 - sigma) * self.x0 + sigma * self.noise
+        self.last_kept = kept
+        return {"latents": self.mask * latents + (1 - self.mask) * kept}
+
+
+def composite(result: Image.Image, original: Image.Image, mask: Image.Image, feather: int = 8) -> Image.Image:
+    """`result` over `original` (same size) where the mask is white, with a `feather`-pixel soft edge inside the
+    white region only: black mask pixels give the original's pixels exactly (alpha included)."""
+    if result.size != original.size:
+        result = result.resize(original.size, Image.Resampling.LANCZOS)
+    binary = mask.point(lambda v: 255 if v >= 128 else 0)
+    alpha = binary
+    if feather > 0:
+        # Shrink the white region by `feather` (a box blur that is still white everywhere), blur back out, and
+        # clip to the mask: the ramp stays inside the white region.
+        inner = binary.filter(ImageFilter.BoxBlur(feather)).point(lambda v: 255 if v >= 255 else 0)
+        alpha = ImageChops.darker(inner.filter(ImageFilter.GaussianBlur(feather / 2)), binary)
+    mode = "RGBA" if "A" in original.getbands() else "RGB"  # the input's mode: an RGB product stays RGB
+    out = original.convert(mode)
+    out.paste(result.convert(mode), (0, 0), alpha)
+    return out
+

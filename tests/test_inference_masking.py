@@ -1,0 +1,129 @@
+"""Masked edits: kept pixels come back identical, the changed region changes, and the latent blend really runs."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.inference import masking
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.inference.testing import make_random_lora
+
+W, H = 160, 96  # non-square, not the working size: the result must still come back at exactly this size
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model_dir):
+    return Generator.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", resolution=96)
+
+
+def product(mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (H, W, 4 if mode == "RGBA" else 3), dtype=np.uint8)
+    if mode == "RGBA":
+        pixels[..., 3] = np.linspace(40, 255, W, dtype=np.uint8)[None, :]
+    return Image.fromarray(pixels, mode)
+
+
+def right_half_mask() -> Image.Image:
+    mask = np.zeros((H, W), np.uint8)
+    mask[:, W // 2 :] = 255
+    return Image.fromarray(mask, "L")
+
+
+def edit(gen, image, mask, **kw) -> Image.Image:
+    request = GenerationRequest("replace the background with white", images=[image], mask=mask, num_inference_steps=3, **kw)
+    return gen.generate(request)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_pixels_outside_the_mask_are_the_input_exactly_and_inside_they_change(gen, mode):
+    image, mask = product(mode), right_half_mask()
+    out = edit(gen, image, mask, mask_feather=4)
+    assert out.size == image.size and out.mode == image.mode
+    got, want = np.asarray(out).astype(int), np.asarray(image).astype(int)
+    kept = np.asarray(mask) < 128
+    assert np.array_equal(got[kept], want[kept])  # alpha included for RGBA
+    assert np.abs(got[~kept] - want[~kept]).mean() > 5
+
+
+def test_the_latent_blend_holds_the_kept_region_on_the_inputs_noised_latents_every_step(gen, monkeypatch):
+    """Fails if only the final pixel composite existed: the sampler's own latents must be pinned each step."""
+    seen = []
+
+    class Recording(masking.LatentBlend):
+        def __call__(self, pipe, step, timestep, tensors):
+            out = super().__call__(pipe, step, timestep, tensors)
+            seen.append((float(pipe.scheduler.sigmas[pipe.scheduler.step_index]), out["latents"].clone(), self.last_kept))
+            return out
+
+    monkeypatch.setattr(masking, "LatentBlend", Recording)  # our own class, so the generator records its blend
+    edit(gen, product(), right_half_mask())
+    blend = gen.last_blend
+    assert isinstance(blend, Recording) and len(seen) == 3
+    keep = (blend.mask == 0).expand_as(blend.x0)
+    assert keep.any() and (~keep).any()
+    for sigma, latents, kept in seen:
+        expected = (1 - sigma) * blend.x0 + sigma * blend.noise
+        torch.testing.assert_close(kept, expected)
+        torch.testing.assert_close(latents[keep], expected[keep])
+        assert not torch.allclose(latents[~keep], expected[~keep])  # the changed region is the sampler's
+    assert seen[-1][0] == 0.0  # after the last step the kept latents are the input's own latents
+    torch.testing.assert_close(seen[-1][1][keep], blend.x0[keep])
+
+
+def test_the_kept_latents_are_the_pipelines_own_encoding_of_the_input(gen):
+    image, mask = product(), right_half_mask()
+    width, height = gen._size(GenerationRequest("x", images=[image]))
+    blend = masking.LatentBlend(gen.pipe, image, masking.prepare_mask(mask, image), width, height, seed=0)
+    pixels = gen.pipe.image_processor.preprocess(image.convert("RGBA"), width=width, height=height).unsqueeze(2)
+    own = gen.pipe._encode_vae_image(pixels, generator=None)
+    torch.testing.assert_close(blend.x0, qmodel.pack(own))
+
+
+def test_masked_edit_with_an_adapter_and_two_reference_images(gen, tmp_path):
+    lora = make_random_lora(gen.pipe.transformer, tmp_path / "lora", seed=3)
+    gen.adapters.load(lora)
+    try:
+        image, mask = product(), right_half_mask()
+        reference = Image.new("RGB", (64, 64), (200, 30, 30))
+        request = GenerationRequest("put it on the red cloth", images=[reference, image], mask=mask, num_inference_steps=2)
+        with_adapter = np.asarray(gen.generate(GenerationRequest(**{**request.__dict__, "adapters": {"lora": 1.0}})))
+        base = np.asarray(gen.generate(GenerationRequest(**{**request.__dict__, "adapters": {}})))
+    finally:
+        gen.adapters.unload()
+    kept = np.asarray(mask) < 128
+    assert np.array_equal(with_adapter[kept], np.asarray(image)[kept])  # the mask applies to the last image
+    assert np.abs(with_adapter[~kept].astype(int) - base[~kept]).mean() > 1  # the adapter changed the edit
+
+
+def test_bad_masks_get_clear_errors(gen, caplog):
+    image = product()
+    with pytest.raises(masking.MaskError, match="changes nothing"):
+        edit(gen, image, Image.new("L", image.size, 0))
+    with pytest.raises(masking.MaskError, match="aspect ratio"):
+        edit(gen, image, Image.new("L", (100, 100), 255))
+    with pytest.raises(ValueError, match="needs an image"):
+        gen.generate(GenerationRequest("x", mask=right_half_mask()))
+    with caplog.at_level(logging.WARNING):
+        masking.prepare_mask(Image.new("L", image.size, 255), image)
+    assert "plain edit" in caplog.text
+    # Same aspect, other scale: resized, not refused.
+    assert masking.prepare_mask(right_half_mask().resize((W // 2, H // 2)), image).size == image.size
+
+
+def test_composite_feathers_only_inside_the_changed_region():
+    original = Image.new("RGB", (64, 32), (0, 0, 0))
+    result = Image.new("RGB", (64, 32), (255, 255, 255))
+    mask = Image.new("L", (64, 32), 0)
+    mask.paste(255, (32, 0, 64, 32))
+    out = np.asarray(masking.composite(result, original, mask, feather=6))[:, :, 0].astype(int)
+    assert (out[:, :32] == 0).all()  # kept: exactly the original
+    assert (out[:, 60:] == 255).all()  # deep inside the changed region: exactly the result
+    ramp = out[16, 32:44]
+    assert 0 < ramp[0] < 255 and (np.diff(ramp) >= 0).all()  # a soft edge that rises into the changed region
+    hard = np.asarray(masking.composite(result, original, mask, feather=0))[:, :, 0]
+    assert (hard[:, 32:] == 255).all() and (hard[:, :32] == 0).all()
