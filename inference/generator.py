@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
 
@@ -124,6 +125,11 @@ class Generator:
             # The model ran at the nearest supported size; give the catalogue image its own size back.
             image = image.resize(request.images[-1].size, Image.Resampling.LANCZOS)
         return image
+
+    def layers(self, request: GenerationRequest, mask: Image.Image | str, background_prompt: str | None = None,
+               elements: list[layer_output.Element] | None = None) -> layer_output.Layers:
+        """Subject cut-out, background without it, generated elements: see `inference/layers.py`."""
+        return layer_output.build_layers(self, request, mask, background_prompt, list(elements or []))
 
     @staticmethod
     def _mask(request: GenerationRequest) -> Image.Image | None:

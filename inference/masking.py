@@ -87,20 +87,24 @@ class LatentBlend:
         return {"latents": self.mask * latents + (1 - self.mask) * kept}
 
 
+def feathered_alpha(mask: Image.Image, feather: int) -> Image.Image:
+    """The mask as compositing alpha: binary, with a `feather`-pixel soft edge *inside* the white region only,
+    so black stays exactly 0."""
+    binary = mask.point(lambda v: 255 if v >= 128 else 0)
+    if feather <= 0:
+        return binary
+    # Shrink the white region by `feather` (a box blur that is still white everywhere), blur back out, and clip
+    # to the mask: the ramp stays inside the white region.
+    inner = binary.filter(ImageFilter.BoxBlur(feather)).point(lambda v: 255 if v >= 255 else 0)
+    return ImageChops.darker(inner.filter(ImageFilter.GaussianBlur(feather / 2)), binary)
+
+
 def composite(result: Image.Image, original: Image.Image, mask: Image.Image, feather: int = 8) -> Image.Image:
-    """`result` over `original` (same size) where the mask is white, with a `feather`-pixel soft edge inside the
-    white region only: black mask pixels give the original's pixels exactly (alpha included)."""
+    """`result` over `original` (same size) through `feathered_alpha(mask)`: black mask pixels give the
+    original's pixels exactly (alpha included)."""
     if result.size != original.size:
         result = result.resize(original.size, Image.Resampling.LANCZOS)
-    binary = mask.point(lambda v: 255 if v >= 128 else 0)
-    alpha = binary
-    if feather > 0:
-        # Shrink the white region by `feather` (a box blur that is still white everywhere), blur back out, and
-        # clip to the mask: the ramp stays inside the white region.
-        inner = binary.filter(ImageFilter.BoxBlur(feather)).point(lambda v: 255 if v >= 255 else 0)
-        alpha = ImageChops.darker(inner.filter(ImageFilter.GaussianBlur(feather / 2)), binary)
     mode = "RGBA" if "A" in original.getbands() else "RGB"  # the input's mode: an RGB product stays RGB
     out = original.convert(mode)
-    out.paste(result.convert(mode), (0, 0), alpha)
+    out.paste(result.convert(mode), (0, 0), feathered_alpha(mask, feather))
     return out
-

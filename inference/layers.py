@@ -1,0 +1,180 @@
+"""Layered output for designers: the product as a cut-out, the background without it, and generated elements
+(a badge, a sticker, a text plate) they can move, written as PSD, OpenRaster or a ZIP of PNGs.
+
+Every layer comes from the one sampling path (`Generator.generate`): the background is a masked edit over the
+subject, each element a text-to-image generation whose alpha is the model's own (the 2.1 VAE is RGBA-native).
+The flattened image is the layers alpha-composited bottom to top, so it equals what any editor shows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from xml.sax.saxutils import quoteattr
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageChops
+
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.inference import masking
+from qwen_image_lora.io import atomic_path
+
+DEFAULT_BACKGROUND_PROMPT = "remove the object and fill in the background"
+AUTO_MASK_PROMPT = "isolate the main object on a transparent background"
+FORMATS = (".psd", ".ora", ".zip")
+_ELEMENT = re.compile(r"^(?P<prompt>.+)@(?P<x>\d+),(?P<y>\d+),(?P<w>\d+),(?P<h>\d+)$", re.S)
+
+
+class LayersError(ValueError):
+    """A layers request we refuse, naming the bad part."""
+
+
+@dataclass
+class Element:
+    """A generated element: its prompt and its box (left, top, width, height) in the input's pixels."""
+
+    prompt: str
+    box: tuple[int, int, int, int]
+
+    @classmethod
+    def parse(cls, text: str) -> "Element":
+        """`PROMPT@x,y,w,h`, e.g. `a red SALE badge@40,40,256,128`."""
+        m = _ELEMENT.match(text.strip())
+        if not m or int(m["w"]) <= 0 or int(m["h"]) <= 0:
+            raise LayersError(f"element {text!r}: write it as PROMPT@x,y,w,h, e.g. 'a red SALE badge@40,40,256,128'")
+        return cls(m["prompt"].strip(), (int(m["x"]), int(m["y"]), int(m["w"]), int(m["h"])))
+
+
+@dataclass
+class Layer:
+    name: str
+    image: Image.Image  # RGBA, the layer's own size
+    left: int = 0
+    top: int = 0
+
+
+@dataclass
+class Layers:
+    size: tuple[int, int]
+    layers: list[Layer] = field(default_factory=list)  # bottom to top
+
+    def composite(self) -> Image.Image:
+        canvas = Image.new("RGBA", self.size, (0, 0, 0, 0))
+        for layer in self.layers:
+            canvas.alpha_composite(layer.image.convert("RGBA"), (layer.left, layer.top))
+        return canvas
+
+
+def build_layers(generator, request, mask: Image.Image | str, background_prompt: str | None, elements: list[Element]) -> Layers:
+    """`request` (a `GenerationRequest` with exactly one image) carries seed, steps, guidance and adapters for
+    every generation; `mask` is white on the subject, or "auto" to take it from the model's own cut-out."""
+    if len(request.images) != 1:
+        raise LayersError(f"images: layers take exactly one input image (got {len(request.images)})")
+    image = request.images[0]
+    w, h = image.size
+    for element in elements:
+        x, y, bw, bh = element.box
+        if x + bw > w or y + bh > h:
+            raise LayersError(f"element {element.prompt!r}: box {element.box} leaves the {w}x{h} image")
+    if isinstance(mask, str):
+        if mask != "auto":
+            raise LayersError(f"mask: give a mask image or 'auto' (got {mask!r})")
+        mask = _auto_mask(generator, request)
+    subject_mask = masking.prepare_mask(mask, image)
+    background = generator.generate(_with(request, prompt=background_prompt or DEFAULT_BACKGROUND_PROMPT, mask=subject_mask))
+    subject = image.convert("RGBA")
+    subject.putalpha(ImageChops.darker(subject.getchannel("A"), masking.feathered_alpha(subject_mask, request.mask_feather)))
+    layers = Layers(image.size, [Layer("background", background.convert("RGBA")), Layer("subject", subject)])
+    for i, element in enumerate(elements):
+        x, y, bw, bh = element.box
+        width, height = (max(qmodel.SIDE_MULTIPLE, round(s / qmodel.SIDE_MULTIPLE) * qmodel.SIDE_MULTIPLE) for s in (bw, bh))
+        made = generator.generate(_with(request, prompt=element.prompt, images=[], width=width, height=height, mask=None,
+                                        seed=request.seed + 1 + i))
+        layers.layers.append(Layer(f"element {i + 1}: {element.prompt[:40]}", made.convert("RGBA").resize((bw, bh)), x, y))
+    return layers
+
+
+def _auto_mask(generator, request) -> Image.Image:
+    cutout = generator.generate(_with(request, prompt=AUTO_MASK_PROMPT, mask=None))
+    return cutout.convert("RGBA").getchannel("A").resize(request.images[0].size)
+
+
+def _with(request, **changes):
+    return dataclasses.replace(request, **changes)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def save_layers(layers: Layers, path: str | Path) -> list[Path]:
+    """Write `path` (.psd, .ora or .zip) and the flattened image beside it (`<stem>.png`); both atomic."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise LayersError(f"output: {path.name}: use .psd, .ora or .zip")
+    data = {".psd": _psd_bytes, ".ora": _ora_bytes, ".zip": _zip_bytes}[suffix](layers)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    flat = path.with_suffix(".png")
+    with atomic_path(flat) as tmp:
+        layers.composite().save(tmp, format="PNG")
+    return [path, flat]
+
+
+def _psd_bytes(layers: Layers) -> bytes:
+    from psd_tools import PSDImage  # deferred: psd-tools is only needed for PSD output
+    from psd_tools.api.layers import PixelLayer
+
+    psd = PSDImage.new("RGBA", layers.size)
+    for layer in layers.layers:
+        psd.append(PixelLayer.frompil(layer.image.convert("RGBA"), psd, layer.name, layer.top, layer.left))
+    buf = io.BytesIO()
+    psd.save(buf)
+    return buf.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _ora_bytes(layers: Layers) -> bytes:
+    """OpenRaster: `mimetype` first and stored, `stack.xml` listing layers top first, PNGs, a merged image."""
+    w, h = layers.size
+    entries = "".join(
+        f'<layer name={quoteattr(layer.name)} src="data/layer{i}.png" x="{layer.left}" y="{layer.top}"/>'
+        for i, layer in reversed(list(enumerate(layers.layers)))
+    )
+    stack = f'<?xml version="1.0" encoding="UTF-8"?><image version="0.0.3" w="{w}" h="{h}"><stack>{entries}</stack></image>'
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(zipfile.ZipInfo("mimetype"), "image/openraster", compress_type=zipfile.ZIP_STORED)
+        z.writestr("stack.xml", stack)
+        for i, layer in enumerate(layers.layers):
+            z.writestr(f"data/layer{i}.png", _png(layer.image))
+        merged = layers.composite()
+        z.writestr("mergedimage.png", _png(merged))
+        thumb = merged.copy()
+        thumb.thumbnail((256, 256))
+        z.writestr("Thumbnails/thumbnail.png", _png(thumb))
+    return buf.getvalue()
+
+
+def _zip_bytes(layers: Layers) -> bytes:
+    """PNG layers plus `layers.json` with each layer's file, name and box, bottom to top."""
+    index = []
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for i, layer in enumerate(layers.layers):
+            name = f"{i:02d}_{re.sub(r'[^a-z0-9]+', '_', layer.name.lower()).strip('_')}.png"
+            z.writestr(name, _png(layer.image))
+            index.append({"file": name, "name": layer.name, "left": layer.left, "top": layer.top,
+                          "width": layer.image.width, "height": layer.image.height})
+        z.writestr("composite.png", _png(layers.composite()))
+        z.writestr("layers.json", json.dumps({"width": layers.size[0], "height": layers.size[1], "layers": index}, indent=2))
+    return buf.getvalue()

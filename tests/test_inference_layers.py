@@ -1,0 +1,111 @@
+"""Layered output: subject cut-out, background, generated elements; PSD / OpenRaster / ZIP that reopen as written."""
+
+import json
+import zipfile
+from xml.etree import ElementTree
+
+import numpy as np
+import pytest
+from PIL import Image
+from psd_tools import PSDImage
+
+from qwen_image_lora.inference import layers as layer_output
+from qwen_image_lora.inference import masking
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
+
+W, H = 160, 96
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model_dir):
+    return Generator.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", resolution=96)
+
+
+@pytest.fixture(scope="module")
+def made(gen):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8), "RGB")
+    mask = np.zeros((H, W), np.uint8)
+    mask[20:80, 40:120] = 255  # the product
+    mask = Image.fromarray(mask, "L")
+    request = GenerationRequest("x", images=[image], num_inference_steps=2, seed=5, mask_feather=3)
+    elements = [layer_output.Element.parse("a red SALE badge@8,8,64,32")]
+    return image, mask, gen.layers(request, mask, "a marble table", elements)
+
+
+def test_layers_are_the_subject_cut_out_the_background_and_the_elements(made):
+    image, mask, result = made
+    names = [layer.name for layer in result.layers]
+    assert names[:2] == ["background", "subject"] and names[2].startswith("element 1: a red SALE badge")
+    subject = result.layers[1].image
+    assert np.array_equal(np.asarray(subject)[..., :3], np.asarray(image))  # the input's own colour
+    alpha = np.asarray(subject.getchannel("A"))
+    assert np.array_equal(alpha, np.asarray(masking.feathered_alpha(mask, 3)))  # the mask as alpha
+    assert (alpha[np.asarray(mask) == 0] == 0).all() and (alpha[50, 80] == 255)
+    element = result.layers[2]
+    assert (element.left, element.top, element.image.size) == (8, 8, (64, 32))
+    background = np.asarray(result.layers[0].image.convert("RGB")).astype(int)
+    outside = np.asarray(mask) == 0
+    assert np.array_equal(background[outside], np.asarray(image)[outside])  # a masked edit: only the hole changed
+    assert np.abs(background[~outside] - np.asarray(image)[~outside]).mean() > 5
+
+
+def test_psd_reopens_with_named_layers_at_their_offsets(made, tmp_path):
+    _, _, result = made
+    psd_path, flat_path = layer_output.save_layers(result, tmp_path / "out.psd")
+    psd = PSDImage.open(psd_path)
+    assert psd.size == (W, H)
+    reopened = list(psd)
+    assert [layer.name for layer in reopened] == [layer.name for layer in result.layers]
+    for ours, theirs in zip(result.layers, reopened, strict=True):
+        assert (theirs.left, theirs.top) == (ours.left, ours.top)
+        back = theirs.topil().convert("RGBA")
+        # The PSD may crop fully transparent borders: compare over the layer's stored box.
+        box = (theirs.left - ours.left, theirs.top - ours.top)
+        crop = ours.image.convert("RGBA").crop((*box, box[0] + back.width, box[1] + back.height))
+        assert np.array_equal(np.asarray(back), np.asarray(crop)), theirs.name
+    # The flattened file is the layers composited in order.
+    flat = np.asarray(Image.open(flat_path))
+    manual = Image.new("RGBA", (W, H), (0, 0, 0, 0))
+    for theirs in reopened:
+        manual.alpha_composite(theirs.topil().convert("RGBA"), (theirs.left, theirs.top))
+    assert np.array_equal(flat, np.asarray(manual))
+
+
+def test_openraster_and_zip_outputs(made, tmp_path):
+    _, _, result = made
+    ora, _ = layer_output.save_layers(result, tmp_path / "out.ora")
+    with zipfile.ZipFile(ora) as z:
+        first = z.infolist()[0]
+        assert first.filename == "mimetype" and first.compress_type == zipfile.ZIP_STORED
+        assert z.read("mimetype") == b"image/openraster"
+        stack = ElementTree.fromstring(z.read("stack.xml"))
+        assert [e.get("name") for e in stack.iter("layer")] == [layer.name for layer in reversed(result.layers)]
+    archive, flat = layer_output.save_layers(result, tmp_path / "out.zip")
+    with zipfile.ZipFile(archive) as z:
+        index = json.loads(z.read("layers.json"))
+        assert [entry["name"] for entry in index["layers"]] == [layer.name for layer in result.layers]
+        assert index["layers"][2] | {"file": None} == {"file": None, "name": result.layers[2].name, "left": 8, "top": 8,
+                                                        "width": 64, "height": 32}
+        assert np.array_equal(np.asarray(Image.open(z.open("composite.png"))), np.asarray(Image.open(flat)))
+
+
+def test_bad_layer_requests_are_refused_naming_the_part(gen):
+    with pytest.raises(layer_output.LayersError, match="PROMPT@x,y,w,h"):
+        layer_output.Element.parse("a badge at the top")
+    image = Image.new("RGB", (W, H))
+    request = GenerationRequest("x", images=[image], num_inference_steps=1)
+    with pytest.raises(layer_output.LayersError, match="leaves the 160x96 image"):
+        gen.layers(request, Image.new("L", (W, H), 255), elements=[layer_output.Element.parse("b@150,0,32,32")])
+    with pytest.raises(layer_output.LayersError, match="use .psd, .ora or .zip"):
+        layer_output.save_layers(layer_output.Layers((W, H)), "out.tiff")
+    with pytest.raises(masking.MaskError, match="changes nothing"):
+        gen.layers(request, Image.new("L", (W, H), 0))
+
+
+def test_auto_mask_is_the_alpha_of_the_models_own_cut_out(gen):
+    image = Image.new("RGB", (W, H), (120, 60, 30))
+    request = GenerationRequest("x", images=[image], num_inference_steps=1, seed=2)
+    cutout = gen.generate(GenerationRequest(layer_output.AUTO_MASK_PROMPT, images=[image], num_inference_steps=1, seed=2))
+    assert cutout.mode == "RGBA"
+    assert np.array_equal(np.asarray(layer_output._auto_mask(gen, request)), np.asarray(cutout.getchannel("A")))
