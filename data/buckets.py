@@ -1,43 +1,29 @@
 """Aspect-ratio buckets and the resize + crop that puts an image into one.
 
-Every image gets the bucket (multiples of 32, area <= resolution^2) with the nearest aspect ratio; a bucket
-that would need more than `max_upscale` is shrunk instead. The resize covers the bucket and a crop (centre or
+Every image gets the size the pipeline itself would give it (`model.fit_size`: multiples of 32, area ~
+resolution^2 at the image's aspect); a size that would need more than `max_upscale` is shrunk instead. The resize covers the bucket and a crop (centre or
 seeded random) cuts it to size. An edit pair's target and every reference image of the same size share one
 `Transform`, so their pixels stay aligned: a misaligned pair teaches the adapter to shift the image.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 from dataclasses import dataclass
 
 from PIL import Image
 
-SIDE = 32
-MAX_ASPECT = 4.0
-
-
-def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
-    """The largest (w, h) multiples of 32 with area <= resolution^2 for each width, aspect within 1:4..4:1."""
-    budget = resolution * resolution
-    sizes = []
-    for w in range(SIDE, resolution * 4 + 1, SIDE):
-        h = budget // w // SIDE * SIDE
-        if h >= SIDE and 1 / MAX_ASPECT <= w / h <= MAX_ASPECT:
-            sizes.append((w, h))
-    return sizes
-
+from qwen_image_lora import model as qmodel
 
 def assign_bucket(width: int, height: int, resolution: int, max_upscale: float = 1.0) -> tuple[int, int]:
-    """The bucket for an image of this size (nearest log aspect ratio, shrunk to respect max_upscale)."""
-    aspect = math.log(width / height)
-    bw, bh = min(bucket_sizes(resolution), key=lambda s: (abs(math.log(s[0] / s[1]) - aspect), -s[0] * s[1]))
+    """The size an image trains at: the pipeline's own size for it (`model.fit_size`, the one sizing rule), shrunk
+    when reaching it would upscale more than `max_upscale`."""
+    bw, bh = qmodel.fit_size(width, height, resolution)
     scale = max(bw / width, bh / height)
     if scale > max_upscale:
-        shrink = max_upscale / scale
-        bw, bh = max(SIDE, int(bw * shrink) // SIDE * SIDE), max(SIDE, int(bh * shrink) // SIDE * SIDE)
+        shrink, side = max_upscale / scale, qmodel.SIDE_MULTIPLE
+        bw, bh = max(side, int(bw * shrink) // side * side), max(side, int(bh * shrink) // side * side)
     return bw, bh
 
 

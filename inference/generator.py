@@ -22,14 +22,11 @@ ASPECT_RATIOS = {"1:1": (1, 1), "16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3),
 
 
 def size_for_aspect(aspect_ratio: str, resolution: int = 1024) -> tuple[int, int]:
-    """(width, height): multiples of 32 whose area stays within resolution^2."""
+    """(width, height) for a preset by the one sizing rule (`model.fit_size`)."""
     if aspect_ratio not in ASPECT_RATIOS:
         raise ValueError(f"aspect_ratio: {aspect_ratio!r} is not one of {', '.join(ASPECT_RATIOS)}")
     a, b = ASPECT_RATIOS[aspect_ratio]
-    w, h = qmodel.fit_size(a * 1000, b * 1000, resolution)
-    while w * h > resolution * resolution:  # rounding can overshoot the budget by a row of tokens
-        w, h = (w - 32, h) if w / h > a / b else (w, h - 32)
-    return w, h
+    return qmodel.fit_size(a, b, resolution)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,12 +164,14 @@ def _is_local(source: str) -> bool:
 
 
 def fit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """The pipeline's own rule for an input of this aspect: area ~ resolution^2, sides multiples of 32."""
-    ratio = width / height
-    w = math.sqrt(resolution * resolution * ratio)
-    return max(SIDE_MULTIPLE, round(w / SIDE_MULTIPLE) * SIDE_MULTIPLE), max(
-        SIDE_MULTIPLE, round(w / ratio / SIDE_MULTIPLE) * SIDE_MULTIPLE
-    )
+    """The one sizing rule: the pipeline's own (diffusers' `calculate_dimensions`), area ~ resolution^2 at this
+    aspect, sides multiples of 32. Training buckets, generated edits and the pipeline's resize of every condition
+    image use it, so an image trains at exactly the size the pipeline gives it at inference."""
+    # Deferred: the pipeline module imports transformers and diffusers' pipelines (seconds).
+    from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions
+
+    w, h, _ = calculate_dimensions(resolution * resolution, width / height)
+    return max(SIDE_MULTIPLE, w), max(SIDE_MULTIPLE, h)
 
 
 def to_rgba(image: Image.Image) -> Image.Image:

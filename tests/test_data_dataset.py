@@ -7,17 +7,18 @@ import pytest
 from PIL import Image
 
 from qwen_image_lora.config import load_config
-from qwen_image_lora.data.buckets import assign_bucket, bucket_sizes
+from qwen_image_lora.data.buckets import assign_bucket
 from qwen_image_lora.data.dataset import BucketBatchSampler, build_training_data
 from qwen_image_lora.data.sources import DataError, load_items
 
 
-def test_buckets_are_multiples_of_32_within_budget():
-    for w, h in bucket_sizes(1024):
-        assert w % 32 == 0 and h % 32 == 0 and w * h <= 1024 * 1024
+def test_buckets_are_the_pipelines_own_sizes_in_multiples_of_32():
     assert assign_bucket(1024, 1024, 1024) == (1024, 1024)
-    bw, bh = assign_bucket(1920, 1080, 1024)
-    assert bw > bh and abs(bw / bh - 16 / 9) < 0.15
+    # 1920x1080 trains at the size the pipeline resizes it to as an edit input (it once trained at 1344x768).
+    assert assign_bucket(1920, 1080, 1024) == (1376, 768)
+    for w, h in [(1920, 1080), (1000, 3000), (4000, 1000), (333, 777)]:
+        bw, bh = assign_bucket(w, h, 512, max_upscale=10)
+        assert bw % 32 == 0 and bh % 32 == 0 and abs(bw * bh / 512**2 - 1) < 0.1 and abs(bw / bh / (w / h) - 1) < 0.1
     # no upscaling beyond the limit: a small image gets a small bucket
     assert assign_bucket(300, 300, 1024, max_upscale=1.0) == (288, 288)
 
