@@ -26,6 +26,7 @@ from qwen_image_lora.data.dataset import SampleEncoder, TrainingDataset, plan_en
 from qwen_image_lora.data.doctor import Report, diagnose
 from qwen_image_lora.data.sources import load_items
 from qwen_image_lora.io import atomic_write_text
+from qwen_image_lora.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ def prepare(
     """Fill `cfg.data.cache_dir` for this process's share of the items; returns what it did."""
     import time
 
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     d = cfg.data
     if not d.cache_dir:
@@ -82,8 +81,8 @@ def prepare(
         dataset = TrainingDataset(entries, cfg, encoder)
         mine = range(rank, len(entries), world_size)
         stats.items = len(mine)
-        bar = tqdm(mine, desc=f"prepare [{rank}]" if world_size > 1 else "prepare", disable=not progress or rank != 0, unit="item")
-        for index in bar:
+        desc = f"prepare [{rank}]" if world_size > 1 else "prepare"
+        for index in track(mine, desc=desc, enabled=progress and rank == 0, unit="item"):
             texts = dataset.texts_for(index)
             keys = [dataset.keys(index, t) for t in texts]
             if all(cache.has(k) for t_key, s_keys, p_key in keys for k in (t_key, *s_keys, p_key)):

@@ -1,11 +1,6 @@
 """Batch jobs from a JSONL file: catalogue editing at scale, resumable, split across processes.
 
-One job per line (only `prompt` is required; image paths are relative to the JSONL file):
-
-    {"id": "sku-123", "prompt": "put it on white marble", "images": ["in/sku-123.jpg"], "seed": 7,
-     "negative_prompt": null, "width": null, "height": null, "aspect_ratio": null, "num_inference_steps": null,
-     "guidance_scale": null, "loras": {"brand": 0.8}, "output": "sku-123.webp", "quality": 90}
-
+The job format is printed by `qwen-lora batch --help` (`JOB_FORMAT` in inference/cli.py); `read_jobs` checks it.
 Each image is written atomically, then one line goes to `manifest.jsonl` with the settings actually used (size,
 steps, guidance, seed, adapters). A rerun skips every job whose output file exists, so an interrupted batch picks
 up where it stopped. Under `accelerate launch`, process i of n takes jobs i, i+n, i+2n, ... of the whole file (the
@@ -25,6 +20,7 @@ from pathlib import Path
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.images import format_for, load_image, save_image
 from qwen_image_lora.io import iter_jsonl
+from qwen_image_lora.progress import progress_bar
 
 MANIFEST = "manifest.jsonl"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -86,6 +82,14 @@ def read_jobs(path: str | Path) -> list[Job]:
     return jobs
 
 
+def pending(jobs: list[Job], output_dir: str | Path, *, process_index: int = 0, num_processes: int = 1) -> list[Job]:
+    """This process's jobs that `run_batch` would still render or record (no model needed to tell)."""
+    output_dir = Path(output_dir)
+    recorded = _recorded_ids(output_dir / MANIFEST)
+    mine = jobs[process_index::num_processes]
+    return [j for j in mine if not ((output_dir / j.output_name).exists() and j.id in recorded)]
+
+
 @dataclass
 class BatchResult:
     written: list[str] = field(default_factory=list)
@@ -106,17 +110,13 @@ def run_batch(
     extra: dict | None = None,
 ) -> BatchResult:
     """Run this process's share of `jobs`, skipping finished ones. `extra` goes into every manifest line."""
-    from tqdm.auto import tqdm
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     mine = jobs[process_index::num_processes]
     recorded = _recorded_ids(output_dir / MANIFEST)
     result = BatchResult()
-    bar = tqdm(
-        total=len(mine), desc=f"batch {process_index + 1}/{num_processes}", position=process_index,
-        disable=not progress, unit="img", dynamic_ncols=True,
-    )  # fmt: skip
+    bar = progress_bar(len(mine), desc=f"batch {process_index + 1}/{num_processes}", unit="img", enabled=progress,
+                       position=process_index)
     with bar:
         for job in mine:
             out = output_dir / job.output_name

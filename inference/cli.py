@@ -13,6 +13,22 @@ import os
 import sys
 from pathlib import Path
 
+# What `qwen-lora batch --help` shows; `inference.batch.read_jobs` checks each line against it.
+JOB_FORMAT = """\
+jobs file: JSON Lines, one job per line; only "prompt" is required.
+  prompt            the text-to-image prompt or the edit instruction
+  images            input images for an edit (1 to 10), paths relative to the jobs file; omit for text-to-image
+  id                names the output (default: the line index, 000000, 000001, ...)
+  seed              default: --seed + the line index
+  negative_prompt, guidance_scale   guidance acts only with a negative prompt and a scale > 1
+  width, height     multiples of 32; or aspect_ratio (1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3)
+  num_inference_steps               default: the pipeline's own
+  loras             {"adapter name": weight}; default: every --lora at its weight
+  output, quality   file name in --output-dir (.png, .jpg, .webp; default ID.png), JPEG/WebP quality (95)
+example line:
+  {"id": "sku-123", "prompt": "put it on white marble", "images": ["in/sku-123.jpg"], "seed": 7, "output": "sku-123.webp", "quality": 90}
+"""
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="text-to-image with the base model and optional LoRAs")
@@ -21,6 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
     p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    _overrides_arg(p)
     p.set_defaults(func=_generate, image=[])
 
     p = subparsers.add_parser("edit", help="instruction editing of 1 to 10 input images")
@@ -30,14 +47,21 @@ def register(subparsers) -> None:
     p.add_argument("--image", action="append", required=True, help="input image (repeat for up to 10)")
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
     p.add_argument("--quality", type=int, default=95)
+    _overrides_arg(p)
     p.set_defaults(func=_generate)
 
-    p = subparsers.add_parser("batch", help="run a JSONL of jobs; resumable; shards under accelerate launch")
-    p.add_argument("jobs", help="JSONL, one job per line (see qwen_image_lora/inference/batch.py)")
+    p = subparsers.add_parser(
+        "batch", help="run a JSONL of jobs; resumable; shards under accelerate launch",
+        description="Render every job of a JSON Lines file into --output-dir (one manifest.jsonl line per image). "
+        "A rerun skips finished jobs; under `accelerate launch` each process takes every n-th job.",
+        epilog=JOB_FORMAT, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("jobs", help="JSON Lines file, one job per line (format below)")
     p.add_argument("--output-dir", required=True)
     _model_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of job i without its own seed: SEED + i (default 0)")
     p.add_argument("--no-progress", action="store_true")
+    _overrides_arg(p)
     p.set_defaults(func=_batch)
 
     p = subparsers.add_parser("serve", help="HTTP service: POST /v1/images, /healthz, /metrics, /openapi.json")
@@ -57,6 +81,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=1024, help="pixel budget side: images have ~RES^2 pixels (default 1024)")
 
 
+def _overrides_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to --config, e.g. model.dtype=float32")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt")
     p.add_argument("--width", type=int)
@@ -70,7 +98,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _model_source(args):
     from qwen_image_lora.config import load_config
 
-    cfg = load_config(args.config, getattr(args, "overrides", ()) or ())
+    cfg = load_config(args.config, args.overrides)
     if args.model:
         cfg.model.pretrained = args.model
     if getattr(args, "dtype", None):
@@ -123,19 +151,24 @@ def _batch(args) -> int:
     import torch
     from accelerate import PartialState
 
-    from qwen_image_lora.inference.batch import read_jobs, run_batch
+    from qwen_image_lora.inference.batch import pending, read_jobs, run_batch
 
     jobs = read_jobs(args.jobs)  # every line checked before loading 7B weights
     # PartialState only sets up a CPU process group (gloo) when told the run is on CPU.
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)
+    share = dict(process_index=state.process_index, num_processes=state.num_processes)
+    if not pending(jobs, args.output_dir, **share):
+        print(f"process {state.process_index}: nothing left to do: all {len(jobs[state.process_index::state.num_processes])} "
+              f"jobs are done in {args.output_dir} (see manifest.jsonl); the model was not loaded", file=sys.stderr)
+        state.wait_for_everyone()
+        return 0
     generator, loras, cfg = _load(args, device=state.device)
     result = run_batch(
         generator,
         jobs,
         args.output_dir,
-        process_index=state.process_index,
-        num_processes=state.num_processes,
+        **share,
         default_loras=loras,
         base_seed=args.seed,
         progress=not args.no_progress,

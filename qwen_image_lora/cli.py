@@ -1,5 +1,5 @@
 """`qwen-lora`: one command with a subcommand per component. Each component module provides
-`register(subparsers)`; this file only wires them together."""
+`register(subparsers)`; this file only wires them together (and holds the user-facing `--help`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,21 @@ import importlib
 import sys
 
 from qwen_image_lora.config import ConfigError, load_config
+
+DESCRIPTION = """\
+Teach Qwen-Image 2.x your products, styles and typography with LoRA, check that the adapter beats the
+base model, and serve it. Training itself runs under accelerate: accelerate launch train/lora.py --config CFG
+
+the workflow, in order:
+  qwen-lora validate configs/brand.yaml                 check a config, its paths and its data (seconds)
+  qwen-lora data doctor configs/brand.yaml              what is wrong with my data?
+  qwen-lora data prepare --config configs/brand.yaml    encode latents and prompts once
+  accelerate launch train/lora.py --config configs/brand.yaml
+  qwen-lora eval --config configs/brand.yaml --adapter outputs/brand --checkpoints outputs/brand
+  qwen-lora generate --config configs/brand.yaml --lora outputs/brand --prompt "a qwnbrand bottle" --output a.png
+
+Every command that reads a config takes section.key=value overrides, e.g. train.max_steps=10 model.dtype=float32.
+`qwen-lora COMMAND --help` shows a command's options."""
 
 # Each module adds its own subcommands (and their options) in `register(subparsers)`.
 COMMAND_MODULES = [
@@ -20,8 +35,22 @@ COMMAND_MODULES = [
 
 
 def _validate(args) -> int:
+    """The config, then what it points at: the model folder (when local) and the data source, no weights loaded."""
+    from qwen_image_lora.data.sources import load_items
+    from qwen_image_lora.model import check_pretrained
+
     cfg = load_config(args.config, args.overrides)
-    print(f"{args.config}: OK (model {cfg.model.pretrained}, output {cfg.output_dir})")
+    check_pretrained(cfg.model.pretrained)
+    if cfg.data.path is None:
+        data = "data.path not set (needed only for training)"
+    else:
+        items = load_items(cfg.data)  # raises DataError naming data.path (or the manifest line)
+        edits = sum(it.kind == "edit" for it in items)
+        missing = [it for it in items if not all(p.is_file() for p in (it.target, *it.sources))]
+        data = f"data {len(items)} items ({len(items) - edits} t2i, {edits} edit) in {cfg.data.path}"
+        if missing:
+            data += f"; {len(missing)} name a missing file, e.g. {missing[0].id} (`qwen-lora data doctor` lists them)"
+    print(f"{args.config}: OK (model {cfg.model.pretrained}, output {cfg.output_dir})\n  {data}")
     return 0
 
 
@@ -40,10 +69,10 @@ def _make_sample_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-lora", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qwen-lora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check a config without loading any weights")
+    p = sub.add_parser("validate", help="check a config, the model folder and the data source (no weights loaded)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=_validate)
@@ -71,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a `nargs="*"` positional only the words right after the previous positional; overrides
+    # written after later options (`batch jobs.jsonl --output-dir out model.dtype=float32`) arrive here.
+    if extra and hasattr(args, "overrides") and not any(a.startswith("-") or "=" not in a for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args) or 0
     except (ConfigError, FileNotFoundError, ValueError) as e:

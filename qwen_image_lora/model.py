@@ -52,6 +52,7 @@ def load_pipeline(
     `Qwen/Qwen-Image-2.1` take the same path. `text_encoder=False` / `vae=False` skip those weights (for
     training from cached latents and embeddings); `transformer=False` skips the 7B denoiser (for encoding only).
     """
+    check_pretrained(pretrained)  # a mistyped folder fails here, before seconds of imports and weight loading
     from diffusers import (
         AutoencoderKLQwenImage21,
         FlowMatchEulerDiscreteScheduler,
@@ -62,11 +63,6 @@ def load_pipeline(
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     source = str(pretrained)
-    if _is_local(source) and not (Path(source) / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"model.pretrained: {source} has no model_index.json; point it at a diffusers-format folder "
-            "(e.g. one written by scripts/make_tiny_model.py) or a hub id such as Qwen/Qwen-Image-2.1"
-        )
     common = {"revision": revision}
     components = {
         "transformer": QwenImage21Transformer2DModel.from_pretrained(
@@ -156,8 +152,22 @@ def offload_encoders(pipe, device: torch.device) -> None:
             apply_group_offloading(module, onload_device=device, offload_device="cpu", offload_type="leaf_level")
 
 
+def check_pretrained(pretrained: str | Path) -> None:
+    """Raise FileNotFoundError naming `model.pretrained` when it looks like a local folder but is not a model."""
+    source = str(pretrained)
+    if not _is_local(source):
+        return
+    hint = ("point it at a diffusers-format folder (`qwen-lora make-tiny-model DIR` writes a tiny test one) "
+            "or a hub id such as Qwen/Qwen-Image-2.1")
+    if not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"model.pretrained: {source} does not exist; {hint}")
+    if not (Path(source).expanduser() / "model_index.json").is_file():
+        raise FileNotFoundError(f"model.pretrained: {source} has no model_index.json; {hint}")
+
+
 def _is_local(source: str) -> bool:
-    return Path(source).exists() or source.startswith((".", "/", "~"))
+    """A path, not a hub id: it exists, starts like a path, or its first part is a local folder (outputs/nope)."""
+    return Path(source).exists() or source.startswith((".", "/", "~")) or Path(source.split("/")[0]).is_dir()
 
 
 # ------------------------------------------------------------------------------------------ images

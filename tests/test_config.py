@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from qwen_image_lora.config import ConfigError, load_config, save_config
@@ -76,9 +78,46 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-def test_cli_validate_reports_field(capsys):
+def test_cli_validate_reports_field(capsys, tiny_model_dir, sample_data_dir):
     from qwen_image_lora.cli import main
 
     assert main(["validate", "configs/demo.yaml", "train.max_stepz=3"]) == 2
     assert "train.max_steps" in capsys.readouterr().err
-    assert main(["validate", "configs/demo.yaml"]) == 0
+    found = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'manifest.jsonl'}"]
+    assert main(["validate", "configs/demo.yaml", *found]) == 0
+    items = [json.loads(line) for line in (sample_data_dir / "manifest.jsonl").read_text().splitlines()]
+    edits = sum("sources" in row for row in items)
+    assert f"{len(items)} items ({len(items) - edits} t2i, {edits} edit)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("field", ["model.pretrained", "data.path"])
+def test_cli_validate_checks_that_paths_exist(field, tmp_path, capsys, tiny_model_dir, sample_data_dir):
+    from qwen_image_lora.cli import main
+
+    found = {"model.pretrained": str(tiny_model_dir), "data.path": str(sample_data_dir / "brand")}
+    found[field] = str(tmp_path / "nope")
+    assert main(["validate", "configs/demo.yaml", *(f"{k}={v}" for k, v in found.items())]) == 2
+    err = capsys.readouterr().err
+    assert f"{field}: {tmp_path / 'nope'} does not exist" in err
+    if field == "model.pretrained":
+        assert "qwen-lora make-tiny-model" in err
+
+
+def test_cli_validate_checks_that_the_data_source_parses(tmp_path, capsys, tiny_model_dir):
+    from qwen_image_lora.cli import main
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "a.png", "caption": "x"}\n{"caption": "no image"}\n')
+    argv = ["validate", "configs/demo.yaml", f"model.pretrained={tiny_model_dir}", f"data.path={manifest}"]
+    assert main(argv) == 2
+    assert "m.jsonl:2: t2i rows need 'image'" in capsys.readouterr().err
+
+
+def test_a_missing_local_model_fails_before_loading_naming_the_path(tmp_path, monkeypatch):
+    from qwen_image_lora.model import load_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()  # "outputs/nope" looks like a hub id, but outputs/ is a local folder: a typo
+    for pretrained in ("outputs/nope", str(tmp_path / "models" / "tiny")):
+        with pytest.raises(FileNotFoundError, match=rf"model.pretrained: {pretrained} does not exist.*qwen-lora make-tiny-model"):
+            load_pipeline(pretrained)

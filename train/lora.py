@@ -23,6 +23,7 @@ import torch
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, ConfigError, load_config, save_config, to_dict
+from qwen_image_lora.progress import progress_bar
 from qwen_image_lora.train import adapter, export, objective, optim, validation
 from qwen_image_lora.train.checkpoint import (
     CheckpointError,
@@ -187,8 +188,8 @@ class LoRARecipe:
             now = time.perf_counter()
             self._log(step_loss, grad_norm, now - tick)
             tick = now
+            bar.set_postfix(loss=f"{step_loss:.4f}")  # before update: a log line shows this step's loss
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
             self._check_guards(step_loss, grad_norm)
             self._maybe_validate()
             self._maybe_checkpoint()
@@ -402,9 +403,7 @@ def _versions() -> dict:
 
 
 def _progress_bar(total: int, initial: int, main: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="steps", disable=not (main and sys.stderr.isatty()))
+    return progress_bar(total, initial=initial, desc="steps", unit="step", enabled=main)
 
 
 def main(argv: list[str] | None = None) -> int:

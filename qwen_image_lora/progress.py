@@ -1,0 +1,98 @@
+"""Progress of long work (training, data prepare, batch, eval): a tqdm bar on a terminal, and where stderr is not
+one (a log file, a job scheduler, nohup) a plain line every `QWEN_LORA_PROGRESS_SECONDS` (default 30) instead of
+silence or a log full of carriage returns:
+
+    12:04:31 steps 240/1000 (24%) loss=0.4312 | 0.61 s/step, ETA 0:07:44
+
+    bar = progress_bar(total, desc="steps", unit="step")     # update(n), set_postfix(**kw), write(msg), close()
+    for item in track(items, desc="prepare", unit="item"): ...
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+INTERVAL_ENV = "QWEN_LORA_PROGRESS_SECONDS"
+DEFAULT_INTERVAL_S = 30.0
+
+
+def progress_bar(total: int, *, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True, position: int = 0):
+    """A tqdm bar when stderr is a terminal, else a `LineProgress`; a disabled one prints nothing."""
+    if enabled and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, position=position, dynamic_ncols=True)
+    return LineProgress(total, desc=desc, unit=unit, initial=initial, enabled=enabled)
+
+
+def track(items: Iterable, *, desc: str, unit: str = "it", enabled: bool = True) -> Iterator:
+    """Iterate `items` (a sized iterable) with a progress bar."""
+    bar = progress_bar(len(items), desc=desc, unit=unit, enabled=enabled)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _interval() -> float:
+    raw = os.environ.get(INTERVAL_ENV)
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_INTERVAL_S
+    except ValueError:
+        return DEFAULT_INTERVAL_S
+
+
+class LineProgress:
+    """The tqdm subset the callers use, printing one line per `interval` seconds to stderr (and one at the end)."""
+
+    def __init__(self, total: int, *, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True,
+                 interval: float | None = None):
+        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
+        self.n = self.initial = initial
+        self.interval = _interval() if interval is None else interval
+        self.postfix: dict[str, object] = {}
+        self.start = self.last = time.monotonic()
+        self.printed_n = initial
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.enabled and time.monotonic() - self.last >= self.interval:
+            self._print()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+
+    def write(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.n != self.printed_n:
+            self._print()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _line(self) -> str:
+        done = self.n - self.initial
+        seconds = (time.monotonic() - self.start) / done if done else None
+        parts = [f"{self.desc} {self.n}/{self.total}"]
+        if self.total:
+            parts[0] += f" ({100 * self.n // self.total}%)"
+        parts += [f"{k}={v}" for k, v in self.postfix.items()]
+        if seconds is not None:
+            eta = datetime.timedelta(seconds=round(seconds * max(0, self.total - self.n)))
+            parts.append(f"| {seconds:.3g} s/{self.unit}, ETA {eta}")
+        return " ".join(parts)
+
+    def _print(self) -> None:
+        self.last, self.printed_n = time.monotonic(), self.n
+        print(f"{time.strftime('%H:%M:%S')} {self._line()}", file=sys.stderr, flush=True)
