@@ -127,3 +127,65 @@ def test_batch_shards_across_two_accelerate_processes(tiny_model_dir, tmp_path):
         by_process[e["process_index"]].add(e["index"])
     assert by_process == {0: {0, 2, 4}, 1: {1, 3, 5}}
     assert len([p for p in out.iterdir() if p.suffix in (".png", ".webp")]) == 6
+
+
+def test_overrides_reach_generate_edit_and_batch(tiny_model_dir, tmp_path, capsys):
+    # The model comes only from an override written after the other options, as on every other command.
+    out = tmp_path / "a.png"
+    argv = ["generate", "--prompt", "a bottle", "--steps", "1", "--width", "64", "--height", "64", "--output", str(out),
+            f"model.pretrained={tiny_model_dir}", "model.dtype=float32"]
+    assert main(argv) == 0 and out.is_file()
+    src = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "red").save(src)
+    assert main(["edit", "--image", str(src), "--prompt", "x", "--output", str(tmp_path / "e.png"),
+                 f"model.pretrained={tmp_path / 'nope'}"]) == 2
+    assert f"model.pretrained: {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    jobs = _jobs(tmp_path, n=1)
+    assert main(["batch", str(jobs), "--output-dir", str(tmp_path / "b"), f"model.pretrained={tmp_path / 'nope'}"]) == 2
+    assert f"model.pretrained: {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "x", "--output", str(out), "--bogus"])  # a real unknown option still fails
+
+
+def test_help_speaks_to_users_and_batch_help_shows_a_valid_job_line(tmp_path, capsys):
+    from qwen_image_lora.inference.batch import _TYPES
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "qwen-lora validate" in top and "accelerate launch train/lora.py" in top and "register(" not in top
+    with pytest.raises(SystemExit):
+        main(["batch", "--help"])
+    text = capsys.readouterr().out
+    assert "batch.py" not in text and all(field in text for field in _TYPES)
+    example = text.split("example line:")[1].strip().splitlines()[0]
+    (tmp_path / "jobs.jsonl").write_text(example + "\n")
+    (job,) = read_jobs(tmp_path / "jobs.jsonl")  # the documented example is a valid job
+    assert job.id == "sku-123" and job.output_name == "sku-123.webp"
+
+
+def test_batch_with_nothing_left_says_so_without_loading_the_model(tmp_path, capsys):
+    jobs, out = _jobs(tmp_path, n=3), tmp_path / "out"
+    out.mkdir()
+    for job in read_jobs(jobs):  # a finished batch: every image and its manifest line
+        Image.new("RGB", (8, 8)).save(out / job.output_name)
+    (out / "manifest.jsonl").write_text("".join(json.dumps({"id": job.id}) + "\n" for job in read_jobs(jobs)))
+    # The model folder does not exist: any attempt to load it would fail the command.
+    argv = ["batch", str(jobs), "--output-dir", str(out), "--model", str(tmp_path / "no-model")]
+    assert main(argv) == 0
+    assert "nothing left to do: all 3 jobs are done" in capsys.readouterr().err
+    (out / "000001.png").unlink()  # one job left: now the model is needed (and its absence is reported)
+    assert main(argv) == 2
+    assert "no-model does not exist" in capsys.readouterr().err
+
+
+def test_batch_prints_progress_lines_when_stderr_is_not_a_terminal(tiny_model_dir, tmp_path):
+    jobs, out = _jobs(tmp_path, n=2), tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "QWEN_LORA_PROGRESS_SECONDS": "0"}
+    cmd = [sys.executable, "-m", "qwen_image_lora.cli", "batch", str(jobs), "--output-dir", str(out),
+           "--model", str(tiny_model_dir), *TINY]
+    proc = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True, timeout=240)  # stderr is a pipe
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "batch 1/1" in line]
+    assert [line.split()[3] for line in lines] == ["1/2", "2/2"], proc.stderr
+    assert "s/img, ETA" in lines[0] and "\r" not in proc.stderr
