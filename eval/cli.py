@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 
@@ -16,6 +17,11 @@ def _eval(args: argparse.Namespace) -> int:
         overrides.append(f"eval.output_dir={args.output}")
     cfg = load_config(args.config, overrides)
     html_path, json_path = evaluate(cfg, args.adapter, args.checkpoints)
+    report = json.loads(json_path.read_text())
+    for verdict in report["verdicts"].values():  # the report's own verdict lines, computed once
+        print(verdict["line"])
+    if report["best_checkpoint"]:
+        print(f"best by held-out loss: {report['best_checkpoint']}")
     print(f"report: {html_path}\nnumbers: {json_path}")
     return 0
 
@@ -31,7 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", required=True, help="the YAML config (its eval section drives this command)")
     p.add_argument("--adapter", action="append", default=[], metavar="PATH",
                    help="an adapter folder or .safetensors file; repeat to compare several")
-    p.add_argument("--checkpoints", metavar="RUN_DIR", help="rank every checkpoint in RUN_DIR/checkpoints by held-out loss")
+    p.add_argument("--checkpoints", metavar="RUN_DIR",
+                   help="rank every checkpoint in RUN_DIR/checkpoints and the final adapter by held-out loss "
+                   "(the held-out settings must match RUN_DIR/config.yaml)")
     p.add_argument("--output", metavar="DIR", help="where to write the report (default: eval.output_dir)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.seeds=[0,1,2]")
     p.set_defaults(func=_eval)

@@ -8,21 +8,24 @@ variant, so base and adapter images are paired and their differences get paired 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, EditExample, to_dict
 from qwen_image_lora.eval import metrics as M
-from qwen_image_lora.eval.report import BASE, CheckpointScore, Sample, log_to_wandb, summarise, write_report
+from qwen_image_lora.eval.report import BASE, CheckpointScore, Sample, log_to_wandb, summarise, verdicts, write_report
 from qwen_image_lora.inference.adapters import adapter_name_for
 from qwen_image_lora.inference.formats import resolve_file
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.progress import progress_bar, track
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ def evaluate(
     # Find every input before loading the model, so a typo fails in seconds rather than after rendering.
     files = {name: resolve_file(path) for name, path in names.items()}
     found = find_checkpoints(checkpoints_dir) if checkpoints_dir else []
+    if checkpoints_dir:
+        notes += check_run_config(cfg, checkpoints_dir)
     if pipe is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe = qmodel.load_pipeline(cfg.model.pretrained, cfg.model.dtype, device, revision=cfg.model.revision)
@@ -63,16 +68,16 @@ def evaluate(
     finally:
         for name in generator.adapters.names:
             generator.adapters.unload(name)
-    _score(samples, jobs, cfg, notes, device=str(pipe.device))
+    not_measured = _score(samples, jobs, cfg, notes, device=str(pipe.device))
     if checkpoints:
         best = min(checkpoints, key=lambda c: c.loss)
         notes.append(f"Best checkpoint by held-out loss: {best.name} (step {best.step}, loss {best.loss:.5g}).")
     paths = write_report(cfg.eval.output_dir, samples, notes=notes, checkpoints=checkpoints, config=to_dict(cfg),
-                         seed=cfg.train.seed)
+                         seed=cfg.train.seed, not_measured=not_measured)
     if cfg.tracking.backend == "wandb":
-        variants = [BASE, *names]
-        log_to_wandb(cfg.tracking.project, cfg.tracking.run_name, cfg.eval.output_dir, samples,
-                     summarise(samples, variants, seed=cfg.train.seed))
+        summary = summarise(samples, [BASE, *names], seed=cfg.train.seed)
+        log_to_wandb(cfg.tracking.project, cfg.tracking.run_name, cfg.eval.output_dir, samples, summary,
+                     verdicts(summary, not_measured))
     return paths
 
 
@@ -115,6 +120,7 @@ def _render(generator: Generator, cfg: Config, jobs: list[_Job], names: list[str
     e = cfg.eval
     samples = [Sample(j.kind, j.prompt, j.seed, images={}) for j in jobs]
     sources = {id(j.edit): [_open(p) for p in j.edit.images] for j in jobs if j.edit is not None}
+    bar = progress_bar(len(jobs) * (1 + len(names)), desc="eval images", unit="img")
     for variant in [BASE, *names]:
         for job, sample in zip(jobs, samples):
             images = sources[id(job.edit)] if job.edit is not None else []
@@ -133,21 +139,31 @@ def _render(generator: Generator, cfg: Config, jobs: list[_Job], names: list[str
             sample.images[variant] = generator.generate(request)
             if images:
                 sample.source = images[-1]
+            bar.update(1)
         logger.info("rendered %d images for %s", len(jobs), variant)
+    bar.close()
     return samples
 
 
 # ----------------------------------------------------------------------------------------- scoring
 
 
-def _score(samples: list[Sample], jobs: list[_Job], cfg: Config, notes: list[str], device: str) -> None:
-    """Fill `sample.metrics[variant]`; a metric that does not apply to a sample is simply absent."""
+def _score(samples: list[Sample], jobs: list[_Job], cfg: Config, notes: list[str], device: str) -> dict[str, str]:
+    """Fill `sample.metrics[variant]`; a metric that does not apply to a sample is simply absent. Returns what
+    was not measured and why (for the verdict); `notes` get how to measure it."""
     e = cfg.eval
+    not_measured = {}
     scorer, references = _clip(cfg, notes, device)
+    if scorer is None:
+        not_measured["CLIPScore"] = "eval.clip_model is not set"
     if not e.palette:
         notes.append("Palette distance skipped: set eval.palette to the brand's hex colours.")
+        not_measured["palette"] = "eval.palette is not set"
     if not any(M.quoted_text(s.prompt) for s in samples):
         notes.append('Text accuracy skipped: no prompt quotes text to render (e.g. a poster that says "SALE").')
+        not_measured["text accuracy"] = "no quoted text in the prompts"
+    if not any(j.edit is not None for j in jobs):
+        not_measured["edit preservation"] = "no eval.edits"
     for s, job in zip(samples, jobs):
         mask = _mask(job.edit, s.source) if job.edit is not None else None
         for variant, image in s.images.items():
@@ -167,6 +183,7 @@ def _score(samples: list[Sample], jobs: list[_Job], cfg: Config, notes: list[str
                 if references is not None:
                     m["reference_similarity"] = float((scorer.embed_images([image]) @ references.T).mean())
             s.metrics[variant] = m
+    return not_measured
 
 
 def _clip(cfg: Config, notes: list[str], device: str):
@@ -197,8 +214,16 @@ def _mask(edit: EditExample, source: Image.Image) -> Image.Image | None:
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
+# Settings that decide which items are held out: scoring another split could score items the run trained on.
+_SPLIT_KEYS = ("data.path", "data.format", "data.split", "data.columns", "validation.held_out_fraction")
+# Settings that change the held-out loss but not the split: the ranking holds, the numbers differ from the run's.
+_LOSS_KEYS = ("model.pretrained", "data.resolution", "data.caption_template", "data.trigger_word", "validation.seed")
+
+
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int, str, Path]]:
-    """(step, name, adapter folder) of every complete checkpoint of a run, oldest first."""
+    """(step, name, adapter folder) of every complete checkpoint of a run, oldest first, then the run's final
+    adapter (named "final") when training has written it."""
+    from qwen_image_lora.train.adapter import WEIGHTS_NAME
     from qwen_image_lora.train.checkpoint import Checkpointer
 
     run_dir = Path(run_dir)
@@ -209,9 +234,36 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, str, Path]]:
         if not (folder / "adapter").is_dir():
             raise FileNotFoundError(f"--checkpoints: {folder} has no adapter/ folder")
         found.append((int(folder.name.removeprefix("step-")), folder.name, folder / "adapter"))
+    metadata = run_dir / "training_metadata.json"
+    if (run_dir / WEIGHTS_NAME).is_file() and metadata.is_file():
+        found.append((int(json.loads(metadata.read_text())["steps"]), "final", run_dir))
     if not found:
-        raise FileNotFoundError(f"--checkpoints: no step-<N> checkpoint folders in {run_dir / 'checkpoints'}")
+        raise FileNotFoundError(f"--checkpoints: no step-<N> checkpoint folders in {run_dir / 'checkpoints'} "
+                                f"and no final adapter ({WEIGHTS_NAME} + training_metadata.json) in {run_dir}")
     return found
+
+
+def check_run_config(cfg: Config, run_dir: str | Path) -> list[str]:
+    """Compare the held-out settings with the run's saved config: a different split is an error (ValueError),
+    other differences come back as report notes."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        return [f"{saved_path} not found: could not check that the checkpoints are scored on the run's held-out split."]
+    saved, current = yaml.safe_load(saved_path.read_text()) or {}, to_dict(cfg)
+    differ = {k: (_get(saved, k), _get(current, k)) for k in (*_SPLIT_KEYS, *_LOSS_KEYS) if _get(saved, k) != _get(current, k)}
+    split = [f"{k} is {here!r} here but {run!r} in the run" for k, (run, here) in differ.items() if k in _SPLIT_KEYS]
+    if split:
+        raise ValueError(f"--checkpoints {run_dir}: the held-out split differs from the run's ({'; '.join(split)}), so "
+                         f"held-out items could be training items. Pass --config {saved_path}, or set those keys to "
+                         "the run's values")
+    return [f"Held-out losses differ from the run's logged heldout_loss: {k} is {here!r} here but {run!r} in the run."
+            for k, (run, here) in differ.items()]
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def score_checkpoints(cfg: Config, generator: Generator, checkpoints: list[tuple[int, str, Path]]) -> list[CheckpointScore]:
@@ -229,7 +281,7 @@ def score_checkpoints(cfg: Config, generator: Generator, checkpoints: list[tuple
         raise ValueError("validation.held_out_fraction: no held-out items to score checkpoints on; set it to the "
                          "fraction the run held out (> 0)")
     scores = []
-    for step, name, adapter in checkpoints:
+    for step, name, adapter in track(checkpoints, desc="checkpoints", unit="adapter"):
         loaded = generator.adapters.load(adapter, name=f"eval-{name}")
         try:
             generator.adapters.set({loaded: 1.0})

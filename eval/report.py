@@ -30,20 +30,22 @@ class MetricInfo:
     label: str
     higher_is_better: bool
     unit: str = ""
+    short: str = ""  # its name in the verdict line
 
 
 # Every metric the evaluator may emit, in display order. A metric with no finite value is left out.
 METRICS: dict[str, MetricInfo] = {
-    "clip_score": MetricInfo("CLIPScore", True),
-    "reference_similarity": MetricInfo("Reference similarity", True),
-    "palette_delta_e": MetricInfo("Palette distance (CIEDE2000)", False, "ΔE"),
-    "text_cer": MetricInfo("Text CER", False),
-    "text_word_accuracy": MetricInfo("Text word accuracy", True),
-    "ssim": MetricInfo("Preservation SSIM", True),
-    "psnr": MetricInfo("Preservation PSNR", True, "dB"),
-    "shift_px": MetricInfo("Edit shift", False, "px"),
-    "scale_error": MetricInfo("Edit zoom |scale - 1|", False),
+    "clip_score": MetricInfo("CLIPScore", True, short="CLIPScore"),
+    "reference_similarity": MetricInfo("Reference similarity", True, short="reference similarity"),
+    "palette_delta_e": MetricInfo("Palette distance (CIEDE2000)", False, "ΔE", short="palette distance"),
+    "text_cer": MetricInfo("Text CER", False, short="text CER"),
+    "text_word_accuracy": MetricInfo("Text word accuracy", True, short="text word accuracy"),
+    "ssim": MetricInfo("Preservation SSIM", True, short="edit preservation SSIM"),
+    "psnr": MetricInfo("Preservation PSNR", True, "dB", short="edit preservation PSNR"),
+    "shift_px": MetricInfo("Edit shift", False, "px", short="edit shift"),
+    "scale_error": MetricInfo("Edit zoom |scale - 1|", False, short="edit zoom"),
 }
+BETTER, WORSE, UNCLEAR = "better", "worse", "no clear difference"
 
 
 @dataclass
@@ -87,6 +89,45 @@ def summarise(samples: list[Sample], variants: list[str], seed: int = 0) -> dict
     return out
 
 
+def compare(metric: str, delta: dict) -> str:
+    """BETTER or WORSE than base when the paired interval of (adapter - base) excludes zero, else UNCLEAR.
+    A single pair has a zero-width interval, so it needs at least two."""
+    low, high = delta["low"], delta["high"]
+    if delta["n"] < 2 or not (math.isfinite(low) and math.isfinite(high)) or low <= 0 <= high:
+        return UNCLEAR
+    return BETTER if (delta["mean"] > 0) == METRICS[metric].higher_is_better else WORSE
+
+
+def verdicts(summary: dict, not_measured: dict[str, str] | None = None) -> dict[str, dict]:
+    """One verdict per adapter against base, from `summarise`'s paired deltas: the line every output opens with
+    (report, JSON, CLI, W&B) and its parts. `not_measured`: what was not scored -> why (e.g. no quoted text).
+
+        brand: better palette distance (ΔE -3.1, CI -4..-2.2); no clear difference in edit shift; not measured: ...
+    """
+    adapters = list(dict.fromkeys(a for entry in summary.values() for a in entry["delta"]))
+    out = {}
+    for adapter in adapters:
+        metrics = {m: {"verdict": compare(m, e["delta"][adapter]), **e["delta"][adapter]}
+                   for m, e in summary.items() if adapter in e["delta"]}
+        parts = []
+        for word in (BETTER, WORSE):
+            for m, d in metrics.items():
+                if d["verdict"] == word:
+                    info = METRICS[m]
+                    unit = f"{info.unit} " if info.unit else ""
+                    sign = "+" if d["mean"] > 0 else ""
+                    parts.append(f"{word} {info.short} ({unit}{sign}{_fmt(d['mean'])}, "
+                                 f"CI {_fmt(d['low'])}..{_fmt(d['high'])})")
+        unclear = [METRICS[m].short for m, d in metrics.items() if d["verdict"] == UNCLEAR]
+        if unclear:
+            parts.append(f"{UNCLEAR} in {', '.join(unclear)}")
+        if not_measured:
+            parts.append("not measured: " + ", ".join(f"{what} ({why})" for what, why in not_measured.items()))
+        out[adapter] = {"line": f"{adapter}: " + ("; ".join(parts) or "nothing measured"), "metrics": metrics,
+                        "not_measured": dict(not_measured or {})}
+    return out
+
+
 def _interval(ci: Interval) -> dict:
     return {"mean": ci.mean, "low": ci.low, "high": ci.high, "n": ci.n}
 
@@ -114,18 +155,22 @@ def write_report(
     checkpoints: list[CheckpointScore] = (),
     config: dict | None = None,
     seed: int = 0,
+    not_measured: dict[str, str] | None = None,
 ) -> tuple[Path, Path]:
-    """Write `report.html` and `report.json` into `out_dir`; returns their paths.
+    """Write `report.html` and `report.json` into `out_dir`; returns their paths. Both open with the verdicts.
 
-    notes: lines shown at the top (e.g. which metrics were skipped and why). checkpoints: held-out losses of
-    a run's checkpoints; the lowest is marked best. config: the resolved config, stored in the JSON.
+    notes: lines shown at the top (e.g. which metrics were skipped and how to enable them). checkpoints: held-out
+    losses of a run's checkpoints; the lowest is marked best. config: the resolved config, stored in the JSON.
+    not_measured: metrics not scored -> why, for the verdict line.
     """
     out_dir = Path(out_dir)
     variants = _variants(samples)
     summary = summarise(samples, variants, seed=seed)
+    verdict = verdicts(summary, not_measured)
     best = min(checkpoints, key=lambda c: c.loss).name if checkpoints else None
     data = {
         "title": title,
+        "verdicts": verdict,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "variants": variants,
         "notes": list(notes),
@@ -138,7 +183,7 @@ def write_report(
     }
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     atomic_write_text(json_path, json.dumps(_finite_or_none(data), indent=2, allow_nan=False))
-    atomic_write_text(html_path, _render_html(title, variants, samples, summary, list(notes), list(checkpoints), best))
+    atomic_write_text(html_path, _render_html(title, variants, samples, summary, verdict, list(notes), list(checkpoints), best))
     return html_path, json_path
 
 
@@ -156,6 +201,7 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}.better{color:#0a7d2c}.worse{color:#b3261e}.best{font-weight:bold}
+.verdict{font-size:15px;background:#eef6ff;border:1px solid #9cc3e8;padding:8px 12px;margin-bottom:8px}
 .notes{background:#fff8e1;border:1px solid #f0d98c;padding:8px 12px;font-size:13px}
 .grid td,.grid th{vertical-align:top;text-align:center}.grid img{max-width:256px;max-height:256px;display:block;margin:auto}
 .grid .prompt{text-align:left;max-width:260px;font-size:12px}.cap{font-size:11px;color:#555;text-align:left}
@@ -170,9 +216,11 @@ def _ci_text(entry: dict) -> str:
     return f"{_fmt(entry['mean'])} <small>[{_fmt(entry['low'])}, {_fmt(entry['high'])}]</small>"
 
 
-def _render_html(title, variants, samples, summary, notes, checkpoints, best) -> str:
+def _render_html(title, variants, samples, summary, verdict, notes, checkpoints, best) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if verdict:
+        parts.append("<div class='verdict'>" + "<br>".join(html.escape(v["line"]) for v in verdict.values()) + "</div>")
     parts.append(f"<p>{len(samples)} samples; variants: {', '.join(html.escape(v) for v in variants)}. "
                  "Means with bootstrap 95% intervals; Δ is the paired difference to base.</p>")
     if notes:
@@ -199,10 +247,8 @@ def _metric_table(variants, summary) -> str:
         unit = f" ({info.unit})" if info.unit else ""
         cells = "".join(f"<td>{_ci_text(entry['variants'][v])}</td>" for v in variants)
         for v, d in entry["delta"].items():
-            # Colour only a difference whose interval excludes zero.
-            cls = ""
-            if d["n"] and math.isfinite(d["low"]) and (d["low"] > 0 or d["high"] < 0):
-                cls = "better" if (d["mean"] > 0) == info.higher_is_better else "worse"
+            # Colour only a difference whose interval excludes zero (the verdict's rule).
+            cls = {BETTER: "better", WORSE: "worse"}.get(compare(name, d), "")
             cells += f"<td class='{cls}'>{'+' if d['mean'] > 0 else ''}{_ci_text(d)}</td>"
         rows.append(f"<tr><td class='l'>{html.escape(info.label)}{unit} {arrow}</td>{cells}</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
@@ -303,9 +349,11 @@ def _checkpoint_plot(checkpoints, best) -> bytes:
 # ----------------------------------------------------------------------------------------- W&B
 
 
-def log_to_wandb(project: str, run_name: str | None, out_dir: str | Path, samples: list[Sample], summary: dict) -> None:
-    """One W&B run (job_type "eval"): a table with a row per prompt, seed and variant (image + its metrics), and
-    each variant's mean of each metric as summary values. Honours WANDB_MODE (offline writes under `out_dir`)."""
+def log_to_wandb(project: str, run_name: str | None, out_dir: str | Path, samples: list[Sample], summary: dict,
+                 verdict: dict[str, dict]) -> None:
+    """One W&B run (job_type "eval"): a table with a row per prompt, seed and variant (image + its metrics), each
+    variant's mean of each metric and each adapter's verdict line as summary values. Honours WANDB_MODE (offline
+    writes under `out_dir`)."""
     import wandb
 
     variants = _variants(samples)
@@ -324,6 +372,8 @@ def log_to_wandb(project: str, run_name: str | None, out_dir: str | Path, sample
     run = wandb.init(project=project, name=run_name, job_type="eval", dir=str(out_dir), reinit="finish_previous")
     try:
         run.log({"eval/samples": table, **images})
+        for adapter, v in verdict.items():
+            run.summary[f"eval/verdict/{adapter}"] = v["line"]
         for m in names:
             for v, interval in summary[m]["variants"].items():
                 run.summary[f"eval/{m}/{v}"] = interval["mean"]

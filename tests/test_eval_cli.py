@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from qwen_image_lora.cli import main
-from qwen_image_lora.config import load_config
-from qwen_image_lora.eval.evaluator import _adapter_names, evaluate, find_checkpoints
+from qwen_image_lora.config import load_config, save_config
+from qwen_image_lora.eval.evaluator import _adapter_names, check_run_config, evaluate, find_checkpoints
 
 
 def _make_adapter(model_dir: Path, out: Path, std: float, seed: int = 0) -> Path:
@@ -63,15 +63,28 @@ def config_path(tmp_path, tiny_model_dir, sample_data_dir) -> Path:
     return path
 
 
-def test_eval_cli_compares_adapters_and_ranks_checkpoints(config_path, adapters, tmp_path, capsys):
-    run = tmp_path / "run"
-    for step, name in ((10, "noop"), (20, "noisy")):  # the layout train/checkpoint.py writes
+def _run_folder(run: Path, adapters, cfg) -> Path:
+    """The layout train/lora.py writes: checkpoints/step-N/adapter, then the final adapter, metadata and config."""
+    for step, name in ((10, "noop"), (20, "noisy")):
         shutil.copytree(adapters[name], run / "checkpoints" / f"step-{step:06d}" / "adapter")
+    shutil.copy(adapters["noisy"] / "pytorch_lora_weights.safetensors", run)
+    (run / "training_metadata.json").write_text(json.dumps({"steps": 30}))
+    save_config(cfg, run / "config.yaml")
+    return run
+
+
+def test_eval_cli_compares_adapters_and_ranks_checkpoints(config_path, adapters, tmp_path, capsys):
+    run = _run_folder(tmp_path / "run", adapters, load_config(config_path))
     argv = ["eval", "--config", str(config_path), "--adapter", str(adapters["noop"]), "--adapter", str(adapters["noisy"]),
             "--checkpoints", str(run), "--output", str(tmp_path / "report")]
     assert main(argv) == 0
-    assert "report.html" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
     data = json.loads((tmp_path / "report" / "report.json").read_text())
+    # The summary opens with one verdict line per adapter; a no-op adapter is no different from base.
+    assert out[:2] == [data["verdicts"]["noop"]["line"], data["verdicts"]["noisy"]["line"]]
+    assert out[0].startswith("noop: no clear difference in palette distance, ")
+    assert out[0].endswith("not measured: CLIPScore (eval.clip_model is not set)")
+    assert out[-1].startswith("numbers: ")
 
     assert data["variants"] == ["base", "noop", "noisy"]
     assert [(s["kind"], s["seed"]) for s in data["samples"]] == [("t2i", 0), ("t2i", 1), ("edit", 0), ("edit", 1)]
@@ -85,15 +98,18 @@ def test_eval_cli_compares_adapters_and_ranks_checkpoints(config_path, adapters,
     assert any("CLIPScore and reference similarity skipped" in n for n in data["notes"])
 
     losses = {c["name"]: c["loss"] for c in data["checkpoints"]}
-    assert set(losses) == {"step-000010", "step-000020"} and all(math.isfinite(v) for v in losses.values())
-    assert losses["step-000010"] != losses["step-000020"]
+    assert set(losses) == {"step-000010", "step-000020", "final"} and all(math.isfinite(v) for v in losses.values())
+    assert losses["step-000010"] != losses["step-000020"] == losses["final"]  # final = the noisy adapter here
+    assert next(c["step"] for c in data["checkpoints"] if c["name"] == "final") == 30
     assert data["best_checkpoint"] == min(losses, key=losses.get)
     assert (tmp_path / "report" / "report.html").read_text().count("data:image/jpeg") == 4 * 3 + 2
 
 
-def test_evaluate_leaves_the_pipeline_as_found(config_path, adapters, tiny_pipe, tmp_path):
+def test_evaluate_leaves_the_pipeline_as_found(config_path, adapters, tiny_pipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QWEN_LORA_PROGRESS_SECONDS", "0")  # captured stderr is not a terminal: progress lines
     cfg = load_config(config_path, [f"eval.output_dir={tmp_path / 'out'}", "eval.seeds=[0]", "eval.prompts=[]"])
     _, json_path = evaluate(cfg, [adapters["noisy"]], pipe=tiny_pipe)
+    assert [line.split()[3] for line in capsys.readouterr().err.splitlines() if " eval images " in line] == ["1/2", "2/2"]
     assert not getattr(tiny_pipe.transformer, "peft_config", None)
     data = json.loads(json_path.read_text())
     assert data["variants"] == ["base", "noisy"] and len(data["samples"]) == 1
@@ -107,6 +123,19 @@ def test_eval_cli_errors_name_the_problem(config_path, tmp_path, capsys):
     assert "no such adapter file" in capsys.readouterr().err
 
 
+def test_checkpoints_are_scored_on_the_runs_held_out_split(config_path, adapters, tmp_path, capsys):
+    run = _run_folder(tmp_path / "run", adapters, load_config(config_path, ["validation.held_out_fraction=0.1"]))
+    # The model folder does not exist: the mismatch is reported before any model is loaded.
+    argv = ["eval", "--config", str(config_path), "--checkpoints", str(run), f"model.pretrained={tmp_path / 'none'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "validation.held_out_fraction is 0.3 here but 0.1 in the run" in err and str(run / "config.yaml") in err
+    # A setting that changes the loss but not the split is a note in the report, not an error.
+    save_config(load_config(config_path, ["validation.seed=5"]), run / "config.yaml")
+    assert check_run_config(load_config(config_path), run) == [
+        "Held-out losses differ from the run's logged heldout_loss: validation.seed is 0 here but 5 in the run."]
+
+
 def test_checkpoint_discovery_and_adapter_names(tmp_path):
     with pytest.raises(FileNotFoundError, match="step-<N>"):
         find_checkpoints(tmp_path)
@@ -114,6 +143,9 @@ def test_checkpoint_discovery_and_adapter_names(tmp_path):
         (tmp_path / "checkpoints" / f"step-{step:06d}" / "adapter").mkdir(parents=True)
     (tmp_path / "checkpoints" / ".step-000200.tmp").mkdir()  # an interrupted save is ignored
     assert [(s, n) for s, n, _ in find_checkpoints(tmp_path)] == [(20, "step-000020"), (100, "step-000100")]
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")  # the run finished: its final adapter joins
+    (tmp_path / "training_metadata.json").write_text('{"steps": 150}')
+    assert find_checkpoints(tmp_path)[-1] == (150, "final", tmp_path)
     names = _adapter_names([Path("a/brand"), Path("b/brand"), Path("c/base.safetensors")])
     assert list(names) == ["brand", "brand-2", "base-2"]
 

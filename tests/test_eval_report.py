@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import shutil
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_image_lora.eval.report import CheckpointScore, Sample, summarise, write_report
+from qwen_image_lora.eval.report import CheckpointScore, Sample, summarise, verdicts, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -77,3 +78,43 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert pixels.shape[:2] == (1600, 1200)
     # Non-blank: many distinct colours (text, plots, images), not a white page.
     assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200
+
+
+def _paired(metric_deltas: dict[str, list[float]]) -> list[Sample]:
+    """Samples whose adapter - base difference per metric is exactly the given list (base values fixed at 50)."""
+    n = len(next(iter(metric_deltas.values())))
+    image = Image.new("RGB", (8, 8))
+    return [Sample("t2i", "p", i, images={"base": image, "brand": image},
+                   metrics={"base": {m: 50.0 for m in metric_deltas},
+                            "brand": {m: 50.0 + d[i] for m, d in metric_deltas.items()}})
+            for i in range(n)]
+
+
+def test_verdict_says_better_worse_or_unclear_per_metric_from_the_paired_interval(tmp_path):
+    samples = _paired({
+        "palette_delta_e": [-3.0, -3.5, -2.8, -3.2, -2.9, -3.1],  # lower is better: clearly better
+        "ssim": [-0.20, -0.25, -0.18, -0.22, -0.21, -0.19],       # higher is better: clearly worse
+        "shift_px": [2.0, -2.0, 1.5, -1.5, 0.5, -0.5],            # the interval spans zero
+    })  # fmt: skip
+    summary = summarise(samples, ["base", "brand"])
+    found = verdicts(summary, {"text accuracy": "no quoted text in the prompts"})
+    brand = found["brand"]
+    assert {m: v["verdict"] for m, v in brand["metrics"].items()} == {
+        "palette_delta_e": "better", "ssim": "worse", "shift_px": "no clear difference"}
+    line = brand["line"]
+    assert line.startswith("brand: better palette distance (ΔE -3.08, CI ")
+    assert "worse edit preservation SSIM (-0.208, CI " in line
+    assert "no clear difference in edit shift" in line
+    assert line.endswith("not measured: text accuracy (no quoted text in the prompts)")
+
+    # One pair has a zero-width interval: not evidence either way.
+    assert verdicts(summarise(samples[:1], ["base", "brand"]))["brand"]["metrics"]["palette_delta_e"]["verdict"] == (
+        "no clear difference")
+
+    # Every output opens with the same line: JSON, HTML (above the notes and tables).
+    html_path, json_path = write_report(tmp_path, samples, notes=["a note"],
+                                        not_measured={"text accuracy": "no quoted text in the prompts"})
+    data = json.loads(json_path.read_text())
+    assert list(data)[:2] == ["title", "verdicts"] and data["verdicts"]["brand"]["line"] == line
+    page = html_path.read_text()
+    assert page.index(html.escape(line)) < page.index("a note") < page.index("<h2>Metrics")
