@@ -1,0 +1,52 @@
+"""Long work talks when stderr is not a terminal: periodic progress lines (`qwen_image_lora/progress.py`) from
+training, data prepare and (in their own test modules) batch and eval."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from qwen_image_lora.config import load_config
+from qwen_image_lora.progress import LineProgress
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_line_progress_prints_at_most_once_per_interval_and_once_at_the_end(capsys):
+    bar = LineProgress(5, desc="work", unit="item", interval=3600)
+    for _ in range(5):
+        bar.update(1)
+    assert capsys.readouterr().err == ""  # nothing within the interval
+    bar.close()
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.split()[1:4] == ["work", "5/5", "(100%)"] and "s/item, ETA 0:00:00" in line
+    quiet = LineProgress(5, desc="off", enabled=False, interval=0)
+    quiet.update(5)
+    quiet.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_training_prints_step_loss_and_eta_lines_into_a_pipe(tiny_model_dir, sample_data_dir, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train" / "lora.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+           f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={tmp_path}",
+           "train.max_steps=3", "validation.prompts=[]", "validation.edits=[]", "validation.held_out_fraction=0",
+           "checkpoint.every_steps=100", "data.resolution=64"]
+    env = {**os.environ, "QWEN_LORA_PROGRESS_SECONDS": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if " steps " in line and "loss=" in line]
+    assert [line.split()[2] for line in lines] == ["1/3", "2/3", "3/3"], proc.stderr[-3000:]
+    assert all("s/step, ETA" in line for line in lines) and "\r" not in proc.stderr
+
+
+def test_prepare_prints_progress_lines(tiny_pipe, sample_data_dir, tmp_path, capsys, monkeypatch):
+    from qwen_image_lora.data.prepare import prepare
+
+    monkeypatch.setenv("QWEN_LORA_PROGRESS_SECONDS", "0")
+    cfg = load_config(None, [f"data.path={sample_data_dir / 'brand'}", f"data.cache_dir={tmp_path}", "data.resolution=64"])
+    stats = prepare(cfg, tiny_pipe, log=lambda _: None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if " prepare " in line]
+    assert [line.split()[2] for line in lines] == [f"{i}/{stats.items}" for i in range(1, stats.items + 1)]
+
