@@ -3,22 +3,32 @@
 # Re-running with nothing changed takes a second. Other platforms / CUDA versions:
 #   TORCH_SPEC="torch==2.9.1 torchvision==0.24.1" bash scripts/setup.sh
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 bash scripts/setup.sh
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh   # no GPU: ~200 MB instead of GBs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 EXTRAS=${EXTRAS:-"test,serve,eval,optim"}
 PYTHON=${PYTHON:-python3}
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+say() { echo "setup: $*" >&2; }
+[ -x .venv/bin/python ] || { say "creating .venv with $PYTHON"; "$PYTHON" -m venv .venv; }
 stamp=.venv/.qwen-lora-setup
 want="$(sha256sum pyproject.toml | cut -c1-16) $TORCH_SPEC $EXTRAS"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
-# torch first and pinned: left to itself pip would resolve a multi-GB CUDA build from the index.
+pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+# torch first and pinned: left to itself pip would resolve a multi-GB CUDA build from the index. Not quiet: on a
+# fresh machine this is the long part, and pip's download lines show that it is moving.
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  say "1/2 installing $TORCH_SPEC from $TORCH_INDEX_URL (a CPU build is ~200 MB: about a minute)"
+else
+  say "1/2 installing $TORCH_SPEC with CUDA libraries: a download of 3 GB or more, 2-10 minutes on a fresh machine"
+  say "    (no GPU? TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh is ~200 MB)"
+fi
 # shellcheck disable=SC2086
-pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} $TORCH_SPEC
-pip install -e ".[$EXTRAS]"
+pip install --progress-bar on ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} $TORCH_SPEC
+say "2/2 installing qwen-image-lora and its extras [$EXTRAS] (diffusers, transformers, ...): about 1-3 minutes"
+pip install -q -e ".[$EXTRAS]"
 echo "$want" > "$stamp"
-echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+say ".venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
