@@ -4,6 +4,8 @@ number, both written atomically so a reader never sees half a report.
 The input is a list of `Sample`s: one prompt (or edit) at one seed, rendered by the base model and by each
 adapter with the same seed, with per-variant metric values. Summaries are means with bootstrap 95% intervals;
 adapter deltas use the paired interval, since every adapter image has a base image at the same prompt and seed.
+Every output (HTML, JSON, the CLI summary, W&B) opens with `verdicts`: per adapter, each metric better, worse or
+not clearly different from base by that interval, and what was not measured and why.
 """
 
 from __future__ import annotations
