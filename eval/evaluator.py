@@ -156,6 +156,8 @@ def _score(samples: list[Sample], jobs: list[_Job], cfg: Config, notes: list[str
     scorer, references = _clip(cfg, notes, device)
     if scorer is None:
         not_measured["CLIPScore"] = "eval.clip_model is not set"
+    elif references is None:
+        not_measured["reference similarity"] = "eval.reference_images is not set"
     if not e.palette:
         notes.append("Palette distance skipped: set eval.palette to the brand's hex colours.")
         not_measured["palette"] = "eval.palette is not set"
