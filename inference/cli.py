@@ -78,11 +78,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="hub id or local folder; overrides the config's model.pretrained")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's model.dtype")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help="repeatable; weight default 1.0")
-    p.add_argument("--resolution", type=int, default=1024, help="pixel budget side: images have ~RES^2 pixels (default 1024)")
 
 
 def _overrides_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", help="section.key=value applied to --config, e.g. model.dtype=float32")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to --config, e.g. data.resolution=768 (the "
+                   "pixel budget: images have ~RES^2 pixels, as in training) or model.dtype=float32")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -113,7 +113,7 @@ def _load(args, device=None):
 
     cfg = _model_source(args)
     generator = Generator.from_pretrained(
-        cfg.model.pretrained, cfg.model.dtype, device, resolution=args.resolution, revision=cfg.model.revision
+        cfg.model.pretrained, cfg.model.dtype, device, resolution=cfg.data.resolution, revision=cfg.model.revision
     )
     loras = {}
     for item in args.lora:

@@ -19,9 +19,9 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
 python -c "import json; m = json.load(open('$out/training_metadata.json')); \
 print(f\"demo: loss {m['first_loss']:.3f} (first 10 steps) -> {m['final_loss']:.3f} (last 10), adapter in $out\")"
 # Generate and edit with the trained adapter (the same sampling path as the training previews).
-qwen-lora generate --config configs/demo.yaml --lora "$out" --resolution 128 --steps 4 --seed 0 \
+qwen-lora generate --config configs/demo.yaml --lora "$out" --steps 4 --seed 0 \
   --prompt "a qwnbrand bottle with the QWN logo on a white background, product photo" --output "$out/demo/generate.png"
-qwen-lora edit --config configs/demo.yaml --lora "$out" --resolution 128 --steps 4 --seed 0 \
+qwen-lora edit --config configs/demo.yaml --lora "$out" --steps 4 --seed 0 \
   --image .cache/sample-data/edits/002_source.png \
   --prompt "replace the background with white, keep the qwnbrand product the same" --output "$out/demo/edit.png"
 # Is the adapter better than the base model? Same prompts and seeds, scored; checkpoints ranked by held-out loss.

@@ -14,7 +14,7 @@ from qwen_image_lora.cli import main
 from qwen_image_lora.inference.batch import read_jobs
 from qwen_image_lora.inference.testing import make_random_lora
 
-TINY = ["--dtype", "float32", "--resolution", "64"]
+TINY = ["--dtype", "float32", "data.resolution=64"]  # one name for the pixel budget, as in training
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +189,13 @@ def test_batch_prints_progress_lines_when_stderr_is_not_a_terminal(tiny_model_di
     lines = [line for line in proc.stderr.splitlines() if "batch 1/1" in line]
     assert [line.split()[3] for line in lines] == ["1/2", "2/2"], proc.stderr
     assert "s/img, ETA" in lines[0] and "\r" not in proc.stderr
+
+
+def test_generate_without_a_size_uses_the_configs_pixel_budget(tiny_model_dir, tmp_path):
+    """The budget has one name, data.resolution: a config trained at 96 px generates at 96 px, not 1024."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  pretrained: {tiny_model_dir}\n  dtype: float32\ndata:\n  resolution: 96\n")
+    out = tmp_path / "a.png"
+    assert main(["generate", "--config", str(config), "--prompt", "a bottle", "--steps", "1", "--output", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.size == (96, 96)
