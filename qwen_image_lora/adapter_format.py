@@ -10,7 +10,7 @@ Read (detected from the keys, never from the file name), everything converted to
     ai-toolkit           diffusion_model.<module>.lora_A/lora_B (+ .alpha)
     kohya / musubi       lora_unet_<module_with_underscores>.lora_down/lora_up/.alpha
 
-diffusers' converter (`QwenImage21Pipeline.lora_state_dict`) renames lora_down/up and folds alpha / rank into the
+diffusers' converter (the pipeline's `lora_state_dict`) renames lora_down/up and folds alpha / rank into the
 weights (the result then has scale 1 and no config). Its kohya table targets Qwen-Image 1's modules, so kohya
 names are unflattened here against the transformer's real module names.
 
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_image_lora import model as qmodel
 from qwen_image_lora.io import atomic_path
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -42,8 +43,8 @@ _UNSUPPORTED = {"lokr_": "LoKr", "hada_": "LoHa", ".diff": "full-weight diff", "
 _KOHYA = re.compile(r"^lora_unet_(?P<module>[A-Za-z0-9_]+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(/.+\.safetensors)?")
 _DIFFUSERS_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
-# Qwen-Image-2.1's SwiGLU halves in ComfyUI's fused row order (gate rows first), and the fused module's name.
-MLP_HALVES, MLP_FUSED = ("img_mlp.gate_layer", "img_mlp.proj"), "img_mlp.gate_up"
+# The one linear ComfyUI's Qwen-Image-2.1 model fuses, and its halves in row order (gate rows first).
+((MLP_FUSED, MLP_HALVES),) = qmodel.COMFYUI_FUSED_LINEARS.items()
 
 DORA_TO_COMFYUI = (
     "export --format comfyui: DoRA adapters cannot be exported exactly. peft's DoRA scales each output row by "
@@ -193,10 +194,8 @@ def convert(raw: dict[str, torch.Tensor], module_names: set[str] | None, where: 
 
 def _fold_with_diffusers(relative: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """diffusers' converter: lora_down/up -> lora_A/B, alpha / rank folded into the weights, `transformer.` prefix."""
-    from diffusers import QwenImage21Pipeline  # slow to import; only foreign layouts need it
-
     try:
-        return QwenImage21Pipeline.lora_state_dict({f"diffusion_model.{k}": v for k, v in relative.items()})
+        return qmodel.pipeline_class().lora_state_dict({f"diffusion_model.{k}": v for k, v in relative.items()})
     except ValueError as e:
         raise AdapterError(f"{where}: not a LoRA state dict diffusers can read ({e})") from e
 
@@ -308,9 +307,7 @@ def _pattern_value(pattern: dict, name: str, default):
 def write_diffusers(directory: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:
     """`pytorch_lora_weights.safetensors` (keys `transformer.`-prefixed, peft config in the header) that
     `QwenImage21Pipeline.load_lora_weights(directory)` loads unchanged."""
-    from diffusers import QwenImage21Pipeline
-
-    QwenImage21Pipeline.save_lora_weights(
+    qmodel.pipeline_class().save_lora_weights(
         str(directory),
         transformer_lora_layers=state,
         transformer_lora_adapter_metadata=config,
