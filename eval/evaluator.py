@@ -23,7 +23,7 @@ from qwen_image_lora.config import Config, EditExample, to_dict
 from qwen_image_lora.eval import metrics as M
 from qwen_image_lora.eval.report import BASE, CheckpointScore, Sample, log_to_wandb, summarise, verdicts, write_report
 from qwen_image_lora.inference.adapters import adapter_name_for
-from qwen_image_lora.inference.formats import resolve_file
+from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.progress import progress_bar, track
 

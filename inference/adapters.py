@@ -2,7 +2,7 @@
 
 Thin over diffusers' `QwenImageLoraLoaderMixin` (load_lora_into_transformer / set_adapters / fuse_lora /
 unfuse_lora / delete_adapters): the base weights are loaded once and never reloaded. Every file goes through
-`formats.read_adapter` first, so a foreign layout is converted and a foreign model is refused before peft
+`adapter_format.read_adapter` first, so a foreign layout is converted and a foreign model is refused before peft
 touches the transformer.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_image_lora.inference.formats import AdapterError, read_adapter
+from qwen_image_lora.adapter_format import AdapterError, read_adapter
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Adapters:
         name = name or adapter_name_for(source)
         if name in self.loaded:
             raise AdapterError(f"adapter name {name!r} is already loaded (from {self.loaded[name].source}); pick another")
-        weights = read_adapter(source, self.pipe.transformer, type(self.pipe))
+        weights = read_adapter(source, self.pipe.transformer)
         self.pipe.load_lora_into_transformer(
             weights.state_dict,
             transformer=self.pipe.transformer,

@@ -108,10 +108,13 @@ def _model_source(args):
 
 def _load(args, device=None):
     """The base model once, then each --lora; returns (generator, {adapter name: weight})."""
+    from qwen_image_lora.adapter_format import check_source
     from qwen_image_lora.inference.adapters import parse_lora_arg
     from qwen_image_lora.inference.generator import Generator
 
     cfg = _model_source(args)
+    for item in args.lora:  # a mistyped path fails now, not after loading the model
+        check_source(parse_lora_arg(item)[0])
     generator = Generator.from_pretrained(
         cfg.model.pretrained, cfg.model.dtype, device, resolution=cfg.data.resolution, revision=cfg.model.revision
     )

@@ -1,11 +1,13 @@
-"""Random LoRA adapters for tests and benchmarks (no training needed), saved exactly as `save_lora_weights` saves
-a trained one, plus the same weights re-keyed in the ComfyUI and kohya layouts."""
+"""Random LoRA adapters for tests and benchmarks (no training needed), saved exactly as training saves one, plus
+the same adapter in the layouts other tools write (ComfyUI, kohya/musubi, ai-toolkit)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from qwen_image_lora.adapter_format import read_adapter, to_comfyui, write_diffusers
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -21,7 +23,6 @@ def make_random_lora(
 ) -> Path:
     """Add a peft LoRA to `transformer`, randomise lora_B (std `std`), save it in our/diffusers layout into
     `directory`, then remove it again so the transformer is left as it was. Returns the folder."""
-    from diffusers import QwenImage21Pipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -39,33 +40,29 @@ def make_random_lora(
                     b.copy_(torch.randn(b.shape, generator=g) * std)
         state = get_peft_model_state_dict(transformer, adapter_name=name)
         metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(set(targets)) if isinstance(targets, list) else targets}
-        QwenImage21Pipeline.save_lora_weights(
-            directory, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata
-        )
+        write_diffusers(directory, state, metadata)
     finally:
         transformer.delete_adapters(name)
     return Path(directory)
 
 
-def to_comfyui(diffusers_file: str | Path, out_file: str | Path, alpha: float | None = None) -> Path:
-    """Re-key a diffusers adapter as ComfyUI does: `diffusion_model.<module>`, lora_down/lora_up, optional alpha."""
-    return _rekey(diffusers_file, out_file, alpha, lambda module: f"diffusion_model.{module}")
+def in_layout(source: str | Path, out_file: str | Path, layout: str) -> Path:
+    """`source`'s adapter as another tool writes it: "comfyui" (our export), "kohya" (those keys flattened to
+    `lora_unet_<module_with_underscores>`, as kohya/musubi-tuner name them) or "ai-toolkit" (ComfyUI's prefix with
+    peft's lora_A/lora_B names)."""
+    from safetensors.torch import save_file
 
-
-def to_kohya(diffusers_file: str | Path, out_file: str | Path, alpha: float | None = None) -> Path:
-    """Re-key a diffusers adapter as kohya/musubi-tuner do: `lora_unet_<module_with_underscores>`."""
-    return _rekey(diffusers_file, out_file, alpha, lambda module: "lora_unet_" + module.replace(".", "_"))
-
-
-def _rekey(diffusers_file, out_file, alpha: float | None, rename) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    out = {}
-    for key, value in load_file(str(diffusers_file)).items():
-        module = rename(key.removeprefix("transformer.").rsplit(".lora_", 1)[0])
-        part = "lora_down.weight" if ".lora_A." in key else "lora_up.weight"
-        out[f"{module}.{part}"] = value
-        if alpha is not None and part == "lora_down.weight":
-            out[f"{module}.alpha"] = torch.tensor(float(alpha))
-    save_file(out, str(out_file))
+    tensors, header = to_comfyui(read_adapter(source))
+    rename = {"comfyui": lambda key: key, "kohya": _kohya_key, "ai-toolkit": _ai_toolkit_key}[layout]
+    save_file({rename(k): v for k, v in tensors.items()}, str(out_file), metadata=header)
     return Path(out_file)
+
+
+def _kohya_key(key: str) -> str:
+    name = key.removeprefix("diffusion_model.")
+    part = next(p for p in (".lora_down.weight", ".lora_up.weight", ".alpha") if name.endswith(p))
+    return "lora_unet_" + name.removesuffix(part).replace(".", "_") + part
+
+
+def _ai_toolkit_key(key: str) -> str:
+    return key.replace(".lora_down.", ".lora_A.").replace(".lora_up.", ".lora_B.")

@@ -34,6 +34,9 @@ LORA_TARGETS = {
     "attention+mlp": ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out"],
     "all-linear": "all-linear",
 }
+# ComfyUI's Qwen-Image-2.1 model stores each block's SwiGLU halves as one linear, gate rows first:
+# fused name -> the diffusers modules in its row order (what adapter exports for ComfyUI must fuse).
+COMFYUI_FUSED_LINEARS = {"img_mlp.gate_up": ("img_mlp.gate_layer", "img_mlp.proj")}
 
 
 def load_pipeline(
@@ -93,6 +96,13 @@ def transformer_class():
     from diffusers import QwenImage21Transformer2DModel
 
     return QwenImage21Transformer2DModel
+
+
+def pipeline_class():
+    """The pipeline's class; its LoRA loader reads, converts and saves adapter files (deferred import, as above)."""
+    from diffusers import QwenImage21Pipeline
+
+    return QwenImage21Pipeline
 
 
 def transformer_blocks(transformer) -> torch.nn.ModuleList:

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_image_lora.inference.formats import AdapterError
+from qwen_image_lora.adapter_format import AdapterError
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
-from qwen_image_lora.inference.testing import make_random_lora, to_comfyui, to_kohya
+from qwen_image_lora.inference.testing import in_layout, make_random_lora
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +88,18 @@ def test_unknown_adapter_name_lists_the_known_ones(gen, adapters):
         render(gen, {"nope": 1.0})
 
 
-@pytest.mark.parametrize("layout", ["comfyui", "kohya"])
-def test_comfyui_and_kohya_layouts_load_as_the_same_adapter(gen, lora_dirs, tmp_path, layout):
-    ours = lora_dirs["style_a"] / "pytorch_lora_weights.safetensors"
-    convert = {"comfyui": to_comfyui, "kohya": to_kohya}[layout]
-    other = convert(ours, tmp_path / f"style_a_{layout}.safetensors", alpha=2.0)  # alpha/rank = 0.5 folded in
+@pytest.mark.parametrize("layout", ["comfyui", "kohya", "ai-toolkit"])
+def test_foreign_layouts_load_as_the_same_adapter(gen, lora_dirs, tmp_path, layout):
+    ours = lora_dirs["style_b"] / "pytorch_lora_weights.safetensors"  # alpha 4 / rank 8: the scale 0.5 travels as .alpha
+    other = in_layout(ours, tmp_path / f"style_b_{layout}.safetensors", layout)
     try:
         gen.adapters.load(ours, name="ours")
         gen.adapters.load(other, name="theirs")
         assert gen.adapters.loaded["theirs"].layout == layout
-        assert np.abs(render(gen, {"theirs": 1.0}) - render(gen, {"ours": 0.5})).max() <= 1
+        theirs, same = render(gen, {"theirs": 1.0}), render(gen, {"ours": 1.0})
+        assert np.abs(theirs - same).max() <= 1
+        # ... and the scale was neither dropped nor applied twice: half the scale is visibly further away.
+        assert np.abs(theirs - render(gen, {"ours": 0.5})).mean() > 10 * np.abs(theirs - same).mean()
     finally:
         gen.adapters.unload()
 
@@ -124,7 +126,7 @@ def test_adapter_for_another_model_is_refused_naming_module_and_shapes(gen, lora
     with pytest.raises(AdapterError, match="'transformer_blocks.7.attn.to_q' does not exist"):
         gen.adapters.load(bad)
 
-    kohya = to_kohya(lora_dirs["style_a"] / "pytorch_lora_weights.safetensors", tmp_path / "k.safetensors")
+    kohya = in_layout(lora_dirs["style_a"], tmp_path / "k.safetensors", "kohya")
     renamed = {k.replace("attn_to_q", "attn_to_qkv"): v for k, v in load_file(str(kohya)).items()}
     save_file(renamed, str(tmp_path / "k2.safetensors"))
     with pytest.raises(AdapterError, match="transformer_blocks_0_attn_to_qkv.*does not exist"):

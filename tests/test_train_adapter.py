@@ -1,5 +1,6 @@
 """The adapter: peft LoRA on the transformer only, saved in the diffusers format that plain
-`QwenImage21Pipeline.load_lora_weights` loads, and exported to the ComfyUI layout that loads back identically."""
+`QwenImage21Pipeline.load_lora_weights` loads, exported to the ComfyUI layout that loads back identically, and
+initialised from an adapter file in any layout."""
 
 import json
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from qwen_image_lora import adapter_format
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import LoRAConfig
-from qwen_image_lora.train import adapter, export
+from qwen_image_lora.inference.adapters import Adapters
+from qwen_image_lora.train import adapter
 
 
 @pytest.fixture
@@ -76,22 +79,36 @@ def test_saved_adapter_loads_with_plain_diffusers_and_changes_the_output(transfo
     torch.testing.assert_close(_velocity(pipe.transformer, tiny_pipe), _velocity(transformer, tiny_pipe))
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_comfyui_export_loads_back_to_the_same_outputs(transformer, tiny_pipe, tiny_model_dir, tmp_path, rslora):
+@pytest.mark.parametrize("targets,rslora", [("attention", False), ("attention", True), ("attention+mlp", False)])
+def test_comfyui_export_loads_back_to_the_same_outputs(transformer, tiny_pipe, tiny_model_dir, tmp_path, targets, rslora):
     from diffusers import QwenImage21Pipeline
 
-    adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=6, targets="attention", use_rslora=rslora))
+    adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=6, targets=targets, use_rslora=rslora))
     _randomise(transformer, seed=1)
     adapter.save_adapter(transformer, tmp_path)
-    comfy = export.export_adapter(tmp_path, "comfyui")
+    comfy = adapter_format.export_adapter(tmp_path, "comfyui")
     with safe_open(str(comfy), framework="pt") as f:
         keys = list(f.keys())
     assert all(k.startswith("diffusion_model.") for k in keys)
     assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in keys} == {"lora_down", "lora_up", "alpha"}
 
     pipe = QwenImage21Pipeline.from_pretrained(tiny_model_dir)
-    pipe.load_lora_weights(str(comfy))
+    loaded = Adapters(pipe)
+    loaded.set({loaded.load(comfy): 1.0})
     torch.testing.assert_close(_velocity(pipe.transformer, tiny_pipe), _velocity(transformer, tiny_pipe), rtol=1e-4, atol=1e-5)
+
+
+def test_rslora_export_header_alpha_agrees_with_every_module_alpha(transformer, tmp_path):
+    adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=16, targets="attention+mlp", use_rslora=True))
+    adapter.save_adapter(transformer, tmp_path)
+    with safe_open(str(adapter_format.export_adapter(tmp_path)), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header_scale = float(header["ss_network_alpha"]) / int(header["ss_network_dim"])
+    assert header_scale == pytest.approx(16 / 2)  # rsLoRA: alpha / sqrt(rank)
+    for key, alpha in tensors.items():
+        if key.endswith(".alpha"):
+            rank = tensors[key.replace(".alpha", ".lora_down.weight")].shape[0]
+            assert alpha.item() / rank == pytest.approx(header_scale), key
 
 
 def test_export_cli(transformer, tmp_path, capsys):
@@ -100,15 +117,16 @@ def test_export_cli(transformer, tmp_path, capsys):
     adapter.add_lora(transformer, LoRAConfig(rank=2, alpha=2))
     adapter.save_adapter(transformer, tmp_path)
     assert main(["export", "--format", "comfyui", str(tmp_path)]) == 0
-    assert (tmp_path / export.COMFYUI_NAME).is_file()
+    assert (tmp_path / adapter_format.COMFYUI_NAME).is_file()
     assert main(["export", str(tmp_path / "missing")]) == 2
 
 
-def test_dora_cannot_be_exported_to_comfyui(transformer, tmp_path):
+def test_dora_cannot_be_exported_to_comfyui_and_the_refusal_says_why(transformer, tmp_path):
     adapter.add_lora(transformer, LoRAConfig(rank=2, alpha=2, use_dora=True))
     adapter.save_adapter(transformer, tmp_path)
-    with pytest.raises(ValueError, match="DoRA"):
-        export.export_adapter(tmp_path)
+    with pytest.raises(adapter_format.AdapterError, match=r"DoRA.*weight_decompose.*base weight"):
+        adapter_format.export_adapter(tmp_path)
+    assert not (tmp_path / adapter_format.COMFYUI_NAME).exists()
 
 
 def test_init_from_an_existing_adapter(transformer, tiny_model_dir, tmp_path):
@@ -125,3 +143,15 @@ def test_init_from_an_existing_adapter(transformer, tiny_model_dir, tmp_path):
     third = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
     with pytest.raises(adapter.AdapterError, match="rank"):
         adapter.add_lora(third, LoRAConfig(rank=8, alpha=8, init_from=str(tmp_path)))
+
+
+def test_init_from_a_comfyui_file_keeps_each_modules_delta_whatever_the_new_alpha(transformer, tiny_pipe, tiny_model_dir, tmp_path):
+    from diffusers import QwenImage21Transformer2DModel
+
+    adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=4, targets="attention"))
+    _randomise(transformer, seed=3)
+    adapter.save_adapter(transformer, tmp_path)
+    comfy = adapter_format.export_adapter(tmp_path)  # alpha folded on reading: scale 1
+    other = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
+    adapter.add_lora(other, LoRAConfig(rank=4, alpha=32, targets="attention", init_from=str(comfy)))  # scale 8
+    torch.testing.assert_close(_velocity(other, tiny_pipe), _velocity(transformer, tiny_pipe), rtol=1e-4, atol=1e-5)

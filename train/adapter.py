@@ -1,5 +1,6 @@
 """The LoRA adapter on the transformer: add it (through diffusers' PeftAdapterMixin, so saving and loading use
-diffusers' own formats), read and restore its weights, and save it in the layout `load_lora_weights` reads.
+diffusers' own formats), read and restore its weights, and save it in the layout `load_lora_weights` reads. Files
+are read and written through `qwen_image_lora.adapter_format`, the one home of adapter layouts.
 
 Only the transformer gets an adapter. Its base weights stay frozen in their load dtype (bf16 on a GPU); the
 LoRA weights are fp32 so that small updates are not rounded away.
@@ -11,14 +12,11 @@ from pathlib import Path
 
 import torch
 
+from qwen_image_lora import adapter_format
+from qwen_image_lora.adapter_format import WEIGHTS_NAME, AdapterError
 from qwen_image_lora.config import LoRAConfig
 
 ADAPTER_NAME = "default"
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-
-
-class AdapterError(RuntimeError):
-    """An adapter could not be added, restored or saved as asked."""
 
 
 def lora_config(cfg: LoRAConfig):
@@ -50,7 +48,7 @@ def add_lora(transformer, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
     for p in params:
         p.data = p.data.float()
     if cfg.init_from:
-        load_lora_weights_into(transformer, read_adapter(cfg.init_from))
+        load_adapter_file(transformer, cfg.init_from)
     return params
 
 
@@ -90,17 +88,22 @@ def load_lora_weights_into(transformer, state: dict[str, torch.Tensor]) -> None:
             p.data = p.data.to(dtypes[n])
 
 
-def read_adapter(path: str | Path) -> dict[str, torch.Tensor]:
-    """Adapter weights from a folder holding `pytorch_lora_weights.safetensors` or from a .safetensors file,
-    in any layout diffusers' `lora_state_dict` understands (ours, ComfyUI, kohya), as peft names."""
-    from diffusers import QwenImage21Pipeline
-
-    path = Path(path)
-    if not path.exists():
-        raise AdapterError(f"lora.init_from: {path} does not exist")
-    state = QwenImage21Pipeline.lora_state_dict(str(path))
-    state = state[0] if isinstance(state, tuple) else state
-    return {k.removeprefix("transformer."): v for k, v in state.items()}
+def load_adapter_file(transformer, source: str | Path) -> None:
+    """Set the live adapter from an adapter file or folder in any layout `adapter_format` reads. Each lora_B is
+    rescaled by (the file's scale / this adapter's scale), so every module's delta is the file's whatever this
+    adapter's alpha (a ComfyUI or kohya file has its alpha folded in: scale 1)."""
+    weights = adapter_format.read_adapter(source, transformer)
+    state = {}
+    for key, value in weights.state_dict.items():
+        name = key.removeprefix("transformer.")
+        if name.endswith(".lora_B.weight"):
+            module = name.removesuffix(".lora_B.weight")
+            ours = getattr(transformer.get_submodule(module), "scaling", {}).get(ADAPTER_NAME)
+            theirs = adapter_format.module_scale(weights.config, module, value.shape[1])
+            if ours is not None and ours != theirs:
+                value = value * (theirs / ours)
+        state[name] = value
+    load_lora_weights_into(transformer, state)
 
 
 def adapter_metadata(transformer) -> dict:
@@ -113,14 +116,5 @@ def save_adapter(transformer, directory: str | Path, state: dict[str, torch.Tens
     """Write `pytorch_lora_weights.safetensors` (keys `transformer.`-prefixed, peft config in the header) that
     `QwenImage21Pipeline.load_lora_weights(directory)` loads unchanged. `state` overrides the live weights
     (e.g. the EMA copy)."""
-    from diffusers import QwenImage21Pipeline
-
     state = get_lora_state(transformer) if state is None else state
-    QwenImage21Pipeline.save_lora_weights(
-        str(directory),
-        transformer_lora_layers=state,
-        transformer_lora_adapter_metadata=adapter_metadata(transformer),
-        weight_name=WEIGHTS_NAME,
-        safe_serialization=True,
-    )
-    return Path(directory) / WEIGHTS_NAME
+    return adapter_format.write_diffusers(directory, state, adapter_metadata(transformer))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def _export(args) -> int:
-    from qwen_image_lora.train.export import export_adapter
+    from qwen_image_lora.adapter_format import export_adapter
 
     print(export_adapter(args.adapter_dir, args.format, args.output))
     return 0

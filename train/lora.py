@@ -280,7 +280,7 @@ class LoRARecipe:
     def _restore(self, path: Path) -> None:
         acc = self.accelerator
         progress, adapter_dir, state, _ = Checkpointer.load(path)
-        adapter.load_lora_weights_into(self.pipe.transformer, adapter.read_adapter(adapter_dir))
+        adapter.load_adapter_file(self.pipe.transformer, adapter_dir)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.ema is not None and state["ema"] is not None:

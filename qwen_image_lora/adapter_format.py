@@ -1,0 +1,387 @@
+"""Adapter files, the one home for their layouts: find, read, convert, check and write, with one error type.
+
+Read (detected from the keys, never from the file name), everything converted to diffusers' layout
+(`transformer.<module>.lora_A.weight`, `.lora_B.weight`, and `.lora_magnitude_vector` for DoRA):
+
+    ours / diffusers     transformer.<module>.lora_A/lora_B (+ lora_magnitude_vector under DoRA); the peft config in
+                         the safetensors header (`pytorch_lora_weights.safetensors`, as `save_lora_weights` writes it)
+    peft                 base_model.model.<module>.lora_A/lora_B + adapter_config.json beside the file
+    ComfyUI              diffusion_model.<module>.lora_down/lora_up (+ .alpha); its fused img_mlp.gate_up is split
+    ai-toolkit           diffusion_model.<module>.lora_A/lora_B (+ .alpha)
+    kohya / musubi       lora_unet_<module_with_underscores>.lora_down/lora_up/.alpha
+
+diffusers' converter (the pipeline's `lora_state_dict`) renames lora_down/up and folds alpha / rank into the
+weights (the result then has scale 1 and no config). Its kohya table targets Qwen-Image 1's modules, so kohya
+names are unflattened here against the transformer's real module names.
+
+Written: diffusers (`write_diffusers`) and ComfyUI (`write_comfyui`). ComfyUI's Qwen-Image key map is the identity
+over its own state dict (`diffusion_model.X.weight` is patched by `X`, `transformer.X`, `lycoris_X` or `lora_unet_X`
+with dots as underscores), and its Qwen-Image-2.1 model stores the SwiGLU `img_mlp.gate_layer` and `img_mlp.proj`
+as one `img_mlp.gate_up` linear, gate rows first. Unfused MLP names would match no weight there, so the export
+writes one fused LoRA per block: down = the two A matrices stacked (rank 2r), up = the two B matrices block-diagonal,
+whose product is exactly the two deltas stacked in ComfyUI's row order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.io import atomic_path
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+COMFYUI_NAME = "comfyui_lora.safetensors"
+WEIGHT_NAMES = (WEIGHTS_NAME, "adapter_model.safetensors")
+_PREFIXES = ("transformer.", "model.diffusion_model.", "diffusion_model.", "base_model.model.")
+_UNSUPPORTED = {"lokr_": "LoKr", "hada_": "LoHa", ".diff": "full-weight diff", "lora_te": "text-encoder LoRA"}
+_KOHYA = re.compile(r"^lora_unet_(?P<module>[A-Za-z0-9_]+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(/.+\.safetensors)?")
+_DIFFUSERS_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+# The one linear ComfyUI's Qwen-Image-2.1 model fuses, and its halves in row order (gate rows first).
+((MLP_FUSED, MLP_HALVES),) = qmodel.COMFYUI_FUSED_LINEARS.items()
+
+DORA_TO_COMFYUI = (
+    "export --format comfyui: DoRA adapters cannot be exported exactly. peft's DoRA scales each output row by "
+    "m / ||W + dW||, ComfyUI's weight_decompose by dora_scale / ||W|| (the base weight's norm): a matching dora_scale "
+    "would depend on the exact base weights (and the dtype ComfyUI loads them in) and still differ at any strength "
+    "other than 1. Use the diffusers file (pytorch_lora_weights.safetensors) or train without lora.use_dora."
+)
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be found, read, applied or written as asked: wrong path, model, format or layout."""
+
+
+@dataclasses.dataclass
+class AdapterWeights:
+    state_dict: dict[str, torch.Tensor]  # diffusers layout: transformer.<module>.lora_A.weight / lora_B.weight
+    metadata: dict | None  # transformer.-prefixed LoraConfig kwargs (r, lora_alpha, ...) or None (alpha folded in)
+    source: str
+    layout: str  # "diffusers", "peft", "comfyui", "ai-toolkit" or "kohya"
+
+    @property
+    def config(self) -> dict:
+        """The LoraConfig kwargs without the `transformer.` prefix ({} when the file had none)."""
+        return {k.removeprefix("transformer."): v for k, v in (self.metadata or {}).items()}
+
+
+# ------------------------------------------------------------------------------------------ finding the file
+
+
+def is_hub_id(source: str) -> bool:
+    """`owner/repo` or `owner/repo/file.safetensors` that cannot be a local path: not `.`, `/` or `~`-rooted, and its
+    first part is no folder here (so a typo in `outputs/run` is a missing local path, not a repository)."""
+    return (
+        bool(_HUB_ID.fullmatch(source))
+        and not source.startswith((".", "/", "~"))
+        and not Path(source.split("/")[0]).exists()
+    )
+
+
+def check_source(source: str | Path) -> None:
+    """Fail now, naming the path, when `source` is neither a local file or folder nor clearly a hub id: callers run
+    this before loading a model, so a typo costs seconds, not a model load and a round of hub retries."""
+    if Path(source).expanduser().exists() or is_hub_id(str(source)):
+        return
+    first = str(source).split("/")[0]
+    why = (
+        f"{first}/ exists here, so it names a local path, not a hub repository"
+        if "/" in str(source) and Path(first).expanduser().exists()
+        else "and it is not a hub id like owner/repo"
+    )
+    raise AdapterError(f"{source}: no such adapter file or folder ({why}); check the path")
+
+
+def resolve_file(source: str | Path) -> Path:
+    """A .safetensors file, a folder holding one, or a hub id (`owner/repo` or `owner/repo/file.safetensors`)."""
+    check_source(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in WEIGHT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        listed = ", ".join(p.name for p in found) or "none"
+        raise AdapterError(f"{path}: expected {WEIGHTS_NAME} or exactly one .safetensors file (found: {listed})")
+    return _download(str(source))
+
+
+def _download(hub_id: str) -> Path:
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    parts = hub_id.split("/")
+    repo, file = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    try:
+        if file is None:
+            files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
+            file = next((n for n in WEIGHT_NAMES if n in files), files[0] if len(files) == 1 else None)
+            if file is None:
+                raise AdapterError(f"{hub_id}: name the file, e.g. {repo}/<file>.safetensors (found {files})")
+        return Path(hf_hub_download(repo, file))
+    except AdapterError:
+        raise
+    except Exception as e:  # offline, missing repo, auth: say which adapter
+        raise AdapterError(f"{hub_id}: could not fetch the adapter from the hub: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_adapter(source: str | Path, transformer=None) -> AdapterWeights:
+    """Read any supported layout as diffusers' layout. With `transformer`, kohya names are unflattened against it
+    and every module is checked to exist with matching shapes. Raises AdapterError naming what does not fit."""
+    from safetensors import safe_open
+
+    file = resolve_file(source)
+    if file.suffix != ".safetensors":
+        raise AdapterError(f"{file}: only .safetensors adapters are loaded (pickled .bin/.pt files can run code)")
+    with safe_open(str(file), framework="pt") as f:
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+        file_meta = f.metadata() or {}
+    metadata = json.loads(file_meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in file_meta else None
+    if metadata is None and (file.parent / "adapter_config.json").is_file():
+        metadata = _peft_config_metadata(file.parent / "adapter_config.json")
+    module_names = {name for name, _ in transformer.named_modules()} if transformer is not None else None
+    state_dict, layout = convert(raw, module_names, str(file))
+    if transformer is not None:
+        check_shapes(state_dict, transformer, str(file))
+    return AdapterWeights(state_dict, metadata, str(file), layout)
+
+
+def convert(raw: dict[str, torch.Tensor], module_names: set[str] | None, where: str = "adapter"):
+    """Any supported layout -> (`transformer.<module>.lora_A.weight` state dict, layout name)."""
+    if not raw:
+        raise AdapterError(f"{where}: the file holds no tensors")
+    for marker, kind in _UNSUPPORTED.items():
+        bad = next((k for k in raw if marker in k), None)
+        if bad is not None:
+            raise AdapterError(f"{where}: {kind} weights ({bad!r}) are not supported; only LoRA (lora_A/B, lora_down/up)")
+    if any("dora_scale" in k for k in raw):
+        raise AdapterError(
+            f"{where}: kohya/ComfyUI-style DoRA (dora_scale) normalises by another norm than peft's DoRA and cannot be "
+            "loaded exactly; use an adapter saved by diffusers/peft (lora_magnitude_vector)"
+        )
+    if any(k.startswith("lora_unet_") for k in raw):
+        layout, relative = "kohya", _unflatten_kohya(raw, module_names, where)
+    else:
+        layout, relative = "diffusers", {}
+        for key, value in raw.items():
+            prefix = next((p for p in _PREFIXES if key.startswith(p)), "")
+            if prefix in ("diffusion_model.", "model.diffusion_model."):
+                layout = "comfyui" if any(".lora_down." in k for k in raw) else "ai-toolkit"
+            elif prefix == "base_model.model.":
+                layout = "peft"
+            relative[key[len(prefix) :]] = value
+    if all(k.endswith(_DIFFUSERS_PARTS) for k in relative):
+        # Already diffusers' layout (ours, peft, DoRA's magnitudes included): nothing to rename or fold.
+        converted = {f"transformer.{k}": v for k, v in relative.items()}
+    else:
+        converted = _fold_with_diffusers(relative, where)
+    if not any(k.endswith(".lora_A.weight") for k in converted):
+        raise AdapterError(f"{where}: no LoRA weights found (keys look like {sorted(raw)[:3]})")
+    return _split_fused_mlp(converted), layout
+
+
+def _fold_with_diffusers(relative: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """diffusers' converter: lora_down/up -> lora_A/B, alpha / rank folded into the weights, `transformer.` prefix."""
+    try:
+        return qmodel.pipeline_class().lora_state_dict({f"diffusion_model.{k}": v for k, v in relative.items()})
+    except ValueError as e:
+        raise AdapterError(f"{where}: not a LoRA state dict diffusers can read ({e})") from e
+
+
+def _split_fused_mlp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's fused `img_mlp.gate_up` LoRA -> one LoRA per half, exactly: both keep the whole down matrix, each
+    takes its rows of up (gate rows first), so each half's delta is its rows of the fused delta."""
+    out = {}
+    for key, value in state.items():
+        if f".{MLP_FUSED}.lora_A." in key:
+            for half in MLP_HALVES:
+                out[key.replace(MLP_FUSED, half)] = value
+        elif f".{MLP_FUSED}.lora_B." in key:
+            rows = value.shape[0] // 2
+            for i, half in enumerate(MLP_HALVES):
+                out[key.replace(MLP_FUSED, half)] = value[i * rows : (i + 1) * rows].contiguous()
+        else:
+            out[key] = value
+    return out
+
+
+def _unflatten_kohya(raw, module_names: set[str] | None, where: str) -> dict[str, torch.Tensor]:
+    """`lora_unet_transformer_blocks_0_img_mlp_gate_layer.lora_down.weight` -> `transformer_blocks.0.img_mlp.gate_layer...`
+    by matching against the transformer's real module names (unambiguous: no two names flatten alike)."""
+    if module_names is None:
+        raise AdapterError(f"{where}: a kohya-style (lora_unet_) adapter needs the model to unflatten its module names")
+    fused = {n.replace(MLP_HALVES[0], MLP_FUSED) for n in module_names if n.endswith(MLP_HALVES[0])}
+    table = {name.replace(".", "_"): name for name in module_names | fused if name}
+    out = {}
+    for key, value in raw.items():
+        m = _KOHYA.match(key)
+        if m is None:
+            raise AdapterError(f"{where}: unexpected key {key!r} in a kohya-style (lora_unet_) adapter")
+        module = table.get(m["module"])
+        if module is None:
+            raise AdapterError(
+                f"{where}: module {m['module']!r} (from {key!r}) does not exist in this transformer; "
+                "the adapter was made for another model"
+            )
+        out[f"{module}.{m['part']}"] = value
+    return out
+
+
+def check_shapes(state_dict: dict[str, torch.Tensor], transformer, where: str = "adapter") -> None:
+    """Every lora_A/lora_B pair (and DoRA magnitude) must name an existing Linear and match its in/out features."""
+    problems = []
+    for key in sorted(state_dict):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module_name = key[len("transformer.") : -len(".lora_A.weight")]
+        a = state_dict[key]
+        b = state_dict.get(key.replace(".lora_A.", ".lora_B."))
+        magnitude = state_dict.get(key.replace(".lora_A.weight", ".lora_magnitude_vector"))
+        try:
+            module = transformer.get_submodule(module_name)
+        except AttributeError:
+            problems.append(f"module {module_name!r} does not exist in this transformer")
+            continue
+        base = getattr(module, "base_layer", module)  # a module that already carries another adapter
+        if not isinstance(base, torch.nn.Linear):
+            problems.append(f"module {module_name!r} is {type(base).__name__}, not a Linear layer")
+            continue
+        if b is None:
+            problems.append(f"module {module_name!r}: lora_A without lora_B")
+            continue
+        want_a, want_b = (a.shape[0], base.in_features), (base.out_features, a.shape[0])
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            problems.append(
+                f"module {module_name!r} is Linear(in={base.in_features}, out={base.out_features}) but the adapter has "
+                f"lora_A {list(a.shape)} and lora_B {list(b.shape)} (expected {list(want_a)} and {list(want_b)})"
+            )
+        if magnitude is not None and magnitude.numel() != base.out_features:
+            problems.append(f"module {module_name!r}: DoRA magnitude of {magnitude.numel()}, expected {base.out_features}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise AdapterError(
+            f"{where}: does not fit this transformer — made for another model? " + "; ".join(problems[:3]) + more
+        )
+
+
+def _peft_config_metadata(path: Path) -> dict:
+    """peft's adapter_config.json -> the transformer.-prefixed LoraConfig kwargs diffusers' loader takes."""
+    from peft import LoraConfig
+
+    config = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type", "task_type", "base_model_name_or_path", "revision"}
+    return {f"transformer.{k}": v for k, v in config.items() if k in known}
+
+
+def module_scale(config: dict, module: str, rank: int) -> float:
+    """The factor peft multiplies `module`'s B @ A by: alpha / rank, or alpha / sqrt(rank) under rsLoRA; 1 for a
+    file without a config (diffusers folded alpha / rank into its weights)."""
+    if not config:
+        return 1.0
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    for key, value in pattern.items():
+        if name == key or name.endswith("." + key):
+            return value
+    return default
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_diffusers(directory: str | Path, state: dict[str, torch.Tensor], config: dict) -> Path:
+    """`pytorch_lora_weights.safetensors` (keys `transformer.`-prefixed, peft config in the header) that
+    `QwenImage21Pipeline.load_lora_weights(directory)` loads unchanged."""
+    qmodel.pipeline_class().save_lora_weights(
+        str(directory),
+        transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=config,
+        weight_name=WEIGHTS_NAME,
+        safe_serialization=True,
+    )
+    return Path(directory) / WEIGHTS_NAME
+
+
+def to_comfyui(weights: AdapterWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header) in ComfyUI's layout: `diffusion_model.<module>.lora_down/lora_up/alpha`, each module's scale
+    kept (alpha = scale * rank), MLP halves fused as ComfyUI's Qwen-Image-2.1 model stores them."""
+    config = weights.config
+    if config.get("use_dora") or any(k.endswith(".lora_magnitude_vector") for k in weights.state_dict):
+        raise AdapterError(DORA_TO_COMFYUI)
+    state = weights.state_dict
+    out, fused = {}, {}
+    for key in sorted(state):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+        down, up = state[key], state[key.replace(".lora_A.", ".lora_B.")]
+        scale = module_scale(config, module, down.shape[0])
+        half = next((h for h in MLP_HALVES if module.endswith("." + h)), None)
+        if half is None:
+            _put_comfyui(out, module, down, up, scale)
+        else:
+            fused.setdefault(module.removesuffix(half) + MLP_FUSED, {})[half] = (down, up, scale)
+    for module, halves in fused.items():
+        _put_comfyui(out, module, *fuse_mlp_halves(halves))
+    rank = config.get("r") or next(v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight"))
+    # kohya's header names the default module's rank and alpha; alpha / rank is every module's scale.
+    header = {"format": "pt", "ss_network_dim": str(rank), "ss_network_alpha": str(module_scale(config, "", rank) * rank)}
+    return out, header
+
+
+def fuse_mlp_halves(halves: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """{half: (down [r, in], up [hidden, r], scale)} -> (down [sum r, in], up [2 * hidden, sum r], scale) with
+    scale * up @ down == the halves' scaled deltas stacked gate rows first (a missing half contributes zero rows)."""
+    scale = next(iter(halves.values()))[2]
+    hidden = next(iter(halves.values()))[1].shape[0]
+    downs = [halves[h][0] for h in MLP_HALVES if h in halves]
+    down = torch.cat(downs)
+    up = torch.zeros(2 * hidden, down.shape[0], dtype=down.dtype)
+    col = 0
+    for i, half in enumerate(MLP_HALVES):
+        if half in halves:
+            d, u, s = halves[half]
+            up[i * hidden : (i + 1) * hidden, col : col + d.shape[0]] = u if s == scale else u * (s / scale)
+            col += d.shape[0]
+    return down, up, scale
+
+
+def _put_comfyui(out: dict, module: str, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
+    out[f"diffusion_model.{module}.lora_down.weight"] = down.contiguous()
+    out[f"diffusion_model.{module}.lora_up.weight"] = up.contiguous()
+    out[f"diffusion_model.{module}.alpha"] = torch.tensor(scale * down.shape[0], dtype=torch.float32)
+
+
+def write_comfyui(source: str | Path, output: str | Path | None = None) -> Path:
+    """Read `source` (any layout with its config, or a folded one) and write it for ComfyUI; default output:
+    `comfyui_lora.safetensors` beside the source. Returns the file written."""
+    from safetensors.torch import save_file
+
+    weights = read_adapter(source)
+    tensors, header = to_comfyui(weights)
+    target = Path(output) if output else Path(weights.source).parent / COMFYUI_NAME
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return target
+
+
+def export_adapter(source: str | Path, fmt: str = "comfyui", output: str | Path | None = None) -> Path:
+    """`qwen-lora export`: write `source`'s adapter in another layout; returns the file written."""
+    if fmt != "comfyui":
+        raise AdapterError(f"export --format: unknown {fmt!r}; supported: comfyui")
+    return write_comfyui(source, output)
