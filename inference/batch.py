@@ -17,9 +17,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwen_image_lora import typed_yaml
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.images import format_for, load_image, save_image
 from qwen_image_lora.io import iter_jsonl
+from qwen_image_lora.typed_yaml import ConfigError
 from qwen_image_lora.progress import progress_bar
 
 MANIFEST = "manifest.jsonl"
@@ -28,10 +30,14 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 @dataclass
 class Job:
-    index: int
-    prompt: str
-    id: str | None = None
-    images: list[str] = field(default_factory=list)
+    """One line of the jobs file, read by the same typed loader as configs (paths relative to the file)."""
+
+    prompt: str = ""
+    id: str | int | None = None
+    images: list[str] = field(default_factory=list, metadata={"path": True})
+    # Masked edit of the last image: white = may change, black = kept exactly.
+    mask: str | None = field(default=None, metadata={"path": True})
+    mask_feather: int = 8
     negative_prompt: str | None = None
     width: int | None = None
     height: int | None = None
@@ -42,17 +48,11 @@ class Job:
     loras: dict[str, float] | None = None
     output: str | None = None
     quality: int = 95
+    index: int = field(default=-1, metadata={"internal": True})  # the line's position, set by `read_jobs`
 
     @property
     def output_name(self) -> str:
         return self.output or f"{self.id}.png"
-
-
-_TYPES = {
-    "prompt": str, "id": (str, int), "images": list, "negative_prompt": str, "width": int, "height": int,
-    "aspect_ratio": str, "num_inference_steps": int, "guidance_scale": (int, float), "seed": int, "loras": dict,
-    "output": str, "quality": int,
-}  # fmt: skip
 
 
 def read_jobs(path: str | Path) -> list[Job]:
@@ -60,21 +60,23 @@ def read_jobs(path: str | Path) -> list[Job]:
     path = Path(path)
     jobs, outputs = [], {}
     for where, raw in iter_jsonl(path):
-        for key, value in raw.items():
-            if key not in _TYPES:
-                raise ValueError(f"{where}: unknown field {key!r}; fields: {', '.join(_TYPES)}")
-            if value is not None and (not isinstance(value, _TYPES[key]) or isinstance(value, bool)):
-                raise ValueError(f"{where}: {key} has the wrong type ({value!r})")
-        if not raw.get("prompt"):
+        if "index" in raw:
+            raise ValueError(f"{where}: unknown key 'index' (the line's position is its index)")
+        try:
+            job = typed_yaml.build(Job, raw, "", where, path.parent.resolve())
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        if not job.prompt:
             raise ValueError(f"{where}: prompt is required")
-        job = Job(index=len(jobs), **raw)
+        job.index = len(jobs)
         job.id = str(job.id) if job.id is not None else f"{job.index:06d}"
         if not _SAFE_ID.fullmatch(job.id):
             raise ValueError(f"{where}: id {job.id!r} must be letters, digits, '.', '_' or '-'")
         if job.output is not None and (Path(job.output).name != job.output or not _SAFE_ID.fullmatch(job.output)):
             raise ValueError(f"{where}: output {job.output!r} must be a plain file name inside the output folder")
+        if job.mask is not None and not job.images:
+            raise ValueError(f"{where}: mask needs images (it applies to the last one)")
         format_for(job.output_name)
-        job.images = [str((path.parent / p).resolve()) for p in job.images]
         if job.output_name in outputs:
             raise ValueError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
         outputs[job.output_name] = where.rsplit(":", 1)[1]
@@ -157,6 +159,8 @@ def _request(job: Job, base_seed: int, default_loras) -> GenerationRequest:
         guidance_scale=job.guidance_scale,
         seed=_seed(job, base_seed),
         adapters=job.loras if job.loras is not None else (default_loras or {}),
+        mask=load_image(job.mask) if job.mask else None,
+        mask_feather=job.mask_feather,
     )
 
 

@@ -1,4 +1,4 @@
-"""`qwen-lora generate | edit | batch | serve`: thin wrappers over `Generator`, `run_batch` and the HTTP app.
+"""`qwen-lora generate | edit | layers | batch | serve`: thin wrappers over `Generator`, `run_batch` and the HTTP app.
 
     qwen-lora generate --config configs/demo.yaml --prompt "a bottle" --width 128 --height 128 --output out.png
     qwen-lora edit --model Qwen/Qwen-Image-2.1 --lora runs/brand/adapter:0.8 --image in.jpg --prompt "..." --output o.webp
@@ -18,6 +18,7 @@ JOB_FORMAT = """\
 jobs file: JSON Lines, one job per line; only "prompt" is required.
   prompt            the text-to-image prompt or the edit instruction
   images            input images for an edit (1 to 10), paths relative to the jobs file; omit for text-to-image
+  mask, mask_feather  masked edit of the last image: white = may change, black = kept exactly; soft edge px (8)
   id                names the output (default: the line index, 000000, 000001, ...)
   seed              default: --seed + the line index
   negative_prompt, guidance_scale   guidance acts only with a negative prompt and a scale > 1
@@ -45,10 +46,28 @@ def register(subparsers) -> None:
     _sampling_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", required=True, help="input image (repeat for up to 10)")
+    _mask_args(p, "masked edit of the last --image: white = may change, black = kept pixel for pixel")
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
     p.add_argument("--quality", type=int, default=95)
     _overrides_arg(p)
     p.set_defaults(func=_generate)
+
+    p = subparsers.add_parser(
+        "layers", help="layered output: subject cut-out, background, generated elements (PSD, OpenRaster or ZIP)",
+        description="Split a product photo into layers a designer can move: `subject` (the input through the mask), "
+        "`background` (a masked edit that removes the subject), one layer per --element; plus the flattened PNG.",
+    )  # fmt: skip
+    _model_args(p)
+    _sampling_args(p)
+    p.add_argument("--image", required=True, help="the product photo")
+    _mask_args(p, "white on the subject; 'auto' takes it from the model's own cut-out (quality depends on the model)",
+               required=True)
+    p.add_argument("--prompt", help="the background instruction (default: remove the subject and fill in where it was)")
+    p.add_argument("--element", action="append", default=[], metavar="PROMPT@X,Y,W,H",
+                   help="a generated element at this box, e.g. 'a red SALE badge@40,40,256,128' (repeatable)")
+    p.add_argument("--output", required=True, help="PATH.psd | .ora | .zip (the flattened image goes to PATH.png)")
+    _overrides_arg(p)
+    p.set_defaults(func=_layers)
 
     p = subparsers.add_parser(
         "batch", help="run a JSONL of jobs; resumable; shards under accelerate launch",
@@ -78,6 +97,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="hub id or local folder; overrides the config's model.pretrained")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's model.dtype")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help="repeatable; weight default 1.0")
+
+
+def _mask_args(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
+    p.add_argument("--mask", required=required, help=help)
+    p.add_argument("--mask-feather", type=int, default=8, help="soft edge inside the changed region, in pixels (default 8)")
 
 
 def _overrides_arg(p: argparse.ArgumentParser) -> None:
@@ -132,6 +156,7 @@ def _generate(args) -> int:
 
     format_for(args.output)  # a bad extension fails before the model loads
     images = [load_image(p) for p in args.image]
+    mask = load_image(args.mask) if getattr(args, "mask", None) else None
     generator, loras, _ = _load(args)
     request = GenerationRequest(
         prompt=args.prompt,
@@ -144,9 +169,32 @@ def _generate(args) -> int:
         guidance_scale=args.guidance_scale,
         seed=args.seed,
         adapters=loras,
+        mask=mask,
+        mask_feather=getattr(args, "mask_feather", 8),
     )
     image = generator.generate(request)
     print(save_image(image, args.output, args.quality))
+    return 0
+
+
+def _layers(args) -> int:
+    from qwen_image_lora.inference.generator import GenerationRequest
+    from qwen_image_lora.inference.images import load_image
+    from qwen_image_lora.inference.layers import Element, save_layers
+
+    elements = [Element.parse(e) for e in args.element]  # bad input fails before the model loads
+    if Path(args.output).suffix.lower() not in (".psd", ".ora", ".zip"):
+        raise ValueError(f"--output {args.output}: use .psd, .ora or .zip")
+    image = load_image(args.image)
+    mask = args.mask if args.mask == "auto" else load_image(args.mask)
+    generator, loras, _ = _load(args)
+    request = GenerationRequest(
+        "", images=[image], negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, seed=args.seed, adapters=loras, mask_feather=args.mask_feather,
+    )  # fmt: skip
+    layers = generator.layers(request, mask, args.prompt, elements)
+    for path in save_layers(layers, args.output):
+        print(path)
     return 0
 
 

@@ -22,9 +22,10 @@ from qwen_image_lora.typed_yaml import ConfigError
 DEFAULT_MODEL = "Qwen/Qwen-Image-2.1"
 
 
-def _path(default=None, **kw):
-    """A string field holding a filesystem path, resolved relative to the config file's folder."""
-    return field(default=default, metadata={"path": True}, **kw)
+def _path(default=None, hub_id: bool = False, **kw):
+    """A string field holding a filesystem path, resolved relative to the config file's folder. With `hub_id`
+    it may also name a Hugging Face repo (`owner/name`), which is left as it is when no such path exists."""
+    return field(default=default, metadata={"path": "or-hub-id" if hub_id else True}, **kw)
 
 
 def _paths(**kw):
@@ -34,7 +35,7 @@ def _paths(**kw):
 @dataclass
 class ModelConfig:
     # A hub id or a local folder in the diffusers layout; the tiny test model and the real one differ only here.
-    pretrained: str = _path(DEFAULT_MODEL)
+    pretrained: str = _path(DEFAULT_MODEL, hub_id=True)
     revision: str | None = None
     # dtype of the frozen weights; LoRA weights always train in fp32.
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -123,7 +124,7 @@ class LoRAConfig:
     use_dora: bool = False
     use_rslora: bool = False
     # Start from an existing adapter (folder or .safetensors) instead of fresh weights.
-    init_from: str | None = _path()
+    init_from: str | None = _path(hub_id=True)
 
     def validate(self, where: str) -> None:
         # Deferred: the model module imports torch (seconds); the schema itself stays light to import.
@@ -259,7 +260,7 @@ class EvalConfig:
     # Brand palette as hex colours, for the CIEDE2000 palette-fidelity score.
     palette: list[str] = field(default_factory=list)
     # Local CLIP/SigLIP weights for CLIPScore and reference similarity; skipped when null.
-    clip_model: str | None = _path()
+    clip_model: str | None = _path(hub_id=True)
     # A folder of on-brand images; each t2i image is scored by its mean CLIP similarity to them.
     reference_images: str | None = _path()
     output_dir: str = _path("${output_dir}/eval")
@@ -286,7 +287,7 @@ class EvalConfig:
 @dataclass
 class ServeAdapter:
     name: str = ""
-    path: str = _path("")
+    path: str = _path("", hub_id=True)
     weight: float = 1.0
 
 

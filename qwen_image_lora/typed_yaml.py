@@ -86,7 +86,7 @@ def build(cls, raw, dotted: str, where: str, base: Path):
         f = fields[name]
         value = _coerce(value, hints[name], _join(dotted, name), where, base)
         if f.metadata.get("path"):
-            value = _resolve_paths(value, base)
+            value = _resolve_paths(value, base, hub_ids=f.metadata["path"] == "or-hub-id")
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -95,10 +95,10 @@ def _join(dotted: str, key: str) -> str:
     return f"{dotted}.{key}" if dotted else str(key)
 
 
-def _resolve_paths(value, base: Path):
+def _resolve_paths(value, base: Path, hub_ids: bool):
     if isinstance(value, list):
-        return [_resolve_paths(v, base) for v in value]
-    if isinstance(value, str) and value and not _looks_like_hub_id(value):
+        return [_resolve_paths(v, base, hub_ids) for v in value]
+    if isinstance(value, str) and value and not (hub_ids and _looks_like_hub_id(value)):
         p = Path(value).expanduser()
         return str(p if p.is_absolute() else (base / p).resolve())
     return value

@@ -99,8 +99,10 @@ def test_batch_resumes_after_an_interruption_without_redoing_finished_jobs(tiny_
 def test_batch_job_errors_name_the_line_and_field(tmp_path):
     bad = tmp_path / "jobs.jsonl"
     for text, match in [
-        ('{"prompt": "a"}\n{"promt": "b"}', "jobs.jsonl:2: unknown field 'promt'"),
-        ('{"prompt": "a", "seed": "7"}', "jobs.jsonl:1: seed has the wrong type"),
+        ('{"prompt": "a"}\n{"promt": "b"}', "jobs.jsonl:2: unknown key 'promt'; did you mean 'prompt'"),
+        ('{"prompt": "a", "seed": "7"}', "jobs.jsonl:1: seed must be int or null"),
+        ('{"prompt": "a", "loras": {"brand": "high"}}', "jobs.jsonl:1: loras must be a mapping or null"),
+        ('{"prompt": "a", "index": 3}', "jobs.jsonl:1: unknown key 'index'"),
         ('{"prompt": "a", "output": "../x.png"}', "must be a plain file name"),
         ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "output": "x.png"}', "also written by line 1"),
         ('{"images": ["a.png"]}', "prompt is required"),

@@ -109,3 +109,22 @@ def test_auto_mask_is_the_alpha_of_the_models_own_cut_out(gen):
     cutout = gen.generate(GenerationRequest(layer_output.AUTO_MASK_PROMPT, images=[image], num_inference_steps=1, seed=2))
     assert cutout.mode == "RGBA"
     assert np.array_equal(np.asarray(layer_output._auto_mask(gen, request)), np.asarray(cutout.getchannel("A")))
+
+
+def test_layers_command_writes_a_psd_and_the_flat_image(tiny_model_dir, tmp_path):
+    from qwen_image_lora.cli import main
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (H, W, 3), dtype=np.uint8), "RGB")
+    mask = Image.new("L", (W, H), 0)
+    mask.paste(255, (40, 20, 120, 80))
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out.psd"
+    argv = ["layers", "--model", str(tiny_model_dir), "--dtype", "float32", "data.resolution=96", "--steps", "1",
+            "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--element", "a badge@0,0,32,32",
+            "--output", str(out)]
+    assert main(argv) == 0
+    psd = PSDImage.open(out)
+    assert [layer.name for layer in psd][:2] == ["background", "subject"] and len(list(psd)) == 3
+    assert Image.open(tmp_path / "out.png").size == (W, H)
+    assert main([*argv[:-4], "--element", "no box here", "--output", str(out)]) == 2  # refused before loading

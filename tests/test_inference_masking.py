@@ -127,3 +127,29 @@ def test_composite_feathers_only_inside_the_changed_region():
     assert 0 < ramp[0] < 255 and (np.diff(ramp) >= 0).all()  # a soft edge that rises into the changed region
     hard = np.asarray(masking.composite(result, original, mask, feather=0))[:, :, 0]
     assert (hard[:, 32:] == 255).all() and (hard[:, :32] == 0).all()
+
+
+def test_masked_edit_from_the_cli_and_a_batch_job(tiny_model_dir, tmp_path):
+    import json
+
+    from qwen_image_lora.cli import main
+
+    (tmp_path / "in").mkdir()
+    image, mask = product(), right_half_mask()
+    image.save(tmp_path / "in" / "sku.png")
+    mask.save(tmp_path / "in" / "sku_mask.png")
+    tiny = ["--model", str(tiny_model_dir), "--dtype", "float32", "data.resolution=96", "--steps", "2"]
+    out = tmp_path / "cli.png"
+    assert main(["edit", *tiny, "--image", str(tmp_path / "in" / "sku.png"), "--mask", str(tmp_path / "in" / "sku_mask.png"),
+                 "--prompt", "on marble", "--output", str(out)]) == 0
+    kept = np.asarray(mask) < 128
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB"))[kept], np.asarray(image)[kept])
+    # A batch job: paths relative to the jobs file, in a subfolder.
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "sku", "prompt": "on marble", "images": ["in/sku.png"], "mask": "in/sku_mask.png",
+                                "mask_feather": 2}) + "\n")
+    assert main(["batch", str(jobs), "--output-dir", str(tmp_path / "out"), *tiny[:-2], "--no-progress"]) == 0
+    got = np.asarray(Image.open(tmp_path / "out" / "sku.png").convert("RGB"))
+    assert np.array_equal(got[kept], np.asarray(image)[kept]) and np.abs(got[~kept].astype(int) - np.asarray(image)[~kept]).mean() > 5
+    jobs.write_text(json.dumps({"prompt": "x", "mask": "in/sku_mask.png"}) + "\n")
+    assert main(["batch", str(jobs), "--output-dir", str(tmp_path / "out2"), *tiny[:-2]]) == 2  # a mask needs images
