@@ -150,8 +150,11 @@ def test_overrides_reach_generate_edit_and_batch(tiny_model_dir, tmp_path, capsy
 
 
 def test_help_speaks_to_users_and_batch_help_shows_a_valid_job_line(tmp_path, capsys):
-    from qwen_image_lora.inference.batch import _TYPES
+    import dataclasses
 
+    from qwen_image_lora.inference.batch import Job
+
+    fields = [f.name for f in dataclasses.fields(Job) if not f.metadata.get("internal")]
     with pytest.raises(SystemExit):
         main(["--help"])
     top = capsys.readouterr().out
@@ -159,7 +162,7 @@ def test_help_speaks_to_users_and_batch_help_shows_a_valid_job_line(tmp_path, ca
     with pytest.raises(SystemExit):
         main(["batch", "--help"])
     text = capsys.readouterr().out
-    assert "batch.py" not in text and all(field in text for field in _TYPES)
+    assert "batch.py" not in text and all(field in text for field in fields)
     example = text.split("example line:")[1].strip().splitlines()[0]
     (tmp_path / "jobs.jsonl").write_text(example + "\n")
     (job,) = read_jobs(tmp_path / "jobs.jsonl")  # the documented example is a valid job
