@@ -27,7 +27,8 @@ from PIL import Image
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, DataConfig
 from qwen_image_lora.data.cache import Cache, key_for_image, key_for_prompt, model_identity
-from qwen_image_lora.data.doctor import excluded_ids
+from qwen_image_lora.data.doctor import check_item, fingerprint
+from qwen_image_lora.data.report import Report, past_verdicts
 from qwen_image_lora.data.buckets import Transform, assign_bucket, histogram, plan_transform
 from qwen_image_lora.data.sources import Item, format_caption, load_items, open_image
 
@@ -325,18 +326,47 @@ class TrainingData:
         return [collate([self.dataset[(i, 0, 0)]]) for i in self.held_out]
 
 
+def _tokenizer(pipe):
+    """The pipeline's tokenizer, for the caption-length check (None without one: the check is skipped)."""
+    return getattr(getattr(pipe, "processor", None), "tokenizer", None)
+
+
+def check_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item], list[tuple[Item, str]]]:
+    """(items to train on, skipped items with the reason). The last doctor run's verdicts hold for the items it
+    judged in their current state; every other item gets the doctor's per-item checks here, and each one with
+    an error is skipped with one warning naming it and why."""
+    judged, excluded = past_verdicts(cfg.data.cache_dir, cfg.data.path)
+    keep, skipped, by_doctor = [], [], []
+    report = Report(str(cfg.data.path), 0)
+    for item in items:
+        fresh = item.id in judged and judged[item.id] == fingerprint(item)
+        if item.id in excluded and (fresh or item.id not in judged):
+            by_doctor.append(item)
+            skipped.append((item, "excluded by the data doctor: " + ", ".join(excluded[item.id])))
+            continue
+        if not fresh:
+            check_item(item, cfg, tokenizer, report)
+            if item.id in report.excluded:
+                reason = "; ".join(f"{f.code}: {f.message}" for f in report.findings if f.item == item.id and f.severity == "error")
+                logger.warning("skipping %s: %s", item.id, reason)
+                skipped.append((item, reason))
+                continue
+        keep.append(item)
+    if by_doctor:  # the doctor already printed these; one line here
+        logger.info("%d items left out as the data doctor excluded them (e.g. %s); see %s/doctor.json",
+                    len(by_doctor), ", ".join(it.id for it in by_doctor[:3]), cfg.data.cache_dir)
+    return keep, skipped
+
+
 def build_training_data(
     cfg: Config, pipe, cache: TensorCache | None = None, num_replicas: int = 1, rank: int = 0
 ) -> TrainingData:
     items = load_items(cfg.data)
-    # Items the doctor (or prepare) excluded: unreadable, truncated, uncaptioned, ... (see data/doctor.py).
-    excluded = excluded_ids(cfg.data.cache_dir, cfg.data.path)
-    skipped_by_doctor = [(it, "excluded by data doctor: " + ", ".join(excluded[it.id])) for it in items if it.id in excluded]
-    items = [it for it in items if it.id not in excluded]
-    entries, skipped = plan_entries(items, cfg)
-    skipped = skipped_by_doctor + skipped
-    for item, reason in skipped:
-        logger.warning("skipping %s: %s (see `qwen-lora data doctor`)", item.id, reason)
+    items, skipped = check_items(items, cfg, _tokenizer(pipe))
+    entries, unplanned = plan_entries(items, cfg)
+    for item, reason in unplanned:
+        logger.warning("skipping %s: %s", item.id, reason)
+    skipped += unplanned
     if not entries:
         raise ValueError(f"data.path: none of the {len(items)} items could be read; run `qwen-lora data doctor`")
     fraction = cfg.validation.held_out_fraction

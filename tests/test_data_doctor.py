@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from qwen_image_lora.config import load_config
-from qwen_image_lora.data.doctor import dhash, diagnose, hamming, phase_correlation, phash
+from qwen_image_lora.data.doctor import diagnose
+from qwen_image_lora.data.similarity import dhash, hamming, phase_correlation, phash
 
 
 def _photo(w, h, seed=0):
