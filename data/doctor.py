@@ -225,8 +225,9 @@ def diagnose(cfg: Config, items: list[Item] | None = None, tokenizer="auto", con
     for item in items:
         tinfo, timage, sources = check_item(item, cfg, tokenizer, report, infos)
         if item.id not in report.excluded:  # a copy of an excluded item may be the one worth keeping
-            content = (tinfo.sha256, *(s.sha256 for s, _ in sources))
-            readable.append({"id": item.id, "path": item.target, "content": content, "captions": item.captions, "phash": tinfo.phash, "colour": tinfo.colour})
+            checked = [tinfo, *(s for s, _ in sources)]
+            readable.append({"id": item.id, "path": item.target, "content": tuple(i.sha256 for i in checked), "captions": item.captions,
+                             "looks": [(i.phash, i.colour) for i in checked]})
         if item.sources:
             flags = _check_pair(item, tinfo, timage, sources, report)
             if tinfo.features and sources and sources[0][0].features and not flags.get("identical"):

@@ -23,7 +23,8 @@ from qwen_image_lora.config import Config
 from qwen_image_lora.data.buckets import histogram
 from qwen_image_lora.data.cache import Cache, model_identity
 from qwen_image_lora.data.dataset import SampleEncoder, TrainingDataset, plan_entries
-from qwen_image_lora.data.doctor import Report, diagnose
+from qwen_image_lora.data.doctor import diagnose
+from qwen_image_lora.data.report import Report
 from qwen_image_lora.data.sources import load_items
 from qwen_image_lora.io import atomic_write_text
 from qwen_image_lora.progress import track
@@ -65,7 +66,8 @@ def prepare(
         report = diagnose(cfg, items, contact_sheet=False)
     if rank == 0:
         report.write_json(cache_dir / "doctor.json")
-        log(report.table(limit=20))
+        # The doctor's table is `data doctor`'s to print; here one line says what it found and where to look.
+        log(f"data doctor: {report.summary()}; details: `qwen-lora data doctor` or {cache_dir / 'doctor.json'}")
     clean = [it for it in items if it.id not in report.excluded]
     entries, skipped = plan_entries(clean, cfg)
     failed = {item.id: reason for item, reason in skipped}

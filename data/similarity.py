@@ -12,10 +12,11 @@ from PIL import Image
 
 NEAR_DUPLICATE_BITS = 6  # pHash Hamming distance (of 64) under which two images may be near duplicates...
 # ...if their colours agree too: pHash sees only brightness structure, so a product in red and the same
-# product in teal hash alike. Colour distance is half the L1 distance of two 4x4x4 RGB histograms (0..1);
-# re-encoded, resized and lightly cropped copies stay under ~0.06, a recoloured product part moves it
-# past ~0.25 (calibrated in tests/test_data_doctor.py).
-NEAR_DUPLICATE_COLOUR = 0.12
+# product in teal hash alike. Colour distance is half the L1 distance of two soft 4x4x4 RGB histograms
+# (0..1): JPEG re-encoded (q50+), halved and 5-10% cropped copies of products and photos measured <= 0.052,
+# the same products recoloured (brand red -> coral, the closest pair tried) >= 0.103. Held both ways by
+# tests/test_data_doctor.py::test_near_duplicates_see_colour.
+NEAR_DUPLICATE_COLOUR = 0.075
 
 Add = Callable[..., None]  # Report.add(severity, code, item, message, path=None)
 
@@ -51,11 +52,19 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-def colour_histogram(image: Image.Image) -> tuple[float, ...]:
-    """64 bins (4 per RGB channel) of a 64x64 thumbnail, summing to 1."""
-    rgb = np.asarray(image.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR)) // 64
-    counts = np.bincount((rgb[..., 0] * 16 + rgb[..., 1] * 4 + rgb[..., 2]).ravel(), minlength=64)
-    return tuple((counts / counts.sum()).round(5).tolist())
+def colour_histogram(image: Image.Image, bins: int = 4) -> tuple[float, ...]:
+    """A bins^3 RGB histogram of a 64x64 thumbnail, summing to 1. Each channel value is shared linearly
+    between its two nearest bin centres, so noise at a bin edge (JPEG, resampling) moves little mass."""
+    rgb = np.asarray(image.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR), np.float32).reshape(-1, 3)
+    pos = np.clip(rgb / (256 / bins) - 0.5, 0, bins - 1)  # in bin-centre units
+    low = np.minimum(pos.astype(np.int64), bins - 2)
+    frac = pos - low
+    hist = np.zeros((bins, bins, bins), np.float64)
+    for corner in np.ndindex(2, 2, 2):
+        idx = low + np.array(corner)
+        weight = np.prod(np.where(np.array(corner), frac, 1 - frac), axis=1)
+        np.add.at(hist, (idx[:, 0], idx[:, 1], idx[:, 2]), weight)
+    return tuple((hist.ravel() / hist.sum()).round(5).tolist())
 
 
 def colour_distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -130,9 +139,11 @@ def check_swapped_direction(deltas: list[tuple[str, np.ndarray]], add: Add, min_
 
 
 def check_duplicates(images: list[dict], add: Add) -> None:
-    """`images`: one dict per readable item, in data order: id, path, content (the sha256s of every image of
-    the item), captions, phash, colour. An exact copy of an earlier item is excluded (trained once); a near
-    copy (pHash and colour both close) is a warning. LSH on 8 bands of 8 bits: any two hashes within 7 bits
+    """`images`: one dict per clean item, in data order: id, path, content (the sha256s of the item's target and
+    sources), captions, and `looks`: (phash, colour histogram) of the target then of each source. An exact copy
+    of an earlier item is excluded (trained once). A near copy, one whose every image has a close pHash and
+    close colours, is a warning: for an edit the pair is the example, so one target reached from two different
+    sources is no duplicate. LSH on 8 bands of 8 bits of the target's pHash: any two hashes within 7 bits
     share at least one band, so only candidates are compared."""
     first: dict[tuple, dict] = {}
     kept: list[dict] = []
@@ -146,7 +157,7 @@ def check_duplicates(images: list[dict], add: Add) -> None:
     bands: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, im in enumerate(kept):
         for band in range(8):
-            bands[(band, (im["phash"] >> (8 * band)) & 0xFF)].append(i)
+            bands[(band, (im["looks"][0][0] >> (8 * band)) & 0xFF)].append(i)
     compared = set()
     for members in bands.values():
         if len(members) < 2 or len(members) > 2000:  # a huge band is a flat-colour cluster; skip the O(n^2)
@@ -158,6 +169,9 @@ def check_duplicates(images: list[dict], add: Add) -> None:
                     continue
                 compared.add(pair)
                 a, b = kept[pair[0]], kept[pair[1]]
-                bits, colour = hamming(a["phash"], b["phash"]), colour_distance(a["colour"], b["colour"])
-                if bits <= NEAR_DUPLICATE_BITS and colour <= NEAR_DUPLICATE_COLOUR:
+                if len(a["looks"]) != len(b["looks"]):
+                    continue
+                dists = [(hamming(x[0], y[0]), colour_distance(x[1], y[1])) for x, y in zip(a["looks"], b["looks"])]
+                if all(bits <= NEAR_DUPLICATE_BITS and colour <= NEAR_DUPLICATE_COLOUR for bits, colour in dists):
+                    bits, colour = dists[0]
                     add("warning", "near-duplicate", b["id"], f"looks like {a['id']} (pHash distance {bits}/64, colour distance {colour:.2f})", b["path"])
