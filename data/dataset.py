@@ -26,7 +26,7 @@ from PIL import Image
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, DataConfig
-from qwen_image_lora.data.cache import Cache, key_for_image, key_for_prompt, model_identity
+from qwen_image_lora.data.cache import Cache, CacheDamaged, key_for_image, key_for_prompt, model_identity
 from qwen_image_lora.data.doctor import check_item, fingerprint
 from qwen_image_lora.data.report import Report, past_verdicts
 from qwen_image_lora.data.buckets import Transform, assign_bucket, histogram, plan_transform
@@ -133,9 +133,19 @@ class SampleEncoder:
     def prompt_key(self, text: str, image_keys: list[str]) -> str:
         return key_for_prompt(text, image_keys, self.model_id)
 
+    def _lookup(self, key: str, encoder: str) -> dict[str, torch.Tensor] | None:
+        """The cached entry, or None when it must be encoded. A damaged entry (the cache names its shard) is
+        re-encoded when `encoder` is loaded; without it, training stops with the cache's message."""
+        try:
+            return self.cache.get(key)
+        except CacheDamaged:
+            if self.pipe is None or getattr(self.pipe, encoder, None) is None:
+                raise
+            return None
+
     def latents(self, key: str, load: Callable[[], Image.Image]) -> torch.Tensor:
         """[1, C, 1, h, w] normalised latents."""
-        hit = self.cache.get(key)
+        hit = self._lookup(key, "vae")
         if hit is None:
             if self.pipe is None or self.pipe.vae is None:
                 raise KeyError(f"latents {key} are not cached and no VAE is loaded; run `qwen-lora data prepare`")
@@ -145,7 +155,7 @@ class SampleEncoder:
         return hit["latents"]
 
     def prompt(self, key: str, text: str, load_images: Callable[[], list[Image.Image]] | None) -> qmodel.PromptEmbeds:
-        hit = self.cache.get(key)
+        hit = self._lookup(key, "text_encoder")
         if hit is None:
             if self.pipe is None or self.pipe.text_encoder is None:
                 raise KeyError(f"embeddings {key} are not cached and no text encoder is loaded; run `qwen-lora data prepare`")

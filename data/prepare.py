@@ -7,7 +7,8 @@ training finds the exclusions); buckets and crops are planned exactly as trainin
 (`dataset.plan_entries`); then, for each item and every text it can train with (each caption after the
 template, plus "" under caption dropout), `dataset.TrainingDataset.sample` runs the same `SampleEncoder` that
 training runs, on a writable `Cache`. Encoding goes only through `model.encode_latents` / `encode_prompt`.
-Entries already in the cache are skipped, which is what makes a changed caption cost one embedding and an
+Existing shards are verified first (`Cache.verify`): damaged entries are dropped and re-encoded. Entries already
+in the cache are skipped, which is what makes a changed caption cost one embedding and an
 interrupted run resume. An item that still fails to encode is recorded in `<cache_dir>/prepare-r<rank>.json`
 (and left out of training) instead of stopping the run.
 """
@@ -35,7 +36,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PrepareStats:
     items: int = 0  # items given to this process
-    cached: int = 0  # of those, already complete in the cache
+    cached: int = 0  # of those, already complete (and intact) in the cache
+    damaged: int = 0  # cache entries that failed verification (re-encoded when still used)
     latents_encoded: int = 0
     prompts_encoded: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # item id -> reason
@@ -79,6 +81,9 @@ def prepare(
     model_id = model_identity(cfg.model)
     stats = PrepareStats()
     with Cache(cache_dir, model_id, writable=True, rank=rank, items_per_shard=d.shard_size) as cache:
+        # Damaged entries are forgotten here, so the loop below re-encodes them; one process repairs the indexes.
+        damaged = cache.verify(repair=rank == 0)
+        stats.damaged = sum(len(keys) for keys in damaged.values())
         encoder = SampleEncoder(pipe, model_id, cache)
         dataset = TrainingDataset(entries, cfg, encoder)
         mine = range(rank, len(entries), world_size)

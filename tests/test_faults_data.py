@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from qwen_image_lora.config import load_config
-from qwen_image_lora.data.dataset import build_training_data
+from qwen_image_lora.data.dataset import MemoryCache, build_training_data
 from qwen_image_lora.data.doctor import diagnose
 
 
@@ -103,3 +103,67 @@ def test_training_trusts_the_doctor_only_for_files_it_judged(tmp_path, tiny_pipe
     warnings = _skip_warnings(caplog)
     assert len(warnings) == 1 and warnings[0].startswith("skipping good3.png:")  # the doctor's own verdicts are not repeated
     assert any("left out as the data doctor excluded them" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------ verified cache
+
+
+def _overwrite_latents(shard) -> str:
+    """Overwrite the first latents tensor stored in `shard` with other bytes (same size); returns its key."""
+    raw = bytearray(shard.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k.endswith("/latents"))
+    start, end = (8 + n + o for o in header[name]["data_offsets"])
+    raw[start:end] = bytes(reversed(raw[start:end]))
+    shard.write_bytes(bytes(raw))
+    return name.split("/")[0]
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir):
+    from qwen_image_lora.data.prepare import prepare
+
+    cfg = _cfg(sample_data_dir / "brand", tiny_model_dir, tmp_path, "data.shard_size=4")
+    first = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    assert first.latents_encoded == first.items and first.damaged == 0
+    return cfg, sorted((tmp_path / "out" / "cache" / "shards").glob("*.safetensors"))
+
+
+def test_prepare_verifies_shards_and_reencodes_damaged_entries(prepared, tiny_pipe, caplog):
+    from qwen_image_lora.data.prepare import prepare
+
+    cfg, shards = prepared
+    cut, hit = shards[0], shards[1]
+    n_cut = len(json.loads(cut.with_suffix(".json").read_text())["keys"])
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    _overwrite_latents(hit)
+    with caplog.at_level(logging.WARNING):
+        again = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    named = " ".join(r.getMessage() for r in caplog.records)
+    assert cut.name in named and hit.name in named
+    assert again.damaged == n_cut + 1 and again.cached < again.items
+    # exactly the damaged entries are encoded again (the cut shard's may include embeddings)
+    assert again.latents_encoded + again.prompts_encoded == n_cut + 1
+    third = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    assert third.damaged == 0 and third.cached == third.items and third.latents_encoded + third.prompts_encoded == 0
+    assert (cut.parent.parent / "damaged" / cut.name).is_file()  # moved aside, not deleted
+
+
+def test_training_never_trains_on_overwritten_latents(prepared, tiny_pipe, caplog):
+    from qwen_image_lora.data.cache import CacheDamaged
+
+    cfg, shards = prepared
+    key = _overwrite_latents(shards[1])
+    no_encoders = type("P", (), {"vae": None, "text_encoder": None})()
+    data = build_training_data(cfg, no_encoders)
+    index = next(i for i in range(len(data.dataset)) if data.dataset.keys(i, data.dataset.texts_for(i)[0])[0] == key)
+    with pytest.raises(CacheDamaged, match=shards[1].name + ".*data prepare"):  # no encoder to redo it: a clear stop
+        data.dataset.sample(index, data.dataset.texts_for(index)[0])
+    # with the encoders loaded, the entry is named and encoded again: the latents equal a fresh encoding
+    data = build_training_data(cfg, tiny_pipe)
+    with caplog.at_level(logging.WARNING):
+        redone = data.dataset.sample(index, data.dataset.texts_for(index)[0])["latents"]
+    assert any(shards[1].name in r.getMessage() for r in caplog.records)
+    fresh = build_training_data(cfg, tiny_pipe, cache=MemoryCache())
+    assert torch.equal(redone, fresh.dataset.sample(index, fresh.dataset.texts_for(index)[0])["latents"])
