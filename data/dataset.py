@@ -27,8 +27,7 @@ from PIL import Image
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, DataConfig
 from qwen_image_lora.data.cache import Cache, CacheDamaged, key_for_image, key_for_prompt, model_identity
-from qwen_image_lora.data.doctor import check_item, fingerprint
-from qwen_image_lora.data.report import Report, past_verdicts
+from qwen_image_lora.data.doctor import screen_items
 from qwen_image_lora.data.buckets import Transform, assign_bucket, histogram, plan_transform
 from qwen_image_lora.data.sources import Item, format_caption, load_items, open_image
 
@@ -341,38 +340,11 @@ def _tokenizer(pipe):
     return getattr(getattr(pipe, "processor", None), "tokenizer", None)
 
 
-def check_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item], list[tuple[Item, str]]]:
-    """(items to train on, skipped items with the reason). The last doctor run's verdicts hold for the items it
-    judged in their current state; every other item gets the doctor's per-item checks here, and each one with
-    an error is skipped with one warning naming it and why."""
-    judged, excluded = past_verdicts(cfg.data.cache_dir, cfg.data.path)
-    keep, skipped, by_doctor = [], [], []
-    report = Report(str(cfg.data.path), 0)
-    for item in items:
-        fresh = item.id in judged and judged[item.id] == fingerprint(item)
-        if item.id in excluded and (fresh or item.id not in judged):
-            by_doctor.append(item)
-            skipped.append((item, "excluded by the data doctor: " + ", ".join(excluded[item.id])))
-            continue
-        if not fresh:
-            check_item(item, cfg, tokenizer, report)
-            if item.id in report.excluded:
-                reason = "; ".join(f"{f.code}: {f.message}" for f in report.findings if f.item == item.id and f.severity == "error")
-                logger.warning("skipping %s: %s", item.id, reason)
-                skipped.append((item, reason))
-                continue
-        keep.append(item)
-    if by_doctor:  # the doctor already printed these; one line here
-        logger.info("%d items left out as the data doctor excluded them (e.g. %s); see %s/doctor.json",
-                    len(by_doctor), ", ".join(it.id for it in by_doctor[:3]), cfg.data.cache_dir)
-    return keep, skipped
-
-
 def build_training_data(
     cfg: Config, pipe, cache: TensorCache | None = None, num_replicas: int = 1, rank: int = 0
 ) -> TrainingData:
     items = load_items(cfg.data)
-    items, skipped = check_items(items, cfg, _tokenizer(pipe))
+    items, skipped = screen_items(items, cfg, _tokenizer(pipe))
     entries, unplanned = plan_entries(items, cfg)
     for item, reason in unplanned:
         logger.warning("skipping %s: %s", item.id, reason)

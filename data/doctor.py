@@ -4,8 +4,9 @@
     print(report.table()); report.write_json(path); report.write_html(path)
 
 Never touches the user's files: items with an error are *excluded* (listed in the report, skipped by
-`prepare` and by training, which read `<cache_dir>/doctor.json`); warnings are kept. Training runs the same
-per-item checks (`check_item`) on every item the doctor has not judged in its current state. What is checked:
+`prepare` and by training, which read `<cache_dir>/doctor.json`); warnings are kept. Training screens items
+with `screen_items`: the per-item checks (`check_item`) on every item the doctor has not judged as it is now.
+What is checked:
 
     listing     symlink-loop, missing-file (a dangling link), caption-not-utf8, unreadable-caption
     per image   empty-file, unreadable, truncated (a cut JPEG/PNG), huge (over data.max_megapixels, or a
@@ -28,6 +29,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import logging
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -39,8 +41,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from qwen_image_lora.config import Config
 from qwen_image_lora.data import similarity as sim
 from qwen_image_lora.data.buckets import assign_bucket
-from qwen_image_lora.data.report import Report, thumbnail
+from qwen_image_lora.data.report import Report, past_verdicts, thumbnail
 from qwen_image_lora.data.sources import Item, format_caption, load_items
+
+logger = logging.getLogger(__name__)
 
 EXPECTED_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
 SOURCE_WORDS = {"source", "src", "before", "input", "in", "orig", "original", "ref", "reference"}
@@ -195,6 +199,34 @@ def _check_captions(item: Item, cfg: Config, tokenizer, report: Report) -> None:
                 report.add("error", f"{what}-too-long", item.id, f"{n} tokens, over data.max_caption_tokens={d.max_caption_tokens}: {full[:60]!r}...")
         if d.trigger_word and not re.search(rf"(?<!\w){re.escape(d.trigger_word)}(?!\w)", full, re.IGNORECASE):
             report.add("warning", "missing-trigger", item.id, f"{what} {full[:60]!r} lacks the trigger word {d.trigger_word!r} (add it, or put {{trigger}} in data.caption_template)")
+
+
+def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item], list[tuple[Item, str]]]:
+    """(items to train on, skipped items with the reason). The last doctor run's verdicts hold for the items it
+    judged in their current state; every other item gets the doctor's per-item checks here, and each one with
+    an error is skipped with one warning naming it and why."""
+    judged, excluded = past_verdicts(cfg.data.cache_dir, cfg.data.path)
+    keep, skipped, by_doctor = [], [], []
+    report = Report(str(cfg.data.path), 0)
+    for item in items:
+        fresh = item.id in judged and judged[item.id] == fingerprint(item)
+        if item.id in excluded and (fresh or item.id not in judged):
+            by_doctor.append(item)
+            skipped.append((item, "excluded by the data doctor: " + ", ".join(excluded[item.id])))
+            continue
+        if not fresh:
+            check_item(item, cfg, tokenizer, report)
+            if item.id in report.excluded:
+                reason = "; ".join(f"{f.code}: {f.message}" for f in report.findings if f.item == item.id and f.severity == "error")
+                logger.warning("skipping %s: %s", item.id, reason)
+                skipped.append((item, reason))
+                continue
+        keep.append(item)
+    if by_doctor:  # the doctor already printed these; one line here
+        logger.info("%d items left out as the data doctor excluded them (e.g. %s); see %s/doctor.json",
+                    len(by_doctor), ", ".join(it.id for it in by_doctor[:3]), cfg.data.cache_dir)
+    return keep, skipped
+
 
 
 # ------------------------------------------------------------------------------------------ the doctor

@@ -167,3 +167,13 @@ def test_training_never_trains_on_overwritten_latents(prepared, tiny_pipe, caplo
     assert any(shards[1].name in r.getMessage() for r in caplog.records)
     fresh = build_training_data(cfg, tiny_pipe, cache=MemoryCache())
     assert torch.equal(redone, fresh.dataset.sample(index, fresh.dataset.texts_for(index)[0])["latents"])
+
+
+def test_a_manifest_that_is_not_utf8_is_named(tmp_path):
+    from qwen_image_lora.data.sources import DataError, load_items
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes('{"image": "a.png", "caption": "caf\xe9"}\n'.encode("latin-1"))
+    cfg = load_config(None, [f"data.path={manifest}"])
+    with pytest.raises(DataError, match="m.jsonl: not UTF-8 text.*re-save"):
+        load_items(cfg.data)
