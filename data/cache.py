@@ -17,7 +17,9 @@ model, the bucket/crop or a caption recomputes exactly the entries that depend o
 Layout under `cache_dir` (one folder can hold several models and resolutions side by side):
 
     shards/<run>-r<rank>-<n>.safetensors   up to `items_per_shard` entries, written by one process
-    shards/<run>-r<rank>-<n>.json          its index {"keys": {key: [tensor names]}}, written after the shard
+    shards/<run>-r<rank>-<n>.json          its index, written after the shard: {"keys": {key: [tensor names]},
+                                           "sha256": {key: digest of the entry's tensors}, "bytes": shard size}
+    damaged/                               shards `prepare` found cut short, moved aside for inspection
 
 An entry is a small dict of tensors, stored as `<key>/<name>`: latents {"latents": [1, C, 1, h, w]};
 prompts {"embeds": [1, L, D], "image_pad": [1, L] bool, optional "mask": [1, L]}; in the encoder's dtype. A
@@ -25,6 +27,12 @@ shard and its index are each written atomically, the index last, so an interrupt
 shard in progress and simply resumes: indexed entries are skipped. Several processes (`accelerate launch`)
 write their own shards into the same folder without coordination; readers merge every index they find.
 Entries that are no longer referenced (an old caption) stay on disk and are harmless.
+
+Verified: a shard whose size differs from its index (cut short, or grown) is named in a warning and none of
+its entries are used; every entry read is checked against its sha256, so overwritten bytes are never trained
+on: a damaged entry is named (shard and key) and treated as missing (re-encoded when the encoders are loaded,
+else a `CacheDamaged` error saying to run `prepare`). `verify()` (run by `prepare`) reads everything once and
+`repair=True` drops damaged entries from their index, so `prepare` re-encodes exactly those.
 
 API (`Cache` implements the `get`/`put` protocol `SampleEncoder` uses):
 
@@ -34,6 +42,7 @@ API (`Cache` implements the `get`/`put` protocol `SampleEncoder` uses):
     cache.latents(key) -> Tensor [1, C, 1, h, w]
     cache.embeds(key) -> model.PromptEmbeds     # batch of 1
     cache.put(key, tensors); cache.flush()      # writable caches: buffered, one shard per items_per_shard
+    cache.verify(repair=False) -> {shard: [damaged keys]}
     cache.key_for_image(...) / cache.key_for_prompt(...)   the module functions with model_id bound
 
 Tensors are read lazily through `safetensors.safe_open` (memory-mapped), so peak RAM stays flat however large
@@ -44,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import time
@@ -55,7 +65,16 @@ import torch
 
 from qwen_image_lora.io import atomic_path, atomic_write_text
 
-FORMAT_VERSION = 1  # part of every key: bump to invalidate all caches when the stored layout changes
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # part of every key: bump to invalidate all caches when the stored layout changes (2: checksums)
+
+
+class CacheDamaged(KeyError):
+    """A cache entry failed its checksum or could not be read; the message names the shard."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 # ------------------------------------------------------------------------------------------------- keys
@@ -98,6 +117,16 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join([f"v{FORMAT_VERSION}", *parts]).encode()).hexdigest()[:32]
 
 
+def entry_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over an entry's tensors (name, dtype, shape and raw bytes, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def key_for_image(source: str | os.PathLike | bytes, bucket, model_id: str, transform: str = "") -> str:
     """Key of the latents of one image: its content, the bucket (w, h) it was resized/cropped to, the rest of
     the pixel transform (crop box, alpha handling) as a string, and the model."""
@@ -132,7 +161,8 @@ class Cache:
         self.model_id = model_id
         self.writable, self.rank, self.items_per_shard, self.max_open = writable, rank, items_per_shard, max_open
         self.run = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"  # this writer's shard names
-        self._where: dict[str, tuple[str, tuple[str, ...]]] = {}  # key -> (shard file, tensor names)
+        # key -> its stored copies, newest first: (shard file, tensor names, sha256)
+        self._where: dict[str, list[tuple[str, tuple[str, ...], str]]] = {}
         self._open: OrderedDict[str, object] = OrderedDict()
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self._n_shards = 0
@@ -144,7 +174,10 @@ class Cache:
     # ------------------------------------------------------------------ reading
 
     def refresh(self) -> None:
+        """Read every index; a shard whose size disagrees with its index is named and left out."""
         self._where.clear()
+        self.damaged: dict[str, str] = {}  # shard file -> what is wrong with it (named once in a warning)
+        self._unusable: dict[str, list[str]] = {}  # shards left out whole -> the keys their index lists
         if not self.shards.is_dir():
             return
         for index in sorted(self.shards.glob("*.json")):
@@ -153,12 +186,25 @@ class Cache:
                 continue
             try:
                 data = json.loads(index.read_text())
-            except (OSError, ValueError):
-                continue  # a foreign or damaged index: its entries are recomputed
-            if data.get("version") != FORMAT_VERSION:
+                if data.get("version") != FORMAT_VERSION:
+                    continue  # another format: its keys differ, so nothing would match anyway
+                keys, digests, size = data["keys"], data["sha256"], data["bytes"]
+            except (OSError, ValueError, KeyError, TypeError):
+                self._unusable[shard.name] = []
+                self._damage(shard.name, f"its index {index.name} cannot be read")
                 continue
-            for key, names in data["keys"].items():
-                self._where[key] = (shard.name, tuple(names))
+            if shard.stat().st_size != size:
+                self._unusable[shard.name] = list(keys)
+                self._damage(shard.name, f"{shard.stat().st_size} bytes where its index says {size} (cut short or overwritten)")
+                continue
+            for key, names in keys.items():
+                # Newest first: a key re-encoded after damage is read before its damaged copy.
+                self._where.setdefault(key, []).insert(0, (shard.name, tuple(names), digests[key]))
+
+    def _damage(self, shard: str, why: str) -> None:
+        if shard not in self.damaged:
+            self.damaged[shard] = why
+            logger.warning("cache shard %s is damaged: %s; its entries are re-encoded (or run `qwen-lora data prepare`)", self.shards / shard, why)
 
     def __len__(self) -> int:
         return len(self._where.keys() | self._pending.keys())
@@ -191,15 +237,63 @@ class Cache:
             self._open.move_to_end(shard)
         return handle
 
+    def _read(self, key: str, copy: tuple[str, tuple[str, ...], str]) -> dict[str, torch.Tensor] | None:
+        """One stored copy of an entry if it reads back and matches its sha256; else None (the shard is named)."""
+        shard, names, digest = copy
+        try:
+            handle = self._handle(shard)
+            tensors = {name: handle.get_tensor(f"{key}/{name}") for name in names}
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad file
+            self._damage(shard, f"cannot read entry {key}: {e}")
+            return None
+        if entry_digest(tensors) != digest:
+            self._damage(shard, f"entry {key} fails its checksum")
+            return None
+        return tensors
+
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors, checked against their sha256; None if absent. Damaged copies are forgotten;
+        raises `CacheDamaged` (naming the shard) when no intact copy is left."""
         if key in self._pending:
             return self._pending[key]
-        where = self._where.get(key)
-        if where is None:
-            return None
-        shard, names = where
-        handle = self._handle(shard)
-        return {name: handle.get_tensor(f"{key}/{name}") for name in names}
+        copies = self._where.get(key)
+        while copies:
+            tensors = self._read(key, copies[0])
+            if tensors is not None:
+                return tensors
+            shard = copies.pop(0)[0]
+            if not copies:
+                del self._where[key]
+                raise CacheDamaged(f"cache entry {key} in {self.shards / shard} is damaged ({self.damaged[shard]}); run `qwen-lora data prepare` to re-encode it")
+        return None
+
+    def verify(self, repair: bool = False) -> dict[str, list[str]]:
+        """Read and check every stored copy; returns {shard: damaged keys} (a shard left out whole lists all its
+        keys). Damaged copies are forgotten, so their keys count as missing unless another copy is intact.
+        `repair` (one process at a time) rewrites each damaged shard's index without those keys, and moves a
+        shard left out whole, with its index, into `<cache_dir>/damaged/`."""
+        bad = {shard: list(keys) for shard, keys in self._unusable.items()}
+        for key, copies in list(self._where.items()):
+            for copy in list(copies):
+                if self._read(key, copy) is None:
+                    bad.setdefault(copy[0], []).append(key)
+                    copies.remove(copy)
+            if not copies:
+                del self._where[key]
+        if repair:
+            for shard, keys in bad.items():
+                index = (self.shards / shard).with_suffix(".json")
+                if shard in self._unusable:
+                    (self.dir / "damaged").mkdir(exist_ok=True)
+                    for f in (index, self.shards / shard):
+                        os.replace(f, self.dir / "damaged" / f.name)
+                    continue
+                data = json.loads(index.read_text())
+                for field in ("keys", "sha256"):
+                    data[field] = {k: v for k, v in data[field].items() if k not in set(keys)}
+                atomic_write_text(index, json.dumps(data))
+            self._unusable = {}
+        return bad
 
     def _require(self, key: str) -> dict[str, torch.Tensor]:
         hit = self.get(key)
@@ -240,10 +334,14 @@ class Cache:
         with atomic_path(self.shards / f"{stem}.safetensors") as tmp:
             save_file(flat, str(tmp), metadata={"format": f"qwen-lora-cache-v{FORMAT_VERSION}"})
         index = {key: sorted(tensors) for key, tensors in self._pending.items()}
+        digests = {key: entry_digest(tensors) for key, tensors in self._pending.items()}
+        size = (self.shards / f"{stem}.safetensors").stat().st_size
         # The index goes last: an entry becomes visible only once its tensors are safely on disk.
-        atomic_write_text(self.shards / f"{stem}.json", json.dumps({"version": FORMAT_VERSION, "keys": index}))
+        atomic_write_text(
+            self.shards / f"{stem}.json", json.dumps({"version": FORMAT_VERSION, "keys": index, "sha256": digests, "bytes": size})
+        )
         for key, names in index.items():
-            self._where[key] = (f"{stem}.safetensors", tuple(names))
+            self._where.setdefault(key, []).insert(0, (f"{stem}.safetensors", tuple(names), digests[key]))
         self.written += len(index)
         self._n_shards += 1
         self._pending = {}

@@ -65,7 +65,7 @@ def _prepare(args) -> int:
     print(
         f"prepare [{state.process_index}/{state.num_processes}]: {stats.items} items, {stats.cached} already cached, "
         f"{stats.latents_encoded} latents + {stats.prompts_encoded} embeddings encoded in {stats.seconds:.1f}s "
-        f"({rate:.1f}/s), {len(stats.failed)} failed -> {cfg.data.cache_dir}"
+        f"({rate:.1f}/s), {len(stats.failed)} failed, {stats.damaged} damaged cache entries dropped -> {cfg.data.cache_dir}"
     )
     return 0
 

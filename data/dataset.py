@@ -26,8 +26,8 @@ from PIL import Image
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, DataConfig
-from qwen_image_lora.data.cache import Cache, key_for_image, key_for_prompt, model_identity
-from qwen_image_lora.data.doctor import excluded_ids
+from qwen_image_lora.data.cache import Cache, CacheDamaged, key_for_image, key_for_prompt, model_identity
+from qwen_image_lora.data.doctor import screen_items
 from qwen_image_lora.data.buckets import Transform, assign_bucket, histogram, plan_transform
 from qwen_image_lora.data.sources import Item, format_caption, load_items, open_image
 
@@ -132,9 +132,19 @@ class SampleEncoder:
     def prompt_key(self, text: str, image_keys: list[str]) -> str:
         return key_for_prompt(text, image_keys, self.model_id)
 
+    def _lookup(self, key: str, encoder: str) -> dict[str, torch.Tensor] | None:
+        """The cached entry, or None when it must be encoded. A damaged entry (the cache names its shard) is
+        re-encoded when `encoder` is loaded; without it, training stops with the cache's message."""
+        try:
+            return self.cache.get(key)
+        except CacheDamaged:
+            if self.pipe is None or getattr(self.pipe, encoder, None) is None:
+                raise
+            return None
+
     def latents(self, key: str, load: Callable[[], Image.Image]) -> torch.Tensor:
         """[1, C, 1, h, w] normalised latents."""
-        hit = self.cache.get(key)
+        hit = self._lookup(key, "vae")
         if hit is None:
             if self.pipe is None or self.pipe.vae is None:
                 raise KeyError(f"latents {key} are not cached and no VAE is loaded; run `qwen-lora data prepare`")
@@ -144,7 +154,7 @@ class SampleEncoder:
         return hit["latents"]
 
     def prompt(self, key: str, text: str, load_images: Callable[[], list[Image.Image]] | None) -> qmodel.PromptEmbeds:
-        hit = self.cache.get(key)
+        hit = self._lookup(key, "text_encoder")
         if hit is None:
             if self.pipe is None or self.pipe.text_encoder is None:
                 raise KeyError(f"embeddings {key} are not cached and no text encoder is loaded; run `qwen-lora data prepare`")
@@ -325,18 +335,20 @@ class TrainingData:
         return [collate([self.dataset[(i, 0, 0)]]) for i in self.held_out]
 
 
+def _tokenizer(pipe):
+    """The pipeline's tokenizer, for the caption-length check (None without one: the check is skipped)."""
+    return getattr(getattr(pipe, "processor", None), "tokenizer", None)
+
+
 def build_training_data(
     cfg: Config, pipe, cache: TensorCache | None = None, num_replicas: int = 1, rank: int = 0
 ) -> TrainingData:
     items = load_items(cfg.data)
-    # Items the doctor (or prepare) excluded: unreadable, truncated, uncaptioned, ... (see data/doctor.py).
-    excluded = excluded_ids(cfg.data.cache_dir, cfg.data.path)
-    skipped_by_doctor = [(it, "excluded by data doctor: " + ", ".join(excluded[it.id])) for it in items if it.id in excluded]
-    items = [it for it in items if it.id not in excluded]
-    entries, skipped = plan_entries(items, cfg)
-    skipped = skipped_by_doctor + skipped
-    for item, reason in skipped:
-        logger.warning("skipping %s: %s (see `qwen-lora data doctor`)", item.id, reason)
+    items, skipped = screen_items(items, cfg, _tokenizer(pipe))
+    entries, unplanned = plan_entries(items, cfg)
+    for item, reason in unplanned:
+        logger.warning("skipping %s: %s", item.id, reason)
+    skipped += unplanned
     if not entries:
         raise ValueError(f"data.path: none of the {len(items)} items could be read; run `qwen-lora data doctor`")
     fraction = cfg.validation.held_out_fraction

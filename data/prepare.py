@@ -7,7 +7,8 @@ training finds the exclusions); buckets and crops are planned exactly as trainin
 (`dataset.plan_entries`); then, for each item and every text it can train with (each caption after the
 template, plus "" under caption dropout), `dataset.TrainingDataset.sample` runs the same `SampleEncoder` that
 training runs, on a writable `Cache`. Encoding goes only through `model.encode_latents` / `encode_prompt`.
-Entries already in the cache are skipped, which is what makes a changed caption cost one embedding and an
+Existing shards are verified first (`Cache.verify`): damaged entries are dropped and re-encoded. Entries already
+in the cache are skipped, which is what makes a changed caption cost one embedding and an
 interrupted run resume. An item that still fails to encode is recorded in `<cache_dir>/prepare-r<rank>.json`
 (and left out of training) instead of stopping the run.
 """
@@ -23,7 +24,8 @@ from qwen_image_lora.config import Config
 from qwen_image_lora.data.buckets import histogram
 from qwen_image_lora.data.cache import Cache, model_identity
 from qwen_image_lora.data.dataset import SampleEncoder, TrainingDataset, plan_entries
-from qwen_image_lora.data.doctor import Report, diagnose
+from qwen_image_lora.data.doctor import diagnose
+from qwen_image_lora.data.report import Report
 from qwen_image_lora.data.sources import load_items
 from qwen_image_lora.io import atomic_write_text
 from qwen_image_lora.progress import track
@@ -34,7 +36,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class PrepareStats:
     items: int = 0  # items given to this process
-    cached: int = 0  # of those, already complete in the cache
+    cached: int = 0  # of those, already complete (and intact) in the cache
+    damaged: int = 0  # cache entries that failed verification (re-encoded when still used)
     latents_encoded: int = 0
     prompts_encoded: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # item id -> reason
@@ -65,7 +68,8 @@ def prepare(
         report = diagnose(cfg, items, contact_sheet=False)
     if rank == 0:
         report.write_json(cache_dir / "doctor.json")
-        log(report.table(limit=20))
+        # The doctor's table is `data doctor`'s to print; here one line says what it found and where to look.
+        log(f"data doctor: {report.summary()}; details: `qwen-lora data doctor` or {cache_dir / 'doctor.json'}")
     clean = [it for it in items if it.id not in report.excluded]
     entries, skipped = plan_entries(clean, cfg)
     failed = {item.id: reason for item, reason in skipped}
@@ -77,6 +81,9 @@ def prepare(
     model_id = model_identity(cfg.model)
     stats = PrepareStats()
     with Cache(cache_dir, model_id, writable=True, rank=rank, items_per_shard=d.shard_size) as cache:
+        # Damaged entries are forgotten here, so the loop below re-encodes them; one process repairs the indexes.
+        damaged = cache.verify(repair=rank == 0)
+        stats.damaged = sum(len(keys) for keys in damaged.values())
         encoder = SampleEncoder(pipe, model_id, cache)
         dataset = TrainingDataset(entries, cfg, encoder)
         mine = range(rank, len(entries), world_size)

@@ -14,7 +14,9 @@ written once, content-addressed, under `<cache_dir>/hf-images/` so every later s
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,9 @@ class Item:
     target: Path
     captions: tuple[str, ...]  # t2i captions or edit instructions; one is picked per step
     sources: tuple[Path, ...] = ()  # reference images, in prompt order (edit items only)
+    caption_file: Path | None = None  # the .txt the captions came from (folder items)
+    # Problems found while listing the item, as (code, message): the doctor reports them as errors.
+    issues: tuple[tuple[str, str], ...] = ()
 
     @property
     def kind(self) -> str:
@@ -58,27 +63,55 @@ def load_items(cfg: DataConfig) -> list[Item]:
     if fmt == "folder":
         return _load_folder(path)
     if fmt == "manifest":
-        return _load_manifest(path)
+        try:
+            return _load_manifest(path)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the manifest as UTF-8") from None
     if fmt == "hf":
         return _load_hf(path, cfg)
     raise DataError(f"data.format: {fmt!r} is not supported by this loader")
 
 
-def _read_captions(path: Path) -> tuple[str, ...]:
-    """One caption per non-empty line; several lines = several captions chosen at random."""
+def _read_captions(path: Path) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(captions, issues): one caption per non-empty line (several lines = several captions chosen at random);
+    a caption file that cannot be read or decoded is an issue of its item, not of the whole data set."""
     if not path.is_file():
-        return ()
-    return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        return (), ()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        return (), (("caption-not-utf8", f"{path.name} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8"),)
+    except OSError as e:
+        return (), (("unreadable-caption", f"cannot read {path.name}: {e.strerror or e}"),)
+    return tuple(line.strip() for line in text.splitlines() if line.strip()), ()
+
+
+def _link_problem(path: Path) -> tuple[str, str] | None:
+    """Why an image-named symbolic link leads nowhere (a loop or a missing target); None when it is fine."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return ("symlink-loop", f"{path.name} is a symbolic link that leads back to itself; point it at the image")
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return ("symlink-loop", f"{path.name} is a symbolic link that leads back to itself; point it at the image")
+        return ("missing-file", f"{path.name} is a symbolic link to {os.readlink(path)}, which does not exist")
+    return None
 
 
 def _load_folder(folder: Path) -> list[Item]:
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not images:
+    named = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    items = []
+    for p in named:
+        link = _link_problem(p) if p.is_symlink() else None
+        if not link and not p.is_file():
+            continue
+        captions, issues = _read_captions(p.with_suffix(".txt"))
+        target = p.absolute() if link else p.resolve()
+        items.append(Item(str(p.relative_to(folder)), target, captions, (), p.with_suffix(".txt"), (link, *issues) if link else issues))
+    if not items:
         raise DataError(f"data.path: {folder} holds no .jpg/.jpeg/.png/.webp images")
-    return [
-        Item(id=str(p.relative_to(folder)), target=p.resolve(), captions=_read_captions(p.with_suffix(".txt")))
-        for p in images
-    ]
+    return items
 
 
 def _load_manifest(path: Path) -> list[Item]:

@@ -69,11 +69,16 @@ def test_prepare_survives_bad_data_and_caches_clean_items(tmp_path, tiny_pipe, t
     root = tmp_path / "bad"
     make_bad_folder(root)
     cfg = _cfg(root, tiny_model_dir, tmp_path, "data.trigger_word=qwnbrand", "data.alpha=keep")
-    stats = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    printed = []
+    stats = prepare(cfg, tiny_pipe, progress=False, log=printed.append)
     doctor = json.loads((tmp_path / "out" / "cache" / "doctor.json").read_text())
     clean = doctor["summary"]["clean"]
-    # content-addressed: the exact duplicate (copy_of_good0.png) shares good0.png's latents
-    assert not stats.failed and stats.items == clean and stats.latents_encoded == clean - 1
+    # the exact duplicate is excluded (trained once), so every clean item has its own latents
+    assert "good0.png" in doctor["excluded"] and "copy_of_good0.png" not in doctor["excluded"]
+    assert not stats.failed and stats.items == clean and stats.latents_encoded == clean
+    # the doctor's findings are `data doctor`'s to print: prepare says it in one line, no table
+    doctor_lines = [line for text in printed for line in text.splitlines() if "truncated" in line or "severity" in line]
+    assert len(doctor_lines) == 1 and doctor_lines[0].startswith("data doctor:") and "doctor.json" in doctor_lines[0]
     # every caption line is embedded: the good items carry two captions each
     assert count_encodes["prompts"] == stats.prompts_encoded > clean
     # training reads the cache, with the doctor's exclusions, and never needs the encoders

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from qwen_image_lora.config import load_config
-from qwen_image_lora.data.doctor import dhash, diagnose, hamming, phase_correlation, phash
+from qwen_image_lora.data.doctor import diagnose
+from qwen_image_lora.data.similarity import dhash, hamming, phase_correlation, phash
 
 
 def _photo(w, h, seed=0):
@@ -120,12 +121,16 @@ def test_every_problem_in_a_folder_is_named(bad_folder, tiny_model_dir, tmp_path
     codes = _codes(report)
     for name, code in expected.items():
         assert code in codes.get(name, set()), (name, code, codes.get(name))
-    for ok in ("good0.png", "good1.png", "huge.jpg", "rgba.png", "renamed.jpg"):
+    for ok in ("copy_of_good0.png", "good1.png", "huge.jpg", "rgba.png", "renamed.jpg"):
         assert ok not in report.excluded, (ok, report.excluded.get(ok))
-    assert {"empty.jpg", "truncated.jpg", "tiny.png", "banner.png", "uncaptioned.png", "long.png"} <= set(report.excluded)
+    assert {"empty.jpg", "truncated.jpg", "tiny.png", "banner.png", "uncaptioned.png", "long.png", "good0.png"} <= set(report.excluded)
+    # an exact duplicate trains once: the later copy in data order is excluded, naming the one that is kept
     dup = [f for f in report.findings if f.code == "duplicate"]
-    assert len(dup) == 1 and {dup[0].item, dup[0].message.split()[-1]} == {"good0.png", "copy_of_good0.png"}
-    assert dup[0].item not in report.excluded  # duplicates are warnings
+    assert len(dup) == 1 and dup[0].item == "good0.png" and "same image as copy_of_good0.png" in dup[0].message
+    assert report.excluded["good0.png"] == ["duplicate"]
+    # a caption file that exists but is blank is named as such, not "add one"
+    blank = next(f for f in report.findings if f.item == "blank.png" and f.code == "missing-caption")
+    assert "blank.txt holds only blank lines" in blank.message and "add a" not in blank.message
     assert sum(report.buckets.values()) == report.n_clean
     text = report.table()
     assert "truncated" in text and "buckets" in text
@@ -176,6 +181,54 @@ def test_cli_strict_json_html(bad_folder, tiny_model_dir, tmp_path, capsys):
     manifest = make_edit_pairs(tmp_path / "edits")
     assert main(["data", "doctor", str(manifest), "--html", str(tmp_path / "pairs.html")]) == 0
     assert (tmp_path / "pairs.html").read_text().startswith("<!doctype html>")
+
+
+def test_near_duplicates_see_colour(tmp_path, tiny_model_dir):
+    """Colour variants of one product are distinct items; re-encoded, resized and cropped copies are not."""
+    from qwen_image_lora.sample_data import BRAND_PALETTE, PRODUCTS, draw_product
+
+    root = tmp_path / "catalog"
+    root.mkdir()
+    copies = set()
+    for p, product in enumerate(PRODUCTS):
+        for c, colour in enumerate(BRAND_PALETTE + ["#e07a5f"]):  # brand red vs coral: the closest pair tried
+            draw_product(product, colour, "#e9d8a6", (256, 192)).save(root / f"{product}_{c}.png")
+        original = draw_product(product, BRAND_PALETTE[0], "#e9d8a6", (256, 192))
+        kind, copy = [
+            ("jpeg", original),
+            ("half", original.resize((128, 96))),
+            ("crop", original.crop((6, 5, 250, 187))),
+            ("jpeg", original.resize((200, 150))),
+        ][p]
+        copy.save(root / f"{product}_0_{kind}.jpg", quality=60)
+        copies.add(f"{product}_0_{kind}.jpg")
+    for f in root.glob("*.*"):
+        f.with_suffix(".txt").write_text(f"a {f.stem} photo")
+    cfg = load_config(None, [f"data.path={root}", f"model.pretrained={tiny_model_dir}", "data.resolution=128"])
+    near = {f.item: f.message for f in diagnose(cfg, tokenizer=None).findings if f.code == "near-duplicate"}
+    assert set(near) == copies, near
+    for name, message in near.items():
+        assert f"looks like {name.split('_0_')[0]}_0.png" in message
+
+
+def test_bundled_sample_data_has_no_near_duplicates(sample_data_dir, tiny_model_dir):
+    cfg = load_config(None, [f"data.path={sample_data_dir / 'manifest.jsonl'}", f"model.pretrained={tiny_model_dir}", "data.trigger_word=qwnbrand"])
+    report = diagnose(cfg, tokenizer=None)
+    assert report.n_items == 20 and not [f for f in report.findings if "duplicate" in f.code]
+
+
+def test_repeated_findings_print_as_one_line(tmp_path, tiny_model_dir):
+    root = tmp_path / "plain"
+    root.mkdir()
+    for i in range(7):
+        _photo(128, 128, seed=i).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"a product photo {i}")
+    cfg = load_config(None, [f"data.path={root}", f"model.pretrained={tiny_model_dir}", "data.trigger_word=qwnbrand", "data.resolution=128"])
+    report = diagnose(cfg, tokenizer=None)
+    assert len([f for f in report.findings if f.code == "missing-trigger"]) == 7
+    lines = [line for line in report.table().splitlines() if "missing-trigger" in line and line.startswith("warning")]
+    assert len(lines) == 1 and "7 items" in lines[0] and "00.png, 01.png, 02.png" in lines[0]
+    assert "missing-trigger 7" in report.summary()
 
 
 def test_hashes_and_phase_correlation():

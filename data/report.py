@@ -1,0 +1,181 @@
+"""The data doctor's report: findings, exclusions and buckets, printed as a table, a one-line summary, JSON
+(`<cache_dir>/doctor.json`, where `prepare` and training find the verdicts) and an HTML contact sheet of edit
+pairs. `past_verdicts` reads those verdicts back for training."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from qwen_image_lora.data.buckets import histogram
+from qwen_image_lora.io import atomic_write_text
+
+GROUP_AT = 4  # a code found on this many items or more is printed as one line with a count and examples
+EXAMPLES = 3
+
+
+@dataclass
+class Finding:
+    severity: str  # "error" (item excluded) or "warning" (kept)
+    code: str
+    item: str  # item id ("" for data-set level findings)
+    message: str
+    path: str | None = None
+
+
+@dataclass
+class Report:
+    data_path: str
+    n_items: int
+    findings: list[Finding] = field(default_factory=list)
+    excluded: dict[str, list[str]] = field(default_factory=dict)  # item id -> error codes
+    buckets: Counter = field(default_factory=Counter)  # (w, h) of clean targets -> count
+    pairs: list[dict] = field(default_factory=list)  # edit rows for the contact sheet (thumbnails inline)
+    judged: dict[str, str] = field(default_factory=dict)  # item id -> fingerprint of what was checked
+
+    def add(self, severity: str, code: str, item: str, message: str, path=None) -> None:
+        self.findings.append(Finding(severity, code, item, message, str(path) if path else None))
+        if severity == "error" and code not in self.excluded.setdefault(item, []):
+            self.excluded[item].append(code)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def n_clean(self) -> int:
+        return self.n_items - len(self.excluded)
+
+    def codes(self) -> Counter:
+        return Counter(f.code for f in self.findings)
+
+    def to_dict(self) -> dict:
+        return {
+            "data_path": self.data_path,
+            "summary": {
+                "items": self.n_items,
+                "clean": self.n_clean,
+                "excluded": len(self.excluded),
+                "errors": len(self.errors),
+                "warnings": len(self.warnings),
+                "by_code": dict(self.codes()),
+            },
+            "excluded": self.excluded,
+            "findings": [asdict(f) for f in self.findings],
+            "buckets": [{"size": list(b), "count": n} for b, n in self.buckets.most_common()],
+            "judged": self.judged,
+        }
+
+    def write_json(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+    def summary(self) -> str:
+        """One line: items, clean, excluded, and the findings by code."""
+        codes = ", ".join(f"{c} {n}" for c, n in self.codes().most_common())
+        return (
+            f"{self.n_items} items: {self.n_clean} clean, {len(self.excluded)} excluded; "
+            f"{len(self.errors)} errors, {len(self.warnings)} warnings{' (' + codes + ')' if codes else ''}"
+        )
+
+    def _rows(self) -> list[tuple[str, str, str, str]]:
+        """(severity, code, item, message), errors first; a code on GROUP_AT+ items becomes one grouped row."""
+        groups: dict[tuple[str, str], list[Finding]] = defaultdict(list)
+        for f in sorted(self.findings, key=lambda f: (f.severity != "error", f.code, f.item)):
+            groups[(f.severity, f.code)].append(f)
+        rows = []
+        for (severity, code), found in groups.items():
+            if len(found) < GROUP_AT:
+                rows += [(severity, code, f.item, f.message) for f in found]
+                continue
+            examples = ", ".join(f.item for f in found[:EXAMPLES])
+            rows.append((severity, code, f"{len(found)} items", f"e.g. {examples}, ...; {found[0].item}: {found[0].message}"))
+        return rows
+
+    def table(self, limit: int = 60) -> str:
+        """The findings as a fixed-width table (errors first, repeated codes grouped), the summary and the
+        bucket histogram."""
+        rows = self._rows()
+        lines = []
+        if rows:
+            w_item = min(40, max(4, *(len(r[2]) for r in rows)))
+            w_code = max(4, *(len(r[1]) for r in rows))
+            lines.append(f"{'severity':<8}  {'code':<{w_code}}  {'item':<{w_item}}  message")
+            lines.append("-" * (8 + w_code + w_item + 40))
+            for severity, code, item, message in rows[:limit]:
+                item = item if len(item) <= w_item else "..." + item[-(w_item - 3) :]
+                lines.append(f"{severity:<8}  {code:<{w_code}}  {item:<{w_item}}  {message}")
+            if len(rows) > limit:
+                lines.append(f"... {len(rows) - limit} more rows in the JSON report")
+        else:
+            lines.append("no problems found")
+        lines.append("\n" + self.summary())
+        if self.buckets:
+            lines.append(f"buckets (clean targets):\n{histogram(list(self.buckets.elements()))}")
+        return "\n".join(lines)
+
+    def write_html(self, path: str | Path) -> None:
+        """A contact sheet of the edit pairs: sources | target | instruction, flagged rows marked."""
+        rows = []
+        for p in self.pairs:
+            flags = p["flags"]
+            cls = "error" if p["excluded"] else ("flag" if flags else "")
+            srcs = "".join(f'<img src="{s}">' for s in p["sources"])
+            tgt = f'<img src="{p["target"]}">' if p["target"] else "(unreadable)"
+            note = "<br>".join(html.escape(f) for f in flags)
+            rows.append(
+                f'<tr class="{cls}"><td>{html.escape(p["id"])}</td><td>{srcs}</td><td>{tgt}</td>'
+                f'<td>{html.escape(p["instruction"])}</td><td>{note}</td></tr>'
+            )
+        page = f"""<!doctype html><html><head><meta charset="utf-8"><title>data doctor: edit pairs</title>
+<style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td{{border:1px solid #ccc;padding:4px;vertical-align:top}}
+img{{max-width:160px;max-height:160px;margin:2px}} tr.flag{{background:#fff3cd}} tr.error{{background:#f8d7da}}</style></head>
+<body><h1>Edit pairs ({len(self.pairs)}; {sum(1 for p in self.pairs if p["flags"])} flagged)</h1>
+<p>{html.escape(self.data_path)}. Yellow: warnings; red: excluded.</p>
+<table><tr><th>item</th><th>sources</th><th>target</th><th>instruction</th><th>flags</th></tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+        atomic_write_text(path, page)
+
+
+def thumbnail(image: Image.Image, side: int = 160) -> str:
+    """A data: URL of a small copy, for the contact sheet."""
+    im = image.copy()
+    im.thumbnail((side, side))
+    buf = io.BytesIO()
+    if im.mode == "RGBA":
+        im.save(buf, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    im.convert("RGB").save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def past_verdicts(cache_dir: str | Path | None, data_path: str | None) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(judged, excluded) for the data at `data_path`: the fingerprints of the items the last doctor run judged
+    (`<cache_dir>/doctor.json`), and the items to leave out: those it excluded plus those `prepare` failed to
+    encode (`<cache_dir>/prepare-r*.json`)."""
+    judged: dict[str, str] = {}
+    excluded: dict[str, list[str]] = {}
+    if not cache_dir or not Path(cache_dir).is_dir():
+        return judged, excluded
+    for path in [Path(cache_dir) / "doctor.json", *sorted(Path(cache_dir).glob("prepare-r*.json"))]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("data_path") == str(data_path):
+            judged.update(data.get("judged", {}))
+            for item_id, codes in data.get("excluded", {}).items():
+                excluded.setdefault(item_id, []).extend(codes)
+    return judged, excluded
