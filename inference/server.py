@@ -1,11 +1,13 @@
 """HTTP service: `POST /v1/images` (text-to-image and editing, shaped like hosted image-edit APIs), `/healthz`,
 `/metrics` (Prometheus text), `/openapi.json`.
 
-One model worker thread owns the pipeline and takes jobs from a bounded queue (`serve.max_queue`); a full queue
-answers 429 at once. Requests carry `x-api-key`, compared in constant time. Limits: body size (413), decoded
-pixels (inputs over 2048x2048 are downscaled, decompression bombs get 413), steps/guidance/size ranges (422 naming
-the field), image URLs (http(s) only, private/loopback/link-local/reserved targets refused — see `urls.py`).
-Adapters come from `serve.adapters`, loaded at start; each request selects its own (no state carries over).
+A request passes, in order: the key and body-size guards (`guards.py`, before the body is read), the schema (422
+naming the field), admission to the queue (`worker.py`: 429 at once when `serve.max_queue` requests already wait,
+before any image is decoded), the decode of its inputs (at most `MAX_CONCURRENT_DECODES` at once, straight to the
+working size), then the model worker. Limits: body size (413), decoded pixels (inputs larger than `serve.max_side`
+are downscaled, decompression bombs get 413), steps/guidance/size ranges (422), image URLs (http(s) only,
+private/loopback/link-local/reserved targets refused — see `urls.py`). Adapters come from `serve.adapters`, loaded
+at start; each request selects its own (no state carries over).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request model (built per app, from the
