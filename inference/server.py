@@ -162,19 +162,22 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             slot = worker.admit()  # before any decoding: a refused request costs nothing
         except queue.Full:
             metrics.count_rejected()
-            raise RequestError(429, f"busy: {serve.max_queue} requests already queued; retry later", (), {"Retry-After": "1"})
+            busy = f"busy: {serve.max_queue} requests already queued; retry later"
+            raise RequestError(429, busy, (), {"Retry-After": "1"}) from None
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             inputs = await run_in_threadpool(_decode_inputs, body, serve, gate)
             if gone.done():
                 raise RequestError(CLIENT_GONE, "the client closed the request before it ran", ())
             seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-            job = worker.submit(functools.partial(_generate, generator, GenerationRequest(
+            settings = GenerationRequest(
                 prompt=body.prompt, images=inputs, negative_prompt=body.negative_prompt, width=body.width,
                 height=body.height, aspect_ratio=body.aspect_ratio, num_inference_steps=body.num_inference_steps,
                 guidance_scale=body.guidance_scale, seed=seed, adapters=adapters,
-            ), format_for(body.output_format), body.quality, metrics, tuple(ImageRequest.model_fields)), slot)  # fmt: skip
-            del inputs  # the job owns them now and drops them when it ends
+            )  # fmt: skip
+            fields = tuple(ImageRequest.model_fields)
+            run = functools.partial(_generate, generator, settings, format_for(body.output_format), body.quality, metrics, fields)
+            job = worker.submit(run, slot)
             result = asyncio.wrap_future(job.future)
             await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not result.done() and job.cancel():
@@ -218,7 +221,8 @@ async def _result(result: asyncio.Future):
 
 
 def _generate(generator: Generator, request: GenerationRequest, fmt: str, quality: int, metrics: Metrics, fields):
-    """The job, on the worker thread: (size, encoded bytes). The inputs are dropped when it ends."""
+    """The job, on the worker thread: (size, encoded bytes). It empties `request.images` when it ends, so the decoded
+    inputs are freed then, whoever still holds the request."""
     try:
         try:
             generator.check(request)  # the tokenizer is used on the worker thread only
