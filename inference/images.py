@@ -49,13 +49,13 @@ def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS, max_side: in
                     image = image.convert(mode)
                 image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
             image.load()
+            return ImageOps.exif_transpose(image).convert(mode)
     except ImageInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageInputError(f"image refused as a decompression bomb: {e}", too_large=True) from e
     except Exception as e:  # PIL raises many types for corrupt data
         raise ImageInputError(f"not a readable JPEG/PNG/WebP image ({type(e).__name__}: {e})") from e
-    return ImageOps.exif_transpose(image).convert(mode)
 
 
 def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:

@@ -3,10 +3,10 @@
 Only http(s). The host is resolved once and EVERY address it resolves to is checked with `ipaddress`
 (private, loopback, link-local — 169.254.169.254 is the cloud metadata service —, reserved, multicast,
 unspecified, and IPv4 carried in IPv6: mapped, 6to4, Teredo, NAT64 — are refused, naming the reason, unless
-`allow_private`). The connection then goes to the checked
-address itself (the Host header and TLS SNI keep the name), so a DNS answer that changes between check and
-connect (rebinding) cannot redirect it. Redirects are followed by hand, at most a few, each re-checked the same
-way. A timeout bounds the whole fetch and a size cap bounds the body.
+`allow_private`). The connection then goes to the checked address itself (the Host header and TLS SNI keep the
+name), so a DNS answer that changes between check and connect (rebinding) cannot redirect it. Redirects are
+followed by hand, at most a few, each re-checked the same way. A timeout bounds the whole fetch and a size cap
+bounds the body.
 """
 
 from __future__ import annotations
