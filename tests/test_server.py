@@ -7,6 +7,7 @@ import ipaddress
 import json
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -286,6 +287,10 @@ def test_full_queue_answers_429(cfg, gen):
         r = c.post("/v1/images", json=edit(), headers=AUTH)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         release.set()
+        for _ in range(1000):  # the queued jobs start (each frees its slot), then there is room again
+            if worker.waiting == 0:
+                break
+            time.sleep(0.01)
         assert c.post("/v1/images", json=edit(), headers=AUTH).status_code == 200
         metrics = c.get("/metrics").text
         assert 'qwen_lora_rejected_total{reason="queue_full"} 1' in metrics
