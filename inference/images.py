@@ -27,7 +27,11 @@ class ImageInputError(ValueError):
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS, max_side: int = MAX_INPUT_SIDE) -> Image.Image:
-    """Bytes -> an RGB/RGBA PIL image (EXIF orientation applied), downscaled to fit max_side x max_side."""
+    """Bytes -> an RGB/RGBA PIL image (EXIF orientation applied) that fits max_side x max_side.
+
+    A large input goes straight to about that size: JPEG decodes at 1/2, 1/4 or 1/8 scale (`draft`), other formats
+    are reduced in their own mode (`thumbnail` reduces by whole factors first) before any conversion, so an 8192x8192
+    PNG costs its decoded frame once, not again as an RGB(A) copy at full size."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -37,19 +41,26 @@ def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS, max_side: in
             w, h = image.size
             if w * h > max_pixels:  # checked from the header, before a single pixel is decoded
                 raise ImageInputError(f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}", too_large=True)
+            has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+            mode = "RGBA" if has_alpha else "RGB"
+            if max(w, h) > max_side:
+                image.draft(None, _fit((w, h), max_side))  # JPEG only; a no-op for the other formats
+                if image.mode not in ("L", "LA", "RGB", "RGBA"):  # palette indices, CMYK, 16-bit: convert first
+                    image = image.convert(mode)
+                image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
             image.load()
+            return ImageOps.exif_transpose(image).convert(mode)
     except ImageInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageInputError(f"image refused as a decompression bomb: {e}", too_large=True) from e
     except Exception as e:  # PIL raises many types for corrupt data
         raise ImageInputError(f"not a readable JPEG/PNG/WebP image ({type(e).__name__}: {e})") from e
-    image = ImageOps.exif_transpose(image)
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    image = image.convert("RGBA" if has_alpha else "RGB")
-    if max(image.size) > max_side:
-        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return image
+
+
+def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    scale = max_side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def load_image(path: str | Path, **limits) -> Image.Image:

@@ -1,48 +1,41 @@
 """HTTP service: `POST /v1/images` (text-to-image and editing, shaped like hosted image-edit APIs), `/healthz`,
 `/metrics` (Prometheus text), `/openapi.json`.
 
-One model worker thread owns the pipeline and takes jobs from a bounded queue (`serve.max_queue`); a full queue
-answers 429 at once. Requests carry `x-api-key`, compared in constant time. Limits: body size (413), decoded
-pixels (inputs over 2048x2048 are downscaled, decompression bombs get 413), steps/guidance/size ranges (422 naming
-the field), image URLs (http(s) only, private/loopback/link-local/reserved targets refused — see `urls.py`).
-Adapters come from `serve.adapters`, loaded at start; each request selects its own (no state carries over).
+A request passes, in order: the key and body-size guards (`guards.py`, before the body is read), the schema (422
+naming the field), admission to the queue (`worker.py`: 429 at once when `serve.max_queue` requests already wait,
+before any image is decoded), the decode of its inputs (at most `MAX_CONCURRENT_DECODES` at once, straight to the
+working size), then the model worker. Limits: body size (413), decoded pixels (inputs larger than `serve.max_side`
+are downscaled, decompression bombs get 413), steps/guidance/size ranges (422), image URLs (http(s) only,
+private/loopback/link-local/reserved targets refused — see `urls.py`). Adapters come from `serve.adapters`, loaded
+at start; each request selects its own (no state carries over).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request model (built per app, from the
 # config's limits) as a real class in the endpoint's signature.
+import asyncio
 import base64
 import binascii
-import concurrent.futures
 import contextlib
-import hashlib
-import hmac
-import json
+import functools
 import logging
 import queue
 import secrets
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Literal
 
 from qwen_image_lora.config import Config, ServeConfig
 from qwen_image_lora.inference.generator import ASPECT_RATIOS, MAX_INPUT_IMAGES, GenerationRequest, Generator
-from qwen_image_lora.inference.images import MEDIA_TYPES, ImageInputError, decode_image, encode_image, format_for
+from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body
+from qwen_image_lora.inference.images import (MAX_INPUT_SIDE, MEDIA_TYPES, ImageInputError, decode_image, encode_image,
+                                              format_for)  # fmt: skip
 from qwen_image_lora.inference.urls import URLRefused, fetch
+from qwen_image_lora.inference.worker import Metrics, Worker
 
 log = logging.getLogger("qwen_image_lora.server")
 MAX_PROMPT_CHARS = 20_000  # a cheap bound before the 1,024-token check with the model's tokenizer
-
-
-class RequestError(Exception):
-    """An answer other than 200, with the field it is about (FastAPI's 422 shape: detail[].loc/msg)."""
-
-    def __init__(self, status: int, msg: str, loc: tuple = ("body",), headers: dict | None = None):
-        super().__init__(msg)
-        self.status, self.msg, self.loc, self.headers = status, msg, loc, headers
-
-    def body(self) -> dict:
-        return {"detail": [{"loc": list(self.loc), "msg": self.msg, "type": "value_error"}]}
+MAX_CONCURRENT_DECODES = 2  # input images decoded at once (each briefly holds its full-size frame)
+CLIENT_GONE = 499  # nginx's code for "client closed request": counted in /metrics, never seen by the client
 
 
 # --------------------------------------------------------------------------------------------- keys
@@ -62,172 +55,6 @@ def load_api_keys(serve: ServeConfig, environ) -> list[str]:
             f"serve: no API keys; set {serve.api_keys_env}=key1,key2 or serve.api_keys_file (requests need x-api-key)"
         )
     return keys
-
-
-class KeyCheck:
-    """Constant-time comparison: digests of equal length, every key compared, no early exit."""
-
-    def __init__(self, keys: list[str]):
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
-
-    def __call__(self, presented: str | None) -> bool:
-        digest = hashlib.sha256((presented or "").encode()).digest()
-        ok = False
-        for known in self._digests:
-            ok |= hmac.compare_digest(digest, known)
-        return ok and bool(presented)
-
-
-# --------------------------------------------------------------------------------------------- worker
-
-
-class Worker:
-    """One thread owns the pipeline; `submit` raises queue.Full when `max_queue` jobs already wait.
-    `start`/`stop` follow the app's lifespan; the thread also starts at construction, for servers that skip it."""
-
-    def __init__(self, max_queue: int):
-        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.busy = False
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.start()
-
-    def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            if not self._stop.is_set():
-                return
-            self._thread.join(timeout=60)  # a stopped thread finishes its current job, then exits
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(self._stop,), name="qwen-lora-worker", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait((None, None))  # wake the thread if it is idle
-
-    def submit(self, fn) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self.queue.put_nowait((future, fn))
-        if self._stop.is_set() or not self._thread.is_alive():  # an app served again after a shutdown
-            self.start()
-        return future
-
-    def _run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            future, fn = self.queue.get()
-            if future is None or not future.set_running_or_notify_cancel():
-                continue
-            self.busy = True
-            try:
-                future.set_result(fn())
-            except BaseException as e:  # handed to the request that submitted it
-                future.set_exception(e)
-            finally:
-                self.busy = False
-
-
-class Metrics:
-    """Hand-written Prometheus counters (text exposition format 0.0.4)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.responses: dict[tuple[str, int], int] = {}
-        self.images = 0
-        self.seconds_sum = 0.0
-        self.rejected_queue_full = 0
-
-    def count_response(self, path: str, status: int) -> None:
-        with self._lock:
-            self.responses[(path, status)] = self.responses.get((path, status), 0) + 1
-
-    def count_image(self, seconds: float) -> None:
-        with self._lock:
-            self.images += 1
-            self.seconds_sum += seconds
-
-    def render(self, worker: Worker) -> str:
-        with self._lock:
-            lines = ["# HELP qwen_lora_http_responses_total HTTP responses by path and status code.",
-                     "# TYPE qwen_lora_http_responses_total counter"]  # fmt: skip
-            for (path, status), n in sorted(self.responses.items()):
-                lines.append(f'qwen_lora_http_responses_total{{path="{path}",code="{status}"}} {n}')
-            lines += [
-                "# HELP qwen_lora_images_total Images generated.",
-                "# TYPE qwen_lora_images_total counter",
-                f"qwen_lora_images_total {self.images}",
-                "# HELP qwen_lora_generation_seconds Time in the pipeline per image.",
-                "# TYPE qwen_lora_generation_seconds summary",
-                f"qwen_lora_generation_seconds_sum {self.seconds_sum:.6f}",
-                f"qwen_lora_generation_seconds_count {self.images}",
-                "# HELP qwen_lora_rejected_total Requests refused because the queue was full.",
-                "# TYPE qwen_lora_rejected_total counter",
-                f'qwen_lora_rejected_total{{reason="queue_full"}} {self.rejected_queue_full}',
-                "# HELP qwen_lora_queue_depth Jobs waiting for the model worker.",
-                "# TYPE qwen_lora_queue_depth gauge",
-                f"qwen_lora_queue_depth {worker.queue.qsize()}",
-                "# HELP qwen_lora_worker_busy 1 while the model worker is generating.",
-                "# TYPE qwen_lora_worker_busy gauge",
-                f"qwen_lora_worker_busy {int(worker.busy)}",
-            ]
-        return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------- ASGI guards
-
-
-async def _send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
-    data = json.dumps(body).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": data})
-
-
-class GuardMiddleware:
-    """Counts every response for /metrics and refuses bodies over the limit with 413 before
-    FastAPI parses anything (Content-Length checked first; chunked bodies counted as they arrive)."""
-
-    PATHS = ("/v1/images", "/healthz", "/metrics", "/openapi.json")
-
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
-        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"] if scope["path"] in self.PATHS else "other"
-
-        async def counted_send(message):
-            if message["type"] == "http.response.start":
-                self.metrics.count_response(path, message["status"])
-            await send(message)
-
-        limit = self.max_body_bytes
-        too_big = {"detail": [{"loc": ["body"], "msg": f"request body over {limit:,} bytes (serve.max_body_mb)", "type": "too_large"}]}
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            status = 413 if declared.isdigit() else 400
-            return await _send_json(counted_send, status, too_big if status == 413 else {"detail": "bad Content-Length"})
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                return await _send_json(counted_send, 413, too_big)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, counted_send)
 
 
 # --------------------------------------------------------------------------------------------- the app
@@ -279,6 +106,7 @@ def request_models(serve: ServeConfig):
 def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = None):
     """Build the service. Loads the model (unless `generator` is given) and the configured adapters now."""
     from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from fastapi.security import APIKeyHeader
     from starlette.concurrency import run_in_threadpool
@@ -295,13 +123,9 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
     configured = {a.name: a.weight for a in serve.adapters}
 
     ImageRequest, _ = request_models(serve)
-    check_key = KeyCheck(api_keys)
-    metrics, worker = Metrics(), Worker(serve.max_queue)
+    metrics, worker, gate = Metrics(), Worker(serve.max_queue), DecodeGate(MAX_CONCURRENT_DECODES)
+    # Documents the key in /openapi.json; GuardMiddleware checks it, from the headers, before the body is read.
     key_header = APIKeyHeader(name="x-api-key", auto_error=False, description="one of the service's API keys")
-
-    def require_key(key: str | None = Depends(key_header)) -> None:
-        if not check_key(key):
-            raise RequestError(401, "missing or wrong x-api-key", ("header", "x-api-key"), {"WWW-Authenticate": "ApiKey"})
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -310,12 +134,17 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
         worker.stop()
 
     app = FastAPI(title="qwen-image-lora", version="1", description=__doc__, lifespan=lifespan)
-    app.add_middleware(GuardMiddleware, max_body_bytes=int(serve.max_body_mb * 2**20), metrics=metrics)
-    app.state.worker, app.state.metrics, app.state.generator = worker, metrics, generator
+    app.add_middleware(GuardMiddleware, max_body_bytes=int(serve.max_body_mb * 2**20), metrics=metrics,
+                       check_key=KeyCheck(api_keys))  # fmt: skip
+    app.state.worker, app.state.metrics, app.state.generator, app.state.decodes = worker, metrics, generator, gate
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse(validation_error_body(exc.errors()), status_code=422)
 
     image_responses = {
         200: {"description": "the image (bytes) or JSON with base64 (response_format=b64_json)",
@@ -326,58 +155,64 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
         429: {"description": "the queue is full; retry later"},
     }  # fmt: skip
 
-    @app.post("/v1/images", responses=image_responses, dependencies=[Depends(require_key)])
-    async def images(body: ImageRequest):
-        inputs = await run_in_threadpool(_decode_inputs, body, serve)
+    @app.post("/v1/images", responses=image_responses, dependencies=[Depends(key_header)])
+    async def images(body: ImageRequest, request: Request):
         adapters = _select_adapters(body, configured, generator)
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        request = GenerationRequest(
-            prompt=body.prompt, images=inputs, negative_prompt=body.negative_prompt, width=body.width,
-            height=body.height, aspect_ratio=body.aspect_ratio, num_inference_steps=body.num_inference_steps,
-            guidance_scale=body.guidance_scale, seed=seed, adapters=adapters,
-        )  # fmt: skip
-        fmt = format_for(body.output_format)
-
-        def job():
-            try:
-                generator.check(request)  # the tokenizer is used on the worker thread only
-            except ValueError as e:
-                field = {"images": "image"}.get(str(e).split(":", 1)[0], str(e).split(":", 1)[0])
-                raise RequestError(422, str(e), ("body", field) if field in ImageRequest.model_fields else ("body",))
-            start = time.perf_counter()
-            image = generator.generate(request)
-            metrics.count_image(time.perf_counter() - start)
-            return image, encode_image(image, fmt, body.quality)
-
         try:
-            future = worker.submit(job)
+            slot = worker.admit()  # before any decoding: a refused request costs nothing
         except queue.Full:
-            metrics.rejected_queue_full += 1
-            raise RequestError(429, f"busy: {serve.max_queue} requests already queued; retry later", (), {"Retry-After": "1"})
-        image, data = await _wait(future)
+            metrics.count_rejected()
+            busy = f"busy: {serve.max_queue} requests already queued; retry later"
+            raise RequestError(429, busy, (), {"Retry-After": "1"}) from None
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            inputs = await run_in_threadpool(_decode_inputs, body, serve, gate)
+            if gone.done():
+                raise RequestError(CLIENT_GONE, "the client closed the request before it ran", ())
+            seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+            settings = GenerationRequest(
+                prompt=body.prompt, images=inputs, negative_prompt=body.negative_prompt, width=body.width,
+                height=body.height, aspect_ratio=body.aspect_ratio, num_inference_steps=body.num_inference_steps,
+                guidance_scale=body.guidance_scale, seed=seed, adapters=adapters,
+            )  # fmt: skip
+            fields = tuple(ImageRequest.model_fields)
+            run = functools.partial(_generate, generator, settings, format_for(body.output_format), body.quality, metrics, fields)
+            job = worker.submit(run, slot)
+            result = asyncio.wrap_future(job.future)
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not result.done() and job.cancel():
+                raise RequestError(CLIENT_GONE, "the client closed the request before it ran", ())
+            (width, height), data = await _result(result)
+        finally:
+            slot.release()  # a job that started has released it already
+            gone.cancel()
         headers = {"x-seed": str(seed)}
         if body.response_format == "b64_json":
-            payload = {"data": [{"b64_json": base64.b64encode(data).decode(), "seed": seed, "width": image.width,
-                                 "height": image.height}], "output_format": body.output_format}  # fmt: skip
+            payload = {"data": [{"b64_json": base64.b64encode(data).decode(), "seed": seed, "width": width,
+                                 "height": height}], "output_format": body.output_format}  # fmt: skip
             return JSONResponse(payload, headers=headers)
-        return Response(data, media_type=MEDIA_TYPES[fmt], headers=headers)
+        return Response(data, media_type=MEDIA_TYPES[format_for(body.output_format)], headers=headers)
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "adapters": generator.adapters.names, "queue": worker.queue.qsize(), "max_queue": serve.max_queue}
+        return {"status": "ok", "adapters": generator.adapters.names, "queue": worker.waiting, "max_queue": serve.max_queue}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
-        return PlainTextResponse(metrics.render(worker), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(worker, gate.active), media_type="text/plain; version=0.0.4")
 
     return app
 
 
-async def _wait(future: concurrent.futures.Future):
-    import asyncio
+async def _disconnected(receive) -> None:
+    """Returns when the client goes away (the body has been read, so `receive` has nothing else to give)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
+
+async def _result(result: asyncio.Future):
     try:
-        return await asyncio.wrap_future(future)
+        return await result
     except RequestError:
         raise
     except Exception:
@@ -385,8 +220,26 @@ async def _wait(future: concurrent.futures.Future):
         raise
 
 
-def _decode_inputs(body, serve: ServeConfig) -> list:
-    """Each `image` entry (URL, base64 or data: URL) -> a PIL image; errors name `image[i]`."""
+def _generate(generator: Generator, request: GenerationRequest, fmt: str, quality: int, metrics: Metrics, fields):
+    """The job, on the worker thread: (size, encoded bytes). It empties `request.images` when it ends, so the decoded
+    inputs are freed then, whoever still holds the request."""
+    try:
+        try:
+            generator.check(request)  # the tokenizer is used on the worker thread only
+        except ValueError as e:
+            field = {"images": "image"}.get(str(e).split(":", 1)[0], str(e).split(":", 1)[0])
+            raise RequestError(422, str(e), ("body", field) if field in fields else ("body",)) from None
+        start = time.perf_counter()
+        image = generator.generate(request)
+        metrics.count_image(time.perf_counter() - start)
+        return image.size, encode_image(image, fmt, quality)
+    finally:
+        request.images.clear()
+
+
+def _decode_inputs(body, serve: ServeConfig, gate: DecodeGate) -> list:
+    """Each `image` entry (URL, base64 or data: URL) -> a PIL image that fits `serve.max_side`; errors name
+    `image[i]`. Runs after admission; the decodes themselves pass through `gate`."""
     items = [] if body.image is None else [body.image] if isinstance(body.image, str) else list(body.image)
     out = []
     for i, item in enumerate(items):
@@ -401,7 +254,8 @@ def _decode_inputs(body, serve: ServeConfig) -> list:
                     data = base64.b64decode(payload, validate=True)
                 except (binascii.Error, ValueError) as e:
                     raise ImageInputError(f"not an http(s) URL and not valid base64 ({e})") from e
-            out.append(decode_image(data))
+            with gate():
+                out.append(decode_image(data, max_side=min(MAX_INPUT_SIDE, serve.max_side)))
         except (URLRefused, ImageInputError) as e:
             raise RequestError(413 if e.too_large else 422, str(e), loc) from e
     return out

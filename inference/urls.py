@@ -2,10 +2,11 @@
 
 Only http(s). The host is resolved once and EVERY address it resolves to is checked with `ipaddress`
 (private, loopback, link-local — 169.254.169.254 is the cloud metadata service —, reserved, multicast,
-unspecified, and IPv4 hidden in IPv6 are refused unless `allow_private`). The connection then goes to the checked
-address itself (the Host header and TLS SNI keep the name), so a DNS answer that changes between check and
-connect (rebinding) cannot redirect it. Redirects are followed by hand, at most a few, each re-checked the same
-way. A timeout bounds the whole fetch and a size cap bounds the body.
+unspecified, and IPv4 carried in IPv6: mapped, 6to4, Teredo, NAT64 — are refused, naming the reason, unless
+`allow_private`). The connection then goes to the checked address itself (the Host header and TLS SNI keep the
+name), so a DNS answer that changes between check and connect (rebinding) cannot redirect it. Redirects are
+followed by hand, at most a few, each re-checked the same way. A timeout bounds the whole fetch and a size cap
+bounds the body.
 """
 
 from __future__ import annotations
@@ -26,15 +27,29 @@ class URLRefused(ValueError):
         self.too_large = too_large
 
 
-def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: a NAT64 gateway forwards to the IPv4 in the low 32 bits
+
+
+def refusal_reason(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why a URL may not be fetched from this address (None: a public address). An IPv6 address that carries an
+    IPv4 one (mapped, 6to4, Teredo, NAT64) is judged by the IPv4 address it reaches."""
     if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if mapped is not None and not is_public(mapped):
-            return False
-    return not (
-        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
-        or ip.is_unspecified or not ip.is_global
-    )  # fmt: skip
+        embedded = {
+            "IPv4-mapped": ip.ipv4_mapped,
+            "6to4": ip.sixtofour,
+            "Teredo": ip.teredo[1] if ip.teredo else None,
+            "NAT64": ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in NAT64 else None,
+        }
+        for form, inner in embedded.items():
+            reason = refusal_reason(inner) if inner is not None else None
+            if reason:
+                return f"{form} address of {inner}, {reason}"
+        if ip.is_site_local:  # fec0::/10: deprecated, but still routed inside some networks
+            return "site-local"
+    checks = [("unspecified", ip.is_unspecified), ("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
+              ("multicast", ip.is_multicast), ("reserved", ip.is_reserved), ("private", ip.is_private),
+              ("not globally routable", not ip.is_global)]  # fmt: skip
+    return next((name for name, hit in checks if hit), None)
 
 
 def resolve_checked(host: str, port: int, allow_private: bool) -> str:
@@ -48,12 +63,10 @@ def resolve_checked(host: str, port: int, allow_private: bool) -> str:
         raise URLRefused(f"host {host!r} resolves to no address")
     if not allow_private:
         for address in addresses:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-            if not is_public(ip):
-                raise URLRefused(
-                    f"host {host!r} resolves to {address}, a private, loopback, link-local or reserved address; "
-                    "such URLs are refused (serve.allow_private_urls)"
-                )
+            reason = refusal_reason(ipaddress.ip_address(address.split("%", 1)[0]))
+            if reason:
+                raise URLRefused(f"host {host!r} resolves to {address} ({reason}); such URLs are refused "
+                                 "(serve.allow_private_urls)")  # fmt: skip
     return addresses[0]
 
 

@@ -1,9 +1,13 @@
 """Shared fixtures: the tiny Qwen-Image-2.1 checkpoint and the sample data, built once per test session
-through the same builders the demo uses, and loaded through the same `from_pretrained` path as a hub id."""
+through the same builders the demo uses, and loaded through the same `from_pretrained` path as a hub id; and a
+guard that keeps every test off the network."""
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
+import socket
 
 import pytest
 
@@ -32,3 +36,36 @@ def tiny_pipe(tiny_model_dir):
     from qwen_image_lora.model import load_pipeline
 
     return load_pipeline(tiny_model_dir, dtype="float32")
+
+
+def _is_loopback(address) -> bool:
+    host = address[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:  # a host name: tests connect to addresses, never to names that need resolving
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_outside_network(monkeypatch):
+    """Every test stays on loopback: a socket connect to any other address is refused AND fails the test, even when
+    the code under test catches the error (a fetch that fails reads as a refusal), so a regression in the URL guard
+    can never send a request to 169.254.169.254 or anywhere else from CI. Yields the list of refused addresses."""
+    refused = []
+
+    def guarded(real):
+        def connect(self, address):
+            if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+                refused.append(address[:2])
+                raise OSError(errno.ENETUNREACH, f"test socket guard: no connections outside loopback ({address[0]})")
+            return real(self, address)
+
+        return connect
+
+    monkeypatch.setattr(socket.socket, "connect", guarded(socket.socket.connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded(socket.socket.connect_ex))
+    yield refused
+    if refused:
+        pytest.fail(f"the test opened sockets to non-loopback addresses: {refused}")

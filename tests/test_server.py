@@ -1,8 +1,13 @@
 """The HTTP service on the tiny model: edits, auth, limits, SSRF refusals, a full queue, metrics."""
 
+import asyncio
 import base64
 import io
+import ipaddress
+import json
+import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from qwen_image_lora.config import Config, ServeAdapter
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app, load_api_keys
 from qwen_image_lora.inference.testing import make_random_lora
+from qwen_image_lora.inference.urls import URLRefused, fetch, refusal_reason, resolve_checked
 
 KEY = "test-key-0123456789"
 AUTH = {"x-api-key": KEY}
@@ -57,6 +63,38 @@ def edit(**kw):
     return {"image": b64_png(), "prompt": "put it on marble", "num_inference_steps": 1, "seed": 1, **kw}
 
 
+def asgi_post(app, headers, body: bytes, path="/v1/images"):
+    """POST straight through the ASGI interface, with exactly these header bytes (an HTTP client would trim padding
+    off a header value; a server behind a proxy may not). Returns (status, response body)."""
+    sent, answered = [], None
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():  # like a server: after the body, nothing until the client leaves (here: once answered)
+        if chunks:
+            return chunks.pop()
+        await answered.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            answered.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), *headers], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}  # fmt: skip
+
+    async def call():
+        nonlocal answered
+        answered = asyncio.Event()
+        await app(scope, receive, send)
+
+    asyncio.run(call())
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
 def test_valid_edit_returns_a_decodable_image_at_the_input_size(client):
     r = client.post("/v1/images", json=edit(), headers=AUTH)
     assert r.status_code == 200, r.text
@@ -91,6 +129,20 @@ def test_auth_401_without_or_with_a_wrong_key(client):
     assert client.post("/v1/images", json=edit(), headers={"x-api-key": "second-key"}).status_code == 200
 
 
+@pytest.mark.parametrize("presented", [KEY[:1], KEY[:-1], KEY + "0", "x" + KEY, KEY.upper(), KEY.title(), " " + KEY,
+                                       KEY + " ", KEY + "\t", "second-key" + KEY, KEY + ",second-key"])  # fmt: skip
+def test_near_miss_keys_get_401(client, presented):
+    """A prefix, an extension, another case or padding of a valid key is a different key."""
+    status, _ = asgi_post(client.app, [(b"x-api-key", presented.encode())], json.dumps(edit()).encode())
+    assert status == 401
+    assert asgi_post(client.app, [(b"x-api-key", KEY.encode())], json.dumps(edit()).encode())[0] == 200
+
+
+def test_two_key_headers_get_401(client):
+    status, _ = asgi_post(client.app, [(b"x-api-key", b"nope"), (b"x-api-key", KEY.encode())], json.dumps(edit()).encode())
+    assert status == 401
+
+
 def test_limits_answer_413_and_422_naming_the_field(client):
     assert client.post("/v1/images", json=edit(image=b64_png(400, 400)), headers=AUTH).status_code == 413  # body > 0.25 MB
 
@@ -122,12 +174,60 @@ def test_decompression_bomb_is_refused_and_big_inputs_are_downscaled(client, cfg
     assert decode_image(buf.getvalue()).size == (2048, 1024)
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x.png", "http://169.254.169.254/latest/meta-data/",
-                                 "http://localhost/x.png", "http://[::1]/x.png", "http://[::ffff:127.0.0.1]/x.png",
-                                 "http://10.0.0.1/x.png", "file:///etc/passwd", "ftp://example.com/x.png"])  # fmt: skip
-def test_private_and_non_http_urls_are_refused(client, url):
+@pytest.mark.parametrize("url, reason", [
+    ("http://127.0.0.1:9/x.png", "127.0.0.1 (loopback)"),
+    ("http://169.254.169.254/latest/meta-data/", "169.254.169.254 (link-local)"),
+    ("http://2852039166/latest/meta-data/", "169.254.169.254 (link-local)"),  # the same address as one number
+    ("http://localhost/x.png", "(loopback)"),
+    ("http://[::1]/x.png", "::1 (loopback)"),
+    ("http://[::ffff:127.0.0.1]/x.png", "IPv4-mapped address of 127.0.0.1, loopback"),
+    ("http://[64:ff9b::a9fe:a9fe]/x.png", "NAT64 address of 169.254.169.254, link-local"),
+    ("http://10.0.0.1/x.png", "10.0.0.1 (private)"),
+    ("file:///etc/passwd", "only http and https"),
+    ("ftp://example.com/x.png", "only http and https"),
+])  # fmt: skip
+def test_private_and_non_http_urls_are_refused_naming_the_reason(client, url, reason):
     r = client.post("/v1/images", json=edit(image=url), headers=AUTH)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image"], r.text
+    assert reason in r.json()["detail"][0]["msg"] and "fetching" not in r.text  # refused, not a failed fetch
+
+
+@pytest.mark.parametrize("address, reason", [
+    ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+    ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("::1", "loopback"),
+    ("169.254.169.254", "link-local"), ("169.254.0.1", "link-local"), ("fe80::1", "link-local"),
+    ("224.0.0.1", "multicast"), ("239.255.255.250", "multicast"), ("ff02::1", "multicast"),
+    ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("192.168.1.1", "private"), ("fc00::1", "private"),
+    ("fd12:3456::1", "private"), ("2001:db8::1", "private"), ("192.0.2.1", "private"), ("198.18.0.1", "private"),
+    ("240.0.0.1", "reserved"), ("255.255.255.255", "reserved"), ("::127.0.0.1", "reserved"),
+    ("::ffff:8.8.8.8", "reserved"), ("64:ff9b:1::a9fe:a9fe", "reserved"),
+    ("100.64.0.1", "not globally routable"), ("fec0::1", "site-local"),
+    ("::ffff:169.254.169.254", "IPv4-mapped address of 169.254.169.254, link-local"),
+    ("::ffff:10.0.0.1", "IPv4-mapped address of 10.0.0.1, private"),
+    ("2002:a9fe:a9fe::", "6to4 address of 169.254.169.254, link-local"),
+    ("2002:7f00:1::1", "6to4 address of 127.0.0.1, loopback"),
+    ("64:ff9b::a9fe:a9fe", "NAT64 address of 169.254.169.254, link-local"),
+    ("64:ff9b::7f00:1", "NAT64 address of 127.0.0.1, loopback"),
+    ("2001:0:4136:e378:8000:63bf:5601:5601", "Teredo address of 169.254.169.254, link-local"),
+    ("8.8.8.8", None), ("1.1.1.1", None), ("2606:4700::1111", None), ("2002:808:808::1", None),
+])  # fmt: skip
+def test_address_check_names_the_refusal_reason(address, reason):
+    """Network-free: the check on the address itself, for every form a private target can take."""
+    assert refusal_reason(ipaddress.ip_address(address)) == reason
+
+
+@pytest.mark.parametrize("host", ["169.254.169.254", "2852039166", "0xa9fea9fe", "0251.0376.0251.0376", "169.254.43518"])
+def test_numeric_spellings_of_the_metadata_address_are_refused(host):
+    """Numeric hosts are parsed locally (no DNS query) and checked like any other answer."""
+    with pytest.raises(URLRefused, match=r"169\.254\.169\.254 \(link-local\)"):
+        resolve_checked(host, 80, allow_private=False)
+
+
+def test_socket_guard_refuses_and_reports_connections_outside_loopback(no_outside_network):
+    with pytest.raises(OSError, match="test socket guard"):
+        socket.create_connection(("192.0.2.1", 80), timeout=5)  # TEST-NET-1: would go out through the default route
+    assert no_outside_network == [("192.0.2.1", 80)]
+    no_outside_network.clear()  # this test expected the refusal; any other test would fail at teardown
 
 
 def test_allowed_private_url_is_fetched_and_redirects_are_rechecked(cfg, gen):
@@ -155,10 +255,8 @@ def test_allowed_private_url_is_fetched_and_redirects_are_rechecked(cfg, gen):
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        from qwen_image_lora.inference.urls import URLRefused, fetch
-
         assert fetch(f"{base}/x.png", allow_private=True) == png
-        with pytest.raises(URLRefused, match="private"):
+        with pytest.raises(URLRefused, match="loopback"):
             fetch(f"{base}/x.png", allow_private=False)
         with pytest.raises(URLRefused, match="limit is 100"):
             fetch(f"{base}/x.png", allow_private=True, max_bytes=100)
@@ -168,7 +266,7 @@ def test_allowed_private_url_is_fetched_and_redirects_are_rechecked(cfg, gen):
         original = urls.resolve_checked
         urls.resolve_checked = lambda host, port, allow: "127.0.0.1" if host == "public.example" else original(host, port, False)
         try:
-            with pytest.raises(URLRefused, match="169.254.169.254"):
+            with pytest.raises(URLRefused, match=r"169\.254\.169\.254 \(link-local\)"):
                 fetch(f"http://public.example:{httpd.server_address[1]}/redirect")
         finally:
             urls.resolve_checked = original
@@ -189,6 +287,10 @@ def test_full_queue_answers_429(cfg, gen):
         r = c.post("/v1/images", json=edit(), headers=AUTH)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         release.set()
+        for _ in range(1000):  # the queued jobs start (each frees its slot), then there is room again
+            if worker.waiting == 0:
+                break
+            time.sleep(0.01)
         assert c.post("/v1/images", json=edit(), headers=AUTH).status_code == 200
         metrics = c.get("/metrics").text
         assert 'qwen_lora_rejected_total{reason="queue_full"} 1' in metrics

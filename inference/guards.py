@@ -1,0 +1,155 @@
+"""Request guards that run before any work is spent on a request: the API key (checked from the headers, before
+the body is read), the body size, a bound on concurrent image decodes, refusals that never echo their input back,
+and a count of every response (Starlette's own 500s included) for /metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import threading
+
+from qwen_image_lora.inference.worker import Metrics
+
+# Paths served without a key; every other path (the API, and unknown paths) needs one.
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+COUNTED_PATHS = ("/v1/images", "/healthz", "/metrics", "/openapi.json")
+MAX_MESSAGE_CHARS = 500  # a refusal names the problem; it never sends megabytes of the request back
+
+
+class RequestError(Exception):
+    """An answer other than 200, with the field it is about (FastAPI's 422 shape: detail[].loc/msg)."""
+
+    def __init__(self, status: int, msg: str, loc: tuple = ("body",), headers: dict | None = None):
+        super().__init__(msg)
+        self.status, self.msg, self.loc, self.headers = status, msg, loc, headers
+
+    def body(self) -> dict:
+        return {"detail": [{"loc": list(self.loc), "msg": clip(self.msg), "type": "value_error"}]}
+
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def validation_error_body(errors: list[dict]) -> dict:
+    """FastAPI's 422 shape without `input`/`ctx`: those echo the request (megabytes of base64) and may hold NaN or
+    inf, which no JSON encoder may write (FastAPI's default handler then fails with a 500)."""
+    return {"detail": [{"loc": list(e["loc"]), "msg": clip(str(e["msg"])), "type": e["type"]} for e in errors]}
+
+
+class KeyCheck:
+    """Constant-time comparison: digests of equal length, every key compared, no early exit. The presented key must
+    equal a key exactly (no trimming, no case folding; a prefix or an extension is a different key)."""
+
+    def __init__(self, keys: list[str]):
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def __call__(self, presented: str | bytes | None) -> bool:
+        raw = presented.encode() if isinstance(presented, str) else presented or b""
+        digest = hashlib.sha256(raw).digest()
+        ok = False
+        for known in self._digests:
+            ok |= hmac.compare_digest(digest, known)
+        return ok and bool(raw)
+
+
+class DecodeGate:
+    """At most `limit` input images decode at once: a decode briefly holds the image's full-size frame (a PNG
+    cannot be decoded at a reduced size), so this bounds that peak however many requests are admitted."""
+
+    def __init__(self, limit: int):
+        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self.active = self.waiting = 0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self._lock:
+            self.waiting += 1
+        self._slots.acquire()
+        with self._lock:
+            self.waiting -= 1
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.active -= 1
+            self._slots.release()
+
+
+async def send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+class GuardMiddleware:
+    """Pure ASGI, outside FastAPI: refuses a missing or wrong `x-api-key` (401) from the headers alone, then a body
+    over the limit (413; Content-Length first, chunked bodies counted as they arrive) before FastAPI parses anything,
+    and counts every response by path and status, including the 500 Starlette sends for an unhandled error."""
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics, check_key: KeyCheck):
+        self.app, self.max_body_bytes, self.metrics, self.check_key = app, max_body_bytes, metrics, check_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in COUNTED_PATHS else "other"
+        started = False
+
+        async def counted_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.metrics.count_response(path, message["status"])
+            await send(message)
+
+        try:
+            replay = await self._admit(scope, receive, counted_send)
+            if replay is not None:
+                await self.app(scope, replay, counted_send)
+        except Exception:
+            if not started:  # Starlette's ServerErrorMiddleware (outside us) answers 500 for it
+                self.metrics.count_response(path, 500)
+            raise
+
+    async def _admit(self, scope, receive, send):
+        """None when the request was answered (or the client left); else a `receive` that replays the body."""
+        headers = scope["headers"]
+        if scope["path"] not in OPEN_PATHS:
+            keys = [v for k, v in headers if k == b"x-api-key"]
+            if len(keys) != 1 or not self.check_key(keys[0]):
+                await send_json(send, 401, RequestError(401, "missing or wrong x-api-key", ("header", "x-api-key")).body(),
+                                {"WWW-Authenticate": "ApiKey"})  # fmt: skip
+                return None
+        limit = self.max_body_bytes
+        too_big = {"detail": [{"loc": ["body"], "msg": f"request body over {limit:,} bytes (serve.max_body_mb)", "type": "too_large"}]}
+        declared = dict(headers).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            status = 413 if declared.isdigit() else 400
+            await send_json(send, status, too_big if status == 413 else {"detail": "bad Content-Length"})
+            return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                await send_json(send, 413, too_big)
+                return None
+        chunks.reverse()
+
+        async def replay():  # the chunks as they came (no joined copy), then the client's own messages
+            if chunks:
+                return {"type": "http.request", "body": chunks.pop(), "more_body": bool(chunks)}
+            return await receive()
+
+        return replay

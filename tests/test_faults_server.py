@@ -1,0 +1,275 @@
+"""Issue #11, service items, reproduced on the tiny model: memory bounded by admission (a refused request decodes
+nothing, decodes are bounded, large inputs decode at the working size, a job's inputs die with it) and cheap
+refusals (the key before the body, NaN/inf -> 422, every 5xx counted, a client that leaves frees its slot, a 422
+never echoes the input)."""
+
+import asyncio
+import base64
+import gc
+import io
+import json
+import subprocess
+import sys
+import threading
+import weakref
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
+
+from qwen_image_lora.config import Config
+from qwen_image_lora.inference import images as images_module
+from qwen_image_lora.inference import server
+from qwen_image_lora.inference.generator import Generator
+from qwen_image_lora.inference.server import create_app
+
+KEY = "faults-key-0123456789"
+AUTH = {"x-api-key": KEY}
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model_dir):
+    return Generator.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", resolution=64)
+
+
+@pytest.fixture
+def cfg(tiny_model_dir):
+    cfg = Config()
+    cfg.model.pretrained = str(tiny_model_dir)
+    cfg.serve.resolution = 64
+    cfg.serve.max_steps = 2
+    cfg.serve.max_side = 256
+    cfg.serve.max_body_mb = 0.5
+    cfg.serve.max_queue = 4
+    return cfg
+
+
+def png_b64(size=(96, 64)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def edit(**kw) -> dict:
+    return {"image": png_b64(), "prompt": "put it on white", "num_inference_steps": 1, "seed": 3, **kw}
+
+
+async def call(app, body: bytes, headers=(), leave: asyncio.Event | None = None):
+    """One POST /v1/images through the ASGI interface. After the body the client waits for the answer, or leaves
+    when `leave` is set. Returns (status, response body, number of receive() calls)."""
+    sent, reads, chunks, answered = [], [0], [{"type": "http.request", "body": body, "more_body": False}], asyncio.Event()
+
+    async def receive():
+        reads[0] += 1
+        if chunks:
+            return chunks.pop()
+        waits = [asyncio.ensure_future(answered.wait())] + ([asyncio.ensure_future(leave.wait())] if leave else [])
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            answered.set()
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/images", "raw_path": b"/v1/images", "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), reads[0]
+
+
+async def until(condition, what: str, seconds: float = 30.0):
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+def block_worker(worker) -> threading.Event:
+    """Occupy the model worker with a job that waits for the returned event."""
+    release, running = threading.Event(), threading.Event()
+    worker.submit(lambda: (running.set(), release.wait(60)))
+    assert running.wait(10)
+    return release
+
+
+# --------------------------------------------------------------------------------------------- #11.8 memory
+
+
+def test_a_request_refused_with_429_decodes_nothing(cfg, gen, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(server, "decode_image", lambda data, **kw: decoded.append(1) or images_module.decode_image(data, **kw))
+    app = create_app(cfg, [KEY], generator=gen)
+    worker = app.state.worker
+    release = block_worker(worker)
+    try:
+        for _ in range(cfg.serve.max_queue):
+            worker.submit(lambda: None)
+        with TestClient(app) as c:
+            r = c.post("/v1/images", json=edit(image=[png_b64(), png_b64((64, 96))]), headers=AUTH)
+        assert r.status_code == 429
+        assert decoded == []  # admission came first: nothing was decoded for a request that could not be served
+    finally:
+        release.set()
+
+
+def test_concurrent_decodes_never_exceed_the_limit(cfg, gen, monkeypatch):
+    lock, release = threading.Lock(), threading.Event()
+    state = {"active": 0, "peak": 0, "entered": 0}
+
+    def slow_decode(data, **kw):
+        with lock:
+            state["entered"] += 1
+            state["active"] += 1
+            state["peak"] = max(state["peak"], state["active"])
+        release.wait(60)
+        with lock:
+            state["active"] -= 1
+        return images_module.decode_image(data, **kw)
+
+    monkeypatch.setattr(server, "decode_image", slow_decode)
+    app = create_app(cfg, [KEY], generator=gen)
+    n = cfg.serve.max_queue
+    assert n > server.MAX_CONCURRENT_DECODES
+
+    async def main():
+        calls = [asyncio.ensure_future(call(app, json.dumps(edit(seed=i)).encode(), [(b"x-api-key", KEY.encode())]))
+                 for i in range(n)]  # fmt: skip
+        try:  # every request is admitted and either decoding or waiting for a decode slot
+            await until(lambda: state["entered"] + app.state.decodes.waiting == n, "all requests at the decoder")
+            assert state["entered"] == server.MAX_CONCURRENT_DECODES
+        finally:
+            release.set()
+        return await asyncio.gather(*calls)
+
+    results = asyncio.run(main())
+    assert [status for status, _, _ in results] == [200] * n
+    assert state["peak"] == server.MAX_CONCURRENT_DECODES and state["entered"] == n
+
+
+@pytest.mark.parametrize("mode, side, fmt, max_side, frame_bytes, limit", [
+    ("L", 8192, "PNG", 2048, 8192 * 8192, 2.0),  # the report's case: a small PNG that decodes to 8192x8192
+    ("RGB", 4096, "JPEG", 512, 4096 * 4096 * 4, 0.25),  # JPEG: decoded at 1/8 scale, the full frame never exists
+])  # fmt: skip
+def test_large_inputs_decode_within_one_native_frame(tmp_path, mode, side, fmt, max_side, frame_bytes, limit):
+    """Peak memory of one decode, measured in a fresh process, in multiples of the image's native frame.
+    Before: the frame, then an RGB copy at full size (a 8192x8192 greyscale PNG cost ~370 MB, not 64)."""
+    image = Image.new(mode, (side, side), "white")
+    draw = ImageDraw.Draw(image)
+    for i in range(0, side, 256):
+        draw.line((0, i, side, side - i), fill="black", width=9)
+    path = tmp_path / f"big.{fmt.lower()}"
+    image.save(path, format=fmt)
+    del image, draw
+    assert path.stat().st_size < 2_000_000  # a small upload, well under any body limit
+    probe = (  # images.py alone (not the package, which imports torch and would mask the decode's peak)
+        "import importlib.util, re, sys\n"
+        "spec = importlib.util.spec_from_file_location('images', sys.argv[1])\n"
+        "images = importlib.util.module_from_spec(spec); spec.loader.exec_module(images)\n"
+        "data = open(sys.argv[2], 'rb').read()\n"
+        # VmHWM: this process's peak RSS (ru_maxrss would carry the forking pytest process's peak over)
+        "peak = lambda: int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024\n"
+        "before = peak()\n"
+        "image = images.decode_image(data, max_side=int(sys.argv[3]))\n"
+        "print(image.size[0], image.size[1], peak() - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, images_module.__file__, str(path), str(max_side)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()  # fmt: skip
+    assert (int(out[0]), int(out[1])) == (max_side, max_side)
+    assert int(out[2]) < limit * frame_bytes, f"decode peak {int(out[2]) / 2**20:.0f} MiB"
+
+
+def test_a_jobs_inputs_are_released_when_it_ends(cfg, gen, monkeypatch):
+    refs = []
+
+    def tracked_decode(data, **kw):
+        image = images_module.decode_image(data, **kw)
+        refs.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(server, "decode_image", tracked_decode)
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as c:
+        assert c.post("/v1/images", json=edit(image=[png_b64(), png_b64((64, 96))]), headers=AUTH).status_code == 200
+        gc.collect()
+        assert len(refs) == 2 and [r() for r in refs] == [None, None]  # the idle worker holds no old job
+
+
+# --------------------------------------------------------------------------------------------- #11.9 refusals
+
+
+@pytest.mark.parametrize("key", [None, b"wrong"])
+def test_a_wrong_or_missing_key_is_refused_before_the_body_is_read(cfg, gen, key):
+    app = create_app(cfg, [KEY], generator=gen)
+    headers = [] if key is None else [(b"x-api-key", key)]
+    status, body, reads = asyncio.run(call(app, json.dumps(edit()).encode(), headers))
+    assert (status, reads) == (401, 0) and b"x-api-key" in body
+    # A body declared far over the limit still gets 401 (not 413): without a key, nothing about it is looked at.
+    status, _, reads = asyncio.run(call(app, b"{}", headers + [(b"content-length", b"19000000")]))
+    assert (status, reads) == (401, 0)
+    assert asyncio.run(call(app, json.dumps(edit()).encode(), [(b"x-api-key", KEY.encode())]))[0] == 200
+
+
+@pytest.mark.parametrize("raw, field", [
+    ('"guidance_scale": NaN', "guidance_scale"), ('"guidance_scale": Infinity', "guidance_scale"),
+    ('"guidance_scale": -Infinity', "guidance_scale"), ('"guidance_scale": 1e400', "guidance_scale"),
+    ('"seed": 1e400', "seed"), ('"num_inference_steps": NaN', "num_inference_steps"), ('"prompt": NaN', "prompt"),
+    ('"loras": [{"name": "x", "weight": Infinity}]', "loras"),
+])  # fmt: skip
+def test_nan_and_infinity_in_json_give_422_naming_the_field(cfg, gen, raw, field):
+    body = json.dumps(edit()).rstrip("}") + ", " + raw + "}"  # a repeated key: the last one counts
+    with TestClient(create_app(cfg, [KEY], generator=gen), raise_server_exceptions=False) as c:
+        r = c.post("/v1/images", content=body, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][:2] == ["body", field]
+
+
+def test_every_5xx_is_counted_in_metrics(cfg, gen, monkeypatch):
+    app = create_app(cfg, [KEY], generator=gen)
+
+    def broken(request):
+        raise RuntimeError("pipeline failed")
+
+    monkeypatch.setattr(app.state.generator, "generate", broken)  # our own class: an unexpected error in a job
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.post("/v1/images", json=edit(), headers=AUTH).status_code == 500  # sent by Starlette itself
+        assert 'qwen_lora_http_responses_total{path="/v1/images",code="500"} 1' in c.get("/metrics").text
+
+
+def test_a_client_that_leaves_before_its_job_starts_frees_its_slot(cfg, gen):
+    app = create_app(cfg, [KEY], generator=gen)
+    worker, metrics = app.state.worker, app.state.metrics
+    release = block_worker(worker)
+
+    async def main():
+        leave = asyncio.Event()
+        request = asyncio.ensure_future(call(app, json.dumps(edit()).encode(), [(b"x-api-key", KEY.encode())], leave))
+        await until(lambda: worker.waiting == 1, "the request admitted")
+        leave.set()
+        return await asyncio.wait_for(request, 30)  # answered without waiting for the worker
+
+    try:
+        status, _, _ = asyncio.run(main())
+        assert worker.waiting == 0  # the slot is free while the worker is still busy
+        assert status == server.CLIENT_GONE
+    finally:
+        release.set()
+    with TestClient(app) as c:  # the withdrawn job never runs; the next request does
+        assert c.post("/v1/images", json=edit(), headers=AUTH).status_code == 200
+        assert "qwen_lora_images_total 1\n" in c.get("/metrics").text
+    assert metrics.images == 1
+
+
+@pytest.mark.parametrize("extra", [{"prompt": "x" * 300_000}, {"colour": "x" * 300_000}])
+def test_a_422_does_not_echo_the_input(cfg, gen, extra):
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as c:
+        r = c.post("/v1/images", json=edit(**extra), headers=AUTH)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"][:2] == ["body", next(iter(extra))]
+    assert len(r.content) < 2000, f"{len(r.content):,} bytes of refusal"
+
