@@ -28,6 +28,7 @@ from typing import Annotated, Literal
 from qwen_image_lora.config import Config, ServeConfig
 from qwen_image_lora.inference.generator import ASPECT_RATIOS, MAX_INPUT_IMAGES, GenerationRequest, Generator
 from qwen_image_lora.inference.images import MEDIA_TYPES, ImageInputError, decode_image, encode_image, format_for
+from qwen_image_lora.inference.studio import studio_router
 from qwen_image_lora.inference.urls import URLRefused, fetch
 
 log = logging.getLogger("qwen_image_lora.server")
@@ -361,6 +362,8 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
                                  "height": image.height}], "output_format": body.output_format}  # fmt: skip
             return JSONResponse(payload, headers=headers)
         return Response(data, media_type=MEDIA_TYPES[fmt], headers=headers)
+
+    app.include_router(studio_router(cfg, require_key, generator))  # the page at / and its read-only endpoints
 
     @app.get("/healthz")
     async def healthz():
