@@ -144,14 +144,14 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def run_of(runs_dir: Path | None, adapter_path: str | None) -> str | None:
-    """The run folder (a direct child of `runs_dir`) an adapter file lies in, if any."""
+    """The run folder (a direct child of `runs_dir`) an adapter file or folder lies in, if any."""
     if runs_dir is None or not adapter_path:
         return None
     try:
         rel = Path(adapter_path).resolve().relative_to(runs_dir.resolve())
     except ValueError:
         return None
-    return rel.parts[0] if len(rel.parts) > 1 and _RUN_NAME.fullmatch(rel.parts[0]) else None
+    return rel.parts[0] if rel.parts and _RUN_NAME.fullmatch(rel.parts[0]) else None
 
 
 def list_runs(runs_dir: Path) -> list[dict]:
