@@ -65,21 +65,21 @@ function fmt(x) {
 
 // An SVG line (no script, no inline style): steps on x, loss on y, with a text summary for screen readers.
 export function lossChart(points) {
-  const W = 600, H = 220, P = 40;
+  const W = 600, H = 220, P = 40, L = 64; // L: room for the loss labels left of the axis
   const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
   const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
-  const sx = (x) => P + ((x - x0) / (x1 - x0 || 1)) * (W - 2 * P);
+  const sx = (x) => L + ((x - x0) / (x1 - x0 || 1)) * (W - L - P);
   const sy = (y) => H - P - ((y - y0) / (y1 - y0 || 1)) * (H - 2 * P);
   const line = points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
   const summary = `Loss over ${points.length} logged steps: ${fmt(ys[0])} at step ${xs[0]}, ` +
     `${fmt(ys[ys.length - 1])} at step ${xs[xs.length - 1]}; lowest ${fmt(y0)}.`;
   return el("figure", { className: "chart" },
     svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": summary },
-      svg("line", { x1: P, y1: H - P, x2: W - P, y2: H - P, class: "axis" }),
-      svg("line", { x1: P, y1: P, x2: P, y2: H - P, class: "axis" }),
-      svg("text", { x: P - 4, y: P, class: "tick end" }, fmt(y1)),
-      svg("text", { x: P - 4, y: H - P, class: "tick end" }, fmt(y0)),
-      svg("text", { x: P, y: H - P + 16, class: "tick" }, `step ${x0}`),
+      svg("line", { x1: L, y1: H - P, x2: W - P, y2: H - P, class: "axis" }),
+      svg("line", { x1: L, y1: P, x2: L, y2: H - P, class: "axis" }),
+      svg("text", { x: L - 6, y: P + 4, class: "tick end" }, fmt(y1)),
+      svg("text", { x: L - 6, y: H - P, class: "tick end" }, fmt(y0)),
+      svg("text", { x: L, y: H - P + 16, class: "tick" }, `step ${x0}`),
       svg("text", { x: W - P, y: H - P + 16, class: "tick end" }, `step ${x1}`),
       svg("polyline", { points: line, class: "loss" })),
     el("figcaption", { className: "note" }, summary));

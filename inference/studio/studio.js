@@ -15,7 +15,10 @@ let busy = false;
 let showTab = () => {};
 
 async function start() {
-  showTab = setupTabs((name) => { if (name === "runs" && key.get()) showRuns(); });
+  showTab = setupTabs((name) => {
+    showAlert(""); // a message belongs to the section it came from
+    if (name === "runs" && key.get()) showRuns();
+  });
   setupEditor();
   setupRuns({ tryAdapter });
   setupBatch({ settings: batchSettings, onResult: (r) => addHistory(r) });
