@@ -116,9 +116,9 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     outputs = [o.text for o in d.find_elements(By.CSS_SELECTOR, "#adapter-list output")]
     assert outputs == ["0.00", "1.00"]
     css("#compare").click()
-    wait.until(lambda _: len(cards()) == 3)
-    pair = d.find_elements(By.CSS_SELECTOR, "#results > li.pair img")
-    assert [img.get_attribute("alt").split(":")[0] for img in pair] == ["Result 3", "Result 2"]
+    wait.until(lambda _: len(cards()) == 2)
+    pair = d.find_elements(By.CSS_SELECTOR, "#results .pair img")
+    assert [img.get_attribute("alt").split(":")[0] for img in pair] == ["Result 2", "Result 3"]  # side by side
     differ = d.execute_script("""
         const pixels = (img) => {
           const c = document.createElement('canvas');
@@ -127,7 +127,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
           ctx.drawImage(img, 0, 0);
           return ctx.getImageData(0, 0, c.width, c.height).data;
         };
-        const [a, b] = [...document.querySelectorAll('#results > li.pair img')].map(pixels);
+        const [a, b] = [...document.querySelectorAll('#results .pair img')].map(pixels);
         return a.length !== b.length || a.some((v, i) => v !== b[i]);""")
     assert differ, "the adapter image equals the base image"
     history = json.loads(d.find_elements(By.CSS_SELECTOR, "#history > li pre")[0].get_attribute("textContent"))
@@ -139,7 +139,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#edit-thumbs li")) == 1)
     fill("#prompt", "put it on a beach")
     css("#generate").click()
-    wait.until(lambda _: len(cards()) == 4)
+    wait.until(lambda _: len(cards()) == 3)
     first = cards()[0]
     assert first.find_elements(By.CSS_SELECTOR, ".compare img.before") and first.find_elements(By.CSS_SELECTOR, ".compare-wrap input")
     assert d.execute_script("return document.querySelector('#results .compare img.after').naturalWidth") == 64
@@ -150,7 +150,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     css("#edit-files").send_keys(str(tmp_path / "broken.png"))
     css("#generate").click()
     wait.until(lambda _: css("#alert").is_displayed())
-    assert "bad file" in css("#alert").text and "broken.png" in css("#alert").text and len(cards()) == 4
+    assert "bad file" in css("#alert").text and "broken.png" in css("#alert").text and len(cards()) == 3
 
     # download a result
     cards()[-1].find_element(By.XPATH, ".//button[text()='Download']").click()
@@ -158,6 +158,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     wait.until(lambda _: downloads.exists() and any(p.suffix == ".png" for p in downloads.iterdir()))
     saved = next(p for p in downloads.iterdir() if p.suffix == ".png")
     assert saved.name == "result-1-seed7.png" and Image.open(saved).size == (64, 64)
+    d.execute_script("window.scrollTo(0, 0)")
     d.save_screenshot(str(tmp_path / "studio-create.png"))
 
     # batch: two images and a stray file, one instruction; a ZIP (store-only, written in JS) with a manifest

@@ -184,8 +184,10 @@ function compare() {
     const base = await send("/v1/images", { ...body, loras: [] }, names);
     const tuned = await send("/v1/images", body, names);
     const label = loras.map((l) => `${l.name} ${l.weight}`).join(", ");
-    addResult({ body: { ...body, loras: [] }, names, ...base, mode: mode(), pairLabel: "Base model", group: "pair" });
-    addResult({ body, names, ...tuned, mode: mode(), pairLabel: `With ${label}`, group: "pair" });
+    const pair = [addResult({ body: { ...body, loras: [] }, names, ...base, mode: mode(), pairLabel: "Base model" }, false),
+      addResult({ body, names, ...tuned, mode: mode(), pairLabel: `With ${label}` }, false)];
+    $("results").prepend(el("li", { className: "pair-row" }, el("h3", {}, `Base vs ${label} (seed ${body.seed})`),
+      el("ul", { className: "cards pair" }, ...pair.map((r) => card(r, false)))));
   });
 }
 
@@ -207,13 +209,14 @@ function downloadLayers() {
 
 // ------------------------------------------------------------------------------------------ results
 
-function addResult(result) {
+function addResult(result, show = true) {
   result.id = history.length + 1;
   result.url = URL.createObjectURL(result.blob);
   result.file = `result-${result.id}-seed${result.seed}.${EXT[result.body.output_format] || "png"}`;
   addHistory(result);
-  $("results").prepend(card(result, false));
+  if (show) $("results").prepend(card(result, false));
   setState(`Result ${result.id} ready (seed ${result.seed}, ${result.seconds.toFixed(1)} s).`);
+  return result;
 }
 
 function addHistory(result) {
@@ -255,7 +258,7 @@ function card(r, detailed) {
   const settingsList = detailed
     ? el("details", {}, el("summary", {}, "Exact settings"), el("pre", {}, JSON.stringify(describeBody(r.body, r.names || []), null, 2)))
     : null;
-  return el("li", { className: r.group ? `card ${r.group}` : "card" }, el("figure", {}, picture, caption), buttons, settingsList);
+  return el("li", { className: "card" }, el("figure", {}, picture, caption), buttons, settingsList);
 }
 
 start();
