@@ -15,7 +15,7 @@ from PIL import Image
 
 from qwen_image_lora.config import Config, ServeAdapter
 from qwen_image_lora.inference.generator import Generator
-from qwen_image_lora.inference.server import create_app
+from qwen_image_lora.inference.server import create_app, request_models
 from qwen_image_lora.inference.testing import make_random_lora
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -200,3 +200,45 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     assert too_wide == [] and d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     blocked = [e["message"] for e in d.get_log("browser") if "Content Security Policy" in e["message"]]
     assert blocked == []
+
+
+@pytest.mark.skipif("mask" not in request_models(Config().serve)[0].model_fields, reason="the HTTP API has no `mask` field yet")
+def test_a_painted_mask_keeps_every_unpainted_pixel(server, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    wait = WebDriverWait(d, 120)
+    css = lambda sel: d.find_element(By.CSS_SELECTOR, sel)  # noqa: E731
+    d.get(server + "/")
+    css("#api-key").send_keys(KEY + "\n")
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#adapter-list input[type=range]")) == 2)
+    css("input[name=mode][value=edit]").click()
+    source = png_file(tmp_path / "product.png", size=(64, 48), seed=3)
+    css("#edit-files").send_keys(source)
+    wait.until(lambda _: css("#mask-tools").is_displayed() and d.execute_script("return document.querySelector('#mask-canvas').width") == 64)
+    for sel, value in [("#prompt", "a new background"), ("#steps", 1), ("#mask-feather", 0)]:
+        css(sel).clear()
+        css(sel).send_keys(str(value))
+    canvas = css("#mask-canvas")
+    w, h = canvas.size["width"], canvas.size["height"]
+    # a stroke down the left fifth of the image (offsets are from the canvas centre)
+    ActionChains(d).move_to_element_with_offset(canvas, -w * 0.3, -h * 0.4).click_and_hold() \
+        .move_by_offset(0, int(h * 0.8)).release().perform()
+    d.save_screenshot(str(tmp_path / "studio-mask.png"))
+    css("#generate").click()
+    wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#results .compare img.after"))
+    wait.until(lambda _: d.execute_script("return document.querySelector('#results img.after').naturalWidth") == 64)
+    pixels = d.execute_script("""
+        const img = document.querySelector('#results img.after'), c = document.createElement('canvas');
+        [c.width, c.height] = [img.naturalWidth, img.naturalHeight];
+        const ctx = c.getContext('2d');
+        ctx.drawImage(img, 0, 0);
+        return Array.from(ctx.getImageData(0, 0, c.width, c.height).data);""")
+    result = np.array(pixels, dtype=np.uint8).reshape(48, 64, 4)[..., :3].astype(int)
+    original = np.asarray(Image.open(source).convert("RGB")).astype(int)
+    assert np.array_equal(result[:, 32:], original[:, 32:])  # never painted: identical
+    assert np.abs(result[:, 10:16] - original[:, 10:16]).mean() > 1  # painted: re-generated
+    settings = json.loads(d.find_element(By.CSS_SELECTOR, "#history pre").get_attribute("textContent"))
+    assert settings["mask"] == "painted mask" and settings["mask_feather"] == 0
