@@ -1,10 +1,13 @@
 """The studio end to end in headless Chromium (Selenium + Debian's chromium/chromium-driver): the real server on
 loopback with the tiny model; set the key, generate, move an adapter weight and compare with the base, edit an
-uploaded image, see a 422 for a bad file, download a result, read a run; screenshots land in the test's tmp_path."""
+uploaded image, see a 422 for a bad file, download a result and reproduce it with the copied curl command, run a
+batch and unpack its ZIP, read a run; screenshots land in the test's tmp_path for a person to look at."""
 
 import io
 import json
+import os
 import shutil
+import subprocess
 import threading
 import time
 import zipfile
@@ -158,6 +161,16 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     wait.until(lambda _: downloads.exists() and any(p.suffix == ".png" for p in downloads.iterdir()))
     saved = next(p for p in downloads.iterdir() if p.suffix == ".png")
     assert saved.name == "result-1-seed7.png" and Image.open(saved).size == (64, 64)
+
+    # "copy as curl" reproduces that result byte for byte outside the browser
+    d.execute_cdp_cmd("Browser.grantPermissions", {"origin": server, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    cards()[-1].find_element(By.XPATH, ".//button[text()='Copy as curl']").click()
+    wait.until(lambda _: "Copied" in css("#state").text)
+    command = d.execute_async_script("navigator.clipboard.readText().then(arguments[arguments.length - 1])")
+    assert KEY not in command
+    env = {**os.environ, "QWEN_LORA_API_KEY": KEY}
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, check=True, timeout=120)
+    assert (tmp_path / saved.name).read_bytes() == saved.read_bytes()
     d.execute_script("window.scrollTo(0, 0)")
     d.save_screenshot(str(tmp_path / "studio-create.png"))
 
