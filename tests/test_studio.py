@@ -16,7 +16,7 @@ from PIL import Image
 from qwen_image_lora.config import Config, ServeAdapter
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app
-from qwen_image_lora.inference.studio import ASSETS, MAX_LOSS_POINTS, STUDIO_DIR, read_losses
+from qwen_image_lora.inference.studio import ASSETS, MAX_LOSS_POINTS, STATIC_PATHS, STUDIO_DIR, read_losses
 from qwen_image_lora.inference.testing import make_random_lora
 
 KEY = "studio-key-0123456789"
@@ -111,6 +111,8 @@ def test_page_and_assets_have_their_types_and_a_strict_csp(client):
         r = client.get(f"/studio/{name}")
         assert r.status_code == 200 and r.headers["content-type"].startswith(kind), name
         assert "default-src 'self'" in r.headers["content-security-policy"]
+    for path in STATIC_PATHS:  # the page loads before a key is entered; nothing in it runs the model
+        assert client.get(path).status_code == 200, path
     assert client.get("/studio/nope.js").status_code == 404
     assert client.get("/studio/..%2Fserver.py").status_code == 404
 
