@@ -42,6 +42,11 @@ def server(tiny_model_dir, tmp_path_factory):
     Image.new("RGB", (64, 64), (30, 90, 200)).save(run / "samples" / "step_000010" / "t2i_0.png")
     (run / "losses.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 31)))
     (run / "README.md").write_text("# brand-v1\nTrigger word: <brand>\n")
+    (run / "eval").mkdir()
+    (run / "eval" / "report.json").write_text(json.dumps({
+        "variants": ["base", "brand"], "verdicts": {"brand": {"line": "brand: better palette distance (ΔE -3.1)"}},
+        "metrics": {"palette_delta_e": {"label": "Palette distance", "higher_is_better": False, "variants": {
+            "base": {"mean": 9.5, "low": 8.0, "high": 11.0}, "brand": {"mean": 6.4, "low": 5.1, "high": 7.7}}}}}))
     cfg = Config()
     cfg.model.pretrained = str(tiny_model_dir)
     cfg.serve.resolution, cfg.serve.max_steps, cfg.serve.runs_dir = 64, 4, str(root / "runs")
@@ -200,6 +205,8 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#run-detail polyline.loss"))
     wait.until(lambda _: d.execute_script("return document.querySelector('.sample-grid img')?.naturalWidth") == 64)
     assert "Trigger word: <brand>" in css("#run-detail pre").text
+    assert "better palette distance" in css("#run-detail .verdicts").text
+    assert [c.text for c in d.find_elements(By.CSS_SELECTOR, "#run-detail tbody td")] == ["9.5000 [8.0000, 11.0000]", "6.4000 [5.1000, 7.7000]"]
     assert d.find_elements(By.XPATH, "//button[contains(., 'Try adapter')]")
     d.save_screenshot(str(tmp_path / "studio-runs.png"))
 

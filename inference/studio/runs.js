@@ -113,7 +113,9 @@ async function report(run) {
       const x = m.variants?.[v];
       return el("td", {}, x && x.mean !== null ? `${fmt(x.mean)} [${fmt(x.low)}, ${fmt(x.high)}]` : "–");
     })));
-  const parts = [el("table", {}, el("caption", {}, "Means with 95% intervals"),
+  const verdicts = Object.values(data.verdicts || {}).map((v) => el("li", {}, v.line));
+  const parts = [verdicts.length ? el("ul", { className: "verdicts" }, ...verdicts) : null,
+    el("table", {}, el("caption", {}, "Means with 95% intervals"),
     el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Metric"), ...variants.map((v) => el("th", { scope: "col" }, v)))),
     el("tbody", {}, ...rows))];
   if (data.best_checkpoint) parts.push(el("p", {}, `Best checkpoint by held-out loss: ${data.best_checkpoint}`));
