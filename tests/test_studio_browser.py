@@ -54,14 +54,15 @@ def server(tiny_model_dir, tmp_path_factory):
         ServeAdapter("brand", str(make_random_lora(gen.pipe.transformer, run, seed=5)), 0.8),
         ServeAdapter("sketch", str(make_random_lora(gen.pipe.transformer, root / "sketch", seed=6)), 0.0),
     ]
-    srv = uvicorn.Server(uvicorn.Config(create_app(cfg, [KEY], generator=gen), host="127.0.0.1", port=0, log_level="warning"))
+    app = create_app(cfg, [KEY], generator=gen)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not srv.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert srv.started, "the server did not start"
-    yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
+    yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}", app
     srv.should_exit = True
     thread.join(timeout=30)
 
@@ -88,6 +89,7 @@ def png_file(path, size=(64, 48), seed=0):
 
 
 def test_the_studio_generates_edits_compares_refuses_and_downloads(server, browser, tmp_path):
+    server, app = server
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -117,6 +119,14 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     assert "seed 7" in cards()[0].text
     assert d.execute_script("return document.querySelector('#results img').naturalWidth") == 64
 
+    # while another job holds the model worker, the page says the request is queued, then finishes it
+    gate = threading.Event()
+    app.state.worker.submit(lambda: gate.wait(60))
+    css("#generate").click()
+    wait.until(lambda _: "Queued: 1 job(s) waiting" in css("#state").text)
+    gate.set()
+    wait.until(lambda _: len(cards()) == 2)
+
     # adapter weights: brand off (Home), sketch up by keyboard; base vs adapters at one seed
     brand, sketch = d.find_elements(By.CSS_SELECTOR, "#adapter-list input[type=range]")
     brand.send_keys(Keys.HOME)
@@ -124,9 +134,9 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     outputs = [o.text for o in d.find_elements(By.CSS_SELECTOR, "#adapter-list output")]
     assert outputs == ["0.00", "1.00"]
     css("#compare").click()
-    wait.until(lambda _: len(cards()) == 2)
+    wait.until(lambda _: len(cards()) == 3)
     pair = d.find_elements(By.CSS_SELECTOR, "#results .pair img")
-    assert [img.get_attribute("alt").split(":")[0] for img in pair] == ["Result 2", "Result 3"]  # side by side
+    assert [img.get_attribute("alt").split(":")[0] for img in pair] == ["Result 3", "Result 4"]  # side by side
     differ = d.execute_script("""
         const pixels = (img) => {
           const c = document.createElement('canvas');
@@ -147,7 +157,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#edit-thumbs li")) == 1)
     fill("#prompt", "put it on a beach")
     css("#generate").click()
-    wait.until(lambda _: len(cards()) == 3)
+    wait.until(lambda _: len(cards()) == 4)
     first = cards()[0]
     assert first.find_elements(By.CSS_SELECTOR, ".compare img.before") and first.find_elements(By.CSS_SELECTOR, ".compare-wrap input")
     assert d.execute_script("return document.querySelector('#results .compare img.after').naturalWidth") == 64
@@ -158,7 +168,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     css("#edit-files").send_keys(str(tmp_path / "broken.png"))
     css("#generate").click()
     wait.until(lambda _: css("#alert").is_displayed())
-    assert "bad file" in css("#alert").text and "broken.png" in css("#alert").text and len(cards()) == 3
+    assert "bad file" in css("#alert").text and "broken.png" in css("#alert").text and len(cards()) == 4
 
     # download a result
     cards()[-1].find_element(By.XPATH, ".//button[text()='Download']").click()
@@ -188,6 +198,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     css("#batch-start").click()
     wait.until(lambda _: css("#batch-summary").text == "2 of 2 done, 0 failed.")
     assert "notes.txt" in css("#alert").text
+    d.save_screenshot(str(tmp_path / "studio-batch.png"))
     css("#batch-zip").click()
     wait.until(lambda _: (downloads / "batch.zip").exists())
     with zipfile.ZipFile(downloads / "batch.zip") as archive:
@@ -197,6 +208,19 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     assert [(j["id"], j["status"], j["seed"], j["request"]["image"]) for j in manifest["jobs"]] == [
         ("a", "done", 7, ["a.png"]), ("b", "done", 7, ["b.png"])]
     assert manifest["jobs"][0]["request"]["prompt"] == "white background"
+
+    # a JSONL of `qwen-lora batch` jobs: images by path, adapters as a dict; a broken line fails alone, named
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"id": "mug", "prompt": "a mug", "images": ["in/a.png"], "seed": 3,
+                                                     "loras": {"brand": 0.5}}) + "\nnot json\n")  # fmt: skip
+    css("#batch-files").clear()
+    css("#batch-files").send_keys(f"{tmp_path / 'jobs.jsonl'}\n{tmp_path / 'a.png'}")
+    css("#batch-start").click()
+    wait.until(lambda _: css("#batch-summary").text == "1 of 2 done, 1 failed.")
+    rows = [r.text for r in d.find_elements(By.CSS_SELECTOR, "#batch-jobs tr")]
+    assert rows[0].startswith("mug done") and "jobs.jsonl:2: not a JSON object" in rows[1]
+    assert not css("#batch-retry").is_enabled()  # nothing a retry could fix
+    job = json.loads(d.find_element(By.CSS_SELECTOR, "#history pre").get_attribute("textContent"))
+    assert (job["loras"], job["seed"], job["image"], job["num_inference_steps"]) == ([{"name": "brand", "weight": 0.5}], 3, ["a.png"], 1)
 
     # runs: the loss curve and the samples of the run the brand adapter came from
     css("#tab-runs").click()
@@ -224,6 +248,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
 
 @pytest.mark.skipif("mask" not in request_models(Config().serve)[0].model_fields, reason="the HTTP API has no `mask` field yet")
 def test_a_painted_mask_keeps_every_unpainted_pixel(server, browser, tmp_path):
+    server, _ = server
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -17,6 +17,7 @@ let showTab = () => {};
 async function start() {
   showTab = setupTabs((name) => {
     showAlert(""); // a message belongs to the section it came from
+    setState("");
     if (name === "runs" && key.get()) showRuns();
   });
   setupEditor();
