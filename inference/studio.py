@@ -84,18 +84,18 @@ def studio_router(cfg: Config, require_key, generator):
         return {"adapters": out}
 
     @router.get("/v1/runs", dependencies=[Depends(require_key)], summary="Training runs under serve.runs_dir")
-    async def runs():
+    def runs():  # plain `def` handlers: FastAPI runs them on its thread pool, off the event loop (disk reads)
         return {"configured": runs_dir is not None, "runs": list_runs(runs_dir) if runs_dir else []}
 
     @router.get("/v1/runs/{name}", dependencies=[Depends(require_key)], summary="One run's curve, samples, card, report")
-    async def run(name: str):
+    def run(name: str):
         try:
             return describe_run(run_folder(runs_dir, name))
         except RunFileError as e:
             return refused(e)
 
     @router.get("/v1/runs/{name}/files/{path:path}", dependencies=[Depends(require_key)], summary="A file of one run")
-    async def run_file(name: str, path: str):
+    def run_file(name: str, path: str):
         try:
             file = file_in_run(run_folder(runs_dir, name), path)
         except RunFileError as e:
