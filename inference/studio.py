@@ -46,8 +46,8 @@ class RunFileError(Exception):
         self.status = status
 
 
-def studio_router(cfg: Config, require_key, generator):
-    """The page's routes; `require_key` is the app's API-key dependency."""
+def studio_router(cfg: Config, key_dependency, generator):
+    """The page's routes; `key_dependency` is the app's x-api-key dependency (a refused key never reaches them)."""
     from fastapi import APIRouter, Depends
     from fastapi.responses import FileResponse, JSONResponse, Response
 
@@ -73,7 +73,7 @@ def studio_router(cfg: Config, require_key, generator):
     def refused(e: RunFileError):
         return JSONResponse({"detail": [{"loc": ["path"], "msg": str(e), "type": "value_error"}]}, status_code=e.status)
 
-    @router.get("/v1/adapters", dependencies=[Depends(require_key)], summary="The service's adapters")
+    @router.get("/v1/adapters", dependencies=[Depends(key_dependency)], summary="The service's adapters")
     async def adapters():
         """Each loaded adapter, its default weight (used when a request omits `loras`) and, when its file lies in a
         run folder under `serve.runs_dir`, that run's name."""
@@ -83,18 +83,18 @@ def studio_router(cfg: Config, require_key, generator):
                         "run": run_of(runs_dir, sources.get(name))})  # fmt: skip
         return {"adapters": out}
 
-    @router.get("/v1/runs", dependencies=[Depends(require_key)], summary="Training runs under serve.runs_dir")
+    @router.get("/v1/runs", dependencies=[Depends(key_dependency)], summary="Training runs under serve.runs_dir")
     def runs():  # plain `def` handlers: FastAPI runs them on its thread pool, off the event loop (disk reads)
         return {"configured": runs_dir is not None, "runs": list_runs(runs_dir) if runs_dir else []}
 
-    @router.get("/v1/runs/{name}", dependencies=[Depends(require_key)], summary="One run's curve, samples, card, report")
+    @router.get("/v1/runs/{name}", dependencies=[Depends(key_dependency)], summary="One run's curve, samples, card, report")
     def run(name: str):
         try:
             return describe_run(run_folder(runs_dir, name))
         except RunFileError as e:
             return refused(e)
 
-    @router.get("/v1/runs/{name}/files/{path:path}", dependencies=[Depends(require_key)], summary="A file of one run")
+    @router.get("/v1/runs/{name}/files/{path:path}", dependencies=[Depends(key_dependency)], summary="A file of one run")
     def run_file(name: str, path: str):
         try:
             file = file_in_run(run_folder(runs_dir, name), path)

@@ -113,8 +113,8 @@ def test_page_and_assets_have_their_types_and_a_strict_csp(client):
         assert "default-src 'self'" in r.headers["content-security-policy"]
     for path in STATIC_PATHS:  # the page loads before a key is entered; nothing in it runs the model
         assert client.get(path).status_code == 200, path
-    assert client.get("/studio/nope.js").status_code == 404
-    assert client.get("/studio/..%2Fserver.py").status_code == 404
+    assert client.get("/studio/nope.js", headers=AUTH).status_code == 404
+    assert client.get("/studio/..%2Fserver.py", headers=AUTH).status_code == 404
 
 
 def test_every_module_the_page_imports_is_served_and_shipped_in_the_package(client):
