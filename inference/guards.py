@@ -10,10 +10,11 @@ import hmac
 import json
 import threading
 
+from qwen_image_lora.inference.studio import STATIC_PATHS
 from qwen_image_lora.inference.worker import Metrics
 
 # Paths served without a key; every other path (the API, and unknown paths) needs one.
-OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}) | STATIC_PATHS
 COUNTED_PATHS = ("/v1/images", "/healthz", "/metrics", "/openapi.json")
 MAX_MESSAGE_CHARS = 500  # a refusal names the problem; it never sends megabytes of the request back
 

@@ -29,6 +29,7 @@ from qwen_image_lora.inference.generator import ASPECT_RATIOS, MAX_INPUT_IMAGES,
 from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body
 from qwen_image_lora.inference.images import (MAX_INPUT_SIDE, MEDIA_TYPES, ImageInputError, decode_image, encode_image,
                                               format_for)  # fmt: skip
+from qwen_image_lora.inference.studio import studio_router
 from qwen_image_lora.inference.urls import URLRefused, fetch
 from qwen_image_lora.inference.worker import Metrics, Worker
 
@@ -192,6 +193,8 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
                                  "height": height}], "output_format": body.output_format}  # fmt: skip
             return JSONResponse(payload, headers=headers)
         return Response(data, media_type=MEDIA_TYPES[format_for(body.output_format)], headers=headers)
+
+    app.include_router(studio_router(cfg, key_header, generator))  # the page at / and its read-only endpoints
 
     @app.get("/healthz")
     async def healthz():

@@ -309,6 +309,8 @@ class ServeConfig:
     max_steps: int = 100
     max_guidance_scale: float = 20.0
     max_side: int = 2048
+    # Training run folders (one per run: losses.jsonl, samples/, README.md, eval/) the studio page shows, read-only.
+    runs_dir: str | None = _path()
 
 
 @dataclass

@@ -1,0 +1,217 @@
+"""The studio: a web page at `/` (static files shipped in `inference/studio/`) that is only a client of the HTTP
+API, plus the read-only endpoints it needs beside `POST /v1/images`:
+
+    GET /v1/adapters                     the service's adapters and their configured weights
+    GET /v1/runs                         the training run folders under `serve.runs_dir`
+    GET /v1/runs/{name}                  one run: loss curve, validation samples by step, model card, eval report
+    GET /v1/runs/{name}/files/{path}     a file of that run (images, JSON, Markdown, the report), nothing outside it
+
+The static files need no key (they are the page; it runs nothing by itself); every `/v1/` endpoint needs one.
+The page gets a restrictive Content-Security-Policy: scripts and styles from this origin only, nothing inline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from qwen_image_lora.config import Config
+
+STUDIO_DIR = Path(__file__).with_name("studio")
+ASSET_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+               ".svg": "image/svg+xml"}  # fmt: skip
+ASSETS = {p.name: p for p in sorted(STUDIO_DIR.iterdir()) if p.suffix in ASSET_TYPES}
+# Served without a key (the auth guard's list of open paths takes these).
+STATIC_PATHS = frozenset({"/"} | {f"/studio/{name}" for name in ASSETS})
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
+PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-cache"}  # fmt: skip
+
+# What a run folder holds (train/lora.py, train/export.py, eval/report.py write these names).
+LOSSES, CARD, METADATA, SAMPLES, REPORT_DIR = "losses.jsonl", "README.md", "training_metadata.json", "samples", "eval"
+RUN_FILES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+             ".json": "application/json", ".jsonl": "application/x-ndjson", ".md": "text/markdown; charset=utf-8",
+             ".yaml": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8", ".html": "text/html; charset=utf-8"}  # fmt: skip
+MAX_LOSS_POINTS = 2000  # a long run's curve is thinned to this many points (the last step always kept)
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+class RunFileError(Exception):
+    def __init__(self, status: int, msg: str):
+        super().__init__(msg)
+        self.status = status
+
+
+def studio_router(cfg: Config, key_dependency, generator):
+    """The page's routes; `key_dependency` is the app's x-api-key dependency (a refused key never reaches them)."""
+    from fastapi import APIRouter, Depends
+    from fastapi.responses import FileResponse, JSONResponse, Response
+
+    router = APIRouter()
+    runs_dir = Path(cfg.serve.runs_dir) if cfg.serve.runs_dir else None
+    weights = {a.name: a.weight for a in cfg.serve.adapters}
+    sources = {a.name: a.path for a in cfg.serve.adapters}
+
+    def asset(name: str) -> Response:
+        path = ASSETS[name]
+        return Response(path.read_bytes(), media_type=ASSET_TYPES[path.suffix], headers=PAGE_HEADERS)
+
+    @router.get("/", include_in_schema=False)
+    async def index():
+        return asset("index.html")
+
+    @router.get("/studio/{name}", include_in_schema=False)
+    async def static(name: str):
+        if name not in ASSETS:
+            return JSONResponse({"detail": f"no studio file {name!r}"}, status_code=404)
+        return asset(name)
+
+    def refused(e: RunFileError):
+        return JSONResponse({"detail": [{"loc": ["path"], "msg": str(e), "type": "value_error"}]}, status_code=e.status)
+
+    @router.get("/v1/adapters", dependencies=[Depends(key_dependency)], summary="The service's adapters")
+    async def adapters():
+        """Each loaded adapter, its default weight (used when a request omits `loras`) and, when its file lies in a
+        run folder under `serve.runs_dir`, that run's name."""
+        out = []
+        for name in generator.adapters.names:
+            out.append({"name": name, "weight": weights.get(name, generator.adapters.loaded[name].weight),
+                        "run": run_of(runs_dir, sources.get(name))})  # fmt: skip
+        return {"adapters": out}
+
+    @router.get("/v1/runs", dependencies=[Depends(key_dependency)], summary="Training runs under serve.runs_dir")
+    def runs():  # plain `def` handlers: FastAPI runs them on its thread pool, off the event loop (disk reads)
+        return {"configured": runs_dir is not None, "runs": list_runs(runs_dir) if runs_dir else []}
+
+    @router.get("/v1/runs/{name}", dependencies=[Depends(key_dependency)], summary="One run's curve, samples, card, report")
+    def run(name: str):
+        try:
+            return describe_run(run_folder(runs_dir, name))
+        except RunFileError as e:
+            return refused(e)
+
+    @router.get("/v1/runs/{name}/files/{path:path}", dependencies=[Depends(key_dependency)], summary="A file of one run")
+    def run_file(name: str, path: str):
+        try:
+            file = file_in_run(run_folder(runs_dir, name), path)
+        except RunFileError as e:
+            return refused(e)
+        headers = dict(PAGE_HEADERS)
+        if file.suffix == ".html":  # the evaluation report: a download, never a page of this origin
+            headers["Content-Security-Policy"] = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+            headers["Content-Disposition"] = f'attachment; filename="{name}-{file.name}"'
+        return FileResponse(file, media_type=RUN_FILES[file.suffix.lower()], headers=headers)
+
+    return router
+
+
+# --------------------------------------------------------------------------------------------- run folders
+
+
+def run_folder(runs_dir: Path | None, name: str) -> Path:
+    """`runs_dir/name`, for a plain folder name only (no separators, no `..`, no hidden names)."""
+    if runs_dir is None:
+        raise RunFileError(404, "no run folders: the service has no serve.runs_dir")
+    if not _RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise RunFileError(400, f"{name!r} is not a run folder name (letters, digits, '.', '_', '-')")
+    folder = runs_dir / name
+    if not folder.is_dir() or not _inside(folder, runs_dir):
+        raise RunFileError(404, f"no run {name!r} under serve.runs_dir")
+    return folder
+
+
+def file_in_run(folder: Path, rel: str) -> Path:
+    """A file inside `folder` (after resolving links) with a known suffix; anything else is refused."""
+    parts = rel.replace("\\", "/").split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+        raise RunFileError(400, f"{rel!r}: give a path inside the run folder (no '..', no absolute or hidden paths)")
+    path = folder.joinpath(*parts)
+    if not _inside(path, folder):
+        raise RunFileError(400, f"{rel!r} leads outside the run folder")
+    if path.suffix.lower() not in RUN_FILES:
+        raise RunFileError(403, f"{rel!r}: only {', '.join(sorted(RUN_FILES))} files of a run are served")
+    if not path.is_file():
+        raise RunFileError(404, f"no file {rel!r} in this run")
+    return path
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def run_of(runs_dir: Path | None, adapter_path: str | None) -> str | None:
+    """The run folder (a direct child of `runs_dir`) an adapter file or folder lies in, if any."""
+    if runs_dir is None or not adapter_path:
+        return None
+    try:
+        rel = Path(adapter_path).resolve().relative_to(runs_dir.resolve())
+    except ValueError:
+        return None
+    return rel.parts[0] if rel.parts and _RUN_NAME.fullmatch(rel.parts[0]) else None
+
+
+def list_runs(runs_dir: Path) -> list[dict]:
+    """Every sub-folder that looks like a run (it has a loss log, a model card or metadata), newest first."""
+    if not runs_dir.is_dir():
+        return []
+    out = []
+    for folder in runs_dir.iterdir():
+        if not (folder.is_dir() and _RUN_NAME.fullmatch(folder.name) and _inside(folder, runs_dir)):
+            continue
+        has = {"losses": (folder / LOSSES).is_file(), "card": (folder / CARD).is_file(),
+               "report": (folder / REPORT_DIR / "report.json").is_file(), "metadata": (folder / METADATA).is_file()}  # fmt: skip
+        if any(has.values()):
+            out.append({"name": folder.name, "modified": folder.stat().st_mtime, **has})
+    return sorted(out, key=lambda r: -r["modified"])
+
+
+def read_losses(path: Path) -> list[list[float]]:
+    """[[step, loss], ...] from the per-step log. A run still training may be mid-way through writing its last
+    line, so an unreadable or non-finite line is skipped rather than failing the whole curve."""
+    points = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+                step, loss = int(row["step"]), float(row["loss"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if math.isfinite(loss):
+                points.append([step, loss])
+    if len(points) > MAX_LOSS_POINTS:
+        stride = math.ceil(len(points) / MAX_LOSS_POINTS)
+        points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+    return points
+
+
+def describe_run(folder: Path) -> dict:
+    """What the page shows for one run; file paths are relative to the run (fetch them via `/files/`)."""
+    samples = []
+    sample_root = folder / SAMPLES
+    if sample_root.is_dir():
+        for step_dir in sorted(sample_root.iterdir()):
+            match = re.fullmatch(r"step_(\d+)", step_dir.name)
+            if match and step_dir.is_dir():
+                files = sorted(f"{SAMPLES}/{step_dir.name}/{f.name}" for f in step_dir.iterdir()
+                               if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))  # fmt: skip
+                samples.append({"step": int(match.group(1)), "files": files})
+    report = folder / REPORT_DIR
+    metadata = None
+    if (folder / METADATA).is_file():
+        try:
+            metadata = json.loads((folder / METADATA).read_text(encoding="utf-8"))
+        except ValueError:
+            metadata = None  # a broken metadata file leaves the rest of the run readable
+    return {
+        "name": folder.name,
+        "losses": read_losses(folder / LOSSES),
+        "samples": samples,
+        "card": CARD if (folder / CARD).is_file() else None,
+        "report_json": f"{REPORT_DIR}/report.json" if (report / "report.json").is_file() else None,
+        "report_html": f"{REPORT_DIR}/report.html" if (report / "report.html").is_file() else None,
+        "metadata": metadata,
+    }

@@ -1,0 +1,196 @@
+// Batch: images (or a folder) + one instruction, a CSV naming images, or a JSONL of jobs (the API's fields, or the
+// `qwen-lora batch` job format). One request at a time through the same API; a full queue is waited out for its
+// Retry-After; failures can be retried; the results download as a ZIP with a manifest.json.
+
+import { blobToBase64, call, randomSeed, watchQueue } from "./api.js";
+import { ACCEPTED } from "./editor.js";
+import { $, el, download, showAlert } from "./ui.js";
+import { zip } from "./zip.js";
+
+const EXT = { png: "png", jpeg: "jpg", webp: "webp" };
+const FIELDS = ["prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "width", "height",
+  "aspect_ratio", "output_format", "quality", "loras"];
+let jobs = [];
+let stopping = false;
+let running = false;
+let hooks;
+
+export function setupBatch(options) {
+  hooks = options;
+  $("batch-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const files = [...$("batch-files").files, ...$("batch-folder").files];
+    if (!files.length) return showAlert("Choose images, a folder, a CSV or a JSONL file for the batch.");
+    jobs = await readJobs(files, $("batch-prompt").value.trim(), hooks.settings());
+    render();
+    run();
+  });
+  $("batch-stop").addEventListener("click", () => { stopping = true; });
+  $("batch-retry").addEventListener("click", () => {
+    jobs.filter((j) => j.status === "failed" && !j.invalid).forEach((j) => { j.status = "pending"; j.error = ""; });
+    render();
+    run();
+  });
+  $("batch-zip").addEventListener("click", downloadZip);
+}
+
+async function readJobs(files, instruction, defaults) {
+  const images = new Map(files.filter((f) => ACCEPTED.includes(f.type)).map((f) => [f.name, f]));
+  const tables = files.filter((f) => /\.(csv|jsonl)$/i.test(f.name));
+  const skipped = files.filter((f) => !images.has(f.name) && !tables.includes(f)).map((f) => f.name);
+  showAlert(skipped.length ? `Skipped (not a JPEG/PNG/WebP image, CSV or JSONL): ${skipped.join(", ")}.` : "");
+  const out = [];
+  const add = (id, fields, refs, where) => out.push(makeJob(id, fields, refs, images, instruction, defaults, where));
+  for (const table of tables) {
+    const text = await table.text();
+    if (/\.jsonl$/i.test(table.name)) {
+      text.split(/\r?\n/).forEach((line, i) => {
+        if (!line.trim()) return;
+        let row;
+        try {
+          row = JSON.parse(line);
+        } catch (e) {
+          row = null;
+        }
+        const where = `${table.name}:${i + 1}`;
+        if (!row || typeof row !== "object" || Array.isArray(row)) return add(where, {}, [], `${where}: not a JSON object`);
+        add(row.id ?? where, row, [].concat(row.image ?? row.images ?? []), null);
+      });
+    } else {
+      const rows = parseCsv(text);
+      const header = (rows.shift() || []).map((h) => h.trim().toLowerCase());
+      if (!header.includes("image")) { showAlert(`${table.name}: the first row must name an “image” column.`); continue; }
+      rows.filter((r) => r.some((c) => c.trim())).forEach((r, i) => {
+        const row = Object.fromEntries(header.map((h, k) => [h, (r[k] ?? "").trim()]));
+        const fields = { ...(row.prompt ? { prompt: row.prompt } : {}), ...(row.seed ? { seed: Number(row.seed) } : {}) };
+        add(row.id || row.image.replace(/\.[^.]+$/, "") || `${table.name}:${i + 2}`, fields, [row.image], null);
+      });
+    }
+  }
+  if (!tables.length) for (const [name, file] of images) add(name.replace(/\.[^.]+$/, ""), {}, [file.name], null);
+  const seen = new Set();
+  for (const job of out) { // ids name the files in the ZIP: safe characters and unique
+    let id = String(job.id).replace(/[^A-Za-z0-9._-]+/g, "_").replace(/^[._]+/, "") || "job";
+    while (seen.has(id)) id += "_";
+    seen.add(id);
+    job.id = id;
+  }
+  return out;
+}
+
+function makeJob(id, row, refs, images, instruction, defaults, invalid) {
+  const fields = Object.fromEntries(Object.entries(row).filter(([k, v]) => FIELDS.includes(k) && v !== null));
+  if (fields.loras && !Array.isArray(fields.loras)) { // the CLI batch format: {"name": weight}
+    fields.loras = Object.entries(fields.loras).map(([name, weight]) => ({ name, weight }));
+  }
+  const body = { ...defaults, ...fields };
+  if (body.seed === null || body.seed === undefined) body.seed = randomSeed();
+  if (!body.prompt) body.prompt = instruction;
+  const job = { id, body, refs: [], names: [], status: "pending", error: "", invalid };
+  for (const ref of refs) {
+    const name = String(ref);
+    if (/^(https?:|data:)/.test(name)) { job.refs.push(name); job.names.push(name.slice(0, 60)); continue; }
+    const file = images.get(name.split(/[\\/]/).pop());
+    if (!file) job.invalid = job.invalid || `image “${name}” is not among the chosen files`;
+    else { job.refs.push(file); job.names.push(file.name); }
+  }
+  if (!body.prompt) job.invalid = job.invalid || "no prompt: write an instruction for the batch";
+  if (job.invalid) Object.assign(job, { status: "failed", error: job.invalid });
+  return job;
+}
+
+// RFC 4180 CSV: quoted fields, doubled quotes, commas and newlines inside quotes.
+export function parseCsv(text) {
+  const rows = [[]];
+  let field = "", quoted = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (quoted) {
+      if (c === '"' && text[i + 1] === '"') { field += '"'; i++; } else if (c === '"') quoted = false; else field += c;
+    } else if (c === '"') quoted = true;
+    else if (c === ",") { rows[rows.length - 1].push(field); field = ""; }
+    else if (c === "\n" || c === "\r") {
+      if (c === "\r" && text[i + 1] === "\n") i++;
+      rows[rows.length - 1].push(field); field = ""; rows.push([]);
+    } else field += c;
+  }
+  rows[rows.length - 1].push(field);
+  return rows;
+}
+
+async function run() {
+  if (running) return;
+  running = true;
+  stopping = false;
+  $("batch-stop").disabled = false;
+  $("batch-start").disabled = $("batch-retry").disabled = true;
+  for (const job of jobs) {
+    if (stopping) break;
+    if (job.status !== "pending") continue;
+    await runJob(job);
+    render();
+  }
+  running = false;
+  $("batch-stop").disabled = true;
+  $("batch-start").disabled = false;
+  render();
+}
+
+async function runJob(job) {
+  const setStatus = (text) => { job.status = text; render(); };
+  try {
+    const body = { ...job.body };
+    if (job.refs.length) {
+      body.image = await Promise.all(job.refs.map((r) => (typeof r === "string" ? r : blobToBase64(r))));
+    }
+    for (;;) {
+      try {
+        const started = performance.now();
+        const response = await watchQueue(call("/v1/images", { method: "POST", body, names: job.names }), setStatus);
+        job.blob = await response.blob();
+        job.seed = Number(response.headers.get("x-seed") ?? body.seed);
+        job.file = `${job.id}.${EXT[body.output_format] || "png"}`;
+        Object.assign(job, { status: "done", error: "" });
+        hooks.onResult({ body, names: job.names, blob: job.blob, seed: job.seed, mode: job.refs.length ? "edit" : "t2i",
+          seconds: (performance.now() - started) / 1000 });
+        return;
+      } catch (e) {
+        if (e.status !== 429 || stopping) throw e;
+        setStatus(`Queue full: retrying in ${e.retryAfter || 1} s…`);
+        await new Promise((resolve) => setTimeout(resolve, 1000 * (e.retryAfter || 1)));
+      }
+    }
+  } catch (e) {
+    Object.assign(job, { status: "failed", error: e.message });
+  }
+}
+
+function render() {
+  const done = jobs.filter((j) => j.status === "done").length;
+  const failed = jobs.filter((j) => j.status === "failed").length;
+  $("batch-progress").max = Math.max(jobs.length, 1);
+  $("batch-progress").value = done + failed;
+  $("batch-summary").textContent = `${done} of ${jobs.length} done, ${failed} failed.`;
+  $("batch-retry").disabled = running || !jobs.some((j) => j.status === "failed" && !j.invalid);
+  $("batch-zip").disabled = !jobs.some((j) => j.status === "done");
+  $("batch-jobs").replaceChildren(...jobs.map((job) => el("tr", { className: job.status === "failed" ? "failed" : "" },
+    el("th", { scope: "row" }, job.id),
+    el("td", {}, job.status === "failed" ? `Failed: ${job.error}` : job.status),
+    el("td", {}, job.blob ? el("img", { src: (job.url ||= URL.createObjectURL(job.blob)), alt: `Result of ${job.id}`, className: "mini" }) : ""),
+    el("td", {}, job.status === "failed" && !job.invalid
+      ? el("button", { type: "button", onclick: () => { job.status = "pending"; render(); run(); } }, `Retry ${job.id}`) : ""))));
+}
+
+async function downloadZip() {
+  const files = [];
+  const manifest = { created: new Date().toISOString(), jobs: [] };
+  for (const job of jobs) {
+    const { image, ...request } = job.body;
+    if (job.refs.length) request.image = job.names;
+    manifest.jobs.push({ id: job.id, status: job.status === "done" ? "done" : "failed", file: job.file || null,
+      error: job.error || null, seed: job.seed ?? job.body.seed, request });
+    if (job.blob) files.push({ name: job.file, data: new Uint8Array(await job.blob.arrayBuffer()) });
+  }
+  files.push({ name: "manifest.json", data: new TextEncoder().encode(JSON.stringify(manifest, null, 2)) });
+  download(zip(files), "batch.zip");
+}

@@ -1,0 +1,196 @@
+"""The studio's server side: the page and its assets (types, CSP, no inline code), `GET /v1/adapters`, and the
+read-only run endpoints (auth, what a run shows, paths outside a run refused)."""
+
+import html.parser
+import io
+import json
+import re
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from qwen_image_lora.config import Config, ServeAdapter
+from qwen_image_lora.inference.generator import Generator
+from qwen_image_lora.inference.server import create_app
+from qwen_image_lora.inference.studio import ASSETS, MAX_LOSS_POINTS, STATIC_PATHS, STUDIO_DIR, read_losses
+from qwen_image_lora.inference.testing import make_random_lora
+
+KEY = "studio-key-0123456789"
+AUTH = {"x-api-key": KEY}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png_bytes(colour=(200, 30, 30)):
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_run(folder: Path) -> Path:
+    """A run folder as training and evaluation leave it (names from train/lora.py, train/export.py, eval/report.py)."""
+    (folder / "samples" / "step_000010").mkdir(parents=True)
+    (folder / "samples" / "step_000020").mkdir(parents=True)
+    (folder / "samples" / "step_000010" / "t2i_0.png").write_bytes(png_bytes())
+    (folder / "samples" / "step_000020" / "t2i_0.png").write_bytes(png_bytes((0, 0, 200)))
+    lines = [json.dumps({"step": s, "loss": 1.0 / s, "lr": 1e-4, "grad_norm": 0.5}) for s in range(1, 21)]
+    lines.insert(5, '{"step": 99, "loss": NaN}')
+    (folder / "losses.jsonl").write_text("\n".join(lines) + '\n{"step": 21, "lo')  # a line still being written
+    (folder / "README.md").write_text("# brand adapter\n<script>alert(1)</script>\n")
+    (folder / "training_metadata.json").write_text(json.dumps({"steps": 20, "first_loss": 0.3, "final_loss": 0.07}))
+    (folder / "eval").mkdir()
+    (folder / "eval" / "report.json").write_text(json.dumps({"variants": ["base", "brand"], "metrics": {}}))
+    (folder / "eval" / "report.html").write_text("<html><script>alert(1)</script></html>")
+    (folder / "config.yaml").write_text("output_dir: x\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model_dir):
+    return Generator.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", resolution=64)
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    make_run(root / "brand-v1")
+    (root / "scratch").mkdir()  # no run files: not listed
+    (root.parent / "secret.txt").write_text("not yours")
+    (root / "brand-v1" / "leak.png").symlink_to(root.parent / "secret.txt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(gen, runs_dir, tiny_model_dir, tmp_path_factory):
+    cfg = Config()
+    cfg.model.pretrained = str(tiny_model_dir)
+    cfg.serve.resolution = 64
+    cfg.serve.runs_dir = str(runs_dir)
+    other = tmp_path_factory.mktemp("elsewhere")
+    cfg.serve.adapters = [
+        ServeAdapter("brand", str(make_random_lora(gen.pipe.transformer, runs_dir / "brand-v1", seed=5)), 0.8),
+        ServeAdapter("sketch", str(make_random_lora(gen.pipe.transformer, other / "sketch", seed=6)), 1.0),
+    ]
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as c:
+        yield c
+
+
+class _Markup(html.parser.HTMLParser):
+    """Collects what a strict CSP would block or what could carry script: inline scripts, styles, handlers."""
+
+    def __init__(self):
+        super().__init__()
+        self.inline, self.scripts, self.ids, self.labels_for = [], [], set(), set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "script":
+            self.scripts.append(attrs.get("src"))
+        if tag == "style" or "style" in attrs or any(a.startswith("on") for a in attrs):
+            self.inline.append((tag, attrs))
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "label" and "for" in attrs:
+            self.labels_for.add(attrs["for"])
+
+
+def test_page_and_assets_have_their_types_and_a_strict_csp(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "script-src 'self';" in csp and "unsafe" not in csp
+    assert r.headers["x-content-type-options"] == "nosniff"
+    page = _Markup()
+    page.feed(r.text)
+    assert page.inline == [] and page.scripts == ["/studio/studio.js"]
+    assert page.labels_for <= page.ids  # every label points at a real control
+    for name, kind in [("studio.js", "text/javascript"), ("studio.css", "text/css"), ("zip.js", "text/javascript")]:
+        r = client.get(f"/studio/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind), name
+        assert "default-src 'self'" in r.headers["content-security-policy"]
+    for path in STATIC_PATHS:  # the page loads before a key is entered; nothing in it runs the model
+        assert client.get(path).status_code == 200, path
+    assert client.get("/studio/nope.js", headers=AUTH).status_code == 404
+    assert client.get("/studio/..%2Fserver.py", headers=AUTH).status_code == 404
+
+
+def test_every_module_the_page_imports_is_served_and_shipped_in_the_package(client):
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["qwen_image_lora.inference"]
+    for path in STUDIO_DIR.iterdir():
+        assert any(fnmatch(f"studio/{path.name}", g) for g in globs), f"{path.name} would not be installed"
+    for name in ASSETS:
+        if name.endswith(".js"):
+            for imported in re.findall(r'from "\./([\w.-]+)"', (STUDIO_DIR / name).read_text()):
+                assert client.get(f"/studio/{imported}").status_code == 200, f"{name} imports {imported}"
+
+
+def test_no_script_builds_markup_from_strings():
+    for name in ASSETS:
+        text = (STUDIO_DIR / name).read_text()
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+            assert sink not in text, f"{name} uses {sink}"
+
+
+def test_adapters_need_a_key_and_list_weights_and_their_run(client):
+    assert client.get("/v1/adapters").status_code == 401
+    assert client.get("/v1/adapters", headers={"x-api-key": "wrong"}).status_code == 401
+    r = client.get("/v1/adapters", headers=AUTH)
+    assert r.status_code == 200
+    assert r.json()["adapters"] == [{"name": "brand", "weight": 0.8, "run": "brand-v1"}, {"name": "sketch", "weight": 1.0, "run": None}]
+
+
+def test_runs_list_and_one_run_with_curve_samples_card_and_report(client):
+    assert client.get("/v1/runs").status_code == 401
+    assert client.get("/v1/runs/brand-v1").status_code == 401
+    assert client.get("/v1/runs/brand-v1/files/README.md").status_code == 401
+    runs = client.get("/v1/runs", headers=AUTH).json()
+    assert runs["configured"] is True and [r["name"] for r in runs["runs"]] == ["brand-v1"]
+    run = client.get("/v1/runs/brand-v1", headers=AUTH).json()
+    assert [p[0] for p in run["losses"]] == list(range(1, 21))  # NaN and the half-written line skipped
+    assert run["losses"][-1][1] == pytest.approx(1 / 20)
+    assert run["samples"] == [{"step": 10, "files": ["samples/step_000010/t2i_0.png"]},
+                              {"step": 20, "files": ["samples/step_000020/t2i_0.png"]}]  # fmt: skip
+    assert (run["card"], run["report_json"], run["metadata"]["steps"]) == ("README.md", "eval/report.json", 20)
+
+    r = client.get("/v1/runs/brand-v1/files/samples/step_000020/t2i_0.png", headers=AUTH)
+    assert r.headers["content-type"] == "image/png" and Image.open(io.BytesIO(r.content)).getpixel((0, 0)) == (0, 0, 200)
+    r = client.get("/v1/runs/brand-v1/files/README.md", headers=AUTH)
+    assert r.headers["content-type"].startswith("text/markdown") and "<script>" in r.text
+    r = client.get("/v1/runs/brand-v1/files/eval/report.html", headers=AUTH)
+    assert r.headers["content-disposition"].startswith("attachment") and "sandbox" in r.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize("path,status", [
+    ("..%2F..%2Fsecret.txt", 400), ("samples%2F..%2F..%2F..%2Fsecret.txt", 400), ("%2Fetc%2Fpasswd", 400),
+    ("leak.png", 400),  # a link inside the run that points outside it
+    (".hidden.json", 400), ("pytorch_lora_weights.safetensors", 403), ("config.yaml", 200), ("missing.png", 404),
+])  # fmt: skip
+def test_run_files_outside_the_run_or_of_other_kinds_are_refused(client, path, status):
+    r = client.get(f"/v1/runs/brand-v1/files/{path}", headers=AUTH)
+    assert r.status_code == status, r.text
+    assert "not yours" not in r.text
+
+
+@pytest.mark.parametrize("name,status", [("%2E%2E", 400), (".hidden", 400), ("scratch2", 404),
+                                         ("..%2Fruns", 404)])  # a '/' in the name matches no route
+def test_run_names_that_are_not_a_folder_under_runs_dir_are_refused(client, name, status):
+    assert client.get(f"/v1/runs/{name}", headers=AUTH).status_code == status
+    assert client.get(f"/v1/runs/{name}/files/README.md", headers=AUTH).status_code in (status, 404)
+
+
+def test_without_runs_dir_the_runs_list_says_so(gen, tiny_model_dir):
+    cfg = Config()
+    cfg.model.pretrained = str(tiny_model_dir)
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as c:
+        assert c.get("/v1/runs", headers=AUTH).json() == {"configured": False, "runs": []}
+        assert c.get("/v1/runs/anything", headers=AUTH).status_code == 404
+
+
+def test_a_long_loss_log_is_thinned_keeping_the_last_step(tmp_path):
+    path = tmp_path / "losses.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 5002)))
+    points = read_losses(path)
+    assert len(points) <= MAX_LOSS_POINTS + 1 and points[0] == [1, 1.0] and points[-1] == [5001, 5001.0]
