@@ -26,6 +26,7 @@ from qwen_image_lora.io import atomic_path
 DEFAULT_BACKGROUND_PROMPT = "remove the object and fill in the background"
 AUTO_MASK_PROMPT = "isolate the main object on a transparent background"
 FORMATS = (".psd", ".ora", ".zip")
+MEDIA_TYPES = {"psd": "image/vnd.adobe.photoshop", "ora": "image/openraster", "zip": "application/zip"}
 _ELEMENT = re.compile(r"^(?P<prompt>.+)@(?P<x>\d+),(?P<y>\d+),(?P<w>\d+),(?P<h>\d+)$", re.S)
 
 
@@ -113,16 +114,20 @@ def _with(request, **changes):
 def save_layers(layers: Layers, path: str | Path) -> list[Path]:
     """Write `path` (.psd, .ora or .zip) and the flattened image beside it (`<stem>.png`); both atomic."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in FORMATS:
+    if path.suffix.lower() not in FORMATS:
         raise LayersError(f"output: {path.name}: use .psd, .ora or .zip")
-    data = {".psd": _psd_bytes, ".ora": _ora_bytes, ".zip": _zip_bytes}[suffix](layers)
+    data = encode_layers(layers, path.suffix.lower().lstrip("."))
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     flat = path.with_suffix(".png")
     with atomic_path(flat) as tmp:
         layers.composite().save(tmp, format="PNG")
     return [path, flat]
+
+
+def encode_layers(layers: Layers, fmt: str) -> bytes:
+    """The layered file as bytes: `psd`, `ora` or `zip`."""
+    return {"psd": _psd_bytes, "ora": _ora_bytes, "zip": _zip_bytes}[fmt](layers)
 
 
 def _psd_bytes(layers: Layers) -> bytes:

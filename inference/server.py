@@ -29,6 +29,7 @@ from qwen_image_lora.inference.generator import ASPECT_RATIOS, MAX_INPUT_IMAGES,
 from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body
 from qwen_image_lora.inference.images import (MAX_INPUT_SIDE, MEDIA_TYPES, ImageInputError, decode_image, encode_image,
                                               format_for)  # fmt: skip
+from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference.studio import studio_router
 from qwen_image_lora.inference.urls import URLRefused, fetch
 from qwen_image_lora.inference.worker import Metrics, Worker
@@ -91,6 +92,9 @@ def request_models(serve: ServeConfig):
         loras: list[LoraRef] | None = Field(
             None, max_length=16, description="omitted: every configured adapter at its weight; []: the base model"
         )
+        mask: ImageStr | None = Field(None, description="masked edit of the last image: white = may change, black = "
+                                      "kept pixel for pixel; the image's size (or its aspect, resized)")
+        mask_feather: int = Field(8, ge=0, le=64, description="soft edge inside the changed region, in pixels")
         output_format: Literal["png", "jpeg", "webp"] = "png"
         quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality")
         response_format: Literal["bytes", "b64_json"] = "bytes"
@@ -101,7 +105,31 @@ def request_models(serve: ServeConfig):
                 raise ValueError("give either aspect_ratio or width/height, not both")
             return self
 
-    return ImageRequest, LoraRef
+    class ElementRef(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+        x: int = Field(ge=0)
+        y: int = Field(ge=0)
+        width: int = Field(ge=1, le=serve.max_side)
+        height: int = Field(ge=1, le=serve.max_side)
+
+    class LayersRequest(BaseModel):
+        """Subject cut-out, background without it (a masked edit), and generated elements, as one layered file."""
+
+        model_config = ConfigDict(extra="forbid")
+        image: ImageStr
+        mask: ImageStr = Field(description="white on the subject (URL or base64), or 'auto' for the model's own cut-out")
+        prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="background instruction")
+        elements: list[ElementRef] = Field(default_factory=list, max_length=8)
+        negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+        num_inference_steps: int | None = Field(None, ge=1, le=serve.max_steps)
+        guidance_scale: float | None = Field(None, ge=0.0, le=serve.max_guidance_scale, allow_inf_nan=False)
+        seed: int | None = Field(None, ge=0, le=2**63 - 1)
+        loras: list[LoraRef] | None = Field(None, max_length=16)
+        mask_feather: int = Field(8, ge=0, le=64)
+        output_format: Literal["psd", "ora", "zip"] = "psd"
+
+    return ImageRequest, LayersRequest
 
 
 def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = None):
@@ -116,14 +144,14 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
     if not api_keys:
         raise ValueError("serve: at least one API key is required")
     if generator is None:
-        generator = Generator.from_pretrained(cfg.model.pretrained, cfg.model.dtype, resolution=serve.resolution,
+        generator = Generator.from_pretrained(cfg.model.pretrained, cfg.model.dtype, resolution=cfg.data.resolution,
                                               revision=cfg.model.revision)  # fmt: skip
     for adapter in serve.adapters:
         if adapter.name not in generator.adapters.loaded:
             generator.adapters.load(adapter.path, name=adapter.name or None, weight=adapter.weight)
     configured = {a.name: a.weight for a in serve.adapters}
 
-    ImageRequest, _ = request_models(serve)
+    ImageRequest, LayersRequest = request_models(serve)
     metrics, worker, gate = Metrics(), Worker(serve.max_queue), DecodeGate(MAX_CONCURRENT_DECODES)
     # Documents the key in /openapi.json; GuardMiddleware checks it, from the headers, before the body is read.
     key_header = APIKeyHeader(name="x-api-key", auto_error=False, description="one of the service's API keys")
@@ -156,9 +184,9 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
         429: {"description": "the queue is full; retry later"},
     }  # fmt: skip
 
-    @app.post("/v1/images", responses=image_responses, dependencies=[Depends(key_header)])
-    async def images(body: ImageRequest, request: Request):
-        adapters = _select_adapters(body, configured, generator)
+    async def admitted(request: Request, decode, work):
+        """Take a queue slot before decoding anything, decode (bounded), run `work(decoded)` on the worker; a client
+        that leaves before its job starts frees the slot and the job never runs."""
         try:
             slot = worker.admit()  # before any decoding: a refused request costs nothing
         except queue.Full:
@@ -167,32 +195,63 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             raise RequestError(429, busy, (), {"Retry-After": "1"}) from None
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
-            inputs = await run_in_threadpool(_decode_inputs, body, serve, gate)
+            decoded = await run_in_threadpool(decode)
             if gone.done():
                 raise RequestError(CLIENT_GONE, "the client closed the request before it ran", ())
-            seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-            settings = GenerationRequest(
-                prompt=body.prompt, images=inputs, negative_prompt=body.negative_prompt, width=body.width,
-                height=body.height, aspect_ratio=body.aspect_ratio, num_inference_steps=body.num_inference_steps,
-                guidance_scale=body.guidance_scale, seed=seed, adapters=adapters,
-            )  # fmt: skip
-            fields = tuple(ImageRequest.model_fields)
-            run = functools.partial(_generate, generator, settings, format_for(body.output_format), body.quality, metrics, fields)
-            job = worker.submit(run, slot)
+            job = worker.submit(functools.partial(work, decoded), slot)
             result = asyncio.wrap_future(job.future)
             await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not result.done() and job.cancel():
                 raise RequestError(CLIENT_GONE, "the client closed the request before it ran", ())
-            (width, height), data = await _result(result)
+            return await _result(result)
         finally:
             slot.release()  # a job that started has released it already
             gone.cancel()
+
+    @app.post("/v1/images", responses=image_responses, dependencies=[Depends(key_header)])
+    async def images(body: ImageRequest, request: Request):
+        adapters = _select_adapters(body, configured, generator)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        fields = tuple(ImageRequest.model_fields)
+
+        def work(decoded):
+            inputs, mask = decoded
+            settings = GenerationRequest(
+                prompt=body.prompt, images=inputs, negative_prompt=body.negative_prompt, width=body.width,
+                height=body.height, aspect_ratio=body.aspect_ratio, num_inference_steps=body.num_inference_steps,
+                guidance_scale=body.guidance_scale, seed=seed, adapters=adapters, mask=mask, mask_feather=body.mask_feather,
+            )  # fmt: skip
+            return _generate(generator, settings, format_for(body.output_format), body.quality, metrics, fields)
+
+        (width, height), data = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
         headers = {"x-seed": str(seed)}
         if body.response_format == "b64_json":
             payload = {"data": [{"b64_json": base64.b64encode(data).decode(), "seed": seed, "width": width,
                                  "height": height}], "output_format": body.output_format}  # fmt: skip
             return JSONResponse(payload, headers=headers)
         return Response(data, media_type=MEDIA_TYPES[format_for(body.output_format)], headers=headers)
+
+    @app.post("/v1/layers", responses={**image_responses, 200: {"description": "the layered file (PSD, OpenRaster or ZIP)"}},
+              dependencies=[Depends(key_header)])  # fmt: skip
+    async def layers(body: LayersRequest, request: Request):
+        adapters = _select_adapters(body, configured, generator)
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        elements = [layer_output.Element(e.prompt, (e.x, e.y, e.width, e.height)) for e in body.elements]
+
+        def work(decoded):
+            (image,), mask = decoded
+            settings = GenerationRequest("", images=[image], negative_prompt=body.negative_prompt, seed=seed,
+                                         num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
+                                         adapters=adapters, mask_feather=body.mask_feather)  # fmt: skip
+            try:
+                made = generator.layers(settings, mask if mask is not None else "auto", body.prompt, elements)
+            except ValueError as e:  # a mask or element box we refuse, named
+                field = "mask" if str(e).startswith("mask") else "elements" if str(e).startswith("element") else "image"
+                raise RequestError(422, str(e), ("body", field)) from None
+            return layer_output.encode_layers(made, body.output_format)
+
+        data = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
+        return Response(data, media_type=layer_output.MEDIA_TYPES[body.output_format], headers={"x-seed": str(seed)})
 
     app.include_router(studio_router(cfg, key_header, generator))  # the page at / and its read-only endpoints
 
@@ -240,28 +299,32 @@ def _generate(generator: Generator, request: GenerationRequest, fmt: str, qualit
         request.images.clear()
 
 
-def _decode_inputs(body, serve: ServeConfig, gate: DecodeGate) -> list:
-    """Each `image` entry (URL, base64 or data: URL) -> a PIL image that fits `serve.max_side`; errors name
-    `image[i]`. Runs after admission; the decodes themselves pass through `gate`."""
+def _decode_inputs(body, serve: ServeConfig, gate: DecodeGate) -> tuple[list, object]:
+    """(images, mask): each `image` entry and the `mask` (URL, base64 or data: URL; `auto` stays None) -> PIL images
+    that fit `serve.max_side`; errors name `image[i]` or `mask`. Runs after admission; decodes pass through `gate`."""
     items = [] if body.image is None else [body.image] if isinstance(body.image, str) else list(body.image)
-    out = []
-    for i, item in enumerate(items):
-        loc = ("body", "image") if isinstance(body.image, str) else ("body", "image", i)
-        try:
-            if item.startswith(("http://", "https://")) or "://" in item[:16]:
-                data = fetch(item, allow_private=serve.allow_private_urls, timeout_s=serve.url_timeout_s,
-                             max_bytes=int(serve.max_url_mb * 2**20))  # fmt: skip
-            else:
-                payload = item.split(",", 1)[1] if item.startswith("data:") and "," in item else item
-                try:
-                    data = base64.b64decode(payload, validate=True)
-                except (binascii.Error, ValueError) as e:
-                    raise ImageInputError(f"not an http(s) URL and not valid base64 ({e})") from e
-            with gate():
-                out.append(decode_image(data, max_side=min(MAX_INPUT_SIDE, serve.max_side)))
-        except (URLRefused, ImageInputError) as e:
-            raise RequestError(413 if e.too_large else 422, str(e), loc) from e
-    return out
+    images = [_decode_one(item, ("body", "image") if isinstance(body.image, str) else ("body", "image", i), serve, gate)
+              for i, item in enumerate(items)]  # fmt: skip
+    mask = body.mask if body.mask not in (None, "auto") else None
+    return images, None if mask is None else _decode_one(mask, ("body", "mask"), serve, gate)
+
+
+def _decode_one(item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate):
+    """One image (URL, base64 or data: URL) -> PIL, or a RequestError naming `loc`."""
+    try:
+        if item.startswith(("http://", "https://")) or "://" in item[:16]:
+            data = fetch(item, allow_private=serve.allow_private_urls, timeout_s=serve.url_timeout_s,
+                         max_bytes=int(serve.max_url_mb * 2**20))  # fmt: skip
+        else:
+            payload = item.split(",", 1)[1] if item.startswith("data:") and "," in item else item
+            try:
+                data = base64.b64decode(payload, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise ImageInputError(f"not an http(s) URL and not valid base64 ({e})") from e
+        with gate():
+            return decode_image(data, max_side=min(MAX_INPUT_SIDE, serve.max_side))
+    except (URLRefused, ImageInputError) as e:
+        raise RequestError(413 if e.too_large else 422, str(e), loc) from e
 
 
 def _select_adapters(body, configured: dict[str, float], generator: Generator) -> dict[str, float]:

@@ -67,7 +67,8 @@ class DataConfig:
     # For `hf` datasets: our column name -> the dataset's column name (image, caption, target, instruction, sources).
     columns: dict[str, str] = field(default_factory=dict)
     split: str = "train"
-    # Side of the square pixel budget every aspect-ratio bucket stays under; bucket sides are multiples of 32.
+    # The pixel budget (~resolution^2 pixels) of training buckets AND of generation (generate, edit, batch, eval,
+    # serve): one name, so an adapter is used at the size it was trained at. Sides are multiples of 32.
     resolution: int = 1024
     max_upscale: float = 1.0
     crop: Literal["center", "random"] = "center"
@@ -303,8 +304,6 @@ class ServeConfig:
     allow_private_urls: bool = False
     url_timeout_s: float = 10.0
     max_url_mb: float = 20.0
-    # Pixel budget side of generated images (~resolution^2 pixels); the tiny test model runs at 64-128.
-    resolution: int = 1024
     # Request limits, enforced with a 422 naming the field (and shown in /openapi.json).
     max_steps: int = 100
     max_guidance_scale: float = 20.0

@@ -36,7 +36,7 @@ def gen(tiny_model_dir):
 def cfg(tiny_model_dir):
     cfg = Config()
     cfg.model.pretrained = str(tiny_model_dir)
-    cfg.serve.resolution = 64
+    cfg.data.resolution = 64
     cfg.serve.max_steps = 2
     cfg.serve.max_side = 256
     cfg.serve.max_body_mb = 0.5

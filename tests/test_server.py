@@ -38,7 +38,7 @@ def cfg(gen, tiny_model_dir, tmp_path_factory):
         ServeAdapter("brand", str(make_random_lora(gen.pipe.transformer, root / "brand", seed=5)), 0.8),
         ServeAdapter("sketch", str(make_random_lora(gen.pipe.transformer, root / "sketch", seed=6)), 1.0),
     ]
-    cfg.serve.resolution = 64
+    cfg.data.resolution = 64
     cfg.serve.max_steps = 4
     cfg.serve.max_side = 256
     cfg.serve.max_body_mb = 0.25

@@ -21,7 +21,7 @@ KEY = "fuzz-key"
 def app(tiny_model_dir):
     cfg = Config()
     cfg.model.pretrained = str(tiny_model_dir)
-    cfg.serve.resolution = 64
+    cfg.data.resolution = 64
     cfg.serve.max_steps = 2
     cfg.serve.max_side = 128
     cfg.serve.max_queue = 8

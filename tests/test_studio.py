@@ -67,7 +67,7 @@ def runs_dir(tmp_path_factory):
 def client(gen, runs_dir, tiny_model_dir, tmp_path_factory):
     cfg = Config()
     cfg.model.pretrained = str(tiny_model_dir)
-    cfg.serve.resolution = 64
+    cfg.data.resolution = 64
     cfg.serve.runs_dir = str(runs_dir)
     other = tmp_path_factory.mktemp("elsewhere")
     cfg.serve.adapters = [

@@ -49,7 +49,7 @@ def server(tiny_model_dir, tmp_path_factory):
             "base": {"mean": 9.5, "low": 8.0, "high": 11.0}, "brand": {"mean": 6.4, "low": 5.1, "high": 7.7}}}}}))
     cfg = Config()
     cfg.model.pretrained = str(tiny_model_dir)
-    cfg.serve.resolution, cfg.serve.max_steps, cfg.serve.runs_dir = 64, 4, str(root / "runs")
+    cfg.data.resolution, cfg.serve.max_steps, cfg.serve.runs_dir = 64, 4, str(root / "runs")
     cfg.serve.adapters = [
         ServeAdapter("brand", str(make_random_lora(gen.pipe.transformer, run, seed=5)), 0.8),
         ServeAdapter("sketch", str(make_random_lora(gen.pipe.transformer, root / "sketch", seed=6)), 0.0),
