@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -182,6 +183,7 @@ class Batch:
     prompt: qmodel.PromptEmbeds
     ids: list[str]
     cursor: tuple[int, int]  # (epoch, position) of the next batch, for resuming
+    loss_mask: torch.Tensor | None = None  # [B, 1, 1, h, w] per-latent loss weights (masked edits), None = uniform
 
     @property
     def kind(self) -> str:
@@ -189,7 +191,9 @@ class Batch:
 
     def to(self, device, dtype=None) -> "Batch":
         move = lambda t: t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
-        return Batch(move(self.latents), [move(c) for c in self.cond_latents], self.prompt.to(device, dtype), self.ids, self.cursor)
+        weights = None if self.loss_mask is None else self.loss_mask.to(device)
+        return Batch(move(self.latents), [move(c) for c in self.cond_latents], self.prompt.to(device, dtype), self.ids,
+                     self.cursor, weights)
 
 
 class TrainingDataset(torch.utils.data.Dataset):
@@ -240,12 +244,25 @@ class TrainingDataset(torch.utils.data.Dataset):
 
         target_key, source_keys, prompt_key = self.keys(index, text)
         loaders = [load(p, t) for p, t in zip(entry.item.sources, entry.sources)]
+        latents = enc.latents(target_key, load(entry.item.target, entry.target))
         return {
-            "latents": enc.latents(target_key, load(entry.item.target, entry.target)),
+            "latents": latents,
             "cond_latents": [enc.latents(k, f) for k, f in zip(source_keys, loaders)],
             "prompt": enc.prompt(prompt_key, text, (lambda: [f() for f in loaders]) if loaders else None),
             "id": entry.item.id,
+            "loss_mask": self._loss_weights(entry, latents.shape[-2:]),
         }
+
+    def _loss_weights(self, entry: Entry, grid: tuple[int, int]) -> torch.Tensor | None:
+        """[1, 1, 1, h, w]: 1 on kept latents, `train.mask_loss_weight` on changed ones (by the fraction of the
+        latent's pixels the edit mask marks), through the target's own resize and crop. None without a mask."""
+        weight = self.cfg.train.mask_loss_weight
+        if entry.item.mask is None or weight == 1.0:
+            return None
+        mask = entry.target.apply(Image.open(entry.item.mask).convert("L"))  # the doctor checked its aspect
+        changed = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255).view(1, 1, *mask.size[::-1])
+        changed = torch.nn.functional.adaptive_avg_pool2d(changed, tuple(grid))
+        return (1 + (weight - 1) * changed).view(1, 1, 1, *grid)
 
 
 def collate(samples: list[dict]) -> Batch:
@@ -255,7 +272,16 @@ def collate(samples: list[dict]) -> Batch:
         prompt=qmodel.pad_prompt_embeds([s["prompt"] for s in samples]),
         ids=[s["id"] for s in samples],
         cursor=samples[-1]["cursor"],
+        loss_mask=_stack_weights(samples),
     )
+
+
+def _stack_weights(samples: list[dict]) -> torch.Tensor | None:
+    weights = [s.get("loss_mask") for s in samples]
+    if all(w is None for w in weights):
+        return None
+    grid = next(w for w in weights if w is not None).shape
+    return torch.cat([torch.ones(grid) if w is None else w for w in weights])
 
 
 # ------------------------------------------------------------------------------------------ sampling

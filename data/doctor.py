@@ -139,7 +139,7 @@ def fingerprint(item: Item) -> str:
     """What an item's verdict depends on: its captions and the size and time of each of its files, so a file
     changed after the doctor ran is checked again."""
     parts = [repr((item.captions, item.issues))]
-    for path in (item.target, *item.sources):
+    for path in (item.target, *item.sources, *([item.mask] if item.mask else [])):
         try:
             st = path.stat()
             parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
@@ -174,9 +174,18 @@ def check_item(item: Item, cfg: Config, tokenizer, report: Report, infos: dict[s
         return ImageInfo(str(item.target), error=item.issues[0]), None, []
     target = probe(item.target, "target" if item.sources else "image")
     sources = [probe(p, f"source {i + 1}") for i, p in enumerate(item.sources)]
+    if item.mask is not None:
+        mask_info, _ = probe(item.mask, "mask")
+        if not mask_info.error and target[0].size and mask_info.size and not _same_aspect(mask_info.size, target[0].size):
+            report.add("error", "mask-size", item.id, f"mask {item.mask.name} is {mask_info.size[0]}x{mask_info.size[1]}, "
+                       f"the target {target[0].size[0]}x{target[0].size[1]}: export the mask at the target's size", item.mask)
     if not any(code.startswith(("caption-", "unreadable-caption")) for code, _ in item.issues):
         _check_captions(item, cfg, tokenizer, report)
     return target[0], target[1], sources
+
+
+def _same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs((a[0] / a[1]) / (b[0] / b[1]) - 1) <= 0.02
 
 
 def _check_captions(item: Item, cfg: Config, tokenizer, report: Report) -> None:

@@ -4,7 +4,7 @@ or a Hugging Face `datasets` dataset (a `save_to_disk` folder, or an `imagefolde
 An `Item` is one training example: a target image with its captions (text-to-image) or a target image with
 its instructions and 1-10 reference images (edit). Paths are absolute; nothing here decodes an image.
 
-Manifest rows: t2i {image, caption}; edit {target, instruction, sources: [1..10 images]}. A caption or
+Manifest rows: t2i {image, caption}; edit {target, instruction, sources: [1..10 images], optional mask}. A caption or
 instruction may be a list (one is picked at random per step); in a CSV, `sources` holds paths separated by
 `|` and several captions are separated by `||`. HF datasets use `data.columns` to map our names (image,
 caption, target, instruction, sources) to theirs; images stored inside the dataset (bytes, not paths) are
@@ -35,6 +35,7 @@ class Item:
     target: Path
     captions: tuple[str, ...]  # t2i captions or edit instructions; one is picked per step
     sources: tuple[Path, ...] = ()  # reference images, in prompt order (edit items only)
+    mask: Path | None = None  # edit items: white where the target differs from the edited image (loss weighting)
     caption_file: Path | None = None  # the .txt the captions came from (folder items)
     # Problems found while listing the item, as (code, message): the doctor reports them as errors.
     issues: tuple[tuple[str, str], ...] = ()
@@ -153,6 +154,7 @@ def _row_to_item(row: dict, base: Path, where: str, item_id: str) -> Item:
             target=(base / row["target"]).resolve(),
             captions=_as_captions(row["instruction"], where, "instruction"),
             sources=tuple((base / s).resolve() for s in sources),
+            mask=(base / row["mask"]).resolve() if row.get("mask") else None,
         )
     if "image" not in row:
         raise DataError(f"{where}: t2i rows need 'image' (and 'caption'); edit rows need target, instruction, sources")

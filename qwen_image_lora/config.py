@@ -190,6 +190,9 @@ class TrainConfig:
     logit_std: float = 1.0
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     ema_decay: float | None = None
+    # Edit pairs with a `mask` (white = changed): the loss on changed latents weighs this much relative to the kept
+    # background (1.0 = off), so an adapter learns the edit rather than the background it keeps.
+    mask_loss_weight: float = 1.0
     # Guards against silent failures.
     max_nonfinite_losses: int = 5
     check_learning_after: int = 10
@@ -202,6 +205,8 @@ class TrainConfig:
                 raise ConfigError(f"{where}.{name}: must be >= 1 (got {getattr(self, name)})")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"{where}.ema_decay: must be in (0, 1) or null (got {self.ema_decay})")
+        if self.mask_loss_weight <= 0:
+            raise ConfigError(f"{where}.mask_loss_weight: must be > 0 (1.0 = off; got {self.mask_loss_weight})")
         if self.memory_budget_gb <= 0:
             raise ConfigError(f"{where}.memory_budget_gb: must be > 0 (got {self.memory_budget_gb})")
 

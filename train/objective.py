@@ -106,7 +106,8 @@ def flow_matching_loss(
     weighting: str = "none",
 ) -> torch.Tensor:
     """Scalar fp32 loss for one batch (`latents` [B,C,1,h,w], `cond_latents` list, `prompt` PromptEmbeds,
-    optional `loss_mask` [B,1,1,h,w] in [0, 1] weighting target latents, e.g. from an alpha channel)."""
+    optional `loss_mask` [B,1,1,h,w] of per-latent weights, e.g. from an alpha channel or an edit mask; the loss
+    is then the weighted mean)."""
     x0 = batch.latents.float()
     s = sigmas.view(-1, 1, 1, 1, 1)
     noisy = (1 - s) * x0 + s * noise
