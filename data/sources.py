@@ -35,10 +35,10 @@ class Item:
     target: Path
     captions: tuple[str, ...]  # t2i captions or edit instructions; one is picked per step
     sources: tuple[Path, ...] = ()  # reference images, in prompt order (edit items only)
-    mask: Path | None = None  # edit items: white where the target differs from the edited image (loss weighting)
     caption_file: Path | None = None  # the .txt the captions came from (folder items)
     # Problems found while listing the item, as (code, message): the doctor reports them as errors.
     issues: tuple[tuple[str, str], ...] = ()
+    mask: Path | None = None  # edit items: white where the target differs from the edited image (loss weighting)
 
     @property
     def kind(self) -> str:
