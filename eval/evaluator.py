@@ -139,6 +139,7 @@ def _render(generator: Generator, cfg: Config, jobs: list[_Job], names: list[str
             sample.images[variant] = generator.generate(request)
             if images:
                 sample.source = images[-1]
+                sample.mask = _mask(job.edit, images[-1])
             bar.update(1)
         logger.info("rendered %d images for %s", len(jobs), variant)
     bar.close()

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageChops, ImageFilter
 
 from qwen_image_lora.eval.metrics import Interval, bootstrap_ci, paired_difference_ci
 from qwen_image_lora.io import atomic_write_text
@@ -60,6 +60,7 @@ class Sample:
     images: dict[str, Image.Image]
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     source: Image.Image | None = None  # the edit's input image (the last reference)
+    mask: Image.Image | None = None  # the edit's region mask (white = may change), outlined over the pair
 
 
 @dataclass
@@ -273,14 +274,26 @@ def _grid(variants, samples) -> str:
     for s in samples:
         cells = f"<td class='prompt'><b>{s.kind}</b>, seed {s.seed}<br>{html.escape(s.prompt)}</td>"
         if has_source:
-            cells += f"<td>{_img_tag(s.source)}</td>" if s.source is not None else "<td></td>"
+            cells += f"<td>{_img_tag(_outlined(s.source, s.mask))}</td>" if s.source is not None else "<td></td>"
         for v in variants:
             values = s.metrics.get(v, {})
             cap = "<br>".join(f"{html.escape(METRICS[k].label)}: {_fmt(values[k])}"
                               for k in METRICS if math.isfinite(values.get(k, math.nan)))
-            cells += f"<td>{_img_tag(s.images[v]) if v in s.images else ''}<div class='cap'>{cap}</div></td>"
+            image = _outlined(s.images[v], s.mask) if v in s.images else None
+            cells += f"<td>{_img_tag(image) if image is not None else ''}<div class='cap'>{cap}</div></td>"
         rows.append(f"<tr>{cells}</tr>")
     return f"<table class='grid'>{head}{''.join(rows)}</table>"
+
+
+def _outlined(image: Image.Image, mask: Image.Image | None) -> Image.Image:
+    """`image` with the mask's border drawn in magenta (2 px), so a reader sees which region may change."""
+    if mask is None:
+        return image
+    binary = mask.convert("L").resize(image.size, Image.Resampling.NEAREST).point(lambda v: 255 if v >= 128 else 0)
+    border = ImageChops.difference(binary.filter(ImageFilter.MaxFilter(3)), binary.filter(ImageFilter.MinFilter(3)))
+    out = image.convert("RGB")
+    out.paste((255, 0, 255), (0, 0), border)
+    return out
 
 
 def _img_tag(image: Image.Image, side: int = 512) -> str:

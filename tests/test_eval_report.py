@@ -118,3 +118,18 @@ def test_verdict_says_better_worse_or_unclear_per_metric_from_the_paired_interva
     assert list(data)[:2] == ["title", "verdicts"] and data["verdicts"]["brand"]["line"] == line
     page = html_path.read_text()
     assert page.index(html.escape(line)) < page.index("a note") < page.index("<h2>Metrics")
+
+
+def test_the_edit_mask_is_outlined_over_the_pair():
+    import numpy as np
+    from PIL import Image
+
+    from qwen_image_lora.eval.report import _outlined
+
+    image = Image.new("RGB", (40, 20), (10, 10, 10))
+    mask = Image.new("L", (40, 20), 0)
+    mask.paste(255, (20, 0, 40, 20))
+    out = np.asarray(_outlined(image, mask))
+    assert (out[:, 19:21] == (255, 0, 255)).all()  # the border between kept and changed
+    assert (out[:, :10] == 10).all() and (out[:, 30:] == 10).all()  # away from it the image is untouched
+    assert _outlined(image, None) is image
