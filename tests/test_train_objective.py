@@ -1,12 +1,15 @@
-"""Flow-matching objective: timestep sampling against the scheduler's own shift, loss weights, the held-out loss,
+"""Flow-matching objective: known answers against the pipeline's scheduler (noised input, target, Euler step,
+timestep convention), timestep sampling against the scheduler's own shift, loss weights, the held-out loss,
 and that a few optimizer steps on a fixed batch lower the loss for text-to-image and for edits."""
 
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.config import LoRAConfig
 from qwen_image_lora.train import adapter, objective
 
@@ -114,3 +117,111 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(transformer, batches, ki
     assert after < 0.8 * before, (before, after)
     # Only the LoRA weights moved.
     assert all(not p.requires_grad for n, p in transformer.named_parameters() if "lora_" not in n)
+
+
+# ----------------------------------------------------------------------------- known answers from the scheduler
+
+
+class _Oracle:
+    """Stands in for the transformer (`predict_velocity` needs only a callable with a dtype): returns `velocity`
+    on the target tokens and records what it was called with."""
+
+    dtype = torch.float32
+
+    def __init__(self, velocity: torch.Tensor):
+        self.velocity, self.calls = velocity, []
+
+    def __call__(self, hidden_states, timestep, return_dict=False, **kwargs):
+        self.calls.append({"hidden_states": hidden_states, "timestep": timestep})
+        out = torch.zeros_like(hidden_states)
+        out[:, -self.velocity.shape[3] * self.velocity.shape[4] :] = qmodel.pack(self.velocity)
+        return (out,)
+
+
+def _grid(tiny_model_dir) -> FlowMatchEulerDiscreteScheduler:
+    """The tiny checkpoint's scheduler on a fresh 4-step grid, shifted as the pipeline shifts it."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_model_dir, subfolder="scheduler")
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.25, 4), mu=0.8)
+    return scheduler
+
+
+@pytest.fixture
+def line(tiny_model_dir):
+    """x0, noise and two samples at different grid points (steps 1 and 2), with an edit reference image."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 8, 1, 4, 4, generator=g), torch.randn(2, 8, 1, 4, 4, generator=g)
+    cond = torch.randn(2, 8, 1, 2, 2, generator=g)
+    prompt = qmodel.PromptEmbeds(torch.zeros(2, 3, 8), None, torch.zeros(2, 3, dtype=torch.bool))
+    scheduler = _grid(tiny_model_dir)
+    steps = torch.tensor([1, 2])
+    return {
+        "batch": _Batch(x0, prompt, [cond]), "x0": x0, "noise": noise, "cond": cond, "scheduler": scheduler,
+        "timesteps": scheduler.timesteps[steps], "sigmas": scheduler.sigmas[steps].float(), "steps": steps,
+    }
+
+
+def _objective_target(line) -> torch.Tensor:
+    """The prediction that minimises our loss: the loss is quadratic in the prediction p, so its gradient is
+    2c(p - T) and T = -grad(0) / (grad(1) - grad(0)), whatever the normalisation c."""
+    grads = []
+    for fill in (0.0, 1.0):
+        pred = torch.full_like(line["x0"], fill, requires_grad=True)
+        objective.flow_matching_loss(_Oracle(pred), line["batch"], line["noise"], line["sigmas"]).backward()
+        grads.append(pred.grad)
+    return -grads[0] / (grads[1] - grads[0])
+
+
+def test_noised_input_is_the_schedulers_scale_noise_and_timestep_is_sigma(line):
+    oracle = _Oracle(torch.zeros_like(line["x0"]))
+    objective.flow_matching_loss(oracle, line["batch"], line["noise"], line["sigmas"])
+    (call,) = oracle.calls
+    noisy = qmodel.unpack(call["hidden_states"][:, -16:], 4, 4)
+    expected = line["scheduler"].scale_noise(line["x0"], line["timesteps"], line["noise"])
+    torch.testing.assert_close(noisy, expected)
+    # The reference image enters clean, ahead of the target tokens.
+    torch.testing.assert_close(call["hidden_states"][:, :-16], qmodel.pack(line["cond"]))
+    # The pipeline passes the scheduler's timestep / 1000 (test below), which is the sigma of scale_noise.
+    torch.testing.assert_close(call["timestep"], line["timesteps"] / 1000)
+
+
+def test_a_perfect_velocity_gives_zero_loss_and_the_opposite_does_not(line):
+    sch, x0, noise = line["scheduler"], line["x0"], line["noise"]
+    # The velocity of the scheduler's own line: the slope of scale_noise between two grid points.
+    ends = [sch.scale_noise(x0, sch.timesteps[[i, i]], noise) for i in (0, 3)]
+    velocity = (ends[1] - ends[0]) / (sch.sigmas[3] - sch.sigmas[0])
+    mask = torch.ones(2, 1, 1, 4, 4)
+    mask[:, :, :, :2] = 0.0
+    for weighting in ("none", "sigma_sqrt"):
+        perfect = objective.flow_matching_loss(_Oracle(velocity), line["batch"], noise, line["sigmas"], weighting)
+        assert perfect.item() < 1e-10, weighting
+    line["batch"].loss_mask = mask
+    assert objective.flow_matching_loss(_Oracle(velocity), line["batch"], noise, line["sigmas"]).item() < 1e-10
+    flipped = objective.flow_matching_loss(_Oracle(-velocity), line["batch"], noise, line["sigmas"]).item()
+    assert flipped > 1.0
+
+
+def test_an_euler_step_with_the_objectives_target_lands_on_the_next_point(tiny_model_dir, line):
+    target = _objective_target(line)
+    x0, noise = line["x0"], line["noise"]
+    for b, i in enumerate(line["steps"].tolist()):
+        sch = _grid(tiny_model_dir)  # a fresh step index per sample
+        x_t = sch.scale_noise(x0[b : b + 1], sch.timesteps[[i]], noise[b : b + 1])
+        stepped = sch.step(target[b : b + 1], sch.timesteps[i], x_t).prev_sample
+        expected = sch.scale_noise(x0[b : b + 1], sch.timesteps[[i + 1]], noise[b : b + 1])
+        torch.testing.assert_close(stepped, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_passes_timestep_over_1000_which_is_the_sigma(tiny_pipe):
+    seen = []
+    handle = tiny_pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append(kwargs["timestep"].clone()), with_kwargs=True
+    )
+    try:
+        Generator(tiny_pipe, resolution=64).generate(GenerationRequest("a mug", width=64, height=64, num_inference_steps=3))
+    finally:
+        handle.remove()
+    sch = tiny_pipe.scheduler
+    assert len(seen) == 3
+    for i, t in enumerate(seen):
+        torch.testing.assert_close(t, (sch.timesteps[i] / 1000).expand_as(t))
+        torch.testing.assert_close(t, sch.sigmas[i].expand_as(t).float())
