@@ -105,14 +105,17 @@ def palette_distance(image: Picture, palette: list[str], k: int = 5, seed: int =
     0 = every dominant colour is a palette colour; ~2 is the just-noticeable difference; complementary hues
     score 50+. Lower is better.
     """
-    from skimage.color import deltaE_ciede2000
-
     if not palette:
         raise ValueError("palette_distance: the palette is empty; set eval.palette to hex colours")
     centres, shares = dominant_colours(image, k=k, seed=seed)
-    pal = hex_to_lab(palette)
-    dist = deltaE_ciede2000(centres[:, None, :], pal[None, :, :])  # (k', P)
-    return float((dist.min(1) * shares).sum())
+    return float((nearest_palette_distance(centres, hex_to_lab(palette)) * shares).sum())
+
+
+def nearest_palette_distance(lab: np.ndarray, palette_lab: np.ndarray) -> np.ndarray:
+    """CIEDE2000 from each CIELAB colour (N, 3) to its nearest palette colour (P, 3); returns (N,)."""
+    from skimage.color import deltaE_ciede2000
+
+    return deltaE_ciede2000(lab[:, None, :], palette_lab[None, :, :]).min(1)
 
 
 # ----------------------------------------------------------------------------------------- edit preservation
