@@ -60,8 +60,13 @@ def test_ema_follows_decay_09_by_hand():
         torch.testing.assert_close(w.detach(), torch.tensor([1.01, -1.05]))
     torch.testing.assert_close(w.detach(), torch.tensor([2.0, 3.0]))  # the live weights come back
 
+    state = ema.state_dict()
+    assert state["decay"] == 0.9
     restored = LoRAEMA([torch.nn.Parameter(torch.zeros(2))], decay=0.9)
-    restored.load_state_dict(ema.state_dict())
+    restored.load_state_dict(state)
     torch.testing.assert_close(restored.shadow[0], torch.tensor([1.01, -1.05]))
+    # A half-precision checkpoint comes back in fp32, where the small (1 - decay) updates still register.
+    restored.load_state_dict({"decay": 0.9, "shadow": [torch.tensor([1.01, -1.05]).half()]})
+    assert restored.shadow[0].dtype == torch.float32
     with pytest.raises(ValueError, match="EMA state has 1 tensors, the adapter 2"):
         LoRAEMA([w, w], decay=0.9).load_state_dict(ema.state_dict())

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Mutation testing (mutmut) of the modules where a silent bug changes results, each against its targeted tests.
+# Not part of CI: it is slow (minutes per module on 2 cores). Install with: pip install -e '.[mutation]'
+#
+#   bash scripts/mutation_check.sh                    # every module below, in priority order
+#   bash scripts/mutation_check.sh objective metrics  # some of them
+#   MUTATION_TIMEOUT=1200 bash scripts/mutation_check.sh guards   # seconds per module (default 1800)
+#
+# mutmut derives module names from file paths, and our import package is mapped onto top-level folders
+# (train/ is qwen_image_lora.train), so each run works on a staged copy laid out as the import names are.
+# Prints "module killed/total score" per module and leaves each module's survivors in
+# build/mutation/<module>/survivors.txt (`mutmut show <name>` inside build/mutation/<module> shows a diff).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+MUTMUT=${MUTMUT:-$ROOT/.venv/bin/mutmut}
+TIMEOUT=${MUTATION_TIMEOUT:-1800}
+CHILDREN=${MUTATION_CHILDREN:-2}
+export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+# module -> "staged source file | targeted tests | lines not to mutate (regex; a matching `def` skips the
+# function)". The skips keep each run on the maths the issue names: the EMA of optim.py, the latent and packing
+# functions of model.py, the API-key check of server.py, the colour/SSIM/PSNR/text/bootstrap maths of metrics.py
+# (not the OCR and CLIP wrappers, whose tests load models).
+declare -A MODULES=(
+  [objective]="qwen_image_lora/train/objective.py|tests/test_train_objective.py|"
+  [optim]="qwen_image_lora/train/optim.py|tests/test_train_optim.py|^(def (check_optimizer_available|build_optimizer|build_lr_scheduler)\b|_OPTIONAL)"
+  [guards]="qwen_image_lora/train/guards.py|tests/test_train_guards.py tests/test_train_checkpoint.py|"
+  [metrics]="qwen_image_lora/eval/metrics.py|tests/test_eval_metrics_reference.py tests/test_eval_metrics.py|^(def (_grey|_zoom_about_centre|_log_polar_scale|alignment|_ocr_engine|read_text|prompt_text_accuracy)\b|class ClipScorer)"
+  [buckets]="qwen_image_lora/data/buckets.py|tests/test_data_buckets.py tests/test_data_dataset.py|"
+  [urls]="qwen_image_lora/inference/urls.py|tests/test_inference_urls.py tests/test_server.py|"
+  [model]="qwen_image_lora/model.py|tests/test_model_packing.py tests/test_model.py|^def (load_pipeline|offload_encoders|_is_local|encode_prompt)\b"
+  [formats]="qwen_image_lora/inference/formats.py|tests/test_inference_adapters.py|"
+  [export]="qwen_image_lora/train/export.py|tests/test_train_adapter.py tests/test_inference_adapters.py|"
+  [server]="qwen_image_lora/inference/server.py|tests/test_server_auth.py tests/test_server.py|^(def (?!load_api_keys\\b)|class (?!KeyCheck\\b))"
+)
+ORDER=(objective optim guards metrics buckets urls model formats export server)
+[ $# -gt 0 ] && ORDER=("$@")
+
+stage() {  # $1: folder. The package as its import names lay it out, plus the tests.
+  rm -rf "$1" && mkdir -p "$1"
+  cp -r qwen_image_lora "$1/qwen_image_lora"
+  for sub in train data inference eval; do cp -r "$sub" "$1/qwen_image_lora/$sub"; done
+  cp -r tests "$1/tests"
+  find "$1" -name __pycache__ -prune -exec rm -rf {} +
+}
+
+toml_list() { printf '"%s", ' "$@" | sed 's/, $//'; }
+
+for name in "${ORDER[@]}"; do
+  spec=${MODULES[$name]:-}
+  [ -n "$spec" ] || { echo "unknown module $name; choose from: ${!MODULES[*]}" >&2; exit 2; }
+  IFS='|' read -r source_file test_list skip <<< "$spec"
+  tests=()
+  for t in $test_list; do [ -f "$t" ] && tests+=("$t"); done
+  [ ${#tests[@]} -gt 0 ] || { echo "$name: none of its tests exist ($test_list); skipped"; continue; }
+  dir=build/mutation/$name
+  stage "$dir"
+  cat > "$dir/pyproject.toml" <<EOF
+[tool.mutmut]
+source_paths = ["qwen_image_lora"]
+only_mutate = ["$source_file"]
+pytest_add_cli_args_test_selection = [$(toml_list "${tests[@]}")]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-W", "ignore"]
+do_not_mutate_patterns = [$([ -n "$skip" ] && printf "'%s'" "$skip")]
+
+[tool.pytest.ini_options]
+filterwarnings = ["ignore::DeprecationWarning", "ignore::FutureWarning"]
+EOF
+  echo "== $name: $source_file against ${tests[*]}"
+  (cd "$dir" && timeout "$TIMEOUT" nice -n 10 "$MUTMUT" run --max-children "$CHILDREN" > run.log 2>&1) \
+    || echo "   (mutmut stopped early, rc=$?; the score counts the mutants it reached; see $dir/run.log)"
+  (cd "$dir" && "$MUTMUT" results --all true > results.txt 2>&1 || true)
+  # A mutant no test reaches counts against the score, like one that survives.
+  grep -E ": (survived|no tests)$" "$dir/results.txt" | sed 's/^ *//' > "$dir/survivors.txt" || true
+  killed=$(grep -cE ": (killed|timeout|segfault)$" "$dir/results.txt" || true)
+  survived=$(wc -l < "$dir/survivors.txt")
+  total=$((killed + survived))
+  score=$([ "$total" -gt 0 ] && echo "scale=1; 100 * $killed / $total" | bc || echo "n/a")
+  echo "$name $killed/$total killed ($score%), survivors in $dir/survivors.txt"
+done
