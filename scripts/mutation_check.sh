@@ -25,9 +25,9 @@ export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 declare -A MODULES=(
   [objective]="qwen_image_lora/train/objective.py|tests/test_train_objective.py|"
   [optim]="qwen_image_lora/train/optim.py|tests/test_train_optim.py|^(def (check_optimizer_available|build_optimizer|build_lr_scheduler)\b|_OPTIONAL)"
-  [guards]="qwen_image_lora/train/guards.py|tests/test_train_guards.py tests/test_train_checkpoint.py|"
+  [guards]="qwen_image_lora/train/guards.py|tests/test_train_guards.py|"
   [metrics]="qwen_image_lora/eval/metrics.py|tests/test_eval_metrics_reference.py tests/test_eval_metrics.py|^(def (_grey|_zoom_about_centre|_log_polar_scale|alignment|_ocr_engine|read_text|prompt_text_accuracy)\b|class ClipScorer)"
-  [buckets]="qwen_image_lora/data/buckets.py|tests/test_data_buckets.py tests/test_data_dataset.py|"
+  [buckets]="qwen_image_lora/data/buckets.py|tests/test_data_buckets.py|"
   [urls]="qwen_image_lora/inference/urls.py|tests/test_inference_urls.py tests/test_server.py|"
   [model]="qwen_image_lora/model.py|tests/test_model_packing.py tests/test_model.py|^(def (?!(image_to_pixels|encode_latents|pack|unpack|pad_prompt_embeds|predict_velocity)\b)|class )"
   [formats]="qwen_image_lora/inference/formats.py|tests/test_inference_adapters.py|"

@@ -1,0 +1,60 @@
+"""Bucket sizes, bucket choice and the resize + crop geometry on cases small enough to work out by hand."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwen_image_lora.data.buckets import Transform, assign_bucket, bucket_sizes, histogram, plan_transform
+
+
+def test_bucket_sizes_by_hand():
+    # Area <= 64^2 in multiples of 32, aspect within 1:4..4:1: 32x128, 64x64, 96x32 (h = 4096 // 96 -> 32), 128x32.
+    assert bucket_sizes(64) == [(32, 128), (64, 64), (96, 32), (128, 32)]
+    assert all(w * h <= 1024**2 and w % 32 == 0 and h % 32 == 0 for w, h in bucket_sizes(1024))
+    assert (1024, 1024) in bucket_sizes(1024) and (2048, 512) in bucket_sizes(1024)
+    assert (2080, 480) not in bucket_sizes(1024)  # 1048576 // 2080 -> 480: aspect 4.33
+
+
+def test_assign_bucket_takes_the_nearest_aspect_then_the_larger_area():
+    assert assign_bucket(100, 100, 64, max_upscale=10) == (64, 64)
+    assert assign_bucket(300, 100, 64, max_upscale=10) == (96, 32)  # aspect 3 exactly
+    assert assign_bucket(100, 300, 64, max_upscale=10) == (32, 128)  # 1:4 is nearer 1:3 in log than 1:1
+    assert assign_bucket(400, 100, 64, max_upscale=10) == (128, 32)
+    # 96x32 would need 96/60 = 1.6x: shrunk by 1.5/1.6 to 90x30 -> floors to 64x32 (never below 32).
+    assert assign_bucket(60, 20, 64, max_upscale=1.5) == (64, 32)
+    assert assign_bucket(60, 20, 64, max_upscale=1.6) == (96, 32)
+    assert assign_bucket(150, 50, 64) == (96, 32)  # a downscale is always allowed
+
+
+def test_plan_transform_covers_the_bucket_and_centres_the_crop():
+    t = plan_transform((200, 100), (64, 64))  # scale 0.64: 128x64, crop 32 px off the left
+    assert t == Transform((128, 64), 32, 0, (64, 64))
+    t = plan_transform((100, 300), (64, 64))  # scale 0.64: 64x192
+    assert t == Transform((64, 192), 0, 64, (64, 64))
+    t = plan_transform((63, 64), (64, 64))  # scale 64/63: 64x65, the odd pixel cut from the bottom
+    assert t == Transform((64, 65), 0, 0, (64, 64))
+    t = plan_transform((60, 64), (64, 64))  # 64x68: 2 px off the top
+    assert t == Transform((64, 68), 0, 2, (64, 64))
+
+
+def test_random_crop_is_seeded_and_stays_inside():
+    a = [plan_transform((400, 100), (64, 64), crop="random", seed=s) for s in range(20)]
+    assert a == [plan_transform((400, 100), (64, 64), crop="random", seed=s) for s in range(20)]
+    assert len({t.left for t in a}) > 5 and all(0 <= t.left <= 256 - 64 and t.top == 0 for t in a)
+
+
+def test_transform_apply_crops_the_planned_box():
+    image = Image.fromarray(np.arange(128 * 64 * 3, dtype=np.uint32).reshape(64, 128, 3).astype(np.uint8))
+    out = Transform((128, 64), 32, 0, (64, 64)).apply(image)  # no resize: the same pixels, shifted
+    assert out.size == (64, 64)
+    assert np.array_equal(np.asarray(out), np.asarray(image)[:, 32:96])
+    assert Transform((64, 32), 0, 0, (64, 32)).apply(image).size == (64, 32)  # resized first
+
+
+def test_histogram_lists_most_used_first():
+    text = histogram([(64, 64), (96, 32), (64, 64)])
+    lines = text.splitlines()
+    assert lines[0].split() == ["64x64", "2", "#" * 40]
+    assert lines[1].split() == ["96x32", "1", "#" * 20]
+    with pytest.raises(ValueError):
+        histogram([])
