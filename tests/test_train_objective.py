@@ -59,6 +59,41 @@ def test_shifted_sigmas_match_the_scheduler_time_shift(tiny_pipe):
     assert (objective.shift_sigmas(u, 4096, config) > objective.shift_sigmas(u, 256, config)).all()
 
 
+_SHIFT_CONFIGS = [
+    {},  # every key at the pipeline's default
+    {"base_image_seq_len": 64, "max_image_seq_len": 1024, "base_shift": 0.3, "max_shift": 2.0},
+]
+
+
+def test_calculate_shift_is_the_pipelines(tiny_pipe):
+    from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift as pipeline_shift
+
+    for config in [tiny_pipe.scheduler.config, *_SHIFT_CONFIGS]:
+        get = config.get  # the defaults QwenImage21Pipeline.__call__ reads the scheduler config with
+        keys = [get("base_image_seq_len", 256), get("max_image_seq_len", 4096), get("base_shift", 0.5), get("max_shift", 1.15)]
+        for seq_len in (16, 256, 1024, 4096):
+            assert objective.calculate_shift(seq_len, config) == pytest.approx(pipeline_shift(seq_len, *keys)), (config, seq_len)
+
+
+@pytest.mark.parametrize("shift_type", ["exponential", "linear"])
+@pytest.mark.parametrize("extra", _SHIFT_CONFIGS)
+def test_dynamic_shift_is_the_schedulers(shift_type, extra):
+    config = {**extra, "use_dynamic_shifting": True, "time_shift_type": shift_type}
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    u = torch.linspace(0.05, 0.95, 7)
+    mu = objective.calculate_shift(1024, scheduler.config)
+    torch.testing.assert_close(objective.shift_sigmas(u, 1024, scheduler.config), scheduler.time_shift(mu, 1.0, u))
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_static_shift_is_the_schedulers(shift):
+    """Without dynamic shifting the scheduler shifts its own training grid by `shift`; ours must agree."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
+    grid = torch.linspace(1, 1000, 1000).flip(0) / 1000  # the unshifted grid it starts from
+    config = {"shift": shift} if shift != 1.0 else {}  # 1.0 is the default
+    torch.testing.assert_close(objective.shift_sigmas(grid, 4096, config), scheduler.sigmas[:1000].float())
+
+
 @pytest.mark.parametrize("kind", ["uniform", "logit_normal", "shifted"])
 def test_sigmas_are_in_range_and_seeded(tiny_pipe, kind):
     draw = lambda: objective.sample_sigmas(kind, 512, 256, tiny_pipe.scheduler.config, torch.Generator().manual_seed(1))  # noqa: E731
