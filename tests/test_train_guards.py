@@ -16,8 +16,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run():
     assert not g.step_is_finite(math.nan, 1.0)
     assert not g.step_is_finite(0.5, math.inf)
     assert g.nonfinite == 2
-    with pytest.raises(TrainingStopped, match=r"3 optimizer steps .* \(train.max_nonfinite_losses=3\)"):
+    with pytest.raises(TrainingStopped, match=r"3 optimizer steps .* \(train.max_nonfinite_losses=3\)") as stop:
         g.step_is_finite(-math.inf, 1.0)
+    assert "Try a lower optim.lr, train.mixed_precision=bf16 instead of fp16, or check the data" in str(stop.value)
 
 
 def _fed(losses, factor=2.0) -> Guards:
@@ -32,10 +33,17 @@ def test_divergence_on_the_smoothed_loss_by_hand():
     # and 0.9 * 1 + 0.1 * 10.5 = 1.95 does not.
     g = _fed([1.0] * 10)
     assert (g.running, g.best, g.seen) == (1.0, 1.0, 10)
-    with pytest.raises(TrainingStopped, match=r"running mean 2.05 is above 2.0 x its best 1 \(train.divergence_factor\)"):
+    with pytest.raises(TrainingStopped, match=r"running mean 2.05 is above 2.0 x its best 1 \(train.divergence_factor\)") as stop:
         g.check_divergence(11.5)
+    assert "Lower optim.lr, raise optim.warmup_steps, or lower optim.max_grad_norm." in str(stop.value)
     g = _fed([1.0] * 10 + [10.5])
     assert g.running == pytest.approx(1.95) and g.best == 1.0
+
+
+def test_divergence_needs_strictly_more_than_the_factor():
+    at_factor = 0.9 * 1.0 + (1 - 0.9) * 2.0  # the running mean after ten 1.0s and one 2.0
+    g = _fed([1.0] * 10 + [2.0], factor=at_factor)
+    assert g.running == at_factor  # exactly factor x best, and still running
 
 
 def test_divergence_waits_for_ten_steps_and_tracks_the_best():
@@ -57,8 +65,11 @@ def test_not_learning_is_caught_at_the_configured_step_only():
     g.remember_initial(_params(0.0))
     assert len(g.initial_b) == 1  # lora_B only
     g.check_learning(4, _params(0.0), grad_norm=1.0)  # not the step: nothing happens
-    with pytest.raises(TrainingStopped, match=r"after 5 steps the LoRA weights \(lora_B\) have not moved"):
+    Guards(TrainConfig(check_learning_after=5)).check_learning(5, _params(0.0), 1.0)  # nothing remembered: no check
+    with pytest.raises(TrainingStopped, match=r"after 5 steps the LoRA weights \(lora_B\) have not moved") as stop:
         g.check_learning(5, _params(0.0), grad_norm=1.0)
+    assert ("Check optim.lr (> 0?), that lora.targets match layers the loss reaches, and that the base model is not "
+            "frozen into a no-grad mode.") in str(stop.value)
     with pytest.raises(TrainingStopped, match="after 5 steps the gradient norm is 0"):
         g.check_learning(5, _params(0.1), grad_norm=0.0)
     g.check_learning(5, _params(0.1), grad_norm=1.0)
