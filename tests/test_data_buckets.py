@@ -13,6 +13,7 @@ def test_bucket_sizes_by_hand():
     assert all(w * h <= 1024**2 and w % 32 == 0 and h % 32 == 0 for w, h in bucket_sizes(1024))
     assert (1024, 1024) in bucket_sizes(1024) and (2048, 512) in bucket_sizes(1024)
     assert (2080, 480) not in bucket_sizes(1024)  # 1048576 // 2080 -> 480: aspect 4.33
+    assert all(type(w) is int and type(h) is int for w, h in bucket_sizes(1024))
 
 
 def test_assign_bucket_takes_the_nearest_aspect_then_the_larger_area():
@@ -24,6 +25,8 @@ def test_assign_bucket_takes_the_nearest_aspect_then_the_larger_area():
     assert assign_bucket(60, 20, 64, max_upscale=1.5) == (64, 32)
     assert assign_bucket(60, 20, 64, max_upscale=1.6) == (96, 32)
     assert assign_bucket(150, 50, 64) == (96, 32)  # a downscale is always allowed
+    assert assign_bucket(60, 20, 64) == (32, 32)  # by default no upscale: 96x32 x 0.625 = 60x20 -> 32x32
+    assert assign_bucket(100, 100, 128) == (96, 96)  # 128 x 100/128 = 100 -> 96 on both sides
 
 
 def test_plan_transform_covers_the_bucket_and_centres_the_crop():
@@ -35,12 +38,16 @@ def test_plan_transform_covers_the_bucket_and_centres_the_crop():
     assert t == Transform((64, 65), 0, 0, (64, 64))
     t = plan_transform((60, 64), (64, 64))  # 64x68: 2 px off the top
     assert t == Transform((64, 68), 0, 2, (64, 64))
+    t = plan_transform((129, 64), (64, 64))  # 65 px to cut: 32 left, 33 right, in whole pixels
+    assert t.left == 32 and type(t.left) is int
 
 
 def test_random_crop_is_seeded_and_stays_inside():
     a = [plan_transform((400, 100), (64, 64), crop="random", seed=s) for s in range(20)]
     assert a == [plan_transform((400, 100), (64, 64), crop="random", seed=s) for s in range(20)]
     assert len({t.left for t in a}) > 5 and all(0 <= t.left <= 256 - 64 and t.top == 0 for t in a)
+    assert plan_transform((400, 100), (64, 64), crop="random") == a[0]  # seed 0 by default
+    assert {plan_transform((65, 64), (64, 64), crop="random", seed=s).left for s in range(20)} == {0, 1}
 
 
 def test_transform_apply_crops_the_planned_box():
@@ -48,7 +55,8 @@ def test_transform_apply_crops_the_planned_box():
     out = Transform((128, 64), 32, 0, (64, 64)).apply(image)  # no resize: the same pixels, shifted
     assert out.size == (64, 64)
     assert np.array_equal(np.asarray(out), np.asarray(image)[:, 32:96])
-    assert Transform((64, 32), 0, 0, (64, 32)).apply(image).size == (64, 32)  # resized first
+    resized = Transform((64, 32), 0, 0, (64, 32)).apply(image)  # resized first, with Lanczos
+    assert np.array_equal(np.asarray(resized), np.asarray(image.resize((64, 32), Image.Resampling.LANCZOS)))
 
 
 def test_histogram_lists_most_used_first():
@@ -56,5 +64,7 @@ def test_histogram_lists_most_used_first():
     lines = text.splitlines()
     assert lines[0].split() == ["64x64", "2", "#" * 40]
     assert lines[1].split() == ["96x32", "1", "#" * 20]
+    rare = histogram([(64, 64)] * 40 + [(96, 32)]).splitlines()[1]
+    assert rare.split() == ["96x32", "1", "#"]  # 40 * 1/40 = 1 bar
     with pytest.raises(ValueError):
         histogram([])
