@@ -105,6 +105,31 @@ def test_sigmas_are_in_range_and_seeded(tiny_pipe, kind):
         assert ((a < 0.1) | (a > 0.9)).float().mean() < 0.15
 
 
+def test_shifted_sigmas_spread_like_the_shifted_median(tiny_pipe):
+    config = tiny_pipe.scheduler.config
+    a = objective.sample_sigmas("shifted", 2048, 1024, config, torch.Generator().manual_seed(2))
+    assert a.std() > 0.15  # not collapsed onto one value
+    median = objective.shift_sigmas(torch.tensor([0.5]), 1024, config)
+    assert abs(a.median() - median) < 0.05
+    with pytest.raises(ValueError, match="train.timestep_sampling: unknown 'cosine'"):
+        objective.sample_sigmas("cosine", 2, 16, config, torch.Generator())
+
+
+@pytest.mark.parametrize("kind", ["logit_normal", "shifted"])
+def test_noise_sampler_draws_the_sigmas_then_the_noise_from_its_seed(tiny_pipe, kind):
+    """The sampler's draw is sample_sigmas for these latents (seq_len h*w, the config, default logit 0/1) and
+    then the noise, both from one generator seeded with the run's seed."""
+    config = tiny_pipe.scheduler.config
+    latents = torch.zeros(2, 8, 1, 4, 6)
+    noise, sigmas = objective.NoiseSampler(7, kind, config).draw(latents)
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(sigmas, objective.sample_sigmas(kind, 2, 24, config, g, 0.0, 1.0))
+    assert torch.equal(noise, torch.randn(latents.shape, generator=g))
+    _, wide = objective.NoiseSampler(7, kind, config, logit_mean=1.0, logit_std=0.5).draw(latents)
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(wide, objective.sample_sigmas(kind, 2, 24, config, g, 1.0, 0.5))
+
+
 def test_loss_weights():
     s = torch.tensor([0.25, 0.5, 0.75])
     assert torch.equal(objective.loss_weights("none", s), torch.ones(3))
