@@ -5,6 +5,8 @@
 #   bash scripts/mutation_check.sh                    # every module below, in priority order
 #   bash scripts/mutation_check.sh objective metrics  # some of them
 #   MUTATION_TIMEOUT=1200 bash scripts/mutation_check.sh guards   # seconds per module (default 1800)
+#   MUTATION_GLOBS="$(cut -d: -f1 build/mutation/objective/survivors.txt)" bash scripts/mutation_check.sh objective
+#                                                     # re-check only some mutants (e.g. after adding tests)
 #
 # mutmut derives module names from file paths, and our import package is mapped onto top-level folders
 # (train/ is qwen_image_lora.train), so each run works on a staged copy laid out as the import names are.
@@ -54,6 +56,7 @@ for name in "${ORDER[@]}"; do
   spec=${MODULES[$name]:-}
   [ -n "$spec" ] || { echo "unknown module $name; choose from: ${!MODULES[*]}" >&2; exit 2; }
   IFS='|' read -r source_file test_list globs deselect <<< "$spec"
+  globs=${MUTATION_GLOBS:-$globs}
   tests=()
   for t in $test_list; do [ -f "$t" ] && tests+=("$t"); done
   [ ${#tests[@]} -gt 0 ] || { echo "$name: none of its tests exist ($test_list); skipped"; continue; }
