@@ -96,6 +96,35 @@ def test_palette_verdict_on_a_near_miss_is_taken_in_lab():
     assert M.palette_distance(image, palette[:1]) == pytest.approx(per_colour[0], abs=1e-6)
 
 
+def _stripes(widths, colours, height=32) -> np.ndarray:
+    return np.concatenate([np.full((height, w, 3), c, np.uint8) for w, c in zip(widths, colours)], axis=1)
+
+
+SIX = [(227, 6, 19), (255, 255, 255), (0, 0, 0), (0, 90, 200), (250, 200, 0), (0, 150, 60)]
+
+
+def test_dominant_colours_defaults_and_downsampling():
+    six = _stripes([40, 30, 20, 16, 12, 10], SIX)  # 128 px wide: downsampled to 64 by 2x2 boxes
+    centres, shares = M.dominant_colours(six)
+    explicit = M.dominant_colours(six, k=5, seed=0, side=64)
+    assert len(centres) == 5 and np.array_equal(centres, explicit[0]) and np.array_equal(shares, explicit[1])
+    assert np.all(np.diff(shares) <= 0)  # largest share first
+    halves = _stripes([64, 64], [(227, 6, 19), (255, 255, 255)], height=128)
+    centres, shares = M.dominant_colours(halves, k=2)  # box-averaging 2x2 blocks never blends the halves
+    assert shares.tolist() == [0.5, 0.5]
+    np.testing.assert_allclose(np.sort(centres[:, 0]), np.sort(M.hex_to_lab(["#e30613", "#ffffff"])[:, 0]), atol=1e-9)
+
+
+def test_palette_distance_defaults_and_errors():
+    six = _stripes([40, 30, 20, 16, 12, 10], SIX)
+    palette = ["#e30613", "#ffffff"]
+    assert M.palette_distance(six, palette) == M.palette_distance(six, palette, k=5, seed=0)
+    assert M.palette_distance(six, palette, k=2) != M.palette_distance(six, palette)
+    assert M.hex_to_lab(["ff0000"]) == pytest.approx(np.array([KNOWN_LAB["#ff0000"]]), abs=0.01)  # '#' optional
+    with pytest.raises(ValueError, match="palette_distance: the palette is empty; set eval.palette to hex colours"):
+        M.palette_distance(six, [])
+
+
 # ----------------------------------------------------------------------------------------- SSIM / PSNR
 
 
