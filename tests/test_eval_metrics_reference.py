@@ -160,3 +160,35 @@ def test_masked_ssim_and_psnr_by_hand():
     assert got["ssim"] == pytest.approx((_luminance_ssim(100, 110) + 2) / 3, abs=1e-9)
     unmasked = M.preservation(a, b)
     assert unmasked["ssim"] < got["ssim"] - 0.05 and unmasked["psnr"] < got["psnr"] - 10
+
+
+# ----------------------------------------------------------------------------------------- k-means, bootstrap
+
+
+def test_kmeans_finds_well_separated_clusters_and_their_means():
+    rng = np.random.default_rng(0)
+    groups = [np.array(c) + rng.normal(0, 1, (n, 3)) for c, n in [((0, 0, 0), 50), ((60, 0, 0), 30), ((0, 60, 0), 20)]]
+    points = np.concatenate(groups)
+    centres, labels = M._kmeans(points, 3, seed=0)
+    for i, group in enumerate(groups):
+        ids = labels[sum(len(g) for g in groups[:i]) :][: len(group)]
+        assert len(set(ids)) == 1  # a group is one cluster
+        np.testing.assert_allclose(centres[ids[0]], group.mean(0), atol=1e-9)
+    assert len(set(labels)) == 3
+    again = M._kmeans(points, 3, seed=0)
+    assert np.array_equal(again[0], centres) and np.array_equal(again[1], labels)
+    two = np.array([[0.0, 0, 0]] * 5 + [[50.0, 0, 0]] * 3)
+    centres, labels = M._kmeans(two, 5, seed=0)  # only two distinct colours: two clusters, not five
+    assert sorted(centres[:, 0].tolist()) == [0.0, 50.0] and np.bincount(labels).tolist() in ([5, 3], [3, 5])
+
+
+def test_bootstrap_known_answers():
+    assert M.bootstrap_ci([5.0]) == M.Interval(5.0, 5.0, 5.0, 1)
+    empty = M.bootstrap_ci([])
+    assert math.isnan(empty.mean) and math.isnan(empty.low) and math.isnan(empty.high)
+    # Resampling [0, 10] gives means 0, 5, 10 with chances 1/4, 1/2, 1/4: the 95% interval spans [0, 10].
+    ci = M.bootstrap_ci([0.0, 10.0], n_resamples=4000)
+    assert (ci.mean, ci.low, ci.high, ci.n) == (5.0, 0.0, 10.0, 2)
+    x = np.random.default_rng(3).normal(size=30)
+    assert M.bootstrap_ci(x) == M.bootstrap_ci(x)  # seeded by default
+    assert M.paired_difference_ci(x, x[::-1]) == M.paired_difference_ci(x, x[::-1])
