@@ -6,7 +6,7 @@
 #   bash scripts/mutation_check.sh objective metrics  # some of them
 #   MUTATION_TIMEOUT=1200 bash scripts/mutation_check.sh guards   # seconds per module (default 1800)
 #   MUTATION_GLOBS="$(cut -d: -f1 build/mutation/objective/survivors.txt)" bash scripts/mutation_check.sh objective
-#                                                     # re-check only some mutants (e.g. after adding tests)
+#     MUTATION_TAG=recheck                            # re-check only some mutants (e.g. after adding tests)
 #
 # mutmut derives module names from file paths, and our import package is mapped onto top-level folders
 # (train/ is qwen_image_lora.train), so each run works on a staged copy laid out as the import names are.
@@ -60,7 +60,7 @@ for name in "${ORDER[@]}"; do
   tests=()
   for t in $test_list; do [ -f "$t" ] && tests+=("$t"); done
   [ ${#tests[@]} -gt 0 ] || { echo "$name: none of its tests exist ($test_list); skipped"; continue; }
-  dir=build/mutation/$name
+  dir=build/mutation/$name${MUTATION_TAG:+-$MUTATION_TAG}  # a tag keeps a re-check apart from the full run
   stage "$dir"
   cat > "$dir/pyproject.toml" <<EOF
 [tool.mutmut]
