@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from qwen_image_lora.eval import metrics as M
 
@@ -192,3 +193,21 @@ def test_bootstrap_known_answers():
     x = np.random.default_rng(3).normal(size=30)
     assert M.bootstrap_ci(x) == M.bootstrap_ci(x)  # seeded by default
     assert M.paired_difference_ci(x, x[::-1]) == M.paired_difference_ci(x, x[::-1])
+
+
+def test_preservation_mask_forms_and_errors():
+    a = np.full((32, 32, 3), 100, np.uint8)
+    b = a.copy()
+    b[:, :8] = 200
+    by_hand = M.preservation(a, b, np.pad(np.ones((32, 8), bool), ((0, 0), (0, 24))))
+    rgb_mask = np.zeros((32, 32, 3), np.uint8)
+    rgb_mask[:, :8, 1] = 1  # any non-zero channel marks the pixel
+    assert M.preservation(a, b, rgb_mask) == by_hand
+    grey = np.zeros((32, 32), np.uint8)
+    grey[:, :8] = 128  # an image mask counts above half grey, and 127 is not above it
+    grey[:, 8:] = 127
+    assert M.preservation(a, b, Image.fromarray(grey)) == by_hand
+    with pytest.raises(ValueError, match="preservation: mask is 16x32, images are 32x32"):
+        M.preservation(a, b, np.zeros((32, 16), bool))
+    with pytest.raises(ValueError, match="preservation: images must have the same size, got 32x32 and 16x32"):
+        M.preservation(a, b[:, :16])
