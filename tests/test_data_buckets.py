@@ -1,26 +1,18 @@
-"""Bucket sizes, bucket choice and the resize + crop geometry on cases small enough to work out by hand."""
+"""Bucket choice (the pipeline's size under an upscale limit) and the resize + crop geometry, on cases small enough
+to work out by hand."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_image_lora.data.buckets import Transform, assign_bucket, bucket_sizes, histogram, plan_transform
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.data.buckets import Transform, assign_bucket, histogram, plan_transform
 
 
-def test_bucket_sizes_by_hand():
-    # Area <= 64^2 in multiples of 32, aspect within 1:4..4:1: 32x128, 64x64, 96x32 (h = 4096 // 96 -> 32), 128x32.
-    assert bucket_sizes(64) == [(32, 128), (64, 64), (96, 32), (128, 32)]
-    assert all(w * h <= 1024**2 and w % 32 == 0 and h % 32 == 0 for w, h in bucket_sizes(1024))
-    assert (1024, 1024) in bucket_sizes(1024) and (2048, 512) in bucket_sizes(1024)
-    assert (2080, 480) not in bucket_sizes(1024)  # 1048576 // 2080 -> 480: aspect 4.33
-    assert all(type(w) is int and type(h) is int for w, h in bucket_sizes(1024))
-
-
-def test_assign_bucket_takes_the_nearest_aspect_then_the_larger_area():
-    assert assign_bucket(100, 100, 64, max_upscale=10) == (64, 64)
-    assert assign_bucket(300, 100, 64, max_upscale=10) == (96, 32)  # aspect 3 exactly
-    assert assign_bucket(100, 300, 64, max_upscale=10) == (32, 128)  # 1:4 is nearer 1:3 in log than 1:1
-    assert assign_bucket(400, 100, 64, max_upscale=10) == (128, 32)
+def test_assign_bucket_is_the_pipelines_size_shrunk_to_the_upscale_limit():
+    for w, h in [(100, 100), (300, 100), (100, 300), (1920, 1080)]:
+        assert assign_bucket(w, h, 64, max_upscale=10) == qmodel.fit_size(w, h, 64)
+    assert qmodel.fit_size(60, 20, 64) == (96, 32)
     # 96x32 would need 96/60 = 1.6x: shrunk by 1.5/1.6 to 90x30 -> floors to 64x32 (never below 32).
     assert assign_bucket(60, 20, 64, max_upscale=1.5) == (64, 32)
     assert assign_bucket(60, 20, 64, max_upscale=1.6) == (96, 32)
