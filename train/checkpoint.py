@@ -276,12 +276,15 @@ def _get(tree: dict, dotted: str):
     return tree
 
 
+def _differences(name: str, old, new) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):  # a FIXED section: name the leaves that changed
+        return [d for key in {**old, **new} for d in _differences(f"{name}.{key}", old.get(key), new.get(key))]
+    return [] if old == new else [f"{name}: {old!r} -> {new!r}"]
+
+
 def changed_fixed_fields(saved: dict, current: dict) -> list[str]:
     """'field: checkpoint -> now' for each field the schema marks FIXED (changes the maths) that differs."""
-    return [
-        f"{name}: {_get(saved, name)!r} -> {_get(current, name)!r}"
-        for name in resume_fixed_fields() if _get(saved, name) != _get(current, name)
-    ]
+    return [d for name in resume_fixed_fields() for d in _differences(name, _get(saved, name), _get(current, name))]
 
 
 def check_resume_config(saved: dict, current: dict, path: Path, allow_change: bool) -> list[str]:
