@@ -19,7 +19,7 @@ import pytest
 from qwen_image_lora.config import load_config, to_dict
 from qwen_image_lora.io import atomic_dir, atomic_write_text
 from qwen_image_lora.train import lora
-from qwen_image_lora.train.checkpoint import Checkpointer, CheckpointError, TrainingProgress, write_manifest
+from qwen_image_lora.train.checkpoint import Checkpointer, CheckpointError, TrainingProgress
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -121,6 +121,8 @@ def test_a_fresh_start_in_a_used_folder_stops_before_loading_weights(
 
 def test_resume_latest_and_rotation_leave_another_runs_checkpoints_alone(
         trained, tiny_model_dir, sample_data_dir, tmp_path, caplog):
+    from qwen_image_lora.train.checkpoint import write_manifest
+
     out = _copy(trained, tmp_path)
     # A newer checkpoint of another run in the same folder (what the old toolkit left when two runs shared it).
     foreign = out / "checkpoints" / "step-000009"
@@ -160,6 +162,8 @@ def _wait_for_steps(out, n, process, timeout=120):
 
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(
         tiny_model_dir, sample_data_dir, tmp_path):
+    from qwen_image_lora.train.preemption import EXIT_PREEMPTED
+
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     first = subprocess.Popen(_train_cmd(tiny_model_dir, sample_data_dir, full), cwd=ROOT, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -168,7 +172,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted
     _wait_for_steps(stopped, 3, victim)
     victim.send_signal(signal.SIGTERM)
     _, err = victim.communicate(timeout=120)
-    assert victim.returncode == lora.EXIT_PREEMPTED, err[-3000:]
+    assert victim.returncode == EXIT_PREEMPTED, err[-3000:]
     done = _losses(stopped)[-1]["step"]
     assert 3 <= done < 10 and "--resume latest" in err.splitlines()[-1]
     # One checkpoint, at the step the run stopped after, although checkpoint.every_steps=100.
