@@ -235,10 +235,11 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
     if damage == "truncated adapter":
         path = newest / "adapter" / ADAPTER
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    else:  # the same size, 2 KB of the optimizer's tensors replaced
-        path = newest / "training_state.pt"
+    else:  # the same size, 2 KB of the adapter's tensor data (after the safetensors header) replaced
+        path = newest / "adapter" / ADAPTER
         data = bytearray(path.read_bytes())
-        data[-4096:-2048] = os.urandom(2048)
+        start = 8 + int.from_bytes(data[:8], "little") + 64
+        data[start:start + 2048] = os.urandom(2048)
         path.write_bytes(bytes(data))
     with caplog.at_level("INFO"):
         assert lora.main([*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=4", "checkpoint.every_steps=1",
@@ -377,14 +378,14 @@ def test_a_data_error_under_accelerate_launch_is_one_line_without_our_traceback(
     assert not any(line.strip().startswith("File") and str(ROOT) in line for line in lines[ours[0] + 1:])
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_atomic_writes_follow_the_umask(umask, tmp_path):
-    old = os.umask(umask)
-    try:
-        atomic_write_text(tmp_path / "a.json", "{}")
-        with atomic_dir(tmp_path / "folder") as tmp:
-            (tmp / "x").write_text("x")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
-    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
+def test_atomic_writes_follow_the_umask(tmp_path):
+    for umask in (0o022, 0o077):
+        old = os.umask(umask)
+        try:
+            atomic_write_text(tmp_path / f"{umask}.json", "{}")
+            with atomic_dir(tmp_path / f"folder{umask}") as tmp:
+                (tmp / "x").write_text("x")
+        finally:
+            os.umask(old)
+        assert (tmp_path / f"{umask}.json").stat().st_mode & 0o777 == 0o666 & ~umask
+        assert (tmp_path / f"folder{umask}").stat().st_mode & 0o777 == 0o777 & ~umask

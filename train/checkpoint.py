@@ -287,8 +287,10 @@ def changed_fixed_fields(saved: dict, current: dict) -> list[str]:
     return [d for name in resume_fixed_fields() for d in _differences(name, _get(saved, name), _get(current, name))]
 
 
-def check_resume_config(saved: dict, current: dict, path: Path, allow_change: bool) -> list[str]:
-    """Raise naming the changed FIXED fields (unless `allow_change`, then they come back as warnings)."""
+def check_resume(path: Path, current: dict, allow_change: bool) -> tuple[TrainingProgress, list[str]]:
+    """(the checkpoint's progress, warnings) for resuming `path` with config `current`. Changed FIXED fields are an
+    error naming them, unless `allow_change` (then warnings); other differences are warnings saying which wins."""
+    progress, saved = Checkpointer.peek(path)
     changed = changed_fixed_fields(saved, current)
     if changed and not allow_change:
         raise CheckpointError(
@@ -296,7 +298,8 @@ def check_resume_config(saved: dict, current: dict, path: Path, allow_change: bo
             f"({'; '.join(changed)}). Set them back, start a new run in a new output_dir, or pass "
             "--allow-config-change to continue anyway"
         )
-    return [f"{c} (allowed by --allow-config-change; the run no longer matches an uninterrupted one)" for c in changed]
+    allowed = [f"{c} (allowed by --allow-config-change; the run no longer matches an uninterrupted one)" for c in changed]
+    return progress, allowed + compare_config(saved, current, progress)
 
 
 def compare_config(saved: dict, current: dict, progress: TrainingProgress) -> list[str]:

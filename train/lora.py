@@ -35,12 +35,11 @@ from qwen_image_lora.train.checkpoint import (
     Checkpointer,
     TrainingProgress,
     TrainingState,
-    check_resume_config,
-    compare_config,
+    check_resume,
 )
 from qwen_image_lora.train.guards import Guards, TrainingStopped
 from qwen_image_lora.train.preemption import EXIT_PREEMPTED, Preempted, StopSignal
-from qwen_image_lora.train.run_folder import RunFolder, RunFolderInUse, new_run_id
+from qwen_image_lora.train.run_folder import RunFolder, RunFolderInUse
 from qwen_image_lora.train.tracking import Tracker, check_tracker_available, log_with
 
 logger = logging.getLogger("qwen_image_lora.train")
@@ -79,9 +78,13 @@ class LoRARecipe:
             project_dir=str(self.out),
         )
         self.checkpointer = Checkpointer(self.out, cfg.checkpoint.keep_last)
-        self.resume_from, self.run_id = _main_then_share(acc, self._claim_folder)
+        self.resume_from, self.run_id = _main_then_share(
+            acc, lambda: self.run_folder.open(self.resume, self.overwrite, self.checkpointer))
         if self.resume_from is not None:
-            self._check_resume_config(self.resume_from)
+            progress, warnings = check_resume(self.resume_from, to_dict(cfg), self.allow_config_change)
+            for warning in warnings if acc.is_main_process else []:
+                logger.warning("resume: %s", warning)
+            cfg.train.seed = progress.seed  # the data order and caption choices continue the checkpoint's
         set_seed(cfg.train.seed)  # the same LoRA initialisation on every rank
         self.pipe = self._setup_model()
         self.data = self._setup_data()
@@ -110,30 +113,6 @@ class LoRARecipe:
             save_config(cfg, self.out / "config.yaml")
             self.tracker.start(to_dict(cfg))
             self.run_folder.trim_losses(self.step)
-
-    def _claim_folder(self) -> tuple[Path | None, str]:
-        """Main process, before any weights load: tidy the folder, pick the checkpoint to resume (only the folder's
-        own run's) and record which run owns the folder."""
-        self.run_folder.remove_leftovers()
-        if self.resume:
-            owner = self.run_folder.owner()
-            path = self.checkpointer.resolve(self.resume, owner if self.resume == "latest" else None)
-            run_id = Checkpointer.peek(path)[0].run_id or owner or new_run_id()
-        else:
-            if self.overwrite:
-                self.run_folder.move_aside()
-            path, run_id = None, new_run_id()
-        self.run_folder.claim(run_id)
-        return path, run_id
-
-    def _check_resume_config(self, path: Path) -> None:
-        progress, saved = Checkpointer.peek(path)
-        current = to_dict(self.cfg)
-        warnings = check_resume_config(saved, current, path, self.allow_config_change)
-        if self.accelerator.is_main_process:
-            for warning in warnings + compare_config(saved, current, progress):
-                logger.warning("resume: %s", warning)
-        self.cfg.train.seed = progress.seed  # the data order and caption choices continue the checkpoint's
 
     def _setup_model(self):
         cfg = self.cfg

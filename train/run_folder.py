@@ -87,8 +87,20 @@ class RunFolder:
         logger.warning("--overwrite: moved the previous run in %s to %s", self.path, aside)
         return aside
 
-    def claim(self, run_id: str) -> None:
+    def open(self, resume: str | None, overwrite: bool, checkpointer: Checkpointer) -> tuple[Path | None, str]:
+        """Main process, before any weights load: tidy the folder, pick the checkpoint to resume (with `latest`, only
+        this folder's run's), and record which run owns the folder. Returns (checkpoint or None, run id)."""
+        self.remove_leftovers()
+        if resume:
+            owner = self.owner()
+            path = checkpointer.resolve(resume, owner if resume == "latest" else None)
+            run_id = Checkpointer.peek(path)[0].run_id or owner or new_run_id()
+        else:
+            if overwrite:
+                self.move_aside()
+            path, run_id = None, new_run_id()
         atomic_write_text(self.path / RUN_NAME, json.dumps({"run_id": run_id, "started": time.time()}))
+        return path, run_id
 
     def remove_leftovers(self) -> None:
         """Temp files and folders of writes a killed process never finished; main process, before training."""
