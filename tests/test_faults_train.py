@@ -223,6 +223,31 @@ def test_sigterm_to_accelerate_launch_stops_the_trainer_with_a_checkpoint(tiny_m
     assert Checkpointer(out, 1).resolve("latest").name == f"step-{done:06d}"  # complete and verified
 
 
+@pytest.mark.slow  # ~40 s: two processes, each importing torch/diffusers
+def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_with_one_checkpoint(tiny_model_dir, sample_data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           *_train_cmd(tiny_model_dir, sample_data_dir, out, "train.max_steps=100000")[1:]]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    _wait_for_steps(out, 2, launcher, timeout=240)
+    workers = _children(launcher.pid)
+    rank = {int(dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)["RANK"]): pid
+            for pid in workers}
+    try:
+        os.kill(rank[1], signal.SIGTERM)  # only the second rank hears it
+        launcher.wait(timeout=120)
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    done = _losses(out)[-1]["step"]
+    checkpoints = Checkpointer(out, 1).all()
+    assert [_progress(p)["step"] for p in checkpoints] == [done] and _progress(checkpoints[0])["num_processes"] == 2
+    assert Checkpointer(out, 1).resolve("latest") == checkpoints[0]
+
+
 # ------------------------------------------------------------------------------------------ 3. verified checkpoints
 
 
