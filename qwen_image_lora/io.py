@@ -23,10 +23,6 @@ _NO_SPACE = {
 }
 
 
-class DiskFullError(OSError):
-    """A write ran out of space; the message names the path and says what was left intact."""
-
-
 def no_space_reason(error: BaseException) -> str | None:
     """'the disk is full ...' when `error` (or one it was raised from) is an out-of-space write, else None."""
     seen = set()
