@@ -12,7 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Union, get_type_hints
 
 import yaml
 
@@ -22,10 +22,20 @@ from qwen_image_lora.typed_yaml import ConfigError
 DEFAULT_MODEL = "Qwen/Qwen-Image-2.1"
 
 
-def _path(default=None, hub_id: bool = False, **kw):
+# Metadata of a field (or a whole section) that a resume must not change: it changes the maths of the run, so a
+# checkpoint continued with another value is a different run. `resume_fixed_fields()` lists them; the checkpoint
+# component compares them (`--allow-config-change` turns the error into a warning).
+FIXED = {"resume": "fixed"}
+
+
+def _fixed(default=dataclasses.MISSING, **kw):
+    return field(default=default, metadata=FIXED, **kw)
+
+
+def _path(default=None, hub_id: bool = False, fixed: bool = False, **kw):
     """A string field holding a filesystem path, resolved relative to the config file's folder. With `hub_id`
     it may also name a Hugging Face repo (`owner/name`), which is left as it is when no such path exists."""
-    return field(default=default, metadata={"path": "or-hub-id" if hub_id else True}, **kw)
+    return field(default=default, metadata={"path": "or-hub-id" if hub_id else True, **(FIXED if fixed else {})}, **kw)
 
 
 def _paths(**kw):
@@ -62,29 +72,29 @@ class EditExample:
 @dataclass
 class DataConfig:
     # A folder of images with same-name .txt captions, a .jsonl/.csv manifest, or a datasets dataset.
-    path: str | None = _path()
-    format: Literal["auto", "folder", "manifest", "hf"] = "auto"
+    path: str | None = _path(fixed=True)
+    format: Literal["auto", "folder", "manifest", "hf"] = _fixed("auto")
     # For `hf` datasets: our column name -> the dataset's column name (image, caption, target, instruction, sources).
-    columns: dict[str, str] = field(default_factory=dict)
-    split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict, metadata=FIXED)
+    split: str = _fixed("train")
     # The pixel budget (~resolution^2 pixels) of training buckets AND of generation (generate, edit, batch, eval,
     # serve): one name, so an adapter is used at the size it was trained at. Sides are multiples of 32.
-    resolution: int = 1024
-    max_upscale: float = 1.0
-    crop: Literal["center", "random"] = "center"
-    alpha: Literal["composite", "keep"] = "composite"
-    background: str = "#ffffff"
-    trigger_word: str | None = None
-    caption_template: str = "{caption}"
-    caption_dropout: float = 0.0
-    repeats: int = 1
+    resolution: int = _fixed(1024)
+    max_upscale: float = _fixed(1.0)
+    crop: Literal["center", "random"] = _fixed("center")
+    alpha: Literal["composite", "keep"] = _fixed("composite")
+    background: str = _fixed("#ffffff")
+    trigger_word: str | None = _fixed(None)
+    caption_template: str = _fixed("{caption}")
+    caption_dropout: float = _fixed(0.0)
+    repeats: int = _fixed(1)
     cache_dir: str | None = _path("${output_dir}/cache")
     num_workers: int = 0
     # `data doctor` limits: items beyond them are excluded from prepare and training (never deleted).
-    min_side: int = 64
-    max_aspect: float = 4.0
-    max_megapixels: float = 100.0
-    max_caption_tokens: int = 1024
+    min_side: int = _fixed(64)
+    max_aspect: float = _fixed(4.0)
+    max_megapixels: float = _fixed(100.0)
+    max_caption_tokens: int = _fixed(1024)
     # Entries per cache shard written by `data prepare` (per process).
     shard_size: int = 256
 
@@ -178,21 +188,21 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
+    batch_size: int = _fixed(1)
+    gradient_accumulation_steps: int = _fixed(1)
+    mixed_precision: Literal["bf16", "fp16", "no"] = _fixed("bf16")
     # true, false, or "auto": checkpoint the fewest blocks that keep the planned peak under memory_budget_gb.
     gradient_checkpointing: Union[bool, Literal["auto"]] = True
     memory_budget_gb: float = 24.0
     seed: int = 42
-    timestep_sampling: Literal["uniform", "logit_normal", "shifted"] = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
-    ema_decay: float | None = None
+    timestep_sampling: Literal["uniform", "logit_normal", "shifted"] = _fixed("logit_normal")
+    logit_mean: float = _fixed(0.0)
+    logit_std: float = _fixed(1.0)
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = _fixed("none")
+    ema_decay: float | None = _fixed(None)
     # Edit pairs with a `mask` (white = changed): the loss on changed latents weighs this much relative to the kept
     # background (1.0 = off), so an adapter learns the edit rather than the background it keeps.
-    mask_loss_weight: float = 1.0
+    mask_loss_weight: float = _fixed(1.0)
     # Guards against silent failures.
     max_nonfinite_losses: int = 5
     check_learning_after: int = 10
@@ -236,7 +246,7 @@ class ValidationConfig:
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     # Fraction of the dataset held out for the fixed-noise flow-matching loss (0 = none).
-    held_out_fraction: float = 0.0
+    held_out_fraction: float = _fixed(0.0)
 
     def validate(self, where: str) -> None:
         if self.every_steps < 0:
@@ -320,9 +330,9 @@ class ServeConfig:
 @dataclass
 class Config:
     output_dir: str = _path("outputs/run")
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=FIXED)  # the base weights
     data: DataConfig = field(default_factory=DataConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig, metadata=FIXED)  # every LoRA setting
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -363,6 +373,19 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     cfg.source = where
     typed_yaml.validate(cfg, "", where)
     return cfg
+
+
+def resume_fixed_fields(cls=None, prefix: str = "") -> list[str]:
+    """Dotted names of the fields (or whole sections) marked FIXED: what a resume must not change."""
+    cls = cls or Config
+    hints, names = get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        if f.metadata.get("resume") == "fixed":
+            names.append(dotted)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            names.extend(resume_fixed_fields(hints[f.name], dotted))
+    return names
 
 
 def to_dict(cfg: Config) -> dict:

@@ -1,19 +1,23 @@
-"""Resumable checkpoints: a typed progress record plus everything needed to continue the exact run.
+"""Resumable, verified checkpoints: a typed progress record plus everything needed to continue the exact run.
 
     <output_dir>/checkpoints/step-000250/
         adapter/pytorch_lora_weights.safetensors   the LoRA weights, loadable by `load_lora_weights` as they are
         training_state.pt                          optimizer, LR scheduler, EMA, guards, per-rank RNG states
-        progress.json                              TrainingProgress (step, seed, sampler cursor, ...)
+        progress.json                              TrainingProgress (run id, step, seed, sampler cursor, ...)
         config.yaml                                the resolved config of the run that wrote it
+        manifest.json                              size + sha256 of every file above; written last
 
 A checkpoint is written into a temporary folder and renamed into place, so a crash leaves either the whole
-checkpoint or none; any error while writing is raised, never logged and skipped. Only the newest `keep_last`
-are kept. `load()` returns what was saved; the recipe restores it and `compare_config` reports disagreements.
+checkpoint or none; any error while writing is raised (out of space said plainly), never logged and skipped.
+The manifest is checked on resume: a damaged or incomplete checkpoint is skipped with a warning naming it.
+Rotation keeps the newest `keep_last` checkpoints of the run that writes them and never touches another run's.
+`TrainingState` is the one place that knows what a resume restores.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import random
@@ -25,12 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from accelerate.utils import gather_object
 
-from qwen_image_lora.io import atomic_dir
+from qwen_image_lora.config import resume_fixed_fields
+from qwen_image_lora.io import atomic_dir, describe_write_error, remove_leftover_temps
+from qwen_image_lora.train import adapter
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d+)$")
+MANIFEST_NAME = "manifest.json"
+ADAPTER_FILE = Path("adapter") / adapter.WEIGHTS_NAME
 
 
 class CheckpointError(RuntimeError):
@@ -46,6 +55,7 @@ class TrainingProgress:
     position: int
     samples_seen: int = 0
     num_processes: int = 1
+    run_id: str = ""  # the run that wrote it ("" for checkpoints from before run ids)
     extra: dict = field(default_factory=dict)
 
 
@@ -68,6 +78,49 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ------------------------------------------------------------------------------------------ manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Size and sha256 of every file in `folder`; written last, so its presence means the save finished."""
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME
+    }
+    (folder / MANIFEST_NAME).write_text(json.dumps({"files": files}, indent=2))
+
+
+def verify_checkpoint(folder: str | Path) -> str | None:
+    """None when every file the manifest lists is there with its size and sha256, else what is wrong."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST_NAME} (its save did not finish, or a version without manifests wrote it)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST_NAME} is unreadable ({type(e).__name__})"
+    if ADAPTER_FILE.as_posix() not in files or "training_state.pt" not in files:
+        return f"{MANIFEST_NAME} does not list the adapter and training state"
+    for name, expected in files.items():  # sizes first: cheap, and they catch truncation
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
+    for name, expected in files.items():
+        if _sha256(folder / name) != expected["sha256"]:
+            return f"{name} does not match its sha256 in {MANIFEST_NAME} (the file is damaged)"
+    return None
+
+
 # ------------------------------------------------------------------------------------------ saving / loading
 
 
@@ -80,46 +133,62 @@ class Checkpointer:
         return self.root / f"step-{step:06d}"
 
     def all(self) -> list[Path]:
-        """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
+        """Checkpoint folders of any run, oldest first (temporary folders of an interrupted save are ignored)."""
         if not self.root.is_dir():
             return []
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
         return [p for _, p in sorted(found)]
 
-    def latest(self) -> Path | None:
-        found = self.all()
-        return found[-1] if found else None
+    def of_run(self, run_id: str) -> list[Path]:
+        """This run's checkpoints, oldest first; one whose progress.json is unreadable belongs to nobody."""
+        return [p for p in self.all() if _run_id_of(p) == run_id]
 
-    def resolve(self, resume: str) -> Path:
-        """`latest` or a checkpoint folder -> the folder; a clear error when there is none."""
-        if resume == "latest":
-            path = self.latest()
-            if path is None:
-                raise CheckpointError(f"--resume latest: no checkpoint under {self.root}")
+    def remove_leftovers(self) -> list[Path]:
+        """Delete the temporary folders a killed save left (`.step-000250.XXXX`); main process, before training."""
+        return remove_leftover_temps(self.root, "step-*")
+
+    def resolve(self, resume: str, run_id: str | None = None) -> Path:
+        """`latest` (the newest intact checkpoint of run `run_id`, or of any run when None) or a checkpoint
+        folder -> the folder. A damaged or incomplete checkpoint is skipped with a warning naming it."""
+        if resume != "latest":
+            path = Path(resume)
+            if not (path / "progress.json").is_file():
+                raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no progress.json)")
+            problem = verify_checkpoint(path)
+            if problem:
+                raise CheckpointError(f"--resume {resume}: the checkpoint is damaged: {problem}; try --resume latest")
             return path
-        path = Path(resume)
-        if not (path / "progress.json").is_file():
-            raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no progress.json)")
-        return path
+        skipped = []
+        for path in reversed(self.all()):
+            owner = _run_id_of(path)
+            if run_id is not None and owner is not None and owner != run_id:
+                logger.warning("resume: skipping %s: it belongs to run %s, not to this folder's run %s", path, owner, run_id)
+                continue
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            logger.warning("resume: skipping damaged checkpoint %s: %s", path, problem)
+            skipped.append(path.name)
+        found = f"no intact checkpoint (skipped {', '.join(skipped)})" if skipped else "no checkpoint"
+        raise CheckpointError(
+            f"--resume latest: {found} under {self.root}; to start a new run instead, drop --resume"
+        )
 
-    def save(
-        self,
-        progress: TrainingProgress,
-        write_adapter,
-        training_state: dict,
-        config: dict,
-    ) -> Path:
-        """Write one checkpoint atomically and rotate old ones. `write_adapter(folder)` writes the weights."""
+    def save(self, progress: TrainingProgress, write_state, config: dict) -> Path:
+        """Write one checkpoint atomically, manifest last, and rotate this run's old ones.
+        `write_state(folder)` writes the adapter and the training state."""
         path = self.path_for(progress.step)
         try:
             with atomic_dir(path) as tmp:
-                write_adapter(tmp / "adapter")
-                torch.save(training_state, tmp / "training_state.pt")
+                write_state(tmp)
                 (tmp / "progress.json").write_text(json.dumps(dataclasses.asdict(progress), indent=2))
                 (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+                write_manifest(tmp)
         except Exception as e:
-            raise CheckpointError(f"could not write checkpoint {path}: {type(e).__name__}: {e}") from e
-        for old in self.all()[: -self.keep_last]:
+            previous = self.of_run(progress.run_id)
+            kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+            raise CheckpointError(f"checkpoint {path}: {describe_write_error(e, path)}{kept}") from e
+        for old in self.of_run(progress.run_id)[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
@@ -133,24 +202,108 @@ class Checkpointer:
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
 
-    @staticmethod
-    def load(path: str | Path) -> tuple[TrainingProgress, Path, dict, dict]:
-        """(progress, adapter folder, training state, saved config) from a checkpoint folder."""
-        path = Path(path)
+
+def _run_id_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / "progress.json").read_text()).get("run_id", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------ what a resume restores
+
+
+class TrainingState:
+    """Everything a resume restores, saved and restored here only: the adapter weights, the optimizer, the LR
+    scheduler, EMA, the guards' memory, and every rank's RNG and noise-sampler streams. New state that a resume
+    must bring back is one more entry in `_components`."""
+
+    def __init__(self, accelerator, transformer, optimizer, lr_scheduler, ema, guards, noise):
+        self.accelerator, self.transformer, self.noise = accelerator, transformer, noise
+        self.optimizer, self.lr_scheduler, self.ema, self.guards = optimizer, lr_scheduler, ema, guards
+
+    def _components(self) -> dict:
+        return {"optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler, "ema": self.ema, "guards": self.guards}
+
+    def save(self, checkpointer: Checkpointer, progress: TrainingProgress, config: dict) -> Path | None:
+        """Collective: every rank calls it; the main process writes. Returns the folder on the main process."""
+        acc = self.accelerator
+        ranks = gather_object([{"rng": capture_rng_state(), "noise": self.noise.state_dict()}])
+        path = None
+        if acc.is_main_process:
+            state = {name: None if c is None else c.state_dict() for name, c in self._components().items()}
+            state["ranks"] = ranks
+
+            def write_state(folder: Path) -> None:
+                adapter.save_adapter(self.transformer, folder / "adapter")
+                with open(folder / "training_state.pt", "wb") as f:  # a file object keeps ENOSPC in the error chain
+                    torch.save(state, f)
+
+            path = checkpointer.save(progress, write_state, config)
+        acc.wait_for_everyone()
+        return path
+
+    def restore(self, path: str | Path) -> TrainingProgress:
+        """Load a checkpoint (already verified by `Checkpointer.resolve`) into the live objects."""
+        acc, path = self.accelerator, Path(path)
+        progress, _ = Checkpointer.peek(path)
         try:
-            progress = TrainingProgress(**json.loads((path / "progress.json").read_text()))
             state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
-            config = yaml.safe_load((path / "config.yaml").read_text())
-        except (OSError, ValueError, TypeError, RuntimeError) as e:
+        except (OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
-        adapter = path / "adapter"
-        if not (adapter / "pytorch_lora_weights.safetensors").is_file():
-            raise CheckpointError(f"checkpoint {path} has no adapter/pytorch_lora_weights.safetensors")
-        return progress, adapter, state, config
+        adapter.load_adapter_file(self.transformer, path / "adapter")
+        for name, component in self._components().items():
+            if component is not None and state.get(name) is not None:
+                component.load_state_dict(state[name])
+        ranks = state["ranks"]
+        if len(ranks) != acc.num_processes:
+            logger.warning(
+                "resume: the checkpoint was written by %d processes, this run has %d; RNG streams are reused "
+                "round-robin, so losses will not match an uninterrupted run exactly", len(ranks), acc.num_processes,
+            )
+        mine = ranks[acc.process_index % len(ranks)]
+        restore_rng_state(mine["rng"])
+        self.noise.load_state_dict(mine["noise"])
+        return progress
+
+
+# ------------------------------------------------------------------------------------------ config on resume
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _differences(name: str, old, new) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):  # a FIXED section: name the leaves that changed
+        return [d for key in {**old, **new} for d in _differences(f"{name}.{key}", old.get(key), new.get(key))]
+    return [] if old == new else [f"{name}: {old!r} -> {new!r}"]
+
+
+def changed_fixed_fields(saved: dict, current: dict) -> list[str]:
+    """'field: checkpoint -> now' for each field the schema marks FIXED (changes the maths) that differs."""
+    return [d for name in resume_fixed_fields() for d in _differences(name, _get(saved, name), _get(current, name))]
+
+
+def check_resume(path: Path, current: dict, allow_change: bool) -> tuple[TrainingProgress, list[str]]:
+    """(the checkpoint's progress, warnings) for resuming `path` with config `current`. Changed FIXED fields are an
+    error naming them, unless `allow_change` (then warnings); other differences are warnings saying which wins."""
+    progress, saved = Checkpointer.peek(path)
+    changed = changed_fixed_fields(saved, current)
+    if changed and not allow_change:
+        raise CheckpointError(
+            f"resume from {path}: this config changes settings that change the maths of the run "
+            f"({'; '.join(changed)}). Set them back, start a new run in a new output_dir, or pass "
+            "--allow-config-change to continue anyway"
+        )
+    allowed = [f"{c} (allowed by --allow-config-change; the run no longer matches an uninterrupted one)" for c in changed]
+    return progress, allowed + compare_config(saved, current, progress)
 
 
 def compare_config(saved: dict, current: dict, progress: TrainingProgress) -> list[str]:
-    """Human-readable warnings for settings that differ between the checkpoint and this run, saying which wins."""
+    """Human-readable warnings for free settings that differ between the checkpoint and this run, saying which wins."""
     warnings = []
     if saved.get("train", {}).get("seed") != current["train"]["seed"]:
         warnings.append(
@@ -162,9 +315,6 @@ def compare_config(saved: dict, current: dict, progress: TrainingProgress) -> li
             f"train.max_steps: the checkpoint's run aimed for {saved['train']['max_steps']}, the config says "
             f"{current['train']['max_steps']}; the config wins (training continues from step {progress.step})"
         )
-    for section in ("lora", "model"):
-        if saved.get(section) != current.get(section):
-            warnings.append(f"{section}: differs from the checkpoint's; loading its weights may fail")
     for key in ("lr", "name", "scheduler", "warmup_steps"):
         if saved.get("optim", {}).get(key) != current["optim"][key]:
             warnings.append(

@@ -6,13 +6,16 @@
 `train()` is the loop; `save_checkpoint()` writes a resumable checkpoint; `cleanup()` closes the trackers.
 The maths lives in `objective.py`, the Qwen-Image specifics in `qwen_image_lora.model`, so the loop below
 never mentions a tensor shape. accelerate handles devices, mixed precision, accumulation and DDP.
+
+Exit status: 0 trained; 2 a config, data, run-folder or checkpoint problem (one `error:` line); 3 a guard
+stopped the run; 75 (EXIT_PREEMPTED) SIGTERM/SIGINT stopped it after writing a checkpoint: rerun with
+`--resume latest`.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 import sys
@@ -23,32 +26,37 @@ import torch
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, ConfigError, load_config, save_config, to_dict
+from qwen_image_lora.data.sources import DataError
+from qwen_image_lora.io import describe_write_error
 from qwen_image_lora.progress import progress_bar
 from qwen_image_lora.train import adapter, export, objective, optim, validation
 from qwen_image_lora.train.checkpoint import (
     CheckpointError,
     Checkpointer,
     TrainingProgress,
-    capture_rng_state,
-    compare_config,
-    restore_rng_state,
+    TrainingState,
+    check_resume,
 )
 from qwen_image_lora.train.guards import Guards, TrainingStopped
+from qwen_image_lora.train.preemption import EXIT_PREEMPTED, Preempted, StopSignal
+from qwen_image_lora.train.run_folder import RunFolder, RunFolderInUse
 from qwen_image_lora.train.tracking import Tracker, check_tracker_available, log_with
 
 logger = logging.getLogger("qwen_image_lora.train")
 
-LOSSES_NAME = "losses.jsonl"  # one {"step", "loss", "lr", "grad_norm"} per optimizer step
-
 
 class LoRARecipe:
-    def __init__(self, cfg: Config, resume: str | None = None):
+    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False,
+                 allow_config_change: bool = False):
         self.cfg = cfg
         self.resume = resume if resume is not None else cfg.checkpoint.resume
+        self.overwrite, self.allow_config_change = overwrite, allow_config_change
         self.out = Path(cfg.output_dir)
+        self.run_folder = RunFolder(self.out, keep=cfg.data.cache_dir)
+        self.stop = StopSignal()
         self.step = 0
+        self.saved_step = None  # the step of the newest checkpoint this process wrote
         self.cursor = (0, 0)  # the sampler position of the next batch
-        self.history: list[float] = []
         self.samples: dict[str, Path] = {}
         self.tracker = None
 
@@ -60,6 +68,9 @@ class LoRARecipe:
 
         cfg = self.cfg
         _check_before_loading(cfg)
+        if not self.resume:
+            self.run_folder.check_fresh_start(self.overwrite)
+        self.stop.install()
         self.accelerator = acc = Accelerator(
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             mixed_precision=cfg.train.mixed_precision,
@@ -67,7 +78,13 @@ class LoRARecipe:
             project_dir=str(self.out),
         )
         self.checkpointer = Checkpointer(self.out, cfg.checkpoint.keep_last)
-        self.resume_from = self._resolve_resume()
+        self.resume_from, self.run_id = _main_then_share(
+            acc, lambda: self.run_folder.open(self.resume, self.overwrite, self.checkpointer))
+        if self.resume_from is not None:
+            progress, warnings = check_resume(self.resume_from, to_dict(cfg), self.allow_config_change)
+            for warning in warnings if acc.is_main_process else []:
+                logger.warning("resume: %s", warning)
+            cfg.train.seed = progress.seed  # the data order and caption choices continue the checkpoint's
         set_seed(cfg.train.seed)  # the same LoRA initialisation on every rank
         self.pipe = self._setup_model()
         self.data = self._setup_data()
@@ -87,25 +104,15 @@ class LoRARecipe:
         )
         self.guards = Guards(cfg.train)
         self.guards.remember_initial(self.pipe.transformer.named_parameters())
+        self.state = TrainingState(acc, self.pipe.transformer, self.optimizer, self.lr_scheduler, self.ema,
+                                   self.guards, self.noise)
         if self.resume_from is not None:
             self._restore(self.resume_from)
         self.tracker = Tracker(acc, cfg.tracking, self.out)
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             self.tracker.start(to_dict(cfg))
-            self._trim_loss_log()
-
-    def _resolve_resume(self) -> Path | None:
-        if not self.resume:
-            return None
-        path = self.checkpointer.resolve(self.resume)
-        progress, saved = Checkpointer.peek(path)
-        if self.accelerator.is_main_process:
-            for warning in compare_config(saved, to_dict(self.cfg), progress):
-                logger.warning("resume: %s", warning)
-        self.cfg.train.seed = progress.seed  # the data order and caption choices continue the checkpoint's
-        return path
+            self.run_folder.trim_losses(self.step)
 
     def _setup_model(self):
         cfg = self.cfg
@@ -193,6 +200,9 @@ class LoRARecipe:
             self._check_guards(step_loss, grad_norm)
             self._maybe_validate()
             self._maybe_checkpoint()
+            if self.stop.agreed(acc):  # every rank sees the same answer after the same step
+                bar.close()
+                return self._stop_on_signal()
         bar.close()
         self._finish()
 
@@ -203,12 +213,10 @@ class LoRARecipe:
 
     def _log(self, loss: float, grad_norm: float, seconds: float) -> None:
         acc, cfg = self.accelerator, self.cfg
-        self.history.append(loss)
         if not acc.is_main_process:
             return
         lr = self.lr_scheduler.get_last_lr()[0]
-        with open(self.out / LOSSES_NAME, "a") as f:
-            f.write(json.dumps({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm}) + "\n")
+        self.run_folder.append_loss({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         if self.step % cfg.train.log_every == 0:
             samples = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * acc.num_processes
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "s_per_step": seconds, "samples_per_s": samples / seconds}
@@ -251,53 +259,32 @@ class LoRARecipe:
         return metrics
 
     def save_checkpoint(self) -> Path | None:
-        from accelerate.utils import gather_object
-
         acc, cfg = self.accelerator, self.cfg
-        # Every rank's RNG streams, gathered so one folder resumes them all.
-        ranks = gather_object([{"rng": capture_rng_state(), "noise": self.noise.state_dict()}])
-        path = None
-        if acc.is_main_process:
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                "ema": None if self.ema is None else self.ema.state_dict(),
-                "guards": self.guards.state_dict(),
-                "ranks": ranks,
-            }
-            progress = TrainingProgress(
-                step=self.step, seed=cfg.train.seed, max_steps=cfg.train.max_steps, epoch=self.cursor[0],
-                position=self.cursor[1], samples_seen=self.step * cfg.train.batch_size *
-                cfg.train.gradient_accumulation_steps * acc.num_processes, num_processes=acc.num_processes,
-            )
-            path = self.checkpointer.save(
-                progress, lambda folder: adapter.save_adapter(self.pipe.transformer, folder), state, to_dict(cfg)
-            )
+        progress = TrainingProgress(
+            step=self.step, seed=cfg.train.seed, max_steps=cfg.train.max_steps, epoch=self.cursor[0],
+            position=self.cursor[1], samples_seen=self.step * cfg.train.batch_size *
+            cfg.train.gradient_accumulation_steps * acc.num_processes, num_processes=acc.num_processes,
+            run_id=self.run_id,
+        )
+        path = self.state.save(self.checkpointer, progress, to_dict(cfg))
+        self.saved_step = self.step
+        if path is not None:
             logger.info("saved checkpoint %s", path)
-        acc.wait_for_everyone()
         return path
 
     def _restore(self, path: Path) -> None:
-        acc = self.accelerator
-        progress, adapter_dir, state, _ = Checkpointer.load(path)
-        adapter.load_adapter_file(self.pipe.transformer, adapter_dir)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.guards.load_state_dict(state["guards"])
-        ranks = state["ranks"]
-        if len(ranks) != acc.num_processes:
-            logger.warning(
-                "resume: the checkpoint was written by %d processes, this run has %d; RNG streams are reused "
-                "round-robin, so losses will not match an uninterrupted run exactly", len(ranks), acc.num_processes,
-            )
-        mine = ranks[acc.process_index % len(ranks)]
-        restore_rng_state(mine["rng"])
-        self.noise.load_state_dict(mine["noise"])
+        progress = self.state.restore(path)
         self.step, self.cursor = progress.step, (progress.epoch, progress.position)
-        if acc.is_main_process:
+        if self.accelerator.is_main_process:
             logger.info("resumed from %s at step %d", path, self.step)
+
+    def _stop_on_signal(self) -> None:
+        """All ranks stopped after the same step: save it (unless just saved) and leave with EXIT_PREEMPTED."""
+        path = self.checkpointer.path_for(self.step)
+        if self.saved_step != self.step:
+            path = self.save_checkpoint()
+        raise Preempted(f"stopped by {self.stop.name} after step {self.step} of {self.cfg.train.max_steps}; "
+                        f"checkpoint {path} written; continue with --resume latest")
 
     def _finish(self) -> None:
         """Final validation, then the output folder: adapter, config, metadata, model card."""
@@ -310,10 +297,12 @@ class LoRARecipe:
         if len(set(hashes)) != 1:
             raise TrainingStopped(f"the processes ended with different adapters (hashes {hashes}); DDP went out of sync")
         if acc.is_main_process:
+            losses = [row["loss"] for row in self.run_folder.read_losses()]  # the whole run, across resumes
             metadata = {
+                "run_id": self.run_id,
                 "steps": self.step,
-                "first_loss": _mean(self.history[:10]),
-                "final_loss": _mean(self.history[-10:]),
+                "first_loss": _mean(losses[:10]),
+                "final_loss": _mean(losses[-10:]),
                 "num_processes": acc.num_processes,
                 "nonfinite_steps_skipped": self.guards.nonfinite,
                 "adapter_sha256": hashes[0],
@@ -321,13 +310,18 @@ class LoRARecipe:
                 "trainable_parameters": sum(p.numel() for p in self.params),
                 "versions": _versions(),
             }
-            export.write_run_folder(self.pipe.transformer, cfg, metadata, self.samples, state)
+            try:
+                export.write_run_folder(self.pipe.transformer, cfg, metadata, self.samples, state)
+            except Exception as e:
+                raise CheckpointError(f"{describe_write_error(e, self.out)}; the files already there and the "
+                                      f"checkpoints in {self.checkpointer.root} are intact") from e
             self.tracker.upload_adapter(self.out)
             logger.info("adapter written to %s", self.out / adapter.WEIGHTS_NAME)
             logger.info("loss: %.4f (mean of the first 10 steps) -> %.4f (last 10)", metadata["first_loss"], metadata["final_loss"])
         acc.wait_for_everyone()
 
     def cleanup(self) -> None:
+        self.stop.uninstall()
         if self.tracker is not None:
             self.tracker.finish()
         cache = self.data.dataset.encoder.cache if hasattr(self, "data") else None
@@ -340,14 +334,6 @@ class LoRARecipe:
         import contextlib
 
         return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-
-    def _trim_loss_log(self) -> None:
-        """A fresh run starts the per-step log afresh; a resumed one keeps the steps up to its checkpoint."""
-        log = self.out / LOSSES_NAME
-        if not log.exists():
-            return
-        keep = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-        log.write_text("".join(line + "\n" for line in keep) if self.resume_from is not None else "")
 
 
 class _Forward:
@@ -380,6 +366,22 @@ def _check_before_loading(cfg: Config) -> None:
             raise ConfigError("train.gradient_checkpointing: 'auto' needs the memory planner (train/memory.py)") from e
 
 
+def _main_then_share(acc, fn):
+    """Run `fn` on the main process and give its result, or its error, to every rank: all go on or stop together."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome = [None]
+    if acc.is_main_process:
+        try:
+            outcome = [(True, fn())]
+        except Exception as e:  # raised on every rank below, so no rank waits in a collective forever
+            outcome = [(False, e)]
+    ok, value = broadcast_object_list(outcome)[0]
+    if not ok:
+        raise value
+    return value
+
+
 def _gather_hashes(state: dict[str, torch.Tensor]) -> list[str]:
     from accelerate.utils import gather_object
 
@@ -409,7 +411,11 @@ def _progress_bar(total: int, initial: int, main: bool):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train/lora.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the run's YAML config")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("--resume", default=None, help="'latest' (this output_dir's run) or a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an output_dir that holds another; the old run is moved aside, not deleted")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although the config changes settings that change the maths (lora.*, data.*, ...)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -418,19 +424,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    recipe = LoRARecipe(cfg, resume=args.resume)
+    recipe = LoRARecipe(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     try:
         recipe.setup()
         recipe.train()
-    except (ConfigError, CheckpointError, adapter.AdapterError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, CheckpointError, RunFolderInUse, adapter.AdapterError) as e:
+        message, status = f"error: {e}", 2
     except TrainingStopped as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return 3
+        message, status = f"training stopped: {e}", 3
+    except Preempted as e:
+        message, status = str(e), EXIT_PREEMPTED
+    else:
+        message, status = None, 0
     finally:
         recipe.cleanup()
-    return 0
+    if message:  # after cleanup's own output, so under accelerate launch it is the last line before accelerate's
+        print(message.replace("\n", " "), file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

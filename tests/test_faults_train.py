@@ -1,0 +1,419 @@
+"""Reliability of training runs (issue #11, items 1-5) on the tiny model: a run folder belongs to one run, a
+signal ends a run with a checkpoint and no orphan, a damaged checkpoint is skipped for an intact one, a resume
+keeps the books of the whole run and refuses a config that changes the maths, and a full disk says so and leaves
+the previous checkpoint and adapter intact. Each case reproduces a failure of the toolkit before the fix."""
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwen_image_lora.config import load_config, to_dict
+from qwen_image_lora.io import atomic_dir, atomic_write_text
+from qwen_image_lora.train import lora
+from qwen_image_lora.train.checkpoint import Checkpointer, CheckpointError, TrainingProgress
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+ADAPTER = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """In-process runs each build an Accelerator; accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _args(tiny_model_dir, sample_data_dir, out, *extra):
+    return ["--config", str(DEMO), f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}",
+            f"output_dir={out}", "validation.prompts=[]", "validation.edits=[]", "validation.every_steps=0",
+            "train.batch_size=1", *extra]
+
+
+def _env(**extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", **extra}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env
+
+
+def _losses(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "losses.jsonl").read_text().splitlines()]
+
+
+def _progress(checkpoint) -> dict:
+    return json.loads((Path(checkpoint) / "progress.json").read_text())
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _names(folder) -> list[str]:
+    return sorted(p.name for p in Path(folder).iterdir())
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, sample_data_dir, tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 1, 2 and 3 (copy it before changing it)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert lora.main(_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=4", "checkpoint.every_steps=1",
+                           "checkpoint.keep_last=5")) == 0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return out
+
+
+def _copy(trained, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ 1. run ownership
+
+
+def test_every_file_of_a_run_carries_its_run_id(trained):
+    run_id = json.loads((trained / "run.json").read_text())["run_id"]
+    assert run_id
+    assert json.loads((trained / "training_metadata.json").read_text())["run_id"] == run_id
+    assert [_progress(p)["run_id"] for p in Checkpointer(trained, 1).all()] == [run_id] * 3
+
+
+def test_a_fresh_start_in_a_used_folder_stops_before_loading_weights(
+        trained, tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch):
+    from qwen_image_lora import model as qmodel
+
+    out = _copy(trained, tmp_path)
+    before = {p: _sha(p) for p in out.rglob("*") if p.is_file()}
+    real_load = qmodel.load_pipeline
+    monkeypatch.setattr(qmodel, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    args = _args(tiny_model_dir, sample_data_dir, out, "train.max_steps=2", "train.seed=7", "checkpoint.every_steps=1")
+    assert lora.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"output_dir {out} already holds run" in err and "--resume latest" in err and "--overwrite" in err
+    assert {p: _sha(p) for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+
+    # --overwrite moves the old run aside, whole, and the new run starts clean.
+    monkeypatch.setattr(qmodel, "load_pipeline", real_load)
+    old_id = json.loads((out / "run.json").read_text())["run_id"]
+    assert lora.main([*args, "--overwrite"]) == 0
+    aside = out.with_name(f"run.{old_id}")
+    assert {aside / p.relative_to(out): h for p, h in before.items()} == {p: _sha(p) for p in aside.rglob("*") if p.is_file()}
+    new_id = json.loads((out / "run.json").read_text())["run_id"]
+    assert new_id != old_id and [r["step"] for r in _losses(out)] == [1, 2]
+    assert [_progress(p)["run_id"] for p in Checkpointer(out, 1).all()] == [new_id]
+
+
+def test_resume_latest_and_rotation_leave_another_runs_checkpoints_alone(
+        trained, tiny_model_dir, sample_data_dir, tmp_path, caplog):
+    from qwen_image_lora.train.checkpoint import write_manifest
+
+    out = _copy(trained, tmp_path)
+    # A newer checkpoint of another run in the same folder (what the old toolkit left when two runs shared it).
+    foreign = out / "checkpoints" / "step-000009"
+    shutil.copytree(out / "checkpoints" / "step-000003", foreign)
+    progress = {**_progress(foreign), "run_id": "someone-else", "step": 9}
+    (foreign / "progress.json").write_text(json.dumps(progress))
+    (foreign / "manifest.json").unlink()
+    write_manifest(foreign)
+
+    with caplog.at_level("WARNING"):
+        assert lora.main([*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", "checkpoint.every_steps=1",
+                                 "checkpoint.keep_last=2"), "--resume", "latest"]) == 0
+    assert "step-000009: it belongs to run someone-else" in caplog.text
+    assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4, 5, 6]  # continued from its own step 3
+    # Rotation kept this run's newest two and did not touch the other run's.
+    assert _names(out / "checkpoints") == ["step-000004", "step-000005", "step-000009"]
+    assert _progress(foreign)["run_id"] == "someone-else"
+
+
+# ------------------------------------------------------------------------------------------ 2. preemption
+
+
+def _train_cmd(tiny_model_dir, sample_data_dir, out, *extra):
+    # Accumulation, EMA, LoRA dropout and caption dropout all draw randomness that a resume must restore.
+    return [sys.executable, str(ROOT / "train" / "lora.py"),
+            *_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=10", "checkpoint.every_steps=100",
+                   "train.gradient_accumulation_steps=2", "train.ema_decay=0.9", "lora.dropout=0.1",
+                   "data.caption_dropout=0.3", *extra)]
+
+
+def _wait_for_steps(out, n, process, timeout=120):
+    deadline = time.time() + timeout
+    while not ((Path(out) / "losses.jsonl").is_file() and len(_losses(out)) >= n):
+        assert process.poll() is None and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.02)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(
+        tiny_model_dir, sample_data_dir, tmp_path):
+    from qwen_image_lora.train.preemption import EXIT_PREEMPTED
+
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    first = subprocess.Popen(_train_cmd(tiny_model_dir, sample_data_dir, full), cwd=ROOT, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(_train_cmd(tiny_model_dir, sample_data_dir, stopped), cwd=ROOT, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(stopped, 3, victim)
+    victim.send_signal(signal.SIGTERM)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == EXIT_PREEMPTED, err[-3000:]
+    done = _losses(stopped)[-1]["step"]
+    assert 3 <= done < 10 and "--resume latest" in err.splitlines()[-1]
+    # One checkpoint, at the step the run stopped after, although checkpoint.every_steps=100.
+    assert [_progress(p)["step"] for p in Checkpointer(stopped, 1).all()] == [done]
+    assert not (stopped / ADAPTER).exists()
+    assert first.wait(timeout=240) == 0, first.stderr.read()[-3000:]
+
+    resumed = subprocess.run([*_train_cmd(tiny_model_dir, sample_data_dir, stopped), "--resume", "latest"],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _losses(full), _losses(stopped)
+    assert [r["step"] for r in b] == list(range(1, 11))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical, step for step
+    wa, wb = (load_file(d / ADAPTER) for d in (full, stopped))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # EMA'd final adapter too
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_to_accelerate_launch_stops_the_trainer_with_a_checkpoint(tiny_model_dir, sample_data_dir, tmp_path):
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           *_train_cmd(tiny_model_dir, sample_data_dir, out, "train.max_steps=100000")[1:]]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_steps(out, 2, launcher)
+    (trainer,) = _children(launcher.pid)
+    try:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=30)
+        deadline = time.time() + 90
+        while _alive(trainer) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(trainer), "the trainer outlived its launcher"
+    finally:
+        if _alive(trainer):
+            os.kill(trainer, signal.SIGKILL)
+    done = _losses(out)[-1]["step"]
+    assert [_progress(p)["step"] for p in Checkpointer(out, 1).all()] == [done]
+    assert Checkpointer(out, 1).resolve("latest").name == f"step-{done:06d}"  # complete and verified
+
+
+@pytest.mark.slow  # ~40 s: two processes, each importing torch/diffusers
+def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_with_one_checkpoint(tiny_model_dir, sample_data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           *_train_cmd(tiny_model_dir, sample_data_dir, out, "train.max_steps=100000")[1:]]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    _wait_for_steps(out, 2, launcher, timeout=240)
+    workers = _children(launcher.pid)
+    rank = {int(dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)["RANK"]): pid
+            for pid in workers}
+    try:
+        os.kill(rank[1], signal.SIGTERM)  # only the second rank hears it
+        launcher.wait(timeout=120)
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    done = _losses(out)[-1]["step"]
+    checkpoints = Checkpointer(out, 1).all()
+    assert [_progress(p)["step"] for p in checkpoints] == [done] and _progress(checkpoints[0])["num_processes"] == 2
+    assert Checkpointer(out, 1).resolve("latest") == checkpoints[0]
+
+
+# ------------------------------------------------------------------------------------------ 3. verified checkpoints
+
+
+@pytest.mark.parametrize("damage", ["truncated adapter", "2 KB overwritten"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
+        damage, trained, tiny_model_dir, sample_data_dir, tmp_path, caplog):
+    out = _copy(trained, tmp_path)
+    expected = _losses(out)
+    newest = out / "checkpoints" / "step-000003"
+    if damage == "truncated adapter":
+        path = newest / "adapter" / ADAPTER
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # the same size, 2 KB of the adapter's tensor data (after the safetensors header) replaced
+        path = newest / "adapter" / ADAPTER
+        data = bytearray(path.read_bytes())
+        start = 8 + int.from_bytes(data[:8], "little") + 64
+        data[start:start + 2048] = os.urandom(2048)
+        path.write_bytes(bytes(data))
+    with caplog.at_level("INFO"):
+        assert lora.main([*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=4", "checkpoint.every_steps=1",
+                                 "checkpoint.keep_last=5"), "--resume", "latest"]) == 0
+    assert f"skipping damaged checkpoint {newest}" in caplog.text
+    assert ("truncated" if damage == "truncated adapter" else "does not match its sha256") in caplog.text
+    assert f"resumed from {out / 'checkpoints' / 'step-000002'} at step 2" in caplog.text
+    assert [r["loss"] for r in _losses(out)] == [r["loss"] for r in expected]  # steps 3-4 retrained to the same losses
+
+
+def test_leftovers_of_a_killed_save_are_removed_and_a_half_written_loss_line_is_dropped(
+        trained, tiny_model_dir, sample_data_dir, tmp_path):
+    out = _copy(trained, tmp_path)
+    expected = _losses(out)
+    leftovers = [out / "checkpoints" / ".step-000004.k1ll3d", out / ".adapter.k1ll3d"]
+    for folder in leftovers:
+        folder.mkdir()
+        (folder / "partial.bin").write_bytes(b"\0" * 100)
+    (out / ".training_metadata.json.k1ll3d.json").write_text("{")
+    with open(out / "losses.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.1')  # killed mid-append
+    assert lora.main([*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", "checkpoint.every_steps=1",
+                             "checkpoint.keep_last=5"), "--resume", "latest"]) == 0
+    assert not any(p.exists() for p in leftovers) and not list(out.glob(".training_metadata.json.*"))
+    rows = _losses(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[:3] == expected[:3]  # the steps up to the checkpoint kept as they were
+    meta = json.loads((out / "training_metadata.json").read_text())
+    losses = [r["loss"] for r in rows]
+    assert meta["first_loss"] == pytest.approx(sum(losses) / 6) and meta["final_loss"] == meta["first_loss"]
+    assert meta["run_id"] == json.loads((trained / "run.json").read_text())["run_id"]  # the same run, continued
+
+
+def test_resume_latest_without_a_checkpoint_says_to_drop_resume(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    assert lora.main([*_args(tiny_model_dir, sample_data_dir, tmp_path / "empty"), "--resume", "latest"]) == 2
+    assert "drop --resume" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ 4. config changes
+
+
+def test_a_resume_that_changes_the_maths_is_an_error_naming_the_fields(
+        trained, tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    out = _copy(trained, tmp_path)
+    changes = ["lora.alpha=3", "train.gradient_accumulation_steps=2", "data.caption_dropout=0.2", "train.ema_decay=0.5"]
+    args = [*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=5", *changes), "--resume", "latest"]
+    assert lora.main(args) == 2
+    err = capsys.readouterr().err
+    for name in ("lora.alpha", "train.gradient_accumulation_steps", "data.caption_dropout", "train.ema_decay"):
+        assert name in err
+    assert "--allow-config-change" in err and [r["step"] for r in _losses(out)] == [1, 2, 3, 4]
+    assert lora.main([*args, "--allow-config-change"]) == 0
+    assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4, 5]
+
+
+def test_the_schema_decides_what_a_resume_may_change():
+    from qwen_image_lora.config import resume_fixed_fields
+    from qwen_image_lora.train.checkpoint import changed_fixed_fields
+
+    base = to_dict(load_config(None))
+    changed = to_dict(load_config(None, ["lora.use_rslora=true", "data.resolution=512", "model.dtype=float32",
+                                         "validation.held_out_fraction=0.1", "train.max_steps=5",
+                                         "data.num_workers=2", "checkpoint.keep_last=9"]))
+    assert changed_fixed_fields(base, changed) == [
+        "model.dtype: 'bfloat16' -> 'float32'", "data.resolution: 1024 -> 512", "lora.use_rslora: False -> True",
+        "validation.held_out_fraction: 0.0 -> 0.1",
+    ]
+    assert {"lora", "model", "train.batch_size", "train.ema_decay"} <= set(resume_fixed_fields())
+
+
+# ------------------------------------------------------------------------------------------ 5. disk full
+
+
+def test_a_full_disk_mid_save_says_so_and_keeps_the_previous_checkpoint(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=3)
+
+    def write_state(folder):
+        (folder / "adapter").mkdir()
+        (folder / "adapter" / ADAPTER).write_bytes(b"w")
+        (folder / "training_state.pt").write_bytes(b"s")
+
+    ck.save(TrainingProgress(1, 0, 10, 0, 1, run_id="r"), write_state, {})
+
+    def disk_full(folder):
+        (folder / "training_state.pt").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(CheckpointError) as e:
+        ck.save(TrainingProgress(2, 0, 10, 0, 2, run_id="r"), disk_full, {})
+    assert "the disk is full" in str(e.value) and str(ck.path_for(2)) in str(e.value)
+    assert f"the previous checkpoint {ck.path_for(1)} is intact" in str(e.value)
+    assert _names(tmp_path / "checkpoints") == ["step-000001"]
+    assert ck.resolve("latest") == ck.path_for(1)
+
+
+def _limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_running_out_of_space_in_a_real_run_names_the_path_and_loses_nothing(trained, tiny_model_dir, sample_data_dir, tmp_path):
+    out = _copy(trained, tmp_path)
+    kept = {p: _sha(p) for p in [out / ADAPTER, out / "training_metadata.json", out / "README.md"]}
+    limit = (out / ADAPTER).stat().st_size // 2  # room for the logs and configs, not for weights
+    base = [sys.executable, str(ROOT / "train" / "lora.py"), "--resume", "latest"]
+    for max_steps, where in ((5, "step-000004"), (4, str(out))):  # a mid-run checkpoint, then the final adapter
+        result = subprocess.run(
+            [*base, *_args(tiny_model_dir, sample_data_dir, out, f"train.max_steps={max_steps}",
+                           "checkpoint.every_steps=1", "checkpoint.keep_last=5")],
+            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, preexec_fn=_limit_file_size(limit))
+        assert result.returncode == 2, result.stderr[-3000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and "file size limit is exceeded" in last and where in last, last
+        assert "Traceback" not in result.stderr
+        assert {p: _sha(p) for p in kept} == kept
+        assert Checkpointer(out, 1).resolve("latest").name == "step-000003"
+        assert not list(out.glob(".*")) and not list((out / "checkpoints").glob(".*"))
+
+
+# ------------------------------------------------------------------------------------------ under accelerate, umask
+
+
+def test_a_data_error_under_accelerate_launch_is_one_line_without_our_traceback(tiny_model_dir, sample_data_dir, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "lora.py"),
+           *_args(tiny_model_dir, sample_data_dir, tmp_path / "out", f"data.path={tmp_path / 'nowhere'}")]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    ours = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert len(ours) == 1 and f"{tmp_path / 'nowhere'} does not exist" in lines[ours[0]], result.stderr[-3000:]
+    assert not any("Traceback" in line for line in lines[: ours[0]])  # nothing of ours before it
+    # After it, accelerate's own report only (its message quotes our command line, but no frame of ours).
+    assert not any(line.strip().startswith("File") and str(ROOT) in line for line in lines[ours[0] + 1:])
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    for umask in (0o022, 0o077):
+        old = os.umask(umask)
+        try:
+            atomic_write_text(tmp_path / f"{umask}.json", "{}")
+            with atomic_dir(tmp_path / f"folder{umask}") as tmp:
+                (tmp / "x").write_text("x")
+        finally:
+            os.umask(old)
+        assert (tmp_path / f"{umask}.json").stat().st_mode & 0o777 == 0o666 & ~umask
+        assert (tmp_path / f"folder{umask}").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -1,0 +1,138 @@
+"""A run folder belongs to one run. `run.json` names the run that owns `output_dir`; its checkpoints,
+`progress.json` and `training_metadata.json` carry the same id. A fresh start in a folder holding another run's
+checkpoints or adapter stops before any weights load; `--overwrite` moves that run aside (nothing is deleted).
+The per-step loss log lives here too: cut back to the checkpoint on resume, read whole for the run's summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+from qwen_image_lora.io import atomic_write_text, remove_leftover_temps
+from qwen_image_lora.train.adapter import WEIGHTS_NAME
+from qwen_image_lora.train.checkpoint import Checkpointer
+
+logger = logging.getLogger(__name__)
+
+RUN_NAME = "run.json"  # {"run_id", "started"}
+LOSSES_NAME = "losses.jsonl"  # one {"step", "loss", "lr", "grad_norm"} per optimizer step
+# Files written through `atomic_path` in the folder, whose temps a killed write may leave (`.NAME.XXXX`).
+_ATOMIC_FILES = (RUN_NAME, LOSSES_NAME, "config.yaml", "training_metadata.json", "README.md", "adapter")
+
+
+class RunFolderInUse(RuntimeError):
+    """output_dir holds another run; the message offers --resume latest, a new output_dir or --overwrite."""
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+class RunFolder:
+    def __init__(self, path: str | Path, keep: str | Path | None = None):
+        """`keep`: a folder inside `path` that is not the run's (the shared data cache): never moved aside."""
+        self.path = Path(path)
+        self.keep = Path(keep).resolve() if keep else None
+
+    def owner(self) -> str | None:
+        """The id of the run that owns this folder, None when none has claimed it."""
+        try:
+            return json.loads((self.path / RUN_NAME).read_text())["run_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _traces(self) -> list[str]:
+        """What marks the folder as used by a run: its checkpoints and its adapter."""
+        traces = []
+        checkpoints = Checkpointer(self.path, 1).all()
+        if checkpoints:
+            traces.append(f"checkpoints up to {checkpoints[-1].name}")
+        if (self.path / WEIGHTS_NAME).is_file():
+            traces.append(f"a finished adapter ({WEIGHTS_NAME})")
+        return traces
+
+    def check_fresh_start(self, overwrite: bool) -> None:
+        """Before loading weights: a new run may not mix its files with another run's."""
+        traces = self._traces()
+        if traces and not overwrite:
+            run = f"run {self.owner()}" if self.owner() else "another run"
+            raise RunFolderInUse(
+                f"output_dir {self.path} already holds {run} ({', '.join(traces)}). To continue it, add "
+                "--resume latest; to start a new run, choose another output_dir, or add --overwrite to move the old "
+                f"run aside to {self._aside_path()} (nothing is deleted)"
+            )
+
+    def _aside_path(self) -> Path:
+        base = self.path.with_name(f"{self.path.name}.{self.owner() or 'previous'}")
+        candidate, n = base, 1
+        while candidate.exists():
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+        return candidate
+
+    def move_aside(self) -> Path | None:
+        """Move the old run's files (everything but `keep`) to a sibling folder; main process only."""
+        if not self._traces():
+            return None
+        aside = self._aside_path()
+        aside.mkdir(parents=True)
+        for entry in sorted(self.path.iterdir()):
+            if self.keep is None or entry.resolve() != self.keep:
+                os.replace(entry, aside / entry.name)
+        logger.warning("--overwrite: moved the previous run in %s to %s", self.path, aside)
+        return aside
+
+    def open(self, resume: str | None, overwrite: bool, checkpointer: Checkpointer) -> tuple[Path | None, str]:
+        """Main process, before any weights load: tidy the folder, pick the checkpoint to resume (with `latest`, only
+        this folder's run's), and record which run owns the folder. Returns (checkpoint or None, run id)."""
+        self.remove_leftovers()
+        if resume:
+            owner = self.owner()
+            path = checkpointer.resolve(resume, owner if resume == "latest" else None)
+            run_id = Checkpointer.peek(path)[0].run_id or owner or new_run_id()
+        else:
+            if overwrite:
+                self.move_aside()
+            path, run_id = None, new_run_id()
+        atomic_write_text(self.path / RUN_NAME, json.dumps({"run_id": run_id, "started": time.time()}))
+        return path, run_id
+
+    def remove_leftovers(self) -> None:
+        """Temp files and folders of writes a killed process never finished; main process, before training."""
+        removed = Checkpointer(self.path, 1).remove_leftovers()
+        for name in _ATOMIC_FILES:
+            removed += remove_leftover_temps(self.path, name)
+        for path in removed:
+            logger.warning("removed %s, left by a save that did not finish", path)
+
+    # -------------------------------------------------------------------------------------- the loss log
+
+    def read_losses(self) -> list[dict]:
+        """Every complete row of losses.jsonl; a half-written line (a kill mid-append) is skipped."""
+        log = self.path / LOSSES_NAME
+        if not log.is_file():
+            return []
+        rows = []
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        return rows
+
+    def trim_losses(self, step: int) -> None:
+        """Keep the rows up to `step` (the checkpoint a run resumes from; 0 for a fresh run), atomically."""
+        if (self.path / LOSSES_NAME).exists():
+            keep = [r for r in self.read_losses() if r["step"] <= step]
+            atomic_write_text(self.path / LOSSES_NAME, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def append_loss(self, row: dict) -> None:
+        with open(self.path / LOSSES_NAME, "a") as f:
+            f.write(json.dumps(row) + "\n")
