@@ -10,6 +10,7 @@ import pytest
 
 from qwen_image_lora.config import load_config
 from qwen_image_lora.eval.evaluator import evaluate
+from qwen_image_lora.eval.report import BETTER
 from qwen_image_lora.train.lora import LoRARecipe
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -50,3 +51,4 @@ def test_the_demo_adapter_moves_images_towards_the_brand_palette(tiny_model_dir,
     assert delta["n"] == len(cfg.eval.seeds) * len(cfg.eval.prompts)
     # Closer to the palette (lower dE) than the base model at the same seeds: the whole interval below zero.
     assert delta["high"] < 0 and delta["mean"] < -0.02 * base["mean"], palette
+    assert report["verdicts"][adapter]["metrics"]["palette_delta_e"]["verdict"] == BETTER  # what the user reads
