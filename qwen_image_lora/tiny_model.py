@@ -9,6 +9,7 @@ a small built-in corpus.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -77,6 +78,103 @@ def _train_tokenizer(vocab_size: int):
     return tokenizer
 
 
+# The tiny VAE is built, not trained: a fixed linear code of each 16x16 tile (the mean of each RGBA channel over an
+# n x n grid of sub-blocks, z_dim = 4 n^2), laid into AutoencoderKLQwenImage21's own layers. Its `patch_size=16`
+# turns a tile into one position's 1024 channels, every residual branch is zeroed (identity), and the one
+# non-linear step left on the path (RMS norm -> SiLU at each head) is made linear by carrying each value as a
+# (+, -) pair around a positive offset next to a large constant channel: the norm then divides by a near-constant
+# and SiLU works where it is ~x. Reconstruction is exact up to the sub-block mean (float32; bf16 is coarse).
+_PATCH = 16
+_OFFSET, _CONSTANT, _SPREAD, _SILU_SCALE = 1.0, 100.0, 0.2, 20.0  # beta, K, a, lambda in the comments below
+_PIXEL_STD = 0.5  # sub-block means in [-1, 1] -> normalised latents of about unit spread
+
+
+def _latent_stats(z_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic, far from 0 / 1 `latents_mean` / `latents_std`, so a skipped normalisation shows."""
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(z_dim, generator=g)
+    std = 0.5 + 2.5 * torch.rand(z_dim, generator=g)
+    return mean, std
+
+
+def _tile_code(z_dim: int) -> torch.Tensor:
+    """[z_dim, 1024] 0/1 masks, in the VAE's patchified channel order: latent c*n^2 + i*n + j is the
+    (i, j) sub-block of colour channel c."""
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage21 import _patchify
+
+    n = math.isqrt(z_dim // 4)
+    if 4 * n * n != z_dim or _PATCH % n:
+        raise ValueError(f"z_dim {z_dim}: the tiny VAE needs 4 * n^2 channels with n dividing {_PATCH}")
+    side = _PATCH // n
+    masks = torch.zeros(4, n, n, 4, _PATCH, _PATCH)
+    for c in range(4):
+        for i in range(n):
+            for j in range(n):
+                masks[c, i, j, c, i * side : (i + 1) * side, j * side : (j + 1) * side] = 1
+    return _patchify(masks.reshape(z_dim, 4, 1, _PATCH, _PATCH), _PATCH).reshape(z_dim, 4 * _PATCH * _PATCH)
+
+
+def build_reconstructing_vae(z_dim: int, seed: int):
+    """An AutoencoderKLQwenImage21 whose decode(encode(x)) is x averaged over sub-blocks of each 16x16 tile.
+
+    Raw latent k = latents_mean[k] + latents_std[k] * m_k / _PIXEL_STD, with m_k the sub-block mean in [-1, 1],
+    so the normalised latents the transformer sees are m_k / _PIXEL_STD, whatever the (non-trivial) stats."""
+    from diffusers import AutoencoderKLQwenImage21
+
+    mean, std = _latent_stats(z_dim, seed)
+    width = 2 * z_dim + 1  # (+, -) pairs and the constant channel
+    vae = AutoencoderKLQwenImage21(
+        base_dim=width,
+        decoder_base_dim=width,
+        z_dim=z_dim,
+        dim_mult=[1],  # no down/upsampling: the 16x16 patchify is the whole spatial compression
+        num_res_blocks=0,
+        attn_scales=[],
+        temperal_downsample=[],
+        latents_mean=mean.tolist(),
+        latents_std=std.tolist(),
+        in_channels=4 * _PATCH * _PATCH,
+        out_channels=4 * _PATCH * _PATCH,
+        patch_size=_PATCH,
+    )
+    code = _tile_code(z_dim)
+    side2 = code.sum(1, keepdim=True)  # pixels per sub-block
+    # After the norm, channel 2k / 2k+1 holds about (beta +/- a m_k) * lambda; gamma sets lambda (norm of the
+    # offsets: sqrt(K^2 + 2 z beta^2), times sqrt(width) from the norm's own scale).
+    gamma = _SILU_SCALE * math.sqrt(_CONSTANT**2 + 2 * z_dim * _OFFSET**2) / math.sqrt(width)
+    pair_gain = 1.0 / (2 * _SPREAD * _SILU_SCALE)  # (y+ - y-) -> m
+    scale = std / _PIXEL_STD  # m -> raw latent, around `mean`
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()  # every residual branch and attention projection off: blocks are identities
+        for norm in (vae.encoder.norm_out, vae.decoder.norm_out):
+            norm.gamma.fill_(gamma)
+        vae.quant_conv.weight[:, :, 0, 0] = torch.eye(2 * z_dim)
+        vae.post_quant_conv.weight[:, :, 0, 0] = torch.eye(z_dim)
+
+        enc_in, enc_out = vae.encoder.conv_in, vae.encoder.conv_out
+        enc_in.weight[0 : 2 * z_dim : 2, :, 1, 1] = _SPREAD * code / side2
+        enc_in.weight[1 : 2 * z_dim : 2, :, 1, 1] = -_SPREAD * code / side2
+        enc_in.bias[: 2 * z_dim] = _OFFSET
+        enc_in.bias[-1] = _CONSTANT
+        for k in range(z_dim):
+            enc_out.weight[k, 2 * k, 1, 1] = pair_gain * scale[k]
+            enc_out.weight[k, 2 * k + 1, 1, 1] = -pair_gain * scale[k]
+        enc_out.bias[:z_dim] = mean
+        enc_out.bias[z_dim:] = -20.0  # log-variance: a near-deterministic posterior, sample ~ mode
+
+        dec_in, dec_out = vae.decoder.conv_in, vae.decoder.conv_out
+        for k in range(z_dim):
+            dec_in.weight[2 * k, k, 1, 1] = _SPREAD / scale[k]
+            dec_in.weight[2 * k + 1, k, 1, 1] = -_SPREAD / scale[k]
+        dec_in.bias[0 : 2 * z_dim : 2] = _OFFSET - _SPREAD * mean / scale
+        dec_in.bias[1 : 2 * z_dim : 2] = _OFFSET + _SPREAD * mean / scale
+        dec_in.bias[-1] = _CONSTANT
+        dec_out.weight[:, 0 : 2 * z_dim : 2, 1, 1] = pair_gain * code.T
+        dec_out.weight[:, 1 : 2 * z_dim : 2, 1, 1] = -pair_gain * code.T
+    return vae
+
+
 def build_tiny_components(seed: int = 0, full_transformer: bool = False) -> dict:
     """Instantiate every pipeline component with tiny random weights (deterministic for a given seed).
 
@@ -92,7 +190,7 @@ def build_tiny_components(seed: int = 0, full_transformer: bool = False) -> dict
     )
 
     # z_dim must not be 4: the pipeline treats a 4-channel condition image as already-encoded latents.
-    z_dim, text_dim = (64, 4096) if full_transformer else (8, 32)
+    z_dim, text_dim = (64, 4096) if full_transformer else (16, 32)
     tokenizer = _train_tokenizer(vocab_size=600)
 
     torch.manual_seed(seed)
@@ -109,19 +207,7 @@ def build_tiny_components(seed: int = 0, full_transformer: bool = False) -> dict
             mlp_ratio=2,
             axes_dims_rope=(4, 6, 6),
         )
-    torch.manual_seed(seed + 1)
-    # Five dim_mult stages = four downsamples = the 16x spatial compression the pipeline assumes.
-    vae = AutoencoderKLQwenImage21(
-        base_dim=8,
-        decoder_base_dim=8,
-        z_dim=z_dim,
-        dim_mult=[1, 1, 1, 1, 1],
-        num_res_blocks=1,
-        attn_scales=[],
-        temperal_downsample=[False, True, True, True],
-        latents_mean=[0.0] * z_dim,
-        latents_std=[1.0] * z_dim,
-    )
+    vae = build_reconstructing_vae(z_dim, seed)
     torch.manual_seed(seed + 2)
     config = Qwen3VLConfig(
         text_config={

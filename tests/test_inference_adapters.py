@@ -20,8 +20,8 @@ def gen(tiny_model_dir):
 def lora_dirs(gen, tmp_path_factory):
     root = tmp_path_factory.mktemp("loras")
     return {
-        "style_a": make_random_lora(gen.pipe.transformer, root / "style_a", seed=1),
-        "style_b": make_random_lora(gen.pipe.transformer, root / "style_b", rank=8, alpha=4, seed=2),
+        "style_a": make_random_lora(gen.pipe.transformer, root / "style_a", seed=1, std=1.5),
+        "style_b": make_random_lora(gen.pipe.transformer, root / "style_b", rank=8, alpha=4, seed=2, std=1.5),
     }
 
 
