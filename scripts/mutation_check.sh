@@ -22,7 +22,7 @@ export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 # module -> "staged source file | targeted tests | functions to mutate (mutant-name globs; empty = all) |
 # tests to leave out (pytest -k)". The globs keep each run on the maths the issue names: the EMA of optim.py, the
-# latent and packing functions of model.py, the API-key check of server.py, and the colour, SSIM/PSNR, text and
+# latent and packing functions of model.py, the API-key check of guards.py, and the colour, SSIM/PSNR, text and
 # bootstrap maths of metrics.py (not the OCR and CLIP wrappers, whose tests load models).
 METRICS_FNS="to_rgb_array _same_shape hex_to_lab _kmeans dominant_colours palette_distance nearest_palette_distance
   preservation quoted_text edit_distance _squash text_accuracy bootstrap_ci paired_difference_ci"
@@ -33,13 +33,13 @@ declare -A MODULES=(
   [guards]="qwen_image_lora/train/guards.py|tests/test_train_guards.py||"
   [metrics]="qwen_image_lora/eval/metrics.py|tests/test_eval_metrics_reference.py tests/test_eval_metrics.py|$(printf '*.x_%s__mutmut_* ' $METRICS_FNS)|not ocr and not clip and not alignment"
   [buckets]="qwen_image_lora/data/buckets.py|tests/test_data_buckets.py||"
-  [urls]="qwen_image_lora/inference/urls.py|tests/test_inference_urls.py tests/test_server.py||"
+  [urls]="qwen_image_lora/inference/urls.py|tests/test_server.py tests/test_faults_server.py||"
   [model]="qwen_image_lora/model.py|tests/test_model_packing.py tests/test_model.py|$(printf '*.x_%s__mutmut_* ' $MODEL_FNS)|"
-  [formats]="qwen_image_lora/inference/formats.py|tests/test_inference_adapters.py||"
+  [formats]="qwen_image_lora/adapter_format.py|tests/test_adapter_format.py tests/test_inference_adapters.py||"
   [export]="qwen_image_lora/train/export.py|tests/test_train_adapter.py tests/test_inference_adapters.py||"
-  [server]="qwen_image_lora/inference/server.py|tests/test_server_auth.py tests/test_server.py|*.x_load_api_keys__mutmut_* *ǁKeyCheckǁ*|"
+  [auth]="qwen_image_lora/inference/guards.py|tests/test_server.py tests/test_faults_server.py|*ǁKeyCheckǁ*|"
 )
-ORDER=(objective optim guards metrics buckets urls model formats export server)
+ORDER=(objective optim guards metrics buckets urls model formats export auth)
 [ $# -gt 0 ] && ORDER=("$@")
 
 stage() {  # $1: folder. The package as its import names lay it out, plus the tests.

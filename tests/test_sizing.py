@@ -24,11 +24,16 @@ def test_a_non_square_edit_trains_and_generates_at_the_same_size(tiny_pipe, tmp_
     gen = Generator(tiny_pipe, resolution=cfg.data.resolution)
     request = GenerationRequest("x", images=[Image.open(tmp_path / "src.png")], num_inference_steps=1)
     assert gen._size(request) == trained
-    # ... and the pipeline resizes the condition image to that size too (the VAE encodes it at that size).
+    # ... and the pipeline resizes the condition image to that size too: the transformer gets its latent grid.
     shapes = []
-    hook = tiny_pipe.vae.encoder.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[-2:])))
+
+    def grab(module, args, kwargs):
+        shapes.append(kwargs["img_shapes"][0])
+
+    hook = tiny_pipe.transformer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         gen.generate(request)
     finally:
         hook.remove()
-    assert shapes[0] == trained[::-1]
+    (_, h, w), target = shapes[0][0], shapes[0][-1]
+    assert (w * 16, h * 16) == trained and (target[2] * 16, target[1] * 16) == trained

@@ -287,3 +287,13 @@ def test_a_painted_mask_keeps_every_unpainted_pixel(server, browser, tmp_path):
     assert np.abs(result[:, 10:16] - original[:, 10:16]).mean() > 1  # painted: re-generated
     settings = json.loads(d.find_element(By.CSS_SELECTOR, "#history pre").get_attribute("textContent"))
     assert settings["mask"] == "painted mask" and settings["mask_feather"] == 0
+    # The same painted mask as the subject of a layered PSD, downloaded through POST /v1/layers.
+    from psd_tools import PSDImage
+    from selenium.webdriver.support.ui import Select
+
+    Select(css("#layers-format")).select_by_value("psd")
+    css("#layers").click()
+    psd_path = tmp_path / "downloads" / "layers.psd"
+    wait.until(lambda _: psd_path.exists() and psd_path.stat().st_size > 0)
+    psd = PSDImage.open(psd_path)
+    assert [layer.name for layer in psd] == ["background", "subject"] and psd.size == (64, 48)
