@@ -34,7 +34,7 @@ def _randomise(transformer, seed=0):
 
 def _velocity(transformer, tiny_pipe):
     g = torch.Generator().manual_seed(0)
-    noisy = torch.randn(1, 8, 1, 4, 4, generator=g)
+    noisy = torch.randn(1, transformer.config.in_channels, 1, 4, 4, generator=g)
     prompt = qmodel.encode_prompt(tiny_pipe, ["a qwnbrand bottle"])
     with torch.no_grad():
         return qmodel.predict_velocity(transformer, noisy, prompt, torch.tensor([0.7]))
