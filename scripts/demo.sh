@@ -15,7 +15,7 @@ qwen-lora data doctor configs/demo.yaml
 qwen-lora data prepare --config configs/demo.yaml
 # Train a LoRA (100 steps, ~20 s on 2 CPU cores): adapter, samples, checkpoints and model card in $out.
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  train/lora.py --config configs/demo.yaml
+  train/lora.py --config configs/demo.yaml --overwrite  # a rerun moves the previous demo run aside (never deletes it)
 python -c "import json; m = json.load(open('$out/training_metadata.json')); \
 print(f\"demo: loss {m['first_loss']:.3f} (first 10 steps) -> {m['final_loss']:.3f} (last 10), adapter in $out\")"
 # Generate and edit with the trained adapter (the same sampling path as the training previews).
