@@ -92,8 +92,9 @@ def _jobs(cfg: Config, notes: list[str]) -> list[_Job]:
             notes.append("eval.prompts and eval.edits are empty; used validation.prompts and validation.edits.")
     if not prompts and not edits:
         raise ValueError("eval.prompts / eval.edits: nothing to evaluate; add held-out prompts or edit examples")
-    return [_Job("t2i", p, s) for p in prompts for s in cfg.eval.seeds] + [
-        _Job("edit", e.prompt, s, e) for e in edits for s in cfg.eval.seeds
+    seeds = cfg.eval.render_seeds
+    return [_Job("t2i", p, s) for p in prompts for s in seeds] + [
+        _Job("edit", e.prompt, s, e) for e in edits for s in seeds
     ]
 
 
@@ -124,18 +125,10 @@ def _render(generator: Generator, cfg: Config, jobs: list[_Job], names: list[str
     for variant in [BASE, *names]:
         for job, sample in zip(jobs, samples):
             images = sources[id(job.edit)] if job.edit is not None else []
-            request = GenerationRequest(
-                prompt=job.prompt,
-                images=images,
-                negative_prompt=e.negative_prompt,
-                # Edits come back at the input's size, so preservation compares the same pixels.
-                width=None if images else e.width,
-                height=None if images else e.height,
-                num_inference_steps=e.num_inference_steps,
-                guidance_scale=e.guidance_scale,
-                seed=job.seed,
-                adapters={} if variant == BASE else {variant: 1.0},
-            )
+            sizes = dict(width=None, height=None, aspect_ratio=None) if images else {}
+            # Edits come back at the input's size, so preservation compares the same pixels.
+            request = GenerationRequest.from_settings(e, job.prompt, images=images, seed=job.seed, **sizes,
+                                                      adapters={} if variant == BASE else {variant: 1.0})  # fmt: skip
             sample.images[variant] = generator.generate(request)
             if images:
                 sample.source = images[-1]

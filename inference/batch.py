@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_image_lora import typed_yaml
+from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.images import format_for, load_image, save_image
 from qwen_image_lora.io import iter_jsonl
@@ -29,8 +30,9 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
-class Job:
-    """One line of the jobs file, read by the same typed loader as configs (paths relative to the file)."""
+class Job(SamplingConfig):
+    """One line of the jobs file: the sampling settings (inherited) plus what a job adds, read by the same typed
+    loader as configs (paths relative to the file)."""
 
     prompt: str = ""
     id: str | int | None = None
@@ -38,13 +40,7 @@ class Job:
     # Masked edit of the last image: white = may change, black = kept exactly.
     mask: str | None = field(default=None, metadata={"path": True})
     mask_feather: int = 8
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    aspect_ratio: str | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
+    seed: int | None = None  # default: --seed + the line's index
     loras: dict[str, float] | None = None
     output: str | None = None
     quality: int = 95
@@ -64,6 +60,7 @@ def read_jobs(path: str | Path) -> list[Job]:
             raise ValueError(f"{where}: unknown key 'index' (the line's position is its index)")
         try:
             job = typed_yaml.build(Job, raw, "", where, path.parent.resolve())
+            job.validate(f"{where}: job")  # the sampling checks: sizes, aspect preset, steps
         except ConfigError as e:
             raise ValueError(str(e)) from None
         if not job.prompt:
@@ -148,20 +145,11 @@ def run_batch(
 
 
 def _request(job: Job, base_seed: int, default_loras) -> GenerationRequest:
-    return GenerationRequest(
-        prompt=job.prompt,
-        images=[load_image(p) for p in job.images],
-        negative_prompt=job.negative_prompt,
-        width=job.width,
-        height=job.height,
-        aspect_ratio=job.aspect_ratio,
-        num_inference_steps=job.num_inference_steps,
-        guidance_scale=job.guidance_scale,
-        seed=_seed(job, base_seed),
+    return GenerationRequest.from_settings(
+        job, job.prompt, images=[load_image(p) for p in job.images], seed=_seed(job, base_seed),
         adapters=job.loras if job.loras is not None else (default_loras or {}),
-        mask=load_image(job.mask) if job.mask else None,
-        mask_feather=job.mask_feather,
-    )
+        mask=load_image(job.mask) if job.mask else None, mask_feather=job.mask_feather,
+    )  # fmt: skip
 
 
 def _seed(job: Job, base_seed: int) -> int:

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import inspect
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.config import SamplingConfig
+from qwen_image_lora.model import ASPECT_RATIOS
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
@@ -17,8 +20,6 @@ from qwen_image_lora.inference.adapters import Adapters
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
 MAX_INPUT_IMAGES = 10
 
-# Aspect-ratio presets, mapped to multiples of 32 within the pixel budget by `size_for_aspect`.
-ASPECT_RATIOS = {"1:1": (1, 1), "16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3)}
 
 
 def size_for_aspect(aspect_ratio: str, resolution: int = 1024) -> tuple[int, int]:
@@ -30,16 +31,11 @@ def size_for_aspect(aspect_ratio: str, resolution: int = 1024) -> tuple[int, int
 
 
 @dataclass
-class GenerationRequest:
+class GenerationRequest(SamplingConfig):
+    """One generation: a prompt, its inputs, and the sampling settings (the `SamplingConfig` fields, keyword-only)."""
+
     prompt: str
     images: list[Image.Image] = field(default_factory=list)  # 0 = text-to-image, 1..10 = edit
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    aspect_ratio: str | None = None
-    num_inference_steps: int | None = None  # None = the pipeline's default
-    guidance_scale: float | None = None  # maps onto the pipeline's `true_cfg_scale`
-    seed: int = 0
     # Edits come back at the input's size unless this is False (then at the model's working size).
     keep_input_size: bool = True
     # Adapter name -> weight for this call ({} = the base model); None leaves the pipeline's adapters as they are.
@@ -47,6 +43,13 @@ class GenerationRequest:
     # Masked edit: white = may change, black = kept exactly (applies to the last image; the result keeps its size).
     mask: Image.Image | None = None
     mask_feather: int = 8
+
+    @classmethod
+    def from_settings(cls, settings: SamplingConfig, prompt: str, **changes) -> "GenerationRequest":
+        """The one way a config section or job line (anything carrying the sampling fields) becomes a request;
+        `changes` override single fields (e.g. the seed of this render)."""
+        sampling = {f.name: getattr(settings, f.name) for f in dataclasses.fields(SamplingConfig)}
+        return cls(prompt=prompt, **{**sampling, **changes})
 
 
 class Generator:

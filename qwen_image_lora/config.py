@@ -233,30 +233,48 @@ class CheckpointConfig:
             raise ConfigError(f"{where}: every_steps and keep_last must be >= 1")
 
 
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """The knobs of one generation, declared once: validation, eval, batch jobs, the CLI and the server's requests
+    (`GenerationRequest` extends it) all carry these. null = the pipeline's own defaults, the ones users get."""
+
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    aspect_ratio: str | None = None  # a preset instead of width/height; quote it in YAML ("16:9"), or YAML reads a number
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None  # the pipeline's true_cfg_scale: acts only with a negative prompt
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        from qwen_image_lora.model import ASPECT_RATIOS  # deferred: the model module imports torch
+
+        for side in ("width", "height"):
+            value = getattr(self, side)
+            if value is not None and (value <= 0 or value % 32):
+                raise ConfigError(f"{where}.{side}: must be a positive multiple of 32 (got {value})")
+        if self.aspect_ratio is not None and self.aspect_ratio not in ASPECT_RATIOS:
+            raise ConfigError(f"{where}.aspect_ratio: one of {', '.join(ASPECT_RATIOS)} (got {self.aspect_ratio!r})")
+        if self.aspect_ratio is not None and (self.width is not None or self.height is not None):
+            raise ConfigError(f"{where}: give either aspect_ratio or width/height, not both")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ConfigError(f"{where}.num_inference_steps: must be >= 1 (got {self.num_inference_steps})")
+
+
 @dataclass
-class ValidationConfig:
+class ValidationConfig(SamplingConfig):
     every_steps: int = 0  # 0 = only at the end
     prompts: list[str] = field(default_factory=list)
     edits: list[EditExample] = field(default_factory=list)
-    seed: int = 0
-    width: int | None = None
-    height: int | None = None
-    # null = the pipeline's own defaults, the same ones users get.
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
     # Fraction of the dataset held out for the fixed-noise flow-matching loss (0 = none).
     held_out_fraction: float = _fixed(0.0)
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         if self.every_steps < 0:
             raise ConfigError(f"{where}.every_steps: must be >= 0 (got {self.every_steps})")
         if not 0.0 <= self.held_out_fraction < 1.0:
             raise ConfigError(f"{where}.held_out_fraction: must be in [0, 1) (got {self.held_out_fraction})")
-        for side in ("width", "height"):
-            value = getattr(self, side)
-            if value is not None and value % 32:
-                raise ConfigError(f"{where}.{side}: must be a multiple of 32 (got {value})")
 
 
 @dataclass
@@ -269,10 +287,13 @@ class TrackingConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplingConfig):
+    """Sampling settings for the eval images (inherited); edits keep their input's size so preservation can compare
+    pixel for pixel. Every prompt renders at each of `seeds` (empty: just `seed`)."""
+
     prompts: list[str] = field(default_factory=list)
     edits: list[EditExample] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=list)
     # Brand palette as hex colours, for the CIEDE2000 palette-fidelity score.
     palette: list[str] = field(default_factory=list)
     # Local CLIP/SigLIP weights for CLIPScore and reference similarity; skipped when null.
@@ -280,24 +301,16 @@ class EvalConfig:
     # A folder of on-brand images; each t2i image is scored by its mean CLIP similarity to them.
     reference_images: str | None = _path()
     output_dir: str = _path("${output_dir}/eval")
-    # Sampling settings for the eval images; null = the pipeline's defaults (t2i size = data.resolution square;
-    # edits keep their input's size so preservation can compare pixel for pixel).
-    width: int | None = None
-    height: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
+
+    @property
+    def render_seeds(self) -> list[int]:
+        return list(self.seeds) or [self.seed]
 
     def validate(self, where: str) -> None:
-        for side in ("width", "height"):
-            value = getattr(self, side)
-            if value is not None and (value <= 0 or value % 32):
-                raise ConfigError(f"{where}.{side}: must be a positive multiple of 32 (got {value})")
+        super().validate(where)
         bad = [c for c in self.palette if not re.fullmatch(r"#[0-9a-fA-F]{6}", c)]
         if bad:
             raise ConfigError(f"{where}.palette: colours must look like '#d7263d' (got {bad[0]!r})")
-        if not self.seeds:
-            raise ConfigError(f"{where}.seeds: give at least one seed")
 
 
 @dataclass

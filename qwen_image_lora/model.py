@@ -28,6 +28,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 LATENT_PIXELS = 16  # the VAE compresses 16x spatially
 SIDE_MULTIPLE = 32  # one vision slot = 2x2 latents = 32x32 pixels
 TRANSFORMER_SUBFOLDER = "transformer"
+# Aspect-ratio presets, turned into a size by the one sizing rule (`fit_size`).
+ASPECT_RATIOS = {"1:1": (1, 1), "16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3)}
 # LoRA target presets: module-name suffixes inside the transformer's blocks.
 LORA_TARGETS = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],

@@ -180,7 +180,7 @@ def build_tiny_components(seed: int = 0, full_transformer: bool = False) -> dict
 
     `full_transformer=True` gives the transformer the real 7B default config (and the encoders the matching
     64 latent channels and 4096-wide embeddings), for measuring training on a GPU without downloading weights."""
-    from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
     from transformers import (
         Qwen2VLImageProcessor,
         Qwen3VLConfig,

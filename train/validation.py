@@ -18,18 +18,12 @@ from qwen_image_lora.io import atomic_path
 def validation_requests(cfg: Config) -> dict[str, GenerationRequest]:
     """name -> request, for every `validation.prompts` (t2i_NN) and `validation.edits` (edit_NN) entry."""
     v = cfg.validation
-    common = dict(
-        negative_prompt=v.negative_prompt,
-        num_inference_steps=v.num_inference_steps,
-        guidance_scale=v.guidance_scale,
-        seed=v.seed,
-    )
     requests = {}
     for i, prompt in enumerate(v.prompts):
-        requests[f"t2i_{i:02d}"] = GenerationRequest(prompt, width=v.width, height=v.height, **common)
+        requests[f"t2i_{i:02d}"] = GenerationRequest.from_settings(v, prompt)
     for i, edit in enumerate(v.edits):
         images = [ImageOps.exif_transpose(Image.open(p)).copy() for p in edit.images]
-        requests[f"edit_{i:02d}"] = GenerationRequest(edit.prompt, images=images, width=v.width, height=v.height, **common)
+        requests[f"edit_{i:02d}"] = GenerationRequest.from_settings(v, edit.prompt, images=images)
     return requests
 
 
