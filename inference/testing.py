@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from qwen_image_lora import model as qmodel
 from qwen_image_lora.adapter_format import read_adapter, to_comfyui, write_diffusers
 
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+ATTENTION = qmodel.LORA_TARGETS["attention"]
 
 
 def make_random_lora(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, save_config
 from qwen_image_lora.io import atomic_write_text
 from qwen_image_lora.train import adapter as lora_adapter
@@ -56,7 +57,7 @@ def write_run_folder(
 
 
 def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
-    trigger = cfg.data.trigger_word
+    trigger, pipeline = cfg.data.trigger_word, qmodel.pipeline_class().__name__
     lines = [
         "---",
         f"base_model: {cfg.model.pretrained}",
@@ -77,8 +78,8 @@ def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
         "## Use it",
         "",
         "```python",
-        "from diffusers import QwenImage21Pipeline",
-        f'pipe = QwenImage21Pipeline.from_pretrained("{cfg.model.pretrained}", torch_dtype="bfloat16").to("cuda")',
+        f"from diffusers import {pipeline}",
+        f'pipe = {pipeline}.from_pretrained("{cfg.model.pretrained}", torch_dtype="bfloat16").to("cuda")',
         'pipe.load_lora_weights("path/to/this/folder")',
         f'image = pipe("{(trigger + " ") if trigger else ""}a bottle on a marble counter").images[0]',
         "```",
