@@ -284,8 +284,10 @@ def predict_velocity(
     sigmas: torch.Tensor,
     cond_latents: list[torch.Tensor] | None = None,
     attention_kwargs: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """One transformer call, laid out as the pipeline lays it out.
+    """One transformer call, laid out as the pipeline lays it out. `dtype` is what the inputs are cast to (default:
+    the transformer's; give it for a wrapped module, e.g. DDP, that has no `.dtype`).
 
     noisy        [B, C, 1, h, w]  noised target latents
     sigmas       [B]              flow-matching times in [0, 1] (the pipeline passes t/1000 = sigma)
@@ -293,15 +295,16 @@ def predict_velocity(
     returns      [B, C, 1, h, w]  predicted velocity (noise - x0) on the target tokens only
     """
     b, _, _, h, w = noisy.shape
+    dtype = dtype or transformer.dtype
     cond_latents = cond_latents or []
     hidden = torch.cat([*(pack(c) for c in cond_latents), pack(noisy)], dim=1)
     shapes = [(1, c.shape[3], c.shape[4]) for c in cond_latents] + [(1, h, w)]
     # One slot per 2x2 group of target latents is appended after the encoder's sequence.
     img_mask = torch.cat([prompt.image_pad.bool(), prompt.image_pad.new_ones(b, h * w // 4, dtype=torch.bool)], dim=1)
     out = transformer(
-        hidden_states=hidden.to(transformer.dtype),
-        timestep=sigmas.to(hidden.device, transformer.dtype),
-        encoder_hidden_states=prompt.embeds.to(transformer.dtype),
+        hidden_states=hidden.to(dtype),
+        timestep=sigmas.to(hidden.device, dtype),
+        encoder_hidden_states=prompt.embeds.to(dtype),
         encoder_hidden_states_mask=prompt.mask,
         img_shapes=[shapes] * b,
         img_mask=img_mask,

@@ -97,7 +97,6 @@ class LoRARecipe:
         self.transformer, self.optimizer = acc.prepare(self.pipe.transformer, optimizer)
         self.ema = optim.LoRAEMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay else None
         set_seed(cfg.train.seed, device_specific=True)  # LoRA dropout etc. differ per rank from here on
-        self.model_fn = _Forward(self.transformer, self.pipe.transformer.dtype)
         self.noise = objective.NoiseSampler(
             cfg.train.seed * 1_000_003 + acc.process_index + 1, cfg.train.timestep_sampling,
             self.pipe.scheduler.config, cfg.train.logit_mean, cfg.train.logit_std,
@@ -209,7 +208,8 @@ class LoRARecipe:
     def _loss_step(self, batch) -> torch.Tensor:
         batch = batch.to(self.accelerator.device)
         noise, sigmas = self.noise.draw(batch.latents)
-        return objective.flow_matching_loss(self.model_fn, batch, noise, sigmas, self.cfg.train.loss_weighting)
+        return objective.flow_matching_loss(self.transformer, batch, noise, sigmas, self.cfg.train.loss_weighting,
+                                            dtype=self.pipe.transformer.dtype)  # the prepared module may be DDP
 
     def _log(self, loss: float, grad_norm: float, seconds: float) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -334,16 +334,6 @@ class LoRARecipe:
         import contextlib
 
         return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-
-
-class _Forward:
-    """The prepared (maybe DDP-wrapped) transformer with the `dtype` that `model.predict_velocity` reads."""
-
-    def __init__(self, module, dtype):
-        self.module, self.dtype = module, dtype
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
 
 
 def _check_before_loading(cfg: Config) -> None:

@@ -85,19 +85,6 @@ def build_step_inputs(
     )
 
 
-class _MixedPrecisionForward:
-    """The transformer as accelerate prepares it: forward under autocast, outputs returned in fp32. `dtype` is
-    what `model.predict_velocity` casts inputs to."""
-
-    def __init__(self, module, autocast, dtype):
-        self.module, self.autocast, self.dtype = module, autocast, dtype
-
-    def __call__(self, *args, **kwargs):
-        with self.autocast:
-            out = self.module(*args, **kwargs)
-        return tuple(o.float() for o in out)
-
-
 def training_step(transformer, batch, optimizer, params, autocast, max_grad_norm: float, dtype) -> torch.Tensor:
     """One optimizer step as `train/lora.py` runs it: `objective.flow_matching_loss` (target tokens only),
     backward, gradient clipping, optimizer step, `zero_grad(set_to_none=True)`."""
@@ -105,9 +92,9 @@ def training_step(transformer, batch, optimizer, params, autocast, max_grad_norm
 
     noise = torch.randn(batch.latents.shape, dtype=torch.float32)
     sigmas = torch.rand(batch.latents.shape[0])
-    model_fn = _MixedPrecisionForward(transformer, autocast, dtype)
     device = batch.latents.device
-    loss = objective.flow_matching_loss(model_fn, batch, noise.to(device), sigmas.to(device))
+    with autocast:  # as accelerate wraps the forward
+        loss = objective.flow_matching_loss(transformer, batch, noise.to(device), sigmas.to(device), dtype=dtype)
     loss.backward()
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

@@ -104,14 +104,15 @@ def flow_matching_loss(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     weighting: str = "none",
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Scalar fp32 loss for one batch (`latents` [B,C,1,h,w], `cond_latents` list, `prompt` PromptEmbeds,
     optional `loss_mask` [B,1,1,h,w] of per-latent weights, e.g. from an alpha channel or an edit mask; the loss
-    is then the weighted mean)."""
+    is then the weighted mean). `dtype`: see `model.predict_velocity`."""
     x0 = batch.latents.float()
     s = sigmas.view(-1, 1, 1, 1, 1)
     noisy = (1 - s) * x0 + s * noise
-    pred = qmodel.predict_velocity(transformer, noisy, batch.prompt, sigmas, list(batch.cond_latents or []))
+    pred = qmodel.predict_velocity(transformer, noisy, batch.prompt, sigmas, list(batch.cond_latents or []), dtype=dtype)
     err = (pred.float() - (noise - x0)) ** 2
     mask = getattr(batch, "loss_mask", None)
     if mask is not None:
