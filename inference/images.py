@@ -7,7 +7,7 @@ import io
 import warnings
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qwen_image_lora.io import atomic_path
 
@@ -54,6 +54,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS, max_side: in
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageInputError(f"image refused as a decompression bomb: {e}", too_large=True) from e
+    except UnidentifiedImageError as e:  # its message is the repr of our in-memory buffer: say it plainly
+        raise ImageInputError("not a readable JPEG/PNG/WebP image (not an image format PIL recognises)") from e
     except Exception as e:  # PIL raises many types for corrupt data
         raise ImageInputError(f"not a readable JPEG/PNG/WebP image ({type(e).__name__}: {e})") from e
 

@@ -317,3 +317,11 @@ def test_api_keys_come_from_the_env_var_or_the_file(tmp_path):
     cfg.serve.api_keys_file = None
     with pytest.raises(ValueError, match="no API keys"):
         load_api_keys(cfg.serve, {})
+
+
+def test_a_file_that_is_not_an_image_is_named_plainly(client):
+    r = client.post("/v1/images", json=edit(image=base64.b64encode(b"this is a text file").decode()), headers=AUTH)
+    assert r.status_code == 422
+    detail = r.json()["detail"][0]
+    assert detail["loc"] == ["body", "image"] and "not an image format PIL recognises" in detail["msg"]
+    assert "_io." not in detail["msg"]  # no repr of our in-memory buffer
