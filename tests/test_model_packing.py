@@ -67,3 +67,11 @@ def test_predict_velocity_lays_out_the_sequence_and_returns_the_target_tokens(n_
     assert torch.equal(kw["encoder_hidden_states"], prompt.embeds)
     assert torch.equal(kw["encoder_hidden_states_mask"], prompt.mask)
     assert kw["return_dict"] is False
+
+
+def test_padding_an_unmasked_prompt_beside_a_longer_one_gives_a_boolean_mask():
+    short = qmodel.PromptEmbeds(torch.ones(1, 3, 4), None, torch.zeros(1, 3, dtype=torch.bool))
+    long = qmodel.PromptEmbeds(torch.ones(1, 5, 4), torch.ones(1, 5, dtype=torch.bool), torch.zeros(1, 5, dtype=torch.bool))
+    padded = qmodel.pad_prompt_embeds([short, long])
+    assert padded.mask.dtype == torch.bool  # the transformer takes it as a key mask
+    assert padded.mask.tolist() == [[True, True, True, False, False], [True] * 5]
