@@ -180,10 +180,10 @@ def _generate(args) -> int:
 def _layers(args) -> int:
     from qwen_image_lora.inference.generator import GenerationRequest
     from qwen_image_lora.inference.images import load_image
-    from qwen_image_lora.inference.layers import Element, save_layers
+    from qwen_image_lora.inference.layers import FORMATS, Element, save_layers
 
     elements = [Element.parse(e) for e in args.element]  # bad input fails before the model loads
-    if Path(args.output).suffix.lower() not in (".psd", ".ora", ".zip"):
+    if Path(args.output).suffix.lower() not in FORMATS:
         raise ValueError(f"--output {args.output}: use .psd, .ora or .zip")
     image = load_image(args.image)
     mask = args.mask if args.mask == "auto" else load_image(args.mask)

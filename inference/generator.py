@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import inspect
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +19,6 @@ from qwen_image_lora.inference.adapters import Adapters
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
 MAX_INPUT_IMAGES = 10
-
 
 
 def size_for_aspect(aspect_ratio: str, resolution: int = 1024) -> tuple[int, int]:
@@ -81,8 +80,9 @@ class Generator:
     def count_tokens(self, text: str) -> int:
         return len(self.pipe.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def check(self, request: GenerationRequest) -> None:
-        """The checks that need no denoising: prompt length, image count, size. Raises ValueError naming the field."""
+    def check(self, request: GenerationRequest) -> Image.Image | None:
+        """The checks that need no denoising: prompt length, image count, size, mask. Raises ValueError naming the
+        field; returns the prepared mask (None without one), so `generate` prepares it once."""
         for name in ("prompt", "negative_prompt"):
             text = getattr(request, name)
             # Byte-level BPE: a token spans at least one UTF-8 byte, so short texts need no tokenizing.
@@ -93,11 +93,11 @@ class Generator:
         if len(request.images) > MAX_INPUT_IMAGES:
             raise ValueError(f"images: give 1 to {MAX_INPUT_IMAGES} input images (got {len(request.images)})")
         self._size(request)
-        self._mask(request)
+        return self._mask(request)
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest) -> Image.Image:
-        self.check(request)
+        mask = self.check(request)
         if request.adapters is not None:
             self.adapters.set(request.adapters)
         width, height = self._size(request)
@@ -114,7 +114,6 @@ class Generator:
         )
         if request.images:
             kwargs["image"] = [qmodel.to_rgba(im) for im in request.images]
-        mask = self._mask(request)
         if mask is not None:
             self.last_blend = masking.LatentBlend(self.pipe, request.images[-1], mask, width, height, request.seed)
             kwargs.update(callback_on_step_end=self.last_blend, callback_on_step_end_tensor_inputs=["latents"])
