@@ -58,7 +58,7 @@ def evaluate(
         notes += check_run_config(cfg, checkpoints_dir)
     if pipe is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = qmodel.load_pipeline(cfg.model.pretrained, cfg.model.dtype, device, revision=cfg.model.revision)
+        pipe = qmodel.load_model(cfg.model, device)
     generator = Generator(pipe, resolution=cfg.data.resolution)
     try:
         for name, file in files.items():

@@ -139,9 +139,7 @@ def _load(args, device=None):
     cfg = _model_source(args)
     for item in args.lora:  # a mistyped path fails now, not after loading the model
         check_source(parse_lora_arg(item)[0])
-    generator = Generator.from_pretrained(
-        cfg.model.pretrained, cfg.model.dtype, device, resolution=cfg.data.resolution, revision=cfg.model.revision
-    )
+    generator = Generator.from_config(cfg.model, device, resolution=cfg.data.resolution)
     loras = {}
     for item in args.lora:
         path, weight = parse_lora_arg(item)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import time
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.config import SamplingConfig
+from qwen_image_lora.config import ModelConfig, SamplingConfig
 from qwen_image_lora.model import ASPECT_RATIOS
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
@@ -67,15 +68,38 @@ class Generator:
         self.default_steps = defaults["num_inference_steps"].default
         self.default_guidance = defaults["true_cfg_scale"].default
         self.last_blend: masking.LatentBlend | None = None  # the latest masked edit's blend, for inspection
+        self.compiled = False  # set by `from_config`; what `warm_up` has to do
 
     @classmethod
     def from_pretrained(
         cls, pretrained, dtype="bfloat16", device=None, resolution: int = 1024, revision: str | None = None
     ) -> "Generator":
-        """Load the base model once (hub id or local folder); adapters then come and go via `self.adapters`."""
+        """The base model, eager, with diffusers' default attention (`from_config` takes the config's settings)."""
+        return cls.from_config(ModelConfig(pretrained=str(pretrained), dtype=dtype, revision=revision), device, resolution)
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, device=None, resolution: int = 1024) -> "Generator":
+        """Load the base model once as `model.*` says (weights, attention path, compile mode); adapters then come
+        and go via `self.adapters`."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(qmodel.load_pipeline(pretrained, dtype, device, revision=revision), resolution)
+        generator = cls(qmodel.load_model(model_cfg, device), resolution)
+        generator.compiled = bool(model_cfg.compile)
+        return generator
+
+    def warm_up(self, steps: int = 2) -> float:
+        """Compile before the first user does: a text-to-image and a one-reference edit at two aspect ratios, so
+        the static graph, the one dynamic-shape recompile and the edit's segment layout are all built now. Returns
+        the seconds it took; nothing to do (0.0) when the model is not compiled."""
+        if not self.compiled:
+            return 0.0
+        start = time.perf_counter()
+        reference = Image.new("RGB", size_for_aspect("1:1", self.resolution), (128, 128, 128))
+        for aspect in ("1:1", "16:9"):
+            self.generate(GenerationRequest(prompt="warm-up", aspect_ratio=aspect, num_inference_steps=steps))
+            self.generate(GenerationRequest(prompt="warm-up", images=[reference], aspect_ratio=aspect,
+                                            num_inference_steps=steps))
+        return time.perf_counter() - start
 
     def count_tokens(self, text: str) -> int:
         return len(self.pipe.processor.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -144,12 +144,14 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
     if not api_keys:
         raise ValueError("serve: at least one API key is required")
     if generator is None:
-        generator = Generator.from_pretrained(cfg.model.pretrained, cfg.model.dtype, resolution=cfg.data.resolution,
-                                              revision=cfg.model.revision)  # fmt: skip
+        generator = Generator.from_config(cfg.model, resolution=cfg.data.resolution)
     for adapter in serve.adapters:
         if adapter.name not in generator.adapters.loaded:
             generator.adapters.load(adapter.path, name=adapter.name or None, weight=adapter.weight)
     configured = {a.name: a.weight for a in serve.adapters}
+    seconds = generator.warm_up()  # a compiled model compiles now, not in the first user's request
+    if seconds:
+        log.info("serve: warm-up compiled the transformer in %.1f s", seconds)
 
     ImageRequest, LayersRequest = request_models(serve)
     metrics, worker, gate = Metrics(), Worker(serve.max_queue), DecodeGate(MAX_CONCURRENT_DECODES)

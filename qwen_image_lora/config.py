@@ -45,14 +45,27 @@ def _paths(**kw):
 @dataclass
 class ModelConfig:
     # A hub id or a local folder in the diffusers layout; the tiny test model and the real one differ only here.
-    pretrained: str = _path(DEFAULT_MODEL, hub_id=True)
-    revision: str | None = None
+    pretrained: str = _path(DEFAULT_MODEL, hub_id=True, fixed=True)
+    revision: str | None = _fixed(None)
     # dtype of the frozen weights; LoRA weights always train in fp32.
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32"] = _fixed("bfloat16")
+    # How the transformer runs (not what it computes, so a resume may change them; `model.configure_transformer`).
+    # sdpa-segments: one SDPA call per block-causal segment, no compiler needed. flex: one flex_attention call;
+    # needs compile, and trains on CUDA only (no flex backward on CPU).
+    attention: Literal["sdpa-segments", "flex"] = "sdpa-segments"
+    # diffusers' dispatcher backend for the calls without a block-causal mask (KV-cached denoising steps), e.g.
+    # _native_flash, _native_cudnn, flash, sage; null = native SDPA.
+    attention_backend: str | None = None
+    # torch.compile: false (YAML's `off` too) | blocks (one graph shared by the repeated blocks) | full (the whole
+    # transformer).
+    compile: Literal[False, "blocks", "full"] = False
 
     def validate(self, where: str) -> None:
         if not self.pretrained:
             raise ConfigError(f"{where}.pretrained: give a hub id such as {DEFAULT_MODEL!r} or a local folder")
+        if self.attention == "flex" and not self.compile:
+            raise ConfigError(f"{where}.attention: flex needs {where}.compile: blocks or full (uncompiled, "
+                              "flex_attention materialises the whole fp32 score matrix); or use sdpa-segments")
 
 
 @dataclass
@@ -343,7 +356,7 @@ class ServeConfig:
 @dataclass
 class Config:
     output_dir: str = _path("outputs/run")
-    model: ModelConfig = field(default_factory=ModelConfig, metadata=FIXED)  # the base weights
+    model: ModelConfig = field(default_factory=ModelConfig)  # the base weights and how they run
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata=FIXED)  # every LoRA setting
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -77,6 +77,9 @@ class LoRARecipe:
             log_with=log_with(cfg.tracking) or None,
             project_dir=str(self.out),
         )
+        if cfg.model.attention == "flex" and acc.device.type != "cuda":
+            raise ConfigError(f"model.attention: flex trains on CUDA only (torch has no flex_attention backward on "
+                              f"{acc.device.type}); use sdpa-segments here")
         self.checkpointer = Checkpointer(self.out, cfg.checkpoint.keep_last)
         self.resume_from, self.run_id = _main_then_share(
             acc, lambda: self.run_folder.open(self.resume, self.overwrite, self.checkpointer))
@@ -91,6 +94,8 @@ class LoRARecipe:
         self._place_encoders()
         self.params = adapter.add_lora(self.pipe.transformer, cfg.lora)
         self._setup_checkpointing(self.pipe.transformer)
+        m = cfg.model  # after LoRA and checkpointing, so the compiled graph holds both
+        qmodel.configure_transformer(self.pipe.transformer, m.attention, m.attention_backend, m.compile)
         optimizer = optim.build_optimizer(self.params, cfg.optim)
         # Stepped by us once per optimizer step (accelerate's wrapper would step it once per process).
         self.lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
@@ -339,6 +344,10 @@ class LoRARecipe:
 def _check_before_loading(cfg: Config) -> None:
     """What can fail without weights fails here, in seconds, naming the field."""
     optim.check_optimizer_available(cfg.optim.name)
+    try:
+        qmodel.check_speed_settings(cfg.model.attention, cfg.model.attention_backend, cfg.model.compile)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     check_tracker_available(cfg.tracking)
     if not cfg.data.path:
         raise ConfigError("data.path: set it to a folder of images + captions or a .jsonl/.csv manifest")
