@@ -159,9 +159,8 @@ class SampleEncoder:
         if self.pipe is None or self.pipe.vae is None:
             raise KeyError(f"latents {next(iter(loaders))} are not cached and no VAE is loaded; run `qwen-lora data prepare`")
         pixels = torch.cat([qmodel.image_to_pixels(self.pipe, load()) for load in loaders.values()])
-        # Copies: an entry must not hold the batch's storage (safetensors refuses tensors that share memory).
         latents = qmodel.encode_latents(self.pipe, pixels).cpu()
-        return self._store(loaders, [{"latents": one.clone()} for one in latents.split(1)], "latents")
+        return self._store(loaders, [{"latents": one} for one in latents.split(1)], "latents")
 
     def encode_prompts(self, texts: dict[str, str], load_images: Callable[[], list[Image.Image]] | None = None) -> list[dict]:
         """Prompts (key -> text) sharing one set of condition images (None: text-to-image) in one text-encoder call;

@@ -98,7 +98,7 @@ class DataConfig:
     # Entries per cache shard written by `data prepare` (per process).
     shard_size: int = 256
     # `data prepare`: up to this many same-size images per VAE call and prompts per text-encoder call. Not resume-
-    # fixed: the cache holds per-sample tensors equal to one-at-a-time encoding (fp32: within 1e-6), whatever it is.
+    # fixed: whatever it is, the cache holds the per-sample tensors one-at-a-time encoding writes (fp32: within 5e-6).
     prepare_batch_size: int = 1
 
     def validate(self, where: str) -> None:

@@ -1,10 +1,11 @@
 """`data.prepare_batch_size`: `data prepare` encodes same-size images and text-to-image prompts in batches, and the
 cache it writes equals one-at-a-time encoding.
 
-Tolerance (fp32 tiny model, CPU): every cached tensor within ATOL = 5e-6 of the one-at-a-time entry, same keys,
-names, shapes and dtypes; booleans (image_pad) exactly equal. Measured: batched VAE latents differ by at most
-1.06e-6 (values up to 2.0, a few float32 ulps: the convolutions sum in another order for a batch); prompt
-embeddings by under 1e-7 (left padding hides the pad tokens, so each prompt sees its own tokens only).
+Tolerance (fp32 tiny model, CPU): every cached tensor within ATOL = 5e-6 of the one-at-a-time entry, with the same
+keys, tensor names, shapes and dtypes; booleans (image_pad) exactly equal. Measured here: batched VAE latents differ
+by at most 1.06e-6 (values up to 2.0, a few float32 ulps: a batch's convolutions sum in another order), prompt
+embeddings by at most 1.1e-8 (values up to 0.13; the encoder's left padding is masked out, so each prompt attends
+to its own tokens only).
 """
 
 import io
@@ -21,6 +22,7 @@ from qwen_image_lora.config import ConfigError, load_config
 from qwen_image_lora.data.cache import Cache, model_identity
 from qwen_image_lora.data.doctor import diagnose
 from qwen_image_lora.data.prepare import prepare
+from qwen_image_lora.sample_data import draw_product
 from tests.test_faults_data import _overwrite_latents
 
 ATOL = 5e-6
@@ -55,11 +57,28 @@ def _assert_same_cache(got: dict, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_at_a_time(tmp_path_factory, tiny_pipe, tiny_model_dir, sample_data_dir):
-    """The reference: the manifest's 12 text-to-image items (three image sizes) and 8 edits, encoded one by one."""
-    cfg = _cfg(sample_data_dir / "manifest.jsonl", tiny_model_dir, tmp_path_factory.mktemp("one"), 1)
+def manifest(tmp_path_factory, sample_data_dir):
+    """The sample manifest (12 text-to-image items in three buckets, 8 edits) plus two edits whose source is another
+    size than their target, so one batch holds images of two sizes."""
+    root = tmp_path_factory.mktemp("mixed") / "data"
+    shutil.copytree(sample_data_dir, root)
+    rows = []
+    for i, (product, colour) in enumerate([("mug", "#d7263d"), ("box", "#1b998b")]):
+        draw_product(product, colour, "#14213d", (160, 128)).save(root / f"wide_source_{i}.png")
+        draw_product(product, colour, "#ffffff", (128, 128)).save(root / f"square_target_{i}.png")
+        rows.append({"target": f"square_target_{i}.png", "instruction": f"put the {product} on white",
+                     "sources": [f"wide_source_{i}.png"]})
+    with open(root / "manifest.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return root / "manifest.jsonl"
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tmp_path_factory, tiny_pipe, tiny_model_dir, manifest):
+    """The reference: every item encoded one by one."""
+    cfg = _cfg(manifest, tiny_model_dir, tmp_path_factory.mktemp("one"), 1)
     stats = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
-    assert not stats.failed and stats.items == 20
+    assert not stats.failed and stats.items == 22
     return stats, _entries(cfg)
 
 
@@ -84,13 +103,15 @@ def calls(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("batch_size", [4, 3])  # 3 divides neither the 20 items nor any layout group evenly
+@pytest.mark.parametrize("batch_size", [4, 3])  # 3 divides neither the 22 items nor any layout group evenly
 def test_batched_prepare_writes_the_one_at_a_time_cache(batch_size, one_at_a_time, calls, tmp_path, tiny_pipe,
-                                                        tiny_model_dir, sample_data_dir):
+                                                        tiny_model_dir, manifest, caplog):
     ref_stats, want = one_at_a_time
-    cfg = _cfg(sample_data_dir / "manifest.jsonl", tiny_model_dir, tmp_path, batch_size)
-    stats = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    cfg = _cfg(manifest, tiny_model_dir, tmp_path, batch_size)
+    with caplog.at_level(logging.WARNING):
+        stats = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
     assert not stats.failed and stats.items == ref_stats.items
+    assert not caplog.records  # no batch failed over to one at a time
     assert (stats.latents_encoded, stats.prompts_encoded) == (ref_stats.latents_encoded, ref_stats.prompts_encoded)
     # it really batched: full batches of same-size images, padded prompt batches, never more than asked
     assert max(calls["latents"]) == max(calls["prompts"]) == batch_size
@@ -103,8 +124,8 @@ def test_batched_prepare_writes_the_one_at_a_time_cache(batch_size, one_at_a_tim
     assert again.cached == again.items and again.latents_encoded + again.prompts_encoded == 0
 
 
-def test_damaged_entry_is_reencoded_in_a_batched_prepare(one_at_a_time, tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir):
-    cfg = _cfg(sample_data_dir / "manifest.jsonl", tiny_model_dir, tmp_path, 4)
+def test_damaged_entry_is_reencoded_in_a_batched_prepare(one_at_a_time, tmp_path, tiny_pipe, tiny_model_dir, manifest):
+    cfg = _cfg(manifest, tiny_model_dir, tmp_path, 4)
     prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
     _overwrite_latents(sorted((tmp_path / "cache" / "shards").glob("*.safetensors"))[1])
     again = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
