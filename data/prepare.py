@@ -98,7 +98,8 @@ def prepare(
         with progress_bar(len(mine), desc=desc, unit="item", enabled=progress and rank == 0) as bar:
             todo = []
             for index in mine:
-                if all(cache.has(k) for text in dataset.texts_for(index) for k in _flat(dataset.keys(index, text))):
+                keys = [dataset.keys(index, t) for t in dataset.texts_for(index)]
+                if all(cache.has(k) for t_key, s_keys, p_key in keys for k in (t_key, *s_keys, p_key)):
                     stats.cached += 1
                     bar.update(1)
                 else:
@@ -129,11 +130,6 @@ def prepare(
     if rank == 0:
         log(f"buckets (prepared):\n{histogram([e.target.bucket for e in entries])}" if entries else "nothing to prepare")
     return stats
-
-
-def _flat(keys: tuple[str, list[str], str]) -> tuple[str, ...]:
-    target, sources, prompt = keys
-    return (target, *sources, prompt)
 
 
 def _batches(dataset: TrainingDataset, indices: list[int], size: int) -> list[list[int]]:

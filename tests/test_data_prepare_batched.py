@@ -133,6 +133,14 @@ def test_damaged_entry_is_reencoded_in_a_batched_prepare(one_at_a_time, tmp_path
     _assert_same_cache(_entries(cfg), one_at_a_time[1])
 
 
+def test_ranks_each_batch_their_own_share(one_at_a_time, tmp_path, tiny_pipe, tiny_model_dir, manifest):
+    cfg = _cfg(manifest, tiny_model_dir, tmp_path, 4)
+    shares = [prepare(cfg, tiny_pipe, rank=r, world_size=2, progress=False, log=lambda *_: None) for r in (0, 1)]
+    assert [s.items for s in shares] == [11, 11] and not any(s.failed for s in shares)
+    assert {p.stem.split("-")[-2] for p in (tmp_path / "cache" / "shards").glob("*.json")} == {"r000", "r001"}
+    _assert_same_cache(_entries(cfg), one_at_a_time[1])
+
+
 def test_a_corrupt_image_in_a_batch_is_named_and_its_batch_mates_cached(tmp_path, tiny_pipe, tiny_model_dir,
                                                                           sample_data_dir, caplog):
     root = tmp_path / "brand"
