@@ -2,7 +2,7 @@
 the cache is written in bounded shards and read through memory maps), and throughput at each
 `data.prepare_batch_size` (items/s and the ratio to batch size 1, in one run, alternating on each repeat).
 
-    python scripts/bench_data_prepare.py [--sizes 200 2000] [--resolution 64] [--batch-sizes 1 4 16] [--repeats 1]
+    python scripts/bench_data_prepare.py [--sizes 200 2000] [--resolution 64] [--batch-sizes 1 4 16] [--repeats 1] [--threads 1]
 
 Each size and batch size runs in a fresh subprocess on a fresh cache, which runs the doctor (timed apart: it reads
 every file whatever the batch size), prepares the cache and then reads every entry back; peak RSS comes from
@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time, tracemalloc
+import json, os, resource, sys, time, tracemalloc
 import torch
-torch.set_num_threads(max(1, torch.get_num_threads()))
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS") or torch.get_num_threads()))
 from qwen_image_lora.config import load_config
 from qwen_image_lora.data.cache import Cache, model_identity
 from qwen_image_lora.data.doctor import diagnose
@@ -83,8 +83,9 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=32, help="image height in px (widths vary up to +32)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="data.prepare_batch_size values to compare")
     ap.add_argument("--repeats", type=int, default=1, help="runs per batch size, alternating; the fastest counts")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier on a busy CPU")
     args = ap.parse_args()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", BENCH_THREADS=str(args.threads or ""))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         from qwen_image_lora.tiny_model import make_tiny_model
