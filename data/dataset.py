@@ -124,7 +124,7 @@ class SampleEncoder:
         self.pipe = pipe
         self.model_id = model_id
         self.cache = cache if cache is not None else MemoryCache()
-        self.encoded = {"latents": 0, "prompts": 0}  # encoder calls made (cache misses)
+        self.encoded = {"latents": 0, "prompts": 0}  # entries encoded (cache misses)
 
     def image_key(self, path: Path, transform: Transform, pixels: str) -> str:
         """`pixels`: how pixels are made from the file besides the transform (see `pixel_spec`)."""
@@ -146,26 +146,36 @@ class SampleEncoder:
     def latents(self, key: str, load: Callable[[], Image.Image]) -> torch.Tensor:
         """[1, C, 1, h, w] normalised latents."""
         hit = self._lookup(key, "vae")
-        if hit is None:
-            if self.pipe is None or self.pipe.vae is None:
-                raise KeyError(f"latents {key} are not cached and no VAE is loaded; run `qwen-lora data prepare`")
-            hit = {"latents": qmodel.encode_latents(self.pipe, qmodel.image_to_pixels(self.pipe, load())).cpu()}
-            self.encoded["latents"] += 1
-            self.cache.put(key, hit)
-        return hit["latents"]
+        return (hit if hit is not None else self.encode_images({key: load})[0])["latents"]
 
     def prompt(self, key: str, text: str, load_images: Callable[[], list[Image.Image]] | None) -> qmodel.PromptEmbeds:
         hit = self._lookup(key, "text_encoder")
         if hit is None:
-            if self.pipe is None or self.pipe.text_encoder is None:
-                raise KeyError(f"embeddings {key} are not cached and no text encoder is loaded; run `qwen-lora data prepare`")
-            p = qmodel.encode_prompt(self.pipe, [text], load_images() if load_images else None)
-            hit = {"embeds": p.embeds.cpu(), "image_pad": p.image_pad.cpu()}
-            if p.mask is not None:
-                hit["mask"] = p.mask.cpu()
-            self.encoded["prompts"] += 1
-            self.cache.put(key, hit)
+            hit = self.encode_prompts({key: text}, load_images)[0]
         return qmodel.PromptEmbeds(hit["embeds"], hit.get("mask"), hit["image_pad"])
+
+    def encode_images(self, loaders: dict[str, Callable[[], Image.Image]]) -> list[dict[str, torch.Tensor]]:
+        """Same-size images (key -> loader) in one VAE call; caches and returns each one's {"latents": [1, C, 1, h, w]}."""
+        if self.pipe is None or self.pipe.vae is None:
+            raise KeyError(f"latents {next(iter(loaders))} are not cached and no VAE is loaded; run `qwen-lora data prepare`")
+        pixels = torch.cat([qmodel.image_to_pixels(self.pipe, load()) for load in loaders.values()])
+        latents = qmodel.encode_latents(self.pipe, pixels).cpu()
+        return self._store(loaders, [{"latents": one} for one in latents.split(1)], "latents")
+
+    def encode_prompts(self, texts: dict[str, str], load_images: Callable[[], list[Image.Image]] | None = None) -> list[dict]:
+        """Prompts (key -> text) sharing one set of condition images (None: text-to-image) in one text-encoder call;
+        caches and returns each one's entry, cut to its own tokens: what encoding it alone writes."""
+        if self.pipe is None or self.pipe.text_encoder is None:
+            raise KeyError(f"embeddings {next(iter(texts))} are not cached and no text encoder is loaded; run `qwen-lora data prepare`")
+        batch = qmodel.encode_prompt(self.pipe, list(texts.values()), load_images() if load_images else None)
+        entries = [{"embeds": p.embeds.cpu(), "image_pad": p.image_pad.cpu()} for p in qmodel.split_prompt_embeds(batch)]
+        return self._store(texts, entries, "prompts")
+
+    def _store(self, keys, entries: list[dict], kind: str) -> list[dict]:
+        for key, hit in zip(keys, entries):
+            self.cache.put(key, hit)
+        self.encoded[kind] += len(entries)
+        return entries
 
 
 def pixel_spec(d: DataConfig) -> str:
@@ -235,16 +245,21 @@ class TrainingDataset(torch.utils.data.Dataset):
         source_keys = [enc.image_key(p, t, spec) for p, t in zip(entry.item.sources, entry.sources)]
         return target_key, source_keys, enc.prompt_key(text, source_keys)
 
-    def sample(self, index: int, text: str) -> dict:
-        """Latents of the target and reference images and the embeddings of `text` (with the references)."""
-        entry, d, enc = self.entries[index], self.cfg.data, self.encoder
+    def loaders(self, index: int) -> tuple[Callable[[], Image.Image], list[Callable[[], Image.Image]]]:
+        """Lazy loaders of the target and of each reference image, resized and cropped to their buckets."""
+        entry, d = self.entries[index], self.cfg.data
 
         def load(path: Path, transform: Transform) -> Callable[[], Image.Image]:
             return lambda: transform.apply(open_image(path, d.alpha, d.background))
 
+        return load(entry.item.target, entry.target), [load(p, t) for p, t in zip(entry.item.sources, entry.sources)]
+
+    def sample(self, index: int, text: str) -> dict:
+        """Latents of the target and reference images and the embeddings of `text` (with the references)."""
+        entry, enc = self.entries[index], self.encoder
         target_key, source_keys, prompt_key = self.keys(index, text)
-        loaders = [load(p, t) for p, t in zip(entry.item.sources, entry.sources)]
-        latents = enc.latents(target_key, load(entry.item.target, entry.target))
+        target, loaders = self.loaders(index)
+        latents = enc.latents(target_key, target)
         return {
             "latents": latents,
             "cond_latents": [enc.latents(k, f) for k, f in zip(source_keys, loaders)],

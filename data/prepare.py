@@ -11,6 +11,11 @@ Existing shards are verified first (`Cache.verify`): damaged entries are dropped
 in the cache are skipped, which is what makes a changed caption cost one embedding and an
 interrupted run resume. An item that still fails to encode is recorded in `<cache_dir>/prepare-r<rank>.json`
 (and left out of training) instead of stopping the run.
+
+`data.prepare_batch_size` > 1 first fills the cache in batches (`_encode_together`): items of one layout together,
+up to that many same-size images per `encode_latents` call and text-to-image prompts per `encode_prompt` call, each
+result split back into the per-sample entries the one-at-a-time path writes (prompts cut to their own tokens). The
+per-item pass then finds them cached; when a batch fails, that pass encodes its items alone and names the bad one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from qwen_image_lora.config import Config
 from qwen_image_lora.data.buckets import histogram
@@ -28,7 +34,7 @@ from qwen_image_lora.data.doctor import diagnose
 from qwen_image_lora.data.report import Report
 from qwen_image_lora.data.sources import load_items
 from qwen_image_lora.io import atomic_write_text
-from qwen_image_lora.progress import track
+from qwen_image_lora.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -89,18 +95,30 @@ def prepare(
         mine = range(rank, len(entries), world_size)
         stats.items = len(mine)
         desc = f"prepare [{rank}]" if world_size > 1 else "prepare"
-        for index in track(mine, desc=desc, enabled=progress and rank == 0, unit="item"):
-            texts = dataset.texts_for(index)
-            keys = [dataset.keys(index, t) for t in texts]
-            if all(cache.has(k) for t_key, s_keys, p_key in keys for k in (t_key, *s_keys, p_key)):
-                stats.cached += 1
-                continue
-            try:
-                for text in texts:
-                    dataset.sample(index, text)
-            except Exception as e:  # noqa: BLE001 - one bad item must not stop a long preparation
-                failed[entries[index].item.id] = f"{type(e).__name__}: {e}"
-                logger.warning("prepare: %s failed: %s", entries[index].item.id, e)
+        with progress_bar(len(mine), desc=desc, unit="item", enabled=progress and rank == 0) as bar:
+            todo = []
+            for index in mine:
+                keys = [dataset.keys(index, t) for t in dataset.texts_for(index)]
+                if all(cache.has(k) for t_key, s_keys, p_key in keys for k in (t_key, *s_keys, p_key)):
+                    stats.cached += 1
+                    bar.update(1)
+                else:
+                    todo.append(index)
+            for batch in _batches(dataset, todo, d.prepare_batch_size):
+                if d.prepare_batch_size > 1:
+                    try:
+                        _encode_together(dataset, batch, d.prepare_batch_size)
+                    except Exception as e:  # noqa: BLE001 - its items are retried one at a time below, naming the bad one
+                        logger.warning("prepare: a batch of %d items failed (%s); encoding them one at a time", len(batch), e)
+                # One at a time: encodes what is still missing and names an item that fails, which stays out of training.
+                for index in batch:
+                    try:
+                        for text in dataset.texts_for(index):
+                            dataset.sample(index, text)
+                    except Exception as e:  # noqa: BLE001 - one bad item must not stop a long preparation
+                        failed[entries[index].item.id] = f"{type(e).__name__}: {e}"
+                        logger.warning("prepare: %s failed: %s", entries[index].item.id, e)
+                bar.update(len(batch))
         stats.latents_encoded = encoder.encoded["latents"]
         stats.prompts_encoded = encoder.encoded["prompts"]
     stats.failed = {k: v for k, v in failed.items()}
@@ -112,3 +130,49 @@ def prepare(
     if rank == 0:
         log(f"buckets (prepared):\n{histogram([e.target.bucket for e in entries])}" if entries else "nothing to prepare")
     return stats
+
+
+def _batches(dataset: TrainingDataset, indices: list[int], size: int) -> list[list[int]]:
+    """`indices` grouped by layout (kind and buckets, so their images share sizes), cut into at most `size` items."""
+    groups: dict[tuple, list[int]] = {}
+    for index in indices:
+        groups.setdefault(dataset.entries[index].layout, []).append(index)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
+def _encode_together(dataset: TrainingDataset, indices: list[int], size: int) -> None:
+    """Cache what these items miss in batched encoder calls: up to `size` same-size images per VAE call, up to `size`
+    text-to-image prompts per text-encoder call. An edit's prompts batch only among themselves: the pipeline's
+    `encode_prompt` takes one list of condition images for all its prompts, so two edits cannot share a call."""
+    encoder, has = dataset.encoder, dataset.encoder.cache.has
+    images: dict[tuple[int, int], dict[str, Callable]] = {}  # bucket -> {latents key: loader}
+    t2i: dict[str, str] = {}  # prompt key -> text (the same text of two items is one key)
+    edits: list[tuple[dict[str, str], Callable]] = []  # (that item's prompts, its condition images)
+    for index in indices:
+        entry = dataset.entries[index]
+        target, sources = dataset.loaders(index)
+        prompts = {}
+        for text in dataset.texts_for(index):
+            target_key, source_keys, prompt_key = dataset.keys(index, text)
+            for key, load, t in zip((target_key, *source_keys), (target, *sources), (entry.target, *entry.sources)):
+                if not has(key):
+                    images.setdefault(t.bucket, {})[key] = load
+            if not has(prompt_key):
+                prompts[prompt_key] = text
+        if sources:
+            edits.append((prompts, lambda sources=sources: [f() for f in sources]))
+        else:
+            t2i.update(prompts)
+    for group in images.values():
+        for chunk in _cut(group, size):
+            encoder.encode_images(chunk)
+    for chunk in _cut(t2i, size):
+        encoder.encode_prompts(chunk)
+    for prompts, load_images in edits:
+        for chunk in _cut(prompts, size):
+            encoder.encode_prompts(chunk, load_images)
+
+
+def _cut(mapping: dict, size: int) -> list[dict]:
+    pairs = list(mapping.items())
+    return [dict(pairs[i : i + size]) for i in range(0, len(pairs), size)]

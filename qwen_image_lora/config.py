@@ -110,6 +110,9 @@ class DataConfig:
     max_caption_tokens: int = _fixed(1024)
     # Entries per cache shard written by `data prepare` (per process).
     shard_size: int = 256
+    # `data prepare`: up to this many same-size images per VAE call and prompts per text-encoder call. Not resume-
+    # fixed: whatever it is, the cache holds the per-sample tensors one-at-a-time encoding writes (fp32: within 5e-6).
+    prepare_batch_size: int = 1
 
     def validate(self, where: str) -> None:
         if self.resolution % 32 or not 64 <= self.resolution <= 4096:
@@ -132,6 +135,8 @@ class DataConfig:
             raise ConfigError(f"{where}.max_caption_tokens: must be >= 1 (got {self.max_caption_tokens})")
         if self.shard_size < 1:
             raise ConfigError(f"{where}.shard_size: must be >= 1 (got {self.shard_size})")
+        if self.prepare_batch_size < 1:
+            raise ConfigError(f"{where}.prepare_batch_size: must be >= 1 (1 = one item at a time; got {self.prepare_batch_size})")
         if not re.fullmatch(r"#[0-9a-fA-F]{6}", self.background):
             raise ConfigError(f"{where}.background: must be a colour like '#ffffff' (got {self.background!r})")
 

@@ -350,6 +350,16 @@ def pad_prompt_embeds(items: list[PromptEmbeds]) -> PromptEmbeds:
     return PromptEmbeds(torch.cat(embeds), None if mask.all() else mask, torch.cat(pads))
 
 
+def split_prompt_embeds(batch: PromptEmbeds) -> list[PromptEmbeds]:
+    """The inverse of `pad_prompt_embeds`: a right-padded batch -> one [1, L_i, D] encoding per sample, cut to its own
+    tokens, so each is what `encode_prompt` gives that prompt alone (mask None: nothing padded)."""
+    lengths = [batch.embeds.shape[1]] * len(batch.embeds) if batch.mask is None else batch.mask.sum(1).tolist()
+    return [
+        PromptEmbeds(batch.embeds[i : i + 1, :n], None, batch.image_pad[i : i + 1, :n])
+        for i, n in enumerate(lengths)
+    ]
+
+
 # ------------------------------------------------------------------------------------------ transformer
 
 

@@ -35,6 +35,17 @@ def test_pad_prompt_embeds_pads_right_and_masks_the_padding():
     assert same.mask is None and same.embeds.shape == (2, 2, 4)
 
 
+def test_split_prompt_embeds_cuts_each_sample_back_to_its_own_tokens():
+    short = qmodel.PromptEmbeds(torch.arange(8.0).view(1, 2, 4), None, torch.tensor([[True, False]]))
+    long = qmodel.PromptEmbeds(torch.arange(12.0).view(1, 3, 4) + 100, None, torch.tensor([[False, False, True]]))
+    for originals in ([short, long], [long, short], [short, short]):
+        parts = qmodel.split_prompt_embeds(qmodel.pad_prompt_embeds(originals))
+        assert len(parts) == len(originals)
+        for part, original in zip(parts, originals):
+            assert part.mask is None  # as the pipeline gives one prompt alone: nothing padded
+            assert torch.equal(part.embeds, original.embeds) and torch.equal(part.image_pad, original.image_pad)
+
+
 class _Echo:
     """A transformer stand-in that returns 2x its input tokens and records the call."""
 
