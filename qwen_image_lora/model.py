@@ -120,8 +120,9 @@ def configure_transformer(transformer, attention: str = "sdpa-segments", attenti
     compile    "blocks": `compile_repeated_blocks`, one compiled graph shared by every block (fast to compile);
                "full": the whole transformer. Compilation is lazy (the first call pays) and uses torch's automatic
                dynamic shapes: the first shape compiles static, the first different bucket recompiles once with a
-               symbolic sequence length, and later buckets reuse it. Call after LoRA layers and checkpointing are
-               in place, before DDP wrapping.
+               symbolic sequence length, and later buckets reuse it. Training calls it after LoRA and
+               checkpointing are in place, before DDP wrapping; at inference each new set of active adapters
+               recompiles once (their weights are dynamic after the first change).
     """
     from diffusers.models.attention_dispatch import AttentionBackendName
     from diffusers.models.transformers.transformer_qwenimage21 import (
