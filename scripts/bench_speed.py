@@ -1,0 +1,238 @@
+"""Speed of a LoRA training step and an inference forward on CPU: eager vs compiled vs flex attention, and
+samples/s by batch size with and without a prompt padding mask. Ratios are measured in one run, cases alternating.
+
+    nice -n 10 python scripts/bench_speed.py                     # medium model, 256 px, 1 thread, ~10 min
+    python scripts/bench_speed.py --tiny --steps 1 --rounds 1 --batches 1,2   # smoke run on the 2-layer model
+    DIFFUSERS_EXAMPLE_SCRIPT=/path/train_dreambooth_lora_qwenimage21.py python scripts/bench_speed.py
+
+The model is a random Qwen-Image-2.1 transformer built in-process (default: 4 layers, 4 heads x 64, fp32), LoRA r4
+on attention (`train.adapter.add_lora`), batches of random cached latents and prompt embeddings (no VAE or text
+encoder). A training step is `train.memory_trace.training_step` (the trainer's flow-matching loss, backward,
+clipping, AdamW step); an inference call is `model.predict_velocity` under no_grad. Speed switches are set
+through `model.configure_transformer`, the one place training and serving set them. Each case keeps its own
+transformer; every round runs `--steps` steps of each case in turn (order rotated per round) and a ratio is
+taken inside each round, then the median over rounds is printed. The first call of a case (the compile, for
+compiled cases) and `--warmup` more calls are not timed; "first call s" is printed separately.
+
+flex attention has no backward on CPU, so flex is measured for inference only here (training with flex is
+CUDA-only: scripts/bench_gpu_7b.py --speed). The batch study runs equal-length prompts (mask None, as
+`pad_prompt_embeds` gives) against padded ones (mask present: at batch 1 all True, at batch > 1 the last prompt a
+quarter shorter), eager and compile=blocks.
+
+With DIFFUSERS_EXAMPLE_SCRIPT set, diffusers' example script is timed too (`example_speed.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import qwen_image_lora  # noqa: E402
+
+if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `train/` is `qwen_image_lora.train`
+    qwen_image_lora.__path__.append(str(ROOT))
+
+from qwen_image_lora import model as qmodel  # noqa: E402
+from qwen_image_lora.config import LoRAConfig  # noqa: E402
+from qwen_image_lora.train import memory, memory_trace  # noqa: E402
+from qwen_image_lora.train.adapter import add_lora  # noqa: E402
+
+MEDIUM = dict(in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64, num_attention_heads=4,
+              context_in_dim=32, mlp_ratio=3, axes_dims_rope=(8, 28, 28))  # fmt: skip
+TINY = dict(in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            context_in_dim=32, mlp_ratio=2, axes_dims_rope=(4, 6, 6))  # fmt: skip (tiny_model.py's transformer)
+
+
+@dataclass
+class Case:
+    name: str
+    group: str  # "train", "inference" or "batch"
+    batch_size: int
+    step: object  # () -> None
+    first_call_s: float = 0.0
+    times: list[float] = field(default_factory=list)  # s/step, one per round
+
+
+def build_transformer(cfg: dict, rank: int, attention: str, compile):
+    torch.manual_seed(0)
+    transformer = qmodel.transformer_class()(**cfg)
+    params = add_lora(transformer, LoRAConfig(rank=rank, alpha=float(rank), targets="attention"))
+    qmodel.configure_transformer(transformer, attention=attention, compile=compile)
+    return transformer, params
+
+
+def make_inputs(cfg: dict, args, batch_size: int, masked: bool):
+    shape = memory.StepShape(args.resolution, args.resolution, batch_size, args.prompt_tokens)
+    torch.manual_seed(1)
+    batch = memory_trace.build_step_inputs(shape, cfg, torch.float32)
+    if masked:  # the last prompt a quarter shorter (all True at batch 1: the cost of carrying a mask alone)
+        mask = torch.ones(batch_size, batch.prompt.embeds.shape[1], dtype=torch.bool)
+        if batch_size > 1:
+            mask[-1, -max(1, args.prompt_tokens // 4) :] = False
+        batch.prompt.mask = mask
+    else:
+        batch.prompt.mask = None
+    return batch
+
+
+def train_step(transformer, params, batch, optimizer):
+    memory_trace.training_step(transformer, batch, optimizer, params, contextlib.nullcontext(), 1.0, torch.float32)
+
+
+@torch.no_grad()
+def infer_step(transformer, batch):
+    sigmas = torch.full((batch.latents.shape[0],), 0.5)
+    qmodel.predict_velocity(transformer, batch.latents, batch.prompt, sigmas, dtype=torch.float32)
+
+
+def make_case(cfg, args, name, group, kind, attention, compile, batch_size, masked) -> Case:
+    transformer, params = build_transformer(cfg, args.rank, attention, compile)
+    batch = make_inputs(cfg, args, batch_size, masked)
+    if kind == "train":
+        transformer.train()
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        step = functools.partial(train_step, transformer, params, batch, optimizer)
+    else:
+        transformer.eval()
+        step = functools.partial(infer_step, transformer, batch)
+    start = time.perf_counter()
+    step()
+    case = Case(name, group, batch_size, step, first_call_s=time.perf_counter() - start)
+    for _ in range(args.warmup):
+        step()
+    print(f"  ready: {name:<34} first call {case.first_call_s:6.1f} s", flush=True)
+    return case
+
+
+def build_cases(cfg, args) -> tuple[list[Case], dict]:
+    """The cases in run order, and the batch study's cases by (mode, batch size, "mask" | "no-mask")."""
+    cases, study = {}, {}
+
+    def add(name, group, kind, attention, compile, batch_size=1, masked=False):
+        key = (kind, attention, compile, batch_size, masked)
+        if key not in cases:  # one case answers several tables (eager training at batch 1, no mask)
+            cases[key] = make_case(cfg, args, name, group, kind, attention, compile, batch_size, masked)
+        return cases[key]
+
+    if "train" in args.groups:
+        add("train eager", "train", "train", "sdpa-segments", False)
+        add("train compile=blocks", "train", "train", "sdpa-segments", "blocks")
+        add("train compile=full", "train", "train", "sdpa-segments", "full")
+    if "inference" in args.groups:
+        add("infer eager", "inference", "infer", "sdpa-segments", False)
+        add("infer compile=blocks", "inference", "infer", "sdpa-segments", "blocks")
+        add("infer flex+blocks", "inference", "infer", "flex", "blocks")
+    if "batch" in args.groups:
+        for compile in (False, "blocks"):
+            for b in args.batches:
+                for masked in (False, True):
+                    mode = "blocks" if compile else "eager"
+                    m = "mask" if masked else "no-mask"
+                    study[mode, b, m] = add(f"train {mode} b{b} {m}", "batch", "train", "sdpa-segments", compile, b, masked)
+    return list(cases.values()), study
+
+
+def run_rounds(cases: list[Case], args) -> None:
+    for r in range(args.rounds):
+        order = cases[r % len(cases) :] + cases[: r % len(cases)]  # rotate: no case always runs first
+        for case in order:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                case.step()
+            case.times.append((time.perf_counter() - start) / args.steps)
+        print(f"  round {r + 1}/{args.rounds} done", flush=True)
+
+
+def ratio(case: Case, base: Case) -> float:
+    """Median over rounds of case/base s/step, each ratio taken inside one round."""
+    return statistics.median(c / b for c, b in zip(case.times, base.times))
+
+
+def report(cases: list[Case], study: dict) -> None:
+    by_name = {c.name: c for c in cases}
+    if any(c.group != "batch" for c in cases):
+        print_speed_table(cases, by_name)
+    if study:
+        print_batch_table(study)
+
+
+def print_speed_table(cases: list[Case], by_name: dict) -> None:
+    print("\n| case | s/step | samples/s | x eager s/step | first call s |")
+    print("|---|---|---|---|---|")
+    for c in cases:
+        if c.group == "batch":
+            continue
+        base = by_name.get("train eager" if c.group == "train" else "infer eager")
+        rel = f"{ratio(c, base):.3f}" if base else "-"
+        med = statistics.median(c.times)
+        print(f"| {c.name} | {med:.4f} | {c.batch_size / med:.2f} | {rel} | {c.first_call_s:.1f} |")
+    print("| train flex (any compile) | - | - | - | CPU has no flex_attention backward: CUDA only |")
+
+
+def print_batch_table(study: dict) -> None:
+    print("\nBatch study (training, samples/s; ratios per round):")
+    print("| mode | batch | no-mask samples/s | mask samples/s | mask/no-mask samples/s | no-mask x b1 | mask x b1 |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in ("eager", "blocks"):
+        b1 = {m: study.get((mode, 1, m)) for m in ("no-mask", "mask")}
+        for b in sorted({b for _, b, _ in study}):
+            row = {m: study[mode, b, m] for m in ("no-mask", "mask")}
+            sps = {m: b / statistics.median(c.times) for m, c in row.items()}
+            # samples/s ratio = (b / t) / (b' / t'), taken per round
+            mask_vs = 1 / ratio(row["mask"], row["no-mask"])
+            vs_b1 = {m: b / ratio(row[m], b1[m]) if b1[m] else float("nan") for m in row}
+            print(f"| {mode} | {b} | {sps['no-mask']:.2f} | {sps['mask']:.2f} | {mask_vs:.3f} | "
+                  f"{vs_b1['no-mask']:.2f} | {vs_b1['mask']:.2f} |")  # fmt: skip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="the tests' 2-layer model instead of the medium one")
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--batches", default="1,2,4", help="batch sizes of the batch study")
+    ap.add_argument("--groups", default="train,inference,batch", help="any of train, inference, batch")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per case per round")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--example-steps", type=int, default=3, help="N of the example script's N / 2N runs")
+    args = ap.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.groups = set(args.groups.split(","))
+    torch.set_num_threads(args.threads)
+    cfg = TINY if args.tiny else MEDIUM
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {'tiny' if args.tiny else 'medium'} model, "
+          f"{args.resolution} px, {args.prompt_tokens} prompt tokens, LoRA r{args.rank}, fp32", flush=True)  # fmt: skip
+    # A fresh inductor cache unless one is given: "first call s" is then a cold compile, as on a new machine.
+    fresh = None if "TORCHINDUCTOR_CACHE_DIR" in os.environ else tempfile.TemporaryDirectory(prefix="bench-inductor-")
+    if fresh:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh.name
+    cases, study = build_cases(cfg, args)
+    example = os.environ.get("DIFFUSERS_EXAMPLE_SCRIPT")
+    if example:
+        from example_speed import example_comparison  # deferred: only with the example script
+
+        example_comparison(Path(example), cfg, args)
+    run_rounds(cases, args)
+    report(cases, study)
+    if fresh:
+        fresh.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
