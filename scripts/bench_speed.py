@@ -19,13 +19,15 @@ CUDA-only: scripts/bench_gpu_7b.py --speed). The batch study runs equal-length p
 `pad_prompt_embeds` gives) against padded ones (mask present: at batch 1 all True, at batch > 1 the last prompt a
 quarter shorter), eager and compile=blocks.
 
-With DIFFUSERS_EXAMPLE_SCRIPT set, diffusers' example script is timed too (`example_speed.py`).
+With DIFFUSERS_EXAMPLE_SCRIPT set, diffusers' example script is timed too, on a model folder holding the same
+transformer, against our eager and compile=blocks steps (scripts/example_speed.py says how).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import os
 import statistics
@@ -48,6 +50,8 @@ from qwen_image_lora import model as qmodel  # noqa: E402
 from qwen_image_lora.config import LoRAConfig  # noqa: E402
 from qwen_image_lora.train import memory, memory_trace  # noqa: E402
 from qwen_image_lora.train.adapter import add_lora  # noqa: E402
+
+import example_speed  # noqa: E402  (scripts/, next to this file)
 
 MEDIUM = dict(in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64, num_attention_heads=4,
               context_in_dim=32, mlp_ratio=3, axes_dims_rope=(8, 28, 28))  # fmt: skip
@@ -197,6 +201,27 @@ def print_batch_table(study: dict) -> None:
                   f"{vs_b1['no-mask']:.2f} | {vs_b1['mask']:.2f} |")  # fmt: skip
 
 
+def example_vs_ours(script: Path, cfg: dict, args) -> None:
+    """diffusers' example script vs our eager and compile=blocks training steps, same transformer and settings."""
+    print("\ndiffusers example script vs ours (example: (t_2N - t_N) / N of two subprocess runs):", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-example-") as tmp:
+        torch.manual_seed(0)
+        folder = example_speed.model_folder(Path(tmp), qmodel.transformer_class()(**cfg))
+        images = example_speed.images_folder(Path(tmp))
+        same = copy.copy(args)
+        same.prompt_tokens = example_speed.prompt_tokens(folder)
+        ours = {
+            f"ours {mode}": make_case(cfg, same, f"ours {mode}", "example", "train", "sdpa-segments", compile, 1, False).step
+            for mode, compile in (("eager", False), ("compile=blocks", "blocks"))
+        }
+        once = functools.partial(
+            example_speed.run_example, script, folder, images, Path(tmp) / "out", resolution=args.resolution,
+            rank=args.rank, mixed_precision="no", threads=args.threads, extra=[],
+        )  # fmt: skip
+        times = example_speed.compare(lambda n: once(steps=n), ours, args.example_steps, args.rounds)
+    example_speed.print_comparison(times)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="the tests' 2-layer model instead of the medium one")
@@ -209,7 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--example-steps", type=int, default=3, help="N of the example script's N / 2N runs")
+    ap.add_argument("--example-steps", type=int, default=30, help="N of the example script's N / 2N runs")
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.groups = set(args.groups.split(","))
@@ -221,14 +246,22 @@ def main(argv=None) -> int:
     fresh = None if "TORCHINDUCTOR_CACHE_DIR" in os.environ else tempfile.TemporaryDirectory(prefix="bench-inductor-")
     if fresh:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh.name
+    script = None
+    if "DIFFUSERS_EXAMPLE_SCRIPT" in os.environ:
+        try:  # fail before the long part
+            script = example_speed.check_script(os.environ["DIFFUSERS_EXAMPLE_SCRIPT"])
+        except example_speed.ExampleError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     cases, study = build_cases(cfg, args)
-    example = os.environ.get("DIFFUSERS_EXAMPLE_SCRIPT")
-    if example:
-        from example_speed import example_comparison  # deferred: only with the example script
-
-        example_comparison(Path(example), cfg, args)
     run_rounds(cases, args)
     report(cases, study)
+    if script:
+        try:
+            example_vs_ours(script, cfg, args)
+        except example_speed.ExampleError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if fresh:
         fresh.cleanup()
     return 0

@@ -1,0 +1,128 @@
+"""diffusers' example LoRA script (`examples/dreambooth/train_dreambooth_lora_qwenimage21.py`) timed against our
+training step at equal settings; used by scripts/bench_speed.py and scripts/bench_gpu_7b.py when
+DIFFUSERS_EXAMPLE_SCRIPT points at a local copy of it (it is not vendored here).
+
+The example is a whole program (model loading, latent caching, data loading, saving), so it runs as a subprocess
+on a model folder holding the benchmarked transformer, once for N steps and once for 2N, and its s/step is
+(t_2N - t_N) / N: start-up and the end-of-run work cancel. Its settings match ours: cached latents
+(`--cache_latents`), LoRA on to_q/to_k/to_v/to_out.0 with alpha = rank, batch 1, AdamW, gradient clipping 1.0,
+one instance prompt encoded once, no validation and no intermediate checkpoints. Ours is timed in-process
+(`train.memory_trace.training_step`, the trainer's step; scripts/bench_trainer_overhead.py measures our whole
+loop within 3% of such a bare step) with a prompt of the example's token count. The rounds alternate the two.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qwen_image_lora import model as qmodel
+
+PROMPT = "a photo of the qwnbrand bottle on a white background"
+LORA_LAYERS = "to_q,to_k,to_v,to_out.0"  # our `attention` preset
+
+
+class ExampleError(RuntimeError):
+    pass
+
+
+def check_script(path: str | None) -> Path:
+    """The example script's path, or ExampleError saying how to get it."""
+    script = Path(path or "")
+    if not path or not script.is_file() or script.name != "train_dreambooth_lora_qwenimage21.py":
+        raise ExampleError(
+            f"DIFFUSERS_EXAMPLE_SCRIPT={path!r} is not a copy of train_dreambooth_lora_qwenimage21.py; get it with "
+            "`git clone --depth 1 https://github.com/huggingface/diffusers` (examples/dreambooth/) at the version "
+            "matching the installed diffusers, or unset the variable"
+        )
+    return script
+
+
+def model_folder(work: Path, transformer) -> Path:
+    """The tiny checkpoint (tiny VAE, text encoder, tokenizer) with `transformer` in place of its own; the
+    transformer's in_channels / context_in_dim must be the tiny VAE's and text encoder's (16 and 32) or, with
+    the 7B config, built with `full_transformer` encoders."""
+    from qwen_image_lora.tiny_model import make_tiny_model
+
+    folder = make_tiny_model(work / "model", full_transformer=transformer.config.in_channels == 64)
+    shutil.rmtree(folder / "transformer")
+    transformer.save_pretrained(folder / "transformer")
+    return folder
+
+
+def images_folder(work: Path) -> Path:
+    """The sample data's brand PNGs alone (the example opens every file of --instance_data_dir as an image)."""
+    from qwen_image_lora.sample_data import make_sample_data
+
+    images = work / "images"
+    images.mkdir(exist_ok=True)
+    for png in sorted((make_sample_data(work / "sample-data") / "brand").glob("*.png")):
+        shutil.copy(png, images / png.name)
+    return images
+
+
+def prompt_tokens(folder: Path, device="cpu") -> int:
+    """How many prompt-embedding tokens the example trains with (its instance prompt through the pipeline)."""
+    pipe = qmodel.load_pipeline(folder, torch.float32, device, transformer=False)
+    return qmodel.encode_prompt(pipe, [PROMPT]).embeds.shape[1]
+
+
+def run_example(script: Path, folder: Path, images: Path, out: Path, steps: int, resolution: int, rank: int,
+                mixed_precision: str, threads: int | None, extra: list[str]) -> float:  # fmt: skip
+    """Wall seconds of one run of the example for `steps` steps; ExampleError with its output's tail if it fails."""
+    cmd = [
+        sys.executable, str(script), "--pretrained_model_name_or_path", str(folder),
+        "--instance_data_dir", str(images), "--instance_prompt", PROMPT, "--resolution", str(resolution),
+        "--train_batch_size", "1", "--rank", str(rank), "--lora_alpha", str(rank), "--lora_layers", LORA_LAYERS,
+        "--max_train_steps", str(steps), "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--seed", "0",
+        "--mixed_precision", mixed_precision, "--cache_latents", "--checkpointing_steps", str(10 * steps + 10),
+        "--report_to", "tensorboard", "--output_dir", str(out), *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), CUDA_VISIBLE_DEVICES="")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise ExampleError(f"the example script failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-3000:]}\ncommand: {' '.join(cmd)}")  # fmt: skip
+    return seconds
+
+
+def compare(run_example_once, ours: dict, steps: int, rounds: int) -> dict:
+    """Alternate in each round: the example for `steps` and `2 * steps` steps, then each of our cases for `steps`
+    steps. `ours` maps a name to a zero-argument step function. Returns {name: [s/step per round]} with the
+    example under "example"."""
+    times = {"example": [], **{name: [] for name in ours}}
+    for r in range(rounds):
+        t_n = run_example_once(steps)
+        t_2n = run_example_once(2 * steps)
+        times["example"].append((t_2n - t_n) / steps)
+        for name, step in ours.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) / steps)
+        print(f"  example round {r + 1}/{rounds}: example {times['example'][-1]:.4f} s/step (N={steps}: "
+              f"{t_n:.1f} s, 2N: {t_2n:.1f} s)", flush=True)  # fmt: skip
+    return times
+
+
+def print_comparison(times: dict, target: float = 0.8) -> None:
+    print("\n| vs diffusers example (same run) | s/step | x example s/step |")
+    print("|---|---|---|")
+    for name, ts in times.items():
+        rel = statistics.median(t / e for t, e in zip(ts, times["example"]))
+        mark = "" if name == "example" else f" ({'meets' if rel <= target else 'misses'} the <= {target} target)"
+        print(f"| {name} | {statistics.median(ts):.4f} | {rel:.3f}{mark} |")
