@@ -8,6 +8,21 @@ allocated), `max_memory_reserved`, seconds per step, samples/s and MFU, next to 
 
     python scripts/bench_gpu_7b.py                       # t2i and edit, checkpointing on and off
     python scripts/bench_gpu_7b.py --targets attention+mlp --steps 5
+    python scripts/bench_gpu_7b.py --compile blocks --attention flex --checkpointing on,auto
+
+Speed (issue 16), one process, ~9 min on an H100 when planned beforehand (planning on the GPU machine adds ~2 min):
+
+    python scripts/bench_gpu_7b.py --plan-only --speed > plan.jsonl            # here, CPU only
+    python scripts/bench_gpu_7b.py --speed --plan plan.jsonl --out speed.json  # on the GPU
+    python scripts/bench_gpu_7b.py --speed --quick --plan plan.jsonl           # ~4 min: t2i, all blocks checkpointed
+
+`--speed`: 1024², t2i and edit (1 reference), every block checkpointed and `auto` at `--budget-gib`: eager vs
+compile=blocks vs compile=blocks + flex, each a fresh transformer (dynamo's cache is kept, so "compile s" is
+what the first case of a kind pays); then t2i batch 1, 2, 4 at 512² and 1024², compile=blocks, sdpa-segments vs
+flex. Cases run one after another (repeats of a GPU step agree within 1%; three 7B copies do not fit in memory to
+alternate). `--example` with DIFFUSERS_EXAMPLE_SCRIPT set times diffusers' example script (bf16, every block
+checkpointed, cached latents, batch 1) against ours, alternating (scripts/example_speed.py); its folder holds a
+random 7B transformer written to disk, so give it its own call (~8 min with `--steps 5 --rounds 1`).
 
 MFU counts model FLOPs per step = 3 x forward FLOPs (the usual 6*N*T convention, as if weights were trained;
 recomputation by checkpointing is not counted), forward FLOPs = 2 * (linear weights each token passes through)
@@ -34,9 +49,10 @@ LoRA r32, AdamW; planned = `qwen-lora plan` on CPU (torch 2.14). GiB of max_memo
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
-import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,14 +61,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import qwen_image_lora  # noqa: E402
+import qwen_image_lora
 
 if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `train/` is `qwen_image_lora.train`
     qwen_image_lora.__path__.append(str(ROOT))
 
-from qwen_image_lora import model as qmodel  # noqa: E402
-from qwen_image_lora.config import LoRAConfig  # noqa: E402
-from qwen_image_lora.train import block_checkpointing, memory, memory_trace  # noqa: E402
+import example_speed  # scripts/, next to this file (the script directory is on sys.path)
+from qwen_image_lora.train import block_checkpointing, memory, memory_trace
+
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.config import LoRAConfig
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -75,9 +93,13 @@ def forward_flops(cfg: dict, shape: memory.StepShape) -> float:
     return 2 * linear + 2 * attention
 
 
-def build(cfg: dict, lora: LoRAConfig):
-    from diffusers import QwenImage21Transformer2DModel
+VARIANTS = {"eager": ("sdpa-segments", False), "blocks": ("sdpa-segments", "blocks"), "blocks+flex": ("flex", "blocks")}
 
+
+def build(cfg: dict, lora: LoRAConfig, blocks=None, attention="sdpa-segments", compile=False):
+    """The random-weight transformer with LoRA, then (as the trainer orders them) checkpointing of `blocks` when
+    given and the speed switches through `model.configure_transformer`."""
+    from diffusers import QwenImage21Transformer2DModel
     from qwen_image_lora.train.adapter import add_lora
 
     torch.manual_seed(0)
@@ -88,7 +110,16 @@ def build(cfg: dict, lora: LoRAConfig):
     torch.set_default_dtype(default)
     params = add_lora(transformer, lora)
     transformer.train()
+    if blocks is not None:
+        block_checkpointing.apply_block_checkpointing(transformer, blocks)
+    qmodel.configure_transformer(transformer, attention=attention, compile=compile)
     return transformer, params
+
+
+def release(*objects) -> None:
+    del objects
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def to_cuda(batch):
@@ -102,20 +133,24 @@ def to_cuda(batch):
 
 
 def run_case(transformer, params, cfg, shape, checkpoint, steps: int) -> dict:
-    """`checkpoint`: True (all blocks), False (none) or a number k (blocks 0..k-1, as `auto` picks them)."""
+    """`checkpoint`: True (all blocks), False (none) or a number k (blocks 0..k-1, as `auto` picks them); left as
+    it is when the transformer already checkpoints those blocks (a compiled one would recompile)."""
     n = cfg["num_layers"]
     k = n if checkpoint is True else 0 if checkpoint is False else int(checkpoint)
-    block_checkpointing.apply_block_checkpointing(transformer, range(k))
+    if block_checkpointing.checkpointed_blocks(transformer) != list(range(k)):
+        block_checkpointing.apply_block_checkpointing(transformer, range(k))
     batch = to_cuda(memory_trace.build_step_inputs(shape, cfg, torch.bfloat16))
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     step = functools.partial(
         memory_trace.training_step, transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16
     )
-    result = {"task": shape.task, "checkpointing": checkpoint}
+    result = {"task": shape.task, "checkpointing": checkpoint, "batch": shape.batch_size, "resolution": shape.height}
     try:
-        step()  # allocates the optimizer state; warm-up
+        start = time.perf_counter()
+        step()  # allocates the optimizer state; warm-up (and the compile, when compiled)
         torch.cuda.synchronize()
+        result["first_call_s"] = time.perf_counter() - start
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
@@ -147,69 +182,186 @@ def run_case(transformer, params, cfg, shape, checkpoint, steps: int) -> dict:
     return result
 
 
-def plan_cases(args, cfg) -> list[dict]:
-    out = []
-    for shape in shapes(args):
-        for ck in checkpoints(args):
-            lora = LoRAConfig(rank=args.rank, targets=args.targets)
-            layout = "all" if ck is True else "none" if ck is False else list(range(int(ck)))
-            plan = memory.plan_memory(memory.PlanInputs(cfg, shape, lora, checkpoint=layout))
-            out.append(
-                {"task": shape.task, "checkpointing": ck, "targets": args.targets, "planned_gib": plan.peak / 2**30,
-                 "plan_seconds": plan.trace_seconds}
-            )  # fmt: skip
-            print(json.dumps(out[-1]), flush=True)
-    return out
+def plan_key(task: str, checkpoint, targets: str, batch: int, resolution: int) -> str:
+    return f"{task}|{checkpoint}|{targets}|b{batch}|{resolution}"
 
 
-def shapes(args) -> list[memory.StepShape]:
-    res = args.resolution
+def plan_case(args, cfg, shape, ck) -> dict:
+    """The planner's peak for one case; for `auto`, the blocks it checkpoints at `--budget-gib` as well."""
+    lora = LoRAConfig(rank=args.rank, targets=args.targets)
+    inputs = memory.PlanInputs(cfg, shape, lora, checkpoint="all")
+    row = {"task": shape.task, "checkpointing": ck, "targets": args.targets, "batch": shape.batch_size,
+           "resolution": shape.height}  # fmt: skip
+    if ck == "auto":
+        budget = memory.budget_for_allocations(int(args.budget_gib * 2**30))
+        row["auto_blocks"] = len(memory.choose_checkpointed_blocks(inputs, budget))
+        ck = row["auto_blocks"]
+    inputs.checkpoint = "all" if ck is True else "none" if ck is False else list(range(int(ck)))
+    plan = memory.plan_memory(inputs)
+    return {**row, "planned_gib": plan.peak / 2**30, "plan_seconds": plan.trace_seconds}
+
+
+def shapes(args, resolution=None, batch=None) -> list[memory.StepShape]:
+    res = resolution or args.resolution
     tasks = ["t2i", "edit"] if args.task == "both" else [args.task]
     refs = {"t2i": [], "edit": [(res, res)]}
-    return [memory.StepShape(res, res, args.batch_size, args.prompt_tokens, refs[t]) for t in tasks]
+    return [memory.StepShape(res, res, batch or args.batch_size, args.prompt_tokens, refs[t]) for t in tasks]
 
 
 def checkpoints(args) -> list:
-    named = {"on": [True], "off": [False], "both": [True, False]}
+    named = {"on": [True], "off": [False], "both": [True, False], "auto": ["auto"]}
     if args.checkpointing in named:
         return named[args.checkpointing]
-    return [int(k) for k in args.checkpointing.split(",")]
+    return [named[k][0] if k in named else int(k) for k in args.checkpointing.split(",")]
+
+
+def speed_cases(args) -> list[tuple[memory.StepShape, object, list[str]]]:
+    """(shape, checkpointing, variants) of `--speed`: the variant study, then the batch study."""
+    out = []
+    for shape in shapes(args):
+        for ck in checkpoints(args):
+            out.append((shape, ck, list(VARIANTS)))
+    for res in args.batch_resolutions:
+        for b in args.batches:
+            shape = memory.StepShape(res, res, b, args.prompt_tokens, [])
+            out.append((shape, True, ["blocks", "blocks+flex"]))
+    return out
+
+
+def measure(args, cfg, shape, ck, variant, planned) -> dict:
+    key = plan_key(shape.task, ck, args.targets, shape.batch_size, shape.height)
+    plan = planned.get(key) or plan_case(args, cfg, shape, ck)  # planning on the GPU machine costs CPU minutes
+    k = plan.get("auto_blocks", ck)
+    n = cfg["num_layers"]
+    blocks = range(n if k is True else 0 if k is False else int(k))
+    attention, compile = VARIANTS[variant]
+    transformer, params = build(cfg, LoRAConfig(rank=args.rank, targets=args.targets), blocks, attention, compile)
+    r = run_case(transformer, params, cfg, shape, k, args.steps)
+    release(transformer, params)
+    r.update(variant=variant, checkpointing=ck, checkpointed_blocks=len(blocks), targets=args.targets,
+             planned_gib=plan["planned_gib"])  # fmt: skip
+    if "oom" not in r:
+        r["plan_error"] = plan["planned_gib"] / r["max_allocated_gib"] - 1
+        r["compile_s"] = r["first_call_s"] - r["s_per_step"]
+    return r
+
+
+def print_speed_table(results: list[dict]) -> None:
+    base = {(r["task"], r["checkpointing"], r["batch"], r["resolution"]): r for r in results if r["variant"] == "eager"}
+    print("\n| task | res | batch | ckpt blocks | variant | s/step | samples/s | MFU | x eager speed | peak GiB | planned "
+          "| compile s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "oom" in r:
+            print(f"| {r['task']} | {r['resolution']} | {r['batch']} | {r['checkpointed_blocks']} | {r['variant']} "
+                  f"| OOM | | | | {r['max_allocated_gib']:.2f} | {r['planned_gib']:.2f} | |")  # fmt: skip
+            continue
+        b = base.get((r["task"], r["checkpointing"], r["batch"], r["resolution"]))
+        speedup = f"{b['s_per_step'] / r['s_per_step']:.2f}" if b and "s_per_step" in b else "-"
+        print(f"| {r['task']} | {r['resolution']} | {r['batch']} | {r['checkpointed_blocks']} | {r['variant']} | "
+              f"{r['s_per_step']:.3f} | {r['samples_per_s']:.2f} | {r['mfu']:.0%} | {speedup} | "
+              f"{r['max_allocated_gib']:.2f} | {r['planned_gib']:.2f} | {r['compile_s']:.0f} |")  # fmt: skip
+
+
+def example_vs_ours(args, cfg, script: Path) -> dict:
+    """diffusers' example script (a subprocess on a random 7B folder) vs our eager and compiled+flex steps: t2i,
+    every block checkpointed, bf16, r = --rank on attention with alpha = rank, batch 1."""
+
+    def make_ours(prompt_tokens: int) -> dict:
+        shape = memory.StepShape(args.resolution, args.resolution, 1, prompt_tokens, [])
+        ours = {}
+        for variant in ("eager", "blocks+flex"):
+            lora = LoRAConfig(rank=args.rank, alpha=float(args.rank), targets="attention")
+            transformer, params = build(cfg, lora, range(cfg["num_layers"]), *VARIANTS[variant])
+            batch = to_cuda(memory_trace.build_step_inputs(shape, cfg, torch.bfloat16))
+            optimizer = torch.optim.AdamW(params, lr=1e-4)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+            ours[f"ours {variant}"] = functools.partial(
+                memory_trace.training_step, transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16
+            )
+            ours[f"ours {variant}"]()  # the compile, outside the timing
+        return ours
+
+    return example_speed.run_comparison(
+        script, make_ours, transformer=None, resolution=args.resolution, rank=args.rank, mixed_precision="bf16",
+        threads=None, extra=["--gradient_checkpointing"], steps=args.steps, rounds=args.rounds, target=1 / 1.3,
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=["t2i", "edit", "both"], default="both")
-    ap.add_argument(
-        "--checkpointing", default="both", help="on | off | both | block counts k,k2 (checkpoint blocks 0..k-1)"
-    )
+    ap.add_argument("--checkpointing", default=None,
+                    help="on | off | both | auto | block counts k,k2 (checkpoint blocks 0..k-1), comma-separated; "
+                         "default both (--speed: on,auto)")  # fmt: skip
     ap.add_argument("--targets", default="attention", help="LoRA target preset (attention, attention+mlp, all-linear)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--resolution", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case")
+    ap.add_argument("--attention", choices=qmodel.ATTENTION_PATHS, default="sdpa-segments")
+    ap.add_argument("--compile", choices=["false", "blocks", "full"], default="false")
+    ap.add_argument("--budget-gib", type=float, default=80.0, help="GPU memory `auto` plans for (train.memory_budget_gb)")
+    ap.add_argument("--speed", action="store_true", help="eager vs compiled vs compiled+flex, and the batch study")
+    ap.add_argument("--quick", action="store_true", help="--speed on t2i with every block checkpointed only")
+    ap.add_argument("--batches", default="1,2,4", help="batch sizes of the --speed batch study")
+    ap.add_argument("--example", action="store_true", help="time DIFFUSERS_EXAMPLE_SCRIPT against our steps")
+    ap.add_argument("--rounds", type=int, default=2, help="--example: alternating rounds")
     ap.add_argument("--plan-only", action="store_true", help="print the planner's predictions (no GPU needed)")
     ap.add_argument("--plan", type=Path, help="JSON lines from --plan-only, to print next to the measurements")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.batch_resolutions = [512, 1024]
+    if args.quick:
+        args.task, args.checkpointing, args.batch_resolutions = "t2i", args.checkpointing or "on", [1024]
+    args.checkpointing = args.checkpointing or ("on,auto" if args.speed else "both")
+    compile = False if args.compile == "false" else args.compile
     cfg = qmodel.load_transformer_config(None)
+    script = None
+    if args.example:
+        try:
+            script = example_speed.check_script(os.environ.get("DIFFUSERS_EXAMPLE_SCRIPT"))
+        except example_speed.ExampleError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    cases = speed_cases(args) if args.speed else [(s, ck, None) for s in shapes(args) for ck in checkpoints(args)]
     if args.plan_only:
-        results = plan_cases(args, cfg)
+        results, seen = [], set()
+        for shape, ck, _ in cases:
+            key = plan_key(shape.task, ck, args.targets, shape.batch_size, shape.height)
+            if key not in seen:
+                seen.add(key)
+                results.append(plan_case(args, cfg, shape, ck))
+                print(json.dumps(results[-1]), flush=True)
+    elif script:
+        results = example_vs_ours(args, cfg, script)
     else:
         planned = {}
         if args.plan and args.plan.exists():
             for line in args.plan.read_text().splitlines():
                 r = json.loads(line)
-                planned[(r["task"], r["checkpointing"], r["targets"])] = r["planned_gib"]
+                planned[plan_key(r["task"], r["checkpointing"], r["targets"], r.get("batch", 1),
+                                 r.get("resolution", 1024))] = r  # fmt: skip
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-        transformer, params = build(cfg, LoRAConfig(rank=args.rank, targets=args.targets))
-        print(f"weights: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated", flush=True)
         results = []
-        for shape in shapes(args):
-            for ck in checkpoints(args):
-                r = run_case(transformer, params, cfg, shape, ck, args.steps)
-                r["targets"] = args.targets
-                r["planned_gib"] = planned.get((r["task"], ck, args.targets))
+        if args.speed:
+            for shape, ck, variants in cases:
+                for variant in variants:
+                    results.append(measure(args, cfg, shape, ck, variant, planned))
+                    print(json.dumps(results[-1]), flush=True)
+            print_speed_table(results)
+        else:
+            transformer, params = build(cfg, LoRAConfig(rank=args.rank, targets=args.targets), None, args.attention, compile)
+            print(f"weights: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated", flush=True)
+            for shape, ck, _ in cases:
+                plan = planned.get(plan_key(shape.task, ck, args.targets, shape.batch_size, shape.height)) or {}
+                k = plan.get("auto_blocks", ck)
+                if k == "auto":
+                    k = plan_case(args, cfg, shape, ck)["auto_blocks"]
+                r = run_case(transformer, params, cfg, shape, k, args.steps)
+                r.update(targets=args.targets, checkpointing=ck, planned_gib=plan.get("planned_gib"))
                 if r["planned_gib"] and "oom" not in r:
                     r["plan_error"] = r["planned_gib"] / r["max_allocated_gib"] - 1
                 results.append(r)

@@ -41,22 +41,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import qwen_image_lora  # noqa: E402
+import qwen_image_lora
 
 if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `train/` is `qwen_image_lora.train`
     qwen_image_lora.__path__.append(str(ROOT))
 
-from qwen_image_lora import model as qmodel  # noqa: E402
-from qwen_image_lora.config import LoRAConfig  # noqa: E402
-from qwen_image_lora.train import memory, memory_trace  # noqa: E402
-from qwen_image_lora.train.adapter import add_lora  # noqa: E402
+import example_speed  # scripts/, next to this file (the script directory is on sys.path)
+from qwen_image_lora.train import memory, memory_trace
+from qwen_image_lora.train.adapter import add_lora
 
-import example_speed  # noqa: E402  (scripts/, next to this file)
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.config import LoRAConfig
 
-MEDIUM = dict(in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64, num_attention_heads=4,
-              context_in_dim=32, mlp_ratio=3, axes_dims_rope=(8, 28, 28))  # fmt: skip
-TINY = dict(in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-            context_in_dim=32, mlp_ratio=2, axes_dims_rope=(4, 6, 6))  # fmt: skip (tiny_model.py's transformer)
+MEDIUM = {"in_channels": 16, "out_channels": 16, "num_layers": 4, "attention_head_dim": 64, "num_attention_heads": 4,
+          "context_in_dim": 32, "mlp_ratio": 3, "axes_dims_rope": (8, 28, 28)}  # fmt: skip
+# tiny_model.py's transformer
+TINY = {"in_channels": 16, "out_channels": 16, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+        "context_in_dim": 32, "mlp_ratio": 2, "axes_dims_rope": (4, 6, 6)}  # fmt: skip
 
 
 @dataclass
@@ -204,22 +205,21 @@ def print_batch_table(study: dict) -> None:
 def example_vs_ours(script: Path, cfg: dict, args) -> None:
     """diffusers' example script vs our eager and compile=blocks training steps, same transformer and settings."""
     print("\ndiffusers example script vs ours (example: (t_2N - t_N) / N of two subprocess runs):", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-example-") as tmp:
-        torch.manual_seed(0)
-        folder = example_speed.model_folder(Path(tmp), qmodel.transformer_class()(**cfg))
-        images = example_speed.images_folder(Path(tmp))
+
+    def make_ours(prompt_tokens: int) -> dict:
         same = copy.copy(args)
-        same.prompt_tokens = example_speed.prompt_tokens(folder)
-        ours = {
-            f"ours {mode}": make_case(cfg, same, f"ours {mode}", "example", "train", "sdpa-segments", compile, 1, False).step
-            for mode, compile in (("eager", False), ("compile=blocks", "blocks"))
+        same.prompt_tokens = prompt_tokens
+        variants = (("eager", False), ("compile=blocks", "blocks"))
+        return {
+            f"ours {mode}": make_case(cfg, same, f"ours {mode}", "example", "train", "sdpa-segments", c, 1, False).step
+            for mode, c in variants
         }
-        once = functools.partial(
-            example_speed.run_example, script, folder, images, Path(tmp) / "out", resolution=args.resolution,
-            rank=args.rank, mixed_precision="no", threads=args.threads, extra=[],
-        )  # fmt: skip
-        times = example_speed.compare(lambda n: once(steps=n), ours, args.example_steps, args.rounds)
-    example_speed.print_comparison(times)
+
+    torch.manual_seed(0)
+    example_speed.run_comparison(
+        script, make_ours, transformer=qmodel.transformer_class()(**cfg), resolution=args.resolution, rank=args.rank,
+        mixed_precision="no", threads=args.threads, extra=[], steps=args.example_steps, rounds=args.rounds, target=0.8,
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,15 +47,16 @@ def check_script(path: str | None) -> Path:
     return script
 
 
-def model_folder(work: Path, transformer) -> Path:
-    """The tiny checkpoint (tiny VAE, text encoder, tokenizer) with `transformer` in place of its own; the
-    transformer's in_channels / context_in_dim must be the tiny VAE's and text encoder's (16 and 32) or, with
-    the 7B config, built with `full_transformer` encoders."""
+def model_folder(work: Path, transformer=None) -> Path:
+    """The tiny checkpoint (tiny VAE, text encoder, tokenizer) with `transformer` in place of its own, whose
+    in_channels / context_in_dim must be the tiny VAE's and text encoder's (16 and 32). Without `transformer`:
+    the tiny checkpoint around a random 7B transformer (encoders of the matching widths)."""
     from qwen_image_lora.tiny_model import make_tiny_model
 
-    folder = make_tiny_model(work / "model", full_transformer=transformer.config.in_channels == 64)
-    shutil.rmtree(folder / "transformer")
-    transformer.save_pretrained(folder / "transformer")
+    folder = make_tiny_model(work / "model", full_transformer=transformer is None)
+    if transformer is not None:
+        shutil.rmtree(folder / "transformer")
+        transformer.save_pretrained(folder / "transformer")
     return folder
 
 
@@ -126,3 +129,23 @@ def print_comparison(times: dict, target: float = 0.8) -> None:
         rel = statistics.median(t / e for t, e in zip(ts, times["example"]))
         mark = "" if name == "example" else f" ({'meets' if rel <= target else 'misses'} the <= {target} target)"
         print(f"| {name} | {statistics.median(ts):.4f} | {rel:.3f}{mark} |")
+
+
+def run_comparison(script: Path, make_ours: Callable[[int], dict], *, transformer, resolution: int, rank: int,
+                   mixed_precision: str, threads: int | None, extra: list[str], steps: int, rounds: int,
+                   target: float) -> dict:  # fmt: skip
+    """Set up the example's model folder (around `transformer`, see `model_folder`) and images, let `make_ours`
+    build our step functions for the example's prompt length, alternate them with the example and print the
+    table; returns the per-round s/step."""
+    with tempfile.TemporaryDirectory(prefix="bench-example-") as tmp:
+        folder = model_folder(Path(tmp), transformer)
+        images = images_folder(Path(tmp))
+        ours = make_ours(prompt_tokens(folder))
+
+        def once(n: int) -> float:
+            return run_example(script, folder, images, Path(tmp) / "out", n, resolution, rank, mixed_precision,
+                               threads, extra)  # fmt: skip
+
+        times = compare(once, ours, steps, rounds)
+    print_comparison(times, target)
+    return times
