@@ -11,8 +11,9 @@ encoder). A training step is `train.memory_trace.training_step` (the trainer's f
 clipping, AdamW step); an inference call is `model.predict_velocity` under no_grad. Speed switches are set
 through `model.configure_transformer`, the one place training and serving set them. Each case keeps its own
 transformer; every round runs `--steps` steps of each case in turn (order rotated per round) and a ratio is
-taken inside each round; the median of those ratios is printed next to the best round's s/step. The first call of a case (the compile, for
-compiled cases) and `--warmup` more calls are not timed; "first call s" is printed separately.
+taken inside each round; the median of those ratios is printed next to the best round's s/step. The first call
+of a case (the compile, for compiled cases: cold, in a fresh inductor cache) and `--warmup` more calls are not
+timed; "first call s" is printed separately.
 
 flex attention has no backward on CPU, so flex is measured for inference only here (training with flex is
 CUDA-only: scripts/bench_gpu_7b.py --speed). The batch study runs equal-length prompts (mask None, as
@@ -231,8 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--batches", default="1,2,4", help="batch sizes of the batch study")
     ap.add_argument("--groups", default="train,inference,batch", help="any of train, inference, batch")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per case per round")
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per case per round")
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--example-steps", type=int, default=30, help="N of the example script's N / 2N runs")
