@@ -10,7 +10,8 @@ allocated), `max_memory_reserved`, seconds per step, samples/s and MFU, next to 
     python scripts/bench_gpu_7b.py --targets attention+mlp --steps 5
     python scripts/bench_gpu_7b.py --compile blocks --attention flex --checkpointing on,auto
 
-Speed (issue 16), one process, ~9 min on an H100 when planned beforehand (planning on the GPU machine adds ~2 min):
+Speed (issue 16), one process; estimated (not yet run) ~9 min on an H100 when planned beforehand (planning on the GPU
+machine adds ~2 min):
 
     python scripts/bench_gpu_7b.py --plan-only --speed > plan.jsonl            # here, CPU only
     python scripts/bench_gpu_7b.py --speed --plan plan.jsonl --out speed.json  # on the GPU
@@ -116,8 +117,7 @@ def build(cfg: dict, lora: LoRAConfig, blocks=None, attention="sdpa-segments", c
     return transformer, params
 
 
-def release(*objects) -> None:
-    del objects
+def free_cuda() -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -237,7 +237,8 @@ def measure(args, cfg, shape, ck, variant, planned) -> dict:
     attention, compile = VARIANTS[variant]
     transformer, params = build(cfg, LoRAConfig(rank=args.rank, targets=args.targets), blocks, attention, compile)
     r = run_case(transformer, params, cfg, shape, k, args.steps)
-    release(transformer, params)
+    del transformer, params  # before the next case builds its own 7B copy
+    free_cuda()
     r.update(variant=variant, checkpointing=ck, checkpointed_blocks=len(blocks), targets=args.targets,
              planned_gib=plan["planned_gib"])  # fmt: skip
     if "oom" not in r:

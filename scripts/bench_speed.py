@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--batches", default="1,2,4", help="batch sizes of the batch study")
-    ap.add_argument("--groups", default="train,inference,batch", help="any of train, inference, batch")
+    ap.add_argument("--groups", default="train,inference,batch", help="any of train, inference, batch (\"\": none)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case per round")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     ap.add_argument("--example-steps", type=int, default=30, help="N of the example script's N / 2N runs")
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.groups = set(args.groups.split(","))
+    args.groups = set(args.groups.split(",")) - {""}
     torch.set_num_threads(args.threads)
     cfg = TINY if args.tiny else MEDIUM
     print(f"torch {torch.__version__}, {args.threads} thread(s), {'tiny' if args.tiny else 'medium'} model, "
@@ -256,8 +256,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     cases, study = build_cases(cfg, args)
-    run_rounds(cases, args)
-    report(cases, study)
+    if cases:  # `--groups ""` with DIFFUSERS_EXAMPLE_SCRIPT: only the example comparison
+        run_rounds(cases, args)
+        report(cases, study)
     if script:
         try:
             example_vs_ours(script, cfg, args)

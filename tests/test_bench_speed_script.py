@@ -1,0 +1,35 @@
+"""scripts/bench_speed.py keeps running against the current model code (a smoke run on the tiny model, no timing
+asserted), and a wrong DIFFUSERS_EXAMPLE_SCRIPT is refused by name before the long part starts."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
+
+
+def _run(*args, env=None):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_tiny_inference_run_prints_every_case_against_eager():
+    proc = _run("--tiny", "--groups", "inference", "--steps", "1", "--rounds", "1", "--warmup", "0",
+                "--resolution", "64", "--prompt-tokens", "8")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"^\| (infer [^|]+?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
+                                                             proc.stdout, re.M)}  # fmt: skip
+    assert set(rows) == {"infer eager", "infer compile=blocks", "infer flex+blocks"}, proc.stdout
+    assert rows["infer eager"][2] == "1.000"  # each case is set against eager of the same round
+    assert all(float(s_per_step) > 0 for s_per_step, _, _ in rows.values())
+    assert "no flex_attention backward" in proc.stdout
+
+
+def test_missing_example_script_is_refused_before_any_case_runs(tmp_path):
+    missing = tmp_path / "train_dreambooth_lora_qwenimage21.py"
+    proc = _run("--tiny", env={"DIFFUSERS_EXAMPLE_SCRIPT": str(missing)})
+    assert proc.returncode == 2
+    assert "DIFFUSERS_EXAMPLE_SCRIPT" in proc.stderr and str(missing) in proc.stderr
+    assert "ready:" not in proc.stdout
