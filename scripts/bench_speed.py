@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--example-steps", type=int, default=30, help="N of the example script's N / 2N runs")
+    ap.add_argument("--example-steps", type=int, default=100, help="N of the example script's N / 2N runs")
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.groups = set(args.groups.split(",")) - {""}

@@ -12,15 +12,16 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
 
 def _run(*args, env=None):
     env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300)
+    cmd = [sys.executable, str(SCRIPT), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
 def test_tiny_inference_run_prints_every_case_against_eager():
     proc = _run("--tiny", "--groups", "inference", "--steps", "1", "--rounds", "1", "--warmup", "0",
                 "--resolution", "64", "--prompt-tokens", "8")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"^\| (infer [^|]+?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
-                                                             proc.stdout, re.M)}  # fmt: skip
+    row = re.compile(r"^\| (infer [^|]+?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", re.MULTILINE)
+    rows = {m.group(1): m.groups()[1:] for m in row.finditer(proc.stdout)}
     assert set(rows) == {"infer eager", "infer compile=blocks", "infer flex+blocks"}, proc.stdout
     assert rows["infer eager"][2] == "1.000"  # each case is set against eager of the same round
     assert all(float(s_per_step) > 0 for s_per_step, _, _ in rows.values())
