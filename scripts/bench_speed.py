@@ -21,7 +21,7 @@ CUDA-only: scripts/bench_gpu_7b.py --speed). The batch study runs equal-length p
 quarter shorter), eager and compile=blocks.
 
 With DIFFUSERS_EXAMPLE_SCRIPT set, diffusers' example script is timed too, on a model folder holding the same
-transformer, against our eager and compile=blocks steps (scripts/example_speed.py says how).
+transformer, against our eager, compile=blocks and compile=full steps (scripts/example_speed.py says how).
 """
 
 from __future__ import annotations
@@ -205,13 +205,13 @@ def print_batch_table(study: dict) -> None:
 
 
 def example_vs_ours(script: Path, cfg: dict, args) -> None:
-    """diffusers' example script vs our eager and compile=blocks training steps, same transformer and settings."""
+    """diffusers' example script vs our eager and compiled training steps, same transformer and settings."""
     print("\ndiffusers example script vs ours (example: (t_2N - t_N) / N of two subprocess runs):", flush=True)
 
     def make_ours(prompt_tokens: int) -> dict:
         same = copy.copy(args)
         same.prompt_tokens = prompt_tokens
-        variants = (("eager", False), ("compile=blocks", "blocks"))
+        variants = (("eager", False), ("compile=blocks", "blocks"), ("compile=full", "full"))
         return {
             f"ours {mode}": make_case(cfg, same, f"ours {mode}", "example", "train", "sdpa-segments", c, 1, False).step
             for mode, c in variants
