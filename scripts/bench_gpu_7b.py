@@ -23,7 +23,7 @@ what the first case of a kind pays); then t2i batch 1, 2, 4 at 512² and 1024²,
 flex. Cases run one after another (repeats of a GPU step agree within 1%; three 7B copies do not fit in memory to
 alternate). `--example` with DIFFUSERS_EXAMPLE_SCRIPT set times diffusers' example script (bf16, every block
 checkpointed, cached latents, batch 1) against ours, alternating (scripts/example_speed.py); its folder holds a
-random 7B transformer written to disk, so give it its own call (~8 min with `--steps 5 --rounds 1`).
+random 7B transformer written to disk, so give it its own call (estimated ~8 min with `--steps 20 --rounds 1`).
 
 MFU counts model FLOPs per step = 3 x forward FLOPs (the usual 6*N*T convention, as if weights were trained;
 recomputation by checkpointing is not counted), forward FLOPs = 2 * (linear weights each token passes through)
