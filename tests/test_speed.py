@@ -25,9 +25,9 @@ from qwen_image_lora.train.lora import LoRARecipe
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 # Each compile costs ~20 s per graph variant on 2 cores, so CI runs one compiled training, the flex forward and the
-# server warm-up; these add `auto` checkpointing, `full` compile and DDP (~4 min): QWEN_LORA_COMPILE_TESTS=all.
+# server warm-up; these add `auto` checkpointing, `full` compile, DDP and resume (~4 min): QWEN_LORA_COMPILE_TESTS=all.
 EXTRA = pytest.mark.skipif(os.environ.get("QWEN_LORA_COMPILE_TESTS") != "all",
-                           reason="set QWEN_LORA_COMPILE_TESTS=all for compile with auto checkpointing, full and DDP")
+                           reason="set QWEN_LORA_COMPILE_TESTS=all for compile with auto checkpointing, full, DDP, resume")
 # Inductor reorders float sums (fused kernels), so compiled losses match eager's to float rounding, not bit for bit.
 LOSS_RTOL = 1e-4
 
@@ -113,6 +113,29 @@ def test_compiled_blocks_train_eager_losses_with_auto_checkpointing(tiny_model_d
     peak = memory.plan_memory(memory.plan_inputs_from_config(cfg, checkpoint="none")).peak
     monkeypatch.setattr(memory, "budget_for_allocations", lambda gpu_bytes: peak - 1)
     _train_and_compare(tiny_model_dir, sample_data_dir / "brand", tmp_path, "auto")
+
+
+@EXTRA
+def test_an_eager_checkpoint_resumes_compiled_with_the_same_losses(tiny_model_dir, sample_data_dir, tmp_path):
+    """`model.compile` is not resume-fixed: an eager run's checkpoint continued compiled gives the uninterrupted
+    eager run's losses and adapter (restored LoRA weights, optimizer and RNG state reach the compiled graph)."""
+    data = sample_data_dir / "brand"
+    _, eager_losses, eager_adapter = _train(tiny_model_dir, data, tmp_path / "eager", "checkpoint.every_steps=2")
+    run = tmp_path / "resumed"
+    _train(tiny_model_dir, data, run, "checkpoint.every_steps=2", "train.max_steps=3")  # checkpoint at 2 only
+    cfg = load_config(DEMO, _overrides(tiny_model_dir, data, run, "checkpoint.every_steps=2", "model.compile=blocks"))
+    recipe = LoRARecipe(cfg, resume="latest")
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    assert recipe.step == 4 and getattr(recipe.pipe.transformer.transformer_blocks[0], "_compiled_call_impl", None)
+    losses = [json.loads(line)["loss"] for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(eager_losses, rel=LOSS_RTOL)
+    adapter = load_file(run / "pytorch_lora_weights.safetensors")
+    for key in eager_adapter:
+        torch.testing.assert_close(adapter[key], eager_adapter[key], rtol=1e-3, atol=1e-5)
 
 
 def _forward_inputs(tiny_pipe):
