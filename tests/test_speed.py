@@ -153,6 +153,10 @@ def test_compiled_and_flex_paths_give_the_eager_segment_processors_velocity(tiny
                                                                             compile_mode):
     """A padded batch of two prompts, and an edit with one reference image, through each path vs eager."""
     from diffusers import QwenImage21Transformer2DModel
+    from diffusers.models.transformers.transformer_qwenimage21 import (
+        QwenImage21AttnProcessor,
+        QwenImage21FlexAttnProcessor,
+    )
 
     noisy, prompt, sigmas = _forward_inputs(tiny_pipe)
     edit_prompt = qmodel.encode_prompt(tiny_pipe, ["make it blue"], [Image.new("RGB", (64, 64), (200, 30, 30))])
@@ -161,6 +165,8 @@ def test_compiled_and_flex_paths_give_the_eager_segment_processors_velocity(tiny
     for settings in (("sdpa-segments", False), (attention, compile_mode)):
         transformer = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
         qmodel.configure_transformer(transformer, settings[0], None, settings[1])
+        processor = QwenImage21FlexAttnProcessor if settings[0] == "flex" else QwenImage21AttnProcessor
+        assert all(type(b.attn.processor) is processor for b in transformer.transformer_blocks)
         with torch.no_grad():
             outputs[settings] = (qmodel.predict_velocity(transformer, noisy, prompt, sigmas),
                                  qmodel.predict_velocity(transformer, noisy[:1], edit_prompt, sigmas[:1], cond))
