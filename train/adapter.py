@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from qwen_image_lora import adapter_format
-from qwen_image_lora.adapter_format import WEIGHTS_NAME, AdapterError
+from qwen_image_lora.adapter_format import WEIGHTS_NAME, AdapterError  # noqa: F401 - WEIGHTS_NAME re-exported for the recipe
 from qwen_image_lora.config import LoRAConfig
 
 ADAPTER_NAME = "default"
