@@ -68,7 +68,6 @@ class Generator:
         self.default_steps = defaults["num_inference_steps"].default
         self.default_guidance = defaults["true_cfg_scale"].default
         self.last_blend: masking.LatentBlend | None = None  # the latest masked edit's blend, for inspection
-        self.compiled = False  # set by `from_config`; what `warm_up` has to do
 
     @classmethod
     def from_pretrained(
@@ -83,15 +82,13 @@ class Generator:
         and go via `self.adapters`."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        generator = cls(qmodel.load_model(model_cfg, device), resolution)
-        generator.compiled = bool(model_cfg.compile)
-        return generator
+        return cls(qmodel.load_model(model_cfg, device), resolution)
 
     def warm_up(self, steps: int = 2) -> float:
         """Compile before the first user does: a text-to-image and a one-reference edit at two aspect ratios, so
         the static graph, the one dynamic-shape recompile and the edit's segment layout are all built now. Returns
         the seconds it took; nothing to do (0.0) when the model is not compiled."""
-        if not self.compiled:
+        if not qmodel.is_compiled(self.pipe.transformer):
             return 0.0
         start = time.perf_counter()
         reference = Image.new("RGB", size_for_aspect("1:1", self.resolution), (128, 128, 128))

@@ -148,6 +148,12 @@ def configure_transformer(transformer, attention: str = "sdpa-segments", attenti
         transformer.register_forward_pre_hook(_eager_kv_prefill, with_kwargs=True)
 
 
+def is_compiled(transformer) -> bool:
+    """Whether `configure_transformer` compiled it: its repeated blocks, or its whole forward."""
+    return hasattr(transformer.forward, "_torchdynamo_orig_callable") or any(
+        getattr(block, "_compiled_call_impl", None) is not None for block in transformer_blocks(transformer))
+
+
 def _eager_kv_prefill(module, args, kwargs):
     """Run the sampler's KV-prefill step (its first) eager: its graph bakes in the prompt's token count (the cache
     slice), so compiling it would recompile for every new prompt length. The cached steps, training and
