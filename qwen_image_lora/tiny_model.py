@@ -175,11 +175,27 @@ def build_reconstructing_vae(z_dim: int, seed: int):
     return vae
 
 
-def build_tiny_components(seed: int = 0, full_transformer: bool = False) -> dict:
+def build_downsampling_vae(z_dim: int, seed: int):
+    """A random (not reconstructing) AutoencoderKLQwenImage21 of the real checkpoint's geometry: four 2x
+    downsamplings and no patchify, where the reconstructing VAE patchifies 16x16 tiles. Both give the same latent
+    grid and channels. diffusers' example script accepts only this geometry (2 ** len(temperal_downsample) must be
+    16); it is for running that script on the tiny checkpoint, not for looking at images."""
+    from diffusers import AutoencoderKLQwenImage21
+
+    mean, std = _latent_stats(z_dim, seed)
+    torch.manual_seed(seed + 1)
+    return AutoencoderKLQwenImage21(
+        base_dim=8, decoder_base_dim=8, z_dim=z_dim, dim_mult=[1] * 5, num_res_blocks=0, attn_scales=[],
+        temperal_downsample=[False] * 4, latents_mean=mean.tolist(), latents_std=std.tolist(),
+    )  # fmt: skip
+
+
+def build_tiny_components(seed: int = 0, full_transformer: bool = False, downsampling_vae: bool = False) -> dict:
     """Instantiate every pipeline component with tiny random weights (deterministic for a given seed).
 
     `full_transformer=True` gives the transformer the real 7B default config (and the encoders the matching
-    64 latent channels and 4096-wide embeddings), for measuring training on a GPU without downloading weights."""
+    64 latent channels and 4096-wide embeddings), for measuring training on a GPU without downloading weights.
+    `downsampling_vae=True`: `build_downsampling_vae` instead of the reconstructing VAE."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
     from transformers import (
         Qwen2VLImageProcessor,
@@ -207,7 +223,7 @@ def build_tiny_components(seed: int = 0, full_transformer: bool = False) -> dict
             mlp_ratio=2,
             axes_dims_rope=(4, 6, 6),
         )
-    vae = build_reconstructing_vae(z_dim, seed)
+    vae = (build_downsampling_vae if downsampling_vae else build_reconstructing_vae)(z_dim, seed)
     torch.manual_seed(seed + 2)
     config = Qwen3VLConfig(
         text_config={
@@ -270,16 +286,18 @@ def build_tiny_components(seed: int = 0, full_transformer: bool = False) -> dict
 
 
 def make_tiny_model(
-    output_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False, full_transformer: bool = False
+    output_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False, full_transformer: bool = False,
+    downsampling_vae: bool = False,
 ) -> Path:
-    """Write the tiny checkpoint folder (atomically: a temp folder renamed into place) and return its path."""
+    """Write the tiny checkpoint folder (atomically: a temp folder renamed into place) and return its path;
+    the options are `build_tiny_components`'."""
     from diffusers import QwenImage21Pipeline
 
     output_dir = Path(output_dir)
     if (output_dir / "model_index.json").exists() and not overwrite:
         return output_dir
     with atomic_dir(output_dir) as tmp:
-        components = build_tiny_components(seed, full_transformer)
+        components = build_tiny_components(seed, full_transformer, downsampling_vae)
         if full_transformer:
             components["transformer"].to(torch.bfloat16)  # 14 GB on disk instead of 28
         QwenImage21Pipeline(**components).save_pretrained(tmp)

@@ -69,9 +69,10 @@ if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `tra
 
 import example_speed  # scripts/, next to this file (the script directory is on sys.path)
 from qwen_image_lora.train import block_checkpointing, memory, memory_trace
+from qwen_image_lora.train.optim import build_optimizer
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.config import LoRAConfig
+from qwen_image_lora.config import LoRAConfig, OptimConfig
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -140,7 +141,7 @@ def run_case(transformer, params, cfg, shape, checkpoint, steps: int) -> dict:
     if block_checkpointing.checkpointed_blocks(transformer) != list(range(k)):
         block_checkpointing.apply_block_checkpointing(transformer, range(k))
     batch = to_cuda(memory_trace.build_step_inputs(shape, cfg, torch.bfloat16))
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = build_optimizer(params, OptimConfig(lr=1e-4))  # the trainer's AdamW
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     step = functools.partial(
         memory_trace.training_step, transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16
@@ -275,7 +276,7 @@ def example_vs_ours(args, cfg, script: Path) -> dict:
             lora = LoRAConfig(rank=args.rank, alpha=float(args.rank), targets="attention")
             transformer, params = build(cfg, lora, range(cfg["num_layers"]), *VARIANTS[variant])
             batch = to_cuda(memory_trace.build_step_inputs(shape, cfg, torch.bfloat16))
-            optimizer = torch.optim.AdamW(params, lr=1e-4)
+            optimizer = build_optimizer(params, OptimConfig(lr=1e-4))  # the trainer's AdamW
             autocast = torch.autocast("cuda", dtype=torch.bfloat16)
             ours[f"ours {variant}"] = functools.partial(
                 memory_trace.training_step, transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16

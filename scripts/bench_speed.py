@@ -56,9 +56,10 @@ if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `tra
 import example_speed  # scripts/, next to this file (the script directory is on sys.path)
 from qwen_image_lora.train import memory, memory_trace
 from qwen_image_lora.train.adapter import add_lora
+from qwen_image_lora.train.optim import build_optimizer
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.config import LoRAConfig
+from qwen_image_lora.config import LoRAConfig, OptimConfig
 
 MEDIUM = {"in_channels": 16, "out_channels": 16, "num_layers": 4, "attention_head_dim": 64, "num_attention_heads": 4,
           "context_in_dim": 32, "mlp_ratio": 3, "axes_dims_rope": (8, 28, 28)}  # fmt: skip
@@ -114,7 +115,7 @@ def make_case(cfg, args, name, group, kind, attention, compile, batch_size, mask
     batch = make_inputs(cfg, args, batch_size, masked)
     if kind == "train":
         transformer.train()
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        optimizer = build_optimizer(params, OptimConfig(lr=1e-4))  # the trainer's AdamW (fused)
         step = functools.partial(train_step, transformer, params, batch, optimizer)
     else:
         transformer.eval()

@@ -41,6 +41,7 @@ if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `tra
     qwen_image_lora.__path__.append(str(ROOT))
 
 from qwen_image_lora.train.lora import LoRARecipe
+from qwen_image_lora.train.optim import build_optimizer
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import load_config
@@ -119,15 +120,8 @@ class BareLoop:
         self.model = recipe.pipe.transformer
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.device = recipe.accelerator.device
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=o.lr,
-            betas=tuple(o.betas),
-            weight_decay=o.weight_decay,
-            eps=o.eps,
-        )
-        self.max_grad_norm = o.max_grad_norm
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.max_grad_norm = cfg.optim.max_grad_norm
         data = recipe.data
         sampler = copy.deepcopy(data.sampler)
         sampler.load_state_dict({"epoch": 0, "position": 0})

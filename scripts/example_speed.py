@@ -58,7 +58,9 @@ def model_folder(work: Path, transformer=None) -> Path:
     the tiny checkpoint around a random 7B transformer (encoders of the matching widths)."""
     from qwen_image_lora.tiny_model import make_tiny_model
 
-    folder = make_tiny_model(work / "model", full_transformer=transformer is None)
+    # The VAE of the real geometry, the only one the example accepts; its latents are cached before the timed
+    # steps, so which VAE it is does not enter the timing.
+    folder = make_tiny_model(work / "model", full_transformer=transformer is None, downsampling_vae=True)
     if transformer is not None:
         shutil.rmtree(folder / "transformer")
         transformer.save_pretrained(folder / "transformer")

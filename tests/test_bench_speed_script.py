@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
+EXAMPLE = os.environ.get("DIFFUSERS_EXAMPLE_SCRIPT")
 
 
 def _run(*args, env=None):
@@ -34,3 +37,14 @@ def test_missing_example_script_is_refused_before_any_case_runs(tmp_path):
     assert proc.returncode == 2
     assert "DIFFUSERS_EXAMPLE_SCRIPT" in proc.stderr and str(missing) in proc.stderr
     assert "ready:" not in proc.stdout
+
+
+@pytest.mark.skipif(not EXAMPLE, reason="set DIFFUSERS_EXAMPLE_SCRIPT to a local copy of diffusers' example script")
+def test_tiny_run_times_the_example_script_against_ours():
+    proc = _run("--tiny", "--groups", "", "--rounds", "1", "--example-steps", "2", "--resolution", "64")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The example's 2-step difference can come out negative on a busy machine; ours are timed directly.
+    row = re.compile(r"^\| ((?:ours|example)[^|]*?) \| (-?[\d.]+) \| (-?[\d.]+)", re.MULTILINE)
+    rows = {m.group(1): float(m.group(2)) for m in row.finditer(proc.stdout)}
+    assert {"example", "ours eager", "ours compile=blocks", "ours compile=full"} <= set(rows), proc.stdout
+    assert all(rows[f"ours {mode}"] > 0 for mode in ("eager", "compile=blocks", "compile=full"))

@@ -1,6 +1,7 @@
 """Fidelity with diffusers' own example script: on a fixed batch, noise and timesteps (fp32) our latents and our
 flow-matching loss equal the ones its training step computes, and the tiny checkpoint trains with the script and
-the adapter it writes loads through ours.
+the adapter it writes loads through ours. The script accepts only the real VAE's geometry (four 2x downsamplings),
+so these tests run on the tiny checkpoint built with `downsampling_vae=True`.
 
 Skipped unless DIFFUSERS_EXAMPLE_SCRIPT points at a local copy of diffusers'
 `examples/dreambooth/train_dreambooth_lora_qwenimage21.py` (it is not vendored here).
@@ -35,6 +36,18 @@ RANK, ALPHA = 4, 8  # alpha != rank, so a loader that drops the saved alpha show
 
 
 @pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from qwen_image_lora.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-downsampling-vae", downsampling_vae=True)
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return qmodel.load_pipeline(model_dir, dtype="float32")
+
+
+@pytest.fixture(scope="module")
 def example():
     """The example script imported as a module (its `main()` is not run)."""
     spec = importlib.util.spec_from_file_location("diffusers_example_qwenimage21", SCRIPT)
@@ -63,36 +76,36 @@ class _Batch:
 
 
 @pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap"])
-def test_loss_equals_the_example_training_step(example, tiny_pipe, tiny_model_dir, weighting, tmp_path):
+def test_loss_equals_the_example_training_step(example, pipe, model_dir, weighting, tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from PIL import Image
 
     args = example.parse_args([
-        "--pretrained_model_name_or_path", str(tiny_model_dir), "--instance_data_dir", str(tmp_path),
+        "--pretrained_model_name_or_path", str(model_dir), "--instance_data_dir", str(tmp_path),
         "--instance_prompt", "a qwnbrand bottle", "--weighting_scheme", weighting, "--mixed_precision", "no",
     ])
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_model_dir, subfolder="scheduler")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
     # The step's free names: the script's module globals plus main()'s locals it reads.
     ns = dict(vars(example))
-    ns.update(args=args, accelerator=SimpleNamespace(device=torch.device("cpu")), vae=tiny_pipe.vae,
-              transformer=tiny_pipe.transformer, noise_scheduler_copy=scheduler, weight_dtype=torch.float32)
+    ns.update(args=args, accelerator=SimpleNamespace(device=torch.device("cpu")), vae=pipe.vae,
+              transformer=pipe.transformer, noise_scheduler_copy=scheduler, weight_dtype=torch.float32)
     exec(_main_statements(example, "vae_scale_factor = 2 **", "latents_std = 1.0 /"), ns)
     exec(_main_statements(example, "def get_sigmas(", "return sigma"), ns)
 
     # A fixed batch of two images and two prompts of different lengths (so the prompt mask is not None).
     rng = torch.Generator().manual_seed(0)
     images = [Image.fromarray((torch.rand(64, 64, 3, generator=rng) * 255).byte().numpy()) for _ in range(2)]
-    pixels = torch.cat([qmodel.image_to_pixels(tiny_pipe, im) for im in images])
+    pixels = torch.cat([qmodel.image_to_pixels(pipe, im) for im in images])
     prompts = ["a qwnbrand bottle", "a red mug on a wooden table by the window"]
 
     # Latents: the example normalises the VAE posterior as it is written in main(); we take the same mode.
     with torch.no_grad():
-        ns["model_input"] = tiny_pipe.vae.encode(pixels).latent_dist.mode()
+        ns["model_input"] = pipe.vae.encode(pixels).latent_dist.mode()
     exec(_main_statements(example, "model_input = (model_input - latents_mean)", "model_input = model_input.to("), ns)
-    x0 = qmodel.encode_latents(tiny_pipe, pixels)
+    x0 = qmodel.encode_latents(pipe, pixels)
     torch.testing.assert_close(x0, ns["model_input"], rtol=1e-5, atol=1e-6)
 
-    per_prompt = [qmodel.encode_prompt(tiny_pipe, [p]) for p in prompts]
+    per_prompt = [qmodel.encode_prompt(pipe, [p]) for p in prompts]
     embeds, mask = example.concat_prompt_embedding_batches(*[(p.embeds, p.mask) for p in per_prompt])
     noise = torch.randn(x0.shape, generator=rng)
     timesteps = scheduler.timesteps[torch.tensor([250, 700])]  # the example's (u * 1000).long() indexing
@@ -100,13 +113,13 @@ def test_loss_equals_the_example_training_step(example, tiny_pipe, tiny_model_di
     with torch.no_grad():
         exec(_main_statements(example, "# Add noise according to flow matching", "loss = loss.mean()"), ns)
         ours = objective.flow_matching_loss(
-            tiny_pipe.transformer, _Batch(x0, qmodel.pad_prompt_embeds(per_prompt)), noise, timesteps / 1000, weighting
+            pipe.transformer, _Batch(x0, qmodel.pad_prompt_embeds(per_prompt)), noise, timesteps / 1000, weighting
         )
     assert ns["prompt_embeds_mask"] is not None
     torch.testing.assert_close(ours, ns["loss"].float(), rtol=1e-5, atol=1e-7)
 
 
-def test_example_script_trains_tiny_model_and_adapter_loads(tiny_model_dir, sample_data_dir, tmp_path):
+def test_example_script_trains_tiny_model_and_adapter_loads(model_dir, sample_data_dir, tmp_path):
     from qwen_image_lora.inference.generator import GenerationRequest, Generator
 
     from qwen_image_lora import model as qmodel
@@ -119,7 +132,7 @@ def test_example_script_trains_tiny_model_and_adapter_loads(tiny_model_dir, samp
     out = tmp_path / "out"
     cmd = [
         sys.executable, SCRIPT,
-        "--pretrained_model_name_or_path", str(tiny_model_dir),
+        "--pretrained_model_name_or_path", str(model_dir),
         "--instance_data_dir", str(images),
         "--instance_prompt", "a qwnbrand bottle",
         "--resolution", "64",
@@ -141,10 +154,10 @@ def test_example_script_trains_tiny_model_and_adapter_loads(tiny_model_dir, samp
     assert weights.is_file()
 
     # Ours and diffusers' own loader give the same transformer, and the adapter changes it.
-    gen = Generator.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", resolution=64)
+    gen = Generator.from_pretrained(model_dir, dtype="float32", device="cpu", resolution=64)
     name = gen.adapters.load(out, name="example")
     assert gen.adapters.loaded[name].layout == "diffusers"
-    reference = qmodel.load_pipeline(tiny_model_dir, torch.float32, "cpu")
+    reference = qmodel.load_pipeline(model_dir, torch.float32, "cpu")
     reference.load_lora_weights(str(out))
 
     torch.manual_seed(0)

@@ -129,3 +129,21 @@ def test_the_pipeline_decodes_our_latents_back_to_the_image(tiny_pipe, sample_da
         errors.append(np.abs(np.asarray(back, float) - np.asarray(image, float)).mean())
     assert len(errors) >= 20
     assert np.mean(errors) < 5 and max(errors) < 10, errors  # in 0..255 units; a random VAE gives ~80
+
+
+def test_downsampling_vae_checkpoint_has_the_real_geometry_and_our_latent_grid(tmp_path, tiny_pipe):
+    """The variant diffusers' example script accepts: its VAE downsamples 2x four times (the example requires
+    2 ** len(temperal_downsample) == 16), gives the reconstructing VAE's latent grid and channels, and the
+    checkpoint generates through our path."""
+    from qwen_image_lora.tiny_model import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "ds", downsampling_vae=True)
+    pipe = qmodel.load_pipeline(folder, dtype="float32")
+    assert 2 ** len(pipe.vae.temperal_downsample) == 16 and pipe.vae.config.patch_size is None
+    image = Image.new("RGB", (96, 64), (200, 30, 60))
+    ours = qmodel.encode_latents(pipe, qmodel.image_to_pixels(pipe, image))
+    reference = qmodel.encode_latents(tiny_pipe, qmodel.image_to_pixels(tiny_pipe, image))
+    assert ours.shape == reference.shape == (1, 16, 1, 4, 6)
+    gen = Generator(pipe, resolution=64)
+    out = gen.generate(GenerationRequest("a red square", width=96, height=64, num_inference_steps=2))
+    assert out.size == (96, 64)

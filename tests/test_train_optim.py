@@ -70,3 +70,16 @@ def test_ema_follows_decay_09_by_hand():
     assert restored.shadow[0].dtype == torch.float32
     with pytest.raises(ValueError, match="EMA state has 1 tensors, the adapter 2"):
         LoRAEMA([w, w], decay=0.9).load_state_dict(ema.state_dict())
+
+
+def test_adamw_runs_the_fused_kernel_with_foreach_numbers():
+    cfg = OptimConfig(name="adamw", lr=1e-2)
+    target = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    w = torch.nn.Parameter(torch.zeros(4096))
+    opt = build_optimizer([w], cfg)
+    assert opt.param_groups[0]["fused"] is True
+    w_ref = torch.nn.Parameter(torch.zeros(4096))
+    reference = torch.optim.AdamW([w_ref], lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                  eps=cfg.eps, foreach=True)  # fmt: skip
+    assert _run(opt, w, target, 20) == pytest.approx(_run(reference, w_ref, target, 20), rel=1e-5)
+    torch.testing.assert_close(w.detach(), w_ref.detach(), rtol=1e-5, atol=1e-6)
