@@ -20,11 +20,12 @@ CUDA-only: scripts/bench_gpu_7b.py --speed). The batch study runs equal-length p
 `pad_prompt_embeds` gives) against padded ones (mask present: at batch 1 all True, at batch > 1 the last prompt a
 quarter shorter), eager and compile=blocks.
 
-Measured (shared 2-core CPU, 1 thread, torch 2.14.1, defaults; x = s/step against eager in the same rounds):
-training compile=blocks x0.868 (first call 23 s), compile=full x0.818 (34 s); inference compile=blocks x0.854,
-flex+blocks x1.42 (CPU flex kernel); batch 2 / 4 vs 1: samples/s x1.10 / x1.14 eager, x1.09 / x1.06 blocks; a
-padded prompt's mask costs nothing on CPU (mask/no-mask samples/s 0.98-1.03). Against the example script
-(`--groups "" --rounds 3`, N = 100): ours eager x1.00, compile=blocks x0.90, compile=full x0.85 of its s/step.
+Measured (shared 2-core CPU, 1 thread, torch 2.14.1, defaults; x = s/step against eager in the same rounds; two
+runs): training compile=blocks x0.868-0.888 (first call 20-23 s), compile=full x0.818-0.850 (25-34 s); inference
+compile=blocks x0.854-0.867, flex+blocks x1.42 (CPU flex kernel); batch 2 / 4 vs 1: samples/s x1.04-1.10 /
+x1.03-1.14 eager, x1.05-1.09 / x1.06-1.07 blocks; a padded prompt's mask costs nothing on CPU (mask/no-mask
+samples/s 0.98-1.03). Against the real example script (diffusers 01e3a5d, 6 rounds, N = 100): ours eager x1.01,
+compile=blocks x0.873, compile=full x0.837 of its s/step.
 
 With DIFFUSERS_EXAMPLE_SCRIPT set, diffusers' example script is timed too, on a model folder holding the same
 transformer, against our eager, compile=blocks and compile=full steps (scripts/example_speed.py says how).
