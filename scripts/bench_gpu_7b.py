@@ -133,6 +133,17 @@ def to_cuda(batch):
     return batch
 
 
+def bf16_step(transformer, params, cfg, shape):
+    """One training step on a random batch of `shape`, as the trainer runs it: bf16 autocast, clipping 1.0, the
+    trainer's AdamW."""
+    batch = to_cuda(memory_trace.build_step_inputs(shape, cfg, torch.bfloat16))
+    optimizer = build_optimizer(params, OptimConfig(lr=1e-4))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    return functools.partial(
+        memory_trace.training_step, transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16
+    )
+
+
 def run_case(transformer, params, cfg, shape, checkpoint, steps: int) -> dict:
     """`checkpoint`: True (all blocks), False (none) or a number k (blocks 0..k-1, as `auto` picks them); left as
     it is when the transformer already checkpoints those blocks (a compiled one would recompile)."""
@@ -140,12 +151,7 @@ def run_case(transformer, params, cfg, shape, checkpoint, steps: int) -> dict:
     k = n if checkpoint is True else 0 if checkpoint is False else int(checkpoint)
     if block_checkpointing.checkpointed_blocks(transformer) != list(range(k)):
         block_checkpointing.apply_block_checkpointing(transformer, range(k))
-    batch = to_cuda(memory_trace.build_step_inputs(shape, cfg, torch.bfloat16))
-    optimizer = build_optimizer(params, OptimConfig(lr=1e-4))  # the trainer's AdamW
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    step = functools.partial(
-        memory_trace.training_step, transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16
-    )
+    step = bf16_step(transformer, params, cfg, shape)
     result = {"task": shape.task, "checkpointing": checkpoint, "batch": shape.batch_size, "resolution": shape.height}
     try:
         start = time.perf_counter()
@@ -177,9 +183,8 @@ def run_case(transformer, params, cfg, shape, checkpoint, steps: int) -> dict:
     finally:
         for p in params:
             p.grad = None
-        del step, optimizer, batch
-        gc.collect()
-        torch.cuda.empty_cache()
+        del step  # and with it the batch and the optimizer state it holds
+        free_cuda()
     return result
 
 
@@ -275,12 +280,7 @@ def example_vs_ours(args, cfg, script: Path) -> dict:
         for variant in ("eager", "blocks+flex"):
             lora = LoRAConfig(rank=args.rank, alpha=float(args.rank), targets="attention")
             transformer, params = build(cfg, lora, range(cfg["num_layers"]), *VARIANTS[variant])
-            batch = to_cuda(memory_trace.build_step_inputs(shape, cfg, torch.bfloat16))
-            optimizer = build_optimizer(params, OptimConfig(lr=1e-4))  # the trainer's AdamW
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-            ours[f"ours {variant}"] = functools.partial(
-                memory_trace.training_step, transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16
-            )
+            ours[f"ours {variant}"] = bf16_step(transformer, params, cfg, shape)
             ours[f"ours {variant}"]()  # the compile, outside the timing
         return ours
 
