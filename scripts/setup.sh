@@ -11,12 +11,21 @@ EXTRAS=${EXTRAS:-"test,serve,eval,optim"}
 PYTHON=${PYTHON:-python3}
 
 say() { echo "setup: $*" >&2; }
-[ -x .venv/bin/python ] || { say "creating .venv with $PYTHON"; "$PYTHON" -m venv .venv; }
 stamp=.venv/.qwen-lora-setup
 want="$(sha256sum pyproject.toml | cut -c1-16) $TORCH_SPEC $EXTRAS"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
+# Before torch is in: refuse on a disk too full for it, instead of pip's "[Errno 28]" minutes into the download.
+need_gb=${SETUP_NEED_GB:-$([ -n "${TORCH_INDEX_URL:-}" ] && echo 2 || echo 8)}
+free_gb=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1048576 ))
+if ! compgen -G ".venv/lib/python*/site-packages/torch/__init__.py" > /dev/null && [ "$free_gb" -lt "$need_gb" ]; then
+  say "only ${free_gb} GB free on $(df -P . | awk 'NR==2 {print $6}'); installing $TORCH_SPEC needs about ${need_gb} GB."
+  say "free some space (old clones, ~/.cache/pip, /tmp), or, with no GPU, install the CPU build (~2 GB):"
+  say "  TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/setup.sh"
+  exit 1
+fi
+[ -x .venv/bin/python ] || { say "creating .venv with $PYTHON"; "$PYTHON" -m venv .venv; }
 pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 # torch first and pinned: left to itself pip would resolve a multi-GB CUDA build from the index. Not quiet: on a
 # fresh machine this is the long part, and pip's download lines show that it is moving.
