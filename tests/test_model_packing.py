@@ -36,8 +36,9 @@ def test_pad_prompt_embeds_pads_right_and_masks_the_padding():
 
 
 def test_split_prompt_embeds_cuts_each_sample_back_to_its_own_tokens():
-    short = qmodel.PromptEmbeds(torch.arange(8.0).view(1, 2, 4), None, torch.tensor([[True, False]]))
-    long = qmodel.PromptEmbeds(torch.arange(12.0).view(1, 3, 4) + 100, None, torch.tensor([[False, False, True]]))
+    # More tokens than hidden width, so cutting a sample at the width instead of its length shows.
+    short = qmodel.PromptEmbeds(torch.arange(6.0).view(1, 3, 2), None, torch.tensor([[True, False, False]]))
+    long = qmodel.PromptEmbeds(torch.arange(8.0).view(1, 4, 2) + 100, None, torch.tensor([[False, False, True, False]]))
     for originals in ([short, long], [long, short], [short, short]):
         parts = qmodel.split_prompt_embeds(qmodel.pad_prompt_embeds(originals))
         assert len(parts) == len(originals)
