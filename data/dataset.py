@@ -14,12 +14,11 @@ model id and the caption text, so changing any of them recomputes just that entr
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -29,7 +28,14 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, DataConfig
 from qwen_image_lora.data.cache import Cache, CacheDamaged, key_for_image, key_for_prompt, model_identity
 from qwen_image_lora.data.doctor import screen_items
-from qwen_image_lora.data.buckets import Transform, assign_bucket, histogram, plan_transform
+from qwen_image_lora.data.buckets import (
+    BucketBatchSampler,
+    Transform,
+    assign_bucket,
+    histogram,
+    plan_transform,
+    stable_int,
+)
 from qwen_image_lora.data.sources import Item, format_caption, load_items, open_image
 
 logger = logging.getLogger(__name__)
@@ -66,7 +72,7 @@ def plan_entries(items: list[Item], cfg: Config) -> tuple[list[Entry], list[tupl
         try:
             size = image_size(item.target)
             bucket = assign_bucket(*size, d.resolution, d.max_upscale)
-            seed = _stable_int(cfg.train.seed, item.id)
+            seed = stable_int(cfg.train.seed, item.id)
             target = plan_transform(size, bucket, d.crop, seed)
             sources = []
             for src in item.sources:
@@ -82,10 +88,6 @@ def plan_entries(items: list[Item], cfg: Config) -> tuple[list[Entry], list[tupl
             continue
         entries.append(Entry(item, target, tuple(sources)))
     return entries, skipped
-
-
-def _stable_int(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
 # ------------------------------------------------------------------------------------------ encoding
@@ -218,7 +220,7 @@ class TrainingDataset(torch.utils.data.Dataset):
     def caption_for(self, index: int, epoch: int) -> str:
         """Deterministic in (seed, epoch, index): one of the item's captions, or "" under caption dropout."""
         entry, d = self.entries[index], self.cfg.data
-        rng = random.Random(_stable_int(self.cfg.train.seed, epoch, index))
+        rng = random.Random(stable_int(self.cfg.train.seed, epoch, index))
         caption = rng.choice(entry.item.captions) if entry.item.captions else ""
         if rng.random() < d.caption_dropout:
             return ""
@@ -299,54 +301,6 @@ def _stack_weights(samples: list[dict]) -> torch.Tensor | None:
     return torch.cat([torch.ones(grid) if w is None else w for w in weights])
 
 
-# ------------------------------------------------------------------------------------------ sampling
-
-
-class BucketBatchSampler:
-    """Endless, seeded, resumable batches of one layout each, sharded across processes.
-
-    Each epoch shuffles the items inside every layout group, cuts them into batches, and shuffles the batch
-    order. Process `rank` of `num_replicas` takes every num_replicas-th batch, so a step's position is the same
-    on every rank and one cursor resumes them all.
-    """
-
-    def __init__(self, groups: list[list[int]], batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
-        self.groups = [g for g in groups if g]
-        self.batch_size, self.seed = batch_size, seed
-        self.num_replicas, self.rank = num_replicas, rank
-        self.epoch, self.position = 0, 0
-
-    def batches_for_epoch(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(_stable_int(self.seed, "epoch", epoch))
-        batches = []
-        for group in self.groups:
-            order = group[:]
-            rng.shuffle(order)
-            batches += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        rng.shuffle(batches)
-        # Every rank must get the same number of steps per epoch; wrap around to fill the last round.
-        batches += (batches * self.num_replicas)[: -len(batches) % self.num_replicas]
-        return batches[self.rank :: self.num_replicas]
-
-    def steps_per_epoch(self) -> int:
-        return len(self.batches_for_epoch(0))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        while True:
-            batches = self.batches_for_epoch(self.epoch)
-            while self.position < len(batches):
-                position = self.position
-                self.position += 1
-                yield [(i, self.epoch, position) for i in batches[position]]
-            self.epoch, self.position = self.epoch + 1, 0
-
-
 @dataclass
 class TrainingData:
     dataset: TrainingDataset
@@ -393,7 +347,7 @@ def build_training_data(
     if not entries:
         raise ValueError(f"data.path: none of the {len(items)} items could be read; run `qwen-lora data doctor`")
     fraction = cfg.validation.held_out_fraction
-    held_out = [i for i, e in enumerate(entries) if fraction and _stable_int("held-out", e.item.id) % 10_000 < fraction * 10_000]
+    held_out = [i for i, e in enumerate(entries) if fraction and stable_int("held-out", e.item.id) % 10_000 < fraction * 10_000]
     if fraction and not held_out and len(entries) > 1:
         held_out = [len(entries) - 1]
     train_ids = [i for i in range(len(entries)) if i not in set(held_out)]

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.data.buckets import Transform, assign_bucket, histogram, plan_transform
+from qwen_image_lora.data.buckets import BucketBatchSampler, Transform, assign_bucket, histogram, plan_transform
 
 
 def test_assign_bucket_is_the_pipelines_size_shrunk_to_the_upscale_limit():
@@ -60,3 +60,21 @@ def test_histogram_lists_most_used_first():
     assert rare.split() == ["96x32", "1", "#"]  # 40 * 1/40 = 1 bar
     with pytest.raises(ValueError):
         histogram([])
+
+
+def test_sampler_is_seeded_homogeneous_sharded_and_resumable():
+    groups = [[0, 1, 2, 3, 4], [5, 6, 7], [8]]
+    a = BucketBatchSampler(groups, batch_size=2, seed=1)
+    first = [b for _, b in zip(range(12), iter(a))]
+    assert first == [b for _, b in zip(range(12), iter(BucketBatchSampler(groups, 2, 1)))]
+    for batch in first:
+        assert len({next(g for g, members in enumerate(groups) if i in members) for i, _, _ in batch}) == 1
+    # resume from the cursor of batch 5: the rest is identical
+    b = BucketBatchSampler(groups, 2, 1)
+    b.load_state_dict({"epoch": first[5][0][1], "position": first[5][0][2] + 1})
+    assert [x for _, x in zip(range(6), iter(b))] == first[6:12]
+    # two ranks: same number of steps, disjoint batches within an epoch, cover everything
+    r0, r1 = BucketBatchSampler(groups, 2, 1, 2, 0), BucketBatchSampler(groups, 2, 1, 2, 1)
+    assert r0.steps_per_epoch() == r1.steps_per_epoch()
+    seen = {i for s in (r0, r1) for batch in s.batches_for_epoch(0) for i in batch}
+    assert seen == set(range(9))

@@ -8,7 +8,7 @@ from PIL import Image
 
 from qwen_image_lora.config import load_config
 from qwen_image_lora.data.buckets import assign_bucket
-from qwen_image_lora.data.dataset import BucketBatchSampler, build_training_data
+from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.data.sources import DataError, load_items
 
 
@@ -42,24 +42,6 @@ def test_edit_pair_markers_stay_at_the_same_latent_position(tmp_path):
     red = lambda a: np.argwhere((a[..., 0] > 200) & (a[..., 1] < 60)).mean(0)  # noqa: E731
     np.testing.assert_allclose(red(src), red(tgt))
     assert src.shape[0] % 32 == 0 and src.shape[1] % 32 == 0
-
-
-def test_sampler_is_seeded_homogeneous_sharded_and_resumable():
-    groups = [[0, 1, 2, 3, 4], [5, 6, 7], [8]]
-    a = BucketBatchSampler(groups, batch_size=2, seed=1)
-    first = [b for _, b in zip(range(12), iter(a))]
-    assert first == [b for _, b in zip(range(12), iter(BucketBatchSampler(groups, 2, 1)))]
-    for batch in first:
-        assert len({next(g for g, members in enumerate(groups) if i in members) for i, _, _ in batch}) == 1
-    # resume from the cursor of batch 5: the rest is identical
-    b = BucketBatchSampler(groups, 2, 1)
-    b.load_state_dict({"epoch": first[5][0][1], "position": first[5][0][2] + 1})
-    assert [x for _, x in zip(range(6), iter(b))] == first[6:12]
-    # two ranks: same number of steps, disjoint batches within an epoch, cover everything
-    r0, r1 = BucketBatchSampler(groups, 2, 1, 2, 0), BucketBatchSampler(groups, 2, 1, 2, 1)
-    assert r0.steps_per_epoch() == r1.steps_per_epoch()
-    seen = {i for s in (r0, r1) for batch in s.batches_for_epoch(0) for i in batch}
-    assert seen == set(range(9))
 
 
 def test_training_batches_from_sample_data(tiny_pipe, tiny_model_dir, sample_data_dir):

@@ -78,6 +78,8 @@ def test_accelerate_launch_demo_config_trains_a_loadable_adapter(tiny_model_dir,
     assert len(losses) == 40
     meta = json.loads((out / "training_metadata.json").read_text())
     assert meta["steps"] == 40 and meta["final_loss"] < 0.7 * meta["first_loss"], meta
+    assert meta["first_loss"] == pytest.approx(sum(losses[:10]) / 10) and meta["final_loss"] == pytest.approx(sum(losses[-10:]) / 10)
+    assert meta["versions"]["torch"] == torch.__version__ and set(meta["versions"]) >= {"diffusers", "peft", "accelerate"}
     # Rotation kept the newest two of steps 10, 20, 30 (none at the final step: the output folder is that).
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000020", "step-000030"]
     assert (out / "samples" / "step_000020" / "t2i_00.png").is_file()

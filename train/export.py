@@ -18,6 +18,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import accelerate
+import diffusers
+import peft
 import torch
 
 from qwen_image_lora import model as qmodel
@@ -51,9 +54,15 @@ def write_run_folder(
     out = Path(cfg.output_dir)
     write_adapter_atomically(transformer, out, state)
     save_config(cfg, out / "config.yaml")
+    metadata = {**metadata, "versions": library_versions()}
     atomic_write_text(out / "training_metadata.json", json.dumps(metadata, indent=2, default=str))
     atomic_write_text(out / "README.md", model_card(cfg, metadata, {k: Path(v).relative_to(out) for k, v in samples.items()}))
     return out
+
+
+def library_versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__}
 
 
 def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:

@@ -15,21 +15,25 @@ stopped the run; 75 (EXIT_PREEMPTED) SIGTERM/SIGINT stopped it after writing a c
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import logging
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, ConfigError, load_config, save_config, to_dict
+from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.data.sources import DataError
 from qwen_image_lora.io import describe_write_error
 from qwen_image_lora.progress import progress_bar
-from qwen_image_lora.train import adapter, export, objective, optim, validation
+from qwen_image_lora.train import adapter, export, memory, objective, optim, ranks, validation
 from qwen_image_lora.train.checkpoint import (
     CheckpointError,
     Checkpointer,
@@ -63,9 +67,6 @@ class LoRARecipe:
     # ------------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
         cfg = self.cfg
         _check_before_loading(cfg)
         if not self.resume:
@@ -81,7 +82,7 @@ class LoRARecipe:
             raise ConfigError(f"model.attention: flex trains on CUDA only (torch has no flex_attention backward on "
                               f"{acc.device.type}); use sdpa-segments here")
         self.checkpointer = Checkpointer(self.out, cfg.checkpoint.keep_last)
-        self.resume_from, self.run_id = _main_then_share(
+        self.resume_from, self.run_id = ranks.main_then_share(
             acc, lambda: self.run_folder.open(self.resume, self.overwrite, self.checkpointer))
         if self.resume_from is not None:
             progress, warnings = check_resume(self.resume_from, to_dict(cfg), self.allow_config_change)
@@ -142,8 +143,6 @@ class LoRARecipe:
             module.to(device)
 
     def _setup_data(self):
-        from qwen_image_lora.data.dataset import build_training_data
-
         acc = self.accelerator
         return build_training_data(self.cfg, self.pipe, num_replicas=acc.num_processes, rank=acc.process_index)
 
@@ -152,13 +151,8 @@ class LoRARecipe:
         if setting is True:
             transformer.enable_gradient_checkpointing()
         elif setting == "auto":
-            from qwen_image_lora.train import memory
-
             references = max(len(e.item.sources) for e in self.data.dataset.entries)
-            inputs = memory.plan_inputs_from_config(self.cfg, references=references)
-            budget = memory.budget_for_allocations(int(self.cfg.train.memory_budget_gb * 2**30))
-            blocks = memory.choose_checkpointed_blocks(inputs, budget)
-            memory.apply_block_checkpointing(transformer, blocks)
+            blocks = memory.checkpoint_to_fit(transformer, self.cfg, references)
             logger.info("gradient_checkpointing auto: checkpointing blocks %s", blocks)
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -298,7 +292,7 @@ class LoRARecipe:
             self.validate()
         with self._ema_weights():
             state = adapter.get_lora_state(self.pipe.transformer)
-        hashes = _gather_hashes(state)
+        hashes = ranks.gather_adapter_hashes(state)
         if len(set(hashes)) != 1:
             raise TrainingStopped(f"the processes ended with different adapters (hashes {hashes}); DDP went out of sync")
         if acc.is_main_process:
@@ -306,14 +300,13 @@ class LoRARecipe:
             metadata = {
                 "run_id": self.run_id,
                 "steps": self.step,
-                "first_loss": _mean(losses[:10]),
-                "final_loss": _mean(losses[-10:]),
+                "first_loss": statistics.fmean(losses[:10]) if losses else None,
+                "final_loss": statistics.fmean(losses[-10:]) if losses else None,
                 "num_processes": acc.num_processes,
                 "nonfinite_steps_skipped": self.guards.nonfinite,
                 "adapter_sha256": hashes[0],
                 "rank_adapter_sha256": hashes,
                 "trainable_parameters": sum(p.numel() for p in self.params),
-                "versions": _versions(),
             }
             try:
                 export.write_run_folder(self.pipe.transformer, cfg, metadata, self.samples, state)
@@ -336,8 +329,6 @@ class LoRARecipe:
     # ------------------------------------------------------------------------------------------ helpers
 
     def _ema_weights(self):
-        import contextlib
-
         return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
 
@@ -358,49 +349,6 @@ def _check_before_loading(cfg: Config) -> None:
     if cfg.checkpoint.every_steps > cfg.train.max_steps:
         logger.warning("checkpoint.every_steps=%d > train.max_steps=%d: no resumable checkpoint will be written",
                        cfg.checkpoint.every_steps, cfg.train.max_steps)
-    if cfg.train.gradient_checkpointing == "auto":
-        try:
-            from qwen_image_lora.train import memory  # noqa: F401
-        except ModuleNotFoundError as e:
-            raise ConfigError("train.gradient_checkpointing: 'auto' needs the memory planner (train/memory.py)") from e
-
-
-def _main_then_share(acc, fn):
-    """Run `fn` on the main process and give its result, or its error, to every rank: all go on or stop together."""
-    from accelerate.utils import broadcast_object_list
-
-    outcome = [None]
-    if acc.is_main_process:
-        try:
-            outcome = [(True, fn())]
-        except Exception as e:  # raised on every rank below, so no rank waits in a collective forever
-            outcome = [(False, e)]
-    ok, value = broadcast_object_list(outcome)[0]
-    if not ok:
-        raise value
-    return value
-
-
-def _gather_hashes(state: dict[str, torch.Tensor]) -> list[str]:
-    from accelerate.utils import gather_object
-
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].float().numpy().tobytes())
-    return gather_object([digest.hexdigest()])
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def _versions() -> dict:
-    import accelerate
-    import diffusers
-    import peft
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__}
 
 
 def _progress_bar(total: int, initial: int, main: bool):

@@ -369,6 +369,15 @@ def choose_checkpointed_blocks(inputs: PlanInputs, budget_bytes: int, planner: C
     return list(range(k))
 
 
+def checkpoint_to_fit(transformer, cfg, references: int) -> list[int]:
+    """`train.gradient_checkpointing: auto`: checkpoint the fewest blocks whose planned peak fits
+    `train.memory_budget_gb` for the config's largest step (`references` condition images), and say which."""
+    inputs = plan_inputs_from_config(cfg, references=references)
+    blocks = choose_checkpointed_blocks(inputs, budget_for_allocations(int(cfg.train.memory_budget_gb * 2**30)))
+    apply_block_checkpointing(transformer, blocks)
+    return blocks
+
+
 def budget_for_allocations(gpu_bytes: int) -> int:
     """The allocated-bytes budget on a GPU of `gpu_bytes`, after the context and fragmentation margin."""
     return int((gpu_bytes - CUDA_CONTEXT_BYTES) / (1 + FRAGMENTATION))
