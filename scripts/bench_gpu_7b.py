@@ -3,8 +3,8 @@
 Random weights built from the released config (no download), bf16 base, fp32 LoRA, AdamW, the trainer's
 step (`train.memory_trace.training_step`: flow-matching loss through `objective`, backward, clip, optimizer step).
 For each case it reports `torch.cuda.max_memory_allocated` of a steady-state step (optimizer state already
-allocated), `max_memory_reserved`, seconds per step, samples/s and MFU, next to the planner's prediction when
-`--plan FILE.json` gives one (from `python scripts/bench_gpu_7b.py --plan-only`, run where the planner runs).
+allocated), `max_memory_reserved`, seconds per step, samples/s and MFU, next to the planner's prediction: from
+`--plan FILE.jsonl` (written by `--plan-only` on any CPU machine), else traced on the spot, CPU minutes of GPU time.
 
     python scripts/bench_gpu_7b.py                       # t2i and edit, checkpointing on and off
     python scripts/bench_gpu_7b.py --targets attention+mlp --steps 5
@@ -234,10 +234,16 @@ def speed_cases(args) -> list[tuple[memory.StepShape, object, list[str]]]:
     return out
 
 
-def measure(args, cfg, shape, ck, variant, planned) -> dict:
+def case_plan(args, cfg, shape, ck, planned: dict) -> tuple[dict, object]:
+    """The case's plan row (from `--plan`, else traced here: CPU minutes on the GPU machine) and its checkpointing
+    with `auto` resolved to the planner's block count."""
     key = plan_key(shape.task, ck, args.targets, shape.batch_size, shape.height)
-    plan = planned.get(key) or plan_case(args, cfg, shape, ck)  # planning on the GPU machine costs CPU minutes
-    k = plan.get("auto_blocks", ck)
+    plan = planned.get(key) or plan_case(args, cfg, shape, ck)
+    return plan, plan.get("auto_blocks", ck)
+
+
+def measure(args, cfg, shape, ck, variant, planned) -> dict:
+    plan, k = case_plan(args, cfg, shape, ck, planned)
     n = cfg["num_layers"]
     blocks = range(n if k is True else 0 if k is False else int(k))
     attention, compile = VARIANTS[variant]
@@ -358,13 +364,10 @@ def main(argv=None) -> int:
             transformer, params = build(cfg, LoRAConfig(rank=args.rank, targets=args.targets), None, args.attention, compile)
             print(f"weights: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated", flush=True)
             for shape, ck, _ in cases:
-                plan = planned.get(plan_key(shape.task, ck, args.targets, shape.batch_size, shape.height)) or {}
-                k = plan.get("auto_blocks", ck)
-                if k == "auto":
-                    k = plan_case(args, cfg, shape, ck)["auto_blocks"]
+                plan, k = case_plan(args, cfg, shape, ck, planned)
                 r = run_case(transformer, params, cfg, shape, k, args.steps)
-                r.update(targets=args.targets, checkpointing=ck, planned_gib=plan.get("planned_gib"))
-                if r["planned_gib"] and "oom" not in r:
+                r.update(targets=args.targets, checkpointing=ck, planned_gib=plan["planned_gib"])
+                if "oom" not in r:
                     r["plan_error"] = r["planned_gib"] / r["max_allocated_gib"] - 1
                 results.append(r)
                 print(json.dumps(r), flush=True)
