@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.config import OptimConfig
+from qwen_image_lora.train import optim
 from qwen_image_lora.train.block_checkpointing import apply_block_checkpointing, checkpointed_blocks
 from qwen_image_lora.train.memory_trace import StorageTracker, build_step_inputs, cuda_like, training_step
 
@@ -84,7 +86,7 @@ class PlanInputs:
     max_grad_norm: float = 1.0
     checkpoint: str | list[int] = "all"
     # "cuda": reproduce what the step allocates on a CUDA GPU (CUDA autocast rules, flash/efficient attention,
-    # 512-byte granules, foreach AdamW). "cpu": what the same step allocates on CPU, for testing the tracer.
+    # 512-byte granules, the trainer's fused AdamW). "cpu": what the same step allocates on CPU, for testing the tracer.
     profile: str = "cuda"
 
     @property
@@ -286,7 +288,7 @@ def _trace(
     autocast_dtype = torch.float16 if inputs.mixed_precision == "fp16" else torch.bfloat16
     trainable = {id(p) for p in params}
     frozen = [t for t in list(transformer.parameters()) + list(transformer.buffers()) if id(t) not in trainable]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True if cuda else None)
+    optimizer = optim.build_optimizer(params, OptimConfig(name="adamw"))  # the trainer's AdamW (fused kernel)
     mode_ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
     with mode_ctx, cuda_like(autocast_dtype, cuda), tracker:
         tracker.track(*frozen)
