@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.data.buckets import BucketBatchSampler, Transform, assign_bucket, histogram, plan_transform
+from qwen_image_lora.data.buckets import BucketBatchSampler, Transform, assign_bucket, histogram, plan_transform, stable_int
 
 
 def test_assign_bucket_is_the_pipelines_size_shrunk_to_the_upscale_limit():
@@ -78,3 +78,35 @@ def test_sampler_is_seeded_homogeneous_sharded_and_resumable():
     assert r0.steps_per_epoch() == r1.steps_per_epoch()
     seen = {i for s in (r0, r1) for batch in s.batches_for_epoch(0) for i in batch}
     assert seen == set(range(9))
+
+
+def test_sampler_epochs_cover_every_item_once_in_a_seeded_order_and_continue_across_epochs():
+    groups = [[0, 1, 2, 3, 4], [5, 6, 7], [8]]
+    fresh = BucketBatchSampler(groups, 2, seed=1)
+    assert fresh.state_dict() == {"epoch": 0, "position": 0}
+    epoch0, epoch1 = fresh.batches_for_epoch(0), fresh.batches_for_epoch(1)
+    for batches in (epoch0, epoch1):  # one process: each item exactly once per epoch, in batches of <= 2
+        assert sorted(i for b in batches for i in b) == list(range(9)) and all(len(b) <= 2 for b in batches)
+    assert epoch0 != epoch1, "every epoch reshuffles"
+    assert epoch0 != BucketBatchSampler(groups, 2, seed=2).batches_for_epoch(0), "the seed decides the order"
+    # Iteration runs epoch 0 from its first batch, then epoch 1, with the cursor each batch was drawn at.
+    drawn = [batch for _, batch in zip(range(len(epoch0) + len(epoch1)), iter(fresh))]
+    assert [[i for i, _, _ in b] for b in drawn] == epoch0 + epoch1
+    assert [(b[0][1], b[0][2]) for b in drawn] == [(0, p) for p in range(len(epoch0))] + [(1, p) for p in range(len(epoch1))]
+    assert fresh.state_dict() == {"epoch": 1, "position": len(epoch1)}
+    # The order is part of the resume contract (a checkpoint stores only the cursor): a version that changed it would
+    # resume an older run into a different order, repeating some items and skipping others.
+    assert epoch0 == [[4, 1], [3], [8], [7, 5], [6], [0, 2]]
+
+
+def test_sampler_ranks_get_equal_step_counts_for_any_number_of_processes():
+    groups = [[0, 1, 2, 3], [4, 5, 6], [7]]  # 5 batches of <= 2: uneven for 2, 3 and 4 processes
+    for replicas in (2, 3, 4):
+        ranks = [BucketBatchSampler(groups, 2, 1, replicas, r).batches_for_epoch(0) for r in range(replicas)]
+        assert len({len(r) for r in ranks}) == 1, replicas
+        assert {i for r in ranks for b in r for i in b} == set(range(8))
+
+
+def test_stable_int_depends_on_every_part():
+    assert stable_int(1, "epoch", 0) == stable_int(1, "epoch", 0)
+    assert len({stable_int(1, "epoch", 0), stable_int(2, "epoch", 0), stable_int(1, "epoch", 1), stable_int(1, 0)}) == 4
