@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
@@ -136,6 +137,8 @@ def test_loss_weights():
     torch.testing.assert_close(objective.loss_weights("sigma_sqrt", s), torch.tensor([16.0, 4.0, 16 / 9]))
     cosmap = objective.loss_weights("cosmap", s)
     assert cosmap[1] == cosmap.max() and torch.isclose(cosmap[0], cosmap[2])
+    for kind in ("sigma_sqrt", "cosmap"):  # SD3's weights, as diffusers' example scripts compute them
+        torch.testing.assert_close(objective.loss_weights(kind, s), compute_loss_weighting_for_sd3(kind, s))
     with pytest.raises(ValueError, match="train.loss_weighting"):
         objective.loss_weights("nope", s)
 
@@ -285,3 +288,40 @@ def test_pipeline_passes_timestep_over_1000_which_is_the_sigma(tiny_pipe):
     for i, t in enumerate(seen):
         torch.testing.assert_close(t, (sch.timesteps[i] / 1000).expand_as(t))
         torch.testing.assert_close(t, sch.sigmas[i].expand_as(t).float())
+
+
+def test_the_loss_is_each_samples_mask_weighted_mean_error_then_the_sigma_weighted_batch_mean(line):
+    """Errors placed by hand around the objective's own target: a mask keeps only its region, in proportion to its
+    weights, per sample; the loss weighting then scales each sample (diffusers' SD3 weights) before the batch mean."""
+    target, sigmas = _objective_target(line), line["sigmas"]
+    assert sigmas[0] != sigmas[1]  # so a weighting applied to the batch mean instead would show
+    delta = torch.zeros_like(target)
+    delta[0] = 1.0
+    delta[0, :, :, :, :2] = 3.0  # squared error 9 where sample 0's mask is 0, and 1 where it keeps (weight 2)
+    delta[1, :, :, 3, 3] = 2.0  # sample 1: squared error 4 on its one kept latent, 0 elsewhere; its weight is
+    # small (an almost transparent image), so the weights sum below 1 and still give the weighted mean
+    mask = torch.zeros(2, 1, 1, 4, 4, dtype=torch.float64)
+    mask[0, :, :, :, 2:] = 2.0
+    mask[1, :, :, 3, 3] = 0.05
+    line["batch"].loss_mask = mask
+    per_sample = torch.tensor([1.0, 4.0])
+    for weighting in ("none", "sigma_sqrt", "cosmap"):
+        loss = objective.flow_matching_loss(_Oracle(target + delta), line["batch"], line["noise"], sigmas, weighting)
+        assert loss.dtype == torch.float32
+        expected = (compute_loss_weighting_for_sd3(weighting, sigmas) * per_sample).mean()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6, msg=weighting)
+    mask[1] = 0.0  # nothing of sample 1 kept: it adds 0, not NaN
+    loss = objective.flow_matching_loss(_Oracle(target + delta), line["batch"], line["noise"], sigmas)
+    torch.testing.assert_close(loss, torch.tensor(0.5))
+    # No mask: the plain per-sample mean (sample 0: half 9, half 1), weighted per sample.
+    line["batch"].loss_mask = None
+    delta[1] = 2.0
+    loss = objective.flow_matching_loss(_Oracle(target + delta), line["batch"], line["noise"], sigmas, "cosmap")
+    torch.testing.assert_close(loss, (compute_loss_weighting_for_sd3("cosmap", sigmas) * torch.tensor([5.0, 4.0])).mean())
+
+
+def test_the_given_dtype_reaches_the_transformer_for_a_wrapped_module_without_one(line):
+    """The trainer passes the base model's dtype, because a DDP-wrapped transformer has no `.dtype`."""
+    oracle = _Oracle(torch.zeros_like(line["x0"]))
+    objective.flow_matching_loss(oracle, line["batch"], line["noise"], line["sigmas"], dtype=torch.float64)
+    assert oracle.calls[0]["hidden_states"].dtype == torch.float64 and oracle.calls[0]["timestep"].dtype == torch.float64

@@ -117,7 +117,8 @@ def flow_matching_loss(
     mask = getattr(batch, "loss_mask", None)
     if mask is not None:
         mask = mask.to(err).expand_as(err)
-        per_sample = (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
+        # The weighted mean whatever the weights sum to (soft alpha masks can sum below 1); an all-zero mask gives 0.
+        per_sample = (err * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1e-8)
     else:
         per_sample = err.flatten(1).mean(1)
     return (loss_weights(weighting, sigmas) * per_sample).mean()
