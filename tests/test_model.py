@@ -116,6 +116,14 @@ def test_encode_latents_are_the_normalised_vae_mode(tiny_pipe, sample_data_dir):
     torch.testing.assert_close(ours, (mode - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1))
 
 
+def test_an_image_off_the_32_pixel_grid_on_either_side_is_refused_with_its_size(tiny_pipe):
+    """A side off the grid would be resized by the image processor and no longer match its bucket's latents."""
+    for size in ((64, 48), (48, 64), (40, 40)):
+        with pytest.raises(ValueError, match=rf"image size {size[0]}x{size[1]}: both sides must be multiples of 32"):
+            qmodel.image_to_pixels(tiny_pipe, Image.new("RGB", size))
+    assert qmodel.image_to_pixels(tiny_pipe, Image.new("RGB", (64, 32))).shape == (1, 4, 1, 32, 64)
+
+
 def test_the_pipeline_decodes_our_latents_back_to_the_image(tiny_pipe, sample_data_dir):
     """Every sample image: our latents, through the pipeline's decode path, give the image back (the tiny VAE
     keeps the mean of each 8x8 block, so only edges and the logo text blur)."""

@@ -87,3 +87,15 @@ def test_padding_an_unmasked_prompt_beside_a_longer_one_gives_a_boolean_mask():
     padded = qmodel.pad_prompt_embeds([short, long])
     assert padded.mask.dtype == torch.bool  # the transformer takes it as a key mask
     assert padded.mask.tolist() == [[True, True, True, False, False], [True] * 5]
+
+
+def test_predict_velocity_casts_its_inputs_to_the_transformers_dtype_and_passes_attention_kwargs():
+    """fp32 LoRA maths meets a bf16 (here: fp32 beside fp64 inputs) base model: the call gets the model's dtype."""
+    g = torch.Generator().manual_seed(2)
+    noisy = torch.randn(1, 8, 1, 2, 2, generator=g, dtype=torch.float64)
+    prompt = qmodel.PromptEmbeds(torch.randn(1, 3, 5, generator=g, dtype=torch.float64), None, torch.zeros(1, 3, dtype=torch.bool))
+    echo = _Echo()
+    qmodel.predict_velocity(echo, noisy, prompt, torch.tensor([0.5], dtype=torch.float64), attention_kwargs={"scale": 0.5})
+    kw = echo.kwargs
+    assert {kw[k].dtype for k in ("hidden_states", "timestep", "encoder_hidden_states")} == {torch.float32}
+    assert kw["attention_kwargs"] == {"scale": 0.5}

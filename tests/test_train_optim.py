@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from qwen_image_lora.config import OptimConfig
+from qwen_image_lora.config import ConfigError, OptimConfig
 from qwen_image_lora.train.optim import LoRAEMA, build_optimizer
 
 PACKAGES = {"adamw": None, "adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
@@ -43,6 +43,26 @@ def test_optimizer_learns_and_resumes_identically(name):
     opt3 = build_optimizer([w3], cfg)
     opt3.load_state_dict(state["opt"])
     assert first + _run(opt3, w3, target, 15) == pytest.approx(straight, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", list(PACKAGES))
+def test_every_optim_setting_reaches_the_optimizer(name):
+    if PACKAGES[name] and importlib.util.find_spec(PACKAGES[name]) is None:
+        pytest.skip(f"{PACKAGES[name]} not installed (pip install -e '.[optim]')")
+    cfg = OptimConfig(name=name, lr=0.3, betas=[0.8, 0.95], weight_decay=0.07, eps=1e-5)
+    defaults = build_optimizer([torch.nn.Parameter(torch.zeros(8))], cfg).defaults
+    assert (defaults["lr"], tuple(defaults["betas"]), defaults["weight_decay"], defaults["eps"]) == (0.3, (0.8, 0.95), 0.07, 1e-5)
+
+
+def test_an_unknown_optimizer_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=r"optim.name: unknown 'sgd'"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(8))], OptimConfig(name="sgd"))
+
+
+def test_the_fused_kernel_is_chosen_only_for_float_parameters_on_cpu_or_cuda():
+    assert build_optimizer([torch.nn.Parameter(torch.zeros(8))], OptimConfig()).defaults["fused"] is True
+    on_meta = torch.nn.Parameter(torch.zeros(8, device="meta"))
+    assert build_optimizer([on_meta], OptimConfig()).defaults["fused"] is None  # torch's own default there
 
 
 def test_ema_follows_decay_09_by_hand():
