@@ -16,6 +16,7 @@ from PIL import Image
 
 from qwen_image_lora.config import Config, ServeAdapter
 from qwen_image_lora.inference.generator import Generator
+from qwen_image_lora.inference.guards import KeyCheck
 from qwen_image_lora.inference.server import create_app, load_api_keys
 from qwen_image_lora.inference.testing import make_random_lora
 from qwen_image_lora.inference.urls import URLRefused, fetch, refusal_reason, resolve_checked
@@ -317,6 +318,12 @@ def test_api_keys_come_from_the_env_var_or_the_file(tmp_path):
     cfg.serve.api_keys_file = None
     with pytest.raises(ValueError, match="no API keys"):
         load_api_keys(cfg.serve, {})
+
+
+def test_the_key_check_takes_text_or_bytes_and_nothing_matches_an_absent_key():
+    check = KeyCheck(["s3cret", "XXXX"])
+    assert check("s3cret") and check(b"s3cret") and check("XXXX")
+    assert not any(check(k) for k in (None, "", b"", "s3cre", "s3cret ", "S3CRET"))
 
 
 def test_a_file_that_is_not_an_image_is_named_plainly(client):
