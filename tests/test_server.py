@@ -2,6 +2,8 @@
 
 import asyncio
 import base64
+import contextlib
+import http.server
 import io
 import ipaddress
 import json
@@ -19,6 +21,7 @@ from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.guards import KeyCheck
 from qwen_image_lora.inference.server import create_app, load_api_keys
 from qwen_image_lora.inference.testing import make_random_lora
+from qwen_image_lora.inference import urls
 from qwen_image_lora.inference.urls import URLRefused, fetch, refusal_reason, resolve_checked
 
 KEY = "test-key-0123456789"
@@ -261,8 +264,6 @@ def test_allowed_private_url_is_fetched_and_redirects_are_rechecked(cfg, gen):
             fetch(f"{base}/x.png", allow_private=False)
         with pytest.raises(URLRefused, match="limit is 100"):
             fetch(f"{base}/x.png", allow_private=True, max_bytes=100)
-        from qwen_image_lora.inference import urls
-
         # A public-looking first hop that redirects to the metadata service is refused at the second hop.
         original = urls.resolve_checked
         urls.resolve_checked = lambda host, port, allow: "127.0.0.1" if host == "public.example" else original(host, port, False)
@@ -273,6 +274,83 @@ def test_allowed_private_url_is_fetched_and_redirects_are_rechecked(cfg, gen):
             urls.resolve_checked = original
     finally:
         httpd.shutdown()
+
+
+class _Origin(http.server.BaseHTTPRequestHandler):
+    """A local origin for fetch's edge cases: each path one behaviour."""
+
+    protocol_version = "HTTP/1.0"  # a body without Content-Length ends when the connection closes
+    body = b"\x89PNG fake image bytes"
+
+    def do_GET(self):
+        routes = {
+            "/x.png": lambda: self._send(200, self.body, length=True),
+            "/unsized": lambda: self._send(200, self.body * 50, length=False),
+            "/missing": lambda: self._send(404, b"no", length=True),
+            "/relative": lambda: self._send(302, b"", location="x.png"),
+            "/loop": lambda: self._send(302, b"", location="/loop"),
+            "/host": lambda: self._send(200, self.headers["Host"].encode(), length=True),
+            "/slow": lambda: (time.sleep(1.0), self._send(200, self.body, length=True)),
+        }
+        routes[self.path]()
+
+    def _send(self, status, body, length=False, location=None):
+        self.send_response(status)
+        if location:
+            self.send_header("Location", location)
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def origin():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Origin)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+
+
+def test_fetch_refuses_each_unsafe_or_failed_response_naming_why(origin, monkeypatch):
+    base = f"http://127.0.0.1:{origin}"
+    assert fetch(f"{base}/relative", allow_private=True) == _Origin.body  # a relative Location joins the URL
+    refusals = [
+        (f"http://user:pw@127.0.0.1:{origin}/x.png", {}, "URLs with credentials are refused"),
+        ("http:///x.png", {}, "the URL has no host"),
+        (f"{base}/missing", {}, "gave HTTP 404"),
+        (f"{base}/loop", {}, "more than 3 redirects"),
+        (f"{base}/unsized", {"max_bytes": 100}, "over the 100-byte limit"),  # no Content-Length to refuse up front
+        (f"{base}/slow", {"timeout_s": 0.3}, "Timeout"),
+        ("http://127.0.0.1:9/x.png", {}, "failed: ConnectError"),  # the discard port: nothing listens
+    ]
+    for url, kwargs, reason in refusals:
+        with pytest.raises(URLRefused, match=reason) as refused:
+            fetch(url, allow_private=True, **kwargs)
+        assert refused.value.too_large == ("limit" in reason), url
+    assert fetch(f"{base}/unsized", allow_private=True) == _Origin.body * 50
+
+
+def test_fetch_connects_to_the_checked_address_and_keeps_the_name_in_the_host_header(origin, monkeypatch):
+    """DNS is asked once; a second answer (rebinding) is never used, and the origin still sees its own name."""
+    answers = []
+
+    def resolve_once(host, port, allow_private):
+        answers.append((host, port))
+        return "127.0.0.1"
+
+    monkeypatch.setattr(urls, "resolve_checked", resolve_once)
+    assert fetch(f"http://images.example:{origin}/host") == f"images.example:{origin}".encode()
+    assert answers == [("images.example", origin)]
+    assert fetch(f"http://images.example:{origin}/x.png") == _Origin.body
+    # A URL without a port gets the scheme's: 80 for http, 443 for https.
+    for url in ("http://images.example/x.png", "https://images.example/x.png"):
+        with contextlib.suppress(URLRefused):  # whatever does or does not listen on this machine's 80 and 443
+            fetch(url, timeout_s=0.5)
+    assert answers[-2:] == [("images.example", 80), ("images.example", 443)]
 
 
 def test_full_queue_answers_429(cfg, gen):
