@@ -6,6 +6,7 @@ import contextlib
 import http.server
 import io
 import ipaddress
+import itertools
 import json
 import socket
 import threading
@@ -283,13 +284,18 @@ class _Origin(http.server.BaseHTTPRequestHandler):
     body = b"\x89PNG fake image bytes"
 
     def do_GET(self):
+        if self.path.startswith("/hops/"):  # /hops/N redirects N times before the image
+            n = int(self.path.rsplit("/", 1)[1])
+            return self._send(302, b"", location=f"/hops/{n - 1}") if n else self._send(200, self.body, length=True)
         routes = {
+            "/": lambda: self._send(200, self.body, length=True),
             "/x.png": lambda: self._send(200, self.body, length=True),
-            "/unsized": lambda: self._send(200, self.body * 50, length=False),
+            "/unsized": lambda: self._send(200, [self.body] * 10, length=False),  # ten writes: several chunks
+            "/endless": lambda: self._send(200, itertools.repeat(self.body), length=False),
             "/missing": lambda: self._send(404, b"no", length=True),
             "/relative": lambda: self._send(302, b"", location="x.png"),
-            "/loop": lambda: self._send(302, b"", location="/loop"),
-            "/host": lambda: self._send(200, self.headers["Host"].encode(), length=True),
+            "/no-location": lambda: self._send(302, b""),
+            "/headers": lambda: self._send(200, f"{self.headers['Host']}|{self.headers['Accept']}".encode(), length=True),
             "/slow": lambda: (time.sleep(1.0), self._send(200, self.body, length=True)),
         }
         routes[self.path]()
@@ -301,7 +307,10 @@ class _Origin(http.server.BaseHTTPRequestHandler):
         if length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        with contextlib.suppress(ConnectionError):  # the client hung up on purpose (over the size cap)
+            for part in [body] if isinstance(body, bytes) else body:
+                self.wfile.write(part)
+                self.wfile.flush()
 
     def log_message(self, *args):
         pass
@@ -316,14 +325,26 @@ def origin():
 
 
 def test_fetch_refuses_each_unsafe_or_failed_response_naming_why(origin, monkeypatch):
-    base = f"http://127.0.0.1:{origin}"
-    assert fetch(f"{base}/relative", allow_private=True) == _Origin.body  # a relative Location joins the URL
+    base, body = f"http://127.0.0.1:{origin}", _Origin.body
+    assert fetch(f"{base}/relative", allow_private=True) == body  # a relative Location joins the URL
+    assert fetch(base, allow_private=True) == body  # no path: "/"
+    assert fetch(f"{base}/hops/3", allow_private=True) == body  # MAX_REDIRECTS hops are followed
+    # Exactly at the size cap is allowed, with and without a declared length.
+    assert fetch(f"{base}/x.png", allow_private=True, max_bytes=len(body)) == body
+    assert fetch(f"{base}/unsized", allow_private=True, max_bytes=10 * len(body)) == body * 10
     refusals = [
-        (f"http://user:pw@127.0.0.1:{origin}/x.png", {}, "URLs with credentials are refused"),
-        ("http:///x.png", {}, "the URL has no host"),
-        (f"{base}/missing", {}, "gave HTTP 404"),
-        (f"{base}/loop", {}, "more than 3 redirects"),
-        (f"{base}/unsized", {"max_bytes": 100}, "over the 100-byte limit"),  # no Content-Length to refuse up front
+        (f"http://user:pw@127.0.0.1:{origin}/x.png", {}, "^URLs with credentials are refused$"),
+        (f"http://user@127.0.0.1:{origin}/x.png", {}, "^URLs with credentials are refused$"),
+        ("http:///x.png", {}, "^the URL has no host$"),
+        ("gopher://example.com/x.png", {}, r"\(got gopher scheme\)"),
+        ("//example.com/x.png", {}, r"\(got no scheme\)"),
+        ("http://no-such-host.invalid/x.png", {}, "^cannot resolve host 'no-such-host.invalid'"),
+        (f"{base}/missing", {}, "gave HTTP 404$"),
+        (f"{base}/hops/4", {}, "more than 3 redirects$"),
+        (f"{base}/no-location", {}, "more than 3 redirects$"),
+        (f"{base}/x.png", {"max_bytes": len(body) - 1}, f"is {len(body)} bytes; the limit is {len(body) - 1}$"),
+        (f"{base}/unsized", {"max_bytes": 100}, "over the 100-byte limit$"),  # no Content-Length to refuse up front
+        (f"{base}/endless", {"max_bytes": 10_000, "timeout_s": 5}, "over the 10,000-byte limit$"),  # read as it streams
         (f"{base}/slow", {"timeout_s": 0.3}, "Timeout"),
         ("http://127.0.0.1:9/x.png", {}, "failed: ConnectError"),  # the discard port: nothing listens
     ]
@@ -331,7 +352,20 @@ def test_fetch_refuses_each_unsafe_or_failed_response_naming_why(origin, monkeyp
         with pytest.raises(URLRefused, match=reason) as refused:
             fetch(url, allow_private=True, **kwargs)
         assert refused.value.too_large == ("limit" in reason), url
-    assert fetch(f"{base}/unsized", allow_private=True) == _Origin.body * 50
+
+
+def test_fetch_ignores_proxy_settings_in_the_environment(origin, monkeypatch):
+    """A proxy would make the request from elsewhere, past the address check."""
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert fetch(f"http://127.0.0.1:{origin}/x.png", allow_private=True) == _Origin.body
+
+
+def test_a_link_local_address_with_a_zone_is_refused_like_one_without():
+    with pytest.raises(URLRefused, match=r"resolves to fe80::1(%lo)? \(link-local\); .*\(serve.allow_private_urls\)"):
+        resolve_checked("fe80::1%lo", 80, allow_private=False)
 
 
 def test_fetch_connects_to_the_checked_address_and_keeps_the_name_in_the_host_header(origin, monkeypatch):
@@ -343,7 +377,7 @@ def test_fetch_connects_to_the_checked_address_and_keeps_the_name_in_the_host_he
         return "127.0.0.1"
 
     monkeypatch.setattr(urls, "resolve_checked", resolve_once)
-    assert fetch(f"http://images.example:{origin}/host") == f"images.example:{origin}".encode()
+    assert fetch(f"http://images.example:{origin}/headers") == f"images.example:{origin}|image/*".encode()
     assert answers == [("images.example", origin)]
     assert fetch(f"http://images.example:{origin}/x.png") == _Origin.body
     # A URL without a port gets the scheme's: 80 for http, 443 for https.
