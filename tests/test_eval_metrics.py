@@ -217,3 +217,38 @@ def test_paired_difference_interval_uses_the_pairing():
     assert M.bootstrap_ci(adapter).low < M.bootstrap_ci(base).high
     with pytest.raises(ValueError, match="not paired"):
         M.paired_difference_ci([1, 2], [1])
+
+
+@pytest.mark.parametrize("a, b, distance", [
+    ("kitten", "sitting", 3), ("flaw", "lawn", 2), ("abc", "ab", 1), ("ab", "abc", 1), ("abc", "", 3), ("", "abc", 3),
+    ("abc", "abc", 0), ("abcdef", "azced", 3),
+])  # fmt: skip
+def test_edit_distance_is_levenshteins_both_ways(a, b, distance):
+    assert M.edit_distance(a, b) == distance and M.edit_distance(b, a) == distance
+
+
+def test_text_accuracy_caps_cer_at_one_and_scores_words_or_the_whole_text():
+    assert M.text_accuracy("ab", "abcdefgh")["cer"] == 1.0  # 6 edits on 2 letters: capped, so means stay in [0, 1]
+    half = M.text_accuracy("SUMMER SALE", "summer soil")
+    assert half["word_accuracy"] == 0.5 and half["exact"] == 0.0
+    # No word characters to match word by word: the whole text either matches or not.
+    assert M.text_accuracy("★ ★", "★★")["word_accuracy"] == 1.0 and M.text_accuracy("★ ★", "☆")["word_accuracy"] == 0.0
+    with pytest.raises(ValueError, match="^text_accuracy: the expected text is empty$"):
+        M.text_accuracy("  ", "SALE")
+
+
+def test_bootstrap_interval_is_the_symmetric_normal_interval_for_a_large_sample():
+    """For n = 400 normal values the bootstrap distribution of the mean is close to normal, so the 95% interval is
+    mean ± 1.96 * std / sqrt(n) on each side, within the resampling noise of 20,000 resamples."""
+    x = np.random.default_rng(7).normal(5.0, 2.0, 400)
+    ci = M.bootstrap_ci(x, 0.95, n_resamples=20_000, seed=1)
+    half_width = 1.96 * x.std() / np.sqrt(len(x))
+    assert ci.mean == pytest.approx(x.mean())
+    assert ci.high - ci.mean == pytest.approx(half_width, rel=0.04) and ci.mean - ci.low == pytest.approx(half_width, rel=0.04)
+
+
+def test_paired_interval_is_the_bootstrap_of_the_differences_with_the_same_seed():
+    a, b = np.random.default_rng(3).normal(size=(2, 30))
+    for seed in (0, 5):
+        assert M.paired_difference_ci(a, b, seed=seed) == M.bootstrap_ci(a - b, seed=seed)
+    assert M.paired_difference_ci(a, b, seed=5) != M.paired_difference_ci(a, b, seed=0)
