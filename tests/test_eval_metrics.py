@@ -252,3 +252,23 @@ def test_paired_interval_is_the_bootstrap_of_the_differences_with_the_same_seed(
     for seed in (0, 5):
         assert M.paired_difference_ci(a, b, seed=seed) == M.bootstrap_ci(a - b, seed=seed)
     assert M.paired_difference_ci(a, b, seed=5) != M.paired_difference_ci(a, b, seed=0)
+
+
+def test_transparent_pixels_are_scored_as_composited_on_white():
+    """The 2.1 VAE decodes RGBA: a metric must see what a viewer sees on a white page, not the hidden colour."""
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0] = 255  # red everywhere, at alpha 0, 128 and 255
+    rgba[0, 0, 3], rgba[0, 1, 3], rgba[1, :, 3] = 0, 128, 255
+    for picture in (rgba, Image.fromarray(rgba, "RGBA")):
+        out = M.to_rgb_array(picture)
+        assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
+        assert out[0, 0].tolist() == [255, 255, 255] and out[1, 0].tolist() == [255, 0, 0]
+        assert out[0, 1].tolist() == [255, 127, 127]
+    grey_alpha = Image.fromarray(np.array([[[0, 0], [0, 255]]], np.uint8), "LA")  # black, clear then opaque
+    assert M.to_rgb_array(grey_alpha).tolist() == [[[255, 255, 255], [0, 0, 0]]]
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 255, 0, 255, 0])
+    palette.putdata([0, 1])
+    palette.info["transparency"] = 0  # index 0 (blue) is transparent
+    assert M.to_rgb_array(palette).tolist() == [[[255, 255, 255], [0, 255, 0]]]
+    assert M.to_rgb_array(Image.new("L", (1, 1), 9)).tolist() == [[[9, 9, 9]]]
