@@ -80,6 +80,26 @@ def test_preservation_ignores_the_masked_region(texture):
     assert M.preservation(src, edited, Image.fromarray(mask.astype(np.uint8) * 255)) == masked
 
 
+def test_preservation_of_a_strip_thinner_than_the_ssim_window_still_scores_only_the_strip(texture):
+    src = _crop(texture)
+    edited = src.copy()
+    edited[:, 2:] = 255 - src[:, 2:]  # everything but a 2-px column inverted, and masked
+    mask = np.ones(src.shape[:2], bool)
+    mask[:, :2] = False
+    strip, whole = M.preservation(src, edited, mask), M.preservation(src, edited)
+    assert strip["psnr"] == M.PSNR_CAP_DB  # the kept column is untouched
+    assert strip["ssim"] > whole["ssim"] + 0.2  # the inverted area is not averaged in
+
+
+def test_preservation_masks_that_cannot_be_scored_are_refused_plainly(texture):
+    src = _crop(texture)[:, :-8]  # not square, so a swapped width and height would show
+    h, w = src.shape[:2]
+    with pytest.raises(ValueError, match="^preservation: the mask covers the whole image, nothing is left to compare$"):
+        M.preservation(src, src, np.ones((h, w), bool))
+    with pytest.raises(ValueError, match=f"^preservation: mask is {w + 1}x{h}, images are {w}x{h}$"):
+        M.preservation(src, src, np.zeros((h, w + 1), bool))
+
+
 def test_preservation_rejects_size_mismatch(texture):
     with pytest.raises(ValueError, match="same size"):
         M.preservation(_crop(texture), texture)
