@@ -136,3 +136,19 @@ def test_dora_weights_pass_through_unconverted(transformer, tmp_path):
     assert isinstance(weights, AdapterWeights) and weights.config["use_dora"]
     assert {k.removeprefix("transformer.") for k in weights.state_dict} == set(state)
     assert all(torch.equal(weights.state_dict[f"transformer.{k}"], v) for k, v in state.items())
+
+
+def test_the_comfyui_file_carries_kohyas_rank_and_alpha_header_and_alphas(transformer, tmp_path):
+    """Tools that read kohya-style files take the network's rank and alpha from the header; ComfyUI scales each
+    module by its `.alpha` tensor / rank. Both must say the adapter's own scale (alpha / rank = 2 here)."""
+    from safetensors import safe_open
+
+    make_random_lora(transformer, tmp_path / "src", rank=4, alpha=8.0, targets="all-linear")
+    written = adapter_format.write_comfyui(tmp_path / "src", tmp_path / "out" / "lora.safetensors")
+    with safe_open(str(written), "pt") as f:
+        header = f.metadata()
+        ranks = {k.removesuffix(".lora_down.weight"): f.get_tensor(k).shape[0] for k in f.keys() if k.endswith("lora_down.weight")}
+        alphas = {k.removesuffix(".alpha"): f.get_tensor(k) for k in f.keys() if k.endswith(".alpha")}
+    assert header["format"] == "pt" and header["ss_network_dim"] == "4" and float(header["ss_network_alpha"]) == 8.0
+    assert alphas.keys() == ranks.keys() and 8 in ranks.values()  # the fused gate_up holds both halves' ranks
+    assert all(a.dtype == torch.float32 and a.item() / ranks[m] == 2.0 for m, a in alphas.items())
