@@ -235,48 +235,6 @@ def test_socket_guard_refuses_and_reports_connections_outside_loopback(no_outsid
     no_outside_network.clear()  # this test expected the refusal; any other test would fail at teardown
 
 
-def test_allowed_private_url_is_fetched_and_redirects_are_rechecked(cfg, gen):
-    import http.server
-
-    png = base64.b64decode(b64_png())
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/redirect":
-                self.send_response(302)
-                self.send_header("Location", "http://169.254.169.254/latest/")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(png)))
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
-        assert fetch(f"{base}/x.png", allow_private=True) == png
-        with pytest.raises(URLRefused, match="loopback"):
-            fetch(f"{base}/x.png", allow_private=False)
-        with pytest.raises(URLRefused, match="limit is 100"):
-            fetch(f"{base}/x.png", allow_private=True, max_bytes=100)
-        # A public-looking first hop that redirects to the metadata service is refused at the second hop.
-        original = urls.resolve_checked
-        urls.resolve_checked = lambda host, port, allow: "127.0.0.1" if host == "public.example" else original(host, port, False)
-        try:
-            with pytest.raises(URLRefused, match=r"169\.254\.169\.254 \(link-local\)"):
-                fetch(f"http://public.example:{httpd.server_address[1]}/redirect")
-        finally:
-            urls.resolve_checked = original
-    finally:
-        httpd.shutdown()
-
-
 class _Origin(http.server.BaseHTTPRequestHandler):
     """A local origin for fetch's edge cases: each path one behaviour."""
 
@@ -295,6 +253,7 @@ class _Origin(http.server.BaseHTTPRequestHandler):
             "/missing": lambda: self._send(404, b"no", length=True),
             "/relative": lambda: self._send(302, b"", location="x.png"),
             "/no-location": lambda: self._send(302, b""),
+            "/to-metadata": lambda: self._send(302, b"", location="http://169.254.169.254/latest/"),
             "/headers": lambda: self._send(200, f"{self.headers['Host']}|{self.headers['Accept']}".encode(), length=True),
             "/slow": lambda: (time.sleep(1.0), self._send(200, self.body, length=True)),
         }
@@ -322,6 +281,22 @@ def origin():
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield httpd.server_address[1]
     httpd.shutdown()
+
+
+def test_allowed_private_url_is_fetched_and_redirects_are_rechecked(origin, monkeypatch):
+    base = f"http://127.0.0.1:{origin}"
+    assert fetch(f"{base}/x.png", allow_private=True) == _Origin.body
+    with pytest.raises(URLRefused, match="loopback"):
+        fetch(f"{base}/x.png", allow_private=False)
+    with pytest.raises(URLRefused, match="limit is 10"):
+        fetch(f"{base}/x.png", allow_private=True, max_bytes=10)
+    # A public-looking first hop that redirects to the metadata service is refused at the second hop.
+    original = urls.resolve_checked
+    monkeypatch.setattr(
+        urls, "resolve_checked", lambda host, port, allow: "127.0.0.1" if host == "public.example" else original(host, port, False)
+    )
+    with pytest.raises(URLRefused, match=r"169\.254\.169\.254 \(link-local\)"):
+        fetch(f"http://public.example:{origin}/to-metadata")
 
 
 def test_fetch_refuses_each_unsafe_or_failed_response_naming_why(origin, monkeypatch):
