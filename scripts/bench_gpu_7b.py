@@ -199,8 +199,7 @@ def plan_case(args, cfg, shape, ck) -> dict:
     row = {"task": shape.task, "checkpointing": ck, "targets": args.targets, "batch": shape.batch_size,
            "resolution": shape.height}  # fmt: skip
     if ck == "auto":
-        budget = memory.budget_for_allocations(int(args.budget_gib * 2**30))
-        row["auto_blocks"] = len(memory.choose_checkpointed_blocks(inputs, budget))
+        row["auto_blocks"] = len(memory.blocks_for_gpu(inputs, int(args.budget_gib * 2**30)))
         ck = row["auto_blocks"]
     inputs.checkpoint = "all" if ck is True else "none" if ck is False else list(range(int(ck)))
     plan = memory.plan_memory(inputs)

@@ -371,11 +371,16 @@ def choose_checkpointed_blocks(inputs: PlanInputs, budget_bytes: int, planner: C
     return list(range(k))
 
 
+def blocks_for_gpu(inputs: PlanInputs, gpu_bytes: int, planner: Callable = plan_memory) -> list[int]:
+    """`choose_checkpointed_blocks` for a GPU of `gpu_bytes` (its allocation budget after context and margin)."""
+    return choose_checkpointed_blocks(inputs, budget_for_allocations(gpu_bytes), planner)
+
+
 def checkpoint_to_fit(transformer, cfg, references: int) -> list[int]:
     """`train.gradient_checkpointing: auto`: checkpoint the fewest blocks whose planned peak fits
     `train.memory_budget_gb` for the config's largest step (`references` condition images), and say which."""
     inputs = plan_inputs_from_config(cfg, references=references)
-    blocks = choose_checkpointed_blocks(inputs, budget_for_allocations(int(cfg.train.memory_budget_gb * 2**30)))
+    blocks = blocks_for_gpu(inputs, int(cfg.train.memory_budget_gb * 2**30))
     apply_block_checkpointing(transformer, blocks)
     return blocks
 

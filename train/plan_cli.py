@@ -46,9 +46,8 @@ def _plan(args) -> int:
         return traced[key]
 
     if setting == "auto":
-        budget = memory.budget_for_allocations(gpu)
         try:
-            blocks = memory.choose_checkpointed_blocks(inputs, budget, planner=plan_once)
+            blocks = memory.blocks_for_gpu(inputs, gpu, planner=plan_once)
         except MemoryError as e:
             print(f"gradient_checkpointing auto: {e}")
             blocks = list(range(inputs.num_layers))
