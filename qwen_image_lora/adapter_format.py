@@ -39,7 +39,14 @@ WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 COMFYUI_NAME = "comfyui_lora.safetensors"
 WEIGHT_NAMES = (WEIGHTS_NAME, "adapter_model.safetensors")
 _PREFIXES = ("transformer.", "model.diffusion_model.", "diffusion_model.", "base_model.model.")
-_UNSUPPORTED = {"lokr_": "LoKr", "hada_": "LoHa", ".diff": "full-weight diff", "lora_te": "text-encoder LoRA"}
+# Key patterns of what is not LoRA. A full-weight diff is a `.diff`/`.diff_b` suffix: a bare ".diff" substring would
+# also match the supported `model.diffusion_model.` prefix.
+_UNSUPPORTED = {
+    re.compile(r"lokr_"): "LoKr",
+    re.compile(r"hada_"): "LoHa",
+    re.compile(r"\.diff(_b)?$"): "full-weight diff",
+    re.compile(r"^lora_te"): "text-encoder LoRA",
+}
 _KOHYA = re.compile(r"^lora_unet_(?P<module>[A-Za-z0-9_]+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(/.+\.safetensors)?")
 _DIFFUSERS_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
@@ -116,14 +123,24 @@ def resolve_file(source: str | Path) -> Path:
     return _download(str(source))
 
 
+def _repo_weight_files(repo: str) -> list[str]:
+    """The repo's .safetensors files: listed by the hub, or offline (HF_HUB_OFFLINE) those of its cached snapshot."""
+    from huggingface_hub import constants, list_repo_files, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        folder = Path(snapshot_download(repo, local_files_only=True))
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))
+    return [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
+
+
 def _download(hub_id: str) -> Path:
-    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub import constants, hf_hub_download
 
     parts = hub_id.split("/")
     repo, file = "/".join(parts[:2]), "/".join(parts[2:]) or None
     try:
         if file is None:
-            files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
+            files = _repo_weight_files(repo)
             file = next((n for n in WEIGHT_NAMES if n in files), files[0] if len(files) == 1 else None)
             if file is None:
                 raise AdapterError(f"{hub_id}: name the file, e.g. {repo}/<file>.safetensors (found {files})")
@@ -131,6 +148,11 @@ def _download(hub_id: str) -> Path:
     except AdapterError:
         raise
     except Exception as e:  # offline, missing repo, auth: say which adapter
+        if constants.HF_HUB_OFFLINE:
+            raise AdapterError(
+                f"{hub_id}: not in the hub cache, and HF_HUB_OFFLINE is set; unset it to download the adapter, or give "
+                "the path of a local .safetensors file"
+            ) from e
         raise AdapterError(f"{hub_id}: could not fetch the adapter from the hub: {e}") from e
 
 
@@ -140,15 +162,18 @@ def _download(hub_id: str) -> Path:
 def read_adapter(source: str | Path, transformer=None) -> AdapterWeights:
     """Read any supported layout as diffusers' layout. With `transformer`, kohya names are unflattened against it
     and every module is checked to exist with matching shapes. Raises AdapterError naming what does not fit."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     file = resolve_file(source)
     if file.suffix != ".safetensors":
         raise AdapterError(f"{file}: only .safetensors adapters are loaded (pickled .bin/.pt files can run code)")
-    with safe_open(str(file), framework="pt") as f:
-        raw = {k: f.get_tensor(k) for k in f.keys()}
-        file_meta = f.metadata() or {}
-    metadata = json.loads(file_meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in file_meta else None
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+            file_meta = f.metadata() or {}
+        metadata = json.loads(file_meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in file_meta else None
+    except (SafetensorError, ValueError) as e:  # truncated, not safetensors, or a damaged metadata header
+        raise AdapterError(f"{file}: not a readable adapter file ({e}); download or export it again") from e
     if metadata is None and (file.parent / "adapter_config.json").is_file():
         metadata = _peft_config_metadata(file.parent / "adapter_config.json")
     module_names = {name for name, _ in transformer.named_modules()} if transformer is not None else None
@@ -162,8 +187,12 @@ def convert(raw: dict[str, torch.Tensor], module_names: set[str] | None, where: 
     """Any supported layout -> (`transformer.<module>.lora_A.weight` state dict, layout name)."""
     if not raw:
         raise AdapterError(f"{where}: the file holds no tensors")
+    # A diverged run's NaNs would otherwise render fully transparent black images without a word.
+    bad = next((k for k, v in raw.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise AdapterError(f"{where}: {bad!r} holds NaN or infinite values; use a checkpoint from before the run diverged")
     for marker, kind in _UNSUPPORTED.items():
-        bad = next((k for k in raw if marker in k), None)
+        bad = next((k for k in raw if marker.search(k)), None)
         if bad is not None:
             raise AdapterError(f"{where}: {kind} weights ({bad!r}) are not supported; only LoRA (lora_A/B, lora_down/up)")
     if any("dora_scale" in k for k in raw):
@@ -196,7 +225,7 @@ def _fold_with_diffusers(relative: dict[str, torch.Tensor], where: str) -> dict[
     """diffusers' converter: lora_down/up -> lora_A/B, alpha / rank folded into the weights, `transformer.` prefix."""
     try:
         return qmodel.pipeline_class().lora_state_dict({f"diffusion_model.{k}": v for k, v in relative.items()})
-    except ValueError as e:
+    except (ValueError, KeyError) as e:  # KeyError: a lora_down without its lora_up (or the reverse)
         raise AdapterError(f"{where}: not a LoRA state dict diffusers can read ({e})") from e
 
 

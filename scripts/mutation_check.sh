@@ -40,7 +40,7 @@ declare -A MODULES=(
   [buckets]="qwen_image_lora/data/buckets.py|tests/test_data_buckets.py||"
   [urls]="qwen_image_lora/inference/urls.py|tests/test_server.py tests/test_faults_server.py||"
   [model]="qwen_image_lora/model.py|tests/test_model_packing.py tests/test_model.py|$(printf '*.x_%s__mutmut_* ' $MODEL_FNS)|"
-  [formats]="qwen_image_lora/adapter_format.py|tests/test_adapter_format.py tests/test_inference_adapters.py||"
+  [formats]="qwen_image_lora/adapter_format.py|tests/test_adapter_format.py tests/test_adapter_sources.py tests/test_inference_adapters.py||"
   [export]="qwen_image_lora/train/export.py|tests/test_train_adapter.py tests/test_inference_adapters.py||"
   [auth]="qwen_image_lora/inference/guards.py|tests/test_server.py tests/test_faults_server.py|*ǁKeyCheckǁ*|"
 )

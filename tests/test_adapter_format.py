@@ -1,16 +1,30 @@
 """The one adapter-format component: ComfyUI's view of our export (its key map re-implemented from its source),
-the fused MLP factors, and paths that are neither a local file nor a hub id."""
+the fused MLP factors, each module's scale as peft applies it, the layouts told apart and the files refused, and
+paths that are neither a local file nor a hub id. Finding the file: tests/test_adapter_sources.py."""
 
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from qwen_image_lora import adapter_format
-from qwen_image_lora.adapter_format import AdapterError, AdapterWeights, check_source, fuse_mlp_halves, to_comfyui
-from qwen_image_lora.inference.testing import make_random_lora
+from qwen_image_lora.adapter_format import (
+    AdapterError,
+    AdapterWeights,
+    check_shapes,
+    check_source,
+    fuse_mlp_halves,
+    is_hub_id,
+    module_scale,
+    read_adapter,
+    to_comfyui,
+)
+from qwen_image_lora.inference.testing import in_layout, make_random_lora
 
 MLP = ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out"]
 
@@ -84,14 +98,33 @@ def test_fused_mlp_factors_give_the_unfused_deltas_stacked_gate_rows_first():
     torch.testing.assert_close(scale * up @ down, torch.cat([0.5 * b_gate @ a_gate, 2.0 * b_proj @ a_proj]))
     down, up, scale = fuse_mlp_halves({"img_mlp.proj": (a_proj, b_proj, 1.0)})
     torch.testing.assert_close(scale * up @ down, torch.cat([torch.zeros(24, 16), b_proj @ a_proj]))
+    # A bf16 adapter stays bf16 (ComfyUI patches in the file's dtype; float32 factors would double the file).
+    down, up, _ = fuse_mlp_halves({h: (a_gate.bfloat16(), b_gate.bfloat16(), 1.0) for h in ("img_mlp.gate_layer", "img_mlp.proj")})
+    assert down.dtype == up.dtype == torch.bfloat16
 
 
-def test_reading_the_fused_export_back_splits_it_exactly(transformer, tmp_path):
+def _full_prefix(source, out_file):
+    """Our ComfyUI export under the whole model's prefix (`model.diffusion_model.`), as some ComfyUI tools save it."""
+    save_file({f"model.{k}": v for k, v in load_file(str(adapter_format.export_adapter(source))).items()}, str(out_file))
+    return out_file
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["comfyui", "kohya", "ai-toolkit", "model.diffusion_model"],
+)
+def test_reading_the_fused_export_back_splits_it_exactly(transformer, tmp_path, layout):
     make_random_lora(transformer, tmp_path, rank=2, alpha=3, targets=MLP)
     ours = adapter_format.read_adapter(tmp_path, transformer)
-    comfy = adapter_format.export_adapter(tmp_path)
-    back = adapter_format.read_adapter(comfy, transformer)
-    assert back.layout == "comfyui" and ours.layout == "diffusers"
+    if layout == "comfyui":
+        other = adapter_format.export_adapter(tmp_path)
+    elif layout == "model.diffusion_model":
+        other = _full_prefix(tmp_path, tmp_path / "full.safetensors")
+    else:  # kohya's flattened names must unflatten to the fused gate_up, which is no module of diffusers' model
+        other = in_layout(tmp_path, tmp_path / f"{layout}.safetensors", layout)
+    back = adapter_format.read_adapter(other, transformer)
+    assert back.layout == layout.replace("model.diffusion_model", "comfyui") and ours.layout == "diffusers"
+    assert back.metadata is None  # diffusers folded each alpha / rank into the weights
     for key in ours.state_dict:
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
@@ -109,6 +142,11 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
         check_source("./nope")
     check_source("someone/their-lora")  # no folder `someone` here: a hub id, fetched when loaded
     check_source("outputs")
+    # Neither a path here nor a hub id: a bare name, three parts without a .safetensors file, a dot-named folder.
+    for source in ("nope.safetensors", "elsewhere/a/b", ".loras/style"):
+        with pytest.raises(AdapterError, match=rf"^{re.escape(source)}: no such .*\(and it is not a hub id like owner/repo\)"):
+            check_source(source)
+    assert is_hub_id("someone/their-lora/sub/style.safetensors") and not is_hub_id(".loras/style")
 
 
 def test_generate_with_a_mistyped_lora_path_fails_before_loading_the_model(tmp_path):
@@ -122,16 +160,32 @@ def test_generate_with_a_mistyped_lora_path_fails_before_loading_the_model(tmp_p
     assert "Qwen/Qwen-Image-2.1" not in result.stderr and not (tmp_path / "out.png").exists()
 
 
-def test_dora_weights_pass_through_unconverted(transformer, tmp_path):
+def peft_adapter(transformer, config: dict, seed: int = 0):
+    """A random LoRA as peft builds it from `config` (LoraConfig kwargs): its state dict, and per module the delta
+    peft adds to the weight (its own get_delta_weight, scale included) and its scale."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], use_dora=True), adapter_name="d")
+    transformer.add_adapter(LoraConfig(**config), adapter_name="p")
     try:
-        state = get_peft_model_state_dict(transformer, adapter_name="d")
+        g, deltas, scales = torch.Generator().manual_seed(seed), {}, {}
+        for name, module in transformer.named_modules():
+            if hasattr(module, "lora_B") and "p" in module.lora_B:
+                with torch.no_grad():
+                    for factor in (module.lora_A["p"].weight, module.lora_B["p"].weight):
+                        factor.copy_(torch.randn(factor.shape, generator=g))
+                deltas[name], scales[name] = module.get_delta_weight("p").detach().clone(), module.scaling["p"]
+        return get_peft_model_state_dict(transformer, adapter_name="p"), deltas, scales
     finally:
-        transformer.delete_adapters("d")
-    adapter_format.write_diffusers(tmp_path, state, {"r": 2, "lora_alpha": 2, "use_dora": True, "target_modules": ["to_q"]})
+        transformer.delete_adapters("p")
+
+
+DORA = {"r": 2, "lora_alpha": 2, "use_dora": True, "target_modules": ["to_q"]}
+
+
+def test_dora_weights_pass_through_unconverted(transformer, tmp_path):
+    state, _, _ = peft_adapter(transformer, DORA)
+    adapter_format.write_diffusers(tmp_path, state, DORA)
     weights = adapter_format.read_adapter(tmp_path, transformer)
     assert isinstance(weights, AdapterWeights) and weights.config["use_dora"]
     assert {k.removeprefix("transformer.") for k in weights.state_dict} == set(state)
@@ -152,3 +206,182 @@ def test_the_comfyui_file_carries_kohyas_rank_and_alpha_header_and_alphas(transf
     assert header["format"] == "pt" and header["ss_network_dim"] == "4" and float(header["ss_network_alpha"]) == 8.0
     assert alphas.keys() == ranks.keys() and 8 in ranks.values()  # the fused gate_up holds both halves' ranks
     assert all(a.dtype == torch.float32 and a.item() / ranks[m] == 2.0 for m, a in alphas.items())
+
+
+# A full module name, a suffix, and ranks other than r: each module's scale is its own alpha over its own rank.
+PATTERNS = {
+    "r": 4,
+    "lora_alpha": 8.0,
+    "target_modules": MLP,
+    "alpha_pattern": {"transformer_blocks.1.attn.to_q": 2.0, "img_mlp.proj": 12.0},
+    "rank_pattern": {"transformer_blocks.0.attn.to_q": 2, "to_k": 8},
+}
+
+
+def comfyui_deltas(lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's patch per module (comfy/weight_adapter/lora.py: alpha / rank * up @ down), each fused gate_up split
+    back into diffusers' halves, gate rows first."""
+    out = {}
+    for key, down in lora.items():
+        if key.endswith(".lora_down.weight"):
+            x = key.removeprefix("diffusion_model.").removesuffix(".lora_down.weight")
+            up, alpha = lora[f"diffusion_model.{x}.lora_up.weight"], lora[f"diffusion_model.{x}.alpha"].item()
+            delta = alpha / down.shape[0] * up.float() @ down.float()
+            if x.endswith(".img_mlp.gate_up"):
+                out[x.replace("gate_up", "gate_layer")], out[x.replace("gate_up", "proj")] = delta.chunk(2)
+            else:
+                out[x] = delta
+    return out
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_module_scale_is_the_factor_peft_applies(transformer, rslora):
+    config = {**PATTERNS, "use_rslora": rslora}
+    state, deltas, _ = peft_adapter(transformer, config)
+    for module, delta in deltas.items():
+        a, b = state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"]
+        torch.testing.assert_close(module_scale(config, module, a.shape[0]) * b @ a, delta)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_comfyui_export_patches_each_module_with_pefts_delta_and_the_header_holds_the_default_scale(transformer, tmp_path, rslora):
+    config = {**PATTERNS, "use_rslora": rslora}
+    state, deltas, scales = peft_adapter(transformer, config)
+    adapter_format.write_diffusers(tmp_path, state, config)
+    lora, header = to_comfyui(read_adapter(tmp_path, transformer))
+    comfy = comfyui_deltas(lora)
+    assert comfy.keys() == deltas.keys()
+    for module, delta in deltas.items():
+        torch.testing.assert_close(comfy[module], delta, rtol=1e-5, atol=1e-5)
+    # kohya-reading tools scale every module by alpha / dim: the config's rank r and the scale of a module no pattern names.
+    assert header["format"] == "pt" and int(header["ss_network_dim"]) == config["r"]
+    assert float(header["ss_network_alpha"]) / config["r"] == pytest.approx(scales["transformer_blocks.0.attn.to_v"])
+
+
+def test_a_folded_adapter_exports_at_scale_one_to_the_path_asked(transformer, tmp_path):
+    """A file without a config (diffusers folded alpha / rank into its weights on reading) has scale 1 everywhere."""
+    make_random_lora(transformer, tmp_path / "src", rank=4, alpha=8.0)  # attention only: one rank
+    first = adapter_format.export_adapter(tmp_path / "src", "comfyui", tmp_path / "first.safetensors")
+    assert first == tmp_path / "first.safetensors" and not (tmp_path / "src" / adapter_format.COMFYUI_NAME).exists()
+    folded = read_adapter(first, transformer)
+    assert folded.metadata is None and folded.config == {}
+    lora, header = to_comfyui(folded)
+    assert header["ss_network_dim"] == "4" and float(header["ss_network_alpha"]) == 4.0  # alpha = rank: scale 1
+    again, before = comfyui_deltas(lora), comfyui_deltas(load_file(str(first)))
+    assert again.keys() == before.keys()
+    for module, delta in before.items():
+        torch.testing.assert_close(again[module], delta)
+    with pytest.raises(AdapterError, match=r"^export --format: unknown 'ckpt'; supported: comfyui$"):
+        adapter_format.export_adapter(tmp_path / "src", "ckpt")
+
+
+def test_dora_is_refused_for_comfyui_by_its_config_or_its_magnitudes_and_magnitudes_are_shape_checked(transformer, tmp_path):
+    state, _, _ = peft_adapter(transformer, DORA)
+    adapter_format.write_diffusers(tmp_path, state, DORA)
+    dora = read_adapter(tmp_path, transformer)
+    plain = {k: v for k, v in dora.state_dict.items() if not k.endswith(".lora_magnitude_vector")}
+    for weights in (dora, dataclasses.replace(dora, state_dict=plain), dataclasses.replace(dora, metadata=None)):
+        with pytest.raises(AdapterError, match="DoRA adapters cannot be exported exactly"):
+            to_comfyui(weights)
+    key = "transformer.transformer_blocks.1.attn.to_q.lora_magnitude_vector"
+    with pytest.raises(AdapterError, match=r"'transformer_blocks.1.attn.to_q': DoRA magnitude of 33, expected 32"):
+        check_shapes({**dora.state_dict, key: torch.ones(33)}, transformer)
+
+
+def test_the_shape_check_reports_every_misfit_three_in_full(transformer):
+    a, b = torch.zeros(2, 32), torch.zeros(32, 2)
+    state = {  # checked in sorted order: every kind of misfit must be reported, none may end the check
+        "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": a,
+        "transformer.transformer_blocks.0.img_mlp.out.lora_A.weight": a,  # Linear(64 -> 32)
+        "transformer.transformer_blocks.0.img_mlp.out.lora_B.weight": b,
+        "transformer.transformer_blocks.0.img_norm1.lora_A.weight": a,
+        "transformer.transformer_blocks.0.img_norm1.lora_B.weight": b,
+    }
+    shown = [
+        "module 'transformer_blocks.0.attn.to_k': lora_A without lora_B",
+        "module 'transformer_blocks.0.img_mlp.out' is Linear(in=64, out=32) but the adapter has lora_A [2, 32] and "
+        "lora_B [32, 2] (expected [2, 64] and [32, 2])",
+        "module 'transformer_blocks.0.img_norm1' is LayerNorm, not a Linear layer",
+    ]
+    intro = "adapter: does not fit this transformer — made for another model? "
+    with pytest.raises(AdapterError) as error:
+        check_shapes(state, transformer)
+    assert str(error.value) == intro + "; ".join(shown)
+    state["transformer.transformer_blocks.7.attn.to_q.lora_A.weight"] = a
+    with pytest.raises(AdapterError) as error:
+        check_shapes(state, transformer)
+    assert str(error.value) == intro + "; ".join(shown) + " (and 1 more)"
+
+
+def test_a_peft_folder_reads_with_its_adapter_config_and_loads_into_diffusers_as_peft_had_it(transformer, tmp_path):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    config = {"r": 2, "lora_alpha": 6.0, "target_modules": ["img_mlp.proj", "to_q"], "use_rslora": True}
+    wrapped = get_peft_model(copy.deepcopy(transformer), LoraConfig(**config))
+    deltas = {}
+    for name, module in wrapped.base_model.model.named_modules():
+        if hasattr(module, "lora_B") and "default" in module.lora_B:
+            torch.nn.init.normal_(module.lora_B["default"].weight)
+            deltas[name] = module.get_delta_weight("default").detach()
+    wrapped.save_pretrained(tmp_path)  # adapter_model.safetensors (base_model.model. keys) + adapter_config.json
+    weights = read_adapter(tmp_path, transformer)
+    assert weights.layout == "peft" and weights.source == str(tmp_path / "adapter_model.safetensors")
+    read = LoraConfig(**weights.config)
+    assert (read.r, read.lora_alpha, read.use_rslora) == (config["r"], config["lora_alpha"], config["use_rslora"])
+    assert read.target_modules == set(config["target_modules"])
+    # diffusers' own loader, given the weights and the config read from the json, builds the adapter peft had.
+    transformer.load_lora_adapter(weights.state_dict, prefix="transformer", metadata=weights.metadata, adapter_name="f")
+    try:
+        for name, delta in deltas.items():
+            torch.testing.assert_close(transformer.get_submodule(name).get_delta_weight("f"), delta)
+    finally:
+        transformer.delete_adapters("f")
+
+
+def test_bare_peft_keys_read_as_diffusers_layout(transformer):
+    state, _, _ = peft_adapter(transformer, {"r": 2, "target_modules": ["to_q"]})  # get_peft_model_state_dict: no prefix
+    converted, layout = adapter_format.convert(state, None)
+    assert layout == "diffusers" and converted.keys() == {f"transformer.{k}" for k in state}
+    assert all(torch.equal(converted[f"transformer.{k}"], v) for k, v in state.items())
+    with pytest.raises(AdapterError, match="^adapter: the file holds no tensors$"):  # a dict has no file name
+        adapter_format.convert({}, None)
+
+
+KOHYA_Q = "lora_unet_transformer_blocks_0_attn_to_q"
+REFUSED = {  # case -> (tensors, read with the model?, why); every refusal names the file
+    "empty": ({}, False, "the file holds no tensors"),
+    "kohya without a model": ({f"{KOHYA_Q}.lora_down.weight": torch.zeros(2, 32)}, False,
+                              r"a kohya-style \(lora_unet_\) adapter needs the model to unflatten its module names"),
+    "kohya, unknown part": ({f"{KOHYA_Q}.lora_mid.weight": torch.zeros(2, 2)}, True,
+                            rf"unexpected key '{KOHYA_Q}.lora_mid.weight' in a kohya-style \(lora_unet_\) adapter"),
+    "kohya, another model": ({"lora_unet_transformer_blocks_9_attn_to_q.alpha": torch.tensor(2.0)}, True,
+                             r"module 'transformer_blocks_9_attn_to_q' \(from '.*'\) does not exist in this transformer; "
+                             "the adapter was made for another model"),
+    "ComfyUI DoRA": ({"diffusion_model.transformer_blocks.0.attn.to_q.dora_scale": torch.ones(1, 32)}, False,
+                     r"kohya/ComfyUI-style DoRA \(dora_scale\) normalises by another norm than peft's DoRA and cannot be "
+                     r"loaded exactly; use an adapter saved by diffusers/peft \(lora_magnitude_vector\)"),
+    "unknown part": ({"diffusion_model.transformer_blocks.0.attn.to_q.lora_mid.weight": torch.zeros(2, 2)}, False,
+                     r"not a LoRA state dict diffusers can read \(.*lora_mid"),
+    "no lora_A": ({f"transformer.transformer_blocks.{i}.attn.to_q.lora_B.weight": torch.zeros(32, 2) for i in range(4)}, False,
+                  r"no LoRA weights found \(keys look like \['transformer.transformer_blocks.0.attn.to_q.lora_B.weight', "
+                  r"'transformer.transformer_blocks.1.attn.to_q.lora_B.weight', 'transformer.transformer_blocks.2.attn.to_q.lora_B.weight'\]\)"),
+    "lora_down alone": ({"diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight": torch.zeros(2, 32)}, False,
+                        "not a LoRA state dict diffusers can read"),
+    "not finite": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.tensor([[0.0, float("nan")]]),
+                    "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2)}, False,
+                   r"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' holds NaN or infinite values"),
+    "misfit": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 16),
+                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2)}, True,
+               "does not fit this transformer"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_refused_file_is_named_with_the_reason(transformer, tmp_path, case):
+    tensors, with_model, why = REFUSED[case]
+    file = tmp_path / "lora.safetensors"
+    save_file(tensors, str(file))
+    with pytest.raises(AdapterError, match=rf"^{re.escape(str(file))}: {why}"):
+        read_adapter(file, transformer if with_model else None)
