@@ -42,6 +42,13 @@ def _paths(**kw):
     return field(default_factory=list, metadata={"path": True}, **kw)
 
 
+def _require(where: str, obj, ok, accepted: str, *names: str) -> None:
+    """Raise naming the first of `names` whose value (unless null) fails `ok`, saying what is accepted."""
+    for name in names:
+        if (value := getattr(obj, name)) is not None and not ok(value):
+            raise ConfigError(f"{where}.{name}: must be {accepted} (got {value})")
+
+
 @dataclass
 class ModelConfig:
     # A hub id or a local folder in the diffusers layout; the tiny test model and the real one differ only here.
@@ -66,6 +73,13 @@ class ModelConfig:
         if self.attention == "flex" and not self.compile:
             raise ConfigError(f"{where}.attention: flex needs {where}.compile: blocks or full (uncompiled, "
                               "flex_attention materialises the whole fp32 score matrix); or use sdpa-segments")
+        if self.attention_backend is not None:  # deferred, and only when set: diffusers' backend list takes seconds
+            from qwen_image_lora.model import check_speed_settings
+
+            try:
+                check_speed_settings(self.attention, self.attention_backend, self.compile)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -123,18 +137,9 @@ class DataConfig:
             raise ConfigError(f"{where}.max_upscale: must be >= 1.0 (1.0 = never upscale; got {self.max_upscale})")
         if "{caption}" not in self.caption_template:
             raise ConfigError(f"{where}.caption_template: must contain '{{caption}}' (got {self.caption_template!r})")
-        if self.repeats < 1:
-            raise ConfigError(f"{where}.repeats: must be >= 1 (got {self.repeats})")
-        if self.min_side < 1:
-            raise ConfigError(f"{where}.min_side: must be >= 1 (got {self.min_side})")
-        if self.max_aspect < 1.0:
-            raise ConfigError(f"{where}.max_aspect: must be >= 1.0 (got {self.max_aspect})")
-        if self.max_megapixels <= 0:
-            raise ConfigError(f"{where}.max_megapixels: must be > 0 (got {self.max_megapixels})")
-        if self.max_caption_tokens < 1:
-            raise ConfigError(f"{where}.max_caption_tokens: must be >= 1 (got {self.max_caption_tokens})")
-        if self.shard_size < 1:
-            raise ConfigError(f"{where}.shard_size: must be >= 1 (got {self.shard_size})")
+        _require(where, self, lambda v: v >= 1, ">= 1", "repeats", "min_side", "max_caption_tokens", "shard_size")
+        _require(where, self, lambda v: v >= 1.0, ">= 1.0", "max_aspect")
+        _require(where, self, lambda v: v > 0, "> 0", "max_megapixels")
         if self.prepare_batch_size < 1:
             raise ConfigError(f"{where}.prepare_batch_size: must be >= 1 (1 = one item at a time; got {self.prepare_batch_size})")
         if not re.fullmatch(r"#[0-9a-fA-F]{6}", self.background):
@@ -192,15 +197,14 @@ class OptimConfig:
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant_with_warmup"
     warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # null = no clipping (the norm is still measured for the guards and the log)
 
     def validate(self, where: str) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr: must be > 0 (got {self.lr})")
+        _require(where, self, lambda v: v > 0, "> 0", "lr", "eps")
+        _require(where, self, lambda v: v > 0, "> 0, or null for no clipping", "max_grad_norm")
+        _require(where, self, lambda v: v >= 0, ">= 0", "weight_decay", "warmup_steps")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{where}.betas: must be two numbers in [0, 1) (got {self.betas})")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"{where}.warmup_steps: must be >= 0 (got {self.warmup_steps})")
 
 
 @dataclass
@@ -228,9 +232,10 @@ class TrainConfig:
     log_every: int = 1
 
     def validate(self, where: str) -> None:
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name}: must be >= 1 (got {getattr(self, name)})")
+        _require(where, self, lambda v: v >= 1, ">= 1", "max_steps", "batch_size", "gradient_accumulation_steps", "log_every")
+        _require(where, self, lambda v: 0 <= v < 2**32, f"in 0..{2**32 - 1}", "seed")  # what accelerate's set_seed takes
+        _require(where, self, lambda v: v > 0, "> 0", "logit_std")
+        _require(where, self, lambda v: v > 1, "> 1", "divergence_factor")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"{where}.ema_decay: must be in (0, 1) or null (got {self.ema_decay})")
         if self.mask_loss_weight <= 0:
@@ -247,8 +252,7 @@ class CheckpointConfig:
     resume: str | None = None
 
     def validate(self, where: str) -> None:
-        if self.every_steps < 1 or self.keep_last < 1:
-            raise ConfigError(f"{where}: every_steps and keep_last must be >= 1")
+        _require(where, self, lambda v: v >= 1, ">= 1", "every_steps", "keep_last")
 
 
 @dataclass(kw_only=True)
@@ -357,6 +361,10 @@ class ServeConfig:
     # Training run folders (one per run: losses.jsonl, samples/, README.md, eval/) the studio page shows, read-only.
     runs_dir: str | None = _path()
 
+    def validate(self, where: str) -> None:
+        _require(where, self, lambda v: 0 <= v <= 65535, "in 0..65535", "port")
+        _require(where, self, lambda v: v > 0, "> 0", "max_body_mb", "url_timeout_s", "max_url_mb", "max_guidance_scale")
+
 
 @dataclass
 class Config:
@@ -388,10 +396,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raw = typed_yaml.load_yaml(path.read_text(), str(path)) or {}  # refuses a key given twice
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
         base = path.resolve().parent

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -21,6 +22,55 @@ class ConfigError(ValueError):
     """A config problem, always naming the file and the dotted field."""
 
 
+class _NotFinite(ConfigError):
+    """A float field given nan or inf: a range error, not a type mismatch (a union must not try its next type)."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses what PyYAML accepts silently: a key given twice in one mapping (the last wins, so a
+    second `train:` section drops the whole first one) and an unquoted `16:9` (YAML 1.1 reads it as base 60: 969).
+    The error names the dotted key and its line."""
+
+    dotted = ""  # where the document sits in the config (an override's key)
+
+    def construct_document(self, node):
+        _check_nodes(node, self.dotted)
+        return super().construct_document(node)
+
+
+def _check_nodes(node, dotted: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        lines: dict = {}
+        for key, value in node.value:
+            name, line, ident = _join(dotted, key.value), key.start_mark.line + 1, (key.tag, str(key.value))
+            if ident in lines:
+                raise ConfigError(f"{name}: given twice (lines {lines[ident]} and {line}); YAML keeps only the last, "
+                                  "so merge them")
+            lines[ident] = line
+            _check_nodes(value, name)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_nodes(item, f"{dotted}[{i}]")
+    elif node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in node.value:
+        number = yaml.safe_load(node.value)
+        raise ConfigError(f"{dotted}: {node.value} (line {node.start_mark.line + 1}) reads as the base-60 number {number} "
+                          f'in YAML; quote it: {dotted.rsplit(".", 1)[-1]}: "{node.value}"')
+
+
+def load_yaml(text: str, where: str, dotted: str = ""):
+    """`yaml.safe_load` through `StrictLoader`; any problem is a ConfigError naming `where`."""
+    loader = StrictLoader(text)
+    loader.dotted = dotted
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from e
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    finally:
+        loader.dispose()
+
+
 def apply_override(raw: dict, item: str, where: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.max_steps=10")
@@ -31,7 +81,7 @@ def apply_override(raw: dict, item: str, where: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    node[parts[-1]] = load_yaml(value, f"override {item!r}", key.strip()) if value.strip() else None
 
 
 def merge(defaults: dict, raw: dict) -> dict:
@@ -126,11 +176,15 @@ def _type_name(tp) -> str:
 def _coerce(value, tp, dotted: str, where: str, base: Path):
     """Check `value` against the annotation `tp`; convert int->float only. Raise naming the field."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{where}: {dotted} must be {_type_name(tp)} (got {value!r})")
+    quote = isinstance(value, int) and not isinstance(value, bool) and (tp is str or str in typing.get_args(tp))
+    hint = f'; quote it: {dotted.rsplit(".", 1)[-1]}: "{value}"' if quote else ""
+    bad = ConfigError(f"{where}: {dotted} must be {_type_name(tp)} (got {value!r}){hint}")
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, dotted, where, base)
+            except _NotFinite:
+                raise
             except ConfigError:
                 continue
         raise bad
@@ -163,14 +217,15 @@ def _coerce(value, tp, dotted: str, where: str, base: Path):
             return value
         raise bad
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad
+        try:  # a str too: YAML 1.1 reads `1e-4` (no dot) as a string
+            number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise bad
+        if not math.isfinite(number):
+            raise _NotFinite(f"{where}: {dotted} must be a finite number (got {number})")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

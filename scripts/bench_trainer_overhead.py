@@ -25,6 +25,7 @@ import argparse
 import copy
 import itertools
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -153,7 +154,7 @@ class BareLoop:
             )
         loss = ((pred.float() - (noise - x0)) ** 2).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()

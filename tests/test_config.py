@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -39,11 +40,66 @@ def test_unknown_section(tmp_path):
         ("data:\n  resolution: 1000\n", r"data.resolution: must be a multiple of 32"),
         ("validation:\n  edits:\n    - images: []\n      prompt: x\n", r"validation.edits\[0\].images: give 1 to 10"),
         ("train:\n  gradient_checkpointing: sometimes\n", r"train.gradient_checkpointing must be bool or 'auto'"),
+        ("optim:\n  max_grad_norm: -1\n", r"optim.max_grad_norm: must be > 0, or null for no clipping \(got -1.0\)"),
+        ("optim:\n  max_grad_norm: 0\n", r"optim.max_grad_norm: must be > 0, or null for no clipping \(got 0.0\)"),
+        ("optim:\n  lr: .nan\n", r"optim.lr must be a finite number \(got nan\)"),
+        ("checkpoint:\n  keep_last: 0\n", r"checkpoint.keep_last: must be >= 1 \(got 0\)"),
+        ("checkpoint:\n  every_steps: 0\n", r"checkpoint.every_steps: must be >= 1 \(got 0\)"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.seed=-1", r"train.seed: must be in 0..4294967295 \(got -1\)"),
+        ("train.seed=99999999999", r"train.seed: must be in 0..4294967295 \(got 99999999999\)"),
+        ("optim.lr=nan", r"optim.lr must be a finite number \(got nan\)"),
+        ("optim.lr=inf", r"optim.lr must be a finite number \(got inf\)"),
+        ("validation.guidance_scale=-inf", r"validation.guidance_scale must be a finite number \(got -inf\)"),
+        ("serve.port=99999", r"serve.port: must be in 0..65535 \(got 99999\)"),
+        ("optim.weight_decay=-0.1", r"optim.weight_decay: must be >= 0 \(got -0.1\)"),
+        ("optim.eps=0", r"optim.eps: must be > 0 \(got 0.0\)"),
+        ("train.logit_std=0", r"train.logit_std: must be > 0 \(got 0.0\)"),
+        ("train.divergence_factor=1", r"train.divergence_factor: must be > 1 \(got 1.0\)"),
+        ("model.attention_backend=bogus", r"model.attention_backend: 'bogus' is not a diffusers attention backend; one of .*flash"),
+    ],
+)
+def test_out_of_range_values_fail_at_load_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=rf"^configs/demo.yaml: {message}"):
+        load_config("configs/demo.yaml", [override])
+
+
+def test_max_grad_norm_null_means_no_clipping_and_round_trips(tmp_path):
+    cfg = load_config("configs/demo.yaml", ["optim.max_grad_norm=null"])
+    assert cfg.optim.max_grad_norm is None
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml").optim.max_grad_norm is None
+    assert load_config(None, ["optim.max_grad_norm=0.5", "train.seed=4294967295"]).train.seed == 2**32 - 1
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path):
+    text = Path("configs/demo.yaml").read_text()
+    first, last = text.splitlines().index("train:") + 1, len(text.splitlines()) + 2
+    with pytest.raises(ConfigError, match=rf"c.yaml: train: given twice \(lines {first} and {last}\)"):
+        load_config(write(tmp_path, text + "\ntrain:\n  seed: 1\n"))
+    with pytest.raises(ConfigError, match=r"validation.edits\[0\].prompt: given twice \(lines 4 and 5\)"):
+        load_config(write(tmp_path, "validation:\n  edits:\n    - images: [a.png]\n      prompt: a\n      prompt: b\n"))
+    with pytest.raises(ConfigError, match=r"override 'data.columns=\{a: x, a: y\}': data.columns.a: given twice"):
+        load_config(None, ["data.columns={a: x, a: y}"])
+
+
+def test_an_unquoted_aspect_ratio_says_to_quote_it(tmp_path):
+    with pytest.raises(ConfigError, match=r'validation.aspect_ratio: 16:9 \(line 2\) reads as the base-60 number 969 .*quote it: aspect_ratio: "16:9"'):
+        load_config(write(tmp_path, "validation:\n  aspect_ratio: 16:9\n"))
+    with pytest.raises(ConfigError, match=r'validation.aspect_ratio: 16:9 .*quote it'):
+        load_config(None, ["validation.aspect_ratio=16:9"])
+    with pytest.raises(ConfigError, match=r'tracking.run_name must be str or null \(got 2024\); quote it: run_name: "2024"'):
+        load_config(None, ["tracking.run_name=2024"])
+    assert load_config(write(tmp_path, 'validation:\n  aspect_ratio: "16:9"\n', "q.yaml")).validation.aspect_ratio == "16:9"
 
 
 def test_overrides_apply_with_types(tmp_path):
@@ -83,6 +139,8 @@ def test_cli_validate_reports_field(capsys, tiny_model_dir, sample_data_dir):
 
     assert main(["validate", "configs/demo.yaml", "train.max_stepz=3"]) == 2
     assert "train.max_steps" in capsys.readouterr().err
+    assert main(["validate", "configs/demo.yaml", "model.attention_backend=bogus"]) == 2
+    assert "model.attention_backend: 'bogus' is not a diffusers attention backend" in capsys.readouterr().err
     found = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'manifest.jsonl'}"]
     assert main(["validate", "configs/demo.yaml", *found]) == 0
     items = [json.loads(line) for line in (sample_data_dir / "manifest.jsonl").read_text().splitlines()]

@@ -226,6 +226,17 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_model_dir, sample_d
     assert all(torch.isfinite(after[k]).all() for k in before)
 
 
+def test_max_grad_norm_null_trains_without_clipping(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
+    recipe = _recipe(tiny_model_dir, sample_data_dir, tmp_path / "noclip", "train.max_steps=1", "optim.max_grad_norm=null",
+                     "validation.prompts=[]", "checkpoint.every_steps=1000")
+    seen = []
+    clip = recipe.accelerator.clip_grad_norm_
+    monkeypatch.setattr(recipe.accelerator, "clip_grad_norm_", lambda params, max_norm: seen.append(max_norm) or clip(params, max_norm))
+    recipe.train()
+    assert seen == [float("inf")]  # measured for the guards and the log, never scaled down
+    assert recipe.step == 1 and _losses(tmp_path / "noclip")[0]["grad_norm"] > 0
+
+
 def test_an_adapter_that_does_not_learn_stops_the_run(tiny_model_dir, sample_data_dir, tmp_path):
     cfg = load_config(DEMO, _overrides(tiny_model_dir, sample_data_dir, tmp_path / "lr0", "train.max_steps=20",
                                        "train.check_learning_after=3", "validation.prompts=[]"))

@@ -83,7 +83,7 @@ class PlanInputs:
     base_dtype: torch.dtype = torch.bfloat16
     mixed_precision: str = "bf16"
     optimizer: str = "adamw"
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0  # null: no clipping
     checkpoint: str | list[int] = "all"
     # "cuda": reproduce what the step allocates on a CUDA GPU (CUDA autocast rules, flash/efficient attention,
     # 512-byte granules, the trainer's fused AdamW). "cpu": what the same step allocates on CPU, for testing the tracer.

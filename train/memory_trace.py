@@ -85,7 +85,7 @@ def build_step_inputs(
     )
 
 
-def training_step(transformer, batch, optimizer, params, autocast, max_grad_norm: float, dtype) -> torch.Tensor:
+def training_step(transformer, batch, optimizer, params, autocast, max_grad_norm: float | None, dtype) -> torch.Tensor:
     """One optimizer step as `train/lora.py` runs it: `objective.flow_matching_loss` (target tokens only),
     backward, gradient clipping, optimizer step, `zero_grad(set_to_none=True)`."""
     from qwen_image_lora.train import objective
@@ -96,8 +96,7 @@ def training_step(transformer, batch, optimizer, params, autocast, max_grad_norm
     with autocast:  # as accelerate wraps the forward
         loss = objective.flow_matching_loss(transformer, batch, noise.to(device), sigmas.to(device), dtype=dtype)
     loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)  # null: measured, not clipped (as the recipe)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
