@@ -36,7 +36,7 @@ from qwen_image_lora.data.buckets import (
     plan_transform,
     stable_int,
 )
-from qwen_image_lora.data.sources import Item, format_caption, load_items, open_image
+from qwen_image_lora.data.sources import DataError, Item, format_caption, load_items, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -338,14 +338,14 @@ def _tokenizer(pipe):
 def build_training_data(
     cfg: Config, pipe, cache: TensorCache | None = None, num_replicas: int = 1, rank: int = 0
 ) -> TrainingData:
-    items = load_items(cfg.data)
-    items, skipped = screen_items(items, cfg, _tokenizer(pipe))
+    found = load_items(cfg.data)
+    items, skipped = screen_items(found, cfg, _tokenizer(pipe))
     entries, unplanned = plan_entries(items, cfg)
     for item, reason in unplanned:
         logger.warning("skipping %s: %s", item.id, reason)
     skipped += unplanned
     if not entries:
-        raise ValueError(f"data.path: none of the {len(items)} items could be read; run `qwen-lora data doctor`")
+        raise DataError(f"data.path: none of the {len(found)} items could be read; run `qwen-lora data doctor`")
     fraction = cfg.validation.held_out_fraction
     held_out = [i for i, e in enumerate(entries) if fraction and stable_int("held-out", e.item.id) % 10_000 < fraction * 10_000]
     if fraction and not held_out and len(entries) > 1:

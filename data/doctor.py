@@ -43,6 +43,7 @@ from qwen_image_lora.data import similarity as sim
 from qwen_image_lora.data.buckets import assign_bucket
 from qwen_image_lora.data.report import Report, past_verdicts, thumbnail
 from qwen_image_lora.data.sources import Item, format_caption, load_items
+from qwen_image_lora.inference.images import to_8bit
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def probe_image(path: Path, cfg: Config) -> tuple[ImageInfo, Image.Image | None]
                 info.error = ("huge", f"{w}x{h} is {w * h / 1e6:.0f} MP, over data.max_megapixels={d.max_megapixels:g}")
                 return info, None
             im.load()
-            image = ImageOps.exif_transpose(im)
+            image = to_8bit(ImageOps.exif_transpose(im))  # as training decodes it (`sources.open_image`)
     except UnidentifiedImageError:
         info.error = ("unreadable", "not an image Pillow can decode")
         return info, None

@@ -255,9 +255,12 @@ def _hf_image_path(value, base: Path, store: Path, where: str) -> Path:
 
 
 def open_image(path: Path, alpha: str = "composite", background: str = "#ffffff") -> Image.Image:
-    """Decode with EXIF orientation applied; alpha composited on `background` or kept (RGBA)."""
+    """Decode with EXIF orientation applied, 16-bit greyscale scaled to 8 bits; alpha composited on `background` or
+    kept (RGBA)."""
+    from qwen_image_lora.inference.images import to_8bit  # the one rule, shared with inference inputs
+
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
+        im = to_8bit(ImageOps.exif_transpose(im))
         im.load()
     has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
     if not has_alpha:

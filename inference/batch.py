@@ -2,14 +2,16 @@
 
 The job format is printed by `qwen-lora batch --help` (`JOB_FORMAT` in inference/cli.py); `read_jobs` checks it.
 Each image is written atomically, then one line goes to `manifest.jsonl` with the settings actually used (size,
-steps, guidance, seed, adapters). A rerun skips every job whose output file exists, so an interrupted batch picks
-up where it stopped. Under `accelerate launch`, process i of n takes jobs i, i+n, i+2n, ... of the whole file (the
+steps, guidance, seed, adapters) and the job's fingerprint. A rerun skips every job whose output file exists with
+the same fingerprint, so an interrupted batch picks up where it stopped, and a job whose settings, input files, model,
+resolution or adapters changed is rendered again. Under `accelerate launch`, process i of n takes jobs i, i+n, i+2n, ... of the whole file (the
 split does not depend on what is already done), so shards never overlap.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -81,12 +83,36 @@ def read_jobs(path: str | Path) -> list[Job]:
     return jobs
 
 
-def pending(jobs: list[Job], output_dir: str | Path, *, process_index: int = 0, num_processes: int = 1) -> list[Job]:
+def file_identity(path: str | Path) -> list | None:
+    """Size and modification time of a local file, or of each file in a local folder; None for anything else."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files] or None
+
+
+def fingerprint(job: Job, base_seed: int, run: dict | None = None) -> str:
+    """What decides a job's image: its settings, its seed, its input files' bytes, and `run` (the model, resolution and
+    adapters the whole batch uses). A finished job whose fingerprint changed is rendered again."""
+    settings = {k: v for k, v in dataclasses.asdict(job).items() if k not in ("id", "index", "output")}
+    settings["seed"] = _seed(job, base_seed)
+    inputs = [*job.images, *([job.mask] if job.mask else [])]
+    settings["inputs"] = [hashlib.sha256(Path(p).read_bytes()).hexdigest() if Path(p).is_file() else p for p in inputs]
+    return hashlib.sha256(json.dumps([settings, run], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _is_done(job: Job, output_dir: Path, recorded: dict[str, str | None], fingerprint: str) -> bool:
+    """Its output exists and its last manifest line carries this fingerprint (or none: a manifest of an older
+    version, taken as done)."""
+    return (output_dir / job.output_name).exists() and job.id in recorded and recorded[job.id] in (None, fingerprint)
+
+
+def pending(jobs: list[Job], output_dir: str | Path, *, process_index: int = 0, num_processes: int = 1,
+            base_seed: int = 0, run: dict | None = None) -> list[Job]:  # fmt: skip
     """This process's jobs that `run_batch` would still render or record (no model needed to tell)."""
     output_dir = Path(output_dir)
-    recorded = _recorded_ids(output_dir / MANIFEST)
+    recorded = _recorded(output_dir / MANIFEST)
     mine = jobs[process_index::num_processes]
-    return [j for j in mine if not ((output_dir / j.output_name).exists() and j.id in recorded)]
+    return [j for j in mine if not _is_done(j, output_dir, recorded, fingerprint(j, base_seed, run))]
 
 
 @dataclass
@@ -107,24 +133,29 @@ def run_batch(
     base_seed: int = 0,
     progress: bool = True,
     extra: dict | None = None,
+    run: dict | None = None,
 ) -> BatchResult:
-    """Run this process's share of `jobs`, skipping finished ones. `extra` goes into every manifest line."""
+    """Run this process's share of `jobs`, skipping finished ones. `extra` goes into every manifest line; `run` is
+    what the whole batch renders with (see `fingerprint`)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     mine = jobs[process_index::num_processes]
-    recorded = _recorded_ids(output_dir / MANIFEST)
+    recorded = _recorded(output_dir / MANIFEST)
     result = BatchResult()
     bar = progress_bar(len(mine), desc=f"batch {process_index + 1}/{num_processes}", unit="img", enabled=progress,
                        position=process_index)
     with bar:
         for job in mine:
-            out = output_dir / job.output_name
-            if out.exists():
-                if job.id not in recorded:  # stopped between writing the image and the manifest line
-                    _append(output_dir / MANIFEST, _entry(generator, job, base_seed, default_loras, extra) | {"recovered": True})
+            out, settings = output_dir / job.output_name, fingerprint(job, base_seed, run)
+            if out.exists() and job.id not in recorded:  # stopped between writing the image and the manifest line
+                entry = _entry(generator, job, base_seed, default_loras, extra)
+                _append(output_dir / MANIFEST, entry | {"settings": settings, "recovered": True})
+            if out.exists() and (job.id not in recorded or _is_done(job, output_dir, recorded, settings)):
                 result.skipped.append(job.id)
                 bar.update()
                 continue
+            if out.exists():
+                bar.write(f"job {job.id}: its settings changed since it was rendered; rendering it again")
             start = time.perf_counter()
             try:
                 request = _request(job, base_seed, default_loras)
@@ -137,7 +168,8 @@ def run_batch(
                 bar.update()
                 continue
             entry = _entry(generator, job, base_seed, default_loras, extra)
-            entry.update(width=image.width, height=image.height, seconds=round(time.perf_counter() - start, 3))
+            entry.update(width=image.width, height=image.height, seconds=round(time.perf_counter() - start, 3),
+                         settings=settings)  # fmt: skip
             _append(output_dir / MANIFEST, entry)
             result.written.append(job.id)
             bar.update()
@@ -180,15 +212,16 @@ def _append(path: Path, entry: dict) -> None:
         os.close(fd)
 
 
-def _recorded_ids(path: Path) -> set[str]:
+def _recorded(path: Path) -> dict[str, str | None]:
+    """Each rendered job's id -> the fingerprint of its last manifest line."""
     if not path.is_file():
-        return set()
-    ids = set()
+        return {}
+    recorded = {}
     for line in path.read_text().splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
-        if "error" not in entry:
-            ids.add(str(entry.get("id")))
-    return ids
+        if isinstance(entry, dict) and "error" not in entry:
+            recorded[str(entry.get("id"))] = entry.get("settings")
+    return recorded

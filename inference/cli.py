@@ -155,7 +155,6 @@ def _generate(args) -> int:
     format_for(args.output)  # a bad extension fails before the model loads
     images = [load_image(p) for p in args.image]
     mask = load_image(args.mask) if getattr(args, "mask", None) else None
-    generator, loras, _ = _load(args)
     request = GenerationRequest(
         prompt=args.prompt,
         images=images,
@@ -166,10 +165,11 @@ def _generate(args) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         seed=args.seed,
-        adapters=loras,
         mask=mask,
         mask_feather=getattr(args, "mask_feather", 8),
     )
+    request.validate(args.command)  # bad sizes or steps fail before the model loads
+    generator, request.adapters, _ = _load(args)
     image = generator.generate(request)
     print(save_image(image, args.output, args.quality))
     return 0
@@ -200,13 +200,17 @@ def _batch(args) -> int:
     import torch
     from accelerate import PartialState
 
-    from qwen_image_lora.inference.batch import pending, read_jobs, run_batch
+    from qwen_image_lora.inference.adapters import parse_lora_arg
+    from qwen_image_lora.inference.batch import file_identity, pending, read_jobs, run_batch
 
     jobs = read_jobs(args.jobs)  # every line checked before loading 7B weights
     # PartialState only sets up a CPU process group (gloo) when told the run is on CPU.
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)
-    share = dict(process_index=state.process_index, num_processes=state.num_processes)
+    cfg = _model_source(args)
+    run = {"model": cfg.model.pretrained, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
+           "resolution": cfg.data.resolution, "loras": [[item, file_identity(parse_lora_arg(item)[0])] for item in args.lora]}  # fmt: skip
+    share = dict(process_index=state.process_index, num_processes=state.num_processes, base_seed=args.seed, run=run)
     if not pending(jobs, args.output_dir, **share):
         print(f"process {state.process_index}: nothing left to do: all {len(jobs[state.process_index::state.num_processes])} "
               f"jobs are done in {args.output_dir} (see manifest.jsonl); the model was not loaded", file=sys.stderr)
@@ -222,7 +226,6 @@ def _batch(args) -> int:
         args.output_dir,
         **share,
         default_loras=loras,
-        base_seed=args.seed,
         progress=not args.no_progress,
         extra={"model": cfg.model.pretrained, "process_index": state.process_index},
     )

@@ -102,8 +102,8 @@ class Generator:
         return len(self.pipe.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def check(self, request: GenerationRequest) -> Image.Image | None:
-        """The checks that need no denoising: prompt length, image count, size, mask. Raises ValueError naming the
-        field; returns the prepared mask (None without one), so `generate` prepares it once."""
+        """The checks that need no denoising: prompt length, image count and aspects, size, mask. Raises ValueError
+        naming the field; returns the prepared mask (None without one), so `generate` prepares it once."""
         for name in ("prompt", "negative_prompt"):
             text = getattr(request, name)
             # Byte-level BPE: a token spans at least one UTF-8 byte, so short texts need no tokenizing.
@@ -113,6 +113,13 @@ class Generator:
                     raise ValueError(f"{name}: {n} tokens with the model's tokenizer; the limit is {MAX_PROMPT_TOKENS}")
         if len(request.images) > MAX_INPUT_IMAGES:
             raise ValueError(f"images: give 1 to {MAX_INPUT_IMAGES} input images (got {len(request.images)})")
+        limit = qmodel.max_aspect(self.resolution)
+        for i, image in enumerate(request.images, 1):  # the pipeline resizes each one by the sizing rule
+            w, h = image.size
+            if max(w, h) >= limit * min(w, h):
+                raise ValueError(f"images: image {i} is {w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1); at resolution "
+                                 f"{self.resolution} the model takes aspect ratios under {limit:g}:1; crop or pad it "
+                                 "closer to square")  # fmt: skip
         self._size(request)
         return self._mask(request)
 

@@ -41,11 +41,12 @@ def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS, max_side: in
             w, h = image.size
             if w * h > max_pixels:  # checked from the header, before a single pixel is decoded
                 raise ImageInputError(f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}", too_large=True)
+            image = to_8bit(image)  # 16-bit greyscale: decoded here, at full size, as `convert` below would do
             has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
             mode = "RGBA" if has_alpha else "RGB"
             if max(w, h) > max_side:
                 image.draft(None, _fit((w, h), max_side))  # JPEG only; a no-op for the other formats
-                if image.mode not in ("L", "LA", "RGB", "RGBA"):  # palette indices, CMYK, 16-bit: convert first
+                if image.mode not in ("L", "LA", "RGB", "RGBA"):  # palette indices, CMYK: convert first
                     image = image.convert(mode)
                 image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
             image.load()
@@ -58,6 +59,20 @@ def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS, max_side: in
         raise ImageInputError("not a readable JPEG/PNG/WebP image (not an image format PIL recognises)") from e
     except Exception as e:  # PIL raises many types for corrupt data
         raise ImageInputError(f"not a readable JPEG/PNG/WebP image ({type(e).__name__}: {e})") from e
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A high-bit-depth greyscale image (I;16*, I, F) -> 8-bit "L", scaled by its range; any other mode unchanged.
+
+    PIL's own `convert` clips these at 255, so a 16-bit PNG turns white. PNG's 16-bit greyscale opens as I;16 (I in
+    older PIL), so I is read as 0..65535 too; F as 0..1 when it fits there (the usual float convention), else like
+    I. PIL already reads 16-bit RGB(A) and grey+alpha PNGs as 8-bit RGB(A). `point` and `convert` keep `info` (EXIF).
+    Shared by training data (`data.sources.open_image`) and inference inputs (`decode_image`)."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    floats = image.convert("F")
+    scale = 255 if image.mode == "F" and floats.getextrema()[1] <= 1 else 255 / 65535
+    return floats.point(lambda v: v * scale + 0.5).convert("L")  # + 0.5: F -> L truncates
 
 
 def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:

@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from qwen_image_lora.config import ConfigError, load_config
+from qwen_image_lora.io import describe_write_error, is_write_error
 
 DESCRIPTION = """\
 Teach Qwen-Image 2.x your products, styles and typography with LoRA, check that the adapter beats the
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only or unwritable folder: the path and the next step, not a traceback
+        if not is_write_error(e):
+            raise
+        print(f"error: {describe_write_error(e, e.filename or 'a file')}", file=sys.stderr)
         return 2
 
 

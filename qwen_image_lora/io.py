@@ -1,6 +1,7 @@
 """Atomic writes: a temp file (or folder) beside the destination, then one rename, so a crash never leaves
 a half-written checkpoint, adapter, image or report behind. Files and folders get the user's umask (as
-`open()` would give them), and a write that runs out of space says so, naming the path."""
+`open()` would give them), and a write that runs out of space, or finds its folder read-only or not writable, says
+so in one line naming the path and the next step."""
 
 from __future__ import annotations
 
@@ -14,35 +15,75 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-# errno -> what to tell the user; libraries that wrap the OSError (torch's zip writer, safetensors) keep the
+# errno -> (what went wrong, what to do); libraries that wrap the OSError (torch's zip writer, safetensors) keep the
 # errno in the exception chain or as "(os error N)" in the message.
 _NO_SPACE = {
     errno.ENOSPC: "the disk is full (no space left on device)",
     errno.EDQUOT: "the disk quota is exceeded",
     errno.EFBIG: "the file size limit is exceeded",
 }
+_FREE_SPACE = "free space on that device (or choose another output_dir) and retry"
+_WRITABLE = "choose a writable folder for it, or fix that folder's permissions, and retry"
+_WRITE_ERRORS = {
+    **{code: (reason, _FREE_SPACE) for code, reason in _NO_SPACE.items()},
+    errno.EROFS: ("the file system is read-only", _WRITABLE),
+    errno.EACCES: ("permission denied", _WRITABLE),
+    errno.EPERM: ("the operation is not permitted", _WRITABLE),
+    errno.ENOTDIR: ("a part of that path is a file, not a folder", "choose a folder path and retry"),
+    errno.EEXIST: ("a file is where its folder should be", "choose a folder path and retry"),
+}
 
 
-def no_space_reason(error: BaseException) -> str | None:
-    """'the disk is full ...' when `error` (or one it was raised from) is an out-of-space write, else None."""
+class WriteError(OSError):
+    """An atomic write that could not start: its folder could not be made or written to. `filename` is the
+    destination (not the temp file); the errno is the original one."""
+
+
+def _errno_in_chain(error: BaseException | None, codes) -> int | None:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _NO_SPACE:
-            return _NO_SPACE[error.errno]
+        if isinstance(error, OSError) and error.errno in codes:
+            return error.errno
         m = re.search(r"os error (\d+)\)", str(error))
-        if m and int(m.group(1)) in _NO_SPACE:
-            return _NO_SPACE[int(m.group(1))]
+        if m and int(m.group(1)) in codes:
+            return int(m.group(1))
         error = error.__cause__ or error.__context__
     return None
 
 
+def no_space_reason(error: BaseException) -> str | None:
+    """'the disk is full ...' when `error` (or one it was raised from) is an out-of-space write, else None."""
+    code = _errno_in_chain(error, _NO_SPACE)
+    return None if code is None else _NO_SPACE[code]
+
+
 def describe_write_error(error: BaseException, path: str | os.PathLike) -> str:
-    """One line for a failed write of `path`: out of space said plainly, anything else by its type."""
-    reason = no_space_reason(error)
-    if reason:
-        return f"could not write {path}: {reason}; free space on that device (or choose another output_dir) and retry"
+    """One line for a failed write of `path`: a full disk, a read-only folder, a permission problem or a file in
+    the way said plainly with the next step; anything else by its type."""
+    # A file in the way (mkdir's ENOTDIR/EEXIST) is known to mean that only from `atomic_path`/`atomic_dir`'s setup.
+    skip = () if isinstance(error, WriteError) else (errno.ENOTDIR, errno.EEXIST)
+    code = _errno_in_chain(error, [c for c in _WRITE_ERRORS if c not in skip])
+    if code is not None:
+        reason, next_step = _WRITE_ERRORS[code]
+        return f"could not write {path}: {reason}; {next_step}"
     return f"could not write {path}: {type(error).__name__}: {error}"
+
+
+def is_write_error(error: BaseException) -> bool:
+    """True for a write that `describe_write_error` explains: any `WriteError`, and out-of-space or read-only
+    errors anywhere (only writes raise those). Permission errors from plain reads are not claimed."""
+    return isinstance(error, WriteError) or _errno_in_chain(error, (*_NO_SPACE, errno.EROFS)) is not None
+
+
+@contextlib.contextmanager
+def writing_to(path: str | os.PathLike) -> Iterator[None]:
+    """Setting up a write of `path` (its folder, a temp or lock file in it): an OSError becomes a `WriteError`
+    naming `path`, not the temp file's random name."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def _umask() -> int:
@@ -59,12 +100,15 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temp file path in the destination's folder; rename it onto `path` if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file should look like any other
+    with writing_to(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+        os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes 0600, and a writer may replace the temp with its own 0600 file (safetensors does): after
+        # the block, so the final file looks like any other.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -75,11 +119,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside `path`; on success it replaces `path` (an existing folder is swapped out)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    with writing_to(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        _apply_umask(tmp)  # mkdtemp makes 0700; files inside may be 0600 (safetensors writes them so)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -90,6 +135,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _apply_umask(folder: Path) -> None:
+    """`folder` and everything in it (links left alone) get the modes `open()`/`mkdir` give under the umask."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def remove_leftover_temps(folder: str | os.PathLike, name: str) -> list[Path]:

@@ -279,6 +279,13 @@ def fit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return max(SIDE_MULTIPLE, w), max(SIDE_MULTIPLE, h)
 
 
+def max_aspect(resolution: int) -> float:
+    """The aspect (long side / short side) from which on the pipeline cannot size an input image at `resolution`:
+    its rule (`calculate_dimensions`, area resolution^2) rounds each side to a multiple of 32, so a short side of
+    16 px or less (resolution / sqrt(aspect)) becomes 0 and the resize fails. 4096:1 at 1024, 16:1 at 64."""
+    return (resolution / (SIDE_MULTIPLE / 2)) ** 2
+
+
 def to_rgba(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGBA" else image.convert("RGBA")
 

@@ -238,3 +238,12 @@ def test_hashes_and_phase_correlation():
     g = np.asarray(a.convert("L"), np.float32)
     dy, dx, peak, zero = phase_correlation(g, np.roll(np.roll(g, 5, 0), -4, 1))
     assert (dy, dx) == (5, -4) and peak > 0.3 > zero
+
+
+def test_the_doctor_sees_a_16_bit_greyscale_image_as_its_tones_not_white(tmp_path):
+    from qwen_image_lora.data.doctor import probe_image
+
+    grey = (np.arange(96 * 64).reshape(96, 64) * 255 // (96 * 64 - 1)).astype(np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "i16.png")  # mode I;16
+    info, image = probe_image(tmp_path / "i16.png", load_config(None, []))
+    assert info.error is None and abs(np.asarray(image, float).mean() - grey.mean()) < 1  # was 255: clipped white

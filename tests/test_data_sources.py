@@ -44,3 +44,20 @@ def test_exif_orientation_and_alpha(tmp_path):
     rgba.save(tmp_path / "a.png")
     assert open_image(tmp_path / "a.png", "composite", "#00ff00").getpixel((0, 0)) == (0, 255, 0)
     assert open_image(tmp_path / "a.png", "keep").mode == "RGBA"
+
+
+def _grey_ramp(h=24, w=32) -> np.ndarray:
+    """An 8-bit greyscale ramp (mean ~128, not white) for the high-bit-depth copies below."""
+    return (np.arange(h * w).reshape(h, w) * 255 // (h * w - 1)).astype(np.uint8)
+
+
+def test_high_bit_depth_images_are_scaled_to_8_bits_not_clipped_white(tmp_path):
+    grey = _grey_ramp()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "i16.png")  # a 16-bit greyscale PNG (mode I;16)
+    Image.fromarray(grey.astype(np.int32) * 257).save(tmp_path / "i32.tif")  # mode I, the same 16-bit range
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "f32.tif")  # mode F, floats in [0, 1]
+    assert Image.open(tmp_path / "i16.png").mode == "I;16"
+    for name in ("i16.png", "i32.tif", "f32.tif"):
+        got = np.asarray(open_image(tmp_path / name))
+        assert got.shape == (*grey.shape, 3), name
+        assert np.abs(got[..., 0].astype(int) - grey).max() <= 1, name  # was 255 everywhere but black

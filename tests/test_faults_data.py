@@ -79,6 +79,18 @@ def test_training_without_doctor_skips_each_bad_file_once_and_trains(tmp_path, t
         assert data.dataset.sample(index, data.dataset.texts_for(index)[0])["latents"].ndim == 5
 
 
+def test_a_folder_with_no_readable_item_is_a_data_error_counting_them(tmp_path, tiny_pipe, tiny_model_dir):
+    from qwen_image_lora.data.sources import DataError
+
+    folder = tmp_path / "allbad"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.png").write_bytes(b"")  # a 0-byte image with a good caption
+        (folder / f"{name}.txt").write_text("qwnbrand")
+    with pytest.raises(DataError, match=r"^data.path: none of the 2 items could be read; run `qwen-lora data doctor`"):
+        build_training_data(_cfg(folder, tiny_model_dir, tmp_path), tiny_pipe)
+
+
 def test_doctor_names_the_non_utf8_caption_and_the_symlink_loop(tmp_path, tiny_model_dir):
     bad = make_messy_folder(tmp_path / "messy")
     report = diagnose(_cfg(tmp_path / "messy", tiny_model_dir, tmp_path), tokenizer=None)

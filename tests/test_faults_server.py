@@ -13,6 +13,8 @@ import sys
 import threading
 import weakref
 
+import numpy as np
+
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
@@ -273,3 +275,12 @@ def test_a_422_does_not_echo_the_input(cfg, gen, extra):
     assert r.json()["detail"][0]["loc"][:2] == ["body", next(iter(extra))]
     assert len(r.content) < 2000, f"{len(r.content):,} bytes of refusal"
 
+
+
+@pytest.mark.parametrize("max_side", [2048, 16])  # as decoded, and through the downscale of large inputs
+def test_a_16_bit_greyscale_input_keeps_its_tones(tmp_path, max_side):
+    grey = (np.arange(24 * 32).reshape(24, 32) * 255 // (24 * 32 - 1)).astype(np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "i16.png")  # mode I;16
+    Image.fromarray(grey).save(tmp_path / "l8.png")
+    got, want = (np.asarray(images_module.load_image(tmp_path / n, max_side=max_side), float) for n in ("i16.png", "l8.png"))
+    assert got.shape == want.shape and abs(got.mean() - want.mean()) < 1  # was 255: clipped to white

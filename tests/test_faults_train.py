@@ -22,6 +22,7 @@ from qwen_image_lora.config import load_config, to_dict
 from qwen_image_lora.io import atomic_dir, atomic_write_text
 from qwen_image_lora.train import lora
 from qwen_image_lora.train.checkpoint import Checkpointer, CheckpointError, TrainingProgress
+from qwen_image_lora.train.run_folder import LOCK_NAME, RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -63,6 +64,11 @@ def _sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _hashes(folder) -> dict:
+    """Every file of a run folder by its hash, but the live trainer's lock (it stays with the folder, not the run)."""
+    return {p: _sha(p) for p in Path(folder).rglob("*") if p.is_file() and p.name != LOCK_NAME}
+
+
 def _names(folder) -> list[str]:
     return sorted(p.name for p in Path(folder).iterdir())
 
@@ -101,24 +107,41 @@ def test_a_fresh_start_in_a_used_folder_stops_before_loading_weights(
     from qwen_image_lora import model as qmodel
 
     out = _copy(trained, tmp_path)
-    before = {p: _sha(p) for p in out.rglob("*") if p.is_file()}
+    before = _hashes(out)
     real_load = qmodel.load_pipeline
     monkeypatch.setattr(qmodel, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
     args = _args(tiny_model_dir, sample_data_dir, out, "train.max_steps=2", "train.seed=7", "checkpoint.every_steps=1")
     assert lora.main(args) == 2
     err = capsys.readouterr().err
     assert f"output_dir {out} already holds run" in err and "--resume latest" in err and "--overwrite" in err
-    assert {p: _sha(p) for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    assert _hashes(out) == before  # nothing touched
 
     # --overwrite moves the old run aside, whole, and the new run starts clean.
     monkeypatch.setattr(qmodel, "load_pipeline", real_load)
     old_id = json.loads((out / "run.json").read_text())["run_id"]
     assert lora.main([*args, "--overwrite"]) == 0
     aside = out.with_name(f"run.{old_id}")
-    assert {aside / p.relative_to(out): h for p, h in before.items()} == {p: _sha(p) for p in aside.rglob("*") if p.is_file()}
+    assert {aside / p.relative_to(out): h for p, h in before.items()} == _hashes(aside)
     new_id = json.loads((out / "run.json").read_text())["run_id"]
     assert new_id != old_id and [r["step"] for r in _losses(out)] == [1, 2]
     assert [_progress(p)["run_id"] for p in Checkpointer(out, 1).all()] == [new_id]
+
+
+def test_a_live_run_holds_its_folder_against_a_second_trainer(trained, tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    out = _copy(trained, tmp_path)
+    before = _hashes(out)
+    live = RunFolder(out)
+    live.lock()  # what a running trainer holds (released when it ends, however it ends)
+    try:
+        for extra in (["--resume", "latest"], ["--overwrite"]):
+            assert lora.main([*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=5"), *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"output_dir {out} is in use by a live trainer (pid {os.getpid()})" in err, err
+            assert _hashes(out) == before
+    finally:
+        live.unlock()
+    assert lora.main([*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=5"), "--resume", "latest"]) == 0
+    assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4, 5]
 
 
 def test_resume_latest_and_rotation_leave_another_runs_checkpoints_alone(
@@ -367,6 +390,14 @@ def test_a_full_disk_mid_save_says_so_and_keeps_the_previous_checkpoint(tmp_path
     assert ck.resolve("latest") == ck.path_for(1)
 
 
+def test_an_unwritable_output_dir_is_one_error_line_before_any_weights_load(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    (tmp_path / "blocked").write_text("a file where output_dir's parent folder should be")  # read-only needs root
+    out = tmp_path / "blocked" / "run"
+    assert lora.main(_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=1")) == 2  # was a traceback, rc 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"error: output_dir: could not write {out}: a part of that path is a file, not a folder; choose a folder path and retry"
+
+
 def _limit_file_size(limit):
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
@@ -390,7 +421,7 @@ def test_running_out_of_space_in_a_real_run_names_the_path_and_loses_nothing(tra
         assert "Traceback" not in result.stderr
         assert {p: _sha(p) for p in kept} == kept
         assert Checkpointer(out, 1).resolve("latest").name == "step-000003"
-        assert not list(out.glob(".*")) and not list((out / "checkpoints").glob(".*"))
+        assert [p.name for p in out.glob(".*")] == [LOCK_NAME] and not list((out / "checkpoints").glob(".*"))
 
 
 # ------------------------------------------------------------------------------------------ under accelerate, umask

@@ -1,6 +1,5 @@
 """The `qwen-lora generate | edit | batch` entry points on the tiny model: formats, adapters, resume, sharding."""
 
-import functools
 import json
 import os
 import subprocess
@@ -47,6 +46,11 @@ def test_generate_and_edit_write_the_format_the_extension_names(tiny_model_dir, 
 def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x", "--output", str(tmp_path / "o.gif")]) == 2
     assert "use .png, .jpg/.jpeg or .webp" in capsys.readouterr().err
+    base = ["--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o.png")]
+    for argv, message in ((["generate", "--prompt", "x", "--width", "100"], "generate.width: must be a positive multiple of 32"),
+                          (["generate", "--prompt", "x", "--steps", "0"], "generate.num_inference_steps: must be >= 1")):
+        assert main([*argv, *base]) == 2
+        assert message in capsys.readouterr().err  # not the missing model: the settings are checked first
 
 
 def _jobs(tmp_path, n=6):
@@ -60,21 +64,20 @@ def _jobs(tmp_path, n=6):
 
 
 def test_batch_resumes_after_an_interruption_without_redoing_finished_jobs(tiny_model_dir, tmp_path, monkeypatch):
-    from diffusers import QwenImage21Pipeline
+    from qwen_image_lora.inference.generator import Generator
 
     jobs, out = _jobs(tmp_path), tmp_path / "out"
     argv = ["batch", str(jobs), "--output-dir", str(out), "--model", str(tiny_model_dir), *TINY, "--no-progress"]
     calls = []
-    original = QwenImage21Pipeline.__call__
+    original = Generator.generate
 
-    @functools.wraps(original)  # the generator reads the pipeline's defaults from this signature
-    def counting(self, *args, **kwargs):
+    def counting(self, request):  # our generator, watched: the pipeline itself stays as diffusers ships it
         if len(calls) == stop_at:
             raise KeyboardInterrupt  # the operator pressed Ctrl-C during the third image
-        calls.append(kwargs["prompt"])
-        return original(self, *args, **kwargs)
+        calls.append(request.prompt)
+        return original(self, request)
 
-    monkeypatch.setattr(QwenImage21Pipeline, "__call__", counting)
+    monkeypatch.setattr(Generator, "generate", counting)
     stop_at = 2
     with pytest.raises(KeyboardInterrupt):
         main(argv)
@@ -94,6 +97,29 @@ def test_batch_resumes_after_an_interruption_without_redoing_finished_jobs(tiny_
 
     calls.clear()
     assert main(argv) == 0 and calls == []  # a finished batch is a no-op
+
+
+def test_batch_renders_again_a_job_whose_settings_or_input_changed(tiny_model_dir, tmp_path, capsys):
+    jobs, out = _jobs(tmp_path, n=3), tmp_path / "out"  # hero (t2i), 000001 (an edit of in.png), 000002 (t2i)
+    argv = ["batch", str(jobs), "--output-dir", str(out), "--model", str(tiny_model_dir), *TINY, "--no-progress"]
+
+    def rendered() -> list[str]:  # the ids of the manifest's lines, in order
+        return [json.loads(line)["id"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+    assert main(argv) == 0 and rendered() == ["hero", "000001", "000002"]
+    before = (out / "000002.png").read_bytes()
+    lines = jobs.read_text().splitlines()
+    jobs.write_text("\n".join([*lines[:2], lines[2].replace("bottle 2", "a different bottle")]) + "\n")
+    assert main(argv) == 0 and rendered()[3:] == ["000002"]  # only the changed job
+    assert json.loads((out / "manifest.jsonl").read_text().splitlines()[-1])["prompt"] == "a different bottle"
+    assert (out / "000002.png").read_bytes() != before
+    assert "000002: its settings changed since it was rendered" in capsys.readouterr().err
+
+    Image.new("RGBA", (64, 96), (30, 200, 30, 255)).save(tmp_path / "in.png")  # the edit's input image changed
+    assert main(argv) == 0 and rendered()[4:] == ["000001"]
+    assert main([*argv, "--seed", "7"]) == 0 and rendered()[5:] == ["000001", "000002"]  # hero has its own seed
+    assert main([*argv, "--seed", "7", "data.resolution=128"]) == 0 and rendered()[7:] == ["hero", "000001", "000002"]
+    assert main([*argv, "--seed", "7", "data.resolution=128"]) == 0 and len(rendered()) == 10  # nothing changed
 
 
 def test_batch_job_errors_name_the_line_and_field(tmp_path):

@@ -95,3 +95,15 @@ def test_layers_has_the_same_auth_and_limits(client):
     bad_box = post(client, "/v1/layers", {**body, "elements": [{"prompt": "b", "x": 90, "y": 0, "width": 32, "height": 8}]})
     assert bad_box.status_code == 422 and bad_box.json()["detail"][0]["loc"][-1] == "elements"
     assert post(client, "/v1/layers", {**body, "mask": b64(Image.new("L", (W, H), 0))}).status_code == 422
+
+
+@pytest.mark.parametrize("path", ["/v1/images", "/v1/layers"])
+def test_an_input_too_elongated_to_resize_gets_422_naming_the_image_and_the_limit(client, path):
+    """At resolution 64 the pipeline's sizing rule gives an aspect of 16:1 or more a 0 px side (was a 500 with a
+    PIL traceback from /v1/images, a bare 'height and width must be > 0' from /v1/layers)."""
+    body = {"image": b64(Image.new("RGB", (400, 4), "white")), "prompt": "a marble table", "num_inference_steps": 1}
+    r = post(client, path, {**body, "mask": "auto"} if path == "/v1/layers" else body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"][0]
+    assert detail["loc"] == ["body", "image"], detail
+    assert "400x4" in detail["msg"] and "under 16:1" in detail["msg"], detail["msg"]

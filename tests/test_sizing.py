@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from qwen_image_lora.config import load_config
@@ -37,3 +38,16 @@ def test_a_non_square_edit_trains_and_generates_at_the_same_size(tiny_pipe, tmp_
         hook.remove()
     (_, h, w), target = shapes[0][0], shapes[0][-1]
     assert (w * 16, h * 16) == trained and (target[2] * 16, target[1] * 16) == trained
+
+
+def test_inputs_the_pipeline_cannot_resize_are_refused_naming_the_image_and_the_limit(tiny_pipe):
+    """The limit is the pipeline's own rule: `calculate_dimensions` gives a 0 px side from that aspect on."""
+    from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions
+
+    gen = Generator(tiny_pipe, resolution=64)
+    ok, too_wide = Image.new("RGB", (159, 10)), Image.new("RGB", (10, 160))  # aspects 15.9:1 and 16:1 at 64 px
+    assert min(calculate_dimensions(64 * 64, 159 / 10)[:2]) > 0 and min(calculate_dimensions(64 * 64, 10 / 160)[:2]) == 0
+    gen.check(GenerationRequest("x", images=[ok]))
+    with pytest.raises(ValueError) as e:
+        gen.check(GenerationRequest("x", images=[ok, too_wide]))  # the CLI and batch jobs go through `check` too
+    assert str(e.value).startswith("images: image 2 is 10x160 (aspect 16.0:1)") and "under 16:1" in str(e.value), e.value

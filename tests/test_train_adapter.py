@@ -55,6 +55,10 @@ def test_only_targets_train_in_fp32_over_a_frozen_bf16_base(tiny_model_dir):
 def test_unknown_target_is_a_clear_error(transformer):
     with pytest.raises(adapter.AdapterError, match="lora.targets"):
         adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=4, targets=["no_such_layer"]))
+    # One mistyped name among good ones: peft would silently train the others alone.
+    with pytest.raises(adapter.AdapterError, match=r"^lora.targets: 'to_qq' matches no layer of the transformer \(e.g. 'to_q'"):
+        adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=4, targets=["to_qq", "to_v"]))
+    assert not any("lora_" in n for n, _ in transformer.named_parameters())  # refused before any layer was wrapped
 
 
 def test_saved_adapter_loads_with_plain_diffusers_and_changes_the_output(transformer, tiny_pipe, tiny_model_dir, tmp_path):

@@ -8,6 +8,7 @@ LoRA weights are fp32 so that small updates are not rounded away.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ def add_lora(transformer, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
     """Freeze `transformer`, add a fresh LoRA adapter (or one initialised from `cfg.init_from`) and return the
     trainable parameters, all fp32."""
     transformer.requires_grad_(False)
+    _check_each_target_matches(transformer, cfg.target_modules)
     try:
         transformer.add_adapter(lora_config(cfg), adapter_name=ADAPTER_NAME)
     except ValueError as e:  # peft: "Target modules ... not found in the base model"
@@ -50,6 +52,20 @@ def add_lora(transformer, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
     if cfg.init_from:
         load_adapter_file(transformer, cfg.init_from)
     return params
+
+
+def _check_each_target_matches(transformer, targets) -> None:
+    """peft refuses a target list only when no name matches, so one typo among good names would silently train the
+    others alone. A name matches a module whose dotted name equals it or ends with it (peft's rule for lists)."""
+    if isinstance(targets, str):  # a preset such as all-linear
+        return
+    names = [name for name, _ in transformer.named_modules() if name]
+    for target in targets:
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            suffixes = {".".join(name.split(".")[-k:]) for name in names for k in (1, 2)}
+            close = difflib.get_close_matches(target, sorted(suffixes), n=3)
+            hint = f" (e.g. {', '.join(map(repr, close))})" if close else ""
+            raise AdapterError(f"lora.targets: {target!r} matches no layer of the transformer{hint}")
 
 
 def get_lora_state(transformer) -> dict[str, torch.Tensor]:

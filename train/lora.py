@@ -174,7 +174,8 @@ class LoRARecipe:
                 micro_losses.append(loss.detach())
                 if not acc.sync_gradients:
                     continue
-                grad_norm = float(acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm))
+                # null max_grad_norm: clip at inf, i.e. only measure (and, under fp16, unscale) the gradients
+                grad_norm = float(acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or math.inf))
                 step_loss = acc.reduce(torch.stack(micro_losses).mean(), "mean").item()
                 micro_losses.clear()
                 # Under fp16 an inf gradient is the loss scaler's business: it skips that step and lowers the scale.
@@ -320,6 +321,7 @@ class LoRARecipe:
 
     def cleanup(self) -> None:
         self.stop.uninstall()
+        self.run_folder.unlock()
         if self.tracker is not None:
             self.tracker.finish()
         cache = self.data.dataset.encoder.cache if hasattr(self, "data") else None

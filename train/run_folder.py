@@ -6,6 +6,7 @@ The per-step loss log lives here too: cut back to the checkpoint on resume, read
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -13,13 +14,16 @@ import time
 import uuid
 from pathlib import Path
 
-from qwen_image_lora.io import atomic_write_text, remove_leftover_temps
+from qwen_image_lora.config import ConfigError
+from qwen_image_lora.io import (WriteError, atomic_write_text, describe_write_error, remove_leftover_temps,
+                                writing_to)  # fmt: skip
 from qwen_image_lora.train.adapter import WEIGHTS_NAME
 from qwen_image_lora.train.checkpoint import Checkpointer
 
 logger = logging.getLogger(__name__)
 
 RUN_NAME = "run.json"  # {"run_id", "started"}
+LOCK_NAME = ".lock"  # flock-ed by the live trainer (its pid inside); the kernel drops it when the process ends
 LOSSES_NAME = "losses.jsonl"  # one {"step", "loss", "lr", "grad_norm"} per optimizer step
 # Files written through `atomic_path` in the folder, whose temps a killed write may leave (`.NAME.XXXX`).
 _ATOMIC_FILES = (RUN_NAME, LOSSES_NAME, "config.yaml", "training_metadata.json", "README.md", "adapter")
@@ -38,6 +42,34 @@ class RunFolder:
         """`keep`: a folder inside `path` that is not the run's (the shared data cache): never moved aside."""
         self.path = Path(path)
         self.keep = Path(keep).resolve() if keep else None
+        self._lock = None
+
+    def lock(self) -> None:
+        """Hold the folder for this process: a second trainer (a --resume or --overwrite while this run lives) is
+        refused instead of interleaving its checkpoints and losses with ours. Released by `unlock` or at exit."""
+        with writing_to(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK_NAME, "a+")  # noqa: SIM115 (held until `unlock`)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            pid = handle.read().strip() or "?"
+            handle.close()
+            raise RunFolderInUse(
+                f"output_dir {self.path} is in use by a live trainer (pid {pid}); wait for it to end, or stop it "
+                f"(kill -TERM {pid} saves a checkpoint) and then add --resume latest"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def owner(self) -> str | None:
         """The id of the run that owns this folder, None when none has claimed it."""
@@ -82,7 +114,7 @@ class RunFolder:
         aside = self._aside_path()
         aside.mkdir(parents=True)
         for entry in sorted(self.path.iterdir()):
-            if self.keep is None or entry.resolve() != self.keep:
+            if entry.name != LOCK_NAME and (self.keep is None or entry.resolve() != self.keep):
                 os.replace(entry, aside / entry.name)
         logger.warning("--overwrite: moved the previous run in %s to %s", self.path, aside)
         return aside
@@ -90,6 +122,13 @@ class RunFolder:
     def open(self, resume: str | None, overwrite: bool, checkpointer: Checkpointer) -> tuple[Path | None, str]:
         """Main process, before any weights load: tidy the folder, pick the checkpoint to resume (with `latest`, only
         this folder's run's), and record which run owns the folder. Returns (checkpoint or None, run id)."""
+        try:
+            return self._open(resume, overwrite, checkpointer)
+        except WriteError as e:  # read-only, not writable, a file in the way: name it before any weights load
+            raise ConfigError(f"output_dir: {describe_write_error(e, e.filename)}") from e
+
+    def _open(self, resume: str | None, overwrite: bool, checkpointer: Checkpointer) -> tuple[Path | None, str]:
+        self.lock()
         self.remove_leftovers()
         if resume:
             owner = self.owner()

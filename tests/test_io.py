@@ -1,0 +1,91 @@
+"""Atomic writes (`qwen_image_lora/io.py`): the files they leave follow the umask whoever wrote the temp, and a write
+that cannot happen (read-only, no permission, a file where a folder should be, a full disk) is one line naming the
+path and what to do next."""
+
+import errno
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from qwen_image_lora.io import WriteError, atomic_dir, atomic_path, atomic_write_text, describe_write_error
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_file_the_writer_replaced_still_gets_the_umask(tmp_path, umask):
+    """safetensors replaces the temp file with its own (0600) one: adapters, ComfyUI files, cache shards and
+    checkpoint adapters were 0600 under umask 022."""
+    old = os.umask(umask)
+    try:
+        with atomic_path(tmp_path / "a.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp))
+        with atomic_dir(tmp_path / "checkpoint") as tmp:
+            (tmp / "adapter").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "adapter" / "a.safetensors"))
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a.safetensors", tmp_path / "checkpoint" / "adapter" / "a.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    for path in (tmp_path / "checkpoint", tmp_path / "checkpoint" / "adapter"):
+        assert path.stat().st_mode & 0o777 == 0o777 & ~umask, path
+
+
+@pytest.mark.parametrize("code, reason", [
+    (errno.EROFS, "read-only"),
+    (errno.EACCES, "permission"),
+    (errno.EPERM, "not permitted"),
+    (errno.ENOSPC, "the disk is full"),
+])  # fmt: skip
+def test_a_failed_write_is_described_with_the_path_and_the_next_step(code, reason):
+    wrapped = RuntimeError("safetensors: I/O error")  # a library that wraps the OSError keeps it in the chain
+    wrapped.__cause__ = OSError(code, os.strerror(code))
+    for error in (OSError(code, os.strerror(code)), wrapped):
+        message = describe_write_error(error, "/runs/brand")
+        assert message.startswith("could not write /runs/brand: ") and reason in message, message
+        assert "choose" in message and "OSError" not in message, message
+
+
+def test_a_file_where_the_folder_should_be_is_a_write_error_naming_the_destination(tmp_path):
+    (tmp_path / "cache").write_text("not a folder")
+    target = tmp_path / "cache" / "sub" / "doctor.json"
+    with pytest.raises(WriteError) as e:
+        atomic_write_text(target, "{}")
+    assert isinstance(e.value, OSError) and e.value.filename == str(target)
+    message = describe_write_error(e.value, e.value.filename)
+    assert str(target) in message and "not a folder" in message and "choose" in message, message
+    with pytest.raises(WriteError), atomic_dir(tmp_path / "cache" / "checkpoint"):
+        pass
+
+
+def test_doctor_with_an_unwritable_cache_dir_is_one_error_line_and_exit_2(tmp_path, tiny_model_dir, capsys):
+    from qwen_image_lora.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (96, 96), (40 * i, 90, 160)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text("a bottle")
+    (tmp_path / "blocked").write_text("a file where data.cache_dir's parent folder should be")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{pretrained: {tiny_model_dir}}}\ndata: {{path: {images}, cache_dir: {tmp_path / 'blocked' / 'cache'}}}\n")
+    assert main(["data", "doctor", str(cfg)]) == 2  # was an OSError traceback naming '.doctor.json.XXXX.json' (rc 1)
+    err = capsys.readouterr().err.strip().splitlines()
+    target = tmp_path / "blocked" / "cache" / "doctor.json"
+    assert err == [f"error: could not write {target}: a part of that path is a file, not a folder; choose a folder path and retry"]
+
+
+def test_a_read_only_file_system_is_named_by_the_cli(tmp_path, capsys, monkeypatch):
+    """EROFS as the kernel gives it from a plain write (`data prepare`'s shard folder mkdir); a real read-only mount
+    needs root, so one of our own commands stands in for the writer."""
+    from qwen_image_lora import cli
+
+    def read_only(args):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "cache" / "shards"))
+
+    monkeypatch.setattr(cli, "_make_sample_data", read_only)
+    assert cli.main(["make-sample-data", str(tmp_path)]) == 2  # was a traceback, rc 1
+    assert capsys.readouterr().err.strip() == (f"error: could not write {tmp_path / 'cache' / 'shards'}: the file system "
+                                               "is read-only; choose a writable folder for it, or fix that folder's "
+                                               "permissions, and retry")  # fmt: skip
