@@ -20,12 +20,14 @@ from typing import Iterator
 _NO_SPACE = {
     errno.ENOSPC: "the disk is full (no space left on device)",
     errno.EDQUOT: "the disk quota is exceeded",
-    errno.EFBIG: "the file size limit is exceeded",
+    errno.EFBIG: "the file is larger than this process (ulimit -f) or file system allows",
 }
 _FREE_SPACE = "free space on that device (or choose another output_dir) and retry"
+_NEXT_STEP = {errno.EDQUOT: "free space within your quota (or choose another output_dir) and retry",
+              errno.EFBIG: "raise `ulimit -f`, or choose an output_dir on a file system that takes larger files"}
 _WRITABLE = "choose a writable folder for it, or fix that folder's permissions, and retry"
 _WRITE_ERRORS = {
-    **{code: (reason, _FREE_SPACE) for code, reason in _NO_SPACE.items()},
+    **{code: (reason, _NEXT_STEP.get(code, _FREE_SPACE)) for code, reason in _NO_SPACE.items()},
     errno.EROFS: ("the file system is read-only", _WRITABLE),
     errno.EACCES: ("permission denied", _WRITABLE),
     errno.EPERM: ("the operation is not permitted", _WRITABLE),
@@ -173,6 +175,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    row = {}
+    for key, value in pairs:
+        if key in row:
+            raise _DuplicateKey(key)
+        row[key] = value
+    return row
+
+
 def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[str, dict]]:
     """(`file:line`, object) for each non-blank line; a bad line raises `error` naming it."""
     path = Path(path)
@@ -181,9 +196,11 @@ def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> 
             continue
         where = f"{path}:{lineno}"
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise error(f"{where}: not valid JSON ({e.msg})") from None
+        except _DuplicateKey as e:
+            raise error(f"{where}: {e.args[0]!r} given twice; JSON keeps only the last, so keep one") from None
         if not isinstance(row, dict):
             raise error(f"{where}: each line must be a JSON object")
         yield where, row

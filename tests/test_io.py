@@ -4,6 +4,7 @@ path and what to do next."""
 
 import errno
 import os
+import re
 
 import pytest
 import torch
@@ -37,6 +38,7 @@ def test_a_file_the_writer_replaced_still_gets_the_umask(tmp_path, umask):
     (errno.EACCES, "permission"),
     (errno.EPERM, "not permitted"),
     (errno.ENOSPC, "the disk is full"),
+    (errno.EFBIG, "ulimit -f"),  # the process's file size limit, or the file system's: not free space
 ])  # fmt: skip
 def test_a_failed_write_is_described_with_the_path_and_the_next_step(code, reason):
     wrapped = RuntimeError("safetensors: I/O error")  # a library that wraps the OSError keeps it in the chain
@@ -45,6 +47,7 @@ def test_a_failed_write_is_described_with_the_path_and_the_next_step(code, reaso
         message = describe_write_error(error, "/runs/brand")
         assert message.startswith("could not write /runs/brand: ") and reason in message, message
         assert "choose" in message and "OSError" not in message, message
+        assert ("free space" in message) == (code == errno.ENOSPC), message
 
 
 def test_a_file_where_the_folder_should_be_is_a_write_error_naming_the_destination(tmp_path):
@@ -89,3 +92,14 @@ def test_a_read_only_file_system_is_named_by_the_cli(tmp_path, capsys, monkeypat
     assert capsys.readouterr().err.strip() == (f"error: could not write {tmp_path / 'cache' / 'shards'}: the file system "
                                                "is read-only; choose a writable folder for it, or fix that folder's "
                                                "permissions, and retry")  # fmt: skip
+
+
+def test_a_jsonl_key_given_twice_is_refused_naming_the_line(tmp_path):
+    from qwen_image_lora.io import iter_jsonl
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "a", "seed": 1}\n\n{"prompt": "b", "seed": 1, "seed": 2}\n')
+    rows = iter_jsonl(jobs)
+    assert next(rows) == (f"{jobs}:1", {"prompt": "a", "seed": 1})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(jobs))}:3: 'seed' given twice; JSON keeps only the last"):
+        next(rows)
