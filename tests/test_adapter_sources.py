@@ -74,7 +74,7 @@ def test_offline_a_repo_to_list_is_an_error_naming_the_adapter(monkeypatch, tmp_
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(AdapterError, match="^someone/their-lora: not in the hub cache, and HF_HUB_OFFLINE is set; unset"):
+    with pytest.raises(AdapterError, match="^someone/their-lora: not in the hub cache, and HF_HUB_OFFLINE is set; unset it to download the adapter, or give the path of a local .safetensors file$"):
         resolve_file("someone/their-lora")
 
 
