@@ -157,7 +157,9 @@ def _row_to_item(row: dict, base: Path, where: str, item_id: str) -> Item:
             mask=(base / row["mask"]).resolve() if row.get("mask") else None,
         )
     if "image" not in row:
-        raise DataError(f"{where}: t2i rows need 'image' (and 'caption'); edit rows need target, instruction, sources")
+        has = ", ".join(map(repr, row)) or "nothing"
+        raise DataError(f"{where}: t2i rows need 'image' (and 'caption'); this row has {has}; edit rows need target, "
+                        "instruction, sources")  # fmt: skip
     return Item(id=item_id, target=(base / row["image"]).resolve(), captions=_as_captions(row.get("caption"), where, "caption"))
 
 

@@ -149,7 +149,7 @@ def _load(args, device=None):
 
 
 def _generate(args) -> int:
-    from qwen_image_lora.inference.generator import GenerationRequest
+    from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects
     from qwen_image_lora.inference.images import format_for, load_image, save_image
 
     format_for(args.output)  # a bad extension fails before the model loads
@@ -168,7 +168,8 @@ def _generate(args) -> int:
         mask=mask,
         mask_feather=getattr(args, "mask_feather", 8),
     )
-    request.validate(args.command)  # bad sizes or steps fail before the model loads
+    request.validate(args.command)  # bad sizes, steps or input aspects fail before the model loads
+    check_input_aspects(images, _model_source(args).data.resolution)
     generator, request.adapters, _ = _load(args)
     image = generator.generate(request)
     print(save_image(image, args.output, args.quality))

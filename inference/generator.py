@@ -30,6 +30,18 @@ def size_for_aspect(aspect_ratio: str, resolution: int = 1024) -> tuple[int, int
     return qmodel.fit_size(a, b, resolution)
 
 
+def check_input_aspects(images: list[Image.Image], resolution: int) -> None:
+    """The pipeline resizes each input image by the sizing rule; one too elongated would get a side of 0 px.
+    Needs no model, so the CLI checks it before loading one."""
+    limit = qmodel.max_aspect(resolution)
+    for i, image in enumerate(images, 1):
+        w, h = image.size
+        if max(w, h) >= limit * min(w, h):
+            raise ValueError(f"images: image {i} is {w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1); at resolution "
+                             f"{resolution} the model takes aspect ratios under {limit:g}:1; crop or pad it closer "
+                             "to square")  # fmt: skip
+
+
 @dataclass
 class GenerationRequest(SamplingConfig):
     """One generation: a prompt, its inputs, and the sampling settings (the `SamplingConfig` fields, keyword-only)."""
@@ -113,13 +125,7 @@ class Generator:
                     raise ValueError(f"{name}: {n} tokens with the model's tokenizer; the limit is {MAX_PROMPT_TOKENS}")
         if len(request.images) > MAX_INPUT_IMAGES:
             raise ValueError(f"images: give 1 to {MAX_INPUT_IMAGES} input images (got {len(request.images)})")
-        limit = qmodel.max_aspect(self.resolution)
-        for i, image in enumerate(request.images, 1):  # the pipeline resizes each one by the sizing rule
-            w, h = image.size
-            if max(w, h) >= limit * min(w, h):
-                raise ValueError(f"images: image {i} is {w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1); at resolution "
-                                 f"{self.resolution} the model takes aspect ratios under {limit:g}:1; crop or pad it "
-                                 "closer to square")  # fmt: skip
+        check_input_aspects(request.images, self.resolution)
         self._size(request)
         return self._mask(request)
 

@@ -169,6 +169,10 @@ def test_cli_validate_checks_that_the_data_source_parses(tmp_path, capsys, tiny_
     argv = ["validate", "configs/demo.yaml", f"model.pretrained={tiny_model_dir}", f"data.path={manifest}"]
     assert main(argv) == 2
     assert "m.jsonl:2: t2i rows need 'image'" in capsys.readouterr().err
+    csv = tmp_path / "m.csv"  # another tool's column names: the error shows the row's own, so the fix is plain
+    csv.write_text("file,text\na.png,x\n")
+    assert main([*argv[:-1], f"data.path={csv}"]) == 2
+    assert "m.csv:2: t2i rows need 'image' (and 'caption'); this row has 'file', 'text'" in capsys.readouterr().err
 
 
 def test_a_missing_local_model_fails_before_loading_naming_the_path(tmp_path, monkeypatch):

@@ -47,8 +47,12 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x", "--output", str(tmp_path / "o.gif")]) == 2
     assert "use .png, .jpg/.jpeg or .webp" in capsys.readouterr().err
     base = ["--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o.png")]
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (400, 20)).save(strip)
     for argv, message in ((["generate", "--prompt", "x", "--width", "100"], "generate.width: must be a positive multiple of 32"),
-                          (["generate", "--prompt", "x", "--steps", "0"], "generate.num_inference_steps: must be >= 1")):
+                          (["generate", "--prompt", "x", "--steps", "0"], "generate.num_inference_steps: must be >= 1"),
+                          (["edit", "--prompt", "x", "--image", str(strip), "data.resolution=64"],
+                           "images: image 1 is 400x20 (aspect 20.0:1); at resolution 64 the model takes aspect ratios under 16:1")):
         assert main([*argv, *base]) == 2
         assert message in capsys.readouterr().err  # not the missing model: the settings are checked first
 
