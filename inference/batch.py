@@ -150,7 +150,8 @@ def run_batch(
             if out.exists() and job.id not in recorded:  # stopped between writing the image and the manifest line
                 entry = _entry(generator, job, base_seed, default_loras, extra)
                 _append(output_dir / MANIFEST, entry | {"settings": settings, "recovered": True})
-            if out.exists() and (job.id not in recorded or _is_done(job, output_dir, recorded, settings)):
+                recorded[job.id] = settings
+            if _is_done(job, output_dir, recorded, settings):
                 result.skipped.append(job.id)
                 bar.update()
                 continue

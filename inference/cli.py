@@ -130,13 +130,12 @@ def _model_source(args):
     return cfg
 
 
-def _load(args, device=None):
-    """The base model once, then each --lora; returns (generator, {adapter name: weight})."""
+def _load(args, cfg, device=None):
+    """The base model of `cfg` (`_model_source`) once, then each --lora; returns (generator, {adapter name: weight})."""
     from qwen_image_lora.adapter_format import check_source
     from qwen_image_lora.inference.adapters import parse_lora_arg
     from qwen_image_lora.inference.generator import Generator
 
-    cfg = _model_source(args)
     for item in args.lora:  # a mistyped path fails now, not after loading the model
         check_source(parse_lora_arg(item)[0])
     generator = Generator.from_config(cfg.model, device, resolution=cfg.data.resolution)
@@ -145,7 +144,7 @@ def _load(args, device=None):
         path, weight = parse_lora_arg(item)
         name = generator.adapters.load(path, weight=weight)
         loras[name] = weight
-    return generator, loras, cfg
+    return generator, loras
 
 
 def _generate(args) -> int:
@@ -169,8 +168,9 @@ def _generate(args) -> int:
         mask_feather=getattr(args, "mask_feather", 8),
     )
     request.validate(args.command)  # bad sizes, steps or input aspects fail before the model loads
-    check_input_aspects(images, _model_source(args).data.resolution)
-    generator, request.adapters, _ = _load(args)
+    cfg = _model_source(args)
+    check_input_aspects(images, cfg.data.resolution)
+    generator, request.adapters = _load(args, cfg)
     image = generator.generate(request)
     print(save_image(image, args.output, args.quality))
     return 0
@@ -186,7 +186,7 @@ def _layers(args) -> int:
         raise ValueError(f"--output {args.output}: use .psd, .ora or .zip")
     image = load_image(args.image)
     mask = args.mask if args.mask == "auto" else load_image(args.mask)
-    generator, loras, _ = _load(args)
+    generator, loras = _load(args, _model_source(args))
     request = GenerationRequest(
         "", images=[image], negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, seed=args.seed, adapters=loras, mask_feather=args.mask_feather,
@@ -217,7 +217,7 @@ def _batch(args) -> int:
               f"jobs are done in {args.output_dir} (see manifest.jsonl); the model was not loaded", file=sys.stderr)
         state.wait_for_everyone()
         return 0
-    generator, loras, cfg = _load(args, device=state.device)
+    generator, loras = _load(args, cfg, device=state.device)
     seconds = generator.warm_up()  # compiled: the jobs' timings and the first outputs do not wait on the compiler
     if seconds:
         print(f"process {state.process_index}: warm-up compiled the transformer in {seconds:.1f} s", file=sys.stderr)

@@ -17,23 +17,21 @@ from typing import Iterator
 
 # errno -> (what went wrong, what to do); libraries that wrap the OSError (torch's zip writer, safetensors) keep the
 # errno in the exception chain or as "(os error N)" in the message.
-_NO_SPACE = {
-    errno.ENOSPC: "the disk is full (no space left on device)",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EFBIG: "the file is larger than this process (ulimit -f) or file system allows",
-}
-_FREE_SPACE = "free space on that device (or choose another output_dir) and retry"
-_NEXT_STEP = {errno.EDQUOT: "free space within your quota (or choose another output_dir) and retry",
-              errno.EFBIG: "raise `ulimit -f`, or choose an output_dir on a file system that takes larger files"}
 _WRITABLE = "choose a writable folder for it, or fix that folder's permissions, and retry"
 _WRITE_ERRORS = {
-    **{code: (reason, _NEXT_STEP.get(code, _FREE_SPACE)) for code, reason in _NO_SPACE.items()},
+    errno.ENOSPC: ("the disk is full (no space left on device)",
+                   "free space on that device (or choose another output_dir) and retry"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota (or choose another output_dir) and retry"),
+    errno.EFBIG: ("the file is larger than this process (ulimit -f) or file system allows",
+                  "raise `ulimit -f`, or choose an output_dir on a file system that takes larger files"),
     errno.EROFS: ("the file system is read-only", _WRITABLE),
     errno.EACCES: ("permission denied", _WRITABLE),
     errno.EPERM: ("the operation is not permitted", _WRITABLE),
     errno.ENOTDIR: ("a part of that path is a file, not a folder", "choose a folder path and retry"),
     errno.EEXIST: ("a file is where its folder should be", "choose a folder path and retry"),
-}
+}  # fmt: skip
+# Only writes raise these, so an error carrying one is a write error wherever it was caught.
+_ONLY_FROM_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 class WriteError(OSError):
@@ -54,12 +52,6 @@ def _errno_in_chain(error: BaseException | None, codes) -> int | None:
     return None
 
 
-def no_space_reason(error: BaseException) -> str | None:
-    """'the disk is full ...' when `error` (or one it was raised from) is an out-of-space write, else None."""
-    code = _errno_in_chain(error, _NO_SPACE)
-    return None if code is None else _NO_SPACE[code]
-
-
 def describe_write_error(error: BaseException, path: str | os.PathLike) -> str:
     """One line for a failed write of `path`: a full disk, a read-only folder, a permission problem or a file in
     the way said plainly with the next step; anything else by its type."""
@@ -75,7 +67,7 @@ def describe_write_error(error: BaseException, path: str | os.PathLike) -> str:
 def is_write_error(error: BaseException) -> bool:
     """True for a write that `describe_write_error` explains: any `WriteError`, and out-of-space or read-only
     errors anywhere (only writes raise those). Permission errors from plain reads are not claimed."""
-    return isinstance(error, WriteError) or _errno_in_chain(error, (*_NO_SPACE, errno.EROFS)) is not None
+    return isinstance(error, WriteError) or _errno_in_chain(error, _ONLY_FROM_WRITES) is not None
 
 
 @contextlib.contextmanager
