@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_image_lora import typed_yaml
+from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.images import format_for, load_image, save_image
@@ -83,11 +84,13 @@ def read_jobs(path: str | Path) -> list[Job]:
     return jobs
 
 
-def file_identity(path: str | Path) -> list | None:
-    """Size and modification time of a local file, or of each file in a local folder; None for anything else."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files] or None
+def adapter_identity(source: str) -> str | list:
+    """A local adapter as its weights file's path, size and modification time (a retrained adapter renders again,
+    a new eval report beside it does not); a hub id as given."""
+    if not Path(source).expanduser().exists():
+        return source
+    file = resolve_file(source)
+    return [str(file), file.stat().st_size, file.stat().st_mtime_ns]
 
 
 def fingerprint(job: Job, base_seed: int, run: dict | None = None) -> str:

@@ -202,7 +202,7 @@ def _batch(args) -> int:
     from accelerate import PartialState
 
     from qwen_image_lora.inference.adapters import parse_lora_arg
-    from qwen_image_lora.inference.batch import file_identity, pending, read_jobs, run_batch
+    from qwen_image_lora.inference.batch import adapter_identity, pending, read_jobs, run_batch
 
     jobs = read_jobs(args.jobs)  # every line checked before loading 7B weights
     # PartialState only sets up a CPU process group (gloo) when told the run is on CPU.
@@ -210,7 +210,7 @@ def _batch(args) -> int:
     state = PartialState(cpu=on_cpu)
     cfg = _model_source(args)
     run = {"model": cfg.model.pretrained, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
-           "resolution": cfg.data.resolution, "loras": [[item, file_identity(parse_lora_arg(item)[0])] for item in args.lora]}  # fmt: skip
+           "resolution": cfg.data.resolution, "loras": [[item, adapter_identity(parse_lora_arg(item)[0])] for item in args.lora]}  # fmt: skip
     share = dict(process_index=state.process_index, num_processes=state.num_processes, base_seed=args.seed, run=run)
     if not pending(jobs, args.output_dir, **share):
         print(f"process {state.process_index}: nothing left to do: all {len(jobs[state.process_index::state.num_processes])} "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -124,6 +125,22 @@ def test_batch_renders_again_a_job_whose_settings_or_input_changed(tiny_model_di
     assert main([*argv, "--seed", "7"]) == 0 and rendered()[5:] == ["000001", "000002"]  # hero has its own seed
     assert main([*argv, "--seed", "7", "data.resolution=128"]) == 0 and rendered()[7:] == ["hero", "000001", "000002"]
     assert main([*argv, "--seed", "7", "data.resolution=128"]) == 0 and len(rendered()) == 10  # nothing changed
+
+
+def test_batch_renders_again_when_the_adapter_file_changes_not_when_its_folder_does(tiny_model_dir, lora_dir, tmp_path):
+    jobs, out, lora = _jobs(tmp_path, n=1), tmp_path / "out", shutil.copytree(lora_dir, tmp_path / "lora")
+    argv = ["batch", str(jobs), "--output-dir", str(out), "--model", str(tiny_model_dir), *TINY, "--no-progress",
+            "--lora", str(lora)]
+
+    def rendered() -> int:
+        return len((out / "manifest.jsonl").read_text().splitlines())
+
+    assert main(argv) == 0 and rendered() == 1
+    (lora / "eval-notes.txt").write_text("a report written beside the adapter")
+    assert main(argv) == 0 and rendered() == 1
+    weights = next(lora.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # retrained, in place
+    assert main(argv) == 0 and rendered() == 2
 
 
 def test_batch_job_errors_name_the_line_and_field(tmp_path):
