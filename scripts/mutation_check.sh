@@ -31,7 +31,7 @@ export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM
 # SSIM/PSNR, text and bootstrap maths of metrics.py (not the OCR and CLIP wrappers, whose tests load models).
 METRICS_FNS="to_rgb_array _same_shape hex_to_lab _kmeans dominant_colours palette_distance nearest_palette_distance
   preservation quoted_text edit_distance _squash text_accuracy bootstrap_ci paired_difference_ci"
-MODEL_FNS="image_to_pixels encode_latents pack unpack pad_prompt_embeds split_prompt_embeds predict_velocity"
+MODEL_FNS="image_to_pixels encode_latents pack unpack pad_prompt_embeds split_prompt_embeds predict_velocity max_aspect"
 declare -A MODULES=(
   [objective]="qwen_image_lora/train/objective.py|tests/test_train_objective.py||not lower_the_loss"
   [optim]="qwen_image_lora/train/optim.py|tests/test_train_optim.py|*ǁLoRAEMAǁ* *.x_build_optimizer__mutmut_* *.x__fusable__mutmut_*|"
@@ -39,7 +39,7 @@ declare -A MODULES=(
   [metrics]="qwen_image_lora/eval/metrics.py|tests/test_eval_metrics_reference.py tests/test_eval_metrics.py|$(printf '*.x_%s__mutmut_* ' $METRICS_FNS)|not ocr and not clip and not alignment"
   [buckets]="qwen_image_lora/data/buckets.py|tests/test_data_buckets.py||"
   [urls]="qwen_image_lora/inference/urls.py|tests/test_server.py tests/test_faults_server.py||"
-  [model]="qwen_image_lora/model.py|tests/test_model_packing.py tests/test_model.py|$(printf '*.x_%s__mutmut_* ' $MODEL_FNS)|"
+  [model]="qwen_image_lora/model.py|tests/test_model_packing.py tests/test_model.py tests/test_sizing.py|$(printf '*.x_%s__mutmut_* ' $MODEL_FNS)|"
   [formats]="qwen_image_lora/adapter_format.py|tests/test_adapter_format.py tests/test_adapter_sources.py tests/test_inference_adapters.py||"
   [export]="qwen_image_lora/train/export.py|tests/test_train_adapter.py tests/test_inference_adapters.py||"
   [auth]="qwen_image_lora/inference/guards.py|tests/test_server.py tests/test_faults_server.py|*ǁKeyCheckǁ*|"
