@@ -115,9 +115,11 @@ class Adapters:
             return
         if name not in self.loaded:
             raise AdapterError(f"unknown adapter {name!r}; known adapters: {', '.join(self.loaded) or 'none loaded'}")
-        self.pipe.delete_adapters([name])
         del self.loaded[name]
         self.active.pop(name, None)
+        if self.loaded:  # peft expects the adapter it deletes to be inactive while others remain
+            self.pipe.set_adapters(list(self.loaded), [a.weight for a in self.loaded.values()])
+        self.pipe.delete_adapters([name])
         self._apply(dict(self.active))
 
     def _apply(self, weights: dict[str, float]) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.hub import HubUnavailable, check_hub_repo
 from qwen_image_lora.io import atomic_path
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -138,6 +139,11 @@ def _download(hub_id: str) -> Path:
 
     parts = hub_id.split("/")
     repo, file = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    try:
+        check_hub_repo(repo, field=f"adapter {hub_id}", fix=f"download it first (`hf download {repo}`) or give the "
+                       "path of a local .safetensors file")
+    except HubUnavailable as e:
+        raise AdapterError(str(e)) from None
     try:
         if file is None:
             files = _repo_weight_files(repo)

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from qwen_image_lora.config import ConfigError, load_config
+from qwen_image_lora.config import ConfigError, ModelConfig, load_config
 from qwen_image_lora.io import describe_write_error, is_write_error
 
 DESCRIPTION = """\
@@ -41,7 +41,7 @@ def _validate(args) -> int:
     from qwen_image_lora.model import check_pretrained
 
     cfg = load_config(args.config, args.overrides)
-    check_pretrained(cfg.model.pretrained)
+    check_pretrained(cfg.model.pretrained, cfg.model.revision)
     if cfg.data.path is None:
         data = "data.path not set (needed only for training)"
     else:
@@ -100,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say_default_model(args) -> None:
+    """A command given no config and no model runs the default hub model: say so before it starts (a download of
+    tens of GB, or an error about a model the user never named, should not come as a surprise)."""
+    target = getattr(args, "target", None)  # data doctor takes a config or a bare data folder
+    no_config = getattr(args, "config", "") is None or (target is not None and not target.endswith((".yaml", ".yml")))
+    named = getattr(args, "model", None) or any(o.startswith("model.pretrained=") for o in getattr(args, "overrides", []))
+    if no_config and not named:
+        print(f"note: no config given: using the default model {ModelConfig().pretrained} "
+              "(--config CFG or model.pretrained=DIR picks another)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _say_default_model(args)
     try:
         return args.func(args) or 0
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -24,6 +24,9 @@ import torch
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
+from qwen_image_lora.console import QUIET_LOAD_BYTES, quiet_progress_bars, weights_bytes
+from qwen_image_lora.hub import check_hub_repo
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LATENT_PIXELS = 16  # the VAE compresses 16x spatially
 SIDE_MULTIPLE = 32  # one vision slot = 2x2 latents = 32x32 pixels
@@ -63,19 +66,29 @@ def load_pipeline(
     `Qwen/Qwen-Image-2.1` take the same path. `text_encoder=False` / `vae=False` skip those weights (for
     training from cached latents and embeddings); `transformer=False` skips the 7B denoiser (for encoding only).
     """
-    check_pretrained(pretrained)  # a mistyped folder fails here, before seconds of imports and weight loading
-    from diffusers import (
-        AutoencoderKLQwenImage21,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImage21Pipeline,
-        QwenImage21Transformer2DModel,
-    )
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    check_pretrained(pretrained, revision)  # a mistyped folder fails here, before seconds of imports and weight loading
+    from diffusers import QwenImage21Pipeline
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     source = str(pretrained)
     common = {"revision": revision}
-    components = {
+    size = weights_bytes(source)
+    with quiet_progress_bars(size is not None and size < QUIET_LOAD_BYTES):
+        components = _load_components(source, dtype, common, text_encoder=text_encoder, vae=vae,
+                                      transformer=transformer)
+    pipe = QwenImage21Pipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def _load_components(source: str, dtype: torch.dtype, common: dict, *, text_encoder: bool, vae: bool,
+                     transformer: bool) -> dict:
+    from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    return {
         "transformer": QwenImage21Transformer2DModel.from_pretrained(
             source, subfolder=TRANSFORMER_SUBFOLDER, torch_dtype=dtype, **common
         )
@@ -92,11 +105,6 @@ def load_pipeline(
         if text_encoder
         else None,
     }
-    pipe = QwenImage21Pipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    if device is not None:
-        pipe.to(device)
-    return pipe
 
 
 def load_model(model_cfg, device=None, **components):
@@ -247,10 +255,14 @@ def offload_encoders(pipe, device: torch.device) -> None:
             apply_group_offloading(module, onload_device=device, offload_device="cpu", offload_type="leaf_level")
 
 
-def check_pretrained(pretrained: str | Path) -> None:
-    """Raise FileNotFoundError naming `model.pretrained` when it looks like a local folder but is not a model."""
+def check_pretrained(pretrained: str | Path, revision: str | None = None) -> None:
+    """Raise FileNotFoundError naming `model.pretrained` when it looks like a local folder but is not a model, or is
+    a hub id that is neither cached nor reachable (in seconds, not after minutes of retries)."""
     source = str(pretrained)
     if not _is_local(source):
+        check_hub_repo(source, field="model.pretrained", revision=revision,
+                       fix=f"download it first (`hf download {source}`) or point model.pretrained at a local "
+                           "diffusers-format folder")
         return
     hint = ("point it at a diffusers-format folder (`qwen-lora make-tiny-model DIR` writes a tiny test one) "
             "or a hub id such as Qwen/Qwen-Image-2.1")

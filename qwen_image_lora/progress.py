@@ -12,21 +12,41 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
+import stat
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tqdm.auto import tqdm
 
 INTERVAL_ENV = "QWEN_LORA_PROGRESS_SECONDS"
 DEFAULT_INTERVAL_S = 30.0
 
 
 def progress_bar(total: int, *, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True, position: int = 0):
-    """A tqdm bar when stderr is a terminal, else a `LineProgress`; a disabled one prints nothing."""
-    if enabled and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, position=position, dynamic_ncols=True)
+    """A tqdm bar when stderr reaches a terminal, else a `LineProgress`; a disabled one prints nothing."""
+    if enabled and stderr_reaches_terminal():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, position=position,
+                    ncols=shutil.get_terminal_size().columns)
     return LineProgress(total, desc=desc, unit=unit, initial=initial, enabled=enabled)
+
+
+def stderr_reaches_terminal() -> bool:
+    """stderr is a terminal, or a pipe that our launcher copies byte for byte onto its own terminal stderr:
+    `accelerate launch` (1.16+) tees its child's stderr, so the trainer's own isatty() says no to a user watching
+    a terminal. Asked of the parent's fd 2 (Linux /proc); anywhere else a pipe means periodic lines."""
+    if sys.stderr.isatty():
+        return True
+    try:
+        if not stat.S_ISFIFO(os.fstat(sys.stderr.fileno()).st_mode):
+            return False
+        parent = Path(f"/proc/{os.getppid()}")
+        launched = "accelerate" in (parent / "cmdline").read_bytes().decode(errors="replace")
+        return launched and os.readlink(parent / "fd" / "2").startswith(("/dev/pts/", "/dev/tty"))
+    except (OSError, ValueError):
+        return False
 
 
 def track(items: Iterable, *, desc: str, unit: str = "it", enabled: bool = True) -> Iterator:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_image_lora.console import quiet_progress_bars
 from qwen_image_lora.io import atomic_dir
 
 # Real Qwen special tokens, in the order Qwen2.5/3 tokenizers number them.
@@ -300,5 +301,6 @@ def make_tiny_model(
         components = build_tiny_components(seed, full_transformer, downsampling_vae)
         if full_transformer:
             components["transformer"].to(torch.bfloat16)  # 14 GB on disk instead of 28
-        QwenImage21Pipeline(**components).save_pretrained(tmp)
+        with quiet_progress_bars():
+            QwenImage21Pipeline(**components).save_pretrained(tmp)
     return output_dir

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install (idempotent), then run the whole test suite. Extra arguments go to pytest.
+# Install (idempotent, exactly requirements.lock), then run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+VENV=$(cd "${QWEN_LORA_VENV:-.venv}" && pwd)
 # The venv first on PATH, as after `. .venv/bin/activate` (tests launch `accelerate`, `qwen-lora`).
-export PATH="$PWD/.venv/bin:$PATH"
+export PATH="$VENV/bin:$PATH" QWEN_LORA_VENV="$VENV"
 export WANDB_MODE=${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest "$@"
+exec "$VENV/bin/python" -m pytest "$@"

@@ -8,6 +8,7 @@ import errno
 import ipaddress
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,32 @@ def sample_data_dir(tmp_path_factory):
     from qwen_image_lora.sample_data import make_sample_data
 
     return make_sample_data(tmp_path_factory.mktemp("data") / "sample-data")
+
+
+@pytest.fixture(scope="session")
+def make_adapter():
+    """`make_adapter(model_dir, out, std, seed=0)` writes a rank-4 attention LoRA as `save_adapter` saves it;
+    std = 0 gives lora_B = 0 (a no-op adapter)."""
+    return _make_adapter
+
+
+def _make_adapter(model_dir: Path, out: Path, std: float, seed: int = 0) -> Path:
+    import torch
+    from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = QwenImage21Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(seed)
+    for name, p in transformer.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0.0, std) if std else p.data.zero_()
+    QwenImage21Pipeline.save_lora_weights(
+        str(out), transformer_lora_layers=get_peft_model_state_dict(transformer),
+        weight_name="pytorch_lora_weights.safetensors", safe_serialization=True,
+    )
+    return out
 
 
 @pytest.fixture(scope="session")

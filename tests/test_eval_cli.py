@@ -15,30 +15,10 @@ from qwen_image_lora.config import load_config, save_config
 from qwen_image_lora.eval.evaluator import _adapter_names, check_run_config, evaluate, find_checkpoints
 
 
-def _make_adapter(model_dir: Path, out: Path, std: float, seed: int = 0) -> Path:
-    """A rank-4 attention LoRA saved as `save_adapter` saves it; std = 0 gives lora_B = 0 (a no-op adapter)."""
-    import torch
-    from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    transformer = QwenImage21Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    torch.manual_seed(seed)
-    for name, p in transformer.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0.0, std) if std else p.data.zero_()
-    QwenImage21Pipeline.save_lora_weights(
-        str(out), transformer_lora_layers=get_peft_model_state_dict(transformer),
-        weight_name="pytorch_lora_weights.safetensors", safe_serialization=True,
-    )
-    return out
-
-
 @pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+def adapters(tiny_model_dir, make_adapter, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {"noop": _make_adapter(tiny_model_dir, root / "noop", 0.0), "noisy": _make_adapter(tiny_model_dir, root / "noisy", 0.5)}
+    return {"noop": make_adapter(tiny_model_dir, root / "noop", 0.0), "noisy": make_adapter(tiny_model_dir, root / "noisy", 0.5)}
 
 
 @pytest.fixture

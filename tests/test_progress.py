@@ -4,6 +4,7 @@ training, data prepare and (in their own test modules) batch and eval."""
 from __future__ import annotations
 
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,32 @@ def test_prepare_prints_progress_lines(tiny_pipe, sample_data_dir, tmp_path, cap
     lines = [line for line in capsys.readouterr().err.splitlines() if " prepare " in line]
     assert [line.split()[2] for line in lines] == [f"{i}/{stats.items}" for i in range(1, stats.items + 1)]
 
+
+
+def test_under_accelerate_launch_in_a_terminal_training_draws_a_live_bar(tiny_model_dir, sample_data_dir, tmp_path):
+    """accelerate launch (1.16+) pipes its child's stderr and copies it onto its own: with the launcher on a
+    terminal the trainer draws tqdm's bar (carriage returns), not a line per 30 s."""
+    primary, secondary = pty.openpty()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+           str(ROOT / "train" / "lora.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+           f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={tmp_path}",
+           "train.max_steps=3", "validation.prompts=[]", "validation.edits=[]", "validation.held_out_fraction=0",
+           "checkpoint.every_steps=100", "data.resolution=64"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "100"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=secondary)
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: every writer of the terminal has closed it
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(primary)
+    assert proc.wait(timeout=300) == 0, screen[-3000:]
+    text = screen.decode(errors="replace")
+    assert "\r" in text and "steps: 100%" in text and "3/3" in text, text[-3000:]

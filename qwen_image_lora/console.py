@@ -1,0 +1,70 @@
+"""The console carries our lines and real problems only. Noise we cause is fixed where we cause it; what libraries
+print about choices that are theirs, not the user's, is dropped here by its exact text, never by silencing a whole
+logger or warning category (a real problem from the same library still shows)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+# bitsandbytes (imported by peft whenever it injects LoRA layers, whatever the optimizer) asks `kernels` for a CPU
+# 4-bit kernel from the hub on CPUs with AVX512-BF16; offline, `kernels` logs this line on every command.
+_KERNELS_LOGGER = "kernels._internals.hf_hub"
+_KERNELS_TRUST = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because"
+# diffusers injects each further adapter with peft's `inject_adapter_in_model`, which warns once a model already
+# holds one: several adapters at once is this toolkit's normal case (weighted mixes, eval of checkpoints).
+_PEFT_SECOND_ADAPTER = r"Already found a `peft_config` attribute in the model\. This will lead to having multiple"
+# Weights smaller than this load in well under a second: a progress bar for them is noise.
+QUIET_LOAD_BYTES = 256 * 2**20
+
+
+class _DropExactMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def install_message_filters() -> None:
+    """Drop the library lines above by their exact text. Idempotent."""
+    kernels = logging.getLogger(_KERNELS_LOGGER)
+    if not any(isinstance(f, _DropExactMessage) for f in kernels.filters):
+        kernels.addFilter(_DropExactMessage(_KERNELS_TRUST))
+    warnings.filterwarnings("ignore", message=_PEFT_SECOND_ADAPTER, category=UserWarning, module="peft")
+    # bitsandbytes' own report of the same missing kernel (we never use 4-bit layers).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def weights_bytes(folder: str | Path) -> int | None:
+    """Bytes of the weight files under a local model folder; None for a hub id or a missing folder."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        return None
+    return sum(p.stat().st_size for p in root.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+
+
+@contextlib.contextmanager
+def quiet_progress_bars(quiet: bool = True) -> Iterator[None]:
+    """transformers' and diffusers' own progress bars off (for weights that load or save in milliseconds), restored
+    after."""
+    if not quiet:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            transformers_logging.enable_progress_bar()
+        if was[1]:
+            diffusers_logging.enable_progress_bar()

@@ -1,0 +1,89 @@
+"""The console carries our lines and real problems only, and a model or adapter the hub cannot give fails in seconds
+with one `error:` line. Each check runs a real process, as a user's command would, so no test harness's own
+warning capture can hide a line that comes back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOISE = ("Traceback", "UserWarning", "Skipping publisher", "Already found a", "was active which is now deleted",
+         "true_cfg_scale is passed", "Loading weights", "Writing model shards", "Retry")
+
+# Every noise source above, in one process: build a model, load it, two adapters, a generation with a guidance
+# scale but no negative prompt, the active adapter dropped while another remains, and bitsandbytes' kernel lookup.
+SCRIPT = """
+import logging, sys
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.tiny_model import make_tiny_model
+logging.basicConfig(level=logging.WARNING)
+model = make_tiny_model(sys.argv[1])
+kernels = logging.getLogger("kernels._internals.hf_hub")
+kernels.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging "
+                "Face Hub is in offline mode.")
+kernels.warning("kernels: a real problem still shows")
+import bitsandbytes  # the real lookup, on CPUs where bitsandbytes makes it
+gen = Generator.from_pretrained(model, dtype="float32", device="cpu", resolution=64)
+gen.adapters.load(sys.argv[2], name="a")
+gen.adapters.load(sys.argv[3], name="b")
+gen.adapters.set({"b": 1.0})
+gen.generate(GenerationRequest(prompt="a bottle", guidance_scale=4.0, num_inference_steps=1, width=64, height=64))
+gen.adapters.unload("b")
+print("done", gen.adapters.active)
+"""
+
+
+def _env(tmp_path: Path, **extra) -> dict:
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), **extra}
+    env.pop("PYTHONWARNINGS", None)
+    return env
+
+
+def test_a_session_of_the_python_api_prints_no_library_noise(tmp_path, make_adapter, tiny_model_dir):
+    a, b = make_adapter(tiny_model_dir, tmp_path / "a", 0.1), make_adapter(tiny_model_dir, tmp_path / "b", 0.1, seed=1)
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "model"), str(a), str(b)], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "done {}"
+    assert [n for n in NOISE if n in done.stderr] == [], done.stderr[-3000:]
+    assert "kernels: a real problem still shows" in done.stderr  # filtered by exact text, not the whole logger
+
+
+def _qwen_lora(tmp_path: Path, *args: str, **env) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).parent / "qwen-lora"), *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path, **env), capture_output=True, text=True, timeout=120)
+
+
+# A closed loopback port: the hub refuses at once, as an unreachable one does after its timeout.
+UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+
+
+@pytest.mark.parametrize("env, why", [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+                                      (UNREACHABLE, "could not be reached")], ids=["offline", "unreachable"])
+def test_generate_with_the_default_model_uncached_is_one_error_line(tmp_path, env, why):
+    done = _qwen_lora(tmp_path, "generate", "--prompt", "a bottle", "--output", "g.png", **env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("note: no config given: using the default model Qwen/Qwen-Image-2.1")
+    assert len(lines) == 2 and lines[1].startswith("error: model.pretrained: Qwen/Qwen-Image-2.1 is not in the local")
+    assert why in lines[1] and "hf download Qwen/Qwen-Image-2.1" in lines[1], lines[1]
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_an_uncached_hub_adapter_is_one_error_line_naming_it(tmp_path, tiny_model_dir):
+    done = _qwen_lora(tmp_path, "generate", "--model", str(tiny_model_dir), "--lora", "someone/brand-lora",
+                      "--prompt", "a bottle", "--output", "g.png", **UNREACHABLE)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "someone/brand-lora" in done.stderr and "could not be reached" in done.stderr
+
+
+def test_the_doctor_without_a_reachable_tokenizer_goes_on_and_says_so(tmp_path, sample_data_dir):
+    done = _qwen_lora(tmp_path, "data", "doctor", str(sample_data_dir / "brand"), **UNREACHABLE)
+    assert done.returncode == 0, done.stderr
+    assert "could not load the tokenizer of Qwen/Qwen-Image-2.1" in done.stdout + done.stderr
+    assert [n for n in NOISE if n in done.stderr] == []
