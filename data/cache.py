@@ -63,7 +63,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_image_lora.io import atomic_path, atomic_write_text
+from qwen_image_lora.io import atomic_path, atomic_write_text, writing_to
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ class Cache:
         self._n_shards = 0
         self.written = 0  # entries this object flushed to disk
         if writable:
-            self.shards.mkdir(parents=True, exist_ok=True)
+            with writing_to(self.shards):  # a file in the way or a read-only disk, named
+                self.shards.mkdir(parents=True, exist_ok=True)
         self.refresh()
 
     # ------------------------------------------------------------------ reading

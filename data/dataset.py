@@ -37,6 +37,7 @@ from qwen_image_lora.data.buckets import (
     stable_int,
 )
 from qwen_image_lora.data.sources import DataError, Item, format_caption, load_items, open_image
+from qwen_image_lora.images import identify, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -56,27 +57,19 @@ class Entry:
         return (self.item.kind, self.target.bucket, tuple(s.bucket for s in self.sources))
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, read from the header only."""
-    with Image.open(path) as im:
-        w, h = im.size
-        orientation = im.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
 def plan_entries(items: list[Item], cfg: Config) -> tuple[list[Entry], list[tuple[Item, str]]]:
     """Assign buckets and crops. Items whose images cannot be read are skipped and returned with the reason."""
     d = cfg.data
     entries, skipped = [], []
     for item in items:
         try:
-            size = image_size(item.target)
+            size = identify(item.target, formats=None).size
             bucket = assign_bucket(*size, d.resolution, d.max_upscale)
             seed = stable_int(cfg.train.seed, item.id)
             target = plan_transform(size, bucket, d.crop, seed)
             sources = []
             for src in item.sources:
-                src_size = image_size(src)
+                src_size = identify(src, formats=None).size
                 # Same size as the target: the identical resize and crop, so pixels stay aligned.
                 sources.append(
                     target
@@ -276,7 +269,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         weight = self.cfg.train.mask_loss_weight
         if entry.item.mask is None or weight == 1.0:
             return None
-        mask = entry.target.apply(Image.open(entry.item.mask).convert("L"))  # the doctor checked its aspect
+        # Read as its target is (EXIF orientation included); the doctor checked its aspect.
+        mask = entry.target.apply(read_image(entry.item.mask, max_pixels=None, formats=None).convert("L"))
         changed = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255).view(1, 1, *mask.size[::-1])
         changed = torch.nn.functional.adaptive_avg_pool2d(changed, tuple(grid))
         return (1 + (weight - 1) * changed).view(1, 1, 1, *grid)

@@ -10,7 +10,8 @@ What is checked:
 
     listing     symlink-loop, missing-file (a dangling link), caption-not-utf8, unreadable-caption
     per image   empty-file, unreadable, truncated (a cut JPEG/PNG), huge (over data.max_megapixels, or a
-                decompression bomb), extension-mismatch (a PNG named .jpg that decodes: warning), too-small
+                decompression bomb), extension-mismatch (a PNG named .jpg, a GIF named .png, that decodes: warning
+                naming what it is; training warns too), too-small
                 (a side under data.min_side), extreme-aspect (over data.max_aspect), low-resolution (trains
                 well under the pixel budget because of data.max_upscale: warning)
     captions    missing-caption (none, or only blank lines), caption-too-long (over data.max_caption_tokens
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import logging
 import re
 from collections import Counter, defaultdict
@@ -36,14 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from qwen_image_lora.config import Config
 from qwen_image_lora.data import similarity as sim
 from qwen_image_lora.data.buckets import assign_bucket
 from qwen_image_lora.data.report import Report, past_verdicts, thumbnail
 from qwen_image_lora.data.sources import Item, format_caption, load_items
-from qwen_image_lora.inference.images import to_8bit
+from qwen_image_lora.images import INPUT_FORMATS, ImageInputError, read_with_header
+from qwen_image_lora.model import check_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -88,31 +89,21 @@ def probe_image(path: Path, cfg: Config) -> tuple[ImageInfo, Image.Image | None]
         info.error = ("empty-file", "the file is empty (0 bytes)")
         return info, None
     info.sha256 = hashlib.sha256(data).hexdigest()
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            info.format = im.format
-            w, h = im.size
-            if w * h > d.max_megapixels * 1e6:
-                info.error = ("huge", f"{w}x{h} is {w * h / 1e6:.0f} MP, over data.max_megapixels={d.max_megapixels:g}")
-                return info, None
-            im.load()
-            image = to_8bit(ImageOps.exif_transpose(im))  # as training decodes it (`sources.open_image`)
-    except UnidentifiedImageError:
-        info.error = ("unreadable", "not an image Pillow can decode")
+    try:  # as training reads it (`sources.open_image`): the one reader
+        header, image = read_with_header(data, max_pixels=int(d.max_megapixels * 1e6), formats=None)
+    except ImageInputError as e:
+        limit = f" (data.max_megapixels={d.max_megapixels:g})" if e.code == "huge" else ""
+        info.error = (e.code, f"{e}{limit}")
         return info, None
-    except Image.DecompressionBombError as e:
-        info.error = ("huge", f"a decompression bomb: {e}")
-        return info, None
-    except (OSError, SyntaxError, ValueError) as e:
-        code = "truncated" if "truncat" in str(e).lower() or "broken data stream" in str(e).lower() else "corrupt"
-        info.error = (code, f"decoding failed: {e}")
-        return info, None
+    info.format = header.format
     expected = EXPECTED_FORMATS.get(path.suffix.lower())
     if expected and info.format != expected:
-        info.warnings.append(("extension-mismatch", f"a {info.format} file named {path.suffix}; it decodes, so it is kept"))
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    image = image.convert("RGBA") if has_alpha else image.convert("RGB")
-    if has_alpha and d.alpha == "composite":
+        what = f"a {info.format} file named {path.suffix}"
+        if info.format not in INPUT_FORMATS:  # a GIF named .png: say what training will see of it
+            frames = f"; {header.frames} frames, only the first trains" if header.frames > 1 else ""
+            what += f" (not JPEG, PNG or WebP{frames})"
+        info.warnings.append(("extension-mismatch", f"{what}; it decodes, so it is kept"))
+    if image.mode == "RGBA" and d.alpha == "composite":
         flat = Image.new("RGB", image.size, d.background)
         flat.paste(image, mask=image.getchannel("A"))
         image = flat
@@ -214,7 +205,8 @@ def _check_captions(item: Item, cfg: Config, tokenizer, report: Report) -> None:
 def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item], list[tuple[Item, str]]]:
     """(items to train on, skipped items with the reason). The last doctor run's verdicts hold for the items it
     judged in their current state; every other item gets the doctor's per-item checks here, and each one with
-    an error is skipped with one warning naming it and why."""
+    an error is skipped with one warning naming it and why; one whose content its extension misnames (a GIF named
+    .png) is kept with a warning saying what it is."""
     judged, excluded = past_verdicts(cfg.data.cache_dir, cfg.data.path)
     keep, skipped, by_doctor = [], [], []
     report = Report(str(cfg.data.path), 0)
@@ -231,6 +223,9 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
                 logger.warning("skipping %s: %s", item.id, reason)
                 skipped.append((item, reason))
                 continue
+            for f in report.findings:  # kept, as the doctor keeps it, but not trained on silently
+                if f.item == item.id and f.code == "extension-mismatch":
+                    logger.warning("training %s, %s", item.id, f.message)
         keep.append(item)
     if by_doctor:  # the doctor already printed these; one line here
         logger.info("%d items left out as the data doctor excluded them (e.g. %s); see %s/doctor.json",
@@ -247,6 +242,7 @@ def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     try:
+        check_pretrained(cfg.model.pretrained, cfg.model.revision)  # seconds, not a minute of hub retries
         return AutoTokenizer.from_pretrained(cfg.model.pretrained, subfolder="processor", revision=cfg.model.revision)
     except Exception:  # noqa: BLE001 - offline, gated, or a layout without processor/: report and go on
         return None

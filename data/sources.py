@@ -20,9 +20,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from qwen_image_lora.config import DataConfig
+from qwen_image_lora.images import read_image
 from qwen_image_lora.io import iter_jsonl
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -257,18 +258,11 @@ def _hf_image_path(value, base: Path, store: Path, where: str) -> Path:
 
 
 def open_image(path: Path, alpha: str = "composite", background: str = "#ffffff") -> Image.Image:
-    """Decode with EXIF orientation applied, 16-bit greyscale scaled to 8 bits; alpha composited on `background` or
-    kept (RGBA)."""
-    from qwen_image_lora.inference.images import to_8bit  # the one rule, shared with inference inputs
-
-    with Image.open(path) as im:
-        im = to_8bit(ImageOps.exif_transpose(im))
-        im.load()
-    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-    if not has_alpha:
-        return im.convert("RGB")
-    im = im.convert("RGBA")
-    if alpha == "keep":
+    """The training image at `path` through the one reader (`qwen_image_lora.images`: EXIF orientation, 16-bit
+    greyscale scaled to 8 bits); alpha composited on `background` or kept (RGBA). Any format PIL reads, and no pixel
+    limit of its own: the doctor screens items (`data.max_megapixels`, a GIF named .png) before training reads them."""
+    im = read_image(path, max_pixels=None, formats=None)
+    if im.mode != "RGBA" or alpha == "keep":
         return im
     flat = Image.new("RGB", im.size, background)
     flat.paste(im, mask=im.getchannel("A"))

@@ -3,7 +3,7 @@
     evaluate(cfg, adapters, checkpoints_dir) -> (report.html, report.json)
 
 Every image comes from `inference.generator.Generator`, the one sampling path, with the same seeds for every
-variant, so base and adapter images are paired and their differences get paired bootstrap intervals.
+variant, so base and adapter images are paired and their differences get paired Student-t intervals.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, EditExample, to_dict
 from qwen_image_lora.eval import metrics as M
 from qwen_image_lora.eval.report import BASE, CheckpointScore, Sample, log_to_wandb, summarise, verdicts, write_report
+from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.adapters import adapter_name_for
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
@@ -73,9 +74,9 @@ def evaluate(
         best = min(checkpoints, key=lambda c: c.loss)
         notes.append(f"Best checkpoint by held-out loss: {best.name} (step {best.step}, loss {best.loss:.5g}).")
     paths = write_report(cfg.eval.output_dir, samples, notes=notes, checkpoints=checkpoints, config=to_dict(cfg),
-                         seed=cfg.train.seed, not_measured=not_measured)
+                         not_measured=not_measured)
     if cfg.tracking.backend == "wandb":
-        summary = summarise(samples, [BASE, *names], seed=cfg.train.seed)
+        summary = summarise(samples, [BASE, *names])
         log_to_wandb(cfg.tracking.project, cfg.tracking.run_name, cfg.eval.output_dir, samples, summary,
                      verdicts(summary, not_measured))
     return paths
@@ -110,17 +111,16 @@ def _adapter_names(adapters) -> dict[str, Path]:
     return names
 
 
-def _open(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
+def edit_sources(edit: EditExample) -> list[Image.Image]:
+    """An edit's input images, read as `qwen-lora edit` and validation read them (EXIF orientation included)."""
+    return [load_image(p) for p in edit.images]
 
 
 def _render(generator: Generator, cfg: Config, jobs: list[_Job], names: list[str]) -> list[Sample]:
     """All jobs for base, then for each adapter (one adapter switch per variant, not per image)."""
     e = cfg.eval
     samples = [Sample(j.kind, j.prompt, j.seed, images={}) for j in jobs]
-    sources = {id(j.edit): [_open(p) for p in j.edit.images] for j in jobs if j.edit is not None}
+    sources = {id(j.edit): edit_sources(j.edit) for j in jobs if j.edit is not None}
     bar = progress_bar(len(jobs) * (1 + len(names)), desc="eval images", unit="img")
     for variant in [BASE, *names]:
         for job, sample in zip(jobs, samples):
@@ -196,14 +196,14 @@ def _clip(cfg: Config, notes: list[str], device: str):
     paths = sorted(p for p in Path(e.reference_images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"eval.reference_images: no images in {e.reference_images}")
-    return scorer, scorer.embed_images([_open(str(p)) for p in paths])
+    return scorer, scorer.embed_images([load_image(p) for p in paths])
 
 
 def _mask(edit: EditExample, source: Image.Image) -> Image.Image | None:
     """The edit's region mask (white = may change) at the source's size, or None."""
     if edit.mask is None:
         return None
-    mask = _open(edit.mask).convert("L")
+    mask = load_image(edit.mask).convert("L")
     return mask if mask.size == source.size else mask.resize(source.size, Image.Resampling.NEAREST)
 
 

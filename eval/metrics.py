@@ -1,7 +1,7 @@
 """Image metrics for base-vs-adapter evaluation: pure functions on RGB images, no diffusion model involved.
 
 Images are PIL images or uint8 arrays of shape (H, W, 3). Every function is deterministic for a given input
-(k-means and the bootstrap take a seed), so two evaluation runs over the same images give the same numbers.
+(k-means takes a seed), so two evaluation runs over the same images give the same numbers.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+from scipy import stats
 
 if TYPE_CHECKING:
     import torch
 
 Picture = Image.Image | np.ndarray
 
-# PSNR of identical images is infinite; capping keeps means and bootstrap intervals finite. 100 dB is an MSE of
+# PSNR of identical images is infinite; capping keeps means and intervals finite. 100 dB is an MSE of
 # 6.5e-6 on the 0..255 scale, far below one quantisation step, so no real difference is ever clipped.
 PSNR_CAP_DB = 100.0
 
@@ -351,7 +352,7 @@ class ClipScorer:
 
 @dataclass(frozen=True)
 class Interval:
-    """A mean with its percentile-bootstrap confidence interval; n = the number of finite values used."""
+    """A mean with its Student-t confidence interval; n = the number of finite values used."""
 
     mean: float
     low: float
@@ -359,23 +360,28 @@ class Interval:
     n: int
 
 
-def bootstrap_ci(values, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> Interval:
-    """Percentile bootstrap interval of the mean of `values` (1-D). NaNs (unscored items) are dropped."""
+def mean_ci(values, confidence: float = 0.95) -> Interval:
+    """Student-t interval of the mean of `values` (1-D); NaNs (unscored items) are dropped. Its coverage holds at
+    small n (exact for normal values), where a percentile bootstrap's does not: at n = 4 that covers about 80% for
+    a stated 95%. One value has no interval (NaN bounds)."""
     x = np.asarray(values, dtype=np.float64).ravel()
     x = x[np.isfinite(x)]
     if len(x) == 0:
         return Interval(math.nan, math.nan, math.nan, 0)
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_resamples, len(x)))].mean(1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return Interval(float(x.mean()), float(low), float(high), len(x))
+    mean = float(x.mean())
+    if len(x) == 1:
+        return Interval(mean, math.nan, math.nan, 1)
+    sem = float(stats.sem(x))
+    if sem == 0:  # every value equal: the mean is known exactly
+        return Interval(mean, mean, mean, len(x))
+    low, high = stats.t.interval(confidence, len(x) - 1, loc=mean, scale=sem)
+    return Interval(mean, float(low), float(high), len(x))
 
 
-def paired_difference_ci(a, b, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> Interval:
-    """Bootstrap interval of mean(a - b) over paired items (same prompt and seed); resampling pairs keeps
-    the per-item correlation, which makes the interval much tighter than comparing two separate intervals."""
+def paired_difference_ci(a, b, confidence: float = 0.95) -> Interval:
+    """Interval of mean(a - b) over paired items (same prompt and seed): the per-item differences carry the
+    pairing, which makes the interval much tighter than comparing two separate intervals."""
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     if a.shape != b.shape:
         raise ValueError(f"paired_difference_ci: {len(a)} and {len(b)} values are not paired")
-    return bootstrap_ci(a - b, confidence, n_resamples, seed)
+    return mean_ci(a - b, confidence)

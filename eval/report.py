@@ -2,7 +2,7 @@
 number, both written atomically so a reader never sees half a report.
 
 The input is a list of `Sample`s: one prompt (or edit) at one seed, rendered by the base model and by each
-adapter with the same seed, with per-variant metric values. Summaries are means with bootstrap 95% intervals;
+adapter with the same seed, with per-variant metric values. Summaries are means with Student-t 95% intervals;
 adapter deltas use the paired interval, since every adapter image has a base image at the same prompt and seed.
 Every output (HTML, JSON, the CLI summary, W&B) opens with `verdicts`: per adapter, each metric better, worse or
 not clearly different from base by that interval, and what was not measured and why.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFilter
 
-from qwen_image_lora.eval.metrics import Interval, bootstrap_ci, paired_difference_ci
+from qwen_image_lora.eval.metrics import Interval, mean_ci, paired_difference_ci
 from qwen_image_lora.io import atomic_write_text
 
 BASE = "base"
@@ -47,7 +47,10 @@ METRICS: dict[str, MetricInfo] = {
     "shift_px": MetricInfo("Edit shift", False, "px", short="edit shift"),
     "scale_error": MetricInfo("Edit zoom |scale - 1|", False, short="edit zoom"),
 }
-BETTER, WORSE, UNCLEAR = "better", "worse", "no clear difference"
+BETTER, WORSE, UNCLEAR, TOO_FEW = "better", "worse", "no clear difference", "too few samples"
+# Paired samples a metric needs before a verdict says better or worse: below it even a valid interval is too wide
+# to mean much, and one or two lucky seeds decide.
+MIN_PAIRS = 6
 
 
 @dataclass
@@ -73,7 +76,7 @@ class CheckpointScore:
 # ----------------------------------------------------------------------------------------- numbers
 
 
-def summarise(samples: list[Sample], variants: list[str], seed: int = 0) -> dict:
+def summarise(samples: list[Sample], variants: list[str]) -> dict:
     """Per metric: each variant's mean and CI, and each adapter's paired delta vs base.
 
     Returns {metric: {"variants": {variant: Interval-dict}, "delta": {adapter: Interval-dict}}}.
@@ -83,20 +86,22 @@ def summarise(samples: list[Sample], variants: list[str], seed: int = 0) -> dict
         series = {v: [s.metrics.get(v, {}).get(name, math.nan) for s in samples] for v in variants}
         if not any(math.isfinite(x) for xs in series.values() for x in xs):
             continue
-        entry = {"variants": {v: _interval(bootstrap_ci(xs, seed=seed)) for v, xs in series.items()}, "delta": {}}
+        entry = {"variants": {v: _interval(mean_ci(xs)) for v, xs in series.items()}, "delta": {}}
         if BASE in series:
             for v in variants:
                 if v != BASE:
-                    entry["delta"][v] = _interval(paired_difference_ci(series[v], series[BASE], seed=seed))
+                    entry["delta"][v] = _interval(paired_difference_ci(series[v], series[BASE]))
         out[name] = entry
     return out
 
 
 def compare(metric: str, delta: dict) -> str:
-    """BETTER or WORSE than base when the paired interval of (adapter - base) excludes zero, else UNCLEAR.
-    A single pair has a zero-width interval, so it needs at least two."""
+    """BETTER or WORSE than base when the paired interval of (adapter - base) excludes zero, UNCLEAR when it does
+    not, TOO_FEW below MIN_PAIRS pairs."""
     low, high = delta["low"], delta["high"]
-    if delta["n"] < 2 or not (math.isfinite(low) and math.isfinite(high)) or low <= 0 <= high:
+    if delta["n"] < MIN_PAIRS:
+        return TOO_FEW
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 <= high:
         return UNCLEAR
     return BETTER if (delta["mean"] > 0) == METRICS[metric].higher_is_better else WORSE
 
@@ -124,6 +129,9 @@ def verdicts(summary: dict, not_measured: dict[str, str] | None = None) -> dict[
         unclear = [METRICS[m].short for m, d in metrics.items() if d["verdict"] == UNCLEAR]
         if unclear:
             parts.append(f"{UNCLEAR} in {', '.join(unclear)}")
+        too_few = [f"{METRICS[m].short} (n={d['n']})" for m, d in metrics.items() if d["verdict"] == TOO_FEW]
+        if too_few:
+            parts.append(f"{TOO_FEW} for {', '.join(too_few)}: a verdict needs {MIN_PAIRS} pairs; add eval.seeds")
         if not_measured:
             parts.append("not measured: " + ", ".join(f"{what} ({why})" for what, why in not_measured.items()))
         out[adapter] = {"line": f"{adapter}: " + ("; ".join(parts) or "nothing measured"), "metrics": metrics,
@@ -157,7 +165,6 @@ def write_report(
     notes: list[str] = (),
     checkpoints: list[CheckpointScore] = (),
     config: dict | None = None,
-    seed: int = 0,
     not_measured: dict[str, str] | None = None,
 ) -> tuple[Path, Path]:
     """Write `report.html` and `report.json` into `out_dir`; returns their paths. Both open with the verdicts.
@@ -168,7 +175,7 @@ def write_report(
     """
     out_dir = Path(out_dir)
     variants = _variants(samples)
-    summary = summarise(samples, variants, seed=seed)
+    summary = summarise(samples, variants)
     verdict = verdicts(summary, not_measured)
     best = min(checkpoints, key=lambda c: c.loss).name if checkpoints else None
     data = {
@@ -225,7 +232,7 @@ def _render_html(title, variants, samples, summary, verdict, notes, checkpoints,
     if verdict:
         parts.append("<div class='verdict'>" + "<br>".join(html.escape(v["line"]) for v in verdict.values()) + "</div>")
     parts.append(f"<p>{len(samples)} samples; variants: {', '.join(html.escape(v) for v in variants)}. "
-                 "Means with bootstrap 95% intervals; Δ is the paired difference to base.</p>")
+                 f"Means with Student-t 95% intervals; Δ is the paired difference to base (a verdict needs {MIN_PAIRS} pairs).</p>")
     if notes:
         parts.append("<div class='notes'>" + "<br>".join(html.escape(n) for n in notes) + "</div>")
     if summary:

@@ -1,6 +1,6 @@
 """Batch jobs from a JSONL file: catalogue editing at scale, resumable, split across processes.
 
-The job format is printed by `qwen-lora batch --help` (`JOB_FORMAT` in inference/cli.py); `read_jobs` checks it.
+The job format is printed by `qwen-lora batch --help` (`job_format` in inference/cli.py); `read_jobs` checks it.
 Each image is written atomically, then one line goes to `manifest.jsonl` with the settings actually used (size,
 steps, guidance, seed, adapters) and the job's fingerprint. A rerun skips every job whose output file exists with
 the same fingerprint, so an interrupted batch picks up where it stopped, and a job whose settings, input files, model,
@@ -23,8 +23,9 @@ from qwen_image_lora import typed_yaml
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
-from qwen_image_lora.inference.images import format_for, load_image, save_image
-from qwen_image_lora.io import iter_jsonl
+from qwen_image_lora.images import format_for, load_image, save_image
+from qwen_image_lora.io import affects_every_write, iter_jsonl, writing_to
+from qwen_image_lora.knobs import SettingError, check_image_count
 from qwen_image_lora.typed_yaml import ConfigError
 from qwen_image_lora.progress import progress_bar
 
@@ -64,8 +65,11 @@ def read_jobs(path: str | Path) -> list[Job]:
         try:
             job = typed_yaml.build(Job, raw, "", where, path.parent.resolve())
             job.validate(f"{where}: job")  # the sampling checks: sizes, aspect preset, steps
+            check_image_count(len(job.images))
         except ConfigError as e:
             raise ValueError(str(e)) from None
+        except SettingError as e:
+            raise ValueError(f"{where}: job.{e}") from None
         if not job.prompt:
             raise ValueError(f"{where}: prompt is required")
         job.index = len(jobs)
@@ -141,7 +145,8 @@ def run_batch(
     """Run this process's share of `jobs`, skipping finished ones. `extra` goes into every manifest line; `run` is
     what the whole batch renders with (see `fingerprint`)."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with writing_to(output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
     mine = jobs[process_index::num_processes]
     recorded = _recorded(output_dir / MANIFEST)
     result = BatchResult()
@@ -166,6 +171,8 @@ def run_batch(
                 image = generator.generate(request)
                 save_image(image, out, job.quality)
             except (ValueError, OSError) as e:  # one bad job must not stop a catalogue run; it is retried on rerun
+                if affects_every_write(e):  # a full disk fails every job after it: stop, naming the file
+                    raise
                 _append(output_dir / MANIFEST, {"id": job.id, "index": job.index, "error": str(e)})
                 bar.write(f"job {job.id}: {e}")
                 result.failed.append(job.id)
@@ -209,11 +216,12 @@ def _entry(generator: Generator, job: Job, base_seed: int, default_loras, extra)
 def _append(path: Path, entry: dict) -> None:
     """One write() of one line with O_APPEND: lines from several processes never interleave."""
     line = (json.dumps(entry, ensure_ascii=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    with writing_to(path):  # os.write's OSError names no file
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
 
 def _recorded(path: Path) -> dict[str, str | None]:

@@ -9,26 +9,37 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
-# What `qwen-lora batch --help` shows; `inference.batch.read_jobs` checks each line against it.
-JOB_FORMAT = """\
-jobs file: JSON Lines, one job per line; only "prompt" is required.
-  prompt            the text-to-image prompt or the edit instruction
-  images            input images for an edit (1 to 10), paths relative to the jobs file; omit for text-to-image
-  mask, mask_feather  masked edit of the last image: white = may change, black = kept exactly; soft edge px (8)
-  id                names the output (default: the line index, 000000, 000001, ...)
-  seed              default: --seed + the line index
-  negative_prompt, guidance_scale   guidance acts only with a negative prompt and a scale > 1
-  width, height     multiples of 32; or aspect_ratio (1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3)
-  num_inference_steps               default: the pipeline's own
-  loras             {"adapter name": weight}; default: every --lora at its weight
-  output, quality   file name in --output-dir (.png, .jpg, .webp; default ID.png), JPEG/WebP quality (95)
-example line:
-  {"id": "sku-123", "prompt": "put it on white marble", "images": ["in/sku-123.jpg"], "seed": 7, "output": "sku-123.webp", "quality": 90}
-"""
+from qwen_image_lora.config import SamplingConfig
+from qwen_image_lora.knobs import MAX_INPUT_IMAGES, accepted, check_image_count, limits_of, type_of
+
+FLAG_ALIASES = {"num_inference_steps": ["--steps"]}  # shorter spellings users' scripts already pass
+NO_SIZE = ("width", "height", "aspect_ratio")  # layers keep the input's size
+
+
+def job_format() -> str:
+    """What `qwen-lora batch --help` shows; `inference.batch.read_jobs` checks each line against it. The sampling
+    fields' lines come from `SamplingConfig`."""
+    sampling = [f"  {f.name:<20}{_help(f)}" for f in dataclasses.fields(SamplingConfig) if f.name != "seed"]
+    return "\n".join([
+        'jobs file: JSON Lines, one job per line; only "prompt" is required.',
+        "  prompt              the text-to-image prompt or the edit instruction",
+        (f"  images              input images for an edit (1 to {MAX_INPUT_IMAGES}), paths relative to the jobs "
+         "file; omit for text-to-image"),
+        "  mask, mask_feather  masked edit of the last image: white = may change, black = kept exactly; soft edge px (8)",
+        "  id                  names the output (default: the line index, 000000, 000001, ...)",
+        "  seed                default: --seed + the line index",
+        *sampling,
+        '  loras               {"adapter name": weight}; default: every --lora at its weight',
+        "  output, quality     file name in --output-dir (.png, .jpg, .webp; default ID.png), JPEG/WebP quality (95)",
+        "example line:",
+        ('  {"id": "sku-123", "prompt": "put it on white marble", "images": ["in/sku-123.jpg"], "seed": 7, '
+         '"output": "sku-123.webp", "quality": 90}'),
+    ]) + "\n"  # fmt: skip
 
 
 def register(subparsers) -> None:
@@ -41,11 +52,11 @@ def register(subparsers) -> None:
     _overrides_arg(p)
     p.set_defaults(func=_generate, image=[])
 
-    p = subparsers.add_parser("edit", help="instruction editing of 1 to 10 input images")
+    p = subparsers.add_parser("edit", help=f"instruction editing of 1 to {MAX_INPUT_IMAGES} input images")
     _model_args(p)
     _sampling_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--image", action="append", required=True, help="input image (repeat for up to 10)")
+    p.add_argument("--image", action="append", required=True, help=f"input image (repeat for up to {MAX_INPUT_IMAGES})")
     _mask_args(p, "masked edit of the last --image: white = may change, black = kept pixel for pixel")
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
     p.add_argument("--quality", type=int, default=95)
@@ -58,7 +69,7 @@ def register(subparsers) -> None:
         "`background` (a masked edit that removes the subject), one layer per --element; plus the flattened PNG.",
     )  # fmt: skip
     _model_args(p)
-    _sampling_args(p)
+    _sampling_args(p, skip=NO_SIZE)
     p.add_argument("--image", required=True, help="the product photo")
     _mask_args(p, "white on the subject; 'auto' takes it from the model's own cut-out (quality depends on the model)",
                required=True)
@@ -73,7 +84,7 @@ def register(subparsers) -> None:
         "batch", help="run a JSONL of jobs; resumable; shards under accelerate launch",
         description="Render every job of a JSON Lines file into --output-dir (one manifest.jsonl line per image). "
         "A rerun skips finished jobs; under `accelerate launch` each process takes every n-th job.",
-        epilog=JOB_FORMAT, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=job_format(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("jobs", help="JSON Lines file, one job per line (format below)")
     p.add_argument("--output-dir", required=True)
@@ -109,14 +120,21 @@ def _overrides_arg(p: argparse.ArgumentParser) -> None:
                    "pixel budget: images have ~RES^2 pixels, as in training) or model.dtype=float32")
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--negative-prompt")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--aspect-ratio", choices=["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"])
-    p.add_argument("--steps", type=int, help="default: the pipeline's own")
-    p.add_argument("--guidance-scale", type=float, help="true_cfg_scale; acts only with --negative-prompt")
-    p.add_argument("--seed", type=int, default=0)
+def _sampling_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per `SamplingConfig` field (--field-name): type, default, help and choices from the dataclass; the
+    values are checked by its rules (`validate`) before any model loads."""
+    for f in dataclasses.fields(SamplingConfig):
+        if f.name not in skip:
+            kind, choices = type_of(SamplingConfig, f), limits_of(f).get("choices")
+            flags = ["--" + f.name.replace("_", "-"), *FLAG_ALIASES.get(f.name, [])]
+            p.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices, help=_help(f, f.default),
+                           metavar=None if choices else {int: "N", float: "X"}.get(kind, "TEXT"))  # fmt: skip
+
+
+def _help(f: dataclasses.Field, default=None) -> str:
+    """A sampling field's help text and what it accepts, from its declaration."""
+    text = "; ".join(filter(None, [f.metadata["help"], accepted(f)]))
+    return text if default is None else f"{text} (default {default})"
 
 
 def _model_source(args):
@@ -149,24 +167,17 @@ def _load(args, cfg, device=None):
 
 def _generate(args) -> int:
     from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects
-    from qwen_image_lora.inference.images import format_for, load_image, save_image
+    from qwen_image_lora.inference.masking import prepare_mask
+    from qwen_image_lora.images import format_for, load_image, save_image
 
     format_for(args.output)  # a bad extension fails before the model loads
+    check_image_count(len(args.image))  # before decoding them
     images = [load_image(p) for p in args.image]
     mask = load_image(args.mask) if getattr(args, "mask", None) else None
-    request = GenerationRequest(
-        prompt=args.prompt,
-        images=images,
-        negative_prompt=args.negative_prompt,
-        width=args.width,
-        height=args.height,
-        aspect_ratio=args.aspect_ratio,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        mask=mask,
-        mask_feather=getattr(args, "mask_feather", 8),
-    )
+    if mask is not None:
+        _as_option(prepare_mask, mask, images[-1])  # the generator's mask rules, before the model loads
+    request = GenerationRequest.from_settings(args, args.prompt, images=images, mask=mask,
+                                              mask_feather=getattr(args, "mask_feather", 8))  # fmt: skip
     request.validate(args.command)  # bad sizes, steps or input aspects fail before the model loads
     cfg = _model_source(args)
     check_input_aspects(images, cfg.data.resolution)
@@ -176,21 +187,32 @@ def _generate(args) -> int:
     return 0
 
 
+def _as_option(check, *inputs):
+    """Run a request rule that needs no model. Its error names the field (`mask: ...`, `element 'x': ...`); here
+    that is the option that carried it (`--mask: ...`)."""
+    from qwen_image_lora.inference.layers import LayersError
+    from qwen_image_lora.inference.masking import MaskError
+
+    try:
+        return check(*inputs)
+    except (MaskError, LayersError) as e:
+        raise ValueError(f"--{e}") from None
+
+
 def _layers(args) -> int:
     from qwen_image_lora.inference.generator import GenerationRequest
-    from qwen_image_lora.inference.images import load_image
-    from qwen_image_lora.inference.layers import FORMATS, Element, save_layers
+    from qwen_image_lora.images import load_image
+    from qwen_image_lora.inference.layers import FORMATS, Element, check_request, save_layers
 
     elements = [Element.parse(e) for e in args.element]  # bad input fails before the model loads
     if Path(args.output).suffix.lower() not in FORMATS:
         raise ValueError(f"--output {args.output}: use .psd, .ora or .zip")
     image = load_image(args.image)
     mask = args.mask if args.mask == "auto" else load_image(args.mask)
-    generator, loras = _load(args, _model_source(args))
-    request = GenerationRequest(
-        "", images=[image], negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, seed=args.seed, adapters=loras, mask_feather=args.mask_feather,
-    )  # fmt: skip
+    _as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads
+    request = GenerationRequest.from_settings(args, "", images=[image], mask_feather=args.mask_feather)
+    request.validate(args.command)  # bad steps or guidance fail before the model loads
+    generator, request.adapters = _load(args, _model_source(args))
     layers = generator.layers(request, mask, args.prompt, elements)
     for path in save_layers(layers, args.output):
         print(path)

@@ -13,13 +13,13 @@ from PIL import Image
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import ModelConfig, SamplingConfig
+from qwen_image_lora.knobs import check_image_count
 from qwen_image_lora.model import ASPECT_RATIOS
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
-MAX_INPUT_IMAGES = 10
 
 
 def size_for_aspect(aspect_ratio: str, resolution: int = 1024) -> tuple[int, int]:
@@ -57,10 +57,12 @@ class GenerationRequest(SamplingConfig):
     mask_feather: int = 8
 
     @classmethod
-    def from_settings(cls, settings: SamplingConfig, prompt: str, **changes) -> "GenerationRequest":
-        """The one way a config section or job line (anything carrying the sampling fields) becomes a request;
-        `changes` override single fields (e.g. the seed of this render)."""
-        sampling = {f.name: getattr(settings, f.name) for f in dataclasses.fields(SamplingConfig)}
+    def from_settings(cls, settings, prompt: str, **changes) -> "GenerationRequest":
+        """The one way a config section, job line, CLI namespace or HTTP body (anything carrying sampling fields)
+        becomes a request; a field it lacks keeps its default (layers take no size). `changes` override single
+        fields (e.g. the seed of this render)."""
+        names = [f.name for f in dataclasses.fields(SamplingConfig) if hasattr(settings, f.name)]
+        sampling = {name: getattr(settings, name) for name in names}
         return cls(prompt=prompt, **{**sampling, **changes})
 
 
@@ -114,8 +116,10 @@ class Generator:
         return len(self.pipe.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def check(self, request: GenerationRequest) -> Image.Image | None:
-        """The checks that need no denoising: prompt length, image count and aspects, size, mask. Raises ValueError
-        naming the field; returns the prepared mask (None without one), so `generate` prepares it once."""
+        """The checks that need no denoising: the sampling rules, prompt length, image count and aspects, mask.
+        Raises ValueError naming the field; returns the prepared mask (None without one), so `generate` prepares it
+        once."""
+        request.check()
         for name in ("prompt", "negative_prompt"):
             text = getattr(request, name)
             # Byte-level BPE: a token spans at least one UTF-8 byte, so short texts need no tokenizing.
@@ -123,10 +127,8 @@ class Generator:
                 n = self.count_tokens(text)
                 if n > MAX_PROMPT_TOKENS:
                     raise ValueError(f"{name}: {n} tokens with the model's tokenizer; the limit is {MAX_PROMPT_TOKENS}")
-        if len(request.images) > MAX_INPUT_IMAGES:
-            raise ValueError(f"images: give 1 to {MAX_INPUT_IMAGES} input images (got {len(request.images)})")
+        check_image_count(len(request.images))
         check_input_aspects(request.images, self.resolution)
-        self._size(request)
         return self._mask(request)
 
     @torch.no_grad()
@@ -136,6 +138,8 @@ class Generator:
             self.adapters.set(request.adapters)
         width, height = self._size(request)
         guidance = self.default_guidance if request.guidance_scale is None else request.guidance_scale
+        if request.negative_prompt is None:
+            guidance = 1.0  # guidance acts only against a negative prompt; a scale passed without one only warns
         kwargs = dict(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
@@ -174,15 +178,10 @@ class Generator:
             raise ValueError(f"mask_feather: must be >= 0 pixels (got {request.mask_feather})")
         return masking.prepare_mask(request.mask, request.images[-1])
 
-    def _size(self, request: GenerationRequest) -> tuple[int | None, int | None]:
+    def _size(self, request: GenerationRequest) -> tuple[int, int]:
+        """The size to sample at, for a request that passed `check` (the sampling rules)."""
         if request.aspect_ratio is not None:
-            if request.width or request.height:
-                raise ValueError("give either aspect_ratio or width/height, not both")
             return size_for_aspect(request.aspect_ratio, self.resolution)
-        for name in ("width", "height"):
-            value = getattr(request, name)
-            if value is not None and (value <= 0 or value % qmodel.SIDE_MULTIPLE):
-                raise ValueError(f"{name}: must be a positive multiple of {qmodel.SIDE_MULTIPLE} (got {value})")
         if request.images:
             # Edits run at the last reference image's aspect within the budget (the pipeline's own rule).
             w, h = request.images[-1].size

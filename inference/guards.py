@@ -4,19 +4,30 @@ and a count of every response (Starlette's own 500s included) for /metrics."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
 import hashlib
 import hmac
 import json
 import threading
 
+from qwen_image_lora.images import DecodeCost, ImageInputError
 from qwen_image_lora.inference.studio import STATIC_PATHS
-from qwen_image_lora.inference.worker import Metrics
+from qwen_image_lora.inference.metrics import Metrics
+from qwen_image_lora.inference.worker import release_memory
 
 # Paths served without a key; every other path (the API, and unknown paths) needs one.
-OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}) | STATIC_PATHS
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs"}) | STATIC_PATHS  # /docs: when serve.api_docs
 COUNTED_PATHS = ("/v1/images", "/healthz", "/metrics", "/openapi.json")
 MAX_MESSAGE_CHARS = 500  # a refusal names the problem; it never sends megabytes of the request back
+# What concurrent input decodes may hold at once. Every JPEG/PNG up to 64 M pixels fits (an 8192x8192 RGBA PNG takes
+# ~350 MB); a WebP takes ~16 bytes a pixel in PIL's decoder, so one over ~30 M pixels is refused.
+DECODE_BUDGET_BYTES = 512 * 2**20
+# glibc raises its mmap threshold after each large free (up to 32 MB); PIL's 16 MB image blocks then come from the
+# heaps of the threads that decode, which keep them once freed, and a burst of decodes held ~250 MB more than was live
+# (scripts/soak_server.py). A fixed threshold keeps every buffer from 4 MB up mmapped: freed, it is returned at once.
+_MALLOPT, _M_MMAP_THRESHOLD, _MMAP_FROM = getattr(ctypes.CDLL(None), "mallopt", None), -3, 4 * 2**20
 
 
 class RequestError(Exception):
@@ -57,28 +68,47 @@ class KeyCheck:
 
 
 class DecodeGate:
-    """At most `limit` input images decode at once: a decode briefly holds the image's full-size frame (a PNG
-    cannot be decoded at a reduced size), so this bounds that peak however many requests are admitted."""
+    """Input images decode at most `limit` at once, and only while the decodes' costs (`images.decode_cost`: the
+    decoded frame, what the decoder holds beside it, the conversion temporaries) sum to at most `budget` bytes, in
+    arrival order; one that could never fit is refused (413) naming the budget. So decodes hold at most `budget`
+    whatever the format, however many requests are admitted. Large buffers are mmapped, and when the last running
+    decode ends the rest of the freed heap goes back to the OS, so memory freed is memory returned."""
 
-    def __init__(self, limit: int):
-        self._slots = threading.BoundedSemaphore(limit)
-        self._lock = threading.Lock()
-        self.active = self.waiting = 0
+    def __init__(self, limit: int, budget: int = DECODE_BUDGET_BYTES):
+        self.limit, self.budget = limit, budget
+        if _MALLOPT is not None:  # absent outside glibc
+            _MALLOPT(_M_MMAP_THRESHOLD, _MMAP_FROM)
+        self._changed = threading.Condition()
+        self._turns: collections.deque = collections.deque()  # waiting decodes, first come first in
+        self.active = self.held = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._turns)
 
     @contextlib.contextmanager
-    def __call__(self):
-        with self._lock:
-            self.waiting += 1
-        self._slots.acquire()
-        with self._lock:
-            self.waiting -= 1
-            self.active += 1
+    def __call__(self, cost: DecodeCost | None = None):
+        need = 0 if cost is None else cost.bytes
+        if need > self.budget:
+            raise ImageInputError(f"decoding this {cost.what} image takes about {need / 2**20:,.0f} MB, over the service's "
+                                  f"decode budget of {self.budget / 2**20:,.0f} MB; send a smaller image, or a JPEG "
+                                  "or PNG", too_large=True)  # fmt: skip
+        turn = object()
+        with self._changed:
+            self._turns.append(turn)
+            self._changed.wait_for(lambda: self._turns[0] is turn and self.active < self.limit and self.held + need <= self.budget)
+            self._turns.popleft()
+            self.active, self.held = self.active + 1, self.held + need
+            self._changed.notify_all()  # the next in line may fit beside this one
         try:
             yield
         finally:
-            with self._lock:
-                self.active -= 1
-            self._slots.release()
+            with self._changed:
+                self.active, self.held = self.active - 1, self.held - need
+                idle = self.active == 0
+                self._changed.notify_all()
+            if idle:
+                release_memory()
 
 
 async def send_json(send, status: int, body: dict, headers: dict | None = None) -> None:

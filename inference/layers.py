@@ -3,7 +3,9 @@
 
 Every layer comes from the one sampling path (`Generator.generate`): the background is a masked edit over the
 subject, each element a text-to-image generation whose alpha is the model's own (the 2.1 VAE is RGBA-native).
-The flattened image is the layers alpha-composited bottom to top, so it equals what any editor shows.
+The subject's alpha is the mask as given; the background's edit covers every pixel the subject touches (its
+feather band lies outside them), so moving the subject reveals no second one. The flattened image is the layers
+alpha-composited bottom to top, so it equals what any editor shows.
 """
 
 from __future__ import annotations
@@ -70,25 +72,37 @@ class Layers:
         return canvas
 
 
+def check_request(image: Image.Image, mask: Image.Image | str, elements: list[Element]) -> Image.Image | str:
+    """What a layers request needs no model for: each element's box inside the image, the mask's rules
+    (`masking.prepare_mask`). Returns the prepared mask, or "auto". `build_layers` (the CLI's and the server's path)
+    runs it first; the CLI also runs it before loading the model."""
+    w, h = image.size
+    for element in elements:
+        x, y, bw, bh = element.box
+        if min(x, y) < 0 or x + bw > w or y + bh > h:
+            raise LayersError(f"element {element.prompt!r}: box {element.box} leaves the {w}x{h} image")
+    if isinstance(mask, str):
+        if mask != "auto":
+            raise LayersError(f"mask: give a mask image or 'auto' (got {mask!r})")
+        return mask
+    return masking.prepare_mask(mask, image)
+
+
 def build_layers(generator, request, mask: Image.Image | str, background_prompt: str | None, elements: list[Element]) -> Layers:
     """`request` (a `GenerationRequest` with exactly one image) carries seed, steps, guidance and adapters for
     every generation; `mask` is white on the subject, or "auto" to take it from the model's own cut-out."""
     if len(request.images) != 1:
         raise LayersError(f"images: layers take exactly one input image (got {len(request.images)})")
     image = request.images[0]
-    w, h = image.size
-    for element in elements:
-        x, y, bw, bh = element.box
-        if x + bw > w or y + bh > h:
-            raise LayersError(f"element {element.prompt!r}: box {element.box} leaves the {w}x{h} image")
-    if isinstance(mask, str):
-        if mask != "auto":
-            raise LayersError(f"mask: give a mask image or 'auto' (got {mask!r})")
-        mask = _auto_mask(generator, request)
-    subject_mask = masking.prepare_mask(mask, image)
-    background = generator.generate(_with(request, prompt=background_prompt or DEFAULT_BACKGROUND_PROMPT, mask=subject_mask))
+    subject_mask = check_request(image, mask, elements)
+    if isinstance(subject_mask, str):
+        subject_mask = masking.prepare_mask(_auto_mask(generator, request), image)
+    # The edit's feather band lies outside the subject, so every pixel the subject touches is inpainted.
+    hole = masking.grow(subject_mask, request.mask_feather)
+    background = generator.generate(_with(request, prompt=background_prompt or DEFAULT_BACKGROUND_PROMPT, mask=hole))
     subject = image.convert("RGBA")
-    subject.putalpha(ImageChops.darker(subject.getchannel("A"), masking.feathered_alpha(subject_mask, request.mask_feather)))
+    # The mask as given (a soft edge stays soft), times the input's own alpha: coverage times opacity.
+    subject.putalpha(ImageChops.multiply(subject.getchannel("A"), subject_mask))
     layers = Layers(image.size, [Layer("background", background.convert("RGBA")), Layer("subject", subject)])
     for i, element in enumerate(elements):
         x, y, bw, bh = element.box

@@ -4,7 +4,8 @@ Two layers make that hold. During sampling, `LatentBlend` (the pipeline's `callb
 kept region's latents after every step with the input's own latents noised to that step's sigma (the standard
 inpainting blend), so the model composes the changed region around the real product instead of redrawing it.
 After decoding, `composite` pastes the result over the input through the mask, feathered only *into* the changed
-region, so every kept pixel is the input's pixel exactly (alpha included for RGBA inputs).
+region: the two mix over at most `feather` px next to the kept region, every pixel deeper in is the result's and
+every kept pixel is the input's, exactly (alpha included for RGBA inputs).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import logging
 
 import numpy as np
 import torch
-from PIL import Image, ImageChops, ImageFilter
+from PIL import Image
+from scipy.ndimage import distance_transform_edt
 
 from qwen_image_lora import model as qmodel
 
@@ -88,15 +90,23 @@ class LatentBlend:
 
 
 def feathered_alpha(mask: Image.Image, feather: int) -> Image.Image:
-    """The mask as compositing alpha: binary, with a `feather`-pixel soft edge *inside* the white region only,
-    so black stays exactly 0."""
-    binary = mask.point(lambda v: 255 if v >= 128 else 0)
-    if feather <= 0:
-        return binary
-    # Shrink the white region by `feather` (a box blur that is still white everywhere), blur back out, and clip
-    # to the mask: the ramp stays inside the white region.
-    inner = binary.filter(ImageFilter.BoxBlur(feather)).point(lambda v: 255 if v >= 255 else 0)
-    return ImageChops.darker(inner.filter(ImageFilter.GaussianBlur(feather / 2)), binary)
+    """The mask as compositing alpha over the changed region (mask >= 128): 0 on the kept region, a linear ramp over
+    the `feather` px next to it (a pixel d px in gets d / (feather + 1)), 255 further in."""
+    changed = np.asarray(mask.convert("L")) >= 128
+    if feather <= 0 or changed.all():  # the distance transform needs a kept pixel to measure from
+        return Image.fromarray(changed.astype(np.uint8) * 255, "L")
+    depth = distance_transform_edt(changed)  # Euclidean px to the nearest kept pixel: the ramp is exactly that wide
+    alpha = np.where(depth > feather, 255, np.rint(255 * depth / (feather + 1)))
+    return Image.fromarray(alpha.astype(np.uint8), "L")
+
+
+def grow(mask: Image.Image, pixels: int) -> Image.Image:
+    """Binary: white on every pixel the mask is not black on, and on every pixel within `pixels` px of one. An edit
+    through it with `feather` = `pixels` mixes only outside the mask, so it leaves none of the input under it."""
+    reach = distance_transform_edt(np.asarray(mask.convert("L")) == 0)  # px to the nearest non-black pixel
+    if reach.all():  # nothing to grow from (the transform needs a zero)
+        return Image.new("L", mask.size, 0)
+    return Image.fromarray((reach <= pixels).astype(np.uint8) * 255, "L")
 
 
 def composite(result: Image.Image, original: Image.Image, mask: Image.Image, feather: int = 8) -> Image.Image:

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import functools
 import logging
 import queue
@@ -24,15 +25,17 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from qwen_image_lora.config import Config, ServeConfig
-from qwen_image_lora.inference.generator import ASPECT_RATIOS, MAX_INPUT_IMAGES, GenerationRequest, Generator
+from qwen_image_lora.config import Config, SamplingConfig, ServeConfig
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body
-from qwen_image_lora.inference.images import (MAX_INPUT_SIDE, MEDIA_TYPES, ImageInputError, decode_image, encode_image,
-                                              format_for)  # fmt: skip
+from qwen_image_lora.images import (MAX_INPUT_SIDE, MEDIA_TYPES, ImageInputError, decode_cost, decode_image,
+                                    encode_image, format_for)  # fmt: skip
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference.studio import studio_router
 from qwen_image_lora.inference.urls import URLRefused, fetch
-from qwen_image_lora.inference.worker import Metrics, Worker
+from qwen_image_lora.inference.metrics import Metrics
+from qwen_image_lora.inference.worker import Worker
+from qwen_image_lora.knobs import MAX_INPUT_IMAGES, limits_of, type_of
 
 log = logging.getLogger("qwen_image_lora.server")
 MAX_PROMPT_CHARS = 20_000  # a cheap bound before the 1,024-token check with the model's tokenizer
@@ -62,36 +65,55 @@ def load_api_keys(serve: ServeConfig, environ) -> list[str]:
 # --------------------------------------------------------------------------------------------- the app
 
 
+def sampling_model(name: str, serve: ServeConfig, base, skip: tuple[str, ...] = ()):
+    """A subclass of `base` with the `SamplingConfig` fields: types, help and limits from the dataclass, upper bounds
+    from `serve` (this deployment's limits). All are optional here; an omitted seed is drawn at random."""
+    from pydantic import Field, create_model
+
+    upper = {"num_inference_steps": serve.max_steps, "guidance_scale": serve.max_guidance_scale,
+             "width": serve.max_side, "height": serve.max_side}  # fmt: skip
+    fields = {}
+    for f in dataclasses.fields(SamplingConfig):
+        if f.name in skip:
+            continue
+        limits, kind = limits_of(f), type_of(SamplingConfig, f)
+        if "choices" in limits:
+            kind = Literal[limits.pop("choices")]
+        if f.name in upper:
+            limits["le"] = min(upper[f.name], limits.get("le", upper[f.name]))
+        extra = {"allow_inf_nan": False} if kind is float else {"max_length": MAX_PROMPT_CHARS} if kind is str else {}
+        text = f.metadata["help"] + ("; omitted: random, returned in x-seed" if f.name == "seed" else "")
+        fields[f.name] = (kind | None, Field(None, description=text, **limits, **extra))
+    return create_model(name, __base__=base, **fields)
+
+
 def request_models(serve: ServeConfig):
     """The request schema, with this deployment's limits in it (so /openapi.json shows them)."""
-    from pydantic import BaseModel, ConfigDict, Field, model_validator
+    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-    class LoraRef(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)  # `true` is not 1 step, nor "64" a width
+
+    class Sampled(Strict):
+        @model_validator(mode="after")
+        def _sampling_rules(self):
+            GenerationRequest.from_settings(self, "").check()  # the rules every edge calls; a SettingError is a 422
+            return self
+
+    class LoraRef(Strict):
         name: str = Field(min_length=1, max_length=128, description="an adapter from serve.adapters")
         weight: float | None = Field(None, ge=-4.0, le=4.0, allow_inf_nan=False, description="default: the configured weight")
 
     ImageStr = Annotated[str, Field(min_length=1, description="http(s) URL, base64, or a data: URL")]
+    Loras = Annotated[list[LoraRef] | None, Field(max_length=16, description="omitted: every configured adapter at its "
+                                                  "weight; []: the base model")]  # fmt: skip
 
-    class ImageRequest(BaseModel):
+    class ImageRequest(sampling_model("ImageSampling", serve, Sampled)):
         """Text-to-image when `image` is absent; an edit of 1 to 10 input images otherwise."""
 
-        model_config = ConfigDict(extra="forbid")
         prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="up to 1,024 tokens")
         image: ImageStr | Annotated[list[ImageStr], Field(min_length=1, max_length=MAX_INPUT_IMAGES)] | None = None
-        negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-        num_inference_steps: int | None = Field(None, ge=1, le=serve.max_steps, description="default: the pipeline's")
-        guidance_scale: float | None = Field(
-            None, ge=0.0, le=serve.max_guidance_scale, allow_inf_nan=False,
-            description="the pipeline's true_cfg_scale; acts only with a negative_prompt and a value > 1",
-        )  # fmt: skip
-        seed: int | None = Field(None, ge=0, le=2**63 - 1, description="default: random, returned in x-seed")
-        aspect_ratio: Literal[tuple(ASPECT_RATIOS)] | None = None  # type: ignore[valid-type]
-        width: int | None = Field(None, ge=32, le=serve.max_side, multiple_of=32)
-        height: int | None = Field(None, ge=32, le=serve.max_side, multiple_of=32)
-        loras: list[LoraRef] | None = Field(
-            None, max_length=16, description="omitted: every configured adapter at its weight; []: the base model"
-        )
+        loras: Loras = None
         mask: ImageStr | None = Field(None, description="masked edit of the last image: white = may change, black = "
                                       "kept pixel for pixel; the image's size (or its aspect, resized)")
         mask_feather: int = Field(8, ge=0, le=64, description="soft edge inside the changed region, in pixels")
@@ -99,33 +121,29 @@ def request_models(serve: ServeConfig):
         quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality")
         response_format: Literal["bytes", "b64_json"] = "bytes"
 
-        @model_validator(mode="after")
-        def _one_way_to_size(self):
-            if self.aspect_ratio is not None and (self.width is not None or self.height is not None):
-                raise ValueError("give either aspect_ratio or width/height, not both")
-            return self
+        @field_validator("mask")
+        @classmethod
+        def _no_auto_mask(cls, mask):
+            if mask == "auto":
+                raise ValueError("'auto' is for /v1/layers (the model's own cut-out); give a mask image here")
+            return mask
 
-    class ElementRef(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class ElementRef(Strict):
         prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
         x: int = Field(ge=0)
         y: int = Field(ge=0)
         width: int = Field(ge=1, le=serve.max_side)
         height: int = Field(ge=1, le=serve.max_side)
 
-    class LayersRequest(BaseModel):
-        """Subject cut-out, background without it (a masked edit), and generated elements, as one layered file."""
+    class LayersRequest(sampling_model("LayersSampling", serve, Sampled, skip=("width", "height", "aspect_ratio"))):
+        """Subject cut-out, background without it (a masked edit), and generated elements, as one layered file; the
+        layers keep the input's size."""
 
-        model_config = ConfigDict(extra="forbid")
         image: ImageStr
         mask: ImageStr = Field(description="white on the subject (URL or base64), or 'auto' for the model's own cut-out")
         prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="background instruction")
         elements: list[ElementRef] = Field(default_factory=list, max_length=8)
-        negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-        num_inference_steps: int | None = Field(None, ge=1, le=serve.max_steps)
-        guidance_scale: float | None = Field(None, ge=0.0, le=serve.max_guidance_scale, allow_inf_nan=False)
-        seed: int | None = Field(None, ge=0, le=2**63 - 1)
-        loras: list[LoraRef] | None = Field(None, max_length=16)
+        loras: Loras = None
         mask_feather: int = Field(8, ge=0, le=64)
         output_format: Literal["psd", "ora", "zip"] = "psd"
 
@@ -154,7 +172,8 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
         log.info("serve: warm-up compiled the transformer in %.1f s", seconds)
 
     ImageRequest, LayersRequest = request_models(serve)
-    metrics, worker, gate = Metrics(), Worker(serve.max_queue), DecodeGate(MAX_CONCURRENT_DECODES)
+    worker, gate = Worker(serve.max_queue), DecodeGate(MAX_CONCURRENT_DECODES)
+    metrics = Metrics(worker, gate)
     # Documents the key in /openapi.json; GuardMiddleware checks it, from the headers, before the body is read.
     key_header = APIKeyHeader(name="x-api-key", auto_error=False, description="one of the service's API keys")
 
@@ -164,7 +183,9 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
         yield
         worker.stop()
 
-    app = FastAPI(title="qwen-image-lora", version="1", description=__doc__, lifespan=lifespan)
+    # No FastAPI /docs or /redoc: they load from a public CDN with no CSP; studio.py serves /docs when serve.api_docs.
+    app = FastAPI(title="qwen-image-lora", version="1", description=__doc__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)  # fmt: skip
     app.add_middleware(GuardMiddleware, max_body_bytes=int(serve.max_body_mb * 2**20), metrics=metrics,
                        check_key=KeyCheck(api_keys))  # fmt: skip
     app.state.worker, app.state.metrics, app.state.generator, app.state.decodes = worker, metrics, generator, gate
@@ -218,11 +239,8 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
 
         def work(decoded):
             inputs, mask = decoded
-            settings = GenerationRequest(
-                prompt=body.prompt, images=inputs, negative_prompt=body.negative_prompt, width=body.width,
-                height=body.height, aspect_ratio=body.aspect_ratio, num_inference_steps=body.num_inference_steps,
-                guidance_scale=body.guidance_scale, seed=seed, adapters=adapters, mask=mask, mask_feather=body.mask_feather,
-            )  # fmt: skip
+            settings = GenerationRequest.from_settings(body, body.prompt, images=inputs, seed=seed, adapters=adapters,
+                                                       mask=mask, mask_feather=body.mask_feather)  # fmt: skip
             return _generate(generator, settings, format_for(body.output_format), body.quality, metrics, fields)
 
         (width, height), data = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
@@ -242,9 +260,8 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
 
         def work(decoded):
             (image,), mask = decoded
-            settings = GenerationRequest("", images=[image], negative_prompt=body.negative_prompt, seed=seed,
-                                         num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-                                         adapters=adapters, mask_feather=body.mask_feather)  # fmt: skip
+            settings = GenerationRequest.from_settings(body, "", images=[image], seed=seed, adapters=adapters,
+                                                       mask_feather=body.mask_feather)  # fmt: skip
             try:
                 made = generator.layers(settings, mask if mask is not None else "auto", body.prompt, elements)
             except ValueError as e:  # a mask or element box we refuse, named
@@ -263,7 +280,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
-        return PlainTextResponse(metrics.render(worker, gate.active), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     return app
 
@@ -323,8 +340,9 @@ def _decode_one(item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate):
                 data = base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError) as e:
                 raise ImageInputError(f"not an http(s) URL and not valid base64 ({e})") from e
-        with gate():
-            return decode_image(data, max_side=min(MAX_INPUT_SIDE, serve.max_side))
+        max_side = min(MAX_INPUT_SIDE, serve.max_side)
+        with gate(decode_cost(data, max_side)):  # from the header: what this decode will hold, against the budget
+            return decode_image(data, max_side=max_side)
     except (URLRefused, ImageInputError) as e:
         raise RequestError(413 if e.too_large else 422, str(e), loc) from e
 
@@ -338,6 +356,8 @@ def _select_adapters(body, configured: dict[str, float], generator: Generator) -
         if ref.name not in known:
             raise RequestError(422, f"unknown adapter {ref.name!r}; known adapters: {', '.join(known) or 'none'}",
                                ("body", "loras", i, "name"))  # fmt: skip
+        if ref.name in chosen:  # a dict would keep the last weight silently
+            raise RequestError(422, f"adapter {ref.name!r} is given twice; give each once", ("body", "loras", i, "name"))
         chosen[ref.name] = ref.weight if ref.weight is not None else configured.get(ref.name, 1.0)
     return chosen
 

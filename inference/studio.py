@@ -8,10 +8,14 @@ API, plus the read-only endpoints it needs beside `POST /v1/images`:
 
 The static files need no key (they are the page; it runs nothing by itself); every `/v1/` endpoint needs one.
 The page gets a restrictive Content-Security-Policy: scripts and styles from this origin only, nothing inline.
+With `serve.api_docs`, `/docs` serves Swagger UI under the same policy, widened only by its CDN and its one inline
+script (by hash).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import re
@@ -30,6 +34,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                 "Cache-Control": "no-cache"}  # fmt: skip
+DOCS_CDN = "https://cdn.jsdelivr.net"  # where FastAPI's Swagger UI page takes its script and stylesheet from
 
 # What a run folder holds (train/lora.py, train/export.py, eval/report.py write these names).
 LOSSES, CARD, METADATA, SAMPLES, REPORT_DIR = "losses.jsonl", "README.md", "training_metadata.json", "samples", "eval"
@@ -70,18 +75,26 @@ def studio_router(cfg: Config, key_dependency, generator):
             return JSONResponse({"detail": f"no studio file {name!r}"}, status_code=404)
         return asset(name)
 
+    if cfg.serve.api_docs:
+        docs = docs_page()
+
+        @router.get("/docs", include_in_schema=False)
+        async def api_docs():
+            return docs
+
     def refused(e: RunFileError):
         return JSONResponse({"detail": [{"loc": ["path"], "msg": str(e), "type": "value_error"}]}, status_code=e.status)
 
     @router.get("/v1/adapters", dependencies=[Depends(key_dependency)], summary="The service's adapters")
     async def adapters():
         """Each loaded adapter, its default weight (used when a request omits `loras`) and, when its file lies in a
-        run folder under `serve.runs_dir`, that run's name."""
+        run folder under `serve.runs_dir`, that run's name; and the variable the service's keys come from (the
+        page's "Copy as curl" reads the key from it)."""
         out = []
         for name in generator.adapters.names:
             out.append({"name": name, "weight": weights.get(name, generator.adapters.loaded[name].weight),
                         "run": run_of(runs_dir, sources.get(name))})  # fmt: skip
-        return {"adapters": out}
+        return {"adapters": out, "api_keys_env": cfg.serve.api_keys_env}
 
     @router.get("/v1/runs", dependencies=[Depends(key_dependency)], summary="Training runs under serve.runs_dir")
     def runs():  # plain `def` handlers: FastAPI runs them on its thread pool, off the event loop (disk reads)
@@ -109,6 +122,19 @@ def studio_router(cfg: Config, key_dependency, generator):
     return router
 
 
+def docs_page():
+    """FastAPI's Swagger UI page for /openapi.json under the studio's CSP plus the CDN and the page's inline script."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import Response
+
+    page = get_swagger_ui_html(openapi_url="/openapi.json", title="qwen-image-lora API", swagger_favicon_url="data:,")
+    inline = re.findall(r"<script>(.*?)</script>", page.body.decode(), re.DOTALL)
+    hashes = "".join(f" 'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in inline)
+    csp = CSP.replace("script-src 'self'", f"script-src 'self' {DOCS_CDN}{hashes}", 1)
+    csp = csp.replace("style-src 'self'", f"style-src 'self' {DOCS_CDN}", 1)
+    return Response(page.body, media_type="text/html; charset=utf-8", headers={**PAGE_HEADERS, "Content-Security-Policy": csp})
+
+
 # --------------------------------------------------------------------------------------------- run folders
 
 
@@ -127,15 +153,19 @@ def run_folder(runs_dir: Path | None, name: str) -> Path:
 def file_in_run(folder: Path, rel: str) -> Path:
     """A file inside `folder` (after resolving links) with a known suffix; anything else is refused."""
     parts = rel.replace("\\", "/").split("/")
-    if rel.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
-        raise RunFileError(400, f"{rel!r}: give a path inside the run folder (no '..', no absolute or hidden paths)")
+    if rel.startswith("/") or "\x00" in rel or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+        raise RunFileError(400, f"{rel!r}: give a path inside the run folder (no '..', no absolute or hidden paths, "
+                           "no NUL)")  # fmt: skip
     path = folder.joinpath(*parts)
-    if not _inside(path, folder):
-        raise RunFileError(400, f"{rel!r} leads outside the run folder")
-    if path.suffix.lower() not in RUN_FILES:
-        raise RunFileError(403, f"{rel!r}: only {', '.join(sorted(RUN_FILES))} files of a run are served")
-    if not path.is_file():
-        raise RunFileError(404, f"no file {rel!r} in this run")
+    try:
+        if not _inside(path, folder):
+            raise RunFileError(400, f"{rel!r} leads outside the run folder")
+        if path.suffix.lower() not in RUN_FILES:
+            raise RunFileError(403, f"{rel!r}: only {', '.join(sorted(RUN_FILES))} files of a run are served")
+        if not path.is_file():
+            raise RunFileError(404, f"no file {rel!r} in this run")
+    except OSError:  # e.g. a name longer than the file system allows: no such file
+        raise RunFileError(404, f"no file {rel!r} in this run") from None
     return path
 
 

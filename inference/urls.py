@@ -6,7 +6,7 @@ unspecified, and IPv4 carried in IPv6: mapped, 6to4, Teredo, NAT64 — are refus
 `allow_private`). The connection then goes to the checked address itself (the Host header and TLS SNI keep the
 name), so a DNS answer that changes between check and connect (rebinding) cannot redirect it. Redirects are
 followed by hand, at most a few, each re-checked the same way. A timeout bounds the whole fetch and a size cap
-bounds the body.
+bounds the body. A malformed URL (bad port, unclosed IPv6 bracket, control characters) is refused like the rest.
 """
 
 from __future__ import annotations
@@ -70,19 +70,32 @@ def resolve_checked(host: str, port: int, allow_private: bool) -> str:
     return addresses[0]
 
 
+def _split_url(url: str):
+    """(urlsplit parts, port or None). urlsplit raises ValueError for a port that is not a number in 0..65535 or an
+    unclosed IPv6 bracket; such a URL, or port 0, is refused as malformed."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise URLRefused(f"malformed URL: {e}") from None
+    if port == 0:  # `port or 80` would fetch port 80 while the Host header names port 0
+        raise URLRefused("malformed URL: port 0")
+    return parts, port
+
+
 def fetch(url: str, *, allow_private: bool = False, timeout_s: float = 10.0, max_bytes: int = 20 * 2**20) -> bytes:
     import httpx
 
     deadline = time.monotonic() + timeout_s
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
+        parts, port = _split_url(url)
         if parts.scheme not in ("http", "https"):
             raise URLRefused(f"only http and https URLs are fetched (got {parts.scheme or 'no'} scheme)")
         if not parts.hostname:
             raise URLRefused("the URL has no host")
         if parts.username or parts.password:
             raise URLRefused("URLs with credentials are refused")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = port or (443 if parts.scheme == "https" else 80)
         address = resolve_checked(parts.hostname, port, allow_private)
         pinned = f"[{address}]" if ":" in address else address
         target = urlunsplit((parts.scheme, f"{pinned}:{port}", parts.path or "/", parts.query, ""))
@@ -96,7 +109,10 @@ def fetch(url: str, *, allow_private: bool = False, timeout_s: float = 10.0, max
                 response = client.send(request, stream=True)
                 try:
                     if response.is_redirect:
-                        url = urljoin(url, response.headers.get("location", ""))
+                        try:
+                            url = urljoin(url, response.headers.get("location", ""))
+                        except ValueError as e:  # urljoin splits the Location as urlsplit does
+                            raise URLRefused(f"{url} redirects to a malformed URL: {e}") from None
                         continue
                     if response.status_code != 200:
                         raise URLRefused(f"fetching {url} gave HTTP {response.status_code}")
@@ -113,6 +129,8 @@ def fetch(url: str, *, allow_private: bool = False, timeout_s: float = 10.0, max
                     return bytes(body)
                 finally:
                     response.close()
+        except httpx.InvalidURL as e:  # not an HTTPError: control characters, or over httpx's length limit
+            raise URLRefused(f"malformed URL: {e}") from None
         except httpx.HTTPError as e:
             raise URLRefused(f"fetching {url} failed: {type(e).__name__}: {e}") from e
     raise URLRefused(f"{url}: more than {MAX_REDIRECTS} redirects")

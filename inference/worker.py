@@ -1,4 +1,4 @@
-"""The model worker and the service's counters.
+"""The model worker.
 
 One thread owns the pipeline and runs jobs in order. A request takes a queue slot (`Worker.admit`) before it decodes
 anything and holds it until its job starts, so at most `max_queue` requests hold decoded inputs while one runs:
@@ -111,56 +111,3 @@ class Worker:
             # Drop this job before waiting for the next: its inputs must not stay alive while the thread idles.
             job = fn = None
             release_memory()
-
-
-class Metrics:
-    """Hand-written Prometheus counters (text exposition format 0.0.4)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.responses: dict[tuple[str, int], int] = {}
-        self.images = 0
-        self.seconds_sum = 0.0
-        self.rejected_queue_full = 0
-
-    def count_response(self, path: str, status: int) -> None:
-        with self._lock:
-            self.responses[(path, status)] = self.responses.get((path, status), 0) + 1
-
-    def count_image(self, seconds: float) -> None:
-        with self._lock:
-            self.images += 1
-            self.seconds_sum += seconds
-
-    def count_rejected(self) -> None:
-        with self._lock:
-            self.rejected_queue_full += 1
-
-    def render(self, worker: Worker, decoding: int) -> str:
-        with self._lock:
-            lines = ["# HELP qwen_lora_http_responses_total HTTP responses by path and status code.",
-                     "# TYPE qwen_lora_http_responses_total counter"]  # fmt: skip
-            for (path, status), n in sorted(self.responses.items()):
-                lines.append(f'qwen_lora_http_responses_total{{path="{path}",code="{status}"}} {n}')
-            lines += [
-                "# HELP qwen_lora_images_total Images generated.",
-                "# TYPE qwen_lora_images_total counter",
-                f"qwen_lora_images_total {self.images}",
-                "# HELP qwen_lora_generation_seconds Time in the pipeline per image.",
-                "# TYPE qwen_lora_generation_seconds summary",
-                f"qwen_lora_generation_seconds_sum {self.seconds_sum:.6f}",
-                f"qwen_lora_generation_seconds_count {self.images}",
-                "# HELP qwen_lora_rejected_total Requests refused because the queue was full.",
-                "# TYPE qwen_lora_rejected_total counter",
-                f'qwen_lora_rejected_total{{reason="queue_full"}} {self.rejected_queue_full}',
-                "# HELP qwen_lora_queue_depth Requests admitted and not yet running (decoding inputs or queued).",
-                "# TYPE qwen_lora_queue_depth gauge",
-                f"qwen_lora_queue_depth {worker.waiting}",
-                "# HELP qwen_lora_decoding Input images being decoded now (at most serve's decode limit).",
-                "# TYPE qwen_lora_decoding gauge",
-                f"qwen_lora_decoding {decoding}",
-                "# HELP qwen_lora_worker_busy 1 while the model worker is generating.",
-                "# TYPE qwen_lora_worker_busy gauge",
-                f"qwen_lora_worker_busy {int(worker.busy)}",
-            ]
-        return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from typing import Literal, Union, get_type_hints
 import yaml
 
 from qwen_image_lora import typed_yaml
+from qwen_image_lora.knobs import SettingError, aspect_ratios, check_image_count, check_value, knob, side_multiple
 from qwen_image_lora.typed_yaml import ConfigError
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-2.1"
@@ -92,8 +93,10 @@ class EditExample:
     mask: str | None = _path()
 
     def validate(self, where: str) -> None:
-        if not 1 <= len(self.images) <= 10:
-            raise ConfigError(f"{where}.images: give 1 to 10 reference images (got {len(self.images)})")
+        try:
+            check_image_count(len(self.images), least=1)
+        except SettingError as e:
+            raise ConfigError(f"{where}.{e}") from None
 
 
 @dataclass
@@ -257,30 +260,32 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class SamplingConfig:
-    """The knobs of one generation, declared once: validation, eval, batch jobs, the CLI and the server's requests
-    (`GenerationRequest` extends it) all carry these. null = the pipeline's own defaults, the ones users get."""
+    """The knobs of one generation, each declared once with its help and limits: validation, eval and batch jobs
+    carry these fields, and the CLI flags and the server's request models are built from them (`GenerationRequest`
+    extends it). null = the pipeline's own defaults, the ones users get."""
 
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    aspect_ratio: str | None = None  # a preset instead of width/height; quote it in YAML ("16:9"), or YAML reads a number
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None  # the pipeline's true_cfg_scale: acts only with a negative prompt
-    seed: int = 0
+    negative_prompt: str | None = knob(None, "what to steer away from; guidance acts only with one")
+    width: int | None = knob(None, "width in pixels (or aspect_ratio)", ge=side_multiple, multiple_of=side_multiple)
+    height: int | None = knob(None, "height in pixels (or aspect_ratio)", ge=side_multiple, multiple_of=side_multiple)
+    # Quote it in YAML ("16:9"), or YAML reads a number.
+    aspect_ratio: str | None = knob(None, "a preset size for the pixel budget (or width/height)", choices=aspect_ratios)
+    num_inference_steps: int | None = knob(None, "denoising steps; default: the pipeline's own", ge=1)
+    guidance_scale: float | None = knob(None, "true_cfg_scale: acts only with a negative prompt and > 1", ge=0.0)
+    seed: int = knob(0, "the noise seed: the same seed and settings give the same image", ge=0, le=2**63 - 1)
+
+    def check(self) -> None:
+        """The sampling rules, once for every edge (config sections, batch lines, CLI flags, HTTP requests, the
+        generator): each field within its limits, the size given one way. Raises SettingError naming the field."""
+        for f in dataclasses.fields(SamplingConfig):
+            check_value(f, getattr(self, f.name))
+        if self.aspect_ratio is not None and (self.width is not None or self.height is not None):
+            raise SettingError(None, "give either aspect_ratio or width/height, not both")
 
     def validate(self, where: str) -> None:
-        from qwen_image_lora.model import ASPECT_RATIOS  # deferred: the model module imports torch
-
-        for side in ("width", "height"):
-            value = getattr(self, side)
-            if value is not None and (value <= 0 or value % 32):
-                raise ConfigError(f"{where}.{side}: must be a positive multiple of 32 (got {value})")
-        if self.aspect_ratio is not None and self.aspect_ratio not in ASPECT_RATIOS:
-            raise ConfigError(f"{where}.aspect_ratio: one of {', '.join(ASPECT_RATIOS)} (got {self.aspect_ratio!r})")
-        if self.aspect_ratio is not None and (self.width is not None or self.height is not None):
-            raise ConfigError(f"{where}: give either aspect_ratio or width/height, not both")
-        if self.num_inference_steps is not None and self.num_inference_steps < 1:
-            raise ConfigError(f"{where}.num_inference_steps: must be >= 1 (got {self.num_inference_steps})")
+        try:
+            self.check()
+        except SettingError as e:
+            raise ConfigError(f"{where}.{e}" if e.field else f"{where}: {e}") from None
 
 
 @dataclass
@@ -360,6 +365,9 @@ class ServeConfig:
     max_side: int = 2048
     # Training run folders (one per run: losses.jsonl, samples/, README.md, eval/) the studio page shows, read-only.
     runs_dir: str | None = _path()
+    # Swagger UI at /docs. Off: its script and stylesheet come from cdn.jsdelivr.net (no installed package ships
+    # them) and the service is otherwise offline. On: the studio's CSP plus that CDN and the page's one inline script.
+    api_docs: bool = False
 
     def validate(self, where: str) -> None:
         _require(where, self, lambda v: 0 <= v <= 65535, "in 0..65535", "port")

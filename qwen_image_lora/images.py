@@ -1,13 +1,27 @@
-"""Image bytes in and out: JPEG/PNG/WebP inputs with pixel limits, PNG/JPEG/WebP outputs (JPEG has no alpha, so
-it is composited on white)."""
+"""The one image reader, used by training data, the data doctor, validation, evaluation and every inference input,
+and the image writers (PNG/JPEG/WebP; JPEG has no alpha, so it is composited on white).
+
+    read_image(path_or_bytes, max_side=None) -> RGB or RGBA PIL image
+    decode_image(bytes) / load_image(path)     -> the same, fitted to MAX_INPUT_SIDE (inference inputs)
+    decode_cost(bytes, max_side) -> DecodeCost  the memory that decode holds at its peak, known from the header
+    identify(path_or_bytes) -> ImageHeader      format, size after EXIF orientation, mode, frames
+
+Every read: the format checked from the header (JPEG, PNG or WebP for inference inputs: a GIF named .png is refused
+as a GIF; training data takes whatever PIL reads), the pixel count refused before a pixel is decoded, EXIF
+orientation applied, 16-bit greyscale scaled to 8 bits. An image larger than `max_side` is shrunk before any
+conversion: JPEG decodes at 1/2-1/8 scale (`draft`); PNG and WebP decode their full frame (PIL cannot decode them
+smaller) and are then resized strip by strip, so a palette, 1-bit or 16-bit frame never gets an RGBA or float copy
+at full size. The frame itself, and WebP's decoder buffers, cannot be avoided: `decode_cost` counts them so a
+service can admit decodes by the memory they take."""
 
 from __future__ import annotations
 
+import contextlib
 import io
-import warnings
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from qwen_image_lora.io import atomic_path
 
@@ -16,49 +30,182 @@ OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MAX_INPUT_SIDE = 2048  # larger inputs are downscaled to fit 2048x2048 (the model works at ~1024 anyway)
 MAX_DECODED_PIXELS = 64 * 2**20  # refused before decoding: a 100 KB PNG can claim 100,000 x 100,000 pixels
+STRIP_BYTES = 4 * 2**20  # a large image is converted this many bytes of rows at a time
+_LANCZOS = Image.Resampling.LANCZOS
+# EXIF orientation -> the transpose that undoes it (as `ImageOps.exif_transpose`)
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # fmt: skip
 
 
 class ImageInputError(ValueError):
-    """An input image we refuse: unreadable, wrong format, or too many pixels (`too_large`)."""
+    """An image we refuse. `code`: unreadable, unsupported-format, huge (too many pixels, a decompression bomb, or more
+    memory than a decode budget: `too_large`), truncated or corrupt."""
 
-    def __init__(self, message: str, too_large: bool = False):
+    def __init__(self, message: str, too_large: bool = False, code: str | None = None):
         super().__init__(message)
-        self.too_large = too_large
+        self.code = code or ("huge" if too_large else "unreadable")
+        self.too_large = self.code == "huge"
+
+
+class ImageHeader(NamedTuple):
+    format: str
+    size: tuple[int, int]  # (width, height) after EXIF orientation
+    mode: str  # as decoded, before any conversion
+    frames: int = 1  # an animation's frames (only the first is read)
+
+
+class DecodeCost(NamedTuple):
+    bytes: int  # peak memory of `read_image(data, max_side)`, decoded frame and temporaries together
+    what: str  # e.g. "8000x8000 WEBP (RGB)", for a refusal
+
+
+@contextlib.contextmanager
+def _opened(source: bytes | str | Path, max_pixels: int | None, formats: set[str] | None) -> Iterator[Image.Image]:
+    """The image, opened (header read, no pixels) and checked: format (any PIL reads when `formats` is None), pixel
+    count, bombs. Any PIL error raised while it is open, decoding included, becomes an ImageInputError with a code.
+    The one `Image.open` of the package."""
+    name = f"{source}: " if isinstance(source, (str, Path)) else ""
+    try:
+        # `max_pixels` is the limit; past twice its own (~179 M pixels) PIL raises DecompressionBombError itself. No
+        # `warnings.catch_warnings` (its bomb warning): it swaps process-wide filters, and decodes run on many threads.
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            if formats is not None and im.format not in formats:
+                raise ImageInputError(f"{name}a {im.format} image, not JPEG, PNG or WebP: convert it", code="unsupported-format")
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:  # from the header, before a pixel is decoded
+                raise ImageInputError(f"{name}image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}", too_large=True)
+            yield im
+    except ImageInputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageInputError(f"{name}image refused as a decompression bomb: {e}", too_large=True) from e
+    except UnidentifiedImageError as e:  # its message is the repr of our in-memory buffer: say it plainly
+        raise ImageInputError(f"{name}not a readable JPEG/PNG/WebP image (not an image format PIL recognises)") from e
+    except MemoryError:
+        raise
+    except OSError as e:
+        if e.errno is not None:  # the file system's error (missing, unreadable), not the image's
+            raise
+        raise _undecodable(name, e) from e
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise _undecodable(name, e) from e
+
+
+def _undecodable(name: str, e: Exception) -> ImageInputError:
+    cut = "truncat" in str(e).lower() or "broken data stream" in str(e).lower()
+    return ImageInputError(f"{name}not a readable JPEG/PNG/WebP image ({type(e).__name__}: {e})", code="truncated" if cut else "corrupt")
+
+
+def read_image(source: bytes | str | Path, max_side: int | None = None, max_pixels: int | None = MAX_DECODED_PIXELS,
+               formats: set[str] | None = INPUT_FORMATS) -> Image.Image:  # fmt: skip
+    """Bytes or a path -> an RGB or RGBA image (RGBA when the file has alpha; the first frame of an animation), EXIF
+    orientation applied, fitting `max_side` x `max_side` when given (aspect kept). Training data passes
+    `formats=None` (whatever PIL reads; the doctor names a file whose content its extension misnames). Raises
+    ImageInputError (naming the path) with its `code`."""
+    return read_with_header(source, max_side, max_pixels, formats)[1]
+
+
+def read_with_header(source: bytes | str | Path, max_side: int | None = None, max_pixels: int | None = MAX_DECODED_PIXELS,
+                     formats: set[str] | None = INPUT_FORMATS) -> tuple[ImageHeader, Image.Image]:  # fmt: skip
+    """`read_image`, and what `identify` says of the file, from one decode (the data doctor reports both)."""
+    with _opened(source, max_pixels, formats) as im:
+        (w, h), mode, alpha = im.size, im.mode, _has_alpha(im)
+        target = _target(im.size, max_side)
+        if target is not None:
+            im.draft(None, target)  # JPEG only: decodes at 1/2, 1/4 or 1/8 scale, still no smaller than the target
+        im.load()
+        orientation = im.getexif().get(0x0112, 1)
+        image = _shrink(im, target, "RGBA" if alpha else "RGB") if target is not None else to_8bit(im)
+        image = image.convert("RGBA" if alpha else "RGB")  # a copy: nothing refers to the file's frame
+        header = ImageHeader(im.format, (h, w) if orientation in (5, 6, 7, 8) else (w, h), mode, getattr(im, "n_frames", 1))
+    return header, image.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else image
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS, max_side: int = MAX_INPUT_SIDE) -> Image.Image:
-    """Bytes -> an RGB/RGBA PIL image (EXIF orientation applied) that fits max_side x max_side.
+    """An inference input: bytes -> RGB/RGBA that fits max_side x max_side."""
+    return read_image(data, max_side, max_pixels)
 
-    A large input goes straight to about that size: JPEG decodes at 1/2, 1/4 or 1/8 scale (`draft`), other formats
-    are reduced in their own mode (`thumbnail` reduces by whole factors first) before any conversion, so an 8192x8192
-    PNG costs its decoded frame once, not again as an RGB(A) copy at full size."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.format not in INPUT_FORMATS:
-                raise ImageInputError(f"unsupported image format {image.format}; send JPEG, PNG or WebP")
-            w, h = image.size
-            if w * h > max_pixels:  # checked from the header, before a single pixel is decoded
-                raise ImageInputError(f"image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}", too_large=True)
-            image = to_8bit(image)  # 16-bit greyscale: decoded here, at full size, as `convert` below would do
-            has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-            mode = "RGBA" if has_alpha else "RGB"
-            if max(w, h) > max_side:
-                image.draft(None, _fit((w, h), max_side))  # JPEG only; a no-op for the other formats
-                if image.mode not in ("L", "LA", "RGB", "RGBA"):  # palette indices, CMYK: convert first
-                    image = image.convert(mode)
-                image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-            image.load()
-            return ImageOps.exif_transpose(image).convert(mode)
-    except ImageInputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageInputError(f"image refused as a decompression bomb: {e}", too_large=True) from e
-    except UnidentifiedImageError as e:  # its message is the repr of our in-memory buffer: say it plainly
-        raise ImageInputError("not a readable JPEG/PNG/WebP image (not an image format PIL recognises)") from e
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise ImageInputError(f"not a readable JPEG/PNG/WebP image ({type(e).__name__}: {e})") from e
+
+def load_image(path: str | Path, max_pixels: int = MAX_DECODED_PIXELS, max_side: int = MAX_INPUT_SIDE) -> Image.Image:
+    """An inference input from a file (the CLI, batch jobs, validation and eval edits): as `decode_image`."""
+    return read_image(Path(path), max_side, max_pixels)
+
+
+def identify(source: bytes | str | Path, max_pixels: int | None = None, formats: set[str] | None = INPUT_FORMATS) -> ImageHeader:
+    """Format, size after EXIF orientation, mode and frames, from the header (PIL reads a PNG through to find EXIF
+    stored after its pixels). Refuses what `read_image` refuses before decoding."""
+    with _opened(source, max_pixels, formats) as im:
+        w, h = im.size
+        turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        return ImageHeader(im.format, (h, w) if turned else (w, h), im.mode, getattr(im, "n_frames", 1))
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+
+
+def _target(size: tuple[int, int], max_side: int | None) -> tuple[int, int] | None:
+    """The size that fits max_side x max_side, or None when the image already fits."""
+    if max_side is None or max(size) <= max_side:
+        return None
+    scale = max_side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _shrink(im: Image.Image, size: tuple[int, int], final: str) -> Image.Image:
+    """A decoded frame -> `size`, Lanczos, with no full-size copy in another mode. L and RGB resize as they are. Any
+    other mode goes strip by strip through the horizontal pass (converted to L, RGB or premultiplied RGBa, as a whole
+    converted image would be), then the vertical pass runs on the narrow result: the same pixels as converting the
+    whole image and resizing it, as PIL resamples in those two passes anyway."""
+    grey = final == "RGB" and (im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;16"))
+    working = "L" if grey else final
+    if im.mode in ("L", "RGB") and im.mode == working:
+        return im.resize(size, _LANCZOS)
+    premultiplied = {"RGBA": "RGBa"}.get(working, working)  # as `Image.resize` does for RGBA
+    (w, h), tw = im.size, size[0]
+    wide = Image.new(premultiplied, (tw, h))
+    rows = max(1, STRIP_BYTES // (4 * w))
+    for y in range(0, h, rows):
+        strip = to_8bit(im.crop((0, y, w, min(h, y + rows))))
+        strip = strip.convert(working) if strip.mode != working else strip
+        strip = strip.convert(premultiplied) if premultiplied != working else strip
+        wide.paste(strip.resize((tw, strip.height), _LANCZOS), (0, y))
+        del strip
+    return wide.resize(size, _LANCZOS).convert(working)
+
+
+def decode_cost(data: bytes, max_side: int | None = MAX_INPUT_SIDE, max_pixels: int | None = MAX_DECODED_PIXELS) -> DecodeCost:
+    """The peak memory `read_image(data, max_side)` takes, from the header alone (no pixels are decoded): the frame the
+    decoder writes (JPEG: at its draft scale), what the decoder holds beside it, and the conversion temporaries. An
+    upper bound, checked against measured peaks in tests/test_images.py."""
+    with _opened(data, max_pixels, INPUT_FORMATS) as im:
+        (w0, h0), mode, fmt, info = im.size, im.mode, im.format, im.info
+        sampling = [(c[1], c[2]) for c in getattr(im, "layer", None) or []]  # JPEG components' sampling factors
+        target = _target(im.size, max_side)
+        if target is not None:
+            im.draft(None, target)
+        w, h = im.size
+    grey = mode in ("1", "L", "I", "F") or mode.startswith("I;16")
+    held = 0
+    if fmt == "WEBP":  # libwebp's canvas, its copy for the next frame, and the bytes PIL copies the frame from
+        held = 3 * w * h * 4
+    elif fmt == "JPEG" and ("progressive" in info or "progression" in info) and sampling:
+        hmax, vmax = max(s[0] for s in sampling), max(s[1] for s in sampling)  # every DCT coefficient, 2 bytes each,
+        held = int(w0 * h0 * 2 * sum(a * b / (hmax * vmax) for a, b in sampling))  # until the last scan
+    if target is None:  # full size: to_8bit's float copies, then the RGB(A) copy
+        temporaries = w * h * (9 if grey and mode not in ("1", "L") else 4)
+    else:  # the horizontal pass, the strips it reads, the result, its RGB(A) copy and the turned copy
+        tw, th = target
+        working = 1 if grey else 4
+        strips = 0 if mode in ("L", "RGB") else 4 * STRIP_BYTES * (3 if grey else 1)
+        temporaries = tw * h * working + strips + tw * th * (working + 4 + 4)
+    return DecodeCost(w * h * _bytes_per_pixel(mode) + held + temporaries, f"{w0}x{h0} {fmt} ({mode})")
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """Bytes of PIL's own storage per pixel: 1 for 1/L/P, 2 for I;16, else 4 (3-band images are stored in 4)."""
+    return 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -66,26 +213,12 @@ def to_8bit(image: Image.Image) -> Image.Image:
 
     PIL's own `convert` clips these at 255, so a 16-bit PNG turns white. PNG's 16-bit greyscale opens as I;16 (I in
     older PIL), so I is read as 0..65535 too; F as 0..1 when it fits there (the usual float convention), else like
-    I. PIL already reads 16-bit RGB(A) and grey+alpha PNGs as 8-bit RGB(A). `point` and `convert` keep `info` (EXIF).
-    Shared by training data (`data.sources.open_image`) and inference inputs (`decode_image`)."""
+    I. PIL already reads 16-bit RGB(A) and grey+alpha PNGs as 8-bit RGB(A). `point` and `convert` keep `info`."""
     if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
         return image
     floats = image.convert("F")
     scale = 255 if image.mode == "F" and floats.getextrema()[1] <= 1 else 255 / 65535
     return floats.point(lambda v: v * scale + 0.5).convert("L")  # + 0.5: F -> L truncates
-
-
-def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    scale = max_side / max(size)
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
-
-
-def load_image(path: str | Path, **limits) -> Image.Image:
-    path = Path(path)
-    try:
-        return decode_image(path.read_bytes(), **limits)
-    except ImageInputError as e:
-        raise ImageInputError(f"{path}: {e}", e.too_large) from e
 
 
 def format_for(name: str) -> str:

@@ -35,8 +35,8 @@ _ONLY_FROM_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 class WriteError(OSError):
-    """An atomic write that could not start: its folder could not be made or written to. `filename` is the
-    destination (not the temp file); the errno is the original one."""
+    """A write of `filename` (the destination, never a temp file's name) that failed: its folder could not be made
+    or written to, or the device ran out of room mid-write. The errno is the original one."""
 
 
 def _errno_in_chain(error: BaseException | None, codes) -> int | None:
@@ -70,6 +70,12 @@ def is_write_error(error: BaseException) -> bool:
     return isinstance(error, WriteError) or _errno_in_chain(error, _ONLY_FROM_WRITES) is not None
 
 
+def affects_every_write(error: BaseException) -> bool:
+    """True when the device, not this one file, refused the write (full, over quota or size limit, read-only): the
+    next file would fail too, so a loop over many outputs stops instead of failing each one in turn."""
+    return _errno_in_chain(error, _ONLY_FROM_WRITES) is not None
+
+
 @contextlib.contextmanager
 def writing_to(path: str | os.PathLike) -> Iterator[None]:
     """Setting up a write of `path` (its folder, a temp or lock file in it): an OSError becomes a `WriteError`
@@ -78,6 +84,19 @@ def writing_to(path: str | os.PathLike) -> Iterator[None]:
         yield
     except OSError as e:
         raise WriteError(e.errno, e.strerror or str(e), str(path)) from e
+
+
+@contextlib.contextmanager
+def _naming_destination(path: Path) -> Iterator[None]:
+    """Inside an atomic write: the device running out of room (whoever raised it, wrapped or not, with the temp
+    file's name or none) becomes a `WriteError` naming `path`; any other error passes through unchanged."""
+    try:
+        yield
+    except Exception as e:
+        code = _errno_in_chain(e, _ONLY_FROM_WRITES)
+        if code is None:
+            raise
+        raise WriteError(code, os.strerror(code), str(path)) from e
 
 
 def _umask() -> int:
@@ -99,11 +118,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
         os.close(fd)
     try:
-        yield Path(tmp)
-        # mkstemp makes 0600, and a writer may replace the temp with its own 0600 file (safetensors does): after
-        # the block, so the final file looks like any other.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        with _naming_destination(path):
+            yield Path(tmp)
+            # mkstemp makes 0600, and a writer may replace the temp with its own 0600 file (safetensors does):
+            # after the block, so the final file looks like any other.
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -117,16 +137,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        yield tmp
-        _apply_umask(tmp)  # mkdtemp makes 0700; files inside may be 0600 (safetensors writes them so)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with _naming_destination(path):
+            yield tmp
+            _apply_umask(tmp)  # mkdtemp makes 0700; files inside may be 0600 (safetensors writes them so)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,15 +1,20 @@
-"""Soak the HTTP service on loopback and report latency, status counts and the server's memory as JSON.
+"""Soak the HTTP service on loopback with large inputs of every accepted format; report, per format, the server's peak
+memory against the bound admission promises, and its idle memory after the load, as JSON.
 
     python scripts/soak_server.py                      # tiny random model, 2 random adapters, CPU
-    python scripts/soak_server.py --requests 200 --concurrency 32 --max-queue 8
+    python scripts/soak_server.py --formats lossless-webp --requests 64 --concurrency 32
 
-Starts `qwen-lora serve` as a child process on 127.0.0.1 (nothing else is contacted), sends a bounded number of
-requests (`--requests`, `--concurrency` of them at once: several times `--max-queue`; a 429 is retried after its
-`Retry-After`) mixing small edits, large-image edits (a ~90 KB PNG that
-decodes to 8192x8192) and text-to-image with mixed adapters, then stops the server. Everything ends by
-`--time-limit` seconds. The server's RSS (VmRSS of its process) is sampled throughout: start (model loaded, idle),
-peak, and end (idle again after the load). `bound_mb` is what admission promises: the idle server plus, at most,
-`MAX_CONCURRENT_DECODES` full-size decode frames plus `max_queue + 1` requests' bodies and decoded inputs.
+Starts `qwen-lora serve` as a child process on 127.0.0.1 (nothing else is contacted). For each format (8-bit grey PNG,
+JPEG, 1-bit PNG, palette PNG with transparency, 16-bit grey PNG, lossless WebP: each a disc on white, 8000x8000 when
+decoded and small on disk) it sends `--requests` edits of that image, `--concurrency` at once, to a queue of
+`--max-queue` (a 429 is retried after its `Retry-After`), adapters varied. The server's RSS (VmRSS) is sampled every
+20 ms: at the start (model loaded, idle), the peak of each format's phase, and idle again after it. Everything ends by
+`--time-limit` seconds.
+
+The bound is what admission promises: the idle server + the decode budget (`guards.DECODE_BUDGET_BYTES`: what
+concurrent decodes may hold, each counted from its header by `images.decode_cost`, the decoded frame included) +
+(`max_queue` + 1) requests' bodies and decoded inputs + the bodies of the other requests in flight (read before their
+429). An input whose decode alone would not fit the budget gets 413 before a pixel is decoded.
 """
 
 from __future__ import annotations
@@ -31,43 +36,58 @@ import time
 from pathlib import Path
 
 KEY = "soak-key"
+FORMATS = ("grey-png", "jpeg", "bilevel-png", "palette-png", "grey16-png", "lossless-webp")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="local model folder (default: a freshly built tiny model)")
-    p.add_argument("--requests", type=int, default=48, help="distinct requests; a 429 is retried (Retry-After)")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    p.add_argument("--requests", type=int, default=32, help="edits per format; a 429 is retried (Retry-After)")
+    p.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
     p.add_argument("--max-queue", type=int, default=4)
-    p.add_argument("--large-side", type=int, default=8192, help="side of the large input image (decoded pixels)")
-    p.add_argument("--time-limit", type=float, default=300.0, help="seconds for the whole run, start-up included")
+    p.add_argument("--side", type=int, default=8000, help="side of each input image (decoded pixels)")
+    p.add_argument("--time-limit", type=float, default=1200.0, help="seconds for the whole run, start-up included")
     args = p.parse_args(argv)
     deadline = time.monotonic() + args.time_limit
+    from qwen_image_lora.inference.guards import DECODE_BUDGET_BYTES
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-server-"))
     model, adapters = _model_and_adapters(args.model, tmp)
+    inputs = {name: _encoded(name, args.side) for name in args.formats}  # before the server starts: not in its RSS
     port = _free_port()
     config = tmp / "serve.yaml"
     config.write_text(json.dumps({  # JSON is YAML
-        "model": {"pretrained": str(model), "dtype": "float32"},
-        "serve": {"host": "127.0.0.1", "port": port, "max_queue": args.max_queue, "resolution": 64, "max_steps": 2,
+        "model": {"pretrained": str(model), "dtype": "float32"}, "data": {"resolution": 64},
+        "serve": {"host": "127.0.0.1", "port": port, "max_queue": args.max_queue, "max_steps": 2,
                   "adapters": [{"name": name, "path": str(path), "weight": 0.8} for name, path in adapters.items()]},
     }))  # fmt: skip
     env = {**os.environ, "QWEN_LORA_API_KEYS": KEY}
     server = subprocess.Popen([sys.executable, "-m", "qwen_image_lora.cli", "serve", "--config", str(config)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    sampler = None
+    sampler, phases = None, {}
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_ready(base, server, deadline)
         sampler = _RSSSampler(server.pid)
         start_mb = sampler.sample()
-        small, large = _png_b64((96, 64), "RGB"), _png_b64((args.large_side, args.large_side), "L")
-        bodies = _bodies(args.requests, small, large, list(adapters))
-        results = asyncio.run(_load(base, bodies, args.concurrency, deadline))
-        time.sleep(1.0)  # idle again: what the server keeps after the load
+        for name, data in inputs.items():
+            sampler.peak = sampler.sample()
+            b64 = base64.b64encode(data).decode()
+            results = asyncio.run(_load(base, _bodies(args.requests, b64, list(adapters)), args.concurrency, deadline))
+            peak_mb = sampler.peak
+            time.sleep(2.0)  # idle again: what the server keeps after the load
+            ok = [s for code, s in results if code == 200]
+            # The promise: decodes within the budget, admitted requests' bodies and inputs, bodies of the rest in flight.
+            bound_mb = (start_mb + DECODE_BUDGET_BYTES / 2**20 + (args.max_queue + 1) * _per_request_mb(b64)
+                        + (args.concurrency - args.max_queue - 1) * 3 * len(b64) / 2**20)  # fmt: skip
+            phases[name] = {
+                "input_kb": round(len(data) / 1024), "status": dict(sorted(collections.Counter(str(c) for c, _ in results).items())),
+                "latency_200_s": {"p50": _pct(ok, 50), "p99": _pct(ok, 99), "n": len(ok)},
+                "rss_peak_mb": round(peak_mb), "bound_mb": round(bound_mb), "within_bound": peak_mb <= bound_mb,
+                "rss_idle_after_mb": round(sampler.sample()),
+            }  # fmt: skip
         end_mb = sampler.sample()
-        peak_mb = sampler.stop()
         metrics = _get(f"{base}/metrics")
     finally:
         if sampler is not None:
@@ -77,29 +97,34 @@ def main(argv=None) -> int:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
-    per_request_mb = _per_request_mb(large, args.large_side)
-    from qwen_image_lora.inference.server import MAX_CONCURRENT_DECODES
-
-    frame_mb = args.large_side**2 / 2**20  # one full-size greyscale frame while it is reduced
-    bound_mb = start_mb + MAX_CONCURRENT_DECODES * frame_mb + (args.max_queue + 1) * per_request_mb
-    ok = [s for code, s in results if code == 200]
     report = {
-        "requests": args.requests,
-        "attempts": len(results),
-        "concurrency": args.concurrency,
-        "max_queue": args.max_queue,
-        "status": dict(sorted(collections.Counter(str(code) for code, _ in results).items())),
-        "latency_200_s": {"p50": _pct(ok, 50), "p99": _pct(ok, 99), "n": len(ok)},
-        "latency_all_s": {"p50": _pct([s for _, s in results], 50), "p99": _pct([s for _, s in results], 99)},
-        "server_rss_mb": {"start": round(start_mb), "peak": round(peak_mb), "end": round(end_mb)},
-        "bound_mb": round(bound_mb),
-        "within_bound": peak_mb <= bound_mb,
-        "large_input": {"png_kb": round(len(base64.b64decode(large)) / 1024), "decoded": f"{args.large_side}x{args.large_side}"},
+        "side": args.side, "requests_per_format": args.requests, "concurrency": args.concurrency, "max_queue": args.max_queue,
+        "decode_budget_mb": round(DECODE_BUDGET_BYTES / 2**20), "server_rss_start_mb": round(start_mb),
+        "server_rss_end_mb": round(end_mb), "formats": phases,
         "server_5xx": sum(int(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                           if line.startswith("qwen_lora_http_responses_total") and 'code="5' in line),
     }  # fmt: skip
     print(json.dumps(report, indent=2))
-    return 0 if report["within_bound"] and not report["server_5xx"] else 1
+    return 0 if all(ph["within_bound"] for ph in phases.values()) and not report["server_5xx"] else 1
+
+
+def _encoded(name: str, side: int) -> bytes:
+    """A dark disc on white, `side` x `side`, in the named format: each decodes to a large frame from a small file."""
+    from PIL import Image, ImageDraw
+
+    grey = Image.new("L", (side, side), 255)
+    ImageDraw.Draw(grey).ellipse((side // 4, side // 4, 3 * side // 4, 3 * side // 4), fill=40)
+    image, fmt, options = {
+        "grey-png": (grey, "PNG", {"optimize": True}),
+        "jpeg": (grey.convert("RGB"), "JPEG", {"quality": 75}),
+        "bilevel-png": (grey.convert("1", dither=Image.Dither.NONE), "PNG", {"optimize": True}),
+        "palette-png": (grey.convert("P"), "PNG", {"transparency": 255, "optimize": True}),  # white is transparent
+        "grey16-png": (grey.convert("I").point(lambda v: v * 257).convert("I;16"), "PNG", {}),
+        "lossless-webp": (grey.convert("RGB"), "WEBP", {"lossless": True}),
+    }[name]  # fmt: skip
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
 
 
 def _model_and_adapters(model: str | None, tmp: Path):
@@ -142,28 +167,11 @@ def _wait_ready(base: str, server: subprocess.Popen, deadline: float) -> None:
     raise SystemExit("the server did not start within --time-limit")
 
 
-def _png_b64(size: tuple[int, int], mode: str) -> str:
-    from PIL import Image, ImageDraw
-
-    image = Image.new(mode, size, "white")
-    draw = ImageDraw.Draw(image)
-    w, h = size
-    draw.ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill="black")  # a product on white: compresses well
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=True)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _bodies(n: int, small: str, large: str, adapters: list[str]) -> list[dict]:
+def _bodies(n: int, image: str, adapters: list[str]) -> list[dict]:
     loras = [None, [], [{"name": adapters[0]}], [{"name": adapters[1], "weight": 0.5}], [{"name": a} for a in adapters]]
     bodies = []
     for i in range(n):
-        body = {"prompt": f"a bottle on white, {i}", "num_inference_steps": 1, "seed": i}
-        kind = i % 3  # small edit, large edit, text-to-image
-        if kind < 2:
-            body["image"] = small if kind == 0 else large
-        else:
-            body.update(width=64, height=64)
+        body = {"prompt": f"a bottle on white, {i}", "image": image, "num_inference_steps": 1, "seed": i}
         if loras[i % len(loras)] is not None:
             body["loras"] = loras[i % len(loras)]
         bodies.append(body)
@@ -197,11 +205,10 @@ async def _load(base: str, bodies: list[dict], concurrency: int, deadline: float
     return attempts
 
 
-def _per_request_mb(large: str, side: int) -> float:
-    """One large request's working set: the JSON body held by the server about 3 times (bytes, parsed string,
-    decoded PNG bytes) plus its decoded input at the working size (2048x2048 RGB, 4 bytes a pixel)."""
-    working = min(side, 2048) ** 2 * 4
-    return (3 * len(large) + working) / 2**20
+def _per_request_mb(body_b64: str) -> float:
+    """One admitted request's working set: the JSON body held by the server about 3 times (bytes, parsed string,
+    decoded image bytes) plus its decoded input at the working size (2048x2048 RGBA, 4 bytes a pixel)."""
+    return (3 * len(body_b64) + 2048 * 2048 * 4) / 2**20
 
 
 def _pct(values: list[float], q: int) -> float | None:

@@ -15,6 +15,7 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import load_config
 from qwen_image_lora.data.cache import Cache, key_for_image, key_for_prompt, model_identity
 from qwen_image_lora.data.prepare import prepare
+from qwen_image_lora.io import WriteError, describe_write_error
 from tests.test_data_doctor import make_bad_folder
 
 
@@ -115,6 +116,34 @@ def test_changed_caption_reembeds_one_item_and_resume(tmp_path, tiny_pipe, tiny_
     shards[0].unlink()
     fourth = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
     assert 0 < fourth.latents_encoded + fourth.prompts_encoded <= lost
+
+
+def test_alpha_keep_caches_the_latents_of_the_files_own_alpha(tmp_path, tiny_pipe, tiny_model_dir):
+    """`data.alpha: keep` trains on the RGBA pixels of the file: a half-transparent pixel reaches the VAE with its own
+    alpha (the mode alone, RGBA, passed with the alpha inverted)."""
+    root = tmp_path / "rgba"
+    root.mkdir()
+    rgba = np.random.default_rng(0).integers(0, 256, (128, 128, 4), dtype=np.uint8)  # at its bucket: no resize or crop
+    rgba[..., 3] = np.linspace(0, 255, 128).astype(np.uint8)[None, :]  # clear -> half -> opaque, left to right
+    Image.fromarray(rgba, "RGBA").save(root / "logo.png")
+    (root / "logo.txt").write_text("a logo")
+    cfg = _cfg(root, tiny_model_dir, tmp_path, "data.alpha=keep")
+    prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    from qwen_image_lora.data.dataset import build_training_data
+
+    data = build_training_data(cfg, type("P", (), {"vae": None, "text_encoder": None})())  # the cache alone
+    cached = data.dataset.sample(0, "a logo")["latents"]
+    pixels = torch.from_numpy(rgba).float().div(127.5).sub(1).permute(2, 0, 1)[None, :, None]  # [1, 4, 1, H, W]
+    torch.testing.assert_close(cached, qmodel.encode_latents(tiny_pipe, pixels), rtol=1e-4, atol=1e-5)
+
+
+def test_a_writable_cache_under_a_file_is_a_write_error_naming_its_folder(tmp_path):
+    (tmp_path / "blocked").write_text("a file where data.cache_dir should be")
+    shards = tmp_path / "blocked" / "cache" / "shards"
+    with pytest.raises(WriteError) as e:  # was NotADirectoryError, a traceback from `data prepare`
+        Cache(tmp_path / "blocked" / "cache", "m1", writable=True)
+    assert describe_write_error(e.value, e.value.filename) == (
+        f"could not write {shards}: a part of that path is a file, not a folder; choose a folder path and retry")
 
 
 def test_edit_markers_keep_their_latent_position(tmp_path, tiny_pipe, tiny_model_dir):

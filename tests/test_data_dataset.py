@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qwen_image_lora.config import load_config
@@ -69,3 +70,25 @@ def test_bad_manifest_names_the_line(tmp_path):
     cfg = load_config(None, [f"data.path={tmp_path / 'm.jsonl'}"])
     with pytest.raises(DataError, match=r"m.jsonl:2: edit rows need .* missing sources"):
         load_items(cfg.data)
+
+
+def test_an_edit_mask_is_turned_by_its_exif_as_its_target_is(tiny_pipe, tmp_path):
+    """A phone exports the target and its mask stored sideways with EXIF orientation 6; the loss weights must follow
+    the turned target. The mask was read without EXIF: its stored left half weighed the displayed left half."""
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: the stored left half is the displayed top half
+    for name in ("src", "tgt"):
+        Image.fromarray(rng.integers(0, 256, (64, 128, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png", exif=exif)
+    mask = Image.new("L", (128, 64), 0)
+    mask.paste(255, (0, 0, 64, 64))
+    mask.save(tmp_path / "mask.png", exif=exif)
+    row = {"target": "tgt.png", "instruction": "make it red", "sources": ["src.png"], "mask": "mask.png"}
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = load_config(None, [f"data.path={tmp_path / 'm.jsonl'}", "data.resolution=128", "data.min_side=16",
+                             "train.mask_loss_weight=4.0", f"output_dir={tmp_path / 'out'}", "data.cache_dir=null"])
+    batch = next(iter(build_training_data(cfg, tiny_pipe).loader()))
+    weights = batch.loss_mask[0, 0, 0]
+    h, w = weights.shape
+    assert h > w  # the target trains upright (taller than wide)
+    assert torch.allclose(weights[: h // 2], torch.tensor(4.0)) and torch.allclose(weights[h // 2 :], torch.tensor(1.0))

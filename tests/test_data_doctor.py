@@ -247,3 +247,19 @@ def test_the_doctor_sees_a_16_bit_greyscale_image_as_its_tones_not_white(tmp_pat
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "i16.png")  # mode I;16
     info, image = probe_image(tmp_path / "i16.png", load_config(None, []))
     assert info.error is None and abs(np.asarray(image, float).mean() - grey.mean()) < 1  # was 255: clipped white
+
+
+def test_a_gif_named_png_is_named_as_a_gif_with_what_trains_of_it(tmp_path, tiny_model_dir):
+    """Issue #24: a GIF named .png trained silently. Like a PNG named .jpg it decodes, so it is kept, with a warning
+    saying what it is (an animation trains its first frame only)."""
+    frames = [_photo(128, 128, seed=i).convert("P") for i in range(3)]
+    frames[0].save(tmp_path / "anim.png", format="GIF", save_all=True, append_images=frames[1:])
+    _photo(128, 128, seed=5).save(tmp_path / "still.png", format="GIF")
+    for name in ("anim", "still"):
+        (tmp_path / f"{name}.txt").write_text(f"a {name} photo")
+    report = diagnose(load_config(None, [f"data.path={tmp_path}", f"model.pretrained={tiny_model_dir}"]), tokenizer=None)
+    found = {f.item: f.message for f in report.findings if f.code == "extension-mismatch"}
+    assert found["anim.png"] == ("image anim.png: a GIF file named .png (not JPEG, PNG or WebP; 3 frames, only the first "
+                                 "trains); it decodes, so it is kept")  # fmt: skip
+    assert found["still.png"] == "image still.png: a GIF file named .png (not JPEG, PNG or WebP); it decodes, so it is kept"
+    assert not report.excluded

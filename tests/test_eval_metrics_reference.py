@@ -163,7 +163,7 @@ def test_masked_ssim_and_psnr_by_hand():
     assert unmasked["ssim"] < got["ssim"] - 0.05 and unmasked["psnr"] < got["psnr"] - 10
 
 
-# ----------------------------------------------------------------------------------------- k-means, bootstrap
+# ----------------------------------------------------------------------------------------- k-means, intervals
 
 
 def test_kmeans_finds_well_separated_clusters_and_their_means():
@@ -183,16 +183,12 @@ def test_kmeans_finds_well_separated_clusters_and_their_means():
     assert sorted(centres[:, 0].tolist()) == [0.0, 50.0] and np.bincount(labels).tolist() in ([5, 3], [3, 5])
 
 
-def test_bootstrap_known_answers():
-    assert M.bootstrap_ci([5.0]) == M.Interval(5.0, 5.0, 5.0, 1)
-    empty = M.bootstrap_ci([])
-    assert math.isnan(empty.mean) and math.isnan(empty.low) and math.isnan(empty.high)
-    # Resampling [0, 10] gives means 0, 5, 10 with chances 1/4, 1/2, 1/4: the 95% interval spans [0, 10].
-    ci = M.bootstrap_ci([0.0, 10.0], n_resamples=4000)
-    assert (ci.mean, ci.low, ci.high, ci.n) == (5.0, 0.0, 10.0, 2)
+def test_interval_known_answers():
+    # [0, 10]: mean 5, sem 5, t(0.975, df=1) = 12.7062.
+    ci = M.mean_ci([0.0, 10.0])
+    assert (ci.mean, ci.n) == (5.0, 2) and (ci.low, ci.high) == pytest.approx((5 - 63.531, 5 + 63.531), abs=1e-3)
     x = np.random.default_rng(3).normal(size=30)
-    assert M.bootstrap_ci(x) == M.bootstrap_ci(x)  # seeded by default
-    assert M.paired_difference_ci(x, x[::-1]) == M.paired_difference_ci(x, x[::-1])
+    assert M.paired_difference_ci(x, x[::-1]) == M.mean_ci(x - x[::-1])
 
 
 def test_preservation_mask_forms_and_errors():

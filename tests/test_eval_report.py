@@ -107,9 +107,11 @@ def test_verdict_says_better_worse_or_unclear_per_metric_from_the_paired_interva
     assert "no clear difference in edit shift" in line
     assert line.endswith("not measured: text accuracy (no quoted text in the prompts)")
 
-    # One pair has a zero-width interval: not evidence either way.
-    assert verdicts(summarise(samples[:1], ["base", "brand"]))["brand"]["metrics"]["palette_delta_e"]["verdict"] == (
-        "no clear difference")
+    # Below MIN_PAIRS no verdict, however clear the few pairs look; the line says how many and what to add.
+    few = verdicts(summarise(samples[:2], ["base", "brand"]))["brand"]
+    assert {v["verdict"] for v in few["metrics"].values()} == {"too few samples"}
+    assert "too few samples for palette distance (n=2), " in few["line"]
+    assert "a verdict needs 6 pairs; add eval.seeds" in few["line"] and "better" not in few["line"]
 
     # Every output opens with the same line: JSON, HTML (above the notes and tables).
     html_path, json_path = write_report(tmp_path, samples, notes=["a note"],

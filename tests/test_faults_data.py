@@ -79,6 +79,26 @@ def test_training_without_doctor_skips_each_bad_file_once_and_trains(tmp_path, t
         assert data.dataset.sample(index, data.dataset.texts_for(index)[0])["latents"].ndim == 5
 
 
+
+def test_training_names_a_gif_named_png_and_trains_it_as_the_doctor_keeps_it(tmp_path, tiny_pipe, tiny_model_dir, caplog):
+    """Issue #24: it trained silently. Training says what it is, as the doctor does, once, and trains its first frame."""
+    folder = tmp_path / "gif"
+    folder.mkdir()
+    for i in range(2):
+        _photo(128, 128, seed=i).save(folder / f"good{i}.png")
+    frames = [_photo(128, 128, seed=i).convert("P") for i in range(2, 5)]
+    frames[0].save(folder / "anim.png", format="GIF", save_all=True, append_images=frames[1:])
+    for name in ("good0", "good1", "anim"):
+        (folder / f"{name}.txt").write_text(f"a qwnbrand {name} photo")
+    with caplog.at_level(logging.WARNING):
+        data = build_training_data(_cfg(folder, tiny_model_dir, tmp_path), tiny_pipe)
+    assert sorted(e.item.id for e in data.dataset.entries) == ["anim.png", "good0.png", "good1.png"]
+    named = [r.getMessage() for r in caplog.records if "anim.png" in r.getMessage()]
+    assert named == ["training anim.png, image anim.png: a GIF file named .png (not JPEG, PNG or WebP; 3 frames, only "
+                     "the first trains); it decodes, so it is kept"]  # fmt: skip
+    index = next(i for i, e in enumerate(data.dataset.entries) if e.item.id == "anim.png")
+    assert data.dataset.sample(index, data.dataset.texts_for(index)[0])["latents"].ndim == 5
+
 def test_a_folder_with_no_readable_item_is_a_data_error_counting_them(tmp_path, tiny_pipe, tiny_model_dir):
     from qwen_image_lora.data.sources import DataError
 

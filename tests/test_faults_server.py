@@ -6,8 +6,10 @@ never echoes the input)."""
 import asyncio
 import base64
 import gc
+import hashlib
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -20,10 +22,11 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
 from qwen_image_lora.config import Config
-from qwen_image_lora.inference import images as images_module
+from qwen_image_lora import images as images_module
 from qwen_image_lora.inference import server
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app
+from qwen_image_lora.inference.studio import CSP
 
 KEY = "faults-key-0123456789"
 AUTH = {"x-api-key": KEY}
@@ -240,7 +243,7 @@ def test_every_5xx_is_counted_in_metrics(cfg, gen, monkeypatch):
     monkeypatch.setattr(app.state.generator, "generate", broken)  # our own class: an unexpected error in a job
     with TestClient(app, raise_server_exceptions=False) as c:
         assert c.post("/v1/images", json=edit(), headers=AUTH).status_code == 500  # sent by Starlette itself
-        assert 'qwen_lora_http_responses_total{path="/v1/images",code="500"} 1' in c.get("/metrics").text
+        assert 'qwen_lora_http_responses_total{code="500",path="/v1/images"} 1.0' in c.get("/metrics").text
 
 
 def test_a_client_that_leaves_before_its_job_starts_frees_its_slot(cfg, gen):
@@ -263,7 +266,7 @@ def test_a_client_that_leaves_before_its_job_starts_frees_its_slot(cfg, gen):
         release.set()
     with TestClient(app) as c:  # the withdrawn job never runs; the next request does
         assert c.post("/v1/images", json=edit(), headers=AUTH).status_code == 200
-        assert "qwen_lora_images_total 1\n" in c.get("/metrics").text
+        assert "qwen_lora_images_total 1.0\n" in c.get("/metrics").text
     assert metrics.images == 1
 
 
@@ -284,3 +287,56 @@ def test_a_16_bit_greyscale_input_keeps_its_tones(tmp_path, max_side):
     Image.fromarray(grey).save(tmp_path / "l8.png")
     got, want = (np.asarray(images_module.load_image(tmp_path / n, max_side=max_side), float) for n in ("i16.png", "l8.png"))
     assert got.shape == want.shape and abs(got.mean() - want.mean()) < 1  # was 255: clipped to white
+
+
+# --------------------------------------------------------------------------------------------- #24 hardening II
+
+
+@pytest.mark.parametrize("field, value, loc", [
+    ("num_inference_steps", True, []), ("seed", False, []), ("width", "64", []), ("guidance_scale", True, []),
+    ("quality", "90", []), ("mask_feather", True, []), ("prompt", 5, []),
+    ("loras", [{"name": "x", "weight": True}], [0, "weight"]),
+])  # fmt: skip
+def test_a_json_value_of_another_type_is_refused_not_coerced(cfg, gen, field, value, loc):
+    """`"num_inference_steps": true` ran 1 step: a boolean or a string is not a number, a number not a string."""
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as c:
+        r = c.post("/v1/images", json=edit(**{field: value}), headers=AUTH)
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", field, *loc]
+        assert c.post("/v1/images", json=edit(guidance_scale=1, width=64), headers=AUTH).status_code == 200  # int is a float
+
+
+def test_a_nul_byte_or_an_overlong_name_in_a_run_file_path_is_refused_not_a_500(cfg, gen, tmp_path):
+    (tmp_path / "runs" / "brand-v1").mkdir(parents=True)
+    (tmp_path / "runs" / "brand-v1" / "README.md").write_text("# card\n")
+    cfg.serve.runs_dir = str(tmp_path / "runs")
+    files = "/v1/runs/brand-v1/files/"
+    with TestClient(create_app(cfg, [KEY], generator=gen), raise_server_exceptions=False) as c:
+        assert c.get(files + "README.md", headers=AUTH).status_code == 200
+        assert c.get(files + "a%00.json", headers=AUTH).status_code == 400  # Path.resolve raised ValueError
+        assert c.get(files + "a" * 300 + ".json", headers=AUTH).status_code == 404  # ENAMETOOLONG: no such file
+        assert c.get(files + "/".join(["a" * 200] * 30) + ".json", headers=AUTH).status_code == 404
+
+
+def test_api_docs_are_off_by_default_and_under_the_studio_csp_when_on(cfg, gen):
+    """/docs loaded Swagger UI from a public CDN with no CSP, on the studio's origin; the service is offline."""
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as c:
+        for path in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+            assert c.get(path, headers=AUTH).status_code == 404, path
+        assert c.get("/openapi.json").status_code == 200
+    cfg.serve.api_docs = True
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as c:
+        r = c.get("/docs")  # no key: the page, like the studio's (its requests need one)
+        assert c.get("/redoc", headers=AUTH).status_code == 404
+    assert r.status_code == 200 and "'/openapi.json'" in r.text
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["referrer-policy"] == "no-referrer"
+    policy = dict(d.strip().split(" ", 1) for d in r.headers["content-security-policy"].split(";"))
+    studio = dict(d.strip().split(" ", 1) for d in CSP.split(";"))
+    cdn = "https://cdn.jsdelivr.net"
+    (inline,) = re.findall(r"<script>(.*?)</script>", r.text, re.DOTALL)
+    digest = base64.b64encode(hashlib.sha256(inline.encode()).digest()).decode()
+    assert policy["script-src"].split() == ["'self'", cdn, f"'sha256-{digest}'"]  # the CDN and this one inline script
+    assert policy["style-src"].split() == ["'self'", cdn]
+    assert {k: v for k, v in policy.items() if k not in ("script-src", "style-src")} == {
+        k: v for k, v in studio.items() if k not in ("script-src", "style-src")}  # fmt: skip
+    assert all(url.startswith(cdn + "/") for url in re.findall(r'(?:src|href)="(https?://[^"]*)"', r.text))

@@ -255,8 +255,9 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_with_one_checkpoint
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no",
            *_train_cmd(tiny_model_dir, sample_data_dir, out, "train.max_steps=100000")[1:]]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:  # a file, not a pipe nobody reads while the ranks log
+        launcher = subprocess.Popen(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.DEVNULL, stderr=err)
     _wait_for_steps(out, 2, launcher, timeout=240)
     workers = _children(launcher.pid)
     rank = {int(dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)["RANK"]): pid
@@ -272,6 +273,10 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_with_one_checkpoint
     checkpoints = Checkpointer(out, 1).all()
     assert [_progress(p)["step"] for p in checkpoints] == [done] and _progress(checkpoints[0])["num_processes"] == 2
     assert Checkpointer(out, 1).resolve("latest") == checkpoints[0]
+    # Each rank's last word names the checkpoint (rank 1, which heard the signal, said "checkpoint None written").
+    said = sorted(line for line in log.read_text().splitlines() if line.startswith("stopped by"))
+    assert said == [f"stopped by {who} after step {done} of 100000; checkpoint {checkpoints[0]} written; continue with "
+                    "--resume latest" for who in ("SIGTERM", "a signal on another rank")], said
 
 
 # ------------------------------------------------------------------------------------------ 3. verified checkpoints
@@ -292,13 +297,14 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
         start = 8 + int.from_bytes(data[:8], "little") + 64
         data[start:start + 2048] = os.urandom(2048)
         path.write_bytes(bytes(data))
-    with caplog.at_level("INFO"):
-        assert lora.main([*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=4", "checkpoint.every_steps=1",
+    with caplog.at_level("INFO"):  # one step further than the finished run (resuming it as it was is refused)
+        assert lora.main([*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=5", "checkpoint.every_steps=1",
                                  "checkpoint.keep_last=5"), "--resume", "latest"]) == 0
     assert f"skipping damaged checkpoint {newest}" in caplog.text
     assert ("truncated" if damage == "truncated adapter" else "does not match its sha256") in caplog.text
     assert f"resumed from {out / 'checkpoints' / 'step-000002'} at step 2" in caplog.text
-    assert [r["loss"] for r in _losses(out)] == [r["loss"] for r in expected]  # steps 3-4 retrained to the same losses
+    losses = [r["loss"] for r in _losses(out)]
+    assert len(losses) == 5 and losses[:4] == [r["loss"] for r in expected]  # steps 3-4 retrained to the same losses
 
 
 def test_leftovers_of_a_killed_save_are_removed_and_a_half_written_loss_line_is_dropped(
@@ -410,10 +416,11 @@ def test_running_out_of_space_in_a_real_run_names_the_path_and_loses_nothing(tra
     kept = {p: _sha(p) for p in [out / ADAPTER, out / "training_metadata.json", out / "README.md"]}
     limit = (out / ADAPTER).stat().st_size // 2  # room for the logs and configs, not for weights
     base = [sys.executable, str(ROOT / "train" / "lora.py"), "--resume", "latest"]
-    for max_steps, where in ((5, "step-000004"), (4, str(out))):  # a mid-run checkpoint, then the final adapter
+    # A mid-run checkpoint, then (no checkpoint before it) the final adapter.
+    for every, where in ((1, "step-000004"), (100, str(out))):
         result = subprocess.run(
-            [*base, *_args(tiny_model_dir, sample_data_dir, out, f"train.max_steps={max_steps}",
-                           "checkpoint.every_steps=1", "checkpoint.keep_last=5")],
+            [*base, *_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=5",
+                           f"checkpoint.every_steps={every}", "checkpoint.keep_last=5")],
             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, preexec_fn=_limit_file_size(limit))
         assert result.returncode == 2, result.stderr[-3000:]
         last = result.stderr.strip().splitlines()[-1]

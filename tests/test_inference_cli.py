@@ -52,10 +52,25 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
     Image.new("RGB", (400, 20)).save(strip)
     for argv, message in ((["generate", "--prompt", "x", "--width", "100"], "generate.width: must be a positive multiple of 32"),
                           (["generate", "--prompt", "x", "--steps", "0"], "generate.num_inference_steps: must be >= 1"),
+                          (["generate", "--prompt", "x", "--guidance-scale", "nan"], "generate.guidance_scale: must be a finite"),
+                          (["edit", "--prompt", "x", *["--image", str(strip)] * 11], "images: give 1 to 10 input images (got 11)"),
                           (["edit", "--prompt", "x", "--image", str(strip), "data.resolution=64"],
                            "images: image 1 is 400x20 (aspect 20.0:1); at resolution 64 the model takes aspect ratios under 16:1")):
         assert main([*argv, *base]) == 2
         assert message in capsys.readouterr().err  # not the missing model: the settings are checked first
+
+
+def test_layers_checks_its_settings_before_the_model_loads_and_takes_no_size(tmp_path, capsys):
+    """Its flags are the sampling fields less the size (the layers keep the input's): `--width` was taken and
+    ignored, and `--steps 0` surfaced only after the model had loaded."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    base = ["layers", "--model", str(tmp_path / "nowhere"), "--image", str(tmp_path / "in.png"), "--mask", "auto",
+            "--output", str(tmp_path / "o.psd")]  # fmt: skip
+    assert main([*base, "--steps", "0"]) == 2
+    assert "layers.num_inference_steps: must be >= 1" in capsys.readouterr().err  # not the missing model
+    with pytest.raises(SystemExit):
+        main([*base, "--width", "64"])
+    assert "unrecognized arguments: --width" in capsys.readouterr().err
 
 
 def _jobs(tmp_path, n=6):
@@ -153,6 +168,7 @@ def test_batch_job_errors_name_the_line_and_field(tmp_path):
         ('{"prompt": "a", "output": "../x.png"}', "must be a plain file name"),
         ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "output": "x.png"}', "also written by line 1"),
         ('{"images": ["a.png"]}', "prompt is required"),
+        (json.dumps({"prompt": "a", "images": ["a.png"] * 11}), r"jobs.jsonl:1: job.images: give 1 to 10 input images \(got 11\)"),
     ]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=match):

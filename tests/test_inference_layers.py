@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from psd_tools import PSDImage
+from scipy.ndimage import distance_transform_edt
 
+from qwen_image_lora.cli import main
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from tests.test_inference_masking import random_mask
 
 W, H = 160, 96
 
@@ -29,7 +32,7 @@ def made(gen):
     mask[20:80, 40:120] = 255  # the product
     mask = Image.fromarray(mask, "L")
     request = GenerationRequest("x", images=[image], num_inference_steps=2, seed=5, mask_feather=3)
-    elements = [layer_output.Element.parse("a red SALE badge@8,8,64,32")]
+    elements = [layer_output.Element.parse("a red SALE badge@24,8,64,32")]  # left != top: PSD takes (top, left)
     return image, mask, gen.layers(request, mask, "a marble table", elements)
 
 
@@ -39,15 +42,41 @@ def test_layers_are_the_subject_cut_out_the_background_and_the_elements(made):
     assert names[:2] == ["background", "subject"] and names[2].startswith("element 1: a red SALE badge")
     subject = result.layers[1].image
     assert np.array_equal(np.asarray(subject)[..., :3], np.asarray(image))  # the input's own colour
-    alpha = np.asarray(subject.getchannel("A"))
-    assert np.array_equal(alpha, np.asarray(masking.feathered_alpha(mask, 3)))  # the mask as alpha
-    assert (alpha[np.asarray(mask) == 0] == 0).all() and (alpha[50, 80] == 255)
+    assert np.array_equal(np.asarray(subject.getchannel("A")), np.asarray(mask))  # the mask as alpha
     element = result.layers[2]
-    assert (element.left, element.top, element.image.size) == (8, 8, (64, 32))
+    assert (element.left, element.top, element.image.size) == (24, 8, (64, 32))
     background = np.asarray(result.layers[0].image.convert("RGB")).astype(int)
-    outside = np.asarray(mask) == 0
-    assert np.array_equal(background[outside], np.asarray(image)[outside])  # a masked edit: only the hole changed
-    assert np.abs(background[~outside] - np.asarray(image)[~outside]).mean() > 5
+    inside = np.asarray(mask) > 0
+    far = distance_transform_edt(~inside) > 3  # beyond the feather's reach of the subject
+    assert np.array_equal(background[far], np.asarray(image)[far])  # a masked edit: only the hole changed
+    assert np.abs(background[inside] - np.asarray(image)[inside]).mean() > 5
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_subject_is_the_mask_exactly_and_the_background_keeps_none_of_it(gen, monkeypatch, seed):
+    """The subject's alpha was the mask shrunk and blurred by the feather, and the background kept the original's
+    pixels under the feather band and the soft edge: moving the subject revealed a second one."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(64, 160)), int(rng.integers(64, 128))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    mask, feather = random_mask(rng, size, soft=seed % 2 == 1), int(rng.integers(1, 13))
+    generated = []
+    real_composite = masking.composite
+
+    def recording(result, original, edit_mask, mask_feather):  # our own function: keeps the model's raw output
+        generated.append(result.resize(original.size, Image.Resampling.LANCZOS).convert("RGB"))
+        return real_composite(result, original, edit_mask, mask_feather)
+
+    monkeypatch.setattr(masking, "composite", recording)
+    request = GenerationRequest("x", images=[image], num_inference_steps=1, seed=seed, mask_feather=feather)
+    background, subject = gen.layers(request, mask).layers
+    assert np.array_equal(np.asarray(subject.image.getchannel("A")), np.asarray(mask))  # soft edges included
+    assert np.array_equal(np.asarray(subject.image.convert("RGB")), np.asarray(image))
+    inside = np.asarray(mask) > 0
+    got, made = np.asarray(background.image.convert("RGB")), np.asarray(generated[0])
+    assert np.array_equal(got[inside], made[inside])  # every pixel under the subject is the inpainted one
+    far = distance_transform_edt(~inside) > feather  # the edit grows only as far as the blend needs
+    assert np.array_equal(got[far], np.asarray(image)[far])
 
 
 def test_psd_reopens_with_named_layers_at_their_offsets(made, tmp_path):
@@ -85,7 +114,7 @@ def test_openraster_and_zip_outputs(made, tmp_path):
     with zipfile.ZipFile(archive) as z:
         index = json.loads(z.read("layers.json"))
         assert [entry["name"] for entry in index["layers"]] == [layer.name for layer in result.layers]
-        assert index["layers"][2] | {"file": None} == {"file": None, "name": result.layers[2].name, "left": 8, "top": 8,
+        assert index["layers"][2] | {"file": None} == {"file": None, "name": result.layers[2].name, "left": 24, "top": 8,
                                                         "width": 64, "height": 32}
         assert np.array_equal(np.asarray(Image.open(z.open("composite.png"))), np.asarray(Image.open(flat)))
 
@@ -112,8 +141,6 @@ def test_auto_mask_is_the_alpha_of_the_models_own_cut_out(gen):
 
 
 def test_layers_command_writes_a_psd_and_the_flat_image(tiny_model_dir, tmp_path):
-    from qwen_image_lora.cli import main
-
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (H, W, 3), dtype=np.uint8), "RGB")
     mask = Image.new("L", (W, H), 0)
     mask.paste(255, (40, 20, 120, 80))
@@ -128,3 +155,27 @@ def test_layers_command_writes_a_psd_and_the_flat_image(tiny_model_dir, tmp_path
     assert [layer.name for layer in psd][:2] == ["background", "subject"] and len(list(psd)) == 3
     assert Image.open(tmp_path / "out.png").size == (W, H)
     assert main([*argv[:-4], "--element", "no box here", "--output", str(out)]) == 2  # refused before loading
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_path, capsys, seed):
+    """The model folder is empty, so loading it would fail naming model.pretrained: an error naming --mask or
+    --element proves the check came first (these used to come after the model had loaded)."""
+    rng = np.random.default_rng(seed)
+    w, h = int(rng.integers(48, 400)), int(rng.integers(48, 400))
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    random_mask(rng, (w, h)).save(tmp_path / "good.png")
+    Image.new("L", (w, int(h * rng.uniform(1.1, 2))), 255).save(tmp_path / "aspect.png")
+    Image.new("L", (w, h), int(rng.integers(0, 128))).save(tmp_path / "black.png")
+    x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+    outside = f"a badge@{x},{y},{w - x + int(rng.integers(1, 40))},{int(rng.integers(1, h - y + 1))}"
+    (tmp_path / "no-model").mkdir()
+    cases = [("aspect.png", [], "--mask", "aspect ratio"), ("black.png", [], "--mask", "changes nothing"),
+             ("good.png", ["--element", outside], "--element", f"leaves the {w}x{h} image"),
+             ("auto", ["--element", outside], "--element", f"leaves the {w}x{h} image")]  # fmt: skip
+    for mask, extra, option, message in cases:
+        rc = main(["layers", "--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "in.png"),
+                   "--mask", mask if mask == "auto" else str(tmp_path / mask), *extra, "--output", str(tmp_path / "o.psd")])
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1, errors
+        assert errors[0].startswith(f"error: {option}") and message in errors[0], errors[0]

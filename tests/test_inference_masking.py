@@ -1,13 +1,16 @@
 """Masked edits: kept pixels come back identical, the changed region changes, and the latent blend really runs."""
 
+import json
 import logging
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
+from scipy.ndimage import distance_transform_edt
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.cli import main
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.testing import make_random_lora
@@ -32,6 +35,24 @@ def right_half_mask() -> Image.Image:
     mask = np.zeros((H, W), np.uint8)
     mask[:, W // 2 :] = 255
     return Image.fromarray(mask, "L")
+
+
+def random_mask(rng: np.random.Generator, size: tuple[int, int], soft: bool = False) -> Image.Image:
+    """White shapes on black: a filled body, maybe more bodies and thin rings (a mug's handle); `soft` blurs the
+    edges into grey while the body's middle stays white."""
+    w, h = size
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+    for i in range(int(rng.integers(1, 4))):
+        bw, bh = int(rng.integers(16, max(17, w // 2))), int(rng.integers(16, max(17, h // 2)))
+        x, y = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+        box = (x, y, x + bw - 1, y + bh - 1)
+        kind = "rectangle" if i == 0 else rng.choice(["rectangle", "ellipse", "ring"])
+        if kind == "ring":
+            draw.ellipse(box, outline=255, width=int(rng.integers(2, 6)))
+        else:
+            getattr(draw, kind)(box, fill=255)
+    return mask.filter(ImageFilter.GaussianBlur(float(rng.uniform(1, 3)))) if soft else mask
 
 
 def edit(gen, image, mask, **kw) -> Image.Image:
@@ -129,11 +150,46 @@ def test_composite_feathers_only_inside_the_changed_region():
     assert (hard[:, 32:] == 255).all() and (hard[:, :32] == 0).all()
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_mix_band_is_at_most_feather_pixels_wide_inside_the_changed_region(seed):
+    """Was a blur whose ramp ran about 2.25x the stated width (18 px for "8 px") and never quite reached the result."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(40, 160)), int(rng.integers(40, 160))
+    mask = random_mask(rng, size, soft=seed % 2 == 1)
+    feather = int(rng.choice([0, 1, 3, 8, 13]))
+    original, result = (Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in "ab")
+    out = np.asarray(masking.composite(result, original, mask, feather))
+    changed = np.asarray(mask) >= 128
+    depth = distance_transform_edt(changed)  # px from the kept region, 0 on it
+    assert np.array_equal(out[~changed], np.asarray(original)[~changed])
+    assert np.array_equal(out[depth > feather], np.asarray(result)[depth > feather])
+    alpha = np.asarray(masking.feathered_alpha(mask, feather)).astype(int)
+    band = (depth > 0) & (depth <= feather)
+    assert ((alpha > 0) & (alpha < 255) == band).all()  # every band pixel mixes, none outside it does
+    order = np.argsort(depth[band], kind="stable")
+    assert (np.diff(alpha[band][order]) >= 0).all()  # the ramp rises into the changed region
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_edit_refuses_a_bad_mask_before_loading_the_model(tmp_path, capsys, seed):
+    """The model folder is empty, so loading it would fail naming model.pretrained: the --mask error proves the
+    mask was checked first (it used to come after the model had loaded)."""
+    rng = np.random.default_rng(seed)
+    w, h = int(rng.integers(48, 400)), int(rng.integers(48, 400))
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    (tmp_path / "no-model").mkdir()
+    other = (w, int(h * rng.uniform(1.1, 2))) if seed % 2 else (int(w * rng.uniform(1.1, 2)), h)
+    cases = {"aspect ratio": Image.new("L", other, 255), "changes nothing": Image.new("L", (w, h), int(rng.integers(0, 128)))}
+    for message, mask in cases.items():
+        mask.save(tmp_path / "mask.png")
+        rc = main(["edit", "--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "in.png"),
+                   "--mask", str(tmp_path / "mask.png"), "--prompt", "x", "--output", str(tmp_path / "out.png")])
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1, errors
+        assert errors[0].startswith("error: --mask") and message in errors[0], errors[0]
+
+
 def test_masked_edit_from_the_cli_and_a_batch_job(tiny_model_dir, tmp_path):
-    import json
-
-    from qwen_image_lora.cli import main
-
     (tmp_path / "in").mkdir()
     image, mask = product(), right_half_mask()
     image.save(tmp_path / "in" / "sku.png")

@@ -5,6 +5,7 @@ path and what to do next."""
 import errno
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +61,30 @@ def test_a_file_where_the_folder_should_be_is_a_write_error_naming_the_destinati
     assert str(target) in message and "not a folder" in message and "choose" in message, message
     with pytest.raises(WriteError), atomic_dir(tmp_path / "cache" / "checkpoint"):
         pass
+
+
+FULL = "the disk is full (no space left on device); free space on that device (or choose another output_dir) and retry"
+
+
+@pytest.mark.parametrize("writer", ["plain write", "PIL"])
+def test_a_full_disk_inside_an_atomic_write_names_the_destination_not_the_temp(tmp_path, writer):
+    """/dev/full fails every write with a real ENOSPC whose OSError names no file (or, from a temp, only the temp's
+    random name): the CLI said 'could not write a file'."""
+    def fill():
+        if writer == "plain write":
+            Path("/dev/full").write_text("{}")
+        else:
+            Image.new("RGB", (64, 64)).save("/dev/full", format="PNG")
+
+    for context, target in ((atomic_path, tmp_path / "out" / "report.json"), (atomic_dir, tmp_path / "out" / "step-1")):
+        with pytest.raises(WriteError) as e, context(target):
+            fill()
+        assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(target))
+        assert describe_write_error(e.value, e.value.filename) == f"could not write {target}: {FULL}"
+        assert list(target.parent.iterdir()) == []  # the temp is gone
+    # Anything else raised inside the block is the caller's business, unchanged (a read error is not a write error).
+    with pytest.raises(FileNotFoundError), atomic_path(tmp_path / "out" / "x.json"):
+        Path(tmp_path / "missing.txt").read_text()
 
 
 def test_doctor_with_an_unwritable_cache_dir_is_one_error_line_and_exit_2(tmp_path, tiny_model_dir, capsys):

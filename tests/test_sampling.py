@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from qwen_image_lora.config import EvalConfig, SamplingConfig, ValidationConfig, load_config
+from qwen_image_lora.cli import build_parser
+from qwen_image_lora.config import Config, EvalConfig, SamplingConfig, ValidationConfig, load_config
 from qwen_image_lora.inference.batch import Job, _request, read_jobs
 from qwen_image_lora.inference.generator import GenerationRequest
+from qwen_image_lora.inference.server import request_models
 from qwen_image_lora.train.validation import validation_requests
 
 KNOBS = [f.name for f in dataclasses.fields(SamplingConfig)]
@@ -35,6 +37,8 @@ def test_validation_and_batch_requests_carry_the_settings_unchanged(tmp_path):
     ("validation", "width=100", "validation.width: must be a positive multiple of 32"),
     ("eval", "aspect_ratio='5:4'", "eval.aspect_ratio: one of 1:1"),
     ("validation", "num_inference_steps=0", "validation.num_inference_steps: must be >= 1"),
+    ("validation", "guidance_scale=-1", "validation.guidance_scale: must be >= 0.0"),  # was taken (HTTP refused it)
+    ("eval", "seed=-1", "eval.seed: must be >= 0 and <= 9223372036854775807"),
 ])  # fmt: skip
 def test_one_set_of_checks_for_every_section(where, bad, message):
     from qwen_image_lora.config import ConfigError
@@ -47,3 +51,25 @@ def test_a_bad_job_setting_is_named_with_its_line(tmp_path):
     (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "x", "width": 100}) + "\n")
     with pytest.raises(ValueError, match=r"jobs.jsonl:1: job.width: must be a positive multiple of 32"):
         read_jobs(tmp_path / "jobs.jsonl")
+
+
+def test_the_cli_flags_and_the_request_models_are_built_from_the_fields():
+    """Each knob's name, type, help and limits are declared once (SamplingConfig); the CLI flags and the HTTP request
+    models are made from them, the server adding only its own upper bounds."""
+    given = {k: v for k, v in VALUES.items() if v is not None}
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--output", "o.png",
+                                      *(f"--{k.replace('_', '-')}={v}" for k, v in given.items())])  # fmt: skip
+    assert {k: getattr(GenerationRequest.from_settings(args, "x"), k) for k in KNOBS} == VALUES
+
+    serve = Config().serve
+    image_request, layers_request = request_models(serve)
+    body = image_request.model_validate({"prompt": "x", **given})
+    assert {k: getattr(GenerationRequest.from_settings(body, "x"), k) for k in KNOBS} == VALUES
+    schema = image_request.model_json_schema()["properties"]
+    for f in dataclasses.fields(SamplingConfig):
+        assert schema[f.name]["description"].startswith(f.metadata["help"]), f.name
+    width, steps = schema["width"]["anyOf"][0], schema["num_inference_steps"]["anyOf"][0]
+    assert (width["minimum"], width["multipleOf"], width["maximum"]) == (32, 32, serve.max_side)
+    assert (steps["minimum"], steps["maximum"]) == (1, serve.max_steps)
+    assert schema["aspect_ratio"]["anyOf"][0]["enum"] == ["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"]
+    assert set(KNOBS) - set(layers_request.model_fields) == {"width", "height", "aspect_ratio"}  # layers keep the input's size

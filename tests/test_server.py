@@ -165,10 +165,12 @@ def test_limits_answer_413_and_422_naming_the_field(client):
     assert field_of(r) == ["body", "prompt"] and "limit is 1024" in r.json()["detail"][0]["msg"]
     r = client.post("/v1/images", json=edit(loras=[{"name": "nope"}]), headers=AUTH)
     assert field_of(r) == ["body", "loras", 0, "name"] and "known adapters: brand, sketch" in r.json()["detail"][0]["msg"]
+    r = client.post("/v1/images", json=edit(loras=[{"name": "brand"}, {"name": "brand", "weight": 0.1}]), headers=AUTH)
+    assert field_of(r) == ["body", "loras", 1, "name"] and "brand' is given twice" in r.json()["detail"][0]["msg"]
 
 
 def test_decompression_bomb_is_refused_and_big_inputs_are_downscaled(client, cfg):
-    from qwen_image_lora.inference.images import decode_image
+    from qwen_image_lora.images import decode_image
 
     buf = io.BytesIO()
     Image.new("L", (12000, 12000)).save(buf, format="PNG")  # ~140 KB of PNG, 144 M pixels when decoded
@@ -190,8 +192,10 @@ def test_decompression_bomb_is_refused_and_big_inputs_are_downscaled(client, cfg
     ("http://10.0.0.1/x.png", "10.0.0.1 (private)"),
     ("file:///etc/passwd", "only http and https"),
     ("ftp://example.com/x.png", "only http and https"),
+    ("http://127.0.0.1:99999/", "malformed URL: Port out of range"), ("http://h:abc/", "malformed URL: Port could not"),
+    ("http://h:-1/", "malformed URL: Port could not"), ("http://[::1/", "malformed URL: Invalid IPv6 URL"),
 ])  # fmt: skip
-def test_private_and_non_http_urls_are_refused_naming_the_reason(client, url, reason):
+def test_private_non_http_and_malformed_urls_are_refused_naming_the_reason(client, url, reason):
     r = client.post("/v1/images", json=edit(image=url), headers=AUTH)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image"], r.text
     assert reason in r.json()["detail"][0]["msg"] and "fetching" not in r.text  # refused, not a failed fetch
@@ -254,6 +258,7 @@ class _Origin(http.server.BaseHTTPRequestHandler):
             "/relative": lambda: self._send(302, b"", location="x.png"),
             "/no-location": lambda: self._send(302, b""),
             "/to-metadata": lambda: self._send(302, b"", location="http://169.254.169.254/latest/"),
+            "/to-malformed": lambda: self._send(302, b"", location="http://a]b/x.png"),  # httpx takes it, urljoin not
             "/headers": lambda: self._send(200, f"{self.headers['Host']}|{self.headers['Accept']}".encode(), length=True),
             "/slow": lambda: (time.sleep(1.0), self._send(200, self.body, length=True)),
         }
@@ -290,13 +295,18 @@ def test_allowed_private_url_is_fetched_and_redirects_are_rechecked(origin, monk
         fetch(f"{base}/x.png", allow_private=False)
     with pytest.raises(URLRefused, match="limit is 10"):
         fetch(f"{base}/x.png", allow_private=True, max_bytes=10)
-    # A public-looking first hop that redirects to the metadata service is refused at the second hop.
-    original = urls.resolve_checked
-    monkeypatch.setattr(
-        urls, "resolve_checked", lambda host, port, allow: "127.0.0.1" if host == "public.example" else original(host, port, False)
-    )
+    # A public-looking first hop that redirects to the metadata service is refused at the second hop, which is
+    # checked with the caller's flag (the guard stays on after a redirect).
+    original, calls = urls.resolve_checked, []
+
+    def first_hop_public(host, port, allow):
+        calls.append((host, allow))
+        return "127.0.0.1" if host == "public.example" else original(host, port, allow)
+
+    monkeypatch.setattr(urls, "resolve_checked", first_hop_public)
     with pytest.raises(URLRefused, match=r"169\.254\.169\.254 \(link-local\)"):
         fetch(f"http://public.example:{origin}/to-metadata")
+    assert calls == [("public.example", False), ("169.254.169.254", False)]
 
 
 def test_fetch_refuses_each_unsafe_or_failed_response_naming_why(origin, monkeypatch):
@@ -322,6 +332,9 @@ def test_fetch_refuses_each_unsafe_or_failed_response_naming_why(origin, monkeyp
         (f"{base}/endless", {"max_bytes": 10_000, "timeout_s": 5}, "over the 10,000-byte limit$"),  # read as it streams
         (f"{base}/slow", {"timeout_s": 0.3}, "Timeout"),
         ("http://127.0.0.1:9/x.png", {}, "failed: ConnectError"),  # the discard port: nothing listens
+        (f"{base}/x\x00.png", {}, "^malformed URL: Invalid non-printable ASCII"),  # httpx's InvalidURL, was a 500
+        ("http://127.0.0.1:0/x.png", {}, "^malformed URL: port 0$"),  # was fetched from port 80
+        (f"{base}/to-malformed", {}, "redirects to a malformed URL: Invalid IPv6 URL$"),
     ]
     for url, kwargs, reason in refusals:
         with pytest.raises(URLRefused, match=reason) as refused:
@@ -381,8 +394,8 @@ def test_full_queue_answers_429(cfg, gen):
             time.sleep(0.01)
         assert c.post("/v1/images", json=edit(), headers=AUTH).status_code == 200
         metrics = c.get("/metrics").text
-        assert 'qwen_lora_rejected_total{reason="queue_full"} 1' in metrics
-        assert 'qwen_lora_http_responses_total{path="/v1/images",code="429"} 1' in metrics
+        assert 'qwen_lora_rejected_total{reason="queue_full"} 1.0' in metrics
+        assert 'qwen_lora_http_responses_total{code="429",path="/v1/images"} 1.0' in metrics
 
 
 def test_health_metrics_and_openapi(client):

@@ -63,6 +63,7 @@ def test_masked_edit_keeps_every_black_pixel(client):
     ({"mask": "distorted"}, "mask", "aspect ratio"),
     ({"mask": "not-base64!"}, "mask", "not valid base64"),
     ({"image": None}, "mask", "needs an image"),
+    ({"mask": "auto"}, "mask", "'auto' is for /v1/layers"),  # was silently ignored: a plain edit
 ])  # fmt: skip
 def test_bad_masks_get_422_naming_the_mask(client, body, field, message):
     masks = {"black": b64(Image.new("L", (W, H), 0)), "distorted": b64(Image.new("L", (50, 50), 255))}

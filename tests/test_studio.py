@@ -1,6 +1,7 @@
 """The studio's server side: the page and its assets (types, CSP, no inline code), `GET /v1/adapters`, and the
 read-only run endpoints (auth, what a run shows, paths outside a run refused)."""
 
+import fcntl
 import html.parser
 import io
 import json
@@ -16,8 +17,11 @@ from PIL import Image
 from qwen_image_lora.config import Config, ServeAdapter
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app
-from qwen_image_lora.inference.studio import ASSETS, MAX_LOSS_POINTS, STATIC_PATHS, STUDIO_DIR, read_losses
+from qwen_image_lora.inference import studio
+from qwen_image_lora.inference.studio import (ASSETS, MAX_LOSS_POINTS, STATIC_PATHS, STUDIO_DIR, describe_run, list_runs,
+                                              read_losses, run_progress)  # fmt: skip
 from qwen_image_lora.inference.testing import make_random_lora
+from qwen_image_lora.train import run_folder
 
 KEY = "studio-key-0123456789"
 AUTH = {"x-api-key": KEY}
@@ -69,6 +73,7 @@ def client(gen, runs_dir, tiny_model_dir, tmp_path_factory):
     cfg.model.pretrained = str(tiny_model_dir)
     cfg.data.resolution = 64
     cfg.serve.runs_dir = str(runs_dir)
+    cfg.serve.api_keys_env = "STUDIO_TEST_KEYS"
     other = tmp_path_factory.mktemp("elsewhere")
     cfg.serve.adapters = [
         ServeAdapter("brand", str(make_random_lora(gen.pipe.transformer, runs_dir / "brand-v1", seed=5)), 0.8),
@@ -107,6 +112,8 @@ def test_page_and_assets_have_their_types_and_a_strict_csp(client):
     page.feed(r.text)
     assert page.inline == [] and page.scripts == ["/studio/studio.js"]
     assert page.labels_for <= page.ids  # every label points at a real control
+    # the page names an inline icon, so the browser never asks for /favicon.ico (which stays behind the key)
+    assert re.search(r'<link rel="icon" href="data:', r.text) and client.get("/favicon.ico").status_code == 401
     for name, kind in [("studio.js", "text/javascript"), ("studio.css", "text/css"), ("zip.js", "text/javascript")]:
         r = client.get(f"/studio/{name}")
         assert r.status_code == 200 and r.headers["content-type"].startswith(kind), name
@@ -140,6 +147,7 @@ def test_adapters_need_a_key_and_list_weights_and_their_run(client):
     r = client.get("/v1/adapters", headers=AUTH)
     assert r.status_code == 200
     assert r.json()["adapters"] == [{"name": "brand", "weight": 0.8, "run": "brand-v1"}, {"name": "sketch", "weight": 1.0, "run": None}]
+    assert r.json()["api_keys_env"] == "STUDIO_TEST_KEYS"  # "Copy as curl" reads the key from the server's variable
 
 
 def test_runs_list_and_one_run_with_curve_samples_card_and_report(client):
@@ -154,6 +162,8 @@ def test_runs_list_and_one_run_with_curve_samples_card_and_report(client):
     assert run["samples"] == [{"step": 10, "files": ["samples/step_000010/t2i_0.png"]},
                               {"step": 20, "files": ["samples/step_000020/t2i_0.png"]}]  # fmt: skip
     assert (run["card"], run["report_json"], run["metadata"]["steps"]) == ("README.md", "eval/report.json", 20)
+    assert run["progress"] == {"state": "finished", "step": 20, "max_steps": 20, "checkpoint": None}
+    assert run["card_text"] == "# brand adapter\n<script>alert(1)</script>\n"  # shown as text by the page
 
     r = client.get("/v1/runs/brand-v1/files/samples/step_000020/t2i_0.png", headers=AUTH)
     assert r.headers["content-type"] == "image/png" and Image.open(io.BytesIO(r.content)).getpixel((0, 0)) == (0, 0, 200)
@@ -194,3 +204,42 @@ def test_a_long_loss_log_is_thinned_keeping_the_last_step(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 5002)))
     points = read_losses(path)
     assert len(points) <= MAX_LOSS_POINTS + 1 and points[0] == [1, 1.0] and points[-1] == [5001, 5001.0]
+
+
+def test_a_run_says_whether_it_finished_is_training_or_was_interrupted(tmp_path):
+    # the names the trainer writes (train/run_folder.py) are the ones read here
+    assert (studio.LOCK, studio.RUN_JSON, studio.LOSSES, studio.METADATA) == (
+        run_folder.LOCK_NAME, run_folder.RUN_NAME, run_folder.LOSSES_NAME, run_folder.METADATA_NAME)
+    run = tmp_path / "long-run"
+    (run / "checkpoints" / "step-000500").mkdir(parents=True)
+    (run / "checkpoints" / "step-000500" / "progress.json").write_text(json.dumps({"step": 500, "max_steps": 20000}))
+    (run / "run.json").write_text(json.dumps({"run_id": "r1", "started": 0}))
+    (run / "config.yaml").write_text("train:\n  max_steps: 20000\n")
+    rows = "".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in range(1, 581))
+    (run / "losses.jsonl").write_text(rows + '{"step": 581, "lo')  # killed mid-line
+    assert describe_run(run)["progress"] == {"state": "interrupted", "step": 580, "max_steps": 20000, "checkpoint": 500}
+    with open(run / ".lock", "a+") as lock:  # what a live trainer holds while it runs
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert list_runs(tmp_path)[0]["progress"]["state"] == "training"
+    assert run_progress(run)["state"] == "interrupted"  # the lock went with its holder
+    (run / "training_metadata.json").write_text(json.dumps({"run_id": "r1", "steps": 20000}))
+    assert run_progress(run) == {"state": "finished", "step": 20000, "max_steps": 20000, "checkpoint": 500}
+    (run / "config.yaml").write_text("train:\n  max_steps: 30000\n")  # resumed to train further, then stopped
+    assert run_progress(run)["state"] == "interrupted"
+    (run / "config.yaml").write_text("train:\n  max_steps: 20000\n")
+    (run / "run.json").write_text(json.dumps({"run_id": "r2", "started": 1}))  # a new run owns the folder now
+    assert run_progress(run)["state"] == "interrupted"
+    (tmp_path / "eval-only" / "eval").mkdir(parents=True)
+    (tmp_path / "eval-only" / "eval" / "report.json").write_text("{}")
+    assert run_progress(tmp_path / "eval-only") is None  # nothing was trained there: nothing to say
+
+
+def test_the_model_card_shows_paths_in_the_run_relative_and_other_paths_by_name(tmp_path):
+    run = tmp_path / "brand-v2"
+    run.mkdir()
+    (run / "README.md").write_text(
+        f"# LoRA for /models/tiny-qwen\nData: `/data/sets/manifest.jsonl`.\nSamples: {run}/samples/step_000010/t2i_0.png.\n"
+        f'pipe.load_lora_weights("{run}")\nSee https://example.com/a/b, rank / alpha, a/b.\n')
+    assert describe_run(run)["card_text"] == (
+        "# LoRA for tiny-qwen\nData: `manifest.jsonl`.\nSamples: samples/step_000010/t2i_0.png.\n"
+        'pipe.load_lora_weights(".")\nSee https://example.com/a/b, rank / alpha, a/b.\n')

@@ -41,7 +41,10 @@ def server(tiny_model_dir, tmp_path_factory):
     (run / "samples" / "step_000010").mkdir(parents=True)
     Image.new("RGB", (64, 64), (30, 90, 200)).save(run / "samples" / "step_000010" / "t2i_0.png")
     (run / "losses.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 31)))
-    (run / "README.md").write_text("# brand-v1\nTrigger word: <brand>\n")
+    (run / "config.yaml").write_text("train:\n  max_steps: 20000\n")  # stopped at step 30 of 20,000
+    (run / "README.md").write_text(f"---\nbase_model: {root}/models/tiny\n---\n# brand-v1\nTrigger word: <brand>\n\n"
+                                   f"```python\npipe.load_lora_weights(\"{run}\")\n```\n\n"
+                                   f"- trained on `{root}/data/manifest.jsonl`\n- samples in {run}/samples/step_000010\n")
     (run / "eval").mkdir()
     (run / "eval" / "report.json").write_text(json.dumps({
         "variants": ["base", "brand"], "verdicts": {"brand": {"line": "brand: better palette distance (ΔE -3.1)"}},
@@ -109,11 +112,10 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#adapter-list input[type=range]")) == 2)
     assert d.execute_script("return sessionStorage.getItem('qwen-lora-api-key')") == KEY
 
-    # text to image, seed locked
+    # text to image: a typed seed is used as it is
     fill("#prompt", "a red bottle on marble")
     fill("#steps", 1)
     fill("#seed", 7)
-    css("#seed-lock").click()
     css("#generate").click()
     wait.until(lambda _: len(cards()) == 1)
     assert "seed 7" in cards()[0].text
@@ -150,25 +152,40 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     assert differ, "the adapter image equals the base image"
     history = json.loads(d.find_elements(By.CSS_SELECTOR, "#history > li pre")[0].get_attribute("textContent"))
     assert history["loras"] == [{"name": "sketch", "weight": 1}] and history["seed"] == 7
+    # guidance acts only against a negative prompt: without one the field is off and no scale is recorded
+    assert not css("#guidance").is_enabled() and css("#guidance-note").is_displayed() and "guidance_scale" not in history
+    fill("#negative", "blurry")
+    assert css("#guidance").is_enabled() and not css("#guidance-note").is_displayed()
 
     # edit with an upload: the result beside the input, with a before/after slider
     css("input[name=mode][value=edit]").click()
     css("#edit-files").send_keys(png_file(tmp_path / "product.png"))
     wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#edit-thumbs li")) == 1)
+    # the browser's own "No file chosen" text never shows beside the thumbnails: the native input is hidden
+    assert d.execute_script("const r = document.querySelector('#edit-files').getBoundingClientRect(); return r.width * r.height") <= 1
     fill("#prompt", "put it on a beach")
     css("#generate").click()
     wait.until(lambda _: len(cards()) == 4)
     first = cards()[0]
     assert first.find_elements(By.CSS_SELECTOR, ".compare img.before") and first.find_elements(By.CSS_SELECTOR, ".compare-wrap input")
+    assert [t.text for t in first.find_elements(By.CSS_SELECTOR, ".compare .tag") if t.is_displayed()] == ["Before", "After"]
     assert d.execute_script("return document.querySelector('#results .compare img.after').naturalWidth") == 64
+    edited = json.loads(d.find_elements(By.CSS_SELECTOR, "#history > li pre")[0].get_attribute("textContent"))
+    assert (edited["negative_prompt"], edited["guidance_scale"]) == ("blurry", 4)
 
-    # a file the server cannot decode: its 422 is shown, naming the file
+    # a text file named .webp is refused when picked, in plain words, and never becomes a thumbnail
     css("#edit-thumbs button").click()
-    (tmp_path / "broken.png").write_bytes(b"this is not a png")
-    css("#edit-files").send_keys(str(tmp_path / "broken.png"))
-    css("#generate").click()
+    (tmp_path / "notes.webp").write_text("meeting notes, not a picture")
+    css("#edit-files").send_keys(str(tmp_path / "notes.webp"))
     wait.until(lambda _: css("#alert").is_displayed())
-    assert "bad file" in css("#alert").text and "broken.png" in css("#alert").text and len(cards()) == 4
+    assert css("#alert").text == "notes.webp is not an image." and not d.find_elements(By.CSS_SELECTOR, "#edit-thumbs li")
+    # a GIF named .png: the browser shows it, the server refuses it (422), naming the file
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(tmp_path / "animated.png", format="GIF")
+    css("#edit-files").send_keys(str(tmp_path / "animated.png"))
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#edit-thumbs li")) == 1)
+    css("#generate").click()
+    wait.until(lambda _: "bad file" in css("#alert").text)
+    assert "animated.png" in css("#alert").text and len(cards()) == 4
 
     # download a result
     cards()[-1].find_element(By.XPATH, ".//button[text()='Download']").click()
@@ -182,26 +199,45 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     cards()[-1].find_element(By.XPATH, ".//button[text()='Copy as curl']").click()
     wait.until(lambda _: "Copied" in css("#state").text)
     command = d.execute_async_script("navigator.clipboard.readText().then(arguments[arguments.length - 1])")
-    assert KEY not in command
-    env = {**os.environ, "QWEN_LORA_API_KEY": KEY}
+    assert KEY not in command and "--fail" in command
+    # the server's variable (serve.api_keys_env) as the server reads it: a comma-separated list, the first key used
+    env = {**os.environ, "QWEN_LORA_API_KEYS": f"{KEY},another-key"}
     subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, check=True, timeout=120)
     assert (tmp_path / saved.name).read_bytes() == saved.read_bytes()
+    (tmp_path / saved.name).unlink()
+    refused = subprocess.run(["bash", "-c", command], cwd=tmp_path, env={**env, "QWEN_LORA_API_KEYS": "wrong"}, timeout=120)
+    assert refused.returncode == 22 and not (tmp_path / saved.name).exists()  # a 401 is an error, not result.png
     d.execute_script("window.scrollTo(0, 0)")
     d.save_screenshot(str(tmp_path / "studio-create.png"))
 
-    # batch: two images and a stray file, one instruction; a ZIP (store-only, written in JS) with a manifest
+    # batch: two images and stray files, one instruction; a ZIP (store-only, written in JS) with a manifest
     css("#tab-batch").click()
     (tmp_path / "notes.txt").write_text("not an image")
-    paths = [png_file(tmp_path / "a.png", seed=1), png_file(tmp_path / "b.png", seed=2), str(tmp_path / "notes.txt")]
+    paths = [png_file(tmp_path / "a.png", seed=1), png_file(tmp_path / "b.png", seed=2), str(tmp_path / "notes.txt"),
+             str(tmp_path / "notes.webp")]  # fmt: skip
     css("#batch-files").send_keys("\n".join(paths))
     css("#batch-prompt").send_keys("white background")
+    # the model worker is held so that job b is still queued when a ZIP is taken mid-run
+    first_hold, second_hold = threading.Event(), threading.Event()
+    app.state.worker.submit(lambda: first_hold.wait(60))
+    wait.until(lambda _: app.state.worker.busy)
     css("#batch-start").click()
-    wait.until(lambda _: css("#batch-summary").text == "2 of 2 done, 0 failed.")
-    assert "notes.txt" in css("#alert").text
-    d.save_screenshot(str(tmp_path / "studio-batch.png"))
+    wait.until(lambda _: app.state.worker._jobs.qsize() == 1)  # job a waits behind the first hold
+    first_hold.set()
+    app.state.worker.submit(lambda: second_hold.wait(60))  # ahead of job b, which the page sends after a
+    wait.until(lambda _: css("#batch-summary").text.startswith("1 of 2 done") and "Queued" in css("#batch-jobs").text)
     css("#batch-zip").click()
     wait.until(lambda _: (downloads / "batch.zip").exists())
     with zipfile.ZipFile(downloads / "batch.zip") as archive:
+        partial = json.loads(archive.read("manifest.json"))
+    assert [(j["id"], j["status"], j["error"]) for j in partial["jobs"]] == [("a", "done", None), ("b", "running", None)]
+    second_hold.set()
+    wait.until(lambda _: css("#batch-summary").text == "2 of 2 done, 0 failed.")
+    assert "notes.txt" in css("#alert").text and "notes.webp" in css("#alert").text
+    d.save_screenshot(str(tmp_path / "studio-batch.png"))
+    css("#batch-zip").click()
+    wait.until(lambda _: (downloads / "batch (1).zip").exists())
+    with zipfile.ZipFile(downloads / "batch (1).zip") as archive:
         assert archive.testzip() is None and archive.namelist() == ["a.png", "b.png", "manifest.json"]
         manifest = json.loads(archive.read("manifest.json"))
         assert Image.open(io.BytesIO(archive.read("b.png"))).size == (64, 48)
@@ -225,10 +261,17 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     # runs: the loss curve and the samples of the run the brand adapter came from
     css("#tab-runs").click()
     wait.until(lambda _: d.find_elements(By.XPATH, "//ul[@id='run-list']//button[text()='brand-v1']"))
+    assert "interrupted at step 30 of 20,000" in css("#run-list").text  # no metadata, no live trainer: it stopped
     d.find_element(By.XPATH, "//ul[@id='run-list']//button[text()='brand-v1']").click()
     wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#run-detail polyline.loss"))
     wait.until(lambda _: d.execute_script("return document.querySelector('.sample-grid img')?.naturalWidth") == 64)
-    assert "Trigger word: <brand>" in css("#run-detail pre").text
+    assert "Interrupted at step 30 of 20,000" in css("#run-detail").text
+    # the model card as a document (front matter dropped), markup shown as text, paths inside the run made relative
+    card = css("#run-detail .card-text")
+    assert [h.text for h in card.find_elements(By.CSS_SELECTOR, "h4")] == ["brand-v1"]
+    assert card.find_element(By.CSS_SELECTOR, "p").text == "Trigger word: <brand>"
+    assert card.find_element(By.CSS_SELECTOR, "pre").text == 'pipe.load_lora_weights(".")'
+    assert [li.text for li in card.find_elements(By.CSS_SELECTOR, "li")] == ["trained on manifest.jsonl", "samples in samples/step_000010"]
     assert "better palette distance" in css("#run-detail .verdicts").text
     assert [c.text for c in d.find_elements(By.CSS_SELECTOR, "#run-detail tbody td")] == ["9.5000 [8.0000, 11.0000]", "6.4000 [5.1000, 7.7000]"]
     assert d.find_elements(By.XPATH, "//button[contains(., 'Try adapter')]")
@@ -242,8 +285,16 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     too_wide = d.execute_script("""return [...document.querySelectorAll('body *')].filter(e => e.offsetParent !== null &&
         e.getBoundingClientRect().right > window.innerWidth + 1).map(e => e.tagName + '#' + e.id + '.' + e.className)""")
     assert too_wide == [] and d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
-    blocked = [e["message"] for e in d.get_log("browser") if "Content Security Policy" in e["message"]]
-    assert blocked == []
+    # on a phone the result lands below the form: the page scrolls to it
+    css("input[name=mode][value=t2i]").click()
+    count = len(cards())
+    css("#generate").click()
+    wait.until(lambda _: len(cards()) == count + 1)
+    top = d.execute_script("return document.querySelector('#results > li').getBoundingClientRect().top")
+    assert 0 <= top < d.execute_script("return window.innerHeight"), top
+    messages = [e["message"] for e in d.get_log("browser")]
+    assert [m for m in messages if "Content Security Policy" in m] == []
+    assert [m for m in messages if "favicon" in m] == []  # the page names its icon: no request for /favicon.ico
 
 
 @pytest.mark.skipif("mask" not in request_models(Config().serve)[0].model_fields, reason="the HTTP API has no `mask` field yet")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qwen_image_lora.config import ConfigError, OptimConfig
-from qwen_image_lora.train.optim import LoRAEMA, build_optimizer
+from qwen_image_lora.train.optim import LoRAEMA, build_lr_scheduler, build_optimizer
 
 PACKAGES = {"adamw": None, "adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
 
@@ -63,6 +63,22 @@ def test_the_fused_kernel_is_chosen_only_for_float_parameters_on_cpu_or_cuda():
     assert build_optimizer([torch.nn.Parameter(torch.zeros(8))], OptimConfig()).defaults["fused"] is True
     on_meta = torch.nn.Parameter(torch.zeros(8, device="meta"))
     assert build_optimizer([on_meta], OptimConfig()).defaults["fused"] is None  # torch's own default there
+
+
+@pytest.mark.parametrize("scheduler, at_step_8", [("constant_with_warmup", 0.01), ("linear", 0.005), ("cosine", 0.005)])
+def test_the_learning_rate_ramps_over_warmup_steps_then_follows_the_schedule(scheduler, at_step_8):
+    cfg = OptimConfig(lr=0.01, scheduler=scheduler, warmup_steps=4)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    schedule = build_lr_scheduler(opt, cfg, max_steps=12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(schedule.get_last_lr()[0])  # the rate optimizer step k runs with
+        opt.step()
+        schedule.step()
+    assert lrs[:5] == pytest.approx([0.0, 0.0025, 0.005, 0.0075, 0.01])  # linear from 0 over 4 steps
+    assert lrs[8] == pytest.approx(at_step_8)  # half way through the 8 steps after warm-up
+    if scheduler != "constant_with_warmup":
+        assert schedule.get_last_lr()[0] == pytest.approx(0.0)  # down to 0 after max_steps steps
 
 
 def test_ema_follows_decay_09_by_hand():

@@ -7,9 +7,10 @@
 The maths lives in `objective.py`, the Qwen-Image specifics in `qwen_image_lora.model`, so the loop below
 never mentions a tensor shape. accelerate handles devices, mixed precision, accumulation and DDP.
 
-Exit status: 0 trained; 2 a config, data, run-folder or checkpoint problem (one `error:` line); 3 a guard
-stopped the run; 75 (EXIT_PREEMPTED) SIGTERM/SIGINT stopped it after writing a checkpoint: rerun with
-`--resume latest`.
+Exit status: 0 trained (or `--resume latest` found the run already finished); 2 a config, data, run-folder or
+checkpoint problem, or a write of the run that failed (a full disk: one `error:` line naming the file and the last
+checkpoint); 3 a guard stopped the run; 75 (EXIT_PREEMPTED) SIGTERM/SIGINT stopped it after writing a checkpoint:
+rerun with `--resume latest`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, ConfigError, load_config, save_config, to_dict
 from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.data.sources import DataError
-from qwen_image_lora.io import describe_write_error
+from qwen_image_lora.io import describe_write_error, is_write_error
 from qwen_image_lora.progress import progress_bar
 from qwen_image_lora.train import adapter, export, memory, objective, optim, ranks, validation
 from qwen_image_lora.train.checkpoint import (
@@ -43,7 +44,7 @@ from qwen_image_lora.train.checkpoint import (
 )
 from qwen_image_lora.train.guards import Guards, TrainingStopped
 from qwen_image_lora.train.preemption import EXIT_PREEMPTED, Preempted, StopSignal
-from qwen_image_lora.train.run_folder import RunFolder, RunFolderInUse
+from qwen_image_lora.train.run_folder import RunFinished, RunFolder, RunFolderInUse
 from qwen_image_lora.train.tracking import Tracker, check_tracker_available, log_with
 
 logger = logging.getLogger("qwen_image_lora.train")
@@ -83,7 +84,7 @@ class LoRARecipe:
                               f"{acc.device.type}); use sdpa-segments here")
         self.checkpointer = Checkpointer(self.out, cfg.checkpoint.keep_last)
         self.resume_from, self.run_id = ranks.main_then_share(
-            acc, lambda: self.run_folder.open(self.resume, self.overwrite, self.checkpointer))
+            acc, lambda: self.run_folder.open(self.resume, self.overwrite, self.checkpointer, cfg.train.max_steps))
         if self.resume_from is not None:
             progress, warnings = check_resume(self.resume_from, to_dict(cfg), self.allow_config_change)
             for warning in warnings if acc.is_main_process else []:
@@ -280,9 +281,9 @@ class LoRARecipe:
 
     def _stop_on_signal(self) -> None:
         """All ranks stopped after the same step: save it (unless just saved) and leave with EXIT_PREEMPTED."""
-        path = self.checkpointer.path_for(self.step)
         if self.saved_step != self.step:
-            path = self.save_checkpoint()
+            self.save_checkpoint()
+        path = self.checkpointer.path_for(self.step)  # on every rank: only the main one gets it back from the save
         raise Preempted(f"stopped by {self.stop.name} after step {self.step} of {self.cfg.train.max_steps}; "
                         f"checkpoint {path} written; continue with --resume latest")
 
@@ -327,6 +328,13 @@ class LoRARecipe:
         cache = self.data.dataset.encoder.cache if hasattr(self, "data") else None
         if hasattr(cache, "close"):  # a prepared on-disk cache flushes what training added
             cache.close()
+
+    def write_failed(self, error: BaseException) -> str:
+        """One line for a failed write of the run (a full disk while logging or sampling): the file, the next step
+        and the checkpoint `--resume latest` continues from."""
+        kept = self.checkpointer.of_run(self.run_id) if hasattr(self, "run_id") else []
+        last = f"the last checkpoint {kept[-1]} is intact" if kept else "no checkpoint was written yet"
+        return f"{describe_write_error(error, getattr(error, 'filename', None) or self.out)}; {last}"
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -375,18 +383,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     recipe = LoRARecipe(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     try:
-        recipe.setup()
-        recipe.train()
+        try:
+            recipe.setup()
+            recipe.train()
+        finally:
+            recipe.cleanup()  # its own writes (the data cache's last shard) fail like the others
+    except RunFinished as e:
+        message, status = str(e), 0
     except (ConfigError, DataError, CheckpointError, RunFolderInUse, adapter.AdapterError) as e:
         message, status = f"error: {e}", 2
     except TrainingStopped as e:
         message, status = f"training stopped: {e}", 3
     except Preempted as e:
         message, status = str(e), EXIT_PREEMPTED
+    except Exception as e:
+        if not is_write_error(e):  # a bug keeps its traceback
+            raise
+        message, status = f"error: {recipe.write_failed(e)}", 2
     else:
         message, status = None, 0
-    finally:
-        recipe.cleanup()
     if message:  # after cleanup's own output, so under accelerate launch it is the last line before accelerate's
         print(message.replace("\n", " "), file=sys.stderr)
     return status

@@ -25,12 +25,17 @@ logger = logging.getLogger(__name__)
 RUN_NAME = "run.json"  # {"run_id", "started"}
 LOCK_NAME = ".lock"  # flock-ed by the live trainer (its pid inside); the kernel drops it when the process ends
 LOSSES_NAME = "losses.jsonl"  # one {"step", "loss", "lr", "grad_norm"} per optimizer step
+METADATA_NAME = "training_metadata.json"  # written with the adapter when the run finishes
 # Files written through `atomic_path` in the folder, whose temps a killed write may leave (`.NAME.XXXX`).
-_ATOMIC_FILES = (RUN_NAME, LOSSES_NAME, "config.yaml", "training_metadata.json", "README.md", "adapter")
+_ATOMIC_FILES = (RUN_NAME, LOSSES_NAME, "config.yaml", METADATA_NAME, "README.md", "adapter")
 
 
 class RunFolderInUse(RuntimeError):
     """output_dir holds another run; the message offers --resume latest, a new output_dir or --overwrite."""
+
+
+class RunFinished(Exception):
+    """`--resume latest` on a run that already reached train.max_steps: nothing to train (the trainer exits 0)."""
 
 
 def new_run_id() -> str:
@@ -119,19 +124,29 @@ class RunFolder:
         logger.warning("--overwrite: moved the previous run in %s to %s", self.path, aside)
         return aside
 
-    def open(self, resume: str | None, overwrite: bool, checkpointer: Checkpointer) -> tuple[Path | None, str]:
+    def open(self, resume: str | None, overwrite: bool, checkpointer: Checkpointer,
+             max_steps: int | None = None) -> tuple[Path | None, str]:
         """Main process, before any weights load: tidy the folder, pick the checkpoint to resume (with `latest`, only
-        this folder's run's), and record which run owns the folder. Returns (checkpoint or None, run id)."""
+        this folder's run's, and `RunFinished` when that run already reached `max_steps`), and record which run owns
+        the folder. Returns (checkpoint or None, run id)."""
         try:
-            return self._open(resume, overwrite, checkpointer)
+            return self._open(resume, overwrite, checkpointer, max_steps)
         except WriteError as e:  # read-only, not writable, a file in the way: name it before any weights load
             raise ConfigError(f"output_dir: {describe_write_error(e, e.filename)}") from e
 
-    def _open(self, resume: str | None, overwrite: bool, checkpointer: Checkpointer) -> tuple[Path | None, str]:
+    def _open(self, resume: str | None, overwrite: bool, checkpointer: Checkpointer,
+              max_steps: int | None) -> tuple[Path | None, str]:
         self.lock()
         self.remove_leftovers()
         if resume:
             owner = self.owner()
+            finished = self.finished_at() if resume == "latest" and max_steps is not None else None
+            if finished is not None and finished >= max_steps:  # else its newest checkpoint retrains the last stretch
+                raise RunFinished(
+                    f"run {owner} in {self.path} already finished at step {finished} (train.max_steps={max_steps}); "
+                    f"its adapter is {self.path / WEIGHTS_NAME}. Nothing to resume; to train further, raise "
+                    "train.max_steps"
+                )
             path = checkpointer.resolve(resume, owner if resume == "latest" else None)
             run_id = Checkpointer.peek(path)[0].run_id or owner or new_run_id()
         else:
@@ -140,6 +155,16 @@ class RunFolder:
             path, run_id = None, new_run_id()
         atomic_write_text(self.path / RUN_NAME, json.dumps({"run_id": run_id, "started": time.time()}))
         return path, run_id
+
+    def finished_at(self) -> int | None:
+        """The step at which this folder's run wrote its adapter and metadata, None while it has not finished."""
+        try:
+            meta = json.loads((self.path / METADATA_NAME).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or meta.get("run_id") != self.owner() or not (self.path / WEIGHTS_NAME).is_file():
+            return None
+        return meta["steps"] if isinstance(meta.get("steps"), int) else None
 
     def remove_leftovers(self) -> None:
         """Temp files and folders of writes a killed process never finished; main process, before training."""
@@ -173,5 +198,6 @@ class RunFolder:
             atomic_write_text(self.path / LOSSES_NAME, "".join(json.dumps(r) + "\n" for r in keep))
 
     def append_loss(self, row: dict) -> None:
-        with open(self.path / LOSSES_NAME, "a") as f:
+        # A full disk is said naming losses.jsonl (a plain OSError from write() names no file).
+        with writing_to(self.path / LOSSES_NAME), open(self.path / LOSSES_NAME, "a") as f:
             f.write(json.dumps(row) + "\n")

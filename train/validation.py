@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from qwen_image_lora.config import Config
+from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.io import atomic_path
 
@@ -22,7 +23,7 @@ def validation_requests(cfg: Config) -> dict[str, GenerationRequest]:
     for i, prompt in enumerate(v.prompts):
         requests[f"t2i_{i:02d}"] = GenerationRequest.from_settings(v, prompt)
     for i, edit in enumerate(v.edits):
-        images = [ImageOps.exif_transpose(Image.open(p)).copy() for p in edit.images]
+        images = [load_image(p) for p in edit.images]  # as `qwen-lora edit` reads them, so previews match
         requests[f"edit_{i:02d}"] = GenerationRequest.from_settings(v, edit.prompt, images=images)
     return requests
 

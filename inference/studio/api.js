@@ -136,10 +136,13 @@ export function randomSeed() {
   return crypto.getRandomValues(new Uint32Array(1))[0] & 0x7fffffff;
 }
 
-// "copy as curl": the key comes from the environment, never from the page.
-export function asCurl(path, body, outFile) {
+// "copy as curl": the key comes from the environment, never from the page: from the variable the server reads its
+// keys from (serve.api_keys_env, a comma-separated list: the first key is sent). --fail: a refusal is an error,
+// not a result file holding the refusal's JSON.
+export function asCurl(path, body, outFile, keyEnv = "QWEN_LORA_API_KEYS") {
   const url = new URL(path, location.href).href;
-  return `curl -sS -X POST '${url}' -H "x-api-key: $QWEN_LORA_API_KEY" -H 'content-type: application/json' ` +
+  const name = /^[A-Za-z_][A-Za-z0-9_]*$/.test(keyEnv) ? keyEnv : "QWEN_LORA_API_KEYS"; // a shell variable name only
+  return `curl -sS --fail -X POST '${url}' -H "x-api-key: \${${name}%%,*}" -H 'content-type: application/json' ` +
     `--data-binary @- -o '${outFile}' <<'JSON'\n${JSON.stringify(body)}\nJSON\n`;
 }
 

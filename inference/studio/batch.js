@@ -3,7 +3,7 @@
 // Retry-After; failures can be retried; the results download as a ZIP with a manifest.json.
 
 import { blobToBase64, call, randomSeed, watchQueue } from "./api.js";
-import { ACCEPTED } from "./editor.js";
+import { ACCEPTED, isImage, notImages } from "./editor.js";
 import { $, el, download, showAlert } from "./ui.js";
 import { zip } from "./zip.js";
 
@@ -21,7 +21,13 @@ export function setupBatch(options) {
     ev.preventDefault();
     const files = [...$("batch-files").files, ...$("batch-folder").files];
     if (!files.length) return showAlert("Choose images, a folder, a CSV or a JSONL file for the batch.");
-    jobs = await readJobs(files, $("batch-prompt").value.trim(), hooks.settings());
+    let defaults;
+    try {
+      defaults = hooks.settings();
+    } catch (e) {
+      return showAlert(e.message); // e.g. a seed that is not a whole number
+    }
+    jobs = await readJobs(files, $("batch-prompt").value.trim(), defaults);
     render();
     run();
   });
@@ -35,10 +41,15 @@ export function setupBatch(options) {
 }
 
 async function readJobs(files, instruction, defaults) {
-  const images = new Map(files.filter((f) => ACCEPTED.includes(f.type)).map((f) => [f.name, f]));
+  const images = new Map(), unreadable = [];
+  for (const file of files.filter((f) => ACCEPTED.includes(f.type))) { // one at a time: a folder may hold hundreds
+    if (await isImage(file)) images.set(file.name, file);
+    else unreadable.push(file.name);
+  }
   const tables = files.filter((f) => /\.(csv|jsonl)$/i.test(f.name));
-  const skipped = files.filter((f) => !images.has(f.name) && !tables.includes(f)).map((f) => f.name);
-  showAlert(skipped.length ? `Skipped (not a JPEG/PNG/WebP image, CSV or JSONL): ${skipped.join(", ")}.` : "");
+  const skipped = files.filter((f) => !ACCEPTED.includes(f.type) && !tables.includes(f)).map((f) => f.name);
+  showAlert([unreadable.length ? `Skipped: ${notImages(unreadable)}` : "",
+    skipped.length ? `Skipped (not a JPEG/PNG/WebP image, CSV or JSONL): ${skipped.join(", ")}.` : ""].filter(Boolean).join(" "));
   const out = [];
   const add = (id, fields, refs, where) => out.push(makeJob(id, fields, refs, images, instruction, defaults, where));
   for (const table of tables) {
@@ -136,8 +147,9 @@ async function run() {
   render();
 }
 
+// A job is pending, running (`note` says queued, generating or waiting out a full queue), done or failed.
 async function runJob(job) {
-  const setStatus = (text) => { job.status = text; render(); };
+  const setStatus = (text) => { Object.assign(job, { status: "running", note: text }); render(); };
   try {
     const body = { ...job.body };
     if (job.refs.length) {
@@ -175,7 +187,7 @@ function render() {
   $("batch-zip").disabled = !jobs.some((j) => j.status === "done");
   $("batch-jobs").replaceChildren(...jobs.map((job) => el("tr", { className: job.status === "failed" ? "failed" : "" },
     el("th", { scope: "row" }, job.id),
-    el("td", {}, job.status === "failed" ? `Failed: ${job.error}` : job.status),
+    el("td", {}, job.status === "failed" ? `Failed: ${job.error}` : job.status === "running" ? job.note : job.status),
     el("td", {}, job.blob ? el("img", { src: (job.url ||= URL.createObjectURL(job.blob)), alt: `Result of ${job.id}`, className: "mini" }) : ""),
     el("td", {}, job.status === "failed" && !job.invalid
       ? el("button", { type: "button", onclick: () => { job.status = "pending"; render(); run(); } }, `Retry ${job.id}`) : ""))));
@@ -187,8 +199,9 @@ async function downloadZip() {
   for (const job of jobs) {
     const { image, ...request } = job.body;
     if (job.refs.length) request.image = job.names;
-    manifest.jobs.push({ id: job.id, status: job.status === "done" ? "done" : "failed", file: job.file || null,
-      error: job.error || null, seed: job.seed ?? job.body.seed, request });
+    // A ZIP taken mid-run records each job as it stands: running and pending jobs are not failures.
+    manifest.jobs.push({ id: job.id, status: job.status, file: job.file || null,
+      error: job.status === "failed" ? job.error : null, seed: job.seed ?? job.body.seed, request });
     if (job.blob) files.push({ name: job.file, data: new Uint8Array(await job.blob.arrayBuffer()) });
   }
   files.push({ name: "manifest.json", data: new TextEncoder().encode(JSON.stringify(manifest, null, 2)) });

@@ -35,13 +35,30 @@ export function setupEditor() {
   });
 }
 
-// Files of another type are refused here, by name; the server still checks what the bytes are.
-export function addFiles(files) {
-  const refused = files.filter((f) => !ACCEPTED.includes(f.type)).map((f) => f.name);
-  const room = MAX_IMAGES - edit.files.length;
-  const ok = files.filter((f) => ACCEPTED.includes(f.type));
+// The browser's file type comes from the name alone; decoding the file is what tells a picture from a renamed text
+// file. The server still checks the bytes (it reads fewer formats than a browser does).
+export async function isImage(file) {
+  try {
+    (await createImageBitmap(file)).close();
+    return true;
+  } catch (e) {
+    return false;
+  }
+}
+
+export function notImages(names) {
+  return names.length === 1 ? `${names[0]} is not an image.` : `${names.join(", ")} are not images.`;
+}
+
+// Files of another type, or that do not decode, are refused here, by name.
+export async function addFiles(files) {
+  const wrongType = files.filter((f) => !ACCEPTED.includes(f.type)).map((f) => f.name);
+  const ok = [], unreadable = [];
+  for (const file of files.filter((f) => ACCEPTED.includes(f.type))) (await isImage(file) ? ok : unreadable).push(file);
+  const room = MAX_IMAGES - edit.files.length; // after the awaits: another pick may have added files meanwhile
   const messages = [];
-  if (refused.length) messages.push(`Not a JPEG, PNG or WebP image: ${refused.join(", ")}.`);
+  if (unreadable.length) messages.push(notImages(unreadable.map((f) => f.name)));
+  if (wrongType.length) messages.push(`Not a JPEG, PNG or WebP image: ${wrongType.join(", ")}.`);
   if (ok.length > room) messages.push(`An edit takes at most ${MAX_IMAGES} images; ${ok.length - room} left out.`);
   showAlert(messages.join(" "));
   for (const file of ok.slice(0, Math.max(room, 0))) {

@@ -12,6 +12,7 @@ const history = [];
 let caps = null;
 let adapters = [];
 let busy = false;
+let keyEnv; // the variable the server reads its keys from, for "Copy as curl"
 let showTab = () => {};
 
 async function start() {
@@ -26,8 +27,10 @@ async function start() {
   $("key-form").addEventListener("submit", (ev) => { ev.preventDefault(); useKey($("api-key").value.trim()); });
   $("key-forget").addEventListener("click", () => { key.clear(); $("api-key").value = ""; renderAdapters([]); setState("Key forgotten."); });
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", applyMode);
+  $("negative").addEventListener("input", applyGuidance);
   $("gen-form").addEventListener("submit", (ev) => { ev.preventDefault(); generate(); });
   $("compare").addEventListener("click", compare);
+  $("seed-random").addEventListener("click", () => { $("seed").value = ""; setState("A new random seed for each image."); });
   $("layers").addEventListener("click", downloadLayers);
   caps = await capabilities();
   $("steps").max = caps.maxSteps;
@@ -37,6 +40,7 @@ async function start() {
     $("layers-format").replaceChildren(...caps.layers.formats.map((f) => el("option", { value: f }, f.toUpperCase())));
   }
   applyMode();
+  applyGuidance();
   if (key.get()) useKey(key.get());
   else $("api-key").focus();
 }
@@ -49,6 +53,7 @@ async function useKey(value) {
     const answer = await json("/v1/adapters");
     showAlert("");
     renderAdapters(answer.adapters);
+    keyEnv = answer.api_keys_env;
     setState(`Connected: ${answer.adapters.length} adapter(s) available.`);
     if ($("tab-runs").getAttribute("aria-selected") === "true") showRuns();
   } catch (e) {
@@ -69,6 +74,13 @@ function applyMode() {
   $("prompt-label").textContent = editing ? "Instruction" : "Prompt";
   $("mask-tools").hidden = !(editing && caps?.mask);
   $("layers-box").hidden = !(editing && caps?.layers);
+}
+
+// Guidance steers away from the negative prompt; without one the server runs none, so the field is off.
+function applyGuidance() {
+  const on = Boolean($("negative").value.trim());
+  $("guidance").disabled = !on;
+  $("guidance-note").hidden = on;
 }
 
 // ------------------------------------------------------------------------------------------ adapters
@@ -104,24 +116,36 @@ function tryAdapter(name) {
 
 // ------------------------------------------------------------------------------------------ requests
 
+// The request as sent, which is also what "Exact settings" records: so only settings that act are in it.
 function settings() {
   const body = { prompt: $("prompt").value.trim(), num_inference_steps: Number($("steps").value),
-    guidance_scale: Number($("guidance").value), output_format: $("format").value, loras: selectedLoras() };
-  if ($("negative").value.trim()) body.negative_prompt = $("negative").value.trim();
+    output_format: $("format").value, loras: selectedLoras() };
+  if ($("negative").value.trim()) {
+    body.negative_prompt = $("negative").value.trim();
+    body.guidance_scale = Number($("guidance").value);
+  }
   if (mode() === "t2i") body.aspect_ratio = $("aspect").value;
   return body;
 }
 
 function batchSettings() {
   const { prompt, aspect_ratio, ...rest } = settings();
-  return { ...rest, seed: $("seed-lock").checked ? Number($("seed").value) : null };
+  return { ...rest, seed: typedSeed() };
+}
+
+// The seed field as typed (null when blank: random). Variations count up from a typed seed.
+function typedSeed() {
+  const field = $("seed");
+  const seed = field.value.trim() === "" ? null : Number(field.value);
+  if (field.validity.badInput || (seed !== null && !(Number.isSafeInteger(seed) && seed >= 0))) {
+    throw new ApiError(0, `Seed: a whole number from 0 to ${Number.MAX_SAFE_INTEGER}, or blank for a random one.`);
+  }
+  return seed;
 }
 
 function nextSeed(i) {
-  if ($("seed-lock").checked) return Number($("seed").value) + i;
-  const seed = randomSeed();
-  $("seed").value = seed;
-  return seed;
+  const seed = typedSeed();
+  return seed === null ? randomSeed() : seed + i;
 }
 
 async function requestBody() {
@@ -241,15 +265,14 @@ function card(r, detailed) {
   const picture = r.before ? beforeAfter(r.before, r.url, label) : el("img", { src: r.url, alt: `Result ${r.id}: ${label}` });
   const reuse = () => {
     $("seed").value = r.seed;
-    $("seed-lock").checked = true;
     showTab("create");
     $("seed").focus();
-    setState(`Seed ${r.seed} locked.`);
+    setState(`Seed ${r.seed} set: the next images use it.`);
   };
   const buttons = el("div", { className: "actions" },
     el("button", { type: "button", onclick: () => download(r.blob, r.file) }, "Download"),
     el("button", { type: "button", onclick: reuse }, "Reuse this seed"),
-    el("button", { type: "button", onclick: () => copyText(asCurl(r.path || "/v1/images", r.body, r.file), "the curl command") }, "Copy as curl"),
+    el("button", { type: "button", onclick: () => copyText(asCurl(r.path || "/v1/images", r.body, r.file, keyEnv), "the curl command") }, "Copy as curl"),
     el("button", { type: "button", onclick: () => copyText(JSON.stringify(r.body, null, 2), "the request JSON") }, "Copy as JSON"));
   const adapterText = r.body.loras?.length ? r.body.loras.map((l) => `${l.name} ${l.weight}`).join(", ") : "none (base model)";
   const caption = el("figcaption", {},

@@ -88,10 +88,12 @@ export function setupTabs(onShow) {
   return (name) => select($(`tab-${name}`), true);
 }
 
-// A before/after slider: the result drawn over the input, cut at the range input's position.
+// A before/after slider: the result drawn over the input, cut at the range input's position (before on the left).
 export function beforeAfter(beforeUrl, afterUrl, label) {
   const after = el("img", { src: afterUrl, alt: `After: ${label}`, className: "after" });
-  const box = el("div", { className: "compare" }, el("img", { src: beforeUrl, alt: `Before: ${label}`, className: "before" }), after);
+  const box = el("div", { className: "compare" }, el("img", { src: beforeUrl, alt: `Before: ${label}`, className: "before" }), after,
+    el("span", { className: "tag tag-before", "aria-hidden": "true" }, "Before"),
+    el("span", { className: "tag tag-after", "aria-hidden": "true" }, "After"));
   const range = el("input", { type: "range", min: 0, max: 100, value: 50, "aria-label": "Before / after split (percent of the image showing before)" });
   const update = () => box.style.setProperty("--split", `${range.value}%`);
   range.addEventListener("input", update);
