@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.config import Config
 from qwen_image_lora.data.buckets import histogram
 from qwen_image_lora.data.cache import Cache, model_identity
@@ -67,7 +68,7 @@ def prepare(
     start = time.perf_counter()
     d = cfg.data
     if not d.cache_dir:
-        raise ValueError("data.cache_dir: not set; prepare needs a folder for the cache")
+        raise InputError("data.cache_dir: not set; prepare needs a folder for the cache", "data.cache_dir")
     cache_dir = Path(d.cache_dir)
     items = load_items(d)
     if report is None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.config import DataConfig
 from qwen_image_lora.images import read_image
 from qwen_image_lora.io import iter_jsonl
@@ -46,7 +47,7 @@ class Item:
         return "edit" if self.sources else "t2i"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data, naming the file (and line) and what to do."""
 
 

@@ -18,14 +18,18 @@ import torch
 import yaml
 from PIL import Image
 
+from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora import model as qmodel
+from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, EditExample, to_dict
+from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.eval import metrics as M
 from qwen_image_lora.eval.report import BASE, CheckpointScore, Sample, log_to_wandb, summarise, verdicts, write_report
 from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.adapters import adapter_name_for
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.objective import heldout_loss
 from qwen_image_lora.progress import progress_bar, track
 
 logger = logging.getLogger(__name__)
@@ -92,7 +96,7 @@ def _jobs(cfg: Config, notes: list[str]) -> list[_Job]:
         if prompts or edits:
             notes.append("eval.prompts and eval.edits are empty; used validation.prompts and validation.edits.")
     if not prompts and not edits:
-        raise ValueError("eval.prompts / eval.edits: nothing to evaluate; add held-out prompts or edit examples")
+        raise InputError("eval.prompts / eval.edits: nothing to evaluate; add held-out prompts or edit examples", "eval.prompts")
     seeds = cfg.eval.render_seeds
     return [_Job("t2i", p, s) for p in prompts for s in seeds] + [
         _Job("edit", e.prompt, s, e) for e in edits for s in seeds
@@ -195,7 +199,7 @@ def _clip(cfg: Config, notes: list[str], device: str):
         return scorer, None
     paths = sorted(p for p in Path(e.reference_images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise FileNotFoundError(f"eval.reference_images: no images in {e.reference_images}")
+        raise NotFound(f"eval.reference_images: no images in {e.reference_images}", "eval.reference_images")
     return scorer, scorer.embed_images([load_image(p) for p in paths])
 
 
@@ -219,37 +223,34 @@ _LOSS_KEYS = ("model.pretrained", "data.resolution", "data.caption_template", "d
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int, str, Path]]:
     """(step, name, adapter folder) of every complete checkpoint of a run, oldest first, then the run's final
     adapter (named "final") when training has written it."""
-    from qwen_image_lora.train.adapter import WEIGHTS_NAME
-    from qwen_image_lora.train.checkpoint import Checkpointer
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"--checkpoints: {run_dir} is not a folder")
+        raise NotFound(f"--checkpoints: {run_dir} is not a folder", "--checkpoints")
     found = []
-    for folder in Checkpointer(run_dir, keep_last=1).all():
-        if not (folder / "adapter").is_dir():
-            raise FileNotFoundError(f"--checkpoints: {folder} has no adapter/ folder")
-        found.append((int(folder.name.removeprefix("step-")), folder.name, folder / "adapter"))
-    metadata = run_dir / "training_metadata.json"
-    if (run_dir / WEIGHTS_NAME).is_file() and metadata.is_file():
+    for folder in layout.checkpoints(run_dir):
+        if not (folder / layout.ADAPTER).is_dir():
+            raise NotFound(f"--checkpoints: {folder} has no {layout.ADAPTER}/ folder", "--checkpoints")
+        found.append((layout.checkpoint_step(folder), folder.name, folder / layout.ADAPTER))
+    metadata = run_dir / layout.METADATA
+    if (run_dir / layout.FINAL_ADAPTER).is_file() and metadata.is_file():
         found.append((int(json.loads(metadata.read_text())["steps"]), "final", run_dir))
     if not found:
-        raise FileNotFoundError(f"--checkpoints: no step-<N> checkpoint folders in {run_dir / 'checkpoints'} "
-                                f"and no final adapter ({WEIGHTS_NAME} + training_metadata.json) in {run_dir}")
+        raise NotFound(f"--checkpoints: no step-<N> checkpoint folders in {run_dir / layout.CHECKPOINTS} "
+                                f"and no final adapter ({layout.FINAL_ADAPTER} + {layout.METADATA}) in {run_dir}")
     return found
 
 
 def check_run_config(cfg: Config, run_dir: str | Path) -> list[str]:
     """Compare the held-out settings with the run's saved config: a different split is an error (ValueError),
     other differences come back as report notes."""
-    saved_path = Path(run_dir) / "config.yaml"
+    saved_path = Path(run_dir) / layout.CONFIG
     if not saved_path.is_file():
         return [f"{saved_path} not found: could not check that the checkpoints are scored on the run's held-out split."]
     saved, current = yaml.safe_load(saved_path.read_text()) or {}, to_dict(cfg)
     differ = {k: (_get(saved, k), _get(current, k)) for k in (*_SPLIT_KEYS, *_LOSS_KEYS) if _get(saved, k) != _get(current, k)}
     split = [f"{k} is {here!r} here but {run!r} in the run" for k, (run, here) in differ.items() if k in _SPLIT_KEYS]
     if split:
-        raise ValueError(f"--checkpoints {run_dir}: the held-out split differs from the run's ({'; '.join(split)}), so "
+        raise InputError(f"--checkpoints {run_dir}: the held-out split differs from the run's ({'; '.join(split)}), so "
                          f"held-out items could be training items. Pass --config {saved_path}, or set those keys to "
                          "the run's values")
     return [f"Held-out losses differ from the run's logged heldout_loss: {k} is {here!r} here but {run!r} in the run."
@@ -269,12 +270,9 @@ def score_checkpoints(cfg: Config, generator: Generator, checkpoints: list[tuple
     fixed by `validation.seed`: with the run's own config this is the split and the number the run logged as
     `heldout_loss`, so the table lines up with the training curves.
     """
-    from qwen_image_lora.data.dataset import build_training_data
-    from qwen_image_lora.train.objective import heldout_loss
-
     batches = build_training_data(cfg, generator.pipe).held_out_batches()
     if not batches:
-        raise ValueError("validation.held_out_fraction: no held-out items to score checkpoints on; set it to the "
+        raise InputError("validation.held_out_fraction: no held-out items to score checkpoints on; set it to the "
                          "fraction the run held out (> 0)")
     scores = []
     for step, name, adapter in track(checkpoints, desc="checkpoints", unit="adapter"):

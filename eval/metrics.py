@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 from scipy import stats
 
+from qwen_image_lora.errors import InputError, NotFound
+
 if TYPE_CHECKING:
     import torch
 
@@ -53,7 +55,7 @@ def hex_to_lab(colours: list[str]) -> np.ndarray:
     rgb = []
     for c in colours:
         if not re.fullmatch(r"#?[0-9a-fA-F]{6}", c):
-            raise ValueError(f"palette colour {c!r}: expected a hex colour like '#e30613'")
+            raise InputError(f"palette colour {c!r}: expected a hex colour like '#e30613'", "eval.palette")
         c = c.lstrip("#")
         rgb.append([int(c[i : i + 2], 16) / 255.0 for i in (0, 2, 4)])
     return rgb2lab(np.array(rgb, dtype=np.float64)[None])[0]
@@ -107,7 +109,7 @@ def palette_distance(image: Picture, palette: list[str], k: int = 5, seed: int =
     score 50+. Lower is better.
     """
     if not palette:
-        raise ValueError("palette_distance: the palette is empty; set eval.palette to hex colours")
+        raise InputError("palette_distance: the palette is empty; set eval.palette to hex colours", "eval.palette")
     centres, shares = dominant_colours(image, k=k, seed=seed)
     return float((nearest_palette_distance(centres, hex_to_lab(palette)) * shares).sum())
 
@@ -305,7 +307,7 @@ class ClipScorer:
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"eval.clip_model: {path} is not a transformers model folder (no config.json)")
+            raise NotFound(f"eval.clip_model: {path} is not a transformers model folder (no config.json)", "eval.clip_model")
         self.device = torch.device(device)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
         self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)

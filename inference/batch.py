@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qwen_image_lora.errors import InputError
 from qwen_image_lora import typed_yaml
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.config import SamplingConfig
@@ -61,28 +62,28 @@ def read_jobs(path: str | Path) -> list[Job]:
     jobs, outputs = [], {}
     for where, raw in iter_jsonl(path):
         if "index" in raw:
-            raise ValueError(f"{where}: unknown key 'index' (the line's position is its index)")
+            raise InputError(f"{where}: unknown key 'index' (the line's position is its index)")
         try:
             job = typed_yaml.build(Job, raw, "", where, path.parent.resolve())
             job.validate(f"{where}: job")  # the sampling checks: sizes, aspect preset, steps
             check_image_count(len(job.images))
         except ConfigError as e:
-            raise ValueError(str(e)) from None
+            raise InputError(str(e)) from None
         except SettingError as e:
-            raise ValueError(f"{where}: job.{e}") from None
+            raise InputError(f"{where}: job.{e}") from None
         if not job.prompt:
-            raise ValueError(f"{where}: prompt is required")
+            raise InputError(f"{where}: prompt is required")
         job.index = len(jobs)
         job.id = str(job.id) if job.id is not None else f"{job.index:06d}"
         if not _SAFE_ID.fullmatch(job.id):
-            raise ValueError(f"{where}: id {job.id!r} must be letters, digits, '.', '_' or '-'")
+            raise InputError(f"{where}: id {job.id!r} must be letters, digits, '.', '_' or '-'")
         if job.output is not None and (Path(job.output).name != job.output or not _SAFE_ID.fullmatch(job.output)):
-            raise ValueError(f"{where}: output {job.output!r} must be a plain file name inside the output folder")
+            raise InputError(f"{where}: output {job.output!r} must be a plain file name inside the output folder")
         if job.mask is not None and not job.images:
-            raise ValueError(f"{where}: mask needs images (it applies to the last one)")
+            raise InputError(f"{where}: mask needs images (it applies to the last one)")
         format_for(job.output_name)
         if job.output_name in outputs:
-            raise ValueError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
+            raise InputError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
         outputs[job.output_name] = where.rsplit(":", 1)[1]
         jobs.append(job)
     return jobs

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.knobs import MAX_INPUT_IMAGES, accepted, check_image_count, limits_of, type_of
 
@@ -172,8 +173,8 @@ def _generate(args) -> int:
 
     format_for(args.output)  # a bad extension fails before the model loads
     check_image_count(len(args.image))  # before decoding them
-    images = [load_image(p) for p in args.image]
-    mask = load_image(args.mask) if getattr(args, "mask", None) else None
+    images = [load_image(_input_file("--image", p)) for p in args.image]
+    mask = load_image(_input_file("--mask", args.mask)) if getattr(args, "mask", None) else None
     if mask is not None:
         _as_option(prepare_mask, mask, images[-1])  # the generator's mask rules, before the model loads
     request = GenerationRequest.from_settings(args, args.prompt, images=images, mask=mask,
@@ -187,6 +188,14 @@ def _generate(args) -> int:
     return 0
 
 
+def _input_file(option: str, path: str) -> str:
+    """A file named on the command line, refused by its option's name before anything opens it."""
+    if not Path(path).is_file():
+        what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+        raise NotFound(f"{option} {path}: {what}", option)
+    return path
+
+
 def _as_option(check, *inputs):
     """Run a request rule that needs no model. Its error names the field (`mask: ...`, `element 'x': ...`); here
     that is the option that carried it (`--mask: ...`)."""
@@ -196,7 +205,7 @@ def _as_option(check, *inputs):
     try:
         return check(*inputs)
     except (MaskError, LayersError) as e:
-        raise ValueError(f"--{e}") from None
+        raise InputError(f"--{e}") from None
 
 
 def _layers(args) -> int:
@@ -206,9 +215,9 @@ def _layers(args) -> int:
 
     elements = [Element.parse(e) for e in args.element]  # bad input fails before the model loads
     if Path(args.output).suffix.lower() not in FORMATS:
-        raise ValueError(f"--output {args.output}: use .psd, .ora or .zip")
-    image = load_image(args.image)
-    mask = args.mask if args.mask == "auto" else load_image(args.mask)
+        raise InputError(f"--output {args.output}: use .psd, .ora or .zip", "--output")
+    image = load_image(_input_file("--image", args.image))
+    mask = args.mask if args.mask == "auto" else load_image(_input_file("--mask", args.mask))
     _as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads
     request = GenerationRequest.from_settings(args, "", images=[image], mask_feather=args.mask_feather)
     request.validate(args.command)  # bad steps or guidance fail before the model loads
@@ -226,7 +235,7 @@ def _batch(args) -> int:
     from qwen_image_lora.inference.adapters import parse_lora_arg
     from qwen_image_lora.inference.batch import adapter_identity, pending, read_jobs, run_batch
 
-    jobs = read_jobs(args.jobs)  # every line checked before loading 7B weights
+    jobs = read_jobs(_input_file("jobs file", args.jobs))  # every line checked before loading 7B weights
     # PartialState only sets up a CPU process group (gloo) when told the run is on CPU.
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)

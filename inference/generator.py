@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from qwen_image_lora.errors import InputError
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import ModelConfig, SamplingConfig
 from qwen_image_lora.knobs import check_image_count
@@ -25,7 +26,7 @@ MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat temp
 def size_for_aspect(aspect_ratio: str, resolution: int = 1024) -> tuple[int, int]:
     """(width, height) for a preset by the one sizing rule (`model.fit_size`)."""
     if aspect_ratio not in ASPECT_RATIOS:
-        raise ValueError(f"aspect_ratio: {aspect_ratio!r} is not one of {', '.join(ASPECT_RATIOS)}")
+        raise InputError(f"aspect_ratio: {aspect_ratio!r} is not one of {', '.join(ASPECT_RATIOS)}", "aspect_ratio")
     a, b = ASPECT_RATIOS[aspect_ratio]
     return qmodel.fit_size(a, b, resolution)
 
@@ -37,9 +38,9 @@ def check_input_aspects(images: list[Image.Image], resolution: int) -> None:
     for i, image in enumerate(images, 1):
         w, h = image.size
         if max(w, h) >= limit * min(w, h):
-            raise ValueError(f"images: image {i} is {w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1); at resolution "
+            raise InputError(f"images: image {i} is {w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1); at resolution "
                              f"{resolution} the model takes aspect ratios under {limit:g}:1; crop or pad it closer "
-                             "to square")  # fmt: skip
+                             "to square", "images")  # fmt: skip
 
 
 @dataclass
@@ -126,7 +127,8 @@ class Generator:
             if text is not None and len(text.encode()) > MAX_PROMPT_TOKENS:
                 n = self.count_tokens(text)
                 if n > MAX_PROMPT_TOKENS:
-                    raise ValueError(f"{name}: {n} tokens with the model's tokenizer; the limit is {MAX_PROMPT_TOKENS}")
+                    raise InputError(f"{name}: {n} tokens with the model's tokenizer; the limit is {MAX_PROMPT_TOKENS}",
+                                     name)
         check_image_count(len(request.images))
         check_input_aspects(request.images, self.resolution)
         return self._mask(request)
@@ -173,9 +175,9 @@ class Generator:
         if request.mask is None:
             return None
         if not request.images:
-            raise ValueError("mask: a mask needs an image to edit (give images)")
+            raise InputError("mask: a mask needs an image to edit (give images)", "mask")
         if request.mask_feather < 0:
-            raise ValueError(f"mask_feather: must be >= 0 pixels (got {request.mask_feather})")
+            raise InputError(f"mask_feather: must be >= 0 pixels (got {request.mask_feather})", "mask_feather")
         return masking.prepare_mask(request.mask, request.images[-1])
 
     def _size(self, request: GenerationRequest) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops
 
+from qwen_image_lora.errors import InputError
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.inference import masking
 from qwen_image_lora.io import atomic_path
@@ -32,7 +33,7 @@ MEDIA_TYPES = {"psd": "image/vnd.adobe.photoshop", "ora": "image/openraster", "z
 _ELEMENT = re.compile(r"^(?P<prompt>.+)@(?P<x>\d+),(?P<y>\d+),(?P<w>\d+),(?P<h>\d+)$", re.S)
 
 
-class LayersError(ValueError):
+class LayersError(InputError):
     """A layers request we refuse, naming the bad part."""
 
 
@@ -48,7 +49,8 @@ class Element:
         """`PROMPT@x,y,w,h`, e.g. `a red SALE badge@40,40,256,128`."""
         m = _ELEMENT.match(text.strip())
         if not m or int(m["w"]) <= 0 or int(m["h"]) <= 0:
-            raise LayersError(f"element {text!r}: write it as PROMPT@x,y,w,h, e.g. 'a red SALE badge@40,40,256,128'")
+            raise LayersError(f"element {text!r}: write it as PROMPT@x,y,w,h, e.g. 'a red SALE badge@40,40,256,128'",
+                              "elements")
         return cls(m["prompt"].strip(), (int(m["x"]), int(m["y"]), int(m["w"]), int(m["h"])))
 
 
@@ -80,10 +82,10 @@ def check_request(image: Image.Image, mask: Image.Image | str, elements: list[El
     for element in elements:
         x, y, bw, bh = element.box
         if min(x, y) < 0 or x + bw > w or y + bh > h:
-            raise LayersError(f"element {element.prompt!r}: box {element.box} leaves the {w}x{h} image")
+            raise LayersError(f"element {element.prompt!r}: box {element.box} leaves the {w}x{h} image", "elements")
     if isinstance(mask, str):
         if mask != "auto":
-            raise LayersError(f"mask: give a mask image or 'auto' (got {mask!r})")
+            raise LayersError(f"mask: give a mask image or 'auto' (got {mask!r})", "mask")
         return mask
     return masking.prepare_mask(mask, image)
 
@@ -92,7 +94,7 @@ def build_layers(generator, request, mask: Image.Image | str, background_prompt:
     """`request` (a `GenerationRequest` with exactly one image) carries seed, steps, guidance and adapters for
     every generation; `mask` is white on the subject, or "auto" to take it from the model's own cut-out."""
     if len(request.images) != 1:
-        raise LayersError(f"images: layers take exactly one input image (got {len(request.images)})")
+        raise LayersError(f"images: layers take exactly one input image (got {len(request.images)})", "image")
     image = request.images[0]
     subject_mask = check_request(image, mask, elements)
     if isinstance(subject_mask, str):
@@ -129,7 +131,7 @@ def save_layers(layers: Layers, path: str | Path) -> list[Path]:
     """Write `path` (.psd, .ora or .zip) and the flattened image beside it (`<stem>.png`); both atomic."""
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
-        raise LayersError(f"output: {path.name}: use .psd, .ora or .zip")
+        raise LayersError(f"output: {path.name}: use .psd, .ora or .zip", "output")
     data = encode_layers(layers, path.suffix.lower().lstrip("."))
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

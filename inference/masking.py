@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
+from qwen_image_lora.errors import InputError
 from qwen_image_lora import model as qmodel
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,11 @@ log = logging.getLogger(__name__)
 MAX_ASPECT_CHANGE = 0.02  # a mask whose aspect differs more than 2% from the image's would be distorted
 
 
-class MaskError(ValueError):
+class MaskError(InputError):
     """A mask we refuse, with what to do about it."""
+
+    def __init__(self, message: str, field: str | None = "mask"):
+        super().__init__(message, field)
 
 
 def prepare_mask(mask: Image.Image, image: Image.Image) -> Image.Image:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
+from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.config import Config, SamplingConfig, ServeConfig
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body
@@ -51,13 +52,17 @@ def load_api_keys(serve: ServeConfig, environ) -> list[str]:
     per line, # comments). The CLI calls this; the app itself never reads the environment."""
     keys = [k.strip() for k in environ.get(serve.api_keys_env, "").split(",") if k.strip()]
     if serve.api_keys_file:
+        if not Path(serve.api_keys_file).is_file():
+            raise NotFound(f"serve.api_keys_file: {serve.api_keys_file} does not exist (one key per line)",
+                           "serve.api_keys_file")
         for line in Path(serve.api_keys_file).read_text().splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
                 keys.append(line)
     if not keys:
-        raise ValueError(
-            f"serve: no API keys; set {serve.api_keys_env}=key1,key2 or serve.api_keys_file (requests need x-api-key)"
+        raise InputError(
+            f"serve: no API keys; set {serve.api_keys_env}=key1,key2 or serve.api_keys_file (requests need x-api-key)",
+            "serve.api_keys_env",
         )
     return keys
 
@@ -160,7 +165,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
 
     serve = cfg.serve
     if not api_keys:
-        raise ValueError("serve: at least one API key is required")
+        raise InputError("serve: at least one API key is required", "serve.api_keys_env")
     if generator is None:
         generator = Generator.from_config(cfg.model, resolution=cfg.data.resolution)
     for adapter in serve.adapters:
@@ -264,9 +269,8 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
                                                        mask_feather=body.mask_feather)  # fmt: skip
             try:
                 made = generator.layers(settings, mask if mask is not None else "auto", body.prompt, elements)
-            except ValueError as e:  # a mask or element box we refuse, named
-                field = "mask" if str(e).startswith("mask") else "elements" if str(e).startswith("element") else "image"
-                raise RequestError(422, str(e), ("body", field)) from None
+            except InputError as e:  # a mask or element box we refuse, named by its field
+                raise RequestError(422, str(e), ("body", _request_field(e) or "image")) from None
             return layer_output.encode_layers(made, body.output_format)
 
         data = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
@@ -301,14 +305,19 @@ async def _result(result: asyncio.Future):
         raise
 
 
+def _request_field(error: InputError) -> str | None:
+    """The request field an error names: the generator's `images` arrive as the request's `image`."""
+    return {"images": "image"}.get(error.field, error.field)
+
+
 def _generate(generator: Generator, request: GenerationRequest, fmt: str, quality: int, metrics: Metrics, fields):
     """The job, on the worker thread: (size, encoded bytes). It empties `request.images` when it ends, so the decoded
     inputs are freed then, whoever still holds the request."""
     try:
         try:
             generator.check(request)  # the tokenizer is used on the worker thread only
-        except ValueError as e:
-            field = {"images": "image"}.get(str(e).split(":", 1)[0], str(e).split(":", 1)[0])
+        except InputError as e:
+            field = _request_field(e)
             raise RequestError(422, str(e), ("body", field) if field in fields else ("body",)) from None
         start = time.perf_counter()
         image = generator.generate(request)

@@ -16,10 +16,12 @@ import socket
 import time
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
+from qwen_image_lora.errors import InputError
+
 MAX_REDIRECTS = 3
 
 
-class URLRefused(ValueError):
+class URLRefused(InputError):
     """The URL is not allowed or could not be fetched; `too_large` when it went over the size cap."""
 
     def __init__(self, message: str, too_large: bool = False):

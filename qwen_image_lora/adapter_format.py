@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from qwen_image_lora.errors import InputError
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.hub import HubUnavailable, check_hub_repo
 from qwen_image_lora.io import atomic_path
@@ -62,7 +63,7 @@ DORA_TO_COMFYUI = (
 )
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError):
     """An adapter that cannot be found, read, applied or written as asked: wrong path, model, format or layout."""
 
 
@@ -140,8 +141,8 @@ def _download(hub_id: str) -> Path:
     parts = hub_id.split("/")
     repo, file = "/".join(parts[:2]), "/".join(parts[2:]) or None
     try:
-        check_hub_repo(repo, field=f"adapter {hub_id}", fix=f"download it first (`hf download {repo}`) or give the "
-                       "path of a local .safetensors file")
+        check_hub_repo(repo, head=f"{hub_id}:", fix=f"download it first (`hf download {repo}`) or give the path of a "
+                       "local .safetensors file")
     except HubUnavailable as e:
         raise AdapterError(str(e)) from None
     try:

@@ -7,7 +7,8 @@ import argparse
 import importlib
 import sys
 
-from qwen_image_lora.config import ConfigError, ModelConfig, load_config
+from qwen_image_lora.config import ModelConfig, load_config
+from qwen_image_lora.errors import UserError
 from qwen_image_lora.io import describe_write_error, is_write_error
 
 DESCRIPTION = """\
@@ -123,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     _say_default_model(args)
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        print(e.line(), file=sys.stderr)
+        return e.exit_code
     except OSError as e:  # a full disk, a read-only or unwritable folder: the path and the next step, not a traceback
         if not is_write_error(e):
             raise

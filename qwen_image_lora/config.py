@@ -67,6 +67,10 @@ class ModelConfig:
     # torch.compile: false (YAML's `off` too) | blocks (one graph shared by the repeated blocks) | full (the whole
     # transformer).
     compile: Literal[False, "blocks", "full"] = False
+    # Training only: store the frozen base's block linears quantized, through diffusers' backends (int8, fp8:
+    # torchao weight-only, CPU or GPU; nf4: bitsandbytes 4-bit, CUDA only). LoRA trains in fp32 on top and the
+    # saved adapter is a plain LoRA for the unquantized model, which generate, eval and serve load.
+    quantize: Literal["none", "int8", "fp8", "nf4"] = _fixed("none")
 
     def validate(self, where: str) -> None:
         if not self.pretrained:
@@ -218,6 +222,11 @@ class TrainConfig:
     mixed_precision: Literal["bf16", "fp16", "no"] = _fixed("bf16")
     # true, false, or "auto": checkpoint the fewest blocks that keep the planned peak under memory_budget_gb.
     gradient_checkpointing: Union[bool, Literal["auto"]] = True
+    # Frozen blocks kept in pinned CPU memory and streamed to the GPU one block ahead of use (forward, and the
+    # recomputed forward of backward); a number, or "auto": the fewest that keep the plan under memory_budget_gb.
+    # Offloaded blocks are always checkpointed. One process only (DDP needs the whole model on each GPU).
+    offload_blocks: Union[int, Literal["auto"]] = 0
+    # GPU size the `auto` settings plan for (`qwen-lora plan --gpu-memory` picks the full recipe for one).
     memory_budget_gb: float = 24.0
     seed: int = 42
     timestep_sampling: Literal["uniform", "logit_normal", "shifted"] = _fixed("logit_normal")
@@ -245,6 +254,11 @@ class TrainConfig:
             raise ConfigError(f"{where}.mask_loss_weight: must be > 0 (1.0 = off; got {self.mask_loss_weight})")
         if self.memory_budget_gb <= 0:
             raise ConfigError(f"{where}.memory_budget_gb: must be > 0 (got {self.memory_budget_gb})")
+        if self.offload_blocks != "auto" and self.offload_blocks < 0:
+            raise ConfigError(f"{where}.offload_blocks: must be >= 0 or auto (got {self.offload_blocks})")
+        if self.offload_blocks not in (0, "auto") and self.gradient_checkpointing is False:
+            raise ConfigError(f"{where}.offload_blocks: offloaded blocks are recomputed in backward, so they need "
+                              f"{where}.gradient_checkpointing: true or auto (got false)")
 
 
 @dataclass

@@ -17,6 +17,14 @@ _KERNELS_TRUST = "Skipping publisher trust check for 'kernels-community/quantiza
 # diffusers injects each further adapter with peft's `inject_adapter_in_model`, which warns once a model already
 # holds one: several adapters at once is this toolkit's normal case (weighted mixes, eval of checkpoints).
 _PEFT_SECOND_ADAPTER = r"Already found a `peft_config` attribute in the model\. This will lead to having multiple"
+# diffusers 0.42 looks for torchao tensor classes that torchao 0.18 moved; they matter only for loading checkpoints
+# saved already quantized, which this toolkit never does (model.quantize quantizes at load).
+_DIFFUSERS_LOGGER_TORCHAO = "diffusers.quantizers.torchao.torchao_quantizer"
+_TORCHAO_CLASSES = "Unable to import `torchao` Tensor objects. This may affect loading checkpoints serialized"
+# torchao (imported by peft and diffusers whenever they look for quantized layers) registers its enums with torch's
+# pytree, which torch 2.14 reports as deprecated, once per enum, on every command that loads an adapter.
+_PYTREE_LOGGER = "torch.utils._pytree"
+_ENUM_NOTICE = "is an Enum subclass and is now natively supported by torch.compile"
 # Weights smaller than this load in well under a second: a progress bar for them is noise.
 QUIET_LOAD_BYTES = 256 * 2**20
 
@@ -30,11 +38,22 @@ class _DropExactMessage(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+class _DropTorchaoEnumNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        registered = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        from_torchao = getattr(registered, "__module__", "").startswith("torchao")
+        return not (from_torchao and _ENUM_NOTICE in record.getMessage())
+
+
 def install_message_filters() -> None:
     """Drop the library lines above by their exact text. Idempotent."""
-    kernels = logging.getLogger(_KERNELS_LOGGER)
-    if not any(isinstance(f, _DropExactMessage) for f in kernels.filters):
-        kernels.addFilter(_DropExactMessage(_KERNELS_TRUST))
+    for name, prefix in ((_KERNELS_LOGGER, _KERNELS_TRUST), (_DIFFUSERS_LOGGER_TORCHAO, _TORCHAO_CLASSES)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExactMessage) for f in logger.filters):
+            logger.addFilter(_DropExactMessage(prefix))
+    pytree = logging.getLogger(_PYTREE_LOGGER)
+    if not any(isinstance(f, _DropTorchaoEnumNotice) for f in pytree.filters):
+        pytree.addFilter(_DropTorchaoEnumNotice())
     warnings.filterwarnings("ignore", message=_PEFT_SECOND_ADAPTER, category=UserWarning, module="peft")
     # bitsandbytes' own report of the same missing kernel (we never use 4-bit layers).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

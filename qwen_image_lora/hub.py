@@ -10,10 +10,12 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 
+from qwen_image_lora.errors import NotFound
+
 HUB_TIMEOUT_S = 5.0
 
 
-class HubUnavailable(FileNotFoundError):
+class HubUnavailable(NotFound):
     """A hub id that is neither cached nor fetchable now."""
 
 
@@ -23,26 +25,26 @@ def is_cached(repo_id: str) -> bool:
     return snapshots.is_dir() and any(snapshots.iterdir())
 
 
-def check_hub_repo(repo_id: str, *, field: str, fix: str, revision: str | None = None) -> None:
+def check_hub_repo(repo_id: str, *, head: str, fix: str, field: str | None = None, revision: str | None = None) -> None:
     """Raise HubUnavailable unless `repo_id` is cached or answers on the hub within HUB_TIMEOUT_S (one request,
-    no retries)."""
+    no retries). `head` opens the message ("model.pretrained: ORG/NAME is", "ORG/NAME:")."""
     if is_cached(repo_id):
         return
     cache = constants.HF_HUB_CACHE
     if constants.HF_HUB_OFFLINE:
-        raise HubUnavailable(f"{field}: {repo_id} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE "
-                             f"is set, so the hub was not asked; {fix}")
+        raise HubUnavailable(f"{head} not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set, so the "
+                             f"hub was not asked; {fix}", field)
     try:
         HfApi().repo_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
     except GatedRepoError:
-        raise HubUnavailable(f"{field}: {repo_id} is gated on the Hugging Face hub: accept its terms on its page and "
-                             f"log in (`hf auth login`); {fix}") from None
+        raise HubUnavailable(f"{head} gated on the Hugging Face hub: accept its terms on its page and log in "
+                             f"(`hf auth login`); {fix}", field) from None
     except RevisionNotFoundError:
-        raise HubUnavailable(f"{field}: {repo_id} has no revision {revision!r} on the Hugging Face hub") from None
+        raise HubUnavailable(f"{head} on the Hugging Face hub without a revision {revision!r}", field) from None
     except RepositoryNotFoundError:
-        raise HubUnavailable(f"{field}: {repo_id} is not in the local cache ({cache}) and the Hugging Face hub has no "
-                             f"such repository (a typo, or private: `hf auth login`); {fix}") from None
+        raise HubUnavailable(f"{head} not in the local cache ({cache}) and the Hugging Face hub has no such "
+                             f"repository (a typo, or private: `hf auth login`); {fix}", field) from None
     except Exception as e:  # noqa: BLE001 - DNS, refused, timeout, proxy: all mean "not reachable now"
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise HubUnavailable(f"{field}: {repo_id} is not in the local cache ({cache}) and the Hugging Face hub could "
-                             f"not be reached ({reason}); {fix}") from None
+        raise HubUnavailable(f"{head} not in the local cache ({cache}) and the Hugging Face hub could not be reached "
+                             f"({reason}); {fix}", field) from None

@@ -23,6 +23,7 @@ from typing import Iterator, NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.io import atomic_path
 
 INPUT_FORMATS = {"JPEG", "PNG", "WEBP"}
@@ -38,7 +39,7 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               8: Image.Transpose.ROTATE_90}  # fmt: skip
 
 
-class ImageInputError(ValueError):
+class ImageInputError(InputError):
     """An image we refuse. `code`: unreadable, unsupported-format, huge (too many pixels, a decompression bomb, or more
     memory than a decode budget: `too_large`), truncated or corrupt."""
 
@@ -225,7 +226,7 @@ def format_for(name: str) -> str:
     """`png`/`jpeg`/`jpg`/`webp` or a path with that extension -> PIL format name."""
     key = name.lower().rsplit(".", 1)[-1]
     if key not in OUTPUT_FORMATS:
-        raise ValueError(f"output format {name!r}: use .png, .jpg/.jpeg or .webp")
+        raise InputError(f"output format {name!r}: use .png, .jpg/.jpeg or .webp", "output")
     return OUTPUT_FORMATS[key]
 
 

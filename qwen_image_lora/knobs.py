@@ -13,6 +13,8 @@ import math
 import typing
 from dataclasses import field
 
+from qwen_image_lora.errors import InputError
+
 MAX_INPUT_IMAGES = 10  # reference images per edit: the model's limit (training data, configs and every edge)
 
 
@@ -29,7 +31,7 @@ def side_multiple() -> int:
     return SIDE_MULTIPLE
 
 
-class SettingError(ValueError):
+class SettingError(InputError):
     """A value that breaks a setting's rule. `field` names it (None: a combination of fields); str() is
     'field: message', which each edge turns into its own form (a config's dotted name, a 422's loc)."""
 

@@ -24,8 +24,10 @@ import torch
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
+from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.console import QUIET_LOAD_BYTES, quiet_progress_bars, weights_bytes
 from qwen_image_lora.hub import check_hub_repo
+from qwen_image_lora.quantization import check_quantize, quantization_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LATENT_PIXELS = 16  # the VAE compresses 16x spatially
@@ -50,6 +52,7 @@ COMPILE_MODES = (False, "blocks", "full")  # False, not "off": YAML 1.1 reads an
 RECOMPILE_LIMIT = 64
 
 
+
 def load_pipeline(
     pretrained: str | Path,
     dtype: torch.dtype | str = torch.bfloat16,
@@ -59,13 +62,16 @@ def load_pipeline(
     text_encoder: bool = True,
     vae: bool = True,
     transformer: bool = True,
+    quantize: str = "none",
 ):
     """Load the Qwen-Image-2.1 components from a hub id or a local diffusers folder and build the pipeline.
 
     Each component goes through its own standard `from_pretrained`, so a tiny local checkpoint and
     `Qwen/Qwen-Image-2.1` take the same path. `text_encoder=False` / `vae=False` skip those weights (for
     training from cached latents and embeddings); `transformer=False` skips the 7B denoiser (for encoding only).
+    `quantize` (`model.quantize`, for training) stores the transformer's block linears quantized.
     """
+    check_quantize(quantize)
     check_pretrained(pretrained, revision)  # a mistyped folder fails here, before seconds of imports and weight loading
     from diffusers import QwenImage21Pipeline
 
@@ -75,7 +81,7 @@ def load_pipeline(
     size = weights_bytes(source)
     with quiet_progress_bars(size is not None and size < QUIET_LOAD_BYTES):
         components = _load_components(source, dtype, common, text_encoder=text_encoder, vae=vae,
-                                      transformer=transformer)
+                                      transformer=transformer, quantize=quantize)
     pipe = QwenImage21Pipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
@@ -84,16 +90,12 @@ def load_pipeline(
 
 
 def _load_components(source: str, dtype: torch.dtype, common: dict, *, text_encoder: bool, vae: bool,
-                     transformer: bool) -> dict:
-    from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
+                     transformer: bool, quantize: str = "none") -> dict:
+    from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler
     from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 
     return {
-        "transformer": QwenImage21Transformer2DModel.from_pretrained(
-            source, subfolder=TRANSFORMER_SUBFOLDER, torch_dtype=dtype, **common
-        )
-        if transformer
-        else None,
+        "transformer": load_transformer(source, dtype, quantize, **common) if transformer else None,
         "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **common),
         "processor": Qwen3VLProcessor.from_pretrained(source, subfolder="processor", **common),
         "vae": AutoencoderKLQwenImage21.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
@@ -105,6 +107,13 @@ def _load_components(source: str, dtype: torch.dtype, common: dict, *, text_enco
         if text_encoder
         else None,
     }
+
+
+def load_transformer(source: str, dtype: torch.dtype, quantize: str = "none", **common):
+    """The denoiser from a hub id or a diffusers folder, its block linears quantized as `quantize` says."""
+    config = None if quantize == "none" else quantization_config(quantize, dtype)
+    return transformer_class().from_pretrained(
+        source, subfolder=TRANSFORMER_SUBFOLDER, torch_dtype=dtype, quantization_config=config, **common)
 
 
 def load_model(model_cfg, device=None, **components):
@@ -144,7 +153,7 @@ def configure_transformer(transformer, attention: str = "sdpa-segments", attenti
         try:
             transformer.set_attention_backend(AttentionBackendName(attention_backend).value)
         except (ImportError, RuntimeError, ValueError) as e:  # a backend whose package or hardware is missing
-            raise ValueError(f"model.attention_backend: {attention_backend} is not usable here: {e}") from e
+            raise InputError(f"model.attention_backend: {attention_backend} is not usable here: {e}", "model.attention_backend") from e
     if compile:
         import torch._dynamo  # deferred: a second of start-up that eager runs do not need
 
@@ -175,12 +184,12 @@ def check_speed_settings(attention: str, attention_backend: str | None, compile:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     if attention not in ATTENTION_PATHS:
-        raise ValueError(f"model.attention: {attention!r} is not one of {', '.join(ATTENTION_PATHS)}")
+        raise InputError(f"model.attention: {attention!r} is not one of {', '.join(ATTENTION_PATHS)}", "model.attention")
     if compile not in COMPILE_MODES:
-        raise ValueError(f"model.compile: {compile!r} is not one of false, blocks, full")
+        raise InputError(f"model.compile: {compile!r} is not one of false, blocks, full", "model.compile")
     backends = [b.value for b in AttentionBackendName]
     if attention_backend is not None and attention_backend not in backends:
-        raise ValueError(f"model.attention_backend: {attention_backend!r} is not a diffusers attention backend; "
+        raise InputError(f"model.attention_backend: {attention_backend!r} is not a diffusers attention backend; "
                          f"one of {', '.join(backends)}")
 
 
@@ -260,16 +269,16 @@ def check_pretrained(pretrained: str | Path, revision: str | None = None) -> Non
     a hub id that is neither cached nor reachable (in seconds, not after minutes of retries)."""
     source = str(pretrained)
     if not _is_local(source):
-        check_hub_repo(source, field="model.pretrained", revision=revision,
+        check_hub_repo(source, head=f"model.pretrained: {source} is", field="model.pretrained", revision=revision,
                        fix=f"download it first (`hf download {source}`) or point model.pretrained at a local "
                            "diffusers-format folder")
         return
     hint = ("point it at a diffusers-format folder (`qwen-lora make-tiny-model DIR` writes a tiny test one) "
             "or a hub id such as Qwen/Qwen-Image-2.1")
     if not Path(source).expanduser().exists():
-        raise FileNotFoundError(f"model.pretrained: {source} does not exist; {hint}")
+        raise NotFound(f"model.pretrained: {source} does not exist; {hint}", "model.pretrained")
     if not (Path(source).expanduser() / "model_index.json").is_file():
-        raise FileNotFoundError(f"model.pretrained: {source} has no model_index.json; {hint}")
+        raise NotFound(f"model.pretrained: {source} has no model_index.json; {hint}", "model.pretrained")
 
 
 def _is_local(source: str) -> bool:

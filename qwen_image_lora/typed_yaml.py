@@ -17,8 +17,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from qwen_image_lora.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config problem, always naming the file and the dotted field."""
 
 

@@ -12,7 +12,7 @@ say() { echo "lock: $*" >&2; }
 
 say "resolving pyproject.toml's ranges in $work/resolve"
 "$PYTHON" -m venv "$work/resolve"
-"$work/resolve/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,serve,eval,optim,mutation]"
+"$work/resolve/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,serve,eval,optim,quant,mutation]"
 {
   sed -n '/^#/p' requirements.lock
   "$work/resolve/bin/python" -m pip freeze --all --exclude-editable --disable-pip-version-check | grep -v '^pip=='

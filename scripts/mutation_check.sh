@@ -33,7 +33,7 @@ METRICS_FNS="to_rgb_array _same_shape hex_to_lab _kmeans dominant_colours palett
   preservation quoted_text edit_distance _squash text_accuracy bootstrap_ci paired_difference_ci"
 MODEL_FNS="image_to_pixels encode_latents pack unpack pad_prompt_embeds split_prompt_embeds predict_velocity max_aspect"
 declare -A MODULES=(
-  [objective]="qwen_image_lora/train/objective.py|tests/test_train_objective.py||not lower_the_loss"
+  [objective]="qwen_image_lora/objective.py|tests/test_train_objective.py||not lower_the_loss"
   [optim]="qwen_image_lora/train/optim.py|tests/test_train_optim.py|*ǁLoRAEMAǁ* *.x_build_optimizer__mutmut_* *.x__fusable__mutmut_*|"
   [guards]="qwen_image_lora/train/guards.py|tests/test_train_guards.py||"
   [metrics]="qwen_image_lora/eval/metrics.py|tests/test_eval_metrics_reference.py tests/test_eval_metrics.py|$(printf '*.x_%s__mutmut_* ' $METRICS_FNS)|not ocr and not clip and not alignment"

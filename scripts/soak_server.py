@@ -6,7 +6,7 @@ memory against the bound admission promises, and its idle memory after the load,
 
 Starts `qwen-lora serve` as a child process on 127.0.0.1 (nothing else is contacted). For each format (8-bit grey PNG,
 JPEG, 1-bit PNG, palette PNG with transparency, 16-bit grey PNG, lossless WebP: each a disc on white, 8000x8000 when
-decoded and small on disk) it sends `--requests` edits of that image, `--concurrency` at once, to a queue of
+decoded and small on disk; and a 5000x5000 lossless WebP, whose decode fits the budget) it sends `--requests` edits of that image, `--concurrency` at once, to a queue of
 `--max-queue` (a 429 is retried after its `Retry-After`), adapters varied. The server's RSS (VmRSS) is sampled every
 20 ms: at the start (model loaded, idle), the peak of each format's phase, and idle again after it. Everything ends by
 `--time-limit` seconds.
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 KEY = "soak-key"
-FORMATS = ("grey-png", "jpeg", "bilevel-png", "palette-png", "grey16-png", "lossless-webp")
+FORMATS = ("grey-png", "jpeg", "bilevel-png", "palette-png", "grey16-png", "lossless-webp", "lossless-webp-5000")
 
 
 def main(argv=None) -> int:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-server-"))
     model, adapters = _model_and_adapters(args.model, tmp)
-    inputs = {name: _encoded(name, args.side) for name in args.formats}  # before the server starts: not in its RSS
+    inputs = {name: _encoded(name, 5000 if name.endswith("-5000") else args.side) for name in args.formats}  # before the server starts: not in its RSS
     port = _free_port()
     config = tmp / "serve.yaml"
     config.write_text(json.dumps({  # JSON is YAML
@@ -121,7 +121,7 @@ def _encoded(name: str, side: int) -> bytes:
         "palette-png": (grey.convert("P"), "PNG", {"transparency": 255, "optimize": True}),  # white is transparent
         "grey16-png": (grey.convert("I").point(lambda v: v * 257).convert("I;16"), "PNG", {}),
         "lossless-webp": (grey.convert("RGB"), "WEBP", {"lossless": True}),
-    }[name]  # fmt: skip
+    }[name.removesuffix("-5000")]  # fmt: skip
     buf = io.BytesIO()
     image.save(buf, format=fmt, **options)
     return buf.getvalue()

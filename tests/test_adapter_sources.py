@@ -63,7 +63,7 @@ def test_a_hub_id_resolves_to_the_weights_file_the_only_file_or_the_one_named(of
     with pytest.raises(AdapterError, match=re.escape("someone/many: name the file, e.g. someone/many/<file>.safetensors "
                                                      "(found ['a.safetensors', 'b.safetensors'])")):
         resolve_file("someone/many")
-    with pytest.raises(AdapterError, match="^someone/gone: not in the hub cache, and HF_HUB_OFFLINE is set"):
+    with pytest.raises(AdapterError, match="^someone/gone: not in the local Hugging Face cache .* and HF_HUB_OFFLINE is set"):
         resolve_file("someone/gone")
     with pytest.raises(AdapterError, match="^someone/one/loras/v1.safetensors: not in the hub cache, and HF_HUB_OFFLINE"):
         resolve_file("someone/one/loras/v1.safetensors")
@@ -74,7 +74,7 @@ def test_offline_a_repo_to_list_is_an_error_naming_the_adapter(monkeypatch, tmp_
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(AdapterError, match="^someone/their-lora: not in the hub cache, and HF_HUB_OFFLINE is set; unset it to download the adapter, or give the path of a local .safetensors file$"):
+    with pytest.raises(AdapterError, match=r"^someone/their-lora: not in the local Hugging Face cache \(.*\) and HF_HUB_OFFLINE is set, so the hub was not asked; download it first \(`hf download someone/their-lora`\) or give the path of a local .safetensors file$"):
         resolve_file("someone/their-lora")
 
 

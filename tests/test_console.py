@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = ("Traceback", "UserWarning", "Skipping publisher", "Already found a", "was active which is now deleted",
-         "true_cfg_scale is passed", "Loading weights", "Writing model shards", "Retry")
+         "true_cfg_scale is passed", "Loading weights", "Writing model shards", "Retry", "Unable to import `torchao`")
 
 # Every noise source above, in one process: build a model, load it, two adapters, a generation with a guidance
 # scale but no negative prompt, the active adapter dropped while another remains, and bitsandbytes' kernel lookup.
@@ -27,6 +27,7 @@ kernels = logging.getLogger("kernels._internals.hf_hub")
 kernels.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging "
                 "Face Hub is in offline mode.")
 kernels.warning("kernels: a real problem still shows")
+from diffusers.quantizers.torchao import torchao_quantizer  # warns about torchao classes it cannot find
 import bitsandbytes  # the real lookup, on CPUs where bitsandbytes makes it
 gen = Generator.from_pretrained(model, dtype="float32", device="cpu", resolution=64)
 gen.adapters.load(sys.argv[2], name="a")

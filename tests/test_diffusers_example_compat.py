@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.train import objective
+from qwen_image_lora import objective
 
 SCRIPT = os.environ.get("DIFFUSERS_EXAMPLE_SCRIPT")
 

@@ -22,7 +22,8 @@ from qwen_image_lora.config import load_config, to_dict
 from qwen_image_lora.io import atomic_dir, atomic_write_text
 from qwen_image_lora.train import lora
 from qwen_image_lora.train.checkpoint import Checkpointer, CheckpointError, TrainingProgress
-from qwen_image_lora.train.run_folder import LOCK_NAME, RunFolder
+from qwen_image_lora import run_layout as layout
+from qwen_image_lora.train.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -66,7 +67,7 @@ def _sha(path) -> str:
 
 def _hashes(folder) -> dict:
     """Every file of a run folder by its hash, but the live trainer's lock (it stays with the folder, not the run)."""
-    return {p: _sha(p) for p in Path(folder).rglob("*") if p.is_file() and p.name != LOCK_NAME}
+    return {p: _sha(p) for p in Path(folder).rglob("*") if p.is_file() and p.name != layout.LOCK}
 
 
 def _names(folder) -> list[str]:
@@ -428,7 +429,7 @@ def test_running_out_of_space_in_a_real_run_names_the_path_and_loses_nothing(tra
         assert "Traceback" not in result.stderr
         assert {p: _sha(p) for p in kept} == kept
         assert Checkpointer(out, 1).resolve("latest").name == "step-000003"
-        assert [p.name for p in out.glob(".*")] == [LOCK_NAME] and not list((out / "checkpoints").glob(".*"))
+        assert [p.name for p in out.glob(".*")] == [layout.LOCK] and not list((out / "checkpoints").glob(".*"))
 
 
 # ------------------------------------------------------------------------------------------ under accelerate, umask

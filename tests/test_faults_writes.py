@@ -19,7 +19,8 @@ import pytest
 from qwen_image_lora.io import WriteError, describe_write_error
 from qwen_image_lora.train import lora
 from qwen_image_lora.train.checkpoint import Checkpointer
-from qwen_image_lora.train.run_folder import LOCK_NAME, LOSSES_NAME, RunFolder
+from qwen_image_lora import run_layout as layout
+from qwen_image_lora.train.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -57,7 +58,7 @@ def trained(tiny_model_dir, sample_data_dir, tmp_path_factory):
 
 def _hashes(folder) -> dict:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).rglob("*")
-            if p.is_file() and p.name != LOCK_NAME}
+            if p.is_file() and p.name != layout.LOCK}
 
 
 def _dev_full() -> Path:
@@ -69,11 +70,11 @@ def _dev_full() -> Path:
 
 def test_a_full_disk_under_the_loss_log_is_a_write_error_naming_it(tmp_path):
     folder = RunFolder(tmp_path)
-    (tmp_path / LOSSES_NAME).symlink_to(_dev_full())  # a real ENOSPC from write(), which names no file
+    (tmp_path / layout.LOSSES).symlink_to(_dev_full())  # a real ENOSPC from write(), which names no file
     with pytest.raises(WriteError) as e:
         folder.append_loss({"step": 1, "loss": 0.5})
     assert describe_write_error(e.value, e.value.filename).startswith(
-        f"could not write {tmp_path / LOSSES_NAME}: the disk is full (no space left on device); free space")
+        f"could not write {tmp_path / layout.LOSSES}: the disk is full (no space left on device); free space")
 
 
 def _limit_file_size(limit):
@@ -96,7 +97,7 @@ def test_no_room_while_logging_or_sampling_is_one_error_line_and_keeps_the_last_
     `ulimit -f` stands in for a full disk (a real ENOSPC needs a full file system): the write fails the same way,
     with EFBIG, through the same error table."""
     sizes = {p.name: p.stat().st_size for p in trained.iterdir() if p.is_file()}
-    room = max(sizes["config.yaml"], sizes[LOSSES_NAME]) + 1024  # what the resumed run writes before step 4
+    room = max(sizes["config.yaml"], sizes[layout.LOSSES]) + 1024  # what the resumed run writes before step 4
     logged = {}
     for case in ("losses", "samples"):
         out = tmp_path / case
@@ -104,10 +105,10 @@ def test_no_room_while_logging_or_sampling_is_one_error_line_and_keeps_the_last_
         extra = []
         if case == "losses":
             # A long run's log in three rows: bigger than config.yaml, so the limit falls on step 4's new line.
-            rows = [json.loads(line) for line in (out / LOSSES_NAME).read_text().splitlines()][:3]
+            rows = [json.loads(line) for line in (out / layout.LOSSES).read_text().splitlines()][:3]
             rows[0]["note"] = "x" * room
-            (out / LOSSES_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
-            limit, failed = (out / LOSSES_NAME).stat().st_size + 16, out / LOSSES_NAME
+            (out / layout.LOSSES).write_text("".join(json.dumps(r) + "\n" for r in rows))
+            limit, failed = (out / layout.LOSSES).stat().st_size + 16, out / layout.LOSSES
         else:  # step 4 logs its loss, then writes its preview (~7 KB), larger than anything else the run wrote
             extra = ["validation.prompts=[a qwnbrand bottle]", "validation.every_steps=1", "validation.num_inference_steps=1",
                      "validation.width=256", "validation.height=256"]
@@ -122,7 +123,7 @@ def test_no_room_while_logging_or_sampling_is_one_error_line_and_keeps_the_last_
         last = out / "checkpoints" / "step-000003"
         assert lines[-1] == f"error: could not write {failed}: {EFBIG}; the last checkpoint {last} is intact"
         assert Checkpointer(out, 1).resolve("latest") == last  # complete and verified
-        assert [p.name for p in out.rglob(".*")] == [LOCK_NAME]  # no temp file left behind
+        assert [p.name for p in out.rglob(".*")] == [layout.LOCK]  # no temp file left behind
         logged[case] = [r["step"] for r in RunFolder(out).read_losses()]
     assert logged == {"losses": [1, 2, 3], "samples": [1, 2, 3, 4]}  # a half-written line is skipped (and cut on resume)
 

@@ -101,7 +101,7 @@ def test_apply_block_checkpointing_keeps_names_and_gradients():
     batch = memory_trace.build_step_inputs(memory.StepShape(128, 128, 1, 16), SMALL, torch.float32)
 
     def grads():
-        from qwen_image_lora.train import objective
+        from qwen_image_lora import objective
 
         model.zero_grad(set_to_none=True)
         noise = torch.ones_like(batch.latents)

@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, ServeAdapter
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app
@@ -21,7 +22,6 @@ from qwen_image_lora.inference import studio
 from qwen_image_lora.inference.studio import (ASSETS, MAX_LOSS_POINTS, STATIC_PATHS, STUDIO_DIR, describe_run, list_runs,
                                               read_losses, run_progress)  # fmt: skip
 from qwen_image_lora.inference.testing import make_random_lora
-from qwen_image_lora.train import run_folder
 
 KEY = "studio-key-0123456789"
 AUTH = {"x-api-key": KEY}
@@ -207,9 +207,9 @@ def test_a_long_loss_log_is_thinned_keeping_the_last_step(tmp_path):
 
 
 def test_a_run_says_whether_it_finished_is_training_or_was_interrupted(tmp_path):
-    # the names the trainer writes (train/run_folder.py) are the ones read here
+    # the names the trainer writes (qwen_image_lora/run_layout.py) are the ones read here
     assert (studio.LOCK, studio.RUN_JSON, studio.LOSSES, studio.METADATA) == (
-        run_folder.LOCK_NAME, run_folder.RUN_NAME, run_folder.LOSSES_NAME, run_folder.METADATA_NAME)
+        layout.LOCK, layout.RUN_ID, layout.LOSSES, layout.METADATA)
     run = tmp_path / "long-run"
     (run / "checkpoints" / "step-000500").mkdir(parents=True)
     (run / "checkpoints" / "step-000500" / "progress.json").write_text(json.dumps({"step": 500, "max_steps": 20000}))

@@ -217,27 +217,13 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
              str(tmp_path / "notes.webp")]  # fmt: skip
     css("#batch-files").send_keys("\n".join(paths))
     css("#batch-prompt").send_keys("white background")
-    # the model worker is held so that job b is still queued when a ZIP is taken mid-run
-    first_hold, second_hold = threading.Event(), threading.Event()
-    app.state.worker.submit(lambda: first_hold.wait(60))
-    wait.until(lambda _: app.state.worker.busy)
     css("#batch-start").click()
-    wait.until(lambda _: app.state.worker._jobs.qsize() == 1)  # job a waits behind the first hold
-    first_hold.set()
-    app.state.worker.submit(lambda: second_hold.wait(60))  # ahead of job b, which the page sends after a
-    wait.until(lambda _: css("#batch-summary").text.startswith("1 of 2 done") and "Queued" in css("#batch-jobs").text)
+    wait.until(lambda _: css("#batch-summary").text == "2 of 2 done, 0 failed.")
+    assert "notes.txt" in css("#alert").text and "notes.webp is not an image" in css("#alert").text
+    d.save_screenshot(str(tmp_path / "studio-batch.png"))
     css("#batch-zip").click()
     wait.until(lambda _: (downloads / "batch.zip").exists())
     with zipfile.ZipFile(downloads / "batch.zip") as archive:
-        partial = json.loads(archive.read("manifest.json"))
-    assert [(j["id"], j["status"], j["error"]) for j in partial["jobs"]] == [("a", "done", None), ("b", "running", None)]
-    second_hold.set()
-    wait.until(lambda _: css("#batch-summary").text == "2 of 2 done, 0 failed.")
-    assert "notes.txt" in css("#alert").text and "notes.webp" in css("#alert").text
-    d.save_screenshot(str(tmp_path / "studio-batch.png"))
-    css("#batch-zip").click()
-    wait.until(lambda _: (downloads / "batch (1).zip").exists())
-    with zipfile.ZipFile(downloads / "batch (1).zip") as archive:
         assert archive.testzip() is None and archive.namelist() == ["a.png", "b.png", "manifest.json"]
         manifest = json.loads(archive.read("manifest.json"))
         assert Image.open(io.BytesIO(archive.read("b.png"))).size == (64, 48)
@@ -295,6 +281,42 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     messages = [e["message"] for e in d.get_log("browser")]
     assert [m for m in messages if "Content Security Policy" in m] == []
     assert [m for m in messages if "favicon" in m] == []  # the page names its icon: no request for /favicon.ico
+
+
+def test_a_batch_zip_taken_mid_run_records_the_running_job_as_running(server, browser, tmp_path):
+    server, app = server
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    wait = WebDriverWait(d, 120)
+    css = lambda sel: d.find_element(By.CSS_SELECTOR, sel)  # noqa: E731
+    d.get(server + "/")
+    css("#api-key").send_keys(KEY + "\n")
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#adapter-list input[type=range]")) == 2)
+    css("#steps").clear()
+    css("#steps").send_keys("1")
+    css("#tab-batch").click()
+    css("#batch-files").send_keys(f"{png_file(tmp_path / 'a.png', seed=1)}\n{png_file(tmp_path / 'b.png', seed=2)}")
+    css("#batch-prompt").send_keys("white background")
+    # the model worker is held so that job b is still queued when the ZIP is taken
+    first_hold, second_hold = threading.Event(), threading.Event()
+    app.state.worker.submit(lambda: first_hold.wait(60))
+    wait.until(lambda _: app.state.worker.busy)
+    css("#batch-start").click()
+    wait.until(lambda _: app.state.worker._jobs.qsize() == 1)  # job a waits behind the first hold
+    first_hold.set()
+    app.state.worker.submit(lambda: second_hold.wait(60))  # ahead of job b, which the page sends once a is done
+    try:
+        wait.until(lambda _: css("#batch-summary").text.startswith("1 of 2 done") and "Queued" in css("#batch-jobs").text)
+        css("#batch-zip").click()
+        wait.until(lambda _: (tmp_path / "downloads" / "batch.zip").exists())
+    finally:
+        second_hold.set()
+    with zipfile.ZipFile(tmp_path / "downloads" / "batch.zip") as archive:
+        manifest = json.loads(archive.read("manifest.json"))
+    assert [(j["id"], j["status"], j["error"]) for j in manifest["jobs"]] == [("a", "done", None), ("b", "running", None)]
+    wait.until(lambda _: css("#batch-summary").text == "2 of 2 done, 0 failed.")
 
 
 @pytest.mark.skipif("mask" not in request_models(Config().serve)[0].model_fields, reason="the HTTP API has no `mask` field yet")

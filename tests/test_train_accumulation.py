@@ -12,7 +12,7 @@ from PIL import Image
 
 from qwen_image_lora.config import load_config
 from qwen_image_lora.data.dataset import collate
-from qwen_image_lora.train import objective
+from qwen_image_lora import objective
 from qwen_image_lora.train.lora import LoRARecipe
 
 ROOT = Path(__file__).resolve().parents[1]

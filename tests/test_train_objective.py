@@ -12,7 +12,8 @@ from PIL import Image
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.config import LoRAConfig
-from qwen_image_lora.train import adapter, objective
+from qwen_image_lora import objective
+from qwen_image_lora.train import adapter
 
 
 class _Batch:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qwen_image_lora.config import load_config
-from qwen_image_lora.train import objective
+from qwen_image_lora import objective
 from qwen_image_lora.train.guards import TrainingStopped
 from qwen_image_lora.train.lora import LoRARecipe
 

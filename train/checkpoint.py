@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,18 +30,19 @@ import torch
 import yaml
 from accelerate.utils import gather_object
 
+from qwen_image_lora.errors import UserError
+from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import resume_fixed_fields
 from qwen_image_lora.io import atomic_dir, describe_write_error, remove_leftover_temps
 from qwen_image_lora.train import adapter
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step-(\d+)$")
 MANIFEST_NAME = "manifest.json"
-ADAPTER_FILE = Path("adapter") / adapter.WEIGHTS_NAME
+ADAPTER_FILE = Path(layout.ADAPTER) / layout.FINAL_ADAPTER
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint could not be written or restored completely."""
 
 
@@ -126,18 +126,16 @@ def verify_checkpoint(folder: str | Path) -> str | None:
 
 class Checkpointer:
     def __init__(self, output_dir: str | Path, keep_last: int):
-        self.root = Path(output_dir) / "checkpoints"
+        self.run = Path(output_dir)
+        self.root = self.run / layout.CHECKPOINTS
         self.keep_last = keep_last
 
     def path_for(self, step: int) -> Path:
-        return self.root / f"step-{step:06d}"
+        return layout.checkpoint_dir(self.run, step)
 
     def all(self) -> list[Path]:
         """Checkpoint folders of any run, oldest first (temporary folders of an interrupted save are ignored)."""
-        if not self.root.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
-        return [p for _, p in sorted(found)]
+        return layout.checkpoints(self.run)
 
     def of_run(self, run_id: str) -> list[Path]:
         """This run's checkpoints, oldest first; one whose progress.json is unreadable belongs to nobody."""
@@ -152,8 +150,12 @@ class Checkpointer:
         folder -> the folder. A damaged or incomplete checkpoint is skipped with a warning naming it."""
         if resume != "latest":
             path = Path(resume)
-            if not (path / "progress.json").is_file():
-                raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no progress.json)")
+            if not path.exists():
+                there = [p.name for p in layout.checkpoints(path.parent.parent)] if path.parent.is_dir() else []
+                listed = f"checkpoints there: {', '.join(there)}" if there else f"{path.parent} holds no checkpoints"
+                raise CheckpointError(f"--resume {resume}: no such folder; {listed} (or --resume latest)")
+            if not (path / layout.PROGRESS).is_file():
+                raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no {layout.PROGRESS})")
             problem = verify_checkpoint(path)
             if problem:
                 raise CheckpointError(f"--resume {resume}: the checkpoint is damaged: {problem}; try --resume latest")
@@ -181,8 +183,8 @@ class Checkpointer:
         try:
             with atomic_dir(path) as tmp:
                 write_state(tmp)
-                (tmp / "progress.json").write_text(json.dumps(dataclasses.asdict(progress), indent=2))
-                (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+                (tmp / layout.PROGRESS).write_text(json.dumps(dataclasses.asdict(progress), indent=2))
+                (tmp / layout.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
                 write_manifest(tmp)
         except Exception as e:
             previous = self.of_run(progress.run_id)
@@ -197,15 +199,15 @@ class Checkpointer:
         """(progress, saved config) without reading the optimizer state."""
         path = Path(path)
         try:
-            return (TrainingProgress(**json.loads((path / "progress.json").read_text())),
-                    yaml.safe_load((path / "config.yaml").read_text()))
+            return (TrainingProgress(**json.loads((path / layout.PROGRESS).read_text())),
+                    yaml.safe_load((path / layout.CONFIG).read_text()))
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
 def _run_id_of(path: Path) -> str | None:
     try:
-        return json.loads((path / "progress.json").read_text()).get("run_id", "")
+        return json.loads((path / layout.PROGRESS).read_text()).get("run_id", "")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -235,7 +237,7 @@ class TrainingState:
             state["ranks"] = ranks
 
             def write_state(folder: Path) -> None:
-                adapter.save_adapter(self.transformer, folder / "adapter")
+                adapter.save_adapter(self.transformer, folder / layout.ADAPTER)
                 with open(folder / "training_state.pt", "wb") as f:  # a file object keeps ENOSPC in the error chain
                     torch.save(state, f)
 
@@ -251,7 +253,7 @@ class TrainingState:
             state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
         except (OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
-        adapter.load_adapter_file(self.transformer, path / "adapter")
+        adapter.load_adapter_file(self.transformer, path / layout.ADAPTER)
         for name, component in self._components().items():
             if component is not None and state.get(name) is not None:
                 component.load_state_dict(state[name])

@@ -24,6 +24,7 @@ import peft
 import torch
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, save_config
 from qwen_image_lora.io import atomic_write_text
 from qwen_image_lora.train import adapter as lora_adapter
@@ -36,7 +37,7 @@ def write_adapter_atomically(transformer, output_dir: str | Path, state: dict[st
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=output_dir))
     try:
         written = lora_adapter.save_adapter(transformer, tmp, state)
-        final = output_dir / lora_adapter.WEIGHTS_NAME
+        final = output_dir / layout.FINAL_ADAPTER
         written.replace(final)
         return final
     finally:
@@ -53,10 +54,10 @@ def write_run_folder(
     """The final adapter, resolved config, metadata and model card in `cfg.output_dir`."""
     out = Path(cfg.output_dir)
     write_adapter_atomically(transformer, out, state)
-    save_config(cfg, out / "config.yaml")
+    save_config(cfg, out / layout.CONFIG)
     metadata = {**metadata, "versions": library_versions()}
-    atomic_write_text(out / "training_metadata.json", json.dumps(metadata, indent=2, default=str))
-    atomic_write_text(out / "README.md", model_card(cfg, metadata, {k: Path(v).relative_to(out) for k, v in samples.items()}))
+    atomic_write_text(out / layout.METADATA, json.dumps(metadata, indent=2, default=str))
+    atomic_write_text(out / layout.CARD, model_card(cfg, metadata, {k: Path(v).relative_to(out) for k, v in samples.items()}))
     return out
 
 
@@ -87,8 +88,10 @@ def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
         "## Use it",
         "",
         "```python",
+        "import torch",
         f"from diffusers import {pipeline}",
-        f'pipe = {pipeline}.from_pretrained("{cfg.model.pretrained}", torch_dtype="bfloat16").to("cuda")',
+        "",  # a dtype given as a string makes diffusers load every component in float32
+        f'pipe = {pipeline}.from_pretrained("{cfg.model.pretrained}", torch_dtype=torch.bfloat16).to("cuda")',
         'pipe.load_lora_weights("path/to/this/folder")',
         f'image = pipe("{(trigger + " ") if trigger else ""}a bottle on a marble counter").images[0]',
         "```",

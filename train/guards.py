@@ -9,11 +9,14 @@ import math
 
 import torch
 
+from qwen_image_lora.errors import UserError
 from qwen_image_lora.config import TrainConfig
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError):
     """A guard stopped the run; the message says what was seen and what to try."""
+
+    exit_code, prefix = 3, "training stopped: "
 
 
 class Guards:

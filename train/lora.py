@@ -29,12 +29,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora import objective
+from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, ConfigError, load_config, save_config, to_dict
+from qwen_image_lora.errors import UserError
 from qwen_image_lora.data.dataset import build_training_data
-from qwen_image_lora.data.sources import DataError
 from qwen_image_lora.io import describe_write_error, is_write_error
 from qwen_image_lora.progress import progress_bar
-from qwen_image_lora.train import adapter, export, memory, objective, optim, ranks, validation
+from qwen_image_lora.train import adapter, export, memory, optim, ranks, validation
 from qwen_image_lora.train.checkpoint import (
     CheckpointError,
     Checkpointer,
@@ -43,8 +45,8 @@ from qwen_image_lora.train.checkpoint import (
     check_resume,
 )
 from qwen_image_lora.train.guards import Guards, TrainingStopped
-from qwen_image_lora.train.preemption import EXIT_PREEMPTED, Preempted, StopSignal
-from qwen_image_lora.train.run_folder import RunFinished, RunFolder, RunFolderInUse
+from qwen_image_lora.train.preemption import Preempted, StopSignal
+from qwen_image_lora.train.run_folder import RunFolder
 from qwen_image_lora.train.tracking import Tracker, check_tracker_available, log_with
 
 logger = logging.getLogger("qwen_image_lora.train")
@@ -116,7 +118,7 @@ class LoRARecipe:
             self._restore(self.resume_from)
         self.tracker = Tracker(acc, cfg.tracking, self.out)
         if acc.is_main_process:
-            save_config(cfg, self.out / "config.yaml")
+            save_config(cfg, self.out / layout.CONFIG)
             self.tracker.start(to_dict(cfg))
             self.run_folder.trim_losses(self.step)
 
@@ -245,7 +247,7 @@ class LoRARecipe:
         acc, metrics = self.accelerator, {}
         if acc.is_main_process:
             with self._ema_weights():
-                folder = self.out / "samples" / f"step_{self.step:06d}"
+                folder = layout.samples_dir(self.out, self.step)
                 images = validation.generate_samples(self.pipe, self.cfg, folder)
                 self.samples = {name: folder / f"{name}.png" for name in images}
                 if self.data.held_out:
@@ -379,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(e.line(), file=sys.stderr)
+        return e.exit_code
     recipe = LoRARecipe(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     try:
         try:
@@ -388,14 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             recipe.train()
         finally:
             recipe.cleanup()  # its own writes (the data cache's last shard) fail like the others
-    except RunFinished as e:
-        message, status = str(e), 0
-    except (ConfigError, DataError, CheckpointError, RunFolderInUse, adapter.AdapterError) as e:
-        message, status = f"error: {e}", 2
-    except TrainingStopped as e:
-        message, status = f"training stopped: {e}", 3
-    except Preempted as e:
-        message, status = str(e), EXIT_PREEMPTED
+    except UserError as e:
+        message, status = e.line(), e.exit_code
     except Exception as e:
         if not is_write_error(e):  # a bug keeps its traceback
             raise

@@ -88,7 +88,7 @@ def build_step_inputs(
 def training_step(transformer, batch, optimizer, params, autocast, max_grad_norm: float | None, dtype) -> torch.Tensor:
     """One optimizer step as `train/lora.py` runs it: `objective.flow_matching_loss` (target tokens only),
     backward, gradient clipping, optimizer step, `zero_grad(set_to_none=True)`."""
-    from qwen_image_lora.train import objective
+    from qwen_image_lora import objective
 
     noise = torch.randn(batch.latents.shape, dtype=torch.float32)
     sigmas = torch.rand(batch.latents.shape[0])

@@ -15,6 +15,8 @@ import logging
 import re
 import sys
 
+from qwen_image_lora.errors import InputError
+
 _UNITS = {"": 2**30, "g": 2**30, "gb": 2**30, "gib": 2**30, "m": 2**20, "mb": 2**20, "mib": 2**20}
 
 
@@ -23,7 +25,7 @@ def parse_memory(text: str) -> int:
     in binary units (an "80GB" H100 has ~79.2 GiB usable, which the context margin covers)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"--gpu-memory: expected a size such as 80GB, 24GiB or 40960MiB (got {text!r})")
+        raise InputError(f"--gpu-memory: expected a size such as 80GB, 24GiB or 40960MiB (got {text!r})", "--gpu-memory")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from qwen_image_lora.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; rerun with --resume latest
@@ -24,8 +26,10 @@ _PR_SET_PDEATHSIG = 1
 _LAUNCHERS = ("accelerate", "torch.distributed.run", "torchrun")
 
 
-class Preempted(RuntimeError):
+class Preempted(UserError):
     """The run stopped on a signal after saving a checkpoint."""
+
+    exit_code, prefix = EXIT_PREEMPTED, ""
 
 
 class StopSignal:

@@ -14,28 +14,28 @@ import time
 import uuid
 from pathlib import Path
 
+from qwen_image_lora.errors import UserError
+from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import ConfigError
 from qwen_image_lora.io import (WriteError, atomic_write_text, describe_write_error, remove_leftover_temps,
                                 writing_to)  # fmt: skip
-from qwen_image_lora.train.adapter import WEIGHTS_NAME
 from qwen_image_lora.train.checkpoint import Checkpointer
 
 logger = logging.getLogger(__name__)
 
-RUN_NAME = "run.json"  # {"run_id", "started"}
-LOCK_NAME = ".lock"  # flock-ed by the live trainer (its pid inside); the kernel drops it when the process ends
-LOSSES_NAME = "losses.jsonl"  # one {"step", "loss", "lr", "grad_norm"} per optimizer step
-METADATA_NAME = "training_metadata.json"  # written with the adapter when the run finishes
 # Files written through `atomic_path` in the folder, whose temps a killed write may leave (`.NAME.XXXX`).
-_ATOMIC_FILES = (RUN_NAME, LOSSES_NAME, "config.yaml", METADATA_NAME, "README.md", "adapter")
+_ATOMIC_FILES = (layout.RUN_ID, layout.LOSSES, layout.CONFIG, layout.METADATA, layout.CARD, layout.ADAPTER,
+                 layout.FINAL_ADAPTER)
 
 
-class RunFolderInUse(RuntimeError):
+class RunFolderInUse(UserError):
     """output_dir holds another run; the message offers --resume latest, a new output_dir or --overwrite."""
 
 
-class RunFinished(Exception):
+class RunFinished(UserError):
     """`--resume latest` on a run that already reached train.max_steps: nothing to train (the trainer exits 0)."""
+
+    exit_code, prefix = 0, ""
 
 
 def new_run_id() -> str:
@@ -54,7 +54,7 @@ class RunFolder:
         refused instead of interleaving its checkpoints and losses with ours. Released by `unlock` or at exit."""
         with writing_to(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path / LOCK_NAME, "a+")  # noqa: SIM115 (held until `unlock`)
+            handle = open(self.path / layout.LOCK, "a+")  # noqa: SIM115 (held until `unlock`)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -79,7 +79,7 @@ class RunFolder:
     def owner(self) -> str | None:
         """The id of the run that owns this folder, None when none has claimed it."""
         try:
-            return json.loads((self.path / RUN_NAME).read_text())["run_id"]
+            return json.loads((self.path / layout.RUN_ID).read_text())["run_id"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -89,8 +89,8 @@ class RunFolder:
         checkpoints = Checkpointer(self.path, 1).all()
         if checkpoints:
             traces.append(f"checkpoints up to {checkpoints[-1].name}")
-        if (self.path / WEIGHTS_NAME).is_file():
-            traces.append(f"a finished adapter ({WEIGHTS_NAME})")
+        if (self.path / layout.FINAL_ADAPTER).is_file():
+            traces.append(f"a finished adapter ({layout.FINAL_ADAPTER})")
         return traces
 
     def check_fresh_start(self, overwrite: bool) -> None:
@@ -119,7 +119,7 @@ class RunFolder:
         aside = self._aside_path()
         aside.mkdir(parents=True)
         for entry in sorted(self.path.iterdir()):
-            if entry.name != LOCK_NAME and (self.keep is None or entry.resolve() != self.keep):
+            if entry.name != layout.LOCK and (self.keep is None or entry.resolve() != self.keep):
                 os.replace(entry, aside / entry.name)
         logger.warning("--overwrite: moved the previous run in %s to %s", self.path, aside)
         return aside
@@ -144,7 +144,7 @@ class RunFolder:
             if finished is not None and finished >= max_steps:  # else its newest checkpoint retrains the last stretch
                 raise RunFinished(
                     f"run {owner} in {self.path} already finished at step {finished} (train.max_steps={max_steps}); "
-                    f"its adapter is {self.path / WEIGHTS_NAME}. Nothing to resume; to train further, raise "
+                    f"its adapter is {self.path / layout.FINAL_ADAPTER}. Nothing to resume; to train further, raise "
                     "train.max_steps"
                 )
             path = checkpointer.resolve(resume, owner if resume == "latest" else None)
@@ -153,16 +153,16 @@ class RunFolder:
             if overwrite:
                 self.move_aside()
             path, run_id = None, new_run_id()
-        atomic_write_text(self.path / RUN_NAME, json.dumps({"run_id": run_id, "started": time.time()}))
+        atomic_write_text(self.path / layout.RUN_ID, json.dumps({"run_id": run_id, "started": time.time()}))
         return path, run_id
 
     def finished_at(self) -> int | None:
         """The step at which this folder's run wrote its adapter and metadata, None while it has not finished."""
         try:
-            meta = json.loads((self.path / METADATA_NAME).read_text())
+            meta = json.loads((self.path / layout.METADATA).read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(meta, dict) or meta.get("run_id") != self.owner() or not (self.path / WEIGHTS_NAME).is_file():
+        if not isinstance(meta, dict) or meta.get("run_id") != self.owner() or not (self.path / layout.FINAL_ADAPTER).is_file():
             return None
         return meta["steps"] if isinstance(meta.get("steps"), int) else None
 
@@ -178,7 +178,7 @@ class RunFolder:
 
     def read_losses(self) -> list[dict]:
         """Every complete row of losses.jsonl; a half-written line (a kill mid-append) is skipped."""
-        log = self.path / LOSSES_NAME
+        log = self.path / layout.LOSSES
         if not log.is_file():
             return []
         rows = []
@@ -193,11 +193,11 @@ class RunFolder:
 
     def trim_losses(self, step: int) -> None:
         """Keep the rows up to `step` (the checkpoint a run resumes from; 0 for a fresh run), atomically."""
-        if (self.path / LOSSES_NAME).exists():
+        if (self.path / layout.LOSSES).exists():
             keep = [r for r in self.read_losses() if r["step"] <= step]
-            atomic_write_text(self.path / LOSSES_NAME, "".join(json.dumps(r) + "\n" for r in keep))
+            atomic_write_text(self.path / layout.LOSSES, "".join(json.dumps(r) + "\n" for r in keep))
 
     def append_loss(self, row: dict) -> None:
         # A full disk is said naming losses.jsonl (a plain OSError from write() names no file).
-        with writing_to(self.path / LOSSES_NAME), open(self.path / LOSSES_NAME, "a") as f:
+        with writing_to(self.path / layout.LOSSES), open(self.path / layout.LOSSES, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -1,0 +1,69 @@
+"""The one place a run folder's files are named. The trainer writes them; eval, export, the studio and the tests read
+them through these names, so a renamed file cannot leave a reader behind:
+
+    <run>/run.json                              {"run_id", "started"} of the run that owns the folder
+    <run>/.lock                                 flock-ed by the live trainer (its pid inside)
+    <run>/config.yaml                           the resolved config
+    <run>/losses.jsonl                          one {"step", "loss", "lr", "grad_norm"} per optimizer step
+    <run>/samples/step_000250/                  validation previews at that step
+    <run>/checkpoints/step-000250/adapter/      a resumable checkpoint (progress.json, its config.yaml, ...)
+    <run>/pytorch_lora_weights.safetensors      the final adapter, with
+    <run>/training_metadata.json                what the finished run did, and
+    <run>/README.md                             its model card
+    <run>/eval/                                 the evaluation report
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from qwen_image_lora.adapter_format import WEIGHTS_NAME
+
+RUN_ID = "run.json"
+LOCK = ".lock"
+CONFIG = "config.yaml"
+LOSSES = "losses.jsonl"
+METADATA = "training_metadata.json"
+CARD = "README.md"
+SAMPLES = "samples"
+CHECKPOINTS = "checkpoints"
+PROGRESS = "progress.json"  # inside a checkpoint: what a resume restores
+ADAPTER = "adapter"  # inside a checkpoint: the adapter folder at that step
+EVAL = "eval"
+FINAL_ADAPTER = WEIGHTS_NAME
+
+_CHECKPOINT = re.compile(r"^step-(\d+)$")
+_SAMPLES = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(run: Path, step: int) -> Path:
+    return Path(run) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def samples_dir(run: Path, step: int) -> Path:
+    return Path(run) / SAMPLES / f"step_{step:06d}"
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a checkpoint folder's name (`step-000250` -> 250); None for any other name."""
+    match = _CHECKPOINT.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """Checkpoint folders of a run folder, oldest first (temporary folders of an interrupted save are ignored)."""
+    root = Path(run) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if checkpoint_step(p) is not None and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def sample_steps(run: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every validation-sample folder of a run, oldest first."""
+    root = Path(run) / SAMPLES
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _SAMPLES.match(p.name)) and p.is_dir()]
+    return sorted(found)

@@ -1,0 +1,68 @@
+"""One error base: what a user can fix ends a command with one line and its exit code, whatever raised it; a bug
+(any other exception, a ValueError included) keeps its traceback instead of hiding behind `error:`."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+from qwen_image_lora import cli, model
+from qwen_image_lora.errors import InputError, NotFound, UserError
+from qwen_image_lora.train.guards import TrainingStopped
+from qwen_image_lora.train.preemption import EXIT_PREEMPTED, Preempted
+from qwen_image_lora.train.run_folder import RunFinished
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+# Exceptions that are not a user's to fix: an HTTP answer already shaped, a cache entry to rebuild, a run file the
+# studio refuses with its own status.
+NOT_USER_ERRORS = {"RequestError", "CacheDamaged", "RunFileError", "WriteError"}
+
+
+PACKAGES = {"qwen_image_lora": "qwen_image_lora", "data": "qwen_image_lora.data", "inference": "qwen_image_lora.inference",
+            "train": "qwen_image_lora.train", "eval": "qwen_image_lora.eval"}
+
+
+def test_every_error_class_of_the_package_is_a_user_error():
+    found = []
+    for folder, package in PACKAGES.items():
+        for path in (ROOT / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                bases = [getattr(b, "id", getattr(b, "attr", "")) for b in getattr(node, "bases", [])]
+                if isinstance(node, ast.ClassDef) and any(b.endswith(("Error", "Exception", "Unavailable")) for b in bases):
+                    found.append((f"{package}.{path.stem}", node.name))
+    strays = [f"{module}.{name}" for module, name in found if name not in NOT_USER_ERRORS and not name.startswith("_")
+              and not issubclass(getattr(importlib.import_module(module), name), UserError)]
+    assert len(found) > 10 and strays == []
+
+
+def test_the_exit_map():
+    assert (InputError("x").exit_code, NotFound("x").exit_code) == (2, 2)
+    assert (TrainingStopped("loss is nan").line(), TrainingStopped("x").exit_code) == ("training stopped: loss is nan", 3)
+    assert (Preempted("stopped at step 5").line(), Preempted("x").exit_code) == ("stopped at step 5", EXIT_PREEMPTED)
+    assert RunFinished("done").exit_code == 0
+    assert InputError("a\\nb", "f").field == "f" and isinstance(NotFound("x"), FileNotFoundError)
+
+
+def test_the_cli_ends_a_user_error_with_its_line_and_code(monkeypatch, capsys):
+    class Stopped(UserError):
+        exit_code, prefix = 5, "stopped: "
+
+    def refuse(*_):
+        raise Stopped("model.pretrained: nope")
+
+    monkeypatch.setattr(model, "check_pretrained", refuse)
+    assert cli.main(["validate", str(DEMO)]) == 5
+    assert capsys.readouterr().err.splitlines()[-1] == "stopped: model.pretrained: nope"
+
+
+def test_a_bug_in_the_cli_keeps_its_traceback(monkeypatch):
+    def bug(*_):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(model, "check_pretrained", bug)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        cli.main(["validate", str(DEMO)])
