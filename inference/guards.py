@@ -22,7 +22,7 @@ OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs"}) | STA
 COUNTED_PATHS = ("/v1/images", "/healthz", "/metrics", "/openapi.json")
 MAX_MESSAGE_CHARS = 500  # a refusal names the problem; it never sends megabytes of the request back
 # What concurrent input decodes may hold at once. Every JPEG/PNG up to 64 M pixels fits (an 8192x8192 RGBA PNG takes
-# ~350 MB); a WebP takes ~16 bytes a pixel in PIL's decoder, so one over ~30 M pixels is refused.
+# ~350 MB); a WebP takes ~16 bytes a pixel in PIL's decoder, so one over ~28 M pixels (~5300x5300) is refused.
 DECODE_BUDGET_BYTES = 512 * 2**20
 # glibc raises its mmap threshold after each large free (up to 32 MB); PIL's 16 MB image blocks then come from the
 # heaps of the threads that decode, which keep them once freed, and a burst of decodes held ~250 MB more than was live

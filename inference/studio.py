@@ -18,9 +18,13 @@ import base64
 import hashlib
 import json
 import math
+import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import yaml
+
+from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config
 
 STUDIO_DIR = Path(__file__).with_name("studio")
@@ -36,12 +40,15 @@ PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosni
                 "Cache-Control": "no-cache"}  # fmt: skip
 DOCS_CDN = "https://cdn.jsdelivr.net"  # where FastAPI's Swagger UI page takes its script and stylesheet from
 
-# What a run folder holds (train/lora.py, train/export.py, eval/report.py write these names).
-LOSSES, CARD, METADATA, SAMPLES, REPORT_DIR = "losses.jsonl", "README.md", "training_metadata.json", "samples", "eval"
+# What a run folder holds: the names the trainer and the evaluator write (run_layout.py).
+LOSSES, CARD, METADATA, SAMPLES, REPORT_DIR = layout.LOSSES, layout.CARD, layout.METADATA, layout.SAMPLES, layout.EVAL
 RUN_FILES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
              ".json": "application/json", ".jsonl": "application/x-ndjson", ".md": "text/markdown; charset=utf-8",
              ".yaml": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8", ".html": "text/html; charset=utf-8"}  # fmt: skip
 MAX_LOSS_POINTS = 2000  # a long run's curve is thinned to this many points (the last step always kept)
+MAX_CARD_CHARS = 200_000
+# An absolute POSIX path in a model card: starts a word (not the second half of a/b, a URL's //host/path, or </tag>).
+_ABS_PATH = re.compile(r"(?<![\w.~:/<-])/[^\s`'\"()<>\[\]{}|,;*]+")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
@@ -195,7 +202,7 @@ def list_runs(runs_dir: Path) -> list[dict]:
         has = {"losses": (folder / LOSSES).is_file(), "card": (folder / CARD).is_file(),
                "report": (folder / REPORT_DIR / "report.json").is_file(), "metadata": (folder / METADATA).is_file()}  # fmt: skip
         if any(has.values()):
-            out.append({"name": folder.name, "modified": folder.stat().st_mtime, **has})
+            out.append({"name": folder.name, "modified": folder.stat().st_mtime, **has, "progress": run_progress(folder)})
     return sorted(out, key=lambda r: -r["modified"])
 
 
@@ -230,18 +237,121 @@ def describe_run(folder: Path) -> dict:
                                if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))  # fmt: skip
                 samples.append({"step": int(match.group(1)), "files": files})
     report = folder / REPORT_DIR
-    metadata = None
-    if (folder / METADATA).is_file():
-        try:
-            metadata = json.loads((folder / METADATA).read_text(encoding="utf-8"))
-        except ValueError:
-            metadata = None  # a broken metadata file leaves the rest of the run readable
+    has_card = (folder / CARD).is_file()
     return {
         "name": folder.name,
         "losses": read_losses(folder / LOSSES),
         "samples": samples,
-        "card": CARD if (folder / CARD).is_file() else None,
+        "card": CARD if has_card else None,
+        "card_text": card_text(folder) if has_card else None,
         "report_json": f"{REPORT_DIR}/report.json" if (report / "report.json").is_file() else None,
         "report_html": f"{REPORT_DIR}/report.html" if (report / "report.html").is_file() else None,
-        "metadata": metadata,
+        "metadata": _read_json(folder / METADATA),
+        "progress": run_progress(folder),
     }
+
+
+def card_text(folder: Path) -> str:
+    """The model card as the page shows it: local absolute paths (this machine's, meaningless to a reader) become
+    relative to the run folder when inside it ("." for the folder itself), else just their last name."""
+    text = (folder / CARD).read_text(encoding="utf-8", errors="replace")[:MAX_CARD_CHARS]
+    roots = {str(folder), str(folder.resolve())}
+
+    def short(match: re.Match) -> str:
+        path = match.group(0).rstrip(".")  # a full stop after a path ends the sentence
+        tail = match.group(0)[len(path):]
+        for root in roots:
+            if path == root:
+                return "." + tail
+            if path.startswith(root + "/"):
+                return path[len(root) + 1:] + tail
+        return (PurePosixPath(path).name or path) + tail
+
+    return _ABS_PATH.sub(short, text)
+
+
+def run_progress(folder: Path) -> dict | None:
+    """How far the run got: {state, step, max_steps, checkpoint}, None for a folder nothing was trained in.
+    `training` while a trainer holds the folder's lock; `finished` once training_metadata.json (written at the end,
+    with the adapter) is this run's and reaches train.max_steps (a finished run resumed to train further is not);
+    else `interrupted`, or `unfinished` where the lock cannot be checked (no /proc/locks)."""
+    saved = [p for p in layout.checkpoints(folder) if (p / layout.PROGRESS).is_file()]
+    checkpoint = layout.checkpoint_step(saved[-1]) if saved else None
+    step = max(_last_logged_step(folder / LOSSES) or 0, checkpoint or 0)
+    config = _read_yaml(folder / layout.CONFIG)
+    target = config.get("train", {}).get("max_steps") if isinstance(config.get("train"), dict) else None
+    if not isinstance(target, int) and saved:  # the checkpoint records its run's target too
+        target = (_read_json(saved[-1] / layout.PROGRESS) or {}).get("max_steps")
+    target = target if isinstance(target, int) else None
+    meta = _read_json(folder / METADATA) or {}
+    owner = (_read_json(folder / layout.RUN_ID) or {}).get("run_id")
+    ended = meta.get("steps") if isinstance(meta.get("steps"), int) and meta.get("run_id") in (None, owner) else None
+    live = trainer_alive(folder / layout.LOCK)
+    if live:
+        state = "training"
+    elif ended is not None and (target is None or ended >= target):
+        state, step, target = "finished", max(step, ended), target or ended
+    elif step:
+        state = "interrupted" if live is False else "unfinished"
+    else:
+        return None
+    return {"state": state, "step": step, "max_steps": target, "checkpoint": checkpoint}
+
+
+def trainer_alive(lock: Path) -> bool | None:
+    """Whether a process holds `lock` (the trainer flocks it while it runs; the kernel drops it when the process
+    ends), read from /proc/locks: looking takes no lock, as even a brief one could refuse a trainer starting then.
+    None where that table cannot be read."""
+    try:
+        st = lock.stat()
+    except FileNotFoundError:
+        return False  # every trainer creates it: none has run here since the folder was made
+    except OSError:
+        return None
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2156899 0 EOF" (device in hex)
+        for field in line.split():
+            parts = field.split(":")
+            if len(parts) == 3 and all(parts):
+                try:
+                    if (int(parts[0], 16), int(parts[1], 16), int(parts[2])) == wanted:
+                        return True
+                except ValueError:
+                    continue
+    return False
+
+
+def _last_logged_step(path: Path) -> int | None:
+    """The step of the loss log's last complete line, read from its end (a long run's log runs to megabytes)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - 4096, 0))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _read_json(path: Path):
+    """A JSON file's content, or None when missing or broken (the rest of the run stays readable)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}

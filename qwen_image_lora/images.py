@@ -159,7 +159,9 @@ def _shrink(im: Image.Image, size: tuple[int, int], final: str) -> Image.Image:
     other mode goes strip by strip through the horizontal pass (converted to L, RGB or premultiplied RGBa, as a whole
     converted image would be), then the vertical pass runs on the narrow result: the same pixels as converting the
     whole image and resizing it, as PIL resamples in those two passes anyway."""
-    grey = final == "RGB" and (im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;16"))
+    if im.mode == "F":  # its 8-bit scale depends on the whole image's range (a float TIFF; never an inference input)
+        im = to_8bit(im)
+    grey = final == "RGB" and (im.mode in ("1", "L", "I") or im.mode.startswith("I;16"))
     working = "L" if grey else final
     if im.mode in ("L", "RGB") and im.mode == working:
         return im.resize(size, _LANCZOS)

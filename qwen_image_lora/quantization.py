@@ -69,3 +69,56 @@ def quantization_config(quantize: str, dtype: torch.dtype):
     # The config object, not the string name: diffusers 0.42 refuses "int8wo".
     weight_only = Int8WeightOnlyConfig() if quantize == "int8" else Float8WeightOnlyConfig()
     return TorchAoConfig(weight_only, modules_to_not_convert=list(UNQUANTIZED_MODULES))
+
+
+# ------------------------------------------------------------------------------------------ what the planner traces
+
+
+class PlannedQuantizedLinear(torch.nn.Linear):
+    """A block linear as `model.quantize` stores it, for the memory planner's trace (meta or fake tensors): the
+    stored weight and scales, and the full-precision copy of the weight the backend makes for each matmul (kept for
+    backward by torchao, made again in backward by bitsandbytes). The values are not the model's."""
+
+    def __init__(self, linear: torch.nn.Linear, quantize: str):
+        torch.nn.Module.__init__(self)
+        fmt = QUANT_FORMATS[quantize]
+        self.in_features, self.out_features, self.fmt = linear.in_features, linear.out_features, fmt
+        self.compute_dtype = linear.weight.dtype
+        device, numel = linear.weight.device, linear.weight.numel()
+        stored = (self.out_features, self.in_features) if fmt.weights_per_element == 1 else (numel // 2,)
+        self.weight = torch.nn.Parameter(torch.empty(stored, dtype=fmt.storage, device=device), requires_grad=False)
+        scales = self.out_features * fmt.scale_bytes_per_row + round(numel * fmt.scale_bytes_per_weight)
+        self.register_buffer("scales", torch.empty(scales, dtype=torch.uint8, device=device))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt.keeps_dequantized:  # torchao: mm(x, qdata.t().to(dtype)) * scale; autograd keeps the copy
+            out = torch.nn.functional.linear(x, self.weight.to(self.compute_dtype))
+        else:
+            out = _Dequantized.apply(x, self.weight, (self.out_features, self.in_features), self.compute_dtype)
+        return out if self.bias is None else out + self.bias
+
+
+class _Dequantized(torch.autograd.Function):
+    """bitsandbytes' MatMul4Bit: a dequantized weight in forward, another in backward, only the packed one kept."""
+
+    @staticmethod
+    def forward(ctx, x, packed, shape, dtype):
+        ctx.save_for_backward(packed)
+        ctx.shape, ctx.dtype = shape, dtype
+        return torch.nn.functional.linear(x, packed.new_zeros(shape, dtype=dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        return grad @ packed.new_zeros(ctx.shape, dtype=ctx.dtype).to(grad.dtype), None, None, None
+
+
+def plan_quantized_linears(blocks: torch.nn.Module, quantize: str) -> None:
+    """Swap every linear inside the repeated `blocks` for its `PlannedQuantizedLinear` (before LoRA is added)."""
+    if quantize == "none":
+        return
+    for name, module in list(blocks.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, child_name, PlannedQuantizedLinear(child, quantize))

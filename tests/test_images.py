@@ -115,7 +115,6 @@ LARGE = {
     "palette+tRNS PNG": (lambda im: im.convert("P"), "PNG", {"transparency": 255}),
     "16-bit grey PNG": (lambda im: im.convert("I").point(lambda v: v * 257).convert("I;16"), "PNG", {}),
     "lossless WebP": (lambda im: im.convert("RGB"), "WEBP", {"lossless": True}),
-    "RGBA PNG": (lambda im: im.convert("RGBA"), "PNG", {}),
 }
 
 

@@ -18,7 +18,6 @@ from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, ServeAdapter
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app
-from qwen_image_lora.inference import studio
 from qwen_image_lora.inference.studio import (ASSETS, MAX_LOSS_POINTS, STATIC_PATHS, STUDIO_DIR, describe_run, list_runs,
                                               read_losses, run_progress)  # fmt: skip
 from qwen_image_lora.inference.testing import make_random_lora
@@ -207,18 +206,15 @@ def test_a_long_loss_log_is_thinned_keeping_the_last_step(tmp_path):
 
 
 def test_a_run_says_whether_it_finished_is_training_or_was_interrupted(tmp_path):
-    # the names the trainer writes (qwen_image_lora/run_layout.py) are the ones read here
-    assert (studio.LOCK, studio.RUN_JSON, studio.LOSSES, studio.METADATA) == (
-        layout.LOCK, layout.RUN_ID, layout.LOSSES, layout.METADATA)
     run = tmp_path / "long-run"
-    (run / "checkpoints" / "step-000500").mkdir(parents=True)
-    (run / "checkpoints" / "step-000500" / "progress.json").write_text(json.dumps({"step": 500, "max_steps": 20000}))
-    (run / "run.json").write_text(json.dumps({"run_id": "r1", "started": 0}))
-    (run / "config.yaml").write_text("train:\n  max_steps: 20000\n")
+    layout.checkpoint_dir(run, 500).mkdir(parents=True)  # written as the trainer names them (run_layout.py)
+    (layout.checkpoint_dir(run, 500) / layout.PROGRESS).write_text(json.dumps({"step": 500, "max_steps": 20000}))
+    (run / layout.RUN_ID).write_text(json.dumps({"run_id": "r1", "started": 0}))
+    (run / layout.CONFIG).write_text("train:\n  max_steps: 20000\n")
     rows = "".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in range(1, 581))
     (run / "losses.jsonl").write_text(rows + '{"step": 581, "lo')  # killed mid-line
     assert describe_run(run)["progress"] == {"state": "interrupted", "step": 580, "max_steps": 20000, "checkpoint": 500}
-    with open(run / ".lock", "a+") as lock:  # what a live trainer holds while it runs
+    with open(run / layout.LOCK, "a+") as lock:  # what a live trainer holds while it runs
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert list_runs(tmp_path)[0]["progress"]["state"] == "training"
     assert run_progress(run)["state"] == "interrupted"  # the lock went with its holder

@@ -205,7 +205,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, check=True, timeout=120)
     assert (tmp_path / saved.name).read_bytes() == saved.read_bytes()
     (tmp_path / saved.name).unlink()
-    refused = subprocess.run(["bash", "-c", command], cwd=tmp_path, env={**env, "QWEN_LORA_API_KEYS": "wrong"}, timeout=120)
+    refused = subprocess.run(["bash", "-c", command], cwd=tmp_path, env={**env, "QWEN_LORA_API_KEYS": "wrong"}, timeout=120, check=False)
     assert refused.returncode == 22 and not (tmp_path / saved.name).exists()  # a 401 is an error, not result.png
     d.execute_script("window.scrollTo(0, 0)")
     d.save_screenshot(str(tmp_path / "studio-create.png"))

@@ -36,7 +36,7 @@ from qwen_image_lora.errors import UserError
 from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.io import describe_write_error, is_write_error
 from qwen_image_lora.progress import progress_bar
-from qwen_image_lora.train import adapter, export, memory, optim, ranks, validation
+from qwen_image_lora.train import adapter, export, memory_fit, optim, ranks, validation
 from qwen_image_lora.train.checkpoint import (
     CheckpointError,
     Checkpointer,
@@ -124,9 +124,10 @@ class LoRARecipe:
 
     def _setup_model(self):
         cfg = self.cfg
-        pipe = qmodel.load_pipeline(cfg.model.pretrained, cfg.model.dtype, revision=cfg.model.revision)
-        pipe.transformer.to(self.accelerator.device)  # the encoders are placed once the data is known
-        return pipe
+        # Placed with its LoRA in `_setup_checkpointing` (offloaded blocks stay in CPU memory); the encoders once
+        # the data is known.
+        return qmodel.load_pipeline(cfg.model.pretrained, cfg.model.dtype, revision=cfg.model.revision,
+                                    quantize=cfg.model.quantize)
 
     def _place_encoders(self) -> None:
         """With every entry cached, the text encoder and VAE only serve validation samples: on a GPU they stay
@@ -150,13 +151,12 @@ class LoRARecipe:
         return build_training_data(self.cfg, self.pipe, num_replicas=acc.num_processes, rank=acc.process_index)
 
     def _setup_checkpointing(self, transformer) -> None:
-        setting = self.cfg.train.gradient_checkpointing
-        if setting is True:
-            transformer.enable_gradient_checkpointing()
-        elif setting == "auto":
-            references = max(len(e.item.sources) for e in self.data.dataset.entries)
-            blocks = memory.checkpoint_to_fit(transformer, self.cfg, references)
-            logger.info("gradient_checkpointing auto: checkpointing blocks %s", blocks)
+        references = max(len(e.item.sources) for e in self.data.dataset.entries)
+        acc = self.accelerator
+        recipe = memory_fit.apply(transformer, self.cfg, acc.device, references, acc.num_processes)
+        if recipe is not None:
+            logger.info("memory auto: %s (planned %.1f GiB of %g GB)", recipe.describe(), recipe.plan.total / 2**30,
+                        self.cfg.train.memory_budget_gb)
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -347,6 +347,7 @@ class LoRARecipe:
 def _check_before_loading(cfg: Config) -> None:
     """What can fail without weights fails here, in seconds, naming the field."""
     optim.check_optimizer_available(cfg.optim.name)
+    qmodel.check_quantize(cfg.model.quantize)
     try:
         qmodel.check_speed_settings(cfg.model.attention, cfg.model.attention_backend, cfg.model.compile)
     except ValueError as e:

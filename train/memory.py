@@ -7,10 +7,13 @@ sees every tensor an op creates, counts its storage's bytes when it is created a
 storage dies (a weakref callback), and keeps the peak. That is what `torch.cuda.max_memory_allocated` reports:
 live tensor storages, each rounded up to the caching allocator's 512-byte granule.
 
-How a CPU trace is made to allocate like a CUDA step is in `memory_trace.py`.
+How a CPU trace is made to allocate like a CUDA step is in `memory_trace.py`. A quantized base (`model.quantize`) is
+traced with stand-in linears that store what the format stores and make the dequantized copies its backend makes
+(`quantization.PlannedQuantizedLinear`). Offloaded blocks (`train.offload_blocks`) are counted, not traced: their
+frozen weights leave the resident set, and `offload.IN_FLIGHT_BLOCKS` of them come back.
 
-`choose_checkpointed_blocks` uses the planner to pick the fewest transformer blocks to checkpoint under a
-memory budget, and `apply_block_checkpointing` checkpoints exactly those blocks in a live model.
+What fits a given GPU (checkpointing, offload, optimizer, quantization) is chosen from these plans in
+`memory_fit.py`.
 """
 
 from __future__ import annotations
@@ -18,18 +21,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import OptimConfig
+from qwen_image_lora.quantization import plan_quantized_linears
 from qwen_image_lora.train import optim
 from qwen_image_lora.train.block_checkpointing import apply_block_checkpointing, checkpointed_blocks
 from qwen_image_lora.train.memory_trace import StorageTracker, build_step_inputs, cuda_like, training_step
+from qwen_image_lora.train.offload import IN_FLIGHT_BLOCKS
 
 GiB = 1024**3
 
@@ -85,6 +89,8 @@ class PlanInputs:
     optimizer: str = "adamw"
     max_grad_norm: float | None = 1.0  # null: no clipping
     checkpoint: str | list[int] = "all"
+    quantize: str = "none"  # model.quantize
+    offload_blocks: int = 0  # the first k blocks stream from CPU memory (they must be checkpointed)
     # "cuda": reproduce what the step allocates on a CUDA GPU (CUDA autocast rules, flash/efficient attention,
     # 512-byte granules, the trainer's fused AdamW). "cpu": what the same step allocates on CPU, for testing the tracer.
     profile: str = "cuda"
@@ -120,6 +126,8 @@ def plan_inputs_from_config(
         optimizer=cfg.optim.name,
         max_grad_norm=cfg.optim.max_grad_norm,
         checkpoint=checkpoint,
+        quantize=cfg.model.quantize,
+        offload_blocks=cfg.train.offload_blocks if isinstance(cfg.train.offload_blocks, int) else 0,
     )
 
 
@@ -150,12 +158,26 @@ class MemoryPlan:
     trainable_numel: int
     checkpointed: list[int]
     trace_seconds: float
+    block_weights: int = 0  # frozen bytes of one transformer block
+    offloaded: int = 0  # blocks whose frozen weights stream from CPU memory
+
+    @property
+    def host_bytes_per_step(self) -> int:
+        """Bytes copied host -> GPU per step: each offloaded block in forward and again for its recompute in
+        backward, except the last one, which stays for backward (`offload.BlockOffloader`)."""
+        return max(0, 2 * self.offloaded - 1) * self.block_weights
 
     @property
     def activations(self) -> int:
         """Activations, gradients in flight and temporaries at the peak."""
         rest = self.frozen_weights + self.lora_params + self.optimizer_state + self.step_inputs + self.workspace
+        rest += self.in_flight
         return self.peak - rest
+
+    @property
+    def in_flight(self) -> int:
+        """Frozen bytes of offloaded blocks on the GPU at once, at most."""
+        return min(self.offloaded, IN_FLIGHT_BLOCKS) * self.block_weights
 
     @property
     def overhead(self) -> int:
@@ -176,12 +198,16 @@ class MemoryPlan:
         lora = i.lora
         grads, context = _gib(self.lora_grads).strip(), _gib(CUDA_CONTEXT_BYTES).strip()
         frag = f"{FRAGMENTATION:.0%}"
+        base = str(i.base_dtype).removeprefix("torch.") + ("" if i.quantize == "none" else f", blocks {i.quantize}")
+        resident = f"{i.num_layers - self.offloaded} of {i.num_layers} blocks" if self.offloaded else ""
         rows = [
-            (f"frozen weights ({str(i.base_dtype).removeprefix('torch.')})", self.frozen_weights, ""),
+            (f"frozen weights ({base})", self.frozen_weights, resident),
             (f"LoRA params (fp32, {self.trainable_numel / 1e6:.1f}M)", self.lora_params, ""),
             (f"optimizer state ({i.optimizer})", self.optimizer_state, ""),
             ("step inputs (latents, text)", self.step_inputs, ""),
             ("cuBLAS workspaces", self.workspace, ""),
+            *([("offloaded blocks in flight", self.in_flight, f"at most {IN_FLIGHT_BLOCKS} of {self.offloaded}")]
+              if self.offloaded else []),
             ("activations, grads, temporaries", self.activations, f"at the peak; LoRA grads are {grads}"),
             ("= peak allocated", self.peak, "what torch.cuda.max_memory_allocated reports"),
             (f"+ CUDA context + {FRAGMENTATION:.0%} fragmentation", self.overhead, f"{context} + {frag} of the peak"),
@@ -249,6 +275,7 @@ def _build_model(inputs: PlanInputs, preserve_rng_state: bool, fake_mode=None):
     with torch.device("meta") if fake_mode is not None else contextlib.nullcontext():
         transformer = qmodel.transformer_class()(**inputs.transformer_config)
         torch.nn.Module.to(transformer, inputs.base_dtype)  # diffusers' `to` warns about fp32 modules it has none of
+        plan_quantized_linears(qmodel.transformer_blocks(transformer), inputs.quantize)
         params = add_lora(transformer, inputs.lora)
     if fake_mode is not None:
         _fake_from_meta(transformer, fake_mode)
@@ -314,7 +341,11 @@ def _trace(
     modelled_state = int(_STATE_BYTES.get(inputs.optimizer, 8.0) * numel)
     peak += modelled_state - state_bytes  # the trace ran AdamW; other optimizers keep a different state
     workspace = CUDA_WORKSPACE_BYTES if cuda else 0
-    return MemoryPlan(
+    granule = tracker.granule
+    block = qmodel.transformer_blocks(transformer)[0]
+    block_weights = sum(-(-t.numel() * t.element_size() // granule) * granule
+                        for t in [*block.parameters(), *block.buffers()] if not t.requires_grad)
+    plan = MemoryPlan(
         inputs=inputs,
         peak=peak + workspace,
         workspace=workspace,
@@ -326,63 +357,27 @@ def _trace(
         trainable_numel=numel,
         checkpointed=checkpointed_blocks(transformer),
         trace_seconds=0.0,
+        block_weights=block_weights,
     )
+    return with_settings(plan, offload_blocks=inputs.offload_blocks)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# gradient_checkpointing: auto
-
-
-def choose_checkpointed_blocks(inputs: PlanInputs, budget_bytes: int, planner: Callable = plan_memory) -> list[int]:
-    """The fewest transformer blocks to checkpoint so the planned peak allocation stays under `budget_bytes`.
-
-    The last block is never checkpointed: its activations are consumed first in backward, so recomputing them
-    saves nothing at the peak. Blocks are identical, so the peak is (piecewise) affine in the number of blocks
-    n and of checkpointed blocks k: three traces of a 3- and a 4-block model of the same width fit
-    peak = a + b*n + c*k, which gives a first k; full traces then check it, stepping k by the fitted slope
-    until the plan is under budget (usually one full trace). Raises `MemoryError` when even n-1 is over.
-    """
-    n = inputs.num_layers
-    most = max(n - 1, 0)
-
-    @functools.lru_cache(maxsize=None)
-    def trace(k: int, layers: int = n) -> int:
-        config = {**inputs.transformer_config, "num_layers": layers}
-        return planner(dataclasses.replace(inputs, transformer_config=config, checkpoint=list(range(k)))).peak
-
-    if n > 5:
-        per_layer = trace(0, 4) - trace(0, 3)
-        per_block = max(1.0, (trace(0, 4) - trace(2, 4)) / 2)
-        estimate0 = trace(0, 3) + (n - 3) * per_layer
-        k = min(most, max(0, math.ceil((estimate0 - budget_bytes) / per_block)))
-    else:
-        per_block, k = None, 0
-    while trace(k) > budget_bytes:
-        if k >= most:
-            raise MemoryError(
-                f"even with {most} of {n} blocks checkpointed the planned peak is {trace(most) / GiB:.1f} GiB, "
-                f"over the {budget_bytes / GiB:.1f} GiB budget: lower data.resolution, train.batch_size or "
-                "the LoRA rank"
-            )
-        step = 1 if per_block is None else max(1, math.ceil((trace(k) - budget_bytes) / per_block))
-        k = min(most, k + step)
-    while k > 0 and (per_block is None or trace(k) + per_block <= budget_bytes) and trace(k - 1) <= budget_bytes:
-        k -= 1
-    return list(range(k))
-
-
-def blocks_for_gpu(inputs: PlanInputs, gpu_bytes: int, planner: Callable = plan_memory) -> list[int]:
-    """`choose_checkpointed_blocks` for a GPU of `gpu_bytes` (its allocation budget after context and margin)."""
-    return choose_checkpointed_blocks(inputs, budget_for_allocations(gpu_bytes), planner)
-
-
-def checkpoint_to_fit(transformer, cfg, references: int) -> list[int]:
-    """`train.gradient_checkpointing: auto`: checkpoint the fewest blocks whose planned peak fits
-    `train.memory_budget_gb` for the config's largest step (`references` condition images), and say which."""
-    inputs = plan_inputs_from_config(cfg, references=references)
-    blocks = blocks_for_gpu(inputs, int(cfg.train.memory_budget_gb * 2**30))
-    apply_block_checkpointing(transformer, blocks)
-    return blocks
+def with_settings(plan: MemoryPlan, *, optimizer: str | None = None, offload_blocks: int | None = None) -> MemoryPlan:
+    """The same traced step with another optimizer (whose state is modelled, not traced) or another number of
+    offloaded blocks (counted, not traced: their frozen weights leave the resident set and at most
+    `IN_FLIGHT_BLOCKS` come back), without tracing again. Offloaded blocks must be checkpointed."""
+    optimizer = plan.inputs.optimizer if optimizer is None else optimizer
+    k = plan.offloaded if offload_blocks is None else offload_blocks
+    if not set(range(k)) <= set(plan.checkpointed):
+        raise ValueError(f"offloading {k} blocks needs them checkpointed ({len(plan.checkpointed)} are)")
+    state = int(_STATE_BYTES.get(optimizer, 8.0) * plan.trainable_numel)
+    moved = (k - plan.offloaded) * plan.block_weights
+    new = dataclasses.replace(
+        plan, inputs=dataclasses.replace(plan.inputs, optimizer=optimizer, offload_blocks=k), offloaded=k,
+        frozen_weights=plan.frozen_weights - moved, optimizer_state=state,
+    )  # fmt: skip
+    new.peak = plan.peak - plan.in_flight - moved + new.in_flight + state - plan.optimizer_state
+    return new
 
 
 def budget_for_allocations(gpu_bytes: int) -> int:

@@ -2,6 +2,7 @@
 // step, model card and evaluation report, and a way to try the run's adapter when the service has it loaded.
 
 import { call, json } from "./api.js";
+import { renderMarkdown } from "./markdown.js";
 import { $, download, el, showAlert, svg } from "./ui.js";
 
 let options;
@@ -20,7 +21,8 @@ export async function showRuns() {
     if (!answer.runs.length) return list.replaceChildren(el("li", { className: "note" }, "No run folders yet."));
     list.replaceChildren(...answer.runs.map((r) => el("li", {},
       el("button", { type: "button", onclick: () => showRun(r.name) }, r.name),
-      el("span", { className: "note" }, ` ${new Date(r.modified * 1000).toLocaleString()}`))));
+      el("span", { className: "note" }, ` ${new Date(r.modified * 1000).toLocaleString()}`),
+      r.progress ? el("span", { className: `note run-state ${r.progress.state}` }, progressText(r.progress)) : null)));
   } catch (e) {
     showAlert(e.message);
   }
@@ -42,7 +44,8 @@ async function showRun(name) {
   const heading = el("h2", { tabindex: -1 }, `Run ${run.name}`);
   const parts = [heading];
   const meta = run.metadata || {};
-  if (meta.steps !== undefined) {
+  if (run.progress && run.progress.state !== "finished") parts.push(el("p", { className: `run-state ${run.progress.state}` }, progressDetail(run.progress)));
+  else if (meta.steps !== undefined) {
     parts.push(el("p", {}, `${meta.steps} steps; loss ${fmt(meta.first_loss)} (first 10) → ${fmt(meta.final_loss)} (last 10).`));
   }
   for (const a of adapters.filter((x) => x.run === run.name)) {
@@ -51,12 +54,31 @@ async function showRun(name) {
   parts.push(el("h3", {}, "Loss"), run.losses.length ? lossChart(run.losses) : el("p", { className: "note" }, "No losses.jsonl yet."));
   parts.push(el("h3", {}, "Validation samples"), await samples(run));
   parts.push(el("h3", {}, "Evaluation report"), await report(run));
-  if (run.card) {
-    const text = await (await call(`/v1/runs/${encodeURIComponent(run.name)}/files/${run.card}`)).text();
-    parts.push(el("h3", {}, "Model card"), el("pre", { className: "card-text" }, text));
+  if (run.card_text !== null && run.card_text !== undefined) { // the card with this machine's paths shortened
+    parts.push(el("h3", {}, "Model card"), el("div", { className: "card-text" }, ...renderMarkdown(run.card_text)));
   }
   box.replaceChildren(...parts);
   heading.focus();
+}
+
+const count = (n) => Number(n).toLocaleString("en");
+const ofTarget = (p) => `step ${count(p.step)}${p.max_steps ? ` of ${count(p.max_steps)}` : ""}`;
+
+// The server tells finished, training (a trainer holds the folder) and interrupted (neither) apart.
+function progressText(p) {
+  if (p.state === "finished") return ` finished, ${count(p.step)} steps`;
+  if (p.state === "training") return ` training: ${ofTarget(p)}`;
+  if (p.state === "interrupted") return ` interrupted at ${ofTarget(p)}`;
+  return ` not finished: ${ofTarget(p)}`;
+}
+
+function progressDetail(p) {
+  const resume = p.checkpoint
+    ? ` Its last checkpoint is step ${count(p.checkpoint)}: train again with --resume latest to continue from there.`
+    : " It saved no checkpoint, so training again starts from step 0.";
+  if (p.state === "training") return `Training: ${ofTarget(p)} so far.`;
+  if (p.state === "interrupted") return `Interrupted at ${ofTarget(p)}.${resume}`;
+  return `Not finished: ${ofTarget(p)} (still training, or interrupted).${resume}`;
 }
 
 function fmt(x) {

@@ -8,6 +8,7 @@ import { setupRuns, showRuns } from "./runs.js";
 import { $, beforeAfter, copyText, download, el, setState, setupTabs, showAlert } from "./ui.js";
 
 const EXT = { png: "png", jpeg: "jpg", webp: "webp" };
+const NARROW = matchMedia("(max-width: 760px)"); // studio.css stacks the results under the form below this width
 const history = [];
 let caps = null;
 let adapters = [];
@@ -211,8 +212,10 @@ function compare() {
     const label = loras.map((l) => `${l.name} ${l.weight}`).join(", ");
     const pair = [addResult({ body: { ...body, loras: [] }, names, ...base, mode: mode(), pairLabel: "Base model" }, false),
       addResult({ body, names, ...tuned, mode: mode(), pairLabel: `With ${label}` }, false)];
-    $("results").prepend(el("li", { className: "pair-row" }, el("h3", {}, `Base vs ${label} (seed ${body.seed})`),
-      el("ul", { className: "cards pair" }, ...pair.map((r) => card(r, false)))));
+    const row = el("li", { className: "pair-row" }, el("h3", {}, `Base vs ${label} (seed ${body.seed})`),
+      el("ul", { className: "cards pair" }, ...pair.map((r) => card(r, false))));
+    $("results").prepend(row);
+    reveal(row);
   });
 }
 
@@ -239,9 +242,14 @@ function addResult(result, show = true) {
   result.url = URL.createObjectURL(result.blob);
   result.file = `result-${result.id}-seed${result.seed}.${EXT[result.body.output_format] || "png"}`;
   addHistory(result);
-  if (show) $("results").prepend(card(result, false));
+  if (show) reveal($("results").insertBefore(card(result, false), $("results").firstChild));
   setState(`Result ${result.id} ready (seed ${result.seed}, ${result.seconds.toFixed(1)} s).`);
   return result;
+}
+
+// On a phone the results sit below the long form, out of sight: bring the new one into view.
+function reveal(node) {
+  if (NARROW.matches) node.scrollIntoView({ block: "start" });
 }
 
 function addHistory(result) {

@@ -1,0 +1,257 @@
+"""Fit a training step into a GPU: what `qwen-lora plan --gpu-memory` recommends and what the `auto` settings apply at
+launch (`train.gradient_checkpointing: auto`, `train.offload_blocks: auto`, for `train.memory_budget_gb`).
+
+The knobs, in the order they are reached for (cheapest first, in step time and in what they change about the run):
+
+1. gradient checkpointing, the fewest blocks (each recomputed block costs its forward again);
+2. offloaded blocks: every block checkpointed, the fewest first blocks streamed from CPU memory (costs host-link
+   transfers, partly hidden behind compute; `offload.py`);
+3. an 8-bit optimizer (`optim.name: adamw8bit`, bitsandbytes' AdamW with 8-bit state: slightly different maths);
+4. a quantized base (`model.quantize`: int8, then nf4): the adapter trains against rounded frozen weights.
+
+Each rung keeps the ones before it and tries the cheapest checkpointing, then the fewest offloaded blocks, again.
+Plans come from `memory.plan_memory`; the optimizer and offload are applied to a traced plan without tracing
+again (`memory.with_settings`), so a ladder costs a few traces per quantization format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qwen_image_lora import model as qmodel
+from qwen_image_lora.config import ConfigError
+from qwen_image_lora.train import memory, offload
+from qwen_image_lora.train.block_checkpointing import apply_block_checkpointing
+from qwen_image_lora.train.memory import GiB, MemoryPlan, PlanInputs, budget_for_allocations, plan_memory
+
+KNOBS = ("checkpoint", "offload", "optimizer", "quantize")
+# What the ladder reaches for, in order, beyond the config's own optimizer and quantization.
+_8BIT_OPTIMIZER = "adamw8bit"
+_QUANTIZE_ORDER = ("none", "int8", "nf4")
+# The host link the transfer estimate assumes: PCIe 4.0 x16 moves ~25 GB/s of its 32 GB/s in practice.
+HOST_LINK_BYTES_PER_S = 25e9
+
+
+@dataclass
+class Recipe:
+    """A resolved memory setting: `plan.inputs` carries checkpointing, offload, optimizer and quantization."""
+
+    plan: MemoryPlan
+    gpu_bytes: int
+
+    @property
+    def inputs(self) -> PlanInputs:
+        return self.plan.inputs
+
+    @property
+    def fits(self) -> bool:
+        return self.plan.fits(self.gpu_bytes)
+
+    @property
+    def host_seconds_per_step(self) -> float:
+        """Host-to-GPU transfer time per step at `HOST_LINK_BYTES_PER_S`, if none of it overlapped compute."""
+        return self.plan.host_bytes_per_step / HOST_LINK_BYTES_PER_S
+
+    def overrides(self) -> list[str]:
+        """The config settings that select this recipe at launch."""
+        n, ck = self.inputs.num_layers, self.plan.checkpointed
+        gc = "true" if len(ck) >= n else "false" if not ck else "auto"
+        out = [f"train.gradient_checkpointing={gc}"]
+        if gc == "auto":  # the launch picks the same blocks for the same budget
+            out.append(f"train.memory_budget_gb={self.gpu_bytes / GiB:g}")
+        return out + [f"train.offload_blocks={self.plan.offloaded}", f"optim.name={self.inputs.optimizer}",
+                      f"model.quantize={self.inputs.quantize}"]
+
+    def describe(self) -> str:
+        n, ck, k = self.inputs.num_layers, len(self.plan.checkpointed), self.plan.offloaded
+        parts = ["every block checkpointed" if ck >= n else "no checkpointing" if not ck
+                 else f"{ck} of {n} blocks checkpointed"]
+        if k:
+            parts.append(f"the first {k} of {n} blocks offloaded to CPU memory")
+        parts.append(f"optimizer {self.inputs.optimizer}")
+        parts.append("base " + ("unquantized" if self.inputs.quantize == "none" else f"{self.inputs.quantize}"))
+        return ", ".join(parts)
+
+    def transfer_line(self) -> str:
+        if not self.plan.offloaded:
+            return "host link: nothing streamed per step"
+        gb = self.plan.host_bytes_per_step / 1e9
+        return (f"host link: {gb:.1f} GB copied to the GPU per step, about +{self.host_seconds_per_step:.2f} s/step at "
+                f"{HOST_LINK_BYTES_PER_S / 1e9:.0f} GB/s (PCIe 4.0 x16) where compute does not hide it (an estimate, "
+                "not measured)")
+
+
+def fit(inputs: PlanInputs, gpu_bytes: int, free=KNOBS, planner: Callable = plan_memory) -> Recipe:
+    """The cheapest recipe whose plan fits a GPU of `gpu_bytes`, moving only the `free` knobs (`KNOBS`); the others
+    keep `inputs`' values. When nothing fits, the last recipe tried (the most frugal), whose `fits` is False."""
+    budget = budget_for_allocations(gpu_bytes)
+    traced = _TraceCache(planner)
+    recipe = None
+    for quantize, optimizer in _rungs(inputs, free):
+        rung = dataclasses.replace(inputs, quantize=quantize, optimizer=optimizer, offload_blocks=0)
+        plan = _fit_rung(rung, budget, free, traced, inputs.offload_blocks)
+        recipe = Recipe(plan, gpu_bytes)
+        if recipe.fits:
+            return recipe
+    return recipe
+
+
+def _rungs(inputs: PlanInputs, free) -> list[tuple[str, str]]:
+    rungs = [(inputs.quantize, inputs.optimizer)]
+    if "optimizer" in free and inputs.optimizer == "adamw":
+        rungs.append((inputs.quantize, _8BIT_OPTIMIZER))
+    if "quantize" in free and inputs.quantize in _QUANTIZE_ORDER:
+        for q in _QUANTIZE_ORDER[_QUANTIZE_ORDER.index(inputs.quantize) + 1:]:
+            rungs.append((q, rungs[-1][1]))
+    return rungs
+
+
+def _fit_rung(rung: PlanInputs, budget: int, free, traced: _TraceCache, offload_given: int) -> MemoryPlan:
+    """Within one (quantization, optimizer): the fewest checkpointed blocks with nothing offloaded, else every block
+    checkpointed and the fewest offloaded. Returns the cheapest plan under `budget`, else the most frugal one."""
+    n = rung.num_layers
+    can_offload = "offload" in free and rung.quantize != "nf4"  # bitsandbytes' 4-bit weights do not move
+    can_checkpoint_all = "checkpoint" in free or rung.checkpoint == "all"
+    if "offload" not in free and offload_given:  # a fixed number of offloaded blocks: all checkpointed
+        return memory.with_settings(traced(dataclasses.replace(rung, checkpoint="all")), offload_blocks=offload_given)
+    if "checkpoint" in free:
+        try:
+            blocks = choose_checkpointed_blocks(rung, budget, traced)
+            return traced(dataclasses.replace(rung, checkpoint=blocks))
+        except MemoryError:
+            pass
+    else:
+        plan = traced(rung)
+        if plan.peak <= budget or not (can_offload and can_checkpoint_all):
+            return plan
+    if not can_checkpoint_all:
+        return traced(rung)
+    every = traced(dataclasses.replace(rung, checkpoint="all"))
+    if not can_offload:
+        return every
+    for k in range(n + 1):  # counted, not traced: each k costs nothing
+        plan = memory.with_settings(every, offload_blocks=k)
+        if plan.peak <= budget:
+            return plan
+    return plan
+
+
+class _TraceCache:
+    """`planner` once per (layers, checkpointed blocks, quantization); the optimizer and offload of the inputs are
+    applied to the cached trace (`memory.with_settings`)."""
+
+    def __init__(self, planner: Callable):
+        self.planner, self.plans = planner, {}
+
+    def __call__(self, inputs: PlanInputs) -> MemoryPlan:
+        ck = inputs.checkpoint
+        key = (inputs.num_layers, ck if isinstance(ck, str) else tuple(ck), inputs.quantize)
+        if key not in self.plans:
+            self.plans[key] = self.planner(dataclasses.replace(inputs, optimizer="adamw", offload_blocks=0))
+        return memory.with_settings(self.plans[key], optimizer=inputs.optimizer, offload_blocks=inputs.offload_blocks)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gradient_checkpointing: auto
+
+
+def choose_checkpointed_blocks(inputs: PlanInputs, budget_bytes: int, planner: Callable = plan_memory) -> list[int]:
+    """The fewest transformer blocks to checkpoint so the planned peak allocation stays under `budget_bytes`.
+
+    The last block is never checkpointed: its activations are consumed first in backward, so recomputing them
+    saves nothing at the peak. Blocks are identical, so the peak is (piecewise) affine in the number of blocks
+    n and of checkpointed blocks k: three traces of a 3- and a 4-block model of the same width fit
+    peak = a + b*n + c*k, which gives a first k; full traces then check it, stepping k by the fitted slope
+    until the plan is under budget (usually one full trace). Raises `MemoryError` when even n-1 is over.
+    """
+    n = inputs.num_layers
+    most = max(n - 1, 0)
+
+    @functools.cache
+    def trace(k: int, layers: int = n) -> int:
+        config = {**inputs.transformer_config, "num_layers": layers}
+        return planner(dataclasses.replace(inputs, transformer_config=config, checkpoint=list(range(k)))).peak
+
+    if n > 5:
+        per_layer = trace(0, 4) - trace(0, 3)
+        per_block = max(1.0, (trace(0, 4) - trace(2, 4)) / 2)
+        estimate0 = trace(0, 3) + (n - 3) * per_layer
+        k = min(most, max(0, math.ceil((estimate0 - budget_bytes) / per_block)))
+    else:
+        per_block, k = None, 0
+    while trace(k) > budget_bytes:
+        if k >= most:
+            raise MemoryError(
+                f"even with {most} of {n} blocks checkpointed the planned peak is {trace(most) / GiB:.1f} GiB, "
+                f"over the {budget_bytes / GiB:.1f} GiB budget: lower data.resolution, train.batch_size or "
+                "the LoRA rank"
+            )
+        step = 1 if per_block is None else max(1, math.ceil((trace(k) - budget_bytes) / per_block))
+        k = min(most, k + step)
+    while k > 0 and (per_block is None or trace(k) + per_block <= budget_bytes) and trace(k - 1) <= budget_bytes:
+        k -= 1
+    return list(range(k))
+
+
+def blocks_for_gpu(inputs: PlanInputs, gpu_bytes: int, planner: Callable = plan_memory) -> list[int]:
+    """`choose_checkpointed_blocks` for a GPU of `gpu_bytes` (its allocation budget after context and margin)."""
+    return choose_checkpointed_blocks(inputs, budget_for_allocations(gpu_bytes), planner)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# At launch
+
+
+def resolve(cfg, references: int, *, gpu_bytes: int | None = None, prompt_tokens: int = 256,
+            plan_fixed: bool = False, planner: Callable = plan_memory) -> Recipe | None:
+    """The config's memory settings, each `auto` one chosen by `fit` for `gpu_bytes` (default
+    `train.memory_budget_gb`) at the config's largest step (`references` condition images). When nothing is `auto`:
+    the plan of the settings as they are with `plan_fixed`, else None (the launch then plans nothing)."""
+    gc, k = cfg.train.gradient_checkpointing, cfg.train.offload_blocks
+    free = ({"checkpoint"} if gc == "auto" else set()) | ({"offload"} if k == "auto" else set())
+    if not free and not plan_fixed:
+        return None
+    checkpoint = "none" if gc is False else "all"
+    inputs = memory.plan_inputs_from_config(cfg, references=references, prompt_tokens=prompt_tokens,
+                                            checkpoint=checkpoint)
+    inputs.offload_blocks = 0 if k == "auto" else k
+    gpu = int(cfg.train.memory_budget_gb * GiB) if gpu_bytes is None else gpu_bytes
+    return fit(inputs, gpu, free=free, planner=planner)
+
+
+def apply(transformer, cfg, device, references: int, num_processes: int = 1) -> Recipe | None:
+    """Checkpoint and place the transformer as the config says, `auto` settings resolved by `resolve`: what the
+    recipe calls after adding LoRA. Offloaded blocks keep their frozen weights in CPU memory (`offload.py`); the
+    rest goes to `device`."""
+    recipe = resolve(cfg, references)
+    if recipe is not None and not recipe.fits:
+        budget = cfg.train.memory_budget_gb
+        raise ConfigError(
+            f"train.memory_budget_gb: the planned step needs {recipe.plan.total / GiB:.1f} GiB even with "
+            f"{recipe.describe()}, over {budget:g} GB; `qwen-lora plan --config ... --gpu-memory {budget:g}GB` "
+            "names a recipe that fits (an 8-bit optimizer, a quantized base)")
+    n = len(qmodel.transformer_blocks(transformer))
+    if recipe is not None:
+        checkpointed, k = recipe.plan.checkpointed, recipe.plan.offloaded
+        everything = len(checkpointed) >= n
+    else:
+        gc, k = cfg.train.gradient_checkpointing, cfg.train.offload_blocks
+        checkpointed, everything = [], gc is True or k > 0
+    if k > n:
+        raise ConfigError(f"train.offload_blocks: {k} is more than the transformer's {n} blocks")
+    if k and num_processes > 1:
+        raise ConfigError("train.offload_blocks: offloading trains on one process (DDP keeps the whole model on "
+                          "each GPU); set it to 0 or launch one process")
+    if k and cfg.model.compile:
+        raise ConfigError("train.offload_blocks: not with model.compile (the streaming hooks sit inside the "
+                          "compiled blocks); set model.compile: false")
+    if everything:
+        transformer.enable_gradient_checkpointing()
+    elif checkpointed:
+        apply_block_checkpointing(transformer, checkpointed)
+    offload.place_transformer(transformer, device, range(k))
+    return recipe
