@@ -1,5 +1,5 @@
-"""The studio: a web page at `/` (static files shipped in `inference/studio/`) that is only a client of the HTTP
-API, plus the read-only endpoints it needs beside `POST /v1/images`:
+"""The studio: a web page at `/` (static files shipped in `inference/studio_assets/`, served under /studio/) that
+is only a client of the HTTP API, plus the read-only endpoints it needs beside `POST /v1/images`:
 
     GET /v1/adapters                     the service's adapters and their configured weights
     GET /v1/runs                         the training run folders under `serve.runs_dir`
@@ -27,7 +27,7 @@ import yaml
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config
 
-STUDIO_DIR = Path(__file__).with_name("studio")
+STUDIO_DIR = Path(__file__).with_name("studio_assets")  # served under /studio/
 ASSET_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                ".svg": "image/svg+xml"}  # fmt: skip
 ASSETS = {p.name: p for p in sorted(STUDIO_DIR.iterdir()) if p.suffix in ASSET_TYPES}

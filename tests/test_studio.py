@@ -126,7 +126,7 @@ def test_page_and_assets_have_their_types_and_a_strict_csp(client):
 def test_every_module_the_page_imports_is_served_and_shipped_in_the_package(client):
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["qwen_image_lora.inference"]
     for path in STUDIO_DIR.iterdir():
-        assert any(fnmatch(f"studio/{path.name}", g) for g in globs), f"{path.name} would not be installed"
+        assert any(fnmatch(f"studio_assets/{path.name}", g) for g in globs), f"{path.name} would not be installed"
     for name in ASSETS:
         if name.endswith(".js"):
             for imported in re.findall(r'from "\./([\w.-]+)"', (STUDIO_DIR / name).read_text()):
