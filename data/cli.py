@@ -43,6 +43,8 @@ def _doctor(args) -> int:
     if html and report.pairs:
         report.write_html(html)
         written.append(html)
+    elif args.html:
+        print(f"--html {args.html}: not written: the contact sheet shows edit pairs, and this data set has none")
     if written:
         print("wrote " + ", ".join(written))
     return 1 if args.strict and report.errors else 0
@@ -62,8 +64,9 @@ def _prepare(args) -> int:
     stats = prepare(cfg, rank=state.process_index, world_size=state.num_processes, device=state.device)
     state.wait_for_everyone()
     rate = (stats.latents_encoded + stats.prompts_encoded) / max(stats.seconds, 1e-9)
+    who = f" (process {state.process_index + 1} of {state.num_processes})" if state.num_processes > 1 else ""
     print(
-        f"prepare [{state.process_index}/{state.num_processes}]: {stats.items} items, {stats.cached} already cached, "
+        f"prepare{who}: {stats.items} items, {stats.cached} already cached, "
         f"{stats.latents_encoded} latents + {stats.prompts_encoded} embeddings encoded in {stats.seconds:.1f}s "
         f"({rate:.1f}/s), {len(stats.failed)} failed, {stats.damaged} damaged cache entries dropped -> {cfg.data.cache_dir}"
     )
