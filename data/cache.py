@@ -62,8 +62,11 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from qwen_image_lora.io import atomic_path, atomic_write_text, writing_to
+from qwen_image_lora.model import PromptEmbeds
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +229,6 @@ class Cache:
         return key_for_prompt(text, image_keys, self.model_id)
 
     def _handle(self, shard: str):
-        from safetensors import safe_open
 
         handle = self._open.get(shard)
         if handle is None:
@@ -308,7 +310,6 @@ class Cache:
 
     def embeds(self, key: str):
         """A `model.PromptEmbeds` of batch 1: embeds [1, L, D], mask [1, L] or None, image_pad [1, L] bool."""
-        from qwen_image_lora.model import PromptEmbeds
 
         hit = self._require(key)
         return PromptEmbeds(hit["embeds"], hit.get("mask"), hit["image_pad"])
@@ -326,7 +327,6 @@ class Cache:
 
     def flush(self) -> None:
         """Write pending entries as one shard, then its index (both atomically)."""
-        from safetensors.torch import save_file
 
         if not self._pending:
             return

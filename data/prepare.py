@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from qwen_image_lora.errors import InputError
 from qwen_image_lora.config import Config
 from qwen_image_lora.data.buckets import histogram
 from qwen_image_lora.data.cache import Cache, model_identity
@@ -34,7 +34,9 @@ from qwen_image_lora.data.dataset import SampleEncoder, TrainingDataset, plan_en
 from qwen_image_lora.data.doctor import diagnose
 from qwen_image_lora.data.report import Report
 from qwen_image_lora.data.sources import load_items
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.io import atomic_write_text
+from qwen_image_lora.model import load_pipeline
 from qwen_image_lora.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,6 @@ def prepare(
     log=print,
 ) -> PrepareStats:
     """Fill `cfg.data.cache_dir` for this process's share of the items; returns what it did."""
-    import time
 
     start = time.perf_counter()
     d = cfg.data
@@ -82,7 +83,6 @@ def prepare(
     failed = {item.id: reason for item, reason in skipped}
 
     if pipe is None:
-        from qwen_image_lora.model import load_pipeline
 
         pipe = load_pipeline(cfg.model.pretrained, cfg.model.dtype, device, revision=cfg.model.revision, transformer=False)
     model_id = model_identity(cfg.model)

@@ -18,16 +18,16 @@ import torch
 import yaml
 from PIL import Image
 
-from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import run_layout as layout
+from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.config import Config, EditExample, to_dict
 from qwen_image_lora.data.dataset import build_training_data
+from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.eval import metrics as M
 from qwen_image_lora.eval.report import BASE, CheckpointScore, Sample, log_to_wandb, summarise, verdicts, write_report
 from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.adapters import adapter_name_for
-from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.objective import heldout_loss
 from qwen_image_lora.progress import progress_bar, track

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from PIL import Image
-from scipy import stats
+from scipy import ndimage, stats
+from transformers import AutoModel, AutoProcessor
 
 from qwen_image_lora.errors import InputError, NotFound
 
@@ -50,7 +52,7 @@ def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
 
 def hex_to_lab(colours: list[str]) -> np.ndarray:
     """CIELAB (D65) of hex colours like '#e30613'; returns (N, 3) float."""
-    from skimage.color import rgb2lab
+    from skimage.color import rgb2lab  # noqa: PLC0415 - the eval extra
 
     rgb = []
     for c in colours:
@@ -90,7 +92,7 @@ def dominant_colours(image: Picture, k: int = 5, seed: int = 0, side: int = 64) 
     k-means on 1 MP would take seconds. Returns Lab centres (k', 3) and their pixel shares (k',), summing to 1,
     sorted by share (largest first).
     """
-    from skimage.color import rgb2lab
+    from skimage.color import rgb2lab  # noqa: PLC0415 - the eval extra
 
     img = Image.fromarray(to_rgb_array(image))
     img.thumbnail((side, side), Image.Resampling.BOX)
@@ -116,7 +118,7 @@ def palette_distance(image: Picture, palette: list[str], k: int = 5, seed: int =
 
 def nearest_palette_distance(lab: np.ndarray, palette_lab: np.ndarray) -> np.ndarray:
     """CIEDE2000 from each CIELAB colour (N, 3) to its nearest palette colour (P, 3); returns (N,)."""
-    from skimage.color import deltaE_ciede2000
+    from skimage.color import deltaE_ciede2000  # noqa: PLC0415 - the eval extra
 
     return deltaE_ciede2000(lab[:, None, :], palette_lab[None, :, :]).min(1)
 
@@ -133,8 +135,7 @@ def preservation(source: Picture, edited: Picture, mask: Picture | None = None) 
     image. SSIM is the mean of skimage's SSIM map outside the mask; PSNR uses the MSE outside it, capped at
     PSNR_CAP_DB. Returns {"ssim": float in [-1, 1], "psnr": dB}.
     """
-    from scipy import ndimage
-    from skimage.metrics import structural_similarity
+    from skimage.metrics import structural_similarity  # noqa: PLC0415 - the eval extra
 
     a, b = to_rgb_array(source), to_rgb_array(edited)
     _same_shape(a, b, "preservation")
@@ -167,7 +168,7 @@ def _grey(image: Picture) -> np.ndarray:
 
 def _zoom_about_centre(img: np.ndarray, scale: float) -> np.ndarray:
     """Magnify (H, W) `img` by `scale` about its centre, keeping the size."""
-    from skimage.transform import AffineTransform, warp
+    from skimage.transform import AffineTransform, warp  # noqa: PLC0415 - the eval extra
 
     c = np.array([img.shape[1], img.shape[0]]) / 2 - 0.5
     t = AffineTransform(translation=-c) + AffineTransform(scale=scale) + AffineTransform(translation=c)
@@ -180,9 +181,9 @@ def _log_polar_scale(a: np.ndarray, b: np.ndarray) -> float:
     The magnitude spectrum ignores translation, and a zoom by s shrinks it by 1/s, which log-polar coordinates
     turn into a shift along the radius axis that phase correlation measures.
     """
-    from skimage.filters import difference_of_gaussians, window
-    from skimage.registration import phase_cross_correlation
-    from skimage.transform import warp_polar
+    from skimage.filters import difference_of_gaussians, window  # noqa: PLC0415 - the eval extra
+    from skimage.registration import phase_cross_correlation  # noqa: PLC0415 - the eval extra
+    from skimage.transform import warp_polar  # noqa: PLC0415 - the eval extra
 
     w = window("hann", a.shape)
     spectra = [np.abs(np.fft.fftshift(np.fft.fft2(difference_of_gaussians(x, 1, 20) * w))) for x in (a, b)]
@@ -202,8 +203,8 @@ def alignment(source: Picture, edited: Picture, refine_steps: int = 3) -> dict[s
     `refine_steps` times. Returns {"dx": px, "dy": px, "scale": ratio}: dx > 0 means the edited content sits
     further right, scale > 1 means it is magnified; dx/dy are in source pixels after undoing the scale.
     """
-    from skimage.filters import window
-    from skimage.registration import phase_cross_correlation
+    from skimage.filters import window  # noqa: PLC0415 - the eval extra
+    from skimage.registration import phase_cross_correlation  # noqa: PLC0415 - the eval extra
 
     a, b = _grey(source), _grey(edited)
     _same_shape(a, b, "alignment")
@@ -231,7 +232,7 @@ def quoted_text(prompt: str) -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _ocr_engine():
     # rapidocr_onnxruntime ships its ONNX weights inside the wheel, so this never touches the network.
-    from rapidocr_onnxruntime import RapidOCR
+    from rapidocr_onnxruntime import RapidOCR  # noqa: PLC0415 - the eval extra
 
     return RapidOCR()
 
@@ -302,8 +303,6 @@ class ClipScorer:
     """
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        import torch
-        from transformers import AutoModel, AutoProcessor
 
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -321,7 +320,6 @@ class ClipScorer:
 
     def embed_images(self, images: list[Picture]) -> torch.Tensor:
         """Unit-norm image embeddings, (N, D) float32."""
-        import torch
 
         pixels = self.processor(images=[Image.fromarray(to_rgb_array(i)) for i in images], return_tensors="pt")
         with torch.inference_mode():
@@ -329,7 +327,6 @@ class ClipScorer:
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Unit-norm text embeddings, (N, D) float32."""
-        import torch
 
         # SigLIP was trained on max_length padding; CLIP's causal mask makes the padding harmless for it.
         tokens = self.processor(

@@ -321,8 +321,8 @@ def _png_uri(png: bytes) -> str:
 
 def _figure(width: float, height: float):
     # A bare Figure on the Agg canvas: no pyplot global state and no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - the eval extra
+    from matplotlib.figure import Figure  # noqa: PLC0415 - the eval extra
 
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -376,7 +376,7 @@ def log_to_wandb(project: str, run_name: str | None, out_dir: str | Path, sample
     """One W&B run (job_type "eval"): a table with a row per prompt, seed and variant (image + its metrics), each
     variant's mean of each metric and each adapter's verdict line as summary values. Honours WANDB_MODE (offline
     writes under `out_dir`)."""
-    import wandb
+    import wandb  # noqa: PLC0415 - wandb only for tracking.backend: wandb (a slow import)
 
     variants = _variants(samples)
     names = [m for m in METRICS if m in summary]

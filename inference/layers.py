@@ -10,19 +10,21 @@ alpha-composited bottom to top, so it equals what any editor shows.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
 import zipfile
-from xml.sax.saxutils import quoteattr
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import quoteattr
 
 from PIL import Image, ImageChops
+from psd_tools import PSDImage
+from psd_tools.api.layers import PixelLayer
 
-from qwen_image_lora.errors import InputError
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.inference import masking
 from qwen_image_lora.io import atomic_path
 
@@ -147,8 +149,6 @@ def encode_layers(layers: Layers, fmt: str) -> bytes:
 
 
 def _psd_bytes(layers: Layers) -> bytes:
-    from psd_tools import PSDImage  # deferred: psd-tools is only needed for PSD output
-    from psd_tools.api.layers import PixelLayer
 
     psd = PSDImage.new("RGBA", layers.size)
     for layer in layers.layers:

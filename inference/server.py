@@ -25,16 +25,31 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from qwen_image_lora.errors import InputError, NotFound
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from starlette.concurrency import run_in_threadpool
+
 from qwen_image_lora.config import Config, SamplingConfig, ServeConfig
+from qwen_image_lora.errors import InputError, NotFound
+from qwen_image_lora.images import (
+    MAX_INPUT_SIDE,
+    MEDIA_TYPES,
+    ImageInputError,
+    decode_cost,
+    decode_image,
+    encode_image,  # fmt: skip
+    format_for,
+)
+from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body
-from qwen_image_lora.images import (MAX_INPUT_SIDE, MEDIA_TYPES, ImageInputError, decode_cost, decode_image,
-                                    encode_image, format_for)  # fmt: skip
-from qwen_image_lora.inference import layers as layer_output
+from qwen_image_lora.inference.metrics import Metrics
 from qwen_image_lora.inference.studio import studio_router
 from qwen_image_lora.inference.urls import URLRefused, fetch
-from qwen_image_lora.inference.metrics import Metrics
 from qwen_image_lora.inference.worker import Worker
 from qwen_image_lora.knobs import MAX_INPUT_IMAGES, limits_of, type_of
 
@@ -73,7 +88,6 @@ def load_api_keys(serve: ServeConfig, environ) -> list[str]:
 def sampling_model(name: str, serve: ServeConfig, base, skip: tuple[str, ...] = ()):
     """A subclass of `base` with the `SamplingConfig` fields: types, help and limits from the dataclass, upper bounds
     from `serve` (this deployment's limits). All are optional here; an omitted seed is drawn at random."""
-    from pydantic import Field, create_model
 
     upper = {"num_inference_steps": serve.max_steps, "guidance_scale": serve.max_guidance_scale,
              "width": serve.max_side, "height": serve.max_side}  # fmt: skip
@@ -94,7 +108,6 @@ def sampling_model(name: str, serve: ServeConfig, base, skip: tuple[str, ...] = 
 
 def request_models(serve: ServeConfig):
     """The request schema, with this deployment's limits in it (so /openapi.json shows them)."""
-    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
     class Strict(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)  # `true` is not 1 step, nor "64" a width
@@ -157,11 +170,6 @@ def request_models(serve: ServeConfig):
 
 def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = None):
     """Build the service. Loads the model (unless `generator` is given) and the configured adapters now."""
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
-    from fastapi.security import APIKeyHeader
-    from starlette.concurrency import run_in_threadpool
 
     serve = cfg.serve
     if not api_keys:
@@ -372,7 +380,6 @@ def _select_adapters(body, configured: dict[str, float], generator: Generator) -
 
 
 def serve(cfg: Config, api_keys: list[str]) -> None:
-    import uvicorn
 
     app = create_app(cfg, api_keys)
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")

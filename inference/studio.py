@@ -23,6 +23,9 @@ import re
 from pathlib import Path, PurePosixPath
 
 import yaml
+from fastapi import APIRouter, Depends
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config
@@ -60,8 +63,6 @@ class RunFileError(Exception):
 
 def studio_router(cfg: Config, key_dependency, generator):
     """The page's routes; `key_dependency` is the app's x-api-key dependency (a refused key never reaches them)."""
-    from fastapi import APIRouter, Depends
-    from fastapi.responses import FileResponse, JSONResponse, Response
 
     router = APIRouter()
     runs_dir = Path(cfg.serve.runs_dir) if cfg.serve.runs_dir else None
@@ -131,8 +132,6 @@ def studio_router(cfg: Config, key_dependency, generator):
 
 def docs_page():
     """FastAPI's Swagger UI page for /openapi.json under the studio's CSP plus the CDN and the page's inline script."""
-    from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.responses import Response
 
     page = get_swagger_ui_html(openapi_url="/openapi.json", title="qwen-image-lora API", swagger_favicon_url="data:,")
     inline = re.findall(r"<script>(.*?)</script>", page.body.decode(), re.DOTALL)

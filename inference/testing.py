@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.adapter_format import read_adapter, to_comfyui, write_diffusers
@@ -24,8 +27,6 @@ def make_random_lora(
 ) -> Path:
     """Add a peft LoRA to `transformer`, randomise lora_B (std `std`), save it in our/diffusers layout into
     `directory`, then remove it again so the transformer is left as it was. Returns the folder."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     name = "_random_lora"
     alpha = float(rank if alpha is None else alpha)
@@ -51,7 +52,6 @@ def in_layout(source: str | Path, out_file: str | Path, layout: str) -> Path:
     """`source`'s adapter as another tool writes it: "comfyui" (our export), "kohya" (those keys flattened to
     `lora_unet_<module_with_underscores>`, as kohya/musubi-tuner name them) or "ai-toolkit" (ComfyUI's prefix with
     peft's lora_A/lora_B names)."""
-    from safetensors.torch import save_file
 
     tensors, header = to_comfyui(read_adapter(source))
     rename = {"comfyui": lambda key: key, "kohya": _kohya_key, "ai-toolkit": _ai_toolkit_key}[layout]

@@ -16,6 +16,8 @@ import socket
 import time
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
+import httpx
+
 from qwen_image_lora.errors import InputError
 
 MAX_REDIRECTS = 3
@@ -86,7 +88,6 @@ def _split_url(url: str):
 
 
 def fetch(url: str, *, allow_private: bool = False, timeout_s: float = 10.0, max_bytes: int = 20 * 2**20) -> bytes:
-    import httpx
 
     deadline = time.monotonic() + timeout_s
     for _ in range(MAX_REDIRECTS + 1):

@@ -31,9 +31,13 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants, hf_hub_download, list_repo_files, snapshot_download
+from peft import LoraConfig
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from qwen_image_lora.errors import InputError
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.hub import HubUnavailable, check_hub_repo
 from qwen_image_lora.io import atomic_path
 
@@ -127,7 +131,6 @@ def resolve_file(source: str | Path) -> Path:
 
 def _repo_weight_files(repo: str) -> list[str]:
     """The repo's .safetensors files: listed by the hub, or offline (HF_HUB_OFFLINE) those of its cached snapshot."""
-    from huggingface_hub import constants, list_repo_files, snapshot_download
 
     if constants.HF_HUB_OFFLINE:
         folder = Path(snapshot_download(repo, local_files_only=True))
@@ -136,7 +139,6 @@ def _repo_weight_files(repo: str) -> list[str]:
 
 
 def _download(hub_id: str) -> Path:
-    from huggingface_hub import constants, hf_hub_download
 
     parts = hub_id.split("/")
     repo, file = "/".join(parts[:2]), "/".join(parts[2:]) or None
@@ -169,7 +171,6 @@ def _download(hub_id: str) -> Path:
 def read_adapter(source: str | Path, transformer=None) -> AdapterWeights:
     """Read any supported layout as diffusers' layout. With `transformer`, kohya names are unflattened against it
     and every module is checked to exist with matching shapes. Raises AdapterError naming what does not fit."""
-    from safetensors import SafetensorError, safe_open
 
     file = resolve_file(source)
     if file.suffix != ".safetensors":
@@ -314,7 +315,6 @@ def check_shapes(state_dict: dict[str, torch.Tensor], transformer, where: str = 
 
 def _peft_config_metadata(path: Path) -> dict:
     """peft's adapter_config.json -> the transformer.-prefixed LoraConfig kwargs diffusers' loader takes."""
-    from peft import LoraConfig
 
     config = json.loads(path.read_text())
     known = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type", "task_type", "base_model_name_or_path", "revision"}
@@ -406,7 +406,6 @@ def _put_comfyui(out: dict, module: str, down: torch.Tensor, up: torch.Tensor, s
 def write_comfyui(source: str | Path, output: str | Path | None = None) -> Path:
     """Read `source` (any layout with its config, or a folded one) and write it for ComfyUI; default output:
     `comfyui_lora.safetensors` beside the source. Returns the file written."""
-    from safetensors.torch import save_file
 
     weights = read_adapter(source)
     tensors, header = to_comfyui(weights)

@@ -74,8 +74,8 @@ def quiet_progress_bars(quiet: bool = True) -> Iterator[None]:
     if not quiet:
         yield
         return
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from diffusers.utils import logging as diffusers_logging  # noqa: PLC0415 - import qwen_image_lora stays light
+    from transformers.utils import logging as transformers_logging  # noqa: PLC0415 - import qwen_image_lora stays light
 
     was = transformers_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()

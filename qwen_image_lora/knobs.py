@@ -20,13 +20,13 @@ MAX_INPUT_IMAGES = 10  # reference images per edit: the model's limit (training 
 
 # Limits whose values are the model module's (deferred: it imports torch; this module stays light to import).
 def aspect_ratios() -> tuple[str, ...]:
-    from qwen_image_lora.model import ASPECT_RATIOS
+    from qwen_image_lora.model import ASPECT_RATIOS  # noqa: PLC0415 - the config stays light (model imports torch)
 
     return tuple(ASPECT_RATIOS)
 
 
 def side_multiple() -> int:
-    from qwen_image_lora.model import SIDE_MULTIPLE
+    from qwen_image_lora.model import SIDE_MULTIPLE  # noqa: PLC0415 - the config stays light (model imports torch)
 
     return SIDE_MULTIPLE
 

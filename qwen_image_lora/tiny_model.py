@@ -14,6 +14,22 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AutoencoderKLQwenImage21,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImage21Pipeline,
+    QwenImage21Transformer2DModel,
+)
+from diffusers.models.autoencoders.autoencoder_kl_qwenimage21 import _patchify
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
+)
 
 from qwen_image_lora.console import quiet_progress_bars
 from qwen_image_lora.io import atomic_dir
@@ -57,8 +73,6 @@ _CORPUS_WORDS = (
 
 def _train_tokenizer(vocab_size: int):
     """A byte-level BPE with Qwen's pre-tokenizer, trained offline on a small corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
 
     corpus = [_CORPUS_WORDS, _CORPUS_WORDS.upper(), _CORPUS_WORDS.title()] * 4
     bpe = Tokenizer(models.BPE())
@@ -101,7 +115,6 @@ def _latent_stats(z_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _tile_code(z_dim: int) -> torch.Tensor:
     """[z_dim, 1024] 0/1 masks, in the VAE's patchified channel order: latent c*n^2 + i*n + j is the
     (i, j) sub-block of colour channel c."""
-    from diffusers.models.autoencoders.autoencoder_kl_qwenimage21 import _patchify
 
     n = math.isqrt(z_dim // 4)
     if 4 * n * n != z_dim or _PATCH % n:
@@ -120,7 +133,6 @@ def build_reconstructing_vae(z_dim: int, seed: int):
 
     Raw latent k = latents_mean[k] + latents_std[k] * m_k / _PIXEL_STD, with m_k the sub-block mean in [-1, 1],
     so the normalised latents the transformer sees are m_k / _PIXEL_STD, whatever the (non-trivial) stats."""
-    from diffusers import AutoencoderKLQwenImage21
 
     mean, std = _latent_stats(z_dim, seed)
     width = 2 * z_dim + 1  # (+, -) pairs and the constant channel
@@ -181,7 +193,6 @@ def build_downsampling_vae(z_dim: int, seed: int):
     downsamplings and no patchify, where the reconstructing VAE patchifies 16x16 tiles. Both give the same latent
     grid and channels. diffusers' example script accepts only this geometry (2 ** len(temperal_downsample) must be
     16); it is for running that script on the tiny checkpoint, not for looking at images."""
-    from diffusers import AutoencoderKLQwenImage21
 
     mean, std = _latent_stats(z_dim, seed)
     torch.manual_seed(seed + 1)
@@ -197,14 +208,6 @@ def build_tiny_components(seed: int = 0, full_transformer: bool = False, downsam
     `full_transformer=True` gives the transformer the real 7B default config (and the encoders the matching
     64 latent channels and 4096-wide embeddings), for measuring training on a GPU without downloading weights.
     `downsampling_vae=True`: `build_downsampling_vae` instead of the reconstructing VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
-    )
 
     # z_dim must not be 4: the pipeline treats a 4-channel condition image as already-encoded latents.
     z_dim, text_dim = (64, 4096) if full_transformer else (16, 32)
@@ -292,7 +295,6 @@ def make_tiny_model(
 ) -> Path:
     """Write the tiny checkpoint folder (atomically: a temp folder renamed into place) and return its path;
     the options are `build_tiny_components`'."""
-    from diffusers import QwenImage21Pipeline
 
     output_dir = Path(output_dir)
     if (output_dir / "model_index.json").exists() and not overwrite:

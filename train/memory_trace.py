@@ -30,8 +30,12 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+
+from qwen_image_lora import objective
+from qwen_image_lora.model import PromptEmbeds
 
 if TYPE_CHECKING:
     from qwen_image_lora.train.memory import StepShape
@@ -55,7 +59,6 @@ def build_step_inputs(
     The masks are always real tensors (their values decide the sequence layout); with `fake_mode` the rest are
     fake.
     """
-    from qwen_image_lora.model import PromptEmbeds
 
     def big(*size, dtype=torch.float32):
         if fake_mode is None:
@@ -88,7 +91,6 @@ def build_step_inputs(
 def training_step(transformer, batch, optimizer, params, autocast, max_grad_norm: float | None, dtype) -> torch.Tensor:
     """One optimizer step as `train/lora.py` runs it: `objective.flow_matching_loss` (target tokens only),
     backward, gradient clipping, optimizer step, `zero_grad(set_to_none=True)`."""
-    from qwen_image_lora import objective
 
     noise = torch.randn(batch.latents.shape, dtype=torch.float32)
     sigmas = torch.rand(batch.latents.shape[0])
@@ -165,7 +167,6 @@ class StorageTracker(TorchDispatchMode):
         return out
 
     def _run(self, func, args, kwargs):
-        from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
         flat = tree_flatten((args, kwargs))[0]
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
@@ -203,7 +204,6 @@ _INDEX_OPS = {"aten::index.Tensor", "aten::index_put_", "aten::index_put", "aten
 def _bool_indices_to_long(func, args, kwargs):
     """Turn real boolean index masks into long indices, as torch does internally, so the fake kernel can size the
     result (a mask's True count is data a fake tensor does not have)."""
-    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
     if func._schema.name not in {n.split(".")[0] for n in _INDEX_OPS} or len(args) < 2:
         return args, kwargs

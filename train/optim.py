@@ -7,6 +7,7 @@ import importlib.util
 from typing import Iterator
 
 import torch
+from diffusers.optimization import get_scheduler
 
 from qwen_image_lora.config import ConfigError, OptimConfig
 
@@ -29,11 +30,11 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
         # The fused kernel (one launch for every tensor, CPU and CUDA) over foreach: ~2% of a LoRA step on CPU.
         return torch.optim.AdamW(params, **common, fused=_fusable(params))
     if cfg.name == "adamw8bit":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # noqa: PLC0415 - the optim extra, only for its optimizer
 
         return bnb.optim.AdamW8bit(params, **common)
     if cfg.name == "prodigy":
-        import prodigyopt
+        import prodigyopt  # noqa: PLC0415 - the optim extra, only for its optimizer
 
         # Prodigy estimates the step size itself; lr is a multiplier (1.0 is the usual value).
         return prodigyopt.Prodigy(params, **common)
@@ -48,7 +49,6 @@ def _fusable(params: list[torch.nn.Parameter]) -> bool | None:
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
     """diffusers' `get_scheduler`, stepped once per optimizer step (warmup and length in optimizer steps)."""
-    from diffusers.optimization import get_scheduler
 
     return get_scheduler(cfg.scheduler, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps)
 

@@ -10,6 +10,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from qwen_image_lora.config import ConfigError, TrackingConfig
@@ -64,11 +65,10 @@ class Tracker:
             return
         tracker = self.accelerator.get_tracker(self.cfg.backend, unwrap=True)
         if self.cfg.backend == "wandb":
-            import wandb
+            import wandb  # noqa: PLC0415 - wandb only for tracking.backend: wandb (a slow import)
 
             tracker.log({f"samples/{k}": wandb.Image(v.convert("RGB"), caption=k) for k, v in images.items()}, step=step)
         elif self.cfg.backend == "tensorboard":
-            import numpy as np
 
             for name, image in images.items():
                 tracker.add_image(f"samples/{name}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
@@ -77,7 +77,7 @@ class Tracker:
         """The final adapter folder as a W&B model artifact (a no-op for other backends)."""
         if not (self.enabled and self.cfg.backend == "wandb" and self.cfg.upload_adapter and self.accelerator.is_main_process):
             return
-        import wandb
+        import wandb  # noqa: PLC0415 - wandb only for tracking.backend: wandb (a slow import)
 
         run = self.accelerator.get_tracker("wandb", unwrap=True)
         artifact = wandb.Artifact(name=re.sub(r"[^\w.-]", "-", f"{run.name or name}-adapter"), type="model")
