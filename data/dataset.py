@@ -26,8 +26,6 @@ from PIL import Image
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, DataConfig
-from qwen_image_lora.data.cache import Cache, CacheDamaged, key_for_image, key_for_prompt, model_identity
-from qwen_image_lora.data.doctor import screen_items
 from qwen_image_lora.data.buckets import (
     BucketBatchSampler,
     Transform,
@@ -36,6 +34,8 @@ from qwen_image_lora.data.buckets import (
     plan_transform,
     stable_int,
 )
+from qwen_image_lora.data.cache import Cache, CacheDamaged, key_for_image, key_for_prompt, model_identity
+from qwen_image_lora.data.doctor import screen_items
 from qwen_image_lora.data.sources import DataError, Item, format_caption, load_items, open_image
 from qwen_image_lora.images import identify, read_image
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from qwen_image_lora.errors import InputError
 from qwen_image_lora.config import DataConfig
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_image
-from qwen_image_lora.io import iter_jsonl
+from qwen_image_lora.io import atomic_write_bytes, iter_jsonl
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 MAX_REFERENCE_IMAGES = 10
@@ -184,7 +184,7 @@ def _load_csv(path: Path) -> list[Item]:
 
 def _load_hf(path: Path, cfg: DataConfig) -> list[Item]:
     """A `save_to_disk` dataset (DatasetDict: `data.split`) or an `imagefolder` folder with metadata.jsonl/.csv."""
-    import datasets
+    import datasets  # noqa: PLC0415 - only for data.format: hf (a slow import)
 
     try:
         ds = datasets.load_from_disk(str(path))
@@ -252,8 +252,6 @@ def _hf_image_path(value, base: Path, store: Path, where: str) -> Path:
     suffix = Path(value.get("path") or "").suffix.lower() or ".img"
     out = store / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
     if not out.is_file():
-        from qwen_image_lora.io import atomic_write_bytes
-
         atomic_write_bytes(out, data)
     return out.resolve()
 

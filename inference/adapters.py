@@ -8,6 +8,7 @@ touches the transformer.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ class LoadedAdapter:
     source: str
     layout: str
     weight: float  # the default weight this adapter was loaded with
+    given: str = ""  # the path or hub id as the user gave it (`source` is the file it resolved to)
+    sha256: str = ""  # of the weights file as loaded, so an image can say exactly which adapter made it
 
 
 class Adapters:
@@ -53,7 +56,7 @@ class Adapters:
             metadata=weights.metadata,
             _pipeline=self.pipe,
         )
-        self.loaded[name] = LoadedAdapter(name, weights.source, weights.layout, weight)
+        self.loaded[name] = LoadedAdapter(name, weights.source, weights.layout, weight, str(source), file_sha256(weights.source))
         self._apply(dict(self.active))  # loading activates the new adapter in peft; keep the previous selection
         return name
 
@@ -144,6 +147,15 @@ def adapter_name_for(source: str | Path) -> str:
     if path.suffix == ".safetensors":
         return path.parent.name if path.stem in ("pytorch_lora_weights", "adapter_model") and path.parent.name else path.stem
     return path.name
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read 1 MiB at a time (adapters and input images alike)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:

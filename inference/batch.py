@@ -1,8 +1,9 @@
 """Batch jobs from a JSONL file: catalogue editing at scale, resumable, split across processes.
 
 The job format is printed by `qwen-lora batch --help` (`job_format` in inference/cli.py); `read_jobs` checks it.
-Each image is written atomically, then one line goes to `manifest.jsonl` with the settings actually used (size,
-steps, guidance, seed, adapters) and the job's fingerprint. A rerun skips every job whose output file exists with
+Each image is written atomically, carrying the settings that made it (as `qwen-lora generate` writes them), then one
+line goes to `manifest.jsonl` with the settings actually used (size, steps, guidance, seed, adapters) and the job's
+fingerprint. A rerun skips every job whose output file exists with
 the same fingerprint, so an interrupted batch picks up where it stopped, and a job whose settings, input files, model,
 resolution or adapters changed is rendered again. Under `accelerate launch`, process i of n takes jobs i, i+n, i+2n, ... of the whole file (the
 split does not depend on what is already done), so shards never overlap.
@@ -19,16 +20,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen_image_lora.errors import InputError
 from qwen_image_lora import typed_yaml
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.config import SamplingConfig
-from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import format_for, load_image, save_image
+from qwen_image_lora.inference.generator import GenerationRequest, Generator, file_record
 from qwen_image_lora.io import affects_every_write, iter_jsonl, writing_to
 from qwen_image_lora.knobs import SettingError, check_image_count
-from qwen_image_lora.typed_yaml import ConfigError
 from qwen_image_lora.progress import progress_bar
+from qwen_image_lora.typed_yaml import ConfigError
 
 MANIFEST = "manifest.jsonl"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -170,7 +171,7 @@ def run_batch(
             try:
                 request = _request(job, base_seed, default_loras)
                 image = generator.generate(request)
-                save_image(image, out, job.quality)
+                save_image(image, out, job.quality, _made_with(generator, request, job, out.parent))
             except (ValueError, OSError) as e:  # one bad job must not stop a catalogue run; it is retried on rerun
                 if affects_every_write(e):  # a full disk fails every job after it: stop, naming the file
                     raise
@@ -194,6 +195,12 @@ def _request(job: Job, base_seed: int, default_loras) -> GenerationRequest:
         adapters=job.loras if job.loras is not None else (default_loras or {}),
         mask=load_image(job.mask) if job.mask else None, mask_feather=job.mask_feather,
     )  # fmt: skip
+
+
+def _made_with(generator: Generator, request: GenerationRequest, job: Job, folder: Path) -> dict:
+    """The settings block the image carries, as `qwen-lora generate` writes it (inputs relative to the image)."""
+    inputs = [file_record(p, folder) for p in job.images]
+    return generator.describe(request, inputs, file_record(job.mask, folder) if job.mask else None, folder)
 
 
 def _seed(job: Job, base_seed: int) -> int:

@@ -2,6 +2,7 @@
 
     qwen-lora generate --config configs/demo.yaml --prompt "a bottle" --width 128 --height 128 --output out.png
     qwen-lora edit --model Qwen/Qwen-Image-2.1 --lora runs/brand/adapter:0.8 --image in.jpg --prompt "..." --output o.webp
+    qwen-lora generate --from out.png --seed 8 --output again.png     # the settings out.png carries, another seed
     accelerate launch -m qwen_image_lora.cli batch jobs.jsonl --output-dir out/ --config configs/brand.yaml
     qwen-lora serve --config configs/brand.yaml
 """
@@ -14,12 +15,24 @@ import os
 import sys
 from pathlib import Path
 
-from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.config import SamplingConfig
+from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.knobs import MAX_INPUT_IMAGES, accepted, check_image_count, limits_of, type_of
 
 FLAG_ALIASES = {"num_inference_steps": ["--steps"]}  # shorter spellings users' scripts already pass
 NO_SIZE = ("width", "height", "aspect_ratio")  # layers keep the input's size
+FROM_HELP = ("re-create an image from the settings written into it: they are the defaults (over --config's model and "
+             "data.resolution), and the flags and key=value overrides given here win; recorded inputs and adapters are "
+             "used while their files keep the recorded sha256")
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that the command line gave it, so `--from` can tell a typed `--seed 0` from the
+    default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
 def job_format() -> str:
@@ -47,17 +60,20 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="text-to-image with the base model and optional LoRAs")
     _model_args(p)
     _sampling_args(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="required unless --from gives it")
+    p.add_argument("--from", dest="from_image", metavar="IMAGE", help=FROM_HELP)
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
     p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
     _overrides_arg(p)
-    p.set_defaults(func=_generate, image=[])
+    p.set_defaults(func=_generate, image=[], mask=None)
 
     p = subparsers.add_parser("edit", help=f"instruction editing of 1 to {MAX_INPUT_IMAGES} input images")
     _model_args(p)
     _sampling_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--image", action="append", required=True, help=f"input image (repeat for up to {MAX_INPUT_IMAGES})")
+    p.add_argument("--prompt", help="required unless --from gives it")
+    p.add_argument("--image", action="append", default=[],
+                   help=f"input image (repeat for up to {MAX_INPUT_IMAGES}); required unless --from names them")
+    p.add_argument("--from", dest="from_image", metavar="IMAGE", help=FROM_HELP)
     _mask_args(p, "masked edit of the last --image: white = may change, black = kept pixel for pixel")
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
     p.add_argument("--quality", type=int, default=95)
@@ -113,7 +129,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _mask_args(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
     p.add_argument("--mask", required=required, help=help)
-    p.add_argument("--mask-feather", type=int, default=8, help="soft edge inside the changed region, in pixels (default 8)")
+    p.add_argument("--mask-feather", type=int, default=8, action=_Given,
+                   help="soft edge inside the changed region, in pixels (default 8)")
 
 
 def _overrides_arg(p: argparse.ArgumentParser) -> None:
@@ -129,7 +146,7 @@ def _sampling_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
             kind, choices = type_of(SamplingConfig, f), limits_of(f).get("choices")
             flags = ["--" + f.name.replace("_", "-"), *FLAG_ALIASES.get(f.name, [])]
             p.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices, help=_help(f, f.default),
-                           metavar=None if choices else {int: "N", float: "X"}.get(kind, "TEXT"))  # fmt: skip
+                           metavar=None if choices else {int: "N", float: "X"}.get(kind, "TEXT"), action=_Given)  # fmt: skip
 
 
 def _help(f: dataclasses.Field, default=None) -> str:
@@ -167,11 +184,18 @@ def _load(args, cfg, device=None):
 
 
 def _generate(args) -> int:
-    from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects
-    from qwen_image_lora.inference.masking import prepare_mask
     from qwen_image_lora.images import format_for, load_image, save_image
+    from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects, file_record
+    from qwen_image_lora.inference.masking import prepare_mask
 
     format_for(args.output)  # a bad extension fails before the model loads
+    if args.from_image:
+        _apply_from(args)
+    if not args.prompt:
+        raise InputError("--prompt: give the prompt (or --from an image that carries one)", "--prompt")
+    if args.command == "edit" and not args.image:
+        raise InputError(f"--image: give 1 to {MAX_INPUT_IMAGES} input images (or --from an edit whose inputs are "
+                         "still there)", "--image")  # fmt: skip
     check_image_count(len(args.image))  # before decoding them
     images = [load_image(_input_file("--image", p)) for p in args.image]
     mask = load_image(_input_file("--mask", args.mask)) if getattr(args, "mask", None) else None
@@ -180,12 +204,97 @@ def _generate(args) -> int:
     request = GenerationRequest.from_settings(args, args.prompt, images=images, mask=mask,
                                               mask_feather=getattr(args, "mask_feather", 8))  # fmt: skip
     request.validate(args.command)  # bad sizes, steps or input aspects fail before the model loads
+    folder = Path(args.output).parent  # the settings name files relative to the image, so --from works from anywhere
+    inputs = [file_record(p, folder) for p in args.image]
+    mask_input = file_record(args.mask, folder) if mask is not None else None
     cfg = _model_source(args)
     check_input_aspects(images, cfg.data.resolution)
     generator, request.adapters = _load(args, cfg)
     image = generator.generate(request)
-    print(save_image(image, args.output, args.quality))
+    made_with = generator.describe(request, inputs, mask_input, folder)
+    print(f"{save_image(image, args.output, args.quality, made_with)} (seed {request.seed})")
     return 0
+
+
+def _apply_from(args) -> None:
+    """`--from IMAGE`: what the command line left out comes from the settings IMAGE carries (`FROM_HELP`). An adapter
+    or input is taken from its recorded file only while that file has the recorded sha256."""
+    from qwen_image_lora.inference.generator import ImageSettings
+
+    image = Path(_input_file("--from", args.from_image))
+    try:
+        made = ImageSettings.read(image)
+    except InputError as e:
+        raise InputError(f"--from {e}", "--from") from None
+    if made is None:
+        raise InputError(f"--from {image}: it carries no qwen-image-lora settings (--from takes an image written by "
+                         "generate, edit, batch or the API)", "--from")  # fmt: skip
+    if made.images and args.command != "edit":
+        raise InputError(f"--from {image}: it is an edit of {len(made.images)} image(s); re-create it with "
+                         f"`qwen-lora edit --from {image}`", "--from")  # fmt: skip
+    given = getattr(args, "given", set())
+    size_given = bool(given & set(NO_SIZE))  # a size given here replaces the recorded one whole
+    for f in dataclasses.fields(SamplingConfig):
+        if f.name not in given and not (size_given and f.name in NO_SIZE):
+            setattr(args, f.name, getattr(made, f.name))
+    args.prompt = args.prompt if args.prompt is not None else made.prompt
+    overridden = {o.split("=", 1)[0] for o in args.overrides}
+    if made.model is not None:
+        if "model.pretrained" not in overridden:
+            args.model = args.model or made.model.pretrained
+        if "model.dtype" not in overridden:
+            args.dtype = args.dtype or made.model.dtype
+        if made.model.revision is not None:
+            args.overrides = [f"model.revision={made.model.revision}", *args.overrides]  # a later override wins
+    args.overrides = [f"data.resolution={made.resolution}", *args.overrides]
+    if not args.lora:
+        args.lora = [f"{_recorded_adapter(image, a)}:{a.weight!r}" for a in made.loras]
+    if args.command == "edit":
+        if not args.image:
+            if not made.images:
+                raise InputError(f"--image: {image} was made from text alone; give the images to edit", "--image")
+            args.image = [_recorded_file(image, r, "--image", f"input image {i}") for i, r in enumerate(made.images, 1)]
+        if args.mask is None and made.mask is not None:
+            args.mask = _recorded_file(image, made.mask, "--mask", "the mask")
+        if "mask_feather" not in given:
+            args.mask_feather = made.mask_feather
+
+
+def _recorded_file(image: Path, record, option: str, what: str) -> str:
+    """An input an image's settings name (relative to the image), if it is still there with the recorded sha256."""
+    from qwen_image_lora.inference.adapters import file_sha256
+
+    head = f"--from {image}: {what}"
+    if record.path is None:
+        raise InputError(f"{head} was sent as bytes (recorded by sha256 alone); give {option}", option)
+    path = image.parent / record.path
+    if not path.is_file():
+        raise NotFound(f"{head}, {path}, is not there any more; give {option}", option)
+    if file_sha256(path) != record.sha256:
+        raise InputError(f"{head}, {path}, has changed since the image was made (sha256 differs); give {option} to use "
+                         "it as it is", option)  # fmt: skip
+    return str(path)
+
+
+def _recorded_adapter(image: Path, record) -> str:
+    """A recorded adapter's source (a path relative to the image, or a hub id), if its weights file still has the
+    recorded sha256."""
+    from qwen_image_lora.adapter_format import resolve_file
+    from qwen_image_lora.inference.adapters import file_sha256
+
+    head = f"--from {image}: adapter {record.name!r}"
+    if record.source is None:
+        raise InputError(f"{head} is a server's (recorded by sha256 alone); give --lora PATH:{record.weight!r}", "--lora")
+    local = image.parent / record.source
+    source = str(local) if local.exists() else record.source
+    try:
+        file = resolve_file(source)
+    except InputError as e:
+        raise NotFound(f"{head}: {e}; give --lora", "--lora") from None
+    if file_sha256(file) != record.sha256:
+        raise InputError(f"{head}: {file} has changed since the image was made (sha256 differs); give --lora to use "
+                         "it as it is", "--lora")  # fmt: skip
+    return source
 
 
 def _input_file(option: str, path: str) -> str:
@@ -209,8 +318,8 @@ def _as_option(check, *inputs):
 
 
 def _layers(args) -> int:
-    from qwen_image_lora.inference.generator import GenerationRequest
     from qwen_image_lora.images import load_image
+    from qwen_image_lora.inference.generator import GenerationRequest
     from qwen_image_lora.inference.layers import FORMATS, Element, check_request, save_layers
 
     elements = [Element.parse(e) for e in args.element]  # bad input fails before the model loads

@@ -4,21 +4,27 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
 
-from qwen_image_lora.errors import InputError
 from qwen_image_lora import model as qmodel
+from qwen_image_lora import typed_yaml
 from qwen_image_lora.config import ModelConfig, SamplingConfig
-from qwen_image_lora.knobs import check_image_count
-from qwen_image_lora.model import ASPECT_RATIOS
+from qwen_image_lora.errors import InputError
+from qwen_image_lora.images import read_settings
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
-from qwen_image_lora.inference.adapters import Adapters
+from qwen_image_lora.inference.adapters import Adapters, file_sha256
+from qwen_image_lora.knobs import check_image_count
+from qwen_image_lora.model import ASPECT_RATIOS
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
 
@@ -67,6 +73,75 @@ class GenerationRequest(SamplingConfig):
         return cls(prompt=prompt, **{**sampling, **changes})
 
 
+@dataclass
+class InputRecord:
+    """An input image (or mask) as an image's settings name it."""
+
+    sha256: str
+    path: str | None = None  # relative to the image's folder; None when only its bytes were known (the API)
+
+
+@dataclass
+class AdapterRecord:
+    name: str
+    weight: float
+    sha256: str  # of the weights file
+    source: str | None = None  # a path relative to the image's folder, or a hub id; None from the API (server files)
+
+
+@dataclass
+class ModelRecord:
+    pretrained: str
+    revision: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the transformer's, as it ran
+
+
+@dataclass
+class ImageSettings(SamplingConfig):
+    """What made an image, written into it (`Generator.describe`, `images.encode_image`) and read back by
+    `qwen-lora generate --from`: the sampling fields under `SamplingConfig`'s names (read by the same typed loader as
+    configs and batch lines), holding the values that acted, plus the model, pixel budget, adapters and inputs."""
+
+    prompt: str = ""
+    model: ModelRecord | None = None
+    resolution: int = 1024  # `data.resolution`: an edit's inputs are sized by it
+    loras: list[AdapterRecord] = field(default_factory=list)
+    images: list[InputRecord] = field(default_factory=list)  # [] = text-to-image
+    mask: InputRecord | None = None
+    mask_feather: int = 8
+
+    @classmethod
+    def read(cls, source: str | Path) -> "ImageSettings | None":
+        """The settings an image file carries; None when it carries none of ours. Raises InputError naming the file
+        and the field that does not fit."""
+        block = read_settings(source)
+        if block is None:
+            return None
+        settings = typed_yaml.build(cls, block, "", str(source), Path(source).parent)
+        settings.validate("settings")
+        return settings
+
+
+def file_record(path: str | Path, folder: str | Path | None = None) -> InputRecord:
+    """An input file: its sha256 and its path relative to `folder` (the output's, so `--from` finds it from any
+    working directory)."""
+    return InputRecord(file_sha256(path), _relative(path, folder))
+
+
+def bytes_record(data: bytes) -> InputRecord:
+    """An input known only by its bytes (a request's base64 or URL): its sha256."""
+    return InputRecord(hashlib.sha256(data).hexdigest())
+
+
+def _relative(path: str | Path, folder: str | Path | None) -> str:
+    if folder is None:
+        return str(path)
+    try:
+        return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return os.path.abspath(path)
+
+
 class Generator:
     """Wraps a loaded `QwenImage21Pipeline` (with or without adapters) and samples from it.
 
@@ -75,9 +150,11 @@ class Generator:
     pipeline's own defaults, read from its signature.
     """
 
-    def __init__(self, pipeline, resolution: int = 1024):
+    def __init__(self, pipeline, resolution: int = 1024, model: ModelConfig | None = None):
         self.pipe = pipeline
         self.resolution = resolution
+        # What `describe` names: the config it was loaded from, else what the pipeline says of itself.
+        self.model = model or ModelConfig(pretrained=str(pipeline.name_or_path))
         self.adapters = Adapters(pipeline)
         defaults = inspect.signature(type(pipeline).__call__).parameters
         self.default_steps = defaults["num_inference_steps"].default
@@ -97,7 +174,7 @@ class Generator:
         and go via `self.adapters`."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(qmodel.load_model(model_cfg, device), resolution)
+        return cls(qmodel.load_model(model_cfg, device), resolution, model_cfg)
 
     def warm_up(self, steps: int = 2) -> float:
         """Compile before the first user does: a text-to-image and a one-reference edit at two aspect ratios, so
@@ -139,13 +216,10 @@ class Generator:
         if request.adapters is not None:
             self.adapters.set(request.adapters)
         width, height = self._size(request)
-        guidance = self.default_guidance if request.guidance_scale is None else request.guidance_scale
-        if request.negative_prompt is None:
-            guidance = 1.0  # guidance acts only against a negative prompt; a scale passed without one only warns
         kwargs = dict(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
-            true_cfg_scale=guidance,
+            true_cfg_scale=self._guidance(request),
             width=width,
             height=height,
             num_inference_steps=request.num_inference_steps or self.default_steps,
@@ -165,10 +239,41 @@ class Generator:
             image = image.resize(request.images[-1].size, Image.Resampling.LANCZOS)
         return image
 
+    def describe(self, request: GenerationRequest, inputs: list[InputRecord] = (), mask: InputRecord | None = None,
+                 folder: str | Path | None = None) -> dict:
+        """What `generate(request)` used, as the JSON-able block written into the image: the values that acted (the
+        pipeline's steps when none were given, guidance 1.0 without a negative prompt, a text-to-image's size as
+        sampled; an edit's size fields as given, since its size follows its inputs), the model, the adapters (with
+        their files' sha256; their source relative to `folder`, the output's, or none without one: the API's
+        adapters are the server's files) and the inputs (`inputs`, `mask`: `file_record`s or `bytes_record`s)."""
+        sampling = {f.name: getattr(request, f.name) for f in dataclasses.fields(SamplingConfig)}
+        if not request.images:
+            (sampling["width"], sampling["height"]), sampling["aspect_ratio"] = self._size(request), None
+        sampling.update(num_inference_steps=request.num_inference_steps or self.default_steps,
+                        guidance_scale=self._guidance(request))  # fmt: skip
+        weights = request.adapters if request.adapters is not None else (self.adapters.fused or self.adapters.active)
+        loras = []
+        for name, weight in weights.items():
+            adapter = self.adapters.loaded[name]
+            local = Path(adapter.given).expanduser().exists()
+            source = None if folder is None else _relative(adapter.given, folder) if local else adapter.given
+            loras.append(AdapterRecord(name, weight, adapter.sha256, source))
+        dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
+        made = ImageSettings(**sampling, prompt=request.prompt, resolution=self.resolution, loras=loras,
+                             model=ModelRecord(self.model.pretrained, self.model.revision, dtype),
+                             images=list(inputs) if request.images else [],
+                             mask=mask if request.mask is not None else None, mask_feather=request.mask_feather)  # fmt: skip
+        return dataclasses.asdict(made)
+
     def layers(self, request: GenerationRequest, mask: Image.Image | str, background_prompt: str | None = None,
                elements: list[layer_output.Element] | None = None) -> layer_output.Layers:
         """Subject cut-out, background without it, generated elements: see `inference/layers.py`."""
         return layer_output.build_layers(self, request, mask, background_prompt, list(elements or []))
+
+    def _guidance(self, request: GenerationRequest) -> float:
+        if request.negative_prompt is None:
+            return 1.0  # guidance acts only against a negative prompt; a scale passed without one only warns
+        return self.default_guidance if request.guidance_scale is None else request.guidance_scale
 
     @staticmethod
     def _mask(request: GenerationRequest) -> Image.Image | None:

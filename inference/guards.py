@@ -13,8 +13,8 @@ import json
 import threading
 
 from qwen_image_lora.images import DecodeCost, ImageInputError
-from qwen_image_lora.inference.studio import STATIC_PATHS
 from qwen_image_lora.inference.metrics import Metrics
+from qwen_image_lora.inference.studio import STATIC_PATHS
 from qwen_image_lora.inference.worker import release_memory
 
 # Paths served without a key; every other path (the API, and unknown paths) needs one.

@@ -23,7 +23,7 @@ import queue
 import secrets
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -45,7 +45,7 @@ from qwen_image_lora.images import (
     format_for,
 )
 from qwen_image_lora.inference import layers as layer_output
-from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.inference.generator import GenerationRequest, Generator, InputRecord, bytes_record
 from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body
 from qwen_image_lora.inference.metrics import Metrics
 from qwen_image_lora.inference.studio import studio_router
@@ -251,16 +251,17 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
         fields = tuple(ImageRequest.model_fields)
 
         def work(decoded):
-            inputs, mask = decoded
-            settings = GenerationRequest.from_settings(body, body.prompt, images=inputs, seed=seed, adapters=adapters,
-                                                       mask=mask, mask_feather=body.mask_feather)  # fmt: skip
-            return _generate(generator, settings, format_for(body.output_format), body.quality, metrics, fields)
+            settings = GenerationRequest.from_settings(body, body.prompt, images=decoded.images, seed=seed,
+                                                       adapters=adapters, mask=decoded.mask,
+                                                       mask_feather=body.mask_feather)  # fmt: skip
+            return _generate(generator, settings, format_for(body.output_format), body.quality, metrics, fields,
+                             decoded)  # fmt: skip
 
-        (width, height), data = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
+        (width, height), data, made_with = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
         headers = {"x-seed": str(seed)}
-        if body.response_format == "b64_json":
+        if body.response_format == "b64_json":  # the settings the image carries, also as JSON beside it
             payload = {"data": [{"b64_json": base64.b64encode(data).decode(), "seed": seed, "width": width,
-                                 "height": height}], "output_format": body.output_format}  # fmt: skip
+                                 "height": height, "settings": made_with}], "output_format": body.output_format}  # fmt: skip
             return JSONResponse(payload, headers=headers)
         return Response(data, media_type=MEDIA_TYPES[format_for(body.output_format)], headers=headers)
 
@@ -272,7 +273,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
         elements = [layer_output.Element(e.prompt, (e.x, e.y, e.width, e.height)) for e in body.elements]
 
         def work(decoded):
-            (image,), mask = decoded
+            (image,), mask = decoded.images, decoded.mask
             settings = GenerationRequest.from_settings(body, "", images=[image], seed=seed, adapters=adapters,
                                                        mask_feather=body.mask_feather)  # fmt: skip
             try:
@@ -318,9 +319,11 @@ def _request_field(error: InputError) -> str | None:
     return {"images": "image"}.get(error.field, error.field)
 
 
-def _generate(generator: Generator, request: GenerationRequest, fmt: str, quality: int, metrics: Metrics, fields):
-    """The job, on the worker thread: (size, encoded bytes). It empties `request.images` when it ends, so the decoded
-    inputs are freed then, whoever still holds the request."""
+def _generate(generator: Generator, request: GenerationRequest, fmt: str, quality: int, metrics: Metrics, fields,
+              decoded: "Decoded"):  # fmt: skip
+    """The job, on the worker thread: (size, encoded bytes, the settings block written into them; its inputs named by
+    sha256 alone). It empties `request.images` when it ends, so the decoded inputs are freed then, whoever still holds
+    the request."""
     try:
         try:
             generator.check(request)  # the tokenizer is used on the worker thread only
@@ -330,23 +333,33 @@ def _generate(generator: Generator, request: GenerationRequest, fmt: str, qualit
         start = time.perf_counter()
         image = generator.generate(request)
         metrics.count_image(time.perf_counter() - start)
-        return image.size, encode_image(image, fmt, quality)
+        made_with = generator.describe(request, decoded.inputs, decoded.mask_input)
+        return image.size, encode_image(image, fmt, quality, made_with), made_with
     finally:
         request.images.clear()
 
 
-def _decode_inputs(body, serve: ServeConfig, gate: DecodeGate) -> tuple[list, object]:
-    """(images, mask): each `image` entry and the `mask` (URL, base64 or data: URL; `auto` stays None) -> PIL images
-    that fit `serve.max_side`; errors name `image[i]` or `mask`. Runs after admission; decodes pass through `gate`."""
+class Decoded(NamedTuple):
+    images: list  # PIL images
+    mask: object  # a PIL image or None
+    inputs: list[InputRecord]  # the images' sha256, for the settings block
+    mask_input: InputRecord | None
+
+
+def _decode_inputs(body, serve: ServeConfig, gate: DecodeGate) -> Decoded:
+    """Each `image` entry and the `mask` (URL, base64 or data: URL; `auto` stays None) -> PIL images that fit
+    `serve.max_side`, with their bytes' sha256; errors name `image[i]` or `mask`. Runs after admission; decodes pass
+    through `gate`."""
     items = [] if body.image is None else [body.image] if isinstance(body.image, str) else list(body.image)
     images = [_decode_one(item, ("body", "image") if isinstance(body.image, str) else ("body", "image", i), serve, gate)
               for i, item in enumerate(items)]  # fmt: skip
     mask = body.mask if body.mask not in (None, "auto") else None
-    return images, None if mask is None else _decode_one(mask, ("body", "mask"), serve, gate)
+    mask, mask_input = (None, None) if mask is None else _decode_one(mask, ("body", "mask"), serve, gate)
+    return Decoded([im for im, _ in images], mask, [record for _, record in images], mask_input)
 
 
-def _decode_one(item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate):
-    """One image (URL, base64 or data: URL) -> PIL, or a RequestError naming `loc`."""
+def _decode_one(item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate) -> tuple:
+    """One image (URL, base64 or data: URL) -> (PIL image, the sha256 of its bytes), or a RequestError naming `loc`."""
     try:
         if item.startswith(("http://", "https://")) or "://" in item[:16]:
             data = fetch(item, allow_private=serve.allow_private_urls, timeout_s=serve.url_timeout_s,
@@ -359,7 +372,7 @@ def _decode_one(item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate):
                 raise ImageInputError(f"not an http(s) URL and not valid base64 ({e})") from e
         max_side = min(MAX_INPUT_SIDE, serve.max_side)
         with gate(decode_cost(data, max_side)):  # from the header: what this decode will hold, against the budget
-            return decode_image(data, max_side=max_side)
+            return decode_image(data, max_side=max_side), bytes_record(data)
     except (URLRefused, ImageInputError) as e:
         raise RequestError(413 if e.too_large else 422, str(e), loc) from e
 

@@ -1,10 +1,12 @@
 """The one image reader, used by training data, the data doctor, validation, evaluation and every inference input,
-and the image writers (PNG/JPEG/WebP; JPEG has no alpha, so it is composited on white).
+and the image writers (PNG/JPEG/WebP; JPEG has no alpha, so it is composited on white), which write the settings
+that made an image into it, and the reader of those settings.
 
     read_image(path_or_bytes, max_side=None) -> RGB or RGBA PIL image
     decode_image(bytes) / load_image(path)     -> the same, fitted to MAX_INPUT_SIDE (inference inputs)
     decode_cost(bytes, max_side) -> DecodeCost  the memory that decode holds at its peak, known from the header
     identify(path_or_bytes) -> ImageHeader      format, size after EXIF orientation, mode, frames
+    read_settings(path_or_bytes) -> dict | None the settings `encode_image(..., settings=)` wrote into the image
 
 Every read: the format checked from the header (JPEG, PNG or WebP for inference inputs: a GIF named .png is refused
 as a GIF; training data takes whatever PIL reads), the pixel count refused before a pixel is decoded, EXIF
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import warnings
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.io import atomic_path
@@ -33,6 +37,11 @@ MAX_INPUT_SIDE = 2048  # larger inputs are downscaled to fit 2048x2048 (the mode
 MAX_DECODED_PIXELS = 64 * 2**20  # refused before decoding: a 100 KB PNG can claim 100,000 x 100,000 pixels
 STRIP_BYTES = 4 * 2**20  # a large image is converted this many bytes of rows at a time
 _LANCZOS = Image.Resampling.LANCZOS
+# `max_pixels` is the limit, checked right after PIL's own bomb warning (over ~89 M pixels), which only repeats it;
+# past twice PIL's limit it raises DecompressionBombError itself. Filtered once here by its text: a per-call
+# `warnings.catch_warnings` swaps process-wide filters, and decodes run on many threads.
+warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit of \d+ pixels, could be decompression bomb",
+                        category=Image.DecompressionBombWarning)  # fmt: skip
 # EXIF orientation -> the transpose that undoes it (as `ImageOps.exif_transpose`)
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -68,8 +77,6 @@ def _opened(source: bytes | str | Path, max_pixels: int | None, formats: set[str
     The one `Image.open` of the package."""
     name = f"{source}: " if isinstance(source, (str, Path)) else ""
     try:
-        # `max_pixels` is the limit; past twice its own (~179 M pixels) PIL raises DecompressionBombError itself. No
-        # `warnings.catch_warnings` (its bomb warning): it swaps process-wide filters, and decodes run on many threads.
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             if formats is not None and im.format not in formats:
                 raise ImageInputError(f"{name}a {im.format} image, not JPEG, PNG or WebP: convert it", code="unsupported-format")
@@ -232,8 +239,16 @@ def format_for(name: str) -> str:
     return OUTPUT_FORMATS[key]
 
 
-def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95) -> bytes:
-    """PNG and WebP keep alpha; JPEG composites it over white."""
+# Where an image carries the settings that made it, as image generators' files do (A1111's `parameters` chunk,
+# ComfyUI's `prompt`): a PNG iTXt chunk of this name; in JPEG/WebP, EXIF UserComment with Software set to this name.
+SETTINGS_KEY = "qwen-image-lora"
+_SOFTWARE, _EXIF_IFD, _USER_COMMENT = 0x0131, 0x8769, 0x9286
+_ASCII = b"ASCII\0\0\0"  # UserComment's character-code prefix; the JSON is written with non-ASCII escaped
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95, settings: dict | None = None) -> bytes:
+    """PNG and WebP keep alpha; JPEG composites it over white. `settings` (a JSON-able dict: what made the image) is
+    written into the file, where `read_settings` finds it; no timestamp, so the same settings give the same bytes."""
     fmt = format_for(fmt) if fmt.lower() in OUTPUT_FORMATS else fmt
     if fmt == "JPEG" and image.mode in ("RGBA", "LA", "P"):
         rgba = image.convert("RGBA")
@@ -242,14 +257,47 @@ def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95) -> byt
         image = white
     buf = io.BytesIO()
     options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    if settings is not None and fmt == "PNG":
+        options["pnginfo"] = PngImagePlugin.PngInfo()
+        options["pnginfo"].add_itxt(SETTINGS_KEY, json.dumps(settings, ensure_ascii=False))
+    elif settings is not None:
+        exif = Image.Exif()
+        exif[_SOFTWARE] = SETTINGS_KEY
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _ASCII + json.dumps(settings).encode()
+        options["exif"] = exif
     image.save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
-def save_image(image: Image.Image, path: str | Path, quality: int = 95) -> Path:
-    """Write atomically in the format the extension names."""
+def save_image(image: Image.Image, path: str | Path, quality: int = 95, settings: dict | None = None) -> Path:
+    """Write atomically in the format the extension names, with `settings` in it (`encode_image`)."""
     path = Path(path)
-    data = encode_image(image, format_for(path.name), quality)
+    data = encode_image(image, format_for(path.name), quality, settings)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return path
+
+
+def read_settings(source: bytes | str | Path) -> dict | None:
+    """The settings `encode_image` wrote into a PNG, JPEG or WebP file; None when it carries none of ours (another
+    tool's EXIF comment included). Raises ImageInputError for a file that is no such image, InputError for settings
+    that are not a JSON object."""
+    with _opened(source, MAX_DECODED_PIXELS, INPUT_FORMATS) as im:
+        if im.format == "PNG":
+            # Ours precede the pixels (in `info`); `text` decodes the image to reach chunks another tool moved after.
+            text = im.info.get(SETTINGS_KEY) or im.text.get(SETTINGS_KEY)
+        else:
+            exif = im.getexif()
+            comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT) if exif.get(_SOFTWARE) == SETTINGS_KEY else None
+            ours = isinstance(comment, bytes) and comment.startswith(_ASCII)
+            text = comment[len(_ASCII):].decode("ascii", "replace") if ours else None
+    if text is None:
+        return None
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError:
+        settings = None
+    if not isinstance(settings, dict):
+        name = f"{source}: " if isinstance(source, (str, Path)) else ""
+        raise InputError(f"{name}its {SETTINGS_KEY} settings are damaged (not a JSON object)")
+    return settings

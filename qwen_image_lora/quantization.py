@@ -25,6 +25,8 @@ class QuantFormat:
     # torchao dequantizes at the Python level, so autograd keeps a full-precision copy of the weight for backward;
     # bitsandbytes' MatMul4Bit keeps the packed weight and dequantizes again in backward.
     keeps_dequantized: bool
+    # torchao's fp8 dequantizes through two fp32 temporaries (qdata.float() * scale) on its way to the compute dtype.
+    dequantizes_in_fp32: bool = False
 
     @property
     def bytes_per_weight(self) -> float:
@@ -33,7 +35,7 @@ class QuantFormat:
 
 QUANT_FORMATS = {
     "int8": QuantFormat("torchao", torch.int8, 1, 4, 0.0, True),
-    "fp8": QuantFormat("torchao", torch.float8_e4m3fn, 1, 4, 0.0, True),
+    "fp8": QuantFormat("torchao", torch.float8_e4m3fn, 1, 4, 0.0, True, dequantizes_in_fp32=True),
     "nf4": QuantFormat("bitsandbytes", torch.uint8, 2, 0, 1 / 64 + 4 / (64 * 256), False),
 }
 # Outside the repeated blocks: the embeddings, the shared modulation and the output layer stay in model.dtype.
@@ -92,7 +94,10 @@ class PlannedQuantizedLinear(torch.nn.Linear):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt.keeps_dequantized:  # torchao: mm(x, qdata.t().to(dtype)) * scale; autograd keeps the copy
+        if self.fmt.dequantizes_in_fp32:  # torchao fp8: (qdata.float() * scale).to(dtype), kept by autograd
+            scale = self.scales[: 4 * self.out_features].view(torch.float32).view(-1, 1)
+            out = torch.nn.functional.linear(x, (self.weight.to(torch.float32) * scale).to(self.compute_dtype))
+        elif self.fmt.keeps_dequantized:  # torchao int8: mm(x, qdata.t().to(dtype)) * scale, the copy kept
             out = torch.nn.functional.linear(x, self.weight.to(self.compute_dtype))
         else:
             out = _Dequantized.apply(x, self.weight, (self.out_features, self.in_features), self.compute_dtype)

@@ -35,6 +35,14 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+from PIL import Image, ImageDraw
+
+from qwen_image_lora.inference.generator import Generator
+from qwen_image_lora.inference.guards import DECODE_BUDGET_BYTES
+from qwen_image_lora.inference.testing import make_random_lora
+from qwen_image_lora.tiny_model import make_tiny_model
+
 KEY = "soak-key"
 FORMATS = ("grey-png", "jpeg", "bilevel-png", "palette-png", "grey16-png", "lossless-webp", "lossless-webp-5000")
 
@@ -50,11 +58,11 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit", type=float, default=1200.0, help="seconds for the whole run, start-up included")
     args = p.parse_args(argv)
     deadline = time.monotonic() + args.time_limit
-    from qwen_image_lora.inference.guards import DECODE_BUDGET_BYTES
 
     tmp = Path(tempfile.mkdtemp(prefix="soak-server-"))
     model, adapters = _model_and_adapters(args.model, tmp)
-    inputs = {name: _encoded(name, 5000 if name.endswith("-5000") else args.side) for name in args.formats}  # before the server starts: not in its RSS
+    # Encoded before the server starts, so none of it is in the server's RSS.
+    inputs = {name: _encoded(name, 5000 if name.endswith("-5000") else args.side) for name in args.formats}
     port = _free_port()
     config = tmp / "serve.yaml"
     config.write_text(json.dumps({  # JSON is YAML
@@ -110,8 +118,6 @@ def main(argv=None) -> int:
 
 def _encoded(name: str, side: int) -> bytes:
     """A dark disc on white, `side` x `side`, in the named format: each decodes to a large frame from a small file."""
-    from PIL import Image, ImageDraw
-
     grey = Image.new("L", (side, side), 255)
     ImageDraw.Draw(grey).ellipse((side // 4, side // 4, 3 * side // 4, 3 * side // 4), fill=40)
     image, fmt, options = {
@@ -128,12 +134,7 @@ def _encoded(name: str, side: int) -> bytes:
 
 
 def _model_and_adapters(model: str | None, tmp: Path):
-    from qwen_image_lora.inference.generator import Generator
-    from qwen_image_lora.inference.testing import make_random_lora
-
     if model is None:
-        from qwen_image_lora.tiny_model import make_tiny_model
-
         model = make_tiny_model(tmp / "tiny")
     gen = Generator.from_pretrained(str(model), "float32", "cpu", resolution=64)
     adapters = {name: make_random_lora(gen.pipe.transformer, tmp / name, seed=i) for i, name in enumerate(["brand", "sketch"])}
@@ -147,14 +148,10 @@ def _free_port() -> int:
 
 
 def _get(url: str) -> str:
-    import httpx
-
     return httpx.get(url, timeout=10).text
 
 
 def _wait_ready(base: str, server: subprocess.Popen, deadline: float) -> None:
-    import httpx
-
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise SystemExit(f"the server exited with {server.returncode}:\n{server.stderr.read()[-3000:]}")
@@ -181,8 +178,6 @@ def _bodies(n: int, image: str, adapters: list[str]) -> list[dict]:
 async def _load(base: str, bodies: list[dict], concurrency: int, deadline: float) -> list[tuple[int, float]]:
     """Each body is sent until it is answered with something other than 429 (retried after `Retry-After`, as a
     well-behaved client does) or the deadline passes. Returns (status, seconds) for every attempt."""
-    import httpx
-
     limit = asyncio.Semaphore(concurrency)
     attempts = []
     async with httpx.AsyncClient(base_url=base, timeout=max(1.0, deadline - time.monotonic())) as client:

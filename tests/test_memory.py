@@ -13,13 +13,14 @@ were checked on an H100 with scripts/bench_gpu_7b.py; see `test_7b_plan_matches_
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import LoRAConfig
-from qwen_image_lora.train import block_checkpointing, memory, memory_trace
+from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace
 
 # A CPU-sized Qwen-Image-2.1 transformer: hidden 256 (8 heads x 32), 4 single-stream blocks.
 SMALL = dict(
@@ -77,16 +78,16 @@ def test_choose_checkpointed_blocks_picks_more_blocks_for_a_smaller_budget():
 
     none = plan(dataclasses.replace(inputs, checkpoint=[])).peak
     most = plan(dataclasses.replace(inputs, checkpoint=[0, 1, 2])).peak
-    assert memory.choose_checkpointed_blocks(inputs, none, planner=plan) == []
+    assert memory_fit.choose_checkpointed_blocks(inputs, none, planner=plan) == []
     budgets = [int(none - f * (none - most)) for f in (0.3, 0.6, 1.0)]
-    chosen = [memory.choose_checkpointed_blocks(inputs, b, planner=plan) for b in budgets]
+    chosen = [memory_fit.choose_checkpointed_blocks(inputs, b, planner=plan) for b in budgets]
     counts = [len(c) for c in chosen]
     assert counts == sorted(counts) and counts[0] < counts[-1] == 3, chosen
     for blocks, budget in zip(chosen, budgets, strict=True):
         assert 3 not in blocks  # the last block is never worth checkpointing
         assert plan(dataclasses.replace(inputs, checkpoint=blocks)).peak <= budget
     with pytest.raises(MemoryError, match="budget"):
-        memory.choose_checkpointed_blocks(inputs, most // 2, planner=plan)
+        memory_fit.choose_checkpointed_blocks(inputs, most // 2, planner=plan)
 
 
 def test_apply_block_checkpointing_keeps_names_and_gradients():
@@ -161,8 +162,53 @@ def test_plan_command_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     )
     assert main(["plan", "--config", str(config), "--gpu-memory", "2GB", "--references", "1"]) == 0
     out = capsys.readouterr().out
-    assert "gradient_checkpointing auto: checkpoint 0 of 2 blocks" in out
+    assert "recipe for 2.0 GiB: no checkpointing, optimizer adamw, base unquantized" in out
+    assert "train.gradient_checkpointing=false train.offload_blocks=0 optim.name=adamw model.quantize=none" in out
     assert "peak allocated" in out and "fits in 2.0 GiB" in out
+    # As configured: `auto` picks its blocks as the trainer will at launch; a card under the CUDA context fails --check.
+    assert main(["plan", "--config", str(config), "--gpu-memory", "2GB", "--references", "1", "--as-configured"]) == 0
+    assert "as configured, for 2.0 GiB: no checkpointing" in capsys.readouterr().out
+    assert main(["plan", "--config", str(config), "--gpu-memory", "512MiB", "--references", "0", "--check"]) == 1
+    assert "nothing fits; the most frugal recipe for 0.5 GiB: every block checkpointed" in capsys.readouterr().out
+
+
+def test_fit_reaches_for_checkpointing_then_offload_then_8bit_optimizer_then_quantization():
+    """Budgets cut between the plans of each rung; the recipe is the first rung that fits, with the least of each
+    knob inside it."""
+    inputs = small_inputs(side=128)
+    traced = {}
+
+    def plan(i):  # each layout traced once across the budgets below
+        key = (i.num_layers, i.checkpoint if isinstance(i.checkpoint, str) else tuple(i.checkpoint), i.quantize)
+        if key not in traced:
+            traced[key] = memory.plan_memory(i)
+        return traced[key]
+
+    def fit(peak_budget):  # a GPU whose allocation budget is `peak_budget`
+        gpu = math.ceil(peak_budget * (1 + memory.FRAGMENTATION) + memory.CUDA_CONTEXT_BYTES)
+        return memory_fit.fit(inputs, gpu, planner=plan)
+
+    n, every = inputs.num_layers, plan(dataclasses.replace(inputs, checkpoint="all"))
+    none = plan(dataclasses.replace(inputs, checkpoint="none")).peak
+    all_out = memory.with_settings(every, offload_blocks=n)
+    steps = [
+        (none, [], 0, "adamw", "none"),
+        (every.peak + 1, [0, 1, 2], 0, "adamw", "none"),  # the last block is never worth checkpointing alone
+        (every.peak - 1, list(range(n)), 1, "adamw", "none"),
+        (all_out.peak - 1, list(range(n)), n, "adamw8bit", "none"),
+        (memory.with_settings(all_out, optimizer="adamw8bit").peak - 1, None, None, "adamw8bit", "int8"),
+    ]
+    for budget, checkpointed, offloaded, optimizer, quantize in steps:
+        recipe = fit(budget)
+        assert recipe.fits and recipe.plan.peak <= budget
+        got = (recipe.plan.checkpointed, recipe.plan.offloaded, recipe.inputs.optimizer, recipe.inputs.quantize)
+        want = (checkpointed, offloaded, optimizer, quantize)
+        assert all(w is None or g == w for g, w in zip(got, want, strict=True)), (budget, got, want)
+    frugal = fit(1)
+    assert not frugal.fits and frugal.inputs.quantize == "nf4" and frugal.plan.offloaded == 0  # nf4 does not stream
+    pinned = memory_fit.fit(inputs, math.ceil(every.peak * 1.07 + memory.CUDA_CONTEXT_BYTES) - 2**20,
+                            free={"checkpoint"}, planner=plan)  # at launch only the `auto` settings move
+    assert not pinned.fits and (pinned.plan.offloaded, pinned.inputs.optimizer) == (0, "adamw")
 
 
 @pytest.mark.slow  # ~30 s: traces the real 7B transformer

@@ -29,12 +29,15 @@ import numpy as np
 import torch
 import yaml
 from accelerate.utils import gather_object
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qwen_image_lora.errors import UserError
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import resume_fixed_fields
 from qwen_image_lora.io import atomic_dir, describe_write_error, remove_leftover_temps
 from qwen_image_lora.train import adapter
+from qwen_image_lora.train.ranks import is_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +221,11 @@ def _run_id_of(path: Path) -> str | None:
 class TrainingState:
     """Everything a resume restores, saved and restored here only: the adapter weights, the optimizer, the LR
     scheduler, EMA, the guards' memory, and every rank's RNG and noise-sampler streams. New state that a resume
-    must bring back is one more entry in `_components`."""
+    must bring back is one more entry in `_components`.
+
+    Under FSDP2 the adapter, the optimizer moments, the EMA and the guards' copies are sharded DTensors: they are
+    gathered whole to save (torch.distributed.checkpoint for the optimizer, keyed by parameter name) and each rank
+    takes its shard back on restore, so a checkpoint is one set of full tensors whatever the strategy."""
 
     def __init__(self, accelerator, transformer, optimizer, lr_scheduler, ema, guards, noise):
         self.accelerator, self.transformer, self.noise = accelerator, transformer, noise
@@ -231,19 +238,26 @@ class TrainingState:
         """Collective: every rank calls it; the main process writes. Returns the folder on the main process."""
         acc = self.accelerator
         ranks = gather_object([{"rng": capture_rng_state(), "noise": self.noise.state_dict()}])
+        weights = adapter.get_lora_state(self.transformer)  # on every rank: under FSDP2 a gather
+        state = {name: None if c is None else self._state_of(name, c) for name, c in self._components().items()}
         path = None
         if acc.is_main_process:
-            state = {name: None if c is None else c.state_dict() for name, c in self._components().items()}
             state["ranks"] = ranks
 
             def write_state(folder: Path) -> None:
-                adapter.save_adapter(self.transformer, folder / layout.ADAPTER)
+                adapter.save_adapter(self.transformer, folder / layout.ADAPTER, weights)
                 with open(folder / "training_state.pt", "wb") as f:  # a file object keeps ENOSPC in the error chain
                     torch.save(state, f)
 
             path = checkpointer.save(progress, write_state, config)
         acc.wait_for_everyone()
         return path
+
+    def _state_of(self, name: str, component):
+        if name == "optimizer" and is_sharded(self.transformer):
+            return get_optimizer_state_dict(self.transformer, _unwrapped(component),
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return _gathered(component.state_dict())
 
     def restore(self, path: str | Path) -> TrainingProgress:
         """Load a checkpoint (already verified by `Checkpointer.resolve`) into the live objects."""
@@ -254,9 +268,20 @@ class TrainingState:
         except (OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
         adapter.load_adapter_file(self.transformer, path / layout.ADAPTER)
+        sharded = is_sharded(self.transformer)
         for name, component in self._components().items():
-            if component is not None and state.get(name) is not None:
-                component.load_state_dict(state[name])
+            saved = state.get(name)
+            if component is None or saved is None:
+                continue
+            if name == "optimizer" and saved.get("state") and sharded != _keyed_by_name(saved):
+                raise CheckpointError(f"resume from {path}: its optimizer state was written "
+                                      f"{'without' if sharded else 'under'} FSDP; resume it with the launch config "
+                                      "that wrote it")
+            if name == "optimizer" and sharded:
+                set_optimizer_state_dict(self.transformer, _unwrapped(component), saved,
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                component.load_state_dict(_sharded_like(saved, component.state_dict()) if sharded else saved)
         ranks = state["ranks"]
         if len(ranks) != acc.num_processes:
             logger.warning(
@@ -267,6 +292,38 @@ class TrainingState:
         restore_rng_state(mine["rng"])
         self.noise.load_state_dict(mine["noise"])
         return progress
+
+
+def _unwrapped(optimizer):
+    """The torch optimizer inside accelerate's wrapper (torch.distributed.checkpoint steps and loads it directly)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _keyed_by_name(optimizer_state: dict) -> bool:
+    """True for torch.distributed.checkpoint's layout (state keyed by parameter name), False for torch's (by index)."""
+    return all(isinstance(key, str) for key in optimizer_state["state"])
+
+
+def _gathered(tree):
+    """`tree` with every sharded DTensor replaced by its whole tensor on CPU (a collective: every rank, same order)."""
+    if isinstance(tree, DTensor):
+        return tree.full_tensor().cpu()
+    if isinstance(tree, dict):
+        return {k: _gathered(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_gathered(v) for v in tree)
+    return tree
+
+
+def _sharded_like(saved, live):
+    """`saved` (whole tensors) with each tensor where `live` holds a DTensor cut to this rank's shard of it."""
+    if isinstance(live, DTensor) and isinstance(saved, torch.Tensor):
+        return distribute_tensor(saved.to(live.dtype), live.device_mesh, live.placements, src_data_rank=None)
+    if isinstance(live, dict) and isinstance(saved, dict):
+        return {k: _sharded_like(v, live.get(k)) for k, v in saved.items()}
+    if isinstance(live, (list, tuple)) and isinstance(saved, (list, tuple)) and len(live) == len(saved):
+        return type(saved)(_sharded_like(s, v) for s, v in zip(saved, live))
+    return saved
 
 
 # ------------------------------------------------------------------------------------------ config on resume

@@ -21,6 +21,7 @@ import logging
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,7 +104,8 @@ class LoRARecipe:
         optimizer = optim.build_optimizer(self.params, cfg.optim)
         # Stepped by us once per optimizer step (accelerate's wrapper would step it once per process).
         self.lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-        self.transformer, self.optimizer = acc.prepare(self.pipe.transformer, optimizer)
+        self.transformer, self.optimizer = ranks.prepare(acc, self.pipe.transformer, optimizer)
+        self.params = [p for p in self.pipe.transformer.parameters() if p.requires_grad]  # FSDP2's sharded ones
         self.ema = optim.LoRAEMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay else None
         set_seed(cfg.train.seed, device_specific=True)  # LoRA dropout etc. differ per rank from here on
         self.noise = objective.NoiseSampler(
@@ -243,17 +245,19 @@ class LoRARecipe:
     # ------------------------------------------------------------------------------------------ verbs
 
     def validate(self) -> dict:
-        """Samples (and the held-out loss) with the current adapter, EMA weights if enabled; main process."""
+        """Samples (and the held-out loss) with the current adapter, EMA weights if enabled; main process (under
+        FSDP2 every rank runs the forward passes, as each holds a shard of the weights; the main one keeps the images)."""
         acc, metrics = self.accelerator, {}
-        if acc.is_main_process:
-            with self._ema_weights():
-                folder = layout.samples_dir(self.out, self.step)
+        if acc.is_main_process or ranks.is_sharded(self.pipe.transformer):
+            with self._ema_weights(), tempfile.TemporaryDirectory() as scratch:
+                folder = layout.samples_dir(self.out, self.step) if acc.is_main_process else Path(scratch)
                 images = validation.generate_samples(self.pipe, self.cfg, folder)
                 self.samples = {name: folder / f"{name}.png" for name in images}
                 if self.data.held_out:
                     metrics["heldout_loss"] = objective.heldout_loss(
                         self.pipe.transformer, self.data.held_out_batches(), self.cfg.validation.seed
                     )
+        if acc.is_main_process:
             self.tracker.log_images(images, step=self.step)
             if metrics:
                 self.tracker.log(metrics, step=self.step)

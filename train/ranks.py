@@ -1,11 +1,21 @@
-"""What the processes of a run must agree on: one answer worked out on the main process, and one adapter."""
+"""What the processes of a run must agree on: one answer worked out on the main process, one adapter, how FSDP2 shards
+the transformer across them, and how they leave together."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
+import torch.distributed as dist
+from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list, gather_object,
+                              parse_flag_from_env)  # fmt: skip
+from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from qwen_image_lora.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def main_then_share(acc, fn):
@@ -29,3 +39,57 @@ def gather_adapter_hashes(state: dict[str, torch.Tensor]) -> list[str]:
         digest.update(key.encode())
         digest.update(state[key].float().numpy().tobytes())
     return gather_object([digest.hexdigest()])
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+
+
+def is_sharded(module) -> bool:
+    """True when FSDP2 holds `module`'s weights as shards: reading them whole, or running the module, then takes every
+    rank (collectives)."""
+    return isinstance(module, FSDPModule)
+
+
+def prepare(acc, model, optimizer):
+    """`acc.prepare(model, optimizer)`, with FSDP2 on CPU too. accelerate 1.16 turns an FSDP launch into
+    DistributedType.FSDP on accelerators only; on CPU (gloo) it wraps the model in DDP without a word. There this
+    applies the launch's FSDP2 settings as accelerate's `fsdp2_prepare_model` does on GPUs: `fully_shard` on each
+    block the wrap policy names, then on the whole model, and the optimizer moved onto the sharded parameters."""
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        raise ConfigError("fsdp_config.fsdp_version: 1 is not supported (its saves see one rank's shard); use "
+                          "fsdp_version: 2 as configs/accelerate/fsdp.yaml does")
+    if acc.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        model, optimizer = acc.prepare(model, optimizer)
+    else:
+        optimizer = _fully_shard_on_cpu(acc, model, optimizer)
+    if is_sharded(model) and acc.is_main_process:
+        logger.info("FSDP2: the transformer is sharded across %d processes", acc.num_processes)
+    return model, optimizer
+
+
+def _fully_shard_on_cpu(acc, model, optimizer):
+    plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables, as accelerate reads them
+    if plugin.fsdp_version != 2:
+        raise ConfigError("fsdp_config.fsdp_version: only 2 (FSDP2, fully_shard) runs on CPU")
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    kwargs = {"reshard_after_forward": plugin.reshard_after_forward,
+              "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+    names = {p: n for n, p in model.named_parameters()}
+    plugin.set_auto_wrap_policy(model)
+    wraps = fsdp2_prepare_auto_wrap_policy(plugin, model) or (lambda module: False)
+    for module in reversed(list(model.modules())[1:]):  # inner blocks first, each its own all-gather
+        if wraps(module):
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    sharded = dict(model.named_parameters())  # fully_shard replaced every parameter with a sharded DTensor one
+    for group in optimizer.param_groups:
+        group["params"] = [sharded[names[p]] for p in group["params"]]
+    return acc.prepare(optimizer)
+
+
+def leave(acc) -> None:
+    """Every rank meets, then the process group goes, before the interpreter starts tearing objects down."""
+    if dist.is_available() and dist.is_initialized():
+        acc.wait_for_everyone()
+        dist.destroy_process_group()

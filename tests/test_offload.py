@@ -1,0 +1,122 @@
+"""Block offload (`train.offload_blocks`, train/offload.py). On CPU both devices are the CPU, so these check the
+mechanics: diffusers' group-offloading hooks sit on exactly the offloaded blocks, each block is onloaded before
+it runs in forward and again for its recompute in backward, in the order the schedule says, the LoRA weights never
+leave, and the losses equal the run without offload. The GPU test (run where CUDA is) checks real devices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.hooks.group_offloading import _GROUP_OFFLOADING, _get_group_onload_device
+
+from qwen_image_lora import objective
+from qwen_image_lora.config import LoRAConfig
+from qwen_image_lora.train import block_checkpointing, memory, memory_trace, offload
+from qwen_image_lora.train.adapter import add_lora
+
+SMALL = dict(in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32, num_attention_heads=8,
+             context_in_dim=64, mlp_ratio=3, axes_dims_rope=(8, 12, 12))  # fmt: skip
+STEPS = 3
+
+
+def _model(checkpoint: str, offloaded=(), device="cpu"):
+    from diffusers import QwenImage21Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = QwenImage21Transformer2DModel(**SMALL)
+    params = add_lora(transformer, LoRAConfig(rank=4, init="gaussian"))
+    if checkpoint == "diffusers":  # train.gradient_checkpointing: true
+        transformer.enable_gradient_checkpointing()
+    else:  # auto's per-block checkpointing, which recomputes through the block class's forward
+        block_checkpointing.apply_block_checkpointing(transformer, range(SMALL["num_layers"]))
+    offloader = offload.place_transformer(transformer, torch.device(device), offloaded)
+    return transformer, params, offloader
+
+
+def _train(transformer, params, offloader=None, device="cpu", watch=None):
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    batch = memory_trace.build_step_inputs(memory.StepShape(128, 128, 1, 16), SMALL, torch.float32)
+    latents, prompt = batch.latents.to(device), batch.prompt.to(device)
+    batch.latents, batch.prompt = latents, prompt
+    losses, onloads = [], []
+    for step in range(STEPS):
+        torch.manual_seed(step)
+        noise = torch.randn(latents.shape).to(device)
+        loss = objective.flow_matching_loss(transformer, batch, noise, torch.full((1,), 0.5, device=device),
+                                            dtype=torch.float32)  # fmt: skip
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        onloads.append(list(offloader.onloads) if offloader else [])
+    return losses, onloads
+
+
+@pytest.mark.parametrize("checkpoint", ["diffusers", "per-block"])
+def test_offloaded_blocks_stream_in_schedule_order_and_the_losses_do_not_change(checkpoint):
+    plain, _ = _train(*_model(checkpoint)[:2])
+    transformer, params, offloader = _model(checkpoint, offloaded=[0, 1])
+    seen = []  # which offloaded blocks are resident while block 2 (kept on the device) runs forward
+    transformer.transformer_blocks[2].register_forward_pre_hook(lambda m, a: seen.append(sorted(offloader.resident)))
+    losses, onloads = _train(transformer, params, offloader)
+
+    assert losses == plain  # the same maths, bit for bit
+    hooked = {n.split(".")[1] for n, m in transformer.named_modules()
+              if _GROUP_OFFLOADING in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})}  # fmt: skip
+    assert hooked == {"0", "1"}  # diffusers' hooks on the children of exactly the two offloaded blocks
+    # Forward: 0 then 1 (kept: backward starts with it); the recompute in backward: 0 again. Each step the same.
+    assert onloads == [[0, 1, 0]] * STEPS
+    assert seen[0] == [1]  # block 0 went back after its forward; 1 waits for backward
+    assert offloader.bytes_moved == STEPS * 3 * offloader.block_bytes[0] > 0
+    assert offloader.block_bytes[0] == sum(p.numel() * p.element_size() for p in
+                                           transformer.transformer_blocks[0].parameters() if not p.requires_grad)
+    assert _get_group_onload_device(transformer) == torch.device("cpu")  # diffusers sees a group-offloaded model
+
+
+def test_recompute_in_backward_goes_through_the_hooks():
+    """With three offloaded blocks the backward recompute onloads 1 then 0 (2 stays from forward): the hooks sit
+    inside the checkpointed forward, and backward prefetches in reverse."""
+    transformer, params, offloader = _model("per-block", offloaded=[0, 1, 2])
+    _, onloads = _train(transformer, params, offloader)
+    assert onloads[-1] == [0, 1, 2, 1, 0]
+
+
+def test_planner_counts_offloaded_blocks_without_tracing_again():
+    inputs = memory.PlanInputs(SMALL, memory.StepShape(128, 128, 1, 16), LoRAConfig(rank=4), checkpoint="all")
+    base = memory.plan_memory(inputs)
+    for k in (1, 3, 4):
+        plan = memory.with_settings(base, offload_blocks=k)
+        in_flight = min(k, offload.IN_FLIGHT_BLOCKS) * base.block_weights
+        assert plan.frozen_weights == base.frozen_weights - k * base.block_weights
+        assert plan.peak == base.peak - k * base.block_weights + in_flight
+        assert plan.host_bytes_per_step == (2 * k - 1) * base.block_weights
+        assert plan.activations == base.activations
+    assert memory.plan_memory(memory.PlanInputs(**{**vars(inputs), "offload_blocks": 3})).peak == \
+        memory.with_settings(base, offload_blocks=3).peak
+    partial = memory.plan_memory(memory.PlanInputs(**{**vars(inputs), "checkpoint": [0]}))
+    with pytest.raises(ValueError, match="checkpointed"):
+        memory.with_settings(partial, offload_blocks=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_offloaded_weights_rest_pinned_in_cpu_memory_and_visit_the_gpu():
+    device = torch.device("cuda")
+    plain_model, plain_params, _ = _model("per-block", device="cuda")
+    plain, _ = _train(plain_model, plain_params, device="cuda")
+    del plain_model, plain_params
+    torch.cuda.empty_cache()
+    transformer, params, offloader = _model("per-block", offloaded=[0, 1], device="cuda")
+    frozen = [p for p in transformer.transformer_blocks[0].parameters() if not p.requires_grad]
+    lora = [p for p in transformer.transformer_blocks[0].parameters() if p.requires_grad]
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in frozen)
+    assert all(p.device == device or p.device.type == "cuda" for p in lora)
+    during = []
+    transformer.transformer_blocks[0].attn.register_forward_hook(lambda m, a, o: during.append(frozen[0].device.type))
+    losses, onloads = _train(transformer, params, offloader, device="cuda")
+    assert during and set(during) == {"cuda"}  # on the GPU while it runs, forward and recompute alike
+    assert offloader.resident == {0} and frozen[0].device.type == "cuda"  # the last backward ended on block 0
+    assert all(p.device.type == "cpu" for p in transformer.transformer_blocks[1].parameters() if not p.requires_grad)
+    assert onloads[-1] == [0, 1, 0]
+    for a, b in zip(losses, plain, strict=True):
+        assert abs(a - b) <= 1e-4 * abs(b)
