@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from transformers import AutoTokenizer
 
 from qwen_image_lora.config import Config
 from qwen_image_lora.data import similarity as sim
@@ -239,7 +240,6 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
 
 def load_tokenizer(cfg: Config):
     """The model's own tokenizer (processor/ subfolder), without any weights; None when it cannot be loaded."""
-    from transformers import AutoTokenizer
 
     try:
         check_pretrained(cfg.model.pretrained, cfg.model.revision)  # seconds, not a minute of hub retries

@@ -5,6 +5,7 @@ misaligned edit pairs and edit pairs whose direction is the reverse of the rest.
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -138,22 +139,31 @@ def check_swapped_direction(deltas: list[tuple[str, np.ndarray]], add: Add, min_
             add("warning", "swapped", item_id, f"this pair changes in the opposite direction to the other {len(deltas) - 1} (cosine {c:.2f}): source and target swapped?")
 
 
+def _age(image: dict) -> tuple:
+    path = Path(image["path"])
+    return (path.stat().st_mtime_ns if path.exists() else 0, path.name, image["id"])
+
+
 def check_duplicates(images: list[dict], add: Add) -> None:
     """`images`: one dict per clean item, in data order: id, path, content (the sha256s of the item's target and
     sources), captions, and `looks`: (phash, colour histogram) of the target then of each source. An exact copy
-    of an earlier item is excluded (trained once). A near copy, one whose every image has a close pHash and
+    of an item is excluded (trained once), the earliest file being the one kept. A near copy, one whose every image has a close pHash and
     close colours, is a warning: for an edit the pair is the example, so one target reached from two different
     sources is no duplicate. LSH on 8 bands of 8 bits of the target's pHash: any two hashes within 7 bits
     share at least one band, so only candidates are compared."""
-    first: dict[tuple, dict] = {}
-    kept: list[dict] = []
+    groups: dict[tuple, list[dict]] = defaultdict(list)
     for im in images:
-        original = first.setdefault(im["content"], im)
+        groups[im["content"]].append(im)
+    # Of exact copies the earliest file stays (modification time, then name), whatever order the source lists them in.
+    originals = {content: min(group, key=_age) for content, group in groups.items()}
+    kept = [im for im in images if originals[im["content"]] is im]
+    for im in images:
+        original = originals[im["content"]]
         if original is im:
-            kept.append(im)
             continue
         merge = "" if im["captions"] == original["captions"] else "; the captions differ: merge them into one item to keep both"
-        add("error", "duplicate", im["id"], f"same image as {original['id']}: trained once, this copy is left out{merge}", im["path"])
+        add("error", "duplicate", im["id"], f"same image as {original['id']}, which is kept (the earlier file): trained "
+            f"once, this copy is left out{merge}", im["path"])
     bands: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, im in enumerate(kept):
         for band in range(8):

@@ -26,9 +26,9 @@ from qwen_image_lora.config import DataConfig
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_image
 from qwen_image_lora.io import atomic_write_bytes, iter_jsonl
+from qwen_image_lora.knobs import SettingError, check_image_count
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
-MAX_REFERENCE_IMAGES = 10
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,14 @@ class Item:
 
 class DataError(InputError):
     """Bad input data, naming the file (and line) and what to do."""
+
+
+def _check_sources(count: int, where: str) -> None:
+    """An edit row's references, by the one rule every edge uses (`knobs.check_image_count`)."""
+    try:
+        check_image_count(count, least=1, field="sources")
+    except SettingError as e:
+        raise DataError(f"{where}: {e}", "sources") from None
 
 
 def load_items(cfg: DataConfig) -> list[Item]:
@@ -149,8 +157,7 @@ def _row_to_item(row: dict, base: Path, where: str, item_id: str) -> Item:
         if missing:
             raise DataError(f"{where}: edit rows need target, instruction and sources; missing {', '.join(missing)}")
         sources = row["sources"] if isinstance(row["sources"], list) else [row["sources"]]
-        if not 1 <= len(sources) <= MAX_REFERENCE_IMAGES:
-            raise DataError(f"{where}: 'sources' must list 1 to {MAX_REFERENCE_IMAGES} images (got {len(sources)})")
+        _check_sources(len(sources), where)
         return Item(
             id=item_id,
             target=(base / row["target"]).resolve(),
@@ -217,8 +224,7 @@ def _load_hf(path: Path, cfg: DataConfig) -> list[Item]:
         if edit:
             sources = row[cols["sources"]]
             sources = sources if isinstance(sources, list) else [sources]
-            if not 1 <= len(sources) <= MAX_REFERENCE_IMAGES:
-                raise DataError(f"{where}: 'sources' must hold 1 to {MAX_REFERENCE_IMAGES} images (got {len(sources)})")
+            _check_sources(len(sources), where)
             items.append(
                 Item(
                     id=item_id,

@@ -86,12 +86,12 @@ class AdapterRecord:
     name: str
     weight: float
     sha256: str  # of the weights file
-    source: str | None = None  # a path relative to the image's folder, or a hub id; None from the API (server files)
+    path: str | None = None  # relative to the image's folder, or a hub id; None from the API (the server's files)
 
 
 @dataclass
 class ModelRecord:
-    pretrained: str
+    pretrained: str  # a hub id, or a folder relative to the image's (as configured, from the API)
     revision: str | None = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the transformer's, as it ran
 
@@ -131,6 +131,11 @@ def file_record(path: str | Path, folder: str | Path | None = None) -> InputReco
 def bytes_record(data: bytes) -> InputRecord:
     """An input known only by its bytes (a request's base64 or URL): its sha256."""
     return InputRecord(hashlib.sha256(data).hexdigest())
+
+
+def _named(source: str, folder: str | Path | None) -> str:
+    """A model or adapter source: a local path relative to `folder`, a hub id as it is."""
+    return _relative(source, folder) if Path(source).expanduser().exists() else source
 
 
 def _relative(path: str | Path, folder: str | Path | None) -> str:
@@ -255,15 +260,14 @@ class Generator:
         loras = []
         for name, weight in weights.items():
             adapter = self.adapters.loaded[name]
-            local = Path(adapter.given).expanduser().exists()
-            source = None if folder is None else _relative(adapter.given, folder) if local else adapter.given
-            loras.append(AdapterRecord(name, weight, adapter.sha256, source))
+            path = None if folder is None else _named(adapter.given, folder)
+            loras.append(AdapterRecord(name, weight, adapter.sha256, path))
         dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
-        made = ImageSettings(**sampling, prompt=request.prompt, resolution=self.resolution, loras=loras,
-                             model=ModelRecord(self.model.pretrained, self.model.revision, dtype),
+        model = ModelRecord(_named(self.model.pretrained, folder), self.model.revision, dtype)
+        made = ImageSettings(**sampling, prompt=request.prompt, model=model, resolution=self.resolution, loras=loras,
                              images=list(inputs) if request.images else [],
                              mask=mask if request.mask is not None else None, mask_feather=request.mask_feather)  # fmt: skip
-        return dataclasses.asdict(made)
+        return {"prompt": request.prompt} | dataclasses.asdict(made)  # the prompt first, for a person reading it
 
     def layers(self, request: GenerationRequest, mask: Image.Image | str, background_prompt: str | None = None,
                elements: list[layer_output.Element] | None = None) -> layer_output.Layers:

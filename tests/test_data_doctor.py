@@ -1,6 +1,7 @@
 """data doctor: every kind of broken input is reported by name; nothing crashes; user files are untouched."""
 
 import io
+import os
 import json
 
 import numpy as np
@@ -37,7 +38,9 @@ def make_bad_folder(root):
     rgba = _photo(128, 128, seed=13).convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize((128, 128)))
     rgba.save(root / "rgba.png")
-    good[0].save(root / "copy_of_good0.png")  # exact duplicate
+    good[0].save(root / "copy_of_good0.png")  # exact duplicate, made later but listed first by name
+    os.utime(root / "copy_of_good0.png", ns=(2 * 10**18, 2 * 10**18))
+    os.utime(root / "good0.png", ns=(10**18, 10**18))
     _photo(128, 128, seed=14).save(root / "uncaptioned.png")
     (root / "blank.txt").write_text("\n  \n")
     _photo(128, 128, seed=15).save(root / "blank.png")
@@ -121,13 +124,15 @@ def test_every_problem_in_a_folder_is_named(bad_folder, tiny_model_dir, tmp_path
     codes = _codes(report)
     for name, code in expected.items():
         assert code in codes.get(name, set()), (name, code, codes.get(name))
-    for ok in ("copy_of_good0.png", "good1.png", "huge.jpg", "rgba.png", "renamed.jpg"):
+    for ok in ("good0.png", "good1.png", "huge.jpg", "rgba.png", "renamed.jpg"):
         assert ok not in report.excluded, (ok, report.excluded.get(ok))
-    assert {"empty.jpg", "truncated.jpg", "tiny.png", "banner.png", "uncaptioned.png", "long.png", "good0.png"} <= set(report.excluded)
-    # an exact duplicate trains once: the later copy in data order is excluded, naming the one that is kept
+    assert {"empty.jpg", "truncated.jpg", "tiny.png", "banner.png", "uncaptioned.png", "long.png",
+            "copy_of_good0.png"} <= set(report.excluded)
+    # an exact duplicate trains once: the later file (by modification time) is excluded, naming the one kept
     dup = [f for f in report.findings if f.code == "duplicate"]
-    assert len(dup) == 1 and dup[0].item == "good0.png" and "same image as copy_of_good0.png" in dup[0].message
-    assert report.excluded["good0.png"] == ["duplicate"]
+    assert len(dup) == 1 and dup[0].item == "copy_of_good0.png"
+    assert "same image as good0.png, which is kept (the earlier file)" in dup[0].message
+    assert report.excluded["copy_of_good0.png"] == ["duplicate"]
     # a caption file that exists but is blank is named as such, not "add one"
     blank = next(f for f in report.findings if f.item == "blank.png" and f.code == "missing-caption")
     assert "blank.txt holds only blank lines" in blank.message and "add a" not in blank.message

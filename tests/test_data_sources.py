@@ -1,10 +1,14 @@
 """Inputs beyond folders and JSONL: CSV manifests, Hugging Face datasets, EXIF orientation, alpha."""
 
+import json
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from qwen_image_lora.config import load_config
-from qwen_image_lora.data.sources import load_items, open_image
+from qwen_image_lora.data.sources import DataError, load_items, open_image
+from qwen_image_lora.knobs import MAX_INPUT_IMAGES
 
 
 def test_csv_manifest_with_several_captions_and_edit_rows(tmp_path):
@@ -61,3 +65,18 @@ def test_high_bit_depth_images_are_scaled_to_8_bits_not_clipped_white(tmp_path):
         got = np.asarray(open_image(tmp_path / name))
         assert got.shape == (*grey.shape, 3), name
         assert np.abs(got[..., 0].astype(int) - grey).max() <= 1, name  # was 255 everywhere but black
+
+
+def test_an_edit_row_takes_1_to_10_references_by_the_one_rule(tmp_path):
+
+
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    for count in (0, MAX_INPUT_IMAGES + 1):
+        row = {"target": "a.png", "instruction": "x", "sources": ["a.png"] * count}
+        (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=rf"m.jsonl:1: sources: give 1 to 10 input images \(got {count}\)"):
+            load_items(load_config(None, [f"data.path={tmp_path / 'm.jsonl'}"]).data)
+    row["sources"] = ["a.png"] * MAX_INPUT_IMAGES
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+    assert len(load_items(load_config(None, [f"data.path={tmp_path / 'm.jsonl'}"]).data)[0].sources) == 10

@@ -193,7 +193,8 @@ def test_fit_reaches_for_checkpointing_then_offload_then_8bit_optimizer_then_qua
     all_out = memory.with_settings(every, offload_blocks=n)
     steps = [
         (none, [], 0, "adamw", "none"),
-        (every.peak + 1, [0, 1, 2], 0, "adamw", "none"),  # the last block is never worth checkpointing alone
+        (plan(dataclasses.replace(inputs, checkpoint=[0, 1, 2])).peak, [0, 1, 2], 0, "adamw", "none"),
+        (every.peak, list(range(n)), 0, "adamw", "none"),  # all n: only when n - 1 is not enough
         (every.peak - 1, list(range(n)), 1, "adamw", "none"),
         (all_out.peak - 1, list(range(n)), n, "adamw8bit", "none"),
         (memory.with_settings(all_out, optimizer="adamw8bit").peak - 1, None, None, "adamw8bit", "int8"),
