@@ -25,7 +25,8 @@ from qwen_image_lora.config import Config, EditExample, to_dict
 from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.eval import metrics as M
-from qwen_image_lora.eval.report import BASE, CheckpointScore, Sample, log_to_wandb, summarise, verdicts, write_report
+from qwen_image_lora.eval.report import log_to_wandb, write_report
+from qwen_image_lora.eval.summary import BASE, CheckpointScore, Sample, summarise, verdicts
 from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.adapters import adapter_name_for
 from qwen_image_lora.inference.generator import GenerationRequest, Generator

@@ -2,10 +2,8 @@
 number, both written atomically so a reader never sees half a report.
 
 The input is a list of `Sample`s: one prompt (or edit) at one seed, rendered by the base model and by each
-adapter with the same seed, with per-variant metric values. Summaries are means with Student-t 95% intervals;
-adapter deltas use the paired interval, since every adapter image has a base image at the same prompt and seed.
-Every output (HTML, JSON, the CLI summary, W&B) opens with `verdicts`: per adapter, each metric better, worse or
-not clearly different from base by that interval, and what was not measured and why.
+adapter with the same seed, with per-variant metric values; `summary.py` turns them into intervals and verdicts,
+which every output (HTML, JSON, the CLI summary, W&B) opens with.
 """
 
 from __future__ import annotations
@@ -16,131 +14,26 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFilter
 
-from qwen_image_lora.eval.metrics import Interval, mean_ci, paired_difference_ci
+from qwen_image_lora.eval.summary import (
+    BASE,
+    BETTER,
+    METRICS,
+    MIN_PAIRS,
+    WORSE,
+    CheckpointScore,
+    Sample,
+    compare,
+    fmt,
+    summarise,
+    verdicts,
+)
 from qwen_image_lora.io import atomic_write_text
 
-BASE = "base"
-
-
-@dataclass(frozen=True)
-class MetricInfo:
-    label: str
-    higher_is_better: bool
-    unit: str = ""
-    short: str = ""  # its name in the verdict line
-
-
-# Every metric the evaluator may emit, in display order. A metric with no finite value is left out.
-METRICS: dict[str, MetricInfo] = {
-    "clip_score": MetricInfo("CLIPScore", True, short="CLIPScore"),
-    "reference_similarity": MetricInfo("Reference similarity", True, short="reference similarity"),
-    "palette_delta_e": MetricInfo("Palette distance (CIEDE2000)", False, "ΔE", short="palette distance"),
-    "text_cer": MetricInfo("Text CER", False, short="text CER"),
-    "text_word_accuracy": MetricInfo("Text word accuracy", True, short="text word accuracy"),
-    "ssim": MetricInfo("Preservation SSIM", True, short="edit preservation SSIM"),
-    "psnr": MetricInfo("Preservation PSNR", True, "dB", short="edit preservation PSNR"),
-    "shift_px": MetricInfo("Edit shift", False, "px", short="edit shift"),
-    "scale_error": MetricInfo("Edit zoom |scale - 1|", False, short="edit zoom"),
-}
-BETTER, WORSE, UNCLEAR, TOO_FEW = "better", "worse", "no clear difference", "too few samples"
-# Paired samples a metric needs before a verdict says better or worse: below it even a valid interval is too wide
-# to mean much, and one or two lucky seeds decide.
-MIN_PAIRS = 6
-
-
-@dataclass
-class Sample:
-    """One prompt at one seed. `images` and `metrics` are keyed by variant: "base", then adapter names."""
-
-    kind: str  # "t2i" or "edit"
-    prompt: str
-    seed: int
-    images: dict[str, Image.Image]
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    source: Image.Image | None = None  # the edit's input image (the last reference)
-    mask: Image.Image | None = None  # the edit's region mask (white = may change), outlined over the pair
-
-
-@dataclass
-class CheckpointScore:
-    name: str
-    step: int
-    loss: float
-
-
-# ----------------------------------------------------------------------------------------- numbers
-
-
-def summarise(samples: list[Sample], variants: list[str]) -> dict:
-    """Per metric: each variant's mean and CI, and each adapter's paired delta vs base.
-
-    Returns {metric: {"variants": {variant: Interval-dict}, "delta": {adapter: Interval-dict}}}.
-    """
-    out = {}
-    for name in METRICS:
-        series = {v: [s.metrics.get(v, {}).get(name, math.nan) for s in samples] for v in variants}
-        if not any(math.isfinite(x) for xs in series.values() for x in xs):
-            continue
-        entry = {"variants": {v: _interval(mean_ci(xs)) for v, xs in series.items()}, "delta": {}}
-        if BASE in series:
-            for v in variants:
-                if v != BASE:
-                    entry["delta"][v] = _interval(paired_difference_ci(series[v], series[BASE]))
-        out[name] = entry
-    return out
-
-
-def compare(metric: str, delta: dict) -> str:
-    """BETTER or WORSE than base when the paired interval of (adapter - base) excludes zero, UNCLEAR when it does
-    not, TOO_FEW below MIN_PAIRS pairs."""
-    low, high = delta["low"], delta["high"]
-    if delta["n"] < MIN_PAIRS:
-        return TOO_FEW
-    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 <= high:
-        return UNCLEAR
-    return BETTER if (delta["mean"] > 0) == METRICS[metric].higher_is_better else WORSE
-
-
-def verdicts(summary: dict, not_measured: dict[str, str] | None = None) -> dict[str, dict]:
-    """One verdict per adapter against base, from `summarise`'s paired deltas: the line every output opens with
-    (report, JSON, CLI, W&B) and its parts. `not_measured`: what was not scored -> why (e.g. no quoted text).
-
-        brand: better palette distance (ΔE -3.1, CI -4..-2.2); no clear difference in edit shift; not measured: ...
-    """
-    adapters = list(dict.fromkeys(a for entry in summary.values() for a in entry["delta"]))
-    out = {}
-    for adapter in adapters:
-        metrics = {m: {"verdict": compare(m, e["delta"][adapter]), **e["delta"][adapter]}
-                   for m, e in summary.items() if adapter in e["delta"]}
-        parts = []
-        for word in (BETTER, WORSE):
-            for m, d in metrics.items():
-                if d["verdict"] == word:
-                    info = METRICS[m]
-                    unit = f"{info.unit} " if info.unit else ""
-                    sign = "+" if d["mean"] > 0 else ""
-                    parts.append(f"{word} {info.short} ({unit}{sign}{_fmt(d['mean'])}, "
-                                 f"CI {_fmt(d['low'])}..{_fmt(d['high'])})")
-        unclear = [METRICS[m].short for m, d in metrics.items() if d["verdict"] == UNCLEAR]
-        if unclear:
-            parts.append(f"{UNCLEAR} in {', '.join(unclear)}")
-        too_few = [f"{METRICS[m].short} (n={d['n']})" for m, d in metrics.items() if d["verdict"] == TOO_FEW]
-        if too_few:
-            parts.append(f"{TOO_FEW} for {', '.join(too_few)}: a verdict needs {MIN_PAIRS} pairs; add eval.seeds")
-        if not_measured:
-            parts.append("not measured: " + ", ".join(f"{what} ({why})" for what, why in not_measured.items()))
-        out[adapter] = {"line": f"{adapter}: " + ("; ".join(parts) or "nothing measured"), "metrics": metrics,
-                        "not_measured": dict(not_measured or {})}
-    return out
-
-
-def _interval(ci: Interval) -> dict:
-    return {"mean": ci.mean, "low": ci.low, "high": ci.high, "n": ci.n}
+# ----------------------------------------------------------------------------------------- writing
 
 
 def _finite_or_none(value):
@@ -153,8 +46,6 @@ def _finite_or_none(value):
         return [_finite_or_none(v) for v in value]
     return value
 
-
-# ----------------------------------------------------------------------------------------- writing
 
 
 def write_report(
@@ -218,12 +109,9 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}.better{color:#0a7d2c}.worse{col
 """
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
-
 
 def _ci_text(entry: dict) -> str:
-    return f"{_fmt(entry['mean'])} <small>[{_fmt(entry['low'])}, {_fmt(entry['high'])}]</small>"
+    return f"{fmt(entry['mean'])} <small>[{fmt(entry['low'])}, {fmt(entry['high'])}]</small>"
 
 
 def _render_html(title, variants, samples, summary, verdict, notes, checkpoints, best) -> str:
@@ -284,7 +172,7 @@ def _grid(variants, samples) -> str:
             cells += f"<td>{_img_tag(_outlined(s.source, s.mask))}</td>" if s.source is not None else "<td></td>"
         for v in variants:
             values = s.metrics.get(v, {})
-            cap = "<br>".join(f"{html.escape(METRICS[k].label)}: {_fmt(values[k])}"
+            cap = "<br>".join(f"{html.escape(METRICS[k].label)}: {fmt(values[k])}"
                               for k in METRICS if math.isfinite(values.get(k, math.nan)))
             image = _outlined(s.images[v], s.mask) if v in s.images else None
             cells += f"<td>{_img_tag(image) if image is not None else ''}<div class='cap'>{cap}</div></td>"

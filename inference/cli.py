@@ -241,8 +241,7 @@ def _apply_from(args) -> None:
     overridden = {o.split("=", 1)[0] for o in args.overrides}
     if made.model is not None:
         if "model.pretrained" not in overridden:
-            local = image.parent / made.model.pretrained  # a folder is recorded relative to the image, a hub id as is
-            args.model = args.model or (str(local) if local.exists() else made.model.pretrained)
+            args.model = args.model or made.model.pretrained
         if "model.dtype" not in overridden:
             args.dtype = args.dtype or made.model.dtype
         if made.model.revision is not None:
@@ -280,14 +279,14 @@ def _recorded_file(image: Path, record, option: str, what: str) -> str:
 def _recorded_adapter(image: Path, record) -> str:
     """A recorded adapter (a path relative to the image, or a hub id), if its weights file still has the recorded
     sha256."""
-    from qwen_image_lora.adapter_format import resolve_file
+    from qwen_image_lora.adapter_format import is_hub_id, resolve_file
     from qwen_image_lora.inference.adapters import file_sha256
 
     head = f"--from {image}: adapter {record.name!r}"
     if record.path is None:
         raise InputError(f"{head} is a server's (recorded by sha256 alone); give --lora PATH:{record.weight!r}", "--lora")
     local = image.parent / record.path
-    source = str(local) if local.exists() else record.path
+    source = record.path if is_hub_id(record.path) and not local.exists() else str(local)
     try:
         file = resolve_file(source)
     except InputError as e:

@@ -91,7 +91,7 @@ class AdapterRecord:
 
 @dataclass
 class ModelRecord:
-    pretrained: str  # a hub id, or a folder relative to the image's (as configured, from the API)
+    pretrained: str  # a hub id or an absolute folder: a model stays put while images travel
     revision: str | None = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the transformer's, as it ran
 
@@ -134,7 +134,7 @@ def bytes_record(data: bytes) -> InputRecord:
 
 
 def _named(source: str, folder: str | Path | None) -> str:
-    """A model or adapter source: a local path relative to `folder`, a hub id as it is."""
+    """An adapter's source: a local path relative to `folder`, a hub id as it is."""
     return _relative(source, folder) if Path(source).expanduser().exists() else source
 
 
@@ -263,7 +263,9 @@ class Generator:
             path = None if folder is None else _named(adapter.given, folder)
             loras.append(AdapterRecord(name, weight, adapter.sha256, path))
         dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
-        model = ModelRecord(_named(self.model.pretrained, folder), self.model.revision, dtype)
+        local = Path(self.model.pretrained).expanduser().exists()
+        pretrained = os.path.abspath(Path(self.model.pretrained).expanduser()) if local else self.model.pretrained
+        model = ModelRecord(pretrained, self.model.revision, dtype)
         made = ImageSettings(**sampling, prompt=request.prompt, model=model, resolution=self.resolution, loras=loras,
                              images=list(inputs) if request.images else [],
                              mask=mask if request.mask is not None else None, mask_feather=request.mask_feather)  # fmt: skip

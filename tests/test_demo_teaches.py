@@ -10,7 +10,7 @@ import pytest
 
 from qwen_image_lora.config import load_config
 from qwen_image_lora.eval.evaluator import evaluate
-from qwen_image_lora.eval.report import BETTER
+from qwen_image_lora.eval.summary import BETTER
 from qwen_image_lora.train.lora import LoRARecipe
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_image_lora.eval.report import CheckpointScore, Sample, summarise, verdicts, write_report
+from qwen_image_lora.eval.report import write_report
+from qwen_image_lora.eval.summary import CheckpointScore, Sample, summarise, verdicts
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -20,7 +20,7 @@ import torch
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import LoRAConfig
-from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace
+from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace, offload
 
 # A CPU-sized Qwen-Image-2.1 transformer: hidden 256 (8 heads x 32), 4 single-stream blocks.
 SMALL = dict(
@@ -174,8 +174,8 @@ def test_plan_command_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
 
 def test_fit_reaches_for_checkpointing_then_offload_then_8bit_optimizer_then_quantization():
     """Budgets cut between the plans of each rung; the recipe is the first rung that fits, with the least of each
-    knob inside it."""
-    inputs = small_inputs(side=128)
+    knob inside it. Six blocks: offloading k <= IN_FLIGHT_BLOCKS (3) saves nothing, so the first useful k is 4."""
+    inputs = dataclasses.replace(small_inputs(side=128), transformer_config={**SMALL, "num_layers": 6})
     traced = {}
 
     def plan(i):  # each layout traced once across the budgets below
@@ -193,9 +193,9 @@ def test_fit_reaches_for_checkpointing_then_offload_then_8bit_optimizer_then_qua
     all_out = memory.with_settings(every, offload_blocks=n)
     steps = [
         (none, [], 0, "adamw", "none"),
-        (plan(dataclasses.replace(inputs, checkpoint=[0, 1, 2])).peak, [0, 1, 2], 0, "adamw", "none"),
+        (plan(dataclasses.replace(inputs, checkpoint=list(range(n - 1)))).peak, list(range(n - 1)), 0, "adamw", "none"),
         (every.peak, list(range(n)), 0, "adamw", "none"),  # all n: only when n - 1 is not enough
-        (every.peak - 1, list(range(n)), 1, "adamw", "none"),
+        (every.peak - 1, list(range(n)), offload.IN_FLIGHT_BLOCKS + 1, "adamw", "none"),
         (all_out.peak - 1, list(range(n)), n, "adamw8bit", "none"),
         (memory.with_settings(all_out, optimizer="adamw8bit").peak - 1, None, None, "adamw8bit", "int8"),
     ]

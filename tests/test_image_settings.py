@@ -1,0 +1,203 @@
+"""Every image says how it was made: the settings written into PNG, WebP and JPEG by generate, edit, batch and the
+API, read back, and `--from` re-creating an image pixel for pixel while its adapter and inputs keep their sha256."""
+
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, PngImagePlugin
+
+from qwen_image_lora.cli import main
+from qwen_image_lora.config import Config
+from qwen_image_lora.errors import InputError
+from qwen_image_lora.images import encode_image, read_settings
+from qwen_image_lora.inference.batch import read_jobs, run_batch
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.inference.server import create_app
+from qwen_image_lora.inference.testing import make_random_lora
+
+TINY = ["--dtype", "float32", "data.resolution=64"]
+KEY = "settings-key-0123456789"
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model_dir):
+    return Generator.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", resolution=64)
+
+
+def test_settings_survive_png_webp_and_jpeg_and_other_tools_metadata_is_not_taken_for_ours():
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (24, 32, 4), dtype=np.uint8), "RGBA")
+    settings = {"prompt": "ein Fläschchen, 瓶", "seed": 7, "loras": [{"name": "brand", "weight": 0.8}]}
+    for fmt in ("png", "webp", "jpeg"):
+        data = encode_image(image, fmt, 90, settings)
+        assert read_settings(data) == settings, fmt
+        assert data == encode_image(image, fmt, 90, settings)  # no timestamp: the same settings, the same bytes
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_image(image, "png", settings=settings)))), np.asarray(image))
+
+    assert read_settings(encode_image(image, "png")) is None
+    theirs = Image.Exif()  # a camera's or an editor's comment is not ours, even when it is JSON
+    theirs[0x0131] = "Adobe Photoshop"
+    theirs.get_ifd(0x8769)[0x9286] = b"ASCII\0\0\0" + json.dumps(settings).encode()
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", exif=theirs)
+    assert read_settings(buf.getvalue()) is None
+    damaged = PngImagePlugin.PngInfo()
+    damaged.add_itxt("qwen-image-lora", '{"seed": 7,,}')
+    buf = io.BytesIO()
+    image.save(buf, "PNG", pnginfo=damaged)
+    with pytest.raises(InputError, match="settings are damaged"):
+        read_settings(buf.getvalue())
+
+
+def test_the_settings_record_what_acted_not_what_was_left_out(tiny_pipe):
+    gen = Generator(tiny_pipe, resolution=64)
+    made = gen.describe(GenerationRequest(prompt="a", aspect_ratio="16:9", guidance_scale=4.0))
+    # no steps given: the pipeline's own; guidance without a negative prompt does nothing, so 1.0 acted
+    assert made["num_inference_steps"] == gen.default_steps and made["guidance_scale"] == 1.0
+    assert (made["width"], made["height"], made["aspect_ratio"]) == (96, 64, None)  # the preset, as sampled
+    assert made["model"] == {"pretrained": str(tiny_pipe.name_or_path), "revision": None, "dtype": "float32"}
+    made = gen.describe(GenerationRequest(prompt="a", negative_prompt="blur"))
+    assert made["guidance_scale"] == gen.default_guidance and (made["width"], made["height"]) == (64, 64)
+    # an edit's size follows its input: recorded as given (null), so the same input gives it back
+    edit = GenerationRequest(prompt="a", images=[Image.new("RGB", (80, 48))])
+    assert (gen.describe(edit)["width"], gen.describe(edit)["height"]) == (None, None)
+
+
+@pytest.fixture(scope="module")
+def made(tiny_model_dir, tmp_path_factory):
+    """One image in each format from the same settings, with an adapter at 0.8 and a negative prompt."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    root = tmp_path_factory.mktemp("made")
+    transformer = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
+    make_random_lora(transformer, root / "brand", seed=3)
+    common = ["generate", "--model", str(tiny_model_dir), *TINY, "--prompt", "a bottle, Fläschchen", "--negative-prompt",
+              "blurry", "--guidance-scale", "2.5", "--aspect-ratio", "16:9", "--steps", "2", "--seed", "3",
+              "--lora", f"{root / 'brand'}:0.8"]  # fmt: skip
+    for name in ("out.png", "out.webp", "out.jpg"):
+        assert main([*common, "--output", str(root / "images" / name)]) == 0
+    return root
+
+
+def test_generate_writes_its_settings_into_png_webp_and_jpeg_and_prints_the_seed(made, tiny_model_dir, capsys):
+    png, webp, jpg = (read_settings(made / "images" / n) for n in ("out.png", "out.webp", "out.jpg"))
+    assert png == webp == jpg
+    assert {k: png[k] for k in ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width",
+                                "height", "aspect_ratio", "resolution")} == {
+        "prompt": "a bottle, Fläschchen", "negative_prompt": "blurry", "seed": 3, "num_inference_steps": 2,
+        "guidance_scale": 2.5, "width": 96, "height": 64, "aspect_ratio": None, "resolution": 64}  # fmt: skip
+    assert png["model"] == {"pretrained": str(tiny_model_dir), "revision": None, "dtype": "float32"}
+    weights = made / "brand" / "pytorch_lora_weights.safetensors"
+    assert png["loras"] == [{"name": "brand", "weight": 0.8, "sha256": sha256(weights), "path": "../brand"}]
+    again = made / "again"
+    again.mkdir()
+    assert main(["generate", "--from", str(made / "images" / "out.webp"), "--output", str(again / "seed.png")]) == 0
+    assert capsys.readouterr().out.strip() == f"{again / 'seed.png'} (seed 3)"
+
+
+def test_generate_from_an_image_recreates_it_pixel_for_pixel_and_flags_override(made, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded adapter is found relative to the image
+    out = made / "images" / "out.png"
+    assert main(["generate", "--from", str(out), "--output", "again.png"]) == 0
+    assert np.array_equal(pixels("again.png"), pixels(out))
+    recorded = read_settings(out)
+    moved = os.path.relpath(made / "brand", tmp_path)  # relative to the new image's folder
+    assert read_settings("again.png") == {**recorded, "loras": [{**recorded["loras"][0], "path": moved}]}
+
+    # a JPEG's settings re-create the PNG too; a flag given here wins over the image's
+    assert main(["generate", "--from", str(made / "images" / "out.jpg"), "--seed", "4", "--output", "other.png"]) == 0
+    assert read_settings("other.png")["seed"] == 4 and not np.array_equal(pixels("other.png"), pixels(out))
+    assert {k: v for k, v in read_settings("other.png").items() if k not in ("seed", "loras")} == \
+        {k: v for k, v in recorded.items() if k not in ("seed", "loras")}  # fmt: skip
+
+
+def test_from_checks_the_adapter_hash_and_names_itself_when_an_image_has_no_settings(made, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    image = shutil.copy(made / "images" / "out.png", tmp_path / "images" / "out.png")
+    argv = ["generate", "--from", str(image), "--output", str(tmp_path / "again.png")]
+    assert main(argv) == 2  # no adapter at ../brand beside the copy
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --from {image}: adapter 'brand'") and "give --lora" in err
+
+    from diffusers import QwenImage21Transformer2DModel
+
+    transformer = QwenImage21Transformer2DModel.from_pretrained(read_settings(image)["model"]["pretrained"],
+                                                                subfolder="transformer")  # fmt: skip
+    make_random_lora(transformer, tmp_path / "brand", seed=4)  # retrained: same name, other weights
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has changed since the image was made" in err and "\n" not in err and not (tmp_path / "again.png").exists()
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "plain.png")
+    assert main(["generate", "--from", str(tmp_path / "plain.png"), "--output", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --from {tmp_path / 'plain.png'}: it carries no qwen-image-lora settings (--from takes an "
+                   "image written by generate, edit, batch or the API)")  # fmt: skip
+
+
+def test_edit_from_uses_the_recorded_inputs_while_they_keep_their_hash(tiny_model_dir, tmp_path, capsys):
+    src, mask = tmp_path / "src.png", tmp_path / "mask.png"
+    Image.fromarray(np.random.RandomState(1).randint(0, 255, (48, 80, 3), dtype=np.uint8)).save(src)
+    ones = np.zeros((48, 80), np.uint8)
+    ones[:, 40:] = 255
+    Image.fromarray(ones).save(mask)
+    (tmp_path / "out").mkdir()
+    edited = tmp_path / "out" / "edited.png"
+    assert main(["edit", "--model", str(tiny_model_dir), *TINY, "--image", str(src), "--mask", str(mask),
+                 "--mask-feather", "3", "--prompt", "on marble", "--steps", "2", "--output", str(edited)]) == 0  # fmt: skip
+    recorded = read_settings(edited)
+    assert recorded["images"] == [{"sha256": sha256(src), "path": "../src.png"}]
+    assert recorded["mask"] == {"sha256": sha256(mask), "path": "../mask.png"} and recorded["mask_feather"] == 3
+    assert main(["edit", "--from", str(edited), "--output", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(edited))
+
+    capsys.readouterr()
+    assert main(["generate", "--from", str(edited), "--output", str(tmp_path / "x.png")]) == 2
+    assert f"re-create it with `qwen-lora edit --from {edited}`" in capsys.readouterr().err
+    Image.new("RGB", (80, 48), "red").save(src)  # the input changed since
+    assert main(["edit", "--from", str(edited), "--output", str(tmp_path / "x.png")]) == 2
+    assert "input image 1" in (err := capsys.readouterr().err) and "has changed" in err and "give --image" in err
+
+
+def test_batch_outputs_and_an_api_response_carry_the_same_settings_block(gen, tiny_model_dir, tmp_path):
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.RandomState(2).randint(0, 255, (48, 80, 3), dtype=np.uint8)).save(src)
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"id": "t2i", "prompt": "a mug", "seed": 5, "num_inference_steps": 1, "aspect_ratio": "16:9"},
+             {"id": "edit", "prompt": "on marble", "seed": 5, "num_inference_steps": 1, "images": ["in.png"],
+              "output": "edit.webp"}]  # fmt: skip
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = run_batch(gen, read_jobs(jobs), tmp_path / "out", progress=False)
+    assert result.written == ["t2i", "edit"]
+    batch_t2i, batch_edit = read_settings(tmp_path / "out" / "t2i.png"), read_settings(tmp_path / "out" / "edit.webp")
+    assert batch_edit["images"] == [{"sha256": sha256(src), "path": "../in.png"}]
+
+    cfg = Config()
+    cfg.model.pretrained, cfg.data.resolution, cfg.serve.max_steps = str(tiny_model_dir), 64, 4
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as client:
+        r = client.post("/v1/images", json={k: v for k, v in lines[0].items() if k != "id"}, headers={"x-api-key": KEY})
+        assert r.status_code == 200, r.text
+        assert read_settings(r.content) == batch_t2i  # the same block, byte for byte in meaning
+        edit = {"prompt": "on marble", "seed": 5, "num_inference_steps": 1, "image": base64.b64encode(src.read_bytes()).decode(),
+                "output_format": "webp", "response_format": "b64_json"}  # fmt: skip
+        r = client.post("/v1/images", json=edit, headers={"x-api-key": KEY})
+        assert r.status_code == 200, r.text
+    served = r.json()["data"][0]
+    assert read_settings(base64.b64decode(served["b64_json"])) == served["settings"]
+    # the API knows the input only by its bytes: the same sha256, no path
+    assert served["settings"] == {**batch_edit, "images": [{"sha256": sha256(src), "path": None}]}
