@@ -38,8 +38,10 @@ from bench_trainer_overhead import (
     make_recipe,
     summarise,
 )
+
 from qwen_image_lora.data.cache import Cache
 from qwen_image_lora.data.prepare import prepare
+from qwen_image_lora.sample_data import make_sample_data
 
 
 class NoCache:
@@ -95,7 +97,6 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         data = args.data
         if data is None and args.edits:
-            from qwen_image_lora.sample_data import make_sample_data
 
             data = str(make_sample_data(tmp / "sample-data") / "edits" / "manifest.jsonl")
         cfg = make_config(args.model, data, tmp, args.overrides)

@@ -20,6 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from qwen_image_lora.tiny_model import make_tiny_model
+
 CHILD = r"""
 import json, os, resource, sys, time, tracemalloc
 import torch
@@ -58,8 +63,6 @@ print(json.dumps({"items": stats.items, "encoded": stats.latents_encoded + stats
 
 
 def make_images(folder: Path, n: int, side: int) -> None:
-    import numpy as np
-    from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -88,7 +91,6 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", BENCH_THREADS=str(args.threads or ""))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        from qwen_image_lora.tiny_model import make_tiny_model
 
         model = make_tiny_model(tmp / "tiny")
         rows = []

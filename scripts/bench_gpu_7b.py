@@ -69,11 +69,15 @@ if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `tra
 
 import example_speed  # scripts/, next to this file (the script directory is on sys.path)
 import reach_bench
-from qwen_image_lora.train import block_checkpointing, memory, memory_trace
-from qwen_image_lora.train.optim import build_optimizer
+from diffusers import QwenImage21Transformer2DModel
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import LoRAConfig, OptimConfig
+from qwen_image_lora.model import PromptEmbeds
+from qwen_image_lora.tiny_model import make_tiny_model
+from qwen_image_lora.train import block_checkpointing, memory, memory_trace
+from qwen_image_lora.train.adapter import add_lora
+from qwen_image_lora.train.optim import build_optimizer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -102,8 +106,6 @@ VARIANTS = {"eager": ("sdpa-segments", False), "blocks": ("sdpa-segments", "bloc
 def build(cfg: dict, lora: LoRAConfig, blocks=None, attention="sdpa-segments", compile=False):
     """The random-weight transformer with LoRA, then (as the trainer orders them) checkpointing of `blocks` when
     given and the speed switches through `model.configure_transformer`."""
-    from diffusers import QwenImage21Transformer2DModel
-    from qwen_image_lora.train.adapter import add_lora
 
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -125,7 +127,6 @@ def free_cuda() -> None:
 
 
 def to_cuda(batch):
-    from qwen_image_lora.model import PromptEmbeds
 
     batch.latents = batch.latents.cuda()
     batch.cond_latents = [c.cuda() for c in batch.cond_latents]
@@ -298,7 +299,6 @@ def example_vs_ours(args, cfg, script: Path) -> dict:
 
 def reach(args) -> int:
     """`--reach`: plan (`--plan-only`, CPU) or measure (GPU) the recipes for each `--budgets` size, t2i and edit."""
-    from qwen_image_lora.tiny_model import make_tiny_model
 
     cfg = qmodel.load_transformer_config(None)
     lora = LoRAConfig(rank=args.rank, targets=args.targets)

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import torch
 
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.inference.testing import make_random_lora
+from qwen_image_lora.tiny_model import make_tiny_model
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,15 +33,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     args = p.parse_args(argv)
 
-    from qwen_image_lora.inference.generator import GenerationRequest, Generator
-    from qwen_image_lora.inference.testing import make_random_lora
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     tmp = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     model = args.model
     if model is None:
-        from qwen_image_lora.tiny_model import make_tiny_model
 
         model = str(make_tiny_model(tmp / "tiny"))
     resolution = args.resolution or (1024 if args.model else 128)

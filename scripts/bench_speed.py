@@ -55,12 +55,12 @@ if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `tra
     qwen_image_lora.__path__.append(str(ROOT))
 
 import example_speed  # scripts/, next to this file (the script directory is on sys.path)
-from qwen_image_lora.train import memory, memory_trace
-from qwen_image_lora.train.adapter import add_lora
-from qwen_image_lora.train.optim import build_optimizer
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import LoRAConfig, OptimConfig
+from qwen_image_lora.train import memory, memory_trace
+from qwen_image_lora.train.adapter import add_lora
+from qwen_image_lora.train.optim import build_optimizer
 
 MEDIUM = {"in_channels": 16, "out_channels": 16, "num_layers": 4, "attention_head_dim": 64, "num_attention_heads": 4,
           "context_in_dim": 32, "mlp_ratio": 3, "axes_dims_rope": (8, 28, 28)}  # fmt: skip

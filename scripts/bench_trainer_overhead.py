@@ -41,22 +41,21 @@ import qwen_image_lora
 if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `train/` is `qwen_image_lora.train`
     qwen_image_lora.__path__.append(str(ROOT))
 
-from qwen_image_lora.train.lora import LoRARecipe
-from qwen_image_lora.train.optim import build_optimizer
-
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import load_config
+from qwen_image_lora.sample_data import make_sample_data
+from qwen_image_lora.tiny_model import make_tiny_model
+from qwen_image_lora.train.lora import LoRARecipe
+from qwen_image_lora.train.optim import build_optimizer
 
 
 def make_config(model: str | None, data: str | None, tmp: Path, overrides: list[str]):
     """configs/demo.yaml on the tiny model and the sample data (unless given), set up for timing: no validation,
     no checkpoints, a step limit that `RecipeLoop` moves."""
     if model is None:
-        from qwen_image_lora.tiny_model import make_tiny_model
 
         model = str(make_tiny_model(tmp / "tiny"))
     if data is None:
-        from qwen_image_lora.sample_data import make_sample_data
 
         data = str(make_sample_data(tmp / "sample-data") / "brand")
     return load_config(

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.sample_data import make_sample_data
+from qwen_image_lora.tiny_model import make_tiny_model
 
 PROMPT = "a photo of the qwnbrand bottle on a white background"
 # The example's own progress bar at its end: "Steps: 100%|...| 60/60 [00:07<00:00,  8.13it/s, loss=...]"
@@ -56,7 +58,6 @@ def model_folder(work: Path, transformer=None) -> Path:
     """The tiny checkpoint (tiny VAE, text encoder, tokenizer) with `transformer` in place of its own, whose
     in_channels / context_in_dim must be the tiny VAE's and text encoder's (16 and 32). Without `transformer`:
     the tiny checkpoint around a random 7B transformer (encoders of the matching widths)."""
-    from qwen_image_lora.tiny_model import make_tiny_model
 
     # The VAE of the real geometry, the only one the example accepts; its latents are cached before the timed
     # steps, so which VAE it is does not enter the timing.
@@ -69,7 +70,6 @@ def model_folder(work: Path, transformer=None) -> Path:
 
 def images_folder(work: Path) -> Path:
     """The sample data's brand PNGs alone (the example opens every file of --instance_data_dir as an image)."""
-    from qwen_image_lora.sample_data import make_sample_data
 
     images = work / "images"
     images.mkdir(exist_ok=True)

@@ -11,6 +11,14 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from qwen_image_lora.model import load_pipeline
+from qwen_image_lora.sample_data import make_sample_data
+from qwen_image_lora.tiny_model import make_tiny_model
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,14 +27,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from qwen_image_lora.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen-image-2.1")
 
 
 @pytest.fixture(scope="session")
 def sample_data_dir(tmp_path_factory):
-    from qwen_image_lora.sample_data import make_sample_data
 
     return make_sample_data(tmp_path_factory.mktemp("data") / "sample-data")
 
@@ -39,10 +45,6 @@ def make_adapter():
 
 
 def _make_adapter(model_dir: Path, out: Path, std: float, seed: int = 0) -> Path:
-    import torch
-    from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     transformer = QwenImage21Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -60,7 +62,6 @@ def _make_adapter(model_dir: Path, out: Path, std: float, seed: int = 0) -> Path
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_model_dir):
     """Loaded once; tests must not leave adapters or other state on it."""
-    from qwen_image_lora.model import load_pipeline
 
     return load_pipeline(tiny_model_dir, dtype="float32")
 

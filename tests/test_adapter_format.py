@@ -2,6 +2,7 @@
 the fused MLP factors, each module's scale as peft applies it, the layouts told apart and the files refused, and
 paths that are neither a local file nor a hub id. Finding the file: tests/test_adapter_sources.py."""
 
+import copy
 import dataclasses
 import os
 import re
@@ -10,6 +11,10 @@ import sys
 
 import pytest
 import torch
+from diffusers import QwenImage21Transformer2DModel
+from peft import LoraConfig, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qwen_image_lora import adapter_format
@@ -31,7 +36,6 @@ MLP = ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer",
 
 @pytest.fixture(scope="module")
 def transformer(tiny_model_dir):
-    from diffusers import QwenImage21Transformer2DModel
 
     return QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
 
@@ -163,8 +167,6 @@ def test_generate_with_a_mistyped_lora_path_fails_before_loading_the_model(tmp_p
 def peft_adapter(transformer, config: dict, seed: int = 0):
     """A random LoRA as peft builds it from `config` (LoraConfig kwargs): its state dict, and per module the delta
     peft adds to the weight (its own get_delta_weight, scale included) and its scale."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     transformer.add_adapter(LoraConfig(**config), adapter_name="p")
     try:
@@ -195,7 +197,6 @@ def test_dora_weights_pass_through_unconverted(transformer, tmp_path):
 def test_the_comfyui_file_carries_kohyas_rank_and_alpha_header_and_alphas(transformer, tmp_path):
     """Tools that read kohya-style files take the network's rank and alpha from the header; ComfyUI scales each
     module by its `.alpha` tensor / rank. Both must say the adapter's own scale (alpha / rank = 2 here)."""
-    from safetensors import safe_open
 
     make_random_lora(transformer, tmp_path / "src", rank=4, alpha=8.0, targets="all-linear")
     written = adapter_format.write_comfyui(tmp_path / "src", tmp_path / "out" / "lora.safetensors")
@@ -314,9 +315,7 @@ def test_the_shape_check_reports_every_misfit_three_in_full(transformer):
 
 
 def test_a_peft_folder_reads_with_its_adapter_config_and_loads_into_diffusers_as_peft_had_it(transformer, tmp_path):
-    import copy
 
-    from peft import LoraConfig, get_peft_model
 
     config = {"r": 2, "lora_alpha": 6.0, "target_modules": ["img_mlp.proj", "to_q"], "use_rslora": True}
     wrapped = get_peft_model(copy.deepcopy(transformer), LoraConfig(**config))

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from huggingface_hub import constants
 from safetensors.torch import save_file
 
 from qwen_image_lora.adapter_format import AdapterError, read_adapter, resolve_file
@@ -33,7 +34,6 @@ def test_a_folder_resolves_to_its_weights_file_or_lists_what_it_holds(tmp_path):
 def offline_hub(tmp_path, monkeypatch):
     """publish(repo, *files): the repo's files in an offline hub cache, where hf_hub_download finds them without the
     network; offline, a repo is listed from its cached snapshot."""
-    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # whatever the environment says: never the network
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -70,7 +70,6 @@ def test_a_hub_id_resolves_to_the_weights_file_the_only_file_or_the_one_named(of
 
 
 def test_offline_a_repo_to_list_is_an_error_naming_the_adapter(monkeypatch, tmp_path):
-    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)

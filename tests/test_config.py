@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from qwen_image_lora.cli import main
 from qwen_image_lora.config import ConfigError, load_config, save_config
+from qwen_image_lora.model import load_pipeline
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -135,7 +137,6 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_cli_validate_reports_field(capsys, tiny_model_dir, sample_data_dir):
-    from qwen_image_lora.cli import main
 
     assert main(["validate", "configs/demo.yaml", "train.max_stepz=3"]) == 2
     assert "train.max_steps" in capsys.readouterr().err
@@ -150,7 +151,6 @@ def test_cli_validate_reports_field(capsys, tiny_model_dir, sample_data_dir):
 
 @pytest.mark.parametrize("field", ["model.pretrained", "data.path"])
 def test_cli_validate_checks_that_paths_exist(field, tmp_path, capsys, tiny_model_dir, sample_data_dir):
-    from qwen_image_lora.cli import main
 
     found = {"model.pretrained": str(tiny_model_dir), "data.path": str(sample_data_dir / "brand")}
     found[field] = str(tmp_path / "nope")
@@ -162,7 +162,6 @@ def test_cli_validate_checks_that_paths_exist(field, tmp_path, capsys, tiny_mode
 
 
 def test_cli_validate_checks_that_the_data_source_parses(tmp_path, capsys, tiny_model_dir):
-    from qwen_image_lora.cli import main
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"image": "a.png", "caption": "x"}\n{"caption": "no image"}\n')
@@ -176,7 +175,6 @@ def test_cli_validate_checks_that_the_data_source_parses(tmp_path, capsys, tiny_
 
 
 def test_a_missing_local_model_fails_before_loading_naming_the_path(tmp_path, monkeypatch):
-    from qwen_image_lora.model import load_pipeline
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()  # "outputs/nope" looks like a hub id, but outputs/ is a local folder: a typo

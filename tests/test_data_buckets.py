@@ -6,7 +6,14 @@ import pytest
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.data.buckets import BucketBatchSampler, Transform, assign_bucket, histogram, plan_transform, stable_int
+from qwen_image_lora.data.buckets import (
+    BucketBatchSampler,
+    Transform,
+    assign_bucket,
+    histogram,
+    plan_transform,
+    stable_int,
+)
 
 
 def test_assign_bucket_is_the_pipelines_size_shrunk_to_the_upscale_limit():

@@ -3,6 +3,7 @@ aligned through bucket + crop, interrupted runs resume, two processes share one 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,9 @@ from PIL import Image
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import load_config
 from qwen_image_lora.data.cache import Cache, key_for_image, key_for_prompt, model_identity
+from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.data.prepare import prepare
+from qwen_image_lora.data.sources import open_image
 from qwen_image_lora.io import WriteError, describe_write_error
 from tests.test_data_doctor import make_bad_folder
 
@@ -83,7 +86,6 @@ def test_prepare_survives_bad_data_and_caches_clean_items(tmp_path, tiny_pipe, t
     # every caption line is embedded: the good items carry two captions each
     assert count_encodes["prompts"] == stats.prompts_encoded > clean
     # training reads the cache, with the doctor's exclusions, and never needs the encoders
-    from qwen_image_lora.data.dataset import build_training_data
 
     pipe_without_encoders = type("P", (), {"vae": None, "text_encoder": None})()
     data = build_training_data(cfg, pipe_without_encoders)
@@ -96,7 +98,6 @@ def test_prepare_survives_bad_data_and_caches_clean_items(tmp_path, tiny_pipe, t
 
 
 def test_changed_caption_reembeds_one_item_and_resume(tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir, count_encodes):
-    import shutil
 
     root = tmp_path / "brand"
     shutil.copytree(sample_data_dir / "brand", root)
@@ -129,7 +130,6 @@ def test_alpha_keep_caches_the_latents_of_the_files_own_alpha(tmp_path, tiny_pip
     (root / "logo.txt").write_text("a logo")
     cfg = _cfg(root, tiny_model_dir, tmp_path, "data.alpha=keep")
     prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
-    from qwen_image_lora.data.dataset import build_training_data
 
     data = build_training_data(cfg, type("P", (), {"vae": None, "text_encoder": None})())  # the cache alone
     cached = data.dataset.sample(0, "a logo")["latents"]
@@ -163,8 +163,6 @@ def test_edit_markers_keep_their_latent_position(tmp_path, tiny_pipe, tiny_model
     (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = _cfg(root / "m.jsonl", tiny_model_dir, tmp_path, "data.crop=random", "data.resolution=256")
     prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
-    from qwen_image_lora.data.dataset import build_training_data
-    from qwen_image_lora.data.sources import open_image
 
     data = build_training_data(cfg, tiny_pipe)
     for index, entry in enumerate(data.dataset.entries):
@@ -195,7 +193,6 @@ def test_two_processes_share_one_cache(tmp_path, tiny_model_dir, sample_data_dir
     ranks = {p.name.split("-r")[1][:3] for p in shards}
     assert ranks == {"000", "001"}
     c = load_config(str(cfg))
-    from qwen_image_lora.data.dataset import build_training_data
 
     data = build_training_data(c, type("P", (), {"vae": None, "text_encoder": None})())
     for i in range(len(data.dataset)):

@@ -9,7 +9,7 @@ from PIL import Image
 
 from qwen_image_lora.config import load_config
 from qwen_image_lora.data.buckets import assign_bucket
-from qwen_image_lora.data.dataset import build_training_data
+from qwen_image_lora.data.dataset import build_training_data, plan_entries
 from qwen_image_lora.data.sources import DataError, load_items
 
 
@@ -34,7 +34,6 @@ def test_edit_pair_markers_stay_at_the_same_latent_position(tmp_path):
         Image.fromarray(a).save(tmp_path / f"{name}.png")
     (tmp_path / "m.jsonl").write_text(json.dumps({"target": "tgt.png", "instruction": "blue sky", "sources": ["src.png"]}) + "\n")
     cfg = load_config(None, [f"data.path={tmp_path / 'm.jsonl'}", "data.resolution=256", "data.crop=random"])
-    from qwen_image_lora.data.dataset import plan_entries
 
     (entry,), _ = plan_entries(load_items(cfg.data), cfg)
     assert entry.sources[0] == entry.target

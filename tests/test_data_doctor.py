@@ -1,16 +1,18 @@
 """data doctor: every kind of broken input is reported by name; nothing crashes; user files are untouched."""
 
 import io
-import os
 import json
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from qwen_image_lora.cli import main
 from qwen_image_lora.config import load_config
-from qwen_image_lora.data.doctor import diagnose
+from qwen_image_lora.data.doctor import diagnose, probe_image
 from qwen_image_lora.data.similarity import dhash, hamming, phase_correlation, phash
+from qwen_image_lora.sample_data import BRAND_PALETTE, PRODUCTS, draw_product
 
 
 def _photo(w, h, seed=0):
@@ -171,7 +173,6 @@ def test_edit_pairs_swapped_shifted_unrelated_identical(tmp_path, tiny_model_dir
 
 
 def test_cli_strict_json_html(bad_folder, tiny_model_dir, tmp_path, capsys):
-    from qwen_image_lora.cli import main
 
     root, _ = bad_folder
     cfg_path = tmp_path / "c.yaml"
@@ -190,7 +191,6 @@ def test_cli_strict_json_html(bad_folder, tiny_model_dir, tmp_path, capsys):
 
 def test_near_duplicates_see_colour(tmp_path, tiny_model_dir):
     """Colour variants of one product are distinct items; re-encoded, resized and cropped copies are not."""
-    from qwen_image_lora.sample_data import BRAND_PALETTE, PRODUCTS, draw_product
 
     root = tmp_path / "catalog"
     root.mkdir()
@@ -246,7 +246,6 @@ def test_hashes_and_phase_correlation():
 
 
 def test_the_doctor_sees_a_16_bit_greyscale_image_as_its_tones_not_white(tmp_path):
-    from qwen_image_lora.data.doctor import probe_image
 
     grey = (np.arange(96 * 64).reshape(96, 64) * 255 // (96 * 64 - 1)).astype(np.uint8)
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "i16.png")  # mode I;16

@@ -2,6 +2,7 @@
 
 import json
 
+import datasets
 import numpy as np
 import pytest
 from PIL import Image
@@ -25,7 +26,6 @@ def test_csv_manifest_with_several_captions_and_edit_rows(tmp_path):
 
 
 def test_hf_dataset_from_disk_with_column_mapping(tmp_path):
-    import datasets
 
     for i in range(3):
         Image.new("RGB", (64, 64), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")

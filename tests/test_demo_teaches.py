@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 
 from qwen_image_lora.config import load_config
 from qwen_image_lora.eval.evaluator import evaluate
@@ -19,7 +20,6 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """The in-process recipe builds an Accelerator; accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
 
     yield
     AcceleratorState._reset_state(True)

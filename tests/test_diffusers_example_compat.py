@@ -21,9 +21,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import objective
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.tiny_model import make_tiny_model
 
 SCRIPT = os.environ.get("DIFFUSERS_EXAMPLE_SCRIPT")
 
@@ -37,7 +41,6 @@ RANK, ALPHA = 4, 8  # alpha != rank, so a loader that drops the saved alpha show
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from qwen_image_lora.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-downsampling-vae", downsampling_vae=True)
 
@@ -77,8 +80,6 @@ class _Batch:
 
 @pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap"])
 def test_loss_equals_the_example_training_step(example, pipe, model_dir, weighting, tmp_path):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from PIL import Image
 
     args = example.parse_args([
         "--pretrained_model_name_or_path", str(model_dir), "--instance_data_dir", str(tmp_path),
@@ -120,9 +121,7 @@ def test_loss_equals_the_example_training_step(example, pipe, model_dir, weighti
 
 
 def test_example_script_trains_tiny_model_and_adapter_loads(model_dir, sample_data_dir, tmp_path):
-    from qwen_image_lora.inference.generator import GenerationRequest, Generator
 
-    from qwen_image_lora import model as qmodel
 
     # The example opens every file of --instance_data_dir as an image, so give it the PNGs without captions.
     images = tmp_path / "images"

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from skimage.transform import AffineTransform, warp
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from qwen_image_lora.eval import metrics as M
 
@@ -18,7 +23,6 @@ SIZE = 256
 @pytest.fixture(scope="module")
 def texture() -> np.ndarray:
     """A smooth random RGB texture, (400, 400, 3) uint8, larger than the crops cut from it."""
-    from scipy import ndimage
 
     noise = ndimage.gaussian_filter(np.random.default_rng(0).random((400, 400, 3)), (2, 2, 0))
     return ((noise - noise.min()) / np.ptp(noise) * 255).astype(np.uint8)
@@ -118,7 +122,6 @@ def test_alignment_measures_a_shift(texture):
 
 
 def test_alignment_measures_a_zoom(texture):
-    from skimage.transform import AffineTransform, warp
 
     c = np.array([texture.shape[1], texture.shape[0]]) / 2 - 0.5
     zoom = AffineTransform(translation=-c) + AffineTransform(scale=1.05) + AffineTransform(translation=c)
@@ -164,9 +167,6 @@ def test_ocr_reads_rendered_text_and_nothing_from_a_blank_image():
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> Path:
     """A random 2-layer CLIP with a BPE tokenizer trained here, saved like a hub folder (nothing downloaded)."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     path = tmp_path_factory.mktemp("clip")
     bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>"))

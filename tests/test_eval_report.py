@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_image_lora.eval.report import write_report
+from qwen_image_lora.eval.report import _outlined, write_report
 from qwen_image_lora.eval.summary import CheckpointScore, Sample, summarise, verdicts
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -124,10 +124,7 @@ def test_verdict_says_better_worse_or_unclear_per_metric_from_the_paired_interva
 
 
 def test_the_edit_mask_is_outlined_over_the_pair():
-    import numpy as np
-    from PIL import Image
 
-    from qwen_image_lora.eval.report import _outlined
 
     image = Image.new("RGB", (40, 20), (10, 10, 10))
     mask = Image.new("L", (40, 20), 0)

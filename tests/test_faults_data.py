@@ -13,8 +13,11 @@ import torch
 from PIL import Image
 
 from qwen_image_lora.config import load_config
+from qwen_image_lora.data.cache import CacheDamaged
 from qwen_image_lora.data.dataset import MemoryCache, build_training_data
 from qwen_image_lora.data.doctor import diagnose
+from qwen_image_lora.data.prepare import prepare
+from qwen_image_lora.data.sources import DataError, load_items
 
 
 def _photo(w, h, seed=0):
@@ -100,7 +103,6 @@ def test_training_names_a_gif_named_png_and_trains_it_as_the_doctor_keeps_it(tmp
     assert data.dataset.sample(index, data.dataset.texts_for(index)[0])["latents"].ndim == 5
 
 def test_a_folder_with_no_readable_item_is_a_data_error_counting_them(tmp_path, tiny_pipe, tiny_model_dir):
-    from qwen_image_lora.data.sources import DataError
 
     folder = tmp_path / "allbad"
     folder.mkdir()
@@ -154,7 +156,6 @@ def _overwrite_latents(shard) -> str:
 
 @pytest.fixture
 def prepared(tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir):
-    from qwen_image_lora.data.prepare import prepare
 
     cfg = _cfg(sample_data_dir / "brand", tiny_model_dir, tmp_path, "data.shard_size=4")
     first = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
@@ -163,7 +164,6 @@ def prepared(tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir):
 
 
 def test_prepare_verifies_shards_and_reencodes_damaged_entries(prepared, tiny_pipe, caplog):
-    from qwen_image_lora.data.prepare import prepare
 
     cfg, shards = prepared
     cut, hit = shards[0], shards[1]
@@ -183,7 +183,6 @@ def test_prepare_verifies_shards_and_reencodes_damaged_entries(prepared, tiny_pi
 
 
 def test_training_never_trains_on_overwritten_latents(prepared, tiny_pipe, caplog):
-    from qwen_image_lora.data.cache import CacheDamaged
 
     cfg, shards = prepared
     key = _overwrite_latents(shards[1])
@@ -202,7 +201,6 @@ def test_training_never_trains_on_overwritten_latents(prepared, tiny_pipe, caplo
 
 
 def test_a_manifest_that_is_not_utf8_is_named(tmp_path):
-    from qwen_image_lora.data.sources import DataError, load_items
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_bytes('{"image": "a.png", "caption": "caf\xe9"}\n'.encode("latin-1"))

@@ -16,13 +16,12 @@ import threading
 import weakref
 
 import numpy as np
-
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-from qwen_image_lora.config import Config
 from qwen_image_lora import images as images_module
+from qwen_image_lora.config import Config
 from qwen_image_lora.inference import server
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app

@@ -16,13 +16,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from qwen_image_lora.config import load_config, to_dict
+from qwen_image_lora import model as qmodel
+from qwen_image_lora import run_layout as layout
+from qwen_image_lora.config import load_config, resume_fixed_fields, to_dict
 from qwen_image_lora.io import atomic_dir, atomic_write_text
 from qwen_image_lora.train import lora
-from qwen_image_lora.train.checkpoint import Checkpointer, CheckpointError, TrainingProgress
-from qwen_image_lora import run_layout as layout
+from qwen_image_lora.train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    TrainingProgress,
+    changed_fixed_fields,
+    write_manifest,
+)
+from qwen_image_lora.train.preemption import EXIT_PREEMPTED
 from qwen_image_lora.train.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +42,6 @@ ADAPTER = "pytorch_lora_weights.safetensors"
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """In-process runs each build an Accelerator; accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
 
     yield
     AcceleratorState._reset_state(True)
@@ -77,7 +85,6 @@ def _names(folder) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, sample_data_dir, tmp_path_factory):
     """A finished 4-step run with checkpoints at steps 1, 2 and 3 (copy it before changing it)."""
-    from accelerate.state import AcceleratorState, GradientState
 
     out = tmp_path_factory.mktemp("trained") / "run"
     assert lora.main(_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=4", "checkpoint.every_steps=1",
@@ -105,7 +112,6 @@ def test_every_file_of_a_run_carries_its_run_id(trained):
 
 def test_a_fresh_start_in_a_used_folder_stops_before_loading_weights(
         trained, tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch):
-    from qwen_image_lora import model as qmodel
 
     out = _copy(trained, tmp_path)
     before = _hashes(out)
@@ -147,7 +153,6 @@ def test_a_live_run_holds_its_folder_against_a_second_trainer(trained, tiny_mode
 
 def test_resume_latest_and_rotation_leave_another_runs_checkpoints_alone(
         trained, tiny_model_dir, sample_data_dir, tmp_path, caplog):
-    from qwen_image_lora.train.checkpoint import write_manifest
 
     out = _copy(trained, tmp_path)
     # A newer checkpoint of another run in the same folder (what the old toolkit left when two runs shared it).
@@ -188,7 +193,6 @@ def _wait_for_steps(out, n, process, timeout=120):
 
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(
         tiny_model_dir, sample_data_dir, tmp_path):
-    from qwen_image_lora.train.preemption import EXIT_PREEMPTED
 
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     first = subprocess.Popen(_train_cmd(tiny_model_dir, sample_data_dir, full), cwd=ROOT, env=_env(),
@@ -354,8 +358,6 @@ def test_a_resume_that_changes_the_maths_is_an_error_naming_the_fields(
 
 
 def test_the_schema_decides_what_a_resume_may_change():
-    from qwen_image_lora.config import resume_fixed_fields
-    from qwen_image_lora.train.checkpoint import changed_fixed_fields
 
     base = to_dict(load_config(None))
     changed = to_dict(load_config(None, ["lora.use_rslora=true", "data.resolution=512", "model.dtype=float32",

@@ -15,11 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 
+from qwen_image_lora import model as qmodel
+from qwen_image_lora import run_layout as layout
+from qwen_image_lora.cli import main
 from qwen_image_lora.io import WriteError, describe_write_error
 from qwen_image_lora.train import lora
 from qwen_image_lora.train.checkpoint import Checkpointer
-from qwen_image_lora import run_layout as layout
 from qwen_image_lora.train.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +34,6 @@ EFBIG = ("the file is larger than this process (ulimit -f) or file system allows
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """In-process runs each build an Accelerator; accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
 
     yield
     AcceleratorState._reset_state(True)
@@ -47,7 +49,6 @@ def _args(tiny_model_dir, sample_data_dir, out, *extra):
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, sample_data_dir, tmp_path_factory):
     """A finished 4-step run with checkpoints at steps 1, 2 and 3 (copy it before changing it)."""
-    from accelerate.state import AcceleratorState, GradientState
 
     out = tmp_path_factory.mktemp("trained") / "run"
     assert lora.main(_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=4")) == 0
@@ -130,7 +131,6 @@ def test_no_room_while_logging_or_sampling_is_one_error_line_and_keeps_the_last_
 
 def test_resume_latest_on_a_finished_run_says_so_without_loading_weights(
         trained, tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch):
-    from qwen_image_lora import model as qmodel
 
     out = tmp_path / "run"
     shutil.copytree(trained, out)
@@ -155,7 +155,6 @@ def _two_jobs(tmp_path, **job) -> Path:
 
 
 def test_a_full_disk_under_the_batch_manifest_names_it(tiny_model_dir, tmp_path, capsys):
-    from qwen_image_lora.cli import main
 
     out = tmp_path / "out"
     out.mkdir()

@@ -79,13 +79,10 @@ def test_the_settings_record_what_acted_not_what_was_left_out(tiny_pipe):
 
 
 @pytest.fixture(scope="module")
-def made(tiny_model_dir, tmp_path_factory):
+def made(gen, tiny_model_dir, tmp_path_factory):
     """One image in each format from the same settings, with an adapter at 0.8 and a negative prompt."""
-    from diffusers import QwenImage21Transformer2DModel
-
     root = tmp_path_factory.mktemp("made")
-    transformer = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
-    make_random_lora(transformer, root / "brand", seed=3)
+    make_random_lora(gen.pipe.transformer, root / "brand", seed=3)
     common = ["generate", "--model", str(tiny_model_dir), *TINY, "--prompt", "a bottle, Fläschchen", "--negative-prompt",
               "blurry", "--guidance-scale", "2.5", "--aspect-ratio", "16:9", "--steps", "2", "--seed", "3",
               "--lora", f"{root / 'brand'}:0.8"]  # fmt: skip
@@ -126,19 +123,14 @@ def test_generate_from_an_image_recreates_it_pixel_for_pixel_and_flags_override(
         {k: v for k, v in recorded.items() if k not in ("seed", "loras")}  # fmt: skip
 
 
-def test_from_checks_the_adapter_hash_and_names_itself_when_an_image_has_no_settings(made, tmp_path, capsys):
+def test_from_checks_the_adapter_hash_and_names_itself_when_an_image_has_no_settings(made, gen, tmp_path, capsys):
     (tmp_path / "images").mkdir()
     image = shutil.copy(made / "images" / "out.png", tmp_path / "images" / "out.png")
     argv = ["generate", "--from", str(image), "--output", str(tmp_path / "again.png")]
     assert main(argv) == 2  # no adapter at ../brand beside the copy
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --from {image}: adapter 'brand'") and "give --lora" in err
-
-    from diffusers import QwenImage21Transformer2DModel
-
-    transformer = QwenImage21Transformer2DModel.from_pretrained(read_settings(image)["model"]["pretrained"],
-                                                                subfolder="transformer")  # fmt: skip
-    make_random_lora(transformer, tmp_path / "brand", seed=4)  # retrained: same name, other weights
+    make_random_lora(gen.pipe.transformer, tmp_path / "brand", seed=4)  # retrained: same name, other weights
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "has changed since the image was made" in err and "\n" not in err and not (tmp_path / "again.png").exists()

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from qwen_image_lora.io import WriteError, atomic_dir, atomic_path, atomic_write_text, describe_write_error
+from qwen_image_lora import cli
+from qwen_image_lora.cli import main
+from qwen_image_lora.io import WriteError, atomic_dir, atomic_path, atomic_write_text, describe_write_error, iter_jsonl
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -88,7 +90,6 @@ def test_a_full_disk_inside_an_atomic_write_names_the_destination_not_the_temp(t
 
 
 def test_doctor_with_an_unwritable_cache_dir_is_one_error_line_and_exit_2(tmp_path, tiny_model_dir, capsys):
-    from qwen_image_lora.cli import main
 
     images = tmp_path / "images"
     images.mkdir()
@@ -107,7 +108,6 @@ def test_doctor_with_an_unwritable_cache_dir_is_one_error_line_and_exit_2(tmp_pa
 def test_a_read_only_file_system_is_named_by_the_cli(tmp_path, capsys, monkeypatch):
     """EROFS as the kernel gives it from a plain write (`data prepare`'s shard folder mkdir); a real read-only mount
     needs root, so one of our own commands stands in for the writer."""
-    from qwen_image_lora import cli
 
     def read_only(args):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "cache" / "shards"))
@@ -120,7 +120,6 @@ def test_a_read_only_file_system_is_named_by_the_cli(tmp_path, capsys, monkeypat
 
 
 def test_a_jsonl_key_given_twice_is_refused_naming_the_line(tmp_path):
-    from qwen_image_lora.io import iter_jsonl
 
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"prompt": "a", "seed": 1}\n\n{"prompt": "b", "seed": 1, "seed": 2}\n')

@@ -17,10 +17,15 @@ import math
 
 import pytest
 import torch
+from diffusers import QwenImage21Transformer2DModel
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.config import LoRAConfig
+from qwen_image_lora import objective
+from qwen_image_lora.cli import main
+from qwen_image_lora.config import LoRAConfig, load_config
 from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace, offload
+from qwen_image_lora.train.adapter import add_lora
+from qwen_image_lora.train.plan_cli import _references, parse_memory
 
 # A CPU-sized Qwen-Image-2.1 transformer: hidden 256 (8 heads x 32), 4 single-stream blocks.
 SMALL = dict(
@@ -91,9 +96,7 @@ def test_choose_checkpointed_blocks_picks_more_blocks_for_a_smaller_budget():
 
 
 def test_apply_block_checkpointing_keeps_names_and_gradients():
-    from diffusers import QwenImage21Transformer2DModel
 
-    from qwen_image_lora.train.adapter import add_lora
 
     torch.manual_seed(0)
     model = QwenImage21Transformer2DModel(**{**SMALL, "num_layers": 3})
@@ -102,7 +105,6 @@ def test_apply_block_checkpointing_keeps_names_and_gradients():
     batch = memory_trace.build_step_inputs(memory.StepShape(128, 128, 1, 16), SMALL, torch.float32)
 
     def grads():
-        from qwen_image_lora import objective
 
         model.zero_grad(set_to_none=True)
         noise = torch.ones_like(batch.latents)
@@ -140,20 +142,17 @@ def test_cuda_profile_counts_what_a_gpu_step_keeps():
 
 @pytest.mark.parametrize("text, gib", [("80GB", 80), ("24GiB", 24), ("24", 24), ("40960MiB", 40)])
 def test_parse_memory(text, gib):
-    from qwen_image_lora.train.plan_cli import parse_memory
 
     assert parse_memory(text) == gib * 2**30
 
 
 def test_parse_memory_rejects_nonsense():
-    from qwen_image_lora.train.plan_cli import parse_memory
 
     with pytest.raises(ValueError, match="--gpu-memory"):
         parse_memory("eighty")
 
 
 def test_plan_command_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
-    from qwen_image_lora.cli import main
 
     config = tmp_path / "tiny.yaml"
     config.write_text(
@@ -224,8 +223,6 @@ def test_7b_plan_matches_h100():
 
 def test_plan_reads_the_reference_count_from_the_data(tmp_path):
     """An edit config plans an edit step without --references: the count comes from the manifest."""
-    from qwen_image_lora.config import load_config
-    from qwen_image_lora.train.plan_cli import _references
 
     (tmp_path / "m.jsonl").write_text('{"target": "t.png", "instruction": "x", "sources": ["a.png", "b.png"]}\n')
     assert _references(load_config(None, [f"data.path={tmp_path / 'm.jsonl'}"])) == 2

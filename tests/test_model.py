@@ -5,10 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import QwenImage21Pipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.tiny_model import make_tiny_model
 
 
 def test_layout_and_size(tiny_model_dir):
@@ -22,9 +25,7 @@ def test_layout_and_size(tiny_model_dir):
 
 
 def test_builder_is_seed_deterministic(tmp_path):
-    from safetensors.torch import load_file
 
-    from qwen_image_lora.tiny_model import make_tiny_model
 
     a = load_file(make_tiny_model(tmp_path / "a", seed=3) / "transformer" / "diffusion_pytorch_model.safetensors")
     b = load_file(make_tiny_model(tmp_path / "b", seed=3) / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -45,7 +46,6 @@ def test_tokenizer_has_qwen_special_tokens_and_chat_template(tiny_pipe):
 
 
 def test_plain_diffusers_from_pretrained_loads_it(tiny_model_dir):
-    from diffusers import QwenImage21Pipeline
 
     pipe = QwenImage21Pipeline.from_pretrained(tiny_model_dir)
     assert type(pipe.transformer).__name__ == "QwenImage21Transformer2DModel"
@@ -143,7 +143,6 @@ def test_downsampling_vae_checkpoint_has_the_real_geometry_and_our_latent_grid(t
     """The variant diffusers' example script accepts: its VAE downsamples 2x four times (the example requires
     2 ** len(temperal_downsample) == 16), gives the reconstructing VAE's latent grid and channels, and the
     checkpoint generates through our path."""
-    from qwen_image_lora.tiny_model import make_tiny_model
 
     folder = make_tiny_model(tmp_path / "ds", downsampling_vae=True)
     pipe = qmodel.load_pipeline(folder, dtype="float32")

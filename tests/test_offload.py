@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import QwenImage21Transformer2DModel
 from diffusers.hooks.group_offloading import _GROUP_OFFLOADING, _get_group_onload_device
 
 from qwen_image_lora import objective
@@ -20,7 +21,6 @@ STEPS = 3
 
 
 def _model(checkpoint: str, offloaded=(), device="cpu"):
-    from diffusers import QwenImage21Transformer2DModel
 
     torch.manual_seed(0)
     transformer = QwenImage21Transformer2DModel(**SMALL)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from qwen_image_lora.config import load_config
+from qwen_image_lora.data.prepare import prepare
 from qwen_image_lora.progress import LineProgress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,6 @@ def test_training_prints_step_loss_and_eta_lines_into_a_pipe(tiny_model_dir, sam
 
 
 def test_prepare_prints_progress_lines(tiny_pipe, sample_data_dir, tmp_path, capsys, monkeypatch):
-    from qwen_image_lora.data.prepare import prepare
 
     monkeypatch.setenv("QWEN_LORA_PROGRESS_SECONDS", "0")
     cfg = load_config(None, [f"data.path={sample_data_dir / 'brand'}", f"data.cache_dir={tmp_path}", "data.resolution=64"])

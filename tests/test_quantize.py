@@ -9,14 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
+from peft.tuners.lora import Linear as LoraLinear
 from safetensors import safe_open
+from torchao.quantization import quantize_
+from torchao.utils import TorchAOBaseTensor
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import quantization
 from qwen_image_lora.config import LoRAConfig, load_config
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.train import memory
-from qwen_image_lora.train.adapter import WEIGHTS_NAME
+from qwen_image_lora.train import block_checkpointing, memory, memory_trace
+from qwen_image_lora.train.adapter import WEIGHTS_NAME, add_lora
 from qwen_image_lora.train.lora import LoRARecipe, _check_before_loading
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +35,6 @@ WIDE = dict(in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64
 
 
 def _train(tiny_model_dir, sample_data_dir, out: Path, quantize: str) -> Path:
-    from accelerate.state import AcceleratorState, GradientState
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [
         f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={out}",
@@ -66,7 +69,6 @@ def _tensors(out: Path) -> tuple[dict[str, tuple], dict]:
 
 @pytest.mark.parametrize("quantize", ON_CPU)
 def test_only_the_block_linears_are_quantized(tiny_model_dir, quantize):
-    from torchao.utils import TorchAOBaseTensor
 
     transformer = qmodel.load_transformer(str(tiny_model_dir), torch.bfloat16, quantize)
     linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -85,7 +87,6 @@ def test_quantized_base_trains_within_tolerance_of_the_unquantized_run(runs, qua
 
 @pytest.mark.parametrize("quantize", ON_CPU)
 def test_adapter_of_a_quantized_run_loads_unchanged_into_the_unquantized_pipeline(runs, quantize, tiny_model_dir):
-    from peft.tuners.lora import Linear as LoraLinear
 
     shapes, header = _tensors(runs[quantize])
     assert (shapes, json.loads(header["lora_adapter_metadata"])) == (
@@ -121,10 +122,7 @@ def test_planned_quantized_step_is_within_10_percent_of_a_real_torchao_step(quan
     """The planner traces stand-ins (`quantization.PlannedQuantizedLinear`); the ground truth is the same step on a
     real torchao-quantized model on CPU, counted by the same `StorageTracker`: the stored weights exactly, and the
     dequantized copies torchao keeps for backward (measured: int8 within 0.2%, fp8 within 5%)."""
-    from torchao.quantization import quantize_
 
-    from qwen_image_lora.train import block_checkpointing, memory_trace
-    from qwen_image_lora.train.adapter import add_lora
 
     inputs = memory.PlanInputs(WIDE, memory.StepShape(64, 64, 1, 16), LoRAConfig(rank=4), checkpoint=checkpoint,
                                quantize=quantize, profile="cpu")  # fmt: skip

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qwen_image_lora.cli import build_parser
-from qwen_image_lora.config import Config, EvalConfig, SamplingConfig, ValidationConfig, load_config
+from qwen_image_lora.config import Config, ConfigError, EvalConfig, SamplingConfig, ValidationConfig, load_config
 from qwen_image_lora.inference.batch import Job, _request, read_jobs
 from qwen_image_lora.inference.generator import GenerationRequest
 from qwen_image_lora.inference.server import request_models
@@ -41,7 +41,6 @@ def test_validation_and_batch_requests_carry_the_settings_unchanged(tmp_path):
     ("eval", "seed=-1", "eval.seed: must be >= 0 and <= 9223372036854775807"),
 ])  # fmt: skip
 def test_one_set_of_checks_for_every_section(where, bad, message):
-    from qwen_image_lora.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"{where}.{bad}"])

@@ -18,11 +18,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from qwen_image_lora.config import Config, ServeAdapter
+from qwen_image_lora.images import decode_image
+from qwen_image_lora.inference import urls
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.guards import KeyCheck
 from qwen_image_lora.inference.server import create_app, load_api_keys
 from qwen_image_lora.inference.testing import make_random_lora
-from qwen_image_lora.inference import urls
 from qwen_image_lora.inference.urls import URLRefused, fetch, refusal_reason, resolve_checked
 
 KEY = "test-key-0123456789"
@@ -170,7 +171,6 @@ def test_limits_answer_413_and_422_naming_the_field(client):
 
 
 def test_decompression_bomb_is_refused_and_big_inputs_are_downscaled(client, cfg):
-    from qwen_image_lora.images import decode_image
 
     buf = io.BytesIO()
     Image.new("L", (12000, 12000)).save(buf, format="PNG")  # ~140 KB of PNG, 144 M pixels when decoded

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 from qwen_image_lora.config import Config
@@ -54,7 +55,6 @@ def test_schema_fuzz_finds_no_server_error(app):
 @contextlib.contextmanager
 def served(app):
     """`app` under a real uvicorn on 127.0.0.1; yields its port."""
-    import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -6,10 +6,10 @@ import os
 import shutil
 import subprocess
 import threading
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions
 from PIL import Image
 
 from qwen_image_lora.config import load_config
@@ -42,7 +43,6 @@ def test_a_non_square_edit_trains_and_generates_at_the_same_size(tiny_pipe, tmp_
 
 def test_inputs_the_pipeline_cannot_resize_are_refused_naming_the_image_and_the_limit(tiny_pipe):
     """The limit is the pipeline's own rule: `calculate_dimensions` gives a 0 px side from that aspect on."""
-    from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions
 
     gen = Generator(tiny_pipe, resolution=64)
     ok, too_wide = Image.new("RGB", (159, 10)), Image.new("RGB", (10, 160))  # aspects 15.9:1 and 16:1 at 64 px

@@ -6,20 +6,28 @@ refused naming its field before any weights load. Timings are in scripts/bench_s
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import QwenImage21Transformer2DModel
+from diffusers.models.transformers.transformer_qwenimage21 import (
+    QwenImage21AttnProcessor,
+    QwenImage21FlexAttnProcessor,
+)
+from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import ConfigError, load_config
-from qwen_image_lora.train import lora
+from qwen_image_lora.inference.server import create_app
+from qwen_image_lora.train import lora, memory
 from qwen_image_lora.train.lora import LoRARecipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +42,6 @@ LOSS_RTOL = 1e-4
 
 @pytest.fixture(autouse=True)
 def _fresh_state():
-    from accelerate.state import AcceleratorState, GradientState
 
     torch._dynamo.reset()
     yield
@@ -73,7 +80,6 @@ def two_bucket_data(sample_data_dir, tmp_path):
 def _train_and_compare(tiny_model_dir, data_dir, tmp_path, compiled_checkpointing: str):
     """Train 4 steps eager (no checkpointing) and compiled (`compile=blocks` with `compiled_checkpointing`); the
     compiled run must give eager's losses and adapter."""
-    from qwen_image_lora.train import memory
 
     runs = {}
     for name, checkpointing in (("eager", "false"), ("blocks", compiled_checkpointing)):
@@ -107,7 +113,6 @@ def test_compiled_blocks_train_eager_losses_with_auto_checkpointing(tiny_model_d
                                                                    monkeypatch):
     """`auto` checkpoints block 0 only (a budget just under the unchecked peak), so a checkpointed and a plain
     block compile side by side."""
-    from qwen_image_lora.train import memory
 
     cfg = load_config(DEMO, _overrides(tiny_model_dir, sample_data_dir / "brand", tmp_path / "plan"))
     peak = memory.plan_memory(memory.plan_inputs_from_config(cfg, checkpoint="none")).peak
@@ -152,11 +157,6 @@ def _forward_inputs(tiny_pipe):
 def test_compiled_and_flex_paths_give_the_eager_segment_processors_velocity(tiny_model_dir, tiny_pipe, attention,
                                                                             compile_mode):
     """A padded batch of two prompts, and an edit with one reference image, through each path vs eager."""
-    from diffusers import QwenImage21Transformer2DModel
-    from diffusers.models.transformers.transformer_qwenimage21 import (
-        QwenImage21AttnProcessor,
-        QwenImage21FlexAttnProcessor,
-    )
 
     noisy, prompt, sigmas = _forward_inputs(tiny_pipe)
     edit_prompt = qmodel.encode_prompt(tiny_pipe, ["make it blue"], [Image.new("RGB", (64, 64), (200, 30, 30))])
@@ -177,8 +177,6 @@ def test_compiled_and_flex_paths_give_the_eager_segment_processors_velocity(tiny
 
 
 def test_the_attention_backend_is_installed_on_every_block(tiny_model_dir):
-    from diffusers import QwenImage21Transformer2DModel
-    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21AttnProcessor
 
     transformer = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
     qmodel.configure_transformer(transformer, "sdpa-segments", "_native_math", False)
@@ -214,9 +212,7 @@ def test_a_bad_backend_or_flex_training_on_cpu_stops_before_weights_load(tiny_mo
 
 
 def test_a_compiled_server_compiles_before_its_first_request(tiny_model_dir, tmp_path):
-    from fastapi.testclient import TestClient
 
-    from qwen_image_lora.inference.server import create_app
 
     cfg = load_config(None, [f"model.pretrained={tiny_model_dir}", "model.dtype=float32", "model.compile=blocks",
                              "data.resolution=64"])

@@ -6,11 +6,11 @@ import html.parser
 import io
 import json
 import re
-import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+import tomllib
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -18,8 +18,16 @@ from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, ServeAdapter
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app
-from qwen_image_lora.inference.studio import (ASSETS, MAX_LOSS_POINTS, STATIC_PATHS, STUDIO_DIR, describe_run, list_runs,
-                                              read_losses, run_progress)  # fmt: skip
+from qwen_image_lora.inference.studio import (
+    ASSETS,
+    MAX_LOSS_POINTS,
+    STATIC_PATHS,
+    STUDIO_DIR,
+    describe_run,
+    list_runs,
+    read_losses,  # fmt: skip
+    run_progress,
+)
 from qwen_image_lora.inference.testing import make_random_lora
 
 KEY = "studio-key-0123456789"

@@ -14,7 +14,14 @@ import zipfile
 
 import numpy as np
 import pytest
+import uvicorn
 from PIL import Image
+from psd_tools import PSDImage
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from qwen_image_lora.config import Config, ServeAdapter
 from qwen_image_lora.inference.generator import Generator
@@ -33,7 +40,6 @@ KEY = "browser-key-0123456789"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    import uvicorn
 
     root = tmp_path_factory.mktemp("studio")
     gen = Generator.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", resolution=64)
@@ -72,7 +78,6 @@ def server(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture
 def browser(tmp_path):
-    from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -93,9 +98,6 @@ def png_file(path, size=(64, 48), seed=0):
 
 def test_the_studio_generates_edits_compares_refuses_and_downloads(server, browser, tmp_path):
     server, app = server
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     d = browser
     wait = WebDriverWait(d, 120)
@@ -285,8 +287,6 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
 
 def test_a_batch_zip_taken_mid_run_records_the_running_job_as_running(server, browser, tmp_path):
     server, app = server
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     d = browser
     wait = WebDriverWait(d, 120)
@@ -322,9 +322,6 @@ def test_a_batch_zip_taken_mid_run_records_the_running_job_as_running(server, br
 @pytest.mark.skipif("mask" not in request_models(Config().serve)[0].model_fields, reason="the HTTP API has no `mask` field yet")
 def test_a_painted_mask_keeps_every_unpainted_pixel(server, browser, tmp_path):
     server, _ = server
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     d = browser
     wait = WebDriverWait(d, 120)
@@ -361,8 +358,6 @@ def test_a_painted_mask_keeps_every_unpainted_pixel(server, browser, tmp_path):
     settings = json.loads(d.find_element(By.CSS_SELECTOR, "#history pre").get_attribute("textContent"))
     assert settings["mask"] == "painted mask" and settings["mask_feather"] == 0
     # The same painted mask as the subject of a layered PSD, downloaded through POST /v1/layers.
-    from psd_tools import PSDImage
-    from selenium.webdriver.support.ui import Select
 
     Select(css("#layers-format")).select_by_value("psd")
     css("#layers").click()

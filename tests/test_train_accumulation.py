@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
+from qwen_image_lora import objective
 from qwen_image_lora.config import load_config
 from qwen_image_lora.data.dataset import collate
-from qwen_image_lora import objective
 from qwen_image_lora.train.lora import LoRARecipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,6 @@ LR = 5e-3
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """In-process recipes each build an Accelerator; accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
 
     yield
     AcceleratorState._reset_state(True)

@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
 from safetensors import safe_open
 
 from qwen_image_lora import adapter_format
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.cli import main
 from qwen_image_lora.config import LoRAConfig
 from qwen_image_lora.inference.adapters import Adapters
 from qwen_image_lora.train import adapter
@@ -18,7 +20,6 @@ from qwen_image_lora.train import adapter
 
 @pytest.fixture
 def transformer(tiny_model_dir):
-    from diffusers import QwenImage21Transformer2DModel
 
     return QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
 
@@ -41,7 +42,6 @@ def _velocity(transformer, tiny_pipe):
 
 
 def test_only_targets_train_in_fp32_over_a_frozen_bf16_base(tiny_model_dir):
-    from diffusers import QwenImage21Transformer2DModel
 
     t = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer", torch_dtype=torch.bfloat16)
     params = adapter.add_lora(t, LoRAConfig(rank=4, alpha=4, targets=["to_q", "to_v"]))
@@ -62,7 +62,6 @@ def test_unknown_target_is_a_clear_error(transformer):
 
 
 def test_saved_adapter_loads_with_plain_diffusers_and_changes_the_output(transformer, tiny_pipe, tiny_model_dir, tmp_path):
-    from diffusers import QwenImage21Pipeline
 
     adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=8, targets="attention+mlp"))
     _randomise(transformer)
@@ -85,7 +84,6 @@ def test_saved_adapter_loads_with_plain_diffusers_and_changes_the_output(transfo
 
 @pytest.mark.parametrize("targets,rslora", [("attention", False), ("attention", True), ("attention+mlp", False)])
 def test_comfyui_export_loads_back_to_the_same_outputs(transformer, tiny_pipe, tiny_model_dir, tmp_path, targets, rslora):
-    from diffusers import QwenImage21Pipeline
 
     adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=6, targets=targets, use_rslora=rslora))
     _randomise(transformer, seed=1)
@@ -116,7 +114,6 @@ def test_rslora_export_header_alpha_agrees_with_every_module_alpha(transformer, 
 
 
 def test_export_cli(transformer, tmp_path, capsys):
-    from qwen_image_lora.cli import main
 
     adapter.add_lora(transformer, LoRAConfig(rank=2, alpha=2))
     adapter.save_adapter(transformer, tmp_path)
@@ -134,7 +131,6 @@ def test_dora_cannot_be_exported_to_comfyui_and_the_refusal_says_why(transformer
 
 
 def test_init_from_an_existing_adapter(transformer, tiny_model_dir, tmp_path):
-    from diffusers import QwenImage21Transformer2DModel
 
     adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=4))
     _randomise(transformer, seed=2)
@@ -150,7 +146,6 @@ def test_init_from_an_existing_adapter(transformer, tiny_model_dir, tmp_path):
 
 
 def test_init_from_a_comfyui_file_keeps_each_modules_delta_whatever_the_new_alpha(transformer, tiny_pipe, tiny_model_dir, tmp_path):
-    from diffusers import QwenImage21Transformer2DModel
 
     adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=4, targets="attention"))
     _randomise(transformer, seed=3)

@@ -5,14 +5,15 @@ and that a few optimizer steps on a fixed batch lower the loss for text-to-image
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImage21Transformer2DModel
+from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift as pipeline_shift
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.inference.generator import GenerationRequest, Generator
-from qwen_image_lora.config import LoRAConfig
 from qwen_image_lora import objective
+from qwen_image_lora.config import LoRAConfig
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.train import adapter
 
 
@@ -45,7 +46,6 @@ def batches(tiny_pipe):
 
 @pytest.fixture
 def transformer(tiny_model_dir):
-    from diffusers import QwenImage21Transformer2DModel
 
     return QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
 
@@ -68,7 +68,6 @@ _SHIFT_CONFIGS = [
 
 
 def test_calculate_shift_is_the_pipelines(tiny_pipe):
-    from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift as pipeline_shift
 
     for config in [tiny_pipe.scheduler.config, *_SHIFT_CONFIGS]:
         get = config.get  # the defaults QwenImage21Pipeline.__call__ reads the scheduler config with

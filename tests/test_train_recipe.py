@@ -2,6 +2,7 @@
 configs/demo.yaml ...`), edits, the output folder, killed-and-resumed runs that match an uninterrupted one step for
 step, the guards, W&B offline, and two-process DDP on CPU."""
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -14,9 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import QwenImage21Pipeline
+from safetensors.torch import load_file
 
-from qwen_image_lora.config import load_config
+from qwen_image_lora import model as qmodel
 from qwen_image_lora import objective
+from qwen_image_lora.config import load_config
+from qwen_image_lora.train import lora, memory
 from qwen_image_lora.train.guards import TrainingStopped
 from qwen_image_lora.train.lora import LoRARecipe
 
@@ -48,7 +54,6 @@ def _losses(out) -> list[dict]:
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """In-process recipes each build an Accelerator; accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
 
     yield
     AcceleratorState._reset_state(True)
@@ -88,7 +93,6 @@ def test_accelerate_launch_demo_config_trains_a_loadable_adapter(tiny_model_dir,
     assert "qwnbrand" in card and "samples/step_000040/t2i_00.png" in card and str(tiny_model_dir) in card
     assert load_config(out / "config.yaml").train.max_steps == 40
 
-    from diffusers import QwenImage21Pipeline
 
     pipe = QwenImage21Pipeline.from_pretrained(tiny_model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -154,7 +158,6 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one_step_for_step(tiny_
     assert [r["step"] for r in b] == list(range(1, 9))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical, step for step
     assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
-    from safetensors.torch import load_file
 
     wa, wb = (load_file(d / "pytorch_lora_weights.safetensors") for d in (full, killed))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # EMA'd final adapter too
@@ -181,7 +184,6 @@ def test_resume_warns_about_config_mismatches(tiny_model_dir, sample_data_dir, t
 
 
 def test_gradient_checkpointing_true_and_auto_leave_the_losses_unchanged(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
-    from qwen_image_lora.train import memory
 
     losses = {}
     for setting in ("false", "true", "auto"):
@@ -294,8 +296,6 @@ def test_tensorboard_run_writes_events(tiny_model_dir, sample_data_dir, tmp_path
 
 
 def test_problems_are_reported_before_any_weights_load(tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch):
-    from qwen_image_lora import model as qmodel
-    from qwen_image_lora.train import lora
 
     monkeypatch.setattr(qmodel, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded before the checks"))
     base = ["--config", str(DEMO), *_overrides(tiny_model_dir, sample_data_dir, tmp_path)]
@@ -312,9 +312,7 @@ def test_problems_are_reported_before_any_weights_load(tiny_model_dir, sample_da
 
 @pytest.mark.slow  # ~35 s: two processes, each importing torch/diffusers
 def test_two_process_ddp_on_cpu_ends_with_identical_adapters(tiny_model_dir, sample_data_dir, tmp_path):
-    import hashlib
 
-    from safetensors.torch import load_file
 
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from qwen_image_lora.config import load_config
@@ -27,7 +28,6 @@ VARIANTS = {
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """In-process recipes each build an Accelerator; accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
 
     yield
     AcceleratorState._reset_state(True)
