@@ -286,15 +286,17 @@ def _recorded_adapter(image: Path, record) -> str:
     if record.path is None:
         raise InputError(f"{head} is a server's (recorded by sha256 alone); give --lora PATH:{record.weight!r}", "--lora")
     local = image.parent / record.path
-    source = record.path if is_hub_id(record.path) and not local.exists() else str(local)
+    hub = is_hub_id(record.path) and not local.exists()
+    if not hub and not local.exists():
+        raise NotFound(f"{head}: {local} is not there any more; give --lora", "--lora")
     try:
-        file = resolve_file(source)
-    except InputError as e:
+        file = resolve_file(record.path if hub else local)
+    except InputError as e:  # a hub adapter that is not cached, offline
         raise NotFound(f"{head}: {e}; give --lora", "--lora") from None
     if file_sha256(file) != record.sha256:
         raise InputError(f"{head}: {file} has changed since the image was made (sha256 differs); give --lora to use "
                          "it as it is", "--lora")  # fmt: skip
-    return source
+    return record.path if hub else str(local)
 
 
 def _input_file(option: str, path: str) -> str:

@@ -118,7 +118,7 @@ class ImageSettings(SamplingConfig):
         if block is None:
             return None
         settings = typed_yaml.build(cls, block, "", str(source), Path(source).parent)
-        settings.validate("settings")
+        settings.validate(f"{source}: settings")
         return settings
 
 

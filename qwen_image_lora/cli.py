@@ -106,7 +106,8 @@ def _say_default_model(args) -> None:
     tens of GB, or an error about a model the user never named, should not come as a surprise)."""
     target = getattr(args, "target", None)  # data doctor takes a config or a bare data folder
     no_config = getattr(args, "config", "") is None or (target is not None and not target.endswith((".yaml", ".yml")))
-    named = getattr(args, "model", None) or any(o.startswith("model.pretrained=") for o in getattr(args, "overrides", []))
+    named = (getattr(args, "model", None) or getattr(args, "from_image", None)  # --from: the image names its model
+             or any(o.startswith("model.pretrained=") for o in getattr(args, "overrides", [])))
     if no_config and not named:
         print(f"note: no config given: using the default model {ModelConfig().pretrained} "
               "(--config CFG or model.pretrained=DIR picks another)", file=sys.stderr)

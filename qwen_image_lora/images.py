@@ -244,6 +244,7 @@ def format_for(name: str) -> str:
 SETTINGS_KEY = "qwen-image-lora"
 _SOFTWARE, _EXIF_IFD, _USER_COMMENT = 0x0131, 0x8769, 0x9286
 _ASCII = b"ASCII\0\0\0"  # UserComment's character-code prefix; the JSON is written with non-ASCII escaped
+_JPEG_EXIF_BYTES = 65533  # a JPEG holds EXIF in one APP1 segment (PIL's limit); WebP and PNG have none this small
 
 
 def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95, settings: dict | None = None) -> bytes:
@@ -264,7 +265,10 @@ def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95, settin
         exif = Image.Exif()
         exif[_SOFTWARE] = SETTINGS_KEY
         exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _ASCII + json.dumps(settings).encode()
-        options["exif"] = exif
+        options["exif"] = exif.tobytes()
+        if fmt == "JPEG" and len(options["exif"]) > _JPEG_EXIF_BYTES:
+            raise InputError(f"output: the settings take {len(options['exif']):,} bytes, more than the {_JPEG_EXIF_BYTES:,} "
+                             "a JPEG's EXIF holds (very long prompts); write PNG or WebP", "output")  # fmt: skip
     image.save(buf, format=fmt, **options)
     return buf.getvalue()
 

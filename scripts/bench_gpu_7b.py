@@ -25,6 +25,15 @@ alternate). `--example` with DIFFUSERS_EXAMPLE_SCRIPT set times diffusers' examp
 checkpointed, cached latents, batch 1) against ours, alternating (scripts/example_speed.py); its folder holds a
 random 7B transformer written to disk, so give it its own call (estimated ~8 min with `--steps 20 --rounds 1`).
 
+`--reach` (issue 27, `reach_bench.py`): the recipe `qwen-lora plan --gpu-memory` picks for each `--budgets` size
+(checkpointing, offloaded blocks, 8-bit optimizer, quantized base), t2i and edit; on a GPU each recipe loaded through
+the trainer's own loader and placement, with measured peak vs plan, s/step vs the bf16 recipe (every block
+checkpointed, nothing offloaded) and host-to-GPU GB per step vs plan. Prepared, not yet run on a GPU; estimated
+~8 min on an H100 with the plan made beforehand (plus ~2 min to write the random 7B checkpoint once):
+
+    python scripts/bench_gpu_7b.py --reach --plan-only > reach.jsonl           # here, CPU only
+    python scripts/bench_gpu_7b.py --reach --plan reach.jsonl --out reach.json # on the GPU: 8, 12, 16, 24 GB
+
 MFU counts model FLOPs per step = 3 x forward FLOPs (the usual 6*N*T convention, as if weights were trained;
 recomputation by checkpointing is not counted), forward FLOPs = 2 * (linear weights each token passes through)
 * tokens + 4 * d_model * (query-key pairs attended) per block, against the GPU's dense bf16 peak.
@@ -75,7 +84,7 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import LoRAConfig, OptimConfig
 from qwen_image_lora.model import PromptEmbeds
 from qwen_image_lora.tiny_model import make_tiny_model
-from qwen_image_lora.train import block_checkpointing, memory, memory_trace
+from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace
 from qwen_image_lora.train.adapter import add_lora
 from qwen_image_lora.train.optim import build_optimizer
 
@@ -201,7 +210,7 @@ def plan_case(args, cfg, shape, ck) -> dict:
     row = {"task": shape.task, "checkpointing": ck, "targets": args.targets, "batch": shape.batch_size,
            "resolution": shape.height}  # fmt: skip
     if ck == "auto":
-        row["auto_blocks"] = len(memory.blocks_for_gpu(inputs, int(args.budget_gib * 2**30)))
+        row["auto_blocks"] = len(memory_fit.blocks_for_gpu(inputs, int(args.budget_gib * 2**30)))
         ck = row["auto_blocks"]
     inputs.checkpoint = "all" if ck is True else "none" if ck is False else list(range(int(ck)))
     plan = memory.plan_memory(inputs)

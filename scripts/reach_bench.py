@@ -36,10 +36,18 @@ def plan_rows(cfg: dict, shapes: list[memory.StepShape], budgets: list[float], l
     """One row per (budget, task): the recipe and its plan, with the bf16 recipe's plan for reference."""
     rows = []
     for shape in shapes:
+        traced = {}
+
+        def planner(i: memory.PlanInputs) -> memory.MemoryPlan:  # one trace per layout across the budgets
+            key = (i.num_layers, i.checkpoint if isinstance(i.checkpoint, str) else tuple(i.checkpoint), i.quantize)
+            if key not in traced:
+                traced[key] = memory.plan_memory(i)
+            return traced[key]
+
         for gib in budgets:
             start = time.perf_counter()
             inputs = memory.PlanInputs(cfg, shape, lora, checkpoint="all")
-            recipe = memory_fit.fit(inputs, int(gib * GiB))
+            recipe = memory_fit.fit(inputs, int(gib * GiB), planner=planner)
             p = recipe.plan
             rows.append({
                 "budget_gib": gib, "task": shape.task, "references": len(shape.references), "fits": recipe.fits,

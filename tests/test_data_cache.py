@@ -78,7 +78,7 @@ def test_prepare_survives_bad_data_and_caches_clean_items(tmp_path, tiny_pipe, t
     doctor = json.loads((tmp_path / "out" / "cache" / "doctor.json").read_text())
     clean = doctor["summary"]["clean"]
     # the exact duplicate is excluded (trained once), so every clean item has its own latents
-    assert "good0.png" in doctor["excluded"] and "copy_of_good0.png" not in doctor["excluded"]
+    assert "copy_of_good0.png" in doctor["excluded"] and "good0.png" not in doctor["excluded"]  # the later file
     assert not stats.failed and stats.items == clean and stats.latents_encoded == clean
     # the doctor's findings are `data doctor`'s to print: prepare says it in one line, no table
     doctor_lines = [line for text in printed for line in text.splitlines() if "truncated" in line or "severity" in line]

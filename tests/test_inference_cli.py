@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from qwen_image_lora.cli import main
+from qwen_image_lora.images import read_settings
 from qwen_image_lora.inference.batch import read_jobs
 from qwen_image_lora.inference.testing import make_random_lora
 
@@ -111,6 +112,8 @@ def test_batch_resumes_after_an_interruption_without_redoing_finished_jobs(tiny_
     assert sorted(e["id"] for e in entries) == ["000001", "000002", "000003", "000004", "000005", "hero"]
     hero = next(e for e in entries if e["id"] == "hero")
     assert hero["seed"] == 42 and hero["num_inference_steps"] == 1 and hero["guidance_scale"] == 1.0
+    made = read_settings(out / "hero.webp")  # the image itself says what the manifest line says
+    assert (made["prompt"], made["seed"], made["num_inference_steps"], made["guidance_scale"]) == ("bottle 0", 42, 1, 1.0)
     assert next(e for e in entries if e["id"] == "000003")["seed"] == 3  # base seed + line index
     with Image.open(out / "000003.png") as im:
         assert im.size == (64, 96)  # an edit comes back at its input's size

@@ -5,19 +5,24 @@ leave, and the losses equal the run without offload. The GPU test (run where CUD
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import QwenImage21Transformer2DModel
 from diffusers.hooks.group_offloading import _GROUP_OFFLOADING, _get_group_onload_device
 
 from qwen_image_lora import objective
-from qwen_image_lora.config import LoRAConfig
-from qwen_image_lora.train import block_checkpointing, memory, memory_trace, offload
+from qwen_image_lora.config import ConfigError, LoRAConfig, load_config
+from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace, offload
 from qwen_image_lora.train.adapter import add_lora
 
-SMALL = dict(in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32, num_attention_heads=8,
+SMALL = dict(in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32, num_attention_heads=4,
              context_in_dim=64, mlp_ratio=3, axes_dims_rope=(8, 12, 12))  # fmt: skip
 STEPS = 3
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _model(checkpoint: str, offloaded=(), device="cpu"):
@@ -120,3 +125,68 @@ def test_on_a_gpu_offloaded_weights_rest_pinned_in_cpu_memory_and_visit_the_gpu(
     assert onloads[-1] == [0, 1, 0]
     for a, b in zip(losses, plain, strict=True):
         assert abs(a - b) <= 1e-4 * abs(b)
+
+
+# ------------------------------------------------------------------------------------------ in the recipe
+
+
+def _recipe_losses(tiny_model_dir, sample_data_dir, out, *extra):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from qwen_image_lora.train.lora import LoRARecipe
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [
+        f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={out}",
+        "train.max_steps=4", "checkpoint.every_steps=1000", "validation.every_steps=0", "validation.prompts=[]",
+        "validation.edits=[]", "validation.held_out_fraction=0", *extra,
+    ])  # fmt: skip
+    recipe = LoRARecipe(cfg)
+    try:
+        recipe.setup()
+        recipe.train()
+        blocks = recipe.pipe.transformer.transformer_blocks
+        hooked = [i for i, b in enumerate(blocks) if any(hasattr(c, "_diffusers_hook") for c in b.children())]
+    finally:
+        recipe.cleanup()
+        AcceleratorState._reset_state(True)  # accelerate keeps process-wide singletons
+        GradientState._reset_state()
+    return [json.loads(line)["loss"] for line in (out / "losses.jsonl").read_text().splitlines()], hooked
+
+
+def test_the_recipe_trains_the_same_with_an_offloaded_block(tiny_model_dir, sample_data_dir, tmp_path):
+    plain, hooked = _recipe_losses(tiny_model_dir, sample_data_dir, tmp_path / "plain",
+                                   "train.gradient_checkpointing=true")
+    assert hooked == []
+    offloaded, hooked = _recipe_losses(tiny_model_dir, sample_data_dir, tmp_path / "offload",
+                                       "train.gradient_checkpointing=true", "train.offload_blocks=1")
+    assert hooked == [0] and offloaded == plain
+
+
+def test_a_budget_the_auto_settings_cannot_meet_stops_the_recipe_naming_it(tiny_model_dir, sample_data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.memory_budget_gb: .* over 0.5 GB; `qwen-lora plan"):
+        _recipe_losses(tiny_model_dir, sample_data_dir, tmp_path / "run", "train.gradient_checkpointing=auto",
+                       "train.offload_blocks=auto", "train.memory_budget_gb=0.5")  # under the CUDA context alone
+
+
+def test_auto_offloads_the_fewest_blocks_that_fit_the_budget(tmp_path):
+    """At launch `auto` resolves against train.memory_budget_gb as `qwen-lora plan` does; only the `auto` settings
+    move. A 6-block model (its config alone: the planner reads no weights), budgets cut between plans."""
+    (tmp_path / "model" / "transformer").mkdir(parents=True)
+    (tmp_path / "model" / "transformer" / "config.json").write_text(json.dumps({**SMALL, "num_layers": 6}))
+
+    def resolve(target_peak: int, *extra):
+        gb = (math.ceil(target_peak * (1 + memory.FRAGMENTATION) + memory.CUDA_CONTEXT_BYTES) + 64) / 2**30
+        cfg = load_config(None, [f"model.pretrained={tmp_path / 'model'}", "data.resolution=128", "lora.rank=4",
+                                 f"train.memory_budget_gb={gb}", *extra])  # fmt: skip
+        return memory_fit.resolve(cfg, references=0)
+
+    cfg = load_config(None, [f"model.pretrained={tmp_path / 'model'}", "data.resolution=128", "lora.rank=4"])
+    every = memory.plan_memory(memory.plan_inputs_from_config(cfg, checkpoint="all"))
+    assert resolve(every.peak, "train.gradient_checkpointing=true") is None  # nothing auto: nothing planned
+    four = memory.with_settings(every, offload_blocks=4).peak
+    recipe = resolve(four, "train.gradient_checkpointing=true", "train.offload_blocks=auto")
+    assert recipe.fits and recipe.plan.offloaded == 4 and len(recipe.plan.checkpointed) == 6
+    assert recipe.overrides() == ["train.gradient_checkpointing=true", "train.offload_blocks=4", "optim.name=adamw",
+                                  "model.quantize=none"]  # fmt: skip
+    fixed = resolve(four, "train.gradient_checkpointing=false", "train.offload_blocks=auto")
+    assert not fixed.fits and fixed.plan.offloaded == 0  # offloading needs the checkpointing the user turned off

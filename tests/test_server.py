@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import contextlib
+import hashlib
 import http.server
 import io
 import ipaddress
@@ -18,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from qwen_image_lora.config import Config, ServeAdapter
-from qwen_image_lora.images import decode_image
+from qwen_image_lora.images import decode_image, read_settings
 from qwen_image_lora.inference import urls
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.guards import KeyCheck
@@ -110,8 +111,14 @@ def test_valid_edit_returns_a_decodable_image_at_the_input_size(client):
 
     r = client.post("/v1/images", json=edit(output_format="jpeg", response_format="b64_json", quality=70), headers=AUTH)
     assert r.status_code == 200 and r.json()["output_format"] == "jpeg"
-    image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    data = base64.b64decode(r.json()["data"][0]["b64_json"])
+    image = Image.open(io.BytesIO(data))
     assert image.format == "JPEG" and image.mode == "RGB"
+    # the image says how it was made, as the JSON beside it does; the input is known by its bytes' sha256
+    settings = r.json()["data"][0]["settings"]
+    assert read_settings(data) == settings and settings["seed"] == 1 and settings["prompt"] == "put it on marble"
+    assert settings["images"] == [{"sha256": hashlib.sha256(base64.b64decode(b64_png())).hexdigest(), "path": None}]
+    assert [(a["name"], a["weight"], a["path"]) for a in settings["loras"]] == [("brand", 0.8, None), ("sketch", 1.0, None)]
 
 
 def test_text_to_image_with_aspect_ratio_and_per_request_adapters(client):

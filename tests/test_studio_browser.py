@@ -24,6 +24,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from qwen_image_lora.config import Config, ServeAdapter
+from qwen_image_lora.images import read_settings
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app, request_models
 from qwen_image_lora.inference.testing import make_random_lora
@@ -195,6 +196,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     wait.until(lambda _: downloads.exists() and any(p.suffix == ".png" for p in downloads.iterdir()))
     saved = next(p for p in downloads.iterdir() if p.suffix == ".png")
     assert saved.name == "result-1-seed7.png" and Image.open(saved).size == (64, 64)
+    assert read_settings(saved)["seed"] == 7  # the server's bytes, settings and all
 
     # "copy as curl" reproduces that result byte for byte outside the browser
     d.execute_cdp_cmd("Browser.grantPermissions", {"origin": server, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
@@ -229,6 +231,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
         assert archive.testzip() is None and archive.namelist() == ["a.png", "b.png", "manifest.json"]
         manifest = json.loads(archive.read("manifest.json"))
         assert Image.open(io.BytesIO(archive.read("b.png"))).size == (64, 48)
+        assert read_settings(archive.read("b.png"))["prompt"] == "white background"  # zipped as the server wrote it
     assert [(j["id"], j["status"], j["seed"], j["request"]["image"]) for j in manifest["jobs"]] == [
         ("a", "done", 7, ["a.png"]), ("b", "done", 7, ["b.png"])]
     assert manifest["jobs"][0]["request"]["prompt"] == "white background"

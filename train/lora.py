@@ -334,6 +334,8 @@ class LoRARecipe:
         cache = self.data.dataset.encoder.cache if hasattr(self, "data") else None
         if hasattr(cache, "close"):  # a prepared on-disk cache flushes what training added
             cache.close()
+        if hasattr(self, "accelerator"):
+            ranks.leave(self.accelerator)
 
     def write_failed(self, error: BaseException) -> str:
         """One line for a failed write of the run (a full disk while logging or sampling): the file, the next step
