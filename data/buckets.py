@@ -20,6 +20,7 @@ from PIL import Image
 
 from qwen_image_lora import model as qmodel
 
+
 def assign_bucket(width: int, height: int, resolution: int, max_upscale: float = 1.0) -> tuple[int, int]:
     """The size an image trains at: the pipeline's own size for it (`model.fit_size`, the one sizing rule), shrunk
     when reaching it would upscale more than `max_upscale`."""

@@ -199,7 +199,9 @@ class Cache:
                 continue
             if shard.stat().st_size != size:
                 self._unusable[shard.name] = list(keys)
-                self._damage(shard.name, f"{shard.stat().st_size} bytes where its index says {size} (cut short or overwritten)")
+                self._damage(
+                    shard.name, f"{shard.stat().st_size} bytes where its index says {size} (cut short or overwritten)"
+                )
                 continue
             for key, names in keys.items():
                 # Newest first: a key re-encoded after damage is read before its damaged copy.
@@ -208,7 +210,11 @@ class Cache:
     def _damage(self, shard: str, why: str) -> None:
         if shard not in self.damaged:
             self.damaged[shard] = why
-            logger.warning("cache shard %s is damaged: %s; its entries are re-encoded (or run `qwen-lora data prepare`)", self.shards / shard, why)
+            logger.warning(
+                "cache shard %s is damaged: %s; its entries are re-encoded (or run `qwen-lora data prepare`)",
+                self.shards / shard,
+                why,
+            )
 
     def __len__(self) -> int:
         return len(self._where.keys() | self._pending.keys())
@@ -267,7 +273,9 @@ class Cache:
             shard = copies.pop(0)[0]
             if not copies:
                 del self._where[key]
-                raise CacheDamaged(f"cache entry {key} in {self.shards / shard} is damaged ({self.damaged[shard]}); run `qwen-lora data prepare` to re-encode it")
+                raise CacheDamaged(
+                    f"cache entry {key} in {self.shards / shard} is damaged ({self.damaged[shard]}); run `qwen-lora data prepare` to re-encode it"
+                )
         return None
 
     def verify(self, repair: bool = False) -> dict[str, list[str]]:
@@ -339,7 +347,8 @@ class Cache:
         size = (self.shards / f"{stem}.safetensors").stat().st_size
         # The index goes last: an entry becomes visible only once its tensors are safely on disk.
         atomic_write_text(
-            self.shards / f"{stem}.json", json.dumps({"version": FORMAT_VERSION, "keys": index, "sha256": digests, "bytes": size})
+            self.shards / f"{stem}.json",
+            json.dumps({"version": FORMAT_VERSION, "keys": index, "sha256": digests, "bytes": size}),
         )
         for key, names in index.items():
             self._where.setdefault(key, []).insert(0, (f"{stem}.safetensors", tuple(names), digests[key]))

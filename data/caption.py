@@ -49,7 +49,14 @@ def describe(model, processor, image, prompt: str = CAPTION_PROMPT, max_new_toke
 
 
 def caption_folder(
-    cfg: Config, *, overwrite: bool = False, prompt: str = CAPTION_PROMPT, max_new_tokens: int = 96, model=None, processor=None, log=print
+    cfg: Config,
+    *,
+    overwrite: bool = False,
+    prompt: str = CAPTION_PROMPT,
+    max_new_tokens: int = 96,
+    model=None,
+    processor=None,
+    log=print,
 ) -> CaptionStats:
     d = cfg.data
     if d.path is None or not Path(d.path).is_dir():
@@ -67,13 +74,17 @@ def caption_folder(
         model, processor = load_captioner(cfg, "cuda" if torch.cuda.is_available() else None)
     for item, txt in todo:
         try:
-            caption = describe(model, processor, open_image(item.target, "composite", d.background), prompt, max_new_tokens)
+            caption = describe(
+                model, processor, open_image(item.target, "composite", d.background), prompt, max_new_tokens
+            )
         except Exception as e:  # noqa: BLE001 - an unreadable image is the doctor's business; go on
             stats.failed[item.id] = f"{type(e).__name__}: {e}"
             continue
         atomic_write_text(txt, (caption or "(empty)") + "\n")
         stats.written.append(txt)
-    log(f"captions: {len(stats.written)} written, {len(stats.kept)} kept (use --overwrite to replace), {len(stats.failed)} failed")
+    log(
+        f"captions: {len(stats.written)} written, {len(stats.kept)} kept (use --overwrite to replace), {len(stats.failed)} failed"
+    )
     for item_id, reason in stats.failed.items():
         log(f"  failed {item_id}: {reason}")
     return stats

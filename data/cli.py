@@ -1,11 +1,11 @@
 """`qwen-lora data doctor | prepare | caption`.
 
-    qwen-lora data doctor <config.yaml or data path> [--strict] [--json OUT] [--html OUT] [key=value ...]
-    qwen-lora data prepare --config CFG [key=value ...]
-    accelerate launch --multi_gpu --num_processes N -m qwen_image_lora.cli data prepare --config CFG
-        (each process takes every N-th item and writes its own shards; on CPU add ACCELERATE_USE_CPU=1 and keep
-        --multi_gpu, which only selects accelerate's multi-process launcher)
-    qwen-lora data caption --config CFG [--overwrite]
+qwen-lora data doctor <config.yaml or data path> [--strict] [--json OUT] [--html OUT] [key=value ...]
+qwen-lora data prepare --config CFG [key=value ...]
+accelerate launch --multi_gpu --num_processes N -m qwen_image_lora.cli data prepare --config CFG
+    (each process takes every N-th item and writes its own shards; on CPU add ACCELERATE_USE_CPU=1 and keep
+    --multi_gpu, which only selects accelerate's multi-process launcher)
+qwen-lora data caption --config CFG [--overwrite]
 """
 
 from __future__ import annotations
@@ -51,12 +51,11 @@ def _doctor(args) -> int:
 
 
 def _prepare(args) -> int:
+    import torch
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from qwen_image_lora.data.prepare import prepare
-
-    import torch
-    from accelerate.utils import parse_flag_from_env
 
     cfg = load_config(args.config, args.overrides)
     # PartialState only goes multi-process on CPU when told to (Accelerator reads this flag itself).
@@ -77,7 +76,9 @@ def _caption(args) -> int:
     from qwen_image_lora.data.caption import CAPTION_PROMPT, caption_folder
 
     cfg = load_config(args.config, args.overrides)
-    stats = caption_folder(cfg, overwrite=args.overwrite, prompt=args.prompt or CAPTION_PROMPT, max_new_tokens=args.max_new_tokens)
+    stats = caption_folder(
+        cfg, overwrite=args.overwrite, prompt=args.prompt or CAPTION_PROMPT, max_new_tokens=args.max_new_tokens
+    )
     return 1 if stats.failed and not stats.written else 0
 
 
@@ -85,7 +86,9 @@ def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="check, cache and caption training data")
     sub = data.add_subparsers(dest="data_command", required=True)
 
-    p = sub.add_parser("doctor", help="report unreadable, duplicate, uncaptioned, misaligned ... items (never edits them)")
+    p = sub.add_parser(
+        "doctor", help="report unreadable, duplicate, uncaptioned, misaligned ... items (never edits them)"
+    )
     p.add_argument("target", help="a config (.yaml) or a data folder / manifest")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--strict", action="store_true", help="exit 1 when any item has an error")

@@ -152,18 +152,26 @@ class SampleEncoder:
     def encode_images(self, loaders: dict[str, Callable[[], Image.Image]]) -> list[dict[str, torch.Tensor]]:
         """Same-size images (key -> loader) in one VAE call; caches and returns each one's {"latents": [1, C, 1, h, w]}."""
         if self.pipe is None or self.pipe.vae is None:
-            raise KeyError(f"latents {next(iter(loaders))} are not cached and no VAE is loaded; run `qwen-lora data prepare`")
+            raise KeyError(
+                f"latents {next(iter(loaders))} are not cached and no VAE is loaded; run `qwen-lora data prepare`"
+            )
         pixels = torch.cat([qmodel.image_to_pixels(self.pipe, load()) for load in loaders.values()])
         latents = qmodel.encode_latents(self.pipe, pixels).cpu()
         return self._store(loaders, [{"latents": one} for one in latents.split(1)], "latents")
 
-    def encode_prompts(self, texts: dict[str, str], load_images: Callable[[], list[Image.Image]] | None = None) -> list[dict]:
+    def encode_prompts(
+        self, texts: dict[str, str], load_images: Callable[[], list[Image.Image]] | None = None
+    ) -> list[dict]:
         """Prompts (key -> text) sharing one set of condition images (None: text-to-image) in one text-encoder call;
         caches and returns each one's entry, cut to its own tokens: what encoding it alone writes."""
         if self.pipe is None or self.pipe.text_encoder is None:
-            raise KeyError(f"embeddings {next(iter(texts))} are not cached and no text encoder is loaded; run `qwen-lora data prepare`")
+            raise KeyError(
+                f"embeddings {next(iter(texts))} are not cached and no text encoder is loaded; run `qwen-lora data prepare`"
+            )
         batch = qmodel.encode_prompt(self.pipe, list(texts.values()), load_images() if load_images else None)
-        entries = [{"embeds": p.embeds.cpu(), "image_pad": p.image_pad.cpu()} for p in qmodel.split_prompt_embeds(batch)]
+        entries = [
+            {"embeds": p.embeds.cpu(), "image_pad": p.image_pad.cpu()} for p in qmodel.split_prompt_embeds(batch)
+        ]
         return self._store(texts, entries, "prompts")
 
     def _store(self, keys, entries: list[dict], kind: str) -> list[dict]:
@@ -197,8 +205,14 @@ class Batch:
     def to(self, device, dtype=None) -> "Batch":
         move = lambda t: t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
         weights = None if self.loss_mask is None else self.loss_mask.to(device)
-        return Batch(move(self.latents), [move(c) for c in self.cond_latents], self.prompt.to(device, dtype), self.ids,
-                     self.cursor, weights)
+        return Batch(
+            move(self.latents),
+            [move(c) for c in self.cond_latents],
+            self.prompt.to(device, dtype),
+            self.ids,
+            self.cursor,
+            weights,
+        )
 
 
 class TrainingDataset(torch.utils.data.Dataset):
@@ -341,7 +355,9 @@ def build_training_data(
     if not entries:
         raise DataError(f"data.path: none of the {len(found)} items could be read; run `qwen-lora data doctor`")
     fraction = cfg.validation.held_out_fraction
-    held_out = [i for i, e in enumerate(entries) if fraction and stable_int("held-out", e.item.id) % 10_000 < fraction * 10_000]
+    held_out = [
+        i for i, e in enumerate(entries) if fraction and stable_int("held-out", e.item.id) % 10_000 < fraction * 10_000
+    ]
     if fraction and not held_out and len(entries) > 1:
         held_out = [len(entries) - 1]
     train_ids = [i for i in range(len(entries)) if i not in set(held_out)]
@@ -351,7 +367,9 @@ def build_training_data(
     logger.info("buckets (%d items):\n%s", len(train_ids), histogram([entries[i].target.bucket for i in train_ids]))
     if cache is None and cfg.data.cache_dir and (Path(cfg.data.cache_dir) / "shards").is_dir():
         # A prepared cache: read it, and add what is missing (new captions, new items) as this rank's shards.
-        cache = Cache(cfg.data.cache_dir, model_identity(cfg.model), writable=True, rank=rank, items_per_shard=cfg.data.shard_size)
+        cache = Cache(
+            cfg.data.cache_dir, model_identity(cfg.model), writable=True, rank=rank, items_per_shard=cfg.data.shard_size
+        )
     encoder = SampleEncoder(pipe, model_identity(cfg.model), cache)
     sampler = BucketBatchSampler(list(layouts.values()), cfg.train.batch_size, cfg.train.seed, num_replicas, rank)
     return TrainingData(TrainingDataset(entries, cfg, encoder), sampler, held_out, skipped)

@@ -84,7 +84,11 @@ def probe_image(path: Path, cfg: Config) -> tuple[ImageInfo, Image.Image | None]
         return info, None
     except OSError as e:
         loop = e.errno == errno.ELOOP
-        info.error = ("symlink-loop", "a symbolic link that leads back to itself") if loop else ("unreadable", f"cannot read the file: {e}")
+        info.error = (
+            ("symlink-loop", "a symbolic link that leads back to itself")
+            if loop
+            else ("unreadable", f"cannot read the file: {e}")
+        )
         return info, None
     if not data:
         info.error = ("empty-file", "the file is empty (0 bytes)")
@@ -113,12 +117,18 @@ def probe_image(path: Path, cfg: Config) -> tuple[ImageInfo, Image.Image | None]
     if min(w, h) < d.min_side:
         info.error = ("too-small", f"{w}x{h}: a side is under data.min_side={d.min_side}")
     elif max(w, h) / min(w, h) > d.max_aspect:
-        info.error = ("extreme-aspect", f"{w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1) is over data.max_aspect={d.max_aspect:g}")
+        info.error = (
+            "extreme-aspect",
+            f"{w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1) is over data.max_aspect={d.max_aspect:g}",
+        )
     else:
         bw, bh = assign_bucket(w, h, d.resolution, d.max_upscale)
         if bw * bh < 0.5 * d.resolution**2:
             info.warnings.append(
-                ("low-resolution", f"{w}x{h} trains at {bw}x{bh}, under half the {d.resolution}px budget (data.max_upscale={d.max_upscale:g})")
+                (
+                    "low-resolution",
+                    f"{w}x{h} trains at {bw}x{bh}, under half the {d.resolution}px budget (data.max_upscale={d.max_upscale:g})",
+                )
             )
     info.phash, info.dhash = sim.phash(image), sim.dhash(image)
     info.colour, info.features = sim.colour_histogram(image), sim.edit_features(image)
@@ -169,9 +179,20 @@ def check_item(item: Item, cfg: Config, tokenizer, report: Report, infos: dict[s
     sources = [probe(p, f"source {i + 1}") for i, p in enumerate(item.sources)]
     if item.mask is not None:
         mask_info, _ = probe(item.mask, "mask")
-        if not mask_info.error and target[0].size and mask_info.size and not _same_aspect(mask_info.size, target[0].size):
-            report.add("error", "mask-size", item.id, f"mask {item.mask.name} is {mask_info.size[0]}x{mask_info.size[1]}, "
-                       f"the target {target[0].size[0]}x{target[0].size[1]}: export the mask at the target's size", item.mask)
+        if (
+            not mask_info.error
+            and target[0].size
+            and mask_info.size
+            and not _same_aspect(mask_info.size, target[0].size)
+        ):
+            report.add(
+                "error",
+                "mask-size",
+                item.id,
+                f"mask {item.mask.name} is {mask_info.size[0]}x{mask_info.size[1]}, "
+                f"the target {target[0].size[0]}x{target[0].size[1]}: export the mask at the target's size",
+                item.mask,
+            )
     if not any(code.startswith(("caption-", "unreadable-caption")) for code, _ in item.issues):
         _check_captions(item, cfg, tokenizer, report)
     return target[0], target[1], sources
@@ -198,9 +219,19 @@ def _check_captions(item: Item, cfg: Config, tokenizer, report: Report) -> None:
         if tokenizer is not None:
             n = len(tokenizer(full, add_special_tokens=False)["input_ids"])
             if n > d.max_caption_tokens:
-                report.add("error", f"{what}-too-long", item.id, f"{n} tokens, over data.max_caption_tokens={d.max_caption_tokens}: {full[:60]!r}...")
+                report.add(
+                    "error",
+                    f"{what}-too-long",
+                    item.id,
+                    f"{n} tokens, over data.max_caption_tokens={d.max_caption_tokens}: {full[:60]!r}...",
+                )
         if d.trigger_word and not re.search(rf"(?<!\w){re.escape(d.trigger_word)}(?!\w)", full, re.IGNORECASE):
-            report.add("warning", "missing-trigger", item.id, f"{what} {full[:60]!r} lacks the trigger word {d.trigger_word!r} (add it, or put {{trigger}} in data.caption_template)")
+            report.add(
+                "warning",
+                "missing-trigger",
+                item.id,
+                f"{what} {full[:60]!r} lacks the trigger word {d.trigger_word!r} (add it, or put {{trigger}} in data.caption_template)",
+            )
 
 
 def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item], list[tuple[Item, str]]]:
@@ -220,7 +251,9 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
         if not fresh:
             check_item(item, cfg, tokenizer, report)
             if item.id in report.excluded:
-                reason = "; ".join(f"{f.code}: {f.message}" for f in report.findings if f.item == item.id and f.severity == "error")
+                reason = "; ".join(
+                    f"{f.code}: {f.message}" for f in report.findings if f.item == item.id and f.severity == "error"
+                )
                 logger.warning("skipping %s: %s", item.id, reason)
                 skipped.append((item, reason))
                 continue
@@ -229,10 +262,13 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
                     logger.warning("training %s, %s", item.id, f.message)
         keep.append(item)
     if by_doctor:  # the doctor already printed these; one line here
-        logger.info("%d items left out as the data doctor excluded them (e.g. %s); see %s/doctor.json",
-                    len(by_doctor), ", ".join(it.id for it in by_doctor[:3]), cfg.data.cache_dir)
+        logger.info(
+            "%d items left out as the data doctor excluded them (e.g. %s); see %s/doctor.json",
+            len(by_doctor),
+            ", ".join(it.id for it in by_doctor[:3]),
+            cfg.data.cache_dir,
+        )
     return keep, skipped
-
 
 
 # ------------------------------------------------------------------------------------------ the doctor
@@ -256,7 +292,12 @@ def diagnose(cfg: Config, items: list[Item] | None = None, tokenizer="auto", con
     if tokenizer == "auto":
         tokenizer = load_tokenizer(cfg)
         if tokenizer is None:
-            report.add("warning", "tokenizer-unavailable", "", f"could not load the tokenizer of {cfg.model.pretrained}; caption lengths not checked")
+            report.add(
+                "warning",
+                "tokenizer-unavailable",
+                "",
+                f"could not load the tokenizer of {cfg.model.pretrained}; caption lengths not checked",
+            )
     infos: dict[str, ImageInfo] = {}
     pair_deltas: list[tuple[str, np.ndarray]] = []
     readable: list[dict] = []  # for the duplicate checks
@@ -264,8 +305,15 @@ def diagnose(cfg: Config, items: list[Item] | None = None, tokenizer="auto", con
         tinfo, timage, sources = check_item(item, cfg, tokenizer, report, infos)
         if item.id not in report.excluded:  # a copy of an excluded item may be the one worth keeping
             checked = [tinfo, *(s for s, _ in sources)]
-            readable.append({"id": item.id, "path": item.target, "content": tuple(i.sha256 for i in checked), "captions": item.captions,
-                             "looks": [(i.phash, i.colour) for i in checked]})
+            readable.append(
+                {
+                    "id": item.id,
+                    "path": item.target,
+                    "content": tuple(i.sha256 for i in checked),
+                    "captions": item.captions,
+                    "looks": [(i.phash, i.colour) for i in checked],
+                }
+            )
         if item.sources:
             flags = _check_pair(item, tinfo, timage, sources, report)
             if tinfo.features and sources and sources[0][0].features and not flags.get("identical"):
@@ -299,13 +347,19 @@ def _check_pair(item: Item, tinfo: ImageInfo, timage, sources, report: Report) -
     flags = {}
     add = report.add
     if _name_says_swapped(item):
-        add("warning", "swapped", item.id, f"file names suggest source and target are swapped ({item.sources[0].name} -> {item.target.name})")
+        add(
+            "warning",
+            "swapped",
+            item.id,
+            f"file names suggest source and target are swapped ({item.sources[0].name} -> {item.target.name})",
+        )
     for i, (sinfo, simage) in enumerate(sources):
         role = f"source {i + 1}"
         if tinfo.error or sinfo.error or timage is None or simage is None:
             continue
         if sinfo.sha256 == tinfo.sha256 or (
-            sinfo.size == tinfo.size and np.abs(np.asarray(simage, np.int16) - np.asarray(timage, np.int16)).mean() < 0.5
+            sinfo.size == tinfo.size
+            and np.abs(np.asarray(simage, np.int16) - np.asarray(timage, np.int16)).mean() < 0.5
             if simage.mode == timage.mode
             else False
         ):
@@ -313,11 +367,21 @@ def _check_pair(item: Item, tinfo: ImageInfo, timage, sources, report: Report) -
             flags["identical"] = True
             continue
         if sinfo.size != tinfo.size:
-            add("warning", "size-mismatch", item.id, f"{role} is {sinfo.size[0]}x{sinfo.size[1]}, the target {tinfo.size[0]}x{tinfo.size[1]}: pixels are not aligned")
+            add(
+                "warning",
+                "size-mismatch",
+                item.id,
+                f"{role} is {sinfo.size[0]}x{sinfo.size[1]}, the target {tinfo.size[0]}x{tinfo.size[1]}: pixels are not aligned",
+            )
         corr = sim.edge_correlation(simage, timage)
         dist = sim.hamming(sinfo.phash, tinfo.phash)
         if corr < 0.15 and dist > 20:
-            add("warning", "unrelated-pair", item.id, f"{role} and the target share no structure (edge correlation {corr:.2f}, pHash distance {dist}/64)")
+            add(
+                "warning",
+                "unrelated-pair",
+                item.id,
+                f"{role} and the target share no structure (edge correlation {corr:.2f}, pHash distance {dist}/64)",
+            )
             continue
         # Offsets only mean something when the two images frame the same scene at the same aspect.
         sw, sh = sinfo.size
@@ -326,7 +390,12 @@ def _check_pair(item: Item, tinfo: ImageInfo, timage, sources, report: Report) -
             shift = sim.offset(simage, timage)
             if shift is not None:
                 dy, dx = shift
-                add("warning", "misaligned", item.id, f"{role} is offset from the target by ({dx:+d}, {dy:+d}) px (x, y): the adapter would learn to shift images")
+                add(
+                    "warning",
+                    "misaligned",
+                    item.id,
+                    f"{role} is offset from the target by ({dx:+d}, {dy:+d}) px (x, y): the adapter would learn to shift images",
+                )
     return flags
 
 

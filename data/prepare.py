@@ -83,8 +83,9 @@ def prepare(
     failed = {item.id: reason for item, reason in skipped}
 
     if pipe is None:
-
-        pipe = load_pipeline(cfg.model.pretrained, cfg.model.dtype, device, revision=cfg.model.revision, transformer=False)
+        pipe = load_pipeline(
+            cfg.model.pretrained, cfg.model.dtype, device, revision=cfg.model.revision, transformer=False
+        )
     model_id = model_identity(cfg.model)
     stats = PrepareStats()
     with Cache(cache_dir, model_id, writable=True, rank=rank, items_per_shard=d.shard_size) as cache:
@@ -110,7 +111,9 @@ def prepare(
                     try:
                         _encode_together(dataset, batch, d.prepare_batch_size)
                     except Exception as e:  # noqa: BLE001 - its items are retried one at a time below, naming the bad one
-                        logger.warning("prepare: a batch of %d items failed (%s); encoding them one at a time", len(batch), e)
+                        logger.warning(
+                            "prepare: a batch of %d items failed (%s); encoding them one at a time", len(batch), e
+                        )
                 # One at a time: encodes what is still missing and names an item that fails, which stays out of training.
                 for index in batch:
                     try:
@@ -125,11 +128,16 @@ def prepare(
     stats.failed = {k: v for k, v in failed.items()}
     atomic_write_text(
         cache_dir / f"prepare-r{rank:03d}.json",
-        json.dumps({"data_path": str(d.path), "excluded": {k: ["prepare-failed: " + v] for k, v in stats.failed.items()}}, indent=1),
+        json.dumps(
+            {"data_path": str(d.path), "excluded": {k: ["prepare-failed: " + v] for k, v in stats.failed.items()}},
+            indent=1,
+        ),
     )
     stats.seconds = time.perf_counter() - start
     if rank == 0:
-        log(f"buckets (prepared):\n{histogram([e.target.bucket for e in entries])}" if entries else "nothing to prepare")
+        log(
+            f"buckets (prepared):\n{histogram([e.target.bucket for e in entries])}" if entries else "nothing to prepare"
+        )
     return stats
 
 

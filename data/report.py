@@ -99,7 +99,9 @@ class Report:
                 rows += [(severity, code, f.item, f.message) for f in found]
                 continue
             examples = ", ".join(f.item for f in found[:EXAMPLES])
-            rows.append((severity, code, f"{len(found)} items", f"e.g. {examples}, ...; {found[0].item}: {found[0].message}"))
+            rows.append(
+                (severity, code, f"{len(found)} items", f"e.g. {examples}, ...; {found[0].item}: {found[0].message}")
+            )
         return rows
 
     def table(self, limit: int = 60) -> str:
@@ -135,7 +137,7 @@ class Report:
             note = "<br>".join(html.escape(f) for f in flags)
             rows.append(
                 f'<tr class="{cls}"><td>{html.escape(p["id"])}</td><td>{srcs}</td><td>{tgt}</td>'
-                f'<td>{html.escape(p["instruction"])}</td><td>{note}</td></tr>'
+                f"<td>{html.escape(p['instruction'])}</td><td>{note}</td></tr>"
             )
         page = f"""<!doctype html><html><head><meta charset="utf-8"><title>data doctor: edit pairs</title>
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse}} td{{border:1px solid #ccc;padding:4px;vertical-align:top}}

@@ -136,7 +136,12 @@ def check_swapped_direction(deltas: list[tuple[str, np.ndarray]], add: Add, min_
         return
     for (item_id, _), c in zip(deltas, cos):
         if c < -0.5:
-            add("warning", "swapped", item_id, f"this pair changes in the opposite direction to the other {len(deltas) - 1} (cosine {c:.2f}): source and target swapped?")
+            add(
+                "warning",
+                "swapped",
+                item_id,
+                f"this pair changes in the opposite direction to the other {len(deltas) - 1} (cosine {c:.2f}): source and target swapped?",
+            )
 
 
 def _age(image: dict) -> tuple:
@@ -161,9 +166,19 @@ def check_duplicates(images: list[dict], add: Add) -> None:
         original = originals[im["content"]]
         if original is im:
             continue
-        merge = "" if im["captions"] == original["captions"] else "; the captions differ: merge them into one item to keep both"
-        add("error", "duplicate", im["id"], f"same image as {original['id']}, which is kept (the earlier file): trained "
-            f"once, this copy is left out{merge}", im["path"])
+        merge = (
+            ""
+            if im["captions"] == original["captions"]
+            else "; the captions differ: merge them into one item to keep both"
+        )
+        add(
+            "error",
+            "duplicate",
+            im["id"],
+            f"same image as {original['id']}, which is kept (the earlier file): trained "
+            f"once, this copy is left out{merge}",
+            im["path"],
+        )
     bands: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, im in enumerate(kept):
         for band in range(8):
@@ -184,4 +199,10 @@ def check_duplicates(images: list[dict], add: Add) -> None:
                 dists = [(hamming(x[0], y[0]), colour_distance(x[1], y[1])) for x, y in zip(a["looks"], b["looks"])]
                 if all(bits <= NEAR_DUPLICATE_BITS and colour <= NEAR_DUPLICATE_COLOUR for bits, colour in dists):
                     bits, colour = dists[0]
-                    add("warning", "near-duplicate", b["id"], f"looks like {a['id']} (pHash distance {bits}/64, colour distance {colour:.2f})", b["path"])
+                    add(
+                        "warning",
+                        "near-duplicate",
+                        b["id"],
+                        f"looks like {a['id']} (pHash distance {bits}/64, colour distance {colour:.2f})",
+                        b["path"],
+                    )

@@ -77,7 +77,9 @@ def load_items(cfg: DataConfig) -> list[Item]:
         try:
             return _load_manifest(path)
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the manifest as UTF-8") from None
+            raise DataError(
+                f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save the manifest as UTF-8"
+            ) from None
     if fmt == "hf":
         return _load_hf(path, cfg)
     raise DataError(f"data.format: {fmt!r} is not supported by this loader")
@@ -91,7 +93,9 @@ def _read_captions(path: Path) -> tuple[tuple[str, ...], tuple[tuple[str, str], 
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        return (), (("caption-not-utf8", f"{path.name} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8"),)
+        return (), (
+            ("caption-not-utf8", f"{path.name} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8"),
+        )
     except OSError as e:
         return (), (("unreadable-caption", f"cannot read {path.name}: {e.strerror or e}"),)
     return tuple(line.strip() for line in text.splitlines() if line.strip()), ()
@@ -119,7 +123,16 @@ def _load_folder(folder: Path) -> list[Item]:
             continue
         captions, issues = _read_captions(p.with_suffix(".txt"))
         target = p.absolute() if link else p.resolve()
-        items.append(Item(str(p.relative_to(folder)), target, captions, (), p.with_suffix(".txt"), (link, *issues) if link else issues))
+        items.append(
+            Item(
+                str(p.relative_to(folder)),
+                target,
+                captions,
+                (),
+                p.with_suffix(".txt"),
+                (link, *issues) if link else issues,
+            )
+        )
     if not items:
         raise DataError(f"data.path: {folder} holds no .jpg/.jpeg/.png/.webp images")
     return items
@@ -169,7 +182,9 @@ def _row_to_item(row: dict, base: Path, where: str, item_id: str) -> Item:
         has = ", ".join(map(repr, row)) or "nothing"
         raise DataError(f"{where}: t2i rows need 'image' (and 'caption'); this row has {has}; edit rows need target, "
                         "instruction, sources")  # fmt: skip
-    return Item(id=item_id, target=(base / row["image"]).resolve(), captions=_as_captions(row.get("caption"), where, "caption"))
+    return Item(
+        id=item_id, target=(base / row["image"]).resolve(), captions=_as_captions(row.get("caption"), where, "caption")
+    )
 
 
 def _load_csv(path: Path) -> list[Item]:

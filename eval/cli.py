@@ -35,11 +35,19 @@ def register(subparsers) -> None:
         "report.html + report.json to eval.output_dir. --checkpoints ranks a run's checkpoints by held-out loss.",
     )
     p.add_argument("--config", required=True, help="the YAML config (its eval section drives this command)")
-    p.add_argument("--adapter", action="append", default=[], metavar="PATH",
-                   help="an adapter folder or .safetensors file; repeat to compare several")
-    p.add_argument("--checkpoints", metavar="RUN_DIR",
-                   help="rank every checkpoint in RUN_DIR/checkpoints and the final adapter by held-out loss "
-                   "(the held-out settings must match RUN_DIR/config.yaml)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an adapter folder or .safetensors file; repeat to compare several",
+    )
+    p.add_argument(
+        "--checkpoints",
+        metavar="RUN_DIR",
+        help="rank every checkpoint in RUN_DIR/checkpoints and the final adapter by held-out loss "
+        "(the held-out settings must match RUN_DIR/config.yaml)",
+    )
     p.add_argument("--output", metavar="DIR", help="where to write the report (default: eval.output_dir)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.seeds=[0,1,2]")
     p.set_defaults(func=_eval)

@@ -78,12 +78,24 @@ def evaluate(
     if checkpoints:
         best = min(checkpoints, key=lambda c: c.loss)
         notes.append(f"Best checkpoint by held-out loss: {best.name} (step {best.step}, loss {best.loss:.5g}).")
-    paths = write_report(cfg.eval.output_dir, samples, notes=notes, checkpoints=checkpoints, config=to_dict(cfg),
-                         not_measured=not_measured)
+    paths = write_report(
+        cfg.eval.output_dir,
+        samples,
+        notes=notes,
+        checkpoints=checkpoints,
+        config=to_dict(cfg),
+        not_measured=not_measured,
+    )
     if cfg.tracking.backend == "wandb":
         summary = summarise(samples, [BASE, *names])
-        log_to_wandb(cfg.tracking.project, cfg.tracking.run_name, cfg.eval.output_dir, samples, summary,
-                     verdicts(summary, not_measured))
+        log_to_wandb(
+            cfg.tracking.project,
+            cfg.tracking.run_name,
+            cfg.eval.output_dir,
+            samples,
+            summary,
+            verdicts(summary, not_measured),
+        )
     return paths
 
 
@@ -97,7 +109,9 @@ def _jobs(cfg: Config, notes: list[str]) -> list[_Job]:
         if prompts or edits:
             notes.append("eval.prompts and eval.edits are empty; used validation.prompts and validation.edits.")
     if not prompts and not edits:
-        raise InputError("eval.prompts / eval.edits: nothing to evaluate; add held-out prompts or edit examples", "eval.prompts")
+        raise InputError(
+            "eval.prompts / eval.edits: nothing to evaluate; add held-out prompts or edit examples", "eval.prompts"
+        )
     seeds = cfg.eval.render_seeds
     return [_Job("t2i", p, s) for p in prompts for s in seeds] + [
         _Job("edit", e.prompt, s, e) for e in edits for s in seeds
@@ -191,8 +205,10 @@ def _clip(cfg: Config, notes: list[str], device: str):
     """The CLIP scorer and reference embeddings (N, D), or Nones with a note saying why."""
     e = cfg.eval
     if e.clip_model is None:
-        notes.append("CLIPScore and reference similarity skipped: set eval.clip_model to a local CLIP or SigLIP "
-                     "folder (transformers format); nothing is downloaded.")
+        notes.append(
+            "CLIPScore and reference similarity skipped: set eval.clip_model to a local CLIP or SigLIP "
+            "folder (transformers format); nothing is downloaded."
+        )
         return None, None
     scorer = M.ClipScorer(e.clip_model, device=device)
     if e.reference_images is None:
@@ -236,8 +252,10 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, str, Path]]:
     if (run_dir / layout.FINAL_ADAPTER).is_file() and metadata.is_file():
         found.append((int(json.loads(metadata.read_text())["steps"]), "final", run_dir))
     if not found:
-        raise NotFound(f"--checkpoints: no step-<N> checkpoint folders in {run_dir / layout.CHECKPOINTS} "
-                                f"and no final adapter ({layout.FINAL_ADAPTER} + {layout.METADATA}) in {run_dir}")
+        raise NotFound(
+            f"--checkpoints: no step-<N> checkpoint folders in {run_dir / layout.CHECKPOINTS} "
+            f"and no final adapter ({layout.FINAL_ADAPTER} + {layout.METADATA}) in {run_dir}"
+        )
     return found
 
 
@@ -248,14 +266,20 @@ def check_run_config(cfg: Config, run_dir: str | Path) -> list[str]:
     if not saved_path.is_file():
         return [f"{saved_path} not found: could not check that the checkpoints are scored on the run's held-out split."]
     saved, current = yaml.safe_load(saved_path.read_text()) or {}, to_dict(cfg)
-    differ = {k: (_get(saved, k), _get(current, k)) for k in (*_SPLIT_KEYS, *_LOSS_KEYS) if _get(saved, k) != _get(current, k)}
+    differ = {
+        k: (_get(saved, k), _get(current, k)) for k in (*_SPLIT_KEYS, *_LOSS_KEYS) if _get(saved, k) != _get(current, k)
+    }
     split = [f"{k} is {here!r} here but {run!r} in the run" for k, (run, here) in differ.items() if k in _SPLIT_KEYS]
     if split:
-        raise InputError(f"--checkpoints {run_dir}: the held-out split differs from the run's ({'; '.join(split)}), so "
-                         f"held-out items could be training items. Pass --config {saved_path}, or set those keys to "
-                         "the run's values")
-    return [f"Held-out losses differ from the run's logged heldout_loss: {k} is {here!r} here but {run!r} in the run."
-            for k, (run, here) in differ.items()]
+        raise InputError(
+            f"--checkpoints {run_dir}: the held-out split differs from the run's ({'; '.join(split)}), so "
+            f"held-out items could be training items. Pass --config {saved_path}, or set those keys to "
+            "the run's values"
+        )
+    return [
+        f"Held-out losses differ from the run's logged heldout_loss: {k} is {here!r} here but {run!r} in the run."
+        for k, (run, here) in differ.items()
+    ]
 
 
 def _get(tree: dict, dotted: str):
@@ -264,7 +288,9 @@ def _get(tree: dict, dotted: str):
     return tree
 
 
-def score_checkpoints(cfg: Config, generator: Generator, checkpoints: list[tuple[int, str, Path]]) -> list[CheckpointScore]:
+def score_checkpoints(
+    cfg: Config, generator: Generator, checkpoints: list[tuple[int, str, Path]]
+) -> list[CheckpointScore]:
     """Held-out loss of each (step, name, adapter folder) from `find_checkpoints`.
 
     The items are those `validation.held_out_fraction` keeps out of training and the noise and times are
@@ -273,8 +299,10 @@ def score_checkpoints(cfg: Config, generator: Generator, checkpoints: list[tuple
     """
     batches = build_training_data(cfg, generator.pipe).held_out_batches()
     if not batches:
-        raise InputError("validation.held_out_fraction: no held-out items to score checkpoints on; set it to the "
-                         "fraction the run held out (> 0)")
+        raise InputError(
+            "validation.held_out_fraction: no held-out items to score checkpoints on; set it to the "
+            "fraction the run held out (> 0)"
+        )
     scores = []
     for step, name, adapter in track(checkpoints, desc="checkpoints", unit="adapter"):
         loaded = generator.adapters.load(adapter, name=f"eval-{name}")

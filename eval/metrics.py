@@ -44,7 +44,9 @@ def to_rgb_array(image: Picture) -> np.ndarray:
 
 def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"{what}: images must have the same size, got {a.shape[1]}x{a.shape[0]} and {b.shape[1]}x{b.shape[0]}")
+        raise ValueError(
+            f"{what}: images must have the same size, got {a.shape[1]}x{a.shape[0]} and {b.shape[1]}x{b.shape[0]}"
+        )
 
 
 # ----------------------------------------------------------------------------------------- palette fidelity
@@ -77,7 +79,9 @@ def _kmeans(points: np.ndarray, k: int, seed: int, iters: int = 30) -> tuple[np.
     centres = np.array(centres)
     for _ in range(iters):
         labels = ((points[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
-        new = np.array([points[labels == j].mean(0) if (labels == j).any() else centres[j] for j in range(len(centres))])
+        new = np.array(
+            [points[labels == j].mean(0) if (labels == j).any() else centres[j] for j in range(len(centres))]
+        )
         if np.allclose(new, centres):
             break
         centres = new
@@ -306,7 +310,9 @@ class ClipScorer:
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise NotFound(f"eval.clip_model: {path} is not a transformers model folder (no config.json)", "eval.clip_model")
+            raise NotFound(
+                f"eval.clip_model: {path} is not a transformers model folder (no config.json)", "eval.clip_model"
+            )
         self.device = torch.device(device)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
         self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
@@ -323,7 +329,9 @@ class ClipScorer:
 
         pixels = self.processor(images=[Image.fromarray(to_rgb_array(i)) for i in images], return_tensors="pt")
         with torch.inference_mode():
-            return self._unit(self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))).float()
+            return self._unit(
+                self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
+            ).float()
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Unit-norm text embeddings, (N, D) float32."""

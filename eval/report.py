@@ -47,7 +47,6 @@ def _finite_or_none(value):
     return value
 
 
-
 def write_report(
     out_dir: str | Path,
     samples: list[Sample],
@@ -75,8 +74,10 @@ def write_report(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "variants": variants,
         "notes": list(notes),
-        "metrics": {name: {"label": METRICS[name].label, "higher_is_better": METRICS[name].higher_is_better, **entry}
-                    for name, entry in summary.items()},
+        "metrics": {
+            name: {"label": METRICS[name].label, "higher_is_better": METRICS[name].higher_is_better, **entry}
+            for name, entry in summary.items()
+        },
         "samples": [{"kind": s.kind, "prompt": s.prompt, "seed": s.seed, "metrics": s.metrics} for s in samples],
         "checkpoints": [vars(c) for c in checkpoints],
         "best_checkpoint": best,
@@ -84,7 +85,9 @@ def write_report(
     }
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     atomic_write_text(json_path, json.dumps(_finite_or_none(data), indent=2, allow_nan=False))
-    atomic_write_text(html_path, _render_html(title, variants, samples, summary, verdict, list(notes), list(checkpoints), best))
+    atomic_write_text(
+        html_path, _render_html(title, variants, samples, summary, verdict, list(notes), list(checkpoints), best)
+    )
     return html_path, json_path
 
 
@@ -109,18 +112,21 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}.better{color:#0a7d2c}.worse{col
 """
 
 
-
 def _ci_text(entry: dict) -> str:
     return f"{fmt(entry['mean'])} <small>[{fmt(entry['low'])}, {fmt(entry['high'])}]</small>"
 
 
 def _render_html(title, variants, samples, summary, verdict, notes, checkpoints, best) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+    ]
     if verdict:
         parts.append("<div class='verdict'>" + "<br>".join(html.escape(v["line"]) for v in verdict.values()) + "</div>")
-    parts.append(f"<p>{len(samples)} samples; variants: {', '.join(html.escape(v) for v in variants)}. "
-                 f"Means with Student-t 95% intervals; Δ is the paired difference to base (a verdict needs {MIN_PAIRS} pairs).</p>")
+    parts.append(
+        f"<p>{len(samples)} samples; variants: {', '.join(html.escape(v) for v in variants)}. "
+        f"Means with Student-t 95% intervals; Δ is the paired difference to base (a verdict needs {MIN_PAIRS} pairs).</p>"
+    )
     if notes:
         parts.append("<div class='notes'>" + "<br>".join(html.escape(n) for n in notes) + "</div>")
     if summary:
@@ -172,8 +178,11 @@ def _grid(variants, samples) -> str:
             cells += f"<td>{_img_tag(_outlined(s.source, s.mask))}</td>" if s.source is not None else "<td></td>"
         for v in variants:
             values = s.metrics.get(v, {})
-            cap = "<br>".join(f"{html.escape(METRICS[k].label)}: {fmt(values[k])}"
-                              for k in METRICS if math.isfinite(values.get(k, math.nan)))
+            cap = "<br>".join(
+                f"{html.escape(METRICS[k].label)}: {fmt(values[k])}"
+                for k in METRICS
+                if math.isfinite(values.get(k, math.nan))
+            )
             image = _outlined(s.images[v], s.mask) if v in s.images else None
             cells += f"<td>{_img_tag(image) if image is not None else ''}<div class='cap'>{cap}</div></td>"
         rows.append(f"<tr>{cells}</tr>")
@@ -233,8 +242,10 @@ def _metric_plot(variants, summary) -> bytes:
         ax = fig.add_subplot(rows, cols, i + 1)
         stats = [entry["variants"][v] for v in variants]
         means = [s["mean"] if math.isfinite(s["mean"]) else 0.0 for s in stats]
-        errs = [[max(0.0, m - s["low"]) if math.isfinite(s["low"]) else 0.0 for m, s in zip(means, stats)],
-                [max(0.0, s["high"] - m) if math.isfinite(s["high"]) else 0.0 for m, s in zip(means, stats)]]
+        errs = [
+            [max(0.0, m - s["low"]) if math.isfinite(s["low"]) else 0.0 for m, s in zip(means, stats)],
+            [max(0.0, s["high"] - m) if math.isfinite(s["high"]) else 0.0 for m, s in zip(means, stats)],
+        ]
         ax.bar(range(len(variants)), means, yerr=errs, color=colours, capsize=4)
         ax.set_xticks(range(len(variants)), variants, rotation=20, fontsize=8)
         info = METRICS[name]
@@ -259,8 +270,14 @@ def _checkpoint_plot(checkpoints, best) -> bytes:
 # ----------------------------------------------------------------------------------------- W&B
 
 
-def log_to_wandb(project: str, run_name: str | None, out_dir: str | Path, samples: list[Sample], summary: dict,
-                 verdict: dict[str, dict]) -> None:
+def log_to_wandb(
+    project: str,
+    run_name: str | None,
+    out_dir: str | Path,
+    samples: list[Sample],
+    summary: dict,
+    verdict: dict[str, dict],
+) -> None:
     """One W&B run (job_type "eval"): a table with a row per prompt, seed and variant (image + its metrics), each
     variant's mean of each metric and each adapter's verdict line as summary values. Honours WANDB_MODE (offline
     writes under `out_dir`)."""

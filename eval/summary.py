@@ -104,8 +104,11 @@ def verdicts(summary: dict, not_measured: dict[str, str] | None = None) -> dict[
     adapters = list(dict.fromkeys(a for entry in summary.values() for a in entry["delta"]))
     out = {}
     for adapter in adapters:
-        metrics = {m: {"verdict": compare(m, e["delta"][adapter]), **e["delta"][adapter]}
-                   for m, e in summary.items() if adapter in e["delta"]}
+        metrics = {
+            m: {"verdict": compare(m, e["delta"][adapter]), **e["delta"][adapter]}
+            for m, e in summary.items()
+            if adapter in e["delta"]
+        }
         parts = []
         for word in (BETTER, WORSE):
             for m, d in metrics.items():
@@ -113,8 +116,9 @@ def verdicts(summary: dict, not_measured: dict[str, str] | None = None) -> dict[
                     info = METRICS[m]
                     unit = f"{info.unit} " if info.unit else ""
                     sign = "+" if d["mean"] > 0 else ""
-                    parts.append(f"{word} {info.short} ({unit}{sign}{fmt(d['mean'])}, "
-                                 f"CI {fmt(d['low'])}..{fmt(d['high'])})")
+                    parts.append(
+                        f"{word} {info.short} ({unit}{sign}{fmt(d['mean'])}, CI {fmt(d['low'])}..{fmt(d['high'])})"
+                    )
         unclear = [METRICS[m].short for m, d in metrics.items() if d["verdict"] == UNCLEAR]
         if unclear:
             parts.append(f"{UNCLEAR} in {', '.join(unclear)}")
@@ -123,8 +127,11 @@ def verdicts(summary: dict, not_measured: dict[str, str] | None = None) -> dict[
             parts.append(f"{TOO_FEW} for {', '.join(too_few)}: a verdict needs {MIN_PAIRS} pairs; add eval.seeds")
         if not_measured:
             parts.append("not measured: " + ", ".join(f"{what} ({why})" for what, why in not_measured.items()))
-        out[adapter] = {"line": f"{adapter}: " + ("; ".join(parts) or "nothing measured"), "metrics": metrics,
-                        "not_measured": dict(not_measured or {})}
+        out[adapter] = {
+            "line": f"{adapter}: " + ("; ".join(parts) or "nothing measured"),
+            "metrics": metrics,
+            "not_measured": dict(not_measured or {}),
+        }
     return out
 
 

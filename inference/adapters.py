@@ -47,7 +47,9 @@ class Adapters:
         self._refuse_if_fused("load an adapter")
         name = name or adapter_name_for(source)
         if name in self.loaded:
-            raise AdapterError(f"adapter name {name!r} is already loaded (from {self.loaded[name].source}); pick another")
+            raise AdapterError(
+                f"adapter name {name!r} is already loaded (from {self.loaded[name].source}); pick another"
+            )
         weights = read_adapter(source, self.pipe.transformer)
         self.pipe.load_lora_into_transformer(
             weights.state_dict,
@@ -56,7 +58,9 @@ class Adapters:
             metadata=weights.metadata,
             _pipeline=self.pipe,
         )
-        self.loaded[name] = LoadedAdapter(name, weights.source, weights.layout, weight, str(source), file_sha256(weights.source))
+        self.loaded[name] = LoadedAdapter(
+            name, weights.source, weights.layout, weight, str(source), file_sha256(weights.source)
+        )
         self._apply(dict(self.active))  # loading activates the new adapter in peft; keep the previous selection
         return name
 
@@ -93,7 +97,9 @@ class Adapters:
             for name, module in self.pipe.transformer.named_modules()
             if hasattr(module, "base_layer") and any(a in getattr(module, "lora_A", {}) for a in self.active)
         }
-        self.pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=list(self.active), safe_fusing=True)
+        self.pipe.fuse_lora(
+            components=["transformer"], lora_scale=1.0, adapter_names=list(self.active), safe_fusing=True
+        )
         self.fused = dict(self.active)
 
     def unfuse(self) -> None:
@@ -145,7 +151,11 @@ def adapter_name_for(source: str | Path) -> str:
     """A default name: the folder name, or the file stem unless it is a generic weight file name."""
     path = Path(str(source).rstrip("/"))
     if path.suffix == ".safetensors":
-        return path.parent.name if path.stem in ("pytorch_lora_weights", "adapter_model") and path.parent.name else path.stem
+        return (
+            path.parent.name
+            if path.stem in ("pytorch_lora_weights", "adapter_model") and path.parent.name
+            else path.stem
+        )
     return path.name
 
 

@@ -152,8 +152,13 @@ def run_batch(
     mine = jobs[process_index::num_processes]
     recorded = _recorded(output_dir / MANIFEST)
     result = BatchResult()
-    bar = progress_bar(len(mine), desc=f"batch {process_index + 1}/{num_processes}", unit="img", enabled=progress,
-                       position=process_index)
+    bar = progress_bar(
+        len(mine),
+        desc=f"batch {process_index + 1}/{num_processes}",
+        unit="img",
+        enabled=progress,
+        position=process_index,
+    )
     with bar:
         for job in mine:
             out, settings = output_dir / job.output_name, fingerprint(job, base_seed, run)

@@ -1,10 +1,10 @@
 """`qwen-lora generate | edit | layers | batch | serve`: thin wrappers over `Generator`, `run_batch` and the HTTP app.
 
-    qwen-lora generate --config configs/demo.yaml --prompt "a bottle" --width 128 --height 128 --output out.png
-    qwen-lora edit --model Qwen/Qwen-Image-2.1 --lora runs/brand/adapter:0.8 --image in.jpg --prompt "..." --output o.webp
-    qwen-lora generate --from out.png --seed 8 --output again.png     # the settings out.png carries, another seed
-    accelerate launch -m qwen_image_lora.cli batch jobs.jsonl --output-dir out/ --config configs/brand.yaml
-    qwen-lora serve --config configs/brand.yaml
+qwen-lora generate --config configs/demo.yaml --prompt "a bottle" --width 128 --height 128 --output out.png
+qwen-lora edit --model Qwen/Qwen-Image-2.1 --lora runs/brand/adapter:0.8 --image in.jpg --prompt "..." --output o.webp
+qwen-lora generate --from out.png --seed 8 --output again.png     # the settings out.png carries, another seed
+accelerate launch -m qwen_image_lora.cli batch jobs.jsonl --output-dir out/ --config configs/brand.yaml
+qwen-lora serve --config configs/brand.yaml
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from qwen_image_lora.knobs import MAX_INPUT_IMAGES, accepted, check_image_count,
 
 FLAG_ALIASES = {"num_inference_steps": ["--steps"]}  # shorter spellings users' scripts already pass
 NO_SIZE = ("width", "height", "aspect_ratio")  # layers keep the input's size
-FROM_HELP = ("re-create an image from the settings written into it: they are the defaults (over --config's model and "
-             "data.resolution), and the flags and key=value overrides given here win; recorded inputs and adapters are "
-             "used while their files keep the recorded sha256")
+FROM_HELP = (
+    "re-create an image from the settings written into it: they are the defaults (over --config's model and "
+    "data.resolution), and the flags and key=value overrides given here win; recorded inputs and adapters are "
+    "used while their files keep the recorded sha256"
+)
 
 
 class _Given(argparse.Action):
@@ -71,8 +73,12 @@ def register(subparsers) -> None:
     _model_args(p)
     _sampling_args(p)
     p.add_argument("--prompt", help="required unless --from gives it")
-    p.add_argument("--image", action="append", default=[],
-                   help=f"input image (repeat for up to {MAX_INPUT_IMAGES}); required unless --from names them")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help=f"input image (repeat for up to {MAX_INPUT_IMAGES}); required unless --from names them",
+    )
     p.add_argument("--from", dest="from_image", metavar="IMAGE", help=FROM_HELP)
     _mask_args(p, "masked edit of the last --image: white = may change, black = kept pixel for pixel")
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
@@ -88,11 +94,19 @@ def register(subparsers) -> None:
     _model_args(p)
     _sampling_args(p, skip=NO_SIZE)
     p.add_argument("--image", required=True, help="the product photo")
-    _mask_args(p, "white on the subject; 'auto' takes it from the model's own cut-out (quality depends on the model)",
-               required=True)
+    _mask_args(
+        p,
+        "white on the subject; 'auto' takes it from the model's own cut-out (quality depends on the model)",
+        required=True,
+    )
     p.add_argument("--prompt", help="the background instruction (default: remove the subject and fill in where it was)")
-    p.add_argument("--element", action="append", default=[], metavar="PROMPT@X,Y,W,H",
-                   help="a generated element at this box, e.g. 'a red SALE badge@40,40,256,128' (repeatable)")
+    p.add_argument(
+        "--element",
+        action="append",
+        default=[],
+        metavar="PROMPT@X,Y,W,H",
+        help="a generated element at this box, e.g. 'a red SALE badge@40,40,256,128' (repeatable)",
+    )
     p.add_argument("--output", required=True, help="PATH.psd | .ora | .zip (the flattened image goes to PATH.png)")
     _overrides_arg(p)
     p.set_defaults(func=_layers)
@@ -124,18 +138,29 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (the model comes from its `model` section)")
     p.add_argument("--model", help="hub id or local folder; overrides the config's model.pretrained")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's model.dtype")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help="repeatable; weight default 1.0")
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help="repeatable; weight default 1.0"
+    )
 
 
 def _mask_args(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
     p.add_argument("--mask", required=required, help=help)
-    p.add_argument("--mask-feather", type=int, default=8, action=_Given,
-                   help="soft edge inside the changed region, in pixels (default 8)")
+    p.add_argument(
+        "--mask-feather",
+        type=int,
+        default=8,
+        action=_Given,
+        help="soft edge inside the changed region, in pixels (default 8)",
+    )
 
 
 def _overrides_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", help="section.key=value applied to --config, e.g. data.resolution=768 (the "
-                   "pixel budget: images have ~RES^2 pixels, as in training) or model.dtype=float32")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="section.key=value applied to --config, e.g. data.resolution=768 (the "
+        "pixel budget: images have ~RES^2 pixels, as in training) or model.dtype=float32",
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -284,7 +309,9 @@ def _recorded_adapter(image: Path, record) -> str:
 
     head = f"--from {image}: adapter {record.name!r}"
     if record.path is None:
-        raise InputError(f"{head} is a server's (recorded by sha256 alone); give --lora PATH:{record.weight!r}", "--lora")
+        raise InputError(
+            f"{head} is a server's (recorded by sha256 alone); give --lora PATH:{record.weight!r}", "--lora"
+        )
     local = image.parent / record.path
     hub = is_hub_id(record.path) and not local.exists()
     if not hub and not local.exists():
@@ -355,8 +382,11 @@ def _batch(args) -> int:
            "resolution": cfg.data.resolution, "loras": [[item, adapter_identity(parse_lora_arg(item)[0])] for item in args.lora]}  # fmt: skip
     share = dict(process_index=state.process_index, num_processes=state.num_processes, base_seed=args.seed, run=run)
     if not pending(jobs, args.output_dir, **share):
-        print(f"process {state.process_index}: nothing left to do: all {len(jobs[state.process_index::state.num_processes])} "
-              f"jobs are done in {args.output_dir} (see manifest.jsonl); the model was not loaded", file=sys.stderr)
+        print(
+            f"process {state.process_index}: nothing left to do: all {len(jobs[state.process_index :: state.num_processes])} "
+            f"jobs are done in {args.output_dir} (see manifest.jsonl); the model was not loaded",
+            file=sys.stderr,
+        )
         state.wait_for_everyone()
         return 0
     generator, loras = _load(args, cfg, device=state.device)

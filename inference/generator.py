@@ -171,7 +171,9 @@ class Generator:
         cls, pretrained, dtype="bfloat16", device=None, resolution: int = 1024, revision: str | None = None
     ) -> "Generator":
         """The base model, eager, with diffusers' default attention (`from_config` takes the config's settings)."""
-        return cls.from_config(ModelConfig(pretrained=str(pretrained), dtype=dtype, revision=revision), device, resolution)
+        return cls.from_config(
+            ModelConfig(pretrained=str(pretrained), dtype=dtype, revision=revision), device, resolution
+        )
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, device=None, resolution: int = 1024) -> "Generator":
@@ -191,8 +193,9 @@ class Generator:
         reference = Image.new("RGB", size_for_aspect("1:1", self.resolution), (128, 128, 128))
         for aspect in ("1:1", "16:9"):
             self.generate(GenerationRequest(prompt="warm-up", aspect_ratio=aspect, num_inference_steps=steps))
-            self.generate(GenerationRequest(prompt="warm-up", images=[reference], aspect_ratio=aspect,
-                                            num_inference_steps=steps))
+            self.generate(
+                GenerationRequest(prompt="warm-up", images=[reference], aspect_ratio=aspect, num_inference_steps=steps)
+            )
         return time.perf_counter() - start
 
     def count_tokens(self, text: str) -> int:
@@ -209,8 +212,9 @@ class Generator:
             if text is not None and len(text.encode()) > MAX_PROMPT_TOKENS:
                 n = self.count_tokens(text)
                 if n > MAX_PROMPT_TOKENS:
-                    raise InputError(f"{name}: {n} tokens with the model's tokenizer; the limit is {MAX_PROMPT_TOKENS}",
-                                     name)
+                    raise InputError(
+                        f"{name}: {n} tokens with the model's tokenizer; the limit is {MAX_PROMPT_TOKENS}", name
+                    )
         check_image_count(len(request.images))
         check_input_aspects(request.images, self.resolution)
         return self._mask(request)
@@ -244,8 +248,13 @@ class Generator:
             image = image.resize(request.images[-1].size, Image.Resampling.LANCZOS)
         return image
 
-    def describe(self, request: GenerationRequest, inputs: list[InputRecord] = (), mask: InputRecord | None = None,
-                 folder: str | Path | None = None) -> dict:
+    def describe(
+        self,
+        request: GenerationRequest,
+        inputs: list[InputRecord] = (),
+        mask: InputRecord | None = None,
+        folder: str | Path | None = None,
+    ) -> dict:
         """What `generate(request)` used, as the JSON-able block written into the image: the values that acted (the
         pipeline's steps when none were given, guidance 1.0 without a negative prompt, a text-to-image's size as
         sampled; an edit's size fields as given, since its size follows its inputs), the model, the adapters (with
@@ -271,8 +280,13 @@ class Generator:
                              mask=mask if request.mask is not None else None, mask_feather=request.mask_feather)  # fmt: skip
         return {"prompt": request.prompt} | dataclasses.asdict(made)  # the prompt first, for a person reading it
 
-    def layers(self, request: GenerationRequest, mask: Image.Image | str, background_prompt: str | None = None,
-               elements: list[layer_output.Element] | None = None) -> layer_output.Layers:
+    def layers(
+        self,
+        request: GenerationRequest,
+        mask: Image.Image | str,
+        background_prompt: str | None = None,
+        elements: list[layer_output.Element] | None = None,
+    ) -> layer_output.Layers:
         """Subject cut-out, background without it, generated elements: see `inference/layers.py`."""
         return layer_output.build_layers(self, request, mask, background_prompt, list(elements or []))
 

@@ -96,7 +96,9 @@ class DecodeGate:
         turn = object()
         with self._changed:
             self._turns.append(turn)
-            self._changed.wait_for(lambda: self._turns[0] is turn and self.active < self.limit and self.held + need <= self.budget)
+            self._changed.wait_for(
+                lambda: self._turns[0] is turn and self.active < self.limit and self.held + need <= self.budget
+            )
             self._turns.popleft()
             self.active, self.held = self.active + 1, self.held + need
             self._changed.notify_all()  # the next in line may fit beside this one
@@ -159,7 +161,11 @@ class GuardMiddleware:
                                 {"WWW-Authenticate": "ApiKey"})  # fmt: skip
                 return None
         limit = self.max_body_bytes
-        too_big = {"detail": [{"loc": ["body"], "msg": f"request body over {limit:,} bytes (serve.max_body_mb)", "type": "too_large"}]}
+        too_big = {
+            "detail": [
+                {"loc": ["body"], "msg": f"request body over {limit:,} bytes (serve.max_body_mb)", "type": "too_large"}
+            ]
+        }
         declared = dict(headers).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             status = 413 if declared.isdigit() else 400

@@ -51,8 +51,9 @@ class Element:
         """`PROMPT@x,y,w,h`, e.g. `a red SALE badge@40,40,256,128`."""
         m = _ELEMENT.match(text.strip())
         if not m or int(m["w"]) <= 0 or int(m["h"]) <= 0:
-            raise LayersError(f"element {text!r}: write it as PROMPT@x,y,w,h, e.g. 'a red SALE badge@40,40,256,128'",
-                              "elements")
+            raise LayersError(
+                f"element {text!r}: write it as PROMPT@x,y,w,h, e.g. 'a red SALE badge@40,40,256,128'", "elements"
+            )
         return cls(m["prompt"].strip(), (int(m["x"]), int(m["y"]), int(m["w"]), int(m["h"])))
 
 
@@ -92,7 +93,9 @@ def check_request(image: Image.Image, mask: Image.Image | str, elements: list[El
     return masking.prepare_mask(mask, image)
 
 
-def build_layers(generator, request, mask: Image.Image | str, background_prompt: str | None, elements: list[Element]) -> Layers:
+def build_layers(
+    generator, request, mask: Image.Image | str, background_prompt: str | None, elements: list[Element]
+) -> Layers:
     """`request` (a `GenerationRequest` with exactly one image) carries seed, steps, guidance and adapters for
     every generation; `mask` is white on the subject, or "auto" to take it from the model's own cut-out."""
     if len(request.images) != 1:
@@ -110,10 +113,23 @@ def build_layers(generator, request, mask: Image.Image | str, background_prompt:
     layers = Layers(image.size, [Layer("background", background.convert("RGBA")), Layer("subject", subject)])
     for i, element in enumerate(elements):
         x, y, bw, bh = element.box
-        width, height = (max(qmodel.SIDE_MULTIPLE, round(s / qmodel.SIDE_MULTIPLE) * qmodel.SIDE_MULTIPLE) for s in (bw, bh))
-        made = generator.generate(_with(request, prompt=element.prompt, images=[], width=width, height=height, mask=None,
-                                        seed=request.seed + 1 + i))
-        layers.layers.append(Layer(f"element {i + 1}: {element.prompt[:40]}", made.convert("RGBA").resize((bw, bh)), x, y))
+        width, height = (
+            max(qmodel.SIDE_MULTIPLE, round(s / qmodel.SIDE_MULTIPLE) * qmodel.SIDE_MULTIPLE) for s in (bw, bh)
+        )
+        made = generator.generate(
+            _with(
+                request,
+                prompt=element.prompt,
+                images=[],
+                width=width,
+                height=height,
+                mask=None,
+                seed=request.seed + 1 + i,
+            )
+        )
+        layers.layers.append(
+            Layer(f"element {i + 1}: {element.prompt[:40]}", made.convert("RGBA").resize((bw, bh)), x, y)
+        )
     return layers
 
 
@@ -171,7 +187,9 @@ def _ora_bytes(layers: Layers) -> bytes:
         f'<layer name={quoteattr(layer.name)} src="data/layer{i}.png" x="{layer.left}" y="{layer.top}"/>'
         for i, layer in reversed(list(enumerate(layers.layers)))
     )
-    stack = f'<?xml version="1.0" encoding="UTF-8"?><image version="0.0.3" w="{w}" h="{h}"><stack>{entries}</stack></image>'
+    stack = (
+        f'<?xml version="1.0" encoding="UTF-8"?><image version="0.0.3" w="{w}" h="{h}"><stack>{entries}</stack></image>'
+    )
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr(zipfile.ZipInfo("mimetype"), "image/openraster", compress_type=zipfile.ZIP_STORED)
@@ -194,8 +212,18 @@ def _zip_bytes(layers: Layers) -> bytes:
         for i, layer in enumerate(layers.layers):
             name = f"{i:02d}_{re.sub(r'[^a-z0-9]+', '_', layer.name.lower()).strip('_')}.png"
             z.writestr(name, _png(layer.image))
-            index.append({"file": name, "name": layer.name, "left": layer.left, "top": layer.top,
-                          "width": layer.image.width, "height": layer.image.height})
+            index.append(
+                {
+                    "file": name,
+                    "name": layer.name,
+                    "left": layer.left,
+                    "top": layer.top,
+                    "width": layer.image.width,
+                    "height": layer.image.height,
+                }
+            )
         z.writestr("composite.png", _png(layers.composite()))
-        z.writestr("layers.json", json.dumps({"width": layers.size[0], "height": layers.size[1], "layers": index}, indent=2))
+        z.writestr(
+            "layers.json", json.dumps({"width": layers.size[0], "height": layers.size[1], "layers": index}, indent=2)
+        )
     return buf.getvalue()

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
-from qwen_image_lora.errors import InputError
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ def prepare_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
         grey = grey.resize(image.size, Image.Resampling.BILINEAR)
     lo, hi = grey.getextrema()
     if hi < 128:
-        raise MaskError("mask: the mask changes nothing (it is black everywhere); paint white where the image may change")
+        raise MaskError(
+            "mask: the mask changes nothing (it is black everywhere); paint white where the image may change"
+        )
     if lo >= 128:
         log.warning("mask: white everywhere, so this is a plain edit (nothing is kept)")
     return grey

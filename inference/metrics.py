@@ -14,18 +14,25 @@ class Metrics:
 
     def __init__(self, worker, gate):
         self.registry = registry = CollectorRegistry()
-        self._responses = Counter("qwen_lora_http_responses", "HTTP responses by path and status code.",
-                                  ["path", "code"], registry=registry)
+        self._responses = Counter(
+            "qwen_lora_http_responses", "HTTP responses by path and status code.", ["path", "code"], registry=registry
+        )
         self._images = Counter("qwen_lora_images", "Images generated.", registry=registry)
         self._seconds = Summary("qwen_lora_generation_seconds", "Time in the pipeline per image.", registry=registry)
-        self._rejected = Counter("qwen_lora_rejected", "Requests refused because the queue was full.", ["reason"],
-                                 registry=registry)
-        Gauge("qwen_lora_queue_depth", "Requests admitted and not yet running (decoding inputs or queued).",
-              registry=registry).set_function(lambda: worker.waiting)
-        Gauge("qwen_lora_decoding", "Input images being decoded now (at most serve's decode limit).",
-              registry=registry).set_function(lambda: gate.active)
-        Gauge("qwen_lora_worker_busy", "1 while the model worker is generating.",
-              registry=registry).set_function(lambda: int(worker.busy))
+        self._rejected = Counter(
+            "qwen_lora_rejected", "Requests refused because the queue was full.", ["reason"], registry=registry
+        )
+        Gauge(
+            "qwen_lora_queue_depth",
+            "Requests admitted and not yet running (decoding inputs or queued).",
+            registry=registry,
+        ).set_function(lambda: worker.waiting)
+        Gauge(
+            "qwen_lora_decoding", "Input images being decoded now (at most serve's decode limit).", registry=registry
+        ).set_function(lambda: gate.active)
+        Gauge("qwen_lora_worker_busy", "1 while the model worker is generating.", registry=registry).set_function(
+            lambda: int(worker.busy)
+        )
 
     def count_response(self, path: str, status: int) -> None:
         self._responses.labels(path=path, code=str(status)).inc()

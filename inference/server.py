@@ -68,8 +68,9 @@ def load_api_keys(serve: ServeConfig, environ) -> list[str]:
     keys = [k.strip() for k in environ.get(serve.api_keys_env, "").split(",") if k.strip()]
     if serve.api_keys_file:
         if not Path(serve.api_keys_file).is_file():
-            raise NotFound(f"serve.api_keys_file: {serve.api_keys_file} does not exist (one key per line)",
-                           "serve.api_keys_file")
+            raise NotFound(
+                f"serve.api_keys_file: {serve.api_keys_file} does not exist (one key per line)", "serve.api_keys_file"
+            )
         for line in Path(serve.api_keys_file).read_text().splitlines():
             line = line.split("#", 1)[0].strip()
             if line:
@@ -120,7 +121,9 @@ def request_models(serve: ServeConfig):
 
     class LoraRef(Strict):
         name: str = Field(min_length=1, max_length=128, description="an adapter from serve.adapters")
-        weight: float | None = Field(None, ge=-4.0, le=4.0, allow_inf_nan=False, description="default: the configured weight")
+        weight: float | None = Field(
+            None, ge=-4.0, le=4.0, allow_inf_nan=False, description="default: the configured weight"
+        )
 
     ImageStr = Annotated[str, Field(min_length=1, description="http(s) URL, base64, or a data: URL")]
     Loras = Annotated[list[LoraRef] | None, Field(max_length=16, description="omitted: every configured adapter at its "
@@ -132,8 +135,11 @@ def request_models(serve: ServeConfig):
         prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="up to 1,024 tokens")
         image: ImageStr | Annotated[list[ImageStr], Field(min_length=1, max_length=MAX_INPUT_IMAGES)] | None = None
         loras: Loras = None
-        mask: ImageStr | None = Field(None, description="masked edit of the last image: white = may change, black = "
-                                      "kept pixel for pixel; the image's size (or its aspect, resized)")
+        mask: ImageStr | None = Field(
+            None,
+            description="masked edit of the last image: white = may change, black = "
+            "kept pixel for pixel; the image's size (or its aspect, resized)",
+        )
         mask_feather: int = Field(8, ge=0, le=64, description="soft edge inside the changed region, in pixels")
         output_format: Literal["png", "jpeg", "webp"] = "png"
         quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality")
@@ -158,7 +164,9 @@ def request_models(serve: ServeConfig):
         layers keep the input's size."""
 
         image: ImageStr
-        mask: ImageStr = Field(description="white on the subject (URL or base64), or 'auto' for the model's own cut-out")
+        mask: ImageStr = Field(
+            description="white on the subject (URL or base64), or 'auto' for the model's own cut-out"
+        )
         prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="background instruction")
         elements: list[ElementRef] = Field(default_factory=list, max_length=8)
         loras: Loras = None
@@ -289,7 +297,12 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "adapters": generator.adapters.names, "queue": worker.waiting, "max_queue": serve.max_queue}
+        return {
+            "status": "ok",
+            "adapters": generator.adapters.names,
+            "queue": worker.waiting,
+            "max_queue": serve.max_queue,
+        }
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
@@ -387,7 +400,9 @@ def _select_adapters(body, configured: dict[str, float], generator: Generator) -
             raise RequestError(422, f"unknown adapter {ref.name!r}; known adapters: {', '.join(known) or 'none'}",
                                ("body", "loras", i, "name"))  # fmt: skip
         if ref.name in chosen:  # a dict would keep the last weight silently
-            raise RequestError(422, f"adapter {ref.name!r} is given twice; give each once", ("body", "loras", i, "name"))
+            raise RequestError(
+                422, f"adapter {ref.name!r} is given twice; give each once", ("body", "loras", i, "name")
+            )
         chosen[ref.name] = ref.weight if ref.weight is not None else configured.get(ref.name, 1.0)
     return chosen
 

@@ -108,14 +108,18 @@ def studio_router(cfg: Config, key_dependency, generator):
     def runs():  # plain `def` handlers: FastAPI runs them on its thread pool, off the event loop (disk reads)
         return {"configured": runs_dir is not None, "runs": list_runs(runs_dir) if runs_dir else []}
 
-    @router.get("/v1/runs/{name}", dependencies=[Depends(key_dependency)], summary="One run's curve, samples, card, report")
+    @router.get(
+        "/v1/runs/{name}", dependencies=[Depends(key_dependency)], summary="One run's curve, samples, card, report"
+    )
     def run(name: str):
         try:
             return describe_run(run_folder(runs_dir, name))
         except RunFileError as e:
             return refused(e)
 
-    @router.get("/v1/runs/{name}/files/{path:path}", dependencies=[Depends(key_dependency)], summary="A file of one run")
+    @router.get(
+        "/v1/runs/{name}/files/{path:path}", dependencies=[Depends(key_dependency)], summary="A file of one run"
+    )
     def run_file(name: str, path: str):
         try:
             file = file_in_run(run_folder(runs_dir, name), path)
@@ -138,7 +142,9 @@ def docs_page():
     hashes = "".join(f" 'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in inline)
     csp = CSP.replace("script-src 'self'", f"script-src 'self' {DOCS_CDN}{hashes}", 1)
     csp = csp.replace("style-src 'self'", f"style-src 'self' {DOCS_CDN}", 1)
-    return Response(page.body, media_type="text/html; charset=utf-8", headers={**PAGE_HEADERS, "Content-Security-Policy": csp})
+    return Response(
+        page.body, media_type="text/html; charset=utf-8", headers={**PAGE_HEADERS, "Content-Security-Policy": csp}
+    )
 
 
 # --------------------------------------------------------------------------------------------- run folders
@@ -201,7 +207,9 @@ def list_runs(runs_dir: Path) -> list[dict]:
         has = {"losses": (folder / LOSSES).is_file(), "card": (folder / CARD).is_file(),
                "report": (folder / REPORT_DIR / "report.json").is_file(), "metadata": (folder / METADATA).is_file()}  # fmt: skip
         if any(has.values()):
-            out.append({"name": folder.name, "modified": folder.stat().st_mtime, **has, "progress": run_progress(folder)})
+            out.append(
+                {"name": folder.name, "modified": folder.stat().st_mtime, **has, "progress": run_progress(folder)}
+            )
     return sorted(out, key=lambda r: -r["modified"])
 
 
@@ -258,12 +266,12 @@ def card_text(folder: Path) -> str:
 
     def short(match: re.Match) -> str:
         path = match.group(0).rstrip(".")  # a full stop after a path ends the sentence
-        tail = match.group(0)[len(path):]
+        tail = match.group(0)[len(path) :]
         for root in roots:
             if path == root:
                 return "." + tail
             if path.startswith(root + "/"):
-                return path[len(root) + 1:] + tail
+                return path[len(root) + 1 :] + tail
         return (PurePosixPath(path).name or path) + tail
 
     return _ABS_PATH.sub(short, text)

@@ -41,7 +41,11 @@ def make_random_lora(
                     a.copy_(torch.randn(a.shape, generator=g) / a.shape[1] ** 0.5)
                     b.copy_(torch.randn(b.shape, generator=g) * std)
         state = get_peft_model_state_dict(transformer, adapter_name=name)
-        metadata = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(set(targets)) if isinstance(targets, list) else targets}
+        metadata = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": sorted(set(targets)) if isinstance(targets, list) else targets,
+        }
         write_diffusers(directory, state, metadata)
     finally:
         transformer.delete_adapters(name)

@@ -108,7 +108,9 @@ def fetch(url: str, *, allow_private: bool = False, timeout_s: float = 10.0, max
             raise URLRefused(f"fetching {url} took longer than {timeout_s:g} s")
         try:
             with httpx.Client(timeout=remaining, follow_redirects=False, trust_env=False) as client:
-                request = client.build_request("GET", target, headers=headers, extensions={"sni_hostname": parts.hostname})
+                request = client.build_request(
+                    "GET", target, headers=headers, extensions={"sni_hostname": parts.hostname}
+                )
                 response = client.send(request, stream=True)
                 try:
                     if response.is_redirect:
@@ -121,7 +123,9 @@ def fetch(url: str, *, allow_private: bool = False, timeout_s: float = 10.0, max
                         raise URLRefused(f"fetching {url} gave HTTP {response.status_code}")
                     declared = response.headers.get("content-length", "")
                     if declared.isdigit() and int(declared) > max_bytes:
-                        raise URLRefused(f"{url} is {int(declared):,} bytes; the limit is {max_bytes:,}", too_large=True)
+                        raise URLRefused(
+                            f"{url} is {int(declared):,} bytes; the limit is {max_bytes:,}", too_large=True
+                        )
                     body = bytearray()
                     for chunk in response.iter_bytes():
                         body += chunk

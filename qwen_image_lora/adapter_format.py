@@ -143,8 +143,11 @@ def _download(hub_id: str) -> Path:
     parts = hub_id.split("/")
     repo, file = "/".join(parts[:2]), "/".join(parts[2:]) or None
     try:
-        check_hub_repo(repo, head=f"{hub_id}:", fix=f"download it first (`hf download {repo}`) or give the path of a "
-                       "local .safetensors file")
+        check_hub_repo(
+            repo,
+            head=f"{hub_id}:",
+            fix=f"download it first (`hf download {repo}`) or give the path of a local .safetensors file",
+        )
     except HubUnavailable as e:
         raise AdapterError(str(e)) from None
     try:
@@ -198,11 +201,15 @@ def convert(raw: dict[str, torch.Tensor], module_names: set[str] | None, where: 
     # A diverged run's NaNs would otherwise render fully transparent black images without a word.
     bad = next((k for k, v in raw.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
-        raise AdapterError(f"{where}: {bad!r} holds NaN or infinite values; use a checkpoint from before the run diverged")
+        raise AdapterError(
+            f"{where}: {bad!r} holds NaN or infinite values; use a checkpoint from before the run diverged"
+        )
     for marker, kind in _UNSUPPORTED.items():
         bad = next((k for k in raw if marker.search(k)), None)
         if bad is not None:
-            raise AdapterError(f"{where}: {kind} weights ({bad!r}) are not supported; only LoRA (lora_A/B, lora_down/up)")
+            raise AdapterError(
+                f"{where}: {kind} weights ({bad!r}) are not supported; only LoRA (lora_A/B, lora_down/up)"
+            )
     if any("dora_scale" in k for k in raw):
         raise AdapterError(
             f"{where}: kohya/ComfyUI-style DoRA (dora_scale) normalises by another norm than peft's DoRA and cannot be "
@@ -305,7 +312,9 @@ def check_shapes(state_dict: dict[str, torch.Tensor], transformer, where: str = 
                 f"lora_A {list(a.shape)} and lora_B {list(b.shape)} (expected {list(want_a)} and {list(want_b)})"
             )
         if magnitude is not None and magnitude.numel() != base.out_features:
-            problems.append(f"module {module_name!r}: DoRA magnitude of {magnitude.numel()}, expected {base.out_features}")
+            problems.append(
+                f"module {module_name!r}: DoRA magnitude of {magnitude.numel()}, expected {base.out_features}"
+            )
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise AdapterError(
@@ -317,7 +326,12 @@ def _peft_config_metadata(path: Path) -> dict:
     """peft's adapter_config.json -> the transformer.-prefixed LoraConfig kwargs diffusers' loader takes."""
 
     config = json.loads(path.read_text())
-    known = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type", "task_type", "base_model_name_or_path", "revision"}
+    known = {f.name for f in dataclasses.fields(LoraConfig)} - {
+        "peft_type",
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+    }
     return {f"transformer.{k}": v for k, v in config.items() if k in known}
 
 
@@ -376,11 +390,17 @@ def to_comfyui(weights: AdapterWeights) -> tuple[dict[str, torch.Tensor], dict[s
         _put_comfyui(out, module, *fuse_mlp_halves(halves))
     rank = config.get("r") or next(v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight"))
     # kohya's header names the default module's rank and alpha; alpha / rank is every module's scale.
-    header = {"format": "pt", "ss_network_dim": str(rank), "ss_network_alpha": str(module_scale(config, "", rank) * rank)}
+    header = {
+        "format": "pt",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(module_scale(config, "", rank) * rank),
+    }
     return out, header
 
 
-def fuse_mlp_halves(halves: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+def fuse_mlp_halves(
+    halves: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """{half: (down [r, in], up [hidden, r], scale)} -> (down [sum r, in], up [2 * hidden, sum r], scale) with
     scale * up @ down == the halves' scaled deltas stacked gate rows first (a missing half contributes zero rows)."""
     scale = next(iter(halves.values()))[2]

@@ -71,7 +71,9 @@ def _make_sample_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-lora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="qwen-lora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a config, the model folder and the data source (no weights loaded)")
@@ -79,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("make-tiny-model", help="write the tiny random Qwen-Image-2.1 checkpoint used by tests and the demo")
+    p = sub.add_parser(
+        "make-tiny-model", help="write the tiny random Qwen-Image-2.1 checkpoint used by tests and the demo"
+    )
     p.add_argument("output_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
@@ -106,11 +110,17 @@ def _say_default_model(args) -> None:
     tens of GB, or an error about a model the user never named, should not come as a surprise)."""
     target = getattr(args, "target", None)  # data doctor takes a config or a bare data folder
     no_config = getattr(args, "config", "") is None or (target is not None and not target.endswith((".yaml", ".yml")))
-    named = (getattr(args, "model", None) or getattr(args, "from_image", None)  # --from: the image names its model
-             or any(o.startswith("model.pretrained=") for o in getattr(args, "overrides", [])))
+    named = (
+        getattr(args, "model", None)
+        or getattr(args, "from_image", None)  # --from: the image names its model
+        or any(o.startswith("model.pretrained=") for o in getattr(args, "overrides", []))
+    )
     if no_config and not named:
-        print(f"note: no config given: using the default model {ModelConfig().pretrained} "
-              "(--config CFG or model.pretrained=DIR picks another)", file=sys.stderr)
+        print(
+            f"note: no config given: using the default model {ModelConfig().pretrained} "
+            "(--config CFG or model.pretrained=DIR picks another)",
+            file=sys.stderr,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,8 @@ from typing import Literal, Union, get_type_hints
 import yaml
 
 from qwen_image_lora import typed_yaml
-from qwen_image_lora.knobs import SettingError, aspect_ratios, check_image_count, check_value, knob, side_multiple
+from qwen_image_lora.io import atomic_write_text
+from qwen_image_lora.knobs import SamplingConfig, SettingError, check_image_count
 from qwen_image_lora.typed_yaml import ConfigError
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-2.1"
@@ -76,10 +77,12 @@ class ModelConfig:
         if not self.pretrained:
             raise ConfigError(f"{where}.pretrained: give a hub id such as {DEFAULT_MODEL!r} or a local folder")
         if self.attention == "flex" and not self.compile:
-            raise ConfigError(f"{where}.attention: flex needs {where}.compile: blocks or full (uncompiled, "
-                              "flex_attention materialises the whole fp32 score matrix); or use sdpa-segments")
+            raise ConfigError(
+                f"{where}.attention: flex needs {where}.compile: blocks or full (uncompiled, "
+                "flex_attention materialises the whole fp32 score matrix); or use sdpa-segments"
+            )
         if self.attention_backend is not None:  # deferred, and only when set: diffusers' backend list takes seconds
-            from qwen_image_lora.model import check_speed_settings
+            from qwen_image_lora.model import check_speed_settings  # noqa: PLC0415 - the config stays light (model imports torch)
 
             try:
                 check_speed_settings(self.attention, self.attention_backend, self.compile)
@@ -137,7 +140,9 @@ class DataConfig:
 
     def validate(self, where: str) -> None:
         if self.resolution % 32 or not 64 <= self.resolution <= 4096:
-            raise ConfigError(f"{where}.resolution: must be a multiple of 32 between 64 and 4096 (got {self.resolution})")
+            raise ConfigError(
+                f"{where}.resolution: must be a multiple of 32 between 64 and 4096 (got {self.resolution})"
+            )
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"{where}.caption_dropout: must be in [0, 1) (got {self.caption_dropout})")
         if self.max_upscale < 1.0:
@@ -148,7 +153,9 @@ class DataConfig:
         _require(where, self, lambda v: v >= 1.0, ">= 1.0", "max_aspect")
         _require(where, self, lambda v: v > 0, "> 0", "max_megapixels")
         if self.prepare_batch_size < 1:
-            raise ConfigError(f"{where}.prepare_batch_size: must be >= 1 (1 = one item at a time; got {self.prepare_batch_size})")
+            raise ConfigError(
+                f"{where}.prepare_batch_size: must be >= 1 (1 = one item at a time; got {self.prepare_batch_size})"
+            )
         if not re.fullmatch(r"#[0-9a-fA-F]{6}", self.background):
             raise ConfigError(f"{where}.background: must be a colour like '#ffffff' (got {self.background!r})")
 
@@ -169,7 +176,7 @@ class LoRAConfig:
 
     def validate(self, where: str) -> None:
         # Deferred: the model module imports torch (seconds); the schema itself stays light to import.
-        from qwen_image_lora.model import LORA_TARGETS
+        from qwen_image_lora.model import LORA_TARGETS  # noqa: PLC0415 - the config stays light (model imports torch)
 
         if not 1 <= self.rank <= 1024:
             raise ConfigError(f"{where}.rank: must be in 1..1024 (got {self.rank})")
@@ -187,7 +194,7 @@ class LoRAConfig:
 
     @property
     def target_modules(self) -> list[str] | str:
-        from qwen_image_lora.model import LORA_TARGETS  # deferred, as in validate()
+        from qwen_image_lora.model import LORA_TARGETS  # noqa: PLC0415 - the config stays light (model imports torch)
 
         return LORA_TARGETS[self.targets] if isinstance(self.targets, str) else list(self.targets)
 
@@ -200,9 +207,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     # Any diffusers.optimization scheduler name.
-    scheduler: Literal[
-        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-    ] = "constant_with_warmup"
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = (
+        "constant_with_warmup"
+    )
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0  # null = no clipping (the norm is still measured for the guards and the log)
 
@@ -244,8 +251,12 @@ class TrainConfig:
     log_every: int = 1
 
     def validate(self, where: str) -> None:
-        _require(where, self, lambda v: v >= 1, ">= 1", "max_steps", "batch_size", "gradient_accumulation_steps", "log_every")
-        _require(where, self, lambda v: 0 <= v < 2**32, f"in 0..{2**32 - 1}", "seed")  # what accelerate's set_seed takes
+        _require(
+            where, self, lambda v: v >= 1, ">= 1", "max_steps", "batch_size", "gradient_accumulation_steps", "log_every"
+        )
+        _require(
+            where, self, lambda v: 0 <= v < 2**32, f"in 0..{2**32 - 1}", "seed"
+        )  # what accelerate's set_seed takes
         _require(where, self, lambda v: v > 0, "> 0", "logit_std")
         _require(where, self, lambda v: v > 1, "> 1", "divergence_factor")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -257,8 +268,10 @@ class TrainConfig:
         if self.offload_blocks != "auto" and self.offload_blocks < 0:
             raise ConfigError(f"{where}.offload_blocks: must be >= 0 or auto (got {self.offload_blocks})")
         if self.offload_blocks not in (0, "auto") and self.gradient_checkpointing is False:
-            raise ConfigError(f"{where}.offload_blocks: offloaded blocks are recomputed in backward, so they need "
-                              f"{where}.gradient_checkpointing: true or auto (got false)")
+            raise ConfigError(
+                f"{where}.offload_blocks: offloaded blocks are recomputed in backward, so they need "
+                f"{where}.gradient_checkpointing: true or auto (got false)"
+            )
 
 
 @dataclass
@@ -270,36 +283,6 @@ class CheckpointConfig:
 
     def validate(self, where: str) -> None:
         _require(where, self, lambda v: v >= 1, ">= 1", "every_steps", "keep_last")
-
-
-@dataclass(kw_only=True)
-class SamplingConfig:
-    """The knobs of one generation, each declared once with its help and limits: validation, eval and batch jobs
-    carry these fields, and the CLI flags and the server's request models are built from them (`GenerationRequest`
-    extends it). null = the pipeline's own defaults, the ones users get."""
-
-    negative_prompt: str | None = knob(None, "what to steer away from; guidance acts only with one")
-    width: int | None = knob(None, "width in pixels (or aspect_ratio)", ge=side_multiple, multiple_of=side_multiple)
-    height: int | None = knob(None, "height in pixels (or aspect_ratio)", ge=side_multiple, multiple_of=side_multiple)
-    # Quote it in YAML ("16:9"), or YAML reads a number.
-    aspect_ratio: str | None = knob(None, "a preset size for the pixel budget (or width/height)", choices=aspect_ratios)
-    num_inference_steps: int | None = knob(None, "denoising steps; default: the pipeline's own", ge=1)
-    guidance_scale: float | None = knob(None, "true_cfg_scale: acts only with a negative prompt and > 1", ge=0.0)
-    seed: int = knob(0, "the noise seed: the same seed and settings give the same image", ge=0, le=2**63 - 1)
-
-    def check(self) -> None:
-        """The sampling rules, once for every edge (config sections, batch lines, CLI flags, HTTP requests, the
-        generator): each field within its limits, the size given one way. Raises SettingError naming the field."""
-        for f in dataclasses.fields(SamplingConfig):
-            check_value(f, getattr(self, f.name))
-        if self.aspect_ratio is not None and (self.width is not None or self.height is not None):
-            raise SettingError(None, "give either aspect_ratio or width/height, not both")
-
-    def validate(self, where: str) -> None:
-        try:
-            self.check()
-        except SettingError as e:
-            raise ConfigError(f"{where}.{e}" if e.field else f"{where}: {e}") from None
 
 
 @dataclass
@@ -385,7 +368,9 @@ class ServeConfig:
 
     def validate(self, where: str) -> None:
         _require(where, self, lambda v: 0 <= v <= 65535, "in 0..65535", "port")
-        _require(where, self, lambda v: v > 0, "> 0", "max_body_mb", "url_timeout_s", "max_url_mb", "max_guidance_scale")
+        _require(
+            where, self, lambda v: v > 0, "> 0", "max_body_mb", "url_timeout_s", "max_url_mb", "max_guidance_scale"
+        )
 
 
 @dataclass
@@ -455,6 +440,5 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from qwen_image_lora.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

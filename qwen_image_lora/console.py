@@ -55,7 +55,7 @@ def install_message_filters() -> None:
     if not any(isinstance(f, _DropTorchaoEnumNotice) for f in pytree.filters):
         pytree.addFilter(_DropTorchaoEnumNotice())
     warnings.filterwarnings("ignore", message=_PEFT_SECOND_ADAPTER, category=UserWarning, module="peft")
-    # bitsandbytes' own report of the same missing kernel (we never use 4-bit layers).
+    # bitsandbytes' own report of the same missing CPU kernel (4-bit layers, model.quantize: nf4, run on CUDA only).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 

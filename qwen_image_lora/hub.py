@@ -32,19 +32,29 @@ def check_hub_repo(repo_id: str, *, head: str, fix: str, field: str | None = Non
         return
     cache = constants.HF_HUB_CACHE
     if constants.HF_HUB_OFFLINE:
-        raise HubUnavailable(f"{head} not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set, so the "
-                             f"hub was not asked; {fix}", field)
+        raise HubUnavailable(
+            f"{head} not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set, so the "
+            f"hub was not asked; {fix}",
+            field,
+        )
     try:
         HfApi().repo_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
     except GatedRepoError:
-        raise HubUnavailable(f"{head} gated on the Hugging Face hub: accept its terms on its page and log in "
-                             f"(`hf auth login`); {fix}", field) from None
+        raise HubUnavailable(
+            f"{head} gated on the Hugging Face hub: accept its terms on its page and log in (`hf auth login`); {fix}",
+            field,
+        ) from None
     except RevisionNotFoundError:
         raise HubUnavailable(f"{head} on the Hugging Face hub without a revision {revision!r}", field) from None
     except RepositoryNotFoundError:
-        raise HubUnavailable(f"{head} not in the local cache ({cache}) and the Hugging Face hub has no such "
-                             f"repository (a typo, or private: `hf auth login`); {fix}", field) from None
+        raise HubUnavailable(
+            f"{head} not in the local cache ({cache}) and the Hugging Face hub has no such "
+            f"repository (a typo, or private: `hf auth login`); {fix}",
+            field,
+        ) from None
     except Exception as e:  # noqa: BLE001 - DNS, refused, timeout, proxy: all mean "not reachable now"
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise HubUnavailable(f"{head} not in the local cache ({cache}) and the Hugging Face hub could not be reached "
-                             f"({reason}); {fix}", field) from None
+        raise HubUnavailable(
+            f"{head} not in the local cache ({cache}) and the Hugging Face hub could not be reached ({reason}); {fix}",
+            field,
+        ) from None

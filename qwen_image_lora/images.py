@@ -79,10 +79,14 @@ def _opened(source: bytes | str | Path, max_pixels: int | None, formats: set[str
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             if formats is not None and im.format not in formats:
-                raise ImageInputError(f"{name}a {im.format} image, not JPEG, PNG or WebP: convert it", code="unsupported-format")
+                raise ImageInputError(
+                    f"{name}a {im.format} image, not JPEG, PNG or WebP: convert it", code="unsupported-format"
+                )
             w, h = im.size
             if max_pixels is not None and w * h > max_pixels:  # from the header, before a pixel is decoded
-                raise ImageInputError(f"{name}image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}", too_large=True)
+                raise ImageInputError(
+                    f"{name}image is {w}x{h} = {w * h:,} pixels; the limit is {max_pixels:,}", too_large=True
+                )
             yield im
     except ImageInputError:
         raise
@@ -102,7 +106,9 @@ def _opened(source: bytes | str | Path, max_pixels: int | None, formats: set[str
 
 def _undecodable(name: str, e: Exception) -> ImageInputError:
     cut = "truncat" in str(e).lower() or "broken data stream" in str(e).lower()
-    return ImageInputError(f"{name}not a readable JPEG/PNG/WebP image ({type(e).__name__}: {e})", code="truncated" if cut else "corrupt")
+    return ImageInputError(
+        f"{name}not a readable JPEG/PNG/WebP image ({type(e).__name__}: {e})", code="truncated" if cut else "corrupt"
+    )
 
 
 def read_image(source: bytes | str | Path, max_side: int | None = None, max_pixels: int | None = MAX_DECODED_PIXELS,
@@ -126,7 +132,9 @@ def read_with_header(source: bytes | str | Path, max_side: int | None = None, ma
         orientation = im.getexif().get(0x0112, 1)
         image = _shrink(im, target, "RGBA" if alpha else "RGB") if target is not None else to_8bit(im)
         image = image.convert("RGBA" if alpha else "RGB")  # a copy: nothing refers to the file's frame
-        header = ImageHeader(im.format, (h, w) if orientation in (5, 6, 7, 8) else (w, h), mode, getattr(im, "n_frames", 1))
+        header = ImageHeader(
+            im.format, (h, w) if orientation in (5, 6, 7, 8) else (w, h), mode, getattr(im, "n_frames", 1)
+        )
     return header, image.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else image
 
 
@@ -140,7 +148,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_DECODED_PIXELS, max_side:
     return read_image(Path(path), max_side, max_pixels)
 
 
-def identify(source: bytes | str | Path, max_pixels: int | None = None, formats: set[str] | None = INPUT_FORMATS) -> ImageHeader:
+def identify(
+    source: bytes | str | Path, max_pixels: int | None = None, formats: set[str] | None = INPUT_FORMATS
+) -> ImageHeader:
     """Format, size after EXIF orientation, mode and frames, from the header (PIL reads a PNG through to find EXIF
     stored after its pixels). Refuses what `read_image` refuses before decoding."""
     with _opened(source, max_pixels, formats) as im:
@@ -185,7 +195,9 @@ def _shrink(im: Image.Image, size: tuple[int, int], final: str) -> Image.Image:
     return wide.resize(size, _LANCZOS).convert(working)
 
 
-def decode_cost(data: bytes, max_side: int | None = MAX_INPUT_SIDE, max_pixels: int | None = MAX_DECODED_PIXELS) -> DecodeCost:
+def decode_cost(
+    data: bytes, max_side: int | None = MAX_INPUT_SIDE, max_pixels: int | None = MAX_DECODED_PIXELS
+) -> DecodeCost:
     """The peak memory `read_image(data, max_side)` takes, from the header alone (no pixels are decoded): the frame the
     decoder writes (JPEG: at its draft scale), what the decoder holds beside it, and the conversion temporaries. An
     upper bound, checked against measured peaks in tests/test_images.py."""
@@ -294,7 +306,7 @@ def read_settings(source: bytes | str | Path) -> dict | None:
             exif = im.getexif()
             comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT) if exif.get(_SOFTWARE) == SETTINGS_KEY else None
             ours = isinstance(comment, bytes) and comment.startswith(_ASCII)
-            text = comment[len(_ASCII):].decode("ascii", "replace") if ours else None
+            text = comment[len(_ASCII) :].decode("ascii", "replace") if ours else None
     if text is None:
         return None
     try:

@@ -1,4 +1,5 @@
-"""Settings that every edge shares (`config.SamplingConfig`), each rule stated once.
+"""The sampling-settings type every edge shares (`SamplingConfig`: validation, eval, batch lines, CLI flags, HTTP
+requests) and its machinery, each rule stated once.
 
 A field made with `knob` carries its help text and its limits in its metadata. `check_value` enforces the limits for
 configs, batch lines, CLI flags and the generator; the edges read the same metadata to build their own forms (the
@@ -11,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import field
+from dataclasses import dataclass, field
 
 from qwen_image_lora.errors import InputError
+from qwen_image_lora.typed_yaml import ConfigError
 
 MAX_INPUT_IMAGES = 10  # reference images per edit: the model's limit (training data, configs and every edge)
 
@@ -92,3 +94,33 @@ def check_image_count(count: int, least: int = 0, field: str = "images") -> None
     0 lets a request be text-to-image)."""
     if not least <= count <= MAX_INPUT_IMAGES:
         raise SettingError(field, f"give 1 to {MAX_INPUT_IMAGES} input images (got {count})")
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """The knobs of one generation, each declared once with its help and limits: validation, eval and batch jobs
+    carry these fields, and the CLI flags and the server's request models are built from them (`GenerationRequest`
+    extends it). null = the pipeline's own defaults, the ones users get."""
+
+    negative_prompt: str | None = knob(None, "what to steer away from; guidance acts only with one")
+    width: int | None = knob(None, "width in pixels (or aspect_ratio)", ge=side_multiple, multiple_of=side_multiple)
+    height: int | None = knob(None, "height in pixels (or aspect_ratio)", ge=side_multiple, multiple_of=side_multiple)
+    # Quote it in YAML ("16:9"), or YAML reads a number.
+    aspect_ratio: str | None = knob(None, "a preset size for the pixel budget (or width/height)", choices=aspect_ratios)
+    num_inference_steps: int | None = knob(None, "denoising steps; default: the pipeline's own", ge=1)
+    guidance_scale: float | None = knob(None, "true_cfg_scale: acts only with a negative prompt and > 1", ge=0.0)
+    seed: int = knob(0, "the noise seed: the same seed and settings give the same image", ge=0, le=2**63 - 1)
+
+    def check(self) -> None:
+        """The sampling rules, once for every edge (config sections, batch lines, CLI flags, HTTP requests, the
+        generator): each field within its limits, the size given one way. Raises SettingError naming the field."""
+        for f in dataclasses.fields(SamplingConfig):
+            check_value(f, getattr(self, f.name))
+        if self.aspect_ratio is not None and (self.width is not None or self.height is not None):
+            raise SettingError(None, "give either aspect_ratio or width/height, not both")
+
+    def validate(self, where: str) -> None:
+        try:
+            self.check()
+        except SettingError as e:
+            raise ConfigError(f"{where}.{e}" if e.field else f"{where}: {e}") from None

@@ -24,8 +24,8 @@ import torch
 from huggingface_hub import hf_hub_download
 from PIL import Image
 
-from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.console import QUIET_LOAD_BYTES, quiet_progress_bars, weights_bytes
+from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.hub import check_hub_repo
 from qwen_image_lora.quantization import check_quantize, quantization_config
 
@@ -34,7 +34,15 @@ LATENT_PIXELS = 16  # the VAE compresses 16x spatially
 SIDE_MULTIPLE = 32  # one vision slot = 2x2 latents = 32x32 pixels
 TRANSFORMER_SUBFOLDER = "transformer"
 # Aspect-ratio presets, turned into a size by the one sizing rule (`fit_size`).
-ASPECT_RATIOS = {"1:1": (1, 1), "16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3)}
+ASPECT_RATIOS = {
+    "1:1": (1, 1),
+    "16:9": (16, 9),
+    "9:16": (9, 16),
+    "4:3": (4, 3),
+    "3:4": (3, 4),
+    "3:2": (3, 2),
+    "2:3": (2, 3),
+}
 # LoRA target presets: module-name suffixes inside the transformer's blocks.
 LORA_TARGETS = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -50,7 +58,6 @@ COMPILE_MODES = (False, "blocks", "full")  # False, not "off": YAML 1.1 reads an
 # Each distinct compiled variant (grad or not, KV-cache mode, active adapter set, a static then a dynamic shape)
 # counts towards torch's per-function recompile limit (8); past it a block silently runs eager.
 RECOMPILE_LIMIT = 64
-
 
 
 def load_pipeline(
@@ -73,15 +80,16 @@ def load_pipeline(
     """
     check_quantize(quantize)
     check_pretrained(pretrained, revision)  # a mistyped folder fails here, before seconds of imports and weight loading
-    from diffusers import QwenImage21Pipeline
+    from diffusers import QwenImage21Pipeline  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     source = str(pretrained)
     common = {"revision": revision}
     size = weights_bytes(source)
     with quiet_progress_bars(size is not None and size < QUIET_LOAD_BYTES):
-        components = _load_components(source, dtype, common, text_encoder=text_encoder, vae=vae,
-                                      transformer=transformer, quantize=quantize)
+        components = _load_components(
+            source, dtype, common, text_encoder=text_encoder, vae=vae, transformer=transformer, quantize=quantize
+        )
     pipe = QwenImage21Pipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
@@ -89,10 +97,18 @@ def load_pipeline(
     return pipe
 
 
-def _load_components(source: str, dtype: torch.dtype, common: dict, *, text_encoder: bool, vae: bool,
-                     transformer: bool, quantize: str = "none") -> dict:
-    from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+def _load_components(
+    source: str,
+    dtype: torch.dtype,
+    common: dict,
+    *,
+    text_encoder: bool,
+    vae: bool,
+    transformer: bool,
+    quantize: str = "none",
+) -> dict:
+    from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
 
     return {
         "transformer": load_transformer(source, dtype, quantize, **common) if transformer else None,
@@ -113,7 +129,8 @@ def load_transformer(source: str, dtype: torch.dtype, quantize: str = "none", **
     """The denoiser from a hub id or a diffusers folder, its block linears quantized as `quantize` says."""
     config = None if quantize == "none" else quantization_config(quantize, dtype)
     return transformer_class().from_pretrained(
-        source, subfolder=TRANSFORMER_SUBFOLDER, torch_dtype=dtype, quantization_config=config, **common)
+        source, subfolder=TRANSFORMER_SUBFOLDER, torch_dtype=dtype, quantization_config=config, **common
+    )
 
 
 def load_model(model_cfg, device=None, **components):
@@ -125,8 +142,9 @@ def load_model(model_cfg, device=None, **components):
     return pipe
 
 
-def configure_transformer(transformer, attention: str = "sdpa-segments", attention_backend: str | None = None,
-                          compile: str | bool = False) -> None:
+def configure_transformer(
+    transformer, attention: str = "sdpa-segments", attention_backend: str | None = None, compile: str | bool = False
+) -> None:
     """Install the attention path and compile mode; the one place training, previews, eval and serving set them.
 
     attention  "sdpa-segments": diffusers' default processor, one SDPA call per block-causal segment (exact,
@@ -141,21 +159,25 @@ def configure_transformer(transformer, attention: str = "sdpa-segments", attenti
                checkpointing are in place, before DDP wrapping; at inference each new set of active adapters
                recompiles once (their weights are dynamic after the first change).
     """
-    from diffusers.models.attention_dispatch import AttentionBackendName
-    from diffusers.models.transformers.transformer_qwenimage21 import (
+    from diffusers.models.attention_dispatch import AttentionBackendName  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
+    from diffusers.models.transformers.transformer_qwenimage21 import (  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
         QwenImage21AttnProcessor,
         QwenImage21FlexAttnProcessor,
     )
 
     check_speed_settings(attention, attention_backend, compile)
-    transformer.set_attn_processor(QwenImage21FlexAttnProcessor() if attention == "flex" else QwenImage21AttnProcessor())
+    transformer.set_attn_processor(
+        QwenImage21FlexAttnProcessor() if attention == "flex" else QwenImage21AttnProcessor()
+    )
     if attention_backend is not None:
         try:
             transformer.set_attention_backend(AttentionBackendName(attention_backend).value)
         except (ImportError, RuntimeError, ValueError) as e:  # a backend whose package or hardware is missing
-            raise InputError(f"model.attention_backend: {attention_backend} is not usable here: {e}", "model.attention_backend") from e
+            raise InputError(
+                f"model.attention_backend: {attention_backend} is not usable here: {e}", "model.attention_backend"
+            ) from e
     if compile:
-        import torch._dynamo  # deferred: a second of start-up that eager runs do not need
+        import torch._dynamo  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         if compile == "blocks":
@@ -168,7 +190,8 @@ def configure_transformer(transformer, attention: str = "sdpa-segments", attenti
 def is_compiled(transformer) -> bool:
     """Whether `configure_transformer` compiled it: its repeated blocks, or its whole forward."""
     return hasattr(transformer.forward, "_torchdynamo_orig_callable") or any(
-        getattr(block, "_compiled_call_impl", None) is not None for block in transformer_blocks(transformer))
+        getattr(block, "_compiled_call_impl", None) is not None for block in transformer_blocks(transformer)
+    )
 
 
 def _eager_kv_prefill(module, args, kwargs):
@@ -181,28 +204,32 @@ def _eager_kv_prefill(module, args, kwargs):
 def check_speed_settings(attention: str, attention_backend: str | None, compile: str | bool) -> None:
     """Raise ValueError naming the `model.*` field that cannot work (before any weights load); the config checks
     the combinations, this the names a caller outside a config may pass."""
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.attention_dispatch import AttentionBackendName  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
 
     if attention not in ATTENTION_PATHS:
-        raise InputError(f"model.attention: {attention!r} is not one of {', '.join(ATTENTION_PATHS)}", "model.attention")
+        raise InputError(
+            f"model.attention: {attention!r} is not one of {', '.join(ATTENTION_PATHS)}", "model.attention"
+        )
     if compile not in COMPILE_MODES:
         raise InputError(f"model.compile: {compile!r} is not one of false, blocks, full", "model.compile")
     backends = [b.value for b in AttentionBackendName]
     if attention_backend is not None and attention_backend not in backends:
-        raise InputError(f"model.attention_backend: {attention_backend!r} is not a diffusers attention backend; "
-                         f"one of {', '.join(backends)}")
+        raise InputError(
+            f"model.attention_backend: {attention_backend!r} is not a diffusers attention backend; "
+            f"one of {', '.join(backends)}"
+        )
 
 
 def transformer_class():
     """The denoiser's class (deferred import: loading diffusers' model registry costs seconds at start-up)."""
-    from diffusers import QwenImage21Transformer2DModel
+    from diffusers import QwenImage21Transformer2DModel  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
 
     return QwenImage21Transformer2DModel
 
 
 def pipeline_class():
     """The pipeline's class; its LoRA loader reads, converts and saves adapter files (deferred import, as above)."""
-    from diffusers import QwenImage21Pipeline
+    from diffusers import QwenImage21Pipeline  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
 
     return QwenImage21Pipeline
 
@@ -226,7 +253,9 @@ def load_transformer_config(pretrained: str | None, revision: str | None = None)
         if local.is_file():
             return _init_kwargs(json.loads(local.read_text()))
         try:
-            path = hf_hub_download(pretrained, f"{TRANSFORMER_SUBFOLDER}/config.json", revision=revision, local_files_only=True)
+            path = hf_hub_download(
+                pretrained, f"{TRANSFORMER_SUBFOLDER}/config.json", revision=revision, local_files_only=True
+            )
             return _init_kwargs(json.loads(Path(path).read_text()))
         except Exception:  # not cached: fall back to the released model's architecture
             pass
@@ -240,7 +269,7 @@ def _init_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 
 def load_captioner(pretrained: str | Path, dtype: torch.dtype | str, revision: str | None = None, device=None):
     """(model, processor): the checkpoint's Qwen3-VL text encoder with its language-model head, for captions."""
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     processor = Qwen3VLProcessor.from_pretrained(pretrained, subfolder="processor", revision=revision)
@@ -256,7 +285,7 @@ def offload_encoders(pipe, device: torch.device) -> None:
     """Keep the text encoder and VAE in CPU memory, streaming their layers onto `device` only while they run
     (diffusers group offloading). Training from a complete cache then holds just the transformer on the GPU,
     while validation samples still go through the full pipeline."""
-    from diffusers.hooks import apply_group_offloading
+    from diffusers.hooks import apply_group_offloading  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
 
     for module in (pipe.text_encoder, pipe.vae):
         if module is not None:
@@ -269,12 +298,19 @@ def check_pretrained(pretrained: str | Path, revision: str | None = None) -> Non
     a hub id that is neither cached nor reachable (in seconds, not after minutes of retries)."""
     source = str(pretrained)
     if not _is_local(source):
-        check_hub_repo(source, head=f"model.pretrained: {source} is", field="model.pretrained", revision=revision,
-                       fix=f"download it first (`hf download {source}`) or point model.pretrained at a local "
-                           "diffusers-format folder")
+        check_hub_repo(
+            source,
+            head=f"model.pretrained: {source} is",
+            field="model.pretrained",
+            revision=revision,
+            fix=f"download it first (`hf download {source}`) or point model.pretrained at a local "
+            "diffusers-format folder",
+        )
         return
-    hint = ("point it at a diffusers-format folder (`qwen-lora make-tiny-model DIR` writes a tiny test one) "
-            "or a hub id such as Qwen/Qwen-Image-2.1")
+    hint = (
+        "point it at a diffusers-format folder (`qwen-lora make-tiny-model DIR` writes a tiny test one) "
+        "or a hub id such as Qwen/Qwen-Image-2.1"
+    )
     if not Path(source).expanduser().exists():
         raise NotFound(f"model.pretrained: {source} does not exist; {hint}", "model.pretrained")
     if not (Path(source).expanduser() / "model_index.json").is_file():
@@ -294,7 +330,7 @@ def fit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     aspect, sides multiples of 32. Training buckets, generated edits and the pipeline's resize of every condition
     image use it, so an image trains at exactly the size the pipeline gives it at inference."""
     # Deferred: the pipeline module imports transformers and diffusers' pipelines (seconds).
-    from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions
+    from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
 
     w, h, _ = calculate_dimensions(resolution * resolution, width / height)
     return max(SIDE_MULTIPLE, w), max(SIDE_MULTIPLE, h)
@@ -365,7 +401,9 @@ def encode_prompt(pipe, prompts: list[str], images: list[Image.Image] | None = N
     pipeline's own `encode_prompt`: its template, its alpha-on-white for the vision encoder, its empty-prompt
     handling. The images must be the ones whose latents the transformer gets, so the slots line up."""
     if pipe.text_encoder is None:
-        raise RuntimeError("the text encoder was not loaded; load the pipeline with text_encoder=True or use cached embeddings")
+        raise RuntimeError(
+            "the text encoder was not loaded; load the pipeline with text_encoder=True or use cached embeddings"
+        )
     images = [to_rgba(im) for im in images] if images else None
     embeds, mask, image_pad = pipe.encode_prompt(prompt=list(prompts), image=images, device=pipe._execution_device)
     return PromptEmbeds(embeds, mask, image_pad)
@@ -390,8 +428,7 @@ def split_prompt_embeds(batch: PromptEmbeds) -> list[PromptEmbeds]:
     tokens, so each is what `encode_prompt` gives that prompt alone (mask None: nothing padded)."""
     lengths = [batch.embeds.shape[1]] * len(batch.embeds) if batch.mask is None else batch.mask.sum(1).tolist()
     return [
-        PromptEmbeds(batch.embeds[i : i + 1, :n], None, batch.image_pad[i : i + 1, :n])
-        for i, n in enumerate(lengths)
+        PromptEmbeds(batch.embeds[i : i + 1, :n], None, batch.image_pad[i : i + 1, :n]) for i, n in enumerate(lengths)
     ]
 
 

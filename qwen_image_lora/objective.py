@@ -19,16 +19,21 @@ import torch
 from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift as pipeline_calculate_shift
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-from qwen_image_lora.errors import InputError
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.errors import InputError
 
 
 def calculate_shift(seq_len: int, scheduler_config) -> float:
     """The pipeline's own dynamic-shift rule (mu grows linearly with the number of target latents), fed the
     scheduler config's keys exactly as `QwenImage21Pipeline.__call__` feeds them."""
     get = scheduler_config.get
-    return pipeline_calculate_shift(seq_len, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
-                                    get("base_shift", 0.5), get("max_shift", 1.15))
+    return pipeline_calculate_shift(
+        seq_len,
+        get("base_image_seq_len", 256),
+        get("max_image_seq_len", 4096),
+        get("base_shift", 0.5),
+        get("max_shift", 1.15),
+    )
 
 
 def shift_sigmas(u: torch.Tensor, seq_len: int, scheduler_config) -> torch.Tensor:
@@ -60,8 +65,10 @@ def sample_sigmas(
     elif kind == "shifted":
         u = shift_sigmas(torch.rand(batch_size, generator=generator).clamp(1e-6, 1 - 1e-6), seq_len, scheduler_config)
     else:
-        raise InputError(f"train.timestep_sampling: unknown {kind!r}; use uniform, logit_normal or shifted",
-                         "train.timestep_sampling")
+        raise InputError(
+            f"train.timestep_sampling: unknown {kind!r}; use uniform, logit_normal or shifted",
+            "train.timestep_sampling",
+        )
     return u.float()
 
 
@@ -69,7 +76,9 @@ def loss_weights(kind: str, sigmas: torch.Tensor) -> torch.Tensor:
     """[B] per-sample loss weights: none, sigma_sqrt (1/s^2) or cosmap (SD3's cosine-map density), by diffusers'
     own `compute_loss_weighting_for_sd3`; sigma_sqrt's s is floored at 1e-3 so a near-clean sample cannot dominate."""
     if kind not in ("none", "sigma_sqrt", "cosmap"):
-        raise InputError(f"train.loss_weighting: unknown {kind!r}; use none, sigma_sqrt or cosmap", "train.loss_weighting")
+        raise InputError(
+            f"train.loss_weighting: unknown {kind!r}; use none, sigma_sqrt or cosmap", "train.loss_weighting"
+        )
     return compute_loss_weighting_for_sd3(kind, sigmas.clamp_min(1e-3) if kind == "sigma_sqrt" else sigmas)
 
 
@@ -112,7 +121,9 @@ def flow_matching_loss(
     x0 = batch.latents.float()
     s = sigmas.view(-1, 1, 1, 1, 1)
     noisy = (1 - s) * x0 + s * noise
-    pred = qmodel.predict_velocity(transformer, noisy, batch.prompt, sigmas, list(batch.cond_latents or []), dtype=dtype)
+    pred = qmodel.predict_velocity(
+        transformer, noisy, batch.prompt, sigmas, list(batch.cond_latents or []), dtype=dtype
+    )
     err = (pred.float() - (noise - x0)) ** 2
     mask = getattr(batch, "loss_mask", None)
     if mask is not None:

@@ -28,8 +28,14 @@ DEFAULT_INTERVAL_S = 30.0
 def progress_bar(total: int, *, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True, position: int = 0):
     """A tqdm bar when stderr reaches a terminal, else a `LineProgress`; a disabled one prints nothing."""
     if enabled and stderr_reaches_terminal():
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, position=position,
-                    ncols=shutil.get_terminal_size().columns)
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit=unit,
+            position=position,
+            ncols=shutil.get_terminal_size().columns,
+        )
     return LineProgress(total, desc=desc, unit=unit, initial=initial, enabled=enabled)
 
 
@@ -71,8 +77,16 @@ def _interval() -> float:
 class LineProgress:
     """The tqdm subset the callers use, printing one line per `interval` seconds to stderr (and one at the end)."""
 
-    def __init__(self, total: int, *, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True,
-                 interval: float | None = None):
+    def __init__(
+        self,
+        total: int,
+        *,
+        desc: str,
+        unit: str = "it",
+        initial: int = 0,
+        enabled: bool = True,
+        interval: float | None = None,
+    ):
         self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
         self.n = self.initial = initial
         self.interval = _interval() if interval is None else interval

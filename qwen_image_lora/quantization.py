@@ -9,6 +9,7 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
+from diffusers import BitsAndBytesConfig, TorchAoConfig
 
 from qwen_image_lora.errors import InputError
 
@@ -48,25 +49,36 @@ def check_quantize(quantize: str, device_type: str | None = None) -> None:
     if quantize == "none":
         return
     if quantize not in QUANT_FORMATS:
-        raise InputError(f"model.quantize: {quantize!r} is not one of none, {', '.join(QUANT_FORMATS)}", "model.quantize")
+        raise InputError(
+            f"model.quantize: {quantize!r} is not one of none, {', '.join(QUANT_FORMATS)}", "model.quantize"
+        )
     backend = QUANT_FORMATS[quantize].backend
     if importlib.util.find_spec(backend) is None:
-        raise InputError(f"model.quantize: {quantize} needs the {backend!r} package: pip install {backend}",
-                         "model.quantize")
+        raise InputError(
+            f"model.quantize: {quantize} needs the {backend!r} package: pip install {backend}", "model.quantize"
+        )
     if quantize == "nf4" and (not torch.cuda.is_available() or device_type not in (None, "cuda")):
-        raise InputError("model.quantize: nf4 (bitsandbytes 4-bit) runs on a CUDA GPU only, and this run has none; "
-                         "use int8 or fp8 (torchao, CPU too) or none", "model.quantize")
+        raise InputError(
+            "model.quantize: nf4 (bitsandbytes 4-bit) runs on a CUDA GPU only, and this run has none; "
+            "use int8 or fp8 (torchao, CPU too) or none",
+            "model.quantize",
+        )
 
 
 def quantization_config(quantize: str, dtype: torch.dtype):
     """diffusers' quantization config for `model.quantize`: only the repeated blocks' linears are quantized."""
     if QUANT_FORMATS[quantize].backend == "bitsandbytes":
-        from diffusers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(UNQUANTIZED_MODULES))
-    from diffusers import TorchAoConfig
-    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=list(UNQUANTIZED_MODULES),
+        )
+    from torchao.quantization import (  # noqa: PLC0415 - torchao: the `quant` extra (check_quantize names it)
+        Float8WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+    )
 
     # The config object, not the string name: diffusers 0.42 refuses "int8wo".
     weight_only = Int8WeightOnlyConfig() if quantize == "int8" else Float8WeightOnlyConfig()

@@ -1,11 +1,11 @@
 """The bundled sample data, generated (never downloaded): a small synthetic brand set and product edit pairs.
 
-    <out>/brand/NNN.png + NNN.txt      a product shape in the brand palette with the logo word, captioned
-                                       with the trigger word (text-to-image items)
-    <out>/edits/NNN_source.png, NNN_target.png and <out>/edits/manifest.jsonl rows
-                                       {"target", "instruction", "sources": [...]}: same product, moved from a
-                                       coloured background onto white
-    <out>/manifest.jsonl               both kinds in one manifest (one adapter for generation and editing)
+<out>/brand/NNN.png + NNN.txt      a product shape in the brand palette with the logo word, captioned
+                                   with the trigger word (text-to-image items)
+<out>/edits/NNN_source.png, NNN_target.png and <out>/edits/manifest.jsonl rows
+                                   {"target", "instruction", "sources": [...]}: same product, moved from a
+                                   coloured background onto white
+<out>/manifest.jsonl               both kinds in one manifest (one adapter for generation and editing)
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from qwen_image_lora.io import atomic_write_text
 TRIGGER = "qwnbrand"
 BRAND_PALETTE = ["#d7263d", "#1b998b", "#f4d35e"]  # brand red, teal, yellow
 PRODUCTS = ["bottle", "mug", "box", "can"]
-BACKGROUNDS = {"white": "#ffffff", "marble grey": "#b8b8b8", "beach sand": "#e9d8a6", "forest green": "#2d6a4f", "night blue": "#14213d"}
+BACKGROUNDS = {
+    "white": "#ffffff",
+    "marble grey": "#b8b8b8",
+    "beach sand": "#e9d8a6",
+    "forest green": "#2d6a4f",
+    "night blue": "#14213d",
+}
 SIZES = [(128, 128), (160, 128), (128, 160)]
 
 

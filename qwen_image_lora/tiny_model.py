@@ -86,7 +86,9 @@ def _train_tokenizer(vocab_size: int):
     bpe.train_from_iterator(corpus, trainer=trainer)
     vocab = bpe.get_vocab()
     # The trained merges are only reachable through the serialized model.
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = [
+        tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]
+    ]
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -290,7 +292,10 @@ def build_tiny_components(seed: int = 0, full_transformer: bool = False, downsam
 
 
 def make_tiny_model(
-    output_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False, full_transformer: bool = False,
+    output_dir: str | os.PathLike,
+    seed: int = 0,
+    overwrite: bool = False,
+    full_transformer: bool = False,
     downsampling_vae: bool = False,
 ) -> Path:
     """Write the tiny checkpoint folder (atomically: a temp folder renamed into place) and return its path;

@@ -46,8 +46,9 @@ def _check_nodes(node, dotted: str) -> None:
         for key, value in node.value:
             name, line, ident = _join(dotted, key.value), key.start_mark.line + 1, (key.tag, str(key.value))
             if ident in lines:
-                raise ConfigError(f"{name}: given twice (lines {lines[ident]} and {line}); YAML keeps only the last, "
-                                  "so merge them")
+                raise ConfigError(
+                    f"{name}: given twice (lines {lines[ident]} and {line}); YAML keeps only the last, so merge them"
+                )
             lines[ident] = line
             _check_nodes(value, name)
     elif isinstance(node, yaml.SequenceNode):
@@ -55,8 +56,10 @@ def _check_nodes(node, dotted: str) -> None:
             _check_nodes(item, f"{dotted}[{i}]")
     elif node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in node.value:
         number = yaml.safe_load(node.value)
-        raise ConfigError(f"{dotted}: {node.value} (line {node.start_mark.line + 1}) reads as the base-60 number {number} "
-                          f'in YAML; quote it: {dotted.rsplit(".", 1)[-1]}: "{node.value}"')
+        raise ConfigError(
+            f"{dotted}: {node.value} (line {node.start_mark.line + 1}) reads as the base-60 number {number} "
+            f'in YAML; quote it: {dotted.rsplit(".", 1)[-1]}: "{node.value}"'
+        )
 
 
 def load_yaml(text: str, where: str, dotted: str = ""):
@@ -157,7 +160,11 @@ def _resolve_paths(value, base: Path, hub_ids: bool):
 
 
 def _looks_like_hub_id(value: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not Path(value).exists() and "." not in value.split("/")[0]
+    return (
+        bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value))
+        and not Path(value).exists()
+        and "." not in value.split("/")[0]
+    )
 
 
 def _type_name(tp) -> str:
@@ -249,5 +256,3 @@ def validate(node, dotted: str, where: str) -> None:
             for i, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
                     validate(item, f"{_join(dotted, f.name)}[{i}]", where)
-
-

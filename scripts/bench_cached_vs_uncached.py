@@ -97,7 +97,6 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         data = args.data
         if data is None and args.edits:
-
             data = str(make_sample_data(tmp / "sample-data") / "edits" / "manifest.jsonl")
         cfg = make_config(args.model, data, tmp, args.overrides)
         start = time.perf_counter()

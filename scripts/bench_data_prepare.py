@@ -68,7 +68,9 @@ def make_images(folder: Path, n: int, side: int) -> None:
     rng = np.random.default_rng(0)
     for i in range(n):
         small = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((side + 16 * (i % 3), side), Image.Resampling.BICUBIC).save(folder / f"{i:05d}.png")
+        Image.fromarray(small).resize((side + 16 * (i % 3), side), Image.Resampling.BICUBIC).save(
+            folder / f"{i:05d}.png"
+        )
         (folder / f"{i:05d}.txt").write_text(f"a qwnbrand product photo, variant {i}")
 
 
@@ -86,7 +88,9 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=32, help="image height in px (widths vary up to +32)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="data.prepare_batch_size values to compare")
     ap.add_argument("--repeats", type=int, default=1, help="runs per batch size, alternating; the fastest counts")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier on a busy CPU")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier on a busy CPU"
+    )
     args = ap.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", BENCH_THREADS=str(args.threads or ""))
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,9 +104,15 @@ def main() -> None:
             for rep in range(args.repeats):
                 for bs in args.batch_sizes:
                     out = tmp / f"out{n}-b{bs}-{rep}"
-                    overrides = [f"data.path={tmp / f'data{n}'}", f"model.pretrained={model}", "model.dtype=float32",
-                                 f"data.resolution={args.resolution}", "data.min_side=16", f"output_dir={out}",
-                                 f"data.prepare_batch_size={bs}"]
+                    overrides = [
+                        f"data.path={tmp / f'data{n}'}",
+                        f"model.pretrained={model}",
+                        "model.dtype=float32",
+                        f"data.resolution={args.resolution}",
+                        "data.min_side=16",
+                        f"output_dir={out}",
+                        f"data.prepare_batch_size={bs}",
+                    ]
                     row = run_child(overrides, env)
                     if bs not in best or row["prepare_s"] < best[bs]["prepare_s"]:
                         best[bs] = row
@@ -120,7 +130,9 @@ def main() -> None:
         if len(rows) > 1:
             a, b = rows[0], rows[-1]
             growth = (b["rss_peak_read_mb"] - b["rss_after_load_mb"]) - (a["rss_peak_read_mb"] - a["rss_after_load_mb"])
-            print(f"peak RSS growth from {a['items']} to {b['items']} items (beyond the loaded model): {growth:+.0f} MB")
+            print(
+                f"peak RSS growth from {a['items']} to {b['items']} items (beyond the loaded model): {growth:+.0f} MB"
+            )
 
 
 if __name__ == "__main__":

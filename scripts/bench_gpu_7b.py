@@ -83,7 +83,6 @@ from diffusers import QwenImage21Transformer2DModel
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import LoRAConfig, OptimConfig
 from qwen_image_lora.model import PromptEmbeds
-from qwen_image_lora.tiny_model import make_tiny_model
 from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace
 from qwen_image_lora.train.adapter import add_lora
 from qwen_image_lora.train.optim import build_optimizer
@@ -306,34 +305,6 @@ def example_vs_ours(args, cfg, script: Path) -> dict:
     )  # fmt: skip
 
 
-def reach(args) -> int:
-    """`--reach`: plan (`--plan-only`, CPU) or measure (GPU) the recipes for each `--budgets` size, t2i and edit."""
-
-    cfg = qmodel.load_transformer_config(None)
-    lora = LoRAConfig(rank=args.rank, targets=args.targets)
-    budgets = [float(b) for b in args.budgets.split(",")]
-    planned = [json.loads(line) for line in args.plan.read_text().splitlines()] if args.plan else []
-    rows = [r for r in planned if "budget_gib" in r and r["budget_gib"] in budgets]
-    if args.plan_only or not rows:
-        rows = reach_bench.plan_rows(cfg, shapes(args), budgets, lora)
-        print(reach_bench.markdown(rows), file=sys.stderr)
-    if args.plan_only:
-        return 0
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    folder = make_tiny_model(args.model_dir, full_transformer=True)
-    results = reach_bench.measure_rows(rows, folder, cfg, lora, args.prompt_tokens, args.steps, to_cuda)
-    print("\n| GPU | task | recipe | planned GiB | measured GiB | s/step | x bf16 recipe | host GB/step planned / measured |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        measured = "OOM" if "oom" in r else f"{r['max_allocated_gib']:.2f}"
-        speed = f"{r['s_per_step']:.3f} | {r.get('x_bf16_recipe_time', float('nan')):.2f}" if "s_per_step" in r else " | "
-        print(f"| {r['budget_gib']:g} | {r['task']} | {r['recipe']} | {r['planned_gib']:.2f} | {measured} | {speed} | "
-              f"{r['host_gb_per_step']:.1f} / {r.get('measured_host_gb_per_step', float('nan')):.1f} |")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
-    return 0
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", choices=["t2i", "edit", "both"], default="both")
@@ -348,7 +319,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case")
     ap.add_argument("--attention", choices=qmodel.ATTENTION_PATHS, default="sdpa-segments")
     ap.add_argument("--compile", choices=["false", "blocks", "full"], default="false")
-    ap.add_argument("--budget-gib", type=float, default=80.0, help="GPU memory `auto` plans for (train.memory_budget_gb)")
+    ap.add_argument(
+        "--budget-gib", type=float, default=80.0, help="GPU memory `auto` plans for (train.memory_budget_gb)"
+    )
     ap.add_argument("--speed", action="store_true", help="eager vs compiled vs compiled+flex, and the batch study")
     ap.add_argument("--quick", action="store_true", help="--speed on t2i with every block checkpointed only")
     ap.add_argument("--batches", default="1,2,4", help="batch sizes of the --speed batch study")
@@ -357,14 +330,21 @@ def main(argv=None) -> int:
     ap.add_argument("--plan-only", action="store_true", help="print the planner's predictions (no GPU needed)")
     ap.add_argument("--plan", type=Path, help="JSON lines from --plan-only, to print next to the measurements")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
-    ap.add_argument("--reach", action="store_true",
-                    help="the recipe `qwen-lora plan` picks for each --budgets size, planned or measured (reach_bench.py)")
+    ap.add_argument(
+        "--reach",
+        action="store_true",
+        help="the recipe `qwen-lora plan` picks for each --budgets size, planned or measured (reach_bench.py)",
+    )
     ap.add_argument("--budgets", default="8,12,16,24", help="--reach: GPU sizes in GiB")
-    ap.add_argument("--model-dir", type=Path, default=ROOT / ".cache" / "qwen-image-2.1-7b-random",
-                    help="--reach: the random 7B checkpoint, written once (~14 GB)")
+    ap.add_argument(
+        "--model-dir",
+        type=Path,
+        default=ROOT / ".cache" / "qwen-image-2.1-7b-random",
+        help="--reach: the random 7B checkpoint, written once (~14 GB)",
+    )
     args = ap.parse_args(argv)
     if args.reach:
-        return reach(args)
+        return reach_bench.run(args, shapes(args), to_cuda)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.batch_resolutions = [512, 1024]
     if args.quick:
@@ -406,7 +386,9 @@ def main(argv=None) -> int:
                     print(json.dumps(results[-1]), flush=True)
             print_speed_table(results)
         else:
-            transformer, params = build(cfg, LoRAConfig(rank=args.rank, targets=args.targets), None, args.attention, compile)
+            transformer, params = build(
+                cfg, LoRAConfig(rank=args.rank, targets=args.targets), None, args.attention, compile
+            )
             print(f"weights: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated", flush=True)
             for shape, ck, _ in cases:
                 plan, k = case_plan(args, cfg, shape, ck, planned)

@@ -33,13 +33,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     args = p.parse_args(argv)
 
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     tmp = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     model = args.model
     if model is None:
-
         model = str(make_tiny_model(tmp / "tiny"))
     resolution = args.resolution or (1024 if args.model else 128)
     gen = Generator.from_pretrained(model, dtype, device, resolution=resolution)
@@ -47,7 +45,9 @@ def main(argv=None) -> int:
     name = gen.adapters.load(lora)
 
     def per_image(adapters) -> float:
-        request = GenerationRequest("a product photo of a bottle", num_inference_steps=args.steps, seed=0, adapters=adapters)
+        request = GenerationRequest(
+            "a product photo of a bottle", num_inference_steps=args.steps, seed=0, adapters=adapters
+        )
         for _ in range(args.warmup):
             gen.generate(request)
         times = []

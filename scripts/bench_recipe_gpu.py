@@ -64,9 +64,13 @@ def main(argv=None) -> int:
         recipe.cleanup()
         peak = torch.cuda.max_memory_allocated() / 2**30
         losses = [json.loads(line)["loss"] for line in (Path(tmp) / "run" / "losses.jsonl").read_text().splitlines()]
-    print(f"{'edit (1 reference)' if args.edit else 't2i'} 1024², batch 1, LoRA r32 attention, AdamW, bf16, checkpointing")
-    print(f"peak allocated {peak:.2f} GiB (whole run, encoders offloaded); {seconds / len(losses):.3f} s/step "
-          f"over {len(losses)} steps incl. the first and the adapter save; losses {losses[0]:.3f} .. {losses[-1]:.3f}")
+    print(
+        f"{'edit (1 reference)' if args.edit else 't2i'} 1024², batch 1, LoRA r32 attention, AdamW, bf16, checkpointing"
+    )
+    print(
+        f"peak allocated {peak:.2f} GiB (whole run, encoders offloaded); {seconds / len(losses):.3f} s/step "
+        f"over {len(losses)} steps incl. the first and the adapter save; losses {losses[0]:.3f} .. {losses[-1]:.3f}"
+    )
     return 0
 
 

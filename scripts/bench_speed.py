@@ -154,7 +154,9 @@ def build_cases(cfg, args) -> tuple[list[Case], dict]:
                 for masked in (False, True):
                     mode = "blocks" if compile else "eager"
                     m = "mask" if masked else "no-mask"
-                    study[mode, b, m] = add(f"train {mode} b{b} {m}", "batch", "train", "sdpa-segments", compile, b, masked)
+                    study[mode, b, m] = add(
+                        f"train {mode} b{b} {m}", "batch", "train", "sdpa-segments", compile, b, masked
+                    )
     return list(cases.values()), study
 
 
@@ -239,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--batches", default="1,2,4", help="batch sizes of the batch study")
-    ap.add_argument("--groups", default="train,inference,batch", help="any of train, inference, batch (\"\": none)")
+    ap.add_argument("--groups", default="train,inference,batch", help='any of train, inference, batch ("": none)')
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case per round")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")

@@ -53,10 +53,8 @@ def make_config(model: str | None, data: str | None, tmp: Path, overrides: list[
     """configs/demo.yaml on the tiny model and the sample data (unless given), set up for timing: no validation,
     no checkpoints, a step limit that `RecipeLoop` moves."""
     if model is None:
-
         model = str(make_tiny_model(tmp / "tiny"))
     if data is None:
-
         data = str(make_sample_data(tmp / "sample-data") / "brand")
     return load_config(
         ROOT / "configs" / "demo.yaml",

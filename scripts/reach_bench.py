@@ -15,8 +15,10 @@ recipe; the peak is what the smaller card would need (the CUDA context and fragm
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import torch
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import LoRAConfig, OptimConfig
+from qwen_image_lora.tiny_model import make_tiny_model
 from qwen_image_lora.train import memory, memory_fit, memory_trace, offload
 from qwen_image_lora.train.adapter import add_lora
 from qwen_image_lora.train.block_checkpointing import apply_block_checkpointing
@@ -62,17 +65,25 @@ def plan_rows(cfg: dict, shapes: list[memory.StepShape], budgets: list[float], l
 
 def markdown(rows: list[dict]) -> str:
     """The README's reach table."""
-    out = ["| GPU | task | recipe | planned peak | needed | host link per step (at 25 GB/s) |", "|---|---|---|---|---|---|"]
+    out = [
+        "| GPU | task | recipe | planned peak | needed | host link per step (at 25 GB/s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        host = f"{r['host_gb_per_step']:.1f} GB (+{r['host_s_per_step_at_25GBps']:.2f} s)" if r["offload_blocks"] else "-"
+        host = (
+            f"{r['host_gb_per_step']:.1f} GB (+{r['host_s_per_step_at_25GBps']:.2f} s)" if r["offload_blocks"] else "-"
+        )
         recipe = r["recipe"] if r["fits"] else f"does not fit ({r['recipe']})"
-        out.append(f"| {r['budget_gib']:g} GB | {r['task']} | {recipe} | {r['planned_gib']:.1f} GiB "
-                   f"| {r['needed_gib']:.1f} GiB | {host} |")
+        out.append(
+            f"| {r['budget_gib']:g} GB | {r['task']} | {recipe} | {r['planned_gib']:.1f} GiB "
+            f"| {r['needed_gib']:.1f} GiB | {host} |"
+        )
     return "\n".join(out)
 
 
-def measure_rows(rows: list[dict], folder: Path, cfg: dict, lora: LoRAConfig, prompt_tokens: int, steps: int,
-                 to_cuda) -> list[dict]:
+def measure_rows(
+    rows: list[dict], folder: Path, cfg: dict, lora: LoRAConfig, prompt_tokens: int, steps: int, to_cuda
+) -> list[dict]:
     """Each planned row on this GPU, after the bf16 recipe of its task (the speed reference). `to_cuda` moves a
     `memory_trace.build_step_inputs` batch to the GPU."""
     results, reference = [], {}
@@ -95,8 +106,9 @@ def measure_rows(rows: list[dict], folder: Path, cfg: dict, lora: LoRAConfig, pr
     return results
 
 
-def measure_recipe(row: dict, folder: Path, cfg: dict, shape: memory.StepShape, lora: LoRAConfig, steps: int,
-                   to_cuda) -> dict:
+def measure_recipe(
+    row: dict, folder: Path, cfg: dict, shape: memory.StepShape, lora: LoRAConfig, steps: int, to_cuda
+) -> dict:
     """Load, adapt, checkpoint and place the transformer as the recipe says; time `steps` steady-state steps."""
     torch.manual_seed(0)
     transformer = qmodel.load_transformer(str(folder), torch.bfloat16, row["quantize"])
@@ -111,10 +123,9 @@ def measure_recipe(row: dict, folder: Path, cfg: dict, shape: memory.StepShape, 
     optimizer = build_optimizer(params, OptimConfig(name=row["optimizer"], lr=1e-4))
     batch = to_cuda(memory_trace.build_step_inputs(shape, cfg, torch.bfloat16))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-
-    def step():
-        return memory_trace.training_step(transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16)
-
+    step = functools.partial(
+        memory_trace.training_step, transformer, batch, optimizer, params, autocast, 1.0, torch.bfloat16
+    )
     out = {}
     try:
         step()  # allocates the optimizer state
@@ -132,7 +143,7 @@ def measure_recipe(row: dict, folder: Path, cfg: dict, shape: memory.StepShape, 
     except torch.OutOfMemoryError as e:
         out["oom"] = str(e).splitlines()[0][:200]
     finally:
-        del transformer, params, optimizer, batch, offloader
+        del step, transformer, params, optimizer, batch, offloader
         gc.collect()
         torch.cuda.empty_cache()
     return out
@@ -142,3 +153,36 @@ def _shape(row: dict, prompt_tokens: int, resolution: int = 1024) -> memory.Step
     refs = [(resolution, resolution)] * row["references"]
     return memory.StepShape(resolution, resolution, 1, prompt_tokens, refs)
 
+
+def run(args, shapes: list[memory.StepShape], to_cuda) -> int:
+    """`bench_gpu_7b.py --reach`: plan (`--plan-only`, CPU) or measure (GPU) the recipes for each `--budgets` size
+    and each of `shapes` (t2i and edit); `to_cuda` moves a step batch to the GPU."""
+    cfg = qmodel.load_transformer_config(None)
+    lora = LoRAConfig(rank=args.rank, targets=args.targets)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    planned = [json.loads(line) for line in args.plan.read_text().splitlines()] if args.plan else []
+    rows = [r for r in planned if "budget_gib" in r and r["budget_gib"] in budgets]
+    if args.plan_only or not rows:
+        rows = plan_rows(cfg, shapes, budgets, lora)
+        print(markdown(rows), file=sys.stderr)
+    if args.plan_only:
+        return 0
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    folder = make_tiny_model(args.model_dir, full_transformer=True)
+    results = measure_rows(rows, folder, cfg, lora, args.prompt_tokens, args.steps, to_cuda)
+    print(
+        "\n| GPU | task | recipe | planned GiB | measured GiB | s/step | x bf16 recipe | host GB/step planned / measured |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        measured = "OOM" if "oom" in r else f"{r['max_allocated_gib']:.2f}"
+        speed = (
+            f"{r['s_per_step']:.3f} | {r.get('x_bf16_recipe_time', float('nan')):.2f}" if "s_per_step" in r else " | "
+        )
+        print(
+            f"| {r['budget_gib']:g} | {r['task']} | {r['recipe']} | {r['planned_gib']:.2f} | {measured} | {speed} | "
+            f"{r['host_gb_per_step']:.1f} / {r.get('measured_host_gb_per_step', float('nan')):.1f} |"
+        )
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0

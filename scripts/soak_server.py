@@ -137,7 +137,9 @@ def _model_and_adapters(model: str | None, tmp: Path):
     if model is None:
         model = make_tiny_model(tmp / "tiny")
     gen = Generator.from_pretrained(str(model), "float32", "cpu", resolution=64)
-    adapters = {name: make_random_lora(gen.pipe.transformer, tmp / name, seed=i) for i, name in enumerate(["brand", "sketch"])}
+    adapters = {
+        name: make_random_lora(gen.pipe.transformer, tmp / name, seed=i) for i, name in enumerate(["brand", "sketch"])
+    }
     return model, adapters
 
 

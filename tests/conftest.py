@@ -53,8 +53,10 @@ def _make_adapter(model_dir: Path, out: Path, std: float, seed: int = 0) -> Path
         if "lora_B" in name:
             p.data.normal_(0.0, std) if std else p.data.zero_()
     QwenImage21Pipeline.save_lora_weights(
-        str(out), transformer_lora_layers=get_peft_model_state_dict(transformer),
-        weight_name="pytorch_lora_weights.safetensors", safe_serialization=True,
+        str(out),
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        weight_name="pytorch_lora_weights.safetensors",
+        safe_serialization=True,
     )
     return out
 

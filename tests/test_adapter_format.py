@@ -69,7 +69,13 @@ def comfyui_unloaded_keys(lora: dict[str, torch.Tensor], shapes: dict[str, tuple
     key_map = {}
     for weight in shapes:
         x = weight.removeprefix("diffusion_model.").removesuffix(".weight")
-        for alias in (x, f"transformer.{x}", f"lycoris_{x.replace('.', '_')}", f"diffusion_model.{x}", f"lora_unet_{x.replace('.', '_')}"):
+        for alias in (
+            x,
+            f"transformer.{x}",
+            f"lycoris_{x.replace('.', '_')}",
+            f"diffusion_model.{x}",
+            f"lora_unet_{x.replace('.', '_')}",
+        ):
             key_map[alias] = weight
     loaded, problems = set(), []
     for alias, weight in key_map.items():
@@ -93,23 +99,31 @@ def test_fused_mlp_factors_give_the_unfused_deltas_stacked_gate_rows_first():
     g = torch.Generator().manual_seed(0)
     a_gate, b_gate = torch.randn(4, 16, generator=g), torch.randn(24, 4, generator=g)
     a_proj, b_proj = torch.randn(4, 16, generator=g), torch.randn(24, 4, generator=g)
-    down, up, scale = fuse_mlp_halves({"img_mlp.proj": (a_proj, b_proj, 0.5), "img_mlp.gate_layer": (a_gate, b_gate, 0.5)})
+    down, up, scale = fuse_mlp_halves(
+        {"img_mlp.proj": (a_proj, b_proj, 0.5), "img_mlp.gate_layer": (a_gate, b_gate, 0.5)}
+    )
     assert down.shape == (8, 16) and up.shape == (48, 8) and scale == 0.5  # rank 2r
     expected = torch.cat([0.5 * b_gate @ a_gate, 0.5 * b_proj @ a_proj])  # ComfyUI's gate_up: gate rows, then proj
     torch.testing.assert_close(scale * up @ down, expected)
     # Halves at different scales (alpha_pattern) keep their own scale; a missing half adds zero rows.
-    down, up, scale = fuse_mlp_halves({"img_mlp.gate_layer": (a_gate, b_gate, 0.5), "img_mlp.proj": (a_proj, b_proj, 2.0)})
+    down, up, scale = fuse_mlp_halves(
+        {"img_mlp.gate_layer": (a_gate, b_gate, 0.5), "img_mlp.proj": (a_proj, b_proj, 2.0)}
+    )
     torch.testing.assert_close(scale * up @ down, torch.cat([0.5 * b_gate @ a_gate, 2.0 * b_proj @ a_proj]))
     down, up, scale = fuse_mlp_halves({"img_mlp.proj": (a_proj, b_proj, 1.0)})
     torch.testing.assert_close(scale * up @ down, torch.cat([torch.zeros(24, 16), b_proj @ a_proj]))
     # A bf16 adapter stays bf16 (ComfyUI patches in the file's dtype; float32 factors would double the file).
-    down, up, _ = fuse_mlp_halves({h: (a_gate.bfloat16(), b_gate.bfloat16(), 1.0) for h in ("img_mlp.gate_layer", "img_mlp.proj")})
+    down, up, _ = fuse_mlp_halves(
+        {h: (a_gate.bfloat16(), b_gate.bfloat16(), 1.0) for h in ("img_mlp.gate_layer", "img_mlp.proj")}
+    )
     assert down.dtype == up.dtype == torch.bfloat16
 
 
 def _full_prefix(source, out_file):
     """Our ComfyUI export under the whole model's prefix (`model.diffusion_model.`), as some ComfyUI tools save it."""
-    save_file({f"model.{k}": v for k, v in load_file(str(adapter_format.export_adapter(source))).items()}, str(out_file))
+    save_file(
+        {f"model.{k}": v for k, v in load_file(str(adapter_format.export_adapter(source))).items()}, str(out_file)
+    )
     return out_file
 
 
@@ -148,7 +162,9 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
     check_source("outputs")
     # Neither a path here nor a hub id: a bare name, three parts without a .safetensors file, a dot-named folder.
     for source in ("nope.safetensors", "elsewhere/a/b", ".loras/style"):
-        with pytest.raises(AdapterError, match=rf"^{re.escape(source)}: no such .*\(and it is not a hub id like owner/repo\)"):
+        with pytest.raises(
+            AdapterError, match=rf"^{re.escape(source)}: no such .*\(and it is not a hub id like owner/repo\)"
+        ):
             check_source(source)
     assert is_hub_id("someone/their-lora/sub/style.safetensors") and not is_hub_id(".loras/style")
 
@@ -156,9 +172,23 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
 def test_generate_with_a_mistyped_lora_path_fails_before_loading_the_model(tmp_path):
     (tmp_path / "outputs" / "demo").mkdir(parents=True)
     # The model is a hub id that cannot be fetched offline: had it been loaded first, the error would be about it.
-    cmd = [sys.executable, "-m", "qwen_image_lora.cli", "generate", "--model", "Qwen/Qwen-Image-2.1", "--lora", "outputs/nope",
-           "--prompt", "a bottle", "--output", "out.png"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "qwen_image_lora.cli",
+        "generate",
+        "--model",
+        "Qwen/Qwen-Image-2.1",
+        "--lora",
+        "outputs/nope",
+        "--prompt",
+        "a bottle",
+        "--output",
+        "out.png",
+    ]
+    result = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert result.returncode == 2
     assert "outputs/nope: no such adapter file or folder" in result.stderr
     assert "Qwen/Qwen-Image-2.1" not in result.stderr and not (tmp_path / "out.png").exists()
@@ -202,7 +232,11 @@ def test_the_comfyui_file_carries_kohyas_rank_and_alpha_header_and_alphas(transf
     written = adapter_format.write_comfyui(tmp_path / "src", tmp_path / "out" / "lora.safetensors")
     with safe_open(str(written), "pt") as f:
         header = f.metadata()
-        ranks = {k.removesuffix(".lora_down.weight"): f.get_tensor(k).shape[0] for k in f.keys() if k.endswith("lora_down.weight")}
+        ranks = {
+            k.removesuffix(".lora_down.weight"): f.get_tensor(k).shape[0]
+            for k in f.keys()
+            if k.endswith("lora_down.weight")
+        }
         alphas = {k.removesuffix(".alpha"): f.get_tensor(k) for k in f.keys() if k.endswith(".alpha")}
     assert header["format"] == "pt" and header["ss_network_dim"] == "4" and float(header["ss_network_alpha"]) == 8.0
     assert alphas.keys() == ranks.keys() and 8 in ranks.values()  # the fused gate_up holds both halves' ranks
@@ -245,7 +279,9 @@ def test_module_scale_is_the_factor_peft_applies(transformer, rslora):
 
 
 @pytest.mark.parametrize("rslora", [False, True])
-def test_comfyui_export_patches_each_module_with_pefts_delta_and_the_header_holds_the_default_scale(transformer, tmp_path, rslora):
+def test_comfyui_export_patches_each_module_with_pefts_delta_and_the_header_holds_the_default_scale(
+    transformer, tmp_path, rslora
+):
     config = {**PATTERNS, "use_rslora": rslora}
     state, deltas, scales = peft_adapter(transformer, config)
     adapter_format.write_diffusers(tmp_path, state, config)
@@ -276,7 +312,9 @@ def test_a_folded_adapter_exports_at_scale_one_to_the_path_asked(transformer, tm
         adapter_format.export_adapter(tmp_path / "src", "ckpt")
 
 
-def test_dora_is_refused_for_comfyui_by_its_config_or_its_magnitudes_and_magnitudes_are_shape_checked(transformer, tmp_path):
+def test_dora_is_refused_for_comfyui_by_its_config_or_its_magnitudes_and_magnitudes_are_shape_checked(
+    transformer, tmp_path
+):
     state, _, _ = peft_adapter(transformer, DORA)
     adapter_format.write_diffusers(tmp_path, state, DORA)
     dora = read_adapter(tmp_path, transformer)
@@ -316,7 +354,6 @@ def test_the_shape_check_reports_every_misfit_three_in_full(transformer):
 
 def test_a_peft_folder_reads_with_its_adapter_config_and_loads_into_diffusers_as_peft_had_it(transformer, tmp_path):
 
-
     config = {"r": 2, "lora_alpha": 6.0, "target_modules": ["img_mlp.proj", "to_q"], "use_rslora": True}
     wrapped = get_peft_model(copy.deepcopy(transformer), LoraConfig(**config))
     deltas = {}
@@ -340,7 +377,9 @@ def test_a_peft_folder_reads_with_its_adapter_config_and_loads_into_diffusers_as
 
 
 def test_bare_peft_keys_read_as_diffusers_layout(transformer):
-    state, _, _ = peft_adapter(transformer, {"r": 2, "target_modules": ["to_q"]})  # get_peft_model_state_dict: no prefix
+    state, _, _ = peft_adapter(
+        transformer, {"r": 2, "target_modules": ["to_q"]}
+    )  # get_peft_model_state_dict: no prefix
     converted, layout = adapter_format.convert(state, None)
     assert layout == "diffusers" and converted.keys() == {f"transformer.{k}" for k in state}
     assert all(torch.equal(converted[f"transformer.{k}"], v) for k, v in state.items())
@@ -351,29 +390,60 @@ def test_bare_peft_keys_read_as_diffusers_layout(transformer):
 KOHYA_Q = "lora_unet_transformer_blocks_0_attn_to_q"
 REFUSED = {  # case -> (tensors, read with the model?, why); every refusal names the file
     "empty": ({}, False, "the file holds no tensors"),
-    "kohya without a model": ({f"{KOHYA_Q}.lora_down.weight": torch.zeros(2, 32)}, False,
-                              r"a kohya-style \(lora_unet_\) adapter needs the model to unflatten its module names"),
-    "kohya, unknown part": ({f"{KOHYA_Q}.lora_mid.weight": torch.zeros(2, 2)}, True,
-                            rf"unexpected key '{KOHYA_Q}.lora_mid.weight' in a kohya-style \(lora_unet_\) adapter"),
-    "kohya, another model": ({"lora_unet_transformer_blocks_9_attn_to_q.alpha": torch.tensor(2.0)}, True,
-                             r"module 'transformer_blocks_9_attn_to_q' \(from '.*'\) does not exist in this transformer; "
-                             "the adapter was made for another model"),
-    "ComfyUI DoRA": ({"diffusion_model.transformer_blocks.0.attn.to_q.dora_scale": torch.ones(1, 32)}, False,
-                     r"kohya/ComfyUI-style DoRA \(dora_scale\) normalises by another norm than peft's DoRA and cannot be "
-                     r"loaded exactly; use an adapter saved by diffusers/peft \(lora_magnitude_vector\)"),
-    "unknown part": ({"diffusion_model.transformer_blocks.0.attn.to_q.lora_mid.weight": torch.zeros(2, 2)}, False,
-                     r"not a LoRA state dict diffusers can read \(.*lora_mid"),
-    "no lora_A": ({f"transformer.transformer_blocks.{i}.attn.to_q.lora_B.weight": torch.zeros(32, 2) for i in range(4)}, False,
-                  r"no LoRA weights found \(keys look like \['transformer.transformer_blocks.0.attn.to_q.lora_B.weight', "
-                  r"'transformer.transformer_blocks.1.attn.to_q.lora_B.weight', 'transformer.transformer_blocks.2.attn.to_q.lora_B.weight'\]\)"),
-    "lora_down alone": ({"diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight": torch.zeros(2, 32)}, False,
-                        "not a LoRA state dict diffusers can read"),
-    "not finite": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.tensor([[0.0, float("nan")]]),
-                    "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2)}, False,
-                   r"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' holds NaN or infinite values"),
-    "misfit": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 16),
-                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2)}, True,
-               "does not fit this transformer"),
+    "kohya without a model": (
+        {f"{KOHYA_Q}.lora_down.weight": torch.zeros(2, 32)},
+        False,
+        r"a kohya-style \(lora_unet_\) adapter needs the model to unflatten its module names",
+    ),
+    "kohya, unknown part": (
+        {f"{KOHYA_Q}.lora_mid.weight": torch.zeros(2, 2)},
+        True,
+        rf"unexpected key '{KOHYA_Q}.lora_mid.weight' in a kohya-style \(lora_unet_\) adapter",
+    ),
+    "kohya, another model": (
+        {"lora_unet_transformer_blocks_9_attn_to_q.alpha": torch.tensor(2.0)},
+        True,
+        r"module 'transformer_blocks_9_attn_to_q' \(from '.*'\) does not exist in this transformer; "
+        "the adapter was made for another model",
+    ),
+    "ComfyUI DoRA": (
+        {"diffusion_model.transformer_blocks.0.attn.to_q.dora_scale": torch.ones(1, 32)},
+        False,
+        r"kohya/ComfyUI-style DoRA \(dora_scale\) normalises by another norm than peft's DoRA and cannot be "
+        r"loaded exactly; use an adapter saved by diffusers/peft \(lora_magnitude_vector\)",
+    ),
+    "unknown part": (
+        {"diffusion_model.transformer_blocks.0.attn.to_q.lora_mid.weight": torch.zeros(2, 2)},
+        False,
+        r"not a LoRA state dict diffusers can read \(.*lora_mid",
+    ),
+    "no lora_A": (
+        {f"transformer.transformer_blocks.{i}.attn.to_q.lora_B.weight": torch.zeros(32, 2) for i in range(4)},
+        False,
+        r"no LoRA weights found \(keys look like \['transformer.transformer_blocks.0.attn.to_q.lora_B.weight', "
+        r"'transformer.transformer_blocks.1.attn.to_q.lora_B.weight', 'transformer.transformer_blocks.2.attn.to_q.lora_B.weight'\]\)",
+    ),
+    "lora_down alone": (
+        {"diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight": torch.zeros(2, 32)},
+        False,
+        "not a LoRA state dict diffusers can read",
+    ),
+    "not finite": (
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.tensor([[0.0, float("nan")]]),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2),
+        },
+        False,
+        r"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' holds NaN or infinite values",
+    ),
+    "misfit": (
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 16),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2),
+        },
+        True,
+        "does not fit this transformer",
+    ),
 }
 
 

@@ -13,12 +13,16 @@ from qwen_image_lora.adapter_format import AdapterError, read_adapter, resolve_f
 
 def test_pickled_adapters_are_refused_unread(tmp_path):
     (tmp_path / "lora.bin").write_bytes(b"not unpickled")
-    with pytest.raises(AdapterError, match=r"lora\.bin: only \.safetensors adapters are loaded \(pickled .bin/.pt files can run code\)"):
+    with pytest.raises(
+        AdapterError, match=r"lora\.bin: only \.safetensors adapters are loaded \(pickled .bin/.pt files can run code\)"
+    ):
         read_adapter(tmp_path / "lora.bin")
 
 
 def test_a_folder_resolves_to_its_weights_file_or_lists_what_it_holds(tmp_path):
-    expected = rf"^{re.escape(str(tmp_path))}: expected pytorch_lora_weights.safetensors or exactly one .safetensors file"
+    expected = (
+        rf"^{re.escape(str(tmp_path))}: expected pytorch_lora_weights.safetensors or exactly one .safetensors file"
+    )
     with pytest.raises(AdapterError, match=rf"{expected} \(found: none\)$"):
         resolve_file(tmp_path)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "b.safetensors"))
@@ -52,7 +56,9 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 def test_a_hub_id_resolves_to_the_weights_file_the_only_file_or_the_one_named(offline_hub):
-    style = offline_hub("someone/style", "adapter_model.safetensors", "pytorch_lora_weights.safetensors", "extra.safetensors")
+    style = offline_hub(
+        "someone/style", "adapter_model.safetensors", "pytorch_lora_weights.safetensors", "extra.safetensors"
+    )
     assert resolve_file("someone/style") == style / "pytorch_lora_weights.safetensors"  # diffusers' name, then peft's
     one = offline_hub("someone/one", "loras/v2.safetensors", "README.md")
     assert resolve_file("someone/one") == one / "loras/v2.safetensors"
@@ -60,12 +66,21 @@ def test_a_hub_id_resolves_to_the_weights_file_the_only_file_or_the_one_named(of
     many = offline_hub("someone/many", "a.safetensors", "b.safetensors")
     assert resolve_file("someone/many/b.safetensors") == many / "b.safetensors"
     assert resolve_file("someone/style/adapter_model.safetensors") == style / "adapter_model.safetensors"
-    with pytest.raises(AdapterError, match=re.escape("someone/many: name the file, e.g. someone/many/<file>.safetensors "
-                                                     "(found ['a.safetensors', 'b.safetensors'])")):
+    with pytest.raises(
+        AdapterError,
+        match=re.escape(
+            "someone/many: name the file, e.g. someone/many/<file>.safetensors "
+            "(found ['a.safetensors', 'b.safetensors'])"
+        ),
+    ):
         resolve_file("someone/many")
-    with pytest.raises(AdapterError, match="^someone/gone: not in the local Hugging Face cache .* and HF_HUB_OFFLINE is set"):
+    with pytest.raises(
+        AdapterError, match="^someone/gone: not in the local Hugging Face cache .* and HF_HUB_OFFLINE is set"
+    ):
         resolve_file("someone/gone")
-    with pytest.raises(AdapterError, match="^someone/one/loras/v1.safetensors: not in the hub cache, and HF_HUB_OFFLINE"):
+    with pytest.raises(
+        AdapterError, match="^someone/one/loras/v1.safetensors: not in the hub cache, and HF_HUB_OFFLINE"
+    ):
         resolve_file("someone/one/loras/v1.safetensors")
 
 
@@ -73,9 +88,11 @@ def test_offline_a_repo_to_list_is_an_error_naming_the_adapter(monkeypatch, tmp_
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(AdapterError, match=r"^someone/their-lora: not in the local Hugging Face cache \(.*\) and HF_HUB_OFFLINE is set, so the hub was not asked; download it first \(`hf download someone/their-lora`\) or give the path of a local .safetensors file$"):
+    with pytest.raises(
+        AdapterError,
+        match=r"^someone/their-lora: not in the local Hugging Face cache \(.*\) and HF_HUB_OFFLINE is set, so the hub was not asked; download it first \(`hf download someone/their-lora`\) or give the path of a local .safetensors file$",
+    ):
         resolve_file("someone/their-lora")
-
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "bad metadata"])
@@ -87,5 +104,7 @@ def test_a_damaged_file_is_refused_by_name(tmp_path, damage):
         file.write_bytes(file.read_bytes()[:100])
     elif damage == "garbage":
         file.write_bytes(b"\xff" * 64)
-    with pytest.raises(AdapterError, match=rf"^{re.escape(str(file))}: not a readable adapter file \(.+\); download or export it again"):
+    with pytest.raises(
+        AdapterError, match=rf"^{re.escape(str(file))}: not a readable adapter file \(.+\); download or export it again"
+    ):
         read_adapter(file)

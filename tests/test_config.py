@@ -67,7 +67,10 @@ def test_bad_values_name_the_field(tmp_path, text, message):
         ("optim.eps=0", r"optim.eps: must be > 0 \(got 0.0\)"),
         ("train.logit_std=0", r"train.logit_std: must be > 0 \(got 0.0\)"),
         ("train.divergence_factor=1", r"train.divergence_factor: must be > 1 \(got 1.0\)"),
-        ("model.attention_backend=bogus", r"model.attention_backend: 'bogus' is not a diffusers attention backend; one of .*flash"),
+        (
+            "model.attention_backend=bogus",
+            r"model.attention_backend: 'bogus' is not a diffusers attention backend; one of .*flash",
+        ),
     ],
 )
 def test_out_of_range_values_fail_at_load_naming_the_field(override, message):
@@ -95,13 +98,21 @@ def test_a_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path):
 
 
 def test_an_unquoted_aspect_ratio_says_to_quote_it(tmp_path):
-    with pytest.raises(ConfigError, match=r'validation.aspect_ratio: 16:9 \(line 2\) reads as the base-60 number 969 .*quote it: aspect_ratio: "16:9"'):
+    with pytest.raises(
+        ConfigError,
+        match=r'validation.aspect_ratio: 16:9 \(line 2\) reads as the base-60 number 969 .*quote it: aspect_ratio: "16:9"',
+    ):
         load_config(write(tmp_path, "validation:\n  aspect_ratio: 16:9\n"))
-    with pytest.raises(ConfigError, match=r'validation.aspect_ratio: 16:9 .*quote it'):
+    with pytest.raises(ConfigError, match=r"validation.aspect_ratio: 16:9 .*quote it"):
         load_config(None, ["validation.aspect_ratio=16:9"])
-    with pytest.raises(ConfigError, match=r'tracking.run_name must be str or null \(got 2024\); quote it: run_name: "2024"'):
+    with pytest.raises(
+        ConfigError, match=r'tracking.run_name must be str or null \(got 2024\); quote it: run_name: "2024"'
+    ):
         load_config(None, ["tracking.run_name=2024"])
-    assert load_config(write(tmp_path, 'validation:\n  aspect_ratio: "16:9"\n', "q.yaml")).validation.aspect_ratio == "16:9"
+    assert (
+        load_config(write(tmp_path, 'validation:\n  aspect_ratio: "16:9"\n', "q.yaml")).validation.aspect_ratio
+        == "16:9"
+    )
 
 
 def test_overrides_apply_with_types(tmp_path):
@@ -126,7 +137,10 @@ def test_paths_resolve_relative_to_config_and_interpolate(tmp_path):
     assert cfg.data.path == str(sub / "data")
     assert cfg.data.cache_dir == str(tmp_path / "runs" / "x" / "cache")  # default "${output_dir}/cache"
     # hub ids are left alone
-    assert load_config(write(sub, "model:\n  pretrained: Qwen/Qwen-Image-2.1\n", "h.yaml")).model.pretrained == "Qwen/Qwen-Image-2.1"
+    assert (
+        load_config(write(sub, "model:\n  pretrained: Qwen/Qwen-Image-2.1\n", "h.yaml")).model.pretrained
+        == "Qwen/Qwen-Image-2.1"
+    )
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -179,5 +193,7 @@ def test_a_missing_local_model_fails_before_loading_naming_the_path(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()  # "outputs/nope" looks like a hub id, but outputs/ is a local folder: a typo
     for pretrained in ("outputs/nope", str(tmp_path / "models" / "tiny")):
-        with pytest.raises(FileNotFoundError, match=rf"model.pretrained: {pretrained} does not exist.*qwen-lora make-tiny-model"):
+        with pytest.raises(
+            FileNotFoundError, match=rf"model.pretrained: {pretrained} does not exist.*qwen-lora make-tiny-model"
+        ):
             load_pipeline(pretrained)

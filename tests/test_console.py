@@ -12,8 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOISE = ("Traceback", "UserWarning", "Skipping publisher", "Already found a", "was active which is now deleted",
-         "true_cfg_scale is passed", "Loading weights", "Writing model shards", "Retry", "Unable to import `torchao`")
+NOISE = (
+    "Traceback",
+    "UserWarning",
+    "Skipping publisher",
+    "Already found a",
+    "was active which is now deleted",
+    "true_cfg_scale is passed",
+    "Loading weights",
+    "Writing model shards",
+    "Retry",
+    "Unable to import `torchao`",
+)
 
 # Every noise source above, in one process: build a model, load it, two adapters, a generation with a guidance
 # scale but no negative prompt, the active adapter dropped while another remains, and bitsandbytes' kernel lookup.
@@ -47,8 +57,13 @@ def _env(tmp_path: Path, **extra) -> dict:
 
 def test_a_session_of_the_python_api_prints_no_library_noise(tmp_path, make_adapter, tiny_model_dir):
     a, b = make_adapter(tiny_model_dir, tmp_path / "a", 0.1), make_adapter(tiny_model_dir, tmp_path / "b", 0.1, seed=1)
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "model"), str(a), str(b)], env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "model"), str(a), str(b)],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "done {}"
     assert [n for n in NOISE if n in done.stderr] == [], done.stderr[-3000:]
@@ -64,8 +79,11 @@ def _qwen_lora(tmp_path: Path, *args: str, **env) -> subprocess.CompletedProcess
 UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
 
 
-@pytest.mark.parametrize("env, why", [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
-                                      (UNREACHABLE, "could not be reached")], ids=["offline", "unreachable"])
+@pytest.mark.parametrize(
+    "env, why",
+    [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"), (UNREACHABLE, "could not be reached")],
+    ids=["offline", "unreachable"],
+)
 def test_generate_with_the_default_model_uncached_is_one_error_line(tmp_path, env, why):
     done = _qwen_lora(tmp_path, "generate", "--prompt", "a bottle", "--output", "g.png", **env)
     assert done.returncode == 2, done.stderr
@@ -77,10 +95,23 @@ def test_generate_with_the_default_model_uncached_is_one_error_line(tmp_path, en
 
 
 def test_an_uncached_hub_adapter_is_one_error_line_naming_it(tmp_path, tiny_model_dir):
-    done = _qwen_lora(tmp_path, "generate", "--model", str(tiny_model_dir), "--lora", "someone/brand-lora",
-                      "--prompt", "a bottle", "--output", "g.png", **UNREACHABLE)
+    done = _qwen_lora(
+        tmp_path,
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--lora",
+        "someone/brand-lora",
+        "--prompt",
+        "a bottle",
+        "--output",
+        "g.png",
+        **UNREACHABLE,
+    )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.count("\n") == 1 and "someone/brand-lora" in done.stderr and "could not be reached" in done.stderr
+    assert (
+        done.stderr.count("\n") == 1 and "someone/brand-lora" in done.stderr and "could not be reached" in done.stderr
+    )
 
 
 def test_the_doctor_without_a_reachable_tokenizer_goes_on_and_says_so(tmp_path, sample_data_dir):

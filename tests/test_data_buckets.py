@@ -99,7 +99,9 @@ def test_sampler_epochs_cover_every_item_once_in_a_seeded_order_and_continue_acr
     # Iteration runs epoch 0 from its first batch, then epoch 1, with the cursor each batch was drawn at.
     drawn = [batch for _, batch in zip(range(len(epoch0) + len(epoch1)), iter(fresh))]
     assert [[i for i, _, _ in b] for b in drawn] == epoch0 + epoch1
-    assert [(b[0][1], b[0][2]) for b in drawn] == [(0, p) for p in range(len(epoch0))] + [(1, p) for p in range(len(epoch1))]
+    assert [(b[0][1], b[0][2]) for b in drawn] == [(0, p) for p in range(len(epoch0))] + [
+        (1, p) for p in range(len(epoch1))
+    ]
     assert fresh.state_dict() == {"epoch": 1, "position": len(epoch1)}
     # The order is part of the resume contract (a checkpoint stores only the cursor): a version that changed it would
     # resume an older run into a different order, repeating some items and skipping others.

@@ -25,8 +25,15 @@ from tests.test_data_doctor import make_bad_folder
 def _cfg(data_path, model_dir, tmp_path, *extra):
     return load_config(
         None,
-        [f"data.path={data_path}", f"model.pretrained={model_dir}", "model.dtype=float32", "data.resolution=128",
-         f"output_dir={tmp_path / 'out'}", "data.shard_size=4", *extra],
+        [
+            f"data.path={data_path}",
+            f"model.pretrained={model_dir}",
+            "model.dtype=float32",
+            "data.resolution=128",
+            f"output_dir={tmp_path / 'out'}",
+            "data.shard_size=4",
+            *extra,
+        ],
     )
 
 
@@ -53,8 +60,17 @@ def test_cache_roundtrip_keys_and_shards(tmp_path):
     Image.new("RGB", (64, 64), "red").save(a)
     k = key_for_image(a, (64, 64), "m1", "alpha=keep")
     assert k == key_for_image(a, (64, 64), "m1", "alpha=keep")
-    assert len({k, key_for_image(a, (32, 64), "m1", "alpha=keep"), key_for_image(a, (64, 64), "m2", "alpha=keep"),
-                key_for_image(a, (64, 64), "m1", "alpha=composite:#ffffff")}) == 4
+    assert (
+        len(
+            {
+                k,
+                key_for_image(a, (32, 64), "m1", "alpha=keep"),
+                key_for_image(a, (64, 64), "m2", "alpha=keep"),
+                key_for_image(a, (64, 64), "m1", "alpha=composite:#ffffff"),
+            }
+        )
+        == 4
+    )
     assert key_for_prompt("x", [k], "m1") != key_for_prompt("x", [], "m1") != key_for_prompt("y", [], "m1")
     with Cache(tmp_path / "c", "m1", writable=True, items_per_shard=2) as cache:
         for i in range(4):
@@ -93,11 +109,16 @@ def test_prepare_survives_bad_data_and_caches_clean_items(tmp_path, tiny_pipe, t
     batch = next(iter(data.loader()))
     assert batch.latents.shape[1:3] == (tiny_pipe.vae.config.z_dim, 1)
     # RGBA kept: the 2.1 VAE reads four channels; the cached latents are a different key from the composited ones
-    spec_keys = {key_for_image(root / "rgba.png", (128, 128), model_identity(cfg.model), s) for s in ("alpha=keep", "alpha=composite:#ffffff")}
+    spec_keys = {
+        key_for_image(root / "rgba.png", (128, 128), model_identity(cfg.model), s)
+        for s in ("alpha=keep", "alpha=composite:#ffffff")
+    }
     assert len(spec_keys) == 2
 
 
-def test_changed_caption_reembeds_one_item_and_resume(tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir, count_encodes):
+def test_changed_caption_reembeds_one_item_and_resume(
+    tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir, count_encodes
+):
 
     root = tmp_path / "brand"
     shutil.copytree(sample_data_dir / "brand", root)
@@ -143,7 +164,8 @@ def test_a_writable_cache_under_a_file_is_a_write_error_naming_its_folder(tmp_pa
     with pytest.raises(WriteError) as e:  # was NotADirectoryError, a traceback from `data prepare`
         Cache(tmp_path / "blocked" / "cache", "m1", writable=True)
     assert describe_write_error(e.value, e.value.filename) == (
-        f"could not write {shards}: a part of that path is a file, not a folder; choose a folder path and retry")
+        f"could not write {shards}: a part of that path is a file, not a folder; choose a folder path and retry"
+    )
 
 
 def test_edit_markers_keep_their_latent_position(tmp_path, tiny_pipe, tiny_model_dir):
@@ -185,8 +207,26 @@ def test_two_processes_share_one_cache(tmp_path, tiny_model_dir, sample_data_dir
         f"data: {{path: {sample_data_dir / 'brand'}, resolution: 128, shard_size: 2}}\n"
     )
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qwen_image_lora.cli", "data", "prepare", "--config", str(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "qwen_image_lora.cli",
+        "data",
+        "prepare",
+        "--config",
+        str(cfg),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     shards = list((tmp_path / "out" / "cache" / "shards").glob("*.json"))

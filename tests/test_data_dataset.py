@@ -32,7 +32,9 @@ def test_edit_pair_markers_stay_at_the_same_latent_position(tmp_path):
         if name == "tgt":
             a[:40] = (0, 0, 255)  # the edit: a different top band
         Image.fromarray(a).save(tmp_path / f"{name}.png")
-    (tmp_path / "m.jsonl").write_text(json.dumps({"target": "tgt.png", "instruction": "blue sky", "sources": ["src.png"]}) + "\n")
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"target": "tgt.png", "instruction": "blue sky", "sources": ["src.png"]}) + "\n"
+    )
     cfg = load_config(None, [f"data.path={tmp_path / 'm.jsonl'}", "data.resolution=256", "data.crop=random"])
 
     (entry,), _ = plan_entries(load_items(cfg.data), cfg)
@@ -46,7 +48,9 @@ def test_edit_pair_markers_stay_at_the_same_latent_position(tmp_path):
 
 def test_training_batches_from_sample_data(tiny_pipe, tiny_model_dir, sample_data_dir):
     for path, kind in ((sample_data_dir / "brand", "t2i"), (sample_data_dir / "edits" / "manifest.jsonl", "edit")):
-        cfg = load_config("configs/demo.yaml", [f"data.path={path}", f"model.pretrained={tiny_model_dir}", "train.batch_size=2"])
+        cfg = load_config(
+            "configs/demo.yaml", [f"data.path={path}", f"model.pretrained={tiny_model_dir}", "train.batch_size=2"]
+        )
         data = build_training_data(cfg, tiny_pipe)
         batch = next(iter(data.loader()))
         assert batch.kind == kind and batch.latents.shape[0] == 2
@@ -57,7 +61,9 @@ def test_training_batches_from_sample_data(tiny_pipe, tiny_model_dir, sample_dat
 def test_caption_choice_and_dropout_are_deterministic(tiny_pipe, tiny_model_dir, tmp_path):
     Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("first caption\nsecond caption\n")
-    cfg = load_config(None, [f"data.path={tmp_path}", "data.caption_dropout=0.3", "data.caption_template=sks, {caption}"])
+    cfg = load_config(
+        None, [f"data.path={tmp_path}", "data.caption_dropout=0.3", "data.caption_template=sks, {caption}"]
+    )
     data = build_training_data(cfg, tiny_pipe)
     seen = [data.dataset.caption_for(0, epoch) for epoch in range(40)]
     assert seen == [data.dataset.caption_for(0, epoch) for epoch in range(40)]
@@ -84,8 +90,17 @@ def test_an_edit_mask_is_turned_by_its_exif_as_its_target_is(tiny_pipe, tmp_path
     mask.save(tmp_path / "mask.png", exif=exif)
     row = {"target": "tgt.png", "instruction": "make it red", "sources": ["src.png"], "mask": "mask.png"}
     (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
-    cfg = load_config(None, [f"data.path={tmp_path / 'm.jsonl'}", "data.resolution=128", "data.min_side=16",
-                             "train.mask_loss_weight=4.0", f"output_dir={tmp_path / 'out'}", "data.cache_dir=null"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={tmp_path / 'm.jsonl'}",
+            "data.resolution=128",
+            "data.min_side=16",
+            "train.mask_loss_weight=4.0",
+            f"output_dir={tmp_path / 'out'}",
+            "data.cache_dir=null",
+        ],
+    )
     batch = next(iter(build_training_data(cfg, tiny_pipe).loader()))
     weights = batch.loss_mask[0, 0, 0]
     h, w = weights.shape

@@ -92,7 +92,13 @@ def make_edit_pairs(root):
             s_img, t_img = t_img, s_img
         s_img.save(root / f"p{i}_source.png")
         t_img.save(root / f"p{i}_target.png")
-        rows.append({"target": f"p{i}_target.png", "instruction": f"put the qwnbrand product in a park {i}", "sources": [f"p{i}_source.png"]})
+        rows.append(
+            {
+                "target": f"p{i}_target.png",
+                "instruction": f"put the qwnbrand product in a park {i}",
+                "sources": [f"p{i}_source.png"],
+            }
+        )
 
     for i in range(6):
         pair(i)
@@ -121,15 +127,31 @@ def bad_folder(tmp_path_factory):
 def test_every_problem_in_a_folder_is_named(bad_folder, tiny_model_dir, tmp_path):
     root, expected = bad_folder
     before = {p.name: p.read_bytes() for p in root.iterdir()}
-    cfg = load_config(None, [f"data.path={root}", f"model.pretrained={tiny_model_dir}", "data.trigger_word=qwnbrand", "data.resolution=256", f"output_dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={root}",
+            f"model.pretrained={tiny_model_dir}",
+            "data.trigger_word=qwnbrand",
+            "data.resolution=256",
+            f"output_dir={tmp_path}",
+        ],
+    )
     report = diagnose(cfg)
     codes = _codes(report)
     for name, code in expected.items():
         assert code in codes.get(name, set()), (name, code, codes.get(name))
     for ok in ("good0.png", "good1.png", "huge.jpg", "rgba.png", "renamed.jpg"):
         assert ok not in report.excluded, (ok, report.excluded.get(ok))
-    assert {"empty.jpg", "truncated.jpg", "tiny.png", "banner.png", "uncaptioned.png", "long.png",
-            "copy_of_good0.png"} <= set(report.excluded)
+    assert {
+        "empty.jpg",
+        "truncated.jpg",
+        "tiny.png",
+        "banner.png",
+        "uncaptioned.png",
+        "long.png",
+        "copy_of_good0.png",
+    } <= set(report.excluded)
     # an exact duplicate trains once: the later file (by modification time) is excluded, naming the one kept
     dup = [f for f in report.findings if f.code == "duplicate"]
     assert len(dup) == 1 and dup[0].item == "copy_of_good0.png"
@@ -153,7 +175,15 @@ def test_huge_over_the_limit_is_excluded(bad_folder, tiny_model_dir):
 
 def test_edit_pairs_swapped_shifted_unrelated_identical(tmp_path, tiny_model_dir):
     manifest = make_edit_pairs(tmp_path / "edits")
-    cfg = load_config(None, [f"data.path={manifest}", f"model.pretrained={tiny_model_dir}", "data.trigger_word=qwnbrand", "data.resolution=128"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={manifest}",
+            f"model.pretrained={tiny_model_dir}",
+            "data.trigger_word=qwnbrand",
+            "data.resolution=128",
+        ],
+    )
     report = diagnose(cfg)
     codes = _codes(report)
     ids = {i: f"manifest.jsonl:{i + 1}" for i in range(11)}
@@ -176,7 +206,9 @@ def test_cli_strict_json_html(bad_folder, tiny_model_dir, tmp_path, capsys):
 
     root, _ = bad_folder
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(f"output_dir: {tmp_path}/out\nmodel: {{pretrained: {tiny_model_dir}}}\ndata: {{path: {root}, trigger_word: qwnbrand}}\n")
+    cfg_path.write_text(
+        f"output_dir: {tmp_path}/out\nmodel: {{pretrained: {tiny_model_dir}}}\ndata: {{path: {root}, trigger_word: qwnbrand}}\n"
+    )
     assert main(["data", "doctor", str(cfg_path), "--json", str(tmp_path / "r.json")]) == 0
     assert main(["data", "doctor", str(cfg_path), "--strict"]) == 1
     out = capsys.readouterr().out
@@ -217,7 +249,14 @@ def test_near_duplicates_see_colour(tmp_path, tiny_model_dir):
 
 
 def test_bundled_sample_data_has_no_near_duplicates(sample_data_dir, tiny_model_dir):
-    cfg = load_config(None, [f"data.path={sample_data_dir / 'manifest.jsonl'}", f"model.pretrained={tiny_model_dir}", "data.trigger_word=qwnbrand"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={sample_data_dir / 'manifest.jsonl'}",
+            f"model.pretrained={tiny_model_dir}",
+            "data.trigger_word=qwnbrand",
+        ],
+    )
     report = diagnose(cfg, tokenizer=None)
     assert report.n_items == 20 and not [f for f in report.findings if "duplicate" in f.code]
 
@@ -228,7 +267,15 @@ def test_repeated_findings_print_as_one_line(tmp_path, tiny_model_dir):
     for i in range(7):
         _photo(128, 128, seed=i).save(root / f"{i:02d}.png")
         (root / f"{i:02d}.txt").write_text(f"a product photo {i}")
-    cfg = load_config(None, [f"data.path={root}", f"model.pretrained={tiny_model_dir}", "data.trigger_word=qwnbrand", "data.resolution=128"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={root}",
+            f"model.pretrained={tiny_model_dir}",
+            "data.trigger_word=qwnbrand",
+            "data.resolution=128",
+        ],
+    )
     report = diagnose(cfg, tokenizer=None)
     assert len([f for f in report.findings if f.code == "missing-trigger"]) == 7
     lines = [line for line in report.table().splitlines() if "missing-trigger" in line and line.startswith("warning")]
@@ -261,9 +308,14 @@ def test_a_gif_named_png_is_named_as_a_gif_with_what_trains_of_it(tmp_path, tiny
     _photo(128, 128, seed=5).save(tmp_path / "still.png", format="GIF")
     for name in ("anim", "still"):
         (tmp_path / f"{name}.txt").write_text(f"a {name} photo")
-    report = diagnose(load_config(None, [f"data.path={tmp_path}", f"model.pretrained={tiny_model_dir}"]), tokenizer=None)
+    report = diagnose(
+        load_config(None, [f"data.path={tmp_path}", f"model.pretrained={tiny_model_dir}"]), tokenizer=None
+    )
     found = {f.item: f.message for f in report.findings if f.code == "extension-mismatch"}
     assert found["anim.png"] == ("image anim.png: a GIF file named .png (not JPEG, PNG or WebP; 3 frames, only the first "
                                  "trains); it decodes, so it is kept")  # fmt: skip
-    assert found["still.png"] == "image still.png: a GIF file named .png (not JPEG, PNG or WebP); it decodes, so it is kept"
+    assert (
+        found["still.png"]
+        == "image still.png: a GIF file named .png (not JPEG, PNG or WebP); it decodes, so it is kept"
+    )
     assert not report.excluded

@@ -32,9 +32,17 @@ def _cfg(data_path, model_dir, out, batch_size, *extra):
     # caption dropout adds "" beside each caption: prompts of very different lengths share a batch (padding).
     return load_config(
         None,
-        [f"data.path={data_path}", f"model.pretrained={model_dir}", "model.dtype=float32", "data.resolution=160",
-         f"output_dir={out}", "data.shard_size=5", "data.caption_dropout=0.1", f"data.prepare_batch_size={batch_size}",
-         *extra],
+        [
+            f"data.path={data_path}",
+            f"model.pretrained={model_dir}",
+            "model.dtype=float32",
+            "data.resolution=160",
+            f"output_dir={out}",
+            "data.shard_size=5",
+            "data.caption_dropout=0.1",
+            f"data.prepare_batch_size={batch_size}",
+            *extra,
+        ],
     )
 
 
@@ -66,8 +74,13 @@ def manifest(tmp_path_factory, sample_data_dir):
     for i, (product, colour) in enumerate([("mug", "#d7263d"), ("box", "#1b998b")]):
         draw_product(product, colour, "#14213d", (160, 128)).save(root / f"wide_source_{i}.png")
         draw_product(product, colour, "#ffffff", (128, 128)).save(root / f"square_target_{i}.png")
-        rows.append({"target": f"square_target_{i}.png", "instruction": f"put the {product} on white",
-                     "sources": [f"wide_source_{i}.png"]})
+        rows.append(
+            {
+                "target": f"square_target_{i}.png",
+                "instruction": f"put the {product} on white",
+                "sources": [f"wide_source_{i}.png"],
+            }
+        )
     with open(root / "manifest.jsonl", "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return root / "manifest.jsonl"
@@ -104,8 +117,9 @@ def calls(monkeypatch):
 
 
 @pytest.mark.parametrize("batch_size", [4, 3])  # 3 divides neither the 22 items nor any layout group evenly
-def test_batched_prepare_writes_the_one_at_a_time_cache(batch_size, one_at_a_time, calls, tmp_path, tiny_pipe,
-                                                        tiny_model_dir, manifest, caplog):
+def test_batched_prepare_writes_the_one_at_a_time_cache(
+    batch_size, one_at_a_time, calls, tmp_path, tiny_pipe, tiny_model_dir, manifest, caplog
+):
     ref_stats, want = one_at_a_time
     cfg = _cfg(manifest, tiny_model_dir, tmp_path, batch_size)
     with caplog.at_level(logging.WARNING):
@@ -141,8 +155,9 @@ def test_ranks_each_batch_their_own_share(one_at_a_time, tmp_path, tiny_pipe, ti
     _assert_same_cache(_entries(cfg), one_at_a_time[1])
 
 
-def test_a_corrupt_image_in_a_batch_is_named_and_its_batch_mates_cached(tmp_path, tiny_pipe, tiny_model_dir,
-                                                                          sample_data_dir, caplog):
+def test_a_corrupt_image_in_a_batch_is_named_and_its_batch_mates_cached(
+    tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir, caplog
+):
     root = tmp_path / "brand"
     shutil.copytree(sample_data_dir / "brand", root)
     cfg = _cfg(root, tiny_model_dir, tmp_path / "out", 4)

@@ -16,13 +16,15 @@ def test_csv_manifest_with_several_captions_and_edit_rows(tmp_path):
     for name in ("a", "b", "c"):
         Image.new("RGB", (64, 64), "red").save(tmp_path / f"{name}.png")
     (tmp_path / "m.csv").write_text(
-        "image,caption,target,instruction,sources\n"
-        "a.png,first || second,,,\n"
-        ",,c.png,make it blue,a.png|b.png\n"
+        "image,caption,target,instruction,sources\na.png,first || second,,,\n,,c.png,make it blue,a.png|b.png\n"
     )
     t2i, edit = load_items(load_config(None, [f"data.path={tmp_path / 'm.csv'}"]).data)
     assert t2i.captions == ("first", "second") and t2i.kind == "t2i"
-    assert edit.kind == "edit" and [p.name for p in edit.sources] == ["a.png", "b.png"] and edit.captions == ("make it blue",)
+    assert (
+        edit.kind == "edit"
+        and [p.name for p in edit.sources] == ["a.png", "b.png"]
+        and edit.captions == ("make it blue",)
+    )
 
 
 def test_hf_dataset_from_disk_with_column_mapping(tmp_path):
@@ -31,7 +33,14 @@ def test_hf_dataset_from_disk_with_column_mapping(tmp_path):
         Image.new("RGB", (64, 64), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
     ds = datasets.Dataset.from_dict({"img": [str(tmp_path / f"{i}.png") for i in range(3)], "text": ["x", "y", ""]})
     ds.cast_column("img", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
-    cfg = load_config(None, [f"data.path={tmp_path / 'hf'}", "data.columns={image: img, caption: text}", f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={tmp_path / 'hf'}",
+            "data.columns={image: img, caption: text}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     items = load_items(cfg.data)
     assert [i.captions for i in items] == [("x",), ("y",), ()]
     assert all(i.target.is_file() for i in items)  # embedded bytes become plain files under the cache
@@ -68,8 +77,6 @@ def test_high_bit_depth_images_are_scaled_to_8_bits_not_clipped_white(tmp_path):
 
 
 def test_an_edit_row_takes_1_to_10_references_by_the_one_rule(tmp_path):
-
-
 
     Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
     for count in (0, MAX_INPUT_IMAGES + 1):

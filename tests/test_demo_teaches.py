@@ -28,14 +28,20 @@ def _fresh_accelerate_state():
 
 def test_the_demo_adapter_moves_images_towards_the_brand_palette(tiny_model_dir, sample_data_dir, tmp_path):
     out = tmp_path / "run"
-    cfg = load_config(DEMO, [
-        f"model.pretrained={tiny_model_dir}",
-        f"data.path={sample_data_dir / 'brand'}",  # the t2i half of the demo data: the palette is learnt from it
-        f"output_dir={out}",
-        "validation.every_steps=0", "validation.prompts=[]", "validation.edits=[]", "validation.held_out_fraction=0",
-        "checkpoint.every_steps=1000",
-        "eval.edits=[]",  # the demo's edit reads the demo's own sample folder
-    ])
+    cfg = load_config(
+        DEMO,
+        [
+            f"model.pretrained={tiny_model_dir}",
+            f"data.path={sample_data_dir / 'brand'}",  # the t2i half of the demo data: the palette is learnt from it
+            f"output_dir={out}",
+            "validation.every_steps=0",
+            "validation.prompts=[]",
+            "validation.edits=[]",
+            "validation.held_out_fraction=0",
+            "checkpoint.every_steps=1000",
+            "eval.edits=[]",  # the demo's edit reads the demo's own sample folder
+        ],
+    )
     recipe = LoRARecipe(cfg)
     try:
         recipe.setup()

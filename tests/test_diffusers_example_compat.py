@@ -68,8 +68,10 @@ def _main_statements(module, first: str, last: str) -> str:
         start = next(i for i, line in enumerate(lines) if line.strip().startswith(first))
         end = next(i for i in range(start, len(lines)) if lines[i].strip().startswith(last))
     except StopIteration:
-        pytest.fail(f"{SCRIPT}: main() has no line starting {first!r} followed by one starting {last!r}; "
-                    "the example changed, update the markers in this test")
+        pytest.fail(
+            f"{SCRIPT}: main() has no line starting {first!r} followed by one starting {last!r}; "
+            "the example changed, update the markers in this test"
+        )
     return textwrap.dedent("\n".join(lines[start : end + 1]))
 
 
@@ -81,15 +83,31 @@ class _Batch:
 @pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap"])
 def test_loss_equals_the_example_training_step(example, pipe, model_dir, weighting, tmp_path):
 
-    args = example.parse_args([
-        "--pretrained_model_name_or_path", str(model_dir), "--instance_data_dir", str(tmp_path),
-        "--instance_prompt", "a qwnbrand bottle", "--weighting_scheme", weighting, "--mixed_precision", "no",
-    ])
+    args = example.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(model_dir),
+            "--instance_data_dir",
+            str(tmp_path),
+            "--instance_prompt",
+            "a qwnbrand bottle",
+            "--weighting_scheme",
+            weighting,
+            "--mixed_precision",
+            "no",
+        ]
+    )
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
     # The step's free names: the script's module globals plus main()'s locals it reads.
     ns = dict(vars(example))
-    ns.update(args=args, accelerator=SimpleNamespace(device=torch.device("cpu")), vae=pipe.vae,
-              transformer=pipe.transformer, noise_scheduler_copy=scheduler, weight_dtype=torch.float32)
+    ns.update(
+        args=args,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+        vae=pipe.vae,
+        transformer=pipe.transformer,
+        noise_scheduler_copy=scheduler,
+        weight_dtype=torch.float32,
+    )
     exec(_main_statements(example, "vae_scale_factor = 2 **", "latents_std = 1.0 /"), ns)
     exec(_main_statements(example, "def get_sigmas(", "return sigma"), ns)
 
@@ -122,7 +140,6 @@ def test_loss_equals_the_example_training_step(example, pipe, model_dir, weighti
 
 def test_example_script_trains_tiny_model_and_adapter_loads(model_dir, sample_data_dir, tmp_path):
 
-
     # The example opens every file of --instance_data_dir as an image, so give it the PNGs without captions.
     images = tmp_path / "images"
     images.mkdir()
@@ -130,21 +147,36 @@ def test_example_script_trains_tiny_model_and_adapter_loads(model_dir, sample_da
         shutil.copy(png, images / png.name)
     out = tmp_path / "out"
     cmd = [
-        sys.executable, SCRIPT,
-        "--pretrained_model_name_or_path", str(model_dir),
-        "--instance_data_dir", str(images),
-        "--instance_prompt", "a qwnbrand bottle",
-        "--resolution", "64",
-        "--train_batch_size", "2",
-        "--rank", str(RANK),
-        "--lora_alpha", str(ALPHA),
-        "--max_train_steps", "2",
-        "--learning_rate", "1e-2",
-        "--lr_warmup_steps", "0",
-        "--seed", "0",
-        "--mixed_precision", "no",
-        "--report_to", "tensorboard",
-        "--output_dir", str(out),
+        sys.executable,
+        SCRIPT,
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--instance_data_dir",
+        str(images),
+        "--instance_prompt",
+        "a qwnbrand bottle",
+        "--resolution",
+        "64",
+        "--train_batch_size",
+        "2",
+        "--rank",
+        str(RANK),
+        "--lora_alpha",
+        str(ALPHA),
+        "--max_train_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--lr_warmup_steps",
+        "0",
+        "--seed",
+        "0",
+        "--mixed_precision",
+        "no",
+        "--report_to",
+        "tensorboard",
+        "--output_dir",
+        str(out),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)

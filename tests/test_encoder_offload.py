@@ -26,8 +26,12 @@ def test_offloaded_encoders_give_the_same_latents_and_embeddings(tiny_model_dir)
 def test_uncached_entries_counts_down_to_zero(tiny_pipe, tiny_model_dir, sample_data_dir):
     cfg = load_config(
         "configs/demo.yaml",
-        [f"data.path={sample_data_dir / 'manifest.jsonl'}", f"model.pretrained={tiny_model_dir}", "data.cache_dir=null",
-         "data.caption_dropout=0.1"],
+        [
+            f"data.path={sample_data_dir / 'manifest.jsonl'}",
+            f"model.pretrained={tiny_model_dir}",
+            "data.cache_dir=null",
+            "data.caption_dropout=0.1",
+        ],
     )
     data = build_training_data(cfg, tiny_pipe)
     ds = data.dataset

@@ -22,8 +22,13 @@ DEMO = ROOT / "configs" / "demo.yaml"
 NOT_USER_ERRORS = {"RequestError", "CacheDamaged", "RunFileError", "WriteError"}
 
 
-PACKAGES = {"qwen_image_lora": "qwen_image_lora", "data": "qwen_image_lora.data", "inference": "qwen_image_lora.inference",
-            "train": "qwen_image_lora.train", "eval": "qwen_image_lora.eval"}
+PACKAGES = {
+    "qwen_image_lora": "qwen_image_lora",
+    "data": "qwen_image_lora.data",
+    "inference": "qwen_image_lora.inference",
+    "train": "qwen_image_lora.train",
+    "eval": "qwen_image_lora.eval",
+}
 
 
 def test_every_error_class_of_the_package_is_a_user_error():
@@ -32,16 +37,26 @@ def test_every_error_class_of_the_package_is_a_user_error():
         for path in (ROOT / folder).glob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 bases = [getattr(b, "id", getattr(b, "attr", "")) for b in getattr(node, "bases", [])]
-                if isinstance(node, ast.ClassDef) and any(b.endswith(("Error", "Exception", "Unavailable")) for b in bases):
+                if isinstance(node, ast.ClassDef) and any(
+                    b.endswith(("Error", "Exception", "Unavailable")) for b in bases
+                ):
                     found.append((f"{package}.{path.stem}", node.name))
-    strays = [f"{module}.{name}" for module, name in found if name not in NOT_USER_ERRORS and not name.startswith("_")
-              and not issubclass(getattr(importlib.import_module(module), name), UserError)]
+    strays = [
+        f"{module}.{name}"
+        for module, name in found
+        if name not in NOT_USER_ERRORS
+        and not name.startswith("_")
+        and not issubclass(getattr(importlib.import_module(module), name), UserError)
+    ]
     assert len(found) > 10 and strays == []
 
 
 def test_the_exit_map():
     assert (InputError("x").exit_code, NotFound("x").exit_code) == (2, 2)
-    assert (TrainingStopped("loss is nan").line(), TrainingStopped("x").exit_code) == ("training stopped: loss is nan", 3)
+    assert (TrainingStopped("loss is nan").line(), TrainingStopped("x").exit_code) == (
+        "training stopped: loss is nan",
+        3,
+    )
     assert (Preempted("stopped at step 5").line(), Preempted("x").exit_code) == ("stopped at step 5", EXIT_PREEMPTED)
     assert RunFinished("done").exit_code == 0
     assert InputError("a\\nb", "f").field == "f" and isinstance(NotFound("x"), FileNotFoundError)

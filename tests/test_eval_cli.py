@@ -18,7 +18,10 @@ from qwen_image_lora.eval.evaluator import _adapter_names, check_run_config, eva
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, make_adapter, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {"noop": make_adapter(tiny_model_dir, root / "noop", 0.0), "noisy": make_adapter(tiny_model_dir, root / "noisy", 0.5)}
+    return {
+        "noop": make_adapter(tiny_model_dir, root / "noop", 0.0),
+        "noisy": make_adapter(tiny_model_dir, root / "noisy", 0.5),
+    }
 
 
 @pytest.fixture
@@ -55,8 +58,19 @@ def _run_folder(run: Path, adapters, cfg) -> Path:
 
 def test_eval_cli_compares_adapters_and_ranks_checkpoints(config_path, adapters, tmp_path, capsys):
     run = _run_folder(tmp_path / "run", adapters, load_config(config_path))
-    argv = ["eval", "--config", str(config_path), "--adapter", str(adapters["noop"]), "--adapter", str(adapters["noisy"]),
-            "--checkpoints", str(run), "--output", str(tmp_path / "report")]
+    argv = [
+        "eval",
+        "--config",
+        str(config_path),
+        "--adapter",
+        str(adapters["noop"]),
+        "--adapter",
+        str(adapters["noisy"]),
+        "--checkpoints",
+        str(run),
+        "--output",
+        str(tmp_path / "report"),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     data = json.loads((tmp_path / "report" / "report.json").read_text())
@@ -89,7 +103,10 @@ def test_evaluate_leaves_the_pipeline_as_found(config_path, adapters, tiny_pipe,
     monkeypatch.setenv("QWEN_LORA_PROGRESS_SECONDS", "0")  # captured stderr is not a terminal: progress lines
     cfg = load_config(config_path, [f"eval.output_dir={tmp_path / 'out'}", "eval.seeds=[0]", "eval.prompts=[]"])
     _, json_path = evaluate(cfg, [adapters["noisy"]], pipe=tiny_pipe)
-    assert [line.split()[3] for line in capsys.readouterr().err.splitlines() if " eval images " in line] == ["1/2", "2/2"]
+    assert [line.split()[3] for line in capsys.readouterr().err.splitlines() if " eval images " in line] == [
+        "1/2",
+        "2/2",
+    ]
     assert not getattr(tiny_pipe.transformer, "peft_config", None)
     data = json.loads(json_path.read_text())
     assert data["variants"] == ["base", "noisy"] and len(data["samples"]) == 1
@@ -113,7 +130,8 @@ def test_checkpoints_are_scored_on_the_runs_held_out_split(config_path, adapters
     # A setting that changes the loss but not the split is a note in the report, not an error.
     save_config(load_config(config_path, ["validation.seed=5"]), run / "config.yaml")
     assert check_run_config(load_config(config_path), run) == [
-        "Held-out losses differ from the run's logged heldout_loss: validation.seed is 0 here but 5 in the run."]
+        "Held-out losses differ from the run's logged heldout_loss: validation.seed is 0 here but 5 in the run."
+    ]
 
 
 def test_checkpoint_discovery_and_adapter_names(tmp_path):
@@ -135,7 +153,9 @@ def test_eval_logs_a_wandb_table_with_images_offline(config_path, adapters, tiny
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "out"
-    cfg = load_config(config_path, [f"eval.output_dir={out}", "eval.seeds=[0]", "eval.edits=[]", "tracking.backend=wandb"])
+    cfg = load_config(
+        config_path, [f"eval.output_dir={out}", "eval.seeds=[0]", "eval.edits=[]", "tracking.backend=wandb"]
+    )
     evaluate(cfg, [adapters["noisy"]], pipe=tiny_pipe)
     (run,) = list((out / "wandb").glob("offline-run-*"))
     tables = list(run.rglob("media/table/**/*.table.json"))

@@ -178,14 +178,33 @@ def tiny_clip(tmp_path_factory) -> Path:
         show_progress=False,
     )
     bpe.train_from_iterator(["a red logo on a white mug", "a summer sale poster"] * 4, trainer=trainer)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = [
+        tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]
+    ]
     tokenizer = CLIPTokenizer(vocab=bpe.get_vocab(), merges=merges, model_max_length=16)
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, **special),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            **special,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -229,8 +248,9 @@ def test_intervals_drop_nans_and_need_two_values():
     ci = M.mean_ci([1.0, 2.0, np.nan, 4.0])
     assert ci.n == 3 and ci.mean == pytest.approx(7 / 3)
     # By hand: sem = sd / sqrt(3) with sd = 1.5275; t(0.975, 2) = 4.3027.
-    assert (ci.low, ci.high) == pytest.approx((7 / 3 - 4.3027 * 1.5275 / 3**0.5, 7 / 3 + 4.3027 * 1.5275 / 3**0.5),
-                                              abs=1e-3)
+    assert (ci.low, ci.high) == pytest.approx(
+        (7 / 3 - 4.3027 * 1.5275 / 3**0.5, 7 / 3 + 4.3027 * 1.5275 / 3**0.5), abs=1e-3
+    )
     one = M.mean_ci([5.0])
     assert one.mean == 5.0 and math.isnan(one.low) and math.isnan(one.high) and one.n == 1
     assert M.mean_ci([]).n == 0 and math.isnan(M.mean_ci([]).mean)
@@ -273,7 +293,9 @@ def test_the_interval_is_the_t_interval_of_the_mean_and_narrows_to_the_normal_on
     ci = M.mean_ci(x, 0.95)
     half_width = 1.96 * x.std(ddof=1) / np.sqrt(len(x))
     assert ci.mean == pytest.approx(x.mean())
-    assert ci.high - ci.mean == pytest.approx(half_width, rel=0.005) and ci.mean - ci.low == pytest.approx(half_width, rel=0.005)
+    assert ci.high - ci.mean == pytest.approx(half_width, rel=0.005) and ci.mean - ci.low == pytest.approx(
+        half_width, rel=0.005
+    )
     assert M.mean_ci(x, 0.99).high > ci.high  # a higher confidence is a wider interval
 
 

@@ -27,12 +27,26 @@ def _synthetic_samples(n: int = 6) -> list[Sample]:
         red = Image.new("RGB", (96, 64), (200, 30 + 10 * i, 40))
         base = {"palette_delta_e": 30 + rng.normal(0, 3), "ssim": math.nan}
         adapter = {"palette_delta_e": base["palette_delta_e"] - 10 + rng.normal(0, 0.5), "ssim": math.nan}
-        samples.append(Sample("t2i", f'a qwnbrand mug #{i} that says "SALE"', seed=i, images={"base": grey, "brand": red},
-                              metrics={"base": base, "brand": adapter}))
+        samples.append(
+            Sample(
+                "t2i",
+                f'a qwnbrand mug #{i} that says "SALE"',
+                seed=i,
+                images={"base": grey, "brand": red},
+                metrics={"base": base, "brand": adapter},
+            )
+        )
     edit_source = Image.new("RGB", (96, 64), "white")
-    samples.append(Sample("edit", "replace the background with a beach", seed=0, source=edit_source,
-                          images={"base": edit_source, "brand": Image.new("RGB", (96, 64), (250, 240, 200))},
-                          metrics={"base": {"ssim": 1.0, "psnr": 100.0}, "brand": {"ssim": 0.8, "psnr": 31.0}}))
+    samples.append(
+        Sample(
+            "edit",
+            "replace the background with a beach",
+            seed=0,
+            source=edit_source,
+            images={"base": edit_source, "brand": Image.new("RGB", (96, 64), (250, 240, 200))},
+            metrics={"base": {"ssim": 1.0, "psnr": 100.0}, "brand": {"ssim": 0.8, "psnr": 31.0}},
+        )
+    )
     return samples
 
 
@@ -45,10 +59,18 @@ def test_summary_has_paired_deltas_and_drops_unscored_metrics():
 
 
 def test_report_json_and_html(tmp_path):
-    checkpoints = [CheckpointScore("checkpoint-20", 20, 0.52), CheckpointScore("checkpoint-40", 40, 0.47),
-                   CheckpointScore("checkpoint-60", 60, 0.49)]
-    html_path, json_path = write_report(tmp_path / "eval", _synthetic_samples(), notes=["CLIPScore skipped: no model"],
-                                        checkpoints=checkpoints, config={"seed": 0})
+    checkpoints = [
+        CheckpointScore("checkpoint-20", 20, 0.52),
+        CheckpointScore("checkpoint-40", 40, 0.47),
+        CheckpointScore("checkpoint-60", 60, 0.49),
+    ]
+    html_path, json_path = write_report(
+        tmp_path / "eval",
+        _synthetic_samples(),
+        notes=["CLIPScore skipped: no model"],
+        checkpoints=checkpoints,
+        config={"seed": 0},
+    )
     data = json.loads(json_path.read_text())  # strict JSON: NaN would have been written as null
     assert data["variants"] == ["base", "brand"]
     assert data["best_checkpoint"] == "checkpoint-40"
@@ -56,7 +78,7 @@ def test_report_json_and_html(tmp_path):
     assert data["samples"][0]["metrics"]["base"]["ssim"] is None
     assert len(data["samples"]) == 7 and data["notes"] == ["CLIPScore skipped: no model"]
     page = html_path.read_text()
-    assert "src='http" not in page and "src=\"http" not in page  # nothing fetched from outside
+    assert "src='http" not in page and 'src="http' not in page  # nothing fetched from outside
     assert page.count("data:image/jpeg;base64,") == 7 * 2 + 1  # two variants per sample + the edit source
     assert page.count("data:image/png;base64,") == 2  # metric plot + checkpoint plot
     assert "CLIPScore skipped" in page and "checkpoint-40 (best)" in page
@@ -65,15 +87,31 @@ def test_report_json_and_html(tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
-    html_path, _ = write_report(tmp_path / "eval", _synthetic_samples(),
-                                checkpoints=[CheckpointScore("checkpoint-20", 20, 0.5), CheckpointScore("checkpoint-40", 40, 0.4)])
+    html_path, _ = write_report(
+        tmp_path / "eval",
+        _synthetic_samples(),
+        checkpoints=[CheckpointScore("checkpoint-20", 20, 0.5), CheckpointScore("checkpoint-40", 40, 0.4)],
+    )
     shot = tmp_path / "shot.png"
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
-         html_path.resolve().as_uri()],
-        check=True, capture_output=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,1600",
+            html_path.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape[:2] == (1600, 1200)
@@ -85,10 +123,19 @@ def _paired(metric_deltas: dict[str, list[float]]) -> list[Sample]:
     """Samples whose adapter - base difference per metric is exactly the given list (base values fixed at 50)."""
     n = len(next(iter(metric_deltas.values())))
     image = Image.new("RGB", (8, 8))
-    return [Sample("t2i", "p", i, images={"base": image, "brand": image},
-                   metrics={"base": {m: 50.0 for m in metric_deltas},
-                            "brand": {m: 50.0 + d[i] for m, d in metric_deltas.items()}})
-            for i in range(n)]
+    return [
+        Sample(
+            "t2i",
+            "p",
+            i,
+            images={"base": image, "brand": image},
+            metrics={
+                "base": {m: 50.0 for m in metric_deltas},
+                "brand": {m: 50.0 + d[i] for m, d in metric_deltas.items()},
+            },
+        )
+        for i in range(n)
+    ]
 
 
 def test_verdict_says_better_worse_or_unclear_per_metric_from_the_paired_interval(tmp_path):
@@ -101,7 +148,10 @@ def test_verdict_says_better_worse_or_unclear_per_metric_from_the_paired_interva
     found = verdicts(summary, {"text accuracy": "no quoted text in the prompts"})
     brand = found["brand"]
     assert {m: v["verdict"] for m, v in brand["metrics"].items()} == {
-        "palette_delta_e": "better", "ssim": "worse", "shift_px": "no clear difference"}
+        "palette_delta_e": "better",
+        "ssim": "worse",
+        "shift_px": "no clear difference",
+    }
     line = brand["line"]
     assert line.startswith("brand: better palette distance (ΔE -3.08, CI ")
     assert "worse edit preservation SSIM (-0.208, CI " in line
@@ -115,8 +165,9 @@ def test_verdict_says_better_worse_or_unclear_per_metric_from_the_paired_interva
     assert "a verdict needs 6 pairs; add eval.seeds" in few["line"] and "better" not in few["line"]
 
     # Every output opens with the same line: JSON, HTML (above the notes and tables).
-    html_path, json_path = write_report(tmp_path, samples, notes=["a note"],
-                                        not_measured={"text accuracy": "no quoted text in the prompts"})
+    html_path, json_path = write_report(
+        tmp_path, samples, notes=["a note"], not_measured={"text accuracy": "no quoted text in the prompts"}
+    )
     data = json.loads(json_path.read_text())
     assert list(data)[:2] == ["title", "verdicts"] and data["verdicts"]["brand"]["line"] == line
     page = html_path.read_text()
@@ -124,7 +175,6 @@ def test_verdict_says_better_worse_or_unclear_per_metric_from_the_paired_interva
 
 
 def test_the_edit_mask_is_outlined_over_the_pair():
-
 
     image = Image.new("RGB", (40, 20), (10, 10, 10))
     mask = Image.new("L", (40, 20), 0)

@@ -22,7 +22,9 @@ from qwen_image_lora.data.sources import DataError, load_items
 
 def _photo(w, h, seed=0):
     rng = np.random.RandomState(seed)
-    return Image.fromarray(rng.randint(0, 255, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    return Image.fromarray(rng.randint(0, 255, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)).resize(
+        (w, h), Image.Resampling.BICUBIC
+    )
 
 
 def _bomb_png(width: int, height: int) -> bytes:
@@ -54,17 +56,35 @@ def make_messy_folder(root):
     (root / "loop.png").symlink_to(root / "loop.png")
     for name in ("truncated", "bomb", "tiny", "banner", "loop"):
         (root / f"{name}.txt").write_text(f"a qwnbrand {name} photo")
-    return {"truncated.jpg": "truncated", "bomb.png": "huge", "latin1.png": "caption-not-utf8", "tiny.png": "too-small",
-            "banner.png": "extreme-aspect", "uncaptioned.png": "missing-caption", "loop.png": "symlink-loop"}
+    return {
+        "truncated.jpg": "truncated",
+        "bomb.png": "huge",
+        "latin1.png": "caption-not-utf8",
+        "tiny.png": "too-small",
+        "banner.png": "extreme-aspect",
+        "uncaptioned.png": "missing-caption",
+        "loop.png": "symlink-loop",
+    }
 
 
 def _cfg(root, model_dir, tmp_path, *extra):
-    return load_config(None, [f"data.path={root}", f"model.pretrained={model_dir}", "model.dtype=float32", "data.resolution=128",
-                              f"output_dir={tmp_path / 'out'}", *extra])
+    return load_config(
+        None,
+        [
+            f"data.path={root}",
+            f"model.pretrained={model_dir}",
+            "model.dtype=float32",
+            "data.resolution=128",
+            f"output_dir={tmp_path / 'out'}",
+            *extra,
+        ],
+    )
 
 
 def _skip_warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.getMessage().startswith("skipping")]
+    return [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.getMessage().startswith("skipping")
+    ]
 
 
 def test_training_without_doctor_skips_each_bad_file_once_and_trains(tmp_path, tiny_pipe, tiny_model_dir, caplog):
@@ -82,8 +102,9 @@ def test_training_without_doctor_skips_each_bad_file_once_and_trains(tmp_path, t
         assert data.dataset.sample(index, data.dataset.texts_for(index)[0])["latents"].ndim == 5
 
 
-
-def test_training_names_a_gif_named_png_and_trains_it_as_the_doctor_keeps_it(tmp_path, tiny_pipe, tiny_model_dir, caplog):
+def test_training_names_a_gif_named_png_and_trains_it_as_the_doctor_keeps_it(
+    tmp_path, tiny_pipe, tiny_model_dir, caplog
+):
     """Issue #24: it trained silently. Training says what it is, as the doctor does, once, and trains its first frame."""
     folder = tmp_path / "gif"
     folder.mkdir()
@@ -101,6 +122,7 @@ def test_training_names_a_gif_named_png_and_trains_it_as_the_doctor_keeps_it(tmp
                      "the first trains); it decodes, so it is kept"]  # fmt: skip
     index = next(i for i, e in enumerate(data.dataset.entries) if e.item.id == "anim.png")
     assert data.dataset.sample(index, data.dataset.texts_for(index)[0])["latents"].ndim == 5
+
 
 def test_a_folder_with_no_readable_item_is_a_data_error_counting_them(tmp_path, tiny_pipe, tiny_model_dir):
 
@@ -135,7 +157,9 @@ def test_training_trusts_the_doctor_only_for_files_it_judged(tmp_path, tiny_pipe
         data = build_training_data(cfg, tiny_pipe)
     assert sorted(e.item.id for e in data.dataset.entries) == [f"good{i}.png" for i in range(3)]
     warnings = _skip_warnings(caplog)
-    assert len(warnings) == 1 and warnings[0].startswith("skipping good3.png:")  # the doctor's own verdicts are not repeated
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "skipping good3.png:"
+    )  # the doctor's own verdicts are not repeated
     assert any("left out as the data doctor excluded them" in r.getMessage() for r in caplog.records)
 
 

@@ -61,7 +61,12 @@ def edit(**kw) -> dict:
 async def call(app, body: bytes, headers=(), leave: asyncio.Event | None = None):
     """One POST /v1/images through the ASGI interface. After the body the client waits for the answer, or leaves
     when `leave` is set. Returns (status, response body, number of receive() calls)."""
-    sent, reads, chunks, answered = [], [0], [{"type": "http.request", "body": body, "more_body": False}], asyncio.Event()
+    sent, reads, chunks, answered = (
+        [],
+        [0],
+        [{"type": "http.request", "body": body, "more_body": False}],
+        asyncio.Event(),
+    )
 
     async def receive():
         reads[0] += 1
@@ -108,7 +113,9 @@ def block_worker(worker) -> threading.Event:
 
 def test_a_request_refused_with_429_decodes_nothing(cfg, gen, monkeypatch):
     decoded = []
-    monkeypatch.setattr(server, "decode_image", lambda data, **kw: decoded.append(1) or images_module.decode_image(data, **kw))
+    monkeypatch.setattr(
+        server, "decode_image", lambda data, **kw: decoded.append(1) or images_module.decode_image(data, **kw)
+    )
     app = create_app(cfg, [KEY], generator=gen)
     worker = app.state.worker
     release = block_worker(worker)
@@ -278,13 +285,14 @@ def test_a_422_does_not_echo_the_input(cfg, gen, extra):
     assert len(r.content) < 2000, f"{len(r.content):,} bytes of refusal"
 
 
-
 @pytest.mark.parametrize("max_side", [2048, 16])  # as decoded, and through the downscale of large inputs
 def test_a_16_bit_greyscale_input_keeps_its_tones(tmp_path, max_side):
     grey = (np.arange(24 * 32).reshape(24, 32) * 255 // (24 * 32 - 1)).astype(np.uint8)
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "i16.png")  # mode I;16
     Image.fromarray(grey).save(tmp_path / "l8.png")
-    got, want = (np.asarray(images_module.load_image(tmp_path / n, max_side=max_side), float) for n in ("i16.png", "l8.png"))
+    got, want = (
+        np.asarray(images_module.load_image(tmp_path / n, max_side=max_side), float) for n in ("i16.png", "l8.png")
+    )
     assert got.shape == want.shape and abs(got.mean() - want.mean()) < 1  # was 255: clipped to white
 
 
@@ -302,7 +310,9 @@ def test_a_json_value_of_another_type_is_refused_not_coerced(cfg, gen, field, va
         r = c.post("/v1/images", json=edit(**{field: value}), headers=AUTH)
         assert r.status_code == 422, r.text
         assert r.json()["detail"][0]["loc"] == ["body", field, *loc]
-        assert c.post("/v1/images", json=edit(guidance_scale=1, width=64), headers=AUTH).status_code == 200  # int is a float
+        assert (
+            c.post("/v1/images", json=edit(guidance_scale=1, width=64), headers=AUTH).status_code == 200
+        )  # int is a float
 
 
 def test_a_nul_byte_or_an_overlong_name_in_a_run_file_path_is_refused_not_a_500(cfg, gen, tmp_path):

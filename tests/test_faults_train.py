@@ -49,14 +49,29 @@ def _fresh_accelerate_state():
 
 
 def _args(tiny_model_dir, sample_data_dir, out, *extra):
-    return ["--config", str(DEMO), f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}",
-            f"output_dir={out}", "validation.prompts=[]", "validation.edits=[]", "validation.every_steps=0",
-            "train.batch_size=1", *extra]
+    return [
+        "--config",
+        str(DEMO),
+        f"model.pretrained={tiny_model_dir}",
+        f"data.path={sample_data_dir / 'brand'}",
+        f"output_dir={out}",
+        "validation.prompts=[]",
+        "validation.edits=[]",
+        "validation.every_steps=0",
+        "train.batch_size=1",
+        *extra,
+    ]
 
 
 def _env(**extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", **extra}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
     env.pop("PYTEST_CURRENT_TEST", None)
     return env
 
@@ -87,8 +102,19 @@ def trained(tiny_model_dir, sample_data_dir, tmp_path_factory):
     """A finished 4-step run with checkpoints at steps 1, 2 and 3 (copy it before changing it)."""
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    assert lora.main(_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=4", "checkpoint.every_steps=1",
-                           "checkpoint.keep_last=5")) == 0
+    assert (
+        lora.main(
+            _args(
+                tiny_model_dir,
+                sample_data_dir,
+                out,
+                "train.max_steps=4",
+                "checkpoint.every_steps=1",
+                "checkpoint.keep_last=5",
+            )
+        )
+        == 0
+    )
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return out
@@ -111,7 +137,8 @@ def test_every_file_of_a_run_carries_its_run_id(trained):
 
 
 def test_a_fresh_start_in_a_used_folder_stops_before_loading_weights(
-        trained, tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch):
+    trained, tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch
+):
 
     out = _copy(trained, tmp_path)
     before = _hashes(out)
@@ -134,7 +161,9 @@ def test_a_fresh_start_in_a_used_folder_stops_before_loading_weights(
     assert [_progress(p)["run_id"] for p in Checkpointer(out, 1).all()] == [new_id]
 
 
-def test_a_live_run_holds_its_folder_against_a_second_trainer(trained, tiny_model_dir, sample_data_dir, tmp_path, capsys):
+def test_a_live_run_holds_its_folder_against_a_second_trainer(
+    trained, tiny_model_dir, sample_data_dir, tmp_path, capsys
+):
     out = _copy(trained, tmp_path)
     before = _hashes(out)
     live = RunFolder(out)
@@ -152,7 +181,8 @@ def test_a_live_run_holds_its_folder_against_a_second_trainer(trained, tiny_mode
 
 
 def test_resume_latest_and_rotation_leave_another_runs_checkpoints_alone(
-        trained, tiny_model_dir, sample_data_dir, tmp_path, caplog):
+    trained, tiny_model_dir, sample_data_dir, tmp_path, caplog
+):
 
     out = _copy(trained, tmp_path)
     # A newer checkpoint of another run in the same folder (what the old toolkit left when two runs shared it).
@@ -164,8 +194,23 @@ def test_resume_latest_and_rotation_leave_another_runs_checkpoints_alone(
     write_manifest(foreign)
 
     with caplog.at_level("WARNING"):
-        assert lora.main([*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", "checkpoint.every_steps=1",
-                                 "checkpoint.keep_last=2"), "--resume", "latest"]) == 0
+        assert (
+            lora.main(
+                [
+                    *_args(
+                        tiny_model_dir,
+                        sample_data_dir,
+                        out,
+                        "train.max_steps=6",
+                        "checkpoint.every_steps=1",
+                        "checkpoint.keep_last=2",
+                    ),
+                    "--resume",
+                    "latest",
+                ]
+            )
+            == 0
+        )
     assert "step-000009: it belongs to run someone-else" in caplog.text
     assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4, 5, 6]  # continued from its own step 3
     # Rotation kept this run's newest two and did not touch the other run's.
@@ -178,10 +223,22 @@ def test_resume_latest_and_rotation_leave_another_runs_checkpoints_alone(
 
 def _train_cmd(tiny_model_dir, sample_data_dir, out, *extra):
     # Accumulation, EMA, LoRA dropout and caption dropout all draw randomness that a resume must restore.
-    return [sys.executable, str(ROOT / "train" / "lora.py"),
-            *_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=10", "checkpoint.every_steps=100",
-                   "train.gradient_accumulation_steps=2", "train.ema_decay=0.9", "lora.dropout=0.1",
-                   "data.caption_dropout=0.3", *extra)]
+    return [
+        sys.executable,
+        str(ROOT / "train" / "lora.py"),
+        *_args(
+            tiny_model_dir,
+            sample_data_dir,
+            out,
+            "train.max_steps=10",
+            "checkpoint.every_steps=100",
+            "train.gradient_accumulation_steps=2",
+            "train.ema_decay=0.9",
+            "lora.dropout=0.1",
+            "data.caption_dropout=0.3",
+            *extra,
+        ),
+    ]
 
 
 def _wait_for_steps(out, n, process, timeout=120):
@@ -192,13 +249,26 @@ def _wait_for_steps(out, n, process, timeout=120):
 
 
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(
-        tiny_model_dir, sample_data_dir, tmp_path):
+    tiny_model_dir, sample_data_dir, tmp_path
+):
 
     full, stopped = tmp_path / "full", tmp_path / "stopped"
-    first = subprocess.Popen(_train_cmd(tiny_model_dir, sample_data_dir, full), cwd=ROOT, env=_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(_train_cmd(tiny_model_dir, sample_data_dir, stopped), cwd=ROOT, env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        _train_cmd(tiny_model_dir, sample_data_dir, full),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    victim = subprocess.Popen(
+        _train_cmd(tiny_model_dir, sample_data_dir, stopped),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for_steps(stopped, 3, victim)
     victim.send_signal(signal.SIGTERM)
     _, err = victim.communicate(timeout=120)
@@ -210,8 +280,14 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted
     assert not (stopped / ADAPTER).exists()
     assert first.wait(timeout=240) == 0, first.stderr.read()[-3000:]
 
-    resumed = subprocess.run([*_train_cmd(tiny_model_dir, sample_data_dir, stopped), "--resume", "latest"],
-                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run(
+        [*_train_cmd(tiny_model_dir, sample_data_dir, stopped), "--resume", "latest"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = _losses(full), _losses(stopped)
     assert [r["step"] for r in b] == list(range(1, 11))
@@ -233,9 +309,20 @@ def _alive(pid: int) -> bool:
 
 def test_sigterm_to_accelerate_launch_stops_the_trainer_with_a_checkpoint(tiny_model_dir, sample_data_dir, tmp_path):
     out = tmp_path / "launched"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no",
-           *_train_cmd(tiny_model_dir, sample_data_dir, out, "train.max_steps=100000")[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *_train_cmd(tiny_model_dir, sample_data_dir, out, "train.max_steps=100000")[1:],
+    ]
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_steps(out, 2, launcher)
     (trainer,) = _children(launcher.pid)
@@ -255,18 +342,38 @@ def test_sigterm_to_accelerate_launch_stops_the_trainer_with_a_checkpoint(tiny_m
 
 
 @pytest.mark.slow  # ~40 s: two processes, each importing torch/diffusers
-def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_with_one_checkpoint(tiny_model_dir, sample_data_dir, tmp_path):
+def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_with_one_checkpoint(
+    tiny_model_dir, sample_data_dir, tmp_path
+):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no",
-           *_train_cmd(tiny_model_dir, sample_data_dir, out, "train.max_steps=100000")[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *_train_cmd(tiny_model_dir, sample_data_dir, out, "train.max_steps=100000")[1:],
+    ]
     log = tmp_path / "stderr.txt"
     with open(log, "w") as err:  # a file, not a pipe nobody reads while the ranks log
-        launcher = subprocess.Popen(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.DEVNULL, stderr=err)
+        launcher = subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.DEVNULL, stderr=err
+        )
     _wait_for_steps(out, 2, launcher, timeout=240)
     workers = _children(launcher.pid)
-    rank = {int(dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)["RANK"]): pid
-            for pid in workers}
+    rank = {
+        int(
+            dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)["RANK"]
+        ): pid
+        for pid in workers
+    }
     try:
         os.kill(rank[1], signal.SIGTERM)  # only the second rank hears it
         launcher.wait(timeout=120)
@@ -280,8 +387,11 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_with_one_checkpoint
     assert Checkpointer(out, 1).resolve("latest") == checkpoints[0]
     # Each rank's last word names the checkpoint (rank 1, which heard the signal, said "checkpoint None written").
     said = sorted(line for line in log.read_text().splitlines() if line.startswith("stopped by"))
-    assert said == [f"stopped by {who} after step {done} of 100000; checkpoint {checkpoints[0]} written; continue with "
-                    "--resume latest" for who in ("SIGTERM", "a signal on another rank")], said
+    assert said == [
+        f"stopped by {who} after step {done} of 100000; checkpoint {checkpoints[0]} written; continue with "
+        "--resume latest"
+        for who in ("SIGTERM", "a signal on another rank")
+    ], said
 
 
 # ------------------------------------------------------------------------------------------ 3. verified checkpoints
@@ -289,7 +399,8 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_with_one_checkpoint
 
 @pytest.mark.parametrize("damage", ["truncated adapter", "2 KB overwritten"])
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
-        damage, trained, tiny_model_dir, sample_data_dir, tmp_path, caplog):
+    damage, trained, tiny_model_dir, sample_data_dir, tmp_path, caplog
+):
     out = _copy(trained, tmp_path)
     expected = _losses(out)
     newest = out / "checkpoints" / "step-000003"
@@ -300,11 +411,26 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
         path = newest / "adapter" / ADAPTER
         data = bytearray(path.read_bytes())
         start = 8 + int.from_bytes(data[:8], "little") + 64
-        data[start:start + 2048] = os.urandom(2048)
+        data[start : start + 2048] = os.urandom(2048)
         path.write_bytes(bytes(data))
     with caplog.at_level("INFO"):  # one step further than the finished run (resuming it as it was is refused)
-        assert lora.main([*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=5", "checkpoint.every_steps=1",
-                                 "checkpoint.keep_last=5"), "--resume", "latest"]) == 0
+        assert (
+            lora.main(
+                [
+                    *_args(
+                        tiny_model_dir,
+                        sample_data_dir,
+                        out,
+                        "train.max_steps=5",
+                        "checkpoint.every_steps=1",
+                        "checkpoint.keep_last=5",
+                    ),
+                    "--resume",
+                    "latest",
+                ]
+            )
+            == 0
+        )
     assert f"skipping damaged checkpoint {newest}" in caplog.text
     assert ("truncated" if damage == "truncated adapter" else "does not match its sha256") in caplog.text
     assert f"resumed from {out / 'checkpoints' / 'step-000002'} at step 2" in caplog.text
@@ -313,7 +439,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
 
 
 def test_leftovers_of_a_killed_save_are_removed_and_a_half_written_loss_line_is_dropped(
-        trained, tiny_model_dir, sample_data_dir, tmp_path):
+    trained, tiny_model_dir, sample_data_dir, tmp_path
+):
     out = _copy(trained, tmp_path)
     expected = _losses(out)
     leftovers = [out / "checkpoints" / ".step-000004.k1ll3d", out / ".adapter.k1ll3d"]
@@ -323,8 +450,23 @@ def test_leftovers_of_a_killed_save_are_removed_and_a_half_written_loss_line_is_
     (out / ".training_metadata.json.k1ll3d.json").write_text("{")
     with open(out / "losses.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.1')  # killed mid-append
-    assert lora.main([*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", "checkpoint.every_steps=1",
-                             "checkpoint.keep_last=5"), "--resume", "latest"]) == 0
+    assert (
+        lora.main(
+            [
+                *_args(
+                    tiny_model_dir,
+                    sample_data_dir,
+                    out,
+                    "train.max_steps=6",
+                    "checkpoint.every_steps=1",
+                    "checkpoint.keep_last=5",
+                ),
+                "--resume",
+                "latest",
+            ]
+        )
+        == 0
+    )
     assert not any(p.exists() for p in leftovers) and not list(out.glob(".training_metadata.json.*"))
     rows = _losses(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -344,7 +486,8 @@ def test_resume_latest_without_a_checkpoint_says_to_drop_resume(tiny_model_dir, 
 
 
 def test_a_resume_that_changes_the_maths_is_an_error_naming_the_fields(
-        trained, tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    trained, tiny_model_dir, sample_data_dir, tmp_path, capsys
+):
     out = _copy(trained, tmp_path)
     changes = ["lora.alpha=3", "train.gradient_accumulation_steps=2", "data.caption_dropout=0.2", "train.ema_decay=0.5"]
     args = [*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=5", *changes), "--resume", "latest"]
@@ -360,12 +503,26 @@ def test_a_resume_that_changes_the_maths_is_an_error_naming_the_fields(
 def test_the_schema_decides_what_a_resume_may_change():
 
     base = to_dict(load_config(None))
-    changed = to_dict(load_config(None, ["lora.use_rslora=true", "data.resolution=512", "model.dtype=float32",
-                                         "validation.held_out_fraction=0.1", "train.max_steps=5",
-                                         "data.num_workers=2", "checkpoint.keep_last=9",
-                                         "model.compile=blocks", "model.attention_backend=_native_flash"]))
+    changed = to_dict(
+        load_config(
+            None,
+            [
+                "lora.use_rslora=true",
+                "data.resolution=512",
+                "model.dtype=float32",
+                "validation.held_out_fraction=0.1",
+                "train.max_steps=5",
+                "data.num_workers=2",
+                "checkpoint.keep_last=9",
+                "model.compile=blocks",
+                "model.attention_backend=_native_flash",
+            ],
+        )
+    )
     assert changed_fixed_fields(base, changed) == [
-        "model.dtype: 'bfloat16' -> 'float32'", "data.resolution: 1024 -> 512", "lora.use_rslora: False -> True",
+        "model.dtype: 'bfloat16' -> 'float32'",
+        "data.resolution: 1024 -> 512",
+        "lora.use_rslora: False -> True",
         "validation.held_out_fraction: 0.0 -> 0.1",
     ]
     fixed = set(resume_fixed_fields())
@@ -399,22 +556,30 @@ def test_a_full_disk_mid_save_says_so_and_keeps_the_previous_checkpoint(tmp_path
     assert ck.resolve("latest") == ck.path_for(1)
 
 
-def test_an_unwritable_output_dir_is_one_error_line_before_any_weights_load(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+def test_an_unwritable_output_dir_is_one_error_line_before_any_weights_load(
+    tiny_model_dir, sample_data_dir, tmp_path, capsys
+):
     (tmp_path / "blocked").write_text("a file where output_dir's parent folder should be")  # read-only needs root
     out = tmp_path / "blocked" / "run"
     assert lora.main(_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=1")) == 2  # was a traceback, rc 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == f"error: output_dir: could not write {out}: a part of that path is a file, not a folder; choose a folder path and retry"
+    assert (
+        last
+        == f"error: output_dir: could not write {out}: a part of that path is a file, not a folder; choose a folder path and retry"
+    )
 
 
 def _limit_file_size(limit):
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
-def test_running_out_of_space_in_a_real_run_names_the_path_and_loses_nothing(trained, tiny_model_dir, sample_data_dir, tmp_path):
+def test_running_out_of_space_in_a_real_run_names_the_path_and_loses_nothing(
+    trained, tiny_model_dir, sample_data_dir, tmp_path
+):
     out = _copy(trained, tmp_path)
     kept = {p: _sha(p) for p in [out / ADAPTER, out / "training_metadata.json", out / "README.md"]}
     limit = (out / ADAPTER).stat().st_size // 2  # room for the logs and configs, not for weights
@@ -422,9 +587,24 @@ def test_running_out_of_space_in_a_real_run_names_the_path_and_loses_nothing(tra
     # A mid-run checkpoint, then (no checkpoint before it) the final adapter.
     for every, where in ((1, "step-000004"), (100, str(out))):
         result = subprocess.run(
-            [*base, *_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=5",
-                           f"checkpoint.every_steps={every}", "checkpoint.keep_last=5")],
-            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, preexec_fn=_limit_file_size(limit))
+            [
+                *base,
+                *_args(
+                    tiny_model_dir,
+                    sample_data_dir,
+                    out,
+                    "train.max_steps=5",
+                    f"checkpoint.every_steps={every}",
+                    "checkpoint.keep_last=5",
+                ),
+            ],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+            preexec_fn=_limit_file_size(limit),
+        )
         assert result.returncode == 2, result.stderr[-3000:]
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and "larger than this process (ulimit -f)" in last and where in last, last
@@ -437,10 +617,24 @@ def test_running_out_of_space_in_a_real_run_names_the_path_and_loses_nothing(tra
 # ------------------------------------------------------------------------------------------ under accelerate, umask
 
 
-def test_a_data_error_under_accelerate_launch_is_one_line_without_our_traceback(tiny_model_dir, sample_data_dir, tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "lora.py"),
-           *_args(tiny_model_dir, sample_data_dir, tmp_path / "out", f"data.path={tmp_path / 'nowhere'}")]
+def test_a_data_error_under_accelerate_launch_is_one_line_without_our_traceback(
+    tiny_model_dir, sample_data_dir, tmp_path
+):
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "train" / "lora.py"),
+        *_args(tiny_model_dir, sample_data_dir, tmp_path / "out", f"data.path={tmp_path / 'nowhere'}"),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
     lines = result.stderr.splitlines()
@@ -448,8 +642,11 @@ def test_a_data_error_under_accelerate_launch_is_one_line_without_our_traceback(
     assert len(ours) == 1 and f"{tmp_path / 'nowhere'} does not exist" in lines[ours[0]], result.stderr[-3000:]
     assert not any("Traceback" in line for line in lines[: ours[0]])  # nothing of ours before it
     # After it, accelerate's own report only (its message quotes our command line, but no frame of ours).
-    ours_after = [line for line in lines[ours[0] + 1:] if line.strip().startswith("File") and str(ROOT) in line
-                  and "site-packages" not in line]  # the venv may live inside the checkout (CI's does)
+    ours_after = [
+        line
+        for line in lines[ours[0] + 1 :]
+        if line.strip().startswith("File") and str(ROOT) in line and "site-packages" not in line
+    ]  # the venv may live inside the checkout (CI's does)
     assert not ours_after
 
 

@@ -47,7 +47,9 @@ def test_settings_survive_png_webp_and_jpeg_and_other_tools_metadata_is_not_take
         data = encode_image(image, fmt, 90, settings)
         assert read_settings(data) == settings, fmt
         assert data == encode_image(image, fmt, 90, settings)  # no timestamp: the same settings, the same bytes
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_image(image, "png", settings=settings)))), np.asarray(image))
+    assert np.array_equal(
+        np.asarray(Image.open(io.BytesIO(encode_image(image, "png", settings=settings)))), np.asarray(image)
+    )
 
     long = {"prompt": "-" * 70_000}  # past what one JPEG EXIF segment holds: said, not a bare PIL ValueError
     with pytest.raises(InputError, match="write PNG or WebP"):
@@ -134,7 +136,10 @@ def test_from_checks_the_adapter_hash_and_names_itself_when_an_image_has_no_sett
     argv = ["generate", "--from", str(image), "--output", str(tmp_path / "again.png")]
     assert main(argv) == 2  # no adapter at ../brand beside the copy
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f"error: --from {image}: adapter 'brand': {tmp_path / 'images' / '..' / 'brand'} is not there any more; give --lora"
+    assert (
+        err
+        == f"error: --from {image}: adapter 'brand': {tmp_path / 'images' / '..' / 'brand'} is not there any more; give --lora"
+    )
     make_random_lora(gen.pipe.transformer, tmp_path / "brand", seed=4)  # retrained: same name, other weights
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -130,7 +130,9 @@ def test_a_decode_holds_no_more_than_its_counted_cost(tmp_path, name):
     convert(image).save(path, fmt, **options)
     del image
     assert path.stat().st_size < 2_000_000  # a small upload, well under any body limit
-    out = subprocess.run([sys.executable, "-c", PEAK_PROBE, str(path)], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_PROBE, str(path)], capture_output=True, text=True, timeout=120, check=True
+    )
     w, h, peak, cost = map(int, out.stdout.split())
     assert (w, h) == (2048, 2048)
     assert peak <= cost, f"{name}: decode peak {peak / 2**20:.0f} MiB over its counted cost {cost / 2**20:.0f} MiB"

@@ -90,7 +90,9 @@ def test_unknown_adapter_name_lists_the_known_ones(gen, adapters):
 
 @pytest.mark.parametrize("layout", ["comfyui", "kohya", "ai-toolkit"])
 def test_foreign_layouts_load_as_the_same_adapter(gen, lora_dirs, tmp_path, layout):
-    ours = lora_dirs["style_b"] / "pytorch_lora_weights.safetensors"  # alpha 4 / rank 8: the scale 0.5 travels as .alpha
+    ours = (
+        lora_dirs["style_b"] / "pytorch_lora_weights.safetensors"
+    )  # alpha 4 / rank 8: the scale 0.5 travels as .alpha
     other = in_layout(ours, tmp_path / f"style_b_{layout}.safetensors", layout)
     try:
         gen.adapters.load(ours, name="ours")
@@ -116,7 +118,9 @@ def test_adapter_for_another_model_is_refused_naming_module_and_shapes(gen, lora
         return {**t, key: torch.zeros(4, 3072)}
 
     bad = _tamper(lora_dirs["style_a"], tmp_path / "wide.safetensors", wider)
-    with pytest.raises(AdapterError, match=r"'transformer_blocks.0.attn.to_q' is Linear\(in=32, out=32\).*lora_A \[4, 3072\]"):
+    with pytest.raises(
+        AdapterError, match=r"'transformer_blocks.0.attn.to_q' is Linear\(in=32, out=32\).*lora_A \[4, 3072\]"
+    ):
         gen.adapters.load(bad)
 
     def deeper(t):

@@ -30,7 +30,9 @@ def test_generate_and_edit_write_the_format_the_extension_names(tiny_model_dir, 
     base, styled = tmp_path / "base.png", tmp_path / "styled.webp"
     common = ["--model", str(tiny_model_dir), *TINY, "--prompt", "a bottle", "--steps", "2", "--seed", "0"]
     assert main(["generate", *common, "--width", "96", "--height", "64", "--output", str(base)]) == 0
-    assert main(["generate", *common, "--aspect-ratio", "16:9", "--lora", f"{lora_dir}:0.8", "--output", str(styled)]) == 0
+    assert (
+        main(["generate", *common, "--aspect-ratio", "16:9", "--lora", f"{lora_dir}:0.8", "--output", str(styled)]) == 0
+    )
     with Image.open(base) as im:
         assert im.format == "PNG" and im.mode == "RGBA" and im.size == (96, 64)
     with Image.open(styled) as im:
@@ -46,17 +48,24 @@ def test_generate_and_edit_write_the_format_the_extension_names(tiny_model_dir, 
 
 
 def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
-    assert main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x", "--output", str(tmp_path / "o.gif")]) == 2
+    assert (
+        main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x", "--output", str(tmp_path / "o.gif")])
+        == 2
+    )
     assert "use .png, .jpg/.jpeg or .webp" in capsys.readouterr().err
     base = ["--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o.png")]
     strip = tmp_path / "strip.png"
     Image.new("RGB", (400, 20)).save(strip)
-    for argv, message in ((["generate", "--prompt", "x", "--width", "100"], "generate.width: must be a positive multiple of 32"),
-                          (["generate", "--prompt", "x", "--steps", "0"], "generate.num_inference_steps: must be >= 1"),
-                          (["generate", "--prompt", "x", "--guidance-scale", "nan"], "generate.guidance_scale: must be a finite"),
-                          (["edit", "--prompt", "x", *["--image", str(strip)] * 11], "images: give 1 to 10 input images (got 11)"),
-                          (["edit", "--prompt", "x", "--image", str(strip), "data.resolution=64"],
-                           "images: image 1 is 400x20 (aspect 20.0:1); at resolution 64 the model takes aspect ratios under 16:1")):
+    for argv, message in (
+        (["generate", "--prompt", "x", "--width", "100"], "generate.width: must be a positive multiple of 32"),
+        (["generate", "--prompt", "x", "--steps", "0"], "generate.num_inference_steps: must be >= 1"),
+        (["generate", "--prompt", "x", "--guidance-scale", "nan"], "generate.guidance_scale: must be a finite"),
+        (["edit", "--prompt", "x", *["--image", str(strip)] * 11], "images: give 1 to 10 input images (got 11)"),
+        (
+            ["edit", "--prompt", "x", "--image", str(strip), "data.resolution=64"],
+            "images: image 1 is 400x20 (aspect 20.0:1); at resolution 64 the model takes aspect ratios under 16:1",
+        ),
+    ):
         assert main([*argv, *base]) == 2
         assert message in capsys.readouterr().err  # not the missing model: the settings are checked first
 
@@ -78,7 +87,10 @@ def _jobs(tmp_path, n=6):
     src = tmp_path / "in.png"
     Image.new("RGBA", (64, 96), (200, 30, 30, 128)).save(src)
     path = tmp_path / "jobs.jsonl"
-    lines = [{"prompt": f"bottle {i}", "num_inference_steps": 1, **({"images": ["in.png"]} if i % 2 else {})} for i in range(n)]
+    lines = [
+        {"prompt": f"bottle {i}", "num_inference_steps": 1, **({"images": ["in.png"]} if i % 2 else {})}
+        for i in range(n)
+    ]
     lines[0]["id"], lines[0]["seed"], lines[0]["output"] = "hero", 42, "hero.webp"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return path
@@ -102,7 +114,11 @@ def test_batch_resumes_after_an_interruption_without_redoing_finished_jobs(tiny_
     stop_at = 2
     with pytest.raises(KeyboardInterrupt):
         main(argv)
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["000001.png", "hero.webp", "manifest.jsonl"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "000001.png",
+        "hero.webp",
+        "manifest.jsonl",
+    ]
 
     calls.clear()
     stop_at = None
@@ -113,7 +129,12 @@ def test_batch_resumes_after_an_interruption_without_redoing_finished_jobs(tiny_
     hero = next(e for e in entries if e["id"] == "hero")
     assert hero["seed"] == 42 and hero["num_inference_steps"] == 1 and hero["guidance_scale"] == 1.0
     made = read_settings(out / "hero.webp")  # the image itself says what the manifest line says
-    assert (made["prompt"], made["seed"], made["num_inference_steps"], made["guidance_scale"]) == ("bottle 0", 42, 1, 1.0)
+    assert (made["prompt"], made["seed"], made["num_inference_steps"], made["guidance_scale"]) == (
+        "bottle 0",
+        42,
+        1,
+        1.0,
+    )
     assert next(e for e in entries if e["id"] == "000003")["seed"] == 3  # base seed + line index
     with Image.open(out / "000003.png") as im:
         assert im.size == (64, 96)  # an edit comes back at its input's size
@@ -147,8 +168,18 @@ def test_batch_renders_again_a_job_whose_settings_or_input_changed(tiny_model_di
 
 def test_batch_renders_again_when_the_adapter_file_changes_not_when_its_folder_does(tiny_model_dir, lora_dir, tmp_path):
     jobs, out, lora = _jobs(tmp_path, n=1), tmp_path / "out", shutil.copytree(lora_dir, tmp_path / "lora")
-    argv = ["batch", str(jobs), "--output-dir", str(out), "--model", str(tiny_model_dir), *TINY, "--no-progress",
-            "--lora", str(lora)]
+    argv = [
+        "batch",
+        str(jobs),
+        "--output-dir",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        *TINY,
+        "--no-progress",
+        "--lora",
+        str(lora),
+    ]
 
     def rendered() -> int:
         return len((out / "manifest.jsonl").read_text().splitlines())
@@ -171,7 +202,10 @@ def test_batch_job_errors_name_the_line_and_field(tmp_path):
         ('{"prompt": "a", "output": "../x.png"}', "must be a plain file name"),
         ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "output": "x.png"}', "also written by line 1"),
         ('{"images": ["a.png"]}', "prompt is required"),
-        (json.dumps({"prompt": "a", "images": ["a.png"] * 11}), r"jobs.jsonl:1: job.images: give 1 to 10 input images \(got 11\)"),
+        (
+            json.dumps({"prompt": "a", "images": ["a.png"] * 11}),
+            r"jobs.jsonl:1: job.images: give 1 to 10 input images \(got 11\)",
+        ),
     ]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=match):
@@ -200,13 +234,39 @@ def test_batch_shards_across_two_accelerate_processes(tiny_model_dir, tmp_path):
 def test_overrides_reach_generate_edit_and_batch(tiny_model_dir, tmp_path, capsys):
     # The model comes only from an override written after the other options, as on every other command.
     out = tmp_path / "a.png"
-    argv = ["generate", "--prompt", "a bottle", "--steps", "1", "--width", "64", "--height", "64", "--output", str(out),
-            f"model.pretrained={tiny_model_dir}", "model.dtype=float32"]
+    argv = [
+        "generate",
+        "--prompt",
+        "a bottle",
+        "--steps",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--output",
+        str(out),
+        f"model.pretrained={tiny_model_dir}",
+        "model.dtype=float32",
+    ]
     assert main(argv) == 0 and out.is_file()
     src = tmp_path / "in.png"
     Image.new("RGB", (64, 64), "red").save(src)
-    assert main(["edit", "--image", str(src), "--prompt", "x", "--output", str(tmp_path / "e.png"),
-                 f"model.pretrained={tmp_path / 'nope'}"]) == 2
+    assert (
+        main(
+            [
+                "edit",
+                "--image",
+                str(src),
+                "--prompt",
+                "x",
+                "--output",
+                str(tmp_path / "e.png"),
+                f"model.pretrained={tmp_path / 'nope'}",
+            ]
+        )
+        == 2
+    )
     assert f"model.pretrained: {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
     jobs = _jobs(tmp_path, n=1)
     assert main(["batch", str(jobs), "--output-dir", str(tmp_path / "b"), f"model.pretrained={tmp_path / 'nope'}"]) == 2
@@ -253,8 +313,18 @@ def test_batch_with_nothing_left_says_so_without_loading_the_model(tmp_path, cap
 def test_batch_prints_progress_lines_when_stderr_is_not_a_terminal(tiny_model_dir, tmp_path):
     jobs, out = _jobs(tmp_path, n=2), tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "QWEN_LORA_PROGRESS_SECONDS": "0"}
-    cmd = [sys.executable, "-m", "qwen_image_lora.cli", "batch", str(jobs), "--output-dir", str(out),
-           "--model", str(tiny_model_dir), *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qwen_image_lora.cli",
+        "batch",
+        str(jobs),
+        "--output-dir",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        *TINY,
+    ]
     proc = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True, timeout=240)  # stderr is a pipe
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if "batch 1/1" in line]
@@ -267,6 +337,8 @@ def test_generate_without_a_size_uses_the_configs_pixel_budget(tiny_model_dir, t
     config = tmp_path / "c.yaml"
     config.write_text(f"model:\n  pretrained: {tiny_model_dir}\n  dtype: float32\ndata:\n  resolution: 96\n")
     out = tmp_path / "a.png"
-    assert main(["generate", "--config", str(config), "--prompt", "a bottle", "--steps", "1", "--output", str(out)]) == 0
+    assert (
+        main(["generate", "--config", str(config), "--prompt", "a bottle", "--steps", "1", "--output", str(out)]) == 0
+    )
     with Image.open(out) as im:
         assert im.size == (96, 96)

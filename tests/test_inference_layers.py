@@ -114,8 +114,14 @@ def test_openraster_and_zip_outputs(made, tmp_path):
     with zipfile.ZipFile(archive) as z:
         index = json.loads(z.read("layers.json"))
         assert [entry["name"] for entry in index["layers"]] == [layer.name for layer in result.layers]
-        assert index["layers"][2] | {"file": None} == {"file": None, "name": result.layers[2].name, "left": 24, "top": 8,
-                                                        "width": 64, "height": 32}
+        assert index["layers"][2] | {"file": None} == {
+            "file": None,
+            "name": result.layers[2].name,
+            "left": 24,
+            "top": 8,
+            "width": 64,
+            "height": 32,
+        }
         assert np.array_equal(np.asarray(Image.open(z.open("composite.png"))), np.asarray(Image.open(flat)))
 
 
@@ -135,7 +141,9 @@ def test_bad_layer_requests_are_refused_naming_the_part(gen):
 def test_auto_mask_is_the_alpha_of_the_models_own_cut_out(gen):
     image = Image.new("RGB", (W, H), (120, 60, 30))
     request = GenerationRequest("x", images=[image], num_inference_steps=1, seed=2)
-    cutout = gen.generate(GenerationRequest(layer_output.AUTO_MASK_PROMPT, images=[image], num_inference_steps=1, seed=2))
+    cutout = gen.generate(
+        GenerationRequest(layer_output.AUTO_MASK_PROMPT, images=[image], num_inference_steps=1, seed=2)
+    )
     assert cutout.mode == "RGBA"
     assert np.array_equal(np.asarray(layer_output._auto_mask(gen, request)), np.asarray(cutout.getchannel("A")))
 
@@ -147,9 +155,24 @@ def test_layers_command_writes_a_psd_and_the_flat_image(tiny_model_dir, tmp_path
     image.save(tmp_path / "in.png")
     mask.save(tmp_path / "mask.png")
     out = tmp_path / "out.psd"
-    argv = ["layers", "--model", str(tiny_model_dir), "--dtype", "float32", "data.resolution=96", "--steps", "1",
-            "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--element", "a badge@0,0,32,32",
-            "--output", str(out)]
+    argv = [
+        "layers",
+        "--model",
+        str(tiny_model_dir),
+        "--dtype",
+        "float32",
+        "data.resolution=96",
+        "--steps",
+        "1",
+        "--image",
+        str(tmp_path / "in.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--element",
+        "a badge@0,0,32,32",
+        "--output",
+        str(out),
+    ]
     assert main(argv) == 0
     psd = PSDImage.open(out)
     assert [layer.name for layer in psd][:2] == ["background", "subject"] and len(list(psd)) == 3
@@ -174,8 +197,20 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
              ("good.png", ["--element", outside], "--element", f"leaves the {w}x{h} image"),
              ("auto", ["--element", outside], "--element", f"leaves the {w}x{h} image")]  # fmt: skip
     for mask, extra, option, message in cases:
-        rc = main(["layers", "--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "in.png"),
-                   "--mask", mask if mask == "auto" else str(tmp_path / mask), *extra, "--output", str(tmp_path / "o.psd")])
+        rc = main(
+            [
+                "layers",
+                "--model",
+                str(tmp_path / "no-model"),
+                "--image",
+                str(tmp_path / "in.png"),
+                "--mask",
+                mask if mask == "auto" else str(tmp_path / mask),
+                *extra,
+                "--output",
+                str(tmp_path / "o.psd"),
+            ]
+        )
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert rc == 2 and len(errors) == 1, errors
         assert errors[0].startswith(f"error: {option}") and message in errors[0], errors[0]

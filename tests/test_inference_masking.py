@@ -56,7 +56,9 @@ def random_mask(rng: np.random.Generator, size: tuple[int, int], soft: bool = Fa
 
 
 def edit(gen, image, mask, **kw) -> Image.Image:
-    request = GenerationRequest("replace the background with white", images=[image], mask=mask, num_inference_steps=3, **kw)
+    request = GenerationRequest(
+        "replace the background with white", images=[image], mask=mask, num_inference_steps=3, **kw
+    )
     return gen.generate(request)
 
 
@@ -78,7 +80,9 @@ def test_the_latent_blend_holds_the_kept_region_on_the_inputs_noised_latents_eve
     class Recording(masking.LatentBlend):
         def __call__(self, pipe, step, timestep, tensors):
             out = super().__call__(pipe, step, timestep, tensors)
-            seen.append((float(pipe.scheduler.sigmas[pipe.scheduler.step_index]), out["latents"].clone(), self.last_kept))
+            seen.append(
+                (float(pipe.scheduler.sigmas[pipe.scheduler.step_index]), out["latents"].clone(), self.last_kept)
+            )
             return out
 
     monkeypatch.setattr(masking, "LatentBlend", Recording)  # our own class, so the generator records its blend
@@ -111,7 +115,9 @@ def test_masked_edit_with_an_adapter_and_two_reference_images(gen, tmp_path):
     try:
         image, mask = product(), right_half_mask()
         reference = Image.new("RGB", (64, 64), (200, 30, 30))
-        request = GenerationRequest("put it on the red cloth", images=[reference, image], mask=mask, num_inference_steps=2)
+        request = GenerationRequest(
+            "put it on the red cloth", images=[reference, image], mask=mask, num_inference_steps=2
+        )
         with_adapter = np.asarray(gen.generate(GenerationRequest(**{**request.__dict__, "adapters": {"lora": 1.0}})))
         base = np.asarray(gen.generate(GenerationRequest(**{**request.__dict__, "adapters": {}})))
     finally:
@@ -179,11 +185,27 @@ def test_edit_refuses_a_bad_mask_before_loading_the_model(tmp_path, capsys, seed
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "in.png")
     (tmp_path / "no-model").mkdir()
     other = (w, int(h * rng.uniform(1.1, 2))) if seed % 2 else (int(w * rng.uniform(1.1, 2)), h)
-    cases = {"aspect ratio": Image.new("L", other, 255), "changes nothing": Image.new("L", (w, h), int(rng.integers(0, 128)))}
+    cases = {
+        "aspect ratio": Image.new("L", other, 255),
+        "changes nothing": Image.new("L", (w, h), int(rng.integers(0, 128))),
+    }
     for message, mask in cases.items():
         mask.save(tmp_path / "mask.png")
-        rc = main(["edit", "--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "in.png"),
-                   "--mask", str(tmp_path / "mask.png"), "--prompt", "x", "--output", str(tmp_path / "out.png")])
+        rc = main(
+            [
+                "edit",
+                "--model",
+                str(tmp_path / "no-model"),
+                "--image",
+                str(tmp_path / "in.png"),
+                "--mask",
+                str(tmp_path / "mask.png"),
+                "--prompt",
+                "x",
+                "--output",
+                str(tmp_path / "out.png"),
+            ]
+        )
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert rc == 2 and len(errors) == 1, errors
         assert errors[0].startswith("error: --mask") and message in errors[0], errors[0]
@@ -196,16 +218,38 @@ def test_masked_edit_from_the_cli_and_a_batch_job(tiny_model_dir, tmp_path):
     mask.save(tmp_path / "in" / "sku_mask.png")
     tiny = ["--model", str(tiny_model_dir), "--dtype", "float32", "data.resolution=96", "--steps", "2"]
     out = tmp_path / "cli.png"
-    assert main(["edit", *tiny, "--image", str(tmp_path / "in" / "sku.png"), "--mask", str(tmp_path / "in" / "sku_mask.png"),
-                 "--prompt", "on marble", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                *tiny,
+                "--image",
+                str(tmp_path / "in" / "sku.png"),
+                "--mask",
+                str(tmp_path / "in" / "sku_mask.png"),
+                "--prompt",
+                "on marble",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     kept = np.asarray(mask) < 128
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB"))[kept], np.asarray(image)[kept])
     # A batch job: paths relative to the jobs file, in a subfolder.
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(json.dumps({"id": "sku", "prompt": "on marble", "images": ["in/sku.png"], "mask": "in/sku_mask.png",
-                                "mask_feather": 2}) + "\n")
+    jobs.write_text(
+        json.dumps(
+            {"id": "sku", "prompt": "on marble", "images": ["in/sku.png"], "mask": "in/sku_mask.png", "mask_feather": 2}
+        )
+        + "\n"
+    )
     assert main(["batch", str(jobs), "--output-dir", str(tmp_path / "out"), *tiny[:-2], "--no-progress"]) == 0
     got = np.asarray(Image.open(tmp_path / "out" / "sku.png").convert("RGB"))
-    assert np.array_equal(got[kept], np.asarray(image)[kept]) and np.abs(got[~kept].astype(int) - np.asarray(image)[~kept]).mean() > 5
+    assert (
+        np.array_equal(got[kept], np.asarray(image)[kept])
+        and np.abs(got[~kept].astype(int) - np.asarray(image)[~kept]).mean() > 5
+    )
     jobs.write_text(json.dumps({"prompt": "x", "mask": "in/sku_mask.png"}) + "\n")
     assert main(["batch", str(jobs), "--output-dir", str(tmp_path / "out2"), *tiny[:-2]]) == 2  # a mask needs images

@@ -72,6 +72,7 @@ FULL = "the disk is full (no space left on device); free space on that device (o
 def test_a_full_disk_inside_an_atomic_write_names_the_destination_not_the_temp(tmp_path, writer):
     """/dev/full fails every write with a real ENOSPC whose OSError names no file (or, from a temp, only the temp's
     random name): the CLI said 'could not write a file'."""
+
     def fill():
         if writer == "plain write":
             Path("/dev/full").write_text("{}")
@@ -98,11 +99,15 @@ def test_doctor_with_an_unwritable_cache_dir_is_one_error_line_and_exit_2(tmp_pa
         (images / f"{i}.txt").write_text("a bottle")
     (tmp_path / "blocked").write_text("a file where data.cache_dir's parent folder should be")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {{pretrained: {tiny_model_dir}}}\ndata: {{path: {images}, cache_dir: {tmp_path / 'blocked' / 'cache'}}}\n")
+    cfg.write_text(
+        f"model: {{pretrained: {tiny_model_dir}}}\ndata: {{path: {images}, cache_dir: {tmp_path / 'blocked' / 'cache'}}}\n"
+    )
     assert main(["data", "doctor", str(cfg)]) == 2  # was an OSError traceback naming '.doctor.json.XXXX.json' (rc 1)
     err = capsys.readouterr().err.strip().splitlines()
     target = tmp_path / "blocked" / "cache" / "doctor.json"
-    assert err == [f"error: could not write {target}: a part of that path is a file, not a folder; choose a folder path and retry"]
+    assert err == [
+        f"error: could not write {target}: a part of that path is a file, not a folder; choose a folder path and retry"
+    ]
 
 
 def test_a_read_only_file_system_is_named_by_the_cli(tmp_path, capsys, monkeypatch):

@@ -68,12 +68,15 @@ def test_no_layer_imports_one_above_or_beside_it():
     assert upward_imports() == []
 
 
-@pytest.mark.parametrize("folder, statement", [
-    ("data", "from qwen_image_lora.inference.generator import Generator"),
-    ("inference", "from qwen_image_lora.train import adapter"),
-    ("eval", "from qwen_image_lora.train.checkpoint import Checkpointer"),
-    ("qwen_image_lora", "from .data import sources"),
-])
+@pytest.mark.parametrize(
+    "folder, statement",
+    [
+        ("data", "from qwen_image_lora.inference.generator import Generator"),
+        ("inference", "from qwen_image_lora.train import adapter"),
+        ("eval", "from qwen_image_lora.train.checkpoint import Checkpointer"),
+        ("qwen_image_lora", "from .data import sources"),
+    ],
+)
 def test_a_planted_upward_import_is_caught(tmp_path, folder, statement):
     for name in (PACKAGE, *FOLDERS.values()):
         (tmp_path / name).mkdir()

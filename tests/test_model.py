@@ -26,7 +26,6 @@ def test_layout_and_size(tiny_model_dir):
 
 def test_builder_is_seed_deterministic(tmp_path):
 
-
     a = load_file(make_tiny_model(tmp_path / "a", seed=3) / "transformer" / "diffusion_pytorch_model.safetensors")
     b = load_file(make_tiny_model(tmp_path / "b", seed=3) / "transformer" / "diffusion_pytorch_model.safetensors")
     c = load_file(make_tiny_model(tmp_path / "c", seed=4) / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -36,13 +35,24 @@ def test_builder_is_seed_deterministic(tmp_path):
 
 def test_tokenizer_has_qwen_special_tokens_and_chat_template(tiny_pipe):
     tok = tiny_pipe.processor.tokenizer
-    for special in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|vision_pad|>", "<|video_pad|>", "<|endoftext|>"):
+    for special in (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|vision_pad|>",
+        "<|video_pad|>",
+        "<|endoftext|>",
+    ):
         ids = tok.encode(special)
         assert len(ids) == 1, special  # one token, not split by BPE
     assert len(tok.encode("a photo of the product")) < len("a photo of the product")  # real merges
     parts = [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]
     plain = [{"role": "user", "content": "hello"}]
-    assert tiny_pipe.processor.apply_chat_template(parts, tokenize=False) == tiny_pipe.processor.apply_chat_template(plain, tokenize=False)
+    assert tiny_pipe.processor.apply_chat_template(parts, tokenize=False) == tiny_pipe.processor.apply_chat_template(
+        plain, tokenize=False
+    )
 
 
 def test_plain_diffusers_from_pretrained_loads_it(tiny_model_dir):
@@ -67,8 +77,9 @@ def test_generate_and_edit_sizes(tiny_pipe):
     edit = gen.generate(GenerationRequest("replace the background", images=[_photo(100, 70)], num_inference_steps=2))
     assert edit.size == (100, 70)  # returned at the input's size
     multi = gen.generate(
-        GenerationRequest("combine them", images=[_photo(64, 64, 1), _photo(96, 64, 2)], num_inference_steps=2,
-                          keep_input_size=False)
+        GenerationRequest(
+            "combine them", images=[_photo(64, 64, 1), _photo(96, 64, 2)], num_inference_steps=2, keep_input_size=False
+        )
     )
     assert multi.size == qmodel.fit_size(96, 64, 64)
 
@@ -102,7 +113,9 @@ def test_predict_velocity_matches_the_pipeline_call(tiny_pipe):
 def _denormalise(vae, latents):
     """The pipeline's own step before `vae.decode` (QwenImage21Pipeline.__call__): latents * std + mean."""
     shape = (1, vae.config.z_dim, 1, 1, 1)
-    return latents * torch.tensor(vae.config.latents_std).view(shape) + torch.tensor(vae.config.latents_mean).view(shape)
+    return latents * torch.tensor(vae.config.latents_std).view(shape) + torch.tensor(vae.config.latents_mean).view(
+        shape
+    )
 
 
 def test_encode_latents_are_the_normalised_vae_mode(tiny_pipe, sample_data_dir):

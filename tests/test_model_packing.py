@@ -23,7 +23,9 @@ def test_pack_and_unpack_are_the_pipelines():
 
 def test_pad_prompt_embeds_pads_right_and_masks_the_padding():
     short = qmodel.PromptEmbeds(torch.ones(1, 2, 4), None, torch.tensor([[True, False]]))
-    long = qmodel.PromptEmbeds(torch.full((1, 3, 4), 2.0), torch.tensor([[1, 1, 0]]), torch.zeros(1, 3, dtype=torch.bool))
+    long = qmodel.PromptEmbeds(
+        torch.full((1, 3, 4), 2.0), torch.tensor([[1, 1, 0]]), torch.zeros(1, 3, dtype=torch.bool)
+    )
     batch = qmodel.pad_prompt_embeds([short, long])
     assert batch.embeds.shape == (2, 3, 4)
     assert torch.equal(batch.embeds[0, :2], torch.ones(2, 4)) and torch.equal(batch.embeds[0, 2], torch.zeros(4))
@@ -71,7 +73,9 @@ def test_predict_velocity_lays_out_the_sequence_and_returns_the_target_tokens(n_
     out = qmodel.predict_velocity(echo, noisy, prompt, torch.tensor([0.25, 0.75]), conds)
     torch.testing.assert_close(out, 2 * noisy)  # only the target's tokens come back, in place
     kw = echo.kwargs
-    torch.testing.assert_close(kw["hidden_states"], torch.cat([*(qmodel.pack(c) for c in conds), qmodel.pack(noisy)], 1))
+    torch.testing.assert_close(
+        kw["hidden_states"], torch.cat([*(qmodel.pack(c) for c in conds), qmodel.pack(noisy)], 1)
+    )
     assert kw["img_shapes"] == [[(1, 2, 2 * (i + 1)) for i in range(n_cond)] + [(1, 4, 6)]] * 2
     # The mask: the prompt's image-pad slots, then one slot per 2x2 group of target latents (4 * 6 / 4 = 6).
     assert kw["img_mask"].tolist() == [row + [True] * 6 for row in image_pad.tolist()]
@@ -83,7 +87,9 @@ def test_predict_velocity_lays_out_the_sequence_and_returns_the_target_tokens(n_
 
 def test_padding_an_unmasked_prompt_beside_a_longer_one_gives_a_boolean_mask():
     short = qmodel.PromptEmbeds(torch.ones(1, 3, 4), None, torch.zeros(1, 3, dtype=torch.bool))
-    long = qmodel.PromptEmbeds(torch.ones(1, 5, 4), torch.ones(1, 5, dtype=torch.bool), torch.zeros(1, 5, dtype=torch.bool))
+    long = qmodel.PromptEmbeds(
+        torch.ones(1, 5, 4), torch.ones(1, 5, dtype=torch.bool), torch.zeros(1, 5, dtype=torch.bool)
+    )
     padded = qmodel.pad_prompt_embeds([short, long])
     assert padded.mask.dtype == torch.bool  # the transformer takes it as a key mask
     assert padded.mask.tolist() == [[True, True, True, False, False], [True] * 5]
@@ -93,9 +99,13 @@ def test_predict_velocity_casts_its_inputs_to_the_transformers_dtype_and_passes_
     """fp32 LoRA maths meets a bf16 (here: fp32 beside fp64 inputs) base model: the call gets the model's dtype."""
     g = torch.Generator().manual_seed(2)
     noisy = torch.randn(1, 8, 1, 2, 2, generator=g, dtype=torch.float64)
-    prompt = qmodel.PromptEmbeds(torch.randn(1, 3, 5, generator=g, dtype=torch.float64), None, torch.zeros(1, 3, dtype=torch.bool))
+    prompt = qmodel.PromptEmbeds(
+        torch.randn(1, 3, 5, generator=g, dtype=torch.float64), None, torch.zeros(1, 3, dtype=torch.bool)
+    )
     echo = _Echo()
-    qmodel.predict_velocity(echo, noisy, prompt, torch.tensor([0.5], dtype=torch.float64), attention_kwargs={"scale": 0.5})
+    qmodel.predict_velocity(
+        echo, noisy, prompt, torch.tensor([0.5], dtype=torch.float64), attention_kwargs={"scale": 0.5}
+    )
     kw = echo.kwargs
     assert {kw[k].dtype for k in ("hidden_states", "timestep", "encoder_hidden_states")} == {torch.float32}
     assert kw["attention_kwargs"] == {"scale": 0.5}

@@ -31,10 +31,21 @@ def test_line_progress_prints_at_most_once_per_interval_and_once_at_the_end(caps
 
 
 def test_training_prints_step_loss_and_eta_lines_into_a_pipe(tiny_model_dir, sample_data_dir, tmp_path):
-    cmd = [sys.executable, str(ROOT / "train" / "lora.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-           f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={tmp_path}",
-           "train.max_steps=3", "validation.prompts=[]", "validation.edits=[]", "validation.held_out_fraction=0",
-           "checkpoint.every_steps=100", "data.resolution=64"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train" / "lora.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        f"model.pretrained={tiny_model_dir}",
+        f"data.path={sample_data_dir / 'brand'}",
+        f"output_dir={tmp_path}",
+        "train.max_steps=3",
+        "validation.prompts=[]",
+        "validation.edits=[]",
+        "validation.held_out_fraction=0",
+        "checkpoint.every_steps=100",
+        "data.resolution=64",
+    ]
     env = {**os.environ, "QWEN_LORA_PROGRESS_SECONDS": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -46,26 +57,49 @@ def test_training_prints_step_loss_and_eta_lines_into_a_pipe(tiny_model_dir, sam
 def test_prepare_prints_progress_lines(tiny_pipe, sample_data_dir, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("QWEN_LORA_PROGRESS_SECONDS", "0")
-    cfg = load_config(None, [f"data.path={sample_data_dir / 'brand'}", f"data.cache_dir={tmp_path}", "data.resolution=64"])
+    cfg = load_config(
+        None, [f"data.path={sample_data_dir / 'brand'}", f"data.cache_dir={tmp_path}", "data.resolution=64"]
+    )
     stats = prepare(cfg, tiny_pipe, log=lambda _: None)
     lines = [line for line in capsys.readouterr().err.splitlines() if " prepare " in line]
     assert [line.split()[2] for line in lines] == [f"{i}/{stats.items}" for i in range(1, stats.items + 1)]
-
 
 
 def test_under_accelerate_launch_in_a_terminal_training_draws_a_live_bar(tiny_model_dir, sample_data_dir, tmp_path):
     """accelerate launch (1.16+) pipes its child's stderr and copies it onto its own: with the launcher on a
     terminal the trainer draws tqdm's bar (carriage returns), not a line per 30 s."""
     primary, secondary = pty.openpty()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-           str(ROOT / "train" / "lora.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-           f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={tmp_path}",
-           "train.max_steps=3", "validation.prompts=[]", "validation.edits=[]", "validation.held_out_fraction=0",
-           "checkpoint.every_steps=100", "data.resolution=64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+        str(ROOT / "train" / "lora.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        f"model.pretrained={tiny_model_dir}",
+        f"data.path={sample_data_dir / 'brand'}",
+        f"output_dir={tmp_path}",
+        "train.max_steps=3",
+        "validation.prompts=[]",
+        "validation.edits=[]",
+        "validation.held_out_fraction=0",
+        "checkpoint.every_steps=100",
+        "data.resolution=64",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "100"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=secondary)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary
+    )
     os.close(secondary)
     screen = b""
     while True:

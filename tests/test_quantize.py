@@ -21,7 +21,8 @@ from qwen_image_lora.config import LoRAConfig, load_config
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.train import block_checkpointing, memory, memory_trace
 from qwen_image_lora.train.adapter import WEIGHTS_NAME, add_lora
-from qwen_image_lora.train.lora import LoRARecipe, _check_before_loading
+from qwen_image_lora.train.lora import LoRARecipe
+from qwen_image_lora.train.preflight import check_before_loading
 
 ROOT = Path(__file__).resolve().parents[1]
 ON_CPU = ["int8", "fp8"]
@@ -30,12 +31,19 @@ ON_CPU = ["int8", "fp8"]
 LOSS_TOLERANCE = 1e-3
 STEPS = 6
 # Wide enough for the weights to matter (1024), 4 blocks, so torchao's kept copy of one block is not the whole story.
-WIDE = dict(in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64, num_attention_heads=16,
-            context_in_dim=64, mlp_ratio=3, axes_dims_rope=(16, 24, 24))
+WIDE = dict(
+    in_channels=16,
+    out_channels=16,
+    num_layers=4,
+    attention_head_dim=64,
+    num_attention_heads=16,
+    context_in_dim=64,
+    mlp_ratio=3,
+    axes_dims_rope=(16, 24, 24),
+)
 
 
 def _train(tiny_model_dir, sample_data_dir, out: Path, quantize: str) -> Path:
-
     cfg = load_config(ROOT / "configs" / "demo.yaml", [
         f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={out}",
         f"train.max_steps={STEPS}", f"model.quantize={quantize}", "checkpoint.every_steps=1000",
@@ -90,14 +98,18 @@ def test_adapter_of_a_quantized_run_loads_unchanged_into_the_unquantized_pipelin
 
     shapes, header = _tensors(runs[quantize])
     assert (shapes, json.loads(header["lora_adapter_metadata"])) == (
-        _tensors(runs["none"])[0], json.loads(_tensors(runs["none"])[1]["lora_adapter_metadata"]))
+        _tensors(runs["none"])[0],
+        json.loads(_tensors(runs["none"])[1]["lora_adapter_metadata"]),
+    )
     assert all(k.startswith("transformer.") for k in shapes)
 
     pipe = qmodel.load_pipeline(tiny_model_dir, dtype="float32")
     transformer = pipe.transformer
     torch.manual_seed(0)
-    noisy, prompt = torch.randn(1, 16, 1, 8, 8), qmodel.PromptEmbeds(torch.randn(1, 8, 32), None,
-                                                                     torch.zeros(1, 8, dtype=torch.bool))
+    noisy, prompt = (
+        torch.randn(1, 16, 1, 8, 8),
+        qmodel.PromptEmbeds(torch.randn(1, 8, 32), None, torch.zeros(1, 8, dtype=torch.bool)),
+    )
     with torch.no_grad():
         before = qmodel.predict_velocity(transformer, noisy, prompt, torch.tensor([0.5]))
         pipe.load_lora_weights(str(runs[quantize]))
@@ -113,16 +125,16 @@ def test_nf4_is_refused_before_any_weights_load(tiny_model_dir, sample_data_dir,
         f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={tmp_path}",
         "model.quantize=nf4", "validation.edits=[]"])  # fmt: skip
     with pytest.raises(InputError, match="model.quantize: nf4 .*CUDA") as e:
-        _check_before_loading(cfg)
+        check_before_loading(cfg)
     assert e.value.field == "model.quantize" and e.value.exit_code == 2
 
 
 @pytest.mark.parametrize("quantize, checkpoint", [("int8", "all"), ("int8", "none"), ("fp8", "all")])
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated without")  # torchao's quantize_, not diffusers'
 def test_planned_quantized_step_is_within_10_percent_of_a_real_torchao_step(quantize, checkpoint):
     """The planner traces stand-ins (`quantization.PlannedQuantizedLinear`); the ground truth is the same step on a
     real torchao-quantized model on CPU, counted by the same `StorageTracker`: the stored weights exactly, and the
     dequantized copies torchao keeps for backward (measured: int8 within 0.2%, fp8 within 5%)."""
-
 
     inputs = memory.PlanInputs(WIDE, memory.StepShape(64, 64, 1, 16), LoRAConfig(rank=4), checkpoint=checkpoint,
                                quantize=quantize, profile="cpu")  # fmt: skip

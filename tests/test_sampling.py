@@ -71,4 +71,8 @@ def test_the_cli_flags_and_the_request_models_are_built_from_the_fields():
     assert (width["minimum"], width["multipleOf"], width["maximum"]) == (32, 32, serve.max_side)
     assert (steps["minimum"], steps["maximum"]) == (1, serve.max_steps)
     assert schema["aspect_ratio"]["anyOf"][0]["enum"] == ["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"]
-    assert set(KNOBS) - set(layers_request.model_fields) == {"width", "height", "aspect_ratio"}  # layers keep the input's size
+    assert set(KNOBS) - set(layers_request.model_fields) == {
+        "width",
+        "height",
+        "aspect_ratio",
+    }  # layers keep the input's size

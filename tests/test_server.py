@@ -118,12 +118,17 @@ def test_valid_edit_returns_a_decodable_image_at_the_input_size(client):
     settings = r.json()["data"][0]["settings"]
     assert read_settings(data) == settings and settings["seed"] == 1 and settings["prompt"] == "put it on marble"
     assert settings["images"] == [{"sha256": hashlib.sha256(base64.b64decode(b64_png())).hexdigest(), "path": None}]
-    assert [(a["name"], a["weight"], a["path"]) for a in settings["loras"]] == [("brand", 0.8, None), ("sketch", 1.0, None)]
+    assert [(a["name"], a["weight"], a["path"]) for a in settings["loras"]] == [
+        ("brand", 0.8, None),
+        ("sketch", 1.0, None),
+    ]
 
 
 def test_text_to_image_with_aspect_ratio_and_per_request_adapters(client):
     def get(**kw):
-        r = client.post("/v1/images", json={"prompt": "a bottle", "num_inference_steps": 1, "seed": 3, **kw}, headers=AUTH)
+        r = client.post(
+            "/v1/images", json={"prompt": "a bottle", "num_inference_steps": 1, "seed": 3, **kw}, headers=AUTH
+        )
         assert r.status_code == 200, r.text
         return np.asarray(Image.open(io.BytesIO(r.content))).astype(int)
 
@@ -132,7 +137,9 @@ def test_text_to_image_with_aspect_ratio_and_per_request_adapters(client):
     brand = get(loras=[{"name": "brand"}], aspect_ratio="16:9")
     assert np.abs(brand - base).mean() > 0.5
     assert np.array_equal(get(loras=[], aspect_ratio="16:9"), base)  # nothing carried over from the last request
-    assert np.array_equal(get(aspect_ratio="16:9"), get(loras=[{"name": "brand", "weight": 0.8}, {"name": "sketch"}], aspect_ratio="16:9"))
+    assert np.array_equal(
+        get(aspect_ratio="16:9"), get(loras=[{"name": "brand", "weight": 0.8}, {"name": "sketch"}], aspect_ratio="16:9")
+    )
 
 
 def test_auth_401_without_or_with_a_wrong_key(client):
@@ -152,27 +159,40 @@ def test_near_miss_keys_get_401(client, presented):
 
 
 def test_two_key_headers_get_401(client):
-    status, _ = asgi_post(client.app, [(b"x-api-key", b"nope"), (b"x-api-key", KEY.encode())], json.dumps(edit()).encode())
+    status, _ = asgi_post(
+        client.app, [(b"x-api-key", b"nope"), (b"x-api-key", KEY.encode())], json.dumps(edit()).encode()
+    )
     assert status == 401
 
 
 def test_limits_answer_413_and_422_naming_the_field(client):
-    assert client.post("/v1/images", json=edit(image=b64_png(400, 400)), headers=AUTH).status_code == 413  # body > 0.25 MB
+    assert (
+        client.post("/v1/images", json=edit(image=b64_png(400, 400)), headers=AUTH).status_code == 413
+    )  # body > 0.25 MB
 
     def field_of(r):
         assert r.status_code == 422, r.text
         return r.json()["detail"][0]["loc"]
 
-    assert field_of(client.post("/v1/images", json=edit(num_inference_steps=50), headers=AUTH)) == ["body", "num_inference_steps"]
+    assert field_of(client.post("/v1/images", json=edit(num_inference_steps=50), headers=AUTH)) == [
+        "body",
+        "num_inference_steps",
+    ]
     assert field_of(client.post("/v1/images", json=edit(guidance_scale=-1), headers=AUTH)) == ["body", "guidance_scale"]
     assert field_of(client.post("/v1/images", json=edit(width=100), headers=AUTH)) == ["body", "width"]
     assert field_of(client.post("/v1/images", json=edit(colour="red"), headers=AUTH)) == ["body", "colour"]
     assert field_of(client.post("/v1/images", json=edit(image="bm90IGFuIGltYWdl"), headers=AUTH)) == ["body", "image"]
-    assert field_of(client.post("/v1/images", json=edit(image=[b64_png(), "%%%"]), headers=AUTH)) == ["body", "image", 1]
+    assert field_of(client.post("/v1/images", json=edit(image=[b64_png(), "%%%"]), headers=AUTH)) == [
+        "body",
+        "image",
+        1,
+    ]
     r = client.post("/v1/images", json=edit(prompt="red bottle " * 700), headers=AUTH)
     assert field_of(r) == ["body", "prompt"] and "limit is 1024" in r.json()["detail"][0]["msg"]
     r = client.post("/v1/images", json=edit(loras=[{"name": "nope"}]), headers=AUTH)
-    assert field_of(r) == ["body", "loras", 0, "name"] and "known adapters: brand, sketch" in r.json()["detail"][0]["msg"]
+    assert (
+        field_of(r) == ["body", "loras", 0, "name"] and "known adapters: brand, sketch" in r.json()["detail"][0]["msg"]
+    )
     r = client.post("/v1/images", json=edit(loras=[{"name": "brand"}, {"name": "brand", "weight": 0.1}]), headers=AUTH)
     assert field_of(r) == ["body", "loras", 1, "name"] and "brand' is given twice" in r.json()["detail"][0]["msg"]
 
@@ -232,7 +252,9 @@ def test_address_check_names_the_refusal_reason(address, reason):
     assert refusal_reason(ipaddress.ip_address(address)) == reason
 
 
-@pytest.mark.parametrize("host", ["169.254.169.254", "2852039166", "0xa9fea9fe", "0251.0376.0251.0376", "169.254.43518"])
+@pytest.mark.parametrize(
+    "host", ["169.254.169.254", "2852039166", "0xa9fea9fe", "0251.0376.0251.0376", "169.254.43518"]
+)
 def test_numeric_spellings_of_the_metadata_address_are_refused(host):
     """Numeric hosts are parsed locally (no DNS query) and checked like any other answer."""
     with pytest.raises(URLRefused, match=r"169\.254\.169\.254 \(link-local\)"):
@@ -266,7 +288,9 @@ class _Origin(http.server.BaseHTTPRequestHandler):
             "/no-location": lambda: self._send(302, b""),
             "/to-metadata": lambda: self._send(302, b"", location="http://169.254.169.254/latest/"),
             "/to-malformed": lambda: self._send(302, b"", location="http://a]b/x.png"),  # httpx takes it, urljoin not
-            "/headers": lambda: self._send(200, f"{self.headers['Host']}|{self.headers['Accept']}".encode(), length=True),
+            "/headers": lambda: self._send(
+                200, f"{self.headers['Host']}|{self.headers['Accept']}".encode(), length=True
+            ),
             "/slow": lambda: (time.sleep(1.0), self._send(200, self.body, length=True)),
         }
         routes[self.path]()

@@ -49,8 +49,18 @@ def post(client, path, body, key=KEY):
 
 def test_masked_edit_keeps_every_black_pixel(client):
     image, mask = product(), half_mask()
-    r = post(client, "/v1/images", {"prompt": "on marble", "image": b64(image), "mask": b64(mask), "mask_feather": 2,
-                                    "num_inference_steps": 2, "seed": 3})
+    r = post(
+        client,
+        "/v1/images",
+        {
+            "prompt": "on marble",
+            "image": b64(image),
+            "mask": b64(mask),
+            "mask_feather": 2,
+            "num_inference_steps": 2,
+            "seed": 3,
+        },
+    )
     assert r.status_code == 200, r.text
     out = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
     kept = np.asarray(mask) < 128
@@ -78,8 +88,14 @@ def test_bad_masks_get_422_naming_the_mask(client, body, field, message):
 def test_layers_endpoint_returns_a_psd_with_the_named_layers(client):
     subject = Image.new("L", (W, H), 0)
     subject.paste(255, (20, 10, 70, 50))
-    body = {"image": b64(product()), "mask": b64(subject), "prompt": "a marble table", "num_inference_steps": 1,
-            "elements": [{"prompt": "a SALE badge", "x": 4, "y": 4, "width": 32, "height": 16}], "seed": 1}
+    body = {
+        "image": b64(product()),
+        "mask": b64(subject),
+        "prompt": "a marble table",
+        "num_inference_steps": 1,
+        "elements": [{"prompt": "a SALE badge", "x": 4, "y": 4, "width": 32, "height": 16}],
+        "seed": 1,
+    }
     r = post(client, "/v1/layers", body)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/vnd.adobe.photoshop" and r.headers["x-seed"] == "1"
@@ -93,7 +109,9 @@ def test_layers_has_the_same_auth_and_limits(client):
     body = {"image": b64(product()), "mask": b64(half_mask()), "num_inference_steps": 1}
     assert post(client, "/v1/layers", body, key="wrong").status_code == 401
     assert post(client, "/v1/layers", {**body, "num_inference_steps": 99}).status_code == 422
-    bad_box = post(client, "/v1/layers", {**body, "elements": [{"prompt": "b", "x": 90, "y": 0, "width": 32, "height": 8}]})
+    bad_box = post(
+        client, "/v1/layers", {**body, "elements": [{"prompt": "b", "x": 90, "y": 0, "width": 32, "height": 8}]}
+    )
     assert bad_box.status_code == 422 and bad_box.json()["detail"][0]["loc"][-1] == "elements"
     assert post(client, "/v1/layers", {**body, "mask": b64(Image.new("L", (W, H), 0))}).status_code == 422
 

@@ -38,32 +38,44 @@ def _fake_venv(root: Path) -> Path:
     fake_python = root / ".venv" / "bin" / "python"
     fake_python.parent.mkdir()
     log = root / "calls.log"
-    fake_python.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n'
-                           f'for a in "$@"; do [ -f "$a" ] && sed "s/^/  /" "$a" >> {log}; done; true\n')
+    fake_python.write_text(
+        f'#!/usr/bin/env bash\necho "$*" >> {log}\n'
+        f'for a in "$@"; do [ -f "$a" ] && sed "s/^/  /" "$a" >> {log}; done; true\n'
+    )
     fake_python.chmod(0o755)
     return log
 
 
-def _run(root: Path, need_gb: int = 0, gpu: bool = False, cpu_index: str = "http://127.0.0.1:9/whl/cpu",
-         **env) -> subprocess.CompletedProcess:
+def _run(
+    root: Path, need_gb: int = 0, gpu: bool = False, cpu_index: str = "http://127.0.0.1:9/whl/cpu", **env
+) -> subprocess.CompletedProcess:
     bin_dir = root / "fake-bin"
     bin_dir.mkdir(exist_ok=True)
     smi = bin_dir / "nvidia-smi"
-    smi.write_text("#!/usr/bin/env bash\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n" if gpu else "#!/bin/false\n")
+    smi.write_text(
+        "#!/usr/bin/env bash\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n" if gpu else "#!/bin/false\n"
+    )
     smi.chmod(0o755)
-    full_env = {**os.environ, "SETUP_NEED_GB": str(need_gb), "QWEN_LORA_CPU_INDEX": cpu_index,
-                "HF_HOME": str(root / "hf-home"),
-                "PATH": f"{bin_dir}:{os.environ['PATH']}", **env}
+    full_env = {
+        **os.environ,
+        "SETUP_NEED_GB": str(need_gb),
+        "QWEN_LORA_CPU_INDEX": cpu_index,
+        "HF_HOME": str(root / "hf-home"),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        **env,
+    }
     for name in ("TORCH_INDEX_URL", "QWEN_LORA_VENV", "QWEN_LORA_LOCK"):
         if name not in env:
             full_env.pop(name, None)
-    return subprocess.run(["bash", "scripts/setup.sh"], cwd=root, env=full_env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        ["bash", "scripts/setup.sh"], cwd=root, env=full_env, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.fixture
 def cpu_index():
     """A loopback stand-in for torch's CPU wheel index: it answers, which is all setup.sh asks of it."""
+
     class Index(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
@@ -83,16 +95,32 @@ def test_the_venv_holds_exactly_the_lock():
     """What the suite runs in is what setup installed: pip freeze equals the lock (with the CPU build documented
     as the one swap: the same torch version, and none of the CUDA-only packages)."""
     venv = Path(os.environ.get("QWEN_LORA_VENV", REPO / ".venv"))
-    frozen = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze", "--all", "--exclude-editable",
-                             "--disable-pip-version-check"], capture_output=True, text=True, check=True).stdout
-    installed = {name.lower().replace("_", "-"): version for name, version in
-                 (line.split("==") for line in frozen.splitlines() if "==" in line) if name != "pip"}
+    frozen = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "freeze",
+            "--all",
+            "--exclude-editable",
+            "--disable-pip-version-check",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    installed = {
+        name.lower().replace("_", "-"): version
+        for name, version in (line.split("==") for line in frozen.splitlines() if "==" in line)
+        if name != "pip"
+    }
     locked = _locked()
     if "+cpu" in installed.get("torch", ""):
         locked = {n: v for n, v in locked.items() if not n.startswith(CUDA_ONLY)}
         installed = {n: v.removesuffix("+cpu") for n, v in installed.items()}
     assert installed == locked, (
-        f"differs from the lock: {sorted(set(installed.items()) ^ set(locked.items()))}; run bash scripts/setup.sh")
+        f"differs from the lock: {sorted(set(installed.items()) ^ set(locked.items()))}; run bash scripts/setup.sh"
+    )
 
 
 def test_without_a_gpu_the_cpu_build_of_the_locked_torch_is_swapped_in(tmp_path, cpu_index):
@@ -103,8 +131,9 @@ def test_without_a_gpu_the_cpu_build_of_the_locked_torch_is_swapped_in(tmp_path,
     calls = log.read_text()
     torch_line = next(line for line in calls.splitlines() if "--index-url" in line)
     locked = _locked()
-    assert f"--no-deps --index-url {cpu_index} torch=={locked['torch']} torchvision=={locked['torchvision']}" \
-        in torch_line
+    assert (
+        f"--no-deps --index-url {cpu_index} torch=={locked['torch']} torchvision=={locked['torchvision']}" in torch_line
+    )
     rest = [line.strip() for line in calls.splitlines() if line.startswith("  ")]
     assert rest and not any(line.startswith(("torch==", "torchvision==", *CUDA_ONLY)) for line in rest)
     assert f"accelerate=={locked['accelerate']}" in rest and "-e ." in calls
@@ -165,7 +194,7 @@ def test_accelerate_gets_a_default_config_once_so_the_readme_command_needs_no_fl
     _fake_venv(root)
     accelerate = root / ".venv" / "bin" / "accelerate"
     config = root / "hf-home" / "accelerate" / "default_config.yaml"
-    accelerate.write_text(f"#!/usr/bin/env bash\nmkdir -p {config.parent}; echo \"$*\" > {config}\n")
+    accelerate.write_text(f'#!/usr/bin/env bash\nmkdir -p {config.parent}; echo "$*" > {config}\n')
     accelerate.chmod(0o755)
     done = _run(root)
     assert done.returncode == 0 and config.read_text() == "config default\n" and str(config) in done.stderr
@@ -190,4 +219,3 @@ def test_pyproject_bounds_admit_the_locked_versions():
         assert name in locked, f"{name} is in pyproject.toml but not in the lock"
         assert req.specifier.contains(locked[name]), f"{req} does not admit the locked {locked[name]}"
         assert any(s.operator in ("<", "<=", "==") for s in req.specifier), f"{req} has no upper bound"
-

@@ -14,10 +14,15 @@ from qwen_image_lora.inference.generator import GenerationRequest, Generator
 
 
 def test_a_non_square_edit_trains_and_generates_at_the_same_size(tiny_pipe, tmp_path):
-    size, budget = (300, 170), 256  # near 1920x1080's aspect (the old bucket rule gave 320x192 here, generation 352x192)
+    size, budget = (
+        (300, 170),
+        256,
+    )  # near 1920x1080's aspect (the old bucket rule gave 320x192 here, generation 352x192)
     for name in ("src", "tgt"):
         Image.fromarray(np.full((size[1], size[0], 3), 200, np.uint8)).save(tmp_path / f"{name}.png")
-    (tmp_path / "m.jsonl").write_text(json.dumps({"target": "tgt.png", "instruction": "x", "sources": ["src.png"]}) + "\n")
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"target": "tgt.png", "instruction": "x", "sources": ["src.png"]}) + "\n"
+    )
     cfg = load_config(None, [f"data.path={tmp_path / 'm.jsonl'}", f"data.resolution={budget}", "data.max_upscale=4"])
     (entry,), _ = plan_entries(load_items(cfg.data), cfg)
     trained = entry.target.bucket
@@ -46,8 +51,12 @@ def test_inputs_the_pipeline_cannot_resize_are_refused_naming_the_image_and_the_
 
     gen = Generator(tiny_pipe, resolution=64)
     ok, too_wide = Image.new("RGB", (159, 10)), Image.new("RGB", (10, 160))  # aspects 15.9:1 and 16:1 at 64 px
-    assert min(calculate_dimensions(64 * 64, 159 / 10)[:2]) > 0 and min(calculate_dimensions(64 * 64, 10 / 160)[:2]) == 0
+    assert (
+        min(calculate_dimensions(64 * 64, 159 / 10)[:2]) > 0 and min(calculate_dimensions(64 * 64, 10 / 160)[:2]) == 0
+    )
     gen.check(GenerationRequest("x", images=[ok]))
     with pytest.raises(ValueError) as e:
         gen.check(GenerationRequest("x", images=[ok, too_wide]))  # the CLI and batch jobs go through `check` too
-    assert str(e.value).startswith("images: image 2 is 10x160 (aspect 16.0:1)") and "under 16:1" in str(e.value), e.value
+    assert str(e.value).startswith("images: image 2 is 10x160 (aspect 16.0:1)") and "under 16:1" in str(e.value), (
+        e.value
+    )

@@ -34,8 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 # Each compile costs ~20 s per graph variant on 2 cores, so CI runs one compiled training, the flex forward and the
 # server warm-up; these add `auto` checkpointing, `full` compile, DDP and resume (~4 min): QWEN_LORA_COMPILE_TESTS=all.
-EXTRA = pytest.mark.skipif(os.environ.get("QWEN_LORA_COMPILE_TESTS") != "all",
-                           reason="set QWEN_LORA_COMPILE_TESTS=all for compile with auto checkpointing, full, DDP, resume")
+EXTRA = pytest.mark.skipif(
+    os.environ.get("QWEN_LORA_COMPILE_TESTS") != "all",
+    reason="set QWEN_LORA_COMPILE_TESTS=all for compile with auto checkpointing, full, DDP, resume",
+)
 # Inductor reorders float sums (fused kernels), so compiled losses match eager's to float rounding, not bit for bit.
 LOSS_RTOL = 1e-4
 
@@ -51,8 +53,16 @@ def _fresh_state():
 
 
 def _overrides(tiny_model_dir, data_dir, out, *extra):
-    return [f"model.pretrained={tiny_model_dir}", f"data.path={data_dir}", f"output_dir={out}",
-            "validation.prompts=[]", "validation.edits=[]", "train.max_steps=4", "checkpoint.every_steps=100", *extra]
+    return [
+        f"model.pretrained={tiny_model_dir}",
+        f"data.path={data_dir}",
+        f"output_dir={out}",
+        "validation.prompts=[]",
+        "validation.edits=[]",
+        "train.max_steps=4",
+        "checkpoint.every_steps=100",
+        *extra,
+    ]
 
 
 def _train(tiny_model_dir, data_dir, out, *extra):
@@ -83,9 +93,13 @@ def _train_and_compare(tiny_model_dir, data_dir, tmp_path, compiled_checkpointin
 
     runs = {}
     for name, checkpointing in (("eager", "false"), ("blocks", compiled_checkpointing)):
-        recipe, losses, adapter = _train(tiny_model_dir, data_dir, tmp_path / name,
-                                         f"model.compile={'blocks' if name == 'blocks' else 'false'}",
-                                         f"train.gradient_checkpointing={checkpointing}")
+        recipe, losses, adapter = _train(
+            tiny_model_dir,
+            data_dir,
+            tmp_path / name,
+            f"model.compile={'blocks' if name == 'blocks' else 'false'}",
+            f"train.gradient_checkpointing={checkpointing}",
+        )
         runs[name] = (losses, adapter)
         transformer = recipe.pipe.transformer
         compiled = [getattr(b, "_compiled_call_impl", None) is not None for b in transformer.transformer_blocks]
@@ -109,8 +123,9 @@ def test_compiled_blocks_train_eager_losses_across_buckets(tiny_model_dir, two_b
 
 
 @EXTRA
-def test_compiled_blocks_train_eager_losses_with_auto_checkpointing(tiny_model_dir, sample_data_dir, tmp_path,
-                                                                   monkeypatch):
+def test_compiled_blocks_train_eager_losses_with_auto_checkpointing(
+    tiny_model_dir, sample_data_dir, tmp_path, monkeypatch
+):
     """`auto` checkpoints block 0 only (a budget just under the unchecked peak), so a checkpointed and a plain
     block compile side by side."""
 
@@ -153,9 +168,12 @@ def _forward_inputs(tiny_pipe):
     return noisy, prompt, torch.tensor([0.3, 0.8])
 
 
-@pytest.mark.parametrize("attention, compile_mode", [("flex", "blocks"), pytest.param("sdpa-segments", "full", marks=EXTRA)])
-def test_compiled_and_flex_paths_give_the_eager_segment_processors_velocity(tiny_model_dir, tiny_pipe, attention,
-                                                                            compile_mode):
+@pytest.mark.parametrize(
+    "attention, compile_mode", [("flex", "blocks"), pytest.param("sdpa-segments", "full", marks=EXTRA)]
+)
+def test_compiled_and_flex_paths_give_the_eager_segment_processors_velocity(
+    tiny_model_dir, tiny_pipe, attention, compile_mode
+):
     """A padded batch of two prompts, and an edit with one reference image, through each path vs eager."""
 
     noisy, prompt, sigmas = _forward_inputs(tiny_pipe)
@@ -168,8 +186,10 @@ def test_compiled_and_flex_paths_give_the_eager_segment_processors_velocity(tiny
         processor = QwenImage21FlexAttnProcessor if settings[0] == "flex" else QwenImage21AttnProcessor
         assert all(type(b.attn.processor) is processor for b in transformer.transformer_blocks)
         with torch.no_grad():
-            outputs[settings] = (qmodel.predict_velocity(transformer, noisy, prompt, sigmas),
-                                 qmodel.predict_velocity(transformer, noisy[:1], edit_prompt, sigmas[:1], cond))
+            outputs[settings] = (
+                qmodel.predict_velocity(transformer, noisy, prompt, sigmas),
+                qmodel.predict_velocity(transformer, noisy[:1], edit_prompt, sigmas[:1], cond),
+            )
     assert counters["stats"]["unique_graphs"] > 0
     for fast, eager in zip(outputs[(attention, compile_mode)], outputs[("sdpa-segments", False)]):
         assert eager.abs().max() > 0.1
@@ -198,14 +218,21 @@ def test_settings_that_cannot_work_are_refused_by_the_config(overrides, field):
         load_config(DEMO, overrides)
 
 
-def test_a_bad_backend_or_flex_training_on_cpu_stops_before_weights_load(tiny_model_dir, sample_data_dir, tmp_path,
-                                                                          capsys, monkeypatch):
+def test_a_bad_backend_or_flex_training_on_cpu_stops_before_weights_load(
+    tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch
+):
     loads = []
     real = qmodel.load_pipeline
     monkeypatch.setattr(qmodel, "load_pipeline", lambda *a, **k: loads.append(1) or real(*a, **k))
-    for extra, field in ((["model.attention_backend=flash_attn"], "model.attention_backend: 'flash_attn'"),
-                         (["model.attention=flex", "model.compile=blocks"], "model.attention: flex trains on CUDA only")):
-        args = ["--config", str(DEMO), *_overrides(tiny_model_dir, sample_data_dir / "brand", tmp_path / str(len(loads)), *extra)]
+    for extra, field in (
+        (["model.attention_backend=flash_attn"], "model.attention_backend: 'flash_attn'"),
+        (["model.attention=flex", "model.compile=blocks"], "model.attention: flex trains on CUDA only"),
+    ):
+        args = [
+            "--config",
+            str(DEMO),
+            *_overrides(tiny_model_dir, sample_data_dir / "brand", tmp_path / str(len(loads)), *extra),
+        ]
         assert lora.main(args) == 2
         assert field in capsys.readouterr().err
     assert loads == []
@@ -213,17 +240,23 @@ def test_a_bad_backend_or_flex_training_on_cpu_stops_before_weights_load(tiny_mo
 
 def test_a_compiled_server_compiles_before_its_first_request(tiny_model_dir, tmp_path):
 
-
-    cfg = load_config(None, [f"model.pretrained={tiny_model_dir}", "model.dtype=float32", "model.compile=blocks",
-                             "data.resolution=64"])
+    cfg = load_config(
+        None,
+        [f"model.pretrained={tiny_model_dir}", "model.dtype=float32", "model.compile=blocks", "data.resolution=64"],
+    )
     app = create_app(cfg, ["k" * 32])
     compiled_at_start = counters["stats"]["unique_graphs"]
     assert compiled_at_start > 0  # the warm-up compiled
     with TestClient(app) as client:
         # New prompt lengths (the KV prefill's cache slice) and a new aspect ratio.
-        for body in ({"prompt": "a bottle", "num_inference_steps": 3, "seed": 4},
-                     {"prompt": "a tall green glass bottle on an oak table, soft studio light", "num_inference_steps": 2,
-                      "aspect_ratio": "3:4"}):
+        for body in (
+            {"prompt": "a bottle", "num_inference_steps": 3, "seed": 4},
+            {
+                "prompt": "a tall green glass bottle on an oak table, soft studio light",
+                "num_inference_steps": 2,
+                "aspect_ratio": "3:4",
+            },
+        ):
             response = client.post("/v1/images", json=body, headers={"x-api-key": "k" * 32})
             assert response.status_code == 200, response.text
     assert counters["stats"]["unique_graphs"] == compiled_at_start  # no user request compiled anything
@@ -233,10 +266,31 @@ def test_a_compiled_server_compiles_before_its_first_request(tiny_model_dir, tmp
 def test_compiled_blocks_train_under_two_process_ddp(tiny_model_dir, sample_data_dir, tmp_path):
     """Compile under DDP with diffusers' checkpoint-every-block switch: both ranks end with the same adapter."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "lora.py"), "--config",
-           str(DEMO), *_overrides(tiny_model_dir, sample_data_dir / "brand", out, "train.max_steps=2",
-                                  "model.compile=blocks", "train.gradient_checkpointing=true")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "train" / "lora.py"),
+        "--config",
+        str(DEMO),
+        *_overrides(
+            tiny_model_dir,
+            sample_data_dir / "brand",
+            out,
+            "train.max_steps=2",
+            "model.compile=blocks",
+            "train.gradient_checkpointing=true",
+        ),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "ACCELERATE_USE_CPU": "1"}
     env.pop("PYTEST_CURRENT_TEST", None)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

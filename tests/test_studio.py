@@ -132,7 +132,9 @@ def test_page_and_assets_have_their_types_and_a_strict_csp(client):
 
 
 def test_every_module_the_page_imports_is_served_and_shipped_in_the_package(client):
-    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["qwen_image_lora.inference"]
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "qwen_image_lora.inference"
+    ]
     for path in STUDIO_DIR.iterdir():
         assert any(fnmatch(f"studio_assets/{path.name}", g) for g in globs), f"{path.name} would not be installed"
     for name in ASSETS:
@@ -153,7 +155,10 @@ def test_adapters_need_a_key_and_list_weights_and_their_run(client):
     assert client.get("/v1/adapters", headers={"x-api-key": "wrong"}).status_code == 401
     r = client.get("/v1/adapters", headers=AUTH)
     assert r.status_code == 200
-    assert r.json()["adapters"] == [{"name": "brand", "weight": 0.8, "run": "brand-v1"}, {"name": "sketch", "weight": 1.0, "run": None}]
+    assert r.json()["adapters"] == [
+        {"name": "brand", "weight": 0.8, "run": "brand-v1"},
+        {"name": "sketch", "weight": 1.0, "run": None},
+    ]
     assert r.json()["api_keys_env"] == "STUDIO_TEST_KEYS"  # "Copy as curl" reads the key from the server's variable
 
 
@@ -173,11 +178,17 @@ def test_runs_list_and_one_run_with_curve_samples_card_and_report(client):
     assert run["card_text"] == "# brand adapter\n<script>alert(1)</script>\n"  # shown as text by the page
 
     r = client.get("/v1/runs/brand-v1/files/samples/step_000020/t2i_0.png", headers=AUTH)
-    assert r.headers["content-type"] == "image/png" and Image.open(io.BytesIO(r.content)).getpixel((0, 0)) == (0, 0, 200)
+    assert r.headers["content-type"] == "image/png" and Image.open(io.BytesIO(r.content)).getpixel((0, 0)) == (
+        0,
+        0,
+        200,
+    )
     r = client.get("/v1/runs/brand-v1/files/README.md", headers=AUTH)
     assert r.headers["content-type"].startswith("text/markdown") and "<script>" in r.text
     r = client.get("/v1/runs/brand-v1/files/eval/report.html", headers=AUTH)
-    assert r.headers["content-disposition"].startswith("attachment") and "sandbox" in r.headers["content-security-policy"]
+    assert (
+        r.headers["content-disposition"].startswith("attachment") and "sandbox" in r.headers["content-security-policy"]
+    )
 
 
 @pytest.mark.parametrize("path,status", [
@@ -191,8 +202,9 @@ def test_run_files_outside_the_run_or_of_other_kinds_are_refused(client, path, s
     assert "not yours" not in r.text
 
 
-@pytest.mark.parametrize("name,status", [("%2E%2E", 400), (".hidden", 400), ("scratch2", 404),
-                                         ("..%2Fruns", 404)])  # a '/' in the name matches no route
+@pytest.mark.parametrize(
+    "name,status", [("%2E%2E", 400), (".hidden", 400), ("scratch2", 404), ("..%2Fruns", 404)]
+)  # a '/' in the name matches no route
 def test_run_names_that_are_not_a_folder_under_runs_dir_are_refused(client, name, status):
     assert client.get(f"/v1/runs/{name}", headers=AUTH).status_code == status
     assert client.get(f"/v1/runs/{name}/files/README.md", headers=AUTH).status_code in (status, 404)
@@ -243,7 +255,9 @@ def test_the_model_card_shows_paths_in_the_run_relative_and_other_paths_by_name(
     run.mkdir()
     (run / "README.md").write_text(
         f"# LoRA for /models/tiny-qwen\nData: `/data/sets/manifest.jsonl`.\nSamples: {run}/samples/step_000010/t2i_0.png.\n"
-        f'pipe.load_lora_weights("{run}")\nSee https://example.com/a/b, rank / alpha, a/b.\n')
+        f'pipe.load_lora_weights("{run}")\nSee https://example.com/a/b, rank / alpha, a/b.\n'
+    )
     assert describe_run(run)["card_text"] == (
         "# LoRA for tiny-qwen\nData: `manifest.jsonl`.\nSamples: samples/step_000010/t2i_0.png.\n"
-        'pipe.load_lora_weights(".")\nSee https://example.com/a/b, rank / alpha, a/b.\n')
+        'pipe.load_lora_weights(".")\nSee https://example.com/a/b, rank / alpha, a/b.\n'
+    )

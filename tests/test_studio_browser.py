@@ -49,14 +49,30 @@ def server(tiny_model_dir, tmp_path_factory):
     Image.new("RGB", (64, 64), (30, 90, 200)).save(run / "samples" / "step_000010" / "t2i_0.png")
     (run / "losses.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 31)))
     (run / "config.yaml").write_text("train:\n  max_steps: 20000\n")  # stopped at step 30 of 20,000
-    (run / "README.md").write_text(f"---\nbase_model: {root}/models/tiny\n---\n# brand-v1\nTrigger word: <brand>\n\n"
-                                   f"```python\npipe.load_lora_weights(\"{run}\")\n```\n\n"
-                                   f"- trained on `{root}/data/manifest.jsonl`\n- samples in {run}/samples/step_000010\n")
+    (run / "README.md").write_text(
+        f"---\nbase_model: {root}/models/tiny\n---\n# brand-v1\nTrigger word: <brand>\n\n"
+        f'```python\npipe.load_lora_weights("{run}")\n```\n\n'
+        f"- trained on `{root}/data/manifest.jsonl`\n- samples in {run}/samples/step_000010\n"
+    )
     (run / "eval").mkdir()
-    (run / "eval" / "report.json").write_text(json.dumps({
-        "variants": ["base", "brand"], "verdicts": {"brand": {"line": "brand: better palette distance (ΔE -3.1)"}},
-        "metrics": {"palette_delta_e": {"label": "Palette distance", "higher_is_better": False, "variants": {
-            "base": {"mean": 9.5, "low": 8.0, "high": 11.0}, "brand": {"mean": 6.4, "low": 5.1, "high": 7.7}}}}}))
+    (run / "eval" / "report.json").write_text(
+        json.dumps(
+            {
+                "variants": ["base", "brand"],
+                "verdicts": {"brand": {"line": "brand: better palette distance (ΔE -3.1)"}},
+                "metrics": {
+                    "palette_delta_e": {
+                        "label": "Palette distance",
+                        "higher_is_better": False,
+                        "variants": {
+                            "base": {"mean": 9.5, "low": 8.0, "high": 11.0},
+                            "brand": {"mean": 6.4, "low": 5.1, "high": 7.7},
+                        },
+                    }
+                },
+            }
+        )
+    )
     cfg = Config()
     cfg.model.pretrained = str(tiny_model_dir)
     cfg.data.resolution, cfg.serve.max_steps, cfg.serve.runs_dir = 64, 4, str(root / "runs")
@@ -82,11 +98,19 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1100"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1100",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path / "downloads")})
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path / "downloads")}
+    )
     yield driver
     driver.quit()
 
@@ -156,7 +180,9 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     history = json.loads(d.find_elements(By.CSS_SELECTOR, "#history > li pre")[0].get_attribute("textContent"))
     assert history["loras"] == [{"name": "sketch", "weight": 1}] and history["seed"] == 7
     # guidance acts only against a negative prompt: without one the field is off and no scale is recorded
-    assert not css("#guidance").is_enabled() and css("#guidance-note").is_displayed() and "guidance_scale" not in history
+    assert (
+        not css("#guidance").is_enabled() and css("#guidance-note").is_displayed() and "guidance_scale" not in history
+    )
     fill("#negative", "blurry")
     assert css("#guidance").is_enabled() and not css("#guidance-note").is_displayed()
 
@@ -165,13 +191,23 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     css("#edit-files").send_keys(png_file(tmp_path / "product.png"))
     wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#edit-thumbs li")) == 1)
     # the browser's own "No file chosen" text never shows beside the thumbnails: the native input is hidden
-    assert d.execute_script("const r = document.querySelector('#edit-files').getBoundingClientRect(); return r.width * r.height") <= 1
+    assert (
+        d.execute_script(
+            "const r = document.querySelector('#edit-files').getBoundingClientRect(); return r.width * r.height"
+        )
+        <= 1
+    )
     fill("#prompt", "put it on a beach")
     css("#generate").click()
     wait.until(lambda _: len(cards()) == 4)
     first = cards()[0]
-    assert first.find_elements(By.CSS_SELECTOR, ".compare img.before") and first.find_elements(By.CSS_SELECTOR, ".compare-wrap input")
-    assert [t.text for t in first.find_elements(By.CSS_SELECTOR, ".compare .tag") if t.is_displayed()] == ["Before", "After"]
+    assert first.find_elements(By.CSS_SELECTOR, ".compare img.before") and first.find_elements(
+        By.CSS_SELECTOR, ".compare-wrap input"
+    )
+    assert [t.text for t in first.find_elements(By.CSS_SELECTOR, ".compare .tag") if t.is_displayed()] == [
+        "Before",
+        "After",
+    ]
     assert d.execute_script("return document.querySelector('#results .compare img.after').naturalWidth") == 64
     edited = json.loads(d.find_elements(By.CSS_SELECTOR, "#history > li pre")[0].get_attribute("textContent"))
     assert (edited["negative_prompt"], edited["guidance_scale"]) == ("blurry", 4)
@@ -181,7 +217,9 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     (tmp_path / "notes.webp").write_text("meeting notes, not a picture")
     css("#edit-files").send_keys(str(tmp_path / "notes.webp"))
     wait.until(lambda _: css("#alert").is_displayed())
-    assert css("#alert").text == "notes.webp is not an image." and not d.find_elements(By.CSS_SELECTOR, "#edit-thumbs li")
+    assert css("#alert").text == "notes.webp is not an image." and not d.find_elements(
+        By.CSS_SELECTOR, "#edit-thumbs li"
+    )
     # a GIF named .png: the browser shows it, the server refuses it (422), naming the file
     Image.new("RGB", (64, 48), (10, 200, 10)).save(tmp_path / "animated.png", format="GIF")
     css("#edit-files").send_keys(str(tmp_path / "animated.png"))
@@ -199,7 +237,9 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     assert read_settings(saved)["seed"] == 7  # the server's bytes, settings and all
 
     # "copy as curl" reproduces that result byte for byte outside the browser
-    d.execute_cdp_cmd("Browser.grantPermissions", {"origin": server, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    d.execute_cdp_cmd(
+        "Browser.grantPermissions", {"origin": server, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]}
+    )
     cards()[-1].find_element(By.XPATH, ".//button[text()='Copy as curl']").click()
     wait.until(lambda _: "Copied" in css("#state").text)
     command = d.execute_async_script("navigator.clipboard.readText().then(arguments[arguments.length - 1])")
@@ -209,7 +249,9 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, check=True, timeout=120)
     assert (tmp_path / saved.name).read_bytes() == saved.read_bytes()
     (tmp_path / saved.name).unlink()
-    refused = subprocess.run(["bash", "-c", command], cwd=tmp_path, env={**env, "QWEN_LORA_API_KEYS": "wrong"}, timeout=120, check=False)
+    refused = subprocess.run(
+        ["bash", "-c", command], cwd=tmp_path, env={**env, "QWEN_LORA_API_KEYS": "wrong"}, timeout=120, check=False
+    )
     assert refused.returncode == 22 and not (tmp_path / saved.name).exists()  # a 401 is an error, not result.png
     d.execute_script("window.scrollTo(0, 0)")
     d.save_screenshot(str(tmp_path / "studio-create.png"))
@@ -233,7 +275,9 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
         assert Image.open(io.BytesIO(archive.read("b.png"))).size == (64, 48)
         assert read_settings(archive.read("b.png"))["prompt"] == "white background"  # zipped as the server wrote it
     assert [(j["id"], j["status"], j["seed"], j["request"]["image"]) for j in manifest["jobs"]] == [
-        ("a", "done", 7, ["a.png"]), ("b", "done", 7, ["b.png"])]
+        ("a", "done", 7, ["a.png"]),
+        ("b", "done", 7, ["b.png"]),
+    ]
     assert manifest["jobs"][0]["request"]["prompt"] == "white background"
 
     # a JSONL of `qwen-lora batch` jobs: images by path, adapters as a dict; a broken line fails alone, named
@@ -247,7 +291,12 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     assert rows[0].startswith("mug done") and "jobs.jsonl:2: not a JSON object" in rows[1]
     assert not css("#batch-retry").is_enabled()  # nothing a retry could fix
     job = json.loads(d.find_element(By.CSS_SELECTOR, "#history pre").get_attribute("textContent"))
-    assert (job["loras"], job["seed"], job["image"], job["num_inference_steps"]) == ([{"name": "brand", "weight": 0.5}], 3, ["a.png"], 1)
+    assert (job["loras"], job["seed"], job["image"], job["num_inference_steps"]) == (
+        [{"name": "brand", "weight": 0.5}],
+        3,
+        ["a.png"],
+        1,
+    )
 
     # runs: the loss curve and the samples of the run the brand adapter came from
     css("#tab-runs").click()
@@ -262,9 +311,15 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     assert [h.text for h in card.find_elements(By.CSS_SELECTOR, "h4")] == ["brand-v1"]
     assert card.find_element(By.CSS_SELECTOR, "p").text == "Trigger word: <brand>"
     assert card.find_element(By.CSS_SELECTOR, "pre").text == 'pipe.load_lora_weights(".")'
-    assert [li.text for li in card.find_elements(By.CSS_SELECTOR, "li")] == ["trained on manifest.jsonl", "samples in samples/step_000010"]
+    assert [li.text for li in card.find_elements(By.CSS_SELECTOR, "li")] == [
+        "trained on manifest.jsonl",
+        "samples in samples/step_000010",
+    ]
     assert "better palette distance" in css("#run-detail .verdicts").text
-    assert [c.text for c in d.find_elements(By.CSS_SELECTOR, "#run-detail tbody td")] == ["9.5000 [8.0000, 11.0000]", "6.4000 [5.1000, 7.7000]"]
+    assert [c.text for c in d.find_elements(By.CSS_SELECTOR, "#run-detail tbody td")] == [
+        "9.5000 [8.0000, 11.0000]",
+        "6.4000 [5.1000, 7.7000]",
+    ]
     assert d.find_elements(By.XPATH, "//button[contains(., 'Try adapter')]")
     d.save_screenshot(str(tmp_path / "studio-runs.png"))
 
@@ -311,18 +366,25 @@ def test_a_batch_zip_taken_mid_run_records_the_running_job_as_running(server, br
     first_hold.set()
     app.state.worker.submit(lambda: second_hold.wait(60))  # ahead of job b, which the page sends once a is done
     try:
-        wait.until(lambda _: css("#batch-summary").text.startswith("1 of 2 done") and "Queued" in css("#batch-jobs").text)
+        wait.until(
+            lambda _: css("#batch-summary").text.startswith("1 of 2 done") and "Queued" in css("#batch-jobs").text
+        )
         css("#batch-zip").click()
         wait.until(lambda _: (tmp_path / "downloads" / "batch.zip").exists())
     finally:
         second_hold.set()
     with zipfile.ZipFile(tmp_path / "downloads" / "batch.zip") as archive:
         manifest = json.loads(archive.read("manifest.json"))
-    assert [(j["id"], j["status"], j["error"]) for j in manifest["jobs"]] == [("a", "done", None), ("b", "running", None)]
+    assert [(j["id"], j["status"], j["error"]) for j in manifest["jobs"]] == [
+        ("a", "done", None),
+        ("b", "running", None),
+    ]
     wait.until(lambda _: css("#batch-summary").text == "2 of 2 done, 0 failed.")
 
 
-@pytest.mark.skipif("mask" not in request_models(Config().serve)[0].model_fields, reason="the HTTP API has no `mask` field yet")
+@pytest.mark.skipif(
+    "mask" not in request_models(Config().serve)[0].model_fields, reason="the HTTP API has no `mask` field yet"
+)
 def test_a_painted_mask_keeps_every_unpainted_pixel(server, browser, tmp_path):
     server, _ = server
 
@@ -335,15 +397,21 @@ def test_a_painted_mask_keeps_every_unpainted_pixel(server, browser, tmp_path):
     css("input[name=mode][value=edit]").click()
     source = png_file(tmp_path / "product.png", size=(64, 48), seed=3)
     css("#edit-files").send_keys(source)
-    wait.until(lambda _: css("#mask-tools").is_displayed() and d.execute_script("return document.querySelector('#mask-canvas').width") == 64)
+    wait.until(
+        lambda _: (
+            css("#mask-tools").is_displayed()
+            and d.execute_script("return document.querySelector('#mask-canvas').width") == 64
+        )
+    )
     for sel, value in [("#prompt", "a new background"), ("#steps", 1), ("#mask-feather", 0)]:
         css(sel).clear()
         css(sel).send_keys(str(value))
     canvas = css("#mask-canvas")
     w, h = canvas.size["width"], canvas.size["height"]
     # a stroke down the left fifth of the image (offsets are from the canvas centre)
-    ActionChains(d).move_to_element_with_offset(canvas, -w * 0.3, -h * 0.4).click_and_hold() \
-        .move_by_offset(0, int(h * 0.8)).release().perform()
+    ActionChains(d).move_to_element_with_offset(canvas, -w * 0.3, -h * 0.4).click_and_hold().move_by_offset(
+        0, int(h * 0.8)
+    ).release().perform()
     d.save_screenshot(str(tmp_path / "studio-mask.png"))
     css("#generate").click()
     wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, "#results .compare img.after"))

@@ -43,7 +43,9 @@ def _velocity(transformer, tiny_pipe):
 
 def test_only_targets_train_in_fp32_over_a_frozen_bf16_base(tiny_model_dir):
 
-    t = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer", torch_dtype=torch.bfloat16)
+    t = QwenImage21Transformer2DModel.from_pretrained(
+        tiny_model_dir, subfolder="transformer", torch_dtype=torch.bfloat16
+    )
     params = adapter.add_lora(t, LoRAConfig(rank=4, alpha=4, targets=["to_q", "to_v"]))
     trainable = {n for n, p in t.named_parameters() if p.requires_grad}
     assert trainable and all(".to_q.lora_" in n or ".to_v.lora_" in n for n in trainable)
@@ -56,12 +58,16 @@ def test_unknown_target_is_a_clear_error(transformer):
     with pytest.raises(adapter.AdapterError, match="lora.targets"):
         adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=4, targets=["no_such_layer"]))
     # One mistyped name among good ones: peft would silently train the others alone.
-    with pytest.raises(adapter.AdapterError, match=r"^lora.targets: 'to_qq' matches no layer of the transformer \(e.g. 'to_q'"):
+    with pytest.raises(
+        adapter.AdapterError, match=r"^lora.targets: 'to_qq' matches no layer of the transformer \(e.g. 'to_q'"
+    ):
         adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=4, targets=["to_qq", "to_v"]))
     assert not any("lora_" in n for n, _ in transformer.named_parameters())  # refused before any layer was wrapped
 
 
-def test_saved_adapter_loads_with_plain_diffusers_and_changes_the_output(transformer, tiny_pipe, tiny_model_dir, tmp_path):
+def test_saved_adapter_loads_with_plain_diffusers_and_changes_the_output(
+    transformer, tiny_pipe, tiny_model_dir, tmp_path
+):
 
     adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=8, targets="attention+mlp"))
     _randomise(transformer)
@@ -83,7 +89,9 @@ def test_saved_adapter_loads_with_plain_diffusers_and_changes_the_output(transfo
 
 
 @pytest.mark.parametrize("targets,rslora", [("attention", False), ("attention", True), ("attention+mlp", False)])
-def test_comfyui_export_loads_back_to_the_same_outputs(transformer, tiny_pipe, tiny_model_dir, tmp_path, targets, rslora):
+def test_comfyui_export_loads_back_to_the_same_outputs(
+    transformer, tiny_pipe, tiny_model_dir, tmp_path, targets, rslora
+):
 
     adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=6, targets=targets, use_rslora=rslora))
     _randomise(transformer, seed=1)
@@ -92,12 +100,18 @@ def test_comfyui_export_loads_back_to_the_same_outputs(transformer, tiny_pipe, t
     with safe_open(str(comfy), framework="pt") as f:
         keys = list(f.keys())
     assert all(k.startswith("diffusion_model.") for k in keys)
-    assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in keys} == {"lora_down", "lora_up", "alpha"}
+    assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in keys} == {
+        "lora_down",
+        "lora_up",
+        "alpha",
+    }
 
     pipe = QwenImage21Pipeline.from_pretrained(tiny_model_dir)
     loaded = Adapters(pipe)
     loaded.set({loaded.load(comfy): 1.0})
-    torch.testing.assert_close(_velocity(pipe.transformer, tiny_pipe), _velocity(transformer, tiny_pipe), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        _velocity(pipe.transformer, tiny_pipe), _velocity(transformer, tiny_pipe), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_rslora_export_header_alpha_agrees_with_every_module_alpha(transformer, tmp_path):
@@ -145,7 +159,9 @@ def test_init_from_an_existing_adapter(transformer, tiny_model_dir, tmp_path):
         adapter.add_lora(third, LoRAConfig(rank=8, alpha=8, init_from=str(tmp_path)))
 
 
-def test_init_from_a_comfyui_file_keeps_each_modules_delta_whatever_the_new_alpha(transformer, tiny_pipe, tiny_model_dir, tmp_path):
+def test_init_from_a_comfyui_file_keeps_each_modules_delta_whatever_the_new_alpha(
+    transformer, tiny_pipe, tiny_model_dir, tmp_path
+):
 
     adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=4, targets="attention"))
     _randomise(transformer, seed=3)

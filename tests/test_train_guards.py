@@ -33,7 +33,9 @@ def test_divergence_on_the_smoothed_loss_by_hand():
     # and 0.9 * 1 + 0.1 * 10.5 = 1.95 does not.
     g = _fed([1.0] * 10)
     assert (g.running, g.best, g.seen) == (1.0, 1.0, 10)
-    with pytest.raises(TrainingStopped, match=r"running mean 2.05 is above 2.0 x its best 1 \(train.divergence_factor\)") as stop:
+    with pytest.raises(
+        TrainingStopped, match=r"running mean 2.05 is above 2.0 x its best 1 \(train.divergence_factor\)"
+    ) as stop:
         g.check_divergence(11.5)
     assert "Lower optim.lr, raise optim.warmup_steps, or lower optim.max_grad_norm." in str(stop.value)
     g = _fed([1.0] * 10 + [10.5])
@@ -56,8 +58,10 @@ def test_divergence_waits_for_ten_steps_and_tracks_the_best():
 
 
 def _params(b_value: float):
-    return [("blocks.0.attn.to_q.lora_A.weight", torch.nn.Parameter(torch.ones(2, 2))),
-            ("blocks.0.attn.to_q.lora_B.weight", torch.nn.Parameter(torch.full((2, 2), b_value)))]
+    return [
+        ("blocks.0.attn.to_q.lora_A.weight", torch.nn.Parameter(torch.ones(2, 2))),
+        ("blocks.0.attn.to_q.lora_B.weight", torch.nn.Parameter(torch.full((2, 2), b_value))),
+    ]
 
 
 def test_not_learning_is_caught_at_the_configured_step_only():
@@ -68,8 +72,10 @@ def test_not_learning_is_caught_at_the_configured_step_only():
     Guards(TrainConfig(check_learning_after=5)).check_learning(5, _params(0.0), 1.0)  # nothing remembered: no check
     with pytest.raises(TrainingStopped, match=r"after 5 steps the LoRA weights \(lora_B\) have not moved") as stop:
         g.check_learning(5, _params(0.0), grad_norm=1.0)
-    assert ("Check optim.lr (> 0?), that lora.targets match layers the loss reaches, and that the base model is not "
-            "frozen into a no-grad mode.") in str(stop.value)
+    assert (
+        "Check optim.lr (> 0?), that lora.targets match layers the loss reaches, and that the base model is not "
+        "frozen into a no-grad mode."
+    ) in str(stop.value)
     with pytest.raises(TrainingStopped, match="after 5 steps the gradient norm is 0"):
         g.check_learning(5, _params(0.1), grad_norm=0.0)
     g.check_learning(5, _params(0.1), grad_norm=1.0)

@@ -23,8 +23,17 @@ def write_pair(folder, mask_size=(128, 64)):
 
 
 def data(tiny_pipe, folder, weight):
-    cfg = load_config(None, [f"data.path={folder / 'm.jsonl'}", "data.resolution=128", "data.min_side=16",
-                             f"train.mask_loss_weight={weight}", f"output_dir={folder / 'out'}", "data.cache_dir=null"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={folder / 'm.jsonl'}",
+            "data.resolution=128",
+            "data.min_side=16",
+            f"train.mask_loss_weight={weight}",
+            f"output_dir={folder / 'out'}",
+            "data.cache_dir=null",
+        ],
+    )
     return build_training_data(cfg, tiny_pipe)
 
 
@@ -33,14 +42,23 @@ def test_changed_latents_weigh_mask_loss_weight_and_kept_ones_one(tiny_pipe, tmp
     batch = next(iter(data(tiny_pipe, tmp_path, 4.0).loader()))
     weights = batch.loss_mask[0, 0, 0]
     w = weights.shape[1]
-    assert torch.allclose(weights[:, : w // 2], torch.tensor(4.0)) and torch.allclose(weights[:, w // 2 :], torch.tensor(1.0))
+    assert torch.allclose(weights[:, : w // 2], torch.tensor(4.0)) and torch.allclose(
+        weights[:, w // 2 :], torch.tensor(1.0)
+    )
     assert next(iter(data(tiny_pipe, tmp_path, 1.0).loader())).loss_mask is None  # 1.0 = off
 
 
 def test_a_mask_of_another_aspect_is_an_error_naming_it(tmp_path):
     write_pair(tmp_path, mask_size=(64, 64))
-    cfg = load_config(None, [f"data.path={tmp_path / 'm.jsonl'}", "data.resolution=128", "data.min_side=16",
-                             f"output_dir={tmp_path / 'out'}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={tmp_path / 'm.jsonl'}",
+            "data.resolution=128",
+            "data.min_side=16",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+    )
     report = diagnose(cfg, tokenizer=None, contact_sheet=False)
     found = [f for f in report.findings if f.code == "mask-size"]
     assert found and "mask.png is 64x64" in found[0].message

@@ -34,7 +34,9 @@ def batches(tiny_pipe):
     """A t2i batch of 2 and an edit batch of 1, built straight from the model functions."""
     images = [_photo(64, 64, 0), _photo(64, 64, 1)]
     latents = torch.cat([qmodel.encode_latents(tiny_pipe, qmodel.image_to_pixels(tiny_pipe, im)) for im in images])
-    prompt = qmodel.pad_prompt_embeds([qmodel.encode_prompt(tiny_pipe, [p]) for p in ("a red qwnbrand bottle", "a mug")])
+    prompt = qmodel.pad_prompt_embeds(
+        [qmodel.encode_prompt(tiny_pipe, [p]) for p in ("a red qwnbrand bottle", "a mug")]
+    )
     src, tgt = _photo(64, 64, 2), _photo(64, 64, 3)
     edit = _Batch(
         qmodel.encode_latents(tiny_pipe, qmodel.image_to_pixels(tiny_pipe, tgt)),
@@ -71,9 +73,17 @@ def test_calculate_shift_is_the_pipelines(tiny_pipe):
 
     for config in [tiny_pipe.scheduler.config, *_SHIFT_CONFIGS]:
         get = config.get  # the defaults QwenImage21Pipeline.__call__ reads the scheduler config with
-        keys = [get("base_image_seq_len", 256), get("max_image_seq_len", 4096), get("base_shift", 0.5), get("max_shift", 1.15)]
+        keys = [
+            get("base_image_seq_len", 256),
+            get("max_image_seq_len", 4096),
+            get("base_shift", 0.5),
+            get("max_shift", 1.15),
+        ]
         for seq_len in (16, 256, 1024, 4096):
-            assert objective.calculate_shift(seq_len, config) == pytest.approx(pipeline_shift(seq_len, *keys)), (config, seq_len)
+            assert objective.calculate_shift(seq_len, config) == pytest.approx(pipeline_shift(seq_len, *keys)), (
+                config,
+                seq_len,
+            )
 
 
 @pytest.mark.parametrize("shift_type", ["exponential", "linear"])
@@ -218,8 +228,14 @@ def line(tiny_model_dir):
     scheduler = _grid(tiny_model_dir)
     steps = torch.tensor([1, 2])
     return {
-        "batch": _Batch(x0, prompt, [cond]), "x0": x0, "noise": noise, "cond": cond, "scheduler": scheduler,
-        "timesteps": scheduler.timesteps[steps], "sigmas": scheduler.sigmas[steps].float(), "steps": steps,
+        "batch": _Batch(x0, prompt, [cond]),
+        "x0": x0,
+        "noise": noise,
+        "cond": cond,
+        "scheduler": scheduler,
+        "timesteps": scheduler.timesteps[steps],
+        "sigmas": scheduler.sigmas[steps].float(),
+        "steps": steps,
     }
 
 
@@ -280,7 +296,9 @@ def test_pipeline_passes_timestep_over_1000_which_is_the_sigma(tiny_pipe):
         lambda module, args, kwargs, out: seen.append(kwargs["timestep"].clone()), with_kwargs=True
     )
     try:
-        Generator(tiny_pipe, resolution=64).generate(GenerationRequest("a mug", width=64, height=64, num_inference_steps=3))
+        Generator(tiny_pipe, resolution=64).generate(
+            GenerationRequest("a mug", width=64, height=64, num_inference_steps=3)
+        )
     finally:
         handle.remove()
     sch = tiny_pipe.scheduler
@@ -317,11 +335,15 @@ def test_the_loss_is_each_samples_mask_weighted_mean_error_then_the_sigma_weight
     line["batch"].loss_mask = None
     delta[1] = 2.0
     loss = objective.flow_matching_loss(_Oracle(target + delta), line["batch"], line["noise"], sigmas, "cosmap")
-    torch.testing.assert_close(loss, (compute_loss_weighting_for_sd3("cosmap", sigmas) * torch.tensor([5.0, 4.0])).mean())
+    torch.testing.assert_close(
+        loss, (compute_loss_weighting_for_sd3("cosmap", sigmas) * torch.tensor([5.0, 4.0])).mean()
+    )
 
 
 def test_the_given_dtype_reaches_the_transformer_for_a_wrapped_module_without_one(line):
     """The trainer passes the base model's dtype, because a DDP-wrapped transformer has no `.dtype`."""
     oracle = _Oracle(torch.zeros_like(line["x0"]))
     objective.flow_matching_loss(oracle, line["batch"], line["noise"], line["sigmas"], dtype=torch.float64)
-    assert oracle.calls[0]["hidden_states"].dtype == torch.float64 and oracle.calls[0]["timestep"].dtype == torch.float64
+    assert (
+        oracle.calls[0]["hidden_states"].dtype == torch.float64 and oracle.calls[0]["timestep"].dtype == torch.float64
+    )

@@ -51,7 +51,12 @@ def test_every_optim_setting_reaches_the_optimizer(name):
         pytest.skip(f"{PACKAGES[name]} not installed (pip install -e '.[optim]')")
     cfg = OptimConfig(name=name, lr=0.3, betas=[0.8, 0.95], weight_decay=0.07, eps=1e-5)
     defaults = build_optimizer([torch.nn.Parameter(torch.zeros(8))], cfg).defaults
-    assert (defaults["lr"], tuple(defaults["betas"]), defaults["weight_decay"], defaults["eps"]) == (0.3, (0.8, 0.95), 0.07, 1e-5)
+    assert (defaults["lr"], tuple(defaults["betas"]), defaults["weight_decay"], defaults["eps"]) == (
+        0.3,
+        (0.8, 0.95),
+        0.07,
+        1e-5,
+    )
 
 
 def test_an_unknown_optimizer_is_refused_naming_the_field():

@@ -42,7 +42,14 @@ def _overrides(tiny_model_dir, sample_data_dir, out, *extra):
 
 
 def _env(**extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
     env.pop("PYTEST_CURRENT_TEST", None)
     return env
 
@@ -72,10 +79,33 @@ def _recipe(tiny_model_dir, sample_data_dir, out, *extra) -> LoRARecipe:
 
 def test_accelerate_launch_demo_config_trains_a_loadable_adapter(tiny_model_dir, sample_data_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no", "--num_machines", "1",
-           "--dynamo_backend", "no", str(ROOT / "train" / "lora.py"), "--config", str(DEMO),
-           *_overrides(tiny_model_dir, sample_data_dir, out, "train.max_steps=40", "optim.lr=5e-3", "lora.targets=all-linear",
-                       "checkpoint.every_steps=10", "checkpoint.keep_last=2", "validation.every_steps=20")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "train" / "lora.py"),
+        "--config",
+        str(DEMO),
+        *_overrides(
+            tiny_model_dir,
+            sample_data_dir,
+            out,
+            "train.max_steps=40",
+            "optim.lr=5e-3",
+            "lora.targets=all-linear",
+            "checkpoint.every_steps=10",
+            "checkpoint.keep_last=2",
+            "validation.every_steps=20",
+        ),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -83,8 +113,14 @@ def test_accelerate_launch_demo_config_trains_a_loadable_adapter(tiny_model_dir,
     assert len(losses) == 40
     meta = json.loads((out / "training_metadata.json").read_text())
     assert meta["steps"] == 40 and meta["final_loss"] < 0.7 * meta["first_loss"], meta
-    assert meta["first_loss"] == pytest.approx(sum(losses[:10]) / 10) and meta["final_loss"] == pytest.approx(sum(losses[-10:]) / 10)
-    assert meta["versions"]["torch"] == torch.__version__ and set(meta["versions"]) >= {"diffusers", "peft", "accelerate"}
+    assert meta["first_loss"] == pytest.approx(sum(losses[:10]) / 10) and meta["final_loss"] == pytest.approx(
+        sum(losses[-10:]) / 10
+    )
+    assert meta["versions"]["torch"] == torch.__version__ and set(meta["versions"]) >= {
+        "diffusers",
+        "peft",
+        "accelerate",
+    }
     # Rotation kept the newest two of steps 10, 20, 30 (none at the final step: the output folder is that).
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000020", "step-000030"]
     assert (out / "samples" / "step_000020" / "t2i_00.png").is_file()
@@ -92,7 +128,6 @@ def test_accelerate_launch_demo_config_trains_a_loadable_adapter(tiny_model_dir,
     card = (out / "README.md").read_text()
     assert "qwnbrand" in card and "samples/step_000040/t2i_00.png" in card and str(tiny_model_dir) in card
     assert load_config(out / "config.yaml").train.max_steps == 40
-
 
     pipe = QwenImage21Pipeline.from_pretrained(tiny_model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -106,10 +141,18 @@ def test_edit_pairs_train_and_validate_with_an_edit_sample(tiny_model_dir, sampl
     out = tmp_path / "edit"
     src = sample_data_dir / "edits" / "000_source.png"
     recipe = _recipe(
-        tiny_model_dir, sample_data_dir, out, f"data.path={sample_data_dir / 'edits' / 'manifest.jsonl'}",
-        "train.max_steps=30", "optim.lr=5e-3", "lora.targets=all-linear", "train.batch_size=1", "validation.prompts=[]",
+        tiny_model_dir,
+        sample_data_dir,
+        out,
+        f"data.path={sample_data_dir / 'edits' / 'manifest.jsonl'}",
+        "train.max_steps=30",
+        "optim.lr=5e-3",
+        "lora.targets=all-linear",
+        "train.batch_size=1",
+        "validation.prompts=[]",
         f"validation.edits=[{{images: [{src}], prompt: replace the background with white}}]",
-        "validation.held_out_fraction=0.2", "checkpoint.every_steps=100",
+        "validation.held_out_fraction=0.2",
+        "checkpoint.every_steps=100",
     )
     assert recipe.data.held_out
     before = objective.heldout_loss(recipe.pipe.transformer, recipe.data.held_out_batches(), 0)
@@ -126,20 +169,46 @@ def test_edit_pairs_train_and_validate_with_an_edit_sample(tiny_model_dir, sampl
 
 def _train_cmd(tiny_model_dir, sample_data_dir, out, *extra):
     # Accumulation, EMA, LoRA dropout and caption dropout all draw randomness that a resume must restore.
-    return [sys.executable, str(ROOT / "train" / "lora.py"), "--config", str(DEMO),
-            *_overrides(tiny_model_dir, sample_data_dir, out, "train.max_steps=8", "checkpoint.every_steps=2",
-                        "checkpoint.keep_last=10", "train.gradient_accumulation_steps=2", "train.batch_size=1",
-                        "train.ema_decay=0.9", "lora.dropout=0.1", "data.caption_dropout=0.3",
-                        "validation.every_steps=4", *extra)]
+    return [
+        sys.executable,
+        str(ROOT / "train" / "lora.py"),
+        "--config",
+        str(DEMO),
+        *_overrides(
+            tiny_model_dir,
+            sample_data_dir,
+            out,
+            "train.max_steps=8",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep_last=10",
+            "train.gradient_accumulation_steps=2",
+            "train.batch_size=1",
+            "train.ema_decay=0.9",
+            "lora.dropout=0.1",
+            "data.caption_dropout=0.3",
+            "validation.every_steps=4",
+            *extra,
+        ),
+    ]
 
 
 def test_killed_and_resumed_run_matches_an_uninterrupted_one_step_for_step(tiny_model_dir, sample_data_dir, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    first = subprocess.Popen(_train_cmd(tiny_model_dir, sample_data_dir, full), cwd=ROOT, env=_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        _train_cmd(tiny_model_dir, sample_data_dir, full),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     # The same run, SIGKILLed right after its first checkpoint lands.
-    victim = subprocess.Popen(_train_cmd(tiny_model_dir, sample_data_dir, killed), cwd=ROOT, env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        _train_cmd(tiny_model_dir, sample_data_dir, killed),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step-000002").is_dir():
         assert victim.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
@@ -149,8 +218,14 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one_step_for_step(tiny_
     assert not (killed / "pytorch_lora_weights.safetensors").exists()  # really interrupted
     assert first.wait(timeout=240) == 0, first.stderr.read()[-3000:]
 
-    resumed = subprocess.run([*_train_cmd(tiny_model_dir, sample_data_dir, killed), "--resume", "latest"],
-                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run(
+        [*_train_cmd(tiny_model_dir, sample_data_dir, killed), "--resume", "latest"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
 
@@ -165,12 +240,15 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one_step_for_step(tiny_
 
 def test_resume_warns_about_config_mismatches(tiny_model_dir, sample_data_dir, tmp_path, caplog):
     out = tmp_path / "run"
-    recipe = _recipe(tiny_model_dir, sample_data_dir, out, "train.max_steps=4", "checkpoint.every_steps=2",
-                     "validation.prompts=[]")
+    recipe = _recipe(
+        tiny_model_dir, sample_data_dir, out, "train.max_steps=4", "checkpoint.every_steps=2", "validation.prompts=[]"
+    )
     recipe.train()
     recipe.cleanup()
-    cfg = load_config(DEMO, _overrides(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", "train.seed=7",
-                                       "validation.prompts=[]"))
+    cfg = load_config(
+        DEMO,
+        _overrides(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", "train.seed=7", "validation.prompts=[]"),
+    )
     recipe = LoRARecipe(cfg, resume="latest")
     with caplog.at_level("WARNING"):
         recipe.setup()
@@ -183,12 +261,23 @@ def test_resume_warns_about_config_mismatches(tiny_model_dir, sample_data_dir, t
     assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_gradient_checkpointing_true_and_auto_leave_the_losses_unchanged(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
+def test_gradient_checkpointing_true_and_auto_leave_the_losses_unchanged(
+    tiny_model_dir, sample_data_dir, tmp_path, monkeypatch
+):
 
     losses = {}
     for setting in ("false", "true", "auto"):
-        cfg = load_config(DEMO, _overrides(tiny_model_dir, sample_data_dir, tmp_path / setting, "train.max_steps=3",
-                                           f"train.gradient_checkpointing={setting}", "validation.prompts=[]"))
+        cfg = load_config(
+            DEMO,
+            _overrides(
+                tiny_model_dir,
+                sample_data_dir,
+                tmp_path / setting,
+                "train.max_steps=3",
+                f"train.gradient_checkpointing={setting}",
+                "validation.prompts=[]",
+            ),
+        )
         if setting == "auto":
             # A budget just under the planned peak without checkpointing: the planner must checkpoint a block.
             peak = memory.plan_memory(memory.plan_inputs_from_config(cfg, checkpoint="none")).peak
@@ -218,8 +307,14 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_model_dir, sample_d
         return loss * float("nan") if calls["n"] in (2, 4, 5, 6) else loss
 
     monkeypatch.setattr(objective, "flow_matching_loss", sometimes_nan)
-    recipe = _recipe(tiny_model_dir, sample_data_dir, tmp_path / "nan", "train.max_steps=20",
-                     "train.max_nonfinite_losses=4", "validation.prompts=[]")
+    recipe = _recipe(
+        tiny_model_dir,
+        sample_data_dir,
+        tmp_path / "nan",
+        "train.max_steps=20",
+        "train.max_nonfinite_losses=4",
+        "validation.prompts=[]",
+    )
     before = {k: v.clone() for k, v in recipe.pipe.transformer.state_dict().items() if "lora_" in k}
     with pytest.raises(TrainingStopped, match="4 optimizer steps had a non-finite loss"):
         recipe.train()
@@ -229,19 +324,37 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_model_dir, sample_d
 
 
 def test_max_grad_norm_null_trains_without_clipping(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
-    recipe = _recipe(tiny_model_dir, sample_data_dir, tmp_path / "noclip", "train.max_steps=1", "optim.max_grad_norm=null",
-                     "validation.prompts=[]", "checkpoint.every_steps=1000")
+    recipe = _recipe(
+        tiny_model_dir,
+        sample_data_dir,
+        tmp_path / "noclip",
+        "train.max_steps=1",
+        "optim.max_grad_norm=null",
+        "validation.prompts=[]",
+        "checkpoint.every_steps=1000",
+    )
     seen = []
     clip = recipe.accelerator.clip_grad_norm_
-    monkeypatch.setattr(recipe.accelerator, "clip_grad_norm_", lambda params, max_norm: seen.append(max_norm) or clip(params, max_norm))
+    monkeypatch.setattr(
+        recipe.accelerator, "clip_grad_norm_", lambda params, max_norm: seen.append(max_norm) or clip(params, max_norm)
+    )
     recipe.train()
     assert seen == [float("inf")]  # measured for the guards and the log, never scaled down
     assert recipe.step == 1 and _losses(tmp_path / "noclip")[0]["grad_norm"] > 0
 
 
 def test_an_adapter_that_does_not_learn_stops_the_run(tiny_model_dir, sample_data_dir, tmp_path):
-    cfg = load_config(DEMO, _overrides(tiny_model_dir, sample_data_dir, tmp_path / "lr0", "train.max_steps=20",
-                                       "train.check_learning_after=3", "validation.prompts=[]"))
+    cfg = load_config(
+        DEMO,
+        _overrides(
+            tiny_model_dir,
+            sample_data_dir,
+            tmp_path / "lr0",
+            "train.max_steps=20",
+            "train.check_learning_after=3",
+            "validation.prompts=[]",
+        ),
+    )
     cfg.optim.lr = 0.0  # the loader rejects lr=0; set after validation to simulate a broken optimizer setup
     recipe = LoRARecipe(cfg)
     recipe.setup()
@@ -259,8 +372,14 @@ def test_a_diverging_loss_stops_the_run(tiny_model_dir, sample_data_dir, tmp_pat
         return real(*args, **kwargs) * (1.0 if calls["n"] <= 12 else 50.0)
 
     monkeypatch.setattr(objective, "flow_matching_loss", blows_up)
-    recipe = _recipe(tiny_model_dir, sample_data_dir, tmp_path / "div", "train.max_steps=40",
-                     "train.divergence_factor=2.0", "validation.prompts=[]")
+    recipe = _recipe(
+        tiny_model_dir,
+        sample_data_dir,
+        tmp_path / "div",
+        "train.max_steps=40",
+        "train.divergence_factor=2.0",
+        "validation.prompts=[]",
+    )
     with pytest.raises(TrainingStopped, match="diverging"):
         recipe.train()
     assert 12 < recipe.step < 20
@@ -274,8 +393,15 @@ def test_wandb_offline_run_logs_config_metrics_and_images(tiny_model_dir, sample
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
-    recipe = _recipe(tiny_model_dir, sample_data_dir, out, "train.max_steps=2", "tracking.backend=wandb",
-                     "tracking.run_name=test-run", "validation.every_steps=1")
+    recipe = _recipe(
+        tiny_model_dir,
+        sample_data_dir,
+        out,
+        "train.max_steps=2",
+        "tracking.backend=wandb",
+        "tracking.run_name=test-run",
+        "validation.every_steps=1",
+    )
     recipe.train()
     recipe.cleanup()
     runs = list((out / "wandb").glob("offline-run-*"))
@@ -288,8 +414,14 @@ def test_wandb_offline_run_logs_config_metrics_and_images(tiny_model_dir, sample
 def test_tensorboard_run_writes_events(tiny_model_dir, sample_data_dir, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "tb"
-    recipe = _recipe(tiny_model_dir, sample_data_dir, out, "train.max_steps=2", "tracking.backend=tensorboard",
-                     "validation.every_steps=1")
+    recipe = _recipe(
+        tiny_model_dir,
+        sample_data_dir,
+        out,
+        "train.max_steps=2",
+        "tracking.backend=tensorboard",
+        "validation.every_steps=1",
+    )
     recipe.train()
     recipe.cleanup()
     assert list(out.rglob("events.out.tfevents.*"))
@@ -313,13 +445,37 @@ def test_problems_are_reported_before_any_weights_load(tiny_model_dir, sample_da
 @pytest.mark.slow  # ~35 s: two processes, each importing torch/diffusers
 def test_two_process_ddp_on_cpu_ends_with_identical_adapters(tiny_model_dir, sample_data_dir, tmp_path):
 
-
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "lora.py"), "--config", str(DEMO),
-           *_overrides(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", "checkpoint.every_steps=3",
-                       "validation.every_steps=3", "train.ema_decay=0.5", "lora.dropout=0.1")]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "train" / "lora.py"),
+        "--config",
+        str(DEMO),
+        *_overrides(
+            tiny_model_dir,
+            sample_data_dir,
+            out,
+            "train.max_steps=6",
+            "checkpoint.every_steps=3",
+            "validation.every_steps=3",
+            "train.ema_decay=0.5",
+            "lora.dropout=0.1",
+        ),
+    ]
+    result = subprocess.run(
+        cmd, cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((out / "training_metadata.json").read_text())
     assert meta["num_processes"] == 2

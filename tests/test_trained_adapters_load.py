@@ -41,7 +41,9 @@ def generator(tiny_model_dir):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_trained_adapter_loads_in_generate_with_the_previews_pixels(variant, generator, tiny_model_dir, sample_data_dir, tmp_path):
+def test_trained_adapter_loads_in_generate_with_the_previews_pixels(
+    variant, generator, tiny_model_dir, sample_data_dir, tmp_path
+):
     out = tmp_path / variant
     cfg = load_config(DEMO, [
         f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={out}",

@@ -12,6 +12,8 @@ import difflib
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -25,7 +27,6 @@ ADAPTER_NAME = "default"
 
 def lora_config(cfg: LoRAConfig):
     """The peft `LoraConfig` for our typed config (`init: default` is peft's kaiming-A / zero-B)."""
-    from peft import LoraConfig
 
     return LoraConfig(
         r=cfg.rank,
@@ -74,11 +75,12 @@ def _check_each_target_matches(transformer, targets) -> None:
 def get_lora_state(transformer) -> dict[str, torch.Tensor]:
     """The adapter's weights keyed as peft names them (`transformer_blocks.0.attn.to_q.lora_A.weight`),
     detached CPU copies. Under FSDP2 every rank must call it: the shards are gathered whole on each."""
-    from peft.utils import get_peft_model_state_dict
 
     whole = None
     if is_sharded(transformer):  # the adapter is the trainable part; the frozen base stays sharded
-        whole = get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+        whole = get_model_state_dict(
+            transformer, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+        )
     state = get_peft_model_state_dict(transformer, state_dict=whole, adapter_name=ADAPTER_NAME)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
@@ -86,7 +88,6 @@ def get_lora_state(transformer) -> dict[str, torch.Tensor]:
 def load_lora_weights_into(transformer, state: dict[str, torch.Tensor]) -> None:
     """Copy adapter weights (peft names, with or without a `transformer.` prefix) into the live adapter, keeping
     each parameter's dtype. Any missing or unexpected key is an error, not a warning."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     ours = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)  # DTensors under FSDP2: global shapes
@@ -104,8 +105,12 @@ def load_lora_weights_into(transformer, state: dict[str, torch.Tensor]) -> None:
                 "(does lora.rank match the adapter's rank?)"
             )
     # Every rank holds the whole file; under FSDP2 each keeps its own shard of it.
-    state = {k: distribute_tensor(v.to(ours[k].dtype), ours[k].device_mesh, ours[k].placements, src_data_rank=None)
-             if isinstance(ours[k], DTensor) else v for k, v in state.items()}
+    state = {
+        k: distribute_tensor(v.to(ours[k].dtype), ours[k].device_mesh, ours[k].placements, src_data_rank=None)
+        if isinstance(ours[k], DTensor)
+        else v
+        for k, v in state.items()
+    }
     dtypes = {n: p.dtype for n, p in transformer.named_parameters()}
     set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER_NAME)
     for n, p in transformer.named_parameters():  # set_peft_model_state_dict may cast; keep LoRA in fp32

@@ -10,7 +10,6 @@ import torch
 from qwen_image_lora import model as qmodel
 
 
-
 def apply_block_checkpointing(transformer, block_indices: Sequence[int], preserve_rng_state: bool = True) -> None:
     """Recompute the activations of the given transformer blocks in backward instead of keeping them.
 

@@ -32,9 +32,9 @@ from accelerate.utils import gather_object
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from qwen_image_lora.errors import UserError
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import resume_fixed_fields
+from qwen_image_lora.errors import UserError
 from qwen_image_lora.io import atomic_dir, describe_write_error, remove_leftover_temps
 from qwen_image_lora.train import adapter
 from qwen_image_lora.train.ranks import is_sharded
@@ -96,7 +96,8 @@ def write_manifest(folder: Path) -> None:
     """Size and sha256 of every file in `folder`; written last, so its presence means the save finished."""
     files = {
         p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME
     }
     (folder / MANIFEST_NAME).write_text(json.dumps({"files": files}, indent=2))
 
@@ -167,7 +168,9 @@ class Checkpointer:
         for path in reversed(self.all()):
             owner = _run_id_of(path)
             if run_id is not None and owner is not None and owner != run_id:
-                logger.warning("resume: skipping %s: it belongs to run %s, not to this folder's run %s", path, owner, run_id)
+                logger.warning(
+                    "resume: skipping %s: it belongs to run %s, not to this folder's run %s", path, owner, run_id
+                )
                 continue
             problem = verify_checkpoint(path)
             if problem is None:
@@ -175,9 +178,7 @@ class Checkpointer:
             logger.warning("resume: skipping damaged checkpoint %s: %s", path, problem)
             skipped.append(path.name)
         found = f"no intact checkpoint (skipped {', '.join(skipped)})" if skipped else "no checkpoint"
-        raise CheckpointError(
-            f"--resume latest: {found} under {self.root}; to start a new run instead, drop --resume"
-        )
+        raise CheckpointError(f"--resume latest: {found} under {self.root}; to start a new run instead, drop --resume")
 
     def save(self, progress: TrainingProgress, write_state, config: dict) -> Path:
         """Write one checkpoint atomically, manifest last, and rotate this run's old ones.
@@ -202,8 +203,10 @@ class Checkpointer:
         """(progress, saved config) without reading the optimizer state."""
         path = Path(path)
         try:
-            return (TrainingProgress(**json.loads((path / layout.PROGRESS).read_text())),
-                    yaml.safe_load((path / layout.CONFIG).read_text()))
+            return (
+                TrainingProgress(**json.loads((path / layout.PROGRESS).read_text())),
+                yaml.safe_load((path / layout.CONFIG).read_text()),
+            )
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
 
@@ -255,8 +258,11 @@ class TrainingState:
 
     def _state_of(self, name: str, component):
         if name == "optimizer" and is_sharded(self.transformer):
-            return get_optimizer_state_dict(self.transformer, _unwrapped(component),
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return get_optimizer_state_dict(
+                self.transformer,
+                _unwrapped(component),
+                options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+            )
         return _gathered(component.state_dict())
 
     def restore(self, path: str | Path) -> TrainingProgress:
@@ -274,19 +280,24 @@ class TrainingState:
             if component is None or saved is None:
                 continue
             if name == "optimizer" and saved.get("state") and sharded != _keyed_by_name(saved):
-                raise CheckpointError(f"resume from {path}: its optimizer state was written "
-                                      f"{'without' if sharded else 'under'} FSDP; resume it with the launch config "
-                                      "that wrote it")
+                raise CheckpointError(
+                    f"resume from {path}: its optimizer state was written "
+                    f"{'without' if sharded else 'under'} FSDP; resume it with the launch config "
+                    "that wrote it"
+                )
             if name == "optimizer" and sharded:
-                set_optimizer_state_dict(self.transformer, _unwrapped(component), saved,
-                                         options=StateDictOptions(full_state_dict=True))
+                set_optimizer_state_dict(
+                    self.transformer, _unwrapped(component), saved, options=StateDictOptions(full_state_dict=True)
+                )
             else:
                 component.load_state_dict(_sharded_like(saved, component.state_dict()) if sharded else saved)
         ranks = state["ranks"]
         if len(ranks) != acc.num_processes:
             logger.warning(
                 "resume: the checkpoint was written by %d processes, this run has %d; RNG streams are reused "
-                "round-robin, so losses will not match an uninterrupted run exactly", len(ranks), acc.num_processes,
+                "round-robin, so losses will not match an uninterrupted run exactly",
+                len(ranks),
+                acc.num_processes,
             )
         mine = ranks[acc.process_index % len(ranks)]
         restore_rng_state(mine["rng"])
@@ -357,7 +368,9 @@ def check_resume(path: Path, current: dict, allow_change: bool) -> tuple[Trainin
             f"({'; '.join(changed)}). Set them back, start a new run in a new output_dir, or pass "
             "--allow-config-change to continue anyway"
         )
-    allowed = [f"{c} (allowed by --allow-config-change; the run no longer matches an uninterrupted one)" for c in changed]
+    allowed = [
+        f"{c} (allowed by --allow-config-change; the run no longer matches an uninterrupted one)" for c in changed
+    ]
     return progress, allowed + compare_config(saved, current, progress)
 
 

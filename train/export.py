@@ -57,13 +57,19 @@ def write_run_folder(
     save_config(cfg, out / layout.CONFIG)
     metadata = {**metadata, "versions": library_versions()}
     atomic_write_text(out / layout.METADATA, json.dumps(metadata, indent=2, default=str))
-    atomic_write_text(out / layout.CARD, model_card(cfg, metadata, {k: Path(v).relative_to(out) for k, v in samples.items()}))
+    atomic_write_text(
+        out / layout.CARD, model_card(cfg, metadata, {k: Path(v).relative_to(out) for k, v in samples.items()})
+    )
     return out
 
 
 def library_versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
-            "accelerate": accelerate.__version__}
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+    }
 
 
 def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
@@ -117,7 +123,9 @@ def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
     if samples:
         lines += ["", "## Samples", ""]
         v = cfg.validation
-        prompts = {f"t2i_{i:02d}": p for i, p in enumerate(v.prompts)} | {f"edit_{i:02d}": e.prompt for i, e in enumerate(v.edits)}
+        prompts = {f"t2i_{i:02d}": p for i, p in enumerate(v.prompts)} | {
+            f"edit_{i:02d}": e.prompt for i, e in enumerate(v.edits)
+        }
         for name, rel in samples.items():
             lines.append(f"![{name}]({rel.as_posix()})  ")
             lines.append(f"*{prompts.get(name, name)}* (seed {v.seed})")

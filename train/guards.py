@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from qwen_image_lora.errors import UserError
 from qwen_image_lora.config import TrainConfig
+from qwen_image_lora.errors import UserError
 
 
 class TrainingStopped(UserError):
@@ -57,7 +57,11 @@ class Guards:
         current = [p.detach() for n, p in named_params if "lora_B" in n]
         moved = any(not torch.equal(c.to(i.device), i) for c, i in zip(current, self.initial_b))
         if not moved or grad_norm == 0.0:
-            what = "the LoRA weights (lora_B) have not moved from their initial values" if not moved else "the gradient norm is 0"
+            what = (
+                "the LoRA weights (lora_B) have not moved from their initial values"
+                if not moved
+                else "the gradient norm is 0"
+            )
             raise TrainingStopped(
                 f"after {step} steps {what}: the adapter is not learning (train.check_learning_after={step}). "
                 "Check optim.lr (> 0?), that lora.targets match layers the loss reaches, and that the base "
@@ -80,9 +84,19 @@ class Guards:
             )
 
     def state_dict(self) -> dict:
-        return {"nonfinite": self.nonfinite, "running": self.running, "best": self.best, "seen": self.seen,
-                "initial_b": self.initial_b}
+        return {
+            "nonfinite": self.nonfinite,
+            "running": self.running,
+            "best": self.best,
+            "seen": self.seen,
+            "initial_b": self.initial_b,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.nonfinite, self.running, self.best, self.seen = state["nonfinite"], state["running"], state["best"], state["seen"]
+        self.nonfinite, self.running, self.best, self.seen = (
+            state["nonfinite"],
+            state["running"],
+            state["best"],
+            state["seen"],
+        )
         self.initial_b = state["initial_b"]

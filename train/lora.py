@@ -33,14 +33,14 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora import objective
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, ConfigError, load_config, save_config, to_dict
-from qwen_image_lora.errors import UserError
 from qwen_image_lora.data.dataset import build_training_data
+from qwen_image_lora.errors import UserError
 from qwen_image_lora.io import describe_write_error, is_write_error
 from qwen_image_lora.progress import progress_bar
-from qwen_image_lora.train import adapter, export, memory_fit, optim, ranks, validation
+from qwen_image_lora.train import adapter, export, memory_fit, optim, preflight, ranks, validation
 from qwen_image_lora.train.checkpoint import (
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     TrainingProgress,
     TrainingState,
     check_resume,
@@ -48,14 +48,15 @@ from qwen_image_lora.train.checkpoint import (
 from qwen_image_lora.train.guards import Guards, TrainingStopped
 from qwen_image_lora.train.preemption import Preempted, StopSignal
 from qwen_image_lora.train.run_folder import RunFolder
-from qwen_image_lora.train.tracking import Tracker, check_tracker_available, log_with
+from qwen_image_lora.train.tracking import Tracker, log_with
 
 logger = logging.getLogger("qwen_image_lora.train")
 
 
 class LoRARecipe:
-    def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False,
-                 allow_config_change: bool = False):
+    def __init__(
+        self, cfg: Config, resume: str | None = None, overwrite: bool = False, allow_config_change: bool = False
+    ):
         self.cfg = cfg
         self.resume = resume if resume is not None else cfg.checkpoint.resume
         self.overwrite, self.allow_config_change = overwrite, allow_config_change
@@ -72,7 +73,7 @@ class LoRARecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        _check_before_loading(cfg)
+        preflight.check_before_loading(cfg)
         if not self.resume:
             self.run_folder.check_fresh_start(self.overwrite)
         self.stop.install()
@@ -83,11 +84,14 @@ class LoRARecipe:
             project_dir=str(self.out),
         )
         if cfg.model.attention == "flex" and acc.device.type != "cuda":
-            raise ConfigError(f"model.attention: flex trains on CUDA only (torch has no flex_attention backward on "
-                              f"{acc.device.type}); use sdpa-segments here")
+            raise ConfigError(
+                f"model.attention: flex trains on CUDA only (torch has no flex_attention backward on "
+                f"{acc.device.type}); use sdpa-segments here"
+            )
         self.checkpointer = Checkpointer(self.out, cfg.checkpoint.keep_last)
         self.resume_from, self.run_id = ranks.main_then_share(
-            acc, lambda: self.run_folder.open(self.resume, self.overwrite, self.checkpointer, cfg.train.max_steps))
+            acc, lambda: self.run_folder.open(self.resume, self.overwrite, self.checkpointer, cfg.train.max_steps)
+        )
         if self.resume_from is not None:
             progress, warnings = check_resume(self.resume_from, to_dict(cfg), self.allow_config_change)
             for warning in warnings if acc.is_main_process else []:
@@ -109,13 +113,17 @@ class LoRARecipe:
         self.ema = optim.LoRAEMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay else None
         set_seed(cfg.train.seed, device_specific=True)  # LoRA dropout etc. differ per rank from here on
         self.noise = objective.NoiseSampler(
-            cfg.train.seed * 1_000_003 + acc.process_index + 1, cfg.train.timestep_sampling,
-            self.pipe.scheduler.config, cfg.train.logit_mean, cfg.train.logit_std,
+            cfg.train.seed * 1_000_003 + acc.process_index + 1,
+            cfg.train.timestep_sampling,
+            self.pipe.scheduler.config,
+            cfg.train.logit_mean,
+            cfg.train.logit_std,
         )
         self.guards = Guards(cfg.train)
         self.guards.remember_initial(self.pipe.transformer.named_parameters())
-        self.state = TrainingState(acc, self.pipe.transformer, self.optimizer, self.lr_scheduler, self.ema,
-                                   self.guards, self.noise)
+        self.state = TrainingState(
+            acc, self.pipe.transformer, self.optimizer, self.lr_scheduler, self.ema, self.guards, self.noise
+        )
         if self.resume_from is not None:
             self._restore(self.resume_from)
         self.tracker = Tracker(acc, cfg.tracking, self.out)
@@ -128,8 +136,9 @@ class LoRARecipe:
         cfg = self.cfg
         # Placed with its LoRA in `_setup_checkpointing` (offloaded blocks stay in CPU memory); the encoders once
         # the data is known.
-        return qmodel.load_pipeline(cfg.model.pretrained, cfg.model.dtype, revision=cfg.model.revision,
-                                    quantize=cfg.model.quantize)
+        return qmodel.load_pipeline(
+            cfg.model.pretrained, cfg.model.dtype, revision=cfg.model.revision, quantize=cfg.model.quantize
+        )
 
     def _place_encoders(self) -> None:
         """With every entry cached, the text encoder and VAE only serve validation samples: on a GPU they stay
@@ -143,7 +152,8 @@ class LoRARecipe:
         if device.type == "cuda":
             logger.warning(
                 "%d entries are not in the data cache, so the text encoder and VAE stay on the GPU to encode them; "
-                "run `qwen-lora data prepare --config ...` first to train with just the transformer there", missing,
+                "run `qwen-lora data prepare --config ...` first to train with just the transformer there",
+                missing,
             )
         for module in (self.pipe.text_encoder, self.pipe.vae):
             module.to(device)
@@ -157,8 +167,12 @@ class LoRARecipe:
         acc = self.accelerator
         recipe = memory_fit.apply(transformer, self.cfg, acc.device, references, acc.num_processes)
         if recipe is not None:
-            logger.info("memory auto: %s (planned %.1f GiB of %g GB)", recipe.describe(), recipe.plan.total / 2**30,
-                        self.cfg.train.memory_budget_gb)
+            logger.info(
+                "memory auto: %s (planned %.1f GiB of %g GB)",
+                recipe.describe(),
+                recipe.plan.total / 2**30,
+                self.cfg.train.memory_budget_gb,
+            )
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -213,8 +227,9 @@ class LoRARecipe:
     def _loss_step(self, batch) -> torch.Tensor:
         batch = batch.to(self.accelerator.device)
         noise, sigmas = self.noise.draw(batch.latents)
-        return objective.flow_matching_loss(self.transformer, batch, noise, sigmas, self.cfg.train.loss_weighting,
-                                            dtype=self.pipe.transformer.dtype)  # the prepared module may be DDP
+        return objective.flow_matching_loss(
+            self.transformer, batch, noise, sigmas, self.cfg.train.loss_weighting, dtype=self.pipe.transformer.dtype
+        )  # the prepared module may be DDP
 
     def _log(self, loss: float, grad_norm: float, seconds: float) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -224,7 +239,13 @@ class LoRARecipe:
         self.run_folder.append_loss({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         if self.step % cfg.train.log_every == 0:
             samples = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * acc.num_processes
-            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "s_per_step": seconds, "samples_per_s": samples / seconds}
+            metrics = {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "s_per_step": seconds,
+                "samples_per_s": samples / seconds,
+            }
             if torch.cuda.is_available():
                 metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             self.tracker.log(metrics, step=self.step)
@@ -268,9 +289,13 @@ class LoRARecipe:
     def save_checkpoint(self) -> Path | None:
         acc, cfg = self.accelerator, self.cfg
         progress = TrainingProgress(
-            step=self.step, seed=cfg.train.seed, max_steps=cfg.train.max_steps, epoch=self.cursor[0],
-            position=self.cursor[1], samples_seen=self.step * cfg.train.batch_size *
-            cfg.train.gradient_accumulation_steps * acc.num_processes, num_processes=acc.num_processes,
+            step=self.step,
+            seed=cfg.train.seed,
+            max_steps=cfg.train.max_steps,
+            epoch=self.cursor[0],
+            position=self.cursor[1],
+            samples_seen=self.step * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * acc.num_processes,
+            num_processes=acc.num_processes,
             run_id=self.run_id,
         )
         path = self.state.save(self.checkpointer, progress, to_dict(cfg))
@@ -290,8 +315,10 @@ class LoRARecipe:
         if self.saved_step != self.step:
             self.save_checkpoint()
         path = self.checkpointer.path_for(self.step)  # on every rank: only the main one gets it back from the save
-        raise Preempted(f"stopped by {self.stop.name} after step {self.step} of {self.cfg.train.max_steps}; "
-                        f"checkpoint {path} written; continue with --resume latest")
+        raise Preempted(
+            f"stopped by {self.stop.name} after step {self.step} of {self.cfg.train.max_steps}; "
+            f"checkpoint {path} written; continue with --resume latest"
+        )
 
     def _finish(self) -> None:
         """Final validation, then the output folder: adapter, config, metadata, model card."""
@@ -302,7 +329,9 @@ class LoRARecipe:
             state = adapter.get_lora_state(self.pipe.transformer)
         hashes = ranks.gather_adapter_hashes(state)
         if len(set(hashes)) != 1:
-            raise TrainingStopped(f"the processes ended with different adapters (hashes {hashes}); DDP went out of sync")
+            raise TrainingStopped(
+                f"the processes ended with different adapters (hashes {hashes}); DDP went out of sync"
+            )
         if acc.is_main_process:
             losses = [row["loss"] for row in self.run_folder.read_losses()]  # the whole run, across resumes
             metadata = {
@@ -319,11 +348,17 @@ class LoRARecipe:
             try:
                 export.write_run_folder(self.pipe.transformer, cfg, metadata, self.samples, state)
             except Exception as e:
-                raise CheckpointError(f"{describe_write_error(e, self.out)}; the files already there and the "
-                                      f"checkpoints in {self.checkpointer.root} are intact") from e
+                raise CheckpointError(
+                    f"{describe_write_error(e, self.out)}; the files already there and the "
+                    f"checkpoints in {self.checkpointer.root} are intact"
+                ) from e
             self.tracker.upload_adapter(self.out)
             logger.info("adapter written to %s", self.out / adapter.WEIGHTS_NAME)
-            logger.info("loss: %.4f (mean of the first 10 steps) -> %.4f (last 10)", metadata["first_loss"], metadata["final_loss"])
+            logger.info(
+                "loss: %.4f (mean of the first 10 steps) -> %.4f (last 10)",
+                metadata["first_loss"],
+                metadata["final_loss"],
+            )
         acc.wait_for_everyone()
 
     def cleanup(self) -> None:
@@ -334,8 +369,6 @@ class LoRARecipe:
         cache = self.data.dataset.encoder.cache if hasattr(self, "data") else None
         if hasattr(cache, "close"):  # a prepared on-disk cache flushes what training added
             cache.close()
-        if hasattr(self, "accelerator"):
-            ranks.leave(self.accelerator)
 
     def write_failed(self, error: BaseException) -> str:
         """One line for a failed write of the run (a full disk while logging or sampling): the file, the next step
@@ -350,38 +383,26 @@ class LoRARecipe:
         return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
 
-def _check_before_loading(cfg: Config) -> None:
-    """What can fail without weights fails here, in seconds, naming the field."""
-    optim.check_optimizer_available(cfg.optim.name)
-    qmodel.check_quantize(cfg.model.quantize)
-    try:
-        qmodel.check_speed_settings(cfg.model.attention, cfg.model.attention_backend, cfg.model.compile)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    check_tracker_available(cfg.tracking)
-    if not cfg.data.path:
-        raise ConfigError("data.path: set it to a folder of images + captions or a .jsonl/.csv manifest")
-    for i, edit in enumerate(cfg.validation.edits):
-        for path in edit.images:
-            if not Path(path).is_file():
-                raise ConfigError(f"validation.edits[{i}].images: {path} does not exist")
-    if cfg.checkpoint.every_steps > cfg.train.max_steps:
-        logger.warning("checkpoint.every_steps=%d > train.max_steps=%d: no resumable checkpoint will be written",
-                       cfg.checkpoint.every_steps, cfg.train.max_steps)
-
-
 def _progress_bar(total: int, initial: int, main: bool):
     return progress_bar(total, initial=initial, desc="steps", unit="step", enabled=main)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train/lora.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="train/lora.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="the run's YAML config")
     parser.add_argument("--resume", default=None, help="'latest' (this output_dir's run) or a checkpoint folder")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run in an output_dir that holds another; the old run is moved aside, not deleted")
-    parser.add_argument("--allow-config-change", action="store_true",
-                        help="resume although the config changes settings that change the maths (lora.*, data.*, ...)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an output_dir that holds another; the old run is moved aside, not deleted",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config changes settings that change the maths (lora.*, data.*, ...)",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -406,9 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         message, status = None, 0
     if message:  # after cleanup's own output, so under accelerate launch it is the last line before accelerate's
-        print(message.replace("\n", " "), file=sys.stderr)
+        # One write, newline included: ranks of a multi-process run share the pipe, and print's two writes interleave.
+        sys.stderr.write(message.replace("\n", " ") + "\n")
+        sys.stderr.flush()
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ranks.exit_process(main())  # not sys.exit: see there why a rank of a multi-process run skips Python's teardown

@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import OptimConfig
 from qwen_image_lora.quantization import plan_quantized_linears
 from qwen_image_lora.train import optim
+from qwen_image_lora.train.adapter import add_lora
 from qwen_image_lora.train.block_checkpointing import apply_block_checkpointing, checkpointed_blocks
 from qwen_image_lora.train.memory_trace import StorageTracker, build_step_inputs, cuda_like, training_step
 from qwen_image_lora.train.offload import IN_FLIGHT_BLOCKS
@@ -118,7 +120,8 @@ def plan_inputs_from_config(
         gc = cfg.train.gradient_checkpointing
         checkpoint = "all" if gc is True or gc == "auto" else "none"
     return PlanInputs(
-        transformer_config=transformer_config or qmodel.load_transformer_config(cfg.model.pretrained, cfg.model.revision),
+        transformer_config=transformer_config
+        or qmodel.load_transformer_config(cfg.model.pretrained, cfg.model.revision),
         shape=StepShape(res, res, cfg.train.batch_size, prompt_tokens, [(res, res)] * references),
         lora=dataclasses.replace(cfg.lora, init_from=None, init="default"),  # same shapes, no file reads
         base_dtype=getattr(torch, cfg.model.dtype),
@@ -164,8 +167,9 @@ class MemoryPlan:
     @property
     def host_bytes_per_step(self) -> int:
         """Bytes copied host -> GPU per step: each offloaded block in forward and again for its recompute in
-        backward, except the last one, which stays for backward (`offload.BlockOffloader`)."""
-        return max(0, 2 * self.offloaded - 1) * self.block_weights
+        backward, except the last one (it stays for backward) and the first (from backward into the next forward;
+        `offload.BlockOffloader`)."""
+        return max(0, 2 * self.offloaded - 2) * self.block_weights
 
     @property
     def activations(self) -> int:
@@ -236,8 +240,6 @@ _STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8.0 / 256, "prodigy": 16.0}
 def plan_memory(inputs: PlanInputs) -> MemoryPlan:
     """Trace a training step of the configured model on fake tensors, with the optimizer state already
     allocated (as in every step after the first), and return its peak."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     start = time.perf_counter()
     cuda = inputs.profile == "cuda"
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -270,8 +272,6 @@ def _build_model(inputs: PlanInputs, preserve_rng_state: bool, fake_mode=None):
     With `fake_mode` the model is built on the meta device (no memory, no init cost) and every tensor is then
     swapped for a fake CPU tensor of the same shape and dtype.
     """
-    from qwen_image_lora.train.adapter import add_lora
-
     with torch.device("meta") if fake_mode is not None else contextlib.nullcontext():
         transformer = qmodel.transformer_class()(**inputs.transformer_config)
         torch.nn.Module.to(transformer, inputs.base_dtype)  # diffusers' `to` warns about fp32 modules it has none of
@@ -343,8 +343,11 @@ def _trace(
     workspace = CUDA_WORKSPACE_BYTES if cuda else 0
     granule = tracker.granule
     block = qmodel.transformer_blocks(transformer)[0]
-    block_weights = sum(-(-t.numel() * t.element_size() // granule) * granule
-                        for t in [*block.parameters(), *block.buffers()] if not t.requires_grad)
+    block_weights = sum(
+        -(-t.numel() * t.element_size() // granule) * granule
+        for t in [*block.parameters(), *block.buffers()]
+        if not t.requires_grad
+    )
     plan = MemoryPlan(
         inputs=inputs,
         peak=peak + workspace,

@@ -22,11 +22,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import ConfigError
+from qwen_image_lora.quantization import check_quantize
 from qwen_image_lora.train import memory, offload
 from qwen_image_lora.train.block_checkpointing import apply_block_checkpointing
-from qwen_image_lora.train.memory import GiB, MemoryPlan, PlanInputs, budget_for_allocations, plan_memory
+from qwen_image_lora.train.memory import GiB, MemoryPlan, PlanInputs, plan_memory
 
 KNOBS = ("checkpoint", "offload", "optimizer", "quantize")
 # What the ladder reaches for, in order, beyond the config's own optimizer and quantization.
@@ -63,13 +66,21 @@ class Recipe:
         out = [f"train.gradient_checkpointing={gc}"]
         if gc == "auto":  # the launch picks the same blocks for the same budget
             out.append(f"train.memory_budget_gb={self.gpu_bytes / GiB:g}")
-        return out + [f"train.offload_blocks={self.plan.offloaded}", f"optim.name={self.inputs.optimizer}",
-                      f"model.quantize={self.inputs.quantize}"]
+        return out + [
+            f"train.offload_blocks={self.plan.offloaded}",
+            f"optim.name={self.inputs.optimizer}",
+            f"model.quantize={self.inputs.quantize}",
+        ]
 
     def describe(self) -> str:
         n, ck, k = self.inputs.num_layers, len(self.plan.checkpointed), self.plan.offloaded
-        parts = ["every block checkpointed" if ck >= n else "no checkpointing" if not ck
-                 else f"{ck} of {n} blocks checkpointed"]
+        parts = [
+            "every block checkpointed"
+            if ck >= n
+            else "no checkpointing"
+            if not ck
+            else f"{ck} of {n} blocks checkpointed"
+        ]
         if k:
             parts.append(f"the first {k} of {n} blocks offloaded to CPU memory")
         parts.append(f"optimizer {self.inputs.optimizer}")
@@ -80,15 +91,17 @@ class Recipe:
         if not self.plan.offloaded:
             return "host link: nothing streamed per step"
         gb = self.plan.host_bytes_per_step / 1e9
-        return (f"host link: {gb:.1f} GB copied to the GPU per step, about +{self.host_seconds_per_step:.2f} s/step at "
-                f"{HOST_LINK_BYTES_PER_S / 1e9:.0f} GB/s (PCIe 4.0 x16) where compute does not hide it (an estimate, "
-                "not measured)")
+        return (
+            f"host link: {gb:.1f} GB copied to the GPU per step, about +{self.host_seconds_per_step:.2f} s/step at "
+            f"{HOST_LINK_BYTES_PER_S / 1e9:.0f} GB/s (PCIe 4.0 x16) where compute does not hide it (an estimate, "
+            "not measured)"
+        )
 
 
 def fit(inputs: PlanInputs, gpu_bytes: int, free=KNOBS, planner: Callable = plan_memory) -> Recipe:
     """The cheapest recipe whose plan fits a GPU of `gpu_bytes`, moving only the `free` knobs (`KNOBS`); the others
     keep `inputs`' values. When nothing fits, the last recipe tried (the most frugal), whose `fits` is False."""
-    budget = budget_for_allocations(gpu_bytes)
+    budget = memory.budget_for_allocations(gpu_bytes)
     traced = _TraceCache(planner)
     recipe = None
     for quantize, optimizer in _rungs(inputs, free):
@@ -105,7 +118,7 @@ def _rungs(inputs: PlanInputs, free) -> list[tuple[str, str]]:
     if "optimizer" in free and inputs.optimizer == "adamw":
         rungs.append((inputs.quantize, _8BIT_OPTIMIZER))
     if "quantize" in free and inputs.quantize in _QUANTIZE_ORDER:
-        for q in _QUANTIZE_ORDER[_QUANTIZE_ORDER.index(inputs.quantize) + 1:]:
+        for q in _QUANTIZE_ORDER[_QUANTIZE_ORDER.index(inputs.quantize) + 1 :]:
             rungs.append((q, rungs[-1][1]))
     return rungs
 
@@ -199,15 +212,22 @@ def choose_checkpointed_blocks(inputs: PlanInputs, budget_bytes: int, planner: C
 
 def blocks_for_gpu(inputs: PlanInputs, gpu_bytes: int, planner: Callable = plan_memory) -> list[int]:
     """`choose_checkpointed_blocks` for a GPU of `gpu_bytes` (its allocation budget after context and margin)."""
-    return choose_checkpointed_blocks(inputs, budget_for_allocations(gpu_bytes), planner)
+    return choose_checkpointed_blocks(inputs, memory.budget_for_allocations(gpu_bytes), planner)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # At launch
 
 
-def resolve(cfg, references: int, *, gpu_bytes: int | None = None, prompt_tokens: int = 256,
-            plan_fixed: bool = False, planner: Callable = plan_memory) -> Recipe | None:
+def resolve(
+    cfg,
+    references: int,
+    *,
+    gpu_bytes: int | None = None,
+    prompt_tokens: int = 256,
+    plan_fixed: bool = False,
+    planner: Callable = plan_memory,
+) -> Recipe | None:
     """The config's memory settings, each `auto` one chosen by `fit` for `gpu_bytes` (default
     `train.memory_budget_gb`) at the config's largest step (`references` condition images). When nothing is `auto`:
     the plan of the settings as they are with `plan_fixed`, else None (the launch then plans nothing)."""
@@ -216,8 +236,9 @@ def resolve(cfg, references: int, *, gpu_bytes: int | None = None, prompt_tokens
     if not free and not plan_fixed:
         return None
     checkpoint = "none" if gc is False else "all"
-    inputs = memory.plan_inputs_from_config(cfg, references=references, prompt_tokens=prompt_tokens,
-                                            checkpoint=checkpoint)
+    inputs = memory.plan_inputs_from_config(
+        cfg, references=references, prompt_tokens=prompt_tokens, checkpoint=checkpoint
+    )
     inputs.offload_blocks = 0 if k == "auto" else k
     gpu = int(cfg.train.memory_budget_gb * GiB) if gpu_bytes is None else gpu_bytes
     return fit(inputs, gpu, free=free, planner=planner)
@@ -227,13 +248,15 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1) -> 
     """Checkpoint and place the transformer as the config says, `auto` settings resolved by `resolve`: what the
     recipe calls after adding LoRA. Offloaded blocks keep their frozen weights in CPU memory (`offload.py`); the
     rest goes to `device`."""
+    check_quantize(cfg.model.quantize, torch.device(device).type)  # nf4 loads onto CUDA whatever accelerate chose
     recipe = resolve(cfg, references)
     if recipe is not None and not recipe.fits:
         budget = cfg.train.memory_budget_gb
         raise ConfigError(
             f"train.memory_budget_gb: the planned step needs {recipe.plan.total / GiB:.1f} GiB even with "
             f"{recipe.describe()}, over {budget:g} GB; `qwen-lora plan --config ... --gpu-memory {budget:g}GB` "
-            "names a recipe that fits (an 8-bit optimizer, a quantized base)")
+            "names a recipe that fits (an 8-bit optimizer, a quantized base)"
+        )
     n = len(qmodel.transformer_blocks(transformer))
     if recipe is not None:
         checkpointed, k = recipe.plan.checkpointed, recipe.plan.offloaded
@@ -244,11 +267,15 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1) -> 
     if k > n:
         raise ConfigError(f"train.offload_blocks: {k} is more than the transformer's {n} blocks")
     if k and num_processes > 1:
-        raise ConfigError("train.offload_blocks: offloading trains on one process (DDP keeps the whole model on "
-                          "each GPU); set it to 0 or launch one process")
+        raise ConfigError(
+            "train.offload_blocks: offloading trains on one process (DDP keeps the whole model on "
+            "each GPU); set it to 0 or launch one process"
+        )
     if k and cfg.model.compile:
-        raise ConfigError("train.offload_blocks: not with model.compile (the streaming hooks sit inside the "
-                          "compiled blocks); set model.compile: false")
+        raise ConfigError(
+            "train.offload_blocks: not with model.compile (the streaming hooks sit inside the "
+            "compiled blocks); set model.compile: false"
+        )
     if everything:
         transformer.enable_gradient_checkpointing()
     elif checkpointed:

@@ -208,6 +208,7 @@ def _bool_indices_to_long(func, args, kwargs):
     if func._schema.name not in {n.split(".")[0] for n in _INDEX_OPS} or len(args) < 2:
         return args, kwargs
     indices = args[1]
+
     def real_mask(i) -> bool:
         return isinstance(i, torch.Tensor) and i.dtype == torch.bool and not isinstance(i, FakeTensor)
 
@@ -307,4 +308,3 @@ def cuda_like(dtype: torch.dtype, enabled: bool) -> Iterator[None]:
             yield
     finally:
         F.scaled_dot_product_attention = original
-

@@ -44,7 +44,9 @@ class BlockOffloader:
     """Streams the frozen weights of `blocks` between CPU memory and `device` around their use.
 
     `bytes_moved` counts host-to-device bytes since creation; `onloads` lists the blocks onloaded since the last
-    forward began, in order (forward ascending, then the backward recompute descending).
+    forward began, in order (forward ascending, then the backward recompute descending). Backward ends on the first
+    offloaded block and the next forward starts with it, so it stays; the last one stays from forward into backward:
+    2k - 2 block copies per step for k blocks (one more in the first step).
     """
 
     def __init__(self, transformer, blocks: Sequence[int], device: torch.device):
@@ -101,7 +103,7 @@ class BlockOffloader:
     def _forward_starts(self, module, args) -> None:
         self.phase = "forward"
         self.onloads = []
-        for i in sorted(self.resident):  # the last step's backward ended on these
+        for i in sorted(self.resident - set(self.order[:1])):  # the last backward ended on the first block: keep it
             self._offload(i)
         if self.order:
             self._onload(self.order[0])  # overlaps the embeddings

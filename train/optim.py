@@ -50,7 +50,9 @@ def _fusable(params: list[torch.nn.Parameter]) -> bool | None:
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
     """diffusers' `get_scheduler`, stepped once per optimizer step (warmup and length in optimizer steps)."""
 
-    return get_scheduler(cfg.scheduler, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps)
+    return get_scheduler(
+        cfg.scheduler, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps
+    )
 
 
 class LoRAEMA:

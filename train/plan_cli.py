@@ -29,7 +29,9 @@ def parse_memory(text: str) -> int:
     in binary units (an "80GB" H100 has ~79.2 GiB usable, which the context margin covers)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise InputError(f"--gpu-memory: expected a size such as 80GB, 24GiB or 40960MiB (got {text!r})", "--gpu-memory")
+        raise InputError(
+            f"--gpu-memory: expected a size such as 80GB, 24GiB or 40960MiB (got {text!r})", "--gpu-memory"
+        )
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -45,8 +47,7 @@ def _plan(args) -> int:
     if args.as_configured or args.checkpointing != "config":
         if args.checkpointing != "config":
             cfg.train.gradient_checkpointing = {"all": True, "none": False}.get(args.checkpointing, "auto")
-        recipe = memory_fit.resolve(cfg, references, gpu_bytes=gpu, prompt_tokens=args.prompt_tokens,
-                                    plan_fixed=True)
+        recipe = memory_fit.resolve(cfg, references, gpu_bytes=gpu, prompt_tokens=args.prompt_tokens, plan_fixed=True)
         print(f"as configured, for {gpu / 2**30:.1f} GiB: {recipe.describe()}")
     else:
         inputs = memory.plan_inputs_from_config(cfg, references=references, prompt_tokens=args.prompt_tokens)
@@ -56,8 +57,10 @@ def _plan(args) -> int:
     print(f"  {' '.join(recipe.overrides())}")
     print(f"  {recipe.transfer_line()}")
     print(recipe.plan.format(gpu))
-    print(f"(planned on CPU in {time.perf_counter() - start:.0f} s, not measured; on an H100 the bf16 plans came within "
-          "0.5% of the measured peak; offloaded and quantized plans are not yet measured)")
+    print(
+        f"(planned on CPU in {time.perf_counter() - start:.0f} s, not measured; on an H100 the bf16 plans came within "
+        "0.5% of the measured peak; offloaded and quantized plans are not yet measured)"
+    )
     return 0 if recipe.fits or not args.check else 1
 
 
@@ -72,8 +75,10 @@ def _references(cfg) -> int:
     except (DataError, OSError, ValueError):
         count = max((len(e.images) for e in cfg.validation.edits), default=0)
         where = "validation.edits (data.path not readable here)"
-    print(f"planning {'an edit step with ' + str(count) + ' reference image(s)' if count else 'a text-to-image step'}"
-          f", from {where}; --references N overrides")
+    print(
+        f"planning {'an edit step with ' + str(count) + ' reference image(s)' if count else 'a text-to-image step'}"
+        f", from {where}; --references N overrides"
+    )
     return count
 
 
@@ -81,18 +86,23 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="the recipe that fits a GPU, and its peak memory (no GPU, no weights)")
     p.add_argument("--config", required=True, help="training config (YAML)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--gpu-memory", default=None, help="GPU size to fit, e.g. 8GB (default: train.memory_budget_gb)")
     p.add_argument(
-        "--gpu-memory", default=None, help="GPU size to fit, e.g. 8GB (default: train.memory_budget_gb)"
+        "--references",
+        type=int,
+        default=None,
+        help="reference images per edit example (0 = text-to-image; default: read from the data)",
     )
-    p.add_argument("--references", type=int, default=None,
-                   help="reference images per edit example (0 = text-to-image; default: read from the data)")
     p.add_argument("--prompt-tokens", type=int, default=256, help="text tokens of the longest prompt (default 256)")
     p.add_argument(
         "--checkpointing", choices=["config", "all", "none", "auto"], default="config",
         help="override train.gradient_checkpointing (implies --as-configured)",
     )  # fmt: skip
-    p.add_argument("--as-configured", action="store_true",
-                   help="plan the config's own settings (auto ones as the trainer picks them), not the cheapest recipe")
+    p.add_argument(
+        "--as-configured",
+        action="store_true",
+        help="plan the config's own settings (auto ones as the trainer picks them), not the cheapest recipe",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 when the step does not fit")
     p.set_defaults(func=_plan)
 

@@ -56,8 +56,11 @@ class StopSignal:
         if self.received is None:
             self.received = signum
             # os.write, not print: a handler may interrupt a print already in progress on stderr
-            os.write(2, f"received {signal.Signals(signum).name}: stopping after this optimizer step with a "
-                        "checkpoint (Ctrl-C again to stop at once)\n".encode())
+            os.write(
+                2,
+                f"received {signal.Signals(signum).name}: stopping after this optimizer step with a "
+                "checkpoint (Ctrl-C again to stop at once)\n".encode(),
+            )
 
     def agreed(self, accelerator) -> bool:
         """True on every rank when any rank got a signal; call once per optimizer step on all ranks."""

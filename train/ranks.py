@@ -3,13 +3,22 @@ the transformer across them, and how they leave together."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
+import os
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import (DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list, gather_object,
-                              parse_flag_from_env)  # fmt: skip
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    broadcast_object_list,
+    gather_object,
+    parse_flag_from_env,
+)
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -51,13 +60,13 @@ def is_sharded(module) -> bool:
 
 
 def prepare(acc, model, optimizer):
-    """`acc.prepare(model, optimizer)`, with FSDP2 on CPU too. accelerate 1.16 turns an FSDP launch into
-    DistributedType.FSDP on accelerators only; on CPU (gloo) it wraps the model in DDP without a word. There this
-    applies the launch's FSDP2 settings as accelerate's `fsdp2_prepare_model` does on GPUs: `fully_shard` on each
-    block the wrap policy names, then on the whole model, and the optimizer moved onto the sharded parameters."""
+    """`acc.prepare(model, optimizer)`, with FSDP2 on CPU too: accelerate (1.16) makes an FSDP launch
+    DistributedType.FSDP on accelerators only, and on CPU (gloo) wraps the model in DDP without a word."""
     if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
-        raise ConfigError("fsdp_config.fsdp_version: 1 is not supported (its saves see one rank's shard); use "
-                          "fsdp_version: 2 as configs/accelerate/fsdp.yaml does")
+        raise ConfigError(
+            "fsdp_config.fsdp_version: 1 is not supported (its saves see one rank's shard); use "
+            "fsdp_version: 2 as configs/accelerate/fsdp.yaml does"
+        )
     if acc.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
         model, optimizer = acc.prepare(model, optimizer)
     else:
@@ -68,13 +77,17 @@ def prepare(acc, model, optimizer):
 
 
 def _fully_shard_on_cpu(acc, model, optimizer):
+    """The launch's FSDP2 settings applied as accelerate's `fsdp2_prepare_model` applies them on GPUs: `fully_shard` on
+    each block its wrap policy names, then on the whole model; the optimizer moved onto the sharded parameters."""
     plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables, as accelerate reads them
     if plugin.fsdp_version != 2:
         raise ConfigError("fsdp_config.fsdp_version: only 2 (FSDP2, fully_shard) runs on CPU")
     if acc.mixed_precision != "no":
         plugin.set_mixed_precision(acc.mixed_precision)
-    kwargs = {"reshard_after_forward": plugin.reshard_after_forward,
-              "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+    kwargs = {
+        "reshard_after_forward": plugin.reshard_after_forward,
+        "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+    }
     names = {p: n for n, p in model.named_parameters()}
     plugin.set_auto_wrap_policy(model)
     wraps = fsdp2_prepare_auto_wrap_policy(plugin, model) or (lambda module: False)
@@ -88,8 +101,17 @@ def _fully_shard_on_cpu(acc, model, optimizer):
     return acc.prepare(optimizer)
 
 
-def leave(acc) -> None:
-    """Every rank meets, then the process group goes, before the interpreter starts tearing objects down."""
-    if dist.is_available() and dist.is_initialized():
-        acc.wait_for_everyone()
+def exit_process(status: int) -> NoReturn:
+    """End the process with `status`. One rank of a multi-process run skips the interpreter's teardown: gloo's worker
+    threads outlive `destroy_process_group` (only the ProcessGroup's destructor joins them, and DTensor's caches keep it
+    alive), and a worker still releasing a finished collective's tensors takes the GIL. Once Python is finalizing, a
+    thread that takes the GIL is ended with pthread_exit, whose unwinding through gloo's noexcept loop aborts the process
+    ("terminate called without an active exception"). The atexit hooks still run and the streams are flushed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        sys.exit(status)
+    if status == 0:  # every rank is past its last collective; after a failure a peer may still wait in one
         dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)

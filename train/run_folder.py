@@ -14,18 +14,30 @@ import time
 import uuid
 from pathlib import Path
 
-from qwen_image_lora.errors import UserError
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import ConfigError
-from qwen_image_lora.io import (WriteError, atomic_write_text, describe_write_error, remove_leftover_temps,
-                                writing_to)  # fmt: skip
+from qwen_image_lora.errors import UserError
+from qwen_image_lora.io import (
+    WriteError,
+    atomic_write_text,
+    describe_write_error,
+    remove_leftover_temps,
+    writing_to,  # fmt: skip
+)
 from qwen_image_lora.train.checkpoint import Checkpointer
 
 logger = logging.getLogger(__name__)
 
 # Files written through `atomic_path` in the folder, whose temps a killed write may leave (`.NAME.XXXX`).
-_ATOMIC_FILES = (layout.RUN_ID, layout.LOSSES, layout.CONFIG, layout.METADATA, layout.CARD, layout.ADAPTER,
-                 layout.FINAL_ADAPTER)
+_ATOMIC_FILES = (
+    layout.RUN_ID,
+    layout.LOSSES,
+    layout.CONFIG,
+    layout.METADATA,
+    layout.CARD,
+    layout.ADAPTER,
+    layout.FINAL_ADAPTER,
+)
 
 
 class RunFolderInUse(UserError):
@@ -124,8 +136,9 @@ class RunFolder:
         logger.warning("--overwrite: moved the previous run in %s to %s", self.path, aside)
         return aside
 
-    def open(self, resume: str | None, overwrite: bool, checkpointer: Checkpointer,
-             max_steps: int | None = None) -> tuple[Path | None, str]:
+    def open(
+        self, resume: str | None, overwrite: bool, checkpointer: Checkpointer, max_steps: int | None = None
+    ) -> tuple[Path | None, str]:
         """Main process, before any weights load: tidy the folder, pick the checkpoint to resume (with `latest`, only
         this folder's run's, and `RunFinished` when that run already reached `max_steps`), and record which run owns
         the folder. Returns (checkpoint or None, run id)."""
@@ -134,8 +147,9 @@ class RunFolder:
         except WriteError as e:  # read-only, not writable, a file in the way: name it before any weights load
             raise ConfigError(f"output_dir: {describe_write_error(e, e.filename)}") from e
 
-    def _open(self, resume: str | None, overwrite: bool, checkpointer: Checkpointer,
-              max_steps: int | None) -> tuple[Path | None, str]:
+    def _open(
+        self, resume: str | None, overwrite: bool, checkpointer: Checkpointer, max_steps: int | None
+    ) -> tuple[Path | None, str]:
         self.lock()
         self.remove_leftovers()
         if resume:
@@ -162,7 +176,11 @@ class RunFolder:
             meta = json.loads((self.path / layout.METADATA).read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(meta, dict) or meta.get("run_id") != self.owner() or not (self.path / layout.FINAL_ADAPTER).is_file():
+        if (
+            not isinstance(meta, dict)
+            or meta.get("run_id") != self.owner()
+            or not (self.path / layout.FINAL_ADAPTER).is_file()
+        ):
             return None
         return meta["steps"] if isinstance(meta.get("steps"), int) else None
 

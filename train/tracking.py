@@ -20,7 +20,9 @@ _PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 
 def check_tracker_available(cfg: TrackingConfig) -> None:
     if cfg.backend in _PACKAGES and importlib.util.find_spec(_PACKAGES[cfg.backend]) is None:
-        raise ConfigError(f"tracking.backend: {cfg.backend!r} needs the {_PACKAGES[cfg.backend]!r} package: pip install {_PACKAGES[cfg.backend]}")
+        raise ConfigError(
+            f"tracking.backend: {cfg.backend!r} needs the {_PACKAGES[cfg.backend]!r} package: pip install {_PACKAGES[cfg.backend]}"
+        )
 
 
 def log_with(cfg: TrackingConfig) -> list[str]:
@@ -67,15 +69,21 @@ class Tracker:
         if self.cfg.backend == "wandb":
             import wandb  # noqa: PLC0415 - wandb only for tracking.backend: wandb (a slow import)
 
-            tracker.log({f"samples/{k}": wandb.Image(v.convert("RGB"), caption=k) for k, v in images.items()}, step=step)
+            tracker.log(
+                {f"samples/{k}": wandb.Image(v.convert("RGB"), caption=k) for k, v in images.items()}, step=step
+            )
         elif self.cfg.backend == "tensorboard":
-
             for name, image in images.items():
                 tracker.add_image(f"samples/{name}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def upload_adapter(self, folder: str | Path, name: str = "lora") -> None:
         """The final adapter folder as a W&B model artifact (a no-op for other backends)."""
-        if not (self.enabled and self.cfg.backend == "wandb" and self.cfg.upload_adapter and self.accelerator.is_main_process):
+        if not (
+            self.enabled
+            and self.cfg.backend == "wandb"
+            and self.cfg.upload_adapter
+            and self.accelerator.is_main_process
+        ):
             return
         import wandb  # noqa: PLC0415 - wandb only for tracking.backend: wandb (a slow import)
 

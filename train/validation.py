@@ -28,7 +28,9 @@ def validation_requests(cfg: Config) -> dict[str, GenerationRequest]:
     return requests
 
 
-def generate_samples(pipe, cfg: Config, folder: str | Path, requests: dict[str, GenerationRequest] | None = None) -> dict[str, Image.Image]:
+def generate_samples(
+    pipe, cfg: Config, folder: str | Path, requests: dict[str, GenerationRequest] | None = None
+) -> dict[str, Image.Image]:
     """Sample every validation request with whatever adapter `pipe.transformer` carries now; write PNGs into
     `folder`. The training RNG streams are left exactly as they were."""
     requests = validation_requests(cfg) if requests is None else requests
