@@ -109,7 +109,7 @@ class LoRARecipe:
         # Stepped by us once per optimizer step (accelerate's wrapper would step it once per process).
         self.lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         self.transformer, self.optimizer = ranks.prepare(acc, self.pipe.transformer, optimizer)
-        self.params = [p for p in self.pipe.transformer.parameters() if p.requires_grad]  # FSDP2's sharded ones
+        self.params = [p for p in self.pipe.transformer.parameters() if p.requires_grad]  # FSDP2 swapped in shards
         self.ema = optim.LoRAEMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay else None
         set_seed(cfg.train.seed, device_specific=True)  # LoRA dropout etc. differ per rank from here on
         self.noise = objective.NoiseSampler(
