@@ -65,7 +65,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwen_image_lora.io import atomic_path, atomic_write_text, writing_to
+from qwen_image_lora.io import atomic_path, atomic_write_text, content_hash, writing_to
 from qwen_image_lora.model import PromptEmbeds
 
 logger = logging.getLogger(__name__)
@@ -86,26 +86,6 @@ class CacheDamaged(KeyError):
 def model_identity(model_cfg) -> str:
     """The model part of a key: weights (hub id or folder), revision and dtype of the encoders' outputs."""
     return f"{model_cfg.pretrained}@{model_cfg.revision or 'main'}:{model_cfg.dtype}"
-
-
-_HASH_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def content_hash(source: str | os.PathLike | bytes) -> str:
-    """sha256 of a file's bytes (memoised on path, size and mtime) or of the bytes themselves."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return hashlib.sha256(source).hexdigest()
-    path = os.path.abspath(os.fspath(source))
-    st = os.stat(path)
-    memo_key = (path, st.st_size, st.st_mtime_ns)
-    digest = _HASH_MEMO.get(memo_key)
-    if digest is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digest = _HASH_MEMO[memo_key] = h.hexdigest()
-    return digest
 
 
 def _canon(value) -> str:

@@ -8,13 +8,13 @@ touches the transformer.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qwen_image_lora.adapter_format import AdapterError, read_adapter
+from qwen_image_lora.io import content_hash
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Adapters:
             _pipeline=self.pipe,
         )
         self.loaded[name] = LoadedAdapter(
-            name, weights.source, weights.layout, weight, str(source), file_sha256(weights.source)
+            name, weights.source, weights.layout, weight, str(source), content_hash(weights.source)
         )
         self._apply(dict(self.active))  # loading activates the new adapter in peft; keep the previous selection
         return name
@@ -157,15 +157,6 @@ def adapter_name_for(source: str | Path) -> str:
             else path.stem
         )
     return path.name
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read 1 MiB at a time (adapters and input images alike)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:

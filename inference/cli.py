@@ -287,7 +287,7 @@ def _apply_from(args) -> None:
 
 def _recorded_file(image: Path, record, option: str, what: str) -> str:
     """An input an image's settings name (relative to the image), if it is still there with the recorded sha256."""
-    from qwen_image_lora.inference.adapters import file_sha256
+    from qwen_image_lora.io import content_hash
 
     head = f"--from {image}: {what}"
     if record.path is None:
@@ -295,7 +295,7 @@ def _recorded_file(image: Path, record, option: str, what: str) -> str:
     path = image.parent / record.path
     if not path.is_file():
         raise NotFound(f"{head}, {path}, is not there any more; give {option}", option)
-    if file_sha256(path) != record.sha256:
+    if content_hash(path) != record.sha256:
         raise InputError(f"{head}, {path}, has changed since the image was made (sha256 differs); give {option} to use "
                          "it as it is", option)  # fmt: skip
     return str(path)
@@ -305,7 +305,7 @@ def _recorded_adapter(image: Path, record) -> str:
     """A recorded adapter (a path relative to the image, or a hub id), if its weights file still has the recorded
     sha256."""
     from qwen_image_lora.adapter_format import is_hub_id, resolve_file
-    from qwen_image_lora.inference.adapters import file_sha256
+    from qwen_image_lora.io import content_hash
 
     head = f"--from {image}: adapter {record.name!r}"
     if record.path is None:
@@ -320,7 +320,7 @@ def _recorded_adapter(image: Path, record) -> str:
         file = resolve_file(record.path if hub else local)
     except InputError as e:  # a hub adapter that is not cached, offline
         raise NotFound(f"{head}: {e}; give --lora", "--lora") from None
-    if file_sha256(file) != record.sha256:
+    if content_hash(file) != record.sha256:
         raise InputError(f"{head}: {file} has changed since the image was made (sha256 differs); give --lora to use "
                          "it as it is", "--lora")  # fmt: skip
     return record.path if hub else str(local)

@@ -22,7 +22,8 @@ from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_settings
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
-from qwen_image_lora.inference.adapters import Adapters, file_sha256
+from qwen_image_lora.inference.adapters import Adapters
+from qwen_image_lora.io import content_hash
 from qwen_image_lora.knobs import check_image_count
 from qwen_image_lora.model import ASPECT_RATIOS
 
@@ -125,7 +126,7 @@ class ImageSettings(SamplingConfig):
 def file_record(path: str | Path, folder: str | Path | None = None) -> InputRecord:
     """An input file: its sha256 and its path relative to `folder` (the output's, so `--from` finds it from any
     working directory)."""
-    return InputRecord(file_sha256(path), _relative(path, folder))
+    return InputRecord(content_hash(path), _relative(path, folder))
 
 
 def bytes_record(data: bytes) -> InputRecord:

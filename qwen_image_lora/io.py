@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -217,3 +218,23 @@ def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> 
         if not isinstance(row, dict):
             raise error(f"{where}: each line must be a JSON object")
         yield where, row
+
+
+_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def content_hash(source: str | os.PathLike | bytes) -> str:
+    """sha256 of a file's bytes (memoised on path, size and mtime) or of the bytes themselves."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(source).hexdigest()
+    path = os.path.abspath(os.fspath(source))
+    st = os.stat(path)
+    memo_key = (path, st.st_size, st.st_mtime_ns)
+    digest = _HASH_MEMO.get(memo_key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digest = _HASH_MEMO[memo_key] = h.hexdigest()
+    return digest
