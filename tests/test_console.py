@@ -23,6 +23,7 @@ NOISE = (
     "Writing model shards",
     "Retry",
     "Unable to import `torchao`",
+    "torch.float32 for integer quantization",
 )
 
 # Every noise source above, in one process: build a model, load it, two adapters, a generation with a guidance
@@ -39,6 +40,11 @@ kernels.warning("Skipping publisher trust check for 'kernels-community/quantizat
 kernels.warning("kernels: a real problem still shows")
 from diffusers.quantizers.torchao import torchao_quantizer  # warns about torchao classes it cannot find
 import bitsandbytes  # the real lookup, on CPUs where bitsandbytes makes it
+import torch
+from qwen_image_lora import model as qmodel
+qmodel.load_transformer(model, torch.float32, "int8")  # diffusers: "only bfloat16 is supported" (it trains in fp32)
+logging.getLogger(torchao_quantizer.__name__).warning(
+    "You are trying to set torch_dtype to torch.float16 for integer quantization, but only bfloat16 is supported")
 gen = Generator.from_pretrained(model, dtype="float32", device="cpu", resolution=64)
 gen.adapters.load(sys.argv[2], name="a")
 gen.adapters.load(sys.argv[3], name="b")
@@ -68,6 +74,7 @@ def test_a_session_of_the_python_api_prints_no_library_noise(tmp_path, make_adap
     assert done.stdout.strip() == "done {}"
     assert [n for n in NOISE if n in done.stderr] == [], done.stderr[-3000:]
     assert "kernels: a real problem still shows" in done.stderr  # filtered by exact text, not the whole logger
+    assert "torch.float16 for integer quantization" in done.stderr
 
 
 def _qwen_lora(tmp_path: Path, *args: str, **env) -> subprocess.CompletedProcess:

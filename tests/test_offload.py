@@ -154,7 +154,7 @@ def _recipe_losses(tiny_model_dir, sample_data_dir, out, *extra):
     return [json.loads(line)["loss"] for line in (out / "losses.jsonl").read_text().splitlines()], hooked
 
 
-def test_the_recipe_trains_the_same_with_an_offloaded_block(tiny_model_dir, sample_data_dir, tmp_path):
+def test_the_recipe_trains_the_same_with_an_offloaded_block(tiny_model_dir, sample_data_dir, tmp_path, caplog):
     plain, hooked = _recipe_losses(
         tiny_model_dir, sample_data_dir, tmp_path / "plain", "train.gradient_checkpointing=true"
     )
@@ -167,6 +167,7 @@ def test_the_recipe_trains_the_same_with_an_offloaded_block(tiny_model_dir, samp
         "train.offload_blocks=1",
     )
     assert hooked == [0] and offloaded == plain
+    assert "group offloaded" not in caplog.text  # accelerate is not asked to move a placed transformer
 
 
 def test_a_budget_the_auto_settings_cannot_meet_stops_the_recipe_naming_it(tiny_model_dir, sample_data_dir, tmp_path):
@@ -203,3 +204,19 @@ def test_auto_offloads_the_fewest_blocks_that_fit_the_budget(tmp_path):
                                   "model.quantize=none"]  # fmt: skip
     fixed = resolve(four, "train.gradient_checkpointing=false", "train.offload_blocks=auto")
     assert not fixed.fits and fixed.plan.offloaded == 0  # offloading needs the checkpointing the user turned off
+
+
+def test_an_fsdp_launch_leaves_placement_to_fully_shard(monkeypatch):
+    """Under FSDP each rank must never hold the whole base on its device: `apply` leaves the weights where they
+    loaded and `fully_shard` (in `ranks.prepare`) moves one block at a time, keeping that rank's shard. The device
+    here is `meta`, so whatever `apply` moves shows."""
+    cfg = load_config(None, ["train.gradient_checkpointing=true", "train.offload_blocks=0"])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    transformer = QwenImage21Transformer2DModel(**SMALL)
+    memory_fit.apply(transformer, cfg, torch.device("meta"), references=0)
+    assert {p.device.type for p in transformer.parameters()} == {"cpu"}
+    with pytest.raises(ConfigError, match="train.offload_blocks"):  # offloading places blocks itself
+        memory_fit.apply(transformer, load_config(None, ["train.offload_blocks=1"]), torch.device("meta"), 0)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    memory_fit.apply(transformer, cfg, torch.device("meta"), references=0)
+    assert {p.device.type for p in transformer.parameters()} == {"meta"}

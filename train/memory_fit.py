@@ -27,7 +27,7 @@ import torch
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import ConfigError
 from qwen_image_lora.quantization import check_quantize
-from qwen_image_lora.train import memory, offload
+from qwen_image_lora.train import memory, offload, ranks
 from qwen_image_lora.train.block_checkpointing import apply_block_checkpointing
 from qwen_image_lora.train.memory import GiB, MemoryPlan, PlanInputs, plan_memory
 
@@ -266,7 +266,7 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1) -> 
         checkpointed, everything = [], gc is True or k > 0
     if k > n:
         raise ConfigError(f"train.offload_blocks: {k} is more than the transformer's {n} blocks")
-    if k and num_processes > 1:
+    if k and (num_processes > 1 or ranks.fsdp_launch()):
         raise ConfigError(
             "train.offload_blocks: offloading trains on one process (DDP keeps the whole model on "
             "each GPU); set it to 0 or launch one process"
@@ -280,5 +280,6 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1) -> 
         transformer.enable_gradient_checkpointing()
     elif checkpointed:
         apply_block_checkpointing(transformer, checkpointed)
-    offload.place_transformer(transformer, device, range(k))
+    if not ranks.fsdp_launch():  # under FSDP, `ranks.prepare` places each rank's shards
+        offload.place_transformer(transformer, device, range(k))
     return recipe

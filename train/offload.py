@@ -31,6 +31,7 @@ from diffusers.hooks.group_offloading import (  # diffusers' own machinery, reus
     GroupOffloadingConfig,
     GroupOffloadingHook,
     ModuleGroup,
+    _is_group_offload_enabled,
 )
 
 from qwen_image_lora import model as qmodel
@@ -177,6 +178,11 @@ def _nbytes(t: torch.Tensor) -> int:
     if names:
         return sum(_nbytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
     return t.numel() * t.element_size()
+
+
+def is_offloaded(transformer) -> bool:
+    """True when some of `transformer`'s blocks stream from CPU memory (its placement is done)."""
+    return _is_group_offload_enabled(transformer)
 
 
 def place_transformer(transformer, device: torch.device, offload: Sequence[int] = ()) -> BlockOffloader | None:

@@ -23,6 +23,7 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from qwen_image_lora.config import ConfigError
+from qwen_image_lora.train import offload
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ def gather_adapter_hashes(state: dict[str, torch.Tensor]) -> list[str]:
 # ------------------------------------------------------------------------------------------ FSDP2
 
 
+def fsdp_launch() -> bool:
+    """True under an FSDP launch (`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP on GPUs and CPU
+    alike): the transformer then stays where it loaded until `prepare`, whose `fully_shard` moves one block at a time
+    onto the device and keeps only this rank's shard of it, so no rank ever holds the whole base there."""
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
 def is_sharded(module) -> bool:
     """True when FSDP2 holds `module`'s weights as shards: reading them whole, or running the module, then takes every
     rank (collectives)."""
@@ -67,8 +75,10 @@ def prepare(acc, model, optimizer):
             "fsdp_config.fsdp_version: 1 is not supported (its saves see one rank's shard); use "
             "fsdp_version: 2 as configs/accelerate/fsdp.yaml does"
         )
-    if acc.distributed_type != DistributedType.MULTI_CPU or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        model, optimizer = acc.prepare(model, optimizer)
+    if acc.distributed_type != DistributedType.MULTI_CPU or not fsdp_launch():
+        # An offloaded transformer is placed already (`offload.place_transformer`); accelerate's `.to()` would only
+        # make diffusers warn that group-offloaded modules don't move.
+        model, optimizer = acc.prepare(model, optimizer, device_placement=[not offload.is_offloaded(model), True])
     else:
         optimizer = _fully_shard_on_cpu(acc, model, optimizer)
     if is_sharded(model) and acc.is_main_process:
