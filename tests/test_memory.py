@@ -168,6 +168,9 @@ def test_plan_command_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert "as configured, for 2.0 GiB: no checkpointing" in capsys.readouterr().out
     assert main(["plan", "--config", str(config), "--gpu-memory", "512MiB", "--references", "0", "--check"]) == 1
     assert "nothing fits; the most frugal recipe for 0.5 GiB: every block checkpointed" in capsys.readouterr().out
+    assert main(["plan", "--config", str(config), "--gpu-memory", "2GB", "--references", "1", "--processes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "sharded across 2 processes (FSDP2)" in out and "--num_processes 2 train/lora.py" in out
 
 
 def test_fit_reaches_for_checkpointing_then_offload_then_8bit_optimizer_then_quantization():
@@ -231,3 +234,35 @@ def test_plan_reads_the_reference_count_from_the_data(tmp_path):
     )
     assert _references(missing) == 1
     assert _references(load_config(None, [f"data.path={tmp_path / 'nowhere'}"])) == 0
+
+
+def test_fsdp2_processes_each_plan_their_share_and_fit_without_offloading():
+    """Under FSDP2 a process keeps 1/N of each block (as `fully_shard` splits every weight along its first dim), the
+    blocks gathered around their use, the weights outside the blocks, and 1/N of the LoRA and its optimizer state.
+    A budget only the sharded step meets is met by sharding alone: no offload, no 8-bit optimizer, no quantization."""
+    inputs = dataclasses.replace(small_inputs(side=64), transformer_config={**SMALL, "num_layers": 6})
+    inputs = dataclasses.replace(inputs, checkpoint="all")
+    every = memory.plan_memory(inputs)
+    transformer = torch.nn.Module.to(QwenImage21Transformer2DModel(**inputs.transformer_config), torch.bfloat16)
+    shards = 3
+    local = sum(  # this rank's bytes of every block weight as fully_shard pads and splits it
+        math.ceil(p.shape[0] / shards) * p[0].numel() * p.element_size()
+        for block in qmodel.transformer_blocks(transformer)
+        for p in block.parameters()
+    )
+    outside = every.frozen_weights - inputs.num_layers * every.block_weights
+    split = memory_fit.sharded(every, shards)
+    resident = outside + local + memory_fit.GATHERED_BLOCKS * every.block_weights
+    assert abs(split.frozen_weights - resident) <= 0.005 * resident  # fully_shard's padding of uneven first dims
+    assert (split.lora_params, split.optimizer_state) == (
+        math.ceil(every.lora_params / shards),
+        math.ceil(every.optimizer_state / shards),
+    )
+    saved = every.frozen_weights - split.frozen_weights + every.lora_params - split.lora_params
+    assert split.peak == every.peak - saved - (every.optimizer_state - split.optimizer_state) and saved > 0
+    gpu = math.ceil(split.peak * (1 + memory.FRAGMENTATION) + memory.CUDA_CONTEXT_BYTES) + 16
+    assert not every.fits(gpu)  # unsharded, even every block checkpointed is over
+    recipe = memory_fit.fit(dataclasses.replace(inputs, shards=shards), gpu, free={"offload", "optimizer", "quantize"})
+    assert recipe.fits and recipe.plan.offloaded == 0 and recipe.plan.shards == shards
+    assert (recipe.inputs.optimizer, recipe.inputs.quantize) == ("adamw", "none")
+    assert "sharded across 3 processes (FSDP2)" in recipe.describe()

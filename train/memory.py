@@ -93,6 +93,7 @@ class PlanInputs:
     checkpoint: str | list[int] = "all"
     quantize: str = "none"  # model.quantize
     offload_blocks: int = 0  # the first k blocks stream from CPU memory (they must be checkpointed)
+    shards: int = 1  # FSDP2 processes the base and the adapter are sharded across (`memory_fit.sharded`)
     # "cuda": reproduce what the step allocates on a CUDA GPU (CUDA autocast rules, flash/efficient attention,
     # 512-byte granules, the trainer's fused AdamW). "cpu": what the same step allocates on CPU, for testing the tracer.
     profile: str = "cuda"
@@ -163,6 +164,7 @@ class MemoryPlan:
     trace_seconds: float
     block_weights: int = 0  # frozen bytes of one transformer block
     offloaded: int = 0  # blocks whose frozen weights stream from CPU memory
+    shards: int = 1  # FSDP2 processes sharing the weights (`memory_fit.sharded`)
 
     @property
     def host_bytes_per_step(self) -> int:
@@ -204,6 +206,8 @@ class MemoryPlan:
         frag = f"{FRAGMENTATION:.0%}"
         base = str(i.base_dtype).removeprefix("torch.") + ("" if i.quantize == "none" else f", blocks {i.quantize}")
         resident = f"{i.num_layers - self.offloaded} of {i.num_layers} blocks" if self.offloaded else ""
+        if self.shards > 1:
+            resident = f"FSDP2: 1/{self.shards} of each block, plus the blocks gathered around their use"
         rows = [
             (f"frozen weights ({base})", self.frozen_weights, resident),
             (f"LoRA params (fp32, {self.trainable_numel / 1e6:.1f}M)", self.lora_params, ""),

@@ -37,6 +37,8 @@ _8BIT_OPTIMIZER = "adamw8bit"
 _QUANTIZE_ORDER = ("none", "int8", "nf4")
 # The host link the transfer estimate assumes: PCIe 4.0 x16 moves ~25 GB/s of its 32 GB/s in practice.
 HOST_LINK_BYTES_PER_S = 25e9
+# Blocks an FSDP2 process holds whole at once: the one computing and the one prefetched (`sharded`).
+GATHERED_BLOCKS = 2
 
 
 @dataclass
@@ -83,6 +85,8 @@ class Recipe:
         ]
         if k:
             parts.append(f"the first {k} of {n} blocks offloaded to CPU memory")
+        if self.plan.shards > 1:
+            parts.append(f"sharded across {self.plan.shards} processes (FSDP2)")
         parts.append(f"optimizer {self.inputs.optimizer}")
         parts.append("base " + ("unquantized" if self.inputs.quantize == "none" else f"{self.inputs.quantize}"))
         return ", ".join(parts)
@@ -127,7 +131,8 @@ def _fit_rung(rung: PlanInputs, budget: int, free, traced: _TraceCache, offload_
     """Within one (quantization, optimizer): the fewest checkpointed blocks with nothing offloaded, else every block
     checkpointed and the fewest offloaded. Returns the cheapest plan under `budget`, else the most frugal one."""
     n = rung.num_layers
-    can_offload = "offload" in free and rung.quantize != "nf4"  # bitsandbytes' 4-bit weights do not move
+    # bitsandbytes' 4-bit weights do not move; under FSDP2 the shards are the saving
+    can_offload = "offload" in free and rung.quantize != "nf4" and rung.shards == 1
     can_checkpoint_all = "checkpoint" in free or rung.checkpoint == "all"
     if "offload" not in free and offload_given:  # a fixed number of offloaded blocks: all checkpointed
         return memory.with_settings(traced(dataclasses.replace(rung, checkpoint="all")), offload_blocks=offload_given)
@@ -153,6 +158,26 @@ def _fit_rung(rung: PlanInputs, budget: int, free, traced: _TraceCache, offload_
     return plan
 
 
+def sharded(plan: MemoryPlan, shards: int) -> MemoryPlan:
+    """One process's share of a traced (unsharded) step under FSDP2 across `shards` processes, counted, not traced:
+    each holds 1/shards of every block's weights, of the LoRA and of its optimizer state, plus the blocks gathered
+    whole around their use (`GATHERED_BLOCKS`: the one computing and the one prefetched, in forward and in the
+    recompute of backward). The weights outside the blocks (embeddings, final norm and projection) are counted
+    whole: the root module gathers them for the whole step. Gradients are counted whole (conservative)."""
+    if shards <= 1 or plan.shards > 1:
+        return plan
+    blocks = plan.inputs.num_layers * plan.block_weights
+    frozen = plan.frozen_weights - blocks + math.ceil(blocks / shards) + GATHERED_BLOCKS * plan.block_weights
+    frozen = min(frozen, plan.frozen_weights)
+    lora, state = math.ceil(plan.lora_params / shards), math.ceil(plan.optimizer_state / shards)
+    new = dataclasses.replace(
+        plan, inputs=dataclasses.replace(plan.inputs, shards=shards), shards=shards, frozen_weights=frozen,
+        lora_params=lora, optimizer_state=state,
+    )  # fmt: skip
+    new.peak = plan.peak - (plan.frozen_weights - frozen) - (plan.lora_params - lora) - (plan.optimizer_state - state)
+    return new
+
+
 class _TraceCache:
     """`planner` once per (layers, checkpointed blocks, quantization); the optimizer and offload of the inputs are
     applied to the cached trace (`memory.with_settings`)."""
@@ -164,8 +189,9 @@ class _TraceCache:
         ck = inputs.checkpoint
         key = (inputs.num_layers, ck if isinstance(ck, str) else tuple(ck), inputs.quantize)
         if key not in self.plans:
-            self.plans[key] = self.planner(dataclasses.replace(inputs, optimizer="adamw", offload_blocks=0))
-        return memory.with_settings(self.plans[key], optimizer=inputs.optimizer, offload_blocks=inputs.offload_blocks)
+            self.plans[key] = self.planner(dataclasses.replace(inputs, optimizer="adamw", offload_blocks=0, shards=1))
+        plan = memory.with_settings(self.plans[key], optimizer=inputs.optimizer, offload_blocks=inputs.offload_blocks)
+        return sharded(plan, inputs.shards)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -226,11 +252,13 @@ def resolve(
     gpu_bytes: int | None = None,
     prompt_tokens: int = 256,
     plan_fixed: bool = False,
+    shards: int = 1,
     planner: Callable = plan_memory,
 ) -> Recipe | None:
     """The config's memory settings, each `auto` one chosen by `fit` for `gpu_bytes` (default
-    `train.memory_budget_gb`) at the config's largest step (`references` condition images). When nothing is `auto`:
-    the plan of the settings as they are with `plan_fixed`, else None (the launch then plans nothing)."""
+    `train.memory_budget_gb`) at the config's largest step (`references` condition images), for one of `shards`
+    FSDP2 processes. When nothing is `auto`: the plan of the settings as they are with `plan_fixed`, else None (the
+    launch then plans nothing)."""
     gc, k = cfg.train.gradient_checkpointing, cfg.train.offload_blocks
     free = ({"checkpoint"} if gc == "auto" else set()) | ({"offload"} if k == "auto" else set())
     if not free and not plan_fixed:
@@ -240,6 +268,7 @@ def resolve(
         cfg, references=references, prompt_tokens=prompt_tokens, checkpoint=checkpoint
     )
     inputs.offload_blocks = 0 if k == "auto" else k
+    inputs.shards = shards
     gpu = int(cfg.train.memory_budget_gb * GiB) if gpu_bytes is None else gpu_bytes
     return fit(inputs, gpu, free=free, planner=planner)
 
@@ -249,7 +278,7 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1) -> 
     recipe calls after adding LoRA. Offloaded blocks keep their frozen weights in CPU memory (`offload.py`); the
     rest goes to `device`."""
     check_quantize(cfg.model.quantize, torch.device(device).type)  # nf4 loads onto CUDA whatever accelerate chose
-    recipe = resolve(cfg, references)
+    recipe = resolve(cfg, references, shards=num_processes if ranks.fsdp_launch() else 1)
     if recipe is not None and not recipe.fits:
         budget = cfg.train.memory_budget_gb
         raise ConfigError(

@@ -14,6 +14,7 @@ context and allocator fragmentation.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import sys
@@ -47,21 +48,35 @@ def _plan(args) -> int:
     if args.as_configured or args.checkpointing != "config":
         if args.checkpointing != "config":
             cfg.train.gradient_checkpointing = {"all": True, "none": False}.get(args.checkpointing, "auto")
-        recipe = memory_fit.resolve(cfg, references, gpu_bytes=gpu, prompt_tokens=args.prompt_tokens, plan_fixed=True)
+        recipe = memory_fit.resolve(
+            cfg, references, gpu_bytes=gpu, prompt_tokens=args.prompt_tokens, plan_fixed=True, shards=args.processes
+        )
         print(f"as configured, for {gpu / 2**30:.1f} GiB: {recipe.describe()}")
     else:
         inputs = memory.plan_inputs_from_config(cfg, references=references, prompt_tokens=args.prompt_tokens)
+        inputs.shards = args.processes
         recipe = memory_fit.fit(inputs, gpu)
         verdict = "recipe" if recipe.fits else "nothing fits; the most frugal recipe"
         print(f"{verdict} for {gpu / 2**30:.1f} GiB: {recipe.describe()}")
     print(f"  {' '.join(recipe.overrides())}")
+    if args.processes > 1:
+        print(
+            f"  launch: accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes {args.processes} "
+            "train/lora.py --config ..."
+        )
     print(f"  {recipe.transfer_line()}")
     print(recipe.plan.format(gpu))
     print(
         f"(planned on CPU in {time.perf_counter() - start:.0f} s, not measured; on an H100 the bf16 plans came within "
-        "0.5% of the measured peak; offloaded and quantized plans are not yet measured)"
+        "0.5% of the measured peak; offloaded, quantized and FSDP2 plans are not yet measured)"
     )
     return 0 if recipe.fits or not args.check else 1
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes, 1 or more (got {text!r})")
+    return int(text)
 
 
 def _references(cfg) -> int:
@@ -103,13 +118,15 @@ def register(subparsers) -> None:
         action="store_true",
         help="plan the config's own settings (auto ones as the trainer picks them), not the cheapest recipe",
     )
+    p.add_argument(
+        "--processes", type=_positive, default=1,
+        help="FSDP2 processes sharing the base (configs/accelerate/fsdp.yaml); the plan is one process's GPU",
+    )  # fmt: skip
     p.add_argument("--check", action="store_true", help="exit 1 when the step does not fit")
     p.set_defaults(func=_plan)
 
 
 if __name__ == "__main__":  # python train/plan_cli.py --config ...
-    import argparse
-
     parser = argparse.ArgumentParser(prog="qwen-lora")
     register(parser.add_subparsers(dest="command", required=True))
     ns = parser.parse_args(["plan", *sys.argv[1:]])
