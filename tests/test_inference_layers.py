@@ -15,6 +15,7 @@ from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from tests.test_inference_masking import random_mask
+from tests.unchosen import unchosen_seeds
 
 W, H = 160, 96
 
@@ -52,7 +53,7 @@ def test_layers_are_the_subject_cut_out_the_background_and_the_elements(made):
     assert np.abs(background[inside] - np.asarray(image)[inside]).mean() > 5
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", [*range(4), *unchosen_seeds(2)])
 def test_the_subject_is_the_mask_exactly_and_the_background_keeps_none_of_it(gen, monkeypatch, seed):
     """The subject's alpha was the mask shrunk and blurred by the feather, and the background kept the original's
     pixels under the feather band and the soft edge: moving the subject revealed a second one."""
