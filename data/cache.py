@@ -14,18 +14,22 @@ model, the bucket/crop or a caption recomputes exactly the entries that depend o
 `data/dataset.py`'s `SampleEncoder` computes every key through these two functions, for training and for
 `prepare` alike, so what prepare writes is exactly what training looks up.
 
-Layout under `cache_dir` (one folder can hold several models and resolutions side by side):
+Layout under `cache_dir` (by default one folder every run shares, `config.default_cache_dir`, outside any run
+folder; it holds several data sets, models and resolutions side by side):
 
     shards/<run>-r<rank>-<n>.safetensors   up to `items_per_shard` entries, written by one process
     shards/<run>-r<rank>-<n>.json          its index, written after the shard: {"keys": {key: [tensor names]},
                                            "sha256": {key: digest of the entry's tensors}, "bytes": shard size}
     damaged/                               shards `prepare` found cut short, moved aside for inspection
+    verdicts/<data>-<digest>/              the doctor's and prepare's verdicts on one data set (`report.verdicts_dir`)
+    hf-images/                             `hf` dataset images held as bytes, written once as files (`sources.py`)
 
 An entry is a small dict of tensors, stored as `<key>/<name>`: latents {"latents": [1, C, 1, h, w]};
 prompts {"embeds": [1, L, D], "image_pad": [1, L] bool, optional "mask": [1, L]}; in the encoder's dtype. A
 shard and its index are each written atomically, the index last, so an interrupted `prepare` loses at most the
-shard in progress and simply resumes: indexed entries are skipped. Several processes (`accelerate launch`)
-write their own shards into the same folder without coordination; readers merge every index they find.
+shard in progress and simply resumes: indexed entries are skipped. Several processes (`accelerate launch`, or two
+runs at once) write their own shards into the same folder without coordination (`<run>` is random per writer);
+readers merge every index they find.
 Entries that are no longer referenced (an old caption) stay on disk and are harmless.
 
 Verified: a shard whose size differs from its index (cut short, or grown) is named in a warning and none of
@@ -42,7 +46,7 @@ API (`Cache` implements the `get`/`put` protocol `SampleEncoder` uses):
     cache.latents(key) -> Tensor [1, C, 1, h, w]
     cache.embeds(key) -> model.PromptEmbeds     # batch of 1
     cache.put(key, tensors); cache.flush()      # writable caches: buffered, one shard per items_per_shard
-    cache.verify(repair=False) -> {shard: [damaged keys]}
+    cache.verify(repair=False, keys=None) -> {shard: [damaged keys]}
     cache.key_for_image(...) / cache.key_for_prompt(...)   the module functions with model_id bound
 
 Tensors are read lazily through `safetensors.safe_open` (memory-mapped), so peak RAM stays flat however large
@@ -51,6 +55,7 @@ the cache is: only the key -> shard map and at most `items_per_shard` pending en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -258,13 +263,17 @@ class Cache:
                 )
         return None
 
-    def verify(self, repair: bool = False) -> dict[str, list[str]]:
-        """Read and check every stored copy; returns {shard: damaged keys} (a shard left out whole lists all its
-        keys). Damaged copies are forgotten, so their keys count as missing unless another copy is intact.
-        `repair` (one process at a time) rewrites each damaged shard's index without those keys, and moves a
-        shard left out whole, with its index, into `<cache_dir>/damaged/`."""
-        bad = {shard: list(keys) for shard, keys in self._unusable.items()}
+    def verify(self, repair: bool = False, keys: set[str] | None = None) -> dict[str, list[str]]:
+        """Read and check every stored copy (of `keys` only, when given: a shared cache holds other data sets'
+        entries too); returns {shard: damaged keys} (a shard left out whole lists all its keys). Damaged copies are
+        forgotten, so their keys count as missing unless another copy is intact. `repair` rewrites each damaged
+        shard's index without those keys, and moves a shard left out whole, with its index, into
+        `<cache_dir>/damaged/`. Two runs repairing at once do no harm: a file another one moved is skipped, and a
+        rewrite lost to theirs leaves a damaged entry listed, which every read checks and the next verify drops."""
+        bad = {shard: list(names) for shard, names in self._unusable.items()}
         for key, copies in list(self._where.items()):
+            if keys is not None and key not in keys:
+                continue
             for copy in list(copies):
                 if self._read(key, copy) is None:
                     bad.setdefault(copy[0], []).append(key)
@@ -272,17 +281,18 @@ class Cache:
             if not copies:
                 del self._where[key]
         if repair:
-            for shard, keys in bad.items():
+            for shard, damaged in bad.items():
                 index = (self.shards / shard).with_suffix(".json")
-                if shard in self._unusable:
-                    (self.dir / "damaged").mkdir(exist_ok=True)
-                    for f in (index, self.shards / shard):
-                        os.replace(f, self.dir / "damaged" / f.name)
-                    continue
-                data = json.loads(index.read_text())
-                for field in ("keys", "sha256"):
-                    data[field] = {k: v for k, v in data[field].items() if k not in set(keys)}
-                atomic_write_text(index, json.dumps(data))
+                with contextlib.suppress(FileNotFoundError):
+                    if shard in self._unusable:
+                        (self.dir / "damaged").mkdir(exist_ok=True)
+                        for f in (index, self.shards / shard):
+                            os.replace(f, self.dir / "damaged" / f.name)
+                        continue
+                    data = json.loads(index.read_text())
+                    for field in ("keys", "sha256"):
+                        data[field] = {k: v for k, v in data[field].items() if k not in set(damaged)}
+                    atomic_write_text(index, json.dumps(data))
             self._unusable = {}
         return bad
 

@@ -24,22 +24,23 @@ def _load(target: str, overrides):
 
 def _doctor(args) -> int:
     from qwen_image_lora.data.doctor import diagnose
+    from qwen_image_lora.data.report import verdicts_dir
 
     cfg = _load(args.target, args.overrides)
     report = diagnose(cfg)
     print(report.table())
     written = []
-    from_config = args.target.endswith((".yaml", ".yml"))
-    if from_config and cfg.data.cache_dir:
-        # Where prepare and training look for exclusions.
-        report.write_json(Path(cfg.data.cache_dir) / "doctor.json")
-        written.append(str(Path(cfg.data.cache_dir) / "doctor.json"))
+    # From a config: where prepare and training look for exclusions (per data set, in the shared cache).
+    verdicts = verdicts_dir(cfg) if args.target.endswith((".yaml", ".yml")) else None
+    if verdicts:
+        report.write_json(verdicts / "doctor.json")
+        written.append(str(verdicts / "doctor.json"))
     if args.json:
         report.write_json(args.json)
         written.append(args.json)
     html = args.html
-    if html is None and from_config and report.pairs and cfg.data.cache_dir:
-        html = str(Path(cfg.data.cache_dir) / "edit_pairs.html")
+    if html is None and verdicts and report.pairs:
+        html = str(verdicts / "edit_pairs.html")
     if html and report.pairs:
         report.write_html(html)
         written.append(html)
@@ -93,7 +94,7 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--strict", action="store_true", help="exit 1 when any item has an error")
     p.add_argument("--json", default=None, help="also write the report here")
-    p.add_argument("--html", default=None, help="contact sheet of edit pairs (default: <cache_dir>/edit_pairs.html)")
+    p.add_argument("--html", default=None, help="contact sheet of edit pairs (default: beside doctor.json)")
     p.set_defaults(func=_doctor)
 
     p = sub.add_parser("prepare", help="encode latents and prompt embeddings once into data.cache_dir")

@@ -367,6 +367,7 @@ def build_training_data(
     logger.info("buckets (%d items):\n%s", len(train_ids), histogram([entries[i].target.bucket for i in train_ids]))
     if cache is None and cfg.data.cache_dir and (Path(cfg.data.cache_dir) / "shards").is_dir():
         # A prepared cache: read it, and add what is missing (new captions, new items) as this rank's shards.
+        logger.info("data cache: %s", cfg.data.cache_dir)
         cache = Cache(
             cfg.data.cache_dir, model_identity(cfg.model), writable=True, rank=rank, items_per_shard=cfg.data.shard_size
         )

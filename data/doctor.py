@@ -4,7 +4,7 @@
     print(report.table()); report.write_json(path); report.write_html(path)
 
 Never touches the user's files: items with an error are *excluded* (listed in the report, skipped by
-`prepare` and by training, which read `<cache_dir>/doctor.json`); warnings are kept. Training screens items
+`prepare` and by training, which read `verdicts_dir(cfg)/doctor.json`); warnings are kept. Training screens items
 with `screen_items`: the per-item checks (`check_item`) on every item the doctor has not judged as it is now.
 What is checked:
 
@@ -42,7 +42,7 @@ from transformers import AutoTokenizer
 from qwen_image_lora.config import Config
 from qwen_image_lora.data import similarity as sim
 from qwen_image_lora.data.buckets import assign_bucket
-from qwen_image_lora.data.report import Report, past_verdicts, thumbnail
+from qwen_image_lora.data.report import Report, past_verdicts, thumbnail, verdicts_dir
 from qwen_image_lora.data.sources import Item, format_caption, load_items
 from qwen_image_lora.images import INPUT_FORMATS, ImageInputError, read_with_header
 from qwen_image_lora.model import check_pretrained
@@ -239,7 +239,7 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
     judged in their current state; every other item gets the doctor's per-item checks here, and each one with
     an error is skipped with one warning naming it and why; one whose content its extension misnames (a GIF named
     .png) is kept with a warning saying what it is."""
-    judged, excluded = past_verdicts(cfg.data.cache_dir, cfg.data.path)
+    judged, excluded = past_verdicts(verdicts_dir(cfg), cfg.data.path)
     keep, skipped, by_doctor = [], [], []
     report = Report(str(cfg.data.path), 0)
     for item in items:
@@ -263,10 +263,10 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
         keep.append(item)
     if by_doctor:  # the doctor already printed these; one line here
         logger.info(
-            "%d items left out as the data doctor excluded them (e.g. %s); see %s/doctor.json",
+            "%d items left out as the data doctor excluded them (e.g. %s); see %s",
             len(by_doctor),
             ", ".join(it.id for it in by_doctor[:3]),
-            cfg.data.cache_dir,
+            verdicts_dir(cfg) / "doctor.json",
         )
     return keep, skipped
 

@@ -2,15 +2,16 @@
 
     stats = prepare(cfg)     # or under `accelerate launch`: each process takes every world-th item
 
-Steps: the doctor reads everything and excludes bad items (its report goes to `<cache_dir>/doctor.json`, where
-training finds the exclusions); buckets and crops are planned exactly as training plans them
+Steps: the doctor reads everything and excludes bad items (its report goes to `doctor.json` in
+`report.verdicts_dir`, where training finds the exclusions; when no file changed since it was written, that
+verdict stands and no image is read again); buckets and crops are planned exactly as training plans them
 (`dataset.plan_entries`); then, for each item and every text it can train with (each caption after the
 template, plus "" under caption dropout), `dataset.TrainingDataset.sample` runs the same `SampleEncoder` that
 training runs, on a writable `Cache`. Encoding goes only through `model.encode_latents` / `encode_prompt`.
-Existing shards are verified first (`Cache.verify`): damaged entries are dropped and re-encoded. Entries already
-in the cache are skipped, which is what makes a changed caption cost one embedding and an
-interrupted run resume. An item that still fails to encode is recorded in `<cache_dir>/prepare-r<rank>.json`
-(and left out of training) instead of stopping the run.
+The entries this data needs are verified first (`Cache.verify`): damaged ones are dropped and re-encoded. Entries
+already in the cache are skipped, which is what makes a changed caption cost one embedding, an interrupted run
+resume and a run in a new output_dir encode nothing. An item that still fails to encode is recorded in
+`prepare-r<rank>.json` beside `doctor.json` (and left out of training) instead of stopping the run.
 
 `data.prepare_batch_size` > 1 first fills the cache in batches (`_encode_together`): items of one layout together,
 up to that many same-size images per `encode_latents` call and text-to-image prompts per `encode_prompt` call, each
@@ -31,8 +32,8 @@ from qwen_image_lora.config import Config
 from qwen_image_lora.data.buckets import histogram
 from qwen_image_lora.data.cache import Cache, model_identity
 from qwen_image_lora.data.dataset import SampleEncoder, TrainingDataset, plan_entries
-from qwen_image_lora.data.doctor import diagnose
-from qwen_image_lora.data.report import Report
+from qwen_image_lora.data.doctor import diagnose, fingerprint
+from qwen_image_lora.data.report import Report, read_report, verdicts_dir
 from qwen_image_lora.data.sources import load_items
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.io import atomic_write_text
@@ -70,14 +71,20 @@ def prepare(
     d = cfg.data
     if not d.cache_dir:
         raise InputError("data.cache_dir: not set; prepare needs a folder for the cache", "data.cache_dir")
-    cache_dir = Path(d.cache_dir)
+    cache_dir, verdicts = Path(d.cache_dir), verdicts_dir(cfg)
     items = load_items(d)
-    if report is None:
+    past = read_report(verdicts / "doctor.json") if report is None else None
+    unchanged = past is not None and _still_holds(past, items)
+    if unchanged:
+        report = past
+    elif report is None:
         report = diagnose(cfg, items, contact_sheet=False)
     if rank == 0:
-        report.write_json(cache_dir / "doctor.json")
+        if not unchanged:
+            report.write_json(verdicts / "doctor.json")
         # The doctor's table is `data doctor`'s to print; here one line says what it found and where to look.
-        log(f"data doctor: {report.summary()}; details: `qwen-lora data doctor` or {cache_dir / 'doctor.json'}")
+        again = " (no file changed since it ran)" if unchanged else ""
+        log(f"data doctor{again}: {report.summary()}; details: `qwen-lora data doctor` or {verdicts / 'doctor.json'}")
     clean = [it for it in items if it.id not in report.excluded]
     entries, skipped = plan_entries(clean, cfg)
     failed = {item.id: reason for item, reason in skipped}
@@ -89,19 +96,19 @@ def prepare(
     model_id = model_identity(cfg.model)
     stats = PrepareStats()
     with Cache(cache_dir, model_id, writable=True, rank=rank, items_per_shard=d.shard_size) as cache:
-        # Damaged entries are forgotten here, so the loop below re-encodes them; one process repairs the indexes.
-        damaged = cache.verify(repair=rank == 0)
-        stats.damaged = sum(len(keys) for keys in damaged.values())
         encoder = SampleEncoder(pipe, model_id, cache)
         dataset = TrainingDataset(entries, cfg, encoder)
         mine = range(rank, len(entries), world_size)
+        needs = {index: _needed_keys(dataset, index) for index in mine}
+        # Damaged entries are forgotten here, so the loop below re-encodes them; one process repairs the indexes.
+        damaged = cache.verify(repair=rank == 0, keys=set().union(*needs.values()))
+        stats.damaged = sum(len(keys) for keys in damaged.values())
         stats.items = len(mine)
         desc = f"prepare [{rank}]" if world_size > 1 else "prepare"
         with progress_bar(len(mine), desc=desc, unit="item", enabled=progress and rank == 0) as bar:
             todo = []
             for index in mine:
-                keys = [dataset.keys(index, t) for t in dataset.texts_for(index)]
-                if all(cache.has(k) for t_key, s_keys, p_key in keys for k in (t_key, *s_keys, p_key)):
+                if all(cache.has(k) for k in needs[index]):
                     stats.cached += 1
                     bar.update(1)
                 else:
@@ -127,7 +134,7 @@ def prepare(
         stats.prompts_encoded = encoder.encoded["prompts"]
     stats.failed = {k: v for k, v in failed.items()}
     atomic_write_text(
-        cache_dir / f"prepare-r{rank:03d}.json",
+        verdicts / f"prepare-r{rank:03d}.json",
         json.dumps(
             {"data_path": str(d.path), "excluded": {k: ["prepare-failed: " + v] for k, v in stats.failed.items()}},
             indent=1,
@@ -139,6 +146,22 @@ def prepare(
             f"buckets (prepared):\n{histogram([e.target.bucket for e in entries])}" if entries else "nothing to prepare"
         )
     return stats
+
+
+def _still_holds(report: Report, items: list) -> bool:
+    """Whether the doctor's last verdict on these items stands: the same items, no file changed since (the checks
+    across items, duplicates among them, depend on every item), and caption lengths were checked."""
+    fresh = {item.id: fingerprint(item) for item in items}
+    return report.judged == fresh and "tokenizer-unavailable" not in report.codes()
+
+
+def _needed_keys(dataset: TrainingDataset, index: int) -> set[str]:
+    """The cache keys an item trains with: target and reference latents and the prompt, for each of its texts."""
+    keys = set()
+    for text in dataset.texts_for(index):
+        target, sources, prompt = dataset.keys(index, text)
+        keys.update((target, *sources, prompt))
+    return keys
 
 
 def _batches(dataset: TrainingDataset, indices: list[int], size: int) -> list[list[int]]:

@@ -1,24 +1,39 @@
 """The data doctor's report: findings, exclusions and buckets, printed as a table, a one-line summary, JSON
-(`<cache_dir>/doctor.json`, where `prepare` and training find the verdicts) and an HTML contact sheet of edit
-pairs. `past_verdicts` reads those verdicts back for training."""
+(`doctor.json`, where `prepare` and training find the verdicts) and an HTML contact sheet of edit pairs.
+`past_verdicts` reads those verdicts back for training.
+
+Verdicts live in `verdicts_dir(cfg)`: `<cache_dir>/verdicts/<data name>-<digest>/` (doctor.json, prepare-r*.json,
+edit_pairs.html), the digest over the data source and every setting a verdict depends on. Data sets (or settings)
+sharing one cache never read each other's verdicts, and a later run on the same data, in any output_dir, finds them.
+"""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
+import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from qwen_image_lora.config import Config
 from qwen_image_lora.data.buckets import histogram
 from qwen_image_lora.io import atomic_write_text
 
 GROUP_AT = 4  # a code found on this many items or more is printed as one line with a count and examples
 EXAMPLES = 3
+# What decides an item's verdict besides its files: how items are listed, how pixels and captions are made, the
+# doctor's limits, the buckets (prepare's plan) and the model (its tokenizer counts caption tokens).
+VERDICT_DATA = (
+    "path", "format", "columns", "split", "alpha", "background", "trigger_word", "caption_template",
+    "resolution", "max_upscale", "min_side", "max_aspect", "max_megapixels", "max_caption_tokens",
+)  # fmt: skip
+VERDICT_MODEL = ("pretrained", "revision")
 
 
 @dataclass
@@ -76,6 +91,18 @@ class Report:
             "buckets": [{"size": list(b), "count": n} for b, n in self.buckets.most_common()],
             "judged": self.judged,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Report:
+        """The report `to_dict` wrote (without the contact sheet's rows)."""
+        return cls(
+            data["data_path"],
+            data["summary"]["items"],
+            [Finding(**f) for f in data["findings"]],
+            data["excluded"],
+            Counter({tuple(b["size"]): b["count"] for b in data["buckets"]}),
+            judged=data["judged"],
+        )
 
     def write_json(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
@@ -163,15 +190,34 @@ def thumbnail(image: Image.Image, side: int = 160) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def past_verdicts(cache_dir: str | Path | None, data_path: str | None) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """(judged, excluded) for the data at `data_path`: the fingerprints of the items the last doctor run judged
-    (`<cache_dir>/doctor.json`), and the items to leave out: those it excluded plus those `prepare` failed to
-    encode (`<cache_dir>/prepare-r*.json`)."""
+def verdicts_dir(cfg: Config) -> Path | None:
+    """Where the doctor's and prepare's verdicts on `cfg.data` live (see the module docstring); None without a cache."""
+    if not cfg.data.cache_dir:
+        return None
+    settings = {"data": {k: getattr(cfg.data, k) for k in VERDICT_DATA}}
+    settings["model"] = {k: getattr(cfg.model, k) for k in VERDICT_MODEL}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r"[^\w.-]+", "_", Path(str(cfg.data.path)).name)[:40]  # only to help a reader find their data set
+    return Path(cfg.data.cache_dir) / "verdicts" / f"{name}-{digest}"
+
+
+def read_report(path: str | Path) -> Report | None:
+    """A report written by `write_json`; None when it is missing or unreadable."""
+    try:
+        return Report.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def past_verdicts(folder: str | Path | None, data_path: str | None) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(judged, excluded) for the data at `data_path`, from `folder` (`verdicts_dir`): the fingerprints of the items
+    the last doctor run judged (`doctor.json`), and the items to leave out: those it excluded plus those `prepare`
+    failed to encode (`prepare-r*.json`)."""
     judged: dict[str, str] = {}
     excluded: dict[str, list[str]] = {}
-    if not cache_dir or not Path(cache_dir).is_dir():
+    if not folder or not Path(folder).is_dir():
         return judged, excluded
-    for path in [Path(cache_dir) / "doctor.json", *sorted(Path(cache_dir).glob("prepare-r*.json"))]:
+    for path in [Path(folder) / "doctor.json", *sorted(Path(folder).glob("prepare-r*.json"))]:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -9,6 +9,7 @@ config file. `${dotted.key}` in a string is replaced by that key's value (e.g. `
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,18 @@ from qwen_image_lora.knobs import SamplingConfig, SettingError, check_image_coun
 from qwen_image_lora.typed_yaml import ConfigError
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-2.1"
+CACHE_ENV = "QWEN_LORA_CACHE"
+
+
+def default_cache_dir() -> str:
+    """The data cache every run shares unless its config names one: $QWEN_LORA_CACHE, else
+    $XDG_CACHE_HOME/qwen-image-lora, else ~/.cache/qwen-image-lora. It sits outside any run folder, so a run in a
+    new output_dir finds what earlier runs encoded and screened (entries are keyed by content, verdicts by data set)."""
+    folder = (
+        os.environ.get(CACHE_ENV)
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-image-lora"
+    )
+    return str(Path(folder).expanduser().absolute())  # a relative $QWEN_LORA_CACHE means the working folder's
 
 
 # Metadata of a field (or a whole section) that a resume must not change: it changes the maths of the run, so a
@@ -125,7 +138,8 @@ class DataConfig:
     caption_template: str = _fixed("{caption}")
     caption_dropout: float = _fixed(0.0)
     repeats: int = _fixed(1)
-    cache_dir: str | None = _path("${output_dir}/cache")
+    # Latents, embeddings and the doctor's verdicts (`default_cache_dir`); null: none, training encodes in memory.
+    cache_dir: str | None = _path(dataclasses.MISSING, default_factory=default_cache_dir)
     num_workers: int = 0
     # `data doctor` limits: items beyond them are excluded from prepare and training (never deleted).
     min_side: int = _fixed(64)

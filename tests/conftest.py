@@ -16,6 +16,7 @@ from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from qwen_image_lora.config import CACHE_ENV
 from qwen_image_lora.model import load_pipeline
 from qwen_image_lora.sample_data import make_sample_data
 from qwen_image_lora.tiny_model import make_tiny_model
@@ -23,6 +24,23 @@ from qwen_image_lora.tiny_model import make_tiny_model
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_data_cache(tmp_path_factory):
+    """The default data cache of module-scoped fixtures (a run trained once per file): see `data_cache`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("data-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    """Each test's own default data cache (`data.cache_dir`, through $QWEN_LORA_CACHE, which the processes a test
+    starts inherit): no test writes the user's ~/.cache, or finds what another test encoded and screened."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    monkeypatch.setenv(CACHE_ENV, str(folder))
+    return folder
 
 
 @pytest.fixture(scope="session")

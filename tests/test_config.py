@@ -21,6 +21,22 @@ def test_shipped_configs_load():
     assert load_config("configs/brand.yaml").model.pretrained == "Qwen/Qwen-Image-2.1"
 
 
+def test_the_data_cache_is_one_folder_outside_any_run_unless_the_config_names_one(tmp_path, monkeypatch):
+    """Runs in different output_dirs share one cache (#26 item 14): $QWEN_LORA_CACHE, else $XDG_CACHE_HOME, else
+    ~/.cache; a cache_dir in the config, or null, wins."""
+    monkeypatch.setenv("QWEN_LORA_CACHE", str(tmp_path / "env"))
+    runs = [load_config(None, [f"output_dir={tmp_path / run}"]).data.cache_dir for run in ("a", "b")]
+    assert runs == [str(tmp_path / "env")] * 2
+    monkeypatch.delenv("QWEN_LORA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert load_config(None).data.cache_dir == str(tmp_path / "xdg" / "qwen-image-lora")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load_config(None).data.cache_dir == str(tmp_path / "home" / ".cache" / "qwen-image-lora")
+    assert load_config(write(tmp_path, "data:\n  cache_dir: mine\n")).data.cache_dir == str(tmp_path / "mine")
+    assert load_config(None, ["data.cache_dir=null"]).data.cache_dir is None
+
+
 def test_unknown_key_names_field_and_suggests(tmp_path):
     p = write(tmp_path, "lora:\n  rnak: 8\n")
     with pytest.raises(ConfigError, match=r"unknown key 'lora.rnak'; did you mean 'lora.rank'"):
@@ -131,11 +147,12 @@ def test_overrides_apply_with_types(tmp_path):
 def test_paths_resolve_relative_to_config_and_interpolate(tmp_path):
     sub = tmp_path / "configs"
     sub.mkdir()
-    cfg = load_config(write(sub, "output_dir: ../runs/x\nmodel:\n  pretrained: ../models/tiny\ndata:\n  path: data\n"))
+    text = "output_dir: ../runs/x\nmodel:\n  pretrained: ../models/tiny\ndata:\n  path: data\n  cache_dir: ${output_dir}/c\n"
+    cfg = load_config(write(sub, text))
     assert cfg.output_dir == str(tmp_path / "runs" / "x")
     assert cfg.model.pretrained == str(tmp_path / "models" / "tiny")
     assert cfg.data.path == str(sub / "data")
-    assert cfg.data.cache_dir == str(tmp_path / "runs" / "x" / "cache")  # default "${output_dir}/cache"
+    assert cfg.data.cache_dir == str(tmp_path / "runs" / "x" / "c")
     # hub ids are left alone
     assert (
         load_config(write(sub, "model:\n  pretrained: Qwen/Qwen-Image-2.1\n", "h.yaml")).model.pretrained

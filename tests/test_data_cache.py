@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +15,12 @@ from PIL import Image
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import load_config
+from qwen_image_lora.data import doctor
 from qwen_image_lora.data.cache import Cache, key_for_image, key_for_prompt, model_identity
 from qwen_image_lora.data.dataset import build_training_data
+from qwen_image_lora.data.doctor import probe_image
 from qwen_image_lora.data.prepare import prepare
+from qwen_image_lora.data.report import verdicts_dir
 from qwen_image_lora.data.sources import open_image
 from qwen_image_lora.io import WriteError, describe_write_error
 from tests.test_data_doctor import make_bad_folder
@@ -91,7 +95,7 @@ def test_prepare_survives_bad_data_and_caches_clean_items(tmp_path, tiny_pipe, t
     cfg = _cfg(root, tiny_model_dir, tmp_path, "data.trigger_word=qwnbrand", "data.alpha=keep")
     printed = []
     stats = prepare(cfg, tiny_pipe, progress=False, log=printed.append)
-    doctor = json.loads((tmp_path / "out" / "cache" / "doctor.json").read_text())
+    doctor = json.loads((verdicts_dir(cfg) / "doctor.json").read_text())
     clean = doctor["summary"]["clean"]
     # the exact duplicate is excluded (trained once), so every clean item has its own latents
     assert "copy_of_good0.png" in doctor["excluded"] and "good0.png" not in doctor["excluded"]  # the later file
@@ -133,11 +137,75 @@ def test_changed_caption_reembeds_one_item_and_resume(
     assert (third.latents_encoded, third.prompts_encoded) == (0, 1)
     assert count_encodes["prompts"] == before["prompts"] + 1 and count_encodes["latents"] == before["latents"]
     # interrupted: drop the newest shard + index, as a kill before its flush would; the rerun redoes only that
-    shards = sorted((tmp_path / "out" / "cache" / "shards").glob("*.json"))
+    shards = sorted((Path(cfg.data.cache_dir) / "shards").glob("*.json"))
     lost = len(json.loads(shards[0].read_text())["keys"])
     shards[0].unlink()
     fourth = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
     assert 0 < fourth.latents_encoded + fourth.prompts_encoded <= lost
+
+
+NO_ENCODERS = type("P", (), {"vae": None, "text_encoder": None})()  # training from the cache alone
+
+
+def test_a_run_in_a_new_output_dir_encodes_and_screens_nothing_and_still_drops_the_duplicate(
+    tmp_path, tiny_pipe, tiny_model_dir, count_encodes, monkeypatch
+):
+    """#26 item 14: the default cache lives outside the run folder, so the run after `already holds a run` (a new
+    output_dir) reuses the first run's latents, embeddings and verdicts; its duplicate is excluded as before."""
+    root = tmp_path / "bad"
+    make_bad_folder(root)
+    first, second = (_cfg(root, tiny_model_dir, tmp_path / run) for run in ("first", "second"))
+    stats = prepare(first, tiny_pipe, progress=False, log=lambda *_: None)
+    skipped = {item.id for item, _ in build_training_data(first, NO_ENCODERS).skipped}
+    assert "copy_of_good0.png" in skipped and "good0.png" not in skipped
+    encoded, probed = dict(count_encodes), []
+    monkeypatch.setattr(doctor, "probe_image", lambda *a: probed.append(a[0]) or probe_image(*a))
+    data = build_training_data(second, NO_ENCODERS)  # its training alone: trusts the doctor, needs no encoder
+    assert {item.id for item, _ in data.skipped} == skipped and data.uncached_entries() == 0
+    printed = []
+    again = prepare(second, tiny_pipe, progress=False, log=printed.append)
+    assert again.items == again.cached == stats.items and (again.latents_encoded, again.prompts_encoded) == (0, 0)
+    assert count_encodes == encoded and probed == []  # no encoder ran, no image was screened again
+    assert printed[0].startswith("data doctor (no file changed since it ran):")
+
+
+def test_verdicts_are_kept_per_data_set_and_per_settings(tmp_path, tiny_pipe, tiny_model_dir):
+    """Two data sets, or one data set under other doctor limits, share the cache but never each other's verdicts."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_bad_folder(a)
+    make_bad_folder(b)  # the same item names, so only the data source tells the verdicts apart
+    cfg_a, cfg_b = _cfg(a, tiny_model_dir, tmp_path), _cfg(b, tiny_model_dir, tmp_path)
+    prepare(cfg_a, tiny_pipe, progress=False, log=lambda *_: None)
+    # under a lower data.min_side, the item A's doctor found too small is judged afresh, and trains
+    smaller = _cfg(a, tiny_model_dir, tmp_path, "data.min_side=16")
+    assert verdicts_dir(smaller) != verdicts_dir(cfg_a)
+    assert "tiny.png" in {e.item.id for e in build_training_data(smaller, tiny_pipe).dataset.entries}
+    # B's doctor run does not replace A's: A still leaves its duplicate out without checking anything again
+    prepare(cfg_b, tiny_pipe, progress=False, log=lambda *_: None)
+    assert verdicts_dir(cfg_a) != verdicts_dir(cfg_b)
+    assert "copy_of_good0.png" in {item.id for item, _ in build_training_data(cfg_a, NO_ENCODERS).skipped}
+
+
+def test_qwen_lora_cache_moves_the_default_cache(tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir, monkeypatch):
+    monkeypatch.setenv("QWEN_LORA_CACHE", str(tmp_path / "moved"))
+    cfg = _cfg(sample_data_dir / "brand", tiny_model_dir, tmp_path)
+    printed = []
+    prepare(cfg, tiny_pipe, progress=False, log=printed.append)
+    assert list((tmp_path / "moved" / "shards").glob("*.safetensors")) and not (tmp_path / "out").exists()
+    assert str(tmp_path / "moved" / "verdicts") in printed[0]  # the doctor's line says where the cache is
+
+
+def test_two_runs_repairing_the_shared_cache_at_once_both_finish(tmp_path):
+    """Two runs' `prepare` can verify the shared cache together: both find a cut-short shard, and the one that moves
+    it aside second finds it gone instead of failing."""
+    with Cache(tmp_path, "m1", writable=True, items_per_shard=2) as cache:
+        for i in range(4):
+            cache.put(f"k{i}", {"latents": torch.full((1, 4, 1, 2, 2), float(i))})
+    shard = sorted((tmp_path / "shards").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-8])
+    first, second = Cache(tmp_path, "m1", writable=True), Cache(tmp_path, "m1", writable=True)
+    assert first.verify(repair=True) == second.verify(repair=True) == {shard.name: ["k0", "k1"]}
+    assert sorted(Cache(tmp_path, "m1").keys()) == ["k2", "k3"] and len(list((tmp_path / "damaged").iterdir())) == 2
 
 
 def test_alpha_keep_caches_the_latents_of_the_files_own_alpha(tmp_path, tiny_pipe, tiny_model_dir):
@@ -200,7 +268,7 @@ def test_edit_markers_keep_their_latent_position(tmp_path, tiny_pipe, tiny_model
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_cache(tmp_path, tiny_model_dir, sample_data_dir):
+def test_two_processes_share_one_cache(tmp_path, tiny_model_dir, sample_data_dir, data_cache):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         f"output_dir: {tmp_path}/out\nmodel: {{pretrained: {tiny_model_dir}, dtype: float32}}\n"
@@ -229,7 +297,7 @@ def test_two_processes_share_one_cache(tmp_path, tiny_model_dir, sample_data_dir
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    shards = list((tmp_path / "out" / "cache" / "shards").glob("*.json"))
+    shards = list((data_cache / "shards").glob("*.json"))  # the default cache, shared by both processes
     ranks = {p.name.split("-r")[1][:3] for p in shards}
     assert ranks == {"000", "001"}
     c = load_config(str(cfg))

@@ -11,6 +11,7 @@ from PIL import Image
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import load_config
 from qwen_image_lora.data.doctor import diagnose, probe_image
+from qwen_image_lora.data.report import verdicts_dir
 from qwen_image_lora.data.similarity import dhash, hamming, phase_correlation, phash
 from qwen_image_lora.sample_data import BRAND_PALETTE, PRODUCTS, draw_product
 
@@ -215,7 +216,7 @@ def test_cli_strict_json_html(bad_folder, tiny_model_dir, tmp_path, capsys):
     assert "truncated.jpg" in out and "missing-caption" in out
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["summary"]["excluded"] >= 6 and "truncated.jpg" in data["excluded"]
-    assert (tmp_path / "out" / "cache" / "doctor.json").is_file()  # where prepare and training find exclusions
+    assert (verdicts_dir(load_config(cfg_path)) / "doctor.json").is_file()  # where prepare and training look
     manifest = make_edit_pairs(tmp_path / "edits")
     assert main(["data", "doctor", str(manifest), "--html", str(tmp_path / "pairs.html")]) == 0
     assert (tmp_path / "pairs.html").read_text().startswith("<!doctype html>")

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from qwen_image_lora.config import ConfigError, load_config
 from qwen_image_lora.data.cache import Cache, model_identity
 from qwen_image_lora.data.doctor import diagnose
 from qwen_image_lora.data.prepare import prepare
+from qwen_image_lora.data.report import verdicts_dir
 from qwen_image_lora.sample_data import draw_product
 from tests.test_faults_data import _overwrite_latents
 
@@ -141,7 +143,7 @@ def test_batched_prepare_writes_the_one_at_a_time_cache(
 def test_damaged_entry_is_reencoded_in_a_batched_prepare(one_at_a_time, tmp_path, tiny_pipe, tiny_model_dir, manifest):
     cfg = _cfg(manifest, tiny_model_dir, tmp_path, 4)
     prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
-    _overwrite_latents(sorted((tmp_path / "cache" / "shards").glob("*.safetensors"))[1])
+    _overwrite_latents(sorted((Path(cfg.data.cache_dir) / "shards").glob("*.safetensors"))[1])
     again = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
     assert again.damaged == 1 and (again.latents_encoded, again.prompts_encoded) == (1, 0)
     _assert_same_cache(_entries(cfg), one_at_a_time[1])
@@ -151,7 +153,7 @@ def test_ranks_each_batch_their_own_share(one_at_a_time, tmp_path, tiny_pipe, ti
     cfg = _cfg(manifest, tiny_model_dir, tmp_path, 4)
     shares = [prepare(cfg, tiny_pipe, rank=r, world_size=2, progress=False, log=lambda *_: None) for r in (0, 1)]
     assert [s.items for s in shares] == [11, 11] and not any(s.failed for s in shares)
-    assert {p.stem.split("-")[-2] for p in (tmp_path / "cache" / "shards").glob("*.json")} == {"r000", "r001"}
+    assert {p.stem.split("-")[-2] for p in (Path(cfg.data.cache_dir) / "shards").glob("*.json")} == {"r000", "r001"}
     _assert_same_cache(_entries(cfg), one_at_a_time[1])
 
 
@@ -169,7 +171,7 @@ def test_a_corrupt_image_in_a_batch_is_named_and_its_batch_mates_cached(
         stats = prepare(cfg, tiny_pipe, report=report, progress=False, log=lambda *_: None)
     assert any("a batch of" in r.getMessage() for r in caplog.records)  # the batch failed, then went one by one
     assert list(stats.failed) == ["000.png"] and "truncated" in stats.failed["000.png"]
-    recorded = json.loads((tmp_path / "out" / "cache" / "prepare-r000.json").read_text())["excluded"]
+    recorded = json.loads((verdicts_dir(cfg) / "prepare-r000.json").read_text())["excluded"]
     assert list(recorded) == ["000.png"]
     # every other item, its batch-mates included, is complete: a rerun finds them cached and retries only the bad one
     again = prepare(cfg, tiny_pipe, report=report, progress=False, log=lambda *_: None)

@@ -6,6 +6,7 @@ import json
 import logging
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from qwen_image_lora.data.cache import CacheDamaged
 from qwen_image_lora.data.dataset import MemoryCache, build_training_data
 from qwen_image_lora.data.doctor import diagnose
 from qwen_image_lora.data.prepare import prepare
+from qwen_image_lora.data.report import verdicts_dir
 from qwen_image_lora.data.sources import DataError, load_items
 
 
@@ -149,7 +151,7 @@ def test_training_trusts_the_doctor_only_for_files_it_judged(tmp_path, tiny_pipe
     make_messy_folder(tmp_path / "messy")
     cfg = _cfg(tmp_path / "messy", tiny_model_dir, tmp_path)
     report = diagnose(cfg, tokenizer=None)
-    report.write_json(tmp_path / "out" / "cache" / "doctor.json")
+    report.write_json(verdicts_dir(cfg) / "doctor.json")
     # damaged after the doctor ran: training must check it again
     good3 = tmp_path / "messy" / "good3.png"
     good3.write_bytes(good3.read_bytes()[:200])
@@ -184,7 +186,7 @@ def prepared(tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir):
     cfg = _cfg(sample_data_dir / "brand", tiny_model_dir, tmp_path, "data.shard_size=4")
     first = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
     assert first.latents_encoded == first.items and first.damaged == 0
-    return cfg, sorted((tmp_path / "out" / "cache" / "shards").glob("*.safetensors"))
+    return cfg, sorted((Path(cfg.data.cache_dir) / "shards").glob("*.safetensors"))
 
 
 def test_prepare_verifies_shards_and_reencodes_damaged_entries(prepared, tiny_pipe, caplog):

@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 
 from qwen_image_lora import cli
 from qwen_image_lora.cli import main
+from qwen_image_lora.config import load_config
+from qwen_image_lora.data.report import verdicts_dir
 from qwen_image_lora.io import WriteError, atomic_dir, atomic_path, atomic_write_text, describe_write_error, iter_jsonl
 
 
@@ -104,7 +106,7 @@ def test_doctor_with_an_unwritable_cache_dir_is_one_error_line_and_exit_2(tmp_pa
     )
     assert main(["data", "doctor", str(cfg)]) == 2  # was an OSError traceback naming '.doctor.json.XXXX.json' (rc 1)
     err = capsys.readouterr().err.strip().splitlines()
-    target = tmp_path / "blocked" / "cache" / "doctor.json"
+    target = verdicts_dir(load_config(cfg)) / "doctor.json"  # under blocked/cache
     assert err == [
         f"error: could not write {target}: a part of that path is a file, not a folder; choose a folder path and retry"
     ]
