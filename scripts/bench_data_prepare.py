@@ -111,6 +111,7 @@ def main() -> None:
                         f"data.resolution={args.resolution}",
                         "data.min_side=16",
                         f"output_dir={out}",
+                        f"data.cache_dir={out}/cache",  # each measurement from an empty cache, not the shared one
                         f"data.prepare_batch_size={bs}",
                     ]
                     row = run_child(overrides, env)

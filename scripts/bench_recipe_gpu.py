@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-recipe-") as tmp:
         data = make_sample_data(Path(tmp) / "data")
         overrides = [
-            f"model.pretrained={model}", "model.dtype=bfloat16", f"output_dir={tmp}/run",
+            f"model.pretrained={model}", "model.dtype=bfloat16", f"output_dir={tmp}/run", f"data.cache_dir={tmp}/cache",
             f"data.path={data / ('edits/manifest.jsonl' if args.edit else 'brand')}",
             "data.resolution=1024", "data.max_upscale=8", "data.caption_dropout=0",  # small samples -> 1024² buckets
             "train.batch_size=1", "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
