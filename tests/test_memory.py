@@ -266,3 +266,16 @@ def test_fsdp2_processes_each_plan_their_share_and_fit_without_offloading():
     assert recipe.fits and recipe.plan.offloaded == 0 and recipe.plan.shards == shards
     assert (recipe.inputs.optimizer, recipe.inputs.quantize) == ("adamw", "none")
     assert "sharded across 3 processes (FSDP2)" in recipe.describe()
+
+
+def test_under_fsdp2_the_planner_never_reaches_for_what_does_not_shard():
+    """fully_shard cannot split torchao or bitsandbytes weights, nor bitsandbytes' 8-bit optimizer state: however
+    small the card, a sharded recipe keeps an unquantized base and AdamW (and says it does not fit)."""
+    inputs = dataclasses.replace(
+        small_inputs(side=64), transformer_config={**SMALL, "num_layers": 2}, quantize="int8", optimizer="adamw8bit"
+    )
+    recipe = memory_fit.fit(dataclasses.replace(inputs, shards=2), memory.CUDA_CONTEXT_BYTES + 2**20)
+    assert not recipe.fits and recipe.plan.offloaded == 0
+    assert (recipe.inputs.quantize, recipe.inputs.optimizer, recipe.plan.shards) == ("none", "adamw", 2)
+    alone = memory_fit.fit(inputs, memory.CUDA_CONTEXT_BYTES + 2**20)  # one process: the whole ladder
+    assert alone.inputs.quantize == "nf4"

@@ -17,7 +17,7 @@ from diffusers.hooks.group_offloading import _GROUP_OFFLOADING, _get_group_onloa
 
 from qwen_image_lora import objective
 from qwen_image_lora.config import ConfigError, LoRAConfig, load_config
-from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace, offload
+from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace, offload, preflight
 from qwen_image_lora.train.adapter import add_lora
 from qwen_image_lora.train.lora import LoRARecipe
 
@@ -220,3 +220,18 @@ def test_an_fsdp_launch_leaves_placement_to_fully_shard(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     memory_fit.apply(transformer, cfg, torch.device("meta"), references=0)
     assert {p.device.type for p in transformer.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize(
+    "setting, field",
+    [("model.quantize=int8", "model.quantize"), ("optim.name=adamw8bit", "optim.name"),
+     ("train.offload_blocks=2", "train.offload_blocks")],
+)  # fmt: skip
+def test_an_fsdp_launch_refuses_what_does_not_shard_before_loading(monkeypatch, setting, field):
+    """A quantized base crashed inside fully_shard (torchao's Int8Tensor has no aten.split) after the weights
+    loaded, with a traceback per rank; now one error naming the field, before any weights load."""
+    cfg = load_config(None, ["data.path=.", setting])
+    preflight.check_before_loading(cfg)  # one process: fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match=rf"^{field}: .*(FSDP2|one process)"):
+        preflight.check_before_loading(cfg)

@@ -106,6 +106,11 @@ def fit(inputs: PlanInputs, gpu_bytes: int, free=KNOBS, planner: Callable = plan
     """The cheapest recipe whose plan fits a GPU of `gpu_bytes`, moving only the `free` knobs (`KNOBS`); the others
     keep `inputs`' values. When nothing fits, the last recipe tried (the most frugal), whose `fits` is False."""
     budget = memory.budget_for_allocations(gpu_bytes)
+    if inputs.shards > 1:  # under FSDP2 neither a quantized base nor 8-bit state shards (`preflight.check_shardable`)
+        if "quantize" in free:
+            inputs = dataclasses.replace(inputs, quantize="none")
+        if "optimizer" in free and inputs.optimizer == "adamw8bit":
+            inputs = dataclasses.replace(inputs, optimizer="adamw")
     traced = _TraceCache(planner)
     recipe = None
     for quantize, optimizer in _rungs(inputs, free):
@@ -119,6 +124,8 @@ def fit(inputs: PlanInputs, gpu_bytes: int, free=KNOBS, planner: Callable = plan
 
 def _rungs(inputs: PlanInputs, free) -> list[tuple[str, str]]:
     rungs = [(inputs.quantize, inputs.optimizer)]
+    if inputs.shards > 1:  # neither shards under FSDP2 (`preflight.check_shardable`)
+        return rungs
     if "optimizer" in free and inputs.optimizer == "adamw":
         rungs.append((inputs.quantize, _8BIT_OPTIMIZER))
     if "quantize" in free and inputs.quantize in _QUANTIZE_ORDER:

@@ -39,6 +39,7 @@ def parse_memory(text: str) -> int:
 def _plan(args) -> int:
     from qwen_image_lora.config import load_config
     from qwen_image_lora.train import memory, memory_fit
+    from qwen_image_lora.train.preflight import check_shardable
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     cfg = load_config(args.config, args.overrides)
@@ -46,6 +47,8 @@ def _plan(args) -> int:
     references = args.references if args.references is not None else _references(cfg)
     start = time.perf_counter()
     if args.as_configured or args.checkpointing != "config":
+        if args.processes > 1:
+            check_shardable(cfg)
         if args.checkpointing != "config":
             cfg.train.gradient_checkpointing = {"all": True, "none": False}.get(args.checkpointing, "auto")
         recipe = memory_fit.resolve(

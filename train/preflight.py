@@ -7,7 +7,7 @@ from pathlib import Path
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, ConfigError
-from qwen_image_lora.train import optim
+from qwen_image_lora.train import optim, ranks
 from qwen_image_lora.train.tracking import check_tracker_available
 
 logger = logging.getLogger("qwen_image_lora.train")
@@ -22,6 +22,8 @@ def check_before_loading(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     check_tracker_available(cfg.tracking)
+    if ranks.fsdp_launch():
+        check_shardable(cfg)
     if not cfg.data.path:
         raise ConfigError("data.path: set it to a folder of images + captions or a .jsonl/.csv manifest")
     for i, edit in enumerate(cfg.validation.edits):
@@ -33,4 +35,24 @@ def check_before_loading(cfg: Config) -> None:
             "checkpoint.every_steps=%d > train.max_steps=%d: no resumable checkpoint will be written",
             cfg.checkpoint.every_steps,
             cfg.train.max_steps,
+        )
+
+
+def check_shardable(cfg: Config) -> None:
+    """Under FSDP2 the shards are the memory saving; what `fully_shard` cannot split, or what was never run sharded,
+    is refused before loading (`qwen-lora plan --processes N` never picks these either)."""
+    if cfg.model.quantize != "none":
+        raise ConfigError(
+            f"model.quantize: {cfg.model.quantize} does not shard under FSDP2 (fully_shard cannot split quantized "
+            "weights); set model.quantize: none, or train on one process"
+        )
+    if cfg.optim.name == "adamw8bit":
+        raise ConfigError(
+            "optim.name: adamw8bit is not supported under FSDP2 (bitsandbytes' 8-bit state is not sharded); "
+            "use adamw, or train on one process"
+        )
+    if cfg.train.offload_blocks not in (0, "auto"):
+        raise ConfigError(
+            "train.offload_blocks: offloading trains on one process (under FSDP2 each process holds 1/N of the "
+            "blocks already); set it to 0"
         )
