@@ -34,6 +34,19 @@ def test_a_folder_resolves_to_its_weights_file_or_lists_what_it_holds(tmp_path):
     assert resolve_file(tmp_path) == tmp_path / "adapter_model.safetensors"
 
 
+def test_a_checkpoint_folder_resolves_to_the_adapter_it_holds_one_folder_down(tmp_path):
+    """`--lora run/checkpoints/step-000004` named nothing usable (its adapter is in `adapter/`)."""
+    step = tmp_path / "checkpoints" / "step-000004"
+    (step / "adapter").mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, str(step / "adapter" / "pytorch_lora_weights.safetensors"))
+    (step / "optimizer").mkdir()
+    assert resolve_file(step) == step / "adapter" / "pytorch_lora_weights.safetensors"
+    (tmp_path / "checkpoints" / "step-000008" / "adapter").mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "checkpoints" / "step-000008" / "adapter" / "adapter.safetensors"))
+    with pytest.raises(AdapterError, match=r"\(found: none\)$"):  # two steps, each one folder further down
+        resolve_file(tmp_path / "checkpoints")
+
+
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """publish(repo, *files): the repo's files in an offline hub cache, where hf_hub_download finds them without the
