@@ -86,6 +86,9 @@ def apply_override(raw: dict, item: str, where: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
+    if value.lstrip().startswith("#"):  # on a command line `key=#000000` means the text, not a YAML comment
+        node[parts[-1]] = value.strip()
+        return
     node[parts[-1]] = load_yaml(value, f"override {item!r}", key.strip()) if value.strip() else None
 
 
@@ -187,6 +190,9 @@ def _coerce(value, tp, dotted: str, where: str, base: Path):
     origin = typing.get_origin(tp)
     quote = isinstance(value, int) and not isinstance(value, bool) and (tp is str or str in typing.get_args(tp))
     hint = f'; quote it: {dotted.rsplit(".", 1)[-1]}: "{value}"' if quote else ""
+    if value is None and tp is str:  # `background: #000000` reads as an empty value: YAML's # starts a comment
+        hint = f'; a value starting with # must be quoted: {dotted.rsplit(".", 1)[-1]}: "#000000"'
+
     bad = ConfigError(f"{where}: {dotted} must be {_type_name(tp)} (got {value!r}){hint}")
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):

@@ -113,6 +113,15 @@ def test_a_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path):
         load_config(None, ["data.columns={a: x, a: y}"])
 
 
+def test_a_hex_colour_is_text_on_the_command_line_and_a_file_says_to_quote_it(tmp_path):
+    """`data.background=#000000` read as a YAML comment: 'data.background must be str (got None)'."""
+    assert load_config(None, ["data.background=#000000"]).data.background == "#000000"
+    with pytest.raises(
+        ConfigError, match=r'data.background must be str \(got None\); .* quoted: background: "#000000"'
+    ):
+        load_config(write(tmp_path, "data:\n  background: #000000\n"))
+
+
 def test_an_unquoted_aspect_ratio_says_to_quote_it(tmp_path):
     with pytest.raises(
         ConfigError,
