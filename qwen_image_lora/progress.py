@@ -99,7 +99,8 @@ class LineProgress:
         if self.enabled and time.monotonic() - self.last >= self.interval:
             self._print()
 
-    def set_postfix(self, **values) -> None:
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        """As tqdm's; `refresh` is accepted and moot: a line is only ever printed by `update` or `close`."""
         self.postfix = values
 
     def write(self, message: str) -> None:

@@ -14,9 +14,18 @@ the wall time between the ends of consecutive steps inside a round (so per-run c
 DataLoader iterator are left out; on CUDA every step ends in a host sync in both loops). The end-of-run work
 (final validation, writing the run folder) is not part of a step and is skipped.
 
-Measured (tiny model, batch 2, 128 px, 80 rounds of 6 steps; `--control` adds a second bare loop):
-2-core CPU, torch 2.14.1: recipe 7.69 ms/step, bare 7.95, recipe/bare x0.971 (bare again x1.006).
-H100 80GB, torch 2.11: fp32 x1.012 (bare again x1.009); train.mixed_precision=bf16 x0.981.
+Measured (`--control` adds a second bare loop: the noise floor). Shared 2-core CPU with other jobs running,
+OMP_NUM_THREADS=1, torch 2.14.1; a third loop in the same rounds ran the recipe with the old costs patched back in:
+  tiny model, defaults (batch 2, 128 px, 60 rounds of 6): recipe/bare x1.015; with the old per-step costs x1.087.
+  medium model (bench_speed's; `--model`/`--data` from example_speed's folders, data.resolution=256
+  train.batch_size=1 lora.rank=4 lora.alpha=4 lora.targets=attention data.cache_dir=null; 16 rounds of 4):
+  x1.014; with the old costs x1.038 (the recipe's step 1.7% faster).
+The old costs: `transformer.dtype` read every step (diffusers walks every module: ~1 ms on the tiny model, more
+the deeper the model), the stop flag all-reduced though there is one process, a bar redraw per `set_postfix`.
+What the recipe still adds (cProfile, ~1.4% on the medium model): data fetch and collate (~0.5 ms: cache keys,
+captions), accelerate's optimizer wrapper (`is_lomo_available`: two importlib lookups a step), the loss log's
+open/append/close (~0.3 ms), guards, progress and logging (~0.1 ms). The rest of a step is the model.
+Earlier (tiny, 80 rounds of 6): H100 80GB, torch 2.11: fp32 x1.012 (bare again x1.009); bf16 x0.981.
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ def make_config(model: str | None, data: str | None, tmp: Path, overrides: list[
         ROOT / "configs" / "demo.yaml",
         [
             f"output_dir={tmp / 'run'}",
+            f"data.cache_dir={tmp / 'cache'}",  # not the user's shared cache
             f"model.pretrained={model}",
             f"data.path={data}",
             "optim.lr=1.0e-4",  # loops may share the adapter; keep it far from the divergence guard

@@ -1,6 +1,8 @@
 """scripts/bench_speed.py keeps running against the current model code (a smoke run on the tiny model, no timing
-asserted), and a wrong DIFFUSERS_EXAMPLE_SCRIPT is refused by name before the long part starts."""
+asserted), a wrong DIFFUSERS_EXAMPLE_SCRIPT is refused by name before the long part starts, and the loop time that
+judges our trainer against the example is read right from a TensorBoard log."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -8,9 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch.utils.tensorboard import SummaryWriter
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
 EXAMPLE = os.environ.get("DIFFUSERS_EXAMPLE_SCRIPT")
+_SPEC = importlib.util.spec_from_file_location("example_speed", SCRIPT.parent / "example_speed.py")
+example_speed = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(example_speed)
 
 
 def _run(*args, env=None):
@@ -46,5 +52,16 @@ def test_tiny_run_times_the_example_script_against_ours():
     # The example's 2-step difference can come out negative on a busy machine; ours are timed directly.
     row = re.compile(r"^\| ((?:ours|example)[^|]*?) \| (-?[\d.]+) \| (-?[\d.]+)", re.MULTILINE)
     rows = {m.group(1): float(m.group(2)) for m in row.finditer(proc.stdout)}
-    assert {"example", "ours eager", "ours compile=blocks", "ours compile=full"} <= set(rows), proc.stdout
-    assert all(rows[f"ours {mode}"] > 0 for mode in ("eager", "compile=blocks", "compile=full"))
+    modes = ("eager", "compile=blocks", "compile=full", "trainer eager", "trainer compile=blocks")
+    assert {"example", "example (its loop)", *(f"ours {mode}" for mode in modes)} <= set(rows), proc.stdout
+    assert all(rows[f"ours {mode}"] > 0 for mode in modes)
+
+
+def test_loop_seconds_is_the_mean_step_gap_of_a_loops_log_after_its_first_quarter(tmp_path):
+    writer = SummaryWriter(tmp_path / "logs" / "run")
+    for step in range(1, 9):  # steps 1-2 slow (start-up, compilation), then 0.5 s a step
+        writer.add_scalar("loss", 1.0, global_step=step, walltime=100.0 + 0.5 * step + (10.0 if step > 2 else 0.0))
+        writer.add_scalar("lr", 1e-4, global_step=step, walltime=0.0)  # other tags do not count
+    writer.close()
+    assert example_speed.loop_seconds(tmp_path) == pytest.approx(0.5)
+    assert example_speed.loop_seconds(tmp_path / "logs" / "none") is None

@@ -30,6 +30,14 @@ def test_line_progress_prints_at_most_once_per_interval_and_once_at_the_end(caps
     assert capsys.readouterr().err == ""
 
 
+def test_line_progress_takes_tqdms_refresh_flag_and_prints_only_the_values(capsys):
+    bar = LineProgress(2, desc="steps", unit="step", interval=0)
+    bar.set_postfix(loss="0.5000", refresh=False)  # the recipe leaves the drawing to update()
+    bar.update(1)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "loss=0.5000" in line and "refresh" not in line
+
+
 def test_training_prints_step_loss_and_eta_lines_into_a_pipe(tiny_model_dir, sample_data_dir, tmp_path):
     cmd = [
         sys.executable,

@@ -110,6 +110,8 @@ class LoRARecipe:
         self.lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         self.transformer, self.optimizer = ranks.prepare(acc, self.pipe.transformer, optimizer)
         self.params = [p for p in self.pipe.transformer.parameters() if p.requires_grad]  # FSDP2 swapped in shards
+        # Read once: diffusers' `ModelMixin.dtype` walks every submodule, a cost per step that grows with depth.
+        self.model_dtype = self.pipe.transformer.dtype
         self.ema = optim.LoRAEMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay else None
         set_seed(cfg.train.seed, device_specific=True)  # LoRA dropout etc. differ per rank from here on
         self.noise = objective.NoiseSampler(
@@ -213,7 +215,8 @@ class LoRARecipe:
             now = time.perf_counter()
             self._log(step_loss, grad_norm, now - tick)
             tick = now
-            bar.set_postfix(loss=f"{step_loss:.4f}")  # before update: a log line shows this step's loss
+            # Before update, which draws it (a log line shows this step's loss); no redraw of its own each step.
+            bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
             bar.update(1)
             self._check_guards(step_loss, grad_norm)
             self._maybe_validate()
@@ -228,7 +231,7 @@ class LoRARecipe:
         batch = batch.to(self.accelerator.device)
         noise, sigmas = self.noise.draw(batch.latents)
         return objective.flow_matching_loss(
-            self.transformer, batch, noise, sigmas, self.cfg.train.loss_weighting, dtype=self.pipe.transformer.dtype
+            self.transformer, batch, noise, sigmas, self.cfg.train.loss_weighting, dtype=self.model_dtype
         )  # the prepared module may be DDP
 
     def _log(self, loss: float, grad_norm: float, seconds: float) -> None:

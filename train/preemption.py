@@ -1,10 +1,10 @@
 """Preemption: SIGTERM or SIGINT ends a run with a checkpoint instead of losing the steps since the last one.
 
-The handler only records the signal. After every optimizer step the ranks all-reduce that flag, so they stop
-at the same step, write one checkpoint together and exit with EXIT_PREEMPTED. A second SIGINT (Ctrl-C twice)
-stops at once. Under `accelerate launch` the trainer also asks Linux for SIGTERM when its launcher dies
-(PR_SET_PDEATHSIG): accelerate's single-process launcher does not forward SIGTERM, so without this a killed
-launcher would leave the trainer running, orphaned, still writing to output_dir.
+The handler only records the signal. After every optimizer step the ranks all-reduce that flag (a lone process
+reads its own), so they stop at the same step, write one checkpoint together and exit with EXIT_PREEMPTED. A
+second SIGINT (Ctrl-C twice) stops at once. Under `accelerate launch` the trainer also asks Linux for SIGTERM
+when its launcher dies (PR_SET_PDEATHSIG): accelerate's single-process launcher does not forward SIGTERM, so
+without this a killed launcher would leave the trainer running, orphaned, still writing to output_dir.
 """
 
 from __future__ import annotations
@@ -63,7 +63,10 @@ class StopSignal:
             )
 
     def agreed(self, accelerator) -> bool:
-        """True on every rank when any rank got a signal; call once per optimizer step on all ranks."""
+        """True on every rank when any rank got a signal; call once per optimizer step on all ranks. A single
+        process has no one to agree with: its own flag, without a collective or a device sync."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
         flag = torch.tensor([0.0 if self.received is None else 1.0], device=accelerator.device)
         return accelerator.reduce(flag, "sum").item() > 0
 
