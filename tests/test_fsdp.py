@@ -49,6 +49,7 @@ def _launch(strategy, tiny_model_dir, sample_data_dir, out, *extra) -> str:
     assert "terminate called" not in result.stderr  # both ranks left cleanly, every time
     # accelerate turns an FSDP launch on CPU into DDP without a word; the recipe shards it and says so.
     assert ("FSDP2: the transformer is sharded across 2 processes" in result.stderr) == (strategy == "fsdp")
+    assert result.stderr.count("INFO buckets (") == 1  # the main rank says what every rank would
     return result.stderr
 
 
@@ -110,3 +111,17 @@ def test_a_resumed_fsdp2_run_ends_where_an_uninterrupted_one_does(runs, tiny_mod
     assert [(r["loss"], r["grad_norm"]) for r in b] == [(r["loss"], r["grad_norm"]) for r in a]  # bit-identical
     wa, wb = load_file(full / ADAPTER), load_file(resumed / ADAPTER)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # optimizer, EMA, RNG all restored
+
+
+def test_a_config_error_under_a_2_process_launch_is_one_line(tiny_model_dir, sample_data_dir, tmp_path):
+    """Each rank printed the same `error:` line (and its warnings and histogram) before accelerate's own report."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", *LAUNCH["fsdp"],
+           *"--num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no".split(),
+           str(ROOT / "train" / "lora.py"), "--config", str(DEMO), f"output_dir={tmp_path / 'run'}",
+           "train.max_stepz=2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "train.max_stepz" in ours[0], result.stderr[-3000:]

@@ -408,11 +408,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # Every rank reads the same config and data: the main one says what they all would; the others only errors.
+    main_rank = ranks.is_main_rank()
+    logging.basicConfig(
+        level=logging.INFO if main_rank else logging.ERROR,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(e.line(), file=sys.stderr)
+        if main_rank:
+            print(e.line(), file=sys.stderr)
         return e.exit_code
     recipe = LoRARecipe(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     try:
@@ -421,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             recipe.train()
         finally:
             recipe.cleanup()  # its own writes (the data cache's last shard) fail like the others
-    except UserError as e:
-        message, status = e.line(), e.exit_code
+    except UserError as e:  # a config, data or run-folder error, or a stop: the main rank speaks for all
+        message, status = e.line() if main_rank else None, e.exit_code
     except Exception as e:
         if not is_write_error(e):  # a bug keeps its traceback
             raise
