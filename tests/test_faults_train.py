@@ -183,6 +183,7 @@ def test_a_live_run_holds_its_folder_against_a_second_trainer(
 def test_resume_latest_and_rotation_leave_another_runs_checkpoints_alone(
     trained, tiny_model_dir, sample_data_dir, tmp_path, caplog
 ):
+    caplog.set_level("INFO")
 
     out = _copy(trained, tmp_path)
     # A newer checkpoint of another run in the same folder (what the old toolkit left when two runs shared it).
@@ -439,8 +440,9 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
 
 
 def test_leftovers_of_a_killed_save_are_removed_and_a_half_written_loss_line_is_dropped(
-    trained, tiny_model_dir, sample_data_dir, tmp_path
+    trained, tiny_model_dir, sample_data_dir, tmp_path, caplog
 ):
+    caplog.set_level("INFO")
     out = _copy(trained, tmp_path)
     expected = _losses(out)
     leftovers = [out / "checkpoints" / ".step-000004.k1ll3d", out / ".adapter.k1ll3d"]
@@ -474,6 +476,7 @@ def test_leftovers_of_a_killed_save_are_removed_and_a_half_written_loss_line_is_
     meta = json.loads((out / "training_metadata.json").read_text())
     losses = [r["loss"] for r in rows]
     assert meta["first_loss"] == pytest.approx(sum(losses) / 6) and meta["final_loss"] == meta["first_loss"]
+    assert "(mean of the first 6 steps)" in caplog.text and "(last 6)" in caplog.text  # it said "10" of 6
     assert meta["run_id"] == json.loads((trained / "run.json").read_text())["run_id"]  # the same run, continued
 
 

@@ -357,10 +357,13 @@ class LoRARecipe:
                 ) from e
             self.tracker.upload_adapter(self.out)
             logger.info("adapter written to %s", self.out / adapter.WEIGHTS_NAME)
+            window = min(10, len(losses))
             logger.info(
-                "loss: %.4f (mean of the first 10 steps) -> %.4f (last 10)",
+                "loss: %.4f (mean of the first %d steps) -> %.4f (last %d)",
                 metadata["first_loss"],
+                window,
                 metadata["final_loss"],
+                window,
             )
         acc.wait_for_everyone()
 
