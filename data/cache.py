@@ -45,9 +45,12 @@ API (`Cache` implements the `get`/`put` protocol `SampleEncoder` uses):
     cache.get(key) -> dict[str, Tensor] | None
     cache.latents(key) -> Tensor [1, C, 1, h, w]
     cache.embeds(key) -> model.PromptEmbeds     # batch of 1
-    cache.put(key, tensors); cache.flush()      # writable caches: buffered, one shard per items_per_shard
+    cache.put(key, tensors); cache.flush()      # writable caches: buffered, one shard per items_per_shard;
+                                                # optional=True (training): an unwritable folder (read-only, no
+                                                # permission) is one warning, and entries stay in memory
     cache.verify(repair=False, keys=None) -> {shard: [damaged keys]}
     cache.key_for_image(...) / cache.key_for_prompt(...)   the module functions with model_id bound
+    check_cache_dir(cfg.data.cache_dir)         # ConfigError when the path is, or lies under, a file (preflight)
 
 Tensors are read lazily through `safetensors.safe_open` (memory-mapped), so peak RAM stays flat however large
 the cache is: only the key -> shard map and at most `items_per_shard` pending entries live in memory.
@@ -56,6 +59,7 @@ the cache is: only the key -> shard map and at most `items_per_shard` pending en
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -70,12 +74,24 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwen_image_lora.io import atomic_path, atomic_write_text, content_hash, writing_to
+from qwen_image_lora.config import CACHE_ENV, ConfigError, default_cache_dir
+from qwen_image_lora.io import (
+    WriteError,
+    atomic_path,
+    atomic_write_text,
+    content_hash,
+    describe_write_error,
+    writing_to,
+)
 from qwen_image_lora.model import PromptEmbeds
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # part of every key: bump to invalidate all caches when the stored layout changes (2: checksums)
+
+
+# A folder this process may not write (not a full one): an `optional` cache goes on without writing.
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class CacheDamaged(KeyError):
@@ -127,6 +143,21 @@ def key_for_prompt(text: str, image_keys: list[str] | tuple[str, ...], model_id:
     return "P" + _digest("prompt", text, _canon(list(image_keys)), model_id)
 
 
+def check_cache_dir(cache_dir: str | os.PathLike | None) -> None:
+    """Refuse a `data.cache_dir` that is, or lies under, a regular file, before a run starts: training would otherwise
+    go on without a cache, silently (prepare and the doctor fail at their first write, in these words)."""
+    if not cache_dir:
+        return
+    path = Path(cache_dir)
+    for part in (path, *path.parents):
+        if part.is_dir():
+            return
+        if part.exists() or part.is_symlink():  # a file, or a dangling link, where a folder must be
+            env = os.environ.get(CACHE_ENV) and str(cache_dir) == default_cache_dir()
+            line = describe_write_error(WriteError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)), path)
+            raise ConfigError(f"data.cache_dir{f' (${CACHE_ENV})' if env else ''}: {line}", "data.cache_dir")
+
+
 # ----------------------------------------------------------------------------------------------- the cache
 
 
@@ -143,11 +174,14 @@ class Cache:
         rank: int = 0,
         items_per_shard: int = 256,
         max_open: int = 16,
+        optional: bool = False,
     ):
         self.dir = Path(cache_dir)
         self.shards = self.dir / "shards"
         self.model_id = model_id
         self.writable, self.rank, self.items_per_shard, self.max_open = writable, rank, items_per_shard, max_open
+        # Training's cache only saves the next run time: a folder it may not write keeps entries in memory instead.
+        self.optional, self.refused = optional, False
         self.run = f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(3)}"  # this writer's shard names
         # key -> its stored copies, newest first: (shard file, tensor names, sha256)
         self._where: dict[str, list[tuple[str, tuple[str, ...], str]]] = {}
@@ -326,8 +360,22 @@ class Cache:
     def flush(self) -> None:
         """Write pending entries as one shard, then its index (both atomically)."""
 
-        if not self._pending:
+        if not self._pending or self.refused:
             return
+        try:
+            self._write_shard()
+        except OSError as e:
+            if not (self.optional and e.errno in UNWRITABLE):  # a full disk stops a run like its other writes
+                raise
+            self.refused = True
+            logger.warning(
+                "the data cache %s cannot be written (%s): this run keeps what it encodes in memory, and the next one "
+                "encodes it again; make that folder writable, or set data.cache_dir to a writable folder",
+                self.shards,
+                os.strerror(e.errno).lower(),
+            )
+
+    def _write_shard(self) -> None:
         stem = f"{self.run}-r{self.rank:03d}-{self._n_shards:05d}"
         flat = {f"{key}/{name}": t for key, tensors in self._pending.items() for name, t in tensors.items()}
         with atomic_path(self.shards / f"{stem}.safetensors") as tmp:

@@ -35,7 +35,7 @@ from qwen_image_lora.data.buckets import (
     stable_int,
 )
 from qwen_image_lora.data.cache import Cache, CacheDamaged, key_for_image, key_for_prompt, model_identity
-from qwen_image_lora.data.doctor import screen_items
+from qwen_image_lora.data.screening import screen_items
 from qwen_image_lora.data.sources import DataError, Item, format_caption, load_items, open_image
 from qwen_image_lora.images import identify, read_image
 
@@ -369,7 +369,12 @@ def build_training_data(
         # A prepared cache: read it, and add what is missing (new captions, new items) as this rank's shards.
         logger.info("data cache: %s", cfg.data.cache_dir)
         cache = Cache(
-            cfg.data.cache_dir, model_identity(cfg.model), writable=True, rank=rank, items_per_shard=cfg.data.shard_size
+            cfg.data.cache_dir,
+            model_identity(cfg.model),
+            writable=True,
+            rank=rank,
+            items_per_shard=cfg.data.shard_size,
+            optional=True,
         )
     encoder = SampleEncoder(pipe, model_identity(cfg.model), cache)
     sampler = BucketBatchSampler(list(layouts.values()), cfg.train.batch_size, cfg.train.seed, num_replicas, rank)

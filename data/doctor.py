@@ -4,8 +4,9 @@
     print(report.table()); report.write_json(path); report.write_html(path)
 
 Never touches the user's files: items with an error are *excluded* (listed in the report, skipped by
-`prepare` and by training, which read `verdicts_dir(cfg)/doctor.json`); warnings are kept. Training screens items
-with `screen_items`: the per-item checks (`check_item`) on every item the doctor has not judged as it is now.
+`prepare` and by training, which read `verdicts_dir(cfg)/doctor.json`); warnings are kept. Training screens the items
+the doctor has not judged as they are now with these per-item checks (`check_item`) and the exact-copy check
+(`screening.py`).
 What is checked:
 
     listing     symlink-loop, missing-file (a dangling link), caption-not-utf8, unreadable-caption
@@ -42,7 +43,7 @@ from transformers import AutoTokenizer
 from qwen_image_lora.config import Config
 from qwen_image_lora.data import similarity as sim
 from qwen_image_lora.data.buckets import assign_bucket
-from qwen_image_lora.data.report import Report, past_verdicts, thumbnail, verdicts_dir
+from qwen_image_lora.data.report import Report, thumbnail
 from qwen_image_lora.data.sources import Item, format_caption, load_items
 from qwen_image_lora.images import INPUT_FORMATS, ImageInputError, read_with_header
 from qwen_image_lora.model import check_pretrained
@@ -232,43 +233,6 @@ def _check_captions(item: Item, cfg: Config, tokenizer, report: Report) -> None:
                 item.id,
                 f"{what} {full[:60]!r} lacks the trigger word {d.trigger_word!r} (add it, or put {{trigger}} in data.caption_template)",
             )
-
-
-def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item], list[tuple[Item, str]]]:
-    """(items to train on, skipped items with the reason). The last doctor run's verdicts hold for the items it
-    judged in their current state; every other item gets the doctor's per-item checks here, and each one with
-    an error is skipped with one warning naming it and why; one whose content its extension misnames (a GIF named
-    .png) is kept with a warning saying what it is."""
-    judged, excluded = past_verdicts(verdicts_dir(cfg), cfg.data.path)
-    keep, skipped, by_doctor = [], [], []
-    report = Report(str(cfg.data.path), 0)
-    for item in items:
-        fresh = item.id in judged and judged[item.id] == fingerprint(item)
-        if item.id in excluded and (fresh or item.id not in judged):
-            by_doctor.append(item)
-            skipped.append((item, "excluded by the data doctor: " + ", ".join(excluded[item.id])))
-            continue
-        if not fresh:
-            check_item(item, cfg, tokenizer, report)
-            if item.id in report.excluded:
-                reason = "; ".join(
-                    f"{f.code}: {f.message}" for f in report.findings if f.item == item.id and f.severity == "error"
-                )
-                logger.warning("skipping %s: %s", item.id, reason)
-                skipped.append((item, reason))
-                continue
-            for f in report.findings:  # kept, as the doctor keeps it, but not trained on silently
-                if f.item == item.id and f.code == "extension-mismatch":
-                    logger.warning("training %s, %s", item.id, f.message)
-        keep.append(item)
-    if by_doctor:  # the doctor already printed these; one line here
-        logger.info(
-            "%d items left out as the data doctor excluded them (e.g. %s); see %s",
-            len(by_doctor),
-            ", ".join(it.id for it in by_doctor[:3]),
-            verdicts_dir(cfg) / "doctor.json",
-        )
-    return keep, skipped
 
 
 # ------------------------------------------------------------------------------------------ the doctor

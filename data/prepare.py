@@ -11,7 +11,9 @@ training runs, on a writable `Cache`. Encoding goes only through `model.encode_l
 The entries this data needs are verified first (`Cache.verify`): damaged ones are dropped and re-encoded. Entries
 already in the cache are skipped, which is what makes a changed caption cost one embedding, an interrupted run
 resume and a run in a new output_dir encode nothing. An item that still fails to encode is recorded in
-`prepare-r<rank>.json` beside `doctor.json` (and left out of training) instead of stopping the run.
+`prepare-r<rank>.json` beside `doctor.json` (and left out of training) instead of stopping the run; each prepare
+replaces the files of the one before, so an item that encodes now trains. In a cache it may not write, a prepare
+that has nothing to encode succeeds, saying its verdicts were not recorded.
 
 `data.prepare_batch_size` > 1 first fills the cache in batches (`_encode_together`): items of one layout together,
 up to that many same-size images per `encode_latents` call and text-to-image prompts per `encode_prompt` call, each
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +33,13 @@ from typing import Callable
 
 from qwen_image_lora.config import Config
 from qwen_image_lora.data.buckets import histogram
-from qwen_image_lora.data.cache import Cache, model_identity
+from qwen_image_lora.data.cache import UNWRITABLE, Cache, model_identity
 from qwen_image_lora.data.dataset import SampleEncoder, TrainingDataset, plan_entries
 from qwen_image_lora.data.doctor import diagnose, fingerprint
 from qwen_image_lora.data.report import Report, read_report, verdicts_dir
 from qwen_image_lora.data.sources import load_items
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.io import atomic_write_text
+from qwen_image_lora.io import atomic_write_text, describe_write_error, writing_to
 from qwen_image_lora.model import load_pipeline
 from qwen_image_lora.progress import progress_bar
 
@@ -81,7 +84,7 @@ def prepare(
         report = diagnose(cfg, items, contact_sheet=False)
     if rank == 0:
         if not unchanged:
-            report.write_json(verdicts / "doctor.json")
+            _record(lambda: report.write_json(verdicts / "doctor.json"))
         # The doctor's table is `data doctor`'s to print; here one line says what it found and where to look.
         again = " (no file changed since it ran)" if unchanged else ""
         log(f"data doctor{again}: {report.summary()}; details: `qwen-lora data doctor` or {verdicts / 'doctor.json'}")
@@ -133,19 +136,38 @@ def prepare(
         stats.latents_encoded = encoder.encoded["latents"]
         stats.prompts_encoded = encoder.encoded["prompts"]
     stats.failed = {k: v for k, v in failed.items()}
-    atomic_write_text(
-        verdicts / f"prepare-r{rank:03d}.json",
-        json.dumps(
-            {"data_path": str(d.path), "excluded": {k: ["prepare-failed: " + v] for k, v in stats.failed.items()}},
-            indent=1,
-        ),
-    )
+    excluded = {k: ["prepare-failed: " + v] for k, v in stats.failed.items()}
+    text = json.dumps({"data_path": str(d.path), "excluded": excluded}, indent=1)
+    _record(lambda: atomic_write_text(verdicts / f"prepare-r{rank:03d}.json", text))
+    if rank == 0:  # this run's outcome replaces an earlier run's: each rank rewrites its own, this one the rest
+        _record(lambda: _remove_other_runs(verdicts, world_size))
     stats.seconds = time.perf_counter() - start
     if rank == 0:
         log(
             f"buckets (prepared):\n{histogram([e.target.bucket for e in entries])}" if entries else "nothing to prepare"
         )
     return stats
+
+
+def _record(write: Callable[[], None]) -> None:
+    """Write verdicts; in a cache this process may not write (read-only, no permission), say so and go on: they
+    save training the per-item checks, and a complete cache needs no writes to train from."""
+    try:
+        write()
+    except OSError as e:
+        if e.errno not in UNWRITABLE:
+            raise
+        logger.warning("prepare: could not record its verdicts: %s", describe_write_error(e, e.filename or "verdicts"))
+
+
+def _remove_other_runs(verdicts: Path, world_size: int) -> None:
+    """Remove `prepare-r*.json` of ranks this run does not have (an earlier run's, with more processes): their
+    items were prepared again here, and a stale failure would keep out an item that now encodes."""
+    for path in verdicts.glob("prepare-r*.json"):
+        found = re.fullmatch(r"prepare-r(\d+)\.json", path.name)
+        if found and int(found.group(1)) >= world_size:
+            with writing_to(path):
+                path.unlink(missing_ok=True)
 
 
 def _still_holds(report: Report, items: list) -> bool:

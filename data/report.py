@@ -3,8 +3,9 @@
 `past_verdicts` reads those verdicts back for training.
 
 Verdicts live in `verdicts_dir(cfg)`: `<cache_dir>/verdicts/<data name>-<digest>/` (doctor.json, prepare-r*.json,
-edit_pairs.html), the digest over the data source and every setting a verdict depends on. Data sets (or settings)
-sharing one cache never read each other's verdicts, and a later run on the same data, in any output_dir, finds them.
+edit_pairs.html), the digest over the data source (symbolic links resolved) and every setting a verdict depends on.
+Data sets (or settings) sharing one cache never read each other's verdicts, and a later run on the same data, in any
+output_dir or through a link, finds them.
 """
 
 from __future__ import annotations
@@ -195,10 +196,20 @@ def verdicts_dir(cfg: Config) -> Path | None:
     if not cfg.data.cache_dir:
         return None
     settings = {"data": {k: getattr(cfg.data, k) for k in VERDICT_DATA}}
+    settings["data"]["path"] = source_id(cfg.data.path)
     settings["model"] = {k: getattr(cfg.model, k) for k in VERDICT_MODEL}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    name = re.sub(r"[^\w.-]+", "_", Path(str(cfg.data.path)).name)[:40]  # only to help a reader find their data set
+    name = re.sub(r"[^\w.-]+", "_", Path(source_id(cfg.data.path)).name)[:40]  # only to help a reader find their data
     return Path(cfg.data.cache_dir) / "verdicts" / f"{name}-{digest}"
+
+
+def source_id(data_path) -> str:
+    """`data.path` as verdicts are filed under: a local path with its symbolic links resolved, so a data set reached
+    through a link finds its verdicts (item files are resolved already); anything else (a hub dataset id) as given."""
+    if not data_path:
+        return str(data_path)
+    path = Path(str(data_path))
+    return str(path.resolve()) if path.exists() else str(data_path)
 
 
 def read_report(path: str | Path) -> Report | None:
@@ -222,7 +233,7 @@ def past_verdicts(folder: str | Path | None, data_path: str | None) -> tuple[dic
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if data.get("data_path") == str(data_path):
+        if source_id(data.get("data_path")) == source_id(data_path):
             judged.update(data.get("judged", {}))
             for item_id, codes in data.get("excluded", {}).items():
                 excluded.setdefault(item_id, []).extend(codes)

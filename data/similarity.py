@@ -149,19 +149,15 @@ def _age(image: dict) -> tuple:
     return (path.stat().st_mtime_ns if path.exists() else 0, path.name, image["id"])
 
 
-def check_duplicates(images: list[dict], add: Add) -> None:
-    """`images`: one dict per clean item, in data order: id, path, content (the sha256s of the item's target and
-    sources), captions, and `looks`: (phash, colour histogram) of the target then of each source. An exact copy
-    of an item is excluded (trained once), the earliest file being the one kept. A near copy, one whose every image has a close pHash and
-    close colours, is a warning: for an edit the pair is the example, so one target reached from two different
-    sources is no duplicate. LSH on 8 bands of 8 bits of the target's pHash: any two hashes within 7 bits
-    share at least one band, so only candidates are compared."""
+def exclude_copies(images: list[dict], add: Add) -> list[dict]:
+    """Exact copies (same `content`: the sha256s of an item's target and sources) are trained once: each later copy
+    is an error naming the one kept, the earliest file. `images` as `check_duplicates` takes them (no `looks` needed:
+    training screens with this alone). Returns the images kept."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for im in images:
         groups[im["content"]].append(im)
     # Of exact copies the earliest file stays (modification time, then name), whatever order the source lists them in.
     originals = {content: min(group, key=_age) for content, group in groups.items()}
-    kept = [im for im in images if originals[im["content"]] is im]
     for im in images:
         original = originals[im["content"]]
         if original is im:
@@ -179,6 +175,17 @@ def check_duplicates(images: list[dict], add: Add) -> None:
             f"once, this copy is left out{merge}",
             im["path"],
         )
+    return [im for im in images if originals[im["content"]] is im]
+
+
+def check_duplicates(images: list[dict], add: Add) -> None:
+    """`images`: one dict per clean item, in data order: id, path, content (the sha256s of the item's target and
+    sources), captions, and `looks`: (phash, colour histogram) of the target then of each source. An exact copy
+    of an item is excluded (`exclude_copies`). A near copy, one whose every image has a close pHash and
+    close colours, is a warning: for an edit the pair is the example, so one target reached from two different
+    sources is no duplicate. LSH on 8 bands of 8 bits of the target's pHash: any two hashes within 7 bits
+    share at least one band, so only candidates are compared."""
+    kept = exclude_copies(images, add)
     bands: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, im in enumerate(kept):
         for band in range(8):

@@ -38,11 +38,13 @@ COMMAND_MODULES = [
 
 def _validate(args) -> int:
     """The config, then what it points at: the model folder (when local) and the data source, no weights loaded."""
+    from qwen_image_lora.data.cache import check_cache_dir
     from qwen_image_lora.data.sources import load_items
     from qwen_image_lora.model import check_pretrained
 
     cfg = load_config(args.config, args.overrides)
     check_pretrained(cfg.model.pretrained, cfg.model.revision)
+    check_cache_dir(cfg.data.cache_dir)
     if cfg.data.path is None:
         data = "data.path not set (needed only for training)"
     else:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config, ConfigError
+from qwen_image_lora.data.cache import check_cache_dir
 from qwen_image_lora.train import optim, ranks
 from qwen_image_lora.train.tracking import check_tracker_available
 
@@ -26,6 +27,7 @@ def check_before_loading(cfg: Config) -> None:
         check_shardable(cfg)
     if not cfg.data.path:
         raise ConfigError("data.path: set it to a folder of images + captions or a .jsonl/.csv manifest")
+    check_cache_dir(cfg.data.cache_dir)
     for i, edit in enumerate(cfg.validation.edits):
         for path in edit.images:
             if not Path(path).is_file():
