@@ -99,7 +99,7 @@ def _names(folder) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, sample_data_dir, tmp_path_factory):
-    """A finished 4-step run with checkpoints at steps 1, 2 and 3 (copy it before changing it)."""
+    """A finished 4-step run with checkpoints at steps 1, 2, 3 and 4 (copy it before changing it)."""
 
     out = tmp_path_factory.mktemp("trained") / "run"
     assert (
@@ -133,7 +133,7 @@ def test_every_file_of_a_run_carries_its_run_id(trained):
     run_id = json.loads((trained / "run.json").read_text())["run_id"]
     assert run_id
     assert json.loads((trained / "training_metadata.json").read_text())["run_id"] == run_id
-    assert [_progress(p)["run_id"] for p in Checkpointer(trained, 1).all()] == [run_id] * 3
+    assert [_progress(p)["run_id"] for p in Checkpointer(trained, 1).all()] == [run_id] * 4
 
 
 def test_a_fresh_start_in_a_used_folder_stops_before_loading_weights(
@@ -158,7 +158,7 @@ def test_a_fresh_start_in_a_used_folder_stops_before_loading_weights(
     assert {aside / p.relative_to(out): h for p, h in before.items()} == _hashes(aside)
     new_id = json.loads((out / "run.json").read_text())["run_id"]
     assert new_id != old_id and [r["step"] for r in _losses(out)] == [1, 2]
-    assert [_progress(p)["run_id"] for p in Checkpointer(out, 1).all()] == [new_id]
+    assert {_progress(p)["run_id"] for p in Checkpointer(out, 1).all()} == {new_id}
 
 
 def test_a_live_run_holds_its_folder_against_a_second_trainer(
@@ -213,9 +213,9 @@ def test_resume_latest_and_rotation_leave_another_runs_checkpoints_alone(
             == 0
         )
     assert "step-000009: it belongs to run someone-else" in caplog.text
-    assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4, 5, 6]  # continued from its own step 3
+    assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4, 5, 6]  # continued from its own last step, 4
     # Rotation kept this run's newest two and did not touch the other run's.
-    assert _names(out / "checkpoints") == ["step-000004", "step-000005", "step-000009"]
+    assert _names(out / "checkpoints") == ["step-000005", "step-000006", "step-000009"]
     assert _progress(foreign)["run_id"] == "someone-else"
 
 
@@ -404,7 +404,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
 ):
     out = _copy(trained, tmp_path)
     expected = _losses(out)
-    newest = out / "checkpoints" / "step-000003"
+    newest = out / "checkpoints" / "step-000004"  # the last step's
     if damage == "truncated adapter":
         path = newest / "adapter" / ADAPTER
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -434,9 +434,30 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
         )
     assert f"skipping damaged checkpoint {newest}" in caplog.text
     assert ("truncated" if damage == "truncated adapter" else "does not match its sha256") in caplog.text
-    assert f"resumed from {out / 'checkpoints' / 'step-000002'} at step 2" in caplog.text
+    assert f"resumed from {out / 'checkpoints' / 'step-000003'} at step 3" in caplog.text
     losses = [r["loss"] for r in _losses(out)]
-    assert len(losses) == 5 and losses[:4] == [r["loss"] for r in expected]  # steps 3-4 retrained to the same losses
+    assert len(losses) == 5 and losses[:4] == [r["loss"] for r in expected]  # step 4 retrained to the same loss
+
+
+def test_a_finished_run_trained_further_continues_exactly_where_it_ended(
+    tiny_model_dir, sample_data_dir, tmp_path, caplog
+):
+    """No checkpoint was written at the last step, so raising train.max_steps retrained from the newest mid-run
+    checkpoint (here: from scratch, with none). The last step's checkpoint makes 3 + 2 steps equal 5."""
+    caplog.set_level("INFO")
+    runs = {}
+    for name, steps in (("extended", [3, 5]), ("straight", [5])):
+        out = tmp_path / name
+        for i, max_steps in enumerate(steps):
+            args = _args(
+                tiny_model_dir, sample_data_dir, out, f"train.max_steps={max_steps}", "checkpoint.every_steps=100"
+            )
+            assert lora.main([*args, *(["--resume", "latest"] if i else [])]) == 0
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+        runs[name] = _losses(out)
+    assert f"resumed from {tmp_path / 'extended' / 'checkpoints' / 'step-000003'} at step 3" in caplog.text
+    assert runs["extended"] == runs["straight"]  # steps 1-3 once each, then 4-5 as the uninterrupted run had them
 
 
 def test_leftovers_of_a_killed_save_are_removed_and_a_half_written_loss_line_is_dropped(
@@ -587,8 +608,8 @@ def test_running_out_of_space_in_a_real_run_names_the_path_and_loses_nothing(
     kept = {p: _sha(p) for p in [out / ADAPTER, out / "training_metadata.json", out / "README.md"]}
     limit = (out / ADAPTER).stat().st_size // 2  # room for the logs and configs, not for weights
     base = [sys.executable, str(ROOT / "train" / "lora.py"), "--resume", "latest"]
-    # A mid-run checkpoint, then (no checkpoint before it) the final adapter.
-    for every, where in ((1, "step-000004"), (100, str(out))):
+    # A checkpoint at every step, then only the last step's (written before the final adapter).
+    for every, where in ((1, "step-000005"), (100, "step-000005")):
         result = subprocess.run(
             [
                 *base,
@@ -613,7 +634,7 @@ def test_running_out_of_space_in_a_real_run_names_the_path_and_loses_nothing(
         assert last.startswith("error:") and "larger than this process (ulimit -f)" in last and where in last, last
         assert "Traceback" not in result.stderr
         assert {p: _sha(p) for p in kept} == kept
-        assert Checkpointer(out, 1).resolve("latest").name == "step-000003"
+        assert Checkpointer(out, 1).resolve("latest").name == "step-000004"
         assert [p.name for p in out.glob(".*")] == [layout.LOCK] and not list((out / "checkpoints").glob(".*"))
 
 

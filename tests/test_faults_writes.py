@@ -120,19 +120,19 @@ def test_no_room_while_logging_or_sampling_is_one_error_line_and_keeps_the_last_
     `ulimit -f` stands in for a full disk (a real ENOSPC needs a full file system): the write fails the same way,
     with EFBIG, through the same error table."""
     sizes = {p.name: p.stat().st_size for p in trained.iterdir() if p.is_file()}
-    room = max(sizes["config.yaml"], sizes[layout.LOSSES]) + 1024  # what the resumed run writes before step 4
+    room = max(sizes["config.yaml"], sizes[layout.LOSSES]) + 1024  # what the resumed run writes before step 5
     logged = {}
     for case in ("losses", "samples"):
         out = tmp_path / case
         shutil.copytree(trained, out)
         extra = []
         if case == "losses":
-            # A long run's log in three rows: bigger than config.yaml, so the limit falls on step 4's new line.
+            # A long run's log in three rows: bigger than config.yaml, so the limit falls on step 5's new line.
             rows = [json.loads(line) for line in (out / layout.LOSSES).read_text().splitlines()][:3]
             rows[0]["note"] = "x" * room
             (out / layout.LOSSES).write_text("".join(json.dumps(r) + "\n" for r in rows))
             limit, failed = (out / layout.LOSSES).stat().st_size + 16, out / layout.LOSSES
-        else:  # step 4 logs its loss, then writes its preview (~7 KB), larger than anything else the run wrote
+        else:  # step 5 logs its loss, then writes its preview (~7 KB), larger than anything else the run wrote
             extra = [
                 "validation.prompts=[a qwnbrand bottle]",
                 "validation.every_steps=1",
@@ -140,7 +140,7 @@ def test_no_room_while_logging_or_sampling_is_one_error_line_and_keeps_the_last_
                 "validation.width=256",
                 "validation.height=256",
             ]
-            limit, failed = room, out / "samples" / "step_000004" / "t2i_00.png"
+            limit, failed = room, out / "samples" / "step_000005" / "t2i_00.png"
         result = subprocess.run(
             [
                 sys.executable,
@@ -159,14 +159,14 @@ def test_no_room_while_logging_or_sampling_is_one_error_line_and_keeps_the_last_
         assert result.returncode == 2, result.stderr[-3000:]
         lines = result.stderr.strip().splitlines()
         assert "Traceback" not in result.stderr and [line for line in lines if "error:" in line] == lines[-1:], lines
-        last = out / "checkpoints" / "step-000003"
+        last = out / "checkpoints" / "step-000004"
         assert lines[-1] == f"error: could not write {failed}: {EFBIG}; the last checkpoint {last} is intact"
         assert Checkpointer(out, 1).resolve("latest") == last  # complete and verified
         assert [p.name for p in out.rglob(".*")] == [layout.LOCK]  # no temp file left behind
         logged[case] = [r["step"] for r in RunFolder(out).read_losses()]
     assert logged == {
         "losses": [1, 2, 3],
-        "samples": [1, 2, 3, 4],
+        "samples": [1, 2, 3, 4, 5],
     }  # a half-written line is skipped (and cut on resume)
 
 

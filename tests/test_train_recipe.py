@@ -121,8 +121,8 @@ def test_accelerate_launch_demo_config_trains_a_loadable_adapter(tiny_model_dir,
         "peft",
         "accelerate",
     }
-    # Rotation kept the newest two of steps 10, 20, 30 (none at the final step: the output folder is that).
-    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000020", "step-000030"]
+    # Rotation kept the newest two of steps 10, 20, 30 and the last, 40 (a raised max_steps continues from it).
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000030", "step-000040"]
     assert (out / "samples" / "step_000020" / "t2i_00.png").is_file()
     assert (out / "samples" / "step_000040" / "t2i_00.png").is_file()
     card = (out / "README.md").read_text()
@@ -255,7 +255,7 @@ def test_resume_warns_about_config_mismatches(tiny_model_dir, sample_data_dir, t
     text = caplog.text
     assert "train.seed" in text and "checkpoint's RNG states and data order win" in text
     assert "train.max_steps" in text and "the config wins" in text
-    assert recipe.step == 2 and recipe.cfg.train.seed == 0
+    assert recipe.step == 4 and recipe.cfg.train.seed == 0  # the last step's checkpoint
     recipe.train()
     recipe.cleanup()
     assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4, 5, 6]

@@ -263,7 +263,8 @@ class LoRARecipe:
             self.validate()
 
     def _maybe_checkpoint(self) -> None:
-        if self.step % self.cfg.checkpoint.every_steps == 0 and self.step < self.cfg.train.max_steps:
+        # The last step too: a finished run then continues exactly where it ended when train.max_steps is raised.
+        if self.step % self.cfg.checkpoint.every_steps == 0 or self.step == self.cfg.train.max_steps:
             self.save_checkpoint()
 
     # ------------------------------------------------------------------------------------------ verbs

@@ -34,7 +34,7 @@ def check_before_loading(cfg: Config) -> None:
                 raise ConfigError(f"validation.edits[{i}].images: {path} does not exist")
     if cfg.checkpoint.every_steps > cfg.train.max_steps:
         logger.warning(
-            "checkpoint.every_steps=%d > train.max_steps=%d: no resumable checkpoint will be written",
+            "checkpoint.every_steps=%d > train.max_steps=%d: the only checkpoint will be the last step's",
             cfg.checkpoint.every_steps,
             cfg.train.max_steps,
         )

@@ -155,7 +155,7 @@ class RunFolder:
         if resume:
             owner = self.owner()
             finished = self.finished_at() if resume == "latest" and max_steps is not None else None
-            if finished is not None and finished >= max_steps:  # else its newest checkpoint retrains the last stretch
+            if finished is not None and finished >= max_steps:  # else it continues from its last step's checkpoint
                 raise RunFinished(
                     f"run {owner} in {self.path} already finished at step {finished} (train.max_steps={max_steps}); "
                     f"its adapter is {self.path / layout.FINAL_ADAPTER}. Nothing to resume; to train further, raise "
