@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import run_layout as layout
@@ -250,7 +251,16 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, str, Path]]:
         found.append((layout.checkpoint_step(folder), folder.name, folder / layout.ADAPTER))
     metadata = run_dir / layout.METADATA
     if (run_dir / layout.FINAL_ADAPTER).is_file() and metadata.is_file():
-        found.append((int(json.loads(metadata.read_text())["steps"]), "final", run_dir))
+        final = (int(json.loads(metadata.read_text())["steps"]), "final", run_dir)
+        # The last step is checkpointed too: the same weights as the final adapter (unless EMA made that one) are
+        # scored once, as "final".
+        if (
+            found
+            and found[-1][0] == final[0]
+            and _same_weights(resolve_file(found[-1][2]), run_dir / layout.FINAL_ADAPTER)
+        ):
+            found.pop()
+        found.append(final)
     if not found:
         raise NotFound(
             f"--checkpoints: no step-<N> checkpoint folders in {run_dir / layout.CHECKPOINTS} "
@@ -286,6 +296,11 @@ def _get(tree: dict, dotted: str):
     for part in dotted.split("."):
         tree = tree.get(part) if isinstance(tree, dict) else None
     return tree
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    first, second = load_file(a), load_file(b)
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def score_checkpoints(

@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import load_config, save_config
@@ -144,6 +146,14 @@ def test_checkpoint_discovery_and_adapter_names(tmp_path):
     (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")  # the run finished: its final adapter joins
     (tmp_path / "training_metadata.json").write_text('{"steps": 150}')
     assert find_checkpoints(tmp_path)[-1] == (150, "final", tmp_path)
+    # The last step's checkpoint holds the final adapter's weights: scored once, as "final"; EMA weights differ.
+    last = tmp_path / "checkpoints" / "step-000150" / "adapter"
+    last.mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, str(last / "pytorch_lora_weights.safetensors"))
+    save_file({"w": torch.ones(2)}, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert [n for _, n, _ in find_checkpoints(tmp_path)] == ["step-000020", "step-000100", "final"]
+    save_file({"w": torch.full((2,), 0.5)}, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert [n for _, n, _ in find_checkpoints(tmp_path)] == ["step-000020", "step-000100", "step-000150", "final"]
     names = _adapter_names([Path("a/brand"), Path("b/brand"), Path("c/base.safetensors")])
     assert list(names) == ["brand", "brand-2", "base-2"]
 
