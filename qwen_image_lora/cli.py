@@ -118,9 +118,10 @@ def _say_default_model(args) -> None:
         or any(o.startswith("model.pretrained=") for o in getattr(args, "overrides", []))
     )
     if no_config and not named:
+        other = "a config as the target" if target is not None else "--config CFG"  # data doctor has no --config
         print(
             f"note: no config given: using the default model {ModelConfig().pretrained} "
-            "(--config CFG or model.pretrained=DIR picks another)",
+            f"({other} or model.pretrained=DIR picks another)",
             file=sys.stderr,
         )
 

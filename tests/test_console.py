@@ -126,3 +126,4 @@ def test_the_doctor_without_a_reachable_tokenizer_goes_on_and_says_so(tmp_path, 
     assert done.returncode == 0, done.stderr
     assert "could not load the tokenizer of Qwen/Qwen-Image-2.1" in done.stdout + done.stderr
     assert [n for n in NOISE if n in done.stderr] == []
+    assert "(a config as the target or model.pretrained=DIR picks another)" in done.stderr  # it has no --config

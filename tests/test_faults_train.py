@@ -439,6 +439,13 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
     assert len(losses) == 5 and losses[:4] == [r["loss"] for r in expected]  # step 4 retrained to the same loss
 
 
+def test_resume_with_overwrite_is_refused_naming_both(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    """It was accepted: "nothing to resume", rc 0, with the folder left as it was."""
+    with pytest.raises(SystemExit) as e:
+        lora.main([*_args(tiny_model_dir, sample_data_dir, tmp_path / "run"), "--resume", "latest", "--overwrite"])
+    assert e.value.code == 2 and "--resume continues a run and --overwrite starts a new one" in capsys.readouterr().err
+
+
 def test_a_finished_run_trained_further_continues_exactly_where_it_ended(
     tiny_model_dir, sample_data_dir, tmp_path, caplog
 ):

@@ -66,6 +66,14 @@ def test_resume_errors_are_clear(tmp_path):
         ck.resolve("latest")
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         ck.resolve(str(tmp_path))
+    ck.save(_progress(1), _writer({}), {})
+    missing = tmp_path / "checkpoints" / "step-000999"  # said "not a checkpoint folder (no progress.json)"
+    with pytest.raises(
+        CheckpointError, match=rf"step-000999: no such folder; checkpoints of {tmp_path}: .*step-000001"
+    ):
+        ck.resolve(str(missing))
+    with pytest.raises(CheckpointError, match=rf"nope: no such folder; checkpoints of {tmp_path}: .*step-000001"):
+        ck.resolve(str(tmp_path.parent / "nope"))  # not inside a run: this output_dir's are listed
 
 
 def test_rng_states_round_trip():

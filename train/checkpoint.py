@@ -154,9 +154,10 @@ class Checkpointer:
         folder -> the folder. A damaged or incomplete checkpoint is skipped with a warning naming it."""
         if resume != "latest":
             path = Path(resume)
-            if not path.exists():
-                there = [p.name for p in layout.checkpoints(path.parent.parent)] if path.parent.is_dir() else []
-                listed = f"checkpoints there: {', '.join(there)}" if there else f"{path.parent} holds no checkpoints"
+            if not path.exists():  # list the run it points into (RUN/checkpoints/step-N), else this output_dir's
+                run = path.parent.parent if path.parent.name == layout.CHECKPOINTS else self.run
+                there = [str(p) for p in layout.checkpoints(run)]
+                listed = f"checkpoints of {run}: {', '.join(there)}" if there else f"{run} holds no checkpoints"
                 raise CheckpointError(f"--resume {resume}: no such folder; {listed} (or --resume latest)")
             if not (path / layout.PROGRESS).is_file():
                 raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no {layout.PROGRESS})")

@@ -412,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
     args = parser.parse_intermixed_args(argv)
+    if args.resume and args.overwrite:  # one continues this folder's run, the other moves it aside
+        parser.error("--resume continues a run and --overwrite starts a new one: give one of them")
     # Every rank reads the same config and data: the main one says what they all would; the others only errors.
     main_rank = ranks.is_main_rank()
     logging.basicConfig(
