@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora import typed_yaml
+from qwen_image_lora import speed, typed_yaml
 from qwen_image_lora.config import ModelConfig, SamplingConfig
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_settings
@@ -188,7 +188,7 @@ class Generator:
         """Compile before the first user does: a text-to-image and a one-reference edit at two aspect ratios, so
         the static graph, the one dynamic-shape recompile and the edit's segment layout are all built now. Returns
         the seconds it took; nothing to do (0.0) when the model is not compiled."""
-        if not qmodel.is_compiled(self.pipe.transformer):
+        if not speed.is_compiled(self.pipe.transformer):
             return 0.0
         start = time.perf_counter()
         reference = Image.new("RGB", size_for_aspect("1:1", self.resolution), (128, 128, 128))

@@ -71,7 +71,7 @@ class ModelConfig:
     revision: str | None = _fixed(None)
     # dtype of the frozen weights; LoRA weights always train in fp32.
     dtype: Literal["bfloat16", "float16", "float32"] = _fixed("bfloat16")
-    # How the transformer runs (not what it computes, so a resume may change them; `model.configure_transformer`).
+    # How the transformer runs (not what it computes, so a resume may change them; `speed.configure_transformer`).
     # sdpa-segments: one SDPA call per block-causal segment, no compiler needed. flex: one flex_attention call;
     # needs compile, and trains on CUDA only (no flex backward on CPU).
     attention: Literal["sdpa-segments", "flex"] = "sdpa-segments"
@@ -95,7 +95,7 @@ class ModelConfig:
                 "flex_attention materialises the whole fp32 score matrix); or use sdpa-segments"
             )
         if self.attention_backend is not None:  # deferred, and only when set: diffusers' backend list takes seconds
-            from qwen_image_lora.model import check_speed_settings  # noqa: PLC0415 - the config stays light (model imports torch)
+            from qwen_image_lora.speed import check_speed_settings  # noqa: PLC0415 - the config stays light (speed imports torch)
 
             try:
                 check_speed_settings(self.attention, self.attention_backend, self.compile)

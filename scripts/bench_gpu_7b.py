@@ -81,6 +81,7 @@ import reach_bench
 from diffusers import QwenImage21Transformer2DModel
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora import speed
 from qwen_image_lora.config import LoRAConfig, OptimConfig
 from qwen_image_lora.model import PromptEmbeds
 from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace
@@ -113,7 +114,7 @@ VARIANTS = {"eager": ("sdpa-segments", False), "blocks": ("sdpa-segments", "bloc
 
 def build(cfg: dict, lora: LoRAConfig, blocks=None, attention="sdpa-segments", compile=False):
     """The random-weight transformer with LoRA, then (as the trainer orders them) checkpointing of `blocks` when
-    given and the speed switches through `model.configure_transformer`."""
+    given and the speed switches through `speed.configure_transformer`."""
 
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -125,7 +126,7 @@ def build(cfg: dict, lora: LoRAConfig, blocks=None, attention="sdpa-segments", c
     transformer.train()
     if blocks is not None:
         block_checkpointing.apply_block_checkpointing(transformer, blocks)
-    qmodel.configure_transformer(transformer, attention=attention, compile=compile)
+    speed.configure_transformer(transformer, attention=attention, compile=compile)
     return transformer, params
 
 
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case")
-    ap.add_argument("--attention", choices=qmodel.ATTENTION_PATHS, default="sdpa-segments")
+    ap.add_argument("--attention", choices=speed.ATTENTION_PATHS, default="sdpa-segments")
     ap.add_argument("--compile", choices=["false", "blocks", "full"], default="false")
     ap.add_argument(
         "--budget-gib", type=float, default=80.0, help="GPU memory `auto` plans for (train.memory_budget_gb)"

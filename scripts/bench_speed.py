@@ -9,7 +9,7 @@ The model is a random Qwen-Image-2.1 transformer built in-process (default: 4 la
 on attention (`train.adapter.add_lora`), batches of random cached latents and prompt embeddings (no VAE or text
 encoder). A training step is `train.memory_trace.training_step` (the trainer's flow-matching loss, backward,
 clipping, AdamW step); an inference call is `model.predict_velocity` under no_grad. Speed switches are set
-through `model.configure_transformer`, the one place training and serving set them. Each case keeps its own
+through `speed.configure_transformer`, the one place training and serving set them. Each case keeps its own
 transformer; every round runs `--steps` steps of each case in turn (order rotated per round) and a ratio is
 taken inside each round; the median of those ratios is printed next to the best round's s/step. The first call
 of a case (the compile, for compiled cases: cold, in a fresh inductor cache) and `--warmup` more calls are not
@@ -71,6 +71,7 @@ if str(ROOT) not in qwen_image_lora.__path__:  # run from a plain checkout: `tra
 import example_speed  # scripts/, next to this file (the script directory is on sys.path)
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora import speed
 from qwen_image_lora.config import LoRAConfig, OptimConfig
 from qwen_image_lora.train import memory, memory_trace
 from qwen_image_lora.train.adapter import add_lora
@@ -97,7 +98,7 @@ def build_transformer(cfg: dict, rank: int, attention: str, compile):
     torch.manual_seed(0)
     transformer = qmodel.transformer_class()(**cfg)
     params = add_lora(transformer, LoRAConfig(rank=rank, alpha=float(rank), targets="attention"))
-    qmodel.configure_transformer(transformer, attention=attention, compile=compile)
+    speed.configure_transformer(transformer, attention=attention, compile=compile)
     return transformer, params
 
 

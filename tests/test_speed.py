@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora import speed
 from qwen_image_lora.config import ConfigError, load_config
 from qwen_image_lora.inference.server import create_app
 from qwen_image_lora.train import lora, memory
@@ -182,7 +183,7 @@ def test_compiled_and_flex_paths_give_the_eager_segment_processors_velocity(
     outputs = {}
     for settings in (("sdpa-segments", False), (attention, compile_mode)):
         transformer = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
-        qmodel.configure_transformer(transformer, settings[0], None, settings[1])
+        speed.configure_transformer(transformer, settings[0], None, settings[1])
         processor = QwenImage21FlexAttnProcessor if settings[0] == "flex" else QwenImage21AttnProcessor
         assert all(type(b.attn.processor) is processor for b in transformer.transformer_blocks)
         with torch.no_grad():
@@ -199,7 +200,7 @@ def test_compiled_and_flex_paths_give_the_eager_segment_processors_velocity(
 def test_the_attention_backend_is_installed_on_every_block(tiny_model_dir):
 
     transformer = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
-    qmodel.configure_transformer(transformer, "sdpa-segments", "_native_math", False)
+    speed.configure_transformer(transformer, "sdpa-segments", "_native_math", False)
     processors = [b.attn.processor for b in transformer.transformer_blocks]
     assert all(isinstance(p, QwenImage21AttnProcessor) for p in processors)
     assert {str(getattr(p._attention_backend, "value", p._attention_backend)) for p in processors} == {"_native_math"}

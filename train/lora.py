@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora import objective
+from qwen_image_lora import objective, speed
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, ConfigError, load_config, save_config, to_dict
 from qwen_image_lora.data.dataset import build_training_data
@@ -104,7 +104,7 @@ class LoRARecipe:
         self.params = adapter.add_lora(self.pipe.transformer, cfg.lora)
         self._setup_checkpointing(self.pipe.transformer)
         m = cfg.model  # after LoRA and checkpointing, so the compiled graph holds both
-        qmodel.configure_transformer(self.pipe.transformer, m.attention, m.attention_backend, m.compile)
+        speed.configure_transformer(self.pipe.transformer, m.attention, m.attention_backend, m.compile)
         optimizer = optim.build_optimizer(self.params, cfg.optim)
         # Stepped by us once per optimizer step (accelerate's wrapper would step it once per process).
         self.lr_scheduler = optim.build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)

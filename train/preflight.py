@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora import speed
 from qwen_image_lora.config import Config, ConfigError
 from qwen_image_lora.data.cache import check_cache_dir
 from qwen_image_lora.train import optim, ranks
@@ -19,7 +20,7 @@ def check_before_loading(cfg: Config) -> None:
     optim.check_optimizer_available(cfg.optim.name)
     qmodel.check_quantize(cfg.model.quantize)
     try:
-        qmodel.check_speed_settings(cfg.model.attention, cfg.model.attention_backend, cfg.model.compile)
+        speed.check_speed_settings(cfg.model.attention, cfg.model.attention_backend, cfg.model.compile)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     check_tracker_available(cfg.tracking)
