@@ -37,7 +37,7 @@ from qwen_image_lora.data.buckets import (
 from qwen_image_lora.data.cache import Cache, CacheDamaged, key_for_image, key_for_prompt, model_identity
 from qwen_image_lora.data.screening import screen_items
 from qwen_image_lora.data.sources import DataError, Item, format_caption, load_items, open_image
-from qwen_image_lora.images import identify, read_image
+from qwen_image_lora.images import has_alpha, identify, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +181,11 @@ class SampleEncoder:
         return entries
 
 
-def pixel_spec(d: DataConfig) -> str:
-    """The part of an image's cache key that is neither the file nor the crop: alpha handling."""
+def pixel_spec(d: DataConfig, path: Path) -> str:
+    """The part of an image's cache key that is neither the file nor the crop: alpha handling, which changes nothing
+    for a file without alpha (its entries then serve every alpha setting)."""
+    if not has_alpha(path):
+        return ""
     return "alpha=keep" if d.alpha == "keep" else f"alpha=composite:{d.background.lower()}"
 
 
@@ -249,9 +252,9 @@ class TrainingDataset(torch.utils.data.Dataset):
 
     def keys(self, index: int, text: str) -> tuple[str, list[str], str]:
         """(target latents key, reference latents keys, prompt key) of this item with `text`."""
-        entry, enc, spec = self.entries[index], self.encoder, pixel_spec(self.cfg.data)
-        target_key = enc.image_key(entry.item.target, entry.target, spec)
-        source_keys = [enc.image_key(p, t, spec) for p, t in zip(entry.item.sources, entry.sources)]
+        entry, enc, d = self.entries[index], self.encoder, self.cfg.data
+        target_key = enc.image_key(entry.item.target, entry.target, pixel_spec(d, entry.item.target))
+        source_keys = [enc.image_key(p, t, pixel_spec(d, p)) for p, t in zip(entry.item.sources, entry.sources)]
         return target_key, source_keys, enc.prompt_key(text, source_keys)
 
     def loaders(self, index: int) -> tuple[Callable[[], Image.Image], list[Callable[[], Image.Image]]]:

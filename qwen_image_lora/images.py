@@ -19,8 +19,10 @@ service can admit decodes by the memory they take."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -157,6 +159,19 @@ def identify(
         w, h = im.size
         turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
         return ImageHeader(im.format, (h, w) if turned else (w, h), im.mode, getattr(im, "n_frames", 1))
+
+
+def has_alpha(path: str | Path) -> bool:
+    """Whether `read_image` gives the file RGBA, from its header (memoised on path, size and mtime: training asks
+    for every sample it fetches)."""
+    st = os.stat(path)
+    return _header_has_alpha(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _header_has_alpha(path: str, size: int, mtime_ns: int) -> bool:
+    with _opened(path, None, None) as im:
+        return _has_alpha(im)
 
 
 def _has_alpha(im: Image.Image) -> bool:

@@ -226,6 +226,23 @@ def test_alpha_keep_caches_the_latents_of_the_files_own_alpha(tmp_path, tiny_pip
     torch.testing.assert_close(cached, qmodel.encode_latents(tiny_pipe, pixels), rtol=1e-4, atol=1e-5)
 
 
+def test_an_alpha_setting_re_encodes_only_the_files_that_have_alpha(tmp_path, tiny_pipe, tiny_model_dir):
+    """`data.alpha=keep` or another `data.background` re-encoded every image, though an RGB file's pixels are the
+    same under any alpha setting: 28 byte-identical latents twice over on the sample data."""
+    root = tmp_path / "mixed"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8), "RGB").save(root / "photo.png")
+    Image.fromarray(rng.integers(0, 256, (128, 128, 4), dtype=np.uint8), "RGBA").save(root / "logo.png")
+    for name in ("photo", "logo"):
+        (root / f"{name}.txt").write_text(f"a {name}")
+    counts = []
+    for extra in ([], ["data.alpha=keep"], ["data.background=#000000"]):
+        stats = prepare(_cfg(root, tiny_model_dir, tmp_path, *extra), tiny_pipe, progress=False, log=lambda *_: None)
+        counts.append(stats.latents_encoded)
+    assert counts == [2, 1, 1]  # then the logo alone, once per alpha setting
+
+
 def test_a_writable_cache_under_a_file_is_a_write_error_naming_its_folder(tmp_path):
     (tmp_path / "blocked").write_text("a file where data.cache_dir should be")
     shards = tmp_path / "blocked" / "cache" / "shards"
