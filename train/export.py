@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,19 @@ def write_adapter_atomically(transformer, output_dir: str | Path, state: dict[st
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LOSS_WINDOW = 10  # steps averaged at each end of a run's loss curve
+
+
+def loss_means(losses: list[float]) -> dict:
+    """The mean loss of the first and of the last `LOSS_WINDOW` steps (the whole run when shorter)."""
+    if not losses:
+        return {"first_loss": None, "final_loss": None}
+    return {
+        "first_loss": statistics.fmean(losses[:LOSS_WINDOW]),
+        "final_loss": statistics.fmean(losses[-LOSS_WINDOW:]),
+    }
 
 
 def write_run_folder(

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import logging
 import math
-import statistics
 import sys
 import tempfile
 import time
@@ -183,7 +182,9 @@ class LoRARecipe:
         self.data.sampler.load_state_dict({"epoch": self.cursor[0], "position": self.cursor[1]})
         with torch.random.fork_rng(devices=[]):  # starting a DataLoader draws from the global RNG
             batches = iter(self.data.loader())
-        bar = _progress_bar(cfg.train.max_steps, self.step, acc.is_main_process)
+        bar = progress_bar(
+            cfg.train.max_steps, initial=self.step, desc="steps", unit="step", enabled=acc.is_main_process
+        )
         micro_losses: list[torch.Tensor] = []
         self.transformer.train()
         tick = time.perf_counter()
@@ -341,8 +342,7 @@ class LoRARecipe:
             metadata = {
                 "run_id": self.run_id,
                 "steps": self.step,
-                "first_loss": statistics.fmean(losses[:10]) if losses else None,
-                "final_loss": statistics.fmean(losses[-10:]) if losses else None,
+                **export.loss_means(losses),
                 "num_processes": acc.num_processes,
                 "nonfinite_steps_skipped": self.guards.nonfinite,
                 "adapter_sha256": hashes[0],
@@ -358,14 +358,9 @@ class LoRARecipe:
                 ) from e
             self.tracker.upload_adapter(self.out)
             logger.info("adapter written to %s", self.out / adapter.WEIGHTS_NAME)
-            window = min(10, len(losses))
-            logger.info(
-                "loss: %.4f (mean of the first %d steps) -> %.4f (last %d)",
-                metadata["first_loss"],
-                window,
-                metadata["final_loss"],
-                window,
-            )
+            window = min(export.LOSS_WINDOW, len(losses))
+            logger.info("loss: %.4f (mean of the first %d steps) -> %.4f (last %d)",
+                        metadata["first_loss"], window, metadata["final_loss"], window)  # fmt: skip
         acc.wait_for_everyone()
 
     def cleanup(self) -> None:
@@ -388,10 +383,6 @@ class LoRARecipe:
 
     def _ema_weights(self):
         return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-
-
-def _progress_bar(total: int, initial: int, main: bool):
-    return progress_bar(total, initial=initial, desc="steps", unit="step", enabled=main)
 
 
 def main(argv: list[str] | None = None) -> int:
