@@ -342,3 +342,21 @@ def test_generate_without_a_size_uses_the_configs_pixel_budget(tiny_model_dir, t
     )
     with Image.open(out) as im:
         assert im.size == (96, 96)
+
+
+def test_generate_with_a_runs_adapter_and_no_config_uses_the_size_it_trained_at(
+    tiny_model_dir, lora_dir, tmp_path, capsys
+):
+    """Without --config, `--lora RUN` generated at the default 1024 px, not the run's data.resolution."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_dir, run)
+    (run / "config.yaml").write_text("data:\n  resolution: 96\n")  # what a run folder (and each checkpoint) holds
+    out = tmp_path / "a.png"
+    argv = ["generate", "--model", str(tiny_model_dir), "--dtype", "float32", "--prompt", "a bottle", "--steps", "1"]
+    assert main([*argv, "--lora", str(run), "--output", str(out)]) == 0
+    assert "note: data.resolution 96, as" in capsys.readouterr().err
+    with Image.open(out) as im:
+        assert im.size == (96, 96)
+    assert main([*argv, "--lora", str(run), "data.resolution=64", "--output", str(out)]) == 0  # said here: it wins
+    with Image.open(out) as im:
+        assert im.size == (64, 64)
