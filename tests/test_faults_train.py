@@ -465,6 +465,8 @@ def test_a_finished_run_trained_further_continues_exactly_where_it_ended(
         runs[name] = _losses(out)
     assert f"resumed from {tmp_path / 'extended' / 'checkpoints' / 'step-000003'} at step 3" in caplog.text
     assert runs["extended"] == runs["straight"]  # steps 1-3 once each, then 4-5 as the uninterrupted run had them
+    # The two fresh starts are told their only checkpoint is the last step's; the resumed run has its checkpoint.
+    assert caplog.text.count("the only checkpoint will be the last step's") == 2
 
 
 def test_leftovers_of_a_killed_save_are_removed_and_a_half_written_loss_line_is_dropped(

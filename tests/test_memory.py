@@ -171,6 +171,10 @@ def test_plan_command_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert main(["plan", "--config", str(config), "--gpu-memory", "2GB", "--references", "1", "--processes", "2"]) == 0
     out = capsys.readouterr().out
     assert "sharded across 2 processes (FSDP2)" in out and "--num_processes 2 train/lora.py" in out
+    as_int8 = ["plan", "--config", str(config), "model.quantize=int8", "--as-configured", "--processes", "2"]
+    assert main(as_int8) == 2  # refused first: nothing planned, no "planning ..." line
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: model.quantize: int8 does not shard under FSDP2")
 
 
 def test_fit_reaches_for_checkpointing_then_offload_then_8bit_optimizer_then_quantization():

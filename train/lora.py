@@ -72,7 +72,7 @@ class LoRARecipe:
 
     def setup(self) -> None:
         cfg = self.cfg
-        preflight.check_before_loading(cfg)
+        preflight.check_before_loading(cfg, resuming=bool(self.resume))
         if not self.resume:
             self.run_folder.check_fresh_start(self.overwrite)
         self.stop.install()

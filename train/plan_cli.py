@@ -44,11 +44,12 @@ def _plan(args) -> int:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     cfg = load_config(args.config, args.overrides)
     gpu = parse_memory(args.gpu_memory) if args.gpu_memory else int(cfg.train.memory_budget_gb * 2**30)
+    as_configured = args.as_configured or args.checkpointing != "config"
+    if as_configured and args.processes > 1:
+        check_shardable(cfg)
     references = args.references if args.references is not None else _references(cfg)
     start = time.perf_counter()
-    if args.as_configured or args.checkpointing != "config":
-        if args.processes > 1:
-            check_shardable(cfg)
+    if as_configured:
         if args.checkpointing != "config":
             cfg.train.gradient_checkpointing = {"all": True, "none": False}.get(args.checkpointing, "auto")
         recipe = memory_fit.resolve(
@@ -92,7 +93,7 @@ def _references(cfg) -> int:
         where = f"data.path ({cfg.data.path})"
     except (DataError, OSError, ValueError):
         count = max((len(e.images) for e in cfg.validation.edits), default=0)
-        where = "validation.edits (data.path not readable here)"
+        where = "validation.edits (data.path not readable here)" if cfg.validation.edits else "no readable data.path"
     print(
         f"planning {'an edit step with ' + str(count) + ' reference image(s)' if count else 'a text-to-image step'}"
         f", from {where}; --references N overrides"

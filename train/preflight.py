@@ -15,7 +15,7 @@ from qwen_image_lora.train.tracking import check_tracker_available
 logger = logging.getLogger("qwen_image_lora.train")
 
 
-def check_before_loading(cfg: Config) -> None:
+def check_before_loading(cfg: Config, resuming: bool = False) -> None:
     """What can fail without weights fails here, in seconds, naming the field."""
     optim.check_optimizer_available(cfg.optim.name)
     qmodel.check_quantize(cfg.model.quantize)
@@ -33,7 +33,7 @@ def check_before_loading(cfg: Config) -> None:
         for path in edit.images:
             if not Path(path).is_file():
                 raise ConfigError(f"validation.edits[{i}].images: {path} does not exist")
-    if cfg.checkpoint.every_steps > cfg.train.max_steps:
+    if cfg.checkpoint.every_steps > cfg.train.max_steps and not resuming:  # a resumed run has its checkpoints
         logger.warning(
             "checkpoint.every_steps=%d > train.max_steps=%d: the only checkpoint will be the last step's",
             cfg.checkpoint.every_steps,
