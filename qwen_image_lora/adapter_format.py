@@ -124,14 +124,20 @@ def resolve_file(source: str | Path) -> Path:
         found = sorted(path.glob("*.safetensors"))
         if len(found) == 1:
             return found[0]
-        # A training checkpoint (`checkpoints/step-N/`) keeps its adapter one folder down.
-        inner = [d for d in sorted(path.iterdir()) if d.is_dir() and any((d / n).is_file() for n in WEIGHT_NAMES)]
+        # A training checkpoint (`checkpoints/step-N/`) keeps its adapter one folder down, a run's `checkpoints/` two.
+        inner = [d for d in sorted(path.iterdir()) if d.is_dir() and _holds_weights(d, depth=2)]
         if not found and len(inner) == 1:
             return resolve_file(inner[0])
         listed = ", ".join(p.name for p in found) or "none"
         hint = f"; folders holding one: {', '.join(d.name for d in inner)} (name one)" if inner else ""
         raise AdapterError(f"{path}: expected {WEIGHTS_NAME} or exactly one .safetensors file (found: {listed}){hint}")
     return _download(str(source))
+
+
+def _holds_weights(folder: Path, depth: int) -> bool:
+    if any((folder / n).is_file() for n in WEIGHT_NAMES):
+        return True
+    return depth > 1 and any(d.is_dir() and _holds_weights(d, depth - 1) for d in folder.iterdir())
 
 
 def _repo_weight_files(repo: str) -> list[str]:

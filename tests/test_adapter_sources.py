@@ -42,9 +42,14 @@ def test_a_checkpoint_folder_resolves_to_the_adapter_it_holds_one_folder_down(tm
     (step / "optimizer").mkdir()
     assert resolve_file(step) == step / "adapter" / "pytorch_lora_weights.safetensors"
     (tmp_path / "checkpoints" / "step-000008" / "adapter").mkdir(parents=True)
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "checkpoints" / "step-000008" / "adapter" / "adapter.safetensors"))
-    with pytest.raises(AdapterError, match=r"\(found: none\)$"):  # two steps, each one folder further down
-        resolve_file(tmp_path / "checkpoints")
+    save_file(
+        {"x": torch.zeros(1)},
+        str(tmp_path / "checkpoints" / "step-000008" / "adapter" / "pytorch_lora_weights.safetensors"),
+    )
+    with pytest.raises(
+        AdapterError, match=r"\(found: none\); folders holding one: step-000004, step-000008 \(name one\)$"
+    ):
+        resolve_file(tmp_path / "checkpoints")  # a run's checkpoints: it said only "(found: none)"
 
 
 @pytest.fixture
