@@ -135,9 +135,8 @@ def resolve_file(source: str | Path) -> Path:
 
 
 def _holds_weights(folder: Path, depth: int) -> bool:
-    if any((folder / n).is_file() for n in WEIGHT_NAMES):
-        return True
-    return depth > 1 and any(d.is_dir() and _holds_weights(d, depth - 1) for d in folder.iterdir())
+    below = depth > 1 and any(d.is_dir() and _holds_weights(d, depth - 1) for d in folder.iterdir())
+    return below or any((folder / n).is_file() for n in WEIGHT_NAMES)
 
 
 def _repo_weight_files(repo: str) -> list[str]:
