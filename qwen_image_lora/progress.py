@@ -125,7 +125,8 @@ class LineProgress:
         parts += [f"{k}={v}" for k, v in self.postfix.items()]
         if seconds is not None:
             eta = datetime.timedelta(seconds=round(seconds * max(0, self.total - self.n)))
-            parts.append(f"| {seconds:.3g} s/{self.unit}, ETA {eta}")
+            rate = f"{1 / seconds:.0f} {self.unit}s/s" if seconds < 0.01 else f"{seconds:.3g} s/{self.unit}"  # no 2e-06
+            parts.append(f"| {rate}, ETA {eta}")
         return " ".join(parts)
 
     def _print(self) -> None:

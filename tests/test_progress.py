@@ -5,15 +5,27 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+from qwen_image_lora import progress as progress_module
 from qwen_image_lora.config import load_config
 from qwen_image_lora.data.prepare import prepare
 from qwen_image_lora.progress import LineProgress
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_slow_item_reads_as_seconds_per_item(capsys, monkeypatch):
+    """A fast loop read `2.31e-06 s/item`: items/s below 10 ms an item, seconds per item above."""
+    clock = iter(range(0, 1000, 2))  # every reading 2 s after the last
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    bar = LineProgress(2, desc="slow", unit="item", interval=3600)
+    bar.update(2)
+    bar.close()
+    assert re.search(r"\| [\d.]+ s/item, ETA 0:00:00$", capsys.readouterr().err.strip())
 
 
 def test_line_progress_prints_at_most_once_per_interval_and_once_at_the_end(capsys):
@@ -23,7 +35,7 @@ def test_line_progress_prints_at_most_once_per_interval_and_once_at_the_end(caps
     assert capsys.readouterr().err == ""  # nothing within the interval
     bar.close()
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.split()[1:4] == ["work", "5/5", "(100%)"] and "s/item, ETA 0:00:00" in line
+    assert line.split()[1:4] == ["work", "5/5", "(100%)"] and re.search(r"\| \d+ items/s, ETA 0:00:00$", line), line
     quiet = LineProgress(5, desc="off", enabled=False, interval=0)
     quiet.update(5)
     quiet.close()
@@ -59,7 +71,7 @@ def test_training_prints_step_loss_and_eta_lines_into_a_pipe(tiny_model_dir, sam
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if " steps " in line and "loss=" in line]
     assert [line.split()[2] for line in lines] == ["1/3", "2/3", "3/3"], proc.stderr[-3000:]
-    assert all("s/step, ETA" in line for line in lines) and "\r" not in proc.stderr
+    assert all(re.search(r"\| (\d+ steps/s|[\d.]+ s/step), ETA", line) for line in lines) and "\r" not in proc.stderr
 
 
 def test_prepare_prints_progress_lines(tiny_pipe, sample_data_dir, tmp_path, capsys, monkeypatch):
