@@ -240,7 +240,7 @@ _LOSS_KEYS = ("model.pretrained", "data.resolution", "data.caption_template", "d
 
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int, str, Path]]:
     """(step, name, adapter folder) of every complete checkpoint of a run, oldest first, then the run's final
-    adapter (named "final") when training has written it."""
+    adapter (named "final", or "final (EMA)" beside a last checkpoint of other weights) when training has written it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise NotFound(f"--checkpoints: {run_dir} is not a folder", "--checkpoints")
@@ -252,14 +252,13 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, str, Path]]:
     metadata = run_dir / layout.METADATA
     if (run_dir / layout.FINAL_ADAPTER).is_file() and metadata.is_file():
         final = (int(json.loads(metadata.read_text())["steps"]), "final", run_dir)
-        # The last step is checkpointed too: the same weights as the final adapter (unless EMA made that one) are
-        # scored once, as "final".
-        if (
-            found
-            and found[-1][0] == final[0]
-            and _same_weights(resolve_file(found[-1][2]), run_dir / layout.FINAL_ADAPTER)
-        ):
-            found.pop()
+        # The last step is checkpointed too. With the final adapter's weights it is scored once, as "final"; with
+        # other weights the final adapter holds the EMA of that step (the adapter the run ships), and says so.
+        if found and found[-1][0] == final[0]:
+            if _same_weights(resolve_file(found[-1][2]), run_dir / layout.FINAL_ADAPTER):
+                found.pop()
+            else:
+                final = (final[0], "final (EMA)", run_dir)
         found.append(final)
     if not found:
         raise NotFound(

@@ -153,7 +153,7 @@ def test_checkpoint_discovery_and_adapter_names(tmp_path):
     save_file({"w": torch.ones(2)}, str(tmp_path / "pytorch_lora_weights.safetensors"))
     assert [n for _, n, _ in find_checkpoints(tmp_path)] == ["step-000020", "step-000100", "final"]
     save_file({"w": torch.full((2,), 0.5)}, str(tmp_path / "pytorch_lora_weights.safetensors"))
-    assert [n for _, n, _ in find_checkpoints(tmp_path)] == ["step-000020", "step-000100", "step-000150", "final"]
+    assert [n for _, n, _ in find_checkpoints(tmp_path)] == ["step-000020", "step-000100", "step-000150", "final (EMA)"]
     names = _adapter_names([Path("a/brand"), Path("b/brand"), Path("c/base.safetensors")])
     assert list(names) == ["brand", "brand-2", "base-2"]
 
