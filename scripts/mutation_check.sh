@@ -43,8 +43,10 @@ declare -A MODULES=(
   [formats]="qwen_image_lora/adapter_format.py|tests/test_adapter_format.py tests/test_adapter_sources.py tests/test_inference_adapters.py||"
   [export]="qwen_image_lora/train/export.py|tests/test_train_adapter.py tests/test_inference_adapters.py||"
   [auth]="qwen_image_lora/inference/guards.py|tests/test_server.py tests/test_faults_server.py|*ǁKeyCheckǁ*|"
+  [summary]="qwen_image_lora/eval/summary.py|tests/test_eval_report.py tests/test_eval_metrics.py||"
+  [screening]="qwen_image_lora/data/screening.py|tests/test_data_verdict_state.py tests/test_faults_data.py||not read_only_cache_warns_once"
 )
-ORDER=(objective optim guards metrics buckets urls model formats export auth)
+ORDER=(objective optim guards metrics buckets urls model formats export auth summary screening)
 [ $# -gt 0 ] && ORDER=("$@")
 
 stage() {  # $1: folder. The package as its import names lay it out, plus the tests.
