@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
+from qwen_image_lora import run_layout as layout
 from qwen_image_lora.adapter_format import AdapterError, read_adapter
 from qwen_image_lora.io import content_hash
 
@@ -168,3 +170,17 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
+
+
+def trained_resolution(loras: list[str]) -> tuple[int, Path] | None:
+    """(data.resolution, its config.yaml) of the first --lora that is a run or checkpoint of ours (or lies in one)."""
+    for item in loras:
+        path = Path(parse_lora_arg(item)[0]).expanduser()
+        for config in (path / layout.CONFIG, path.parent / layout.CONFIG):
+            try:
+                resolution = yaml.safe_load(config.read_text())["data"]["resolution"]
+            except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+                continue
+            if isinstance(resolution, int):
+                return resolution, config
+    return None

@@ -182,9 +182,10 @@ def _help(f: dataclasses.Field, default=None) -> str:
 
 def _model_source(args):
     from qwen_image_lora.config import load_config
+    from qwen_image_lora.inference.adapters import trained_resolution
 
     given = args.config is not None or any(o.startswith("data.resolution=") for o in args.overrides)
-    trained = None if given else _trained_resolution(getattr(args, "lora", []))
+    trained = None if given else trained_resolution(getattr(args, "lora", []))
     if trained is not None:  # an adapter is used at the size it trained at (README), config or not
         resolution, where = trained
         print(
@@ -197,25 +198,6 @@ def _model_source(args):
     if getattr(args, "dtype", None):
         cfg.model.dtype = args.dtype
     return cfg
-
-
-def _trained_resolution(loras: list[str]) -> tuple[int, Path] | None:
-    """(data.resolution, its config.yaml) of the first --lora that is a run or checkpoint of ours (or lies in one)."""
-    import yaml
-
-    from qwen_image_lora import run_layout as layout
-    from qwen_image_lora.inference.adapters import parse_lora_arg
-
-    for item in loras:
-        path = Path(parse_lora_arg(item)[0]).expanduser()
-        for config in (path / layout.CONFIG, path.parent / layout.CONFIG):
-            try:
-                resolution = yaml.safe_load(config.read_text())["data"]["resolution"]
-            except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
-                continue
-            if isinstance(resolution, int):
-                return resolution, config
-    return None
 
 
 def _load(args, cfg, device=None):

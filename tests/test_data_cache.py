@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from qwen_image_lora.data.prepare import prepare
 from qwen_image_lora.data.report import verdicts_dir
 from qwen_image_lora.data.sources import open_image
 from qwen_image_lora.io import WriteError, describe_write_error
+from tests.launch import accelerate_launch
 from tests.test_data_doctor import make_bad_folder
 
 
@@ -293,18 +293,7 @@ def test_two_processes_share_one_cache(tmp_path, tiny_model_dir, sample_data_dir
     )
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(2, "--multi_gpu"),
         "-m",
         "qwen_image_lora.cli",
         "data",

@@ -33,6 +33,7 @@ from qwen_image_lora.train.checkpoint import (
 )
 from qwen_image_lora.train.preemption import EXIT_PREEMPTED
 from qwen_image_lora.train.run_folder import RunFolder
+from tests.launch import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -311,17 +312,7 @@ def _alive(pid: int) -> bool:
 def test_sigterm_to_accelerate_launch_stops_the_trainer_with_a_checkpoint(tiny_model_dir, sample_data_dir, tmp_path):
     out = tmp_path / "launched"
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(1),
         *_train_cmd(tiny_model_dir, sample_data_dir, out, "train.max_steps=100000")[1:],
     ]
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -348,18 +339,7 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_with_one_checkpoint
 ):
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(2, "--multi_gpu"),
         *_train_cmd(tiny_model_dir, sample_data_dir, out, "train.max_steps=100000")[1:],
     ]
     log = tmp_path / "stderr.txt"
@@ -654,17 +634,7 @@ def test_a_data_error_under_accelerate_launch_is_one_line_without_our_traceback(
     tiny_model_dir, sample_data_dir, tmp_path
 ):
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(1),
         str(ROOT / "train" / "lora.py"),
         *_args(tiny_model_dir, sample_data_dir, tmp_path / "out", f"data.path={tmp_path / 'nowhere'}"),
     ]

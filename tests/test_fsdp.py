@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+from tests.launch import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -37,9 +38,8 @@ RUN = (
 
 def _launch(strategy, tiny_model_dir, sample_data_dir, out, *extra) -> str:
     """`accelerate launch` of the recipe as 2 CPU processes; its stderr."""
-    launch = [*LAUNCH[strategy], *"--num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no".split()]
     data = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={out}"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, str(ROOT / "train" / "lora.py"),
+    cmd = [*accelerate_launch(2, *LAUNCH[strategy]), str(ROOT / "train" / "lora.py"),
            "--config", str(DEMO), *data, *RUN, *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "1"}  # fmt: skip
@@ -115,10 +115,8 @@ def test_a_resumed_fsdp2_run_ends_where_an_uninterrupted_one_does(runs, tiny_mod
 
 def test_a_config_error_under_a_2_process_launch_is_one_line(tiny_model_dir, sample_data_dir, tmp_path):
     """Each rank printed the same `error:` line (and its warnings and histogram) before accelerate's own report."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", *LAUNCH["fsdp"],
-           *"--num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no".split(),
-           str(ROOT / "train" / "lora.py"), "--config", str(DEMO), f"output_dir={tmp_path / 'run'}",
-           "train.max_stepz=2"]  # fmt: skip
+    cmd = [*accelerate_launch(2, "-q", *LAUNCH["fsdp"]), str(ROOT / "train" / "lora.py"), "--config", str(DEMO),
+           f"output_dir={tmp_path / 'run'}", "train.max_stepz=2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     env.pop("PYTEST_CURRENT_TEST", None)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -14,6 +14,7 @@ from qwen_image_lora.cli import main
 from qwen_image_lora.images import read_settings
 from qwen_image_lora.inference.batch import read_jobs
 from qwen_image_lora.inference.testing import make_random_lora
+from tests.launch import accelerate_launch
 
 TINY = ["--dtype", "float32", "data.resolution=64"]  # one name for the pixel budget, as in training
 
@@ -215,10 +216,8 @@ def test_batch_job_errors_name_the_line_and_field(tmp_path):
 def test_batch_shards_across_two_accelerate_processes(tiny_model_dir, tmp_path):
     jobs, out = _jobs(tmp_path), tmp_path / "out"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    cmd = [*launch, "-m", "qwen_image_lora.cli", "batch", str(jobs), "--output-dir", str(out),
-           "--model", str(tiny_model_dir), *TINY, "--no-progress"]  # fmt: skip
+    cmd = [*accelerate_launch(2, "--multi_gpu"), "-m", "qwen_image_lora.cli", "batch", str(jobs), "--output-dir",
+           str(out), "--model", str(tiny_model_dir), *TINY, "--no-progress"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]

@@ -14,6 +14,7 @@ from qwen_image_lora import progress as progress_module
 from qwen_image_lora.config import load_config
 from qwen_image_lora.data.prepare import prepare
 from qwen_image_lora.progress import LineProgress
+from tests.launch import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,17 +91,7 @@ def test_under_accelerate_launch_in_a_terminal_training_draws_a_live_bar(tiny_mo
     terminal the trainer draws tqdm's bar (carriage returns), not a line per 30 s."""
     primary, secondary = pty.openpty()
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(1),
         "--num_cpu_threads_per_process",
         "1",
         str(ROOT / "train" / "lora.py"),

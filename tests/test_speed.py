@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from qwen_image_lora.config import ConfigError, load_config
 from qwen_image_lora.inference.server import create_app
 from qwen_image_lora.train import lora, memory
 from qwen_image_lora.train.lora import LoRARecipe
+from tests.launch import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -268,18 +268,7 @@ def test_compiled_blocks_train_under_two_process_ddp(tiny_model_dir, sample_data
     """Compile under DDP with diffusers' checkpoint-every-block switch: both ranks end with the same adapter."""
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(2, "--multi_gpu"),
         str(ROOT / "train" / "lora.py"),
         "--config",
         str(DEMO),

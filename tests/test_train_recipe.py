@@ -25,6 +25,7 @@ from qwen_image_lora.config import load_config
 from qwen_image_lora.train import lora, memory
 from qwen_image_lora.train.guards import TrainingStopped
 from qwen_image_lora.train.lora import LoRARecipe
+from tests.launch import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -80,17 +81,7 @@ def _recipe(tiny_model_dir, sample_data_dir, out, *extra) -> LoRARecipe:
 def test_accelerate_launch_demo_config_trains_a_loadable_adapter(tiny_model_dir, sample_data_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--num_machines",
-        "1",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(1),
         str(ROOT / "train" / "lora.py"),
         "--config",
         str(DEMO),
@@ -447,18 +438,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_adapters(tiny_model_dir, sam
 
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(2, "--multi_gpu"),
         str(ROOT / "train" / "lora.py"),
         "--config",
         str(DEMO),
