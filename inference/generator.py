@@ -25,7 +25,7 @@ from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
 from qwen_image_lora.io import content_hash
 from qwen_image_lora.knobs import check_image_count
-from qwen_image_lora.model import ASPECT_RATIOS
+from qwen_image_lora.presets import ASPECT_RATIOS
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
 

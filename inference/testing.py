@@ -10,10 +10,10 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from qwen_image_lora import model as qmodel
 from qwen_image_lora.adapter_format import read_adapter, to_comfyui, write_diffusers
+from qwen_image_lora.presets import LORA_TARGETS
 
-ATTENTION = qmodel.LORA_TARGETS["attention"]
+ATTENTION = LORA_TARGETS["attention"]
 
 
 def make_random_lora(

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _say_default_model(args)
     try:
+        if getattr(args, "config", None):  # a bad config or override is refused before the command imports torch
+            load_config(args.config, getattr(args, "overrides", []))
         return args.func(args) or 0
     except UserError as e:
         print(e.line(), file=sys.stderr)

@@ -20,6 +20,7 @@ import yaml
 from qwen_image_lora import typed_yaml
 from qwen_image_lora.io import atomic_write_text
 from qwen_image_lora.knobs import SamplingConfig, SettingError, check_image_count
+from qwen_image_lora.presets import LORA_TARGETS
 from qwen_image_lora.typed_yaml import ConfigError
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-2.1"
@@ -189,9 +190,6 @@ class LoRAConfig:
     init_from: str | None = _path(hub_id=True)
 
     def validate(self, where: str) -> None:
-        # Deferred: the model module imports torch (seconds); the schema itself stays light to import.
-        from qwen_image_lora.model import LORA_TARGETS  # noqa: PLC0415 - the config stays light (model imports torch)
-
         if not 1 <= self.rank <= 1024:
             raise ConfigError(f"{where}.rank: must be in 1..1024 (got {self.rank})")
         if self.alpha <= 0:
@@ -208,8 +206,6 @@ class LoRAConfig:
 
     @property
     def target_modules(self) -> list[str] | str:
-        from qwen_image_lora.model import LORA_TARGETS  # noqa: PLC0415 - the config stays light (model imports torch)
-
         return LORA_TARGETS[self.targets] if isinstance(self.targets, str) else list(self.targets)
 
 

@@ -15,22 +15,10 @@ import typing
 from dataclasses import dataclass, field
 
 from qwen_image_lora.errors import InputError
+from qwen_image_lora.presets import ASPECT_RATIOS, SIDE_MULTIPLE
 from qwen_image_lora.typed_yaml import ConfigError
 
 MAX_INPUT_IMAGES = 10  # reference images per edit: the model's limit (training data, configs and every edge)
-
-
-# Limits whose values are the model module's (deferred: it imports torch; this module stays light to import).
-def aspect_ratios() -> tuple[str, ...]:
-    from qwen_image_lora.model import ASPECT_RATIOS  # noqa: PLC0415 - the config stays light (model imports torch)
-
-    return tuple(ASPECT_RATIOS)
-
-
-def side_multiple() -> int:
-    from qwen_image_lora.model import SIDE_MULTIPLE  # noqa: PLC0415 - the config stays light (model imports torch)
-
-    return SIDE_MULTIPLE
 
 
 class SettingError(InputError):
@@ -44,13 +32,12 @@ class SettingError(InputError):
 
 def knob(default, help: str, **limits):
     """A settings field. `help` describes its CLI flag and request field; `limits` (ge, le, multiple_of, choices)
-    are checked by `check_value` and become a request model's constraints. A limit whose value lives in a heavy
-    module (the model's presets) is given as a function, called when the limit is used."""
+    are checked by `check_value` and become a request model's constraints."""
     return field(default=default, metadata={"help": help, "limits": limits})
 
 
 def limits_of(f: dataclasses.Field) -> dict:
-    return {k: v() if callable(v) else v for k, v in f.metadata.get("limits", {}).items()}
+    return dict(f.metadata.get("limits", {}))  # a copy: the server narrows it to its own bounds
 
 
 def type_of(cls: type, f: dataclasses.Field) -> type:
@@ -103,10 +90,12 @@ class SamplingConfig:
     extends it). null = the pipeline's own defaults, the ones users get."""
 
     negative_prompt: str | None = knob(None, "what to steer away from; guidance acts only with one")
-    width: int | None = knob(None, "width in pixels (or aspect_ratio)", ge=side_multiple, multiple_of=side_multiple)
-    height: int | None = knob(None, "height in pixels (or aspect_ratio)", ge=side_multiple, multiple_of=side_multiple)
+    width: int | None = knob(None, "width in pixels (or aspect_ratio)", ge=SIDE_MULTIPLE, multiple_of=SIDE_MULTIPLE)
+    height: int | None = knob(None, "height in pixels (or aspect_ratio)", ge=SIDE_MULTIPLE, multiple_of=SIDE_MULTIPLE)
     # Quote it in YAML ("16:9"), or YAML reads a number.
-    aspect_ratio: str | None = knob(None, "a preset size for the pixel budget (or width/height)", choices=aspect_ratios)
+    aspect_ratio: str | None = knob(
+        None, "a preset size for the pixel budget (or width/height)", choices=tuple(ASPECT_RATIOS)
+    )
     num_inference_steps: int | None = knob(None, "denoising steps; default: the pipeline's own", ge=1)
     guidance_scale: float | None = knob(None, "true_cfg_scale: acts only with a negative prompt and > 1", ge=0.0)
     seed: int = knob(0, "the noise seed: the same seed and settings give the same image", ge=0, le=2**63 - 1)

@@ -27,29 +27,13 @@ from PIL import Image
 from qwen_image_lora.console import QUIET_LOAD_BYTES, quiet_progress_bars, weights_bytes
 from qwen_image_lora.errors import NotFound
 from qwen_image_lora.hub import check_hub_repo
+from qwen_image_lora.presets import SIDE_MULTIPLE
 from qwen_image_lora.quantization import check_quantize, quantization_config
 from qwen_image_lora.speed import configure_transformer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LATENT_PIXELS = 16  # the VAE compresses 16x spatially
-SIDE_MULTIPLE = 32  # one vision slot = 2x2 latents = 32x32 pixels
 TRANSFORMER_SUBFOLDER = "transformer"
-# Aspect-ratio presets, turned into a size by the one sizing rule (`fit_size`).
-ASPECT_RATIOS = {
-    "1:1": (1, 1),
-    "16:9": (16, 9),
-    "9:16": (9, 16),
-    "4:3": (4, 3),
-    "3:4": (3, 4),
-    "3:2": (3, 2),
-    "2:3": (2, 3),
-}
-# LoRA target presets: module-name suffixes inside the transformer's blocks.
-LORA_TARGETS = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attention+mlp": ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out"],
-    "all-linear": "all-linear",
-}
 # ComfyUI's Qwen-Image-2.1 model stores each block's SwiGLU halves as one linear, gate rows first:
 # fused name -> the diffusers modules in its row order (what adapter exports for ComfyUI must fuse).
 COMFYUI_FUSED_LINEARS = {"img_mlp.gate_up": ("img_mlp.gate_layer", "img_mlp.proj")}

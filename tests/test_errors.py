@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,34 @@ def test_a_bug_in_the_cli_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(model, "check_pretrained", bug)
     with pytest.raises(ValueError, match="an internal invariant broke"):
         cli.main(["validate", str(DEMO)])
+
+
+HEAVY = ("torch", "diffusers", "transformers", "peft")
+
+
+def _heavy_imports_after(code: str) -> tuple[list[str], str]:
+    """Run `code` in a fresh interpreter; the heavy libraries it imported, and its stderr."""
+    probe = f"import sys\n{code}\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split(), done.stderr
+
+
+def test_the_parser_and_its_help_import_no_heavy_library():
+    # Every command registers its flags from light modules: `--help` answered in ~0.2 s, it took ~10 s.
+    loaded, _ = _heavy_imports_after("from qwen_image_lora.cli import build_parser\nbuild_parser()")
+    assert loaded == []
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["generate", "--config", "missing.yaml", "--prompt", "x", "--output", "a.png"], "missing.yaml"),
+        (["eval", "--config", str(DEMO), "train.max_stepz=3"], "max_stepz"),
+        (["plan", "--config", str(DEMO), "--gpu-memory", "8XB"], "--gpu-memory"),
+        (["data", "prepare", "--config", str(DEMO), "lora.targets=nope"], "lora.targets"),
+    ],
+)
+def test_a_bad_config_is_refused_before_torch_imports(argv, named):
+    loaded, err = _heavy_imports_after(f"from qwen_image_lora.cli import main\nassert main({argv!r}) == 2")
+    assert named in err and loaded == []

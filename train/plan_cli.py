@@ -38,12 +38,15 @@ def parse_memory(text: str) -> int:
 
 def _plan(args) -> int:
     from qwen_image_lora.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    gpu = parse_memory(args.gpu_memory) if args.gpu_memory else int(cfg.train.memory_budget_gb * 2**30)
+    # After the config and the size are read: the planner traces a step with torch, diffusers and peft, which take
+    # seconds to import, and a typo should not wait for them.
     from qwen_image_lora.train import memory, memory_fit
     from qwen_image_lora.train.preflight import check_shardable
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    cfg = load_config(args.config, args.overrides)
-    gpu = parse_memory(args.gpu_memory) if args.gpu_memory else int(cfg.train.memory_budget_gb * 2**30)
     as_configured = args.as_configured or args.checkpointing != "config"
     if as_configured and args.processes > 1:
         check_shardable(cfg)
