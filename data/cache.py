@@ -158,6 +158,19 @@ def check_cache_dir(cache_dir: str | os.PathLike | None) -> None:
             raise ConfigError(f"data.cache_dir{f' (${CACHE_ENV})' if env else ''}: {line}", "data.cache_dir")
 
 
+def old_run_cache_note(output_dir: str | os.PathLike, cache_dir: str | os.PathLike | None) -> str | None:
+    """Before one cache was shared by every run, each run kept its own under `<output_dir>/cache`. Such a folder is
+    no longer read: a line saying so, and what it holds, or None when there is none (or it is `cache_dir`)."""
+    old = Path(output_dir) / "cache"
+    if not (old / "shards").is_dir() or (cache_dir and old.resolve() == Path(cache_dir).resolve()):
+        return None
+    size = sum(p.stat().st_size for p in old.rglob("*") if p.is_file())
+    return (
+        f"data cache: {old} is an older version's per-run cache ({size / 2**20:.1f} MiB), no longer read; this run "
+        f"uses {cache_dir or 'no cache'}. Delete {old} to free the space"
+    )
+
+
 # ----------------------------------------------------------------------------------------------- the cache
 
 

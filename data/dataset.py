@@ -34,7 +34,14 @@ from qwen_image_lora.data.buckets import (
     plan_transform,
     stable_int,
 )
-from qwen_image_lora.data.cache import Cache, CacheDamaged, key_for_image, key_for_prompt, model_identity
+from qwen_image_lora.data.cache import (
+    Cache,
+    CacheDamaged,
+    key_for_image,
+    key_for_prompt,
+    model_identity,
+    old_run_cache_note,
+)
 from qwen_image_lora.data.screening import screen_items
 from qwen_image_lora.data.sources import DataError, Item, format_caption, load_items, open_image
 from qwen_image_lora.images import has_alpha, identify, read_image
@@ -379,6 +386,8 @@ def build_training_data(
             items_per_shard=cfg.data.shard_size,
             optional=True,
         )
+    if rank == 0 and (note := old_run_cache_note(cfg.output_dir, cfg.data.cache_dir)):
+        logger.info(note)
     encoder = SampleEncoder(pipe, model_identity(cfg.model), cache)
     sampler = BucketBatchSampler(list(layouts.values()), cfg.train.batch_size, cfg.train.seed, num_replicas, rank)
     return TrainingData(TrainingDataset(entries, cfg, encoder), sampler, held_out, skipped)

@@ -33,7 +33,7 @@ from typing import Callable
 
 from qwen_image_lora.config import Config
 from qwen_image_lora.data.buckets import histogram
-from qwen_image_lora.data.cache import UNWRITABLE, Cache, model_identity
+from qwen_image_lora.data.cache import UNWRITABLE, Cache, model_identity, old_run_cache_note
 from qwen_image_lora.data.dataset import SampleEncoder, TrainingDataset, plan_entries
 from qwen_image_lora.data.doctor import diagnose, fingerprint
 from qwen_image_lora.data.report import Report, read_report, verdicts_dir
@@ -88,6 +88,8 @@ def prepare(
         # The doctor's table is `data doctor`'s to print; here one line says what it found and where to look.
         again = " (no file changed since it ran)" if unchanged else ""
         log(f"data doctor{again}: {report.summary()}; details: `qwen-lora data doctor` or {verdicts / 'doctor.json'}")
+        if note := old_run_cache_note(cfg.output_dir, cache_dir):
+            log(note)
     clean = [it for it in items if it.id not in report.excluded]
     entries, skipped = plan_entries(clean, cfg)
     failed = {item.id: reason for item, reason in skipped}

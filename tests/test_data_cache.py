@@ -311,3 +311,25 @@ def test_two_processes_share_one_cache(tmp_path, tiny_model_dir, sample_data_dir
     data = build_training_data(c, type("P", (), {"vae": None, "text_encoder": None})())
     for i in range(len(data.dataset)):
         data.dataset.sample(i, data.dataset.texts_for(i)[0])  # everything is cached: no encoder needed
+
+
+def test_an_older_per_run_cache_is_named_with_its_size_once_not_read(
+    tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir, caplog
+):
+    """Runs before the shared cache kept theirs in <output_dir>/cache: prepare and training say it is no longer read
+    and how much it holds; a config that names that folder as its cache hears nothing."""
+    cfg = _cfg(sample_data_dir, tiny_model_dir, tmp_path)
+    old = Path(cfg.output_dir) / "cache"
+    (old / "shards").mkdir(parents=True)
+    (old / "shards" / "r0-0.safetensors").write_bytes(b"\0" * 3 * 2**20)
+    printed = []
+    prepare(cfg, tiny_pipe, progress=False, log=printed.append)
+    notes = [line for line in printed if str(old) in line]
+    assert len(notes) == 1 and "3.0 MiB" in notes[0] and "no longer read" in notes[0]
+    with caplog.at_level("INFO", logger="qwen_image_lora"):
+        build_training_data(cfg, NO_ENCODERS)
+    assert sum(str(old) in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level("INFO", logger="qwen_image_lora"):
+        build_training_data(_cfg(sample_data_dir, tiny_model_dir, tmp_path, f"data.cache_dir={old}"), tiny_pipe)
+    assert not any("no longer read" in r.getMessage() for r in caplog.records)
