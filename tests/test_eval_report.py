@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import stats
 
 from qwen_image_lora.eval.report import _outlined, write_report
 from qwen_image_lora.eval.summary import CheckpointScore, Sample, summarise, verdicts
@@ -51,11 +52,14 @@ def _synthetic_samples(n: int = 6) -> list[Sample]:
 
 
 def test_summary_has_paired_deltas_and_drops_unscored_metrics():
-    summary = summarise(_synthetic_samples(), ["base", "brand"])
+    # One more sample scored for base alone (no adapter image): unscored for the adapter, not a crash.
+    base_only = Sample("t2i", "p", 9, images={"base": Image.new("RGB", (8, 8))}, metrics={"base": {"ssim": 0.5}})
+    summary = summarise([*_synthetic_samples(), base_only], ["base", "brand"])
     assert set(summary) == {"palette_delta_e", "ssim", "psnr"}  # nothing else was scored
     delta = summary["palette_delta_e"]["delta"]["brand"]
     assert delta["n"] == 6 and delta["mean"] == pytest.approx(-10, abs=1) and delta["high"] < 0
     assert summary["ssim"]["variants"]["brand"]["n"] == 1  # NaNs (t2i samples) are not counted
+    assert summary["ssim"]["variants"]["base"]["n"] == 2 and summary["ssim"]["delta"]["brand"]["n"] == 1
 
 
 def test_report_json_and_html(tmp_path):
@@ -78,6 +82,9 @@ def test_report_json_and_html(tmp_path):
     assert data["samples"][0]["metrics"]["base"]["ssim"] is None
     assert len(data["samples"]) == 7 and data["notes"] == ["CLIPScore skipped: no model"]
     page = html_path.read_text()
+    # One edit sample: SSIM has a mean but no interval, shown as a dash, never "nan".
+    table = page[page.index("<h2>Metrics") : page.index("<img", page.index("<h2>Metrics"))]
+    assert f"{0.8:.3g} <small>[–, –]</small>" in table and "nan" not in table.lower()
     assert "src='http" not in page and 'src="http' not in page  # nothing fetched from outside
     assert page.count("data:image/jpeg;base64,") == 7 * 2 + 1  # two variants per sample + the edit source
     assert page.count("data:image/png;base64,") == 2  # metric plot + checkpoint plot
@@ -170,8 +177,48 @@ def test_verdict_says_better_worse_or_unclear_per_metric_from_the_paired_interva
     )
     data = json.loads(json_path.read_text())
     assert list(data)[:2] == ["title", "verdicts"] and data["verdicts"]["brand"]["line"] == line
+    assert data["verdicts"]["brand"]["not_measured"] == {"text accuracy": "no quoted text in the prompts"}
     page = html_path.read_text()
     assert page.index(html.escape(line)) < page.index("a note") < page.index("<h2>Metrics")
+
+
+def _t_interval(deltas: list[float]) -> tuple[float, float, float]:
+    """Mean and Student-t 95% interval of the paired differences, computed here from the textbook formula."""
+    d = np.asarray(deltas)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
+def test_verdict_line_gives_each_difference_its_sign_and_both_ends_of_its_interval():
+    deltas = {
+        "palette_delta_e": [-3.0, -3.5, -2.8, -3.2, -2.9, -3.1],  # lower is better: better, negative
+        "text_cer": [0.02, -0.02, 0.01, -0.01, 0.005, -0.005],    # spans zero (but not 1): unclear
+        "ssim": [0.04, 0.05, 0.06, 0.05, 0.045, 0.055],           # higher is better, up by less than 1: better
+        "psnr": [-2.0, -2.5, -1.8, -2.2, -2.1, -1.9],             # higher is better, down: worse
+        "shift_px": [0.0] * 6,                                    # identical to base: no difference at all
+    }  # fmt: skip
+    not_measured = {"CLIPScore": "eval.clip_model is not set", "text accuracy": "no quoted text in the prompts"}
+    brand = verdicts(summarise(_paired(deltas), ["base", "brand"]), not_measured)["brand"]
+    assert {m: v["verdict"] for m, v in brand["metrics"].items()} == {
+        "palette_delta_e": "better",
+        "text_cer": "no clear difference",
+        "ssim": "better",
+        "psnr": "worse",
+        "shift_px": "no clear difference",  # a zero-width interval at 0 is not "worse"
+    }
+
+    def part(word: str, name: str, unit: str, metric: str) -> str:
+        mean, low, high = _t_interval(deltas[metric])
+        return f"{word} {name} ({unit}{mean:+.3g}, CI {low:.3g}..{high:.3g})"
+
+    assert brand["line"] == "brand: " + "; ".join([
+        part("better", "palette distance", "ΔE ", "palette_delta_e"),
+        part("better", "edit preservation SSIM", "", "ssim"),
+        part("worse", "edit preservation PSNR", "dB ", "psnr"),
+        "no clear difference in text CER, edit shift",
+        "not measured: CLIPScore (eval.clip_model is not set), text accuracy (no quoted text in the prompts)",
+    ])  # fmt: skip
+    assert "(+0.05, CI " in brand["line"]  # the sign of an increase is written out
 
 
 def test_the_edit_mask_is_outlined_over_the_pair():
