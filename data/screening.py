@@ -34,7 +34,9 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
         fresh = item.id in judged and judged[item.id] == fingerprint(item)
         if item.id in excluded and (fresh or item.id not in judged):
             by_doctor.append(item)
-            skipped.append((item, "excluded by the data doctor: " + ", ".join(excluded[item.id])))
+            codes = excluded[item.id]
+            judge = "`data prepare`" if all(c.startswith("prepare-failed") for c in codes) else "the data doctor"
+            skipped.append((item, f"excluded by {judge}: " + ", ".join(codes)))
             continue
         if not fresh:
             unjudged += 1
@@ -58,10 +60,10 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
         )
     if by_doctor:  # the doctor already printed these; one line here
         logger.info(
-            "%d items left out as the data doctor excluded them (e.g. %s); see %s",
+            "%d items left out as the data doctor or `data prepare` excluded them (e.g. %s); see %s",
             len(by_doctor),
             ", ".join(it.id for it in by_doctor[:3]),
-            verdicts_dir(cfg) / "doctor.json",
+            verdicts_dir(cfg),
         )
     return keep, skipped
 

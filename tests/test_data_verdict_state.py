@@ -19,10 +19,13 @@ from qwen_image_lora import io as qio
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import CACHE_ENV, ConfigError, load_config
 from qwen_image_lora.data import cache as cache_mod
+from qwen_image_lora.data import screening
 from qwen_image_lora.data.dataset import TrainingDataset, build_training_data
 from qwen_image_lora.data.doctor import diagnose
 from qwen_image_lora.data.prepare import prepare
 from qwen_image_lora.data.report import past_verdicts, verdicts_dir
+from qwen_image_lora.data.screening import screen_items
+from qwen_image_lora.data.sources import load_items
 from qwen_image_lora.io import WriteError
 from qwen_image_lora.train import lora
 from qwen_image_lora.train.preflight import check_before_loading
@@ -100,6 +103,27 @@ def test_a_symlinked_data_path_finds_the_verdicts_of_its_target(tmp_path, sample
     assert len(judged) == 12
 
 
+def test_a_file_gone_while_copies_are_compared_is_passed_over_and_the_rest_still_compared(
+    tmp_path, sample_data_dir, tiny_model_dir, monkeypatch
+):
+    root = _brand(tmp_path, sample_data_dir)
+    cfg = _cfg(root, tiny_model_dir)
+    diagnose(cfg, tokenizer=None, contact_sheet=False).write_json(verdicts_dir(cfg) / "doctor.json")
+    _add_copy(root)  # not judged: checked here, so the judged items' hashes are read to compare it with them
+    items = load_items(cfg.data)
+    gone = items[0].target  # judged, listed before 003.png, and deleted before its hash is read
+
+    def content_hash(path):
+        if Path(path) == gone:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+        return qio.content_hash(path)
+
+    monkeypatch.setattr(screening, "content_hash", content_hash)
+    keep, skipped = screen_items(items, cfg, None)
+    assert items[0].id in [it.id for it in keep]  # left to planning, which names it
+    assert [(it.id, why) for it, why in skipped] == [(COPY, SAME)]  # the copy of 003.png is still found
+
+
 # ------------------------------------------------------------------------------------------ prepare's verdicts
 
 
@@ -117,7 +141,17 @@ def test_a_later_prepare_with_fewer_processes_overrides_the_earlier_failures(tmp
         m.setattr(TrainingDataset, "sample", flaky)
         for rank in (0, 1):
             prepare(cfg, tiny_pipe, rank=rank, world_size=2, progress=False, log=lambda *_: None)
-    assert "003.png" in past_verdicts(verdicts_dir(cfg), cfg.data.path)[1]
+    failed = past_verdicts(verdicts_dir(cfg), cfg.data.path)[1]
+    assert "003.png" in failed
+    # Training leaves it out until a prepare encodes it, even with the doctor's file gone (prepare's verdicts carry no fingerprints).
+    for doctor in ("kept", "removed"):
+        if doctor == "removed":
+            (verdicts_dir(cfg) / "doctor.json").unlink()
+        held_back = build_training_data(cfg, tiny_pipe)
+        assert [(it.id, why) for it, why in held_back.skipped] == [
+            ("003.png", "excluded by `data prepare`: " + ", ".join(failed["003.png"]))
+        ], doctor
+        assert "003.png" not in [e.item.id for e in held_back.dataset.entries]
     again = prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)  # one process: 003.png encodes fine
     assert again.failed == {}
     assert past_verdicts(verdicts_dir(cfg), cfg.data.path)[1] == {}  # was: prepare-r001.json kept excluding it

@@ -19,7 +19,7 @@ from qwen_image_lora.data.dataset import MemoryCache, build_training_data
 from qwen_image_lora.data.doctor import diagnose
 from qwen_image_lora.data.prepare import prepare
 from qwen_image_lora.data.report import verdicts_dir
-from qwen_image_lora.data.sources import DataError, load_items
+from qwen_image_lora.data.sources import DataError, format_caption, load_items
 
 
 def _photo(w, h, seed=0):
@@ -96,10 +96,12 @@ def test_training_without_doctor_skips_each_bad_file_once_and_trains(tmp_path, t
         data = build_training_data(cfg, tiny_pipe)
     assert sorted(e.item.id for e in data.dataset.entries) == [f"good{i}.png" for i in range(4)]
     warnings = _skip_warnings(caplog)
+    doctor = diagnose(cfg, tokenizer=None, contact_sheet=False)
     for name, code in bad.items():
         mine = [w for w in warnings if w.startswith(f"skipping {name}:")]
-        assert len(mine) == 1 and code in mine[0], (name, warnings)
-    assert len(warnings) == len(bad)
+        (error,) = [f for f in doctor.findings if f.item == name and f.severity == "error"]
+        assert error.code == code and mine == [f"skipping {name}: {code}: {error.message}"], (name, warnings)
+    assert len(warnings) == len(bad)  # each names its own problem, in the doctor's words, and no other item's
     for index in range(len(data.dataset)):  # every kept entry encodes: nothing left to crash mid-run
         assert data.dataset.sample(index, data.dataset.texts_for(index)[0])["latents"].ndim == 5
 
@@ -124,6 +126,29 @@ def test_training_names_a_gif_named_png_and_trains_it_as_the_doctor_keeps_it(
                      "the first trains); it decodes, so it is kept"]  # fmt: skip
     index = next(i for i, e in enumerate(data.dataset.entries) if e.item.id == "anim.png")
     assert data.dataset.sample(index, data.dataset.texts_for(index)[0])["latents"].ndim == 5
+
+
+def test_training_counts_caption_tokens_with_the_model_tokenizer(tmp_path, tiny_pipe, tiny_model_dir, caplog):
+    """A caption over data.max_caption_tokens, counted by the pipeline's own tokenizer, is skipped as the doctor
+    skips it; at the limit it trains."""
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    captions = {"good0": "a qwnbrand photo", "good1": "a qwnbrand mug", "long": "a qwnbrand " + "red mug, " * 40}
+    for i, (name, caption) in enumerate(captions.items()):
+        _photo(128, 128, seed=i).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption)
+    tokenizer = tiny_pipe.processor.tokenizer
+    cfg = _cfg(folder, tiny_model_dir, tmp_path)
+    n = len(tokenizer(format_caption(captions["long"], cfg.data), add_special_tokens=False)["input_ids"])
+    with caplog.at_level(logging.WARNING):
+        data = build_training_data(
+            _cfg(folder, tiny_model_dir, tmp_path, f"data.max_caption_tokens={n - 1}"), tiny_pipe
+        )
+    assert sorted(e.item.id for e in data.dataset.entries) == ["good0.png", "good1.png"]
+    (warning,) = _skip_warnings(caplog)
+    assert warning.startswith(f"skipping long.png: caption-too-long: {n} tokens, over data.max_caption_tokens={n - 1}:")
+    at_limit = build_training_data(_cfg(folder, tiny_model_dir, tmp_path, f"data.max_caption_tokens={n}"), tiny_pipe)
+    assert sorted(e.item.id for e in at_limit.dataset.entries) == ["good0.png", "good1.png", "long.png"]
 
 
 def test_a_folder_with_no_readable_item_is_a_data_error_counting_them(tmp_path, tiny_pipe, tiny_model_dir):
@@ -155,14 +180,25 @@ def test_training_trusts_the_doctor_only_for_files_it_judged(tmp_path, tiny_pipe
     # damaged after the doctor ran: training must check it again
     good3 = tmp_path / "messy" / "good3.png"
     good3.write_bytes(good3.read_bytes()[:200])
+    _photo(128, 128, seed=20).save(tmp_path / "messy" / "tiny.png")  # excluded, then fixed: checked again, trains
     with caplog.at_level(logging.INFO):
         data = build_training_data(cfg, tiny_pipe)
-    assert sorted(e.item.id for e in data.dataset.entries) == [f"good{i}.png" for i in range(3)]
+    assert sorted(e.item.id for e in data.dataset.entries) == [f"good{i}.png" for i in range(3)] + ["tiny.png"]
     warnings = _skip_warnings(caplog)
     assert len(warnings) == 1 and warnings[0].startswith(
         "skipping good3.png:"
     )  # the doctor's own verdicts are not repeated
-    assert any("left out as the data doctor excluded them" in r.getMessage() for r in caplog.records)
+    # What it excluded and is unchanged is left out with its codes, unchecked; only the two changed files are checked.
+    items = [it.id for it in load_items(cfg.data)]
+    by_doctor = [i for i in items if i in report.excluded and i != "tiny.png"]
+    assert dict((it.id, why) for it, why in data.skipped) == {
+        **{i: "excluded by the data doctor: " + ", ".join(report.excluded[i]) for i in by_doctor},
+        "good3.png": warnings[0].removeprefix("skipping good3.png: "),
+    }
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert [m for m in said if " items not judged by the data doctor" in m][0].startswith(f"2 of {len(items)} items ")
+    assert (f"{len(by_doctor)} items left out as the data doctor or `data prepare` excluded them "
+            f"(e.g. {', '.join(by_doctor[:3])}); see {verdicts_dir(cfg)}") in said  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ verified cache
