@@ -4,6 +4,12 @@ The names below load on first use (PEP 562): `qwen-lora`'s argument parser impor
 and its `--help` and argument errors should not wait seconds for torch, diffusers and peft to import."""
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what editors and type checkers see
+    from qwen_image_lora.adapter_format import AdapterError
+    from qwen_image_lora.inference.adapters import Adapters
+    from qwen_image_lora.inference.generator import ASPECT_RATIOS, GenerationRequest, Generator, size_for_aspect
 
 _PUBLIC = {
     "AdapterError": "qwen_image_lora.adapter_format",
@@ -13,7 +19,7 @@ _PUBLIC = {
     "Generator": "qwen_image_lora.inference.generator",
     "size_for_aspect": "qwen_image_lora.inference.generator",
 }
-__all__ = sorted(_PUBLIC)
+__all__ = ["ASPECT_RATIOS", "AdapterError", "Adapters", "GenerationRequest", "Generator", "size_for_aspect"]
 
 
 def __getattr__(name: str):

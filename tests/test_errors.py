@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from qwen_image_lora import cli, model
+from qwen_image_lora import inference as api
 from qwen_image_lora.errors import InputError, NotFound, UserError
+from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.train.guards import TrainingStopped
 from qwen_image_lora.train.preemption import EXIT_PREEMPTED, Preempted
 from qwen_image_lora.train.run_folder import RunFinished
@@ -114,3 +116,9 @@ def test_the_parser_and_its_help_import_no_heavy_library():
 def test_a_bad_config_is_refused_before_torch_imports(argv, named):
     loaded, err = _heavy_imports_after(f"from qwen_image_lora.cli import main\nassert main({argv!r}) == 2")
     assert named in err and loaded == []
+
+
+def test_the_python_api_names_load_on_first_use():
+    assert api.Generator is Generator and all(getattr(api, name) is not None for name in api.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Generater'"):
+        api.Generater  # noqa: B018 - the attribute access is the test
