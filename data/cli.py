@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen_image_lora.config import load_config
+from qwen_image_lora.errors import InputError
 
 
 def _load(target: str, overrides):
@@ -26,6 +27,9 @@ def _doctor(args) -> int:
     from qwen_image_lora.data.doctor import diagnose
     from qwen_image_lora.data.report import verdicts_dir
 
+    for option, path, name in (("--json", args.json, "doctor.json"), ("--html", args.html, "edit_pairs.html")):
+        if path is not None and Path(path).is_dir():  # refused before the data is read
+            raise InputError(f"{option} {path}: is a folder; give a file path, e.g. {Path(path) / name}", option)
     cfg = _load(args.target, args.overrides)
     report = diagnose(cfg)
     print(report.table())

@@ -8,6 +8,7 @@ touches the transformer.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import yaml
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.adapter_format import AdapterError, read_adapter
 from qwen_image_lora.io import content_hash
+from qwen_image_lora.knobs import check_adapter_weight
 
 
 @dataclass
@@ -47,7 +49,13 @@ class Adapters:
         """Load an adapter (file, folder or hub id) under `name` (default: the file or folder stem); returns the name.
         The new adapter is not activated; call `set` (or `Generator.generate` with `adapters=`)."""
         self._refuse_if_fused("load an adapter")
-        name = name or adapter_name_for(source)
+        if name is None:  # a derived name is made unique: two runs' `brand` folders load as brand and brand-2
+            name = stem = adapter_name_for(source)
+            for i in itertools.count(2):
+                if name not in self.loaded:
+                    break
+                name = f"{stem}-{i}"
+        check_adapter_name(name)
         if name in self.loaded:
             raise AdapterError(
                 f"adapter name {name!r} is already loaded (from {self.loaded[name].source}); pick another"
@@ -150,15 +158,23 @@ class Adapters:
 
 
 def adapter_name_for(source: str | Path) -> str:
-    """A default name: the folder name, or the file stem unless it is a generic weight file name."""
+    """A default name: the folder name, or the file stem unless it is a generic weight file name; a "." (which
+    peft's module names can't hold: style-v1.5) becomes "_"."""
     path = Path(str(source).rstrip("/"))
+    name = path.name
     if path.suffix == ".safetensors":
-        return (
-            path.parent.name
-            if path.stem in ("pytorch_lora_weights", "adapter_model") and path.parent.name
-            else path.stem
+        generic = path.stem in ("pytorch_lora_weights", "adapter_model") and path.parent.name
+        name = path.parent.name if generic else path.stem
+    return name.replace(".", "_")
+
+
+def check_adapter_name(name: str) -> None:
+    """peft keys each adapter's layers by its name, so it must be a module name: not empty, no "."."""
+    if not name or "." in name:
+        raise AdapterError(
+            f"adapter name {name!r}: a name must be non-empty and hold no '.' (peft keys layers by it), e.g. "
+            f"{(name or 'adapter').replace('.', '_')!r}"
         )
-    return path.name
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -166,9 +182,11 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     head, sep, tail = text.rpartition(":")
     if sep:
         try:
-            return head, float(tail)
+            weight = float(tail)
         except ValueError:
-            pass
+            return text, 1.0
+        check_adapter_weight("--lora", weight)  # a NaN weight renders a black, transparent image
+        return head, weight
     return text, 1.0
 
 

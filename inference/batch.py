@@ -3,10 +3,11 @@
 The job format is printed by `qwen-lora batch --help` (`job_format` in inference/cli.py); `read_jobs` checks it.
 Each image is written atomically, carrying the settings that made it (as `qwen-lora generate` writes them), then one
 line goes to `manifest.jsonl` with the settings actually used (size, steps, guidance, seed, adapters) and the job's
-fingerprint. A rerun skips every job whose output file exists with
-the same fingerprint, so an interrupted batch picks up where it stopped, and a job whose settings, input files, model,
-resolution or adapters changed is rendered again. Under `accelerate launch`, process i of n takes jobs i, i+n, i+2n, ... of the whole file (the
-split does not depend on what is already done), so shards never overlap.
+fingerprint. A rerun skips every job whose output is a whole image (non-empty, the size its manifest line records, a
+readable header) with the same fingerprint, so an interrupted batch picks up where it stopped, and a job whose
+settings, input files, model, resolution or adapters changed is rendered again. Under `accelerate launch`, process i
+of n takes jobs i, i+n, i+2n, ... of the whole file (the split does not depend on what is already done), so shards
+never overlap.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from qwen_image_lora import typed_yaml
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.config import SamplingConfig
@@ -27,7 +30,14 @@ from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import format_for, load_image, save_image
 from qwen_image_lora.inference.generator import GenerationRequest, Generator, file_record
 from qwen_image_lora.io import affects_every_write, iter_jsonl, writing_to
-from qwen_image_lora.knobs import SettingError, check_image_count
+from qwen_image_lora.knobs import (
+    MASK_FEATHER_RANGE,
+    QUALITY_RANGE,
+    SettingError,
+    check_adapter_weight,
+    check_image_count,
+    check_range,
+)
 from qwen_image_lora.progress import progress_bar
 from qwen_image_lora.typed_yaml import ConfigError
 
@@ -47,7 +57,8 @@ class Job(SamplingConfig):
     mask: str | None = field(default=None, metadata={"path": True})
     mask_feather: int = 8
     seed: int | None = None  # default: --seed + the line's index
-    loras: dict[str, float] | None = None
+    # {"name": weight} or the HTTP API's [{"name": ..., "weight": ...}]; a null weight is the --lora one.
+    loras: dict[str, float | None] | None = None
     output: str | None = None
     quality: int = 95
     index: int = field(default=-1, metadata={"internal": True})  # the line's position, set by `read_jobs`
@@ -60,14 +71,22 @@ class Job(SamplingConfig):
 def read_jobs(path: str | Path) -> list[Job]:
     """Parse and check every line before any model is loaded; errors name the line and the field."""
     path = Path(path)
+    _check_utf8(path)
     jobs, outputs = [], {}
-    for where, raw in iter_jsonl(path):
+    for where, raw in iter_jsonl(path, InputError):
         if "index" in raw:
             raise InputError(f"{where}: unknown key 'index' (the line's position is its index)")
+        if isinstance(raw.get("loras"), list):  # the HTTP API's form
+            raw["loras"] = _loras_mapping(raw["loras"], where)
         try:
             job = typed_yaml.build(Job, raw, "", where, path.parent.resolve())
             job.validate(f"{where}: job")  # the sampling checks: sizes, aspect preset, steps
             check_image_count(len(job.images))
+            check_range("quality", job.quality, *QUALITY_RANGE)  # the limits of every edge (knobs.py)
+            check_range("mask_feather", job.mask_feather, *MASK_FEATHER_RANGE)
+            for name, weight in (job.loras or {}).items():
+                if weight is not None:
+                    check_adapter_weight(f"loras.{name}", weight)
         except ConfigError as e:
             raise InputError(str(e)) from None
         except SettingError as e:
@@ -82,12 +101,51 @@ def read_jobs(path: str | Path) -> list[Job]:
             raise InputError(f"{where}: output {job.output!r} must be a plain file name inside the output folder")
         if job.mask is not None and not job.images:
             raise InputError(f"{where}: mask needs images (it applies to the last one)")
+        _check_inputs(job, where)
         format_for(job.output_name)
         if job.output_name in outputs:
             raise InputError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
         outputs[job.output_name] = where.rsplit(":", 1)[1]
         jobs.append(job)
+    if not jobs:
+        raise InputError(f"{path}: no jobs in it (one JSON object per line; `qwen-lora batch --help` shows the format)",
+                         "jobs")  # fmt: skip
     return jobs
+
+
+def _loras_mapping(items: list, where: str) -> dict:
+    """[{"name": n, "weight": w}, ...] (the HTTP API's `loras`) -> {n: w}; an omitted weight is null."""
+    if not all(isinstance(i, dict) and isinstance(i.get("name"), str) and set(i) <= {"name", "weight"} for i in items):
+        raise InputError(f'{where}: loras: a list holds {{"name": ..., "weight": ...}} objects', "loras")
+    return {i["name"]: i.get("weight") for i in items}
+
+
+def _job_loras(job: Job, default_loras) -> dict[str, float]:
+    """The adapters a job renders with: its own (a null weight is the --lora one), else every --lora."""
+    defaults = default_loras or {}
+    if job.loras is None:
+        return dict(defaults)
+    return {name: defaults.get(name, 1.0) if weight is None else weight for name, weight in job.loras.items()}
+
+
+def _check_utf8(path: Path) -> None:
+    """A jobs file that is not UTF-8 is refused naming its line (JSON text is UTF-8)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8",
+                         "jobs") from None  # fmt: skip
+
+
+def _check_inputs(job: Job, where: str) -> None:
+    """Every input image and mask is a file (paths relative to the jobs file), before any model loads."""
+    named = [(f"images[{i}]", p) for i, p in enumerate(job.images)] + ([("mask", job.mask)] if job.mask else [])
+    for name, p in named:
+        if not Path(p).is_file():
+            what = "is a folder, not a file" if Path(p).is_dir() else "does not exist"
+            raise InputError(f"{where}: {name}: {p} {what} (paths are relative to the jobs file)", name.split("[")[0])
 
 
 def adapter_identity(source: str) -> str | list:
@@ -109,10 +167,28 @@ def fingerprint(job: Job, base_seed: int, run: dict | None = None) -> str:
     return hashlib.sha256(json.dumps([settings, run], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _is_done(job: Job, output_dir: Path, recorded: dict[str, str | None], fingerprint: str) -> bool:
-    """Its output exists and its last manifest line carries this fingerprint (or none: a manifest of an older
-    version, taken as done)."""
-    return (output_dir / job.output_name).exists() and job.id in recorded and recorded[job.id] in (None, fingerprint)
+def _is_done(job: Job, output_dir: Path, recorded: dict[str, dict], fingerprint: str) -> bool:
+    """Its last manifest line carries this fingerprint (or none: a manifest of an older version, taken as done) and
+    its output is a whole image (`_is_complete`)."""
+    entry = recorded.get(job.id)
+    return (
+        entry is not None
+        and entry.get("settings") in (None, fingerprint)
+        and _is_complete(output_dir / job.output_name, entry.get("bytes"))
+    )
+
+
+def _is_complete(path: Path, size: int | None = None) -> bool:
+    """A non-empty file of the size the manifest recorded (when it did) whose image header reads: an empty, cut
+    short or damaged output is rendered again."""
+    try:
+        actual = path.stat().st_size
+        if not path.is_file() or actual == 0 or (size is not None and actual != size):
+            return False
+        with Image.open(path) as im:  # the header only; the pixels stay on disk
+            return im.width > 0 and im.height > 0
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def pending(jobs: list[Job], output_dir: str | Path, *, process_index: int = 0, num_processes: int = 1,
@@ -129,6 +205,7 @@ class BatchResult:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    stopped: bool = False  # interrupted (Ctrl-C) before the last job
 
 
 def run_batch(
@@ -145,7 +222,8 @@ def run_batch(
     run: dict | None = None,
 ) -> BatchResult:
     """Run this process's share of `jobs`, skipping finished ones. `extra` goes into every manifest line; `run` is
-    what the whole batch renders with (see `fingerprint`)."""
+    what the whole batch renders with (see `fingerprint`). Ctrl-C ends the run between writes: the result says
+    `stopped`, and what was written counts as done on a rerun."""
     output_dir = Path(output_dir)
     with writing_to(output_dir):
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -160,44 +238,50 @@ def run_batch(
         position=process_index,
     )
     with bar:
-        for job in mine:
-            out, settings = output_dir / job.output_name, fingerprint(job, base_seed, run)
-            if out.exists() and job.id not in recorded:  # stopped between writing the image and the manifest line
+        try:
+            for job in mine:
+                out, settings = output_dir / job.output_name, fingerprint(job, base_seed, run)
+                if job.id not in recorded and _is_complete(out):  # stopped between writing the image and its line
+                    entry = _entry(generator, job, base_seed, default_loras, extra)
+                    entry |= {"settings": settings, "bytes": out.stat().st_size, "recovered": True}
+                    _append(output_dir / MANIFEST, entry)
+                    recorded[job.id] = entry
+                if _is_done(job, output_dir, recorded, settings):
+                    result.skipped.append(job.id)
+                    bar.update()
+                    continue
+                if job.id in recorded and recorded[job.id].get("settings") not in (None, settings):
+                    bar.write(f"job {job.id}: its settings changed since it was rendered; rendering it again")
+                elif out.exists():
+                    bar.write(f"job {job.id}: {out.name} is empty, cut short or damaged; rendering it again")
+                start = time.perf_counter()
+                try:
+                    request = _request(job, base_seed, default_loras)
+                    image = generator.generate(request)
+                    save_image(image, out, job.quality, _made_with(generator, request, job, out.parent))
+                except (ValueError, OSError) as e:  # one bad job must not stop a catalogue run; it is retried on rerun
+                    if affects_every_write(e):  # a full disk fails every job after it: stop, naming the file
+                        raise
+                    _append(output_dir / MANIFEST, {"id": job.id, "index": job.index, "error": str(e)})
+                    bar.write(f"job {job.id}: {e}")
+                    result.failed.append(job.id)
+                    bar.update()
+                    continue
                 entry = _entry(generator, job, base_seed, default_loras, extra)
-                _append(output_dir / MANIFEST, entry | {"settings": settings, "recovered": True})
-                recorded[job.id] = settings
-            if _is_done(job, output_dir, recorded, settings):
-                result.skipped.append(job.id)
+                entry.update(width=image.width, height=image.height, seconds=round(time.perf_counter() - start, 3),
+                             settings=settings, bytes=out.stat().st_size)  # fmt: skip
+                _append(output_dir / MANIFEST, entry)
+                result.written.append(job.id)
                 bar.update()
-                continue
-            if out.exists():
-                bar.write(f"job {job.id}: its settings changed since it was rendered; rendering it again")
-            start = time.perf_counter()
-            try:
-                request = _request(job, base_seed, default_loras)
-                image = generator.generate(request)
-                save_image(image, out, job.quality, _made_with(generator, request, job, out.parent))
-            except (ValueError, OSError) as e:  # one bad job must not stop a catalogue run; it is retried on rerun
-                if affects_every_write(e):  # a full disk fails every job after it: stop, naming the file
-                    raise
-                _append(output_dir / MANIFEST, {"id": job.id, "index": job.index, "error": str(e)})
-                bar.write(f"job {job.id}: {e}")
-                result.failed.append(job.id)
-                bar.update()
-                continue
-            entry = _entry(generator, job, base_seed, default_loras, extra)
-            entry.update(width=image.width, height=image.height, seconds=round(time.perf_counter() - start, 3),
-                         settings=settings)  # fmt: skip
-            _append(output_dir / MANIFEST, entry)
-            result.written.append(job.id)
-            bar.update()
+        except KeyboardInterrupt:  # Ctrl-C: what is written stays written (atomic), and a rerun resumes
+            result.stopped = True
     return result
 
 
 def _request(job: Job, base_seed: int, default_loras) -> GenerationRequest:
     return GenerationRequest.from_settings(
         job, job.prompt, images=[load_image(p) for p in job.images], seed=_seed(job, base_seed),
-        adapters=job.loras if job.loras is not None else (default_loras or {}),
+        adapters=_job_loras(job, default_loras),
         mask=load_image(job.mask) if job.mask else None, mask_feather=job.mask_feather,
     )  # fmt: skip
 
@@ -220,7 +304,7 @@ def _entry(generator: Generator, job: Job, base_seed: int, default_loras, extra)
         seed=_seed(job, base_seed),
         num_inference_steps=job.num_inference_steps or generator.default_steps,
         guidance_scale=generator.default_guidance if job.guidance_scale is None else job.guidance_scale,
-        loras=job.loras if job.loras is not None else (default_loras or {}),
+        loras=_job_loras(job, default_loras),
         resolution=generator.resolution,
     )
     return entry | (extra or {})
@@ -237,16 +321,16 @@ def _append(path: Path, entry: dict) -> None:
             os.close(fd)
 
 
-def _recorded(path: Path) -> dict[str, str | None]:
-    """Each rendered job's id -> the fingerprint of its last manifest line."""
+def _recorded(path: Path) -> dict[str, dict]:
+    """Each rendered job's id -> its last manifest line (its `settings` fingerprint, the output's `bytes`)."""
     if not path.is_file():
         return {}
     recorded = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
         if isinstance(entry, dict) and "error" not in entry:
-            recorded[str(entry.get("id"))] = entry.get("settings")
+            recorded[str(entry.get("id"))] = entry
     return recorded

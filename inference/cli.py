@@ -17,7 +17,16 @@ from pathlib import Path
 
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError, NotFound
-from qwen_image_lora.knobs import MAX_INPUT_IMAGES, accepted, check_image_count, limits_of, type_of
+from qwen_image_lora.knobs import (
+    MASK_FEATHER_RANGE,
+    MAX_ADAPTER_WEIGHT,
+    MAX_INPUT_IMAGES,
+    QUALITY_RANGE,
+    accepted,
+    check_image_count,
+    limits_of,
+    type_of,
+)
 
 FLAG_ALIASES = {"num_inference_steps": ["--steps"]}  # shorter spellings users' scripts already pass
 NO_SIZE = ("width", "height", "aspect_ratio")  # layers keep the input's size
@@ -65,7 +74,7 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", help="required unless --from gives it")
     p.add_argument("--from", dest="from_image", metavar="IMAGE", help=FROM_HELP)
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    _quality_arg(p)
     _overrides_arg(p)
     p.set_defaults(func=_generate, image=[], mask=None)
 
@@ -82,7 +91,7 @@ def register(subparsers) -> None:
     p.add_argument("--from", dest="from_image", metavar="IMAGE", help=FROM_HELP)
     _mask_args(p, "masked edit of the last --image: white = may change, black = kept pixel for pixel")
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
-    p.add_argument("--quality", type=int, default=95)
+    _quality_arg(p)
     _overrides_arg(p)
     p.set_defaults(func=_generate)
 
@@ -139,15 +148,32 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="hub id or local folder; overrides the config's model.pretrained")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's model.dtype")
     p.add_argument(
-        "--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help="repeatable; weight default 1.0"
-    )
+        "--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+        help=f"repeatable; weight default 1.0, from -{MAX_ADAPTER_WEIGHT:g} to {MAX_ADAPTER_WEIGHT:g}",
+    )  # fmt: skip
+
+
+def _ranged(low: int, high: int):
+    """An argparse type: a whole number from `low` to `high` (the limits the server's request models have)."""
+
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high} (got {text!r})")
+        return int(text)
+
+    return parse
+
+
+def _quality_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quality", type=_ranged(*QUALITY_RANGE), default=95, action=_Given,
+                   help="JPEG/WebP quality (default 95; --from: the image's)")  # fmt: skip
 
 
 def _mask_args(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
     p.add_argument("--mask", required=required, help=help)
     p.add_argument(
         "--mask-feather",
-        type=int,
+        type=_ranged(*MASK_FEATHER_RANGE),
         default=8,
         action=_Given,
         help="soft edge inside the changed region, in pixels (default 8)",
@@ -219,12 +245,13 @@ def _load(args, cfg, device=None):
 
 def _generate(args) -> int:
     from qwen_image_lora.images import format_for, load_image, save_image
+    from qwen_image_lora.inference.from_image import apply_from
     from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects, file_record
     from qwen_image_lora.inference.masking import prepare_mask
 
     format_for(args.output)  # a bad extension fails before the model loads
     if args.from_image:
-        _apply_from(args)
+        apply_from(args, Path(_input_file("--from", args.from_image)), NO_SIZE)
     if not args.prompt:
         raise InputError("--prompt: give the prompt (or --from an image that carries one)", "--prompt")
     if args.command == "edit" and not args.image:
@@ -234,7 +261,7 @@ def _generate(args) -> int:
     images = [load_image(_input_file("--image", p)) for p in args.image]
     mask = load_image(_input_file("--mask", args.mask)) if getattr(args, "mask", None) else None
     if mask is not None:
-        _as_option(prepare_mask, mask, images[-1])  # the generator's mask rules, before the model loads
+        _as_option(lambda: prepare_mask(mask, images[-1], warn=False))  # the generator's rules, before the model
     request = GenerationRequest.from_settings(args, args.prompt, images=images, mask=mask,
                                               mask_feather=getattr(args, "mask_feather", 8))  # fmt: skip
     request.validate(args.command)  # bad sizes, steps or input aspects fail before the model loads
@@ -248,91 +275,6 @@ def _generate(args) -> int:
     made_with = generator.describe(request, inputs, mask_input, folder)
     print(f"{save_image(image, args.output, args.quality, made_with)} (seed {request.seed})")
     return 0
-
-
-def _apply_from(args) -> None:
-    """`--from IMAGE`: what the command line left out comes from the settings IMAGE carries (`FROM_HELP`). An adapter
-    or input is taken from its recorded file only while that file has the recorded sha256."""
-    from qwen_image_lora.inference.generator import ImageSettings
-
-    image = Path(_input_file("--from", args.from_image))
-    try:
-        made = ImageSettings.read(image)
-    except InputError as e:
-        raise InputError(f"--from {e}", "--from") from None
-    if made is None:
-        raise InputError(f"--from {image}: it carries no qwen-image-lora settings (--from takes an image written by "
-                         "generate, edit, batch or the API)", "--from")  # fmt: skip
-    if made.images and args.command != "edit":
-        raise InputError(f"--from {image}: it is an edit of {len(made.images)} image(s); re-create it with "
-                         f"`qwen-lora edit --from {image}`", "--from")  # fmt: skip
-    given = getattr(args, "given", set())
-    size_given = bool(given & set(NO_SIZE))  # a size given here replaces the recorded one whole
-    for f in dataclasses.fields(SamplingConfig):
-        if f.name not in given and not (size_given and f.name in NO_SIZE):
-            setattr(args, f.name, getattr(made, f.name))
-    args.prompt = args.prompt if args.prompt is not None else made.prompt
-    overridden = {o.split("=", 1)[0] for o in args.overrides}
-    if made.model is not None:
-        if "model.pretrained" not in overridden:
-            args.model = args.model or made.model.pretrained
-        if "model.dtype" not in overridden:
-            args.dtype = args.dtype or made.model.dtype
-        if made.model.revision is not None:
-            args.overrides = [f"model.revision={made.model.revision}", *args.overrides]  # a later override wins
-    args.overrides = [f"data.resolution={made.resolution}", *args.overrides]
-    if not args.lora:
-        args.lora = [f"{_recorded_adapter(image, a)}:{a.weight!r}" for a in made.loras]
-    if args.command == "edit":
-        if not args.image:
-            if not made.images:
-                raise InputError(f"--image: {image} was made from text alone; give the images to edit", "--image")
-            args.image = [_recorded_file(image, r, "--image", f"input image {i}") for i, r in enumerate(made.images, 1)]
-        if args.mask is None and made.mask is not None:
-            args.mask = _recorded_file(image, made.mask, "--mask", "the mask")
-        if "mask_feather" not in given:
-            args.mask_feather = made.mask_feather
-
-
-def _recorded_file(image: Path, record, option: str, what: str) -> str:
-    """An input an image's settings name (relative to the image), if it is still there with the recorded sha256."""
-    from qwen_image_lora.io import content_hash
-
-    head = f"--from {image}: {what}"
-    if record.path is None:
-        raise InputError(f"{head} was sent as bytes (recorded by sha256 alone); give {option}", option)
-    path = image.parent / record.path
-    if not path.is_file():
-        raise NotFound(f"{head}, {path}, is not there any more; give {option}", option)
-    if content_hash(path) != record.sha256:
-        raise InputError(f"{head}, {path}, has changed since the image was made (sha256 differs); give {option} to use "
-                         "it as it is", option)  # fmt: skip
-    return str(path)
-
-
-def _recorded_adapter(image: Path, record) -> str:
-    """A recorded adapter (a path relative to the image, or a hub id), if its weights file still has the recorded
-    sha256."""
-    from qwen_image_lora.adapter_format import is_hub_id, resolve_file
-    from qwen_image_lora.io import content_hash
-
-    head = f"--from {image}: adapter {record.name!r}"
-    if record.path is None:
-        raise InputError(
-            f"{head} is a server's (recorded by sha256 alone); give --lora PATH:{record.weight!r}", "--lora"
-        )
-    local = image.parent / record.path
-    hub = is_hub_id(record.path) and not local.exists()
-    if not hub and not local.exists():
-        raise NotFound(f"{head}: {local} is not there any more; give --lora", "--lora")
-    try:
-        file = resolve_file(record.path if hub else local)
-    except InputError as e:  # a hub adapter that is not cached, offline
-        raise NotFound(f"{head}: {e}; give --lora", "--lora") from None
-    if content_hash(file) != record.sha256:
-        raise InputError(f"{head}: {file} has changed since the image was made (sha256 differs); give --lora to use "
-                         "it as it is", "--lora")  # fmt: skip
-    return record.path if hub else str(local)
 
 
 def _input_file(option: str, path: str) -> str:
@@ -360,7 +302,7 @@ def _layers(args) -> int:
     from qwen_image_lora.inference.generator import GenerationRequest
     from qwen_image_lora.inference.layers import FORMATS, Element, check_request, save_layers
 
-    elements = [Element.parse(e) for e in args.element]  # bad input fails before the model loads
+    elements = [_as_option(Element.parse, e) for e in args.element]  # bad input fails before the model loads
     if Path(args.output).suffix.lower() not in FORMATS:
         raise InputError(f"--output {args.output}: use .psd, .ora or .zip", "--output")
     image = load_image(_input_file("--image", args.image))
@@ -370,8 +312,9 @@ def _layers(args) -> int:
     request.validate(args.command)  # bad steps or guidance fail before the model loads
     generator, request.adapters = _load(args, _model_source(args))
     layers = generator.layers(request, mask, args.prompt, elements)
+    # The flattened PNG carries no settings block: `--from` would re-create only its background edit.
     for path in save_layers(layers, args.output):
-        print(path)
+        print(f"{path} (seed {request.seed})")
     return 0
 
 
@@ -398,8 +341,11 @@ def _batch(args) -> int:
         )
         state.wait_for_everyone()
         return 0
-    generator, loras = _load(args, cfg, device=state.device)
-    seconds = generator.warm_up()  # compiled: the jobs' timings and the first outputs do not wait on the compiler
+    try:
+        generator, loras = _load(args, cfg, device=state.device)
+        seconds = generator.warm_up()  # compiled: the jobs' timings and the first outputs do not wait on the compiler
+    except KeyboardInterrupt:
+        return _batch_stopped(args, state.process_index, 0)
     if seconds:
         print(f"process {state.process_index}: warm-up compiled the transformer in {seconds:.1f} s", file=sys.stderr)
     result = run_batch(
@@ -411,6 +357,8 @@ def _batch(args) -> int:
         progress=not args.no_progress,
         extra={"model": cfg.model.pretrained, "process_index": state.process_index},
     )
+    if result.stopped:  # no wait for the other processes: Ctrl-C reached them too
+        return _batch_stopped(args, state.process_index, len(result.written))
     print(
         f"process {state.process_index}: {len(result.written)} written, {len(result.skipped)} already done, "
         f"{len(result.failed)} failed -> {Path(args.output_dir) / 'manifest.jsonl'}",
@@ -418,6 +366,13 @@ def _batch(args) -> int:
     )
     state.wait_for_everyone()
     return 1 if result.failed else 0
+
+
+def _batch_stopped(args, process_index: int, written: int) -> int:
+    """Ctrl-C: one line instead of a traceback; the exit status a shell gives an interrupted command (128 + SIGINT)."""
+    print(f"process {process_index}: stopped (Ctrl-C); {written} images written this run "
+          f"-> {Path(args.output_dir) / 'manifest.jsonl'}; run the same command again to resume", file=sys.stderr)  # fmt: skip
+    return 130
 
 
 def _serve(args) -> int:

@@ -110,6 +110,7 @@ class ImageSettings(SamplingConfig):
     images: list[InputRecord] = field(default_factory=list)  # [] = text-to-image
     mask: InputRecord | None = None
     mask_feather: int = 8
+    quality: int | None = None  # a JPEG's or WebP's (`images.encode_image` adds it); None for a PNG
 
     @classmethod
     def read(cls, source: str | Path) -> "ImageSettings | None":
@@ -279,7 +280,9 @@ class Generator:
         made = ImageSettings(**sampling, prompt=request.prompt, model=model, resolution=self.resolution, loras=loras,
                              images=list(inputs) if request.images else [],
                              mask=mask if request.mask is not None else None, mask_feather=request.mask_feather)  # fmt: skip
-        return {"prompt": request.prompt} | dataclasses.asdict(made)  # the prompt first, for a person reading it
+        block = {"prompt": request.prompt} | dataclasses.asdict(made)  # the prompt first, for a person reading it
+        del block["quality"]  # the file's encoding: `images.settings_as_written` adds it to a JPEG's or WebP's
+        return block
 
     def layers(
         self,
@@ -301,7 +304,7 @@ class Generator:
         if request.mask is None:
             return None
         if not request.images:
-            raise InputError("mask: a mask needs an image to edit (give images)", "mask")
+            raise InputError("mask: a mask needs an image to edit; give the image the mask belongs to", "mask")
         if request.mask_feather < 0:
             raise InputError(f"mask_feather: must be >= 0 pixels (got {request.mask_feather})", "mask_feather")
         return masking.prepare_mask(request.mask, request.images[-1])

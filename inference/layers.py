@@ -25,6 +25,7 @@ from psd_tools.api.layers import PixelLayer
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.errors import InputError
+from qwen_image_lora.images import save_image
 from qwen_image_lora.inference import masking
 from qwen_image_lora.io import atomic_path
 
@@ -32,7 +33,6 @@ DEFAULT_BACKGROUND_PROMPT = "remove the object and fill in the background"
 AUTO_MASK_PROMPT = "isolate the main object on a transparent background"
 FORMATS = (".psd", ".ora", ".zip")
 MEDIA_TYPES = {"psd": "image/vnd.adobe.photoshop", "ora": "image/openraster", "zip": "application/zip"}
-_ELEMENT = re.compile(r"^(?P<prompt>.+)@(?P<x>\d+),(?P<y>\d+),(?P<w>\d+),(?P<h>\d+)$", re.S)
 
 
 class LayersError(InputError):
@@ -48,13 +48,19 @@ class Element:
 
     @classmethod
     def parse(cls, text: str) -> "Element":
-        """`PROMPT@x,y,w,h`, e.g. `a red SALE badge@40,40,256,128`."""
-        m = _ELEMENT.match(text.strip())
-        if not m or int(m["w"]) <= 0 or int(m["h"]) <= 0:
+        """`PROMPT@x,y,w,h`, e.g. `a red SALE badge@40,40,256,128`; the limits are the HTTP API's (x, y >= 0,
+        width, height >= 1)."""
+        prompt, at, box = text.strip().rpartition("@")
+        parts = [p.strip() for p in box.split(",")]
+        if not at or not prompt.strip() or len(parts) != 4 or not all(re.fullmatch(r"-?\d+", p) for p in parts):
             raise LayersError(
                 f"element {text!r}: write it as PROMPT@x,y,w,h, e.g. 'a red SALE badge@40,40,256,128'", "elements"
             )
-        return cls(m["prompt"].strip(), (int(m["x"]), int(m["y"]), int(m["w"]), int(m["h"])))
+        x, y, w, h = (int(p) for p in parts)
+        for name, value, low in (("x", x, 0), ("y", y, 0), ("width", w, 1), ("height", h, 1)):
+            if value < low:
+                raise LayersError(f"element {text!r}: {name} must be >= {low} (got {value})", "elements")
+        return cls(prompt.strip(), (x, y, w, h))
 
 
 @dataclass
@@ -153,9 +159,7 @@ def save_layers(layers: Layers, path: str | Path) -> list[Path]:
     data = encode_layers(layers, path.suffix.lower().lstrip("."))
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-    flat = path.with_suffix(".png")
-    with atomic_path(flat) as tmp:
-        layers.composite().save(tmp, format="PNG")
+    flat = save_image(layers.composite(), path.with_suffix(".png"))
     return [path, flat]
 
 

@@ -32,8 +32,9 @@ class MaskError(InputError):
         super().__init__(message, field)
 
 
-def prepare_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
-    """The mask as 8-bit grey at the image's size (white = may change). Resized when only the scale differs."""
+def prepare_mask(mask: Image.Image, image: Image.Image, warn: bool = True) -> Image.Image:
+    """The mask as 8-bit grey at the image's size (white = may change). Resized when only the scale differs.
+    `warn=False`: an edge's check before the model loads, which the generator's own call repeats."""
     grey = mask.convert("RGBA").getchannel("A") if _alpha_only(mask) else mask.convert("L")
     if grey.size != image.size:
         (mw, mh), (iw, ih) = grey.size, image.size
@@ -48,7 +49,7 @@ def prepare_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
         raise MaskError(
             "mask: the mask changes nothing (it is black everywhere); paint white where the image may change"
         )
-    if lo >= 128:
+    if lo >= 128 and warn:
         log.warning("mask: white everywhere, so this is a plain edit (nothing is kept)")
     return grey
 

@@ -43,6 +43,7 @@ from qwen_image_lora.images import (
     decode_image,
     encode_image,  # fmt: skip
     format_for,
+    settings_as_written,
 )
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference.generator import GenerationRequest, Generator, InputRecord, bytes_record
@@ -51,7 +52,14 @@ from qwen_image_lora.inference.metrics import Metrics
 from qwen_image_lora.inference.studio import studio_router
 from qwen_image_lora.inference.urls import URLRefused, fetch
 from qwen_image_lora.inference.worker import Worker
-from qwen_image_lora.knobs import MAX_INPUT_IMAGES, limits_of, type_of
+from qwen_image_lora.knobs import (
+    MASK_FEATHER_RANGE,
+    MAX_ADAPTER_WEIGHT,
+    MAX_INPUT_IMAGES,
+    QUALITY_RANGE,
+    limits_of,
+    type_of,
+)
 
 log = logging.getLogger("qwen_image_lora.server")
 MAX_PROMPT_CHARS = 20_000  # a cheap bound before the 1,024-token check with the model's tokenizer
@@ -122,7 +130,11 @@ def request_models(serve: ServeConfig):
     class LoraRef(Strict):
         name: str = Field(min_length=1, max_length=128, description="an adapter from serve.adapters")
         weight: float | None = Field(
-            None, ge=-4.0, le=4.0, allow_inf_nan=False, description="default: the configured weight"
+            None,
+            ge=-MAX_ADAPTER_WEIGHT,
+            le=MAX_ADAPTER_WEIGHT,
+            allow_inf_nan=False,
+            description="default: the configured weight",
         )
 
     ImageStr = Annotated[str, Field(min_length=1, description="http(s) URL, base64, or a data: URL")]
@@ -140,9 +152,14 @@ def request_models(serve: ServeConfig):
             description="masked edit of the last image: white = may change, black = "
             "kept pixel for pixel; the image's size (or its aspect, resized)",
         )
-        mask_feather: int = Field(8, ge=0, le=64, description="soft edge inside the changed region, in pixels")
+        mask_feather: int = Field(
+            8,
+            ge=MASK_FEATHER_RANGE[0],
+            le=MASK_FEATHER_RANGE[1],
+            description="soft edge inside the changed region, in pixels",
+        )
         output_format: Literal["png", "jpeg", "webp"] = "png"
-        quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality")
+        quality: int = Field(95, ge=QUALITY_RANGE[0], le=QUALITY_RANGE[1], description="JPEG/WebP quality")
         response_format: Literal["bytes", "b64_json"] = "bytes"
 
         @field_validator("mask")
@@ -170,7 +187,7 @@ def request_models(serve: ServeConfig):
         prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="background instruction")
         elements: list[ElementRef] = Field(default_factory=list, max_length=8)
         loras: Loras = None
-        mask_feather: int = Field(8, ge=0, le=64)
+        mask_feather: int = Field(8, ge=MASK_FEATHER_RANGE[0], le=MASK_FEATHER_RANGE[1])
         output_format: Literal["psd", "ora", "zip"] = "psd"
 
     return ImageRequest, LayersRequest
@@ -347,7 +364,7 @@ def _generate(generator: Generator, request: GenerationRequest, fmt: str, qualit
         image = generator.generate(request)
         metrics.count_image(time.perf_counter() - start)
         made_with = generator.describe(request, decoded.inputs, decoded.mask_input)
-        return image.size, encode_image(image, fmt, quality, made_with), made_with
+        return image.size, encode_image(image, fmt, quality, made_with), settings_as_written(made_with, fmt, quality)
     finally:
         request.images.clear()
 

@@ -105,7 +105,7 @@ def check_source(source: str | Path) -> None:
     first = str(source).split("/")[0]
     why = (
         f"{first}/ exists here, so it names a local path, not a hub repository"
-        if "/" in str(source) and Path(first).expanduser().exists()
+        if first and "/" in str(source) and Path(first).expanduser().exists()  # not "/..." (first is "")
         else "and it is not a hub id like owner/repo"
     )
     raise AdapterError(f"{source}: no such adapter file or folder ({why}); check the path")

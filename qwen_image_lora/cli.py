@@ -41,10 +41,12 @@ def _validate(args) -> int:
     from qwen_image_lora.data.cache import check_cache_dir
     from qwen_image_lora.data.sources import load_items
     from qwen_image_lora.model import check_pretrained
+    from qwen_image_lora.train.preflight import check_validation_inputs
 
     cfg = load_config(args.config, args.overrides)
     check_pretrained(cfg.model.pretrained, cfg.model.revision)
     check_cache_dir(cfg.data.cache_dir)
+    check_validation_inputs(cfg)
     if cfg.data.path is None:
         data = "data.path not set (needed only for training)"
     else:

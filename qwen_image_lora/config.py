@@ -19,8 +19,8 @@ import yaml
 
 from qwen_image_lora import typed_yaml
 from qwen_image_lora.io import atomic_write_text
-from qwen_image_lora.knobs import SamplingConfig, SettingError, check_image_count
-from qwen_image_lora.presets import LORA_TARGETS
+from qwen_image_lora.knobs import SamplingConfig, SettingError, check_adapter_weight, check_image_count
+from qwen_image_lora.presets import LORA_TARGETS, SIDE_MULTIPLE
 from qwen_image_lora.typed_yaml import ConfigError
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-2.1"
@@ -345,6 +345,9 @@ class EvalConfig(SamplingConfig):
         bad = [c for c in self.palette if not re.fullmatch(r"#[0-9a-fA-F]{6}", c)]
         if bad:
             raise ConfigError(f"{where}.palette: colours must look like '#d7263d' (got {bad[0]!r})")
+        if any(s < 0 for s in self.seeds) or len(set(self.seeds)) < len(self.seeds):
+            # A repeated seed renders the same pair again: n identical samples, a zero-width interval, a verdict.
+            raise ConfigError(f"{where}.seeds: must be distinct seeds >= 0 (got {self.seeds})")
 
 
 @dataclass
@@ -352,6 +355,16 @@ class ServeAdapter:
     name: str = ""
     path: str = _path("", hub_id=True)
     weight: float = 1.0
+
+    def validate(self, where: str) -> None:
+        if "." in self.name:  # peft keys an adapter's layers by its name
+            raise ConfigError(
+                f"{where}.name: no '.' in a name (got {self.name!r}); e.g. {self.name.replace('.', '_')!r}"
+            )
+        try:
+            check_adapter_weight(f"{where}.weight", self.weight)
+        except SettingError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -378,6 +391,8 @@ class ServeConfig:
 
     def validate(self, where: str) -> None:
         _require(where, self, lambda v: 0 <= v <= 65535, "in 0..65535", "port")
+        _require(where, self, lambda v: v >= 1, ">= 1 (0 refuses every request)", "max_queue", "max_steps")
+        _require(where, self, lambda v: v >= SIDE_MULTIPLE, f">= {SIDE_MULTIPLE}", "max_side")
         _require(
             where, self, lambda v: v > 0, "> 0", "max_body_mb", "url_timeout_s", "max_url_mb", "max_guidance_scale"
         )
@@ -413,7 +428,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        raw = typed_yaml.load_yaml(path.read_text(), str(path)) or {}  # refuses a key given twice
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        raw = typed_yaml.load_yaml(text, str(path)) or {}  # refuses a key given twice
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
         base = path.resolve().parent

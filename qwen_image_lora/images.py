@@ -274,10 +274,23 @@ _ASCII = b"ASCII\0\0\0"  # UserComment's character-code prefix; the JSON is writ
 _JPEG_EXIF_BYTES = 65533  # a JPEG holds EXIF in one APP1 segment (PIL's limit); WebP and PNG have none this small
 
 
+def settings_as_written(settings: dict | None, fmt: str, quality: int) -> dict | None:
+    """The block a file of format `fmt` carries: `settings`, plus the quality of a lossy one (part of what made it:
+    `--from` repeats it)."""
+    return (
+        {**settings, "quality": quality} if settings is not None and _pil_format(fmt) in ("JPEG", "WEBP") else settings
+    )
+
+
+def _pil_format(fmt: str) -> str:
+    """An output format as PIL names it, from either spelling (`jpg` or `JPEG`)."""
+    return format_for(fmt) if fmt.lower() in OUTPUT_FORMATS else fmt
+
+
 def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95, settings: dict | None = None) -> bytes:
     """PNG and WebP keep alpha; JPEG composites it over white. `settings` (a JSON-able dict: what made the image) is
     written into the file, where `read_settings` finds it; no timestamp, so the same settings give the same bytes."""
-    fmt = format_for(fmt) if fmt.lower() in OUTPUT_FORMATS else fmt
+    fmt = _pil_format(fmt)
     if fmt == "JPEG" and image.mode in ("RGBA", "LA", "P"):
         rgba = image.convert("RGBA")
         white = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -285,6 +298,7 @@ def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95, settin
         image = white
     buf = io.BytesIO()
     options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    settings = settings_as_written(settings, fmt, quality)
     if settings is not None and fmt == "PNG":
         options["pnginfo"] = PngImagePlugin.PngInfo()
         options["pnginfo"].add_itxt(SETTINGS_KEY, json.dumps(settings, ensure_ascii=False))

@@ -21,6 +21,13 @@ from qwen_image_lora.typed_yaml import ConfigError
 MAX_INPUT_IMAGES = 10  # reference images per edit: the model's limit (training data, configs and every edge)
 
 
+# Limits of the per-request values outside `SamplingConfig`, one home for every edge: CLI flags, batch lines, the
+# server's request models and `serve.adapters` check against them.
+MAX_ADAPTER_WEIGHT = 4.0  # |weight| of one adapter; beyond it a LoRA only adds noise
+QUALITY_RANGE = (1, 100)  # JPEG/WebP quality
+MASK_FEATHER_RANGE = (0, 64)  # soft edge of a masked edit, in pixels
+
+
 class SettingError(InputError):
     """A value that breaks a setting's rule. `field` names it (None: a combination of fields); str() is
     'field: message', which each edge turns into its own form (a config's dotted name, a 422's loc)."""
@@ -74,6 +81,16 @@ def check_value(f: dataclasses.Field, value) -> None:
     ge, le, step = limits.get("ge"), limits.get("le"), limits.get("multiple_of")
     if (ge is not None and value < ge) or (le is not None and value > le) or (step and value % step):
         raise SettingError(f.name, f"must be {accepted(f)} (got {value})")
+
+
+def check_range(field: str, value, low, high) -> None:
+    """Raise SettingError naming `field` unless `value` is a finite number in [low, high]."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+        raise SettingError(field, f"must be a number from {low} to {high} (got {value})")
+
+
+def check_adapter_weight(field: str, weight) -> None:
+    check_range(field, weight, -MAX_ADAPTER_WEIGHT, MAX_ADAPTER_WEIGHT)
 
 
 def check_image_count(count: int, least: int = 0, field: str = "images") -> None:

@@ -36,8 +36,22 @@ class StrictLoader(yaml.SafeLoader):
     dotted = ""  # where the document sits in the config (an override's key)
 
     def construct_document(self, node):
+        if (size := _expanded_size(node, {})) > MAX_VALUES:  # before any walk over it, which would take as long
+            raise ConfigError(f"the document expands to {size:,} values through YAML aliases (at most {MAX_VALUES:,})")
         _check_nodes(node, self.dotted)
         return super().construct_document(node)
+
+
+MAX_VALUES = 100_000  # a config holds hundreds; nine nested aliases of nine items expand to 9**9
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values the document holds with every alias expanded, counted once per distinct node."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # an alias cycle (a node inside itself) counts once
+        children = [v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode) else node.value
+        sizes[id(node)] = 1 + sum(_expanded_size(c, sizes) for c in children) if isinstance(children, list) else 1
+    return sizes[id(node)]
 
 
 def _check_nodes(node, dotted: str) -> None:
@@ -192,6 +206,9 @@ def _coerce(value, tp, dotted: str, where: str, base: Path):
     hint = f'; quote it: {dotted.rsplit(".", 1)[-1]}: "{value}"' if quote else ""
     if value is None and tp is str:  # `background: #000000` reads as an empty value: YAML's # starts a comment
         hint = f'; a value starting with # must be quoted: {dotted.rsplit(".", 1)[-1]}: "#000000"'
+    words = {False: ("no", "off", "false"), True: ("yes", "on", "true")}.get(value) if isinstance(value, bool) else ()
+    if origin is Literal and (word := next((w for w in words if w in typing.get_args(tp)), None)):
+        hint = f'; YAML reads an unquoted {word} as {value}: quote it: {dotted.rsplit(".", 1)[-1]}: "{word}"'
 
     bad = ConfigError(f"{where}: {dotted} must be {_type_name(tp)} (got {value!r}){hint}")
     if origin in (Union, types.UnionType):

@@ -158,6 +158,9 @@ def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
         check_source("outputs/nope")
     with pytest.raises(AdapterError, match=r"\./nope: no such adapter"):
         check_source("./nope")
+    with pytest.raises(AdapterError, match=r"no such adapter file or folder \(and it is not a hub id") as absolute:
+        check_source(str(tmp_path / "nope"))
+    assert "/ exists here" not in str(absolute.value)  # the root: "(/ exists here, so it names a local path)"
     check_source("someone/their-lora")  # no folder `someone` here: a hub id, fetched when loaded
     check_source("outputs")
     # Neither a path here nor a hub id: a bare name, three parts without a .safetensors file, a dot-named folder.

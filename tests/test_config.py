@@ -58,6 +58,7 @@ def test_unknown_section(tmp_path):
         ("data:\n  resolution: 1000\n", r"data.resolution: must be a multiple of 32"),
         ("validation:\n  edits:\n    - images: []\n      prompt: x\n", r"validation.edits\[0\].images: give 1 to 10"),
         ("train:\n  gradient_checkpointing: sometimes\n", r"train.gradient_checkpointing must be bool or 'auto'"),
+        ("train:\n  mixed_precision: no\n", r"\(got False\); YAML reads an unquoted no as False: quote it: .*\"no\""),
         ("optim:\n  max_grad_norm: -1\n", r"optim.max_grad_norm: must be > 0, or null for no clipping \(got -1.0\)"),
         ("optim:\n  max_grad_norm: 0\n", r"optim.max_grad_norm: must be > 0, or null for no clipping \(got 0.0\)"),
         ("optim:\n  lr: .nan\n", r"optim.lr must be a finite number \(got nan\)"),
@@ -87,6 +88,14 @@ def test_bad_values_name_the_field(tmp_path, text, message):
             "model.attention_backend=bogus",
             r"model.attention_backend: 'bogus' is not a diffusers attention backend; one of .*flash",
         ),
+        # A repeated seed re-renders one pair: n identical samples gave a zero-width interval and a verdict.
+        ("eval.seeds=[1,1,1]", r"eval.seeds: must be distinct seeds >= 0 \(got \[1, 1, 1\]\)"),
+        ("eval.seeds=[-1]", r"eval.seeds: must be distinct seeds >= 0"),
+        ("serve.max_queue=0", r"serve.max_queue: must be >= 1 \(0 refuses every request\) \(got 0\)"),
+        ("serve.max_steps=0", r"serve.max_steps: must be >= 1"),
+        ("serve.max_side=-1", r"serve.max_side: must be >= 32 \(got -1\)"),
+        ("serve.adapters=[{name: v1.5, path: x}]", r"serve.adapters\[0\].name: no '.' in a name .* e.g. 'v1_5'"),
+        ("serve.adapters=[{name: a, path: x, weight: 100}]", r"serve.adapters\[0\].weight: must be a number from -4"),
     ],
 )
 def test_out_of_range_values_fail_at_load_naming_the_field(override, message):
@@ -111,6 +120,20 @@ def test_a_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path):
         load_config(write(tmp_path, "validation:\n  edits:\n    - images: [a.png]\n      prompt: a\n      prompt: b\n"))
     with pytest.raises(ConfigError, match=r"override 'data.columns=\{a: x, a: y\}': data.columns.a: given twice"):
         load_config(None, ["data.columns={a: x, a: y}"])
+
+
+def test_an_alias_bomb_and_a_file_that_is_not_utf8_are_refused_at_once(tmp_path):
+    """Nine nested aliases of nine items (9**9 values) kept `validate` busy for minutes; a Latin-1 file was a
+    UnicodeDecodeError traceback. Anchors of ordinary size still work."""
+    rows = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    rows += [f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi", strict=True)]
+    with pytest.raises(ConfigError, match=r"expands to 4\d\d,\d{3},\d{3} values through YAML aliases"):
+        load_config(write(tmp_path, "\n".join(rows) + "\n"))
+    prompts = "validation:\n  prompts: &p [a bottle, a can]\neval:\n  prompts: *p\n"
+    assert load_config(write(tmp_path, prompts)).eval.prompts == ["a bottle", "a can"]
+    (tmp_path / "latin1.yaml").write_bytes("eval:\n  prompts: [caf\xe9]\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 21\); save it as UTF-8"):
+        load_config(tmp_path / "latin1.yaml")
 
 
 def test_a_hex_colour_is_text_on_the_command_line_and_a_file_says_to_quote_it(tmp_path):
@@ -199,6 +222,14 @@ def test_cli_validate_checks_that_paths_exist(field, tmp_path, capsys, tiny_mode
     assert f"{field}: {tmp_path / 'nope'} does not exist" in err
     if field == "model.pretrained":
         assert "qwen-lora make-tiny-model" in err
+
+
+def test_cli_validate_checks_the_previews_input_images(tmp_path, capsys, tiny_model_dir, sample_data_dir):
+    """validate said OK, and training then stopped on the missing file."""
+    paths = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}"]
+    edits = f"validation.edits=[{{images: [{tmp_path / 'nope.png'}], prompt: x}}]"
+    assert main(["validate", "configs/demo.yaml", *paths, edits]) == 2
+    assert f"validation.edits[0].images: {tmp_path / 'nope.png'} does not exist" in capsys.readouterr().err
 
 
 def test_cli_validate_checks_that_the_data_source_parses(tmp_path, capsys, tiny_model_dir):

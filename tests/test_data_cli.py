@@ -48,3 +48,15 @@ def test_prepare_in_one_process_reports_without_rank_brackets(tiny_model_dir, sa
     )
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("prepare")]
     assert line.startswith("prepare: ") and " items, 0 already cached, " in line and "[" not in line
+
+
+def test_doctor_json_or_html_naming_a_folder_is_one_error_line_before_the_data_is_read(tmp_path, capsys):
+    """`--json DIR` ended in an IsADirectoryError traceback after the whole data set had been read."""
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    for option, name in (("--json", "doctor.json"), ("--html", "edit_pairs.html")):
+        # The data path does not exist: an error naming the option proves it was checked first.
+        assert main(["data", "doctor", str(tmp_path / "no-data"), option, str(folder)]) == 2
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if not x.startswith("note:")]
+        assert line == f"error: {option} {folder}: is a folder; give a file path, e.g. {folder / name}"
+    assert list(folder.iterdir()) == []

@@ -122,3 +122,30 @@ def test_the_python_api_names_load_on_first_use():
     assert api.Generator is Generator and all(getattr(api, name) is not None for name in api.__all__)
     with pytest.raises(AttributeError, match="no attribute 'Generater'"):
         api.Generater  # noqa: B018 - the attribute access is the test
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (
+            ["generate", "--prompt", "x", "--quality", "101", "--output", "a.jpg"],
+            "--quality: must be a whole number from 1",
+        ),
+        (["edit", "--prompt", "x", "--mask-feather", "1000", "--output", "a.png"], "--mask-feather: must be a whole"),
+        (["generate", "--prompt", "x", "--lora", "run:nan", "--output", "a.png"], "--lora: must be a number from -4.0"),
+        (
+            ["generate", "--prompt", "x", "--lora", "run:-100", "--output", "a.png"],
+            "--lora: must be a number from -4.0",
+        ),
+        (["plan", "--config", str(DEMO), "--references", "11"], "--references: expected 0 to 10, the model's limit"),
+        (["plan", "--config", str(DEMO), "--references", "-1"], "--references: expected 0 to 10"),
+    ],
+)
+def test_the_cli_refuses_what_the_server_refuses(argv, said, capsys):
+    """One home for the limits outside SamplingConfig (knobs.py): --quality 101 and --mask-feather 1000 were taken,
+    a NaN --lora weight wrote a black, transparent image, and plan took -1 or 11 reference images."""
+    try:
+        code = cli.main([*argv, "model.pretrained=/nonexistent"])
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    assert code == 2 and said in capsys.readouterr().err

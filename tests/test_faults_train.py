@@ -162,6 +162,41 @@ def test_a_fresh_start_in_a_used_folder_stops_before_loading_weights(
     assert {_progress(p)["run_id"] for p in Checkpointer(out, 1).all()} == {new_id}
 
 
+def test_a_run_inside_another_runs_folder_is_refused_before_loading_weights(
+    trained, tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch
+):
+    """output_dir=RUN/checkpoints wrote a whole second run among the first one's step folders."""
+    out = _copy(trained, tmp_path)
+    before = _hashes(out)
+    monkeypatch.setattr(qmodel, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    for inner in (out / "checkpoints", out / "checkpoints" / "new" / "deeper"):
+        assert lora.main(_args(tiny_model_dir, sample_data_dir, inner, "train.max_steps=2", "--overwrite")) == 2
+        owner = json.loads((out / "run.json").read_text())["run_id"]
+        said = capsys.readouterr().err
+        assert f"output_dir {inner} lies inside the folder of run {owner} ({out}); choose an output_dir" in said
+    assert _hashes(out) == before
+
+
+def test_ctrl_c_twice_ends_with_one_line_naming_the_last_checkpoint(
+    trained, tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch
+):
+    """The second SIGINT raises KeyboardInterrupt (train/preemption.py): it printed a 40-line traceback."""
+    out = _copy(trained, tmp_path)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora.LoRARecipe, "train", interrupted)
+    args = _args(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", "checkpoint.every_steps=1")
+    assert lora.main([*args, "--resume", "latest"]) == 130
+    err = capsys.readouterr().err
+    last = Checkpointer(out, 1).all()[-1]
+    assert err.splitlines()[-1] == (
+        f"stopped: Ctrl-C twice, without a checkpoint now; the last checkpoint {last} is intact (--resume latest)"
+    )
+    assert "Traceback" not in err
+
+
 def test_a_live_run_holds_its_folder_against_a_second_trainer(
     trained, tiny_model_dir, sample_data_dir, tmp_path, capsys
 ):

@@ -45,7 +45,7 @@ def test_settings_survive_png_webp_and_jpeg_and_other_tools_metadata_is_not_take
     settings = {"prompt": "ein Fläschchen, 瓶", "seed": 7, "loras": [{"name": "brand", "weight": 0.8}]}
     for fmt in ("png", "webp", "jpeg"):
         data = encode_image(image, fmt, 90, settings)
-        assert read_settings(data) == settings, fmt
+        assert read_settings(data) == settings | ({} if fmt == "png" else {"quality": 90}), fmt  # a lossy file's too
         assert data == encode_image(image, fmt, 90, settings)  # no timestamp: the same settings, the same bytes
     assert np.array_equal(
         np.asarray(Image.open(io.BytesIO(encode_image(image, "png", settings=settings)))), np.asarray(image)
@@ -54,7 +54,7 @@ def test_settings_survive_png_webp_and_jpeg_and_other_tools_metadata_is_not_take
     long = {"prompt": "-" * 70_000}  # past what one JPEG EXIF segment holds: said, not a bare PIL ValueError
     with pytest.raises(InputError, match="write PNG or WebP"):
         encode_image(image, "jpeg", settings=long)
-    assert read_settings(encode_image(image, "webp", settings=long)) == long
+    assert read_settings(encode_image(image, "webp", settings=long)) == long | {"quality": 95}
 
     assert read_settings(encode_image(image, "png")) is None
     theirs = Image.Exif()  # a camera's or an editor's comment is not ours, even when it is JSON
@@ -100,6 +100,7 @@ def made(gen, tiny_model_dir, tmp_path_factory):
 
 def test_generate_writes_its_settings_into_png_webp_and_jpeg_and_prints_the_seed(made, tiny_model_dir, capsys):
     png, webp, jpg = (read_settings(made / "images" / n) for n in ("out.png", "out.webp", "out.jpg"))
+    assert "quality" not in png and webp.pop("quality") == jpg.pop("quality") == 95  # a lossy file's encoding
     assert png == webp == jpg
     assert {k: png[k] for k in ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width",
                                 "height", "aspect_ratio", "resolution")} == {
@@ -128,6 +129,16 @@ def test_generate_from_an_image_recreates_it_pixel_for_pixel_and_flags_override(
     assert read_settings("other.png")["seed"] == 4 and not np.array_equal(pixels("other.png"), pixels(out))
     assert {k: v for k, v in read_settings("other.png").items() if k not in ("seed", "loras")} == \
         {k: v for k, v in recorded.items() if k not in ("seed", "loras")}  # fmt: skip
+
+
+def test_a_jpeg_from_its_own_settings_is_the_same_file_at_its_quality(made, tmp_path, monkeypatch):
+    """The quality was not recorded: `--from` a quality-50 JPEG wrote it at 95 (max pixel difference 51)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--from", str(made / "images" / "out.png"), "--quality", "50", "--output", "q50.jpg"]) == 0
+    assert main(["generate", "--from", "q50.jpg", "--output", "again.jpg"]) == 0
+    assert read_settings("again.jpg")["quality"] == 50 and np.array_equal(pixels("again.jpg"), pixels("q50.jpg"))
+    assert main(["generate", "--from", "q50.jpg", "--quality", "90", "--output", "better.jpg"]) == 0
+    assert read_settings("better.jpg")["quality"] == 90  # a flag given here wins
 
 
 def test_from_checks_the_adapter_hash_and_names_itself_when_an_image_has_no_settings(made, gen, tmp_path, capsys):

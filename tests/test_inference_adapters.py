@@ -1,5 +1,7 @@
 """Adapters on one loaded base model: switch, mix, fuse/unfuse, unload; foreign layouts converted; foreign models refused."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,21 @@ def test_prompt_over_1024_tokens_is_an_error_naming_the_length(gen):
         gen.generate(GenerationRequest(long, num_inference_steps=1))
     with pytest.raises(ValueError, match="images: give 1 to 10"):
         gen.generate(GenerationRequest("x", images=[object()] * 11, num_inference_steps=1))
+
+
+def test_a_dotted_file_name_loads_and_a_repeated_folder_name_gets_its_own(gen, lora_dirs, tmp_path):
+    """peft keys layers by the adapter name, which can't hold a '.': style-v1.5.safetensors crashed every inference
+    command; two runs' folders of one name were refused with no way to name them."""
+    dotted = tmp_path / "style-v1.5.safetensors"
+    dotted.write_bytes((lora_dirs["style_a"] / "pytorch_lora_weights.safetensors").read_bytes())
+    same_stem = tmp_path / "other" / "style_a"
+    shutil.copytree(lora_dirs["style_b"], same_stem)
+    try:
+        assert gen.adapters.load(dotted) == "style-v1_5"
+        assert [gen.adapters.load(lora_dirs["style_a"]), gen.adapters.load(same_stem)] == ["style_a", "style_a-2"]
+        assert np.array_equal(render(gen, {"style-v1_5": 1.0}), render(gen, {"style_a": 1.0}))
+        assert not np.array_equal(render(gen, {"style_a-2": 1.0}), render(gen, {"style_a": 1.0}))
+        with pytest.raises(AdapterError, match=r"adapter name 'v1\.5'.*e\.g\. 'v1_5'"):
+            gen.adapters.load(dotted, name="v1.5")
+    finally:
+        gen.adapters.unload()

@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from qwen_image_lora.cli import main
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_settings
+from qwen_image_lora.inference import batch
 from qwen_image_lora.inference.batch import read_jobs
 from qwen_image_lora.inference.testing import make_random_lora
 from tests.launch import accelerate_launch
@@ -97,7 +99,11 @@ def _jobs(tmp_path, n=6):
     return path
 
 
-def test_batch_resumes_after_an_interruption_without_redoing_finished_jobs(tiny_model_dir, tmp_path, monkeypatch):
+def test_batch_resumes_after_an_interruption_without_redoing_finished_jobs(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C ends with one line (what was written, how to resume) and exit 130, not a KeyboardInterrupt traceback;
+    the same command then resumes."""
     from qwen_image_lora.inference.generator import Generator
 
     jobs, out = _jobs(tmp_path), tmp_path / "out"
@@ -112,9 +118,18 @@ def test_batch_resumes_after_an_interruption_without_redoing_finished_jobs(tiny_
         return original(self, request)
 
     monkeypatch.setattr(Generator, "generate", counting)
+    stop_at = 0
+    with monkeypatch.context() as m:  # Ctrl-C while the model loads: nothing written yet
+        m.setattr(Generator, "warm_up", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(argv) == 130
+    assert capsys.readouterr().err.splitlines()[-1].endswith("0 images written this run -> "
+                                                             f"{out / 'manifest.jsonl'}; run the same command again to resume")  # fmt: skip
     stop_at = 2
-    with pytest.raises(KeyboardInterrupt):
-        main(argv)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.splitlines()[-1] == (f"process 0: stopped (Ctrl-C); 2 images written this run -> {out / 'manifest.jsonl'}; "
+                                    "run the same command again to resume")  # fmt: skip
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "000001.png",
         "hero.webp",
@@ -213,6 +228,58 @@ def test_batch_job_errors_name_the_line_and_field(tmp_path):
             read_jobs(bad)
 
 
+def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model_loads(tmp_path, capsys):
+    """Each used to end in a traceback (ValueError, UnicodeDecodeError), an "all 0 jobs are done" success, or (a
+    missing input) a per-job failure after the model had loaded, appended to the manifest again on every rerun."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    (tmp_path / "folder.png").mkdir()
+    jobs, out = tmp_path / "jobs.jsonl", tmp_path / "out"
+    for data, message in [
+        (b'{"prompt": "x"}\n{"prompt": "y"', f"{jobs}:2: not valid JSON"),
+        (b'{"prompt": "x", "prompt": "y"}\n', f"{jobs}:1: 'prompt' given twice"),
+        (b'{"prompt": "x"}\n\n{"prompt": "caf\xe9"}\n', f"{jobs}:3: not UTF-8 text (byte 0xe9); save the file as UTF-8"),
+        (b'{"prompt": "x", "images": ["in.png"]}\n{"prompt": "x", "images": ["in.png", "nope.png"]}\n',
+         f"{jobs}:2: images[1]: {tmp_path / 'nope.png'} does not exist (paths are relative to the jobs file)"),
+        (b'{"prompt": "x", "images": ["folder.png"]}\n', f"{jobs}:1: images[0]: {tmp_path / 'folder.png'} is a folder"),
+        (b'{"prompt": "x", "images": ["in.png"], "mask": "gone.png"}\n', f"{jobs}:1: mask: {tmp_path / 'gone.png'} does"),
+        (b"", f"{jobs}: no jobs in it"),
+        (b"\n  \n", f"{jobs}: no jobs in it"),
+    ]:  # fmt: skip
+        jobs.write_bytes(data)
+        # The model folder does not exist: an error about the jobs file proves it was checked first.
+        assert main(["batch", str(jobs), "--output-dir", str(out), "--model", str(tmp_path / "no-model")]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: {message}"), line
+        assert not out.exists()  # nothing ran, so no manifest line either
+    with pytest.raises(InputError) as e:
+        read_jobs(jobs)
+    assert e.value.field == "jobs"
+
+
+def test_batch_renders_again_an_empty_cut_short_or_damaged_output(tiny_model_dir, tmp_path, capsys):
+    """A 0-byte output counted as finished ('3 already done'): a job is done only when its output is a whole image."""
+    jobs, out = _jobs(tmp_path, n=4), tmp_path / "out"
+    argv = ["batch", str(jobs), "--output-dir", str(out), "--model", str(tiny_model_dir), *TINY, "--no-progress"]
+    assert main(argv) == 0
+    whole = (out / "000002.png").read_bytes()
+    (out / "000001.png").write_bytes(b"")  # `: > out/000001.png`
+    (out / "000002.png").write_bytes(whole[: len(whole) // 2])  # cut short
+    (out / "000003.png").write_bytes(b"\0" * len(whole))  # same size, no image header
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "3 written, 1 already done" in err and "000001.png is empty, cut short or damaged" in err
+    for name in ("000001.png", "000002.png", "000003.png"):
+        with Image.open(out / name) as im:
+            im.load()
+    (out / "000003.png").write_bytes(b"")  # and a manifest without its line: not taken as a finished image
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    (out / "manifest.jsonl").write_text("".join(f"{x}\n" for x in lines if json.loads(x)["id"] != "000003"))
+    assert main(argv) == 0
+    assert "1 written, 3 already done" in capsys.readouterr().err
+    assert main(argv) == 0 and "nothing left to do: all 4 jobs are done" in capsys.readouterr().err
+
+
 def test_batch_shards_across_two_accelerate_processes(tiny_model_dir, tmp_path):
     jobs, out = _jobs(tmp_path), tmp_path / "out"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -290,6 +357,8 @@ def test_help_speaks_to_users_and_batch_help_shows_a_valid_job_line(tmp_path, ca
     assert "batch.py" not in text and all(field in text for field in fields)
     example = text.split("example line:")[1].strip().splitlines()[0]
     (tmp_path / "jobs.jsonl").write_text(example + "\n")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "sku-123.jpg")  # the input it names (inputs are checked)
     (job,) = read_jobs(tmp_path / "jobs.jsonl")  # the documented example is a valid job
     assert job.id == "sku-123" and job.output_name == "sku-123.webp"
 
@@ -359,3 +428,23 @@ def test_generate_with_a_runs_adapter_and_no_config_uses_the_size_it_trained_at(
     assert main([*argv, "--lora", str(run), "data.resolution=64", "--output", str(out)]) == 0  # said here: it wins
     with Image.open(out) as im:
         assert im.size == (64, 64)
+
+
+def test_a_job_line_takes_the_apis_loras_and_every_edges_limits(tmp_path):
+    """Batch lines refused the HTTP API's `loras` list and took quality 101, mask_feather 1000 and a weight of 100."""
+    jobs = tmp_path / "jobs.jsonl"
+    line = {"prompt": "x", "loras": [{"name": "brand", "weight": 0.5}, {"name": "style"}]}
+    jobs.write_text(json.dumps(line) + "\n" + json.dumps({"prompt": "y", "loras": {"brand": 0.25}}) + "\n")
+    first, second = read_jobs(jobs)
+    assert first.loras == {"brand": 0.5, "style": None} and second.loras == {"brand": 0.25}
+    # As over HTTP, an omitted weight is the configured one: here the --lora weight.
+    assert batch._job_loras(first, {"style": 0.7, "other": 1.0}) == {"brand": 0.5, "style": 0.7}
+    for bad, said in [
+        ({"quality": 101}, "job.quality: must be a number from 1 to 100"),
+        ({"loras": {"brand": 100}}, "job.loras.brand: must be a number from -4.0 to 4.0"),
+        ({"loras": [{"name": "brand", "wieght": 1}]}, 'loras: a list holds {"name": ..., "weight": ...} objects'),
+    ]:
+        jobs.write_text(json.dumps({"prompt": "x", **bad}) + "\n")
+        with pytest.raises(InputError, match="jobs.jsonl:1: ") as refused:
+            read_jobs(jobs)
+        assert said in str(refused.value)

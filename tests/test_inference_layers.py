@@ -11,6 +11,7 @@ from psd_tools import PSDImage
 from scipy.ndimage import distance_transform_edt
 
 from qwen_image_lora.cli import main
+from qwen_image_lora.images import read_settings
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
@@ -149,7 +150,9 @@ def test_auto_mask_is_the_alpha_of_the_models_own_cut_out(gen):
     assert np.array_equal(np.asarray(layer_output._auto_mask(gen, request)), np.asarray(cutout.getchannel("A")))
 
 
-def test_layers_command_writes_a_psd_and_the_flat_image(tiny_model_dir, tmp_path):
+def test_layers_command_writes_a_psd_and_the_flat_image_and_says_the_seed(tiny_model_dir, tmp_path, capsys):
+    """Like generate, it says the seed it used. The flattened PNG carries no settings block: `--from` would
+    re-create its background edit alone, not the layered image."""
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (H, W, 3), dtype=np.uint8), "RGB")
     mask = Image.new("L", (W, H), 0)
     mask.paste(255, (40, 20, 120, 80))
@@ -174,10 +177,12 @@ def test_layers_command_writes_a_psd_and_the_flat_image(tiny_model_dir, tmp_path
         "--output",
         str(out),
     ]
-    assert main(argv) == 0
+    assert main([*argv, "--seed", "7"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{out} (seed 7)", f"{tmp_path / 'out.png'} (seed 7)"]
     psd = PSDImage.open(out)
     assert [layer.name for layer in psd][:2] == ["background", "subject"] and len(list(psd)) == 3
     assert Image.open(tmp_path / "out.png").size == (W, H)
+    assert read_settings(tmp_path / "out.png") is None
     assert main([*argv[:-4], "--element", "no box here", "--output", str(out)]) == 2  # refused before loading
 
 
@@ -215,3 +220,24 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert rc == 2 and len(errors) == 1, errors
         assert errors[0].startswith(f"error: {option}") and message in errors[0], errors[0]
+
+
+def test_an_element_outside_the_limits_is_refused_naming_the_limit_and_the_option(tmp_path, capsys):
+    """`badge@0,0,0,10` was refused with 'write it as PROMPT@x,y,w,h', the format it is written in; the HTTP API
+    names the limit (x, y >= 0; width, height >= 1)."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    base = ["layers", "--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "in.png"), "--mask", "auto",
+            "--output", str(tmp_path / "o.psd")]  # fmt: skip
+    for element, message in [("badge@0,0,0,10", "width must be >= 1 (got 0)"),
+                             ("badge@-5,0,10,10", "x must be >= 0 (got -5)"),
+                             ("badge@0,-1,10,10", "y must be >= 0 (got -1)"),
+                             ("badge@0,0,10,0", "height must be >= 1 (got 0)"),
+                             ("badge@0,0,10", "write it as PROMPT@x,y,w,h")]:  # fmt: skip
+        assert main([*base, "--element", element]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line == f"error: --element {element!r}: {message}" or (
+            message.startswith("write") and line.startswith(f"error: --element {element!r}: {message}")
+        ), line
+    assert layer_output.Element.parse("a sign @ the door@1,2,3,4") == layer_output.Element(
+        "a sign @ the door", (1, 2, 3, 4)
+    )

@@ -254,3 +254,15 @@ def test_masked_edit_from_the_cli_and_a_batch_job(tiny_model_dir, tmp_path):
     )
     jobs.write_text(json.dumps({"prompt": "x", "mask": "in/sku_mask.png"}) + "\n")
     assert main(["batch", str(jobs), "--output-dir", str(tmp_path / "out2"), *tiny[:-2]]) == 2  # a mask needs images
+
+
+def test_a_white_mask_is_said_once_by_the_cli(tiny_model_dir, tmp_path, caplog):
+    """The CLI's check before the model loads and the generator's own both said it: the line came twice."""
+    image = product()
+    image.save(tmp_path / "sku.png")
+    Image.new("L", image.size, 255).save(tmp_path / "white.png")
+    args = ["edit", "--model", str(tiny_model_dir), "--dtype", "float32", "data.resolution=96", "--steps", "1"]
+    args += ["--image", str(tmp_path / "sku.png"), "--mask", str(tmp_path / "white.png"), "--prompt", "x"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*args, "--output", str(tmp_path / "out.png")]) == 0
+    assert caplog.text.count("white everywhere, so this is a plain edit") == 1

@@ -388,6 +388,12 @@ def compare_config(saved: dict, current: dict, progress: TrainingProgress) -> li
             f"train.max_steps: the checkpoint's run aimed for {saved['train']['max_steps']}, the config says "
             f"{current['train']['max_steps']}; the config wins (training continues from step {progress.step})"
         )
+        if current["optim"]["scheduler"] not in ("constant", "constant_with_warmup"):
+            warnings.append(
+                f"optim.scheduler: {current['optim']['scheduler']} spans train.max_steps, so from step "
+                f"{progress.step + 1} the learning rate follows the {current['train']['max_steps']}-step curve (it "
+                "jumps there); a run of that length from the start would differ"
+            )
     for key in ("lr", "name", "scheduler", "warmup_steps"):
         if saved.get("optim", {}).get(key) != current["optim"][key]:
             warnings.append(

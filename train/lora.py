@@ -375,9 +375,11 @@ class LoRARecipe:
     def write_failed(self, error: BaseException) -> str:
         """One line for a failed write of the run (a full disk while logging or sampling): the file, the next step
         and the checkpoint `--resume latest` continues from."""
+        return f"{describe_write_error(error, getattr(error, 'filename', None) or self.out)}; {self.last_checkpoint()}"
+
+    def last_checkpoint(self) -> str:
         kept = self.checkpointer.of_run(self.run_id) if hasattr(self, "run_id") else []
-        last = f"the last checkpoint {kept[-1]} is intact" if kept else "no checkpoint was written yet"
-        return f"{describe_write_error(error, getattr(error, 'filename', None) or self.out)}; {last}"
+        return f"the last checkpoint {kept[-1]} is intact" if kept else "no checkpoint was written yet"
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -427,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             recipe.cleanup()  # its own writes (the data cache's last shard) fail like the others
     except UserError as e:  # a config, data or run-folder error, or a stop: the main rank speaks for all
         message, status = e.line() if main_rank else None, e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C twice: stopped at once (`preemption`), no traceback
+        message = f"stopped: Ctrl-C twice, without a checkpoint now; {recipe.last_checkpoint()} (--resume latest)"
+        message, status = message if main_rank else None, 130
     except Exception as e:
         if not is_write_error(e):  # a bug keeps its traceback
             raise

@@ -21,6 +21,7 @@ import sys
 import time
 
 from qwen_image_lora.errors import InputError
+from qwen_image_lora.knobs import MAX_INPUT_IMAGES
 
 _UNITS = {"": 2**30, "g": 2**30, "gb": 2**30, "gib": 2**30, "m": 2**20, "mb": 2**20, "mib": 2**20}
 
@@ -80,6 +81,12 @@ def _plan(args) -> int:
     return 0 if recipe.fits or not args.check else 1
 
 
+def _reference_count(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_INPUT_IMAGES:
+        raise argparse.ArgumentTypeError(f"expected 0 to {MAX_INPUT_IMAGES}, the model's limit (got {text!r})")
+    return int(text)
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of processes, 1 or more (got {text!r})")
@@ -111,9 +118,9 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-memory", default=None, help="GPU size to fit, e.g. 8GB (default: train.memory_budget_gb)")
     p.add_argument(
         "--references",
-        type=int,
+        type=_reference_count,
         default=None,
-        help="reference images per edit example (0 = text-to-image; default: read from the data)",
+        help=f"reference images per edit example, 0 to {MAX_INPUT_IMAGES} (0 = text-to-image; default: from the data)",
     )
     p.add_argument("--prompt-tokens", type=int, default=256, help="text tokens of the longest prompt (default 256)")
     p.add_argument(

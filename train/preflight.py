@@ -29,16 +29,21 @@ def check_before_loading(cfg: Config, resuming: bool = False) -> None:
     if not cfg.data.path:
         raise ConfigError("data.path: set it to a folder of images + captions or a .jsonl/.csv manifest")
     check_cache_dir(cfg.data.cache_dir)
-    for i, edit in enumerate(cfg.validation.edits):
-        for path in edit.images:
-            if not Path(path).is_file():
-                raise ConfigError(f"validation.edits[{i}].images: {path} does not exist")
+    check_validation_inputs(cfg)
     if cfg.checkpoint.every_steps > cfg.train.max_steps and not resuming:  # a resumed run has its checkpoints
         logger.warning(
             "checkpoint.every_steps=%d > train.max_steps=%d: the only checkpoint will be the last step's",
             cfg.checkpoint.every_steps,
             cfg.train.max_steps,
         )
+
+
+def check_validation_inputs(cfg: Config) -> None:
+    """The previews' input images exist (training and `qwen-lora validate` both ask)."""
+    for i, edit in enumerate(cfg.validation.edits):
+        for path in edit.images:
+            if not Path(path).is_file():
+                raise ConfigError(f"validation.edits[{i}].images: {path} does not exist")
 
 
 def check_shardable(cfg: Config) -> None:

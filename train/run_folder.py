@@ -106,7 +106,13 @@ class RunFolder:
         return traces
 
     def check_fresh_start(self, overwrite: bool) -> None:
-        """Before loading weights: a new run may not mix its files with another run's."""
+        """Before loading weights: a new run may not mix its files with another run's, nor live inside its folder."""
+        outer = next((p for p in self.path.resolve().parents if (p / layout.RUN_ID).is_file()), None)
+        if outer is not None:
+            raise RunFolderInUse(
+                f"output_dir {self.path} lies inside the folder of run {RunFolder(outer).owner() or '?'} ({outer}); "
+                "choose an output_dir outside it"
+            )
         traces = self._traces()
         if traces and not overwrite:
             run = f"run {self.owner()}" if self.owner() else "another run"

@@ -1,0 +1,95 @@
+"""`--from IMAGE` for generate and edit: the settings an image carries fill in what the command line left out, and
+each recorded input or adapter is used only while its file still has the recorded sha256."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from qwen_image_lora.adapter_format import is_hub_id, resolve_file
+from qwen_image_lora.config import SamplingConfig
+from qwen_image_lora.errors import InputError, NotFound
+from qwen_image_lora.inference.generator import ImageSettings
+from qwen_image_lora.io import content_hash
+from qwen_image_lora.knobs import QUALITY_RANGE, check_range
+
+
+def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
+    """`--from IMAGE`: what the command line left out comes from the settings IMAGE carries. An adapter or input is
+    taken from its recorded file only while that file has the recorded sha256. A size option given (one of
+    `no_size`) replaces the recorded size whole."""
+    try:
+        made = ImageSettings.read(image)
+    except InputError as e:
+        raise InputError(f"--from {e}", "--from") from None
+    if made is None:
+        raise InputError(f"--from {image}: it carries no qwen-image-lora settings (--from takes an image written by "
+                         "generate, edit, batch or the API)", "--from")  # fmt: skip
+    if made.images and args.command != "edit":
+        raise InputError(f"--from {image}: it is an edit of {len(made.images)} image(s); re-create it with "
+                         f"`qwen-lora edit --from {image}`", "--from")  # fmt: skip
+    given = getattr(args, "given", set())
+    size_given = bool(given & set(no_size))  # a size given here replaces the recorded one whole
+    for f in dataclasses.fields(SamplingConfig):
+        if f.name not in given and not (size_given and f.name in no_size):
+            setattr(args, f.name, getattr(made, f.name))
+    args.prompt = args.prompt if args.prompt is not None else made.prompt
+    overridden = {o.split("=", 1)[0] for o in args.overrides}
+    if made.model is not None:
+        if "model.pretrained" not in overridden:
+            args.model = args.model or made.model.pretrained
+        if "model.dtype" not in overridden:
+            args.dtype = args.dtype or made.model.dtype
+        if made.model.revision is not None:
+            args.overrides = [f"model.revision={made.model.revision}", *args.overrides]  # a later override wins
+    args.overrides = [f"data.resolution={made.resolution}", *args.overrides]
+    if not args.lora:
+        args.lora = [f"{recorded_adapter(image, a)}:{a.weight!r}" for a in made.loras]
+    if args.command == "edit":
+        if not args.image:
+            if not made.images:
+                raise InputError(f"--image: {image} was made from text alone; give the images to edit", "--image")
+            args.image = [recorded_file(image, r, "--image", f"input image {i}") for i, r in enumerate(made.images, 1)]
+        if args.mask is None and made.mask is not None:
+            args.mask = recorded_file(image, made.mask, "--mask", "the mask")
+        if "mask_feather" not in given:
+            args.mask_feather = made.mask_feather
+    if made.quality is not None and "quality" not in given:
+        check_range("quality", made.quality, *QUALITY_RANGE)
+        args.quality = made.quality
+
+
+def recorded_file(image: Path, record, option: str, what: str) -> str:
+    """An input an image's settings name (relative to the image), if it is still there with the recorded sha256."""
+    head = f"--from {image}: {what}"
+    if record.path is None:
+        raise InputError(f"{head} was sent as bytes (recorded by sha256 alone); give {option}", option)
+    path = image.parent / record.path
+    if not path.is_file():
+        raise NotFound(f"{head}, {path}, is not there any more; give {option}", option)
+    if content_hash(path) != record.sha256:
+        raise InputError(f"{head}, {path}, has changed since the image was made (sha256 differs); give {option} to use "
+                         "it as it is", option)  # fmt: skip
+    return str(path)
+
+
+def recorded_adapter(image: Path, record) -> str:
+    """A recorded adapter (a path relative to the image, or a hub id), if its weights file still has the recorded
+    sha256."""
+    head = f"--from {image}: adapter {record.name!r}"
+    if record.path is None:
+        raise InputError(
+            f"{head} is a server's (recorded by sha256 alone); give --lora PATH:{record.weight!r}", "--lora"
+        )
+    local = image.parent / record.path
+    hub = is_hub_id(record.path) and not local.exists()
+    if not hub and not local.exists():
+        raise NotFound(f"{head}: {local} is not there any more; give --lora", "--lora")
+    try:
+        file = resolve_file(record.path if hub else local)
+    except InputError as e:  # a hub adapter that is not cached, offline
+        raise NotFound(f"{head}: {e}; give --lora", "--lora") from None
+    if content_hash(file) != record.sha256:
+        raise InputError(f"{head}: {file} has changed since the image was made (sha256 differs); give --lora to use "
+                         "it as it is", "--lora")  # fmt: skip
+    return record.path if hub else str(local)
