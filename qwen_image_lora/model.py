@@ -174,9 +174,11 @@ def load_captioner(pretrained: str | Path, dtype: torch.dtype | str, revision: s
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     processor = Qwen3VLProcessor.from_pretrained(pretrained, subfolder="processor", revision=revision)
-    model = Qwen3VLForConditionalGeneration.from_pretrained(
-        pretrained, subfolder="text_encoder", dtype=dtype, revision=revision
-    ).eval()
+    size = weights_bytes(Path(pretrained) / "text_encoder")  # a bar only where loading takes a while, as the pipeline's
+    with quiet_progress_bars(size is not None and size < QUIET_LOAD_BYTES):
+        model = Qwen3VLForConditionalGeneration.from_pretrained(
+            pretrained, subfolder="text_encoder", dtype=dtype, revision=revision
+        ).eval()
     if device is not None:
         model.to(device)
     return model, processor

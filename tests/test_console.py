@@ -43,6 +43,7 @@ import bitsandbytes  # the real lookup, on CPUs where bitsandbytes makes it
 import torch
 from qwen_image_lora import model as qmodel
 qmodel.load_transformer(model, torch.float32, "int8")  # diffusers: "only bfloat16 is supported" (it trains in fp32)
+qmodel.load_captioner(model, "float32")  # `data caption`'s model: transformers' "Loading weights" bar
 logging.getLogger(torchao_quantizer.__name__).warning(
     "You are trying to set torch_dtype to torch.float16 for integer quantization, but only bfloat16 is supported")
 gen = Generator.from_pretrained(model, dtype="float32", device="cpu", resolution=64)
