@@ -117,6 +117,9 @@ def _loras_mapping(items: list, where: str) -> dict:
     """[{"name": n, "weight": w}, ...] (the HTTP API's `loras`) -> {n: w}; an omitted weight is null."""
     if not all(isinstance(i, dict) and isinstance(i.get("name"), str) and set(i) <= {"name", "weight"} for i in items):
         raise InputError(f'{where}: loras: a list holds {{"name": ..., "weight": ...}} objects', "loras")
+    names = [i["name"] for i in items]
+    if twice := next((n for n in names if names.count(n) > 1), None):
+        raise InputError(f"{where}: loras: adapter {twice!r} is given twice", "loras")
     return {i["name"]: i.get("weight") for i in items}
 
 

@@ -59,7 +59,8 @@ def job_format() -> str:
         "  id                  names the output (default: the line index, 000000, 000001, ...)",
         "  seed                default: --seed + the line index",
         *sampling,
-        '  loras               {"adapter name": weight}; default: every --lora at its weight',
+        ('  loras               {"adapter name": weight} or [{"name": ..., "weight": ...}] (a missing weight: the '
+         "--lora one); default: every --lora at its weight"),
         "  output, quality     file name in --output-dir (.png, .jpg, .webp; default ID.png), JPEG/WebP quality (95)",
         "example line:",
         ('  {"id": "sku-123", "prompt": "put it on white marble", "images": ["in/sku-123.jpg"], "seed": 7, '

@@ -201,10 +201,12 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
         raise InputError("serve: at least one API key is required", "serve.api_keys_env")
     if generator is None:
         generator = Generator.from_config(cfg.model, resolution=cfg.data.resolution)
+    configured = {}  # by the name each adapter loaded under: an unnamed one's is derived from its path
     for adapter in serve.adapters:
-        if adapter.name not in generator.adapters.loaded:
-            generator.adapters.load(adapter.path, name=adapter.name or None, weight=adapter.weight)
-    configured = {a.name: a.weight for a in serve.adapters}
+        name = adapter.name
+        if name not in generator.adapters.loaded:
+            name = generator.adapters.load(adapter.path, name=adapter.name or None, weight=adapter.weight)
+        configured[name] = adapter.weight
     seconds = generator.warm_up()  # a compiled model compiles now, not in the first user's request
     if seconds:
         log.info("serve: warm-up compiled the transformer in %.1f s", seconds)

@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _say_default_model(args)
     try:
-        if getattr(args, "config", None):  # a bad config or override is refused before the command imports torch
-            load_config(args.config, getattr(args, "overrides", []))
+        # A bad config or override is refused before the command imports torch (data doctor's target may be one).
+        config = getattr(args, "config", None) or getattr(args, "target", "")
+        if config and config.endswith((".yaml", ".yml")):
+            load_config(config, getattr(args, "overrides", []))
         return args.func(args) or 0
     except UserError as e:
         print(e.line(), file=sys.stderr)

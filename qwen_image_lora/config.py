@@ -393,6 +393,9 @@ class ServeConfig:
         _require(where, self, lambda v: 0 <= v <= 65535, "in 0..65535", "port")
         _require(where, self, lambda v: v >= 1, ">= 1 (0 refuses every request)", "max_queue", "max_steps")
         _require(where, self, lambda v: v >= SIDE_MULTIPLE, f">= {SIDE_MULTIPLE}", "max_side")
+        names = [a.name for a in self.adapters if a.name]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ConfigError(f"{where}.adapters: the name {twice[0]!r} is given twice; each adapter needs its own")
         _require(
             where, self, lambda v: v > 0, "> 0", "max_body_mb", "url_timeout_s", "max_url_mb", "max_guidance_scale"
         )

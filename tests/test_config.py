@@ -96,6 +96,7 @@ def test_bad_values_name_the_field(tmp_path, text, message):
         ("serve.max_side=-1", r"serve.max_side: must be >= 32 \(got -1\)"),
         ("serve.adapters=[{name: v1.5, path: x}]", r"serve.adapters\[0\].name: no '.' in a name .* e.g. 'v1_5'"),
         ("serve.adapters=[{name: a, path: x, weight: 100}]", r"serve.adapters\[0\].weight: must be a number from -4"),
+        ("serve.adapters=[{name: x, path: a}, {name: x, path: b}]", r"serve.adapters: the name 'x' is given twice"),
     ],
 )
 def test_out_of_range_values_fail_at_load_naming_the_field(override, message):

@@ -111,6 +111,7 @@ def test_the_parser_and_its_help_import_no_heavy_library():
         (["eval", "--config", str(DEMO), "train.max_stepz=3"], "max_stepz"),
         (["plan", "--config", str(DEMO), "--gpu-memory", "8XB"], "--gpu-memory"),
         (["data", "prepare", "--config", str(DEMO), "lora.targets=nope"], "lora.targets"),
+        (["data", "doctor", "missing.yaml"], "missing.yaml: config file not found"),
     ],
 )
 def test_a_bad_config_is_refused_before_torch_imports(argv, named):

@@ -443,6 +443,7 @@ def test_a_job_line_takes_the_apis_loras_and_every_edges_limits(tmp_path):
         ({"quality": 101}, "job.quality: must be a number from 1 to 100"),
         ({"loras": {"brand": 100}}, "job.loras.brand: must be a number from -4.0 to 4.0"),
         ({"loras": [{"name": "brand", "wieght": 1}]}, 'loras: a list holds {"name": ..., "weight": ...} objects'),
+        ({"loras": [{"name": "brand"}, {"name": "brand"}]}, "loras: adapter 'brand' is given twice"),
     ]:
         jobs.write_text(json.dumps({"prompt": "x", **bad}) + "\n")
         with pytest.raises(InputError, match="jobs.jsonl:1: ") as refused:

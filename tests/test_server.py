@@ -463,3 +463,17 @@ def test_a_file_that_is_not_an_image_is_named_plainly(client):
     detail = r.json()["detail"][0]
     assert detail["loc"] == ["body", "image"] and "not an image format PIL recognises" in detail["msg"]
     assert "_io." not in detail["msg"]  # no repr of our in-memory buffer
+
+
+def test_an_unnamed_configured_adapter_serves_under_its_derived_name_and_weight(tiny_model_dir, tmp_path):
+    """`serve.adapters: [{path: ...}]` keyed the default set by '': every request without `loras` was a 500."""
+    own = Generator.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", resolution=64)
+    cfg = Config()
+    cfg.model.pretrained, cfg.data.resolution, cfg.serve.max_steps = str(tiny_model_dir), 64, 2
+    path = make_random_lora(own.pipe.transformer, tmp_path / "plain.v2", seed=7)
+    cfg.serve.adapters = [ServeAdapter("", str(path), 0.5)]
+    with TestClient(create_app(cfg, [KEY], generator=own)) as c:
+        for body in ({}, {"loras": [{"name": "plain_v2"}]}):
+            r = c.post("/v1/images", json={"prompt": "x", "num_inference_steps": 1, "seed": 1, **body}, headers=AUTH)
+            assert r.status_code == 200, r.text
+            assert [(a["name"], a["weight"]) for a in read_settings(r.content)["loras"]] == [("plain_v2", 0.5)]
