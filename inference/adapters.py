@@ -50,11 +50,7 @@ class Adapters:
         The new adapter is not activated; call `set` (or `Generator.generate` with `adapters=`)."""
         self._refuse_if_fused("load an adapter")
         if name is None:  # a derived name is made unique: two runs' `brand` folders load as brand and brand-2
-            name = stem = adapter_name_for(source)
-            for i in itertools.count(2):
-                if name not in self.loaded:
-                    break
-                name = f"{stem}-{i}"
+            name = unique_name(adapter_name_for(source), self.loaded)
         check_adapter_name(name)
         if name in self.loaded:
             raise AdapterError(
@@ -166,6 +162,18 @@ def adapter_name_for(source: str | Path) -> str:
         generic = path.stem in ("pytorch_lora_weights", "adapter_model") and path.parent.name
         name = path.parent.name if generic else path.stem
     return name.replace(".", "_")
+
+
+def unique_name(stem: str, taken) -> str:
+    return next(name for i in itertools.count(1) if (name := stem if i == 1 else f"{stem}-{i}") not in taken)
+
+
+def derived_names(sources: list[str]) -> list[str]:
+    """The names `Adapters.load` gives these sources, loaded in this order without names."""
+    names: list[str] = []
+    for source in sources:
+        names.append(unique_name(adapter_name_for(source), names))
+    return names
 
 
 def check_adapter_name(name: str) -> None:

@@ -113,6 +113,15 @@ def read_jobs(path: str | Path) -> list[Job]:
     return jobs
 
 
+def check_adapter_names(jobs: list[Job], jobs_file: str, loaded: list[str]) -> None:
+    """Every adapter a job names is one of the --lora ones (`loaded`: the names they load under)."""
+    for job in jobs:
+        if unknown := [name for name in job.loras or {} if name not in loaded]:
+            given = ", ".join(loaded) or "none (give --lora PATH[:WEIGHT])"
+            raise InputError(f"{jobs_file}: job {job.id}: loras: unknown adapter {unknown[0]!r}; --lora gives: {given}",
+                             "loras")  # fmt: skip
+
+
 def _loras_mapping(items: list, where: str) -> dict:
     """[{"name": n, "weight": w}, ...] (the HTTP API's `loras`) -> {n: w}; an omitted weight is null."""
     if not all(isinstance(i, dict) and isinstance(i.get("name"), str) and set(i) <= {"name", "weight"} for i in items):
@@ -152,11 +161,11 @@ def _check_inputs(job: Job, where: str) -> None:
 
 
 def adapter_identity(source: str) -> str | list:
-    """A local adapter as its weights file's path, size and modification time (a retrained adapter renders again,
-    a new eval report beside it does not); a hub id as given."""
+    """A local adapter as its weights file's absolute path, size and modification time (a retrained adapter renders
+    again, a new eval report beside it does not, nor the same file named from another folder); a hub id as given."""
     if not Path(source).expanduser().exists():
         return source
-    file = resolve_file(source)
+    file = resolve_file(source).resolve()
     return [str(file), file.stat().st_size, file.stat().st_mtime_ns]
 
 

@@ -323,16 +323,17 @@ def _batch(args) -> int:
     import torch
     from accelerate import PartialState
 
-    from qwen_image_lora.inference.adapters import parse_lora_arg
-    from qwen_image_lora.inference.batch import adapter_identity, pending, read_jobs, run_batch
+    from qwen_image_lora.inference.adapters import derived_names, parse_lora_arg
+    from qwen_image_lora.inference.batch import adapter_identity, check_adapter_names, pending, read_jobs, run_batch
 
     jobs = read_jobs(_input_file("jobs file", args.jobs))  # every line checked before loading 7B weights
+    check_adapter_names(jobs, args.jobs, derived_names([parse_lora_arg(item)[0] for item in args.lora]))
     # PartialState only sets up a CPU process group (gloo) when told the run is on CPU.
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)
     cfg = _model_source(args)
     run = {"model": cfg.model.pretrained, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
-           "resolution": cfg.data.resolution, "loras": [[item, adapter_identity(parse_lora_arg(item)[0])] for item in args.lora]}  # fmt: skip
+           "resolution": cfg.data.resolution, "loras": [[weight, adapter_identity(path)] for path, weight in map(parse_lora_arg, args.lora)]}  # fmt: skip
     share = dict(process_index=state.process_index, num_processes=state.num_processes, base_seed=args.seed, run=run)
     if not pending(jobs, args.output_dir, **share):
         print(

@@ -449,3 +449,28 @@ def test_a_job_line_takes_the_apis_loras_and_every_edges_limits(tmp_path):
         with pytest.raises(InputError, match="jobs.jsonl:1: ") as refused:
             read_jobs(jobs)
         assert said in str(refused.value)
+
+
+def test_batch_does_not_render_again_for_the_same_adapter_named_from_another_folder(
+    tiny_model_dir, lora_dir, tmp_path, monkeypatch
+):
+    """The run's fingerprint held the --lora text as typed: from another folder every job rendered again."""
+    jobs, out = _jobs(tmp_path, n=2), tmp_path / "out"
+    argv = ["batch", str(jobs), "--output-dir", str(out), "--model", str(tiny_model_dir), *TINY, "--no-progress"]
+
+    def rendered() -> int:
+        return len((out / "manifest.jsonl").read_text().splitlines())
+
+    assert main([*argv, "--lora", f"{lora_dir}:0.5"]) == 0 and rendered() == 2
+    monkeypatch.chdir(lora_dir.parent)
+    assert main([*argv, "--lora", f"{lora_dir.name}:0.5"]) == 0 and rendered() == 2
+    assert main([*argv, "--lora", f"{lora_dir.name}:0.6"]) == 0 and rendered() == 4  # another weight: rendered again
+
+
+def test_a_job_naming_an_adapter_no_lora_gives_is_refused_before_the_model_loads(tmp_path, capsys, lora_dir):
+    """It failed after the model had loaded, as a failed job without its line."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "a", "prompt": "x", "loras": [{"name": "nobody", "weight": 1}]}) + "\n")
+    argv = ["batch", str(jobs), "--output-dir", str(tmp_path / "out"), "--model", str(tmp_path / "no-model")]
+    assert main([*argv, "--lora", str(lora_dir)]) == 2  # the model folder does not exist: the check came first
+    assert f"{jobs}: job a: loras: unknown adapter 'nobody'; --lora gives: brand" in capsys.readouterr().err
