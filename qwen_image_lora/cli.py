@@ -42,11 +42,13 @@ def _validate(args) -> int:
     from qwen_image_lora.data.sources import load_items
     from qwen_image_lora.model import check_pretrained
     from qwen_image_lora.train.preflight import check_validation_inputs
+    from qwen_image_lora.train.run_folder import check_not_nested
 
     cfg = load_config(args.config, args.overrides)
     check_pretrained(cfg.model.pretrained, cfg.model.revision)
     check_cache_dir(cfg.data.cache_dir)
     check_validation_inputs(cfg)
+    check_not_nested(cfg.output_dir)
     if cfg.data.path is None:
         data = "data.path not set (needed only for training)"
     else:

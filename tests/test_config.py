@@ -255,3 +255,15 @@ def test_a_missing_local_model_fails_before_loading_naming_the_path(tmp_path, mo
             FileNotFoundError, match=rf"model.pretrained: {pretrained} does not exist.*qwen-lora make-tiny-model"
         ):
             load_pipeline(pretrained)
+
+
+def test_cli_validate_refuses_an_output_dir_nested_with_another_runs(tmp_path, capsys, tiny_model_dir, sample_data_dir):
+    """validate said OK for a folder training then refused."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text('{"run_id": "r1", "started": 0}')
+    paths = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}"]
+    assert main(["validate", "configs/demo.yaml", *paths, f"output_dir={tmp_path / 'run' / 'sub'}"]) == 2
+    assert f"lies inside the folder of run r1 ({tmp_path / 'run'})" in capsys.readouterr().err
+    assert main(["validate", "configs/demo.yaml", *paths, f"output_dir={tmp_path}"]) == 2
+    assert f"output_dir {tmp_path} holds the folder of another run ({tmp_path / 'run'})" in capsys.readouterr().err
+    assert main(["validate", "configs/demo.yaml", *paths, f"output_dir={tmp_path / 'run'}"]) == 0  # its own folder

@@ -175,6 +175,10 @@ def test_a_run_inside_another_runs_folder_is_refused_before_loading_weights(
         said = capsys.readouterr().err
         assert f"output_dir {inner} lies inside the folder of run {owner} ({out}); choose an output_dir" in said
     assert _hashes(out) == before
+    # Nor may a run's folder hold another's (an --overwrite would move that run aside with its own files).
+    assert lora.main(_args(tiny_model_dir, sample_data_dir, tmp_path, "train.max_steps=2", "--overwrite")) == 2
+    assert f"output_dir {tmp_path} holds the folder of another run ({out})" in capsys.readouterr().err
+    assert _hashes(out) == before
 
 
 def test_ctrl_c_twice_ends_with_one_line_naming_the_last_checkpoint(

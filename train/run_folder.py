@@ -50,6 +50,21 @@ class RunFinished(UserError):
     exit_code, prefix = 0, ""
 
 
+def check_not_nested(output_dir: str | Path) -> None:
+    """A run's folder is not inside another run's folder, nor holds one (an --overwrite would move it aside too)."""
+    path = Path(output_dir)
+    outer = next((p for p in path.resolve().parents if (p / layout.RUN_ID).is_file()), None)
+    if outer is not None:
+        raise RunFolderInUse(
+            f"output_dir {path} lies inside the folder of run {RunFolder(outer).owner() or '?'} ({outer}); "
+            "choose an output_dir outside it"
+        )
+    inner = next((p.parent for pattern in ("*/" + layout.RUN_ID, "*/*/" + layout.RUN_ID) for p in path.glob(pattern)),
+                 None)  # fmt: skip
+    if inner is not None:
+        raise RunFolderInUse(f"output_dir {path} holds the folder of another run ({inner}); choose a folder of its own")
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
@@ -106,13 +121,8 @@ class RunFolder:
         return traces
 
     def check_fresh_start(self, overwrite: bool) -> None:
-        """Before loading weights: a new run may not mix its files with another run's, nor live inside its folder."""
-        outer = next((p for p in self.path.resolve().parents if (p / layout.RUN_ID).is_file()), None)
-        if outer is not None:
-            raise RunFolderInUse(
-                f"output_dir {self.path} lies inside the folder of run {RunFolder(outer).owner() or '?'} ({outer}); "
-                "choose an output_dir outside it"
-            )
+        """Before loading weights: a new run may not mix its files with another run's, nor nest with another's folder."""
+        check_not_nested(self.path)
         traces = self._traces()
         if traces and not overwrite:
             run = f"run {self.owner()}" if self.owner() else "another run"
