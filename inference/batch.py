@@ -310,7 +310,12 @@ def _seed(job: Job, base_seed: int) -> int:
 
 def _entry(generator: Generator, job: Job, base_seed: int, default_loras, extra) -> dict:
     """The settings actually used: defaults resolved, so the line alone reproduces the image."""
-    entry = {k: v for k, v in dataclasses.asdict(job).items() if k not in ("output", "quality", "loras")}
+    lossy = format_for(job.output_name) != "PNG"  # a JPEG's or WebP's quality is part of what made it
+    entry = {
+        k: v
+        for k, v in dataclasses.asdict(job).items()
+        if k not in ("output", "loras", *(() if lossy else ["quality"]))
+    }
     entry.update(
         output=job.output_name,
         seed=_seed(job, base_seed),

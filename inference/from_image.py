@@ -55,7 +55,10 @@ def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
         if "mask_feather" not in given:
             args.mask_feather = made.mask_feather
     if made.quality is not None and "quality" not in given:
-        check_range("quality", made.quality, *QUALITY_RANGE)
+        try:
+            check_range("quality", made.quality, *QUALITY_RANGE)
+        except InputError as e:
+            raise InputError(f"--from {image}: its {e}; give --quality", "--quality") from None
         args.quality = made.quality
 
 

@@ -215,3 +215,15 @@ def test_batch_outputs_and_an_api_response_carry_the_same_settings_block(gen, ti
     assert read_settings(base64.b64decode(served["b64_json"])) == served["settings"]
     # the API knows the input only by its bytes: the same sha256, no path
     assert served["settings"] == {**batch_edit, "images": [{"sha256": sha256(src), "path": None}]}
+
+
+def test_a_recorded_quality_out_of_range_is_named_with_the_image(made, tmp_path, capsys):
+    settings = read_settings(made / "images" / "out.png") | {"quality": 101}
+    odd = made / "images" / "odd.png"  # beside the original: its adapter's recorded path still holds
+    odd.write_bytes(encode_image(Image.open(made / "images" / "out.png"), "png", settings=settings))
+    try:
+        assert main(["generate", "--from", str(odd), "--output", str(tmp_path / "a.jpg")]) == 2
+    finally:
+        odd.unlink()
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == f"error: --from {odd}: its quality: must be a number from 1 to 100 (got 101); give --quality"

@@ -144,6 +144,7 @@ def test_batch_resumes_after_an_interruption_without_redoing_finished_jobs(
     assert sorted(e["id"] for e in entries) == ["000001", "000002", "000003", "000004", "000005", "hero"]
     hero = next(e for e in entries if e["id"] == "hero")
     assert hero["seed"] == 42 and hero["num_inference_steps"] == 1 and hero["guidance_scale"] == 1.0
+    assert hero["quality"] == 95 and all("quality" not in e for e in entries if e["id"] != "hero")  # a WebP's only
     made = read_settings(out / "hero.webp")  # the image itself says what the manifest line says
     assert (made["prompt"], made["seed"], made["num_inference_steps"], made["guidance_scale"]) == (
         "bottle 0",
