@@ -71,7 +71,6 @@ class Job(SamplingConfig):
 def read_jobs(path: str | Path) -> list[Job]:
     """Parse and check every line before any model is loaded; errors name the line and the field."""
     path = Path(path)
-    _check_utf8(path)
     jobs, outputs = [], {}
     for where, raw in iter_jsonl(path, InputError):
         if "index" in raw:
@@ -138,17 +137,6 @@ def _job_loras(job: Job, default_loras) -> dict[str, float]:
     if job.loras is None:
         return dict(defaults)
     return {name: defaults.get(name, 1.0) if weight is None else weight for name, weight in job.loras.items()}
-
-
-def _check_utf8(path: Path) -> None:
-    """A jobs file that is not UTF-8 is refused naming its line (JSON text is UTF-8)."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8",
-                         "jobs") from None  # fmt: skip
 
 
 def _check_inputs(job: Job, where: str) -> None:

@@ -203,9 +203,16 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[str, dict]]:
-    """(`file:line`, object) for each non-blank line; a bad line raises `error` naming it."""
+    """(`file:line`, object) for each non-blank line; a bad line raises `error` naming it. UTF-8 (JSON's encoding),
+    with a leading byte-order mark allowed (Windows editors write one)."""
     path = Path(path)
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

@@ -243,6 +243,7 @@ def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model
          f"{jobs}:2: images[1]: {tmp_path / 'nope.png'} does not exist (paths are relative to the jobs file)"),
         (b'{"prompt": "x", "images": ["folder.png"]}\n', f"{jobs}:1: images[0]: {tmp_path / 'folder.png'} is a folder"),
         (b'{"prompt": "x", "images": ["in.png"], "mask": "gone.png"}\n', f"{jobs}:1: mask: {tmp_path / 'gone.png'} does"),
+        (b'\xef\xbb\xbf{"prompt": "x", "images": ["gone.png"]}\n', f"{jobs}:1: images[0]"),  # a BOM is not an error
         (b"", f"{jobs}: no jobs in it"),
         (b"\n  \n", f"{jobs}: no jobs in it"),
     ]:  # fmt: skip
