@@ -267,5 +267,5 @@ def test_a_manifest_that_is_not_utf8_is_named(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_bytes('{"image": "a.png", "caption": "caf\xe9"}\n'.encode("latin-1"))
     cfg = load_config(None, [f"data.path={manifest}"])
-    with pytest.raises(DataError, match="m.jsonl: not UTF-8 text.*re-save"):
+    with pytest.raises(DataError, match=r"m.jsonl:1: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
         load_items(cfg.data)
