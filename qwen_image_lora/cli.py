@@ -47,8 +47,6 @@ def _validate(args) -> int:
     cfg = load_config(args.config, args.overrides)
     check_pretrained(cfg.model.pretrained, cfg.model.revision)
     check_cache_dir(cfg.data.cache_dir)
-    check_validation_inputs(cfg)
-    check_not_nested(cfg.output_dir)
     if cfg.data.path is None:
         data = "data.path not set (needed only for training)"
     else:
@@ -58,6 +56,8 @@ def _validate(args) -> int:
         data = f"data {len(items)} items ({len(items) - edits} t2i, {edits} edit) in {cfg.data.path}"
         if missing:
             data += f"; {len(missing)} name a missing file, e.g. {missing[0].id} (`qwen-lora data doctor` lists them)"
+    check_validation_inputs(cfg)
+    check_not_nested(cfg.output_dir)
     print(f"{args.config}: OK (model {cfg.model.pretrained}, output {cfg.output_dir})\n  {data}")
     return 0
 
