@@ -18,7 +18,7 @@ import yaml
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.adapter_format import AdapterError, read_adapter
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import check_adapter_weight
+from qwen_image_lora.knobs import SettingError, check_adapter_name, check_adapter_weight
 
 
 @dataclass
@@ -51,7 +51,10 @@ class Adapters:
         self._refuse_if_fused("load an adapter")
         if name is None:  # a derived name is made unique: two runs' `brand` folders load as brand and brand-2
             name = unique_name(adapter_name_for(source), self.loaded)
-        check_adapter_name(name)
+        try:
+            check_adapter_name("name", name)
+        except SettingError as e:
+            raise AdapterError(f"adapter name {name!r}: {e.message}") from None
         if name in self.loaded:
             raise AdapterError(
                 f"adapter name {name!r} is already loaded (from {self.loaded[name].source}); pick another"
@@ -174,15 +177,6 @@ def derived_names(sources: list[str]) -> list[str]:
     for source in sources:
         names.append(unique_name(adapter_name_for(source), names))
     return names
-
-
-def check_adapter_name(name: str) -> None:
-    """peft keys each adapter's layers by its name, so it must be a module name: not empty, no "."."""
-    if not name or "." in name:
-        raise AdapterError(
-            f"adapter name {name!r}: a name must be non-empty and hold no '.' (peft keys layers by it), e.g. "
-            f"{(name or 'adapter').replace('.', '_')!r}"
-        )
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:

@@ -37,6 +37,7 @@ from qwen_image_lora.knobs import (
     check_adapter_weight,
     check_image_count,
     check_range,
+    repeated_name,
 )
 from qwen_image_lora.progress import progress_bar
 from qwen_image_lora.typed_yaml import ConfigError
@@ -125,9 +126,8 @@ def _loras_mapping(items: list, where: str) -> dict:
     """[{"name": n, "weight": w}, ...] (the HTTP API's `loras`) -> {n: w}; an omitted weight is null."""
     if not all(isinstance(i, dict) and isinstance(i.get("name"), str) and set(i) <= {"name", "weight"} for i in items):
         raise InputError(f'{where}: loras: a list holds {{"name": ..., "weight": ...}} objects', "loras")
-    names = [i["name"] for i in items]
-    if twice := next((n for n in names if names.count(n) > 1), None):
-        raise InputError(f"{where}: loras: adapter {twice!r} is given twice", "loras")
+    if twice := repeated_name(i["name"] for i in items):
+        raise InputError(f"{where}: loras: adapter {twice[1]!r} is given twice", "loras")
     return {i["name"]: i.get("weight") for i in items}
 
 

@@ -33,7 +33,7 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from qwen_image_lora.config import Config, SamplingConfig, ServeConfig
+from qwen_image_lora.config import Config, SamplingConfig
 from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.images import (
     MAX_INPUT_SIDE,
@@ -58,8 +58,10 @@ from qwen_image_lora.knobs import (
     MAX_INPUT_IMAGES,
     QUALITY_RANGE,
     limits_of,
+    repeated_name,
     type_of,
 )
+from qwen_image_lora.serve_config import ServeConfig
 
 log = logging.getLogger("qwen_image_lora.server")
 MAX_PROMPT_CHARS = 20_000  # a cheap bound before the 1,024-token check with the model's tokenizer
@@ -412,16 +414,15 @@ def _decode_one(item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate) -> 
 def _select_adapters(body, configured: dict[str, float], generator: Generator) -> dict[str, float]:
     if body.loras is None:
         return dict(configured)
+    if twice := repeated_name(ref.name for ref in body.loras):
+        i, name = twice
+        raise RequestError(422, f"adapter {name!r} is given twice; give each once", ("body", "loras", i, "name"))
     known = generator.adapters.names
     chosen = {}
     for i, ref in enumerate(body.loras):
         if ref.name not in known:
             raise RequestError(422, f"unknown adapter {ref.name!r}; known adapters: {', '.join(known) or 'none'}",
                                ("body", "loras", i, "name"))  # fmt: skip
-        if ref.name in chosen:  # a dict would keep the last weight silently
-            raise RequestError(
-                422, f"adapter {ref.name!r} is given twice; give each once", ("body", "loras", i, "name")
-            )
         chosen[ref.name] = ref.weight if ref.weight is not None else configured.get(ref.name, 1.0)
     return chosen
 

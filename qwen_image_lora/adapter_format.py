@@ -16,10 +16,8 @@ names are unflattened here against the transformer's real module names.
 
 Written: diffusers (`write_diffusers`) and ComfyUI (`write_comfyui`). ComfyUI's Qwen-Image key map is the identity
 over its own state dict (`diffusion_model.X.weight` is patched by `X`, `transformer.X`, `lycoris_X` or `lora_unet_X`
-with dots as underscores), and its Qwen-Image-2.1 model stores the SwiGLU `img_mlp.gate_layer` and `img_mlp.proj`
-as one `img_mlp.gate_up` linear, gate rows first. Unfused MLP names would match no weight there, so the export
-writes one fused LoRA per block: down = the two A matrices stacked (rank 2r), up = the two B matrices block-diagonal,
-whose product is exactly the two deltas stacked in ComfyUI's row order.
+with dots as underscores), and its Qwen-Image-2.1 model fuses the two halves of each SwiGLU MLP into one linear, so the
+export fuses their LoRAs as reading splits them (`comfy_mlp.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.comfy_mlp import fuse_mlp, fused_names, split_fused_mlp
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.hub import HubUnavailable, check_hub_repo
 from qwen_image_lora.io import atomic_path
@@ -56,8 +55,6 @@ _UNSUPPORTED = {
 _KOHYA = re.compile(r"^lora_unet_(?P<module>[A-Za-z0-9_]+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(/.+\.safetensors)?")
 _DIFFUSERS_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
-# The one linear ComfyUI's Qwen-Image-2.1 model fuses, and its halves in row order (gate rows first).
-((MLP_FUSED, MLP_HALVES),) = qmodel.COMFYUI_FUSED_LINEARS.items()
 
 DORA_TO_COMFYUI = (
     "export --format comfyui: DoRA adapters cannot be exported exactly. peft's DoRA scales each output row by "
@@ -243,7 +240,7 @@ def convert(raw: dict[str, torch.Tensor], module_names: set[str] | None, where: 
         converted = _fold_with_diffusers(relative, where)
     if not any(k.endswith(".lora_A.weight") for k in converted):
         raise AdapterError(f"{where}: no LoRA weights found (keys look like {sorted(raw)[:3]})")
-    return _split_fused_mlp(converted), layout
+    return split_fused_mlp(converted), layout
 
 
 def _fold_with_diffusers(relative: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
@@ -254,30 +251,12 @@ def _fold_with_diffusers(relative: dict[str, torch.Tensor], where: str) -> dict[
         raise AdapterError(f"{where}: not a LoRA state dict diffusers can read ({e})") from e
 
 
-def _split_fused_mlp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's fused `img_mlp.gate_up` LoRA -> one LoRA per half, exactly: both keep the whole down matrix, each
-    takes its rows of up (gate rows first), so each half's delta is its rows of the fused delta."""
-    out = {}
-    for key, value in state.items():
-        if f".{MLP_FUSED}.lora_A." in key:
-            for half in MLP_HALVES:
-                out[key.replace(MLP_FUSED, half)] = value
-        elif f".{MLP_FUSED}.lora_B." in key:
-            rows = value.shape[0] // 2
-            for i, half in enumerate(MLP_HALVES):
-                out[key.replace(MLP_FUSED, half)] = value[i * rows : (i + 1) * rows].contiguous()
-        else:
-            out[key] = value
-    return out
-
-
 def _unflatten_kohya(raw, module_names: set[str] | None, where: str) -> dict[str, torch.Tensor]:
     """`lora_unet_transformer_blocks_0_img_mlp_gate_layer.lora_down.weight` -> `transformer_blocks.0.img_mlp.gate_layer...`
     by matching against the transformer's real module names (unambiguous: no two names flatten alike)."""
     if module_names is None:
         raise AdapterError(f"{where}: a kohya-style (lora_unet_) adapter needs the model to unflatten its module names")
-    fused = {n.replace(MLP_HALVES[0], MLP_FUSED) for n in module_names if n.endswith(MLP_HALVES[0])}
-    table = {name.replace(".", "_"): name for name in module_names | fused if name}
+    table = {name.replace(".", "_"): name for name in module_names | fused_names(module_names) if name}
     out = {}
     for key, value in raw.items():
         m = _KOHYA.match(key)
@@ -384,20 +363,15 @@ def to_comfyui(weights: AdapterWeights) -> tuple[dict[str, torch.Tensor], dict[s
     if config.get("use_dora") or any(k.endswith(".lora_magnitude_vector") for k in weights.state_dict):
         raise AdapterError(DORA_TO_COMFYUI)
     state = weights.state_dict
-    out, fused = {}, {}
+    modules = {}
     for key in sorted(state):
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
-        down, up = state[key], state[key.replace(".lora_A.", ".lora_B.")]
-        scale = module_scale(config, module, down.shape[0])
-        half = next((h for h in MLP_HALVES if module.endswith("." + h)), None)
-        if half is None:
-            _put_comfyui(out, module, down, up, scale)
-        else:
-            fused.setdefault(module.removesuffix(half) + MLP_FUSED, {})[half] = (down, up, scale)
-    for module, halves in fused.items():
-        _put_comfyui(out, module, *fuse_mlp_halves(halves))
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+            down, up = state[key], state[key.replace(".lora_A.", ".lora_B.")]
+            modules[module] = (down, up, module_scale(config, module, down.shape[0]))
+    out = {}
+    for module, (down, up, scale) in fuse_mlp(modules).items():
+        _put_comfyui(out, module, down, up, scale)
     rank = config.get("r") or next(v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight"))
     # kohya's header names the default module's rank and alpha; alpha / rank is every module's scale.
     header = {
@@ -406,25 +380,6 @@ def to_comfyui(weights: AdapterWeights) -> tuple[dict[str, torch.Tensor], dict[s
         "ss_network_alpha": str(module_scale(config, "", rank) * rank),
     }
     return out, header
-
-
-def fuse_mlp_halves(
-    halves: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """{half: (down [r, in], up [hidden, r], scale)} -> (down [sum r, in], up [2 * hidden, sum r], scale) with
-    scale * up @ down == the halves' scaled deltas stacked gate rows first (a missing half contributes zero rows)."""
-    scale = next(iter(halves.values()))[2]
-    hidden = next(iter(halves.values()))[1].shape[0]
-    downs = [halves[h][0] for h in MLP_HALVES if h in halves]
-    down = torch.cat(downs)
-    up = torch.zeros(2 * hidden, down.shape[0], dtype=down.dtype)
-    col = 0
-    for i, half in enumerate(MLP_HALVES):
-        if half in halves:
-            d, u, s = halves[half]
-            up[i * hidden : (i + 1) * hidden, col : col + d.shape[0]] = u if s == scale else u * (s / scale)
-            col += d.shape[0]
-    return down, up, scale
 
 
 def _put_comfyui(out: dict, module: str, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:

@@ -1,9 +1,10 @@
 """Typed configuration: one YAML file, parsed once into nested dataclasses, with `a.b=value` overrides.
 
-This module is the schema: defaults live here and nowhere else. `typed_yaml.py` does the loading: unknown
-keys, wrong types and out-of-range values fail at load time with the dotted field name, the accepted values
-and, for a misspelt key, the nearest valid one. Fields whose metadata says `path` are resolved relative to the
-config file. `${dotted.key}` in a string is replaced by that key's value (e.g. `cache_dir: ${output_dir}/cache`).
+This module is the schema (the `serve:` section lives in `serve_config.py`): defaults live here and nowhere else.
+`typed_yaml.py` does the loading: unknown keys, wrong types and out-of-range values fail at load time with the dotted
+field name, the accepted values and, for a misspelt key, the nearest valid one. Fields whose metadata says `path` are
+resolved relative to the config file. `${dotted.key}` in a string is replaced by that key's value (e.g.
+`cache_dir: ${output_dir}/cache`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import yaml
 
 from qwen_image_lora import typed_yaml
 from qwen_image_lora.io import atomic_write_text
-from qwen_image_lora.knobs import SamplingConfig, SettingError, check_adapter_weight, check_image_count
-from qwen_image_lora.presets import LORA_TARGETS, SIDE_MULTIPLE
-from qwen_image_lora.typed_yaml import ConfigError
+from qwen_image_lora.knobs import SamplingConfig, SettingError, check_image_count
+from qwen_image_lora.presets import LORA_TARGETS
+from qwen_image_lora.serve_config import ServeConfig
+from qwen_image_lora.typed_yaml import ConfigError, path_field, require
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-2.1"
 CACHE_ENV = "QWEN_LORA_CACHE"
@@ -49,20 +51,11 @@ def _fixed(default=dataclasses.MISSING, **kw):
 
 
 def _path(default=None, hub_id: bool = False, fixed: bool = False, **kw):
-    """A string field holding a filesystem path, resolved relative to the config file's folder. With `hub_id`
-    it may also name a Hugging Face repo (`owner/name`), which is left as it is when no such path exists."""
-    return field(default=default, metadata={"path": "or-hub-id" if hub_id else True, **(FIXED if fixed else {})}, **kw)
+    return path_field(default, hub_id, FIXED if fixed else None, **kw)
 
 
 def _paths(**kw):
-    return field(default_factory=list, metadata={"path": True}, **kw)
-
-
-def _require(where: str, obj, ok, accepted: str, *names: str) -> None:
-    """Raise naming the first of `names` whose value (unless null) fails `ok`, saying what is accepted."""
-    for name in names:
-        if (value := getattr(obj, name)) is not None and not ok(value):
-            raise ConfigError(f"{where}.{name}: must be {accepted} (got {value})")
+    return path_field(dataclasses.MISSING, default_factory=list, **kw)
 
 
 @dataclass
@@ -164,9 +157,9 @@ class DataConfig:
             raise ConfigError(f"{where}.max_upscale: must be >= 1.0 (1.0 = never upscale; got {self.max_upscale})")
         if "{caption}" not in self.caption_template:
             raise ConfigError(f"{where}.caption_template: must contain '{{caption}}' (got {self.caption_template!r})")
-        _require(where, self, lambda v: v >= 1, ">= 1", "repeats", "min_side", "max_caption_tokens", "shard_size")
-        _require(where, self, lambda v: v >= 1.0, ">= 1.0", "max_aspect")
-        _require(where, self, lambda v: v > 0, "> 0", "max_megapixels")
+        require(where, self, lambda v: v >= 1, ">= 1", "repeats", "min_side", "max_caption_tokens", "shard_size")
+        require(where, self, lambda v: v >= 1.0, ">= 1.0", "max_aspect")
+        require(where, self, lambda v: v > 0, "> 0", "max_megapixels")
         if self.prepare_batch_size < 1:
             raise ConfigError(
                 f"{where}.prepare_batch_size: must be >= 1 (1 = one item at a time; got {self.prepare_batch_size})"
@@ -224,9 +217,9 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0  # null = no clipping (the norm is still measured for the guards and the log)
 
     def validate(self, where: str) -> None:
-        _require(where, self, lambda v: v > 0, "> 0", "lr", "eps")
-        _require(where, self, lambda v: v > 0, "> 0, or null for no clipping", "max_grad_norm")
-        _require(where, self, lambda v: v >= 0, ">= 0", "weight_decay", "warmup_steps")
+        require(where, self, lambda v: v > 0, "> 0", "lr", "eps")
+        require(where, self, lambda v: v > 0, "> 0, or null for no clipping", "max_grad_norm")
+        require(where, self, lambda v: v >= 0, ">= 0", "weight_decay", "warmup_steps")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{where}.betas: must be two numbers in [0, 1) (got {self.betas})")
 
@@ -261,14 +254,12 @@ class TrainConfig:
     log_every: int = 1
 
     def validate(self, where: str) -> None:
-        _require(
+        require(
             where, self, lambda v: v >= 1, ">= 1", "max_steps", "batch_size", "gradient_accumulation_steps", "log_every"
         )
-        _require(
-            where, self, lambda v: 0 <= v < 2**32, f"in 0..{2**32 - 1}", "seed"
-        )  # what accelerate's set_seed takes
-        _require(where, self, lambda v: v > 0, "> 0", "logit_std")
-        _require(where, self, lambda v: v > 1, "> 1", "divergence_factor")
+        require(where, self, lambda v: 0 <= v < 2**32, f"in 0..{2**32 - 1}", "seed")  # what accelerate's set_seed takes
+        require(where, self, lambda v: v > 0, "> 0", "logit_std")
+        require(where, self, lambda v: v > 1, "> 1", "divergence_factor")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"{where}.ema_decay: must be in (0, 1) or null (got {self.ema_decay})")
         if self.mask_loss_weight <= 0:
@@ -292,7 +283,7 @@ class CheckpointConfig:
     resume: str | None = None
 
     def validate(self, where: str) -> None:
-        _require(where, self, lambda v: v >= 1, ">= 1", "every_steps", "keep_last")
+        require(where, self, lambda v: v >= 1, ">= 1", "every_steps", "keep_last")
 
 
 @dataclass
@@ -351,57 +342,6 @@ class EvalConfig(SamplingConfig):
 
 
 @dataclass
-class ServeAdapter:
-    name: str = ""
-    path: str = _path("", hub_id=True)
-    weight: float = 1.0
-
-    def validate(self, where: str) -> None:
-        if "." in self.name:  # peft keys an adapter's layers by its name
-            raise ConfigError(
-                f"{where}.name: no '.' in a name (got {self.name!r}); e.g. {self.name.replace('.', '_')!r}"
-            )
-        try:
-            check_adapter_weight(f"{where}.weight", self.weight)
-        except SettingError as e:
-            raise ConfigError(str(e)) from None
-
-
-@dataclass
-class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    adapters: list[ServeAdapter] = field(default_factory=list)
-    api_keys_env: str = "QWEN_LORA_API_KEYS"
-    api_keys_file: str | None = _path()
-    max_body_mb: float = 20.0
-    max_queue: int = 8
-    allow_private_urls: bool = False
-    url_timeout_s: float = 10.0
-    max_url_mb: float = 20.0
-    # Request limits, enforced with a 422 naming the field (and shown in /openapi.json).
-    max_steps: int = 100
-    max_guidance_scale: float = 20.0
-    max_side: int = 2048
-    # Training run folders (one per run: losses.jsonl, samples/, README.md, eval/) the studio page shows, read-only.
-    runs_dir: str | None = _path()
-    # Swagger UI at /docs. Off: its script and stylesheet come from cdn.jsdelivr.net (no installed package ships
-    # them) and the service is otherwise offline. On: the studio's CSP plus that CDN and the page's one inline script.
-    api_docs: bool = False
-
-    def validate(self, where: str) -> None:
-        _require(where, self, lambda v: 0 <= v <= 65535, "in 0..65535", "port")
-        _require(where, self, lambda v: v >= 1, ">= 1 (0 refuses every request)", "max_queue", "max_steps")
-        _require(where, self, lambda v: v >= SIDE_MULTIPLE, f">= {SIDE_MULTIPLE}", "max_side")
-        names = [a.name for a in self.adapters if a.name]
-        if twice := sorted({n for n in names if names.count(n) > 1}):
-            raise ConfigError(f"{where}.adapters: the name {twice[0]!r} is given twice; each adapter needs its own")
-        _require(
-            where, self, lambda v: v > 0, "> 0", "max_body_mb", "url_timeout_s", "max_url_mb", "max_guidance_scale"
-        )
-
-
-@dataclass
 class Config:
     output_dir: str = _path("outputs/run")
     model: ModelConfig = field(default_factory=ModelConfig)  # the base weights and how they run
@@ -441,12 +381,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         base = path.resolve().parent
     for item in overrides:
         typed_yaml.apply_override(raw, item, where)
-    # Defaults go through the same interpolation and path resolution as the file's own values.
-    raw = typed_yaml.merge(to_dict(Config()), raw)
-    raw = typed_yaml.interpolate(raw, raw, where)
-    cfg = typed_yaml.build(Config, raw, "", where, base)
-    cfg.source = where
-    typed_yaml.validate(cfg, "", where)
+    try:  # Defaults go through the same interpolation and path resolution as the file's own values.
+        raw = typed_yaml.merge(to_dict(Config()), raw)
+        raw = typed_yaml.interpolate(raw, raw, where)
+        cfg = typed_yaml.build(Config, raw, "", where, base)
+        cfg.source = where
+        typed_yaml.validate(cfg, "", where)
+    except ConfigError as e:
+        raise typed_yaml.blame_override(e, where, overrides) from None
     return cfg
 
 

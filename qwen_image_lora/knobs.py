@@ -4,7 +4,8 @@ requests) and its machinery, each rule stated once.
 A field made with `knob` carries its help text and its limits in its metadata. `check_value` enforces the limits for
 configs, batch lines, CLI flags and the generator; the edges read the same metadata to build their own forms (the
 argparse flags in `inference/cli.py`, the request models in `inference/server.py`), so a limit is written once and a
-refusal names the same field everywhere. Also the one rule on how many input images an edit takes.
+refusal names the same field everywhere. Also the one rule on how many input images an edit takes, and the
+rules every edge applies to adapter names (no '.', none given twice).
 """
 
 from __future__ import annotations
@@ -91,6 +92,27 @@ def check_range(field: str, value, low, high) -> None:
 
 def check_adapter_weight(field: str, weight) -> None:
     check_range(field, weight, -MAX_ADAPTER_WEIGHT, MAX_ADAPTER_WEIGHT)
+
+
+def check_adapter_name(field: str, name: str) -> None:
+    """peft keys each adapter's layers by its name, so the name must be a module name: not empty, no '.'. Raises
+    SettingError naming `field` and a name that would do."""
+    if not name or "." in name:
+        fix = (name or "adapter").replace(".", "_")
+        raise SettingError(
+            field, f"no '.' in a name (peft keys an adapter's layers by it) and not empty (got {name!r}); e.g. {fix!r}"
+        )
+
+
+def repeated_name(names: typing.Iterable[str]) -> tuple[int, str] | None:
+    """(position, name) of the first name given again, reading in order; None when each is given once. Every edge
+    refuses an adapter named twice: a name -> weight mapping would keep the last weight silently."""
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            return i, name
+        seen.add(name)
+    return None
 
 
 def check_image_count(count: int, least: int = 0, field: str = "images") -> None:

@@ -106,6 +106,18 @@ def apply_override(raw: dict, item: str, where: str) -> None:
     node[parts[-1]] = load_yaml(value, f"override {item!r}", key.strip()) if value.strip() else None
 
 
+def blame_override(error: ConfigError, where: str, overrides) -> ConfigError:
+    """`FILE: field: problem` -> `on the command line, field=value: field: problem` when that field (or its section)
+    was given as an override: the file does not hold the bad value, the command line does."""
+    message = str(error)
+    problem = message.removeprefix(f"{where}: ")
+    for item in reversed(overrides):  # the last override of a key is the one that counts
+        key = item.split("=", 1)[0].strip()
+        if problem != message and re.match(rf"(unknown key ')?{re.escape(key)}\b", problem):
+            return ConfigError(f"on the command line, {item}: {problem}")
+    return error
+
+
 def merge(defaults: dict, raw: dict) -> dict:
     out = dict(defaults)
     for key, value in raw.items():
@@ -140,6 +152,14 @@ def interpolate(node, root, where):
                 break
             node = new
     return node
+
+
+def path_field(default=None, hub_id: bool = False, metadata: dict | None = None, **kw):
+    """A string (or list of strings) field holding filesystem paths, which `build` resolves relative to the config
+    file's folder. With `hub_id` it may also name a Hugging Face repo (`owner/name`), left as it is when no such
+    path exists."""
+    metadata = {"path": "or-hub-id" if hub_id else True, **(metadata or {})}
+    return dataclasses.field(default=default, metadata=metadata, **kw)
 
 
 def build(cls, raw, dotted: str, where: str, base: Path):
@@ -279,3 +299,11 @@ def validate(node, dotted: str, where: str) -> None:
             for i, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
                     validate(item, f"{_join(dotted, f.name)}[{i}]", where)
+
+
+def require(where: str, obj, ok, accepted: str, *names: str) -> None:
+    """For a `validate(where)`: raise naming the first of `names` whose value (unless null) fails `ok`, saying what
+    is accepted."""
+    for name in names:
+        if (value := getattr(obj, name)) is not None and not ok(value):
+            raise ConfigError(f"{where}.{name}: must be {accepted} (got {value})")

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -100,8 +101,22 @@ def test_bad_values_name_the_field(tmp_path, text, message):
     ],
 )
 def test_out_of_range_values_fail_at_load_naming_the_field(override, message):
-    with pytest.raises(ConfigError, match=rf"^configs/demo.yaml: {message}"):
+    with pytest.raises(ConfigError, match=rf"^on the command line, {re.escape(override)}: {message}"):
         load_config("configs/demo.yaml", [override])
+
+
+def test_a_bad_override_is_blamed_on_the_command_line_and_a_bad_file_value_on_the_file(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("lora: {rank: 0}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(config, ["lora.rank=4", "train.max_steps=-1"])
+    assert str(e.value) == "on the command line, train.max_steps=-1: train.max_steps: must be >= 1 (got -1)"
+    with pytest.raises(ConfigError, match=r"^on the command line, train\.max_stepz=3: unknown key 'train\.max_stepz'"):
+        load_config(config, ["lora.rank=4", "train.max_stepz=3"])
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: lora\.rank: must be in 1\.\.1024 \(got 0\)"):
+        load_config(config, ["train.max_steps=3"])  # the file's own value, another key overridden
+    with pytest.raises(ConfigError, match=r"^on the command line, lora\.rank=2048: lora\.rank: must be"):
+        load_config(config, ["lora.rank=0", "lora.rank=2048"])  # the last override of a key is the one that counts
 
 
 def test_max_grad_norm_null_means_no_clipping_and_round_trips(tmp_path):

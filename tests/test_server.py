@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from qwen_image_lora.config import Config, ServeAdapter
+from qwen_image_lora.config import Config
 from qwen_image_lora.images import decode_image, read_settings
 from qwen_image_lora.inference import urls
 from qwen_image_lora.inference.generator import Generator
@@ -26,6 +26,7 @@ from qwen_image_lora.inference.guards import KeyCheck
 from qwen_image_lora.inference.server import create_app, load_api_keys
 from qwen_image_lora.inference.testing import make_random_lora
 from qwen_image_lora.inference.urls import URLRefused, fetch, refusal_reason, resolve_checked
+from qwen_image_lora.serve_config import ServeAdapter
 
 KEY = "test-key-0123456789"
 AUTH = {"x-api-key": KEY}

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from qwen_image_lora import run_layout as layout
-from qwen_image_lora.config import Config, ServeAdapter
+from qwen_image_lora.config import Config
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app
 from qwen_image_lora.inference.studio import (
@@ -29,6 +29,7 @@ from qwen_image_lora.inference.studio import (
     run_progress,
 )
 from qwen_image_lora.inference.testing import make_random_lora
+from qwen_image_lora.serve_config import ServeAdapter
 
 KEY = "studio-key-0123456789"
 AUTH = {"x-api-key": KEY}

@@ -1,0 +1,59 @@
+"""The `serve:` section of the config: the HTTP service's address, adapters, request limits and keys.
+
+Part of the schema in `config.py` (`Config.serve`, loaded and checked with the rest of the file); apart because only
+`qwen-lora serve` (`inference/server.py`, the studio) reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qwen_image_lora.knobs import SettingError, check_adapter_name, check_adapter_weight, repeated_name
+from qwen_image_lora.presets import SIDE_MULTIPLE
+from qwen_image_lora.typed_yaml import ConfigError, path_field, require
+
+
+@dataclass
+class ServeAdapter:
+    name: str = ""
+    path: str = path_field("", hub_id=True)
+    weight: float = 1.0
+
+    def validate(self, where: str) -> None:
+        try:
+            if self.name:  # empty: the name comes from the path
+                check_adapter_name(f"{where}.name", self.name)
+            check_adapter_weight(f"{where}.weight", self.weight)
+        except SettingError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    adapters: list[ServeAdapter] = field(default_factory=list)
+    api_keys_env: str = "QWEN_LORA_API_KEYS"
+    api_keys_file: str | None = path_field()
+    max_body_mb: float = 20.0
+    max_queue: int = 8
+    allow_private_urls: bool = False
+    url_timeout_s: float = 10.0
+    max_url_mb: float = 20.0
+    # Request limits, enforced with a 422 naming the field (and shown in /openapi.json).
+    max_steps: int = 100
+    max_guidance_scale: float = 20.0
+    max_side: int = 2048
+    # Training run folders (one per run: losses.jsonl, samples/, README.md, eval/) the studio page shows, read-only.
+    runs_dir: str | None = path_field()
+    # Swagger UI at /docs. Off: its script and stylesheet come from cdn.jsdelivr.net (no installed package ships
+    # them) and the service is otherwise offline. On: the studio's CSP plus that CDN and the page's one inline script.
+    api_docs: bool = False
+
+    def validate(self, where: str) -> None:
+        require(where, self, lambda v: 0 <= v <= 65535, "in 0..65535", "port")
+        require(where, self, lambda v: v >= 1, ">= 1 (0 refuses every request)", "max_queue", "max_steps")
+        require(where, self, lambda v: v >= SIDE_MULTIPLE, f">= {SIDE_MULTIPLE}", "max_side")
+        if twice := repeated_name(a.name for a in self.adapters if a.name):
+            raise ConfigError(f"{where}.adapters: the name {twice[1]!r} is given twice; each adapter needs its own")
+        require(where, self, lambda v: v > 0, "> 0", "max_body_mb", "url_timeout_s", "max_url_mb", "max_guidance_scale")
