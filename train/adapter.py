@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -23,6 +24,36 @@ from qwen_image_lora.config import LoRAConfig
 from qwen_image_lora.train.ranks import is_sharded
 
 ADAPTER_NAME = "default"
+
+
+class LeanLoraLinear(PeftLoraLinear):
+    """peft's LoRA Linear with the same result to the bit and two fewer passes over the layer's output, each paid in
+    the forward and again in the backward: peft multiplies the adapter's output by its scale, which is exactly 1.0
+    whenever alpha == rank (every shipped config, and diffusers' example), and adds it into a new tensor, where the
+    base layer's output is fresh and no backward needs it (nn.Linear saves its input, not its output). Every other
+    case (another scale, DoRA and other variants, merged, disabled, per-sample adapters) runs peft's own forward."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = self.active_adapters
+        if (
+            args
+            or kwargs
+            or self.disable_adapters
+            or self.merged
+            or any(name in self.lora_variant or self.scaling.get(name) != 1 for name in active)
+        ):
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        result_dtype = result.dtype
+        for name in active:
+            if name not in self.lora_A:
+                continue
+            lora_A = self.lora_A[name]
+            x = self._cast_input_dtype(x, lora_A.weight.dtype)
+            delta = self.lora_B[name](lora_A(self.lora_dropout[name](x)))
+            # In place only where peft's sum has the result's dtype (a bf16 base with fp32 LoRA sums in fp32)
+            result = result.add_(delta) if delta.dtype == result.dtype else result + delta
+        return result.to(result_dtype)
 
 
 def lora_config(cfg: LoRAConfig):
@@ -48,6 +79,10 @@ def add_lora(transformer, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
         transformer.add_adapter(lora_config(cfg), adapter_name=ADAPTER_NAME)
     except ValueError as e:  # peft: "Target modules ... not found in the base model"
         raise AdapterError(f"lora.targets: {e}") from e
+    for module in transformer.modules():
+        # Not the quantized layers' LoRA classes, nor a base layer whose backward might need its output
+        if type(module) is PeftLoraLinear and type(module.base_layer) is torch.nn.Linear:
+            module.__class__ = LeanLoraLinear
     params = [p for p in transformer.parameters() if p.requires_grad]
     if not params:
         raise AdapterError(f"lora.targets: {cfg.targets!r} matched no layer of the transformer")
