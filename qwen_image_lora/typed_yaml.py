@@ -110,10 +110,12 @@ def blame_override(error: ConfigError, where: str, overrides) -> ConfigError:
     """`FILE: field: problem` -> `on the command line, field=value: field: problem` when that field (or its section)
     was given as an override: the file does not hold the bad value, the command line does."""
     message = str(error)
+    if not message.startswith(f"{where}: "):
+        return error
     problem = message.removeprefix(f"{where}: ")
     for item in reversed(overrides):  # the last override of a key is the one that counts
         key = item.split("=", 1)[0].strip()
-        if problem != message and re.match(rf"(unknown key ')?{re.escape(key)}\b", problem):
+        if re.match(rf"(unknown key ')?{re.escape(key)}\b", problem):
             return ConfigError(f"on the command line, {item}: {problem}")
     return error
 

@@ -125,3 +125,24 @@ def test_a_disabled_adapter_is_the_base_layer_alone():
     assert torch.equal(layers[0](x), layers[0].base_layer(x))
     layers[0].enable_adapters(True)
     assert not torch.equal(layers[0](x), layers[0].base_layer(x))
+
+
+def test_per_sample_adapter_names_and_an_adapter_missing_here_run_as_peft_does():
+    """`adapter_names=` (peft's mixed batch: each sample its own adapter or "__base__") goes to peft's forward; an
+    active adapter this layer lacks is passed over, not the end of the loop."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["0", "1"]), model, "a")
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["1"]), model, "b")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    first, second = model
+    first.set_adapter(["b", "a"])  # "b" is active but this layer has no "b"
+    x = torch.randn(2, 64)
+    theirs = (first(x), second(x, adapter_names=["a", "__base__"]))
+    first.__class__ = second.__class__ = LeanLoraLinear
+    ours = (first(x), second(x, adapter_names=["a", "__base__"]))
+    assert not torch.equal(theirs[0], first.base_layer(x))  # "a" counted on the first layer
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
