@@ -128,8 +128,8 @@ def test_a_disabled_adapter_is_the_base_layer_alone():
 
 
 def test_per_sample_adapter_names_and_an_adapter_missing_here_run_as_peft_does():
-    """`adapter_names=` (peft's mixed batch: each sample its own adapter or "__base__") goes to peft's forward; an
-    active adapter this layer lacks is passed over, not the end of the loop."""
+    """`adapter_names=` (peft's mixed batch: each sample its own adapter or "__base__") and an active adapter this
+    layer lacks both go to peft's forward, which passes over the missing one."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
     model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["0", "1"]), model, "a")

@@ -31,7 +31,8 @@ class LeanLoraLinear(PeftLoraLinear):
     the forward and again in the backward: peft multiplies the adapter's output by its scale, which is exactly 1.0
     whenever alpha == rank (every shipped config, and diffusers' example), and adds it into a new tensor, where the
     base layer's output is fresh and no backward needs it (nn.Linear saves its input, not its output). Every other
-    case (another scale, DoRA and other variants, merged, disabled, per-sample adapters) runs peft's own forward."""
+    case (another scale, DoRA and other variants, merged, disabled, per-sample adapters, an active adapter this layer
+    lacks: it has no scale here) runs peft's own forward."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = self.active_adapters
@@ -46,8 +47,6 @@ class LeanLoraLinear(PeftLoraLinear):
         result = self.base_layer(x)
         result_dtype = result.dtype
         for name in active:
-            if name not in self.lora_A:
-                continue
             lora_A = self.lora_A[name]
             x = self._cast_input_dtype(x, lora_A.weight.dtype)
             delta = self.lora_B[name](lora_A(self.lora_dropout[name](x)))
