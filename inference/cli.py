@@ -32,8 +32,8 @@ FLAG_ALIASES = {"num_inference_steps": ["--steps"]}  # shorter spellings users' 
 NO_SIZE = ("width", "height", "aspect_ratio")  # layers keep the input's size
 FROM_HELP = (
     "re-create an image from the settings written into it: they are the defaults (over --config's model and "
-    "data.resolution), and the flags and key=value overrides given here win; recorded inputs and adapters are "
-    "used while their files keep the recorded sha256"
+    "data.resolution), and the flags and key=value overrides given here win (a size or data.resolution given here "
+    "replaces the recorded size); recorded inputs and adapters are used while their files keep the recorded sha256"
 )
 
 

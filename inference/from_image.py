@@ -17,7 +17,7 @@ from qwen_image_lora.knobs import QUALITY_RANGE, check_range
 def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
     """`--from IMAGE`: what the command line left out comes from the settings IMAGE carries. An adapter or input is
     taken from its recorded file only while that file has the recorded sha256. A size option given (one of
-    `no_size`) replaces the recorded size whole."""
+    `no_size`) or a `data.resolution=` override replaces the recorded size whole."""
     try:
         made = ImageSettings.read(image)
     except InputError as e:
@@ -29,12 +29,13 @@ def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
         raise InputError(f"--from {image}: it is an edit of {len(made.images)} image(s); re-create it with "
                          f"`qwen-lora edit --from {image}`", "--from")  # fmt: skip
     given = getattr(args, "given", set())
-    size_given = bool(given & set(no_size))  # a size given here replaces the recorded one whole
+    overridden = {o.split("=", 1)[0].strip() for o in args.overrides}
+    # A size given here replaces the recorded one whole; so does a resolution, which the recorded size would outrank.
+    size_given = bool(given & set(no_size)) or "data.resolution" in overridden
     for f in dataclasses.fields(SamplingConfig):
         if f.name not in given and not (size_given and f.name in no_size):
             setattr(args, f.name, getattr(made, f.name))
     args.prompt = args.prompt if args.prompt is not None else made.prompt
-    overridden = {o.split("=", 1)[0] for o in args.overrides}
     if made.model is not None:
         if "model.pretrained" not in overridden:
             args.model = args.model or made.model.pretrained

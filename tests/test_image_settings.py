@@ -131,6 +131,16 @@ def test_generate_from_an_image_recreates_it_pixel_for_pixel_and_flags_override(
         {k: v for k, v in recorded.items() if k not in ("seed", "loras")}  # fmt: skip
 
 
+def test_a_resolution_given_with_from_replaces_the_recorded_size(made, tmp_path, monkeypatch):
+    """The recorded 96x64 would outrank data.resolution, leaving the size as it was while the file said 128."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--from", str(made / "images" / "out.png"), "--output", "big.png",
+                 "data.resolution=128"]) == 0  # fmt: skip
+    settings = read_settings("big.png")
+    assert Image.open("big.png").size == (settings["width"], settings["height"]) == (128, 128)
+    assert settings["resolution"] == 128 and settings["seed"] == 3  # the rest still comes from the image
+
+
 def test_a_jpeg_from_its_own_settings_is_the_same_file_at_its_quality(made, tmp_path, monkeypatch):
     """The quality was not recorded: `--from` a quality-50 JPEG wrote it at 95 (max pixel difference 51)."""
     monkeypatch.chdir(tmp_path)
