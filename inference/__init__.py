@@ -7,12 +7,12 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what editors and type checkers see
-    from qwen_image_lora.adapter_format import AdapterError
+    from qwen_image_lora.errors import AdapterError
     from qwen_image_lora.inference.adapters import Adapters
     from qwen_image_lora.inference.generator import ASPECT_RATIOS, GenerationRequest, Generator, size_for_aspect
 
 _PUBLIC = {
-    "AdapterError": "qwen_image_lora.adapter_format",
+    "AdapterError": "qwen_image_lora.errors",
     "Adapters": "qwen_image_lora.inference.adapters",
     "ASPECT_RATIOS": "qwen_image_lora.inference.generator",
     "GenerationRequest": "qwen_image_lora.inference.generator",

@@ -16,9 +16,10 @@ import torch
 import yaml
 
 from qwen_image_lora import run_layout as layout
-from qwen_image_lora.adapter_format import AdapterError, read_adapter
+from qwen_image_lora.adapter_format import read_adapter
+from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import SettingError, check_adapter_name, check_adapter_weight
+from qwen_image_lora.knobs import SettingError, check_adapter_name, parse_lora_arg
 
 
 @dataclass
@@ -177,19 +178,6 @@ def derived_names(sources: list[str]) -> list[str]:
     for source in sources:
         names.append(unique_name(adapter_name_for(source), names))
     return names
-
-
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """`PATH[:WEIGHT]` -> (path, weight). A trailing `:number` is the weight; other colons stay in the path."""
-    head, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            weight = float(tail)
-        except ValueError:
-            return text, 1.0
-        check_adapter_weight("--lora", weight)  # a NaN weight renders a black, transparent image
-        return head, weight
-    return text, 1.0
 
 
 def trained_resolution(loras: list[str]) -> tuple[int, Path] | None:

@@ -227,14 +227,22 @@ def _model_source(args):
     return cfg
 
 
-def _load(args, cfg, device=None):
-    """The base model of `cfg` (`_model_source`) once, then each --lora; returns (generator, {adapter name: weight})."""
-    from qwen_image_lora.adapter_format import check_source
-    from qwen_image_lora.inference.adapters import parse_lora_arg
-    from qwen_image_lora.inference.generator import Generator
+def _check_lora_sources(args) -> None:
+    """Each --lora is a local file or folder or a hub id: a mistyped path fails in a fraction of a second, before
+    torch, diffusers and peft are imported and the model loads."""
+    from qwen_image_lora.hub import check_source
+    from qwen_image_lora.knobs import parse_lora_arg
 
-    for item in args.lora:  # a mistyped path fails now, not after loading the model
+    for item in args.lora:
         check_source(parse_lora_arg(item)[0])
+
+
+def _load(args, cfg, device=None):
+    """The base model of `cfg` (`_model_source`) once, then each --lora (`_check_lora_sources` first); returns
+    (generator, {adapter name: weight})."""
+    from qwen_image_lora.inference.generator import Generator
+    from qwen_image_lora.knobs import parse_lora_arg
+
     generator = Generator.from_config(cfg.model, device, resolution=cfg.data.resolution)
     loras = {}
     for item in args.lora:
@@ -245,6 +253,7 @@ def _load(args, cfg, device=None):
 
 
 def _generate(args) -> int:
+    _check_lora_sources(args)
     from qwen_image_lora.images import format_for, load_image, save_image
     from qwen_image_lora.inference.from_image import apply_from
     from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects, file_record
@@ -299,6 +308,7 @@ def _as_option(check, *inputs):
 
 
 def _layers(args) -> int:
+    _check_lora_sources(args)
     from qwen_image_lora.images import load_image
     from qwen_image_lora.inference.generator import GenerationRequest
     from qwen_image_lora.inference.layers import FORMATS, Element, check_request, save_layers
@@ -320,11 +330,13 @@ def _layers(args) -> int:
 
 
 def _batch(args) -> int:
+    _check_lora_sources(args)
     import torch
     from accelerate import PartialState
 
-    from qwen_image_lora.inference.adapters import derived_names, parse_lora_arg
+    from qwen_image_lora.inference.adapters import derived_names
     from qwen_image_lora.inference.batch import adapter_identity, check_adapter_names, pending, read_jobs, run_batch
+    from qwen_image_lora.knobs import parse_lora_arg
 
     jobs = read_jobs(_input_file("jobs file", args.jobs))  # every line checked before loading 7B weights
     check_adapter_names(jobs, args.jobs, derived_names([parse_lora_arg(item)[0] for item in args.lora]))

@@ -36,8 +36,8 @@ from safetensors.torch import save_file
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.comfy_mlp import fuse_mlp, fused_names, split_fused_mlp
-from qwen_image_lora.errors import InputError
-from qwen_image_lora.hub import HubUnavailable, check_hub_repo
+from qwen_image_lora.errors import AdapterError
+from qwen_image_lora.hub import HubUnavailable, check_hub_repo, check_source
 from qwen_image_lora.io import atomic_path
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -53,7 +53,6 @@ _UNSUPPORTED = {
     re.compile(r"^lora_te"): "text-encoder LoRA",
 }
 _KOHYA = re.compile(r"^lora_unet_(?P<module>[A-Za-z0-9_]+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(/.+\.safetensors)?")
 _DIFFUSERS_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
 
 DORA_TO_COMFYUI = (
@@ -62,10 +61,6 @@ DORA_TO_COMFYUI = (
     "would depend on the exact base weights (and the dtype ComfyUI loads them in) and still differ at any strength "
     "other than 1. Use the diffusers file (pytorch_lora_weights.safetensors) or train without lora.use_dora."
 )
-
-
-class AdapterError(InputError):
-    """An adapter that cannot be found, read, applied or written as asked: wrong path, model, format or layout."""
 
 
 @dataclasses.dataclass
@@ -82,30 +77,6 @@ class AdapterWeights:
 
 
 # ------------------------------------------------------------------------------------------ finding the file
-
-
-def is_hub_id(source: str) -> bool:
-    """`owner/repo` or `owner/repo/file.safetensors` that cannot be a local path: not `.`, `/` or `~`-rooted, and its
-    first part is no folder here (so a typo in `outputs/run` is a missing local path, not a repository)."""
-    return (
-        bool(_HUB_ID.fullmatch(source))
-        and not source.startswith((".", "/", "~"))
-        and not Path(source.split("/")[0]).exists()
-    )
-
-
-def check_source(source: str | Path) -> None:
-    """Fail now, naming the path, when `source` is neither a local file or folder nor clearly a hub id: callers run
-    this before loading a model, so a typo costs seconds, not a model load and a round of hub retries."""
-    if Path(source).expanduser().exists() or is_hub_id(str(source)):
-        return
-    first = str(source).split("/")[0]
-    why = (
-        f"{first}/ exists here, so it names a local path, not a hub repository"
-        if first and "/" in str(source) and Path(first).expanduser().exists()  # not "/..." (first is "")
-        else "and it is not a hub id like owner/repo"
-    )
-    raise AdapterError(f"{source}: no such adapter file or folder ({why}); check the path")
 
 
 def resolve_file(source: str | Path) -> Path:

@@ -26,3 +26,7 @@ class InputError(UserError, ValueError):
 
 class NotFound(UserError, FileNotFoundError):
     """A file, folder or hub id the user named is not there."""
+
+
+class AdapterError(InputError):
+    """An adapter that cannot be found, read, applied or written as asked: wrong path, model, format or layout."""

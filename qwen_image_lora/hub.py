@@ -4,15 +4,17 @@ retries ending in a traceback about a missing config.json."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 
-from qwen_image_lora.errors import NotFound
+from qwen_image_lora.errors import AdapterError, NotFound
 
 HUB_TIMEOUT_S = 5.0
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(/.+\.safetensors)?")
 
 
 class HubUnavailable(NotFound):
@@ -58,3 +60,27 @@ def check_hub_repo(repo_id: str, *, head: str, fix: str, field: str | None = Non
             f"{head} not in the local cache ({cache}) and the Hugging Face hub could not be reached ({reason}); {fix}",
             field,
         ) from None
+
+
+def is_hub_id(source: str) -> bool:
+    """`owner/repo` or `owner/repo/file.safetensors` that cannot be a local path: not `.`, `/` or `~`-rooted, and its
+    first part is no folder here (so a typo in `outputs/run` is a missing local path, not a repository)."""
+    return (
+        bool(_HUB_ID.fullmatch(source))
+        and not source.startswith((".", "/", "~"))
+        and not Path(source.split("/")[0]).exists()
+    )
+
+
+def check_source(source: str | Path) -> None:
+    """Fail now, naming the path, when `source` is neither a local file or folder nor clearly a hub id: callers run
+    this before loading a model, so a typo costs seconds, not a model load and a round of hub retries."""
+    if Path(source).expanduser().exists() or is_hub_id(str(source)):
+        return
+    first = str(source).split("/")[0]
+    why = (
+        f"{first}/ exists here, so it names a local path, not a hub repository"
+        if first and "/" in str(source) and Path(first).expanduser().exists()  # not "/..." (first is "")
+        else "and it is not a hub id like owner/repo"
+    )
+    raise AdapterError(f"{source}: no such adapter file or folder ({why}); check the path")

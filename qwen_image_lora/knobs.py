@@ -94,6 +94,19 @@ def check_adapter_weight(field: str, weight) -> None:
     check_range(field, weight, -MAX_ADAPTER_WEIGHT, MAX_ADAPTER_WEIGHT)
 
 
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """`PATH[:WEIGHT]` -> (path, weight). A trailing `:number` is the weight; other colons stay in the path."""
+    head, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            weight = float(tail)
+        except ValueError:
+            return text, 1.0
+        check_adapter_weight("--lora", weight)  # a NaN weight renders a black, transparent image
+        return head, weight
+    return text, 1.0
+
+
 def check_adapter_name(field: str, name: str) -> None:
     """peft keys each adapter's layers by its name, so the name must be a module name: not empty, no '.'. Raises
     SettingError naming `field` and a name that would do."""

@@ -18,17 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qwen_image_lora import adapter_format
-from qwen_image_lora.adapter_format import (
-    AdapterError,
-    AdapterWeights,
-    check_shapes,
-    check_source,
-    is_hub_id,
-    module_scale,
-    read_adapter,
-    to_comfyui,
-)
+from qwen_image_lora.adapter_format import AdapterWeights, check_shapes, module_scale, read_adapter, to_comfyui
 from qwen_image_lora.comfy_mlp import fuse_mlp_halves
+from qwen_image_lora.errors import AdapterError
+from qwen_image_lora.hub import check_source, is_hub_id
 from qwen_image_lora.inference.testing import in_layout, make_random_lora
 
 MLP = ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out"]

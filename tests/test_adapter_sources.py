@@ -8,7 +8,8 @@ import torch
 from huggingface_hub import constants
 from safetensors.torch import save_file
 
-from qwen_image_lora.adapter_format import AdapterError, read_adapter, resolve_file
+from qwen_image_lora.adapter_format import read_adapter, resolve_file
+from qwen_image_lora.errors import AdapterError
 
 
 def test_pickled_adapters_are_refused_unread(tmp_path):

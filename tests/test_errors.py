@@ -112,9 +112,16 @@ def test_the_parser_and_its_help_import_no_heavy_library():
         (["plan", "--config", str(DEMO), "--gpu-memory", "8XB"], "--gpu-memory"),
         (["data", "prepare", "--config", str(DEMO), "lora.targets=nope"], "lora.targets"),
         (["data", "doctor", "missing.yaml"], "missing.yaml: config file not found"),
+        # A mistyped --lora path took 10 s (the model's libraries imported first); now about 0.5 s.
+        (["generate", "--prompt", "x", "--lora", "/nope/run", "--output", "a.png"], "/nope/run: no such adapter"),
+        (
+            ["layers", "--image", "x.png", "--mask", "auto", "--lora", "/nope/run:0.5", "--output", "o.psd"],
+            "/nope/run: no such adapter",
+        ),
+        (["batch", "j.jsonl", "--lora", "/nope/run", "--output-dir", "o"], "/nope/run: no such adapter"),
     ],
 )
-def test_a_bad_config_is_refused_before_torch_imports(argv, named):
+def test_a_bad_config_or_adapter_path_is_refused_before_torch_imports(argv, named):
     loaded, err = _heavy_imports_after(f"from qwen_image_lora.cli import main\nassert main({argv!r}) == 2")
     assert named in err and loaded == []
 

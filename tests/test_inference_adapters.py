@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_image_lora.adapter_format import AdapterError
+from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.testing import in_layout, make_random_lora
 

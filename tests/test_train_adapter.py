@@ -14,6 +14,7 @@ from qwen_image_lora import adapter_format
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import LoRAConfig
+from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.inference.adapters import Adapters
 from qwen_image_lora.train import adapter
 
@@ -55,12 +56,10 @@ def test_only_targets_train_in_fp32_over_a_frozen_bf16_base(tiny_model_dir):
 
 
 def test_unknown_target_is_a_clear_error(transformer):
-    with pytest.raises(adapter.AdapterError, match="lora.targets"):
+    with pytest.raises(AdapterError, match="lora.targets"):
         adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=4, targets=["no_such_layer"]))
     # One mistyped name among good ones: peft would silently train the others alone.
-    with pytest.raises(
-        adapter.AdapterError, match=r"^lora.targets: 'to_qq' matches no layer of the transformer \(e.g. 'to_q'"
-    ):
+    with pytest.raises(AdapterError, match=r"^lora.targets: 'to_qq' matches no layer of the transformer \(e.g. 'to_q'"):
         adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=4, targets=["to_qq", "to_v"]))
     assert not any("lora_" in n for n, _ in transformer.named_parameters())  # refused before any layer was wrapped
 
@@ -139,7 +138,7 @@ def test_export_cli(transformer, tmp_path, capsys):
 def test_dora_cannot_be_exported_to_comfyui_and_the_refusal_says_why(transformer, tmp_path):
     adapter.add_lora(transformer, LoRAConfig(rank=2, alpha=2, use_dora=True))
     adapter.save_adapter(transformer, tmp_path)
-    with pytest.raises(adapter_format.AdapterError, match=r"DoRA.*weight_decompose.*base weight"):
+    with pytest.raises(AdapterError, match=r"DoRA.*weight_decompose.*base weight"):
         adapter_format.export_adapter(tmp_path)
     assert not (tmp_path / adapter_format.COMFYUI_NAME).exists()
 
@@ -155,7 +154,7 @@ def test_init_from_an_existing_adapter(transformer, tiny_model_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # A layout mismatch is an error naming what differs, not a silent partial load.
     third = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
-    with pytest.raises(adapter.AdapterError, match="rank"):
+    with pytest.raises(AdapterError, match="rank"):
         adapter.add_lora(third, LoRAConfig(rank=8, alpha=8, init_from=str(tmp_path)))
 
 

@@ -19,8 +19,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qwen_image_lora import adapter_format
-from qwen_image_lora.adapter_format import WEIGHTS_NAME, AdapterError  # noqa: F401 - WEIGHTS_NAME re-exported for the recipe
+from qwen_image_lora.adapter_format import WEIGHTS_NAME  # noqa: F401 - re-exported for the recipe
 from qwen_image_lora.config import LoRAConfig
+from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.train.ranks import is_sharded
 
 ADAPTER_NAME = "default"
