@@ -45,8 +45,8 @@ from qwen_image_lora.data import similarity as sim
 from qwen_image_lora.data.buckets import assign_bucket
 from qwen_image_lora.data.report import Report, thumbnail
 from qwen_image_lora.data.sources import Item, format_caption, load_items
+from qwen_image_lora.hub import check_pretrained
 from qwen_image_lora.images import INPUT_FORMATS, ImageInputError, read_with_header
-from qwen_image_lora.model import check_pretrained
 
 logger = logging.getLogger(__name__)
 

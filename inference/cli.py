@@ -228,13 +228,17 @@ def _model_source(args):
 
 
 def _check_lora_sources(args) -> None:
-    """Each --lora is a local file or folder or a hub id: a mistyped path fails in a fraction of a second, before
-    torch, diffusers and peft are imported and the model loads."""
-    from qwen_image_lora.hub import check_source
+    """Each --lora is a local file or folder or a hub id that is cached or answers now: a mistyped path or an
+    uncached repo offline fails in about a second, before torch, diffusers and peft are imported and the model loads
+    (an uncached hub adapter used to fail only after the base model had loaded)."""
+    from qwen_image_lora.hub import check_adapter_hub, check_source, is_hub_id
     from qwen_image_lora.knobs import parse_lora_arg
 
     for item in args.lora:
-        check_source(parse_lora_arg(item)[0])
+        source = parse_lora_arg(item)[0]
+        check_source(source)
+        if is_hub_id(source):
+            check_adapter_hub(source)
 
 
 def _load(args, cfg, device=None):
@@ -267,7 +271,7 @@ def _generate(args) -> int:
     if args.command == "edit" and not args.image:
         raise InputError(f"--image: give 1 to {MAX_INPUT_IMAGES} input images (or --from an edit whose inputs are "
                          "still there)", "--image")  # fmt: skip
-    check_image_count(len(args.image))  # before decoding them
+    check_image_count(len(args.image), least=1 if args.command == "edit" else 0)  # before decoding them
     images = [load_image(_input_file("--image", p)) for p in args.image]
     mask = load_image(_input_file("--mask", args.mask)) if getattr(args, "mask", None) else None
     if mask is not None:

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.comfy_mlp import fuse_mlp, fused_names, split_fused_mlp
 from qwen_image_lora.errors import AdapterError
-from qwen_image_lora.hub import HubUnavailable, check_hub_repo, check_source
+from qwen_image_lora.hub import check_adapter_hub, check_source
 from qwen_image_lora.io import atomic_path
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -118,16 +118,9 @@ def _repo_weight_files(repo: str) -> list[str]:
 
 def _download(hub_id: str) -> Path:
 
+    check_adapter_hub(hub_id)
     parts = hub_id.split("/")
     repo, file = "/".join(parts[:2]), "/".join(parts[2:]) or None
-    try:
-        check_hub_repo(
-            repo,
-            head=f"{hub_id}:",
-            fix=f"download it first (`hf download {repo}`) or give the path of a local .safetensors file",
-        )
-    except HubUnavailable as e:
-        raise AdapterError(str(e)) from None
     try:
         if file is None:
             files = _repo_weight_files(repo)

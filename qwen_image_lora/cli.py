@@ -40,7 +40,7 @@ def _validate(args) -> int:
     """The config, then what it points at: the model folder (when local) and the data source, no weights loaded."""
     from qwen_image_lora.data.cache import check_cache_dir
     from qwen_image_lora.data.sources import load_items
-    from qwen_image_lora.model import check_pretrained
+    from qwen_image_lora.hub import check_pretrained
     from qwen_image_lora.train.preflight import check_validation_inputs
     from qwen_image_lora.train.run_folder import check_not_nested
 

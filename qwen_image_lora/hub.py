@@ -62,6 +62,20 @@ def check_hub_repo(repo_id: str, *, head: str, fix: str, field: str | None = Non
         ) from None
 
 
+def check_adapter_hub(hub_id: str) -> None:
+    """Raise AdapterError naming the adapter unless its repository (`owner/repo[/file.safetensors]`) is cached or
+    answers on the hub now."""
+    repo = "/".join(hub_id.split("/")[:2])
+    try:
+        check_hub_repo(
+            repo,
+            head=f"{hub_id}:",
+            fix=f"download it first (`hf download {repo}`) or give the path of a local .safetensors file",
+        )
+    except HubUnavailable as e:
+        raise AdapterError(str(e)) from None
+
+
 def is_hub_id(source: str) -> bool:
     """`owner/repo` or `owner/repo/file.safetensors` that cannot be a local path: not `.`, `/` or `~`-rooted, and its
     first part is no folder here (so a typo in `outputs/run` is a missing local path, not a repository)."""
@@ -84,3 +98,32 @@ def check_source(source: str | Path) -> None:
         else "and it is not a hub id like owner/repo"
     )
     raise AdapterError(f"{source}: no such adapter file or folder ({why}); check the path")
+
+
+def check_pretrained(pretrained: str | Path, revision: str | None = None) -> None:
+    """Raise FileNotFoundError naming `model.pretrained` when it looks like a local folder but is not a model, or is
+    a hub id that is neither cached nor reachable (in seconds, not after minutes of retries)."""
+    source = str(pretrained)
+    if not _is_local(source):
+        check_hub_repo(
+            source,
+            head=f"model.pretrained: {source} is",
+            field="model.pretrained",
+            revision=revision,
+            fix=f"download it first (`hf download {source}`) or point model.pretrained at a local "
+            "diffusers-format folder",
+        )
+        return
+    hint = (
+        "point it at a diffusers-format folder (`qwen-lora make-tiny-model DIR` writes a tiny test one) "
+        "or a hub id such as Qwen/Qwen-Image-2.1"
+    )
+    if not Path(source).expanduser().exists():
+        raise NotFound(f"model.pretrained: {source} does not exist; {hint}", "model.pretrained")
+    if not (Path(source).expanduser() / "model_index.json").is_file():
+        raise NotFound(f"model.pretrained: {source} has no model_index.json; {hint}", "model.pretrained")
+
+
+def _is_local(source: str) -> bool:
+    """A path, not a hub id: it exists, starts like a path, or its first part is a local folder (outputs/nope)."""
+    return Path(source).exists() or source.startswith((".", "/", "~")) or Path(source.split("/")[0]).is_dir()

@@ -132,7 +132,8 @@ def check_image_count(count: int, least: int = 0, field: str = "images") -> None
     """The one rule on an edit's inputs: at most MAX_INPUT_IMAGES (and at least `least`: 1 where an edit is required;
     0 lets a request be text-to-image)."""
     if not least <= count <= MAX_INPUT_IMAGES:
-        raise SettingError(field, f"give 1 to {MAX_INPUT_IMAGES} input images (got {count})")
+        allowed = f"{least} to {MAX_INPUT_IMAGES}" if least else f"at most {MAX_INPUT_IMAGES}"
+        raise SettingError(field, f"give {allowed} input images (got {count})")
 
 
 @dataclass(kw_only=True)

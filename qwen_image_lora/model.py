@@ -25,8 +25,7 @@ from huggingface_hub import hf_hub_download
 from PIL import Image
 
 from qwen_image_lora.console import QUIET_LOAD_BYTES, quiet_progress_bars, weights_bytes
-from qwen_image_lora.errors import NotFound
-from qwen_image_lora.hub import check_hub_repo
+from qwen_image_lora.hub import check_pretrained
 from qwen_image_lora.presets import SIDE_MULTIPLE
 from qwen_image_lora.quantization import check_quantize, quantization_config
 from qwen_image_lora.speed import configure_transformer
@@ -194,35 +193,6 @@ def offload_encoders(pipe, device: torch.device) -> None:
         if module is not None:
             module.to("cpu")
             apply_group_offloading(module, onload_device=device, offload_device="cpu", offload_type="leaf_level")
-
-
-def check_pretrained(pretrained: str | Path, revision: str | None = None) -> None:
-    """Raise FileNotFoundError naming `model.pretrained` when it looks like a local folder but is not a model, or is
-    a hub id that is neither cached nor reachable (in seconds, not after minutes of retries)."""
-    source = str(pretrained)
-    if not _is_local(source):
-        check_hub_repo(
-            source,
-            head=f"model.pretrained: {source} is",
-            field="model.pretrained",
-            revision=revision,
-            fix=f"download it first (`hf download {source}`) or point model.pretrained at a local "
-            "diffusers-format folder",
-        )
-        return
-    hint = (
-        "point it at a diffusers-format folder (`qwen-lora make-tiny-model DIR` writes a tiny test one) "
-        "or a hub id such as Qwen/Qwen-Image-2.1"
-    )
-    if not Path(source).expanduser().exists():
-        raise NotFound(f"model.pretrained: {source} does not exist; {hint}", "model.pretrained")
-    if not (Path(source).expanduser() / "model_index.json").is_file():
-        raise NotFound(f"model.pretrained: {source} has no model_index.json; {hint}", "model.pretrained")
-
-
-def _is_local(source: str) -> bool:
-    """A path, not a hub id: it exists, starts like a path, or its first part is a local folder (outputs/nope)."""
-    return Path(source).exists() or source.startswith((".", "/", "~")) or Path(source.split("/")[0]).is_dir()
 
 
 # ------------------------------------------------------------------------------------------ images

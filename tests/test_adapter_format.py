@@ -2,7 +2,6 @@
 the fused MLP factors, each module's scale as peft applies it, the layouts told apart and the files refused, and
 paths that are neither a local file nor a hub id. Finding the file: tests/test_adapter_sources.py."""
 
-import copy
 import dataclasses
 import os
 import re
@@ -348,10 +347,13 @@ def test_the_shape_check_reports_every_misfit_three_in_full(transformer):
     assert str(error.value) == intro + "; ".join(shown) + " (and 1 more)"
 
 
-def test_a_peft_folder_reads_with_its_adapter_config_and_loads_into_diffusers_as_peft_had_it(transformer, tmp_path):
-
+def test_a_peft_folder_reads_with_its_adapter_config_and_loads_into_diffusers_as_peft_had_it(
+    transformer, tiny_model_dir, tmp_path
+):
     config = {"r": 2, "lora_alpha": 6.0, "target_modules": ["img_mlp.proj", "to_q"], "use_rslora": True}
-    wrapped = get_peft_model(copy.deepcopy(transformer), LoraConfig(**config))
+    # A fresh base: the module's transformer keeps earlier tests' (deleted) LoRA wrappers, which peft warns about.
+    fresh = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
+    wrapped = get_peft_model(fresh, LoraConfig(**config))
     deltas = {}
     for name, module in wrapped.base_model.model.named_modules():
         if hasattr(module, "lora_B") and "default" in module.lora_B:

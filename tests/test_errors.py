@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from qwen_image_lora import cli, model
+from qwen_image_lora import cli, hub
 from qwen_image_lora import inference as api
 from qwen_image_lora.errors import InputError, NotFound, UserError
 from qwen_image_lora.inference.generator import Generator
@@ -73,7 +74,7 @@ def test_the_cli_ends_a_user_error_with_its_line_and_code(monkeypatch, capsys):
     def refuse(*_):
         raise Stopped("model.pretrained: nope")
 
-    monkeypatch.setattr(model, "check_pretrained", refuse)
+    monkeypatch.setattr(hub, "check_pretrained", refuse)
     assert cli.main(["validate", str(DEMO)]) == 5
     assert capsys.readouterr().err.splitlines()[-1] == "stopped: model.pretrained: nope"
 
@@ -82,7 +83,7 @@ def test_a_bug_in_the_cli_keeps_its_traceback(monkeypatch):
     def bug(*_):
         raise ValueError("an internal invariant broke")
 
-    monkeypatch.setattr(model, "check_pretrained", bug)
+    monkeypatch.setattr(hub, "check_pretrained", bug)
     with pytest.raises(ValueError, match="an internal invariant broke"):
         cli.main(["validate", str(DEMO)])
 
@@ -90,10 +91,11 @@ def test_a_bug_in_the_cli_keeps_its_traceback(monkeypatch):
 HEAVY = ("torch", "diffusers", "transformers", "peft")
 
 
-def _heavy_imports_after(code: str) -> tuple[list[str], str]:
+def _heavy_imports_after(code: str, env: dict[str, str] | None = None) -> tuple[list[str], str]:
     """Run `code` in a fresh interpreter; the heavy libraries it imported, and its stderr."""
     probe = f"import sys\n{code}\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    env = {**os.environ, **(env or {})}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.split(), done.stderr
 
@@ -119,10 +121,24 @@ def test_the_parser_and_its_help_import_no_heavy_library():
             "/nope/run: no such adapter",
         ),
         (["batch", "j.jsonl", "--lora", "/nope/run", "--output-dir", "o"], "/nope/run: no such adapter"),
+        # An uncached hub adapter, offline: it failed only after the base model had loaded.
+        (
+            ["generate", "--prompt", "x", "--lora", "someone/brand-lora:0.8", "--output", "a.png"],
+            "someone/brand-lora: not in the local Hugging Face cache",
+        ),
+        (
+            ["layers", "--image", "x.png", "--mask", "auto", "--lora", "someone/brand-lora", "--output", "o.psd"],
+            "someone/brand-lora: not in the local Hugging Face cache",
+        ),
+        (
+            ["batch", "j.jsonl", "--lora", "someone/brand-lora/a.safetensors", "--output-dir", "o"],
+            "someone/brand-lora/a.safetensors: not in the local Hugging Face cache",
+        ),
     ],
 )
-def test_a_bad_config_or_adapter_path_is_refused_before_torch_imports(argv, named):
-    loaded, err = _heavy_imports_after(f"from qwen_image_lora.cli import main\nassert main({argv!r}) == 2")
+def test_a_bad_config_or_adapter_path_is_refused_before_torch_imports(argv, named, tmp_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}  # an empty cache, the hub not asked
+    loaded, err = _heavy_imports_after(f"from qwen_image_lora.cli import main\nassert main({argv!r}) == 2", offline)
     assert named in err and loaded == []
 
 

@@ -154,7 +154,7 @@ def test_prompt_over_1024_tokens_is_an_error_naming_the_length(gen):
     assert n > 1024
     with pytest.raises(ValueError, match=f"prompt: {n} tokens .* limit is 1024"):
         gen.generate(GenerationRequest(long, num_inference_steps=1))
-    with pytest.raises(ValueError, match="images: give 1 to 10"):
+    with pytest.raises(ValueError, match="images: give at most 10 input images"):
         gen.generate(GenerationRequest("x", images=[object()] * 11, num_inference_steps=1))
 
 

@@ -221,7 +221,7 @@ def test_batch_job_errors_name_the_line_and_field(tmp_path):
         ('{"images": ["a.png"]}', "prompt is required"),
         (
             json.dumps({"prompt": "a", "images": ["a.png"] * 11}),
-            r"jobs.jsonl:1: job.images: give 1 to 10 input images \(got 11\)",
+            r"jobs.jsonl:1: job.images: give at most 10 input images \(got 11\)",
         ),
     ]:
         bad.write_text(text)
