@@ -79,11 +79,8 @@ def check_adapter_hub(hub_id: str) -> None:
 def is_hub_id(source: str) -> bool:
     """`owner/repo` or `owner/repo/file.safetensors` that cannot be a local path: not `.`, `/` or `~`-rooted, and its
     first part is no folder here (so a typo in `outputs/run` is a missing local path, not a repository)."""
-    return (
-        bool(_HUB_ID.fullmatch(source))
-        and not source.startswith((".", "/", "~"))
-        and not Path(source.split("/")[0]).exists()
-    )
+    # The pattern already refuses a `/` or `~` start; `.` is a name character, so `./x` and `.x/y` are refused here.
+    return bool(_HUB_ID.fullmatch(source)) and not source.startswith(".") and not Path(source.split("/")[0]).exists()
 
 
 def check_source(source: str | Path) -> None:

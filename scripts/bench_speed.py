@@ -275,6 +275,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--example-steps", type=int, default=100, help="N of the example script's N / 2N runs")
     args = ap.parse_args(argv)
+    script = None
+    if "DIFFUSERS_EXAMPLE_SCRIPT" in os.environ:
+        try:  # fail before anything is set or built
+            script = example_speed.check_script(os.environ["DIFFUSERS_EXAMPLE_SCRIPT"])
+        except example_speed.ExampleError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     args.batches = [int(b) for b in args.batches.split(",")]
     args.groups = set(args.groups.split(",")) - {""}
     torch.set_num_threads(args.threads)
@@ -285,13 +292,6 @@ def main(argv=None) -> int:
     fresh = None if "TORCHINDUCTOR_CACHE_DIR" in os.environ else tempfile.TemporaryDirectory(prefix="bench-inductor-")
     if fresh:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh.name
-    script = None
-    if "DIFFUSERS_EXAMPLE_SCRIPT" in os.environ:
-        try:  # fail before the long part
-            script = example_speed.check_script(os.environ["DIFFUSERS_EXAMPLE_SCRIPT"])
-        except example_speed.ExampleError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
     cases, study = build_cases(cfg, args)
     if cases:  # `--groups ""` with DIFFUSERS_EXAMPLE_SCRIPT: only the example comparison
         run_rounds(cases, args)

@@ -2,6 +2,7 @@
 asserted), a wrong DIFFUSERS_EXAMPLE_SCRIPT is refused by name before the long part starts, and the loop time that
 judges our trainer against the example is read right from a TensorBoard log."""
 
+import importlib
 import importlib.util
 import os
 import re
@@ -10,7 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils.tensorboard import SummaryWriter
+
+import qwen_image_lora
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
 EXAMPLE = os.environ.get("DIFFUSERS_EXAMPLE_SCRIPT")
@@ -37,12 +41,24 @@ def test_tiny_inference_run_prints_every_case_against_eager():
     assert "no flex_attention backward" in proc.stdout
 
 
-def test_missing_example_script_is_refused_before_any_case_runs(tmp_path):
+def test_missing_example_script_is_refused_before_anything_is_set_or_built(tmp_path, monkeypatch, capsys):
+    # In-process (torch is loaded here already): the script's import path set-up is undone with the monkeypatch.
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    monkeypatch.setattr(qwen_image_lora, "__path__", list(qwen_image_lora.__path__))
+    monkeypatch.delitem(sys.modules, "bench_speed", raising=False)
+    bench_speed = importlib.import_module("bench_speed")
     missing = tmp_path / "train_dreambooth_lora_qwenimage21.py"
-    proc = _run("--tiny", env={"DIFFUSERS_EXAMPLE_SCRIPT": str(missing)})
-    assert proc.returncode == 2
-    assert "DIFFUSERS_EXAMPLE_SCRIPT" in proc.stderr and str(missing) in proc.stderr
-    assert "ready:" not in proc.stdout
+    monkeypatch.setenv("DIFFUSERS_EXAMPLE_SCRIPT", str(missing))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        assert bench_speed.main(["--tiny", "--threads", str(threads + 1)]) == 2
+    finally:
+        changed, _ = torch.get_num_threads(), torch.set_num_threads(threads)  # the suite keeps its thread count
+    out, err = capsys.readouterr()
+    assert err.startswith("error: DIFFUSERS_EXAMPLE_SCRIPT=") and str(missing) in err
+    assert out == ""  # not even the header: no case was built
+    assert changed == threads and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
 
 @pytest.mark.skipif(not EXAMPLE, reason="set DIFFUSERS_EXAMPLE_SCRIPT to a local copy of diffusers' example script")
