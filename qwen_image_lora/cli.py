@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from qwen_image_lora.config import ModelConfig, load_config
 from qwen_image_lora.errors import UserError
@@ -65,15 +66,24 @@ def _validate(args) -> int:
 def _make_tiny_model(args) -> int:
     from qwen_image_lora.tiny_model import make_tiny_model
 
-    print(make_tiny_model(args.output_dir, seed=args.seed, overwrite=args.overwrite))
+    _note_kept(args, (Path(args.output_dir) / "model_index.json").exists(), "a model")
+    print(make_tiny_model(args.output_dir, seed=args.seed or 0, overwrite=args.overwrite))
     return 0
 
 
 def _make_sample_data(args) -> int:
-    from qwen_image_lora.sample_data import make_sample_data
+    from qwen_image_lora.sample_data import is_sample_data, make_sample_data
 
-    print(make_sample_data(args.output_dir, seed=args.seed))
+    _note_kept(args, is_sample_data(args.output_dir), "sample data")
+    print(make_sample_data(args.output_dir, seed=args.seed or 0, overwrite=args.overwrite))
     return 0
+
+
+def _note_kept(args, made: bool, what: str) -> None:
+    """A --seed that will not be used is said, not ignored (a plain re-run, as the demo's, stays quiet)."""
+    if made and not args.overwrite and args.seed is not None:
+        print(f"note: {args.output_dir} holds {what} already, kept as it is; --overwrite writes it again with "
+              f"--seed {args.seed}", file=sys.stderr)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,18 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser(
-        "make-tiny-model", help="write the tiny random Qwen-Image-2.1 checkpoint used by tests and the demo"
-    )
-    p.add_argument("output_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=_make_tiny_model)
-
-    p = sub.add_parser("make-sample-data", help="write the bundled synthetic brand and edit-pair data set")
-    p.add_argument("output_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_make_sample_data)
+    sub.add_parser("make-tiny-model", help="write the tiny random Qwen-Image-2.1 checkpoint used by tests and the demo")
+    sub.add_parser("make-sample-data", help="write the bundled synthetic brand and edit-pair data set")
+    for name, what, func in (("make-tiny-model", "the model", _make_tiny_model),
+                             ("make-sample-data", "the data", _make_sample_data)):  # fmt: skip
+        p = sub.choices[name]
+        p.add_argument("output_dir", help="a new or empty folder (one that holds anything else is refused)")
+        p.add_argument("--seed", type=int, default=None, help="the random seed (default 0)")
+        p.add_argument("--overwrite", action="store_true", help=f"write {what} again where it exists already")
+        p.set_defaults(func=func)
 
     for name in COMMAND_MODULES:
         try:

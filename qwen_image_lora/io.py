@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from qwen_image_lora.errors import InputError
+
 # errno -> (what went wrong, what to do); libraries that wrap the OSError (torch's zip writer, safetensors) keep the
 # errno in the exception chain or as "(os error N)" in the message.
 _WRITABLE = "choose a writable folder for it, or fix that folder's permissions, and retry"
@@ -151,6 +153,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                 os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_ours_to_write(folder: str | os.PathLike, what: str, ours: bool, field: str = "output_dir") -> None:
+    """Raise InputError unless `folder` is absent, empty or `ours` (already holds `what`): the builders that write a
+    whole folder never overwrite or delete a user's own files."""
+    folder = Path(folder)
+    if ours or not folder.exists():
+        return
+    if not folder.is_dir():
+        raise InputError(f"{folder} is a file, not a folder; give a new folder for {what}", field)
+    held = sorted(p.name for p in folder.iterdir())
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise InputError(f"{folder} holds files that are not {what} ({shown}); give an empty or new folder", field)
 
 
 def _apply_umask(folder: Path) -> None:

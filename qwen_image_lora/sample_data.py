@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from qwen_image_lora.io import atomic_write_text
+from qwen_image_lora.io import atomic_write_text, check_ours_to_write
 
 TRIGGER = "qwnbrand"
 BRAND_PALETTE = ["#d7263d", "#1b998b", "#f4d35e"]  # brand red, teal, yellow
@@ -59,8 +59,22 @@ def draw_product(product: str, colour: str, background: str, size: tuple[int, in
     return image
 
 
-def make_sample_data(output_dir: str | Path, seed: int = 0, n_brand: int = 12, n_edits: int = 8) -> Path:
+def is_sample_data(folder: str | Path) -> bool:
+    """`folder` holds what make_sample_data writes (its manifests are written last)."""
+    folder = Path(folder)
+    return (folder / "manifest.jsonl").is_file() and (folder / "edits" / "manifest.jsonl").is_file()
+
+
+def make_sample_data(
+    output_dir: str | Path, seed: int = 0, n_brand: int = 12, n_edits: int = 8, overwrite: bool = False
+) -> Path:
+    """Write the sample data set and return its folder; one that holds it already is kept (a caption edited there
+    stays) unless `overwrite`, and one that holds anything else is refused."""
     out = Path(output_dir)
+    made = is_sample_data(out)
+    if made and not overwrite:
+        return out
+    check_ours_to_write(out, "sample data", made)
     rng = random.Random(seed)
     # Edits are the catalogue job "put it on white": sources on coloured backgrounds, targets on white. Brand
     # images avoid those targets' combinations, so the data doctor finds no duplicates or swapped pairs here.

@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from qwen_image_lora.console import quiet_progress_bars
-from qwen_image_lora.io import atomic_dir
+from qwen_image_lora.io import atomic_dir, check_ours_to_write
 
 # Real Qwen special tokens, in the order Qwen2.5/3 tokenizers number them.
 SPECIAL_TOKENS = [
@@ -298,12 +298,15 @@ def make_tiny_model(
     full_transformer: bool = False,
     downsampling_vae: bool = False,
 ) -> Path:
-    """Write the tiny checkpoint folder (atomically: a temp folder renamed into place) and return its path;
-    the options are `build_tiny_components`'."""
+    """Write the tiny checkpoint folder (atomically: a temp folder renamed into place) and return its path; a folder
+    that holds a model already is kept unless `overwrite`, one that holds anything else is refused. The other options
+    are `build_tiny_components`'."""
 
     output_dir = Path(output_dir)
-    if (output_dir / "model_index.json").exists() and not overwrite:
+    made = (output_dir / "model_index.json").exists()
+    if made and not overwrite:
         return output_dir
+    check_ours_to_write(output_dir, "a model", made)  # atomic_dir swaps out the whole folder
     with atomic_dir(output_dir) as tmp:
         components = build_tiny_components(seed, full_transformer, downsampling_vae)
         if full_transformer:

@@ -134,3 +134,42 @@ def test_a_jsonl_key_given_twice_is_refused_naming_the_line(tmp_path):
     assert next(rows) == (f"{jobs}:1", {"prompt": "a", "seed": 1})
     with pytest.raises(ValueError, match=rf"^{re.escape(str(jobs))}:3: 'seed' given twice; JSON keeps only the last"):
         next(rows)
+
+
+def test_the_sample_builders_keep_their_own_output_and_never_touch_a_users_folder(tmp_path, capsys):
+    """Was: make-tiny-model swapped out a non-empty folder (its files gone), make-sample-data overwrote an edited
+    caption, and a --seed that could not be used was ignored without a word."""
+    mine = tmp_path / "mine"
+    (mine / "photos").mkdir(parents=True)
+    (mine / "notes.txt").write_text("precious")
+    for command, what in (("make-tiny-model", "a model"), ("make-sample-data", "sample data")):
+        for extra in ([], ["--overwrite"]):
+            assert cli.main([command, str(mine), *extra]) == 2
+            assert capsys.readouterr().err.strip() == (
+                f"error: {mine} holds files that are not {what} (notes.txt, photos); give an empty or new folder"
+            )
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "photos"] and not any((mine / "photos").iterdir())
+
+    data = tmp_path / "data"
+    assert cli.main(["make-sample-data", str(data)]) == 0
+    caption = data / "brand" / "000.txt"
+    caption.write_text("my own caption")
+    assert cli.main(["make-sample-data", str(data)]) == 0  # the demo's re-run: kept, quietly
+    assert capsys.readouterr().err == "" and caption.read_text() == "my own caption"
+    assert cli.main(["make-sample-data", str(data), "--seed", "3"]) == 0
+    assert capsys.readouterr().err.strip() == (
+        f"note: {data} holds sample data already, kept as it is; --overwrite writes it again with --seed 3"
+    )
+    assert caption.read_text() == "my own caption"
+    assert cli.main(["make-sample-data", str(data), "--overwrite"]) == 0
+    assert caption.read_text().startswith("a qwnbrand ")
+
+    model = tmp_path / "model"
+    assert cli.main(["make-tiny-model", str(model)]) == 0
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    assert cli.main(["make-tiny-model", str(model), "--seed", "5"]) == 0
+    assert "kept as it is; --overwrite writes it again with --seed 5" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+    assert cli.main(["make-tiny-model", str(model), "--seed", "5", "--overwrite"]) == 0
+    assert weights.read_bytes() != before
