@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,33 @@ def test_a_fresh_start_in_a_used_folder_stops_before_loading_weights(
     new_id = json.loads((out / "run.json").read_text())["run_id"]
     assert new_id != old_id and [r["step"] for r in _losses(out)] == [1, 2]
     assert {_progress(p)["run_id"] for p in Checkpointer(out, 1).all()} == {new_id}
+
+
+def test_resuming_another_runs_checkpoint_over_a_used_folder_is_refused_untouched(
+    trained, tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch
+):
+    """Was: `--resume OTHER/checkpoints/step-N` into a folder holding run A took it over: run.json and the metadata
+    carried the other run's id, the adapter and losses were overwritten and both runs' checkpoints mixed."""
+    other, used = tmp_path / "other", _copy(trained, tmp_path)
+    shutil.copytree(trained, other)
+    other_id = json.loads((other / "run.json").read_text())["run_id"]
+    owner = uuid.uuid4().hex[:12]  # the used folder is another run's
+    (used / "run.json").write_text(json.dumps({"run_id": owner, "started": 0}))
+    step2 = other / "checkpoints" / "step-000002"
+    before, real_load = _hashes(used), qmodel.load_pipeline
+    monkeypatch.setattr(qmodel, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    assert lora.main([*_args(tiny_model_dir, sample_data_dir, used, "train.max_steps=6"), "--resume", str(step2)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: output_dir {used} already holds run {owner} (checkpoints up to step-000004, a finished adapter "
+        f"(pytorch_lora_weights.safetensors)), and --resume {step2} continues run {other_id}. Continue that run in "
+        f"its own output_dir ({other}) or a new one; to continue this folder's run, use --resume latest"
+    )
+    assert _hashes(used) == before  # nothing touched
+    monkeypatch.setattr(qmodel, "load_pipeline", real_load)
+    fork = tmp_path / "fork"  # what the message offers: that run, continued in a new folder
+    assert lora.main([*_args(tiny_model_dir, sample_data_dir, fork, "train.max_steps=3"), "--resume", str(step2)]) == 0
+    assert json.loads((fork / "run.json").read_text())["run_id"] == other_id
+    assert [r["step"] for r in _losses(fork)] == [3]
 
 
 def test_a_run_inside_another_runs_folder_is_refused_before_loading_weights(

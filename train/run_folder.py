@@ -179,12 +179,26 @@ class RunFolder:
                 )
             path = checkpointer.resolve(resume, owner if resume == "latest" else None)
             run_id = Checkpointer.peek(path)[0].run_id or owner or new_run_id()
+            self._check_resume_here(resume, path, run_id, owner)
         else:
             if overwrite:
                 self.move_aside()
             path, run_id = None, new_run_id()
         atomic_write_text(self.path / layout.RUN_ID, json.dumps({"run_id": run_id, "started": time.time()}))
         return path, run_id
+
+    def _check_resume_here(self, resume: str, checkpoint: Path, run_id: str, owner: str | None) -> None:
+        """A checkpoint of another folder's run may continue in a new folder or its own, never over this folder's run
+        (which would mix two runs' checkpoints, losses and adapters under one id)."""
+        traces = self._traces()
+        if not traces or run_id == owner or checkpoint.resolve().is_relative_to(self.path.resolve()):
+            return
+        home = checkpoint.parent.parent if checkpoint.parent.name == layout.CHECKPOINTS else checkpoint.parent
+        raise RunFolderInUse(
+            f"output_dir {self.path} already holds {f'run {owner}' if owner else 'another run'} ({', '.join(traces)}), "
+            f"and --resume {resume} continues run {run_id}. Continue that run in its own output_dir ({home}) or a new "
+            "one; to continue this folder's run, use --resume latest"
+        )
 
     def finished_at(self) -> int | None:
         """The step at which this folder's run wrote its adapter and metadata, None while it has not finished."""
