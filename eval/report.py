@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFilter
 
+from qwen_image_lora.console import WANDB_SETTINGS
 from qwen_image_lora.eval.summary import (
     BASE,
     BETTER,
@@ -296,7 +297,8 @@ def log_to_wandb(
         for i, s in enumerate(samples)
         for v in variants
     }
-    run = wandb.init(project=project, name=run_name, job_type="eval", dir=str(out_dir), reinit="finish_previous")
+    run = wandb.init(project=project, name=run_name, job_type="eval", dir=str(out_dir), reinit="finish_previous",
+                     settings=WANDB_SETTINGS)  # fmt: skip
     try:
         run.log({"eval/samples": table, **images})
         for adapter, v in verdict.items():

@@ -29,6 +29,9 @@ _TORCHAO_INT8_FP32 = "You are trying to set torch_dtype to torch.float32 for int
 _PYTREE_LOGGER = "torch.utils._pytree"
 _ENUM_NOTICE = "is an Enum subclass and is now natively supported by torch.compile"
 # Weights smaller than this load in well under a second: a progress bar for them is noise.
+# wandb.init's settings wherever a run starts: wandb still says where the run is (its URL, or its offline folder and
+# `wandb sync`) and its warnings, but not the run-history charts and summary it draws at the end (~20 lines).
+WANDB_SETTINGS = {"quiet": True}
 QUIET_LOAD_BYTES = 256 * 2**20
 
 

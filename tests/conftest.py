@@ -34,6 +34,17 @@ def module_data_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def wandb_home(tmp_path_factory):
+    """W&B's staging copies, cache and settings (which default to ~/.local/share, ~/.cache and ~/.config) in a
+    temporary folder: no test writes the user's home."""
+    folder = tmp_path_factory.mktemp("wandb-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+            mp.setenv(name, str(folder / name.lower()))
+        yield folder
+
+
 @pytest.fixture(autouse=True)
 def data_cache(tmp_path_factory, monkeypatch):
     """Each test's own default data cache (`data.cache_dir`, through $QWEN_LORA_CACHE, which the processes a test

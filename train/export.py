@@ -64,17 +64,18 @@ def write_run_folder(
     metadata: dict,
     samples: dict[str, Path],
     state: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """The final adapter, resolved config, metadata and model card in `cfg.output_dir`."""
+) -> list[Path]:
+    """The final adapter, resolved config, metadata and model card in `cfg.output_dir`. Returns what a published
+    adapter is: those four files and the samples the card shows (not the checkpoints, logs or other samples)."""
     out = Path(cfg.output_dir)
-    write_adapter_atomically(transformer, out, state)
+    adapter = write_adapter_atomically(transformer, out, state)
     save_config(cfg, out / layout.CONFIG)
     metadata = {**metadata, "versions": library_versions()}
     atomic_write_text(out / layout.METADATA, json.dumps(metadata, indent=2, default=str))
     atomic_write_text(
         out / layout.CARD, model_card(cfg, metadata, {k: Path(v).relative_to(out) for k, v in samples.items()})
     )
-    return out
+    return [adapter, out / layout.CONFIG, out / layout.METADATA, out / layout.CARD, *map(Path, samples.values())]
 
 
 def library_versions() -> dict[str, str]:

@@ -350,13 +350,13 @@ class LoRARecipe:
                 "trainable_parameters": sum(p.numel() for p in self.params),
             }
             try:
-                export.write_run_folder(self.pipe.transformer, cfg, metadata, self.samples, state)
+                published = export.write_run_folder(self.pipe.transformer, cfg, metadata, self.samples, state)
             except Exception as e:
                 raise CheckpointError(
                     f"{describe_write_error(e, self.out)}; the files already there and the "
                     f"checkpoints in {self.checkpointer.root} are intact"
                 ) from e
-            self.tracker.upload_adapter(self.out)
+            self.tracker.upload_adapter(self.out, published)
             logger.info("adapter written to %s", self.out / adapter.WEIGHTS_NAME)
             window = min(export.LOSS_WINDOW, len(losses))
             logger.info("loss: %.4f (mean of the first %d steps) -> %.4f (last %d)",

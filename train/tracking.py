@@ -1,5 +1,5 @@
 """One narrow interface over accelerate's trackers (W&B, TensorBoard or none), used from the main process only:
-`start(config)`, `log(metrics, step)`, `log_images(images, step)`, `upload_adapter(folder)`, `finish()`.
+`start(config)`, `log(metrics, step)`, `log_images(images, step)`, `upload_adapter(folder, files)`, `finish()`.
 
 W&B honours its own environment (`WANDB_MODE=offline` writes a local run under `<output_dir>/wandb`).
 """
@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from qwen_image_lora.config import ConfigError, TrackingConfig
+from qwen_image_lora.console import WANDB_SETTINGS
 
 _PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 
@@ -55,7 +56,7 @@ class Tracker:
         init_kwargs = {}
         if self.cfg.backend == "wandb":
             (self.output_dir / "wandb").mkdir(parents=True, exist_ok=True)
-            init_kwargs["wandb"] = {"name": self.cfg.run_name, "dir": str(self.output_dir)}
+            init_kwargs["wandb"] = {"name": self.cfg.run_name, "dir": str(self.output_dir), "settings": WANDB_SETTINGS}
         self.accelerator.init_trackers(self.cfg.project, config=flatten(config), init_kwargs=init_kwargs)
 
     def log(self, metrics: dict, step: int) -> None:
@@ -76,8 +77,10 @@ class Tracker:
             for name, image in images.items():
                 tracker.add_image(f"samples/{name}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
-    def upload_adapter(self, folder: str | Path, name: str = "lora") -> None:
-        """The final adapter folder as a W&B model artifact (a no-op for other backends)."""
+    def upload_adapter(self, folder: str | Path, files: list[Path], name: str = "lora") -> None:
+        """`files` (the adapter, its config, metadata, card and the card's samples) as a W&B model artifact under
+        their names in `folder` (a no-op for other backends). Not the folder: its checkpoints hold optimizer states
+        (gigabytes on the 7B model) and W&B's own run files."""
         if not (
             self.enabled
             and self.cfg.backend == "wandb"
@@ -89,7 +92,8 @@ class Tracker:
 
         run = self.accelerator.get_tracker("wandb", unwrap=True)
         artifact = wandb.Artifact(name=re.sub(r"[^\w.-]", "-", f"{run.name or name}-adapter"), type="model")
-        artifact.add_dir(str(folder))
+        for path in files:
+            artifact.add_file(str(path), name=Path(path).relative_to(folder).as_posix())
         run.log_artifact(artifact)
 
     def finish(self) -> None:
