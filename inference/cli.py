@@ -22,6 +22,7 @@ from qwen_image_lora.knobs import (
     MAX_ADAPTER_WEIGHT,
     MAX_INPUT_IMAGES,
     QUALITY_RANGE,
+    SettingError,
     accepted,
     check_image_count,
     limits_of,
@@ -278,7 +279,7 @@ def _generate(args) -> int:
         _as_option(lambda: prepare_mask(mask, images[-1], warn=False))  # the generator's rules, before the model
     request = GenerationRequest.from_settings(args, args.prompt, images=images, mask=mask,
                                               mask_feather=getattr(args, "mask_feather", 8))  # fmt: skip
-    request.validate(args.command)  # bad sizes, steps or input aspects fail before the model loads
+    _check_flags(request)  # bad sizes, steps or guidance fail before the model loads
     folder = Path(args.output).parent  # the settings name files relative to the image, so --from works from anywhere
     inputs = [file_record(p, folder) for p in args.image]
     mask_input = file_record(args.mask, folder) if mask is not None else None
@@ -297,6 +298,15 @@ def _input_file(option: str, path: str) -> str:
         what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
         raise NotFound(f"{option} {path}: {what}", option)
     return path
+
+
+def _check_flags(request) -> None:
+    """The sampling rules (`SamplingConfig.check`) on what the flags set; a refusal names the flag (`--width: ...`)."""
+    try:
+        request.check()
+    except SettingError as e:
+        flag = "--" + e.field.replace("_", "-") if e.field else None
+        raise InputError(f"{flag}: {e.message}" if flag else e.message, flag) from None
 
 
 def _as_option(check, *inputs):
@@ -324,7 +334,7 @@ def _layers(args) -> int:
     mask = args.mask if args.mask == "auto" else load_image(_input_file("--mask", args.mask))
     _as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads
     request = GenerationRequest.from_settings(args, "", images=[image], mask_feather=args.mask_feather)
-    request.validate(args.command)  # bad steps or guidance fail before the model loads
+    _check_flags(request)  # bad steps or guidance fail before the model loads
     generator, request.adapters = _load(args, _model_source(args))
     layers = generator.layers(request, mask, args.prompt, elements)
     # The flattened PNG carries no settings block: `--from` would re-create only its background edit.

@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.presets import ASPECT_RATIOS, SIDE_MULTIPLE
+from qwen_image_lora.presets import ASPECT_RATIOS, MAX_SIDE, SIDE_MULTIPLE
 from qwen_image_lora.typed_yaml import ConfigError
 
 MAX_INPUT_IMAGES = 10  # reference images per edit: the model's limit (training data, configs and every edge)
@@ -60,8 +60,8 @@ def accepted(f: dataclasses.Field) -> str:
     if "choices" in limits:
         return f"one of {', '.join(limits['choices'])}"
     ge, le, step = limits.get("ge"), limits.get("le"), limits.get("multiple_of")
-    if step and ge == step and le is None:
-        return f"a positive multiple of {step}"
+    if step and ge == step:
+        return f"a positive multiple of {step}" + (f" up to {le}" if le is not None else "")
     parts = [f"a multiple of {step}"] if step else []
     parts += [f">= {ge}"] if ge is not None else []
     parts += [f"<= {le}"] if le is not None else []
@@ -143,8 +143,12 @@ class SamplingConfig:
     extends it). null = the pipeline's own defaults, the ones users get."""
 
     negative_prompt: str | None = knob(None, "what to steer away from; guidance acts only with one")
-    width: int | None = knob(None, "width in pixels (or aspect_ratio)", ge=SIDE_MULTIPLE, multiple_of=SIDE_MULTIPLE)
-    height: int | None = knob(None, "height in pixels (or aspect_ratio)", ge=SIDE_MULTIPLE, multiple_of=SIDE_MULTIPLE)
+    width: int | None = knob(
+        None, "width in pixels (or aspect_ratio)", ge=SIDE_MULTIPLE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE
+    )
+    height: int | None = knob(
+        None, "height in pixels (or aspect_ratio)", ge=SIDE_MULTIPLE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE
+    )
     # Quote it in YAML ("16:9"), or YAML reads a number.
     aspect_ratio: str | None = knob(
         None, "a preset size for the pixel budget (or width/height)", choices=tuple(ASPECT_RATIOS)

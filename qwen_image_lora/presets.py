@@ -2,6 +2,9 @@
 check against them before torch loads, and the model module sizes and targets with the same values."""
 
 SIDE_MULTIPLE = 32  # one vision slot = 2x2 latents = 32x32 pixels: every image side is a multiple of it
+# The largest side an image is rendered at: 4x the model's 1024 px working size (16 MP at 4096 x 4096). Far past it
+# the scheduler's resolution shift overflows (NaN sigmas from ~12000 px, a math range error beyond).
+MAX_SIDE = 4096
 # Aspect-ratio presets, turned into a size by the one sizing rule (`model.fit_size`).
 ASPECT_RATIOS = {
     "1:1": (1, 1),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qwen_image_lora.knobs import SettingError, check_adapter_name, check_adapter_weight, repeated_name
-from qwen_image_lora.presets import SIDE_MULTIPLE
+from qwen_image_lora.presets import MAX_SIDE, SIDE_MULTIPLE
 from qwen_image_lora.typed_yaml import ConfigError, path_field, require
 
 
@@ -53,7 +53,7 @@ class ServeConfig:
     def validate(self, where: str) -> None:
         require(where, self, lambda v: 0 <= v <= 65535, "in 0..65535", "port")
         require(where, self, lambda v: v >= 1, ">= 1 (0 refuses every request)", "max_queue", "max_steps")
-        require(where, self, lambda v: v >= SIDE_MULTIPLE, f">= {SIDE_MULTIPLE}", "max_side")
+        require(where, self, lambda v: SIDE_MULTIPLE <= v <= MAX_SIDE, f"in {SIDE_MULTIPLE}..{MAX_SIDE}", "max_side")
         if twice := repeated_name(a.name for a in self.adapters if a.name):
             raise ConfigError(f"{where}.adapters: the name {twice[1]!r} is given twice; each adapter needs its own")
         require(where, self, lambda v: v > 0, "> 0", "max_body_mb", "url_timeout_s", "max_url_mb", "max_guidance_scale")

@@ -60,9 +60,18 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
     strip = tmp_path / "strip.png"
     Image.new("RGB", (400, 20)).save(strip)
     for argv, message in (
-        (["generate", "--prompt", "x", "--width", "100"], "generate.width: must be a positive multiple of 32"),
-        (["generate", "--prompt", "x", "--steps", "0"], "generate.num_inference_steps: must be >= 1"),
-        (["generate", "--prompt", "x", "--guidance-scale", "nan"], "generate.guidance_scale: must be a finite"),
+        (
+            ["generate", "--prompt", "x", "--width", "100"],
+            "--width: must be a positive multiple of 32 up to 4096 (got 100)",
+        ),
+        (["generate", "--prompt", "x", "--steps", "0"], "--num-inference-steps: must be >= 1 (got 0)"),
+        (["generate", "--prompt", "x", "--guidance-scale", "nan"], "--guidance-scale: must be a finite"),
+        # Was a math range error traceback from the scheduler (and NaN sigmas from ~12000 px).
+        (
+            ["generate", "--prompt", "x", "--width", "100032", "--height", "64"],
+            "error: --width: must be a positive multiple of 32 up to 4096 (got 100032)",
+        ),
+        (["generate", "--prompt", "x", "--aspect-ratio", "1:1", "--height", "64"], "error: give either aspect_ratio"),
         (["edit", "--prompt", "x", *["--image", str(strip)] * 11], "images: give 1 to 10 input images (got 11)"),
         (
             ["edit", "--prompt", "x", "--image", str(strip), "data.resolution=64"],
@@ -80,7 +89,7 @@ def test_layers_checks_its_settings_before_the_model_loads_and_takes_no_size(tmp
     base = ["layers", "--model", str(tmp_path / "nowhere"), "--image", str(tmp_path / "in.png"), "--mask", "auto",
             "--output", str(tmp_path / "o.psd")]  # fmt: skip
     assert main([*base, "--steps", "0"]) == 2
-    assert "layers.num_inference_steps: must be >= 1" in capsys.readouterr().err  # not the missing model
+    assert "error: --num-inference-steps: must be >= 1 (got 0)" in capsys.readouterr().err  # not the missing model
     with pytest.raises(SystemExit):
         main([*base, "--width", "64"])
     assert "unrecognized arguments: --width" in capsys.readouterr().err
