@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(e.line(), file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # mid-load, mid-render, mid-prepare: every write is atomic, so nothing is half-written
+        print(f"stopped (Ctrl-C) during {args.command}; no file is left half-written", file=sys.stderr)
+        return 130
     except OSError as e:  # a full disk, a read-only or unwritable folder: the path and the next step, not a traceback
         if not is_write_error(e):
             raise

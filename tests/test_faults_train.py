@@ -229,6 +229,25 @@ def test_ctrl_c_twice_ends_with_one_line_naming_the_last_checkpoint(
     assert "Traceback" not in err
 
 
+def test_ctrl_c_while_the_trainer_imports_its_libraries_ends_it_without_a_traceback(tmp_path):
+    """Was an 80-line KeyboardInterrupt traceback from inside diffusers' imports (the stop handler comes later)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train" / "lora.py"), "--config", str(DEMO), f"output_dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)  # past the interpreter's start-up, inside `import torch` and the rest (several seconds here)
+    assert proc.poll() is None, "the trainer finished importing before the signal"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT  # ended by the signal, as a shell's Ctrl-C expects (status 130)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_live_run_holds_its_folder_against_a_second_trainer(
     trained, tiny_model_dir, sample_data_dir, tmp_path, capsys
 ):

@@ -173,3 +173,14 @@ def test_the_sample_builders_keep_their_own_output_and_never_touch_a_users_folde
     assert weights.read_bytes() == before
     assert cli.main(["make-tiny-model", str(model), "--seed", "5", "--overwrite"]) == 0
     assert weights.read_bytes() != before
+
+
+def test_ctrl_c_during_a_command_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """Was a ~60-line traceback ending in torch/nn/... for generate, edit, layers and eval interrupted mid-render."""
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_make_sample_data", interrupted)
+    assert cli.main(["make-sample-data", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "stopped (Ctrl-C) during make-sample-data; no file is left half-written\n"

@@ -19,10 +19,14 @@ import argparse
 import contextlib
 import logging
 import math
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below import: nothing to keep yet, so no traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import torch
 from accelerate import Accelerator
@@ -405,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
     args = parser.parse_intermixed_args(argv)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # imported: Ctrl-C raises again (a cache flushes on it)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.resume and args.overwrite:  # one continues this folder's run, the other moves it aside
         parser.error("--resume continues a run and --overwrite starts a new one: give one of them")
     # Every rank reads the same config and data: the main one says what they all would; the others only errors.
