@@ -31,6 +31,7 @@ from qwen_image_lora.eval.summary import BASE, CheckpointScore, Sample, summaris
 from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.adapters import adapter_name_for
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.io import check_writable
 from qwen_image_lora.objective import heldout_loss
 from qwen_image_lora.progress import progress_bar, track
 
@@ -63,6 +64,7 @@ def evaluate(
     found = find_checkpoints(checkpoints_dir) if checkpoints_dir else []
     if checkpoints_dir:
         notes += check_run_config(cfg, checkpoints_dir)
+    check_writable(Path(cfg.eval.output_dir) / "report.json")  # not after every image is rendered
     if pipe is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe = qmodel.load_model(cfg.model, device)

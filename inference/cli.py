@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError, NotFound
+from qwen_image_lora.io import check_writable
 from qwen_image_lora.knobs import (
     MASK_FEATHER_RANGE,
     MAX_ADAPTER_WEIGHT,
@@ -265,6 +266,7 @@ def _generate(args) -> int:
     from qwen_image_lora.inference.masking import prepare_mask
 
     format_for(args.output)  # a bad extension fails before the model loads
+    check_writable(args.output)  # and so does a folder that cannot be written (was: after the render)
     if args.from_image:
         apply_from(args, Path(_input_file("--from", args.from_image)), NO_SIZE)
     if not args.prompt:
@@ -330,6 +332,7 @@ def _layers(args) -> int:
     elements = [_as_option(Element.parse, e) for e in args.element]  # bad input fails before the model loads
     if Path(args.output).suffix.lower() not in FORMATS:
         raise InputError(f"--output {args.output}: use .psd, .ora or .zip", "--output")
+    check_writable(args.output)
     image = load_image(_input_file("--image", args.image))
     mask = args.mask if args.mask == "auto" else load_image(_input_file("--mask", args.mask))
     _as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads

@@ -32,6 +32,7 @@ _WRITE_ERRORS = {
     errno.EPERM: ("the operation is not permitted", _WRITABLE),
     errno.ENOTDIR: ("a part of that path is a file, not a folder", "choose a folder path and retry"),
     errno.EEXIST: ("a file is where its folder should be", "choose a folder path and retry"),
+    errno.EISDIR: ("a folder is where the file should be", "choose a file name and retry"),
 }  # fmt: skip
 # Only writes raise these, so an error carrying one is a write error wherever it was caught.
 _ONLY_FROM_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -110,6 +111,19 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Before the work that ends in writing `path` (a render, an eval): its folder can be made and written to, and no
+    folder sits at `path`. Raises WriteError naming `path` now, not after the work (the folder is made)."""
+    path = Path(path)
+    with writing_to(path):
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
 
 
 @contextlib.contextmanager

@@ -120,6 +120,21 @@ def test_eval_cli_errors_name_the_problem(config_path, tmp_path, capsys):
     assert "eval.prompts" in capsys.readouterr().err
     assert main(["eval", "--config", str(config_path), "--adapter", str(tmp_path / "missing")]) == 2
     assert "no such adapter file" in capsys.readouterr().err
+    # Was found only after every image had rendered (`eval images 8/8`, then "could not write .../report.json").
+    (tmp_path / "taken").write_text("a file")
+    argv = [
+        "eval",
+        "--config",
+        str(config_path),
+        "--output",
+        str(tmp_path / "taken" / "eval"),
+        "model.pretrained=nope/x",
+    ]
+    assert main(argv) == 2  # the model would fail to load (it is not cached): the output is checked before it
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: could not write {tmp_path / 'taken' / 'eval' / 'report.json'}: a part of that path is a file, not "
+        "a folder; choose a folder path and retry"
+    )
 
 
 def test_checkpoints_are_scored_on_the_runs_held_out_split(config_path, adapters, tmp_path, capsys):

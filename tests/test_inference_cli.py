@@ -82,6 +82,27 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
         assert message in capsys.readouterr().err  # not the missing model: the settings are checked first
 
 
+def test_an_output_that_cannot_be_written_fails_before_the_model_loads(tmp_path, capsys):
+    """Was found only after the render: 'could not write g1.png/x.png', the image thrown away."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    (tmp_path / "taken.png").write_text("a file")
+    (tmp_path / "folder.png").mkdir()
+    model = ["--model", str(tmp_path / "nowhere")]  # had it loaded first, the error would be about it
+    for argv, output, why in (
+        (["generate", "--prompt", "x"], tmp_path / "taken.png" / "o.png", "a file is where its folder should be"),
+        (["generate", "--prompt", "x"], tmp_path / "folder.png", "a folder is where the file should be"),
+        (
+            ["layers", "--image", str(tmp_path / "in.png"), "--mask", "auto"],
+            tmp_path / "taken.png" / "o.psd",
+            "a file is where its folder should be",
+        ),  # fmt: skip
+    ):
+        assert main([*argv, *model, "--output", str(output)]) == 2
+        assert capsys.readouterr().err.strip() == f"error: could not write {output}: {why}; " + (
+            "choose a file name and retry" if output.is_dir() else "choose a folder path and retry"
+        )
+
+
 def test_layers_checks_its_settings_before_the_model_loads_and_takes_no_size(tmp_path, capsys):
     """Its flags are the sampling fields less the size (the layers keep the input's): `--width` was taken and
     ignored, and `--steps 0` surfaced only after the model had loaded."""
