@@ -9,9 +9,13 @@ import io
 import ipaddress
 import itertools
 import json
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -478,3 +482,30 @@ def test_an_unnamed_configured_adapter_serves_under_its_derived_name_and_weight(
             r = c.post("/v1/images", json={"prompt": "x", "num_inference_steps": 1, "seed": 1, **body}, headers=AUTH)
             assert r.status_code == 200, r.text
             assert [(a["name"], a["weight"]) for a in read_settings(r.content)["loras"]] == [("plain_v2", 0.5)]
+
+
+def test_qwen_lora_serve_says_where_it_serves_in_one_line_and_uvicorn_stays_quiet(tiny_model_dir, tmp_path):
+    """Was uvicorn's four start-up lines and an access line per request, and no line of ours (URL, adapters)."""
+    with socket.socket() as probe:  # a free port (released just before the service binds it)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "QWEN_LORA_API_KEYS": KEY, "HF_HUB_OFFLINE": "1"}
+    cmd = ["qwen-lora", "serve", "--model", str(tiny_model_dir), "--port", str(port), "model.dtype=float32"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no answer"
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
+                    assert json.loads(answer.read())["status"] == "ok"
+                    break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out == ""
+    assert err.splitlines() == [
+        f"serving {tiny_model_dir} (adapters: none) at http://127.0.0.1:{port}/: the studio page at /, the API under "
+        "/v1, metrics at /metrics; Ctrl-C stops"
+    ]
