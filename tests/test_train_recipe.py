@@ -435,6 +435,11 @@ def test_problems_are_reported_before_any_weights_load(tiny_model_dir, sample_da
     assert "validation.edits[0].images" in capsys.readouterr().err
     assert lora.main([*base, "train.max_stepz=3"]) == 2
     assert "did you mean 'train.max_steps'" in capsys.readouterr().err
+    # Was found by `add_lora`, after the weights loaded and the data was encoded (minutes on the 7B model).
+    assert lora.main([*base, "lora.targets=[to_qq, to_v]"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: lora.targets: 'to_qq' matches no layer of the transformer (e.g. 'to_q', 'to_v', 'to_k')"
+    )
     if importlib.util.find_spec("prodigyopt") is None:
         assert lora.main([*base, "optim.name=prodigy"]) == 2
         assert "pip install prodigyopt" in capsys.readouterr().err

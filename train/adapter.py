@@ -19,8 +19,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qwen_image_lora import adapter_format
+from qwen_image_lora import model as qmodel
 from qwen_image_lora.adapter_format import WEIGHTS_NAME  # noqa: F401 - re-exported for the recipe
-from qwen_image_lora.config import LoRAConfig
+from qwen_image_lora.config import LoRAConfig, ModelConfig
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.train.ranks import is_sharded
 
@@ -91,6 +92,16 @@ def add_lora(transformer, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
     if cfg.init_from:
         load_adapter_file(transformer, cfg.init_from)
     return params
+
+
+def check_targets_before_loading(model: ModelConfig, cfg: LoRAConfig) -> None:
+    """`add_lora`'s target check on the transformer's module tree built on the meta device from its config.json (no
+    weights, no memory): a typo in lora.targets fails before the data is prepared and the weights load."""
+    if isinstance(cfg.targets, str):  # a preset: its names are the model's (the 7B tree takes ~2 s to build on CPU)
+        return
+    with torch.device("meta"):
+        transformer = qmodel.transformer_class()(**qmodel.load_transformer_config(model.pretrained, model.revision))
+    _check_each_target_matches(transformer, cfg.target_modules)
 
 
 def _check_each_target_matches(transformer, targets) -> None:

@@ -9,7 +9,7 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora import speed
 from qwen_image_lora.config import Config, ConfigError
 from qwen_image_lora.data.cache import check_cache_dir
-from qwen_image_lora.train import optim, ranks
+from qwen_image_lora.train import adapter, optim, ranks
 from qwen_image_lora.train.tracking import check_tracker_available
 
 logger = logging.getLogger("qwen_image_lora.train")
@@ -30,6 +30,7 @@ def check_before_loading(cfg: Config, resuming: bool = False) -> None:
         raise ConfigError("data.path: set it to a folder of images + captions or a .jsonl/.csv manifest")
     check_cache_dir(cfg.data.cache_dir)
     check_validation_inputs(cfg)
+    adapter.check_targets_before_loading(cfg.model, cfg.lora)
     if cfg.checkpoint.every_steps > cfg.train.max_steps and not resuming:  # a resumed run has its checkpoints
         logger.warning(
             "checkpoint.every_steps=%d > train.max_steps=%d: the only checkpoint will be the last step's",
