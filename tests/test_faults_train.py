@@ -599,6 +599,24 @@ def test_a_resume_that_changes_the_maths_is_an_error_naming_the_fields(
     assert [r["step"] for r in _losses(out)] == [1, 2, 3, 4, 5]
 
 
+def test_no_resume_changes_the_adapters_shape(trained, tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch):
+    """Was allowed by --allow-config-change, then failed on the checkpoint's adapter after the model had loaded:
+    'adapter weight ...lora_A.weight: shape (4, 16) in the file, (2, 16) here'."""
+    out = _copy(trained, tmp_path)
+    before = _hashes(out)
+    monkeypatch.setattr(qmodel, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    rank = load_config(out / "config.yaml").lora.rank
+    args = _args(tiny_model_dir, sample_data_dir, out, "train.max_steps=5", f"lora.rank={rank // 2}")
+    assert lora.main([*args, "--resume", "latest", "--allow-config-change"]) == 2
+    last = Checkpointer(out, 1).all()[-1]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: resume from {last}: lora.rank: {rank} -> {rank // 2} changes the adapter's shape, which no resume "
+        "can do (not even with --allow-config-change). Set it back, or start a new run in a new output_dir"
+    )
+    kept = {p: h for p, h in before.items() if p.name != "run.json"}  # run.json: the same run, a new start time
+    assert {p: h for p, h in _hashes(out).items() if p.name != "run.json"} == kept
+
+
 def test_the_schema_decides_what_a_resume_may_change():
 
     base = to_dict(load_config(None))

@@ -353,6 +353,10 @@ def _differences(name: str, old, new) -> list[str]:
     return [] if old == new else [f"{name}: {old!r} -> {new!r}"]
 
 
+# The settings that give the adapter its tensors' names and shapes: a checkpoint's adapter cannot take others.
+ADAPTER_SHAPE = ("lora.rank:", "lora.targets:", "lora.use_dora:")
+
+
 def changed_fixed_fields(saved: dict, current: dict) -> list[str]:
     """'field: checkpoint -> now' for each field the schema marks FIXED (changes the maths) that differs."""
     return [d for name in resume_fixed_fields() for d in _differences(name, _get(saved, name), _get(current, name))]
@@ -363,6 +367,12 @@ def check_resume(path: Path, current: dict, allow_change: bool) -> tuple[Trainin
     error naming them, unless `allow_change` (then warnings); other differences are warnings saying which wins."""
     progress, saved = Checkpointer.peek(path)
     changed = changed_fixed_fields(saved, current)
+    reshaped = [c for c in changed if c.startswith(ADAPTER_SHAPE)]
+    if reshaped:  # was allowed, then failed loading the checkpoint's adapter: "shape (8, 16) in the file, (4, 16) here"
+        raise CheckpointError(
+            f"resume from {path}: {'; '.join(reshaped)} changes the adapter's shape, which no resume can do (not even "
+            "with --allow-config-change). Set it back, or start a new run in a new output_dir"
+        )
     if changed and not allow_change:
         raise CheckpointError(
             f"resume from {path}: this config changes settings that change the maths of the run "
