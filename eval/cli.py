@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -16,6 +17,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.output is not None:
         overrides.append(f"eval.output_dir={args.output}")
     cfg = load_config(args.config, overrides)
+    if not args.adapter and not args.checkpoints:
+        print("note: no --adapter or --checkpoints given: the report shows the base model alone, with no verdict",
+              file=sys.stderr)  # fmt: skip
     html_path, json_path = evaluate(cfg, args.adapter, args.checkpoints)
     report = json.loads(json_path.read_text())
     for verdict in report["verdicts"].values():  # the report's own verdict lines, computed once

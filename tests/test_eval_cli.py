@@ -131,7 +131,9 @@ def test_eval_cli_errors_name_the_problem(config_path, tmp_path, capsys):
         "model.pretrained=nope/x",
     ]
     assert main(argv) == 2  # the model would fail to load (it is not cached): the output is checked before it
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "note: no --adapter or --checkpoints given: the report shows the base model alone, with no verdict"
+    assert err[-1] == (
         f"error: could not write {tmp_path / 'taken' / 'eval' / 'report.json'}: a part of that path is a file, not "
         "a folder; choose a folder path and retry"
     )
