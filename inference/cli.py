@@ -356,10 +356,15 @@ def _batch(args) -> int:
     from qwen_image_lora.knobs import parse_lora_arg
 
     jobs = read_jobs(_input_file("jobs file", args.jobs))  # every line checked before loading 7B weights
-    check_adapter_names(jobs, args.jobs, derived_names([parse_lora_arg(item)[0] for item in args.lora]))
+    sources = [parse_lora_arg(item)[0] for item in args.lora]
+    names = derived_names(sources)
+    check_adapter_names(jobs, args.jobs, names)
     # PartialState only sets up a CPU process group (gloo) when told the run is on CPU.
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)
+    if len(names) > 1 and state.is_main_process:  # a job's "loras" picks adapters by these names
+        given = ", ".join(f"{name} = {source}" for name, source in zip(names, sources))
+        print(f'adapters: {given} (a job\'s "loras" names them)', file=sys.stderr)
     cfg = _model_source(args)
     run = {"model": cfg.model.pretrained, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
            "resolution": cfg.data.resolution, "loras": [[weight, adapter_identity(path)] for path, weight in map(parse_lora_arg, args.lora)]}  # fmt: skip

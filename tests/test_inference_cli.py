@@ -506,3 +506,17 @@ def test_a_job_naming_an_adapter_no_lora_gives_is_refused_before_the_model_loads
     argv = ["batch", str(jobs), "--output-dir", str(tmp_path / "out"), "--model", str(tmp_path / "no-model")]
     assert main([*argv, "--lora", str(lora_dir)]) == 2  # the model folder does not exist: the check came first
     assert f"{jobs}: job a: loras: unknown adapter 'nobody'; --lora gives: brand" in capsys.readouterr().err
+
+
+def test_batch_says_the_names_its_adapters_go_by(tmp_path, capsys, lora_dir):
+    """Two folders of the same name become `brand` and `brand-2`, which a job's "loras" must use: they were never
+    shown."""
+    other = tmp_path / "other" / lora_dir.name
+    shutil.copytree(lora_dir, other)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "a", "prompt": "x", "loras": {"brand-2": 0.5}}) + "\n")
+    argv = ["batch", str(jobs), "--output-dir", str(tmp_path / "out"), "--model", str(tmp_path / "no-model")]
+    assert main([*argv, "--lora", str(lora_dir), "--lora", str(other)]) == 2  # the model folder does not exist
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f'adapters: brand = {lora_dir}, brand-2 = {other} (a job\'s "loras" names them)'
+    )
