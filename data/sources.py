@@ -14,6 +14,7 @@ written once, content-addressed, under `<cache_dir>/hf-images/` so every later s
 from __future__ import annotations
 
 import csv
+import difflib
 import errno
 import hashlib
 import os
@@ -162,9 +163,23 @@ def _as_captions(value, where: str, field: str) -> tuple[str, ...]:
     raise DataError(f"{where}: {field!r} must be a string or a list of strings")
 
 
+ROW_KEYS = ("image", "caption", "target", "instruction", "sources", "mask")
+
+
+def _check_near_misses(row: dict, where: str) -> None:
+    """A key one typo away from a missing key of ours (`captoin`) is refused naming it; other keys are the user's own
+    columns (a SKU, a note) and are left alone."""
+    for key in row:
+        if key not in ROW_KEYS:
+            close = difflib.get_close_matches(key, [k for k in ROW_KEYS if k not in row], n=1, cutoff=0.75)
+            if close:
+                raise DataError(f"{where}: unknown key {key!r}; did you mean {close[0]!r}?")
+
+
 def _row_to_item(row: dict, base: Path, where: str, item_id: str) -> Item:
     if not isinstance(row, dict):
         raise DataError(f"{where}: each line must be a JSON object")
+    _check_near_misses(row, where)
     if "sources" in row or "instruction" in row:
         missing = [k for k in ("target", "instruction", "sources") if k not in row]
         if missing:

@@ -87,3 +87,25 @@ def test_an_edit_row_takes_1_to_10_references_by_the_one_rule(tmp_path):
     row["sources"] = ["a.png"] * MAX_INPUT_IMAGES
     (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
     assert len(load_items(load_config(None, [f"data.path={tmp_path / 'm.jsonl'}"]).data)[0].sources) == 10
+
+
+def test_a_key_one_typo_from_ours_is_refused_and_the_users_own_columns_are_not(tmp_path):
+    """`captoin` was read as no caption at all: `validate` said OK and the run trained uncaptioned."""
+    manifest = tmp_path / "m.jsonl"
+
+    def load(row):
+        manifest.write_text(json.dumps(row) + "\n")
+        return load_items(load_config(None, [f"data.path={manifest}"]).data)
+
+    with pytest.raises(DataError, match=rf"^{manifest}:1: unknown key 'captoin'; did you mean 'caption'\?$"):
+        load({"image": "a.png", "captoin": "qwnbrand"})
+    (edit,) = load({"target": "t.png", "instruction": "x", "sources": ["s.png"], "source": "studio"})  # ours is there
+    assert [p.name for p in edit.sources] == ["s.png"]
+    with pytest.raises(DataError, match=r":1: unknown key 'source'; did you mean 'sources'\?$"):
+        load({"target": "t.png", "instruction": "x", "source": "s.png"})
+    (item,) = load({"image": "a.png", "caption": "qwnbrand", "sku": "B-12", "notes": "matte"})
+    assert item.captions == ("qwnbrand",)
+    csv_manifest = tmp_path / "m.csv"
+    csv_manifest.write_text("image,capton\na.png,qwnbrand\n")
+    with pytest.raises(DataError, match=rf"^{csv_manifest}:2: unknown key 'capton'; did you mean 'caption'\?$"):
+        load_items(load_config(None, [f"data.path={csv_manifest}"]).data)
