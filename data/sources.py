@@ -65,7 +65,10 @@ def load_items(cfg: DataConfig) -> list[Item]:
         raise DataError("data.path: not set; point it at an image folder or a .jsonl manifest")
     path = Path(cfg.path)
     if not path.exists():
-        raise DataError(f"data.path: {path} does not exist")
+        raise DataError(
+            f"data.path: {path} does not exist; point it at a folder of images with .txt captions, a .jsonl/.csv "
+            "manifest or a Hugging Face dataset folder"
+        )
     fmt = cfg.format
     if fmt == "auto":
         if path.is_dir():

@@ -102,7 +102,10 @@ def read_jobs(path: str | Path) -> list[Job]:
         if job.mask is not None and not job.images:
             raise InputError(f"{where}: mask needs images (it applies to the last one)")
         _check_inputs(job, where)
-        format_for(job.output_name)
+        try:
+            format_for(job.output_name)
+        except InputError as e:
+            raise InputError(f"{where}: {e}", e.field) from None
         if job.output_name in outputs:
             raise InputError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
         outputs[job.output_name] = where.rsplit(":", 1)[1]

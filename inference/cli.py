@@ -260,7 +260,7 @@ def _load(args, cfg, device=None):
 
 def _generate(args) -> int:
     _check_lora_sources(args)
-    from qwen_image_lora.images import format_for, load_image, save_image
+    from qwen_image_lora.images import format_for, save_image
     from qwen_image_lora.inference.from_image import apply_from
     from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects, file_record
     from qwen_image_lora.inference.masking import prepare_mask
@@ -275,8 +275,8 @@ def _generate(args) -> int:
         raise InputError(f"--image: give 1 to {MAX_INPUT_IMAGES} input images (or --from an edit whose inputs are "
                          "still there)", "--image")  # fmt: skip
     check_image_count(len(args.image), least=1 if args.command == "edit" else 0)  # before decoding them
-    images = [load_image(_input_file("--image", p)) for p in args.image]
-    mask = load_image(_input_file("--mask", args.mask)) if getattr(args, "mask", None) else None
+    images = [_input_image("--image", p) for p in args.image]
+    mask = _input_image("--mask", args.mask) if getattr(args, "mask", None) else None
     if mask is not None:
         _as_option(lambda: prepare_mask(mask, images[-1], warn=False))  # the generator's rules, before the model
     request = GenerationRequest.from_settings(args, args.prompt, images=images, mask=mask,
@@ -292,6 +292,17 @@ def _generate(args) -> int:
     made_with = generator.describe(request, inputs, mask_input, folder)
     print(f"{save_image(image, args.output, args.quality, made_with)} (seed {request.seed})")
     return 0
+
+
+def _input_image(option: str, path: str):
+    """An image named on the command line, read by the one image reader; a refusal names the option."""
+    from qwen_image_lora.images import ImageInputError, load_image
+
+    try:
+        return load_image(_input_file(option, path))
+    except ImageInputError as e:
+        fix = "; downscale it (the model works at about 1024 px)" if e.too_large else ""
+        raise InputError(f"{option} {e}{fix}", option) from None
 
 
 def _input_file(option: str, path: str) -> str:
@@ -325,7 +336,6 @@ def _as_option(check, *inputs):
 
 def _layers(args) -> int:
     _check_lora_sources(args)
-    from qwen_image_lora.images import load_image
     from qwen_image_lora.inference.generator import GenerationRequest
     from qwen_image_lora.inference.layers import FORMATS, Element, check_request, save_layers
 
@@ -333,8 +343,8 @@ def _layers(args) -> int:
     if Path(args.output).suffix.lower() not in FORMATS:
         raise InputError(f"--output {args.output}: use .psd, .ora or .zip", "--output")
     check_writable(args.output)
-    image = load_image(_input_file("--image", args.image))
-    mask = args.mask if args.mask == "auto" else load_image(_input_file("--mask", args.mask))
+    image = _input_image("--image", args.image)
+    mask = args.mask if args.mask == "auto" else _input_image("--mask", args.mask)
     _as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads
     request = GenerationRequest.from_settings(args, "", images=[image], mask_feather=args.mask_feather)
     _check_flags(request)  # bad steps or guidance fail before the model loads

@@ -243,6 +243,8 @@ def test_cli_validate_checks_that_paths_exist(field, tmp_path, capsys, tiny_mode
     assert f"{field}: {tmp_path / 'nope'} does not exist" in err
     if field == "model.pretrained":
         assert "qwen-lora make-tiny-model" in err
+    else:  # the next step, not only the problem
+        assert "; point it at a folder of images with .txt captions, a .jsonl/.csv manifest or a Hugging Face" in err
 
 
 def test_cli_validate_checks_the_previews_input_images(tmp_path, capsys, tiny_model_dir, sample_data_dir):

@@ -57,8 +57,9 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
     )
     assert "use .png, .jpg/.jpeg or .webp" in capsys.readouterr().err
     base = ["--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o.png")]
-    strip = tmp_path / "strip.png"
+    strip, big = tmp_path / "strip.png", tmp_path / "big.png"
     Image.new("RGB", (400, 20)).save(strip)
+    Image.new("1", (8200, 8200)).save(big)  # 67.2 M pixels: over the limit, a few KB on disk
     for argv, message in (
         (
             ["generate", "--prompt", "x", "--width", "100"],
@@ -73,6 +74,10 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
         ),
         (["generate", "--prompt", "x", "--aspect-ratio", "1:1", "--height", "64"], "error: give either aspect_ratio"),
         (["edit", "--prompt", "x", *["--image", str(strip)] * 11], "images: give 1 to 10 input images (got 11)"),
+        (  # was "big.png: image is ...; the limit is 67,108,864": no option, no next step
+            ["edit", "--prompt", "x", "--image", str(big)],
+            f"error: --image {big}: image is 8200x8200 = 67,240,000 pixels; the limit is 67,108,864; downscale it",
+        ),
         (
             ["edit", "--prompt", "x", "--image", str(strip), "data.resolution=64"],
             "images: image 1 is 400x20 (aspect 20.0:1); at resolution 64 the model takes aspect ratios under 16:1",

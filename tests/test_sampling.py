@@ -50,6 +50,11 @@ def test_a_bad_job_setting_is_named_with_its_line(tmp_path):
     (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "x", "width": 100}) + "\n")
     with pytest.raises(ValueError, match=r"jobs.jsonl:1: job.width: must be a positive multiple of 32"):
         read_jobs(tmp_path / "jobs.jsonl")
+    (tmp_path / "jobs.jsonl").write_text(
+        json.dumps({"prompt": "x"}) + "\n" + json.dumps({"prompt": "y", "output": "a.gif"})
+    )
+    with pytest.raises(ValueError, match=r"jobs.jsonl:2: output format 'a.gif': use .png, .jpg/.jpeg or .webp$"):
+        read_jobs(tmp_path / "jobs.jsonl")  # the line was not named
 
 
 def test_the_cli_flags_and_the_request_models_are_built_from_the_fields():
