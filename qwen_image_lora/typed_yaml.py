@@ -82,6 +82,11 @@ def load_yaml(text: str, where: str, dotted: str = ""):
     loader.dotted = dotted
     try:
         return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:  # its str() is several lines with a caret drawing: one line, at its place
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({e.context})" if e.context else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {e.problem}{context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML: {e}") from e
     except ConfigError as e:
@@ -209,7 +214,7 @@ def _looks_like_hub_id(value: str) -> bool:
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
+        return " or ".join(_yaml_repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
@@ -221,18 +226,27 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _yaml_repr(value) -> str:
+    """A value as the YAML a user writes spells it: true, false, null; strings quoted."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value)
+
+
 def _coerce(value, tp, dotted: str, where: str, base: Path):
     """Check `value` against the annotation `tp`; convert int->float only. Raise naming the field."""
     origin = typing.get_origin(tp)
     quote = isinstance(value, int) and not isinstance(value, bool) and (tp is str or str in typing.get_args(tp))
     hint = f'; quote it: {dotted.rsplit(".", 1)[-1]}: "{value}"' if quote else ""
     if value is None and tp is str:  # `background: #000000` reads as an empty value: YAML's # starts a comment
-        hint = f'; a value starting with # must be quoted: {dotted.rsplit(".", 1)[-1]}: "#000000"'
+        hint = f'; an empty value, or one starting with # (a YAML comment), is null: quote it: {dotted.rsplit(".", 1)[-1]}: "#000000"'
     words = {False: ("no", "off", "false"), True: ("yes", "on", "true")}.get(value) if isinstance(value, bool) else ()
     if origin is Literal and (word := next((w for w in words if w in typing.get_args(tp)), None)):
-        hint = f'; YAML reads an unquoted {word} as {value}: quote it: {dotted.rsplit(".", 1)[-1]}: "{word}"'
+        hint = (
+            f'; YAML reads an unquoted {word} as {_yaml_repr(value)}: quote it: {dotted.rsplit(".", 1)[-1]}: "{word}"'
+        )
 
-    bad = ConfigError(f"{where}: {dotted} must be {_type_name(tp)} (got {value!r}){hint}")
+    bad = ConfigError(f"{where}: {dotted} must be {_type_name(tp)} (got {_yaml_repr(value)}){hint}")
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
             try:

@@ -59,7 +59,7 @@ def test_unknown_section(tmp_path):
         ("data:\n  resolution: 1000\n", r"data.resolution: must be a multiple of 32"),
         ("validation:\n  edits:\n    - images: []\n      prompt: x\n", r"validation.edits\[0\].images: give 1 to 10"),
         ("train:\n  gradient_checkpointing: sometimes\n", r"train.gradient_checkpointing must be bool or 'auto'"),
-        ("train:\n  mixed_precision: no\n", r"\(got False\); YAML reads an unquoted no as False: quote it: .*\"no\""),
+        ("train:\n  mixed_precision: no\n", r"\(got false\); YAML reads an unquoted no as false: quote it: .*\"no\""),
         ("optim:\n  max_grad_norm: -1\n", r"optim.max_grad_norm: must be > 0, or null for no clipping \(got -1.0\)"),
         ("optim:\n  max_grad_norm: 0\n", r"optim.max_grad_norm: must be > 0, or null for no clipping \(got 0.0\)"),
         ("optim:\n  lr: .nan\n", r"optim.lr must be a finite number \(got nan\)"),
@@ -159,9 +159,17 @@ def test_a_hex_colour_is_text_on_the_command_line_and_a_file_says_to_quote_it(tm
     """`data.background=#000000` read as a YAML comment: 'data.background must be str (got None)'."""
     assert load_config(None, ["data.background=#000000"]).data.background == "#000000"
     with pytest.raises(
-        ConfigError, match=r'data.background must be str \(got None\); .* quoted: background: "#000000"'
+        ConfigError,
+        match=r'data.background must be str \(got null\); .* \(a YAML comment\), is null: quote it: background: "#000000"',
     ):
         load_config(write(tmp_path, "data:\n  background: #000000\n"))
+    # An empty override (`output_dir=`) is null too; a setting that allows false or a word says so in YAML's spelling.
+    with pytest.raises(
+        ConfigError, match=r"output_dir must be str \(got null\); an empty value, or one starting with #"
+    ):
+        load_config(None, ["output_dir="])
+    with pytest.raises(ConfigError, match=r"model.compile must be false or 'blocks' or 'full' \(got true\)$"):
+        load_config(None, ["model.compile=true"])  # was "must be False or 'blocks' or 'full' (got True)"
 
 
 def test_an_unquoted_aspect_ratio_says_to_quote_it(tmp_path):
@@ -289,3 +297,15 @@ def test_cli_validate_refuses_an_output_dir_nested_with_another_runs(tmp_path, c
     assert main(["validate", "configs/demo.yaml", *paths, f"output_dir={tmp_path}"]) == 2
     assert f"output_dir {tmp_path} holds the folder of another run ({tmp_path / 'run'})" in capsys.readouterr().err
     assert main(["validate", "configs/demo.yaml", *paths, f"output_dir={tmp_path / 'run'}"]) == 0  # its own folder
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
+    """Was PyYAML's several lines, squashed into one with its caret drawing ('in "<unicode string>", line 2...')."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 3\n bad: x\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(bad)
+    assert str(refused.value) == (
+        f"{bad}: not valid YAML at line 3, column 2: expected <block end>, but found '<block mapping start>' (while "
+        "parsing a block mapping)"
+    )
