@@ -30,12 +30,18 @@ def _doctor(args) -> int:
     for option, path, name in (("--json", args.json, "doctor.json"), ("--html", args.html, "edit_pairs.html")):
         if path is not None and Path(path).is_dir():  # refused before the data is read
             raise InputError(f"{option} {path}: is a folder; give a file path, e.g. {Path(path) / name}", option)
-    cfg = _load(args.target, args.overrides)
+    if args.config and args.target:  # `--config CFG key=value`: the first override landed in TARGET
+        args.overrides, args.target = [args.target, *args.overrides], None
+    target = args.config or args.target
+    if target is None:
+        raise InputError("data doctor: give a config (.yaml) or a data folder / manifest, e.g. "
+                         "`qwen-lora data doctor configs/brand.yaml`", "target")  # fmt: skip
+    cfg = _load(target, args.overrides)
     report = diagnose(cfg)
     print(report.table())
     written = []
     # From a config: where prepare and training look for exclusions (per data set, in the shared cache).
-    verdicts = verdicts_dir(cfg) if args.target.endswith((".yaml", ".yml")) else None
+    verdicts = verdicts_dir(cfg) if target.endswith((".yaml", ".yml")) else None
     if verdicts:
         report.write_json(verdicts / "doctor.json")
         written.append(str(verdicts / "doctor.json"))
@@ -94,8 +100,9 @@ def register(subparsers) -> None:
     p = sub.add_parser(
         "doctor", help="report unreadable, duplicate, uncaptioned, misaligned ... items (never edits them)"
     )
-    p.add_argument("target", help="a config (.yaml) or a data folder / manifest")
+    p.add_argument("target", nargs="?", help="a config (.yaml) or a data folder / manifest")
     p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--config", help="the config, as prepare and caption take it (or give it as TARGET)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any item has an error")
     p.add_argument("--json", default=None, help="also write the report here")
     p.add_argument("--html", default=None, help="contact sheet of edit pairs (default: beside doctor.json)")

@@ -122,7 +122,10 @@ def _say_default_model(args) -> None:
     """A command given no config and no model runs the default hub model: say so before it starts (a download of
     tens of GB, or an error about a model the user never named, should not come as a surprise)."""
     target = getattr(args, "target", None)  # data doctor takes a config or a bare data folder
-    no_config = getattr(args, "config", "") is None or (target is not None and not target.endswith((".yaml", ".yml")))
+    config = getattr(args, "config", None) or (target if target and target.endswith((".yaml", ".yml")) else None)
+    if hasattr(args, "target") and target is None and config is None:
+        return  # data doctor given neither: its own error says what to give
+    no_config = (hasattr(args, "config") or target is not None) and config is None
     named = (
         getattr(args, "model", None)
         or getattr(args, "from_image", None)  # --from: the image names its model

@@ -60,3 +60,19 @@ def test_doctor_json_or_html_naming_a_folder_is_one_error_line_before_the_data_i
         (line,) = [x for x in capsys.readouterr().err.splitlines() if not x.startswith("note:")]
         assert line == f"error: {option} {folder}: is a folder; give a file path, e.g. {folder / name}"
     assert list(folder.iterdir()) == []
+
+
+def test_doctor_takes_its_config_as_prepare_does_and_says_what_to_give(sample_data_dir, tmp_path, capsys):
+    """`data doctor` alone said "required: target, overrides" (overrides are optional), and `--config CFG` (as
+    prepare and caption take it) was "unrecognized arguments"."""
+    assert main(["data", "doctor"]) == 2
+    assert capsys.readouterr().err == (
+        "error: data doctor: give a config (.yaml) or a data folder / manifest, e.g. "
+        "`qwen-lora data doctor configs/brand.yaml`\n"
+    )
+    overrides = [f"data.path={sample_data_dir / 'brand'}", f"model.pretrained={tmp_path / 'no-model'}"]
+    tables = []
+    for argv in ([str(DEMO), *overrides], ["--config", str(DEMO), *overrides]):
+        assert main(["data", "doctor", *argv, "--json", str(tmp_path / "d.json")]) == 0
+        tables.append(capsys.readouterr().out)
+    assert tables[0] == tables[1] and "12" in tables[0]
