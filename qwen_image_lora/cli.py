@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -86,11 +88,28 @@ def _note_kept(args, made: bool, what: str) -> None:
               f"--seed {args.seed}", file=sys.stderr)  # fmt: skip
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A (sub)command's parser, which records itself in the namespace it parses: an unknown option is then refused
+    with that command's usage, not the top level's (nested `data` commands inherit the class)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_defaults(command_parser=self)
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    """argparse's 'unrecognized arguments', from the command's own parser, with the nearest option it takes."""
+    options = sorted(set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", parser.format_help())))
+    unknown = next((a.split("=", 1)[0] for a in extra if a.startswith("--")), "")
+    close = difflib.get_close_matches(unknown, options, n=1, cutoff=0.6) if unknown else []
+    parser.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen-lora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     p = sub.add_parser("validate", help="check a config, the model folder and the data source (no weights loaded)")
     p.add_argument("config")
@@ -148,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and not any(a.startswith("-") or "=" not in a for a in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        _refuse_unknown(getattr(args, "command_parser", parser), extra)
     _say_default_model(args)
     try:
         # A bad config or override is refused before the command imports torch (data doctor's target may be one).

@@ -525,3 +525,24 @@ def test_batch_says_the_names_its_adapters_go_by(tmp_path, capsys, lora_dir):
     assert capsys.readouterr().err.splitlines()[0] == (
         f'adapters: brand = {lora_dir}, brand-2 = {other} (a job\'s "loras" names them)'
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "line"),
+    [
+        (["generate", "--prompt", "x", "--sead", "5", "--output", "a.png"], "usage: qwen-lora generate ",
+         "qwen-lora generate: error: unrecognized arguments: --sead; did you mean --seed?"),
+        (["plan", "--config", "c.yaml", "--gpu-memroy", "8GB"], "usage: qwen-lora plan ",
+         "qwen-lora plan: error: unrecognized arguments: --gpu-memroy; did you mean --gpu-memory?"),
+        (["data", "doctor", "c.yaml", "--strcit"], "usage: qwen-lora data doctor ",
+         "qwen-lora data doctor: error: unrecognized arguments: --strcit; did you mean --strict?"),
+        (["generate", "--prompt", "x", "--zzz", "--output", "a.png"], "usage: qwen-lora generate ",
+         "qwen-lora generate: error: unrecognized arguments: --zzz"),
+    ],
+)  # fmt: skip
+def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(argv, usage, line, capsys):
+    """Was the top level's usage (`qwen-lora [-h] {validate,...}`) and no suggestion."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(usage) and err.splitlines()[-1] == line
