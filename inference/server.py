@@ -429,10 +429,15 @@ def _select_adapters(body, configured: dict[str, float], generator: Generator) -
 
 
 def serve(cfg: Config, api_keys: list[str]) -> None:
-    """Run the service until Ctrl-C. The console gets one line of ours saying what is served where; uvicorn says only
-    its warnings and errors (not its start-up lines or a line per request: /metrics counts the requests)."""
-    app = create_app(cfg, api_keys)
+    """Run the service until Ctrl-C."""
+    make_server(cfg, api_keys).run()
+
+
+def make_server(cfg: Config, api_keys: list[str], generator: Generator | None = None) -> uvicorn.Server:
+    """The service under uvicorn, ready to run. The console gets one line of ours saying what is served where;
+    uvicorn says only its warnings and errors (not its start-up lines or a line per request: /metrics counts them)."""
+    app = create_app(cfg, api_keys, generator)
     adapters = ", ".join(app.state.generator.adapters.names) or "none"
     print(f"serving {cfg.model.pretrained} (adapters: {adapters}) at http://{cfg.serve.host}:{cfg.serve.port}/: the "
           "studio page at /, the API under /v1, metrics at /metrics; Ctrl-C stops", file=sys.stderr, flush=True)  # fmt: skip
-    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning")
+    return uvicorn.Server(uvicorn.Config(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning"))

@@ -3,16 +3,14 @@
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import http.server
 import io
 import ipaddress
 import itertools
 import json
-import os
-import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
@@ -27,7 +25,7 @@ from qwen_image_lora.images import decode_image, read_settings
 from qwen_image_lora.inference import urls
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.guards import KeyCheck
-from qwen_image_lora.inference.server import create_app, load_api_keys
+from qwen_image_lora.inference.server import create_app, load_api_keys, make_server
 from qwen_image_lora.inference.testing import make_random_lora
 from qwen_image_lora.inference.urls import URLRefused, fetch, refusal_reason, resolve_checked
 from qwen_image_lora.serve_config import ServeAdapter
@@ -484,28 +482,26 @@ def test_an_unnamed_configured_adapter_serves_under_its_derived_name_and_weight(
             assert [(a["name"], a["weight"]) for a in read_settings(r.content)["loras"]] == [("plain_v2", 0.5)]
 
 
-def test_qwen_lora_serve_says_where_it_serves_in_one_line_and_uvicorn_stays_quiet(tiny_model_dir, tmp_path):
+def test_the_service_says_where_it_serves_in_one_line_and_uvicorn_stays_quiet(cfg, gen, capfd):
     """Was uvicorn's four start-up lines and an access line per request, and no line of ours (URL, adapters)."""
     with socket.socket() as probe:  # a free port (released just before the service binds it)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "QWEN_LORA_API_KEYS": KEY, "HF_HUB_OFFLINE": "1"}
-    cmd = ["qwen-lora", "serve", "--model", str(tiny_model_dir), "--port", str(port), "model.dtype=float32"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    local = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, host="127.0.0.1", port=port))
+    server = make_server(local, [KEY], generator=gen)
+    thread = threading.Thread(target=server.run)
+    thread.start()
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no answer"
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
-                    assert json.loads(answer.read())["status"] == "ok"
-                    break
-            time.sleep(0.2)
+        deadline = time.time() + 60
+        while not server.started:
+            assert thread.is_alive() and time.time() < deadline, "the service did not start"
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            assert json.loads(answer.read())["status"] == "ok"
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and out == ""
-    assert err.splitlines() == [
-        f"serving {tiny_model_dir} (adapters: none) at http://127.0.0.1:{port}/: the studio page at /, the API under "
-        "/v1, metrics at /metrics; Ctrl-C stops"
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert capfd.readouterr().err.splitlines() == [
+        f"serving {cfg.model.pretrained} (adapters: brand, sketch) at http://127.0.0.1:{port}/: the studio page at /, "
+        "the API under /v1, metrics at /metrics; Ctrl-C stops"
     ]
