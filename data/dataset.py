@@ -371,9 +371,20 @@ def build_training_data(
     if fraction and not held_out and len(entries) > 1:
         held_out = [len(entries) - 1]
     train_ids = [i for i in range(len(entries)) if i not in set(held_out)]
+    if not train_ids:
+        raise DataError(f"validation.held_out_fraction: {fraction} holds out all {len(entries)} items, leaving none "
+                        "to train on; lower it")  # fmt: skip
+    if len(held_out) > len(train_ids):
+        logger.warning("validation.held_out_fraction=%s holds out %d of %d items: only %d are trained on",
+                       fraction, len(held_out), len(entries), len(train_ids))  # fmt: skip
     layouts: dict[tuple, list[int]] = {}
     for i in train_ids:
         layouts.setdefault(entries[i].layout, []).append(i)
+    largest = max(len(group) for group in layouts.values())
+    if cfg.train.batch_size > largest:  # a batch is one bucket's items: it cannot be larger than the bucket
+        logger.warning("train.batch_size=%d, but the largest bucket holds %d items: no batch is larger than that "
+                       "(each batch is one bucket's; more data of one size, or a smaller batch_size)",
+                       cfg.train.batch_size, largest)  # fmt: skip
     logger.info("buckets (%d items):\n%s", len(train_ids), histogram([entries[i].target.bucket for i in train_ids]))
     if cache is None and cfg.data.cache_dir and (Path(cfg.data.cache_dir) / "shards").is_dir():
         # A prepared cache: read it, and add what is missing (new captions, new items) as this rank's shards.

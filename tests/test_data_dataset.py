@@ -106,3 +106,18 @@ def test_an_edit_mask_is_turned_by_its_exif_as_its_target_is(tiny_pipe, tmp_path
     h, w = weights.shape
     assert h > w  # the target trains upright (taller than wide)
     assert torch.allclose(weights[: h // 2], torch.tensor(4.0)) and torch.allclose(weights[h // 2 :], torch.tensor(1.0))
+
+
+def test_a_batch_size_no_bucket_can_fill_and_a_held_out_share_that_leaves_little_are_said(
+    tiny_pipe, tiny_model_dir, sample_data_dir, caplog
+):
+    """Both trained without a word: batches of at most the largest bucket (11 here, not 64), and 1 item of 12."""
+    base = [f"data.path={sample_data_dir / 'brand'}", f"model.pretrained={tiny_model_dir}"]
+    caplog.set_level("WARNING")
+    build_training_data(load_config("configs/demo.yaml", [*base, "train.batch_size=64"]), tiny_pipe)
+    assert "train.batch_size=64, but the largest bucket holds 11 items: no batch is larger than that" in caplog.text
+    caplog.clear()
+    build_training_data(load_config("configs/demo.yaml", [*base, "validation.held_out_fraction=0.9"]), tiny_pipe)
+    assert "validation.held_out_fraction=0.9 holds out" in caplog.text and "only" in caplog.text
+    with pytest.raises(DataError, match=r"^validation.held_out_fraction: 0.99 holds out all 12 items, leaving none"):
+        build_training_data(load_config("configs/demo.yaml", [*base, "validation.held_out_fraction=0.99"]), tiny_pipe)
