@@ -697,35 +697,25 @@ def _limit_file_size(limit):
 def test_running_out_of_space_in_a_real_run_names_the_path_and_loses_nothing(
     trained, tiny_model_dir, sample_data_dir, tmp_path
 ):
-    out = _copy(trained, tmp_path)
-    kept = {p: _sha(p) for p in [out / ADAPTER, out / "training_metadata.json", out / "README.md"]}
-    limit = (out / ADAPTER).stat().st_size // 2  # room for the logs and configs, not for weights
+    limit = (trained / ADAPTER).stat().st_size // 2  # room for the logs and configs, not for weights
     base = [sys.executable, str(ROOT / "train" / "lora.py"), "--resume", "latest"]
-    # A checkpoint at every step, then only the last step's (written before the final adapter).
-    for every, where in ((1, "step-000005"), (100, "step-000005")):
-        result = subprocess.run(
-            [
-                *base,
-                *_args(
-                    tiny_model_dir,
-                    sample_data_dir,
-                    out,
-                    "train.max_steps=5",
-                    f"checkpoint.every_steps={every}",
-                    "checkpoint.keep_last=5",
-                ),
-            ],
-            cwd=ROOT,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=240,
-            preexec_fn=_limit_file_size(limit),
-        )
-        assert result.returncode == 2, result.stderr[-3000:]
-        last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("error:") and "larger than this process (ulimit -f)" in last and where in last, last
-        assert "Traceback" not in result.stderr
+    # A checkpoint at every step, then only the last step's (written before the final adapter); both at once, each
+    # in its own copy of the run (one thread each).
+    runs = {}
+    for every in (1, 100):
+        out = tmp_path / f"every-{every}"
+        shutil.copytree(trained, out)
+        cmd = [*base, *_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=5", f"checkpoint.every_steps={every}",
+                             "checkpoint.keep_last=5")]  # fmt: skip
+        kept = {p: _sha(p) for p in [out / ADAPTER, out / "training_metadata.json", out / "README.md"]}
+        runs[out] = kept, subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                           text=True, preexec_fn=_limit_file_size(limit))  # fmt: skip
+    for out, (kept, process) in runs.items():
+        _, err = process.communicate(timeout=240)
+        assert process.returncode == 2, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error:") and "larger than this process (ulimit -f)" in last, last
+        assert "step-000005" in last and "Traceback" not in err
         assert {p: _sha(p) for p in kept} == kept
         assert Checkpointer(out, 1).resolve("latest").name == "step-000004"
         assert [p.name for p in out.glob(".*")] == [layout.LOCK] and not list((out / "checkpoints").glob(".*"))

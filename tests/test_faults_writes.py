@@ -121,8 +121,8 @@ def test_no_room_while_logging_or_sampling_is_one_error_line_and_keeps_the_last_
     with EFBIG, through the same error table."""
     sizes = {p.name: p.stat().st_size for p in trained.iterdir() if p.is_file()}
     room = max(sizes["config.yaml"], sizes[layout.LOSSES]) + 1024  # what the resumed run writes before step 5
-    logged = {}
-    for case in ("losses", "samples"):
+    logged, runs = {}, {}
+    for case in ("losses", "samples"):  # both at once (one thread each), checked after
         out = tmp_path / case
         shutil.copytree(trained, out)
         extra = []
@@ -141,24 +141,16 @@ def test_no_room_while_logging_or_sampling_is_one_error_line_and_keeps_the_last_
                 "validation.height=256",
             ]
             limit, failed = room, out / "samples" / "step_000005" / "t2i_00.png"
-        result = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "train" / "lora.py"),
-                "--resume",
-                "latest",
-                *_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", *extra),
-            ],
-            cwd=ROOT,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=240,
-            preexec_fn=_limit_file_size(limit),
-        )
-        assert result.returncode == 2, result.stderr[-3000:]
-        lines = result.stderr.strip().splitlines()
-        assert "Traceback" not in result.stderr and [line for line in lines if "error:" in line] == lines[-1:], lines
+        cmd = [sys.executable, str(ROOT / "train" / "lora.py"), "--resume", "latest",
+               *_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", *extra)]  # fmt: skip
+        process = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True, preexec_fn=_limit_file_size(limit))  # fmt: skip
+        runs[case] = out, failed, process
+    for case, (out, failed, process) in runs.items():
+        _, err = process.communicate(timeout=240)
+        assert process.returncode == 2, err[-3000:]
+        lines = err.strip().splitlines()
+        assert "Traceback" not in err and [line for line in lines if "error:" in line] == lines[-1:], lines
         last = out / "checkpoints" / "step-000004"
         assert lines[-1] == f"error: could not write {failed}: {EFBIG}; the last checkpoint {last} is intact"
         assert Checkpointer(out, 1).resolve("latest") == last  # complete and verified
