@@ -48,6 +48,22 @@ def write_adapter_atomically(transformer, output_dir: str | Path, state: dict[st
 LOSS_WINDOW = 10  # steps averaged at each end of a run's loss curve
 
 
+def run_metadata(run_id: str, steps: int, losses: list[float], num_processes: int, nonfinite: int,
+                 hashes: list[str], params) -> dict:  # fmt: skip
+    """training_metadata.json's fields (before `write_run_folder` adds the library versions); `losses` are the whole
+    run's, across resumes, and `hashes` each rank's adapter sha256."""
+    return {
+        "run_id": run_id,
+        "steps": steps,
+        **loss_means(losses),
+        "num_processes": num_processes,
+        "nonfinite_steps_skipped": nonfinite,
+        "adapter_sha256": hashes[0],
+        "rank_adapter_sha256": hashes,
+        "trainable_parameters": sum(p.numel() for p in params),
+    }
+
+
 def loss_means(losses: list[float]) -> dict:
     """The mean loss of the first and of the last `LOSS_WINDOW` steps (the whole run when shorter)."""
     if not losses:

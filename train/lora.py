@@ -343,16 +343,8 @@ class LoRARecipe:
             )
         if acc.is_main_process:
             losses = [row["loss"] for row in self.run_folder.read_losses()]  # the whole run, across resumes
-            metadata = {
-                "run_id": self.run_id,
-                "steps": self.step,
-                **export.loss_means(losses),
-                "num_processes": acc.num_processes,
-                "nonfinite_steps_skipped": self.guards.nonfinite,
-                "adapter_sha256": hashes[0],
-                "rank_adapter_sha256": hashes,
-                "trainable_parameters": sum(p.numel() for p in self.params),
-            }
+            metadata = export.run_metadata(self.run_id, self.step, losses, acc.num_processes, self.guards.nonfinite,
+                                           hashes, self.params)  # fmt: skip
             try:
                 published = export.write_run_folder(self.pipe.transformer, cfg, metadata, self.samples, state)
             except Exception as e:
