@@ -354,7 +354,7 @@ def _differences(name: str, old, new) -> list[str]:
 
 
 # The settings that give the adapter its tensors' names and shapes: a checkpoint's adapter cannot take others.
-ADAPTER_SHAPE = ("lora.rank:", "lora.targets:", "lora.use_dora:")
+ADAPTER_SHAPE = ("lora.rank", "lora.targets", "lora.use_dora")
 
 
 def changed_fixed_fields(saved: dict, current: dict) -> list[str]:
@@ -367,7 +367,7 @@ def check_resume(path: Path, current: dict, allow_change: bool) -> tuple[Trainin
     error naming them, unless `allow_change` (then warnings); other differences are warnings saying which wins."""
     progress, saved = Checkpointer.peek(path)
     changed = changed_fixed_fields(saved, current)
-    reshaped = [c for c in changed if c.startswith(ADAPTER_SHAPE)]
+    reshaped = [d for name in ADAPTER_SHAPE for d in _differences(name, _get(saved, name), _get(current, name))]
     if reshaped:  # was allowed, then failed loading the checkpoint's adapter: "shape (8, 16) in the file, (4, 16) here"
         raise CheckpointError(
             f"resume from {path}: {'; '.join(reshaped)} changes the adapter's shape, which no resume can do (not even "
