@@ -8,7 +8,6 @@ import difflib
 import importlib
 import re
 import sys
-from pathlib import Path
 
 from qwen_image_lora.config import ModelConfig, load_config
 from qwen_image_lora.errors import UserError
@@ -66,9 +65,9 @@ def _validate(args) -> int:
 
 
 def _make_tiny_model(args) -> int:
-    from qwen_image_lora.tiny_model import make_tiny_model
+    from qwen_image_lora.tiny_model import is_model_folder, make_tiny_model
 
-    _note_kept(args, (Path(args.output_dir) / "model_index.json").exists(), "a model")
+    _note_kept(args, is_model_folder(args.output_dir), "a model")
     print(make_tiny_model(args.output_dir, seed=args.seed or 0, overwrite=args.overwrite))
     return 0
 

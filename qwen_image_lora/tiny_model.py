@@ -291,6 +291,11 @@ def build_tiny_components(seed: int = 0, full_transformer: bool = False, downsam
     }
 
 
+def is_model_folder(folder: str | os.PathLike) -> bool:
+    """`folder` holds a diffusers model (its model_index.json, which save_pretrained writes)."""
+    return (Path(folder) / "model_index.json").exists()
+
+
 def make_tiny_model(
     output_dir: str | os.PathLike,
     seed: int = 0,
@@ -303,7 +308,7 @@ def make_tiny_model(
     are `build_tiny_components`'."""
 
     output_dir = Path(output_dir)
-    made = (output_dir / "model_index.json").exists()
+    made = is_model_folder(output_dir)
     if made and not overwrite:
         return output_dir
     check_ours_to_write(output_dir, "a model", made)  # atomic_dir swaps out the whole folder
