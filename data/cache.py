@@ -50,7 +50,6 @@ API (`Cache` implements the `get`/`put` protocol `SampleEncoder` uses):
                                                 # permission) is one warning, and entries stay in memory
     cache.verify(repair=False, keys=None) -> {shard: [damaged keys]}
     cache.key_for_image(...) / cache.key_for_prompt(...)   the module functions with model_id bound
-    check_cache_dir(cfg.data.cache_dir)         # ConfigError when the path is, or lies under, a file (preflight)
 
 Tensors are read lazily through `safetensors.safe_open` (memory-mapped), so peak RAM stays flat however large
 the cache is: only the key -> shard map and at most `items_per_shard` pending entries live in memory.
@@ -74,13 +73,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwen_image_lora.config import CACHE_ENV, ConfigError, default_cache_dir
 from qwen_image_lora.io import (
-    WriteError,
     atomic_path,
     atomic_write_text,
     content_hash,
-    describe_write_error,
     writing_to,
 )
 from qwen_image_lora.model import PromptEmbeds
@@ -141,34 +137,6 @@ def key_for_prompt(text: str, image_keys: list[str] | tuple[str, ...], model_id:
     """Key of the embeddings of `text` encoded together with the reference images whose latents keys are given
     (in prompt order; empty for text-to-image)."""
     return "P" + _digest("prompt", text, _canon(list(image_keys)), model_id)
-
-
-def check_cache_dir(cache_dir: str | os.PathLike | None) -> None:
-    """Refuse a `data.cache_dir` that is, or lies under, a regular file, before a run starts: training would otherwise
-    go on without a cache, silently (prepare and the doctor fail at their first write, in these words)."""
-    if not cache_dir:
-        return
-    path = Path(cache_dir)
-    for part in (path, *path.parents):
-        if part.is_dir():
-            return
-        if part.exists() or part.is_symlink():  # a file, or a dangling link, where a folder must be
-            env = os.environ.get(CACHE_ENV) and str(cache_dir) == default_cache_dir()
-            line = describe_write_error(WriteError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)), path)
-            raise ConfigError(f"data.cache_dir{f' (${CACHE_ENV})' if env else ''}: {line}", "data.cache_dir")
-
-
-def old_run_cache_note(output_dir: str | os.PathLike, cache_dir: str | os.PathLike | None) -> str | None:
-    """Before one cache was shared by every run, each run kept its own under `<output_dir>/cache`. Such a folder is
-    no longer read: a line saying so, and what it holds, or None when there is none (or it is `cache_dir`)."""
-    old = Path(output_dir) / "cache"
-    if not (old / "shards").is_dir() or (cache_dir and old.resolve() == Path(cache_dir).resolve()):
-        return None
-    size = sum(p.stat().st_size for p in old.rglob("*") if p.is_file())
-    return (
-        f"data cache: {old} is an older version's per-run cache ({size / 2**20:.1f} MiB), no longer read; this run "
-        f"uses {cache_dir or 'no cache'}. Delete {old} to free the space"
-    )
 
 
 # ----------------------------------------------------------------------------------------------- the cache

@@ -62,13 +62,18 @@ def _doctor(args) -> int:
 
 
 def _prepare(args) -> int:
+    from qwen_image_lora.data.cache_dir import check_cache_dir
+    from qwen_image_lora.hub import check_pretrained
+
+    cfg = load_config(args.config, args.overrides)
+    check_pretrained(cfg.model.pretrained, cfg.model.revision)  # in half a second, before torch and diffusers import
+    check_cache_dir(cfg.data.cache_dir)
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     from qwen_image_lora.data.prepare import prepare
 
-    cfg = load_config(args.config, args.overrides)
     # PartialState only goes multi-process on CPU when told to (Accelerator reads this flag itself).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     stats = prepare(cfg, rank=state.process_index, world_size=state.num_processes, device=state.device)

@@ -40,8 +40,8 @@ from qwen_image_lora.data.cache import (
     key_for_image,
     key_for_prompt,
     model_identity,
-    old_run_cache_note,
 )
+from qwen_image_lora.data.cache_dir import old_run_cache_note
 from qwen_image_lora.data.screening import screen_items
 from qwen_image_lora.data.sources import DataError, Item, format_caption, load_items, open_image
 from qwen_image_lora.images import has_alpha, identify, read_image

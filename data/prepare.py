@@ -33,7 +33,8 @@ from typing import Callable
 
 from qwen_image_lora.config import Config
 from qwen_image_lora.data.buckets import histogram
-from qwen_image_lora.data.cache import UNWRITABLE, Cache, model_identity, old_run_cache_note
+from qwen_image_lora.data.cache import UNWRITABLE, Cache, model_identity
+from qwen_image_lora.data.cache_dir import old_run_cache_note
 from qwen_image_lora.data.dataset import SampleEncoder, TrainingDataset, plan_entries
 from qwen_image_lora.data.doctor import diagnose, fingerprint
 from qwen_image_lora.data.report import Report, read_report, verdicts_dir

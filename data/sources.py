@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from qwen_image_lora.config import DataConfig
+from qwen_image_lora.config import ConfigError, DataConfig, EditExample
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_image
 from qwen_image_lora.io import atomic_write_bytes, iter_jsonl
@@ -293,6 +293,16 @@ def _hf_image_path(value, base: Path, store: Path, where: str) -> Path:
     if not out.is_file():
         atomic_write_bytes(out, data)
     return out.resolve()
+
+
+def check_edit_files(edits: list[EditExample], where: str) -> None:
+    """Every file a config's edit examples name exists: previews and eval read them only after the model has loaded
+    (training, `qwen-lora validate` and eval ask this first)."""
+    for i, edit in enumerate(edits):
+        named = [("images", path) for path in edit.images] + [("target", edit.target), ("mask", edit.mask)]
+        for field, path in named:
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{where}[{i}].{field}: {path} does not exist; fix the path or drop the edit")
 
 
 def open_image(path: Path, alpha: str = "composite", background: str = "#ffffff") -> Image.Image:

@@ -10,7 +10,7 @@ import sys
 
 def _eval(args: argparse.Namespace) -> int:
     from qwen_image_lora.config import load_config
-    from qwen_image_lora.eval.evaluator import evaluate
+    from qwen_image_lora.hub import check_adapters, check_pretrained
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(args.overrides)
@@ -20,6 +20,10 @@ def _eval(args: argparse.Namespace) -> int:
     if not args.adapter and not args.checkpoints:
         print("note: no --adapter or --checkpoints given: the report shows the base model alone, with no verdict",
               file=sys.stderr)  # fmt: skip
+    check_pretrained(cfg.model.pretrained, cfg.model.revision)  # in half a second, before torch and diffusers import
+    check_adapters(args.adapter)
+    from qwen_image_lora.eval.evaluator import evaluate
+
     html_path, json_path = evaluate(cfg, args.adapter, args.checkpoints)
     report = json.loads(json_path.read_text())
     for verdict in report["verdicts"].values():  # the report's own verdict lines, computed once

@@ -24,6 +24,7 @@ from qwen_image_lora import run_layout as layout
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.config import Config, EditExample, to_dict
 from qwen_image_lora.data.dataset import build_training_data
+from qwen_image_lora.data.sources import check_edit_files
 from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.eval import metrics as M
 from qwen_image_lora.eval.report import log_to_wandb, write_report
@@ -106,15 +107,16 @@ def evaluate(
 
 
 def _jobs(cfg: Config, notes: list[str]) -> list[_Job]:
-    prompts, edits = cfg.eval.prompts, cfg.eval.edits
+    prompts, edits, section = cfg.eval.prompts, cfg.eval.edits, "eval"
     if not prompts and not edits:
-        prompts, edits = cfg.validation.prompts, cfg.validation.edits
+        prompts, edits, section = cfg.validation.prompts, cfg.validation.edits, "validation"
         if prompts or edits:
             notes.append("eval.prompts and eval.edits are empty; used validation.prompts and validation.edits.")
     if not prompts and not edits:
         raise InputError(
             "eval.prompts / eval.edits: nothing to evaluate; add held-out prompts or edit examples", "eval.prompts"
         )
+    check_edit_files(edits, f"{section}.edits")  # before the model loads, not at the first edit's render
     seeds = cfg.eval.render_seeds
     return [_Job("t2i", p, s) for p in prompts for s in seeds] + [
         _Job("edit", e.prompt, s, e) for e in edits for s in seeds

@@ -12,7 +12,9 @@ import base64
 import html
 import io
 import json
+import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -33,6 +35,8 @@ from qwen_image_lora.eval.summary import (
     verdicts,
 )
 from qwen_image_lora.io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------- writing
 
@@ -85,11 +89,29 @@ def write_report(
         "config": config,
     }
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
+    keep_previous(json_path, html_path)
     atomic_write_text(json_path, json.dumps(_finite_or_none(data), indent=2, allow_nan=False))
     atomic_write_text(
         html_path, _render_html(title, variants, samples, summary, verdict, list(notes), list(checkpoints), best)
     )
     return html_path, json_path
+
+
+def keep_previous(*paths: Path) -> str | None:
+    """A report already in the folder stays, renamed by when it was written (`report-20261206-194512.json`): eval
+    replaced it silently, and another adapter's or checkpoint's report was gone. Returns the new names' stamp."""
+    found = [p for p in paths if p.is_file()]
+    if not found:
+        return None
+    written = time.strftime("%Y%m%d-%H%M%S", time.localtime(found[0].stat().st_mtime))
+    stamp, n = written, 1
+    while any(p.with_name(f"{p.stem}-{stamp}{p.suffix}").exists() for p in paths):  # two reports in one second
+        n += 1
+        stamp = f"{written}-{n}"
+    for path in found:
+        os.replace(path, path.with_name(f"{path.stem}-{stamp}{path.suffix}"))
+    log.info("kept the previous report as %s", ", ".join(f"{p.stem}-{stamp}{p.suffix}" for p in found))
+    return stamp
 
 
 def _variants(samples: list[Sample]) -> list[str]:

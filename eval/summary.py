@@ -22,16 +22,18 @@ class MetricInfo:
     higher_is_better: bool
     unit: str = ""
     short: str = ""  # its name in the verdict line
+    # The values it can take: a variant's interval is cut to them (a t-interval of a distance read [-33.7, 114] px).
+    bounds: tuple[float, float] = (0.0, math.inf)
 
 
 # Every metric the evaluator may emit, in display order. A metric with no finite value is left out.
 METRICS: dict[str, MetricInfo] = {
     "clip_score": MetricInfo("CLIPScore", True, short="CLIPScore"),
-    "reference_similarity": MetricInfo("Reference similarity", True, short="reference similarity"),
-    "palette_delta_e": MetricInfo("Palette distance (CIEDE2000)", False, "ΔE", short="palette distance"),
+    "reference_similarity": MetricInfo("Reference similarity", True, short="reference similarity", bounds=(-1, 1)),
+    "palette_delta_e": MetricInfo("CIEDE2000 palette distance", False, "ΔE", short="palette distance"),
     "text_cer": MetricInfo("Text CER", False, short="text CER"),
-    "text_word_accuracy": MetricInfo("Text word accuracy", True, short="text word accuracy"),
-    "ssim": MetricInfo("Preservation SSIM", True, short="edit preservation SSIM"),
+    "text_word_accuracy": MetricInfo("Text word accuracy", True, short="text word accuracy", bounds=(0, 1)),
+    "ssim": MetricInfo("Preservation SSIM", True, short="edit preservation SSIM", bounds=(-1, 1)),
     "psnr": MetricInfo("Preservation PSNR", True, "dB", short="edit preservation PSNR"),
     "shift_px": MetricInfo("Edit shift", False, "px", short="edit shift"),
     "scale_error": MetricInfo("Edit zoom |scale - 1|", False, short="edit zoom"),
@@ -75,7 +77,8 @@ def summarise(samples: list[Sample], variants: list[str]) -> dict:
         series = {v: [s.metrics.get(v, {}).get(name, math.nan) for s in samples] for v in variants}
         if not any(math.isfinite(x) for xs in series.values() for x in xs):
             continue
-        entry = {"variants": {v: _interval(mean_ci(xs)) for v, xs in series.items()}, "delta": {}}
+        bounds = METRICS[name].bounds
+        entry = {"variants": {v: _interval(mean_ci(xs), bounds) for v, xs in series.items()}, "delta": {}}
         if BASE in series:
             for v in variants:
                 if v != BASE:
@@ -135,8 +138,10 @@ def verdicts(summary: dict, not_measured: dict[str, str] | None = None) -> dict[
     return out
 
 
-def _interval(ci: Interval) -> dict:
-    return {"mean": ci.mean, "low": ci.low, "high": ci.high, "n": ci.n}
+def _interval(ci: Interval, bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
+    """`bounds` cut a variant's own interval; a paired difference takes either sign and keeps its whole interval."""
+    low, high = (max(ci.low, bounds[0]), min(ci.high, bounds[1])) if math.isfinite(ci.mean) else (ci.low, ci.high)
+    return {"mean": ci.mean, "low": low, "high": high, "n": ci.n}
 
 
 def fmt(x: float | None, digits: int = 3) -> str:

@@ -17,6 +17,7 @@ import yaml
 
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.adapter_format import read_adapter
+from qwen_image_lora.console import loading_adapter
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.io import content_hash
 from qwen_image_lora.knobs import SettingError, check_adapter_name, parse_lora_arg
@@ -61,13 +62,14 @@ class Adapters:
                 f"adapter name {name!r} is already loaded (from {self.loaded[name].source}); pick another"
             )
         weights = read_adapter(source, self.pipe.transformer)
-        self.pipe.load_lora_into_transformer(
-            weights.state_dict,
-            transformer=self.pipe.transformer,
-            adapter_name=name,
-            metadata=weights.metadata,
-            _pipeline=self.pipe,
-        )
+        with loading_adapter(name):
+            self.pipe.load_lora_into_transformer(
+                weights.state_dict,
+                transformer=self.pipe.transformer,
+                adapter_name=name,
+                metadata=weights.metadata,
+                _pipeline=self.pipe,
+            )
         self.loaded[name] = LoadedAdapter(
             name, weights.source, weights.layout, weight, str(source), content_hash(weights.source)
         )

@@ -5,9 +5,11 @@ Each image is written atomically, carrying the settings that made it (as `qwen-l
 line goes to `manifest.jsonl` with the settings actually used (size, steps, guidance, seed, adapters) and the job's
 fingerprint. A rerun skips every job whose output is a whole image (non-empty, the size its manifest line records, a
 readable header) with the same fingerprint, so an interrupted batch picks up where it stopped, and a job whose
-settings, input files, model, resolution or adapters changed is rendered again. Under `accelerate launch`, process i
-of n takes jobs i, i+n, i+2n, ... of the whole file (the split does not depend on what is already done), so shards
-never overlap.
+settings, input files, model, resolution or adapters changed is rendered again. An image no manifest line records
+(a batch stopped between the two writes) counts as done only when it carries this job's settings (`_is_own_render`);
+the batch never overwrites a file without settings of ours, nor a job's own input. Under `accelerate launch`,
+process i of n takes jobs i, i+n, i+2n, ... of the whole file (the split does not depend on what is already done),
+so shards never overlap.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from qwen_image_lora import typed_yaml
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import format_for, load_image, save_image
+from qwen_image_lora.images import format_for, load_image, read_settings, save_image, settings_as_written
 from qwen_image_lora.inference.generator import GenerationRequest, Generator, file_record
-from qwen_image_lora.io import affects_every_write, iter_jsonl, writing_to
+from qwen_image_lora.io import affects_every_write, check_writable, iter_jsonl, writing_to
 from qwen_image_lora.knobs import (
     MASK_FEATHER_RANGE,
     QUALITY_RANGE,
@@ -44,6 +46,7 @@ from qwen_image_lora.typed_yaml import ConfigError
 
 MANIFEST = "manifest.jsonl"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_ELSEWHERE = 'give this job another "output" name, or use another --output-dir'
 
 
 @dataclass
@@ -72,7 +75,7 @@ class Job(SamplingConfig):
 def read_jobs(path: str | Path) -> list[Job]:
     """Parse and check every line before any model is loaded; errors name the line and the field."""
     path = Path(path)
-    jobs, outputs = [], {}
+    jobs, outputs, ids = [], {}, {}  # output name / id -> line number; ids also keep whether the id was defaulted
     for where, raw in iter_jsonl(path, InputError):
         if "index" in raw:
             raise InputError(f"{where}: unknown key 'index' (the line's position is its index)")
@@ -93,10 +96,15 @@ def read_jobs(path: str | Path) -> list[Job]:
             raise InputError(f"{where}: job.{e}") from None
         if not job.prompt:
             raise InputError(f"{where}: prompt is required")
-        job.index = len(jobs)
-        job.id = str(job.id) if job.id is not None else f"{job.index:06d}"
+        job.index, defaulted = len(jobs), job.id is None
+        job.id = f"{job.index:06d}" if defaulted else str(job.id)
         if not _SAFE_ID.fullmatch(job.id):
             raise InputError(f"{where}: id {job.id!r} must be letters, digits, '.', '_' or '-'")
+        if job.id in ids:  # the manifest keys jobs by id: two under one would each redo the other on every rerun
+            line, first_defaulted = ids[job.id]
+            how = " (a line without an id is named by its position)" if defaulted or first_defaulted else ""
+            raise InputError(f"{where}: id {job.id!r} is also line {line}'s id{how}; give each job its own id", "id")
+        ids[job.id] = where.rsplit(":", 1)[1], defaulted
         if job.output is not None and (Path(job.output).name != job.output or not _SAFE_ID.fullmatch(job.output)):
             raise InputError(f"{where}: output {job.output!r} must be a plain file name inside the output folder")
         if job.mask is not None and not job.images:
@@ -165,9 +173,14 @@ def fingerprint(job: Job, base_seed: int, run: dict | None = None) -> str:
     adapters the whole batch uses). A finished job whose fingerprint changed is rendered again."""
     settings = {k: v for k, v in dataclasses.asdict(job).items() if k not in ("id", "index", "output")}
     settings["seed"] = _seed(job, base_seed)
-    inputs = [*job.images, *([job.mask] if job.mask else [])]
-    settings["inputs"] = [hashlib.sha256(Path(p).read_bytes()).hexdigest() if Path(p).is_file() else p for p in inputs]
+    settings["inputs"] = [
+        hashlib.sha256(Path(p).read_bytes()).hexdigest() if Path(p).is_file() else p for p in _inputs(job)
+    ]
     return hashlib.sha256(json.dumps([settings, run], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _inputs(job: Job) -> list[str]:
+    return [*job.images, *([job.mask] if job.mask else [])]
 
 
 def _is_done(job: Job, output_dir: Path, recorded: dict[str, dict], fingerprint: str) -> bool:
@@ -198,6 +211,9 @@ def pending(jobs: list[Job], output_dir: str | Path, *, process_index: int = 0, 
             base_seed: int = 0, run: dict | None = None) -> list[Job]:  # fmt: skip
     """This process's jobs that `run_batch` would still render or record (no model needed to tell)."""
     output_dir = Path(output_dir)
+    check_writable(
+        output_dir / MANIFEST
+    )  # a folder in its place was found after the model loaded and an image was made
     recorded = _recorded(output_dir / MANIFEST)
     mine = jobs[process_index::num_processes]
     return [j for j in mine if not _is_done(j, output_dir, recorded, fingerprint(j, base_seed, run))]
@@ -244,25 +260,36 @@ def run_batch(
         try:
             for job in mine:
                 out, settings = output_dir / job.output_name, fingerprint(job, base_seed, run)
-                if job.id not in recorded and _is_complete(out):  # stopped between writing the image and its line
-                    entry = _entry(generator, job, base_seed, default_loras, extra)
-                    entry |= {"settings": settings, "bytes": out.stat().st_size, "recovered": True}
-                    _append(output_dir / MANIFEST, entry)
-                    recorded[job.id] = entry
-                if _is_done(job, output_dir, recorded, settings):
-                    result.skipped.append(job.id)
-                    bar.update()
-                    continue
-                if job.id in recorded and recorded[job.id].get("settings") not in (None, settings):
-                    bar.write(f"job {job.id}: its settings changed since it was rendered; rendering it again")
-                elif out.exists():
-                    bar.write(f"job {job.id}: {out.name} is empty, cut short or damaged; rendering it again")
-                start = time.perf_counter()
+                why = None  # why an existing output is rendered again
                 try:
+                    if out.is_dir():  # was "empty, cut short or damaged", then a raw `[Errno 21] Is a directory`
+                        raise InputError(f"{out} is a folder; {_ELSEWHERE}", "output")
+                    if out.resolve() in {Path(p).resolve() for p in _inputs(job)}:
+                        raise InputError(f"{out} is one of this job's own inputs, which it must not overwrite; "
+                                         f"{_ELSEWHERE}", "output")  # fmt: skip
+                    if job.id not in recorded and _is_complete(out):  # no manifest line says who wrote it
+                        if _is_own_render(generator, job, out, base_seed, default_loras):  # stopped before its line
+                            entry = _entry(generator, job, base_seed, default_loras, extra)
+                            entry |= {"settings": settings, "bytes": out.stat().st_size, "recovered": True}
+                            _append(output_dir / MANIFEST, entry)
+                            recorded[job.id] = entry
+                        else:
+                            why = f"{out.name} holds an image made with other settings"
+                    if _is_done(job, output_dir, recorded, settings):
+                        result.skipped.append(job.id)
+                        bar.update()
+                        continue
+                    if job.id in recorded and recorded[job.id].get("settings") not in (None, settings):
+                        why = "its settings changed since it was rendered"
+                    elif why is None and out.exists():
+                        why = f"{out.name} is empty, cut short or damaged"
+                    if why:
+                        bar.write(f"job {job.id}: {why}; rendering it again")
+                    start = time.perf_counter()
                     request = _request(job, base_seed, default_loras)
                     image = generator.generate(request)
                     save_image(image, out, job.quality, _made_with(generator, request, job, out.parent))
-                except (ValueError, OSError) as e:  # one bad job must not stop a catalogue run; it is retried on rerun
+                except (ValueError, OSError) as e:  # a failed or refused job must not stop the run; a rerun retries it
                     if affects_every_write(e):  # a full disk fails every job after it: stop, naming the file
                         raise
                     _append(output_dir / MANIFEST, {"id": job.id, "index": job.index, "error": str(e)})
@@ -279,6 +306,23 @@ def run_batch(
         except KeyboardInterrupt:  # Ctrl-C: what is written stays written (atomic), and a rerun resumes
             result.stopped = True
     return result
+
+
+def _is_own_render(generator: Generator, job: Job, out: Path, base_seed: int, default_loras) -> bool:
+    """Whether `out`, a whole image no manifest line records, is this job's render (the batch stopped between writing
+    it and its line). The rule: the settings block it carries must equal the block this job would write into it
+    (prompt, size, steps, seed, model, adapters' and inputs' sha256), so it is adopted; a block of ours that differs
+    is another render, replaced (False); a file with no block of ours (a user's own image, an input) is never
+    overwritten: InputError, naming it, refuses this job alone."""
+    try:
+        found = read_settings(out)
+    except InputError:  # settings that are not ours to read say nothing of who wrote it
+        found = None
+    if found is None:
+        raise InputError(f"{out} was not written by qwen-lora batch (it carries no settings of ours), so it is kept; "
+                         f"{_ELSEWHERE}", "output")  # fmt: skip
+    made = _made_with(generator, _request(job, base_seed, default_loras), job, out.parent)
+    return found == json.loads(json.dumps(settings_as_written(made, format_for(out.name), job.quality)))
 
 
 def _request(job: Job, base_seed: int, default_loras) -> GenerationRequest:

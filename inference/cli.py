@@ -229,22 +229,22 @@ def _model_source(args):
     return cfg
 
 
-def _check_lora_sources(args) -> None:
-    """Each --lora is a local file or folder or a hub id that is cached or answers now: a mistyped path or an
-    uncached repo offline fails in about a second, before torch, diffusers and peft are imported and the model loads
-    (an uncached hub adapter used to fail only after the base model had loaded)."""
-    from qwen_image_lora.hub import check_adapter_hub, check_source, is_hub_id
+def _check_sources(args) -> None:
+    """Each --lora, and the base model unless `--from` names it in its image, before torch, diffusers and peft are
+    imported: a mistyped path or an uncached hub id offline fails in about half a second, not eight (both used to
+    fail only after the imports, an uncached hub adapter only after the base model had loaded)."""
+    from qwen_image_lora.config import load_config
+    from qwen_image_lora.hub import check_adapters, check_pretrained
     from qwen_image_lora.knobs import parse_lora_arg
 
-    for item in args.lora:
-        source = parse_lora_arg(item)[0]
-        check_source(source)
-        if is_hub_id(source):
-            check_adapter_hub(source)
+    check_adapters(parse_lora_arg(item)[0] for item in getattr(args, "lora", []))
+    if not getattr(args, "from_image", None):
+        model = load_config(args.config, args.overrides).model
+        check_pretrained(args.model or model.pretrained, model.revision)
 
 
 def _load(args, cfg, device=None):
-    """The base model of `cfg` (`_model_source`) once, then each --lora (`_check_lora_sources` first); returns
+    """The base model of `cfg` (`_model_source`) once, then each --lora (`_check_sources` first); returns
     (generator, {adapter name: weight})."""
     from qwen_image_lora.inference.generator import Generator
     from qwen_image_lora.knobs import parse_lora_arg
@@ -259,14 +259,15 @@ def _load(args, cfg, device=None):
 
 
 def _generate(args) -> int:
-    _check_lora_sources(args)
     from qwen_image_lora.images import format_for, save_image
+
+    format_for(args.output)  # a bad extension fails before the model loads
+    check_writable(args.output)  # and so does a folder that cannot be written (was: after the render)
+    _check_sources(args)
     from qwen_image_lora.inference.from_image import apply_from
     from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects, file_record
     from qwen_image_lora.inference.masking import prepare_mask
 
-    format_for(args.output)  # a bad extension fails before the model loads
-    check_writable(args.output)  # and so does a folder that cannot be written (was: after the render)
     if args.from_image:
         apply_from(args, Path(_input_file("--from", args.from_image)), NO_SIZE)
     if not args.prompt:
@@ -335,7 +336,7 @@ def _as_option(check, *inputs):
 
 
 def _layers(args) -> int:
-    _check_lora_sources(args)
+    _check_sources(args)
     from qwen_image_lora.inference.generator import GenerationRequest
     from qwen_image_lora.inference.layers import FORMATS, Element, check_request, save_layers
 
@@ -357,7 +358,7 @@ def _layers(args) -> int:
 
 
 def _batch(args) -> int:
-    _check_lora_sources(args)
+    _check_sources(args)
     import torch
     from accelerate import PartialState
 
@@ -422,13 +423,19 @@ def _batch_stopped(args, process_index: int, written: int) -> int:
 
 
 def _serve(args) -> int:
-    from qwen_image_lora.inference import server
+    from qwen_image_lora.config import load_config
+    from qwen_image_lora.hub import check_adapters
+    from qwen_image_lora.serve_config import load_api_keys
+
+    serve = load_config(args.config, args.overrides).serve
+    keys = load_api_keys(serve, os.environ)  # no keys, the model or an adapter missing: refused before the imports
+    _check_sources(args)
+    check_adapters(adapter.path for adapter in serve.adapters)
+    from qwen_image_lora.inference import service
 
     cfg = _model_source(args)
     if args.host:
         cfg.serve.host = args.host
     if args.port:
         cfg.serve.port = args.port
-    keys = server.load_api_keys(cfg.serve, os.environ)
-    server.serve(cfg, keys)
-    return 0
+    return service.serve(cfg, keys)

@@ -24,7 +24,7 @@ from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import check_image_count
+from qwen_image_lora.knobs import SettingError, check_image_count
 from qwen_image_lora.presets import ASPECT_RATIOS
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
@@ -39,15 +39,18 @@ def size_for_aspect(aspect_ratio: str, resolution: int = 1024) -> tuple[int, int
 
 
 def check_input_aspects(images: list[Image.Image], resolution: int) -> None:
-    """The pipeline resizes each input image by the sizing rule; one too elongated would get a side of 0 px.
+    """The pipeline sizes each input image by the sizing rule; one too elongated would get a side of 0 px, or a
+    size the text encoder's image processor refuses (a 2048x12 photo: HTTP 500 from transformers' `smart_resize`).
     Needs no model, so the CLI checks it before loading one."""
-    limit = qmodel.max_aspect(resolution)
+    limit = min(qmodel.max_aspect(resolution), qmodel.ENCODER_MAX_ASPECT)
     for i, image in enumerate(images, 1):
         w, h = image.size
-        if max(w, h) >= limit * min(w, h):
-            raise InputError(f"images: image {i} is {w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1); at resolution "
-                             f"{resolution} the model takes aspect ratios under {limit:g}:1; crop or pad it closer "
-                             "to square", "images")  # fmt: skip
+        sized = qmodel.fit_size(w, h, resolution) if max(w, h) < qmodel.max_aspect(resolution) * min(w, h) else None
+        if sized is None or max(sized) > qmodel.ENCODER_MAX_ASPECT * min(sized):
+            read = "" if sized is None else f" (sized to {sized[0]}x{sized[1]}, {max(sized) / min(sized):.0f}:1)"
+            raise InputError(f"images: image {i} is {w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1){read}; at "
+                             f"resolution {resolution} the model takes aspect ratios under {limit:g}:1; crop or pad "
+                             "it closer to square", "images")  # fmt: skip
 
 
 @dataclass
@@ -63,6 +66,12 @@ class GenerationRequest(SamplingConfig):
     # Masked edit: white = may change, black = kept exactly (applies to the last image; the result keeps its size).
     mask: Image.Image | None = None
     mask_feather: int = 8
+
+    def check(self) -> None:
+        """The sampling rules, and a masked edit given no size: it keeps its image's (one was taken and ignored)."""
+        super().check()
+        if self.mask is not None and (self.aspect_ratio or self.width or self.height):
+            raise SettingError("mask", "a masked edit keeps its image's size; drop aspect_ratio, width and height")
 
     @classmethod
     def from_settings(cls, settings, prompt: str, **changes) -> "GenerationRequest":

@@ -19,7 +19,7 @@ from qwen_image_lora.inference.worker import release_memory
 
 # Paths served without a key; every other path (the API, and unknown paths) needs one.
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs"}) | STATIC_PATHS  # /docs: when serve.api_docs
-COUNTED_PATHS = ("/v1/images", "/healthz", "/metrics", "/openapi.json")
+COUNTED_PATHS = ("/v1/images", "/v1/layers", "/healthz", "/metrics", "/openapi.json")
 MAX_MESSAGE_CHARS = 500  # a refusal names the problem; it never sends megabytes of the request back
 # What concurrent input decodes may hold at once. Every JPEG/PNG up to 64 M pixels fits (an 8192x8192 RGBA PNG takes
 # ~350 MB); a WebP takes ~16 bytes a pixel in PIL's decoder, so one over ~28 M pixels (~5300x5300) is refused.

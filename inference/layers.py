@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import re
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,10 +170,13 @@ def encode_layers(layers: Layers, fmt: str) -> bytes:
 
 
 def _psd_bytes(layers: Layers) -> bytes:
-
     psd = PSDImage.new("RGBA", layers.size)
     for layer in layers.layers:
-        psd.append(PixelLayer.frompil(layer.image.convert("RGBA"), psd, layer.name, layer.top, layer.left))
+        # frompil writes the name only as the legacy Mac Roman Pascal string, which fails on a Chinese or emoji
+        # element prompt; the `name` setter also writes the Unicode name ('luni') and a Mac Roman safe legacy one.
+        pixel = PixelLayer.frompil(layer.image.convert("RGBA"), psd, "", layer.top, layer.left)
+        pixel.name = layer.name
+        psd.append(pixel)
     buf = io.BytesIO()
     psd.save(buf)
     return buf.getvalue()
@@ -182,6 +186,13 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _write(z: zipfile.ZipFile, name: str, data: str | bytes, compress_type: int = zipfile.ZIP_DEFLATED) -> None:
+    # `writestr` given a bare name stores mode 0600, so unzipped layers were readable by their owner alone.
+    info = zipfile.ZipInfo(name, time.localtime()[:6])
+    info.external_attr = 0o644 << 16
+    z.writestr(info, data, compress_type=compress_type)
 
 
 def _ora_bytes(layers: Layers) -> bytes:
@@ -196,15 +207,15 @@ def _ora_bytes(layers: Layers) -> bytes:
     )
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr(zipfile.ZipInfo("mimetype"), "image/openraster", compress_type=zipfile.ZIP_STORED)
-        z.writestr("stack.xml", stack)
+        _write(z, "mimetype", "image/openraster", zipfile.ZIP_STORED)
+        _write(z, "stack.xml", stack)
         for i, layer in enumerate(layers.layers):
-            z.writestr(f"data/layer{i}.png", _png(layer.image))
+            _write(z, f"data/layer{i}.png", _png(layer.image))
         merged = layers.composite()
-        z.writestr("mergedimage.png", _png(merged))
+        _write(z, "mergedimage.png", _png(merged))
         thumb = merged.copy()
         thumb.thumbnail((256, 256))
-        z.writestr("Thumbnails/thumbnail.png", _png(thumb))
+        _write(z, "Thumbnails/thumbnail.png", _png(thumb))
     return buf.getvalue()
 
 
@@ -215,7 +226,7 @@ def _zip_bytes(layers: Layers) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for i, layer in enumerate(layers.layers):
             name = f"{i:02d}_{re.sub(r'[^a-z0-9]+', '_', layer.name.lower()).strip('_')}.png"
-            z.writestr(name, _png(layer.image))
+            _write(z, name, _png(layer.image))
             index.append(
                 {
                     "file": name,
@@ -226,8 +237,7 @@ def _zip_bytes(layers: Layers) -> bytes:
                     "height": layer.image.height,
                 }
             )
-        z.writestr("composite.png", _png(layers.composite()))
-        z.writestr(
-            "layers.json", json.dumps({"width": layers.size[0], "height": layers.size[1], "layers": index}, indent=2)
-        )
+        _write(z, "composite.png", _png(layers.composite()))
+        table = {"width": layers.size[0], "height": layers.size[1], "layers": index}
+        _write(z, "layers.json", json.dumps(table, indent=2))
     return buf.getvalue()

@@ -21,12 +21,9 @@ import functools
 import logging
 import queue
 import secrets
-import sys
 import time
-from pathlib import Path
 from typing import Annotated, Literal, NamedTuple
 
-import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -35,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from qwen_image_lora.config import Config, SamplingConfig
-from qwen_image_lora.errors import InputError, NotFound
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import (
     MAX_INPUT_SIDE,
     MEDIA_TYPES,
@@ -52,7 +49,7 @@ from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyChe
 from qwen_image_lora.inference.metrics import Metrics
 from qwen_image_lora.inference.studio import studio_router
 from qwen_image_lora.inference.urls import URLRefused, fetch
-from qwen_image_lora.inference.worker import Worker
+from qwen_image_lora.inference.worker import Stopping, Worker
 from qwen_image_lora.knobs import (
     MASK_FEATHER_RANGE,
     MAX_ADAPTER_WEIGHT,
@@ -68,30 +65,7 @@ log = logging.getLogger("qwen_image_lora.server")
 MAX_PROMPT_CHARS = 20_000  # a cheap bound before the 1,024-token check with the model's tokenizer
 MAX_CONCURRENT_DECODES = 2  # input images decoded at once (each briefly holds its full-size frame)
 CLIENT_GONE = 499  # nginx's code for "client closed request": counted in /metrics, never seen by the client
-
-
-# --------------------------------------------------------------------------------------------- keys
-
-
-def load_api_keys(serve: ServeConfig, environ) -> list[str]:
-    """Keys from the env var named by `serve.api_keys_env` (comma-separated) and/or `serve.api_keys_file` (one
-    per line, # comments). The CLI calls this; the app itself never reads the environment."""
-    keys = [k.strip() for k in environ.get(serve.api_keys_env, "").split(",") if k.strip()]
-    if serve.api_keys_file:
-        if not Path(serve.api_keys_file).is_file():
-            raise NotFound(
-                f"serve.api_keys_file: {serve.api_keys_file} does not exist (one key per line)", "serve.api_keys_file"
-            )
-        for line in Path(serve.api_keys_file).read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                keys.append(line)
-    if not keys:
-        raise InputError(
-            f"serve: no API keys; set {serve.api_keys_env}=key1,key2 or serve.api_keys_file (requests need x-api-key)",
-            "serve.api_keys_env",
-        )
-    return keys
+STOPPING = "the service is stopping (Ctrl-C or SIGTERM); send the request again once it is back, or to another one"
 
 
 # --------------------------------------------------------------------------------------------- the app
@@ -259,6 +233,8 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             metrics.count_rejected()
             busy = f"busy: {serve.max_queue} requests already queued; retry later"
             raise RequestError(429, busy, (), {"Retry-After": "1"}) from None
+        except Stopping:
+            raise RequestError(503, STOPPING, ()) from None
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             decoded = await run_in_threadpool(decode)
@@ -269,7 +245,11 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not result.done() and job.cancel():
                 raise RequestError(CLIENT_GONE, "the client closed the request before it ran", ())
+            if result.cancelled():  # withdrawn by the first Ctrl-C before it ran
+                raise RequestError(503, STOPPING, ())
             return await _result(result)
+        except Stopping:  # the drain came while its inputs decoded
+            raise RequestError(503, STOPPING, ()) from None
         finally:
             slot.release()  # a job that started has released it already
             gone.cancel()
@@ -360,16 +340,16 @@ def _generate(generator: Generator, request: GenerationRequest, fmt: str, qualit
     sha256 alone). It empties `request.images` when it ends, so the decoded inputs are freed then, whoever still holds
     the request."""
     try:
-        try:
-            generator.check(request)  # the tokenizer is used on the worker thread only
+        try:  # `generate` checks the request first (the tokenizer is used on the worker thread only)
+            start = time.perf_counter()
+            image = generator.generate(request)
+            metrics.count_image(time.perf_counter() - start)
+            made_with = generator.describe(request, decoded.inputs, decoded.mask_input)
+            data = encode_image(image, fmt, quality, made_with)  # a JPEG's EXIF cannot hold very long settings
         except InputError as e:
             field = _request_field(e)
             raise RequestError(422, str(e), ("body", field) if field in fields else ("body",)) from None
-        start = time.perf_counter()
-        image = generator.generate(request)
-        metrics.count_image(time.perf_counter() - start)
-        made_with = generator.describe(request, decoded.inputs, decoded.mask_input)
-        return image.size, encode_image(image, fmt, quality, made_with), settings_as_written(made_with, fmt, quality)
+        return image.size, data, settings_as_written(made_with, fmt, quality)
     finally:
         request.images.clear()
 
@@ -386,25 +366,28 @@ def _decode_inputs(body, serve: ServeConfig, gate: DecodeGate) -> Decoded:
     `serve.max_side`, with their bytes' sha256; errors name `image[i]` or `mask`. Runs after admission; decodes pass
     through `gate`."""
     items = [] if body.image is None else [body.image] if isinstance(body.image, str) else list(body.image)
-    images = [_decode_one(item, ("body", "image") if isinstance(body.image, str) else ("body", "image", i), serve, gate)
-              for i, item in enumerate(items)]  # fmt: skip
+    deadline = time.monotonic() + serve.url_timeout_s  # one budget for all of the request's URLs
+    images = [_decode_one(item, ("body", "image") if isinstance(body.image, str) else ("body", "image", i), serve, gate,
+                          deadline) for i, item in enumerate(items)]  # fmt: skip
     mask = body.mask if body.mask not in (None, "auto") else None
-    mask, mask_input = (None, None) if mask is None else _decode_one(mask, ("body", "mask"), serve, gate)
+    mask, mask_input = (None, None) if mask is None else _decode_one(mask, ("body", "mask"), serve, gate, deadline)
     return Decoded([im for im, _ in images], mask, [record for _, record in images], mask_input)
 
 
-def _decode_one(item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate) -> tuple:
+def _decode_one(item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate, deadline: float) -> tuple:
     """One image (URL, base64 or data: URL) -> (PIL image, the sha256 of its bytes), or a RequestError naming `loc`."""
     try:
         if item.startswith(("http://", "https://")) or "://" in item[:16]:
             data = fetch(item, allow_private=serve.allow_private_urls, timeout_s=serve.url_timeout_s,
-                         max_bytes=int(serve.max_url_mb * 2**20))  # fmt: skip
+                         max_bytes=int(serve.max_url_mb * 2**20), deadline=deadline)  # fmt: skip
         else:
             payload = item.split(",", 1)[1] if item.startswith("data:") and "," in item else item
-            try:
-                data = base64.b64decode(payload, validate=True)
+            try:  # line breaks carry nothing (`base64` wraps at 76 columns by default): dropped, as are spaces
+                data = base64.b64decode(payload.encode("ascii").translate(None, b" \t\n\r\f\v"), validate=True)
             except (binascii.Error, ValueError) as e:
-                raise ImageInputError(f"not an http(s) URL and not valid base64 ({e})") from e
+                raise ImageInputError(f"not an http(s) URL and not valid base64 ({e}); send standard base64 ('+' and "
+                                      "'/', not URL-safe '-' and '_') with its '=' padding, as `base64 -w0 FILE` "
+                                      "writes it") from e  # fmt: skip
         max_side = min(MAX_INPUT_SIDE, serve.max_side)
         with gate(decode_cost(data, max_side)):  # from the header: what this decode will hold, against the budget
             return decode_image(data, max_side=max_side), bytes_record(data)
@@ -426,18 +409,3 @@ def _select_adapters(body, configured: dict[str, float], generator: Generator) -
                                ("body", "loras", i, "name"))  # fmt: skip
         chosen[ref.name] = ref.weight if ref.weight is not None else configured.get(ref.name, 1.0)
     return chosen
-
-
-def serve(cfg: Config, api_keys: list[str]) -> None:
-    """Run the service until Ctrl-C."""
-    make_server(cfg, api_keys).run()
-
-
-def make_server(cfg: Config, api_keys: list[str], generator: Generator | None = None) -> uvicorn.Server:
-    """The service under uvicorn, ready to run. The console gets one line of ours saying what is served where;
-    uvicorn says only its warnings and errors (not its start-up lines or a line per request: /metrics counts them)."""
-    app = create_app(cfg, api_keys, generator)
-    adapters = ", ".join(app.state.generator.adapters.names) or "none"
-    print(f"serving {cfg.model.pretrained} (adapters: {adapters}) at http://{cfg.serve.host}:{cfg.serve.port}/: the "
-          "studio page at /, the API under /v1, metrics at /metrics; Ctrl-C stops", file=sys.stderr, flush=True)  # fmt: skip
-    return uvicorn.Server(uvicorn.Config(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning"))

@@ -53,6 +53,9 @@ MAX_CARD_CHARS = 200_000
 # An absolute POSIX path in a model card: starts a word (not the second half of a/b, a URL's //host/path, or </tag>).
 _ABS_PATH = re.compile(r"(?<![\w.~:/<-])/[^\s`'\"()<>\[\]{}|,;*]+")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+# What reading a damaged file or line raises: bad text or JSON, a missing key, a value of the wrong type, a number
+# past int's or float's range (`1e400` reads as inf, which int() refuses), nesting deeper than the parser recurses.
+_DAMAGED = (ValueError, KeyError, TypeError, OverflowError, RecursionError)
 
 
 class RunFileError(Exception):
@@ -222,7 +225,7 @@ def read_losses(path: Path) -> list[list[float]]:
             try:
                 row = json.loads(line)
                 step, loss = int(row["step"]), float(row["loss"])
-            except (ValueError, KeyError, TypeError):
+            except _DAMAGED:
                 continue
             if math.isfinite(loss):
                 points.append([step, loss])
@@ -253,7 +256,7 @@ def describe_run(folder: Path) -> dict:
         "card_text": card_text(folder) if has_card else None,
         "report_json": f"{REPORT_DIR}/report.json" if (report / "report.json").is_file() else None,
         "report_html": f"{REPORT_DIR}/report.html" if (report / "report.html").is_file() else None,
-        "metadata": _read_json(folder / METADATA),
+        "metadata": _read_object(folder / METADATA),
         "progress": run_progress(folder),
     }
 
@@ -288,10 +291,10 @@ def run_progress(folder: Path) -> dict | None:
     config = _read_yaml(folder / layout.CONFIG)
     target = config.get("train", {}).get("max_steps") if isinstance(config.get("train"), dict) else None
     if not isinstance(target, int) and saved:  # the checkpoint records its run's target too
-        target = (_read_json(saved[-1] / layout.PROGRESS) or {}).get("max_steps")
+        target = (_read_object(saved[-1] / layout.PROGRESS) or {}).get("max_steps")
     target = target if isinstance(target, int) else None
-    meta = _read_json(folder / METADATA) or {}
-    owner = (_read_json(folder / layout.RUN_ID) or {}).get("run_id")
+    meta = _read_object(folder / METADATA) or {}
+    owner = (_read_object(folder / layout.RUN_ID) or {}).get("run_id")
     ended = meta.get("steps") if isinstance(meta.get("steps"), int) and meta.get("run_id") in (None, owner) else None
     live = trainer_alive(folder / layout.LOCK)
     if live:
@@ -343,22 +346,29 @@ def _last_logged_step(path: Path) -> int | None:
     for line in reversed(lines):
         try:
             return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
+        except _DAMAGED:
             continue
     return None
 
 
-def _read_json(path: Path):
-    """A JSON file's content, or None when missing or broken (the rest of the run stays readable)."""
+def _read_object(path: Path) -> dict | None:
+    """A JSON file's object, or None when missing, broken or of another shape (the rest of the run stays readable).
+    Non-finite numbers read as null: a JSON response cannot carry them."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_finite, parse_float=_finite)
+    except (OSError, *_DAMAGED):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def _finite(text: str) -> float | None:
+    number = float(text)  # NaN, Infinity, or past float's range (1e400): not finite
+    return number if math.isfinite(number) else None
 
 
 def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, yaml.YAMLError, *_DAMAGED):  # a YAML date out of range raises ValueError
         return {}
     return data if isinstance(data, dict) else {}

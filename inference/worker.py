@@ -13,6 +13,8 @@ import ctypes
 import queue
 import threading
 
+from qwen_image_lora.errors import UserError
+
 # glibc keeps freed heap memory for reuse (its mmap threshold grows after the first large frees), so a burst of big
 # images would stay in RSS for good; malloc_trim hands it back. Absent outside glibc, where this is a no-op.
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
@@ -51,10 +53,15 @@ class Job:
         return True
 
 
+class Stopping(UserError):
+    """The service is shutting down: no new job is taken (the request gets 503)."""
+
+
 class Worker:
     """`admit` raises queue.Full when `max_queue` requests already wait (decoding or queued); `submit` queues a job
     under an admitted slot (or admits one itself). `start`/`stop` follow the app's lifespan; the thread also starts at
-    construction, for servers that skip it."""
+    construction, for servers that skip it. `drain` is the first Ctrl-C: the running job ends, the queued ones are
+    withdrawn, and nothing new is admitted."""
 
     def __init__(self, max_queue: int):
         self.max_queue = max_queue
@@ -64,6 +71,7 @@ class Worker:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.draining = False
         self.start()
 
     def start(self) -> None:
@@ -79,14 +87,31 @@ class Worker:
         self._stop.set()
         self._jobs.put(None)  # wake the thread if it is idle
 
+    def drain(self) -> int:
+        """Withdraw every queued job (their requests are answered at once) and admit no more; the running job goes
+        on. Returns how many were withdrawn."""
+        self.draining, withdrawn = True, 0
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            withdrawn += job is not None and job.cancel()
+        self._jobs.put(None)
+        return withdrawn
+
     def admit(self) -> Slot:
         with self._lock:
+            if self.draining:
+                raise Stopping
             if self.waiting >= self.max_queue:
                 raise queue.Full
             self.waiting += 1
         return Slot(self)
 
     def submit(self, fn, slot: Slot | None = None) -> Job:
+        if self.draining:  # admitted before the drain, decoded after it
+            raise Stopping
         job = Job(fn, slot or self.admit())
         self._jobs.put(job)
         if self._stop.is_set() or not self._thread.is_alive():  # an app served again after a shutdown

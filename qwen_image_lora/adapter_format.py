@@ -39,8 +39,9 @@ from qwen_image_lora.comfy_mlp import fuse_mlp, fused_names, split_fused_mlp
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.hub import check_adapter_hub, check_source
 from qwen_image_lora.io import atomic_path
+from qwen_image_lora.run_layout import FINAL_ADAPTER
 
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+WEIGHTS_NAME = FINAL_ADAPTER  # diffusers' LoRA file name; the run layout, which imports nothing heavy, holds it
 COMFYUI_NAME = "comfyui_lora.safetensors"
 WEIGHT_NAMES = (WEIGHTS_NAME, "adapter_model.safetensors")
 _PREFIXES = ("transformer.", "model.diffusion_model.", "diffusion_model.", "base_model.model.")

@@ -40,10 +40,9 @@ COMMAND_MODULES = [
 
 def _validate(args) -> int:
     """The config, then what it points at: the model folder (when local) and the data source, no weights loaded."""
-    from qwen_image_lora.data.cache import check_cache_dir
-    from qwen_image_lora.data.sources import load_items
+    from qwen_image_lora.data.cache_dir import check_cache_dir
+    from qwen_image_lora.data.sources import check_edit_files, load_items
     from qwen_image_lora.hub import check_pretrained
-    from qwen_image_lora.train.preflight import check_validation_inputs
     from qwen_image_lora.train.run_folder import check_not_nested
 
     cfg = load_config(args.config, args.overrides)
@@ -58,7 +57,8 @@ def _validate(args) -> int:
         data = f"data {len(items)} items ({len(items) - edits} t2i, {edits} edit) in {cfg.data.path}"
         if missing:
             data += f"; {len(missing)} name a missing file, e.g. {missing[0].id} (`qwen-lora data doctor` lists them)"
-    check_validation_inputs(cfg)
+    check_edit_files(cfg.validation.edits, "validation.edits")
+    check_edit_files(cfg.eval.edits, "eval.edits")
     check_not_nested(cfg.output_dir)
     print(f"{args.config}: OK (model {cfg.model.pretrained}, output {cfg.output_dir})\n  {data}")
     return 0

@@ -23,19 +23,27 @@ def fused_names(module_names: set[str]) -> set[str]:
 
 
 def split_fused_mlp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's fused `img_mlp.gate_up` LoRA -> one LoRA per half, exactly: both keep the whole down matrix, each
-    takes its rows of up (gate rows first), so each half's delta is its rows of the fused delta."""
+    """ComfyUI's fused `img_mlp.gate_up` LoRA -> one LoRA per half, exactly: each half takes its rows of up (gate rows
+    first) and the down rows its up columns use, so each half's delta is its rows of the fused delta. Our own export
+    (up block-diagonal) thus comes back at its rank r, not 2r, and `lora.init_from` takes it."""
     out = {}
     for key, value in state.items():
-        if f".{MLP_FUSED}.lora_A." in key:
-            for half in MLP_HALVES:
-                out[key.replace(MLP_FUSED, half)] = value
-        elif f".{MLP_FUSED}.lora_B." in key:
-            rows = value.shape[0] // 2
-            for i, half in enumerate(MLP_HALVES):
-                out[key.replace(MLP_FUSED, half)] = value[i * rows : (i + 1) * rows].contiguous()
-        else:
+        if f".{MLP_FUSED}.lora_A.weight" in key:
+            continue  # split with its up matrix below
+        if f".{MLP_FUSED}.lora_B." not in key:
             out[key] = value
+            continue
+        rows = value.shape[0] // 2
+        down = state.get(key.replace(".lora_B.", ".lora_A.")) if key.endswith(".lora_B.weight") else None
+        for i, half in enumerate(MLP_HALVES):
+            up = value[i * rows : (i + 1) * rows]
+            if down is None:  # a bias: its rows alone
+                out[key.replace(MLP_FUSED, half)] = up.contiguous()
+                continue
+            used = up.ne(0).any(dim=0)  # a column of zeros adds nothing: its down row is dropped with it
+            used = used if used.any() else torch.ones_like(used)  # an untrained half keeps the whole rank
+            out[key.replace(MLP_FUSED, half)] = up[:, used].contiguous()
+            out[key.replace(MLP_FUSED, half).replace(".lora_B.", ".lora_A.")] = down[used].contiguous()
     return out
 
 

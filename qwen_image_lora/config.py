@@ -20,7 +20,7 @@ import yaml
 
 from qwen_image_lora import typed_yaml
 from qwen_image_lora.io import atomic_write_text
-from qwen_image_lora.knobs import SamplingConfig, SettingError, check_image_count
+from qwen_image_lora.knobs import SamplingConfig, SettingError, check_image_count, repeated_name
 from qwen_image_lora.presets import LORA_TARGETS
 from qwen_image_lora.serve_config import ServeConfig
 from qwen_image_lora.typed_yaml import ConfigError, path_field, require
@@ -296,10 +296,22 @@ class ValidationConfig(SamplingConfig):
 
     def validate(self, where: str) -> None:
         super().validate(where)
+        _check_no_repeats(where, self.prompts, self.edits)  # eval falls back to these
         if self.every_steps < 0:
             raise ConfigError(f"{where}.every_steps: must be >= 0 (got {self.every_steps})")
         if not 0.0 <= self.held_out_fraction < 1.0:
             raise ConfigError(f"{where}.held_out_fraction: must be in [0, 1) (got {self.held_out_fraction})")
+
+
+def _check_no_repeats(where: str, prompts: list[str], edits: list[EditExample]) -> None:
+    """Eval renders each prompt and edit at every seed and counts the pairs: one listed twice counts the same images
+    twice (3 copies of one prompt at 2 seeds read as n = 6 and a confident verdict, where n = 2 says too few)."""
+    if twice := repeated_name(prompts):
+        raise ConfigError(f"{where}.prompts[{twice[0]}]: {twice[1]!r} is listed already; list each prompt once "
+                          "(more seeds give more samples)")  # fmt: skip
+    if twice := repeated_name(repr(edit) for edit in edits):
+        raise ConfigError(f"{where}.edits[{twice[0]}]: the same edit is listed already; list each edit once "
+                          "(more seeds give more samples)")  # fmt: skip
 
 
 @dataclass
@@ -336,6 +348,7 @@ class EvalConfig(SamplingConfig):
         bad = [c for c in self.palette if not re.fullmatch(r"#[0-9a-fA-F]{6}", c)]
         if bad:
             raise ConfigError(f"{where}.palette: colours must look like '#d7263d' (got {bad[0]!r})")
+        _check_no_repeats(where, self.prompts, self.edits)
         if any(s < 0 for s in self.seeds) or len(set(self.seeds)) < len(self.seeds):
             # A repeated seed renders the same pair again: n identical samples, a zero-width interval, a verdict.
             raise ConfigError(f"{where}.seeds: must be distinct seeds >= 0 (got {self.seeds})")

@@ -28,6 +28,10 @@ _TORCHAO_INT8_FP32 = "You are trying to set torch_dtype to torch.float32 for int
 # pytree, which torch 2.14 reports as deprecated, once per enum, on every command that loads an adapter.
 _PYTREE_LOGGER = "torch.utils._pytree"
 _ENUM_NOTICE = "is an Enum subclass and is now natively supported by torch.compile"
+# diffusers' check after loading an adapter takes a key as this adapter's when the adapter's name is a substring of
+# it: loading `run` after `run2` reported each key of run2 as "missing" from run (one ~3 KB line; the load is fine).
+_PEFT_UTILS_LOGGER = "diffusers.utils.peft_utils"
+_MISSING_KEYS = "Loading adapter weights from state_dict led to missing keys in the model:"
 # Weights smaller than this load in well under a second: a progress bar for them is noise.
 # wandb.init's settings wherever a run starts: wandb still says where the run is (its URL, or its offline folder and
 # `wandb sync`) and its warnings, but not the run-history charts and summary it draws at the end (~20 lines).
@@ -49,6 +53,32 @@ class _DropTorchaoEnumNotice(logging.Filter):
         registered = record.args[0] if isinstance(record.args, tuple) and record.args else None
         from_torchao = getattr(registered, "__module__", "").startswith("torchao")
         return not (from_torchao and _ENUM_NOTICE in record.getMessage())
+
+
+class _DropOtherAdaptersKeys(logging.Filter):
+    """Keeps the missing-keys line when a key it lists is `adapter`'s own (`...lora_A.<adapter>.weight`)."""
+
+    def __init__(self, adapter: str):
+        super().__init__()
+        self.adapter = adapter
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith(_MISSING_KEYS):
+            return True
+        keys = text.removeprefix(_MISSING_KEYS).strip().rstrip(".").split(", ")
+        return any(f".{self.adapter}." in key for key in keys)
+
+
+@contextlib.contextmanager
+def loading_adapter(adapter: str) -> Iterator[None]:
+    """While diffusers loads `adapter`: its missing-keys check reports that adapter's keys only."""
+    logger, only_its_own = logging.getLogger(_PEFT_UTILS_LOGGER), _DropOtherAdaptersKeys(adapter)
+    logger.addFilter(only_its_own)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only_its_own)
 
 
 def install_message_filters() -> None:

@@ -97,6 +97,15 @@ def check_source(source: str | Path) -> None:
     raise AdapterError(f"{source}: no such adapter file or folder ({why}); check the path")
 
 
+def check_adapters(sources) -> None:
+    """Each adapter is a local file or folder, or a hub id that is cached or answers now: the commands ask this before
+    importing torch, so a typo or an uncached repo offline fails in about a second, not after the base model loads."""
+    for source in map(str, sources):
+        check_source(source)
+        if is_hub_id(source):
+            check_adapter_hub(source)
+
+
 def check_pretrained(pretrained: str | Path, revision: str | None = None) -> None:
     """Raise FileNotFoundError naming `model.pretrained` when it looks like a local folder but is not a model, or is
     a hub id that is neither cached nor reachable (in seconds, not after minutes of retries)."""

@@ -32,7 +32,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.io import atomic_path
 
-INPUT_FORMATS = {"JPEG", "PNG", "WEBP"}
+INPUT_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}  # MPO: a phone's JPEG with a gain map or depth frame after the photo
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MAX_INPUT_SIDE = 2048  # larger inputs are downscaled to fit 2048x2048 (the model works at ~1024 anyway)
@@ -298,6 +298,8 @@ def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95, settin
         image = white
     buf = io.BytesIO()
     options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    if fmt == "JPEG":  # full-resolution colour (PIL's default halves it): a masked edit's kept pixels stay within 1-2
+        options["subsampling"] = 0
     settings = settings_as_written(settings, fmt, quality)
     if settings is not None and fmt == "PNG":
         options["pnginfo"] = PngImagePlugin.PngInfo()

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.presets import ASPECT_RATIOS, MAX_SIDE, SIDE_MULTIPLE
@@ -101,6 +102,8 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
         try:
             weight = float(tail)
         except ValueError:
+            if Path(head).expanduser().exists() and not Path(text).expanduser().exists():  # run:abc, not a path
+                raise SettingError("--lora", f"{text}: the weight after ':' must be a number (got {tail!r})") from None
             return text, 1.0
         check_adapter_weight("--lora", weight)  # a NaN weight renders a black, transparent image
         return head, weight

@@ -25,7 +25,9 @@ from huggingface_hub import hf_hub_download
 from PIL import Image
 
 from qwen_image_lora.console import QUIET_LOAD_BYTES, quiet_progress_bars, weights_bytes
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.hub import check_pretrained
+from qwen_image_lora.io import is_write_error
 from qwen_image_lora.presets import SIDE_MULTIPLE
 from qwen_image_lora.quantization import check_quantize, quantization_config
 from qwen_image_lora.speed import configure_transformer
@@ -88,19 +90,47 @@ def _load_components(
     from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
     from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
 
-    return {
-        "transformer": load_transformer(source, dtype, quantize, **common) if transformer else None,
-        "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **common),
-        "processor": Qwen3VLProcessor.from_pretrained(source, subfolder="processor", **common),
-        "vae": AutoencoderKLQwenImage21.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
-        if vae
-        else None,
-        "text_encoder": Qwen3VLForConditionalGeneration.from_pretrained(
-            source, subfolder="text_encoder", dtype=dtype, **common
-        ).eval()
-        if text_encoder
-        else None,
+    loaders = {  # each from its own subfolder, named as the component
+        "transformer": lambda: load_transformer(source, dtype, quantize, **common) if transformer else None,
+        "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **common),
+        "processor": lambda: Qwen3VLProcessor.from_pretrained(source, subfolder="processor", **common),
+        "vae": lambda: (
+            AutoencoderKLQwenImage21.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
+            if vae
+            else None
+        ),
+        "text_encoder": lambda: (
+            Qwen3VLForConditionalGeneration.from_pretrained(
+                source, subfolder="text_encoder", dtype=dtype, **common
+            ).eval()
+            if text_encoder
+            else None
+        ),
     }
+    components = {}
+    for name, load in loaders.items():
+        try:
+            components[name] = load()
+        except (OSError, ValueError) as e:  # the libraries' words for a missing, truncated or unreadable file
+            if isinstance(e, OSError) and is_write_error(e):
+                raise  # a full disk while the hub downloads: the commands name it as such
+            raise damaged_model(source, name, e) from e
+    return components
+
+
+def damaged_model(source: str, component: str, error: Exception) -> InputError:
+    """A model that passed `check_pretrained` but does not load: one line naming it, the component, what the library
+    found, and how to get a whole copy (it was diffusers' or transformers' traceback)."""
+    found = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    again = (
+        "copy or download it again (`qwen-lora make-tiny-model DIR` writes a tiny test one)"
+        if Path(source).expanduser().exists()
+        else f"`hf download {source}` completes it"
+    )
+    return InputError(
+        f"model.pretrained: {source} could not be loaded: its {component} is incomplete or damaged ({found}); {again}",
+        "model.pretrained",
+    )
 
 
 def load_transformer(source: str, dtype: torch.dtype, quantize: str = "none", **common):
@@ -207,6 +237,10 @@ def fit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
 
     w, h, _ = calculate_dimensions(resolution * resolution, width / height)
     return max(SIDE_MULTIPLE, w), max(SIDE_MULTIPLE, h)
+
+
+# Qwen2-VL's image processor (`smart_resize`) refuses a condition image longer than this, after the sizing rule.
+ENCODER_MAX_ASPECT = 200
 
 
 def max_aspect(resolution: int) -> float:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from qwen_image_lora.adapter_format import WEIGHTS_NAME
-
 RUN_ID = "run.json"
 LOCK = ".lock"
 CONFIG = "config.yaml"
@@ -31,7 +29,9 @@ CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"  # inside a checkpoint: what a resume restores
 ADAPTER = "adapter"  # inside a checkpoint: the adapter folder at that step
 EVAL = "eval"
-FINAL_ADAPTER = WEIGHTS_NAME
+# diffusers' own LoRA file name (what `save_lora_weights` writes and `load_lora_weights` looks for), named here so that
+# reading a run's layout imports no library; `adapter_format.WEIGHTS_NAME` is this name.
+FINAL_ADAPTER = "pytorch_lora_weights.safetensors"
 
 _CHECKPOINT = re.compile(r"^step-(\d+)$")
 _SAMPLES = re.compile(r"^step_(\d+)$")

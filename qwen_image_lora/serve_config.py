@@ -7,7 +7,9 @@ Part of the schema in `config.py` (`Config.serve`, loaded and checked with the r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.knobs import SettingError, check_adapter_name, check_adapter_weight, repeated_name
 from qwen_image_lora.presets import MAX_SIDE, SIDE_MULTIPLE
 from qwen_image_lora.typed_yaml import ConfigError, path_field, require
@@ -57,3 +59,24 @@ class ServeConfig:
         if twice := repeated_name(a.name for a in self.adapters if a.name):
             raise ConfigError(f"{where}.adapters: the name {twice[1]!r} is given twice; each adapter needs its own")
         require(where, self, lambda v: v > 0, "> 0", "max_body_mb", "url_timeout_s", "max_url_mb", "max_guidance_scale")
+
+
+def load_api_keys(serve: ServeConfig, environ) -> list[str]:
+    """Keys from the env var named by `serve.api_keys_env` (comma-separated) and/or `serve.api_keys_file` (one
+    per line, # comments). The CLI calls this; the app itself never reads the environment."""
+    keys = [k.strip() for k in environ.get(serve.api_keys_env, "").split(",") if k.strip()]
+    if serve.api_keys_file:
+        if not Path(serve.api_keys_file).is_file():
+            raise NotFound(
+                f"serve.api_keys_file: {serve.api_keys_file} does not exist (one key per line)", "serve.api_keys_file"
+            )
+        for line in Path(serve.api_keys_file).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                keys.append(line)
+    if not keys:
+        raise InputError(
+            f"serve: no API keys; set {serve.api_keys_env}=key1,key2 or serve.api_keys_file (requests need x-api-key)",
+            "serve.api_keys_env",
+        )
+    return keys

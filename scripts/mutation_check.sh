@@ -45,10 +45,11 @@ declare -A MODULES=(
   [auth]="qwen_image_lora/inference/guards.py|tests/test_server.py tests/test_faults_server.py|*ǁKeyCheckǁ*|"
   [summary]="qwen_image_lora/eval/summary.py|tests/test_eval_report.py tests/test_eval_metrics.py||"
   [lora_layer]="qwen_image_lora/train/adapter.py|tests/test_lora_layer.py tests/test_train_adapter.py|*ǁLeanLoraLinearǁ* *.x_add_lora__mutmut_*|"
-  [hub]="qwen_image_lora/hub.py|tests/test_hub.py tests/test_adapter_sources.py|*.x_is_cached__mutmut_* *.x_check_hub_repo__mutmut_* *.x_check_adapter_hub__mutmut_* *.x_check_pretrained__mutmut_* *.x__is_local__mutmut_* *.x_check_source__mutmut_* *.x_is_hub_id__mutmut_*|"
+  [hub]="qwen_image_lora/hub.py|tests/test_hub.py tests/test_adapter_sources.py|*.x_is_cached__mutmut_* *.x_check_hub_repo__mutmut_* *.x_check_adapter_hub__mutmut_* *.x_check_pretrained__mutmut_* *.x__is_local__mutmut_* *.x_check_source__mutmut_* *.x_is_hub_id__mutmut_* *.x_check_adapters__mutmut_*|"
   [screening]="qwen_image_lora/data/screening.py|tests/test_data_verdict_state.py tests/test_faults_data.py||not read_only_cache_warns_once"
+  [comfy_mlp]="qwen_image_lora/comfy_mlp.py|tests/test_adapter_format.py||"
 )
-ORDER=(objective optim guards metrics buckets urls model formats export auth summary screening lora_layer hub)
+ORDER=(objective optim guards metrics buckets urls model formats export auth summary screening lora_layer hub comfy_mlp)
 [ $# -gt 0 ] && ORDER=("$@")
 
 stage() {  # $1: folder. The package as its import names lay it out, plus the tests.

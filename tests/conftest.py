@@ -61,6 +61,16 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def unloadable_model(tmp_path_factory) -> Path:
+    """Passes the commands' quick model check (a folder with a model_index.json) and fails to load: an error a
+    command gives with it came before the model load, and is not about the model."""
+    folder = tmp_path_factory.mktemp("models") / "unloadable"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def sample_data_dir(tmp_path_factory):
 
     return make_sample_data(tmp_path_factory.mktemp("data") / "sample-data")

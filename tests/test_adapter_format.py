@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen_image_lora import adapter_format
 from qwen_image_lora.adapter_format import AdapterWeights, check_shapes, module_scale, read_adapter, to_comfyui
-from qwen_image_lora.comfy_mlp import fuse_mlp_halves
+from qwen_image_lora.comfy_mlp import fuse_mlp_halves, split_fused_mlp
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.hub import check_source, is_hub_id
 from qwen_image_lora.inference.testing import in_layout, make_random_lora
@@ -141,6 +141,23 @@ def test_reading_the_fused_export_back_splits_it_exactly(transformer, tmp_path, 
             b = key.replace("lora_A", "lora_B")
             delta = adapter_format.module_scale(ours.config, module, 2) * ours.state_dict[b] @ ours.state_dict[key]
             torch.testing.assert_close(back.state_dict[b] @ back.state_dict[key], delta, rtol=1e-5, atol=1e-6)
+            # At its own rank, not the fused 2r: `lora.init_from` refused our export of an MLP adapter at any rank.
+            assert back.state_dict[key].shape == ours.state_dict[key].shape
+
+
+def test_a_fused_lora_that_is_not_block_diagonal_splits_exactly_at_its_rank():
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(6, 16, generator=g), torch.randn(48, 6, generator=g)  # a fused LoRA trained in ComfyUI
+    up[:, 5] = 0  # a column nothing uses, in both halves
+    fused = "transformer.transformer_blocks.0.img_mlp.gate_up"
+    split = split_fused_mlp({f"{fused}.lora_A.weight": down, f"{fused}.lora_B.weight": up})
+    for i, half in enumerate(("gate_layer", "proj")):
+        a, b = (split[f"transformer.transformer_blocks.0.img_mlp.{half}.lora_{x}.weight"] for x in "AB")
+        assert a.shape == (5, 16) and b.shape == (24, 5)
+        torch.testing.assert_close(b @ a, (up @ down)[i * 24 : (i + 1) * 24], rtol=0, atol=1e-5)
+    up.zero_()  # untrained: each half keeps the whole rank (a rank-0 LoRA is no LoRA)
+    split = split_fused_mlp({f"{fused}.lora_A.weight": down, f"{fused}.lora_B.weight": up})
+    assert split["transformer.transformer_blocks.0.img_mlp.proj.lora_A.weight"].shape == (6, 16)
 
 
 def test_a_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):

@@ -92,6 +92,13 @@ def test_bad_values_name_the_field(tmp_path, text, message):
         # A repeated seed re-renders one pair: n identical samples gave a zero-width interval and a verdict.
         ("eval.seeds=[1,1,1]", r"eval.seeds: must be distinct seeds >= 0 \(got \[1, 1, 1\]\)"),
         ("eval.seeds=[-1]", r"eval.seeds: must be distinct seeds >= 0"),
+        # A repeated prompt or edit counts its images twice: 3 copies of one prompt read as n = 6 and "better".
+        ("eval.prompts=[a, b, a]", r"eval.prompts\[2\]: 'a' is listed already; list each prompt once"),
+        ("validation.prompts=[a, a]", r"validation.prompts\[1\]: 'a' is listed already"),  # eval's fallback
+        (
+            "eval.edits=[{images: [x.png], prompt: p}, {images: [x.png], prompt: p}]",
+            r"eval.edits\[1\]: the same edit is listed already",
+        ),
         ("serve.max_queue=0", r"serve.max_queue: must be >= 1 \(0 refuses every request\) \(got 0\)"),
         ("serve.max_steps=0", r"serve.max_steps: must be >= 1"),
         ("serve.max_side=-1", r"serve.max_side: must be in 32\.\.4096 \(got -1\)"),

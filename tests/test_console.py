@@ -4,12 +4,15 @@ warning capture can hide a line that comes back."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from qwen_image_lora import console
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = (
@@ -24,9 +27,11 @@ NOISE = (
     "Retry",
     "Unable to import `torchao`",
     "torch.float32 for integer quantization",
+    "led to missing keys",
 )
 
-# Every noise source above, in one process: build a model, load it, two adapters, a generation with a guidance
+# Every noise source above, in one process: build a model, load it, two adapters (one's name inside the other's), a
+# generation with a guidance
 # scale but no negative prompt, the active adapter dropped while another remains, and bitsandbytes' kernel lookup.
 SCRIPT = """
 import logging, sys
@@ -47,11 +52,11 @@ qmodel.load_captioner(model, "float32")  # `data caption`'s model: transformers'
 logging.getLogger(torchao_quantizer.__name__).warning(
     "You are trying to set torch_dtype to torch.float16 for integer quantization, but only bfloat16 is supported")
 gen = Generator.from_pretrained(model, dtype="float32", device="cpu", resolution=64)
-gen.adapters.load(sys.argv[2], name="a")
-gen.adapters.load(sys.argv[3], name="b")
-gen.adapters.set({"b": 1.0})
+gen.adapters.load(sys.argv[2], name="a2")
+gen.adapters.load(sys.argv[3], name="a")  # a substring of a2: diffusers took a2's keys for a's, "missing"
+gen.adapters.set({"a": 1.0})
 gen.generate(GenerationRequest(prompt="a bottle", guidance_scale=4.0, num_inference_steps=1, width=64, height=64))
-gen.adapters.unload("b")
+gen.adapters.unload("a")
 print("done", gen.adapters.active)
 """
 
@@ -128,3 +133,14 @@ def test_the_doctor_without_a_reachable_tokenizer_goes_on_and_says_so(tmp_path, 
     assert "could not load the tokenizer of Qwen/Qwen-Image-2.1" in done.stdout + done.stderr
     assert [n for n in NOISE if n in done.stderr] == []
     assert "(a config as the target or model.pretrained=DIR picks another)" in done.stderr  # it has no --config
+
+
+def test_a_missing_key_of_the_adapter_being_loaded_still_shows(caplog):
+    logger = logging.getLogger("diffusers.utils.peft_utils")
+    head = "Loading adapter weights from state_dict led to missing keys in the model:"
+    with caplog.at_level(logging.WARNING, logger=logger.name), console.loading_adapter("run"):
+        logger.warning(f"{head} blocks.0.to_q.lora_A.run2.weight, blocks.0.to_q.lora_B.run2.weight.")  # run2's
+        logger.warning(f"{head} blocks.0.to_q.lora_A.run2.weight, blocks.1.to_k.lora_B.run.weight.")  # one is run's
+    assert [r.getMessage().endswith("lora_B.run.weight.") for r in caplog.records] == [True]
+    logger.warning(f"{head} blocks.0.to_q.lora_A.run2.weight.")  # the filter is gone after the load
+    assert len(caplog.records) == 2

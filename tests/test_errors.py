@@ -16,6 +16,7 @@ from qwen_image_lora import cli, hub
 from qwen_image_lora import inference as api
 from qwen_image_lora.errors import InputError, NotFound, UserError
 from qwen_image_lora.inference.generator import Generator
+from qwen_image_lora.knobs import parse_lora_arg
 from qwen_image_lora.train.guards import TrainingStopped
 from qwen_image_lora.train.preemption import EXIT_PREEMPTED, Preempted
 from qwen_image_lora.train.run_folder import RunFinished
@@ -97,7 +98,7 @@ def _heavy_imports_after(code: str, env: dict[str, str] | None = None) -> tuple[
     env = {**os.environ, **(env or {})}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    return done.stdout.split(), done.stderr
+    return done.stdout.splitlines()[-1].split(), done.stderr  # the probe's line comes last
 
 
 def test_the_parser_and_its_help_import_no_heavy_library():
@@ -134,10 +135,26 @@ def test_the_parser_and_its_help_import_no_heavy_library():
             ["batch", "j.jsonl", "--lora", "someone/brand-lora/a.safetensors", "--output-dir", "o"],
             "someone/brand-lora/a.safetensors: not in the local Hugging Face cache",
         ),
+        # An uncached hub base model, offline: every command that loads it failed only after ~8 s of imports.
+        *(
+            (argv, "model.pretrained: someone/base is not in the local Hugging Face cache")
+            for argv in (
+                ["generate", "--model", "someone/base", "--prompt", "x", "--output", "a.png"],
+                ["edit", "--model", "someone/base", "--prompt", "x", "--image", "in.png", "--output", "a.png"],
+                ["layers", "--model", "someone/base", "--image", "x.png", "--mask", "auto", "--output", "o.psd"],
+                ["batch", "j.jsonl", "--model", "someone/base", "--output-dir", "o"],
+                ["serve", "--model", "someone/base", "serve.api_keys_env=QWEN_LORA_TEST_KEYS"],
+                ["eval", "--config", str(DEMO), "model.pretrained=someone/base"],
+                ["data", "prepare", "--config", str(DEMO), "model.pretrained=someone/base"],
+            )
+        ),
+        (["eval", "--config", str(DEMO), "--adapter", "/nope/run"], "/nope/run: no such adapter"),
+        (["serve", "serve.api_keys_file=/nope/keys"], "serve.api_keys_file: /nope/keys does not exist"),
     ],
 )
 def test_a_bad_config_or_adapter_path_is_refused_before_torch_imports(argv, named, tmp_path):
     offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}  # an empty cache, the hub not asked
+    offline["QWEN_LORA_TEST_KEYS"] = "k1"  # serve's keys, so that its model is what it refuses
     loaded, err = _heavy_imports_after(f"from qwen_image_lora.cli import main\nassert main({argv!r}) == 2", offline)
     assert named in err and loaded == []
 
@@ -173,3 +190,33 @@ def test_the_cli_refuses_what_the_server_refuses(argv, said, capsys):
     except SystemExit as e:  # argparse's own refusal
         code = e.code
     assert code == 2 and said in capsys.readouterr().err
+
+
+def test_validate_checks_a_config_without_importing_torch(tmp_path):
+    """`validate` is the seconds-long check: it took 8 s, importing diffusers for the cache folder's check and peft
+    through the run folder's; now it imports none of them, and still reads the data and names a missing edit input."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")  # all a local model folder needs to pass `check_pretrained`
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"")  # validate lists items; it decodes no image
+    (data / "a.txt").write_text("a qwnbrand bottle")
+    base = ["validate", str(DEMO), f"model.pretrained={model}", f"data.path={data}", f"output_dir={tmp_path / 'run'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "validation.edits=[]"]  # fmt: skip
+    loaded, err = _heavy_imports_after(f"from qwen_image_lora.cli import main\nassert main({base!r}) == 0")
+    assert loaded == [], err
+    edit = f"eval.edits=[{{images: [{tmp_path / 'gone.png'}], prompt: recolour}}]"
+    loaded, err = _heavy_imports_after(f"from qwen_image_lora.cli import main\nassert main({[*base, edit]!r}) == 2")
+    assert f"eval.edits[0].images: {tmp_path / 'gone.png'} does not exist" in err and loaded == []
+
+
+def test_a_lora_weight_that_is_not_a_number_is_named(tmp_path, monkeypatch, capsys):
+    """`--lora run:abc` said `run:abc: no such adapter file or folder`, while `run` was right there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    assert cli.main(["generate", "--prompt", "x", "--lora", "run:abc", "--output", "a.png"]) == 2
+    said = capsys.readouterr().err.splitlines()[-1]
+    assert said == "error: --lora: run:abc: the weight after ':' must be a number (got 'abc')"
+    (tmp_path / "run:abc").mkdir()  # a folder whose name has a colon is a path, as before
+    assert parse_lora_arg("run:abc") == ("run:abc", 1.0) and parse_lora_arg("run:0.5") == ("run", 0.5)

@@ -115,7 +115,7 @@ def test_evaluate_leaves_the_pipeline_as_found(config_path, adapters, tiny_pipe,
     assert any("Text accuracy skipped" in n for n in data["notes"])
 
 
-def test_eval_cli_errors_name_the_problem(config_path, tmp_path, capsys):
+def test_eval_cli_errors_name_the_problem(config_path, unloadable_model, tmp_path, capsys):
     assert main(["eval", "--config", str(config_path), "eval.prompts=[]", "eval.edits=[]"]) == 2
     assert "eval.prompts" in capsys.readouterr().err
     assert main(["eval", "--config", str(config_path), "--adapter", str(tmp_path / "missing")]) == 2
@@ -128,9 +128,9 @@ def test_eval_cli_errors_name_the_problem(config_path, tmp_path, capsys):
         str(config_path),
         "--output",
         str(tmp_path / "taken" / "eval"),
-        "model.pretrained=nope/x",
+        f"model.pretrained={unloadable_model}",
     ]
-    assert main(argv) == 2  # the model would fail to load (it is not cached): the output is checked before it
+    assert main(argv) == 2  # the model would fail to load: the output is checked before it
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == "note: no --adapter or --checkpoints given: the report shows the base model alone, with no verdict"
     assert err[-1] == (
@@ -139,10 +139,22 @@ def test_eval_cli_errors_name_the_problem(config_path, tmp_path, capsys):
     )
 
 
-def test_checkpoints_are_scored_on_the_runs_held_out_split(config_path, adapters, tmp_path, capsys):
+def test_a_missing_edit_input_is_refused_before_the_model_loads(config_path, tmp_path):
+    # It was read at the first edit's render, after the model had loaded and every prompt had rendered.
+    cfg = load_config(config_path, [f"eval.edits=[{{images: [{tmp_path / 'gone.png'}], prompt: recolour}}]",
+                                    "model.pretrained=/nonexistent"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"eval\.edits\[0\]\.images: .*gone\.png does not exist"):
+        evaluate(cfg)
+    cfg = load_config(config_path, ["eval.edits=[]", "eval.prompts=[]", "model.pretrained=/nonexistent",
+                                    f"validation.edits=[{{images: [{tmp_path / 'gone.png'}], prompt: x}}]"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"validation\.edits\[0\]\.images: "):  # eval falls back to validation's
+        evaluate(cfg)
+
+
+def test_checkpoints_are_scored_on_the_runs_held_out_split(config_path, adapters, unloadable_model, tmp_path, capsys):
     run = _run_folder(tmp_path / "run", adapters, load_config(config_path, ["validation.held_out_fraction=0.1"]))
-    # The model folder does not exist: the mismatch is reported before any model is loaded.
-    argv = ["eval", "--config", str(config_path), "--checkpoints", str(run), f"model.pretrained={tmp_path / 'none'}"]
+    # The model cannot load: the mismatch is reported before any model is loaded.
+    argv = ["eval", "--config", str(config_path), "--checkpoints", str(run), f"model.pretrained={unloadable_model}"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "validation.held_out_fraction is 0.3 here but 0.1 in the run" in err and str(run / "config.yaml") in err

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -93,6 +95,21 @@ def test_report_json_and_html(tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_a_second_report_keeps_the_first_beside_it(tmp_path, caplog):
+    """eval replaced report.json and report.html silently: another adapter's report, or a checkpoint's, was gone."""
+    first = write_report(tmp_path, _synthetic_samples(), title="first")
+    before = {p.name: p.read_bytes() for p in first}
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(first[1].stat().st_mtime))
+    with caplog.at_level(logging.INFO):
+        write_report(tmp_path, _synthetic_samples(), title="second")
+        write_report(tmp_path, _synthetic_samples(), title="third")  # within the same second: its own name
+    assert json.loads((tmp_path / "report.json").read_text())["title"] == "third"
+    kept = {p.name: p.read_bytes() for p in tmp_path.glob(f"report-{stamp}.*")}
+    assert kept == {f"report-{stamp}.json": before["report.json"], f"report-{stamp}.html": before["report.html"]}
+    assert len(list(tmp_path.glob("report-*.json"))) == 2
+    assert f"kept the previous report as report-{stamp}.json, report-{stamp}.html" in caplog.text
+
+
 def test_report_renders_in_headless_chromium(tmp_path):
     html_path, _ = write_report(
         tmp_path / "eval",
@@ -230,3 +247,16 @@ def test_the_edit_mask_is_outlined_over_the_pair():
     assert (out[:, 19:21] == (255, 0, 255)).all()  # the border between kept and changed
     assert (out[:, :10] == 10).all() and (out[:, 30:] == 10).all()  # away from it the image is untouched
     assert _outlined(image, None) is image
+
+
+def test_a_variants_interval_stays_within_what_its_metric_can_be():
+    """With few samples a t-interval crossed a metric's limits: 'Edit shift (px) 40 [-33.7, 114]'."""
+    samples = [
+        Sample("edit", "p", seed, {}, {"base": {"shift_px": shift, "ssim": ssim}, "a": {"shift_px": 1.0, "ssim": 0.5}})
+        for seed, shift, ssim in ((0, 0.0, 0.99), (1, 80.0, 0.2))
+    ]
+    summary = summarise(samples, ["base", "a"])
+    shift, ssim = summary["shift_px"], summary["ssim"]
+    assert shift["variants"]["base"]["low"] == 0 and shift["variants"]["base"]["high"] > 80
+    assert ssim["variants"]["base"]["high"] == 1 and ssim["variants"]["base"]["low"] < 0.2
+    assert shift["delta"]["a"]["low"] < -39  # a difference takes either sign: its interval is not cut

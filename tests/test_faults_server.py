@@ -9,7 +9,9 @@ import gc
 import hashlib
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from qwen_image_lora import images as images_module
 from qwen_image_lora.config import Config
-from qwen_image_lora.inference import server
+from qwen_image_lora.inference import server, service
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app
 from qwen_image_lora.inference.studio import CSP
@@ -349,3 +351,34 @@ def test_api_docs_are_off_by_default_and_under_the_studio_csp_when_on(cfg, gen):
     assert {k: v for k, v in policy.items() if k not in ("script-src", "style-src")} == {
         k: v for k, v in studio.items() if k not in ("script-src", "style-src")}  # fmt: skip
     assert all(url.startswith(cdn + "/") for url in re.findall(r'(?:src|href)="(https?://[^"]*)"', r.text))
+
+
+def test_the_first_ctrl_c_answers_the_queued_requests_and_the_second_stops_at_once(cfg, gen, monkeypatch, capsys):
+    """uvicorn alone ran every queued job before exiting, silently (a minute for four), and a second Ctrl-C printed a
+    traceback per request and aborted (status 134) with the model thread still running."""
+    server = service.make_server(cfg, [KEY], generator=gen)
+    app = server.config.app
+    worker = app.state.worker
+    release = block_worker(worker)
+    body, headers = json.dumps(edit()).encode(), [(b"x-api-key", KEY.encode())]
+
+    async def main():
+        queued = [asyncio.ensure_future(call(app, body, headers)) for _ in range(2)]
+        await until(lambda: worker.waiting == 2, "two requests queued behind the running job")
+        server.handle_exit(signal.SIGINT, None)
+        answered = await asyncio.wait_for(asyncio.gather(*queued), 30)  # at once, not after the running job
+        return answered, await call(app, body, headers)
+
+    try:
+        answered, late = asyncio.run(main())
+    finally:
+        release.set()
+    assert [status for status, *_ in answered] == [503, 503] and late[0] == 503
+    assert "the service is stopping" in json.loads(answered[0][1])["detail"][0]["msg"]
+    assert server.should_exit and capsys.readouterr().err.splitlines()[-1] == (
+        "stopping: finishing the image in progress (Ctrl-C again drops it); 2 queued requests answered 503"
+    )
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    server.handle_exit(signal.SIGINT, None)
+    assert exits == [130] and "stopped: the image in progress was dropped" in capsys.readouterr().err

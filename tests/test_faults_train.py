@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import run_layout as layout
-from qwen_image_lora.config import load_config, resume_fixed_fields, to_dict
+from qwen_image_lora.config import LoRAConfig, load_config, resume_fixed_fields, to_dict
 from qwen_image_lora.io import atomic_dir, atomic_write_text
 from qwen_image_lora.train import lora
+from qwen_image_lora.train.adapter import add_lora
 from qwen_image_lora.train.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -32,6 +33,7 @@ from qwen_image_lora.train.checkpoint import (
     changed_fixed_fields,
     write_manifest,
 )
+from qwen_image_lora.train.export import write_adapter_atomically
 from qwen_image_lora.train.preemption import EXIT_PREEMPTED
 from qwen_image_lora.train.run_folder import RunFolder
 from tests.launch import accelerate_launch
@@ -758,3 +760,15 @@ def test_atomic_writes_follow_the_umask(tmp_path):
             os.umask(old)
         assert (tmp_path / f"{umask}.json").stat().st_mode & 0o777 == 0o666 & ~umask
         assert (tmp_path / f"folder{umask}").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_the_runs_adapter_follows_the_umask(tiny_model_dir, tmp_path):
+    """The final adapter came out 0600 (safetensors' own mode) where every other file of the run was 0644."""
+    transformer = qmodel.load_transformer(str(tiny_model_dir), torch.float32)
+    add_lora(transformer, LoRAConfig(rank=2, targets="attention"))
+    old = os.umask(0o022)
+    try:
+        written = write_adapter_atomically(transformer, tmp_path)
+    finally:
+        os.umask(old)
+    assert written.stat().st_mode & 0o777 == 0o644 and [p.name for p in tmp_path.iterdir()] == [written.name]

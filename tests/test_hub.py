@@ -196,3 +196,16 @@ def test_an_adapters_hub_check_asks_for_its_repository_and_names_the_adapter(her
     _cache(here, "someone/style", ["loras/v2.safetensors"])
     hub.check_adapter_hub("someone/style/loras/v2.safetensors")
     assert len(asked.asked) == 1  # cached now: not asked again
+
+
+def test_check_adapters_checks_every_source_and_asks_the_hub_only_for_hub_ids(here, ask):
+    _cache(here, "someone/cached")
+    fake = ask(_hub_error(RepositoryNotFoundError))
+    hub.check_adapters(["outputs", "notes.txt", "someone/cached", "someone/cached/x.safetensors"])
+    assert fake.asked == []  # local paths and cached repos: no request
+    with pytest.raises(AdapterError, match=r"^outputs/typo: no such adapter file or folder \(outputs/ exists here"):
+        hub.check_adapters(["outputs", "outputs/typo", "someone/else"])  # stops at the first bad one, in order
+    assert fake.asked == []
+    with pytest.raises(AdapterError, match="^someone/else: "):
+        hub.check_adapters(["notes.txt", "someone/else"])
+    assert [repo for repo, *_ in fake.asked] == ["someone/else"]

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, JpegImagePlugin
 
 from qwen_image_lora import images
 from qwen_image_lora.config import Config, EditExample
@@ -165,6 +165,28 @@ def test_inference_inputs_are_jpeg_png_or_webp_whatever_their_name(tmp_path):
         images.load_image(tmp_path / "a.png")
     assert e.value.code == "unsupported-format" and not e.value.too_large
     assert read_image(tmp_path / "a.png", formats=None).size == (32, 32)  # training data reads it (the doctor warns)
+
+
+def test_a_phone_jpeg_with_a_gain_map_reads_as_its_photo_everywhere(tmp_path):
+    """Ultra HDR / gain-map JPEGs open in PIL as MPO: training took them, inference refused them as 'a MPO image'."""
+    photo, gain_map = Image.new("RGB", (48, 32), (200, 30, 40)), Image.new("RGB", (24, 16), (9, 9, 9))
+    photo.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[gain_map])
+    with Image.open(tmp_path / "phone.jpg") as im:
+        assert im.format == "MPO" and im.n_frames == 2
+    for image in (
+        images.load_image(tmp_path / "phone.jpg"),
+        images.decode_image((tmp_path / "phone.jpg").read_bytes()),
+    ):
+        assert image.size == (48, 32) and np.abs(np.asarray(image, dtype=int) - (200, 30, 40)).max() <= 3
+
+
+def test_jpeg_outputs_keep_full_colour_resolution():
+    """PIL's default 4:2:0 halves colour resolution: a masked edit's kept pixels moved by up to 24 in a JPEG."""
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::2] = (220, 20, 60)  # one-pixel colour stripes: what 4:2:0 smears
+    with Image.open(io.BytesIO(images.encode_image(Image.fromarray(stripes), "JPEG", quality=95))) as im:
+        assert JpegImagePlugin.get_sampling(im) == 0  # 4:4:4
+        assert np.abs(np.asarray(im, dtype=int) - stripes).max() <= 16  # 4:2:0 gives ~110
 
 
 # ------------------------------------------------------------------------------------------ admission by cost

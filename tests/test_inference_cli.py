@@ -50,16 +50,21 @@ def test_generate_and_edit_write_the_format_the_extension_names(tiny_model_dir, 
         assert im.format == "JPEG" and im.mode == "RGB" and im.size == (96, 64)  # the last input's size
 
 
-def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
+def test_bad_arguments_fail_before_the_model_loads(tmp_path, unloadable_model, capsys):
     assert (
         main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "x", "--output", str(tmp_path / "o.gif")])
         == 2
     )
     assert "use .png, .jpg/.jpeg or .webp" in capsys.readouterr().err
-    base = ["--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o.png")]
+    base = ["--model", str(unloadable_model), "--output", str(tmp_path / "o.png")]
     strip, big = tmp_path / "strip.png", tmp_path / "big.png"
     Image.new("RGB", (400, 20)).save(strip)
     Image.new("1", (8200, 8200)).save(big)  # 67.2 M pixels: over the limit, a few KB on disk
+    sliver = tmp_path / "sliver.png"
+    Image.new("RGB", (2048, 12)).save(sliver)  # sized to 13376x64 at 1024: 209:1, over the image encoder's 200:1
+    square = tmp_path / "square.png"
+    Image.new("RGB", (64, 64), "white").save(square)
+    masked = ["edit", "--prompt", "x", "--image", str(square), "--mask", str(square)]
     for argv, message in (
         (
             ["generate", "--prompt", "x", "--width", "100"],
@@ -78,6 +83,14 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
             ["edit", "--prompt", "x", "--image", str(big)],
             f"error: --image {big}: image is 8200x8200 = 67,240,000 pixels; the limit is 67,108,864; downscale it",
         ),
+        (  # was transformers' "absolute aspect ratio must be smaller than 200" after the model loaded (HTTP 500)
+            ["edit", "--prompt", "x", "--image", str(sliver)],
+            "images: image 1 is 2048x12 (aspect 170.7:1) (sized to 13376x64, 209:1); at resolution 1024 the model "
+            "takes aspect ratios under 200:1; crop or pad it closer to square",
+        ),
+        # A masked edit keeps its image's size: the size asked for was ignored (and recorded in the image's settings).
+        ([*masked, "--aspect-ratio", "16:9"], "error: --mask: a masked edit keeps its image's size; drop aspect_ratio"),
+        ([*masked, "--width", "96"], "error: --mask: a masked edit keeps its image's size"),
         (
             ["edit", "--prompt", "x", "--image", str(strip), "data.resolution=64"],
             "images: image 1 is 400x20 (aspect 20.0:1); at resolution 64 the model takes aspect ratios under 16:1",
@@ -87,12 +100,12 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys):
         assert message in capsys.readouterr().err  # not the missing model: the settings are checked first
 
 
-def test_an_output_that_cannot_be_written_fails_before_the_model_loads(tmp_path, capsys):
+def test_an_output_that_cannot_be_written_fails_before_the_model_loads(tmp_path, unloadable_model, capsys):
     """Was found only after the render: 'could not write g1.png/x.png', the image thrown away."""
     Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
     (tmp_path / "taken.png").write_text("a file")
     (tmp_path / "folder.png").mkdir()
-    model = ["--model", str(tmp_path / "nowhere")]  # had it loaded first, the error would be about it
+    model = ["--model", str(unloadable_model)]  # had it loaded first, the error would be about it
     for argv, output, why in (
         (["generate", "--prompt", "x"], tmp_path / "taken.png" / "o.png", "a file is where its folder should be"),
         (["generate", "--prompt", "x"], tmp_path / "folder.png", "a folder is where the file should be"),
@@ -108,11 +121,11 @@ def test_an_output_that_cannot_be_written_fails_before_the_model_loads(tmp_path,
         )
 
 
-def test_layers_checks_its_settings_before_the_model_loads_and_takes_no_size(tmp_path, capsys):
+def test_layers_checks_its_settings_before_the_model_loads_and_takes_no_size(tmp_path, unloadable_model, capsys):
     """Its flags are the sampling fields less the size (the layers keep the input's): `--width` was taken and
     ignored, and `--steps 0` surfaced only after the model had loaded."""
     Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
-    base = ["layers", "--model", str(tmp_path / "nowhere"), "--image", str(tmp_path / "in.png"), "--mask", "auto",
+    base = ["layers", "--model", str(unloadable_model), "--image", str(tmp_path / "in.png"), "--mask", "auto",
             "--output", str(tmp_path / "o.psd")]  # fmt: skip
     assert main([*base, "--steps", "0"]) == 2
     assert "error: --num-inference-steps: must be >= 1 (got 0)" in capsys.readouterr().err  # not the missing model
@@ -264,7 +277,9 @@ def test_batch_job_errors_name_the_line_and_field(tmp_path):
             read_jobs(bad)
 
 
-def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model_loads(tmp_path, capsys):
+def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model_loads(
+    tmp_path, capsys, unloadable_model
+):
     """Each used to end in a traceback (ValueError, UnicodeDecodeError), an "all 0 jobs are done" success, or (a
     missing input) a per-job failure after the model had loaded, appended to the manifest again on every rerun."""
     Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
@@ -283,8 +298,8 @@ def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model
         (b"\n  \n", f"{jobs}: no jobs in it"),
     ]:  # fmt: skip
         jobs.write_bytes(data)
-        # The model folder does not exist: an error about the jobs file proves it was checked first.
-        assert main(["batch", str(jobs), "--output-dir", str(out), "--model", str(tmp_path / "no-model")]) == 2
+        # The model cannot load: an error about the jobs file proves it was checked first.
+        assert main(["batch", str(jobs), "--output-dir", str(out), "--model", str(unloadable_model)]) == 2
         (line,) = capsys.readouterr().err.splitlines()
         assert line.startswith(f"error: {message}"), line
         assert not out.exists()  # nothing ran, so no manifest line either
@@ -400,19 +415,19 @@ def test_help_speaks_to_users_and_batch_help_shows_a_valid_job_line(tmp_path, ca
     assert job.id == "sku-123" and job.output_name == "sku-123.webp"
 
 
-def test_batch_with_nothing_left_says_so_without_loading_the_model(tmp_path, capsys):
+def test_batch_with_nothing_left_says_so_without_loading_the_model(tmp_path, capsys, unloadable_model):
     jobs, out = _jobs(tmp_path, n=3), tmp_path / "out"
     out.mkdir()
     for job in read_jobs(jobs):  # a finished batch: every image and its manifest line
         Image.new("RGB", (8, 8)).save(out / job.output_name)
     (out / "manifest.jsonl").write_text("".join(json.dumps({"id": job.id}) + "\n" for job in read_jobs(jobs)))
-    # The model folder does not exist: any attempt to load it would fail the command.
-    argv = ["batch", str(jobs), "--output-dir", str(out), "--model", str(tmp_path / "no-model")]
+    # The model cannot load: any attempt to load it would fail the command.
+    argv = ["batch", str(jobs), "--output-dir", str(out), "--model", str(unloadable_model)]
     assert main(argv) == 0
     assert "nothing left to do: all 3 jobs are done" in capsys.readouterr().err
     (out / "000001.png").unlink()  # one job left: now the model is needed (and its absence is reported)
     assert main(argv) == 2
-    assert "no-model does not exist" in capsys.readouterr().err
+    assert f"{unloadable_model} could not be loaded" in capsys.readouterr().err
 
 
 def test_batch_prints_progress_lines_when_stderr_is_not_a_terminal(tiny_model_dir, tmp_path):
@@ -504,24 +519,26 @@ def test_batch_does_not_render_again_for_the_same_adapter_named_from_another_fol
     assert main([*argv, "--lora", f"{lora_dir.name}:0.6"]) == 0 and rendered() == 4  # another weight: rendered again
 
 
-def test_a_job_naming_an_adapter_no_lora_gives_is_refused_before_the_model_loads(tmp_path, capsys, lora_dir):
+def test_a_job_naming_an_adapter_no_lora_gives_is_refused_before_the_model_loads(
+    tmp_path, capsys, lora_dir, unloadable_model
+):
     """It failed after the model had loaded, as a failed job without its line."""
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"id": "a", "prompt": "x", "loras": [{"name": "nobody", "weight": 1}]}) + "\n")
-    argv = ["batch", str(jobs), "--output-dir", str(tmp_path / "out"), "--model", str(tmp_path / "no-model")]
-    assert main([*argv, "--lora", str(lora_dir)]) == 2  # the model folder does not exist: the check came first
+    argv = ["batch", str(jobs), "--output-dir", str(tmp_path / "out"), "--model", str(unloadable_model)]
+    assert main([*argv, "--lora", str(lora_dir)]) == 2  # the model cannot load: the check came first
     assert f"{jobs}: job a: loras: unknown adapter 'nobody'; --lora gives: brand" in capsys.readouterr().err
 
 
-def test_batch_says_the_names_its_adapters_go_by(tmp_path, capsys, lora_dir):
+def test_batch_says_the_names_its_adapters_go_by(tmp_path, capsys, lora_dir, unloadable_model):
     """Two folders of the same name become `brand` and `brand-2`, which a job's "loras" must use: they were never
     shown."""
     other = tmp_path / "other" / lora_dir.name
     shutil.copytree(lora_dir, other)
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"id": "a", "prompt": "x", "loras": {"brand-2": 0.5}}) + "\n")
-    argv = ["batch", str(jobs), "--output-dir", str(tmp_path / "out"), "--model", str(tmp_path / "no-model")]
-    assert main([*argv, "--lora", str(lora_dir), "--lora", str(other)]) == 2  # the model folder does not exist
+    argv = ["batch", str(jobs), "--output-dir", str(tmp_path / "out"), "--model", str(unloadable_model)]
+    assert main([*argv, "--lora", str(lora_dir), "--lora", str(other)]) == 2  # the model cannot load
     assert capsys.readouterr().err.splitlines()[0] == (
         f'adapters: brand = {lora_dir}, brand-2 = {other} (a job\'s "loras" names them)'
     )

@@ -1,5 +1,6 @@
 """Layered output: subject cut-out, background, generated elements; PSD / OpenRaster / ZIP that reopen as written."""
 
+import io
 import json
 import zipfile
 from xml.etree import ElementTree
@@ -127,6 +128,33 @@ def test_openraster_and_zip_outputs(made, tmp_path):
         assert np.array_equal(np.asarray(Image.open(z.open("composite.png"))), np.asarray(Image.open(flat)))
 
 
+def _unicode_named_layers() -> layer_output.Layers:
+    rng = np.random.default_rng(4)
+    layers = [
+        layer_output.Layer(name, Image.fromarray(rng.integers(0, 256, (16, 24, 4), dtype=np.uint8), "RGBA"), 8 * i, i)
+        for i, name in enumerate(["background", "中文 标志", "SALE 🎉", "crème brûlée"])
+    ]
+    return layer_output.Layers((W, H), layers)
+
+
+def test_psd_keeps_layer_names_mac_roman_cannot_encode(tmp_path):
+    """A Chinese or emoji element prompt raised UnicodeEncodeError after all the rendering: the legacy layer name is
+    Mac Roman. Photoshop reads the Unicode name; PIL reads only the legacy one, so its opening the file checks it."""
+    result = _unicode_named_layers()
+    psd_path, _ = layer_output.save_layers(result, tmp_path / "out.psd")
+    assert [layer.name for layer in PSDImage.open(psd_path)] == [layer.name for layer in result.layers]
+    with Image.open(psd_path) as flat:
+        assert len(flat.layers) == len(result.layers)
+
+
+@pytest.mark.parametrize("fmt", ["ora", "zip"])
+def test_archive_entries_unzip_readable_by_everyone(fmt):
+    """Entries written under a bare name unzipped as -rw------- (0600)."""
+    with zipfile.ZipFile(io.BytesIO(layer_output.encode_layers(_unicode_named_layers(), fmt))) as z:
+        modes = {info.filename: oct(info.external_attr >> 16 & 0o777) for info in z.infolist()}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
 def test_bad_layer_requests_are_refused_naming_the_part(gen):
     with pytest.raises(layer_output.LayersError, match="PROMPT@x,y,w,h"):
         layer_output.Element.parse("a badge at the top")
@@ -187,7 +215,7 @@ def test_layers_command_writes_a_psd_and_the_flat_image_and_says_the_seed(tiny_m
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_path, capsys, seed):
+def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_path, capsys, seed, unloadable_model):
     """The model folder is empty, so loading it would fail naming model.pretrained: an error naming --mask or
     --element proves the check came first (these used to come after the model had loaded)."""
     rng = np.random.default_rng(seed)
@@ -198,7 +226,6 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
     Image.new("L", (w, h), int(rng.integers(0, 128))).save(tmp_path / "black.png")
     x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
     outside = f"a badge@{x},{y},{w - x + int(rng.integers(1, 40))},{int(rng.integers(1, h - y + 1))}"
-    (tmp_path / "no-model").mkdir()
     cases = [("aspect.png", [], "--mask", "aspect ratio"), ("black.png", [], "--mask", "changes nothing"),
              ("good.png", ["--element", outside], "--element", f"leaves the {w}x{h} image"),
              ("auto", ["--element", outside], "--element", f"leaves the {w}x{h} image")]  # fmt: skip
@@ -207,7 +234,7 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
             [
                 "layers",
                 "--model",
-                str(tmp_path / "no-model"),
+                str(unloadable_model),
                 "--image",
                 str(tmp_path / "in.png"),
                 "--mask",
@@ -222,11 +249,11 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
         assert errors[0].startswith(f"error: {option}") and message in errors[0], errors[0]
 
 
-def test_an_element_outside_the_limits_is_refused_naming_the_limit_and_the_option(tmp_path, capsys):
+def test_an_element_outside_the_limits_is_refused_naming_the_limit_and_the_option(tmp_path, capsys, unloadable_model):
     """`badge@0,0,0,10` was refused with 'write it as PROMPT@x,y,w,h', the format it is written in; the HTTP API
     names the limit (x, y >= 0; width, height >= 1)."""
     Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
-    base = ["layers", "--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "in.png"), "--mask", "auto",
+    base = ["layers", "--model", str(unloadable_model), "--image", str(tmp_path / "in.png"), "--mask", "auto",
             "--output", str(tmp_path / "o.psd")]  # fmt: skip
     for element, message in [("badge@0,0,0,10", "width must be >= 1 (got 0)"),
                              ("badge@-5,0,10,10", "x must be >= 0 (got -5)"),

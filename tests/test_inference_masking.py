@@ -178,13 +178,12 @@ def test_the_mix_band_is_at_most_feather_pixels_wide_inside_the_changed_region(s
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_edit_refuses_a_bad_mask_before_loading_the_model(tmp_path, capsys, seed):
-    """The model folder is empty, so loading it would fail naming model.pretrained: the --mask error proves the
-    mask was checked first (it used to come after the model had loaded)."""
+def test_edit_refuses_a_bad_mask_before_loading_the_model(tmp_path, capsys, seed, unloadable_model):
+    """The model cannot load, so loading it would fail naming model.pretrained: the --mask error proves the mask was
+    checked first (it used to come after the model had loaded)."""
     rng = np.random.default_rng(seed)
     w, h = int(rng.integers(48, 400)), int(rng.integers(48, 400))
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "in.png")
-    (tmp_path / "no-model").mkdir()
     other = (w, int(h * rng.uniform(1.1, 2))) if seed % 2 else (int(w * rng.uniform(1.1, 2)), h)
     cases = {
         "aspect ratio": Image.new("L", other, 255),
@@ -196,7 +195,7 @@ def test_edit_refuses_a_bad_mask_before_loading_the_model(tmp_path, capsys, seed
             [
                 "edit",
                 "--model",
-                str(tmp_path / "no-model"),
+                str(unloadable_model),
                 "--image",
                 str(tmp_path / "in.png"),
                 "--mask",

@@ -1,6 +1,7 @@
 """The tiny checkpoint: layout, size, tokenizer, and that it loads and runs through the same loader as a hub id."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.cli import main
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.tiny_model import make_tiny_model
 
@@ -64,6 +67,34 @@ def test_plain_diffusers_from_pretrained_loads_it(tiny_model_dir):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.pretrained: .* has no model_index.json"):
         qmodel.load_pipeline(tmp_path)
+
+
+def test_an_incomplete_or_damaged_model_folder_is_one_line_naming_its_component(tiny_model_dir, tmp_path, capsys):
+    """A folder with its model_index.json but a file missing, cut short or garbled ended in diffusers' or
+    transformers' traceback (`OSError: Error no file named config.json`, `ValueError: Couldn't instantiate the backend
+    tokenizer`)."""
+    damages = {
+        "transformer": lambda m: (m / "transformer" / "config.json").unlink(),
+        "vae": lambda m: (m / "vae" / "config.json").write_text("{cut sh"),
+        "processor": lambda m: [p.unlink() for p in (m / "processor").glob("tokenizer*")],
+    }
+    for component, damage in damages.items():
+        model = tmp_path / component
+        shutil.copytree(tiny_model_dir, model)
+        damage(model)
+        with pytest.raises(InputError, match=rf"^model\.pretrained: {model} could not be loaded: its {component} is "):
+            qmodel.load_pipeline(model, "float32")
+    weights = tmp_path / "transformer" / "transformer" / "diffusion_pytorch_model.safetensors"
+    shutil.copytree(tiny_model_dir / "transformer", weights.parent, dirs_exist_ok=True)
+    with open(weights, "r+b") as f:
+        f.truncate(1000)
+    argv = ["generate", "--model", str(tmp_path / "transformer"), "--prompt", "x", "--output", str(tmp_path / "o.png")]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert (
+        line.startswith("error: model.pretrained: ") and "its transformer is incomplete or damaged (Unable to" in line
+    )
+    assert line.endswith("copy or download it again (`qwen-lora make-tiny-model DIR` writes a tiny test one)")
 
 
 def _photo(w, h, seed=0):

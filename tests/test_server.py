@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import http.server
@@ -25,10 +26,11 @@ from qwen_image_lora.images import decode_image, read_settings
 from qwen_image_lora.inference import urls
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.guards import KeyCheck
-from qwen_image_lora.inference.server import create_app, load_api_keys, make_server
+from qwen_image_lora.inference.server import create_app
+from qwen_image_lora.inference.service import make_server
 from qwen_image_lora.inference.testing import make_random_lora
 from qwen_image_lora.inference.urls import URLRefused, fetch, refusal_reason, resolve_checked
-from qwen_image_lora.serve_config import ServeAdapter
+from qwen_image_lora.serve_config import ServeAdapter, load_api_keys
 
 KEY = "test-key-0123456789"
 AUTH = {"x-api-key": KEY}
@@ -271,6 +273,12 @@ def test_socket_guard_refuses_and_reports_connections_outside_loopback(no_outsid
     no_outside_network.clear()  # this test expected the refusal; any other test would fail at teardown
 
 
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 class _Origin(http.server.BaseHTTPRequestHandler):
     """A local origin for fetch's edge cases: each path one behaviour."""
 
@@ -295,6 +303,7 @@ class _Origin(http.server.BaseHTTPRequestHandler):
                 200, f"{self.headers['Host']}|{self.headers['Accept']}".encode(), length=True
             ),
             "/slow": lambda: (time.sleep(1.0), self._send(200, self.body, length=True)),
+            "/pause": lambda: (time.sleep(0.3), self._send(200, _png(), length=True)),
         }
         routes[self.path]()
 
@@ -364,7 +373,7 @@ def test_fetch_refuses_each_unsafe_or_failed_response_naming_why(origin, monkeyp
         (f"{base}/x.png", {"max_bytes": len(body) - 1}, f"is {len(body)} bytes; the limit is {len(body) - 1}$"),
         (f"{base}/unsized", {"max_bytes": 100}, "over the 100-byte limit$"),  # no Content-Length to refuse up front
         (f"{base}/endless", {"max_bytes": 10_000, "timeout_s": 5}, "over the 10,000-byte limit$"),  # read as it streams
-        (f"{base}/slow", {"timeout_s": 0.3}, "Timeout"),
+        (f"{base}/slow", {"timeout_s": 0.3}, r"took longer than 0.3 s \(serve.url_timeout_s"),
         ("http://127.0.0.1:9/x.png", {}, "failed: ConnectError"),  # the discard port: nothing listens
         (f"{base}/x\x00.png", {}, "^malformed URL: Invalid non-printable ASCII"),  # httpx's InvalidURL, was a 500
         ("http://127.0.0.1:0/x.png", {}, "^malformed URL: port 0$"),  # was fetched from port 80
@@ -407,6 +416,18 @@ def test_fetch_connects_to_the_checked_address_and_keeps_the_name_in_the_host_he
         with contextlib.suppress(URLRefused):  # whatever does or does not listen on this machine's 80 and 443
             fetch(url, timeout_s=0.5)
     assert answers[-2:] == [("images.example", 80), ("images.example", 443)]
+
+
+def test_one_time_budget_covers_all_of_a_requests_urls(cfg, gen, origin):
+    """Each URL had its own serve.url_timeout_s: 11 slow URLs held a queue slot 11 times as long (~2 min at 10 s)."""
+    local = copy.deepcopy(cfg)
+    local.serve.allow_private_urls, local.serve.url_timeout_s = True, 0.5  # each /pause takes 0.3 s: two do not fit
+    with TestClient(create_app(local, [KEY], generator=gen)) as c:
+        urls_ = [f"http://127.0.0.1:{origin}/pause"] * 3
+        r = c.post("/v1/images", json={"prompt": "x", "image": urls_}, headers={"x-api-key": KEY})
+    (detail,) = r.json()["detail"]
+    assert r.status_code == 422 and detail["loc"] == ["body", "image", 1], r.text
+    assert "took longer than 0.5 s (serve.url_timeout_s, for all of a request's URLs)" in detail["msg"]
 
 
 def test_full_queue_answers_429(cfg, gen):
@@ -505,3 +526,32 @@ def test_the_service_says_where_it_serves_in_one_line_and_uvicorn_stays_quiet(cf
         f"serving {cfg.model.pretrained} (adapters: brand, sketch) at http://127.0.0.1:{port}/: the studio page at /, "
         "the API under /v1, metrics at /metrics; Ctrl-C stops"
     ]
+
+
+def test_layers_responses_are_counted_under_their_path(cfg, gen):
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as c:  # a fresh app: its counters start at zero
+        assert c.post("/v1/layers", json={}, headers=AUTH).status_code == 422
+        metrics = c.get("/metrics").text
+    assert 'qwen_lora_http_responses_total{code="422",path="/v1/layers"} 1.0' in metrics
+    assert 'path="other"' not in metrics
+
+
+def test_line_wrapped_base64_is_accepted_as_the_same_bytes(client):
+    text = b64_png()
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + "\n"  # what GNU `base64 FILE` writes
+    r = client.post("/v1/images", json=edit(image=f"data:image/png;base64,{wrapped}", response_format="b64_json"),
+                    headers=AUTH)  # fmt: skip
+    assert r.status_code == 200, r.text
+    sha = hashlib.sha256(base64.b64decode(text)).hexdigest()
+    assert r.json()["data"][0]["settings"]["images"] == [{"sha256": sha, "path": None}]
+
+
+@pytest.mark.parametrize("payload", [
+    base64.urlsafe_b64encode(b"\xfb\xff\xbf\xfb").decode(),  # "-_-_-w==": the URL-safe alphabet
+    base64.b64encode(b"hello").decode().rstrip("="),  # "aGVsbG8": its padding dropped
+])  # fmt: skip
+def test_near_miss_base64_is_refused_saying_how_to_encode_it(client, payload):
+    r = client.post("/v1/images", json=edit(image=payload), headers=AUTH)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image"]
+    msg = r.json()["detail"][0]["msg"]
+    assert "not valid base64" in msg and "base64 -w0 FILE" in msg and "'=' padding" in msg and "URL-safe" in msg

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import logging
 
 import numpy as np
 import pytest
@@ -66,6 +67,16 @@ def test_masked_edit_keeps_every_black_pixel(client):
     kept = np.asarray(mask) < 128
     assert out.shape[:2] == (H, W) and np.array_equal(out[kept], np.asarray(image)[kept])
     assert np.abs(out[~kept].astype(int) - np.asarray(image)[~kept]).mean() > 5
+
+
+def test_a_white_mask_is_said_once_per_request_and_a_masked_edit_takes_no_size(client, caplog):
+    """The worker checked each request, then `generate` checked it again: the line came twice per request."""
+    body = {"prompt": "x", "image": b64(product()), "mask": b64(Image.new("L", (W, H), 255)), "num_inference_steps": 1}
+    with caplog.at_level(logging.WARNING):
+        assert post(client, "/v1/images", body).status_code == 200
+    assert caplog.text.count("white everywhere, so this is a plain edit") == 1
+    r = post(client, "/v1/images", {**body, "aspect_ratio": "16:9"})  # was taken, recorded and ignored
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mask"], r.text
 
 
 @pytest.mark.parametrize("body, field, message", [

@@ -6,6 +6,7 @@ import html.parser
 import io
 import json
 import re
+import shutil
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -262,3 +263,58 @@ def test_the_model_card_shows_paths_in_the_run_relative_and_other_paths_by_name(
         "# LoRA for tiny-qwen\nData: `manifest.jsonl`.\nSamples: samples/step_000010/t2i_0.png.\n"
         'pipe.load_lora_weights(".")\nSee https://example.com/a/b, rank / alpha, a/b.\n'
     )
+
+
+@pytest.fixture(scope="module")
+def damaged_client(gen, tiny_model_dir, tmp_path_factory):
+    """An app over a runs_dir holding one sound run; each test below adds one damaged run beside it."""
+    root = tmp_path_factory.mktemp("damaged-runs")
+    make_run(root / "sound")
+    cfg = Config()
+    cfg.model.pretrained = str(tiny_model_dir)
+    cfg.serve.runs_dir = str(root)
+    with TestClient(create_app(cfg, [KEY], generator=gen), raise_server_exceptions=False) as c:
+        yield c, root
+
+
+def _progress_json(run: Path, text: str) -> None:
+    layout.checkpoint_dir(run, 10).mkdir(parents=True)
+    (layout.checkpoint_dir(run, 10) / layout.PROGRESS).write_text(text)
+
+
+def _log_line(run: Path, text: str) -> None:
+    with (run / "losses.jsonl").open("a") as f:
+        f.write(f"\n{text}\n")  # after make_run's half-written line
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (lambda run: (run / "training_metadata.json").write_text("[1, 2]"),
+     {"metadata": None, "progress": {"state": "interrupted", "step": 20, "max_steps": None, "checkpoint": None}}),
+    (lambda run: (run / "run.json").write_text('"abc"'), {"progress": {"state": "finished", "step": 20,
+                                                                       "max_steps": 20, "checkpoint": None}}),
+    (lambda run: _progress_json(run, "[5]"),
+     {"progress": {"state": "finished", "step": 20, "max_steps": 20, "checkpoint": 10}}),
+    (lambda run: _log_line(run, '{"step": 1e400, "loss": 0.5}'), {"progress": {"state": "finished", "step": 20,
+                                                                               "max_steps": 20, "checkpoint": None}}),
+    (lambda run: _log_line(run, '{"step": 21, "loss": 1' + "0" * 400 + "}"), {"losses": 20}),
+    (lambda run: (run / "training_metadata.json").write_text('{"steps": 20, "first_loss": NaN, "final_loss": 1e400}'),
+     {"metadata": {"steps": 20, "first_loss": None, "final_loss": None}}),
+    (lambda run: (run / "training_metadata.json").write_text("[" * 100_000), {"metadata": None}),  # too deep to parse
+    (lambda run: (run / "config.yaml").write_text("when: 2026-13-45\n"), {"losses": 20}),  # a date YAML cannot make
+], ids=["metadata-list", "run-json-string", "progress-list", "step-1e400", "loss-400-digits", "metadata-nan",
+        "metadata-deep", "config-bad-date"])  # fmt: skip
+def test_a_run_with_a_wrongly_shaped_file_reads_it_as_absent_and_the_list_stays_whole(damaged_client, damage, expected):
+    c, root = damaged_client
+    run = make_run(root / "damaged")
+    try:
+        damage(run)
+        r = c.get("/v1/runs", headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert sorted(x["name"] for x in r.json()["runs"]) == ["damaged", "sound"]
+        r = c.get("/v1/runs/damaged", headers=AUTH)
+        assert r.status_code == 200, r.text
+        shown = r.json()
+        for field, value in expected.items():
+            assert (len(shown[field]) if field == "losses" else shown[field]) == value, field
+    finally:
+        shutil.rmtree(run)

@@ -14,7 +14,6 @@ of adapter layouts.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -27,22 +26,17 @@ import torch
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, save_config
-from qwen_image_lora.io import atomic_write_text
+from qwen_image_lora.io import atomic_path, atomic_write_text
 from qwen_image_lora.train import adapter as lora_adapter
 
 
 def write_adapter_atomically(transformer, output_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """`pytorch_lora_weights.safetensors` in `output_dir`, replaced in one rename."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=output_dir))
-    try:
-        written = lora_adapter.save_adapter(transformer, tmp, state)
-        final = output_dir / layout.FINAL_ADAPTER
-        written.replace(final)
-        return final
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """`pytorch_lora_weights.safetensors` in `output_dir`, replaced in one rename, with the user's umask (safetensors
+    writes 0600: a ComfyUI server or a teammate running as another user could not read the run's adapter)."""
+    final = Path(output_dir) / layout.FINAL_ADAPTER
+    with atomic_path(final) as tmp, tempfile.TemporaryDirectory(prefix=".adapter.", dir=tmp.parent) as folder:
+        lora_adapter.save_adapter(transformer, folder, state).replace(tmp)
+    return final
 
 
 LOSS_WINDOW = 10  # steps averaged at each end of a run's loss curve

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import speed
 from qwen_image_lora.config import Config, ConfigError
-from qwen_image_lora.data.cache import check_cache_dir
+from qwen_image_lora.data.cache_dir import check_cache_dir
+from qwen_image_lora.data.sources import check_edit_files
 from qwen_image_lora.train import adapter, optim, ranks
 from qwen_image_lora.train.tracking import check_tracker_available
 
@@ -29,7 +29,7 @@ def check_before_loading(cfg: Config, resuming: bool = False) -> None:
     if not cfg.data.path:
         raise ConfigError("data.path: set it to a folder of images + captions or a .jsonl/.csv manifest")
     check_cache_dir(cfg.data.cache_dir)
-    check_validation_inputs(cfg)
+    check_edit_files(cfg.validation.edits, "validation.edits")
     adapter.check_targets_before_loading(cfg.model, cfg.lora)
     if cfg.checkpoint.every_steps > cfg.train.max_steps and not resuming:  # a resumed run has its checkpoints
         logger.warning(
@@ -37,14 +37,6 @@ def check_before_loading(cfg: Config, resuming: bool = False) -> None:
             cfg.checkpoint.every_steps,
             cfg.train.max_steps,
         )
-
-
-def check_validation_inputs(cfg: Config) -> None:
-    """The previews' input images exist (training and `qwen-lora validate` both ask)."""
-    for i, edit in enumerate(cfg.validation.edits):
-        for path in edit.images:
-            if not Path(path).is_file():
-                raise ConfigError(f"validation.edits[{i}].images: {path} does not exist")
 
 
 def check_shardable(cfg: Config) -> None:

@@ -13,6 +13,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import ConfigError
@@ -24,7 +25,9 @@ from qwen_image_lora.io import (
     remove_leftover_temps,
     writing_to,  # fmt: skip
 )
-from qwen_image_lora.train.checkpoint import Checkpointer
+
+if TYPE_CHECKING:  # a type only: `qwen-lora validate` reads run folders without importing torch
+    from qwen_image_lora.train.checkpoint import Checkpointer
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ class RunFolder:
     def _traces(self) -> list[str]:
         """What marks the folder as used by a run: its checkpoints and its adapter."""
         traces = []
-        checkpoints = Checkpointer(self.path, 1).all()
+        checkpoints = layout.checkpoints(self.path)
         if checkpoints:
             traces.append(f"checkpoints up to {checkpoints[-1].name}")
         if (self.path / layout.FINAL_ADAPTER).is_file():
@@ -167,7 +170,7 @@ class RunFolder:
         self, resume: str | None, overwrite: bool, checkpointer: Checkpointer, max_steps: int | None
     ) -> tuple[Path | None, str]:
         self.lock()
-        self.remove_leftovers()
+        self.remove_leftovers(checkpointer)
         if resume:
             owner = self.owner()
             finished = self.finished_at() if resume == "latest" and max_steps is not None else None
@@ -178,7 +181,7 @@ class RunFolder:
                     "train.max_steps"
                 )
             path = checkpointer.resolve(resume, owner if resume == "latest" else None)
-            run_id = Checkpointer.peek(path)[0].run_id or owner or new_run_id()
+            run_id = checkpointer.peek(path)[0].run_id or owner or new_run_id()
             self._check_resume_here(resume, path, run_id, owner)
         else:
             if overwrite:
@@ -214,9 +217,9 @@ class RunFolder:
             return None
         return meta["steps"] if isinstance(meta.get("steps"), int) else None
 
-    def remove_leftovers(self) -> None:
+    def remove_leftovers(self, checkpointer: Checkpointer) -> None:
         """Temp files and folders of writes a killed process never finished; main process, before training."""
-        removed = Checkpointer(self.path, 1).remove_leftovers()
+        removed = checkpointer.remove_leftovers()
         for name in _ATOMIC_FILES:
             removed += remove_leftover_temps(self.path, name)
         for path in removed:

@@ -1,0 +1,143 @@
+"""Which file a batch job may claim as its output, and which it may overwrite; one id per job."""
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from qwen_image_lora.cli import main
+from qwen_image_lora.errors import InputError
+from qwen_image_lora.images import read_settings
+from qwen_image_lora.inference.batch import read_jobs, run_batch
+from qwen_image_lora.inference.generator import Generator
+
+RED_MUG = {"prompt": "a red mug", "num_inference_steps": 1, "width": 64, "height": 64}
+BLUE_BOTTLE = {"prompt": "a blue bottle", "num_inference_steps": 2, "width": 128, "height": 128}
+
+
+@pytest.fixture
+def gen(tiny_pipe, monkeypatch):
+    """The tiny model's generator; `gen.rendered` lists the prompts it rendered."""
+    generator = Generator(tiny_pipe, resolution=64)
+    generator.rendered = []
+    original = generator.generate
+
+    def counting(request):
+        generator.rendered.append(request.prompt)
+        return original(request)
+
+    monkeypatch.setattr(generator, "generate", counting)
+    return generator
+
+
+def _write_jobs(path, *lines):
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _manifest(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_an_image_another_jobs_file_left_is_rendered_again_not_adopted(gen, tmp_path, capsys):
+    """It was adopted: '0 written, 1 already done', a manifest line saying blue bottle 128x128 over a 64x64 red mug."""
+    out = tmp_path / "out"
+    run_batch(gen, read_jobs(_write_jobs(tmp_path / "a.jsonl", RED_MUG)), out, progress=False)
+    (out / "manifest.jsonl").unlink()
+    result = run_batch(gen, read_jobs(_write_jobs(tmp_path / "b.jsonl", BLUE_BOTTLE)), out, progress=False)
+    assert result.written == ["000000"] and gen.rendered == ["a red mug", "a blue bottle"]
+    with Image.open(out / "000000.png") as im:
+        assert im.size == (128, 128)
+    assert read_settings(out / "000000.png")["prompt"] == "a blue bottle"
+    (entry,) = _manifest(out)
+    assert entry["prompt"] == "a blue bottle" and "recovered" not in entry
+    assert "000000.png holds an image made with other settings; rendering it again" in capsys.readouterr().err
+
+
+def test_a_job_stopped_before_its_manifest_line_is_adopted_without_rendering_again(gen, tmp_path):
+    out, jobs = tmp_path / "out", _write_jobs(tmp_path / "a.jsonl", RED_MUG, {**RED_MUG, "output": "mug.webp"})
+    run_batch(gen, read_jobs(jobs), out, progress=False)
+    (out / "manifest.jsonl").unlink()  # as if stopped between each image and its line
+    gen.rendered.clear()
+    result = run_batch(gen, read_jobs(jobs), out, progress=False)
+    assert result.skipped == ["000000", "000001"] and gen.rendered == []
+    assert [(e["id"], e.get("recovered")) for e in _manifest(out)] == [("000000", True), ("000001", True)]
+
+
+def test_an_image_the_batch_did_not_write_is_kept_and_its_job_refused(gen, tmp_path, capsys):
+    """The user's own image at a job's output name was recorded as that job's result; now the job is refused (the
+    others still run), the file is left as it was, and a rerun refuses it again."""
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.new("RGB", (64, 64), "green").save(out / "000000.png")
+    theirs = (out / "000000.png").read_bytes()
+    jobs = read_jobs(_write_jobs(tmp_path / "a.jsonl", RED_MUG, BLUE_BOTTLE))
+    for _ in range(2):
+        result = run_batch(gen, jobs, out, progress=False)
+        assert result.failed == ["000000"] and (out / "000000.png").read_bytes() == theirs
+    assert result.skipped == ["000001"] and gen.rendered == ["a blue bottle"]
+    err = capsys.readouterr().err
+    assert f"job 000000: {out / '000000.png'} was not written by qwen-lora batch" in err
+    assert 'give this job another "output" name, or use another --output-dir' in err
+    assert all("error" in e for e in _manifest(out) if e["id"] == "000000")
+
+
+def test_a_job_whose_output_is_its_own_input_is_refused(gen, tmp_path, capsys):
+    """An edit of out/photo.png written to photo.png recorded the input as its output; one of our own renders used
+    as the input would be overwritten, and its job would never settle (its input changes with every render)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.new("RGB", (64, 64), "green").save(out / "photo.png")
+    theirs = (out / "photo.png").read_bytes()
+    edit = {"prompt": "on marble", "num_inference_steps": 1, "images": ["out/photo.png"], "output": "photo.png"}
+    result = run_batch(gen, read_jobs(_write_jobs(tmp_path / "a.jsonl", edit)), out, progress=False)
+    assert result.failed == ["000000"] and (out / "photo.png").read_bytes() == theirs
+
+    run_batch(gen, read_jobs(_write_jobs(tmp_path / "b.jsonl", {**RED_MUG, "output": "mug.png"})), out, progress=False)
+    ours = (out / "mug.png").read_bytes()
+    jobs = _write_jobs(tmp_path / "c.jsonl", {**edit, "id": "again", "images": ["out/mug.png"], "output": "mug.png"})
+    result = run_batch(gen, read_jobs(jobs), out, progress=False)
+    assert result.failed == ["again"] and (out / "mug.png").read_bytes() == ours
+    assert f"job again: {out / 'mug.png'} is one of this job's own inputs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            [{"id": "a", "prompt": "x", "output": "a1.png"}, {"id": "a", "prompt": "y", "output": "a2.png"}],
+            "jobs.jsonl:2: id 'a' is also line 1's id; give each job its own id",
+        ),
+        (
+            [{"id": "000001", "prompt": "x"}, {"prompt": "y", "output": "y.png"}],
+            "jobs.jsonl:2: id '000001' is also line 1's id (a line without an id is named by its position)",
+        ),
+    ],
+)
+def test_read_jobs_refuses_a_repeated_id_before_the_model_loads(lines, message, tmp_path, capsys, unloadable_model):
+    """Two jobs under one id were each rendered on every rerun ('its settings changed since it was rendered')."""
+    jobs = _write_jobs(tmp_path / "jobs.jsonl", *lines)
+    with pytest.raises(InputError, match="^" + re.escape(str(tmp_path / message))) as e:
+        read_jobs(jobs)
+    assert e.value.field == "id"
+    out = tmp_path / "out"
+    assert main(["batch", str(jobs), "--output-dir", str(out), "--model", str(unloadable_model)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / message}") and not out.exists()
+
+
+def test_folders_where_the_batch_writes_files_are_named_before_any_render(gen, tmp_path, capsys, unloadable_model):
+    """A folder at manifest.jsonl was found after the model had loaded and the first image was written (left with no
+    manifest line); a folder at an output name read 'empty, cut short or damaged', then a raw `[Errno 21]`."""
+    jobs, out = _write_jobs(tmp_path / "jobs.jsonl", RED_MUG, {**RED_MUG, "output": "taken.png"}), tmp_path / "out"
+    (out / "manifest.jsonl").mkdir(parents=True)
+    assert main(["batch", str(jobs), "--output-dir", str(out), "--model", str(unloadable_model)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: could not write {out / 'manifest.jsonl'}: a folder is where the file should be; choose a file name "
+        "and retry"
+    )
+    (out / "manifest.jsonl").rmdir()
+    (out / "taken.png").mkdir()
+    result = run_batch(gen, read_jobs(jobs), out, progress=False)
+    assert result.written == ["000000"] and result.failed == ["000001"] and gen.rendered == ["a red mug"]
+    assert f"job 000001: {out / 'taken.png'} is a folder; give this job another" in capsys.readouterr().err
