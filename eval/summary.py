@@ -140,8 +140,8 @@ def verdicts(summary: dict, not_measured: dict[str, str] | None = None) -> dict[
 
 def _interval(ci: Interval, bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
     """`bounds` cut a variant's own interval; a paired difference takes either sign and keeps its whole interval."""
-    low, high = (max(ci.low, bounds[0]), min(ci.high, bounds[1])) if math.isfinite(ci.mean) else (ci.low, ci.high)
-    return {"mean": ci.mean, "low": low, "high": high, "n": ci.n}
+    # NaN (no samples) stays NaN: max and min keep their first argument when a comparison with it is false.
+    return {"mean": ci.mean, "low": max(ci.low, bounds[0]), "high": min(ci.high, bounds[1]), "n": ci.n}
 
 
 def fmt(x: float | None, digits: int = 3) -> str:

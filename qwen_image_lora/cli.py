@@ -39,7 +39,8 @@ COMMAND_MODULES = [
 
 
 def _validate(args) -> int:
-    """The config, then what it points at: the model folder (when local) and the data source, no weights loaded."""
+    """The config, then what it points at: the model folder (when local), the data source, the cache and run folders
+    and the edits' input files; no torch imported, no weights loaded (0.4 s)."""
     from qwen_image_lora.data.cache_dir import check_cache_dir
     from qwen_image_lora.data.sources import check_edit_files, load_items
     from qwen_image_lora.hub import check_pretrained

@@ -155,6 +155,12 @@ def test_a_fused_lora_that_is_not_block_diagonal_splits_exactly_at_its_rank():
         a, b = (split[f"transformer.transformer_blocks.0.img_mlp.{half}.lora_{x}.weight"] for x in "AB")
         assert a.shape == (5, 16) and b.shape == (24, 5)
         torch.testing.assert_close(b @ a, (up @ down)[i * 24 : (i + 1) * 24], rtol=0, atol=1e-5)
+    bias = torch.arange(48.0)  # a LoRA with `lora_bias`: each half takes its rows of the fused up's bias
+    split = split_fused_mlp(
+        {f"{fused}.lora_A.weight": down, f"{fused}.lora_B.weight": up, f"{fused}.lora_B.bias": bias}
+    )
+    assert torch.equal(split["transformer.transformer_blocks.0.img_mlp.gate_layer.lora_B.bias"], bias[:24])
+    assert torch.equal(split["transformer.transformer_blocks.0.img_mlp.proj.lora_B.bias"], bias[24:])
     up.zero_()  # untrained: each half keeps the whole rank (a rank-0 LoRA is no LoRA)
     split = split_fused_mlp({f"{fused}.lora_A.weight": down, f"{fused}.lora_B.weight": up})
     assert split["transformer.transformer_blocks.0.img_mlp.proj.lora_A.weight"].shape == (6, 16)

@@ -260,3 +260,6 @@ def test_a_variants_interval_stays_within_what_its_metric_can_be():
     assert shift["variants"]["base"]["low"] == 0 and shift["variants"]["base"]["high"] > 80
     assert ssim["variants"]["base"]["high"] == 1 and ssim["variants"]["base"]["low"] < 0.2
     assert shift["delta"]["a"]["low"] < -39  # a difference takes either sign: its interval is not cut
+    samples[0].metrics["a"].pop("ssim"), samples[1].metrics["a"].pop("ssim")
+    unscored = summarise(samples, ["base", "a"])["ssim"]["variants"]["a"]  # no value: no interval, not [-1, 1]
+    assert math.isnan(unscored["low"]) and math.isnan(unscored["high"])

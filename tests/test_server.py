@@ -430,6 +430,11 @@ def test_one_time_budget_covers_all_of_a_requests_urls(cfg, gen, origin):
     assert "took longer than 0.5 s (serve.url_timeout_s, for all of a request's URLs)" in detail["msg"]
 
 
+def test_a_url_whose_turn_comes_after_the_requests_deadline_is_not_fetched(origin):
+    with pytest.raises(URLRefused, match=r"took longer than 2 s \(serve.url_timeout_s, for all of a request's URLs\)$"):
+        fetch(f"http://127.0.0.1:{origin}/x.png", allow_private=True, timeout_s=2, deadline=time.monotonic() - 0.1)
+
+
 def test_full_queue_answers_429(cfg, gen):
     app = create_app(cfg, [KEY], generator=gen)
     worker = app.state.worker
