@@ -15,7 +15,7 @@ import torch
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import Config
-from qwen_image_lora.data.sources import DataError, load_items, open_image
+from qwen_image_lora.data.sources import DataError, load_items, open_image, source_format
 from qwen_image_lora.io import atomic_write_text
 
 CAPTION_PROMPT = (
@@ -59,7 +59,8 @@ def caption_folder(
     log=print,
 ) -> CaptionStats:
     d = cfg.data
-    if d.path is None or not Path(d.path).is_dir():
+    # A `datasets` folder is a folder too: its captions went to .txt files beside its cached images, read by nothing.
+    if d.path is None or not Path(d.path).is_dir() or source_format(d) != "folder":
         raise DataError("data.path: captioning writes .txt files beside the images, so it needs an image folder")
     items = [it for it in load_items(d) if not it.sources]
     stats = CaptionStats()

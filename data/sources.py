@@ -69,12 +69,7 @@ def load_items(cfg: DataConfig) -> list[Item]:
             f"data.path: {path} does not exist; point it at a folder of images with .txt captions, a .jsonl/.csv "
             "manifest or a Hugging Face dataset folder"
         )
-    fmt = cfg.format
-    if fmt == "auto":
-        if path.is_dir():
-            fmt = "hf" if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() else "folder"
-        else:
-            fmt = "manifest"
+    fmt = source_format(cfg)
     if fmt == "folder":
         return _load_folder(path)
     if fmt == "manifest":
@@ -89,13 +84,23 @@ def load_items(cfg: DataConfig) -> list[Item]:
     raise DataError(f"data.format: {fmt!r} is not supported by this loader")
 
 
+def source_format(cfg: DataConfig) -> str:
+    """`data.format`, or what `auto` finds at `data.path`: a `datasets` folder, an image folder or a manifest."""
+    path = Path(cfg.path)
+    if cfg.format != "auto":
+        return cfg.format
+    if not path.is_dir():
+        return "manifest"
+    return "hf" if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() else "folder"
+
+
 def _read_captions(path: Path) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """(captions, issues): one caption per non-empty line (several lines = several captions chosen at random);
     a caption file that cannot be read or decoded is an issue of its item, not of the whole data set."""
     if not path.is_file():
         return (), ()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # Notepad's byte-order mark is no part of the caption
     except UnicodeDecodeError as e:
         return (), (
             ("caption-not-utf8", f"{path.name} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8"),
@@ -207,7 +212,7 @@ def _row_to_item(row: dict, base: Path, where: str, item_id: str) -> Item:
 
 def _load_csv(path: Path) -> list[Item]:
     items = []
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a byte-order mark
         for lineno, row in enumerate(csv.DictReader(f), 2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
             row = {k: v for k, v in row.items() if v}

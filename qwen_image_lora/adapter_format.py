@@ -359,10 +359,33 @@ def write_comfyui(source: str | Path, output: str | Path | None = None) -> Path:
 
     weights = read_adapter(source)
     tensors, header = to_comfyui(weights)
-    target = Path(output) if output else Path(weights.source).parent / COMFYUI_NAME
+    target = _export_target(Path(weights.source), output)
     with atomic_path(target) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return target
+
+
+def _export_target(source: Path, output: str | Path | None) -> Path:
+    """Where the export goes: `output` (a folder: the default name in it), or beside the source, named after it unless
+    it is the run's own adapter. It never replaces the adapter it reads, the run's adapter or a file that is not an
+    export (each was overwritten; two files exported from one folder both went to comfyui_lora.safetensors)."""
+    default = COMFYUI_NAME if source.name == WEIGHTS_NAME else f"{source.stem}_comfyui.safetensors"
+    target = Path(output) if output else source.parent / default
+    target = target / default if target.is_dir() else target  # was a traceback from the rename onto the folder
+    if target.resolve() == source.resolve() or target.name == WEIGHTS_NAME:
+        raise AdapterError(f"export --output: {target} is the adapter's own file; choose another name", "--output")
+    if target.exists() and not _is_comfyui_export(target):
+        raise AdapterError(f"export --output: {target} exists and is not a ComfyUI export; choose another name or "
+                           "remove it (nothing was written)", "--output")  # fmt: skip
+    return target
+
+
+def _is_comfyui_export(path: Path) -> bool:
+    try:
+        with safe_open(str(path), "pt") as f:
+            return "ss_network_dim" in (f.metadata() or {})
+    except (OSError, SafetensorError):
+        return False
 
 
 def export_adapter(source: str | Path, fmt: str = "comfyui", output: str | Path | None = None) -> Path:

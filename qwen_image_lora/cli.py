@@ -43,7 +43,7 @@ def _validate(args) -> int:
     and the edits' input files; no torch imported, no weights loaded (0.4 s)."""
     from qwen_image_lora.data.cache_dir import check_cache_dir
     from qwen_image_lora.data.sources import check_edit_files, load_items
-    from qwen_image_lora.hub import check_pretrained
+    from qwen_image_lora.hub import check_adapters, check_pretrained
     from qwen_image_lora.train.run_folder import check_not_nested
 
     cfg = load_config(args.config, args.overrides)
@@ -61,6 +61,7 @@ def _validate(args) -> int:
     check_edit_files(cfg.validation.edits, "validation.edits")
     check_edit_files(cfg.eval.edits, "eval.edits")
     check_not_nested(cfg.output_dir)
+    check_adapters([cfg.lora.init_from] if cfg.lora.init_from else [])
     print(f"{args.config}: OK (model {cfg.model.pretrained}, output {cfg.output_dir})\n  {data}")
     return 0
 

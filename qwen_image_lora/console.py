@@ -28,6 +28,10 @@ _TORCHAO_INT8_FP32 = "You are trying to set torch_dtype to torch.float32 for int
 # pytree, which torch 2.14 reports as deprecated, once per enum, on every command that loads an adapter.
 _PYTREE_LOGGER = "torch.utils._pytree"
 _ENUM_NOTICE = "is an Enum subclass and is now natively supported by torch.compile"
+# transformers' tokenizer on a text past the model's context: the doctor and training count tokens themselves and name
+# the caption (`caption-too-long`), prompts are refused over 1,024 tokens; its line came first, naming no file.
+_TOKENIZER_LOGGER = "transformers.tokenization_utils_base"
+_TOO_LONG = "Token indices sequence length is longer than the specified maximum sequence length for this model"
 # diffusers' check after loading an adapter takes a key as this adapter's when the adapter's name is a substring of
 # it: loading `run` after `run2` reported each key of run2 as "missing" from run (one ~3 KB line; the load is fine).
 _PEFT_UTILS_LOGGER = "diffusers.utils.peft_utils"
@@ -87,6 +91,7 @@ def install_message_filters() -> None:
         (_KERNELS_LOGGER, _KERNELS_TRUST),
         (_DIFFUSERS_LOGGER_TORCHAO, _TORCHAO_CLASSES),
         (_DIFFUSERS_LOGGER_TORCHAO, _TORCHAO_INT8_FP32),
+        (_TOKENIZER_LOGGER, _TOO_LONG),
     ):
         logger = logging.getLogger(name)
         if not any(getattr(f, "prefix", None) == prefix for f in logger.filters):

@@ -5,6 +5,7 @@ paths that are neither a local file nor a hub id. Finding the file: tests/test_a
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -328,6 +329,26 @@ def test_a_folded_adapter_exports_at_scale_one_to_the_path_asked(transformer, tm
         torch.testing.assert_close(again[module], delta)
     with pytest.raises(AdapterError, match=r"^export --format: unknown 'ckpt'; supported: comfyui$"):
         adapter_format.export_adapter(tmp_path / "src", "ckpt")
+
+
+def test_export_never_replaces_the_adapter_it_reads_or_a_file_that_is_not_an_export(transformer, tmp_path):
+    """It replaced the run's own adapter with the ComfyUI layout, overwrote any file named, crashed on a folder, and
+    two files exported from one folder both went to comfyui_lora.safetensors."""
+    make_random_lora(transformer, tmp_path / "run", rank=2)
+    own = tmp_path / "run" / adapter_format.WEIGHTS_NAME
+    (tmp_path / "notes.txt").write_text("mine")
+    before = own.read_bytes()
+    for output, said in ((own, "is the adapter's own file"), (tmp_path / "notes.txt", "exists and is not a ComfyUI")):
+        with pytest.raises(AdapterError, match=rf"^export --output: {re.escape(str(output))} {said}"):
+            adapter_format.export_adapter(tmp_path / "run", "comfyui", output)
+    assert own.read_bytes() == before and (tmp_path / "notes.txt").read_text() == "mine"
+    into = adapter_format.export_adapter(tmp_path / "run", "comfyui", tmp_path / "run")  # a folder: the name in it
+    assert into == tmp_path / "run" / adapter_format.COMFYUI_NAME
+    assert adapter_format.export_adapter(own, "comfyui", into) == into  # a previous export is replaced, as asked
+    shutil.copy(own, tmp_path / "a.safetensors")
+    shutil.copy(own, tmp_path / "b.safetensors")
+    named = [adapter_format.export_adapter(tmp_path / f"{n}.safetensors") for n in "ab"]
+    assert [p.name for p in named] == ["a_comfyui.safetensors", "b_comfyui.safetensors"]
 
 
 def test_dora_is_refused_for_comfyui_by_its_config_or_its_magnitudes_and_magnitudes_are_shape_checked(

@@ -28,6 +28,7 @@ NOISE = (
     "Unable to import `torchao`",
     "torch.float32 for integer quantization",
     "led to missing keys",
+    "Token indices sequence length",
 )
 
 # Every noise source above, in one process: build a model, load it, two adapters (one's name inside the other's), a
@@ -57,6 +58,7 @@ gen.adapters.load(sys.argv[3], name="a")  # a substring of a2: diffusers took a2
 gen.adapters.set({"a": 1.0})
 gen.generate(GenerationRequest(prompt="a bottle", guidance_scale=4.0, num_inference_steps=1, width=64, height=64))
 gen.adapters.unload("a")
+gen.pipe.processor.tokenizer("a " * 40000)  # past the tokenizer's context: the doctor names such a caption itself
 print("done", gen.adapters.active)
 """
 

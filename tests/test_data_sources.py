@@ -27,6 +27,17 @@ def test_csv_manifest_with_several_captions_and_edit_rows(tmp_path):
     )
 
 
+def test_a_byte_order_mark_from_excel_or_notepad_is_no_part_of_a_key_or_caption(tmp_path):
+    """Excel's CSV was refused ("unknown key '\\ufeffimage'") and Notepad's caption trained with an invisible mark."""
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("\ufeffimage,caption\na.png,a red mug\n", encoding="utf-8")
+    (item,) = load_items(load_config(None, [f"data.path={tmp_path / 'm.csv'}"]).data)
+    assert item.captions == ("a red mug",)
+    (tmp_path / "a.txt").write_text("\ufeffqwnbrand mug", encoding="utf-8")
+    (item,) = load_items(load_config(None, [f"data.path={tmp_path}"]).data)
+    assert item.captions == ("qwnbrand mug",)
+
+
 def test_hf_dataset_from_disk_with_column_mapping(tmp_path):
 
     for i in range(3):

@@ -180,6 +180,9 @@ def test_the_python_api_names_load_on_first_use():
         ),
         (["plan", "--config", str(DEMO), "--references", "11"], "--references: expected 0 to 10, the model's limit"),
         (["plan", "--config", str(DEMO), "--references", "-1"], "--references: expected 0 to 10"),
+        # -5 was a 33-line traceback from torch; 100000000 traced for 100 s and 9.4 GB before it was killed.
+        (["plan", "--config", str(DEMO), "--prompt-tokens", "0"], "--prompt-tokens: expected 1 to 8192 text tokens"),
+        (["plan", "--config", str(DEMO), "--prompt-tokens", "100000000"], "--prompt-tokens: expected 1 to 8192"),
     ],
 )
 def test_the_cli_refuses_what_the_server_refuses(argv, said, capsys):
@@ -206,6 +209,10 @@ def test_validate_checks_a_config_without_importing_torch(tmp_path):
             f"data.cache_dir={tmp_path / 'cache'}", "validation.edits=[]"]  # fmt: skip
     loaded, err = _heavy_imports_after(f"from qwen_image_lora.cli import main\nassert main({base!r}) == 0")
     assert loaded == [], err
+    loaded, err = _heavy_imports_after(
+        f"from qwen_image_lora.cli import main\nassert main({[*base, 'lora.init_from=/nope/run']!r}) == 2"
+    )
+    assert "/nope/run: no such adapter file or folder" in err and loaded == []  # it said OK; training failed late
     edit = f"eval.edits=[{{images: [{tmp_path / 'gone.png'}], prompt: recolour}}]"
     loaded, err = _heavy_imports_after(f"from qwen_image_lora.cli import main\nassert main({[*base, edit]!r}) == 2")
     assert f"eval.edits[0].images: {tmp_path / 'gone.png'} does not exist" in err and loaded == []

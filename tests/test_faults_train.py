@@ -5,6 +5,8 @@ the previous checkpoint and adapter intact. Each case reproduces a failure of th
 
 import hashlib
 import json
+import logging
+import math
 import os
 import resource
 import shutil
@@ -190,6 +192,53 @@ def test_resuming_another_runs_checkpoint_over_a_used_folder_is_refused_untouche
     assert lora.main([*_args(tiny_model_dir, sample_data_dir, fork, "train.max_steps=3"), "--resume", str(step2)]) == 0
     assert json.loads((fork / "run.json").read_text())["run_id"] == other_id
     assert [r["step"] for r in _losses(fork)] == [3]
+
+
+def test_going_back_to_an_older_checkpoint_in_the_runs_own_folder_is_refused_untouched(
+    trained, tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch
+):
+    """Was: resuming step 2 of a finished 4-step run with max_steps=2 said 'the config wins', trained nothing and
+    replaced the final adapter with step 2's, cut the loss log to 2 lines and left step-000003/4 of the old history for
+    a later `--resume latest` (whose log then read steps 1, 2, 5, 6)."""
+    out = _copy(trained, tmp_path)
+    before, step2 = _hashes(out), out / "checkpoints" / "step-000002"
+    monkeypatch.setattr(qmodel, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    for folder, max_steps, said in (
+        (out, 6, f"error: --resume {step2}: output_dir {out} holds later checkpoints of the run (step-000003, "
+                 "step-000004), so going back would mix two histories in one folder. Continue from that checkpoint "
+                 "in a new output_dir, or use --resume latest"),
+        (tmp_path / "fork", 1, f"error: resume from {step2}: train.max_steps=1 is below the checkpoint's step 2; raise "
+                               "train.max_steps past 2, or resume an earlier checkpoint"),
+    ):  # fmt: skip
+        args = [*_args(tiny_model_dir, sample_data_dir, folder, f"train.max_steps={max_steps}"), "--resume", str(step2)]
+        assert lora.main(args) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == said
+        assert _hashes(out) == before  # nothing touched
+
+
+def test_a_resume_with_another_schedule_trains_at_the_rates_its_warnings_state(trained, tiny_model_dir,
+                                                                              sample_data_dir, tmp_path, caplog):  # fmt: skip
+    """The warnings said both 'the checkpoint's optimizer and scheduler state wins' and 'the rate follows the new
+    curve'; what trains is the config's curve at the checkpoint's base rate, and each logged rate is the one applied."""
+    out, base = _copy(trained, tmp_path), load_config(ROOT / "configs" / "demo.yaml").optim.lr
+    args = _args(tiny_model_dir, sample_data_dir, out, "train.max_steps=6", "optim.scheduler=cosine", "optim.lr=1e-3")
+    with caplog.at_level(logging.WARNING):
+        assert lora.main([*args, "--resume", "latest"]) == 0
+    said = caplog.text
+    assert f"the checkpoint's rate {base!r} stays the schedule's base rate; the config's is not applied" in said
+    assert (
+        f"step 5 trains at the checkpoint's next rate, then the rate follows the config's curve at the checkpoint's base rate {base!r}"
+        in said
+    )
+    rates = [row["lr"] for row in _losses(out) if row["step"] > 4]
+    assert rates == pytest.approx([base, base * 0.5 * (1 + math.cos(math.pi * 5 / 6))])  # constant, then cosine
+
+
+def test_a_missing_init_from_is_refused_before_loading_weights(tiny_model_dir, sample_data_dir, tmp_path, capsys,
+                                                              monkeypatch):  # fmt: skip
+    monkeypatch.setattr(qmodel, "load_pipeline", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    assert lora.main(_args(tiny_model_dir, sample_data_dir, tmp_path / "run", "lora.init_from=/nope/run")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: /nope/run: no such adapter file or")
 
 
 def test_a_run_inside_another_runs_folder_is_refused_before_loading_weights(

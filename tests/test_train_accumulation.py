@@ -56,9 +56,10 @@ def test_two_micro_batches_make_one_step_of_the_batch_of_two(tiny_model_dir, sam
     recipe.train()
     recipe.cleanup()
     rows = [json.loads(line) for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
-    # One row and one scheduler step per optimizer step: warm-up reaches the full rate at step 2, not micro-batch 2.
+    # One row and one scheduler step per optimizer step: warm-up reaches the full rate after step 2, not micro-batch 2.
+    # Each row holds the rate its step applied (it held the next step's: step 1 read LR/2 and trained at 0).
     assert [r["step"] for r in rows] == [1, 2] and recipe.lr_scheduler.last_epoch == 2
-    assert [r["lr"] for r in rows] == pytest.approx([LR / 2, LR])
+    assert [r["lr"] for r in rows] == pytest.approx([0, LR / 2])
     # The sampler cursor counts micro-batches: 2 per step (an epoch here is 2 batches of 1).
     saved = json.loads((tmp_path / "run" / "checkpoints" / "step-000001" / "progress.json").read_text())
     assert (saved["epoch"], saved["position"]) == (0, 2) and recipe.cursor == (1, 2)

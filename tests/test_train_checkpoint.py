@@ -90,14 +90,14 @@ def test_config_mismatches_say_which_value_wins():
     text = "\n".join(compare_config(saved, current, TrainingProgress(50, 1, 100, 0, 0)))
     assert "train.seed" in text and "checkpoint's RNG states and data order win (seed 1)" in text
     assert "train.max_steps" in text and "the config wins" in text
-    assert "optim.lr" in text and "checkpoint's optimizer and scheduler state wins" in text
+    assert "optim.lr: 0.0001 in the checkpoint, 0.5 in the config; the checkpoint's rate 0.0001 stays" in text
     assert compare_config(saved, saved, TrainingProgress(50, 1, 100, 0, 0)) == []
     assert "optim.scheduler" not in text  # the default schedule does not depend on the length
     longer = to_dict(load_config(None, ["train.seed=1", "train.max_steps=200", "optim.scheduler=cosine"]))
     cosine = to_dict(load_config(None, ["train.seed=1", "train.max_steps=100", "optim.scheduler=cosine"]))
     said = "\n".join(compare_config(cosine, longer, TrainingProgress(100, 1, 100, 0, 0)))
     assert (
-        "optim.scheduler: cosine spans train.max_steps, so from step 101 the learning rate follows the 200-step" in said
+        "optim.scheduler: cosine spans train.max_steps, so from step 102 the learning rate follows the 200-step" in said
     )
 
 

@@ -90,7 +90,10 @@ def add_lora(transformer, cfg: LoRAConfig) -> list[torch.nn.Parameter]:
     for p in params:
         p.data = p.data.float()
     if cfg.init_from:
-        load_adapter_file(transformer, cfg.init_from)
+        try:
+            load_adapter_file(transformer, cfg.init_from)
+        except AdapterError as e:  # "adapter weight img_in.lora_A.weight: shape ..." named neither field nor file
+            raise AdapterError(f"lora.init_from {cfg.init_from}: {e}", "lora.init_from") from None
     return params
 
 

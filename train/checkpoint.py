@@ -373,6 +373,11 @@ def check_resume(path: Path, current: dict, allow_change: bool) -> tuple[Trainin
             f"resume from {path}: {'; '.join(reshaped)} changes the adapter's shape, which no resume can do (not even "
             "with --allow-config-change). Set it back, or start a new run in a new output_dir"
         )
+    if current["train"]["max_steps"] < progress.step:  # was "the config wins", then the final adapter was step k's
+        raise CheckpointError(
+            f"resume from {path}: train.max_steps={current['train']['max_steps']} is below the checkpoint's step "
+            f"{progress.step}; raise train.max_steps past {progress.step}, or resume an earlier checkpoint"
+        )
     if changed and not allow_change:
         raise CheckpointError(
             f"resume from {path}: this config changes settings that change the maths of the run "
@@ -401,13 +406,21 @@ def compare_config(saved: dict, current: dict, progress: TrainingProgress) -> li
         if current["optim"]["scheduler"] not in ("constant", "constant_with_warmup"):
             warnings.append(
                 f"optim.scheduler: {current['optim']['scheduler']} spans train.max_steps, so from step "
-                f"{progress.step + 1} the learning rate follows the {current['train']['max_steps']}-step curve (it "
+                f"{progress.step + 2} the learning rate follows the {current['train']['max_steps']}-step curve (it "
                 "jumps there); a run of that length from the start would differ"
             )
-    for key in ("lr", "name", "scheduler", "warmup_steps"):
-        if saved.get("optim", {}).get(key) != current["optim"][key]:
-            warnings.append(
-                f"optim.{key}: {saved['optim'][key]!r} in the checkpoint, {current['optim'][key]!r} in the config; "
-                "the checkpoint's optimizer and scheduler state wins"
-            )
+    # What a resume does with the schedule (measured): the scheduler is built from the config, so its curve, warm-up
+    # and length are the config's, and the checkpoint's state restores its base rate, its step and the rate of the
+    # next step, so the first step after the resume trains at the old curve's rate. Each warning says so.
+    optim, base = saved.get("optim", {}), saved.get("optim", {}).get("lr")
+    for key, what in (
+        ("lr", f"the checkpoint's rate {base!r} stays the schedule's base rate; the config's is not applied"),
+        ("scheduler", f"step {progress.step + 1} trains at the checkpoint's next rate, then the rate follows the "
+                      f"config's curve at the checkpoint's base rate {base!r}"),
+        ("warmup_steps", "the config's warm-up shapes the curve from the checkpoint's step on"),
+        ("name", "the checkpoint's optimizer state is loaded into the config's optimizer"),
+    ):  # fmt: skip
+        if optim.get(key) != current["optim"][key]:
+            warnings.append(f"optim.{key}: {optim.get(key)!r} in the checkpoint, {current['optim'][key]!r} in the "
+                            f"config; {what}")  # fmt: skip
     return warnings

@@ -207,6 +207,7 @@ class LoRARecipe:
                 # Under fp16 an inf gradient is the loss scaler's business: it skips that step and lowers the scale.
                 scaled = acc.scaler is not None and math.isfinite(step_loss)
                 stepped = self.guards.step_is_finite(step_loss, 0.0 if scaled else grad_norm)
+                lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step applies (the scheduler then moves on)
                 if stepped:  # a non-finite step is skipped (and counted) rather than poisoning the weights
                     self.optimizer.step()
                     self.lr_scheduler.step()
@@ -218,7 +219,7 @@ class LoRARecipe:
                 continue
             self.step += 1
             now = time.perf_counter()
-            self._log(step_loss, grad_norm, now - tick)
+            self._log(step_loss, grad_norm, lr, now - tick)
             tick = now
             # Before update, which draws it (a log line shows this step's loss); no redraw of its own each step.
             bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
@@ -239,11 +240,10 @@ class LoRARecipe:
             self.transformer, batch, noise, sigmas, self.cfg.train.loss_weighting, dtype=self.model_dtype
         )  # the prepared module may be DDP
 
-    def _log(self, loss: float, grad_norm: float, seconds: float) -> None:
+    def _log(self, loss: float, grad_norm: float, lr: float, seconds: float) -> None:
         acc, cfg = self.accelerator, self.cfg
         if not acc.is_main_process:
             return
-        lr = self.lr_scheduler.get_last_lr()[0]
         self.run_folder.append_loss({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         if self.step % cfg.train.log_every == 0:
             samples = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * acc.num_processes

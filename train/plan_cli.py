@@ -87,6 +87,15 @@ def _reference_count(text: str) -> int:
     return int(text)
 
 
+MAX_PLAN_PROMPT_TOKENS = 8192  # 8x the caption limit's default; a runaway count traced for minutes in gigabytes
+
+
+def _prompt_tokens(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PLAN_PROMPT_TOKENS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_PLAN_PROMPT_TOKENS} text tokens (got {text!r})")
+    return int(text)
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of processes, 1 or more (got {text!r})")
@@ -122,7 +131,9 @@ def register(subparsers) -> None:
         default=None,
         help=f"reference images per edit example, 0 to {MAX_INPUT_IMAGES} (0 = text-to-image; default: from the data)",
     )
-    p.add_argument("--prompt-tokens", type=int, default=256, help="text tokens of the longest prompt (default 256)")
+    p.add_argument(
+        "--prompt-tokens", type=_prompt_tokens, default=256, help="text tokens of the longest prompt (default 256)"
+    )
     p.add_argument(
         "--checkpointing", choices=["config", "all", "none", "auto"], default="config",
         help="override train.gradient_checkpointing (implies --as-configured)",

@@ -193,8 +193,16 @@ class RunFolder:
     def _check_resume_here(self, resume: str, checkpoint: Path, run_id: str, owner: str | None) -> None:
         """A checkpoint of another folder's run may continue in a new folder or its own, never over this folder's run
         (which would mix two runs' checkpoints, losses and adapters under one id)."""
+        here, step = checkpoint.resolve().is_relative_to(self.path.resolve()), layout.checkpoint_step(checkpoint) or 0
+        newer = [p.name for p in layout.checkpoints(self.path) if (layout.checkpoint_step(p) or 0) > step]
+        if resume != "latest" and here and newer:  # its old steps' checkpoints and losses would interleave the new
+            raise RunFolderInUse(
+                f"--resume {resume}: output_dir {self.path} holds later checkpoints of the run ({', '.join(newer)}), "
+                "so going back would mix two histories in one folder. Continue from that checkpoint in a new "
+                "output_dir, or use --resume latest"
+            )
         traces = self._traces()
-        if not traces or run_id == owner or checkpoint.resolve().is_relative_to(self.path.resolve()):
+        if not traces or run_id == owner or here:
             return
         home = checkpoint.parent.parent if checkpoint.parent.name == layout.CHECKPOINTS else checkpoint.parent
         raise RunFolderInUse(
