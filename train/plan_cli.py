@@ -30,7 +30,7 @@ def parse_memory(text: str) -> int:
     """'80GB', '80GiB', '24' (GiB) or '40960MiB' -> bytes. GB and GiB both mean 2**30 here: GPU sizes are sold
     in binary units (an "80GB" H100 has ~79.2 GiB usable, which the context margin covers)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) == 0:  # 0 planned "nothing fits", exit 0
         raise InputError(
             f"--gpu-memory: expected a size such as 80GB, 24GiB or 40960MiB (got {text!r})", "--gpu-memory"
         )
