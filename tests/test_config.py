@@ -239,9 +239,10 @@ def test_cli_validate_reports_field(capsys, tiny_model_dir, sample_data_dir):
     assert "train.max_steps" in capsys.readouterr().err
     assert main(["validate", "configs/demo.yaml", "model.attention_backend=bogus"]) == 2
     assert "model.attention_backend: 'bogus' is not a diffusers attention backend" in capsys.readouterr().err
-    # The previews' inputs named in demo.yaml exist once the demo has run; the sample data's are the same files.
-    edits = f"validation.edits=[{{images: [{sample_data_dir / 'edits' / '000_source.png'}], prompt: x}}]"
-    found = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'manifest.jsonl'}", edits]
+    # The edits' inputs named in demo.yaml exist once the demo has run; the sample data's are the same files.
+    edits = [f"{section}.edits=[{{images: [{sample_data_dir / 'edits' / '000_source.png'}], prompt: x}}]"
+             for section in ("validation", "eval")]  # fmt: skip
+    found = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'manifest.jsonl'}", *edits]
     assert main(["validate", "configs/demo.yaml", *found]) == 0
     items = [json.loads(line) for line in (sample_data_dir / "manifest.jsonl").read_text().splitlines()]
     edits = sum("sources" in row for row in items)
@@ -298,7 +299,8 @@ def test_cli_validate_refuses_an_output_dir_nested_with_another_runs(tmp_path, c
     """validate said OK for a folder training then refused."""
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run.json").write_text('{"run_id": "r1", "started": 0}')
-    paths = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", "validation.edits=[]"]
+    paths = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", "validation.edits=[]",
+             "eval.edits=[]"]  # fmt: skip
     assert main(["validate", "configs/demo.yaml", *paths, f"output_dir={tmp_path / 'run' / 'sub'}"]) == 2
     assert f"lies inside the folder of run r1 ({tmp_path / 'run'})" in capsys.readouterr().err
     assert main(["validate", "configs/demo.yaml", *paths, f"output_dir={tmp_path}"]) == 2

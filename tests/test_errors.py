@@ -207,7 +207,7 @@ def test_validate_checks_a_config_without_importing_torch(tmp_path):
     (data / "a.png").write_bytes(b"")  # validate lists items; it decodes no image
     (data / "a.txt").write_text("a qwnbrand bottle")
     base = ["validate", str(DEMO), f"model.pretrained={model}", f"data.path={data}", f"output_dir={tmp_path / 'run'}",
-            f"data.cache_dir={tmp_path / 'cache'}", "validation.edits=[]"]  # fmt: skip
+            f"data.cache_dir={tmp_path / 'cache'}", "validation.edits=[]", "eval.edits=[]"]  # fmt: skip
     loaded, err = _heavy_imports_after(f"from qwen_image_lora.cli import main\nassert main({base!r}) == 0")
     assert loaded == [], err
     loaded, err = _heavy_imports_after(
