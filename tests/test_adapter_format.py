@@ -338,9 +338,16 @@ def test_export_never_replaces_the_adapter_it_reads_or_a_file_that_is_not_an_exp
     own = tmp_path / "run" / adapter_format.WEIGHTS_NAME
     (tmp_path / "notes.txt").write_text("mine")
     before = own.read_bytes()
-    for output, said in ((own, "is the adapter's own file"), (tmp_path / "notes.txt", "exists and is not a ComfyUI")):
-        with pytest.raises(AdapterError, match=rf"^export --output: {re.escape(str(output))} {said}"):
-            adapter_format.export_adapter(tmp_path / "run", "comfyui", output)
+    shutil.copy(own, tmp_path / "copy.safetensors")
+    for source, output, said in (
+        (tmp_path / "run", own, "is the adapter's own file; choose another name"),
+        (tmp_path / "copy.safetensors", own, "is the adapter's own file; choose another name"),  # a run's, not the source
+        (tmp_path / "run", tmp_path / "notes.txt", "exists and is not a ComfyUI export; choose another name or remove it "
+                                                   "(nothing was written)"),
+    ):  # fmt: skip
+        with pytest.raises(AdapterError, match=rf"^export --output: {re.escape(str(output))} {re.escape(said)}$") as e:
+            adapter_format.export_adapter(source, "comfyui", output)
+        assert e.value.field == "--output"
     assert own.read_bytes() == before and (tmp_path / "notes.txt").read_text() == "mine"
     into = adapter_format.export_adapter(tmp_path / "run", "comfyui", tmp_path / "run")  # a folder: the name in it
     assert into == tmp_path / "run" / adapter_format.COMFYUI_NAME
