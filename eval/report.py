@@ -97,12 +97,12 @@ def write_report(
     return html_path, json_path
 
 
-def keep_previous(*paths: Path) -> str | None:
+def keep_previous(*paths: Path) -> None:
     """A report already in the folder stays, renamed by when it was written (`report-20261206-194512.json`): eval
-    replaced it silently, and another adapter's or checkpoint's report was gone. Returns the new names' stamp."""
+    replaced it silently, and another adapter's or checkpoint's report was gone."""
     found = [p for p in paths if p.is_file()]
     if not found:
-        return None
+        return
     written = time.strftime("%Y%m%d-%H%M%S", time.localtime(found[0].stat().st_mtime))
     stamp, n = written, 1
     while any(p.with_name(f"{p.stem}-{stamp}{p.suffix}").exists() for p in paths):  # two reports in one second
@@ -111,7 +111,6 @@ def keep_previous(*paths: Path) -> str | None:
     for path in found:
         os.replace(path, path.with_name(f"{path.stem}-{stamp}{path.suffix}"))
     log.info("kept the previous report as %s", ", ".join(f"{p.stem}-{stamp}{p.suffix}" for p in found))
-    return stamp
 
 
 def _variants(samples: list[Sample]) -> list[str]:

@@ -211,9 +211,8 @@ def pending(jobs: list[Job], output_dir: str | Path, *, process_index: int = 0, 
             base_seed: int = 0, run: dict | None = None) -> list[Job]:  # fmt: skip
     """This process's jobs that `run_batch` would still render or record (no model needed to tell)."""
     output_dir = Path(output_dir)
-    check_writable(
-        output_dir / MANIFEST
-    )  # a folder in its place was found after the model loaded and an image was made
+    # A folder at the manifest's name was found only after the model had loaded and an image was made.
+    check_writable(output_dir / MANIFEST)
     recorded = _recorded(output_dir / MANIFEST)
     mine = jobs[process_index::num_processes]
     return [j for j in mine if not _is_done(j, output_dir, recorded, fingerprint(j, base_seed, run))]

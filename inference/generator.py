@@ -42,10 +42,11 @@ def check_input_aspects(images: list[Image.Image], resolution: int) -> None:
     """The pipeline sizes each input image by the sizing rule; one too elongated would get a side of 0 px, or a
     size the text encoder's image processor refuses (a 2048x12 photo: HTTP 500 from transformers' `smart_resize`).
     Needs no model, so the CLI checks it before loading one."""
-    limit = min(qmodel.max_aspect(resolution), qmodel.ENCODER_MAX_ASPECT)
+    sizable = qmodel.max_aspect(resolution)
+    limit = min(sizable, qmodel.ENCODER_MAX_ASPECT)
     for i, image in enumerate(images, 1):
         w, h = image.size
-        sized = qmodel.fit_size(w, h, resolution) if max(w, h) < qmodel.max_aspect(resolution) * min(w, h) else None
+        sized = qmodel.fit_size(w, h, resolution) if max(w, h) < sizable * min(w, h) else None
         if sized is None or max(sized) > qmodel.ENCODER_MAX_ASPECT * min(sized):
             read = "" if sized is None else f" (sized to {sized[0]}x{sized[1]}, {max(sized) / min(sized):.0f}:1)"
             raise InputError(f"images: image {i} is {w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1){read}; at "
