@@ -44,7 +44,7 @@ from qwen_image_lora.data.cache import (
 from qwen_image_lora.data.cache_dir import old_run_cache_note
 from qwen_image_lora.data.screening import screen_items
 from qwen_image_lora.data.sources import DataError, Item, format_caption, load_items, open_image
-from qwen_image_lora.images import has_alpha, identify, read_image
+from qwen_image_lora.images import converts_colours, has_alpha, identify, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -190,10 +190,14 @@ class SampleEncoder:
 
 def pixel_spec(d: DataConfig, path: Path) -> str:
     """The part of an image's cache key that is neither the file nor the crop: alpha handling, which changes nothing
-    for a file without alpha (its entries then serve every alpha setting)."""
-    if not has_alpha(path):
-        return ""
-    return "alpha=keep" if d.alpha == "keep" else f"alpha=composite:{d.background.lower()}"
+    for a file without alpha (its entries then serve every alpha setting), and the conversion of another RGB profile
+    to sRGB (a file without one keeps the key it had before readers converted)."""
+    parts = []
+    if has_alpha(path):
+        parts.append("alpha=keep" if d.alpha == "keep" else f"alpha=composite:{d.background.lower()}")
+    if converts_colours(path):
+        parts.append("colour=srgb")
+    return ";".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ dataset

@@ -23,10 +23,12 @@ from xml.sax.saxutils import quoteattr
 from PIL import Image, ImageChops
 from psd_tools import PSDImage
 from psd_tools.api.layers import PixelLayer
+from psd_tools.constants import Resource
+from psd_tools.psd.image_resources import ImageResource
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import save_image
+from qwen_image_lora.images import SRGB_ICC, encode_image, save_image
 from qwen_image_lora.inference import masking
 from qwen_image_lora.io import atomic_path
 
@@ -171,6 +173,7 @@ def encode_layers(layers: Layers, fmt: str) -> bytes:
 
 def _psd_bytes(layers: Layers) -> bytes:
     psd = PSDImage.new("RGBA", layers.size)
+    psd.image_resources[Resource.ICC_PROFILE] = ImageResource(key=Resource.ICC_PROFILE, data=SRGB_ICC)
     for layer in layers.layers:
         # frompil writes the name only as the legacy Mac Roman Pascal string, which fails on a Chinese or emoji
         # element prompt; the `name` setter also writes the Unicode name ('luni') and a Mac Roman safe legacy one.
@@ -179,12 +182,6 @@ def _psd_bytes(layers: Layers) -> bytes:
         psd.append(pixel)
     buf = io.BytesIO()
     psd.save(buf)
-    return buf.getvalue()
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -210,12 +207,12 @@ def _ora_bytes(layers: Layers) -> bytes:
         _write(z, "mimetype", "image/openraster", zipfile.ZIP_STORED)
         _write(z, "stack.xml", stack)
         for i, layer in enumerate(layers.layers):
-            _write(z, f"data/layer{i}.png", _png(layer.image))
+            _write(z, f"data/layer{i}.png", encode_image(layer.image))
         merged = layers.composite()
-        _write(z, "mergedimage.png", _png(merged))
+        _write(z, "mergedimage.png", encode_image(merged))
         thumb = merged.copy()
         thumb.thumbnail((256, 256))
-        _write(z, "Thumbnails/thumbnail.png", _png(thumb))
+        _write(z, "Thumbnails/thumbnail.png", encode_image(thumb))
     return buf.getvalue()
 
 
@@ -226,7 +223,7 @@ def _zip_bytes(layers: Layers) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for i, layer in enumerate(layers.layers):
             name = f"{i:02d}_{re.sub(r'[^a-z0-9]+', '_', layer.name.lower()).strip('_')}.png"
-            _write(z, name, _png(layer.image))
+            _write(z, name, encode_image(layer.image))
             index.append(
                 {
                     "file": name,
@@ -237,7 +234,7 @@ def _zip_bytes(layers: Layers) -> bytes:
                     "height": layer.image.height,
                 }
             )
-        _write(z, "composite.png", _png(layers.composite()))
+        _write(z, "composite.png", encode_image(layers.composite()))
         table = {"width": layers.size[0], "height": layers.size[1], "layers": index}
         _write(z, "layers.json", json.dumps(table, indent=2))
     return buf.getvalue()

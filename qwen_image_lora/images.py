@@ -10,11 +10,12 @@ that made an image into it, and the reader of those settings.
 
 Every read: the format checked from the header (JPEG, PNG or WebP for inference inputs: a GIF named .png is refused
 as a GIF; training data takes whatever PIL reads), the pixel count refused before a pixel is decoded, EXIF
-orientation applied, 16-bit greyscale scaled to 8 bits. An image larger than `max_side` is shrunk before any
-conversion: JPEG decodes at 1/2-1/8 scale (`draft`); PNG and WebP decode their full frame (PIL cannot decode them
-smaller) and are then resized strip by strip, so a palette, 1-bit or 16-bit frame never gets an RGBA or float copy
-at full size. The frame itself, and WebP's decoder buffers, cannot be avoided: `decode_cost` counts them so a
-service can admit decodes by the memory they take."""
+orientation applied, 16-bit greyscale scaled to 8 bits, colours in another RGB profile (a phone's Display P3, Adobe
+RGB) converted to sRGB, the space the model's pixels mean and every written image is tagged with. An image larger
+than `max_side` is shrunk before any conversion: JPEG decodes at 1/2-1/8 scale (`draft`); PNG and WebP decode their
+full frame (PIL cannot decode them smaller) and are then resized strip by strip, so a palette, 1-bit or 16-bit frame
+never gets an RGBA or float copy at full size. The frame itself, and WebP's decoder buffers, cannot be avoided:
+`decode_cost` counts them so a service can admit decodes by the memory they take."""
 
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ import functools
 import io
 import json
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageCms, PngImagePlugin, UnidentifiedImageError
 
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.io import atomic_path
@@ -39,6 +41,10 @@ MAX_INPUT_SIDE = 2048  # larger inputs are downscaled to fit 2048x2048 (the mode
 MAX_DECODED_PIXELS = 64 * 2**20  # refused before decoding: a 100 KB PNG can claim 100,000 x 100,000 pixels
 STRIP_BYTES = 4 * 2**20  # a large image is converted this many bytes of rows at a time
 _LANCZOS = Image.Resampling.LANCZOS
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# 588 bytes, in every image written (untagged pixels are only assumed to be sRGB). littlecms stamps the profile's
+# creation time into its header (bytes 24-35): a fixed one keeps the same settings giving the same file.
+SRGB_ICC = _SRGB.tobytes()[:24] + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + _SRGB.tobytes()[36:]
 # `max_pixels` is the limit, checked right after PIL's own bomb warning (over ~89 M pixels), which only repeats it;
 # past twice PIL's limit it raises DecompressionBombError itself. Filtered once here by its text: a per-call
 # `warnings.catch_warnings` swaps process-wide filters, and decodes run on many threads.
@@ -134,6 +140,10 @@ def read_with_header(source: bytes | str | Path, max_side: int | None = None, ma
         orientation = im.getexif().get(0x0112, 1)
         image = _shrink(im, target, "RGBA" if alpha else "RGB") if target is not None else to_8bit(im)
         image = image.convert("RGBA" if alpha else "RGB")  # a copy: nothing refers to the file's frame
+        profile = _foreign_profile(im)
+        if profile is not None:  # on the fitted image: the transform costs one copy of it
+            image = ImageCms.profileToProfile(image, profile, _SRGB, outputMode=image.mode)
+            image.info.pop("icc_profile", None)
         header = ImageHeader(
             im.format, (h, w) if orientation in (5, 6, 7, 8) else (w, h), mode, getattr(im, "n_frames", 1)
         )
@@ -172,6 +182,36 @@ def has_alpha(path: str | Path) -> bool:
 def _header_has_alpha(path: str, size: int, mtime_ns: int) -> bool:
     with _opened(path, None, None) as im:
         return _has_alpha(im)
+
+
+def converts_colours(path: str | Path) -> bool:
+    """Whether `read_image` converts the file's colours to sRGB (its profile is another RGB space), from its header
+    (memoised as `has_alpha`): the data cache keys such a file's latents apart from an unconverted read's."""
+    st = os.stat(path)
+    return _header_converts(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _header_converts(path: str, size: int, mtime_ns: int) -> bool:
+    with _opened(path, None, None) as im:
+        return _foreign_profile(im) is not None
+
+
+def _foreign_profile(im: Image.Image) -> ImageCms.ImageCmsProfile | None:
+    """The embedded ICC profile of an RGB(A) or palette image when it is not sRGB's; None otherwise. Known from the
+    header. A profile is sRGB by its description ("sRGB IEC61966-2.1", "sRGB built-in"): converting sRGB to sRGB
+    would only round. A damaged profile is ignored, as browsers do; greyscale and CMYK profiles are not applied."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "RGBX", "P", "PA"):
+        return None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        description = ImageCms.getProfileDescription(profile).strip()
+    except (OSError, ImageCms.PyCMSError):
+        return None
+    if profile.profile.xcolor_space.strip() != "RGB" or description.startswith("sRGB"):
+        return None
+    return profile
 
 
 def _has_alpha(im: Image.Image) -> bool:
@@ -220,6 +260,7 @@ def decode_cost(
         (w0, h0), mode, fmt, info = im.size, im.mode, im.format, im.info
         sampling = [(c[1], c[2]) for c in getattr(im, "layer", None) or []]  # JPEG components' sampling factors
         target = _target(im.size, max_side)
+        converted = _foreign_profile(im) is not None
         if target is not None:
             im.draft(None, target)
         w, h = im.size
@@ -237,6 +278,7 @@ def decode_cost(
         working = 1 if grey else 4
         strips = 0 if mode in ("L", "RGB") else 4 * STRIP_BYTES * (3 if grey else 1)
         temporaries = tw * h * working + strips + tw * th * (working + 4 + 4)
+    temporaries += 4 * (target[0] * target[1] if target else w * h) if converted else 0  # sRGB's copy
     return DecodeCost(w * h * _bytes_per_pixel(mode) + held + temporaries, f"{w0}x{h0} {fmt} ({mode})")
 
 
@@ -297,7 +339,8 @@ def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95, settin
         white.paste(rgba, mask=rgba.getchannel("A"))
         image = white
     buf = io.BytesIO()
-    options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    # Tagged sRGB explicitly: PIL would otherwise write whatever profile `image.info` carries from an input
+    options = {"icc_profile": SRGB_ICC, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {})}
     if fmt == "JPEG":  # full-resolution colour (PIL's default halves it): a masked edit's kept pixels stay within 1-2
         options["subsampling"] = 0
     settings = settings_as_written(settings, fmt, quality)

@@ -6,6 +6,7 @@ service admits decodes by that cost (issues #24 and #25)."""
 import base64
 import io
 import re
+import struct
 import subprocess
 import sys
 import threading
@@ -17,7 +18,8 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw, JpegImagePlugin
 
 from qwen_image_lora import images
-from qwen_image_lora.config import Config, EditExample
+from qwen_image_lora.config import Config, DataConfig, EditExample
+from qwen_image_lora.data.dataset import pixel_spec
 from qwen_image_lora.data.sources import open_image
 from qwen_image_lora.eval.evaluator import edit_sources
 from qwen_image_lora.images import DecodeCost, ImageInputError, decode_cost, read_image, to_8bit
@@ -27,6 +29,34 @@ from qwen_image_lora.inference.server import create_app
 from qwen_image_lora.train.validation import validation_requests
 
 KEY = "images-key-0123456789"
+
+
+def _linear_srgb_icc() -> bytes:
+    """A minimal ICC v2 display profile: sRGB's primaries (D50-adapted) with a linear tone curve (gamma 1.0). Its
+    mid grey 128 is sRGB 188 (the sRGB curve at 128/255), a number that does not come from the code under test."""
+
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
+
+    text = b"linear sRGB test\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, 0x0100) + bytes(2)  # one entry: gamma 1.0 (u8Fixed8)
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
+            (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)), (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]  # fmt: skip
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, data in tags:
+        data += bytes(-len(data) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = (struct.pack(">I", size) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + bytes(12)
+              + b"acsp" + bytes(24) + struct.pack(">I", 0) + xyz(0.9642, 1.0, 0.8249)[8:] + bytes(48))  # fmt: skip
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + body
 
 
 def _scene(w: int, h: int) -> Image.Image:
@@ -115,6 +145,11 @@ LARGE = {
     "palette+tRNS PNG": (lambda im: im.convert("P"), "PNG", {"transparency": 255}),
     "16-bit grey PNG": (lambda im: im.convert("I").point(lambda v: v * 257).convert("I;16"), "PNG", {}),
     "lossless WebP": (lambda im: im.convert("RGB"), "WEBP", {"lossless": True}),
+    "JPEG in another profile": (
+        lambda im: im.convert("RGB"),
+        "JPEG",
+        {"quality": 90, "icc_profile": _linear_srgb_icc()},
+    ),
 }
 
 
@@ -187,6 +222,81 @@ def test_jpeg_outputs_keep_full_colour_resolution():
     with Image.open(io.BytesIO(images.encode_image(Image.fromarray(stripes), "JPEG", quality=95))) as im:
         assert JpegImagePlugin.get_sampling(im) == 0  # 4:4:4
         assert np.abs(np.asarray(im, dtype=int) - stripes).max() <= 16  # 4:2:0 gives ~110
+
+
+def _srgb(value: int) -> int:
+    """A linear 8-bit value in sRGB's encoding, by the sRGB formula."""
+    v = value / 255
+    return round(255 * (12.92 * v if v <= 0.0031308 else 1.055 * v ** (1 / 2.4) - 0.055))
+
+
+def test_a_file_in_another_colour_profile_reads_as_srgb_everywhere(tmp_path):
+    """A Display P3 phone photo or an Adobe RGB export was read as if its numbers were sRGB: every colour shifted (here
+    a linear-light profile, whose 128 is sRGB's 188)."""
+    icc = _linear_srgb_icc()
+    want = [_srgb(v) for v in (128, 64, 255)]
+    Image.new("RGB", (64, 48), (128, 64, 255)).save(tmp_path / "photo.png", icc_profile=icc)
+    Image.new("RGBA", (64, 48), (128, 64, 255, 77)).save(tmp_path / "cutout.png", icc_profile=icc)
+    Image.new("RGB", (3000, 40), (128, 64, 255)).save(tmp_path / "wide.jpg", quality=100, icc_profile=icc)
+    reads = {
+        "inference": images.load_image(tmp_path / "photo.png"),
+        "upload": images.decode_image((tmp_path / "photo.png").read_bytes()),
+        "training": open_image(tmp_path / "photo.png"),
+        "alpha kept": open_image(tmp_path / "cutout.png", alpha="keep"),
+        "shrunk JPEG": images.load_image(tmp_path / "wide.jpg"),
+    }
+    for name, image in reads.items():
+        pixel = np.asarray(image)[20, 20]
+        assert np.abs(pixel[:3].astype(int) - want).max() <= 1, (name, pixel, want)
+        assert "icc_profile" not in image.info  # its pixels are sRGB now: nothing may write the old profile again
+    assert np.asarray(reads["alpha kept"])[20, 20, 3] == 77  # alpha is not a colour
+    assert reads["shrunk JPEG"].size == (2048, 27)
+
+
+def test_srgb_untagged_and_damaged_profiles_read_as_their_numbers(tmp_path):
+    scene = _scene(64, 48)
+    for name, options in {
+        "untagged": {},
+        "sRGB": {"icc_profile": images.SRGB_ICC},
+        "damaged": {"icc_profile": b"x" * 200},
+    }.items():
+        scene.save(tmp_path / f"{name}.png", **options)
+        assert np.array_equal(np.asarray(read_image(tmp_path / f"{name}.png")), np.asarray(scene)), name
+        assert not images.converts_colours(tmp_path / f"{name}.png"), name
+
+
+def test_written_images_are_tagged_srgb_whatever_profile_their_input_carried():
+    """A masked edit's PNG carried the input's profile (PIL writes `image.info`'s) over pixels that are sRGB."""
+    image = _scene(32, 32)
+    image.info["icc_profile"] = _linear_srgb_icc()
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        with Image.open(io.BytesIO(images.encode_image(image, fmt))) as written:
+            assert written.info.get("icc_profile") == images.SRGB_ICC, fmt
+            if fmt == "PNG":  # and it reads back as written
+                assert np.array_equal(
+                    np.asarray(read_image(io.BytesIO(images.encode_image(image)).getvalue())), np.asarray(image)
+                )
+
+
+def test_the_srgb_tag_is_the_same_bytes_in_every_process():
+    """littlecms stamps the time into the profile it builds: each run's outputs differed in those bytes."""
+    probe = (
+        "import sys, time; time.sleep(1.1); from qwen_image_lora import images; sys.stdout.write(images.SRGB_ICC.hex())"
+    )
+    other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert bytes.fromhex(other.stdout) == images.SRGB_ICC
+
+
+def test_a_converted_files_latents_are_cached_apart_and_others_keep_their_keys(tmp_path):
+    data = DataConfig()
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    Image.new("RGBA", (8, 8)).save(tmp_path / "alpha.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "p3.png", icc_profile=_linear_srgb_icc())
+    Image.new("RGBA", (8, 8)).save(tmp_path / "p3alpha.png", icc_profile=_linear_srgb_icc())
+    keep = DataConfig(alpha="keep")
+    assert [pixel_spec(data, tmp_path / "plain.png"), pixel_spec(keep, tmp_path / "alpha.png")] == ["", "alpha=keep"]
+    assert pixel_spec(data, tmp_path / "p3.png") == "colour=srgb"
+    assert pixel_spec(keep, tmp_path / "p3alpha.png") == "alpha=keep;colour=srgb"
 
 
 # ------------------------------------------------------------------------------------------ admission by cost

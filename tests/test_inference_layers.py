@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from psd_tools import PSDImage
+from psd_tools.constants import Resource
 from scipy.ndimage import distance_transform_edt
 
 from qwen_image_lora.cli import main
-from qwen_image_lora.images import read_settings
+from qwen_image_lora.images import SRGB_ICC, read_settings
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
@@ -87,6 +88,7 @@ def test_psd_reopens_with_named_layers_at_their_offsets(made, tmp_path):
     psd_path, flat_path = layer_output.save_layers(result, tmp_path / "out.psd")
     psd = PSDImage.open(psd_path)
     assert psd.size == (W, H)
+    assert psd.image_resources.get_data(Resource.ICC_PROFILE) == SRGB_ICC  # tagged as the flat file is
     reopened = list(psd)
     assert [layer.name for layer in reopened] == [layer.name for layer in result.layers]
     for ours, theirs in zip(result.layers, reopened, strict=True):
@@ -148,11 +150,13 @@ def test_psd_keeps_layer_names_mac_roman_cannot_encode(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["ora", "zip"])
-def test_archive_entries_unzip_readable_by_everyone(fmt):
-    """Entries written under a bare name unzipped as -rw------- (0600)."""
+def test_archive_entries_unzip_readable_by_everyone_and_tagged_srgb(fmt):
+    """Entries written under a bare name unzipped as -rw------- (0600); their PNGs were untagged."""
     with zipfile.ZipFile(io.BytesIO(layer_output.encode_layers(_unicode_named_layers(), fmt))) as z:
         modes = {info.filename: oct(info.external_attr >> 16 & 0o777) for info in z.infolist()}
+        pngs = [Image.open(io.BytesIO(z.read(name))) for name in z.namelist() if name.endswith(".png")]
     assert set(modes.values()) == {"0o644"}, modes
+    assert pngs and all(png.info.get("icc_profile") == SRGB_ICC for png in pngs)
 
 
 def test_bad_layer_requests_are_refused_naming_the_part(gen):

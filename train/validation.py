@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 
 from qwen_image_lora.config import Config
-from qwen_image_lora.images import load_image
+from qwen_image_lora.images import load_image, save_image
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
-from qwen_image_lora.io import atomic_path
 
 
 def validation_requests(cfg: Config) -> dict[str, GenerationRequest]:
@@ -46,8 +45,7 @@ def generate_samples(
             generator = Generator(pipe, resolution=cfg.data.resolution)
             for name, request in requests.items():
                 images[name] = generator.generate(request)
-                with atomic_path(folder / f"{name}.png") as tmp:
-                    images[name].save(tmp, format="PNG")
+                save_image(images[name], folder / f"{name}.png")
     finally:
         transformer.train(was_training)
     return images
