@@ -17,11 +17,13 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from diffusers import QwenImage21Pipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import objective
 from qwen_image_lora.config import load_config
+from qwen_image_lora.images import SRGB_ICC
 from qwen_image_lora.train import lora, memory
 from qwen_image_lora.train.guards import TrainingStopped
 from qwen_image_lora.train.lora import LoRARecipe
@@ -115,7 +117,8 @@ def test_accelerate_launch_demo_config_trains_a_loadable_adapter(tiny_model_dir,
     # Rotation kept the newest two of steps 10, 20, 30 and the last, 40 (a raised max_steps continues from it).
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000030", "step-000040"]
     assert (out / "samples" / "step_000020" / "t2i_00.png").is_file()
-    assert (out / "samples" / "step_000040" / "t2i_00.png").is_file()
+    with Image.open(out / "samples" / "step_000040" / "t2i_00.png") as preview:  # written as every output is
+        assert preview.info.get("icc_profile") == SRGB_ICC
     card = (out / "README.md").read_text()
     assert "qwnbrand" in card and "samples/step_000040/t2i_00.png" in card and str(tiny_model_dir) in card
     assert load_config(out / "config.yaml").train.max_steps == 40
@@ -398,6 +401,7 @@ def test_wandb_offline_run_logs_config_metrics_and_images(
     recipe.cleanup()
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    first = runs[0]
     images = list(runs[0].rglob("media/images/**/*.png"))
     assert images, sorted(str(p.relative_to(runs[0])) for p in runs[0].rglob("*"))
     wandb.teardown()  # wandb-core writes the log's tail after finish() returns
@@ -409,6 +413,26 @@ def test_wandb_offline_run_logs_config_metrics_and_images(
     published = ["pytorch_lora_weights.safetensors", "config.yaml", "training_metadata.json", "README.md"]
     assert all(name.encode() in log for name in [*published, "samples/step_000002/t2i_00.png"])
     assert not any(name in log for name in (b"training_state.pt", b"losses.jsonl", b"debug-internal.log"))
+
+    # Resumed, it is the same W&B run (each resume started a new one), its metrics plotted against the run's step;
+    # W&B's own WANDB_DIR is honoured (it was replaced by the run folder)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    cfg = load_config(
+        DEMO, _overrides(tiny_model_dir, sample_data_dir, out, "train.max_steps=3", "tracking.backend=wandb")
+    )
+    recipe = LoRARecipe(cfg, resume="latest")
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    wandb.teardown()
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    (resumed,) = (tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")
+    assert first.name.endswith(f"-{run_id}") and resumed.name.endswith(f"-{run_id}"), (first, resumed)
+    history_item = pytest.importorskip("wandb.proto.wandb_internal_pb2").HistoryItem
+    assert (
+        history_item(nested_key=["step"], value_json="3").SerializeToString()
+        in next(resumed.glob("*.wandb")).read_bytes()
+    )
 
 
 def test_tensorboard_run_writes_events(tiny_model_dir, sample_data_dir, tmp_path):

@@ -58,13 +58,20 @@ def run_metadata(run_id: str, steps: int, losses: list[float], num_processes: in
     }
 
 
+def loss_window(steps: int) -> int:
+    """Steps averaged at each end of a run of `steps`: `LOSS_WINDOW`, or half the run when shorter, so the two ends
+    never share a step (a 6-step run compared the mean of its 6 steps with itself)."""
+    return min(LOSS_WINDOW, max(1, steps // 2))
+
+
 def loss_means(losses: list[float]) -> dict:
-    """The mean loss of the first and of the last `LOSS_WINDOW` steps (the whole run when shorter)."""
+    """The mean loss of the first and of the last `loss_window` steps."""
     if not losses:
         return {"first_loss": None, "final_loss": None}
+    window = loss_window(len(losses))
     return {
-        "first_loss": statistics.fmean(losses[:LOSS_WINDOW]),
-        "final_loss": statistics.fmean(losses[-LOSS_WINDOW:]),
+        "first_loss": statistics.fmean(losses[:window]),
+        "final_loss": statistics.fmean(losses[-window:]),
     }
 
 

@@ -134,7 +134,7 @@ class LoRARecipe:
         self.tracker = Tracker(acc, cfg.tracking, self.out)
         if acc.is_main_process:
             save_config(cfg, self.out / layout.CONFIG)
-            self.tracker.start(to_dict(cfg))
+            self.tracker.start(to_dict(cfg), self.run_id)
             self.run_folder.trim_losses(self.step)
 
     def _setup_model(self):
@@ -354,7 +354,7 @@ class LoRARecipe:
                 ) from e
             self.tracker.upload_adapter(self.out, published)
             logger.info("adapter written to %s", self.out / adapter.WEIGHTS_NAME)
-            window = min(export.LOSS_WINDOW, len(losses))
+            window = export.loss_window(len(losses))
             logger.info("loss: %.4f (mean of the first %d steps) -> %.4f (last %d)",
                         metadata["first_loss"], window, metadata["final_loss"], window)  # fmt: skip
         acc.wait_for_everyone()

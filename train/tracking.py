@@ -1,12 +1,16 @@
 """One narrow interface over accelerate's trackers (W&B, TensorBoard or none), used from the main process only:
 `start(config)`, `log(metrics, step)`, `log_images(images, step)`, `upload_adapter(folder, files)`, `finish()`.
 
-W&B honours its own environment (`WANDB_MODE=offline` writes a local run under `<output_dir>/wandb`).
+W&B honours its own environment (`WANDB_MODE=offline` writes a local run under `<output_dir>/wandb`, or under
+`$WANDB_DIR/wandb` when that is set). A training run is one W&B run whatever resumes it: its id is the run's id, and
+metrics are plotted against their `step` (W&B's own step only counts up, so steps retrained after a kill would be
+dropped).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -50,17 +54,27 @@ class Tracker:
         self.accelerator, self.cfg, self.output_dir = accelerator, cfg, Path(output_dir)
         self.enabled = cfg.backend != "none"
 
-    def start(self, config: dict) -> None:
+    def start(self, config: dict, run_id: str) -> None:
+        """`run_id`: the training run's (`run_folder`), so a resume continues the same W&B run."""
         if not self.enabled:
             return
         init_kwargs = {}
         if self.cfg.backend == "wandb":
-            (self.output_dir / "wandb").mkdir(parents=True, exist_ok=True)
-            init_kwargs["wandb"] = {"name": self.cfg.run_name, "dir": str(self.output_dir), "settings": WANDB_SETTINGS}
+            wandb = {"name": self.cfg.run_name, "settings": WANDB_SETTINGS, "id": run_id, "resume": "allow"}
+            if "WANDB_DIR" not in os.environ:
+                (self.output_dir / "wandb").mkdir(parents=True, exist_ok=True)
+                wandb["dir"] = str(self.output_dir)
+            init_kwargs["wandb"] = wandb
         self.accelerator.init_trackers(self.cfg.project, config=flatten(config), init_kwargs=init_kwargs)
+        if self.cfg.backend == "wandb" and self.accelerator.is_main_process:
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            run.define_metric("step")
+            run.define_metric("*", step_metric="step")
 
     def log(self, metrics: dict, step: int) -> None:
-        if self.enabled:
+        if self.enabled and self.cfg.backend == "wandb":
+            self.accelerator.log({**metrics, "step": step})
+        elif self.enabled:
             self.accelerator.log(metrics, step=step)
 
     def log_images(self, images: dict[str, Image.Image], step: int) -> None:
@@ -71,7 +85,7 @@ class Tracker:
             import wandb  # noqa: PLC0415 - wandb only for tracking.backend: wandb (a slow import)
 
             tracker.log(
-                {f"samples/{k}": wandb.Image(v.convert("RGB"), caption=k) for k, v in images.items()}, step=step
+                {**{f"samples/{k}": wandb.Image(v.convert("RGB"), caption=k) for k, v in images.items()}, "step": step}
             )
         elif self.cfg.backend == "tensorboard":
             for name, image in images.items():
