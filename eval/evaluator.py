@@ -229,7 +229,7 @@ def _mask(edit: EditExample, source: Image.Image) -> Image.Image | None:
     """The edit's region mask (white = may change) at the source's size, or None."""
     if edit.mask is None:
         return None
-    mask = load_image(edit.mask).convert("L")
+    mask = load_image(edit.mask, colours=False).convert("L")
     return mask if mask.size == source.size else mask.resize(source.size, Image.Resampling.NEAREST)
 
 

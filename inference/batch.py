@@ -328,7 +328,7 @@ def _request(job: Job, base_seed: int, default_loras) -> GenerationRequest:
     return GenerationRequest.from_settings(
         job, job.prompt, images=[load_image(p) for p in job.images], seed=_seed(job, base_seed),
         adapters=_job_loras(job, default_loras),
-        mask=load_image(job.mask) if job.mask else None, mask_feather=job.mask_feather,
+        mask=load_image(job.mask, colours=False) if job.mask else None, mask_feather=job.mask_feather,
     )  # fmt: skip
 
 

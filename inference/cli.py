@@ -277,7 +277,7 @@ def _generate(args) -> int:
                          "still there)", "--image")  # fmt: skip
     check_image_count(len(args.image), least=1 if args.command == "edit" else 0)  # before decoding them
     images = [_input_image("--image", p) for p in args.image]
-    mask = _input_image("--mask", args.mask) if getattr(args, "mask", None) else None
+    mask = _input_image("--mask", args.mask, colours=False) if getattr(args, "mask", None) else None
     if mask is not None:
         _as_option(lambda: prepare_mask(mask, images[-1], warn=False))  # the generator's rules, before the model
     request = GenerationRequest.from_settings(args, args.prompt, images=images, mask=mask,
@@ -295,12 +295,13 @@ def _generate(args) -> int:
     return 0
 
 
-def _input_image(option: str, path: str):
-    """An image named on the command line, read by the one image reader; a refusal names the option."""
+def _input_image(option: str, path: str, colours: bool = True):
+    """An image named on the command line, read by the one image reader (`colours=False`: a mask's numbers are not
+    colours, no profile applies); a refusal names the option."""
     from qwen_image_lora.images import ImageInputError, load_image
 
     try:
-        return load_image(_input_file(option, path))
+        return load_image(_input_file(option, path), colours=colours)
     except ImageInputError as e:
         fix = "; downscale it (the model works at about 1024 px)" if e.too_large else ""
         raise InputError(f"{option} {e}{fix}", option) from None
@@ -345,7 +346,7 @@ def _layers(args) -> int:
         raise InputError(f"--output {args.output}: use .psd, .ora or .zip", "--output")
     check_writable(args.output)
     image = _input_image("--image", args.image)
-    mask = args.mask if args.mask == "auto" else _input_image("--mask", args.mask)
+    mask = args.mask if args.mask == "auto" else _input_image("--mask", args.mask, colours=False)
     _as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads
     request = GenerationRequest.from_settings(args, "", images=[image], mask_feather=args.mask_feather)
     _check_flags(request)  # bad steps or guidance fail before the model loads

@@ -370,12 +370,17 @@ def _decode_inputs(body, serve: ServeConfig, gate: DecodeGate) -> Decoded:
     images = [_decode_one(item, ("body", "image") if isinstance(body.image, str) else ("body", "image", i), serve, gate,
                           deadline) for i, item in enumerate(items)]  # fmt: skip
     mask = body.mask if body.mask not in (None, "auto") else None
-    mask, mask_input = (None, None) if mask is None else _decode_one(mask, ("body", "mask"), serve, gate, deadline)
+    mask, mask_input = (
+        (None, None) if mask is None else _decode_one(mask, ("body", "mask"), serve, gate, deadline, colours=False)
+    )
     return Decoded([im for im, _ in images], mask, [record for _, record in images], mask_input)
 
 
-def _decode_one(item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate, deadline: float) -> tuple:
-    """One image (URL, base64 or data: URL) -> (PIL image, the sha256 of its bytes), or a RequestError naming `loc`."""
+def _decode_one(
+    item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate, deadline: float, colours: bool = True
+) -> tuple:
+    """One image (URL, base64 or data: URL) -> (PIL image, the sha256 of its bytes), or a RequestError naming `loc`.
+    `colours=False` for a mask: its numbers are coverage, no colour profile applies."""
     try:
         if item.startswith(("http://", "https://")) or "://" in item[:16]:
             data = fetch(item, allow_private=serve.allow_private_urls, timeout_s=serve.url_timeout_s,
@@ -390,7 +395,7 @@ def _decode_one(item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate, dea
                                       "writes it") from e  # fmt: skip
         max_side = min(MAX_INPUT_SIDE, serve.max_side)
         with gate(decode_cost(data, max_side)):  # from the header: what this decode will hold, against the budget
-            return decode_image(data, max_side=max_side), bytes_record(data)
+            return decode_image(data, max_side=max_side, colours=colours), bytes_record(data)
     except (URLRefused, ImageInputError) as e:
         raise RequestError(413 if e.too_large else 422, str(e), loc) from e
 

@@ -40,6 +40,7 @@ MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MAX_INPUT_SIDE = 2048  # larger inputs are downscaled to fit 2048x2048 (the model works at ~1024 anyway)
 MAX_DECODED_PIXELS = 64 * 2**20  # refused before decoding: a 100 KB PNG can claim 100,000 x 100,000 pixels
 STRIP_BYTES = 4 * 2**20  # a large image is converted this many bytes of rows at a time
+DECODER_BYTES = 2 * 2**20  # the decoder's own rows, tables and windows: 0.6-0.9 MB measured at 2048 px
 _LANCZOS = Image.Resampling.LANCZOS
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 # 588 bytes, in every image written (untagged pixels are only assumed to be sRGB). littlecms stamps the profile's
@@ -120,16 +121,17 @@ def _undecodable(name: str, e: Exception) -> ImageInputError:
 
 
 def read_image(source: bytes | str | Path, max_side: int | None = None, max_pixels: int | None = MAX_DECODED_PIXELS,
-               formats: set[str] | None = INPUT_FORMATS) -> Image.Image:  # fmt: skip
+               formats: set[str] | None = INPUT_FORMATS, colours: bool = True) -> Image.Image:  # fmt: skip
     """Bytes or a path -> an RGB or RGBA image (RGBA when the file has alpha; the first frame of an animation), EXIF
-    orientation applied, fitting `max_side` x `max_side` when given (aspect kept). Training data passes
-    `formats=None` (whatever PIL reads; the doctor names a file whose content its extension misnames). Raises
-    ImageInputError (naming the path) with its `code`."""
-    return read_with_header(source, max_side, max_pixels, formats)[1]
+    orientation applied, fitting `max_side` x `max_side` when given (aspect kept), in sRGB. Training data passes
+    `formats=None` (whatever PIL reads; the doctor names a file whose content its extension misnames); a mask passes
+    `colours=False`: its numbers are coverage, not colour, so no profile applies. Raises ImageInputError (naming the
+    path) with its `code`."""
+    return read_with_header(source, max_side, max_pixels, formats, colours)[1]
 
 
 def read_with_header(source: bytes | str | Path, max_side: int | None = None, max_pixels: int | None = MAX_DECODED_PIXELS,
-                     formats: set[str] | None = INPUT_FORMATS) -> tuple[ImageHeader, Image.Image]:  # fmt: skip
+                     formats: set[str] | None = INPUT_FORMATS, colours: bool = True) -> tuple[ImageHeader, Image.Image]:  # fmt: skip
     """`read_image`, and what `identify` says of the file, from one decode (the data doctor reports both)."""
     with _opened(source, max_pixels, formats) as im:
         (w, h), mode, alpha = im.size, im.mode, _has_alpha(im)
@@ -140,9 +142,9 @@ def read_with_header(source: bytes | str | Path, max_side: int | None = None, ma
         orientation = im.getexif().get(0x0112, 1)
         image = _shrink(im, target, "RGBA" if alpha else "RGB") if target is not None else to_8bit(im)
         image = image.convert("RGBA" if alpha else "RGB")  # a copy: nothing refers to the file's frame
-        profile = _foreign_profile(im)
-        if profile is not None:  # on the fitted image: the transform costs one copy of it
-            image = ImageCms.profileToProfile(image, profile, _SRGB, outputMode=image.mode)
+        to_srgb = _srgb_transform(im.info.get("icc_profile"), im.mode, image.mode) if colours else None
+        if to_srgb is not None:  # on the fitted image: the transform costs one copy of it
+            image = ImageCms.applyTransform(image, to_srgb)
             image.info.pop("icc_profile", None)
         header = ImageHeader(
             im.format, (h, w) if orientation in (5, 6, 7, 8) else (w, h), mode, getattr(im, "n_frames", 1)
@@ -150,14 +152,16 @@ def read_with_header(source: bytes | str | Path, max_side: int | None = None, ma
     return header, image.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else image
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS, max_side: int = MAX_INPUT_SIDE) -> Image.Image:
-    """An inference input: bytes -> RGB/RGBA that fits max_side x max_side."""
-    return read_image(data, max_side, max_pixels)
+def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS, max_side: int = MAX_INPUT_SIDE,
+                 colours: bool = True) -> Image.Image:  # fmt: skip
+    """An inference input: bytes -> RGB/RGBA that fits max_side x max_side (`colours=False` for a mask)."""
+    return read_image(data, max_side, max_pixels, colours=colours)
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_DECODED_PIXELS, max_side: int = MAX_INPUT_SIDE) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int = MAX_DECODED_PIXELS, max_side: int = MAX_INPUT_SIDE,
+               colours: bool = True) -> Image.Image:  # fmt: skip
     """An inference input from a file (the CLI, batch jobs, validation and eval edits): as `decode_image`."""
-    return read_image(Path(path), max_side, max_pixels)
+    return read_image(Path(path), max_side, max_pixels, colours=colours)
 
 
 def identify(
@@ -194,24 +198,26 @@ def converts_colours(path: str | Path) -> bool:
 @functools.lru_cache(maxsize=65536)
 def _header_converts(path: str, size: int, mtime_ns: int) -> bool:
     with _opened(path, None, None) as im:
-        return _foreign_profile(im) is not None
+        return _srgb_transform(im.info.get("icc_profile"), im.mode, "RGB") is not None
 
 
-def _foreign_profile(im: Image.Image) -> ImageCms.ImageCmsProfile | None:
-    """The embedded ICC profile of an RGB(A) or palette image when it is not sRGB's; None otherwise. Known from the
-    header. A profile is sRGB by its description ("sRGB IEC61966-2.1", "sRGB built-in"): converting sRGB to sRGB
-    would only round. A damaged profile is ignored, as browsers do; greyscale and CMYK profiles are not applied."""
-    icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "RGBA", "RGBX", "P", "PA"):
+@functools.lru_cache(maxsize=64)  # a shoot's photos share one profile: built once, not per read
+def _srgb_transform(icc: bytes | None, file_mode: str, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from an RGB(A) or palette file's embedded profile to sRGB, for images of `mode` (RGB or RGBA);
+    None when the file needs none. Known from the header. A profile is sRGB by its description ("sRGB
+    IEC61966-2.1", "sRGB built-in"): converting sRGB to sRGB would only round. A profile littlecms cannot build a
+    transform from (damaged, cut short, an abstract or link class) is ignored, as browsers do; greyscale and CMYK
+    profiles are not applied."""
+    if not icc or file_mode not in ("RGB", "RGBA", "RGBX", "P", "PA"):
         return None
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        description = ImageCms.getProfileDescription(profile).strip()
+        if profile.profile.xcolor_space.strip() != "RGB" or ImageCms.getProfileDescription(profile).startswith("sRGB"):
+            return None
+        # littlecms reads the tags only here. NOCACHE: a shared transform's one-pixel cache is not thread-safe.
+        return ImageCms.buildTransform(profile, _SRGB, mode, mode, flags=ImageCms.Flags.NOCACHE)
     except (OSError, ImageCms.PyCMSError):
         return None
-    if profile.profile.xcolor_space.strip() != "RGB" or description.startswith("sRGB"):
-        return None
-    return profile
 
 
 def _has_alpha(im: Image.Image) -> bool:
@@ -260,7 +266,8 @@ def decode_cost(
         (w0, h0), mode, fmt, info = im.size, im.mode, im.format, im.info
         sampling = [(c[1], c[2]) for c in getattr(im, "layer", None) or []]  # JPEG components' sampling factors
         target = _target(im.size, max_side)
-        converted = _foreign_profile(im) is not None
+        converted = _srgb_transform(im.info.get("icc_profile"), im.mode, "RGB") is not None
+        turned = im.getexif().get(0x0112, 1) in _TRANSPOSE
         if target is not None:
             im.draft(None, target)
         w, h = im.size
@@ -271,15 +278,15 @@ def decode_cost(
     elif fmt == "JPEG" and ("progressive" in info or "progression" in info) and sampling:
         hmax, vmax = max(s[0] for s in sampling), max(s[1] for s in sampling)  # every DCT coefficient, 2 bytes each,
         held = int(w0 * h0 * 2 * sum(a * b / (hmax * vmax) for a, b in sampling))  # until the last scan
-    if target is None:  # full size: to_8bit's float copies, then the RGB(A) copy
-        temporaries = w * h * (9 if grey and mode not in ("1", "L") else 4)
+    if target is None:  # full size: to_8bit's float copies, then the RGB(A) copy, and the turned copy
+        temporaries = w * h * (9 if grey and mode not in ("1", "L") else 4) + (w * h * 4 if turned else 0)
     else:  # the horizontal pass, the strips it reads, the result, its RGB(A) copy and the turned copy
         tw, th = target
         working = 1 if grey else 4
         strips = 0 if mode in ("L", "RGB") else 4 * STRIP_BYTES * (3 if grey else 1)
         temporaries = tw * h * working + strips + tw * th * (working + 4 + 4)
     temporaries += 4 * (target[0] * target[1] if target else w * h) if converted else 0  # sRGB's copy
-    return DecodeCost(w * h * _bytes_per_pixel(mode) + held + temporaries, f"{w0}x{h0} {fmt} ({mode})")
+    return DecodeCost(w * h * _bytes_per_pixel(mode) + held + temporaries + DECODER_BYTES, f"{w0}x{h0} {fmt} ({mode})")
 
 
 def _bytes_per_pixel(mode: str) -> int:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,11 +22,15 @@ from qwen_image_lora import images
 from qwen_image_lora.config import Config, DataConfig, EditExample
 from qwen_image_lora.data.dataset import pixel_spec
 from qwen_image_lora.data.sources import open_image
+from qwen_image_lora.eval.evaluator import _mask as evaluator_mask
 from qwen_image_lora.eval.evaluator import edit_sources
 from qwen_image_lora.images import DecodeCost, ImageInputError, decode_cost, read_image, to_8bit
+from qwen_image_lora.inference.batch import Job
+from qwen_image_lora.inference.batch import _request as batch_request
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.guards import DecodeGate
-from qwen_image_lora.inference.server import create_app
+from qwen_image_lora.inference.server import _decode_inputs, create_app
+from qwen_image_lora.serve_config import ServeConfig
 from qwen_image_lora.train.validation import validation_requests
 
 KEY = "images-key-0123456789"
@@ -173,6 +178,24 @@ def test_a_decode_holds_no_more_than_its_counted_cost(tmp_path, name):
     assert peak <= cost, f"{name}: decode peak {peak / 2**20:.0f} MiB over its counted cost {cost / 2**20:.0f} MiB"
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_an_image_that_needs_no_shrinking_holds_no_more_than_its_counted_cost(tmp_path, fmt, orientation):
+    """At full size the turned copy was not counted (a 2048x2000 photo with EXIF orientation 6 peaked at 50 MB
+    against a cost of 33 MB), nor the decoder's own buffers (0.6 MB over, unturned)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image = Image.merge("RGB", [Image.effect_noise((2048, 2000), 60).convert("L")] * 3)
+    path = tmp_path / f"turned.{fmt.lower()}"
+    image.save(path, fmt, exif=exif.tobytes())
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_PROBE, str(path)], capture_output=True, text=True, timeout=120, check=True
+    )
+    w, h, peak, cost = map(int, out.stdout.split())
+    assert (w, h) == ((2000, 2048) if orientation == 6 else (2048, 2000))
+    assert peak <= cost, f"decode peak {peak / 2**20:.0f} MiB over its counted cost {cost / 2**20:.0f} MiB"
+
+
 def test_an_exif_rotated_photo_reads_the_same_in_training_validation_eval_and_inference(tmp_path):
     photo = Image.new("RGB", (48, 24), "white")
     photo.paste((255, 0, 0), (0, 0, 8, 8))  # a red corner: where it lands shows the orientation
@@ -254,15 +277,43 @@ def test_a_file_in_another_colour_profile_reads_as_srgb_everywhere(tmp_path):
 
 
 def test_srgb_untagged_and_damaged_profiles_read_as_their_numbers(tmp_path):
-    scene = _scene(64, 48)
+    """A profile littlecms parses but cannot build a transform from (cut short, or of the abstract class) refused the
+    whole image as corrupt."""
+    scene, linear = _scene(64, 48), _linear_srgb_icc()
+    abstract = linear[:12] + b"abst" + linear[16:]
     for name, options in {
         "untagged": {},
         "sRGB": {"icc_profile": images.SRGB_ICC},
         "damaged": {"icc_profile": b"x" * 200},
+        "cut short": {"icc_profile": linear[:-10]},
+        "abstract": {"icc_profile": abstract},
     }.items():
         scene.save(tmp_path / f"{name}.png", **options)
         assert np.array_equal(np.asarray(read_image(tmp_path / f"{name}.png")), np.asarray(scene)), name
         assert not images.converts_colours(tmp_path / f"{name}.png"), name
+
+
+def test_a_mask_is_read_as_its_numbers_wherever_it_comes_in(tmp_path):
+    """A mask is coverage, not colour: a tagged mask's soft edge moved (64 -> 137) while its photo was converted."""
+    icc = _linear_srgb_icc()
+    ramp = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    ramp.save(tmp_path / "mask.png", icc_profile=icc)
+    Image.new("RGB", (64, 64), (128, 64, 255)).save(tmp_path / "photo.png", icc_profile=icc)
+    encoded = {name: base64.b64encode((tmp_path / f"{name}.png").read_bytes()).decode() for name in ("photo", "mask")}
+    served = _decode_inputs(
+        SimpleNamespace(image=encoded["photo"], mask=encoded["mask"]), ServeConfig(), DecodeGate(limit=2)
+    )
+    job = Job(prompt="x", images=[str(tmp_path / "photo.png")], mask=str(tmp_path / "mask.png"))
+    edit = EditExample(images=[str(tmp_path / "photo.png")], prompt="x", mask=str(tmp_path / "mask.png"))
+    masks = {
+        "reader": read_image(tmp_path / "mask.png", colours=False),
+        "serve": served.mask,
+        "batch": batch_request(job, 0, {}).mask,
+        "eval": evaluator_mask(edit, served.images[0]),
+    }
+    for name, mask in masks.items():
+        assert np.array_equal(np.asarray(mask.convert("L")), np.asarray(ramp.convert("L"))), name
+    assert tuple(np.asarray(served.images[0])[5, 5]) == (188, 137, 255)  # the photo itself is converted
 
 
 def test_written_images_are_tagged_srgb_whatever_profile_their_input_carried():
