@@ -298,7 +298,8 @@ class TrainingDataset(torch.utils.data.Dataset):
         if entry.item.mask is None or weight == 1.0:
             return None
         # Read as its target is (EXIF orientation included); the doctor checked its aspect.
-        mask = entry.target.apply(read_image(entry.item.mask, max_pixels=None, formats=None, colours=False).convert("L"))
+        mask = read_image(entry.item.mask, max_pixels=None, formats=None, colours=False)  # coverage: no profile
+        mask = entry.target.apply(mask.convert("L"))
         changed = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255).view(1, 1, *mask.size[::-1])
         changed = torch.nn.functional.adaptive_avg_pool2d(changed, tuple(grid))
         return (1 + (weight - 1) * changed).view(1, 1, 1, *grid)

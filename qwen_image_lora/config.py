@@ -322,6 +322,13 @@ class TrackingConfig:
     log_images: bool = True
     upload_adapter: bool = True
 
+    def validate(self, where: str) -> None:
+        # What wandb.init refuses, after the weights have loaded: said first, naming the field
+        bad = "".join(sorted(set(self.project) & set("/\\#?%:")))
+        if self.backend == "wandb" and (bad or not 0 < len(self.project) <= 128):
+            raise ConfigError(f"{where}.project: {self.project!r} is not a W&B project name: 1 to 128 characters, "
+                              f"none of / \\ # ? % :" + (f" (it has {bad})" if bad else ""))  # fmt: skip
+
 
 @dataclass
 class EvalConfig(SamplingConfig):

@@ -1,7 +1,7 @@
 """The one place a run folder's files are named. The trainer writes them; eval, export, the studio and the tests read
 them through these names, so a renamed file cannot leave a reader behind:
 
-    <run>/run.json                              {"run_id", "started"} of the run that owns the folder
+    <run>/run.json                              {"run_id", "started", "tracking_id"} of the run that owns the folder
     <run>/.lock                                 flock-ed by the live trainer (its pid inside)
     <run>/config.yaml                           the resolved config
     <run>/losses.jsonl                          one {"step", "loss", "lr", "grad_norm"} per optimizer step

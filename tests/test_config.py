@@ -115,6 +115,13 @@ def test_out_of_range_values_fail_at_load_naming_the_field(override, message):
         load_config("configs/demo.yaml", [override])
 
 
+@pytest.mark.parametrize("project", ["brand/lora", "a:b", "x" * 129, '""'])
+def test_a_project_wandb_refuses_is_refused_at_load_not_after_the_weights(project):
+    with pytest.raises(ConfigError, match=r"tracking.project: .* is not a W&B project name: 1 to 128 characters"):
+        load_config("configs/demo.yaml", ["tracking.backend=wandb", f"tracking.project={project}"])
+    load_config("configs/demo.yaml", ["tracking.backend=tensorboard", f"tracking.project={project}"])
+
+
 def test_a_bad_override_is_blamed_on_the_command_line_and_a_bad_file_value_on_the_file(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("lora: {rank: 0}\n")

@@ -626,7 +626,7 @@ def test_leftovers_of_a_killed_save_are_removed_and_a_half_written_loss_line_is_
     assert meta["first_loss"] == pytest.approx(sum(losses[:3]) / 3) and meta["final_loss"] == pytest.approx(
         sum(losses[3:]) / 3
     )
-    assert "(mean of the first 3 steps)" in caplog.text and "(last 3)" in caplog.text  # it said "10" of 6
+    assert "(mean of steps 1-3)" in caplog.text and "(steps 4-6)" in caplog.text  # it said "10" of 6
     assert meta["run_id"] == json.loads((trained / "run.json").read_text())["run_id"]  # the same run, continued
 
 

@@ -84,6 +84,16 @@ def test_rng_states_round_trip():
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
 
 
+def test_a_resume_into_another_wandb_project_says_the_history_splits():
+    saved = to_dict(load_config(None, ["tracking.backend=wandb"]))
+    moved = to_dict(load_config(None, ["tracking.backend=wandb", "tracking.project=other"]))
+    (warning,) = compare_config(saved, moved, TrainingProgress(50, 1, 100, 0, 0))
+    assert warning.startswith("tracking.project: 'qwen-image-lora' in the checkpoint, 'other' in the config")
+    assert "history is split" in warning
+    offline = to_dict(load_config(None, ["tracking.project=other"]))  # no W&B, nothing split
+    assert compare_config(saved, offline, TrainingProgress(50, 1, 100, 0, 0)) == []
+
+
 def test_config_mismatches_say_which_value_wins():
     saved = to_dict(load_config(None, ["train.seed=1", "train.max_steps=100"]))
     current = to_dict(load_config(None, ["train.seed=2", "train.max_steps=200", "optim.lr=0.5"]))

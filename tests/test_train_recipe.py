@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -433,6 +434,81 @@ def test_wandb_offline_run_logs_config_metrics_and_images(
         history_item(nested_key=["step"], value_json="3").SerializeToString()
         in next(resumed.glob("*.wandb")).read_bytes()
     )
+
+
+def _wandb_records(log: Path):
+    """The protobuf records of an offline run's .wandb file (a LevelDB-style log: 32 KiB blocks of chunks, each
+    with a 7-byte header: crc, length, type full/first/middle/last)."""
+    record_type = pytest.importorskip("wandb.proto.wandb_internal_pb2").Record
+    data, pos, chunks = log.read_bytes(), 7, b""  # after W&B's own 7-byte file header
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        chunks = chunk if kind in (1, 2) else chunks + chunk
+        if kind in (1, 4):
+            record = record_type()
+            record.ParseFromString(chunks)
+            yield record
+
+
+def test_wandb_records_how_a_run_ended_and_a_continuation_elsewhere_is_its_own_run(
+    tiny_model_dir, sample_data_dir, tmp_path, monkeypatch
+):
+    """W&B recorded exit code 0 for a run a guard stopped (exit 3), so it showed as finished; and a checkpoint
+    continued in a new folder logged into the first folder's W&B run, over its steps."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    folders = {name: tmp_path / name for name in ("first", "other", "stopped")}
+
+    def train(name, *extra):
+        return lora.main(["--config", str(DEMO), *_overrides(tiny_model_dir, sample_data_dir, folders[name], *extra)])
+
+    wandb_on = ["tracking.backend=wandb", "checkpoint.every_steps=1"]
+    assert train("first", "train.max_steps=2", *wandb_on) == 0
+    checkpoint = str(folders["first"] / "checkpoints" / "step-000002")
+    assert train("other", "train.max_steps=3", *wandb_on, "--resume", checkpoint) == 0
+    assert train("stopped", "train.max_steps=30", "optim.lr=1e8", *wandb_on) == 3  # a guard stops it
+    wandb.teardown()
+    runs = {name: next((folder / "wandb").glob("offline-run-*")) for name, folder in folders.items()}
+    exits = {name: [r.exit.exit_code for r in _wandb_records(next(run.glob("*.wandb"))) if r.HasField("exit")]
+             for name, run in runs.items()}  # fmt: skip
+    assert exits == {"first": [0], "other": [0], "stopped": [3]}
+    first, other = (json.loads((folders[name] / "run.json").read_text()) for name in ("first", "other"))
+    assert first["run_id"] == other["run_id"]  # one lineage, two W&B runs
+    assert runs["first"].name.endswith(f"-{first['run_id']}") and first["tracking_id"] == first["run_id"]
+    assert other["tracking_id"] != first["run_id"] and runs["other"].name.endswith(other["tracking_id"])
+
+
+def test_a_wandb_that_cannot_start_is_one_line_before_the_weights_load(
+    tiny_model_dir, sample_data_dir, tmp_path, monkeypatch, capsys
+):
+    """No login: two tracebacks and exit 1, after the weights and data had loaded."""
+    pytest.importorskip("wandb").teardown()  # W&B keeps an earlier test's settings (offline) in-process
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "netrc").write_text("")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    loads = []
+    monkeypatch.setattr(qmodel, "load_pipeline", lambda *args, **kwargs: loads.append(1))
+    args = _overrides(tiny_model_dir, sample_data_dir, tmp_path / "out", "train.max_steps=2", "tracking.backend=wandb")
+    assert lora.main(["--config", str(DEMO), *args]) == 2
+    err = capsys.readouterr().err
+    assert "error: tracking.backend: W&B did not start (UsageError: No API key" in err and "Traceback" not in err
+    assert loads == []
+
+
+def test_s_per_step_times_the_step_not_the_previews_after_it(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
+    """The step after a preview or checkpoint logged their time as its own (1.7 s where steps took 0.1-0.5 s)."""
+    recipe = _recipe(tiny_model_dir, sample_data_dir, tmp_path / "out", "train.max_steps=3")
+    logged = []
+    monkeypatch.setattr(recipe, "_maybe_validate", lambda: time.sleep(2.0))
+    monkeypatch.setattr(recipe, "_log", lambda loss, grad_norm, lr, seconds: logged.append(seconds))
+    recipe.train()
+    recipe.cleanup()
+    assert len(logged) == 3 and max(logged) < 2.0, logged
 
 
 def test_tensorboard_run_writes_events(tiny_model_dir, sample_data_dir, tmp_path):

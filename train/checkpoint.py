@@ -423,4 +423,9 @@ def compare_config(saved: dict, current: dict, progress: TrainingProgress) -> li
         if optim.get(key) != current["optim"][key]:
             warnings.append(f"optim.{key}: {optim.get(key)!r} in the checkpoint, {current['optim'][key]!r} in the "
                             f"config; {what}")  # fmt: skip
+    tracking = saved.get("tracking", {})
+    if current["tracking"]["backend"] == "wandb" and tracking.get("project") != current["tracking"]["project"]:
+        warnings.append(f"tracking.project: {tracking.get('project')!r} in the checkpoint, "
+                        f"{current['tracking']['project']!r} in the config; the W&B run continues in the config's "
+                        "project, so its history is split between the two")  # fmt: skip
     return warnings

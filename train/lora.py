@@ -101,6 +101,9 @@ class LoRARecipe:
                 logger.warning("resume: %s", warning)
             cfg.train.seed = progress.seed  # the data order and caption choices continue the checkpoint's
         set_seed(cfg.train.seed)  # the same LoRA initialisation on every rank
+        self.tracker = Tracker(acc, cfg.tracking, self.out)
+        if acc.is_main_process:  # before the weights: a W&B that cannot start says so in seconds, not minutes
+            self.tracker.start(to_dict(cfg), self.run_folder.tracking_id())
         self.pipe = self._setup_model()
         self.data = self._setup_data()
         self._place_encoders()
@@ -131,10 +134,8 @@ class LoRARecipe:
         )
         if self.resume_from is not None:
             self._restore(self.resume_from)
-        self.tracker = Tracker(acc, cfg.tracking, self.out)
         if acc.is_main_process:
             save_config(cfg, self.out / layout.CONFIG)
-            self.tracker.start(to_dict(cfg), self.run_id)
             self.run_folder.trim_losses(self.step)
 
     def _setup_model(self):
@@ -218,15 +219,14 @@ class LoRARecipe:
             if not stepped:
                 continue
             self.step += 1
-            now = time.perf_counter()
-            self._log(step_loss, grad_norm, lr, now - tick)
-            tick = now
+            self._log(step_loss, grad_norm, lr, time.perf_counter() - tick)
             # Before update, which draws it (a log line shows this step's loss); no redraw of its own each step.
             bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
             bar.update(1)
             self._check_guards(step_loss, grad_norm)
             self._maybe_validate()
             self._maybe_checkpoint()
+            tick = time.perf_counter()  # s_per_step times the training step, not the previews or checkpoint after it
             if self.stop.agreed(acc):  # every rank sees the same answer after the same step
                 bar.close()
                 return self._stop_on_signal()
@@ -342,7 +342,8 @@ class LoRARecipe:
                 f"the processes ended with different adapters (hashes {hashes}); DDP went out of sync"
             )
         if acc.is_main_process:
-            losses = [row["loss"] for row in self.run_folder.read_losses()]  # the whole run, across resumes
+            rows = self.run_folder.read_losses()  # the whole run, across resumes (from its checkpoint, elsewhere)
+            losses = [row["loss"] for row in rows]
             metadata = export.run_metadata(self.run_id, self.step, losses, acc.num_processes, self.guards.nonfinite,
                                            hashes, self.params)  # fmt: skip
             try:
@@ -354,16 +355,19 @@ class LoRARecipe:
                 ) from e
             self.tracker.upload_adapter(self.out, published)
             logger.info("adapter written to %s", self.out / adapter.WEIGHTS_NAME)
-            window = export.loss_window(len(losses))
-            logger.info("loss: %.4f (mean of the first %d steps) -> %.4f (last %d)",
-                        metadata["first_loss"], window, metadata["final_loss"], window)  # fmt: skip
+            window = export.loss_window(len(rows))
+            if rows:  # the steps by number: a run continued in a new folder logs from its checkpoint's step on
+                logger.info("loss: %.4f (mean of steps %d-%d) -> %.4f (steps %d-%d)", metadata["first_loss"],
+                            rows[0]["step"], rows[window - 1]["step"], metadata["final_loss"], rows[-window]["step"],
+                            rows[-1]["step"])  # fmt: skip
         acc.wait_for_everyone()
 
-    def cleanup(self) -> None:
+    def cleanup(self, exit_code: int = 0) -> None:
+        """`exit_code`: the process's, which the tracker records (a stopped run is not a finished one)."""
         self.stop.uninstall()
         self.run_folder.unlock()
         if self.tracker is not None:
-            self.tracker.finish()
+            self.tracker.finish(exit_code)
         cache = self.data.dataset.encoder.cache if hasattr(self, "data") else None
         if hasattr(cache, "close"):  # a prepared on-disk cache flushes what training added
             cache.close()
@@ -423,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             recipe.setup()
             recipe.train()
-        finally:
-            recipe.cleanup()  # its own writes (the data cache's last shard) fail like the others
+        except BaseException as e:
+            recipe.cleanup(_exit_code(e))  # its own writes (the data cache's last shard) fail like the others
+            raise
+        recipe.cleanup()
     except UserError as e:  # a config, data or run-folder error, or a stop: the main rank speaks for all
         message, status = e.line() if main_rank else None, e.exit_code
     except KeyboardInterrupt:  # Ctrl-C twice: stopped at once (`preemption`), no traceback
@@ -441,6 +447,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(message.replace("\n", " ") + "\n")
         sys.stderr.flush()
     return status
+
+
+def _exit_code(error: BaseException) -> int:
+    """The status `main` exits with for `error` (1: a bug, whose traceback follows)."""
+    if isinstance(error, UserError):
+        return error.exit_code
+    return 130 if isinstance(error, KeyboardInterrupt) else 2 if is_write_error(error) else 1
 
 
 if __name__ == "__main__":

@@ -108,10 +108,19 @@ class RunFolder:
 
     def owner(self) -> str | None:
         """The id of the run that owns this folder, None when none has claimed it."""
+        return self._record().get("run_id")
+
+    def tracking_id(self) -> str | None:
+        """The tracker's run id for this folder's run (W&B's `id`): the run id where the run started, another where a
+        checkpoint continues in a new folder, so the two histories never share one W&B run."""
+        return self._record().get("tracking_id") or self.owner()
+
+    def _record(self) -> dict:
         try:
-            return json.loads((self.path / layout.RUN_ID).read_text())["run_id"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+            record = json.loads((self.path / layout.RUN_ID).read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
 
     def _traces(self) -> list[str]:
         """What marks the folder as used by a run: its checkpoints and its adapter."""
@@ -183,11 +192,15 @@ class RunFolder:
             path = checkpointer.resolve(resume, owner if resume == "latest" else None)
             run_id = checkpointer.peek(path)[0].run_id or owner or new_run_id()
             self._check_resume_here(resume, path, run_id, owner)
+            # this folder's own history keeps its tracker run; a continuation in a new folder starts its own
+            tracking = self.tracking_id() if owner == run_id else f"{run_id}-{uuid.uuid4().hex[:6]}"
         else:
             if overwrite:
                 self.move_aside()
             path, run_id = None, new_run_id()
-        atomic_write_text(self.path / layout.RUN_ID, json.dumps({"run_id": run_id, "started": time.time()}))
+            tracking = run_id
+        record = {"run_id": run_id, "started": time.time(), "tracking_id": tracking}
+        atomic_write_text(self.path / layout.RUN_ID, json.dumps(record))
         return path, run_id
 
     def _check_resume_here(self, resume: str, checkpoint: Path, run_id: str, owner: str | None) -> None:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from qwen_image_lora.config import ConfigError, TrackingConfig
 from qwen_image_lora.console import WANDB_SETTINGS
+from qwen_image_lora.train.preemption import EXIT_PREEMPTED
 
 _PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 
@@ -53,19 +54,30 @@ class Tracker:
     def __init__(self, accelerator, cfg: TrackingConfig, output_dir: str | Path):
         self.accelerator, self.cfg, self.output_dir = accelerator, cfg, Path(output_dir)
         self.enabled = cfg.backend != "none"
+        self.started = False
 
-    def start(self, config: dict, run_id: str) -> None:
-        """`run_id`: the training run's (`run_folder`), so a resume continues the same W&B run."""
+    def start(self, config: dict, tracking_id: str) -> None:
+        """`tracking_id`: the run folder's (`RunFolder.tracking_id`), so a resume continues the same W&B run. A W&B
+        that cannot start (no login, no network, a project it refuses) raises ConfigError naming what to do."""
         if not self.enabled:
             return
         init_kwargs = {}
         if self.cfg.backend == "wandb":
-            wandb = {"name": self.cfg.run_name, "settings": WANDB_SETTINGS, "id": run_id, "resume": "allow"}
-            if "WANDB_DIR" not in os.environ:
-                (self.output_dir / "wandb").mkdir(parents=True, exist_ok=True)
-                wandb["dir"] = str(self.output_dir)
+            wandb = {"name": self.cfg.run_name, "settings": WANDB_SETTINGS, "id": tracking_id, "resume": "allow"}
+            folder = Path(os.environ.get("WANDB_DIR") or self.output_dir)
+            (folder / "wandb").mkdir(parents=True, exist_ok=True)  # else W&B warns, then makes it anyway
+            wandb["dir"] = str(folder)
             init_kwargs["wandb"] = wandb
-        self.accelerator.init_trackers(self.cfg.project, config=flatten(config), init_kwargs=init_kwargs)
+        try:
+            self.accelerator.init_trackers(self.cfg.project, config=flatten(config), init_kwargs=init_kwargs)
+        except Exception as e:
+            if self.cfg.backend != "wandb" or not _is_wandb_error(e):
+                raise
+            raise ConfigError(
+                f"tracking.backend: W&B did not start ({type(e).__name__}: {e}); log in with `wandb login` (or set "
+                "WANDB_API_KEY), or set WANDB_MODE=offline to sync later, or tracking.backend=none"
+            ) from None
+        self.started = True
         if self.cfg.backend == "wandb" and self.accelerator.is_main_process:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
             run.define_metric("step")
@@ -105,11 +117,26 @@ class Tracker:
         import wandb  # noqa: PLC0415 - wandb only for tracking.backend: wandb (a slow import)
 
         run = self.accelerator.get_tracker("wandb", unwrap=True)
-        artifact = wandb.Artifact(name=re.sub(r"[^\w.-]", "-", f"{run.name or name}-adapter"), type="model")
+        # one collection per training run: its run_name, else its W&B id (an offline run has no name)
+        artifact = wandb.Artifact(re.sub(r"[^\w.-]", "-", f"{self.cfg.run_name or run.id or name}-adapter"), "model")
         for path in files:
             artifact.add_file(str(path), name=Path(path).relative_to(folder).as_posix())
         run.log_artifact(artifact)
 
-    def finish(self) -> None:
-        if self.enabled:
-            self.accelerator.end_training()
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the tracker with the run's exit status: W&B shows a stopped run as failed (a guard, an error) or
+        preempted (SIGTERM, resumable), not as finished."""
+        if not self.enabled or (self.accelerator.is_main_process and not self.started):
+            return  # a W&B that did not start has no run to finish (accelerate's finish would raise)
+        if self.cfg.backend == "wandb" and self.accelerator.is_main_process:
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            if exit_code == EXIT_PREEMPTED:
+                run.mark_preempting()
+            run.finish(exit_code=exit_code)  # accelerate's own finish below then has nothing left to do
+        self.accelerator.end_training()
+
+
+def _is_wandb_error(error: Exception) -> bool:
+    import wandb  # noqa: PLC0415 - wandb only for tracking.backend: wandb (a slow import)
+
+    return isinstance(error, wandb.errors.Error)
