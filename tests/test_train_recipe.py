@@ -476,6 +476,8 @@ def test_wandb_records_how_a_run_ended_and_a_continuation_elsewhere_is_its_own_r
     exits = {name: [r.exit.exit_code for r in _wandb_records(next(run.glob("*.wandb"))) if r.HasField("exit")]
              for name, run in runs.items()}  # fmt: skip
     assert exits == {"first": [0], "other": [0], "stopped": [3]}
+    artifacts = [r.artifact.name for r in _wandb_records(next(runs["first"].glob("*.wandb"))) if r.HasField("artifact")]
+    assert artifacts == [f"{runs['first'].name.split('-', 3)[-1]}-adapter"]  # one collection per run, by its id
     first, other = (json.loads((folders[name] / "run.json").read_text()) for name in ("first", "other"))
     assert first["run_id"] == other["run_id"]  # one lineage, two W&B runs
     assert runs["first"].name.endswith(f"-{first['run_id']}") and first["tracking_id"] == first["run_id"]
