@@ -137,7 +137,10 @@ def register(subparsers) -> None:
     _overrides_arg(p)
     p.set_defaults(func=_batch)
 
-    p = subparsers.add_parser("serve", help="HTTP service: POST /v1/images, /healthz, /metrics, /openapi.json")
+    p = subparsers.add_parser(
+        "serve",
+        help="HTTP service and studio page: POST /v1/images, /v1/layers; GET /, /v1/adapters, /v1/runs, /healthz, /metrics, /openapi.json",
+    )
     p.add_argument("--config", help="YAML config; model from `model`, everything else from `serve`")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. serve.port=9000")
     p.add_argument("--model", help="overrides model.pretrained")

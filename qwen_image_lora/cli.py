@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import re
 import sys
 
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # mid-load, mid-render, mid-prepare: every write is atomic, so nothing is half-written
         print(f"stopped (Ctrl-C) during {args.command}; no file is left half-written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `qwen-lora data doctor ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's own flush fails again
+        return 141  # as a shell reports a process that SIGPIPE ended
     except OSError as e:  # a full disk, a read-only or unwritable folder: the path and the next step, not a traceback
         if not is_write_error(e):
             raise

@@ -137,6 +137,16 @@ def test_the_doctor_without_a_reachable_tokenizer_goes_on_and_says_so(tmp_path, 
     assert "(a config as the target or model.pretrained=DIR picks another)" in done.stderr  # it has no --config
 
 
+def test_a_report_piped_into_a_reader_that_stops_is_no_traceback(tmp_path, sample_data_dir):
+    """`qwen-lora data doctor DATA | head` ended in a BrokenPipeError traceback."""
+    cmd = [sys.executable, "-m", "qwen_image_lora.cli", "data", "doctor", str(sample_data_dir / "brand")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as doctor:
+        doctor.stdout.close()  # the reader is gone before the report is written
+        err = doctor.stderr.read().decode()
+    assert doctor.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_a_missing_key_of_the_adapter_being_loaded_still_shows(caplog):
     logger = logging.getLogger("diffusers.utils.peft_utils")
     head = "Loading adapter weights from state_dict led to missing keys in the model:"

@@ -15,5 +15,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a trained adapter in another layout (ComfyUI)")
     p.add_argument("adapter_dir", help="a training output folder (holds pytorch_lora_weights.safetensors) or the file")
     p.add_argument("--format", choices=["comfyui"], default="comfyui")
-    p.add_argument("--output", default=None, help="file to write (default: <adapter_dir>/comfyui_lora.safetensors)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="file or folder to write (default: <adapter_dir>/comfyui_lora.safetensors; a file source gives <stem>_comfyui.safetensors)",
+    )
     p.set_defaults(func=_export)
