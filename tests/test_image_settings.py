@@ -51,9 +51,12 @@ def test_settings_survive_png_webp_and_jpeg_and_other_tools_metadata_is_not_take
         np.asarray(Image.open(io.BytesIO(encode_image(image, "png", settings=settings)))), np.asarray(image)
     )
 
+    assert "瓶".encode() in encode_image(image, "png", settings=settings)  # iTXt holds UTF-8, not \u escapes
+
     long = {"prompt": "-" * 70_000}  # past what one JPEG EXIF segment holds: said, not a bare PIL ValueError
-    with pytest.raises(InputError, match="write PNG or WebP"):
+    with pytest.raises(InputError, match="write PNG or WebP") as refused:
         encode_image(image, "jpeg", settings=long)
+    assert refused.value.field == "output"
     assert read_settings(encode_image(image, "webp", settings=long)) == long | {"quality": 95}
 
     assert read_settings(encode_image(image, "png")) is None
@@ -237,3 +240,19 @@ def test_a_recorded_quality_out_of_range_is_named_with_the_image(made, tmp_path,
         odd.unlink()
     said = capsys.readouterr().err.strip().splitlines()[-1]
     assert said == f"error: --from {odd}: its quality: must be a number from 1 to 100 (got 101); give --quality"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_jpeg_of_an_image_with_alpha_is_composited_on_white_at_the_quality_asked(mode):
+    """JPEG has no alpha: a transparent pixel is white (PIL would refuse LA and P, and drop RGBA's alpha to black)."""
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    rgba.paste((200, 30, 30, 255), (8, 8, 24, 24))
+    image = rgba.convert(mode) if mode != "P" else rgba.convert("P", palette=Image.Palette.ADAPTIVE)
+    if mode == "P":
+        image.info["transparency"] = image.getpixel((0, 0))
+    best, worst = (encode_image(image, "jpeg", quality) for quality in (95, 10))
+    pixels = np.asarray(Image.open(io.BytesIO(best)).convert("RGB"), dtype=int)
+    assert np.abs(pixels[0, 0] - 255).max() <= 2  # transparent: white
+    centre = (200, 30, 30) if mode != "LA" else (81, 81, 81)  # LA keeps its luminance: .299 R + .587 G + .114 B
+    assert np.abs(pixels[16, 16] - centre).max() <= 8
+    assert len(worst) < len(best)  # the quality is applied

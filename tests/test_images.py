@@ -5,6 +5,7 @@ service admits decodes by that cost (issues #24 and #25)."""
 
 import base64
 import io
+import os
 import re
 import struct
 import subprocess
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image, ImageDraw, JpegImagePlugin
+from PIL import Image, ImageDraw, JpegImagePlugin, PngImagePlugin
 
 from qwen_image_lora import images
 from qwen_image_lora.config import Config, DataConfig, EditExample
@@ -314,6 +315,25 @@ def test_a_mask_is_read_as_its_numbers_wherever_it_comes_in(tmp_path):
     for name, mask in masks.items():
         assert np.array_equal(np.asarray(mask.convert("L")), np.asarray(ramp.convert("L"))), name
     assert tuple(np.asarray(served.images[0])[5, 5]) == (188, 137, 255)  # the photo itself is converted
+
+
+def test_whether_a_file_converts_is_asked_again_when_the_file_changes(tmp_path):
+    """Training asks per sample, memoised on the file's path, size and time: a replaced file is read again."""
+    path, pixels = tmp_path / "a.png", Image.new("RGB", (8, 8), (1, 2, 3))
+    pixels.save(path, icc_profile=_linear_srgb_icc())
+    tagged = path.stat()
+    assert images.converts_colours(path)
+    plain = io.BytesIO()
+    pixels.save(plain, "PNG")
+    padding = PngImagePlugin.PngInfo()  # untagged, and padded to the tagged file's size (a tEXt chunk: 16 + text)
+    padding.add_text("pad", "x" * (tagged.st_size - len(plain.getvalue()) - 16))
+    pixels.save(path, pnginfo=padding)
+    assert path.stat().st_size == tagged.st_size
+    os.utime(path, ns=(tagged.st_atime_ns, tagged.st_mtime_ns + 10**9))
+    assert not images.converts_colours(path)
+    Image.new("RGB", (80, 8)).save(path, icc_profile=_linear_srgb_icc())  # another size at the same time
+    os.utime(path, ns=(tagged.st_atime_ns, tagged.st_mtime_ns + 10**9))
+    assert images.converts_colours(path)
 
 
 def test_written_images_are_tagged_srgb_whatever_profile_their_input_carried():
