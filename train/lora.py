@@ -428,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             recipe.setup()
             recipe.train()
         except BaseException as e:
-            recipe.cleanup(_exit_code(e))  # its own writes (the data cache's last shard) fail like the others
+            # W&B records the status (any but 0 is failed; 75, preempted); cleanup's own writes (the data cache's
+            # last shard) fail like the others
+            recipe.cleanup(getattr(e, "exit_code", 1))
             raise
         recipe.cleanup()
     except UserError as e:  # a config, data or run-folder error, or a stop: the main rank speaks for all
@@ -447,13 +449,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(message.replace("\n", " ") + "\n")
         sys.stderr.flush()
     return status
-
-
-def _exit_code(error: BaseException) -> int:
-    """The status `main` exits with for `error` (1: a bug, whose traceback follows)."""
-    if isinstance(error, UserError):
-        return error.exit_code
-    return 130 if isinstance(error, KeyboardInterrupt) else 2 if is_write_error(error) else 1
 
 
 if __name__ == "__main__":
