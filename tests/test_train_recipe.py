@@ -461,7 +461,7 @@ def test_wandb_records_how_a_run_ended_and_a_continuation_elsewhere_is_its_own_r
     continued in a new folder logged into the first folder's W&B run, over its steps."""
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    folders = {name: tmp_path / name for name in ("first", "other", "stopped")}
+    folders = {name: tmp_path / name for name in ("first", "other", "stopped", "preempted")}
 
     def train(name, *extra):
         return lora.main(["--config", str(DEMO), *_overrides(tiny_model_dir, sample_data_dir, folders[name], *extra)])
@@ -471,11 +471,15 @@ def test_wandb_records_how_a_run_ended_and_a_continuation_elsewhere_is_its_own_r
     checkpoint = str(folders["first"] / "checkpoints" / "step-000002")
     assert train("other", "train.max_steps=3", *wandb_on, "--resume", checkpoint) == 0
     assert train("stopped", "train.max_steps=30", "optim.lr=1e8", *wandb_on) == 3  # a guard stops it
+    monkeypatch.setattr(LoRARecipe, "_maybe_validate", lambda recipe: os.kill(os.getpid(), signal.SIGTERM))
+    assert train("preempted", "train.max_steps=5", *wandb_on) == 75  # SIGTERM: a checkpoint, then out
     wandb.teardown()
     runs = {name: next((folder / "wandb").glob("offline-run-*")) for name, folder in folders.items()}
     exits = {name: [r.exit.exit_code for r in _wandb_records(next(run.glob("*.wandb"))) if r.HasField("exit")]
              for name, run in runs.items()}  # fmt: skip
-    assert exits == {"first": [0], "other": [0], "stopped": [3]}
+    assert exits == {"first": [0], "other": [0], "stopped": [3], "preempted": [75]}
+    preempting = [r for r in _wandb_records(next(runs["preempted"].glob("*.wandb"))) if r.HasField("preempting")]
+    assert len(preempting) == 1  # W&B shows it preempted (resumable), not failed
     artifacts = [r.artifact.name for r in _wandb_records(next(runs["first"].glob("*.wandb"))) if r.HasField("artifact")]
     assert artifacts == [f"{runs['first'].name.split('-', 3)[-1]}-adapter"]  # one collection per run, by its id
     first, other = (json.loads((folders[name] / "run.json").read_text()) for name in ("first", "other"))
