@@ -255,4 +255,5 @@ def test_a_jpeg_of_an_image_with_alpha_is_composited_on_white_at_the_quality_ask
     assert np.abs(pixels[0, 0] - 255).max() <= 2  # transparent: white
     centre = (200, 30, 30) if mode != "LA" else (81, 81, 81)  # LA keeps its luminance: .299 R + .587 G + .114 B
     assert np.abs(pixels[16, 16] - centre).max() <= 8
-    assert len(worst) < len(best)  # the quality is applied
+    assert len(worst) < len(best)  # the quality is applied, to WebP too
+    assert len(encode_image(rgba, "webp", 10)) < len(encode_image(rgba, "webp", 95))
