@@ -137,6 +137,27 @@ def test_the_doctor_without_a_reachable_tokenizer_goes_on_and_says_so(tmp_path, 
     assert "(a config as the target or model.pretrained=DIR picks another)" in done.stderr  # it has no --config
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_the_trainer_refuses_an_uncached_model_before_torch_imports(tmp_path, rank):
+    """It imported torch, accelerate and diffusers first: 10.8 s to this line; only the main rank says it."""
+    cmd = [sys.executable, "-X", "importtime", str(ROOT / "train" / "lora.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+           "model.pretrained=someone/not-cached"]  # fmt: skip
+    done = subprocess.run(
+        cmd, env=_env(tmp_path, HF_HUB_OFFLINE="1", RANK=rank), capture_output=True, text=True, timeout=120
+    )
+    ours = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert done.returncode == 2 and not imported & {"torch", "accelerate", "diffusers"}, done.stderr[-2000:]
+    said = "error: model.pretrained: someone/not-cached is not in the local Hugging Face cache"
+    assert [line[: len(said)] for line in ours] == ([said] if rank == "0" else []), ours
+
+
+def test_a_bad_trainer_command_line_is_said_once(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "train" / "lora.py"), "--resum", "latest"], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("error:") == 1, done.stderr
+
+
 def test_a_report_piped_into_a_reader_that_stops_is_no_traceback(tmp_path, sample_data_dir):
     """`qwen-lora data doctor DATA | head` ended in a BrokenPipeError traceback."""
     cmd = [sys.executable, "-m", "qwen_image_lora.cli", "data", "doctor", str(sample_data_dir / "brand")]

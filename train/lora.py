@@ -15,7 +15,6 @@ rerun with `--resume latest`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -25,8 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from qwen_image_lora.train import early
+
 if __name__ == "__main__":  # Ctrl-C while the libraries below import: nothing to keep yet, so no traceback
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    early.refuse_early(sys.argv[1:], __doc__)  # a config, model or data that cannot work: said before the imports
 
 import torch
 from accelerate import Accelerator
@@ -388,29 +390,14 @@ class LoRARecipe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="train/lora.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", required=True, help="the run's YAML config")
-    parser.add_argument("--resume", default=None, help="'latest' (this output_dir's run) or a checkpoint folder")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start a new run in an output_dir that holds another; the old run is moved aside, not deleted",
-    )
-    parser.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="resume although the config changes settings that change the maths (lora.*, data.*, ...)",
-    )
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
+    parser = early.build_parser(__doc__)
     args = parser.parse_intermixed_args(argv)
     if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # imported: Ctrl-C raises again (a cache flushes on it)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.resume and args.overwrite:  # one continues this folder's run, the other moves it aside
         parser.error("--resume continues a run and --overwrite starts a new one: give one of them")
     # Every rank reads the same config and data: the main one says what they all would; the others only errors.
-    main_rank = ranks.is_main_rank()
+    main_rank = early.is_main_rank()
     logging.basicConfig(
         level=logging.INFO if main_rank else logging.ERROR,
         format="%(asctime)s %(levelname)s %(message)s",

@@ -28,11 +28,6 @@ from qwen_image_lora.train import offload
 logger = logging.getLogger(__name__)
 
 
-def is_main_rank() -> bool:
-    """Whether this is the main process of the launch, before accelerate is set up (the launcher sets RANK)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def main_then_share(acc, fn):
     """Run `fn` on the main process and give its result, or its error, to every rank: all go on or stop together."""
     outcome = [None]
