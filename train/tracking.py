@@ -1,10 +1,11 @@
 """One narrow interface over accelerate's trackers (W&B, TensorBoard or none), used from the main process only:
-`start(config)`, `log(metrics, step)`, `log_images(images, step)`, `upload_adapter(folder, files)`, `finish()`.
+`start(config, tracking_id)`, `log(metrics, step)`, `log_images(images, step)`, `upload_adapter(folder, files)`,
+`finish(exit_code)`.
 
 W&B honours its own environment (`WANDB_MODE=offline` writes a local run under `<output_dir>/wandb`, or under
-`$WANDB_DIR/wandb` when that is set). A training run is one W&B run whatever resumes it: its id is the run's id, and
-metrics are plotted against their `step` (W&B's own step only counts up, so steps retrained after a kill would be
-dropped).
+`$WANDB_DIR/wandb` when that is set). A run folder's training is one W&B run whatever resumes it (its id is the
+folder's `tracking_id`), metrics are plotted against their `step` (W&B's own step only counts up, so steps trained
+again after a kill would be dropped), and the run ends with the process's exit status.
 """
 
 from __future__ import annotations
@@ -63,11 +64,10 @@ class Tracker:
             return
         init_kwargs = {}
         if self.cfg.backend == "wandb":
-            wandb = {"name": self.cfg.run_name, "settings": WANDB_SETTINGS, "id": tracking_id, "resume": "allow"}
             folder = Path(os.environ.get("WANDB_DIR") or self.output_dir)
             (folder / "wandb").mkdir(parents=True, exist_ok=True)  # else W&B warns, then makes it anyway
-            wandb["dir"] = str(folder)
-            init_kwargs["wandb"] = wandb
+            init_kwargs["wandb"] = {"name": self.cfg.run_name, "settings": WANDB_SETTINGS, "id": tracking_id,
+                                    "resume": "allow", "dir": str(folder)}  # fmt: skip
         try:
             self.accelerator.init_trackers(self.cfg.project, config=flatten(config), init_kwargs=init_kwargs)
         except Exception as e:
