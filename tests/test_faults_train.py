@@ -280,10 +280,13 @@ def test_ctrl_c_twice_ends_with_one_line_naming_the_last_checkpoint(
     assert "Traceback" not in err
 
 
-def test_ctrl_c_while_the_trainer_imports_its_libraries_ends_it_without_a_traceback(tmp_path):
-    """Was an 80-line KeyboardInterrupt traceback from inside diffusers' imports (the stop handler comes later)."""
+def test_ctrl_c_while_the_trainer_imports_its_libraries_ends_it_without_a_traceback(
+    tmp_path, tiny_model_dir, sample_data_dir
+):
+    """Was an 80-line KeyboardInterrupt traceback from inside diffusers' imports (the stop handler comes later). A
+    model and data that pass the trainer's early checks, so it goes on to import."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train" / "lora.py"), "--config", str(DEMO), f"output_dir={tmp_path / 'run'}"],
+        [sys.executable, str(ROOT / "train" / "lora.py"), *_args(tiny_model_dir, sample_data_dir, tmp_path / "run")],
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.PIPE,
