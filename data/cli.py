@@ -106,7 +106,7 @@ def register(subparsers) -> None:
         "doctor", help="report unreadable, duplicate, uncaptioned, misaligned ... items (never edits them)"
     )
     p.add_argument("target", nargs="?", help="a config (.yaml) or a data folder / manifest")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value")
     p.add_argument("--config", help="the config, as prepare and caption take it (or give it as TARGET)")
     p.add_argument("--strict", action="store_true", help="exit 1 when any item has an error")
     p.add_argument("--json", default=None, help="also write the report here")
@@ -115,12 +115,12 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("prepare", help="encode latents and prompt embeddings once into data.cache_dir")
     p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value")
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("caption", help="write missing .txt captions with the checkpoint's Qwen3-VL")
     p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value")
     p.add_argument("--overwrite", action="store_true", help="replace existing captions")
     p.add_argument("--prompt", default=None, help="the instruction given to the captioner")
     p.add_argument("--max-new-tokens", type=int, default=96)

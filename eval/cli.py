@@ -57,5 +57,5 @@ def register(subparsers) -> None:
         "(the held-out settings must match RUN_DIR/config.yaml)",
     )
     p.add_argument("--output", metavar="DIR", help="where to write the report (default: eval.output_dir)")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.seeds=[0,1,2]")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value, e.g. eval.seeds=[0,1,2]")
     p.set_defaults(func=_eval)

@@ -92,7 +92,7 @@ def register(subparsers) -> None:
         help=f"input image (repeat for up to {MAX_INPUT_IMAGES}); required unless --from names them",
     )
     p.add_argument("--from", dest="from_image", metavar="IMAGE", help=FROM_HELP)
-    _mask_args(p, "masked edit of the last --image: white = may change, black = kept pixel for pixel")
+    _mask_args(p, "masked edit of the last --image: white = may change, black = kept exactly (JPEG, WebP: their loss)")
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
     _quality_arg(p)
     _overrides_arg(p)
@@ -142,7 +142,7 @@ def register(subparsers) -> None:
         help="HTTP service and studio page: POST /v1/images, /v1/layers; GET /, /v1/adapters, /v1/runs, /healthz, /metrics, /openapi.json",
     )
     p.add_argument("--config", help="YAML config; model from `model`, everything else from `serve`")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. serve.port=9000")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value, e.g. serve.port=9000")
     p.add_argument("--model", help="overrides model.pretrained")
     p.add_argument("--host")
     p.add_argument("--port", type=int)

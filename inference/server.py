@@ -127,7 +127,7 @@ def request_models(serve: ServeConfig):
         mask: ImageStr | None = Field(
             None,
             description="masked edit of the last image: white = may change, black = "
-            "kept pixel for pixel; the image's size (or its aspect, resized)",
+            "kept exactly (a JPEG or WebP output adds its loss); the image's size (or its aspect, resized)",
         )
         mask_feather: int = Field(
             8,

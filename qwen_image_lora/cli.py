@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a config, the model folder and the data source (no weights loaded)")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value")
     p.set_defaults(func=_validate)
 
     sub.add_parser("make-tiny-model", help="write the tiny random Qwen-Image-2.1 checkpoint used by tests and the demo")

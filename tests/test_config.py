@@ -256,6 +256,13 @@ def test_cli_validate_reports_field(capsys, tiny_model_dir, sample_data_dir):
     assert f"{len(items)} items ({len(items) - edits} t2i, {edits} edit)" in capsys.readouterr().out
 
 
+def test_a_command_without_its_config_names_only_the_config(capsys):
+    """argparse listed the optional overrides as required too: 'required: config, overrides'."""
+    with pytest.raises(SystemExit):
+        main(["validate"])
+    assert capsys.readouterr().err.rstrip().endswith("the following arguments are required: config")
+
+
 @pytest.mark.parametrize("field", ["model.pretrained", "data.path"])
 def test_cli_validate_checks_that_paths_exist(field, tmp_path, capsys, tiny_model_dir, sample_data_dir):
 

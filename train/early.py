@@ -33,7 +33,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         action="store_true",
         help="resume although the config changes settings that change the maths (lora.*, data.*, ...)",
     )
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=10")
+    parser.add_argument("overrides", nargs="*", default=[], help="section.key=value, e.g. train.max_steps=10")
     return parser
 
 

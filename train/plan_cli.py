@@ -123,7 +123,7 @@ def _references(cfg) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="the recipe that fits a GPU, and its peak memory (no GPU, no weights)")
     p.add_argument("--config", required=True, help="training config (YAML)")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="section.key=value")
     p.add_argument("--gpu-memory", default=None, help="GPU size to fit, e.g. 8GB (default: train.memory_budget_gb)")
     p.add_argument(
         "--references",
