@@ -152,10 +152,11 @@ def test_the_trainer_refuses_an_uncached_model_before_torch_imports(tmp_path, ra
     assert [line[: len(said)] for line in ours] == ([said] if rank == "0" else []), ours
 
 
-def test_a_bad_trainer_command_line_is_said_once(tmp_path):
+def test_a_bad_trainer_command_line_is_said_once_before_the_imports(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "train" / "lora.py"), "--resum", "latest"], env=_env(tmp_path),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and done.stderr.count("error:") == 1, done.stderr
+    assert "the following arguments are required: --config" in done.stderr
 
 
 def test_a_report_piped_into_a_reader_that_stops_is_no_traceback(tmp_path, sample_data_dir):

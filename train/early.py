@@ -5,8 +5,6 @@ under a second, as `qwen-lora validate` would say it, instead of after the impor
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import sys
 
@@ -44,13 +42,9 @@ def is_main_rank() -> bool:
 
 def refuse_early(argv: list[str], description: str) -> None:
     """Exit with the error's status and its one line (said by the main rank) when the config does not load, the base
-    model is neither a model folder nor a cached or reachable hub id, or the data source does not parse. Anything
-    else, a bad command line included, is left to `main`, which says it as before."""
-    try:  # quietly: a bad command line or --help is `main`'s to say, once
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            args = build_parser(description).parse_intermixed_args(argv)
-    except SystemExit:
-        return
+    model is neither a model folder nor a cached or reachable hub id, or the data source does not parse; argparse's
+    own exit for a bad command line or --help. Anything else is left to `main`."""
+    args = build_parser(description).parse_intermixed_args(argv)  # a bad command line or --help: said and out, now
     try:
         cfg = load_config(args.config, args.overrides)
         check_pretrained(cfg.model.pretrained, cfg.model.revision)
