@@ -40,29 +40,24 @@ COMMAND_MODULES = [
 
 
 def _validate(args) -> int:
-    """The config, then what it points at: the model folder (when local), the data source, the cache and run folders
-    and the edits' input files; no torch imported, no weights loaded (0.4 s)."""
-    from qwen_image_lora.data.cache_dir import check_cache_dir
-    from qwen_image_lora.data.sources import check_edit_files, load_items
-    from qwen_image_lora.hub import check_adapters, check_pretrained
+    """The config, then what it points at (the trainer's own early checks), the eval edits' input files and the run
+    folder; no torch imported, no weights loaded (0.4 s)."""
+    from qwen_image_lora.data.sources import check_edit_files
+    from qwen_image_lora.train.early import check_sources
     from qwen_image_lora.train.run_folder import check_not_nested
 
     cfg = load_config(args.config, args.overrides)
-    check_pretrained(cfg.model.pretrained, cfg.model.revision)
-    check_cache_dir(cfg.data.cache_dir)
-    if cfg.data.path is None:
+    items = check_sources(cfg)
+    if items is None:
         data = "data.path not set (needed only for training)"
     else:
-        items = load_items(cfg.data)  # raises DataError naming data.path (or the manifest line)
         edits = sum(it.kind == "edit" for it in items)
         missing = [it for it in items if not all(p.is_file() for p in (it.target, *it.sources))]
         data = f"data {len(items)} items ({len(items) - edits} t2i, {edits} edit) in {cfg.data.path}"
         if missing:
             data += f"; {len(missing)} name a missing file, e.g. {missing[0].id} (`qwen-lora data doctor` lists them)"
-    check_edit_files(cfg.validation.edits, "validation.edits")
     check_edit_files(cfg.eval.edits, "eval.edits")
     check_not_nested(cfg.output_dir)
-    check_adapters([cfg.lora.init_from] if cfg.lora.init_from else [])
     print(f"{args.config}: OK (model {cfg.model.pretrained}, output {cfg.output_dir})\n  {data}")
     return 0
 

@@ -1,6 +1,6 @@
 """The trainer's command line, and its refusals that need no torch: `train/lora.py` runs `refuse_early` before it
 imports torch, accelerate and diffusers (about 8 s), so a config, model or data source that cannot work is one line in
-under a second, as `qwen-lora validate` would say it, instead of after the imports."""
+under a second instead of after the imports. `qwen-lora validate` makes the same checks (`check_sources`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import argparse
 import os
 import sys
 
-from qwen_image_lora.config import load_config
+from qwen_image_lora.config import Config, load_config
 from qwen_image_lora.data.cache_dir import check_cache_dir
-from qwen_image_lora.data.sources import load_items
+from qwen_image_lora.data.sources import Item, check_edit_files, load_items
 from qwen_image_lora.errors import UserError
-from qwen_image_lora.hub import check_pretrained
+from qwen_image_lora.hub import check_adapters, check_pretrained
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -40,17 +40,25 @@ def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def check_sources(cfg: Config) -> list[Item] | None:
+    """What a training config points at, without torch: the base model (a model folder, or a cached or reachable hub
+    id), the data cache folder, the data source (its items; None without `data.path`), the previews' input files and
+    `lora.init_from`. Raises the UserError naming the field."""
+    check_pretrained(cfg.model.pretrained, cfg.model.revision)
+    check_cache_dir(cfg.data.cache_dir)
+    items = load_items(cfg.data) if cfg.data.path else None  # a DataError names data.path (or the manifest line)
+    check_edit_files(cfg.validation.edits, "validation.edits")
+    check_adapters([cfg.lora.init_from] if cfg.lora.init_from else [])
+    return items
+
+
 def refuse_early(argv: list[str], description: str) -> None:
-    """Exit with the error's status and its one line (said by the main rank) when the config does not load, the base
-    model is neither a model folder nor a cached or reachable hub id, or the data source does not parse; argparse's
-    own exit for a bad command line or --help. Anything else is left to `main`."""
+    """Exit with the error's status and its one line (said by the main rank) when the config does not load or what it
+    points at cannot work (`check_sources`); argparse's own exit for a bad command line or --help. Anything else is
+    left to `main`."""
     args = build_parser(description).parse_intermixed_args(argv)  # a bad command line or --help: said and out, now
     try:
-        cfg = load_config(args.config, args.overrides)
-        check_pretrained(cfg.model.pretrained, cfg.model.revision)
-        check_cache_dir(cfg.data.cache_dir)
-        if cfg.data.path:
-            load_items(cfg.data)
+        check_sources(load_config(args.config, args.overrides))
     except UserError as e:
         if is_main_rank():
             sys.stderr.write(e.line().replace("\n", " ") + "\n")
