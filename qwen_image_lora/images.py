@@ -178,27 +178,25 @@ def identify(
 def has_alpha(path: str | Path) -> bool:
     """Whether `read_image` gives the file RGBA, from its header (memoised on path, size and mtime: training asks
     for every sample it fetches)."""
-    st = os.stat(path)
-    return _header_has_alpha(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=65536)
-def _header_has_alpha(path: str, size: int, mtime_ns: int) -> bool:
-    with _opened(path, None, None) as im:
-        return _has_alpha(im)
+    return _header_facts(path)[0]
 
 
 def converts_colours(path: str | Path) -> bool:
     """Whether `read_image` converts the file's colours to sRGB (its profile is another RGB space), from its header
     (memoised as `has_alpha`): the data cache keys such a file's latents apart from an unconverted read's."""
+    return _header_facts(path)[1]
+
+
+def _header_facts(path: str | Path) -> tuple[bool, bool]:
     st = os.stat(path)
-    return _header_converts(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    return _read_header_facts(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=65536)
-def _header_converts(path: str, size: int, mtime_ns: int) -> bool:
+def _read_header_facts(path: str, size: int, mtime_ns: int) -> tuple[bool, bool]:
+    """(alpha, converted colours): one header read answers both questions a sample's cache key asks."""
     with _opened(path, None, None) as im:
-        return _srgb_transform(im.info.get("icc_profile"), im.mode, "RGB") is not None
+        return _has_alpha(im), _srgb_transform(im.info.get("icc_profile"), im.mode, "RGB") is not None
 
 
 @functools.lru_cache(maxsize=64)  # a shoot's photos share one profile: built once, not per read
