@@ -8,11 +8,11 @@ import argparse
 import os
 import sys
 
+from qwen_image_lora import hub
 from qwen_image_lora.config import Config, load_config
 from qwen_image_lora.data.cache_dir import check_cache_dir
 from qwen_image_lora.data.sources import Item, check_edit_files, load_items
 from qwen_image_lora.errors import UserError
-from qwen_image_lora.hub import check_adapters, check_pretrained
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -44,11 +44,11 @@ def check_sources(cfg: Config) -> list[Item] | None:
     """What a training config points at, without torch: the base model (a model folder, or a cached or reachable hub
     id), the data cache folder, the data source (its items; None without `data.path`), the previews' input files and
     `lora.init_from`. Raises the UserError naming the field."""
-    check_pretrained(cfg.model.pretrained, cfg.model.revision)
+    hub.check_pretrained(cfg.model.pretrained, cfg.model.revision)
     check_cache_dir(cfg.data.cache_dir)
     items = load_items(cfg.data) if cfg.data.path else None  # a DataError names data.path (or the manifest line)
     check_edit_files(cfg.validation.edits, "validation.edits")
-    check_adapters([cfg.lora.init_from] if cfg.lora.init_from else [])
+    hub.check_adapters([cfg.lora.init_from] if cfg.lora.init_from else [])
     return items
 
 
