@@ -1,6 +1,6 @@
 """Batch jobs from a JSONL file: catalogue editing at scale, resumable, split across processes.
 
-The job format is printed by `qwen-lora batch --help` (`job_format` in inference/cli.py); `read_jobs` checks it.
+The job format is printed by `qwen-lora batch --help` (`job_format` in inference/cli_args.py); `read_jobs` checks it.
 Each image is written atomically, carrying the settings that made it (as `qwen-lora generate` writes them), then one
 line goes to `manifest.jsonl` with the settings actually used (size, steps, guidance, seed, adapters) and the job's
 fingerprint. A rerun skips every job whose output is a whole image (non-empty, the size its manifest line records, a

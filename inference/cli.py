@@ -10,80 +10,34 @@ qwen-lora serve --config configs/brand.yaml
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError, NotFound
+from qwen_image_lora.inference import cli_args as flags
 from qwen_image_lora.io import check_writable
 from qwen_image_lora.knobs import (
-    MASK_FEATHER_RANGE,
-    MAX_ADAPTER_WEIGHT,
     MAX_INPUT_IMAGES,
-    QUALITY_RANGE,
     SettingError,
-    accepted,
     check_image_count,
-    limits_of,
-    type_of,
 )
-
-FLAG_ALIASES = {"num_inference_steps": ["--steps"]}  # shorter spellings users' scripts already pass
-NO_SIZE = ("width", "height", "aspect_ratio")  # layers keep the input's size
-FROM_HELP = (
-    "re-create an image from the settings written into it: they are the defaults (over --config's model and "
-    "data.resolution), and the flags and key=value overrides given here win (a size or data.resolution given here "
-    "replaces the recorded size); recorded inputs and adapters are used while their files keep the recorded sha256"
-)
-
-
-class _Given(argparse.Action):
-    """Stores the value and notes that the command line gave it, so `--from` can tell a typed `--seed 0` from the
-    default."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        namespace.given = {*getattr(namespace, "given", ()), self.dest}
-
-
-def job_format() -> str:
-    """What `qwen-lora batch --help` shows; `inference.batch.read_jobs` checks each line against it. The sampling
-    fields' lines come from `SamplingConfig`."""
-    sampling = [f"  {f.name:<20}{_help(f)}" for f in dataclasses.fields(SamplingConfig) if f.name != "seed"]
-    return "\n".join([
-        'jobs file: JSON Lines, one job per line; only "prompt" is required.',
-        "  prompt              the text-to-image prompt or the edit instruction",
-        (f"  images              input images for an edit (1 to {MAX_INPUT_IMAGES}), paths relative to the jobs "
-         "file; omit for text-to-image"),
-        "  mask, mask_feather  masked edit of the last image: white = may change, black = kept exactly; soft edge px (8)",
-        "  id                  names the output (default: the line index, 000000, 000001, ...)",
-        "  seed                default: --seed + the line index",
-        *sampling,
-        ('  loras               {"adapter name": weight} or [{"name": ..., "weight": ...}] (a missing weight: the '
-         "--lora one); default: every --lora at its weight"),
-        "  output, quality     file name in --output-dir (.png, .jpg, .webp; default ID.png), JPEG/WebP quality (95)",
-        "example line:",
-        ('  {"id": "sku-123", "prompt": "put it on white marble", "images": ["in/sku-123.jpg"], "seed": 7, '
-         '"output": "sku-123.webp", "quality": 90}'),
-    ]) + "\n"  # fmt: skip
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="text-to-image with the base model and optional LoRAs")
-    _model_args(p)
-    _sampling_args(p)
+    flags.model_args(p)
+    flags.sampling_args(p)
     p.add_argument("--prompt", help="required unless --from gives it")
-    p.add_argument("--from", dest="from_image", metavar="IMAGE", help=FROM_HELP)
+    p.add_argument("--from", dest="from_image", metavar="IMAGE", help=flags.FROM_HELP)
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
-    _quality_arg(p)
-    _overrides_arg(p)
+    flags.quality_arg(p)
+    flags.overrides_arg(p)
     p.set_defaults(func=_generate, image=[], mask=None)
 
     p = subparsers.add_parser("edit", help=f"instruction editing of 1 to {MAX_INPUT_IMAGES} input images")
-    _model_args(p)
-    _sampling_args(p)
+    flags.model_args(p)
+    flags.sampling_args(p)
     p.add_argument("--prompt", help="required unless --from gives it")
     p.add_argument(
         "--image",
@@ -91,11 +45,13 @@ def register(subparsers) -> None:
         default=[],
         help=f"input image (repeat for up to {MAX_INPUT_IMAGES}); required unless --from names them",
     )
-    p.add_argument("--from", dest="from_image", metavar="IMAGE", help=FROM_HELP)
-    _mask_args(p, "masked edit of the last --image: white = may change, black = kept exactly (JPEG, WebP: their loss)")
+    p.add_argument("--from", dest="from_image", metavar="IMAGE", help=flags.FROM_HELP)
+    flags.mask_args(
+        p, "masked edit of the last --image: white = may change, black = kept exactly (JPEG, WebP: their loss)"
+    )
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
-    _quality_arg(p)
-    _overrides_arg(p)
+    flags.quality_arg(p)
+    flags.overrides_arg(p)
     p.set_defaults(func=_generate)
 
     p = subparsers.add_parser(
@@ -103,10 +59,10 @@ def register(subparsers) -> None:
         description="Split a product photo into layers a designer can move: `subject` (the input through the mask), "
         "`background` (a masked edit that removes the subject), one layer per --element; plus the flattened PNG.",
     )  # fmt: skip
-    _model_args(p)
-    _sampling_args(p, skip=NO_SIZE)
+    flags.model_args(p)
+    flags.sampling_args(p, skip=flags.NO_SIZE)
     p.add_argument("--image", required=True, help="the product photo")
-    _mask_args(
+    flags.mask_args(
         p,
         "white on the subject; 'auto' takes it from the model's own cut-out (quality depends on the model)",
         required=True,
@@ -120,21 +76,21 @@ def register(subparsers) -> None:
         help="a generated element at this box, e.g. 'a red SALE badge@40,40,256,128' (repeatable)",
     )
     p.add_argument("--output", required=True, help="PATH.psd | .ora | .zip (the flattened image goes to PATH.png)")
-    _overrides_arg(p)
+    flags.overrides_arg(p)
     p.set_defaults(func=_layers)
 
     p = subparsers.add_parser(
         "batch", help="run a JSONL of jobs; resumable; shards under accelerate launch",
         description="Render every job of a JSON Lines file into --output-dir (one manifest.jsonl line per image). "
         "A rerun skips finished jobs; under `accelerate launch` each process takes every n-th job.",
-        epilog=job_format(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=flags.job_format(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("jobs", help="JSON Lines file, one job per line (format below)")
     p.add_argument("--output-dir", required=True)
-    _model_args(p)
+    flags.model_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of job i without its own seed: SEED + i (default 0)")
     p.add_argument("--no-progress", action="store_true")
-    _overrides_arg(p)
+    flags.overrides_arg(p)
     p.set_defaults(func=_batch)
 
     p = subparsers.add_parser(
@@ -147,69 +103,6 @@ def register(subparsers) -> None:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.set_defaults(func=_serve)
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (the model comes from its `model` section)")
-    p.add_argument("--model", help="hub id or local folder; overrides the config's model.pretrained")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's model.dtype")
-    p.add_argument(
-        "--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
-        help=f"repeatable; weight default 1.0, from -{MAX_ADAPTER_WEIGHT:g} to {MAX_ADAPTER_WEIGHT:g}",
-    )  # fmt: skip
-
-
-def _ranged(low: int, high: int):
-    """An argparse type: a whole number from `low` to `high` (the limits the server's request models have)."""
-
-    def parse(text: str) -> int:
-        if not text.lstrip("-").isdigit() or not low <= int(text) <= high:
-            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high} (got {text!r})")
-        return int(text)
-
-    return parse
-
-
-def _quality_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quality", type=_ranged(*QUALITY_RANGE), default=95, action=_Given,
-                   help="JPEG/WebP quality (default 95; --from: the image's)")  # fmt: skip
-
-
-def _mask_args(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
-    p.add_argument("--mask", required=required, help=help)
-    p.add_argument(
-        "--mask-feather",
-        type=_ranged(*MASK_FEATHER_RANGE),
-        default=8,
-        action=_Given,
-        help="soft edge inside the changed region, in pixels (default 8)",
-    )
-
-
-def _overrides_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        help="section.key=value applied to --config, e.g. data.resolution=768 (the "
-        "pixel budget: images have ~RES^2 pixels, as in training) or model.dtype=float32",
-    )
-
-
-def _sampling_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per `SamplingConfig` field (--field-name): type, default, help and choices from the dataclass; the
-    values are checked by its rules (`validate`) before any model loads."""
-    for f in dataclasses.fields(SamplingConfig):
-        if f.name not in skip:
-            kind, choices = type_of(SamplingConfig, f), limits_of(f).get("choices")
-            flags = ["--" + f.name.replace("_", "-"), *FLAG_ALIASES.get(f.name, [])]
-            p.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices, help=_help(f, f.default),
-                           metavar=None if choices else {int: "N", float: "X"}.get(kind, "TEXT"), action=_Given)  # fmt: skip
-
-
-def _help(f: dataclasses.Field, default=None) -> str:
-    """A sampling field's help text and what it accepts, from its declaration."""
-    text = "; ".join(filter(None, [f.metadata["help"], accepted(f)]))
-    return text if default is None else f"{text} (default {default})"
 
 
 def _model_source(args):
@@ -272,7 +165,7 @@ def _generate(args) -> int:
     from qwen_image_lora.inference.masking import prepare_mask
 
     if args.from_image:
-        apply_from(args, Path(_input_file("--from", args.from_image)), NO_SIZE)
+        apply_from(args, Path(_input_file("--from", args.from_image)), flags.NO_SIZE)
     if not args.prompt:
         raise InputError("--prompt: give the prompt (or --from an image that carries one)", "--prompt")
     if args.command == "edit" and not args.image:

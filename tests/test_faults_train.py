@@ -32,11 +32,11 @@ from qwen_image_lora.train.checkpoint import (
     Checkpointer,
     CheckpointError,
     TrainingProgress,
-    changed_fixed_fields,
     write_manifest,
 )
 from qwen_image_lora.train.export import write_adapter_atomically
 from qwen_image_lora.train.preemption import EXIT_PREEMPTED
+from qwen_image_lora.train.resume_check import changed_fixed_fields
 from qwen_image_lora.train.run_folder import RunFolder
 from tests.launch import accelerate_launch
 

@@ -13,11 +13,11 @@ from qwen_image_lora.train.checkpoint import (
     CheckpointError,
     TrainingProgress,
     capture_rng_state,
-    compare_config,
     restore_rng_state,
 )
 from qwen_image_lora.train.guards import Guards, TrainingStopped
 from qwen_image_lora.train.optim import LoRAEMA
+from qwen_image_lora.train.resume_check import compare_config
 
 
 def _progress(step):

@@ -48,10 +48,10 @@ from qwen_image_lora.train.checkpoint import (
     CheckpointError,
     TrainingProgress,
     TrainingState,
-    check_resume,
 )
 from qwen_image_lora.train.guards import Guards, TrainingStopped
 from qwen_image_lora.train.preemption import Preempted, StopSignal
+from qwen_image_lora.train.resume_check import check_resume
 from qwen_image_lora.train.run_folder import RunFolder
 from qwen_image_lora.train.tracking import Tracker, log_with
 
