@@ -186,7 +186,9 @@ def trained_resolution(loras: list[str]) -> tuple[int, Path] | None:
     """(data.resolution, its config.yaml) of the first --lora that is a run or checkpoint of ours (or lies in one)."""
     for item in loras:
         path = Path(parse_lora_arg(item)[0]).expanduser()
-        for config in (path / layout.CONFIG, path.parent / layout.CONFIG):
+        # A run or checkpoint folder, a file in one, or a checkpoint's adapter folder or the file in that.
+        checkpoint = path.parent.parent if path.parent.name == layout.ADAPTER else path.parent
+        for config in (path / layout.CONFIG, path.parent / layout.CONFIG, checkpoint / layout.CONFIG):
             try:
                 resolution = yaml.safe_load(config.read_text())["data"]["resolution"]
             except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):

@@ -1,7 +1,7 @@
 """`qwen-lora generate | edit | layers | batch | serve`: thin wrappers over `Generator`, `run_batch` and the HTTP app.
 
 qwen-lora generate --config configs/demo.yaml --prompt "a bottle" --width 128 --height 128 --output out.png
-qwen-lora edit --model Qwen/Qwen-Image-2.1 --lora runs/brand/adapter:0.8 --image in.jpg --prompt "..." --output o.webp
+qwen-lora edit --model Qwen/Qwen-Image-2.1 --lora outputs/brand:0.8 --image in.jpg --prompt "..." --output o.webp
 qwen-lora generate --from out.png --seed 8 --output again.png     # the settings out.png carries, another seed
 accelerate launch -m qwen_image_lora.cli batch jobs.jsonl --output-dir out/ --config configs/brand.yaml
 qwen-lora serve --config configs/brand.yaml
@@ -130,13 +130,34 @@ def _check_sources(args) -> None:
     imported: a mistyped path or an uncached hub id offline fails in about half a second, not eight (both used to
     fail only after the imports, an uncached hub adapter only after the base model had loaded)."""
     from qwen_image_lora.config import load_config
+    from qwen_image_lora.errors import AdapterError
     from qwen_image_lora.hub import check_adapters, check_pretrained
     from qwen_image_lora.knobs import parse_lora_arg
 
-    check_adapters(parse_lora_arg(item)[0] for item in getattr(args, "lora", []))
+    seen: dict = {}
+    for source in (parse_lora_arg(item)[0] for item in getattr(args, "lora", [])):
+        try:
+            check_adapters([source])
+        except AdapterError as e:
+            raise AdapterError(f"--lora {e}", "--lora") from None
+        if (key := _adapter_file(source)) in seen:  # it loaded twice: its weight doubled, silently
+            raise AdapterError(f"--lora {source}: the same adapter as --lora {seen[key]}; give each adapter once, at "
+                               "the weight you want (PATH:WEIGHT)", "--lora")  # fmt: skip
+        seen[key] = source
     if not getattr(args, "from_image", None):
         model = load_config(args.config, args.overrides).model
         check_pretrained(args.model or model.pretrained, model.revision)
+
+
+def _adapter_file(source: str):
+    """What a --lora names, as one key however it is spelt: a local adapter's weights file (a run folder and the file
+    in it are one adapter), or the hub id as given."""
+    from qwen_image_lora.run_layout import FINAL_ADAPTER
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        return source
+    return (path / FINAL_ADAPTER if (path / FINAL_ADAPTER).is_file() else path).resolve()
 
 
 def _load(args, cfg, device=None):
@@ -159,6 +180,7 @@ def _generate(args) -> int:
 
     format_for(args.output)  # a bad extension fails before the model loads
     check_writable(args.output)  # and so does a folder that cannot be written (was: after the render)
+    _check_not_an_input("--output", [args.output], args)
     _check_sources(args)
     from qwen_image_lora.inference.from_image import apply_from
     from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects, file_record
@@ -194,10 +216,14 @@ def _generate(args) -> int:
 def _input_image(option: str, path: str, colours: bool = True):
     """An image named on the command line, read by the one image reader (`colours=False`: a mask's numbers are not
     colours, no profile applies); a refusal names the option."""
-    from qwen_image_lora.images import ImageInputError, load_image
+    from qwen_image_lora.images import MAX_FILE_INPUT_SIDE, ImageInputError, identify, load_image
 
     try:
-        return load_image(_input_file(option, path), colours=colours)
+        size = identify(_input_file(option, path)).size
+        if max(size) > MAX_FILE_INPUT_SIDE:
+            print(f"note: {option} {path} is {size[0]}x{size[1]}; it is read at {MAX_FILE_INPUT_SIDE} px on its long "
+                  "side, the largest size written", file=sys.stderr)  # fmt: skip
+        return load_image(path, colours=colours)
     except ImageInputError as e:
         fix = "; downscale it (the model works at about 1024 px)" if e.too_large else ""
         raise InputError(f"{option} {e}{fix}", option) from None
@@ -209,6 +235,19 @@ def _input_file(option: str, path: str) -> str:
         what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
         raise NotFound(f"{option} {path}: {what}", option)
     return path
+
+
+def _check_not_an_input(option: str, outputs: list[str], args) -> None:
+    """Refuse to write over a file this command reads (--image, --mask, --from): it would be replaced before anyone
+    noticed, and `--from` an earlier output then fails on the input's changed sha256. `batch` refuses the same."""
+    images = args.image if isinstance(args.image, list) else [args.image]
+    given = [*images, getattr(args, "mask", None), getattr(args, "from_image", None)]
+    inputs = {Path(p).resolve() for p in given if p and p != "auto"}
+    for out in outputs:
+        if Path(out).resolve() in inputs:
+            written = "" if out == outputs[0] else f" (the flattened image of {outputs[0]})"
+            raise InputError(f"{option} {out}{written} is one of this command's inputs, which it must not overwrite; "
+                             "write to another file name", option)  # fmt: skip
 
 
 def _check_flags(request) -> None:
@@ -241,6 +280,7 @@ def _layers(args) -> int:
     if Path(args.output).suffix.lower() not in FORMATS:
         raise InputError(f"--output {args.output}: use .psd, .ora or .zip", "--output")
     check_writable(args.output)
+    _check_not_an_input("--output", [args.output, str(Path(args.output).with_suffix(".png"))], args)
     image = _input_image("--image", args.image)
     mask = args.mask if args.mask == "auto" else _input_image("--mask", args.mask, colours=False)
     _as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads
@@ -322,17 +362,16 @@ def _batch_stopped(args, process_index: int, written: int) -> int:
 def _serve(args) -> int:
     from qwen_image_lora.config import load_config
     from qwen_image_lora.hub import check_adapters
-    from qwen_image_lora.serve_config import load_api_keys
+    from qwen_image_lora.serve_config import listen, load_api_keys
 
     serve = load_config(args.config, args.overrides).serve
     keys = load_api_keys(serve, os.environ)  # no keys, the model or an adapter missing: refused before the imports
     _check_sources(args)
     check_adapters(adapter.path for adapter in serve.adapters)
+    serve.host, serve.port = args.host or serve.host, args.port or serve.port
+    sock = listen(serve.host, serve.port)  # a port in use, too
     from qwen_image_lora.inference import service
 
     cfg = _model_source(args)
-    if args.host:
-        cfg.serve.host = args.host
-    if args.port:
-        cfg.serve.port = args.port
-    return service.serve(cfg, keys)
+    cfg.serve.host, cfg.serve.port = serve.host, serve.port
+    return service.serve(cfg, keys, sock)

@@ -25,9 +25,14 @@ from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
 from qwen_image_lora.io import content_hash
 from qwen_image_lora.knobs import SettingError, check_image_count
-from qwen_image_lora.presets import ASPECT_RATIOS
+from qwen_image_lora.presets import ASPECT_RATIOS, MAX_SIDE, SIDE_MULTIPLE
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
+
+
+def _grid_side(side: float) -> int:
+    """A side on the 32-px grid, within the sampling limits."""
+    return min(MAX_SIDE, max(SIDE_MULTIPLE, round(side / SIDE_MULTIPLE) * SIDE_MULTIPLE))
 
 
 def size_for_aspect(aspect_ratio: str, resolution: int = 1024) -> tuple[int, int]:
@@ -255,7 +260,7 @@ class Generator:
         image = self.pipe(**kwargs).images[0]
         if mask is not None:
             return masking.composite(image, request.images[-1], mask, request.mask_feather)
-        if request.images and request.keep_input_size and request.width is None and request.aspect_ratio is None:
+        if request.images and request.keep_input_size and not (request.width or request.height or request.aspect_ratio):
             # The model ran at the nearest supported size; give the catalogue image its own size back.
             image = image.resize(request.images[-1].size, Image.Resampling.LANCZOS)
         return image
@@ -323,9 +328,14 @@ class Generator:
         """The size to sample at, for a request that passed `check` (the sampling rules)."""
         if request.aspect_ratio is not None:
             return size_for_aspect(request.aspect_ratio, self.resolution)
-        if request.images:
-            # Edits run at the last reference image's aspect within the budget (the pipeline's own rule).
-            w, h = request.images[-1].size
-            fw, fh = qmodel.fit_size(w, h, self.resolution)
-            return request.width or fw, request.height or fh
-        return request.width or self.resolution, request.height or self.resolution
+        # Edits run at the last reference image's aspect within the budget (the pipeline's own rule); text-to-image
+        # is square. One side given: the other keeps that aspect (was: the budget's side, a 1.5:1 photo at --width 256
+        # came out 2.67:1).
+        w, h = request.images[-1].size if request.images else (1, 1)
+        if request.width is not None and request.height is not None:
+            return request.width, request.height
+        if request.width is not None:
+            return request.width, _grid_side(request.width * h / w)
+        if request.height is not None:
+            return _grid_side(request.height * w / h), request.height
+        return qmodel.fit_size(w, h, self.resolution) if request.images else (self.resolution, self.resolution)

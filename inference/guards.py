@@ -21,6 +21,8 @@ from qwen_image_lora.inference.worker import release_memory
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs"}) | STATIC_PATHS  # /docs: when serve.api_docs
 COUNTED_PATHS = ("/v1/images", "/v1/layers", "/healthz", "/metrics", "/openapi.json")
 MAX_MESSAGE_CHARS = 500  # a refusal names the problem; it never sends megabytes of the request back
+MAX_LOC_CHARS = 64  # a field name is short; a longer one is the client's text
+MAX_ERRORS = 20
 # What concurrent input decodes may hold at once. Every JPEG/PNG up to 64 M pixels fits (an 8192x8192 RGBA PNG takes
 # ~350 MB); a WebP takes ~16 bytes a pixel in PIL's decoder, so one over ~28 M pixels (~5300x5300) is refused.
 DECODE_BUDGET_BYTES = 512 * 2**20
@@ -47,8 +49,18 @@ def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
 
 def validation_error_body(errors: list[dict]) -> dict:
     """FastAPI's 422 shape without `input`/`ctx`: those echo the request (megabytes of base64) and may hold NaN or
-    inf, which no JSON encoder may write (FastAPI's default handler then fails with a 500)."""
-    return {"detail": [{"loc": list(e["loc"]), "msg": clip(str(e["msg"])), "type": e["type"]} for e in errors]}
+    inf, which no JSON encoder may write (FastAPI's default handler then fails with a 500). A `loc` names what the
+    client sent, so it is clipped too, and at most MAX_ERRORS are listed: a 4 MB body of unknown keys was answered
+    with every key (a 32 MB 422), a 4 MB key echoed whole."""
+    detail = [
+        {"loc": [clip(part, MAX_LOC_CHARS) if isinstance(part, str) else part for part in e["loc"]],
+         "msg": clip(str(e["msg"])), "type": e["type"]}
+        for e in errors[:MAX_ERRORS]
+    ]  # fmt: skip
+    if len(errors) > MAX_ERRORS:
+        more = f"{len(errors) - MAX_ERRORS:,} more errors not listed; fix these first"
+        detail.append({"loc": ["body"], "msg": more, "type": "too_many_errors"})
+    return {"detail": detail}
 
 
 class KeyCheck:

@@ -3,7 +3,7 @@ and the image writers (PNG/JPEG/WebP; JPEG has no alpha, so it is composited on 
 that made an image into it, and the reader of those settings.
 
     read_image(path_or_bytes, max_side=None) -> RGB or RGBA PIL image
-    decode_image(bytes) / load_image(path)     -> the same, fitted to MAX_INPUT_SIDE (inference inputs)
+    decode_image(bytes) / load_image(path)     -> the same, fitted to MAX_INPUT_SIDE / MAX_FILE_INPUT_SIDE
     decode_cost(bytes, max_side) -> DecodeCost  the memory that decode holds at its peak, known from the header
     identify(path_or_bytes) -> ImageHeader      format, size after EXIF orientation, mode, frames
     read_settings(path_or_bytes) -> dict | None the settings `encode_image(..., settings=)` wrote into the image
@@ -24,6 +24,7 @@ import functools
 import io
 import json
 import os
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -33,11 +34,15 @@ from PIL import Image, ImageCms, PngImagePlugin, UnidentifiedImageError
 
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.io import atomic_path
+from qwen_image_lora.presets import MAX_SIDE
 
 INPUT_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}  # MPO: a phone's JPEG with a gain map or depth frame after the photo
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-MAX_INPUT_SIDE = 2048  # larger inputs are downscaled to fit 2048x2048 (the model works at ~1024 anyway)
+MAX_INPUT_SIDE = 2048  # the service's inputs are downscaled to fit 2048x2048 (the model works at ~1024 anyway)
+# A file's (the CLI, batch, previews, eval): up to the largest size written, so an edit of a 3000 px photo comes
+# back at 3000 px with a masked edit's kept pixels exact (it came back at 2048, silently).
+MAX_FILE_INPUT_SIDE = MAX_SIDE
 MAX_DECODED_PIXELS = 64 * 2**20  # refused before decoding: a 100 KB PNG can claim 100,000 x 100,000 pixels
 STRIP_BYTES = 4 * 2**20  # a large image is converted this many bytes of rows at a time
 DECODER_BYTES = 2 * 2**20  # the decoder's own rows, tables and windows: 0.6-0.9 MB measured at 2048 px
@@ -99,8 +104,11 @@ def _opened(source: bytes | str | Path, max_pixels: int | None, formats: set[str
             yield im
     except ImageInputError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageInputError(f"{name}image refused as a decompression bomb: {e}", too_large=True) from e
+    except Image.DecompressionBombError as e:  # PIL's own refusal, before its size reaches ours: said as ours is
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(pixels[1]):,} pixels" if pixels else f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
+        limit = max_pixels if max_pixels is not None else 2 * Image.MAX_IMAGE_PIXELS
+        raise ImageInputError(f"{name}image is {size}; the limit is {limit:,}", too_large=True) from e
     except UnidentifiedImageError as e:  # its message is the repr of our in-memory buffer: say it plainly
         raise ImageInputError(f"{name}not a readable JPEG/PNG/WebP image (not an image format PIL recognises)") from e
     except MemoryError:
@@ -158,9 +166,10 @@ def decode_image(data: bytes, max_pixels: int = MAX_DECODED_PIXELS, max_side: in
     return read_image(data, max_side, max_pixels, colours=colours)
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_DECODED_PIXELS, max_side: int = MAX_INPUT_SIDE,
+def load_image(path: str | Path, max_pixels: int = MAX_DECODED_PIXELS, max_side: int = MAX_FILE_INPUT_SIDE,
                colours: bool = True) -> Image.Image:  # fmt: skip
-    """An inference input from a file (the CLI, batch jobs, validation and eval edits): as `decode_image`."""
+    """An inference input from a file (the CLI, batch jobs, validation and eval edits): as `decode_image`, up to
+    MAX_FILE_INPUT_SIDE."""
     return read_image(Path(path), max_side, max_pixels, colours=colours)
 
 

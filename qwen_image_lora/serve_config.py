@@ -6,6 +6,8 @@ Part of the schema in `config.py` (`Config.serve`, loaded and checked with the r
 
 from __future__ import annotations
 
+import errno
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,3 +82,27 @@ def load_api_keys(serve: ServeConfig, environ) -> list[str]:
             "serve.api_keys_env",
         )
     return keys
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The service's listening socket, claimed before the model loads: a port in use was uvicorn's raw
+    `[Errno 98] ... address already in use` after "serving ... at" had been said and the weights had loaded."""
+    where = f"{host}:{port}"
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)  # SO_REUSEADDR, as uvicorn binds
+    except socket.gaierror:
+        raise InputError(f"serve.host: {host} is not a name or address of this machine; give one with --host "
+                         "(127.0.0.1 serves this machine only, 0.0.0.0 every network)", "serve.host") from None  # fmt: skip
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            why = "is in use by another program (another qwen-lora serve?)"
+        elif e.errno == errno.EACCES:
+            why = "needs privileges this user does not have (ports under 1024 are reserved)"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            raise InputError(f"serve.host: {host} is not an address of this machine; give one with --host",
+                             "serve.host") from None  # fmt: skip
+        else:
+            why = f"cannot be listened on ({e.strerror})"
+        raise InputError(f"serve.port: {where} {why}; pick another port with --port N (or serve.port=N)",
+                         "serve.port") from None  # fmt: skip

@@ -1,7 +1,7 @@
 """Per-image time: base model vs one LoRA unfused vs the same LoRA fused, measured in one run on one machine.
 
     python scripts/bench_inference.py                                  # tiny random model, CPU, a random LoRA
-    python scripts/bench_inference.py --model Qwen/Qwen-Image-2.1 --lora runs/brand/adapter --steps 40 --resolution 1024
+    python scripts/bench_inference.py --model Qwen/Qwen-Image-2.1 --lora outputs/brand --steps 40 --resolution 1024
 
 Ratios are against the base model in the same run; absolute times depend on the machine (say which one).
 """

@@ -20,6 +20,7 @@ from qwen_image_lora.data.doctor import diagnose
 from qwen_image_lora.data.prepare import prepare
 from qwen_image_lora.data.report import verdicts_dir
 from qwen_image_lora.data.sources import DataError, format_caption, load_items
+from qwen_image_lora.images import ImageInputError, read_image
 
 
 def _photo(w, h, seed=0):
@@ -38,6 +39,17 @@ def _bomb_png(width: int, height: int) -> bytes:
     data[16:29] = ihdr
     data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
     return bytes(data)
+
+
+def test_an_image_over_pils_own_bomb_limit_is_refused_in_the_same_words_as_one_under_it():
+    """Under PIL's limit (2 x 89.5 M pixels) it said "image is 8192x8192 = ... pixels; the limit is ..."; over it,
+    PIL's text: "Image size (900000000 pixels) exceeds limit of 178956970 pixels, could be decompression bomb DOS
+    attack"."""
+    for width, height, said in ((9000, 9000, "image is 9000x9000 = 81,000,000 pixels"),
+                                (30000, 30000, "image is 900,000,000 pixels")):  # fmt: skip
+        with pytest.raises(ImageInputError) as refused:
+            read_image(_bomb_png(width, height), max_pixels=64 * 2**20)
+        assert str(refused.value) == f"{said}; the limit is 67,108,864" and refused.value.too_large
 
 
 def make_messy_folder(root):

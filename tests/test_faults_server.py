@@ -5,6 +5,8 @@ never echoes the input)."""
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import gc
 import hashlib
 import io
@@ -12,9 +14,12 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 import weakref
 
 import numpy as np
@@ -285,6 +290,81 @@ def test_a_422_does_not_echo_the_input(cfg, gen, extra):
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"][:2] == ["body", next(iter(extra))]
     assert len(r.content) < 2000, f"{len(r.content):,} bytes of refusal"
+
+
+def test_a_422_clips_the_names_the_client_sent_and_lists_at_most_twenty_errors(cfg, gen):
+    """A 4 MB key came back whole in `loc`, and a body of 350,000 unknown keys got a 32 MB 422 naming every key."""
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as c:
+        long_key = c.post("/v1/images", json=edit(**{"<script>" + "k" * 100_000: 1}), headers=AUTH)
+        many = c.post("/v1/images", json=edit(**{f"unknown_{i}": 1 for i in range(5_000)}), headers=AUTH)
+    assert long_key.status_code == many.status_code == 422
+    (detail,) = long_key.json()["detail"]
+    assert detail["loc"][1].startswith("<script>kkk") and detail["loc"][1].endswith("... (100,008 characters)")
+    assert len(long_key.content) < 2000, f"{len(long_key.content):,} bytes of refusal"
+    listed = many.json()["detail"]
+    assert len(listed) == 21 and [d["loc"][1] for d in listed[:20]] == [f"unknown_{i}" for i in range(20)]
+    assert listed[-1] == {"loc": ["body"], "msg": "4,980 more errors not listed; fix these first",
+                          "type": "too_many_errors"}  # fmt: skip
+    assert len(many.content) < 5000
+
+
+@contextlib.contextmanager
+def _running(server):
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not server.started:
+            assert thread.is_alive() and time.time() < deadline, "the service did not start"
+            time.sleep(0.05)
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _closed_by_server(conn: socket.socket, within: float) -> bool:
+    conn.settimeout(within)
+    try:
+        while chunk := conn.recv(65536):
+            if b"HTTP/1.1" in chunk:  # a response: read on to the close
+                continue
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_slow_or_endless_headers_are_cut_off_and_connections_over_the_cap_closed(cfg, gen, monkeypatch):
+    """Connections that never finished their headers stayed open for good: 20,000 ran the service out of file
+    descriptors (every client timed out) and asyncio logged a traceback per refused accept."""
+    monkeypatch.setattr(service, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(service, "MAX_CONNECTIONS", 3)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    local = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, host="127.0.0.1", port=port))
+    with _running(service.make_server(local, [KEY], generator=gen)):
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        assert _closed_by_server(slow, within=5)
+        kept = socket.create_connection(("127.0.0.1", port))  # a second request on a kept-alive connection
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept.settimeout(5)
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        for _ in range(3):  # trickled, each byte in time for uvicorn's own keep-alive timer
+            kept.sendall(b"G")
+            time.sleep(0.3)
+        assert _closed_by_server(kept, within=5) and time.monotonic() - started < 3
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        time.sleep(0.2)
+        over = socket.create_connection(("127.0.0.1", port))
+        assert _closed_by_server(over, within=0.4)  # closed as it opened, before the header deadline
+        for conn in [slow, kept, over, *idle]:
+            conn.close()
+        time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            assert json.loads(answer.read())["status"] == "ok"
 
 
 @pytest.mark.parametrize("max_side", [2048, 16])  # as decoded, and through the downscale of large inputs

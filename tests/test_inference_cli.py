@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from qwen_image_lora.cli import main
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_settings
 from qwen_image_lora.inference import batch
+from qwen_image_lora.inference.adapters import trained_resolution
 from qwen_image_lora.inference.batch import read_jobs
 from qwen_image_lora.inference.testing import make_random_lora
 from tests.launch import accelerate_launch
@@ -119,6 +121,47 @@ def test_an_output_that_cannot_be_written_fails_before_the_model_loads(tmp_path,
         assert capsys.readouterr().err.strip() == f"error: could not write {output}: {why}; " + (
             "choose a file name and retry" if output.is_dir() else "choose a folder path and retry"
         )
+
+
+def test_an_output_that_is_one_of_the_commands_inputs_is_refused_and_the_input_kept(
+    tmp_path, unloadable_model, capsys, monkeypatch
+):
+    """`layers --image photo.png --output photo.psd` replaced the photo with its flattened PNG, and
+    `edit --image p.png --output p.png` replaced its own input, as batch already refuses."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("photo.png", "mask.png"):
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / name)
+    before = {name: (tmp_path / name).read_bytes() for name in ("photo.png", "mask.png")}
+    model = ["--model", str(unloadable_model)]  # had it loaded first, the error would be about it
+    for argv, said in (
+        (["edit", "--prompt", "x", "--image", "photo.png", "--output", "./photo.png"], "--output ./photo.png is"),
+        (["edit", "--prompt", "x", "--image", "photo.png", "--mask", "mask.png", "--output", str(tmp_path / "mask.png")],
+         f"--output {tmp_path / 'mask.png'} is"),
+        (["generate", "--from", "photo.png", "--output", "photo.png"], "--output photo.png is"),
+        (["layers", "--image", "photo.png", "--mask", "auto", "--output", "photo.psd"],
+         "--output photo.png (the flattened image of photo.psd) is"),
+    ):  # fmt: skip
+        assert main([*argv, *model]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: {said} one of this command's inputs, which it must not overwrite; write to another file name"
+        )
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not (tmp_path / "photo.psd").exists()
+
+
+def test_serve_on_a_port_in_use_is_one_line_naming_it_before_the_model_loads(unloadable_model, monkeypatch, capsys):
+    """It said "serving ... at" and loaded the model, then uvicorn's raw `[Errno 98] ... address already in use`
+    line, exit 3."""
+    monkeypatch.setenv("QWEN_LORA_API_KEYS", "k1")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(unloadable_model), "--host", "127.0.0.1", "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: serve.port: 127.0.0.1:{port} is in use by another program (another qwen-lora serve?); pick another "
+        "port with --port N (or serve.port=N)"
+    )
+    assert main(["serve", "--model", str(unloadable_model), "--host", "no-such-host.invalid"]) == 2
+    assert capsys.readouterr().err.startswith("error: serve.host: no-such-host.invalid is not a name or address")
 
 
 def test_layers_checks_its_settings_before_the_model_loads_and_takes_no_size(tmp_path, unloadable_model, capsys):
@@ -464,6 +507,48 @@ def test_generate_without_a_size_uses_the_configs_pixel_budget(tiny_model_dir, t
         assert im.size == (96, 96)
 
 
+def test_one_side_given_keeps_the_aspect_of_the_input_or_a_square(tiny_model_dir, tmp_path):
+    """On a 3:2 photo `--height 256` came back at the photo's own size (the side ignored) and `--width 256` at
+    256x96 (the budget's height: stretched to 2.67:1); `generate --width 256` gave 256x(the budget)."""
+    Image.new("RGB", (192, 128), (90, 140, 200)).save(tmp_path / "photo.png")
+    argv = ["--model", str(tiny_model_dir), *TINY, "--prompt", "x", "--steps", "1"]
+    edit = ["edit", *argv, "--image", str(tmp_path / "photo.png")]
+    for command, size in (
+        ([*edit, "--height", "64"], (96, 64)),
+        ([*edit, "--width", "288"], (288, 192)),
+        ([*edit, "--width", "64", "--height", "64"], (64, 64)),
+        ([*edit], (192, 128)),  # no size: its own back
+        (["generate", *argv, "--width", "96"], (96, 96)),
+    ):
+        assert main([*command, "--output", str(tmp_path / "o.png")]) == 0
+        with Image.open(tmp_path / "o.png") as im:
+            assert im.size == size, command
+
+
+def test_an_edit_of_a_large_photo_comes_back_at_its_size_with_the_kept_pixels_exact(tiny_model_dir, tmp_path, capsys):
+    """A 3072x2048 photo came back at 2048x1365 with no note, a masked edit's "kept" pixels resampled."""
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (1600, 2560, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    mask = np.zeros((1600, 2560), np.uint8)
+    mask[:, :1280] = 255  # the left half may change
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    argv = ["edit", "--model", str(tiny_model_dir), *TINY, "--prompt", "x", "--steps", "1"]
+    assert main([*argv, "--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png"),
+                 "--output", str(tmp_path / "o.png")]) == 0  # fmt: skip
+    with Image.open(tmp_path / "o.png") as im:
+        out = np.asarray(im.convert("RGB"))
+    assert out.shape == photo.shape and np.array_equal(out[:, 1280:], photo[:, 1280:])
+    Image.new("RGB", (4608, 2304), (20, 90, 160)).save(tmp_path / "huge.png")
+    capsys.readouterr()
+    assert main([*argv, "--image", str(tmp_path / "huge.png"), "--output", str(tmp_path / "h.png")]) == 0
+    assert f"note: --image {tmp_path / 'huge.png'} is 4608x2304; it is read at 4096 px on its long side" in (
+        capsys.readouterr().err
+    )
+    with Image.open(tmp_path / "h.png") as im:
+        assert im.size == (4096, 2048)
+
+
 def test_generate_with_a_runs_adapter_and_no_config_uses_the_size_it_trained_at(
     tiny_model_dir, lora_dir, tmp_path, capsys
 ):
@@ -480,6 +565,44 @@ def test_generate_with_a_runs_adapter_and_no_config_uses_the_size_it_trained_at(
     assert main([*argv, "--lora", str(run), "data.resolution=64", "--output", str(out)]) == 0  # said here: it wins
     with Image.open(out) as im:
         assert im.size == (64, 64)
+
+
+def test_every_spelling_of_a_runs_or_checkpoints_adapter_finds_the_resolution_it_trained_at(tmp_path):
+    """`--lora RUN/checkpoints/step-N/adapter/pytorch_lora_weights.safetensors` rendered at 1024 px with no note,
+    while the same checkpoint named by its folder used its config's 128."""
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-000005"
+    (step / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("data:\n  resolution: 96\n")
+    (step / "config.yaml").write_text("data:\n  resolution: 128\n")
+    for weights in (run / "pytorch_lora_weights.safetensors", step / "adapter" / "pytorch_lora_weights.safetensors"):
+        weights.write_bytes(b"")
+    for source, resolution in (
+        (run, 96),
+        (run / "pytorch_lora_weights.safetensors", 96),
+        (step, 128),
+        (step / "adapter", 128),
+        (f"{step / 'adapter' / 'pytorch_lora_weights.safetensors'}:0.8", 128),
+    ):
+        assert trained_resolution([str(source)])[0] == resolution, source
+    assert trained_resolution([str(tmp_path / "elsewhere.safetensors")]) is None
+
+
+def test_one_adapter_given_twice_is_refused_and_a_missing_one_names_its_option(tmp_path, unloadable_model, capsys):
+    """`--lora run --lora run` loaded it twice (as run and run-2), its strength doubled; the API refuses that. A
+    missing adapter's line did not say it came from --lora."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    argv = ["generate", "--model", str(unloadable_model), "--prompt", "x", "--output", str(tmp_path / "o.png")]
+    for first, second in ((run, run), (run, f"{run}/pytorch_lora_weights.safetensors:0.5"), (run, f"{run}/")):
+        assert main([*argv, "--lora", str(first), "--lora", str(second)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: --lora {str(second).rsplit(':', 1)[0]}: the same adapter as --lora {first}; give each adapter "
+            "once, at the weight you want (PATH:WEIGHT)"
+        )
+    assert main([*argv, "--lora", str(tmp_path / "runz")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --lora {tmp_path / 'runz'}: no such adapter file or folder")
 
 
 def test_a_job_line_takes_the_apis_loras_and_every_edges_limits(tmp_path):

@@ -5,6 +5,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import gzip
 import hashlib
 import http.server
 import io
@@ -300,17 +301,31 @@ class _Origin(http.server.BaseHTTPRequestHandler):
             "/to-metadata": lambda: self._send(302, b"", location="http://169.254.169.254/latest/"),
             "/to-malformed": lambda: self._send(302, b"", location="http://a]b/x.png"),  # httpx takes it, urljoin not
             "/headers": lambda: self._send(
-                200, f"{self.headers['Host']}|{self.headers['Accept']}".encode(), length=True
+                200,
+                f"{self.headers['Host']}|{self.headers['Accept']}|{self.headers['Accept-Encoding']}".encode(),
+                length=True,
             ),
+            "/trickle": self._trickle,
+            "/gzip": lambda: self._send(200, gzip.compress(gzip.compress(bytes(2**20))), length=True, encoding="gzip"),
             "/slow": lambda: (time.sleep(1.0), self._send(200, self.body, length=True)),
             "/pause": lambda: (time.sleep(0.3), self._send(200, _png(), length=True)),
         }
         routes[self.path]()
 
-    def _send(self, status, body, length=False, location=None):
+    def _trickle(self):  # a header byte every 50 ms, for 3 s: each read arrives in time, the whole never
+        with contextlib.suppress(ConnectionError):
+            self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+            for _ in range(60):
+                self.wfile.write(b"X")
+                self.wfile.flush()
+                time.sleep(0.05)
+
+    def _send(self, status, body, length=False, location=None, encoding=None):
         self.send_response(status)
         if location:
             self.send_header("Location", location)
+        if encoding:
+            self.send_header("Content-Encoding", encoding)
         if length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -408,7 +423,7 @@ def test_fetch_connects_to_the_checked_address_and_keeps_the_name_in_the_host_he
         return "127.0.0.1"
 
     monkeypatch.setattr(urls, "resolve_checked", resolve_once)
-    assert fetch(f"http://images.example:{origin}/headers") == f"images.example:{origin}|image/*".encode()
+    assert fetch(f"http://images.example:{origin}/headers") == f"images.example:{origin}|image/*|identity".encode()
     assert answers == [("images.example", origin)]
     assert fetch(f"http://images.example:{origin}/x.png") == _Origin.body
     # A URL without a port gets the scheme's: 80 for http, 443 for https.
@@ -428,6 +443,18 @@ def test_one_time_budget_covers_all_of_a_requests_urls(cfg, gen, origin):
     (detail,) = r.json()["detail"]
     assert r.status_code == 422 and detail["loc"] == ["body", "image", 1], r.text
     assert "took longer than 0.5 s (serve.url_timeout_s, for all of a request's URLs)" in detail["msg"]
+
+
+def test_the_deadline_bounds_a_url_whose_headers_trickle_and_a_compressed_body_is_refused_unpacked(origin):
+    """A server sending a header byte a second held a request (and its queue slot) past serve.url_timeout_s for as
+    long as it liked: httpx's timeout bounds each read. A gzip inside a gzip (here 1 MB of zeros in ~1 KB) was
+    unpacked before the size cap saw it (200 MB from 496 bytes, +400 MB of server memory)."""
+    started = time.monotonic()
+    with pytest.raises(URLRefused, match=r"took longer than 0.5 s \(serve.url_timeout_s"):
+        fetch(f"http://127.0.0.1:{origin}/trickle", allow_private=True, timeout_s=0.5)
+    assert time.monotonic() - started < 2.0  # the trickle lasts 3 s
+    with pytest.raises(URLRefused, match=r"was sent compressed \(Content-Encoding: gzip\); image URLs are fetched as"):
+        fetch(f"http://127.0.0.1:{origin}/gzip", allow_private=True, max_bytes=10_000)
 
 
 def test_a_url_whose_turn_comes_after_the_requests_deadline_is_not_fetched(origin):
