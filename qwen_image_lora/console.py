@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,3 +133,29 @@ def quiet_progress_bars(quiet: bool = True) -> Iterator[None]:
             transformers_logging.enable_progress_bar()
         if was[1]:
             diffusers_logging.enable_progress_bar()
+
+
+class SurvivingStream:
+    """`stream` until its reader has gone, then nothing. A trainer watched through `| tee`, or started by an
+    `accelerate launch` that was killed (accelerate pipes its child's stderr), got EPIPE on its next line when a
+    Ctrl-C or SIGTERM reached the reader too: it died with status 1 instead of writing the checkpoint that the
+    signal asks for. Everything else is the stream's own (isatty, fileno, encoding)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)

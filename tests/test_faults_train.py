@@ -438,6 +438,24 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)  # EMA'd final adapter too
 
 
+def test_a_signal_after_the_console_reader_has_gone_still_ends_with_a_checkpoint(
+    tiny_model_dir, sample_data_dir, tmp_path
+):
+    """`python train/lora.py ... 2>&1 | tee log` and Ctrl-C (tee dies too), or a killed `accelerate launch` (which
+    pipes the trainer's stderr): the trainer's next line got EPIPE and it died with status 1 and no checkpoint."""
+    out = tmp_path / "teed"
+    victim = subprocess.Popen(_train_cmd(tiny_model_dir, sample_data_dir, out, "train.max_steps=100000"), cwd=ROOT,
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    _wait_for_steps(out, 2, victim)
+    victim.stdout.close()
+    victim.stderr.close()  # the reader is gone
+    victim.send_signal(signal.SIGINT)
+    assert victim.wait(timeout=120) == EXIT_PREEMPTED
+    done = _losses(out)[-1]["step"]
+    assert [_progress(p)["step"] for p in Checkpointer(out, 1).all()] == [done]
+    assert Checkpointer(out, 1).resolve("latest").name == f"step-{done:06d}"  # complete and verified
+
+
 def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 

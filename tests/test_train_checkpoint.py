@@ -1,6 +1,7 @@
 """Checkpoint folders: atomic writes that fail loudly, rotation, `latest`, RNG capture, config-mismatch warnings,
 guards and EMA state round trips."""
 
+import json
 import random
 
 import numpy as np
@@ -18,6 +19,7 @@ from qwen_image_lora.train.checkpoint import (
 from qwen_image_lora.train.guards import Guards, TrainingStopped
 from qwen_image_lora.train.optim import LoRAEMA
 from qwen_image_lora.train.resume_check import compare_config
+from qwen_image_lora.train.run_folder import RunFolder, RunFolderInUse
 
 
 def _progress(step):
@@ -142,3 +144,21 @@ def test_nonfinite_guard_counts_and_stops():
     assert not g.step_is_finite(float("nan"), 0.5)
     with pytest.raises(TrainingStopped, match="train.max_nonfinite_losses=2"):
         g.step_is_finite(1.0, float("inf"))
+
+
+def test_a_fresh_run_refuses_a_folder_holding_files_of_its_names_that_no_run_wrote(tmp_path):
+    """`output_dir: .` in a project folder replaced its config.yaml and README.md with the resolved config and the
+    model card, silently; `qwen-lora validate` had said OK."""
+    (tmp_path / "config.yaml").write_text("# my project\n")
+    (tmp_path / "README.md").write_text("# my project\n")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    for overwrite in (False, True):  # --overwrite moves a run aside; these are not a run's
+        with pytest.raises(RunFolderInUse) as refused:
+            RunFolder(tmp_path).check_fresh_start(overwrite)
+        assert str(refused.value) == (
+            f"output_dir {tmp_path} holds config.yaml, README.md, which no run wrote (there is no run.json); a run "
+            "writes files of these names and would replace them. Choose an empty or new output_dir"
+        )
+    RunFolder(tmp_path / "empty").check_fresh_start(False)
+    (tmp_path / "run.json").write_text(json.dumps({"run_id": "abc"}))  # a run that stopped before its checkpoint
+    RunFolder(tmp_path).check_fresh_start(False)

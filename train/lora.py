@@ -38,6 +38,7 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora import objective, speed
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, ConfigError, load_config, save_config, to_dict
+from qwen_image_lora.console import SurvivingStream
 from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.errors import UserError
 from qwen_image_lora.io import describe_write_error, is_write_error
@@ -392,6 +393,7 @@ class LoRARecipe:
 def main(argv: list[str] | None = None) -> int:
     parser = early.build_parser(__doc__)
     args = parser.parse_intermixed_args(argv)
+    sys.stdout, sys.stderr = SurvivingStream(sys.stdout), SurvivingStream(sys.stderr)  # a signal still checkpoints
     if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # imported: Ctrl-C raises again (a cache flushes on it)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.resume and args.overwrite:  # one continues this folder's run, the other moves it aside

@@ -9,6 +9,7 @@ without this a killed launcher would leave the trainer running, orphaned, still 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -55,12 +56,14 @@ class StopSignal:
             raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
         if self.received is None:
             self.received = signum
-            # os.write, not print: a handler may interrupt a print already in progress on stderr
-            os.write(
-                2,
-                f"received {signal.Signals(signum).name}: stopping after this optimizer step with a "
-                "checkpoint (Ctrl-C again to stop at once)\n".encode(),
-            )
+            # os.write, not print: a handler may interrupt a print already in progress on stderr. Its reader may be
+            # gone with the same Ctrl-C (`| tee`): the checkpoint is what matters then.
+            with contextlib.suppress(BrokenPipeError):
+                os.write(
+                    2,
+                    f"received {signal.Signals(signum).name}: stopping after this optimizer step with a "
+                    "checkpoint (Ctrl-C again to stop at once)\n".encode(),
+                )
 
     def agreed(self, accelerator) -> bool:
         """True on every rank when any rank got a signal; call once per optimizer step on all ranks. A single

@@ -43,6 +43,10 @@ _ATOMIC_FILES = (
 )
 
 
+# What a run writes at the top of its folder, besides checkpoints and the adapter.
+RUN_WRITES = (layout.CONFIG, layout.CARD, layout.LOSSES, layout.METADATA, layout.SAMPLES)
+
+
 class RunFolderInUse(UserError):
     """output_dir holds another run; the message offers --resume latest, a new output_dir or --overwrite."""
 
@@ -142,6 +146,15 @@ class RunFolder:
                 f"output_dir {self.path} already holds {run} ({', '.join(traces)}). To continue it, add "
                 "--resume latest; to start a new run, choose another output_dir, or add --overwrite to move the old "
                 f"run aside to {self._aside_path()} (nothing is deleted)"
+            )
+        # Files of the names a run writes, in a folder no run has claimed: the user's own (a project folder's
+        # config.yaml and README.md were replaced by the resolved config and the model card, silently).
+        clashing = [name for name in RUN_WRITES if not traces and (self.path / name).exists()]
+        if clashing and self.owner() is None:
+            raise RunFolderInUse(
+                f"output_dir {self.path} holds {', '.join(clashing)}, which no run wrote (there is no "
+                f"{layout.RUN_ID}); a run writes files of these names and would replace them. Choose an empty or new "
+                "output_dir"
             )
 
     def _aside_path(self) -> Path:
