@@ -17,12 +17,14 @@ import csv
 import difflib
 import errno
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import ConfigError, DataConfig, EditExample
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_image
@@ -123,8 +125,17 @@ def _link_problem(path: Path) -> tuple[str, str] | None:
     return None
 
 
+def _image_files(folder: Path):
+    """The image-named files under `folder`, leaving out hidden files and folders (`.ipynb_checkpoints`' copies,
+    `.trash`, macOS's `._photo.jpg`) and a run folder of ours inside it (an output_dir under data.path fed each run's
+    previews to the next)."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not (Path(root) / d / layout.RUN_ID).is_file()]
+        yield from (Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _load_folder(folder: Path) -> list[Item]:
-    named = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    named = sorted(_image_files(folder))
     items = []
     for p in named:
         link = _link_problem(p) if p.is_symlink() else None
@@ -196,18 +207,28 @@ def _row_to_item(row: dict, base: Path, where: str, item_id: str) -> Item:
         _check_sources(len(sources), where)
         return Item(
             id=item_id,
-            target=(base / row["target"]).resolve(),
+            target=_row_path(base, row["target"], where, "target"),
             captions=_as_captions(row["instruction"], where, "instruction"),
-            sources=tuple((base / s).resolve() for s in sources),
-            mask=(base / row["mask"]).resolve() if row.get("mask") else None,
+            sources=tuple(_row_path(base, s, where, "sources") for s in sources),
+            mask=_row_path(base, row["mask"], where, "mask") if row.get("mask") else None,
         )
     if "image" not in row:
         has = ", ".join(map(repr, row)) or "nothing"
         raise DataError(f"{where}: t2i rows need 'image' (and 'caption'); this row has {has}; edit rows need target, "
                         "instruction, sources")  # fmt: skip
     return Item(
-        id=item_id, target=(base / row["image"]).resolve(), captions=_as_captions(row.get("caption"), where, "caption")
+        id=item_id,
+        target=_row_path(base, row["image"], where, "image"),
+        captions=_as_captions(row.get("caption"), where, "caption"),
     )
+
+
+def _row_path(base: Path, value, where: str, key: str) -> Path:
+    """A manifest row's file, relative to the manifest; anything but a non-empty string (5, null, a list) is refused
+    naming the line and key: it was a TypeError traceback from `base / 5`."""
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: {key!r} must be a file path (a string), got {json.dumps(value)}", key)
+    return (base / value).resolve()
 
 
 def _load_csv(path: Path) -> list[Item]:

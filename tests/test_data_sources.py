@@ -120,3 +120,36 @@ def test_a_key_one_typo_from_ours_is_refused_and_the_users_own_columns_are_not(t
     csv_manifest.write_text("image,capton\na.png,qwnbrand\n")
     with pytest.raises(DataError, match=rf"^{csv_manifest}:2: unknown key 'capton'; did you mean 'caption'\?$"):
         load_items(load_config(None, [f"data.path={csv_manifest}"]).data)
+
+
+def test_a_manifest_path_that_is_not_a_string_is_refused_naming_line_and_key(tmp_path):
+    """`{"image": 5}` (or null, a list, `"sources": [3]`) was `TypeError: unsupported operand type(s) for /` in
+    validate, the doctor, prepare and the trainer."""
+    manifest = tmp_path / "m.jsonl"
+    for row, key, got in (
+        ({"image": 5, "caption": "qwnbrand"}, "image", "5"),
+        ({"image": None, "caption": "qwnbrand"}, "image", "null"),
+        ({"image": ["a.png"], "caption": "qwnbrand"}, "image", '["a.png"]'),
+        ({"target": "t.png", "instruction": "x", "sources": [3]}, "sources", "3"),
+        ({"target": "", "instruction": "x", "sources": ["s.png"]}, "target", '""'),
+        ({"target": "t.png", "instruction": "x", "sources": ["s.png"], "mask": 1}, "mask", "1"),
+    ):
+        manifest.write_text(json.dumps({"image": "ok.png", "caption": "fine"}) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(DataError) as refused:
+            load_items(load_config(None, [f"data.path={manifest}"]).data)
+        assert str(refused.value) == f"{manifest}:2: {key!r} must be a file path (a string), got {got}"
+        assert refused.value.field == key
+
+
+def test_a_folder_leaves_out_hidden_files_and_folders_and_a_run_folder_inside_it(tmp_path):
+    """`.ipynb_checkpoints/` and `.trash/` copies trained, and an output_dir under data.path fed each run's previews
+    to the next."""
+    for name in ("a.png", "sub/b.png", ".ipynb_checkpoints/a-checkpoint.png", ".trash/old.png", "._a.png",
+                 "run/samples/step_000005/t2i_00.png", "sub/run2/pytorch_lora_weights.png"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 64)).save(tmp_path / name, format="PNG")
+        (tmp_path / name).with_suffix(".txt").write_text("qwnbrand\n")
+    (tmp_path / "run" / "run.json").write_text('{"run_id": "abc"}')
+    (tmp_path / "sub" / "run2" / "run.json").write_text('{"run_id": "def"}')
+    items = load_items(load_config(None, [f"data.path={tmp_path}"]).data)
+    assert [item.id for item in items] == ["a.png", "sub/b.png"]
