@@ -37,6 +37,10 @@ _TOO_LONG = "Token indices sequence length is longer than the specified maximum 
 # it: loading `run` after `run2` reported each key of run2 as "missing" from run (one ~3 KB line; the load is fine).
 _PEFT_UTILS_LOGGER = "diffusers.utils.peft_utils"
 _MISSING_KEYS = "Loading adapter weights from state_dict led to missing keys in the model:"
+# matplotlib (the eval report's plots) builds its font list once per machine and says so at INFO, which our commands
+# show: its own bookkeeping, not the user's.
+_MATPLOTLIB_FONTS_LOGGER = "matplotlib.font_manager"
+_NEW_FONT_MANAGER = "generated new fontManager"
 # Weights smaller than this load in well under a second: a progress bar for them is noise.
 # wandb.init's settings wherever a run starts: wandb still says where the run is (its URL, or its offline folder and
 # `wandb sync`) and its warnings, but not the run-history charts and summary it draws at the end (~20 lines).
@@ -93,6 +97,7 @@ def install_message_filters() -> None:
         (_DIFFUSERS_LOGGER_TORCHAO, _TORCHAO_CLASSES),
         (_DIFFUSERS_LOGGER_TORCHAO, _TORCHAO_INT8_FP32),
         (_TOKENIZER_LOGGER, _TOO_LONG),
+        (_MATPLOTLIB_FONTS_LOGGER, _NEW_FONT_MANAGER),
     ):
         logger = logging.getLogger(name)
         if not any(getattr(f, "prefix", None) == prefix for f in logger.filters):

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 INTERVAL_ENV = "QWEN_LORA_PROGRESS_SECONDS"
 DEFAULT_INTERVAL_S = 30.0
@@ -28,7 +29,7 @@ DEFAULT_INTERVAL_S = 30.0
 def progress_bar(total: int, *, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True, position: int = 0):
     """A tqdm bar when stderr reaches a terminal, else a `LineProgress`; a disabled one prints nothing."""
     if enabled and stderr_reaches_terminal():
-        return tqdm(
+        return _TerminalBar(
             total=total,
             initial=initial,
             desc=desc,
@@ -72,6 +73,22 @@ def _interval() -> float:
         return max(0.0, float(raw)) if raw else DEFAULT_INTERVAL_S
     except ValueError:
         return DEFAULT_INTERVAL_S
+
+
+class _TerminalBar(tqdm):
+    """tqdm, with log lines written above the bar while it is open: they were printed after it, so a checkpoint's
+    line read `...| 3/8 [00:00<00:01, loss=3.4590]01:32:50 INFO saved checkpoint ...`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._logs_above = logging_redirect_tqdm(tqdm_class=tqdm)
+        self._logs_above.__enter__()
+
+    def close(self) -> None:
+        super().close()
+        if getattr(self, "_logs_above", None) is not None:
+            self._logs_above.__exit__(None, None, None)
+            self._logs_above = None
 
 
 class LineProgress:

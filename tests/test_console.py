@@ -178,3 +178,13 @@ def test_a_missing_key_of_the_adapter_being_loaded_still_shows(caplog):
     assert [r.getMessage().endswith("lora_B.run.weight.") for r in caplog.records] == [True]
     logger.warning(f"{head} blocks.0.to_q.lora_A.run2.weight.")  # the filter is gone after the load
     assert len(caplog.records) == 2
+
+
+def test_the_eval_reports_first_plot_on_a_machine_says_nothing_of_matplotlibs_font_list(tmp_path):
+    """The first `qwen-lora eval` printed matplotlib's INFO line "generated new fontManager"."""
+    script = ("import logging; logging.basicConfig(level=logging.INFO); import qwen_image_lora; "
+              "import matplotlib.font_manager; logging.getLogger('matplotlib.font_manager').info('a real line')")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], env=_env(tmp_path, MPLCONFIGDIR=str(tmp_path / "mpl")),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "generated new fontManager" not in done.stderr and "a real line" in done.stderr

@@ -3,6 +3,7 @@ training, data prepare and (in their own test modules) batch and eval."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pty
 import re
@@ -125,3 +126,26 @@ def test_under_accelerate_launch_in_a_terminal_training_draws_a_live_bar(tiny_mo
     assert proc.wait(timeout=300) == 0, screen[-3000:]
     text = screen.decode(errors="replace")
     assert "\r" in text and "steps: 100%" in text and "3/3" in text, text[-3000:]
+
+
+def test_log_lines_while_a_terminal_bar_is_open_start_on_a_line_of_their_own(monkeypatch, capsys):
+    """They were printed right after the bar: `...| 3/8 [00:00<00:01, loss=3.4590]01:32:50 INFO saved checkpoint`."""
+    monkeypatch.setattr(progress_module, "stderr_reaches_terminal", lambda: True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.root.addHandler(handler)  # as the commands' basicConfig
+    log = logging.getLogger("qwen_image_lora.bar-test")
+    try:
+        bar = progress_module.progress_bar(3, desc="steps", unit="step")
+        for step in range(3):
+            bar.set_postfix(loss="1.0", refresh=False)
+            bar.update(1)
+            log.warning("saved checkpoint %d", step)
+        bar.close()
+        log.warning("after the bar")
+    finally:
+        logging.root.removeHandler(handler)
+    err = capsys.readouterr().err
+    for line in [f"WARNING saved checkpoint {step}" for step in range(3)] + ["WARNING after the bar"]:
+        before = err[: err.index(line)]
+        assert before.endswith(("\r", "\n")), repr(before[-80:])  # the bar cleared (or ended) first
