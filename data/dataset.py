@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -358,6 +359,12 @@ def _tokenizer(pipe):
     return getattr(getattr(pipe, "processor", None), "tokenizer", None)
 
 
+def _reason_code(reason: str) -> str:
+    """A skip reason's code: `empty-file: ...`, or the doctor's first code in `excluded by the data doctor: ...`."""
+    head, _, rest = reason.partition(": ")
+    return rest.split(",")[0].strip() if head.startswith("excluded by") else head
+
+
 def build_training_data(
     cfg: Config, pipe, cache: TensorCache | None = None, num_replicas: int = 1, rank: int = 0
 ) -> TrainingData:
@@ -367,8 +374,10 @@ def build_training_data(
     for item, reason in unplanned:
         logger.warning("skipping %s: %s", item.id, reason)
     skipped += unplanned
-    if not entries:
-        raise DataError(f"data.path: none of the {len(found)} items could be read; run `qwen-lora data doctor`")
+    if not entries:  # the reasons, counted: "could be read" was said of readable images that had no captions
+        reasons = Counter(_reason_code(reason) for _, reason in skipped)
+        why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        raise DataError(f"data.path: none of the {len(found)} items can train ({why}); run `qwen-lora data doctor`")
     fraction = cfg.validation.held_out_fraction
     held_out = [
         i for i, e in enumerate(entries) if fraction and stable_int("held-out", e.item.id) % 10_000 < fraction * 10_000

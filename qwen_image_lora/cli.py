@@ -43,8 +43,8 @@ def _validate(args) -> int:
     """The config, then what it points at (the trainer's own early checks), the eval edits' input files and the run
     folder; no torch imported, no weights loaded (0.4 s)."""
     from qwen_image_lora.data.sources import check_edit_files
-    from qwen_image_lora.train.early import check_sources
-    from qwen_image_lora.train.run_folder import check_not_nested
+    from qwen_image_lora.train.early import check_sources, schedule_warnings
+    from qwen_image_lora.train.run_folder import RunFolder, RunFolderInUse, check_not_nested
 
     cfg = load_config(args.config, args.overrides)
     items = check_sources(cfg)
@@ -52,13 +52,25 @@ def _validate(args) -> int:
         data = "data.path not set (needed only for training)"
     else:
         edits = sum(it.kind == "edit" for it in items)
-        missing = [it for it in items if not all(p.is_file() for p in (it.target, *it.sources))]
+        missing = [
+            it for it in items if not all(p.is_file() for p in (it.target, *it.sources, *filter(None, [it.mask])))
+        ]
         data = f"data {len(items)} items ({len(items) - edits} t2i, {edits} edit) in {cfg.data.path}"
         if missing:
             data += f"; {len(missing)} name a missing file, e.g. {missing[0].id} (`qwen-lora data doctor` lists them)"
     check_edit_files(cfg.eval.edits, "eval.edits")
     check_not_nested(cfg.output_dir)
+    notes = [f"warning: {w}" for w in schedule_warnings(cfg)]
+    folder = RunFolder(cfg.output_dir)
+    try:
+        folder.check_fresh_start(overwrite=False)
+    except RunFolderInUse as e:  # another run's folder: fine to --resume; files no run wrote: no run may start there
+        if folder.owner() is None and not folder.has_run():
+            raise
+        notes.append(f"note: {e}")
     print(f"{args.config}: OK (model {cfg.model.pretrained}, output {cfg.output_dir})\n  {data}")
+    for note in notes:
+        print(f"  {note}")
     return 0
 
 

@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import ConfigError, load_config, save_config
@@ -320,6 +321,38 @@ def test_cli_validate_refuses_an_output_dir_nested_with_another_runs(tmp_path, c
     assert main(["validate", "configs/demo.yaml", *paths, f"output_dir={tmp_path}"]) == 2
     assert f"output_dir {tmp_path} holds the folder of another run ({tmp_path / 'run'})" in capsys.readouterr().err
     assert main(["validate", "configs/demo.yaml", *paths, f"output_dir={tmp_path / 'run'}"]) == 0  # its own folder
+
+
+def test_cli_validate_says_what_the_trainer_would_of_the_output_dir_the_schedule_and_masks(
+    tmp_path, capsys, tiny_model_dir, sample_data_dir
+):
+    """validate said OK to an output_dir holding a finished run (the trainer then asks for --resume or --overwrite),
+    to one holding the user's own config.yaml (which training replaced), to a warm-up longer than the run (the rate
+    never reaches optim.lr) and to a manifest mask that does not exist."""
+    paths = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", "validation.edits=[]",
+             "eval.edits=[]", "train.max_steps=20", "checkpoint.every_steps=10"]  # fmt: skip
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert main(["validate", "configs/demo.yaml", *paths, f"output_dir={finished}", "optim.warmup_steps=500"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2:] == [
+        "  warning: optim.warmup_steps=500 >= train.max_steps=20: the learning rate never reaches optim.lr (at most 4% "
+        "of it); lower the warm-up",
+        f"  note: output_dir {finished} already holds another run (a finished adapter (pytorch_lora_weights.safetensors)"
+        "). To continue it, add --resume latest; to start a new run, choose another output_dir, or add --overwrite to "
+        f"move the old run aside to {tmp_path / 'finished.previous'} (nothing is deleted)",
+    ]
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("# mine\n")
+    assert main(["validate", "configs/demo.yaml", *paths, f"output_dir={project}"]) == 2
+    assert f"error: output_dir {project} holds config.yaml, which no run wrote" in capsys.readouterr().err
+    Image.new("RGB", (64, 64)).save(tmp_path / "t.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"target": "t.png", "instruction": "x", "sources": ["t.png"], "mask": "gone.png"}))
+    assert main(["validate", "configs/demo.yaml", *paths[:1], f"data.path={manifest}", *paths[2:]]) == 0
+    assert "1 name a missing file, e.g. m.jsonl:1" in capsys.readouterr().out
 
 
 def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):

@@ -170,7 +170,12 @@ def test_a_folder_with_no_readable_item_is_a_data_error_counting_them(tmp_path, 
     for name in ("a", "b"):
         (folder / f"{name}.png").write_bytes(b"")  # a 0-byte image with a good caption
         (folder / f"{name}.txt").write_text("qwnbrand")
-    with pytest.raises(DataError, match=r"^data.path: none of the 2 items could be read; run `qwen-lora data doctor`"):
+    with pytest.raises(DataError, match=r"^data.path: none of the 2 items can train \(2 empty-file\); run `qwen-lora"):
+        build_training_data(_cfg(folder, tiny_model_dir, tmp_path), tiny_pipe)
+    for name in ("a", "b"):  # readable images without captions were said to be unreadable
+        Image.new("RGB", (64, 64)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").unlink()
+    with pytest.raises(DataError, match=r"^data.path: none of the 2 items can train \(2 missing-caption\); run"):
         build_training_data(_cfg(folder, tiny_model_dir, tmp_path), tiny_pipe)
 
 

@@ -656,6 +656,20 @@ def test_resume_latest_without_a_checkpoint_says_to_drop_resume(tiny_model_dir, 
     assert "drop --resume" in capsys.readouterr().err
 
 
+def test_resume_latest_with_only_damaged_checkpoints_says_what_starts_over(tmp_path):
+    """It said "drop --resume", and the run without it was refused: "add --resume latest"."""
+    damaged = tmp_path / "checkpoints" / "step-000010"
+    damaged.mkdir(parents=True)
+    (damaged / "progress.json").write_text("{}")  # no manifest: never completed
+    with pytest.raises(CheckpointError) as refused:
+        Checkpointer(tmp_path, 1).resolve("latest")
+    assert str(refused.value).endswith(
+        "to start over, add --overwrite instead (the run is moved aside, nothing is deleted) or choose another "
+        "output_dir"
+    )
+    assert "step-000010" in str(refused.value)
+
+
 # ------------------------------------------------------------------------------------------ 4. config changes
 
 

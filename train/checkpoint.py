@@ -177,8 +177,14 @@ class Checkpointer:
                 return path
             logger.warning("resume: skipping damaged checkpoint %s: %s", path, problem)
             skipped.append(path.name)
-        found = f"no intact checkpoint (skipped {', '.join(skipped)})" if skipped else "no checkpoint"
-        raise CheckpointError(f"--resume latest: {found} under {self.root}; to start a new run instead, drop --resume")
+        if skipped:  # dropping --resume is refused then: the folder still holds this run's (damaged) checkpoints
+            raise CheckpointError(
+                f"--resume latest: no intact checkpoint (skipped {', '.join(skipped)}) under {self.root}; to start "
+                "over, add --overwrite instead (the run is moved aside, nothing is deleted) or choose another output_dir"
+            )
+        raise CheckpointError(
+            f"--resume latest: no checkpoint under {self.root}; to start a new run instead, drop --resume"
+        )
 
     def save(self, progress: TrainingProgress, write_state, config: dict) -> Path:
         """Write one checkpoint atomically, manifest last, and rotate this run's old ones.

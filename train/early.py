@@ -52,6 +52,19 @@ def check_sources(cfg: Config) -> list[Item] | None:
     return items
 
 
+def schedule_warnings(cfg: Config, resuming: bool = False) -> list[str]:
+    """Settings that work but do not do what they seem to: said by the trainer and by `qwen-lora validate`."""
+    said = []
+    steps, warmup = cfg.train.max_steps, cfg.optim.warmup_steps
+    if cfg.checkpoint.every_steps > steps and not resuming:  # a resumed run has its checkpoints
+        said.append(f"checkpoint.every_steps={cfg.checkpoint.every_steps} > train.max_steps={steps}: the only "
+                    "checkpoint will be the last step's")  # fmt: skip
+    if warmup >= steps and cfg.optim.scheduler != "constant":
+        said.append(f"optim.warmup_steps={warmup} >= train.max_steps={steps}: the learning rate never reaches optim.lr "
+                    f"(at most {min(steps, warmup) / max(warmup, 1):.0%} of it); lower the warm-up")  # fmt: skip
+    return said
+
+
 def refuse_early(argv: list[str], description: str) -> None:
     """Exit with the error's status and its one line (said by the main rank) when the config does not load or what it
     points at cannot work (`check_sources`); argparse's own exit for a bad command line or --help. Anything else is

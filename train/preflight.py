@@ -11,6 +11,7 @@ from qwen_image_lora.data.cache_dir import check_cache_dir
 from qwen_image_lora.data.sources import check_edit_files
 from qwen_image_lora.hub import check_adapters
 from qwen_image_lora.train import adapter, optim, ranks
+from qwen_image_lora.train.early import schedule_warnings
 from qwen_image_lora.train.tracking import check_tracker_available
 
 logger = logging.getLogger("qwen_image_lora.train")
@@ -34,12 +35,8 @@ def check_before_loading(cfg: Config, resuming: bool = False) -> None:
     adapter.check_targets_before_loading(cfg.model, cfg.lora)
     if cfg.lora.init_from:  # a mistyped path failed after the weights had loaded
         check_adapters([cfg.lora.init_from])
-    if cfg.checkpoint.every_steps > cfg.train.max_steps and not resuming:  # a resumed run has its checkpoints
-        logger.warning(
-            "checkpoint.every_steps=%d > train.max_steps=%d: the only checkpoint will be the last step's",
-            cfg.checkpoint.every_steps,
-            cfg.train.max_steps,
-        )
+    for warning in schedule_warnings(cfg, resuming):
+        logger.warning("%s", warning)
 
 
 def check_shardable(cfg: Config) -> None:

@@ -126,6 +126,10 @@ class RunFolder:
             return {}
         return record if isinstance(record, dict) else {}
 
+    def has_run(self) -> bool:
+        """Whether a run has left checkpoints or an adapter here."""
+        return bool(self._traces())
+
     def _traces(self) -> list[str]:
         """What marks the folder as used by a run: its checkpoints and its adapter."""
         traces = []
