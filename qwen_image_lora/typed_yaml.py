@@ -119,8 +119,14 @@ def blame_override(error: ConfigError, where: str, overrides) -> ConfigError:
         return error
     problem = message.removeprefix(f"{where}: ")
     for item in reversed(overrides):  # the last override of a key is the one that counts
-        key = item.split("=", 1)[0].strip()
-        if re.match(rf"(unknown key ')?{re.escape(key)}\b", problem):
+        key, _, value = (part.strip() for part in item.partition("="))
+        parts = key.split(".")
+        sections = [".".join(parts[:n]) for n in range(1, len(parts))]  # `foo.bar=1`: "unknown key 'foo'"
+        if (
+            re.match(rf"(unknown key ')?{re.escape(key)}\b", problem)
+            or any(problem.startswith(f"unknown key '{section}'") for section in sections)
+            or any(ref in value for ref in re.findall(r"\$\{[^}]*\}", problem))  # a `${key}` this value holds
+        ):
             return ConfigError(f"on the command line, {item}: {problem}")
     return error
 

@@ -135,6 +135,16 @@ def test_a_bad_override_is_blamed_on_the_command_line_and_a_bad_file_value_on_th
         load_config(config, ["train.max_steps=3"])  # the file's own value, another key overridden
     with pytest.raises(ConfigError, match=r"^on the command line, lora\.rank=2048: lora\.rank: must be"):
         load_config(config, ["lora.rank=0", "lora.rank=2048"])  # the last override of a key is the one that counts
+    # An unknown section, and a `${key}` that is not set, given on the command line were blamed on the file.
+    with pytest.raises(ConfigError, match=r"^on the command line, foo\.bar=1: unknown key 'foo'; valid keys"):
+        load_config(config, ["lora.rank=4", "foo.bar=1"])
+    with pytest.raises(
+        ConfigError, match=r"^on the command line, eval\.output_dir=\$\{outputdir\}/eval: \$\{outputdir\} "
+    ):
+        load_config(config, ["lora.rank=4", "eval.output_dir=${outputdir}/eval"])
+    config.write_text("lora: {rank: 4}\neval: {output_dir: '${outputdir}/eval'}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: \$\{{outputdir\}} refers to a key"):
+        load_config(config, ["eval.seeds=[1]"])  # the file's own reference
 
 
 def test_max_grad_norm_null_means_no_clipping_and_round_trips(tmp_path):
