@@ -96,6 +96,10 @@ def _opened(source: bytes | str | Path, max_pixels: int | None, formats: set[str
                 raise ImageInputError(
                     f"{name}a {im.format} image, not JPEG, PNG or WebP: convert it", code="unsupported-format"
                 )
+            if formats is not None and getattr(im, "is_animated", False) and im.format != "MPO":  # MPO: photo + map
+                raise ImageInputError(  # its first frame was used, silently, where a GIF is refused
+                    f"{name}an animated {im.format} ({im.n_frames} frames): save the frame you mean as a still PNG or "
+                    "JPEG", code="animated")  # fmt: skip
             w, h = im.size
             if max_pixels is not None and w * h > max_pixels:  # from the header, before a pixel is decoded
                 raise ImageInputError(

@@ -433,3 +433,22 @@ def test_a_webp_whose_decode_would_overrun_the_budget_gets_413_naming_it(tiny_mo
     assert r.status_code == 413, r.text
     detail = r.json()["detail"][0]
     assert detail["loc"] == ["body", "image"] and re.search(r"6000x6000 WEBP .* decode budget of 512 MB", detail["msg"])
+
+
+def test_an_animated_input_is_refused_naming_its_frames_and_a_phones_mpo_is_read():
+    """An animated WebP or PNG edited its first frame without a word, where a GIF is refused; an MPO (a photo with
+    a gain map or depth frame after it) is one picture and reads."""
+    first, second = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+    for fmt in ("WEBP", "PNG"):
+        buf = io.BytesIO()
+        first.save(buf, fmt, save_all=True, append_images=[second])
+        with pytest.raises(images.ImageInputError) as refused:
+            images.decode_image(buf.getvalue())
+        assert str(refused.value) == f"an animated {fmt} (2 frames): save the frame you mean as a still PNG or JPEG"
+        assert refused.value.code == "animated"
+        red, _, blue = images.read_image(buf.getvalue(), formats=None).getpixel((0, 0))  # training: frame 1
+        assert red > 250 and blue < 8
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second])
+    red, _, blue = images.decode_image(buf.getvalue()).getpixel((0, 0))
+    assert red > 250 and blue < 8
