@@ -99,7 +99,7 @@ def check_request(image: Image.Image, mask: Image.Image | str, elements: list[El
         if mask != "auto":
             raise LayersError(f"mask: give a mask image or 'auto' (got {mask!r})", "mask")
         return mask
-    return masking.prepare_mask(mask, image)
+    return masking.prepare_mask(mask, image, subject=True)
 
 
 def build_layers(
@@ -112,7 +112,12 @@ def build_layers(
     image = request.images[0]
     subject_mask = check_request(image, mask, elements)
     if isinstance(subject_mask, str):
-        subject_mask = masking.prepare_mask(_auto_mask(generator, request), image)
+        try:
+            subject_mask = masking.prepare_mask(_auto_mask(generator, request), image, subject=True)
+        except masking.MaskError as e:  # the model's own cut-out found no subject, or only one
+            raise LayersError(
+                f"{e} (the model's cut-out for mask 'auto' gave this: give a mask image)", "mask"
+            ) from None
     # The edit's feather band lies outside the subject, so every pixel the subject touches is inpainted.
     hole = masking.grow(subject_mask, request.mask_feather)
     background = generator.generate(_with(request, prompt=background_prompt or DEFAULT_BACKGROUND_PROMPT, mask=hole))

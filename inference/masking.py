@@ -32,9 +32,10 @@ class MaskError(InputError):
         super().__init__(message, field)
 
 
-def prepare_mask(mask: Image.Image, image: Image.Image, warn: bool = True) -> Image.Image:
+def prepare_mask(mask: Image.Image, image: Image.Image, warn: bool = True, subject: bool = False) -> Image.Image:
     """The mask as 8-bit grey at the image's size (white = may change). Resized when only the scale differs.
-    `warn=False`: an edge's check before the model loads, which the generator's own call repeats."""
+    `warn=False`: an edge's check before the model loads, which the generator's own call repeats. `subject`: a layers
+    mask, white on the subject: its refusals say so (they spoke of a masked edit's "may change" and "plain edit")."""
     grey = mask.convert("RGBA").getchannel("A") if _alpha_only(mask) else mask.convert("L")
     if grey.size != image.size:
         (mw, mh), (iw, ih) = grey.size, image.size
@@ -45,6 +46,11 @@ def prepare_mask(mask: Image.Image, image: Image.Image, warn: bool = True) -> Im
             )
         grey = grey.resize(image.size, Image.Resampling.BILINEAR)
     lo, hi = grey.getextrema()
+    if subject and hi < 128:
+        raise MaskError("mask: no subject (it is black everywhere); paint the subject white and the rest black")
+    if subject and lo >= 128:
+        raise MaskError("mask: the subject covers the whole image (white everywhere), so no background is left for its "
+                        "layer; paint the subject white and the rest black")  # fmt: skip
     if hi < 128:
         raise MaskError(
             "mask: the mask changes nothing (it is black everywhere); paint white where the image may change"

@@ -165,11 +165,20 @@ def test_bad_layer_requests_are_refused_naming_the_part(gen):
     image = Image.new("RGB", (W, H))
     request = GenerationRequest("x", images=[image], num_inference_steps=1)
     with pytest.raises(layer_output.LayersError, match="leaves the 160x96 image"):
-        gen.layers(request, Image.new("L", (W, H), 255), elements=[layer_output.Element.parse("b@150,0,32,32")])
+        gen.layers(request, random_mask(np.random.default_rng(0), (W, H)),
+                   elements=[layer_output.Element.parse("b@150,0,32,32")])  # fmt: skip
     with pytest.raises(layer_output.LayersError, match="use .psd, .ora or .zip"):
         layer_output.save_layers(layer_output.Layers((W, H)), "out.tiff")
-    with pytest.raises(masking.MaskError, match="changes nothing"):
+    # A layers mask is white on the subject: its refusals said "changes nothing ... paint white where the image may
+    # change" and, for an all-white one, warned of "a plain edit (nothing is kept)".
+    with pytest.raises(
+        masking.MaskError, match=r"^mask: no subject \(it is black everywhere\); paint the subject white"
+    ):
         gen.layers(request, Image.new("L", (W, H), 0))
+    with pytest.raises(
+        masking.MaskError, match=r"^mask: the subject covers the whole image \(white everywhere\), so no"
+    ):
+        gen.layers(request, Image.new("L", (W, H), 255))
 
 
 def test_auto_mask_is_the_alpha_of_the_models_own_cut_out(gen):
@@ -230,7 +239,7 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
     Image.new("L", (w, h), int(rng.integers(0, 128))).save(tmp_path / "black.png")
     x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
     outside = f"a badge@{x},{y},{w - x + int(rng.integers(1, 40))},{int(rng.integers(1, h - y + 1))}"
-    cases = [("aspect.png", [], "--mask", "aspect ratio"), ("black.png", [], "--mask", "changes nothing"),
+    cases = [("aspect.png", [], "--mask", "aspect ratio"), ("black.png", [], "--mask", "no subject"),
              ("good.png", ["--element", outside], "--element", f"leaves the {w}x{h} image"),
              ("auto", ["--element", outside], "--element", f"leaves the {w}x{h} image")]  # fmt: skip
     for mask, extra, option, message in cases:
