@@ -72,56 +72,73 @@ class Job(SamplingConfig):
         return self.output or f"{self.id}.png"
 
 
+MAX_LISTED = 10  # bad lines named in one refusal
+
+
 def read_jobs(path: str | Path) -> list[Job]:
-    """Parse and check every line before any model is loaded; errors name the line and the field."""
+    """Parse and check every line before any model is loaded; errors name the line and the field, every bad line at
+    once (one per run, each after seconds of imports, was seven runs for seven bad lines)."""
     path = Path(path)
-    jobs, outputs, ids = [], {}, {}  # output name / id -> line number; ids also keep whether the id was defaulted
-    for where, raw in iter_jsonl(path, InputError):
-        if "index" in raw:
-            raise InputError(f"{where}: unknown key 'index' (the line's position is its index)")
-        if isinstance(raw.get("loras"), list):  # the HTTP API's form
-            raw["loras"] = _loras_mapping(raw["loras"], where)
+    jobs, outputs, ids, bad = [], {}, {}, []  # output name / id -> line number; ids also keep whether defaulted
+    for where, raw in iter_jsonl(path, InputError, bad):
         try:
-            job = typed_yaml.build(Job, raw, "", where, path.parent.resolve())
-            job.validate(f"{where}: job")  # the sampling checks: sizes, aspect preset, steps
-            check_image_count(len(job.images))
-            check_range("quality", job.quality, *QUALITY_RANGE)  # the limits of every edge (knobs.py)
-            check_range("mask_feather", job.mask_feather, *MASK_FEATHER_RANGE)
-            for name, weight in (job.loras or {}).items():
-                if weight is not None:
-                    check_adapter_weight(f"loras.{name}", weight)
-        except ConfigError as e:
-            raise InputError(str(e)) from None
-        except SettingError as e:
-            raise InputError(f"{where}: job.{e}") from None
-        if not job.prompt:
-            raise InputError(f"{where}: prompt is required")
-        job.index, defaulted = len(jobs), job.id is None
-        job.id = f"{job.index:06d}" if defaulted else str(job.id)
-        if not _SAFE_ID.fullmatch(job.id):
-            raise InputError(f"{where}: id {job.id!r} must be letters, digits, '.', '_' or '-'")
-        if job.id in ids:  # the manifest keys jobs by id: two under one would each redo the other on every rerun
-            line, first_defaulted = ids[job.id]
-            how = " (a line without an id is named by its position)" if defaulted or first_defaulted else ""
-            raise InputError(f"{where}: id {job.id!r} is also line {line}'s id{how}; give each job its own id", "id")
-        ids[job.id] = where.rsplit(":", 1)[1], defaulted
-        if job.output is not None and (Path(job.output).name != job.output or not _SAFE_ID.fullmatch(job.output)):
-            raise InputError(f"{where}: output {job.output!r} must be a plain file name inside the output folder")
-        if job.mask is not None and not job.images:
-            raise InputError(f"{where}: mask needs images (it applies to the last one)")
-        _check_inputs(job, where)
-        try:
-            format_for(job.output_name)
+            jobs.append(_read_job(raw, where, path, len(jobs), outputs, ids))
         except InputError as e:
-            raise InputError(f"{where}: {e}", e.field) from None
-        if job.output_name in outputs:
-            raise InputError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
-        outputs[job.output_name] = where.rsplit(":", 1)[1]
-        jobs.append(job)
+            bad.append(str(e))
+    if len(bad) == 1:
+        raise InputError(bad[0])
+    if bad:
+        more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        raise InputError(f"{len(bad)} lines of {path} are refused: " + "; ".join(bad[:MAX_LISTED]) + more)
     if not jobs:
         raise InputError(f"{path}: no jobs in it (one JSON object per line; `qwen-lora batch --help` shows the format)",
                          "jobs")  # fmt: skip
     return jobs
+
+
+def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids: dict) -> Job:
+    """One line as a checked job (the `index`-th good one); `outputs` and `ids` gather what the lines so far took."""
+    if "index" in raw:
+        raise InputError(f"{where}: unknown key 'index' (the line's position is its index)")
+    if isinstance(raw.get("loras"), list):  # the HTTP API's form
+        raw["loras"] = _loras_mapping(raw["loras"], where)
+    try:
+        job = typed_yaml.build(Job, raw, "", where, path.parent.resolve())
+        job.validate(f"{where}: job")  # the sampling checks: sizes, aspect preset, steps
+        check_image_count(len(job.images))
+        check_range("quality", job.quality, *QUALITY_RANGE)  # the limits of every edge (knobs.py)
+        check_range("mask_feather", job.mask_feather, *MASK_FEATHER_RANGE)
+        for name, weight in (job.loras or {}).items():
+            if weight is not None:
+                check_adapter_weight(f"loras.{name}", weight)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+    except SettingError as e:
+        raise InputError(f"{where}: job.{e}") from None
+    if not job.prompt:
+        raise InputError(f"{where}: prompt is required")
+    job.index, defaulted = index, job.id is None
+    job.id = f"{job.index:06d}" if defaulted else str(job.id)
+    if not _SAFE_ID.fullmatch(job.id):
+        raise InputError(f"{where}: id {job.id!r} must be letters, digits, '.', '_' or '-'")
+    if job.id in ids:  # the manifest keys jobs by id: two under one would each redo the other on every rerun
+        line, first_defaulted = ids[job.id]
+        how = " (a line without an id is named by its position)" if defaulted or first_defaulted else ""
+        raise InputError(f"{where}: id {job.id!r} is also line {line}'s id{how}; give each job its own id", "id")
+    ids[job.id] = where.rsplit(":", 1)[1], defaulted
+    if job.output is not None and (Path(job.output).name != job.output or not _SAFE_ID.fullmatch(job.output)):
+        raise InputError(f"{where}: output {job.output!r} must be a plain file name inside the output folder")
+    if job.mask is not None and not job.images:
+        raise InputError(f"{where}: mask needs images (it applies to the last one)")
+    _check_inputs(job, where)
+    try:
+        format_for(job.output_name)
+    except InputError as e:
+        raise InputError(f"{where}: {e}", e.field) from None
+    if job.output_name in outputs:
+        raise InputError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
+    outputs[job.output_name] = where.rsplit(":", 1)[1]
+    return job
 
 
 def check_adapter_names(jobs: list[Job], jobs_file: str, loaded: list[str]) -> None:

@@ -232,9 +232,12 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return row
 
 
-def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> Iterator[tuple[str, dict]]:
-    """(`file:line`, object) for each non-blank line; a bad line raises `error` naming it. UTF-8 (JSON's encoding),
-    with a leading byte-order mark allowed (Windows editors write one)."""
+def iter_jsonl(
+    path: str | os.PathLike, error: type[Exception] = ValueError, bad: list[str] | None = None
+) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, object) for each non-blank line; a bad line raises `error` naming it, or with `bad` given is
+    added to it and skipped (a reader that reports every bad line at once). UTF-8 (JSON's encoding), with a leading
+    byte-order mark allowed (Windows editors write one)."""
     path = Path(path)
     data = path.read_bytes()
     try:
@@ -248,13 +251,17 @@ def iter_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> 
         where = f"{path}:{lineno}"
         try:
             row = json.loads(line, object_pairs_hook=_unique_keys)
+            problem = None if isinstance(row, dict) else f"{where}: each line must be a JSON object"
         except json.JSONDecodeError as e:
-            raise error(f"{where}: not valid JSON ({e.msg})") from None
+            problem = f"{where}: not valid JSON ({e.msg})"
         except _DuplicateKey as e:
-            raise error(f"{where}: {e.args[0]!r} given twice; JSON keeps only the last, so keep one") from None
-        if not isinstance(row, dict):
-            raise error(f"{where}: each line must be a JSON object")
-        yield where, row
+            problem = f"{where}: {e.args[0]!r} given twice; JSON keeps only the last, so keep one"
+        if problem is None:
+            yield where, row
+        elif bad is None:
+            raise error(problem)
+        else:
+            bad.append(problem)
 
 
 _HASH_MEMO: dict[tuple[str, int, int], str] = {}

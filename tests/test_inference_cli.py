@@ -349,6 +349,18 @@ def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model
     with pytest.raises(InputError) as e:
         read_jobs(jobs)
     assert e.value.field == "jobs"
+    # Every bad line in one refusal: it named the first only, one run (and seconds of imports) per bad line.
+    bad = ['{"prompt": "x"}', "{not json", '{"prompt": "x", "width": 100}', '[1]', '{"prompt": "x", "steps": 2}',
+           '{"prompt": ""}']  # fmt: skip
+    jobs.write_text("\n".join(bad * 3) + "\n")
+    with pytest.raises(InputError) as refused:
+        read_jobs(jobs)
+    said = str(refused.value)
+    assert said.startswith(f"15 lines of {jobs} are refused: {jobs}:2: not valid JSON") and said.endswith(
+        "; and 5 more"
+    )
+    assert f"{jobs}:3: job.width: must be a positive multiple of 32" in said and f"{jobs}:4: each line must be" in said
+    assert f"{jobs}:5: unknown key 'steps'" in said and f"{jobs}:6: prompt is required" in said
 
 
 def test_batch_renders_again_an_empty_cut_short_or_damaged_output(tiny_model_dir, tmp_path, capsys):
