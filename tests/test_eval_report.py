@@ -94,7 +94,6 @@ def test_report_json_and_html(tmp_path):
     assert not list((tmp_path / "eval").glob(".*"))  # no temp files left behind
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_a_second_report_keeps_the_first_beside_it(tmp_path, caplog):
     """eval replaced report.json and report.html silently: another adapter's report, or a checkpoint's, was gone."""
     first = write_report(tmp_path, _synthetic_samples(), title="first")
@@ -110,6 +109,7 @@ def test_a_second_report_keeps_the_first_beside_it(tmp_path, caplog):
     assert f"kept the previous report as report-{stamp}.json, report-{stamp}.html" in caplog.text
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
     html_path, _ = write_report(
         tmp_path / "eval",
