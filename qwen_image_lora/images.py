@@ -56,6 +56,9 @@ SRGB_ICC = _SRGB.tobytes()[:24] + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + _SRG
 # `warnings.catch_warnings` swaps process-wide filters, and decodes run on many threads.
 warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit of \d+ pixels, could be decompression bomb",
                         category=Image.DecompressionBombWarning)  # fmt: skip
+# A damaged EXIF block is read as far as it goes (its orientation, when that entry is whole); PIL warned with its own
+# file and line, a two-line warning per such upload in the service's log.
+warnings.filterwarnings("ignore", message=r"Corrupt EXIF data", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 # EXIF orientation -> the transpose that undoes it (as `ImageOps.exif_transpose`)
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,

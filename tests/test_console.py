@@ -188,3 +188,21 @@ def test_the_eval_reports_first_plot_on_a_machine_says_nothing_of_matplotlibs_fo
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "generated new fontManager" not in done.stderr and "a real line" in done.stderr
+
+
+def test_an_image_with_a_damaged_exif_block_reads_without_a_library_warning(tmp_path):
+    """Each such upload wrote PIL's two-line `TiffImagePlugin.py:982: UserWarning: Corrupt EXIF data` to the log."""
+    script = """
+import io, struct, sys, warnings
+from PIL import Image
+from qwen_image_lora.images import decode_image
+ifd = b"II*\\x00" + struct.pack("<I", 8) + struct.pack("<H", 5) + struct.pack("<HHII", 0x0112, 3, 1, 6)  # 5 entries, 1 there
+buf = io.BytesIO()
+Image.new("RGB", (32, 24)).save(buf, "JPEG", exif=b"Exif\\x00\\x00" + ifd)
+print(decode_image(buf.getvalue()).size)
+warnings.warn("a real warning still shows")
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "(24, 32)", done.stderr  # its orientation entry read
+    assert "EXIF" not in done.stderr and "a real warning still shows" in done.stderr
