@@ -20,6 +20,7 @@ from qwen_image_lora.inference.worker import release_memory
 # Paths served without a key; every other path (the API, and unknown paths) needs one.
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs"}) | STATIC_PATHS  # /docs: when serve.api_docs
 COUNTED_PATHS = ("/v1/images", "/v1/layers", "/healthz", "/metrics", "/openapi.json")
+JSON_PATHS = frozenset({"/v1/images", "/v1/layers"})  # their POST bodies are JSON
 MAX_MESSAGE_CHARS = 500  # a refusal names the problem; it never sends megabytes of the request back
 MAX_LOC_CHARS = 64  # a field name is short; a longer one is the client's text
 MAX_ERRORS = 20
@@ -145,13 +146,17 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"] if scope["path"] in COUNTED_PATHS else "other"
-        started = False
+        started, head = False, scope["method"] == "HEAD"
+        if head:  # its GET's answer without the body: FastAPI's GET routes answered HEAD (a load balancer's) 405
+            scope = {**scope, "method": "GET"}
 
         async def counted_send(message):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
                 self.metrics.count_response(path, message["status"])
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
@@ -171,6 +176,12 @@ class GuardMiddleware:
             if len(keys) != 1 or not self.check_key(keys[0]):
                 await send_json(send, 401, RequestError(401, "missing or wrong x-api-key", ("header", "x-api-key")).body(),
                                 {"WWW-Authenticate": "ApiKey"})  # fmt: skip
+                return None
+        if scope["method"] == "POST" and scope["path"] in JSON_PATHS:
+            kind = dict(headers).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if kind != b"application/json":  # was 422 "Input should be a valid dictionary", which hid the cause
+                said = f"send the body as JSON with Content-Type: application/json (got {kind.decode('latin-1') or 'none'})"
+                await send_json(send, 415, RequestError(415, said, ("header", "content-type")).body())
                 return None
         limit = self.max_body_bytes
         too_big = {

@@ -308,6 +308,28 @@ def test_a_422_clips_the_names_the_client_sent_and_lists_at_most_twenty_errors(c
     assert len(many.content) < 5000
 
 
+def test_head_answers_as_get_without_a_body_and_a_body_not_sent_as_json_gets_415(cfg, gen):
+    """HEAD on /, /healthz and /metrics was 405 (a load balancer's health check failed); a POST without
+    `Content-Type: application/json` got 422 "Input should be a valid dictionary", which hid the cause."""
+    body = json.dumps(edit())
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as c:
+        for url in ("/", "/healthz", "/metrics"):
+            head, get = c.head(url), c.get(url)
+            assert head.status_code == get.status_code == 200 and head.content == b"", url
+            assert head.headers["content-type"] == get.headers["content-type"]
+        assert c.head("/v1/adapters").status_code == 401  # the key is asked of HEAD as of GET
+        for headers in ({}, {"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}):
+            r = c.post("/v1/images", content=body, headers={**AUTH, **headers})
+            assert r.status_code == 415, r.text
+            (detail,) = r.json()["detail"]
+            assert detail["loc"] == ["header", "content-type"] and detail["msg"].startswith(
+                "send the body as JSON with Content-Type: application/json (got "
+            )
+        assert c.post("/v1/images", content=body, headers={**AUTH, "content-type": "application/json; charset=utf-8"}
+                      ).status_code == 200  # fmt: skip
+        assert c.post("/v1/images", content=body, headers={"content-type": "text/plain"}).status_code == 401
+
+
 @contextlib.contextmanager
 def _running(server):
     thread = threading.Thread(target=server.run)
