@@ -43,7 +43,7 @@ from qwen_image_lora.data.cache import (
     model_identity,
 )
 from qwen_image_lora.data.cache_dir import old_run_cache_note
-from qwen_image_lora.data.screening import screen_items
+from qwen_image_lora.data.screening import say_skipped, screen_items
 from qwen_image_lora.data.sources import DataError, Item, format_caption, load_items, open_image
 from qwen_image_lora.images import converts_colours, has_alpha, identify, read_image
 
@@ -371,8 +371,7 @@ def build_training_data(
     found = load_items(cfg.data)
     items, skipped = screen_items(found, cfg, _tokenizer(pipe))
     entries, unplanned = plan_entries(items, cfg)
-    for item, reason in unplanned:
-        logger.warning("skipping %s: %s", item.id, reason)
+    say_skipped(unplanned)
     skipped += unplanned
     if not entries:  # the reasons, counted: "could be read" was said of readable images that had no captions
         reasons = Counter(_reason_code(reason) for _, reason in skipped)

@@ -12,6 +12,7 @@ images (near-duplicates, edit pairs) stay the doctor's: they read every image an
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from qwen_image_lora.config import Config
 from qwen_image_lora.data import similarity as sim
@@ -21,6 +22,7 @@ from qwen_image_lora.data.sources import Item
 from qwen_image_lora.io import content_hash
 
 logger = logging.getLogger(__name__)
+SAID_ONE_BY_ONE = 10
 
 
 def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item], list[tuple[Item, str]]]:
@@ -58,6 +60,8 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
             unjudged,
             len(items),
         )
+    doctors = {item.id for item in by_doctor}
+    say_skipped([(item, reason) for item, reason in skipped if item.id not in doctors])
     if by_doctor:  # the doctor already printed these; one line here
         logger.info(
             "%d items left out as the data doctor or `data prepare` excluded them (e.g. %s); see %s",
@@ -70,8 +74,19 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
 
 def _skip(item: Item, report: Report, skipped: list) -> None:
     reason = "; ".join(f"{f.code}: {f.message}" for f in report.findings if f.item == item.id and f.severity == "error")
-    logger.warning("skipping %s: %s", item.id, reason)
     skipped.append((item, reason))
+
+
+def say_skipped(skipped: list[tuple[Item, str]]) -> None:
+    """A warning per skipped item up to SAID_ONE_BY_ONE, then one line counting the rest by reason: a folder of 500
+    uncaptioned images printed 500 lines, where the doctor groups them."""
+    for item, reason in skipped[:SAID_ONE_BY_ONE]:
+        logger.warning("skipping %s: %s", item.id, reason)
+    rest = skipped[SAID_ONE_BY_ONE:]
+    if rest:
+        counts = Counter(reason.split(":", 1)[0] for _, reason in rest)
+        by_reason = ", ".join(f"{n} {code}" for code, n in counts.most_common())
+        logger.warning("skipping %d more items (%s); `qwen-lora data doctor` lists them", len(rest), by_reason)
 
 
 def _drop_copies(keep: list[Item], content: dict, report: Report, skipped: list) -> list[Item]:

@@ -163,6 +163,22 @@ def test_training_counts_caption_tokens_with_the_model_tokenizer(tmp_path, tiny_
     assert sorted(e.item.id for e in at_limit.dataset.entries) == ["good0.png", "good1.png", "long.png"]
 
 
+def test_many_skipped_items_are_named_ten_at_most_and_the_rest_counted(tmp_path, tiny_pipe, tiny_model_dir, caplog):
+    """Training printed a warning line per skipped item (500 uncaptioned images, 500 lines); the doctor groups them."""
+    folder = tmp_path / "mostly-uncaptioned"
+    folder.mkdir()
+    for i in range(14):
+        Image.new("RGB", (64, 64), (i * 15, 0, 0)).save(folder / f"img{i}.png")
+    (folder / "img0.txt").write_text("qwnbrand")
+    (folder / "img1.png").write_bytes(b"")  # and one that is empty
+    with caplog.at_level(logging.WARNING):
+        data = build_training_data(_cfg(folder, tiny_model_dir, tmp_path), tiny_pipe)
+    assert [e.item.id for e in data.dataset.entries] == ["img0.png"]
+    said = _skip_warnings(caplog)
+    assert len(said) == 11 and all(line.startswith("skipping img") for line in said[:10])
+    assert said[10] == "skipping 3 more items (3 missing-caption); `qwen-lora data doctor` lists them"
+
+
 def test_a_folder_with_no_readable_item_is_a_data_error_counting_them(tmp_path, tiny_pipe, tiny_model_dir):
 
     folder = tmp_path / "allbad"
