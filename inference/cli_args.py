@@ -79,7 +79,7 @@ def ranged(low: int, high: int):
 
 
 def quality_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quality", type=ranged(*QUALITY_RANGE), default=95, action=Given,
+    p.add_argument("--quality", type=ranged(*QUALITY_RANGE), default=95, action=Given, metavar="N",
                    help="JPEG/WebP quality (default 95; --from: the image's)")  # fmt: skip
 
 
@@ -89,6 +89,7 @@ def mask_args(p: argparse.ArgumentParser, help: str, required: bool = False) -> 
         "--mask-feather",
         type=ranged(*MASK_FEATHER_RANGE),
         default=8,
+        metavar="PX",
         action=Given,
         help="soft edge inside the changed region, in pixels (default 8)",
     )

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -468,6 +469,10 @@ def test_help_speaks_to_users_and_batch_help_shows_a_valid_job_line(tmp_path, ca
     Image.new("RGB", (8, 8)).save(tmp_path / "in" / "sku-123.jpg")  # the input it names (inputs are checked)
     (job,) = read_jobs(tmp_path / "jobs.jsonl")  # the documented example is a valid job
     assert job.id == "sku-123" and job.output_name == "sku-123.webp"
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    text = capsys.readouterr().out  # a value's kind, as the sampling flags' N and X (was QUALITY, MASK_FEATHER)
+    assert "--quality N" in text and "--mask-feather PX" in text and not re.search(r"--\S+ [A-Z_]{7,}\b", text)
 
 
 def test_batch_with_nothing_left_says_so_without_loading_the_model(tmp_path, capsys, unloadable_model):
