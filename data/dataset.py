@@ -379,7 +379,9 @@ def build_training_data(
         raise DataError(f"data.path: none of the {len(found)} items can train ({why}); run `qwen-lora data doctor`")
     fraction = cfg.validation.held_out_fraction
     held_out = [
-        i for i, e in enumerate(entries) if fraction and stable_int("held-out", e.item.id) % 10_000 < fraction * 10_000
+        i
+        for i, e in enumerate(entries)
+        if fraction and stable_int("held-out", e.item.held_out_key) % 10_000 < fraction * 10_000
     ]
     if fraction and not held_out and len(entries) > 1:
         held_out = [len(entries) - 1]

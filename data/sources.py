@@ -44,6 +44,13 @@ class Item:
     # Problems found while listing the item, as (code, message): the doctor reports them as errors.
     issues: tuple[tuple[str, str], ...] = ()
     mask: Path | None = None  # edit items: white where the target differs from the edited image (loss weighting)
+    # What decides the held-out draw when it is not the id: a manifest row's target as written. Its id is its line,
+    # and by line an inserted row moved items the run had trained on into the held-out set.
+    split_key: str | None = None
+
+    @property
+    def held_out_key(self) -> str:
+        return self.split_key or self.id
 
     @property
     def kind(self) -> str:
@@ -208,6 +215,7 @@ def _row_to_item(row: dict, base: Path, where: str, item_id: str) -> Item:
         return Item(
             id=item_id,
             target=_row_path(base, row["target"], where, "target"),
+            split_key=str(Path(row["target"])),  # after the check that it is a path
             captions=_as_captions(row["instruction"], where, "instruction"),
             sources=tuple(_row_path(base, s, where, "sources") for s in sources),
             mask=_row_path(base, row["mask"], where, "mask") if row.get("mask") else None,
@@ -219,6 +227,7 @@ def _row_to_item(row: dict, base: Path, where: str, item_id: str) -> Item:
     return Item(
         id=item_id,
         target=_row_path(base, row["image"], where, "image"),
+        split_key=str(Path(row["image"])),  # after the check that it is a path
         captions=_as_captions(row.get("caption"), where, "caption"),
     )
 

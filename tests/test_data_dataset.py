@@ -121,3 +121,25 @@ def test_a_batch_size_no_bucket_can_fill_and_a_held_out_share_that_leaves_little
     assert "validation.held_out_fraction=0.9 holds out" in caplog.text and "only" in caplog.text
     with pytest.raises(DataError, match=r"^validation.held_out_fraction: 0.99 holds out all 12 items, leaving none"):
         build_training_data(load_config("configs/demo.yaml", [*base, "validation.held_out_fraction=0.99"]), tiny_pipe)
+
+
+def test_a_manifests_held_out_items_stay_held_out_when_a_row_is_inserted(tmp_path, tiny_pipe, tiny_model_dir):
+    """The draw went by line number: one row added at the top moved items the run had trained on into the held-out
+    set, and `qwen-lora eval` scored them as unseen."""
+    for i in range(24):
+        Image.new("RGB", (64, 64), (i * 10, 40, 90)).save(tmp_path / f"p{i:02d}.png")
+    rows = [json.dumps({"image": f"p{i:02d}.png", "caption": f"qwnbrand {i}"}) for i in range(24)]
+    manifest = tmp_path / "m.jsonl"
+
+    def held_out(lines):
+        manifest.write_text("\n".join(lines) + "\n")
+        cfg = load_config("configs/demo.yaml", [f"data.path={manifest}", f"model.pretrained={tiny_model_dir}",
+                                                "validation.held_out_fraction=0.3", "data.cache_dir=null"])  # fmt: skip
+        data = build_training_data(cfg, tiny_pipe)
+        return {data.dataset.entries[i].item.target.name for i in data.held_out}
+
+    before = held_out(rows)
+    assert 0 < len(before) < 24
+    Image.new("RGB", (64, 64), (5, 5, 5)).save(tmp_path / "new.png")
+    after = held_out([json.dumps({"image": "new.png", "caption": "qwnbrand new"}), *rows])
+    assert after - {"new.png"} == before
