@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen_image_lora import adapter_format
 from qwen_image_lora.adapter_format import AdapterWeights, check_shapes, module_scale, read_adapter, to_comfyui
+from qwen_image_lora.cli import main as cli_main
 from qwen_image_lora.comfy_mlp import fuse_mlp_halves, split_fused_mlp
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.hub import check_source, is_hub_id
@@ -356,6 +357,19 @@ def test_export_never_replaces_the_adapter_it_reads_or_a_file_that_is_not_an_exp
     shutil.copy(own, tmp_path / "b.safetensors")
     named = [adapter_format.export_adapter(tmp_path / f"{n}.safetensors") for n in "ab"]
     assert [p.name for p in named] == ["a_comfyui.safetensors", "b_comfyui.safetensors"]
+
+
+def test_an_export_into_a_checkpoint_folder_says_that_rotation_deletes_it(transformer, tmp_path, capsys):
+    """`qwen-lora export out/run/checkpoints/step-000029` wrote there, and the next resume rotated the folder away
+    with the export in it, without a word."""
+    step = tmp_path / "run" / "checkpoints" / "step-000029"
+    make_random_lora(transformer, step / "adapter", rank=2)
+    assert cli_main(["export", str(step / "adapter")]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(step / "adapter" / adapter_format.COMFYUI_NAME)
+    assert err.startswith(f"note: {out.strip()} lies in the checkpoint folder step-000029, which checkpoint rotation")
+    assert cli_main(["export", str(step / "adapter"), "--output", str(tmp_path / "kept.safetensors")]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_dora_is_refused_for_comfyui_by_its_config_or_its_magnitudes_and_magnitudes_are_shape_checked(

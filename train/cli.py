@@ -3,11 +3,21 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+from qwen_image_lora import run_layout as layout
+
 
 def _export(args) -> int:
     from qwen_image_lora.adapter_format import export_adapter
 
-    print(export_adapter(args.adapter_dir, args.format, args.output))
+    written = export_adapter(args.adapter_dir, args.format, args.output)
+    print(written)
+    step = next((p for p in Path(written).resolve().parents if p.parent.name == layout.CHECKPOINTS), None)
+    if step is not None and layout.checkpoint_step(step) is not None:  # rotation took the export with the folder
+        print(f"note: {written} lies in the checkpoint folder {step.name}, which checkpoint rotation deletes when the "
+              "run continues (checkpoint.keep_last); copy it out, or give --output elsewhere", file=sys.stderr)  # fmt: skip
     return 0
 
 
