@@ -80,13 +80,15 @@ def read_jobs(path: str | Path) -> list[Job]:
     once (one per run, each after seconds of imports, was seven runs for seven bad lines)."""
     path = Path(path)
     jobs, outputs, ids, bad = [], {}, {}, []  # output name / id -> line number; ids also keep whether defaulted
+    refused: list[InputError] = []  # ours, with the field at fault; `bad` also holds lines that are not JSON
     for where, raw in iter_jsonl(path, InputError, bad):
         try:
             jobs.append(_read_job(raw, where, path, len(jobs), outputs, ids))
         except InputError as e:
+            refused.append(e)
             bad.append(str(e))
     if len(bad) == 1:
-        raise InputError(bad[0])
+        raise refused[0] if refused else InputError(bad[0])
     if bad:
         more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
         raise InputError(f"{len(bad)} lines of {path} are refused: " + "; ".join(bad[:MAX_LISTED]) + more)
