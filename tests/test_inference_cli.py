@@ -545,21 +545,21 @@ def test_one_side_given_keeps_the_aspect_of_the_input_or_a_square(tiny_model_dir
 def test_an_edit_of_a_large_photo_comes_back_at_its_size_with_the_kept_pixels_exact(tiny_model_dir, tmp_path, capsys):
     """A 3072x2048 photo came back at 2048x1365 with no note, a masked edit's "kept" pixels resampled."""
     rng = np.random.default_rng(0)
-    photo = rng.integers(0, 256, (1600, 2560, 3), dtype=np.uint8)
+    photo = rng.integers(0, 256, (1400, 2240, 3), dtype=np.uint8)  # over the 2048 it was read at
     Image.fromarray(photo).save(tmp_path / "photo.png")
-    mask = np.zeros((1600, 2560), np.uint8)
-    mask[:, :1280] = 255  # the left half may change
+    mask = np.zeros((1400, 2240), np.uint8)
+    mask[:, :1120] = 255  # the left half may change
     Image.fromarray(mask).save(tmp_path / "mask.png")
     argv = ["edit", "--model", str(tiny_model_dir), *TINY, "--prompt", "x", "--steps", "1"]
     assert main([*argv, "--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png"),
                  "--output", str(tmp_path / "o.png")]) == 0  # fmt: skip
     with Image.open(tmp_path / "o.png") as im:
         out = np.asarray(im.convert("RGB"))
-    assert out.shape == photo.shape and np.array_equal(out[:, 1280:], photo[:, 1280:])
-    Image.new("RGB", (4608, 2304), (20, 90, 160)).save(tmp_path / "huge.png")
+    assert out.shape == photo.shape and np.array_equal(out[:, 1120:], photo[:, 1120:])
+    Image.new("RGB", (4160, 2080), (20, 90, 160)).save(tmp_path / "huge.png")
     capsys.readouterr()
     assert main([*argv, "--image", str(tmp_path / "huge.png"), "--output", str(tmp_path / "h.png")]) == 0
-    assert f"note: --image {tmp_path / 'huge.png'} is 4608x2304; it is read at 4096 px on its long side" in (
+    assert f"note: --image {tmp_path / 'huge.png'} is 4160x2080; it is read at 4096 px on its long side" in (
         capsys.readouterr().err
     )
     with Image.open(tmp_path / "h.png") as im:
