@@ -30,7 +30,7 @@ from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import format_for, load_image, read_settings, save_image, settings_as_written
-from qwen_image_lora.inference.generator import GenerationRequest, Generator, file_record
+from qwen_image_lora.inference.generator import GenerationRequest, Generator, check_masked_size, file_record
 from qwen_image_lora.io import affects_every_write, check_writable, iter_jsonl, writing_to
 from qwen_image_lora.knobs import (
     MASK_FEATHER_RANGE,
@@ -113,6 +113,8 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
         for name, weight in (job.loras or {}).items():
             if weight is not None:
                 check_adapter_weight(f"loras.{name}", weight)
+        if job.mask is not None:  # refused here, with the other lines, not after the model had loaded
+            check_masked_size(job)
     except ConfigError as e:
         raise InputError(str(e)) from None
     except SettingError as e:

@@ -150,14 +150,16 @@ def _check_sources(args) -> None:
 
 
 def _adapter_file(source: str):
-    """What a --lora names, as one key however it is spelt: a local adapter's weights file (a run folder and the file
-    in it are one adapter), or the hub id as given."""
-    from qwen_image_lora.run_layout import FINAL_ADAPTER
+    """What a --lora names, as one key however it is spelt: a local adapter's weights file by its inode (a run or
+    checkpoint folder, its adapter folder, the file in it, a link to it are one adapter), or the hub id as given."""
+    from qwen_image_lora.run_layout import ADAPTER, FINAL_ADAPTER
 
     path = Path(source).expanduser()
     if not path.exists():
         return source
-    return (path / FINAL_ADAPTER if (path / FINAL_ADAPTER).is_file() else path).resolve()
+    file = next((f for f in (path / FINAL_ADAPTER, path / ADAPTER / FINAL_ADAPTER) if f.is_file()), path)
+    found = file.stat()
+    return found.st_dev, found.st_ino
 
 
 def _load(args, cfg, device=None):
@@ -188,6 +190,7 @@ def _generate(args) -> int:
 
     if args.from_image:
         apply_from(args, Path(_input_file("--from", args.from_image)), flags.NO_SIZE)
+        _check_not_an_input("--output", [args.output], args)  # and the inputs the image recorded
     if not args.prompt:
         raise InputError("--prompt: give the prompt (or --from an image that carries one)", "--prompt")
     if args.command == "edit" and not args.image:

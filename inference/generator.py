@@ -30,9 +30,29 @@ from qwen_image_lora.presets import ASPECT_RATIOS, MAX_SIDE, SIDE_MULTIPLE
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
 
 
-def _grid_side(side: float) -> int:
-    """A side on the 32-px grid, within the sampling limits."""
-    return min(MAX_SIDE, max(SIDE_MULTIPLE, round(side / SIDE_MULTIPLE) * SIDE_MULTIPLE))
+def check_masked_size(settings) -> None:
+    """A masked edit keeps its image's size: a size given with a mask is refused (it was taken and ignored)."""
+    if settings.aspect_ratio or settings.width or settings.height:
+        raise SettingError("mask", "a masked edit keeps its image's size; drop aspect_ratio, width and height")
+
+
+def one_side_size(settings, aspect: tuple[int, int]) -> tuple[int, int] | None:
+    """(width, height) when exactly one side is given: the other follows `aspect` (an edit's input, else square) on
+    the 32-px grid. One the grid cannot hold (a 1:10 photo at width 1024 needs 10240) is refused naming the side
+    given: it was clamped to 4096 or 32, and the aspect changed without a word."""
+    if (settings.width is None) == (settings.height is None):
+        return None
+    w, h = aspect
+    given, side, other_name, other = (
+        ("width", settings.width, "height", settings.width * h / w)
+        if settings.width is not None
+        else ("height", settings.height, "width", settings.height * w / h)
+    )
+    snapped = round(other / SIDE_MULTIPLE) * SIDE_MULTIPLE
+    if not SIDE_MULTIPLE <= snapped <= MAX_SIDE:
+        raise SettingError(given, f"{side} keeps the {w}x{h} image's aspect only with a {other_name} of {other:.0f} "
+                                  f"px, outside {SIDE_MULTIPLE}..{MAX_SIDE}; give both sides, or a {given} that fits")  # fmt: skip
+    return (side, snapped) if given == "width" else (snapped, side)
 
 
 def size_for_aspect(aspect_ratio: str, resolution: int = 1024) -> tuple[int, int]:
@@ -74,10 +94,13 @@ class GenerationRequest(SamplingConfig):
     mask_feather: int = 8
 
     def check(self) -> None:
-        """The sampling rules, and a masked edit given no size: it keeps its image's (one was taken and ignored)."""
+        """The sampling rules, a masked edit given no size, and one side of an edit that its input's aspect can
+        follow."""
         super().check()
-        if self.mask is not None and (self.aspect_ratio or self.width or self.height):
-            raise SettingError("mask", "a masked edit keeps its image's size; drop aspect_ratio, width and height")
+        if self.mask is not None:
+            check_masked_size(self)
+        if self.images:
+            one_side_size(self, self.images[-1].size)
 
     @classmethod
     def from_settings(cls, settings, prompt: str, **changes) -> "GenerationRequest":
@@ -334,8 +357,6 @@ class Generator:
         w, h = request.images[-1].size if request.images else (1, 1)
         if request.width is not None and request.height is not None:
             return request.width, request.height
-        if request.width is not None:
-            return request.width, _grid_side(request.width * h / w)
-        if request.height is not None:
-            return _grid_side(request.height * w / h), request.height
+        if (one_side := one_side_size(request, (w, h))) is not None:
+            return one_side
         return qmodel.fit_size(w, h, self.resolution) if request.images else (self.resolution, self.resolution)

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,6 +164,22 @@ def test_serve_on_a_port_in_use_is_one_line_naming_it_before_the_model_loads(unl
     )
     assert main(["serve", "--model", str(unloadable_model), "--host", "no-such-host.invalid"]) == 2
     assert capsys.readouterr().err.startswith("error: serve.host: no-such-host.invalid is not a name or address")
+
+
+def test_an_output_over_an_input_that_from_brings_in_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    """`edit --from out.png --output in.png` replaced the input out.png had recorded (the check saw only the files
+    named on the command line), and `--from out.png` then failed on its changed sha256."""
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save("in.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save("mask.png")
+    argv = ["edit", "--model", str(tiny_model_dir), *TINY, "--steps", "1"]
+    assert main([*argv, "--prompt", "x", "--image", "in.png", "--mask", "mask.png", "--output", "out.png"]) == 0
+    before = {name: Path(name).read_bytes() for name in ("in.png", "mask.png")}
+    for target in before:
+        assert main([*argv, "--from", "out.png", "--output", target]) == 2
+    assert {name: Path(name).read_bytes() for name in before} == before
 
 
 def test_layers_checks_its_settings_before_the_model_loads_and_takes_no_size(tmp_path, unloadable_model, capsys):
@@ -362,6 +379,9 @@ def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model
     )
     assert f"{jobs}:3: job.width: must be a positive multiple of 32" in said and f"{jobs}:4: each line must be" in said
     assert f"{jobs}:5: unknown key 'steps'" in said and f"{jobs}:6: prompt is required" in said
+    jobs.write_text(json.dumps({"prompt": "x", "images": ["in.png"], "mask": "in.png", "width": 96}) + "\n")
+    with pytest.raises(InputError, match=r":1: job.mask: a masked edit keeps its image's size; drop aspect_ratio"):
+        read_jobs(jobs)  # it failed at render time, after the model had loaded
 
 
 def test_batch_renders_again_an_empty_cut_short_or_damaged_output(tiny_model_dir, tmp_path, capsys):
@@ -524,7 +544,7 @@ def test_generate_without_a_size_uses_the_configs_pixel_budget(tiny_model_dir, t
         assert im.size == (96, 96)
 
 
-def test_one_side_given_keeps_the_aspect_of_the_input_or_a_square(tiny_model_dir, tmp_path):
+def test_one_side_given_keeps_the_aspect_of_the_input_or_a_square(tiny_model_dir, tmp_path, capsys):
     """On a 3:2 photo `--height 256` came back at the photo's own size (the side ignored) and `--width 256` at
     256x96 (the budget's height: stretched to 2.67:1); `generate --width 256` gave 256x(the budget)."""
     Image.new("RGB", (192, 128), (90, 140, 200)).save(tmp_path / "photo.png")
@@ -540,6 +560,14 @@ def test_one_side_given_keeps_the_aspect_of_the_input_or_a_square(tiny_model_dir
         assert main([*command, "--output", str(tmp_path / "o.png")]) == 0
         with Image.open(tmp_path / "o.png") as im:
             assert im.size == size, command
+    # A side the grid cannot hold was clamped, and the aspect changed without a word.
+    Image.new("RGB", (100, 1000)).save(tmp_path / "tall.png")
+    assert main(["edit", *argv, "--image", str(tmp_path / "tall.png"), "--width", "1024",
+                 "--output", str(tmp_path / "o.png")]) == 2  # fmt: skip
+    assert capsys.readouterr().err.strip() == (
+        "error: --width: 1024 keeps the 100x1000 image's aspect only with a height of 10240 px, outside 32..4096; "
+        "give both sides, or a width that fits"
+    )
 
 
 def test_an_edit_of_a_large_photo_comes_back_at_its_size_with_the_kept_pixels_exact(tiny_model_dir, tmp_path, capsys):
@@ -612,7 +640,12 @@ def test_one_adapter_given_twice_is_refused_and_a_missing_one_names_its_option(t
     run.mkdir()
     (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
     argv = ["generate", "--model", str(unloadable_model), "--prompt", "x", "--output", str(tmp_path / "o.png")]
-    for first, second in ((run, run), (run, f"{run}/pytorch_lora_weights.safetensors:0.5"), (run, f"{run}/")):
+    step = tmp_path / "run2" / "checkpoints" / "step-000005"
+    (step / "adapter").mkdir(parents=True)
+    (step / "adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    os.link(step / "adapter" / "pytorch_lora_weights.safetensors", tmp_path / "linked.safetensors")
+    for first, second in ((run, run), (run, f"{run}/pytorch_lora_weights.safetensors:0.5"), (run, f"{run}/"),
+                          (step, step / "adapter"), (step, tmp_path / "linked.safetensors")):  # fmt: skip
         assert main([*argv, "--lora", str(first), "--lora", str(second)]) == 2
         assert capsys.readouterr().err.strip() == (
             f"error: --lora {str(second).rsplit(':', 1)[0]}: the same adapter as --lora {first}; give each adapter "

@@ -160,5 +160,7 @@ def test_a_fresh_run_refuses_a_folder_holding_files_of_its_names_that_no_run_wro
             "writes files of these names and would replace them. Choose an empty or new output_dir"
         )
     RunFolder(tmp_path / "empty").check_fresh_start(False)
+    (tmp_path / "fresh" / "samples").mkdir(parents=True)  # an empty samples/ holds nothing to lose
+    RunFolder(tmp_path / "fresh").check_fresh_start(False)
     (tmp_path / "run.json").write_text(json.dumps({"run_id": "abc"}))  # a run that stopped before its checkpoint
     RunFolder(tmp_path).check_fresh_start(False)

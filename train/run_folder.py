@@ -43,6 +43,11 @@ _ATOMIC_FILES = (
 )
 
 
+def _holds_something(path: Path) -> bool:
+    """A file, or a folder with anything in it (an empty `samples/` holds nothing to lose)."""
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
 # What a run writes at the top of its folder, besides checkpoints and the adapter.
 RUN_WRITES = (layout.CONFIG, layout.CARD, layout.LOSSES, layout.METADATA, layout.SAMPLES)
 
@@ -153,7 +158,7 @@ class RunFolder:
             )
         # Files of the names a run writes, in a folder no run has claimed: the user's own (a project folder's
         # config.yaml and README.md were replaced by the resolved config and the model card, silently).
-        clashing = [name for name in RUN_WRITES if not traces and (self.path / name).exists()]
+        clashing = [name for name in RUN_WRITES if not traces and _holds_something(self.path / name)]
         if clashing and self.owner() is None:
             raise RunFolderInUse(
                 f"output_dir {self.path} holds {', '.join(clashing)}, which no run wrote (there is no "
