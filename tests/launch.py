@@ -1,9 +1,12 @@
 """The `accelerate launch` command the launcher tests share (multi-process runs on CPU also need
-ACCELERATE_USE_CPU=1 in the environment)."""
+ACCELERATE_USE_CPU=1 in the environment), and a real service run in a thread for the tests that need its socket."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
+import time
 
 
 def accelerate_launch(processes: int, *flags: str) -> list[str]:
@@ -11,3 +14,19 @@ def accelerate_launch(processes: int, *flags: str) -> list[str]:
     machine, no mixed precision, no dynamo."""
     return [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", str(processes),
             *"--num_machines 1 --mixed_precision no --dynamo_backend no".split()]  # fmt: skip
+
+
+@contextlib.contextmanager
+def running(server):
+    """A `service.make_server` server serving in a thread until the block ends."""
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not server.started:
+            assert thread.is_alive() and time.time() < deadline, "the service did not start"
+            time.sleep(0.05)
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -5,7 +5,6 @@ never echoes the input)."""
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -33,6 +32,7 @@ from qwen_image_lora.inference import server, service
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app
 from qwen_image_lora.inference.studio import CSP
+from tests.launch import running
 
 KEY = "faults-key-0123456789"
 AUTH = {"x-api-key": KEY}
@@ -330,21 +330,6 @@ def test_head_answers_as_get_without_a_body_and_a_body_not_sent_as_json_gets_415
         assert c.post("/v1/images", content=body, headers={"content-type": "text/plain"}).status_code == 401
 
 
-@contextlib.contextmanager
-def _running(server):
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        deadline = time.time() + 60
-        while not server.started:
-            assert thread.is_alive() and time.time() < deadline, "the service did not start"
-            time.sleep(0.05)
-        yield
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 def _closed_by_server(conn: socket.socket, within: float) -> bool:
     conn.settimeout(within)
     try:
@@ -365,7 +350,7 @@ def test_slow_or_endless_headers_are_cut_off_and_connections_over_the_cap_closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     local = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, host="127.0.0.1", port=port))
-    with _running(service.make_server(local, [KEY], generator=gen)):
+    with running(service.make_server(local, [KEY], generator=gen)):
         slow = socket.create_connection(("127.0.0.1", port))
         slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
         assert _closed_by_server(slow, within=5)

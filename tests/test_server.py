@@ -32,6 +32,7 @@ from qwen_image_lora.inference.service import make_server
 from qwen_image_lora.inference.testing import make_random_lora
 from qwen_image_lora.inference.urls import URLRefused, fetch, refusal_reason, resolve_checked
 from qwen_image_lora.serve_config import ServeAdapter, load_api_keys
+from tests.launch import running
 
 KEY = "test-key-0123456789"
 AUTH = {"x-api-key": KEY}
@@ -541,19 +542,9 @@ def test_the_service_says_where_it_serves_in_one_line_and_uvicorn_stays_quiet(cf
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     local = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, host="127.0.0.1", port=port))
-    server = make_server(local, [KEY], generator=gen)
-    thread = threading.Thread(target=server.run)
-    thread.start()
-    try:
-        deadline = time.time() + 60
-        while not server.started:
-            assert thread.is_alive() and time.time() < deadline, "the service did not start"
-            time.sleep(0.05)
+    with running(make_server(local, [KEY], generator=gen)):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
             assert json.loads(answer.read())["status"] == "ok"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
     assert capfd.readouterr().err.splitlines() == [
         f"serving {cfg.model.pretrained} (adapters: brand, sketch) at http://127.0.0.1:{port}/: the studio page at /, "
         "the API under /v1, metrics at /metrics; Ctrl-C stops"
