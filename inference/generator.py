@@ -99,7 +99,7 @@ class GenerationRequest(SamplingConfig):
         super().check()
         if self.mask is not None:
             check_masked_size(self)
-        if self.images:
+        if self.images and (self.width is None) != (self.height is None):
             one_side_size(self, self.images[-1].size)
 
     @classmethod
