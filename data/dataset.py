@@ -43,7 +43,7 @@ from qwen_image_lora.data.cache import (
     model_identity,
 )
 from qwen_image_lora.data.cache_dir import old_run_cache_note
-from qwen_image_lora.data.screening import say_skipped, screen_items
+from qwen_image_lora.data.screening import reason_code, say_skipped, screen_items
 from qwen_image_lora.data.sources import DataError, Item, format_caption, load_items, open_image
 from qwen_image_lora.images import converts_colours, has_alpha, identify, read_image
 
@@ -359,12 +359,6 @@ def _tokenizer(pipe):
     return getattr(getattr(pipe, "processor", None), "tokenizer", None)
 
 
-def _reason_code(reason: str) -> str:
-    """A skip reason's code: `empty-file: ...`, or the doctor's first code in `excluded by the data doctor: ...`."""
-    head, _, rest = reason.partition(": ")
-    return rest.split(",")[0].strip() if head.startswith("excluded by") else head
-
-
 def build_training_data(
     cfg: Config, pipe, cache: TensorCache | None = None, num_replicas: int = 1, rank: int = 0
 ) -> TrainingData:
@@ -374,7 +368,7 @@ def build_training_data(
     say_skipped(unplanned)
     skipped += unplanned
     if not entries:  # the reasons, counted: "could be read" was said of readable images that had no captions
-        reasons = Counter(_reason_code(reason) for _, reason in skipped)
+        reasons = Counter(reason_code(reason) for _, reason in skipped)
         why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
         raise DataError(f"data.path: none of the {len(found)} items can train ({why}); run `qwen-lora data doctor`")
     fraction = cfg.validation.held_out_fraction

@@ -77,6 +77,12 @@ def _skip(item: Item, report: Report, skipped: list) -> None:
     skipped.append((item, reason))
 
 
+def reason_code(reason: str) -> str:
+    """A skip reason's code: `empty-file: ...`, or the doctor's first code in `excluded by the data doctor: ...`."""
+    head, _, rest = reason.partition(": ")
+    return rest.split(",")[0].strip() if head.startswith("excluded by") else head
+
+
 def say_skipped(skipped: list[tuple[Item, str]]) -> None:
     """A warning per skipped item up to SAID_ONE_BY_ONE, then one line counting the rest by reason: a folder of 500
     uncaptioned images printed 500 lines, where the doctor groups them."""
@@ -84,7 +90,7 @@ def say_skipped(skipped: list[tuple[Item, str]]) -> None:
         logger.warning("skipping %s: %s", item.id, reason)
     rest = skipped[SAID_ONE_BY_ONE:]
     if rest:
-        counts = Counter(reason.split(":", 1)[0] for _, reason in rest)
+        counts = Counter(reason_code(reason) for _, reason in rest)
         by_reason = ", ".join(f"{n} {code}" for code, n in counts.most_common())
         logger.warning("skipping %d more items (%s); `qwen-lora data doctor` lists them", len(rest), by_reason)
 
