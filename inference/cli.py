@@ -219,17 +219,17 @@ def _generate(args) -> int:
 def _input_image(option: str, path: str, colours: bool = True):
     """An image named on the command line, read by the one image reader (`colours=False`: a mask's numbers are not
     colours, no profile applies); a refusal names the option."""
-    from qwen_image_lora.images import MAX_FILE_INPUT_SIDE, ImageInputError, identify, load_image
+    from qwen_image_lora.images import MAX_FILE_INPUT_SIDE, ImageInputError, read_with_header
 
-    try:
-        size = identify(_input_file(option, path)).size
-        if max(size) > MAX_FILE_INPUT_SIDE:
-            print(f"note: {option} {path} is {size[0]}x{size[1]}; it is read at {MAX_FILE_INPUT_SIDE} px on its long "
-                  "side, the largest size written", file=sys.stderr)  # fmt: skip
-        return load_image(path, colours=colours)
+    try:  # `load_image`'s read, with the header it decoded from: the file is opened once
+        header, image = read_with_header(_input_file(option, path), MAX_FILE_INPUT_SIDE, colours=colours)
     except ImageInputError as e:
         fix = "; downscale it (the model works at about 1024 px)" if e.too_large else ""
         raise InputError(f"{option} {e}{fix}", option) from None
+    if max(header.size) > MAX_FILE_INPUT_SIDE:
+        print(f"note: {option} {path} is {header.size[0]}x{header.size[1]}; it is read at {MAX_FILE_INPUT_SIDE} px on "
+              "its long side, the largest size written", file=sys.stderr)  # fmt: skip
+    return image
 
 
 def _input_file(option: str, path: str) -> str:
