@@ -18,7 +18,8 @@ What is checked:
     captions    missing-caption (none, or only blank lines), caption-too-long (over data.max_caption_tokens
                 tokens with the model's own tokenizer; only the tokenizer is loaded), missing-trigger
     duplicates  duplicate (same bytes: the copy is excluded, so it trains once), near-duplicate (pHash and
-                colour both close: warning)
+                colour both close: warning), shared-caption (photo.jpg and photo.png both caption from photo.txt:
+                warning)
     edit pairs  source-equals-target (error), size-mismatch, unrelated-pair (no shared structure),
                 misaligned (phase correlation finds the source offset by a few pixels from the target),
                 swapped (file names say so, or the pair changes in the opposite direction to the rest)
@@ -293,6 +294,7 @@ def diagnose(cfg: Config, items: list[Item] | None = None, tokenizer="auto", con
                 )
     sim.check_swapped_direction(pair_deltas, report.add)
     sim.check_duplicates(readable, report.add)
+    _check_shared_captions(items, report.add)
     report.buckets = Counter(
         assign_bucket(*infos[str(it.target)].size, d.resolution, d.max_upscale)
         for it in items
@@ -305,6 +307,23 @@ def diagnose(cfg: Config, items: list[Item] | None = None, tokenizer="auto", con
         p["flags"] = by_item.get(p["id"], [])
         p["excluded"] = p["id"] in report.excluded
     return report
+
+
+def _check_shared_captions(items: list[Item], add) -> None:
+    """Folder images of one name (photo.jpg, photo.png) train with one caption file, usually a copy exported twice."""
+    by_file = defaultdict(list)
+    for item in items:
+        if item.caption_file is not None and item.captions:
+            by_file[item.caption_file].append(item.id)
+    for caption_file, ids in by_file.items():
+        for later in ids[1:]:
+            add(
+                "warning",
+                "shared-caption",
+                later,
+                f"takes its caption from {caption_file.name}, as {ids[0]} does: give one image another name and its "
+                "own caption, or remove the copy",
+            )
 
 
 def _check_pair(item: Item, tinfo: ImageInfo, timage, sources, report: Report) -> dict:

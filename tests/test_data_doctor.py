@@ -320,3 +320,17 @@ def test_a_gif_named_png_is_named_as_a_gif_with_what_trains_of_it(tmp_path, tiny
         == "image still.png: a GIF file named .png (not JPEG, PNG or WebP); it decodes, so it is kept"
     )
     assert not report.excluded
+
+
+def test_two_images_of_one_name_sharing_a_caption_file_are_named(tmp_path, tiny_model_dir):
+    root = tmp_path / "folder"
+    root.mkdir()
+    _photo(128, 128, seed=1).save(root / "bottle.jpg")
+    _photo(128, 128, seed=2).save(root / "bottle.png")
+    (root / "bottle.txt").write_text("a qwnbrand bottle")
+    _photo(128, 128, seed=3).save(root / "can.png")
+    (root / "can.txt").write_text("a qwnbrand can")
+    cfg = load_config(None, [f"data.path={root}", f"model.pretrained={tiny_model_dir}", f"output_dir={tmp_path / 'o'}"])
+    shared = [f for f in diagnose(cfg, tokenizer=None).findings if f.code == "shared-caption"]
+    assert [(f.severity, f.item) for f in shared] == [("warning", "bottle.png")]
+    assert "takes its caption from bottle.txt, as bottle.jpg does" in shared[0].message

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,3 +124,20 @@ def test_a_config_error_under_a_2_process_launch_is_one_line(tiny_model_dir, sam
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "train.max_stepz" in ours[0], result.stderr[-3000:]
+
+
+def test_a_2_process_checkpoint_resumed_by_1_process_says_what_changes(runs, tiny_model_dir, sample_data_dir, tmp_path):
+    """The optimizer step averages half the samples at the same learning rate; the warning said only that RNG streams
+    are reused."""
+    resumed = tmp_path / "resumed"
+    (resumed / CHECKPOINT.parent).mkdir(parents=True)
+    shutil.copytree(runs["ddp"] / CHECKPOINT, resumed / CHECKPOINT)
+    shutil.copy(runs["ddp"] / "run.json", resumed / "run.json")
+    data = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={resumed}"]
+    cmd = [sys.executable, str(ROOT / "train" / "lora.py"), "--config", str(DEMO), *data, *RUN, "--resume", "latest"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = "written by 2 processes, this run has 1: an optimizer step now averages 2 samples where it averaged 4"
+    assert warning in result.stderr and "at the checkpoint's learning rate (it is not rescaled)" in result.stderr
+    assert [r["step"] for r in _losses(resumed)] == [3, 4]

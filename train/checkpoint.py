@@ -299,16 +299,27 @@ class TrainingState:
                 component.load_state_dict(_sharded_like(saved, component.state_dict()) if sharded else saved)
         ranks = state["ranks"]
         if len(ranks) != acc.num_processes:
-            logger.warning(
-                "resume: the checkpoint was written by %d processes, this run has %d; RNG streams are reused "
-                "round-robin, so losses will not match an uninterrupted run exactly",
-                len(ranks),
-                acc.num_processes,
-            )
+            logger.warning("resume: %s", _process_count_change(progress, len(ranks), acc.num_processes))
         mine = ranks[acc.process_index % len(ranks)]
         restore_rng_state(mine["rng"])
         self.noise.load_state_dict(mine["noise"])
         return progress
+
+
+def _process_count_change(progress: TrainingProgress, written_by: int, now: int) -> str:
+    """What changes when a run resumes on another number of processes: the samples behind each optimizer step (a
+    resume keeps the checkpoint's learning rate), and the data order and random streams (reused round-robin)."""
+    before = progress.samples_seen // max(progress.step, 1)  # the writer's batch x accumulation x processes
+    samples = (
+        f"{before // written_by * now} samples where it averaged {before}"
+        if before  # checkpoints from before samples_seen hold 0
+        else f"{now}/{written_by} as many samples"
+    )
+    return (
+        f"the checkpoint was written by {written_by} processes, this run has {now}: an optimizer step now averages "
+        f"{samples} at the checkpoint's learning rate (it is not rescaled), and the data order and random streams "
+        "differ from an uninterrupted run's"
+    )
 
 
 def _unwrapped(optimizer):
