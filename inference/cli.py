@@ -19,8 +19,10 @@ from qwen_image_lora.inference import cli_args as flags
 from qwen_image_lora.io import check_writable
 from qwen_image_lora.knobs import (
     MAX_INPUT_IMAGES,
+    SIZE_FIELDS,
     SettingError,
     check_image_count,
+    flag,
 )
 
 
@@ -60,7 +62,7 @@ def register(subparsers) -> None:
         "`background` (a masked edit that removes the subject), one layer per --element; plus the flattened PNG.",
     )  # fmt: skip
     flags.model_args(p)
-    flags.sampling_args(p, skip=flags.NO_SIZE)
+    flags.sampling_args(p, skip=SIZE_FIELDS)
     p.add_argument("--image", required=True, help="the product photo")
     flags.mask_args(
         p,
@@ -189,14 +191,14 @@ def _generate(args) -> int:
     from qwen_image_lora.inference.masking import prepare_mask
 
     if args.from_image:
-        apply_from(args, Path(_input_file("--from", args.from_image)), flags.NO_SIZE)
+        apply_from(args, Path(_input_file("--from", args.from_image)), SIZE_FIELDS)
         _check_not_an_input("--output", [args.output], args)  # and the inputs the image recorded
     if not args.prompt:
         raise InputError("--prompt: give the prompt (or --from an image that carries one)", "--prompt")
     if args.command == "edit" and not args.image:
         raise InputError(f"--image: give 1 to {MAX_INPUT_IMAGES} input images (or --from an edit whose inputs are "
                          "still there)", "--image")  # fmt: skip
-    check_image_count(len(args.image), least=1 if args.command == "edit" else 0)  # before decoding them
+    check_image_count(len(args.image), least=1 if args.command == "edit" else 0, field="--image")  # before decoding
     images = [_input_image("--image", p) for p in args.image]
     mask = _input_image("--mask", args.mask, colours=False) if getattr(args, "mask", None) else None
     if mask is not None:
@@ -208,7 +210,7 @@ def _generate(args) -> int:
     inputs = [file_record(p, folder) for p in args.image]
     mask_input = file_record(args.mask, folder) if mask is not None else None
     cfg = _model_source(args)
-    check_input_aspects(images, cfg.data.resolution)
+    check_input_aspects(images, cfg.data.resolution, "--image")
     generator, request.adapters = _load(args, cfg)
     image = generator.generate(request)
     made_with = generator.describe(request, inputs, mask_input, folder)
@@ -258,8 +260,7 @@ def _check_flags(request) -> None:
     try:
         request.check()
     except SettingError as e:
-        flag = "--" + e.field.replace("_", "-") if e.field else None
-        raise InputError(f"{flag}: {e.message}" if flag else e.message, flag) from None
+        raise InputError(e.spelled(flag), e.field and flag(e.field)) from None
 
 
 def _as_option(check, *inputs):

@@ -13,12 +13,13 @@ from qwen_image_lora.knobs import (
     MAX_INPUT_IMAGES,
     QUALITY_RANGE,
     accepted,
+    flag,
     limits_of,
+    spell_fields,
     type_of,
 )
 
 FLAG_ALIASES = {"num_inference_steps": ["--steps"]}  # shorter spellings users' scripts already pass
-NO_SIZE = ("width", "height", "aspect_ratio")  # layers keep the input's size
 FROM_HELP = (
     "re-create an image from the settings written into it: they are the defaults (over --config's model and "
     "data.resolution), and the flags and key=value overrides given here win (a size or data.resolution given here "
@@ -110,12 +111,12 @@ def sampling_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
     for f in dataclasses.fields(SamplingConfig):
         if f.name not in skip:
             kind, choices = type_of(SamplingConfig, f), limits_of(f).get("choices")
-            flags = ["--" + f.name.replace("_", "-"), *FLAG_ALIASES.get(f.name, [])]
-            p.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices, help=field_help(f, f.default),
+            flags = [flag(f.name), *FLAG_ALIASES.get(f.name, [])]
+            p.add_argument(*flags, dest=f.name, type=kind, default=f.default, choices=choices, help=field_help(f, f.default, flag),
                            metavar=None if choices else {int: "N", float: "X"}.get(kind, "TEXT"), action=Given)  # fmt: skip
 
 
-def field_help(f: dataclasses.Field, default=None) -> str:
-    """A sampling field's help text and what it accepts, from its declaration."""
-    text = "; ".join(filter(None, [f.metadata["help"], accepted(f)]))
+def field_help(f: dataclasses.Field, default=None, spell=str) -> str:
+    """A sampling field's help text and what it accepts, from its declaration; `spell` writes the fields it names."""
+    text = "; ".join(filter(None, [spell_fields(f.metadata["help"], f.metadata["mentions"], spell), accepted(f)]))
     return text if default is None else f"{text} (default {default})"

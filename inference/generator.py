@@ -24,7 +24,7 @@ from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import SettingError, check_image_count
+from qwen_image_lora.knobs import SIZE_FIELDS, SettingError, check_image_count
 from qwen_image_lora.presets import ASPECT_RATIOS, MAX_SIDE, SIDE_MULTIPLE
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
@@ -33,7 +33,8 @@ MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat temp
 def check_masked_size(settings) -> None:
     """A masked edit keeps its image's size: a size given with a mask is refused (it was taken and ignored)."""
     if settings.aspect_ratio or settings.width or settings.height:
-        raise SettingError("mask", "a masked edit keeps its image's size; drop aspect_ratio, width and height")
+        raise SettingError("mask", "a masked edit keeps its image's size; drop aspect_ratio, width and height",
+                           SIZE_FIELDS)  # fmt: skip
 
 
 def one_side_size(settings, aspect: tuple[int, int]) -> tuple[int, int] | None:
@@ -51,7 +52,8 @@ def one_side_size(settings, aspect: tuple[int, int]) -> tuple[int, int] | None:
     snapped = round(other / SIDE_MULTIPLE) * SIDE_MULTIPLE
     if not SIDE_MULTIPLE <= snapped <= MAX_SIDE:
         raise SettingError(given, f"{side} keeps the {w}x{h} image's aspect only with a {other_name} of {other:.0f} "
-                                  f"px, outside {SIDE_MULTIPLE}..{MAX_SIDE}; give both sides, or a {given} that fits")  # fmt: skip
+                                  f"px, outside {SIDE_MULTIPLE}..{MAX_SIDE}; give both sides, or a {given} that fits",
+                           (other_name, given))  # fmt: skip
     return (side, snapped) if given == "width" else (snapped, side)
 
 
@@ -63,7 +65,7 @@ def size_for_aspect(aspect_ratio: str, resolution: int = 1024) -> tuple[int, int
     return qmodel.fit_size(a, b, resolution)
 
 
-def check_input_aspects(images: list[Image.Image], resolution: int) -> None:
+def check_input_aspects(images: list[Image.Image], resolution: int, field: str = "images") -> None:
     """The pipeline sizes each input image by the sizing rule; one too elongated would get a side of 0 px, or a
     size the text encoder's image processor refuses (a 2048x12 photo: HTTP 500 from transformers' `smart_resize`).
     Needs no model, so the CLI checks it before loading one."""
@@ -74,9 +76,9 @@ def check_input_aspects(images: list[Image.Image], resolution: int) -> None:
         sized = qmodel.fit_size(w, h, resolution) if max(w, h) < sizable * min(w, h) else None
         if sized is None or max(sized) > qmodel.ENCODER_MAX_ASPECT * min(sized):
             read = "" if sized is None else f" (sized to {sized[0]}x{sized[1]}, {max(sized) / min(sized):.0f}:1)"
-            raise InputError(f"images: image {i} is {w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1){read}; at "
+            raise InputError(f"{field}: image {i} is {w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1){read}; at "
                              f"resolution {resolution} the model takes aspect ratios under {limit:g}:1; crop or pad "
-                             "it closer to square", "images")  # fmt: skip
+                             "it closer to square", field)  # fmt: skip
 
 
 @dataclass

@@ -55,6 +55,7 @@ from qwen_image_lora.knobs import (
     MAX_ADAPTER_WEIGHT,
     MAX_INPUT_IMAGES,
     QUALITY_RANGE,
+    SIZE_FIELDS,
     limits_of,
     repeated_name,
     type_of,
@@ -153,7 +154,7 @@ def request_models(serve: ServeConfig):
         width: int = Field(ge=1, le=serve.max_side)
         height: int = Field(ge=1, le=serve.max_side)
 
-    class LayersRequest(sampling_model("LayersSampling", serve, Sampled, skip=("width", "height", "aspect_ratio"))):
+    class LayersRequest(sampling_model("LayersSampling", serve, Sampled, skip=SIZE_FIELDS)):
         """Subject cut-out, background without it (a masked edit), and generated elements, as one layered file; the
         layers keep the input's size."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from qwen_image_lora.presets import ASPECT_RATIOS, MAX_SIDE, SIDE_MULTIPLE
 from qwen_image_lora.typed_yaml import ConfigError
 
 MAX_INPUT_IMAGES = 10  # reference images per edit: the model's limit (training data, configs and every edge)
+SIZE_FIELDS = ("aspect_ratio", "width", "height")
 
 
 # Limits of the per-request values outside `SamplingConfig`, one home for every edge: CLI flags, batch lines, the
@@ -32,17 +34,35 @@ MASK_FEATHER_RANGE = (0, 64)  # soft edge of a masked edit, in pixels
 
 class SettingError(InputError):
     """A value that breaks a setting's rule. `field` names it (None: a combination of fields); str() is
-    'field: message', which each edge turns into its own form (a config's dotted name, a 422's loc)."""
+    'field: message', which each edge turns into its own form (a config's dotted name, a 422's loc). `mentions` are
+    the other fields the message names, which `spelled` writes as the edge does (the CLI's --aspect-ratio)."""
 
-    def __init__(self, field: str | None, message: str):
+    def __init__(self, field: str | None, message: str, mentions: tuple[str, ...] = ()):
         super().__init__(f"{field}: {message}" if field else message)
-        self.field, self.message = field, message
+        self.field, self.message, self.mentions = field, message, mentions
+
+    def spelled(self, spell: typing.Callable[[str], str]) -> str:
+        message = spell_fields(self.message, self.mentions, spell)
+        return f"{spell(self.field)}: {message}" if self.field else message
 
 
-def knob(default, help: str, **limits):
-    """A settings field. `help` describes its CLI flag and request field; `limits` (ge, le, multiple_of, choices)
-    are checked by `check_value` and become a request model's constraints."""
-    return field(default=default, metadata={"help": help, "limits": limits})
+def flag(name: str) -> str:
+    """A field's command-line spelling: aspect_ratio -> --aspect-ratio."""
+    return "--" + name.replace("_", "-")
+
+
+def spell_fields(text: str, names: typing.Iterable[str], spell: typing.Callable[[str], str]) -> str:
+    """`text` with each of the field names it mentions, as a whole word, spelled by `spell`."""
+    for name in names:
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", lambda _, name=name: spell(name), text)
+    return text
+
+
+def knob(default, help: str, mentions: tuple[str, ...] = (), **limits):
+    """A settings field. `help` describes its CLI flag and request field (naming the fields in `mentions`, which each
+    edge spells its own way); `limits` (ge, le, multiple_of, choices) are checked by `check_value` and become a
+    request model's constraints."""
+    return field(default=default, metadata={"help": help, "mentions": mentions, "limits": limits})
 
 
 def limits_of(f: dataclasses.Field) -> dict:
@@ -147,14 +167,16 @@ class SamplingConfig:
 
     negative_prompt: str | None = knob(None, "what to steer away from; guidance acts only with one")
     width: int | None = knob(
-        None, "width in pixels (or aspect_ratio)", ge=SIDE_MULTIPLE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE
-    )
+        None, "width in pixels (or aspect_ratio)", ("aspect_ratio",), ge=SIDE_MULTIPLE, le=MAX_SIDE,
+        multiple_of=SIDE_MULTIPLE,
+    )  # fmt: skip
     height: int | None = knob(
-        None, "height in pixels (or aspect_ratio)", ge=SIDE_MULTIPLE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE
-    )
+        None, "height in pixels (or aspect_ratio)", ("aspect_ratio",), ge=SIDE_MULTIPLE, le=MAX_SIDE,
+        multiple_of=SIDE_MULTIPLE,
+    )  # fmt: skip
     # Quote it in YAML ("16:9"), or YAML reads a number.
     aspect_ratio: str | None = knob(
-        None, "a preset size for the pixel budget (or width/height)", choices=tuple(ASPECT_RATIOS)
+        None, "a preset size for the pixel budget (or width/height)", ("width", "height"), choices=tuple(ASPECT_RATIOS)
     )
     num_inference_steps: int | None = knob(None, "denoising steps; default: the pipeline's own", ge=1)
     guidance_scale: float | None = knob(None, "true_cfg_scale: acts only with a negative prompt and > 1", ge=0.0)
@@ -166,7 +188,7 @@ class SamplingConfig:
         for f in dataclasses.fields(SamplingConfig):
             check_value(f, getattr(self, f.name))
         if self.aspect_ratio is not None and (self.width is not None or self.height is not None):
-            raise SettingError(None, "give either aspect_ratio or width/height, not both")
+            raise SettingError(None, "give either aspect_ratio or width/height, not both", SIZE_FIELDS)
 
     def validate(self, where: str) -> None:
         try:

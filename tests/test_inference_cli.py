@@ -81,23 +81,32 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, unloadable_model, c
             ["generate", "--prompt", "x", "--width", "100032", "--height", "64"],
             "error: --width: must be a positive multiple of 32 up to 4096 (got 100032)",
         ),
-        (["generate", "--prompt", "x", "--aspect-ratio", "1:1", "--height", "64"], "error: give either aspect_ratio"),
-        (["edit", "--prompt", "x", *["--image", str(strip)] * 11], "images: give 1 to 10 input images (got 11)"),
+        (
+            ["generate", "--prompt", "x", "--aspect-ratio", "1:1", "--height", "64"],
+            "error: give either --aspect-ratio or --width/--height, not both",
+        ),
+        (
+            ["edit", "--prompt", "x", *["--image", str(strip)] * 11],
+            "error: --image: give 1 to 10 input images (got 11)",
+        ),
         (  # was "big.png: image is ...; the limit is 67,108,864": no option, no next step
             ["edit", "--prompt", "x", "--image", str(big)],
             f"error: --image {big}: image is 8200x8200 = 67,240,000 pixels; the limit is 67,108,864; downscale it",
         ),
         (  # was transformers' "absolute aspect ratio must be smaller than 200" after the model loaded (HTTP 500)
             ["edit", "--prompt", "x", "--image", str(sliver)],
-            "images: image 1 is 2048x12 (aspect 170.7:1) (sized to 13376x64, 209:1); at resolution 1024 the model "
+            "error: --image: image 1 is 2048x12 (aspect 170.7:1) (sized to 13376x64, 209:1); at resolution 1024 the model "
             "takes aspect ratios under 200:1; crop or pad it closer to square",
         ),
         # A masked edit keeps its image's size: the size asked for was ignored (and recorded in the image's settings).
-        ([*masked, "--aspect-ratio", "16:9"], "error: --mask: a masked edit keeps its image's size; drop aspect_ratio"),
+        (
+            [*masked, "--aspect-ratio", "16:9"],
+            "error: --mask: a masked edit keeps its image's size; drop --aspect-ratio, --width and --height",
+        ),
         ([*masked, "--width", "96"], "error: --mask: a masked edit keeps its image's size"),
         (
             ["edit", "--prompt", "x", "--image", str(strip), "data.resolution=64"],
-            "images: image 1 is 400x20 (aspect 20.0:1); at resolution 64 the model takes aspect ratios under 16:1",
+            "error: --image: image 1 is 400x20 (aspect 20.0:1); at resolution 64 the model takes aspect ratios under 16:1",
         ),
     ):
         assert main([*argv, *base]) == 2
@@ -483,6 +492,7 @@ def test_help_speaks_to_users_and_batch_help_shows_a_valid_job_line(tmp_path, ca
         main(["batch", "--help"])
     text = capsys.readouterr().out
     assert "batch.py" not in text and all(field in text for field in fields)
+    assert "width in pixels (or aspect_ratio)" in text  # a jobs file's key; the flags' help names the flag
     example = text.split("example line:")[1].strip().splitlines()[0]
     (tmp_path / "jobs.jsonl").write_text(example + "\n")
     (tmp_path / "in").mkdir()
@@ -493,6 +503,7 @@ def test_help_speaks_to_users_and_batch_help_shows_a_valid_job_line(tmp_path, ca
         main(["edit", "--help"])
     text = capsys.readouterr().out  # a value's kind, as the sampling flags' N and X (was QUALITY, MASK_FEATHER)
     assert "--quality N" in text and "--mask-feather PX" in text and not re.search(r"--\S+ [A-Z_]{7,}\b", text)
+    assert "(or --aspect-ratio)" in text and "(or --width/--height)" in " ".join(text.split())
 
 
 def test_batch_with_nothing_left_says_so_without_loading_the_model(tmp_path, capsys, unloadable_model):
@@ -565,8 +576,8 @@ def test_one_side_given_keeps_the_aspect_of_the_input_or_a_square(tiny_model_dir
     assert main(["edit", *argv, "--image", str(tmp_path / "tall.png"), "--width", "1024",
                  "--output", str(tmp_path / "o.png")]) == 2  # fmt: skip
     assert capsys.readouterr().err.strip() == (
-        "error: --width: 1024 keeps the 100x1000 image's aspect only with a height of 10240 px, outside 32..4096; "
-        "give both sides, or a width that fits"
+        "error: --width: 1024 keeps the 100x1000 image's aspect only with a --height of 10240 px, outside 32..4096; "
+        "give both sides, or a --width that fits"
     )
 
 
