@@ -300,14 +300,16 @@ def _layers(args) -> int:
 
 def _batch(args) -> int:
     _check_sources(args)
+    from qwen_image_lora.inference.jobs import check_adapter_names, read_jobs
+
+    jobs = read_jobs(_input_file("jobs file", args.jobs))  # every line, in a second: before torch and the weights
     import torch
     from accelerate import PartialState
 
     from qwen_image_lora.inference.adapters import derived_names
-    from qwen_image_lora.inference.batch import adapter_identity, check_adapter_names, pending, read_jobs, run_batch
+    from qwen_image_lora.inference.batch import adapter_identity, pending, run_batch
     from qwen_image_lora.knobs import parse_lora_arg
 
-    jobs = read_jobs(_input_file("jobs file", args.jobs))  # every line checked before loading 7B weights
     sources = [parse_lora_arg(item)[0] for item in args.lora]
     names = derived_names(sources)
     check_adapter_names(jobs, args.jobs, names)

@@ -37,7 +37,7 @@ class Given(argparse.Action):
 
 
 def job_format() -> str:
-    """What `qwen-lora batch --help` shows; `inference.batch.read_jobs` checks each line against it. The sampling
+    """What `qwen-lora batch --help` shows; `inference.jobs.read_jobs` checks each line against it. The sampling
     fields' lines come from `SamplingConfig`."""
     sampling = [f"  {f.name:<20}{field_help(f)}" for f in dataclasses.fields(SamplingConfig) if f.name != "seed"]
     return "\n".join([

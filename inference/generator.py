@@ -24,17 +24,10 @@ from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import SIZE_FIELDS, SettingError, check_image_count
+from qwen_image_lora.knobs import SettingError, check_image_count, check_masked_size
 from qwen_image_lora.presets import ASPECT_RATIOS, MAX_SIDE, SIDE_MULTIPLE
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
-
-
-def check_masked_size(settings) -> None:
-    """A masked edit keeps its image's size: a size given with a mask is refused (it was taken and ignored)."""
-    if settings.aspect_ratio or settings.width or settings.height:
-        raise SettingError("mask", "a masked edit keeps its image's size; drop aspect_ratio, width and height",
-                           SIZE_FIELDS)  # fmt: skip
 
 
 def one_side_size(settings, aspect: tuple[int, int]) -> tuple[int, int] | None:

@@ -159,6 +159,13 @@ def check_image_count(count: int, least: int = 0, field: str = "images") -> None
         raise SettingError(field, f"give {allowed} input images (got {count})")
 
 
+def check_masked_size(settings) -> None:
+    """A masked edit keeps its image's size: a size given with a mask is refused (it was taken and ignored)."""
+    if settings.aspect_ratio or settings.width or settings.height:
+        raise SettingError("mask", "a masked edit keeps its image's size; drop aspect_ratio, width and height",
+                           SIZE_FIELDS)  # fmt: skip
+
+
 @dataclass(kw_only=True)
 class SamplingConfig:
     """The knobs of one generation, each declared once with its help and limits: validation, eval and batch jobs

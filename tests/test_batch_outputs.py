@@ -9,8 +9,9 @@ from PIL import Image
 from qwen_image_lora.cli import main
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_settings
-from qwen_image_lora.inference.batch import read_jobs, run_batch
+from qwen_image_lora.inference.batch import run_batch
 from qwen_image_lora.inference.generator import Generator
+from qwen_image_lora.inference.jobs import read_jobs
 
 RED_MUG = {"prompt": "a red mug", "num_inference_steps": 1, "width": 64, "height": 64}
 BLUE_BOTTLE = {"prompt": "a blue bottle", "num_inference_steps": 2, "width": 128, "height": 128}

@@ -17,8 +17,9 @@ from qwen_image_lora.cli import main
 from qwen_image_lora.config import Config
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import encode_image, read_settings
-from qwen_image_lora.inference.batch import read_jobs, run_batch
+from qwen_image_lora.inference.batch import run_batch
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.inference.jobs import read_jobs
 from qwen_image_lora.inference.server import create_app
 from qwen_image_lora.inference.testing import make_random_lora
 

@@ -26,10 +26,10 @@ from qwen_image_lora.data.sources import open_image
 from qwen_image_lora.eval.evaluator import _mask as evaluator_mask
 from qwen_image_lora.eval.evaluator import edit_sources
 from qwen_image_lora.images import DecodeCost, ImageInputError, decode_cost, read_image, to_8bit
-from qwen_image_lora.inference.batch import Job
 from qwen_image_lora.inference.batch import _request as batch_request
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.guards import DecodeGate
+from qwen_image_lora.inference.jobs import Job
 from qwen_image_lora.inference.server import _decode_inputs, create_app
 from qwen_image_lora.serve_config import ServeConfig
 from qwen_image_lora.train.validation import validation_requests

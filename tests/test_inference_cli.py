@@ -18,7 +18,7 @@ from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_settings
 from qwen_image_lora.inference import batch
 from qwen_image_lora.inference.adapters import trained_resolution
-from qwen_image_lora.inference.batch import read_jobs
+from qwen_image_lora.inference.jobs import read_jobs
 from qwen_image_lora.inference.testing import make_random_lora
 from tests.launch import accelerate_launch
 
@@ -481,7 +481,7 @@ def test_overrides_reach_generate_edit_and_batch(tiny_model_dir, tmp_path, capsy
 def test_help_speaks_to_users_and_batch_help_shows_a_valid_job_line(tmp_path, capsys):
     import dataclasses
 
-    from qwen_image_lora.inference.batch import Job
+    from qwen_image_lora.inference.jobs import Job
 
     fields = [f.name for f in dataclasses.fields(Job) if not f.metadata.get("internal")]
     with pytest.raises(SystemExit):

@@ -7,8 +7,9 @@ import pytest
 
 from qwen_image_lora.cli import build_parser
 from qwen_image_lora.config import Config, ConfigError, EvalConfig, SamplingConfig, ValidationConfig, load_config
-from qwen_image_lora.inference.batch import Job, _request, read_jobs
+from qwen_image_lora.inference.batch import _request
 from qwen_image_lora.inference.generator import GenerationRequest
+from qwen_image_lora.inference.jobs import Job, read_jobs
 from qwen_image_lora.inference.server import request_models
 from qwen_image_lora.train.validation import validation_requests
 

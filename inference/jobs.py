@@ -1,0 +1,153 @@
+"""A batch's jobs file: one job per JSON line, each checked before any model loads, every bad line named at once.
+
+The format is printed by `qwen-lora batch --help` (`job_format` in inference/cli_args.py). Reading a jobs file needs
+no torch, so a bad line is refused in a second, not after the imports `inference/batch.py` (the rendering) needs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen_image_lora import typed_yaml
+from qwen_image_lora.config import SamplingConfig
+from qwen_image_lora.errors import InputError
+from qwen_image_lora.images import format_for
+from qwen_image_lora.io import iter_jsonl
+from qwen_image_lora.knobs import (
+    MASK_FEATHER_RANGE,
+    QUALITY_RANGE,
+    SettingError,
+    check_adapter_weight,
+    check_image_count,
+    check_masked_size,
+    check_range,
+    repeated_name,
+)
+from qwen_image_lora.typed_yaml import ConfigError
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass
+class Job(SamplingConfig):
+    """One line of the jobs file: the sampling settings (inherited) plus what a job adds, read by the same typed
+    loader as configs (paths relative to the file)."""
+
+    prompt: str = ""
+    id: str | int | None = None
+    images: list[str] = field(default_factory=list, metadata={"path": True})
+    # Masked edit of the last image: white = may change, black = kept exactly.
+    mask: str | None = field(default=None, metadata={"path": True})
+    mask_feather: int = 8
+    seed: int | None = None  # default: --seed + the line's index
+    # {"name": weight} or the HTTP API's [{"name": ..., "weight": ...}]; a null weight is the --lora one.
+    loras: dict[str, float | None] | None = None
+    output: str | None = None
+    quality: int = 95
+    index: int = field(default=-1, metadata={"internal": True})  # the line's position, set by `read_jobs`
+
+    @property
+    def output_name(self) -> str:
+        return self.output or f"{self.id}.png"
+
+
+MAX_LISTED = 10  # bad lines named in one refusal
+
+
+def read_jobs(path: str | Path) -> list[Job]:
+    """Parse and check every line before any model is loaded; errors name the line and the field, every bad line at
+    once (one per run, each after seconds of imports, was seven runs for seven bad lines)."""
+    path = Path(path)
+    jobs, outputs, ids, bad = [], {}, {}, []  # output name / id -> line number; ids also keep whether defaulted
+    refused: list[InputError] = []  # ours, with the field at fault; `bad` also holds lines that are not JSON
+    for where, raw in iter_jsonl(path, InputError, bad):
+        try:
+            jobs.append(_read_job(raw, where, path, len(jobs), outputs, ids))
+        except InputError as e:
+            refused.append(e)
+            bad.append(str(e))
+    if len(bad) == 1:
+        raise refused[0] if refused else InputError(bad[0])
+    if bad:
+        more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        raise InputError(f"{len(bad)} lines of {path} are refused: " + "; ".join(bad[:MAX_LISTED]) + more)
+    if not jobs:
+        raise InputError(f"{path}: no jobs in it (one JSON object per line; `qwen-lora batch --help` shows the format)",
+                         "jobs")  # fmt: skip
+    return jobs
+
+
+def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids: dict) -> Job:
+    """One line as a checked job (the `index`-th good one); `outputs` and `ids` gather what the lines so far took."""
+    if "index" in raw:
+        raise InputError(f"{where}: unknown key 'index' (the line's position is its index)")
+    if isinstance(raw.get("loras"), list):  # the HTTP API's form
+        raw["loras"] = _loras_mapping(raw["loras"], where)
+    try:
+        job = typed_yaml.build(Job, raw, "", where, path.parent.resolve())
+        job.validate(f"{where}: job")  # the sampling checks: sizes, aspect preset, steps
+        check_image_count(len(job.images))
+        check_range("quality", job.quality, *QUALITY_RANGE)  # the limits of every edge (knobs.py)
+        check_range("mask_feather", job.mask_feather, *MASK_FEATHER_RANGE)
+        for name, weight in (job.loras or {}).items():
+            if weight is not None:
+                check_adapter_weight(f"loras.{name}", weight)
+        if job.mask is not None:  # refused here, with the other lines, not after the model had loaded
+            check_masked_size(job)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+    except SettingError as e:
+        raise InputError(f"{where}: job.{e}") from None
+    if not job.prompt:
+        raise InputError(f"{where}: prompt is required")
+    job.index, defaulted = index, job.id is None
+    job.id = f"{job.index:06d}" if defaulted else str(job.id)
+    if not _SAFE_ID.fullmatch(job.id):
+        raise InputError(f"{where}: id {job.id!r} must be letters, digits, '.', '_' or '-'")
+    if job.id in ids:  # the manifest keys jobs by id: two under one would each redo the other on every rerun
+        line, first_defaulted = ids[job.id]
+        how = " (a line without an id is named by its position)" if defaulted or first_defaulted else ""
+        raise InputError(f"{where}: id {job.id!r} is also line {line}'s id{how}; give each job its own id", "id")
+    ids[job.id] = where.rsplit(":", 1)[1], defaulted
+    if job.output is not None and (Path(job.output).name != job.output or not _SAFE_ID.fullmatch(job.output)):
+        raise InputError(f"{where}: output {job.output!r} must be a plain file name inside the output folder")
+    if job.mask is not None and not job.images:
+        raise InputError(f"{where}: mask needs images (it applies to the last one)")
+    _check_inputs(job, where)
+    try:
+        format_for(job.output_name)
+    except InputError as e:
+        raise InputError(f"{where}: {e}", e.field) from None
+    if job.output_name in outputs:
+        raise InputError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
+    outputs[job.output_name] = where.rsplit(":", 1)[1]
+    return job
+
+
+def check_adapter_names(jobs: list[Job], jobs_file: str, loaded: list[str]) -> None:
+    """Every adapter a job names is one of the --lora ones (`loaded`: the names they load under)."""
+    for job in jobs:
+        if unknown := [name for name in job.loras or {} if name not in loaded]:
+            given = ", ".join(loaded) or "none (give --lora PATH[:WEIGHT])"
+            raise InputError(f"{jobs_file}: job {job.id}: loras: unknown adapter {unknown[0]!r}; --lora gives: {given}",
+                             "loras")  # fmt: skip
+
+
+def _loras_mapping(items: list, where: str) -> dict:
+    """[{"name": n, "weight": w}, ...] (the HTTP API's `loras`) -> {n: w}; an omitted weight is null."""
+    if not all(isinstance(i, dict) and isinstance(i.get("name"), str) and set(i) <= {"name", "weight"} for i in items):
+        raise InputError(f'{where}: loras: a list holds {{"name": ..., "weight": ...}} objects', "loras")
+    if twice := repeated_name(i["name"] for i in items):
+        raise InputError(f"{where}: loras: adapter {twice[1]!r} is given twice", "loras")
+    return {i["name"]: i.get("weight") for i in items}
+
+
+def _check_inputs(job: Job, where: str) -> None:
+    """Every input image and mask is a file (paths relative to the jobs file), before any model loads."""
+    named = [(f"images[{i}]", p) for i, p in enumerate(job.images)] + ([("mask", job.mask)] if job.mask else [])
+    for name, p in named:
+        if not Path(p).is_file():
+            what = "is a folder, not a file" if Path(p).is_dir() else "does not exist"
+            raise InputError(f"{where}: {name}: {p} {what} (paths are relative to the jobs file)", name.split("[")[0])
