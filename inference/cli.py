@@ -283,8 +283,10 @@ def _layers(args) -> int:
     elements = [_as_option(Element.parse, e) for e in args.element]  # bad input fails before the model loads
     if Path(args.output).suffix.lower() not in FORMATS:
         raise InputError(f"--output {args.output}: use .psd, .ora or .zip", "--output")
-    check_writable(args.output)
-    _check_not_an_input("--output", [args.output, str(Path(args.output).with_suffix(".png"))], args)
+    flat = str(Path(args.output).with_suffix(".png"))  # the flattened image written beside it
+    for path in (args.output, flat):
+        check_writable(path)
+    _check_not_an_input("--output", [args.output, flat], args)
     image = _input_image("--image", args.image)
     mask = args.mask if args.mask == "auto" else _input_image("--mask", args.mask, colours=False)
     _as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import re
 import time
 import zipfile
@@ -20,17 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from PIL import Image, ImageChops
+from PIL import Image, ImageChops, ImageOps
 from psd_tools import PSDImage
 from psd_tools.api.layers import PixelLayer
-from psd_tools.constants import Resource
+from psd_tools.constants import Resource, Tag
 from psd_tools.psd.image_resources import ImageResource
+from psd_tools.psd.tagged_blocks import TaggedBlocks
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import SRGB_ICC, encode_image, save_image
 from qwen_image_lora.inference import masking
 from qwen_image_lora.io import atomic_path
+from qwen_image_lora.presets import MAX_SIDE, SIDE_MULTIPLE
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BACKGROUND_PROMPT = "remove the object and fill in the background"
 AUTO_MASK_PROMPT = "isolate the main object on a transparent background"
@@ -120,6 +125,10 @@ def build_layers(
             ) from None
     # The edit's feather band lies outside the subject, so every pixel the subject touches is inpainted.
     hole = masking.grow(subject_mask, request.mask_feather)
+    if hole.getextrema()[0] >= 128:  # masked edit's "white everywhere" warning spoke of a mask the user never drew
+        log.warning("layers: the subject grown by mask_feather=%d px covers the whole image, so the background is an "
+                    "edit of all of it (none of the input's pixels are kept)", request.mask_feather)  # fmt: skip
+        hole = None
     background = generator.generate(_with(request, prompt=background_prompt or DEFAULT_BACKGROUND_PROMPT, mask=hole))
     subject = image.convert("RGBA")
     # The mask as given (a soft edge stays soft), times the input's own alpha: coverage times opacity.
@@ -127,9 +136,7 @@ def build_layers(
     layers = Layers(image.size, [Layer("background", background.convert("RGBA")), Layer("subject", subject)])
     for i, element in enumerate(elements):
         x, y, bw, bh = element.box
-        width, height = (
-            max(qmodel.SIDE_MULTIPLE, round(s / qmodel.SIDE_MULTIPLE) * qmodel.SIDE_MULTIPLE) for s in (bw, bh)
-        )
+        width, height = _element_size(bw, bh, generator.resolution)
         made = generator.generate(
             _with(
                 request,
@@ -142,9 +149,18 @@ def build_layers(
             )
         )
         layers.layers.append(
-            Layer(f"element {i + 1}: {element.prompt[:40]}", made.convert("RGBA").resize((bw, bh)), x, y)
+            Layer(f"element {i + 1}: {element.prompt[:40]}", ImageOps.fit(made.convert("RGBA"), (bw, bh)), x, y)
         )
     return layers
+
+
+def _element_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """An element renders at the model's pixel budget with its box's aspect (the sizing rule; each side rounded to the
+    grid on its own rendered a 10x40 badge square and squeezed it 4x), at most MAX_SIDE; `ImageOps.fit` crops the
+    grid's rounding off and scales it into the box."""
+    w, h = qmodel.fit_size(width, height, resolution)
+    scale = min(1.0, MAX_SIDE / max(w, h))
+    return tuple(max(SIDE_MULTIPLE, int(s * scale) // SIDE_MULTIPLE * SIDE_MULTIPLE) for s in (w, h))
 
 
 def _auto_mask(generator, request) -> Image.Image:
@@ -185,6 +201,11 @@ def _psd_bytes(layers: Layers) -> bytes:
         pixel = PixelLayer.frompil(layer.image.convert("RGBA"), psd, "", layer.top, layer.left)
         pixel.name = layer.name
         psd.append(pixel)
+    # A layered PSD's merged image keeps its alpha only under this tag (as Photoshop writes it); without it readers
+    # of the merged image (Pillow, thumbnailers, asset managers) saw every pixel transparent.
+    info = psd._record.layer_and_mask_information  # psd-tools has no public setter for document-level tags
+    info.tagged_blocks = info.tagged_blocks or TaggedBlocks()
+    info.tagged_blocks.set_data(Tag.SAVING_MERGED_TRANSPARENCY)
     buf = io.BytesIO()
     psd.save(buf)
     return buf.getvalue()

@@ -104,6 +104,11 @@ def test_psd_reopens_with_named_layers_at_their_offsets(made, tmp_path):
     for theirs in reopened:
         manual.alpha_composite(theirs.topil().convert("RGBA"), (theirs.left, theirs.top))
     assert np.array_equal(flat, np.asarray(manual))
+    # The merged image inside the PSD (what Pillow, thumbnailers and asset managers read) is the flattened one; its
+    # alpha was 0 everywhere, so they showed nothing.
+    merged = np.asarray(Image.open(psd_path)).astype(int)
+    assert merged.shape == flat.shape and np.array_equal(merged[..., 3], flat[..., 3])
+    assert np.abs(merged[..., :3] - flat[..., :3]).max() <= 1  # psd-tools composites in float
 
 
 def test_openraster_and_zip_outputs(made, tmp_path):
@@ -181,6 +186,42 @@ def test_bad_layer_requests_are_refused_naming_the_part(gen):
         gen.layers(request, Image.new("L", (W, H), 255))
 
 
+def test_an_element_renders_at_its_boxs_aspect(gen, monkeypatch):
+    """Each side of a box was rounded to the 32-px grid on its own: a 10x40 badge rendered square and was squeezed
+    4x into its box, a 48x16 one at 2:1 into 3:1."""
+    sizes, real_generate = [], gen.generate
+
+    def recording(request):  # our own method: records the size each element was rendered at
+        made = real_generate(request)
+        if not request.images:
+            sizes.append(made.size)
+        return made
+
+    monkeypatch.setattr(gen, "generate", recording)
+    boxes = [(5, 5, 10, 40), (0, 0, 48, 16), (2, 60, 150, 20)]
+    request = GenerationRequest("x", images=[Image.new("RGB", (W, H))], num_inference_steps=1)
+    mask = Image.new("L", (W, H), 0)
+    mask.paste(255, (40, 20, 120, 80))
+    result = gen.layers(
+        request, mask, elements=[layer_output.Element.parse(f"b@{x},{y},{w},{h}") for x, y, w, h in boxes]
+    )
+    for (_, _, w, h), (rw, rh), layer in zip(boxes, sizes, result.layers[2:], strict=True):
+        # Each side on the 32-px grid moves the aspect by at most 32 / the short side; `ImageOps.fit` crops that off.
+        assert abs((rw / rh) / (w / h) - 1) <= 32 / min(rw, rh), ((w, h), (rw, rh))
+        assert rw * rh >= 0.5 * 96 * 96 and layer.image.size == (w, h)  # at the model's pixel budget
+
+
+def test_a_subject_grown_over_the_whole_image_says_so_in_layers_terms(gen, caplog):
+    """The masked edit's "white everywhere, so this is a plain edit" spoke of a mask the user had not drawn."""
+    mask = Image.new("L", (W, H), 255)
+    mask.paste(0, (0, 0, W, 4))  # black only in a strip the feather covers
+    request = GenerationRequest("x", images=[Image.new("RGB", (W, H))], num_inference_steps=1, mask_feather=8)
+    with caplog.at_level("WARNING"):
+        background = gen.layers(request, mask).layers[0]
+    assert "layers: the subject grown by mask_feather=8 px covers the whole image" in caplog.text
+    assert "white everywhere" not in caplog.text and background.image.size == (W, H)
+
+
 def test_auto_mask_is_the_alpha_of_the_models_own_cut_out(gen):
     image = Image.new("RGB", (W, H), (120, 60, 30))
     request = GenerationRequest("x", images=[image], num_inference_steps=1, seed=2)
@@ -239,10 +280,13 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
     Image.new("L", (w, h), int(rng.integers(0, 128))).save(tmp_path / "black.png")
     x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
     outside = f"a badge@{x},{y},{w - x + int(rng.integers(1, 40))},{int(rng.integers(1, h - y + 1))}"
-    cases = [("aspect.png", [], "--mask", "aspect ratio"), ("black.png", [], "--mask", "no subject"),
+    (tmp_path / "o.png").mkdir(exist_ok=True)  # a folder where the flattened image goes: a traceback after the render
+    cases = [("good.png", [], "could not write", "o.png: a folder is where the file should be"), ("aspect.png", [], "--mask", "aspect ratio"),
+             ("black.png", [], "--mask", "no subject"),
              ("good.png", ["--element", outside], "--element", f"leaves the {w}x{h} image"),
              ("auto", ["--element", outside], "--element", f"leaves the {w}x{h} image")]  # fmt: skip
-    for mask, extra, option, message in cases:
+    for i, (mask, extra, option, message) in enumerate(cases):
+        out = tmp_path / ("o.psd" if i == 0 else "p.psd")
         rc = main(
             [
                 "layers",
@@ -254,7 +298,7 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
                 mask if mask == "auto" else str(tmp_path / mask),
                 *extra,
                 "--output",
-                str(tmp_path / "o.psd"),
+                str(out),
             ]
         )
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
