@@ -28,8 +28,8 @@ def _eval(args: argparse.Namespace) -> int:
     report = json.loads(json_path.read_text())
     for verdict in report["verdicts"].values():  # the report's own verdict lines, computed once
         print(verdict["line"])
-    if report["best_checkpoint"]:
-        print(f"best by held-out loss: {report['best_checkpoint']}")
+    if report["checkpoint_verdict"]:
+        print(report["checkpoint_verdict"])
     print(f"report: {html_path}\nnumbers: {json_path}")
     return 0
 

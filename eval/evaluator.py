@@ -28,7 +28,7 @@ from qwen_image_lora.data.sources import check_edit_files
 from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.eval import metrics as M
 from qwen_image_lora.eval.report import log_to_wandb, write_report
-from qwen_image_lora.eval.summary import BASE, CheckpointScore, Sample, summarise, verdicts
+from qwen_image_lora.eval.summary import BASE, CheckpointScore, Sample, best_checkpoint, summarise, verdicts
 from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.adapters import adapter_name_for
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
@@ -80,8 +80,7 @@ def evaluate(
             generator.adapters.unload(name)
     not_measured = _score(samples, jobs, cfg, notes, device=str(pipe.device))
     if checkpoints:
-        best = min(checkpoints, key=lambda c: c.loss)
-        notes.append(f"Best checkpoint by held-out loss: {best.name} (step {best.step}, loss {best.loss:.5g}).")
+        notes.append(best_checkpoint(checkpoints)[1].capitalize() + ".")
     paths = write_report(
         cfg.eval.output_dir,
         samples,
@@ -309,7 +308,8 @@ def _same_weights(a: Path, b: Path) -> bool:
 def score_checkpoints(
     cfg: Config, generator: Generator, checkpoints: list[tuple[int, str, Path]]
 ) -> list[CheckpointScore]:
-    """Held-out loss of each (step, name, adapter folder) from `find_checkpoints`.
+    """Held-out loss of the base model (named BASE, step 0) and of each (step, name, adapter folder) from
+    `find_checkpoints`.
 
     The items are those `validation.held_out_fraction` keeps out of training and the noise and times are
     fixed by `validation.seed`: with the run's own config this is the split and the number the run logged as
@@ -321,7 +321,9 @@ def score_checkpoints(
             "validation.held_out_fraction: no held-out items to score checkpoints on; set it to the "
             "fraction the run held out (> 0)"
         )
-    scores = []
+    generator.adapters.set({})  # the reference: a checkpoint worse than the base model is no "best"
+    scores = [CheckpointScore(BASE, 0, heldout_loss(generator.pipe.transformer, batches, cfg.validation.seed))]
+    logger.info("base model: held-out loss %.5g", scores[0].loss)
     for step, name, adapter in track(checkpoints, desc="checkpoints", unit="adapter"):
         loaded = generator.adapters.load(adapter, name=f"eval-{name}")
         try:

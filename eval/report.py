@@ -29,6 +29,7 @@ from qwen_image_lora.eval.summary import (
     WORSE,
     CheckpointScore,
     Sample,
+    best_checkpoint,
     compare,
     fmt,
     summarise,
@@ -65,14 +66,15 @@ def write_report(
     """Write `report.html` and `report.json` into `out_dir`; returns their paths. Both open with the verdicts.
 
     notes: lines shown at the top (e.g. which metrics were skipped and how to enable them). checkpoints: held-out
-    losses of a run's checkpoints; the lowest is marked best. config: the resolved config, stored in the JSON.
+    losses of a run's checkpoints (and the base model's, as BASE at step 0); the lowest is marked best when it beats
+    the base model. config: the resolved config, stored in the JSON.
     not_measured: metrics not scored -> why, for the verdict line.
     """
     out_dir = Path(out_dir)
     variants = _variants(samples)
     summary = summarise(samples, variants)
     verdict = verdicts(summary, not_measured)
-    best = min(checkpoints, key=lambda c: c.loss).name if checkpoints else None
+    best, checkpoint_line = best_checkpoint(checkpoints) if checkpoints else (None, None)
     data = {
         "title": title,
         "verdicts": verdict,
@@ -86,6 +88,7 @@ def write_report(
         "samples": [{"kind": s.kind, "prompt": s.prompt, "seed": s.seed, "metrics": s.metrics} for s in samples],
         "checkpoints": [vars(c) for c in checkpoints],
         "best_checkpoint": best,
+        "checkpoint_verdict": checkpoint_line,
         "config": config,
     }
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
@@ -181,8 +184,11 @@ def _metric_table(variants, summary) -> str:
 
 
 def _checkpoint_table(checkpoints, best) -> str:
+    def label(c) -> str:
+        return "base model (no adapter)" if c.name == BASE else c.name + (" (best)" if c.name == best else "")
+
     rows = "".join(
-        f"<tr class='{'best' if c.name == best else ''}'><td class='l'>{html.escape(c.name)}{' (best)' if c.name == best else ''}"
+        f"<tr class='{'best' if c.name == best else ''}'><td class='l'>{html.escape(label(c))}"
         f"</td><td>{c.step}</td><td>{c.loss:.5g}</td></tr>"
         for c in checkpoints
     )
@@ -279,10 +285,13 @@ def _metric_plot(variants, summary) -> bytes:
 def _checkpoint_plot(checkpoints, best) -> bytes:
     fig = _figure(6, 3)
     ax = fig.add_subplot()
-    ordered = sorted(checkpoints, key=lambda c: c.step)
+    ordered = sorted((c for c in checkpoints if c.name != BASE), key=lambda c: c.step)
     ax.plot([c.step for c in ordered], [c.loss for c in ordered], "o-")
-    chosen = next(c for c in ordered if c.name == best)
-    ax.plot([chosen.step], [chosen.loss], "r*", markersize=14, label=f"best: {best}")
+    for c in checkpoints:
+        if c.name == BASE:
+            ax.axhline(c.loss, color="grey", linestyle="--", label="base model")
+        if c.name == best:
+            ax.plot([c.step], [c.loss], "r*", markersize=14, label=f"best: {best}")
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss")
     ax.legend(fontsize=8)

@@ -59,9 +59,24 @@ class Sample:
 
 @dataclass
 class CheckpointScore:
-    name: str
+    name: str  # BASE for the base model's own row (step 0: a LoRA starts as the base model)
     step: int
     loss: float
+
+
+def best_checkpoint(scores: list[CheckpointScore]) -> tuple[str | None, str]:
+    """The checkpoint with the lowest held-out loss and the line that says so. With the base model's row among the
+    scores, a checkpoint must be below it to be named: a run whose every checkpoint is worse than the base model has
+    no best one (it was named "best" without a word about the base)."""
+    base = next((c for c in scores if c.name == BASE), None)
+    best = min((c for c in scores if c.name != BASE), key=lambda c: c.loss)
+    if base is not None and not best.loss < base.loss:
+        return None, (
+            f"no checkpoint beats the base model by held-out loss: base {base.loss:.5g}, the lowest {best.name} "
+            f"(step {best.step}) {best.loss:.5g}"
+        )
+    against = f", base {base.loss:.5g}" if base is not None else ""
+    return best.name, f"best by held-out loss: {best.name} (step {best.step}, loss {best.loss:.5g}{against})"
 
 
 # ----------------------------------------------------------------------------------------- numbers

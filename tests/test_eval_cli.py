@@ -94,10 +94,14 @@ def test_eval_cli_compares_adapters_and_ranks_checkpoints(config_path, adapters,
     assert any("CLIPScore and reference similarity skipped" in n for n in data["notes"])
 
     losses = {c["name"]: c["loss"] for c in data["checkpoints"]}
-    assert set(losses) == {"step-000010", "step-000020", "final"} and all(math.isfinite(v) for v in losses.values())
+    assert set(losses) == {"base", "step-000010", "step-000020", "final"}
+    assert all(math.isfinite(v) for v in losses.values())
     assert losses["step-000010"] != losses["step-000020"] == losses["final"]  # final = the noisy adapter here
+    assert losses["step-000010"] == losses["base"]  # the no-op adapter: the base model's loss exactly
     assert next(c["step"] for c in data["checkpoints"] if c["name"] == "final") == 30
-    assert data["best_checkpoint"] == min(losses, key=losses.get)
+    trained = min((n for n in losses if n != "base"), key=losses.get)
+    best = trained if losses[trained] < losses["base"] else None  # a "best" that is no better than base is none
+    assert data["best_checkpoint"] == best and out[-3] == data["checkpoint_verdict"]
     assert (tmp_path / "report" / "report.html").read_text().count("data:image/jpeg") == 4 * 3 + 2
 
 

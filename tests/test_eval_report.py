@@ -16,7 +16,7 @@ from PIL import Image
 from scipy import stats
 
 from qwen_image_lora.eval.report import _outlined, write_report
-from qwen_image_lora.eval.summary import CheckpointScore, Sample, summarise, verdicts
+from qwen_image_lora.eval.summary import CheckpointScore, Sample, best_checkpoint, summarise, verdicts
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -92,6 +92,23 @@ def test_report_json_and_html(tmp_path):
     assert page.count("data:image/png;base64,") == 2  # metric plot + checkpoint plot
     assert "CLIPScore skipped" in page and "checkpoint-40 (best)" in page
     assert not list((tmp_path / "eval").glob(".*"))  # no temp files left behind
+
+
+def test_no_checkpoint_is_named_best_when_none_beats_the_base_model(tmp_path):
+    """A run whose checkpoints all scored far above the base model's held-out loss (3.9 against 4.5e5 and up) still
+    had a "best" one, and the report showed no base model to compare with."""
+    diverged = [CheckpointScore("base", 0, 3.9), CheckpointScore("step-2", 2, 4.5e5), CheckpointScore("step-4", 4, 3e8)]
+    assert best_checkpoint(diverged) == (
+        None, "no checkpoint beats the base model by held-out loss: base 3.9, the lowest step-2 (step 2) 4.5e+05"
+    )  # fmt: skip
+    html_path, json_path = write_report(tmp_path, _synthetic_samples(), checkpoints=diverged)
+    data = json.loads(json_path.read_text())
+    assert data["best_checkpoint"] is None and data["checkpoint_verdict"].startswith("no checkpoint beats")
+    page = html_path.read_text()
+    assert "base model (no adapter)" in page and "(best)" not in page
+    learned = [*diverged, CheckpointScore("step-6", 6, 3.5)]
+    assert best_checkpoint(learned) == ("step-6", "best by held-out loss: step-6 (step 6, loss 3.5, base 3.9)")
+    assert best_checkpoint([CheckpointScore("base", 0, 1.0), CheckpointScore("s", 1, 1.0)])[0] is None  # a tie
 
 
 def test_a_second_report_keeps_the_first_beside_it(tmp_path, caplog):
