@@ -309,9 +309,15 @@ def _check_no_repeats(where: str, prompts: list[str], edits: list[EditExample]) 
     if twice := repeated_name(prompts):
         raise ConfigError(f"{where}.prompts[{twice[0]}]: {twice[1]!r} is listed already; list each prompt once "
                           "(more seeds give more samples)")  # fmt: skip
-    if twice := repeated_name(repr(edit) for edit in edits):
+    if twice := repeated_name(_edit_identity(edit) for edit in edits):
         raise ConfigError(f"{where}.edits[{twice[0]}]: the same edit is listed already; list each edit once "
                           "(more seeds give more samples)")  # fmt: skip
+
+
+def _edit_identity(edit: EditExample) -> str:
+    """An edit by the files it names, resolved: `edits/../edits/a.png` or a symlinked folder is the same edit."""
+    resolve = lambda path: None if path is None else str(Path(path).resolve())  # noqa: E731
+    return repr(([resolve(p) for p in edit.images], edit.prompt, resolve(edit.target), resolve(edit.mask)))
 
 
 @dataclass

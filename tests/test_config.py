@@ -100,6 +100,10 @@ def test_bad_values_name_the_field(tmp_path, text, message):
             "eval.edits=[{images: [x.png], prompt: p}, {images: [x.png], prompt: p}]",
             r"eval.edits\[1\]: the same edit is listed already",
         ),
+        (  # the same file spelt another way was taken: 3 pairs read as n = 6 and a confident verdict
+            "eval.edits=[{images: [/srv/in/x.png], prompt: p}, {images: [/srv/in/../in/x.png], prompt: p}]",
+            r"eval.edits\[1\]: the same edit is listed already",
+        ),
         ("serve.max_queue=0", r"serve.max_queue: must be >= 1 \(0 refuses every request\) \(got 0\)"),
         ("serve.max_steps=0", r"serve.max_steps: must be >= 1"),
         ("serve.max_side=-1", r"serve.max_side: must be in 32\.\.4096 \(got -1\)"),
