@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qwen_image_lora import model as qmodel
+from qwen_image_lora.adapter_checks import check_config, check_shapes, pattern_value
 from qwen_image_lora.comfy_mlp import fuse_mlp, fused_names, split_fused_mlp
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.hub import check_adapter_hub, check_source
@@ -161,6 +162,7 @@ def read_adapter(source: str | Path, transformer=None) -> AdapterWeights:
         metadata = _peft_config_metadata(file.parent / "adapter_config.json")
     module_names = {name for name, _ in transformer.named_modules()} if transformer is not None else None
     state_dict, layout = convert(raw, module_names, str(file))
+    check_config(state_dict, {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}, str(file))
     if transformer is not None:
         check_shapes(state_dict, transformer, str(file))
     return AdapterWeights(state_dict, metadata, str(file), layout)
@@ -170,8 +172,14 @@ def convert(raw: dict[str, torch.Tensor], module_names: set[str] | None, where: 
     """Any supported layout -> (`transformer.<module>.lora_A.weight` state dict, layout name)."""
     if not raw:
         raise AdapterError(f"{where}: the file holds no tensors")
-    # A diverged run's NaNs would otherwise render fully transparent black images without a word.
-    bad = next((k for k, v in raw.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    # Integer weights, or a diverged run's NaNs, would otherwise render fully transparent black images without a word.
+    bad = next((k for k, v in raw.items() if not v.is_floating_point()), None)
+    if bad is not None:
+        raise AdapterError(
+            f"{where}: {bad!r} holds {str(raw[bad].dtype).removeprefix('torch.')} values; LoRA weights are floating "
+            "point (float32, float16 or bfloat16): export the adapter again from its training run"
+        )
+    bad = next((k for k, v in raw.items() if not torch.isfinite(v).all()), None)
     if bad is not None:
         raise AdapterError(
             f"{where}: {bad!r} holds NaN or infinite values; use a checkpoint from before the run diverged"
@@ -237,45 +245,6 @@ def _unflatten_kohya(raw, module_names: set[str] | None, where: str) -> dict[str
     return out
 
 
-def check_shapes(state_dict: dict[str, torch.Tensor], transformer, where: str = "adapter") -> None:
-    """Every lora_A/lora_B pair (and DoRA magnitude) must name an existing Linear and match its in/out features."""
-    problems = []
-    for key in sorted(state_dict):
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module_name = key[len("transformer.") : -len(".lora_A.weight")]
-        a = state_dict[key]
-        b = state_dict.get(key.replace(".lora_A.", ".lora_B."))
-        magnitude = state_dict.get(key.replace(".lora_A.weight", ".lora_magnitude_vector"))
-        try:
-            module = transformer.get_submodule(module_name)
-        except AttributeError:
-            problems.append(f"module {module_name!r} does not exist in this transformer")
-            continue
-        base = getattr(module, "base_layer", module)  # a module that already carries another adapter
-        if not isinstance(base, torch.nn.Linear):
-            problems.append(f"module {module_name!r} is {type(base).__name__}, not a Linear layer")
-            continue
-        if b is None:
-            problems.append(f"module {module_name!r}: lora_A without lora_B")
-            continue
-        want_a, want_b = (a.shape[0], base.in_features), (base.out_features, a.shape[0])
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            problems.append(
-                f"module {module_name!r} is Linear(in={base.in_features}, out={base.out_features}) but the adapter has "
-                f"lora_A {list(a.shape)} and lora_B {list(b.shape)} (expected {list(want_a)} and {list(want_b)})"
-            )
-        if magnitude is not None and magnitude.numel() != base.out_features:
-            problems.append(
-                f"module {module_name!r}: DoRA magnitude of {magnitude.numel()}, expected {base.out_features}"
-            )
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise AdapterError(
-            f"{where}: does not fit this transformer — made for another model? " + "; ".join(problems[:3]) + more
-        )
-
-
 def _peft_config_metadata(path: Path) -> dict:
     """peft's adapter_config.json -> the transformer.-prefixed LoraConfig kwargs diffusers' loader takes."""
 
@@ -294,15 +263,8 @@ def module_scale(config: dict, module: str, rank: int) -> float:
     file without a config (diffusers folded alpha / rank into its weights)."""
     if not config:
         return 1.0
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-
-
-def _pattern_value(pattern: dict, name: str, default):
-    for key, value in pattern.items():
-        if name == key or name.endswith("." + key):
-            return value
-    return default
 
 
 # ------------------------------------------------------------------------------------------ writing

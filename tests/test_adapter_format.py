@@ -18,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qwen_image_lora import adapter_format
-from qwen_image_lora.adapter_format import AdapterWeights, check_shapes, module_scale, read_adapter, to_comfyui
+from qwen_image_lora.adapter_checks import check_shapes
+from qwen_image_lora.adapter_format import AdapterWeights, module_scale, read_adapter, to_comfyui
 from qwen_image_lora.cli import main as cli_main
 from qwen_image_lora.comfy_mlp import fuse_mlp_halves, split_fused_mlp
 from qwen_image_lora.errors import AdapterError
@@ -499,6 +500,22 @@ REFUSED = {  # case -> (tensors, read with the model?, why); every refusal names
         False,
         r"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' holds NaN or infinite values",
     ),
+    "integer weights": (  # rendered a fully transparent black image, exit 0
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 32, dtype=torch.int8),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2, dtype=torch.int8),
+        },
+        False,
+        r"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' holds int8 values; LoRA weights are floating",
+    ),
+    "a vector for lora_A": (  # its length was read as the rank: "expected [128, 16] and [32, 128]"
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(32),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2),
+        },
+        False,
+        r"its weights do not match its own config: module 'transformer_blocks.0.attn.to_q': lora_A is \[32\], not a",
+    ),
     "misfit": (
         {
             "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 16),
@@ -517,3 +534,29 @@ def test_a_refused_file_is_named_with_the_reason(transformer, tmp_path, case):
     save_file(tensors, str(file))
     with pytest.raises(AdapterError, match=rf"^{re.escape(str(file))}: {why}"):
         read_adapter(file, transformer if with_model else None)
+
+
+def test_weights_that_disagree_with_their_own_config_are_refused_in_one_line(
+    transformer, tiny_model_dir, tmp_path, capsys
+):
+    """peft builds each layer from the config, then loads the weights: a rank-4 adapter beside an r=2 config was its
+    116-line size-mismatch traceback, and a DoRA config without magnitudes a page of missing keys and a render."""
+    state, _, _ = peft_adapter(transformer, {"r": 4, "lora_alpha": 4, "target_modules": ["to_q"]})
+    adapter_format.write_diffusers(tmp_path / "r2", state, {"r": 2, "lora_alpha": 2, "target_modules": ["to_q"]})
+    with pytest.raises(
+        AdapterError, match=r"module 'transformer_blocks.0.attn.to_q': lora_A has rank 4, its config says r=2"
+    ):
+        read_adapter(tmp_path / "r2", transformer)
+    adapter_format.write_diffusers(tmp_path / "dora", state, {**DORA, "r": 4, "lora_alpha": 4})
+    with pytest.raises(AdapterError, match=r"its config says use_dora but it holds no DoRA magnitudes"):
+        read_adapter(tmp_path / "dora", transformer)
+    # rank_pattern keys are matched as peft matches them (a full name, a tail): the adapter it built reads back.
+    patterned, _, _ = peft_adapter(transformer, PATTERNS)
+    adapter_format.write_diffusers(tmp_path / "patterns", patterned, PATTERNS)
+    assert read_adapter(tmp_path / "patterns", transformer).config["rank_pattern"] == PATTERNS["rank_pattern"]
+    # Through the CLI: one error line naming the file, before any image is rendered.
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--steps", "1", "--lora", str(tmp_path / "r2"),
+            "--output", str(tmp_path / "o.png")]  # fmt: skip
+    assert cli_main(argv) == 2 and not (tmp_path / "o.png").exists()
+    (error,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert error.startswith(f"error: {tmp_path / 'r2'}") and "lora_A has rank 4, its config says r=2" in error

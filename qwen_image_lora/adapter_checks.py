@@ -1,0 +1,79 @@
+"""The checks of the adapter-format component (`adapter_format.py`): an adapter's weights agree with the config
+stored beside them, and fit the transformer they are loaded into. Each refusal is one AdapterError naming every
+misfit (the first three in full), before peft builds a layer."""
+
+from __future__ import annotations
+
+import torch
+from peft.utils.other import get_pattern_key
+
+from qwen_image_lora.errors import AdapterError
+
+
+def check_config(state_dict: dict[str, torch.Tensor], config: dict, where: str = "adapter") -> None:
+    """The weights agree with the config stored beside them (the file's metadata or adapter_config.json): each
+    lora_A is 2-D with the rank `r` / `rank_pattern` gives, and `use_dora` comes with DoRA magnitudes. peft builds its
+    layers from the config and then loads the weights, so a mismatch was its size-mismatch traceback for every
+    module, and a DoRA config without magnitudes a page of missing keys."""
+    problems = []
+    for key in sorted(k for k in state_dict if k.endswith(".lora_A.weight")):
+        module, a = key[len("transformer.") : -len(".lora_A.weight")], state_dict[key]
+        if a.dim() != 2:
+            problems.append(f"module {module!r}: lora_A is {list(a.shape)}, not a matrix")
+        elif "r" in config and a.shape[0] != (
+            rank := pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        ):
+            problems.append(f"module {module!r}: lora_A has rank {a.shape[0]}, its config says r={rank}")
+    if config.get("use_dora") and not any(k.endswith(".lora_magnitude_vector") for k in state_dict):
+        problems.append("its config says use_dora but it holds no DoRA magnitudes (lora_magnitude_vector)")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise AdapterError(
+            f"{where}: its weights do not match its own config: " + "; ".join(problems[:3]) + more
+            + "; save the weights and the config from one training run"
+        )  # fmt: skip
+
+
+def check_shapes(state_dict: dict[str, torch.Tensor], transformer, where: str = "adapter") -> None:
+    """Every lora_A/lora_B pair (and DoRA magnitude) must name an existing Linear and match its in/out features."""
+    problems = []
+    for key in sorted(state_dict):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module_name = key[len("transformer.") : -len(".lora_A.weight")]
+        a = state_dict[key]
+        b = state_dict.get(key.replace(".lora_A.", ".lora_B."))
+        magnitude = state_dict.get(key.replace(".lora_A.weight", ".lora_magnitude_vector"))
+        try:
+            module = transformer.get_submodule(module_name)
+        except AttributeError:
+            problems.append(f"module {module_name!r} does not exist in this transformer")
+            continue
+        base = getattr(module, "base_layer", module)  # a module that already carries another adapter
+        if not isinstance(base, torch.nn.Linear):
+            problems.append(f"module {module_name!r} is {type(base).__name__}, not a Linear layer")
+            continue
+        if b is None:
+            problems.append(f"module {module_name!r}: lora_A without lora_B")
+            continue
+        want_a, want_b = (a.shape[0], base.in_features), (base.out_features, a.shape[0])
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            problems.append(
+                f"module {module_name!r} is Linear(in={base.in_features}, out={base.out_features}) but the adapter has "
+                f"lora_A {list(a.shape)} and lora_B {list(b.shape)} (expected {list(want_a)} and {list(want_b)})"
+            )
+        if magnitude is not None and magnitude.numel() != base.out_features:
+            problems.append(
+                f"module {module_name!r}: DoRA magnitude of {magnitude.numel()}, expected {base.out_features}"
+            )
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise AdapterError(
+            f"{where}: does not fit this transformer — made for another model? " + "; ".join(problems[:3]) + more
+        )
+
+
+def pattern_value(pattern: dict, name: str, default):
+    """`name`'s entry in a rank_pattern / alpha_pattern, matched as peft matches it (a key is a regex of the name's
+    tail)."""
+    return pattern.get(get_pattern_key(list(pattern), name), default)
