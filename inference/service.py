@@ -99,6 +99,6 @@ class _Server(uvicorn.Server):
             os._exit(128 + sig)
         running, withdrawn = worker.busy, worker.drain()
         said = ["finishing the image in progress (Ctrl-C again drops it)"] if running else []
-        said += [f"{withdrawn} queued requests answered 503"] if withdrawn else []
+        said += [f"{withdrawn} waiting requests answered 503"] if withdrawn else []
         print("stopping" + (": " + "; ".join(said) if said else ""), file=sys.stderr, flush=True)
         super().handle_exit(sig, frame)

@@ -89,16 +89,19 @@ class Worker:
 
     def drain(self) -> int:
         """Withdraw every queued job (their requests are answered at once) and admit no more; the running job goes
-        on. Returns how many were withdrawn."""
-        self.draining, withdrawn = True, 0
+        on. Returns how many admitted requests are answered 503: the queued ones, and those still decoding their
+        inputs, which `submit` refuses (counting the queued ones alone said 1 where 2 got 503)."""
+        with self._lock:
+            self.draining, waiting = True, self.waiting
         while True:
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            withdrawn += job is not None and job.cancel()
+            if job is not None:
+                job.cancel()
         self._jobs.put(None)
-        return withdrawn
+        return waiting
 
     def admit(self) -> Slot:
         with self._lock:

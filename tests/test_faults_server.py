@@ -32,6 +32,7 @@ from qwen_image_lora.inference import server, service
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app
 from qwen_image_lora.inference.studio import CSP
+from qwen_image_lora.inference.worker import Stopping, Worker
 from tests.launch import running
 
 KEY = "faults-key-0123456789"
@@ -463,6 +464,20 @@ def test_api_docs_are_off_by_default_and_under_the_studio_csp_when_on(cfg, gen):
     assert all(url.startswith(cdn + "/") for url in re.findall(r'(?:src|href)="(https?://[^"]*)"', r.text))
 
 
+def test_the_first_ctrl_c_counts_a_request_still_decoding_among_those_answered_503():
+    """Only the queued jobs were counted: a request admitted and still decoding its images when Ctrl-C came was
+    refused 503 at its submit but not counted ("1 queued requests answered 503" for two)."""
+    worker = Worker(max_queue=4)
+    release = block_worker(worker)
+    try:
+        decoding, queued = worker.admit(), worker.submit(lambda: None)
+        assert worker.drain() == 2 and queued.future.cancelled()
+        with pytest.raises(Stopping):
+            worker.submit(lambda: None, decoding)
+    finally:
+        release.set()
+
+
 def test_the_first_ctrl_c_answers_the_queued_requests_and_the_second_stops_at_once(cfg, gen, monkeypatch, capsys):
     """uvicorn alone ran every queued job before exiting, silently (a minute for four), and a second Ctrl-C printed a
     traceback per request and aborted (status 134) with the model thread still running."""
@@ -486,7 +501,7 @@ def test_the_first_ctrl_c_answers_the_queued_requests_and_the_second_stops_at_on
     assert [status for status, *_ in answered] == [503, 503] and late[0] == 503
     assert "the service is stopping" in json.loads(answered[0][1])["detail"][0]["msg"]
     assert server.should_exit and capsys.readouterr().err.splitlines()[-1] == (
-        "stopping: finishing the image in progress (Ctrl-C again drops it); 2 queued requests answered 503"
+        "stopping: finishing the image in progress (Ctrl-C again drops it); 2 waiting requests answered 503"
     )
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
