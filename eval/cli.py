@@ -20,7 +20,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not args.adapter and not args.checkpoints:
         print("note: no --adapter or --checkpoints given: the report shows the base model alone, with no verdict",
               file=sys.stderr)  # fmt: skip
-    check_adapters(args.adapter)  # each in half a second, before torch and diffusers import
+    check_adapters(args.adapter, "--adapter")  # each in half a second, before torch and diffusers import
     check_pretrained(cfg.model.pretrained, cfg.model.revision)
     from qwen_image_lora.eval.evaluator import evaluate
 

@@ -25,7 +25,7 @@ from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.config import Config, EditExample, to_dict
 from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.data.sources import check_edit_files
-from qwen_image_lora.errors import InputError, NotFound
+from qwen_image_lora.errors import AdapterError, InputError, NotFound
 from qwen_image_lora.eval import metrics as M
 from qwen_image_lora.eval.report import log_to_wandb, write_report
 from qwen_image_lora.eval.summary import BASE, CheckpointScore, Sample, best_checkpoint, summarise, verdicts
@@ -74,7 +74,7 @@ def evaluate(
         for name, file in files.items():
             generator.adapters.load(file, name=name)
         samples = _render(generator, cfg, jobs, list(names))
-        checkpoints = score_checkpoints(cfg, generator, found) if found else []
+        checkpoints = score_checkpoints(cfg, generator, found, notes) if found else []
     finally:
         for name in generator.adapters.names:
             generator.adapters.unload(name)
@@ -306,14 +306,15 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 def score_checkpoints(
-    cfg: Config, generator: Generator, checkpoints: list[tuple[int, str, Path]]
+    cfg: Config, generator: Generator, checkpoints: list[tuple[int, str, Path]], notes: list[str]
 ) -> list[CheckpointScore]:
     """Held-out loss of the base model (named BASE, step 0) and of each (step, name, adapter folder) from
     `find_checkpoints`.
 
     The items are those `validation.held_out_fraction` keeps out of training and the noise and times are
     fixed by `validation.seed`: with the run's own config this is the split and the number the run logged as
-    `heldout_loss`, so the table lines up with the training curves.
+    `heldout_loss`, so the table lines up with the training curves. A checkpoint that cannot be loaded (damaged,
+    NaN) is left out with a line in `notes`.
     """
     batches = build_training_data(cfg, generator.pipe).held_out_batches()
     if not batches:
@@ -325,7 +326,12 @@ def score_checkpoints(
     scores = [CheckpointScore(BASE, 0, heldout_loss(generator.pipe.transformer, batches, cfg.validation.seed))]
     logger.info("base model: held-out loss %.5g", scores[0].loss)
     for step, name, adapter in track(checkpoints, desc="checkpoints", unit="adapter"):
-        loaded = generator.adapters.load(adapter, name=f"eval-{name}")
+        try:
+            loaded = generator.adapters.load(adapter, name=f"eval-{name}")
+        except AdapterError as e:  # one damaged checkpoint threw away every image rendered and the other scores
+            logger.warning("%s is not scored: %s", name, e)
+            notes.append(f"{name} is not scored: {e}")
+            continue
         try:
             generator.adapters.set({loaded: 1.0})
             loss = heldout_loss(generator.pipe.transformer, batches, cfg.validation.seed)

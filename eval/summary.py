@@ -69,7 +69,10 @@ def best_checkpoint(scores: list[CheckpointScore]) -> tuple[str | None, str]:
     scores, a checkpoint must be below it to be named: a run whose every checkpoint is worse than the base model has
     no best one (it was named "best" without a word about the base)."""
     base = next((c for c in scores if c.name == BASE), None)
-    best = min((c for c in scores if c.name != BASE), key=lambda c: c.loss)
+    trained = [c for c in scores if c.name != BASE]
+    if not trained:
+        return None, "no checkpoint could be scored (the notes say why)"
+    best = min(trained, key=lambda c: c.loss)
     if base is not None and not best.loss < base.loss:
         return None, (
             f"no checkpoint beats the base model by held-out loss: base {base.loss:.5g}, the lowest {best.name} "

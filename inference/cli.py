@@ -132,36 +132,13 @@ def _check_sources(args) -> None:
     imported: a mistyped path or an uncached hub id offline fails in about half a second, not eight (both used to
     fail only after the imports, an uncached hub adapter only after the base model had loaded)."""
     from qwen_image_lora.config import load_config
-    from qwen_image_lora.errors import AdapterError
     from qwen_image_lora.hub import check_adapters, check_pretrained
     from qwen_image_lora.knobs import parse_lora_arg
 
-    seen: dict = {}
-    for source in (parse_lora_arg(item)[0] for item in getattr(args, "lora", [])):
-        try:
-            check_adapters([source])
-        except AdapterError as e:
-            raise AdapterError(f"--lora {e}", "--lora") from None
-        if (key := _adapter_file(source)) in seen:  # it loaded twice: its weight doubled, silently
-            raise AdapterError(f"--lora {source}: the same adapter as --lora {seen[key]}; give each adapter once, at "
-                               "the weight you want (PATH:WEIGHT)", "--lora")  # fmt: skip
-        seen[key] = source
+    check_adapters([parse_lora_arg(item)[0] for item in getattr(args, "lora", [])], "--lora")
     if not getattr(args, "from_image", None):
         model = load_config(args.config, args.overrides).model
         check_pretrained(args.model or model.pretrained, model.revision)
-
-
-def _adapter_file(source: str):
-    """What a --lora names, as one key however it is spelt: a local adapter's weights file by its inode (a run or
-    checkpoint folder, its adapter folder, the file in it, a link to it are one adapter), or the hub id as given."""
-    from qwen_image_lora.run_layout import ADAPTER, FINAL_ADAPTER
-
-    path = Path(source).expanduser()
-    if not path.exists():
-        return source
-    file = next((f for f in (path / FINAL_ADAPTER, path / ADAPTER / FINAL_ADAPTER) if f.is_file()), path)
-    found = file.stat()
-    return found.st_dev, found.st_ino
 
 
 def _load(args, cfg, device=None):

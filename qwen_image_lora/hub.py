@@ -12,6 +12,7 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 from huggingface_hub.file_download import repo_folder_name
 
 from qwen_image_lora.errors import AdapterError, NotFound
+from qwen_image_lora.run_layout import ADAPTER, FINAL_ADAPTER
 
 HUB_TIMEOUT_S = 5.0
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(/.+\.safetensors)?")
@@ -97,13 +98,39 @@ def check_source(source: str | Path) -> None:
     raise AdapterError(f"{source}: no such adapter file or folder ({why}); check the path")
 
 
-def check_adapters(sources) -> None:
+def check_adapters(sources, option: str | None = None) -> None:
     """Each adapter is a local file or folder, or a hub id that is cached or answers now: the commands ask this before
-    importing torch, so a typo or an uncached repo offline fails in about a second, not after the base model loads."""
+    importing torch, so a typo or an uncached repo offline fails in about a second, not after the base model loads.
+    With `option` (the flag that gave them: --lora, --adapter) an error starts with it, and an adapter given twice
+    however it is spelt is refused: generate loaded it twice at double strength, eval scored it twice."""
+    seen: dict = {}
     for source in map(str, sources):
-        check_source(source)
-        if is_hub_id(source):
-            check_adapter_hub(source)
+        try:
+            check_source(source)
+            if is_hub_id(source):
+                check_adapter_hub(source)
+        except AdapterError as e:
+            if option is None:
+                raise
+            raise AdapterError(f"{option} {e}", option) from None
+        if option is None:
+            continue
+        if (key := _weights_file(source)) in seen:
+            weight = ", at the weight you want (PATH:WEIGHT)" if option == "--lora" else ""
+            raise AdapterError(f"{option} {source}: the same adapter as {option} {seen[key]}; give each adapter "
+                               f"once{weight}", option)  # fmt: skip
+        seen[key] = source
+
+
+def _weights_file(source: str):
+    """An adapter as one key however it is spelt: a local adapter's weights file by its inode (a run or checkpoint
+    folder, its adapter folder, the file in it, a link to it are one adapter), or the hub id as given."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return source
+    file = next((f for f in (path / FINAL_ADAPTER, path / ADAPTER / FINAL_ADAPTER) if f.is_file()), path)
+    found = file.stat()
+    return found.st_dev, found.st_ino
 
 
 def check_pretrained(pretrained: str | Path, revision: str | None = None) -> None:

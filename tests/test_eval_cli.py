@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import load_config, save_config
@@ -212,3 +212,31 @@ def test_eval_logs_a_wandb_table_with_images_offline(config_path, adapters, tiny
     wandb.teardown()  # wandb-core writes the log's tail after finish() returns (1 run in 4 read a bare header)
     log = next(run.glob("*.wandb")).read_bytes()
     assert b"eval/verdict/noisy" in log and line.split(" (")[0].encode() in log
+
+
+def test_a_damaged_checkpoint_is_left_out_with_a_note_and_the_rest_are_ranked(config_path, adapters, tmp_path, capsys):
+    """One checkpoint holding an inf ended the eval with an error after every image had been rendered: no report."""
+    run = _run_folder(tmp_path / "run", adapters, load_config(config_path))
+    damaged = run / "checkpoints" / "step-000020" / "adapter" / "pytorch_lora_weights.safetensors"
+    weights = load_file(damaged)
+    weights[next(iter(weights))].view(-1)[0] = float("inf")
+    save_file(weights, damaged)
+    argv = ["eval", "--config", str(config_path), "--checkpoints", str(run), "--output", str(tmp_path / "report"),
+            "eval.seeds=[0]", "eval.prompts=[]"]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [c["name"] for c in data["checkpoints"]] == ["base", "step-000010", "final"]
+    (note,) = [n for n in data["notes"] if "not scored" in n]
+    assert note.startswith(f"step-000020 is not scored: {damaged}: ") and "NaN or infinite" in note
+
+
+def test_eval_refuses_an_adapter_given_twice_however_it_is_spelt(config_path, adapters, unloadable_model, capsys):
+    """`--adapter run --adapter run/pytorch_lora_weights.safetensors` rendered and scored one adapter twice."""
+    noisy = adapters["noisy"]
+    argv = ["eval", "--config", str(config_path), "--adapter", str(noisy), "--adapter",
+            str(noisy / "pytorch_lora_weights.safetensors"), f"model.pretrained={unloadable_model}"]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --adapter {noisy / 'pytorch_lora_weights.safetensors'}: the same adapter as --adapter {noisy}; give "
+        "each adapter once"
+    )
