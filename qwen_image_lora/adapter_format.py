@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.adapter_checks import check_config, check_shapes, pattern_value
 from qwen_image_lora.comfy_mlp import fuse_mlp, fused_names, split_fused_mlp
+from qwen_image_lora.config import DEFAULT_MODEL
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.hub import check_adapter_hub, check_source
 from qwen_image_lora.io import atomic_path
@@ -315,11 +316,17 @@ def _put_comfyui(out: dict, module: str, down: torch.Tensor, up: torch.Tensor, s
     out[f"diffusion_model.{module}.alpha"] = torch.tensor(scale * down.shape[0], dtype=torch.float32)
 
 
-def write_comfyui(source: str | Path, output: str | Path | None = None) -> Path:
+def write_comfyui(source: str | Path, output: str | Path | None = None, model: str | None = None) -> Path:
     """Read `source` (any layout with its config, or a folded one) and write it for ComfyUI; default output:
-    `comfyui_lora.safetensors` beside the source. Returns the file written."""
-
-    weights = read_adapter(source)
+    `comfyui_lora.safetensors` beside the source. A kohya-style file's names are unflattened against `model`'s
+    module tree (built from its config.json; default: the released model's). Returns the file written."""
+    file = resolve_file(source)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            kohya = any(k.startswith("lora_unet_") for k in f.keys())
+    except (SafetensorError, ValueError, OSError):  # read_adapter says what is wrong with it
+        kohya = False
+    weights = read_adapter(file, qmodel.meta_transformer(model or DEFAULT_MODEL) if kohya else None)
     tensors, header = to_comfyui(weights)
     target = _export_target(Path(weights.source), output)
     with atomic_path(target) as tmp:
@@ -350,8 +357,10 @@ def _is_comfyui_export(path: Path) -> bool:
         return False
 
 
-def export_adapter(source: str | Path, fmt: str = "comfyui", output: str | Path | None = None) -> Path:
+def export_adapter(
+    source: str | Path, fmt: str = "comfyui", output: str | Path | None = None, model: str | None = None
+) -> Path:
     """`qwen-lora export`: write `source`'s adapter in another layout; returns the file written."""
     if fmt != "comfyui":
         raise AdapterError(f"export --format: unknown {fmt!r}; supported: comfyui")
-    return write_comfyui(source, output)
+    return write_comfyui(source, output, model)

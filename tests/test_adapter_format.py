@@ -560,3 +560,22 @@ def test_weights_that_disagree_with_their_own_config_are_refused_in_one_line(
     assert cli_main(argv) == 2 and not (tmp_path / "o.png").exists()
     (error,) = capsys.readouterr().err.strip().splitlines()[-1:]
     assert error.startswith(f"error: {tmp_path / 'r2'}") and "lora_A has rank 4, its config says r=2" in error
+
+
+def test_a_kohya_file_exports_through_the_cli_against_the_model_it_names(transformer, tiny_model_dir, tmp_path, capsys):
+    """export read every layout but kohya's: "needs the model to unflatten its module names", with no way to give it."""
+    make_random_lora(transformer, tmp_path / "src", rank=2, alpha=3, targets=MLP)
+    kohya = in_layout(tmp_path / "src", tmp_path / "kohya.safetensors", "kohya")
+    out = tmp_path / "out.safetensors"
+    assert cli_main(["export", str(kohya), "--model", str(tiny_model_dir), "--output", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    ours, theirs = (
+        comfyui_deltas(load_file(str(in_layout(tmp_path / "src", tmp_path / "c.safetensors", "comfyui")))),
+        (comfyui_deltas(load_file(str(out)))),
+    )
+    assert ours.keys() == theirs.keys()
+    for module, delta in ours.items():
+        torch.testing.assert_close(theirs[module], delta)
+    # Without --model it is unflattened against the released model: the tiny model's layers do not fit it.
+    assert cli_main(["export", str(kohya), "--output", str(tmp_path / "o2.safetensors")]) == 2
+    assert "does not fit this transformer" in capsys.readouterr().err

@@ -102,9 +102,7 @@ def check_targets_before_loading(model: ModelConfig, cfg: LoRAConfig) -> None:
     weights, no memory): a typo in lora.targets fails before the data is prepared and the weights load."""
     if isinstance(cfg.targets, str):  # a preset: its names are the model's (the 7B tree takes ~2 s to build on CPU)
         return
-    with torch.device("meta"):
-        transformer = qmodel.transformer_class()(**qmodel.load_transformer_config(model.pretrained, model.revision))
-    _check_each_target_matches(transformer, cfg.target_modules)
+    _check_each_target_matches(qmodel.meta_transformer(model.pretrained, model.revision), cfg.target_modules)
 
 
 def _check_each_target_matches(transformer, targets) -> None:

@@ -12,7 +12,7 @@ from qwen_image_lora import run_layout as layout
 def _export(args) -> int:
     from qwen_image_lora.adapter_format import export_adapter
 
-    written = export_adapter(args.adapter_dir, args.format, args.output)
+    written = export_adapter(args.adapter_dir, args.format, args.output, args.model)
     print(written)
     step = next((p for p in Path(written).resolve().parents if p.parent.name == layout.CHECKPOINTS), None)
     if step is not None and layout.checkpoint_step(step) is not None:  # rotation took the export with the folder
@@ -25,6 +25,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a trained adapter in another layout (ComfyUI)")
     p.add_argument("adapter_dir", help="a training output folder (holds pytorch_lora_weights.safetensors) or the file")
     p.add_argument("--format", choices=["comfyui"], default="comfyui")
+    p.add_argument(
+        "--model",
+        help="hub id or folder of the base model a kohya-style (lora_unet_) file is unflattened against: its "
+        "config.json only, no weights (default: Qwen/Qwen-Image-2.1's architecture)",
+    )
     p.add_argument(
         "--output",
         default=None,
