@@ -7,7 +7,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from psd_tools import PSDImage
 from psd_tools.constants import Resource
 from scipy.ndimage import distance_transform_edt
@@ -209,6 +209,37 @@ def test_an_element_renders_at_its_boxs_aspect(gen, monkeypatch):
         # Each side on the 32-px grid moves the aspect by at most 32 / the short side; `ImageOps.fit` crops that off.
         assert abs((rw / rh) / (w / h) - 1) <= 32 / min(rw, rh), ((w, h), (rw, rh))
         assert rw * rh >= 0.5 * 96 * 96 and layer.image.size == (w, h)  # at the model's pixel budget
+
+
+def test_an_element_too_long_for_the_pixel_budget_renders_within_the_largest_side():
+    """A 4096x1 strip at resolution 1024 is 65536 px long at the budget: past what the pipeline renders (4096)."""
+    for box, resolution in (((4096, 1), 1024), ((1, 4096), 1024), ((40, 10), 64)):
+        width, height = layer_output._element_size(*box, resolution)
+        assert 32 <= min(width, height) and max(width, height) <= 4096 and width % 32 == height % 32 == 0
+        assert (width > height) == (box[0] > box[1])
+
+
+def test_an_element_is_scaled_into_its_box_not_stretched(gen, monkeypatch):
+    """The render's aspect is the box's only to the 32-px grid (160x64 for a 48x16 box at resolution 96): it is
+    cropped to the box's aspect, then scaled, so a round badge stays round."""
+    real_generate = gen.generate
+
+    def round_badge(request):  # our own method: an element comes back as a disc centred in its render
+        if request.images:
+            return real_generate(request)
+        badge = Image.new("RGBA", (request.width, request.height), (0, 0, 0, 0))
+        r, (cx, cy) = min(request.width, request.height) // 3, (request.width // 2, request.height // 2)
+        ImageDraw.Draw(badge).ellipse((cx - r, cy - r, cx + r, cy + r), fill=(255, 0, 0, 255))
+        return badge
+
+    monkeypatch.setattr(gen, "generate", round_badge)
+    mask = Image.new("L", (W, H), 0)
+    mask.paste(255, (40, 20, 120, 80))
+    request = GenerationRequest("x", images=[Image.new("RGB", (W, H))], num_inference_steps=1)
+    (element,) = gen.layers(request, mask, elements=[layer_output.Element.parse("b@0,0,96,32")]).layers[2:]
+    alpha = np.asarray(element.image.getchannel("A")) > 127
+    across, down = alpha.any(axis=0).sum(), alpha.any(axis=1).sum()
+    assert abs(int(across) - int(down)) <= 1, (across, down)
 
 
 def test_a_subject_grown_over_the_whole_image_says_so_in_layers_terms(gen, caplog):
