@@ -474,7 +474,10 @@ def test_full_queue_answers_429(cfg, gen):
         for _ in range(cfg.serve.max_queue):
             worker.submit(lambda: None)
         r = c.post("/v1/images", json=edit(), headers=AUTH)
-        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"  # no image timed yet
+        for seconds in (6.0, 8.4):  # images took 7.2 s on average: a slot frees in about that
+            app.state.metrics.count_image(seconds)
+        assert c.post("/v1/images", json=edit(), headers=AUTH).headers["retry-after"] == "8"
         release.set()
         for _ in range(1000):  # the queued jobs start (each frees its slot), then there is room again
             if worker.waiting == 0:
@@ -482,8 +485,8 @@ def test_full_queue_answers_429(cfg, gen):
             time.sleep(0.01)
         assert c.post("/v1/images", json=edit(), headers=AUTH).status_code == 200
         metrics = c.get("/metrics").text
-        assert 'qwen_lora_rejected_total{reason="queue_full"} 1.0' in metrics
-        assert 'qwen_lora_http_responses_total{code="429",path="/v1/images"} 1.0' in metrics
+        assert 'qwen_lora_rejected_total{reason="queue_full"} 2.0' in metrics
+        assert 'qwen_lora_http_responses_total{code="429",path="/v1/images"} 2.0' in metrics
 
 
 def test_health_metrics_and_openapi(client):
