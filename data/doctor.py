@@ -48,6 +48,7 @@ from qwen_image_lora.data.report import Report, thumbnail
 from qwen_image_lora.data.sources import Item, format_caption, load_items
 from qwen_image_lora.hub import check_pretrained
 from qwen_image_lora.images import INPUT_FORMATS, ImageInputError, read_with_header
+from qwen_image_lora.presets import same_aspect
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def check_item(item: Item, cfg: Config, tokenizer, report: Report, infos: dict[s
             not mask_info.error
             and target[0].size
             and mask_info.size
-            and not _same_aspect(mask_info.size, target[0].size)
+            and not same_aspect(mask_info.size, target[0].size)
         ):
             report.add(
                 "error",
@@ -198,10 +199,6 @@ def check_item(item: Item, cfg: Config, tokenizer, report: Report, infos: dict[s
     if not any(code.startswith(("caption-", "unreadable-caption")) for code, _ in item.issues):
         _check_captions(item, cfg, tokenizer, report)
     return target[0], target[1], sources
-
-
-def _same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    return abs((a[0] / a[1]) / (b[0] / b[1]) - 1) <= 0.02
 
 
 def _check_captions(item: Item, cfg: Config, tokenizer, report: Report) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from qwen_image_lora import typed_yaml
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import format_for
+from qwen_image_lora.images import ImageInputError, format_for, identify
 from qwen_image_lora.io import iter_jsonl
 from qwen_image_lora.knobs import (
     MASK_FEATHER_RANGE,
@@ -25,6 +25,7 @@ from qwen_image_lora.knobs import (
     check_range,
     repeated_name,
 )
+from qwen_image_lora.presets import same_aspect
 from qwen_image_lora.typed_yaml import ConfigError
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -145,9 +146,19 @@ def _loras_mapping(items: list, where: str) -> dict:
 
 
 def _check_inputs(job: Job, where: str) -> None:
-    """Every input image and mask is a file (paths relative to the jobs file), before any model loads."""
+    """Every input image and mask is a file (paths relative to the jobs file), and a mask has its image's shape (read
+    from the two headers), before any model loads: a misshapen mask failed its job at render time."""
     named = [(f"images[{i}]", p) for i, p in enumerate(job.images)] + ([("mask", job.mask)] if job.mask else [])
     for name, p in named:
         if not Path(p).is_file():
             what = "is a folder, not a file" if Path(p).is_dir() else "does not exist"
             raise InputError(f"{where}: {name}: {p} {what} (paths are relative to the jobs file)", name.split("[")[0])
+    if job.mask is None:
+        return
+    try:
+        (mw, mh), (iw, ih) = identify(job.mask).size, identify(job.images[-1]).size
+    except ImageInputError as e:  # the renderer reads them again and says what is wrong
+        raise InputError(f"{where}: {e}") from None
+    if not same_aspect((mw, mh), (iw, ih)):
+        raise InputError(f"{where}: mask: {mw}x{mh} has another aspect ratio than its image ({iw}x{ih}); resizing it "
+                         "would distort it. Export the mask at the image's size.", "mask")  # fmt: skip

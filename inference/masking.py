@@ -19,10 +19,9 @@ from scipy.ndimage import distance_transform_edt
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.errors import InputError
+from qwen_image_lora.presets import same_aspect
 
 log = logging.getLogger(__name__)
-
-MAX_ASPECT_CHANGE = 0.02  # a mask whose aspect differs more than 2% from the image's would be distorted
 
 
 class MaskError(InputError):
@@ -39,7 +38,7 @@ def prepare_mask(mask: Image.Image, image: Image.Image, warn: bool = True, subje
     grey = mask.convert("RGBA").getchannel("A") if _alpha_only(mask) else mask.convert("L")
     if grey.size != image.size:
         (mw, mh), (iw, ih) = grey.size, image.size
-        if abs((mw / mh) / (iw / ih) - 1) > MAX_ASPECT_CHANGE:
+        if not same_aspect(grey.size, image.size):
             raise MaskError(
                 f"mask: {mw}x{mh} has another aspect ratio than the image ({iw}x{ih}); resizing it would distort it. "
                 "Export the mask at the image's size."

@@ -391,6 +391,17 @@ def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model
     jobs.write_text(json.dumps({"prompt": "x", "images": ["in.png"], "mask": "in.png", "width": 96}) + "\n")
     with pytest.raises(InputError, match=r":1: job.mask: a masked edit keeps its image's size; drop aspect_ratio"):
         read_jobs(jobs)  # it failed at render time, after the model had loaded
+    # A mask of another shape than its image (EXIF orientation counted) failed its job at render time.
+    Image.new("L", (64, 32)).save(jobs.parent / "wide.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone's portrait photo stored on its side: 64x32 pixels that show as 32x64
+    Image.new("L", (64, 32)).save(jobs.parent / "turned.jpg", exif=exif)
+    jobs.write_text(json.dumps({"prompt": "x", "images": ["in.png"], "mask": "wide.png"}) + "\n")
+    with pytest.raises(InputError, match=r":1: mask: 64x32 has another aspect ratio than its image \(\d+x\d+\)"):
+        read_jobs(jobs)
+    Image.new("RGB", (32, 64)).save(jobs.parent / "tall.png")
+    jobs.write_text(json.dumps({"prompt": "x", "images": ["tall.png"], "mask": "turned.jpg"}) + "\n")
+    assert read_jobs(jobs)[0].mask.endswith("turned.jpg")  # shown upright it is the image's shape
 
 
 def test_batch_renders_again_an_empty_cut_short_or_damaged_output(tiny_model_dir, tmp_path, capsys):
