@@ -16,23 +16,21 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
 import queue
 import secrets
 import time
-from typing import Annotated, Literal, NamedTuple
+from typing import NamedTuple
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from qwen_image_lora.config import Config, SamplingConfig
+from qwen_image_lora.config import Config
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import (
     MAX_INPUT_SIDE,
@@ -48,128 +46,22 @@ from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference.generator import GenerationRequest, Generator, InputRecord, bytes_record
 from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body
 from qwen_image_lora.inference.metrics import Metrics
+from qwen_image_lora.inference.requests import request_models
 from qwen_image_lora.inference.studio import studio_router
 from qwen_image_lora.inference.urls import URLRefused, fetch
 from qwen_image_lora.inference.worker import Stopping, Worker
 from qwen_image_lora.knobs import (
-    MASK_FEATHER_RANGE,
-    MAX_ADAPTER_WEIGHT,
-    MAX_INPUT_IMAGES,
-    QUALITY_RANGE,
-    SIZE_FIELDS,
-    limits_of,
     repeated_name,
-    type_of,
 )
 from qwen_image_lora.serve_config import ServeConfig
 
 log = logging.getLogger("qwen_image_lora.server")
-MAX_PROMPT_CHARS = 20_000  # a cheap bound before the 1,024-token check with the model's tokenizer
 MAX_CONCURRENT_DECODES = 2  # input images decoded at once (each briefly holds its full-size frame)
 CLIENT_GONE = 499  # nginx's code for "client closed request": counted in /metrics, never seen by the client
 STOPPING = "the service is stopping (Ctrl-C or SIGTERM); send the request again once it is back, or to another one"
 
 
 # --------------------------------------------------------------------------------------------- the app
-
-
-def sampling_model(name: str, serve: ServeConfig, base, skip: tuple[str, ...] = ()):
-    """A subclass of `base` with the `SamplingConfig` fields: types, help and limits from the dataclass, upper bounds
-    from `serve` (this deployment's limits). All are optional here; an omitted seed is drawn at random."""
-
-    upper = {"num_inference_steps": serve.max_steps, "guidance_scale": serve.max_guidance_scale,
-             "width": serve.max_side, "height": serve.max_side}  # fmt: skip
-    fields = {}
-    for f in dataclasses.fields(SamplingConfig):
-        if f.name in skip:
-            continue
-        limits, kind = limits_of(f), type_of(SamplingConfig, f)
-        if "choices" in limits:
-            kind = Literal[limits.pop("choices")]
-        if f.name in upper:
-            limits["le"] = min(upper[f.name], limits.get("le", upper[f.name]))
-        extra = {"allow_inf_nan": False} if kind is float else {"max_length": MAX_PROMPT_CHARS} if kind is str else {}
-        text = f.metadata["help"] + ("; omitted: random, returned in x-seed" if f.name == "seed" else "")
-        fields[f.name] = (kind | None, Field(None, description=text, **limits, **extra))
-    return create_model(name, __base__=base, **fields)
-
-
-def request_models(serve: ServeConfig):
-    """The request schema, with this deployment's limits in it (so /openapi.json shows them)."""
-
-    class Strict(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)  # `true` is not 1 step, nor "64" a width
-
-    class Sampled(Strict):
-        @model_validator(mode="after")
-        def _sampling_rules(self):
-            GenerationRequest.from_settings(self, "").check()  # the rules every edge calls; a SettingError is a 422
-            return self
-
-    class LoraRef(Strict):
-        name: str = Field(min_length=1, max_length=128, description="an adapter from serve.adapters")
-        weight: float | None = Field(
-            None,
-            ge=-MAX_ADAPTER_WEIGHT,
-            le=MAX_ADAPTER_WEIGHT,
-            allow_inf_nan=False,
-            description="default: the configured weight",
-        )
-
-    ImageStr = Annotated[str, Field(min_length=1, description="http(s) URL, base64, or a data: URL")]
-    Loras = Annotated[list[LoraRef] | None, Field(max_length=16, description="omitted: every configured adapter at its "
-                                                  "weight; []: the base model")]  # fmt: skip
-
-    class ImageRequest(sampling_model("ImageSampling", serve, Sampled)):
-        """Text-to-image when `image` is absent; an edit of 1 to 10 input images otherwise."""
-
-        prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="up to 1,024 tokens")
-        image: ImageStr | Annotated[list[ImageStr], Field(min_length=1, max_length=MAX_INPUT_IMAGES)] | None = None
-        loras: Loras = None
-        mask: ImageStr | None = Field(
-            None,
-            description="masked edit of the last image: white = may change, black = "
-            "kept exactly (a JPEG or WebP output adds its loss); the image's size (or its aspect, resized)",
-        )
-        mask_feather: int = Field(
-            8,
-            ge=MASK_FEATHER_RANGE[0],
-            le=MASK_FEATHER_RANGE[1],
-            description="soft edge inside the changed region, in pixels",
-        )
-        output_format: Literal["png", "jpeg", "webp"] = "png"
-        quality: int = Field(95, ge=QUALITY_RANGE[0], le=QUALITY_RANGE[1], description="JPEG/WebP quality")
-        response_format: Literal["bytes", "b64_json"] = "bytes"
-
-        @field_validator("mask")
-        @classmethod
-        def _no_auto_mask(cls, mask):
-            if mask == "auto":
-                raise ValueError("'auto' is for /v1/layers (the model's own cut-out); give a mask image here")
-            return mask
-
-    class ElementRef(Strict):
-        prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-        x: int = Field(ge=0)
-        y: int = Field(ge=0)
-        width: int = Field(ge=1, le=serve.max_side)
-        height: int = Field(ge=1, le=serve.max_side)
-
-    class LayersRequest(sampling_model("LayersSampling", serve, Sampled, skip=SIZE_FIELDS)):
-        """Subject cut-out, background without it (a masked edit), and generated elements, as one layered file; the
-        layers keep the input's size."""
-
-        image: ImageStr
-        mask: ImageStr = Field(
-            description="white on the subject (URL or base64), or 'auto' for the model's own cut-out"
-        )
-        prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="background instruction")
-        elements: list[ElementRef] = Field(default_factory=list, max_length=8)
-        loras: Loras = None
-        mask_feather: int = Field(8, ge=MASK_FEATHER_RANGE[0], le=MASK_FEATHER_RANGE[1])
-        output_format: Literal["psd", "ora", "zip"] = "psd"
-
-    return ImageRequest, LayersRequest
 
 
 def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = None):

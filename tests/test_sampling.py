@@ -10,7 +10,7 @@ from qwen_image_lora.config import Config, ConfigError, EvalConfig, SamplingConf
 from qwen_image_lora.inference.batch import _request
 from qwen_image_lora.inference.generator import GenerationRequest
 from qwen_image_lora.inference.jobs import Job, read_jobs
-from qwen_image_lora.inference.server import request_models
+from qwen_image_lora.inference.requests import request_models
 from qwen_image_lora.train.validation import validation_requests
 
 KNOBS = [f.name for f in dataclasses.fields(SamplingConfig)]

@@ -26,7 +26,8 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from qwen_image_lora.config import Config
 from qwen_image_lora.images import read_settings
 from qwen_image_lora.inference.generator import Generator
-from qwen_image_lora.inference.server import create_app, request_models
+from qwen_image_lora.inference.requests import request_models
+from qwen_image_lora.inference.server import create_app
 from qwen_image_lora.inference.testing import make_random_lora
 from qwen_image_lora.serve_config import ServeAdapter
 

@@ -1,0 +1,124 @@
+"""The HTTP service's request models (`POST /v1/images`, `/v1/layers`): the sampling fields come from `SamplingConfig`
+(types, help, limits) with this deployment's upper bounds from `serve`, so /openapi.json shows them, and every
+request passes the sampling rules each edge calls (a SettingError is a 422 naming the field)."""
+
+# No `from __future__ import annotations` here: pydantic must see the models built inside `request_models` (LoraRef,
+# ElementRef) as real classes in the annotations of the models that use them.
+import dataclasses
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from qwen_image_lora.config import SamplingConfig
+from qwen_image_lora.inference.generator import GenerationRequest
+from qwen_image_lora.knobs import (
+    MASK_FEATHER_RANGE,
+    MAX_ADAPTER_WEIGHT,
+    MAX_INPUT_IMAGES,
+    QUALITY_RANGE,
+    SIZE_FIELDS,
+    limits_of,
+    type_of,
+)
+from qwen_image_lora.serve_config import ServeConfig
+
+MAX_PROMPT_CHARS = 20_000  # a cheap bound before the 1,024-token check with the model's tokenizer
+
+
+def sampling_model(name: str, serve: ServeConfig, base, skip: tuple[str, ...] = ()):
+    """A subclass of `base` with the `SamplingConfig` fields: types, help and limits from the dataclass, upper bounds
+    from `serve` (this deployment's limits). All are optional here; an omitted seed is drawn at random."""
+
+    upper = {"num_inference_steps": serve.max_steps, "guidance_scale": serve.max_guidance_scale,
+             "width": serve.max_side, "height": serve.max_side}  # fmt: skip
+    fields = {}
+    for f in dataclasses.fields(SamplingConfig):
+        if f.name in skip:
+            continue
+        limits, kind = limits_of(f), type_of(SamplingConfig, f)
+        if "choices" in limits:
+            kind = Literal[limits.pop("choices")]
+        if f.name in upper:
+            limits["le"] = min(upper[f.name], limits.get("le", upper[f.name]))
+        extra = {"allow_inf_nan": False} if kind is float else {"max_length": MAX_PROMPT_CHARS} if kind is str else {}
+        text = f.metadata["help"] + ("; omitted: random, returned in x-seed" if f.name == "seed" else "")
+        fields[f.name] = (kind | None, Field(None, description=text, **limits, **extra))
+    return create_model(name, __base__=base, **fields)
+
+
+def request_models(serve: ServeConfig):
+    """The request schema, with this deployment's limits in it (so /openapi.json shows them)."""
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)  # `true` is not 1 step, nor "64" a width
+
+    class Sampled(Strict):
+        @model_validator(mode="after")
+        def _sampling_rules(self):
+            GenerationRequest.from_settings(self, "").check()  # the rules every edge calls; a SettingError is a 422
+            return self
+
+    class LoraRef(Strict):
+        name: str = Field(min_length=1, max_length=128, description="an adapter from serve.adapters")
+        weight: float | None = Field(
+            None,
+            ge=-MAX_ADAPTER_WEIGHT,
+            le=MAX_ADAPTER_WEIGHT,
+            allow_inf_nan=False,
+            description="default: the configured weight",
+        )
+
+    ImageStr = Annotated[str, Field(min_length=1, description="http(s) URL, base64, or a data: URL")]
+    Loras = Annotated[list[LoraRef] | None, Field(max_length=16, description="omitted: every configured adapter at its "
+                                                  "weight; []: the base model")]  # fmt: skip
+
+    class ImageRequest(sampling_model("ImageSampling", serve, Sampled)):
+        """Text-to-image when `image` is absent; an edit of 1 to 10 input images otherwise."""
+
+        prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="up to 1,024 tokens")
+        image: ImageStr | Annotated[list[ImageStr], Field(min_length=1, max_length=MAX_INPUT_IMAGES)] | None = None
+        loras: Loras = None
+        mask: ImageStr | None = Field(
+            None,
+            description="masked edit of the last image: white = may change, black = "
+            "kept exactly (a JPEG or WebP output adds its loss); the image's size (or its aspect, resized)",
+        )
+        mask_feather: int = Field(
+            8,
+            ge=MASK_FEATHER_RANGE[0],
+            le=MASK_FEATHER_RANGE[1],
+            description="soft edge inside the changed region, in pixels",
+        )
+        output_format: Literal["png", "jpeg", "webp"] = "png"
+        quality: int = Field(95, ge=QUALITY_RANGE[0], le=QUALITY_RANGE[1], description="JPEG/WebP quality")
+        response_format: Literal["bytes", "b64_json"] = "bytes"
+
+        @field_validator("mask")
+        @classmethod
+        def _no_auto_mask(cls, mask):
+            if mask == "auto":
+                raise ValueError("'auto' is for /v1/layers (the model's own cut-out); give a mask image here")
+            return mask
+
+    class ElementRef(Strict):
+        prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+        x: int = Field(ge=0)
+        y: int = Field(ge=0)
+        width: int = Field(ge=1, le=serve.max_side)
+        height: int = Field(ge=1, le=serve.max_side)
+
+    class LayersRequest(sampling_model("LayersSampling", serve, Sampled, skip=SIZE_FIELDS)):
+        """Subject cut-out, background without it (a masked edit), and generated elements, as one layered file; the
+        layers keep the input's size."""
+
+        image: ImageStr
+        mask: ImageStr = Field(
+            description="white on the subject (URL or base64), or 'auto' for the model's own cut-out"
+        )
+        prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="background instruction")
+        elements: list[ElementRef] = Field(default_factory=list, max_length=8)
+        loras: Loras = None
+        mask_feather: int = Field(8, ge=MASK_FEATHER_RANGE[0], le=MASK_FEATHER_RANGE[1])
+        output_format: Literal["psd", "ora", "zip"] = "psd"
+
+    return ImageRequest, LayersRequest
