@@ -313,14 +313,16 @@ def _load_hf(path: Path, cfg: DataConfig) -> list[Item]:
 
 
 def _hf_image_path(value, base: Path, store: Path, where: str) -> Path:
-    """A plain file for an HF image cell: its own path when that file exists, else its bytes written once."""
+    """A plain file for an HF image cell: its bytes, written once; a cell without bytes, its path (relative to the
+    data set's folder). The path was tried first, and a relative one against the working folder: a `bottle.jpg`
+    there replaced the data set's own image, silently."""
     if isinstance(value, str):
         return (base / value).resolve()
     if not isinstance(value, dict):
         raise DataError(f"{where}: unsupported image cell {type(value).__name__}")
-    if value.get("path") and Path(value["path"]).is_file():
-        return Path(value["path"]).resolve()
     data = value.get("bytes")
+    if not data and value.get("path") and (base / value["path"]).is_file():
+        return (base / value["path"]).resolve()
     if not data:
         raise DataError(f"{where}: the image cell has neither a readable path nor bytes")
     suffix = Path(value.get("path") or "").suffix.lower() or ".img"

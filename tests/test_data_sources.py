@@ -58,6 +58,24 @@ def test_hf_dataset_from_disk_with_column_mapping(tmp_path):
     assert np.asarray(Image.open(items[1].target))[0, 0, 0] == 80
 
 
+def test_an_hf_datasets_own_image_bytes_win_over_a_file_of_its_name_in_the_working_folder(tmp_path, monkeypatch):
+    """The cell's stored file name was tried first against the working folder: a `1.png` there trained instead."""
+    for i in range(2):
+        Image.new("RGB", (64, 64), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / f"{i}.png") for i in range(2)], "caption": ["x", "y"]})
+    ds.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 96), "white").save(elsewhere / f"{i}.png")
+        (tmp_path / f"{i}.png").unlink()  # only the data set's bytes are left
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(None, [f"data.path={tmp_path / 'hf'}", f"data.cache_dir={tmp_path / 'cache'}"])
+    items = load_items(cfg.data)
+    assert [Image.open(i.target).size for i in items] == [(64, 64), (64, 64)]
+    assert np.asarray(Image.open(items[1].target))[0, 0, 0] == 80 and elsewhere not in items[1].target.parents
+
+
 def test_exif_orientation_and_alpha(tmp_path):
     im = Image.new("RGB", (80, 40), "blue")
     exif = Image.Exif()
