@@ -157,6 +157,12 @@ class DataConfig:
             raise ConfigError(f"{where}.max_upscale: must be >= 1.0 (1.0 = never upscale; got {self.max_upscale})")
         if "{caption}" not in self.caption_template:
             raise ConfigError(f"{where}.caption_template: must contain '{{caption}}' (got {self.caption_template!r})")
+        try:  # what format_caption does with every caption: `{trigger_word}` was a KeyError traceback per command
+            self.caption_template.format(caption="", trigger="")
+        except (KeyError, IndexError, ValueError) as e:
+            what = f"unknown placeholder {{{e.args[0]}}}" if isinstance(e, KeyError) else f"not a template ({e})"
+            raise ConfigError(f"{where}.caption_template: {what} in {self.caption_template!r}; it takes {{caption}} "
+                              "and {trigger} (write a literal brace as {{ or }})") from None  # fmt: skip
         require(where, self, lambda v: v >= 1, ">= 1", "repeats", "min_side", "max_caption_tokens", "shard_size")
         require(where, self, lambda v: v >= 1.0, ">= 1.0", "max_aspect")
         require(where, self, lambda v: v > 0, "> 0", "max_megapixels")

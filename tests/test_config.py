@@ -104,6 +104,13 @@ def test_bad_values_name_the_field(tmp_path, text, message):
             "eval.edits=[{images: [/srv/in/x.png], prompt: p}, {images: [/srv/in/../in/x.png], prompt: p}]",
             r"eval.edits\[1\]: the same edit is listed already",
         ),
+        # validate said OK; doctor, prepare and training each ended in a KeyError traceback from format_caption.
+        (
+            "data.caption_template='{trigger_word}, {caption}'",
+            r"data.caption_template: unknown placeholder \{trigger_word\} in '\{trigger_word\}, \{caption\}'; it "
+            r"takes \{caption\} and \{trigger\}",
+        ),
+        ("data.caption_template='{caption} {'", r"data.caption_template: not a template \(Single '\{' encountered"),
         ("serve.max_queue=0", r"serve.max_queue: must be >= 1 \(0 refuses every request\) \(got 0\)"),
         ("serve.max_steps=0", r"serve.max_steps: must be >= 1"),
         ("serve.max_side=-1", r"serve.max_side: must be in 32\.\.4096 \(got -1\)"),
