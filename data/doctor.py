@@ -291,7 +291,7 @@ def diagnose(cfg: Config, items: list[Item] | None = None, tokenizer="auto", con
                 )
     sim.check_swapped_direction(pair_deltas, report.add)
     sim.check_duplicates(readable, report.add)
-    _check_shared_captions(items, report.add)
+    _check_shared_captions([it for it in items if it.id not in report.excluded], report.add)  # a copy: said already
     report.buckets = Counter(
         assign_bucket(*infos[str(it.target)].size, d.resolution, d.max_upscale)
         for it in items

@@ -123,12 +123,13 @@ class Report:
             groups[(f.severity, f.code)].append(f)
         rows = []
         for (severity, code), found in groups.items():
-            if len(found) < GROUP_AT:
+            items = list(dict.fromkeys(f.item for f in found))  # an item may hold a code more than once (captions)
+            if len(items) < GROUP_AT:
                 rows += [(severity, code, f.item, f.message) for f in found]
                 continue
-            examples = ", ".join(f.item for f in found[:EXAMPLES])
+            examples = ", ".join(items[:EXAMPLES])
             rows.append(
-                (severity, code, f"{len(found)} items", f"e.g. {examples}, ...; {found[0].item}: {found[0].message}")
+                (severity, code, f"{len(items)} items", f"e.g. {examples}, ...; {found[0].item}: {found[0].message}")
             )
         return rows
 

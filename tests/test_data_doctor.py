@@ -282,6 +282,13 @@ def test_repeated_findings_print_as_one_line(tmp_path, tiny_model_dir):
     lines = [line for line in report.table().splitlines() if "missing-trigger" in line and line.startswith("warning")]
     assert len(lines) == 1 and "7 items" in lines[0] and "00.png, 01.png, 02.png" in lines[0]
     assert "missing-trigger 7" in report.summary()
+    # Items of several captions each: the line counted findings as items ("7 items" of 4) and repeated examples.
+    for i in range(7):
+        (root / f"{i:02d}.txt").unlink() if i > 3 else (root / f"{i:02d}.txt").write_text("a mug\na cup\n")
+        (root / f"{i:02d}.png").unlink() if i > 3 else None
+    table = diagnose(cfg, tokenizer=None).table().splitlines()
+    (line,) = [line for line in table if "missing-trigger" in line and line.startswith("warning")]
+    assert "4 items" in line and "e.g. 00.png, 01.png, 02.png," in line
 
 
 def test_hashes_and_phase_correlation():
@@ -334,3 +341,8 @@ def test_two_images_of_one_name_sharing_a_caption_file_are_named(tmp_path, tiny_
     shared = [f for f in diagnose(cfg, tokenizer=None).findings if f.code == "shared-caption"]
     assert [(f.severity, f.item) for f in shared] == [("warning", "bottle.png")]
     assert "takes its caption from bottle.txt, as bottle.jpg does" in shared[0].message
+    # An exact copy is excluded as a duplicate: the caption it shares is no second warning (it landed on the original).
+    (root / "bottle.jpg").write_bytes((root / "bottle.png").read_bytes())  # the same bytes (a PNG named .jpg)
+    report = diagnose(cfg, tokenizer=None)
+    assert [f.code for f in report.findings if f.item.startswith("bottle")].count("shared-caption") == 0
+    assert any(f.code == "duplicate" for f in report.findings)
