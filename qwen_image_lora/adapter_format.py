@@ -39,13 +39,12 @@ from qwen_image_lora.adapter_checks import check_config, check_shapes, pattern_v
 from qwen_image_lora.comfy_mlp import fuse_mlp, fused_names, split_fused_mlp
 from qwen_image_lora.config import DEFAULT_MODEL
 from qwen_image_lora.errors import AdapterError
-from qwen_image_lora.hub import check_adapter_hub, check_source
+from qwen_image_lora.hub import WEIGHT_NAMES, check_adapter_hub, check_source, local_weights_file
 from qwen_image_lora.io import atomic_path
 from qwen_image_lora.run_layout import FINAL_ADAPTER
 
 WEIGHTS_NAME = FINAL_ADAPTER  # diffusers' LoRA file name; the run layout, which imports nothing heavy, holds it
 COMFYUI_NAME = "comfyui_lora.safetensors"
-WEIGHT_NAMES = (WEIGHTS_NAME, "adapter_model.safetensors")
 _PREFIXES = ("transformer.", "model.diffusion_model.", "diffusion_model.", "base_model.model.")
 # Key patterns of what is not LoRA. A full-weight diff is a `.diff`/`.diff_b` suffix: a bare ".diff" substring would
 # also match the supported `model.diffusion_model.` prefix.
@@ -56,6 +55,7 @@ _UNSUPPORTED = {
     re.compile(r"^lora_te"): "text-encoder LoRA",
 }
 _KOHYA = re.compile(r"^lora_unet_(?P<module>[A-Za-z0-9_]+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float8 has no isfinite, no matmul
 _DIFFUSERS_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
 
 DORA_TO_COMFYUI = (
@@ -85,29 +85,7 @@ class AdapterWeights:
 def resolve_file(source: str | Path) -> Path:
     """A .safetensors file, a folder holding one, or a hub id (`owner/repo` or `owner/repo/file.safetensors`)."""
     check_source(source)
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in WEIGHT_NAMES:
-            if (path / name).is_file():
-                return path / name
-        found = sorted(path.glob("*.safetensors"))
-        if len(found) == 1:
-            return found[0]
-        # A training checkpoint (`checkpoints/step-N/`) keeps its adapter one folder down, a run's `checkpoints/` two.
-        inner = [d for d in sorted(path.iterdir()) if d.is_dir() and _holds_weights(d, depth=2)]
-        if not found and len(inner) == 1:
-            return resolve_file(inner[0])
-        listed = ", ".join(p.name for p in found) or "none"
-        hint = f"; folders holding one: {', '.join(d.name for d in inner)} (name one)" if inner else ""
-        raise AdapterError(f"{path}: expected {WEIGHTS_NAME} or exactly one .safetensors file (found: {listed}){hint}")
-    return _download(str(source))
-
-
-def _holds_weights(folder: Path, depth: int) -> bool:
-    below = depth > 1 and any(d.is_dir() and _holds_weights(d, depth - 1) for d in folder.iterdir())
-    return below or any((folder / n).is_file() for n in WEIGHT_NAMES)
+    return local_weights_file(source) if Path(source).expanduser().exists() else _download(str(source))
 
 
 def _repo_weight_files(repo: str) -> list[str]:
@@ -159,10 +137,12 @@ def read_adapter(source: str | Path, transformer=None) -> AdapterWeights:
         metadata = json.loads(file_meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in file_meta else None
     except (SafetensorError, ValueError) as e:  # truncated, not safetensors, or a damaged metadata header
         raise AdapterError(f"{file}: not a readable adapter file ({e}); download or export it again") from e
-    if metadata is None and (file.parent / "adapter_config.json").is_file():
-        metadata = _peft_config_metadata(file.parent / "adapter_config.json")
     module_names = {name for name, _ in transformer.named_modules()} if transformer is not None else None
     state_dict, layout = convert(raw, module_names, str(file))
+    # peft's config beside its weights; a ComfyUI, ai-toolkit or kohya file carries its alphas (folded on reading), so
+    # the config of a peft adapter it was exported beside scaled it twice (4x for rsLoRA r=4, alpha=8).
+    if metadata is None and layout in ("peft", "diffusers") and (file.parent / "adapter_config.json").is_file():
+        metadata = _peft_config_metadata(file.parent / "adapter_config.json")
     check_config(state_dict, {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}, str(file))
     if transformer is not None:
         check_shapes(state_dict, transformer, str(file))
@@ -174,8 +154,8 @@ def convert(raw: dict[str, torch.Tensor], module_names: set[str] | None, where: 
     if not raw:
         raise AdapterError(f"{where}: the file holds no tensors")
     # Integer weights, or a diverged run's NaNs, would otherwise render fully transparent black images without a word.
-    bad = next((k for k, v in raw.items() if not v.is_floating_point()), None)
-    if bad is not None:
+    bad = next((k for k, v in raw.items() if v.dtype not in _WEIGHT_DTYPES and not k.endswith(".alpha")), None)
+    if bad is not None:  # an `.alpha` is a scalar: kohya and ComfyUI files may store it as an integer
         raise AdapterError(
             f"{where}: {bad!r} holds {str(raw[bad].dtype).removeprefix('torch.')} values; LoRA weights are floating "
             "point (float32, float16 or bfloat16): export the adapter again from its training run"

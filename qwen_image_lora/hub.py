@@ -12,7 +12,9 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 from huggingface_hub.file_download import repo_folder_name
 
 from qwen_image_lora.errors import AdapterError, NotFound
-from qwen_image_lora.run_layout import ADAPTER, FINAL_ADAPTER
+from qwen_image_lora.run_layout import FINAL_ADAPTER
+
+WEIGHT_NAMES = (FINAL_ADAPTER, "adapter_model.safetensors")  # diffusers' adapter file name, then peft's
 
 HUB_TIMEOUT_S = 5.0
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(/.+\.safetensors)?")
@@ -124,27 +126,54 @@ def check_adapters(sources, option: str | None = None) -> None:
 
 def _weights_file(source: str):
     """An adapter as one key however it is spelt: a local adapter's weights file by its inode (a run or checkpoint
-    folder, its adapter folder, the file in it, a link to it are one adapter), or the hub id as given."""
+    folder, its adapter folder, a folder holding one file, the file, a link to it are one adapter), or the hub id."""
     path = Path(source).expanduser()
     if not path.exists():
         return source
-    file = next((f for f in (path / FINAL_ADAPTER, path / ADAPTER / FINAL_ADAPTER) if f.is_file()), path)
-    found = file.stat()
+    try:
+        found = local_weights_file(path).stat()
+    except AdapterError:  # a folder of several files: loading it says so
+        found = path.stat()
     return found.st_dev, found.st_ino
 
 
-def check_pretrained(pretrained: str | Path, revision: str | None = None) -> None:
-    """Raise FileNotFoundError naming `model.pretrained` when it looks like a local folder but is not a model, or is
+def local_weights_file(source: str | Path) -> Path:
+    """The .safetensors file a local adapter path names: the file itself, or in a folder diffusers' or peft's file,
+    else its only .safetensors file, else the one folder below that holds one (a checkpoint's `adapter/`)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    for name in WEIGHT_NAMES:
+        if (path / name).is_file():
+            return path / name
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    # A training checkpoint (`checkpoints/step-N/`) keeps its adapter one folder down, a run's `checkpoints/` two.
+    inner = [d for d in sorted(path.iterdir()) if d.is_dir() and _holds_weights(d, depth=2)]
+    if not found and len(inner) == 1:
+        return local_weights_file(inner[0])
+    listed = ", ".join(p.name for p in found) or "none"
+    hint = f"; folders holding one: {', '.join(d.name for d in inner)} (name one)" if inner else ""
+    raise AdapterError(f"{path}: expected {FINAL_ADAPTER} or exactly one .safetensors file (found: {listed}){hint}")
+
+
+def _holds_weights(folder: Path, depth: int) -> bool:
+    below = depth > 1 and any(d.is_dir() and _holds_weights(d, depth - 1) for d in folder.iterdir())
+    return below or any((folder / n).is_file() for n in WEIGHT_NAMES)
+
+
+def check_pretrained(pretrained: str | Path, revision: str | None = None, field: str = "model.pretrained") -> None:
+    """Raise FileNotFoundError naming `field` when it looks like a local folder but is not a model, or is
     a hub id that is neither cached nor reachable (in seconds, not after minutes of retries)."""
     source = str(pretrained)
     if not _is_local(source):
         check_hub_repo(
             source,
-            head=f"model.pretrained: {source} is",
-            field="model.pretrained",
+            head=f"{field}: {source} is",
+            field=field,
             revision=revision,
-            fix=f"download it first (`hf download {source}`) or point model.pretrained at a local "
-            "diffusers-format folder",
+            fix=f"download it first (`hf download {source}`) or point {field} at a local diffusers-format folder",
         )
         return
     hint = (
@@ -152,9 +181,9 @@ def check_pretrained(pretrained: str | Path, revision: str | None = None) -> Non
         "or a hub id such as Qwen/Qwen-Image-2.1"
     )
     if not Path(source).expanduser().exists():
-        raise NotFound(f"model.pretrained: {source} does not exist; {hint}", "model.pretrained")
+        raise NotFound(f"{field}: {source} does not exist; {hint}", field)
     if not (Path(source).expanduser() / "model_index.json").is_file():
-        raise NotFound(f"model.pretrained: {source} has no model_index.json; {hint}", "model.pretrained")
+        raise NotFound(f"{field}: {source} has no model_index.json; {hint}", field)
 
 
 def _is_local(source: str) -> bool:

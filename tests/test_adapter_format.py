@@ -432,12 +432,17 @@ def test_a_peft_folder_reads_with_its_adapter_config_and_loads_into_diffusers_as
     assert (read.r, read.lora_alpha, read.use_rslora) == (config["r"], config["lora_alpha"], config["use_rslora"])
     assert read.target_modules == set(config["target_modules"])
     # diffusers' own loader, given the weights and the config read from the json, builds the adapter peft had.
-    transformer.load_lora_adapter(weights.state_dict, prefix="transformer", metadata=weights.metadata, adapter_name="f")
-    try:
-        for name, delta in deltas.items():
-            torch.testing.assert_close(transformer.get_submodule(name).get_delta_weight("f"), delta)
-    finally:
-        transformer.delete_adapters("f")
+    # Its ComfyUI export, written beside adapter_config.json, carries its alphas: the json scaled it again (3x here).
+    exported = read_adapter(adapter_format.export_adapter(tmp_path), transformer)
+    assert exported.layout == "comfyui" and exported.metadata is None
+    for read_back, name in ((weights, "f"), (exported, "e")):
+        transformer.load_lora_adapter(read_back.state_dict, prefix="transformer", metadata=read_back.metadata,
+                                      adapter_name=name)  # fmt: skip
+        try:
+            for module, delta in deltas.items():
+                torch.testing.assert_close(transformer.get_submodule(module).get_delta_weight(name), delta)
+        finally:
+            transformer.delete_adapters(name)
 
 
 def test_bare_peft_keys_read_as_diffusers_layout(transformer):
@@ -507,6 +512,14 @@ REFUSED = {  # case -> (tensors, read with the model?, why); every refusal names
         },
         False,
         r"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' holds int8 values; LoRA weights are floating",
+    ),
+    "float8 weights": (  # a traceback: torch has no isfinite for float8
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 32).to(torch.float8_e4m3fn),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2),
+        },
+        False,
+        r"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' holds float8_e4m3fn values",
     ),
     "a vector for lora_A": (  # its length was read as the rank: "expected [128, 16] and [32, 128]"
         {
@@ -579,3 +592,22 @@ def test_a_kohya_file_exports_through_the_cli_against_the_model_it_names(transfo
     # Without --model it is unflattened against the released model: the tiny model's layers do not fit it.
     assert cli_main(["export", str(kohya), "--output", str(tmp_path / "o2.safetensors")]) == 2
     assert "does not fit this transformer" in capsys.readouterr().err
+    # A mistyped --model fell back to the released model's architecture too: "does not fit", not "not found".
+    for wrong in (tmp_path / "nope", tiny_model_dir / "transformer"):
+        assert (
+            cli_main(["export", str(kohya), "--model", str(wrong), "--output", str(tmp_path / "o3.safetensors")]) == 2
+        )
+        assert capsys.readouterr().err.startswith(f"error: --model: {wrong} ")
+
+
+def test_an_integer_alpha_reads_as_its_value(transformer, tmp_path):
+    """kohya and ComfyUI files may store `.alpha` as an integer scalar; the dtype check refused them."""
+    make_random_lora(transformer, tmp_path / "src", rank=4, alpha=8.0)
+    exported = load_file(str(adapter_format.export_adapter(tmp_path / "src")))
+    as_int = {k: v.to(torch.int64) if k.endswith(".alpha") else v for k, v in exported.items()}
+    save_file(as_int, str(tmp_path / "int_alpha.safetensors"))
+    ints, floats = (
+        read_adapter(tmp_path / f, transformer).state_dict
+        for f in ("int_alpha.safetensors", "src/comfyui_lora.safetensors")
+    )
+    assert ints.keys() == floats.keys() and all(torch.equal(ints[k], floats[k]) for k in ints)

@@ -215,8 +215,12 @@ def test_eval_logs_a_wandb_table_with_images_offline(config_path, adapters, tiny
 
 
 def test_a_damaged_checkpoint_is_left_out_with_a_note_and_the_rest_are_ranked(config_path, adapters, tmp_path, capsys):
-    """One checkpoint holding an inf ended the eval with an error after every image had been rendered: no report."""
+    """One checkpoint holding an inf ended the eval with an error after every image had been rendered: no report. A
+    cut-short last checkpoint (the final step's) was a SafetensorError traceback."""
     run = _run_folder(tmp_path / "run", adapters, load_config(config_path))
+    last = run / "checkpoints" / "step-000030" / "adapter"
+    last.mkdir(parents=True)
+    (last / "pytorch_lora_weights.safetensors").write_bytes(b"\x10" * 300)
     damaged = run / "checkpoints" / "step-000020" / "adapter" / "pytorch_lora_weights.safetensors"
     weights = load_file(damaged)
     weights[next(iter(weights))].view(-1)[0] = float("inf")
@@ -226,17 +230,23 @@ def test_a_damaged_checkpoint_is_left_out_with_a_note_and_the_rest_are_ranked(co
     assert main(argv) == 0
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [c["name"] for c in data["checkpoints"]] == ["base", "step-000010", "final"]
-    (note,) = [n for n in data["notes"] if "not scored" in n]
+    (note, cut) = [n for n in data["notes"] if "not scored" in n]
     assert note.startswith(f"step-000020 is not scored: {damaged}: ") and "NaN or infinite" in note
+    assert cut.startswith("step-000030 is not scored: ") and "not a readable adapter file" in cut
 
 
-def test_eval_refuses_an_adapter_given_twice_however_it_is_spelt(config_path, adapters, unloadable_model, capsys):
-    """`--adapter run --adapter run/pytorch_lora_weights.safetensors` rendered and scored one adapter twice."""
-    noisy = adapters["noisy"]
-    argv = ["eval", "--config", str(config_path), "--adapter", str(noisy), "--adapter",
-            str(noisy / "pytorch_lora_weights.safetensors"), f"model.pretrained={unloadable_model}"]  # fmt: skip
-    assert main(argv) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: --adapter {noisy / 'pytorch_lora_weights.safetensors'}: the same adapter as --adapter {noisy}; give "
-        "each adapter once"
-    )
+def test_eval_refuses_an_adapter_given_twice_however_it_is_spelt(
+    config_path, adapters, unloadable_model, tmp_path, capsys
+):
+    """`--adapter run --adapter run/pytorch_lora_weights.safetensors` rendered and scored one adapter twice, and so did
+    a folder holding one file of another name and that file."""
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(adapters["noisy"] / "pytorch_lora_weights.safetensors", single / "my.safetensors")
+    for folder, file in ((adapters["noisy"], "pytorch_lora_weights.safetensors"), (single, "my.safetensors")):
+        argv = ["eval", "--config", str(config_path), "--adapter", str(folder), "--adapter", str(folder / file),
+                f"model.pretrained={unloadable_model}"]  # fmt: skip
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --adapter {folder / file}: the same adapter as --adapter {folder}; give each adapter once"
+        )

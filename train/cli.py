@@ -11,7 +11,10 @@ from qwen_image_lora import run_layout as layout
 
 def _export(args) -> int:
     from qwen_image_lora.adapter_format import export_adapter
+    from qwen_image_lora.hub import check_pretrained
 
+    if args.model:  # its config.json falls back to the released model's: a typo was "does not fit" the adapter
+        check_pretrained(args.model, field="--model")
     written = export_adapter(args.adapter_dir, args.format, args.output, args.model)
     print(written)
     step = next((p for p in Path(written).resolve().parents if p.parent.name == layout.CHECKPOINTS), None)
