@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qwen_image_lora import model as qmodel
@@ -80,7 +81,8 @@ def evaluate(
             generator.adapters.unload(name)
     not_measured = _score(samples, jobs, cfg, notes, device=str(pipe.device))
     if checkpoints:
-        notes.append(best_checkpoint(checkpoints)[1].capitalize() + ".")
+        line = best_checkpoint(checkpoints)[1]
+        notes.append(line[0].upper() + line[1:] + ".")  # not capitalize(): it lowered "final (EMA)"
     paths = write_report(
         cfg.eval.output_dir,
         samples,
@@ -258,9 +260,10 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[int, str, Path]]:
         # The last step is checkpointed too. With the final adapter's weights it is scored once, as "final"; with
         # other weights the final adapter holds the EMA of that step (the adapter the run ships), and says so.
         if found and found[-1][0] == final[0]:
-            if _same_weights(resolve_file(found[-1][2]), run_dir / layout.FINAL_ADAPTER):
+            same = _same_weights(resolve_file(found[-1][2]), run_dir / layout.FINAL_ADAPTER)
+            if same:
                 found.pop()
-            else:
+            elif same is False:
                 final = (final[0], "final (EMA)", run_dir)
         found.append(final)
     if not found:
@@ -300,8 +303,12 @@ def _get(tree: dict, dotted: str):
     return tree
 
 
-def _same_weights(a: Path, b: Path) -> bool:
-    first, second = load_file(a), load_file(b)
+def _same_weights(a: Path, b: Path) -> bool | None:
+    """None when either cannot be read: a damaged file is scored on its own, and left out with a note."""
+    try:
+        first, second = load_file(a), load_file(b)
+    except (SafetensorError, OSError):
+        return None
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
@@ -337,6 +344,8 @@ def score_checkpoints(
             loss = heldout_loss(generator.pipe.transformer, batches, cfg.validation.seed)
         finally:
             generator.adapters.unload(loaded)
+        if not math.isfinite(loss):
+            notes.append(f"{name}: its held-out loss is {loss} (weights so large the model overflows); not ranked.")
         logger.info("%s: held-out loss %.5g", name, loss)
         scores.append(CheckpointScore(name, step, loss))
     return scores

@@ -69,9 +69,9 @@ def best_checkpoint(scores: list[CheckpointScore]) -> tuple[str | None, str]:
     scores, a checkpoint must be below it to be named: a run whose every checkpoint is worse than the base model has
     no best one (it was named "best" without a word about the base)."""
     base = next((c for c in scores if c.name == BASE), None)
-    trained = [c for c in scores if c.name != BASE]
+    trained = [c for c in scores if c.name != BASE and math.isfinite(c.loss)]  # a NaN loss made min() order-dependent
     if not trained:
-        return None, "no checkpoint could be scored (the notes say why)"
+        return None, "no checkpoint has a finite held-out loss (the notes and the table say why)"
     best = min(trained, key=lambda c: c.loss)
     if base is not None and not best.loss < base.loss:
         return None, (

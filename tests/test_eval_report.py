@@ -109,6 +109,10 @@ def test_no_checkpoint_is_named_best_when_none_beats_the_base_model(tmp_path):
     learned = [*diverged, CheckpointScore("step-6", 6, 3.5)]
     assert best_checkpoint(learned) == ("step-6", "best by held-out loss: step-6 (step 6, loss 3.5, base 3.9)")
     assert best_checkpoint([CheckpointScore("base", 0, 1.0), CheckpointScore("s", 1, 1.0)])[0] is None  # a tie
+    # A checkpoint whose loss overflowed to NaN is not ranked: min() over a NaN depended on the list's order.
+    for order in (1, -1):
+        scores = [CheckpointScore("step-2", 2, math.nan), CheckpointScore("final (EMA)", 4, 3.77)][::order]
+        assert best_checkpoint([CheckpointScore("base", 0, 4.09), *scores])[0] == "final (EMA)"
 
 
 def test_a_second_report_keeps_the_first_beside_it(tmp_path, caplog):
