@@ -243,8 +243,14 @@ def _row_path(base: Path, value, where: str, key: str) -> Path:
 def _load_csv(path: Path) -> list[Item]:
     items = []
     with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a byte-order mark
-        for lineno, row in enumerate(csv.DictReader(f), 2):
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        reader = csv.reader(f)
+        header, end = next(reader, []), reader.line_num
+        for values in reader:
+            # A row's first line: a quoted cell may span lines, so counting rows named the wrong line after one.
+            lineno, end = end + 1, reader.line_num
+            if not any(v.strip() for v in values):
+                continue
+            row = {k.strip(): v.strip() for k, v in zip(header, values) if k}
             row = {k: v for k, v in row.items() if v}
             for key in ("caption", "instruction"):
                 if key in row and "||" in row[key]:
@@ -277,6 +283,10 @@ def _load_hf(path: Path, cfg: DataConfig) -> list[Item]:
     image_cols = [cols["target"], cols["sources"]] if edit else [cols["image"]]
     if not edit and cols["image"] not in ds.column_names:
         raise DataError(f"{path}: no {cols['image']!r} column; map yours with data.columns.image=<name>")
+    text = "instruction" if edit else "caption"  # without it every item was "missing-caption: add a <hash>.txt"
+    if cols[text] not in ds.column_names:
+        raise DataError(f"{path}: no {cols[text]!r} column (columns: {', '.join(ds.column_names)}); map yours with "
+                        f"data.columns.{text}=<name>")  # fmt: skip
     for c in image_cols:  # raw {bytes, path} instead of decoded PIL images
         feature = ds.features[c]
         if isinstance(feature, datasets.Image):

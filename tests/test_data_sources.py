@@ -25,6 +25,12 @@ def test_csv_manifest_with_several_captions_and_edit_rows(tmp_path):
         and [p.name for p in edit.sources] == ["a.png", "b.png"]
         and edit.captions == ("make it blue",)
     )
+    # A quoted cell over two lines, a blank line, then a bad row: it was named by its row count (line 3, not 6).
+    (tmp_path / "m.csv").write_text(
+        'image,caption,target,instruction,sources\n,,c.png,"make it\nblue",a.png\n\n,,c.png,make it red,\n'
+    )
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'm.csv'}:5: edit rows need target, instruction and sources"):
+        load_items(load_config(None, [f"data.path={tmp_path / 'm.csv'}"]).data)
 
 
 def test_a_byte_order_mark_from_excel_or_notepad_is_no_part_of_a_key_or_caption(tmp_path):
@@ -56,6 +62,12 @@ def test_hf_dataset_from_disk_with_column_mapping(tmp_path):
     assert [i.captions for i in items] == [("x",), ("y",), ()]
     assert all(i.target.is_file() for i in items)  # embedded bytes become plain files under the cache
     assert np.asarray(Image.open(items[1].target))[0, 0, 0] == 80
+    # The caption column under another name, unmapped: every item was "missing-caption: add a <cache hash>.txt".
+    cfg = load_config(None, [f"data.path={tmp_path / 'hf'}", "data.columns={image: img}"])
+    with pytest.raises(
+        DataError, match=r"no 'caption' column \(columns: img, text\); map yours with data.columns.caption="
+    ):
+        load_items(cfg.data)
 
 
 def test_an_hf_datasets_own_image_bytes_win_over_a_file_of_its_name_in_the_working_folder(tmp_path, monkeypatch):
