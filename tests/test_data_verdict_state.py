@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
 
 from qwen_image_lora import cli
 from qwen_image_lora import io as qio
@@ -91,6 +92,27 @@ def test_the_earliest_copy_is_the_one_kept_as_the_doctor_keeps_it(tmp_path, samp
     assert COPY in ids and "003.png" not in ids and list(doctor.excluded) == ["003.png"]
     assert _skips(caplog) == [f"skipping 003.png: duplicate: same image as {COPY}, which is kept (the earlier file): "
                               "trained once, this copy is left out"]  # fmt: skip
+
+
+@pytest.mark.parametrize("change", ["deleted", "retouched"])
+def test_a_copy_the_doctor_left_out_trains_once_its_original_is_gone_or_changed(change, tmp_path, sample_data_dir,
+                                                                                 tiny_model_dir):  # fmt: skip
+    """The doctor's "duplicate" held for the copy while its original was deleted or retouched since: the product
+    trained zero times (the doctor had said "trained once"), until the doctor ran again."""
+    root = _brand(tmp_path, sample_data_dir)
+    _add_copy(root)
+    cfg = _cfg(root, tiny_model_dir)
+    diagnose(cfg, tokenizer=None, contact_sheet=False).write_json(verdicts_dir(cfg) / "doctor.json")
+    keep, skipped = screen_items(load_items(cfg.data), cfg, None)
+    assert COPY not in [it.id for it in keep] and [(it.id, why) for it, why in skipped] == [(COPY, SAME)]
+    if change == "deleted":
+        (root / "003.png").unlink()
+        (root / "003.txt").unlink()
+    else:
+        with Image.open(root / "003.png") as im:
+            im.rotate(90).save(root / "003.png")
+    keep, skipped = screen_items(load_items(cfg.data), cfg, None)
+    assert COPY in [it.id for it in keep] and skipped == []
 
 
 def test_a_symlinked_data_path_finds_the_verdicts_of_its_target(tmp_path, sample_data_dir, tiny_model_dir):
