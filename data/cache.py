@@ -70,6 +70,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants
+from huggingface_hub.file_download import repo_folder_name
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -100,9 +102,29 @@ class CacheDamaged(KeyError):
 # ------------------------------------------------------------------------------------------------- keys
 
 
+ENCODER_PARTS = ("vae", "text_encoder", "processor")  # what makes latents and embeddings from a model folder
+
+
 def model_identity(model_cfg) -> str:
-    """The model part of a key: weights (hub id or folder), revision and dtype of the encoders' outputs."""
-    return f"{model_cfg.pretrained}@{model_cfg.revision or 'main'}:{model_cfg.dtype}"
+    """The model part of a key: weights (hub id or folder), revision and dtype of the encoders' outputs, and which
+    version of the encoders' files those are (`_encoders_version`)."""
+    name = f"{model_cfg.pretrained}@{model_cfg.revision or 'main'}"
+    return f"{name}:{model_cfg.dtype}:{_encoders_version(model_cfg.pretrained, model_cfg.revision)}"
+
+
+def _encoders_version(pretrained: str, revision: str | None) -> str:
+    """A local folder's encoder files by name, size and modification time; a hub id's cached commit for its revision.
+    The name alone kept serving the old model's latents and embeddings after its files were replaced in place (a
+    newer download into the same folder)."""
+    folder = Path(pretrained).expanduser()
+    if folder.is_dir():
+        files = sorted(f for part in ENCODER_PARTS for f in (folder / part).rglob("*") if f.is_file())
+        return _digest(*(f"{f.relative_to(folder)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files))
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=pretrained, repo_type="model") / "refs"
+    try:
+        return (ref / (revision or "main")).read_text().strip()
+    except (OSError, ValueError):  # not cached by name (a commit hash as revision, or not downloaded yet)
+        return revision or "main"
 
 
 def _canon(value) -> str:

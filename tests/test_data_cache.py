@@ -333,3 +333,18 @@ def test_an_older_per_run_cache_is_named_with_its_size_once_not_read(
     with caplog.at_level("INFO", logger="qwen_image_lora"):
         build_training_data(_cfg(sample_data_dir, tiny_model_dir, tmp_path, f"data.cache_dir={old}"), tiny_pipe)
     assert not any("no longer read" in r.getMessage() for r in caplog.records)
+
+
+def test_the_model_part_of_a_key_follows_the_encoders_files_not_only_the_folders_name(tiny_model_dir, tmp_path):
+    """A model folder whose weights were replaced in place (a newer download into the same folder) served the old
+    model's latents and embeddings: the key held its name, revision and dtype only."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = load_config(None, [f"model.pretrained={model}"])
+    before = model_identity(cfg.model)
+    assert model_identity(cfg.model) == before  # nothing changed: the cache is reused
+    (model / "transformer" / "config.json").touch()  # not an encoder: latents and embeddings stay valid
+    assert model_identity(cfg.model) == before
+    vae = model / "vae" / "diffusion_pytorch_model.safetensors"
+    vae.write_bytes(vae.read_bytes() + b" ")
+    assert model_identity(cfg.model) != before
