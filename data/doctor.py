@@ -16,7 +16,8 @@ What is checked:
                 (a side under data.min_side), extreme-aspect (over data.max_aspect), low-resolution (trains
                 well under the pixel budget because of data.max_upscale: warning)
     captions    missing-caption (none, or only blank lines), caption-too-long (over data.max_caption_tokens
-                tokens with the model's own tokenizer; only the tokenizer is loaded), missing-trigger
+                tokens with the model's own tokenizer; only the tokenizer is loaded), missing-trigger,
+                placeholder-in-caption (a literal {trigger} in a caption file: warning)
     duplicates  duplicate (same bytes: the copy is excluded, so it trains once), near-duplicate (pHash and
                 colour both close: warning), shared-caption (photo.jpg and photo.png both caption from photo.txt:
                 warning)
@@ -214,6 +215,14 @@ def _check_captions(item: Item, cfg: Config, tokenizer, report: Report) -> None:
         report.add("error", f"missing-{what}", item.id, f"no {what}; {hint}")
         return
     for text in item.captions:
+        if placeholder := re.search(r"\{(trigger|caption)\}", text):  # filled in data.caption_template only
+            report.add(
+                "warning",
+                "placeholder-in-caption",
+                item.id,
+                f"{what} {text[:60]!r} holds {placeholder[0]}, which trains as written: placeholders are filled in "
+                "data.caption_template only; write the word itself",
+            )
         full = format_caption(text, d)
         if tokenizer is not None:
             n = len(tokenizer(full, add_special_tokens=False)["input_ids"])

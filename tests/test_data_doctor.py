@@ -50,6 +50,8 @@ def make_bad_folder(root):
     _photo(128, 128, seed=16).save(root / "notrigger.png")
     (root / "notrigger.txt").write_text("a product photo without the word\n")
     (root / "long.txt").write_text("qwnbrand " + "product photo " * 700)
+    _photo(128, 128, seed=18).save(root / "placeholder.png")
+    (root / "placeholder.txt").write_text("a {trigger} bottle, qwnbrand label")
     _photo(128, 128, seed=17).save(root / "long.png")
     for name in ("empty", "truncated", "renamed", "huge", "tiny", "banner", "rgba", "copy_of_good0"):
         (root / f"{name}.txt").write_text(f"a qwnbrand {name} photo")
@@ -63,6 +65,7 @@ def make_bad_folder(root):
         "blank.png": "missing-caption",
         "notrigger.png": "missing-trigger",
         "long.png": "caption-too-long",
+        "placeholder.png": "placeholder-in-caption",  # trained as "a {trigger} bottle", the braces and all
     }
 
 
