@@ -386,6 +386,10 @@ def build_training_data(
     if len(held_out) > len(train_ids):
         logger.warning("validation.held_out_fraction=%s holds out %d of %d items: only %d are trained on",
                        fraction, len(held_out), len(entries), len(train_ids))  # fmt: skip
+    elif held_out:  # the bucket count dropped with no word of which items went where
+        named = ", ".join(entries[i].item.id for i in held_out[:3]) + (", ..." if len(held_out) > 3 else "")
+        logger.info("held out %d of %d items for the held-out loss (validation.held_out_fraction=%s): %s",
+                    len(held_out), len(entries), fraction, named)  # fmt: skip
     layouts: dict[tuple, list[int]] = {}
     for i in train_ids:
         layouts.setdefault(entries[i].layout, []).append(i)

@@ -121,6 +121,11 @@ def test_a_batch_size_no_bucket_can_fill_and_a_held_out_share_that_leaves_little
     assert "validation.held_out_fraction=0.9 holds out" in caplog.text and "only" in caplog.text
     with pytest.raises(DataError, match=r"^validation.held_out_fraction: 0.99 holds out all 12 items, leaving none"):
         build_training_data(load_config("configs/demo.yaml", [*base, "validation.held_out_fraction=0.99"]), tiny_pipe)
+    caplog.set_level("INFO")  # a usual share: which items, in one line (only the bucket count dropped)
+    data = build_training_data(load_config("configs/demo.yaml", [*base, "validation.held_out_fraction=0.2"]), tiny_pipe)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("held out ")]
+    first = data.dataset.entries[data.held_out[0]].item.id
+    assert line.startswith(f"held out {len(data.held_out)} of 12 items for the held-out loss") and first in line
 
 
 def test_a_manifests_held_out_items_stay_held_out_when_a_row_is_inserted(tmp_path, tiny_pipe, tiny_model_dir):
