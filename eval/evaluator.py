@@ -345,7 +345,7 @@ def score_checkpoints(
         finally:
             generator.adapters.unload(loaded)
         if not math.isfinite(loss):
-            notes.append(f"{name}: its held-out loss is {loss} (weights so large the model overflows); not ranked.")
+            notes.append(f"{name}: its held-out loss is {loss} (the model's output overflowed with it); not ranked.")
         logger.info("%s: held-out loss %.5g", name, loss)
         scores.append(CheckpointScore(name, step, loss))
     return scores
