@@ -157,8 +157,8 @@ def _check_inputs(job: Job, where: str) -> None:
         return
     try:
         (mw, mh), (iw, ih) = identify(job.mask).size, identify(job.images[-1]).size
-    except ImageInputError as e:  # the renderer reads them again and says what is wrong
-        raise InputError(f"{where}: {e}") from None
+    except ImageInputError:  # that job fails on its own when it renders, saying why; the other lines still render
+        return
     if not same_aspect((mw, mh), (iw, ih)):
         raise InputError(f"{where}: mask: {mw}x{mh} has another aspect ratio than its image ({iw}x{ih}); resizing it "
                          "would distort it. Export the mask at the image's size.", "mask")  # fmt: skip

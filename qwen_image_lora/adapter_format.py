@@ -154,8 +154,8 @@ def convert(raw: dict[str, torch.Tensor], module_names: set[str] | None, where: 
     if not raw:
         raise AdapterError(f"{where}: the file holds no tensors")
     # Integer weights, or a diverged run's NaNs, would otherwise render fully transparent black images without a word.
-    bad = next((k for k, v in raw.items() if v.dtype not in _WEIGHT_DTYPES and not k.endswith(".alpha")), None)
-    if bad is not None:  # an `.alpha` is a scalar: kohya and ComfyUI files may store it as an integer
+    bad = next((k for k, v in raw.items() if v.dtype not in _WEIGHT_DTYPES and not _integer_alpha(k, v)), None)
+    if bad is not None:
         raise AdapterError(
             f"{where}: {bad!r} holds {str(raw[bad].dtype).removeprefix('torch.')} values; LoRA weights are floating "
             "point (float32, float16 or bfloat16): export the adapter again from its training run"
@@ -195,6 +195,16 @@ def convert(raw: dict[str, torch.Tensor], module_names: set[str] | None, where: 
     if not any(k.endswith(".lora_A.weight") for k in converted):
         raise AdapterError(f"{where}: no LoRA weights found (keys look like {sorted(raw)[:3]})")
     return split_fused_mlp(converted), layout
+
+
+def _integer_alpha(key: str, value: torch.Tensor) -> bool:
+    """An `.alpha` is a scalar: kohya and ComfyUI files may store it as an integer (not a bool)."""
+    return (
+        key.endswith(".alpha")
+        and not value.is_floating_point()
+        and not value.is_complex()
+        and value.dtype != torch.bool
+    )
 
 
 def _fold_with_diffusers(relative: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:

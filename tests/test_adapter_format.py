@@ -521,6 +521,15 @@ REFUSED = {  # case -> (tensors, read with the model?, why); every refusal names
         False,
         r"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' holds float8_e4m3fn values",
     ),
+    "a float8 alpha": (  # the integer alphas kohya writes are read; this was isfinite's traceback
+        {
+            "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight": torch.zeros(2, 32),
+            "diffusion_model.transformer_blocks.0.attn.to_q.lora_up.weight": torch.zeros(32, 2),
+            "diffusion_model.transformer_blocks.0.attn.to_q.alpha": torch.tensor(2.0).to(torch.float8_e4m3fn),
+        },
+        False,
+        r"'diffusion_model.transformer_blocks.0.attn.to_q.alpha' holds float8_e4m3fn values",
+    ),
     "a vector for lora_A": (  # its length was read as the rank: "expected [128, 16] and [32, 128]"
         {
             "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(32),

@@ -402,6 +402,9 @@ def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model
     Image.new("RGB", (32, 64)).save(jobs.parent / "tall.png")
     jobs.write_text(json.dumps({"prompt": "x", "images": ["tall.png"], "mask": "turned.jpg"}) + "\n")
     assert read_jobs(jobs)[0].mask.endswith("turned.jpg")  # shown upright it is the image's shape
+    (jobs.parent / "cut.png").write_bytes((jobs.parent / "tall.png").read_bytes()[:60])  # fails its own job only
+    jobs.write_text(json.dumps({"prompt": "x", "images": ["cut.png"], "mask": "turned.jpg"}) + "\n")
+    assert read_jobs(jobs)[0].images[0].endswith("cut.png")
 
 
 def test_batch_renders_again_an_empty_cut_short_or_damaged_output(tiny_model_dir, tmp_path, capsys):
