@@ -111,6 +111,14 @@ def test_bad_values_name_the_field(tmp_path, text, message):
             r"takes \{caption\} and \{trigger\}",
         ),
         ("data.caption_template='{caption} {'", r"data.caption_template: not a template \(Single '\{' encountered"),
+        (  # validate said OK, then the doctor failed on real captions with a traceback
+            "data.caption_template='{caption} {trigger:{caption}}'",
+            r"data.caption_template: \{trigger:\{caption\}\} is more than a placeholder",
+        ),
+        (  # trained "<built-in method title of str object ...>" into every caption
+            "data.caption_template='{caption} {trigger.title}'",
+            r"data.caption_template: \{trigger.title\} is more than a placeholder",
+        ),
         ("serve.max_queue=0", r"serve.max_queue: must be >= 1 \(0 refuses every request\) \(got 0\)"),
         ("serve.max_steps=0", r"serve.max_steps: must be >= 1"),
         ("serve.max_side=-1", r"serve.max_side: must be in 32\.\.4096 \(got -1\)"),
@@ -125,6 +133,13 @@ def test_bad_values_name_the_field(tmp_path, text, message):
 def test_out_of_range_values_fail_at_load_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=rf"^on the command line, {re.escape(override)}: {message}"):
         load_config("configs/demo.yaml", [override])
+
+
+def test_a_caption_template_indexing_its_trigger_still_loads():
+    cfg = load_config(
+        "configs/demo.yaml", ["data.trigger_word=qwnbrand", "data.caption_template='{trigger[0]} {caption}'"]
+    )
+    assert cfg.data.caption_template.format(caption="a mug", trigger=cfg.data.trigger_word) == "q a mug"
 
 
 @pytest.mark.parametrize("project", ["brand/lora", "a:b", "x" * 129, '""'])
