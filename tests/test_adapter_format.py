@@ -607,6 +607,10 @@ def test_a_kohya_file_exports_through_the_cli_against_the_model_it_names(transfo
             cli_main(["export", str(kohya), "--model", str(wrong), "--output", str(tmp_path / "o3.safetensors")]) == 2
         )
         assert capsys.readouterr().err.startswith(f"error: --model: {wrong} ")
+    # Its config.json is all export reads: a folder holding only that will do.
+    (tmp_path / "config-only" / "transformer").mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "transformer" / "config.json", tmp_path / "config-only" / "transformer")
+    assert cli_main(["export", str(kohya), "--model", str(tmp_path / "config-only"), "--output", str(out)]) == 0
 
 
 def test_an_integer_alpha_reads_as_its_value(transformer, tmp_path):

@@ -11,10 +11,15 @@ from qwen_image_lora import run_layout as layout
 
 def _export(args) -> int:
     from qwen_image_lora.adapter_format import export_adapter
+    from qwen_image_lora.errors import NotFound
     from qwen_image_lora.hub import check_pretrained
 
     if args.model:  # its config.json falls back to the released model's: a typo was "does not fit" the adapter
-        check_pretrained(args.model, field="--model")
+        config = Path(args.model).expanduser() / "transformer" / "config.json"
+        if Path(args.model).expanduser().is_dir() and not config.is_file():
+            raise NotFound(f"--model: {args.model} has no transformer/config.json, which export reads", "--model")
+        if not Path(args.model).expanduser().is_dir():
+            check_pretrained(args.model, field="--model")
     written = export_adapter(args.adapter_dir, args.format, args.output, args.model)
     print(written)
     step = next((p for p in Path(written).resolve().parents if p.parent.name == layout.CHECKPOINTS), None)
