@@ -29,14 +29,14 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
     """(items to train on, skipped items with the reason). Each item skipped here gets one warning naming it and
     why; one whose content its extension misnames (a GIF named .png) is kept with a warning saying what it is."""
     judged, excluded = past_verdicts(verdicts_dir(cfg), cfg.data.path)
-    keep, skipped, by_doctor, unjudged, copies = [], [], [], 0, 0
+    keep, skipped, by_doctor, unjudged, rechecked = [], [], [], 0, set()
     content: dict[str, tuple[str, ...]] = {}  # item id -> sha256 of its target and sources, from the checks' read
     report = Report(str(cfg.data.path), 0)
     for item in items:
         fresh = item.id in judged and judged[item.id] == fingerprint(item)
         if fresh and excluded.get(item.id) == ["duplicate"]:
             # A verdict on a pair: with the kept original deleted or retouched since, the copy trained zero times.
-            copies += 1  # compared again below with what is kept now
+            rechecked.add(item.id)  # compared again below with what is kept now
             keep.append(item)
             continue
         if item.id in excluded and (fresh or item.id not in judged):
@@ -56,8 +56,9 @@ def screen_items(items: list[Item], cfg: Config, tokenizer) -> tuple[list[Item],
                 if f.item == item.id and f.code == "extension-mismatch":
                     logger.warning("training %s, %s", item.id, f.message)
         keep.append(item)
-    if content or copies:  # an item the doctor has not judged may copy any other: compare all that are kept
+    if content or rechecked:  # an item the doctor has not judged may copy any other: compare all that are kept
         keep = _drop_copies(keep, content, report, skipped)
+        by_doctor += [item for item, _ in skipped if item.id in rechecked]  # still its copy: the doctor said so
     if unjudged:
         logger.info(
             "%d of %d items not judged by the data doctor at these settings: checked one by one and for exact copies "

@@ -96,15 +96,17 @@ def test_the_earliest_copy_is_the_one_kept_as_the_doctor_keeps_it(tmp_path, samp
 
 @pytest.mark.parametrize("change", ["deleted", "retouched"])
 def test_a_copy_the_doctor_left_out_trains_once_its_original_is_gone_or_changed(change, tmp_path, sample_data_dir,
-                                                                                 tiny_model_dir):  # fmt: skip
+                                                                                 tiny_model_dir, caplog):  # fmt: skip
     """The doctor's "duplicate" held for the copy while its original was deleted or retouched since: the product
     trained zero times (the doctor had said "trained once"), until the doctor ran again."""
     root = _brand(tmp_path, sample_data_dir)
     _add_copy(root)
     cfg = _cfg(root, tiny_model_dir)
     diagnose(cfg, tokenizer=None, contact_sheet=False).write_json(verdicts_dir(cfg) / "doctor.json")
-    keep, skipped = screen_items(load_items(cfg.data), cfg, None)
+    with caplog.at_level(logging.INFO):
+        keep, skipped = screen_items(load_items(cfg.data), cfg, None)
     assert COPY not in [it.id for it in keep] and [(it.id, why) for it, why in skipped] == [(COPY, SAME)]
+    assert _skips(caplog) == [] and "1 items left out as the data doctor" in caplog.text  # said once, by the doctor
     if change == "deleted":
         (root / "003.png").unlink()
         (root / "003.txt").unlink()
