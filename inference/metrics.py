@@ -44,11 +44,6 @@ class Metrics:
     def count_rejected(self) -> None:
         self._rejected.labels(reason="queue_full").inc()
 
-    def mean_image_seconds(self) -> float | None:
-        """The mean time in the pipeline per image so far; None before the first."""
-        count = self.registry.get_sample_value("qwen_lora_generation_seconds_count") or 0
-        return self.registry.get_sample_value("qwen_lora_generation_seconds_sum") / count if count else None
-
     @property
     def images(self) -> int:
         return int(self.registry.get_sample_value("qwen_lora_images_total") or 0)

@@ -126,9 +126,9 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
         except queue.Full:
             metrics.count_rejected()
             busy = f"busy: {serve.max_queue} requests already queued; retry later"
-            # A slot frees when the running image ends: about one image's time (it was always 1 s, so clients
-            # retried every second through a queue that moves once a minute).
-            retry = max(1, math.ceil(metrics.mean_image_seconds() or 1))
+            # A slot frees when the running job ends: about one job's time (it was always 1 s, so clients retried
+            # every second through a queue that moves once a minute).
+            retry = max(1, math.ceil(worker.mean_job_seconds or 1))
             raise RequestError(429, busy, (), {"Retry-After": str(retry)}) from None
         except Stopping:
             raise RequestError(503, STOPPING, ()) from None

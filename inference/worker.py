@@ -12,6 +12,7 @@ import concurrent.futures
 import ctypes
 import queue
 import threading
+import time
 
 from qwen_image_lora.errors import UserError
 
@@ -72,7 +73,16 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.draining = False
+        self._seconds, self._done = 0.0, 0  # time in jobs, jobs run: when a slot frees, on average
         self.start()
+
+    def record(self, seconds: float) -> None:
+        """One job's time (images and layers alike: a queue slot frees when the running job ends, whatever it is)."""
+        self._seconds, self._done = self._seconds + seconds, self._done + 1
+
+    @property
+    def mean_job_seconds(self) -> float | None:
+        return self._seconds / self._done if self._done else None
 
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -129,13 +139,17 @@ class Worker:
             job.slot.release()
             fn, job.fn = job.fn, None
             if fn is not None and job.future.set_running_or_notify_cancel():
-                self.busy = True
+                self.busy, started, failed = True, time.perf_counter(), None
                 try:
-                    job.future.set_result(fn())
+                    result = fn()
                 except BaseException as e:  # handed to the request that submitted it
-                    job.future.set_exception(e)
-                finally:
-                    self.busy = False
-            # Drop this job before waiting for the next: its inputs must not stay alive while the thread idles.
-            job = fn = None
+                    failed = e
+                self.busy = False
+                self.record(time.perf_counter() - started)  # before the request hears back: its next 429 counts it
+                if failed is None:
+                    job.future.set_result(result)
+                else:
+                    job.future.set_exception(failed)
+            # Drop this job before waiting for the next: its inputs and output must not stay alive while it idles.
+            job = fn = result = failed = None
             release_memory()

@@ -5,6 +5,7 @@ never echoes the input)."""
 
 import asyncio
 import base64
+import concurrent.futures
 import dataclasses
 import gc
 import hashlib
@@ -462,6 +463,15 @@ def test_api_docs_are_off_by_default_and_under_the_studio_csp_when_on(cfg, gen):
     assert {k: v for k, v in policy.items() if k not in ("script-src", "style-src")} == {
         k: v for k, v in studio.items() if k not in ("script-src", "style-src")}  # fmt: skip
     assert all(url.startswith(cdn + "/") for url in re.findall(r'(?:src|href)="(https?://[^"]*)"', r.text))
+
+
+def test_the_worker_times_every_job_it_runs_for_retry_after():
+    """Only images were timed (in the request path): a service doing layers work kept answering Retry-After: 1."""
+    worker = Worker(max_queue=4)
+    assert worker.mean_job_seconds is None
+    for job in [worker.submit(lambda: time.sleep(0.2)), worker.submit(lambda: 1 / 0)]:  # a failed job took time too
+        concurrent.futures.wait([job.future])
+    assert 0.1 <= worker.mean_job_seconds < 1
 
 
 def test_the_first_ctrl_c_counts_a_request_still_decoding_among_those_answered_503():
