@@ -27,9 +27,9 @@ def test_csv_manifest_with_several_captions_and_edit_rows(tmp_path):
     )
     # A quoted cell over two lines, a blank line, then a bad row: it was named by its row count (line 3, not 6).
     (tmp_path / "m.csv").write_text(
-        'image,caption,target,instruction,sources\n,,c.png,"make it\nblue",a.png\n\n,,c.png,make it red,\n'
-    )
-    with pytest.raises(DataError, match=rf"^{tmp_path / 'm.csv'}:5: edit rows need target, instruction and sources"):
+        'image,caption,target,instruction,sources\n,,c.png,"make it\nblue",a.png\n\n  ,  \n,,c.png,make it red,\n'
+    )  # a blank line and one of spaces (an editor's) are no rows
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'm.csv'}:6: edit rows need target, instruction and sources"):
         load_items(load_config(None, [f"data.path={tmp_path / 'm.csv'}"]).data)
 
 
