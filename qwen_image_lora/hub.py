@@ -132,7 +132,7 @@ def _weights_file(source: str):
         return source
     try:
         found = local_weights_file(path).stat()
-    except AdapterError:  # a folder of several files: loading it says so
+    except (AdapterError, OSError):  # a folder of several files, or one it cannot list: loading it says so
         found = path.stat()
     return found.st_dev, found.st_ino
 
