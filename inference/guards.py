@@ -16,6 +16,7 @@ from qwen_image_lora.images import DecodeCost, ImageInputError
 from qwen_image_lora.inference.metrics import Metrics
 from qwen_image_lora.inference.studio import STATIC_PATHS
 from qwen_image_lora.inference.worker import release_memory
+from qwen_image_lora.knobs import SettingError
 
 # Paths served without a key; every other path (the API, and unknown paths) needs one.
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs"}) | STATIC_PATHS  # /docs: when serve.api_docs
@@ -53,15 +54,24 @@ def validation_error_body(errors: list[dict]) -> dict:
     inf, which no JSON encoder may write (FastAPI's default handler then fails with a 500). A `loc` names what the
     client sent, so it is clipped too, and at most MAX_ERRORS are listed: a 4 MB body of unknown keys was answered
     with every key (a 32 MB 422), a 4 MB key echoed whole."""
-    detail = [
-        {"loc": [clip(part, MAX_LOC_CHARS) if isinstance(part, str) else part for part in e["loc"]],
-         "msg": clip(str(e["msg"])), "type": e["type"]}
-        for e in errors[:MAX_ERRORS]
-    ]  # fmt: skip
+    detail = []
+    for e in errors[:MAX_ERRORS]:
+        loc, msg = _located(e)
+        detail.append({"loc": [clip(part, MAX_LOC_CHARS) if isinstance(part, str) else part for part in loc],
+                       "msg": clip(str(msg)), "type": e["type"]})  # fmt: skip
     if len(errors) > MAX_ERRORS:
         more = f"{len(errors) - MAX_ERRORS:,} more errors not listed; fix these first"
         detail.append({"loc": ["body"], "msg": more, "type": "too_many_errors"})
     return {"detail": detail}
+
+
+def _located(error: dict) -> tuple[list, str]:
+    """(loc, msg) of one error; a sampling rule's refusal (a SettingError raised by a model validator) at the field it
+    names, in its own words: pydantic can only put it at `body`, prefixed "Value error, "."""
+    refusal = (error.get("ctx") or {}).get("error")
+    if isinstance(refusal, SettingError):
+        return [*error["loc"], refusal.field] if refusal.field else list(error["loc"]), refusal.message
+    return list(error["loc"]), error["msg"]
 
 
 class KeyCheck:

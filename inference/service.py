@@ -97,8 +97,12 @@ class _Server(uvicorn.Server):
             print("stopped: the image in progress was dropped (the service writes no files)", file=sys.stderr,
                   flush=True)  # fmt: skip
             os._exit(128 + sig)
-        running, withdrawn = worker.busy, worker.drain()
-        said = ["finishing the image in progress (Ctrl-C again drops it)"] if running else []
-        said += [f"{withdrawn} waiting requests answered 503"] if withdrawn else []
-        print("stopping" + (": " + "; ".join(said) if said else ""), file=sys.stderr, flush=True)
+        print(stopping_line(worker.busy, worker.drain()), file=sys.stderr, flush=True)
         super().handle_exit(sig, frame)
+
+
+def stopping_line(running: bool, withdrawn: int) -> str:
+    """The first Ctrl-C's one line: the image that finishes, and how many waiting requests were answered 503."""
+    said = ["finishing the image in progress (Ctrl-C again drops it)"] if running else []
+    said += [f"{withdrawn} waiting request{'s' if withdrawn > 1 else ''} answered 503"] if withdrawn else []
+    return "stopping" + (": " + "; ".join(said) if said else "")

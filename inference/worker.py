@@ -145,7 +145,8 @@ class Worker:
                 except BaseException as e:  # handed to the request that submitted it
                     failed = e
                 self.busy = False
-                self.record(time.perf_counter() - started)  # before the request hears back: its next 429 counts it
+                if failed is None:  # a request refused by the generator's checks took no time of a real job
+                    self.record(time.perf_counter() - started)  # before the request hears back: its next 429 counts it
                 if failed is None:
                     job.future.set_result(result)
                 else:

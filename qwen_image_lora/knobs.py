@@ -195,7 +195,8 @@ class SamplingConfig:
         for f in dataclasses.fields(SamplingConfig):
             check_value(f, getattr(self, f.name))
         if self.aspect_ratio is not None and (self.width is not None or self.height is not None):
-            raise SettingError(None, "give either aspect_ratio or width/height, not both", SIZE_FIELDS)
+            # Named on aspect_ratio: a field-less refusal was a 422 at `body` alone, "Value error, " prefixed.
+            raise SettingError("aspect_ratio", "give it or width/height, not both", ("width", "height"))
 
     def validate(self, where: str) -> None:
         try:

@@ -83,7 +83,7 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, unloadable_model, c
         ),
         (
             ["generate", "--prompt", "x", "--aspect-ratio", "1:1", "--height", "64"],
-            "error: give either --aspect-ratio or --width/--height, not both",
+            "error: --aspect-ratio: give it or --width/--height, not both",
         ),
         (
             ["edit", "--prompt", "x", *["--image", str(strip)] * 11],

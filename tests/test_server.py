@@ -187,6 +187,10 @@ def test_limits_answer_413_and_422_naming_the_field(client):
     ]
     assert field_of(client.post("/v1/images", json=edit(guidance_scale=-1), headers=AUTH)) == ["body", "guidance_scale"]
     assert field_of(client.post("/v1/images", json=edit(width=100), headers=AUTH)) == ["body", "width"]
+    r = client.post("/v1/images", json=edit(width=64, aspect_ratio="1:1"), headers=AUTH)  # was at `body` alone
+    assert (
+        field_of(r) == ["body", "aspect_ratio"] and "give it or width/height, not both" in r.json()["detail"][0]["msg"]
+    )
     assert field_of(client.post("/v1/images", json=edit(colour="red"), headers=AUTH)) == ["body", "colour"]
     assert field_of(client.post("/v1/images", json=edit(image="bm90IGFuIGltYWdl"), headers=AUTH)) == ["body", "image"]
     assert field_of(client.post("/v1/images", json=edit(image=[b64_png(), "%%%"]), headers=AUTH)) == [
