@@ -25,6 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from qwen_image_lora import run_layout as layout
+from qwen_image_lora.captions import fill_caption
 from qwen_image_lora.config import ConfigError, DataConfig, EditExample
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_image
@@ -365,4 +366,4 @@ def open_image(path: Path, alpha: str = "composite", background: str = "#ffffff"
 
 
 def format_caption(caption: str, cfg: DataConfig) -> str:
-    return cfg.caption_template.format(caption=caption, trigger=cfg.trigger_word or "").strip()
+    return fill_caption(cfg.caption_template, caption, cfg.trigger_word or "")

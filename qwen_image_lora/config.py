@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union, get_type_hints
@@ -20,6 +19,7 @@ from typing import Literal, Union, get_type_hints
 import yaml
 
 from qwen_image_lora import typed_yaml
+from qwen_image_lora.captions import template_problem
 from qwen_image_lora.io import atomic_write_text
 from qwen_image_lora.knobs import SamplingConfig, SettingError, check_image_count, repeated_name
 from qwen_image_lora.presets import LORA_TARGETS
@@ -156,10 +156,8 @@ class DataConfig:
             raise ConfigError(f"{where}.caption_dropout: must be in [0, 1) (got {self.caption_dropout})")
         if self.max_upscale < 1.0:
             raise ConfigError(f"{where}.max_upscale: must be >= 1.0 (1.0 = never upscale; got {self.max_upscale})")
-        if "{caption}" not in self.caption_template:
-            raise ConfigError(f"{where}.caption_template: must contain '{{caption}}' (got {self.caption_template!r})")
-        # What format_caption does with every caption: `{trigger_word}` was a KeyError traceback in every command.
-        if problem := _template_problem(self.caption_template, self.trigger_word or ""):
+        # What fill_caption does with every caption: `{trigger_word}` was a KeyError traceback in every command.
+        if problem := template_problem(self.caption_template, self.trigger_word or ""):
             raise ConfigError(f"{where}.caption_template: {problem} in {self.caption_template!r}; it takes {{caption}} "
                               "and {trigger} (write a literal brace as {{ or }})")  # fmt: skip
         require(where, self, lambda v: v >= 1, ">= 1", "repeats", "min_side", "max_caption_tokens", "shard_size")
@@ -171,25 +169,6 @@ class DataConfig:
             )
         if not re.fullmatch(r"#[0-9a-fA-F]{6}", self.background):
             raise ConfigError(f"{where}.background: must be a colour like '#ffffff' (got {self.background!r})")
-
-
-def _template_problem(template: str, trigger: str) -> str | None:
-    """Why `template` cannot make captions: a placeholder other than {caption} and {trigger} (an index such as
-    {trigger[0]} is fine), an attribute or a format spec (`{trigger.title}` trained a method's repr, a spec holding
-    the caption failed on real captions only), or a brace that does not pair."""
-    try:
-        for _, name, spec, conversion in string.Formatter().parse(template):
-            if name is None:
-                continue
-            root = re.split(r"[.\[]", name, maxsplit=1)[0]
-            if root not in ("caption", "trigger"):
-                return f"unknown placeholder {{{name}}}"
-            if "." in name or spec or conversion:
-                return f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} is more than a placeholder"
-        template.format(caption="a caption", trigger=trigger)
-    except (KeyError, IndexError, ValueError) as e:
-        return f"not a template ({e})"
-    return None
 
 
 @dataclass

@@ -111,6 +111,10 @@ def test_bad_values_name_the_field(tmp_path, text, message):
             r"takes \{caption\} and \{trigger\}",
         ),
         ("data.caption_template='{caption} {'", r"data.caption_template: not a template \(Single '\{' encountered"),
+        (
+            "data.caption_template='a {trigger} photo'",
+            r"data.caption_template: no \{caption\} in 'a \{trigger\} photo'",
+        ),
         (  # validate said OK, then the doctor failed on real captions with a traceback
             "data.caption_template='{caption} {trigger:{caption}}'",
             r"data.caption_template: \{trigger:\{caption\}\} is more than a placeholder",
