@@ -70,11 +70,10 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import constants
-from huggingface_hub.file_download import repo_folder_name
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qwen_image_lora.hub import cached_commit
 from qwen_image_lora.io import (
     atomic_path,
     atomic_write_text,
@@ -120,11 +119,7 @@ def _encoders_version(pretrained: str, revision: str | None) -> str:
     if folder.is_dir():
         files = sorted(f for part in ENCODER_PARTS for f in (folder / part).rglob("*") if f.is_file())
         return _digest(*(f"{f.relative_to(folder)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files))
-    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=pretrained, repo_type="model") / "refs"
-    try:
-        return (ref / (revision or "main")).read_text().strip()
-    except (OSError, ValueError):  # not cached by name (a commit hash as revision, or not downloaded yet)
-        return revision or "main"
+    return cached_commit(pretrained, revision)
 
 
 def _canon(value) -> str:

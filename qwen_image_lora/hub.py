@@ -24,10 +24,23 @@ class HubUnavailable(NotFound):
     """A hub id that is neither cached nor fetchable now."""
 
 
+def _cache_folder(repo_id: str) -> Path:
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
 def is_cached(repo_id: str) -> bool:
     """Some snapshot of the repo is in the local Hugging Face cache."""
-    snapshots = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
+    snapshots = _cache_folder(repo_id) / "snapshots"
     return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def cached_commit(repo_id: str, revision: str | None = None) -> str:
+    """The commit the local cache holds for `revision` (a branch or tag name); the revision itself when the cache
+    names none (a commit hash given as the revision, or nothing downloaded yet)."""
+    try:
+        return (_cache_folder(repo_id) / "refs" / (revision or "main")).read_text().strip()
+    except (OSError, ValueError):
+        return revision or "main"
 
 
 def check_hub_repo(repo_id: str, *, head: str, fix: str, field: str | None = None, revision: str | None = None) -> None:
