@@ -41,6 +41,7 @@ declare -A MODULES=(
   [urls]="qwen_image_lora/inference/urls.py|tests/test_server.py tests/test_faults_server.py||"
   [model]="qwen_image_lora/model.py|tests/test_model_packing.py tests/test_model.py tests/test_sizing.py|$(printf '*.x_%s__mutmut_* ' $MODEL_FNS)|"
   [formats]="qwen_image_lora/adapter_format.py|tests/test_adapter_format.py tests/test_adapter_sources.py tests/test_inference_adapters.py||"
+  [adapter_checks]="qwen_image_lora/adapter_checks.py|tests/test_adapter_format.py||"
   [export]="qwen_image_lora/train/export.py|tests/test_train_adapter.py tests/test_inference_adapters.py||"
   [auth]="qwen_image_lora/inference/guards.py|tests/test_server.py tests/test_faults_server.py|*ǁKeyCheckǁ*|"
   [summary]="qwen_image_lora/eval/summary.py|tests/test_eval_report.py tests/test_eval_metrics.py||"
@@ -50,7 +51,7 @@ declare -A MODULES=(
   [comfy_mlp]="qwen_image_lora/comfy_mlp.py|tests/test_adapter_format.py||"
   [colour]="qwen_image_lora/images.py|tests/test_images.py tests/test_image_settings.py|*.x__srgb_transform__mutmut_* *.x_converts_colours__mutmut_* *.x__header_facts__mutmut_* *.x__read_header_facts__mutmut_* *.x_encode_image__mutmut_*|not decode_holds and not admitted and not overrun"
 )
-ORDER=(objective optim guards metrics buckets urls model formats export auth summary screening lora_layer hub comfy_mlp colour)
+ORDER=(objective optim guards metrics buckets urls model formats adapter_checks export auth summary screening lora_layer hub comfy_mlp colour)
 [ $# -gt 0 ] && ORDER=("$@")
 
 stage() {  # $1: folder. The package as its import names lay it out, plus the tests.

@@ -411,6 +411,16 @@ def test_the_shape_check_reports_every_misfit_three_in_full(transformer):
     with pytest.raises(AdapterError) as error:
         check_shapes(state, transformer)
     assert str(error.value) == intro + "; ".join(shown) + " (and 1 more)"
+    # A module that does not exist is one misfit among the others, not the end of the check.
+    gone = {"transformer.transformer_blocks.0.attn.to_a.lora_A.weight": a, **state}
+    with pytest.raises(AdapterError) as error:
+        check_shapes(gone, transformer)
+    assert (
+        str(error.value)
+        == intro
+        + "; ".join(["module 'transformer_blocks.0.attn.to_a' does not exist in this transformer", *shown[:2]])
+        + " (and 2 more)"
+    )
 
 
 def test_a_peft_folder_reads_with_its_adapter_config_and_loads_into_diffusers_as_peft_had_it(
@@ -570,8 +580,27 @@ def test_weights_that_disagree_with_their_own_config_are_refused_in_one_line(
     ):
         read_adapter(tmp_path / "r2", transformer)
     adapter_format.write_diffusers(tmp_path / "dora", state, {**DORA, "r": 4, "lora_alpha": 4})
-    with pytest.raises(AdapterError, match=r"its config says use_dora but it holds no DoRA magnitudes"):
+    with pytest.raises(AdapterError) as refused:
         read_adapter(tmp_path / "dora", transformer)
+    assert str(refused.value) == (
+        f"{tmp_path / 'dora' / adapter_format.WEIGHTS_NAME}: its weights do not match its own config: its config says "
+        "use_dora but it holds no DoRA magnitudes (lora_magnitude_vector); save the weights and the config from one "
+        "training run"
+    )
+    # Every misfit counted, the first three named: five modules of rank 4 under an r=2 config.
+    many, _, _ = peft_adapter(transformer, {"r": 4, "lora_alpha": 4, "target_modules": ["to_q", "to_k"]})
+    adapter_format.write_diffusers(
+        tmp_path / "many", many, {"r": 2, "lora_alpha": 2, "target_modules": ["to_q", "to_k"]}
+    )
+    with pytest.raises(AdapterError) as refused:
+        read_adapter(tmp_path / "many", transformer)
+    said = str(refused.value)
+    assert (
+        said.count("lora_A has rank 4, its config says r=2") == 3
+        and "; module 'transformer_blocks.0.attn.to_q'" in said
+    )
+    modules = sum(k.endswith("lora_A.weight") for k in many)
+    assert said.endswith(f" (and {modules - 3} more); save the weights and the config from one training run")
     # rank_pattern keys are matched as peft matches them (a full name, a tail): the adapter it built reads back.
     patterned, _, _ = peft_adapter(transformer, PATTERNS)
     adapter_format.write_diffusers(tmp_path / "patterns", patterned, PATTERNS)

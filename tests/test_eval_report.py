@@ -109,6 +109,10 @@ def test_no_checkpoint_is_named_best_when_none_beats_the_base_model(tmp_path):
     learned = [*diverged, CheckpointScore("step-6", 6, 3.5)]
     assert best_checkpoint(learned) == ("step-6", "best by held-out loss: step-6 (step 6, loss 3.5, base 3.9)")
     assert best_checkpoint([CheckpointScore("base", 0, 1.0), CheckpointScore("s", 1, 1.0)])[0] is None  # a tie
+    assert best_checkpoint([CheckpointScore("s", 1, 1.0)]) == ("s", "best by held-out loss: s (step 1, loss 1)")
+    assert best_checkpoint([CheckpointScore("base", 0, 1.0), CheckpointScore("s", 1, math.nan)]) == (
+        None, "no checkpoint has a finite held-out loss (the notes and the table say why)"
+    )  # fmt: skip
     # A checkpoint whose loss overflowed to NaN is not ranked: min() over a NaN depended on the list's order.
     for order in (1, -1):
         scores = [CheckpointScore("step-2", 2, math.nan), CheckpointScore("final (EMA)", 4, 3.77)][::order]
