@@ -18,6 +18,7 @@ from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.inference import cli_args as flags
 from qwen_image_lora.io import check_writable
 from qwen_image_lora.knobs import (
+    MASK_FEATHER,
     MAX_INPUT_IMAGES,
     SIZE_FIELDS,
     SettingError,
@@ -181,7 +182,7 @@ def _generate(args) -> int:
     if mask is not None:
         _as_option(lambda: prepare_mask(mask, images[-1], warn=False))  # the generator's rules, before the model
     request = GenerationRequest.from_settings(args, args.prompt, images=images, mask=mask,
-                                              mask_feather=getattr(args, "mask_feather", 8))  # fmt: skip
+                                              mask_feather=getattr(args, "mask_feather", MASK_FEATHER.default))  # fmt: skip
     _check_flags(request)  # bad sizes, steps or guidance fail before the model loads
     folder = Path(args.output).parent  # the settings name files relative to the image, so --from works from anywhere
     inputs = [file_record(p, folder) for p in args.image]

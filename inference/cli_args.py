@@ -8,10 +8,11 @@ import dataclasses
 
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.knobs import (
-    MASK_FEATHER_RANGE,
+    MASK_FEATHER,
     MAX_ADAPTER_WEIGHT,
     MAX_INPUT_IMAGES,
-    QUALITY_RANGE,
+    QUALITY,
+    Bounded,
     accepted,
     flag,
     limits_of,
@@ -45,13 +46,15 @@ def job_format() -> str:
         "  prompt              the text-to-image prompt or the edit instruction",
         (f"  images              input images for an edit (1 to {MAX_INPUT_IMAGES}), paths relative to the jobs "
          "file; omit for text-to-image"),
-        "  mask, mask_feather  masked edit of the last image: white = may change, black = kept exactly; soft edge px (8)",
+        ("  mask, mask_feather  masked edit of the last image: white = may change, black = kept exactly; soft edge "
+         f"px ({MASK_FEATHER.default})"),
         "  id                  names the output (default: the line index, 000000, 000001, ...)",
         "  seed                default: --seed + the line index",
         *sampling,
         ('  loras               {"adapter name": weight} or [{"name": ..., "weight": ...}] (a missing weight: the '
          "--lora one); default: every --lora at its weight"),
-        "  output, quality     file name in --output-dir (.png, .jpg, .webp; default ID.png), JPEG/WebP quality (95)",
+        ("  output, quality     file name in --output-dir (.png, .jpg, .webp; default ID.png), JPEG/WebP quality "
+         f"({QUALITY.default})"),
         "example line:",
         ('  {"id": "sku-123", "prompt": "put it on white marble", "images": ["in/sku-123.jpg"], "seed": 7, '
          '"output": "sku-123.webp", "quality": 90}'),
@@ -68,8 +71,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def ranged(low: int, high: int):
-    """An argparse type: a whole number from `low` to `high` (the limits the server's request models have)."""
+def ranged(knob: Bounded):
+    """An argparse type: a whole number within `knob`'s limits (the ones the server's request models have)."""
+    low, high = knob.low, knob.high
 
     def parse(text: str) -> int:
         if not text.lstrip("-").isdigit() or not low <= int(text) <= high:
@@ -80,19 +84,19 @@ def ranged(low: int, high: int):
 
 
 def quality_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quality", type=ranged(*QUALITY_RANGE), default=95, action=Given, metavar="N",
-                   help="JPEG/WebP quality (default 95; --from: the image's)")  # fmt: skip
+    p.add_argument("--quality", type=ranged(QUALITY), default=QUALITY.default, action=Given, metavar="N",
+                   help=f"{QUALITY.help} (default {QUALITY.default}; --from: the image's)")  # fmt: skip
 
 
 def mask_args(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
     p.add_argument("--mask", required=required, help=help)
     p.add_argument(
         "--mask-feather",
-        type=ranged(*MASK_FEATHER_RANGE),
-        default=8,
+        type=ranged(MASK_FEATHER),
+        default=MASK_FEATHER.default,
         metavar="PX",
         action=Given,
-        help="soft edge inside the changed region, in pixels (default 8)",
+        help=f"{MASK_FEATHER.help} (default {MASK_FEATHER.default})",
     )
 
 

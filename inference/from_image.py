@@ -12,7 +12,7 @@ from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.hub import is_hub_id
 from qwen_image_lora.inference.generator import ImageSettings
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import QUALITY_RANGE, check_range
+from qwen_image_lora.knobs import QUALITY, check_range
 
 
 def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
@@ -58,7 +58,7 @@ def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
             args.mask_feather = made.mask_feather
     if made.quality is not None and "quality" not in given:
         try:
-            check_range("quality", made.quality, *QUALITY_RANGE)
+            check_range("quality", made.quality, QUALITY.low, QUALITY.high)
         except InputError as e:
             raise InputError(f"--from {image}: its {e}; give --quality", "--quality") from None
         args.quality = made.quality

@@ -24,7 +24,7 @@ from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import SettingError, check_image_count, check_masked_size
+from qwen_image_lora.knobs import MASK_FEATHER, SettingError, check_image_count, check_masked_size
 from qwen_image_lora.presets import ASPECT_RATIOS, MAX_SIDE, SIDE_MULTIPLE
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
@@ -71,7 +71,7 @@ def check_input_aspects(images: list[Image.Image], resolution: int, field: str =
             read = "" if sized is None else f" (sized to {sized[0]}x{sized[1]}, {max(sized) / min(sized):.0f}:1)"
             raise InputError(f"{field}: image {i} is {w}x{h} (aspect {max(w, h) / min(w, h):.1f}:1){read}; at "
                              f"resolution {resolution} the model takes aspect ratios under {limit:g}:1; crop or pad "
-                             "it closer to square", field)  # fmt: skip
+                             "it closer to square", field, i - 1)  # fmt: skip
 
 
 @dataclass
@@ -86,7 +86,7 @@ class GenerationRequest(SamplingConfig):
     adapters: dict[str, float] | None = None
     # Masked edit: white = may change, black = kept exactly (applies to the last image; the result keeps its size).
     mask: Image.Image | None = None
-    mask_feather: int = 8
+    mask_feather: int = MASK_FEATHER.default
 
     def check(self) -> None:
         """The sampling rules, a masked edit given no size, and one side of an edit that its input's aspect can
@@ -142,7 +142,7 @@ class ImageSettings(SamplingConfig):
     loras: list[AdapterRecord] = field(default_factory=list)
     images: list[InputRecord] = field(default_factory=list)  # [] = text-to-image
     mask: InputRecord | None = None
-    mask_feather: int = 8
+    mask_feather: int = MASK_FEATHER.default
     quality: int | None = None  # a JPEG's or WebP's (`images.encode_image` adds it); None for a PNG
 
     @classmethod

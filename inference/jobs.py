@@ -16,8 +16,8 @@ from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import ImageInputError, format_for, identify
 from qwen_image_lora.io import iter_jsonl
 from qwen_image_lora.knobs import (
-    MASK_FEATHER_RANGE,
-    QUALITY_RANGE,
+    MASK_FEATHER,
+    QUALITY,
     SettingError,
     check_adapter_weight,
     check_image_count,
@@ -41,12 +41,12 @@ class Job(SamplingConfig):
     images: list[str] = field(default_factory=list, metadata={"path": True})
     # Masked edit of the last image: white = may change, black = kept exactly.
     mask: str | None = field(default=None, metadata={"path": True})
-    mask_feather: int = 8
+    mask_feather: int = MASK_FEATHER.default
     seed: int | None = None  # default: --seed + the line's index
     # {"name": weight} or the HTTP API's [{"name": ..., "weight": ...}]; a null weight is the --lora one.
     loras: dict[str, float | None] | None = None
     output: str | None = None
-    quality: int = 95
+    quality: int = QUALITY.default
     index: int = field(default=-1, metadata={"internal": True})  # the line's position, set by `read_jobs`
 
     @property
@@ -90,8 +90,8 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
         job = typed_yaml.build(Job, raw, "", where, path.parent.resolve())
         job.validate(f"{where}: job")  # the sampling checks: sizes, aspect preset, steps
         check_image_count(len(job.images))
-        check_range("quality", job.quality, *QUALITY_RANGE)  # the limits of every edge (knobs.py)
-        check_range("mask_feather", job.mask_feather, *MASK_FEATHER_RANGE)
+        check_range("quality", job.quality, QUALITY.low, QUALITY.high)  # the limits of every edge (knobs.py)
+        check_range("mask_feather", job.mask_feather, MASK_FEATHER.low, MASK_FEATHER.high)
         for name, weight in (job.loras or {}).items():
             if weight is not None:
                 check_adapter_weight(f"loras.{name}", weight)

@@ -96,10 +96,10 @@ def check_request(image: Image.Image, mask: Image.Image | str, elements: list[El
     (`masking.prepare_mask`). Returns the prepared mask, or "auto". `build_layers` (the CLI's and the server's path)
     runs it first; the CLI also runs it before loading the model."""
     w, h = image.size
-    for element in elements:
+    for i, element in enumerate(elements):
         x, y, bw, bh = element.box
         if min(x, y) < 0 or x + bw > w or y + bh > h:
-            raise LayersError(f"element {element.prompt!r}: box {element.box} leaves the {w}x{h} image", "elements")
+            raise LayersError(f"element {element.prompt!r}: box {element.box} leaves the {w}x{h} image", "elements", i)
     if isinstance(mask, str):
         if mask != "auto":
             raise LayersError(f"mask: give a mask image or 'auto' (got {mask!r})", "mask")

@@ -12,11 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.inference.generator import GenerationRequest
 from qwen_image_lora.knobs import (
-    MASK_FEATHER_RANGE,
+    MASK_FEATHER,
     MAX_ADAPTER_WEIGHT,
     MAX_INPUT_IMAGES,
-    QUALITY_RANGE,
+    QUALITY,
     SIZE_FIELDS,
+    Bounded,
     limits_of,
     type_of,
 )
@@ -44,6 +45,11 @@ def sampling_model(name: str, serve: ServeConfig, base, skip: tuple[str, ...] = 
         text = f.metadata["help"] + ("; omitted: random, returned in x-seed" if f.name == "seed" else "")
         fields[f.name] = (kind | None, Field(None, description=text, **limits, **extra))
     return create_model(name, __base__=base, **fields)
+
+
+def bounded(knob: Bounded):
+    """A request field for a whole-number value outside `SamplingConfig`, from its one declaration in knobs.py."""
+    return Field(knob.default, ge=knob.low, le=knob.high, description=knob.help)
 
 
 def request_models(serve: ServeConfig):
@@ -76,22 +82,21 @@ def request_models(serve: ServeConfig):
         """Text-to-image when `image` is absent; an edit of 1 to 10 input images otherwise."""
 
         prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="up to 1,024 tokens")
-        image: ImageStr | Annotated[list[ImageStr], Field(min_length=1, max_length=MAX_INPUT_IMAGES)] | None = None
+        image: ImageStr | Annotated[list[ImageStr], Field(min_length=1, max_length=MAX_INPUT_IMAGES)] | None = Field(
+            None, description=f"the input image(s) of an edit, 1 to {MAX_INPUT_IMAGES}; omitted: text-to-image"
+        )
         loras: Loras = None
         mask: ImageStr | None = Field(
             None,
             description="masked edit of the last image: white = may change, black = "
             "kept exactly (a JPEG or WebP output adds its loss); the image's size (or its aspect, resized)",
         )
-        mask_feather: int = Field(
-            8,
-            ge=MASK_FEATHER_RANGE[0],
-            le=MASK_FEATHER_RANGE[1],
-            description="soft edge inside the changed region, in pixels",
+        mask_feather: int = bounded(MASK_FEATHER)
+        output_format: Literal["png", "jpeg", "webp"] = Field("png", description="the image's file format")
+        quality: int = bounded(QUALITY)
+        response_format: Literal["bytes", "b64_json"] = Field(
+            "bytes", description="bytes: the image file; b64_json: JSON with the image, its seed, size and settings"
         )
-        output_format: Literal["png", "jpeg", "webp"] = "png"
-        quality: int = Field(95, ge=QUALITY_RANGE[0], le=QUALITY_RANGE[1], description="JPEG/WebP quality")
-        response_format: Literal["bytes", "b64_json"] = "bytes"
 
         @field_validator("mask")
         @classmethod
@@ -101,11 +106,13 @@ def request_models(serve: ServeConfig):
             return mask
 
     class ElementRef(Strict):
-        prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-        x: int = Field(ge=0)
-        y: int = Field(ge=0)
-        width: int = Field(ge=1, le=serve.max_side)
-        height: int = Field(ge=1, le=serve.max_side)
+        """A generated element and its box, in the input image's pixels."""
+
+        prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what the element shows")
+        x: int = Field(ge=0, description="the box's left edge")
+        y: int = Field(ge=0, description="the box's top edge")
+        width: int = Field(ge=1, le=serve.max_side, description="the box's width")
+        height: int = Field(ge=1, le=serve.max_side, description="the box's height")
 
     class LayersRequest(sampling_model("LayersSampling", serve, Sampled, skip=SIZE_FIELDS)):
         """Subject cut-out, background without it (a masked edit), and generated elements, as one layered file; the
@@ -116,9 +123,13 @@ def request_models(serve: ServeConfig):
             description="white on the subject (URL or base64), or 'auto' for the model's own cut-out"
         )
         prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="background instruction")
-        elements: list[ElementRef] = Field(default_factory=list, max_length=8)
+        elements: list[ElementRef] = Field(
+            default_factory=list, max_length=8, description="generated elements, each its own layer"
+        )
         loras: Loras = None
-        mask_feather: int = Field(8, ge=MASK_FEATHER_RANGE[0], le=MASK_FEATHER_RANGE[1])
-        output_format: Literal["psd", "ora", "zip"] = "psd"
+        mask_feather: int = bounded(MASK_FEATHER)
+        output_format: Literal["psd", "ora", "zip"] = Field(
+            "psd", description="psd (Photoshop), ora (OpenRaster: GIMP, Krita) or zip (PNG layers and layers.json)"
+        )
 
     return ImageRequest, LayersRequest

@@ -155,13 +155,12 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
     async def images(body: ImageRequest, request: Request):
         adapters = _select_adapters(body, configured, generator)
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        fields = tuple(ImageRequest.model_fields)
 
         def work(decoded):
             settings = GenerationRequest.from_settings(body, body.prompt, images=decoded.images, seed=seed,
                                                        adapters=adapters, mask=decoded.mask,
                                                        mask_feather=body.mask_feather)  # fmt: skip
-            return _generate(generator, settings, format_for(body.output_format), body.quality, metrics, fields,
+            return _generate(generator, settings, format_for(body.output_format), body.quality, metrics, body,
                              decoded)  # fmt: skip
 
         (width, height), data, made_with = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
@@ -186,7 +185,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             try:
                 made = generator.layers(settings, mask if mask is not None else "auto", body.prompt, elements)
             except InputError as e:  # a mask or element box we refuse, named by its field
-                raise RequestError(422, str(e), ("body", _request_field(e) or "image")) from None
+                raise RequestError(422, str(e), _loc(e, body, default="image")) from None
             return layer_output.encode_layers(made, body.output_format)
 
         data = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
@@ -226,12 +225,17 @@ async def _result(result: asyncio.Future):
         raise
 
 
-def _request_field(error: InputError) -> str | None:
-    """The request field an error names: the generator's `images` arrive as the request's `image`."""
-    return {"images": "image"}.get(error.field, error.field)
+def _loc(error: InputError, body, default: str | None = None) -> tuple:
+    """The 422 `loc` of an error the generator raised: the request field it names (the generator's `images` arrive as
+    the request's `image`), with the item's index where that field was given as a list."""
+    field = {"images": "image"}.get(error.field, error.field) or default
+    if field not in type(body).model_fields:
+        return ("body",)
+    listed = error.index is not None and isinstance(getattr(body, field), list)
+    return ("body", field, error.index) if listed else ("body", field)
 
 
-def _generate(generator: Generator, request: GenerationRequest, fmt: str, quality: int, metrics: Metrics, fields,
+def _generate(generator: Generator, request: GenerationRequest, fmt: str, quality: int, metrics: Metrics, body,
               decoded: "Decoded"):  # fmt: skip
     """The job, on the worker thread: (size, encoded bytes, the settings block written into them; its inputs named by
     sha256 alone). It empties `request.images` when it ends, so the decoded inputs are freed then, whoever still holds
@@ -244,8 +248,7 @@ def _generate(generator: Generator, request: GenerationRequest, fmt: str, qualit
             made_with = generator.describe(request, decoded.inputs, decoded.mask_input)
             data = encode_image(image, fmt, quality, made_with)  # a JPEG's EXIF cannot hold very long settings
         except InputError as e:
-            field = _request_field(e)
-            raise RequestError(422, str(e), ("body", field) if field in fields else ("body",)) from None
+            raise RequestError(422, str(e), _loc(e, body)) from None
         return image.size, data, settings_as_written(made_with, fmt, quality)
     finally:
         request.images.clear()

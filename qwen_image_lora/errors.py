@@ -11,9 +11,9 @@ class UserError(Exception):
     exit_code = 2
     prefix = "error: "
 
-    def __init__(self, message: str = "", field: str | None = None):
+    def __init__(self, message: str = "", field: str | None = None, index: int | None = None):
         super().__init__(message)
-        self.field = field
+        self.field, self.index = field, index  # index: which item of a list-valued field (0-based)
 
     def line(self) -> str:
         """The one console line this error ends a command with."""

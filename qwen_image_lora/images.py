@@ -34,6 +34,7 @@ from PIL import Image, ImageCms, PngImagePlugin, UnidentifiedImageError
 
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.io import atomic_path
+from qwen_image_lora.knobs import QUALITY
 from qwen_image_lora.presets import MAX_SIDE
 
 INPUT_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}  # MPO: a phone's JPEG with a gain map or depth frame after the photo
@@ -350,7 +351,9 @@ def _pil_format(fmt: str) -> str:
     return format_for(fmt) if fmt.lower() in OUTPUT_FORMATS else fmt
 
 
-def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95, settings: dict | None = None) -> bytes:
+def encode_image(
+    image: Image.Image, fmt: str = "PNG", quality: int = QUALITY.default, settings: dict | None = None
+) -> bytes:
     """PNG and WebP keep alpha; JPEG composites it over white. `settings` (a JSON-able dict: what made the image) is
     written into the file, where `read_settings` finds it; no timestamp, so the same settings give the same bytes."""
     fmt = _pil_format(fmt)
@@ -380,7 +383,9 @@ def encode_image(image: Image.Image, fmt: str = "PNG", quality: int = 95, settin
     return buf.getvalue()
 
 
-def save_image(image: Image.Image, path: str | Path, quality: int = 95, settings: dict | None = None) -> Path:
+def save_image(
+    image: Image.Image, path: str | Path, quality: int = QUALITY.default, settings: dict | None = None
+) -> Path:
     """Write atomically in the format the extension names, with `settings` in it (`encode_image`)."""
     path = Path(path)
     data = encode_image(image, format_for(path.name), quality, settings)

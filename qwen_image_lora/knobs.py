@@ -28,8 +28,20 @@ SIZE_FIELDS = ("aspect_ratio", "width", "height")
 # Limits of the per-request values outside `SamplingConfig`, one home for every edge: CLI flags, batch lines, the
 # server's request models and `serve.adapters` check against them.
 MAX_ADAPTER_WEIGHT = 4.0  # |weight| of one adapter; beyond it a LoRA only adds noise
-QUALITY_RANGE = (1, 100)  # JPEG/WebP quality
-MASK_FEATHER_RANGE = (0, 64)  # soft edge of a masked edit, in pixels
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """A whole-number request value outside `SamplingConfig`: its default, limits and help, read by every edge."""
+
+    default: int
+    low: int
+    high: int
+    help: str
+
+
+QUALITY = Bounded(95, 1, 100, "JPEG/WebP quality")
+MASK_FEATHER = Bounded(8, 0, 64, "soft edge inside the changed region, in pixels")
 
 
 class SettingError(InputError):

@@ -22,6 +22,7 @@ from qwen_image_lora.adapter_checks import check_shapes
 from qwen_image_lora.adapter_format import AdapterWeights, module_scale, read_adapter, to_comfyui
 from qwen_image_lora.cli import main as cli_main
 from qwen_image_lora.comfy_mlp import fuse_mlp_halves, split_fused_mlp
+from qwen_image_lora.config import DEFAULT_MODEL
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.hub import check_source, is_hub_id
 from qwen_image_lora.inference.testing import in_layout, make_random_lora
@@ -629,6 +630,9 @@ def test_a_kohya_file_exports_through_the_cli_against_the_model_it_names(transfo
         torch.testing.assert_close(theirs[module], delta)
     # Without --model it is unflattened against the released model: the tiny model's layers do not fit it.
     assert cli_main(["export", str(kohya), "--output", str(tmp_path / "o2.safetensors")]) == 2
+    assert "does not fit this transformer" in capsys.readouterr().err
+    # Naming the released model, offline and uncached, is the same (it was refused as not downloaded).
+    assert cli_main(["export", str(kohya), "--model", DEFAULT_MODEL, "--output", str(tmp_path / "o2.safetensors")]) == 2
     assert "does not fit this transformer" in capsys.readouterr().err
     # A mistyped --model fell back to the released model's architecture too: "does not fit", not "not found".
     for wrong in (tmp_path / "nope", tiny_model_dir / "transformer"):

@@ -500,8 +500,14 @@ def test_health_metrics_and_openapi(client):
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "# TYPE qwen_lora_images_total counter" in metrics.text
     spec = client.get("/openapi.json").json()
-    schema = spec["components"]["schemas"]["ImageRequest"]["properties"]
-    assert schema["num_inference_steps"]["anyOf"][0]["maximum"] == 4
+    schemas = spec["components"]["schemas"]
+    assert schemas["ImageRequest"]["properties"]["num_inference_steps"]["anyOf"][0]["maximum"] == 4
+    # Every request field says what it is (LayersRequest.mask_feather and ElementRef's box had no description).
+    ours = ("ImageRequest", "LayersRequest", "ElementRef", "LoraRef")
+    undescribed = [f"{m}.{k}" for m in ours for k, v in schemas[m]["properties"].items() if not v.get("description")]
+    assert undescribed == []
+    feather = [schemas[m]["properties"]["mask_feather"] for m in ("ImageRequest", "LayersRequest")]
+    assert feather[0] == feather[1] and (feather[0]["default"], feather[0]["maximum"]) == (8, 64)
 
 
 def test_api_keys_come_from_the_env_var_or_the_file(tmp_path):

@@ -120,10 +120,10 @@ def test_layers_has_the_same_auth_and_limits(client):
     body = {"image": b64(product()), "mask": b64(half_mask()), "num_inference_steps": 1}
     assert post(client, "/v1/layers", body, key="wrong").status_code == 401
     assert post(client, "/v1/layers", {**body, "num_inference_steps": 99}).status_code == 422
-    bad_box = post(
-        client, "/v1/layers", {**body, "elements": [{"prompt": "b", "x": 90, "y": 0, "width": 32, "height": 8}]}
-    )
-    assert bad_box.status_code == 422 and bad_box.json()["detail"][0]["loc"][-1] == "elements"
+    inside, outside = {"prompt": "a", "x": 0, "y": 0, "width": 8, "height": 8}, {"prompt": "b", "x": 90, "y": 0,
+                                                                                "width": 32, "height": 8}  # fmt: skip
+    bad_box = post(client, "/v1/layers", {**body, "elements": [inside, outside]})
+    assert bad_box.status_code == 422 and bad_box.json()["detail"][0]["loc"] == ["body", "elements", 1]
     assert post(client, "/v1/layers", {**body, "mask": b64(Image.new("L", (W, H), 0))}).status_code == 422
 
 
@@ -137,3 +137,6 @@ def test_an_input_too_elongated_to_resize_gets_422_naming_the_image_and_the_limi
     detail = r.json()["detail"][0]
     assert detail["loc"] == ["body", "image"], detail
     assert "400x4" in detail["msg"] and "under 16:1" in detail["msg"], detail["msg"]
+    if path == "/v1/images":  # given as a list, the loc names the item (it said "image 2" in the message alone)
+        r = post(client, path, {**body, "image": [b64(Image.new("RGB", (64, 64))), body["image"]]})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image", 1], r.text

@@ -11,9 +11,14 @@ from qwen_image_lora import run_layout as layout
 
 def _export(args) -> int:
     from qwen_image_lora.adapter_format import export_adapter
+    from qwen_image_lora.config import DEFAULT_MODEL
     from qwen_image_lora.errors import NotFound
     from qwen_image_lora.hub import check_pretrained
 
+    if (
+        args.model == DEFAULT_MODEL
+    ):  # its architecture is built in: offline and uncached it reads as leaving --model out
+        args.model = None
     if args.model:  # its config.json falls back to the released model's: a typo was "does not fit" the adapter
         config = Path(args.model).expanduser() / "transformer" / "config.json"
         if Path(args.model).expanduser().is_dir() and not config.is_file():
