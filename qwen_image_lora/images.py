@@ -156,11 +156,17 @@ def read_with_header(source: bytes | str | Path, max_side: int | None = None, ma
             im.draft(None, target)  # JPEG only: decodes at 1/2, 1/4 or 1/8 scale, still no smaller than the target
         im.load()
         orientation = im.getexif().get(0x0112, 1)
-        image = _shrink(im, target, "RGBA" if alpha else "RGB") if target is not None else to_8bit(im)
-        image = image.convert("RGBA" if alpha else "RGB")  # a copy: nothing refers to the file's frame
-        to_srgb = _srgb_transform(im.info.get("icc_profile"), im.mode, image.mode) if colours else None
-        if to_srgb is not None:  # on the fitted image: the transform costs one copy of it
+        final = "RGBA" if alpha else "RGB"
+        to_srgb = _srgb_transform(im.info.get("icc_profile"), im.mode, final) if colours else None
+        from_cmyk = to_srgb if im.mode == "CMYK" else None  # replaces PIL's naive CMYK -> RGB, so it comes first
+        if target is not None:
+            image = _shrink(im, target, final, from_cmyk)
+        else:
+            image = ImageCms.applyTransform(im, from_cmyk) if from_cmyk is not None else to_8bit(im)
+        image = image.convert(final)  # a copy: nothing refers to the file's frame
+        if to_srgb is not None and from_cmyk is None:  # on the fitted image: the transform costs one copy of it
             image = ImageCms.applyTransform(image, to_srgb)
+        if to_srgb is not None:
             image.info.pop("icc_profile", None)
         header = ImageHeader(
             im.format, (h, w) if orientation in (5, 6, 7, 8) else (w, h), mode, getattr(im, "n_frames", 1)
@@ -219,15 +225,22 @@ def _read_header_facts(path: str, size: int, mtime_ns: int) -> tuple[bool, bool]
 @functools.lru_cache(maxsize=64)  # a shoot's photos share one profile: built once, not per read
 def _srgb_transform(icc: bytes | None, file_mode: str, mode: str) -> ImageCms.ImageCmsTransform | None:
     """The transform from an RGB(A) or palette file's embedded profile to sRGB, for images of `mode` (RGB or RGBA);
-    None when the file needs none. Known from the header. A profile is sRGB by its description ("sRGB
-    IEC61966-2.1", "sRGB built-in"): converting sRGB to sRGB would only round. A profile littlecms cannot build a
-    transform from (damaged, cut short, an abstract or link class) is ignored, as browsers do; greyscale and CMYK
-    profiles are not applied."""
-    if not icc or file_mode not in ("RGB", "RGBA", "RGBX", "P", "PA"):
+    from a CMYK file's profile, CMYK to sRGB (relative colorimetric with black point compensation, as Photoshop
+    converts; print assets carry one, and PIL's own CMYK -> RGB ignores it: washed-out, shifted brand colours). None
+    when the file needs none. Known from the header. A profile is sRGB by its description ("sRGB IEC61966-2.1",
+    "sRGB built-in"): converting sRGB to sRGB would only round. A profile littlecms cannot build a transform from
+    (damaged, cut short, an abstract or link class) is ignored, as browsers do; greyscale profiles are not applied."""
+    if not icc or file_mode not in ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK"):
         return None
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if profile.profile.xcolor_space.strip() != "RGB" or ImageCms.getProfileDescription(profile).startswith("sRGB"):
+        space = profile.profile.xcolor_space.strip()
+        if file_mode == "CMYK":
+            if space != "CMYK":
+                return None
+            flags = ImageCms.Flags.NOCACHE | ImageCms.Flags.BLACKPOINTCOMPENSATION
+            return ImageCms.buildTransform(profile, _SRGB, "CMYK", "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC, flags)
+        if space != "RGB" or ImageCms.getProfileDescription(profile).startswith("sRGB"):
             return None
         # littlecms reads the tags only here. NOCACHE: a shared transform's one-pixel cache is not thread-safe.
         return ImageCms.buildTransform(profile, _SRGB, mode, mode, flags=ImageCms.Flags.NOCACHE)
@@ -247,11 +260,12 @@ def _target(size: tuple[int, int], max_side: int | None) -> tuple[int, int] | No
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
-def _shrink(im: Image.Image, size: tuple[int, int], final: str) -> Image.Image:
+def _shrink(im: Image.Image, size: tuple[int, int], final: str, from_cmyk=None) -> Image.Image:
     """A decoded frame -> `size`, Lanczos, with no full-size copy in another mode. L and RGB resize as they are. Any
     other mode goes strip by strip through the horizontal pass (converted to L, RGB or premultiplied RGBa, as a whole
     converted image would be), then the vertical pass runs on the narrow result: the same pixels as converting the
-    whole image and resizing it, as PIL resamples in those two passes anyway."""
+    whole image and resizing it, as PIL resamples in those two passes anyway. `from_cmyk`: a CMYK file's profile
+    transform, which converts each strip in place of PIL's naive conversion."""
     if im.mode == "F":  # its 8-bit scale depends on the whole image's range (a float TIFF; never an inference input)
         im = to_8bit(im)
     grey = final == "RGB" and (im.mode in ("1", "L", "I") or im.mode.startswith("I;16"))
@@ -264,6 +278,8 @@ def _shrink(im: Image.Image, size: tuple[int, int], final: str) -> Image.Image:
     rows = max(1, STRIP_BYTES // (4 * w))
     for y in range(0, h, rows):
         strip = to_8bit(im.crop((0, y, w, min(h, y + rows))))
+        if from_cmyk is not None:
+            strip = ImageCms.applyTransform(strip, from_cmyk)
         strip = strip.convert(working) if strip.mode != working else strip
         strip = strip.convert(premultiplied) if premultiplied != working else strip
         wide.paste(strip.resize((tw, strip.height), _LANCZOS), (0, y))

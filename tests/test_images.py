@@ -53,16 +53,47 @@ def _linear_srgb_icc() -> bytes:
     tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
             (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)), (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
             (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]  # fmt: skip
+    return _icc(b"mntrRGB XYZ ", tags)
+
+
+def _s15(v: float) -> bytes:
+    return struct.pack(">i", round(v * 65536))
+
+
+def _icc(kind: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """An ICC v2 profile of `kind` (device class, colour space, PCS) holding `tags`, D50 illuminant."""
     offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
     for signature, data in tags:
         data += bytes(-len(data) % 4)
         table += signature + struct.pack(">II", offset + len(body), len(data))
         body += data
     size = offset + len(body)
-    header = (struct.pack(">I", size) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + bytes(12)
-              + b"acsp" + bytes(24) + struct.pack(">I", 0) + xyz(0.9642, 1.0, 0.8249)[8:] + bytes(48))  # fmt: skip
+    header = (struct.pack(">I", size) + bytes(4) + struct.pack(">I", 0x02100000) + kind + bytes(12)
+              + b"acsp" + bytes(24) + struct.pack(">I", 0) + _s15(0.9642) + _s15(1.0) + _s15(0.8249) + bytes(48))  # fmt: skip
     assert len(header) == 128
     return header + struct.pack(">I", len(tags)) + table + body
+
+
+def _cmyk_icc() -> bytes:
+    """A minimal ICC v2 CMYK printer profile whose cyan ink prints sRGB red (Lab 53.2, 80.1, 67.2): a number that no
+    CMYK conversion ignoring the profile gives. A2B0 is a two-point lut16 from CMYK to Lab; no ink is white, any K
+    black, other mixes mid grey."""
+
+    def lab(c, m, y, k):
+        L, a, b = (0, 0, 0) if k else (53.24, 80.09, 67.2) if (c, m, y) == (1, 0, 0) else (100, 0, 0) if not (
+            c or m or y) else (50, 0, 0)  # fmt: skip
+        return struct.pack(">3H", round(L / 100 * 0xFF00), round((a + 128) * 256), round((b + 128) * 256))
+
+    corners = b"".join(lab(c, m, y, k) for c in (0, 1) for m in (0, 1) for y in (0, 1) for k in (0, 1))
+    identity = b"".join(_s15(float(i == j)) for i in range(3) for j in range(3))
+    ramp = struct.pack(">2H", 0, 0xFFFF)
+    a2b0 = (
+        b"mft2" + bytes(4) + bytes([4, 3, 2, 0]) + identity + struct.pack(">2H", 2, 2) + ramp * 4 + corners + ramp * 3
+    )
+    text = b"cyan prints red\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(4 + 4 + 2 + 1 + 67)
+    white = b"XYZ " + bytes(4) + _s15(0.9642) + _s15(1.0) + _s15(0.8249)
+    return _icc(b"prtrCMYKLab ", [(b"desc", desc), (b"wtpt", white), (b"A2B0", a2b0)])
 
 
 def _scene(w: int, h: int) -> Image.Image:
@@ -275,6 +306,27 @@ def test_a_file_in_another_colour_profile_reads_as_srgb_everywhere(tmp_path):
         assert "icc_profile" not in image.info  # its pixels are sRGB now: nothing may write the old profile again
     assert np.asarray(reads["alpha kept"])[20, 20, 3] == 77  # alpha is not a colour
     assert reads["shrunk JPEG"].size == (4096, 33)  # a file is read up to 4096 px
+
+
+def test_a_cmyk_print_file_reads_through_its_profile(tmp_path):
+    """A print asset's CMYK JPEG carries the profile of its press; PIL's own CMYK -> RGB ignores it (cyan here read as
+    (0, 255, 255) where its press prints red). An untagged CMYK file keeps PIL's conversion."""
+    Image.new("CMYK", (64, 48), (255, 0, 0, 0)).save(tmp_path / "print.jpg", quality=100, icc_profile=_cmyk_icc())
+    Image.new("CMYK", (5000, 40), (255, 0, 0, 0)).save(tmp_path / "wide.jpg", quality=100, icc_profile=_cmyk_icc())
+    Image.new("CMYK", (64, 48), (255, 0, 0, 0)).save(tmp_path / "untagged.jpg", quality=100)
+    reads = {
+        "inference": images.load_image(tmp_path / "print.jpg"),
+        "upload": images.decode_image((tmp_path / "print.jpg").read_bytes()),
+        "training": open_image(tmp_path / "print.jpg"),
+        "shrunk": images.load_image(tmp_path / "wide.jpg"),  # converted strip by strip
+    }
+    for name, image in reads.items():
+        assert image.mode == "RGB" and "icc_profile" not in image.info, name
+        assert np.abs(np.asarray(image)[20, 20].astype(int) - (255, 0, 0)).max() <= 8, (name, image.getpixel((20, 20)))
+    assert reads["shrunk"].size == (4096, 33)
+    assert tuple(np.asarray(images.load_image(tmp_path / "untagged.jpg"))[20, 20]) == (0, 255, 255)
+    # The data cache keys the converted file's latents apart from the naive read's.
+    assert images.converts_colours(tmp_path / "print.jpg") and not images.converts_colours(tmp_path / "untagged.jpg")
 
 
 def test_srgb_untagged_and_damaged_profiles_read_as_their_numbers(tmp_path):
