@@ -577,6 +577,55 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(
     assert len(losses) == 5 and losses[:4] == [r["loss"] for r in expected]  # step 4 retrained to the same loss
 
 
+class _Planted:
+    """What a pickle can hold besides tensors: here, a call that leaves a file behind when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_checkpoint_holding_code_is_refused_and_runs_nothing(trained, tiny_model_dir, sample_data_dir, tmp_path,
+                                                               capsys):  # fmt: skip
+    """training_state.pt was loaded with weights_only=False: a checkpoint someone handed over ran its code on resume
+    (the manifest, rewritten with it, proves completeness, not origin)."""
+    out, marker = _copy(trained, tmp_path), tmp_path / "ran"
+    newest = out / "checkpoints" / "step-000004"
+    state = torch.load(newest / "training_state.pt", weights_only=False)
+    torch.save({**state, "guards": {**state["guards"], "note": _Planted(marker)}}, newest / "training_state.pt")
+    write_manifest(newest)
+    argv = [*_args(tiny_model_dir, sample_data_dir, out, "train.max_steps=5", "checkpoint.every_steps=1"), "--resume",
+            "latest"]  # fmt: skip
+    assert lora.main(argv) == 2 and not marker.exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: resume from {newest}: training_state.pt holds objects other than tensors and plain values, which "
+        "this toolkit never writes (loading them could run code); resume from a checkpoint this toolkit wrote"
+    )
+
+
+EDITS = {
+    "a list of names": list,
+    "a number per file": lambda files: {name: 5 for name in files},
+    "no size": lambda files: {name: {"sha256": e["sha256"]} for name, e in files.items()},
+    "a size in quotes": lambda files: {name: {**e, "size": str(e["size"])} for name, e in files.items()},
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_a_manifest_of_another_shape_is_a_damaged_checkpoint(trained, tmp_path, edit, caplog):
+    """A hand-edited manifest was a traceback on resume (AttributeError, TypeError, KeyError), or "has 37328 bytes,
+    the manifest says 37328"."""
+    out = _copy(trained, tmp_path)
+    newest = out / "checkpoints" / "step-000004"
+    files = json.loads((newest / "manifest.json").read_text())["files"]
+    (newest / "manifest.json").write_text(json.dumps({"files": EDITS[edit](files)}))
+    with caplog.at_level("WARNING"):
+        assert Checkpointer(out, 5).resolve("latest") == out / "checkpoints" / "step-000003"
+    assert "manifest.json is not a list of files with their size and sha256" in caplog.text
+
+
 def test_resume_with_overwrite_is_refused_naming_both(tiny_model_dir, sample_data_dir, tmp_path, capsys):
     """It was accepted: "nothing to resume", rc 0, with the folder left as it was."""
     with pytest.raises(SystemExit) as e:

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import pickle
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ class TrainingProgress:
 
 
 # ------------------------------------------------------------------------------------------ RNG
+
+NUMPY_RNG_TYPES = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]  # get_state()'s
 
 
 def capture_rng_state() -> dict:
@@ -110,6 +113,11 @@ def verify_checkpoint(folder: str | Path) -> str | None:
         return f"no {MANIFEST_NAME} (its save did not finish, or a version without manifests wrote it)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST_NAME} is unreadable ({type(e).__name__})"
+    entry = {"size": int, "sha256": str}
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and all(type(e.get(k)) is t for k, t in entry.items()) for e in files.values()
+    ):
+        return f"{MANIFEST_NAME} is not a list of files with their size and sha256 (edited by hand?)"
     if ADAPTER_FILE.as_posix() not in files or "training_state.pt" not in files:
         return f"{MANIFEST_NAME} does not list the adapter and training state"
     for name, expected in files.items():  # sizes first: cheap, and they catch truncation
@@ -276,7 +284,15 @@ class TrainingState:
         acc, path = self.accelerator, Path(path)
         progress, _ = Checkpointer.peek(path)
         try:
-            state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+            # Tensors and plain values only: a pickle can run code, and a checkpoint may come from someone else
+            # (the manifest proves completeness, not origin). The numpy RNG state is the one array type it holds.
+            with torch.serialization.safe_globals(NUMPY_RNG_TYPES):
+                state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"resume from {path}: training_state.pt holds objects other than tensors and plain values, which this "
+                "toolkit never writes (loading them could run code); resume from a checkpoint this toolkit wrote"
+            ) from e
         except (OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
         adapter.load_adapter_file(self.transformer, path / layout.ADAPTER)
