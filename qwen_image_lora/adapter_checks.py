@@ -4,10 +4,18 @@ misfit (the first three in full), before peft builds a layer."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+
 import torch
+from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
 from qwen_image_lora.errors import AdapterError
+
+MAX_ALPHA = 10_000.0  # an alpha (a kohya/ComfyUI file's, or a config's) beyond any training's: its scale is noise
+_CONFIG_KEYS = {f.name for f in dataclasses.fields(LoraConfig)}
 
 
 def check_config(state_dict: dict[str, torch.Tensor], config: dict, where: str = "adapter") -> None:
@@ -15,11 +23,12 @@ def check_config(state_dict: dict[str, torch.Tensor], config: dict, where: str =
     lora_A is 2-D with the rank `r` / `rank_pattern` gives, and `use_dora` comes with DoRA magnitudes. peft builds its
     layers from the config and then loads the weights, so a mismatch was its size-mismatch traceback for every
     module, and a DoRA config without magnitudes a page of missing keys."""
+    _check_values(config, where)
     problems = []
     for key in sorted(k for k in state_dict if k.endswith(".lora_A.weight")):
         module, a = key[len("transformer.") : -len(".lora_A.weight")], state_dict[key]
-        if a.dim() != 2:
-            problems.append(f"module {module!r}: lora_A is {list(a.shape)}, not a matrix")
+        if a.dim() != 2 or a.shape[0] == 0:
+            problems.append(f"module {module!r}: lora_A is {list(a.shape)}, not a matrix of rank 1 or more")
         elif "r" in config and a.shape[0] != (
             rank := pattern_value(config.get("rank_pattern") or {}, module, config["r"])
         ):
@@ -32,6 +41,41 @@ def check_config(state_dict: dict[str, torch.Tensor], config: dict, where: str =
             f"{where}: its weights do not match its own config: " + "; ".join(problems[:3]) + more
             + "; save the weights and the config from one training run"
         )  # fmt: skip
+
+
+def _check_values(config: dict, where: str) -> None:
+    """The config's own values, each of the type and range peft needs: a wrong one was peft's traceback at load
+    (a string alpha, a list for rank_pattern, a bad regex, dropout 5), or a NaN or huge alpha a blank image."""
+
+    def number(value, low: float, high: float, whole: bool = False) -> bool:
+        kinds = (int,) if whole else (int, float)
+        return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and low < value <= high
+
+    def refuse(what: str):
+        raise AdapterError(f"{where}: its config's {what}; save the weights and the config from one training run")
+
+    unknown = sorted(set(config) - _CONFIG_KEYS)
+    if unknown:
+        refuse(
+            f"{', '.join(unknown)}: not {'a peft LoraConfig setting' if len(unknown) == 1 else 'peft LoraConfig settings'}"
+        )
+    if "r" in config and not number(config["r"], 0, math.inf, whole=True):
+        refuse(f"r is {config['r']!r}, not a whole number above 0")
+    if "lora_alpha" in config and not number(config["lora_alpha"], 0, MAX_ALPHA):
+        refuse(f"lora_alpha is {config['lora_alpha']!r}, not a number above 0 and at most {MAX_ALPHA:g}")
+    if "lora_dropout" in config and not (number(config["lora_dropout"], -1, 1) and 0 <= config["lora_dropout"] < 1):
+        refuse(f"lora_dropout is {config['lora_dropout']!r}, not a number from 0 to under 1")
+    for name, whole, high in (("rank_pattern", True, math.inf), ("alpha_pattern", False, MAX_ALPHA)):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict):
+            refuse(f"{name} is {pattern!r}, not a mapping of module patterns to numbers")
+        for key, value in pattern.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                refuse(f"{name} key {key!r} is not a regular expression ({e})")
+            if not number(value, 0, high, whole):
+                refuse(f"{name}[{key!r}] is {value!r}, not a number above 0")
 
 
 def check_shapes(state_dict: dict[str, torch.Tensor], transformer, where: str = "adapter") -> None:

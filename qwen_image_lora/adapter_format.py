@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.adapter_checks import check_config, check_shapes, pattern_value
+from qwen_image_lora.adapter_checks import MAX_ALPHA, check_config, check_shapes, pattern_value
 from qwen_image_lora.comfy_mlp import fuse_mlp, fused_names, split_fused_mlp
 from qwen_image_lora.config import DEFAULT_MODEL
 from qwen_image_lora.errors import AdapterError
@@ -137,6 +137,8 @@ def read_adapter(source: str | Path, transformer=None) -> AdapterWeights:
         metadata = json.loads(file_meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in file_meta else None
     except (SafetensorError, ValueError) as e:  # truncated, not safetensors, or a damaged metadata header
         raise AdapterError(f"{file}: not a readable adapter file ({e}); download or export it again") from e
+    if metadata is not None and not isinstance(metadata, dict):
+        raise AdapterError(f"{file}: its lora_adapter_metadata is not a JSON object; download or export it again")
     module_names = {name for name, _ in transformer.named_modules()} if transformer is not None else None
     state_dict, layout = convert(raw, module_names, str(file))
     # peft's config beside its weights; a ComfyUI, ai-toolkit or kohya file carries its alphas (folded on reading), so
@@ -164,6 +166,12 @@ def convert(raw: dict[str, torch.Tensor], module_names: set[str] | None, where: 
     if bad is not None:
         raise AdapterError(
             f"{where}: {bad!r} holds NaN or infinite values; use a checkpoint from before the run diverged"
+        )
+    # A negative alpha sent diffusers' alpha folding into an endless loop; a scale beyond any training's is noise.
+    bad = next((k for k, v in raw.items() if k.endswith(".alpha") and not _plausible_alpha(v)), None)
+    if bad is not None:
+        raise AdapterError(
+            f"{where}: {bad!r} is {raw[bad].tolist()}; an alpha is one number above 0 and at most {MAX_ALPHA:g}"
         )
     for marker, kind in _UNSUPPORTED.items():
         bad = next((k for k in raw if marker.search(k)), None)
@@ -195,6 +203,10 @@ def convert(raw: dict[str, torch.Tensor], module_names: set[str] | None, where: 
     if not any(k.endswith(".lora_A.weight") for k in converted):
         raise AdapterError(f"{where}: no LoRA weights found (keys look like {sorted(raw)[:3]})")
     return split_fused_mlp(converted), layout
+
+
+def _plausible_alpha(value: torch.Tensor) -> bool:
+    return value.numel() == 1 and 0 < float(value) <= MAX_ALPHA
 
 
 def _integer_alpha(key: str, value: torch.Tensor) -> bool:
@@ -239,7 +251,12 @@ def _unflatten_kohya(raw, module_names: set[str] | None, where: str) -> dict[str
 def _peft_config_metadata(path: Path) -> dict:
     """peft's adapter_config.json -> the transformer.-prefixed LoraConfig kwargs diffusers' loader takes."""
 
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: not readable JSON ({e}); save the adapter again from its training run") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: not a peft adapter config (a JSON object); save the adapter again")
     known = {f.name for f in dataclasses.fields(LoraConfig)} - {
         "peft_type",
         "task_type",

@@ -156,6 +156,8 @@ def local_weights_file(source: str | Path) -> Path:
     path = Path(source).expanduser()
     if path.is_file():
         return path
+    if not path.is_dir():  # a device or a pipe (/dev/zero behind a symlink): nothing to read an adapter from
+        raise AdapterError(f"{path}: not a file or folder; give a .safetensors file or a folder holding one")
     for name in WEIGHT_NAMES:
         if (path / name).is_file():
             return path / name

@@ -2,10 +2,13 @@
 the fused MLP factors, each module's scale as peft applies it, the layouts told apart and the files refused, and
 paths that are neither a local file nor a hub id. Finding the file: tests/test_adapter_sources.py."""
 
+import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -24,7 +27,7 @@ from qwen_image_lora.cli import main as cli_main
 from qwen_image_lora.comfy_mlp import fuse_mlp_halves, split_fused_mlp
 from qwen_image_lora.config import DEFAULT_MODEL
 from qwen_image_lora.errors import AdapterError
-from qwen_image_lora.hub import check_source, is_hub_id
+from qwen_image_lora.hub import check_source, is_hub_id, local_weights_file
 from qwen_image_lora.inference.testing import in_layout, make_random_lora
 
 MLP = ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out"]
@@ -549,6 +552,33 @@ REFUSED = {  # case -> (tensors, read with the model?, why); every refusal names
         False,
         r"its weights do not match its own config: module 'transformer_blocks.0.attn.to_q': lora_A is \[32\], not a",
     ),
+    **{
+        f"alpha {name}": (  # a negative alpha hung diffusers' folding (an endless loop); a huge one rendered black
+            {
+                "diffusion_model.transformer_blocks.0.attn.to_q.lora_down.weight": torch.zeros(2, 32),
+                "diffusion_model.transformer_blocks.0.attn.to_q.lora_up.weight": torch.zeros(32, 2),
+                "diffusion_model.transformer_blocks.0.attn.to_q.alpha": alpha,
+            },
+            False,
+            rf"'diffusion_model.transformer_blocks.0.attn.to_q.alpha' is {re.escape(str(alpha.tolist()))}; an alpha is "
+            "one number above 0 and at most 10000",
+        )
+        for name, alpha in [
+            ("-1", torch.tensor(-1.0)),
+            ("0", torch.tensor(0)),
+            ("1e30", torch.tensor(1e30)),
+            ("of two numbers", torch.tensor([2.0, 2.0])),
+        ]  # fmt: skip
+    },
+    "rank 0": (  # peft's "r should be a positive integer" traceback
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(0, 32),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 0),
+        },
+        False,
+        r"its weights do not match its own config: module 'transformer_blocks.0.attn.to_q': lora_A is \[0, 32\], not a "
+        "matrix of rank 1 or more",
+    ),
     "misfit": (
         {
             "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 16),
@@ -565,8 +595,69 @@ def test_a_refused_file_is_named_with_the_reason(transformer, tmp_path, case):
     tensors, with_model, why = REFUSED[case]
     file = tmp_path / "lora.safetensors"
     save_file(tensors, str(file))
-    with pytest.raises(AdapterError, match=rf"^{re.escape(str(file))}: {why}"):
+    with pytest.raises(AdapterError, match=rf"^{re.escape(str(file))}: {why}"), _within(60):
         read_adapter(file, transformer if with_model else None)
+
+
+@contextlib.contextmanager
+def _within(seconds: int):
+    """Fail a read that does not return (a negative alpha sent diffusers' folding into an endless loop)."""
+
+    def stuck(*_):
+        raise TimeoutError(f"still reading after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+BAD_CONFIGS = {  # the stored config's value -> what the refusal says; each was a traceback or a blank image
+    "a list": ([1, 2], "its lora_adapter_metadata is not a JSON object"),
+    "a string alpha": ({"lora_alpha": "8"}, "its config's lora_alpha is '8', not a number above 0 and at most 10000"),
+    "a NaN alpha": ({"lora_alpha": float("nan")}, "its config's lora_alpha is nan"),
+    "a huge alpha": ({"lora_alpha": 1e30}, "its config's lora_alpha is 1e+30"),
+    "a string rank": ({"r": "4"}, "its config's r is '4', not a whole number above 0"),
+    "a list rank_pattern": ({"rank_pattern": [1]}, "its config's rank_pattern is [1], not a mapping"),
+    "a bad regex": ({"alpha_pattern": {"(": 3}}, "its config's alpha_pattern key '(' is not a regular expression"),
+    "dropout 5": ({"lora_dropout": 5.0}, "its config's lora_dropout is 5.0, not a number from 0 to under 1"),
+    "an unknown key": ({"bogus": 1}, "its config's bogus: not a peft LoraConfig setting"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_a_config_of_the_wrong_types_or_values_is_refused_naming_it(transformer, tmp_path, case):
+    value, said = BAD_CONFIGS[case]
+    source = local_weights_file(make_random_lora(transformer, tmp_path / "src", rank=4, alpha=4.0))
+    with safe_open(str(source), framework="pt") as f:
+        tensors, stored = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lora_adapter_metadata"])
+    if isinstance(value, dict):
+        value = {**stored, **{f"transformer.{k}": v for k, v in value.items()}}
+    save_file(tensors, str(tmp_path / "bad.safetensors"), {"lora_adapter_metadata": json.dumps(value)})
+    with pytest.raises(AdapterError) as e:
+        read_adapter(tmp_path / "bad.safetensors", transformer)
+    assert str(e.value).startswith(f"{tmp_path / 'bad.safetensors'}: {said}"), str(e.value)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1]"])
+def test_a_peft_config_that_is_not_a_json_object_is_refused_naming_it(transformer, tmp_path, text):
+    peft_folder = tmp_path / "peft"
+    peft_folder.mkdir()
+    q = "base_model.model.transformer_blocks.0.attn.to_q"  # peft's own layout: its config is adapter_config.json
+    save_file({f"{q}.lora_A.weight": torch.zeros(2, 32), f"{q}.lora_B.weight": torch.zeros(32, 2)},
+              str(peft_folder / "adapter_model.safetensors"))  # fmt: skip
+    (peft_folder / "adapter_config.json").write_text(text)
+    with pytest.raises(AdapterError, match=rf"^{re.escape(str(peft_folder / 'adapter_config.json'))}: not"):
+        read_adapter(peft_folder, transformer)
+
+
+def test_a_device_behind_an_adapter_path_is_refused_naming_it(tmp_path):
+    (tmp_path / "x.safetensors").symlink_to("/dev/zero")  # was NotADirectoryError from a folder listing
+    with pytest.raises(AdapterError, match="not a file or folder"):
+        read_adapter(tmp_path / "x.safetensors")
 
 
 def test_weights_that_disagree_with_their_own_config_are_refused_in_one_line(
