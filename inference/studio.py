@@ -50,6 +50,8 @@ RUN_FILES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", "
              ".yaml": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8", ".html": "text/html; charset=utf-8"}  # fmt: skip
 MAX_LOSS_POINTS = 2000  # a long run's curve is thinned to this many points (the last step always kept)
 MAX_CARD_CHARS = 200_000
+MAX_SMALL_FILE_BYTES = 1 << 20  # a run's JSON and YAML files (metadata, progress, config) are a few KB
+MAX_LOSS_LOG_BYTES = 256 << 20  # ~2.5M steps of the per-step log
 # An absolute POSIX path in a model card: starts a word (not the second half of a/b, a URL's //host/path, or </tag>).
 _ABS_PATH = re.compile(r"(?<![\w.~:/<-])/[^\s`'\"()<>\[\]{}|,;*]+")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -188,6 +190,20 @@ def _inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
+def _run_text(path: Path, root: Path | None = None, limit: int = MAX_SMALL_FILE_BYTES) -> str | None:
+    """A run file's text, None unless it is a regular file inside `root` (its folder by default) of at most `limit`
+    bytes: a link out of the run read the file it points at, and a FIFO blocked the thread (and with it the service's
+    decodes) forever."""
+    try:
+        if not (path.is_file() and _inside(path, root or path.parent)):
+            return None
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError:
+        return None
+    return None if len(data) > limit else data.decode("utf-8", errors="replace")
+
+
 def run_of(runs_dir: Path | None, adapter_path: str | None) -> str | None:
     """The run folder (a direct child of `runs_dir`) an adapter file or folder lies in, if any."""
     if runs_dir is None or not adapter_path:
@@ -220,15 +236,14 @@ def read_losses(path: Path) -> list[list[float]]:
     """[[step, loss], ...] from the per-step log. A run still training may be mid-way through writing its last
     line, so an unreadable or non-finite line is skipped rather than failing the whole curve."""
     points = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-                step, loss = int(row["step"]), float(row["loss"])
-            except _DAMAGED:
-                continue
-            if math.isfinite(loss):
-                points.append([step, loss])
+    for line in (_run_text(path, limit=MAX_LOSS_LOG_BYTES) or "").splitlines():
+        try:
+            row = json.loads(line)
+            step, loss = int(row["step"]), float(row["loss"])
+        except _DAMAGED:
+            continue
+        if math.isfinite(loss):
+            points.append([step, loss])
     if len(points) > MAX_LOSS_POINTS:
         stride = math.ceil(len(points) / MAX_LOSS_POINTS)
         points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
@@ -256,7 +271,7 @@ def describe_run(folder: Path) -> dict:
         "card_text": card_text(folder) if has_card else None,
         "report_json": f"{REPORT_DIR}/report.json" if (report / "report.json").is_file() else None,
         "report_html": f"{REPORT_DIR}/report.html" if (report / "report.html").is_file() else None,
-        "metadata": _read_object(folder / METADATA),
+        "metadata": _read_object(folder / METADATA, folder),
         "progress": run_progress(folder),
     }
 
@@ -264,7 +279,7 @@ def describe_run(folder: Path) -> dict:
 def card_text(folder: Path) -> str:
     """The model card as the page shows it: local absolute paths (this machine's, meaningless to a reader) become
     relative to the run folder when inside it ("." for the folder itself), else just their last name."""
-    text = (folder / CARD).read_text(encoding="utf-8", errors="replace")[:MAX_CARD_CHARS]
+    text = (_run_text(folder / CARD, limit=4 * MAX_CARD_CHARS) or "")[:MAX_CARD_CHARS]
     roots = {str(folder), str(folder.resolve())}
 
     def short(match: re.Match) -> str:
@@ -288,13 +303,13 @@ def run_progress(folder: Path) -> dict | None:
     saved = [p for p in layout.checkpoints(folder) if (p / layout.PROGRESS).is_file()]
     checkpoint = layout.checkpoint_step(saved[-1]) if saved else None
     step = max(_last_logged_step(folder / LOSSES) or 0, checkpoint or 0)
-    config = _read_yaml(folder / layout.CONFIG)
+    config = _read_yaml(folder / layout.CONFIG, folder)
     target = config.get("train", {}).get("max_steps") if isinstance(config.get("train"), dict) else None
     if not isinstance(target, int) and saved:  # the checkpoint records its run's target too
-        target = (_read_object(saved[-1] / layout.PROGRESS) or {}).get("max_steps")
+        target = (_read_object(saved[-1] / layout.PROGRESS, folder) or {}).get("max_steps")
     target = target if isinstance(target, int) else None
-    meta = _read_object(folder / METADATA) or {}
-    owner = (_read_object(folder / layout.RUN_ID) or {}).get("run_id")
+    meta = _read_object(folder / METADATA, folder) or {}
+    owner = (_read_object(folder / layout.RUN_ID, folder) or {}).get("run_id")
     ended = meta.get("steps") if isinstance(meta.get("steps"), int) and meta.get("run_id") in (None, owner) else None
     live = trainer_alive(folder / layout.LOCK)
     if live:
@@ -338,6 +353,8 @@ def trainer_alive(lock: Path) -> bool | None:
 def _last_logged_step(path: Path) -> int | None:
     """The step of the loss log's last complete line, read from its end (a long run's log runs to megabytes)."""
     try:
+        if not (path.is_file() and _inside(path, path.parent)):  # as `_run_text`
+            return None
         with path.open("rb") as f:
             f.seek(max(f.seek(0, os.SEEK_END) - 4096, 0))
             lines = f.read().decode("utf-8", errors="replace").splitlines()
@@ -351,12 +368,12 @@ def _last_logged_step(path: Path) -> int | None:
     return None
 
 
-def _read_object(path: Path) -> dict | None:
+def _read_object(path: Path, root: Path) -> dict | None:
     """A JSON file's object, or None when missing, broken or of another shape (the rest of the run stays readable).
     Non-finite numbers read as null: a JSON response cannot carry them."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_finite, parse_float=_finite)
-    except (OSError, *_DAMAGED):
+        data = json.loads(_run_text(path, root), parse_constant=_finite, parse_float=_finite)
+    except _DAMAGED:  # None (not readable) is a TypeError
         return None
     return data if isinstance(data, dict) else None
 
@@ -366,9 +383,9 @@ def _finite(text: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, root: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, *_DAMAGED):  # a YAML date out of range raises ValueError
+        data = yaml.safe_load(_run_text(path, root) or "")
+    except (yaml.YAMLError, *_DAMAGED):  # a YAML date out of range raises ValueError
         return {}
     return data if isinstance(data, dict) else {}

@@ -1,12 +1,15 @@
 """The studio's server side: the page and its assets (types, CSP, no inline code), `GET /v1/adapters`, and the
 read-only run endpoints (auth, what a run shows, paths outside a run refused)."""
 
+import contextlib
 import fcntl
 import html.parser
 import io
 import json
+import os
 import re
 import shutil
+import threading
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -317,4 +320,35 @@ def test_a_run_with_a_wrongly_shaped_file_reads_it_as_absent_and_the_list_stays_
         for field, value in expected.items():
             assert (len(shown[field]) if field == "losses" else shown[field]) == value, field
     finally:
+        shutil.rmtree(run)
+
+
+def test_a_runs_files_are_read_only_inside_it_and_only_when_regular(damaged_client, tmp_path):
+    """/v1/runs/NAME read README.md and training_metadata.json through links out of the run (a secret file's text in
+    card_text), and a FIFO among its files blocked the thread for good, and with it the service's decodes."""
+    c, root = damaged_client
+    run = make_run(root / "linked")
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "TOPSECRET"}')
+    try:
+        for name in ("README.md", "training_metadata.json"):
+            (run / name).unlink(missing_ok=True)
+            (run / name).symlink_to(secret)
+        shown = c.get("/v1/runs/linked", headers=AUTH).json()
+        assert "TOPSECRET" not in json.dumps(shown) and shown["metadata"] is None
+        for name in ("README.md", "training_metadata.json", "losses.jsonl", "config.yaml", "run.json"):
+            (run / name).unlink(missing_ok=True)
+            os.mkfifo(run / name)
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (c.get("/v1/runs/linked", headers=AUTH), done.set()), daemon=True)
+        worker.start()
+        assert done.wait(30), "reading the run blocked on a FIFO"
+        assert c.get("/v1/runs", headers=AUTH).status_code == 200
+    finally:
+        for _ in range(100):  # a reader still blocked in a FIFO (the bug): open it for writing, then close it
+            for fifo in (p for p in run.iterdir() if p.is_fifo()):
+                with contextlib.suppress(OSError):
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            if "done" not in locals() or done.wait(0.1):
+                break
         shutil.rmtree(run)
