@@ -280,6 +280,13 @@ def test_ctrl_c_twice_ends_with_one_line_naming_the_last_checkpoint(
     assert "Traceback" not in err
 
 
+def _catches_sigint(pid: int) -> bool:
+    """Whether the process has a SIGINT handler installed (Python's own, at start-up), from /proc/PID/status."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGINT - 1)))
+
+
 def test_ctrl_c_while_the_trainer_imports_its_libraries_ends_it_without_a_traceback(
     tmp_path, tiny_model_dir, sample_data_dir
 ):
@@ -293,7 +300,12 @@ def test_ctrl_c_while_the_trainer_imports_its_libraries_ends_it_without_a_traceb
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)  # past the interpreter's start-up, inside `import torch` and the rest (several seconds here)
+    # Once the trainer has set SIGINT back to the default (its first line), it imports torch and the rest for several
+    # seconds: a fixed sleep sent the signal before that line under load (Python's own handler then).
+    deadline = time.monotonic() + 60
+    for caught in (True, False):  # Python's handler installed at start-up, then the trainer's first line removes it
+        while _catches_sigint(proc.pid) != caught and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
     assert proc.poll() is None, "the trainer finished importing before the signal"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
