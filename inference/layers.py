@@ -78,6 +78,14 @@ class Layer:
     left: int = 0
     top: int = 0
 
+    def __post_init__(self):
+        # An element's prompt names its layer; control characters (and what XML 1.0 forbids) made OpenRaster's
+        # stack.xml unreadable to GIMP and Krita, so they become spaces in every format.
+        self.name = _UNWRITABLE.sub(" ", self.name)
+
+
+_UNWRITABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
 
 @dataclass
 class Layers:

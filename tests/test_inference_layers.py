@@ -154,6 +154,17 @@ def test_psd_keeps_layer_names_mac_roman_cannot_encode(tmp_path):
         assert len(flat.layers) == len(result.layers)
 
 
+def test_control_characters_in_an_element_prompt_leave_every_format_readable(tmp_path):
+    """A prompt with NUL, ESC or a tab named its layer as it was: the .ora's stack.xml was not well-formed XML."""
+    image = Image.new("RGBA", (8, 8), (200, 0, 0, 255))
+    layers = layer_output.Layers((W, H), [layer_output.Layer("element 1: bad\x00name\x1b[31m\tred\ufffe", image)])
+    with zipfile.ZipFile(io.BytesIO(layer_output.encode_layers(layers, "ora"))) as z:
+        (name,) = [e.get("name") for e in ElementTree.fromstring(z.read("stack.xml")).iter("layer")]
+    assert name == "element 1: bad name [31m red "
+    psd_path, _ = layer_output.save_layers(layers, tmp_path / "out.psd")
+    assert [layer.name for layer in PSDImage.open(psd_path)] == [name]
+
+
 @pytest.mark.parametrize("fmt", ["ora", "zip"])
 def test_archive_entries_unzip_readable_by_everyone_and_tagged_srgb(fmt):
     """Entries written under a bare name unzipped as -rw------- (0600); their PNGs were untagged."""
