@@ -347,7 +347,12 @@ def _export_target(source: Path, output: str | Path | None) -> Path:
     export (each was overwritten; two files exported from one folder both went to comfyui_lora.safetensors)."""
     default = COMFYUI_NAME if source.name == WEIGHTS_NAME else f"{source.stem}_comfyui.safetensors"
     target = Path(output) if output else source.parent / default
-    target = target / default if target.is_dir() else target  # was a traceback from the rename onto the folder
+    # A folder, existing or not: `exports/` (or `exports`) was written as a file of that name, with no extension.
+    if target.is_dir() or str(output).endswith(("/", "\\")) or not target.suffix:
+        target = target / default
+    elif target.suffix.lower() != ".safetensors":
+        raise AdapterError(f"export --output: {target} is not a .safetensors file, which ComfyUI loads; name it "
+                           f"{target.with_suffix('.safetensors').name}, or give a folder", "--output")  # fmt: skip
     if target.resolve() == source.resolve() or target.name == WEIGHTS_NAME:
         raise AdapterError(f"export --output: {target} is the adapter's own file; choose another name", "--output")
     if target.exists() and not _is_comfyui_export(target):

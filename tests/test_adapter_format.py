@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -342,19 +343,25 @@ def test_export_never_replaces_the_adapter_it_reads_or_a_file_that_is_not_an_exp
     two files exported from one folder both went to comfyui_lora.safetensors."""
     make_random_lora(transformer, tmp_path / "run", rank=2)
     own = tmp_path / "run" / adapter_format.WEIGHTS_NAME
-    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "notes.safetensors").write_text("mine")
     before = own.read_bytes()
     shutil.copy(own, tmp_path / "copy.safetensors")
     for source, output, said in (
         (tmp_path / "run", own, "is the adapter's own file; choose another name"),
         (tmp_path / "copy.safetensors", own, "is the adapter's own file; choose another name"),  # a run's, not the source
-        (tmp_path / "run", tmp_path / "notes.txt", "exists and is not a ComfyUI export; choose another name or remove it "
-                                                   "(nothing was written)"),
+        (tmp_path / "run", tmp_path / "notes.safetensors", "exists and is not a ComfyUI export; choose another name or "
+                                                           "remove it (nothing was written)"),
+        (tmp_path / "run", tmp_path / "lora.pt", "is not a .safetensors file, which ComfyUI loads; name it "
+                                                 "lora.safetensors, or give a folder"),
     ):  # fmt: skip
         with pytest.raises(AdapterError, match=rf"^export --output: {re.escape(str(output))} {re.escape(said)}$") as e:
             adapter_format.export_adapter(source, "comfyui", output)
         assert e.value.field == "--output"
-    assert own.read_bytes() == before and (tmp_path / "notes.txt").read_text() == "mine"
+    assert own.read_bytes() == before and (tmp_path / "notes.safetensors").read_text() == "mine"
+    # A folder that is not there yet, with a trailing slash or without an extension, is a folder: it was one file.
+    for folder in (f"{tmp_path / 'exports'}/", tmp_path / "exports2"):
+        written = adapter_format.export_adapter(tmp_path / "run", "comfyui", folder)
+        assert written == Path(folder) / adapter_format.COMFYUI_NAME and written.is_file()
     into = adapter_format.export_adapter(tmp_path / "run", "comfyui", tmp_path / "run")  # a folder: the name in it
     assert into == tmp_path / "run" / adapter_format.COMFYUI_NAME
     assert adapter_format.export_adapter(own, "comfyui", into) == into  # a previous export is replaced, as asked
