@@ -204,6 +204,13 @@ def test_auto_offloads_the_fewest_blocks_that_fit_the_budget(tmp_path):
                                   "model.quantize=none"]  # fmt: skip
     fixed = resolve(four, "train.gradient_checkpointing=false", "train.offload_blocks=auto")
     assert not fixed.fits and fixed.plan.offloaded == 0  # offloading needs the checkpointing the user turned off
+    # Offloading trains on one process: under DDP `auto` picked it, then the trainer refused what it had picked.
+    cfg = load_config(None, [f"model.pretrained={tmp_path / 'model'}", "data.resolution=128", "lora.rank=4",
+                             "train.gradient_checkpointing=true", "train.offload_blocks=auto",
+                             f"train.memory_budget_gb={recipe.gpu_bytes / 2**30}"])  # fmt: skip
+    assert memory_fit.resolve(cfg, references=0).plan.offloaded == 4
+    ddp = memory_fit.resolve(cfg, references=0, processes=2)
+    assert ddp.plan.offloaded == 0 and not ddp.fits
 
 
 def test_an_fsdp_launch_leaves_placement_to_fully_shard(monkeypatch):

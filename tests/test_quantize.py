@@ -129,6 +129,23 @@ def test_nf4_is_refused_before_any_weights_load(tiny_model_dir, sample_data_dir,
     assert e.value.field == "model.quantize" and e.value.exit_code == 2
 
 
+def test_a_quantized_base_under_ddp_or_with_a_factoring_init_is_refused_before_loading(tiny_model_dir, sample_data_dir,
+                                                                                      tmp_path, monkeypatch):  # fmt: skip
+    """Both were tracebacks after the weights loaded: DDP's start-up broadcast of a torchao tensor, and peft's SVD of
+    one for PiSSA."""
+    base = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={tmp_path}",
+            "model.quantize=int8", "validation.edits=[]"]  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch --num_processes 2` sets it for each process
+    with pytest.raises(InputError, match="^model.quantize: int8 does not train under DDP") as e:
+        check_before_loading(load_config(ROOT / "configs" / "demo.yaml", base))
+    assert e.value.field == "model.quantize"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_before_loading(load_config(ROOT / "configs" / "demo.yaml", base))  # one process: it trains
+    with pytest.raises(InputError, match="^lora.init: pissa_niter_4 factors the base weights") as e:
+        check_before_loading(load_config(ROOT / "configs" / "demo.yaml", [*base, "lora.init=pissa_niter_4"]))
+    assert e.value.field == "lora.init"
+
+
 @pytest.mark.parametrize("quantize, checkpoint", [("int8", "all"), ("int8", "none"), ("fp8", "all")])
 @pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated without")  # torchao's quantize_, not diffusers'
 def test_planned_quantized_step_is_within_10_percent_of_a_real_torchao_step(quantize, checkpoint):

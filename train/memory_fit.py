@@ -260,15 +260,16 @@ def resolve(
     prompt_tokens: int = 256,
     plan_fixed: bool = False,
     shards: int = 1,
+    processes: int = 1,
     planner: Callable = plan_memory,
 ) -> Recipe | None:
     """The config's memory settings, each `auto` one chosen by `fit` for `gpu_bytes` (default
     `train.memory_budget_gb`) at the config's largest step (`references` condition images), for one of `shards`
     FSDP2 processes. When nothing is `auto`: the plan of the settings as they are with `plan_fixed`, else None (the
-    launch then plans nothing)."""
+    launch then plans nothing). Offloading trains on one process, so `auto` never offloads for `processes` > 1."""
     gc, k = cfg.train.gradient_checkpointing, cfg.train.offload_blocks
-    free = ({"checkpoint"} if gc == "auto" else set()) | ({"offload"} if k == "auto" else set())
-    if not free and not plan_fixed:
+    free = ({"checkpoint"} if gc == "auto" else set()) | ({"offload"} if k == "auto" and processes == 1 else set())
+    if not free and not plan_fixed and k != "auto":  # `auto` under DDP still resolves (to no offloading)
         return None
     checkpoint = "none" if gc is False else "all"
     inputs = memory.plan_inputs_from_config(
@@ -285,13 +286,20 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1) -> 
     recipe calls after adding LoRA. Offloaded blocks keep their frozen weights in CPU memory (`offload.py`); the
     rest goes to `device`."""
     check_quantize(cfg.model.quantize, torch.device(device).type)  # nf4 loads onto CUDA whatever accelerate chose
-    recipe = resolve(cfg, references, shards=num_processes if ranks.fsdp_launch() else 1)
+    fsdp = ranks.fsdp_launch()
+    recipe = resolve(cfg, references, shards=num_processes if fsdp else 1, processes=num_processes)
     if recipe is not None and not recipe.fits:
         budget = cfg.train.memory_budget_gb
+        plan = f"`qwen-lora plan --config ... --gpu-memory {budget:g}GB"
+        hint = (
+            f"{plan} --processes N` plans more FSDP2 processes" if fsdp
+            else f"DDP keeps the whole model on each GPU: {plan}` names a one-process recipe that fits (offloaded "
+            "blocks, an 8-bit optimizer, a quantized base), or shard it (configs/accelerate/fsdp.yaml)"
+            if num_processes > 1 else f"{plan}` names a recipe that fits (an 8-bit optimizer, a quantized base)"
+        )  # fmt: skip
         raise ConfigError(
-            f"train.memory_budget_gb: the planned step needs {recipe.plan.total / GiB:.1f} GiB even with "
-            f"{recipe.describe()}, over {budget:g} GB; `qwen-lora plan --config ... --gpu-memory {budget:g}GB` "
-            "names a recipe that fits (an 8-bit optimizer, a quantized base)"
+            f"train.memory_budget_gb: the planned step needs {recipe.plan.total / GiB:.2f} GiB even with "
+            f"{recipe.describe()}, over {budget:g} GB; {hint}"
         )
     n = len(qmodel.transformer_blocks(transformer))
     if recipe is not None:

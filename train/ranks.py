@@ -61,6 +61,15 @@ def fsdp_launch() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
+def launched_processes() -> int:
+    """How many processes this launch runs (torchrun's WORLD_SIZE, which `accelerate launch` sets), before any
+    Accelerator exists."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def is_sharded(module) -> bool:
     """True when FSDP2 holds `module`'s weights as shards: reading them whole, or running the module, then takes every
     rank (collectives)."""
