@@ -10,10 +10,12 @@ qwen-lora serve --config configs/brand.yaml
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
+from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.inference import cli_args as flags
 from qwen_image_lora.io import check_writable
@@ -23,6 +25,7 @@ from qwen_image_lora.knobs import (
     SIZE_FIELDS,
     SettingError,
     check_image_count,
+    check_masked_size,
     flag,
 )
 
@@ -164,6 +167,8 @@ def _generate(args) -> int:
     check_writable(args.output)  # and so does a folder that cannot be written (was: after the render)
     _check_not_an_input("--output", [args.output], args)
     _check_sources(args)
+    if not args.from_image:  # before the imports below (about 8 s): a bad flag fails in half a second
+        _check_request_flags(args)
     from qwen_image_lora.inference.from_image import apply_from
     from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects, file_record
     from qwen_image_lora.inference.masking import prepare_mask
@@ -171,12 +176,7 @@ def _generate(args) -> int:
     if args.from_image:
         apply_from(args, Path(_input_file("--from", args.from_image)), SIZE_FIELDS)
         _check_not_an_input("--output", [args.output], args)  # and the inputs the image recorded
-    if not args.prompt:
-        raise InputError("--prompt: give the prompt (or --from an image that carries one)", "--prompt")
-    if args.command == "edit" and not args.image:
-        raise InputError(f"--image: give 1 to {MAX_INPUT_IMAGES} input images (or --from an edit whose inputs are "
-                         "still there)", "--image")  # fmt: skip
-    check_image_count(len(args.image), least=1 if args.command == "edit" else 0, field="--image")  # before decoding
+        _check_request_flags(args)
     images = [_input_image("--image", p) for p in args.image]
     mask = _input_image("--mask", args.mask, colours=False) if getattr(args, "mask", None) else None
     if mask is not None:
@@ -233,10 +233,26 @@ def _check_not_an_input(option: str, outputs: list[str], args) -> None:
                              "write to another file name", option)  # fmt: skip
 
 
-def _check_flags(request) -> None:
-    """The sampling rules (`SamplingConfig.check`) on what the flags set; a refusal names the flag (`--width: ...`)."""
+def _check_request_flags(args) -> None:
+    """What the flags alone decide, no image read: the prompt, the number of input images, the sampling rules and a
+    masked edit's size."""
+    if not args.prompt:
+        raise InputError("--prompt: give the prompt (or --from an image that carries one)", "--prompt")
+    if args.command == "edit" and not args.image:
+        raise InputError(f"--image: give 1 to {MAX_INPUT_IMAGES} input images (or --from an edit whose inputs are "
+                         "still there)", "--image")  # fmt: skip
+    check_image_count(len(args.image), least=1 if args.command == "edit" else 0, field="--image")
+    sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
+    _check_flags(sampling)
+    if getattr(args, "mask", None):
+        _check_flags(sampling, check_masked_size)
+
+
+def _check_flags(request, rule=None) -> None:
+    """The sampling rules (`SamplingConfig.check`, or `rule`) on what the flags set; a refusal names the flag
+    (`--width: ...`)."""
     try:
-        request.check()
+        rule(request) if rule else request.check()
     except SettingError as e:
         raise InputError(e.spelled(flag), e.field and flag(e.field)) from None
 
