@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -17,6 +18,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.output is not None:
         overrides.append(f"eval.output_dir={args.output}")
     cfg = load_config(args.config, overrides)
+    if args.output is None:
+        _report_in_the_evaluated_run(cfg, [*args.adapter, *([args.checkpoints] if args.checkpoints else [])])
     if not args.adapter and not args.checkpoints:
         print("note: no --adapter or --checkpoints given: the report shows the base model alone, with no verdict",
               file=sys.stderr)  # fmt: skip
@@ -32,6 +35,24 @@ def _eval(args: argparse.Namespace) -> int:
         print(report["checkpoint_verdict"])
     print(f"report: {html_path}\nnumbers: {json_path}")
     return 0
+
+
+def _report_in_the_evaluated_run(cfg, sources: list[str]) -> None:
+    """The report of one other run's adapter or checkpoints goes into that run's folder (`eval/`), where the studio
+    shows it beside its run, not into the config's output_dir (another run's, which then showed this report as its
+    own). A report setting of its own (eval.output_dir, --output) or several runs keep eval.output_dir."""
+    from qwen_image_lora import run_layout as layout
+
+    if Path(cfg.eval.output_dir) != Path(cfg.output_dir) / "eval":  # set apart from the run folder: as given
+        return
+    runs = set()
+    for source in sources:
+        path = Path(source).expanduser().resolve()
+        runs.add(next((p for p in [path, *path.parents] if (p / layout.RUN_ID).is_file()), None))
+    if len(runs) == 1 and None not in runs and (run := runs.pop()) != Path(cfg.output_dir).resolve():
+        cfg.eval.output_dir = str(run / "eval")
+        print(f"note: the report goes into the evaluated run's folder, {run / 'eval'} (--output to choose)",
+              file=sys.stderr)  # fmt: skip
 
 
 def register(subparsers) -> None:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import load_config, save_config
+from qwen_image_lora.eval.cli import _report_in_the_evaluated_run
 from qwen_image_lora.eval.evaluator import _adapter_names, check_run_config, evaluate, find_checkpoints
 
 
@@ -250,3 +251,27 @@ def test_eval_refuses_an_adapter_given_twice_however_it_is_spelt(
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"error: --adapter {folder / file}: the same adapter as --adapter {folder}; give each adapter once"
         )
+
+
+def test_the_report_of_another_runs_adapter_goes_into_that_run(config_path, adapters, tmp_path, capsys):
+    """`eval --config brand.yaml --adapter runs/photos` wrote into brand.yaml's output_dir, whose studio page then
+    showed another adapter's report as its own."""
+
+    def home(*sources, overrides=()):
+        cfg = load_config(config_path, list(overrides))
+        _report_in_the_evaluated_run(cfg, [str(s) for s in sources])
+        return Path(cfg.eval.output_dir)
+
+    runs = {}
+    for name in ("photos", "sketch", "run"):
+        runs[name] = tmp_path / name
+        shutil.copytree(adapters["noisy"], runs[name], dirs_exist_ok=True)
+        (runs[name] / "run.json").write_text(json.dumps({"run_id": name, "started": 0}))
+    own = tmp_path / "run" / "eval"
+    assert home(runs["photos"]) == runs["photos"] / "eval"
+    assert "the report goes into the evaluated run's folder" in capsys.readouterr().err
+    assert home(runs["photos"] / "pytorch_lora_weights.safetensors") == runs["photos"] / "eval"  # its file
+    assert home(runs["run"]) == own  # the config's own run
+    assert home(runs["photos"], runs["sketch"]) == own  # several runs: no one home
+    assert home(adapters["noop"]) == own  # not a run folder
+    assert home(runs["photos"], overrides=[f"eval.output_dir={tmp_path / 'mine'}"]) == tmp_path / "mine"
