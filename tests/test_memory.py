@@ -216,6 +216,15 @@ def test_fit_reaches_for_checkpointing_then_offload_then_8bit_optimizer_then_qua
         inputs, math.ceil(every.peak * 1.07 + memory.CUDA_CONTEXT_BYTES) - 2**20, free={"checkpoint"}, planner=plan
     )  # at launch only the `auto` settings move
     assert not pinned.fits and (pinned.plan.offloaded, pinned.inputs.optimizer) == (0, "adamw")
+    # Nothing fits: the most frugal recipe tried is named, not the last rung (nf4 weights stay put, so with int8
+    # every block offloaded needed less; "the most frugal recipe" was 2.6 GiB over one it had tried at 7B).
+    deep = dataclasses.replace(small_inputs(side=256), transformer_config={**SMALL, "num_layers": 12,
+                                                                          "num_attention_heads": 4})  # fmt: skip
+    nothing = memory_fit.fit(deep, 1, planner=plan)
+    candidates = [memory.with_settings(plan(dataclasses.replace(deep, checkpoint="all", quantize=q)), offload_blocks=k,
+                                       optimizer="adamw8bit") for q, k in (("int8", 12), ("nf4", 0), ("none", 12))]  # fmt: skip
+    assert candidates[0].peak < candidates[1].peak  # here, as at 7B: int8 all offloaded under nf4 in place
+    assert not nothing.fits and nothing.plan.peak == candidates[0].peak and nothing.inputs.quantize == "int8"
 
 
 @pytest.mark.slow  # ~30 s: traces the real 7B transformer

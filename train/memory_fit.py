@@ -104,7 +104,8 @@ class Recipe:
 
 def fit(inputs: PlanInputs, gpu_bytes: int, free=KNOBS, planner: Callable = plan_memory) -> Recipe:
     """The cheapest recipe whose plan fits a GPU of `gpu_bytes`, moving only the `free` knobs (`KNOBS`); the others
-    keep `inputs`' values. When nothing fits, the last recipe tried (the most frugal), whose `fits` is False."""
+    keep `inputs`' values. When nothing fits, the most frugal recipe tried (the smallest peak: not the last rung,
+    as nf4 weights stay put while int8 ones can all be offloaded), whose `fits` is False."""
     budget = memory.budget_for_allocations(gpu_bytes)
     if inputs.shards > 1:  # under FSDP2 neither a quantized base nor 8-bit state shards (`preflight.check_shardable`)
         if "quantize" in free:
@@ -112,14 +113,14 @@ def fit(inputs: PlanInputs, gpu_bytes: int, free=KNOBS, planner: Callable = plan
         if "optimizer" in free and inputs.optimizer == "adamw8bit":
             inputs = dataclasses.replace(inputs, optimizer="adamw")
     traced = _TraceCache(planner)
-    recipe = None
+    tried = []
     for quantize, optimizer in _rungs(inputs, free):
         rung = dataclasses.replace(inputs, quantize=quantize, optimizer=optimizer, offload_blocks=0)
         plan = _fit_rung(rung, budget, free, traced, inputs.offload_blocks)
-        recipe = Recipe(plan, gpu_bytes)
-        if recipe.fits:
-            return recipe
-    return recipe
+        tried.append(Recipe(plan, gpu_bytes))
+        if tried[-1].fits:
+            return tried[-1]
+    return min(tried, key=lambda recipe: recipe.plan.peak)
 
 
 def _rungs(inputs: PlanInputs, free) -> list[tuple[str, str]]:
