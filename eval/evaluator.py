@@ -31,9 +31,9 @@ from qwen_image_lora.eval import metrics as M
 from qwen_image_lora.eval.report import log_to_wandb, write_report
 from qwen_image_lora.eval.summary import BASE, CheckpointScore, Sample, best_checkpoint, summarise, verdicts
 from qwen_image_lora.images import load_image
-from qwen_image_lora.inference.adapters import adapter_name_for
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.io import check_writable
+from qwen_image_lora.knobs import adapter_name_for
 from qwen_image_lora.objective import heldout_loss
 from qwen_image_lora.progress import progress_bar, track
 

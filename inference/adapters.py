@@ -8,7 +8,6 @@ touches the transformer.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from qwen_image_lora.adapter_format import read_adapter
 from qwen_image_lora.console import loading_adapter
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import SettingError, check_adapter_name, parse_lora_arg
+from qwen_image_lora.knobs import SettingError, adapter_name_for, check_adapter_name, parse_lora_arg, unique_name
 
 
 @dataclass
@@ -157,29 +156,6 @@ class Adapters:
     def _refuse_if_fused(self, action: str) -> None:
         if self.fused is not None:
             raise AdapterError(f"cannot {action} while adapters are fused ({self.fused}); unfuse first")
-
-
-def adapter_name_for(source: str | Path) -> str:
-    """A default name: the folder name, or the file stem unless it is a generic weight file name; a "." (which
-    peft's module names can't hold: style-v1.5) becomes "_"."""
-    path = Path(str(source).rstrip("/"))
-    name = path.name
-    if path.suffix == ".safetensors":
-        generic = path.stem in ("pytorch_lora_weights", "adapter_model") and path.parent.name
-        name = path.parent.name if generic else path.stem
-    return name.replace(".", "_")
-
-
-def unique_name(stem: str, taken) -> str:
-    return next(name for i in itertools.count(1) if (name := stem if i == 1 else f"{stem}-{i}") not in taken)
-
-
-def derived_names(sources: list[str]) -> list[str]:
-    """The names `Adapters.load` gives these sources, loaded in this order without names."""
-    names: list[str] = []
-    for source in sources:
-        names.append(unique_name(adapter_name_for(source), names))
-    return names
 
 
 def trained_resolution(loras: list[str]) -> tuple[int, Path] | None:

@@ -296,19 +296,17 @@ def _layers(args) -> int:
 
 def _batch(args) -> int:
     _check_sources(args)
-    from qwen_image_lora.inference.jobs import check_adapter_names, read_jobs
+    from qwen_image_lora.inference.jobs import read_jobs
+    from qwen_image_lora.knobs import derived_names, parse_lora_arg
 
-    jobs = read_jobs(_input_file("jobs file", args.jobs))  # every line, in a second: before torch and the weights
+    sources = [parse_lora_arg(item)[0] for item in args.lora]
+    names = derived_names(sources)  # the names a line's "loras" picks from
+    jobs = read_jobs(_input_file("jobs file", args.jobs), names)  # every line, in a second: before torch and weights
     import torch
     from accelerate import PartialState
 
-    from qwen_image_lora.inference.adapters import derived_names
     from qwen_image_lora.inference.batch import adapter_identity, pending, run_batch
-    from qwen_image_lora.knobs import parse_lora_arg
 
-    sources = [parse_lora_arg(item)[0] for item in args.lora]
-    names = derived_names(sources)
-    check_adapter_names(jobs, args.jobs, names)
     # PartialState only sets up a CPU process group (gloo) when told the run is on CPU.
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
     state = PartialState(cpu=on_cpu)

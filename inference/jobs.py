@@ -57,15 +57,16 @@ class Job(SamplingConfig):
 MAX_LISTED = 10  # bad lines named in one refusal
 
 
-def read_jobs(path: str | Path) -> list[Job]:
+def read_jobs(path: str | Path, adapters: list[str] | None = None) -> list[Job]:
     """Parse and check every line before any model is loaded; errors name the line and the field, every bad line at
-    once (one per run, each after seconds of imports, was seven runs for seven bad lines)."""
+    once (one per run, each after seconds of imports, was seven runs for seven bad lines). `adapters`: the names the
+    --lora adapters load under, which a line's `loras` may pick (None: not checked)."""
     path = Path(path)
     jobs, outputs, ids, bad = [], {}, {}, []  # output name / id -> line number; ids also keep whether defaulted
     refused: list[InputError] = []  # ours, with the field at fault; `bad` also holds lines that are not JSON
     for where, raw in iter_jsonl(path, InputError, bad):
         try:
-            jobs.append(_read_job(raw, where, path, len(jobs), outputs, ids))
+            jobs.append(_read_job(raw, where, path, len(jobs), outputs, ids, adapters))
         except InputError as e:
             refused.append(e)
             bad.append(str(e))
@@ -80,7 +81,8 @@ def read_jobs(path: str | Path) -> list[Job]:
     return jobs
 
 
-def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids: dict) -> Job:
+def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids: dict, adapters: list[str] | None
+              ) -> Job:  # fmt: skip
     """One line as a checked job (the `index`-th good one); `outputs` and `ids` gather what the lines so far took."""
     if "index" in raw:
         raise InputError(f"{where}: unknown key 'index' (the line's position is its index)")
@@ -93,6 +95,9 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
         check_range("quality", job.quality, QUALITY.low, QUALITY.high)  # the limits of every edge (knobs.py)
         check_range("mask_feather", job.mask_feather, MASK_FEATHER.low, MASK_FEATHER.high)
         for name, weight in (job.loras or {}).items():
+            if adapters is not None and name not in adapters:
+                given = ", ".join(adapters) or "none (give --lora PATH[:WEIGHT])"
+                raise InputError(f"{where}: loras: unknown adapter {name!r}; --lora gives: {given}", "loras")
             if weight is not None:
                 check_adapter_weight(f"loras.{name}", weight)
         if job.mask is not None:  # refused here, with the other lines, not after the model had loaded
@@ -125,15 +130,6 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
         raise InputError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
     outputs[job.output_name] = where.rsplit(":", 1)[1]
     return job
-
-
-def check_adapter_names(jobs: list[Job], jobs_file: str, loaded: list[str]) -> None:
-    """Every adapter a job names is one of the --lora ones (`loaded`: the names they load under)."""
-    for job in jobs:
-        if unknown := [name for name in job.loras or {} if name not in loaded]:
-            given = ", ".join(loaded) or "none (give --lora PATH[:WEIGHT])"
-            raise InputError(f"{jobs_file}: job {job.id}: loras: unknown adapter {unknown[0]!r}; --lora gives: {given}",
-                             "loras")  # fmt: skip
 
 
 def _loras_mapping(items: list, where: str) -> dict:

@@ -11,6 +11,7 @@ rules every edge applies to adapter names (no '.', none given twice).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import typing
@@ -161,6 +162,29 @@ def repeated_name(names: typing.Iterable[str]) -> tuple[int, str] | None:
             return i, name
         seen.add(name)
     return None
+
+
+def adapter_name_for(source: str | Path) -> str:
+    """A default name: the folder name, or the file stem unless it is a generic weight file name; a "." (which
+    peft's module names can't hold: style-v1.5) becomes "_"."""
+    path = Path(str(source).rstrip("/"))
+    name = path.name
+    if path.suffix == ".safetensors":
+        generic = path.stem in ("pytorch_lora_weights", "adapter_model") and path.parent.name
+        name = path.parent.name if generic else path.stem
+    return name.replace(".", "_")
+
+
+def unique_name(stem: str, taken) -> str:
+    return next(name for i in itertools.count(1) if (name := stem if i == 1 else f"{stem}-{i}") not in taken)
+
+
+def derived_names(sources: list[str]) -> list[str]:
+    """The names `Adapters.load` gives these sources, loaded in this order without names."""
+    names: list[str] = []
+    for source in sources:
+        names.append(unique_name(adapter_name_for(source), names))
+    return names
 
 
 def check_image_count(count: int, least: int = 0, field: str = "images") -> None:

@@ -720,12 +720,16 @@ def test_batch_does_not_render_again_for_the_same_adapter_named_from_another_fol
 def test_a_job_naming_an_adapter_no_lora_gives_is_refused_before_the_model_loads(
     tmp_path, capsys, lora_dir, unloadable_model
 ):
-    """It failed after the model had loaded, as a failed job without its line."""
+    """It failed after the model had loaded, as a failed job without its line; then after the imports, in a round of
+    its own after every other bad line had been fixed."""
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(json.dumps({"id": "a", "prompt": "x", "loras": [{"name": "nobody", "weight": 1}]}) + "\n")
+    jobs.write_text(json.dumps({"id": "a", "prompt": "x", "loras": [{"name": "nobody", "weight": 1}]}) + "\n"
+                    + json.dumps({"id": "b", "prompt": "x", "width": 100}) + "\n")  # fmt: skip
     argv = ["batch", str(jobs), "--output-dir", str(tmp_path / "out"), "--model", str(unloadable_model)]
     assert main([*argv, "--lora", str(lora_dir)]) == 2  # the model cannot load: the check came first
-    assert f"{jobs}: job a: loras: unknown adapter 'nobody'; --lora gives: brand" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"2 lines of {jobs} are refused: {jobs}:1: loras: unknown adapter 'nobody'; --lora gives: brand; " in err
+    assert f"{jobs}:2: job.width: must be" in err
 
 
 def test_batch_says_the_names_its_adapters_go_by(tmp_path, capsys, lora_dir, unloadable_model):
