@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import objective
+from qwen_image_lora.cli import main as cli_main
 from qwen_image_lora.config import load_config
 from qwen_image_lora.images import SRGB_ICC
 from qwen_image_lora.train import lora, memory
@@ -504,6 +505,36 @@ def test_a_wandb_that_cannot_start_is_one_line_before_the_weights_load(
     err = capsys.readouterr().err
     assert "error: tracking.backend: W&B did not start (UsageError: No API key" in err and "Traceback" not in err
     assert loads == []
+
+
+def test_validate_and_the_trainers_early_checks_say_when_wandb_has_no_key(
+    tiny_model_dir, sample_data_dir, tmp_path, monkeypatch, capsys
+):
+    """`validate` said OK to tracking.backend=wandb without a login, and the trainer stopped only after its imports."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.com login user password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    argv = [
+        "validate",
+        str(DEMO),
+        *_overrides(tiny_model_dir, sample_data_dir, tmp_path / "out"),
+        "eval.edits=[]",
+        "tracking.backend=wandb",
+    ]
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: tracking.backend: wandb has no API key here (no WANDB_API_KEY, no "
+                                              "api.wandb.ai entry in the netrc); run `wandb login`")  # fmt: skip
+    early = subprocess.run([sys.executable, str(ROOT / "train" / "lora.py"), "--config", str(DEMO), *argv[2:]],
+                           capture_output=True, text=True, env=_env(WANDB_MODE="online", NETRC=str(netrc)), timeout=120)  # fmt: skip
+    assert early.returncode == 2 and early.stderr.startswith("error: tracking.backend: wandb has no API key")
+    netrc.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")  # what `wandb login` writes
+    assert cli_main(argv) == 0
+    netrc.write_text("")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # logs to disk: no key needed
+    assert cli_main(argv) == 0
 
 
 def test_s_per_step_times_the_step_not_the_previews_after_it(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):

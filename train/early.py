@@ -5,11 +5,13 @@ under a second instead of after the imports. `qwen-lora validate` makes the same
 from __future__ import annotations
 
 import argparse
+import netrc
 import os
 import sys
+import urllib.parse
 
 from qwen_image_lora import hub
-from qwen_image_lora.config import Config, load_config
+from qwen_image_lora.config import Config, ConfigError, load_config
 from qwen_image_lora.data.cache_dir import check_cache_dir
 from qwen_image_lora.data.sources import Item, check_edit_files, load_items
 from qwen_image_lora.errors import UserError
@@ -49,7 +51,28 @@ def check_sources(cfg: Config) -> list[Item] | None:
     items = load_items(cfg.data) if cfg.data.path else None  # a DataError names data.path (or the manifest line)
     check_edit_files(cfg.validation.edits, "validation.edits")
     hub.check_adapters([cfg.lora.init_from] if cfg.lora.init_from else [])
+    check_wandb_login(cfg.tracking.backend)
     return items
+
+
+def check_wandb_login(backend: str, env=os.environ) -> None:
+    """W&B online with no API key (none in WANDB_API_KEY, none in the netrc `wandb login` writes): `validate` said OK
+    and the trainer stopped after its imports. Offline and disabled modes need none."""
+    if backend != "wandb" or env.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    if env.get("WANDB_API_KEY"):
+        return
+    host = urllib.parse.urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        found = netrc.netrc(env.get("NETRC") or None).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        found = False
+    if not found:
+        raise ConfigError(
+            f"tracking.backend: wandb has no API key here (no WANDB_API_KEY, no {host} entry in the netrc); run "
+            "`wandb login`, or set WANDB_MODE=offline to log to disk (`wandb sync` uploads it later)",
+            "tracking.backend",
+        )
 
 
 def schedule_warnings(cfg: Config, resuming: bool = False) -> list[str]:
