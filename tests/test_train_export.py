@@ -18,8 +18,23 @@ def test_the_model_cards_snippet_loads_in_bfloat16_with_the_adapter(tiny_model_d
     *setup, call = snippet.strip().splitlines()
     assert call.startswith("image = pipe(") and "qwnbrand" in call  # generating is left out: 1024 px on CPU
     code = "\n".join(setup).replace('.to("cuda")', "").replace("path/to/this/folder", str(adapter))
+    code = code.replace(f"path/to/{tiny_model_dir.name}", str(tiny_model_dir))  # a local base: named, not located
     scope: dict = {}
     exec(code, scope)  # noqa: S102 - the card's own code, as a reader would paste it
     pipe = scope["pipe"]
     assert {pipe.transformer.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.bfloat16}
     assert len(pipe.get_list_adapters()["transformer"]) == 1
+
+
+def test_the_model_card_names_local_paths_by_their_last_name_only(tmp_path):
+    """A card pushed to the Hub carried this machine's absolute paths (/home/<user>/...) in its front matter, title,
+    text and code; the EMA row read "None" and the final loss 3.461827337741852."""
+    model, data = tmp_path / "home" / "alice" / "models" / "qwen-base", tmp_path / "home" / "alice" / "shoot-2026"
+    cfg = load_config(None, [f"model.pretrained={model}", f"data.path={data}"])
+    card = model_card(cfg, {"steps": 10, "final_loss": 3.461827337741852}, {})
+    assert str(tmp_path) not in card and "alice" not in card
+    assert "base_model:" not in card and "# LoRA for qwen-base" in card and "on `shoot-2026`" in card
+    assert 'from_pretrained("path/to/qwen-base"' in card
+    assert "| EMA | off |" in card and "| final loss (mean of last steps) | 3.4618 |" in card
+    hub = model_card(load_config(None, ["model.pretrained=Qwen/Qwen-Image-2.1"]), {"steps": 10}, {})
+    assert "base_model: Qwen/Qwen-Image-2.1" in hub and 'from_pretrained("Qwen/Qwen-Image-2.1"' in hub

@@ -26,6 +26,7 @@ import torch
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, save_config
+from qwen_image_lora.hub import is_hub_id
 from qwen_image_lora.io import atomic_path, atomic_write_text
 from qwen_image_lora.train import adapter as lora_adapter
 
@@ -105,19 +106,24 @@ def library_versions() -> dict[str, str]:
 
 
 def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
+    """README.md of a run, for the Hub as much as for here: local paths appear by their last name only (a card pushed
+    to the Hub carried this machine's absolute paths, user names included)."""
     trigger, pipeline = cfg.data.trigger_word, qmodel.pipeline_class().__name__
+    hub_model = cfg.model.pretrained if is_hub_id(cfg.model.pretrained) else None
+    model = hub_model or Path(cfg.model.pretrained).name
+    final = metadata.get("final_loss")
     lines = [
         "---",
-        f"base_model: {cfg.model.pretrained}",
+        *([f"base_model: {hub_model}"] if hub_model else []),  # the Hub links a hub id only
         "library_name: diffusers",
         "license: apache-2.0",
         "tags: [text-to-image, image-editing, lora, qwen-image, qwen-image-2.1, diffusers]",
         *([f"instance_prompt: {trigger}"] if trigger else []),
         "---",
         "",
-        f"# LoRA for {cfg.model.pretrained}",
+        f"# LoRA for {model}",
         "",
-        f"Trained with qwen-image-lora for {metadata.get('steps')} steps on `{cfg.data.path}`.",
+        f"Trained with qwen-image-lora for {metadata.get('steps')} steps on `{Path(cfg.data.path or '').name}`.",
         "",
         "## Trigger word",
         "",
@@ -129,7 +135,7 @@ def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
         "import torch",
         f"from diffusers import {pipeline}",
         "",  # a dtype given as a string makes diffusers load every component in float32
-        f'pipe = {pipeline}.from_pretrained("{cfg.model.pretrained}", torch_dtype=torch.bfloat16).to("cuda")',
+        f'pipe = {pipeline}.from_pretrained("{hub_model or f"path/to/{model}"}", torch_dtype=torch.bfloat16).to("cuda")',
         'pipe.load_lora_weights("path/to/this/folder")',
         f'image = pipe("{(trigger + " ") if trigger else ""}a bottle on a marble counter").images[0]',
         "```",
@@ -149,8 +155,8 @@ def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
         f"| resolution | {cfg.data.resolution} |",
         f"| timesteps / weighting | {cfg.train.timestep_sampling} / {cfg.train.loss_weighting} |",
         f"| mixed precision | {cfg.train.mixed_precision} |",
-        f"| EMA | {cfg.train.ema_decay} |",
-        f"| final loss (mean of last steps) | {metadata.get('final_loss')} |",
+        f"| EMA | {cfg.train.ema_decay or 'off'} |",
+        f"| final loss (mean of last steps) | {f'{final:.4f}' if isinstance(final, float) else final} |",
     ]
     if samples:
         lines += ["", "## Samples", ""]
