@@ -218,7 +218,7 @@ def test_fit_reaches_for_checkpointing_then_offload_then_8bit_optimizer_then_qua
     assert not pinned.fits and (pinned.plan.offloaded, pinned.inputs.optimizer) == (0, "adamw")
     # Nothing fits: the most frugal recipe tried is named, not the last rung (nf4 weights stay put, so with int8
     # every block offloaded needed less; "the most frugal recipe" was 2.6 GiB over one it had tried at 7B).
-    deep = dataclasses.replace(small_inputs(side=256), transformer_config={**SMALL, "num_layers": 12,
+    deep = dataclasses.replace(small_inputs(side=64), transformer_config={**SMALL, "num_layers": 12,
                                                                           "num_attention_heads": 4})  # fmt: skip
     nothing = memory_fit.fit(deep, 1, planner=plan)
     candidates = [memory.with_settings(plan(dataclasses.replace(deep, checkpoint="all", quantize=q)), offload_blocks=k,
