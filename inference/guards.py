@@ -136,6 +136,15 @@ class DecodeGate:
                 release_memory()
 
 
+def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The API keys a request presents: each `x-api-key`, and an `Authorization: Bearer` token (what OpenAI-style
+    clients send). More than one is refused, even if equal: one credential per request."""
+    bearer = [v.split(None, 1) for k, v in headers if k == b"authorization"]
+    return [v for k, v in headers if k == b"x-api-key"] + [
+        parts[1] for parts in bearer if len(parts) == 2 and parts[0].lower() == b"bearer"
+    ]
+
+
 async def send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
     data = json.dumps(body).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
@@ -182,9 +191,10 @@ class GuardMiddleware:
         """None when the request was answered (or the client left); else a `receive` that replays the body."""
         headers = scope["headers"]
         if scope["path"] not in OPEN_PATHS:
-            keys = [v for k, v in headers if k == b"x-api-key"]
+            keys = presented_keys(headers)
             if len(keys) != 1 or not self.check_key(keys[0]):
-                await send_json(send, 401, RequestError(401, "missing or wrong x-api-key", ("header", "x-api-key")).body(),
+                said = "missing or wrong x-api-key (or Authorization: Bearer)"
+                await send_json(send, 401, RequestError(401, said, ("header", "x-api-key")).body(),
                                 {"WWW-Authenticate": "ApiKey"})  # fmt: skip
                 return None
         if scope["method"] == "POST" and scope["path"] in JSON_PATHS:

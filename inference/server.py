@@ -112,7 +112,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
     image_responses = {
         200: {"description": "the image (bytes) or JSON with base64 (response_format=b64_json)",
               "content": {**{m: {} for m in MEDIA_TYPES.values()}, "application/json": {}}},
-        401: {"description": "missing or wrong x-api-key"},
+        401: {"description": "missing or wrong x-api-key (or Authorization: Bearer)"},
         413: {"description": "request body or decoded image too large"},
         422: {"description": "a field out of range or unreadable; detail[].loc names it"},
         429: {"description": "the queue is full; retry later"},

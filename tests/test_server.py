@@ -172,6 +172,18 @@ def test_two_key_headers_get_401(client):
     assert status == 401
 
 
+@pytest.mark.parametrize("headers, status", [
+    ([(b"authorization", f"Bearer {KEY}".encode())], 200),  # what OpenAI-style clients send: it was refused
+    ([(b"authorization", f"bearer {KEY}".encode())], 200),
+    ([(b"authorization", b"Bearer nope")], 401),
+    ([(b"authorization", f"Bearer {KEY} ".encode())], 401),  # near misses, as for x-api-key
+    ([(b"authorization", f"Basic {KEY}".encode())], 401),
+    ([(b"authorization", f"Bearer {KEY}".encode()), (b"x-api-key", KEY.encode())], 401),  # one credential a request
+])  # fmt: skip
+def test_a_bearer_token_is_a_key_like_x_api_key(client, headers, status):
+    assert asgi_post(client.app, headers, json.dumps(edit()).encode())[0] == status
+
+
 def test_limits_answer_413_and_422_naming_the_field(client):
     assert (
         client.post("/v1/images", json=edit(image=b64_png(400, 400)), headers=AUTH).status_code == 413
