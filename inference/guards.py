@@ -17,6 +17,7 @@ from qwen_image_lora.inference.metrics import Metrics
 from qwen_image_lora.inference.studio import STATIC_PATHS
 from qwen_image_lora.inference.worker import release_memory
 from qwen_image_lora.knobs import SettingError
+from qwen_image_lora.serve_config import REQUEST_LIMITS
 
 # Paths served without a key; every other path (the API, and unknown paths) needs one.
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs"}) | STATIC_PATHS  # /docs: when serve.api_docs
@@ -71,6 +72,9 @@ def _located(error: dict) -> tuple[list, str]:
     refusal = (error.get("ctx") or {}).get("error")
     if isinstance(refusal, SettingError):
         return [*error["loc"], refusal.field] if refusal.field else list(error["loc"]), refusal.message
+    field = error["loc"][-1] if error["loc"] else None
+    if error["type"] == "less_than_equal" and field in REQUEST_LIMITS:  # "<= 100" said nothing of where 100 comes from
+        return list(error["loc"]), f"{error['msg']} (this service's serve.{REQUEST_LIMITS[field]})"
     return list(error["loc"]), error["msg"]
 
 

@@ -21,7 +21,7 @@ from qwen_image_lora.knobs import (
     limits_of,
     type_of,
 )
-from qwen_image_lora.serve_config import ServeConfig
+from qwen_image_lora.serve_config import REQUEST_LIMITS, ServeConfig
 
 MAX_PROMPT_CHARS = 20_000  # a cheap bound before the 1,024-token check with the model's tokenizer
 
@@ -30,8 +30,7 @@ def sampling_model(name: str, serve: ServeConfig, base, skip: tuple[str, ...] = 
     """A subclass of `base` with the `SamplingConfig` fields: types, help and limits from the dataclass, upper bounds
     from `serve` (this deployment's limits). All are optional here; an omitted seed is drawn at random."""
 
-    upper = {"num_inference_steps": serve.max_steps, "guidance_scale": serve.max_guidance_scale,
-             "width": serve.max_side, "height": serve.max_side}  # fmt: skip
+    upper = {name: getattr(serve, setting) for name, setting in REQUEST_LIMITS.items()}
     fields = {}
     for f in dataclasses.fields(SamplingConfig):
         if f.name in skip:

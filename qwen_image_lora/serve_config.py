@@ -16,6 +16,10 @@ from qwen_image_lora.knobs import SettingError, check_adapter_name, check_adapte
 from qwen_image_lora.presets import MAX_SIDE, SIDE_MULTIPLE
 from qwen_image_lora.typed_yaml import ConfigError, path_field, require
 
+# The sampling fields whose upper bound is this deployment's (`serve.<setting>`), not the model's.
+REQUEST_LIMITS = {"num_inference_steps": "max_steps", "guidance_scale": "max_guidance_scale", "width": "max_side",
+                  "height": "max_side"}  # fmt: skip
+
 
 @dataclass
 class ServeAdapter:
@@ -44,7 +48,7 @@ class ServeConfig:
     allow_private_urls: bool = False
     url_timeout_s: float = 10.0
     max_url_mb: float = 20.0
-    # Request limits, enforced with a 422 naming the field (and shown in /openapi.json).
+    # Request limits, enforced with a 422 naming the field and the setting (and shown in /openapi.json).
     max_steps: int = 100
     max_guidance_scale: float = 20.0
     max_side: int = 2048

@@ -197,6 +197,9 @@ def test_limits_answer_413_and_422_naming_the_field(client):
         "body",
         "num_inference_steps",
     ]
+    # A deployment's own limit says so: "less than or equal to 4" alone read as the model's limit.
+    said = client.post("/v1/images", json=edit(num_inference_steps=50), headers=AUTH).json()["detail"][0]["msg"]
+    assert said == "Input should be less than or equal to 4 (this service's serve.max_steps)"
     assert field_of(client.post("/v1/images", json=edit(guidance_scale=-1), headers=AUTH)) == ["body", "guidance_scale"]
     assert field_of(client.post("/v1/images", json=edit(width=100), headers=AUTH)) == ["body", "width"]
     r = client.post("/v1/images", json=edit(width=64, aspect_ratio="1:1"), headers=AUTH)  # was at `body` alone
