@@ -12,14 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from qwen_image_lora import run_layout as layout
 from qwen_image_lora.adapter_format import read_adapter
 from qwen_image_lora.console import loading_adapter
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import SettingError, adapter_name_for, check_adapter_name, parse_lora_arg, unique_name
+from qwen_image_lora.knobs import SettingError, adapter_name_for, check_adapter_name, unique_name
 
 
 @dataclass
@@ -156,19 +154,3 @@ class Adapters:
     def _refuse_if_fused(self, action: str) -> None:
         if self.fused is not None:
             raise AdapterError(f"cannot {action} while adapters are fused ({self.fused}); unfuse first")
-
-
-def trained_resolution(loras: list[str]) -> tuple[int, Path] | None:
-    """(data.resolution, its config.yaml) of the first --lora that is a run or checkpoint of ours (or lies in one)."""
-    for item in loras:
-        path = Path(parse_lora_arg(item)[0]).expanduser()
-        # A run or checkpoint folder, a file in one, or a checkpoint's adapter folder or the file in that.
-        checkpoint = path.parent.parent if path.parent.name == layout.ADAPTER else path.parent
-        for config in (path / layout.CONFIG, path.parent / layout.CONFIG, checkpoint / layout.CONFIG):
-            try:
-                resolution = yaml.safe_load(config.read_text())["data"]["resolution"]
-            except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
-                continue
-            if isinstance(resolution, int):
-                return resolution, config
-    return None

@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
     flags.quality_arg(p)
     flags.overrides_arg(p)
-    p.set_defaults(func=_generate, image=[], mask=None)
+    p.set_defaults(func=_generate, image=[], mask=None, prepare=use_the_trained_model)
 
     p = subparsers.add_parser("edit", help=f"instruction editing of 1 to {MAX_INPUT_IMAGES} input images")
     flags.model_args(p)
@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     p.add_argument("--output", required=True, help="PATH.png | .jpg | .webp (the extension picks the format)")
     flags.quality_arg(p)
     flags.overrides_arg(p)
-    p.set_defaults(func=_generate)
+    p.set_defaults(func=_generate, prepare=use_the_trained_model)
 
     p = subparsers.add_parser(
         "layers", help="layered output: subject cut-out, background, generated elements (PSD, OpenRaster or ZIP)",
@@ -83,7 +83,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--output", required=True, help="PATH.psd | .ora | .zip (the flattened image goes to PATH.png)")
     flags.overrides_arg(p)
-    p.set_defaults(func=_layers)
+    p.set_defaults(func=_layers, prepare=use_the_trained_model)
 
     p = subparsers.add_parser(
         "batch", help="run a JSONL of jobs; resumable; shards under accelerate launch",
@@ -97,7 +97,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of job i without its own seed: SEED + i (default 0)")
     p.add_argument("--no-progress", action="store_true")
     flags.overrides_arg(p)
-    p.set_defaults(func=_batch)
+    p.set_defaults(func=_batch, prepare=use_the_trained_model)
 
     p = subparsers.add_parser(
         "serve",
@@ -113,12 +113,11 @@ def register(subparsers) -> None:
 
 def _model_source(args):
     from qwen_image_lora.config import load_config
-    from qwen_image_lora.inference.adapters import trained_resolution
 
     given = args.config is not None or any(o.startswith("data.resolution=") for o in args.overrides)
-    trained = None if given else trained_resolution(getattr(args, "lora", []))
+    trained = None if given else _trained(args)
     if trained is not None:  # an adapter is used at the size it trained at (README), config or not
-        resolution, where = trained
+        resolution, where = trained[0]["data"]["resolution"], trained[1]
         print(
             f"note: data.resolution {resolution}, as {where} trained (data.resolution=N picks another)", file=sys.stderr
         )
@@ -129,6 +128,27 @@ def _model_source(args):
     if getattr(args, "dtype", None):
         cfg.model.dtype = args.dtype
     return cfg
+
+
+def _trained(args) -> tuple[dict, Path] | None:
+    """The config that trained the first --lora that has one (`run_layout.trained_config`)."""
+    from qwen_image_lora import run_layout as layout
+    from qwen_image_lora.knobs import parse_lora_arg
+
+    found = (layout.trained_config(parse_lora_arg(item)[0]) for item in getattr(args, "lora", []))
+    return next((t for t in found if t is not None), None)
+
+
+def use_the_trained_model(args) -> None:
+    """Given no config and no model, an adapter of ours runs on the base model it trained on (its run's config.yaml),
+    not on the default hub model: that was a download of another model, or an offline error about one never named."""
+    named = args.model or getattr(args, "from_image", None) or any(o.startswith("model.pretrained=")
+                                                                   for o in args.overrides)  # fmt: skip
+    trained = None if args.config is not None or named else _trained(args)
+    model = (trained[0].get("model") or {}).get("pretrained") if trained else None
+    if isinstance(model, str) and model:
+        args.model = model
+        print(f"note: base model {model}, as {trained[1]} trained (--model picks another)", file=sys.stderr)
 
 
 def _check_sources(args) -> None:

@@ -177,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         _refuse_unknown(getattr(args, "command_parser", parser), extra)
-    _say_default_model(args)
     try:
+        if getattr(args, "prepare", None):  # a command's own first step (the base model an adapter trained on)
+            args.prepare(args)
+        _say_default_model(args)
         # A bad config or override is refused before the command imports torch (data doctor's target may be one).
         config = getattr(args, "config", None) or getattr(args, "target", "")
         if config and config.endswith((".yaml", ".yml")):

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
 RUN_ID = "run.json"
 LOCK = ".lock"
 CONFIG = "config.yaml"
@@ -67,3 +69,18 @@ def sample_steps(run: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _SAMPLES.match(p.name)) and p.is_dir()]
     return sorted(found)
+
+
+def trained_config(adapter: str | Path) -> tuple[dict, Path] | None:
+    """(the config, its config.yaml) that trained `adapter`: a run or checkpoint folder, a file in one, or a
+    checkpoint's adapter folder or the file in that; None for an adapter from elsewhere."""
+    path = Path(adapter).expanduser()
+    checkpoint = path.parent.parent if path.parent.name == ADAPTER else path.parent
+    for config in (path / CONFIG, path.parent / CONFIG, checkpoint / CONFIG):
+        try:
+            data = yaml.safe_load(config.read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and isinstance((data.get("data") or {}).get("resolution"), int):
+            return data, config
+    return None

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwen_image_lora import run_layout as layout
 from qwen_image_lora.cli import main
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import read_settings
 from qwen_image_lora.inference import batch
-from qwen_image_lora.inference.adapters import trained_resolution
 from qwen_image_lora.inference.jobs import read_jobs
 from qwen_image_lora.inference.testing import make_random_lora
+from qwen_image_lora.knobs import parse_lora_arg
 from tests.launch import accelerate_launch
 
 TINY = ["--dtype", "float32", "data.resolution=64"]  # one name for the pixel budget, as in training
@@ -654,8 +655,8 @@ def test_every_spelling_of_a_runs_or_checkpoints_adapter_finds_the_resolution_it
         (step / "adapter", 128),
         (f"{step / 'adapter' / 'pytorch_lora_weights.safetensors'}:0.8", 128),
     ):
-        assert trained_resolution([str(source)])[0] == resolution, source
-    assert trained_resolution([str(tmp_path / "elsewhere.safetensors")]) is None
+        assert layout.trained_config(parse_lora_arg(str(source))[0])[0]["data"]["resolution"] == resolution, source
+    assert layout.trained_config(tmp_path / "elsewhere.safetensors") is None
 
 
 def test_one_adapter_given_twice_is_refused_and_a_missing_one_names_its_option(tmp_path, unloadable_model, capsys):
@@ -765,3 +766,19 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(argv, 
         main(argv)
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.startswith(usage) and err.splitlines()[-1] == line
+
+
+def test_an_adapter_of_a_run_renders_on_the_base_model_it_trained_on(tiny_model_dir, lora_dir, tmp_path, capsys):
+    """Without --config or --model, `generate --lora RUN` took the run's resolution but the default hub model: offline
+    an error about a model never named, online a download of another one."""
+    run = tmp_path / "runs" / "brand"
+    shutil.copytree(lora_dir, run)
+    (run / "config.yaml").write_text(f"model:\n  pretrained: {tiny_model_dir}\ndata:\n  resolution: 64\n")
+    out = tmp_path / "o.png"
+    assert main(["generate", "--lora", str(run), "--prompt", "a bottle", "--steps", "1", "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: base model {tiny_model_dir}, as {run / 'config.yaml'} trained (--model picks another)" in err
+    assert "no config given" not in err and read_settings(out)["model"]["pretrained"] == str(tiny_model_dir)
+    # Named, the model given wins; so does a config.
+    assert main(["generate", "--lora", str(run), "--model", "someone/base", "--prompt", "x", "--output", str(out)]) == 2
+    assert "model.pretrained: someone/base" in capsys.readouterr().err
