@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from qwen_image_lora.config import load_config
+from qwen_image_lora.config import DEFAULT_MODEL, load_config
 from qwen_image_lora.train.export import model_card
 
 
@@ -36,5 +36,5 @@ def test_the_model_card_names_local_paths_by_their_last_name_only(tmp_path):
     assert "base_model:" not in card and "# LoRA for qwen-base" in card and "on `shoot-2026`" in card
     assert 'from_pretrained("path/to/qwen-base"' in card
     assert "| EMA | off |" in card and "| final loss (mean of last steps) | 3.4618 |" in card
-    hub = model_card(load_config(None, ["model.pretrained=Qwen/Qwen-Image-2.1"]), {"steps": 10}, {})
-    assert "base_model: Qwen/Qwen-Image-2.1" in hub and 'from_pretrained("Qwen/Qwen-Image-2.1"' in hub
+    hub = model_card(load_config(None, [f"model.pretrained={DEFAULT_MODEL}"]), {"steps": 10}, {})
+    assert f"base_model: {DEFAULT_MODEL}" in hub and f'from_pretrained("{DEFAULT_MODEL}"' in hub
