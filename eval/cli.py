@@ -45,10 +45,7 @@ def _report_in_the_evaluated_run(cfg, sources: list[str]) -> None:
 
     if Path(cfg.eval.output_dir) != Path(cfg.output_dir) / "eval":  # set apart from the run folder: as given
         return
-    runs = set()
-    for source in sources:
-        path = Path(source).expanduser().resolve()
-        runs.add(next((p for p in [path, *path.parents] if (p / layout.RUN_ID).is_file()), None))
+    runs = {layout.run_holding(source) for source in sources}
     if len(runs) == 1 and None not in runs and (run := runs.pop()) != Path(cfg.output_dir).resolve():
         cfg.eval.output_dir = str(run / "eval")
         print(f"note: the report goes into the evaluated run's folder, {run / 'eval'} (--output to choose)",

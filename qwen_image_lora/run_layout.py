@@ -71,6 +71,12 @@ def sample_steps(run: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def run_holding(path: str | Path) -> Path | None:
+    """The run folder `path` is, or lies in: the nearest folder at or above it holding run.json (links resolved)."""
+    path = Path(path).expanduser().resolve()
+    return next((p for p in (path, *path.parents) if (p / RUN_ID).is_file()), None)
+
+
 def trained_config(adapter: str | Path) -> tuple[dict, Path] | None:
     """(the config, its config.yaml) that trained `adapter`: a run or checkpoint folder, a file in one, or a
     checkpoint's adapter folder or the file in that; None for an adapter from elsewhere."""

@@ -65,7 +65,7 @@ class RunFinished(UserError):
 def check_not_nested(output_dir: str | Path) -> None:
     """A run's folder is not inside another run's folder, nor holds one (an --overwrite would move it aside too)."""
     path = Path(output_dir)
-    outer = next((p for p in path.resolve().parents if (p / layout.RUN_ID).is_file()), None)
+    outer = layout.run_holding(path.resolve().parent)
     if outer is not None:
         raise RunFolderInUse(
             f"output_dir {path} lies inside the folder of run {RunFolder(outer).owner() or '?'} ({outer}); "
