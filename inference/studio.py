@@ -190,12 +190,18 @@ def _inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
+def _readable(path: Path, root: Path) -> bool:
+    """A regular file inside `root` once links are resolved: what the page may open and read (not a FIFO, not a link
+    out of the run)."""
+    return path.is_file() and _inside(path, root)
+
+
 def _run_text(path: Path, root: Path | None = None, limit: int = MAX_SMALL_FILE_BYTES) -> str | None:
-    """A run file's text, None unless it is a regular file inside `root` (its folder by default) of at most `limit`
+    """A run file's text, None unless it is `_readable` inside `root` (its folder by default) and at most `limit`
     bytes: a link out of the run read the file it points at, and a FIFO blocked the thread (and with it the service's
     decodes) forever."""
     try:
-        if not (path.is_file() and _inside(path, root or path.parent)):
+        if not _readable(path, root or path.parent):
             return None
         with path.open("rb") as f:
             data = f.read(limit + 1)
@@ -353,7 +359,7 @@ def trainer_alive(lock: Path) -> bool | None:
 def _last_logged_step(path: Path) -> int | None:
     """The step of the loss log's last complete line, read from its end (a long run's log runs to megabytes)."""
     try:
-        if not (path.is_file() and _inside(path, path.parent)):  # as `_run_text`
+        if not _readable(path, path.parent):
             return None
         with path.open("rb") as f:
             f.seek(max(f.seek(0, os.SEEK_END) - 4096, 0))
