@@ -47,9 +47,9 @@ def _check_values(config: dict, where: str) -> None:
     """The config's own values, each of the type and range peft needs: a wrong one was peft's traceback at load
     (a string alpha, a list for rank_pattern, a bad regex, dropout 5), or a NaN or huge alpha a blank image."""
 
-    def number(value, low: float, high: float, whole: bool = False) -> bool:
+    def number(value, whole: bool = False) -> bool:
         kinds = (int,) if whole else (int, float)
-        return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and low < value <= high
+        return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
 
     def refuse(what: str):
         raise AdapterError(f"{where}: its config's {what}; save the weights and the config from one training run")
@@ -59,12 +59,12 @@ def _check_values(config: dict, where: str) -> None:
         refuse(
             f"{', '.join(unknown)}: not {'a peft LoraConfig setting' if len(unknown) == 1 else 'peft LoraConfig settings'}"
         )
-    if "r" in config and not number(config["r"], 0, math.inf, whole=True):
-        refuse(f"r is {config['r']!r}, not a whole number above 0")
-    if "lora_alpha" in config and not number(config["lora_alpha"], 0, MAX_ALPHA):
-        refuse(f"lora_alpha is {config['lora_alpha']!r}, not a number above 0 and at most {MAX_ALPHA:g}")
-    if "lora_dropout" in config and not (number(config["lora_dropout"], -1, 1) and 0 <= config["lora_dropout"] < 1):
-        refuse(f"lora_dropout is {config['lora_dropout']!r}, not a number from 0 to under 1")
+    if "r" in config and not (number(r := config["r"], whole=True) and r > 0):
+        refuse(f"r is {r!r}, not a whole number above 0")
+    if "lora_alpha" in config and not (number(alpha := config["lora_alpha"]) and 0 < alpha <= MAX_ALPHA):
+        refuse(f"lora_alpha is {alpha!r}, not a number above 0 and at most {MAX_ALPHA:g}")
+    if "lora_dropout" in config and not (number(dropout := config["lora_dropout"]) and 0 <= dropout < 1):
+        refuse(f"lora_dropout is {dropout!r}, not a number from 0 to under 1")
     for name, whole, high in (("rank_pattern", True, math.inf), ("alpha_pattern", False, MAX_ALPHA)):
         pattern = config.get(name) or {}
         if not isinstance(pattern, dict):
@@ -74,7 +74,7 @@ def _check_values(config: dict, where: str) -> None:
                 re.compile(key)
             except re.error as e:
                 refuse(f"{name} key {key!r} is not a regular expression ({e})")
-            if not number(value, 0, high, whole):
+            if not (number(value, whole) and 0 < value <= high):
                 refuse(f"{name}[{key!r}] is {value!r}, not a number above 0")
 
 

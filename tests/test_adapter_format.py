@@ -632,7 +632,26 @@ BAD_CONFIGS = {  # the stored config's value -> what the refusal says; each was 
     "a bad regex": ({"alpha_pattern": {"(": 3}}, "its config's alpha_pattern key '(' is not a regular expression"),
     "dropout 5": ({"lora_dropout": 5.0}, "its config's lora_dropout is 5.0, not a number from 0 to under 1"),
     "an unknown key": ({"bogus": 1}, "its config's bogus: not a peft LoraConfig setting"),
+    "two unknown keys": ({"bogus": 1, "extra": 2}, "its config's bogus, extra: not peft LoraConfig settings"),
+    "rank 0": ({"r": 0}, "its config's r is 0, not a whole number above 0"),
+    "a fractional rank": ({"r": 2.5}, "its config's r is 2.5, not a whole number above 0"),
+    "alpha 0": ({"lora_alpha": 0}, "its config's lora_alpha is 0, not a number above 0"),
+    "alpha over the limit": ({"lora_alpha": 10_000.5}, "its config's lora_alpha is 10000.5, not a number above 0"),
+    "dropout 1": ({"lora_dropout": 1.0}, "its config's lora_dropout is 1.0, not a number from 0 to under 1"),
+    "a fractional rank_pattern": ({"rank_pattern": {"to_q": 2.5}}, "its config's rank_pattern['to_q'] is 2.5, not"),
+    "a 0 in alpha_pattern": ({"alpha_pattern": {"to_q": 0}}, "its config's alpha_pattern['to_q'] is 0, not a number"),
 }
+
+
+def test_a_config_at_its_limits_reads(transformer, tmp_path):
+    """The edges the checks keep: alpha 0.5 and 10000, dropout 0, a fractional alpha_pattern entry."""
+    source = local_weights_file(make_random_lora(transformer, tmp_path / "src", rank=4, alpha=4.0))
+    with safe_open(str(source), framework="pt") as f:
+        tensors, stored = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lora_adapter_metadata"])
+    for values in ({"lora_alpha": 0.5, "lora_dropout": 0.0}, {"lora_alpha": 10_000, "alpha_pattern": {"to_q": 0.5}}):
+        value = {**stored, **{f"transformer.{k}": v for k, v in values.items()}}
+        save_file(tensors, str(tmp_path / "edge.safetensors"), {"lora_adapter_metadata": json.dumps(value)})
+        assert read_adapter(tmp_path / "edge.safetensors", transformer).config["lora_alpha"] == values["lora_alpha"]
 
 
 @pytest.mark.parametrize("case", BAD_CONFIGS)
