@@ -648,7 +648,10 @@ def test_a_config_at_its_limits_reads(transformer, tmp_path):
     source = local_weights_file(make_random_lora(transformer, tmp_path / "src", rank=4, alpha=4.0))
     with safe_open(str(source), framework="pt") as f:
         tensors, stored = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lora_adapter_metadata"])
-    for values in ({"lora_alpha": 0.5, "lora_dropout": 0.0}, {"lora_alpha": 10_000, "alpha_pattern": {"to_q": 0.5, "to_k": 10_000}}):
+    for values in (
+        {"lora_alpha": 0.5, "lora_dropout": 0.0},
+        {"lora_alpha": 10_000, "alpha_pattern": {"to_q": 0.5, "to_k": 10_000}},
+    ):
         value = {**stored, **{f"transformer.{k}": v for k, v in values.items()}}
         save_file(tensors, str(tmp_path / "edge.safetensors"), {"lora_adapter_metadata": json.dumps(value)})
         assert read_adapter(tmp_path / "edge.safetensors", transformer).config["lora_alpha"] == values["lora_alpha"]
