@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen_image_lora.config import load_config
+from qwen_image_lora.console import counted
 from qwen_image_lora.errors import InputError
 
 
@@ -81,7 +82,7 @@ def _prepare(args) -> int:
     rate = (stats.latents_encoded + stats.prompts_encoded) / max(stats.seconds, 1e-9)
     who = f" (process {state.process_index + 1} of {state.num_processes})" if state.num_processes > 1 else ""
     print(
-        f"prepare{who}: {stats.items} items, {stats.cached} already cached, "
+        f"prepare{who}: {counted(stats.items, 'item')}, {stats.cached} already cached, "
         f"{stats.latents_encoded} latents + {stats.prompts_encoded} embeddings encoded in {stats.seconds:.1f}s "
         f"({rate:.1f}/s), {len(stats.failed)} failed, {stats.damaged} damaged cache entries dropped -> {cfg.data.cache_dir}"
     )

@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from qwen_image_lora.config import Config
+from qwen_image_lora.console import counted
 from qwen_image_lora.data.buckets import histogram
 from qwen_image_lora.io import atomic_write_text
 
@@ -112,8 +113,8 @@ class Report:
         """One line: items, clean, excluded, and the findings by code."""
         codes = ", ".join(f"{c} {n}" for c, n in self.codes().most_common())
         return (
-            f"{self.n_items} items: {self.n_clean} clean, {len(self.excluded)} excluded; "
-            f"{len(self.errors)} errors, {len(self.warnings)} warnings{' (' + codes + ')' if codes else ''}"
+            f"{counted(self.n_items, 'item')}: {self.n_clean} clean, {len(self.excluded)} excluded; "
+            f"{counted(len(self.errors), 'error')}, {counted(len(self.warnings), 'warning')}{' (' + codes + ')' if codes else ''}"
         )
 
     def _rows(self) -> list[tuple[str, str, str, str]]:

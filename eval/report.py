@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageFilter
 
-from qwen_image_lora.console import WANDB_SETTINGS
+from qwen_image_lora.console import WANDB_SETTINGS, counted
 from qwen_image_lora.eval.summary import (
     BASE,
     BETTER,
@@ -149,7 +149,7 @@ def _render_html(title, variants, samples, summary, verdict, notes, checkpoints,
     if verdict:
         parts.append("<div class='verdict'>" + "<br>".join(html.escape(v["line"]) for v in verdict.values()) + "</div>")
     parts.append(
-        f"<p>{len(samples)} samples; variants: {', '.join(html.escape(v) for v in variants)}. "
+        f"<p>{counted(len(samples), 'sample')}; variants: {', '.join(html.escape(v) for v in variants)}. "
         f"Means with Student-t 95% intervals; Δ is the paired difference to base (a verdict needs {MIN_PAIRS} pairs).</p>"
     )
     if notes:

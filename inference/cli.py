@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from qwen_image_lora.config import SamplingConfig
+from qwen_image_lora.console import counted
 from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.inference import cli_args as flags
 from qwen_image_lora.io import check_writable
@@ -374,7 +375,7 @@ def _batch(args) -> int:
 
 def _batch_stopped(args, process_index: int, written: int) -> int:
     """Ctrl-C: one line instead of a traceback; the exit status a shell gives an interrupted command (128 + SIGINT)."""
-    print(f"process {process_index}: stopped (Ctrl-C); {written} images written this run "
+    print(f"process {process_index}: stopped (Ctrl-C); {counted(written, 'image')} written this run "
           f"-> {Path(args.output_dir) / 'manifest.jsonl'}; run the same command again to resume", file=sys.stderr)  # fmt: skip
     return 130
 

@@ -31,6 +31,7 @@ from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 
 from qwen_image_lora.config import Config
+from qwen_image_lora.console import counted
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import (
     MAX_INPUT_SIDE,
@@ -125,7 +126,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             slot = worker.admit()  # before any decoding: a refused request costs nothing
         except queue.Full:
             metrics.count_rejected()
-            busy = f"busy: {serve.max_queue} requests already queued; retry later"
+            busy = f"busy: {counted(serve.max_queue, 'request')} already queued; retry later"
             # A slot frees when the running job ends: about one job's time (it was always 1 s, so clients retried
             # every second through a queue that moves once a minute).
             retry = max(1, math.ceil(worker.mean_job_seconds or 1))

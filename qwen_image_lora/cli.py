@@ -11,6 +11,7 @@ import re
 import sys
 
 from qwen_image_lora.config import ModelConfig, load_config
+from qwen_image_lora.console import counted
 from qwen_image_lora.errors import UserError
 from qwen_image_lora.io import describe_write_error, is_write_error
 
@@ -55,7 +56,7 @@ def _validate(args) -> int:
         missing = [
             it for it in items if not all(p.is_file() for p in (it.target, *it.sources, *filter(None, [it.mask])))
         ]
-        data = f"data {len(items)} items ({len(items) - edits} t2i, {edits} edit) in {cfg.data.path}"
+        data = f"data {counted(len(items), 'item')} ({len(items) - edits} t2i, {edits} edit) in {cfg.data.path}"
         if missing:
             data += f"; {len(missing)} name a missing file, e.g. {missing[0].id} (`qwen-lora data doctor` lists them)"
     check_edit_files(cfg.eval.edits, "eval.edits")

@@ -110,6 +110,11 @@ def install_message_filters() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """A count and its noun in agreement, "1 line" and "2 lines" (`plural` where adding an "s" is wrong)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def weights_bytes(folder: str | Path) -> int | None:
     """Bytes of the weight files under a local model folder; None for a hub id or a missing folder."""
     root = Path(folder).expanduser()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from qwen_image_lora import console
+from qwen_image_lora.data.report import Report
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE = (
@@ -206,3 +207,13 @@ warnings.warn("a real warning still shows")
                           timeout=120)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip() == "(24, 32)", done.stderr  # its orientation entry read
     assert "EXIF" not in done.stderr and "a real warning still shows" in done.stderr
+
+
+def test_a_count_agrees_with_its_noun():
+    """A count of one ("written by 1 processes", "1 errors") read as broken English in lines users see."""
+    assert [console.counted(n, "line") for n in (0, 1, 2)] == ["0 lines", "1 line", "2 lines"]
+    assert console.counted(1, "process", "processes") == "1 process"
+    assert console.counted(3, "process", "processes") == "3 processes"
+    report = Report("data", 1)
+    report.add("error", "truncated", "a", "cut short")
+    assert report.summary().startswith("1 item: 0 clean, 1 excluded; 1 error, 0 warnings")

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qwen_image_lora import run_layout as layout
+from qwen_image_lora.console import counted
 from qwen_image_lora.errors import UserError
 from qwen_image_lora.io import atomic_dir, describe_write_error, remove_leftover_temps
 from qwen_image_lora.train import adapter
@@ -327,12 +328,12 @@ def _process_count_change(progress: TrainingProgress, written_by: int, now: int)
     resume keeps the checkpoint's learning rate), and the data order and random streams (reused round-robin)."""
     before = progress.samples_seen // max(progress.step, 1)  # the writer's batch x accumulation x processes
     samples = (
-        f"{before // written_by * now} samples where it averaged {before}"
+        f"{counted(before // written_by * now, 'sample')} where it averaged {before}"
         if before  # checkpoints from before samples_seen hold 0
         else f"{now}/{written_by} as many samples"
     )
     return (
-        f"the checkpoint was written by {written_by} processes, this run has {now}: an optimizer step now averages "
+        f"the checkpoint was written by {counted(written_by, 'process', 'processes')}, this run has {now}: an optimizer step now averages "
         f"{samples} at the checkpoint's learning rate (it is not rescaled), and the data order and random streams "
         "differ from an uninterrupted run's"
     )

@@ -26,6 +26,7 @@ import torch
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, save_config
+from qwen_image_lora.console import counted
 from qwen_image_lora.hub import is_hub_id
 from qwen_image_lora.io import atomic_path, atomic_write_text
 from qwen_image_lora.train import adapter as lora_adapter
@@ -123,7 +124,7 @@ def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
         "",
         f"# LoRA for {model}",
         "",
-        f"Trained with qwen-image-lora for {metadata.get('steps')} steps on `{Path(cfg.data.path or '').name}`.",
+        f"Trained with qwen-image-lora for {counted(metadata.get('steps') or 0, 'step')} on `{Path(cfg.data.path or '').name}`.",
         "",
         "## Trigger word",
         "",

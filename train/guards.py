@@ -10,6 +10,7 @@ import math
 import torch
 
 from qwen_image_lora.config import TrainConfig
+from qwen_image_lora.console import counted
 from qwen_image_lora.errors import UserError
 
 
@@ -63,7 +64,7 @@ class Guards:
                 else "the gradient norm is 0"
             )
             raise TrainingStopped(
-                f"after {step} steps {what}: the adapter is not learning (train.check_learning_after={step}). "
+                f"after {counted(step, 'step')} {what}: the adapter is not learning (train.check_learning_after={step}). "
                 "Check optim.lr (> 0?), that lora.targets match layers the loss reaches, and that the base "
                 "model is not frozen into a no-grad mode."
             )
