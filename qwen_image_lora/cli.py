@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import importlib.metadata
 import os
 import re
 import sys
 
+from qwen_image_lora import __version__
 from qwen_image_lora.config import ModelConfig, load_config
 from qwen_image_lora.console import counted
 from qwen_image_lora.errors import UserError
@@ -115,10 +117,22 @@ def _refuse_unknown(parser: argparse.ArgumentParser, extra: list[str]) -> None:
     parser.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {close[0]}?" if close else ""))
 
 
+def version_line() -> str:
+    """Ours and the libraries that decide what a run computes, as a bug report needs them (read without importing)."""
+    libraries = []
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            libraries.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            libraries.append(f"{name} missing")
+    return f"qwen-lora {__version__} ({', '.join(libraries)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen-lora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     p = sub.add_parser("validate", help="check a config, the model folder and the data source (no weights loaded)")

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import qwen_image_lora
 from qwen_image_lora import cli, hub
 from qwen_image_lora import inference as api
 from qwen_image_lora.errors import InputError, NotFound, UserError
@@ -105,6 +107,18 @@ def test_the_parser_and_its_help_import_no_heavy_library():
     # Every command registers its flags from light modules: `--help` answered in ~0.2 s, it took ~10 s.
     loaded, _ = _heavy_imports_after("from qwen_image_lora.cli import build_parser\nbuild_parser()")
     assert loaded == []
+
+
+def test_version_names_ours_and_the_libraries_that_decide_a_run_without_importing_them():
+    """A bug report needs the versions; `--version` was refused as an unknown argument."""
+    loaded, _ = _heavy_imports_after("from qwen_image_lora.cli import main\ntry:\n    main(['--version'])\n"
+                                     "except SystemExit as e:\n    assert e.code == 0")  # fmt: skip
+    line = subprocess.run([sys.executable, "-m", "qwen_image_lora.cli", "--version"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60).stdout  # fmt: skip
+    assert loaded == [] and line.startswith(
+        f"qwen-lora {qwen_image_lora.__version__} (torch {torch.__version__.split('+')[0]}, "
+    )
+    assert "diffusers " in line and "peft " in line and "accelerate " in line
 
 
 @pytest.mark.parametrize(
