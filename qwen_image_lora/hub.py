@@ -4,16 +4,18 @@ retries ending in a traceback about a missing config.json."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 
 from qwen_image_lora.errors import AdapterError, NotFound
 from qwen_image_lora.run_layout import FINAL_ADAPTER
 
+TRANSFORMER_SUBFOLDER = "transformer"
 WEIGHT_NAMES = (FINAL_ADAPTER, "adapter_model.safetensors")  # diffusers' adapter file name, then peft's
 
 HUB_TIMEOUT_S = 5.0
@@ -199,6 +201,23 @@ def check_pretrained(pretrained: str | Path, revision: str | None = None, field:
         raise NotFound(f"{field}: {source} does not exist; {hint}", field)
     if not (Path(source).expanduser() / "model_index.json").is_file():
         raise NotFound(f"{field}: {source} has no model_index.json; {hint}", field)
+
+
+def transformer_config_json(pretrained: str | None, revision: str | None = None) -> dict | None:
+    """The transformer's `config.json` from a local model folder or the hub cache, never fetched; None when neither
+    holds it."""
+    if not pretrained:
+        return None
+    local = Path(pretrained).expanduser() / TRANSFORMER_SUBFOLDER / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    try:
+        path = hf_hub_download(
+            pretrained, f"{TRANSFORMER_SUBFOLDER}/config.json", revision=revision, local_files_only=True
+        )
+    except Exception:  # not cached, or not a hub id
+        return None
+    return json.loads(Path(path).read_text())
 
 
 def _is_local(source: str) -> bool:

@@ -15,18 +15,16 @@ Shapes (latent units: one latent = 16x16 pixels; one vision slot of the text enc
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import hf_hub_download
 from PIL import Image
 
 from qwen_image_lora.console import QUIET_LOAD_BYTES, quiet_progress_bars, weights_bytes
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.hub import check_pretrained
+from qwen_image_lora.hub import TRANSFORMER_SUBFOLDER, check_pretrained, transformer_config_json
 from qwen_image_lora.io import is_write_error
 from qwen_image_lora.presets import SIDE_MULTIPLE
 from qwen_image_lora.quantization import check_quantize, quantization_config
@@ -34,7 +32,6 @@ from qwen_image_lora.speed import configure_transformer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LATENT_PIXELS = 16  # the VAE compresses 16x spatially
-TRANSFORMER_SUBFOLDER = "transformer"
 # ComfyUI's Qwen-Image-2.1 model stores each block's SwiGLU halves as one linear, gate rows first:
 # fused name -> the diffusers modules in its row order (what adapter exports for ComfyUI must fuse).
 COMFYUI_FUSED_LINEARS = {"img_mlp.gate_up": ("img_mlp.gate_layer", "img_mlp.proj")}
@@ -185,18 +182,8 @@ def real_transformer_config() -> dict[str, Any]:
 def load_transformer_config(pretrained: str | None, revision: str | None = None) -> dict[str, Any]:
     """The transformer's `config.json` from a local folder or the hub cache, without weights; the real
     model's defaults when neither is available (the planner never downloads)."""
-    if pretrained:
-        local = Path(pretrained) / TRANSFORMER_SUBFOLDER / "config.json"
-        if local.is_file():
-            return _init_kwargs(json.loads(local.read_text()))
-        try:
-            path = hf_hub_download(
-                pretrained, f"{TRANSFORMER_SUBFOLDER}/config.json", revision=revision, local_files_only=True
-            )
-            return _init_kwargs(json.loads(Path(path).read_text()))
-        except Exception:  # not cached: fall back to the released model's architecture
-            pass
-    return real_transformer_config()
+    found = transformer_config_json(pretrained, revision)
+    return real_transformer_config() if found is None else _init_kwargs(found)
 
 
 def _init_kwargs(config: dict[str, Any]) -> dict[str, Any]:

@@ -326,6 +326,18 @@ def test_cli_validate_checks_the_previews_input_images(tmp_path, capsys, tiny_mo
     assert f"validation.edits[0].images: {tmp_path / 'nope.png'} does not exist" in capsys.readouterr().err
 
 
+def test_cli_validate_checks_offload_blocks_against_the_models_block_count(capsys, tiny_model_dir, sample_data_dir):
+    """validate said OK to offloading 3 blocks of the tiny model's 2; the trainer refused it after loading."""
+    paths = [f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}"]
+    paths += ["validation.edits=[]", "eval.edits=[]", "train.gradient_checkpointing=true"]  # offloaded: recomputed
+    blocks = json.loads((tiny_model_dir / "transformer" / "config.json").read_text())["num_layers"]
+    assert main(["validate", "configs/demo.yaml", *paths, f"train.offload_blocks={blocks}"]) == 0
+    capsys.readouterr()
+    assert main(["validate", "configs/demo.yaml", *paths, f"train.offload_blocks={blocks + 1}"]) == 2
+    err = capsys.readouterr().err
+    assert f"train.offload_blocks: {blocks + 1} is more than the transformer's {blocks} blocks" in err
+
+
 def test_cli_validate_checks_that_the_data_source_parses(tmp_path, capsys, tiny_model_dir):
 
     manifest = tmp_path / "m.jsonl"

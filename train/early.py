@@ -47,12 +47,21 @@ def check_sources(cfg: Config) -> list[Item] | None:
     id), the data cache folder, the data source (its items; None without `data.path`), the previews' input files and
     `lora.init_from`. Raises the UserError naming the field."""
     hub.check_pretrained(cfg.model.pretrained, cfg.model.revision)
+    blocks = (hub.transformer_config_json(cfg.model.pretrained, cfg.model.revision) or {}).get("num_layers")
+    if isinstance(blocks, int):
+        check_offload_blocks(cfg.train.offload_blocks, blocks)
     check_cache_dir(cfg.data.cache_dir)
     items = load_items(cfg.data) if cfg.data.path else None  # a DataError names data.path (or the manifest line)
     check_edit_files(cfg.validation.edits, "validation.edits")
     hub.check_adapters([cfg.lora.init_from] if cfg.lora.init_from else [])
     check_wandb_login(cfg.tracking.backend)
     return items
+
+
+def check_offload_blocks(offload_blocks: int | str, blocks: int) -> None:
+    """More blocks to offload than the transformer has: refused by `validate` as by the trainer."""
+    if offload_blocks != "auto" and offload_blocks > blocks:
+        raise ConfigError(f"train.offload_blocks: {offload_blocks} is more than the transformer's {blocks} blocks")
 
 
 def check_wandb_login(backend: str, env=os.environ) -> None:

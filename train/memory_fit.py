@@ -29,6 +29,7 @@ from qwen_image_lora.config import ConfigError
 from qwen_image_lora.quantization import check_quantize
 from qwen_image_lora.train import memory, offload, ranks
 from qwen_image_lora.train.block_checkpointing import apply_block_checkpointing
+from qwen_image_lora.train.early import check_offload_blocks
 from qwen_image_lora.train.memory import GiB, MemoryPlan, PlanInputs, plan_memory
 
 KNOBS = ("checkpoint", "offload", "optimizer", "quantize")
@@ -309,8 +310,7 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1) -> 
     else:
         gc, k = cfg.train.gradient_checkpointing, cfg.train.offload_blocks
         checkpointed, everything = [], gc is True or k > 0
-    if k > n:
-        raise ConfigError(f"train.offload_blocks: {k} is more than the transformer's {n} blocks")
+    check_offload_blocks(k, n)
     if k and (num_processes > 1 or ranks.fsdp_launch()):
         raise ConfigError(
             "train.offload_blocks: offloading trains on one process (DDP keeps the whole model on "
