@@ -26,7 +26,8 @@ from PIL import Image
 
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import format_for, load_image, read_settings, save_image, settings_as_written
+from qwen_image_lora.image_files import format_for, read_settings, save_image, settings_as_written
+from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.generator import GenerationRequest, Generator, file_record
 from qwen_image_lora.inference.jobs import Job
 from qwen_image_lora.io import affects_every_write, check_writable, writing_to

@@ -182,7 +182,7 @@ def _load(args, cfg, device=None):
 
 
 def _generate(args) -> int:
-    from qwen_image_lora.images import format_for, save_image
+    from qwen_image_lora.image_files import format_for, save_image
 
     format_for(args.output)  # a bad extension fails before the model loads
     check_writable(args.output)  # and so does a folder that cannot be written (was: after the render)

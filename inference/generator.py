@@ -19,7 +19,7 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora import speed, typed_yaml
 from qwen_image_lora.config import ModelConfig, SamplingConfig
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import read_settings
+from qwen_image_lora.image_files import read_settings
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
@@ -132,7 +132,7 @@ class ModelRecord:
 
 @dataclass
 class ImageSettings(SamplingConfig):
-    """What made an image, written into it (`Generator.describe`, `images.encode_image`) and read back by
+    """What made an image, written into it (`Generator.describe`, `image_files.encode_image`) and read back by
     `qwen-lora generate --from`: the sampling fields under `SamplingConfig`'s names (read by the same typed loader as
     configs and batch lines), holding the values that acted, plus the model, pixel budget, adapters and inputs."""
 
@@ -143,7 +143,7 @@ class ImageSettings(SamplingConfig):
     images: list[InputRecord] = field(default_factory=list)  # [] = text-to-image
     mask: InputRecord | None = None
     mask_feather: int = MASK_FEATHER.default
-    quality: int | None = None  # a JPEG's or WebP's (`images.encode_image` adds it); None for a PNG
+    quality: int | None = None  # a JPEG's or WebP's (`image_files.encode_image` adds it); None for a PNG
 
     @classmethod
     def read(cls, source: str | Path) -> "ImageSettings | None":
@@ -314,7 +314,7 @@ class Generator:
                              images=list(inputs) if request.images else [],
                              mask=mask if request.mask is not None else None, mask_feather=request.mask_feather)  # fmt: skip
         block = {"prompt": request.prompt} | dataclasses.asdict(made)  # the prompt first, for a person reading it
-        del block["quality"]  # the file's encoding: `images.settings_as_written` adds it to a JPEG's or WebP's
+        del block["quality"]  # the file's encoding: `image_files.settings_as_written` adds it to a JPEG's or WebP's
         return block
 
     def layers(

@@ -13,7 +13,8 @@ from pathlib import Path
 from qwen_image_lora import typed_yaml
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import ImageInputError, format_for, identify
+from qwen_image_lora.image_files import format_for
+from qwen_image_lora.images import ImageInputError, identify
 from qwen_image_lora.io import iter_jsonl
 from qwen_image_lora.knobs import (
     MASK_FEATHER,

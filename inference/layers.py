@@ -30,7 +30,7 @@ from psd_tools.psd.tagged_blocks import TaggedBlocks
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import SRGB_ICC, encode_image, save_image
+from qwen_image_lora.image_files import SRGB_ICC, encode_image, save_image
 from qwen_image_lora.inference import masking
 from qwen_image_lora.io import atomic_path
 from qwen_image_lora.presets import MAX_SIDE, SIDE_MULTIPLE

@@ -33,16 +33,8 @@ from starlette.concurrency import run_in_threadpool
 from qwen_image_lora.config import Config
 from qwen_image_lora.console import counted
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import (
-    MAX_INPUT_SIDE,
-    MEDIA_TYPES,
-    ImageInputError,
-    decode_cost,
-    decode_image,
-    encode_image,  # fmt: skip
-    format_for,
-    settings_as_written,
-)
+from qwen_image_lora.image_files import MEDIA_TYPES, encode_image, format_for, settings_as_written
+from qwen_image_lora.images import MAX_INPUT_SIDE, ImageInputError, decode_cost, decode_image
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference.generator import GenerationRequest, Generator, InputRecord, bytes_record
 from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body

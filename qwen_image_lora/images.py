@@ -1,12 +1,10 @@
-"""The one image reader, used by training data, the data doctor, validation, evaluation and every inference input,
-and the image writers (PNG/JPEG/WebP; JPEG has no alpha, so it is composited on white), which write the settings
-that made an image into it, and the reader of those settings.
+"""The one image reader, used by training data, the data doctor, validation, evaluation and every inference input
+(the files this toolkit writes, and the settings inside them: `image_files`).
 
     read_image(path_or_bytes, max_side=None) -> RGB or RGBA PIL image
     decode_image(bytes) / load_image(path)     -> the same, fitted to MAX_INPUT_SIDE / MAX_FILE_INPUT_SIDE
     decode_cost(bytes, max_side) -> DecodeCost  the memory that decode holds at its peak, known from the header
     identify(path_or_bytes) -> ImageHeader      format, size after EXIF orientation, mode, frames
-    read_settings(path_or_bytes) -> dict | None the settings `encode_image(..., settings=)` wrote into the image
 
 Every read: the format checked from the header (JPEG, PNG or WebP for inference inputs: a GIF named .png is refused
 as a GIF; training data takes whatever PIL reads), the pixel count refused before a pixel is decoded, EXIF
@@ -22,24 +20,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import json
 import os
 import re
-import struct
 import warnings
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from PIL import Image, ImageCms, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.io import atomic_path
-from qwen_image_lora.knobs import QUALITY
 from qwen_image_lora.presets import MAX_SIDE
 
 INPUT_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}  # MPO: a phone's JPEG with a gain map or depth frame after the photo
-OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
-MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 MAX_INPUT_SIDE = 2048  # the service's inputs are downscaled to fit 2048x2048 (the model works at ~1024 anyway)
 # A file's (the CLI, batch, previews, eval): up to the largest size written, so an edit of a 3000 px photo comes
 # back at 3000 px with a masked edit's kept pixels exact (it came back at 2048, silently).
@@ -48,10 +40,10 @@ MAX_DECODED_PIXELS = 64 * 2**20  # refused before decoding: a 100 KB PNG can cla
 STRIP_BYTES = 4 * 2**20  # a large image is converted this many bytes of rows at a time
 DECODER_BYTES = 2 * 2**20  # the decoder's own rows, tables and windows: 0.6-0.9 MB measured at 2048 px
 _LANCZOS = Image.Resampling.LANCZOS
-_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-# 588 bytes, in every image written (untagged pixels are only assumed to be sRGB). littlecms stamps the profile's
-# creation time into its header (bytes 24-35): a fixed one keeps the same settings giving the same file.
-SRGB_ICC = _SRGB.tobytes()[:24] + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + _SRGB.tobytes()[36:]
+SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# PIL imports its common format plugins on the first open; done here, a first decode's memory is its pixels alone
+# (`decode_cost` counts those, and the service admits decodes by it).
+Image.preinit()
 # `max_pixels` is the limit, checked right after PIL's own bomb warning (over ~89 M pixels), which only repeats it;
 # past twice PIL's limit it raises DecompressionBombError itself. Filtered once here by its text: a per-call
 # `warnings.catch_warnings` swaps process-wide filters, and decodes run on many threads.
@@ -89,7 +81,7 @@ class DecodeCost(NamedTuple):
 
 
 @contextlib.contextmanager
-def _opened(source: bytes | str | Path, max_pixels: int | None, formats: set[str] | None) -> Iterator[Image.Image]:
+def opened(source: bytes | str | Path, max_pixels: int | None, formats: set[str] | None) -> Iterator[Image.Image]:
     """The image, opened (header read, no pixels) and checked: format (any PIL reads when `formats` is None), pixel
     count, bombs. Any PIL error raised while it is open, decoding included, becomes an ImageInputError with a code.
     The one `Image.open` of the package."""
@@ -149,7 +141,7 @@ def read_image(source: bytes | str | Path, max_side: int | None = None, max_pixe
 def read_with_header(source: bytes | str | Path, max_side: int | None = None, max_pixels: int | None = MAX_DECODED_PIXELS,
                      formats: set[str] | None = INPUT_FORMATS, colours: bool = True) -> tuple[ImageHeader, Image.Image]:  # fmt: skip
     """`read_image`, and what `identify` says of the file, from one decode (the data doctor reports both)."""
-    with _opened(source, max_pixels, formats) as im:
+    with opened(source, max_pixels, formats) as im:
         (w, h), mode, alpha = im.size, im.mode, _has_alpha(im)
         target = _target(im.size, max_side)
         if target is not None:
@@ -192,7 +184,7 @@ def identify(
 ) -> ImageHeader:
     """Format, size after EXIF orientation, mode and frames, from the header (PIL reads a PNG through to find EXIF
     stored after its pixels). Refuses what `read_image` refuses before decoding."""
-    with _opened(source, max_pixels, formats) as im:
+    with opened(source, max_pixels, formats) as im:
         w, h = im.size
         turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
         return ImageHeader(im.format, (h, w) if turned else (w, h), im.mode, getattr(im, "n_frames", 1))
@@ -218,7 +210,7 @@ def _header_facts(path: str | Path) -> tuple[bool, bool]:
 @functools.lru_cache(maxsize=65536)
 def _read_header_facts(path: str, size: int, mtime_ns: int) -> tuple[bool, bool]:
     """(alpha, converted colours): one header read answers both questions a sample's cache key asks."""
-    with _opened(path, None, None) as im:
+    with opened(path, None, None) as im:
         return _has_alpha(im), _srgb_transform(im.info.get("icc_profile"), im.mode, "RGB") is not None
 
 
@@ -239,11 +231,13 @@ def _srgb_transform(icc: bytes | None, file_mode: str, mode: str) -> ImageCms.Im
             if space != "CMYK":
                 return None
             flags = ImageCms.Flags.NOCACHE | ImageCms.Flags.BLACKPOINTCOMPENSATION
-            return ImageCms.buildTransform(profile, _SRGB, "CMYK", "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC, flags)
+            return ImageCms.buildTransform(
+                profile, SRGB_PROFILE, "CMYK", "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC, flags
+            )
         if space != "RGB" or ImageCms.getProfileDescription(profile).startswith("sRGB"):
             return None
         # littlecms reads the tags only here. NOCACHE: a shared transform's one-pixel cache is not thread-safe.
-        return ImageCms.buildTransform(profile, _SRGB, mode, mode, flags=ImageCms.Flags.NOCACHE)
+        return ImageCms.buildTransform(profile, SRGB_PROFILE, mode, mode, flags=ImageCms.Flags.NOCACHE)
     except (OSError, ImageCms.PyCMSError):
         return None
 
@@ -293,7 +287,7 @@ def decode_cost(
     """The peak memory `read_image(data, max_side)` takes, from the header alone (no pixels are decoded): the frame the
     decoder writes (JPEG: at its draft scale), what the decoder holds beside it, and the conversion temporaries. An
     upper bound, checked against measured peaks in tests/test_images.py."""
-    with _opened(data, max_pixels, INPUT_FORMATS) as im:
+    with opened(data, max_pixels, INPUT_FORMATS) as im:
         (w0, h0), mode, fmt, info = im.size, im.mode, im.format, im.info
         sampling = [(c[1], c[2]) for c in getattr(im, "layer", None) or []]  # JPEG components' sampling factors
         target = _target(im.size, max_side)
@@ -336,100 +330,3 @@ def to_8bit(image: Image.Image) -> Image.Image:
     floats = image.convert("F")
     scale = 255 if image.mode == "F" and floats.getextrema()[1] <= 1 else 255 / 65535
     return floats.point(lambda v: v * scale + 0.5).convert("L")  # + 0.5: F -> L truncates
-
-
-def format_for(name: str) -> str:
-    """`png`/`jpeg`/`jpg`/`webp` or a path with that extension -> PIL format name."""
-    key = name.lower().rsplit(".", 1)[-1]
-    if key not in OUTPUT_FORMATS:
-        raise InputError(f"output format {name!r}: use .png, .jpg/.jpeg or .webp", "output")
-    return OUTPUT_FORMATS[key]
-
-
-# Where an image carries the settings that made it, as image generators' files do (A1111's `parameters` chunk,
-# ComfyUI's `prompt`): a PNG iTXt chunk of this name; in JPEG/WebP, EXIF UserComment with Software set to this name.
-SETTINGS_KEY = "qwen-image-lora"
-_SOFTWARE, _EXIF_IFD, _USER_COMMENT = 0x0131, 0x8769, 0x9286
-_ASCII = b"ASCII\0\0\0"  # UserComment's character-code prefix; the JSON is written with non-ASCII escaped
-_JPEG_EXIF_BYTES = 65533  # a JPEG holds EXIF in one APP1 segment (PIL's limit); WebP and PNG have none this small
-
-
-def settings_as_written(settings: dict | None, fmt: str, quality: int) -> dict | None:
-    """The block a file of format `fmt` carries: `settings`, plus the quality of a lossy one (part of what made it:
-    `--from` repeats it)."""
-    return (
-        {**settings, "quality": quality} if settings is not None and _pil_format(fmt) in ("JPEG", "WEBP") else settings
-    )
-
-
-def _pil_format(fmt: str) -> str:
-    """An output format as PIL names it, from either spelling (`jpg` or `JPEG`)."""
-    return format_for(fmt) if fmt.lower() in OUTPUT_FORMATS else fmt
-
-
-def encode_image(
-    image: Image.Image, fmt: str = "PNG", quality: int = QUALITY.default, settings: dict | None = None
-) -> bytes:
-    """PNG and WebP keep alpha; JPEG composites it over white. `settings` (a JSON-able dict: what made the image) is
-    written into the file, where `read_settings` finds it; no timestamp, so the same settings give the same bytes."""
-    fmt = _pil_format(fmt)
-    if fmt == "JPEG" and image.mode in ("RGBA", "LA", "P"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGB", rgba.size, (255, 255, 255))
-        white.paste(rgba, mask=rgba.getchannel("A"))
-        image = white
-    buf = io.BytesIO()
-    # Tagged sRGB explicitly: PIL would otherwise write whatever profile `image.info` carries from an input
-    options = {"icc_profile": SRGB_ICC, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {})}
-    if fmt == "JPEG":  # full-resolution colour (PIL's default halves it): a masked edit's kept pixels stay within 1-2
-        options["subsampling"] = 0
-    settings = settings_as_written(settings, fmt, quality)
-    if settings is not None and fmt == "PNG":
-        options["pnginfo"] = PngImagePlugin.PngInfo()
-        options["pnginfo"].add_itxt(SETTINGS_KEY, json.dumps(settings, ensure_ascii=False))
-    elif settings is not None:
-        exif = Image.Exif()
-        exif[_SOFTWARE] = SETTINGS_KEY
-        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _ASCII + json.dumps(settings).encode()
-        options["exif"] = exif.tobytes()
-        if fmt == "JPEG" and len(options["exif"]) > _JPEG_EXIF_BYTES:
-            raise InputError(f"output: the settings take {len(options['exif']):,} bytes, more than the {_JPEG_EXIF_BYTES:,} "
-                             "a JPEG's EXIF holds (very long prompts); write PNG or WebP", "output")  # fmt: skip
-    image.save(buf, format=fmt, **options)
-    return buf.getvalue()
-
-
-def save_image(
-    image: Image.Image, path: str | Path, quality: int = QUALITY.default, settings: dict | None = None
-) -> Path:
-    """Write atomically in the format the extension names, with `settings` in it (`encode_image`)."""
-    path = Path(path)
-    data = encode_image(image, format_for(path.name), quality, settings)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return path
-
-
-def read_settings(source: bytes | str | Path) -> dict | None:
-    """The settings `encode_image` wrote into a PNG, JPEG or WebP file; None when it carries none of ours (another
-    tool's EXIF comment included). Raises ImageInputError for a file that is no such image, InputError for settings
-    that are not a JSON object."""
-    with _opened(source, MAX_DECODED_PIXELS, INPUT_FORMATS) as im:
-        if im.format == "PNG":
-            # Ours precede the pixels (in `info`); `text` decodes the image to reach chunks another tool moved after.
-            text = im.info.get(SETTINGS_KEY) or im.text.get(SETTINGS_KEY)
-        else:
-            exif = im.getexif()
-            comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT) if exif.get(_SOFTWARE) == SETTINGS_KEY else None
-            ours = isinstance(comment, bytes) and comment.startswith(_ASCII)
-            text = comment[len(_ASCII) :].decode("ascii", "replace") if ours else None
-    if text is None:
-        return None
-    try:
-        settings = json.loads(text)
-    except json.JSONDecodeError:
-        settings = None
-    if not isinstance(settings, dict):
-        name = f"{source}: " if isinstance(source, (str, Path)) else ""
-        raise InputError(f"{name}its {SETTINGS_KEY} settings are damaged (not a JSON object)")
-    return settings

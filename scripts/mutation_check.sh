@@ -49,9 +49,10 @@ declare -A MODULES=(
   [hub]="qwen_image_lora/hub.py|tests/test_hub.py tests/test_adapter_sources.py|*.x_is_cached__mutmut_* *.x_check_hub_repo__mutmut_* *.x_check_adapter_hub__mutmut_* *.x_check_pretrained__mutmut_* *.x__is_local__mutmut_* *.x_check_source__mutmut_* *.x_is_hub_id__mutmut_* *.x_check_adapters__mutmut_*|"
   [screening]="qwen_image_lora/data/screening.py|tests/test_data_verdict_state.py tests/test_faults_data.py||not read_only_cache_warns_once"
   [comfy_mlp]="qwen_image_lora/comfy_mlp.py|tests/test_adapter_format.py||"
-  [colour]="qwen_image_lora/images.py|tests/test_images.py tests/test_image_settings.py|*.x__srgb_transform__mutmut_* *.x_converts_colours__mutmut_* *.x__header_facts__mutmut_* *.x__read_header_facts__mutmut_* *.x_encode_image__mutmut_*|not decode_holds and not admitted and not overrun"
+  [colour]="qwen_image_lora/images.py|tests/test_images.py tests/test_image_settings.py|*.x__srgb_transform__mutmut_* *.x_converts_colours__mutmut_* *.x__header_facts__mutmut_* *.x__read_header_facts__mutmut_*|not decode_holds and not admitted and not overrun"
+  [image_files]="qwen_image_lora/image_files.py|tests/test_images.py tests/test_image_settings.py|*.x_encode_image__mutmut_*|not decode_holds and not admitted and not overrun"
 )
-ORDER=(objective optim guards metrics buckets urls model formats adapter_checks export auth summary screening lora_layer hub comfy_mlp colour)
+ORDER=(objective optim guards metrics buckets urls model formats adapter_checks export auth summary screening lora_layer hub comfy_mlp colour image_files)
 [ $# -gt 0 ] && ORDER=("$@")
 
 stage() {  # $1: folder. The package as its import names lay it out, plus the tests.

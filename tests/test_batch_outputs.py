@@ -8,7 +8,7 @@ from PIL import Image
 
 from qwen_image_lora.cli import main
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import read_settings
+from qwen_image_lora.image_files import read_settings
 from qwen_image_lora.inference.batch import run_batch
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.jobs import read_jobs

@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import Config
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import encode_image, read_settings
+from qwen_image_lora.image_files import encode_image, read_settings
 from qwen_image_lora.inference.batch import run_batch
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.jobs import read_jobs

@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw, JpegImagePlugin, PngImagePlugin
 
-from qwen_image_lora import images
+from qwen_image_lora import image_files, images
 from qwen_image_lora.config import Config, DataConfig, EditExample
 from qwen_image_lora.data.dataset import pixel_spec
 from qwen_image_lora.data.sources import open_image
@@ -274,7 +274,7 @@ def test_jpeg_outputs_keep_full_colour_resolution():
     """PIL's default 4:2:0 halves colour resolution: a masked edit's kept pixels moved by up to 24 in a JPEG."""
     stripes = np.zeros((64, 64, 3), np.uint8)
     stripes[:, ::2] = (220, 20, 60)  # one-pixel colour stripes: what 4:2:0 smears
-    with Image.open(io.BytesIO(images.encode_image(Image.fromarray(stripes), "JPEG", quality=95))) as im:
+    with Image.open(io.BytesIO(image_files.encode_image(Image.fromarray(stripes), "JPEG", quality=95))) as im:
         assert JpegImagePlugin.get_sampling(im) == 0  # 4:4:4
         assert np.abs(np.asarray(im, dtype=int) - stripes).max() <= 16  # 4:2:0 gives ~110
 
@@ -336,7 +336,7 @@ def test_srgb_untagged_and_damaged_profiles_read_as_their_numbers(tmp_path):
     abstract = linear[:12] + b"abst" + linear[16:]
     for name, options in {
         "untagged": {},
-        "sRGB": {"icc_profile": images.SRGB_ICC},
+        "sRGB": {"icc_profile": image_files.SRGB_ICC},
         "damaged": {"icc_profile": b"x" * 200},
         "cut short": {"icc_profile": linear[:-10]},
         "abstract": {"icc_profile": abstract},
@@ -393,21 +393,19 @@ def test_written_images_are_tagged_srgb_whatever_profile_their_input_carried():
     image = _scene(32, 32)
     image.info["icc_profile"] = _linear_srgb_icc()
     for fmt in ("PNG", "JPEG", "WEBP"):
-        with Image.open(io.BytesIO(images.encode_image(image, fmt))) as written:
-            assert written.info.get("icc_profile") == images.SRGB_ICC, fmt
+        with Image.open(io.BytesIO(image_files.encode_image(image, fmt))) as written:
+            assert written.info.get("icc_profile") == image_files.SRGB_ICC, fmt
             if fmt == "PNG":  # and it reads back as written
                 assert np.array_equal(
-                    np.asarray(read_image(io.BytesIO(images.encode_image(image)).getvalue())), np.asarray(image)
+                    np.asarray(read_image(io.BytesIO(image_files.encode_image(image)).getvalue())), np.asarray(image)
                 )
 
 
 def test_the_srgb_tag_is_the_same_bytes_in_every_process():
     """littlecms stamps the time into the profile it builds: each run's outputs differed in those bytes."""
-    probe = (
-        "import sys, time; time.sleep(1.1); from qwen_image_lora import images; sys.stdout.write(images.SRGB_ICC.hex())"
-    )
+    probe = "import sys, time; time.sleep(1.1); from qwen_image_lora import image_files; sys.stdout.write(image_files.SRGB_ICC.hex())"
     other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
-    assert bytes.fromhex(other.stdout) == images.SRGB_ICC
+    assert bytes.fromhex(other.stdout) == image_files.SRGB_ICC
 
 
 def test_a_converted_files_latents_are_cached_apart_and_others_keep_their_keys(tmp_path):

@@ -16,7 +16,7 @@ from PIL import Image
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.cli import main
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import read_settings
+from qwen_image_lora.image_files import read_settings
 from qwen_image_lora.inference import batch
 from qwen_image_lora.inference.jobs import read_jobs
 from qwen_image_lora.inference.testing import make_random_lora

@@ -13,7 +13,7 @@ from psd_tools.constants import Resource
 from scipy.ndimage import distance_transform_edt
 
 from qwen_image_lora.cli import main
-from qwen_image_lora.images import SRGB_ICC, read_settings
+from qwen_image_lora.image_files import SRGB_ICC, read_settings
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.generator import GenerationRequest, Generator

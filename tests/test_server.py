@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from qwen_image_lora.config import Config
-from qwen_image_lora.images import decode_image, read_settings
+from qwen_image_lora.image_files import read_settings
+from qwen_image_lora.images import decode_image
 from qwen_image_lora.inference import urls
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.guards import KeyCheck

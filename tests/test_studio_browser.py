@@ -24,7 +24,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from qwen_image_lora.config import Config
-from qwen_image_lora.images import read_settings
+from qwen_image_lora.image_files import read_settings
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.requests import request_models
 from qwen_image_lora.inference.server import create_app

@@ -25,7 +25,7 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora import objective
 from qwen_image_lora.cli import main as cli_main
 from qwen_image_lora.config import load_config
-from qwen_image_lora.images import SRGB_ICC
+from qwen_image_lora.image_files import SRGB_ICC
 from qwen_image_lora.train import lora, memory
 from qwen_image_lora.train.guards import TrainingStopped
 from qwen_image_lora.train.lora import LoRARecipe

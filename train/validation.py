@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from qwen_image_lora.config import Config
-from qwen_image_lora.images import load_image, save_image
+from qwen_image_lora.image_files import save_image
+from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 
 
