@@ -67,7 +67,8 @@ def read_jobs(path: str | Path, adapters: list[str] | None = None) -> list[Job]:
     refused: list[InputError] = []  # ours, with the field at fault; `bad` also holds lines that are not JSON
     for where, raw in iter_jsonl(path, InputError, bad):
         try:
-            jobs.append(_read_job(raw, where, path, len(jobs), outputs, ids, adapters))
+            # its position among the lines (a refused line keeps its place: the next must not take its default id)
+            jobs.append(_read_job(raw, where, path, len(jobs) + len(bad), outputs, ids, adapters))
         except InputError as e:
             refused.append(e)
             bad.append(str(e))
@@ -84,7 +85,7 @@ def read_jobs(path: str | Path, adapters: list[str] | None = None) -> list[Job]:
 
 def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids: dict, adapters: list[str] | None
               ) -> Job:  # fmt: skip
-    """One line as a checked job (the `index`-th good one); `outputs` and `ids` gather what the lines so far took."""
+    """One line as a checked job (the `index`-th line); `outputs` and `ids` gather what the lines so far took."""
     if "index" in raw:
         raise InputError(f"{where}: unknown key 'index' (the line's position is its index)")
     if isinstance(raw.get("loras"), list):  # the HTTP API's form

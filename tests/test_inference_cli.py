@@ -406,6 +406,17 @@ def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model
     (jobs.parent / "cut.png").write_bytes((jobs.parent / "tall.png").read_bytes()[:60])  # fails its own job only
     jobs.write_text(json.dumps({"prompt": "x", "images": ["cut.png"], "mask": "turned.jpg"}) + "\n")
     assert read_jobs(jobs)[0].images[0].endswith("cut.png")
+    # A refused line kept no place: the next line took its default id, and every later line was refused as a duplicate.
+    lines = [{"prompt": "x", "images": [name]} for name in ("tall.png", "gone.png", "wide.png", "in.png")]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(InputError) as refused:
+        read_jobs(jobs)
+    assert (
+        str(refused.value)
+        == f"{jobs}:2: images[0]: {jobs.parent / 'gone.png'} does not exist (paths are relative to the jobs file)"
+    )
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines[:1] + lines[2:]))
+    assert [job.id for job in read_jobs(jobs)] == ["000000", "000001", "000002"]
 
 
 def test_batch_renders_again_an_empty_cut_short_or_damaged_output(tiny_model_dir, tmp_path, capsys):
