@@ -293,7 +293,7 @@ def _as_option(check, *inputs):
 def _layers(args) -> int:
     _check_sources(args)
     from qwen_image_lora.inference.generator import GenerationRequest
-    from qwen_image_lora.inference.layers import FORMATS, Element, check_request, save_layers
+    from qwen_image_lora.inference.layers import FORMATS, Element, check_flattened_free, check_request, save_layers
 
     elements = [_as_option(Element.parse, e) for e in args.element]  # bad input fails before the model loads
     if Path(args.output).suffix.lower() not in FORMATS:
@@ -302,6 +302,7 @@ def _layers(args) -> int:
     for path in (args.output, flat):
         check_writable(path)
     _check_not_an_input("--output", [args.output, flat], args)
+    _as_option(check_flattened_free, args.output)  # a user's own <name>.png, before the model loads
     image = _input_image("--image", args.image)
     mask = args.mask if args.mask == "auto" else _input_image("--mask", args.mask, colours=False)
     _as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads

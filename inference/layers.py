@@ -30,7 +30,8 @@ from psd_tools.psd.tagged_blocks import TaggedBlocks
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.image_files import SRGB_ICC, encode_image, save_image
+from qwen_image_lora.image_files import SRGB_ICC, encode_image, read_png_text, save_image
+from qwen_image_lora.images import ImageInputError
 from qwen_image_lora.inference import masking
 from qwen_image_lora.io import atomic_path
 from qwen_image_lora.presets import MAX_SIDE, SIDE_MULTIPLE
@@ -183,15 +184,36 @@ def _with(request, **changes):
 # ------------------------------------------------------------------------------------------ writing
 
 
+# The flattened image's mark (a PNG text chunk naming its layered file): a PNG without it is not ours to replace.
+FLATTENED_KEY = "qwen-image-lora-flattened"
+
+
+def check_flattened_free(path: str | Path) -> None:
+    """Refuse an output whose flattened image (`<stem>.png`, written beside it) would replace a file `layers` did not
+    write: a user's own PNG of that name was overwritten without a word."""
+    flat = Path(path).with_suffix(".png")
+    if not flat.exists():
+        return
+    try:
+        ours = read_png_text(flat, FLATTENED_KEY) is not None
+    except ImageInputError:
+        ours = False
+    if not ours:
+        raise LayersError(f"output: {flat} exists and is not a flattened image of layers (which writes <name>.png "
+                          "beside the layered file); move it or choose another output name", "output")  # fmt: skip
+
+
 def save_layers(layers: Layers, path: str | Path) -> list[Path]:
-    """Write `path` (.psd, .ora or .zip) and the flattened image beside it (`<stem>.png`); both atomic."""
+    """Write `path` (.psd, .ora or .zip) and the flattened image beside it (`<stem>.png`, marked as such); both
+    atomic. A `<stem>.png` that is not a flattened image of layers is refused (`check_flattened_free`)."""
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise LayersError(f"output: {path.name}: use .psd, .ora or .zip", "output")
+    check_flattened_free(path)
     data = encode_layers(layers, path.suffix.lower().lstrip("."))
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-    flat = save_image(layers.composite(), path.with_suffix(".png"))
+    flat = save_image(layers.composite(), path.with_suffix(".png"), png_text={FLATTENED_KEY: path.name})
     return [path, flat]
 
 

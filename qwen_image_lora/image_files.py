@@ -55,10 +55,15 @@ def _pil_format(fmt: str) -> str:
 
 
 def encode_image(
-    image: Image.Image, fmt: str = "PNG", quality: int = QUALITY.default, settings: dict | None = None
+    image: Image.Image,
+    fmt: str = "PNG",
+    quality: int = QUALITY.default,
+    settings: dict | None = None,
+    png_text: dict[str, str] | None = None,
 ) -> bytes:
     """PNG and WebP keep alpha; JPEG composites it over white. `settings` (a JSON-able dict: what made the image) is
-    written into the file, where `read_settings` finds it; no timestamp, so the same settings give the same bytes."""
+    written into the file, where `read_settings` finds it; no timestamp, so the same settings give the same bytes.
+    `png_text`: further text chunks of a PNG (`read_png_text` reads one back)."""
     fmt = _pil_format(fmt)
     if fmt == "JPEG" and image.mode in ("RGBA", "LA", "P"):
         rgba = image.convert("RGBA")
@@ -71,9 +76,11 @@ def encode_image(
     if fmt == "JPEG":  # full-resolution colour (PIL's default halves it): a masked edit's kept pixels stay within 1-2
         options["subsampling"] = 0
     settings = settings_as_written(settings, fmt, quality)
-    if settings is not None and fmt == "PNG":
+    if fmt == "PNG" and (settings is not None or png_text):
         options["pnginfo"] = PngImagePlugin.PngInfo()
-        options["pnginfo"].add_itxt(SETTINGS_KEY, json.dumps(settings, ensure_ascii=False))
+        for key, text in {**({SETTINGS_KEY: json.dumps(settings, ensure_ascii=False)} if settings else {}),
+                          **(png_text or {})}.items():  # fmt: skip
+            options["pnginfo"].add_itxt(key, text)
     elif settings is not None:
         exif = Image.Exif()
         exif[_SOFTWARE] = SETTINGS_KEY
@@ -87,11 +94,15 @@ def encode_image(
 
 
 def save_image(
-    image: Image.Image, path: str | Path, quality: int = QUALITY.default, settings: dict | None = None
+    image: Image.Image,
+    path: str | Path,
+    quality: int = QUALITY.default,
+    settings: dict | None = None,
+    png_text: dict[str, str] | None = None,
 ) -> Path:
     """Write atomically in the format the extension names, with `settings` in it (`encode_image`)."""
     path = Path(path)
-    data = encode_image(image, format_for(path.name), quality, settings)
+    data = encode_image(image, format_for(path.name), quality, settings, png_text)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return path
@@ -120,3 +131,10 @@ def read_settings(source: bytes | str | Path) -> dict | None:
         name = f"{source}: " if isinstance(source, (str, Path)) else ""
         raise InputError(f"{name}its {SETTINGS_KEY} settings are damaged (not a JSON object)")
     return settings
+
+
+def read_png_text(path: str | Path, key: str) -> str | None:
+    """The text chunk `key` of a PNG (`encode_image(..., png_text=)`); None for another image or one without it.
+    Raises ImageInputError for a file that is no such image."""
+    with opened(path, MAX_DECODED_PIXELS, INPUT_FORMATS) as im:
+        return (im.info.get(key) or im.text.get(key)) if im.format == "PNG" else None

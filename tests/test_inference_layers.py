@@ -308,6 +308,9 @@ def test_layers_command_writes_a_psd_and_the_flat_image_and_says_the_seed(tiny_m
     assert Image.open(tmp_path / "out.png").size == (W, H)
     assert read_settings(tmp_path / "out.png") is None
     assert main([*argv[:-4], "--element", "no box here", "--output", str(out)]) == 2  # refused before loading
+    capsys.readouterr()
+    assert main([*argv, "--seed", "8"]) == 0  # its own flattened image, from the run before: replaced
+    assert capsys.readouterr().out.splitlines()[-1] == f"{tmp_path / 'out.png'} (seed 8)"
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -326,9 +329,13 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
     cases = [("good.png", [], "could not write", "o.png: a folder is where the file should be"), ("aspect.png", [], "--mask", "aspect ratio"),
              ("black.png", [], "--mask", "no subject"),
              ("good.png", ["--element", outside], "--element", f"leaves the {w}x{h} image"),
-             ("auto", ["--element", outside], "--element", f"leaves the {w}x{h} image")]  # fmt: skip
+             ("auto", ["--element", outside], "--element", f"leaves the {w}x{h} image"),
+             # a user's own PNG where the flattened image goes was overwritten without a word
+             ("good.png", [], "--output", f"{tmp_path / 'mine.png'} exists and is not a flattened image of layers")]  # fmt: skip
+    (tmp_path / "in.png").replace(tmp_path / "mine.png")  # not an input: a file of the user's
+    (tmp_path / "in.png").write_bytes(kept := (tmp_path / "mine.png").read_bytes())
     for i, (mask, extra, option, message) in enumerate(cases):
-        out = tmp_path / ("o.psd" if i == 0 else "p.psd")
+        out = tmp_path / ("o.psd" if i == 0 else "mine.psd" if i == len(cases) - 1 else "p.psd")
         rc = main(
             [
                 "layers",
@@ -346,6 +353,7 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert rc == 2 and len(errors) == 1, errors
         assert errors[0].startswith(f"error: {option}") and message in errors[0], errors[0]
+    assert (tmp_path / "mine.png").read_bytes() == kept
 
 
 def test_an_element_outside_the_limits_is_refused_naming_the_limit_and_the_option(tmp_path, capsys, unloadable_model):
