@@ -75,6 +75,8 @@ def _located(error: dict) -> tuple[list, str]:
     field = error["loc"][-1] if error["loc"] else None
     if error["type"] == "less_than_equal" and field in REQUEST_LIMITS:  # "<= 100" said nothing of where 100 comes from
         return list(error["loc"]), f"{error['msg']} (this service's serve.{REQUEST_LIMITS[field]})"
+    if error["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, " before it
+        return list(error["loc"]), error["msg"].removeprefix("Value error, ")
     return list(error["loc"]), error["msg"]
 
 

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKGROUND_PROMPT = "remove the object and fill in the background"
 AUTO_MASK_PROMPT = "isolate the main object on a transparent background"
 FORMATS = (".psd", ".ora", ".zip")
+MAX_ELEMENTS = 8  # each element is a generation of its own: a request's time grows with them
 MEDIA_TYPES = {"psd": "image/vnd.adobe.photoshop", "ora": "image/openraster", "zip": "application/zip"}
 
 
@@ -104,6 +105,8 @@ def check_request(image: Image.Image, mask: Image.Image | str, elements: list[El
     """What a layers request needs no model for: each element's box inside the image, the mask's rules
     (`masking.prepare_mask`). Returns the prepared mask, or "auto". `build_layers` (the CLI's and the server's path)
     runs it first; the CLI also runs it before loading the model."""
+    if len(elements) > MAX_ELEMENTS:
+        raise LayersError(f"element: at most {MAX_ELEMENTS} elements (got {len(elements)})", "elements")
     w, h = image.size
     for i, element in enumerate(elements):
         x, y, bw, bh = element.box

@@ -10,7 +10,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from qwen_image_lora.config import SamplingConfig
+from qwen_image_lora.image_files import OUTPUT_FORMATS
 from qwen_image_lora.inference.generator import GenerationRequest
+from qwen_image_lora.inference.layers import MAX_ELEMENTS
 from qwen_image_lora.knobs import (
     MASK_FEATHER,
     MAX_ADAPTER_WEIGHT,
@@ -91,7 +93,7 @@ def request_models(serve: ServeConfig):
             "kept exactly (a JPEG or WebP output adds its loss); the image's size (or its aspect, resized)",
         )
         mask_feather: int = bounded(MASK_FEATHER)
-        output_format: Literal["png", "jpeg", "webp"] = Field("png", description="the image's file format")
+        output_format: Literal[tuple(OUTPUT_FORMATS)] = Field("png", description="the image's file format")
         quality: int = bounded(QUALITY)
         response_format: Literal["bytes", "b64_json"] = Field(
             "bytes", description="bytes: the image file; b64_json: JSON with the image, its seed, size and settings"
@@ -123,7 +125,7 @@ def request_models(serve: ServeConfig):
         )
         prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="background instruction")
         elements: list[ElementRef] = Field(
-            default_factory=list, max_length=8, description="generated elements, each its own layer"
+            default_factory=list, max_length=MAX_ELEMENTS, description="generated elements, each its own layer"
         )
         loras: Loras = None
         mask_feather: int = bounded(MASK_FEATHER)

@@ -162,6 +162,8 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             payload = {"data": [{"b64_json": base64.b64encode(data).decode(), "seed": seed, "width": width,
                                  "height": height, "settings": made_with}], "output_format": body.output_format}  # fmt: skip
             return JSONResponse(payload, headers=headers)
+        # a name for what saves it (a browser, `curl -OJ`): the seed, and the format's extension
+        headers["content-disposition"] = f'inline; filename="qwen-image-{seed}.{body.output_format}"'
         return Response(data, media_type=MEDIA_TYPES[format_for(body.output_format)], headers=headers)
 
     @app.post("/v1/layers", responses={**image_responses, 200: {"description": "the layered file (PSD, OpenRaster or ZIP)"}},
@@ -182,7 +184,11 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             return layer_output.encode_layers(made, body.output_format)
 
         data = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
-        return Response(data, media_type=layer_output.MEDIA_TYPES[body.output_format], headers={"x-seed": str(seed)})
+        named = {
+            "x-seed": str(seed),
+            "content-disposition": f'attachment; filename="layers-{seed}.{body.output_format}"',
+        }
+        return Response(data, media_type=layer_output.MEDIA_TYPES[body.output_format], headers=named)
 
     app.include_router(studio_router(cfg, key_header, generator))  # the page at / and its read-only endpoints
 

@@ -116,6 +116,10 @@ def test_valid_edit_returns_a_decodable_image_at_the_input_size(client):
     assert r.headers["content-type"] == "image/png" and r.headers["x-seed"] == "1"
     image = Image.open(io.BytesIO(r.content))
     assert image.size == (80, 48) and image.mode == "RGBA"
+    assert r.headers["content-disposition"] == 'inline; filename="qwen-image-1.png"'  # `curl -OJ` had no name
+    jpg = client.post("/v1/images", json=edit(output_format="jpg"), headers=AUTH)  # the CLI's spelling: was a 422
+    assert jpg.status_code == 200 and Image.open(io.BytesIO(jpg.content)).format == "JPEG"
+    assert jpg.headers["content-disposition"].endswith('filename="qwen-image-1.jpg"')
 
     r = client.post("/v1/images", json=edit(output_format="jpeg", response_format="b64_json", quality=70), headers=AUTH)
     assert r.status_code == 200 and r.json()["output_format"] == "jpeg"

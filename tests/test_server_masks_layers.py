@@ -12,6 +12,7 @@ from psd_tools import PSDImage
 
 from qwen_image_lora.config import Config
 from qwen_image_lora.inference.generator import Generator
+from qwen_image_lora.inference.layers import MAX_ELEMENTS, Element, LayersError, check_request
 from qwen_image_lora.inference.server import create_app
 
 KEY = "mask-key-0123456789"
@@ -93,7 +94,7 @@ def test_bad_masks_get_422_naming_the_mask(client, body, field, message):
     r = post(client, "/v1/images", {k: v for k, v in request.items() if v is not None})
     assert r.status_code == 422, r.text
     detail = r.json()["detail"][0]
-    assert detail["loc"][-1] == field and message in detail["msg"]
+    assert detail["loc"][-1] == field and message in detail["msg"] and not detail["msg"].startswith("Value error")
 
 
 def test_layers_endpoint_returns_a_psd_with_the_named_layers(client):
@@ -110,6 +111,7 @@ def test_layers_endpoint_returns_a_psd_with_the_named_layers(client):
     r = post(client, "/v1/layers", body)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "image/vnd.adobe.photoshop" and r.headers["x-seed"] == "1"
+    assert r.headers["content-disposition"] == 'attachment; filename="layers-1.psd"'
     psd = PSDImage.open(io.BytesIO(r.content))
     assert [layer.name for layer in psd][:2] == ["background", "subject"] and psd.size == (W, H)
     zipped = post(client, "/v1/layers", {**body, "output_format": "zip"})
@@ -125,6 +127,10 @@ def test_layers_has_the_same_auth_and_limits(client):
     bad_box = post(client, "/v1/layers", {**body, "elements": [inside, outside]})
     assert bad_box.status_code == 422 and bad_box.json()["detail"][0]["loc"] == ["body", "elements", 1]
     assert post(client, "/v1/layers", {**body, "mask": b64(Image.new("L", (W, H), 0))}).status_code == 422
+    nine = post(client, "/v1/layers", {**body, "elements": [inside] * (MAX_ELEMENTS + 1)})
+    assert nine.status_code == 422 and nine.json()["detail"][0]["loc"] == ["body", "elements"]
+    with pytest.raises(LayersError, match=rf"^element: at most {MAX_ELEMENTS} elements \(got {MAX_ELEMENTS + 1}\)"):
+        check_request(product(), half_mask(), [Element("a", (0, 0, 8, 8))] * (MAX_ELEMENTS + 1))  # the CLI took 9
 
 
 @pytest.mark.parametrize("path", ["/v1/images", "/v1/layers"])
