@@ -21,6 +21,7 @@ from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.inference import cli_args as flags
 from qwen_image_lora.io import check_writable
 from qwen_image_lora.knobs import (
+    DEFAULT_BACKGROUND_PROMPT,
     MASK_FEATHER,
     MAX_INPUT_IMAGES,
     SIZE_FIELDS,
@@ -74,7 +75,7 @@ def register(subparsers) -> None:
         "white on the subject; 'auto' takes it from the model's own cut-out (quality depends on the model)",
         required=True,
     )
-    p.add_argument("--prompt", help="the background instruction (default: remove the subject and fill in where it was)")
+    p.add_argument("--prompt", help=f"the background instruction (default: {DEFAULT_BACKGROUND_PROMPT})")
     p.add_argument(
         "--element",
         action="append",

@@ -34,11 +34,11 @@ from qwen_image_lora.image_files import SRGB_ICC, encode_image, read_png_text, s
 from qwen_image_lora.images import ImageInputError
 from qwen_image_lora.inference import masking
 from qwen_image_lora.io import atomic_path
+from qwen_image_lora.knobs import DEFAULT_BACKGROUND_PROMPT
 from qwen_image_lora.presets import MAX_SIDE, SIDE_MULTIPLE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKGROUND_PROMPT = "remove the object and fill in the background"
 AUTO_MASK_PROMPT = "isolate the main object on a transparent background"
 FORMATS = (".psd", ".ora", ".zip")
 MAX_ELEMENTS = 8  # each element is a generation of its own: a request's time grows with them

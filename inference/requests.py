@@ -14,6 +14,7 @@ from qwen_image_lora.image_files import OUTPUT_FORMATS
 from qwen_image_lora.inference.generator import GenerationRequest
 from qwen_image_lora.inference.layers import MAX_ELEMENTS
 from qwen_image_lora.knobs import (
+    DEFAULT_BACKGROUND_PROMPT,
     MASK_FEATHER,
     MAX_ADAPTER_WEIGHT,
     MAX_INPUT_IMAGES,
@@ -123,7 +124,11 @@ def request_models(serve: ServeConfig):
         mask: ImageStr = Field(
             description="white on the subject (URL or base64), or 'auto' for the model's own cut-out"
         )
-        prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="background instruction")
+        prompt: str | None = Field(
+            None,
+            max_length=MAX_PROMPT_CHARS,
+            description=f"background instruction; omitted: {DEFAULT_BACKGROUND_PROMPT}",
+        )
         elements: list[ElementRef] = Field(
             default_factory=list, max_length=MAX_ELEMENTS, description="generated elements, each its own layer"
         )

@@ -43,6 +43,8 @@ class Bounded:
 
 QUALITY = Bounded(95, 1, 100, "JPEG/WebP quality")
 MASK_FEATHER = Bounded(8, 0, 64, "soft edge inside the changed region, in pixels")
+# What `layers` asks of the background when no prompt is given (its CLI help, the API and the generator say the same)
+DEFAULT_BACKGROUND_PROMPT = "remove the object and fill in the background"
 
 
 class SettingError(InputError):

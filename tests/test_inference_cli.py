@@ -17,10 +17,10 @@ from qwen_image_lora import run_layout as layout
 from qwen_image_lora.cli import main
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.image_files import read_settings
-from qwen_image_lora.inference import batch
+from qwen_image_lora.inference import batch, layers
 from qwen_image_lora.inference.jobs import read_jobs
 from qwen_image_lora.inference.testing import make_random_lora
-from qwen_image_lora.knobs import parse_lora_arg
+from qwen_image_lora.knobs import DEFAULT_BACKGROUND_PROMPT, parse_lora_arg
 from tests.launch import accelerate_launch
 
 TINY = ["--dtype", "float32", "data.resolution=64"]  # one name for the pixel budget, as in training
@@ -530,6 +530,11 @@ def test_help_speaks_to_users_and_batch_help_shows_a_valid_job_line(tmp_path, ca
     text = capsys.readouterr().out  # a value's kind, as the sampling flags' N and X (was QUALITY, MASK_FEATHER)
     assert "--quality N" in text and "--mask-feather PX" in text and not re.search(r"--\S+ [A-Z_]{7,}\b", text)
     assert "(or --aspect-ratio)" in text and "(or --width/--height)" in " ".join(text.split())
+    with pytest.raises(SystemExit):
+        main(["layers", "--help"])
+    # the default background prompt as the generator uses it (the help said "remove the subject ... where it was")
+    assert f"(default: {DEFAULT_BACKGROUND_PROMPT})" in " ".join(capsys.readouterr().out.split())
+    assert layers.DEFAULT_BACKGROUND_PROMPT is DEFAULT_BACKGROUND_PROMPT
 
 
 def test_batch_with_nothing_left_says_so_without_loading_the_model(tmp_path, capsys, unloadable_model):
