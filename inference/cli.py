@@ -18,6 +18,7 @@ from pathlib import Path
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.console import counted
 from qwen_image_lora.errors import InputError, NotFound
+from qwen_image_lora.image_files import LAYER_FORMATS
 from qwen_image_lora.inference import cli_args as flags
 from qwen_image_lora.io import check_writable
 from qwen_image_lora.knobs import (
@@ -191,6 +192,7 @@ def _generate(args) -> int:
     _check_sources(args)
     if not args.from_image:  # before the imports below (about 8 s): a bad flag fails in half a second
         _check_request_flags(args)
+    _check_input_files(args)
     from qwen_image_lora.inference.from_image import apply_from
     from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects, file_record
     from qwen_image_lora.inference.masking import prepare_mask
@@ -232,6 +234,17 @@ def _input_image(option: str, path: str, colours: bool = True):
         print(f"note: {option} {path} is {header.size[0]}x{header.size[1]}; it is read at {MAX_FILE_INPUT_SIDE} px on "
               "its long side, the largest size written", file=sys.stderr)  # fmt: skip
     return image
+
+
+def _check_input_files(args) -> None:
+    """Every file the command line names exists, checked before the model's libraries import (a mistyped --image
+    took 8-13 s to say so)."""
+    images = args.image if isinstance(args.image, list) else [args.image]
+    named = [("--image", p) for p in images] + [("--mask", getattr(args, "mask", None)),
+                                                ("--from", getattr(args, "from_image", None))]  # fmt: skip
+    for option, path in named:
+        if path and path != "auto":
+            _input_file(option, path)
 
 
 def _input_file(option: str, path: str) -> str:
@@ -292,13 +305,14 @@ def _as_option(check, *inputs):
 
 
 def _layers(args) -> int:
+    if Path(args.output).suffix.lower() not in LAYER_FORMATS:  # these three before the imports (about 8 s)
+        raise InputError(f"--output {args.output}: use .psd, .ora or .zip", "--output")
     _check_sources(args)
+    _check_input_files(args)
     from qwen_image_lora.inference.generator import GenerationRequest
-    from qwen_image_lora.inference.layers import FORMATS, Element, check_flattened_free, check_request, save_layers
+    from qwen_image_lora.inference.layers import Element, check_flattened_free, check_request, save_layers
 
     elements = [_as_option(Element.parse, e) for e in args.element]  # bad input fails before the model loads
-    if Path(args.output).suffix.lower() not in FORMATS:
-        raise InputError(f"--output {args.output}: use .psd, .ora or .zip", "--output")
     flat = str(Path(args.output).with_suffix(".png"))  # the flattened image written beside it
     for path in (args.output, flat):
         check_writable(path)

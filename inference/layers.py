@@ -30,7 +30,7 @@ from psd_tools.psd.tagged_blocks import TaggedBlocks
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.image_files import SRGB_ICC, encode_image, read_png_text, save_image
+from qwen_image_lora.image_files import LAYER_FORMATS, SRGB_ICC, encode_image, read_png_text, save_image
 from qwen_image_lora.images import ImageInputError
 from qwen_image_lora.inference import masking
 from qwen_image_lora.io import atomic_path
@@ -40,7 +40,6 @@ from qwen_image_lora.presets import MAX_SIDE, SIDE_MULTIPLE
 log = logging.getLogger(__name__)
 
 AUTO_MASK_PROMPT = "isolate the main object on a transparent background"
-FORMATS = (".psd", ".ora", ".zip")
 MAX_ELEMENTS = 8  # each element is a generation of its own: a request's time grows with them
 MEDIA_TYPES = {"psd": "image/vnd.adobe.photoshop", "ora": "image/openraster", "zip": "application/zip"}
 
@@ -210,7 +209,7 @@ def save_layers(layers: Layers, path: str | Path) -> list[Path]:
     """Write `path` (.psd, .ora or .zip) and the flattened image beside it (`<stem>.png`, marked as such); both
     atomic. A `<stem>.png` that is not a flattened image of layers is refused (`check_flattened_free`)."""
     path = Path(path)
-    if path.suffix.lower() not in FORMATS:
+    if path.suffix.lower() not in LAYER_FORMATS:
         raise LayersError(f"output: {path.name}: use .psd, .ora or .zip", "output")
     check_flattened_free(path)
     data = encode_layers(layers, path.suffix.lower().lstrip("."))

@@ -20,6 +20,7 @@ from qwen_image_lora.knobs import QUALITY
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+LAYER_FORMATS = (".psd", ".ora", ".zip")  # the layered files of `layers` (inference/layers.py writes them)
 # 588 bytes, in every image written (untagged pixels are only assumed to be sRGB). littlecms stamps the profile's
 # creation time into its header (bytes 24-35): a fixed one keeps the same settings giving the same file.
 SRGB_ICC = SRGB_PROFILE.tobytes()[:24] + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + SRGB_PROFILE.tobytes()[36:]

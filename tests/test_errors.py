@@ -179,6 +179,10 @@ def test_a_bad_config_or_adapter_path_is_refused_before_torch_imports(argv, name
     (["generate", "--prompt", "x", "--aspect-ratio", "16:9", "--width", "128"], "--aspect-ratio: give it or --width"),
     (["edit", "--prompt", "x"], "--image: give 1 to 10 input images"),
     (["edit", "--prompt", "x", "--image", "in.png", "--mask", "m.png", "--width", "64"], "--mask: a masked edit keeps"),
+    # a missing input file, and layers' output format, took 8-13 s (after the imports)
+    (["edit", "--prompt", "x", "--image", "nope.png"], "--image nope.png: does not exist"),
+    (["generate", "--from", "nope.png"], "--from nope.png: does not exist"),
+    (["layers", "--image", "in.png", "--mask", "auto"], "a.png: use .psd, .ora or .zip"),
 ])  # fmt: skip
 def test_a_bad_generation_flag_is_refused_before_torch_imports(tiny_model_dir, tmp_path, flags, named):
     """Each took about 8 s (the generator's imports came first), where a mistyped path took half a second."""
