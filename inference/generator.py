@@ -182,6 +182,15 @@ def _relative(path: str | Path, folder: str | Path | None) -> str:
         return os.path.abspath(path)
 
 
+def without_opaque_alpha(image: Image.Image) -> Image.Image:
+    """The model is RGBA-native, so every render came back RGBA: an opaque one is RGB, as a masked edit of an RGB
+    input is, and transparency is kept wherever the model made some (a cut-out, a sticker). Lossless: only an alpha
+    of 255 everywhere is dropped."""
+    if image.mode == "RGBA" and image.getchannel("A").getextrema()[0] == 255:
+        return image.convert("RGB")
+    return image
+
+
 class Generator:
     """Wraps a loaded `QwenImage21Pipeline` (with or without adapters) and samples from it.
 
@@ -276,8 +285,9 @@ class Generator:
             self.last_blend = masking.LatentBlend(self.pipe, request.images[-1], mask, width, height, request.seed)
             kwargs.update(callback_on_step_end=self.last_blend, callback_on_step_end_tensor_inputs=["latents"])
         image = self.pipe(**kwargs).images[0]
-        if mask is not None:
+        if mask is not None:  # the input's mode: an RGB product stays RGB
             return masking.composite(image, request.images[-1], mask, request.mask_feather)
+        image = without_opaque_alpha(image)
         if request.images and request.keep_input_size and not (request.width or request.height or request.aspect_ratio):
             # The model ran at the nearest supported size; give the catalogue image its own size back.
             image = image.resize(request.images[-1].size, Image.Resampling.LANCZOS)

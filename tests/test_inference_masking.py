@@ -74,6 +74,28 @@ def test_pixels_outside_the_mask_are_the_input_exactly_and_inside_they_change(ge
     assert np.abs(got[~kept] - want[~kept]).mean() > 5
 
 
+def test_an_opaque_render_is_rgb_and_a_transparent_one_keeps_its_alpha(gen, monkeypatch):
+    """A plain edit of an RGB photo came back RGBA with the alpha all 255, where its masked edit came back RGB."""
+    request = GenerationRequest("a bottle on marble", num_inference_steps=1, seed=3)  # as an edit, without its resize
+    made = gen.generate(request)
+    assert made.mode == "RGBA" and made.getchannel("A").getextrema()[0] < 255  # the tiny model's alpha: kept
+    real = gen.pipe
+
+    class Opaque:  # the real pipeline, its image made opaque: what the real model gives a product photo
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, **kwargs):
+            out = real(**kwargs)
+            out.images[0].putalpha(255)
+            return out
+
+    monkeypatch.setattr(gen, "pipe", Opaque())
+    opaque = gen.generate(request)
+    assert opaque.mode == "RGB" and np.array_equal(np.asarray(opaque), np.asarray(made.convert("RGB")))
+    assert edit(gen, product("RGB"), right_half_mask()).mode == "RGB"  # as a masked edit of the same photo
+
+
 def test_the_latent_blend_holds_the_kept_region_on_the_inputs_noised_latents_every_step(gen, monkeypatch):
     """Fails if only the final pixel composite existed: the sampler's own latents must be pinned each step."""
     seen = []
