@@ -281,6 +281,20 @@ def _check_request_flags(args) -> None:
     _check_flags(sampling)
     if getattr(args, "mask", None):
         _check_flags(sampling, check_masked_size)
+    for note in _unused_flags(args):
+        print(f"note: {note}", file=sys.stderr)
+
+
+def _unused_flags(args) -> list[str]:
+    """Flags given that change nothing in this request: said, not silently recorded in the image's settings."""
+    given, notes = getattr(args, "given", set()), []
+    if "quality" in given and Path(args.output).suffix.lower() == ".png":
+        notes.append("--quality applies to JPEG and WebP outputs; a PNG is lossless")
+    if "mask_feather" in given and not getattr(args, "mask", None):
+        notes.append("--mask-feather applies to a masked edit (--mask)")
+    if (args.guidance_scale or 0) > 1 and not args.negative_prompt:
+        notes.append("--guidance-scale acts only with --negative-prompt (Qwen-Image 2.1 samples without guidance)")
+    return notes
 
 
 def _check_flags(request, rule=None) -> None:

@@ -798,3 +798,33 @@ def test_an_adapter_of_a_run_renders_on_the_base_model_it_trained_on(tiny_model_
     # Named, the model given wins; so does a config.
     assert main(["generate", "--lora", str(run), "--model", "someone/base", "--prompt", "x", "--output", str(out)]) == 2
     assert "model.pretrained: someone/base" in capsys.readouterr().err
+
+
+def test_flags_that_change_nothing_are_said_before_the_model_loads(tmp_path, capsys, unloadable_model):
+    """`--quality` for a PNG, `--mask-feather` without a mask and guidance without a negative prompt were taken
+    silently (and recorded in the image's settings as if they had acted)."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    argv = ["edit", "--model", str(unloadable_model), "--prompt", "x", "--image", str(tmp_path / "in.png")]
+    main(
+        [*argv, "--quality", "50", "--mask-feather", "9", "--guidance-scale", "4", "--output", str(tmp_path / "a.png")]
+    )
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: --")]
+    assert notes == [
+        "note: --quality applies to JPEG and WebP outputs; a PNG is lossless",
+        "note: --mask-feather applies to a masked edit (--mask)",
+        "note: --guidance-scale acts only with --negative-prompt (Qwen-Image 2.1 samples without guidance)",
+    ]
+    main(
+        [
+            *argv,
+            "--quality",
+            "50",
+            "--guidance-scale",
+            "4",
+            "--negative-prompt",
+            "blur",
+            "--output",
+            str(tmp_path / "a.webp"),
+        ]
+    )
+    assert "note: --" not in capsys.readouterr().err
