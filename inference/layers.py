@@ -274,13 +274,17 @@ def _ora_bytes(layers: Layers) -> bytes:
     return buf.getvalue()
 
 
+_NOT_A_LETTER = re.compile(r"[\W_]+")  # of any script
+
+
 def _zip_bytes(layers: Layers) -> bytes:
     """PNG layers plus `layers.json` with each layer's file, name and box, bottom to top."""
     index = []
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for i, layer in enumerate(layers.layers):
-            name = f"{i:02d}_{re.sub(r'[^a-z0-9]+', '_', layer.name.lower()).strip('_')}.png"
+            # letters of any script survive (a Chinese prompt lost its whole name); path and other characters do not
+            name = f"{i:02d}_{_NOT_A_LETTER.sub('_', layer.name.lower()).strip('_')}.png"
             _write(z, name, encode_image(layer.image))
             index.append(
                 {
