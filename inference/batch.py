@@ -162,7 +162,7 @@ def run_batch(
                             why = f"{out.name} holds an image made with other settings"
                     if _is_done(job, output_dir, recorded, settings):
                         result.skipped.append(job.id)
-                        bar.update()
+                        bar.skip()  # not in the rate: a rerun's finished jobs made its ETA far too short
                         continue
                     if job.id in recorded and recorded[job.id].get("settings") not in (None, settings):
                         why = "its settings changed since it was rendered"
@@ -180,7 +180,7 @@ def run_batch(
                     _append(output_dir / MANIFEST, {"id": job.id, "index": job.index, "error": str(e)})
                     bar.write(f"job {job.id}: {e}")
                     result.failed.append(job.id)
-                    bar.update()
+                    bar.skip()  # a refused job wrote nothing: it read as "575 imgs/s"
                     continue
                 entry = _entry(generator, job, base_seed, default_loras, extra)
                 entry.update(width=image.width, height=image.height, seconds=round(time.perf_counter() - start, 3),

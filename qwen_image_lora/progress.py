@@ -4,7 +4,7 @@ silence or a log full of carriage returns:
 
     12:04:31 steps 240/1000 (24%) loss=0.4312 | 0.61 s/step, ETA 0:07:44
 
-    bar = progress_bar(total, desc="steps", unit="step")     # update(n), set_postfix(**kw), write(msg), close()
+    bar = progress_bar(total, desc="steps", unit="step")     # update(n), skip(n), set_postfix(**kw), write(msg), close()
     for item in track(items, desc="prepare", unit="item"): ...
 """
 
@@ -84,6 +84,12 @@ class _TerminalBar(tqdm):
         self._logs_above = logging_redirect_tqdm(tqdm_class=tqdm)
         self._logs_above.__enter__()
 
+    def skip(self, n: int = 1) -> None:
+        """Count `n` items that took no work (already done, refused): the rate and ETA are of the worked ones."""
+        self.n, self.initial = self.n + n, self.initial + n
+        self.last_print_n, self.last_print_t = self.n, self._time()  # the smoothed rate's next step starts here
+        self.refresh()
+
     def close(self) -> None:
         super().close()
         if getattr(self, "_logs_above", None) is not None:
@@ -115,6 +121,11 @@ class LineProgress:
         self.n += n
         if self.enabled and time.monotonic() - self.last >= self.interval:
             self._print()
+
+    def skip(self, n: int = 1) -> None:
+        """Count `n` items that took no work (already done, refused): the rate and ETA are of the worked ones."""
+        self.initial += n
+        self.update(n)
 
     def set_postfix(self, refresh: bool = True, **values) -> None:
         """As tqdm's; `refresh` is accepted and moot: a line is only ever printed by `update` or `close`."""

@@ -572,6 +572,12 @@ def test_batch_prints_progress_lines_when_stderr_is_not_a_terminal(tiny_model_di
     lines = [line for line in proc.stderr.splitlines() if "batch 1/1" in line]
     assert [line.split()[3] for line in lines] == ["1/2", "2/2"], proc.stderr
     assert "s/img, ETA" in lines[0] and "\r" not in proc.stderr
+    # A rerun's finished jobs counted at the speed of a file check: "1/2 (50%) | 3180 imgs/s, ETA 0:00:00".
+    (out / "000001.png").unlink()
+    again = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True, timeout=240)
+    lines = [line for line in again.stderr.splitlines() if "batch 1/1" in line]
+    assert [line.split()[3:5] for line in lines] == [["1/2", "(50%)"], ["2/2", "(100%)"]], again.stderr
+    assert "|" not in lines[0] and re.search(r"\| [\d.]+ s/img, ETA", lines[1]), lines
 
 
 def test_generate_without_a_size_uses_the_configs_pixel_budget(tiny_model_dir, tmp_path):

@@ -3,6 +3,7 @@ training, data prepare and (in their own test modules) batch and eval."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pty
@@ -28,6 +29,24 @@ def test_a_slow_item_reads_as_seconds_per_item(capsys, monkeypatch):
     bar.update(2)
     bar.close()
     assert re.search(r"\| [\d.]+ s/item, ETA 0:00:00$", capsys.readouterr().err.strip())
+
+
+def test_skipped_items_count_towards_the_total_but_not_the_rate(monkeypatch):
+    """A batch rerun's finished jobs, or refused ones, took no work: counted in the rate they made it read thousands
+    of images a second and the ETA far too short."""
+    clock = iter(range(0, 1000, 2))  # every reading 2 s after the last
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    bar = LineProgress(10, desc="batch", unit="img", interval=3600)
+    bar.skip(5)
+    assert bar._line() == "batch 5/10 (50%)"
+    bar.update(1)
+    assert bar._line().endswith("| 6 s/img, ETA 0:00:24")  # one image, 6 s of the clock after the start; 4 left
+    terminal = progress_module._TerminalBar(total=10, desc="batch", unit="img", file=io.StringIO(), mininterval=0)
+    terminal.skip(5)
+    terminal.last_print_t -= 4  # the next image, 4 s of work after the skipped ones
+    terminal.update(1)
+    assert "0.25img/s" in str(terminal) or "4.00s/img" in str(terminal), str(terminal)
+    terminal.close()
 
 
 def test_line_progress_prints_at_most_once_per_interval_and_once_at_the_end(capsys):
