@@ -116,7 +116,7 @@ def prepare(
             for index in mine:
                 if all(cache.has(k) for k in needs[index]):
                     stats.cached += 1
-                    bar.update(1)
+                    bar.skip(1)  # cached: no work, not in the rate
                 else:
                     todo.append(index)
             for batch in _batches(dataset, todo, d.prepare_batch_size):

@@ -104,6 +104,9 @@ def test_prepare_prints_progress_lines(tiny_pipe, sample_data_dir, tmp_path, cap
     stats = prepare(cfg, tiny_pipe, log=lambda _: None)
     lines = [line for line in capsys.readouterr().err.splitlines() if " prepare " in line]
     assert [line.split()[2] for line in lines] == [f"{i}/{stats.items}" for i in range(1, stats.items + 1)]
+    prepare(cfg, tiny_pipe, log=lambda _: None)  # all cached now: no work, so no rate (it read "2000 items/s")
+    lines = [line for line in capsys.readouterr().err.splitlines() if " prepare " in line]
+    assert len(lines) == stats.items and not any("|" in line for line in lines), lines
 
 
 def test_under_accelerate_launch_in_a_terminal_training_draws_a_live_bar(tiny_model_dir, sample_data_dir, tmp_path):
