@@ -10,26 +10,21 @@ qwen-lora serve --config configs/brand.yaml
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.console import counted
-from qwen_image_lora.errors import InputError, NotFound
+from qwen_image_lora.errors import InputError
 from qwen_image_lora.image_files import LAYER_FORMATS
 from qwen_image_lora.inference import cli_args as flags
+from qwen_image_lora.inference import cli_checks as checks
 from qwen_image_lora.io import check_writable
 from qwen_image_lora.knobs import (
     DEFAULT_BACKGROUND_PROMPT,
     MASK_FEATHER,
     MAX_INPUT_IMAGES,
     SIZE_FIELDS,
-    SettingError,
-    check_image_count,
-    check_masked_size,
-    flag,
 )
 
 
@@ -188,26 +183,26 @@ def _generate(args) -> int:
 
     format_for(args.output)  # a bad extension fails before the model loads
     check_writable(args.output)  # and so does a folder that cannot be written (was: after the render)
-    _check_not_an_input("--output", [args.output], args)
+    checks.check_not_an_input("--output", [args.output], args)
     _check_sources(args)
     if not args.from_image:  # before the imports below (about 8 s): a bad flag fails in half a second
-        _check_request_flags(args)
-    _check_input_files(args)
+        checks.check_request_flags(args)
+    checks.check_input_files(args)
     from qwen_image_lora.inference.from_image import apply_from
     from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects, file_record
     from qwen_image_lora.inference.masking import prepare_mask
 
     if args.from_image:
-        apply_from(args, Path(_input_file("--from", args.from_image)), SIZE_FIELDS)
-        _check_not_an_input("--output", [args.output], args)  # and the inputs the image recorded
-        _check_request_flags(args)
-    images = [_input_image("--image", p) for p in args.image]
-    mask = _input_image("--mask", args.mask, colours=False) if getattr(args, "mask", None) else None
+        apply_from(args, Path(checks.input_file("--from", args.from_image)), SIZE_FIELDS)
+        checks.check_not_an_input("--output", [args.output], args)  # and the inputs the image recorded
+        checks.check_request_flags(args)
+    images = [checks.input_image("--image", p) for p in args.image]
+    mask = checks.input_image("--mask", args.mask, colours=False) if getattr(args, "mask", None) else None
     if mask is not None:
-        _as_option(lambda: prepare_mask(mask, images[-1], warn=False))  # the generator's rules, before the model
+        checks.as_option(lambda: prepare_mask(mask, images[-1], warn=False))  # the generator's rules, before the model
     request = GenerationRequest.from_settings(args, args.prompt, images=images, mask=mask,
                                               mask_feather=getattr(args, "mask_feather", MASK_FEATHER.default))  # fmt: skip
-    _check_flags(request)  # bad sizes, steps or guidance fail before the model loads
+    checks.check_flags(request)  # bad sizes, steps or guidance fail before the model loads
     folder = Path(args.output).parent  # the settings name files relative to the image, so --from works from anywhere
     inputs = [file_record(p, folder) for p in args.image]
     mask_input = file_record(args.mask, folder) if mask is not None else None
@@ -220,123 +215,25 @@ def _generate(args) -> int:
     return 0
 
 
-def _input_image(option: str, path: str, colours: bool = True):
-    """An image named on the command line, read by the one image reader (`colours=False`: a mask's numbers are not
-    colours, no profile applies); a refusal names the option."""
-    from qwen_image_lora.images import MAX_FILE_INPUT_SIDE, ImageInputError, read_with_header
-
-    try:  # `load_image`'s read, with the header it decoded from: the file is opened once
-        header, image = read_with_header(_input_file(option, path), MAX_FILE_INPUT_SIDE, colours=colours)
-    except ImageInputError as e:
-        fix = "; downscale it (the model works at about 1024 px)" if e.too_large else ""
-        raise InputError(f"{option} {e}{fix}", option) from None
-    if max(header.size) > MAX_FILE_INPUT_SIDE:
-        print(f"note: {option} {path} is {header.size[0]}x{header.size[1]}; it is read at {MAX_FILE_INPUT_SIDE} px on "
-              "its long side, the largest size written", file=sys.stderr)  # fmt: skip
-    return image
-
-
-def _check_input_files(args) -> None:
-    """Every file the command line names exists, checked before the model's libraries import (a mistyped --image
-    took 8-13 s to say so)."""
-    images = args.image if isinstance(args.image, list) else [args.image]
-    named = [("--image", p) for p in images] + [("--mask", getattr(args, "mask", None)),
-                                                ("--from", getattr(args, "from_image", None))]  # fmt: skip
-    for option, path in named:
-        if path and path != "auto":
-            _input_file(option, path)
-
-
-def _input_file(option: str, path: str) -> str:
-    """A file named on the command line, refused by its option's name before anything opens it."""
-    if not Path(path).is_file():
-        what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
-        raise NotFound(f"{option} {path}: {what}", option)
-    return path
-
-
-def _check_not_an_input(option: str, outputs: list[str], args) -> None:
-    """Refuse to write over a file this command reads (--image, --mask, --from): it would be replaced before anyone
-    noticed, and `--from` an earlier output then fails on the input's changed sha256. `batch` refuses the same."""
-    images = args.image if isinstance(args.image, list) else [args.image]
-    given = [*images, getattr(args, "mask", None), getattr(args, "from_image", None)]
-    inputs = {Path(p).resolve() for p in given if p and p != "auto"}
-    for out in outputs:
-        if Path(out).resolve() in inputs:
-            written = "" if out == outputs[0] else f" (the flattened image of {outputs[0]})"
-            raise InputError(f"{option} {out}{written} is one of this command's inputs, which it must not overwrite; "
-                             "write to another file name", option)  # fmt: skip
-
-
-def _check_request_flags(args) -> None:
-    """What the flags alone decide, no image read: the prompt, the number of input images, the sampling rules and a
-    masked edit's size."""
-    if not args.prompt:
-        raise InputError("--prompt: give the prompt (or --from an image that carries one)", "--prompt")
-    if args.command == "edit" and not args.image:
-        raise InputError(f"--image: give 1 to {MAX_INPUT_IMAGES} input images (or --from an edit whose inputs are "
-                         "still there)", "--image")  # fmt: skip
-    check_image_count(len(args.image), least=1 if args.command == "edit" else 0, field="--image")
-    sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
-    _check_flags(sampling)
-    if getattr(args, "mask", None):
-        _check_flags(sampling, check_masked_size)
-    for note in _unused_flags(args):
-        print(f"note: {note}", file=sys.stderr)
-
-
-def _unused_flags(args) -> list[str]:
-    """Flags given that change nothing in this request: said, not silently recorded in the image's settings."""
-    given, notes = getattr(args, "given", set()), []
-    if "quality" in given and Path(args.output).suffix.lower() == ".png":
-        notes.append("--quality applies to JPEG and WebP outputs; a PNG is lossless")
-    if "mask_feather" in given and not getattr(args, "mask", None):
-        notes.append("--mask-feather applies to a masked edit (--mask)")
-    if (args.guidance_scale or 0) > 1 and not args.negative_prompt:
-        notes.append("--guidance-scale acts only with --negative-prompt (Qwen-Image 2.1 samples without guidance)")
-    return notes
-
-
-def _check_flags(request, rule=None) -> None:
-    """The sampling rules (`SamplingConfig.check`, or `rule`) on what the flags set; a refusal names the flag
-    (`--width: ...`)."""
-    try:
-        rule(request) if rule else request.check()
-    except SettingError as e:
-        raise InputError(e.spelled(flag), e.field and flag(e.field)) from None
-
-
-def _as_option(check, *inputs):
-    """Run a request rule that needs no model. Its error names the field (`mask: ...`, `element 'x': ...`); here
-    that is the option that carried it (`--mask: ...`)."""
-    from qwen_image_lora.inference.layers import LayersError
-    from qwen_image_lora.inference.masking import MaskError
-
-    try:
-        return check(*inputs)
-    except (MaskError, LayersError) as e:
-        raise InputError(f"--{e}") from None
-
-
 def _layers(args) -> int:
     if Path(args.output).suffix.lower() not in LAYER_FORMATS:  # these three before the imports (about 8 s)
         raise InputError(f"--output {args.output}: use .psd, .ora or .zip", "--output")
     _check_sources(args)
-    _check_input_files(args)
+    checks.check_input_files(args)
     from qwen_image_lora.inference.generator import GenerationRequest
     from qwen_image_lora.inference.layers import Element, check_flattened_free, check_request, save_layers
 
-    elements = [_as_option(Element.parse, e) for e in args.element]  # bad input fails before the model loads
+    elements = [checks.as_option(Element.parse, e) for e in args.element]  # bad input fails before the model loads
     flat = str(Path(args.output).with_suffix(".png"))  # the flattened image written beside it
     for path in (args.output, flat):
         check_writable(path)
-    _check_not_an_input("--output", [args.output, flat], args)
-    _as_option(check_flattened_free, args.output)  # a user's own <name>.png, before the model loads
-    image = _input_image("--image", args.image)
-    mask = args.mask if args.mask == "auto" else _input_image("--mask", args.mask, colours=False)
-    _as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads
+    checks.check_not_an_input("--output", [args.output, flat], args)
+    checks.as_option(check_flattened_free, args.output)  # a user's own <name>.png, before the model loads
+    image = checks.input_image("--image", args.image)
+    mask = args.mask if args.mask == "auto" else checks.input_image("--mask", args.mask, colours=False)
+    checks.as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads
     request = GenerationRequest.from_settings(args, "", images=[image], mask_feather=args.mask_feather)
-    _check_flags(request)  # bad steps or guidance fail before the model loads
+    checks.check_flags(request)  # bad steps or guidance fail before the model loads
     generator, request.adapters = _load(args, _model_source(args))
     layers = generator.layers(request, mask, args.prompt, elements)
     # The flattened PNG carries no settings block: `--from` would re-create only its background edit.
@@ -352,7 +249,9 @@ def _batch(args) -> int:
 
     sources = [parse_lora_arg(item)[0] for item in args.lora]
     names = derived_names(sources)  # the names a line's "loras" picks from
-    jobs = read_jobs(_input_file("jobs file", args.jobs), names)  # every line, in a second: before torch and weights
+    jobs = read_jobs(
+        checks.input_file("jobs file", args.jobs), names
+    )  # every line, in a second: before torch and weights
     import torch
     from accelerate import PartialState
 

@@ -1,0 +1,111 @@
+"""What an inference command checks of its command line before the model loads (most before its libraries import,
+in well under a second): input files, outputs that would replace an input, the sampling flags' rules, flags that
+change nothing. A refusal names the option."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from qwen_image_lora.config import SamplingConfig
+from qwen_image_lora.errors import InputError, NotFound
+from qwen_image_lora.knobs import MAX_INPUT_IMAGES, SettingError, check_image_count, check_masked_size, flag
+
+
+def input_image(option: str, path: str, colours: bool = True):
+    """An image named on the command line, read by the one image reader (`colours=False`: a mask's numbers are not
+    colours, no profile applies); a refusal names the option."""
+    from qwen_image_lora.images import MAX_FILE_INPUT_SIDE, ImageInputError, read_with_header
+
+    try:  # `load_image`'s read, with the header it decoded from: the file is opened once
+        header, image = read_with_header(input_file(option, path), MAX_FILE_INPUT_SIDE, colours=colours)
+    except ImageInputError as e:
+        fix = "; downscale it (the model works at about 1024 px)" if e.too_large else ""
+        raise InputError(f"{option} {e}{fix}", option) from None
+    if max(header.size) > MAX_FILE_INPUT_SIDE:
+        print(f"note: {option} {path} is {header.size[0]}x{header.size[1]}; it is read at {MAX_FILE_INPUT_SIDE} px on "
+              "its long side, the largest size written", file=sys.stderr)  # fmt: skip
+    return image
+
+
+def check_input_files(args) -> None:
+    """Every file the command line names exists, checked before the model's libraries import (a mistyped --image
+    took 8-13 s to say so)."""
+    images = args.image if isinstance(args.image, list) else [args.image]
+    named = [("--image", p) for p in images] + [("--mask", getattr(args, "mask", None)),
+                                                ("--from", getattr(args, "from_image", None))]  # fmt: skip
+    for option, path in named:
+        if path and path != "auto":
+            input_file(option, path)
+
+
+def input_file(option: str, path: str) -> str:
+    """A file named on the command line, refused by its option's name before anything opens it."""
+    if not Path(path).is_file():
+        what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+        raise NotFound(f"{option} {path}: {what}", option)
+    return path
+
+
+def check_not_an_input(option: str, outputs: list[str], args) -> None:
+    """Refuse to write over a file this command reads (--image, --mask, --from): it would be replaced before anyone
+    noticed, and `--from` an earlier output then fails on the input's changed sha256. `batch` refuses the same."""
+    images = args.image if isinstance(args.image, list) else [args.image]
+    given = [*images, getattr(args, "mask", None), getattr(args, "from_image", None)]
+    inputs = {Path(p).resolve() for p in given if p and p != "auto"}
+    for out in outputs:
+        if Path(out).resolve() in inputs:
+            written = "" if out == outputs[0] else f" (the flattened image of {outputs[0]})"
+            raise InputError(f"{option} {out}{written} is one of this command's inputs, which it must not overwrite; "
+                             "write to another file name", option)  # fmt: skip
+
+
+def check_request_flags(args) -> None:
+    """What the flags alone decide, no image read: the prompt, the number of input images, the sampling rules and a
+    masked edit's size."""
+    if not args.prompt:
+        raise InputError("--prompt: give the prompt (or --from an image that carries one)", "--prompt")
+    if args.command == "edit" and not args.image:
+        raise InputError(f"--image: give 1 to {MAX_INPUT_IMAGES} input images (or --from an edit whose inputs are "
+                         "still there)", "--image")  # fmt: skip
+    check_image_count(len(args.image), least=1 if args.command == "edit" else 0, field="--image")
+    sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
+    check_flags(sampling)
+    if getattr(args, "mask", None):
+        check_flags(sampling, check_masked_size)
+    for note in unused_flags(args):
+        print(f"note: {note}", file=sys.stderr)
+
+
+def unused_flags(args) -> list[str]:
+    """Flags given that change nothing in this request: said, not silently recorded in the image's settings."""
+    given, notes = getattr(args, "given", set()), []
+    if "quality" in given and Path(args.output).suffix.lower() == ".png":
+        notes.append("--quality applies to JPEG and WebP outputs; a PNG is lossless")
+    if "mask_feather" in given and not getattr(args, "mask", None):
+        notes.append("--mask-feather applies to a masked edit (--mask)")
+    if (args.guidance_scale or 0) > 1 and not args.negative_prompt:
+        notes.append("--guidance-scale acts only with --negative-prompt (Qwen-Image 2.1 samples without guidance)")
+    return notes
+
+
+def check_flags(request, rule=None) -> None:
+    """The sampling rules (`SamplingConfig.check`, or `rule`) on what the flags set; a refusal names the flag
+    (`--width: ...`)."""
+    try:
+        rule(request) if rule else request.check()
+    except SettingError as e:
+        raise InputError(e.spelled(flag), e.field and flag(e.field)) from None
+
+
+def as_option(check, *inputs):
+    """Run a request rule that needs no model. Its error names the field (`mask: ...`, `element 'x': ...`); here
+    that is the option that carried it (`--mask: ...`)."""
+    from qwen_image_lora.inference.layers import LayersError
+    from qwen_image_lora.inference.masking import MaskError
+
+    try:
+        return check(*inputs)
+    except (MaskError, LayersError) as e:
+        raise InputError(f"--{e}") from None
