@@ -108,6 +108,13 @@ class _CommandParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.set_defaults(command_parser=self)
 
+    def error(self, message: str):
+        """A value an option refuses is one line naming the option, as every other refusal is (`--steps 0` was one
+        line, `--quality 101` the command's whole usage first); an unknown or missing argument keeps the usage."""
+        if message.startswith("argument -"):
+            self.exit(2, f"error: {message.removeprefix('argument ')} (`{self.prog} --help` lists the options)\n")
+        super().error(message)
+
 
 def _refuse_unknown(parser: argparse.ArgumentParser, extra: list[str]) -> None:
     """argparse's 'unrecognized arguments', from the command's own parser, with the nearest option it takes."""

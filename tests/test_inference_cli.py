@@ -790,6 +790,21 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(argv, 
     assert exited.value.code == 2 and err.startswith(usage) and err.splitlines()[-1] == line
 
 
+@pytest.mark.parametrize(("argv", "line"), [
+    (["generate", "--prompt", "x", "--quality", "101", "--output", "a.webp"],
+     "error: --quality: must be a whole number from 1 to 100 (got '101') (`qwen-lora generate --help` lists the options)"),
+    (["edit", "--prompt", "x", "--image", "a.png", "--mask-feather", "-1", "--output", "b.png"],
+     "error: --mask-feather: must be a whole number from 0 to 64 (got '-1') (`qwen-lora edit --help` lists the options)"),
+    (["generate", "--prompt", "x", "--width", "64x", "--output", "a.png"],
+     "error: --width: invalid int value: '64x' (`qwen-lora generate --help` lists the options)"),
+])  # fmt: skip
+def test_a_value_an_option_refuses_is_one_line_naming_the_option(argv, line, capsys):
+    """`--steps 0` was one line; `--quality 101` printed the command's 9-line usage before its error."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
+
+
 def test_an_adapter_of_a_run_renders_on_the_base_model_it_trained_on(tiny_model_dir, lora_dir, tmp_path, capsys):
     """Without --config or --model, `generate --lora RUN` took the run's resolution but the default hub model: offline
     an error about a model never named, online a download of another one."""
