@@ -21,6 +21,7 @@ from qwen_image_lora.inference import cli_args as flags
 from qwen_image_lora.inference import cli_checks as checks
 from qwen_image_lora.io import check_writable
 from qwen_image_lora.knobs import (
+    BATCH_SEED,
     DEFAULT_BACKGROUND_PROMPT,
     MASK_FEATHER,
     MAX_INPUT_IMAGES,
@@ -92,7 +93,8 @@ def register(subparsers) -> None:
     p.add_argument("jobs", help="JSON Lines file, one job per line (format below)")
     p.add_argument("--output-dir", required=True)
     flags.model_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of job i without its own seed: SEED + i (default 0)")
+    p.add_argument("--seed", type=flags.ranged(BATCH_SEED), default=BATCH_SEED.default, metavar="N",
+                   help=f"{BATCH_SEED.help} (default {BATCH_SEED.default})")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     flags.overrides_arg(p)
     p.set_defaults(func=_batch, prepare=use_the_trained_model)
@@ -252,6 +254,11 @@ def _batch(args) -> int:
     jobs = read_jobs(
         checks.input_file("jobs file", args.jobs), names
     )  # every line, in a second: before torch and weights
+    if args.seed + len(jobs) - 1 > BATCH_SEED.high:  # job i's seed is SEED + i
+        raise InputError(
+            f"--seed: {args.seed} + {len(jobs) - 1} (the last job's index) passes the largest seed, {BATCH_SEED.high}",
+            "--seed",
+        )
     import torch
     from accelerate import PartialState
 

@@ -41,7 +41,9 @@ class Bounded:
     help: str
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit number
 QUALITY = Bounded(95, 1, 100, "JPEG/WebP quality")
+BATCH_SEED = Bounded(0, 0, MAX_SEED, "seed of job i without its own seed: SEED + i")
 MASK_FEATHER = Bounded(8, 0, 64, "soft edge inside the changed region, in pixels")
 # What `layers` asks of the background when no prompt is given (its CLI help, the API and the generator say the same)
 DEFAULT_BACKGROUND_PROMPT = "remove the object and fill in the background"
@@ -225,7 +227,7 @@ class SamplingConfig:
     )
     num_inference_steps: int | None = knob(None, "denoising steps; default: the pipeline's own", ge=1)
     guidance_scale: float | None = knob(None, "true_cfg_scale: acts only with a negative prompt and > 1", ge=0.0)
-    seed: int = knob(0, "the noise seed: the same seed and settings give the same image", ge=0, le=2**63 - 1)
+    seed: int = knob(0, "the noise seed: the same seed and settings give the same image", ge=0, le=MAX_SEED)
 
     def check(self) -> None:
         """The sampling rules, once for every edge (config sections, batch lines, CLI flags, HTTP requests, the

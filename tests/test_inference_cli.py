@@ -790,6 +790,17 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(argv, 
     assert exited.value.code == 2 and err.startswith(usage) and err.splitlines()[-1] == line
 
 
+def test_batch_refuses_a_base_seed_out_of_range_before_the_model_loads(tmp_path, capsys, unloadable_model):
+    """`--seed -1` failed every job after the model had loaded; a seed near the top overflowed on later jobs."""
+    jobs = _jobs(tmp_path, n=2)
+    argv = ["batch", str(jobs), "--output-dir", str(tmp_path / "out"), "--model", str(unloadable_model)]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--seed", "-1"])
+    assert exited.value.code == 2 and "error: --seed: must be a whole number from 0 to" in capsys.readouterr().err
+    assert main([*argv, "--seed", str(2**63 - 1)]) == 2
+    assert f"--seed: {2**63 - 1} + 1 (the last job's index) passes the largest seed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("argv", "line"), [
     (["generate", "--prompt", "x", "--quality", "101", "--output", "a.webp"],
      "error: --quality: must be a whole number from 1 to 100 (got '101') (`qwen-lora generate --help` lists the options)"),
