@@ -208,7 +208,8 @@ def test_going_back_to_an_older_checkpoint_in_the_runs_own_folder_is_refused_unt
                  "step-000004), so going back would mix two histories in one folder. Continue from that checkpoint "
                  "in a new output_dir, or use --resume latest"),
         (tmp_path / "fork", 1, f"error: resume from {step2}: train.max_steps=1 is below the checkpoint's step 2; raise "
-                               "train.max_steps past 2, or resume an earlier checkpoint"),
+                               "train.max_steps past 2, or resume a checkpoint at or before step 1 into a new "
+                               "output_dir"),  # it said "an earlier checkpoint": one in this folder is refused
     ):  # fmt: skip
         args = [*_args(tiny_model_dir, sample_data_dir, folder, f"train.max_steps={max_steps}"), "--resume", str(step2)]
         assert lora.main(args) == 2

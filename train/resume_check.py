@@ -45,7 +45,8 @@ def check_resume(path: Path, current: dict, allow_change: bool) -> tuple[Trainin
     if current["train"]["max_steps"] < progress.step:  # was "the config wins", then the final adapter was step k's
         raise CheckpointError(
             f"resume from {path}: train.max_steps={current['train']['max_steps']} is below the checkpoint's step "
-            f"{progress.step}; raise train.max_steps past {progress.step}, or resume an earlier checkpoint"
+            f"{progress.step}; raise train.max_steps past {progress.step}, or resume a checkpoint at or before step "
+            f"{current['train']['max_steps']} into a new output_dir"
         )
     if changed and not allow_change:
         raise CheckpointError(
