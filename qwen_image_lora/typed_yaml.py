@@ -38,7 +38,7 @@ class StrictLoader(yaml.SafeLoader):
     def construct_document(self, node):
         if (size := _expanded_size(node, {})) > MAX_VALUES:  # before any walk over it, which would take as long
             raise ConfigError(f"the document expands to {size:,} values through YAML aliases (at most {MAX_VALUES:,})")
-        _check_nodes(node, self.dotted)
+        _check_nodes(node, self.dotted, on_command_line=bool(self.dotted))
         return super().construct_document(node)
 
 
@@ -54,7 +54,7 @@ def _expanded_size(node, sizes: dict) -> int:
     return sizes[id(node)]
 
 
-def _check_nodes(node, dotted: str) -> None:
+def _check_nodes(node, dotted: str, on_command_line: bool = False) -> None:
     if isinstance(node, yaml.MappingNode):
         lines: dict = {}
         for key, value in node.value:
@@ -64,12 +64,15 @@ def _check_nodes(node, dotted: str) -> None:
                     f"{name}: given twice (lines {lines[ident]} and {line}); YAML keeps only the last, so merge them"
                 )
             lines[ident] = line
-            _check_nodes(value, name)
+            _check_nodes(value, name, on_command_line)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _check_nodes(item, f"{dotted}[{i}]")
+            _check_nodes(item, f"{dotted}[{i}]", on_command_line)
     elif node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in node.value:
         number = yaml.safe_load(node.value)
+        if on_command_line:  # no line to name, and the quotes go inside the shell's: 'key="16:9"'
+            raise ConfigError(f"{dotted}: {node.value} reads as the base-60 number {number} in YAML; quote it: "
+                              f"'{dotted}=\"{node.value}\"'")  # fmt: skip
         raise ConfigError(
             f"{dotted}: {node.value} (line {node.start_mark.line + 1}) reads as the base-60 number {number} "
             f'in YAML; quote it: {dotted.rsplit(".", 1)[-1]}: "{node.value}"'
@@ -97,18 +100,18 @@ def load_yaml(text: str, where: str, dotted: str = ""):
 
 def apply_override(raw: dict, item: str, where: str) -> None:
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.max_steps=10")
+        raise ConfigError(f"on the command line, {item}: write it as section.key=value, e.g. train.max_steps=10")
     key, value = item.split("=", 1)
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
+            raise ConfigError(f"on the command line, {item}: {part} is not a section")
     if value.lstrip().startswith("#"):  # on a command line `key=#000000` means the text, not a YAML comment
         node[parts[-1]] = value.strip()
         return
-    node[parts[-1]] = load_yaml(value, f"override {item!r}", key.strip()) if value.strip() else None
+    node[parts[-1]] = load_yaml(value, f"on the command line, {item}", key.strip()) if value.strip() else None
 
 
 def blame_override(error: ConfigError, where: str, overrides) -> ConfigError:
@@ -159,11 +162,15 @@ def interpolate(node, root, where):
     if isinstance(node, list):
         return [interpolate(v, root, where) for v in node]
     if isinstance(node, str):
+        given = node
         for _ in range(10):  # nested references resolve in a few rounds
             new = _REF.sub(lambda m: str(_lookup(root, m.group(1), where)), node)
             if new == node:
                 break
             node = new
+        else:  # `output_dir: ${output_dir}/x` grew a path of ten "/x" and validated as OK
+            refs = ", ".join(sorted({f"${{{ref}}}" for ref in _REF.findall(given)}))
+            raise ConfigError(f"{where}: {given!r} refers to itself through {refs}; a value cannot contain its own key")
     return node
 
 

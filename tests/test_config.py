@@ -192,7 +192,9 @@ def test_a_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path):
         load_config(write(tmp_path, text + "\ntrain:\n  seed: 1\n"))
     with pytest.raises(ConfigError, match=r"validation.edits\[0\].prompt: given twice \(lines 4 and 5\)"):
         load_config(write(tmp_path, "validation:\n  edits:\n    - images: [a.png]\n      prompt: a\n      prompt: b\n"))
-    with pytest.raises(ConfigError, match=r"override 'data.columns=\{a: x, a: y\}': data.columns.a: given twice"):
+    with pytest.raises(
+        ConfigError, match=r"on the command line, data.columns=\{a: x, a: y\}: data.columns.a: given twice"
+    ):
         load_config(None, ["data.columns={a: x, a: y}"])
 
 
@@ -227,14 +229,31 @@ def test_a_hex_colour_is_text_on_the_command_line_and_a_file_says_to_quote_it(tm
         load_config(None, ["model.compile=true"])  # was "must be False or 'blocks' or 'full' (got True)"
 
 
+def test_a_value_that_refers_to_itself_is_refused_naming_it():
+    """`output_dir=${output_dir}/x` validated as OK, with output_dir ten "/x" deep."""
+    for overrides in (
+        ["output_dir=${output_dir}/x"],
+        ["output_dir=${data.cache_dir}/x", "data.cache_dir=${output_dir}/c"],
+    ):
+        with pytest.raises(
+            ConfigError, match=r"refers to itself through \$\{(output_dir|data.cache_dir)\}; a value cannot"
+        ):
+            load_config(None, overrides)
+
+
 def test_an_unquoted_aspect_ratio_says_to_quote_it(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r'validation.aspect_ratio: 16:9 \(line 2\) reads as the base-60 number 969 .*quote it: aspect_ratio: "16:9"',
     ):
         load_config(write(tmp_path, "validation:\n  aspect_ratio: 16:9\n"))
-    with pytest.raises(ConfigError, match=r"validation.aspect_ratio: 16:9 .*quote it"):
+    with pytest.raises(ConfigError) as on_command_line:  # it named "line 1" and YAML's quoting, not the shell's
         load_config(None, ["validation.aspect_ratio=16:9"])
+    assert str(on_command_line.value) == (
+        "on the command line, validation.aspect_ratio=16:9: validation.aspect_ratio: 16:9 reads as the base-60 number "
+        "969 in YAML; quote it: 'validation.aspect_ratio=\"16:9\"'"
+    )
+    assert load_config(None, ['validation.aspect_ratio="16:9"']).validation.aspect_ratio == "16:9"  # as it says
     with pytest.raises(
         ConfigError, match=r'tracking.run_name must be str or null \(got 2024\); quote it: run_name: "2024"'
     ):
