@@ -88,6 +88,9 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
     """One line as a checked job (the `index`-th line); `outputs` and `ids` gather what the lines so far took."""
     if "index" in raw:
         raise InputError(f"{where}: unknown key 'index' (the line's position is its index)")
+    given_id = raw.get("id")
+    if isinstance(given_id, (str, int)) and not isinstance(given_id, bool):  # first: a line refused for another
+        _claim_id(str(given_id), False, where, ids)  # field still holds its id
     if isinstance(raw.get("loras"), list):  # the HTTP API's form
         raw["loras"] = _loras_mapping(raw["loras"], where)
     try:
@@ -110,15 +113,11 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
         raise InputError(f"{where}: job.{e}") from None
     if not job.prompt:
         raise InputError(f"{where}: prompt is required")
-    job.index, defaulted = index, job.id is None
-    job.id = f"{job.index:06d}" if defaulted else str(job.id)
-    if not _SAFE_ID.fullmatch(job.id):
-        raise InputError(f"{where}: id {job.id!r} must be letters, digits, '.', '_' or '-'")
-    if job.id in ids:  # the manifest keys jobs by id: two under one would each redo the other on every rerun
-        line, first_defaulted = ids[job.id]
-        how = " (a line without an id is named by its position)" if defaulted or first_defaulted else ""
-        raise InputError(f"{where}: id {job.id!r} is also line {line}'s id{how}; give each job its own id", "id")
-    ids[job.id] = where.rsplit(":", 1)[1], defaulted
+    job.index = index
+    if job.id is None:
+        job.id = f"{job.index:06d}"
+        _claim_id(job.id, True, where, ids)
+    job.id = str(job.id)
     if job.output is not None and (Path(job.output).name != job.output or not _SAFE_ID.fullmatch(job.output)):
         raise InputError(f"{where}: output {job.output!r} must be a plain file name inside the output folder")
     if job.mask is not None and not job.images:
@@ -132,6 +131,17 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
         raise InputError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
     outputs[job.output_name] = where.rsplit(":", 1)[1]
     return job
+
+
+def _claim_id(job_id: str, defaulted: bool, where: str, ids: dict) -> None:
+    """Record a line's id; one that is unsafe or another line's is refused."""
+    if not _SAFE_ID.fullmatch(job_id):
+        raise InputError(f"{where}: id {job_id!r} must be letters, digits, '.', '_' or '-'", "id")
+    if job_id in ids:  # the manifest keys jobs by id: two under one would each redo the other on every rerun
+        line, first_defaulted = ids[job_id]
+        how = " (a line without an id is named by its position)" if defaulted or first_defaulted else ""
+        raise InputError(f"{where}: id {job_id!r} is also line {line}'s id{how}; give each job its own id", "id")
+    ids[job_id] = where.rsplit(":", 1)[1], defaulted
 
 
 def _loras_mapping(items: list, where: str) -> dict:

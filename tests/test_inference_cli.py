@@ -417,6 +417,15 @@ def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model
     )
     jobs.write_text("".join(json.dumps(line) + "\n" for line in lines[:1] + lines[2:]))
     assert [job.id for job in read_jobs(jobs)] == ["000000", "000001", "000002"]
+    # A refused line's id was not yet taken, so a second line of that id came as a refusal of its own, next run.
+    jobs.write_text('{"id": "a", "prompt": "x", "steps": 1}\n{"id": "a", "prompt": "y"}\n{"id": 7, "prompt": "z"}\n')
+    with pytest.raises(
+        InputError, match=rf"^2 lines .* {jobs}:2: id 'a' is also line 1's id; give each job its own id$"
+    ):
+        read_jobs(jobs)
+    jobs.write_text('{"id": 7, "prompt": "z"}\n{"id": "7", "prompt": "z"}\n')  # an id given as a number is its text
+    with pytest.raises(InputError, match=r":2: id '7' is also line 1's id"):
+        read_jobs(jobs)
 
 
 def test_batch_renders_again_an_empty_cut_short_or_damaged_output(tiny_model_dir, tmp_path, capsys):
