@@ -19,12 +19,19 @@ _CONFIG_KEYS = {f.name for f in dataclasses.fields(LoraConfig)}
 
 
 def check_config(state_dict: dict[str, torch.Tensor], config: dict, where: str = "adapter") -> None:
-    """The weights agree with the config stored beside them (the file's metadata or adapter_config.json): each
-    lora_A is 2-D with the rank `r` / `rank_pattern` gives, and `use_dora` comes with DoRA magnitudes. peft builds its
+    """The weights agree with the config stored beside them (the file's metadata or adapter_config.json): every lora_A
+    has its lora_B and the other way round, each lora_A is 2-D with the rank `r` / `rank_pattern` gives, and
+    `use_dora` comes with DoRA magnitudes. peft builds its
     layers from the config and then loads the weights, so a mismatch was its size-mismatch traceback for every
     module, and a DoRA config without magnitudes a page of missing keys."""
     _check_values(config, where)
     problems = []
+    for key in sorted(k for k in state_dict if k.endswith((".lora_A.weight", ".lora_B.weight"))):
+        # half a pair: peft kept a random lora_A where the file had none (a wrong image, exit 0), export crashed
+        mine, other = (".lora_A.", ".lora_B.") if ".lora_A." in key else (".lora_B.", ".lora_A.")
+        if key.replace(mine, other) not in state_dict:
+            module = key[len("transformer.") : -len(".lora_A.weight")]
+            problems.append(f"module {module!r}: {mine.strip('.')} without {other.strip('.')}")
     for key in sorted(k for k in state_dict if k.endswith(".lora_A.weight")):
         module, a = key[len("transformer.") : -len(".lora_A.weight")], state_dict[key]
         if a.dim() != 2 or a.shape[0] == 0:
@@ -97,8 +104,7 @@ def check_shapes(state_dict: dict[str, torch.Tensor], transformer, where: str = 
         if not isinstance(base, torch.nn.Linear):
             problems.append(f"module {module_name!r} is {type(base).__name__}, not a Linear layer")
             continue
-        if b is None:
-            problems.append(f"module {module_name!r}: lora_A without lora_B")
+        if b is None:  # half a pair: `check_config`'s refusal
             continue
         want_a, want_b = (a.shape[0], base.in_features), (base.out_features, a.shape[0])
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:

@@ -148,6 +148,10 @@ def read_adapter(source: str | Path, transformer=None) -> AdapterWeights:
     check_config(state_dict, {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}, str(file))
     if transformer is not None:
         check_shapes(state_dict, transformer, str(file))
+    if metadata is not None and "transformer.target_modules" not in metadata:
+        # peft guesses missing targets from the model type, which a diffusers transformer lacks: a KeyError traceback
+        adapted = {k[len("transformer.") : -len(".lora_A.weight")] for k in state_dict if k.endswith(".lora_A.weight")}
+        metadata = {**metadata, "transformer.target_modules": sorted(adapted)}
     return AdapterWeights(state_dict, metadata, str(file), layout)
 
 

@@ -402,26 +402,24 @@ def test_dora_is_refused_for_comfyui_by_its_config_or_its_magnitudes_and_magnitu
 def test_the_shape_check_reports_every_misfit_three_in_full(transformer):
     a, b = torch.zeros(2, 32), torch.zeros(32, 2)
     state = {  # checked in sorted order: every kind of misfit must be reported, none may end the check
-        "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": a,
+        "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": a,  # half a pair: the config check's (below)
         "transformer.transformer_blocks.0.img_mlp.out.lora_A.weight": a,  # Linear(64 -> 32)
         "transformer.transformer_blocks.0.img_mlp.out.lora_B.weight": b,
         "transformer.transformer_blocks.0.img_norm1.lora_A.weight": a,
         "transformer.transformer_blocks.0.img_norm1.lora_B.weight": b,
+        "transformer.transformer_blocks.7.attn.to_q.lora_A.weight": a,
+        "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": b,
     }
     shown = [
-        "module 'transformer_blocks.0.attn.to_k': lora_A without lora_B",
         "module 'transformer_blocks.0.img_mlp.out' is Linear(in=64, out=32) but the adapter has lora_A [2, 32] and "
         "lora_B [32, 2] (expected [2, 64] and [32, 2])",
         "module 'transformer_blocks.0.img_norm1' is LayerNorm, not a Linear layer",
+        "module 'transformer_blocks.7.attn.to_q' does not exist in this transformer",
     ]
     intro = "adapter: does not fit this transformer — made for another model? "
     with pytest.raises(AdapterError) as error:
         check_shapes(state, transformer)
     assert str(error.value) == intro + "; ".join(shown)
-    state["transformer.transformer_blocks.7.attn.to_q.lora_A.weight"] = a
-    with pytest.raises(AdapterError) as error:
-        check_shapes(state, transformer)
-    assert str(error.value) == intro + "; ".join(shown) + " (and 1 more)"
     # A module that does not exist is one misfit among the others, not the end of the check.
     gone = {"transformer.transformer_blocks.0.attn.to_a.lora_A.weight": a, **state}
     with pytest.raises(AdapterError) as error:
@@ -430,8 +428,54 @@ def test_the_shape_check_reports_every_misfit_three_in_full(transformer):
         str(error.value)
         == intro
         + "; ".join(["module 'transformer_blocks.0.attn.to_a' does not exist in this transformer", *shown[:2]])
-        + " (and 2 more)"
+        + " (and 1 more)"
     )
+
+
+def test_half_a_lora_pair_is_refused_naming_the_module(transformer, tmp_path):
+    """A lora_B without its lora_A loaded with exit 0: peft kept its random lora_A there (a wrong image) and export
+    dropped the module; a lora_A without its lora_B made export crash with a KeyError."""
+    make_random_lora(transformer, tmp_path / "run", rank=2)
+    full = load_file(str(tmp_path / "run" / adapter_format.WEIGHTS_NAME))
+    for half in ("lora_A", "lora_B"):
+        other = "lora_B" if half == "lora_A" else "lora_A"
+        cut = {k: v for k, v in full.items() if k != f"transformer.transformer_blocks.0.attn.to_q.{other}.weight"}
+        file = tmp_path / f"without_{other}.safetensors"
+        save_file(cut, str(file))
+        said = rf"^{re.escape(str(file))}: its weights do not match its own config: module 'transformer_blocks.0.attn.to_q': {half} without {other}"
+        for read in (lambda: read_adapter(file, transformer), lambda: adapter_format.export_adapter(file)):
+            with pytest.raises(AdapterError, match=said):
+                read()
+
+
+def test_a_config_without_target_modules_targets_the_modules_its_weights_name(transformer, tmp_path):
+    """`{"r": 2, "lora_alpha": 4}` as the file's metadata or adapter_config.json was peft's 30-line KeyError
+    ('model_type'): peft guesses missing targets from a model type a diffusers transformer does not have."""
+    make_random_lora(transformer, tmp_path / "run", rank=2, alpha=4.0)
+    full = load_file(str(tmp_path / "run" / adapter_format.WEIGHTS_NAME))
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 2, "transformer.lora_alpha": 4.0})}
+    save_file(full, str(tmp_path / "meta.safetensors"), metadata=meta)
+    (tmp_path / "peft").mkdir()
+    save_file({k.replace("transformer.", "base_model.model.", 1): v for k, v in full.items()},
+              str(tmp_path / "peft" / "adapter_model.safetensors"))  # fmt: skip
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4.0}))
+    expected = read_adapter(tmp_path / "run", transformer)
+    for source in (tmp_path / "meta.safetensors", tmp_path / "peft"):
+        weights = read_adapter(source, transformer)
+        transformer.load_lora_adapter(weights.state_dict, prefix="transformer", metadata=weights.metadata,
+                                      adapter_name="bare")  # fmt: skip
+        transformer.load_lora_adapter(expected.state_dict, prefix="transformer", metadata=expected.metadata,
+                                      adapter_name="whole")  # fmt: skip
+        try:
+            adapted = [n for n, m in transformer.named_modules() if hasattr(m, "lora_B") and "bare" in m.lora_B]
+            assert adapted and adapted == [
+                n for n, m in transformer.named_modules() if hasattr(m, "lora_B") and "whole" in m.lora_B
+            ]
+            for name in adapted:
+                module = transformer.get_submodule(name)
+                torch.testing.assert_close(module.get_delta_weight("bare"), module.get_delta_weight("whole"))
+        finally:
+            transformer.delete_adapters(["bare", "whole"])
 
 
 def test_a_peft_folder_reads_with_its_adapter_config_and_loads_into_diffusers_as_peft_had_it(
