@@ -58,6 +58,8 @@ _KOHYA = re.compile(r"^lora_unet_(?P<module>[A-Za-z0-9_]+?)\.(?P<part>lora_down\
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float8 has no isfinite, no matmul
 _DIFFUSERS_PARTS = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
 
+EXPORT_MARK = "qwen_image_lora_export"  # in the header of the files `qwen-lora export` writes
+
 DORA_TO_COMFYUI = (
     "export --format comfyui: DoRA adapters cannot be exported exactly. peft's DoRA scales each output row by "
     "m / ||W + dW||, ComfyUI's weight_decompose by dora_scale / ||W|| (the base weight's norm): a matching dora_scale "
@@ -317,6 +319,7 @@ def to_comfyui(weights: AdapterWeights) -> tuple[dict[str, torch.Tensor], dict[s
         "format": "pt",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(module_scale(config, "", rank) * rank),
+        EXPORT_MARK: "comfyui",
     }
     return out, header
 
@@ -366,9 +369,11 @@ def _export_target(source: Path, output: str | Path | None) -> Path:
 
 
 def _is_comfyui_export(path: Path) -> bool:
+    """One of our exports: its header's mark (`ss_network_dim` is in every kohya, musubi or sd-scripts file, and a
+    user's own LoRA was replaced by it)."""
     try:
         with safe_open(str(path), "pt") as f:
-            return "ss_network_dim" in (f.metadata() or {})
+            return (f.metadata() or {}).get(EXPORT_MARK) == "comfyui"
     except (OSError, SafetensorError):
         return False
 

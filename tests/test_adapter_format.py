@@ -344,6 +344,10 @@ def test_export_never_replaces_the_adapter_it_reads_or_a_file_that_is_not_an_exp
     make_random_lora(transformer, tmp_path / "run", rank=2)
     own = tmp_path / "run" / adapter_format.WEIGHTS_NAME
     (tmp_path / "notes.safetensors").write_text("mine")
+    # someone's kohya/musubi LoRA: the same `ss_network_dim` header key an export has (it was replaced)
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(tmp_path / "theirs.safetensors"),
+              metadata={"ss_network_dim": "4", "ss_network_alpha": "4"})  # fmt: skip
+    theirs = (tmp_path / "theirs.safetensors").read_bytes()
     before = own.read_bytes()
     shutil.copy(own, tmp_path / "copy.safetensors")
     for source, output, said in (
@@ -351,6 +355,8 @@ def test_export_never_replaces_the_adapter_it_reads_or_a_file_that_is_not_an_exp
         (tmp_path / "copy.safetensors", own, "is the adapter's own file; choose another name"),  # a run's, not the source
         (tmp_path / "run", tmp_path / "notes.safetensors", "exists and is not a ComfyUI export; choose another name or "
                                                            "remove it (nothing was written)"),
+        (tmp_path / "run", tmp_path / "theirs.safetensors", "exists and is not a ComfyUI export; choose another name "
+                                                            "or remove it (nothing was written)"),
         (tmp_path / "run", tmp_path / "lora.pt", "is not a .safetensors file, which ComfyUI loads; name it "
                                                  "lora.safetensors, or give a folder"),
     ):  # fmt: skip
@@ -358,6 +364,7 @@ def test_export_never_replaces_the_adapter_it_reads_or_a_file_that_is_not_an_exp
             adapter_format.export_adapter(source, "comfyui", output)
         assert e.value.field == "--output"
     assert own.read_bytes() == before and (tmp_path / "notes.safetensors").read_text() == "mine"
+    assert (tmp_path / "theirs.safetensors").read_bytes() == theirs
     # A folder that is not there yet, with a trailing slash or without an extension, is a folder: it was one file.
     for folder in (f"{tmp_path / 'exports'}/", tmp_path / "exports2"):
         written = adapter_format.export_adapter(tmp_path / "run", "comfyui", folder)
