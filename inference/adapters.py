@@ -17,7 +17,13 @@ from qwen_image_lora.adapter_format import read_adapter
 from qwen_image_lora.console import loading_adapter
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import SettingError, adapter_name_for, check_adapter_name, unique_name
+from qwen_image_lora.knobs import (
+    SettingError,
+    adapter_name_for,
+    check_adapter_name,
+    check_adapter_weight,
+    unique_name,
+)
 
 
 @dataclass
@@ -48,6 +54,7 @@ class Adapters:
         """Load an adapter (file, folder or hub id) under `name` (default: the file or folder stem); returns the name.
         The new adapter is not activated; call `set` (or `Generator.generate` with `adapters=`)."""
         self._refuse_if_fused("load an adapter")
+        check_adapter_weight("weight", weight)
         if name is None:  # a derived name is made unique: two runs' `brand` folders load as brand and brand-2
             name = unique_name(adapter_name_for(source), self.loaded)
         try:
@@ -76,6 +83,8 @@ class Adapters:
     def set(self, weights: dict[str, float] | None) -> None:
         """Activate exactly these adapters at these weights; None or {} runs the base model."""
         weights = dict(weights or {})
+        for name, weight in weights.items():  # the limits of every edge: NaN rendered a black, transparent image
+            check_adapter_weight(f"adapters[{name!r}]", weight)
         unknown = [n for n in weights if n not in self.loaded]
         if unknown:
             known = ", ".join(self.loaded) or "none loaded"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen_image_lora.errors import AdapterError
+from qwen_image_lora.errors import AdapterError, InputError
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.testing import in_layout, make_random_lora
 
@@ -88,6 +88,19 @@ def test_unload_gives_back_the_plain_base_model(gen, lora_dirs):
 def test_unknown_adapter_name_lists_the_known_ones(gen, adapters):
     with pytest.raises(AdapterError, match="unknown adapter 'nope'; known adapters: style_a, style_b"):
         render(gen, {"nope": 1.0})
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), 100.0, -4.5])
+def test_the_python_api_refuses_an_adapter_weight_the_other_edges_refuse(gen, adapters, lora_dirs, weight):
+    """The CLI, batch lines and the API's requests refuse these; the Python API rendered NaN as a black, transparent
+    image and took 100."""
+    with pytest.raises(InputError, match=r"^adapters\['style_a'\]: must be a number from -4.0 to 4.0"):
+        render(gen, {"style_a": weight})
+    with pytest.raises(InputError, match=r"^adapters\['style_a'\]: must be a number"):
+        gen.adapters.set({"style_a": weight})
+    with pytest.raises(InputError, match=r"^weight: must be a number from -4.0 to 4.0"):
+        gen.adapters.load(lora_dirs["style_a"], name="again", weight=weight)
+    assert "again" not in gen.adapters.names
 
 
 @pytest.mark.parametrize("layout", ["comfyui", "kohya", "ai-toolkit"])
