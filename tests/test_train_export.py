@@ -38,3 +38,10 @@ def test_the_model_card_names_local_paths_by_their_last_name_only(tmp_path):
     assert "| EMA | off |" in card and "| final loss (mean of last steps) | 3.4618 |" in card
     hub = model_card(load_config(None, [f"model.pretrained={DEFAULT_MODEL}"]), {"steps": 10}, {})
     assert f"base_model: {DEFAULT_MODEL}" in hub and f'from_pretrained("{DEFAULT_MODEL}"' in hub
+
+
+def test_a_dora_runs_card_does_not_offer_the_comfyui_export_it_refuses():
+    plain = model_card(load_config(None, []), {"steps": 10}, {})
+    dora = model_card(load_config(None, ["lora.use_dora=true"]), {"steps": 10}, {})
+    assert "qwen-lora export --format comfyui" in plain
+    assert "qwen-lora export" not in dora and "DoRA adapters have no exact ComfyUI form" in dora

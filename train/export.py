@@ -141,7 +141,9 @@ def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
         f'image = pipe("{(trigger + " ") if trigger else ""}a bottle on a marble counter").images[0]',
         "```",
         "",
-        "ComfyUI: `qwen-lora export --format comfyui <this folder>` writes `comfyui_lora.safetensors`.",
+        "ComfyUI: DoRA adapters have no exact ComfyUI form; use the diffusers file above."
+        if cfg.lora.use_dora  # the export refuses them: the card told users to run it
+        else "ComfyUI: `qwen-lora export --format comfyui <this folder>` writes `comfyui_lora.safetensors`.",
         "",
         "## Settings",
         "",
