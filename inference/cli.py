@@ -324,7 +324,7 @@ def _serve(args) -> int:
     serve = load_config(args.config, args.overrides).serve
     keys = load_api_keys(serve, os.environ)  # no keys, the model or an adapter missing: refused before the imports
     _check_sources(args)
-    check_adapters(adapter.path for adapter in serve.adapters)
+    check_adapters((adapter.path for adapter in serve.adapters), "serve.adapters")  # one file twice: double strength
     serve.host, serve.port = args.host or serve.host, args.port or serve.port
     sock = listen(serve.host, serve.port)  # a port in use, too
     from qwen_image_lora.inference import service

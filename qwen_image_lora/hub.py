@@ -13,6 +13,7 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 from huggingface_hub.file_download import repo_folder_name
 
 from qwen_image_lora.errors import AdapterError, NotFound
+from qwen_image_lora.io import content_hash
 from qwen_image_lora.run_layout import FINAL_ADAPTER
 
 TRANSFORMER_SUBFOLDER = "transformer"
@@ -132,24 +133,28 @@ def check_adapters(sources, option: str | None = None) -> None:
             raise AdapterError(f"{option} {e}", option) from None
         if option is None:
             continue
-        if (key := _weights_file(source)) in seen:
+        if (key := _weights_file(source)) in seen:  # loaded twice it rendered at double strength
             weight = ", at the weight you want (PATH:WEIGHT)" if option == "--lora" else ""
-            raise AdapterError(f"{option} {source}: the same adapter as {option} {seen[key]}; give each adapter "
-                               f"once{weight}", option)  # fmt: skip
+            raise AdapterError(f"{option} {source}: the same adapter (the same weights) as {option} {seen[key]}; "
+                               f"give each adapter once{weight}", option)  # fmt: skip
         seen[key] = source
 
 
 def _weights_file(source: str):
-    """An adapter as one key however it is spelt: a local adapter's weights file by its inode (a run or checkpoint
-    folder, its adapter folder, a folder holding one file, the file, a link to it are one adapter), or the hub id."""
+    """An adapter as one key however it is spelt: a local adapter's weights by their bytes' sha256 (a run or checkpoint
+    folder, its adapter folder, a folder holding one file, the file, a link to it, a copy of it, or the run's last
+    checkpoint, which holds the final adapter's bytes, are one adapter), or the hub id."""
     path = Path(source).expanduser()
     if not path.exists():
         return source
     try:
-        found = local_weights_file(path).stat()
-    except (AdapterError, OSError):  # a folder of several files, or one it cannot list: loading it says so
-        found = path.stat()
-    return found.st_dev, found.st_ino
+        found = local_weights_file(path)
+    except AdapterError:  # a folder of several files: loading it says so
+        return path.stat().st_dev, path.stat().st_ino
+    try:
+        return content_hash(found)  # memoised: the settings written into each image hash it again
+    except OSError:  # unreadable: loading it says so
+        return found.stat().st_dev, found.stat().st_ino
 
 
 def local_weights_file(source: str | Path) -> Path:

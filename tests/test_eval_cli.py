@@ -249,7 +249,8 @@ def test_eval_refuses_an_adapter_given_twice_however_it_is_spelt(
                 f"model.pretrained={unloadable_model}"]  # fmt: skip
         assert main(argv) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
-            f"error: --adapter {folder / file}: the same adapter as --adapter {folder}; give each adapter once"
+            f"error: --adapter {folder / file}: the same adapter (the same weights) as --adapter {folder}; give each "
+            "adapter once"
         )
 
 

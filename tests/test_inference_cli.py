@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.cli import main
@@ -174,6 +175,23 @@ def test_serve_on_a_port_in_use_is_one_line_naming_it_before_the_model_loads(unl
     )
     assert main(["serve", "--model", str(unloadable_model), "--host", "no-such-host.invalid"]) == 2
     assert capsys.readouterr().err.startswith("error: serve.host: no-such-host.invalid is not a name or address")
+
+
+def test_serve_refuses_one_adapter_under_two_names_before_the_model_loads(
+    unloadable_model, lora_dir, monkeypatch, capsys
+):
+    """A request without `loras` applied both: the adapter at double strength."""
+    monkeypatch.setenv("QWEN_LORA_API_KEYS", "k1")
+    twice = f"serve.adapters=[{{name: a, path: {lora_dir}}}, {{name: b, path: {lora_dir / 'pytorch_lora_weights.safetensors'}}}]"
+    assert main(["serve", "--model", str(unloadable_model), twice]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith(
+            f"error: serve.adapters {lora_dir / 'pytorch_lora_weights.safetensors'}: the same adapter (the same weights) as "
+            f"serve.adapters {lora_dir}; give each adapter once"
+        )
+    )
 
 
 def test_an_output_over_an_input_that_from_brings_in_is_refused(tiny_model_dir, tmp_path, monkeypatch):
@@ -701,12 +719,15 @@ def test_one_adapter_given_twice_is_refused_and_a_missing_one_names_its_option(t
     (step / "adapter").mkdir(parents=True)
     (step / "adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
     os.link(step / "adapter" / "pytorch_lora_weights.safetensors", tmp_path / "linked.safetensors")
+    # a copy (or a run's last checkpoint, which holds the final adapter's bytes) rendered at double strength
+    shutil.copy(step / "adapter" / "pytorch_lora_weights.safetensors", tmp_path / "copy.safetensors")
     for first, second in ((run, run), (run, f"{run}/pytorch_lora_weights.safetensors:0.5"), (run, f"{run}/"),
-                          (step, step / "adapter"), (step, tmp_path / "linked.safetensors")):  # fmt: skip
+                          (step, step / "adapter"), (step, tmp_path / "linked.safetensors"),
+                          (step, tmp_path / "copy.safetensors")):  # fmt: skip
         assert main([*argv, "--lora", str(first), "--lora", str(second)]) == 2
         assert capsys.readouterr().err.strip() == (
-            f"error: --lora {str(second).rsplit(':', 1)[0]}: the same adapter as --lora {first}; give each adapter "
-            "once, at the weight you want (PATH:WEIGHT)"
+            f"error: --lora {str(second).rsplit(':', 1)[0]}: the same adapter (the same weights) as --lora {first}; "
+            "give each adapter once, at the weight you want (PATH:WEIGHT)"
         )
     assert main([*argv, "--lora", str(tmp_path / "runz")]) == 2
     assert capsys.readouterr().err.startswith(f"error: --lora {tmp_path / 'runz'}: no such adapter file or folder")
@@ -769,6 +790,8 @@ def test_batch_says_the_names_its_adapters_go_by(tmp_path, capsys, lora_dir, unl
     shown."""
     other = tmp_path / "other" / lora_dir.name
     shutil.copytree(lora_dir, other)
+    weights = other / "pytorch_lora_weights.safetensors"  # another adapter: the same weights are refused as one
+    save_file({k: v + 1 for k, v in load_file(str(weights)).items()}, str(weights))
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"id": "a", "prompt": "x", "loras": {"brand-2": 0.5}}) + "\n")
     argv = ["batch", str(jobs), "--output-dir", str(tmp_path / "out"), "--model", str(unloadable_model)]
