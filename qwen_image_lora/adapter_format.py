@@ -39,7 +39,7 @@ from qwen_image_lora.adapter_checks import MAX_ALPHA, check_config, check_shapes
 from qwen_image_lora.comfy_mlp import fuse_mlp, fused_names, split_fused_mlp
 from qwen_image_lora.config import DEFAULT_MODEL
 from qwen_image_lora.errors import AdapterError
-from qwen_image_lora.hub import WEIGHT_NAMES, check_adapter_hub, check_source, local_weights_file
+from qwen_image_lora.hub import WEIGHT_NAMES, check_adapter_file, check_adapter_hub, check_source, local_weights_file
 from qwen_image_lora.io import atomic_path
 from qwen_image_lora.run_layout import FINAL_ADAPTER
 
@@ -130,8 +130,7 @@ def read_adapter(source: str | Path, transformer=None) -> AdapterWeights:
     and every module is checked to exist with matching shapes. Raises AdapterError naming what does not fit."""
 
     file = resolve_file(source)
-    if file.suffix != ".safetensors":
-        raise AdapterError(f"{file}: only .safetensors adapters are loaded (pickled .bin/.pt files can run code)")
+    check_adapter_file(file)
     try:
         with safe_open(str(file), framework="pt") as f:
             raw = {k: f.get_tensor(k) for k in f.keys()}

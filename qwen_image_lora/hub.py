@@ -11,6 +11,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.file_download import repo_folder_name
+from safetensors import SafetensorError, safe_open
 
 from qwen_image_lora.errors import AdapterError, NotFound
 from qwen_image_lora.io import content_hash
@@ -102,6 +103,18 @@ def is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.fullmatch(source)) and not source.startswith(".") and not Path(source.split("/")[0]).exists()
 
 
+def check_adapter_file(file: Path) -> None:
+    """A local adapter's weights file is a .safetensors file whose header reads (numpy, not torch: the commands ask
+    this before importing torch; a .bin, an empty or a cut-short file was found after the base model had loaded)."""
+    if file.suffix != ".safetensors":
+        raise AdapterError(f"{file}: only .safetensors adapters are loaded (pickled .bin/.pt files can run code)")
+    try:
+        with safe_open(str(file), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{file}: not a readable adapter file ({e}); download or export it again") from e
+
+
 def check_source(source: str | Path) -> None:
     """Fail now, naming the path, when `source` is neither a local file or folder nor clearly a hub id: callers run
     this before loading a model, so a typo costs seconds, not a model load and a round of hub retries."""
@@ -127,6 +140,8 @@ def check_adapters(sources, option: str | None = None) -> None:
             check_source(source)
             if is_hub_id(source):
                 check_adapter_hub(source)
+            else:
+                check_adapter_file(local_weights_file(source))
         except AdapterError as e:
             if option is None:
                 raise

@@ -131,6 +131,8 @@ def test_version_names_ours_and_the_libraries_that_decide_a_run_without_importin
         (["data", "doctor", "missing.yaml"], "missing.yaml: config file not found"),
         # A mistyped --lora path took 10 s (the model's libraries imported first); now about 0.5 s.
         (["generate", "--prompt", "x", "--lora", "/nope/run", "--output", "a.png"], "/nope/run: no such adapter"),
+        # a file that is no adapter was refused after the base model had loaded
+        (["generate", "--prompt", "x", "--lora", "README.md", "--output", "a.png"], "README.md: only .safetensors"),
         (
             ["layers", "--image", "x.png", "--mask", "auto", "--lora", "/nope/run:0.5", "--output", "o.psd"],
             "/nope/run: no such adapter",

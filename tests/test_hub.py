@@ -3,10 +3,14 @@ mutation check): a local path is never taken for a hub id and fails naming what 
 cached and otherwise asks the hub once, each answer one message naming the id and the fix. The hub is a stand-in
 object answering like HfApi (never the network); the cache is a temporary folder."""
 
+import re
+
 import httpx
+import numpy as np
 import pytest
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+from safetensors.numpy import save_file
 
 from qwen_image_lora import hub
 from qwen_image_lora.errors import AdapterError, NotFound
@@ -201,11 +205,26 @@ def test_an_adapters_hub_check_asks_for_its_repository_and_names_the_adapter(her
 def test_check_adapters_checks_every_source_and_asks_the_hub_only_for_hub_ids(here, ask):
     _cache(here, "someone/cached")
     fake = ask(_hub_error(RepositoryNotFoundError))
-    hub.check_adapters(["outputs", "notes.txt", "someone/cached", "someone/cached/x.safetensors"])
+    save_file({"a": np.zeros(1, np.float32)}, str(here / "outputs" / "pytorch_lora_weights.safetensors"))
+    save_file({"a": np.ones(1, np.float32)}, str(here / "lora.safetensors"))
+    hub.check_adapters(["outputs", "lora.safetensors", "someone/cached", "someone/cached/x.safetensors"])
     assert fake.asked == []  # local paths and cached repos: no request
     with pytest.raises(AdapterError, match=r"^outputs/typo: no such adapter file or folder \(outputs/ exists here"):
         hub.check_adapters(["outputs", "outputs/typo", "someone/else"])  # stops at the first bad one, in order
     assert fake.asked == []
     with pytest.raises(AdapterError, match="^someone/else: "):
-        hub.check_adapters(["notes.txt", "someone/else"])
+        hub.check_adapters(["lora.safetensors", "someone/else"])
     assert [repo for repo, *_ in fake.asked] == ["someone/else"]
+
+
+@pytest.mark.parametrize(("name", "content", "said"), [
+    ("lora.bin", b"\x80\x04", "only .safetensors adapters are loaded (pickled .bin/.pt files can run code)"),
+    ("empty.safetensors", b"", "not a readable adapter file"),
+    ("cut.safetensors", None, "not a readable adapter file"),
+])  # fmt: skip
+def test_a_local_adapter_that_cannot_be_read_is_refused_before_torch_imports(here, name, content, said):
+    """A .bin, an empty or a cut-short file was refused only after the base model had loaded (minutes at 7B)."""
+    save_file({"a": np.zeros(64, np.float32)}, str(here / "whole.safetensors"))
+    (here / name).write_bytes(content if content is not None else (here / "whole.safetensors").read_bytes()[:-40])
+    with pytest.raises(AdapterError, match=rf"^--lora {re.escape(str(here / name))}: {re.escape(said)}"):
+        hub.check_adapters(["whole.safetensors", str(here / name)], "--lora")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -713,11 +714,11 @@ def test_one_adapter_given_twice_is_refused_and_a_missing_one_names_its_option(t
     missing adapter's line did not say it came from --lora."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    save_file({"a": torch.zeros(1)}, str(run / "pytorch_lora_weights.safetensors"))  # two readable files
     argv = ["generate", "--model", str(unloadable_model), "--prompt", "x", "--output", str(tmp_path / "o.png")]
     step = tmp_path / "run2" / "checkpoints" / "step-000005"
     (step / "adapter").mkdir(parents=True)
-    (step / "adapter" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    save_file({"a": torch.ones(1)}, str(step / "adapter" / "pytorch_lora_weights.safetensors"))
     os.link(step / "adapter" / "pytorch_lora_weights.safetensors", tmp_path / "linked.safetensors")
     # a copy (or a run's last checkpoint, which holds the final adapter's bytes) rendered at double strength
     shutil.copy(step / "adapter" / "pytorch_lora_weights.safetensors", tmp_path / "copy.safetensors")
