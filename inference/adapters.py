@@ -106,18 +106,17 @@ class Adapters:
             raise AdapterError(f"adapters are already fused as {self.fused}; unfuse first")
         if weights is not None:
             self.set(weights)
-        if not self.active:
+        on = [name for name, weight in self.active.items() if weight != 0]  # 0 is off (`_apply`)
+        if not on:
             raise AdapterError("no active adapter to fuse; load one and set its weight first")
         # Unfusing subtracts the delta again, which leaves the base weights a few ulps off; keep the touched
         # weights (on CPU) so unfuse gives back the exact base model.
         self._unfused_weights = {
             name: module.base_layer.weight.detach().to("cpu", copy=True)
             for name, module in self.pipe.transformer.named_modules()
-            if hasattr(module, "base_layer") and any(a in getattr(module, "lora_A", {}) for a in self.active)
+            if hasattr(module, "base_layer") and any(a in getattr(module, "lora_A", {}) for a in on)
         }
-        self.pipe.fuse_lora(
-            components=["transformer"], lora_scale=1.0, adapter_names=list(self.active), safe_fusing=True
-        )
+        self.pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=on, safe_fusing=True)
         self.fused = dict(self.active)
 
     def unfuse(self) -> None:
@@ -153,9 +152,12 @@ class Adapters:
         if not self.loaded:
             self.active = {}
             return
-        if weights:
+        # Weight 0 is off, as the studio shows it: a DoRA adapter at scale 0 still rescales each row by its
+        # magnitudes in peft, so it was not the base model.
+        on = {name: weight for name, weight in weights.items() if weight != 0}
+        if on:
             self.pipe.enable_lora()  # set_adapters does not undo an earlier disable_lora
-            self.pipe.set_adapters(list(weights), list(weights.values()))
+            self.pipe.set_adapters(list(on), list(on.values()))
         else:
             self.pipe.disable_lora()
         self.active = weights

@@ -5,8 +5,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from qwen_image_lora.adapter_format import write_diffusers
 from qwen_image_lora.errors import AdapterError, InputError
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.testing import in_layout, make_random_lora
@@ -83,6 +86,37 @@ def test_unload_gives_back_the_plain_base_model(gen, lora_dirs):
     gen.adapters.unload()
     assert gen.adapters.names == []
     assert np.array_equal(render(gen), base)
+
+
+def test_an_adapter_at_weight_0_is_the_base_model_dora_included(gen, tmp_path):
+    """peft keeps rescaling each row by a DoRA adapter's trained magnitudes at scale 0: `--lora run:0` was not the base
+    model, while the studio drops an adapter at 0."""
+    transformer = gen.pipe.transformer
+    transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, use_dora=True, target_modules="all-linear"), adapter_name="p")
+    try:
+        g = torch.Generator().manual_seed(0)
+        for module in transformer.modules():
+            if hasattr(module, "lora_magnitude_vector") and "p" in module.lora_magnitude_vector:
+                with torch.no_grad():  # trained: B away from zero, magnitudes away from the base rows' norms
+                    module.lora_B["p"].weight.copy_(torch.randn(module.lora_B["p"].weight.shape, generator=g))
+                    module.lora_magnitude_vector["p"].weight.mul_(3.0)
+        state = get_peft_model_state_dict(transformer, adapter_name="p")
+    finally:
+        transformer.delete_adapters("p")
+    targets = sorted({key.rsplit(".lora_", 1)[0] for key in state})
+    write_diffusers(tmp_path, state, {"r": 2, "lora_alpha": 2, "use_dora": True, "target_modules": targets})
+    base = render(gen)
+    gen.adapters.load(tmp_path, name="dora")
+    try:
+        assert not np.array_equal(render(gen, {"dora": 1.0}), base)
+        assert np.array_equal(render(gen, {"dora": 0.0}), base)
+        gen.adapters.load(tmp_path, name="dora-2")  # fused at 0 beside another, it changes nothing either
+        gen.adapters.fuse({"dora": 0.0, "dora-2": 1.0})
+        fused = render(gen, None)
+        gen.adapters.unfuse()
+        assert np.array_equal(fused, render(gen, {"dora-2": 1.0}))
+    finally:
+        gen.adapters.unload()
 
 
 def test_unknown_adapter_name_lists_the_known_ones(gen, adapters):
