@@ -111,6 +111,11 @@ def test_accelerate_launch_demo_config_trains_a_loadable_adapter(tiny_model_dir,
     assert meta["first_loss"] == pytest.approx(sum(losses[:10]) / 10) and meta["final_loss"] == pytest.approx(
         sum(losses[-10:]) / 10
     )
+    # the file's sha256, which every image made with the adapter records (adapter_sha256 hashes its tensors)
+    assert (
+        meta["adapter_file_sha256"]
+        == hashlib.sha256((out / "pytorch_lora_weights.safetensors").read_bytes()).hexdigest()
+    )
     assert meta["versions"]["torch"] == torch.__version__ and set(meta["versions"]) >= {
         "diffusers",
         "peft",

@@ -28,7 +28,7 @@ from qwen_image_lora import run_layout as layout
 from qwen_image_lora.config import Config, save_config
 from qwen_image_lora.console import counted
 from qwen_image_lora.hub import is_hub_id
-from qwen_image_lora.io import atomic_path, atomic_write_text
+from qwen_image_lora.io import atomic_path, atomic_write_text, content_hash
 from qwen_image_lora.train import adapter as lora_adapter
 
 
@@ -89,7 +89,8 @@ def write_run_folder(
     out = Path(cfg.output_dir)
     adapter = write_adapter_atomically(transformer, out, state)
     save_config(cfg, out / layout.CONFIG)
-    metadata = {**metadata, "versions": library_versions()}
+    # the file's sha256, as every image made with it records it (adapter_sha256 hashes the tensors, across ranks)
+    metadata = {**metadata, "adapter_file_sha256": content_hash(adapter), "versions": library_versions()}
     atomic_write_text(out / layout.METADATA, json.dumps(metadata, indent=2, default=str))
     atomic_write_text(
         out / layout.CARD, model_card(cfg, metadata, {k: Path(v).relative_to(out) for k, v in samples.items()})
