@@ -86,10 +86,12 @@ def check_adapter_hub(hub_id: str) -> None:
     """Raise AdapterError naming the adapter unless its repository (`owner/repo[/file.safetensors]`) is cached or
     answers on the hub now."""
     repo = "/".join(hub_id.split("/")[:2])
+    # `owner/repo/file.safetensors` is also how a mistyped local path reads: say both readings
+    head = f"{hub_id}: no local file of that name, and as a hub id" if hub_id.endswith(".safetensors") else f"{hub_id}:"
     try:
         check_hub_repo(
             repo,
-            head=f"{hub_id}:",
+            head=head,
             fix=f"download it first (`hf download {repo}`) or give the path of a local .safetensors file",
         )
     except HubUnavailable as e:

@@ -149,7 +149,7 @@ def test_version_names_ours_and_the_libraries_that_decide_a_run_without_importin
         ),
         (
             ["batch", "j.jsonl", "--lora", "someone/brand-lora/a.safetensors", "--output-dir", "o"],
-            "someone/brand-lora/a.safetensors: not in the local Hugging Face cache",
+            "someone/brand-lora/a.safetensors: no local file of that name, and as a hub id not in the local Hugging",
         ),
         # An uncached hub base model, offline: every command that loads it failed only after ~8 s of imports.
         *(

@@ -193,7 +193,10 @@ def test_an_adapters_hub_check_asks_for_its_repository_and_names_the_adapter(her
     with pytest.raises(AdapterError) as refused:
         hub.check_adapter_hub("someone/style/loras/v2.safetensors")
     assert asked.asked == [("someone/style", None, hub.HUB_TIMEOUT_S)]
-    assert str(refused.value).startswith("someone/style/loras/v2.safetensors: not in the local cache")
+    # a mistyped local path reads the same way: the message says both readings
+    assert str(refused.value).startswith(
+        "someone/style/loras/v2.safetensors: no local file of that name, and as a hub id not in the local cache"
+    )
     assert str(refused.value).endswith(
         "download it first (`hf download someone/style`) or give the path of a local .safetensors file"
     )
