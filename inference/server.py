@@ -21,6 +21,7 @@ import logging
 import math
 import queue
 import secrets
+import threading
 import time
 from typing import NamedTuple
 
@@ -153,14 +154,19 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             settings = GenerationRequest.from_settings(body, body.prompt, images=decoded.images, seed=seed,
                                                        adapters=adapters, mask=decoded.mask,
                                                        mask_feather=body.mask_feather)  # fmt: skip
-            return _generate(generator, settings, format_for(body.output_format), body.quality, metrics, body,
-                             decoded)  # fmt: skip
+            with job_warnings() as warned:
+                made = _generate(generator, settings, format_for(body.output_format), body.quality, metrics, body,
+                                 decoded)  # fmt: skip
+            return *made, warned
 
-        (width, height), data, made_with = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
-        headers = {"x-seed": str(seed)}
+        (width, height), data, made_with, warned = await admitted(
+            request, lambda: _decode_inputs(body, serve, gate), work
+        )
+        headers = {"x-seed": str(seed), **_warning_header(warned)}
         if body.response_format == "b64_json":  # the settings the image carries, also as JSON beside it
             payload = {"data": [{"b64_json": base64.b64encode(data).decode(), "seed": seed, "width": width,
-                                 "height": height, "settings": made_with}], "output_format": body.output_format}  # fmt: skip
+                                 "height": height, "settings": made_with, "warnings": warned}],
+                       "output_format": body.output_format}  # fmt: skip
             return JSONResponse(payload, headers=headers)
         # a name for what saves it (a browser, `curl -OJ`): the seed, and the format's extension
         headers["content-disposition"] = f'inline; filename="qwen-image-{seed}.{body.output_format}"'
@@ -178,15 +184,17 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             settings = GenerationRequest.from_settings(body, "", images=[image], seed=seed, adapters=adapters,
                                                        mask_feather=body.mask_feather)  # fmt: skip
             try:
-                made = generator.layers(settings, mask if mask is not None else "auto", body.prompt, elements)
+                with job_warnings() as warned:
+                    made = generator.layers(settings, mask if mask is not None else "auto", body.prompt, elements)
             except InputError as e:  # a mask or element box we refuse, named by its field
                 raise RequestError(422, str(e), _loc(e, body, default="image")) from None
-            return layer_output.encode_layers(made, body.output_format)
+            return layer_output.encode_layers(made, body.output_format), warned
 
-        data = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
+        data, warned = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
         named = {
             "x-seed": str(seed),
             "content-disposition": f'attachment; filename="layers-{seed}.{body.output_format}"',
+            **_warning_header(warned),
         }
         return Response(data, media_type=layer_output.MEDIA_TYPES[body.output_format], headers=named)
 
@@ -212,6 +220,34 @@ async def _disconnected(receive) -> None:
     """Returns when the client goes away (the body has been read, so `receive` has nothing else to give)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class _ThreadWarnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.thread, self.messages = threading.get_ident(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def job_warnings():
+    """The warnings our code logs on this thread while a job runs ("mask: white everywhere, so this is a plain edit"):
+    they reached the service's console alone, naming no request, and the client got a 200 and no hint."""
+    handler = _ThreadWarnings()
+    package = logging.getLogger("qwen_image_lora")
+    package.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        package.removeHandler(handler)
+
+
+def _warning_header(warned: list[str]) -> dict[str, str]:
+    """`x-warning`: the job's warnings, one header line (HTTP headers carry latin-1 text only)."""
+    return {"x-warning": "; ".join(warned).encode("latin-1", "replace").decode("latin-1")} if warned else {}
 
 
 async def _result(result: asyncio.Future):

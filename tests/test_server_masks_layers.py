@@ -74,8 +74,14 @@ def test_a_white_mask_is_said_once_per_request_and_a_masked_edit_takes_no_size(c
     """The worker checked each request, then `generate` checked it again: the line came twice per request."""
     body = {"prompt": "x", "image": b64(product()), "mask": b64(Image.new("L", (W, H), 255)), "num_inference_steps": 1}
     with caplog.at_level(logging.WARNING):
-        assert post(client, "/v1/images", body).status_code == 200
-    assert caplog.text.count("white everywhere, so this is a plain edit") == 1
+        said = post(client, "/v1/images", body)
+    assert said.status_code == 200 and caplog.text.count("white everywhere, so this is a plain edit") == 1
+    # ... and to the client, which got a 200 and no hint (the line went to the service's console alone)
+    assert said.headers["x-warning"] == "mask: white everywhere, so this is a plain edit (nothing is kept)"
+    as_json = post(client, "/v1/images", {**body, "response_format": "b64_json"}).json()
+    assert as_json["data"][0]["warnings"] == ["mask: white everywhere, so this is a plain edit (nothing is kept)"]
+    plain = post(client, "/v1/images", {**body, "mask": b64(half_mask())})
+    assert plain.status_code == 200 and "x-warning" not in plain.headers
     r = post(client, "/v1/images", {**body, "aspect_ratio": "16:9"})  # was taken, recorded and ignored
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mask"], r.text
 
