@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qwen_image_lora import adapter_format
-from qwen_image_lora.adapter_checks import check_shapes
+from qwen_image_lora.adapter_checks import check_config, check_shapes
 from qwen_image_lora.adapter_format import AdapterWeights, module_scale, read_adapter, to_comfyui
 from qwen_image_lora.cli import main as cli_main
 from qwen_image_lora.comfy_mlp import fuse_mlp_halves, split_fused_mlp
@@ -453,6 +453,18 @@ def test_half_a_lora_pair_is_refused_naming_the_module(transformer, tmp_path):
         for read in (lambda: read_adapter(file, transformer), lambda: adapter_format.export_adapter(file)):
             with pytest.raises(AdapterError, match=said):
                 read()
+    # three misfits are all named, with no "(and 0 more)"; a fourth is counted
+    halves = {
+        f"transformer.transformer_blocks.0.attn.{m}.lora_A.weight": torch.zeros(2, 32) for m in ("to_k", "to_q", "to_v")
+    }
+    with pytest.raises(AdapterError) as three:
+        check_config(halves, {})
+    assert str(three.value).endswith(
+        "module 'transformer_blocks.0.attn.to_v': lora_A without lora_B; save the weights and the config from one training run"
+    )
+    halves["transformer.transformer_blocks.1.attn.to_q.lora_A.weight"] = torch.zeros(2, 32)
+    with pytest.raises(AdapterError, match=r"to_v': lora_A without lora_B \(and 1 more\); save the weights"):
+        check_config(halves, {})
 
 
 def test_a_config_without_target_modules_targets_the_modules_its_weights_name(transformer, tmp_path):

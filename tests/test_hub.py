@@ -231,3 +231,25 @@ def test_a_local_adapter_that_cannot_be_read_is_refused_before_torch_imports(her
     (here / name).write_bytes(content if content is not None else (here / "whole.safetensors").read_bytes()[:-40])
     with pytest.raises(AdapterError, match=rf"^--lora {re.escape(str(here / name))}: {re.escape(said)}"):
         hub.check_adapters(["whole.safetensors", str(here / name)], "--lora")
+
+
+def test_one_adapter_given_twice_however_spelt_is_refused_naming_both(here):
+    """A folder and its file, a copy, or a run's last checkpoint beside its final adapter (the same bytes) loaded
+    twice rendered at double strength; the refusal names the option both came from."""
+    save_file({"a": np.zeros(4, np.float32)}, str(here / "outputs" / "pytorch_lora_weights.safetensors"))
+    (here / "copy.safetensors").write_bytes((here / "outputs" / "pytorch_lora_weights.safetensors").read_bytes())
+    save_file({"a": np.ones(4, np.float32)}, str(here / "other.safetensors"))
+    hub.check_adapters(["outputs", "other.safetensors"], "--lora")  # two adapters: fine
+    hub.check_adapters(["outputs", "copy.safetensors"])  # no option (a config's one adapter): not compared
+    for second in ("outputs/pytorch_lora_weights.safetensors", "copy.safetensors"):
+        for option, weight in (("--lora", ", at the weight you want (PATH:WEIGHT)"), ("--adapter", "")):
+            with pytest.raises(AdapterError) as refused:
+                hub.check_adapters(["outputs", "other.safetensors", second], option)
+            assert str(refused.value) == (
+                f"{option} {second}: the same adapter (the same weights) as {option} outputs; give each adapter "
+                f"once{weight}"
+            )
+            assert refused.value.field == option
+    with pytest.raises(AdapterError) as missing:
+        hub.check_adapters(["outputs", "nope"], "--adapter")
+    assert str(missing.value).startswith("--adapter nope: no such adapter") and missing.value.field == "--adapter"
