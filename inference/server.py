@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 import queue
+import re
 import secrets
 import threading
 import time
@@ -246,8 +247,10 @@ def job_warnings():
 
 
 def _warning_header(warned: list[str]) -> dict[str, str]:
-    """`x-warning`: the job's warnings, one header line (HTTP headers carry latin-1 text only)."""
-    return {"x-warning": "; ".join(warned).encode("latin-1", "replace").decode("latin-1")} if warned else {}
+    """`x-warning`: the job's warnings as one header line: latin-1 text without control characters (a line break a
+    message might carry from a request would end the header, and h11 refuses it: a 500)."""
+    text = re.sub(r"[\x00-\x1f\x7f]+", " ", "; ".join(warned)).encode("latin-1", "replace").decode("latin-1")
+    return {"x-warning": text} if warned else {}
 
 
 async def _result(result: asyncio.Future):

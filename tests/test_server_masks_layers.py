@@ -13,7 +13,7 @@ from psd_tools import PSDImage
 from qwen_image_lora.config import Config
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.layers import MAX_ELEMENTS, Element, LayersError, check_request
-from qwen_image_lora.inference.server import create_app
+from qwen_image_lora.inference.server import _warning_header, create_app
 
 KEY = "mask-key-0123456789"
 W, H = 96, 64
@@ -152,3 +152,9 @@ def test_an_input_too_elongated_to_resize_gets_422_naming_the_image_and_the_limi
     if path == "/v1/images":  # given as a list, the loc names the item (it said "image 2" in the message alone)
         r = post(client, path, {**body, "image": [b64(Image.new("RGB", (64, 64))), body["image"]]})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image", 1], r.text
+
+
+def test_a_warning_header_is_one_latin_1_line_whatever_the_message_holds():
+    """A line break in a warning would end the header (h11 refuses it: a 500), and non-latin-1 text cannot be sent."""
+    assert _warning_header([]) == {}
+    assert _warning_header(["a\r\nX-Evil: 1", "ü 中\x00"]) == {"x-warning": "a X-Evil: 1; ü ? "}
