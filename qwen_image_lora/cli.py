@@ -42,6 +42,16 @@ COMMAND_MODULES = [
 ]
 
 
+def _one_config(args) -> None:
+    """`validate CFG` or `validate --config CFG`, as the other commands spell it (it was refused); with --config the
+    first override lands where the positional config goes."""
+    if args.config and args.target:
+        args.overrides, args.target = [args.target, *args.overrides], None
+    args.config = args.config or args.target
+    if not args.config:
+        raise UserError("validate: give the config, e.g. `qwen-lora validate configs/brand.yaml`", "config")
+
+
 def _validate(args) -> int:
     """The config, then what it points at (the trainer's own early checks), the eval edits' input files and the run
     folder; no torch imported, no weights loaded (0.4 s)."""
@@ -143,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     p = sub.add_parser("validate", help="check a config, the model folder and the data source (no weights loaded)")
-    p.add_argument("config")
+    p.add_argument("target", nargs="?", metavar="config", help="the config (or give it as --config)")
+    p.add_argument("--config", help="the config, as the other commands take it")
     p.add_argument("overrides", nargs="*", default=[], help="section.key=value")
-    p.set_defaults(func=_validate)
+    p.set_defaults(func=_validate, prepare=_one_config)
 
     sub.add_parser("make-tiny-model", help="write the tiny random Qwen-Image-2.1 checkpoint used by tests and the demo")
     sub.add_parser("make-sample-data", help="write the bundled synthetic brand and edit-pair data set")
