@@ -21,9 +21,9 @@ _CONFIG_KEYS = {f.name for f in dataclasses.fields(LoraConfig)}
 def check_config(state_dict: dict[str, torch.Tensor], config: dict, where: str = "adapter") -> None:
     """The weights agree with the config stored beside them (the file's metadata or adapter_config.json): every lora_A
     has its lora_B and the other way round, each lora_A is 2-D with the rank `r` / `rank_pattern` gives, and
-    `use_dora` comes with DoRA magnitudes. peft builds its
-    layers from the config and then loads the weights, so a mismatch was its size-mismatch traceback for every
-    module, and a DoRA config without magnitudes a page of missing keys."""
+    `use_dora` comes with DoRA magnitudes. peft builds its layers from the config and then loads the weights, so a
+    mismatch was its size-mismatch traceback for every module, and a DoRA config without magnitudes a page of missing
+    keys."""
     _check_values(config, where)
     problems = []
     for key in sorted(k for k in state_dict if k.endswith((".lora_A.weight", ".lora_B.weight"))):
