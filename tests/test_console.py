@@ -153,6 +153,24 @@ def test_the_trainer_refuses_an_uncached_model_before_torch_imports(tmp_path, ra
     assert [line[: len(said)] for line in ours] == ([said] if rank == "0" else []), ours
 
 
+def test_a_new_run_in_another_runs_folder_is_refused_before_torch_imports(tmp_path, tiny_model_dir, sample_data_dir):
+    """`validate` said so in 0.4 s; the trainer said it after about 12 s of imports."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"")  # a finished run's adapter
+    cmd = [sys.executable, "-X", "importtime", str(ROOT / "train" / "lora.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+           f"model.pretrained={tiny_model_dir}", f"data.path={sample_data_dir / 'brand'}", f"output_dir={out}",
+           "validation.edits=[]", "eval.edits=[]"]  # fmt: skip
+    done = subprocess.run(cmd, env=_env(tmp_path, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120)
+    ours = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert done.returncode == 2 and not imported & {"torch", "accelerate", "diffusers"}, done.stderr[-2000:]
+    assert ours == [f"error: output_dir {out} already holds another run (a finished adapter (pytorch_lora_weights."
+                    "safetensors)). To continue it, add --resume latest; to start a new run, choose another "
+                    f"output_dir, or add --overwrite to move the old run aside to {out.with_name('run.previous')} "
+                    "(nothing is deleted)"], ours  # fmt: skip
+
+
 def test_a_bad_trainer_command_line_is_said_once_before_the_imports(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "train" / "lora.py"), "--resum", "latest"], env=_env(tmp_path),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
