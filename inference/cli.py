@@ -204,7 +204,7 @@ def _generate(args) -> int:
         checks.as_option(lambda: prepare_mask(mask, images[-1], warn=False))  # the generator's rules, before the model
     request = GenerationRequest.from_settings(args, args.prompt, images=images, mask=mask,
                                               mask_feather=getattr(args, "mask_feather", MASK_FEATHER.default))  # fmt: skip
-    checks.check_flags(request)  # bad sizes, steps or guidance fail before the model loads
+    checks.check_flags(request, args=args)  # bad sizes, steps or guidance fail before the model loads
     folder = Path(args.output).parent  # the settings name files relative to the image, so --from works from anywhere
     inputs = [file_record(p, folder) for p in args.image]
     mask_input = file_record(args.mask, folder) if mask is not None else None
@@ -235,7 +235,7 @@ def _layers(args) -> int:
     mask = args.mask if args.mask == "auto" else checks.input_image("--mask", args.mask, colours=False)
     checks.as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads
     request = GenerationRequest.from_settings(args, "", images=[image], mask_feather=args.mask_feather)
-    checks.check_flags(request)  # bad steps or guidance fail before the model loads
+    checks.check_flags(request, args=args)  # bad steps or guidance fail before the model loads
     generator, request.adapters = _load(args, _model_source(args))
     layers = generator.layers(request, mask, args.prompt, elements)
     # The flattened PNG carries no settings block: `--from` would re-create only its background edit.

@@ -30,11 +30,12 @@ FROM_HELP = (
 
 class Given(argparse.Action):
     """Stores the value and notes that the command line gave it, so `--from` can tell a typed `--seed 0` from the
-    default."""
+    default, and how it was spelt, so a refusal names the option the user typed."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
         namespace.given = {*getattr(namespace, "given", ()), self.dest}
+        namespace.typed = {**getattr(namespace, "typed", {}), self.dest: option_string}  # --steps, not its long name
 
 
 def job_format() -> str:

@@ -71,9 +71,9 @@ def check_request_flags(args) -> None:
                          "still there)", "--image")  # fmt: skip
     check_image_count(len(args.image), least=1 if args.command == "edit" else 0, field="--image")
     sampling = SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
-    check_flags(sampling)
+    check_flags(sampling, args=args)
     if getattr(args, "mask", None):
-        check_flags(sampling, check_masked_size)
+        check_flags(sampling, check_masked_size, args)
     for note in unused_flags(args):
         print(f"note: {note}", file=sys.stderr)
 
@@ -90,13 +90,18 @@ def unused_flags(args) -> list[str]:
     return notes
 
 
-def check_flags(request, rule=None) -> None:
-    """The sampling rules (`SamplingConfig.check`, or `rule`) on what the flags set; a refusal names the flag
-    (`--width: ...`)."""
+def check_flags(request, rule=None, args=None) -> None:
+    """The sampling rules (`SamplingConfig.check`, or `rule`) on what the flags set; a refusal names the flag as it
+    was typed (`--steps 0` was refused as `--num-inference-steps`)."""
+    typed = getattr(args, "typed", {})
+
+    def spell(field: str) -> str:
+        return typed.get(field) or flag(field)
+
     try:
         rule(request) if rule else request.check()
     except SettingError as e:
-        raise InputError(e.spelled(flag), e.field and flag(e.field)) from None
+        raise InputError(e.spelled(spell), e.field and spell(e.field)) from None
 
 
 def as_option(check, *inputs):
