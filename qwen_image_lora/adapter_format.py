@@ -39,9 +39,16 @@ from qwen_image_lora.adapter_checks import MAX_ALPHA, check_config, check_shapes
 from qwen_image_lora.comfy_mlp import fuse_mlp, fused_names, split_fused_mlp
 from qwen_image_lora.config import DEFAULT_MODEL
 from qwen_image_lora.errors import AdapterError
-from qwen_image_lora.hub import WEIGHT_NAMES, check_adapter_file, check_adapter_hub, check_source, local_weights_file
-from qwen_image_lora.io import atomic_path
-from qwen_image_lora.run_layout import FINAL_ADAPTER
+from qwen_image_lora.hub import (
+    WEIGHT_NAMES,
+    check_adapter_file,
+    check_adapter_hub,
+    check_source,
+    is_hub_id,
+    local_weights_file,
+)
+from qwen_image_lora.io import atomic_path, content_hash
+from qwen_image_lora.run_layout import FINAL_ADAPTER, trained_config
 
 WEIGHTS_NAME = FINAL_ADAPTER  # diffusers' LoRA file name; the run layout, which imports nothing heavy, holds it
 COMFYUI_NAME = "comfyui_lora.safetensors"
@@ -323,6 +330,20 @@ def to_comfyui(weights: AdapterWeights) -> tuple[dict[str, torch.Tensor], dict[s
     return out, header
 
 
+def provenance(file: Path) -> dict[str, str]:
+    """Where an export came from, in its header: the source file's sha256 (as images made with it record it) and, for
+    a run's adapter, its base model (a hub id, or a local folder by its last name) and trigger word."""
+    found = {"qwen_image_lora_source_sha256": content_hash(file)}
+    trained = trained_config(file)
+    if trained is not None:
+        config = trained[0]
+        base = str((config.get("model") or {}).get("pretrained") or "")
+        trigger = (config.get("data") or {}).get("trigger_word")
+        found |= {"qwen_image_lora_base_model": base if is_hub_id(base) else Path(base).name} if base else {}
+        found |= {"qwen_image_lora_trigger_word": str(trigger)} if trigger else {}
+    return found
+
+
 def _put_comfyui(out: dict, module: str, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
     out[f"diffusion_model.{module}.lora_down.weight"] = down.contiguous()
     out[f"diffusion_model.{module}.lora_up.weight"] = up.contiguous()
@@ -341,6 +362,7 @@ def write_comfyui(source: str | Path, output: str | Path | None = None, model: s
         kohya = False
     weights = read_adapter(file, qmodel.meta_transformer(model or DEFAULT_MODEL) if kohya else None)
     tensors, header = to_comfyui(weights)
+    header |= provenance(file)
     target = _export_target(Path(weights.source), output)
     with atomic_path(target) as tmp:
         save_file(tensors, str(tmp), metadata=header)

@@ -4,6 +4,7 @@ paths that are neither a local file nor a hub id. Finding the file: tests/test_a
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from qwen_image_lora.adapter_checks import check_config, check_shapes
 from qwen_image_lora.adapter_format import AdapterWeights, module_scale, read_adapter, to_comfyui
 from qwen_image_lora.cli import main as cli_main
 from qwen_image_lora.comfy_mlp import fuse_mlp_halves, split_fused_mlp
-from qwen_image_lora.config import DEFAULT_MODEL
+from qwen_image_lora.config import DEFAULT_MODEL, load_config, save_config
 from qwen_image_lora.errors import AdapterError
 from qwen_image_lora.hub import check_source, is_hub_id, local_weights_file
 from qwen_image_lora.inference.testing import in_layout, make_random_lora
@@ -840,3 +841,22 @@ def test_an_integer_alpha_reads_as_its_value(transformer, tmp_path):
         for f in ("int_alpha.safetensors", "src/comfyui_lora.safetensors")
     )
     assert ints.keys() == floats.keys() and all(torch.equal(ints[k], floats[k]) for k in ints)
+
+
+def test_an_export_says_where_it_came_from(transformer, tmp_path):
+    """Its header held only kohya's rank and alpha: no source, base model or trigger word to trace it by."""
+    run = make_random_lora(transformer, tmp_path / "run", rank=2)
+    save_config(
+        load_config(None, [f"model.pretrained={DEFAULT_MODEL}", "data.trigger_word=qwnbrand"]), run / "config.yaml"
+    )
+    with safe_open(str(adapter_format.export_adapter(run)), "pt") as f:
+        header = f.metadata()
+    source = run / adapter_format.WEIGHTS_NAME
+    assert header["qwen_image_lora_source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert (
+        header["qwen_image_lora_base_model"] == DEFAULT_MODEL and header["qwen_image_lora_trigger_word"] == "qwnbrand"
+    )
+    save_config(load_config(None, [f"model.pretrained={tmp_path / 'home' / 'alice' / 'base'}"]), run / "config.yaml")
+    with safe_open(str(adapter_format.export_adapter(run)), "pt") as f:
+        header = f.metadata()  # a local base by its last name (a header travels with the file)
+    assert header["qwen_image_lora_base_model"] == "base" and "qwen_image_lora_trigger_word" not in header
