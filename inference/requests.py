@@ -7,7 +7,7 @@ request passes the sampling rules each edge calls (a SettingError is a 422 namin
 import dataclasses
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
 
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.image_files import OUTPUT_FORMATS
@@ -54,6 +54,13 @@ def bounded(knob: Bounded):
     return Field(knob.default, ge=knob.low, le=knob.high, description=knob.help)
 
 
+def _mapping_as_list(loras):
+    """`{"brand": 0.8}` (a batch line's form) -> `[{"name": "brand", "weight": 0.8}]` (the API's): it was a 422."""
+    if isinstance(loras, dict):
+        return [{"name": name, "weight": weight} for name, weight in loras.items()]
+    return loras
+
+
 def request_models(serve: ServeConfig):
     """The request schema, with this deployment's limits in it (so /openapi.json shows them)."""
 
@@ -77,8 +84,9 @@ def request_models(serve: ServeConfig):
         )
 
     ImageStr = Annotated[str, Field(min_length=1, description="http(s) URL, base64, or a data: URL")]
-    Loras = Annotated[list[LoraRef] | None, Field(max_length=16, description="omitted: every configured adapter at its "
-                                                  "weight; []: the base model")]  # fmt: skip
+    Loras = Annotated[Annotated[list[LoraRef], Field(max_length=16)] | None, BeforeValidator(_mapping_as_list),
+                      Field(description="omitted: every configured adapter at its weight; []: the base model; a "
+                                        "{name: weight} mapping too, as batch lines take")]  # fmt: skip
 
     class ImageRequest(sampling_model("ImageSampling", serve, Sampled)):
         """Text-to-image when `image` is absent; an edit of 1 to 10 input images otherwise."""

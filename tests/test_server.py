@@ -152,6 +152,10 @@ def test_text_to_image_with_aspect_ratio_and_per_request_adapters(client):
     assert np.array_equal(
         get(aspect_ratio="16:9"), get(loras=[{"name": "brand", "weight": 0.8}, {"name": "sketch"}], aspect_ratio="16:9")
     )
+    # a batch line's mapping form, which the API refused with a 422
+    assert np.array_equal(get(loras={"brand": 0.8, "sketch": None}, aspect_ratio="16:9"), get(aspect_ratio="16:9"))
+    bad = client.post("/v1/images", json={"prompt": "x", "loras": {"brand": 5}}, headers=AUTH)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "loras", 0, "weight"], bad.text
 
 
 def test_auth_401_without_or_with_a_wrong_key(client):
