@@ -192,7 +192,7 @@ def _generate(args) -> int:
     checks.check_input_files(args)
     from qwen_image_lora.inference.from_image import apply_from
     from qwen_image_lora.inference.generator import GenerationRequest, check_input_aspects, file_record
-    from qwen_image_lora.inference.masking import prepare_mask
+    from qwen_image_lora.inference.mask_rules import prepare_mask
 
     if args.from_image:
         apply_from(args, Path(checks.input_file("--from", args.from_image)), SIZE_FIELDS)
@@ -201,7 +201,9 @@ def _generate(args) -> int:
     images = [checks.input_image("--image", p) for p in args.image]
     mask = checks.input_image("--mask", args.mask, colours=False) if getattr(args, "mask", None) else None
     if mask is not None:
-        checks.as_option(lambda: prepare_mask(mask, images[-1], warn=False))  # the generator's rules, before the model
+        checks.as_option(
+            lambda: prepare_mask(mask, images[-1].size, warn=False)
+        )  # the generator's rules, before the model
     request = GenerationRequest.from_settings(args, args.prompt, images=images, mask=mask,
                                               mask_feather=getattr(args, "mask_feather", MASK_FEATHER.default))  # fmt: skip
     checks.check_flags(request, args=args)  # bad sizes, steps or guidance fail before the model loads

@@ -108,7 +108,7 @@ def as_option(check, *inputs):
     """Run a request rule that needs no model. Its error names the field (`mask: ...`, `element 'x': ...`); here
     that is the option that carried it (`--mask: ...`)."""
     from qwen_image_lora.inference.layers import LayersError
-    from qwen_image_lora.inference.masking import MaskError
+    from qwen_image_lora.inference.mask_rules import MaskError
 
     try:
         return check(*inputs)

@@ -23,6 +23,7 @@ from qwen_image_lora.image_files import read_settings
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
+from qwen_image_lora.inference.mask_rules import prepare_mask
 from qwen_image_lora.io import content_hash
 from qwen_image_lora.knobs import MASK_FEATHER, SettingError, check_image_count, check_masked_size
 from qwen_image_lora.presets import ASPECT_RATIOS, MAX_SIDE, SIDE_MULTIPLE
@@ -350,7 +351,7 @@ class Generator:
             raise InputError("mask: a mask needs an image to edit; give the image the mask belongs to", "mask")
         if request.mask_feather < 0:
             raise InputError(f"mask_feather: must be >= 0 pixels (got {request.mask_feather})", "mask_feather")
-        return masking.prepare_mask(request.mask, request.images[-1])
+        return prepare_mask(request.mask, request.images[-1].size)
 
     def _size(self, request: GenerationRequest) -> tuple[int, int]:
         """The size to sample at, for a request that passed `check` (the sampling rules)."""

@@ -14,7 +14,8 @@ from qwen_image_lora import typed_yaml
 from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.image_files import format_for
-from qwen_image_lora.images import ImageInputError, identify
+from qwen_image_lora.images import ImageInputError, identify, read_image
+from qwen_image_lora.inference.mask_rules import MaskError, prepare_mask
 from qwen_image_lora.io import iter_jsonl
 from qwen_image_lora.knobs import (
     MASK_FEATHER,
@@ -170,3 +171,9 @@ def _check_inputs(job: Job, where: str) -> None:
     if not same_aspect((mw, mh), (iw, ih)):
         raise InputError(f"{where}: mask: {mw}x{mh} has another aspect ratio than its image ({iw}x{ih}); resizing it "
                          "would distort it. Export the mask at the image's size.", "mask")  # fmt: skip
+    try:  # the generator's own rules (an all-black mask changes nothing): that job failed after the model had loaded
+        prepare_mask(read_image(job.mask, colours=False), (iw, ih), warn=False)
+    except MaskError as e:
+        raise InputError(f"{where}: {e}", "mask") from None
+    except ImageInputError:  # that job fails on its own when it renders, saying why
+        return

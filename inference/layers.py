@@ -33,6 +33,7 @@ from qwen_image_lora.errors import InputError
 from qwen_image_lora.image_files import LAYER_FORMATS, SRGB_ICC, encode_image, read_png_text, save_image
 from qwen_image_lora.images import ImageInputError
 from qwen_image_lora.inference import masking
+from qwen_image_lora.inference.mask_rules import MaskError, prepare_mask
 from qwen_image_lora.io import atomic_path
 from qwen_image_lora.knobs import DEFAULT_BACKGROUND_PROMPT
 from qwen_image_lora.presets import MAX_SIDE, SIDE_MULTIPLE
@@ -102,7 +103,7 @@ class Layers:
 
 def check_request(image: Image.Image, mask: Image.Image | str, elements: list[Element]) -> Image.Image | str:
     """What a layers request needs no model for: each element's box inside the image, the mask's rules
-    (`masking.prepare_mask`). Returns the prepared mask, or "auto". `build_layers` (the CLI's and the server's path)
+    (`mask_rules.prepare_mask`). Returns the prepared mask, or "auto". `build_layers` (the CLI's and the server's path)
     runs it first; the CLI also runs it before loading the model."""
     if len(elements) > MAX_ELEMENTS:
         raise LayersError(f"element: at most {MAX_ELEMENTS} elements (got {len(elements)})", "elements")
@@ -115,7 +116,7 @@ def check_request(image: Image.Image, mask: Image.Image | str, elements: list[El
         if mask != "auto":
             raise LayersError(f"mask: give a mask image or 'auto' (got {mask!r})", "mask")
         return mask
-    return masking.prepare_mask(mask, image, subject=True)
+    return prepare_mask(mask, image.size, subject=True)
 
 
 def build_layers(
@@ -129,8 +130,8 @@ def build_layers(
     subject_mask = check_request(image, mask, elements)
     if isinstance(subject_mask, str):
         try:
-            subject_mask = masking.prepare_mask(_auto_mask(generator, request), image, subject=True)
-        except masking.MaskError as e:  # the model's own cut-out found no subject, or only one
+            subject_mask = prepare_mask(_auto_mask(generator, request), image.size, subject=True)
+        except MaskError as e:  # the model's own cut-out found no subject, or only one
             raise LayersError(
                 f"{e} (the model's cut-out for mask 'auto' gave this: give a mask image)", "mask"
             ) from None

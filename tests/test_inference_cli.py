@@ -415,13 +415,18 @@ def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model
     Image.new("L", (64, 32)).save(jobs.parent / "wide.png")
     exif = Image.Exif()
     exif[0x0112] = 6  # a phone's portrait photo stored on its side: 64x32 pixels that show as 32x64
-    Image.new("L", (64, 32)).save(jobs.parent / "turned.jpg", exif=exif)
+    Image.new("L", (64, 32), 255).save(jobs.parent / "turned.jpg", exif=exif)  # white: a mask that changes something
     jobs.write_text(json.dumps({"prompt": "x", "images": ["in.png"], "mask": "wide.png"}) + "\n")
     with pytest.raises(InputError, match=r":1: mask: 64x32 has another aspect ratio than its image \(\d+x\d+\)"):
         read_jobs(jobs)
     Image.new("RGB", (32, 64)).save(jobs.parent / "tall.png")
     jobs.write_text(json.dumps({"prompt": "x", "images": ["tall.png"], "mask": "turned.jpg"}) + "\n")
     assert read_jobs(jobs)[0].mask.endswith("turned.jpg")  # shown upright it is the image's shape
+    # An all-black mask changes nothing: that job failed after the model had loaded (the others rendered).
+    Image.new("L", (32, 64), 0).save(jobs.parent / "black.png")
+    jobs.write_text(json.dumps({"prompt": "x", "images": ["tall.png"], "mask": "black.png"}) + "\n")
+    with pytest.raises(InputError, match=r":1: mask: the mask changes nothing \(it is black everywhere\); paint white"):
+        read_jobs(jobs)
     (jobs.parent / "cut.png").write_bytes((jobs.parent / "tall.png").read_bytes()[:60])  # fails its own job only
     jobs.write_text(json.dumps({"prompt": "x", "images": ["cut.png"], "mask": "turned.jpg"}) + "\n")
     assert read_jobs(jobs)[0].images[0].endswith("cut.png")

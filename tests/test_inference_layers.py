@@ -15,7 +15,7 @@ from scipy.ndimage import distance_transform_edt
 from qwen_image_lora.cli import main
 from qwen_image_lora.image_files import SRGB_ICC, read_settings
 from qwen_image_lora.inference import layers as layer_output
-from qwen_image_lora.inference import masking
+from qwen_image_lora.inference import mask_rules, masking
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from tests.test_inference_masking import random_mask
 from tests.unchosen import unchosen_seeds
@@ -190,11 +190,11 @@ def test_bad_layer_requests_are_refused_naming_the_part(gen):
     # A layers mask is white on the subject: its refusals said "changes nothing ... paint white where the image may
     # change" and, for an all-white one, warned of "a plain edit (nothing is kept)".
     with pytest.raises(
-        masking.MaskError, match=r"^mask: no subject \(it is black everywhere\); paint the subject white"
+        mask_rules.MaskError, match=r"^mask: no subject \(it is black everywhere\); paint the subject white"
     ):
         gen.layers(request, Image.new("L", (W, H), 0))
     with pytest.raises(
-        masking.MaskError, match=r"^mask: the subject covers the whole image \(white everywhere\), so no"
+        mask_rules.MaskError, match=r"^mask: the subject covers the whole image \(white everywhere\), so no"
     ):
         gen.layers(request, Image.new("L", (W, H), 255))
 

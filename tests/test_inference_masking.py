@@ -11,7 +11,7 @@ from scipy.ndimage import distance_transform_edt
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.cli import main
-from qwen_image_lora.inference import masking
+from qwen_image_lora.inference import mask_rules, masking
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.testing import make_random_lora
 from tests.unchosen import unchosen_seeds
@@ -126,7 +126,7 @@ def test_the_latent_blend_holds_the_kept_region_on_the_inputs_noised_latents_eve
 def test_the_kept_latents_are_the_pipelines_own_encoding_of_the_input(gen):
     image, mask = product(), right_half_mask()
     width, height = gen._size(GenerationRequest("x", images=[image]))
-    blend = masking.LatentBlend(gen.pipe, image, masking.prepare_mask(mask, image), width, height, seed=0)
+    blend = masking.LatentBlend(gen.pipe, image, mask_rules.prepare_mask(mask, image.size), width, height, seed=0)
     pixels = gen.pipe.image_processor.preprocess(image.convert("RGBA"), width=width, height=height).unsqueeze(2)
     own = gen.pipe._encode_vae_image(pixels, generator=None)
     torch.testing.assert_close(blend.x0, qmodel.pack(own))
@@ -152,17 +152,17 @@ def test_masked_edit_with_an_adapter_and_two_reference_images(gen, tmp_path):
 
 def test_bad_masks_get_clear_errors(gen, caplog):
     image = product()
-    with pytest.raises(masking.MaskError, match="changes nothing"):
+    with pytest.raises(mask_rules.MaskError, match="changes nothing"):
         edit(gen, image, Image.new("L", image.size, 0))
-    with pytest.raises(masking.MaskError, match="aspect ratio"):
+    with pytest.raises(mask_rules.MaskError, match="aspect ratio"):
         edit(gen, image, Image.new("L", (100, 100), 255))
     with pytest.raises(ValueError, match="needs an image"):
         gen.generate(GenerationRequest("x", mask=right_half_mask()))
     with caplog.at_level(logging.WARNING):
-        masking.prepare_mask(Image.new("L", image.size, 255), image)
+        mask_rules.prepare_mask(Image.new("L", image.size, 255), image.size)
     assert "plain edit" in caplog.text
     # Same aspect, other scale: resized, not refused.
-    assert masking.prepare_mask(right_half_mask().resize((W // 2, H // 2)), image).size == image.size
+    assert mask_rules.prepare_mask(right_half_mask().resize((W // 2, H // 2)), image.size).size == image.size
 
 
 def test_composite_feathers_only_inside_the_changed_region():

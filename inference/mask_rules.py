@@ -1,0 +1,56 @@
+"""What makes a mask usable, decided from the mask alone (PIL, no torch): the jobs file's and the command line's
+checks run it before the model's libraries import, and the generator runs it again (`masking.py` does the edit)."""
+
+from __future__ import annotations
+
+import logging
+
+from PIL import Image
+
+from qwen_image_lora.errors import InputError
+from qwen_image_lora.presets import same_aspect
+
+log = logging.getLogger(__name__)
+
+
+class MaskError(InputError):
+    """A mask we refuse, with what to do about it."""
+
+    def __init__(self, message: str, field: str | None = "mask"):
+        super().__init__(message, field)
+
+
+def prepare_mask(mask: Image.Image, size: tuple[int, int], warn: bool = True, subject: bool = False) -> Image.Image:
+    """The mask as 8-bit grey at its image's `size` (white = may change). Resized when only the scale differs.
+    `warn=False`: an edge's check before the model loads, which the generator's own call repeats. `subject`: a layers
+    mask, white on the subject: its refusals say so (they spoke of a masked edit's "may change" and "plain edit")."""
+    grey = mask.convert("RGBA").getchannel("A") if _alpha_only(mask) else mask.convert("L")
+    if grey.size != size:
+        (mw, mh), (iw, ih) = grey.size, size
+        if not same_aspect(grey.size, size):
+            raise MaskError(
+                f"mask: {mw}x{mh} has another aspect ratio than the image ({iw}x{ih}); resizing it would distort it. "
+                "Export the mask at the image's size."
+            )
+        grey = grey.resize(size, Image.Resampling.BILINEAR)
+    lo, hi = grey.getextrema()
+    if subject and hi < 128:
+        raise MaskError("mask: no subject (it is black everywhere); paint the subject white and the rest black")
+    if subject and lo >= 128:
+        raise MaskError("mask: the subject covers the whole image (white everywhere), so no background is left for its "
+                        "layer; paint the subject white and the rest black")  # fmt: skip
+    if hi < 128:
+        raise MaskError(
+            "mask: the mask changes nothing (it is black everywhere); paint white where the image may change"
+        )
+    if lo >= 128 and warn:
+        log.warning("mask: white everywhere, so this is a plain edit (nothing is kept)")
+    return grey
+
+
+def _alpha_only(mask: Image.Image) -> bool:
+    """A transparent PNG drawn as 'paint where it may change' carries the mask in its alpha."""
+    if mask.mode != "RGBA":
+        return False
+    rgb_lo, rgb_hi = zip(*mask.convert("RGB").getextrema())
+    return max(rgb_hi) == min(rgb_lo)  # one flat colour: the information is in alpha
