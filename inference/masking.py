@@ -10,16 +10,12 @@ every kept pixel is the input's, exactly (alpha included for RGBA inputs).
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from PIL import Image
 from scipy.ndimage import distance_transform_edt
 
 from qwen_image_lora import model as qmodel
-
-log = logging.getLogger(__name__)
 
 
 def latent_mask(mask: Image.Image, width: int, height: int, device, dtype) -> torch.Tensor:
