@@ -29,15 +29,19 @@ def input_image(option: str, path: str, colours: bool = True):
     return image
 
 
-def check_input_files(args) -> None:
-    """Every file the command line names exists, checked before the model's libraries import (a mistyped --image
-    took 8-13 s to say so)."""
+def _inputs(args) -> list[tuple[str, str]]:
+    """(option, path) of each file the command reads: --image, --mask (not `auto`), --from."""
     images = args.image if isinstance(args.image, list) else [args.image]
     named = [("--image", p) for p in images] + [("--mask", getattr(args, "mask", None)),
                                                 ("--from", getattr(args, "from_image", None))]  # fmt: skip
-    for option, path in named:
-        if path and path != "auto":
-            input_file(option, path)
+    return [(option, path) for option, path in named if path and path != "auto"]
+
+
+def check_input_files(args) -> None:
+    """Every file the command line names exists, checked before the model's libraries import (a mistyped --image
+    took 8-13 s to say so)."""
+    for option, path in _inputs(args):
+        input_file(option, path)
 
 
 def input_file(option: str, path: str) -> str:
@@ -51,9 +55,7 @@ def input_file(option: str, path: str) -> str:
 def check_not_an_input(option: str, outputs: list[str], args) -> None:
     """Refuse to write over a file this command reads (--image, --mask, --from): it would be replaced before anyone
     noticed, and `--from` an earlier output then fails on the input's changed sha256. `batch` refuses the same."""
-    images = args.image if isinstance(args.image, list) else [args.image]
-    given = [*images, getattr(args, "mask", None), getattr(args, "from_image", None)]
-    inputs = {Path(p).resolve() for p in given if p and p != "auto"}
+    inputs = {Path(path).resolve() for _, path in _inputs(args)}
     for out in outputs:
         if Path(out).resolve() in inputs:
             written = "" if out == outputs[0] else f" (the flattened image of {outputs[0]})"

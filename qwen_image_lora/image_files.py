@@ -79,8 +79,8 @@ def encode_image(
     settings = settings_as_written(settings, fmt, quality)
     if fmt == "PNG" and (settings is not None or png_text):
         options["pnginfo"] = PngImagePlugin.PngInfo()
-        for key, text in {**({SETTINGS_KEY: json.dumps(settings, ensure_ascii=False)} if settings else {}),
-                          **(png_text or {})}.items():  # fmt: skip
+        ours = {} if settings is None else {SETTINGS_KEY: json.dumps(settings, ensure_ascii=False)}
+        for key, text in {**ours, **(png_text or {})}.items():
             options["pnginfo"].add_itxt(key, text)
     elif settings is not None:
         exif = Image.Exif()
