@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qwen_image_lora.cli import config_or_target
 from qwen_image_lora.config import load_config
 from qwen_image_lora.console import counted
 from qwen_image_lora.errors import InputError
@@ -31,9 +32,7 @@ def _doctor(args) -> int:
     for option, path, name in (("--json", args.json, "doctor.json"), ("--html", args.html, "edit_pairs.html")):
         if path is not None and Path(path).is_dir():  # refused before the data is read
             raise InputError(f"{option} {path}: is a folder; give a file path, e.g. {Path(path) / name}", option)
-    if args.config and args.target:  # `--config CFG key=value`: the first override landed in TARGET
-        args.overrides, args.target = [args.target, *args.overrides], None
-    target = args.config or args.target
+    target = config_or_target(args)
     if target is None:
         raise InputError("data doctor: give a config (.yaml) or a data folder / manifest, e.g. "
                          "`qwen-lora data doctor configs/brand.yaml`", "target")  # fmt: skip

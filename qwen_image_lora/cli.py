@@ -42,12 +42,17 @@ COMMAND_MODULES = [
 ]
 
 
-def _one_config(args) -> None:
-    """`validate CFG` or `validate --config CFG`, as the other commands spell it (it was refused); with --config the
-    first override lands where the positional config goes."""
+def config_or_target(args) -> str | None:
+    """The config given as `--config CFG` or as the command's positional TARGET (`validate`, `data doctor`); with
+    --config, the first override lands in TARGET and goes back to the overrides."""
     if args.config and args.target:
         args.overrides, args.target = [args.target, *args.overrides], None
-    args.config = args.config or args.target
+    return args.config or args.target
+
+
+def _one_config(args) -> None:
+    """`validate CFG` or `validate --config CFG`, as the other commands spell it (it was refused)."""
+    args.config = config_or_target(args)
     if not args.config:
         raise UserError("validate: give the config, e.g. `qwen-lora validate configs/brand.yaml`", "config")
 
