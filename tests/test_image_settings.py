@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import Config
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.image_files import encode_image, read_settings
+from qwen_image_lora.image_files import encode_image, read_png_text, read_settings
 from qwen_image_lora.inference.batch import run_batch
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.jobs import read_jobs
@@ -258,3 +258,11 @@ def test_a_jpeg_of_an_image_with_alpha_is_composited_on_white_at_the_quality_ask
     assert np.abs(pixels[16, 16] - centre).max() <= 8
     assert len(worst) < len(best)  # the quality is applied, to WebP too
     assert len(encode_image(rgba, "webp", 10)) < len(encode_image(rgba, "webp", 95))
+
+
+def test_other_text_chunks_of_a_png_carry_no_settings_block():
+    """layers' flattened PNG carries its mark alone: `--from` it would re-create its background edit only."""
+    data = encode_image(Image.new("RGBA", (8, 8)), "png", png_text={"mark": "sku.psd"})
+    assert read_settings(data) is None and read_png_text(data, "mark") == "sku.psd"
+    both = encode_image(Image.new("RGBA", (8, 8)), "png", settings={"seed": 1}, png_text={"mark": "sku.psd"})
+    assert read_settings(both) == {"seed": 1} and read_png_text(both, "mark") == "sku.psd"
