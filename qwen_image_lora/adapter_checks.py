@@ -85,8 +85,9 @@ def _check_values(config: dict, where: str) -> None:
                 refuse(f"{name}[{key!r}] is {value!r}, not a number above 0")
 
 
-def check_shapes(state_dict: dict[str, torch.Tensor], transformer, where: str = "adapter") -> None:
-    """Every lora_A/lora_B pair (and DoRA magnitude) must name an existing Linear and match its in/out features."""
+def check_shapes(state_dict: dict[str, torch.Tensor], transformer, where: str = "adapter", next_step: str = "") -> None:
+    """Every lora_A/lora_B pair (and DoRA magnitude) must name an existing Linear and match its in/out features;
+    `next_step` ends the refusal."""
     problems = []
     for key in sorted(state_dict):
         if not key.endswith(".lora_A.weight"):
@@ -119,7 +120,10 @@ def check_shapes(state_dict: dict[str, torch.Tensor], transformer, where: str = 
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise AdapterError(
-            f"{where}: does not fit this transformer — made for another model? " + "; ".join(problems[:3]) + more
+            f"{where}: does not fit this transformer — made for another model? "
+            + "; ".join(problems[:3])
+            + more
+            + next_step
         )
 
 

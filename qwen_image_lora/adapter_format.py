@@ -46,6 +46,7 @@ from qwen_image_lora.hub import (
     check_source,
     is_hub_id,
     local_weights_file,
+    transformer_config_json,
 )
 from qwen_image_lora.io import atomic_path, content_hash
 from qwen_image_lora.run_layout import FINAL_ADAPTER, trained_config
@@ -132,9 +133,10 @@ def _download(hub_id: str) -> Path:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def read_adapter(source: str | Path, transformer=None) -> AdapterWeights:
+def read_adapter(source: str | Path, transformer=None, next_step: str = "") -> AdapterWeights:
     """Read any supported layout as diffusers' layout. With `transformer`, kohya names are unflattened against it
-    and every module is checked to exist with matching shapes. Raises AdapterError naming what does not fit."""
+    and every module is checked to exist with matching shapes. Raises AdapterError naming what does not fit (and
+    `next_step` if it does not fit the transformer)."""
 
     file = resolve_file(source)
     check_adapter_file(file)
@@ -155,7 +157,7 @@ def read_adapter(source: str | Path, transformer=None) -> AdapterWeights:
         metadata = _peft_config_metadata(file.parent / "adapter_config.json")
     check_config(state_dict, {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}, str(file))
     if transformer is not None:
-        check_shapes(state_dict, transformer, str(file))
+        check_shapes(state_dict, transformer, str(file), next_step)
     if metadata is not None and "transformer.target_modules" not in metadata:
         # peft guesses missing targets from the model type, which a diffusers transformer lacks: a KeyError traceback
         adapted = {k[len("transformer.") : -len(".lora_A.weight")] for k in state_dict if k.endswith(".lora_A.weight")}
@@ -344,6 +346,14 @@ def provenance(file: Path) -> dict[str, str]:
     return found
 
 
+def _trained_base(file: Path) -> str | None:
+    """The base model a run's adapter was trained on, when its config.json is at hand (a folder that still exists,
+    or a cached hub id); otherwise None, and the released model's architecture is the one checked."""
+    trained = trained_config(file)
+    base = str(((trained[0].get("model") or {}).get("pretrained") or "")) if trained else ""
+    return base if transformer_config_json(base) is not None else None
+
+
 def _put_comfyui(out: dict, module: str, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
     out[f"diffusion_model.{module}.lora_down.weight"] = down.contiguous()
     out[f"diffusion_model.{module}.lora_up.weight"] = up.contiguous()
@@ -352,15 +362,14 @@ def _put_comfyui(out: dict, module: str, down: torch.Tensor, up: torch.Tensor, s
 
 def write_comfyui(source: str | Path, output: str | Path | None = None, model: str | None = None) -> Path:
     """Read `source` (any layout with its config, or a folded one) and write it for ComfyUI; default output:
-    `comfyui_lora.safetensors` beside the source. A kohya-style file's names are unflattened against `model`'s
-    module tree (built from its config.json; default: the released model's). Returns the file written."""
+    `comfyui_lora.safetensors` beside the source. Its modules are checked (and a kohya-style file's names unflattened)
+    against `model`'s module tree, built from its config.json (default: the base model of the run that trained it,
+    else the released model's). Returns the file written."""
     file = resolve_file(source)
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            kohya = any(k.startswith("lora_unet_") for k in f.keys())
-    except (SafetensorError, ValueError, OSError):  # read_adapter says what is wrong with it
-        kohya = False
-    weights = read_adapter(file, qmodel.meta_transformer(model or DEFAULT_MODEL) if kohya else None)
+    # Every module is checked against the model: a Flux LoRA in diffusers' layout exported as "ComfyUI" unchecked.
+    against = model or _trained_base(file) or DEFAULT_MODEL
+    weights = read_adapter(file, qmodel.meta_transformer(against), f" (checked against {against}; --model names the "
+                           "base model it was trained on, its config.json only)")  # fmt: skip
     tensors, header = to_comfyui(weights)
     header |= provenance(file)
     target = _export_target(Path(weights.source), output)

@@ -4,6 +4,7 @@ paths that are neither a local file nor a hub id. Finding the file: tests/test_a
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -39,6 +40,13 @@ MLP = ["to_q", "to_k", "to_v", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer",
 def transformer(tiny_model_dir):
 
     return QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
+
+
+@pytest.fixture
+def export(tiny_model_dir):
+    """`export_adapter` checking against the tiny model, the one these adapters are made for (a file from elsewhere
+    is checked against the released model's architecture)."""
+    return functools.partial(adapter_format.export_adapter, model=str(tiny_model_dir))
 
 
 def linear_shapes(transformer) -> dict[str, tuple[int, int]]:
@@ -120,11 +128,9 @@ def test_fused_mlp_factors_give_the_unfused_deltas_stacked_gate_rows_first():
     assert down.dtype == up.dtype == torch.bfloat16
 
 
-def _full_prefix(source, out_file):
+def _full_prefix(export, source, out_file):
     """Our ComfyUI export under the whole model's prefix (`model.diffusion_model.`), as some ComfyUI tools save it."""
-    save_file(
-        {f"model.{k}": v for k, v in load_file(str(adapter_format.export_adapter(source))).items()}, str(out_file)
-    )
+    save_file({f"model.{k}": v for k, v in load_file(str(export(source))).items()}, str(out_file))
     return out_file
 
 
@@ -132,13 +138,13 @@ def _full_prefix(source, out_file):
     "layout",
     ["comfyui", "kohya", "ai-toolkit", "model.diffusion_model"],
 )
-def test_reading_the_fused_export_back_splits_it_exactly(transformer, tmp_path, layout):
+def test_reading_the_fused_export_back_splits_it_exactly(transformer, tmp_path, layout, export):
     make_random_lora(transformer, tmp_path, rank=2, alpha=3, targets=MLP)
     ours = adapter_format.read_adapter(tmp_path, transformer)
     if layout == "comfyui":
-        other = adapter_format.export_adapter(tmp_path)
+        other = export(tmp_path)
     elif layout == "model.diffusion_model":
-        other = _full_prefix(tmp_path, tmp_path / "full.safetensors")
+        other = _full_prefix(export, tmp_path, tmp_path / "full.safetensors")
     else:  # kohya's flattened names must unflatten to the fused gate_up, which is no module of diffusers' model
         other = in_layout(tmp_path, tmp_path / f"{layout}.safetensors", layout)
     back = adapter_format.read_adapter(other, transformer)
@@ -251,12 +257,12 @@ def test_dora_weights_pass_through_unconverted(transformer, tmp_path):
     assert all(torch.equal(weights.state_dict[f"transformer.{k}"], v) for k, v in state.items())
 
 
-def test_the_comfyui_file_carries_kohyas_rank_and_alpha_header_and_alphas(transformer, tmp_path):
+def test_the_comfyui_file_carries_kohyas_rank_and_alpha_header_and_alphas(transformer, tmp_path, tiny_model_dir):
     """Tools that read kohya-style files take the network's rank and alpha from the header; ComfyUI scales each
     module by its `.alpha` tensor / rank. Both must say the adapter's own scale (alpha / rank = 2 here)."""
 
     make_random_lora(transformer, tmp_path / "src", rank=4, alpha=8.0, targets="all-linear")
-    written = adapter_format.write_comfyui(tmp_path / "src", tmp_path / "out" / "lora.safetensors")
+    written = adapter_format.write_comfyui(tmp_path / "src", tmp_path / "out" / "lora.safetensors", str(tiny_model_dir))
     with safe_open(str(written), "pt") as f:
         header = f.metadata()
         ranks = {
@@ -322,10 +328,10 @@ def test_comfyui_export_patches_each_module_with_pefts_delta_and_the_header_hold
     assert float(header["ss_network_alpha"]) / config["r"] == pytest.approx(scales["transformer_blocks.0.attn.to_v"])
 
 
-def test_a_folded_adapter_exports_at_scale_one_to_the_path_asked(transformer, tmp_path):
+def test_a_folded_adapter_exports_at_scale_one_to_the_path_asked(transformer, tmp_path, export):
     """A file without a config (diffusers folded alpha / rank into its weights on reading) has scale 1 everywhere."""
     make_random_lora(transformer, tmp_path / "src", rank=4, alpha=8.0)  # attention only: one rank
-    first = adapter_format.export_adapter(tmp_path / "src", "comfyui", tmp_path / "first.safetensors")
+    first = export(tmp_path / "src", "comfyui", tmp_path / "first.safetensors")
     assert first == tmp_path / "first.safetensors" and not (tmp_path / "src" / adapter_format.COMFYUI_NAME).exists()
     folded = read_adapter(first, transformer)
     assert folded.metadata is None and folded.config == {}
@@ -336,10 +342,10 @@ def test_a_folded_adapter_exports_at_scale_one_to_the_path_asked(transformer, tm
     for module, delta in before.items():
         torch.testing.assert_close(again[module], delta)
     with pytest.raises(AdapterError, match=r"^export --format: unknown 'ckpt'; supported: comfyui$"):
-        adapter_format.export_adapter(tmp_path / "src", "ckpt")
+        export(tmp_path / "src", "ckpt")
 
 
-def test_export_never_replaces_the_adapter_it_reads_or_a_file_that_is_not_an_export(transformer, tmp_path):
+def test_export_never_replaces_the_adapter_it_reads_or_a_file_that_is_not_an_export(transformer, tmp_path, export):
     """It replaced the run's own adapter with the ComfyUI layout, overwrote any file named, crashed on a folder, and
     two files exported from one folder both went to comfyui_lora.safetensors."""
     make_random_lora(transformer, tmp_path / "run", rank=2)
@@ -362,33 +368,47 @@ def test_export_never_replaces_the_adapter_it_reads_or_a_file_that_is_not_an_exp
                                                  "lora.safetensors, or give a folder"),
     ):  # fmt: skip
         with pytest.raises(AdapterError, match=rf"^export --output: {re.escape(str(output))} {re.escape(said)}$") as e:
-            adapter_format.export_adapter(source, "comfyui", output)
+            export(source, "comfyui", output)
         assert e.value.field == "--output"
     assert own.read_bytes() == before and (tmp_path / "notes.safetensors").read_text() == "mine"
     assert (tmp_path / "theirs.safetensors").read_bytes() == theirs
     # A folder that is not there yet, with a trailing slash or without an extension, is a folder: it was one file.
     for folder in (f"{tmp_path / 'exports'}/", tmp_path / "exports2"):
-        written = adapter_format.export_adapter(tmp_path / "run", "comfyui", folder)
+        written = export(tmp_path / "run", "comfyui", folder)
         assert written == Path(folder) / adapter_format.COMFYUI_NAME and written.is_file()
-    into = adapter_format.export_adapter(tmp_path / "run", "comfyui", tmp_path / "run")  # a folder: the name in it
+    into = export(tmp_path / "run", "comfyui", tmp_path / "run")  # a folder: the name in it
     assert into == tmp_path / "run" / adapter_format.COMFYUI_NAME
-    assert adapter_format.export_adapter(own, "comfyui", into) == into  # a previous export is replaced, as asked
+    assert export(own, "comfyui", into) == into  # a previous export is replaced, as asked
     shutil.copy(own, tmp_path / "a.safetensors")
     shutil.copy(own, tmp_path / "b.safetensors")
-    named = [adapter_format.export_adapter(tmp_path / f"{n}.safetensors") for n in "ab"]
+    named = [export(tmp_path / f"{n}.safetensors") for n in "ab"]
     assert [p.name for p in named] == ["a_comfyui.safetensors", "b_comfyui.safetensors"]
 
 
-def test_an_export_into_a_checkpoint_folder_says_that_rotation_deletes_it(transformer, tmp_path, capsys):
+def test_an_export_into_a_checkpoint_folder_says_that_rotation_deletes_it(
+    transformer, tmp_path, capsys, tiny_model_dir
+):
     """`qwen-lora export out/run/checkpoints/step-000029` wrote there, and the next resume rotated the folder away
     with the export in it, without a word."""
     step = tmp_path / "run" / "checkpoints" / "step-000029"
     make_random_lora(transformer, step / "adapter", rank=2)
-    assert cli_main(["export", str(step / "adapter")]) == 0
+    assert cli_main(["export", str(step / "adapter"), "--model", str(tiny_model_dir)]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == str(step / "adapter" / adapter_format.COMFYUI_NAME)
     assert err.startswith(f"note: {out.strip()} lies in the checkpoint folder step-000029, which checkpoint rotation")
-    assert cli_main(["export", str(step / "adapter"), "--output", str(tmp_path / "kept.safetensors")]) == 0
+    assert (
+        cli_main(
+            [
+                "export",
+                str(step / "adapter"),
+                "--model",
+                str(tiny_model_dir),
+                "--output",
+                str(tmp_path / "kept.safetensors"),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().err == ""
 
 
@@ -499,7 +519,7 @@ def test_a_config_without_target_modules_targets_the_modules_its_weights_name(tr
 
 
 def test_a_peft_folder_reads_with_its_adapter_config_and_loads_into_diffusers_as_peft_had_it(
-    transformer, tiny_model_dir, tmp_path
+    transformer, tiny_model_dir, tmp_path, export
 ):
     config = {"r": 2, "lora_alpha": 6.0, "target_modules": ["img_mlp.proj", "to_q"], "use_rslora": True}
     # A fresh base: the module's transformer keeps earlier tests' (deleted) LoRA wrappers, which peft warns about.
@@ -518,7 +538,7 @@ def test_a_peft_folder_reads_with_its_adapter_config_and_loads_into_diffusers_as
     assert read.target_modules == set(config["target_modules"])
     # diffusers' own loader, given the weights and the config read from the json, builds the adapter peft had.
     # Its ComfyUI export, written beside adapter_config.json, carries its alphas: the json scaled it again (3x here).
-    exported = read_adapter(adapter_format.export_adapter(tmp_path), transformer)
+    exported = read_adapter(export(tmp_path), transformer)
     assert exported.layout == "comfyui" and exported.metadata is None
     for read_back, name in ((weights, "f"), (exported, "e")):
         transformer.load_lora_adapter(read_back.state_dict, prefix="transformer", metadata=read_back.metadata,
@@ -830,10 +850,10 @@ def test_a_kohya_file_exports_through_the_cli_against_the_model_it_names(transfo
     assert cli_main(["export", str(kohya), "--model", str(tmp_path / "config-only"), "--output", str(out)]) == 0
 
 
-def test_an_integer_alpha_reads_as_its_value(transformer, tmp_path):
+def test_an_integer_alpha_reads_as_its_value(transformer, tmp_path, export):
     """kohya and ComfyUI files may store `.alpha` as an integer scalar; the dtype check refused them."""
     make_random_lora(transformer, tmp_path / "src", rank=4, alpha=8.0)
-    exported = load_file(str(adapter_format.export_adapter(tmp_path / "src")))
+    exported = load_file(str(export(tmp_path / "src")))
     as_int = {k: v.to(torch.int64) if k.endswith(".alpha") else v for k, v in exported.items()}
     save_file(as_int, str(tmp_path / "int_alpha.safetensors"))
     ints, floats = (
@@ -843,13 +863,13 @@ def test_an_integer_alpha_reads_as_its_value(transformer, tmp_path):
     assert ints.keys() == floats.keys() and all(torch.equal(ints[k], floats[k]) for k in ints)
 
 
-def test_an_export_says_where_it_came_from(transformer, tmp_path):
+def test_an_export_says_where_it_came_from(transformer, tmp_path, export):
     """Its header held only kohya's rank and alpha: no source, base model or trigger word to trace it by."""
     run = make_random_lora(transformer, tmp_path / "run", rank=2)
     save_config(
         load_config(None, [f"model.pretrained={DEFAULT_MODEL}", "data.trigger_word=qwnbrand"]), run / "config.yaml"
     )
-    with safe_open(str(adapter_format.export_adapter(run)), "pt") as f:
+    with safe_open(str(export(run)), "pt") as f:
         header = f.metadata()
     source = run / adapter_format.WEIGHTS_NAME
     assert header["qwen_image_lora_source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
@@ -857,6 +877,29 @@ def test_an_export_says_where_it_came_from(transformer, tmp_path):
         header["qwen_image_lora_base_model"] == DEFAULT_MODEL and header["qwen_image_lora_trigger_word"] == "qwnbrand"
     )
     save_config(load_config(None, [f"model.pretrained={tmp_path / 'home' / 'alice' / 'base'}"]), run / "config.yaml")
-    with safe_open(str(adapter_format.export_adapter(run)), "pt") as f:
+    with safe_open(str(export(run)), "pt") as f:
         header = f.metadata()  # a local base by its last name (a header travels with the file)
     assert header["qwen_image_lora_base_model"] == "base" and "qwen_image_lora_trigger_word" not in header
+
+
+def test_export_checks_every_module_against_the_model_it_is_for(transformer, tmp_path, tiny_model_dir, capsys):
+    """A Flux LoRA in diffusers' layout (its blocks' names are Qwen-Image's too) exported as a "ComfyUI" Qwen-Image
+    file with exit 0: nothing checked it against any model unless its names were kohya's."""
+    flux = tmp_path / "flux_lora.safetensors"
+    inner = 3072  # Flux's width; its single-stream blocks exist in no Qwen-Image model
+    save_file({f"transformer.{m}.lora_{half}.weight": torch.zeros((4, inner) if half == "A" else (inner, 4))
+               for m in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out") for half in "AB"},
+              str(flux))  # fmt: skip
+    assert cli_main(["export", str(flux)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flux}: does not fit this transformer — made for another model? ")
+    assert "module 'single_transformer_blocks.0.proj_out' does not exist in this transformer" in err
+    assert "is Linear(in=4096, out=4096) but the adapter has lora_A [4, 3072]" in err  # the released model's width
+    assert err.rstrip().endswith(f"(checked against {DEFAULT_MODEL}; --model names the base model it was trained on, "
+                                 "its config.json only)")  # fmt: skip
+    assert not (tmp_path / "flux_lora_comfyui.safetensors").exists()
+    # A tiny model's adapter is refused against the released model, and exports against its own.
+    make_random_lora(transformer, tmp_path / "tiny", rank=2)
+    assert cli_main(["export", str(tmp_path / "tiny")]) == 2
+    assert "is Linear(in=4096, out=4096) but the adapter has lora_A [2, 32]" in capsys.readouterr().err
+    assert cli_main(["export", str(tmp_path / "tiny"), "--model", str(tiny_model_dir)]) == 0

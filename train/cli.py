@@ -40,8 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--format", choices=["comfyui"], default="comfyui")
     p.add_argument(
         "--model",
-        help="hub id or folder of the base model a kohya-style (lora_unet_) file is unflattened against: its "
-        "config.json only, no weights (default: Qwen/Qwen-Image-2.1's architecture)",
+        help="hub id or folder of the base model the adapter is checked (and a kohya-style file unflattened) "
+        "against: its config.json only, no weights (default: the training run's base model, else "
+        "Qwen/Qwen-Image-2.1's architecture)",
     )
     p.add_argument(
         "--output",
