@@ -95,7 +95,7 @@ def test_comfyui_export_loads_back_to_the_same_outputs(
     adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=6, targets=targets, use_rslora=rslora))
     _randomise(transformer, seed=1)
     adapter.save_adapter(transformer, tmp_path)
-    comfy = adapter_format.export_adapter(tmp_path, "comfyui")
+    comfy = adapter_format.export_adapter(tmp_path, "comfyui", model=str(tiny_model_dir))
     with safe_open(str(comfy), framework="pt") as f:
         keys = list(f.keys())
     assert all(k.startswith("diffusion_model.") for k in keys)
@@ -113,10 +113,10 @@ def test_comfyui_export_loads_back_to_the_same_outputs(
     )
 
 
-def test_rslora_export_header_alpha_agrees_with_every_module_alpha(transformer, tmp_path):
+def test_rslora_export_header_alpha_agrees_with_every_module_alpha(transformer, tmp_path, tiny_model_dir):
     adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=16, targets="attention+mlp", use_rslora=True))
     adapter.save_adapter(transformer, tmp_path)
-    with safe_open(str(adapter_format.export_adapter(tmp_path)), framework="pt") as f:
+    with safe_open(str(adapter_format.export_adapter(tmp_path, model=str(tiny_model_dir))), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     header_scale = float(header["ss_network_alpha"]) / int(header["ss_network_dim"])
     assert header_scale == pytest.approx(16 / 2)  # rsLoRA: alpha / sqrt(rank)
@@ -126,20 +126,20 @@ def test_rslora_export_header_alpha_agrees_with_every_module_alpha(transformer, 
             assert alpha.item() / rank == pytest.approx(header_scale), key
 
 
-def test_export_cli(transformer, tmp_path, capsys):
+def test_export_cli(transformer, tmp_path, capsys, tiny_model_dir):
 
     adapter.add_lora(transformer, LoRAConfig(rank=2, alpha=2))
     adapter.save_adapter(transformer, tmp_path)
-    assert main(["export", "--format", "comfyui", str(tmp_path)]) == 0
+    assert main(["export", "--format", "comfyui", str(tmp_path), "--model", str(tiny_model_dir)]) == 0
     assert (tmp_path / adapter_format.COMFYUI_NAME).is_file()
     assert main(["export", str(tmp_path / "missing")]) == 2
 
 
-def test_dora_cannot_be_exported_to_comfyui_and_the_refusal_says_why(transformer, tmp_path):
+def test_dora_cannot_be_exported_to_comfyui_and_the_refusal_says_why(transformer, tmp_path, tiny_model_dir):
     adapter.add_lora(transformer, LoRAConfig(rank=2, alpha=2, use_dora=True))
     adapter.save_adapter(transformer, tmp_path)
     with pytest.raises(AdapterError, match=r"DoRA.*weight_decompose.*base weight"):
-        adapter_format.export_adapter(tmp_path)
+        adapter_format.export_adapter(tmp_path, model=str(tiny_model_dir))
     assert not (tmp_path / adapter_format.COMFYUI_NAME).exists()
 
 
@@ -165,7 +165,7 @@ def test_init_from_a_comfyui_file_keeps_each_modules_delta_whatever_the_new_alph
     adapter.add_lora(transformer, LoRAConfig(rank=4, alpha=4, targets="attention"))
     _randomise(transformer, seed=3)
     adapter.save_adapter(transformer, tmp_path)
-    comfy = adapter_format.export_adapter(tmp_path)  # alpha folded on reading: scale 1
+    comfy = adapter_format.export_adapter(tmp_path, model=str(tiny_model_dir))  # alpha folded on reading: scale 1
     other = QwenImage21Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
     adapter.add_lora(other, LoRAConfig(rank=4, alpha=32, targets="attention", init_from=str(comfy)))  # scale 8
     torch.testing.assert_close(_velocity(other, tiny_pipe), _velocity(transformer, tiny_pipe), rtol=1e-4, atol=1e-5)
