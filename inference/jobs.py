@@ -27,7 +27,6 @@ from qwen_image_lora.knobs import (
     check_range,
     repeated_name,
 )
-from qwen_image_lora.presets import same_aspect
 from qwen_image_lora.typed_yaml import ConfigError
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -155,8 +154,8 @@ def _loras_mapping(items: list, where: str) -> dict:
 
 
 def _check_inputs(job: Job, where: str) -> None:
-    """Every input image and mask is a file (paths relative to the jobs file), and a mask has its image's shape (read
-    from the two headers), before any model loads: a misshapen mask failed its job at render time."""
+    """Every input image and mask is a file (paths relative to the jobs file), and a mask passes the generator's
+    rules for its image, before any model loads: a misshapen or all-black mask failed its job at render time."""
     named = [(f"images[{i}]", p) for i, p in enumerate(job.images)] + ([("mask", job.mask)] if job.mask else [])
     for name, p in named:
         if not Path(p).is_file():
@@ -164,15 +163,8 @@ def _check_inputs(job: Job, where: str) -> None:
             raise InputError(f"{where}: {name}: {p} {what} (paths are relative to the jobs file)", name.split("[")[0])
     if job.mask is None:
         return
-    try:
-        (mw, mh), (iw, ih) = identify(job.mask).size, identify(job.images[-1]).size
-    except ImageInputError:  # that job fails on its own when it renders, saying why; the other lines still render
-        return
-    if not same_aspect((mw, mh), (iw, ih)):
-        raise InputError(f"{where}: mask: {mw}x{mh} has another aspect ratio than its image ({iw}x{ih}); resizing it "
-                         "would distort it. Export the mask at the image's size.", "mask")  # fmt: skip
-    try:  # the generator's own rules (an all-black mask changes nothing): that job failed after the model had loaded
-        prepare_mask(read_image(job.mask, colours=False), (iw, ih), warn=False)
+    try:  # the generator's own rules (shape, an all-black mask): such a job failed after the model had loaded
+        prepare_mask(read_image(job.mask, colours=False), identify(job.images[-1]).size, warn=False)
     except MaskError as e:
         raise InputError(f"{where}: {e}", "mask") from None
     except ImageInputError:  # that job fails on its own when it renders, saying why

@@ -417,7 +417,7 @@ def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model
     exif[0x0112] = 6  # a phone's portrait photo stored on its side: 64x32 pixels that show as 32x64
     Image.new("L", (64, 32), 255).save(jobs.parent / "turned.jpg", exif=exif)  # white: a mask that changes something
     jobs.write_text(json.dumps({"prompt": "x", "images": ["in.png"], "mask": "wide.png"}) + "\n")
-    with pytest.raises(InputError, match=r":1: mask: 64x32 has another aspect ratio than its image \(\d+x\d+\)"):
+    with pytest.raises(InputError, match=r":1: mask: 64x32 has another aspect ratio than the image \(\d+x\d+\)"):
         read_jobs(jobs)
     Image.new("RGB", (32, 64)).save(jobs.parent / "tall.png")
     jobs.write_text(json.dumps({"prompt": "x", "images": ["tall.png"], "mask": "turned.jpg"}) + "\n")
