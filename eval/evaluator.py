@@ -99,7 +99,7 @@ def evaluate(
             cfg.eval.output_dir,
             samples,
             summary,
-            verdicts(summary, not_measured),
+            verdicts(summary, list(names), not_measured),
         )
     return paths
 
@@ -175,6 +175,8 @@ def _score(samples: list[Sample], jobs: list[_Job], cfg: Config, notes: list[str
     scorer, references = _clip(cfg, notes, device)
     if scorer is None:
         not_measured["CLIPScore"] = "eval.clip_model is not set"
+    elif not any(s.kind == "t2i" for s in samples):  # CLIP scores a caption; an edit instruction is not one
+        not_measured["CLIPScore and reference similarity"] = "scored on eval.prompts only, and there are none"
     elif references is None:
         not_measured["reference similarity"] = "eval.reference_images is not set"
     if not e.palette:

@@ -275,8 +275,8 @@ def text_accuracy(expected: str, read: str) -> dict[str, float]:
     """Score OCR output against the text the prompt asked for.
 
     cer: edit distance / expected length on case- and space-insensitive text, capped at 1 (blank = 1, so means
-    stay in [0, 1]); word_accuracy: share of expected words found in the read text; exact: 1.0 if the whole
-    text matches.
+    stay in [0, 1]); word_accuracy: share of expected words found in the read text, in order, no two sharing a
+    read letter (`_words_found`); exact: 1.0 if the whole text matches.
     """
     want, got = _squash(expected), _squash(read)
     if not want:
@@ -284,9 +284,24 @@ def text_accuracy(expected: str, read: str) -> dict[str, float]:
     words = [_squash(w) for w in re.findall(r"\w+", expected)]
     return {
         "cer": min(1.0, edit_distance(want, got) / len(want)),
-        "word_accuracy": sum(w in got for w in words) / len(words) if words else float(want == got),
+        "word_accuracy": _words_found(words, got) / len(words) if words else float(want == got),
         "exact": float(want == got),
     }
+
+
+def _words_found(words: list[str], text: str) -> int:
+    """The most of `words` found in `text` in their order, each read letter used once. A word may sit inside a longer
+    run (the OCR merges words: "SUMMERSALE"); it was also found inside another word's letters ("A NEW DAY" read as
+    "DAY" scored 2 of 3: its "A" was DAY's)."""
+
+    @functools.cache
+    def most(i: int, start: int) -> int:
+        if i == len(words):
+            return 0
+        at = text.find(words[i], start)  # the earliest match leaves the most text to the words after it
+        return max(most(i + 1, start), 1 + most(i + 1, at + len(words[i])) if at >= 0 else 0)
+
+    return most(0, 0)
 
 
 def prompt_text_accuracy(image: Picture, prompt: str) -> dict[str, float] | None:
@@ -359,18 +374,21 @@ class ClipScorer:
 
 @dataclass(frozen=True)
 class Interval:
-    """A mean with its Student-t confidence interval; n = the number of finite values used."""
+    """A mean with its Student-t confidence interval; n = the number of finite values used. `all_equal`: every value
+    was the same, and there is no interval (NaN bounds): a sample without spread says nothing about the spread of
+    what it was drawn from (eight word-accuracy differences of 1 were shown as an exact [1, 1])."""
 
     mean: float
     low: float
     high: float
     n: int
+    all_equal: bool = False
 
 
 def mean_ci(values, confidence: float = 0.95) -> Interval:
-    """Student-t interval of the mean of `values` (1-D); NaNs (unscored items) are dropped. Its coverage holds at
-    small n (exact for normal values), where a percentile bootstrap's does not: at n = 4 that covers about 80% for
-    a stated 95%. One value has no interval (NaN bounds)."""
+    """Student-t interval of the mean of `values` (1-D); NaN and inf (unscored items) are dropped. Its coverage holds
+    at small n (exact for normal values), where a percentile bootstrap's does not: at n = 4 that covers about 80% for
+    a stated 95%. One value, or values all equal, have no interval (NaN bounds)."""
     x = np.asarray(values, dtype=np.float64).ravel()
     x = x[np.isfinite(x)]
     if len(x) == 0:
@@ -379,8 +397,8 @@ def mean_ci(values, confidence: float = 0.95) -> Interval:
     if len(x) == 1:
         return Interval(mean, math.nan, math.nan, 1)
     sem = float(stats.sem(x))
-    if sem == 0:  # every value equal: the mean is known exactly
-        return Interval(mean, mean, mean, len(x))
+    if sem == 0:
+        return Interval(mean, math.nan, math.nan, len(x), all_equal=True)
     low, high = stats.t.interval(confidence, len(x) - 1, loc=mean, scale=sem)
     return Interval(mean, float(low), float(high), len(x))
 

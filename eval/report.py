@@ -73,7 +73,7 @@ def write_report(
     out_dir = Path(out_dir)
     variants = _variants(samples)
     summary = summarise(samples, variants)
-    verdict = verdicts(summary, not_measured)
+    verdict = verdicts(summary, [v for v in variants if v != BASE], not_measured)
     best, checkpoint_line = best_checkpoint(checkpoints) if checkpoints else (None, None)
     data = {
         "title": title,
@@ -91,12 +91,13 @@ def write_report(
         "checkpoint_verdict": checkpoint_line,
         "config": config,
     }
+    # Both made before the previous pair is moved aside: a failure between the two writes left a new JSON beside no page.
+    json_text = json.dumps(_finite_or_none(data), indent=2, allow_nan=False)
+    html_text = _render_html(title, variants, samples, summary, verdict, list(notes), list(checkpoints), best)
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     keep_previous(json_path, html_path)
-    atomic_write_text(json_path, json.dumps(_finite_or_none(data), indent=2, allow_nan=False))
-    atomic_write_text(
-        html_path, _render_html(title, variants, samples, summary, verdict, list(notes), list(checkpoints), best)
-    )
+    atomic_write_text(json_path, json_text)
+    atomic_write_text(html_path, html_text)
     return html_path, json_path
 
 
@@ -138,7 +139,8 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}.better{color:#0a7d2c}.worse{col
 
 
 def _ci_text(entry: dict) -> str:
-    return f"{fmt(entry['mean'])} <small>[{fmt(entry['low'])}, {fmt(entry['high'])}]</small>"
+    spread = f"all {entry['n']} equal" if entry["all_equal"] else f"[{fmt(entry['low'])}, {fmt(entry['high'])}]"
+    return f"{fmt(entry['mean'])} <small>{spread}</small>"
 
 
 def _render_html(title, variants, samples, summary, verdict, notes, checkpoints, best) -> str:

@@ -10,8 +10,9 @@ import math
 from dataclasses import dataclass, field
 
 from PIL import Image
+from scipy import stats
 
-from qwen_image_lora.eval.metrics import Interval, mean_ci, paired_difference_ci
+from qwen_image_lora.eval.metrics import PSNR_CAP_DB, Interval, mean_ci, paired_difference_ci
 
 BASE = "base"
 
@@ -28,13 +29,13 @@ class MetricInfo:
 
 # Every metric the evaluator may emit, in display order. A metric with no finite value is left out.
 METRICS: dict[str, MetricInfo] = {
-    "clip_score": MetricInfo("CLIPScore", True, short="CLIPScore"),
+    "clip_score": MetricInfo("CLIPScore", True, short="CLIPScore", bounds=(0, 100)),
     "reference_similarity": MetricInfo("Reference similarity", True, short="reference similarity", bounds=(-1, 1)),
     "palette_delta_e": MetricInfo("CIEDE2000 palette distance", False, "ΔE", short="palette distance"),
-    "text_cer": MetricInfo("Text CER", False, short="text CER"),
+    "text_cer": MetricInfo("Text CER", False, short="text CER", bounds=(0, 1)),
     "text_word_accuracy": MetricInfo("Text word accuracy", True, short="text word accuracy", bounds=(0, 1)),
     "ssim": MetricInfo("Preservation SSIM", True, short="edit preservation SSIM", bounds=(-1, 1)),
-    "psnr": MetricInfo("Preservation PSNR", True, "dB", short="edit preservation PSNR"),
+    "psnr": MetricInfo("Preservation PSNR", True, "dB", short="edit preservation PSNR", bounds=(0, PSNR_CAP_DB)),
     "shift_px": MetricInfo("Edit shift", False, "px", short="edit shift"),
     "scale_error": MetricInfo("Edit zoom |scale - 1|", False, short="edit zoom"),
 }
@@ -107,22 +108,25 @@ def summarise(samples: list[Sample], variants: list[str]) -> dict:
 
 def compare(metric: str, delta: dict) -> str:
     """BETTER or WORSE than base when the paired interval of (adapter - base) excludes zero, UNCLEAR when it does
-    not, TOO_FEW below MIN_PAIRS pairs."""
+    not, TOO_FEW below MIN_PAIRS pairs. Pairs that all differ by the same amount have no interval: the exact sign
+    test decides (n pairs all one way: p = 2 / 2^n)."""
     low, high = delta["low"], delta["high"]
     if delta["n"] < MIN_PAIRS:
         return TOO_FEW
-    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 <= high:
+    if delta["all_equal"]:
+        if delta["mean"] == 0 or stats.binomtest(delta["n"], delta["n"]).pvalue >= 0.05:
+            return UNCLEAR
+    elif not (math.isfinite(low) and math.isfinite(high)) or low <= 0 <= high:
         return UNCLEAR
     return BETTER if (delta["mean"] > 0) == METRICS[metric].higher_is_better else WORSE
 
 
-def verdicts(summary: dict, not_measured: dict[str, str] | None = None) -> dict[str, dict]:
+def verdicts(summary: dict, adapters: list[str], not_measured: dict[str, str] | None = None) -> dict[str, dict]:
     """One verdict per adapter against base, from `summarise`'s paired deltas: the line every output opens with
     (report, JSON, CLI, W&B) and its parts. `not_measured`: what was not scored -> why (e.g. no quoted text).
 
         brand: better palette distance (ΔE -3.1, CI -4..-2.2); no clear difference in edit shift; not measured: ...
     """
-    adapters = list(dict.fromkeys(a for entry in summary.values() for a in entry["delta"]))
     out = {}
     for adapter in adapters:
         metrics = {
@@ -137,19 +141,20 @@ def verdicts(summary: dict, not_measured: dict[str, str] | None = None) -> dict[
                     info = METRICS[m]
                     unit = f"{info.unit} " if info.unit else ""
                     sign = "+" if d["mean"] > 0 else ""
-                    parts.append(
-                        f"{word} {info.short} ({unit}{sign}{fmt(d['mean'])}, CI {fmt(d['low'])}..{fmt(d['high'])})"
-                    )
+                    spread = f"in all {d['n']} pairs" if d["all_equal"] else f"CI {fmt(d['low'])}..{fmt(d['high'])}"
+                    parts.append(f"{word} {info.short} ({unit}{sign}{fmt(d['mean'])}, {spread})")
         unclear = [METRICS[m].short for m, d in metrics.items() if d["verdict"] == UNCLEAR]
         if unclear:
             parts.append(f"{UNCLEAR} in {', '.join(unclear)}")
         too_few = [f"{METRICS[m].short} (n={d['n']})" for m, d in metrics.items() if d["verdict"] == TOO_FEW]
         if too_few:
             parts.append(f"{TOO_FEW} for {', '.join(too_few)}: a verdict needs {MIN_PAIRS} pairs; add eval.seeds")
+        if not metrics:
+            parts.append("nothing measured")
         if not_measured:
             parts.append("not measured: " + ", ".join(f"{what} ({why})" for what, why in not_measured.items()))
         out[adapter] = {
-            "line": f"{adapter}: " + ("; ".join(parts) or "nothing measured"),
+            "line": f"{adapter}: " + "; ".join(parts),
             "metrics": metrics,
             "not_measured": dict(not_measured or {}),
         }
@@ -157,9 +162,11 @@ def verdicts(summary: dict, not_measured: dict[str, str] | None = None) -> dict[
 
 
 def _interval(ci: Interval, bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
-    """`bounds` cut a variant's own interval; a paired difference takes either sign and keeps its whole interval."""
+    """`bounds` cut a variant's own interval and mean (a similarity of 1 + 1e-7 read above its interval cut at 1); a
+    paired difference takes either sign and keeps its whole interval."""
     # NaN (no samples) stays NaN: max and min keep their first argument when a comparison with it is false.
-    return {"mean": ci.mean, "low": max(ci.low, bounds[0]), "high": min(ci.high, bounds[1]), "n": ci.n}
+    cut = {k: min(max(getattr(ci, k), bounds[0]), bounds[1]) for k in ("mean", "low", "high")}
+    return {**cut, "n": ci.n, "all_equal": ci.all_equal}
 
 
 def fmt(x: float | None, digits: int = 3) -> str:

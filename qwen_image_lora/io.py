@@ -211,7 +211,7 @@ def remove_leftover_temps(folder: str | os.PathLike, name: str) -> list[Path]:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # not the locale's: a report's "Δ" failed under LANG=C
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

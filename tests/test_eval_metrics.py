@@ -15,7 +15,10 @@ from skimage.transform import AffineTransform, warp
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from qwen_image_lora.config import EditExample, load_config
+from qwen_image_lora.eval import evaluator
 from qwen_image_lora.eval import metrics as M
+from qwen_image_lora.eval.summary import Sample
 from tests.unchosen import unchosen_seeds
 
 SIZE = 256
@@ -224,6 +227,28 @@ def test_clip_scores_are_finite_and_self_similarity_is_one(tiny_clip, texture):
     assert same == pytest.approx(1.0, abs=1e-5) and other < same
 
 
+def test_an_edits_only_evaluation_says_why_clipscore_was_not_measured(tiny_clip, tmp_path):
+    """CLIP scores text-to-image prompts only: with eval.clip_model set and only edits, CLIPScore went missing from
+    the verdict's "not measured" without a word, and reference similarity blamed the unset eval.reference_images."""
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    edit = evaluator._Job("edit", "make it red", 0, EditExample(images=["in.png"], prompt="make it red"))
+    samples = [Sample("edit", edit.prompt, 0, {"base": source, "brand": source}, source=source)]
+    cfg = load_config(None, [f"eval.clip_model={tiny_clip}", "eval.palette=['#ff0000']"])
+    not_measured = evaluator._score(samples, [edit], cfg, [], device="cpu")
+    assert not_measured == {
+        "CLIPScore and reference similarity": "scored on eval.prompts only, and there are none",
+        "text accuracy": "no quoted text in the prompts",
+    }
+    assert "clip_score" not in samples[0].metrics["brand"] and samples[0].metrics["brand"]["psnr"] == M.PSNR_CAP_DB
+    t2i = [Sample("t2i", "a mug", 0, {"base": source, "brand": source})]
+    assert evaluator._score(t2i, [evaluator._Job("t2i", "a mug", 0)], cfg, [], device="cpu") == {
+        "reference similarity": "eval.reference_images is not set",
+        "text accuracy": "no quoted text in the prompts",
+        "edit preservation": "no eval.edits",
+    }
+    assert 0 <= t2i[0].metrics["brand"]["clip_score"] <= 100
+
+
 def test_clip_scorer_names_a_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="eval.clip_model"):
         M.ClipScorer(tmp_path)
@@ -257,7 +282,20 @@ def test_intervals_drop_nans_and_need_two_values():
     one = M.mean_ci([5.0])
     assert one.mean == 5.0 and math.isnan(one.low) and math.isnan(one.high) and one.n == 1
     assert M.mean_ci([]).n == 0 and math.isnan(M.mean_ci([]).mean)
-    assert M.mean_ci([2.0, 2.0, 2.0]) == M.Interval(2.0, 2.0, 2.0, 3)
+    same = M.mean_ci([2.0, 2.0, np.inf, 2.0])  # no spread seen: no interval, where [2, 2] claimed the mean exact
+    assert (same.mean, same.n, same.all_equal) == (2.0, 3, True) and math.isnan(same.low) and math.isnan(same.high)
+
+
+@pytest.mark.parametrize("p, n", [(0.9, 6), (0.9, 8), (0.8, 6)])
+def test_an_interval_stated_for_zero_one_scores_covers_the_truth(p, n):
+    """Word accuracy on one-word prompts is 0 or 1 per pair: differences of 1 with probability p. Every interval
+    stated must cover p 95% of the time; eight differences of 1 were stated as an exact [1, 1], and the stated
+    intervals covered 46-75% (draws whose values were all equal: 26-53% of them)."""
+    rng = np.random.default_rng([n, int(p * 10)])
+    intervals = [M.mean_ci(x) for x in (rng.random((2000, n)) < p).astype(float)]
+    stated = [ci for ci in intervals if not ci.all_equal]
+    assert sum(ci.low <= p <= ci.high for ci in stated) / len(stated) >= 0.93
+    assert all(math.isnan(ci.low) for ci in intervals if ci.all_equal)
 
 
 def test_paired_difference_interval_uses_the_pairing():
@@ -284,6 +322,12 @@ def test_text_accuracy_caps_cer_at_one_and_scores_words_or_the_whole_text():
     assert M.text_accuracy("ab", "abcdefgh")["cer"] == 1.0  # 6 edits on 2 letters: capped, so means stay in [0, 1]
     half = M.text_accuracy("SUMMER SALE", "summer soil")
     assert half["word_accuracy"] == 0.5 and half["exact"] == 0.0
+    # Words are found in order, no two sharing a read letter: "A" was found inside "DAY" (2 of 3 for one word read).
+    assert M.text_accuracy("A NEW DAY", "DAY")["word_accuracy"] == pytest.approx(1 / 3)
+    assert M.text_accuracy("I AM", "I AM")["word_accuracy"] == 1.0 and M.text_accuracy("SALE", "wholesale")["cer"] == 1
+    assert M.text_accuracy("SALE SUMMER", "SUMMERSALE")["word_accuracy"] == 0.5  # out of order: one of them
+    assert M.text_accuracy("GO GO GO", "GOGO")["word_accuracy"] == pytest.approx(2 / 3)  # each read letter once
+    assert M.text_accuracy("SUMMER SALE SALE", "xsummerysalezsale")["word_accuracy"] == 1.0
     # No word characters to match word by word: the whole text either matches or not.
     assert M.text_accuracy("★ ★", "★★")["word_accuracy"] == 1.0 and M.text_accuracy("★ ★", "☆")["word_accuracy"] == 0.0
     with pytest.raises(ValueError, match="^text_accuracy: the expected text is empty$"):

@@ -6,8 +6,10 @@ import html
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 from PIL import Image
 from scipy import stats
 
+from qwen_image_lora.eval import report
 from qwen_image_lora.eval.report import _outlined, write_report
 from qwen_image_lora.eval.summary import CheckpointScore, Sample, best_checkpoint, summarise, verdicts
 
@@ -194,7 +197,7 @@ def test_verdict_says_better_worse_or_unclear_per_metric_from_the_paired_interva
         "shift_px": [2.0, -2.0, 1.5, -1.5, 0.5, -0.5],            # the interval spans zero
     })  # fmt: skip
     summary = summarise(samples, ["base", "brand"])
-    found = verdicts(summary, {"text accuracy": "no quoted text in the prompts"})
+    found = verdicts(summary, ["brand"], {"text accuracy": "no quoted text in the prompts"})
     brand = found["brand"]
     assert {m: v["verdict"] for m, v in brand["metrics"].items()} == {
         "palette_delta_e": "better",
@@ -208,7 +211,7 @@ def test_verdict_says_better_worse_or_unclear_per_metric_from_the_paired_interva
     assert line.endswith("not measured: text accuracy (no quoted text in the prompts)")
 
     # Below MIN_PAIRS no verdict, however clear the few pairs look; the line says how many and what to add.
-    few = verdicts(summarise(samples[:2], ["base", "brand"]))["brand"]
+    few = verdicts(summarise(samples[:2], ["base", "brand"]), ["brand"])["brand"]
     assert {v["verdict"] for v in few["metrics"].values()} == {"too few samples"}
     assert "too few samples for palette distance (n=2), " in few["line"]
     assert "a verdict needs 6 pairs; add eval.seeds" in few["line"] and "better" not in few["line"]
@@ -240,7 +243,7 @@ def test_verdict_line_gives_each_difference_its_sign_and_both_ends_of_its_interv
         "shift_px": [0.0] * 6,                                    # identical to base: no difference at all
     }  # fmt: skip
     not_measured = {"CLIPScore": "eval.clip_model is not set", "text accuracy": "no quoted text in the prompts"}
-    brand = verdicts(summarise(_paired(deltas), ["base", "brand"]), not_measured)["brand"]
+    brand = verdicts(summarise(_paired(deltas), ["base", "brand"]), ["brand"], not_measured)["brand"]
     assert {m: v["verdict"] for m, v in brand["metrics"].items()} == {
         "palette_delta_e": "better",
         "text_cer": "no clear difference",
@@ -288,3 +291,79 @@ def test_a_variants_interval_stays_within_what_its_metric_can_be():
     samples[0].metrics["a"].pop("ssim"), samples[1].metrics["a"].pop("ssim")
     unscored = summarise(samples, ["base", "a"])["ssim"]["variants"]["a"]  # no value: no interval, not [-1, 1]
     assert math.isnan(unscored["low"]) and math.isnan(unscored["high"])
+
+
+def test_pairs_that_all_differ_alike_have_no_interval_and_the_sign_test_decides(tmp_path):
+    """Eight word-accuracy differences of exactly 1 read 'better (+1, CI 1..1)': an interval claiming the mean exact.
+    Without spread there is no interval; n pairs all one way is the exact sign test's p = 2 / 2^n."""
+    n = 8
+    summary = summarise(_paired({"text_word_accuracy": [1.0] * n, "shift_px": [0.0] * n}), ["base", "brand"])
+    assert stats.binomtest(n, n).pvalue == pytest.approx(2 / 2**n)
+    brand = verdicts(summary, ["brand"])["brand"]
+    assert (
+        brand["line"] == f"brand: better text word accuracy (+1, in all {n} pairs); no clear difference in edit shift"
+    )
+    assert math.isnan(brand["metrics"]["text_word_accuracy"]["low"]) and brand["metrics"]["shift_px"]["all_equal"]
+    few = verdicts(summarise(_paired({"psnr": [-2.0] * 5}), ["base", "brand"]), ["brand"])["brand"]
+    assert few["line"].startswith("brand: too few samples for edit preservation PSNR (n=5)")  # p = 1/16 anyway
+    six = verdicts(summarise(_paired({"psnr": [-2.0] * 6}), ["base", "brand"]), ["brand"])["brand"]
+    assert six["line"] == "brand: worse edit preservation PSNR (dB -2, in all 6 pairs)"
+    html_path, json_path = write_report(tmp_path, _paired({"psnr": [-2.0] * 6}))
+    assert "<small>all 6 equal</small>" in html_path.read_text()
+    assert json.loads(json_path.read_text())["metrics"]["psnr"]["delta"]["brand"]["low"] is None
+
+
+def test_an_adapter_with_nothing_measured_still_gets_its_line(tmp_path):
+    """The verdict listed only adapters with a metric, so with none its line (and 'not measured: ...') vanished."""
+    image = Image.new("RGB", (8, 8))
+    samples = [
+        Sample("t2i", "p", seed, {"base": image, "brand": image}, {"base": {}, "brand": {}}) for seed in range(6)
+    ]
+    not_measured = {"palette": "eval.palette is not set"}
+    _, json_path = write_report(tmp_path, samples, not_measured=not_measured)
+    line = json.loads(json_path.read_text())["verdicts"]["brand"]["line"]
+    assert line == "brand: nothing measured; not measured: palette (eval.palette is not set)"
+
+
+def test_intervals_keep_within_every_bounded_metrics_limits():
+    """Text CER [1, 1, 1, 1, 1, 0.2] read [0.52, 1.21] (it is capped at 1); PSNR and CLIPScore passed their caps; a
+    similarity of 1 + 1e-7 (float error) sat above its own interval cut at 1."""
+    image = Image.new("RGB", (8, 8))
+    values = {"text_cer": [1, 1, 1, 1, 1, 0.2], "psnr": [100] * 5 + [60], "clip_score": [100] * 5 + [60],
+              "reference_similarity": [1.0000001] * 6}  # fmt: skip
+    samples = [
+        Sample("t2i", "p", i, {"base": image}, {"base": {m: float(v[i]) for m, v in values.items()}}) for i in range(6)
+    ]
+    summary = summarise(samples, ["base"])
+    for metric, top in (("text_cer", 1), ("psnr", 100), ("clip_score", 100), ("reference_similarity", 1)):
+        entry = summary[metric]["variants"]["base"]
+        assert not entry["high"] > top and entry["mean"] <= top, metric  # all equal: no interval (NaN)
+    assert stats.ttest_1samp(values["text_cer"], 0).confidence_interval().high > 1  # the cut is needed
+
+
+def test_a_report_that_fails_to_render_leaves_the_previous_pair_as_it_was(tmp_path, monkeypatch):
+    """The old pair was moved aside and the JSON written before the page was made: a failure left a new JSON beside
+    no report.html."""
+    write_report(tmp_path, _synthetic_samples())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def broken(*args):
+        raise RuntimeError("render failed")
+
+    monkeypatch.setattr(report, "_render_html", broken)
+    with pytest.raises(RuntimeError, match="render failed"):
+        write_report(tmp_path, _synthetic_samples())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_the_report_is_utf8_whatever_the_locale(tmp_path):
+    """The page always holds 'Δ', '↑' and '–': under LANG=C it failed with UnicodeEncodeError."""
+    code = (
+        "import sys; from qwen_image_lora.io import atomic_write_text; "
+        "atomic_write_text(sys.argv[1], '\\u0394E \\u2191 \\u2013')"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.html")], env=env, capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "r.html").read_bytes() == "ΔE ↑ –".encode()
