@@ -145,10 +145,14 @@ def use_the_trained_model(args) -> None:
     named = args.model or getattr(args, "from_image", None) or any(o.startswith("model.pretrained=")
                                                                    for o in args.overrides)  # fmt: skip
     trained = None if args.config is not None or named else _trained(args)
-    model = (trained[0].get("model") or {}).get("pretrained") if trained else None
+    section = (trained[0].get("model") or {}) if trained else {}
+    model = section.get("pretrained")
     if isinstance(model, str) and model:
         args.model = model
-        print(f"note: base model {model}, as {trained[1]} trained (--model picks another)", file=sys.stderr)
+        # and its precision and revision: in bfloat16 a run's float32 preview came out 7/255 off (overrides given win)
+        args.overrides = [f"model.{k}={section[k]}" for k in ("dtype", "revision") if section.get(k)] + args.overrides
+        dtype = f" in {section['dtype']}" if section.get("dtype") else ""
+        print(f"note: base model {model}{dtype}, as {trained[1]} trained (--model picks another)", file=sys.stderr)
 
 
 def _check_sources(args) -> None:
