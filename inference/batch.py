@@ -240,7 +240,7 @@ def _entry(generator: Generator, job: Job, base_seed: int, default_loras, extra)
         output=job.output_name,
         seed=_seed(job, base_seed),
         num_inference_steps=job.num_inference_steps or generator.default_steps,
-        guidance_scale=generator.default_guidance if job.guidance_scale is None else job.guidance_scale,
+        guidance_scale=generator.guidance(job),  # the image's own record: 1.0 without a negative prompt
         loras=_job_loras(job, default_loras),
         resolution=generator.resolution,
     )

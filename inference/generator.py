@@ -273,7 +273,7 @@ class Generator:
         kwargs = dict(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt,
-            true_cfg_scale=self._guidance(request),
+            true_cfg_scale=self.guidance(request),
             width=width,
             height=height,
             num_inference_steps=request.num_inference_steps or self.default_steps,
@@ -310,7 +310,7 @@ class Generator:
         if not request.images:
             (sampling["width"], sampling["height"]), sampling["aspect_ratio"] = self._size(request), None
         sampling.update(num_inference_steps=request.num_inference_steps or self.default_steps,
-                        guidance_scale=self._guidance(request))  # fmt: skip
+                        guidance_scale=self.guidance(request))  # fmt: skip
         weights = request.adapters if request.adapters is not None else (self.adapters.fused or self.adapters.active)
         loras = []
         for name, weight in weights.items():
@@ -338,10 +338,11 @@ class Generator:
         """Subject cut-out, background without it, generated elements: see `inference/layers.py`."""
         return layer_output.build_layers(self, request, mask, background_prompt, list(elements or []))
 
-    def _guidance(self, request: GenerationRequest) -> float:
-        if request.negative_prompt is None:
+    def guidance(self, settings: SamplingConfig) -> float:
+        """The guidance scale that acts for `settings` (a request, a batch job): what images and manifests record."""
+        if settings.negative_prompt is None:
             return 1.0  # guidance acts only against a negative prompt; a scale passed without one only warns
-        return self.default_guidance if request.guidance_scale is None else request.guidance_scale
+        return self.default_guidance if settings.guidance_scale is None else settings.guidance_scale
 
     @staticmethod
     def _mask(request: GenerationRequest) -> Image.Image | None:

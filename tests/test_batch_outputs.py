@@ -142,3 +142,13 @@ def test_folders_where_the_batch_writes_files_are_named_before_any_render(gen, t
     result = run_batch(gen, read_jobs(jobs), out, progress=False)
     assert result.written == ["000000"] and result.failed == ["000001"] and gen.rendered == ["a red mug"]
     assert f"job 000001: {out / 'taken.png'} is a folder; give this job another" in capsys.readouterr().err
+
+
+def test_the_manifest_records_the_guidance_that_acted_as_the_image_does(gen, tmp_path):
+    """Guidance acts only against a negative prompt: a line's 5.0 without one rendered at 1.0, which the image's
+    settings said, while the manifest said 5.0."""
+    out = tmp_path / "out"
+    plain, negative = {**RED_MUG, "guidance_scale": 5.0}, {**RED_MUG, "guidance_scale": 5.0, "negative_prompt": "blur"}
+    run_batch(gen, read_jobs(_write_jobs(tmp_path / "a.jsonl", plain, negative)), out, progress=False)
+    recorded = [(e["guidance_scale"], read_settings(out / e["output"])["guidance_scale"]) for e in _manifest(out)]
+    assert recorded == [(1.0, 1.0), (5.0, 5.0)]
