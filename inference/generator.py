@@ -25,7 +25,7 @@ from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
 from qwen_image_lora.inference.mask_rules import prepare_mask
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import MASK_FEATHER, SettingError, check_image_count, check_masked_size
+from qwen_image_lora.knobs import MASK_FEATHER, SettingError, check_image_count, check_masked_size, check_range
 from qwen_image_lora.presets import ASPECT_RATIOS, MAX_SIDE, SIDE_MULTIPLE
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
@@ -90,9 +90,11 @@ class GenerationRequest(SamplingConfig):
     mask_feather: int = MASK_FEATHER.default
 
     def check(self) -> None:
-        """The sampling rules, a masked edit given no size, and one side of an edit that its input's aspect can
-        follow."""
+        """The sampling rules, the feather's limits (the API took 65, which every other edge refuses), a masked edit
+        given no size, and one side of an edit that its input's aspect can follow. (Edges check their settings with
+        an empty prompt; `Generator.generate` asks for one.)"""
         super().check()
+        check_range("mask_feather", self.mask_feather, MASK_FEATHER.low, MASK_FEATHER.high)
         if self.mask is not None:
             check_masked_size(self)
         if self.images and (self.width is None) != (self.height is None):
@@ -251,6 +253,8 @@ class Generator:
         Raises ValueError naming the field; returns the prepared mask (None without one), so `generate` prepares it
         once."""
         request.check()
+        if not request.prompt:  # the API rendered "" where every other edge asks for a prompt
+            raise SettingError("prompt", "give the prompt")
         for name in ("prompt", "negative_prompt"):
             text = getattr(request, name)
             # Byte-level BPE: a token spans at least one UTF-8 byte, so short texts need no tokenizing.
@@ -350,8 +354,6 @@ class Generator:
             return None
         if not request.images:
             raise InputError("mask: a mask needs an image to edit; give the image the mask belongs to", "mask")
-        if request.mask_feather < 0:
-            raise InputError(f"mask_feather: must be >= 0 pixels (got {request.mask_feather})", "mask_feather")
         return prepare_mask(request.mask, request.images[-1].size)
 
     def _size(self, request: GenerationRequest) -> tuple[int, int]:

@@ -112,6 +112,8 @@ class EditExample:
             check_image_count(len(self.images), least=1)
         except SettingError as e:
             raise ConfigError(f"{where}.{e}") from None
+        if not self.prompt:  # a preview or eval render refuses it: found at load time, not mid-run
+            raise ConfigError(f"{where}.prompt: give the edit's instruction")
 
 
 @dataclass

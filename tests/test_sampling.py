@@ -2,15 +2,17 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 
 from qwen_image_lora.cli import build_parser
 from qwen_image_lora.config import Config, ConfigError, EvalConfig, SamplingConfig, ValidationConfig, load_config
 from qwen_image_lora.inference.batch import _request
-from qwen_image_lora.inference.generator import GenerationRequest
+from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.jobs import Job, read_jobs
 from qwen_image_lora.inference.requests import request_models
+from qwen_image_lora.knobs import SettingError
 from qwen_image_lora.train.validation import validation_requests
 
 KNOBS = [f.name for f in dataclasses.fields(SamplingConfig)]
@@ -45,6 +47,22 @@ def test_one_set_of_checks_for_every_section(where, bad, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, [f"{where}.{bad}"])
+
+
+def test_the_python_api_refuses_what_every_other_edge_refuses(tiny_pipe):
+    """`GenerationRequest("")` rendered, and a feather of 65 too, where the CLI, batch lines and HTTP refuse both; an
+    edit without its instruction in a config is refused at load time, before a preview or eval render would be."""
+    generator = Generator(tiny_pipe, resolution=64)
+    for request, message in (
+        (GenerationRequest(""), "prompt: give the prompt"),
+        (GenerationRequest("x", mask_feather=65), "mask_feather: must be a number from 0 to 64 (got 65)"),
+        (GenerationRequest("x", mask_feather=-1), "mask_feather: must be a number from 0 to 64 (got -1)"),
+    ):
+        with pytest.raises(SettingError, match=f"^{re.escape(message)}$"):
+            generator.check(request)
+    generator.check(GenerationRequest("x", mask_feather=64))
+    with pytest.raises(ConfigError, match=r"eval.edits\[0\].prompt: give the edit's instruction$"):
+        load_config(None, ["eval.edits=[{images: [a.png]}]"])
 
 
 def test_a_bad_job_setting_is_named_with_its_line(tmp_path):
