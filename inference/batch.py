@@ -27,8 +27,14 @@ from PIL import Image
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.image_files import format_for, read_settings, save_image, settings_as_written
-from qwen_image_lora.images import load_image
-from qwen_image_lora.inference.generator import GenerationRequest, Generator, file_record
+from qwen_image_lora.images import identify, load_image
+from qwen_image_lora.inference.generator import (
+    GenerationRequest,
+    Generator,
+    check_input_aspects,
+    file_record,
+    one_side_size,
+)
 from qwen_image_lora.inference.jobs import Job
 from qwen_image_lora.io import affects_every_write, check_writable, writing_to
 from qwen_image_lora.progress import progress_bar
@@ -191,6 +197,22 @@ def run_batch(
         except KeyboardInterrupt:  # Ctrl-C: what is written stays written (atomic), and a rerun resumes
             result.stopped = True
     return result
+
+
+def check_input_sizes(jobs: list[Job], resolution: int, path: str | Path) -> None:
+    """Each job's input images, read from their headers, fit the sizing rules `edit --image` checks before the model
+    loads (an aspect the model takes at `resolution`; one side given that their aspect can follow): a 3000x40 photo,
+    or `width: 128` alone for it, failed its job after the model had loaded. Every such job in one refusal."""
+    bad = []
+    for job in (j for j in jobs if j.images):
+        headers = [identify(p) for p in job.images]
+        try:
+            check_input_aspects(headers, resolution, "images")
+            one_side_size(job, headers[-1].size)
+        except InputError as e:
+            bad.append(f"job {job.id}: {e}")
+    if bad:
+        raise InputError(f"{path}: " + "; ".join(bad), "images")
 
 
 def _is_own_render(generator: Generator, job: Job, out: Path, base_seed: int, default_loras) -> bool:

@@ -268,7 +268,7 @@ def _batch(args) -> int:
     import torch
     from accelerate import PartialState
 
-    from qwen_image_lora.inference.batch import adapter_identity, pending, run_batch
+    from qwen_image_lora.inference.batch import adapter_identity, check_input_sizes, pending, run_batch
 
     # PartialState only sets up a CPU process group (gloo) when told the run is on CPU.
     on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
@@ -277,6 +277,7 @@ def _batch(args) -> int:
         given = ", ".join(f"{name} = {source}" for name, source in zip(names, sources))
         print(f'adapters: {given} (a job\'s "loras" names them)', file=sys.stderr)
     cfg = _model_source(args)
+    check_input_sizes(jobs, cfg.data.resolution, args.jobs)
     run = {"model": cfg.model.pretrained, "revision": cfg.model.revision, "dtype": cfg.model.dtype,
            "resolution": cfg.data.resolution, "loras": [[weight, adapter_identity(path)] for path, weight in map(parse_lora_arg, args.lora)]}  # fmt: skip
     share = dict(process_index=state.process_index, num_processes=state.num_processes, base_seed=args.seed, run=run)

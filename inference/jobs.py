@@ -154,18 +154,22 @@ def _loras_mapping(items: list, where: str) -> dict:
 
 
 def _check_inputs(job: Job, where: str) -> None:
-    """Every input image and mask is a file (paths relative to the jobs file), and a mask passes the generator's
-    rules for its image, before any model loads: a misshapen or all-black mask failed its job at render time."""
+    """Every input image and mask is a file (paths relative to the jobs file) of a format the reader takes, and a mask
+    passes the generator's rules for its image, before any model loads: a GIF, or a misshapen or all-black mask,
+    failed its job at render time, where `edit` refuses them at once. (Sizes: `batch.check_input_sizes`.)"""
     named = [(f"images[{i}]", p) for i, p in enumerate(job.images)] + ([("mask", job.mask)] if job.mask else [])
     for name, p in named:
         if not Path(p).is_file():
             what = "is a folder, not a file" if Path(p).is_dir() else "does not exist"
             raise InputError(f"{where}: {name}: {p} {what} (paths are relative to the jobs file)", name.split("[")[0])
+    for i, p in enumerate(job.images):  # a format the reader refuses, as `edit --image` does before the model loads
+        try:
+            identify(p)
+        except ImageInputError as e:
+            raise InputError(f"{where}: images[{i}]: {e}", "images") from None
     if job.mask is None:
         return
     try:  # the generator's own rules (shape, an all-black mask): such a job failed after the model had loaded
         prepare_mask(read_image(job.mask, colours=False), identify(job.images[-1]).size, warn=False)
-    except MaskError as e:
-        raise InputError(f"{where}: {e}", "mask") from None
-    except ImageInputError:  # that job fails on its own when it renders, saying why
-        return
+    except (MaskError, ImageInputError) as e:
+        raise InputError(f"{where}: mask: {e}" if isinstance(e, ImageInputError) else f"{where}: {e}", "mask") from None

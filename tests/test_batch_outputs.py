@@ -152,3 +152,33 @@ def test_the_manifest_records_the_guidance_that_acted_as_the_image_does(gen, tmp
     run_batch(gen, read_jobs(_write_jobs(tmp_path / "a.jsonl", plain, negative)), out, progress=False)
     recorded = [(e["guidance_scale"], read_settings(out / e["output"])["guidance_scale"]) for e in _manifest(out)]
     assert recorded == [(1.0, 1.0), (5.0, 5.0)]
+
+
+def test_inputs_edit_refuses_at_once_are_refused_before_the_model_loads(tmp_path, capsys, unloadable_model):
+    """A GIF input, a 3000x40 photo and `width: 128` alone for it failed their jobs after the model had loaded (exit
+    1), where `qwen-lora edit --image` refuses each before loading (exit 2)."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.gif")
+    Image.new("RGB", (3000, 40)).save(tmp_path / "strip.png")
+    Image.new("RGB", (300, 30)).save(tmp_path / "long.png")
+    edit = {"prompt": "make it red", "num_inference_steps": 1}
+    argv = [
+        "batch",
+        str(tmp_path / "jobs.jsonl"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--model",
+        str(unloadable_model),
+    ]
+    _write_jobs(tmp_path / "jobs.jsonl", {**edit, "images": ["in.gif"]})
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'jobs.jsonl'}:1: images[0]: {tmp_path / 'in.gif'}: a GIF image, not JPEG, PNG or WebP: "
+        "convert it"
+    )
+    _write_jobs(tmp_path / "jobs.jsonl", {**edit, "images": ["strip.png"]}, {**edit, "images": ["long.png"], "width": 128},
+                {**edit, "images": ["long.png"]})  # fmt: skip
+    assert main([*argv, "data.resolution=64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {tmp_path / 'jobs.jsonl'}: job 000000: images: image 1 is 3000x40 (aspect 75.0:1)")
+    assert "; job 000001: width: 128 keeps the 300x30 image's aspect only with a height of 13 px" in err
+    assert "job 000002" not in err  # 10:1 alone is sizable at 64
