@@ -108,7 +108,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", help="overrides model.pretrained")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, prepare=use_the_trained_model)
 
 
 def _model_source(args):
@@ -131,12 +131,17 @@ def _model_source(args):
 
 
 def _trained(args) -> tuple[dict, Path] | None:
-    """The config that trained the first --lora that has one (`run_layout.trained_config`)."""
+    """The config that trained the first adapter (--lora, or serve's `serve.adapters`) that has one
+    (`run_layout.trained_config`)."""
     from qwen_image_lora import run_layout as layout
+    from qwen_image_lora.config import load_config
     from qwen_image_lora.knobs import parse_lora_arg
 
-    found = (layout.trained_config(parse_lora_arg(item)[0]) for item in getattr(args, "lora", []))
-    return next((t for t in found if t is not None), None)
+    if args.func is _serve:  # its adapters are config values: a run there was served at 1024 on the default model
+        sources = [adapter.path for adapter in load_config(args.config, args.overrides).serve.adapters]
+    else:
+        sources = [parse_lora_arg(item)[0] for item in getattr(args, "lora", [])]
+    return next((t for t in map(layout.trained_config, sources) if t is not None), None)
 
 
 def use_the_trained_model(args) -> None:

@@ -16,10 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from qwen_image_lora import run_layout as layout
-from qwen_image_lora.cli import main
+from qwen_image_lora.cli import build_parser, main
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.image_files import read_settings
 from qwen_image_lora.inference import batch, layers
+from qwen_image_lora.inference.cli import _model_source
 from qwen_image_lora.inference.jobs import read_jobs
 from qwen_image_lora.inference.testing import make_random_lora
 from qwen_image_lora.knobs import DEFAULT_BACKGROUND_PROMPT, parse_lora_arg
@@ -877,6 +878,24 @@ def test_an_adapter_of_a_run_renders_on_the_base_model_it_trained_on(tiny_model_
     # Named, the model given wins; so does a config.
     assert main(["generate", "--lora", str(run), "--model", "someone/base", "--prompt", "x", "--output", str(out)]) == 2
     assert "model.pretrained: someone/base" in capsys.readouterr().err
+
+
+def test_serve_runs_its_adapters_run_on_the_base_model_and_size_they_trained_at(tiny_model_dir, lora_dir, tmp_path,
+                                                                                 capsys):  # fmt: skip
+    """`serve 'serve.adapters=[{path: RUN}]'` asked for the default hub model (generate --lora RUN takes the run's),
+    and with --model served at 1024 px an adapter trained at 64."""
+    run = tmp_path / "runs" / "brand"
+    shutil.copytree(lora_dir, run)
+    (run / "config.yaml").write_text(
+        f"model:\n  pretrained: {tiny_model_dir}\n  dtype: float32\ndata:\n  resolution: 64\n"
+    )
+    for given in ([], ["--model", str(tiny_model_dir)]):
+        args = build_parser().parse_args(["serve", *given, f"serve.adapters=[{{path: {run}}}]"])
+        args.prepare(args)
+        cfg = _model_source(args)
+        assert (cfg.model.pretrained, cfg.data.resolution) == (str(tiny_model_dir), 64)
+        assert f"note: data.resolution 64, as {run / 'config.yaml'} trained" in capsys.readouterr().err
+    assert cfg.model.dtype == "bfloat16"  # a model named: its run's precision is not assumed
 
 
 def test_flags_that_change_nothing_are_said_before_the_model_loads(tmp_path, capsys, unloadable_model):
