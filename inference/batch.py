@@ -27,7 +27,7 @@ from PIL import Image
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.image_files import format_for, read_settings, save_image, settings_as_written
-from qwen_image_lora.images import identify, load_image
+from qwen_image_lora.images import ImageInputError, identify, load_image
 from qwen_image_lora.inference.generator import (
     GenerationRequest,
     Generator,
@@ -205,7 +205,10 @@ def check_input_sizes(jobs: list[Job], resolution: int, path: str | Path) -> Non
     or `width: 128` alone for it, failed its job after the model had loaded. Every such job in one refusal."""
     bad = []
     for job in (j for j in jobs if j.images):
-        headers = [identify(p) for p in job.images]
+        try:
+            headers = [identify(p) for p in job.images]
+        except ImageInputError:  # a damaged file fails its own job when it renders, saying why
+            continue
         try:
             check_input_aspects(headers, resolution, "images")
             one_side_size(job, headers[-1].size)

@@ -153,8 +153,12 @@ def _loras_mapping(items: list, where: str) -> dict:
     return {i["name"]: i.get("weight") for i in items}
 
 
+# A line naming the wrong kind of file is the line's fault, refused with the others (`edit --image` refuses it at once)
+_WRONG_KIND = ("unsupported-format", "animated")
+
+
 def _check_inputs(job: Job, where: str) -> None:
-    """Every input image and mask is a file (paths relative to the jobs file) of a format the reader takes, and a mask
+    """Every input image and mask is a file (paths relative to the jobs file) of a kind the reader takes, and a mask
     passes the generator's rules for its image, before any model loads: a GIF, or a misshapen or all-black mask,
     failed its job at render time, where `edit` refuses them at once. (Sizes: `batch.check_input_sizes`.)"""
     named = [(f"images[{i}]", p) for i, p in enumerate(job.images)] + ([("mask", job.mask)] if job.mask else [])
@@ -166,10 +170,14 @@ def _check_inputs(job: Job, where: str) -> None:
         try:
             identify(p)
         except ImageInputError as e:
-            raise InputError(f"{where}: images[{i}]: {e}", "images") from None
+            if e.code in _WRONG_KIND:  # a damaged file fails its own job when it renders; the other jobs still run
+                raise InputError(f"{where}: images[{i}]: {e}", "images") from None
     if job.mask is None:
         return
     try:  # the generator's own rules (shape, an all-black mask): such a job failed after the model had loaded
         prepare_mask(read_image(job.mask, colours=False), identify(job.images[-1]).size, warn=False)
-    except (MaskError, ImageInputError) as e:
-        raise InputError(f"{where}: mask: {e}" if isinstance(e, ImageInputError) else f"{where}: {e}", "mask") from None
+    except MaskError as e:
+        raise InputError(f"{where}: {e}", "mask") from None
+    except ImageInputError as e:
+        if e.code in _WRONG_KIND:
+            raise InputError(f"{where}: mask: {e}", "mask") from None

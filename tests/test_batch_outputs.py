@@ -175,10 +175,11 @@ def test_inputs_edit_refuses_at_once_are_refused_before_the_model_loads(tmp_path
         f"error: {tmp_path / 'jobs.jsonl'}:1: images[0]: {tmp_path / 'in.gif'}: a GIF image, not JPEG, PNG or WebP: "
         "convert it"
     )
+    (tmp_path / "cut.png").write_bytes((tmp_path / "long.png").read_bytes()[:60])  # fails its own job when it renders
     _write_jobs(tmp_path / "jobs.jsonl", {**edit, "images": ["strip.png"]}, {**edit, "images": ["long.png"], "width": 128},
-                {**edit, "images": ["long.png"]})  # fmt: skip
+                {**edit, "images": ["long.png"]}, {**edit, "images": ["cut.png"]})  # fmt: skip
     assert main([*argv, "data.resolution=64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {tmp_path / 'jobs.jsonl'}: job 000000: images: image 1 is 3000x40 (aspect 75.0:1)")
     assert "; job 000001: width: 128 keeps the 300x30 image's aspect only with a height of 13 px" in err
-    assert "job 000002" not in err  # 10:1 alone is sizable at 64
+    assert "job 000002" not in err and "job 000003" not in err  # 10:1 alone is sizable at 64
