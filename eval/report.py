@@ -24,6 +24,7 @@ from qwen_image_lora.console import WANDB_SETTINGS, counted
 from qwen_image_lora.eval.summary import (
     BASE,
     BETTER,
+    FAMILY_ERROR,
     METRICS,
     MIN_PAIRS,
     WORSE,
@@ -138,6 +139,12 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}.better{color:#0a7d2c}.worse{col
 """
 
 
+def _delta_level(summary: dict) -> str:
+    """How sure the Δ intervals are, together: each at 1 - 0.05/m over the m metrics measured."""
+    level = next((d["confidence"] for e in summary.values() for d in e["delta"].values()), 1 - FAMILY_ERROR)
+    return f"95% together over {counted(len(summary), 'metric')} (each {100 * level:.3g}%)"
+
+
 def _ci_text(entry: dict) -> str:
     spread = f"all {entry['n']} equal" if entry["all_equal"] else f"[{fmt(entry['low'])}, {fmt(entry['high'])}]"
     return f"{fmt(entry['mean'])} <small>{spread}</small>"
@@ -152,7 +159,8 @@ def _render_html(title, variants, samples, summary, verdict, notes, checkpoints,
         parts.append("<div class='verdict'>" + "<br>".join(html.escape(v["line"]) for v in verdict.values()) + "</div>")
     parts.append(
         f"<p>{counted(len(samples), 'sample')}; variants: {', '.join(html.escape(v) for v in variants)}. "
-        f"Means with Student-t 95% intervals; Δ is the paired difference to base (a verdict needs {MIN_PAIRS} pairs).</p>"
+        f"Means with Student-t 95% intervals; Δ is the paired difference to base, its intervals {_delta_level(summary)} "
+        f"(a verdict needs {MIN_PAIRS} pairs).</p>"
     )
     if notes:
         parts.append("<div class='notes'>" + "<br>".join(html.escape(n) for n in notes) + "</div>")
