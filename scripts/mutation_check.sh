@@ -28,9 +28,9 @@ export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM
 # module -> "staged source file | targeted tests | functions to mutate (mutant-name globs; empty = all) |
 # tests to leave out (pytest -k)". The globs keep each run on the maths the issue names: the EMA and the optimizer
 # builder of optim.py, the latent and packing functions of model.py, the API-key check of guards.py, and the colour,
-# SSIM/PSNR, text and bootstrap maths of metrics.py (not the OCR and CLIP wrappers, whose tests load models).
+# SSIM/PSNR, text and interval maths of metrics.py (not the OCR and CLIP wrappers, whose tests load models).
 METRICS_FNS="to_rgb_array _same_shape hex_to_lab _kmeans dominant_colours palette_distance nearest_palette_distance
-  preservation quoted_text edit_distance _squash text_accuracy bootstrap_ci paired_difference_ci"
+  preservation quoted_text edit_distance _squash text_accuracy _words_found mean_ci paired_difference_ci"
 MODEL_FNS="image_to_pixels encode_latents pack unpack pad_prompt_embeds split_prompt_embeds predict_velocity max_aspect"
 declare -A MODULES=(
   [objective]="qwen_image_lora/objective.py|tests/test_train_objective.py||not lower_the_loss"
