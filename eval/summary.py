@@ -76,13 +76,22 @@ def best_checkpoint(scores: list[CheckpointScore]) -> tuple[str | None, str]:
     if not trained:
         return None, "no checkpoint has a finite held-out loss (the notes and the table say why)"
     best = min(trained, key=lambda c: c.loss)
+    shown, base_shown = _apart(best.loss, base.loss if base is not None else best.loss)
     if base is not None and not best.loss < base.loss:
         return None, (
-            f"no checkpoint beats the base model by held-out loss: base {base.loss:.5g}, the lowest {best.name} "
-            f"(step {best.step}) {best.loss:.5g}"
+            f"no checkpoint beats the base model by held-out loss: base {base_shown}, the lowest {best.name} "
+            f"(step {best.step}) {shown}"
         )
-    against = f", base {base.loss:.5g}" if base is not None else ""
-    return best.name, f"best by held-out loss: {best.name} (step {best.step}, loss {best.loss:.5g}{against})"
+    against = f", base {base_shown}" if base is not None else ""
+    return best.name, f"best by held-out loss: {best.name} (step {best.step}, loss {shown}{against})"
+
+
+def _apart(a: float, b: float) -> tuple[str, str]:
+    """Two losses with the digits that tell them apart (5 at least): 'loss 0.3, base 0.3' named a best checkpoint."""
+    for digits in range(5, 18):
+        if f"{a:.{digits}g}" != f"{b:.{digits}g}" or a == b:
+            break
+    return f"{a:.{digits}g}", f"{b:.{digits}g}"
 
 
 # ----------------------------------------------------------------------------------------- numbers

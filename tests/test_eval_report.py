@@ -116,6 +116,9 @@ def test_no_checkpoint_is_named_best_when_none_beats_the_base_model(tmp_path):
     assert best_checkpoint([CheckpointScore("base", 0, 1.0), CheckpointScore("s", 1, math.nan)]) == (
         None, "no checkpoint has a finite held-out loss (the notes and the table say why)"
     )  # fmt: skip
+    # Named best by a hair, it read "loss 0.3, base 0.3": the digits that tell them apart are shown.
+    hair = [CheckpointScore("base", 0, 0.3), CheckpointScore("step-5", 5, 0.2999999)]
+    assert best_checkpoint(hair)[1] == "best by held-out loss: step-5 (step 5, loss 0.2999999, base 0.3)"
     # A checkpoint whose loss overflowed to NaN is not ranked: min() over a NaN depended on the list's order.
     for order in (1, -1):
         scores = [CheckpointScore("step-2", 2, math.nan), CheckpointScore("final (EMA)", 4, 3.77)][::order]
