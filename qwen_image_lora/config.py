@@ -311,9 +311,9 @@ class ValidationConfig(SamplingConfig):
 def _check_no_repeats(where: str, prompts: list[str], edits: list[EditExample]) -> None:
     """Eval renders each prompt and edit at every seed and counts the pairs: one listed twice counts the same images
     twice (3 copies of one prompt at 2 seeds read as n = 6 and a confident verdict, where n = 2 says too few)."""
-    if twice := repeated_name(prompts):
-        raise ConfigError(f"{where}.prompts[{twice[0]}]: {twice[1]!r} is listed already; list each prompt once "
-                          "(more seeds give more samples)")  # fmt: skip
+    if twice := repeated_name(_spaced(prompt) for prompt in prompts):  # " a bottle" renders all but the same images
+        raise ConfigError(f"{where}.prompts[{twice[0]}]: {prompts[twice[0]]!r} is listed already (spacing aside); list "
+                          "each prompt once (more seeds give more samples)")  # fmt: skip
     if twice := repeated_name(_edit_identity(edit) for edit in edits):
         raise ConfigError(f"{where}.edits[{twice[0]}]: the same edit is listed already; list each edit once "
                           "(more seeds give more samples)")  # fmt: skip
@@ -322,7 +322,11 @@ def _check_no_repeats(where: str, prompts: list[str], edits: list[EditExample]) 
 def _edit_identity(edit: EditExample) -> str:
     """An edit by the files it names, resolved: `edits/../edits/a.png` or a symlinked folder is the same edit."""
     resolve = lambda path: None if path is None else str(Path(path).resolve())  # noqa: E731
-    return repr(([resolve(p) for p in edit.images], edit.prompt, resolve(edit.target), resolve(edit.mask)))
+    return repr(([resolve(p) for p in edit.images], _spaced(edit.prompt), resolve(edit.target), resolve(edit.mask)))
+
+
+def _spaced(text: str) -> str:
+    return " ".join(text.split())
 
 
 @dataclass

@@ -94,7 +94,13 @@ def test_bad_values_name_the_field(tmp_path, text, message):
         ("eval.seeds=[1,1,1]", r"eval.seeds: must be distinct seeds >= 0 \(got \[1, 1, 1\]\)"),
         ("eval.seeds=[-1]", r"eval.seeds: must be distinct seeds >= 0"),
         # A repeated prompt or edit counts its images twice: 3 copies of one prompt read as n = 6 and "better".
-        ("eval.prompts=[a, b, a]", r"eval.prompts\[2\]: 'a' is listed already; list each prompt once"),
+        ("eval.prompts=[a, b, a]", r"eval.prompts\[2\]: 'a' is listed already \(spacing aside\); list each prompt"),
+        # spacing aside, the same prompt renders all but the same images (palette distance 26.9656 against 26.9652)
+        ("eval.prompts=['a bottle', ' a  bottle ']", r"eval.prompts\[1\]: ' a  bottle ' is listed already"),
+        (
+            "eval.edits=[{images: [x.png], prompt: 'p q'}, {images: [x.png], prompt: 'p  q'}]",
+            r"eval.edits\[1\]: the same edit is listed already",
+        ),
         ("validation.prompts=[a, a]", r"validation.prompts\[1\]: 'a' is listed already"),  # eval's fallback
         (
             "eval.edits=[{images: [x.png], prompt: p}, {images: [x.png], prompt: p}]",
