@@ -311,6 +311,9 @@ def test_pairs_that_all_differ_alike_have_no_interval_and_the_sign_test_decides(
     assert few["line"].startswith("brand: too few samples for edit preservation PSNR (n=5)")  # p = 1/16 anyway
     six = verdicts(summarise(_paired({"psnr": [-2.0] * 6}), ["base", "brand"]), ["brand"])["brand"]
     assert six["line"] == "brand: worse edit preservation PSNR (dB -2, in all 6 pairs)"
+    # With a second metric each is judged at 97.5%: six pairs one way (p = 1/32) no longer decide.
+    two = verdicts(summarise(_paired({"psnr": [-2.0] * 6, "ssim": [0.1] * 6}), ["base", "brand"]), ["brand"])
+    assert two["brand"]["line"] == "brand: no clear difference in edit preservation SSIM, edit preservation PSNR"
     html_path, json_path = write_report(tmp_path, _paired({"psnr": [-2.0] * 6}))
     assert "<small>all 6 equal</small>" in html_path.read_text()
     assert json.loads(json_path.read_text())["metrics"]["psnr"]["delta"]["brand"]["low"] is None
