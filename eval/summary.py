@@ -1,7 +1,7 @@
 """The numbers behind the evaluation report: per metric each variant's mean and Student-t 95% interval, each
-adapter's paired difference to the base model (intervals that hold together over the metrics), and `verdicts`, the line every output opens with: per adapter, each
-metric better, worse, not clearly different from base by that interval, or too few samples to say, and what was not
-measured and why.
+adapter's paired difference to the base model (intervals that hold together over the metrics), and `verdicts`, the
+line every output opens with: per adapter, each metric better, worse, not clearly different from base by that
+interval, or too few samples to say, and what was not measured and why.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ qwen-lora serve --config configs/brand.yaml
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -155,7 +156,8 @@ def use_the_trained_model(args) -> None:
     if isinstance(model, str) and model:
         args.model = model
         # and its precision and revision: in bfloat16 a run's float32 preview came out 7/255 off (overrides given win)
-        args.overrides = [f"model.{k}={section[k]}" for k in ("dtype", "revision") if section.get(k)] + args.overrides
+        given = [f"model.{k}={json.dumps(str(section[k]))}" for k in ("dtype", "revision") if section.get(k)]
+        args.overrides = given + args.overrides  # quoted: a revision of digits is a string
         dtype = f" in {section['dtype']}" if section.get("dtype") else ""
         print(f"note: base model {model}{dtype}, as {trained[1]} trained (--model picks another)", file=sys.stderr)
 

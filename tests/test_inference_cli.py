@@ -863,7 +863,7 @@ def test_an_adapter_of_a_run_renders_on_the_base_model_it_trained_on(tiny_model_
     run = tmp_path / "runs" / "brand"
     shutil.copytree(lora_dir, run)
     (run / "config.yaml").write_text(
-        f"model:\n  pretrained: {tiny_model_dir}\n  dtype: float32\ndata:\n  resolution: 64\n"
+        f"model:\n  pretrained: {tiny_model_dir}\n  dtype: float32\n  revision: '0123'\ndata:\n  resolution: 64\n"
     )
     out = tmp_path / "o.png"
     assert main(["generate", "--lora", str(run), "--prompt", "a bottle", "--steps", "1", "--output", str(out)]) == 0
@@ -871,7 +871,7 @@ def test_an_adapter_of_a_run_renders_on_the_base_model_it_trained_on(tiny_model_
     said = f"note: base model {tiny_model_dir} in float32, as {run / 'config.yaml'} trained (--model picks another)"
     assert said in err and "no config given" not in err
     # In the run's precision too: in bfloat16 (the default) the run's own preview came out 7/255 off.
-    assert read_settings(out)["model"]["dtype"] == "float32"
+    assert read_settings(out)["model"]["dtype"] == "float32" and read_settings(out)["model"]["revision"] == "0123"
     assert read_settings(out)["model"]["pretrained"] == str(tiny_model_dir)
     argv = ["generate", "--lora", str(run), "--prompt", "a bottle", "--steps", "1", "--output", str(out)]
     assert main([*argv, "--dtype", "bfloat16"]) == 0 and read_settings(out)["model"]["dtype"] == "bfloat16"
