@@ -238,6 +238,7 @@ def _is_own_render(generator: Generator, job: Job, out: Path, base_seed: int, de
 def _request(job: Job, base_seed: int, default_loras) -> GenerationRequest:
     return GenerationRequest.from_settings(
         job, job.prompt, images=[load_image(p) for p in job.images], seed=_seed(job, base_seed),
+        guidance_scale=None if job.guidance_unused() else job.guidance_scale,  # said once for all (`read_jobs`)
         adapters=_job_loras(job, default_loras),
         mask=load_image(job.mask, colours=False) if job.mask else None, mask_feather=job.mask_feather,
     )  # fmt: skip

@@ -267,6 +267,9 @@ def _batch(args) -> int:
     jobs = read_jobs(
         checks.input_file("jobs file", args.jobs), names
     )  # every line, in a second: before torch and weights
+    if unused := sum(job.guidance_unused() for job in jobs):  # once, not a warning per job
+        print(f"note: {counted(unused, 'job')} give guidance_scale without a negative_prompt; it acts only with one "
+              "(Qwen-Image 2.1 samples without guidance)", file=sys.stderr)  # fmt: skip
     if args.seed + len(jobs) - 1 > BATCH_SEED.high:  # job i's seed is SEED + i
         raise InputError(
             f"--seed: {args.seed} + {len(jobs) - 1} (the last job's index) passes the largest seed, {BATCH_SEED.high}",

@@ -78,6 +78,8 @@ def check_request_flags(args) -> None:
         check_flags(sampling, check_masked_size, args)
     for note in unused_flags(args):
         print(f"note: {note}", file=sys.stderr)
+    if sampling.guidance_unused():  # said above: the generator need not say it again after the load
+        args.guidance_scale = None
 
 
 def unused_flags(args) -> list[str]:
@@ -87,7 +89,7 @@ def unused_flags(args) -> list[str]:
         notes.append("--quality applies to JPEG and WebP outputs; a PNG is lossless")
     if "mask_feather" in given and not getattr(args, "mask", None):
         notes.append("--mask-feather applies to a masked edit (--mask)")
-    if (args.guidance_scale or 0) > 1 and not args.negative_prompt:
+    if SamplingConfig.guidance_unused(args):
         notes.append("--guidance-scale acts only with --negative-prompt (Qwen-Image 2.1 samples without guidance)")
     return notes
 

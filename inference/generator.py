@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,8 +26,17 @@ from qwen_image_lora.inference import masking
 from qwen_image_lora.inference.adapters import Adapters
 from qwen_image_lora.inference.mask_rules import prepare_mask
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import MASK_FEATHER, SettingError, check_image_count, check_masked_size, check_range
+from qwen_image_lora.knobs import (
+    GUIDANCE_UNUSED,
+    MASK_FEATHER,
+    SettingError,
+    check_image_count,
+    check_masked_size,
+    check_range,
+)
 from qwen_image_lora.presets import ASPECT_RATIOS, MAX_SIDE, SIDE_MULTIPLE
+
+log = logging.getLogger(__name__)
 
 MAX_PROMPT_TOKENS = 1024  # with the model's own tokenizer, before the chat template is added
 
@@ -271,6 +281,8 @@ class Generator:
     @torch.no_grad()
     def generate(self, request: GenerationRequest) -> Image.Image:
         mask = self.check(request)
+        if request.guidance_unused():  # said to the caller (an HTTP client's x-warning), not taken silently
+            log.warning("%s; rendered without guidance", GUIDANCE_UNUSED)
         if request.adapters is not None:
             self.adapters.set(request.adapters)
         width, height = self._size(request)

@@ -47,6 +47,7 @@ BATCH_SEED = Bounded(0, 0, MAX_SEED, "seed of job i without its own seed: SEED +
 MASK_FEATHER = Bounded(8, 0, 64, "soft edge inside the changed region, in pixels")
 # What `layers` asks of the background when no prompt is given (its CLI help, the API and the generator say the same)
 DEFAULT_BACKGROUND_PROMPT = "remove the object and fill in the background"
+GUIDANCE_UNUSED = "guidance_scale acts only with a negative_prompt (Qwen-Image 2.1 samples without guidance)"
 
 
 class SettingError(InputError):
@@ -228,6 +229,11 @@ class SamplingConfig:
     num_inference_steps: int | None = knob(None, "denoising steps; default: the pipeline's own", ge=1)
     guidance_scale: float | None = knob(None, "true_cfg_scale: acts only with a negative prompt and > 1", ge=0.0)
     seed: int = knob(0, "the noise seed: the same seed and settings give the same image", ge=0, le=MAX_SEED)
+
+    def guidance_unused(self) -> bool:
+        """A guidance scale given that acts on nothing: guidance needs a negative prompt (the edges say so; the
+        generator renders without it)."""
+        return self.negative_prompt is None and (self.guidance_scale or 0) > 1
 
     def check(self) -> None:
         """The sampling rules, once for every edge (config sections, batch lines, CLI flags, HTTP requests, the

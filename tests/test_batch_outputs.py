@@ -1,6 +1,7 @@
 """Which file a batch job may claim as its output, and which it may overwrite; one id per job."""
 
 import json
+import logging
 import re
 
 import pytest
@@ -144,14 +145,19 @@ def test_folders_where_the_batch_writes_files_are_named_before_any_render(gen, t
     assert f"job 000001: {out / 'taken.png'} is a folder; give this job another" in capsys.readouterr().err
 
 
-def test_the_manifest_records_the_guidance_that_acted_as_the_image_does(gen, tmp_path):
+def test_the_manifest_records_the_guidance_that_acted_as_the_image_does(gen, tmp_path, caplog, capsys,
+                                                                         unloadable_model):  # fmt: skip
     """Guidance acts only against a negative prompt: a line's 5.0 without one rendered at 1.0, which the image's
-    settings said, while the manifest said 5.0."""
+    settings said, while the manifest said 5.0. The batch says so once, not once per job."""
     out = tmp_path / "out"
     plain, negative = {**RED_MUG, "guidance_scale": 5.0}, {**RED_MUG, "guidance_scale": 5.0, "negative_prompt": "blur"}
-    run_batch(gen, read_jobs(_write_jobs(tmp_path / "a.jsonl", plain, negative)), out, progress=False)
+    jobs = _write_jobs(tmp_path / "a.jsonl", plain, {**plain, "output": "b.png"}, negative)
+    with caplog.at_level(logging.WARNING):
+        run_batch(gen, read_jobs(jobs), out, progress=False)
     recorded = [(e["guidance_scale"], read_settings(out / e["output"])["guidance_scale"]) for e in _manifest(out)]
-    assert recorded == [(1.0, 1.0), (5.0, 5.0)]
+    assert recorded == [(1.0, 1.0), (1.0, 1.0), (5.0, 5.0)] and "guidance" not in caplog.text
+    main(["batch", str(jobs), "--output-dir", str(tmp_path / "o2"), "--model", str(unloadable_model)])
+    assert "note: 2 jobs give guidance_scale without a negative_prompt; it acts only" in capsys.readouterr().err
 
 
 def test_inputs_edit_refuses_at_once_are_refused_before_the_model_loads(tmp_path, capsys, unloadable_model):

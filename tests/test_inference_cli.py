@@ -1,6 +1,7 @@
 """The `qwen-lora generate | edit | batch` entry points on the tiny model: formats, adapters, resume, sharding."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -896,6 +897,17 @@ def test_serve_runs_its_adapters_run_on_the_base_model_and_size_they_trained_at(
         assert (cfg.model.pretrained, cfg.data.resolution) == (str(tiny_model_dir), 64)
         assert f"note: data.resolution 64, as {run / 'config.yaml'} trained" in capsys.readouterr().err
     assert cfg.model.dtype == "bfloat16"  # a model named: its run's precision is not assumed
+
+
+def test_a_guidance_scale_that_acts_on_nothing_is_said_once(tiny_model_dir, tmp_path, capsys, caplog):
+    """Said before the model loads, it is not said again by the generator after the load (which HTTP clients and the
+    Python API hear), and the image records the guidance that acted."""
+    out = tmp_path / "g.png"
+    argv = ["generate", "--model", str(tiny_model_dir), *TINY, "--prompt", "x", "--steps", "1", "--output", str(out)]
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--guidance-scale", "5"]) == 0
+    assert capsys.readouterr().err.count("acts only with") == 1 and "acts only with" not in caplog.text
+    assert read_settings(out)["guidance_scale"] == 1.0
 
 
 def test_flags_that_change_nothing_are_said_before_the_model_loads(tmp_path, capsys, unloadable_model):

@@ -14,6 +14,7 @@ from qwen_image_lora.config import Config
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.layers import MAX_ELEMENTS, Element, LayersError, check_request
 from qwen_image_lora.inference.server import _warning_header, create_app
+from qwen_image_lora.knobs import GUIDANCE_UNUSED
 
 KEY = "mask-key-0123456789"
 W, H = 96, 64
@@ -84,6 +85,15 @@ def test_a_white_mask_is_said_once_per_request_and_a_masked_edit_takes_no_size(c
     assert plain.status_code == 200 and "x-warning" not in plain.headers
     r = post(client, "/v1/images", {**body, "aspect_ratio": "16:9"})  # was taken, recorded and ignored
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mask"], r.text
+
+
+def test_a_guidance_scale_without_a_negative_prompt_is_said_to_the_client(client):
+    """Guidance acts only against a negative prompt: the CLI said so, while a client got a 200 and no hint."""
+    body = {"prompt": "x", "num_inference_steps": 1, "width": 64, "height": 64, "guidance_scale": 5.0}
+    said = post(client, "/v1/images", body)
+    assert said.status_code == 200 and said.headers["x-warning"] == f"{GUIDANCE_UNUSED}; rendered without guidance"
+    acted = post(client, "/v1/images", {**body, "negative_prompt": "blur"})
+    assert acted.status_code == 200 and "x-warning" not in acted.headers
 
 
 @pytest.mark.parametrize("body, field, message", [
