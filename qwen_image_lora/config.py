@@ -273,7 +273,7 @@ class TrainConfig:
             raise ConfigError(f"{where}.memory_budget_gb: must be > 0 (got {self.memory_budget_gb})")
         if self.offload_blocks != "auto" and self.offload_blocks < 0:
             raise ConfigError(f"{where}.offload_blocks: must be >= 0 or auto (got {self.offload_blocks})")
-        if self.offload_blocks not in (0, "auto") and self.gradient_checkpointing is False:
+        if self.offload_blocks != 0 and self.gradient_checkpointing is False:  # `auto` too: it could never offload
             raise ConfigError(
                 f"{where}.offload_blocks: offloaded blocks are recomputed in backward, so they need "
                 f"{where}.gradient_checkpointing: true or auto (got false)"
@@ -376,6 +376,9 @@ class EvalConfig(SamplingConfig):
             raise ConfigError(f"{where}.seeds: must be distinct seeds >= 0 (got {self.seeds})")
 
 
+FACTORING_INITS = ("pissa", "olora", "corda", "eva", "loftq")  # peft inits that decompose the base weights
+
+
 @dataclass
 class Config:
     output_dir: str = _path("outputs/run")
@@ -391,6 +394,17 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     # Set by the loader: the file this config came from (for messages) and its folder (for paths).
     source: str | None = field(default=None, repr=False, compare=False)
+
+    def validate(self, where: str) -> None:
+        """Settings of two sections that cannot go together, refused at load by every command: `validate` said OK
+        to them, and training refused them later (offloading with compile after the weights had loaded)."""
+        if self.model.quantize != "none" and str(self.lora.init).startswith(FACTORING_INITS):
+            raise ConfigError(f"lora.init: {self.lora.init} factors the base weights, which a {self.model.quantize} "
+                              "base cannot give; use lora.init: gaussian with a quantized base, or model.quantize: "
+                              "none")  # fmt: skip
+        if self.train.offload_blocks not in (0, "auto") and self.model.compile:
+            raise ConfigError("train.offload_blocks: not with model.compile (the streaming hooks sit inside the "
+                              "compiled blocks); set model.compile: false, or train.offload_blocks: 0")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- loading

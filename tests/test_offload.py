@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from diffusers import QwenImage21Transformer2DModel
 from diffusers.hooks.group_offloading import _GROUP_OFFLOADING, _get_group_onload_device
 
 from qwen_image_lora import objective
+from qwen_image_lora.cli import main as cli_main
 from qwen_image_lora.config import ConfigError, LoRAConfig, load_config
 from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace, offload, preflight
 from qwen_image_lora.train.adapter import add_lora
@@ -202,8 +204,6 @@ def test_auto_offloads_the_fewest_blocks_that_fit_the_budget(tmp_path):
     assert recipe.fits and recipe.plan.offloaded == 4 and len(recipe.plan.checkpointed) == 6
     assert recipe.overrides() == ["train.gradient_checkpointing=true", "train.offload_blocks=4", "optim.name=adamw",
                                   "model.quantize=none"]  # fmt: skip
-    fixed = resolve(four, "train.gradient_checkpointing=false", "train.offload_blocks=auto")
-    assert not fixed.fits and fixed.plan.offloaded == 0  # offloading needs the checkpointing the user turned off
     # Offloading trains on one process: under DDP `auto` picked it, then the trainer refused what it had picked.
     cfg = load_config(None, [f"model.pretrained={tmp_path / 'model'}", "data.resolution=128", "lora.rank=4",
                              "train.gradient_checkpointing=true", "train.offload_blocks=auto",
@@ -242,3 +242,37 @@ def test_an_fsdp_launch_refuses_what_does_not_shard_before_loading(monkeypatch, 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match=rf"^{field}: .*(FSDP2|one process)"):
         preflight.check_before_loading(cfg)
+
+
+def test_settings_that_cannot_train_together_are_refused_where_validate_sees_them(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch, capsys):  # fmt: skip
+    """`validate` said OK to each of these, and the trainer refused them later, two after the weights had loaded;
+    `plan` planned the first as "every block checkpointed" and crashed on the second with a traceback."""
+    base = [f"model.pretrained={tiny_model_dir}"]
+    for given, said in (
+        (["train.gradient_checkpointing=false", "train.offload_blocks=auto"],  # `auto` could never offload
+         "train.offload_blocks: offloaded blocks are recomputed in backward, so they need train.gradient_checkpointing"),
+        (["train.gradient_checkpointing=true", "train.offload_blocks=1", "model.compile=blocks"],
+         "train.offload_blocks: not with model.compile (the streaming hooks sit inside the compiled blocks)"),
+        (["model.quantize=int8", "lora.init=pissa"], "lora.init: pissa factors the base weights, which a int8 base"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            load_config(None, [*base, *given])
+    offload = [*base, "train.gradient_checkpointing=true", "train.offload_blocks=2"]
+    (tmp_path / "c.yaml").write_text("{}")
+    plan = ["plan", "--config", str(tmp_path / "c.yaml")]
+    assert cli_main([*plan, "--checkpointing", "none", *offload]) == 2
+    assert capsys.readouterr().err.startswith("error: --checkpointing none: train.offload_blocks: offloaded blocks")
+    assert cli_main([*plan, "--as-configured", *offload[:-1], "train.offload_blocks=3"]) == 2
+    assert capsys.readouterr().err == "error: train.offload_blocks: 3 is more than the transformer's 2 blocks\n"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under DDP: refused before loading, not after
+    with pytest.raises(ConfigError, match="^train.offload_blocks: offloading trains on one process"):
+        preflight.check_before_loading(load_config(None, offload))
+
+
+def test_a_budget_missed_by_auto_checkpointing_names_offloading_among_the_ways_out(tiny_model_dir):
+    """The 16 GB card's answer is offloaded blocks, which the hint left out when they were not `auto` already."""
+    cfg = load_config(None, [f"model.pretrained={tiny_model_dir}", "train.gradient_checkpointing=auto",
+                             "train.memory_budget_gb=0.5"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"names a recipe that fits \(offloaded blocks, an 8-bit optimizer, a "):
+        memory_fit.apply(None, cfg, "cpu", references=0)  # refused before the transformer is touched

@@ -293,11 +293,12 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1) -> 
     if recipe is not None and not recipe.fits:
         budget = cfg.train.memory_budget_gb
         plan = f"`qwen-lora plan --config ... --gpu-memory {budget:g}GB"
+        more = "" if cfg.train.offload_blocks == "auto" else "offloaded blocks, "  # the 16 GB card's answer
         hint = (
             f"{plan} --processes N` plans more FSDP2 processes" if fsdp
             else f"DDP keeps the whole model on each GPU: {plan}` names a one-process recipe that fits (offloaded "
             "blocks, an 8-bit optimizer, a quantized base), or shard it (configs/accelerate/fsdp.yaml)"
-            if num_processes > 1 else f"{plan}` names a recipe that fits (an 8-bit optimizer, a quantized base)"
+            if num_processes > 1 else f"{plan}` names a recipe that fits ({more}an 8-bit optimizer, a quantized base)"
         )  # fmt: skip
         raise ConfigError(
             f"train.memory_budget_gb: the planned step needs {recipe.plan.total / GiB:.2f} GiB even with "

@@ -44,18 +44,27 @@ def _plan(args) -> int:
     gpu = parse_memory(args.gpu_memory) if args.gpu_memory else int(cfg.train.memory_budget_gb * 2**30)
     # After the config and the size are read: the planner traces a step with torch, diffusers and peft, which take
     # seconds to import, and a typo should not wait for them.
+    from qwen_image_lora import model as qmodel
+    from qwen_image_lora.config import ConfigError
     from qwen_image_lora.train import memory, memory_fit
+    from qwen_image_lora.train.early import check_offload_blocks
     from qwen_image_lora.train.preflight import check_shardable
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     as_configured = args.as_configured or args.checkpointing != "config"
     if as_configured and args.processes > 1:
         check_shardable(cfg)
+    if args.checkpointing != "config":
+        cfg.train.gradient_checkpointing = {"all": True, "none": False}.get(args.checkpointing, "auto")
+        try:  # the config's own rule: offloaded blocks are checkpointed (`none` was planned as every block)
+            cfg.train.validate("train")
+        except ConfigError as e:
+            raise InputError(f"--checkpointing {args.checkpointing}: {e}", "--checkpointing") from None
+    # the trainer's refusal, not a traceback from the planner
+    check_offload_blocks(cfg.train.offload_blocks, qmodel.load_transformer_config(cfg.model.pretrained)["num_layers"])
     references = args.references if args.references is not None else _references(cfg)
     start = time.perf_counter()
     if as_configured:
-        if args.checkpointing != "config":
-            cfg.train.gradient_checkpointing = {"all": True, "none": False}.get(args.checkpointing, "auto")
         recipe = memory_fit.resolve(
             cfg, references, gpu_bytes=gpu, prompt_tokens=args.prompt_tokens, plan_fixed=True, shards=args.processes
         )

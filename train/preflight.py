@@ -15,7 +15,6 @@ from qwen_image_lora.train.early import schedule_warnings
 from qwen_image_lora.train.tracking import check_tracker_available
 
 logger = logging.getLogger("qwen_image_lora.train")
-FACTORING_INITS = ("pissa", "olora", "corda", "eva", "loftq")  # peft inits that decompose the base weights
 
 
 def check_before_loading(cfg: Config, resuming: bool = False) -> None:
@@ -29,18 +28,18 @@ def check_before_loading(cfg: Config, resuming: bool = False) -> None:
     check_tracker_available(cfg.tracking)
     if ranks.fsdp_launch():
         check_shardable(cfg)
+    elif ranks.launched_processes() > 1 and cfg.train.offload_blocks not in (0, "auto"):  # was found after the load
+        raise ConfigError(
+            "train.offload_blocks: offloading trains on one process (DDP keeps the whole model on each GPU); set it "
+            "to 0 or launch one process",
+            "train.offload_blocks",
+        )
     elif ranks.launched_processes() > 1 and cfg.model.quantize != "none":
         raise ConfigError(
             f"model.quantize: {cfg.model.quantize} does not train under DDP (DDP broadcasts every weight at start, "
             "which a quantized base cannot); set model.quantize: none, launch one process, or shard an unquantized "
             "base with configs/accelerate/fsdp.yaml",
             "model.quantize",
-        )
-    if cfg.model.quantize != "none" and str(cfg.lora.init).startswith(FACTORING_INITS):
-        raise ConfigError(
-            f"lora.init: {cfg.lora.init} factors the base weights, which a {cfg.model.quantize} base cannot give; "
-            "use lora.init: gaussian with a quantized base, or model.quantize: none",
-            "lora.init",
         )
     if not cfg.data.path:
         raise ConfigError("data.path: set it to a folder of images + captions or a .jsonl/.csv manifest")
