@@ -217,11 +217,12 @@ def plan_case(args, cfg, shape, ck) -> dict:
     return {**row, "planned_gib": plan.peak / 2**30, "plan_seconds": plan.trace_seconds}
 
 
-def shapes(args, resolution=None, batch=None) -> list[memory.StepShape]:
+def shapes(args, resolution=None, batch=None, bucket=None) -> list[memory.StepShape]:
     res = resolution or args.resolution
+    h, w = bucket or (res, res)
     tasks = ["t2i", "edit"] if args.task == "both" else [args.task]
-    refs = {"t2i": [], "edit": [(res, res)]}
-    return [memory.StepShape(res, res, batch or args.batch_size, args.prompt_tokens, refs[t]) for t in tasks]
+    refs = {"t2i": [], "edit": [(h, w)]}
+    return [memory.StepShape(h, w, batch or args.batch_size, args.prompt_tokens, refs[t]) for t in tasks]
 
 
 def checkpoints(args) -> list:
@@ -344,8 +345,8 @@ def main(argv=None) -> int:
         help="--reach: the random 7B checkpoint, written once (~14 GB)",
     )
     args = ap.parse_args(argv)
-    if args.reach:
-        return reach_bench.run(args, shapes(args), to_cuda)
+    if args.reach:  # at the bucket `qwen-lora plan` plans for
+        return reach_bench.run(args, shapes(args, bucket=reach_bench.planned_bucket(args.resolution)), to_cuda)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.batch_resolutions = [512, 1024]
     if args.quick:

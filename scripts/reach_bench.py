@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from qwen_image_lora import model as qmodel
-from qwen_image_lora.config import LoRAConfig, OptimConfig
+from qwen_image_lora.config import DataConfig, LoRAConfig, OptimConfig
 from qwen_image_lora.tiny_model import make_tiny_model
 from qwen_image_lora.train import memory, memory_fit, memory_trace, offload
 from qwen_image_lora.train.adapter import add_lora
@@ -149,9 +149,14 @@ def measure_recipe(
     return out
 
 
+def planned_bucket(resolution: int) -> tuple[int, int]:
+    """(height, width) `qwen-lora plan` plans a config at: its largest bucket at the default data.max_aspect."""
+    return memory.largest_bucket(resolution, DataConfig().max_aspect)
+
+
 def _shape(row: dict, prompt_tokens: int, resolution: int = 1024) -> memory.StepShape:
-    refs = [(resolution, resolution)] * row["references"]
-    return memory.StepShape(resolution, resolution, 1, prompt_tokens, refs)
+    h, w = planned_bucket(resolution)
+    return memory.StepShape(h, w, 1, prompt_tokens, [(h, w)] * row["references"])
 
 
 def run(args, shapes: list[memory.StepShape], to_cuda) -> int:

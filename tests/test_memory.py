@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import QwenImage21Transformer2DModel
@@ -23,6 +25,7 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora import objective
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import LoRAConfig, load_config
+from qwen_image_lora.data.buckets import assign_bucket
 from qwen_image_lora.train import block_checkpointing, memory, memory_fit, memory_trace, offload
 from qwen_image_lora.train.adapter import add_lora
 from qwen_image_lora.train.plan_cli import _references, parse_memory
@@ -292,3 +295,37 @@ def test_under_fsdp2_the_planner_never_reaches_for_what_does_not_shard():
     assert (recipe.inputs.quantize, recipe.inputs.optimizer, recipe.plan.shards) == ("none", "adamw", 2)
     alone = memory_fit.fit(inputs, memory.CUDA_CONTEXT_BYTES + 2**20)  # one process: the whole ladder
     assert alone.inputs.quantize == "nf4"
+
+
+@pytest.mark.parametrize("resolution", [1024, 512, 64])
+def test_the_plan_covers_every_bucket_the_sizing_rule_gives_up_to_the_doctors_aspect_limit(resolution):
+    """Planned at resolution x resolution, a 1.1:1 image trained at 1088x992 (2.9% more pixels): a 12 GB edit
+    recipe "fit" with 0.0 GiB spare and traced to 12.12 GiB at that bucket."""
+    height, width = memory.largest_bucket(resolution, 4.0)
+    rng = np.random.default_rng(resolution)
+    for ratio in [1.1, 1 / 1.1, 4.0, 0.25, *np.exp(rng.uniform(np.log(0.25), np.log(4.0), 300))]:
+        w, h = assign_bucket(round(2000 * ratio), 2000, resolution, max_upscale=10.0)
+        assert w * h <= width * height, (ratio, w, h)
+    assert width * height > resolution**2
+    shape = memory.plan_inputs_from_config(load_config(None, [f"data.resolution={resolution}"]), references=1).shape
+    assert (shape.height, shape.width, shape.references) == (height, width, [(height, width)])
+
+
+def test_the_launch_plans_for_its_datas_longest_caption_and_biggest_bucket(tiny_pipe):
+    """The launch planned 256 prompt tokens whatever the captions: with 1024-token captions `qwen-lora plan
+    --prompt-tokens 1024` chose 27 blocks to checkpoint and the launch 26, which needed 24.96 GiB of a 24 GB budget."""
+    cfg = load_config(None, ["data.resolution=64"])
+
+    def entry(caption: str, bucket=(64, 64), sources=()):
+        bucket_of = SimpleNamespace(bucket=bucket)
+        return SimpleNamespace(item=SimpleNamespace(captions=(caption,)), target=bucket_of, sources=sources)
+
+    tokenizer = tiny_pipe.processor.tokenizer
+    long = " ".join(["bottle"] * 600)
+    tokens = len(tokenizer(long, add_special_tokens=False)["input_ids"])
+    assert tokens > 256
+    planned = memory.largest_bucket(64, cfg.data.max_aspect)
+    assert memory_fit.largest_step(cfg, [entry("a bottle"), entry(long)], tokenizer) == (tokens, planned)
+    assert memory_fit.largest_step(cfg, [entry("a bottle")], tokenizer) == (256, planned)  # never under `plan`'s
+    wide = [entry("x", sources=(SimpleNamespace(bucket=(512, 32)),))]  # a reference past data.max_aspect
+    assert memory_fit.largest_step(cfg, wide, tokenizer) == (256, (32, 512))

@@ -172,9 +172,11 @@ class LoRARecipe:
         return build_training_data(self.cfg, self.pipe, num_replicas=acc.num_processes, rank=acc.process_index)
 
     def _setup_checkpointing(self, transformer) -> None:
-        references = max(len(e.item.sources) for e in self.data.dataset.entries)
-        acc = self.accelerator
-        recipe = memory_fit.apply(transformer, self.cfg, acc.device, references, acc.num_processes)
+        entries, acc, train = self.data.dataset.entries, self.accelerator, self.cfg.train
+        references = max(len(e.item.sources) for e in entries)
+        auto = "auto" in (train.gradient_checkpointing, train.offload_blocks)
+        step = memory_fit.largest_step(self.cfg, entries, self.pipe.processor.tokenizer) if auto else None
+        recipe = memory_fit.apply(transformer, self.cfg, acc.device, references, acc.num_processes, step)
         if recipe is not None:
             logger.info(
                 "memory auto: %s (planned %.1f GiB of %g GB)",

@@ -26,6 +26,7 @@ import torch
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora.config import ConfigError
+from qwen_image_lora.data.sources import format_caption
 from qwen_image_lora.quantization import check_quantize
 from qwen_image_lora.train import memory, offload, ranks
 from qwen_image_lora.train.block_checkpointing import apply_block_checkpointing
@@ -260,6 +261,7 @@ def resolve(
     *,
     gpu_bytes: int | None = None,
     prompt_tokens: int = 256,
+    bucket: tuple[int, int] | None = None,
     plan_fixed: bool = False,
     shards: int = 1,
     processes: int = 1,
@@ -275,7 +277,7 @@ def resolve(
         return None
     checkpoint = "none" if gc is False else "all"
     inputs = memory.plan_inputs_from_config(
-        cfg, references=references, prompt_tokens=prompt_tokens, checkpoint=checkpoint
+        cfg, references=references, prompt_tokens=prompt_tokens, checkpoint=checkpoint, bucket=bucket
     )
     inputs.offload_blocks = 0 if k == "auto" else k
     inputs.shards = shards
@@ -283,13 +285,28 @@ def resolve(
     return fit(inputs, gpu, free=free, planner=planner)
 
 
-def apply(transformer, cfg, device, references: int, num_processes: int = 1) -> Recipe | None:
-    """Checkpoint and place the transformer as the config says, `auto` settings resolved by `resolve`: what the
+def largest_step(cfg, entries, tokenizer) -> tuple[int, tuple[int, int]]:
+    """(prompt tokens, (height, width)) that `auto` plans the launch for: the data's longest caption in tokens (at
+    least `qwen-lora plan`'s 256: 1024-token captions planned as 256 ran 1 GiB over a 24 GB budget) and the larger of
+    its biggest bucket and the one `plan` assumes (`memory.largest_bucket`)."""
+    texts = {format_caption(caption, cfg.data) for entry in entries for caption in entry.item.captions}
+    tokens = max([256, *(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)])
+    sizes = [entry.target.bucket for entry in entries] + [s.bucket for entry in entries for s in entry.sources]
+    width, height = max(sizes, key=lambda size: size[0] * size[1])
+    planned = memory.largest_bucket(cfg.data.resolution, cfg.data.max_aspect)
+    return tokens, (height, width) if width * height > planned[0] * planned[1] else planned
+
+
+def apply(transformer, cfg, device, references: int, num_processes: int = 1, step=None) -> Recipe | None:
+    """Checkpoint and place the transformer as the config says, `auto` settings resolved by `resolve` for `step`
+    (the data's (prompt tokens, (height, width)) at its largest, or None: `qwen-lora plan`'s defaults): what the
     recipe calls after adding LoRA. Offloaded blocks keep their frozen weights in CPU memory (`offload.py`); the
     rest goes to `device`."""
     check_quantize(cfg.model.quantize, torch.device(device).type)  # nf4 loads onto CUDA whatever accelerate chose
     fsdp = ranks.fsdp_launch()
-    recipe = resolve(cfg, references, shards=num_processes if fsdp else 1, processes=num_processes)
+    tokens, bucket = step or (256, None)
+    recipe = resolve(cfg, references, prompt_tokens=tokens, bucket=bucket, shards=num_processes if fsdp else 1,
+                     processes=num_processes)  # fmt: skip
     if recipe is not None and not recipe.fits:
         budget = cfg.train.memory_budget_gb
         plan = f"`qwen-lora plan --config ... --gpu-memory {budget:g}GB"

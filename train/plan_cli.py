@@ -7,9 +7,9 @@
 By default it picks the recipe (`memory_fit.fit`): checkpointing first, then offloaded blocks, then an 8-bit
 optimizer, then a quantized base, and prints it as config overrides with the host-link cost of offloading. With
 `--as-configured` it plans the config's own settings, each `auto` one chosen as the trainer chooses it at launch.
-The prediction is `torch.cuda.max_memory_allocated` of a steady-state step at the config's largest bucket
-(data.resolution squared), traced on fake tensors by `train/memory.py`, plus a stated margin for the CUDA
-context and allocator fragmentation.
+The prediction is `torch.cuda.max_memory_allocated` of a steady-state step at the config's largest bucket (the
+most pixels the sizing rule gives at data.resolution up to data.max_aspect: 576x1888 at 1024, 3.7% over 1024^2),
+traced on fake tensors by `train/memory.py`, plus a stated margin for the CUDA context and allocator fragmentation.
 """
 
 from __future__ import annotations
