@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -59,7 +60,7 @@ def _run_folder(run: Path, adapters, cfg) -> Path:
     return run
 
 
-def test_eval_cli_compares_adapters_and_ranks_checkpoints(config_path, adapters, tmp_path, capsys):
+def test_eval_cli_compares_adapters_and_ranks_checkpoints(config_path, adapters, tmp_path, capsys, caplog):
     run = _run_folder(tmp_path / "run", adapters, load_config(config_path))
     argv = [
         "eval",
@@ -73,10 +74,14 @@ def test_eval_cli_compares_adapters_and_ranks_checkpoints(config_path, adapters,
         str(run),
         "--output",
         str(tmp_path / "report"),
+        "eval.guidance_scale=4",  # no negative prompt: a note in the report, not a warning per image
     ]
-    assert main(argv) == 0
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert "guidance" not in caplog.text
+    assert "eval.guidance_scale acts only with a negative_prompt" in data["notes"][0]
     # The summary opens with one verdict line per adapter; a no-op adapter is no different from base.
     assert out[:2] == [data["verdicts"]["noop"]["line"], data["verdicts"]["noisy"]["line"]]
     assert out[0].startswith("noop: too few samples for palette distance (n=4), ")  # 2 seeds: no verdict yet

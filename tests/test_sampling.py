@@ -13,6 +13,7 @@ from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.jobs import Job, read_jobs
 from qwen_image_lora.inference.requests import request_models
 from qwen_image_lora.knobs import SettingError
+from qwen_image_lora.train.early import schedule_warnings
 from qwen_image_lora.train.validation import validation_requests
 
 KNOBS = [f.name for f in dataclasses.fields(SamplingConfig)]
@@ -63,6 +64,20 @@ def test_the_python_api_refuses_what_every_other_edge_refuses(tiny_pipe):
     generator.check(GenerationRequest("x", mask_feather=64))
     with pytest.raises(ConfigError, match=r"eval.edits\[0\].prompt: give the edit's instruction$"):
         load_config(None, ["eval.edits=[{images: [a.png]}]"])
+
+
+def test_training_previews_say_once_that_their_guidance_acts_on_nothing():
+    """Every preview of every validation round would warn that guidance needs a negative prompt: said once at the
+    start (`schedule_warnings`, also what `validate` says), and the previews render without it."""
+    cfg = load_config(None, ["validation.guidance_scale=4", "validation.prompts=[a bottle]"])
+    (request,) = validation_requests(cfg).values()
+    assert request.guidance_scale is None and not request.guidance_unused()
+    said = "validation.guidance_scale acts only with a negative_prompt (Qwen-Image 2.1 samples without guidance)"
+    assert [w for w in schedule_warnings(cfg) if "guidance" in w] == [f"{said}: previews render without guidance"]
+    acting = load_config(
+        None, ["validation.guidance_scale=4", "validation.negative_prompt=blur", "validation.prompts=[a]"]
+    )
+    assert next(iter(validation_requests(acting).values())).guidance_scale == 4.0 and not schedule_warnings(acting)
 
 
 def test_a_bad_job_setting_is_named_with_its_line(tmp_path):

@@ -15,6 +15,7 @@ from qwen_image_lora.config import Config, ConfigError, load_config
 from qwen_image_lora.data.cache_dir import check_cache_dir
 from qwen_image_lora.data.sources import Item, check_edit_files, load_items
 from qwen_image_lora.errors import UserError
+from qwen_image_lora.knobs import GUIDANCE_UNUSED
 from qwen_image_lora.train.run_folder import RunFolder
 
 
@@ -95,6 +96,8 @@ def schedule_warnings(cfg: Config, resuming: bool = False) -> list[str]:
     if warmup >= steps and cfg.optim.scheduler != "constant":
         said.append(f"optim.warmup_steps={warmup} >= train.max_steps={steps}: the learning rate never reaches optim.lr "
                     f"(at most {min(steps, warmup) / max(warmup, 1):.0%} of it); lower the warm-up")  # fmt: skip
+    if cfg.validation.guidance_unused():
+        said.append(f"validation.{GUIDANCE_UNUSED}: previews render without guidance")
     return said
 
 

@@ -19,12 +19,13 @@ from qwen_image_lora.inference.generator import GenerationRequest, Generator
 def validation_requests(cfg: Config) -> dict[str, GenerationRequest]:
     """name -> request, for every `validation.prompts` (t2i_NN) and `validation.edits` (edit_NN) entry."""
     v = cfg.validation
+    quiet = {"guidance_scale": None} if v.guidance_unused() else {}  # said once at start, not at every preview
     requests = {}
     for i, prompt in enumerate(v.prompts):
-        requests[f"t2i_{i:02d}"] = GenerationRequest.from_settings(v, prompt)
+        requests[f"t2i_{i:02d}"] = GenerationRequest.from_settings(v, prompt, **quiet)
     for i, edit in enumerate(v.edits):
         images = [load_image(p) for p in edit.images]  # as `qwen-lora edit` reads them, so previews match
-        requests[f"edit_{i:02d}"] = GenerationRequest.from_settings(v, edit.prompt, images=images)
+        requests[f"edit_{i:02d}"] = GenerationRequest.from_settings(v, edit.prompt, images=images, **quiet)
     return requests
 
 
