@@ -61,7 +61,8 @@ def _plan(args) -> int:
         except ConfigError as e:
             raise InputError(f"--checkpointing {args.checkpointing}: {e}", "--checkpointing") from None
     # the trainer's refusal, not a traceback from the planner
-    check_offload_blocks(cfg.train.offload_blocks, qmodel.load_transformer_config(cfg.model.pretrained)["num_layers"])
+    blocks = qmodel.load_transformer_config(cfg.model.pretrained, cfg.model.revision)["num_layers"]
+    check_offload_blocks(cfg.train.offload_blocks, blocks)
     references = args.references if args.references is not None else _references(cfg)
     start = time.perf_counter()
     if as_configured:
