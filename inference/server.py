@@ -229,8 +229,9 @@ class _ThreadWarnings(logging.Handler):
         self.thread, self.messages = threading.get_ident(), []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
-            self.messages.append(record.getMessage())
+        # once each: a layers job renders three times or more, and each render said the same thing
+        if record.thread == self.thread and (message := record.getMessage()) not in self.messages:
+            self.messages.append(message)
 
 
 @contextlib.contextmanager

@@ -130,8 +130,10 @@ def test_layers_endpoint_returns_a_psd_with_the_named_layers(client):
     assert r.headers["content-disposition"] == 'attachment; filename="layers-1.psd"'
     psd = PSDImage.open(io.BytesIO(r.content))
     assert [layer.name for layer in psd][:2] == ["background", "subject"] and psd.size == (W, H)
-    zipped = post(client, "/v1/layers", {**body, "output_format": "zip"})
+    zipped = post(client, "/v1/layers", {**body, "output_format": "zip", "guidance_scale": 5.0})
     assert zipped.status_code == 200 and zipped.content[:2] == b"PK"
+    # said once, though the background and the element each rendered with it
+    assert zipped.headers["x-warning"] == f"{GUIDANCE_UNUSED}; rendered without guidance"
 
 
 def test_layers_has_the_same_auth_and_limits(client):
