@@ -26,8 +26,9 @@ from PIL import Image
 
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.captions import fill_caption
-from qwen_image_lora.config import ConfigError, DataConfig, EditExample
+from qwen_image_lora.config import ConfigError, DataConfig
 from qwen_image_lora.errors import InputError
+from qwen_image_lora.eval_config import EditExample
 from qwen_image_lora.images import read_image
 from qwen_image_lora.io import atomic_write_bytes, iter_jsonl
 from qwen_image_lora.knobs import SettingError, check_image_count

@@ -23,13 +23,14 @@ from safetensors.torch import load_file
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.adapter_format import resolve_file
-from qwen_image_lora.config import Config, EditExample, to_dict
+from qwen_image_lora.config import Config, to_dict
 from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.data.sources import check_edit_files
 from qwen_image_lora.errors import AdapterError, InputError, NotFound
 from qwen_image_lora.eval import metrics as M
 from qwen_image_lora.eval.report import log_to_wandb, write_report
 from qwen_image_lora.eval.summary import BASE, CheckpointScore, Sample, best_checkpoint, summarise, verdicts
+from qwen_image_lora.eval_config import EditExample
 from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.io import check_writable

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.knobs import (
     MASK_FEATHER,
     MAX_ADAPTER_WEIGHT,
     MAX_INPUT_IMAGES,
     QUALITY,
     Bounded,
+    SamplingConfig,
     accepted,
     flag,
     limits_of,

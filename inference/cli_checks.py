@@ -8,9 +8,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError, NotFound
-from qwen_image_lora.knobs import MAX_INPUT_IMAGES, SettingError, check_image_count, check_masked_size, flag
+from qwen_image_lora.knobs import (
+    MAX_INPUT_IMAGES,
+    SamplingConfig,
+    SettingError,
+    check_image_count,
+    check_masked_size,
+    flag,
+)
 
 
 def input_image(option: str, path: str, colours: bool = True):

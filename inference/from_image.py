@@ -7,12 +7,11 @@ import dataclasses
 from pathlib import Path
 
 from qwen_image_lora.adapter_format import resolve_file
-from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError, NotFound
 from qwen_image_lora.hub import is_hub_id
 from qwen_image_lora.inference.generator import ImageSettings
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import QUALITY, check_range
+from qwen_image_lora.knobs import QUALITY, SamplingConfig, check_range
 
 
 def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:

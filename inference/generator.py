@@ -18,7 +18,7 @@ from PIL import Image
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import speed, typed_yaml
-from qwen_image_lora.config import ModelConfig, SamplingConfig
+from qwen_image_lora.config import ModelConfig
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.image_files import read_settings
 from qwen_image_lora.inference import layers as layer_output
@@ -29,6 +29,7 @@ from qwen_image_lora.io import content_hash
 from qwen_image_lora.knobs import (
     GUIDANCE_UNUSED,
     MASK_FEATHER,
+    SamplingConfig,
     SettingError,
     check_image_count,
     check_masked_size,

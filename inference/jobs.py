@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_image_lora import typed_yaml
-from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.image_files import format_for
 from qwen_image_lora.images import ImageInputError, identify, read_image
@@ -20,6 +19,7 @@ from qwen_image_lora.io import iter_jsonl
 from qwen_image_lora.knobs import (
     MASK_FEATHER,
     QUALITY,
+    SamplingConfig,
     SettingError,
     check_adapter_weight,
     check_image_count,

@@ -9,7 +9,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
 
-from qwen_image_lora.config import SamplingConfig
 from qwen_image_lora.image_files import OUTPUT_FORMATS
 from qwen_image_lora.inference.generator import GenerationRequest
 from qwen_image_lora.inference.layers import MAX_ELEMENTS
@@ -21,6 +20,7 @@ from qwen_image_lora.knobs import (
     QUALITY,
     SIZE_FIELDS,
     Bounded,
+    SamplingConfig,
     limits_of,
     type_of,
 )

@@ -1,6 +1,7 @@
 """Typed configuration: one YAML file, parsed once into nested dataclasses, with `a.b=value` overrides.
 
-This module is the schema (the `serve:` section lives in `serve_config.py`): defaults live here and nowhere else.
+This module is the schema (the `validation:` and `eval:` sections live in `eval_config.py`, `serve:` in
+`serve_config.py`): defaults live here and nowhere else.
 `typed_yaml.py` does the loading: unknown keys, wrong types and out-of-range values fail at load time with the dotted
 field name, the accepted values and, for a misspelt key, the nearest valid one. Fields whose metadata says `path` are
 resolved relative to the config file. `${dotted.key}` in a string is replaced by that key's value (e.g.
@@ -20,11 +21,11 @@ import yaml
 
 from qwen_image_lora import typed_yaml
 from qwen_image_lora.captions import template_problem
+from qwen_image_lora.eval_config import EvalConfig, ValidationConfig
 from qwen_image_lora.io import atomic_write_text
-from qwen_image_lora.knobs import SamplingConfig, SettingError, check_image_count, repeated_name
 from qwen_image_lora.presets import LORA_TARGETS
 from qwen_image_lora.serve_config import ServeConfig
-from qwen_image_lora.typed_yaml import ConfigError, path_field, require
+from qwen_image_lora.typed_yaml import FIXED, ConfigError, fixed_field, path_field, require
 
 DEFAULT_MODEL = "Qwen/Qwen-Image-2.1"
 CACHE_ENV = "QWEN_LORA_CACHE"
@@ -41,31 +42,13 @@ def default_cache_dir() -> str:
     return str(Path(folder).expanduser().absolute())  # a relative $QWEN_LORA_CACHE means the working folder's
 
 
-# Metadata of a field (or a whole section) that a resume must not change: it changes the maths of the run, so a
-# checkpoint continued with another value is a different run. `resume_fixed_fields()` lists them; the checkpoint
-# component compares them (`--allow-config-change` turns the error into a warning).
-FIXED = {"resume": "fixed"}
-
-
-def _fixed(default=dataclasses.MISSING, **kw):
-    return field(default=default, metadata=FIXED, **kw)
-
-
-def _path(default=None, hub_id: bool = False, fixed: bool = False, **kw):
-    return path_field(default, hub_id, FIXED if fixed else None, **kw)
-
-
-def _paths(**kw):
-    return path_field(dataclasses.MISSING, default_factory=list, **kw)
-
-
 @dataclass
 class ModelConfig:
     # A hub id or a local folder in the diffusers layout; the tiny test model and the real one differ only here.
-    pretrained: str = _path(DEFAULT_MODEL, hub_id=True, fixed=True)
-    revision: str | None = _fixed(None)
+    pretrained: str = path_field(DEFAULT_MODEL, hub_id=True, fixed=True)
+    revision: str | None = fixed_field(None)
     # dtype of the frozen weights; LoRA weights always train in fp32.
-    dtype: Literal["bfloat16", "float16", "float32"] = _fixed("bfloat16")
+    dtype: Literal["bfloat16", "float16", "float32"] = fixed_field("bfloat16")
     # How the transformer runs (not what it computes, so a resume may change them; `speed.configure_transformer`).
     # sdpa-segments: one SDPA call per block-causal segment, no compiler needed. flex: one flex_attention call;
     # needs compile, and trains on CUDA only (no flex backward on CPU).
@@ -79,7 +62,7 @@ class ModelConfig:
     # Training only: store the frozen base's block linears quantized, through diffusers' backends (int8, fp8:
     # torchao weight-only, CPU or GPU; nf4: bitsandbytes 4-bit, CUDA only). LoRA trains in fp32 on top and the
     # saved adapter is a plain LoRA for the unquantized model, which generate, eval and serve load.
-    quantize: Literal["none", "int8", "fp8", "nf4"] = _fixed("none")
+    quantize: Literal["none", "int8", "fp8", "nf4"] = fixed_field("none")
 
     def validate(self, where: str) -> None:
         if not self.pretrained:
@@ -99,50 +82,32 @@ class ModelConfig:
 
 
 @dataclass
-class EditExample:
-    """One edit: reference images (1 to 10) and an instruction; `target` only for held-out scoring."""
-
-    images: list[str] = _paths()
-    prompt: str = ""
-    target: str | None = _path()
-    mask: str | None = _path()
-
-    def validate(self, where: str) -> None:
-        try:
-            check_image_count(len(self.images), least=1)
-        except SettingError as e:
-            raise ConfigError(f"{where}.{e}") from None
-        if not self.prompt:  # a preview or eval render refuses it: found at load time, not mid-run
-            raise ConfigError(f"{where}.prompt: give the edit's instruction")
-
-
-@dataclass
 class DataConfig:
     # A folder of images with same-name .txt captions, a .jsonl/.csv manifest, or a datasets dataset.
-    path: str | None = _path(fixed=True)
-    format: Literal["auto", "folder", "manifest", "hf"] = _fixed("auto")
+    path: str | None = path_field(fixed=True)
+    format: Literal["auto", "folder", "manifest", "hf"] = fixed_field("auto")
     # For `hf` datasets: our column name -> the dataset's column name (image, caption, target, instruction, sources).
     columns: dict[str, str] = field(default_factory=dict, metadata=FIXED)
-    split: str = _fixed("train")
+    split: str = fixed_field("train")
     # The pixel budget (~resolution^2 pixels) of training buckets AND of generation (generate, edit, batch, eval,
     # serve): one name, so an adapter is used at the size it was trained at. Sides are multiples of 32.
-    resolution: int = _fixed(1024)
-    max_upscale: float = _fixed(1.0)
-    crop: Literal["center", "random"] = _fixed("center")
-    alpha: Literal["composite", "keep"] = _fixed("composite")
-    background: str = _fixed("#ffffff")
-    trigger_word: str | None = _fixed(None)
-    caption_template: str = _fixed("{caption}")
-    caption_dropout: float = _fixed(0.0)
-    repeats: int = _fixed(1)
+    resolution: int = fixed_field(1024)
+    max_upscale: float = fixed_field(1.0)
+    crop: Literal["center", "random"] = fixed_field("center")
+    alpha: Literal["composite", "keep"] = fixed_field("composite")
+    background: str = fixed_field("#ffffff")
+    trigger_word: str | None = fixed_field(None)
+    caption_template: str = fixed_field("{caption}")
+    caption_dropout: float = fixed_field(0.0)
+    repeats: int = fixed_field(1)
     # Latents, embeddings and the doctor's verdicts (`default_cache_dir`); null: none, training encodes in memory.
-    cache_dir: str | None = _path(dataclasses.MISSING, default_factory=default_cache_dir)
+    cache_dir: str | None = path_field(dataclasses.MISSING, default_factory=default_cache_dir)
     num_workers: int = 0
     # `data doctor` limits: items beyond them are excluded from prepare and training (never deleted).
-    min_side: int = _fixed(64)
-    max_aspect: float = _fixed(4.0)
-    max_megapixels: float = _fixed(100.0)
-    max_caption_tokens: int = _fixed(1024)
+    min_side: int = fixed_field(64)
+    max_aspect: float = fixed_field(4.0)
+    max_megapixels: float = fixed_field(100.0)
+    max_caption_tokens: int = fixed_field(1024)
     # Entries per cache shard written by `data prepare` (per process).
     shard_size: int = 256
     # `data prepare`: up to this many same-size images per VAE call and prompts per text-encoder call. Not resume-
@@ -185,7 +150,7 @@ class LoRAConfig:
     use_dora: bool = False
     use_rslora: bool = False
     # Start from an existing adapter (folder or .safetensors) instead of fresh weights.
-    init_from: str | None = _path(hub_id=True)
+    init_from: str | None = path_field(hub_id=True)
 
     def validate(self, where: str) -> None:
         if not 1 <= self.rank <= 1024:
@@ -232,9 +197,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_size: int = _fixed(1)
-    gradient_accumulation_steps: int = _fixed(1)
-    mixed_precision: Literal["bf16", "fp16", "no"] = _fixed("bf16")
+    batch_size: int = fixed_field(1)
+    gradient_accumulation_steps: int = fixed_field(1)
+    mixed_precision: Literal["bf16", "fp16", "no"] = fixed_field("bf16")
     # true, false, or "auto": checkpoint the fewest blocks that keep the planned peak under memory_budget_gb.
     gradient_checkpointing: Union[bool, Literal["auto"]] = True
     # Frozen blocks kept in pinned CPU memory and streamed to the GPU one block ahead of use (forward, and the
@@ -244,14 +209,14 @@ class TrainConfig:
     # GPU size the `auto` settings plan for (`qwen-lora plan --gpu-memory` picks the full recipe for one).
     memory_budget_gb: float = 24.0
     seed: int = 42
-    timestep_sampling: Literal["uniform", "logit_normal", "shifted"] = _fixed("logit_normal")
-    logit_mean: float = _fixed(0.0)
-    logit_std: float = _fixed(1.0)
-    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = _fixed("none")
-    ema_decay: float | None = _fixed(None)
+    timestep_sampling: Literal["uniform", "logit_normal", "shifted"] = fixed_field("logit_normal")
+    logit_mean: float = fixed_field(0.0)
+    logit_std: float = fixed_field(1.0)
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = fixed_field("none")
+    ema_decay: float | None = fixed_field(None)
     # Edit pairs with a `mask` (white = changed): the loss on changed latents weighs this much relative to the kept
     # background (1.0 = off), so an adapter learns the edit rather than the background it keeps.
-    mask_loss_weight: float = _fixed(1.0)
+    mask_loss_weight: float = fixed_field(1.0)
     # Guards against silent failures.
     max_nonfinite_losses: int = 5
     check_learning_after: int = 10
@@ -292,44 +257,6 @@ class CheckpointConfig:
 
 
 @dataclass
-class ValidationConfig(SamplingConfig):
-    every_steps: int = 0  # 0 = only at the end
-    prompts: list[str] = field(default_factory=list)
-    edits: list[EditExample] = field(default_factory=list)
-    # Fraction of the dataset held out for the fixed-noise flow-matching loss (0 = none).
-    held_out_fraction: float = _fixed(0.0)
-
-    def validate(self, where: str) -> None:
-        super().validate(where)
-        _check_no_repeats(where, self.prompts, self.edits)  # eval falls back to these
-        if self.every_steps < 0:
-            raise ConfigError(f"{where}.every_steps: must be >= 0 (got {self.every_steps})")
-        if not 0.0 <= self.held_out_fraction < 1.0:
-            raise ConfigError(f"{where}.held_out_fraction: must be in [0, 1) (got {self.held_out_fraction})")
-
-
-def _check_no_repeats(where: str, prompts: list[str], edits: list[EditExample]) -> None:
-    """Eval renders each prompt and edit at every seed and counts the pairs: one listed twice counts the same images
-    twice (3 copies of one prompt at 2 seeds read as n = 6 and a confident verdict, where n = 2 says too few)."""
-    if twice := repeated_name(_spaced(prompt) for prompt in prompts):  # " a bottle" renders all but the same images
-        raise ConfigError(f"{where}.prompts[{twice[0]}]: {prompts[twice[0]]!r} is listed already (spacing aside); list "
-                          "each prompt once (more seeds give more samples)")  # fmt: skip
-    if twice := repeated_name(_edit_identity(edit) for edit in edits):
-        raise ConfigError(f"{where}.edits[{twice[0]}]: the same edit is listed already; list each edit once "
-                          "(more seeds give more samples)")  # fmt: skip
-
-
-def _edit_identity(edit: EditExample) -> str:
-    """An edit by the files it names, resolved: `edits/../edits/a.png` or a symlinked folder is the same edit."""
-    resolve = lambda path: None if path is None else str(Path(path).resolve())  # noqa: E731
-    return repr(([resolve(p) for p in edit.images], _spaced(edit.prompt), resolve(edit.target), resolve(edit.mask)))
-
-
-def _spaced(text: str) -> str:
-    return " ".join(text.split())
-
-
-@dataclass
 class TrackingConfig:
     backend: Literal["none", "wandb", "tensorboard"] = "none"
     project: str = "qwen-image-lora"
@@ -345,43 +272,12 @@ class TrackingConfig:
                               f"none of / \\ # ? % :" + (f" (it has {bad})" if bad else ""))  # fmt: skip
 
 
-@dataclass
-class EvalConfig(SamplingConfig):
-    """Sampling settings for the eval images (inherited); edits keep their input's size so preservation can compare
-    pixel for pixel. Every prompt renders at each of `seeds` (empty: just `seed`)."""
-
-    prompts: list[str] = field(default_factory=list)
-    edits: list[EditExample] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    # Brand palette as hex colours, for the CIEDE2000 palette-fidelity score.
-    palette: list[str] = field(default_factory=list)
-    # Local CLIP/SigLIP weights for CLIPScore and reference similarity; skipped when null.
-    clip_model: str | None = _path(hub_id=True)
-    # A folder of on-brand images; each t2i image is scored by its mean CLIP similarity to them.
-    reference_images: str | None = _path()
-    output_dir: str = _path("${output_dir}/eval")
-
-    @property
-    def render_seeds(self) -> list[int]:
-        return list(self.seeds) or [self.seed]
-
-    def validate(self, where: str) -> None:
-        super().validate(where)
-        bad = [c for c in self.palette if not re.fullmatch(r"#[0-9a-fA-F]{6}", c)]
-        if bad:
-            raise ConfigError(f"{where}.palette: colours must look like '#d7263d' (got {bad[0]!r})")
-        _check_no_repeats(where, self.prompts, self.edits)
-        if any(s < 0 for s in self.seeds) or len(set(self.seeds)) < len(self.seeds):
-            # A repeated seed renders the same pair again: n identical samples, a zero-width interval, a verdict.
-            raise ConfigError(f"{where}.seeds: must be distinct seeds >= 0 (got {self.seeds})")
-
-
 FACTORING_INITS = ("pissa", "olora", "corda", "eva", "loftq")  # peft inits that decompose the base weights
 
 
 @dataclass
 class Config:
-    output_dir: str = _path("outputs/run")
+    output_dir: str = path_field("outputs/run")
     model: ModelConfig = field(default_factory=ModelConfig)  # the base weights and how they run
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata=FIXED)  # every LoRA setting

@@ -174,12 +174,27 @@ def interpolate(node, root, where):
     return node
 
 
-def path_field(default=None, hub_id: bool = False, metadata: dict | None = None, **kw):
-    """A string (or list of strings) field holding filesystem paths, which `build` resolves relative to the config
-    file's folder. With `hub_id` it may also name a Hugging Face repo (`owner/name`), left as it is when no such
-    path exists."""
-    metadata = {"path": "or-hub-id" if hub_id else True, **(metadata or {})}
+# Metadata of a field (or a whole section) that a resume must not change: it changes the maths of the run, so a
+# checkpoint continued with another value is a different run. `config.resume_fixed_fields()` lists them; the
+# checkpoint component compares them (`--allow-config-change` turns the error into a warning).
+FIXED = {"resume": "fixed"}
+
+
+def fixed_field(default=dataclasses.MISSING, **kw):
+    return dataclasses.field(default=default, metadata=FIXED, **kw)
+
+
+def path_field(default=None, hub_id: bool = False, fixed: bool = False, **kw):
+    """A string field holding a filesystem path, which `build` resolves relative to the config file's folder. With
+    `hub_id` it may also name a Hugging Face repo (`owner/name`), left as it is when no such path exists; `fixed`:
+    a resume must not change it."""
+    metadata = {"path": "or-hub-id" if hub_id else True, **(FIXED if fixed else {})}
     return dataclasses.field(default=default, metadata=metadata, **kw)
+
+
+def paths_field(**kw):
+    """A list of paths (`path_field`'s rule for each), empty by default."""
+    return path_field(dataclasses.MISSING, default_factory=list, **kw)
 
 
 def build(cls, raw, dotted: str, where: str, base: Path):

@@ -15,10 +15,11 @@ from skimage.transform import AffineTransform, warp
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from qwen_image_lora.config import EditExample, load_config
+from qwen_image_lora.config import load_config
 from qwen_image_lora.eval import evaluator
 from qwen_image_lora.eval import metrics as M
 from qwen_image_lora.eval.summary import Sample
+from qwen_image_lora.eval_config import EditExample
 from tests.unchosen import unchosen_seeds
 
 SIZE = 256

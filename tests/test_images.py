@@ -20,11 +20,12 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw, JpegImagePlugin, PngImagePlugin
 
 from qwen_image_lora import image_files, images
-from qwen_image_lora.config import Config, DataConfig, EditExample
+from qwen_image_lora.config import Config, DataConfig
 from qwen_image_lora.data.dataset import pixel_spec
 from qwen_image_lora.data.sources import open_image
 from qwen_image_lora.eval.evaluator import _mask as evaluator_mask
 from qwen_image_lora.eval.evaluator import edit_sources
+from qwen_image_lora.eval_config import EditExample
 from qwen_image_lora.images import DecodeCost, ImageInputError, decode_cost, read_image, to_8bit
 from qwen_image_lora.inference.batch import _request as batch_request
 from qwen_image_lora.inference.generator import Generator

@@ -7,12 +7,13 @@ import re
 import pytest
 
 from qwen_image_lora.cli import build_parser
-from qwen_image_lora.config import Config, ConfigError, EvalConfig, SamplingConfig, ValidationConfig, load_config
+from qwen_image_lora.config import Config, ConfigError, load_config
+from qwen_image_lora.eval_config import EvalConfig, ValidationConfig
 from qwen_image_lora.inference.batch import _request
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.jobs import Job, read_jobs
 from qwen_image_lora.inference.requests import request_models
-from qwen_image_lora.knobs import SettingError
+from qwen_image_lora.knobs import SamplingConfig, SettingError
 from qwen_image_lora.train.early import schedule_warnings
 from qwen_image_lora.train.validation import validation_requests
 
