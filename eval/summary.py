@@ -76,6 +76,9 @@ def best_checkpoint(scores: list[CheckpointScore]) -> tuple[str | None, str]:
     if not trained:
         return None, "no checkpoint has a finite held-out loss (the notes and the table say why)"
     best = min(trained, key=lambda c: c.loss)
+    if base is not None and not math.isfinite(base.loss):  # it read "no checkpoint beats the base model: base nan"
+        return best.name, (f"best by held-out loss: {best.name} (step {best.step}, loss {best.loss:.5g}); the base "
+                           f"model's loss is {base.loss} (not finite), so nothing is compared with it")  # fmt: skip
     shown, base_shown = _apart(best.loss, base.loss if base is not None else best.loss)
     if base is not None and not best.loss < base.loss:
         return None, (

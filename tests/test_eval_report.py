@@ -116,6 +116,11 @@ def test_no_checkpoint_is_named_best_when_none_beats_the_base_model(tmp_path):
     assert best_checkpoint([CheckpointScore("base", 0, 1.0), CheckpointScore("s", 1, math.nan)]) == (
         None, "no checkpoint has a finite held-out loss (the notes and the table say why)"
     )  # fmt: skip
+    # A base model whose own loss is not finite left every checkpoint "not beating" it ("base nan").
+    assert best_checkpoint([CheckpointScore("base", 0, math.nan), CheckpointScore("s", 1, 1.5)]) == (
+        "s", "best by held-out loss: s (step 1, loss 1.5); the base model's loss is nan (not finite), so nothing is "
+        "compared with it"
+    )  # fmt: skip
     # Named best by a hair, it read "loss 0.3, base 0.3": the digits that tell them apart are shown.
     hair = [CheckpointScore("base", 0, 0.3), CheckpointScore("step-5", 5, 0.2999999)]
     assert best_checkpoint(hair)[1] == "best by held-out loss: step-5 (step 5, loss 0.2999999, base 0.3)"
