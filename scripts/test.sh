@@ -7,4 +7,5 @@ VENV=$(cd "${QWEN_LORA_VENV:-.venv}" && pwd)
 # The venv first on PATH, as after `. .venv/bin/activate` (tests launch `accelerate`, `qwen-lora`).
 export PATH="$VENV/bin:$PATH" QWEN_LORA_VENV="$VENV"
 export WANDB_MODE=${WANDB_MODE:-disabled} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec "$VENV/bin/python" -m pytest "$@"
+# Test files spread over the cores (at most 4 workers: each holds its own tiny model and torch); `-n 0` runs serially.
+exec "$VENV/bin/python" -m pytest -n auto --maxprocesses 4 --dist loadfile "$@"

@@ -20,10 +20,15 @@ from qwen_image_lora.config import CACHE_ENV
 from qwen_image_lora.model import load_pipeline
 from qwen_image_lora.sample_data import make_sample_data
 from qwen_image_lora.tiny_model import make_tiny_model
+from tests.unchosen import draw_run_seed
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    draw_run_seed()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -4,6 +4,7 @@ ACCELERATE_USE_CPU=1 in the environment), and a real service run in a thread for
 from __future__ import annotations
 
 import contextlib
+import socket
 import sys
 import threading
 import time
@@ -11,9 +12,17 @@ import time
 
 def accelerate_launch(processes: int, *flags: str) -> list[str]:
     """The launcher's command up to the script: `flags` (e.g. --multi_gpu, --config_file F, -q), `processes` on one
-    machine, no mixed precision, no dynamo."""
+    machine, no mixed precision, no dynamo, and a free rendezvous port: the suite runs in parallel workers, and two
+    launches on accelerate's default 29500 at once would refuse each other."""
     return [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", str(processes),
+            "--main_process_port", str(_free_port()),
             *"--num_machines 1 --mixed_precision no --dynamo_backend no".split()]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:  # released just before the launcher binds it
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -191,11 +191,13 @@ def test_a_report_piped_into_a_reader_that_stops_is_no_traceback(tmp_path, sampl
 def test_a_missing_key_of_the_adapter_being_loaded_still_shows(caplog):
     logger = logging.getLogger("diffusers.utils.peft_utils")
     head = "Loading adapter weights from state_dict led to missing keys in the model:"
-    with caplog.at_level(logging.WARNING, logger=logger.name), console.loading_adapter("run"):
-        logger.warning(f"{head} blocks.0.to_q.lora_A.run2.weight, blocks.0.to_q.lora_B.run2.weight.")  # run2's
-        logger.warning(f"{head} blocks.0.to_q.lora_A.run2.weight, blocks.1.to_k.lora_B.run.weight.")  # one is run's
-    assert [r.getMessage().endswith("lora_B.run.weight.") for r in caplog.records] == [True]
-    logger.warning(f"{head} blocks.0.to_q.lora_A.run2.weight.")  # the filter is gone after the load
+    # The level held for the whole test: an earlier test in this process may have quietened diffusers' loggers.
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        with console.loading_adapter("run"):
+            logger.warning(f"{head} blocks.0.to_q.lora_A.run2.weight, blocks.0.to_q.lora_B.run2.weight.")  # run2's
+            logger.warning(f"{head} blocks.0.to_q.lora_A.run2.weight, blocks.1.to_k.lora_B.run.weight.")  # one is run's
+        assert [r.getMessage().endswith("lora_B.run.weight.") for r in caplog.records] == [True]
+        logger.warning(f"{head} blocks.0.to_q.lora_A.run2.weight.")  # the filter is gone after the load
     assert len(caplog.records) == 2
 
 

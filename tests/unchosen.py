@@ -8,9 +8,20 @@ import secrets
 
 import pytest
 
-_FIRST = int(os.environ.get("QWEN_LORA_TEST_SEED") or secrets.randbits(31))
+SEED_ENV = "QWEN_LORA_TEST_SEED"
+
+
+def draw_run_seed() -> None:
+    """Called once per run before the tests are collected (conftest's `pytest_configure`): the parallel workers
+    inherit it, so each collects the same ids."""
+    os.environ.setdefault(SEED_ENV, str(secrets.randbits(31)))
+
+
+def _first() -> int:
+    return int(os.environ.get(SEED_ENV) or secrets.randbits(31))
 
 
 def unchosen_seeds(count: int) -> list:
     """`count` parameters for `@pytest.mark.parametrize("seed", ...)`, consecutive from this run's fresh seed."""
-    return [pytest.param(_FIRST + i, id=f"unchosen-{_FIRST + i}") for i in range(count)]
+    first = _first()
+    return [pytest.param(first + i, id=f"unchosen-{first + i}") for i in range(count)]
