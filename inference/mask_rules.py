@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 from PIL import Image
 
 from qwen_image_lora.errors import InputError
@@ -49,8 +50,14 @@ def prepare_mask(mask: Image.Image, size: tuple[int, int], warn: bool = True, su
 
 
 def _alpha_only(mask: Image.Image) -> bool:
-    """A transparent PNG drawn as 'paint where it may change' carries the mask in its alpha."""
-    if mask.mode != "RGBA":
+    """A transparent layer painted where it may change carries the mask in its alpha: the paint is one flat colour
+    wherever it shows (GIMP's white brush, a red quick mask; the colour under fully transparent pixels is whatever the
+    editor left there). Only a flat grey counted: a yellow brush read as "white everywhere", a red one as "black
+    everywhere", and a white brush over (0, 0, 0, 0) lost its soft edge to the brightness of the hidden black."""
+    if mask.mode not in ("RGBA", "LA", "PA") and not (mask.mode == "P" and "transparency" in mask.info):
         return False
-    rgb_lo, rgb_hi = zip(*mask.convert("RGB").getextrema())
-    return max(rgb_hi) == min(rgb_lo)  # one flat colour: the information is in alpha
+    rgba = np.asarray(mask.convert("RGBA"))
+    alpha, shown = rgba[..., 3], rgba[..., :3][rgba[..., 3] > 0]
+    if alpha.min() == 255:  # opaque everywhere: its brightness is the mask
+        return False
+    return len(shown) == 0 or bool((shown == shown[0]).all())

@@ -77,7 +77,24 @@ def composite(result: Image.Image, original: Image.Image, mask: Image.Image, fea
     original's pixels exactly (alpha included)."""
     if result.size != original.size:
         result = result.resize(original.size, Image.Resampling.LANCZOS)
-    mode = "RGBA" if "A" in original.getbands() else "RGB"  # the input's mode: an RGB product stays RGB
-    out = original.convert(mode)
-    out.paste(result.convert(mode), (0, 0), feathered_alpha(mask, feather))
-    return out
+    weight = feathered_alpha(mask, feather)
+    if "A" not in original.getbands():  # the input's mode: an RGB product stays RGB
+        out = original.convert("RGB")
+        out.paste(result.convert("RGB"), (0, 0), weight)
+        return out
+    return _mix_premultiplied(np.asarray(result.convert("RGBA")), np.asarray(original.convert("RGBA")), weight)
+
+
+def _mix_premultiplied(result: np.ndarray, original: np.ndarray, weight: Image.Image) -> Image.Image:
+    """The feather band of a transparent input, mixed as colour times alpha: a plain per-channel mix (PIL's paste)
+    brought in the colour hidden under its transparent pixels, a dark halo around a cut-out. Weight 0 keeps the
+    original's pixels exactly (its hidden colour too), 255 takes the result's."""
+    w = np.asarray(weight, dtype=np.float64)[..., None] / 255.0
+    res_a, org_a = result[..., 3:] / 255.0, original[..., 3:] / 255.0
+    alpha = w * res_a + (1 - w) * org_a
+    colour = w * res_a * result[..., :3] + (1 - w) * org_a * original[..., :3]
+    colour = np.divide(colour, alpha, out=original[..., :3].astype(np.float64), where=alpha > 0)
+    mixed = np.concatenate([colour, alpha * 255.0], axis=-1).round().clip(0, 255).astype(np.uint8)
+    edge = np.asarray(weight)
+    mixed[edge == 0], mixed[edge == 255] = original[edge == 0], result[edge == 255]
+    return Image.fromarray(mixed, "RGBA")

@@ -165,6 +165,51 @@ def test_bad_masks_get_clear_errors(gen, caplog):
     assert mask_rules.prepare_mask(right_half_mask().resize((W // 2, H // 2)), image.size).size == image.size
 
 
+@pytest.mark.parametrize("paint", [(255, 255, 255), (255, 220, 0), (255, 0, 0), (0, 0, 0)])
+def test_a_mask_painted_in_one_colour_on_a_transparent_layer_is_its_alpha_soft_edge_included(paint):
+    """Only a flat grey layer counted: a yellow brush read as "white everywhere" (a plain edit), a red one as "black
+    everywhere" (refused), and GIMP's white brush over (0, 0, 0, 0) lost its soft edge to the hidden black."""
+    coverage = np.zeros((32, 64), np.uint8)
+    coverage[:, 40:] = 255
+    coverage[:, 32:40] = np.linspace(0, 255, 10)[1:-1].astype(np.uint8)  # a soft edge
+    layer = np.zeros((32, 64, 4), np.uint8)  # untouched pixels: (0, 0, 0, 0), as an editor stores them
+    layer[coverage > 0, :3] = paint
+    layer[..., 3] = coverage
+    read = mask_rules.prepare_mask(Image.fromarray(layer, "RGBA"), (64, 32))
+    assert np.array_equal(np.asarray(read), coverage)
+    grey_alpha = Image.fromarray(np.stack([np.full_like(coverage, 200), coverage], -1), "LA")
+    assert np.array_equal(np.asarray(mask_rules.prepare_mask(grey_alpha, (64, 32))), coverage)
+
+
+def test_an_opaque_mask_is_read_by_its_brightness_whatever_its_mode():
+    opaque = np.zeros((32, 64, 4), np.uint8)
+    opaque[..., 3] = 255
+    opaque[:, 32:, :3] = 255  # white on the right: may change
+    assert np.array_equal(np.asarray(mask_rules.prepare_mask(Image.fromarray(opaque, "RGBA"), (64, 32)))[0, 30:34],
+                          [0, 0, 255, 255])  # fmt: skip
+    with pytest.raises(mask_rules.MaskError, match="changes nothing"):  # was its alpha: white everywhere
+        mask_rules.prepare_mask(Image.new("RGBA", (64, 32), (0, 0, 0, 255)), (64, 32))
+
+
+def test_the_feather_band_of_a_transparent_input_mixes_no_hidden_colour():
+    """A plain per-channel mix brought the colour under the input's transparent pixels into the band: white over a
+    clear (0, 0, 0, 0) input came out grey, a dark halo around a sticker."""
+    clear = Image.new("RGBA", (64, 32), (0, 0, 0, 0))
+    white = Image.new("RGBA", (64, 32), (255, 255, 255, 255))
+    mask = Image.new("L", (64, 32), 0)
+    mask.paste(255, (32, 0, 64, 32))
+    out = np.asarray(masking.composite(white, clear, mask, feather=8)).astype(int)
+    band = out[16, 32:41]
+    assert (band[:, :3] == 255).all() and 0 < band[0, 3] < 255 and (np.diff(band[:, 3]) >= 0).all()
+    assert (out[:, :32] == 0).all() and (out[:, 41:] == 255).all()  # kept exactly; deep inside, the result
+    # Two opaque colours mix as before; a half-transparent input's hidden colour stays its own where it is kept.
+    red, blue = Image.new("RGBA", (64, 32), (255, 0, 0, 255)), Image.new("RGBA", (64, 32), (0, 0, 255, 128))
+    mixed = np.asarray(masking.composite(red, blue, mask, feather=8)).astype(int)
+    assert (mixed[:, :32] == [0, 0, 255, 128]).all() and (mixed[:, 41:] == [255, 0, 0, 255]).all()
+    middle = mixed[16, 36]
+    assert middle[0] > 0 and middle[2] > 0 and 128 < middle[3] < 255
+
+
 def test_composite_feathers_only_inside_the_changed_region():
     original = Image.new("RGB", (64, 32), (0, 0, 0))
     result = Image.new("RGB", (64, 32), (255, 255, 255))
