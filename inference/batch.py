@@ -170,6 +170,8 @@ def run_batch(
                         result.skipped.append(job.id)
                         bar.skip()  # not in the rate: a rerun's finished jobs made its ETA far too short
                         continue
+                    if out.exists() and not _replaceable(out):
+                        raise _kept(out)
                     if job.id in recorded and recorded[job.id].get("settings") not in (None, settings):
                         why = "its settings changed since it was rendered"
                     elif why is None and out.exists():
@@ -189,8 +191,9 @@ def run_batch(
                     bar.skip()  # a refused job wrote nothing: it read as "575 imgs/s"
                     continue
                 entry = _entry(generator, job, base_seed, default_loras, extra)
-                entry.update(width=image.width, height=image.height, seconds=round(time.perf_counter() - start, 3),
-                             settings=settings, bytes=out.stat().st_size)  # fmt: skip
+                if not job.images:  # the size the pixel budget gave; an edit's follows its input, so a line that
+                    entry.update(width=image.width, height=image.height)  # recorded one re-rendered at another size
+                entry.update(seconds=round(time.perf_counter() - start, 3), settings=settings, bytes=out.stat().st_size)
                 _append(output_dir / MANIFEST, entry)
                 result.written.append(job.id)
                 bar.update()
@@ -229,10 +232,26 @@ def _is_own_render(generator: Generator, job: Job, out: Path, base_seed: int, de
     except InputError:  # settings that are not ours to read say nothing of who wrote it
         found = None
     if found is None:
-        raise InputError(f"{out} was not written by qwen-lora batch (it carries no settings of ours), so it is kept; "
-                         f"{_ELSEWHERE}", "output")  # fmt: skip
+        raise _kept(out)
     made = _made_with(generator, _request(job, base_seed, default_loras), job, out.parent)
     return found == json.loads(json.dumps(settings_as_written(made, format_for(out.name), job.quality)))
+
+
+def _replaceable(out: Path) -> bool:
+    """An existing output the batch may write over: empty or no image (a write cut short), or one carrying settings of
+    ours. A whole image without them is a user's: a deliverable retouched and exported again (its manifest line
+    still names it, at another size) was rendered over as "cut short or damaged"."""
+    if not _is_complete(out):
+        return True
+    try:
+        return read_settings(out) is not None
+    except (InputError, OSError, ValueError):  # unreadable past its header: cut short
+        return True
+
+
+def _kept(out: Path) -> InputError:
+    return InputError(f"{out} carries no settings of qwen-lora batch (a file of your own, or an output retouched "
+                      f"since), so it is kept; {_ELSEWHERE}", "output")  # fmt: skip
 
 
 def _request(job: Job, base_seed: int, default_loras) -> GenerationRequest:

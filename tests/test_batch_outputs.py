@@ -80,9 +80,47 @@ def test_an_image_the_batch_did_not_write_is_kept_and_its_job_refused(gen, tmp_p
         assert result.failed == ["000000"] and (out / "000000.png").read_bytes() == theirs
     assert result.skipped == ["000001"] and gen.rendered == ["a blue bottle"]
     err = capsys.readouterr().err
-    assert f"job 000000: {out / '000000.png'} was not written by qwen-lora batch" in err
+    assert f"job 000000: {out / '000000.png'} carries no settings of qwen-lora batch" in err
     assert 'give this job another "output" name, or use another --output-dir' in err
     assert all("error" in e for e in _manifest(out) if e["id"] == "000000")
+
+
+def test_a_finished_output_retouched_and_exported_again_is_kept_when_the_batch_runs_again(gen, tmp_path, capsys):
+    """Adding a job and rerunning rendered over a deliverable retouched since (re-exported without our settings, so
+    at another size than its manifest line records) as "empty, cut short or damaged"."""
+    out, jobs = tmp_path / "out", _write_jobs(tmp_path / "a.jsonl", RED_MUG)
+    run_batch(gen, read_jobs(jobs), out, progress=False)
+    with Image.open(out / "000000.png") as im:
+        retouched = im.convert("RGB")
+    retouched.paste((0, 0, 255), (0, 0, 30, 30))
+    retouched.save(out / "000000.png")  # a plain export: no settings block
+    theirs = (out / "000000.png").read_bytes()
+    gen.rendered.clear()
+    result = run_batch(gen, read_jobs(_write_jobs(tmp_path / "a.jsonl", RED_MUG, BLUE_BOTTLE)), out, progress=False)
+    assert result.failed == ["000000"] and result.written == ["000001"] and gen.rendered == ["a blue bottle"]
+    assert (out / "000000.png").read_bytes() == theirs
+    assert f"job 000000: {out / '000000.png'} carries no settings of qwen-lora batch" in capsys.readouterr().err
+
+
+def test_an_edits_manifest_line_renders_the_same_image_again(gen, tmp_path):
+    """Every edit's line recorded the output's size as width/height: fed back as a job, an unmasked edit rendered at
+    that size (another image), and a masked one was refused (a masked edit keeps its image's size)."""
+    Image.new("RGB", (80, 64), "orange").save(tmp_path / "photo.png")
+    Image.new("L", (80, 64), 0).save(tmp_path / "mask.png")
+    with Image.open(tmp_path / "mask.png") as m:
+        m.paste(255, (40, 0, 80, 64))
+        m.save(tmp_path / "mask.png")
+    edit = {"prompt": "on marble", "num_inference_steps": 2, "images": ["photo.png"]}
+    first = _write_jobs(tmp_path / "a.jsonl", edit, {**edit, "mask": "mask.png"}, RED_MUG)
+    run_batch(gen, read_jobs(first), tmp_path / "out", progress=False)
+    keep = ("prompt", "num_inference_steps", "guidance_scale", "images", "mask", "seed", "width", "height")
+    lines = [{k: e[k] for k in keep if e.get(k) is not None} for e in _manifest(tmp_path / "out")]
+    assert [(e.get("width"), e.get("height")) for e in lines] == [(None, None), (None, None), (64, 64)]
+    again = tmp_path / "again"
+    run_batch(gen, read_jobs(_write_jobs(tmp_path / "b.jsonl", *lines)), again, progress=False)
+    for name in ("000000.png", "000001.png", "000002.png"):
+        with Image.open(tmp_path / "out" / name) as a, Image.open(again / name) as b:
+            assert a.tobytes() == b.tobytes(), name
 
 
 def test_a_job_whose_output_is_its_own_input_is_refused(gen, tmp_path, capsys):
