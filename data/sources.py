@@ -30,8 +30,8 @@ from qwen_image_lora.config import ConfigError, DataConfig
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.eval_config import EditExample
 from qwen_image_lora.images import read_image
-from qwen_image_lora.io import atomic_write_bytes, iter_jsonl
-from qwen_image_lora.knobs import SettingError, check_image_count
+from qwen_image_lora.io import atomic_write_bytes, iter_jsonl, text_lines
+from qwen_image_lora.knobs import SettingError, check_image_count, repeated_name
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -118,7 +118,7 @@ def _read_captions(path: Path) -> tuple[tuple[str, ...], tuple[tuple[str, str], 
         )
     except OSError as e:
         return (), (("unreadable-caption", f"cannot read {path.name}: {e.strerror or e}"),)
-    return tuple(line.strip() for line in text.splitlines() if line.strip()), ()
+    return tuple(line.strip() for line in text_lines(text) if line.strip()), ()
 
 
 def _link_problem(path: Path) -> tuple[str, str] | None:
@@ -247,11 +247,17 @@ def _load_csv(path: Path) -> list[Item]:
     with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a byte-order mark
         reader = csv.reader(f)
         header, end = next(reader, []), reader.line_num
+        if twice := repeated_name(k.strip() for k in header if k.strip()):
+            raise DataError(f"{path}:1: column {twice[1]!r} is given twice; keep one (a cell may hold "
+                            "several captions joined by ||)")  # fmt: skip
         for values in reader:
             # A row's first line: a quoted cell may span lines, so counting rows named the wrong line after one.
             lineno, end = end + 1, reader.line_num
             if not any(v.strip() for v in values):
                 continue
+            if len(values) > len(header) and any(v.strip() for v in values[len(header) :]):  # was cut at the comma
+                raise DataError(f"{path}:{lineno}: {len(values)} cells for {len(header)} columns; put a cell that "
+                                'holds a comma in double quotes ("a can, red")')  # fmt: skip
             row = {k.strip(): v.strip() for k, v in zip(header, values) if k}
             row = {k: v for k, v in row.items() if v}
             for key in ("caption", "instruction"):

@@ -219,6 +219,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def text_lines(text: str) -> list[str]:
+    """Lines split at \\n, \\r\\n or \\r only: `str.splitlines` also splits at U+2028, U+0085 and the like, which scraped
+    captions hold inside a line (a JSONL row with one read as "not valid JSON", a caption as two captions)."""
+    return _LINE_END.split(text)
+
+
 class _DuplicateKey(Exception):
     pass
 
@@ -245,7 +254,7 @@ def iter_jsonl(
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise error(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text_lines(text), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

@@ -33,6 +33,38 @@ def test_csv_manifest_with_several_captions_and_edit_rows(tmp_path):
         load_items(load_config(None, [f"data.path={tmp_path / 'm.csv'}"]).data)
 
 
+def test_a_csv_row_cut_at_an_unquoted_comma_or_a_column_given_twice_is_refused_naming_the_line(tmp_path):
+    """`a.png,a can, red, on white` trained as "a can" (the rest dropped), and `caption,caption` kept the last column;
+    the doctor called both clean."""
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text('image,caption\na.png,"a can, red"\na.png,a can, red, on white\n')
+    with pytest.raises(DataError, match=rf"^{manifest}:3: 4 cells for 2 columns; put a cell that holds a comma in "
+                                        r'double quotes \("a can, red"\)$'):  # fmt: skip
+        load_items(load_config(None, [f"data.path={manifest}"]).data)
+    manifest.write_text("image,caption,caption\na.png,one,two\n")
+    with pytest.raises(DataError, match=rf"^{manifest}:1: column 'caption' is given twice"):
+        load_items(load_config(None, [f"data.path={manifest}"]).data)
+    manifest.write_text('image,caption,\na.png,"a can, red",\n')  # a trailing comma (an empty column) is no cut
+    assert load_items(load_config(None, [f"data.path={manifest}"]).data)[0].captions == ("a can, red",)
+
+
+def test_a_line_separator_inside_a_caption_is_part_of_it(tmp_path):
+    """str.splitlines() split at U+2028 and U+0085 (a mis-decoded "..."): a JSONL row holding one was "not valid
+    JSON", and a .txt caption became two captions."""
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+    caption = "a qwnbrand can\u2028on white\x85"
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "caption": caption}, ensure_ascii=False) + "\r\n")
+    (item,) = load_items(load_config(None, [f"data.path={tmp_path / 'm.jsonl'}"]).data)
+    assert item.captions == (caption,)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "a.png")
+    (folder / "a.txt").write_text("first\u2028half\r\nsecond\rthird\n", encoding="utf-8")
+    (item,) = load_items(load_config(None, [f"data.path={folder}"]).data)
+    assert item.captions == ("first\u2028half", "second", "third")
+
+
 def test_a_byte_order_mark_from_excel_or_notepad_is_no_part_of_a_key_or_caption(tmp_path):
     """Excel's CSV was refused ("unknown key '\\ufeffimage'") and Notepad's caption trained with an invisible mark."""
     Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
