@@ -99,6 +99,7 @@ class DataConfig:
     trigger_word: str | None = fixed_field(None)
     caption_template: str = fixed_field("{caption}")
     caption_dropout: float = fixed_field(0.0)
+    # Kept so the configs of earlier runs load; only 1 is taken (see `validate`).
     repeats: int = fixed_field(1)
     # Latents, embeddings and the doctor's verdicts (`default_cache_dir`); null: none, training encodes in memory.
     cache_dir: str | None = path_field(dataclasses.MISSING, default_factory=default_cache_dir)
@@ -127,7 +128,10 @@ class DataConfig:
         if problem := template_problem(self.caption_template, self.trigger_word or ""):
             raise ConfigError(f"{where}.caption_template: {problem} in {self.caption_template!r}; it takes {{caption}} "
                               "and {trigger} (write a literal brace as {{ or }})")  # fmt: skip
-        require(where, self, lambda v: v >= 1, ">= 1", "repeats", "min_side", "max_caption_tokens", "shard_size")
+        if self.repeats != 1:  # accepted and never read: a kohya user's `repeats: 10` changed nothing, silently
+            raise ConfigError(f"{where}.repeats: one data set has nothing to balance against, so repeating it would "
+                              "only rename epochs; remove it (train.max_steps sets how long training runs)")  # fmt: skip
+        require(where, self, lambda v: v >= 1, ">= 1", "min_side", "max_caption_tokens", "shard_size")
         require(where, self, lambda v: v >= 1.0, ">= 1.0", "max_aspect")
         require(where, self, lambda v: v > 0, "> 0", "max_megapixels")
         if self.prepare_batch_size < 1:

@@ -129,6 +129,7 @@ def test_bad_values_name_the_field(tmp_path, text, message):
             "data.caption_template='{caption} {trigger.title}'",
             r"data.caption_template: \{trigger.title\} is more than a placeholder",
         ),
+        ("data.repeats=5", r"data.repeats: one data set has nothing to balance against"),  # was accepted, unread
         ("serve.max_queue=0", r"serve.max_queue: must be >= 1 \(0 refuses every request\) \(got 0\)"),
         ("serve.max_steps=0", r"serve.max_steps: must be >= 1"),
         ("serve.max_side=-1", r"serve.max_side: must be in 32\.\.4096 \(got -1\)"),
