@@ -138,7 +138,12 @@ def _image_files(folder: Path):
     """The image-named files under `folder`, leaving out hidden files and folders (`.ipynb_checkpoints`' copies,
     `.trash`, macOS's `._photo.jpg`) and a run folder of ours inside it (an output_dir under data.path fed each run's
     previews to the next)."""
-    for root, dirs, files in os.walk(folder):
+    seen = set()  # linked folders are followed ("subfolders are read" left them out); a link back up is not
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(root))
         dirs[:] = [d for d in dirs if not d.startswith(".") and not (Path(root) / d / layout.RUN_ID).is_file()]
         yield from (Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
 

@@ -302,6 +302,10 @@ class Config:
             raise ConfigError(f"lora.init: {self.lora.init} factors the base weights, which a {self.model.quantize} "
                               "base cannot give; use lora.init: gaussian with a quantized base, or model.quantize: "
                               "none")  # fmt: skip
+        data = Path(self.data.path) if self.data.path else None
+        if data is not None and data.is_dir() and data.resolve() == Path(self.output_dir).resolve():
+            raise ConfigError(f"output_dir: {self.output_dir} is data.path itself, so the run's previews would train "
+                              "the next run; give the run a folder of its own (e.g. outputs/run)")  # fmt: skip
         if self.train.offload_blocks not in (0, "auto") and self.model.compile:
             raise ConfigError("train.offload_blocks: not with model.compile (the streaming hooks sit inside the "
                               "compiled blocks); set model.compile: false, or train.offload_blocks: 0")  # fmt: skip

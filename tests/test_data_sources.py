@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_image_lora.config import load_config
+from qwen_image_lora.config import ConfigError, load_config
 from qwen_image_lora.data.sources import DataError, load_items, open_image
 from qwen_image_lora.knobs import MAX_INPUT_IMAGES
 
@@ -215,3 +215,20 @@ def test_a_folder_leaves_out_hidden_files_and_folders_and_a_run_folder_inside_it
     (tmp_path / "sub" / "run2" / "run.json").write_text('{"run_id": "def"}')
     items = load_items(load_config(None, [f"data.path={tmp_path}"]).data)
     assert [item.id for item in items] == ["a.png", "sub/b.png"]
+    # The run folder being data.path itself: refused at load (its previews at samples/ trained the next run).
+    with pytest.raises(ConfigError, match=rf"^on the command line, output_dir={tmp_path}: output_dir: {tmp_path} is "
+                                          "data.path itself"):  # fmt: skip
+        load_config(None, [f"data.path={tmp_path}", f"output_dir={tmp_path}"])
+
+
+def test_a_linked_subfolder_is_read_and_a_link_back_up_read_once(tmp_path):
+    """Linked files were read and linked folders left out without a word ("subfolders are read")."""
+    elsewhere, data = tmp_path / "more", tmp_path / "data"
+    for name in (elsewhere / "c.png", data / "a.png"):
+        name.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (64, 64)).save(name)
+        name.with_suffix(".txt").write_text("qwnbrand\n")
+    (data / "more").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "up").symlink_to(data, target_is_directory=True)  # a loop
+    items = load_items(load_config(None, [f"data.path={data}"]).data)
+    assert [item.id for item in items] == ["a.png", "more/c.png"]
