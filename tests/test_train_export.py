@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 
+import pytest
 import torch
+import yaml
 
 from qwen_image_lora.config import DEFAULT_MODEL, load_config
 from qwen_image_lora.train.export import model_card
@@ -38,6 +42,16 @@ def test_the_model_card_names_local_paths_by_their_last_name_only(tmp_path):
     assert "| EMA | off |" in card and "| final loss (mean of last steps) | 3.4618 |" in card
     hub = model_card(load_config(None, [f"model.pretrained={DEFAULT_MODEL}"]), {"steps": 10}, {})
     assert f"base_model: {DEFAULT_MODEL}" in hub and f'from_pretrained("{DEFAULT_MODEL}"' in hub
+
+
+@pytest.mark.parametrize("trigger", ["#qwnbrand", "[V]", "qwn: brand", 'say "hi"'])
+def test_the_cards_front_matter_and_snippet_keep_any_trigger_word_as_text(trigger):
+    """`instance_prompt: #qwnbrand` read back as None, `[V]` as a list, and `qwn: brand` failed to parse."""
+    card = model_card(load_config(None, [f"data.trigger_word={json.dumps(trigger)}"]), {"steps": 10}, {})
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["instance_prompt"] == trigger
+    (call,) = [line for line in card.splitlines() if line.startswith("image = pipe(")]
+    assert ast.literal_eval(call.removeprefix("image = pipe(").removesuffix(").images[0]")).startswith(trigger + " ")
 
 
 def test_a_dora_runs_card_does_not_offer_the_comfyui_export_it_refuses():

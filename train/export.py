@@ -120,7 +120,7 @@ def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
         "library_name: diffusers",
         "license: apache-2.0",
         "tags: [text-to-image, image-editing, lora, qwen-image, qwen-image-2.1, diffusers]",
-        *([f"instance_prompt: {trigger}"] if trigger else []),
+        *([f"instance_prompt: {json.dumps(trigger)}"] if trigger else []),  # `#brand`, `[V]`, `a: b` are YAML
         "---",
         "",
         f"# LoRA for {model}",
@@ -139,7 +139,7 @@ def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
         "",  # a dtype given as a string makes diffusers load every component in float32
         f'pipe = {pipeline}.from_pretrained("{hub_model or f"path/to/{model}"}", torch_dtype=torch.bfloat16).to("cuda")',
         'pipe.load_lora_weights("path/to/this/folder")',
-        f'image = pipe("{(trigger + " ") if trigger else ""}a bottle on a marble counter").images[0]',
+        f"image = pipe({json.dumps((trigger + ' ' if trigger else '') + 'a bottle on a marble counter')}).images[0]",
         "```",
         "",
         "ComfyUI: DoRA adapters have no exact ComfyUI form; use the diffusers file above."
