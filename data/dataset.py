@@ -248,6 +248,10 @@ class TrainingDataset(torch.utils.data.Dataset):
             return ""
         return format_caption(caption, d) if caption else ""
 
+    def first_caption(self, index: int) -> str:
+        captions, d = self.entries[index].item.captions, self.cfg.data
+        return format_caption(captions[0], d) if captions else ""
+
     def texts_for(self, index: int) -> list[str]:
         """Every text `caption_for` can give this item (what `prepare` embeds)."""
         entry, d = self.entries[index], self.cfg.data
@@ -350,8 +354,10 @@ class TrainingData:
         return missing
 
     def held_out_batches(self) -> list[Batch]:
-        """One batch per held-out item, with its first caption (fixed, for a comparable loss)."""
-        return [collate([self.dataset[(i, 0, 0)]]) for i in self.held_out]
+        """One batch per held-out item, with its first caption (fixed, for a comparable loss: it went through the
+        training draw, a random caption or, under caption dropout, none)."""
+        ds = self.dataset
+        return [collate([ds.sample(i, ds.first_caption(i)) | {"cursor": (0, 0)}]) for i in self.held_out]
 
 
 def _tokenizer(pipe):
@@ -372,13 +378,11 @@ def build_training_data(
         why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
         raise DataError(f"data.path: none of the {len(found)} items can train ({why}); run `qwen-lora data doctor`")
     fraction = cfg.validation.held_out_fraction
-    held_out = [
-        i
-        for i, e in enumerate(entries)
-        if fraction and stable_int("held-out", e.item.held_out_key) % 10_000 < fraction * 10_000
-    ]
-    if fraction and not held_out and len(entries) > 1:
-        held_out = [len(entries) - 1]
+    draws = [stable_int("held-out", e.item.held_out_key) % 10_000 for e in entries]
+    held_out = [i for i, draw in enumerate(draws) if fraction and draw < fraction * 10_000]
+    if fraction and not held_out and len(entries) > 1:  # the item that draws lowest: it stays when items are added
+        # (unless one draws lower still); the last item was taken, so adding a file moved it, mid-run on a resume
+        held_out = [min(range(len(entries)), key=draws.__getitem__)]
     train_ids = [i for i in range(len(entries)) if i not in set(held_out)]
     if not train_ids:
         raise DataError(f"validation.held_out_fraction: {fraction} holds out all {len(entries)} items, leaving none "

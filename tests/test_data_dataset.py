@@ -136,15 +136,40 @@ def test_a_manifests_held_out_items_stay_held_out_when_a_row_is_inserted(tmp_pat
     rows = [json.dumps({"image": f"p{i:02d}.png", "caption": f"qwnbrand {i}"}) for i in range(24)]
     manifest = tmp_path / "m.jsonl"
 
-    def held_out(lines):
+    def held_out(lines, fraction=0.3):
         manifest.write_text("\n".join(lines) + "\n")
         cfg = load_config("configs/demo.yaml", [f"data.path={manifest}", f"model.pretrained={tiny_model_dir}",
-                                                "validation.held_out_fraction=0.3", "data.cache_dir=null"])  # fmt: skip
+                                                f"validation.held_out_fraction={fraction}", "data.cache_dir=null"])  # fmt: skip
         data = build_training_data(cfg, tiny_pipe)
         return {data.dataset.entries[i].item.target.name for i in data.held_out}
 
     before = held_out(rows)
     assert 0 < len(before) < 24
+    # With too few items for the draw to pick any, one is still held out: the last one was, so each file added (or
+    # added before a resume) moved it. Now the lowest draw is: it moves only when a new item draws lower still.
+    picks = [held_out(rows[:n], fraction=0.001) for n in range(3, 11)]
+    assert all(len(pick) == 1 for pick in picks), picks
+    assert sum(a != b for a, b in zip(picks, picks[1:])) <= 2, picks  # the last item's rule: 7 moves in 7 additions
     Image.new("RGB", (64, 64), (5, 5, 5)).save(tmp_path / "new.png")
     after = held_out([json.dumps({"image": "new.png", "caption": "qwnbrand new"}), *rows])
     assert after - {"new.png"} == before
+
+
+def test_the_held_out_loss_uses_each_items_first_caption_whatever_the_seed_or_dropout(
+    tmp_path, tiny_pipe, tiny_model_dir
+):
+    """It went through the training draw: a random one of the item's captions, and under caption dropout none."""
+    for i in range(4):
+        Image.new("RGB", (64, 64), (i * 40, 40, 90)).save(tmp_path / f"p{i}.png")
+        (tmp_path / f"p{i}.txt").write_text(f"qwnbrand first {i}\nqwnbrand second {i}\nqwnbrand third {i}\n")
+    prompts = []
+    for seed in range(4):
+        cfg = load_config("configs/demo.yaml", [f"data.path={tmp_path}", f"model.pretrained={tiny_model_dir}",
+                                                "validation.held_out_fraction=0.5", "data.caption_dropout=0.9",
+                                                f"train.seed={seed}", "data.cache_dir=null"])  # fmt: skip
+        data = build_training_data(cfg, tiny_pipe)
+        (index, *_), (batch, *_) = data.held_out, data.held_out_batches()
+        first = data.dataset.sample(index, f"qwnbrand first {data.dataset.entries[index].item.id[1]}")["prompt"]
+        assert torch.equal(batch.prompt.embeds, first.embeds)
+        prompts.append(batch.prompt.embeds)
+    assert all(torch.equal(p, prompts[0]) for p in prompts)
