@@ -339,8 +339,16 @@ class TrainingData:
     collate = staticmethod(collate)
 
     def loader(self) -> torch.utils.data.DataLoader:
+        workers = self.dataset.cfg.data.num_workers
+        if workers and (missing := self.uncached_entries()):
+            # A worker process encodes into its own copy of the cache: nothing reached the disk, and workers wrote
+            # shards under one name, over each other (the next prepare found them damaged).
+            logger.warning("data.num_workers=%d: %d entries are not in the data cache, and what worker processes "
+                           "encode is lost, so this run loads in its own process; run `qwen-lora data prepare "
+                           "--config ...` first to load with workers", workers, missing)  # fmt: skip
+            workers = 0
         return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=self.dataset.cfg.data.num_workers
+            self.dataset, batch_sampler=self.sampler, collate_fn=collate, num_workers=workers
         )
 
     def uncached_entries(self) -> int:

@@ -348,3 +348,16 @@ def test_the_model_part_of_a_key_follows_the_encoders_files_not_only_the_folders
     vae = model / "vae" / "diffusion_pytorch_model.safetensors"
     vae.write_bytes(vae.read_bytes() + b" ")
     assert model_identity(cfg.model) != before
+
+
+def test_worker_processes_load_only_from_a_complete_cache(tmp_path, tiny_pipe, tiny_model_dir, sample_data_dir, caplog):
+    """With data.num_workers > 0 each worker encoded into its own copy of the cache: nothing reached the disk (every
+    run encoded again), and workers wrote shards under one name, over each other."""
+    cfg = _cfg(sample_data_dir / "brand", tiny_model_dir, tmp_path, "data.num_workers=2", "data.shard_size=1")
+    caplog.set_level("WARNING")
+    assert build_training_data(cfg, tiny_pipe).loader().num_workers == 0
+    assert "data.num_workers=2: 12 entries are not in the data cache" in caplog.text
+    prepare(cfg, tiny_pipe, progress=False, log=lambda _: None)
+    caplog.clear()
+    data = build_training_data(cfg, tiny_pipe)
+    assert data.loader().num_workers == 2 and "num_workers" not in caplog.text
