@@ -26,7 +26,7 @@ from PIL import Image
 
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.image_files import format_for, read_settings, save_image, settings_as_written
+from qwen_image_lora.image_files import format_for, ours_to_replace, read_settings, save_image, settings_as_written
 from qwen_image_lora.images import ImageInputError, identify, load_image
 from qwen_image_lora.inference.generator import (
     GenerationRequest,
@@ -170,7 +170,7 @@ def run_batch(
                         result.skipped.append(job.id)
                         bar.skip()  # not in the rate: a rerun's finished jobs made its ETA far too short
                         continue
-                    if out.exists() and not _replaceable(out):
+                    if out.exists() and not ours_to_replace(out):
                         raise _kept(out)
                     if job.id in recorded and recorded[job.id].get("settings") not in (None, settings):
                         why = "its settings changed since it was rendered"
@@ -235,18 +235,6 @@ def _is_own_render(generator: Generator, job: Job, out: Path, base_seed: int, de
         raise _kept(out)
     made = _made_with(generator, _request(job, base_seed, default_loras), job, out.parent)
     return found == json.loads(json.dumps(settings_as_written(made, format_for(out.name), job.quality)))
-
-
-def _replaceable(out: Path) -> bool:
-    """An existing output the batch may write over: empty or no image (a write cut short), or one carrying settings of
-    ours. A whole image without them is a user's: a deliverable retouched and exported again (its manifest line
-    still names it, at another size) was rendered over as "cut short or damaged"."""
-    if not _is_complete(out):
-        return True
-    try:
-        return read_settings(out) is not None
-    except (InputError, OSError, ValueError):  # unreadable past its header: cut short
-        return True
 
 
 def _kept(out: Path) -> InputError:

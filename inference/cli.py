@@ -197,6 +197,7 @@ def _generate(args) -> int:
     format_for(args.output)  # a bad extension fails before the model loads
     check_writable(args.output)  # and so does a folder that cannot be written (was: after the render)
     checks.check_not_an_input("--output", [args.output], args)
+    checks.check_output_replaceable("--output", args.output)
     _check_sources(args)
     if not args.from_image:  # before the imports below (about 8 s): a bad flag fails in half a second
         checks.check_request_flags(args)

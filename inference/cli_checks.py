@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from qwen_image_lora.errors import InputError, NotFound
+from qwen_image_lora.image_files import ours_to_replace
 from qwen_image_lora.knobs import (
     MAX_INPUT_IMAGES,
     SamplingConfig,
@@ -67,6 +68,14 @@ def check_not_an_input(option: str, outputs: list[str], args) -> None:
             written = "" if out == outputs[0] else f" (the flattened image of {outputs[0]})"
             raise InputError(f"{option} {out}{written} is one of this command's inputs, which it must not overwrite; "
                              "write to another file name", option)  # fmt: skip
+
+
+def check_output_replaceable(option: str, path: str) -> None:
+    """An existing image at the output without settings of ours is a user's own (or ours retouched since): kept, as
+    `batch` and `layers` keep it, before the model loads."""
+    if Path(path).is_file() and not ours_to_replace(path):
+        raise InputError(f"{option} {path} carries no settings of qwen-lora (a file of your own, or an image retouched "
+                         "since), so it is kept; write to another file name, or delete it first", option)  # fmt: skip
 
 
 def check_request_flags(args) -> None:

@@ -134,6 +134,16 @@ def read_settings(source: bytes | str | Path) -> dict | None:
     return settings
 
 
+def ours_to_replace(path: str | Path) -> bool:
+    """Whether an existing file at an output path may be written over: an image carrying settings of ours, or no
+    image we can read (empty, or a write cut short). A whole image without them is kept: a user's own file, or one of
+    ours retouched and exported since (`batch` rendered over such deliverables, `generate` over any file)."""
+    try:
+        return read_settings(path) is not None
+    except InputError:  # no such image, or settings of ours that are damaged
+        return True
+
+
 def read_png_text(path: str | Path, key: str) -> str | None:
     """The text chunk `key` of a PNG (`encode_image(..., png_text=)`); None for another image or one without it.
     Raises ImageInputError for a file that is no such image."""

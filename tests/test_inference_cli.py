@@ -165,6 +165,28 @@ def test_an_output_that_is_one_of_the_commands_inputs_is_refused_and_the_input_k
     assert not (tmp_path / "photo.psd").exists()
 
 
+def test_an_output_over_a_users_own_image_is_refused_before_the_model_loads_and_ours_is_replaced(
+    tmp_path, tiny_model_dir, unloadable_model, capsys
+):
+    """`generate --output master.png` wrote over a user's retouched master without a word; batch and layers keep
+    such a file."""
+    master = tmp_path / "master.png"
+    Image.new("RGB", (64, 64), "green").save(master)
+    theirs = master.read_bytes()
+    argv = ["generate", "--prompt", "a mug", "--steps", "1", "--output", str(master)]
+    assert main([*argv, "--model", str(unloadable_model)]) == 2  # had it loaded first, the error would be about it
+    assert capsys.readouterr().err.strip() == (
+        f"error: --output {master} carries no settings of qwen-lora (a file of your own, or an image retouched "
+        "since), so it is kept; write to another file name, or delete it first"
+    )
+    assert master.read_bytes() == theirs
+    ours = tmp_path / "ours.png"
+    for seed in ("1", "2"):  # our own render, rendered again to the same name
+        assert main(["generate", "--prompt", "a mug", "--steps", "1", "--seed", seed, "--output", str(ours),
+                     "--model", str(tiny_model_dir), *TINY]) == 0  # fmt: skip
+    assert read_settings(ours)["seed"] == 2
+
+
 def test_serve_on_a_port_in_use_is_one_line_naming_it_before_the_model_loads(unloadable_model, monkeypatch, capsys):
     """It said "serving ... at" and loaded the model, then uvicorn's raw `[Errno 98] ... address already in use`
     line, exit 3."""
