@@ -84,7 +84,7 @@ def probe_image(path: Path, cfg: Config) -> tuple[ImageInfo, Image.Image | None]
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        info.error = ("missing-file", "file not found")
+        info.error = ("missing-file", f"{path} does not exist (a manifest's paths are relative to its folder)")
         return info, None
     except OSError as e:
         loop = e.errno == errno.ELOOP

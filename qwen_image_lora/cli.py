@@ -60,7 +60,7 @@ def _one_config(args) -> None:
 def _validate(args) -> int:
     """The config, then what it points at (the trainer's own early checks), the eval edits' input files and the run
     folder; no torch imported, no weights loaded (0.4 s)."""
-    from qwen_image_lora.data.sources import check_edit_files
+    from qwen_image_lora.data.sources import DataError, check_edit_files
     from qwen_image_lora.train.early import check_sources, schedule_warnings
     from qwen_image_lora.train.run_folder import RunFolder, RunFolderInUse, check_not_nested
 
@@ -70,12 +70,15 @@ def _validate(args) -> int:
         data = "data.path not set (needed only for training)"
     else:
         edits = sum(it.kind == "edit" for it in items)
-        missing = [
-            it for it in items if not all(p.is_file() for p in (it.target, *it.sources, *filter(None, [it.mask])))
-        ]
+        files = {it: [p for p in (it.target, *it.sources, *filter(None, [it.mask])) if not p.is_file()] for it in items}
+        missing = [it for it in items if files[it]]
         data = f"data {counted(len(items), 'item')} ({len(items) - edits} t2i, {edits} edit) in {cfg.data.path}"
+        example = f"e.g. {missing[0].id} ({files[missing[0]][0]} does not exist)" if missing else ""
+        if missing and len(missing) == len(items):  # said OK of a config whose training then found nothing to train
+            raise DataError(f"data.path: every item names a missing file, {example}; a manifest's paths are relative "
+                            "to its folder")  # fmt: skip
         if missing:
-            data += f"; {len(missing)} name a missing file, e.g. {missing[0].id} (`qwen-lora data doctor` lists them)"
+            data += f"; {len(missing)} name a missing file, {example} (`qwen-lora data doctor` lists them)"
     check_edit_files(cfg.eval.edits, "eval.edits")
     check_not_nested(cfg.output_dir)
     notes = [f"warning: {w}" for w in schedule_warnings(cfg)]

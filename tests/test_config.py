@@ -441,8 +441,14 @@ def test_cli_validate_says_what_the_trainer_would_of_the_output_dir_the_schedule
     Image.new("RGB", (64, 64)).save(tmp_path / "t.png")
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"target": "t.png", "instruction": "x", "sources": ["t.png"], "mask": "gone.png"}))
+    assert main(["validate", "configs/demo.yaml", *paths[:1], f"data.path={manifest}", *paths[2:]]) == 2
+    assert capsys.readouterr().err.strip() == (  # it said OK, and training then found nothing it could train
+        f"error: data.path: every item names a missing file, e.g. m.jsonl:1 ({tmp_path / 'gone.png'} does not "
+        "exist); a manifest's paths are relative to its folder"
+    )
+    manifest.write_text(manifest.read_text() + "\n" + json.dumps({"image": "t.png", "caption": "x"}) + "\n")
     assert main(["validate", "configs/demo.yaml", *paths[:1], f"data.path={manifest}", *paths[2:]]) == 0
-    assert "1 name a missing file, e.g. m.jsonl:1" in capsys.readouterr().out
+    assert f"1 name a missing file, e.g. m.jsonl:1 ({tmp_path / 'gone.png'} does not exist)" in capsys.readouterr().out
 
 
 def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
