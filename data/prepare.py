@@ -140,7 +140,10 @@ def prepare(
         stats.prompts_encoded = encoder.encoded["prompts"]
     stats.failed = {k: v for k, v in failed.items()}
     excluded = {k: ["prepare-failed: " + v] for k, v in stats.failed.items()}
-    text = json.dumps({"data_path": str(d.path), "excluded": excluded}, indent=1)
+    # Each failure holds for its item as it was: an id is a manifest line, and another row can take it later.
+    by_id = {item.id: item for item in clean}
+    states = {k: fingerprint(by_id[k]) for k in excluded if k in by_id}
+    text = json.dumps({"data_path": str(d.path), "excluded": excluded, "fingerprints": states}, indent=1)
     _record(lambda: atomic_write_text(verdicts / f"prepare-r{rank:03d}.json", text))
     if rank == 0:  # this run's outcome replaces an earlier run's: each rank rewrites its own, this one the rest
         _record(lambda: _remove_other_runs(verdicts, world_size))

@@ -225,7 +225,7 @@ def read_report(path: str | Path) -> Report | None:
 def past_verdicts(folder: str | Path | None, data_path: str | None) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(judged, excluded) for the data at `data_path`, from `folder` (`verdicts_dir`): the fingerprints of the items
     the last doctor run judged (`doctor.json`), and the items to leave out: those it excluded plus those `prepare`
-    failed to encode (`prepare-r*.json`)."""
+    failed to encode (`prepare-r*.json`), while the item under that id is the one that failed."""
     judged: dict[str, str] = {}
     excluded: dict[str, list[str]] = {}
     if not folder or not Path(folder).is_dir():
@@ -235,8 +235,14 @@ def past_verdicts(folder: str | Path | None, data_path: str | None) -> tuple[dic
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if source_id(data.get("data_path")) == source_id(data_path):
-            judged.update(data.get("judged", {}))
-            for item_id, codes in data.get("excluded", {}).items():
-                excluded.setdefault(item_id, []).extend(codes)
+        if source_id(data.get("data_path")) != source_id(data_path):
+            continue
+        judged.update(data.get("judged", {}))
+        states = data.get("fingerprints", {})  # prepare's: the state of each item it failed on
+        for item_id, codes in data.get("excluded", {}).items():
+            if item_id in states:
+                if judged.get(item_id, states[item_id]) != states[item_id]:
+                    continue  # the doctor has judged another item (or state) under this id since: a row deleted
+                judged.setdefault(item_id, states[item_id])  # above a failed one moved a good one to its line
+            excluded.setdefault(item_id, []).extend(codes)
     return judged, excluded

@@ -5,6 +5,7 @@ one run with more processes; an unwritable cache slows training down but never f
 path through a file is refused before any weights load."""
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -167,7 +168,7 @@ def test_a_later_prepare_with_fewer_processes_overrides_the_earlier_failures(tmp
             prepare(cfg, tiny_pipe, rank=rank, world_size=2, progress=False, log=lambda *_: None)
     failed = past_verdicts(verdicts_dir(cfg), cfg.data.path)[1]
     assert "003.png" in failed
-    # Training leaves it out until a prepare encodes it, even with the doctor's file gone (prepare's verdicts carry no fingerprints).
+    # Training leaves it out until a prepare encodes it, even with the doctor's file gone.
     for doctor in ("kept", "removed"):
         if doctor == "removed":
             (verdicts_dir(cfg) / "doctor.json").unlink()
@@ -180,6 +181,38 @@ def test_a_later_prepare_with_fewer_processes_overrides_the_earlier_failures(tmp
     assert again.failed == {}
     assert past_verdicts(verdicts_dir(cfg), cfg.data.path)[1] == {}  # was: prepare-r001.json kept excluding it
     assert "003.png" in [e.item.id for e in build_training_data(cfg, tiny_pipe).dataset.entries]
+
+
+def test_a_prepare_failure_holds_for_its_item_not_for_the_row_that_later_takes_its_line(
+    tmp_path, sample_data_dir, tiny_model_dir, tiny_pipe, monkeypatch
+):
+    """A manifest item's id is its line: with row 1 deleted after a prepare failed on line 4, the good image now on
+    line 4 was left out "as `data prepare` excluded it", though the doctor had just called every item clean."""
+    shutil.copytree(sample_data_dir / "brand", tmp_path / "brand")
+    rows = [json.dumps({"image": f"brand/{i:03d}.png", "caption": f"qwnbrand {i}"}) for i in range(5)]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(rows) + "\n")
+    cfg = _cfg(manifest, tiny_model_dir)
+    real_sample = TrainingDataset.sample
+
+    def flaky(self, index, text):  # a transient failure (out of memory, say) of line 4
+        if self.entries[index].item.id == "m.jsonl:4":
+            raise RuntimeError("out of memory")
+        return real_sample(self, index, text)
+
+    with monkeypatch.context() as m:
+        m.setattr(TrainingDataset, "sample", flaky)
+        prepare(cfg, tiny_pipe, progress=False, log=lambda *_: None)
+    assert "m.jsonl:4" in past_verdicts(verdicts_dir(cfg), cfg.data.path)[1]
+    assert "m.jsonl:4" in [it.id for it, _ in build_training_data(cfg, tiny_pipe).skipped]  # as it was: still out
+    manifest.write_text("\n".join(rows[1:]) + "\n")  # row 1 deleted: line 4 is now 004.png, which encodes
+    for doctor in ("run since", "never run"):
+        if doctor == "run since":
+            diagnose(cfg, tokenizer=None, contact_sheet=False).write_json(verdicts_dir(cfg) / "doctor.json")
+        else:
+            (verdicts_dir(cfg) / "doctor.json").unlink()
+        data = build_training_data(cfg, tiny_pipe)
+        assert data.skipped == [] and len(data.dataset.entries) == 4, doctor
 
 
 # ------------------------------------------------------------------------------------------ an unwritable cache
