@@ -8,7 +8,8 @@ Manifest rows: t2i {image, caption}; edit {target, instruction, sources: [1..10 
 instruction may be a list (one is picked at random per step); in a CSV, `sources` holds paths separated by
 `|` and several captions are separated by `||`. HF datasets use `data.columns` to map our names (image,
 caption, target, instruction, sources) to theirs; images stored inside the dataset (bytes, not paths) are
-written once, content-addressed, under `<cache_dir>/hf-images/` so every later stage reads plain files.
+written once, content-addressed, under `<cache_dir>/hf-images/` (the default cache when `data.cache_dir` is null, never
+the dataset folder) so every later stage reads plain files.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from PIL import Image
 
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.captions import fill_caption
-from qwen_image_lora.config import ConfigError, DataConfig
+from qwen_image_lora.config import ConfigError, DataConfig, default_cache_dir
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.eval_config import EditExample
 from qwen_image_lora.images import read_image
@@ -308,7 +309,7 @@ def _load_hf(path: Path, cfg: DataConfig) -> list[Item]:
             getattr(feature, "feature", feature[0] if isinstance(feature, list) else None), datasets.Image
         ):
             ds = ds.cast_column(c, datasets.Sequence(datasets.Image(decode=False)))
-    store = Path(cfg.cache_dir or path) / "hf-images"
+    store = Path(cfg.cache_dir or default_cache_dir()) / "hf-images"  # null: not inside the user's dataset either
     items = []
     for i, row in enumerate(ds):
         where, item_id = f"{path}[{i}]", f"{path.name}[{i}]"

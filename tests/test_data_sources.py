@@ -94,6 +94,11 @@ def test_hf_dataset_from_disk_with_column_mapping(tmp_path):
     assert [i.captions for i in items] == [("x",), ("y",), ()]
     assert all(i.target.is_file() for i in items)  # embedded bytes become plain files under the cache
     assert np.asarray(Image.open(items[1].target))[0, 0, 0] == 80
+    # With no data cache (null) the files went into the user's dataset folder ("your files are never modified").
+    before = sorted((tmp_path / "hf").rglob("*"))
+    nocache = load_config(None, [f"data.path={tmp_path / 'hf'}", "data.columns={image: img, caption: text}",
+                                 "data.cache_dir=null"])  # fmt: skip
+    assert all(i.target.is_file() for i in load_items(nocache.data)) and sorted((tmp_path / "hf").rglob("*")) == before
     # The caption column under another name, unmapped: every item was "missing-caption: add a <cache hash>.txt".
     cfg = load_config(None, [f"data.path={tmp_path / 'hf'}", "data.columns={image: img}"])
     with pytest.raises(
