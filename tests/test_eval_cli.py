@@ -199,6 +199,9 @@ def test_checkpoint_discovery_and_adapter_names(tmp_path):
 
 def test_eval_logs_a_wandb_table_with_images_offline(config_path, adapters, tiny_pipe, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
+    # W&B keeps the settings of its first use in this process: an earlier test's (online, no key) failed this one
+    # whenever that test ran first in the same worker.
+    wandb.teardown()
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "out"

@@ -513,6 +513,7 @@ def test_a_wandb_that_cannot_start_is_one_line_before_the_weights_load(
     err = capsys.readouterr().err
     assert "error: tracking.backend: W&B did not start (UsageError: No API key" in err and "Traceback" not in err
     assert loads == []
+    pytest.importorskip("wandb").teardown()  # leave no online settings to a later test in this process
 
 
 def test_validate_and_the_trainers_early_checks_say_when_wandb_has_no_key(
