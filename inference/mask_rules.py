@@ -54,10 +54,13 @@ def _alpha_only(mask: Image.Image) -> bool:
     wherever it shows (GIMP's white brush, a red quick mask; the colour under fully transparent pixels is whatever the
     editor left there). Only a flat grey counted: a yellow brush read as "white everywhere", a red one as "black
     everywhere", and a white brush over (0, 0, 0, 0) lost its soft edge to the brightness of the hidden black."""
-    if mask.mode not in ("RGBA", "LA", "PA") and not (mask.mode == "P" and "transparency" in mask.info):
+    if "A" not in mask.getbands() and "transparency" not in mask.info:
         return False
-    rgba = np.asarray(mask.convert("RGBA"))
-    alpha, shown = rgba[..., 3], rgba[..., :3][rgba[..., 3] > 0]
+    rgba = np.asarray(mask.convert("RGBA")).astype(np.int16)
+    alpha = rgba[..., 3]
     if alpha.min() == 255:  # opaque everywhere: its brightness is the mask
         return False
-    return len(shown) == 0 or bool((shown == shown[0]).all())
+    # The colour where the paint clearly shows: a faint edge pixel's colour is rounded (a canvas stores colour times
+    # alpha), so a red brush's alpha-1 pixels may read orange.
+    shown = rgba[..., :3][alpha >= 128]  # none: nothing is painted clearly, so its alpha changes nothing
+    return len(shown) == 0 or int((shown.max(axis=0) - shown.min(axis=0)).max()) <= 2

@@ -175,10 +175,33 @@ def test_a_mask_painted_in_one_colour_on_a_transparent_layer_is_its_alpha_soft_e
     layer = np.zeros((32, 64, 4), np.uint8)  # untouched pixels: (0, 0, 0, 0), as an editor stores them
     layer[coverage > 0, :3] = paint
     layer[..., 3] = coverage
-    read = mask_rules.prepare_mask(Image.fromarray(layer, "RGBA"), (64, 32))
+    layer[0, 33, :3] = np.clip(np.array(paint) + 40, 0, 255) if paint != (255, 255, 255) else 200  # a faint pixel's
+    read = mask_rules.prepare_mask(Image.fromarray(layer, "RGBA"), (64, 32))  # rounded colour (a canvas export)
     assert np.array_equal(np.asarray(read), coverage)
     grey_alpha = Image.fromarray(np.stack([np.full_like(coverage, 200), coverage], -1), "LA")
     assert np.array_equal(np.asarray(mask_rules.prepare_mask(grey_alpha, (64, 32))), coverage)
+
+
+def test_a_transparent_layer_of_several_colours_is_read_by_its_brightness_and_a_clear_one_changes_nothing():
+    """Only one flat colour (wherever alpha > 0) means the alpha carries the mask; black and white paint over a
+    transparent margin is a brightness mask. A layer with nothing painted is refused, as a black mask is."""
+    layer = np.zeros((32, 64, 4), np.uint8)
+    layer[:, 8:56, 3] = 255  # a transparent margin around a black-and-white mask
+    layer[:, 32:56, :3] = 255
+    read = np.asarray(mask_rules.prepare_mask(Image.fromarray(layer, "RGBA"), (64, 32)))
+    assert read[16, 20] == 0 and read[16, 40] == 255 and read[16, 60] == 0
+    with pytest.raises(mask_rules.MaskError, match="changes nothing"):
+        mask_rules.prepare_mask(Image.new("RGBA", (64, 32), (255, 255, 255, 0)), (64, 32))
+    faint = np.zeros((32, 64, 4), np.uint8)  # paint that nowhere shows clearly (white and black at alpha 100)
+    faint[:, 32:] = (255, 255, 255, 100)
+    faint[:, 48:, :3] = 0
+    with pytest.raises(mask_rules.MaskError, match="changes nothing"):
+        mask_rules.prepare_mask(Image.fromarray(faint, "RGBA"), (64, 32))
+    painted = Image.new("P", (64, 32), 0)
+    painted.putpalette([0, 0, 0, 255, 0, 0])
+    painted.paste(1, (32, 0, 64, 32))
+    painted.info["transparency"] = 0  # a red brush on a clear palette layer
+    assert np.asarray(mask_rules.prepare_mask(painted, (64, 32)))[16, 30:34].tolist() == [0, 0, 255, 255]
 
 
 def test_an_opaque_mask_is_read_by_its_brightness_whatever_its_mode():
@@ -208,6 +231,35 @@ def test_the_feather_band_of_a_transparent_input_mixes_no_hidden_colour():
     assert (mixed[:, :32] == [0, 0, 255, 128]).all() and (mixed[:, 41:] == [255, 0, 0, 255]).all()
     middle = mixed[16, 36]
     assert middle[0] > 0 and middle[2] > 0 and 128 < middle[3] < 255
+
+
+@pytest.mark.parametrize("seed", [*range(4), *unchosen_seeds(2)])
+def test_a_transparent_inputs_band_shows_over_any_background_as_the_mix_of_the_two_shown_over_it(seed):
+    """What mixing as colour times alpha means: over any opaque background, each band pixel looks like the weighted
+    mix of the result and the input each seen over that background; kept pixels are the input's exactly (hidden
+    colour too), the changed ones deeper in the result's; the weight ramps linearly with the distance."""
+    rng = np.random.default_rng(seed)
+    w, h = int(rng.integers(30, 90)), int(rng.integers(30, 90))
+    mask, feather = random_mask(rng, (w, h), soft=seed % 2 == 1), int(rng.choice([1, 4, 9]))
+    result, original = (rng.integers(0, 256, (h, w, 4), dtype=np.uint8) for _ in "ab")
+    original[..., 3] = np.where(rng.random((h, w)) < 0.3, 0, original[..., 3])  # clear pixels, hidden colour kept
+    out = np.asarray(masking.composite(Image.fromarray(result, "RGBA"), Image.fromarray(original, "RGBA"), mask,
+                                       feather)).astype(np.float64)  # fmt: skip
+    weight = np.asarray(masking.feathered_alpha(mask, feather)).astype(np.float64)
+    assert np.array_equal(out[weight == 0], original[weight == 0]) and np.array_equal(out[weight == 255],
+                                                                                       result[weight == 255])  # fmt: skip
+    depth = distance_transform_edt(np.asarray(mask) >= 128)
+    band = (weight > 0) & (weight < 255)
+    assert np.abs(weight[band] - 255 * depth[band] / (feather + 1)).max() <= 0.5  # linear, as the README says
+    k = (weight / 255)[..., None]
+
+    def over(image, background):  # an RGBA array shown over an opaque colour
+        a = image[..., 3:] / 255
+        return image[..., :3] * a + background * (1 - a)
+
+    for background in (0.0, 255.0, np.array([30.0, 200.0, 90.0])):
+        expected = k * over(result.astype(np.float64), background) + (1 - k) * over(original, background)
+        assert np.abs(over(out, background) - expected)[band].max() <= 1.5  # rounding to 8 bits, twice
 
 
 def test_composite_feathers_only_inside_the_changed_region():
