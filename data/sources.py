@@ -141,10 +141,11 @@ def _image_files(folder: Path):
     previews to the next)."""
     seen = set()  # linked folders are followed ("subfolders are read" left them out); a link back up is not
     for root, dirs, files in os.walk(folder, followlinks=True):
-        if os.path.realpath(root) in seen:
+        real = os.path.realpath(root)
+        if real in seen:
             dirs[:] = []
             continue
-        seen.add(os.path.realpath(root))
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".") and not (Path(root) / d / layout.RUN_ID).is_file()]
         yield from (Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
 
