@@ -6,10 +6,11 @@ import re
 
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from qwen_image_lora.cli import main
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.image_files import read_settings
+from qwen_image_lora.image_files import SETTINGS_KEY, ours_to_replace, read_settings
 from qwen_image_lora.inference.batch import run_batch
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.jobs import read_jobs
@@ -100,6 +101,21 @@ def test_a_finished_output_retouched_and_exported_again_is_kept_when_the_batch_r
     assert result.failed == ["000000"] and result.written == ["000001"] and gen.rendered == ["a blue bottle"]
     assert (out / "000000.png").read_bytes() == theirs
     assert f"job 000000: {out / '000000.png'} carries no settings of qwen-lora batch" in capsys.readouterr().err
+
+
+def test_an_output_whose_settings_of_ours_are_damaged_is_rendered_again_as_generate_would(gen, tmp_path, capsys):
+    """A whole image with a damaged settings block of ours was refused as "a file of your own" when no manifest line
+    recorded it, while `generate --output` (`ours_to_replace`) writes over the same file: one rule for both."""
+    out = tmp_path / "out"
+    out.mkdir()
+    block = PngInfo()
+    block.add_text(SETTINGS_KEY, '{"prompt": "a red mu')  # a block of ours, cut short
+    Image.new("RGB", (64, 64), "green").save(out / "000000.png", pnginfo=block)
+    assert ours_to_replace(out / "000000.png")
+    result = run_batch(gen, read_jobs(_write_jobs(tmp_path / "a.jsonl", RED_MUG)), out, progress=False)
+    assert result.written == ["000000"] and gen.rendered == ["a red mug"]
+    assert read_settings(out / "000000.png")["prompt"] == "a red mug"
+    assert "000000.png holds an image made with other settings; rendering it again" in capsys.readouterr().err
 
 
 def test_an_edits_manifest_line_renders_the_same_image_again(gen, tmp_path):
