@@ -225,8 +225,8 @@ def _is_own_render(generator: Generator, job: Job, out: Path, base_seed: int, de
     """Whether `out`, a whole image no manifest line records, is this job's render (the batch stopped between writing
     it and its line). The rule: the settings block it carries must equal the block this job would write into it
     (prompt, size, steps, seed, model, adapters' and inputs' sha256), so it is adopted; a block of ours that differs
-    (or is damaged) is another render, replaced (False); a file with no block of ours (a user's own image, an input) is never
-    overwritten: InputError, naming it, refuses this job alone."""
+    (or is damaged) is another render, replaced (False); a file with no block of ours (a user's own image, an input)
+    is never overwritten: InputError, naming it, refuses this job alone."""
     try:
         found = read_settings(out)
     except InputError:  # a damaged block of ours: another render of ours, replaced (as `ours_to_replace` says)
