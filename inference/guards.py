@@ -4,6 +4,7 @@ and a count of every response (Starlette's own 500s included) for /metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import ctypes
@@ -26,6 +27,10 @@ JSON_PATHS = frozenset({"/v1/images", "/v1/layers"})  # their POST bodies are JS
 MAX_MESSAGE_CHARS = 500  # a refusal names the problem; it never sends megabytes of the request back
 MAX_LOC_CHARS = 64  # a field name is short; a longer one is the client's text
 MAX_ERRORS = 20
+# A body's bytes must keep coming: 512 connections that declared a body and sent none held every slot for good (the
+# header deadline had passed), closing the service to every client. A pause of BODY_IDLE_S, or a body still arriving
+# after BODY_TOTAL_S (a trickle; 20 MB at ~3 Mbit/s fits), is answered 408 and the connection closed.
+BODY_IDLE_S, BODY_TOTAL_S = 10.0, 60.0
 # What concurrent input decodes may hold at once. Every JPEG/PNG up to 64 M pixels fits (an 8192x8192 RGBA PNG takes
 # ~350 MB); a WebP takes ~16 bytes a pixel in PIL's decoder, so one over ~28 M pixels (~5300x5300) is refused.
 DECODE_BUDGET_BYTES = 512 * 2**20
@@ -218,11 +223,19 @@ class GuardMiddleware:
         declared = dict(headers).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             status = 413 if declared.isdigit() else 400
-            await send_json(send, status, too_big if status == 413 else {"detail": "bad Content-Length"})
+            bad = RequestError(400, "Content-Length is not a whole number of bytes", ("header", "content-length"))
+            await send_json(send, status, too_big if status == 413 else bad.body())
             return None
         chunks, size, more = [], 0, True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BODY_TOTAL_S
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, min(BODY_IDLE_S, deadline - loop.time())))
+            except TimeoutError:
+                said = f"the body stopped arriving (a pause over {BODY_IDLE_S:g} s, or over {BODY_TOTAL_S:g} s in all)"
+                await send_json(send, 408, RequestError(408, said).body(), {"Connection": "close"})
+                return None
             if message["type"] == "http.disconnect":
                 return None
             chunks.append(message.get("body", b""))

@@ -6,6 +6,7 @@ never echoes the input)."""
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -29,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from qwen_image_lora import images as images_module
 from qwen_image_lora.config import Config
-from qwen_image_lora.inference import server, service
+from qwen_image_lora.inference import guards, server, service
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.server import create_app
 from qwen_image_lora.inference.studio import CSP
@@ -397,6 +398,42 @@ def test_slow_or_endless_headers_are_cut_off_and_connections_over_the_cap_closed
         time.sleep(0.2)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
             assert json.loads(answer.read())["status"] == "ok"
+
+
+def test_a_body_that_stops_or_trickles_is_answered_408_and_its_connection_closed(cfg, gen, monkeypatch):
+    """512 connections that declared a body and sent none (or one byte of it) held every slot for good, on an open
+    path too: the header deadline had passed, and the guard waited on the body forever. Every client was locked out."""
+    monkeypatch.setattr(guards, "BODY_IDLE_S", 0.5)
+    monkeypatch.setattr(guards, "BODY_TOTAL_S", 1.5)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    local = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, host="127.0.0.1", port=port))
+    with running(service.make_server(local, [KEY], generator=gen)):
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\nx")
+        stalled.settimeout(5)
+        started, answer = time.monotonic(), b""
+        while chunk := stalled.recv(65536):  # to the server's close
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"the body stopped arriving" in answer
+        assert time.monotonic() - started < 3
+        trickle = socket.create_connection(("127.0.0.1", port))
+        trickle.sendall(f"POST /v1/images HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n"
+                        "content-type: application/json\r\ncontent-length: 100\r\n\r\n".encode())  # fmt: skip
+        started, answer = time.monotonic(), b""
+        with contextlib.suppress(OSError):  # the server may close while a byte is on its way
+            while not answer and time.monotonic() - started < 5:
+                trickle.sendall(b" ")  # each byte within the pause allowed, never the whole body in time
+                time.sleep(0.2)
+                trickle.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    answer = trickle.recv(65536)
+                trickle.setblocking(True)
+        assert answer.startswith(b"HTTP/1.1 408") and 1.4 < time.monotonic() - started < 3
+        stalled.close(), trickle.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            assert json.loads(response.read())["status"] == "ok"
 
 
 @pytest.mark.parametrize("max_side", [2048, 16])  # as decoded, and through the downscale of large inputs
