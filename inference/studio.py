@@ -130,11 +130,11 @@ def studio_router(cfg: Config, key_dependency, generator):
             file = file_in_run(run_folder(runs_dir, name), path)
         except RunFileError as e:
             return refused(e)
-        headers = dict(PAGE_HEADERS)
+        headers, download = dict(PAGE_HEADERS), None
         if file.suffix == ".html":  # the evaluation report: a download, never a page of this origin
             headers["Content-Security-Policy"] = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-            headers["Content-Disposition"] = f'attachment; filename="{name}-{file.name}"'
-        return FileResponse(file, media_type=RUN_FILES[file.suffix.lower()], headers=headers)
+            download = f"{name}-{file.name}"  # Starlette writes any name (RFC 5987); by hand, 报告.html was a 500
+        return FileResponse(file, media_type=RUN_FILES[file.suffix.lower()], headers=headers, filename=download)
 
     return router
 

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import threading
+import urllib.parse
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -194,6 +195,20 @@ def test_runs_list_and_one_run_with_curve_samples_card_and_report(client):
     assert (
         r.headers["content-disposition"].startswith("attachment") and "sandbox" in r.headers["content-security-policy"]
     )
+
+
+@pytest.mark.parametrize("file_name", ["报告.html", 'a"b.html'])
+def test_a_report_with_any_name_downloads_under_that_name(client, runs_dir, file_name):
+    """A name outside Latin-1 was a 500 (the header could not be encoded), and a `"` broke the header's quotes."""
+    (runs_dir / "brand-v1" / "eval" / file_name).write_text("<p>x</p>")
+    try:
+        r = client.get(f"/v1/runs/brand-v1/files/eval/{urllib.parse.quote(file_name)}", headers=AUTH)
+    finally:
+        (runs_dir / "brand-v1" / "eval" / file_name).unlink()
+    assert r.status_code == 200 and r.text == "<p>x</p>"
+    disposition = r.headers["content-disposition"]
+    assert disposition == f"attachment; filename*=utf-8''{urllib.parse.quote('brand-v1-' + file_name)}"
+    assert "sandbox" in r.headers["content-security-policy"]
 
 
 @pytest.mark.parametrize("path,status", [
