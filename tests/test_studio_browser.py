@@ -283,16 +283,26 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     assert manifest["jobs"][0]["request"]["prompt"] == "white background"
 
     # a JSONL of `qwen-lora batch` jobs: images by path, adapters as a dict; a broken line fails alone, named
-    (tmp_path / "jobs.jsonl").write_text(json.dumps({"id": "mug", "prompt": "a mug", "images": ["in/a.png"], "seed": 3,
-                                                     "loras": {"brand": 0.5}}) + "\nnot json\n")  # fmt: skip
+    # (a masked edit's mask was dropped, so every pixel could change; a misspelt field was dropped without a word)
+    Image.new("L", (64, 48), 255).save(tmp_path / "m.png")
+    lines = [{"id": "mug", "prompt": "a mug", "images": ["in/a.png"], "seed": 3, "loras": {"brand": 0.5}},
+             {"id": "typo", "prompt": "a mug", "images": ["in/a.png"], "guidance": 5},
+             {"id": "masked", "prompt": "a mug", "images": ["in/a.png"], "mask": "m.png", "mask_feather": 2}]  # fmt: skip
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
     css("#batch-files").clear()
-    css("#batch-files").send_keys(f"{tmp_path / 'jobs.jsonl'}\n{tmp_path / 'a.png'}")
+    css("#batch-files").send_keys(f"{tmp_path / 'jobs.jsonl'}\n{tmp_path / 'a.png'}\n{tmp_path / 'm.png'}")
     css("#batch-start").click()
-    wait.until(lambda _: css("#batch-summary").text == "1 of 2 done, 1 failed.")
+    wait.until(lambda _: css("#batch-summary").text == "2 of 4 done, 2 failed.")
     rows = [r.text for r in d.find_elements(By.CSS_SELECTOR, "#batch-jobs tr")]
-    assert rows[0].startswith("mug done") and "jobs.jsonl:2: not a JSON object" in rows[1]
+    assert rows[0].startswith("mug done") and rows[2].startswith("masked done")
+    assert "jobs.jsonl:2: unknown field(s) guidance; a job takes prompt," in rows[1]
+    assert "jobs.jsonl:4: not a JSON object" in rows[3]
     assert not css("#batch-retry").is_enabled()  # nothing a retry could fix
-    job = json.loads(d.find_element(By.CSS_SELECTOR, "#history pre").get_attribute("textContent"))
+    settings = [
+        json.loads(pre.get_attribute("textContent")) for pre in d.find_elements(By.CSS_SELECTOR, "#history pre")
+    ]
+    masked, job = settings[:2]  # the newest first
+    assert (masked["mask"], masked["mask_feather"], masked["image"]) == ("m.png", 2, ["a.png"])
     assert (job["loras"], job["seed"], job["image"], job["num_inference_steps"]) == (
         [{"name": "brand", "weight": 0.5}],
         3,
@@ -433,8 +443,19 @@ def test_a_painted_mask_keeps_every_unpainted_pixel(server, browser, tmp_path):
     # The same painted mask as the subject of a layered PSD, downloaded through POST /v1/layers.
 
     Select(css("#layers-format")).select_by_value("psd")
+    d.execute_script("""window.sent = {}; const original = window.fetch;
+        window.fetch = (url, options) => { if (options?.body) window.sent[url] = JSON.parse(options.body);
+                                            return original(url, options); };""")
     css("#layers").click()
-    psd_path = tmp_path / "downloads" / "layers.psd"
+    wait.until(lambda _: d.execute_script("return window.sent['/v1/layers']"))
+    sent = d.execute_script("return window.sent['/v1/layers']")  # the page's settings, as Generate sends them
+    assert (sent["loras"], sent["num_inference_steps"], sent["mask_feather"], sent["prompt"]) == (
+        [{"name": "brand", "weight": 0.8}],  # the sketch adapter's slider is at 0: off
+        1,
+        0,
+        "a new background",
+    )
+    psd_path = tmp_path / "downloads" / f"layers-seed{sent['seed']}.psd"
     wait.until(lambda _: psd_path.exists() and psd_path.stat().st_size > 0)
     psd = PSDImage.open(psd_path)
     assert [layer.name for layer in psd] == ["background", "subject"] and psd.size == (64, 48)

@@ -9,7 +9,9 @@ import { zip } from "./zip.js";
 
 const EXT = { png: "png", jpeg: "jpg", webp: "webp" };
 const FIELDS = ["prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "width", "height",
-  "aspect_ratio", "output_format", "quality", "loras"];
+  "aspect_ratio", "output_format", "quality", "loras", "mask_feather"];
+const REFS = ["id", "image", "images", "mask", "output"]; // named files, URLs or the job's name: not sent as they are
+const CSV_COLUMNS = ["image", "prompt", "seed", "id", "mask"];
 let jobs = [];
 let stopping = false;
 let running = false;
@@ -65,16 +67,27 @@ async function readJobs(files, instruction, defaults) {
         }
         const where = `${table.name}:${i + 1}`;
         if (!row || typeof row !== "object" || Array.isArray(row)) return add(where, {}, [], `${where}: not a JSON object`);
-        add(row.id ?? where, row, [].concat(row.image ?? row.images ?? []), null);
+        // A misspelt field was dropped without a word (the API and `qwen-lora batch` refuse it), and a mask with it.
+        const unknown = Object.keys(row).filter((k) => !FIELDS.includes(k) && !REFS.includes(k));
+        const id = row.id ?? (typeof row.output === "string" ? row.output.replace(/\.[^.]+$/, "") : where);
+        add(id, row, [].concat(row.image ?? row.images ?? []),
+          unknown.length ? `${where}: unknown field(s) ${unknown.join(", ")}; a job takes ${[...FIELDS, ...REFS].join(", ")}` : null);
       });
     } else {
       const rows = parseCsv(text);
       const header = (rows.shift() || []).map((h) => h.trim().toLowerCase());
       if (!header.includes("image")) { showAlert(`${table.name}: the first row must name an “image” column.`); continue; }
-      rows.filter((r) => r.some((c) => c.trim())).forEach((r, i) => {
+      const unknown = header.filter((h) => !CSV_COLUMNS.includes(h));
+      if (unknown.length) { showAlert(`${table.name}: unknown column(s) ${unknown.join(", ")}; the columns are ${CSV_COLUMNS.join(", ")}.`); continue; }
+      rows.forEach((r, i) => {
+        if (!r.some((c) => c.trim())) return;
         const row = Object.fromEntries(header.map((h, k) => [h, (r[k] ?? "").trim()]));
-        const fields = { ...(row.prompt ? { prompt: row.prompt } : {}), ...(row.seed ? { seed: Number(row.seed) } : {}) };
-        add(row.id || row.image.replace(/\.[^.]+$/, "") || `${table.name}:${i + 2}`, fields, [row.image], null);
+        const where = `${table.name}:${i + 2}`;
+        const fields = { ...(row.prompt ? { prompt: row.prompt } : {}), ...(row.mask ? { mask: row.mask } : {}) };
+        const seed = Number(row.seed); // "12x" was NaN, sent as null: a random seed where the row named one
+        if (row.seed) fields.seed = seed;
+        const bad = row.seed && !(Number.isSafeInteger(seed) && seed >= 0) ? `${where}: seed “${row.seed}” is not a whole number` : null;
+        add(row.id || row.image.replace(/\.[^.]+$/, "") || where, fields, [row.image], bad);
       });
     }
   }
@@ -97,13 +110,21 @@ function makeJob(id, row, refs, images, instruction, defaults, invalid) {
   const body = { ...defaults, ...fields };
   if (body.seed === null || body.seed === undefined) body.seed = randomSeed();
   if (!body.prompt) body.prompt = instruction;
-  const job = { id, body, refs: [], names: [], status: "pending", error: "", invalid };
-  for (const ref of refs) {
+  const job = { id, body, refs: [], names: [], mask: null, status: "pending", error: "", invalid };
+  const resolve = (ref, what) => { // a URL or data: URL as it is, else one of the chosen files by name
     const name = String(ref);
-    if (/^(https?:|data:)/.test(name)) { job.refs.push(name); job.names.push(name.slice(0, 60)); continue; }
+    if (/^(https?:|data:)/.test(name)) return [name, name.slice(0, 60)];
     const file = images.get(name.split(/[\\/]/).pop());
-    if (!file) job.invalid = job.invalid || `image “${name}” is not among the chosen files`;
-    else { job.refs.push(file); job.names.push(file.name); }
+    if (!file) job.invalid = job.invalid || `${what} “${name}” is not among the chosen files`;
+    return file ? [file, file.name] : [null, null];
+  };
+  for (const ref of refs) {
+    const [found, name] = resolve(ref, "image");
+    if (found) { job.refs.push(found); job.names.push(name); }
+  }
+  if (row.mask) { // a masked edit sent without its mask changed the pixels it was to keep
+    [job.mask] = resolve(row.mask, "mask");
+    if (!refs.length) job.invalid = job.invalid || "a mask applies to an edit: give the job an image";
   }
   if (!body.prompt) job.invalid = job.invalid || "no prompt: write an instruction for the batch";
   if (job.invalid) Object.assign(job, { status: "failed", error: job.invalid });
@@ -152,9 +173,9 @@ async function runJob(job) {
   const setStatus = (text) => { Object.assign(job, { status: "running", note: text }); render(); };
   try {
     const body = { ...job.body };
-    if (job.refs.length) {
-      body.image = await Promise.all(job.refs.map((r) => (typeof r === "string" ? r : blobToBase64(r))));
-    }
+    const encoded = (r) => (typeof r === "string" ? r : blobToBase64(r));
+    if (job.refs.length) body.image = await Promise.all(job.refs.map(encoded));
+    if (job.mask) body.mask = await encoded(job.mask);
     for (;;) {
       try {
         const started = performance.now();
@@ -163,7 +184,7 @@ async function runJob(job) {
         job.seed = Number(response.headers.get("x-seed") ?? body.seed);
         job.file = `${job.id}.${EXT[body.output_format] || "png"}`;
         Object.assign(job, { status: "done", error: "" });
-        hooks.onResult({ body, names: job.names, blob: job.blob, seed: job.seed, mode: job.refs.length ? "edit" : "t2i",
+        hooks.onResult({ body, names: job.names, maskName: maskName(job), blob: job.blob, seed: job.seed, mode: job.refs.length ? "edit" : "t2i",
           seconds: (performance.now() - started) / 1000 });
         return;
       } catch (e) {
@@ -175,6 +196,10 @@ async function runJob(job) {
   } catch (e) {
     Object.assign(job, { status: "failed", error: e.message });
   }
+}
+
+function maskName(job) {
+  return job.mask ? job.mask.name ?? String(job.mask).slice(0, 60) : undefined;
 }
 
 function render() {
@@ -197,8 +222,9 @@ async function downloadZip() {
   const files = [];
   const manifest = { created: new Date().toISOString(), jobs: [] };
   for (const job of jobs) {
-    const { image, ...request } = job.body;
+    const { image, mask, ...request } = job.body;
     if (job.refs.length) request.image = job.names;
+    if (job.mask) request.mask = maskName(job);
     // A ZIP taken mid-run records each job as it stands: running and pending jobs are not failures.
     manifest.jobs.push({ id: job.id, status: job.status, file: job.file || null,
       error: job.status === "failed" ? job.error : null, seed: job.seed ?? job.body.seed, request });

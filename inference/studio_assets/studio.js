@@ -223,15 +223,18 @@ function downloadLayers() {
   return guarded(async () => {
     if (!edit.files.length) throw new ApiError(0, "Choose the image to split into layers.");
     const fields = caps.layers.fields;
+    // The page's settings as Generate sends them: without them the server used every adapter at its configured
+    // weight (sliders at 0 included), its default steps and a seed of its own.
+    const { output_format, aspect_ratio, ...sampling } = settings();
+    const body = Object.fromEntries(Object.entries({ ...sampling, seed: nextSeed(0) }).filter(([k, v]) => fields.includes(k) && v !== ""));
     const images = await imagesBase64();
-    const body = { image: images[images.length - 1] };
+    body.image = images[images.length - 1];
     const mask = caps.mask ? await maskBase64() : null;
-    if (mask && fields.includes("mask")) body.mask = mask;
-    if ($("prompt").value.trim() && fields.includes("prompt")) body.prompt = $("prompt").value.trim();
+    if (mask && fields.includes("mask")) Object.assign(body, { mask, mask_feather: Number($("mask-feather").value) });
     const format = $("layers-format").value;
     if (caps.layers.formatField) body[caps.layers.formatField] = format;
-    const { blob } = await send("/v1/layers", body, edit.files.slice(-1).map((f) => f.name));
-    download(blob, `layers.${format || "zip"}`);
+    const { blob, seed } = await send("/v1/layers", body, edit.files.slice(-1).map((f) => f.name));
+    download(blob, `layers-seed${seed}.${format || "zip"}`);
   });
 }
 
@@ -261,10 +264,10 @@ function addHistory(result) {
   $("history").prepend(card(result, true));
 }
 
-function describeBody(body, names) {
+function describeBody(body, names, maskName) {
   const { image, mask, ...rest } = body;
   if (image) rest.image = names.length ? names : `${[].concat(image).length} image(s)`;
-  if (mask) rest.mask = "painted mask";
+  if (mask) rest.mask = maskName || "painted mask";
   return rest;
 }
 
@@ -288,7 +291,7 @@ function card(r, detailed) {
     el("span", { className: "prompt" }, r.body.prompt),
     el("span", { className: "note" }, ` seed ${r.seed} · adapters: ${adapterText}${r.seconds ? ` · ${r.seconds.toFixed(1)} s` : ""}`));
   const settingsList = detailed
-    ? el("details", {}, el("summary", {}, "Exact settings"), el("pre", {}, JSON.stringify(describeBody(r.body, r.names || []), null, 2)))
+    ? el("details", {}, el("summary", {}, "Exact settings"), el("pre", {}, JSON.stringify(describeBody(r.body, r.names || [], r.maskName), null, 2)))
     : null;
   return el("li", { className: "card" }, el("figure", {}, picture, caption), buttons, settingsList);
 }
