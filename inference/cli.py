@@ -258,6 +258,10 @@ def _layers(args) -> int:
     return 0
 
 
+def _jobs_give(n: int) -> str:
+    return f"{counted(n, 'job')} {'gives' if n == 1 else 'give'}"
+
+
 def _batch(args) -> int:
     _check_sources(args)
     from qwen_image_lora.inference.jobs import read_jobs
@@ -269,8 +273,10 @@ def _batch(args) -> int:
         checks.input_file("jobs file", args.jobs), names
     )  # every line, in a second: before torch and weights
     if unused := sum(job.guidance_unused() for job in jobs):  # once, not a warning per job
-        print(f"note: {counted(unused, 'job')} give guidance_scale without a negative_prompt; it acts only with one "
+        print(f"note: {_jobs_give(unused)} guidance_scale without a negative_prompt; it acts only with one "
               "(Qwen-Image 2.1 samples without guidance)", file=sys.stderr)  # fmt: skip
+    for name, why in {name: why for job in jobs for name, why in job.unused.items()}.items():
+        print(f"note: {_jobs_give(sum(name in job.unused for job in jobs))} {name}, which {why}", file=sys.stderr)
     if args.seed + len(jobs) - 1 > BATCH_SEED.high:  # job i's seed is SEED + i
         raise InputError(
             f"--seed: {args.seed} + {len(jobs) - 1} (the last job's index) passes the largest seed, {BATCH_SEED.high}",

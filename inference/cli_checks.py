@@ -17,6 +17,7 @@ from qwen_image_lora.knobs import (
     check_image_count,
     check_masked_size,
     flag,
+    unused_settings,
 )
 
 
@@ -99,11 +100,9 @@ def check_request_flags(args) -> None:
 
 def unused_flags(args) -> list[str]:
     """Flags given that change nothing in this request: said, not silently recorded in the image's settings."""
-    given, notes = getattr(args, "given", set()), []
-    if "quality" in given and Path(args.output).suffix.lower() == ".png":
-        notes.append("--quality applies to JPEG and WebP outputs; a PNG is lossless")
-    if "mask_feather" in given and not getattr(args, "mask", None):
-        notes.append("--mask-feather applies to a masked edit (--mask)")
+    lossless = Path(args.output).suffix.lower() == ".png"
+    unused = unused_settings(getattr(args, "given", set()), lossless, bool(getattr(args, "mask", None)))
+    notes = [f"--{name.replace('_', '-')} {why}" for name, why in unused.items()]
     if SamplingConfig.guidance_unused(args):
         notes.append("--guidance-scale acts only with --negative-prompt (Qwen-Image 2.1 samples without guidance)")
     return notes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from qwen_image_lora import typed_yaml
 from qwen_image_lora.errors import InputError
@@ -26,6 +27,7 @@ from qwen_image_lora.knobs import (
     check_masked_size,
     check_range,
     repeated_name,
+    unused_settings,
 )
 from qwen_image_lora.typed_yaml import ConfigError
 
@@ -49,6 +51,9 @@ class Job(SamplingConfig):
     output: str | None = None
     quality: int = QUALITY.default
     index: int = field(default=-1, metadata={"internal": True})  # the line's position, set by `read_jobs`
+    # What the line gives that changes nothing (`knobs.unused_settings`), set by `read_jobs`: not a field, so it is
+    # neither a key of the line nor part of the job's fingerprint.
+    unused: ClassVar[dict[str, str]] = {}
 
     @property
     def output_name(self) -> str:
@@ -113,6 +118,7 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
         raise InputError(f"{where}: job.{e}") from None
     if not job.prompt:
         raise InputError(f"{where}: prompt is required")
+    job.unused = unused_settings(set(raw), job.output_name.lower().endswith(".png"), job.mask is not None)
     job.index = index
     if job.id is None:
         job.id = f"{job.index:06d}"

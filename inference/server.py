@@ -47,6 +47,7 @@ from qwen_image_lora.inference.urls import URLRefused, fetch
 from qwen_image_lora.inference.worker import Stopping, Worker
 from qwen_image_lora.knobs import (
     repeated_name,
+    unused_settings,
 )
 from qwen_image_lora.serve_config import ServeConfig
 
@@ -158,7 +159,8 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             with job_warnings() as warned:
                 made = _generate(generator, settings, format_for(body.output_format), body.quality, metrics, body,
                                  decoded)  # fmt: skip
-            return *made, warned
+            unused = unused_settings(body.model_fields_set, body.output_format == "png", body.mask is not None)
+            return *made, warned + [f"{name} {why}" for name, why in unused.items()]
 
         (width, height), data, made_with, warned = await admitted(
             request, lambda: _decode_inputs(body, serve, gate), work

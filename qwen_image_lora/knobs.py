@@ -50,6 +50,17 @@ DEFAULT_BACKGROUND_PROMPT = "remove the object and fill in the background"
 GUIDANCE_UNUSED = "guidance_scale acts only with a negative_prompt (Qwen-Image 2.1 samples without guidance)"
 
 
+def unused_settings(given: set[str], lossless: bool, masked: bool) -> dict[str, str]:
+    """Settings given that change nothing in this request, each with why: every edge says so (a CLI note, an HTTP
+    x-warning, a batch note) rather than silently recording them in the image's settings."""
+    unused = {}
+    if "quality" in given and lossless:
+        unused["quality"] = "applies to JPEG and WebP outputs; a PNG is lossless"
+    if "mask_feather" in given and not masked:
+        unused["mask_feather"] = "applies only to a masked edit (with a mask)"
+    return unused
+
+
 class SettingError(InputError):
     """A value that breaks a setting's rule. `field` names it (None: a combination of fields); str() is
     'field: message', which each edge turns into its own form (a config's dotted name, a 422's loc). `mentions` are

@@ -200,7 +200,8 @@ def paths_field(**kw):
 def build(cls, raw, dotted: str, where: str, base: Path):
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {dotted or 'top level'} must be a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}  # `source` is set by the loader
+    # `source` is set by the loader, an "internal" field by the code that reads the file (a job's line index)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source" and not f.metadata.get("internal")}
     hints = typing.get_type_hints(cls)
     unknown = [k for k in raw if k not in fields]
     if unknown:

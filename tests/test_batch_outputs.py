@@ -243,3 +243,19 @@ def test_inputs_edit_refuses_at_once_are_refused_before_the_model_loads(tmp_path
     assert err.startswith(f"error: {tmp_path / 'jobs.jsonl'}: job 000000: images: image 1 is 3000x40 (aspect 75.0:1)")
     assert "; job 000001: width: 128 keeps the 300x30 image's aspect only with a height of 13 px" in err
     assert "job 000002" not in err and "job 000003" not in err  # 10:1 alone is sizable at 64
+
+
+def test_a_quality_for_a_png_or_a_feather_without_a_mask_is_said_once_per_setting(tmp_path, capsys, unloadable_model):
+    """Both changed nothing and were recorded without a word, where `generate` gives a note and the API an x-warning;
+    a quality for a WebP output acts, and a line that does not give one says nothing."""
+    jobs = _write_jobs(tmp_path / "a.jsonl", {**RED_MUG, "quality": 50}, {**RED_MUG, "quality": 50, "output": "b.png"},
+                       {**RED_MUG, "quality": 50, "output": "c.webp"}, {**RED_MUG, "mask_feather": 3, "id": "d"},
+                       {**RED_MUG, "id": "e"})  # fmt: skip
+    assert [job.unused for job in read_jobs(jobs)][2:] == [{}, {"mask_feather": "applies only to a masked edit (with "
+                                                                               "a mask)"}, {}]  # fmt: skip
+    main(["batch", str(jobs), "--output-dir", str(tmp_path / "o"), "--model", str(unloadable_model)])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: 2 jobs give quality, which applies to JPEG and WebP outputs; a PNG is lossless",
+        "note: 1 job gives mask_feather, which applies only to a masked edit (with a mask)",
+    ]

@@ -378,6 +378,7 @@ def test_batch_job_errors_name_the_line_and_field(tmp_path):
         ('{"prompt": "a", "seed": "7"}', "jobs.jsonl:1: seed must be int or null"),
         ('{"prompt": "a", "loras": {"brand": "high"}}', "jobs.jsonl:1: loras must be a mapping or null"),
         ('{"prompt": "a", "index": 3}', "jobs.jsonl:1: unknown key 'index'"),
+        ('{"prompt": "a", "foo": 3}', "jobs.jsonl:1: unknown key 'foo'; valid keys: [^']*, quality$"),  # not `index`
         ('{"prompt": "a", "output": "../x.png"}', "must be a plain file name"),
         ('{"prompt": "a", "id": "x"}\n{"prompt": "b", "output": "x.png"}', "also written by line 1"),
         ('{"images": ["a.png"]}', "prompt is required"),
@@ -943,7 +944,7 @@ def test_flags_that_change_nothing_are_said_before_the_model_loads(tmp_path, cap
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: --")]
     assert notes == [
         "note: --quality applies to JPEG and WebP outputs; a PNG is lossless",
-        "note: --mask-feather applies to a masked edit (--mask)",
+        "note: --mask-feather applies only to a masked edit (with a mask)",
         "note: --guidance-scale acts only with --negative-prompt (Qwen-Image 2.1 samples without guidance)",
     ]
     main(

@@ -96,6 +96,20 @@ def test_a_guidance_scale_without_a_negative_prompt_is_said_to_the_client(client
     assert acted.status_code == 200 and "x-warning" not in acted.headers
 
 
+def test_a_quality_for_a_png_or_a_feather_without_a_mask_is_said_to_the_client(client):
+    """Both did nothing and were recorded in the image's settings without a word, while the CLI gave a note for each."""
+    body = {"prompt": "x", "num_inference_steps": 1, "width": 64, "height": 64, "response_format": "b64_json"}
+    said = post(client, "/v1/images", {**body, "quality": 5, "mask_feather": 64})
+    warnings = [
+        "quality applies to JPEG and WebP outputs; a PNG is lossless",
+        "mask_feather applies only to a masked edit (with a mask)",
+    ]
+    assert said.status_code == 200 and said.json()["data"][0]["warnings"] == warnings
+    assert said.headers["x-warning"] == "; ".join(warnings)
+    acted = post(client, "/v1/images", {**body, "quality": 5, "output_format": "webp"})
+    assert acted.status_code == 200 and "x-warning" not in acted.headers
+
+
 @pytest.mark.parametrize("body, field, message", [
     ({"mask": "black"}, "mask", "changes nothing"),
     ({"mask": "distorted"}, "mask", "aspect ratio"),
