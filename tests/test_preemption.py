@@ -7,6 +7,8 @@ import signal
 import pytest
 import torch
 
+from qwen_image_lora.config import ConfigError
+from qwen_image_lora.train import ranks
 from qwen_image_lora.train.preemption import StopSignal
 
 
@@ -40,3 +42,26 @@ def test_several_processes_stop_when_any_rank_got_a_signal(mine, others, stop_no
     assert stop.agreed(acc) is stop_now
     assert acc.reduced == 1  # every step, on every rank: none may wait alone in a collective
     assert stop.name == ("SIGTERM" if mine else "a signal on another rank")
+
+
+@pytest.mark.parametrize("rank, says", [("0", True), ("1", False)])
+def test_the_main_rank_alone_says_a_signal_came_and_every_rank_stops(rank, says, monkeypatch, capfd):
+    """Under a 2-process launch both ranks printed "received SIGINT: stopping after this optimizer step"."""
+    monkeypatch.setenv("RANK", rank)
+    stop = StopSignal()
+    stop._handle(signal.SIGINT, None)
+    assert stop.received == signal.SIGINT
+    assert ("received SIGINT: stopping after this optimizer step" in capfd.readouterr().err) is says
+
+
+@pytest.mark.parametrize("processes, refused", [(1, False), (2, True)])
+def test_processes_that_formed_no_group_are_refused_before_they_train(processes, refused, monkeypatch):
+    """A multi-GPU or FSDP launch on a machine without a GPU, without ACCELERATE_USE_CPU=1: each process trained
+    alone into the same folder, one lost its lock, and the user saw a SIGTERM and a torch traceback."""
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    if refused:
+        with pytest.raises(ConfigError, match="2 processes but they formed no process group .*ACCELERATE_USE_CPU=1"):
+            ranks.check_one_group(FakeAccelerator(1))
+    else:
+        ranks.check_one_group(FakeAccelerator(1))
+    ranks.check_one_group(FakeAccelerator(processes))  # a group of them: nothing to say

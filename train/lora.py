@@ -89,6 +89,7 @@ class LoRARecipe:
             log_with=log_with(cfg.tracking) or None,
             project_dir=str(self.out),
         )
+        ranks.check_one_group(acc)
         if cfg.model.attention == "flex" and acc.device.type != "cuda":
             raise ConfigError(
                 f"model.attention: flex trains on CUDA only (torch has no flex_attention backward on "

@@ -70,6 +70,16 @@ def launched_processes() -> int:
         return 1
 
 
+def check_one_group(acc) -> None:
+    """The launched processes formed one group: on a machine without a GPU, a multi-GPU or FSDP launch without
+    ACCELERATE_USE_CPU=1 started processes that each trained alone, into one output folder (one lost its lock)."""
+    if acc.num_processes == 1 and launched_processes() > 1:
+        raise ConfigError(
+            f"accelerate started {launched_processes()} processes but they formed no process group (no GPU here?); "
+            "on CPU, launch with ACCELERATE_USE_CPU=1 accelerate launch ... (gloo)"
+        )
+
+
 def is_sharded(module) -> bool:
     """True when FSDP2 holds `module`'s weights as shards: reading them whole, or running the module, then takes every
     rank (collectives)."""
