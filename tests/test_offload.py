@@ -274,5 +274,14 @@ def test_a_budget_missed_by_auto_checkpointing_names_offloading_among_the_ways_o
     """The 16 GB card's answer is offloaded blocks, which the hint left out when they were not `auto` already."""
     cfg = load_config(None, [f"model.pretrained={tiny_model_dir}", "train.gradient_checkpointing=auto",
                              "train.memory_budget_gb=0.5"])  # fmt: skip
-    with pytest.raises(ConfigError, match=r"names a recipe that fits \(offloaded blocks, an 8-bit optimizer, a "):
+    with pytest.raises(ConfigError, match=r"also tries offloaded blocks, an 8-bit optimizer and a quantized base"):
         memory_fit.apply(None, cfg, "cpu", references=0)  # refused before the transformer is touched
+
+
+def test_a_budget_nothing_fits_does_not_promise_that_plan_finds_a_recipe(tiny_model_dir):
+    """The hint said `plan` "names a recipe that fits" when every rung had been tried and `plan` found none."""
+    cfg = load_config(None, [f"model.pretrained={tiny_model_dir}", "train.gradient_checkpointing=auto",
+                             "train.offload_blocks=auto", "train.memory_budget_gb=0.05"])  # fmt: skip
+    with pytest.raises(ConfigError, match="names a recipe if one fits; if none does, lower data.resolution") as e:
+        memory_fit.apply(None, cfg, "cpu", references=0)
+    assert "offloaded blocks," not in str(e.value).split("; ", 1)[1]  # already tried: `auto`

@@ -315,7 +315,8 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1, ste
             f"{plan} --processes N` plans more FSDP2 processes" if fsdp
             else f"DDP keeps the whole model on each GPU: {plan}` names a one-process recipe that fits (offloaded "
             "blocks, an 8-bit optimizer, a quantized base), or shard it (configs/accelerate/fsdp.yaml)"
-            if num_processes > 1 else f"{plan}` names a recipe that fits ({more}an 8-bit optimizer, a quantized base)"
+            if num_processes > 1 else f"{plan}` also tries {more}an 8-bit optimizer and a quantized base, and names "
+            "a recipe if one fits; if none does, lower data.resolution or train.batch_size, or use a larger card"
         )  # fmt: skip
         raise ConfigError(
             f"train.memory_budget_gb: the planned step needs {recipe.plan.total / GiB:.2f} GiB even with "
