@@ -19,6 +19,8 @@ class Metrics:
         )
         self._images = Counter("qwen_lora_images", "Images generated.", registry=registry)
         self._seconds = Summary("qwen_lora_generation_seconds", "Time in the pipeline per image.", registry=registry)
+        # A layers job renders a background and each element: the longest jobs the worker runs, counted apart
+        self._layers = Summary("qwen_lora_layers_seconds", "Time per layers job (all its renders).", registry=registry)
         self._rejected = Counter(
             "qwen_lora_rejected", "Requests refused because the queue was full.", ["reason"], registry=registry
         )
@@ -40,6 +42,9 @@ class Metrics:
     def count_image(self, seconds: float) -> None:
         self._images.inc()
         self._seconds.observe(seconds)
+
+    def count_layers(self, seconds: float) -> None:
+        self._layers.observe(seconds)
 
     def count_rejected(self) -> None:
         self._rejected.labels(reason="queue_full").inc()

@@ -187,8 +187,10 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             settings = GenerationRequest.from_settings(body, "", images=[image], seed=seed, adapters=adapters,
                                                        mask_feather=body.mask_feather)  # fmt: skip
             try:
+                start = time.perf_counter()
                 with job_warnings() as warned:
                     made = generator.layers(settings, mask if mask is not None else "auto", body.prompt, elements)
+                metrics.count_layers(time.perf_counter() - start)
             except InputError as e:  # a mask or element box we refuse, named by its field
                 raise RequestError(422, str(e), _loc(e, body, default="image")) from None
             return layer_output.encode_layers(made, body.output_format), warned
@@ -207,7 +209,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
     async def healthz():
         return {
             "status": "ok",
-            "adapters": generator.adapters.names,
+            "adapters": len(generator.adapters.names),  # open, so no names: often a client's or a brand's
             "queue": worker.waiting,
             "max_queue": serve.max_queue,
         }

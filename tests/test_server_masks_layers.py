@@ -3,6 +3,7 @@
 import base64
 import io
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -138,8 +139,10 @@ def test_layers_endpoint_returns_a_psd_with_the_named_layers(client):
         "elements": [{"prompt": "a SALE badge", "x": 4, "y": 4, "width": 32, "height": 16}],
         "seed": 1,
     }
+    jobs_before = _layer_jobs(client)
     r = post(client, "/v1/layers", body)
     assert r.status_code == 200, r.text
+    assert _layer_jobs(client) == jobs_before + 1  # /metrics saw only /v1/images' renders
     assert r.headers["content-type"] == "image/vnd.adobe.photoshop" and r.headers["x-seed"] == "1"
     assert r.headers["content-disposition"] == 'attachment; filename="layers-1.psd"'
     psd = PSDImage.open(io.BytesIO(r.content))
@@ -148,6 +151,11 @@ def test_layers_endpoint_returns_a_psd_with_the_named_layers(client):
     assert zipped.status_code == 200 and zipped.content[:2] == b"PK"
     # said once, though the background and the element each rendered with it
     assert zipped.headers["x-warning"] == f"{GUIDANCE_UNUSED}; rendered without guidance"
+
+
+def _layer_jobs(client) -> float:
+    found = re.search(r"^qwen_lora_layers_seconds_count (\S+)$", client.get("/metrics").text, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_layers_has_the_same_auth_and_limits(client):
