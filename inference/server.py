@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_image_lora.config import Config
 from qwen_image_lora.console import counted
@@ -45,16 +46,14 @@ from qwen_image_lora.inference.requests import request_models
 from qwen_image_lora.inference.studio import studio_router
 from qwen_image_lora.inference.urls import URLRefused, fetch
 from qwen_image_lora.inference.worker import Stopping, Worker
-from qwen_image_lora.knobs import (
-    repeated_name,
-    unused_settings,
-)
+from qwen_image_lora.knobs import repeated_name, unused_settings
 from qwen_image_lora.serve_config import ServeConfig
 
 log = logging.getLogger("qwen_image_lora.server")
 MAX_CONCURRENT_DECODES = 2  # input images decoded at once (each briefly holds its full-size frame)
 CLIENT_GONE = 499  # nginx's code for "client closed request": counted in /metrics, never seen by the client
 STOPPING = "the service is stopping (Ctrl-C or SIGTERM); send the request again once it is back, or to another one"
+UNPARSED = "the body could not be read as JSON: send UTF-8 JSON, uncompressed (no Content-Encoding), not nested deeply"
 
 
 # --------------------------------------------------------------------------------------------- the app
@@ -104,6 +103,14 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         return JSONResponse(validation_error_body(exc.errors()), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        """Starlette's own refusals in the shape of every other (detail[].loc/msg): a body FastAPI could not parse
+        was a bare "There was an error parsing the body" naming no cause (nested too deep, not UTF-8, compressed)."""
+        said = UNPARSED if exc.detail == "There was an error parsing the body" else str(exc.detail)
+        loc = ("body",) if exc.status_code == 400 else ()
+        return JSONResponse(RequestError(exc.status_code, said, loc).body(), exc.status_code, exc.headers)
 
     image_responses = {
         200: {"description": "the image (bytes) or JSON with base64 (response_format=b64_json)",

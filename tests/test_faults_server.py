@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import gc
+import gzip
 import hashlib
 import io
 import json
@@ -248,6 +249,22 @@ def test_nan_and_infinity_in_json_give_422_naming_the_field(cfg, gen, raw, field
         r = c.post("/v1/images", content=body, headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"][:2] == ["body", field]
+
+
+@pytest.mark.parametrize("body, headers", [
+    (b'{"prompt": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}),  # nested past the parser's depth
+    ('{"prompt": "\xff\xfe"}'.encode("latin-1"), {}),  # not UTF-8
+    (gzip.compress(b'{"prompt": "a"}'), {"content-encoding": "gzip"}),
+])  # fmt: skip
+def test_a_body_fastapi_cannot_parse_is_refused_in_the_usual_shape_saying_why(cfg, gen, body, headers):
+    """It was a 400 `{"detail": "There was an error parsing the body"}`: another shape than every other refusal (the
+    studio reads detail[].msg), naming no cause and no next step."""
+    with TestClient(create_app(cfg, [KEY], generator=gen), raise_server_exceptions=False) as c:
+        r = c.post("/v1/images", content=body, headers={**AUTH, "content-type": "application/json", **headers})
+        missing = c.get("/v1/nothing-here", headers=AUTH)
+    assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["body"]
+    assert r.json()["detail"][0]["msg"].startswith("the body could not be read as JSON: send UTF-8 JSON, uncompressed")
+    assert missing.status_code == 404 and missing.json()["detail"][0]["msg"] == "Not Found"
 
 
 def test_every_5xx_is_counted_in_metrics(cfg, gen, monkeypatch):
