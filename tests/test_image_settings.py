@@ -220,7 +220,12 @@ def test_batch_outputs_and_an_api_response_carry_the_same_settings_block(gen, ti
     with TestClient(create_app(cfg, [KEY], generator=gen)) as client:
         r = client.post("/v1/images", json={k: v for k, v in lines[0].items() if k != "id"}, headers={"x-api-key": KEY})
         assert r.status_code == 200, r.text
-        assert read_settings(r.content) == batch_t2i  # the same block, byte for byte in meaning
+        # the same block, byte for byte in meaning, but for the model folder: its name alone (it was the server's
+        # absolute path, in every image and b64_json response a client got)
+        served_t2i = read_settings(r.content)
+        assert served_t2i == {**batch_t2i, "model": {**batch_t2i["model"], "pretrained": tiny_model_dir.name}}
+        assert batch_t2i["model"]["pretrained"] == str(tiny_model_dir)
+        assert str(tiny_model_dir).encode() not in r.content
         edit = {"prompt": "on marble", "seed": 5, "num_inference_steps": 1, "image": base64.b64encode(src.read_bytes()).decode(),
                 "output_format": "webp", "response_format": "b64_json"}  # fmt: skip
         r = client.post("/v1/images", json=edit, headers={"x-api-key": KEY})
@@ -228,7 +233,9 @@ def test_batch_outputs_and_an_api_response_carry_the_same_settings_block(gen, ti
     served = r.json()["data"][0]
     assert read_settings(base64.b64decode(served["b64_json"])) == served["settings"]
     # the API knows the input only by its bytes: the same sha256, no path
-    assert served["settings"] == {**batch_edit, "images": [{"sha256": sha256(src), "path": None}]}
+    assert served["settings"] == {**batch_edit, "images": [{"sha256": sha256(src), "path": None}],
+                                  "model": served_t2i["model"]}  # fmt: skip
+    assert str(tiny_model_dir.parent) not in r.text
 
 
 def test_a_recorded_quality_out_of_range_is_named_with_the_image(made, tmp_path, capsys):
