@@ -108,6 +108,14 @@ def request_models(serve: ServeConfig):
             "bytes", description="bytes: the image file; b64_json: JSON with the image, its seed, size and settings"
         )
 
+        @field_validator("image", mode="before")
+        @classmethod
+        def _image_count(cls, image):  # once, at `image`: pydantic named its union's branches, twice
+            if isinstance(image, list) and not 1 <= len(image) <= MAX_INPUT_IMAGES:
+                raise ValueError(f"give 1 to {MAX_INPUT_IMAGES} input images (got {len(image)}); omit image for "
+                                 "text-to-image")  # fmt: skip
+            return image
+
         @field_validator("mask")
         @classmethod
         def _no_auto_mask(cls, mask):

@@ -200,6 +200,17 @@ def test_two_credentials_are_refused_as_two_not_as_a_wrong_key(client):
     assert status == 401 and json.loads(body)["detail"][0]["msg"].startswith("send one credential: x-api-key or")
 
 
+@pytest.mark.parametrize("count", [0, 11])
+def test_an_image_list_of_the_wrong_length_is_one_error_at_image(client, count):
+    """`"image": []` was two errors per branch of pydantic's union, located at "constrained-str" and
+    "list[constrained-str]", which the studio showed as "bad file: Input should be a valid string bad file: ..."."""
+    r = client.post("/v1/images", json=edit(image=[b64_png()] * count), headers=AUTH)
+    assert r.status_code == 422 and r.json()["detail"] == [
+        {"loc": ["body", "image"], "msg": f"give 1 to 10 input images (got {count}); omit image for text-to-image",
+         "type": "value_error"}
+    ]  # fmt: skip
+
+
 def test_limits_answer_413_and_422_naming_the_field(client):
     assert (
         client.post("/v1/images", json=edit(image=b64_png(400, 400)), headers=AUTH).status_code == 413
