@@ -10,7 +10,9 @@ import { zip } from "./zip.js";
 const EXT = { png: "png", jpeg: "jpg", webp: "webp" };
 const FIELDS = ["prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "width", "height",
   "aspect_ratio", "output_format", "quality", "loras", "mask_feather"];
-const REFS = ["id", "image", "images", "mask", "output"]; // named files, URLs or the job's name: not sent as they are
+// Named files, URLs or the job's name (not sent as they are), and an API line's response_format (the page always
+// takes the image itself, as "bytes" gives it)
+const REFS = ["id", "image", "images", "mask", "output", "response_format"];
 const CSV_COLUMNS = ["image", "prompt", "seed", "id", "mask"];
 let jobs = [];
 let stopping = false;
