@@ -286,6 +286,10 @@ def test_intervals_drop_nans_and_need_two_values():
     assert none.n == 0 and math.isnan(none.mean) and math.isnan(none.low) and math.isnan(none.high)
     same = M.mean_ci([2.0, 2.0, np.inf, 2.0])  # no spread seen: no interval, where [2, 2] claimed the mean exact
     assert (same.mean, same.n, same.all_equal) == (2.0, 3, True) and math.isnan(same.low) and math.isnan(same.high)
+    # equal but for rounding (CER steps of 1/5: 0.4 - 0.2 is not 0.6 - 0.4 in binary): no interval of width 1e-16
+    rounded = M.paired_difference_ci([0.2, 0.4, 0.6] * 2, [0.4, 0.6, 0.8] * 2)
+    assert rounded.all_equal and math.isnan(rounded.low) and rounded.mean == pytest.approx(-0.2)
+    assert M.mean_ci([0.1] * 6).all_equal and not M.mean_ci([0.1, 0.1 + 1e-9]).all_equal
 
 
 @pytest.mark.parametrize("p, n", [(0.9, 6), (0.9, 8), (0.8, 6)])
