@@ -64,7 +64,7 @@ def evaluate(
     names = _adapter_names(adapters)
     # Find every input before loading the model, so a typo fails in seconds rather than after rendering.
     files = {name: resolve_file(path) for name, path in names.items()}
-    found = find_checkpoints(checkpoints_dir) if checkpoints_dir else []
+    found = find_checkpoints(checkpoints_dir, notes) if checkpoints_dir else []
     if checkpoints_dir:
         notes += check_run_config(cfg, checkpoints_dir)
     check_writable(Path(cfg.eval.output_dir) / "report.json")  # not after every image is rendered
@@ -247,16 +247,19 @@ _SPLIT_KEYS = ("data.path", "data.format", "data.split", "data.columns", "valida
 _LOSS_KEYS = ("model.pretrained", "data.resolution", "data.caption_template", "data.trigger_word", "validation.seed")
 
 
-def find_checkpoints(run_dir: str | Path) -> list[tuple[int, str, Path]]:
+def find_checkpoints(run_dir: str | Path, notes: list[str] | None = None) -> list[tuple[int, str, Path]]:
     """(step, name, adapter folder) of every complete checkpoint of a run, oldest first, then the run's final
-    adapter (named "final", or "final (EMA)" beside a last checkpoint of other weights) when training has written it."""
-    run_dir = Path(run_dir)
+    adapter (named "final", or "final (EMA)" beside a last checkpoint of other weights) when training has written it.
+    A checkpoint folder without its adapter is left out with a line in `notes`, as a damaged adapter is when scored."""
+    run_dir, notes = Path(run_dir), [] if notes is None else notes
     if not run_dir.is_dir():
         raise NotFound(f"--checkpoints: {run_dir} is not a folder", "--checkpoints")
     found = []
     for folder in layout.checkpoints(run_dir):
-        if not (folder / layout.ADAPTER).is_dir():
-            raise NotFound(f"--checkpoints: {folder} has no {layout.ADAPTER}/ folder", "--checkpoints")
+        if not (folder / layout.ADAPTER).is_dir():  # it stopped the whole eval, every other checkpoint unscored
+            logger.warning("%s is not scored: it has no %s/ folder", folder.name, layout.ADAPTER)
+            notes.append(f"{folder.name} is not scored: it has no {layout.ADAPTER}/ folder")
+            continue
         found.append((layout.checkpoint_step(folder), folder.name, folder / layout.ADAPTER))
     metadata = run_dir / layout.METADATA
     if (run_dir / layout.FINAL_ADAPTER).is_file() and metadata.is_file():

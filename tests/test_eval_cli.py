@@ -181,7 +181,10 @@ def test_checkpoint_discovery_and_adapter_names(tmp_path):
     for step in (100, 20):
         (tmp_path / "checkpoints" / f"step-{step:06d}" / "adapter").mkdir(parents=True)
     (tmp_path / "checkpoints" / ".step-000200.tmp").mkdir()  # an interrupted save is ignored
-    assert [(s, n) for s, n, _ in find_checkpoints(tmp_path)] == [(20, "step-000020"), (100, "step-000100")]
+    (tmp_path / "checkpoints" / "step-000007").mkdir()  # its adapter deleted: left out with a note, as when damaged
+    notes = []
+    assert [(s, n) for s, n, _ in find_checkpoints(tmp_path, notes)] == [(20, "step-000020"), (100, "step-000100")]
+    assert notes == ["step-000007 is not scored: it has no adapter/ folder"]
     (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")  # the run finished: its final adapter joins
     (tmp_path / "training_metadata.json").write_text('{"steps": 150}')
     assert find_checkpoints(tmp_path)[-1] == (150, "final", tmp_path)
