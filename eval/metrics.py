@@ -205,13 +205,16 @@ def alignment(source: Picture, edited: Picture, refine_steps: int = 3) -> dict[s
     Scale first (log-polar phase correlation, translation-invariant), then the shift after undoing it.
     The log-polar estimate is biased towards 1 by windowing, so it is repeated on the residual
     `refine_steps` times. Returns {"dx": px, "dy": px, "scale": ratio}: dx > 0 means the edited content sits
-    further right, scale > 1 means it is magnified; dx/dy are in source pixels after undoing the scale.
+    further right, scale > 1 means it is magnified; dx/dy are in source pixels after undoing the scale. NaN (not
+    scored) when either image is flat (one colour).
     """
     from skimage.filters import window  # noqa: PLC0415 - the eval extra
     from skimage.registration import phase_cross_correlation  # noqa: PLC0415 - the eval extra
 
     a, b = _grey(source), _grey(edited)
     _same_shape(a, b, "alignment")
+    if min(a.std(), b.std()) < 1e-3:  # a flat image has no peak to find: a black output read as moved 1 px, grey 66
+        return {"dx": math.nan, "dy": math.nan, "scale": math.nan}
     scale, residual = 1.0, b
     for _ in range(1 + refine_steps):
         scale *= _log_polar_scale(a, residual)

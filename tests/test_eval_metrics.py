@@ -140,6 +140,17 @@ def test_alignment_of_identical_images_is_identity(texture):
     assert M.alignment(_crop(texture), _crop(texture)) == {"dx": 0.0, "dy": 0.0, "scale": 1.0}
 
 
+@pytest.mark.parametrize("colour", [0, 128])
+def test_a_flat_output_has_no_alignment_rather_than_an_arbitrary_one(texture, colour):
+    """An all-black output scored a 1 px shift (better than most real edits), a grey one 66 px: phase correlation
+    of a flat image has no peak. Not scored (NaN), so the pair is left out of the edit shift."""
+    src = _crop(texture)
+    flat = np.full_like(src, colour)
+    for a in (M.alignment(src, flat), M.alignment(flat, src)):
+        assert all(math.isnan(v) for v in a.values())
+    assert not math.isnan(M.alignment(src, np.clip(src.astype(int) + 40, 0, 255).astype(np.uint8))["dx"])
+
+
 # ----------------------------------------------------------------------------------------- text
 
 
