@@ -324,6 +324,19 @@ def test_pairs_that_all_differ_alike_have_no_interval_and_the_sign_test_decides(
     assert json.loads(json_path.read_text())["metrics"]["psnr"]["delta"]["brand"]["low"] is None
 
 
+def test_a_metric_with_too_few_pairs_for_a_verdict_does_not_widen_the_others_intervals():
+    """Bonferroni counted every metric measured: an edit example at two seeds (never enough for a verdict) moved the
+    palette's interval from 95% to 97.5% and its verdict from better to no clear difference."""
+    samples = _paired({"palette_delta_e": [-1.0, -1.2, -0.9, -1.1, -1.0, -0.8, -1.3, -0.95]})
+    for sample in samples[:2]:
+        sample.metrics["base"]["psnr"], sample.metrics["brand"]["psnr"] = 30.0, 31.0
+    summary = summarise(samples, ["base", "brand"])
+    assert summary["palette_delta_e"]["delta"]["brand"]["confidence"] == pytest.approx(0.95)
+    for sample in samples[2:6]:  # six pairs of psnr: now it can decide, and both share the 5%
+        sample.metrics["base"]["psnr"], sample.metrics["brand"]["psnr"] = 30.0, 30.5
+    assert summarise(samples, ["base", "brand"])["palette_delta_e"]["delta"]["brand"]["confidence"] == 0.975
+
+
 def test_an_adapter_with_nothing_measured_still_gets_its_line(tmp_path):
     """The verdict listed only adapters with a metric, so with none its line (and 'not measured: ...') vanished."""
     image = Image.new("RGB", (8, 8))
