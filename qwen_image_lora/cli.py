@@ -134,7 +134,7 @@ class _CommandParser(argparse.ArgumentParser):
         super().error(message)
 
 
-def _refuse_unknown(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+def refuse_unknown(parser: argparse.ArgumentParser, extra: list[str]) -> None:
     """argparse's 'unrecognized arguments', from the command's own parser, with the nearest option it takes."""
     options = sorted(set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", parser.format_help())))
     unknown = next((a.split("=", 1)[0] for a in extra if a.startswith("--")), "")
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and not any(a.startswith("-") or "=" not in a for a in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:
-        _refuse_unknown(getattr(args, "command_parser", parser), extra)
+        refuse_unknown(getattr(args, "command_parser", parser), extra)
     try:
         if getattr(args, "prepare", None):  # a command's own first step (the base model an adapter trained on)
             args.prepare(args)

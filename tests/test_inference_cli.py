@@ -25,6 +25,7 @@ from qwen_image_lora.inference.cli import _model_source
 from qwen_image_lora.inference.jobs import read_jobs
 from qwen_image_lora.inference.testing import make_random_lora
 from qwen_image_lora.knobs import DEFAULT_BACKGROUND_PROMPT, parse_lora_arg
+from qwen_image_lora.train import early
 from tests.launch import accelerate_launch
 
 TINY = ["--dtype", "float32", "data.resolution=64"]  # one name for the pixel budget, as in training
@@ -853,6 +854,17 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(argv, 
         main(argv)
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.startswith(usage) and err.splitlines()[-1] == line
+
+
+def test_the_trainer_names_the_nearest_option_too(capsys):
+    """`train/lora.py --resmue latest` was refused without the suggestion every `qwen-lora` command gives."""
+    with pytest.raises(SystemExit) as exited:
+        early.parse(early.build_parser("the trainer"), ["--config", "c.yaml", "--resmue", "latest"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("usage: train/lora.py ")
+    assert err.splitlines()[-1] == "train/lora.py: error: unrecognized arguments: --resmue; did you mean --resume?"
+    args = early.parse(early.build_parser("the trainer"), ["train.max_steps=3", "--config", "c.yaml", "lora.rank=4"])
+    assert (args.config, args.overrides) == ("c.yaml", ["train.max_steps=3", "lora.rank=4"])
 
 
 def test_batch_refuses_a_base_seed_out_of_range_before_the_model_loads(tmp_path, capsys, unloadable_model):

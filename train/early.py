@@ -11,6 +11,7 @@ import sys
 import urllib.parse
 
 from qwen_image_lora import hub
+from qwen_image_lora.cli import refuse_unknown
 from qwen_image_lora.config import Config, ConfigError, load_config
 from qwen_image_lora.data.cache_dir import check_cache_dir
 from qwen_image_lora.data.sources import Item, check_edit_files, load_items
@@ -37,6 +38,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("overrides", nargs="*", default=[], help="section.key=value, e.g. train.max_steps=10")
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The command line; an unknown option is refused naming the nearest one, as `qwen-lora` commands do."""
+    args, extra = parser.parse_known_intermixed_args(argv)
+    if extra:
+        refuse_unknown(parser, extra)
+    return args
 
 
 def is_main_rank() -> bool:
@@ -105,7 +114,7 @@ def refuse_early(argv: list[str], description: str) -> None:
     """Exit with the error's status and its one line (said by the main rank) when the config does not load, what it
     points at cannot work (`check_sources`) or a new run's output_dir holds another run; argparse's own exit for a bad
     command line or --help. Anything else is left to `main`."""
-    args = build_parser(description).parse_intermixed_args(argv)  # a bad command line or --help: said and out, now
+    args = parse(build_parser(description), argv)  # a bad command line or --help: said and out, now
     try:
         cfg = load_config(args.config, args.overrides)
         check_sources(cfg)

@@ -395,7 +395,7 @@ class LoRARecipe:
 
 def main(argv: list[str] | None = None) -> int:
     parser = early.build_parser(__doc__)
-    args = parser.parse_intermixed_args(argv)
+    args = early.parse(parser, argv)
     sys.stdout, sys.stderr = SurvivingStream(sys.stdout), SurvivingStream(sys.stderr)  # a signal still checkpoints
     if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # imported: Ctrl-C raises again (a cache flushes on it)
         signal.signal(signal.SIGINT, signal.default_int_handler)
