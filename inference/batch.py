@@ -142,7 +142,7 @@ def run_batch(
     result = BatchResult()
     bar = progress_bar(
         len(mine),
-        desc=f"batch {process_index + 1}/{num_processes}",
+        desc="batch" if num_processes == 1 else f"batch, process {process_index + 1}/{num_processes}",
         unit="img",
         enabled=progress,
         position=process_index,
