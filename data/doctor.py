@@ -31,6 +31,7 @@ The image maths lives in `similarity.py`, the report and its formats in `report.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import re
@@ -202,6 +203,21 @@ def check_item(item: Item, cfg: Config, tokenizer, report: Report, infos: dict[s
     return target[0], target[1], sources
 
 
+def _near_caption_file(image: Path) -> str | None:
+    """A .txt beside `image` meant as its caption but not read: a name that differs in case (`bottle.txt` for
+    `Bottle.png`, an export from a case-blind disk) or keeps the image's extension (`mug.png.txt`)."""
+    wanted = image.with_suffix(".txt").name
+    names = _txt_names(image.parent, image.parent.stat().st_mtime_ns)  # a rename since changes the folder's mtime
+    near = names.get(wanted.lower()) or names.get(f"{image.name}.txt".lower())
+    return near if near != wanted else None
+
+
+@functools.lru_cache(maxsize=64)
+def _txt_names(folder: Path, mtime_ns: int) -> dict[str, str]:
+    """The .txt files of `folder` by lower-case name: listed once, not once per image without a caption."""
+    return {p.name.lower(): p.name for p in folder.glob("*.txt")}
+
+
 def _check_captions(item: Item, cfg: Config, tokenizer, report: Report) -> None:
     d = cfg.data
     what = "instruction" if item.sources else "caption"
@@ -210,6 +226,8 @@ def _check_captions(item: Item, cfg: Config, tokenizer, report: Report) -> None:
             hint = f"{item.caption_file.name} holds only blank lines: write the caption in it"
         elif item.sources:
             hint = "add an 'instruction'"
+        elif near := _near_caption_file(item.target):
+            hint = f"{near} beside it is not its caption file: rename it {item.target.with_suffix('.txt').name}"
         else:
             hint = f"add a {item.target.with_suffix('.txt').name} (or 'caption' in the manifest)"
         report.add("error", f"missing-{what}", item.id, f"no {what}; {hint}")
