@@ -374,8 +374,9 @@ def _tokenizer(pipe):
 
 
 def build_training_data(
-    cfg: Config, pipe, cache: TensorCache | None = None, num_replicas: int = 1, rank: int = 0
+    cfg: Config, pipe, cache: TensorCache | None = None, num_replicas: int = 1, rank: int = 0, training: bool = True
 ) -> TrainingData:
+    """`training=False` (eval's held-out loss): the training batches' buckets, batch size and cache go unsaid."""
     found = load_items(cfg.data)
     items, skipped = screen_items(found, cfg, _tokenizer(pipe))
     entries, unplanned = plan_entries(items, cfg)
@@ -406,14 +407,16 @@ def build_training_data(
     for i in train_ids:
         layouts.setdefault(entries[i].layout, []).append(i)
     largest = max(len(group) for group in layouts.values())
-    if cfg.train.batch_size > largest:  # a batch is one bucket's items: it cannot be larger than the bucket
+    if training and cfg.train.batch_size > largest:  # a batch is one bucket's items: no larger than the bucket
         logger.warning("train.batch_size=%d, but the largest bucket holds %d items: no batch is larger than that "
                        "(each batch is one bucket's; more data of one size, or a smaller batch_size)",
                        cfg.train.batch_size, largest)  # fmt: skip
-    logger.info("buckets (%d items):\n%s", len(train_ids), histogram([entries[i].target.bucket for i in train_ids]))
+    if training:
+        logger.info("buckets (%d items):\n%s", len(train_ids), histogram([entries[i].target.bucket for i in train_ids]))
     if cache is None and cfg.data.cache_dir and (Path(cfg.data.cache_dir) / "shards").is_dir():
         # A prepared cache: read it, and add what is missing (new captions, new items) as this rank's shards.
-        logger.info("data cache: %s", cfg.data.cache_dir)
+        if training:
+            logger.info("data cache: %s", cfg.data.cache_dir)
         cache = Cache(
             cfg.data.cache_dir,
             model_identity(cfg.model),
@@ -422,7 +425,7 @@ def build_training_data(
             items_per_shard=cfg.data.shard_size,
             optional=True,
         )
-    if rank == 0 and (note := old_run_cache_note(cfg.output_dir, cfg.data.cache_dir)):
+    if training and rank == 0 and (note := old_run_cache_note(cfg.output_dir, cfg.data.cache_dir)):
         logger.info(note)
     encoder = SampleEncoder(pipe, model_identity(cfg.model), cache)
     sampler = BucketBatchSampler(list(layouts.values()), cfg.train.batch_size, cfg.train.seed, num_replicas, rank)

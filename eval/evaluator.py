@@ -330,7 +330,7 @@ def score_checkpoints(
     `heldout_loss`, so the table lines up with the training curves. A checkpoint that cannot be loaded (damaged,
     NaN) is left out with a line in `notes`.
     """
-    batches = build_training_data(cfg, generator.pipe).held_out_batches()
+    batches = build_training_data(cfg, generator.pipe, training=False).held_out_batches()
     if not batches:
         raise InputError(
             "validation.held_out_fraction: no held-out items to score checkpoints on; set it to the "

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import load_config, save_config
+from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.eval.cli import _report_in_the_evaluated_run
 from qwen_image_lora.eval.evaluator import _adapter_names, check_run_config, evaluate, find_checkpoints
 
@@ -173,6 +174,16 @@ def test_checkpoints_are_scored_on_the_runs_held_out_split(config_path, adapters
     assert check_run_config(load_config(config_path), run) == [
         "Held-out losses differ from the run's logged heldout_loss: validation.seed is 0 here but 5 in the run."
     ]
+
+
+def test_the_held_out_loss_data_says_what_it_holds_out_and_not_the_training_batches(config_path, tiny_pipe, caplog):
+    """eval printed the training set's bucket histogram and data-cache line, as if it trained on them."""
+    cfg = load_config(config_path)
+    for training, said in [(False, False), (True, True)]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="qwen_image_lora"):
+            held_out = build_training_data(cfg, tiny_pipe, training=training).held_out
+        assert held_out and "held out" in caplog.text and ("buckets (" in caplog.text) is said
 
 
 def test_checkpoint_discovery_and_adapter_names(tmp_path):
