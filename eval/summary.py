@@ -21,8 +21,9 @@ BASE = "base"
 class MetricInfo:
     label: str
     higher_is_better: bool
-    unit: str = ""
+    unit: str = ""  # after the number ("+1.13 dB"); a symbol such as ΔE goes before it (`symbol`)
     short: str = ""  # its name in the verdict line
+    symbol: bool = False
     # The values it can take: a variant's interval is cut to them (a t-interval of a distance read [-33.7, 114] px).
     bounds: tuple[float, float] = (0.0, math.inf)
 
@@ -31,7 +32,7 @@ class MetricInfo:
 METRICS: dict[str, MetricInfo] = {
     "clip_score": MetricInfo("CLIPScore", True, short="CLIPScore", bounds=(0, 100)),
     "reference_similarity": MetricInfo("Reference similarity", True, short="reference similarity", bounds=(-1, 1)),
-    "palette_delta_e": MetricInfo("CIEDE2000 palette distance", False, "ΔE", short="palette distance"),
+    "palette_delta_e": MetricInfo("CIEDE2000 palette distance", False, "ΔE", short="palette distance", symbol=True),
     "text_cer": MetricInfo("Text CER", False, short="text CER", bounds=(0, 1)),
     "text_word_accuracy": MetricInfo("Text word accuracy", True, short="text word accuracy", bounds=(0, 1)),
     "ssim": MetricInfo("Preservation SSIM", True, short="edit preservation SSIM", bounds=(-1, 1)),
@@ -170,10 +171,12 @@ def verdicts(summary: dict, adapters: list[str], not_measured: dict[str, str] | 
             for m, d in metrics.items():
                 if d["verdict"] == word:
                     info = METRICS[m]
-                    unit = f"{info.unit} " if info.unit else ""
+                    before, after = (f"{info.unit} ", "") if info.symbol else ("", f" {info.unit}" if info.unit else "")
                     sign = "+" if d["mean"] > 0 else ""
-                    spread = f"in all {d['n']} pairs" if d["all_equal"] else f"CI {fmt(d['low'])}..{fmt(d['high'])}"
-                    parts.append(f"{word} {info.short} ({unit}{sign}{fmt(d['mean'])}, {spread})")
+                    spread = (f"in all {d['n']} pairs" if d["all_equal"]
+                              else f"CI {fmt(d['low'])}..{fmt(d['high'])}{after}")  # fmt: skip
+                    # "+1.13 dB, CI 0.927..1.34 dB" (it read "dB +1.13"); a symbol reads before: "ΔE -2.29"
+                    parts.append(f"{word} {info.short} ({before}{sign}{fmt(d['mean'])}{after}, {spread})")
         unclear = [METRICS[m].short for m, d in metrics.items() if d["verdict"] == UNCLEAR]
         if unclear:
             parts.append(f"{UNCLEAR} in {', '.join(unclear)}")

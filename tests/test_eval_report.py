@@ -260,14 +260,14 @@ def test_verdict_line_gives_each_difference_its_sign_and_both_ends_of_its_interv
         "shift_px": "no clear difference",  # a zero-width interval at 0 is not "worse"
     }
 
-    def part(word: str, name: str, unit: str, metric: str) -> str:
+    def part(word: str, name: str, metric: str, symbol: str = "", unit: str = "") -> str:
         mean, low, high = _t_interval(deltas[metric], metrics=len(deltas))
-        return f"{word} {name} ({unit}{mean:+.3g}, CI {low:.3g}..{high:.3g})"
+        return f"{word} {name} ({symbol}{mean:+.3g}{unit}, CI {low:.3g}..{high:.3g}{unit})"
 
     assert brand["line"] == "brand: " + "; ".join([
-        part("better", "palette distance", "ΔE ", "palette_delta_e"),
-        part("better", "edit preservation SSIM", "", "ssim"),
-        part("worse", "edit preservation PSNR", "dB ", "psnr"),
+        part("better", "palette distance", "palette_delta_e", symbol="ΔE "),
+        part("better", "edit preservation SSIM", "ssim"),
+        part("worse", "edit preservation PSNR", "psnr", unit=" dB"),  # it read "(dB -2.08, CI -2.49..-1.67)"
         "no clear difference in text CER, edit shift",
         "not measured: CLIPScore (eval.clip_model is not set), text accuracy (no quoted text in the prompts)",
     ])  # fmt: skip
@@ -315,7 +315,9 @@ def test_pairs_that_all_differ_alike_have_no_interval_and_the_sign_test_decides(
     few = verdicts(summarise(_paired({"psnr": [-2.0] * 5}), ["base", "brand"]), ["brand"])["brand"]
     assert few["line"].startswith("brand: too few samples for edit preservation PSNR (n=5)")  # p = 1/16 anyway
     six = verdicts(summarise(_paired({"psnr": [-2.0] * 6}), ["base", "brand"]), ["brand"])["brand"]
-    assert six["line"] == "brand: worse edit preservation PSNR (dB -2, in all 6 pairs)"
+    assert six["line"] == "brand: worse edit preservation PSNR (-2 dB, in all 6 pairs)"  # it read "dB -2"
+    spread = verdicts(summarise(_paired({"shift_px": [-1.0, -2, -1, -2, -1, -2]}), ["base", "brand"]), ["brand"])
+    assert spread["brand"]["line"] == "brand: better edit shift (-1.5 px, CI -2.07..-0.925 px)"
     # With a second metric each is judged at 97.5%: six pairs one way (p = 1/32) no longer decide.
     two = verdicts(summarise(_paired({"psnr": [-2.0] * 6, "ssim": [0.1] * 6}), ["base", "brand"]), ["brand"])
     assert two["brand"]["line"] == "brand: no clear difference in edit preservation SSIM, edit preservation PSNR"
