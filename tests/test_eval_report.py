@@ -330,12 +330,13 @@ def test_a_metric_with_too_few_pairs_for_a_verdict_does_not_widen_the_others_int
     """Bonferroni counted every metric measured: an edit example at two seeds (never enough for a verdict) moved the
     palette's interval from 95% to 97.5% and its verdict from better to no clear difference."""
     samples = _paired({"palette_delta_e": [-1.0, -1.2, -0.9, -1.1, -1.0, -0.8, -1.3, -0.95]})
-    for sample in samples[:2]:
-        sample.metrics["base"]["psnr"], sample.metrics["brand"]["psnr"] = 30.0, 31.0
+    for i, sample in enumerate(samples):  # the base scored on all 8, the adapter on 2: two pairs
+        sample.metrics["base"]["psnr"], sample.metrics["brand"]["psnr"] = 30.0, 31.0 if i < 2 else math.nan
     summary = summarise(samples, ["base", "brand"])
     assert summary["palette_delta_e"]["delta"]["brand"]["confidence"] == pytest.approx(0.95)
+    assert summary["psnr"]["delta"]["brand"]["n"] == 2
     for sample in samples[2:6]:  # six pairs of psnr: now it can decide, and both share the 5%
-        sample.metrics["base"]["psnr"], sample.metrics["brand"]["psnr"] = 30.0, 30.5
+        sample.metrics["brand"]["psnr"] = 30.5
     assert summarise(samples, ["base", "brand"])["palette_delta_e"]["delta"]["brand"]["confidence"] == 0.975
 
 
