@@ -384,16 +384,23 @@ def _closed_by_server(conn: socket.socket, within: float) -> bool:
         return False
 
 
-def test_slow_or_endless_headers_are_cut_off_and_connections_over_the_cap_closed(cfg, gen, monkeypatch):
-    """Connections that never finished their headers stayed open for good: 20,000 ran the service out of file
-    descriptors (every client timed out) and asyncio logged a traceback per refused accept."""
-    monkeypatch.setattr(service, "HEADER_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(service, "MAX_CONNECTIONS", 3)
+@contextlib.contextmanager
+def _served(cfg, gen):
+    """The service on a free local port, in a thread, until the block ends: yields the port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     local = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, host="127.0.0.1", port=port))
     with running(service.make_server(local, [KEY], generator=gen)):
+        yield port
+
+
+def test_slow_or_endless_headers_are_cut_off_and_connections_over_the_cap_closed(cfg, gen, monkeypatch):
+    """Connections that never finished their headers stayed open for good: 20,000 ran the service out of file
+    descriptors (every client timed out) and asyncio logged a traceback per refused accept."""
+    monkeypatch.setattr(service, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(service, "MAX_CONNECTIONS", 3)
+    with _served(cfg, gen) as port:
         slow = socket.create_connection(("127.0.0.1", port))
         slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
         assert _closed_by_server(slow, within=5)
@@ -422,11 +429,7 @@ def test_a_body_that_stops_or_trickles_is_answered_408_and_its_connection_closed
     path too: the header deadline had passed, and the guard waited on the body forever. Every client was locked out."""
     monkeypatch.setattr(guards, "BODY_IDLE_S", 0.5)
     monkeypatch.setattr(guards, "BODY_TOTAL_S", 1.5)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    local = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, host="127.0.0.1", port=port))
-    with running(service.make_server(local, [KEY], generator=gen)):
+    with _served(cfg, gen) as port:
         stalled = socket.create_connection(("127.0.0.1", port))
         stalled.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\nx")
         stalled.settimeout(5)
