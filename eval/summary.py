@@ -116,7 +116,8 @@ def summarise(samples: list[Sample], variants: list[str]) -> dict:
     measured = [name for name in METRICS if any(math.isfinite(x) for xs in series[name].values() for x in xs)]
     # Only the metrics that can reach a verdict (MIN_PAIRS pairs for some adapter) share the 5%: one edit example at
     # two seeds (too few to judge) moved the palette's verdict from better to no clear difference.
-    decidable = [name for name in measured if any(_pairs(series[name], v) >= MIN_PAIRS for v in variants if v != BASE)]
+    adapters = [v for v in variants if v != BASE] if BASE in variants else []
+    decidable = [name for name in measured if any(_pairs(series[name], v) >= MIN_PAIRS for v in adapters)]
     confidence = 1 - FAMILY_ERROR / max(1, len(decidable))
     out = {}
     for name in measured:
@@ -133,9 +134,7 @@ def summarise(samples: list[Sample], variants: list[str]) -> dict:
 
 def _pairs(series: dict[str, list[float]], adapter: str) -> int:
     """How many items have a finite value for both `adapter` and the base model."""
-    return sum(
-        math.isfinite(a) and math.isfinite(b) for a, b in zip(series[adapter], series.get(BASE, []), strict=False)
-    )
+    return sum(math.isfinite(a) and math.isfinite(b) for a, b in zip(series[adapter], series[BASE], strict=True))
 
 
 def compare(metric: str, delta: dict) -> str:
