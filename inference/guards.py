@@ -204,8 +204,11 @@ class GuardMiddleware:
         if scope["path"] not in OPEN_PATHS:
             keys = presented_keys(headers)
             if len(keys) != 1 or not self.check_key(keys[0]):
-                said = "missing or wrong x-api-key (or Authorization: Bearer)" if len(keys) < 2 else \
-                    "send one credential: x-api-key or Authorization: Bearer, not both (nor one twice)"  # fmt: skip
+                said = (
+                    "send one credential: x-api-key or Authorization: Bearer, not both (nor one twice)"
+                    if len(keys) > 1
+                    else "missing or wrong x-api-key (or Authorization: Bearer)"
+                )
                 await send_json(send, 401, RequestError(401, said, ("header", "x-api-key")).body(),
                                 {"WWW-Authenticate": "ApiKey"})  # fmt: skip
                 return None
