@@ -338,6 +338,8 @@ def test_a_metric_with_too_few_pairs_for_a_verdict_does_not_widen_the_others_int
     for sample in samples[2:6]:  # six pairs of psnr: now it can decide, and both share the 5%
         sample.metrics["brand"]["psnr"] = 30.5
     assert summarise(samples, ["base", "brand"])["palette_delta_e"]["delta"]["brand"]["confidence"] == 0.975
+    alone = summarise(samples, ["brand"])  # no base model: each variant's interval, no deltas to count pairs for
+    assert alone["palette_delta_e"]["delta"] == {} and alone["palette_delta_e"]["variants"]["brand"]["n"] == 8
 
 
 def test_an_adapter_with_nothing_measured_still_gets_its_line(tmp_path):
