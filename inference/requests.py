@@ -155,3 +155,38 @@ def request_models(serve: ServeConfig):
         )
 
     return ImageRequest, LayersRequest
+
+
+_LIMITS = ("maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum", "multipleOf")
+
+
+def exact_limits(app, *models) -> None:
+    """/openapi.json with the request models' limits as pydantic states them: FastAPI's OpenAPI model types every
+    limit as a float, so `seed`'s 2**63 - 1 read 9.223372036854776e+18 (2**63, which the service refuses: a client
+    generated from the schema sent it) and a width's 2048 and 32 read 2048.0 and 32.0."""
+    built = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            components = built().get("components", {}).get("schemas", {})
+            for model in models:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, exact in {model.__name__: schema, **schema.get("$defs", {})}.items():
+                    if name in components:
+                        _restore_limits(components[name], exact)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _restore_limits(served, exact) -> None:
+    """Walk both schemas alike; where pydantic's gives a whole-number limit, the served one takes it."""
+    if isinstance(served, dict) and isinstance(exact, dict):
+        for key, value in exact.items():
+            if key in _LIMITS and isinstance(value, int) and key in served:
+                served[key] = value
+            elif key in served:
+                _restore_limits(served[key], value)
+    elif isinstance(served, list) and isinstance(exact, list):
+        for a, b in zip(served, exact, strict=False):
+            _restore_limits(a, b)

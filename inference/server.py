@@ -42,7 +42,7 @@ from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference.generator import GenerationRequest, Generator, InputRecord, bytes_record
 from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body
 from qwen_image_lora.inference.metrics import Metrics
-from qwen_image_lora.inference.requests import request_models
+from qwen_image_lora.inference.requests import exact_limits, request_models
 from qwen_image_lora.inference.studio import studio_router
 from qwen_image_lora.inference.urls import URLRefused, fetch
 from qwen_image_lora.inference.worker import Stopping, Worker
@@ -94,6 +94,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
                   redoc_url=None)  # fmt: skip
     app.add_middleware(GuardMiddleware, max_body_bytes=int(serve.max_body_mb * 2**20), metrics=metrics,
                        check_key=KeyCheck(api_keys))  # fmt: skip
+    exact_limits(app, ImageRequest, LayersRequest)
     app.state.worker, app.state.metrics, app.state.generator, app.state.decodes = worker, metrics, generator, gate
 
     @app.exception_handler(RequestError)

@@ -550,6 +550,14 @@ def test_health_metrics_and_openapi(client):
     assert undescribed == []
     feather = [schemas[m]["properties"]["mask_feather"] for m in ("ImageRequest", "LayersRequest")]
     assert feather[0] == feather[1] and (feather[0]["default"], feather[0]["maximum"]) == (8, 64)
+    # Whole-number limits stay whole: the seed's read 9.223372036854776e+18, i.e. 2**63, which the service refuses.
+    raw = client.get("/openapi.json").text
+    assert '"maximum":9223372036854775807' in raw.replace(" ", "") and "9.223372036854776e+18" not in raw
+    width = schemas["ImageRequest"]["properties"]["width"]["anyOf"][0]
+    assert [type(width[k]) for k in ("minimum", "maximum", "multipleOf")] == [int, int, int]
+    assert type(schemas["ElementRef"]["properties"]["x"]["minimum"]) is int
+    guidance = schemas["ImageRequest"]["properties"]["guidance_scale"]["anyOf"][0]
+    assert type(guidance["maximum"]) is float  # a float field keeps its float limits
 
 
 def test_api_keys_come_from_the_env_var_or_the_file(tmp_path):
