@@ -56,10 +56,10 @@ class StopSignal:
             raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
         if self.received is None:
             self.received = signum
-            # os.write, not print: a handler may interrupt a print already in progress on stderr. Its reader may be
-            # gone with the same Ctrl-C (`| tee`): the checkpoint is what matters then.
             if os.environ.get("RANK", "0") != "0":  # every rank gets the launcher's signal; the main one says it
                 return
+            # os.write, not print: a handler may interrupt a print already in progress on stderr. Its reader may be
+            # gone with the same Ctrl-C (`| tee`): the checkpoint is what matters then.
             with contextlib.suppress(BrokenPipeError):
                 os.write(
                     2,
