@@ -322,7 +322,8 @@ class Generator:
         pipeline's steps when none were given, guidance 1.0 without a negative prompt, a text-to-image's size as
         sampled; an edit's size fields as given, since its size follows its inputs), the model, the adapters (with
         their files' sha256; their source relative to `folder`, the output's, or none without one: the API's
-        adapters are the server's files, and a local model folder is named alone) and the inputs (`inputs`, `mask`: `file_record`s or `bytes_record`s)."""
+        adapters are the server's files, and a local model folder is named alone) and the inputs (`inputs`, `mask`:
+        `file_record`s or `bytes_record`s)."""
         sampling = {f.name: getattr(request, f.name) for f in dataclasses.fields(SamplingConfig)}
         if not request.images:
             (sampling["width"], sampling["height"]), sampling["aspect_ratio"] = self._size(request), None
@@ -336,8 +337,10 @@ class Generator:
             loras.append(AdapterRecord(name, weight, adapter.sha256, path))
         dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
         pretrained = self.model.pretrained
-        if Path(pretrained).expanduser().exists():  # the API's images reach clients: a folder's name, not the server's
-            local = Path(os.path.abspath(Path(pretrained).expanduser()))  # paths (as its adapters go by sha256)
+        if Path(pretrained).expanduser().exists():
+            # The API's images reach clients: a local folder by its name, not the server's path (its adapters go by
+            # sha256 alone); the CLI's and batch's keep the path `--from` replays.
+            local = Path(os.path.abspath(Path(pretrained).expanduser()))
             pretrained = str(local) if folder is not None else local.name
         model = ModelRecord(pretrained, self.model.revision, dtype)
         made = ImageSettings(**sampling, prompt=request.prompt, model=model, resolution=self.resolution, loras=loras,

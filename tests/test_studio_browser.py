@@ -287,7 +287,8 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     Image.new("L", (64, 48), 255).save(tmp_path / "m.png")
     lines = [{"id": "mug", "prompt": "a mug", "images": ["in/a.png"], "seed": 3, "loras": {"brand": 0.5}},
              {"id": "typo", "prompt": "a mug", "images": ["in/a.png"], "guidance": 5},
-             {"id": "masked", "prompt": "a mug", "images": ["in/a.png"], "mask": "m.png", "mask_feather": 2}]  # fmt: skip
+             {"id": "masked", "prompt": "a mug", "images": ["in/a.png"], "mask": "m.png",
+              "mask_feather": 2}]  # fmt: skip
     (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
     css("#batch-files").clear()
     css("#batch-files").send_keys(f"{tmp_path / 'jobs.jsonl'}\n{tmp_path / 'a.png'}\n{tmp_path / 'm.png'}")
