@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwen_image_lora.config import ConfigError
-from qwen_image_lora.train import ranks
+from qwen_image_lora.train import early, ranks
 from qwen_image_lora.train.preemption import StopSignal
 
 
@@ -65,3 +65,14 @@ def test_processes_that_formed_no_group_are_refused_before_they_train(processes,
     else:
         ranks.check_one_group(FakeAccelerator(1))
     ranks.check_one_group(FakeAccelerator(processes))  # a group of them: nothing to say
+
+
+@pytest.mark.parametrize("rank, status, waits", [("1", 2, True), ("0", 2, False), ("1", 0, False)])
+def test_another_rank_ending_on_an_error_waits_for_the_main_one_to_say_why(rank, status, waits, monkeypatch):
+    """Under a 2-process launch rank 1 left first on a config error, the launcher stopped rank 0 with SIGTERM, and
+    the one `error:` line (the main rank's) was never written (a clean CI run)."""
+    monkeypatch.setenv("RANK", rank)
+    slept = []
+    monkeypatch.setattr(early.time, "sleep", slept.append)
+    assert early.after_main_spoke(status) == status
+    assert slept == ([early.MAIN_SPEAKS_S] if waits else [])

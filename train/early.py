@@ -8,6 +8,7 @@ import argparse
 import netrc
 import os
 import sys
+import time
 import urllib.parse
 
 from qwen_image_lora import hub
@@ -18,6 +19,8 @@ from qwen_image_lora.data.sources import Item, check_edit_files, load_items
 from qwen_image_lora.errors import UserError
 from qwen_image_lora.knobs import GUIDANCE_UNUSED
 from qwen_image_lora.train.run_folder import RunFolder
+
+MAIN_SPEAKS_S = 3.0  # how long a rank other than the main one waits, on an error, before it exits
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -46,6 +49,14 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     if extra:
         refuse_unknown(parser, extra)
     return args
+
+
+def after_main_spoke(status: int) -> int:
+    """`status`, once the main rank has had time to say why: another rank ending on an error waits a moment, since
+    the launcher stops every rank as soon as one exits and the main rank's one line was lost (a clean CI run)."""
+    if status and not is_main_rank():
+        time.sleep(MAIN_SPEAKS_S)
+    return status
 
 
 def is_main_rank() -> bool:
@@ -123,4 +134,4 @@ def refuse_early(argv: list[str], description: str) -> None:
     except UserError as e:
         if is_main_rank():
             sys.stderr.write(e.line().replace("\n", " ") + "\n")
-        raise SystemExit(e.exit_code) from None
+        raise SystemExit(after_main_spoke(e.exit_code)) from None

@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if main_rank:
             print(e.line(), file=sys.stderr)
-        return e.exit_code
+        return early.after_main_spoke(e.exit_code)
     recipe = LoRARecipe(cfg, resume=args.resume, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     try:
         try:
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         # One write, newline included: ranks of a multi-process run share the pipe, and print's two writes interleave.
         sys.stderr.write(message.replace("\n", " ") + "\n")
         sys.stderr.flush()
-    return status
+    return early.after_main_spoke(status)
 
 
 if __name__ == "__main__":
