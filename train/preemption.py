@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from qwen_image_lora.errors import UserError
+from qwen_image_lora.train import early
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class StopSignal:
             raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
         if self.received is None:
             self.received = signum
-            if os.environ.get("RANK", "0") != "0":  # every rank gets the launcher's signal; the main one says it
+            if not early.is_main_rank():  # every rank gets the launcher's signal; the main one says it
                 return
             # os.write, not print: a handler may interrupt a print already in progress on stderr. Its reader may be
             # gone with the same Ctrl-C (`| tee`): the checkpoint is what matters then.
