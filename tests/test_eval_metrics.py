@@ -301,6 +301,9 @@ def test_intervals_drop_nans_and_need_two_values():
     rounded = M.paired_difference_ci([0.2, 0.4, 0.6] * 2, [0.4, 0.6, 0.8] * 2)
     assert rounded.all_equal and math.isnan(rounded.low) and rounded.mean == pytest.approx(-0.2)
     assert M.mean_ci([0.1] * 6).all_equal and not M.mean_ci([0.1, 0.1 + 1e-9]).all_equal
+    # the tolerance is relative to the values, and 1e-12 of them (of 1 below 1): rounding, not a measured spread
+    assert M.mean_ci([1e4, 1e4 + 1e-9]).all_equal and not M.mean_ci([1e4, 1e4 + 1e-6]).all_equal
+    assert not M.mean_ci([0.5, 0.5 + 1.5e-12]).all_equal
 
 
 @pytest.mark.parametrize("p, n", [(0.9, 6), (0.9, 8), (0.8, 6)])
