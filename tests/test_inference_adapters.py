@@ -111,10 +111,14 @@ def test_an_adapter_at_weight_0_is_the_base_model_dora_included(gen, tmp_path):
         assert not np.array_equal(render(gen, {"dora": 1.0}), base)
         assert np.array_equal(render(gen, {"dora": 0.0}), base)
         gen.adapters.load(tmp_path, name="dora-2")  # fused at 0 beside another, it changes nothing either
-        gen.adapters.fuse({"dora": 0.0, "dora-2": 1.0})
-        fused = render(gen, None)
-        gen.adapters.unfuse()
-        assert np.array_equal(fused, render(gen, {"dora-2": 1.0}))
+        fused = {}
+        for weights in ({"dora": 0.0, "dora-2": 1.0}, {"dora-2": 1.0}):
+            gen.adapters.fuse(weights)
+            fused[len(weights)] = render(gen, None)
+            gen.adapters.unfuse()
+        # Fused against fused: a fused DoRA row and the unfused forward differ by rounding, which can flip a pixel.
+        assert np.array_equal(fused[2], fused[1])
+        assert np.abs(fused[1] - render(gen, {"dora-2": 1.0})).mean() < 0.01  # a wrong adapter moves it > 0.5
     finally:
         gen.adapters.unload()
 
