@@ -4,6 +4,11 @@ guard that keeps every test off the network."""
 
 from __future__ import annotations
 
+# First: the package's filters for library noise must be in place before torch, diffusers and peft load (under
+# pytest-xdist a worker's import-time lines reach the console).
+import qwen_image_lora  # noqa: F401
+
+# isort: split
 import errno
 import ipaddress
 import os
