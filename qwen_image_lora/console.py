@@ -41,6 +41,10 @@ _MISSING_KEYS = "Loading adapter weights from state_dict led to missing keys in 
 # show: its own bookkeeping, not the user's.
 _MATPLOTLIB_FONTS_LOGGER = "matplotlib.font_manager"
 _NEW_FONT_MANAGER = "generated new fontManager"
+# torch's compiler, once per compiled graph: it leaves the complex multiply of diffusers' rotary embedding to eager
+# kernels ("Performance may be worse than eager"). A fact about the model's code, not a choice the user can change;
+# `compile` is still faster (scripts/bench_speed.py).
+_INDUCTOR_COMPLEX = "Torchinductor does not support code generation for complex operators"
 # Weights smaller than this load in well under a second: a progress bar for them is noise.
 # wandb.init's settings wherever a run starts: wandb still says where the run is (its URL, or its offline folder and
 # `wandb sync`) and its warnings, but not the run-history charts and summary it draws at the end (~20 lines).
@@ -106,6 +110,7 @@ def install_message_filters() -> None:
     if not any(isinstance(f, _DropTorchaoEnumNotice) for f in pytree.filters):
         pytree.addFilter(_DropTorchaoEnumNotice())
     warnings.filterwarnings("ignore", message=_PEFT_SECOND_ADAPTER, category=UserWarning, module="peft")
+    warnings.filterwarnings("ignore", message=_INDUCTOR_COMPLEX, category=UserWarning, module=r"torch\._inductor")
     # bitsandbytes' own report of the same missing CPU kernel (4-bit layers, model.quantize: nf4, run on CUDA only).
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 

@@ -52,8 +52,13 @@ def configure_transformer(
             ) from e
     if compile:
         import torch._dynamo  # noqa: PLC0415 - diffusers and transformers take seconds to import: validate, plan and the CLI's checks run without them
+        import torch._functorch.config  # noqa: PLC0415 - as torch._dynamo above
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        # torch 2.14.1: a dynamic-shape graph saved the text segment's value slice for backward, and its compiled
+        # backward took that slice's stride as fixed at the length it compiled for; the third distinct prompt
+        # length failed an inductor stride assert mid-run. Saving the base and replaying the slice avoids it.
+        torch._functorch.config.recompute_views = True
         if compile == "blocks":
             transformer.compile_repeated_blocks()
         else:  # the forward, not the module: hooks stay outside the graph (and the state dict keeps its names)

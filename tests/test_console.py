@@ -34,7 +34,8 @@ NOISE = (
 
 # Every noise source above, in one process: build a model, load it, two adapters (one's name inside the other's), a
 # generation with a guidance
-# scale but no negative prompt, the active adapter dropped while another remains, and bitsandbytes' kernel lookup.
+# scale but no negative prompt, the active adapter dropped while another remains, bitsandbytes' kernel lookup, and
+# inductor's note on a compiled graph's complex operators (said as inductor says it: compiling takes ~20 s).
 SCRIPT = """
 import logging, sys
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
@@ -60,6 +61,11 @@ gen.adapters.set({"a": 1.0})
 gen.generate(GenerationRequest(prompt="a bottle", guidance_scale=4.0, num_inference_steps=1, width=64, height=64))
 gen.adapters.unload("a")
 gen.pipe.processor.tokenizer("a " * 40000)  # past the tokenizer's context: the doctor names such a caption itself
+import warnings
+warnings.warn_explicit("Torchinductor does not support code generation for complex operators. Performance may be "
+                       "worse than eager.", UserWarning, "lowering.py", 1, module="torch._inductor.lowering")
+warnings.warn_explicit("inductor: a real problem still shows", UserWarning, "lowering.py", 2,
+                       module="torch._inductor.lowering")
 print("done", gen.adapters.active)
 """
 
@@ -81,7 +87,9 @@ def test_a_session_of_the_python_api_prints_no_library_noise(tmp_path, make_adap
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "done {}"
-    assert [n for n in NOISE if n in done.stderr] == [], done.stderr[-3000:]
+    real = "UserWarning: inductor: a real problem still shows"  # filtered by exact text, not the whole module
+    assert real in done.stderr
+    assert [n for n in NOISE if n in done.stderr.replace(real, "")] == [], done.stderr[-3000:]
     assert "kernels: a real problem still shows" in done.stderr  # filtered by exact text, not the whole logger
     assert "torch.float16 for integer quantization" in done.stderr
 
