@@ -29,6 +29,11 @@ SIZE_FIELDS = ("aspect_ratio", "width", "height")
 # Limits of the per-request values outside `SamplingConfig`, one home for every edge: CLI flags, batch lines, the
 # server's request models and `serve.adapters` check against them.
 MAX_ADAPTER_WEIGHT = 4.0  # |weight| of one adapter; beyond it a LoRA only adds noise
+# The flow-matching schedule has 1,000 training timesteps: more steps revisit them (and 10^20 was a numpy traceback
+# after the model loaded). A guidance scale far past the useful ~1-10 overflows to NaN: a black, transparent image
+# that was written and counted as a success.
+MAX_STEPS = 1000
+MAX_GUIDANCE_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -237,8 +242,10 @@ class SamplingConfig:
     aspect_ratio: str | None = knob(
         None, "a preset size for the pixel budget (or width/height)", ("width", "height"), choices=tuple(ASPECT_RATIOS)
     )
-    num_inference_steps: int | None = knob(None, "denoising steps; default: the pipeline's own", ge=1)
-    guidance_scale: float | None = knob(None, "true_cfg_scale: acts only with a negative prompt and > 1", ge=0.0)
+    num_inference_steps: int | None = knob(None, "denoising steps; default: the pipeline's own", ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = knob(
+        None, "true_cfg_scale: acts only with a negative prompt and > 1", ge=0.0, le=MAX_GUIDANCE_SCALE
+    )
     seed: int = knob(0, "the noise seed: the same seed and settings give the same image", ge=0, le=MAX_SEED)
 
     def guidance_unused(self) -> bool:

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_image_lora.errors import InputError, NotFound
-from qwen_image_lora.knobs import SettingError, check_adapter_name, check_adapter_weight, repeated_name
+from qwen_image_lora.knobs import (
+    MAX_GUIDANCE_SCALE,
+    MAX_STEPS,
+    SettingError,
+    check_adapter_name,
+    check_adapter_weight,
+    repeated_name,
+)
 from qwen_image_lora.presets import MAX_SIDE, SIDE_MULTIPLE
 from qwen_image_lora.typed_yaml import ConfigError, path_field, require
 
@@ -60,11 +67,16 @@ class ServeConfig:
 
     def validate(self, where: str) -> None:
         require(where, self, lambda v: 0 <= v <= 65535, "in 0..65535", "port")
-        require(where, self, lambda v: v >= 1, ">= 1 (0 refuses every request)", "max_queue", "max_steps")
+        require(where, self, lambda v: v >= 1, ">= 1 (0 refuses every request)", "max_queue")
+        require(where, self, lambda v: 1 <= v <= MAX_STEPS, f"in 1..{MAX_STEPS} (every edge's limit)", "max_steps")
+        require(
+            where, self, lambda v: 0 < v <= MAX_GUIDANCE_SCALE, f"> 0 and <= {MAX_GUIDANCE_SCALE:g} (every edge's limit)",
+            "max_guidance_scale",
+        )  # fmt: skip
         require(where, self, lambda v: SIDE_MULTIPLE <= v <= MAX_SIDE, f"in {SIDE_MULTIPLE}..{MAX_SIDE}", "max_side")
         if twice := repeated_name(a.name for a in self.adapters if a.name):
             raise ConfigError(f"{where}.adapters: the name {twice[1]!r} is given twice; each adapter needs its own")
-        require(where, self, lambda v: v > 0, "> 0", "max_body_mb", "url_timeout_s", "max_url_mb", "max_guidance_scale")
+        require(where, self, lambda v: v > 0, "> 0", "max_body_mb", "url_timeout_s", "max_url_mb")
 
 
 def load_api_keys(serve: ServeConfig, environ) -> list[str]:

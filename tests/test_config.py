@@ -131,7 +131,9 @@ def test_bad_values_name_the_field(tmp_path, text, message):
         ),
         ("data.repeats=5", r"data.repeats: one data set has nothing to balance against"),  # was accepted, unread
         ("serve.max_queue=0", r"serve.max_queue: must be >= 1 \(0 refuses every request\) \(got 0\)"),
-        ("serve.max_steps=0", r"serve.max_steps: must be >= 1"),
+        ("serve.max_steps=0", r"serve.max_steps: must be in 1\.\.1000"),
+        ("serve.max_steps=5000", r"serve.max_steps: must be in 1\.\.1000 \(every edge's limit\) \(got 5000\)"),
+        ("serve.max_guidance_scale=1000", r"serve.max_guidance_scale: must be > 0 and <= 100"),
         ("serve.max_side=-1", r"serve.max_side: must be in 32\.\.4096 \(got -1\)"),
         ("serve.max_side=8192", r"serve.max_side: must be in 32\.\.4096 \(got 8192\)"),
         ("validation.width=100032", r"validation.width: must be a positive multiple of 32 up to 4096 \(got 100032\)"),

@@ -184,7 +184,7 @@ def test_a_bad_config_or_adapter_path_is_refused_before_torch_imports(argv, name
     # a missing input file, and layers' output format, took 8-13 s (after the imports)
     (["edit", "--prompt", "x", "--image", "nope.png"], "--image nope.png: does not exist"),
     (["generate", "--from", "nope.png"], "--from nope.png: does not exist"),
-    (["generate", "--prompt", "x", "--steps", "0"], "error: --steps: must be >= 1 (got 0)"),  # was --num-inference-steps
+    (["generate", "--prompt", "x", "--steps", "0"], "error: --steps: must be >= 1 and <= 1000 (got 0)"),  # was --num-inference-steps
     (["layers", "--image", "in.png", "--mask", "auto"], "a.png: use .psd, .ora or .zip"),
 ])  # fmt: skip
 def test_a_bad_generation_flag_is_refused_before_torch_imports(tiny_model_dir, tmp_path, flags, named):

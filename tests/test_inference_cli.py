@@ -80,7 +80,12 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, unloadable_model, c
             ["generate", "--prompt", "x", "--width", "100"],
             "--width: must be a positive multiple of 32 up to 4096 (got 100)",
         ),
-        (["generate", "--prompt", "x", "--steps", "0"], "--steps: must be >= 1 (got 0)"),
+        (["generate", "--prompt", "x", "--steps", "0"], "--steps: must be >= 1 and <= 1000 (got 0)"),
+        (  # was a numpy traceback from the scheduler, after the model loaded
+            ["generate", "--prompt", "x", "--steps", "99999999999999999999"],
+            "--steps: must be >= 1 and <= 1000 (got 99999999999999999999)",
+        ),
+        (["generate", "--prompt", "x", "--guidance-scale", "1e300"], "--guidance-scale: must be >= 0.0 and <= 100.0"),
         (["generate", "--prompt", "x", "--guidance-scale", "nan"], "--guidance-scale: must be a finite"),
         # Was a math range error traceback from the scheduler (and NaN sigmas from ~12000 px).
         (
@@ -243,7 +248,7 @@ def test_layers_checks_its_settings_before_the_model_loads_and_takes_no_size(tmp
     base = ["layers", "--model", str(unloadable_model), "--image", str(tmp_path / "in.png"), "--mask", "auto",
             "--output", str(tmp_path / "o.psd")]  # fmt: skip
     assert main([*base, "--steps", "0"]) == 2
-    assert "error: --steps: must be >= 1 (got 0)" in capsys.readouterr().err  # not the missing model
+    assert "error: --steps: must be >= 1 and <= 1000 (got 0)" in capsys.readouterr().err  # not the missing model
     with pytest.raises(SystemExit):
         main([*base, "--width", "64"])
     assert "unrecognized arguments: --width" in capsys.readouterr().err

@@ -43,6 +43,9 @@ def test_validation_and_batch_requests_carry_the_settings_unchanged(tmp_path):
     ("eval", "aspect_ratio='5:4'", "eval.aspect_ratio: one of 1:1"),
     ("validation", "num_inference_steps=0", "validation.num_inference_steps: must be >= 1"),
     ("validation", "guidance_scale=-1", "validation.guidance_scale: must be >= 0.0"),  # was taken (HTTP refused it)
+    # 10^20 steps was a numpy traceback after the model loaded; guidance 1e300 a black image counted as written
+    ("validation", "num_inference_steps=100000000000000000000", "validation.num_inference_steps: must be >= 1 and <= 1000"),
+    ("eval", "guidance_scale=1e300", r"eval.guidance_scale: must be >= 0.0 and <= 100.0 \(got 1e\+300\)"),
     ("eval", "seed=-1", "eval.seed: must be >= 0 and <= 9223372036854775807"),
 ])  # fmt: skip
 def test_one_set_of_checks_for_every_section(where, bad, message):
