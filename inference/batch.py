@@ -170,7 +170,8 @@ def run_batch(
                         result.skipped.append(job.id)
                         bar.skip()  # not in the rate: a rerun's finished jobs made its ETA far too short
                         continue
-                    if out.exists() and not ours_to_replace(out):
+                    # Its manifest line says this batch wrote it: damaged since, it is rendered again.
+                    if out.exists() and not ours_to_replace(out) and (job.id not in recorded or _is_complete(out)):
                         raise _kept(out)
                     if job.id in recorded and recorded[job.id].get("settings") not in (None, settings):
                         why = "its settings changed since it was rendered"

@@ -237,14 +237,14 @@ def _layers(args) -> int:
     _check_sources(args)
     checks.check_input_files(args)
     from qwen_image_lora.inference.generator import GenerationRequest
-    from qwen_image_lora.inference.layers import Element, check_flattened_free, check_request, save_layers
+    from qwen_image_lora.inference.layers import Element, check_outputs_free, check_request, save_layers
 
     elements = [checks.as_option(Element.parse, e) for e in args.element]  # bad input fails before the model loads
     flat = str(Path(args.output).with_suffix(".png"))  # the flattened image written beside it
     for path in (args.output, flat):
         check_writable(path)
     checks.check_not_an_input("--output", [args.output, flat], args)
-    checks.as_option(check_flattened_free, args.output)  # a user's own <name>.png, before the model loads
+    checks.as_option(check_outputs_free, args.output)  # a user's own PSD or <name>.png, before the model loads
     image = checks.input_image("--image", args.image)
     mask = args.mask if args.mask == "auto" else checks.input_image("--mask", args.mask, colours=False)
     checks.as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads

@@ -191,28 +191,30 @@ def _with(request, **changes):
 FLATTENED_KEY = "qwen-image-lora-flattened"
 
 
-def check_flattened_free(path: str | Path) -> None:
-    """Refuse an output whose flattened image (`<stem>.png`, written beside it) would replace a file `layers` did not
-    write: a user's own PNG of that name was overwritten without a word."""
-    flat = Path(path).with_suffix(".png")
-    if not flat.exists():
-        return
+def check_outputs_free(path: str | Path) -> None:
+    """Refuse an output that would replace a file `layers` did not write: the layered file itself (a designer's
+    retouched PSD of that name was overwritten without a word) or its flattened image (`<stem>.png`, written beside
+    it). A layered file is ours when the flattened image beside it names it; an empty one is a write cut short."""
+    path, flat = Path(path), Path(path).with_suffix(".png")
     try:
-        ours = read_png_text(flat, FLATTENED_KEY) is not None
+        marked = read_png_text(flat, FLATTENED_KEY) if flat.exists() else None
     except ImageInputError:
-        ours = False
-    if not ours:
+        marked = None
+    if flat.exists() and marked is None:
         raise LayersError(f"output: {flat} exists and is not a flattened image of layers (which writes <name>.png "
                           "beside the layered file); move it or choose another output name", "output")  # fmt: skip
+    if path.exists() and (not path.is_file() or path.stat().st_size) and marked != path.name:
+        raise LayersError(f"output: {path} exists and was not written by layers (no flattened {flat.name} beside it "
+                          "names it), so it is kept; move it or choose another output name", "output")  # fmt: skip
 
 
 def save_layers(layers: Layers, path: str | Path) -> list[Path]:
     """Write `path` (.psd, .ora or .zip) and the flattened image beside it (`<stem>.png`, marked as such); both
-    atomic. A `<stem>.png` that is not a flattened image of layers is refused (`check_flattened_free`)."""
+    atomic. Files there that layers did not write are refused (`check_outputs_free`)."""
     path = Path(path)
     if path.suffix.lower() not in LAYER_FORMATS:
         raise LayersError(f"output: {path.name}: use .psd, .ora or .zip", "output")
-    check_flattened_free(path)
+    check_outputs_free(path)
     data = encode_layers(layers, path.suffix.lower().lstrip("."))
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from qwen_image_lora.errors import InputError
-from qwen_image_lora.images import INPUT_FORMATS, MAX_DECODED_PIXELS, SRGB_PROFILE, opened
+from qwen_image_lora.images import INPUT_FORMATS, MAX_DECODED_PIXELS, SRGB_PROFILE, ImageInputError, opened
 from qwen_image_lora.io import atomic_path
 from qwen_image_lora.knobs import QUALITY
 
@@ -135,12 +135,20 @@ def read_settings(source: bytes | str | Path) -> dict | None:
 
 
 def ours_to_replace(path: str | Path) -> bool:
-    """Whether an existing file at an output path may be written over: an image carrying settings of ours, or no
-    image we can read (empty, or a write cut short). A whole image without them is kept: a user's own file, or one of
-    ours retouched and exported since (`batch` rendered over such deliverables, `generate` over any file)."""
+    """Whether an existing file at an output path may be written over: an image carrying settings of ours (damaged
+    ones too), or an empty file. Anything else is kept: a user's own image, one of ours retouched and exported since
+    (`batch` rendered over such deliverables, `generate` over any file), and a file we cannot read, such as an
+    artboard past our pixel limit or a TIFF named .png (both were replaced unread)."""
+    path = Path(path)
+    if not path.is_file():  # a folder of that name
+        return False
+    if path.stat().st_size == 0:
+        return True
     try:
         return read_settings(path) is not None
-    except InputError:  # no such image, or settings of ours that are damaged
+    except ImageInputError:
+        return False
+    except InputError:  # settings of ours that are damaged
         return True
 
 

@@ -186,6 +186,17 @@ def test_an_output_over_a_users_own_image_is_refused_before_the_model_loads_and_
         "since), so it is kept; write to another file name, or delete it first"
     )
     assert master.read_bytes() == theirs
+    # Files we cannot read were replaced unread: an artboard past the pixel limit, a TIFF named .png.
+    Image.new("1", (8200, 8200)).save(big := tmp_path / "artboard.png")
+    Image.new("RGB", (64, 64)).save(tiff := tmp_path / "tiff.png", format="TIFF")
+    for path in (big, tiff):
+        before = path.read_bytes()
+        assert main([*argv[:-1], str(path), "--model", str(unloadable_model)]) == 2
+        assert f"error: --output {path} carries no settings of qwen-lora" in capsys.readouterr().err
+        assert path.read_bytes() == before
+    (tmp_path / "empty.png").touch()  # a write cut short: replaced (the model is what fails here)
+    assert main([*argv[:-1], str(tmp_path / "empty.png"), "--model", str(unloadable_model)]) == 2
+    assert "model" in capsys.readouterr().err
     ours = tmp_path / "ours.png"
     for seed in ("1", "2"):  # our own render, rendered again to the same name
         assert main(["generate", "--prompt", "a mug", "--steps", "1", "--seed", seed, "--output", str(ours),

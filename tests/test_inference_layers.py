@@ -358,6 +358,28 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
     assert (tmp_path / "mine.png").read_bytes() == kept
 
 
+def test_a_layered_file_layers_did_not_write_is_kept(tmp_path, capsys, unloadable_model):
+    """A designer's retouched PSD (or a ZIP of theirs) at --output was overwritten without a word: only the flattened
+    <name>.png beside it was checked. Refused before the model loads; an empty file (a write cut short) is not."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    with zipfile.ZipFile(tmp_path / "sku.zip", "w") as z:
+        z.writestr("contract.txt", "theirs")
+    (tmp_path / "sku.psd").write_bytes(b"8BPS" + bytes(40))
+    for out in ("sku.psd", "sku.zip"):
+        kept = (tmp_path / out).read_bytes()
+        argv = ["layers", "--model", str(unloadable_model), "--image", str(tmp_path / "in.png"), "--mask", "auto",
+                "--output", str(tmp_path / out)]  # fmt: skip
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: --output: {tmp_path / out} exists and was not written by layers (no flattened sku.png beside it "
+            "names it), so it is kept; move it or choose another output name"
+        )
+        assert (tmp_path / out).read_bytes() == kept
+    (tmp_path / "empty.ora").touch()
+    assert main([*argv[:-1], str(tmp_path / "empty.ora")]) == 2  # got past the check: the model is what fails
+    assert "model" in capsys.readouterr().err
+
+
 def test_an_element_outside_the_limits_is_refused_naming_the_limit_and_the_option(tmp_path, capsys, unloadable_model):
     """`badge@0,0,0,10` was refused with 'write it as PROMPT@x,y,w,h', the format it is written in; the HTTP API
     names the limit (x, y >= 0; width, height >= 1)."""
