@@ -279,6 +279,23 @@ class Generator:
         check_input_aspects(request.images, self.resolution)
         return self._mask(request)
 
+    def check_limits(self, request: GenerationRequest, max_side: int, max_steps: int, where: str) -> None:
+        """Refuse a request whose render would pass `max_side` or `max_steps` (a deployment's limits, named by
+        `where`), though every field it gave is within them: one side given sets the other from the image's aspect, an
+        aspect preset or no size sets both from the pixel budget, and omitted steps are the pipeline's."""
+        steps = request.num_inference_steps or self.default_steps
+        if steps > max_steps:
+            raise SettingError("num_inference_steps", f"omitted, it is the pipeline's {steps}, above {where}.max_steps "
+                                                      f"({max_steps}); give num_inference_steps <= {max_steps}")  # fmt: skip
+        width, height = self._size(request)
+        if max(width, height) <= max_side:
+            return
+        given = [name for name in ("aspect_ratio", "width", "height") if getattr(request, name) is not None]
+        how = f"{getattr(request, given[0])} gives" if given else "with no size given, the pixel budget gives"
+        raise SettingError(given[0] if given else "width", f"{how} {width}x{height}, past {where}.max_side "
+                                                           f"({max_side}); give width and height <= {max_side}",
+                           ("width", "height"))  # fmt: skip
+
     @torch.no_grad()
     def generate(self, request: GenerationRequest) -> Image.Image:
         mask = self.check(request)

@@ -166,7 +166,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
                                                        mask_feather=body.mask_feather)  # fmt: skip
             with job_warnings() as warned:
                 made = _generate(generator, settings, format_for(body.output_format), body.quality, metrics, body,
-                                 decoded)  # fmt: skip
+                                 decoded, serve)  # fmt: skip
             unused = unused_settings(body.model_fields_set, body.output_format == "png", body.mask is not None)
             return *made, warned + [f"{name} {why}" for name, why in unused.items()]
 
@@ -195,6 +195,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
             settings = GenerationRequest.from_settings(body, "", images=[image], seed=seed, adapters=adapters,
                                                        mask_feather=body.mask_feather)  # fmt: skip
             try:
+                generator.check_limits(settings, serve.max_side, serve.max_steps, "this service's serve")
                 start = time.perf_counter()
                 with job_warnings() as warned:
                     made = generator.layers(settings, mask if mask is not None else "auto", body.prompt, elements)
@@ -287,12 +288,13 @@ def _loc(error: InputError, body, default: str | None = None) -> tuple:
 
 
 def _generate(generator: Generator, request: GenerationRequest, fmt: str, quality: int, metrics: Metrics, body,
-              decoded: "Decoded"):  # fmt: skip
+              decoded: "Decoded", serve: ServeConfig):  # fmt: skip
     """The job, on the worker thread: (size, encoded bytes, the settings block written into them; its inputs named by
     sha256 alone). It empties `request.images` when it ends, so the decoded inputs are freed then, whoever still holds
     the request."""
     try:
         try:  # `generate` checks the request first (the tokenizer is used on the worker thread only)
+            generator.check_limits(request, serve.max_side, serve.max_steps, "this service's serve")
             start = time.perf_counter()
             image = generator.generate(request)
             metrics.count_image(time.perf_counter() - start)

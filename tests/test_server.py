@@ -211,6 +211,27 @@ def test_an_image_list_of_the_wrong_length_is_one_error_at_image(client, count):
     ]  # fmt: skip
 
 
+def test_the_limits_bound_what_is_rendered_not_only_the_fields_given(client):
+    """One side of an edit set the other from the image's aspect past serve.max_side (256x1024 under 256), and an
+    omitted step count rendered the pipeline's 40 under serve.max_steps 4: the deployment's bounds were not bounds."""
+    r = client.post("/v1/images", json=edit(image=b64_png(32, 128), width=256), headers=AUTH)
+    assert r.status_code == 422 and r.json()["detail"] == [
+        {
+            "loc": ["body", "width"],
+            "type": "value_error",
+            "msg": "width: 256 gives 256x1024, past this service's serve.max_side (256); give width and height <= 256",
+        }
+    ]
+    for path, body in (("/v1/images", edit()), ("/v1/layers", {"image": b64_png(), "mask": "auto", "seed": 1})):
+        body.pop("num_inference_steps", None)
+        r = client.post(path, json=body, headers=AUTH)
+        assert r.status_code == 422 and r.json()["detail"][0] | {"type": None} == {
+            "loc": ["body", "num_inference_steps"], "type": None,
+            "msg": "num_inference_steps: omitted, it is the pipeline's 40, above this service's serve.max_steps (4); give "
+                   "num_inference_steps <= 4"}  # fmt: skip
+    assert client.post("/v1/images", json=edit(image=b64_png(32, 128), width=64), headers=AUTH).status_code == 200
+
+
 def test_limits_answer_413_and_422_naming_the_field(client):
     assert (
         client.post("/v1/images", json=edit(image=b64_png(400, 400)), headers=AUTH).status_code == 413
