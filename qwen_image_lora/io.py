@@ -265,6 +265,10 @@ def iter_jsonl(
             problem = f"{where}: not valid JSON ({e.msg})"
         except _DuplicateKey as e:
             problem = f"{where}: {e.args[0]!r} given twice; JSON keeps only the last, so keep one"
+        except ValueError:  # Python's int() past 4,300 digits
+            problem = f"{where}: a number of more than 4,300 digits; no field takes one"
+        except RecursionError:
+            problem = f"{where}: nested too deeply to read; no field is nested past a few levels"
         if problem is None:
             yield where, row
         elif bad is None:

@@ -94,6 +94,10 @@ def load_yaml(text: str, where: str, dotted: str = ""):
         raise ConfigError(f"{where}: not valid YAML: {e}") from e
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    except ValueError:  # Python's int() past 4,300 digits: a traceback from the YAML constructor
+        raise ConfigError(f"{where}: a number of more than 4,300 digits; no setting takes one") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to read; no setting is nested past a few levels") from None
     finally:
         loader.dispose()
 

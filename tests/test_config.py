@@ -453,6 +453,16 @@ def test_cli_validate_says_what_the_trainer_would_of_the_output_dir_the_schedule
     assert f"1 name a missing file, e.g. m.jsonl:1 ({tmp_path / 'gone.png'} does not exist)" in capsys.readouterr().out
 
 
+def test_yaml_python_cannot_read_is_one_line_naming_where(tmp_path):
+    """A 5,000-digit override and a file nested 100,000 deep were tracebacks from PyYAML's constructor."""
+    with pytest.raises(ConfigError, match=r"^on the command line, validation.seed=9+: a number of more than 4,300 "):
+        load_config(None, ["validation.seed=" + "9" * 5000])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(deep))}: nested too deeply to read"):
+        load_config(deep)
+
+
 def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
     """Was PyYAML's several lines, squashed into one with its caret drawing ('in "<unicode string>", line 2...')."""
     bad = tmp_path / "bad.yaml"

@@ -136,6 +136,17 @@ def test_a_jsonl_key_given_twice_is_refused_naming_the_line(tmp_path):
         next(rows)
 
 
+def test_a_jsonl_line_python_cannot_read_is_refused_naming_it(tmp_path):
+    """A 5,000-digit number and a line nested 100,000 deep were tracebacks from json.loads (int() past 4,300 digits,
+    RecursionError) where every other bad line is one error naming it."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"seed": ' + "9" * 5000 + "}\n" + '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    bad = []
+    assert list(iter_jsonl(jobs, bad=bad)) == []
+    assert bad == [f"{jobs}:1: a number of more than 4,300 digits; no field takes one",
+                   f"{jobs}:2: nested too deeply to read; no field is nested past a few levels"]  # fmt: skip
+
+
 def test_the_sample_builders_keep_their_own_output_and_never_touch_a_users_folder(tmp_path, capsys):
     """Was: make-tiny-model swapped out a non-empty folder (its files gone), make-sample-data overwrote an edited
     caption, and a --seed that could not be used was ignored without a word."""
