@@ -288,6 +288,13 @@ def check_run_config(cfg: Config, run_dir: str | Path) -> list[str]:
     if not saved_path.is_file():
         return [f"{saved_path} not found: could not check that the checkpoints are scored on the run's held-out split."]
     saved, current = yaml.safe_load(saved_path.read_text()) or {}, to_dict(cfg)
+    if not _get(saved, "validation.held_out_fraction"):  # "set it to the run's fraction" then hit the split check
+        raise InputError(
+            f"--checkpoints {run_dir}: the run held out no items (validation.held_out_fraction: 0 in {saved_path}), "
+            "so its checkpoints have no held-out loss to rank them by; drop --checkpoints (--adapter still compares "
+            "an adapter with the base model), or train with validation.held_out_fraction > 0",
+            "--checkpoints",
+        )
     differ = {
         k: (_get(saved, k), _get(current, k)) for k in (*_SPLIT_KEYS, *_LOSS_KEYS) if _get(saved, k) != _get(current, k)
     }

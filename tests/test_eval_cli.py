@@ -169,6 +169,15 @@ def test_checkpoints_are_scored_on_the_runs_held_out_split(config_path, adapters
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "validation.held_out_fraction is 0.3 here but 0.1 in the run" in err and str(run / "config.yaml") in err
+    # A run that held out nothing: said before the model loads, with the fix (it was said after every render, and
+    # its advice, "set it to the fraction the run held out", was then refused by the split check).
+    save_config(load_config(config_path, ["validation.held_out_fraction=0"]), run / "config.yaml")
+    assert main([*argv, "validation.held_out_fraction=0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --checkpoints {run}: the run held out no items (validation.held_out_fraction: 0 in "
+        f"{run / 'config.yaml'}), so its checkpoints have no held-out loss to rank them by; drop --checkpoints "
+        "(--adapter still compares an adapter with the base model), or train with validation.held_out_fraction > 0"
+    )
     # A setting that changes the loss but not the split is a note in the report, not an error.
     save_config(load_config(config_path, ["validation.seed=5"]), run / "config.yaml")
     assert check_run_config(load_config(config_path), run) == [
