@@ -34,7 +34,7 @@ from qwen_image_lora.eval_config import EditExample
 from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.io import check_writable
-from qwen_image_lora.knobs import GUIDANCE_UNUSED, adapter_name_for
+from qwen_image_lora.knobs import adapter_name_for
 from qwen_image_lora.objective import heldout_loss
 from qwen_image_lora.progress import progress_bar, track
 
@@ -59,7 +59,7 @@ def evaluate(
 ) -> tuple[Path, Path]:
     """Render, score and report. `pipe` defaults to loading `cfg.model`; a given pipe is left as it was found
     (the adapters loaded here are unloaded again)."""
-    notes: list[str] = [f"eval.{GUIDANCE_UNUSED}: rendered without guidance."] if cfg.eval.guidance_unused() else []
+    notes: list[str] = [f"eval.{text}: rendered without it." for text in cfg.eval.unused_said()]
     jobs = _jobs(cfg, notes)
     names = _adapter_names(adapters)
     # Find every input before loading the model, so a typo fails in seconds rather than after rendering.
@@ -145,7 +145,7 @@ def edit_sources(edit: EditExample) -> list[Image.Image]:
 def _render(generator: Generator, cfg: Config, jobs: list[_Job], names: list[str]) -> list[Sample]:
     """All jobs for base, then for each adapter (one adapter switch per variant, not per image)."""
     e = cfg.eval
-    quiet = {"guidance_scale": None} if e.guidance_unused() else {}  # a report note, not a warning per image
+    quiet = e.quieted()  # a report note, not a warning per image
     samples = [Sample(j.kind, j.prompt, j.seed, images={}) for j in jobs]
     sources = {id(j.edit): edit_sources(j.edit) for j in jobs if j.edit is not None}
     bar = progress_bar(len(jobs) * (1 + len(names)), desc="eval images", unit="img")

@@ -246,7 +246,7 @@ def _kept(out: Path) -> InputError:
 def _request(job: Job, base_seed: int, default_loras) -> GenerationRequest:
     return GenerationRequest.from_settings(
         job, job.prompt, images=[load_image(p) for p in job.images], seed=_seed(job, base_seed),
-        guidance_scale=None if job.guidance_unused() else job.guidance_scale,  # said once for all (`read_jobs`)
+        **job.quieted(),  # said once for all (`qwen-lora batch` before the model loads)
         adapters=_job_loras(job, default_loras),
         mask=load_image(job.mask, colours=False) if job.mask else None, mask_feather=job.mask_feather,
     )  # fmt: skip
@@ -275,6 +275,7 @@ def _entry(generator: Generator, job: Job, base_seed: int, default_loras, extra)
         seed=_seed(job, base_seed),
         num_inference_steps=job.num_inference_steps or generator.default_steps,
         guidance_scale=generator.guidance(job),  # the image's own record: 1.0 without a negative prompt
+        negative_prompt=None if job.negative_unused() else job.negative_prompt,  # and none without guidance
         loras=_job_loras(job, default_loras),
         resolution=generator.resolution,
     )

@@ -275,6 +275,9 @@ def _batch(args) -> int:
     if unused := sum(job.guidance_unused() for job in jobs):  # once, not a warning per job
         print(f"note: {_jobs_give(unused)} guidance_scale without a negative_prompt; it acts only with one "
               "(Qwen-Image 2.1 samples without guidance)", file=sys.stderr)  # fmt: skip
+    if unused := sum(job.negative_unused() for job in jobs):
+        print(f"note: {_jobs_give(unused)} a negative_prompt without a guidance_scale above 1; it acts only with one "
+              "(the default is 1.0: no guidance)", file=sys.stderr)  # fmt: skip
     for name, why in {name: why for job in jobs for name, why in job.unused.items()}.items():
         print(f"note: {_jobs_give(sum(name in job.unused for job in jobs))} {name}, which {why}", file=sys.stderr)
     if args.seed + len(jobs) - 1 > BATCH_SEED.high:  # job i's seed is SEED + i

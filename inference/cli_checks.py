@@ -94,8 +94,8 @@ def check_request_flags(args) -> None:
         check_flags(sampling, check_masked_size, args)
     for note in unused_flags(args):
         print(f"note: {note}", file=sys.stderr)
-    if sampling.guidance_unused():  # said above: the generator need not say it again after the load
-        args.guidance_scale = None
+    for name, value in sampling.quieted().items():  # said above: the generator need not say it again after the load
+        setattr(args, name, value)
 
 
 def unused_flags(args) -> list[str]:
@@ -105,6 +105,8 @@ def unused_flags(args) -> list[str]:
     notes = [f"--{name.replace('_', '-')} {why}" for name, why in unused.items()]
     if SamplingConfig.guidance_unused(args):
         notes.append("--guidance-scale acts only with --negative-prompt (Qwen-Image 2.1 samples without guidance)")
+    if SamplingConfig.negative_unused(args):
+        notes.append("--negative-prompt acts only with a --guidance-scale above 1 (the default is 1.0: no guidance)")
     return notes
 
 

@@ -29,6 +29,7 @@ from qwen_image_lora.io import content_hash
 from qwen_image_lora.knobs import (
     GUIDANCE_UNUSED,
     MASK_FEATHER,
+    NEGATIVE_UNUSED,
     SamplingConfig,
     SettingError,
     check_image_count,
@@ -301,12 +302,14 @@ class Generator:
         mask = self.check(request)
         if request.guidance_unused():  # said to the caller (an HTTP client's x-warning), not taken silently
             log.warning("%s; rendered without guidance", GUIDANCE_UNUSED)
+        if request.negative_unused():  # diffusers said it in its own words, on the console alone
+            log.warning("%s; rendered without it", NEGATIVE_UNUSED)
         if request.adapters is not None:
             self.adapters.set(request.adapters)
         width, height = self._size(request)
         kwargs = dict(
             prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
+            negative_prompt=None if request.negative_unused() else request.negative_prompt,
             true_cfg_scale=self.guidance(request),
             width=width,
             height=height,
@@ -346,6 +349,8 @@ class Generator:
             (sampling["width"], sampling["height"]), sampling["aspect_ratio"] = self._size(request), None
         sampling.update(num_inference_steps=request.num_inference_steps or self.default_steps,
                         guidance_scale=self.guidance(request))  # fmt: skip
+        if request.negative_unused():
+            sampling["negative_prompt"] = None
         weights = request.adapters if request.adapters is not None else (self.adapters.fused or self.adapters.active)
         loras = []
         for name, weight in weights.items():
@@ -379,8 +384,8 @@ class Generator:
 
     def guidance(self, settings: SamplingConfig) -> float:
         """The guidance scale that acts for `settings` (a request, a batch job): what images and manifests record."""
-        if settings.negative_prompt is None:
-            return 1.0  # guidance acts only against a negative prompt; a scale passed without one only warns
+        if settings.negative_prompt is None or settings.negative_unused():
+            return 1.0  # guidance acts only against a negative prompt, and only above 1; the rest only warns
         return self.default_guidance if settings.guidance_scale is None else settings.guidance_scale
 
     @staticmethod

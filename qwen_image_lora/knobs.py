@@ -53,6 +53,8 @@ MASK_FEATHER = Bounded(8, 0, 64, "soft edge inside the changed region, in pixels
 # What `layers` asks of the background when no prompt is given (its CLI help, the API and the generator say the same)
 DEFAULT_BACKGROUND_PROMPT = "remove the object and fill in the background"
 GUIDANCE_UNUSED = "guidance_scale acts only with a negative_prompt (Qwen-Image 2.1 samples without guidance)"
+NEGATIVE_UNUSED = "negative_prompt acts only with a guidance_scale above 1 (the pipeline's default is 1.0: no guidance)"
+PIPELINE_GUIDANCE = 1.0  # QwenImage21Pipeline's true_cfg_scale default (the generator reads it from the signature)
 
 
 def unused_settings(given: set[str], lossless: bool, masked: bool) -> dict[str, str]:
@@ -252,6 +254,24 @@ class SamplingConfig:
         """A guidance scale given that acts on nothing: guidance needs a negative prompt (the edges say so; the
         generator renders without it)."""
         return self.negative_prompt is None and (self.guidance_scale or 0) > 1
+
+    def negative_unused(self) -> bool:
+        """A negative prompt given with no guidance to act on it: the scale omitted (the pipeline's 1.0) or <= 1. It
+        rendered the image of no negative prompt, and no edge said so (the studio set guidance 4 by itself)."""
+        scale = PIPELINE_GUIDANCE if self.guidance_scale is None else self.guidance_scale
+        return self.negative_prompt is not None and scale <= 1
+
+    def unused_said(self) -> list[str]:
+        """What this request gives that acts on nothing, in words: each edge says it once."""
+        return [text for text, unused in ((GUIDANCE_UNUSED, self.guidance_unused()),
+                                          (NEGATIVE_UNUSED, self.negative_unused())) if unused]  # fmt: skip
+
+    def quieted(self) -> dict:
+        """Overrides that drop what acts on nothing, once an edge has said so: the generator need not say it again,
+        and the image records what acted."""
+        if self.negative_unused():
+            return {"negative_prompt": None, "guidance_scale": None}
+        return {"guidance_scale": None} if self.guidance_unused() else {}
 
     def check(self) -> None:
         """The sampling rules, once for every edge (config sections, batch lines, CLI flags, HTTP requests, the

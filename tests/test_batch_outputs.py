@@ -205,13 +205,17 @@ def test_the_manifest_records_the_guidance_that_acted_as_the_image_does(gen, tmp
     settings said, while the manifest said 5.0. The batch says so once, not once per job."""
     out = tmp_path / "out"
     plain, negative = {**RED_MUG, "guidance_scale": 5.0}, {**RED_MUG, "guidance_scale": 5.0, "negative_prompt": "blur"}
-    jobs = _write_jobs(tmp_path / "a.jsonl", plain, {**plain, "output": "b.png"}, negative)
+    unguided = {**RED_MUG, "negative_prompt": "blur", "output": "c.png"}  # the default guidance, 1.0: no guidance
+    jobs = _write_jobs(tmp_path / "a.jsonl", plain, {**plain, "output": "b.png"}, negative, unguided)
     with caplog.at_level(logging.WARNING):
         run_batch(gen, read_jobs(jobs), out, progress=False)
     recorded = [(e["guidance_scale"], read_settings(out / e["output"])["guidance_scale"]) for e in _manifest(out)]
-    assert recorded == [(1.0, 1.0), (1.0, 1.0), (5.0, 5.0)] and "guidance" not in caplog.text
+    assert recorded == [(1.0, 1.0), (1.0, 1.0), (5.0, 5.0), (1.0, 1.0)] and "guidance" not in caplog.text
+    assert [e["negative_prompt"] for e in _manifest(out)] == [None, None, "blur", None]  # what acted
     main(["batch", str(jobs), "--output-dir", str(tmp_path / "o2"), "--model", str(unloadable_model)])
-    assert "note: 2 jobs give guidance_scale without a negative_prompt; it acts only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: 2 jobs give guidance_scale without a negative_prompt; it acts only" in err
+    assert "note: 1 job gives a negative_prompt without a guidance_scale above 1; it acts only with one" in err
 
 
 def test_inputs_edit_refuses_at_once_are_refused_before_the_model_loads(tmp_path, capsys, unloadable_model):

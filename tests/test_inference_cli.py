@@ -975,6 +975,10 @@ def test_flags_that_change_nothing_are_said_before_the_model_loads(tmp_path, cap
         "note: --mask-feather applies only to a masked edit (with a mask)",
         "note: --guidance-scale acts only with --negative-prompt (Qwen-Image 2.1 samples without guidance)",
     ]
+    main([*argv, "--negative-prompt", "blur", "--output", str(tmp_path / "a.png")])
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: --")] == [
+        "note: --negative-prompt acts only with a --guidance-scale above 1 (the default is 1.0: no guidance)"
+    ]
     main(
         [
             *argv,

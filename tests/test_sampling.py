@@ -77,11 +77,29 @@ def test_training_previews_say_once_that_their_guidance_acts_on_nothing():
     (request,) = validation_requests(cfg).values()
     assert request.guidance_scale is None and not request.guidance_unused()
     said = "validation.guidance_scale acts only with a negative_prompt (Qwen-Image 2.1 samples without guidance)"
-    assert [w for w in schedule_warnings(cfg) if "guidance" in w] == [f"{said}: previews render without guidance"]
+    assert [w for w in schedule_warnings(cfg) if "guidance" in w] == [f"{said}: previews render without it"]
     acting = load_config(
         None, ["validation.guidance_scale=4", "validation.negative_prompt=blur", "validation.prompts=[a]"]
     )
     assert next(iter(validation_requests(acting).values())).guidance_scale == 4.0 and not schedule_warnings(acting)
+
+
+@pytest.mark.parametrize("scale", [None, 1.0, 0.5])
+def test_a_negative_prompt_without_guidance_is_said_once_and_dropped(scale, tiny_pipe):
+    """With the pipeline's default guidance (1.0) or less, a negative prompt rendered the image of none, on every
+    edge, and no edge said so; the record kept a guidance that did not act."""
+    given = ["validation.negative_prompt=blur", "validation.prompts=[a]"]
+    cfg = load_config(None, given + ([] if scale is None else [f"validation.guidance_scale={scale}"]))
+    said = "validation.negative_prompt acts only with a guidance_scale above 1 (the pipeline's default is 1.0: no "
+    assert [w for w in schedule_warnings(cfg) if "negative" in w] == [f"{said}guidance): previews render without it"]
+    (request,) = validation_requests(cfg).values()
+    assert (request.negative_prompt, request.guidance_scale) == (None, None)
+    generator = Generator(tiny_pipe, resolution=64)
+    asked = GenerationRequest("a", negative_prompt="blur", guidance_scale=scale, num_inference_steps=1)
+    recorded = generator.describe(asked)
+    assert (recorded["negative_prompt"], recorded["guidance_scale"]) == (None, 1.0)
+    acting = GenerationRequest("a", negative_prompt="blur", guidance_scale=1.5)
+    assert not acting.negative_unused() and generator.describe(acting)["negative_prompt"] == "blur"
 
 
 def test_a_bad_job_setting_is_named_with_its_line(tmp_path):

@@ -15,7 +15,7 @@ from qwen_image_lora.config import Config
 from qwen_image_lora.inference.generator import Generator
 from qwen_image_lora.inference.layers import MAX_ELEMENTS, Element, LayersError, check_request
 from qwen_image_lora.inference.server import _warning_header, create_app
-from qwen_image_lora.knobs import GUIDANCE_UNUSED
+from qwen_image_lora.knobs import GUIDANCE_UNUSED, NEGATIVE_UNUSED
 
 KEY = "mask-key-0123456789"
 W, H = 96, 64
@@ -95,6 +95,11 @@ def test_a_guidance_scale_without_a_negative_prompt_is_said_to_the_client(client
     assert said.status_code == 200 and said.headers["x-warning"] == f"{GUIDANCE_UNUSED}; rendered without guidance"
     acted = post(client, "/v1/images", {**body, "negative_prompt": "blur"})
     assert acted.status_code == 200 and "x-warning" not in acted.headers
+    for scale in (None, 0.5):  # the other way round: a negative prompt with no guidance was a 200 and no hint
+        alone = {**body, "negative_prompt": "blur", "guidance_scale": scale, "response_format": "b64_json"}
+        said = post(client, "/v1/images", {k: v for k, v in alone.items() if v is not None})
+        assert said.headers["x-warning"] == f"{NEGATIVE_UNUSED}; rendered without it"
+        assert said.json()["data"][0]["settings"]["negative_prompt"] is None  # the record holds what acted
 
 
 def test_a_quality_for_a_png_or_a_feather_without_a_mask_is_said_to_the_client(client):

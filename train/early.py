@@ -17,7 +17,6 @@ from qwen_image_lora.config import Config, ConfigError, load_config
 from qwen_image_lora.data.cache_dir import check_cache_dir
 from qwen_image_lora.data.sources import Item, check_edit_files, load_items
 from qwen_image_lora.errors import UserError
-from qwen_image_lora.knobs import GUIDANCE_UNUSED
 from qwen_image_lora.train.run_folder import RunFolder
 
 MAIN_SPEAKS_S = 3.0  # how long a rank other than the main one waits, on an error, before it exits
@@ -116,8 +115,8 @@ def schedule_warnings(cfg: Config, resuming: bool = False) -> list[str]:
     if warmup >= steps and cfg.optim.scheduler != "constant":
         said.append(f"optim.warmup_steps={warmup} >= train.max_steps={steps}: the learning rate never reaches optim.lr "
                     f"(at most {min(steps, warmup) / max(warmup, 1):.0%} of it); lower the warm-up")  # fmt: skip
-    if cfg.validation.guidance_unused():
-        said.append(f"validation.{GUIDANCE_UNUSED}: previews render without guidance")
+    for text in cfg.validation.unused_said():
+        said.append(f"validation.{text}: previews render without it")
     return said
 
 

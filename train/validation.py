@@ -19,7 +19,7 @@ from qwen_image_lora.inference.generator import GenerationRequest, Generator
 def validation_requests(cfg: Config) -> dict[str, GenerationRequest]:
     """name -> request, for every `validation.prompts` (t2i_NN) and `validation.edits` (edit_NN) entry."""
     v = cfg.validation
-    quiet = {"guidance_scale": None} if v.guidance_unused() else {}  # said once at start, not at every preview
+    quiet = v.quieted()  # said once at start, not at every preview
     requests = {}
     for i, prompt in enumerate(v.prompts):
         requests[f"t2i_{i:02d}"] = GenerationRequest.from_settings(v, prompt, **quiet)
