@@ -76,6 +76,8 @@ def encode_image(
     options = {"icc_profile": SRGB_ICC, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {})}
     if fmt == "JPEG":  # full-resolution colour (PIL's default halves it): a masked edit's kept pixels stay within 1-2
         options["subsampling"] = 0
+    if fmt == "WEBP" and quality == QUALITY.high:  # lossless, colour under transparency kept: lossy WebP halves
+        options.update(lossless=True, exact=True, quality=80)  # chroma at any quality (kept pixels moved by ~98)
     settings = settings_as_written(settings, fmt, quality)
     if fmt == "PNG" and (settings is not None or png_text):
         options["pnginfo"] = PngImagePlugin.PngInfo()

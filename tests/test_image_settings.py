@@ -267,6 +267,21 @@ def test_a_jpeg_of_an_image_with_alpha_is_composited_on_white_at_the_quality_ask
     assert len(encode_image(rgba, "webp", 10)) < len(encode_image(rgba, "webp", 95))
 
 
+def test_a_webp_at_quality_100_is_lossless_pixels_and_alpha_alike():
+    """Lossy WebP halves chroma at any quality: a masked edit's kept pixels moved by up to 98 levels at quality 100,
+    so a designer had no WebP that keeps them; 100 is now lossless (colour under transparency included)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (48, 40, 4), dtype=np.uint8)
+    pixels[:8, :, 3] = 0  # transparent rows keep their colour too
+    image = Image.fromarray(pixels, "RGBA")
+    settings = {"seed": 3}
+    data = encode_image(image, "webp", 100, settings)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGBA")), pixels)
+    assert read_settings(data) == settings | {"quality": 100}
+    lossy = np.asarray(Image.open(io.BytesIO(encode_image(image, "webp", 99))).convert("RGBA")).astype(int)
+    assert np.abs(lossy - pixels).max() > 8  # 99 stays lossy
+
+
 def test_other_text_chunks_of_a_png_carry_no_settings_block():
     """layers' flattened PNG carries its mark alone: `--from` it would re-create its background edit only."""
     data = encode_image(Image.new("RGBA", (8, 8)), "png", png_text={"mark": "sku.psd"})
