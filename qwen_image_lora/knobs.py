@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 import re
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +124,18 @@ def accepted(f: dataclasses.Field) -> str:
     parts += [f">= {ge}"] if ge is not None else []
     parts += [f"<= {le}"] if le is not None else []
     return " and ".join(parts)
+
+
+# What a field's type accepts, in words; numpy's numbers count (numbers.Integral, numbers.Real), True does not.
+_KINDS = {int: (numbers.Integral, "a whole number"), float: (numbers.Real, "a number"), str: (str, "text")}
+
+
+def check_type(cls: type, f: dataclasses.Field, value) -> None:
+    """Raise SettingError naming `f` when `value` is not of its type: the Python API rendered
+    `num_inference_steps=True` and crashed inside torch on 1.5 or "3", where every other edge refuses them."""
+    accepted_type, words = _KINDS.get(type_of(cls, f), (object, ""))
+    if value is not None and (isinstance(value, bool) or not isinstance(value, accepted_type)):
+        raise SettingError(f.name, f"must be {words} (got {value!r})")
 
 
 def check_value(f: dataclasses.Field, value) -> None:
@@ -277,6 +290,7 @@ class SamplingConfig:
         """The sampling rules, once for every edge (config sections, batch lines, CLI flags, HTTP requests, the
         generator): each field within its limits, the size given one way. Raises SettingError naming the field."""
         for f in dataclasses.fields(SamplingConfig):
+            check_type(SamplingConfig, f, getattr(self, f.name))
             check_value(f, getattr(self, f.name))
         if self.aspect_ratio is not None and (self.width is not None or self.height is not None):
             # Named on aspect_ratio: a field-less refusal was a 422 at `body` alone, "Value error, " prefixed.

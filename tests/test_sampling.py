@@ -5,10 +5,12 @@ import json
 import re
 
 import pytest
+from PIL import Image
 
 from qwen_image_lora.cli import build_parser
 from qwen_image_lora.config import Config, ConfigError, load_config
 from qwen_image_lora.eval_config import EvalConfig, ValidationConfig
+from qwen_image_lora.image_files import encode_image
 from qwen_image_lora.inference.batch import _request
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.jobs import Job, read_jobs
@@ -61,11 +63,20 @@ def test_the_python_api_refuses_what_every_other_edge_refuses(tiny_pipe):
     for request, message in (
         (GenerationRequest(""), "prompt: give the prompt"),
         (GenerationRequest("x", mask_feather=65), "mask_feather: must be a number from 0 to 64 (got 65)"),
+        # rendered 1 step, or crashed inside torch or the scheduler with no field named
+        (GenerationRequest("x", num_inference_steps=True), "num_inference_steps: must be a whole number (got True)"),
+        (GenerationRequest("x", num_inference_steps=1.5), "num_inference_steps: must be a whole number (got 1.5)"),
+        (GenerationRequest("x", seed="3"), "seed: must be a whole number (got '3')"),
+        (GenerationRequest("x", width=96.0), "width: must be a whole number (got 96.0)"),
+        (GenerationRequest("x", negative_prompt=5), "negative_prompt: must be text (got 5)"),
         (GenerationRequest("x", mask_feather=-1), "mask_feather: must be a number from 0 to 64 (got -1)"),
     ):
         with pytest.raises(SettingError, match=f"^{re.escape(message)}$"):
             generator.check(request)
     generator.check(GenerationRequest("x", mask_feather=64))
+    for quality in (0, 500, 95.5, True):  # the other edges' limits; save_image wrote a file at 500
+        with pytest.raises(SettingError, match=r"^quality: must be a whole number from 1 to 100"):
+            encode_image(Image.new("RGB", (8, 8)), "jpeg", quality)
     with pytest.raises(ConfigError, match=r"eval.edits\[0\].prompt: give the edit's instruction$"):
         load_config(None, ["eval.edits=[{images: [a.png]}]"])
 
