@@ -17,6 +17,7 @@ import base64
 import binascii
 import contextlib
 import functools
+import json
 import logging
 import math
 import queue
@@ -26,9 +27,10 @@ import threading
 import time
 from typing import NamedTuple
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,6 +48,7 @@ from qwen_image_lora.inference.requests import exact_limits, request_models
 from qwen_image_lora.inference.studio import studio_router
 from qwen_image_lora.inference.urls import URLRefused, fetch
 from qwen_image_lora.inference.worker import Stopping, Worker
+from qwen_image_lora.io import DuplicateKey, unique_keys
 from qwen_image_lora.knobs import repeated_name, unused_settings
 from qwen_image_lora.serve_config import ServeConfig
 
@@ -92,6 +95,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
     # No FastAPI /docs or /redoc: they load from a public CDN with no CSP; studio.py serves /docs when serve.api_docs.
     app = FastAPI(title="qwen-image-lora", version="1", description=__doc__, lifespan=lifespan, docs_url=None,
                   redoc_url=None)  # fmt: skip
+    app.router.route_class = _UniqueKeysRoute
     app.add_middleware(GuardMiddleware, max_body_bytes=int(serve.max_body_mb * 2**20), metrics=metrics,
                        check_key=KeyCheck(api_keys))  # fmt: skip
     exact_limits(app, ImageRequest, LayersRequest)
@@ -110,7 +114,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
         """Starlette's own refusals in the shape of every other (detail[].loc/msg): a body FastAPI could not parse
         was a bare "There was an error parsing the body" naming no cause (nested too deep, not UTF-8, compressed)."""
         said = UNPARSED if exc.detail == "There was an error parsing the body" else str(exc.detail)
-        loc = ("body",) if exc.status_code == 400 else ()
+        loc = ("body",) if exc.status_code in (400, 422) else ()
         return JSONResponse(RequestError(exc.status_code, said, loc).body(), exc.status_code, exc.headers)
 
     image_responses = {
@@ -245,6 +249,29 @@ class _ThreadWarnings(logging.Handler):
         # once each: a layers job renders three times or more, and each render said the same thing
         if record.thread == self.thread and (message := record.getMessage()) not in self.messages:
             self.messages.append(message)
+
+
+class _UniqueKeysRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            try:
+                self._json = json.loads(await self.body(), object_pairs_hook=unique_keys)
+            except DuplicateKey as e:  # FastAPI re-raises an HTTPException as it is (anything else is its 400)
+                raise HTTPException(422, str(e)) from None
+        return self._json
+
+
+class _UniqueKeysRoute(APIRoute):
+    """A body whose JSON names a key twice is a 422: JSON keeps the last, so `{"loras": {"brand": 1, "brand": 2}}`
+    rendered at 2, and a second "prompt" replaced the first, where a batch line with either is refused."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            return await handler(_UniqueKeysRequest(request.scope, request.receive))
+
+        return route
 
 
 @contextlib.contextmanager

@@ -228,15 +228,20 @@ def text_lines(text: str) -> list[str]:
     return _LINE_END.split(text)
 
 
-class _DuplicateKey(Exception):
-    pass
+class DuplicateKey(ValueError):
+    """A JSON object that names a key twice: JSON keeps only the last, so what was meant is unknown."""
+
+    def __init__(self, key: str):
+        super().__init__(f"{key!r} given twice; JSON keeps only the last, so keep one")
+        self.key = key
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """`json.loads`'s object_pairs_hook that refuses a key given twice (`DuplicateKey`)."""
     row = {}
     for key, value in pairs:
         if key in row:
-            raise _DuplicateKey(key)
+            raise DuplicateKey(key)
         row[key] = value
     return row
 
@@ -259,12 +264,12 @@ def iter_jsonl(
             continue
         where = f"{path}:{lineno}"
         try:
-            row = json.loads(line, object_pairs_hook=_unique_keys)
+            row = json.loads(line, object_pairs_hook=unique_keys)
             problem = None if isinstance(row, dict) else f"{where}: each line must be a JSON object"
         except json.JSONDecodeError as e:
             problem = f"{where}: not valid JSON ({e.msg})"
-        except _DuplicateKey as e:
-            problem = f"{where}: {e.args[0]!r} given twice; JSON keeps only the last, so keep one"
+        except DuplicateKey as e:
+            problem = f"{where}: {e}"
         except ValueError:  # Python's int() past 4,300 digits
             problem = f"{where}: a number of more than 4,300 digits; no field takes one"
         except RecursionError:

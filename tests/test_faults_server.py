@@ -244,11 +244,27 @@ def test_a_wrong_or_missing_key_is_refused_before_the_body_is_read(cfg, gen, key
     ('"loras": [{"name": "x", "weight": Infinity}]', "loras"),
 ])  # fmt: skip
 def test_nan_and_infinity_in_json_give_422_naming_the_field(cfg, gen, raw, field):
-    body = json.dumps(edit()).rstrip("}") + ", " + raw + "}"  # a repeated key: the last one counts
+    others = {k: v for k, v in edit().items() if k != field}
+    body = json.dumps(others).rstrip("}") + ", " + raw + "}"
     with TestClient(create_app(cfg, [KEY], generator=gen), raise_server_exceptions=False) as c:
         r = c.post("/v1/images", content=body, headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"][:2] == ["body", field]
+
+
+@pytest.mark.parametrize("raw, key", [
+    ('"seed": 1, "seed": 2', "seed"),  # the second replaced the first
+    ('"loras": {"brand": 1, "brand": 2}', "brand"),  # rendered at 2, though an adapter named twice is a 422
+])  # fmt: skip
+def test_a_key_given_twice_is_a_422_naming_it(cfg, gen, raw, key):
+    """JSON keeps the last of a repeated key, so the request was taken with one of two meanings; a batch line with
+    the same key twice is refused."""
+    body = json.dumps({k: v for k, v in edit().items() if k != "seed"}).rstrip("}") + ", " + raw + "}"
+    with TestClient(create_app(cfg, [KEY], generator=gen), raise_server_exceptions=False) as c:
+        r = c.post("/v1/images", content=body, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"] == [
+        {"loc": ["body"], "msg": f"'{key}' given twice; JSON keeps only the last, so keep one", "type": "value_error"}
+    ]
 
 
 @pytest.mark.parametrize("body, headers", [
