@@ -39,7 +39,7 @@ from qwen_image_lora.config import Config
 from qwen_image_lora.console import counted
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.image_files import MEDIA_TYPES, encode_image, format_for, settings_as_written
-from qwen_image_lora.images import MAX_INPUT_SIDE, ImageInputError, decode_cost, decode_image
+from qwen_image_lora.images import MAX_INPUT_SIDE, ImageInputError, decode_cost, decode_image, identify
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference.generator import GenerationRequest, Generator, InputRecord, bytes_record
 from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body
@@ -172,7 +172,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
                 made = _generate(generator, settings, format_for(body.output_format), body.quality, metrics, body,
                                  decoded, serve)  # fmt: skip
             unused = unused_settings(body.model_fields_set, body.output_format == "png", body.mask is not None)
-            return *made, warned + [f"{name} {why}" for name, why in unused.items()]
+            return *made, decoded.downscaled + warned + [f"{name} {why}" for name, why in unused.items()]
 
         (width, height), data, made_with, warned = await admitted(
             request, lambda: _decode_inputs(body, serve, gate), work
@@ -206,7 +206,7 @@ def create_app(cfg: Config, api_keys: list[str], generator: Generator | None = N
                 metrics.count_layers(time.perf_counter() - start)
             except InputError as e:  # a mask or element box we refuse, named by its field
                 raise RequestError(422, str(e), _loc(e, body, default="image")) from None
-            return layer_output.encode_layers(made, body.output_format), warned
+            return layer_output.encode_layers(made, body.output_format), decoded.downscaled + warned
 
         data, warned = await admitted(request, lambda: _decode_inputs(body, serve, gate), work)
         named = {
@@ -339,6 +339,7 @@ class Decoded(NamedTuple):
     mask: object  # a PIL image or None
     inputs: list[InputRecord]  # the images' sha256, for the settings block
     mask_input: InputRecord | None
+    downscaled: list[str]  # said to the client (x-warning): the result is smaller than what it sent
 
 
 def _decode_inputs(body, serve: ServeConfig, gate: DecodeGate) -> Decoded:
@@ -350,17 +351,20 @@ def _decode_inputs(body, serve: ServeConfig, gate: DecodeGate) -> Decoded:
     images = [_decode_one(item, ("body", "image") if isinstance(body.image, str) else ("body", "image", i), serve, gate,
                           deadline) for i, item in enumerate(items)]  # fmt: skip
     mask = body.mask if body.mask not in (None, "auto") else None
-    mask, mask_input = (
-        (None, None) if mask is None else _decode_one(mask, ("body", "mask"), serve, gate, deadline, colours=False)
+    mask, mask_input, _ = (
+        (None, None, None) if mask is None else _decode_one(mask, ("body", "mask"), serve, gate, deadline, False)
     )
-    return Decoded([im for im, _ in images], mask, [record for _, record in images], mask_input)
+    downscaled = [f"image{'' if isinstance(body.image, str) else f'[{i}]'}: {said}"
+                  for i, (_, _, said) in enumerate(images) if said]  # fmt: skip
+    return Decoded([im for im, _, _ in images], mask, [record for _, record, _ in images], mask_input, downscaled)
 
 
 def _decode_one(
     item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate, deadline: float, colours: bool = True
 ) -> tuple:
-    """One image (URL, base64 or data: URL) -> (PIL image, the sha256 of its bytes), or a RequestError naming `loc`.
-    `colours=False` for a mask: its numbers are coverage, no colour profile applies."""
+    """One image (URL, base64 or data: URL) -> (PIL image, the sha256 of its bytes, a note when it was downscaled to
+    fit `serve.max_side`), or a RequestError naming `loc`. `colours=False` for a mask: its numbers are coverage, no
+    colour profile applies."""
     try:
         if item.startswith(("http://", "https://")) or "://" in item[:16]:
             data = fetch(item, allow_private=serve.allow_private_urls, timeout_s=serve.url_timeout_s,
@@ -375,7 +379,12 @@ def _decode_one(
                                       "writes it") from e  # fmt: skip
         max_side = min(MAX_INPUT_SIDE, serve.max_side)
         with gate(decode_cost(data, max_side)):  # from the header: what this decode will hold, against the budget
-            return decode_image(data, max_side=max_side, colours=colours), bytes_record(data)
+            image = decode_image(data, max_side=max_side, colours=colours)
+        (w, h), said = identify(data).size if max(image.size) == max_side else image.size, None
+        if max(w, h) > max_side:  # the CLI reads files up to 4096 px: the same edit came back smaller here, unsaid
+            said = (f"{w}x{h} was read at {image.width}x{image.height} (this service's serve.max_side, {max_side} "
+                    "px on the long side), so the result is that size")  # fmt: skip
+        return image, bytes_record(data), said
     except (URLRefused, ImageInputError) as e:
         raise RequestError(413 if e.too_large else 422, str(e), loc) from e
 

@@ -232,6 +232,21 @@ def test_the_limits_bound_what_is_rendered_not_only_the_fields_given(client):
     assert client.post("/v1/images", json=edit(image=b64_png(32, 128), width=64), headers=AUTH).status_code == 200
 
 
+def test_an_input_downscaled_to_max_side_is_said_to_the_client(client):
+    """A 600x300 photo came back 256x128 with no word (the CLI reads files up to 4096 px and says when it shrinks
+    one): a masked edit could not be dropped back into the layout it came from."""
+    buf = io.BytesIO()
+    Image.new("RGB", (600, 300), "teal").save(buf, format="PNG")
+    big = base64.b64encode(buf.getvalue()).decode()
+    r = client.post("/v1/images", json=edit(image=[b64_png(), big]), headers=AUTH)
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (256, 128)
+    assert r.headers["x-warning"] == (
+        "image[1]: 600x300 was read at 256x128 (this service's serve.max_side, 256 px on the long side), so the "
+        "result is that size"
+    )
+    assert "x-warning" not in client.post("/v1/images", json=edit(), headers=AUTH).headers
+
+
 def test_limits_answer_413_and_422_naming_the_field(client):
     assert (
         client.post("/v1/images", json=edit(image=b64_png(400, 400)), headers=AUTH).status_code == 413
