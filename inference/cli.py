@@ -250,6 +250,10 @@ def _layers(args) -> int:
     checks.as_option(check_request, image, mask, elements)  # element boxes and the mask, before the model loads
     request = GenerationRequest.from_settings(args, "", images=[image], mask_feather=args.mask_feather)
     checks.check_flags(request, args=args)  # bad steps or guidance fail before the model loads
+    for note in checks.guidance_notes(args):  # before the model loads, as generate and edit say them
+        print(f"note: {note}", file=sys.stderr)
+    for name, value in request.quieted().items():  # said: the generator need not say it again
+        setattr(request, name, value)
     generator, request.adapters = _load(args, _model_source(args))
     layers = generator.layers(request, mask, args.prompt, elements)
     # The flattened PNG carries no settings block: `--from` would re-create only its background edit.

@@ -102,7 +102,12 @@ def unused_flags(args) -> list[str]:
     """Flags given that change nothing in this request: said, not silently recorded in the image's settings."""
     lossless = Path(args.output).suffix.lower() == ".png"
     unused = unused_settings(getattr(args, "given", set()), lossless, bool(getattr(args, "mask", None)))
-    notes = [f"--{name.replace('_', '-')} {why}" for name, why in unused.items()]
+    return [f"--{name.replace('_', '-')} {why}" for name, why in unused.items()] + guidance_notes(args)
+
+
+def guidance_notes(args) -> list[str]:
+    """Guidance without a negative prompt, or a negative prompt without guidance: each acts on nothing."""
+    notes = []
     if SamplingConfig.guidance_unused(args):
         notes.append("--guidance-scale acts only with --negative-prompt (Qwen-Image 2.1 samples without guidance)")
     if SamplingConfig.negative_unused(args):

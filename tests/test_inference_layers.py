@@ -358,6 +358,20 @@ def test_layers_refuses_a_bad_mask_or_element_box_before_loading_the_model(tmp_p
     assert (tmp_path / "mine.png").read_bytes() == kept
 
 
+def test_layers_says_what_acts_on_nothing_before_the_model_loads(tmp_path, capsys, unloadable_model):
+    """generate and edit give a note before loading; layers said it after the model had loaded, in a bare log line."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    argv = ["layers", "--model", str(unloadable_model), "--image", str(tmp_path / "in.png"), "--mask", "auto",
+            "--output", str(tmp_path / "o.psd")]  # fmt: skip
+    for extra, note in (
+        (["--guidance-scale", "3"], "--guidance-scale acts only with --negative-prompt"),
+        (["--negative-prompt", "blur"], "--negative-prompt acts only with a --guidance-scale above 1"),
+    ):
+        assert main([*argv, *extra]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[0].startswith(f"note: {note}") and lines[-1].startswith("error: ") and len(lines) == 2, lines
+
+
 def test_a_layered_file_layers_did_not_write_is_kept(tmp_path, capsys, unloadable_model):
     """A designer's retouched PSD (or a ZIP of theirs) at --output was overwritten without a word: only the flattened
     <name>.png beside it was checked. Refused before the model loads; an empty file (a write cut short) is not."""
