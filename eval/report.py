@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageChops, ImageFilter
 
 from qwen_image_lora.console import WANDB_SETTINGS, counted
+from qwen_image_lora.eval.metrics import to_rgb_array
 from qwen_image_lora.eval.summary import (
     BASE,
     BETTER,
@@ -233,14 +234,15 @@ def _outlined(image: Image.Image, mask: Image.Image | None) -> Image.Image:
         return image
     binary = mask.convert("L").resize(image.size, Image.Resampling.NEAREST).point(lambda v: 255 if v >= 128 else 0)
     border = ImageChops.difference(binary.filter(ImageFilter.MaxFilter(3)), binary.filter(ImageFilter.MinFilter(3)))
-    out = image.convert("RGB")
+    out = Image.fromarray(to_rgb_array(image))
     out.paste((255, 0, 255), (0, 0), border)
     return out
 
 
 def _img_tag(image: Image.Image, side: int = 512) -> str:
-    """Inline a copy at most `side` px per edge: full-size 1 MP images would make the page tens of MB."""
-    image = image.convert("RGB")
+    """Inline a copy at most `side` px per edge: full-size 1 MP images would make the page tens of MB. Transparency
+    is shown over white, as the metrics score it and a JPEG is written (RGB alone showed the colour under it)."""
+    image = Image.fromarray(to_rgb_array(image))
     image.thumbnail((side, side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=90)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import logging
 import math
@@ -18,7 +20,7 @@ from PIL import Image
 from scipy import stats
 
 from qwen_image_lora.eval import report
-from qwen_image_lora.eval.report import _outlined, write_report
+from qwen_image_lora.eval.report import _img_tag, _outlined, write_report
 from qwen_image_lora.eval.summary import METRICS, CheckpointScore, Sample, best_checkpoint, summarise, verdicts
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -283,6 +285,18 @@ def test_the_edit_mask_is_outlined_over_the_pair():
     assert (out[:, 19:21] == (255, 0, 255)).all()  # the border between kept and changed
     assert (out[:, :10] == 10).all() and (out[:, 30:] == 10).all()  # away from it the image is untouched
     assert _outlined(image, None) is image
+
+
+def test_the_report_shows_transparency_over_white_as_the_metrics_score_it():
+    """Thumbnails dropped alpha (`convert("RGB")`): a render ~50% transparent showed the colour under it, an image no
+    edge writes, while the metrics composite it on white."""
+    image = Image.new("RGBA", (40, 20), (0, 0, 0, 0))  # transparent black
+    image.paste((200, 30, 30, 255), (0, 0, 20, 20))
+    tag = _img_tag(image)
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(tag.split("base64,")[1]))).convert("RGB")).astype(int)
+    assert np.abs(shown[10, 35] - 255).max() <= 3 and np.abs(shown[10, 5] - (200, 30, 30)).max() <= 8
+    outlined = np.asarray(_outlined(image, Image.new("L", (40, 20), 255)))
+    assert (outlined[10, 35] == 255).all()
 
 
 def test_a_variants_interval_stays_within_what_its_metric_can_be():
