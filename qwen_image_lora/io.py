@@ -228,7 +228,7 @@ def text_lines(text: str) -> list[str]:
     return _LINE_END.split(text)
 
 
-class DuplicateKey(ValueError):
+class DuplicateKey(InputError):
     """A JSON object that names a key twice: JSON keeps only the last, so what was meant is unknown."""
 
     def __init__(self, key: str):
