@@ -48,14 +48,14 @@ def job_format() -> str:
         (f"  images              input images for an edit (1 to {MAX_INPUT_IMAGES}), paths relative to the jobs "
          "file; omit for text-to-image"),
         ("  mask, mask_feather  masked edit of the last image: white = may change, black = kept exactly; soft edge "
-         f"px ({MASK_FEATHER.default})"),
+         f"px, {MASK_FEATHER.low}-{MASK_FEATHER.high} ({MASK_FEATHER.default})"),
         "  id                  names the output (default: the line index, 000000, 000001, ...)",
         "  seed                default: --seed + the line index",
         *sampling,
         ('  loras               {"adapter name": weight} or [{"name": ..., "weight": ...}] (a missing weight: the '
          "--lora one); default: every --lora at its weight"),
         ("  output, quality     file name in --output-dir (.png, .jpg, .webp; default ID.png), JPEG/WebP quality "
-         f"({QUALITY.default})"),
+         f"{QUALITY.low}-{QUALITY.high}, 100 a lossless WebP ({QUALITY.default})"),
         "example line:",
         ('  {"id": "sku-123", "prompt": "put it on white marble", "images": ["in/sku-123.jpg"], "seed": 7, '
          '"output": "sku-123.webp", "quality": 90}'),
@@ -86,7 +86,8 @@ def ranged(knob: Bounded):
 
 def quality_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality", type=ranged(QUALITY), default=QUALITY.default, action=Given, metavar="N",
-                   help=f"{QUALITY.help} (default {QUALITY.default}; --from: the image's)")  # fmt: skip
+                   help=f"{QUALITY.help}, {QUALITY.low}-{QUALITY.high}, 100 a lossless WebP (default {QUALITY.default}; "
+                        "--from: the image's)")  # fmt: skip
 
 
 def mask_args(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
@@ -97,7 +98,7 @@ def mask_args(p: argparse.ArgumentParser, help: str, required: bool = False) -> 
         default=MASK_FEATHER.default,
         metavar="PX",
         action=Given,
-        help=f"{MASK_FEATHER.help} (default {MASK_FEATHER.default})",
+        help=f"{MASK_FEATHER.help}, {MASK_FEATHER.low}-{MASK_FEATHER.high} (default {MASK_FEATHER.default})",
     )
 
 
@@ -105,6 +106,7 @@ def overrides_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "overrides",
         nargs="*",
+        default=[],  # without it argparse lists the optional overrides among the missing required arguments
         help="section.key=value applied to --config, e.g. data.resolution=768 (the "
         "pixel budget: images have ~RES^2 pixels, as in training) or model.dtype=float32",
     )

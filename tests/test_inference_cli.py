@@ -883,6 +883,21 @@ def test_the_trainer_names_the_nearest_option_too(capsys):
     assert (args.config, args.overrides) == ("c.yaml", ["train.max_steps=3", "lora.rank=4"])
 
 
+def test_batch_without_arguments_names_only_what_is_required_and_help_states_the_limits(capsys):
+    """It said `the following arguments are required: jobs, --output-dir, overrides`, though overrides are optional;
+    --quality and --mask-feather did not say their limits, which every edge enforces."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["batch"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "qwen-lora batch: error: the following arguments are required: jobs, --output-dir"
+    )
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "JPEG/WebP quality, 1-100, 100 a lossless WebP" in said and "in pixels, 0-64 (default 8)" in said
+
+
 def test_batch_refuses_a_base_seed_out_of_range_before_the_model_loads(tmp_path, capsys, unloadable_model):
     """`--seed -1` failed every job after the model had loaded; a seed near the top overflowed on later jobs."""
     jobs = _jobs(tmp_path, n=2)
