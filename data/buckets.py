@@ -69,6 +69,14 @@ def histogram(buckets: list[tuple[int, int]]) -> str:
     )
 
 
+def short_batches(group_sizes: list[int], batch_size: int) -> tuple[int, int]:
+    """(batches an epoch that hold at most half of `batch_size`, all batches an epoch) when each batch is one group's
+    (`BucketBatchSampler`): a small bucket makes a short batch, and each of its images weighs more in its step."""
+    total = sum(-(-n // batch_size) for n in group_sizes)
+    short = sum(1 for n in group_sizes if 0 < n % batch_size <= batch_size // 2)
+    return short, total
+
+
 def stable_int(*parts) -> int:
     """A seed from `parts` that is the same in every process and Python run (unlike `hash`)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")

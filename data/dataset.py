@@ -33,6 +33,7 @@ from qwen_image_lora.data.buckets import (
     assign_bucket,
     histogram,
     plan_transform,
+    short_batches,
     stable_int,
 )
 from qwen_image_lora.data.cache import (
@@ -407,10 +408,15 @@ def build_training_data(
     for i in train_ids:
         layouts.setdefault(entries[i].layout, []).append(i)
     largest = max(len(group) for group in layouts.values())
+    short, total = short_batches([len(group) for group in layouts.values()], cfg.train.batch_size)
     if training and cfg.train.batch_size > largest:  # a batch is one bucket's items: no larger than the bucket
         logger.warning("train.batch_size=%d, but the largest bucket holds %d items: no batch is larger than that "
                        "(each batch is one bucket's; more data of one size, or a smaller batch_size)",
                        cfg.train.batch_size, largest)  # fmt: skip
+    elif training and short * 3 > total:  # 3 of 4 steps at batch 1 (buckets 5, 1, 1 at 4) trained without a word
+        logger.warning("train.batch_size=%d: %d of %d batches an epoch hold at most half of it (each batch is one "
+                       "bucket's; the buckets below), so their images weigh more in their steps; more data of those "
+                       "sizes, or a smaller batch_size", cfg.train.batch_size, short, total)  # fmt: skip
     if training:
         logger.info("buckets (%d items):\n%s", len(train_ids), histogram([entries[i].target.bucket for i in train_ids]))
     if cache is None and cfg.data.cache_dir and (Path(cfg.data.cache_dir) / "shards").is_dir():

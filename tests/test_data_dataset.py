@@ -1,6 +1,7 @@
 """Buckets, aligned crops, deterministic resumable sampling and homogeneous batches."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -106,6 +107,22 @@ def test_an_edit_mask_is_turned_by_its_exif_as_its_target_is(tiny_pipe, tmp_path
     h, w = weights.shape
     assert h > w  # the target trains upright (taller than wide)
     assert torch.allclose(weights[: h // 2], torch.tensor(4.0)) and torch.allclose(weights[h // 2 :], torch.tensor(1.0))
+
+
+def test_batches_cut_short_by_small_buckets_are_said(tiny_pipe, tiny_model_dir, sample_data_dir, tmp_path, caplog):
+    """batch_size 4 over buckets of 9, 1 and 1 trains most steps on one image, each weighing 4x: said only when no
+    bucket could fill a batch."""
+    data = tmp_path / "data"
+    shutil.copytree(sample_data_dir / "brand", data)
+    for image, size in zip(sorted(data.glob("*.png"))[:2], [(256, 128), (128, 256)], strict=True):
+        Image.open(image).resize(size).save(image)
+    base = [f"data.path={data}", f"model.pretrained={tiny_model_dir}", "validation.held_out_fraction=0"]
+    caplog.set_level("WARNING")
+    build_training_data(load_config("configs/demo.yaml", [*base, "train.batch_size=4"]), tiny_pipe)
+    assert "train.batch_size=4: 3 of 5 batches an epoch hold at most half of it" in caplog.text
+    caplog.clear()
+    build_training_data(load_config("configs/demo.yaml", [*base, "train.batch_size=2"]), tiny_pipe)
+    assert "batches an epoch" not in caplog.text  # 1, 1 and 10 items at 2: 2 of 7 short
 
 
 def test_a_batch_size_no_bucket_can_fill_and_a_held_out_share_that_leaves_little_are_said(
