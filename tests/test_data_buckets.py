@@ -12,6 +12,7 @@ from qwen_image_lora.data.buckets import (
     assign_bucket,
     histogram,
     plan_transform,
+    short_batches,
     stable_int,
 )
 
@@ -119,3 +120,18 @@ def test_sampler_ranks_get_equal_step_counts_for_any_number_of_processes():
 def test_stable_int_depends_on_every_part():
     assert stable_int(1, "epoch", 0) == stable_int(1, "epoch", 0)
     assert len({stable_int(1, "epoch", 0), stable_int(2, "epoch", 0), stable_int(1, "epoch", 1), stable_int(1, 0)}) == 4
+
+
+@pytest.mark.parametrize("sizes, batch_size, expected", [
+    ([9, 1, 1], 4, (3, 5)),  # 4, 4, 1 | 1 | 1: three batches at a quarter of the size
+    ([11], 4, (0, 3)),  # 4, 4, 3: the last is three quarters full
+    ([10], 4, (1, 3)),  # 4, 4, 2: exactly half is short
+    ([8, 3], 4, (0, 3)),  # full, and three of four
+    ([12], 4, (0, 3)),
+    ([5, 5], 1, (0, 10)),  # batch 1 is never short
+    ([1, 1, 7], 2, (3, 6)),
+])  # fmt: skip
+def test_short_batches_counts_the_batches_a_small_bucket_leaves_at_most_half_full(sizes, batch_size, expected):
+    assert short_batches(sizes, batch_size) == expected
+    total = len(BucketBatchSampler([list(range(n)) for n in sizes], batch_size, seed=0).batches_for_epoch(0))
+    assert total == expected[1]  # the sampler cuts each bucket as counted

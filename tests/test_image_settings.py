@@ -22,6 +22,7 @@ from qwen_image_lora.inference.generator import GenerationRequest, Generator
 from qwen_image_lora.inference.jobs import read_jobs
 from qwen_image_lora.inference.server import create_app
 from qwen_image_lora.inference.testing import make_random_lora
+from qwen_image_lora.knobs import SettingError
 
 TINY = ["--dtype", "float32", "data.resolution=64"]
 KEY = "settings-key-0123456789"
@@ -280,6 +281,15 @@ def test_a_webp_at_quality_100_is_lossless_pixels_and_alpha_alike():
     assert read_settings(data) == settings | {"quality": 100}
     lossy = np.asarray(Image.open(io.BytesIO(encode_image(image, "webp", 99))).convert("RGBA")).astype(int)
     assert np.abs(lossy - pixels).max() > 8  # 99 stays lossy
+
+
+@pytest.mark.parametrize("quality", [0, 101, 500, 95.5, True, "90"])
+def test_a_quality_outside_1_to_100_is_refused_naming_it(quality):
+    """Every edge refuses it; `save_image(..., quality=500)` wrote a file."""
+    with pytest.raises(SettingError, match=r"^quality: must be a whole number from 1 to 100 \(got "):
+        encode_image(Image.new("RGB", (8, 8)), "jpeg", quality)
+    for fine in (1, 100, np.int64(50)):
+        encode_image(Image.new("RGB", (8, 8)), "webp", fine)
 
 
 def test_other_text_chunks_of_a_png_carry_no_settings_block():
