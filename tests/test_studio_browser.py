@@ -140,6 +140,8 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     css("#api-key").send_keys(KEY + Keys.ENTER)
     wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#adapter-list input[type=range]")) == 2)
     assert d.execute_script("return sessionStorage.getItem('qwen-lora-api-key')") == KEY
+    # the pipeline's 40 steps, within this service's max_steps of 4 (the form stayed at 30 and Generate was refused)
+    assert (css("#steps").get_property("value"), css("#steps").get_attribute("max")) == ("4", "4")
 
     # text to image: a typed seed is used as it is
     fill("#prompt", "a red bottle on marble")

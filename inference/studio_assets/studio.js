@@ -34,8 +34,11 @@ async function start() {
   $("seed-random").addEventListener("click", () => { $("seed").value = ""; setState("A new random seed for each image."); });
   $("layers").addEventListener("click", downloadLayers);
   caps = await capabilities();
-  $("steps").max = caps.maxSteps;
-  $("guidance").max = caps.maxGuidance;
+  // The service's limits, and the form's defaults within them: 40 steps under a max_steps of 10 kept Generate off.
+  for (const [id, max] of [["steps", caps.maxSteps], ["guidance", caps.maxGuidance]]) {
+    $(id).max = max;
+    if (Number($(id).value) > max) $(id).value = max;
+  }
   $("aspect").replaceChildren(...caps.aspects.map((a) => el("option", { value: a }, a)));
   if (caps.layers) {
     $("layers-format").replaceChildren(...caps.layers.formats.map((f) => el("option", { value: f }, f.toUpperCase())));
