@@ -210,8 +210,9 @@ class TrainConfig:
     # recomputed forward of backward); a number, or "auto": the fewest that keep the plan under memory_budget_gb.
     # Offloaded blocks are always checkpointed. One process only (DDP needs the whole model on each GPU).
     offload_blocks: Union[int, Literal["auto"]] = 0
-    # GPU size the `auto` settings plan for (`qwen-lora plan --gpu-memory` picks the full recipe for one).
-    memory_budget_gb: float = 24.0
+    # GPU size the `auto` settings plan for (`qwen-lora plan --gpu-memory` picks the full recipe for one), or
+    # "auto": the size of the GPU the run has (24 planned a 24 GB recipe on an 80 GB card, and on a 12 GB one).
+    memory_budget_gb: Union[float, Literal["auto"]] = 24.0
     seed: int = 42
     timestep_sampling: Literal["uniform", "logit_normal", "shifted"] = fixed_field("logit_normal")
     logit_mean: float = fixed_field(0.0)
@@ -238,8 +239,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.ema_decay: must be in (0, 1) or null (got {self.ema_decay})")
         if self.mask_loss_weight <= 0:
             raise ConfigError(f"{where}.mask_loss_weight: must be > 0 (1.0 = off; got {self.mask_loss_weight})")
-        if self.memory_budget_gb <= 0:
-            raise ConfigError(f"{where}.memory_budget_gb: must be > 0 (got {self.memory_budget_gb})")
+        if self.memory_budget_gb != "auto" and self.memory_budget_gb <= 0:
+            raise ConfigError(f"{where}.memory_budget_gb: must be > 0 or auto (got {self.memory_budget_gb})")
         if self.offload_blocks != "auto" and self.offload_blocks < 0:
             raise ConfigError(f"{where}.offload_blocks: must be >= 0 or auto (got {self.offload_blocks})")
         if self.offload_blocks != 0 and self.gradient_checkpointing is False:  # `auto` too: it could never offload

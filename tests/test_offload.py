@@ -285,3 +285,28 @@ def test_a_budget_nothing_fits_does_not_promise_that_plan_finds_a_recipe(tiny_mo
     with pytest.raises(ConfigError, match="names a recipe if one fits; if none does, lower data.resolution") as e:
         memory_fit.apply(None, cfg, "cpu", references=0)
     assert "offloaded blocks," not in str(e.value).split("; ", 1)[1]  # already tried: `auto`
+
+
+def test_a_budget_of_auto_is_the_cards_size_and_said_where_there_is_no_card(tiny_model_dir, capsys):
+    """24 GB was planned on any card unless the user set the budget (an 80 GB card checkpointed what it need not, a
+    12 GB card was planned past its size); `auto` was refused as not a number."""
+    given = load_config(None, ["train.memory_budget_gb=12"])
+    assert memory_fit.budget_bytes(given) == 12 * 2**30
+    cfg = load_config(None, [f"model.pretrained={tiny_model_dir}", "train.memory_budget_gb=auto",
+                             "train.gradient_checkpointing=auto"])  # fmt: skip
+    if torch.cuda.is_available():  # the GPU script's run: the card's own size
+        assert memory_fit.budget_bytes(cfg) == torch.cuda.get_device_properties(0).total_memory
+        return
+    with pytest.raises(ConfigError, match=r"^train.memory_budget_gb: auto reads the GPU's size, and there is no GPU"):
+        memory_fit.apply(None, cfg, "cpu", references=0)  # at launch, before the transformer is touched
+    argv = [
+        "plan",
+        "--config",
+        "configs/demo.yaml",
+        f"model.pretrained={tiny_model_dir}",
+        "train.memory_budget_gb=auto",
+    ]
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith("or give the card's size here, e.g. --gpu-memory 24GB")
+    with pytest.raises(ConfigError, match=r"train.memory_budget_gb: must be > 0 or auto \(got -1.0\)"):
+        load_config(None, ["train.memory_budget_gb=-1"])

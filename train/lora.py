@@ -183,7 +183,7 @@ class LoRARecipe:
                 "memory auto: %s (planned %.1f GiB of %g GB)",
                 recipe.describe(),
                 recipe.plan.total / 2**30,
-                self.cfg.train.memory_budget_gb,
+                recipe.gpu_bytes / 2**30,
             )
 
     # ------------------------------------------------------------------------------------------ the loop

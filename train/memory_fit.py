@@ -281,8 +281,20 @@ def resolve(
     )
     inputs.offload_blocks = 0 if k == "auto" else k
     inputs.shards = shards
-    gpu = int(cfg.train.memory_budget_gb * GiB) if gpu_bytes is None else gpu_bytes
+    gpu = budget_bytes(cfg) if gpu_bytes is None else gpu_bytes
     return fit(inputs, gpu, free=free, planner=planner)
+
+
+def budget_bytes(cfg, device=None) -> int:
+    """`train.memory_budget_gb` in bytes; `auto` is the total memory of the GPU the run has (`device`, default the
+    current one). Raises ConfigError where there is none."""
+    gb = cfg.train.memory_budget_gb
+    if gb != "auto":
+        return int(gb * GiB)
+    if not torch.cuda.is_available():
+        raise ConfigError("train.memory_budget_gb: auto reads the GPU's size, and there is no GPU here; give the size "
+                          "to plan for in GB, e.g. train.memory_budget_gb=24")  # fmt: skip
+    return torch.cuda.get_device_properties(torch.device(device or "cuda")).total_memory
 
 
 def largest_step(cfg, entries, tokenizer) -> tuple[int, tuple[int, int]]:
@@ -308,7 +320,7 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1, ste
     recipe = resolve(cfg, references, prompt_tokens=tokens, bucket=bucket, shards=num_processes if fsdp else 1,
                      processes=num_processes)  # fmt: skip
     if recipe is not None and not recipe.fits:
-        budget = cfg.train.memory_budget_gb
+        budget = recipe.gpu_bytes / GiB
         plan = f"`qwen-lora plan --config ... --gpu-memory {budget:g}GB"
         more = "" if cfg.train.offload_blocks == "auto" else "offloaded blocks, "  # the 16 GB card's answer
         hint = (

@@ -41,7 +41,7 @@ def _plan(args) -> int:
     from qwen_image_lora.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    gpu = parse_memory(args.gpu_memory) if args.gpu_memory else int(cfg.train.memory_budget_gb * 2**30)
+    gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None  # None: train.memory_budget_gb, read below
     # After the config and the size are read: the planner traces a step with torch, diffusers and peft, which take
     # seconds to import, and a typo should not wait for them.
     from qwen_image_lora import model as qmodel
@@ -51,6 +51,13 @@ def _plan(args) -> int:
     from qwen_image_lora.train.preflight import check_shardable
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    if gpu is None:
+        try:
+            gpu = memory_fit.budget_bytes(cfg)
+        except ConfigError as e:  # `auto` on a machine without a GPU: plan names the size to plan for
+            raise InputError(
+                f"--gpu-memory: {e}; or give the card's size here, e.g. --gpu-memory 24GB", "--gpu-memory"
+            ) from None
     as_configured = args.as_configured or args.checkpointing != "config"
     if as_configured and args.processes > 1:
         check_shardable(cfg)
