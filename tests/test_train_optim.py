@@ -124,3 +124,11 @@ def test_adamw_runs_the_fused_kernel_with_foreach_numbers():
                                   eps=cfg.eps, foreach=True)  # fmt: skip
     assert _run(opt, w, target, 20) == pytest.approx(_run(reference, w_ref, target, 20), rel=1e-5)
     torch.testing.assert_close(w.detach(), w_ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_prodigy_says_nothing_of_its_own_defaults(capsys):
+    """prodigyopt printed "Using decoupled weight decay" (its default) on every run with a weight decay."""
+    if importlib.util.find_spec("prodigyopt") is None:
+        pytest.skip("prodigyopt not installed (pip install -e '.[optim]')")
+    build_optimizer([torch.nn.Parameter(torch.zeros(4))], OptimConfig(name="prodigy", lr=1.0, weight_decay=0.01))
+    assert capsys.readouterr().out == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 from typing import Iterator
 
 import torch
@@ -12,6 +13,7 @@ from diffusers.optimization import get_scheduler
 from qwen_image_lora.config import ConfigError, OptimConfig
 
 # Optional optimizers: config name -> (import name, pip package).
+PRODIGY_DEFAULT_LINE = "Using decoupled weight decay"
 _OPTIONAL = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "prodigy": ("prodigyopt", "prodigyopt")}
 
 
@@ -37,7 +39,13 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
         import prodigyopt  # noqa: PLC0415 - the optim extra, only for its optimizer
 
         # Prodigy estimates the step size itself; lr is a multiplier (1.0 is the usual value).
-        return prodigyopt.Prodigy(params, **common)
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):  # it prints its own default (`decouple=True`) on every run
+            optimizer = prodigyopt.Prodigy(params, **common)
+        for line in said.getvalue().splitlines():
+            if line != PRODIGY_DEFAULT_LINE:  # anything else it prints still shows
+                print(line)
+        return optimizer
     raise ConfigError(f"optim.name: unknown {cfg.name!r}; use adamw, adamw8bit or prodigy")
 
 
