@@ -192,8 +192,9 @@ def run_batch(
                     bar.skip()  # a refused job wrote nothing: it read as "575 imgs/s"
                     continue
                 entry = _entry(generator, job, base_seed, default_loras, extra)
-                if not job.images:  # the size the pixel budget gave; an edit's follows its input, so a line that
-                    entry.update(width=image.width, height=image.height)  # recorded one re-rendered at another size
+                if not job.images:  # the size the pixel budget gave, not the preset asked for (a line with both is
+                    # refused); an edit's follows its input, so a line that recorded one re-rendered at another size
+                    entry.update(width=image.width, height=image.height, aspect_ratio=None)
                 entry.update(seconds=round(time.perf_counter() - start, 3), settings=settings, bytes=out.stat().st_size)
                 _append(output_dir / MANIFEST, entry)
                 result.written.append(job.id)

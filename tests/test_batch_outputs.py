@@ -120,21 +120,23 @@ def test_an_output_whose_settings_of_ours_are_damaged_is_rendered_again_as_gener
 
 def test_an_edits_manifest_line_renders_the_same_image_again(gen, tmp_path):
     """Every edit's line recorded the output's size as width/height: fed back as a job, an unmasked edit rendered at
-    that size (another image), and a masked one was refused (a masked edit keeps its image's size)."""
+    that size (another image), and a masked one was refused (a masked edit keeps its image's size). A preset's line
+    recorded its aspect_ratio beside the size it gave, a line every edge refuses."""
     Image.new("RGB", (80, 64), "orange").save(tmp_path / "photo.png")
     Image.new("L", (80, 64), 0).save(tmp_path / "mask.png")
     with Image.open(tmp_path / "mask.png") as m:
         m.paste(255, (40, 0, 80, 64))
         m.save(tmp_path / "mask.png")
     edit = {"prompt": "on marble", "num_inference_steps": 2, "images": ["photo.png"]}
-    first = _write_jobs(tmp_path / "a.jsonl", edit, {**edit, "mask": "mask.png"}, RED_MUG)
+    wide = {"prompt": "a wide mug", "num_inference_steps": 2, "aspect_ratio": "16:9"}  # fmt: skip
+    first = _write_jobs(tmp_path / "a.jsonl", edit, {**edit, "mask": "mask.png"}, RED_MUG, wide)
     run_batch(gen, read_jobs(first), tmp_path / "out", progress=False)
-    keep = ("prompt", "num_inference_steps", "guidance_scale", "images", "mask", "seed", "width", "height")
-    lines = [{k: e[k] for k in keep if e.get(k) is not None} for e in _manifest(tmp_path / "out")]
-    assert [(e.get("width"), e.get("height")) for e in lines] == [(None, None), (None, None), (64, 64)]
+    bookkeeping = ("index", "model", "resolution", "process_index", "seconds", "settings", "bytes")
+    lines = [{k: v for k, v in e.items() if k not in bookkeeping} for e in _manifest(tmp_path / "out")]
+    assert [(e.get("width"), e.get("height")) for e in lines][:3] == [(None, None), (None, None), (64, 64)]
     again = tmp_path / "again"
     run_batch(gen, read_jobs(_write_jobs(tmp_path / "b.jsonl", *lines)), again, progress=False)
-    for name in ("000000.png", "000001.png", "000002.png"):
+    for name in ("000000.png", "000001.png", "000002.png", "000003.png"):
         with Image.open(tmp_path / "out" / name) as a, Image.open(again / name) as b:
             assert a.tobytes() == b.tobytes(), name
 
