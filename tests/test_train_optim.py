@@ -132,3 +132,14 @@ def test_prodigy_says_nothing_of_its_own_defaults(capsys):
         pytest.skip("prodigyopt not installed (pip install -e '.[optim]')")
     build_optimizer([torch.nn.Parameter(torch.zeros(4))], OptimConfig(name="prodigy", lr=1.0, weight_decay=0.01))
     assert capsys.readouterr().out == ""
+    import prodigyopt  # noqa: PLC0415 - the optim extra, checked above
+
+    class Chatty(prodigyopt.Prodigy):  # anything else it might print is no default of its own: it still shows
+        def __init__(self, *args, **kwargs):
+            print("prodigy: a real problem")
+            super().__init__(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prodigyopt, "Prodigy", Chatty)
+        build_optimizer([torch.nn.Parameter(torch.zeros(4))], OptimConfig(name="prodigy", lr=1.0, weight_decay=0.01))
+    assert capsys.readouterr().out == "prodigy: a real problem\n"
