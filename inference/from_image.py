@@ -4,6 +4,7 @@ each recorded input or adapter is used only while its file still has the recorde
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from qwen_image_lora.adapter_format import resolve_file
@@ -12,6 +13,20 @@ from qwen_image_lora.hub import is_hub_id
 from qwen_image_lora.inference.generator import ImageSettings
 from qwen_image_lora.io import content_hash
 from qwen_image_lora.knobs import QUALITY, SamplingConfig, check_range
+
+
+def _recorded_model(image: Path, pretrained: str) -> str:
+    """The model an image names. An API image names a local folder by its name alone (the server's path is not
+    given to clients): it was looked up on the hub (`hf download tiny`), or taken from a folder of that name here
+    without a word."""
+    if "/" in pretrained or "\\" in pretrained:  # a path, or a hub id (owner/name)
+        return pretrained
+    if not Path(pretrained).is_dir():
+        raise InputError(f"--from {image}: it names its model by a folder name alone, {pretrained!r} (an image made by "
+                         "`qwen-lora serve`, which keeps the server's path to itself); give --model PATH", "--model")  # fmt: skip
+    print(f"note: --from {image}: it names its model by a folder name alone; using ./{pretrained} (give --model "
+          "PATH for another)", file=sys.stderr)  # fmt: skip
+    return pretrained
 
 
 def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
@@ -37,8 +52,8 @@ def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
             setattr(args, f.name, getattr(made, f.name))
     args.prompt = args.prompt if args.prompt is not None else made.prompt
     if made.model is not None:
-        if "model.pretrained" not in overridden:
-            args.model = args.model or made.model.pretrained
+        if "model.pretrained" not in overridden and not args.model:
+            args.model = _recorded_model(image, made.model.pretrained)
         if "model.dtype" not in overridden:
             args.dtype = args.dtype or made.model.dtype
         if made.model.revision is not None:

@@ -239,6 +239,28 @@ def test_batch_outputs_and_an_api_response_carry_the_same_settings_block(gen, ti
     assert str(tiny_model_dir.parent) not in r.text
 
 
+def test_from_an_api_image_asks_for_the_model_it_names_by_folder_name_alone(gen, tiny_model_dir, tmp_path, capsys,
+                                                                           monkeypatch):  # fmt: skip
+    """An API image names a local model folder by its name: `--from` looked it up on the hub ("hf download tiny-...")
+    or took a folder of that name in the working folder without a word."""
+    cfg = Config()
+    cfg.model.pretrained, cfg.data.resolution, cfg.serve.max_steps = str(tiny_model_dir), 64, 4
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as client:
+        r = client.post("/v1/images", json={"prompt": "a mug", "seed": 5, "num_inference_steps": 1},
+                        headers={"x-api-key": KEY})  # fmt: skip
+    (tmp_path / "api.png").write_bytes(r.content)
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--from", "api.png", "--output", "again.png"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --from api.png: it names its model by a folder name alone, '{tiny_model_dir.name}' (an image made by "
+        "`qwen-lora serve`, which keeps the server's path to itself); give --model PATH"
+    )
+    shutil.copytree(tiny_model_dir, tmp_path / tiny_model_dir.name)  # a folder of that name here: taken, and said
+    assert main(["generate", "--from", "api.png", "--output", "again.png"]) == 0
+    assert f"using ./{tiny_model_dir.name} (give --model PATH for another)" in capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open("again.png")), np.asarray(Image.open("api.png")))
+
+
 def test_a_recorded_quality_out_of_range_is_named_with_the_image(made, tmp_path, capsys):
     settings = read_settings(made / "images" / "out.png") | {"quality": 101}
     odd = made / "images" / "odd.png"  # beside the original: its adapter's recorded path still holds
