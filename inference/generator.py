@@ -285,7 +285,7 @@ class Generator:
         `where`), though every field it gave is within them: one side given sets the other from the image's aspect, an
         aspect preset or no size sets both from the pixel budget, and omitted steps are the pipeline's."""
         steps = request.num_inference_steps or self.default_steps
-        if steps > max_steps:
+        if request.num_inference_steps is None and steps > max_steps:  # a given one is refused with the request
             raise SettingError("num_inference_steps", f"omitted, it is the pipeline's {steps}, above {where}.max_steps "
                                                       f"({max_steps}); give num_inference_steps <= {max_steps}")  # fmt: skip
         width, height = self._size(request)

@@ -382,8 +382,8 @@ def _decode_one(
             image = decode_image(data, max_side=max_side, colours=colours)
         (w, h), said = identify(data).size if max(image.size) == max_side else image.size, None
         if max(w, h) > max_side:  # the CLI reads files up to 4096 px: the same edit came back smaller here, unsaid
-            said = (f"{w}x{h} was read at {image.width}x{image.height} (this service's serve.max_side, {max_side} "
-                    "px on the long side), so the result is that size")  # fmt: skip
+            said = (f"{w}x{h} was read at {image.width}x{image.height} (this service reads inputs up to {max_side} px "
+                    f"on the long side: serve.max_side, at most {MAX_INPUT_SIDE}), so the result is that size")  # fmt: skip
         return image, bytes_record(data), said
     except (URLRefused, ImageInputError) as e:
         raise RequestError(413 if e.too_large else 422, str(e), loc) from e

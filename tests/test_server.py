@@ -241,8 +241,8 @@ def test_an_input_downscaled_to_max_side_is_said_to_the_client(client):
     r = client.post("/v1/images", json=edit(image=[b64_png(), big]), headers=AUTH)
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (256, 128)
     assert r.headers["x-warning"] == (
-        "image[1]: 600x300 was read at 256x128 (this service's serve.max_side, 256 px on the long side), so the "
-        "result is that size"
+        "image[1]: 600x300 was read at 256x128 (this service reads inputs up to 256 px on the long side: "
+        "serve.max_side, at most 2048), so the result is that size"
     )
     assert "x-warning" not in client.post("/v1/images", json=edit(), headers=AUTH).headers
 
