@@ -55,6 +55,10 @@ def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
+# A batch line's names for what a request body calls otherwise (`qwen-lora batch` says the way back: "did you mean").
+BATCH_NAMES = {"images": "image", "output": "output_format"}
+
+
 def validation_error_body(errors: list[dict]) -> dict:
     """FastAPI's 422 shape without `input`/`ctx`: those echo the request (megabytes of base64) and may hold NaN or
     inf, which no JSON encoder may write (FastAPI's default handler then fails with a 500). A `loc` names what the
@@ -80,6 +84,8 @@ def _located(error: dict) -> tuple[list, str]:
     field = error["loc"][-1] if error["loc"] else None
     if error["type"] == "less_than_equal" and field in REQUEST_LIMITS:  # "<= 100" said nothing of where 100 comes from
         return list(error["loc"]), f"{error['msg']} (this service's serve.{REQUEST_LIMITS[field]})"
+    if error["type"] == "extra_forbidden" and field in BATCH_NAMES:  # a batch line sent as a request
+        return list(error["loc"]), f"{error['msg']}; a batch line's {field!r} is {BATCH_NAMES[field]!r} here"
     if error["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, " before it
         return list(error["loc"]), error["msg"].removeprefix("Value error, ")
     return list(error["loc"]), error["msg"]

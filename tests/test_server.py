@@ -247,6 +247,17 @@ def test_an_input_downscaled_to_max_side_is_said_to_the_client(client):
     assert "x-warning" not in client.post("/v1/images", json=edit(), headers=AUTH).headers
 
 
+def test_a_batch_lines_field_names_sent_to_the_api_say_the_apis(client):
+    """A copied batch line was refused "Extra inputs are not permitted" at `images` and `output`, naming no way on;
+    the batch command says "did you mean 'images'?" the other way round."""
+    line = {"prompt": "on marble", "images": [b64_png()], "output": "sku.webp", "num_inference_steps": 1}
+    r = client.post("/v1/images", json=line, headers=AUTH)
+    assert r.status_code == 422 and [(d["loc"], d["msg"]) for d in r.json()["detail"]] == [
+        (["body", "images"], "Extra inputs are not permitted; a batch line's 'images' is 'image' here"),
+        (["body", "output"], "Extra inputs are not permitted; a batch line's 'output' is 'output_format' here"),
+    ]
+
+
 def test_limits_answer_413_and_422_naming_the_field(client):
     assert (
         client.post("/v1/images", json=edit(image=b64_png(400, 400)), headers=AUTH).status_code == 413
