@@ -45,6 +45,10 @@ _NEW_FONT_MANAGER = "generated new fontManager"
 # kernels ("Performance may be worse than eager"). A fact about the model's code, not a choice the user can change;
 # `compile` is still faster (scripts/bench_speed.py).
 _INDUCTOR_COMPLEX = "Torchinductor does not support code generation for complex operators"
+# ... and, compiling on a machine without a GPU where a CUDA toolkit folder exists (CUDA_HOME), that it found no CUDA
+# runtime: the CPU compile needs none.
+_CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
+_NO_CUDA_RUNTIME = "No CUDA runtime is found, using CUDA_HOME="
 # Weights smaller than this load in well under a second: a progress bar for them is noise.
 # wandb.init's settings wherever a run starts: wandb still says where the run is (its URL, or its offline folder and
 # `wandb sync`) and its warnings, but not the run-history charts and summary it draws at the end (~20 lines).
@@ -102,6 +106,7 @@ def install_message_filters() -> None:
         (_DIFFUSERS_LOGGER_TORCHAO, _TORCHAO_INT8_FP32),
         (_TOKENIZER_LOGGER, _TOO_LONG),
         (_MATPLOTLIB_FONTS_LOGGER, _NEW_FONT_MANAGER),
+        (_CPP_EXTENSION_LOGGER, _NO_CUDA_RUNTIME),
     ):
         logger = logging.getLogger(name)
         if not any(getattr(f, "prefix", None) == prefix for f in logger.filters):

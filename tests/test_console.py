@@ -30,6 +30,7 @@ NOISE = (
     "torch.float32 for integer quantization",
     "led to missing keys",
     "Token indices sequence length",
+    "No CUDA runtime is found",
 )
 
 # Every noise source above, in one process: build a model, load it, two adapters (one's name inside the other's), a
@@ -61,6 +62,7 @@ gen.adapters.set({"a": 1.0})
 gen.generate(GenerationRequest(prompt="a bottle", guidance_scale=4.0, num_inference_steps=1, width=64, height=64))
 gen.adapters.unload("a")
 gen.pipe.processor.tokenizer("a " * 40000)  # past the tokenizer's context: the doctor names such a caption itself
+logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
 import warnings
 warnings.warn_explicit("Torchinductor does not support code generation for complex operators. Performance may be "
                        "worse than eager.", UserWarning, "lowering.py", 1, module="torch._inductor.lowering")
