@@ -284,10 +284,10 @@ class Generator:
         """Refuse a request whose render would pass `max_side` or `max_steps` (a deployment's limits, named by
         `where`), though every field it gave is within them: one side given sets the other from the image's aspect, an
         aspect preset or no size sets both from the pixel budget, and omitted steps are the pipeline's."""
-        steps = request.num_inference_steps or self.default_steps
-        if request.num_inference_steps is None and steps > max_steps:  # a given one is refused with the request
-            raise SettingError("num_inference_steps", f"omitted, it is the pipeline's {steps}, above {where}.max_steps "
-                                                      f"({max_steps}); give num_inference_steps <= {max_steps}")  # fmt: skip
+        if request.num_inference_steps is None and self.default_steps > max_steps:  # a given one: refused before
+            raise SettingError("num_inference_steps", f"omitted, it is the pipeline's {self.default_steps}, above "
+                                                      f"{where}.max_steps ({max_steps}); give num_inference_steps <= "
+                                                      f"{max_steps}")  # fmt: skip
         width, height = self._size(request)
         if max(width, height) <= max_side:
             return

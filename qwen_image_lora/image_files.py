@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import numbers
 import struct
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL import Image, PngImagePlugin
 from qwen_image_lora.errors import InputError
 from qwen_image_lora.images import INPUT_FORMATS, MAX_DECODED_PIXELS, SRGB_PROFILE, ImageInputError, opened
 from qwen_image_lora.io import atomic_path
-from qwen_image_lora.knobs import QUALITY, SettingError
+from qwen_image_lora.knobs import QUALITY
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -67,13 +66,7 @@ def encode_image(
     written into the file, where `read_settings` finds it; no timestamp, so the same settings give the same bytes.
     `png_text`: further text chunks of a PNG (`read_png_text` reads one back)."""
     fmt = _pil_format(fmt)
-    if (
-        isinstance(quality, bool)
-        or not isinstance(quality, numbers.Integral)
-        or not QUALITY.low <= quality <= QUALITY.high
-    ):
-        # every edge refuses it; the Python API wrote a file at quality 500
-        raise SettingError("quality", f"must be a whole number from {QUALITY.low} to {QUALITY.high} (got {quality!r})")
+    QUALITY.check("quality", quality)  # every edge refuses it; the Python API wrote a file at quality 500
     if fmt == "JPEG" and image.mode in ("RGBA", "LA", "P"):
         rgba = image.convert("RGBA")
         white = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -46,6 +46,11 @@ class Bounded:
     high: int
     help: str
 
+    def check(self, field: str, value) -> None:
+        """Raise SettingError naming `field` unless `value` is a whole number within the limits (True is not 1)."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not self.low <= value <= self.high:
+            raise SettingError(field, f"must be a whole number from {self.low} to {self.high} (got {value!r})")
+
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit number
 QUALITY = Bounded(95, 1, 100, "JPEG/WebP quality")

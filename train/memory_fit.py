@@ -285,16 +285,16 @@ def resolve(
     return fit(inputs, gpu, free=free, planner=planner)
 
 
-def budget_bytes(cfg, device=None) -> int:
-    """`train.memory_budget_gb` in bytes; `auto` is the total memory of the GPU the run has (`device`, default the
-    current one). Raises ConfigError where there is none."""
+def budget_bytes(cfg) -> int:
+    """`train.memory_budget_gb` in bytes; `auto` is the total memory of the run's GPU (the current device). Raises
+    ConfigError where there is none."""
     gb = cfg.train.memory_budget_gb
     if gb != "auto":
         return int(gb * GiB)
     if not torch.cuda.is_available():
         raise ConfigError("train.memory_budget_gb: auto reads the GPU's size, and there is no GPU here; give the size "
                           "to plan for in GB, e.g. train.memory_budget_gb=24")  # fmt: skip
-    return torch.cuda.get_device_properties(torch.device(device or "cuda")).total_memory
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 
 def largest_step(cfg, entries, tokenizer) -> tuple[int, tuple[int, int]]:
