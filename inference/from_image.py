@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from qwen_image_lora.adapter_format import resolve_file
-from qwen_image_lora.errors import InputError, NotFound
+from qwen_image_lora.errors import InputError, NotFound, UserError
 from qwen_image_lora.hub import is_hub_id
 from qwen_image_lora.inference.generator import ImageSettings
 from qwen_image_lora.io import content_hash
-from qwen_image_lora.knobs import QUALITY, SamplingConfig, check_range
+from qwen_image_lora.knobs import QUALITY, SamplingConfig, check_range, parse_lora_arg
 
 
 def _recorded_model(image: Path, pretrained: str) -> str:
@@ -61,6 +61,8 @@ def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
     args.overrides = [f"data.resolution={made.resolution}", *args.overrides]
     if not args.lora:
         args.lora = [f"{recorded_adapter(image, a)}:{a.weight!r}" for a in made.loras]
+    else:
+        args.lora = [_with_recorded_weight(item, made.loras) for item in args.lora]
     if args.command == "edit":
         if not args.image:
             if not made.images:
@@ -76,6 +78,20 @@ def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
         except InputError as e:
             raise InputError(f"--from {image}: its {e}; give --quality", "--quality") from None
         args.quality = made.quality
+
+
+def _with_recorded_weight(item: str, records) -> str:
+    """`--lora PATH` without a weight, given with `--from`: the weight the image recorded for the same weights file
+    (by sha256). It had rendered at 1.0."""
+    path, _ = parse_lora_arg(item)
+    if path != item:  # a weight was given
+        return item
+    try:
+        digest = content_hash(resolve_file(path))
+    except UserError:  # not there, or a hub adapter not cached: loading it names the problem
+        return item
+    weight = next((r.weight for r in records if r.sha256 == digest), None)
+    return item if weight is None else f"{path}:{weight!r}"
 
 
 def recorded_file(image: Path, record, option: str, what: str) -> str:

@@ -31,7 +31,10 @@ from qwen_image_lora.knobs import (
 )
 from qwen_image_lora.typed_yaml import ConfigError
 
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Letters and digits of any script (Flasche_grün.png, 瓶子.png), '.', '_' and '-': no separators, no invisible or
+# right-to-left controls, and a letter or digit first (no hidden file, no '..').
+_SAFE_ID = re.compile(r"[^\W_][\w.-]{0,127}")
+_SAFE_RULE = "letters, digits, '.', '_' or '-', a letter or digit first"
 
 
 @dataclass
@@ -125,7 +128,8 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
         _claim_id(job.id, True, where, ids)
     job.id = str(job.id)
     if job.output is not None and (Path(job.output).name != job.output or not _SAFE_ID.fullmatch(job.output)):
-        raise InputError(f"{where}: output {job.output!r} must be a plain file name inside the output folder")
+        raise InputError(f"{where}: output {job.output!r} must be a plain file name inside the output folder "
+                         f"({_SAFE_RULE})", "output")  # fmt: skip
     if job.mask is not None and not job.images:
         raise InputError(f"{where}: mask needs images (it applies to the last one)")
     _check_inputs(job, where)
@@ -142,7 +146,7 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
 def _claim_id(job_id: str, defaulted: bool, where: str, ids: dict) -> None:
     """Record a line's id; one that is unsafe or another line's is refused."""
     if not _SAFE_ID.fullmatch(job_id):
-        raise InputError(f"{where}: id {job_id!r} must be letters, digits, '.', '_' or '-'", "id")
+        raise InputError(f"{where}: id {job_id!r} must be {_SAFE_RULE}", "id")
     if job_id in ids:  # the manifest keys jobs by id: two under one would each redo the other on every rerun
         line, first_defaulted = ids[job_id]
         how = " (a line without an id is named by its position)" if defaulted or first_defaulted else ""

@@ -265,3 +265,20 @@ def test_a_quality_for_a_png_or_a_feather_without_a_mask_is_said_once_per_settin
         "note: 2 jobs give quality, which applies to JPEG and WebP outputs; a PNG is lossless",
         "note: 1 job gives mask_feather, which applies only to a masked edit (with a mask)",
     ]
+
+
+def test_output_names_and_ids_in_any_script_are_written_and_rerun_without_rendering_again(gen, tmp_path):
+    """`"output": "Flasche_grün.png"` was refused as not "a plain file name"; so was an id like 瓶子."""
+    out = tmp_path / "out"
+    jobs = _write_jobs(tmp_path / "a.jsonl", {**RED_MUG, "output": "Flasche_grün.png"}, {**RED_MUG, "id": "瓶子"})
+    for _ in range(2):
+        result = run_batch(gen, read_jobs(jobs), out, progress=False)
+    assert result.skipped == ["000000", "瓶子"] and gen.rendered == ["a red mug", "a red mug"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["Flasche_grün.png", "瓶子.png"]
+    assert [e["output"] for e in _manifest(out)] == ["Flasche_grün.png", "瓶子.png"]
+
+
+@pytest.mark.parametrize("name", ["u\u0308.png", "a\u202egnp.exe", "a\u200db.png", "_x.png", ".x.png", "a b.png"])
+def test_an_output_name_with_a_combining_mark_a_control_or_a_hidden_start_is_refused(tmp_path, name):
+    with pytest.raises(InputError, match=re.escape(f"output {name!r} must be a plain file name inside the output folder")):
+        read_jobs(_write_jobs(tmp_path / "a.jsonl", {**RED_MUG, "output": name}))

@@ -8,6 +8,7 @@ from PIL import Image
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import ConfigError, load_config, save_config
 from qwen_image_lora.model import load_pipeline
+from qwen_image_lora.train.early import schedule_warnings
 
 
 def write(tmp_path, text, name="c.yaml"):
@@ -473,3 +474,19 @@ def test_a_yaml_syntax_error_is_one_line_with_its_place(tmp_path):
         f"{bad}: not valid YAML at line 3, column 2: expected <block end>, but found '<block mapping start>' (while "
         "parsing a block mapping)"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "lr", "said"),
+    [("adamw", 1e-20, "barely moves"), ("adamw8bit", 0.5, "tends to diverge"), ("prodigy", 1e-4, "barely moves"),
+     ("adamw", 1e-4, None), ("adamw", 5e-3, None), ("prodigy", 1.0, None)],
+)  # fmt: skip
+def test_a_learning_rate_outside_where_the_optimizer_trains_a_lora_is_a_warning(name, lr, said):
+    """`optim.lr=1e-20` trained 1000 steps without a word, as did prodigy given AdamW's 1e-4 (its lr multiplies
+    the step it finds)."""
+    cfg = load_config("configs/demo.yaml", [f"optim.name={name}", f"optim.lr={lr}"])
+    lr_said = [w for w in schedule_warnings(cfg) if w.startswith("optim.lr")]
+    if said is None:
+        assert lr_said == []
+    else:
+        assert len(lr_said) == 1 and lr_said[0].startswith(f"optim.lr={lr:g} is outside ") and said in lr_said[0]

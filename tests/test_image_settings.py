@@ -136,6 +136,16 @@ def test_generate_from_an_image_recreates_it_pixel_for_pixel_and_flags_override(
         {k: v for k, v in recorded.items() if k not in ("seed", "loras")}  # fmt: skip
 
 
+def test_a_lora_given_without_a_weight_with_from_takes_the_weight_the_image_recorded(made, tmp_path, monkeypatch):
+    """`--from out.png --lora PATH` rendered the recorded adapter at 1.0, not the 0.8 the image was made with."""
+    monkeypatch.chdir(tmp_path)
+    out = made / "images" / "out.png"
+    assert main(["generate", "--from", str(out), "--lora", str(made / "brand"), "--output", "same.png"]) == 0
+    assert read_settings("same.png")["loras"][0]["weight"] == 0.8 and np.array_equal(pixels("same.png"), pixels(out))
+    assert main(["generate", "--from", str(out), "--lora", f"{made / 'brand'}:0.3", "--output", "given.png"]) == 0
+    assert read_settings("given.png")["loras"][0]["weight"] == 0.3  # a weight given here wins
+
+
 def test_a_resolution_given_with_from_replaces_the_recorded_size(made, tmp_path, monkeypatch):
     """The recorded 96x64 would outrank data.resolution, leaving the size as it was while the file said 128."""
     monkeypatch.chdir(tmp_path)

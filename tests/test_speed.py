@@ -223,7 +223,7 @@ def test_settings_that_cannot_work_are_refused_by_the_config(overrides, field):
         load_config(DEMO, overrides)
 
 
-def test_a_bad_backend_or_flex_training_on_cpu_stops_before_weights_load(
+def test_a_bad_backend_flex_or_fp16_training_on_cpu_stops_before_weights_load(
     tiny_model_dir, sample_data_dir, tmp_path, capsys, monkeypatch
 ):
     loads = []
@@ -232,6 +232,7 @@ def test_a_bad_backend_or_flex_training_on_cpu_stops_before_weights_load(
     for extra, field in (
         (["model.attention_backend=flash_attn"], "model.attention_backend: 'flash_attn'"),
         (["model.attention=flex", "model.compile=blocks"], "model.attention: flex trains on CUDA only"),
+        (["train.mixed_precision=fp16"], "train.mixed_precision: fp16 has no autocast on the CPU"),
     ):
         args = [
             "--config",

@@ -19,6 +19,9 @@ from qwen_image_lora.data.sources import Item, check_edit_files, load_items
 from qwen_image_lora.errors import UserError
 from qwen_image_lora.train.run_folder import RunFolder
 
+# Where each optimizer trains a LoRA; outside, a run either barely moves the adapter or tends to diverge. prodigy
+# adapts its own step size: its lr is a multiplier, usually 1.0.
+LR_RANGES = {"adamw": (1e-6, 1e-2), "adamw8bit": (1e-6, 1e-2), "prodigy": (0.1, 10.0)}
 MAIN_SPEAKS_S = 3.0  # how long a rank other than the main one waits, on an error, before it exits
 
 
@@ -117,6 +120,11 @@ def schedule_warnings(cfg: Config, resuming: bool = False) -> list[str]:
                     f"(at most {min(steps, warmup) / max(warmup, 1):.0%} of it); lower the warm-up")  # fmt: skip
     for text in cfg.validation.unused_said():
         said.append(f"validation.{text}: previews render without it")
+    low, high = LR_RANGES[cfg.optim.name]
+    if not low <= cfg.optim.lr <= high:
+        effect = "the adapter barely moves" if cfg.optim.lr < low else "training tends to diverge"
+        said.append(f"optim.lr={cfg.optim.lr:g} is outside {low:g}..{high:g}, where {cfg.optim.name} trains a LoRA: "
+                    f"{effect}")  # fmt: skip
     return said
 
 

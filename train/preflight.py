@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from accelerate import PartialState
+
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import speed
 from qwen_image_lora.config import Config, ConfigError
@@ -26,6 +28,9 @@ def check_before_loading(cfg: Config, resuming: bool = False) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     check_tracker_available(cfg.tracking)
+    if cfg.train.mixed_precision == "fp16" and PartialState().device.type == "cpu":  # accelerate trains fp32, silently
+        raise ConfigError("train.mixed_precision: fp16 has no autocast on the CPU (the run would train in float32 "
+                          'while its model card said fp16); use bf16 or "no"', "train.mixed_precision")  # fmt: skip
     if ranks.fsdp_launch():
         check_shardable(cfg)
     elif ranks.launched_processes() > 1 and cfg.train.offload_blocks not in (0, "auto"):  # was found after the load
