@@ -280,5 +280,7 @@ def test_output_names_and_ids_in_any_script_are_written_and_rerun_without_render
 
 @pytest.mark.parametrize("name", ["u\u0308.png", "a\u202egnp.exe", "a\u200db.png", "_x.png", ".x.png", "a b.png"])
 def test_an_output_name_with_a_combining_mark_a_control_or_a_hidden_start_is_refused(tmp_path, name):
-    with pytest.raises(InputError, match=re.escape(f"output {name!r} must be a plain file name inside the output folder")):
+    with pytest.raises(
+        InputError, match=re.escape(f"output {name!r} must be a plain file name inside the output folder")
+    ):
         read_jobs(_write_jobs(tmp_path / "a.jsonl", {**RED_MUG, "output": name}))
