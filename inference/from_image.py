@@ -59,14 +59,12 @@ def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
         if made.model.revision is not None:
             args.overrides = [f"model.revision={made.model.revision}", *args.overrides]  # a later override wins
     args.overrides = [f"data.resolution={made.resolution}", *args.overrides]
-    if not args.lora:
-        args.lora = [f"{recorded_adapter(image, a)}:{a.weight!r}" for a in made.loras]
-    else:
-        args.lora = [_with_recorded_weight(item, made.loras) for item in args.lora]
+    args.lora = _given_adapters(image, args.lora, made.loras) if args.lora else _recorded_adapters(image, made.loras)
     if args.command == "edit":
         if not args.image:
             if not made.images:
-                raise InputError(f"--image: {image} was made from text alone; give the images to edit", "--image")
+                raise InputError(f"--from {image}: it was made from text alone; give --image for the images to edit",
+                                 "--image")  # fmt: skip
             args.image = [recorded_file(image, r, "--image", f"input image {i}") for i, r in enumerate(made.images, 1)]
         if args.mask is None and made.mask is not None:
             args.mask = recorded_file(image, made.mask, "--mask", "the mask")
@@ -78,20 +76,6 @@ def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
         except InputError as e:
             raise InputError(f"--from {image}: its {e}; give --quality", "--quality") from None
         args.quality = made.quality
-
-
-def _with_recorded_weight(item: str, records) -> str:
-    """`--lora PATH` without a weight, given with `--from`: the weight the image recorded for the same weights file
-    (by sha256). It had rendered at 1.0."""
-    path, _ = parse_lora_arg(item)
-    if path != item:  # a weight was given
-        return item
-    try:
-        digest = content_hash(resolve_file(path))
-    except UserError:  # not there, or a hub adapter not cached: loading it names the problem
-        return item
-    weight = next((r.weight for r in records if r.sha256 == digest), None)
-    return item if weight is None else f"{path}:{weight!r}"
 
 
 def recorded_file(image: Path, record, option: str, what: str) -> str:
@@ -108,23 +92,61 @@ def recorded_file(image: Path, record, option: str, what: str) -> str:
     return str(path)
 
 
+def _recorded_adapters(image: Path, records) -> list[str]:
+    """Each adapter the image was made with, as `PATH:WEIGHT`; or one error naming every one that cannot be used,
+    with a `--lora` for each (a fix that named the first alone, once followed, replaced the whole list: the others
+    were dropped without a word)."""
+    found: dict[str, str] = {}
+    problems = []
+    for record in records:
+        try:
+            found[record.name] = recorded_adapter(image, record)
+        except _Unusable as e:
+            problems.append(f"adapter {record.name!r}: {e}")
+    if problems:
+        fix = " ".join(f"--lora {found.get(r.name, 'PATH')}:{r.weight!r}" for r in records)
+        raise InputError(f"--from {image}: {'; '.join(problems)}; give {fix}", "--lora")
+    return [f"{found[r.name]}:{r.weight!r}" for r in records]
+
+
+def _given_adapters(image: Path, items: list[str], records) -> list[str]:
+    """`--lora` given with `--from` replaces the recorded adapters. One given without a weight takes the weight the
+    image recorded for the same file (by sha256; it had rendered at 1.0); a recorded adapter left out is said."""
+    given, digests = [], set()
+    for item in items:
+        path, _ = parse_lora_arg(item)
+        try:
+            digest = content_hash(resolve_file(path))
+        except UserError:  # not there, or a hub adapter not cached: loading it names the problem
+            given.append(item)
+            continue
+        digests.add(digest)
+        weight = next((r.weight for r in records if r.sha256 == digest), None)
+        given.append(f"{path}:{weight!r}" if path == item and weight is not None else item)
+    left_out = [f"{r.name!r} at {r.weight!r}" for r in records if r.sha256 not in digests]
+    if left_out:
+        print(f"note: --from {image}: the --lora given replace the adapters it was made with; left out: "
+              f"{', '.join(left_out)}", file=sys.stderr)  # fmt: skip
+    return given
+
+
+class _Unusable(Exception):
+    """Why a recorded adapter cannot be used as recorded."""
+
+
 def recorded_adapter(image: Path, record) -> str:
     """A recorded adapter (a path relative to the image, or a hub id), if its weights file still has the recorded
-    sha256."""
-    head = f"--from {image}: adapter {record.name!r}"
+    sha256; else _Unusable says why."""
     if record.path is None:
-        raise InputError(
-            f"{head} is a server's (recorded by sha256 alone); give --lora PATH:{record.weight!r}", "--lora"
-        )
+        raise _Unusable("it is a server's (recorded by sha256 alone)")
     local = image.parent / record.path
     hub = is_hub_id(record.path) and not local.exists()
     if not hub and not local.exists():
-        raise NotFound(f"{head}: {local} is not there any more; give --lora", "--lora")
+        raise _Unusable(f"{local} is not there any more")
     try:
         file = resolve_file(record.path if hub else local)
-    except InputError as e:  # a hub adapter that is not cached, offline
-        raise NotFound(f"{head}: {e}; give --lora", "--lora") from None
+    except UserError as e:  # a hub adapter that is not cached, offline
+        raise _Unusable(str(e)) from None
     if content_hash(file) != record.sha256:
-        raise InputError(f"{head}: {file} has changed since the image was made (sha256 differs); give --lora to use "
-                         "it as it is", "--lora")  # fmt: skip
+        raise _Unusable(f"{file} has changed since the image was made (sha256 differs)")
     return record.path if hub else str(local)

@@ -203,6 +203,9 @@ def check_outputs_free(path: str | Path) -> None:
     if flat.exists() and marked is None:
         raise LayersError(f"output: {flat} exists and is not a flattened image of layers (which writes <name>.png "
                           "beside the layered file); move it or choose another output name", "output")  # fmt: skip
+    if marked not in (None, path.name) and (flat.parent / marked).exists():  # sku.zip after sku.psd: one sku.png
+        raise LayersError(f"output: {flat} is the flattened image of {flat.parent / marked}, and {path.name} would "
+                          f"replace it (both flatten to {flat.name}); choose another output name", "output")  # fmt: skip
     if path.exists() and (not path.is_file() or path.stat().st_size) and marked != path.name:
         raise LayersError(f"output: {path} exists and was not written by layers (no flattened {flat.name} beside it "
                           "names it), so it is kept; move it or choose another output name", "output")  # fmt: skip

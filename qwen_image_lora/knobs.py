@@ -179,7 +179,10 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
             if Path(head).expanduser().exists() and not Path(text).expanduser().exists():  # run:abc, not a path
                 raise SettingError("--lora", f"{text}: the weight after ':' must be a number (got {tail!r})") from None
             return text, 1.0
-        check_adapter_weight("--lora", weight)  # a NaN weight renders a black, transparent image
+        try:
+            check_adapter_weight("--lora", weight)  # a NaN weight renders a black, transparent image
+        except SettingError as e:  # which of several --lora it is
+            raise SettingError("--lora", f"{text}: the weight {e.message}") from None
         return head, weight
     return text, 1.0
 

@@ -217,10 +217,13 @@ def test_the_python_api_names_load_on_first_use():
             "--quality: must be a whole number from 1",
         ),
         (["edit", "--prompt", "x", "--mask-feather", "1000", "--output", "a.png"], "--mask-feather: must be a whole"),
-        (["generate", "--prompt", "x", "--lora", "run:nan", "--output", "a.png"], "--lora: must be a number from -4.0"),
         (
-            ["generate", "--prompt", "x", "--lora", "run:-100", "--output", "a.png"],
-            "--lora: must be a number from -4.0",
+            ["generate", "--prompt", "x", "--lora", "run:nan", "--output", "a.png"],
+            "--lora: run:nan: the weight must be",
+        ),
+        (  # which of several --lora it is
+            ["generate", "--prompt", "x", "--lora", "a", "--lora", "run:-100", "--output", "a.png"],
+            "--lora: run:-100: the weight must be a number from -4.0 to 4.0 (got -100.0)",
         ),
         (["plan", "--config", str(DEMO), "--references", "11"], "--references: expected 0 to 10, the model's limit"),
         (["plan", "--config", str(DEMO), "--references", "-1"], "--references: expected 0 to 10"),

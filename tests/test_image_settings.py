@@ -146,6 +146,32 @@ def test_a_lora_given_without_a_weight_with_from_takes_the_weight_the_image_reco
     assert read_settings("given.png")["loras"][0]["weight"] == 0.3  # a weight given here wins
 
 
+def test_from_names_every_adapter_it_cannot_use_and_says_those_a_given_lora_leaves_out(
+    gen, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """The error named the first adapter that was gone, and following its "give --lora" rendered without the
+    other: exit 0, another image."""
+    monkeypatch.chdir(tmp_path)
+    make_random_lora(gen.pipe.transformer, tmp_path / "style", seed=5)
+    make_random_lora(gen.pipe.transformer, tmp_path / "sku", seed=6)
+    argv = ["generate", "--model", str(tiny_model_dir), *TINY, "--prompt", "a", "--steps", "2", "--lora", "style:0.5",
+            "--lora", "sku:-1.0"]  # fmt: skip
+    assert main([*argv, "--output", "two.png"]) == 0
+    shutil.move(tmp_path / "sku", tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["generate", "--from", "two.png", "--output", "again.png"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --from two.png: adapter 'sku': sku is not there any more; give --lora style:0.5 --lora PATH:-1.0"
+    )
+    assert main(["generate", "--from", "two.png", "--lora", "style", "--output", "one.png"]) == 0
+    assert capsys.readouterr().err.strip() == (
+        "note: --from two.png: the --lora given replace the adapters it was made with; left out: 'sku' at -1.0"
+    )
+    assert [(a["name"], a["weight"]) for a in read_settings("one.png")["loras"]] == [("style", 0.5)]
+    assert main(["generate", "--from", "two.png", "--lora", "style", "--lora", "moved", "--output", "same.png"]) == 0
+    assert capsys.readouterr().err == "" and np.array_equal(pixels("same.png"), pixels("two.png"))
+
+
 def test_a_resolution_given_with_from_replaces_the_recorded_size(made, tmp_path, monkeypatch):
     """The recorded 96x64 would outrank data.resolution, leaving the size as it was while the file said 128."""
     monkeypatch.chdir(tmp_path)
@@ -174,7 +200,7 @@ def test_from_checks_the_adapter_hash_and_names_itself_when_an_image_has_no_sett
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert (
         err
-        == f"error: --from {image}: adapter 'brand': {tmp_path / 'images' / '..' / 'brand'} is not there any more; give --lora"
+        == f"error: --from {image}: adapter 'brand': {tmp_path / 'images' / '..' / 'brand'} is not there any more; give --lora PATH:0.8"
     )
     make_random_lora(gen.pipe.transformer, tmp_path / "brand", seed=4)  # retrained: same name, other weights
     assert main(argv) == 2
@@ -211,6 +237,16 @@ def test_edit_from_uses_the_recorded_inputs_while_they_keep_their_hash(tiny_mode
     Image.new("RGB", (80, 48), "red").save(src)  # the input changed since
     assert main(["edit", "--from", str(edited), "--output", str(tmp_path / "x.png")]) == 2
     assert "input image 1" in (err := capsys.readouterr().err) and "has changed" in err and "give --image" in err
+    t2i = tmp_path / "t2i.png"
+    assert (
+        main(["generate", "--model", str(tiny_model_dir), *TINY, "--prompt", "a", "--steps", "1", "--output", str(t2i)])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["edit", "--from", str(t2i), "--output", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.strip() == (  # it named --image, as if the image had been given there
+        f"error: --from {t2i}: it was made from text alone; give --image for the images to edit"
+    )
 
 
 def test_batch_outputs_and_an_api_response_carry_the_same_settings_block(gen, tiny_model_dir, tmp_path):

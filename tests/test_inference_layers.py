@@ -13,10 +13,11 @@ from psd_tools.constants import Resource
 from scipy.ndimage import distance_transform_edt
 
 from qwen_image_lora.cli import main
-from qwen_image_lora.image_files import SRGB_ICC, read_settings
+from qwen_image_lora.image_files import SRGB_ICC, read_settings, save_image
 from qwen_image_lora.inference import layers as layer_output
 from qwen_image_lora.inference import mask_rules, masking
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
+from qwen_image_lora.inference.layers import FLATTENED_KEY
 from tests.test_inference_masking import random_mask
 from tests.unchosen import unchosen_seeds
 
@@ -120,7 +121,7 @@ def test_openraster_and_zip_outputs(made, tmp_path):
         assert z.read("mimetype") == b"image/openraster"
         stack = ElementTree.fromstring(z.read("stack.xml"))
         assert [e.get("name") for e in stack.iter("layer")] == [layer.name for layer in reversed(result.layers)]
-    archive, flat = layer_output.save_layers(result, tmp_path / "out.zip")
+    archive, flat = layer_output.save_layers(result, tmp_path / "other.zip")  # out.png is out.ora's
     with zipfile.ZipFile(archive) as z:
         index = json.loads(z.read("layers.json"))
         assert [entry["name"] for entry in index["layers"]] == [layer.name for layer in result.layers]
@@ -392,6 +393,28 @@ def test_a_layered_file_layers_did_not_write_is_kept(tmp_path, capsys, unloadabl
     (tmp_path / "empty.ora").touch()
     assert main([*argv[:-1], str(tmp_path / "empty.ora")]) == 2  # got past the check: the model is what fails
     assert "model" in capsys.readouterr().err
+
+
+def test_a_second_layered_file_of_the_same_stem_does_not_take_the_first_ones_flattened_image(
+    tmp_path, capsys, unloadable_model
+):
+    """`--output sku.zip` after `--output sku.psd` replaced sku.png, the PSD's flattened image, with another render;
+    the PSD was then refused as "not written by layers". Refused before the model loads while the first file is
+    there."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    (tmp_path / "sku.psd").write_bytes(b"8BPS" + bytes(40))
+    save_image(Image.new("RGB", (64, 64)), tmp_path / "sku.png", png_text={FLATTENED_KEY: "sku.psd"})
+    flat = (tmp_path / "sku.png").read_bytes()
+    argv = ["layers", "--model", str(unloadable_model), "--image", str(tmp_path / "in.png"), "--mask", "auto",
+            "--output", str(tmp_path / "sku.zip")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --output: {tmp_path / 'sku.png'} is the flattened image of {tmp_path / 'sku.psd'}, and sku.zip would "
+        "replace it (both flatten to sku.png); choose another output name"
+    )
+    assert (tmp_path / "sku.png").read_bytes() == flat
+    (tmp_path / "sku.psd").unlink()  # the file it flattened is gone: the image is ours to replace
+    assert main(argv) == 2 and "model" in capsys.readouterr().err
 
 
 def test_an_element_outside_the_limits_is_refused_naming_the_limit_and_the_option(tmp_path, capsys, unloadable_model):
