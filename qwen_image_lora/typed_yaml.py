@@ -42,6 +42,10 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
 
+# YAML 1.1 reads `1e-4` (an exponent without a dot) as a string; YAML 1.2, JSON and every user read it as a number.
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 MAX_VALUES = 100_000  # a config holds hundreds; nine nested aliases of nine items expand to 9**9
 
 
@@ -266,6 +270,18 @@ def _yaml_repr(value) -> str:
     return repr(value)
 
 
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_number(text: str) -> bool:
+    return _parses_as_float(text) and math.isfinite(float(text))
+
+
 def _coerce(value, tp, dotted: str, where: str, base: Path):
     """Check `value` against the annotation `tp`; convert int->float only. Raise naming the field."""
     origin = typing.get_origin(tp)
@@ -279,6 +295,8 @@ def _coerce(value, tp, dotted: str, where: str, base: Path):
             f'; YAML reads an unquoted {word} as {_yaml_repr(value)}: quote it: {dotted.rsplit(".", 1)[-1]}: "{word}"'
         )
 
+    if isinstance(value, str) and tp in (float, int, float | None, int | None) and _is_number(value):
+        hint = "; write the number without quotes"
     bad = ConfigError(f"{where}: {dotted} must be {_type_name(tp)} (got {_yaml_repr(value)}){hint}")
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -318,12 +336,11 @@ def _coerce(value, tp, dotted: str, where: str, base: Path):
             return value
         raise bad
     if tp is float:
-        try:  # a str too: YAML 1.1 reads `1e-4` (no dot) as a string
-            number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
-        except ValueError:
-            number = None
-        if number is None:
+        if isinstance(value, str) and not _is_number(value) and _parses_as_float(value):  # nan, inf: the range
+            raise _NotFinite(f"{where}: {dotted} must be a finite number (got {float(value)})")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):  # "2" from a batch line's JSON too
             raise bad
+        number = float(value)
         if not math.isfinite(number):
             raise _NotFinite(f"{where}: {dotted} must be a finite number (got {number})")
         return number

@@ -393,6 +393,10 @@ def test_batch_job_errors_name_the_line_and_field(tmp_path):
     for text, match in [
         ('{"prompt": "a"}\n{"promt": "b"}', "jobs.jsonl:2: unknown key 'promt'; did you mean 'prompt'"),
         ('{"prompt": "a", "seed": "7"}', "jobs.jsonl:1: seed must be int or null"),
+        (
+            '{"prompt": "a", "guidance_scale": "2"}',
+            r"guidance_scale must be float or null \(got '2'\); write the number",
+        ),
         ('{"prompt": "a", "loras": {"brand": "high"}}', "jobs.jsonl:1: loras must be a mapping or null"),
         ('{"prompt": "a", "index": 3}', "jobs.jsonl:1: unknown key 'index'"),
         ('{"prompt": "a", "foo": 3}', "jobs.jsonl:1: unknown key 'foo'; valid keys: [^']*, quality$"),  # not `index`

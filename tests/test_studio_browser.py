@@ -80,7 +80,7 @@ def server(tiny_model_dir, tmp_path_factory):
     cfg.data.resolution, cfg.serve.max_steps, cfg.serve.runs_dir = 64, 4, str(root / "runs")
     cfg.serve.adapters = [
         ServeAdapter("brand", str(make_random_lora(gen.pipe.transformer, run, seed=5)), 0.8),
-        ServeAdapter("sketch", str(make_random_lora(gen.pipe.transformer, root / "sketch", seed=6)), 0.0),
+        ServeAdapter("sketch", str(make_random_lora(gen.pipe.transformer, root / "sketch", seed=6)), -0.5),
     ]
     app = create_app(cfg, [KEY], generator=gen)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
@@ -160,10 +160,13 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     gate.set()
     wait.until(lambda _: len(cards()) == 2)
 
-    # adapter weights: brand off (Home), sketch up by keyboard; base vs adapters at one seed
+    # adapter weights: the service's whole range (sketch's -0.5 showed, and was sent, as off); brand off, sketch up by
+    # keyboard; base vs adapters at one seed
     brand, sketch = d.find_elements(By.CSS_SELECTOR, "#adapter-list input[type=range]")
-    brand.send_keys(Keys.HOME)
-    sketch.send_keys(*[Keys.ARROW_RIGHT] * 20)
+    assert [o.text for o in d.find_elements(By.CSS_SELECTOR, "#adapter-list output")] == ["0.80", "-0.50"]
+    assert (sketch.get_attribute("min"), sketch.get_attribute("max")) == ("-4", "4")  # LoraRef.weight's bounds
+    brand.send_keys(*[Keys.ARROW_LEFT] * 16)
+    sketch.send_keys(*[Keys.ARROW_RIGHT] * 30)
     outputs = [o.text for o in d.find_elements(By.CSS_SELECTOR, "#adapter-list output")]
     assert outputs == ["0.00", "1.00"]
     css("#compare").click()
@@ -453,7 +456,7 @@ def test_a_painted_mask_keeps_every_unpainted_pixel(server, browser, tmp_path):
     wait.until(lambda _: d.execute_script("return window.sent['/v1/layers']"))
     sent = d.execute_script("return window.sent['/v1/layers']")  # the page's settings, as Generate sends them
     assert (sent["loras"], sent["num_inference_steps"], sent["mask_feather"], sent["prompt"]) == (
-        [{"name": "brand", "weight": 0.8}],  # the sketch adapter's slider is at 0: off
+        [{"name": "brand", "weight": 0.8}, {"name": "sketch", "weight": -0.5}],  # each at its configured weight
         1,
         0,
         "a new background",

@@ -83,7 +83,7 @@ function describe(loc, msg, names) {
 
 // What this server offers, from its OpenAPI document (open, no key needed).
 export async function capabilities() {
-  const caps = { mask: false, layers: null, maxSteps: 100, maxGuidance: 20, aspects: ["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"] };
+  const caps = { mask: false, layers: null, maxSteps: 100, maxGuidance: 20, maxWeight: 4, aspects: ["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"] };
   let spec;
   try {
     spec = await (await fetch("/openapi.json")).json();
@@ -94,6 +94,8 @@ export async function capabilities() {
   caps.mask = "mask" in props;
   caps.maxSteps = props.num_inference_steps?.anyOf?.[0]?.maximum ?? props.num_inference_steps?.maximum ?? caps.maxSteps;
   caps.maxGuidance = props.guidance_scale?.anyOf?.[0]?.maximum ?? props.guidance_scale?.maximum ?? caps.maxGuidance;
+  const weight = spec.components?.schemas?.LoraRef?.properties?.weight;
+  caps.maxWeight = weight?.anyOf?.[0]?.maximum ?? weight?.maximum ?? caps.maxWeight;
   const aspects = props.aspect_ratio?.anyOf?.[0]?.enum ?? props.aspect_ratio?.enum;
   if (aspects) caps.aspects = aspects;
   if (spec.paths?.["/v1/layers"]?.post) {

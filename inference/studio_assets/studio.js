@@ -93,7 +93,8 @@ function renderAdapters(list) {
   adapters = list;
   const items = list.map((a) => {
     const id = `w-${a.name.replace(/[^A-Za-z0-9_-]/g, "_")}`;
-    const range = el("input", { type: "range", id, min: 0, max: Math.max(2, a.weight), step: 0.05, value: a.weight });
+    // The service's whole range: from 0 up, a weight configured below 0 showed (and was sent) as off.
+    const range = el("input", { type: "range", id, min: -caps.maxWeight, max: caps.maxWeight, step: 0.05, value: a.weight });
     const out = el("output", { for: id }, Number(a.weight).toFixed(2));
     const update = () => {
       out.textContent = Number(range.value).toFixed(2);
