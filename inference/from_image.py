@@ -68,7 +68,7 @@ def apply_from(args, image: Path, no_size: tuple[str, ...]) -> None:
             args.image = [recorded_file(image, r, "--image", f"input image {i}") for i, r in enumerate(made.images, 1)]
         if args.mask is None and made.mask is not None:
             args.mask = recorded_file(image, made.mask, "--mask", "the mask")
-        if "mask_feather" not in given:
+        if "mask_feather" not in given and made.mask_feather is not None:
             args.mask_feather = made.mask_feather
     if made.quality is not None and "quality" not in given:
         try:

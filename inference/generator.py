@@ -157,7 +157,7 @@ class ImageSettings(SamplingConfig):
     loras: list[AdapterRecord] = field(default_factory=list)
     images: list[InputRecord] = field(default_factory=list)  # [] = text-to-image
     mask: InputRecord | None = None
-    mask_feather: int = MASK_FEATHER.default
+    mask_feather: int | None = MASK_FEATHER.default  # None without a mask, where it did not act
     quality: int | None = None  # a JPEG's or WebP's (`image_files.encode_image` adds it); None for a PNG
 
     @classmethod
@@ -367,7 +367,8 @@ class Generator:
         model = ModelRecord(pretrained, self.model.revision, dtype)
         made = ImageSettings(**sampling, prompt=request.prompt, model=model, resolution=self.resolution, loras=loras,
                              images=list(inputs) if request.images else [],
-                             mask=mask if request.mask is not None else None, mask_feather=request.mask_feather)  # fmt: skip
+                             mask=mask if request.mask is not None else None,
+                             mask_feather=request.mask_feather if request.mask is not None else None)  # fmt: skip
         block = {"prompt": request.prompt} | dataclasses.asdict(made)  # the prompt first, for a person reading it
         del block["quality"]  # the file's encoding: `image_files.settings_as_written` adds it to a JPEG's or WebP's
         return block

@@ -107,10 +107,12 @@ def test_generate_writes_its_settings_into_png_webp_and_jpeg_and_prints_the_seed
     png, webp, jpg = (read_settings(made / "images" / n) for n in ("out.png", "out.webp", "out.jpg"))
     assert "quality" not in png and webp.pop("quality") == jpg.pop("quality") == 95  # a lossy file's encoding
     assert png == webp == jpg
+    # no mask: the feather did not act (it was recorded as 8)
     assert {k: png[k] for k in ("prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale", "width",
-                                "height", "aspect_ratio", "resolution")} == {
+                                "height", "aspect_ratio", "resolution", "mask", "mask_feather")} == {
         "prompt": "a bottle, Fläschchen", "negative_prompt": "blurry", "seed": 3, "num_inference_steps": 2,
-        "guidance_scale": 2.5, "width": 96, "height": 64, "aspect_ratio": None, "resolution": 64}  # fmt: skip
+        "guidance_scale": 2.5, "width": 96, "height": 64, "aspect_ratio": None, "resolution": 64, "mask": None,
+        "mask_feather": None}  # fmt: skip
     assert png["model"] == {"pretrained": str(tiny_model_dir), "revision": None, "dtype": "float32"}
     weights = made / "brand" / "pytorch_lora_weights.safetensors"
     assert png["loras"] == [{"name": "brand", "weight": 0.8, "sha256": sha256(weights), "path": "../brand"}]
