@@ -21,18 +21,21 @@ class MaskError(InputError):
         super().__init__(message, field)
 
 
+def check_aspect(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """A mask of another aspect ratio than its image is refused: resizing it would distort it."""
+    if not same_aspect(mask_size, image_size):
+        (mw, mh), (iw, ih) = mask_size, image_size
+        raise MaskError(f"mask: {mw}x{mh} has another aspect ratio than the image ({iw}x{ih}); resizing it would "
+                        "distort it. Export the mask at the image's size.")  # fmt: skip
+
+
 def prepare_mask(mask: Image.Image, size: tuple[int, int], warn: bool = True, subject: bool = False) -> Image.Image:
     """The mask as 8-bit grey at its image's `size` (white = may change). Resized when only the scale differs.
     `warn=False`: an edge's check before the model loads, which the generator's own call repeats. `subject`: a layers
     mask, white on the subject: its refusals say so (they spoke of a masked edit's "may change" and "plain edit")."""
     grey = mask.convert("RGBA").getchannel("A") if _alpha_only(mask) else mask.convert("L")
     if grey.size != size:
-        (mw, mh), (iw, ih) = grey.size, size
-        if not same_aspect(grey.size, size):
-            raise MaskError(
-                f"mask: {mw}x{mh} has another aspect ratio than the image ({iw}x{ih}); resizing it would distort it. "
-                "Export the mask at the image's size."
-            )
+        check_aspect(grey.size, size)
         grey = grey.resize(size, Image.Resampling.BILINEAR)
     lo, hi = grey.getextrema()
     if subject and hi < 128:

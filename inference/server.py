@@ -41,6 +41,7 @@ from qwen_image_lora.errors import InputError
 from qwen_image_lora.image_files import MEDIA_TYPES, encode_image, format_for, settings_as_written
 from qwen_image_lora.images import MAX_INPUT_SIDE, ImageInputError, decode_cost, decode_image, identify
 from qwen_image_lora.inference import layers as layer_output
+from qwen_image_lora.inference import mask_rules
 from qwen_image_lora.inference.generator import GenerationRequest, Generator, InputRecord, bytes_record
 from qwen_image_lora.inference.guards import DecodeGate, GuardMiddleware, KeyCheck, RequestError, validation_error_body
 from qwen_image_lora.inference.metrics import Metrics
@@ -351,19 +352,24 @@ def _decode_inputs(body, serve: ServeConfig, gate: DecodeGate) -> Decoded:
     images = [_decode_one(item, ("body", "image") if isinstance(body.image, str) else ("body", "image", i), serve, gate,
                           deadline) for i, item in enumerate(items)]  # fmt: skip
     mask = body.mask if body.mask not in (None, "auto") else None
-    mask, mask_input, _ = (
-        (None, None, None) if mask is None else _decode_one(mask, ("body", "mask"), serve, gate, deadline, False)
+    mask, mask_input, _, mask_size = (
+        (None, None, None, None) if mask is None else _decode_one(mask, ("body", "mask"), serve, gate, deadline, False)
     )
+    if mask is not None and images:  # on the sizes sent: the downscaled ones were named in the 422, never sent
+        try:
+            mask_rules.check_aspect(mask_size, images[-1][3])
+        except mask_rules.MaskError as e:
+            raise RequestError(422, str(e), ("body", "mask")) from None
     downscaled = [f"image{'' if isinstance(body.image, str) else f'[{i}]'}: {said}"
-                  for i, (_, _, said) in enumerate(images) if said]  # fmt: skip
-    return Decoded([im for im, _, _ in images], mask, [record for _, record, _ in images], mask_input, downscaled)
+                  for i, (_, _, said, _) in enumerate(images) if said]  # fmt: skip
+    return Decoded([im for im, *_ in images], mask, [record for _, record, *_ in images], mask_input, downscaled)
 
 
 def _decode_one(
     item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate, deadline: float, colours: bool = True
 ) -> tuple:
     """One image (URL, base64 or data: URL) -> (PIL image, the sha256 of its bytes, a note when it was downscaled to
-    fit `serve.max_side`), or a RequestError naming `loc`. `colours=False` for a mask: its numbers are coverage, no
+    fit `serve.max_side`, its size as sent), or a RequestError naming `loc`. `colours=False` for a mask: its numbers are coverage, no
     colour profile applies."""
     try:
         if item.startswith(("http://", "https://")) or "://" in item[:16]:
@@ -384,7 +390,7 @@ def _decode_one(
         if max(w, h) > max_side:  # the CLI reads files up to 4096 px: the same edit came back smaller here, unsaid
             said = (f"{w}x{h} was read at {image.width}x{image.height} (this service reads inputs up to {max_side} px "
                     f"on the long side: serve.max_side, at most {MAX_INPUT_SIDE}), so the result is that size")  # fmt: skip
-        return image, bytes_record(data), said
+        return image, bytes_record(data), said, (w, h)
     except (URLRefused, ImageInputError) as e:
         raise RequestError(413 if e.too_large else 422, str(e), loc) from e
 

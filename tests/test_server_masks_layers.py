@@ -133,6 +133,23 @@ def test_bad_masks_get_422_naming_the_mask(client, body, field, message):
     assert detail["loc"][-1] == field and message in detail["msg"] and not detail["msg"].startswith("Value error")
 
 
+@pytest.mark.parametrize("path", ["/v1/images", "/v1/layers"])
+def test_a_mask_of_another_aspect_is_named_at_the_sizes_sent_not_the_downscaled_ones(tiny_model_dir, path):
+    """Under serve.max_side, a 192x64 mask for a 96x64 image was refused as "mask: 64x21 ... (64x43)": sizes the
+    client never sent."""
+    cfg = Config()
+    cfg.model.pretrained, cfg.serve.max_side = str(tiny_model_dir), 64
+    gen = Generator.from_pretrained(tiny_model_dir, dtype="float32", device="cpu", resolution=64)
+    with TestClient(create_app(cfg, [KEY], generator=gen)) as small:
+        body = {"prompt": "x", "image": b64(product()), "mask": b64(Image.new("L", (2 * W, H), 255))}
+        r = post(small, path, body)
+    assert r.status_code == 422, r.text
+    (detail,) = r.json()["detail"]
+    assert detail["loc"][-1] == "mask" and detail["msg"].startswith(
+        f"mask: {2 * W}x{H} has another aspect ratio than the image ({W}x{H})"
+    )
+
+
 def test_layers_endpoint_returns_a_psd_with_the_named_layers(client):
     subject = Image.new("L", (W, H), 0)
     subject.paste(255, (20, 10, 70, 50))
