@@ -20,7 +20,7 @@ from qwen_image_lora.knobs import (
     type_of,
 )
 
-FLAG_ALIASES = {"num_inference_steps": ["--steps"]}  # shorter spellings users' scripts already pass
+FLAG_ALIASES = {long: [f"--{short}"] for short, long in SamplingConfig.SHORT_NAMES.items()}
 FROM_HELP = (
     "re-create an image from the settings written into it: they are the defaults (over --config's model and "
     "data.resolution), and the flags and key=value overrides given here win (a size or data.resolution given here "

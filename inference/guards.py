@@ -17,7 +17,7 @@ from qwen_image_lora.images import DecodeCost, ImageInputError
 from qwen_image_lora.inference.metrics import Metrics
 from qwen_image_lora.inference.studio import STATIC_PATHS
 from qwen_image_lora.inference.worker import release_memory
-from qwen_image_lora.knobs import SettingError
+from qwen_image_lora.knobs import SamplingConfig, SettingError
 from qwen_image_lora.serve_config import REQUEST_LIMITS
 
 # Paths served without a key; every other path (the API, and unknown paths) needs one.
@@ -86,6 +86,8 @@ def _located(error: dict) -> tuple[list, str]:
         return list(error["loc"]), f"{error['msg']} (this service's serve.{REQUEST_LIMITS[field]})"
     if error["type"] == "extra_forbidden" and field in BATCH_NAMES:  # a batch line sent as a request
         return list(error["loc"]), f"{error['msg']}; a batch line's {field!r} is {BATCH_NAMES[field]!r} here"
+    if error["type"] == "extra_forbidden" and field in SamplingConfig.SHORT_NAMES:  # the CLI's --steps
+        return list(error["loc"]), f"{error['msg']}; did you mean {SamplingConfig.SHORT_NAMES[field]!r}?"
     if error["type"] == "value_error":  # a validator's own sentence, without pydantic's "Value error, " before it
         return list(error["loc"]), error["msg"].removeprefix("Value error, ")
     return list(error["loc"]), error["msg"]

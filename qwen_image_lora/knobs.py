@@ -252,6 +252,9 @@ class SamplingConfig:
     carry these fields, and the CLI flags and the server's request models are built from them (`GenerationRequest`
     extends it). null = the pipeline's own defaults, the ones users get."""
 
+    # Shorter names users already write: a CLI flag (--steps), and the "did you mean" of a batch line or request.
+    SHORT_NAMES: typing.ClassVar[dict[str, str]] = {"steps": "num_inference_steps"}
+
     negative_prompt: str | None = knob(None, "what to steer away from; guidance acts only with one")
     width: int | None = knob(
         None, "width in pixels (or aspect_ratio)", ("aspect_ratio",), ge=SIDE_MULTIPLE, le=MAX_SIDE,

@@ -214,7 +214,8 @@ def build(cls, raw, dotted: str, where: str, base: Path):
     unknown = [k for k in raw if k not in fields]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        short = getattr(cls, "SHORT_NAMES", {}).get(key)  # `steps` for num_inference_steps: too far for difflib
+        close = [short] if short in fields else difflib.get_close_matches(str(key), list(fields), n=1)
         hint = f"; did you mean {_join(dotted, close[0])!r}?" if close else f"; valid keys: {', '.join(fields)}"
         raise ConfigError(f"{where}: unknown key {_join(dotted, key)!r}{hint}")
     kwargs = {}

@@ -392,6 +392,7 @@ def test_batch_job_errors_name_the_line_and_field(tmp_path):
     bad = tmp_path / "jobs.jsonl"
     for text, match in [
         ('{"prompt": "a"}\n{"promt": "b"}', "jobs.jsonl:2: unknown key 'promt'; did you mean 'prompt'"),
+        ('{"prompt": "a", "steps": 3}', "jobs.jsonl:1: unknown key 'steps'; did you mean 'num_inference_steps'"),
         ('{"prompt": "a", "seed": "7"}', "jobs.jsonl:1: seed must be int or null"),
         (
             '{"prompt": "a", "guidance_scale": "2"}',

@@ -256,6 +256,10 @@ def test_a_batch_lines_field_names_sent_to_the_api_say_the_apis(client):
         (["body", "images"], "Extra inputs are not permitted; a batch line's 'images' is 'image' here"),
         (["body", "output"], "Extra inputs are not permitted; a batch line's 'output' is 'output_format' here"),
     ]
+    r = client.post("/v1/images", json={"prompt": "a", "steps": 1}, headers=AUTH)  # the CLI's --steps
+    assert [d["msg"] for d in r.json()["detail"]] == [
+        "Extra inputs are not permitted; did you mean 'num_inference_steps'?"
+    ]
 
 
 def test_limits_answer_413_and_422_naming_the_field(client):
