@@ -63,7 +63,8 @@ class Job(SamplingConfig):
         return self.output or f"{self.id}.png"
 
 
-MAX_LISTED = 10  # bad lines named in one refusal
+MAX_LISTED = 10  # bad lines named in one refusal, with why
+MAX_LINE_NUMBERS = 200  # of the lines after those: where they are, so one run finds them all
 
 
 def read_jobs(path: str | Path, adapters: list[str] | None = None) -> list[Job]:
@@ -83,7 +84,9 @@ def read_jobs(path: str | Path, adapters: list[str] | None = None) -> list[Job]:
     if len(bad) == 1:
         raise refused[0] if refused else InputError(bad[0])
     if bad:
-        more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        rest = [m.group(1) for b in bad[MAX_LISTED:] if (m := re.match(rf"{re.escape(str(path))}:(\d+):", b))]
+        shown = ", ".join(rest[:MAX_LINE_NUMBERS]) + (", ..." if len(rest) > MAX_LINE_NUMBERS else "")
+        more = f"; and {len(bad) - MAX_LISTED} more, at lines {shown}" if len(bad) > MAX_LISTED else ""
         raise InputError(f"{len(bad)} lines of {path} are refused: " + "; ".join(bad[:MAX_LISTED]) + more)
     if not jobs:
         raise InputError(f"{path}: no jobs in it (one JSON object per line; `qwen-lora batch --help` shows the format)",

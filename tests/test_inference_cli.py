@@ -451,7 +451,7 @@ def test_a_bad_jobs_file_is_one_error_line_naming_file_and_line_before_the_model
         read_jobs(jobs)
     said = str(refused.value)
     assert said.startswith(f"15 lines of {jobs} are refused: {jobs}:2: not valid JSON") and said.endswith(
-        "; and 5 more"
+        "; and 5 more, at lines 14, 15, 16, 17, 18"  # where the rest are: it said "and 5 more" alone
     )
     assert f"{jobs}:3: job.width: must be a positive multiple of 32" in said and f"{jobs}:4: each line must be" in said
     assert f"{jobs}:5: unknown key 'steps'" in said and f"{jobs}:6: prompt is required" in said
