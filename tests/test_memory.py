@@ -170,7 +170,9 @@ def test_plan_command_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert main(["plan", "--config", str(config), "--gpu-memory", "2GB", "--references", "1", "--as-configured"]) == 0
     assert "as configured, for 2.0 GiB: no checkpointing" in capsys.readouterr().out
     assert main(["plan", "--config", str(config), "--gpu-memory", "512MiB", "--references", "0", "--check"]) == 1
-    assert "nothing fits; the most frugal recipe for 0.5 GiB: every block checkpointed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nothing fits; the most frugal recipe for 0.5 GiB: every block checkpointed" in out
+    assert "  to fit: lower data.resolution or train.batch_size (as KEY=VALUE here), or plan a larger card" in out
     assert main(["plan", "--config", str(config), "--gpu-memory", "2GB", "--references", "1", "--processes", "2"]) == 0
     out = capsys.readouterr().out
     assert "sharded across 2 processes (FSDP2)" in out and "--num_processes 2 train/lora.py" in out

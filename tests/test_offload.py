@@ -6,6 +6,7 @@ leave, and the losses equal the run without offload. The GPU test (run where CUD
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -213,6 +214,17 @@ def test_auto_offloads_the_fewest_blocks_that_fit_the_budget(tmp_path):
     assert ddp.plan.offloaded == 0 and not ddp.fits
 
 
+def test_offloaded_blocks_and_a_quantized_base_are_said_when_set_by_hand(caplog):
+    """`auto` said its recipe and FSDP its sharding; offload_blocks=2 or model.quantize=int8 trained without a word."""
+    transformer = QwenImage21Transformer2DModel(**SMALL).requires_grad_(False)
+    cfg = load_config(None, ["train.gradient_checkpointing=true", "train.offload_blocks=2", "model.quantize=int8"])
+    with caplog.at_level(logging.INFO, "qwen_image_lora.train"):
+        memory_fit.apply(transformer, cfg, torch.device("cpu"), references=0)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory: ")]
+    blocks = len(transformer.transformer_blocks)
+    assert said == [f"memory: the first 2 of {blocks} blocks stream from CPU memory; the frozen base is int8"]
+
+
 def test_an_fsdp_launch_leaves_placement_to_fully_shard(monkeypatch):
     """Under FSDP each rank must never hold the whole base on its device: `apply` leaves the weights where they
     loaded and `fully_shard` (in `ranks.prepare`) moves one block at a time, keeping that rank's shard. The device
@@ -276,6 +288,10 @@ def test_a_budget_missed_by_auto_checkpointing_names_offloading_among_the_ways_o
                              "train.memory_budget_gb=0.5"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"also tries offloaded blocks, an 8-bit optimizer and a quantized base"):
         memory_fit.apply(None, cfg, "cpu", references=0)  # refused before the transformer is touched
+    from_file = load_config("configs/demo.yaml", [f"model.pretrained={tiny_model_dir}", "train.memory_budget_gb=0.5",
+                                                  "train.gradient_checkpointing=auto"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"`qwen-lora plan --config configs/demo.yaml KEY=VALUE\.\.\. --gpu-memory"):
+        memory_fit.apply(None, from_file, "cpu", references=0)  # it said `--config ...`
 
 
 def test_a_budget_nothing_fits_does_not_promise_that_plan_finds_a_recipe(tiny_model_dir):
@@ -307,6 +323,7 @@ def test_a_budget_of_auto_is_the_cards_size_and_said_where_there_is_no_card(tiny
         "train.memory_budget_gb=auto",
     ]
     assert cli_main(argv) == 2
-    assert capsys.readouterr().err.strip().endswith("or give the card's size here, e.g. --gpu-memory 24GB")
+    err = capsys.readouterr().err.strip()  # it began "--gpu-memory:", a flag not given
+    assert err.startswith("error: train.memory_budget_gb: auto reads") and err.endswith("e.g. --gpu-memory 24GB")
     with pytest.raises(ConfigError, match=r"train.memory_budget_gb: must be > 0 or auto \(got -1.0\)"):
         load_config(None, ["train.memory_budget_gb=-1"])

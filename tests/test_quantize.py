@@ -91,6 +91,11 @@ def test_quantized_base_trains_within_tolerance_of_the_unquantized_run(runs, qua
     for step, (a, b) in enumerate(zip(quantized, base, strict=True), 1):
         assert abs(a - b) <= LOSS_TOLERANCE * b, (step, a, b)
     assert quantized != base  # the base really was quantized
+    card = (runs[quantize] / "README.md").read_text()  # the model card said nothing of it
+    assert (
+        f"| frozen base | {quantize} |" in card
+        and "| frozen base | float32 |" in (runs["none"] / "README.md").read_text()
+    )
 
 
 @pytest.mark.parametrize("quantize", ON_CPU)

@@ -159,6 +159,7 @@ def model_card(cfg: Config, metadata: dict, samples: dict[str, Path]) -> str:
         f"| resolution | {cfg.data.resolution} |",
         f"| timesteps / weighting | {cfg.train.timestep_sampling} / {cfg.train.loss_weighting} |",
         f"| mixed precision | {cfg.train.mixed_precision} |",
+        f"| frozen base | {cfg.model.quantize if cfg.model.quantize != 'none' else cfg.model.dtype} |",
         f"| EMA | {cfg.train.ema_decay or 'off'} |",
         f"| final loss (mean of last steps) | {f'{final:.4f}' if isinstance(final, float) else final} |",
     ]

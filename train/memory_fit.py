@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from qwen_image_lora.train import memory, offload, ranks
 from qwen_image_lora.train.block_checkpointing import apply_block_checkpointing
 from qwen_image_lora.train.early import check_offload_blocks
 from qwen_image_lora.train.memory import GiB, MemoryPlan, PlanInputs, plan_memory
+
+logger = logging.getLogger("qwen_image_lora.train")
 
 KNOBS = ("checkpoint", "offload", "optimizer", "quantize")
 # What the ladder reaches for, in order, beyond the config's own optimizer and quantization.
@@ -321,7 +324,8 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1, ste
                      processes=num_processes)  # fmt: skip
     if recipe is not None and not recipe.fits:
         budget = recipe.gpu_bytes / GiB
-        plan = f"`qwen-lora plan --config ... --gpu-memory {budget:g}GB"
+        config = "" if cfg.source in (None, "<defaults>") else f" --config {cfg.source}"
+        plan = f"`qwen-lora plan{config} KEY=VALUE... --gpu-memory {budget:g}GB"  # this run's overrides
         more = "" if cfg.train.offload_blocks == "auto" else "offloaded blocks, "  # the 16 GB card's answer
         hint = (
             f"{plan} --processes N` plans more FSDP2 processes" if fsdp
@@ -352,6 +356,10 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1, ste
             "train.offload_blocks: not with model.compile (the streaming hooks sit inside the "
             "compiled blocks); set model.compile: false"
         )
+    if recipe is None and (k or cfg.model.quantize != "none"):  # `auto` says its recipe; FSDP says its sharding
+        said = [f"the first {k} of {n} blocks stream from CPU memory"] if k else []
+        said += [f"the frozen base is {cfg.model.quantize}"] if cfg.model.quantize != "none" else []
+        logger.info("memory: %s", "; ".join(said))
     if everything:
         transformer.enable_gradient_checkpointing()
     elif checkpointed:

@@ -29,11 +29,13 @@ _UNITS = {"": 2**30, "g": 2**30, "gb": 2**30, "gib": 2**30, "m": 2**20, "mb": 2*
 def parse_memory(text: str) -> int:
     """'80GB', '80GiB', '24' (GiB) or '40960MiB' -> bytes. GB and GiB both mean 2**30 here: GPU sizes are sold
     in binary units (an "80GB" H100 has ~79.2 GiB usable, which the context margin covers)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) == 0:  # 0 planned "nothing fits", exit 0
+    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
         raise InputError(
             f"--gpu-memory: expected a size such as 80GB, 24GiB or 40960MiB (got {text!r})", "--gpu-memory"
         )
+    if float(m.group(1)) <= 0:  # 0 planned "nothing fits", exit 0
+        raise InputError(f"--gpu-memory: must be more than 0 (got {text!r})", "--gpu-memory")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -55,9 +57,7 @@ def _plan(args) -> int:
         try:
             gpu = memory_fit.budget_bytes(cfg)
         except ConfigError as e:  # `auto` on a machine without a GPU: plan names the size to plan for
-            raise InputError(
-                f"--gpu-memory: {e}; or give the card's size here, e.g. --gpu-memory 24GB", "--gpu-memory"
-            ) from None
+            raise InputError(f"{e}; or give the card's size here, e.g. --gpu-memory 24GB", "--gpu-memory") from None
     as_configured = args.as_configured or args.checkpointing != "config"
     if as_configured and args.processes > 1:
         check_shardable(cfg)
@@ -84,6 +84,8 @@ def _plan(args) -> int:
         verdict = "recipe" if recipe.fits else "nothing fits; the most frugal recipe"
         print(f"{verdict} for {gpu / 2**30:.1f} GiB: {recipe.describe()}")
     print(f"  {' '.join(recipe.overrides())}")
+    if not recipe.fits:
+        print("  to fit: lower data.resolution or train.batch_size (as KEY=VALUE here), or plan a larger card")
     if args.processes > 1:
         print(
             f"  launch: accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes {args.processes} "
