@@ -292,8 +292,8 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     Image.new("L", (64, 48), 255).save(tmp_path / "m.png")
     lines = [{"id": "mug", "prompt": "a mug", "images": ["in/a.png"], "seed": 3, "loras": {"brand": 0.5}},
              {"id": "typo", "prompt": "a mug", "images": ["in/a.png"], "guidance": 5},
-             {"id": "masked", "prompt": "a mug", "images": ["in/a.png"], "mask": "m.png",
-              "mask_feather": 2}]  # fmt: skip
+             {"prompt": "a mug", "images": ["in/a.png"], "mask": "m.png", "mask_feather": 2,
+              "output": "masked.webp"}]  # fmt: skip
     (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
     css("#batch-files").clear()
     css("#batch-files").send_keys(f"{tmp_path / 'jobs.jsonl'}\n{tmp_path / 'a.png'}\n{tmp_path / 'm.png'}")
@@ -309,6 +309,7 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     ]
     masked, job = settings[:2]  # the newest first
     assert (masked["mask"], masked["mask_feather"], masked["image"]) == ("m.png", 2, ["a.png"])
+    assert masked["output_format"] == "webp"  # from its output's extension, as `qwen-lora batch` reads it (was PNG)
     assert (job["loras"], job["seed"], job["image"], job["num_inference_steps"]) == (
         [{"name": "brand", "weight": 0.5}],
         3,

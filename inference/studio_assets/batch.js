@@ -8,6 +8,7 @@ import { $, el, download, showAlert } from "./ui.js";
 import { zip } from "./zip.js";
 
 const EXT = { png: "png", jpeg: "jpg", webp: "webp" };
+const FORMAT_OF = { png: "png", jpg: "jpeg", jpeg: "jpeg", webp: "webp" }; // `qwen-lora batch`'s rule: by extension
 const FIELDS = ["prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "seed", "width", "height",
   "aspect_ratio", "output_format", "quality", "loras", "mask_feather"];
 // Named files, URLs or the job's name (not sent as they are), and an API line's response_format (the page always
@@ -72,8 +73,12 @@ async function readJobs(files, instruction, defaults) {
         // A misspelt field was dropped without a word (the API and `qwen-lora batch` refuse it), and a mask with it.
         const unknown = Object.keys(row).filter((k) => !FIELDS.includes(k) && !REFS.includes(k));
         const id = row.id ?? (typeof row.output === "string" ? row.output.replace(/\.[^.]+$/, "") : where);
-        add(id, row, [].concat(row.image ?? row.images ?? []),
-          unknown.length ? `${where}: unknown field(s) ${unknown.join(", ")}; a job takes ${[...FIELDS, ...REFS].join(", ")}` : null);
+        // A batch line's output names its format, as `qwen-lora batch` reads it: sku.webp was rendered as a PNG.
+        const ext = typeof row.output === "string" ? (row.output.match(/\.([^.]+)$/)?.[1] || "").toLowerCase() : null;
+        if (ext !== null && !row.output_format && FORMAT_OF[ext]) row.output_format = FORMAT_OF[ext];
+        const badOutput = ext !== null && !FORMAT_OF[ext] ? `${where}: output “${row.output}”: use .png, .jpg or .webp` : null;
+        add(id, row, [].concat(row.image ?? row.images ?? []), badOutput ||
+          (unknown.length ? `${where}: unknown field(s) ${unknown.join(", ")}; a job takes ${[...FIELDS, ...REFS].join(", ")}` : null));
       });
     } else {
       const rows = parseCsv(text);
@@ -96,7 +101,7 @@ async function readJobs(files, instruction, defaults) {
   if (!tables.length) for (const [name, file] of images) add(name.replace(/\.[^.]+$/, ""), {}, [file.name], null);
   const seen = new Set();
   for (const job of out) { // ids name the files in the ZIP: safe characters and unique
-    let id = String(job.id).replace(/[^A-Za-z0-9._-]+/g, "_").replace(/^[._]+/, "") || "job";
+    let id = String(job.id).replace(/[^\p{L}\p{N}._-]+/gu, "_").replace(/^[._]+/, "") || "job"; // as batch's names
     while (seen.has(id)) id += "_";
     seen.add(id);
     job.id = id;
