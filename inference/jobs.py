@@ -34,7 +34,13 @@ from qwen_image_lora.typed_yaml import ConfigError
 # Letters and digits of any script (Flasche_grün.png, 瓶子.png), '.', '_' and '-': no separators, no invisible or
 # right-to-left controls, and a letter or digit first (no hidden file, no '..').
 _SAFE_ID = re.compile(r"[^\W_][\w.-]{0,127}")
-_SAFE_RULE = "letters, digits, '.', '_' or '-', a letter or digit first"
+# A file name holds 255 bytes; an atomic write's temp name adds ~15 to the output name, an id's output 5 more.
+MAX_NAME_BYTES = 200
+_SAFE_RULE = f"letters, digits, '.', '_' or '-', a letter or digit first, at most {MAX_NAME_BYTES} bytes as UTF-8"
+
+
+def _safe_name(text: str) -> bool:
+    return bool(_SAFE_ID.fullmatch(text)) and len(text.encode()) <= MAX_NAME_BYTES
 
 
 @dataclass
@@ -130,7 +136,7 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
         job.id = f"{job.index:06d}"
         _claim_id(job.id, True, where, ids)
     job.id = str(job.id)
-    if job.output is not None and (Path(job.output).name != job.output or not _SAFE_ID.fullmatch(job.output)):
+    if job.output is not None and (Path(job.output).name != job.output or not _safe_name(job.output)):
         raise InputError(f"{where}: output {job.output!r} must be a plain file name inside the output folder "
                          f"({_SAFE_RULE})", "output")  # fmt: skip
     if job.mask is not None and not job.images:
@@ -148,7 +154,7 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
 
 def _claim_id(job_id: str, defaulted: bool, where: str, ids: dict) -> None:
     """Record a line's id; one that is unsafe or another line's is refused."""
-    if not _SAFE_ID.fullmatch(job_id):
+    if not _safe_name(job_id):
         raise InputError(f"{where}: id {job_id!r} must be {_SAFE_RULE}", "id")
     if job_id in ids:  # the manifest keys jobs by id: two under one would each redo the other on every rerun
         line, first_defaulted = ids[job_id]
