@@ -302,7 +302,24 @@ def write_diffusers(directory: str | Path, state: dict[str, torch.Tensor], confi
         weight_name=WEIGHTS_NAME,
         safe_serialization=True,
     )
-    return Path(directory) / WEIGHTS_NAME
+    return canonical_header(Path(directory) / WEIGHTS_NAME)
+
+
+def canonical_header(path: Path) -> Path:
+    """Put a safetensors file's metadata in key order, in place. safetensors 0.8 writes it in a random order (a Rust
+    HashMap), so the same weights saved twice differed in their bytes half the time: the run's last checkpoint was
+    not taken for its final adapter, and a re-export had "changed since the image was made"."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return path
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # the same entries in another order: the same length (the rest is padding)
+            f.seek(8)
+            f.write(text.ljust(size))
+    return path
 
 
 def to_comfyui(weights: AdapterWeights) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -375,6 +392,7 @@ def write_comfyui(source: str | Path, output: str | Path | None = None, model: s
     target = _export_target(Path(weights.source), output)
     with atomic_path(target) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+        canonical_header(tmp)
     return target
 
 

@@ -52,9 +52,10 @@ declare -A MODULES=(
   [colour]="qwen_image_lora/images.py|tests/test_images.py tests/test_image_settings.py|*.x__srgb_transform__mutmut_* *.x_converts_colours__mutmut_* *.x__header_facts__mutmut_* *.x__read_header_facts__mutmut_*|not decode_holds and not admitted and not overrun"
   [image_files]="qwen_image_lora/image_files.py|tests/test_images.py tests/test_image_settings.py|*.x_encode_image__mutmut_*|not decode_holds and not admitted and not overrun"
   [masking]="qwen_image_lora/inference/masking.py|tests/test_inference_masking.py|*.x_feathered_alpha__mutmut_* *.x_composite__mutmut_* *.x__mix_premultiplied__mutmut_*|not cli and not batch_job and not said_once"
-  [mask_rules]="qwen_image_lora/inference/mask_rules.py|tests/test_inference_masking.py|*.x_prepare_mask__mutmut_* *.x__alpha_only__mutmut_*|not cli and not batch_job and not said_once"
+  [mask_rules]="qwen_image_lora/inference/mask_rules.py|tests/test_inference_masking.py tests/test_server_masks_layers.py|*.x_prepare_mask__mutmut_* *.x__alpha_only__mutmut_* *.x_check_aspect__mutmut_*|not cli and not batch_job and not said_once"
+  [batch_names]="qwen_image_lora/inference/jobs.py|tests/test_batch_outputs.py tests/test_inference_cli.py|*.x__safe_name__mutmut_* *.x__claim_id__mutmut_*|"
 )
-ORDER=(objective optim guards metrics buckets urls model formats adapter_checks export auth summary screening lora_layer hub comfy_mlp colour image_files masking mask_rules)
+ORDER=(objective optim guards metrics buckets urls model formats adapter_checks export auth summary screening lora_layer hub comfy_mlp colour image_files masking mask_rules batch_names)
 [ $# -gt 0 ] && ORDER=("$@")
 
 stage() {  # $1: folder. The package as its import names lay it out, plus the tests.

@@ -257,6 +257,27 @@ def test_dora_weights_pass_through_unconverted(transformer, tmp_path):
     assert all(torch.equal(weights.state_dict[f"transformer.{k}"], v) for k, v in state.items())
 
 
+def test_the_same_adapter_written_again_is_the_same_bytes_in_both_layouts(transformer, tmp_path, tiny_model_dir):
+    """safetensors writes its metadata in a random order: a run's last checkpoint and its final adapter (the same
+    weights) differed in their bytes half the time, so `--adapter RUN --adapter RUN/checkpoints/step-N` was scored
+    twice where it should be refused, and an adapter saved again had "changed since the image was made"."""
+    make_random_lora(transformer, tmp_path / "src", rank=4, alpha=8.0)
+    state = {
+        k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "src" / adapter_format.WEIGHTS_NAME).items()
+    }
+    with safe_open(str(tmp_path / "src" / adapter_format.WEIGHTS_NAME), "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    written = [adapter_format.write_diffusers(tmp_path / f"d{i}", state, config).read_bytes() for i in range(8)]
+    exported = [
+        adapter_format.write_comfyui(tmp_path / "src", tmp_path / f"c{i}.safetensors", str(tiny_model_dir)).read_bytes()
+        for i in range(8)
+    ]
+    assert len(set(written)) == len(set(exported)) == 1
+    reread = load_file(tmp_path / "d0" / adapter_format.WEIGHTS_NAME)
+    assert reread.keys() == {f"transformer.{k}" for k in state}
+    assert all(torch.equal(reread[f"transformer.{k}"], v) for k, v in state.items())
+
+
 def test_the_comfyui_file_carries_kohyas_rank_and_alpha_header_and_alphas(transformer, tmp_path, tiny_model_dir):
     """Tools that read kohya-style files take the network's rank and alpha from the header; ComfyUI scales each
     module by its `.alpha` tensor / rank. Both must say the adapter's own scale (alpha / rank = 2 here)."""

@@ -286,3 +286,20 @@ def test_an_output_name_with_a_combining_mark_a_control_or_a_hidden_start_is_ref
         InputError, match=re.escape(f"output {name!r} must be a plain file name inside the output folder")
     ):
         read_jobs(_write_jobs(tmp_path / "a.jsonl", {**RED_MUG, "output": name}))
+
+
+def test_an_unsafe_id_or_one_given_twice_is_refused_naming_the_line_and_field_up_to_200_bytes(tmp_path):
+    folder = tmp_path / "a:b"  # a ':' in the path: the line number is what follows the last one
+    folder.mkdir()
+    with pytest.raises(InputError) as e:
+        read_jobs(_write_jobs(folder / "a.jsonl", {**RED_MUG, "id": "../x"}))
+    assert (str(e.value), e.value.field) == (
+        f"{folder / 'a.jsonl'}:1: id '../x' must be letters, digits, '.', '_' or '-', a letter or digit first, at most "
+        "200 bytes as UTF-8",
+        "id",
+    )
+    with pytest.raises(InputError, match=re.escape("a.jsonl:2: id 'x' is also line 1's id; give each job its own id")):
+        read_jobs(_write_jobs(folder / "a.jsonl", {**RED_MUG, "id": "x"}, {**RED_MUG, "id": "x"}))
+    assert read_jobs(_write_jobs(tmp_path / "b.jsonl", {**RED_MUG, "id": "é" * 100}))[0].id == "é" * 100  # 200 bytes
+    with pytest.raises(InputError, match="at most 200 bytes"):
+        read_jobs(_write_jobs(tmp_path / "b.jsonl", {**RED_MUG, "id": "é" * 100 + "x"}))

@@ -165,6 +165,39 @@ def test_bad_masks_get_clear_errors(gen, caplog):
     assert mask_rules.prepare_mask(right_half_mask().resize((W // 2, H // 2)), image.size).size == image.size
 
 
+def test_a_mask_of_the_same_aspect_at_another_scale_is_scaled_bilinearly():
+    """Bilinear: no ringing at the painted edge (PIL's default for a grey image is bicubic, which overshoots there)."""
+    small = Image.fromarray(np.repeat(np.array([[0, 0, 60, 255, 255, 255]], np.uint8), 3, 0), "L")
+    scaled = np.asarray(mask_rules.prepare_mask(small, (24, 12))).astype(int)
+    assert np.array_equal(scaled, np.asarray(small.resize((24, 12), Image.Resampling.BILINEAR)))
+    assert not np.array_equal(scaled, np.asarray(small.resize((24, 12), Image.Resampling.BICUBIC)))
+
+
+@pytest.mark.parametrize("subject", [False, True])
+def test_every_check_of_a_mask_draws_white_from_128_up(subject, caplog):
+    """128 is the line between kept and may change (or background and subject) in the composite; the checks of a
+    black, a white and a half mask draw it at the same value, not one grey level off."""
+    size = (8, 4)
+
+    def grey(*values) -> Image.Image:
+        return Image.fromarray(np.repeat(np.array([values], np.uint8).repeat(8 // len(values), 1), 4, 0), "L")
+
+    black = "no subject \\(it is black everywhere\\)" if subject else "the mask changes nothing"
+    with pytest.raises(mask_rules.MaskError, match=f"^mask: {black}"):
+        mask_rules.prepare_mask(grey(127), size, subject=subject)
+    with caplog.at_level(logging.WARNING):
+        mask_rules.prepare_mask(grey(0, 128), size, subject=subject)  # 128 is painted
+        mask_rules.prepare_mask(grey(127, 255), size, subject=subject)  # 127 is not
+    assert "plain edit" not in caplog.text
+    if subject:
+        with pytest.raises(mask_rules.MaskError, match="^mask: the subject covers the whole image"):
+            mask_rules.prepare_mask(grey(128), size, subject=True)
+    else:
+        with caplog.at_level(logging.WARNING):
+            mask_rules.prepare_mask(grey(128), size)
+        assert "mask: white everywhere, so this is a plain edit (nothing is kept)" in caplog.text
+
+
 @pytest.mark.parametrize("paint", [(255, 255, 255), (255, 220, 0), (255, 0, 0), (0, 0, 0)])
 def test_a_mask_painted_in_one_colour_on_a_transparent_layer_is_its_alpha_soft_edge_included(paint):
     """Only a flat grey layer counted: a yellow brush read as "white everywhere" (a plain edit), a red one as "black
