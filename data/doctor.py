@@ -228,8 +228,10 @@ def _check_captions(item: Item, cfg: Config, tokenizer, report: Report) -> None:
             hint = "add an 'instruction'"
         elif near := _near_caption_file(item.target):
             hint = f"{near} beside it is not its caption file: rename it {item.target.with_suffix('.txt').name}"
+        elif item.split_key is not None:  # a manifest's row: a .txt beside its image is not read
+            hint = "write its 'caption' in the manifest"
         else:
-            hint = f"add a {item.target.with_suffix('.txt').name} (or 'caption' in the manifest)"
+            hint = f"add a {item.target.with_suffix('.txt').name}"
         report.add("error", f"missing-{what}", item.id, f"no {what}; {hint}")
         return
     for text in item.captions:

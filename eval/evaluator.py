@@ -33,7 +33,7 @@ from qwen_image_lora.eval.summary import BASE, CheckpointScore, Sample, best_che
 from qwen_image_lora.eval_config import EditExample
 from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
-from qwen_image_lora.io import check_writable
+from qwen_image_lora.io import check_writable, content_hash
 from qwen_image_lora.knobs import adapter_name_for
 from qwen_image_lora.objective import heldout_loss
 from qwen_image_lora.progress import progress_bar, track
@@ -91,6 +91,7 @@ def evaluate(
         checkpoints=checkpoints,
         config=to_dict(cfg),
         not_measured=not_measured,
+        adapters={name: {"source": str(names[name]), "sha256": content_hash(file)} for name, file in files.items()},
     )
     if cfg.tracking.backend == "wandb":
         summary = summarise(samples, [BASE, *names])

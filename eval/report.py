@@ -64,13 +64,15 @@ def write_report(
     checkpoints: list[CheckpointScore] = (),
     config: dict | None = None,
     not_measured: dict[str, str] | None = None,
+    adapters: dict[str, dict] | None = None,
 ) -> tuple[Path, Path]:
     """Write `report.html` and `report.json` into `out_dir`; returns their paths. Both open with the verdicts.
 
     notes: lines shown at the top (e.g. which metrics were skipped and how to enable them). checkpoints: held-out
     losses of a run's checkpoints (and the base model's, as BASE at step 0); the lowest is marked best when it beats
     the base model. config: the resolved config, stored in the JSON.
-    not_measured: metrics not scored -> why, for the verdict line.
+    not_measured: metrics not scored -> why, for the verdict line. adapters: each variant's `source` (as given) and
+    the `sha256` of its weights, so a saved report says which file beat the base.
     """
     out_dir = Path(out_dir)
     variants = _variants(samples)
@@ -82,6 +84,7 @@ def write_report(
         "verdicts": verdict,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "variants": variants,
+        "adapters": adapters or {},
         "notes": list(notes),
         "metrics": {
             name: {"label": METRICS[name].label, "higher_is_better": METRICS[name].higher_is_better, **entry}
@@ -95,7 +98,8 @@ def write_report(
     }
     # Both made before the previous pair is moved aside: a failure between the two writes left a new JSON beside no page.
     json_text = json.dumps(_finite_or_none(data), indent=2, allow_nan=False)
-    html_text = _render_html(title, variants, samples, summary, verdict, list(notes), list(checkpoints), best)
+    html_text = _render_html(title, variants, samples, summary, verdict, list(notes), list(checkpoints), best,
+                             adapters or {})  # fmt: skip
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     keep_previous(json_path, html_path)
     atomic_write_text(json_path, json_text)
@@ -151,7 +155,7 @@ def _ci_text(entry: dict) -> str:
     return f"{fmt(entry['mean'])} <small>{spread}</small>"
 
 
-def _render_html(title, variants, samples, summary, verdict, notes, checkpoints, best) -> str:
+def _render_html(title, variants, samples, summary, verdict, notes, checkpoints, best, adapters) -> str:
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
@@ -163,6 +167,9 @@ def _render_html(title, variants, samples, summary, verdict, notes, checkpoints,
         f"Means with Student-t 95% intervals; Δ is the paired difference to base, its intervals {_delta_level(summary)} "
         f"(a verdict needs {MIN_PAIRS} pairs).</p>"
     )
+    if adapters:
+        parts.append("<p>" + "<br>".join(f"{html.escape(name)}: {html.escape(a['source'])} (sha256 "
+                                         f"{a['sha256'][:12]})" for name, a in adapters.items()) + "</p>")  # fmt: skip
     if notes:
         parts.append("<div class='notes'>" + "<br>".join(html.escape(n) for n in notes) + "</div>")
     if summary:

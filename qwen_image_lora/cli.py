@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         print(e.line(), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # mid-load, mid-render, mid-prepare: every write is atomic, so nothing is half-written
-        print(f"stopped (Ctrl-C) during {args.command}; no file is left half-written", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))  # data prepare
+        print(f"stopped (Ctrl-C) during {command}; no file is left half-written", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `qwen-lora data doctor ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's own flush fails again

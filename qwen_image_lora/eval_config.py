@@ -54,10 +54,10 @@ def _check_no_repeats(where: str, prompts: list[str], edits: list[EditExample]) 
     twice (3 copies of one prompt at 2 seeds read as n = 6 and a confident verdict, where n = 2 says too few)."""
     if twice := repeated_name(_spaced(prompt) for prompt in prompts):  # " a bottle" renders all but the same images
         raise ConfigError(f"{where}.prompts[{twice[0]}]: {prompts[twice[0]]!r} is listed already (spacing aside); list "
-                          "each prompt once (more seeds give more samples)")  # fmt: skip
+                          "each prompt once (more prompts, or more seeds, give more samples)")  # fmt: skip
     if twice := repeated_name(_edit_identity(edit) for edit in edits):
         raise ConfigError(f"{where}.edits[{twice[0]}]: the same edit is listed already; list each edit once "
-                          "(more seeds give more samples)")  # fmt: skip
+                          "(more edits, or more seeds, give more samples)")  # fmt: skip
 
 
 def _edit_identity(edit: EditExample) -> str:

@@ -209,13 +209,15 @@ def repeated_name(names: typing.Iterable[str]) -> tuple[int, str] | None:
 
 
 def adapter_name_for(source: str | Path) -> str:
-    """A default name: the folder name, or the file stem unless it is a generic weight file name; a "." (which
-    peft's module names can't hold: style-v1.5) becomes "_"."""
+    """A default name: the folder name, or the file stem unless it is a generic weight file name; a checkpoint's
+    adapter goes by its step (two of a run's checkpoints were "adapter" and "adapter-2" in an eval report); a "."
+    (which peft's module names can't hold: style-v1.5) becomes "_"."""
     path = Path(str(source).rstrip("/"))
-    name = path.name
-    if path.suffix == ".safetensors":
-        generic = path.stem in ("pytorch_lora_weights", "adapter_model") and path.parent.name
-        name = path.parent.name if generic else path.stem
+    if path.suffix == ".safetensors" and path.stem in ("pytorch_lora_weights", "adapter_model") and path.parent.name:
+        path = path.parent
+    name = path.stem if path.suffix == ".safetensors" else path.name
+    if name == "adapter" and path.parent.name.startswith("step-"):  # RUN/checkpoints/step-000010/adapter
+        name = path.parent.name
     return name.replace(".", "_")
 
 

@@ -189,8 +189,16 @@ def test_a_caption_file_named_a_little_off_is_named_in_the_hint(tmp_path, tiny_m
     assert hints == {
         "Bottle.png": "no caption; bottle.txt beside it is not its caption file: rename it Bottle.txt",
         "mug.png": "no caption; mug.png.txt beside it is not its caption file: rename it mug.txt",
-        "can.png": "no caption; add a can.txt (or 'caption' in the manifest)",
+        "can.png": "no caption; add a can.txt",
     }
+    # A manifest's row: a .txt beside its image is not read, so that fix did nothing.
+    (tmp_path / "rows").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "rows" / "a.png")
+    (tmp_path / "rows" / "m.jsonl").write_text(json.dumps({"image": "a.png", "caption": ""}) + "\n")
+    (tmp_path / "rows" / "a.txt").write_text("a bottle")
+    rows = load_config(None, [f"data.path={tmp_path / 'rows' / 'm.jsonl'}", f"model.pretrained={tiny_model_dir}"])
+    found = [f.message for f in diagnose(rows, tokenizer=None).findings if f.code == "missing-caption"]
+    assert found == ["no caption; write its 'caption' in the manifest"]
     (tmp_path / "bottle.txt").rename(tmp_path / "Bottle.txt")  # renamed as told: read, and the hint listing is new
     hints = {f.item for f in diagnose(cfg, tokenizer=None).findings if f.code == "missing-caption"}
     assert hints == {"mug.png", "can.png"}

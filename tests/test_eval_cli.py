@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -124,6 +125,24 @@ def test_evaluate_leaves_the_pipeline_as_found(config_path, adapters, tiny_pipe,
     data = json.loads(json_path.read_text())
     assert data["variants"] == ["base", "noisy"] and len(data["samples"]) == 1
     assert any("Text accuracy skipped" in n for n in data["notes"])
+
+
+def test_a_checkpoints_adapter_goes_by_its_step_and_the_report_names_each_file(config_path, adapters, tiny_pipe,
+                                                                               tmp_path):  # fmt: skip
+    """Two of a run's checkpoints were "adapter" and "adapter-2", and no report said which file either was."""
+    run = _run_folder(tmp_path / "run", adapters, load_config(config_path))
+    given = [run / "checkpoints" / "step-000010" / "adapter",
+             run / "checkpoints" / "step-000020" / "adapter" / "pytorch_lora_weights.safetensors"]  # fmt: skip
+    cfg = load_config(config_path, [f"eval.output_dir={tmp_path / 'out'}", "eval.seeds=[0]", "eval.edits=[]"])
+    html_path, json_path = evaluate(cfg, given, pipe=tiny_pipe)
+    data = json.loads(json_path.read_text())
+    assert data["variants"] == ["base", "step-000010", "step-000020"]
+    weights = [given[0] / "pytorch_lora_weights.safetensors", given[1]]
+    assert data["adapters"] == {
+        f"step-0000{step}0": {"source": str(path), "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+        for step, path, file in zip((1, 2), given, weights, strict=True)
+    }
+    assert f"step-000020: {given[1]} (sha256 {data['adapters']['step-000020']['sha256'][:12]})" in html_path.read_text()
 
 
 def test_eval_cli_errors_name_the_problem(config_path, unloadable_model, tmp_path, capsys):

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from qwen_image_lora import cli
 from qwen_image_lora.cli import main
 from qwen_image_lora.config import load_config
+from qwen_image_lora.data import cli as data_cli
 from qwen_image_lora.data.report import verdicts_dir
 from qwen_image_lora.io import WriteError, atomic_dir, atomic_path, atomic_write_text, describe_write_error, iter_jsonl
 
@@ -195,3 +196,6 @@ def test_ctrl_c_during_a_command_is_one_line_and_status_130(tmp_path, capsys, mo
     monkeypatch.setattr(cli, "_make_sample_data", interrupted)
     assert cli.main(["make-sample-data", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "stopped (Ctrl-C) during make-sample-data; no file is left half-written\n"
+    monkeypatch.setattr(data_cli, "_prepare", interrupted)  # said "during data"
+    assert cli.main(["data", "prepare", "--config", "configs/demo.yaml"]) == 130
+    assert capsys.readouterr().err == "stopped (Ctrl-C) during data prepare; no file is left half-written\n"
