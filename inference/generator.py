@@ -167,7 +167,7 @@ class ImageSettings(SamplingConfig):
         block = read_settings(source)
         if block is None:
             return None
-        settings = typed_yaml.build(cls, block, "", str(source), Path(source).parent)
+        settings = typed_yaml.build(cls, block, "", str(source), Path(source).parent, exact=True)
         settings.validate(f"{source}: settings")
         return settings
 

@@ -111,7 +111,7 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
     if isinstance(raw.get("loras"), list):  # the HTTP API's form
         raw["loras"] = _loras_mapping(raw["loras"], where)
     try:
-        job = typed_yaml.build(Job, raw, "", where, path.parent.resolve())
+        job = typed_yaml.build(Job, raw, "", where, path.parent.resolve(), exact=True)
         job.validate(f"{where}: job")  # the sampling checks: sizes, aspect preset, steps
         check_image_count(len(job.images))
         check_range("quality", job.quality, QUALITY.low, QUALITY.high)  # the limits of every edge (knobs.py)

@@ -42,10 +42,6 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
 
-# YAML 1.1 reads `1e-4` (an exponent without a dot) as a string; YAML 1.2, JSON and every user read it as a number.
-StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
 MAX_VALUES = 100_000  # a config holds hundreds; nine nested aliases of nine items expand to 9**9
 
 
@@ -205,7 +201,10 @@ def paths_field(**kw):
     return path_field(dataclasses.MISSING, default_factory=list, **kw)
 
 
-def build(cls, raw, dotted: str, where: str, base: Path):
+def build(cls, raw, dotted: str, where: str, base: Path, exact: bool = False):
+    """`raw` as a `cls`, each value checked against its annotation. `exact`: JSON, whose numbers are typed (a batch
+    line, an image's settings), so a string is never a number; YAML 1.1 reads `1e-4` and `1.0e2` as strings, so a
+    config's float field takes a string that reads as one."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {dotted or 'top level'} must be a mapping, got {type(raw).__name__}")
     # `source` is set by the loader, an "internal" field by the code that reads the file (a job's line index)
@@ -221,7 +220,7 @@ def build(cls, raw, dotted: str, where: str, base: Path):
     kwargs = {}
     for name, value in raw.items():
         f = fields[name]
-        value = _coerce(value, hints[name], _join(dotted, name), where, base)
+        value = _coerce(value, hints[name], _join(dotted, name), where, base, exact)
         if f.metadata.get("path"):
             value = _resolve_paths(value, base, hub_ids=f.metadata["path"] == "or-hub-id")
         kwargs[name] = value
@@ -283,7 +282,7 @@ def _is_number(text: str) -> bool:
     return _parses_as_float(text) and math.isfinite(float(text))
 
 
-def _coerce(value, tp, dotted: str, where: str, base: Path):
+def _coerce(value, tp, dotted: str, where: str, base: Path, exact: bool = False):
     """Check `value` against the annotation `tp`; convert int->float only. Raise naming the field."""
     origin = typing.get_origin(tp)
     quote = isinstance(value, int) and not isinstance(value, bool) and (tp is str or str in typing.get_args(tp))
@@ -302,7 +301,7 @@ def _coerce(value, tp, dotted: str, where: str, base: Path):
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
-                return _coerce(value, option, dotted, where, base)
+                return _coerce(value, option, dotted, where, base, exact)
             except _NotFinite:
                 raise
             except ConfigError:
@@ -320,14 +319,14 @@ def _coerce(value, tp, dotted: str, where: str, base: Path):
         if not isinstance(value, list):
             raise bad
         (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{dotted}[{i}]", where, base) for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{dotted}[{i}]", where, base, exact) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise bad
         key_tp, val_tp = typing.get_args(tp)
-        return {str(k): _coerce(v, val_tp, f"{dotted}.{k}", where, base) for k, v in value.items()}
+        return {str(k): _coerce(v, val_tp, f"{dotted}.{k}", where, base, exact) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, dotted, where, base)
+        return build(tp, value, dotted, where, base, exact)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -337,9 +336,9 @@ def _coerce(value, tp, dotted: str, where: str, base: Path):
             return value
         raise bad
     if tp is float:
-        if isinstance(value, str) and not _is_number(value) and _parses_as_float(value):  # nan, inf: the range
-            raise _NotFinite(f"{where}: {dotted} must be a finite number (got {float(value)})")
-        if not isinstance(value, (int, float)) or isinstance(value, bool):  # "2" from a batch line's JSON too
+        if isinstance(value, str) and not exact and _parses_as_float(value):  # YAML 1.1's `1e-4`, `1.0e2`, `nan`
+            value = float(value)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):  # a batch line's "2": JSON has numbers
             raise bad
         number = float(value)
         if not math.isfinite(number):
