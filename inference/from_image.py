@@ -103,35 +103,62 @@ def _recorded_adapters(image: Path, records) -> list[str]:
             found[record.name] = recorded_adapter(image, record)
         except _Unusable as e:
             problems.append(f"adapter {record.name!r}: {e}")
+            found[record.name] = e.source  # the changed file or the hub id to give as it is, else PATH
     if problems:
-        fix = " ".join(f"--lora {found.get(r.name, 'PATH')}:{r.weight!r}" for r in records)
+        fix = " ".join(f"--lora {found[r.name]}:{r.weight!r}" for r in records)
         raise InputError(f"--from {image}: {'; '.join(problems)}; give {fix}", "--lora")
     return [f"{found[r.name]}:{r.weight!r}" for r in records]
 
 
 def _given_adapters(image: Path, items: list[str], records) -> list[str]:
     """`--lora` given with `--from` replaces the recorded adapters. One given without a weight takes the weight the
-    image recorded for the same file (by sha256; it had rendered at 1.0); a recorded adapter left out is said."""
-    given, digests = [], set()
+    image recorded for the same weights (by sha256; it had rendered at 1.0), or for the same file changed since
+    (said); a recorded adapter left out is said."""
+    given, covered = [], set()
     for item in items:
         path, _ = parse_lora_arg(item)
         try:
-            digest = content_hash(resolve_file(path))
+            file = resolve_file(path)
         except UserError:  # not there, or a hub adapter not cached: loading it names the problem
             given.append(item)
             continue
-        digests.add(digest)
-        weight = next((r.weight for r in records if r.sha256 == digest), None)
-        given.append(f"{path}:{weight!r}" if path == item and weight is not None else item)
-    left_out = [f"{r.name!r} at {r.weight!r}" for r in records if r.sha256 not in digests]
+        digest = content_hash(file)
+        record = next((r for r in records if r.sha256 == digest), None)
+        if record is None and (
+            record := next((r for r in records if _recorded_file(image, r) == file.resolve()), None)
+        ):
+            print(f"note: --from {image}: adapter {record.name!r} has changed since the image was made (sha256 "
+                  f"differs); {path} is used as it is", file=sys.stderr)  # fmt: skip
+        if record is not None:
+            covered.add(record.name)
+            given.append(f"{path}:{record.weight!r}" if path == item else item)
+        else:
+            given.append(item)
+    left_out = [f"{r.name!r} at {r.weight!r}" for r in records if r.name not in covered]
     if left_out:
         print(f"note: --from {image}: the --lora given replace the adapters it was made with; left out: "
               f"{', '.join(left_out)}", file=sys.stderr)  # fmt: skip
     return given
 
 
+def _recorded_file(image: Path, record) -> Path | None:
+    """The weights file a record's local path names now, resolved; None for a server's, a hub id's or a missing one."""
+    local = image.parent / record.path if record.path is not None else None
+    if local is None or not local.exists():
+        return None
+    try:
+        return resolve_file(local).resolve()
+    except UserError:
+        return None
+
+
 class _Unusable(Exception):
-    """Why a recorded adapter cannot be used as recorded."""
+    """Why a recorded adapter cannot be used as recorded; `source`: what to give as `--lora` to use it anyway (the
+    changed file, the hub id), else PATH."""
+
+    def __init__(self, reason: str, source: str = "PATH"):
+        super().__init__(reason)
+        self.source = source
 
 
 def recorded_adapter(image: Path, record) -> str:
@@ -146,7 +173,7 @@ def recorded_adapter(image: Path, record) -> str:
     try:
         file = resolve_file(record.path if hub else local)
     except UserError as e:  # a hub adapter that is not cached, offline
-        raise _Unusable(str(e)) from None
+        raise _Unusable(str(e), record.path) from None
     if content_hash(file) != record.sha256:
-        raise _Unusable(f"{file} has changed since the image was made (sha256 differs)")
+        raise _Unusable(f"{file} has changed since the image was made (sha256 differs)", str(local))
     return record.path if hub else str(local)

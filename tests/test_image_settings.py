@@ -174,6 +174,28 @@ def test_from_names_every_adapter_it_cannot_use_and_says_those_a_given_lora_leav
     assert capsys.readouterr().err == "" and np.array_equal(pixels("same.png"), pixels("two.png"))
 
 
+def test_from_with_an_adapter_changed_since_names_its_file_and_a_lora_giving_it_keeps_its_weight(
+    gen, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """The fix said `--lora PATH:0.5` for a file it knew, and `--lora style` then rendered at 1.0 while the note
+    called style "left out"."""
+    monkeypatch.chdir(tmp_path)
+    make_random_lora(gen.pipe.transformer, tmp_path / "style", seed=5)
+    argv = ["generate", "--model", str(tiny_model_dir), *TINY, "--prompt", "a", "--steps", "1", "--lora", "style:0.5"]
+    assert main([*argv, "--output", "one.png"]) == 0
+    make_random_lora(gen.pipe.transformer, tmp_path / "style", seed=7)  # retrained in place
+    capsys.readouterr()
+    assert main(["generate", "--from", "one.png", "--output", "x.png"]) == 2
+    assert capsys.readouterr().err.strip().endswith("has changed since the image was made (sha256 differs); give "
+                                                    "--lora style:0.5")  # fmt: skip
+    assert main(["generate", "--from", "one.png", "--lora", "style", "--output", "again.png"]) == 0
+    assert capsys.readouterr().err.strip() == (
+        "note: --from one.png: adapter 'style' has changed since the image was made (sha256 differs); style is used "
+        "as it is"
+    )
+    assert [(a["name"], a["weight"]) for a in read_settings("again.png")["loras"]] == [("style", 0.5)]
+
+
 def test_a_resolution_given_with_from_replaces_the_recorded_size(made, tmp_path, monkeypatch):
     """The recorded 96x64 would outrank data.resolution, leaving the size as it was while the file said 128."""
     monkeypatch.chdir(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from qwen_image_lora import model as qmodel
 from qwen_image_lora import speed
@@ -28,7 +29,12 @@ def check_before_loading(cfg: Config, resuming: bool = False) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     check_tracker_available(cfg.tracking)
-    if cfg.train.mixed_precision == "fp16" and PartialState().device.type == "cpu":  # accelerate trains fp32, silently
+    # fp16 on the CPU: accelerate trains fp32, silently. `cpu=` as Accelerator reads it (without, a GPU host's state
+    # stays on CUDA under ACCELERATE_USE_CPU).
+    if (
+        cfg.train.mixed_precision == "fp16"
+        and PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device.type == "cpu"
+    ):
         raise ConfigError("train.mixed_precision: fp16 has no autocast on the CPU (the run would train in float32 "
                           'while its model card said fp16); use bf16 or "no"', "train.mixed_precision")  # fmt: skip
     if ranks.fsdp_launch():
