@@ -7,6 +7,7 @@ no torch, so a bad line is refused in a second, not after the imports `inference
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -31,16 +32,25 @@ from qwen_image_lora.knobs import (
 )
 from qwen_image_lora.typed_yaml import ConfigError
 
-# Letters and digits of any script (Flasche_grün.png, 瓶子.png), '.', '_' and '-': no separators, no invisible or
-# right-to-left controls, and a letter or digit first (no hidden file, no '..').
-_SAFE_ID = re.compile(r"[^\W_][\w.-]{0,127}")
 # A file name holds 255 bytes; an atomic write's temp name adds ~15 to the output name, an id's output 5 more.
 MAX_NAME_BYTES = 200
 _SAFE_RULE = f"letters, digits, '.', '_' or '-', a letter or digit first, at most {MAX_NAME_BYTES} bytes as UTF-8"
 
 
 def _safe_name(text: str) -> bool:
-    return bool(_SAFE_ID.fullmatch(text)) and len(text.encode()) <= MAX_NAME_BYTES
+    """Letters (with their marks: हिन्दी, grün) and digits of any script, '.', '_' and '-', a letter or digit first (no
+    hidden file, no '..'): no separators, no invisible or right-to-left controls. Read as NFC (`_read_job`)."""
+    return (
+        0 < len(text) <= 128
+        and len(text.encode()) <= MAX_NAME_BYTES
+        and unicodedata.category(text[0])[0] in "LN"
+        and all(unicodedata.category(c)[0] in "LMN" or c in "._-" for c in text)
+    )
+
+
+def _same_file_key(name: str) -> str:
+    """Two names one file takes on macOS or Windows (case-blind) or in a ZIP extracted there."""
+    return name.casefold()
 
 
 @dataclass
@@ -105,6 +115,9 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
     """One line as a checked job (the `index`-th line); `outputs` and `ids` gather what the lines so far took."""
     if "index" in raw:
         raise InputError(f"{where}: unknown key 'index' (the line's position is its index)")
+    for key in ("id", "output"):  # composed: text pasted from macOS names is decomposed (NFD), one file with NFC
+        if isinstance(raw.get(key), str):
+            raw[key] = unicodedata.normalize("NFC", raw[key])
     given_id = raw.get("id")
     if isinstance(given_id, (str, int)) and not isinstance(given_id, bool):  # first: a line refused for another
         _claim_id(str(given_id), False, where, ids)  # field still holds its id
@@ -146,9 +159,11 @@ def _read_job(raw: dict, where: str, path: Path, index: int, outputs: dict, ids:
         format_for(job.output_name)
     except InputError as e:
         raise InputError(f"{where}: {e}", e.field) from None
-    if job.output_name in outputs:
-        raise InputError(f"{where}: output {job.output_name!r} is also written by line {outputs[job.output_name]}")
-    outputs[job.output_name] = where.rsplit(":", 1)[1]
+    if (key := _same_file_key(job.output_name)) in outputs:
+        line, first = outputs[key]
+        case = "" if first == job.output_name else f" as {first!r}, one file where case is ignored (macOS, Windows)"
+        raise InputError(f"{where}: output {job.output_name!r} is also written by line {line}{case}")
+    outputs[key] = where.rsplit(":", 1)[1], job.output_name
     return job
 
 
