@@ -293,16 +293,18 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     lines = [{"id": "mug", "prompt": "a mug", "images": ["in/a.png"], "seed": 3, "loras": {"brand": 0.5}},
              {"id": "typo", "prompt": "a mug", "images": ["in/a.png"], "guidance": 5},
              {"prompt": "a mug", "images": ["in/a.png"], "mask": "m.png", "mask_feather": 2,
-              "output": "masked.webp"}]  # fmt: skip
+              "output": "masked.webp"},
+             {"id": "nested", "prompt": "a mug", "images": ["in/a.png"], "output": "dir/x.png"}]  # fmt: skip
     (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
     css("#batch-files").clear()
     css("#batch-files").send_keys(f"{tmp_path / 'jobs.jsonl'}\n{tmp_path / 'a.png'}\n{tmp_path / 'm.png'}")
     css("#batch-start").click()
-    wait.until(lambda _: css("#batch-summary").text == "2 of 4 done, 2 failed.")
+    wait.until(lambda _: css("#batch-summary").text == "2 of 5 done, 3 failed.")
     rows = [r.text for r in d.find_elements(By.CSS_SELECTOR, "#batch-jobs tr")]
     assert rows[0].startswith("mug done") and rows[2].startswith("masked done")
     assert "jobs.jsonl:2: unknown field(s) guidance; a job takes prompt," in rows[1]
-    assert "jobs.jsonl:4: not a JSON object" in rows[3]
+    assert 'jobs.jsonl:4: output "dir/x.png" must be a plain file name' in rows[3]  # was written as dir_x.png
+    assert "jobs.jsonl:5: not a JSON object" in rows[4]
     assert not css("#batch-retry").is_enabled()  # nothing a retry could fix
     settings = [
         json.loads(pre.get_attribute("textContent")) for pre in d.find_elements(By.CSS_SELECTOR, "#history pre")
@@ -341,6 +343,8 @@ def test_the_studio_generates_edits_compares_refuses_and_downloads(server, brows
     ]
     assert d.find_elements(By.XPATH, "//button[contains(., 'Try adapter')]")
     d.save_screenshot(str(tmp_path / "studio-runs.png"))
+    d.find_element(By.XPATH, "//button[contains(., 'Try adapter')]").click()  # brand was off: on at its own 0.8
+    assert [o.text for o in d.find_elements(By.CSS_SELECTOR, "#adapter-list output")] == ["0.80", "1.00"]
 
     # phone width: nothing wider than the screen
     css("#tab-create").click()

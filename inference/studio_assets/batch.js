@@ -73,11 +73,14 @@ async function readJobs(files, instruction, defaults) {
         // A misspelt field was dropped without a word (the API and `qwen-lora batch` refuse it), and a mask with it.
         const unknown = Object.keys(row).filter((k) => !FIELDS.includes(k) && !REFS.includes(k));
         const id = row.id ?? (typeof row.output === "string" ? row.output.replace(/\.[^.]+$/, "") : where);
-        // A batch line's output names its format, as `qwen-lora batch` reads it: sku.webp was rendered as a PNG.
-        const ext = typeof row.output === "string" ? (row.output.match(/\.([^.]+)$/)?.[1] || "").toLowerCase() : null;
-        if (ext !== null && !row.output_format && FORMAT_OF[ext]) row.output_format = FORMAT_OF[ext];
-        const badOutput = ext !== null && !FORMAT_OF[ext] ? `${where}: output “${row.output}”: use .png, .jpg or .webp` : null;
-        add(id, row, [].concat(row.image ?? row.images ?? []), badOutput ||
+        // A batch line's output is the file's name and its format, as `qwen-lora batch` reads it (sku.webp was
+        // rendered as a PNG, and named after the job's id).
+        const badOutput = row.output === undefined ? null : outputProblem(row);
+        if (row.output !== undefined && !badOutput) {
+          row.output = row.output.normalize("NFC");
+          row.output_format = FORMAT_OF[row.output.match(/\.([^.]+)$/)[1].toLowerCase()];
+        }
+        add(id, row, [].concat(row.image ?? row.images ?? []), (badOutput && `${where}: ${badOutput}`) ||
           (unknown.length ? `${where}: unknown field(s) ${unknown.join(", ")}; a job takes ${[...FIELDS, ...REFS].join(", ")}` : null));
       });
     } else {
@@ -99,14 +102,41 @@ async function readJobs(files, instruction, defaults) {
     }
   }
   if (!tables.length) for (const [name, file] of images) add(name.replace(/\.[^.]+$/, ""), {}, [file.name], null);
-  const seen = new Set();
-  for (const job of out) { // ids name the files in the ZIP: safe characters and unique
-    let id = String(job.id).replace(/[^\p{L}\p{N}._-]+/gu, "_").replace(/^[._]+/, "") || "job"; // as batch's names
-    while (seen.has(id)) id += "_";
-    seen.add(id);
+  const seen = new Set(), outputs = new Set(); // case-blind: one file on macOS and Windows, where a ZIP is extracted
+  for (const job of out) { // ids name the files in the ZIP unless a line names its output: safe and unique
+    let id = safeName(job.id);
+    while (seen.has(id.toLowerCase())) id += "_";
+    seen.add(id.toLowerCase());
     job.id = id;
+    if (job.output && outputs.has(job.output.toLowerCase()) && !job.invalid) {
+      job.invalid = `output “${job.output}” is another job's too`; // `qwen-lora batch` refuses it
+      Object.assign(job, { status: "failed", error: job.invalid });
+    }
+    if (job.output) outputs.add(job.output.toLowerCase());
   }
   return out;
+}
+
+// Why a batch line's `output` cannot name its file, or null: the rule of `qwen-lora batch`.
+function outputProblem(row) {
+  if (typeof row.output !== "string" || /[\\/]/.test(row.output) || !/^[\p{L}\p{N}]/u.test(row.output)) {
+    return `output ${JSON.stringify(row.output)} must be a plain file name, a letter or digit first`;
+  }
+  const format = FORMAT_OF[(row.output.match(/\.([^.]+)$/)?.[1] || "").toLowerCase()];
+  if (!format) return `output “${row.output}”: use .png, .jpg or .webp`;
+  if (row.output_format && row.output_format !== format) {
+    return `output “${row.output}” and output_format “${row.output_format}” name two formats; give one`;
+  }
+  return null;
+}
+
+// A job's name as a file name in the ZIP: NFC, letters with their marks, digits, '.', '_', '-', a letter or digit
+// first, and room for its extension in a file name's 255 bytes (as `qwen-lora batch`'s names).
+function safeName(text) {
+  let name = String(text).normalize("NFC").replace(/[^\p{L}\p{M}\p{N}._-]+/gu, "_").replace(/^[^\p{L}\p{N}]+/u, "");
+  const bytes = new TextEncoder();
+  while (bytes.encode(name).length > 200) name = [...name].slice(0, -1).join("");
+  return name || "job";
 }
 
 function makeJob(id, row, refs, images, instruction, defaults, invalid) {
@@ -117,7 +147,8 @@ function makeJob(id, row, refs, images, instruction, defaults, invalid) {
   const body = { ...defaults, ...fields };
   if (body.seed === null || body.seed === undefined) body.seed = randomSeed();
   if (!body.prompt) body.prompt = instruction;
-  const job = { id, body, refs: [], names: [], mask: null, status: "pending", error: "", invalid };
+  const output = typeof row.output === "string" && !invalid ? row.output : null;
+  const job = { id, body, output, refs: [], names: [], mask: null, status: "pending", error: "", invalid };
   const resolve = (ref, what) => { // a URL or data: URL as it is, else one of the chosen files by name
     const name = String(ref);
     if (/^(https?:|data:)/.test(name)) return [name, name.slice(0, 60)];
@@ -189,7 +220,7 @@ async function runJob(job) {
         const response = await watchQueue(call("/v1/images", { method: "POST", body, names: job.names }), setStatus);
         job.blob = await response.blob();
         job.seed = Number(response.headers.get("x-seed") ?? body.seed);
-        job.file = `${job.id}.${EXT[body.output_format] || "png"}`;
+        job.file = job.output || `${job.id}.${EXT[body.output_format] || "png"}`;
         Object.assign(job, { status: "done", error: "" });
         hooks.onResult({ body, names: job.names, maskName: maskName(job), blob: job.blob, seed: job.seed, mode: job.refs.length ? "edit" : "t2i",
           seconds: (performance.now() - started) / 1000 });

@@ -113,7 +113,8 @@ function selectedLoras() {
 }
 
 function tryAdapter(name) {
-  for (const a of adapters) a.input.value = a.name === name ? Math.max(Number(a.input.value), 1) : a.input.value;
+  // Off: on at its configured weight (a negative one stays negative), else 1; on: left as it is.
+  for (const a of adapters) if (a.name === name && Number(a.input.value) === 0) a.input.value = a.weight || 1;
   adapters.forEach((a) => a.input.dispatchEvent(new Event("input")));
   showTab("create");
   adapters.find((a) => a.name === name)?.input.focus();
