@@ -340,6 +340,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raw = typed_yaml.interpolate(raw, raw, where)
         cfg = typed_yaml.build(Config, raw, "", where, base)
         cfg.source = where
+        cfg.overrides = list(overrides)  # not a field: for a command a message gives back (`qwen-lora plan ...`)
         typed_yaml.validate(cfg, "", where)
     except ConfigError as e:
         raise typed_yaml.blame_override(e, where, overrides) from None

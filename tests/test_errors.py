@@ -229,6 +229,8 @@ def test_the_python_api_names_load_on_first_use():
         (["plan", "--config", str(DEMO), "--references", "-1"], "--references: expected 0 to 10"),
         (["plan", "--config", str(DEMO), "--gpu-memory", "0GB"], "--gpu-memory: must be more than 0 (got '0GB')"),
         (["plan", "--config", str(DEMO), "--gpu-memory", "-1"], "--gpu-memory: must be more than 0 (got '-1')"),
+        (["plan", "--config", str(DEMO), "--gpu-memory", "1e-10"], "--gpu-memory: expected a size such as 80GB"),
+        (["plan", "--config", str(DEMO), "--gpu-memory", "0.0000000001"], "--gpu-memory: must be more than 0"),
         (["plan", "--config", str(DEMO), "--gpu-memory", "lots"], "--gpu-memory: expected a size such as 80GB"),
         # -5 was a 33-line traceback from torch; 100000000 traced for 100 s and 9.4 GB before it was killed.
         (["plan", "--config", str(DEMO), "--prompt-tokens", "0"], "--prompt-tokens: expected 1 to 8192 text tokens"),

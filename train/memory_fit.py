@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import logging
 import math
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -324,8 +325,9 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1, ste
                      processes=num_processes)  # fmt: skip
     if recipe is not None and not recipe.fits:
         budget = recipe.gpu_bytes / GiB
-        config = "" if cfg.source in (None, "<defaults>") else f" --config {cfg.source}"
-        plan = f"`qwen-lora plan{config} KEY=VALUE... --gpu-memory {budget:g}GB"  # this run's overrides
+        config = "" if cfg.source in (None, "<defaults>") else f" --config {shlex.quote(cfg.source)}"
+        given = [o for o in getattr(cfg, "overrides", []) if not o.startswith("train.memory_budget_gb=")]
+        plan = f"`qwen-lora plan{config}{''.join(' ' + shlex.quote(o) for o in given)} --gpu-memory {budget:g}GB"
         more = "" if cfg.train.offload_blocks == "auto" else "offloaded blocks, "  # the 16 GB card's answer
         hint = (
             f"{plan} --processes N` plans more FSDP2 processes" if fsdp

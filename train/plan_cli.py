@@ -34,9 +34,10 @@ def parse_memory(text: str) -> int:
         raise InputError(
             f"--gpu-memory: expected a size such as 80GB, 24GiB or 40960MiB (got {text!r})", "--gpu-memory"
         )
-    if float(m.group(1)) <= 0:  # 0 planned "nothing fits", exit 0
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:  # 0 planned "nothing fits", exit 0 (0.0000000001 is 0 bytes)
         raise InputError(f"--gpu-memory: must be more than 0 (got {text!r})", "--gpu-memory")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return size
 
 
 def _plan(args) -> int:
