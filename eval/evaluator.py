@@ -113,8 +113,9 @@ def _jobs(cfg: Config, notes: list[str]) -> list[_Job]:
     prompts, edits, section = cfg.eval.prompts, cfg.eval.edits, "eval"
     if not prompts and not edits:
         prompts, edits, section = cfg.validation.prompts, cfg.validation.edits, "validation"
-        if prompts or edits:
+        if prompts or edits:  # said before the renders too: the report alone said it
             notes.append("eval.prompts and eval.edits are empty; used validation.prompts and validation.edits.")
+            logger.info(notes[-1])
     if not prompts and not edits:
         raise InputError(
             "eval.prompts / eval.edits: nothing to evaluate; add held-out prompts or edit examples", "eval.prompts"

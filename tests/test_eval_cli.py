@@ -145,6 +145,19 @@ def test_a_checkpoints_adapter_goes_by_its_step_and_the_report_names_each_file(c
     assert f"step-000020: {given[1]} (sha256 {data['adapters']['step-000020']['sha256'][:12]})" in html_path.read_text()
 
 
+def test_eval_says_when_it_falls_back_on_the_validation_prompts_before_rendering(config_path, tiny_pipe, tmp_path,
+                                                                                  caplog):  # fmt: skip
+    """It said so in the report alone, after every image had rendered."""
+    cfg = load_config(config_path, [f"eval.output_dir={tmp_path / 'out'}", "eval.prompts=[]", "eval.edits=[]",
+                                    "eval.seeds=[0]", "validation.prompts=[a mug]", "validation.edits=[]"])  # fmt: skip
+    said = "eval.prompts and eval.edits are empty; used validation.prompts and validation.edits."
+    with caplog.at_level(logging.INFO, "qwen_image_lora"):
+        _, json_path = evaluate(cfg, [], pipe=tiny_pipe)
+    messages = [r.getMessage() for r in caplog.records]
+    assert said in json.loads(json_path.read_text())["notes"]
+    assert messages.index(said) < next(i for i, m in enumerate(messages) if m.startswith("rendered "))
+
+
 def test_eval_cli_errors_name_the_problem(config_path, unloadable_model, tmp_path, capsys):
     assert main(["eval", "--config", str(config_path), "eval.prompts=[]", "eval.edits=[]"]) == 2
     assert "eval.prompts" in capsys.readouterr().err
