@@ -223,7 +223,8 @@ def _check_captions(item: Item, cfg: Config, tokenizer, report: Report) -> None:
     what = "instruction" if item.sources else "caption"
     if not item.captions:
         if item.caption_file is not None and item.caption_file.is_file():
-            hint = f"{item.caption_file.name} holds only blank lines: write the caption in it"
+            blank = "is empty" if item.caption_file.stat().st_size == 0 else "holds only blank lines"
+            hint = f"{item.caption_file.name} {blank}: write the caption in it"
         elif item.sources:
             hint = "add an 'instruction'"
         elif near := _near_caption_file(item.target):

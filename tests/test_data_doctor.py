@@ -180,16 +180,18 @@ def test_huge_over_the_limit_is_excluded(bad_folder, tiny_model_dir):
 def test_a_caption_file_named_a_little_off_is_named_in_the_hint(tmp_path, tiny_model_dir):
     """`Bottle.png` + `bottle.txt` (a case-blind disk's export) and `mug.png` + `mug.png.txt` were "no caption; add a
     Bottle.txt", never naming the file beside it; both images were left out."""
-    for seed, name in enumerate(("Bottle.png", "mug.png", "can.png")):
+    for seed, name in enumerate(("Bottle.png", "mug.png", "can.png", "tin.png")):
         _photo(96, 96, seed=seed).save(tmp_path / name)
     (tmp_path / "bottle.txt").write_text("a bottle")
     (tmp_path / "mug.png.txt").write_text("a mug")
+    (tmp_path / "tin.txt").write_bytes(b"")  # said to hold "only blank lines"
     cfg = load_config(None, [f"data.path={tmp_path}", f"model.pretrained={tiny_model_dir}"])
     hints = {f.item: f.message for f in diagnose(cfg, tokenizer=None).findings if f.code == "missing-caption"}
     assert hints == {
         "Bottle.png": "no caption; bottle.txt beside it is not its caption file: rename it Bottle.txt",
         "mug.png": "no caption; mug.png.txt beside it is not its caption file: rename it mug.txt",
         "can.png": "no caption; add a can.txt",
+        "tin.png": "no caption; tin.txt is empty: write the caption in it",
     }
     # A manifest's row: a .txt beside its image is not read, so that fix did nothing.
     (tmp_path / "rows").mkdir()
@@ -201,7 +203,7 @@ def test_a_caption_file_named_a_little_off_is_named_in_the_hint(tmp_path, tiny_m
     assert found == ["no caption; write its 'caption' in the manifest"]
     (tmp_path / "bottle.txt").rename(tmp_path / "Bottle.txt")  # renamed as told: read, and the hint listing is new
     hints = {f.item for f in diagnose(cfg, tokenizer=None).findings if f.code == "missing-caption"}
-    assert hints == {"mug.png", "can.png"}
+    assert hints == {"mug.png", "can.png", "tin.png"}
 
 
 def test_edit_pairs_swapped_shifted_unrelated_identical(tmp_path, tiny_model_dir):
