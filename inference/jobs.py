@@ -41,8 +41,7 @@ def _safe_name(text: str) -> bool:
     """Letters (with their marks: हिन्दी, grün) and digits of any script, '.', '_' and '-', a letter or digit first (no
     hidden file, no '..'): no separators, no invisible or right-to-left controls. Read as NFC (`_read_job`)."""
     return (
-        0 < len(text) <= 128
-        and len(text.encode()) <= MAX_NAME_BYTES
+        0 < len(text.encode()) <= MAX_NAME_BYTES
         and unicodedata.category(text[0])[0] in "LN"
         and all(unicodedata.category(c)[0] in "LMN" or c in "._-" for c in text)
     )

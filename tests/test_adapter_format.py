@@ -278,6 +278,21 @@ def test_the_same_adapter_written_again_is_the_same_bytes_in_both_layouts(transf
     assert all(torch.equal(reread[f"transformer.{k}"], v) for k, v in state.items())
 
 
+@pytest.mark.parametrize("pad", range(8))
+def test_a_header_is_put_in_key_order_whatever_its_padding_and_text(tmp_path, pad):
+    """Every length of header (a header that fills its 8-byte boundary has no padding) and metadata past ASCII (a
+    provenance path under /home/jürgen) come out the same bytes each time, and read back unchanged."""
+    metadata = {"format": "pt", "source": "/home/jürgen/run" + "x" * pad, "ss_network_dim": "4"}
+    written = set()
+    for i in range(8):
+        save_file({"a": torch.arange(4.0)}, str(tmp_path / f"{i}.safetensors"), metadata=metadata)
+        written.add(adapter_format.canonical_header(tmp_path / f"{i}.safetensors").read_bytes())
+    (data,) = written
+    assert data[8:].startswith(b'{"__metadata__":{"format"') and load_file(tmp_path / "0.safetensors")["a"].sum() == 6
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == metadata
+
+
 def test_the_comfyui_file_carries_kohyas_rank_and_alpha_header_and_alphas(transformer, tmp_path, tiny_model_dir):
     """Tools that read kohya-style files take the network's rank and alpha from the header; ComfyUI scales each
     module by its `.alpha` tensor / rank. Both must say the adapter's own scale (alpha / rank = 2 here)."""

@@ -311,3 +311,5 @@ def test_an_unsafe_id_or_one_given_twice_is_refused_naming_the_line_and_field_up
     assert read_jobs(_write_jobs(tmp_path / "b.jsonl", {**RED_MUG, "id": "é" * 100}))[0].id == "é" * 100  # 200 bytes
     with pytest.raises(InputError, match="at most 200 bytes"):
         read_jobs(_write_jobs(tmp_path / "b.jsonl", {**RED_MUG, "id": "é" * 100 + "x"}))
+    with pytest.raises(InputError, match="id '' must be letters"):
+        read_jobs(_write_jobs(tmp_path / "b.jsonl", {**RED_MUG, "id": ""}))
