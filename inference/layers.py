@@ -209,6 +209,11 @@ def check_outputs_free(path: str | Path) -> None:
     if path.exists() and (not path.is_file() or path.stat().st_size) and marked != path.name:
         raise LayersError(f"output: {path} exists and was not written by layers (no flattened {flat.name} beside it "
                           "names it), so it is kept; move it or choose another output name", "output")  # fmt: skip
+    # The flattened image deleted: sku.zip took sku.png, and sku.psd, orphaned, could not be written again.
+    other = next((o for o in map(path.with_suffix, LAYER_FORMATS) if o.name != path.name and o.exists()), None)
+    if marked is None and other is not None:
+        raise LayersError(f"output: {other} is there, and {path.name} would flatten to the same {flat.name}; choose "
+                          "another output name", "output")  # fmt: skip
 
 
 def save_layers(layers: Layers, path: str | Path) -> list[Path]:

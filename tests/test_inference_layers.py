@@ -415,6 +415,14 @@ def test_a_second_layered_file_of_the_same_stem_does_not_take_the_first_ones_fla
     assert (tmp_path / "sku.png").read_bytes() == flat
     (tmp_path / "sku.psd").unlink()  # the file it flattened is gone: the image is ours to replace
     assert main(argv) == 2 and "model" in capsys.readouterr().err
+    # sku.psd there, its flattened image deleted: sku.zip took sku.png, and sku.psd could not be written again
+    (tmp_path / "sku.psd").write_bytes(b"8BPS" + bytes(40))
+    (tmp_path / "sku.png").unlink()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --output: {tmp_path / 'sku.psd'} is there, and sku.zip would flatten to the same sku.png; choose "
+        "another output name"
+    )
 
 
 def test_an_element_outside_the_limits_is_refused_naming_the_limit_and_the_option(tmp_path, capsys, unloadable_model):
