@@ -293,8 +293,10 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    # Set by the loader: the file this config came from (for messages) and its folder (for paths).
+    # Set by the loader: the file this config came from (for messages) and its folder (for paths), and the overrides
+    # given with it (for a command a message gives back: `qwen-lora plan ...`).
     source: str | None = field(default=None, repr=False, compare=False)
+    overrides: list[str] = field(default_factory=list, repr=False, compare=False, metadata={"internal": True})
 
     def validate(self, where: str) -> None:
         """Settings of two sections that cannot go together, refused at load by every command: `validate` said OK
@@ -340,7 +342,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raw = typed_yaml.interpolate(raw, raw, where)
         cfg = typed_yaml.build(Config, raw, "", where, base)
         cfg.source = where
-        cfg.overrides = list(overrides)  # not a field: for a command a message gives back (`qwen-lora plan ...`)
+        cfg.overrides = list(overrides)
         typed_yaml.validate(cfg, "", where)
     except ConfigError as e:
         raise typed_yaml.blame_override(e, where, overrides) from None
@@ -364,6 +366,7 @@ def to_dict(cfg: Config) -> dict:
     """The resolved config as plain data (for the run folder, checkpoints and the tracker)."""
     out = dataclasses.asdict(cfg)
     out.pop("source", None)
+    out.pop("overrides", None)
     return out
 
 

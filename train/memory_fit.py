@@ -326,7 +326,7 @@ def apply(transformer, cfg, device, references: int, num_processes: int = 1, ste
     if recipe is not None and not recipe.fits:
         budget = recipe.gpu_bytes / GiB
         config = "" if cfg.source in (None, "<defaults>") else f" --config {shlex.quote(cfg.source)}"
-        given = [o for o in getattr(cfg, "overrides", []) if not o.startswith("train.memory_budget_gb=")]
+        given = [o for o in cfg.overrides if not o.startswith("train.memory_budget_gb=")]
         plan = f"`qwen-lora plan{config}{''.join(' ' + shlex.quote(o) for o in given)} --gpu-memory {budget:g}GB"
         more = "" if cfg.train.offload_blocks == "auto" else "offloaded blocks, "  # the 16 GB card's answer
         hint = (
