@@ -24,12 +24,21 @@ from qwen_image_lora import model as qmodel
 from qwen_image_lora import run_layout as layout
 from qwen_image_lora.adapter_format import resolve_file
 from qwen_image_lora.config import Config, to_dict
+from qwen_image_lora.console import counted
 from qwen_image_lora.data.dataset import build_training_data
 from qwen_image_lora.data.sources import check_edit_files
 from qwen_image_lora.errors import AdapterError, InputError, NotFound
 from qwen_image_lora.eval import metrics as M
 from qwen_image_lora.eval.report import log_to_wandb, write_report
-from qwen_image_lora.eval.summary import BASE, CheckpointScore, Sample, best_checkpoint, summarise, verdicts
+from qwen_image_lora.eval.summary import (
+    BASE,
+    MIN_PAIRS,
+    CheckpointScore,
+    Sample,
+    best_checkpoint,
+    summarise,
+    verdicts,
+)
 from qwen_image_lora.eval_config import EditExample
 from qwen_image_lora.images import load_image
 from qwen_image_lora.inference.generator import GenerationRequest, Generator
@@ -345,6 +354,9 @@ def score_checkpoints(
             "validation.held_out_fraction: no held-out items to score checkpoints on; set it to the "
             "fraction the run held out (> 0)"
         )
+    if len(batches) < MIN_PAIRS:  # image metrics wait for 6 pairs; a ranking on 4 items named a "best" unqualified
+        notes.append(f"Checkpoints are ranked on {counted(len(batches), 'held-out item')} (one loss each, no interval): "
+                     "close losses may swap on other items.")  # fmt: skip
     generator.adapters.set({})  # the reference: a checkpoint worse than the base model is no "best"
     scores = [CheckpointScore(BASE, 0, heldout_loss(generator.pipe.transformer, batches, cfg.validation.seed))]
     logger.info("base model: held-out loss %.5g", scores[0].loss)
