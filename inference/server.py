@@ -369,8 +369,8 @@ def _decode_one(
     item: str, loc: tuple, serve: ServeConfig, gate: DecodeGate, deadline: float, colours: bool = True
 ) -> tuple:
     """One image (URL, base64 or data: URL) -> (PIL image, the sha256 of its bytes, a note when it was downscaled to
-    fit `serve.max_side`, its size as sent), or a RequestError naming `loc`. `colours=False` for a mask: its numbers are coverage, no
-    colour profile applies."""
+    fit `serve.max_side`, its size as sent), or a RequestError naming `loc`. `colours=False` for a mask: its numbers
+    are coverage, no colour profile applies."""
     try:
         if item.startswith(("http://", "https://")) or "://" in item[:16]:
             data = fetch(item, allow_private=serve.allow_private_urls, timeout_s=serve.url_timeout_s,

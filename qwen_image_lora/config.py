@@ -295,7 +295,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     # Set by the loader: the file this config came from (for messages) and its folder (for paths), and the overrides
     # given with it (for a command a message gives back: `qwen-lora plan ...`).
-    source: str | None = field(default=None, repr=False, compare=False)
+    source: str | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
     overrides: list[str] = field(default_factory=list, repr=False, compare=False, metadata={"internal": True})
 
     def validate(self, where: str) -> None:
@@ -365,8 +365,9 @@ def resume_fixed_fields(cls=None, prefix: str = "") -> list[str]:
 def to_dict(cfg: Config) -> dict:
     """The resolved config as plain data (for the run folder, checkpoints and the tracker)."""
     out = dataclasses.asdict(cfg)
-    out.pop("source", None)
-    out.pop("overrides", None)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("internal"):  # the loader's, not the user's
+            del out[f.name]
     return out
 
 

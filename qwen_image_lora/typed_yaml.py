@@ -207,8 +207,8 @@ def build(cls, raw, dotted: str, where: str, base: Path, exact: bool = False):
     config's float field takes a string that reads as one."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: {dotted or 'top level'} must be a mapping, got {type(raw).__name__}")
-    # `source` is set by the loader, an "internal" field by the code that reads the file (a job's line index)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source" and not f.metadata.get("internal")}
+    # An "internal" field is set by the code that reads the file (a config's source, a job's line index), not in it
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     hints = typing.get_type_hints(cls)
     unknown = [k for k in raw if k not in fields]
     if unknown:

@@ -78,7 +78,7 @@ async function readJobs(files, instruction, defaults) {
         const badOutput = row.output === undefined ? null : outputProblem(row);
         if (row.output !== undefined && !badOutput) {
           row.output = row.output.normalize("NFC");
-          row.output_format = FORMAT_OF[row.output.match(/\.([^.]+)$/)[1].toLowerCase()];
+          row.output_format = formatOf(row.output);
         }
         add(id, row, [].concat(row.image ?? row.images ?? []), (badOutput && `${where}: ${badOutput}`) ||
           (unknown.length ? `${where}: unknown field(s) ${unknown.join(", ")}; a job takes ${[...FIELDS, ...REFS].join(", ")}` : null));
@@ -117,12 +117,15 @@ async function readJobs(files, instruction, defaults) {
   return out;
 }
 
+// The output format a file name's extension names (undefined for another extension).
+const formatOf = (name) => FORMAT_OF[(name.match(/\.([^.]+)$/)?.[1] || "").toLowerCase()];
+
 // Why a batch line's `output` cannot name its file, or null: the rule of `qwen-lora batch`.
 function outputProblem(row) {
   if (typeof row.output !== "string" || /[\\/]/.test(row.output) || !/^[\p{L}\p{N}]/u.test(row.output)) {
     return `output ${JSON.stringify(row.output)} must be a plain file name, a letter or digit first`;
   }
-  const format = FORMAT_OF[(row.output.match(/\.([^.]+)$/)?.[1] || "").toLowerCase()];
+  const format = formatOf(row.output);
   if (!format) return `output “${row.output}”: use .png, .jpg or .webp`;
   if (row.output_format && row.output_format !== format) {
     return `output “${row.output}” and output_format “${row.output_format}” name two formats; give one`;
